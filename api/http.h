@@ -1,0 +1,69 @@
+/* http.h - plain-C request and response types between the HTTP server and
+ * the API handlers, independent of libmicrohttpd so handlers can be tested
+ * without a socket.
+ *
+ * The server fills HttpReq: method, routed path, header and query lookups,
+ * the body (JSON routes: in memory, at most the route's body_max) or the
+ * multipart parts (file parts streamed to server-owned temporary files that
+ * are deleted after the request, small fields in memory). Path parameters
+ * come from the route pattern and have already been checked against a safe
+ * character set. Everything in HttpReq is valid for the duration of the
+ * handler call only.
+ *
+ * The handler fills HttpResp: status, content type, and either a malloc'd
+ * body (the server frees it) or a stream callback (the server calls
+ * stream_free when done). Handlers run on HTTP pool threads.
+ */
+#ifndef GF_HTTP_H
+#define GF_HTTP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "base.h"
+
+#define HTTP_ROUTE_PARAMS_MAX 2
+
+typedef struct {
+    const char *name;        /* form field name */
+    int is_file;             /* 1: bytes are in `path`; 0: in `value` */
+    const char *path;        /* server-owned temporary file (is_file) */
+    const char *value;       /* NUL-terminated field value (!is_file) */
+    uint64_t size;           /* bytes */
+} HttpPart;
+
+typedef struct {
+    const char *method;
+    const char *path;
+    const char *params[HTTP_ROUTE_PARAMS_MAX];       /* from {placeholders} */
+    const char *(*header)(void *cls, const char *name); /* NULL when absent */
+    const char *(*query)(void *cls, const char *name);  /* NULL when absent */
+    void *cls;
+    const char *body;        /* JSON routes; not NUL-terminated */
+    size_t body_len;
+    const HttpPart *parts;   /* multipart routes */
+    size_t n_parts;
+    const char *upload_dir;  /* temporary directory of this request (multipart) */
+    const char *request_id;
+} HttpReq;
+
+/* Reads up to max bytes at pos into buf; returns bytes written, 0 at the end,
+ * -1 on error (the server then aborts the connection). */
+typedef ssize_t (*HttpStreamRead)(void *cls, uint64_t pos, char *buf, size_t max);
+
+typedef struct {
+    int status;                    /* HTTP status */
+    char content_type[96];
+    char *body;                    /* malloc'd, owned by the server after return */
+    size_t body_len;
+    char allow[64];                /* "GET, POST" for 405, else "" */
+    int retry_after;               /* seconds, 0 = none */
+    char content_disposition[160]; /* "" = none */
+    HttpStreamRead stream;         /* set instead of body for large downloads */
+    void *stream_cls;
+    void (*stream_free)(void *cls);
+    uint64_t stream_size;          /* total bytes of the stream */
+} HttpResp;
+
+#endif

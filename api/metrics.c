@@ -1,0 +1,143 @@
+/* metrics.c - request counters and latency histograms, and GET /metrics. */
+#include "metrics.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api.h"
+#include "kernels.h"
+#include "reply.h"
+
+const double METRICS_BUCKETS[METRICS_N_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                   0.1,   0.25,   0.5,   1.0,  2.5,   10.0};
+
+void metrics_init(Metrics *m) {
+    memset(m, 0, sizeof *m);
+    pthread_mutex_init(&m->lock, NULL);
+}
+
+void metrics_free(Metrics *m) { pthread_mutex_destroy(&m->lock); }
+
+void metrics_observe(Metrics *m, int route_index, int http_status, double seconds) {
+    int slot = route_index < 0 || route_index >= METRICS_MAX_ROUTES - 1 ? METRICS_MAX_ROUTES - 1 : route_index;
+    pthread_mutex_lock(&m->lock);
+    MetricsRoute *r = &m->routes[slot];
+    for (int i = 0; i < METRICS_MAX_STATUSES; i++) {
+        if (r->statuses[i].status == http_status || r->statuses[i].status == 0) {
+            r->statuses[i].status = http_status;
+            r->statuses[i].count++;
+            break;
+        }
+    }
+    int b = 0;
+    while (b < METRICS_N_BUCKETS && seconds > METRICS_BUCKETS[b]) b++;
+    if (b < METRICS_N_BUCKETS) r->buckets[b]++;
+    r->n++;
+    r->sum_seconds += seconds;
+    pthread_mutex_unlock(&m->lock);
+}
+
+/* ---- exposition -------------------------------------------------------- */
+
+typedef struct {
+    char *buf;
+    size_t len, cap;
+} Text;
+
+static void put(Text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void put(Text *t, const char *fmt, ...) {
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = t->buf ? vsnprintf(t->buf + t->len, t->cap - t->len, fmt, ap) : -1;
+        va_end(ap);
+        if (n >= 0 && (size_t)n < t->cap - t->len) { t->len += (size_t)n; return; }
+        size_t nc = t->cap ? t->cap * 2 : 8192;
+        char *nb = realloc(t->buf, nc);
+        if (!nb) return;
+        t->buf = nb;
+        t->cap = nc;
+    }
+}
+
+static const char *route_label(int i) { return i < API_N_ROUTES ? API_ROUTES[i].name : "unmatched"; }
+
+static void put_requests(Text *t, const Metrics *m) {
+    put(t, "# HELP gf_http_requests_total HTTP requests by route and status.\n"
+           "# TYPE gf_http_requests_total counter\n");
+    for (int i = 0; i < METRICS_MAX_ROUTES; i++)
+        for (int k = 0; k < METRICS_MAX_STATUSES && m->routes[i].statuses[k].status; k++)
+            put(t, "gf_http_requests_total{route=\"%s\",status=\"%d\"} %llu\n", route_label(i),
+                m->routes[i].statuses[k].status, (unsigned long long)m->routes[i].statuses[k].count);
+    put(t, "# HELP gf_http_request_duration_seconds Time from request start to response queued.\n"
+           "# TYPE gf_http_request_duration_seconds histogram\n");
+    for (int i = 0; i < METRICS_MAX_ROUTES; i++) {
+        const MetricsRoute *r = &m->routes[i];
+        if (!r->n) continue;
+        uint64_t cum = 0;
+        for (int b = 0; b < METRICS_N_BUCKETS; b++) {
+            cum += r->buckets[b];
+            put(t, "gf_http_request_duration_seconds_bucket{route=\"%s\",le=\"%g\"} %llu\n", route_label(i),
+                METRICS_BUCKETS[b], (unsigned long long)cum);
+        }
+        put(t, "gf_http_request_duration_seconds_bucket{route=\"%s\",le=\"+Inf\"} %llu\n", route_label(i),
+            (unsigned long long)r->n);
+        put(t, "gf_http_request_duration_seconds_sum{route=\"%s\"} %.6f\n", route_label(i), r->sum_seconds);
+        put(t, "gf_http_request_duration_seconds_count{route=\"%s\"} %llu\n", route_label(i),
+            (unsigned long long)r->n);
+    }
+}
+
+static void put_store(Text *t, const StoreCounts *c) {
+    put(t, "# HELP gf_queue_depth Fine-tuning jobs waiting to run.\n# TYPE gf_queue_depth gauge\n"
+           "gf_queue_depth %llu\n", (unsigned long long)c->jobs_by_status[0]);
+    put(t, "# HELP gf_jobs Fine-tuning jobs by status.\n# TYPE gf_jobs gauge\n");
+    for (int i = 0; i < 5; i++)
+        put(t, "gf_jobs{status=\"%s\"} %llu\n", STORE_JOB_STATUSES[i], (unsigned long long)c->jobs_by_status[i]);
+    put(t, "# HELP gf_datasets Stored datasets.\n# TYPE gf_datasets gauge\ngf_datasets %llu\n",
+        (unsigned long long)c->datasets);
+    put(t, "# HELP gf_adapters Registered adapters.\n# TYPE gf_adapters gauge\ngf_adapters %llu\n",
+        (unsigned long long)c->adapters);
+}
+
+static void put_devices(Text *t) {
+    KnDeviceInfo dev[KN_MAX_DEVICES];
+    int n = kn_devices_probe(dev);
+    put(t, "# HELP gf_device_memory_total_bytes Memory of each compute device.\n"
+           "# TYPE gf_device_memory_total_bytes gauge\n");
+    for (int i = 0; i < n; i++)
+        put(t, "gf_device_memory_total_bytes{device=\"%s%d\"} %llu\n", dev[i].kind == KN_DEVICE_CPU ? "cpu" : "cuda",
+            dev[i].index, (unsigned long long)dev[i].memory_total);
+    put(t, "# HELP gf_device_memory_free_bytes Free memory of each compute device.\n"
+           "# TYPE gf_device_memory_free_bytes gauge\n");
+    for (int i = 0; i < n; i++)
+        put(t, "gf_device_memory_free_bytes{device=\"%s%d\"} %llu\n", dev[i].kind == KN_DEVICE_CPU ? "cpu" : "cuda",
+            dev[i].index, (unsigned long long)dev[i].memory_free);
+}
+
+GfStatus metrics_get(Api *api, const HttpReq *req, HttpResp *resp) {
+    (void)req;
+    GfError err;
+    StoreCounts counts;
+    if (store_counts(api->store, &counts, &err)) return reply_error(resp, &err, NULL);
+    Metrics snap;
+    pthread_mutex_lock(&api->metrics->lock);
+    memcpy(snap.routes, api->metrics->routes, sizeof snap.routes);
+    pthread_mutex_unlock(&api->metrics->lock);
+    Text t = {0};
+    put_requests(&t, &snap);
+    put_store(&t, &counts);
+    put(&t, "# HELP gf_model_loaded 1 when the base model's weights are loaded.\n# TYPE gf_model_loaded gauge\n"
+            "gf_model_loaded %d\n", api->model.loaded);
+    put_devices(&t);
+    put(&t, "# HELP gf_uptime_seconds Seconds since the server started.\n# TYPE gf_uptime_seconds gauge\n"
+            "gf_uptime_seconds %lld\n", (long long)(gf_time_unix() - api->started_at));
+    if (!t.buf) return reply_fail(resp, GF_NO_MEMORY, NULL, NULL, "out of memory");
+    free(resp->body);
+    resp->status = 200;
+    resp->body = t.buf;
+    resp->body_len = t.len;
+    snprintf(resp->content_type, sizeof resp->content_type, "text/plain; version=0.0.4; charset=utf-8");
+    return GF_OK;
+}

@@ -1,0 +1,131 @@
+/* routes.c - the route table, limits, and the small handlers: health,
+ * readiness, models and the routes whose machinery is not built yet. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api.h"
+#include "reply.h"
+
+#define MiB (1024ull * 1024ull)
+
+const Route API_ROUTES[] = {
+    {"GET", "/healthz", health_get, 0, BODY_NONE, 0, "GET /healthz"},
+    {"GET", "/readyz", ready_get, 1, BODY_NONE, 0, "GET /readyz"},
+    {"GET", "/metrics", metrics_get, 1, BODY_NONE, 0, "GET /metrics"},
+    {"POST", "/v1/datasets", datasets_create, 1, BODY_MULTIPART, 0, "POST /v1/datasets"},
+    {"GET", "/v1/datasets", datasets_list, 1, BODY_NONE, 0, "GET /v1/datasets"},
+    {"GET", "/v1/datasets/{id}", datasets_get, 1, BODY_NONE, 0, "GET /v1/datasets/{id}"},
+    {"DELETE", "/v1/datasets/{id}", datasets_delete, 1, BODY_NONE, 0, "DELETE /v1/datasets/{id}"},
+    {"POST", "/v1/fine_tuning/jobs", jobs_create, 1, BODY_JSON, 0, "POST /v1/fine_tuning/jobs"},
+    {"GET", "/v1/fine_tuning/jobs", jobs_list, 1, BODY_NONE, 0, "GET /v1/fine_tuning/jobs"},
+    {"GET", "/v1/fine_tuning/jobs/{id}", jobs_get, 1, BODY_NONE, 0, "GET /v1/fine_tuning/jobs/{id}"},
+    {"POST", "/v1/fine_tuning/jobs/{id}/cancel", jobs_cancel, 1, BODY_NONE, 0, "POST /v1/fine_tuning/jobs/{id}/cancel"},
+    {"GET", "/v1/fine_tuning/jobs/{id}/events", jobs_events, 1, BODY_NONE, 0, "GET /v1/fine_tuning/jobs/{id}/events"},
+    {"GET", "/v1/fine_tuning/jobs/{id}/checkpoints", jobs_checkpoints, 1, BODY_NONE, 0, "GET /v1/fine_tuning/jobs/{id}/checkpoints"},
+    {"POST", "/v1/adapters", adapters_create, 1, BODY_MULTIPART, 0, "POST /v1/adapters"},
+    {"GET", "/v1/adapters", adapters_list, 1, BODY_NONE, 0, "GET /v1/adapters"},
+    {"GET", "/v1/adapters/{name}", adapters_get, 1, BODY_NONE, 0, "GET /v1/adapters/{name}"},
+    {"DELETE", "/v1/adapters/{name}", adapters_delete, 1, BODY_NONE, 0, "DELETE /v1/adapters/{name}"},
+    {"GET", "/v1/adapters/{name}/download", adapters_download, 1, BODY_NONE, 0, "GET /v1/adapters/{name}/download"},
+    {"POST", "/v1/adapters/{name}/merge", not_built, 1, BODY_JSON, 0, "POST /v1/adapters/{name}/merge"},
+    {"GET", "/v1/models", models_list, 1, BODY_NONE, 0, "GET /v1/models"},
+    {"POST", "/v1/chat/completions", not_built, 1, BODY_JSON, 8 * MiB, "POST /v1/chat/completions"},
+    {"POST", "/v1/infer", not_built, 1, BODY_MULTIPART, 32 * MiB, "POST /v1/infer"},
+};
+const int API_N_ROUTES = (int)(sizeof API_ROUTES / sizeof API_ROUTES[0]);
+
+void api_limits_default(ApiLimits *l) {
+    l->json_body_max = 1 * MiB;
+    l->dataset_upload_max = 2048 * MiB;
+    l->adapter_upload_max = 2048 * MiB;
+    l->max_queued_jobs = 100;
+    l->max_lora_rank = 256;
+    l->dataset_min_examples = 10;
+    l->image_max_bytes = 20 * MiB;
+    l->image_max_pixels = 50000000;
+}
+
+uint64_t api_route_body_max(const Api *api, const Route *r) {
+    if (r->body_max) return r->body_max;
+    switch (r->body) {
+    case BODY_JSON: return api->limits.json_body_max;
+    case BODY_MULTIPART:
+        return r->handler == adapters_create ? api->limits.adapter_upload_max : api->limits.dataset_upload_max;
+    default: return 0;
+    }
+}
+
+GfStatus health_get(Api *api, const HttpReq *req, HttpResp *resp) {
+    (void)api;
+    (void)req;
+    return reply_text(resp, 200, "application/json", "{\"status\":\"ok\"}", 15);
+}
+
+GfStatus ready_get(Api *api, const HttpReq *req, HttpResp *resp) {
+    (void)req;
+    GfError err;
+    int store_ok = store_ping(api->store, &err) == GF_OK;
+    cJSON *o = cJSON_CreateObject();
+    int ready = store_ok && api->model.loaded;
+    cJSON_AddStringToObject(o, "status", ready ? "ready" : "not_ready");
+    cJSON_AddStringToObject(o, "store", store_ok ? "ok" : "unavailable");
+    cJSON *m = cJSON_AddObjectToObject(o, "model");
+    cJSON_AddStringToObject(m, "id", api->model.id);
+    cJSON_AddBoolToObject(m, "loaded", api->model.loaded);
+    if (!api->model.loaded) cJSON_AddStringToObject(m, "reason", api->model.not_ready_reason);
+    if (!ready) resp->retry_after = 30;
+    return reply_json(resp, ready ? 200 : 503, o);
+}
+
+GfStatus not_built(Api *api, const HttpReq *req, HttpResp *resp) {
+    (void)api;
+    const char *what = strstr(req->path, "/merge") ? "merging an adapter into the base checkpoint"
+                                                   : "inference (chat completions and /v1/infer)";
+    return reply_fail(resp, GF_NOT_IMPLEMENTED, "not_implemented", NULL,
+                      "%s is not built yet: it needs the model engine, which this server does not have yet",
+                      what);
+}
+
+/* ---- models ------------------------------------------------------------ */
+
+static cJSON *model_object(const char *id, const char *parent, int64_t created, int ready) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", id);
+    cJSON_AddStringToObject(o, "object", "model");
+    cJSON_AddNumberToObject(o, "created", (double)created);
+    cJSON_AddStringToObject(o, "owned_by", "gemmaforge");
+    if (parent && parent[0]) cJSON_AddStringToObject(o, "parent", parent);
+    else cJSON_AddNullToObject(o, "parent");
+    cJSON_AddBoolToObject(o, "ready", ready);
+    return o;
+}
+
+GfStatus models_list(Api *api, const HttpReq *req, HttpResp *resp) {
+    (void)req;
+    GfError err;
+    cJSON *root = cJSON_CreateObject(), *data = cJSON_CreateArray();
+    cJSON_AddStringToObject(root, "object", "list");
+    cJSON_AddItemToObject(root, "data", data);
+    if (api->model.id[0])
+        cJSON_AddItemToArray(data, model_object(api->model.id, NULL, api->started_at, api->model.loaded));
+    char after[STORE_NAME_MAX] = "";
+    enum { PAGE = 100 };
+    AdapterRow *rows = malloc(PAGE * sizeof *rows);
+    if (!rows) { cJSON_Delete(root); return reply_fail(resp, GF_NO_MEMORY, NULL, NULL, "out of memory"); }
+    for (;;) {
+        int n = 0, more = 0;
+        if (store_adapter_list(api->store, after, PAGE, rows, &n, &more, &err)) {
+            free(rows);
+            cJSON_Delete(root);
+            return reply_error(resp, &err, NULL);
+        }
+        for (int i = 0; i < n; i++)
+            cJSON_AddItemToArray(data, model_object(rows[i].name, rows[i].base_model, rows[i].created_at,
+                                                    api->model.loaded));
+        if (!more || n == 0) break;
+        snprintf(after, sizeof after, "%s", rows[n - 1].name);
+    }
+    free(rows);
+    return reply_json(resp, 200, root);
+}

@@ -1,0 +1,141 @@
+/* store.h - the persistence port of the API: the queries handlers need, as
+ * plain C structs. Declared here, implemented by server/store.c (SQLite in
+ * WAL mode plus the files under the data directory), so handlers never see
+ * SQL or filesystem layout.
+ *
+ * Every write is one `BEGIN IMMEDIATE` transaction. Functions that take
+ * temporary files (dataset and adapter creation) move them into place
+ * atomically (write, fsync, rename, fsync the directory) before the row is
+ * inserted, and remove them if the insert fails: an object is either wholly
+ * present or absent. All functions are thread-safe. Errors: GF_NOT_FOUND,
+ * GF_CONFLICT (state), GF_BUSY (queue full), GF_NOT_READY (database busy past
+ * its timeout), GF_NO_SPACE (disk full), GF_IO / GF_INTERNAL otherwise; the
+ * message never contains SQL or paths.
+ */
+#ifndef GF_STORE_H
+#define GF_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base.h"
+
+typedef struct Store Store;
+
+#define STORE_ID_MAX 40
+#define STORE_NAME_MAX 257
+
+typedef struct {
+    char id[STORE_ID_MAX];
+    char name[STORE_NAME_MAX];
+    char status[16];             /* "ready" */
+    int64_t created_at;          /* unix seconds */
+    uint64_t n_examples, n_images;
+    uint64_t bytes;              /* JSONL + archive */
+    int has_images;
+} DatasetRow;
+
+typedef struct {
+    char id[STORE_ID_MAX];
+    char dataset_id[STORE_ID_MAX];
+    char validation_dataset_id[STORE_ID_MAX]; /* "" = none */
+    char model[STORE_NAME_MAX];
+    char suffix[64];
+    char hyperparameters[2048];  /* normalized JSON written by the API */
+    char status[20];             /* queued running succeeded failed cancelled */
+    int cancel_requested;
+    int64_t created_at, started_at, finished_at; /* 0 = not yet */
+    char error_code[48];
+    char error_message[512];
+    int64_t step, total_steps;   /* -1 = unknown */
+    double epoch, loss, eval_loss, tokens_per_s, eta_s; /* NAN = unknown */
+    char adapter[STORE_NAME_MAX];  /* "" until succeeded */
+} JobRow;
+
+typedef struct {
+    int64_t seq;                 /* monotonically increasing, for ?after= */
+    int64_t created_at;
+    char level[8];               /* info warn error */
+    char type[16];               /* status log metrics */
+    char message[512];
+    char data[1024];             /* JSON object text, "" = none */
+} JobEvent;
+
+typedef struct {
+    char id[STORE_ID_MAX];
+    int64_t step;
+    int64_t created_at;
+    char metrics[512];           /* JSON object text */
+} CheckpointRow;
+
+typedef struct {
+    char name[STORE_NAME_MAX];
+    char source[12];             /* uploaded | trained */
+    char job_id[STORE_ID_MAX];   /* "" for uploads */
+    char base_model[STORE_NAME_MAX];
+    int rank;
+    double alpha;
+    int use_rslora;
+    int n_modules;
+    int has_vision;
+    uint64_t bytes;
+    char sha256[65];             /* of adapter_model.safetensors */
+    int64_t created_at;
+} AdapterRow;
+
+typedef struct {
+    uint64_t datasets;
+    uint64_t jobs_by_status[5];  /* queued running succeeded failed cancelled */
+    uint64_t adapters;
+} StoreCounts;
+
+extern const char *const STORE_JOB_STATUSES[5];
+
+/* ---- datasets ---------------------------------------------------------- */
+/* Moves jsonl_tmp (and tar_tmp unless NULL) into the dataset's directory and
+ * inserts the row; on failure nothing remains. */
+GfStatus store_dataset_create(Store *s, const DatasetRow *row, const char *jsonl_tmp,
+                              const char *tar_tmp, GfError *err);
+GfStatus store_dataset_get(Store *s, const char *id, DatasetRow *out, GfError *err);
+/* Newest first. after_id = "" for the first page. Fills out[0..*n). */
+GfStatus store_dataset_list(Store *s, const char *after_id, int limit, DatasetRow *out, int *n,
+                            int *has_more, GfError *err);
+/* GF_CONFLICT while a queued or running job uses it. Removes row, then files. */
+GfStatus store_dataset_delete(Store *s, const char *id, GfError *err);
+
+/* ---- jobs -------------------------------------------------------------- */
+/* Checks the datasets exist and are ready and the queue has room, then
+ * inserts the job (status queued) and its first event, in one transaction.
+ * Fills row->status and created_at. */
+GfStatus store_job_create(Store *s, JobRow *row, int max_queued, GfError *err);
+GfStatus store_job_get(Store *s, const char *id, JobRow *out, GfError *err);
+GfStatus store_job_list(Store *s, const char *after_id, int limit, JobRow *out, int *n,
+                        int *has_more, GfError *err);
+/* queued -> cancelled; running -> cancel_requested; cancelled -> unchanged;
+ * succeeded/failed -> GF_CONFLICT. Fills *out with the row afterwards. */
+GfStatus store_job_cancel(Store *s, const char *id, JobRow *out, GfError *err);
+GfStatus store_job_events(Store *s, const char *id, int64_t after_seq, int limit, JobEvent *out,
+                          int *n, int *has_more, GfError *err);
+GfStatus store_job_checkpoints(Store *s, const char *id, CheckpointRow *out, int max, int *n,
+                               GfError *err);
+
+/* ---- adapters ---------------------------------------------------------- */
+/* GF_CONFLICT when the name exists. Moves the two files into place. */
+GfStatus store_adapter_create(Store *s, const AdapterRow *row, const char *config_tmp,
+                              const char *weights_tmp, GfError *err);
+GfStatus store_adapter_get(Store *s, const char *name, AdapterRow *out, GfError *err);
+GfStatus store_adapter_list(Store *s, const char *after_name, int limit, AdapterRow *out, int *n,
+                            int *has_more, GfError *err);
+GfStatus store_adapter_delete(Store *s, const char *name, GfError *err);
+/* Paths of the adapter's two files (server-generated), for download. */
+GfStatus store_adapter_files(Store *s, const char *name, char config[4096], char weights[4096],
+                             GfError *err);
+
+/* ---- misc -------------------------------------------------------------- */
+GfStatus store_counts(Store *s, StoreCounts *out, GfError *err);
+/* GF_OK when the database answers a trivial query. */
+GfStatus store_ping(Store *s, GfError *err);
+/* New opaque id "<prefix>_<24 hex>". */
+void store_new_id(const char *prefix, char out[STORE_ID_MAX]);
+
+#endif

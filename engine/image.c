@@ -1,0 +1,166 @@
+/* image.c - libpng and TurboJPEG decoding behind caps. */
+#include "image.h"
+
+#include <png.h>
+#include <setjmp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <turbojpeg.h>
+
+ImageFormat image_sniff(const uint8_t *b, size_t n) {
+    static const uint8_t png_sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    if (n >= 8 && memcmp(b, png_sig, 8) == 0) return IMAGE_FORMAT_PNG;
+    if (n >= 3 && b[0] == 0xFF && b[1] == 0xD8 && b[2] == 0xFF) return IMAGE_FORMAT_JPEG;
+    return IMAGE_FORMAT_UNKNOWN;
+}
+
+void image_free(Image *img) {
+    if (!img) return;
+    free(img->rgb);
+    memset(img, 0, sizeof *img);
+}
+
+static GfStatus check_dims(uint64_t w, uint64_t h, const ImageLimits *lim, GfError *err) {
+    if (w == 0 || h == 0)
+        return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "image has a zero width or height");
+    if (w * h > lim->max_pixels) /* w, h < 2^32 so the product fits */
+        return gf_error_set(err, GF_INVALID, "image_too_large", NULL,
+                            "image is %llux%llu pixels, over the cap of %llu pixels",
+                            (unsigned long long)w, (unsigned long long)h,
+                            (unsigned long long)lim->max_pixels);
+    return GF_OK;
+}
+
+/* ---- PNG --------------------------------------------------------------- */
+
+typedef struct {
+    const uint8_t *data;
+    size_t n, pos;
+    char message[200];
+} PngSrc;
+
+static void png_read_mem(png_structp png, png_bytep out, png_size_t len) {
+    PngSrc *src = png_get_io_ptr(png);
+    if (len > src->n - src->pos) png_error(png, "truncated file");
+    memcpy(out, src->data + src->pos, len);
+    src->pos += len;
+}
+
+static void png_on_error(png_structp png, png_const_charp msg) {
+    PngSrc *src = png_get_error_ptr(png);
+    snprintf(src->message, sizeof src->message, "%s", msg);
+    png_longjmp(png, 1);
+}
+
+static void png_on_warning(png_structp png, png_const_charp msg) { (void)png; (void)msg; }
+
+/* Everything between setjmp and the end lives in this function; locals that
+ * change after setjmp are volatile. */
+static GfStatus decode_png(const uint8_t *bytes, size_t n, const ImageLimits *lim, Image *out,
+                           GfError *err) {
+    PngSrc src = {bytes, n, 0, ""};
+    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &src, png_on_error, png_on_warning);
+    png_infop info = png ? png_create_info_struct(png) : NULL;
+    if (!info) {
+        png_destroy_read_struct(&png, NULL, NULL);
+        return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    }
+    uint8_t *volatile rgb = NULL;
+    png_bytep *volatile rows = NULL;
+    if (setjmp(png_jmpbuf(png))) {
+        free(rgb);
+        free(rows);
+        png_destroy_read_struct(&png, &info, NULL);
+        return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "invalid PNG: %s", src.message);
+    }
+    png_set_read_fn(png, &src, png_read_mem);
+    png_set_user_limits(png, 1000000, 1000000);
+    png_set_chunk_malloc_max(png, 8u << 20);
+    png_set_chunk_cache_max(png, 1000);
+    png_read_info(png, info);
+    png_uint_32 w = png_get_image_width(png, info), h = png_get_image_height(png, info);
+    GfStatus st = check_dims(w, h, lim, err);
+    if (st) {
+        png_destroy_read_struct(&png, &info, NULL);
+        return st;
+    }
+    png_set_expand(png);
+    png_set_strip_16(png);
+    png_set_strip_alpha(png);
+    png_set_gray_to_rgb(png);
+    png_set_interlace_handling(png);
+    png_read_update_info(png, info);
+    if (png_get_rowbytes(png, info) != (size_t)w * 3) png_error(png, "unexpected row layout");
+    rgb = malloc((size_t)w * h * 3);
+    rows = malloc(sizeof(png_bytep) * h);
+    if (!rgb || !rows) png_error(png, "out of memory");
+    for (png_uint_32 y = 0; y < h; y++) rows[y] = rgb + (size_t)y * w * 3;
+    png_read_image(png, rows);
+    free(rows);
+    png_destroy_read_struct(&png, &info, NULL);
+    out->width = (int)w;
+    out->height = (int)h;
+    out->rgb = rgb;
+    return GF_OK;
+}
+
+/* ---- JPEG -------------------------------------------------------------- */
+
+static uint8_t mul_div255(unsigned a, unsigned b) {
+    unsigned t = a * b + 128;
+    return (uint8_t)((t + (t >> 8)) >> 8);
+}
+
+static GfStatus decode_jpeg(const uint8_t *bytes, size_t n, const ImageLimits *lim, Image *out,
+                            GfError *err) {
+    tjhandle tj = tjInitDecompress();
+    if (!tj) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "cannot start JPEG decoder");
+    int w = 0, h = 0, subsamp = 0, cs = 0;
+    if (tjDecompressHeader3(tj, bytes, (unsigned long)n, &w, &h, &subsamp, &cs) != 0) {
+        gf_error_set(err, GF_INVALID, "invalid_image", NULL, "invalid JPEG: %s", tjGetErrorStr2(tj));
+        tjDestroy(tj);
+        return GF_INVALID;
+    }
+    GfStatus st = check_dims((uint64_t)(w > 0 ? w : 0), (uint64_t)(h > 0 ? h : 0), lim, err);
+    if (st) { tjDestroy(tj); return st; }
+    int cmyk = cs == TJCS_CMYK || cs == TJCS_YCCK;
+    size_t px = (size_t)w * (size_t)h;
+    uint8_t *buf = malloc(px * (cmyk ? 4 : 3));
+    if (!buf) { tjDestroy(tj); return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory"); }
+    int flags = TJFLAG_LIMITSCANS | TJFLAG_STOPONWARNING;
+    if (tjDecompress2(tj, bytes, (unsigned long)n, buf, w, 0, h, cmyk ? TJPF_CMYK : TJPF_RGB, flags) != 0) {
+        gf_error_set(err, GF_INVALID, "invalid_image", NULL, "invalid JPEG: %s", tjGetErrorStr2(tj));
+        free(buf);
+        tjDestroy(tj);
+        return GF_INVALID;
+    }
+    tjDestroy(tj);
+    if (cmyk) { /* Adobe CMYK is stored inverted; PIL: r = (255-c)(255-k)/255 on the true values */
+        for (size_t i = 0; i < px; i++) {
+            const uint8_t *q = buf + 4 * i;
+            uint8_t r = mul_div255(q[0], q[3]), g = mul_div255(q[1], q[3]), b = mul_div255(q[2], q[3]);
+            buf[3 * i] = r; buf[3 * i + 1] = g; buf[3 * i + 2] = b;
+        }
+        uint8_t *shrunk = realloc(buf, px * 3);
+        if (shrunk) buf = shrunk;
+    }
+    out->width = w;
+    out->height = h;
+    out->rgb = buf;
+    return GF_OK;
+}
+
+GfStatus image_decode(const uint8_t *bytes, size_t n, const ImageLimits *lim, Image *out, GfError *err) {
+    memset(out, 0, sizeof *out);
+    if (n == 0) return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "image is empty (0 bytes)");
+    if (n > lim->max_bytes)
+        return gf_error_set(err, GF_TOO_LARGE, "image_too_large", NULL,
+                            "image is %zu bytes, over the cap of %llu", n, (unsigned long long)lim->max_bytes);
+    switch (image_sniff(bytes, n)) {
+    case IMAGE_FORMAT_PNG: return decode_png(bytes, n, lim, out, err);
+    case IMAGE_FORMAT_JPEG: return decode_jpeg(bytes, n, lim, out, err);
+    default:
+        return gf_error_set(err, GF_UNSUPPORTED, "unsupported_image_format", NULL,
+                            "image is neither PNG nor JPEG");
+    }
+}

@@ -1,0 +1,33 @@
+/* jsoncheck.h - strict JSON parsing for untrusted bytes.
+ *
+ * cJSON alone accepts things we must refuse: duplicate keys (it keeps both
+ * and returns the first), invalid UTF-8, "\u0000" that truncates a string,
+ * lone surrogates, and it recurses up to 1000 levels. json_parse_strict()
+ * first scans the bytes with an iterative RFC 8259 validator that enforces a
+ * depth cap and all of the above, then lets cJSON build the tree and checks
+ * every object for duplicate keys.
+ *
+ * Errors carry stable codes: invalid_json, invalid_utf8, invalid_string,
+ * nesting_too_deep, duplicate_key. Messages give the byte offset, never the
+ * content. Thread-safe; the returned tree is owned by the caller
+ * (cJSON_Delete).
+ */
+#ifndef GF_JSONCHECK_H
+#define GF_JSONCHECK_H
+
+#include <stddef.h>
+#include <cjson/cJSON.h>
+
+#include "base.h"
+
+#define JSON_DEPTH_MAX 64
+
+/* Validates and parses buf[0..n) (no NUL terminator needed). Returns the tree
+ * or NULL with err set (GF_INVALID). `what` names the input in messages
+ * ("request body", "line 3"). */
+cJSON *json_parse_strict(const char *buf, size_t n, const char *what, GfError *err);
+
+/* Only the scanning half: GF_OK when buf is one strict JSON value. */
+GfStatus json_scan_strict(const char *buf, size_t n, const char *what, GfError *err);
+
+#endif

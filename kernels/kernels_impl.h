@@ -1,0 +1,15 @@
+/* kernels_impl.h - entry points the backends export to the registry in
+ * backend.c. Internal to kernels/ (and tests). */
+#ifndef GF_KERNELS_IMPL_H
+#define GF_KERNELS_IMPL_H
+
+#include "kernels.h"
+
+/* Fills *out with the host CPU. Always succeeds. */
+void cpu_device_probe(KnDeviceInfo *out);
+
+/* Fills out[0..max) with CUDA devices; returns how many (0 when none or when
+ * the runtime fails to initialise). Defined in cuda/cuda_device.cu. */
+int cuda_devices_probe(KnDeviceInfo *out, int max);
+
+#endif

@@ -1,0 +1,496 @@
+/* httpd.c - libmicrohttpd glue: admission checks, bodies, responses. */
+#include "httpd.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <microhttpd.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include "fsutil.h"
+#include "reply.h"
+#include "router.h"
+#include "static_files.h"
+
+#define MAX_PARTS 8
+#define FIELD_MAX 4096
+#define NO_BODY_MAX 1024       /* tolerated and ignored on routes without a body */
+
+struct Httpd {
+    struct MHD_Daemon *mhd;
+    const HttpdConfig *cfg;
+    Api *api;
+};
+
+/* Per-request state, hung on MHD's con_cls; freed in on_completed. */
+typedef struct {
+    Httpd *httpd;
+    double t_start;
+    char request_id[40];
+    char method[16];
+    char *path;                /* copy of the URL, for the log */
+    char *param_storage;
+    const Route *route;
+    int route_index;           /* -1 = unmatched */
+    const char *params[HTTP_ROUTE_PARAMS_MAX];
+    int responded;             /* a response has been queued */
+    int status;                /* HTTP status sent */
+    uint64_t body_max, received;
+    GfError fail;              /* set when the body phase failed */
+    /* JSON body */
+    char *body;
+    size_t body_len, body_cap;
+    /* multipart */
+    struct MHD_PostProcessor *pp;
+    char upload_dir[4096];
+    HttpPart parts[MAX_PARTS];
+    char part_paths[MAX_PARTS][4200];
+    char part_names[MAX_PARTS][72];
+    char *field_values[MAX_PARTS];
+    size_t n_parts;
+    int cur_fd;                /* open file of the current file part, -1 */
+} Req;
+
+/* ---- small helpers ---------------------------------------------------- */
+
+static const char *header_get(void *cls, const char *name) {
+    return MHD_lookup_connection_value(cls, MHD_HEADER_KIND, name);
+}
+
+static const char *query_get(void *cls, const char *name) {
+    return MHD_lookup_connection_value(cls, MHD_GET_ARGUMENT_KIND, name);
+}
+
+static void add_headers(struct MHD_Response *r, const Req *q, const HttpResp *resp) {
+    MHD_add_response_header(r, "Content-Type", resp->content_type[0] ? resp->content_type : "application/json");
+    MHD_add_response_header(r, "X-Request-Id", q->request_id);
+    MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
+    MHD_add_response_header(r, "Referrer-Policy", "no-referrer");
+    MHD_add_response_header(r, "Content-Security-Policy",
+                            "default-src 'self'; script-src 'self'; object-src 'none'; frame-ancestors 'none'");
+    MHD_add_response_header(r, "Cache-Control", q->route_index == -2 ? "no-cache" : "no-store");
+    if (resp->allow[0]) MHD_add_response_header(r, "Allow", resp->allow);
+    if (resp->status == 401) MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
+    if (resp->content_disposition[0]) MHD_add_response_header(r, "Content-Disposition", resp->content_disposition);
+    if (resp->retry_after > 0) {
+        char ra[16];
+        snprintf(ra, sizeof ra, "%d", resp->retry_after);
+        MHD_add_response_header(r, "Retry-After", ra);
+    }
+}
+
+/* Hands resp to MHD. Takes ownership of the body or stream. */
+static enum MHD_Result send_resp(struct MHD_Connection *c, Req *q, HttpResp *resp, int close_after) {
+    struct MHD_Response *r;
+    if (resp->stream) {
+        r = MHD_create_response_from_callback(resp->stream_size, 64 * 1024, (MHD_ContentReaderCallback)resp->stream,
+                                              resp->stream_cls, resp->stream_free);
+        resp->stream = NULL;
+    } else {
+        r = MHD_create_response_from_buffer(resp->body_len, resp->body, MHD_RESPMEM_MUST_FREE);
+        if (r) resp->body = NULL;
+    }
+    free(resp->body);
+    if (!r) return MHD_NO;
+    add_headers(r, q, resp);
+    if (close_after) MHD_add_response_header(r, "Connection", "close");
+    if (strcmp(q->method, "HEAD") == 0) { /* nothing special: MHD omits the body */ }
+    q->responded = 1;
+    q->status = resp->status;
+    enum MHD_Result ok = MHD_queue_response(c, (unsigned)resp->status, r);
+    MHD_destroy_response(r);
+    return ok;
+}
+
+/* Error response; with `allow` it is a 405 listing the allowed methods. */
+static enum MHD_Result send_error(struct MHD_Connection *c, Req *q, const GfError *err, const char *allow,
+                                  int close_after) {
+    HttpResp resp;
+    memset(&resp, 0, sizeof resp);
+    reply_error(&resp, err, NULL);
+    if (allow) {
+        snprintf(resp.allow, sizeof resp.allow, "%s", allow);
+        resp.status = 405;
+    }
+    return send_resp(c, q, &resp, close_after);
+}
+
+/* ---- admission: host, route, key, size, type ------------------------- */
+
+static int host_allowed(const HttpdConfig *cfg, const char *host) {
+    if (!host || !*host || strpbrk(host, "/?#\\@ ")) return 0;
+    char name[256];
+    snprintf(name, sizeof name, "%s", host);
+    char *colon = name[0] == '[' ? strchr(name, ']') : strrchr(name, ':');
+    if (colon && name[0] == '[') colon = colon[1] == ':' ? colon + 1 : NULL;
+    if (colon) *colon = '\0';
+    if (strcasecmp(name, "localhost") == 0 || strcmp(name, "127.0.0.1") == 0 || strcmp(name, "[::1]") == 0)
+        return 1;
+    if (cfg->bind_addr && strcmp(name, cfg->bind_addr) == 0 && strcmp(cfg->bind_addr, "0.0.0.0") != 0) return 1;
+    for (int i = 0; i < cfg->n_allowed_hosts; i++)
+        if (strcasecmp(name, cfg->allowed_hosts[i]) == 0) return 1;
+    return 0;
+}
+
+/* 0 = authorized; else fills err (401). */
+static int check_key(const HttpdConfig *cfg, struct MHD_Connection *c, GfError *err) {
+    if (cfg->n_keys == 0) return 0;
+    const char *h = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
+    if (!h || !*h) {
+        gf_error_set(err, GF_UNAUTHORIZED, "missing_api_key", NULL,
+                     "an API key is required: send 'Authorization: Bearer <key>'");
+        return -1;
+    }
+    if (strncmp(h, "Bearer ", 7) != 0) {
+        gf_error_set(err, GF_UNAUTHORIZED, "invalid_api_key", NULL, "the Authorization header must be 'Bearer <key>'");
+        return -1;
+    }
+    uint8_t digest[GF_SHA256_LEN];
+    gf_sha256(h + 7, strlen(h + 7), digest);
+    int match = 0;
+    for (int i = 0; i < cfg->n_keys; i++) match |= gf_ct_equal(digest, cfg->key_digests[i], GF_SHA256_LEN);
+    if (!match) {
+        gf_error_set(err, GF_UNAUTHORIZED, "invalid_api_key", NULL, "the API key is not valid");
+        return -1;
+    }
+    return 0;
+}
+
+static int content_type_is(struct MHD_Connection *c, const char *want) {
+    const char *ct = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Type");
+    size_t n = strlen(want);
+    return ct && strncasecmp(ct, want, n) == 0 && (ct[n] == '\0' || ct[n] == ';' || ct[n] == ' ');
+}
+
+/* Declared Content-Length, or -1 when absent (chunked). */
+static long long declared_length(struct MHD_Connection *c) {
+    const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+    return cl ? strtoll(cl, NULL, 10) : -1;
+}
+
+static enum MHD_Result post_iterator(void *cls, enum MHD_ValueKind kind, const char *key, const char *filename,
+                                     const char *content_type, const char *transfer_encoding, const char *data,
+                                     uint64_t off, size_t size);
+
+static GfStatus start_multipart(Req *q, struct MHD_Connection *c, GfError *err) {
+    snprintf(q->upload_dir, sizeof q->upload_dir, "%s/up-%s-XXXXXX", q->httpd->cfg->tmp_dir, q->request_id);
+    if (!mkdtemp(q->upload_dir)) {
+        q->upload_dir[0] = '\0';
+        return gf_error_set(err, errno == ENOSPC ? GF_NO_SPACE : GF_IO, errno == ENOSPC ? "insufficient_storage" : "io_error",
+                            NULL, "cannot create upload storage");
+    }
+    q->pp = MHD_create_post_processor(c, 64 * 1024, post_iterator, q);
+    if (!q->pp)
+        return gf_error_set(err, GF_INVALID, "invalid_multipart", NULL,
+                            "the multipart body cannot be parsed (missing or invalid boundary)");
+    return GF_OK;
+}
+
+/* First call for a request: every check that needs no body. Returns 1 when
+ * an error response was queued. */
+static int admit(Req *q, struct MHD_Connection *c, const char *url, enum MHD_Result *ret) {
+    Httpd *h = q->httpd;
+    GfError err;
+    gf_error_clear(&err);
+    char allow[64];
+    const char *host = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Host");
+    if (!host_allowed(h->cfg, host)) {
+        gf_error_set(&err, GF_INVALID, "invalid_host", NULL, "the Host header is not one this server answers to");
+        *ret = send_error(c, q, &err, NULL, 1);
+        return 1;
+    }
+    if (static_files_match(q->method, url)) { q->route_index = -2; return 0; }
+    RouterResult rr = router_match(API_ROUTES, API_N_ROUTES, q->method, url, &q->route, q->params, q->param_storage, allow);
+    if (rr != ROUTER_FOUND) {
+        if (rr == ROUTER_BAD_METHOD) gf_error_set(&err, GF_INVALID, "method_not_allowed", NULL, "method %s is not allowed here", q->method);
+        else gf_error_set(&err, GF_NOT_FOUND, "not_found", NULL, "no such route");
+        *ret = send_error(c, q, &err, rr == ROUTER_BAD_METHOD ? allow : NULL, 0);
+        return 1;
+    }
+    q->route_index = (int)(q->route - API_ROUTES);
+    if (q->route->needs_auth && check_key(h->cfg, c, &err)) { *ret = send_error(c, q, &err, NULL, 1); return 1; }
+    q->body_max = q->route->body == BODY_NONE ? NO_BODY_MAX : api_route_body_max(h->api, q->route);
+    long long len = declared_length(c);
+    if (len > 0 && (unsigned long long)len > q->body_max) {
+        gf_error_set(&err, GF_TOO_LARGE, "request_too_large", NULL, "the body is %lld bytes; this route accepts at most %llu",
+                     len, (unsigned long long)q->body_max);
+        *ret = send_error(c, q, &err, NULL, 1);
+        return 1;
+    }
+    int is_json = q->route->body == BODY_JSON && !content_type_is(c, "application/json");
+    int is_mp = q->route->body == BODY_MULTIPART && !content_type_is(c, "multipart/form-data");
+    if (is_json || is_mp) {
+        gf_error_set(&err, GF_UNSUPPORTED, "unsupported_media_type", NULL, "Content-Type must be %s",
+                     is_json ? "application/json" : "multipart/form-data");
+        *ret = send_error(c, q, &err, NULL, 1);
+        return 1;
+    }
+    if (q->route->body == BODY_MULTIPART && start_multipart(q, c, &err)) {
+        *ret = send_error(c, q, &err, NULL, 1);
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- body ------------------------------------------------------------- */
+
+static int valid_part_name(const char *key) {
+    size_t n = key ? strlen(key) : 0;
+    if (n == 0 || n > 64) return 0;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)key[i] < 0x21 || (unsigned char)key[i] > 0x7e) return 0;
+    return 1;
+}
+
+static GfStatus open_part(Req *q, const char *key, int is_file, GfError *err) {
+    for (size_t i = 0; i < q->n_parts; i++)
+        if (strcmp(q->part_names[i], key) == 0)
+            return gf_error_set(err, GF_INVALID, "invalid_multipart", key, "the form field '%s' appears twice", key);
+    if (q->n_parts == MAX_PARTS) return gf_error_set(err, GF_INVALID, "invalid_multipart", NULL, "too many form fields");
+    if (q->cur_fd >= 0) { close(q->cur_fd); q->cur_fd = -1; }
+    size_t i = q->n_parts++;
+    snprintf(q->part_names[i], sizeof q->part_names[i], "%s", key);
+    HttpPart *p = &q->parts[i];
+    p->name = q->part_names[i];
+    p->is_file = is_file;
+    if (is_file) {
+        snprintf(q->part_paths[i], sizeof q->part_paths[i], "%s/part%zu", q->upload_dir, i);
+        q->cur_fd = open(q->part_paths[i], O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        if (q->cur_fd < 0) return gf_error_set(err, GF_IO, "io_error", NULL, "cannot store the upload");
+        p->path = q->part_paths[i];
+    } else {
+        q->field_values[i] = calloc(1, FIELD_MAX + 1);
+        if (!q->field_values[i]) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+        p->value = q->field_values[i];
+    }
+    return GF_OK;
+}
+
+static GfStatus append_part(Req *q, const char *data, size_t size, GfError *err) {
+    HttpPart *p = &q->parts[q->n_parts - 1];
+    if (!p->is_file) {
+        if (p->size + size > FIELD_MAX)
+            return gf_error_set(err, GF_TOO_LARGE, "request_too_large", p->name, "the form field '%s' is too long", p->name);
+        memcpy(q->field_values[q->n_parts - 1] + p->size, data, size);
+        p->size += size;
+        return GF_OK;
+    }
+    while (size > 0) {
+        ssize_t w = write(q->cur_fd, data, size);
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0)
+            return errno == ENOSPC || errno == EDQUOT
+                       ? gf_error_set(err, GF_NO_SPACE, "insufficient_storage", NULL, "the server's disk is full")
+                       : gf_error_set(err, GF_IO, "io_error", NULL, "cannot store the upload");
+        data += w;
+        size -= (size_t)w;
+        p->size += (uint64_t)w;
+    }
+    return GF_OK;
+}
+
+static enum MHD_Result post_iterator(void *cls, enum MHD_ValueKind kind, const char *key, const char *filename,
+                                     const char *content_type, const char *transfer_encoding, const char *data,
+                                     uint64_t off, size_t size) {
+    (void)kind;
+    (void)content_type;
+    (void)transfer_encoding;
+    Req *q = cls;
+    if (q->fail.status) return MHD_NO;
+    if (!valid_part_name(key)) {
+        gf_error_set(&q->fail, GF_INVALID, "invalid_multipart", NULL, "a form field has an invalid name");
+        return MHD_NO;
+    }
+    /* MHD reports each part's value in chunks; off == 0 starts a new part. */
+    int new_part = off == 0 || q->n_parts == 0 || strcmp(q->part_names[q->n_parts - 1], key) != 0;
+    if (new_part && open_part(q, key, filename != NULL, &q->fail)) return MHD_NO;
+    if (size && append_part(q, data, size, &q->fail)) return MHD_NO;
+    return MHD_YES;
+}
+
+static void body_chunk(Req *q, const char *data, size_t size) {
+    if (q->fail.status || q->responded) return;
+    q->received += size;
+    if (q->received > q->body_max) {
+        gf_error_set(&q->fail, GF_TOO_LARGE, "request_too_large", NULL, "the body is over this route's cap of %llu bytes",
+                     (unsigned long long)q->body_max);
+        return;
+    }
+    if (q->pp) {
+        if (MHD_post_process(q->pp, data, size) != MHD_YES && !q->fail.status)
+            gf_error_set(&q->fail, GF_INVALID, "invalid_multipart", NULL, "the multipart body is malformed");
+        return;
+    }
+    if (q->route_index < 0 || q->route->body != BODY_JSON) return; /* ignored */
+    if (q->body_len + size > q->body_cap) {
+        size_t cap = q->body_cap ? q->body_cap : 4096;
+        while (cap < q->body_len + size) cap *= 2;
+        char *nb = realloc(q->body, cap);
+        if (!nb) { gf_error_set(&q->fail, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory"); return; }
+        q->body = nb;
+        q->body_cap = cap;
+    }
+    memcpy(q->body + q->body_len, data, size);
+    q->body_len += size;
+}
+
+/* ---- dispatch ---------------------------------------------------------- */
+
+static GfStatus finish_multipart(Req *q, GfError *err) {
+    if (q->pp && MHD_destroy_post_processor(q->pp) != MHD_YES && !q->fail.status)
+        gf_error_set(&q->fail, GF_INVALID, "invalid_multipart", NULL, "the multipart body ended early");
+    q->pp = NULL;
+    if (q->cur_fd >= 0) { close(q->cur_fd); q->cur_fd = -1; }
+    if (q->fail.status) { *err = q->fail; return err->status; }
+    return GF_OK;
+}
+
+static enum MHD_Result dispatch(Req *q, struct MHD_Connection *c) {
+    Httpd *h = q->httpd;
+    GfError err;
+    if (q->route->body == BODY_MULTIPART && finish_multipart(q, &err)) return send_error(c, q, &err, NULL, 0);
+    if (q->fail.status) return send_error(c, q, &q->fail, NULL, 1);
+    HttpReq req = {.method = q->method, .path = q->path, .header = header_get, .query = query_get, .cls = c,
+                   .body = q->body, .body_len = q->body_len, .parts = q->parts, .n_parts = q->n_parts,
+                   .upload_dir = q->upload_dir, .request_id = q->request_id};
+    memcpy(req.params, q->params, sizeof req.params);
+    HttpResp resp;
+    memset(&resp, 0, sizeof resp);
+    q->route->handler(h->api, &req, &resp);
+    if (!resp.status) reply_fail(&resp, GF_INTERNAL, "internal_error", NULL, "the handler produced no response");
+    return send_resp(c, q, &resp, 0);
+}
+
+static enum MHD_Result serve_static(Req *q, struct MHD_Connection *c, const char *url) {
+    HttpResp resp;
+    memset(&resp, 0, sizeof resp);
+    static_files_serve(q->httpd->cfg->web_dir, url, &resp);
+    enum MHD_Result r = send_resp(c, q, &resp, 0);
+    return r;
+}
+
+static Req *req_new(Httpd *h, struct MHD_Connection *c, const char *url, const char *method) {
+    (void)c;
+    Req *q = calloc(1, sizeof *q);
+    if (!q) return NULL;
+    q->httpd = h;
+    q->t_start = gf_time_mono();
+    q->cur_fd = -1;
+    q->route_index = -1;
+    uint8_t raw[8];
+    if (gf_random_bytes(raw, sizeof raw) == 0) {
+        char hex[17];
+        gf_hex(raw, sizeof raw, hex);
+        snprintf(q->request_id, sizeof q->request_id, "req_%s", hex);
+    }
+    snprintf(q->method, sizeof q->method, "%s", method);
+    q->path = strdup(url);
+    q->param_storage = malloc(strlen(url) + 1);
+    if (!q->path || !q->param_storage) {
+        free(q->path);
+        free(q->param_storage);
+        free(q);
+        return NULL;
+    }
+    return q;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
+                                  const char *version, const char *upload_data, size_t *upload_data_size,
+                                  void **con_cls) {
+    (void)version;
+    Httpd *h = cls;
+    Req *q = *con_cls;
+    if (!q) {
+        q = req_new(h, c, url, method);
+        if (!q) return MHD_NO;
+        *con_cls = q;
+        enum MHD_Result ret = MHD_YES;
+        if (admit(q, c, url, &ret)) return ret;
+        return MHD_YES;
+    }
+    if (*upload_data_size) {
+        body_chunk(q, upload_data, *upload_data_size);
+        *upload_data_size = 0;
+        if (q->fail.status == GF_TOO_LARGE && !q->responded) return send_error(c, q, &q->fail, NULL, 1) == MHD_YES ? MHD_YES : MHD_NO;
+        return q->fail.status == GF_NO_SPACE ? (send_error(c, q, &q->fail, NULL, 1) == MHD_YES ? MHD_YES : MHD_NO) : MHD_YES;
+    }
+    if (q->responded) return MHD_YES;
+    if (q->route_index == -2) return serve_static(q, c, url);
+    return dispatch(q, c);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe) {
+    (void)cls;
+    (void)c;
+    Req *q = *con_cls;
+    if (!q) return;
+    double dt = gf_time_mono() - q->t_start;
+    int status = q->responded ? q->status : 499;
+    if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && q->responded == 0) status = 499;
+    metrics_observe(q->httpd->api->metrics, q->route_index >= 0 ? q->route_index : -1, status, dt);
+    GF_LOGI("%s %s %d %.1fms %s%s", q->method, q->path, status, dt * 1000.0, q->request_id,
+            toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED ? " timeout" : " aborted");
+    if (q->pp) MHD_destroy_post_processor(q->pp);
+    if (q->cur_fd >= 0) close(q->cur_fd);
+    if (q->upload_dir[0]) fs_remove_tree(q->upload_dir);
+    for (size_t i = 0; i < MAX_PARTS; i++) free(q->field_values[i]);
+    free(q->body);
+    free(q->path);
+    free(q->param_storage);
+    free(q);
+    *con_cls = NULL;
+}
+
+/* ---- lifetime ---------------------------------------------------------- */
+
+Httpd *httpd_start(const HttpdConfig *cfg, Api *api, GfError *err) {
+    Httpd *h = gf_calloc(1, sizeof *h, err);
+    if (!h) return NULL;
+    h->cfg = cfg;
+    h->api = api;
+    struct sockaddr_in addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(cfg->port);
+    if (inet_pton(AF_INET, cfg->bind_addr, &addr.sin_addr) != 1) {
+        free(h);
+        gf_error_set(err, GF_INVALID, NULL, "host", "--host must be an IPv4 address");
+        return NULL;
+    }
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG | MHD_USE_ITC;
+    h->mhd = MHD_start_daemon(
+        flags, cfg->port, NULL, NULL, on_request, h, MHD_OPTION_SOCK_ADDR, &addr,
+        MHD_OPTION_THREAD_POOL_SIZE, cfg->threads, MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, cfg->per_ip_connections, MHD_OPTION_CONNECTION_TIMEOUT, cfg->timeout_s,
+        MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024), MHD_OPTION_STRICT_FOR_CLIENT, 1,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_END);
+    if (!h->mhd) {
+        free(h);
+        gf_error_set(err, GF_IO, NULL, NULL, "cannot listen on %s:%u (port in use?)", cfg->bind_addr, cfg->port);
+        return NULL;
+    }
+    return h;
+}
+
+uint16_t httpd_port(const Httpd *h) {
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->mhd, MHD_DAEMON_INFO_BIND_PORT);
+    return info ? info->port : 0;
+}
+
+void httpd_stop(Httpd *h, unsigned drain_s) {
+    if (!h) return;
+    MHD_quiesce_daemon(h->mhd);
+    double deadline = gf_time_mono() + drain_s;
+    while (gf_time_mono() < deadline) {
+        const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->mhd, MHD_DAEMON_INFO_CURRENT_CONNECTIONS);
+        if (!info || info->num_connections == 0) break;
+        usleep(50 * 1000);
+    }
+    MHD_stop_daemon(h->mhd);
+    free(h);
+}

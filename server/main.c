@@ -1,0 +1,252 @@
+/* main.c - the gemmaforge command line: `serve` starts the HTTP server; the
+ * engine commands (train, infer, forward, generate, merge, preflight) say
+ * plainly that they are not built yet. The only file that calls exit(). */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "httpd.h"
+#include "kernels.h"
+#include "modeldir.h"
+#include "store_open.h"
+
+#define VERSION "0.1.0"
+
+typedef struct {
+    const char *model_dir;
+    const char *data_dir;
+    const char *model_name;
+    HttpdConfig http;
+    ApiLimits limits;
+    int verbose;
+} ServeOptions;
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: gemmaforge <command> [options]\n\n"
+            "commands:\n"
+            "  serve      run the HTTP API server\n"
+            "  devices    list the compute devices this build can use\n"
+            "  version    print the version\n"
+            "  train, infer, forward, generate, merge, preflight\n"
+            "             engine commands: not built yet (see README)\n\n"
+            "serve options:\n"
+            "  --model DIR             Gemma 4 model directory (config.json + safetensors)\n"
+            "  --model-name NAME       name the base model is served under (default: DIR's name)\n"
+            "  --data DIR              data directory (default ./data)\n"
+            "  --host ADDR             IPv4 address to bind (default 127.0.0.1)\n"
+            "  --port N                port (default 8080; 0 picks a free one)\n"
+            "  --api-key KEY           accept this API key (repeatable); also GF_API_KEYS=k1,k2\n"
+            "  --api-key-file FILE     accept the keys in FILE, one per line\n"
+            "  --allowed-host NAME     also answer to this Host header (repeatable)\n"
+            "  --threads N             HTTP worker threads (default 4)\n"
+            "  --max-connections N     (default 256)   --per-ip-connections N (default 64)\n"
+            "  --timeout S             idle connection timeout in seconds (default 30)\n"
+            "  --max-queued-jobs N     (default 100)   --min-examples N (default 10)\n"
+            "  --max-upload-bytes N    dataset and adapter upload cap (default 2 GiB)\n"
+            "  --web DIR               dashboard files (default: the source tree's web/)\n"
+            "  --verbose               debug logging\n");
+}
+
+/* ---- options ----------------------------------------------------------- */
+
+static int add_key(HttpdConfig *h, const char *key) {
+    size_t n = strlen(key);
+    while (n && (key[n - 1] == '\n' || key[n - 1] == '\r')) n--;
+    if (n == 0) return 0;
+    if (n < 16) {
+        fprintf(stderr, "gemmaforge: API keys must be at least 16 characters\n");
+        return -1;
+    }
+    if (h->n_keys == HTTPD_MAX_KEYS) {
+        fprintf(stderr, "gemmaforge: at most %d API keys\n", HTTPD_MAX_KEYS);
+        return -1;
+    }
+    gf_sha256(key, n, h->key_digests[h->n_keys++]);
+    return 0;
+}
+
+static int add_key_file(HttpdConfig *h, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "gemmaforge: cannot read --api-key-file: %s\n", strerror(errno));
+        return -1;
+    }
+    char line[1024];
+    int rc = 0;
+    while (!rc && fgets(line, sizeof line, f))
+        if (line[0] != '#') rc = add_key(h, line);
+    fclose(f);
+    return rc;
+}
+
+static int add_env_keys(HttpdConfig *h) {
+    const char *env = getenv("GF_API_KEYS");
+    if (!env || !*env) return 0;
+    char *copy = strdup(env), *save = NULL;
+    int rc = copy ? 0 : -1;
+    for (char *k = copy ? strtok_r(copy, ",", &save) : NULL; k && !rc; k = strtok_r(NULL, ",", &save)) rc = add_key(h, k);
+    free(copy);
+    return rc;
+}
+
+static int parse_uint(const char *s, unsigned long long max, unsigned long long *out) {
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (!*s || *end || errno || v > max || s[0] == '-') return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse_serve(int argc, char **argv, ServeOptions *o) {
+    static char default_web[] = GF_WEB_DIR;
+    memset(o, 0, sizeof *o);
+    o->data_dir = "./data";
+    o->http.bind_addr = "127.0.0.1";
+    o->http.port = 8080;
+    o->http.threads = 4;
+    o->http.max_connections = 256;
+    o->http.per_ip_connections = 64;
+    o->http.timeout_s = 30;
+    o->http.web_dir = default_web;
+    api_limits_default(&o->limits);
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        unsigned long long n = 0;
+        int takes = strcmp(a, "--verbose") != 0;
+        if (takes && !v) { fprintf(stderr, "gemmaforge: %s needs a value\n", a); return -1; }
+        if (strcmp(a, "--verbose") == 0) o->verbose = 1;
+        else if (strcmp(a, "--model") == 0) o->model_dir = v;
+        else if (strcmp(a, "--model-name") == 0) o->model_name = v;
+        else if (strcmp(a, "--data") == 0) o->data_dir = v;
+        else if (strcmp(a, "--host") == 0) o->http.bind_addr = v;
+        else if (strcmp(a, "--web") == 0) o->http.web_dir = v;
+        else if (strcmp(a, "--api-key") == 0) { if (add_key(&o->http, v)) return -1; }
+        else if (strcmp(a, "--api-key-file") == 0) { if (add_key_file(&o->http, v)) return -1; }
+        else if (strcmp(a, "--allowed-host") == 0) {
+            if (o->http.n_allowed_hosts == HTTPD_MAX_HOSTS || strlen(v) >= 256) { fprintf(stderr, "gemmaforge: too many or too long --allowed-host\n"); return -1; }
+            snprintf(o->http.allowed_hosts[o->http.n_allowed_hosts++], 256, "%s", v);
+        }
+        else if (strcmp(a, "--port") == 0 && !parse_uint(v, 65535, &n)) o->http.port = (uint16_t)n;
+        else if (strcmp(a, "--threads") == 0 && !parse_uint(v, 256, &n) && n) o->http.threads = (unsigned)n;
+        else if (strcmp(a, "--max-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.max_connections = (unsigned)n;
+        else if (strcmp(a, "--per-ip-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.per_ip_connections = (unsigned)n;
+        else if (strcmp(a, "--timeout") == 0 && !parse_uint(v, 3600, &n) && n) o->http.timeout_s = (unsigned)n;
+        else if (strcmp(a, "--max-queued-jobs") == 0 && !parse_uint(v, 1000000, &n)) o->limits.max_queued_jobs = (int)n;
+        else if (strcmp(a, "--min-examples") == 0 && !parse_uint(v, 1000000, &n) && n) o->limits.dataset_min_examples = n;
+        else if (strcmp(a, "--max-upload-bytes") == 0 && !parse_uint(v, 1ull << 40, &n) && n)
+            o->limits.dataset_upload_max = o->limits.adapter_upload_max = n;
+        else { fprintf(stderr, "gemmaforge: unknown option or bad value: %s %s\n", a, takes ? v : ""); return -1; }
+        i += takes;
+    }
+    return add_env_keys(&o->http);
+}
+
+/* ---- serve ------------------------------------------------------------- */
+
+static int open_model(const ServeOptions *o, ModelDir *md, ApiModel *m) {
+    memset(m, 0, sizeof *m);
+    if (!o->model_dir) {
+        snprintf(m->not_ready_reason, sizeof m->not_ready_reason, "no model directory was given (--model DIR)");
+        return 0;
+    }
+    GfError err;
+    if (model_dir_open(o->model_dir, md, &err)) {
+        fprintf(stderr, "gemmaforge: cannot use the model directory: %s\n", err.message);
+        return -1;
+    }
+    snprintf(m->id, sizeof m->id, "%s", o->model_name ? o->model_name : md->name);
+    m->dir_ok = 1;
+    m->base_shapes = &md->base;
+    snprintf(m->not_ready_reason, sizeof m->not_ready_reason,
+             "the model directory is valid (%llu tensors) but this build cannot run Gemma 4 yet: the engine is not built",
+             (unsigned long long)md->n_tensors);
+    GF_LOGI("model '%s': %zu weight file(s), %llu tensors, %.1f MB", m->id, md->n_shards,
+            (unsigned long long)md->n_tensors, (double)md->n_bytes / 1e6);
+    return 0;
+}
+
+static void block_signals(sigset_t *set) {
+    sigemptyset(set);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+static int cmd_serve(int argc, char **argv) {
+    ServeOptions o;
+    if (parse_serve(argc, argv, &o)) { usage(stderr); return 2; }
+    gf_log_init(o.verbose ? GF_LOG_DEBUG : GF_LOG_INFO);
+    sigset_t sigs;
+    block_signals(&sigs); /* before any thread exists, so only sigwait sees them */
+    ModelDir md;
+    memset(&md, 0, sizeof md);
+    Metrics metrics;
+    metrics_init(&metrics);
+    Api api = {.metrics = &metrics, .limits = o.limits, .started_at = gf_time_unix()};
+    if (open_model(&o, &md, &api.model)) return 1;
+    GfError err;
+    if (store_open(o.data_dir, &api.store, &err)) {
+        fprintf(stderr, "gemmaforge: cannot open the data directory: %s\n", err.message);
+        model_dir_close(&md);
+        return 1;
+    }
+    o.http.tmp_dir = store_tmp_dir(api.store);
+    if (o.http.n_keys == 0) GF_LOGW("no API key configured: every route is open to anyone who can reach %s", o.http.bind_addr);
+    Httpd *h = httpd_start(&o.http, &api, &err);
+    if (!h) {
+        fprintf(stderr, "gemmaforge: %s\n", err.message);
+        store_close(api.store);
+        model_dir_close(&md);
+        return 1;
+    }
+    GF_LOGI("gemmaforge %s listening on http://%s:%u (model: %s)", VERSION, o.http.bind_addr, httpd_port(h),
+            api.model.id[0] ? api.model.id : "none");
+    printf("listening on %s:%u\n", o.http.bind_addr, httpd_port(h));
+    fflush(stdout);
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    GF_LOGI("signal %d: shutting down (draining requests for up to 10 s)", sig);
+    httpd_stop(h, 10);
+    store_close(api.store);
+    model_dir_close(&md);
+    metrics_free(&metrics);
+    GF_LOGI("stopped");
+    return 0;
+}
+
+static int cmd_devices(void) {
+    KnDeviceInfo dev[KN_MAX_DEVICES];
+    int n = kn_devices_probe(dev);
+    printf("CUDA backend %s\n", kn_cuda_built() ? "built" : "not built");
+    for (int i = 0; i < n; i++)
+        printf("%s%d  %-32s  %d %s  %.1f GiB total, %.1f GiB free\n", dev[i].kind == KN_DEVICE_CPU ? "cpu" : "cuda",
+               dev[i].index, dev[i].name, dev[i].n_threads, dev[i].kind == KN_DEVICE_CPU ? "threads" : "SMs",
+               (double)dev[i].memory_total / 1073741824.0, (double)dev[i].memory_free / 1073741824.0);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "help") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+        usage(argc < 2 ? stderr : stdout);
+        exit(argc < 2 ? 2 : 0);
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "serve") == 0) exit(cmd_serve(argc, argv));
+    if (strcmp(cmd, "devices") == 0) exit(cmd_devices());
+    if (strcmp(cmd, "version") == 0) { printf("gemmaforge %s\n", VERSION); exit(0); }
+    static const char *const engine_cmds[] = {"train", "infer", "forward", "generate", "merge", "preflight", "tokenize", "preprocess", "lora-step", NULL};
+    for (int i = 0; engine_cmds[i]; i++)
+        if (strcmp(cmd, engine_cmds[i]) == 0) {
+            fprintf(stderr, "gemmaforge %s: not built yet: this build has no Gemma 4 engine (see README, \"What exists\")\n", cmd);
+            exit(2);
+        }
+    fprintf(stderr, "gemmaforge: unknown command '%s'\n", cmd);
+    usage(stderr);
+    exit(2);
+}

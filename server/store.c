@@ -1,0 +1,639 @@
+/* store.c - SQLite (WAL, synchronous=FULL) implementation of api/store.h.
+ *
+ * One connection, serialized by a mutex: every public function holds the
+ * lock for its whole transaction, and every write is BEGIN IMMEDIATE, so no
+ * transaction ever upgrades from read to write (no SQLITE_BUSY_SNAPSHOT).
+ * Other processes (a second server, sqlite3 in a shell) are waited for up to
+ * the busy timeout, then the call fails with 503 database_busy.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "fsutil.h"
+#include "migrate.h"
+#include "store_open.h"
+
+struct Store {
+    sqlite3 *db;
+    pthread_mutex_t lock;
+    char dir[3072];          /* data directory */
+    char tmp[3200];          /* DATA/tmp */
+};
+
+const char *const STORE_JOB_STATUSES[5] = {"queued", "running", "succeeded", "failed", "cancelled"};
+
+/* ---- helpers ----------------------------------------------------------- */
+
+static GfStatus db_fail(Store *s, int rc, GfError *err) {
+    if (rc == SQLITE_BUSY || rc == SQLITE_LOCKED)
+        return gf_error_set(err, GF_NOT_READY, "database_busy", NULL, "the database is busy; retry shortly");
+    if (rc == SQLITE_FULL)
+        return gf_error_set(err, GF_NO_SPACE, "insufficient_storage", NULL, "the server's disk is full");
+    GF_LOGE("sqlite: %s (%d)", sqlite3_errmsg(s->db), rc);
+    return gf_error_set(err, GF_IO, "database_error", NULL, "the database failed; see the server log");
+}
+
+static void lock(Store *s) { pthread_mutex_lock(&s->lock); }
+static void unlock(Store *s) { pthread_mutex_unlock(&s->lock); }
+
+static int begin(Store *s) { return sqlite3_exec(s->db, "BEGIN IMMEDIATE", NULL, NULL, NULL); }
+static int commit(Store *s) { return sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL); }
+static void rollback(Store *s) { sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL); }
+
+/* Prepares sql and binds text/int64 args described by fmt ('s', 'i', 'd'). */
+static int prep(Store *s, sqlite3_stmt **st, const char *sql, const char *fmt, ...) {
+    int rc = sqlite3_prepare_v2(s->db, sql, -1, st, NULL);
+    if (rc != SQLITE_OK) return rc;
+    va_list ap;
+    va_start(ap, fmt);
+    for (int i = 0; fmt[i]; i++) {
+        if (fmt[i] == 's') sqlite3_bind_text(*st, i + 1, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
+        else if (fmt[i] == 'i') sqlite3_bind_int64(*st, i + 1, va_arg(ap, int64_t));
+        else sqlite3_bind_double(*st, i + 1, va_arg(ap, double));
+    }
+    va_end(ap);
+    return SQLITE_OK;
+}
+
+/* Runs a statement that returns no rows. */
+static int exec_stmt(Store *s, const char *sql, const char *fmt, ...) {
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(s->db, sql, -1, &st, NULL);
+    if (rc != SQLITE_OK) return rc;
+    va_list ap;
+    va_start(ap, fmt);
+    for (int i = 0; fmt[i]; i++) {
+        if (fmt[i] == 's') sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
+        else if (fmt[i] == 'i') sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t));
+        else sqlite3_bind_double(st, i + 1, va_arg(ap, double));
+    }
+    va_end(ap);
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? SQLITE_OK : rc;
+}
+
+static void col_text(sqlite3_stmt *st, int i, char *out, size_t cap) {
+    const unsigned char *t = sqlite3_column_text(st, i);
+    snprintf(out, cap, "%s", t ? (const char *)t : "");
+}
+
+static double col_real(sqlite3_stmt *st, int i) {
+    return sqlite3_column_type(st, i) == SQLITE_NULL ? NAN : sqlite3_column_double(st, i);
+}
+
+static int64_t col_int_or(sqlite3_stmt *st, int i, int64_t def) {
+    return sqlite3_column_type(st, i) == SQLITE_NULL ? def : sqlite3_column_int64(st, i);
+}
+
+void store_new_id(const char *prefix, char out[STORE_ID_MAX]) {
+    uint8_t raw[12];
+    char hex[25];
+    if (gf_random_bytes(raw, sizeof raw) != 0) {
+        uint64_t t = (uint64_t)(gf_time_mono() * 1e9);
+        memcpy(raw, &t, 8);
+        memset(raw + 8, 0, 4);
+    }
+    gf_hex(raw, sizeof raw, hex);
+    snprintf(out, STORE_ID_MAX, "%s_%s", prefix, hex);
+}
+
+/* ---- opening ----------------------------------------------------------- */
+
+static GfStatus configure(Store *s, GfError *err) {
+    static const char *const pragmas[] = {
+        "PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA foreign_keys=ON",
+        "PRAGMA trusted_schema=OFF", NULL};
+    sqlite3_busy_timeout(s->db, 5000);
+    sqlite3_db_config(s->db, SQLITE_DBCONFIG_DEFENSIVE, 1, NULL);
+    sqlite3_limit(s->db, SQLITE_LIMIT_LENGTH, 16 * 1000 * 1000);
+    for (int i = 0; pragmas[i]; i++)
+        if (sqlite3_exec(s->db, pragmas[i], NULL, NULL, NULL) != SQLITE_OK)
+            return gf_error_set(err, GF_IO, NULL, NULL, "database setup failed: %s", sqlite3_errmsg(s->db));
+    sqlite3_stmt *st;
+    char result[64] = "";
+    if (sqlite3_prepare_v2(s->db, "PRAGMA quick_check", -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW)
+        col_text(st, 0, result, sizeof result);
+    sqlite3_finalize(st);
+    if (strcmp(result, "ok") != 0)
+        return gf_error_set(err, GF_FORMAT, NULL, NULL, "the database failed its integrity check (%s)", result);
+    return GF_OK;
+}
+
+static int row_exists(Store *s, const char *sql, const char *key) {
+    sqlite3_stmt *st;
+    int found = 0;
+    if (prep(s, &st, sql, "s", key) == SQLITE_OK) found = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+    return found;
+}
+
+/* Removes entries of DATA/<sub> that are temporary or have no row. */
+static void gc_dir(Store *s, const char *sub, const char *exists_sql) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", s->dir, sub);
+    DIR *d = opendir(path);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        if (exists_sql && e->d_name[0] != '.' && row_exists(s, exists_sql, e->d_name)) continue;
+        char victim[4400];
+        snprintf(victim, sizeof victim, "%s/%s", path, e->d_name);
+        GF_LOGW("removing leftover %s/%s", sub, e->d_name);
+        fs_remove_tree(victim);
+    }
+    closedir(d);
+}
+
+static GfStatus make_layout(Store *s, GfError *err) {
+    static const char *const subs[] = {"tmp", "datasets", "adapters", "jobs", NULL};
+    char path[4096];
+    for (int i = 0; subs[i]; i++) {
+        snprintf(path, sizeof path, "%s/%s", s->dir, subs[i]);
+        if (fs_mkdirs(path, err)) return err->status;
+    }
+    return GF_OK;
+}
+
+GfStatus store_open(const char *data_dir, Store **out, GfError *err) {
+    Store *s = gf_calloc(1, sizeof *s, err);
+    if (!s) return GF_NO_MEMORY;
+    snprintf(s->dir, sizeof s->dir, "%s", data_dir);
+    snprintf(s->tmp, sizeof s->tmp, "%s/tmp", data_dir);
+    pthread_mutex_init(&s->lock, NULL);
+    char db_path[4096];
+    snprintf(db_path, sizeof db_path, "%s/gemmaforge.db", data_dir);
+    GfStatus st = make_layout(s, err);
+    if (!st && sqlite3_open_v2(db_path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK)
+        st = gf_error_set(err, GF_IO, NULL, NULL, "cannot open the database: %s", s->db ? sqlite3_errmsg(s->db) : "out of memory");
+    if (!st) st = configure(s, err);
+    int applied = 0;
+    if (!st) st = migrate_apply(s->db, GF_MIGRATIONS, GF_N_MIGRATIONS, &applied, err);
+    if (st) {
+        store_close(s);
+        return st;
+    }
+    gc_dir(s, "tmp", NULL);
+    gc_dir(s, "datasets", "SELECT 1 FROM datasets WHERE id=?");
+    gc_dir(s, "adapters", "SELECT 1 FROM adapters WHERE name=?");
+    *out = s;
+    return GF_OK;
+}
+
+void store_close(Store *s) {
+    if (!s) return;
+    if (s->db) sqlite3_close(s->db);
+    pthread_mutex_destroy(&s->lock);
+    free(s);
+}
+
+const char *store_tmp_dir(const Store *s) { return s->tmp; }
+
+GfStatus store_ping(Store *s, GfError *err) {
+    lock(s);
+    int rc = sqlite3_exec(s->db, "SELECT 1", NULL, NULL, NULL);
+    unlock(s);
+    return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+}
+
+/* ---- datasets ---------------------------------------------------------- */
+
+#define DATASET_COLS "id,name,status,created_at,n_examples,n_images,bytes,has_images"
+
+static void read_dataset(sqlite3_stmt *st, DatasetRow *d) {
+    col_text(st, 0, d->id, sizeof d->id);
+    col_text(st, 1, d->name, sizeof d->name);
+    col_text(st, 2, d->status, sizeof d->status);
+    d->created_at = sqlite3_column_int64(st, 3);
+    d->n_examples = (uint64_t)sqlite3_column_int64(st, 4);
+    d->n_images = (uint64_t)sqlite3_column_int64(st, 5);
+    d->bytes = (uint64_t)sqlite3_column_int64(st, 6);
+    d->has_images = sqlite3_column_int(st, 7);
+}
+
+GfStatus store_dataset_create(Store *s, const DatasetRow *d, const char *jsonl_tmp, const char *tar_tmp,
+                              GfError *err) {
+    char tmp_dir[4096], final_dir[4096];
+    snprintf(tmp_dir, sizeof tmp_dir, "%s/datasets/.tmp-%s", s->dir, d->id);
+    snprintf(final_dir, sizeof final_dir, "%s/datasets/%s", s->dir, d->id);
+    const char *src[2] = {jsonl_tmp, tar_tmp};
+    const char *names[2] = {"data.jsonl", "images.tar"};
+    GfStatus st = fs_publish(tmp_dir, final_dir, src, names, tar_tmp ? 2 : 1, err);
+    if (st) return st;
+    lock(s);
+    int rc = begin(s);
+    if (rc == SQLITE_OK)
+        rc = exec_stmt(s, "INSERT INTO datasets(id,name,status,created_at,n_examples,n_images,bytes,has_images) "
+                          "VALUES(?,?,?,?,?,?,?,?)", "sssiiiii", d->id, d->name, d->status, d->created_at,
+                       (int64_t)d->n_examples, (int64_t)d->n_images, (int64_t)d->bytes, (int64_t)d->has_images);
+    if (rc == SQLITE_OK) rc = commit(s);
+    if (rc != SQLITE_OK) {
+        rollback(s);
+        st = db_fail(s, rc, err);
+    }
+    unlock(s);
+    if (st) fs_remove_tree(final_dir);
+    return st;
+}
+
+GfStatus store_dataset_get(Store *s, const char *id, DatasetRow *out, GfError *err) {
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st, "SELECT " DATASET_COLS " FROM datasets WHERE id=?", "s", id);
+    GfStatus res = GF_OK;
+    if (rc == SQLITE_OK) rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) read_dataset(st, out);
+    else if (rc == SQLITE_DONE) res = gf_error_set(err, GF_NOT_FOUND, "dataset_not_found", "id", "no dataset '%s'", id);
+    else res = db_fail(s, rc, err);
+    sqlite3_finalize(st);
+    unlock(s);
+    return res;
+}
+
+/* Shared list walker: newest first (seq DESC), keyset-paged by the `after`
+ * key, which must exist. */
+typedef void (*RowReader)(sqlite3_stmt *st, void *out, int i);
+
+static GfStatus list_rows(Store *s, const char *sql, const char *seq_sql, const char *after, int limit,
+                          RowReader reader, void *out, int *n, int *has_more, GfError *err) {
+    sqlite3_stmt *st = NULL;
+    int64_t bound = INT64_MAX;
+    GfStatus res = GF_OK;
+    *n = 0;
+    *has_more = 0;
+    lock(s);
+    if (after[0]) {
+        int rc = prep(s, &st, seq_sql, "s", after);
+        rc = rc == SQLITE_OK ? sqlite3_step(st) : rc;
+        if (rc == SQLITE_ROW) bound = sqlite3_column_int64(st, 0);
+        else res = rc == SQLITE_DONE ? gf_error_set(err, GF_INVALID, "invalid_value", "after", "'after' names no object in this list")
+                                     : db_fail(s, rc, err);
+        sqlite3_finalize(st);
+        st = NULL;
+    }
+    int rc = res ? SQLITE_OK : prep(s, &st, sql, "ii", bound, (int64_t)limit + 1);
+    while (!res && rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (*n == limit) { *has_more = 1; break; }
+        reader(st, out, (*n)++);
+        rc = SQLITE_OK;
+    }
+    if (!res && rc != SQLITE_OK && rc != SQLITE_DONE && rc != SQLITE_ROW) res = db_fail(s, rc, err);
+    sqlite3_finalize(st);
+    unlock(s);
+    return res;
+}
+
+static void read_dataset_at(sqlite3_stmt *st, void *out, int i) { read_dataset(st, (DatasetRow *)out + i); }
+
+GfStatus store_dataset_list(Store *s, const char *after, int limit, DatasetRow *out, int *n, int *has_more,
+                            GfError *err) {
+    return list_rows(s, "SELECT " DATASET_COLS " FROM datasets WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                     "SELECT seq FROM datasets WHERE id=?", after, limit, read_dataset_at, out, n, has_more, err);
+}
+
+GfStatus store_dataset_delete(Store *s, const char *id, GfError *err) {
+    GfStatus res = GF_OK;
+    lock(s);
+    int rc = begin(s);
+    if (rc == SQLITE_OK && !row_exists(s, "SELECT 1 FROM datasets WHERE id=?", id))
+        res = gf_error_set(err, GF_NOT_FOUND, "dataset_not_found", "id", "no dataset '%s'", id);
+    else if (rc == SQLITE_OK && row_exists(s, "SELECT 1 FROM jobs WHERE status IN ('queued','running') AND "
+                                              "(dataset_id=?1 OR validation_dataset_id=?1)", id))
+        res = gf_error_set(err, GF_CONFLICT, "dataset_in_use", "id",
+                           "dataset '%s' is used by a queued or running job; cancel the job first", id);
+    else if (rc == SQLITE_OK) rc = exec_stmt(s, "DELETE FROM datasets WHERE id=?", "s", id);
+    if (!res && rc == SQLITE_OK) rc = commit(s);
+    if (res || rc != SQLITE_OK) rollback(s);
+    if (!res && rc != SQLITE_OK) res = db_fail(s, rc, err);
+    unlock(s);
+    if (!res) {
+        char dir[4096];
+        snprintf(dir, sizeof dir, "%s/datasets/%s", s->dir, id);
+        if (fs_remove_tree(dir) != 0) GF_LOGW("could not remove the files of dataset %s; removed at next start", id);
+    }
+    return res;
+}
+
+/* ---- jobs -------------------------------------------------------------- */
+
+#define JOB_COLS "id,dataset_id,validation_dataset_id,model,suffix,hyperparameters,status,cancel_requested," \
+                 "created_at,started_at,finished_at,error_code,error_message,step,total_steps,epoch,loss," \
+                 "eval_loss,tokens_per_s,eta_s,adapter_name"
+
+static void read_job(sqlite3_stmt *st, JobRow *j) {
+    col_text(st, 0, j->id, sizeof j->id);
+    col_text(st, 1, j->dataset_id, sizeof j->dataset_id);
+    col_text(st, 2, j->validation_dataset_id, sizeof j->validation_dataset_id);
+    col_text(st, 3, j->model, sizeof j->model);
+    col_text(st, 4, j->suffix, sizeof j->suffix);
+    col_text(st, 5, j->hyperparameters, sizeof j->hyperparameters);
+    col_text(st, 6, j->status, sizeof j->status);
+    j->cancel_requested = sqlite3_column_int(st, 7);
+    j->created_at = sqlite3_column_int64(st, 8);
+    j->started_at = col_int_or(st, 9, 0);
+    j->finished_at = col_int_or(st, 10, 0);
+    col_text(st, 11, j->error_code, sizeof j->error_code);
+    col_text(st, 12, j->error_message, sizeof j->error_message);
+    j->step = col_int_or(st, 13, -1);
+    j->total_steps = col_int_or(st, 14, -1);
+    j->epoch = col_real(st, 15);
+    j->loss = col_real(st, 16);
+    j->eval_loss = col_real(st, 17);
+    j->tokens_per_s = col_real(st, 18);
+    j->eta_s = col_real(st, 19);
+    col_text(st, 20, j->adapter, sizeof j->adapter);
+}
+
+static void read_job_at(sqlite3_stmt *st, void *out, int i) { read_job(st, (JobRow *)out + i); }
+
+/* Inside a transaction: the dataset must exist and be ready. */
+static GfStatus dataset_ready(Store *s, const char *id, const char *param, GfError *err) {
+    sqlite3_stmt *st;
+    char status[16] = "";
+    int rc = prep(s, &st, "SELECT status FROM datasets WHERE id=?", "s", id);
+    rc = rc == SQLITE_OK ? sqlite3_step(st) : rc;
+    if (rc == SQLITE_ROW) col_text(st, 0, status, sizeof status);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) return db_fail(s, rc, err);
+    if (rc == SQLITE_DONE) return gf_error_set(err, GF_NOT_FOUND, "dataset_not_found", param, "no dataset '%s'", id);
+    if (strcmp(status, "ready") != 0)
+        return gf_error_set(err, GF_CONFLICT, "dataset_not_ready", param, "dataset '%s' is %s, not ready", id, status);
+    return GF_OK;
+}
+
+static int64_t count_queued(Store *s) {
+    sqlite3_stmt *st;
+    int64_t n = 0;
+    if (sqlite3_prepare_v2(s->db, "SELECT COUNT(*) FROM jobs WHERE status='queued'", -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW)
+        n = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return n;
+}
+
+static int add_event(Store *s, const char *job, const char *level, const char *type, const char *msg) {
+    return exec_stmt(s, "INSERT INTO job_events(job_id,created_at,level,type,message) VALUES(?,?,?,?,?)", "sisss",
+                     job, gf_time_unix(), level, type, msg);
+}
+
+static GfStatus job_insert(Store *s, JobRow *j, int max_queued, GfError *err) {
+    GfStatus res = dataset_ready(s, j->dataset_id, "dataset", err);
+    if (!res && j->validation_dataset_id[0]) res = dataset_ready(s, j->validation_dataset_id, "validation_dataset", err);
+    if (!res && count_queued(s) >= max_queued)
+        res = gf_error_set(err, GF_BUSY, "queue_full", NULL, "the job queue is full (%d queued); retry later", max_queued);
+    if (res) return res;
+    j->created_at = gf_time_unix();
+    snprintf(j->status, sizeof j->status, "queued");
+    j->step = j->total_steps = -1;
+    j->epoch = j->loss = j->eval_loss = j->tokens_per_s = j->eta_s = NAN;
+    int rc = exec_stmt(s, "INSERT INTO jobs(id,dataset_id,validation_dataset_id,model,suffix,hyperparameters,status,created_at) "
+                          "VALUES(?,?,NULLIF(?,''),?,?,?,'queued',?)", "ssssssi", j->id, j->dataset_id,
+                       j->validation_dataset_id, j->model, j->suffix, j->hyperparameters, j->created_at);
+    if (rc == SQLITE_OK) rc = add_event(s, j->id, "info", "status", "Job created and queued");
+    return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+}
+
+GfStatus store_job_create(Store *s, JobRow *j, int max_queued, GfError *err) {
+    lock(s);
+    int rc = begin(s);
+    GfStatus res = rc == SQLITE_OK ? job_insert(s, j, max_queued, err) : db_fail(s, rc, err);
+    if (!res && (rc = commit(s)) != SQLITE_OK) res = db_fail(s, rc, err);
+    if (res) rollback(s);
+    unlock(s);
+    return res;
+}
+
+static GfStatus job_get_locked(Store *s, const char *id, JobRow *out, GfError *err) {
+    sqlite3_stmt *st;
+    int rc = prep(s, &st, "SELECT " JOB_COLS " FROM jobs WHERE id=?", "s", id);
+    GfStatus res = GF_OK;
+    if (rc == SQLITE_OK) rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) read_job(st, out);
+    else if (rc == SQLITE_DONE) res = gf_error_set(err, GF_NOT_FOUND, "job_not_found", "id", "no fine-tuning job '%s'", id);
+    else res = db_fail(s, rc, err);
+    sqlite3_finalize(st);
+    return res;
+}
+
+GfStatus store_job_get(Store *s, const char *id, JobRow *out, GfError *err) {
+    lock(s);
+    GfStatus res = job_get_locked(s, id, out, err);
+    unlock(s);
+    return res;
+}
+
+GfStatus store_job_list(Store *s, const char *after, int limit, JobRow *out, int *n, int *has_more, GfError *err) {
+    return list_rows(s, "SELECT " JOB_COLS " FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                     "SELECT seq FROM jobs WHERE id=?", after, limit, read_job_at, out, n, has_more, err);
+}
+
+static GfStatus cancel_locked(Store *s, const char *id, JobRow *out, GfError *err) {
+    GfStatus res = job_get_locked(s, id, out, err);
+    if (res) return res;
+    int rc = SQLITE_OK;
+    if (strcmp(out->status, "queued") == 0) {
+        rc = exec_stmt(s, "UPDATE jobs SET status='cancelled', finished_at=? WHERE id=? AND status='queued'", "is",
+                       gf_time_unix(), id);
+        if (rc == SQLITE_OK) rc = add_event(s, id, "info", "status", "Job cancelled before it started");
+    } else if (strcmp(out->status, "running") == 0 && !out->cancel_requested) {
+        rc = exec_stmt(s, "UPDATE jobs SET cancel_requested=1 WHERE id=? AND status='running'", "s", id);
+        if (rc == SQLITE_OK) rc = add_event(s, id, "info", "status", "Cancellation requested; stopping after the current step");
+    } else if (strcmp(out->status, "succeeded") == 0 || strcmp(out->status, "failed") == 0) {
+        return gf_error_set(err, GF_CONFLICT, "job_not_cancellable", "id", "job '%s' has already %s", id, out->status);
+    }
+    if (rc != SQLITE_OK) return db_fail(s, rc, err);
+    return job_get_locked(s, id, out, err);
+}
+
+GfStatus store_job_cancel(Store *s, const char *id, JobRow *out, GfError *err) {
+    lock(s);
+    int rc = begin(s);
+    GfStatus res = rc == SQLITE_OK ? cancel_locked(s, id, out, err) : db_fail(s, rc, err);
+    if (!res && (rc = commit(s)) != SQLITE_OK) res = db_fail(s, rc, err);
+    if (res) rollback(s);
+    unlock(s);
+    return res;
+}
+
+GfStatus store_job_events(Store *s, const char *id, int64_t after, int limit, JobEvent *out, int *n, int *has_more,
+                          GfError *err) {
+    *n = *has_more = 0;
+    lock(s);
+    GfStatus res = GF_OK;
+    if (!row_exists(s, "SELECT 1 FROM jobs WHERE id=?", id))
+        res = gf_error_set(err, GF_NOT_FOUND, "job_not_found", "id", "no fine-tuning job '%s'", id);
+    sqlite3_stmt *st = NULL;
+    int rc = res ? SQLITE_OK : prep(s, &st, "SELECT seq,created_at,level,type,message,data FROM job_events "
+                                            "WHERE job_id=? AND seq>? ORDER BY seq LIMIT ?", "sii", id, after,
+                                    (int64_t)limit + 1);
+    while (!res && rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (*n == limit) { *has_more = 1; break; }
+        JobEvent *e = &out[(*n)++];
+        e->seq = sqlite3_column_int64(st, 0);
+        e->created_at = sqlite3_column_int64(st, 1);
+        col_text(st, 2, e->level, sizeof e->level);
+        col_text(st, 3, e->type, sizeof e->type);
+        col_text(st, 4, e->message, sizeof e->message);
+        col_text(st, 5, e->data, sizeof e->data);
+        rc = SQLITE_OK;
+    }
+    if (!res && rc != SQLITE_OK && rc != SQLITE_DONE && rc != SQLITE_ROW) res = db_fail(s, rc, err);
+    sqlite3_finalize(st);
+    unlock(s);
+    return res;
+}
+
+GfStatus store_job_checkpoints(Store *s, const char *id, CheckpointRow *out, int max, int *n, GfError *err) {
+    *n = 0;
+    lock(s);
+    GfStatus res = GF_OK;
+    if (!row_exists(s, "SELECT 1 FROM jobs WHERE id=?", id))
+        res = gf_error_set(err, GF_NOT_FOUND, "job_not_found", "id", "no fine-tuning job '%s'", id);
+    sqlite3_stmt *st = NULL;
+    int rc = res ? SQLITE_OK : prep(s, &st, "SELECT id,step,created_at,metrics FROM checkpoints WHERE job_id=? "
+                                            "ORDER BY step LIMIT ?", "si", id, (int64_t)max);
+    while (!res && rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        CheckpointRow *c = &out[(*n)++];
+        col_text(st, 0, c->id, sizeof c->id);
+        c->step = sqlite3_column_int64(st, 1);
+        c->created_at = sqlite3_column_int64(st, 2);
+        col_text(st, 3, c->metrics, sizeof c->metrics);
+        rc = SQLITE_OK;
+    }
+    if (!res && rc != SQLITE_OK && rc != SQLITE_DONE) res = db_fail(s, rc, err);
+    sqlite3_finalize(st);
+    unlock(s);
+    return res;
+}
+
+/* ---- adapters ---------------------------------------------------------- */
+
+#define ADAPTER_COLS "name,source,job_id,base_model,rank,alpha,use_rslora,n_modules,has_vision,bytes,sha256,created_at"
+
+static void read_adapter(sqlite3_stmt *st, AdapterRow *a) {
+    col_text(st, 0, a->name, sizeof a->name);
+    col_text(st, 1, a->source, sizeof a->source);
+    col_text(st, 2, a->job_id, sizeof a->job_id);
+    col_text(st, 3, a->base_model, sizeof a->base_model);
+    a->rank = sqlite3_column_int(st, 4);
+    a->alpha = sqlite3_column_double(st, 5);
+    a->use_rslora = sqlite3_column_int(st, 6);
+    a->n_modules = sqlite3_column_int(st, 7);
+    a->has_vision = sqlite3_column_int(st, 8);
+    a->bytes = (uint64_t)sqlite3_column_int64(st, 9);
+    col_text(st, 10, a->sha256, sizeof a->sha256);
+    a->created_at = sqlite3_column_int64(st, 11);
+}
+
+static void read_adapter_at(sqlite3_stmt *st, void *out, int i) { read_adapter(st, (AdapterRow *)out + i); }
+
+GfStatus store_adapter_create(Store *s, const AdapterRow *a, const char *config_tmp, const char *weights_tmp,
+                              GfError *err) {
+    char tmp_dir[4096], final_dir[4096];
+    snprintf(tmp_dir, sizeof tmp_dir, "%s/adapters/.tmp-%s", s->dir, a->name);
+    snprintf(final_dir, sizeof final_dir, "%s/adapters/%s", s->dir, a->name);
+    lock(s); /* held across publish so two uploads of one name cannot race */
+    GfStatus res = GF_OK;
+    struct stat sb;
+    if (row_exists(s, "SELECT 1 FROM adapters WHERE name=?", a->name) || lstat(final_dir, &sb) == 0)
+        res = gf_error_set(err, GF_CONFLICT, "adapter_exists", "name", "an adapter named '%s' already exists", a->name);
+    const char *src[2] = {config_tmp, weights_tmp};
+    const char *names[2] = {"adapter_config.json", "adapter_model.safetensors"};
+    if (!res) res = fs_publish(tmp_dir, final_dir, src, names, 2, err);
+    int rc = res ? SQLITE_OK : begin(s);
+    if (!res && rc == SQLITE_OK)
+        rc = exec_stmt(s, "INSERT INTO adapters(" ADAPTER_COLS ") VALUES(?,?,NULLIF(?,''),?,?,?,?,?,?,?,?,?)",
+                       "ssssidiiiisi", a->name, a->source, a->job_id, a->base_model, (int64_t)a->rank, a->alpha,
+                       (int64_t)a->use_rslora, (int64_t)a->n_modules, (int64_t)a->has_vision, (int64_t)a->bytes,
+                       a->sha256, a->created_at);
+    if (!res && rc == SQLITE_OK) rc = commit(s);
+    if (!res && rc != SQLITE_OK) {
+        rollback(s);
+        res = db_fail(s, rc, err);
+        fs_remove_tree(final_dir);
+    }
+    unlock(s);
+    return res;
+}
+
+GfStatus store_adapter_get(Store *s, const char *name, AdapterRow *out, GfError *err) {
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = prep(s, &st, "SELECT " ADAPTER_COLS " FROM adapters WHERE name=?", "s", name);
+    GfStatus res = GF_OK;
+    if (rc == SQLITE_OK) rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) read_adapter(st, out);
+    else if (rc == SQLITE_DONE) res = gf_error_set(err, GF_NOT_FOUND, "adapter_not_found", "name", "no adapter '%s'", name);
+    else res = db_fail(s, rc, err);
+    sqlite3_finalize(st);
+    unlock(s);
+    return res;
+}
+
+GfStatus store_adapter_list(Store *s, const char *after, int limit, AdapterRow *out, int *n, int *has_more,
+                            GfError *err) {
+    return list_rows(s, "SELECT " ADAPTER_COLS " FROM adapters WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                     "SELECT seq FROM adapters WHERE name=?", after, limit, read_adapter_at, out, n, has_more, err);
+}
+
+GfStatus store_adapter_delete(Store *s, const char *name, GfError *err) {
+    lock(s);
+    GfStatus res = GF_OK;
+    int rc = begin(s);
+    if (rc == SQLITE_OK && !row_exists(s, "SELECT 1 FROM adapters WHERE name=?", name))
+        res = gf_error_set(err, GF_NOT_FOUND, "adapter_not_found", "name", "no adapter '%s'", name);
+    else if (rc == SQLITE_OK) rc = exec_stmt(s, "DELETE FROM adapters WHERE name=?", "s", name);
+    if (!res && rc == SQLITE_OK) rc = commit(s);
+    if (res || rc != SQLITE_OK) rollback(s);
+    if (!res && rc != SQLITE_OK) res = db_fail(s, rc, err);
+    if (!res) {
+        char dir[4096];
+        snprintf(dir, sizeof dir, "%s/adapters/%s", s->dir, name);
+        if (fs_remove_tree(dir) != 0) GF_LOGW("could not remove the files of adapter %s; removed at next start", name);
+    }
+    unlock(s);
+    return res;
+}
+
+GfStatus store_adapter_files(Store *s, const char *name, char config[4096], char weights[4096], GfError *err) {
+    (void)err;
+    snprintf(config, 4096, "%s/adapters/%s/adapter_config.json", s->dir, name);
+    snprintf(weights, 4096, "%s/adapters/%s/adapter_model.safetensors", s->dir, name);
+    return GF_OK;
+}
+
+/* ---- counts ------------------------------------------------------------ */
+
+GfStatus store_counts(Store *s, StoreCounts *out, GfError *err) {
+    memset(out, 0, sizeof *out);
+    sqlite3_stmt *st;
+    lock(s);
+    int rc = sqlite3_prepare_v2(s->db, "SELECT (SELECT COUNT(*) FROM datasets), (SELECT COUNT(*) FROM adapters)",
+                                -1, &st, NULL);
+    if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        out->datasets = (uint64_t)sqlite3_column_int64(st, 0);
+        out->adapters = (uint64_t)sqlite3_column_int64(st, 1);
+        rc = SQLITE_OK;
+    }
+    sqlite3_finalize(st);
+    st = NULL;
+    if (rc == SQLITE_OK) rc = sqlite3_prepare_v2(s->db, "SELECT status, COUNT(*) FROM jobs GROUP BY status", -1, &st, NULL);
+    while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *status = (const char *)sqlite3_column_text(st, 0);
+        for (int i = 0; i < 5; i++)
+            if (status && strcmp(status, STORE_JOB_STATUSES[i]) == 0) out->jobs_by_status[i] = (uint64_t)sqlite3_column_int64(st, 1);
+        rc = SQLITE_OK;
+    }
+    sqlite3_finalize(st);
+    GfStatus res = rc == SQLITE_DONE || rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+    unlock(s);
+    return res;
+}
