@@ -30,6 +30,7 @@ static void usage(FILE *f) {
             "commands:\n"
             "  serve      run the HTTP API server\n"
             "  devices    list the compute devices this build can use\n"
+            "  routes     print the REST route table (JSON lines)\n"
             "  version    print the version\n"
             "  train, infer, forward, generate, merge, preflight\n"
             "             engine commands: not built yet (see README)\n\n"
@@ -220,6 +221,14 @@ static int cmd_serve(int argc, char **argv) {
     return 0;
 }
 
+/* The route table as JSON lines, so tests can cover every route. */
+static int cmd_routes(void) {
+    for (int i = 0; i < API_N_ROUTES; i++)
+        printf("{\"method\":\"%s\",\"pattern\":\"%s\",\"auth\":%s}\n", API_ROUTES[i].method, API_ROUTES[i].pattern,
+               API_ROUTES[i].needs_auth ? "true" : "false");
+    return 0;
+}
+
 static int cmd_devices(void) {
     KnDeviceInfo dev[KN_MAX_DEVICES];
     int n = kn_devices_probe(dev);
@@ -239,6 +248,7 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (strcmp(cmd, "serve") == 0) exit(cmd_serve(argc, argv));
     if (strcmp(cmd, "devices") == 0) exit(cmd_devices());
+    if (strcmp(cmd, "routes") == 0) exit(cmd_routes());
     if (strcmp(cmd, "version") == 0) { printf("gemmaforge %s\n", VERSION); exit(0); }
     static const char *const engine_cmds[] = {"train", "infer", "forward", "generate", "merge", "preflight", "tokenize", "preprocess", "lora-step", NULL};
     for (int i = 0; engine_cmds[i]; i++)

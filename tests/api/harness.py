@@ -1,0 +1,274 @@
+"""Test harness for the gemmaforge API: starts the real server binary on a
+loopback port with a temporary data directory, talks HTTP to it, and checks
+the database and the data directory afterwards. Standard library only."""
+import base64
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+import uuid
+import zlib
+
+KEY = "test-key-0123456789abcdef"
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+
+
+class Server:
+    def __init__(self, binary, extra=(), model=True, keys=(KEY,), data=None):
+        self.binary = binary
+        self.data = data or tempfile.mkdtemp(prefix="gf-api-")
+        args = [binary, "serve", "--data", self.data, "--port", "0", "--timeout", "3"]
+        if model:
+            args += ["--model", os.path.join(FIXTURES, "dense")]
+        for k in keys:
+            args += ["--api-key", k]
+        args += list(extra)
+        self.log = open(os.path.join(tempfile.gettempdir(), "gf-server-%d.log" % os.getpid()), "ab")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log)
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("listening on"):
+            raise RuntimeError("server did not start: %r" % line)
+        self.port = int(line.strip().rsplit(":", 1)[1])
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise
+        return self.proc.returncode
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    # ---- HTTP ----------------------------------------------------------
+    def request(self, method, path, body=None, headers=None, key=KEY, timeout=30):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        h = {"Host": "127.0.0.1:%d" % self.port}
+        if key:
+            h["Authorization"] = "Bearer " + key
+        h.update(headers or {})
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+            h.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=body, headers=h)
+        r = conn.getresponse()
+        data = r.read()
+        conn.close()
+        return Resp(r.status, dict((k.lower(), v) for k, v in r.getheaders()), data)
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post_json(self, path, obj, **kw):
+        return self.request("POST", path, body=obj, **kw)
+
+    def post_multipart(self, path, fields, **kw):
+        body, ctype = multipart(fields)
+        headers = kw.pop("headers", {})
+        headers["Content-Type"] = ctype
+        return self.request("POST", path, body=body, headers=headers, **kw)
+
+    def raw(self, data, timeout=5, read_all=True):
+        """Sends raw bytes; returns what the server answered (b'' if closed)."""
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        try:
+            s.sendall(data)
+            out = b""
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except (socket.timeout, ConnectionResetError):
+                    break
+                if not chunk:
+                    break
+                out += chunk
+                if not read_all and b"\r\n\r\n" in out:
+                    break
+            return out
+        finally:
+            s.close()
+
+    # ---- persistence checks -------------------------------------------
+    def db(self):
+        return sqlite3.connect("file:%s/gemmaforge.db?mode=ro" % self.data, uri=True, timeout=10)
+
+    def snapshot(self):
+        c = self.db()
+        counts = {t: c.execute("SELECT COUNT(*) FROM %s" % t).fetchone()[0]
+                  for t in ("datasets", "jobs", "job_events", "adapters", "checkpoints")}
+        check = c.execute("PRAGMA quick_check").fetchone()[0]
+        c.close()
+        files = set()
+        for sub in ("datasets", "adapters", "jobs"):
+            for root, dirs, fs in os.walk(os.path.join(self.data, sub)):
+                for f in fs + dirs:
+                    files.add(os.path.relpath(os.path.join(root, f), self.data))
+        return {"counts": counts, "quick_check": check, "files": files}
+
+    def tmp_entries(self):
+        return os.listdir(os.path.join(self.data, "tmp"))
+
+
+class Resp:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def code(self):
+        try:
+            return self.json()["error"]["code"]
+        except Exception:
+            return None
+
+    def __repr__(self):
+        return "<%d %s>" % (self.status, self.body[:300])
+
+
+def multipart(fields):
+    """fields: list of (name, value) or (name, filename, bytes)."""
+    boundary = "gfboundary" + uuid.uuid4().hex
+    out = io.BytesIO()
+    for f in fields:
+        out.write(b"--" + boundary.encode() + b"\r\n")
+        if len(f) == 2:
+            name, value = f
+            out.write(b'Content-Disposition: form-data; name="%s"\r\n\r\n' % name.encode())
+            out.write(value if isinstance(value, bytes) else value.encode())
+        else:
+            name, filename, data = f
+            out.write(b'Content-Disposition: form-data; name="%s"; filename="%s"\r\n' % (name.encode(), filename.encode()))
+            out.write(b"Content-Type: application/octet-stream\r\n\r\n")
+            out.write(data)
+        out.write(b"\r\n")
+    out.write(b"--" + boundary.encode() + b"--\r\n")
+    return out.getvalue(), "multipart/form-data; boundary=" + boundary
+
+
+# ---- test data ---------------------------------------------------------
+
+def png(width, height, color_type=2, bit_depth=8, pixel=lambda x, y: (x * 7 % 256, y * 13 % 256, 90),
+        palette=None, extra_chunks=(), bad_crc=False, ihdr_size=None):
+    """A PNG encoder for tests: color types 0, 2, 3, 4, 6 at 8 or 16 bits."""
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[color_type]
+    rows = []
+    for y in range(height):
+        row = bytearray([0])
+        for x in range(width):
+            p = pixel(x, y)
+            vals = [p[0]] if channels == 1 else ([p[0], 200] if channels == 2 else
+                                                  (list(p[:3]) + ([128] if channels == 4 else [])))
+            if color_type == 3:
+                vals = [(x + y) % len(palette)]
+            for v in vals:
+                row += struct.pack(">H", v * 257) if bit_depth == 16 else bytes([v])
+        rows.append(bytes(row))
+    raw = zlib.compress(b"".join(rows))
+
+    def chunk(kind, data, corrupt=False):
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        if corrupt:
+            crc ^= 0xFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    w, h = ihdr_size or (width, height)
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0))
+    if palette:
+        out += chunk(b"PLTE", b"".join(bytes(c) for c in palette))
+    for k, d in extra_chunks:
+        out += chunk(k, d)
+    out += chunk(b"IDAT", raw, corrupt=bad_crc) + chunk(b"IEND", b"")
+    return out
+
+
+def fixture_bytes(*parts):
+    with open(os.path.join(FIXTURES, *parts), "rb") as f:
+        return f.read()
+
+
+def make_tar(members, fmt=tarfile.PAX_FORMAT):
+    """members: list of (name, bytes) or TarInfo-producing tuples (name, bytes, type, linkname)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
+        for m in members:
+            name, data = m[0], m[1]
+            info = tarfile.TarInfo(name)
+            if len(m) > 2:
+                info.type = m[2]
+                info.linkname = m[3] if len(m) > 3 else ""
+                t.addfile(info)
+                continue
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def example(image=None, text="What colour is this?", answer="red", system=None):
+    msgs = []
+    if system:
+        msgs.append({"role": "system", "content": system})
+    content = [{"type": "text", "text": text}]
+    if image is not None:
+        content.insert(0, {"type": "image", "image": image})
+    msgs.append({"role": "user", "content": content})
+    msgs.append({"role": "assistant", "content": answer})
+    return json.dumps({"messages": msgs})
+
+
+def jsonl(lines):
+    return ("\n".join(lines) + "\n").encode()
+
+
+def data_url(data, mime="image/png"):
+    return "data:%s;base64,%s" % (mime, base64.b64encode(data).decode())
+
+
+# ---- runner ------------------------------------------------------------
+
+class Runner:
+    def __init__(self):
+        self.passed = 0
+        self.failed = []
+
+    def run(self, name, fn, *args):
+        t = time.time()
+        try:
+            fn(*args)
+            self.passed += 1
+            print("ok   %-60s %.2fs" % (name, time.time() - t), flush=True)
+        except Exception:
+            self.failed.append(name)
+            print("FAIL %s\n%s" % (name, traceback.format_exc()), flush=True)
+
+    def finish(self):
+        print("\n%d passed, %d failed" % (self.passed, len(self.failed)))
+        for n in self.failed:
+            print("  failed: " + n)
+        return 1 if self.failed else 0
+
+
+def expect(resp, status, code=None):
+    assert resp.status == status, "expected %d %s, got %r" % (status, code, resp)
+    if code is not None:
+        assert resp.code == code, "expected code %s, got %r" % (code, resp)
+    if status >= 400:
+        e = resp.json()["error"]
+        assert set(e) >= {"type", "code", "message", "param"}, e
+        assert "/tmp" not in e["message"] and "SELECT" not in e["message"] and "INSERT" not in e["message"], e
+    return resp
