@@ -163,6 +163,17 @@ static GfStatus build_name(const uint8_t *h, char *name) {
     return GF_OK;
 }
 
+/* After the end-of-archive marker only zero padding may follow. */
+static GfStatus check_zero_tail(TarIndex *t, uint64_t off, GfError *err) {
+    uint8_t buf[BLOCK];
+    for (; off < t->file_size; off += BLOCK) {
+        if (read_at(t->fd, buf, BLOCK, off, err)) return err ? err->status : GF_IO;
+        for (int i = 0; i < BLOCK; i++)
+            if (buf[i]) return bad(err, "data after the end-of-archive marker", NULL);
+    }
+    return t->n_members ? GF_OK : bad(err, "no files in archive", NULL);
+}
+
 static GfStatus scan(TarIndex *t, size_t max_members, GfError *err) {
     uint8_t h[BLOCK];
     uint64_t off = 0;
@@ -174,7 +185,7 @@ static GfStatus scan(TarIndex *t, size_t max_members, GfError *err) {
         if (read_at(t->fd, h, BLOCK, off, err)) return err ? err->status : GF_IO;
         int zero = 1;
         for (int i = 0; i < BLOCK && zero; i++) zero = h[i] == 0;
-        if (zero) return GF_OK; /* end-of-archive marker */
+        if (zero) return check_zero_tail(t, off + BLOCK, err); /* end-of-archive marker */
         if (!checksum_ok(h)) return bad(err, "bad header checksum", NULL);
         uint64_t size;
         if (parse_num(h + 124, 12, &size)) return bad(err, "bad size field", NULL);

@@ -313,8 +313,8 @@ static enum MHD_Result post_iterator(void *cls, enum MHD_ValueKind kind, const c
 }
 
 static void body_chunk(Req *q, const char *data, size_t size) {
-    if (q->fail.status || q->responded) return;
     q->received += size;
+    if (q->fail.status || q->responded) return;
     if (q->received > q->body_max) {
         gf_error_set(&q->fail, GF_TOO_LARGE, "request_too_large", NULL, "the body is over this route's cap of %llu bytes",
                      (unsigned long long)q->body_max);
@@ -414,10 +414,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         return MHD_YES;
     }
     if (*upload_data_size) {
+        /* A failed body is discarded up to the route's cap and answered at
+         * its end; past the cap the connection is closed (libmicrohttpd
+         * cannot answer in the middle of a body). */
         body_chunk(q, upload_data, *upload_data_size);
         *upload_data_size = 0;
-        if (q->fail.status == GF_TOO_LARGE && !q->responded) return send_error(c, q, &q->fail, NULL, 1) == MHD_YES ? MHD_YES : MHD_NO;
-        return q->fail.status == GF_NO_SPACE ? (send_error(c, q, &q->fail, NULL, 1) == MHD_YES ? MHD_YES : MHD_NO) : MHD_YES;
+        return q->received > q->body_max ? MHD_NO : MHD_YES;
     }
     if (q->responded) return MHD_YES;
     if (q->route_index == -2) return serve_static(q, c, url);

@@ -64,7 +64,10 @@ class Server:
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
             h.setdefault("Content-Type", "application/json")
-        conn.request(method, path, body=body, headers=h)
+        try:
+            conn.request(method, path, body=body, headers=h)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered early (413) and closed; its answer is still readable
         r = conn.getresponse()
         data = r.read()
         conn.close()
@@ -263,11 +266,11 @@ class Runner:
         return 1 if self.failed else 0
 
 
-def expect(resp, status, code=None):
+def expect(resp, status, code=None, error_shape=True):
     assert resp.status == status, "expected %d %s, got %r" % (status, code, resp)
     if code is not None:
         assert resp.code == code, "expected code %s, got %r" % (code, resp)
-    if status >= 400:
+    if status >= 400 and error_shape:
         e = resp.json()["error"]
         assert set(e) >= {"type", "code", "message", "param"}, e
         assert "/tmp" not in e["message"] and "SELECT" not in e["message"] and "INSERT" not in e["message"], e

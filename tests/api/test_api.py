@@ -83,7 +83,7 @@ def upload_adapter(srv, name, config, weights):
 def t_health_and_ready(srv):
     r = expect(srv.get("/healthz", key=None), 200)
     assert r.json() == {"status": "ok"}
-    r = expect(srv.get("/readyz"), 503)
+    r = expect(srv.get("/readyz"), 503, error_shape=False)
     body = r.json()
     assert body["store"] == "ok" and body["model"]["loaded"] is False and "engine" in body["model"]["reason"], body
     assert r.headers.get("retry-after")
@@ -179,7 +179,8 @@ def t_adapter_lifecycle(srv):
         assert t.extractfile("adapter_config.json").read() == cfg
     cfg2, w2 = adapter_files("lora_lm")
     b = expect(upload_adapter(srv, "lm.only_2", cfg2, w2), 201).json()
-    assert b["vision"] is False and b["modules"] == 42, b
+    # 6 layers x 7 projections, less v_proj on the 2 full layers (attention_k_eq_v)
+    assert b["vision"] is False and b["modules"] == 40, b
     expect(srv.request("DELETE", "/v1/adapters/lm.only_2"), 200)
     expect(srv.get("/v1/adapters/lm.only_2"), 404, "adapter_not_found")
     assert not os.path.exists(os.path.join(srv.data, "adapters", "lm.only_2"))
@@ -546,7 +547,7 @@ def t_d12_archives(srv):
              make_tar([("a.png", red), ("link.png", b"", tarfile.SYMTYPE, "/etc/passwd")]),
              make_tar([("a.png", red), ("hard.png", b"", tarfile.LNKTYPE, "a.png")]),
              make_tar([("a.png", red), ("a.png", red)]),
-             make_tar([("a.png", red)])[:1024],                     # truncated
+             make_tar([("a.png", red)])[:600],                      # truncated
              b"not a tar" * 100,
              make_tar([("a.png", red)])[:-1024] + b"\x00" * 512 + b"x" * 512]
     corrupt = bytearray(make_tar([("a.png", red)], fmt=tarfile.USTAR_FORMAT))
@@ -689,7 +690,8 @@ def t_a5_a6_incompatible(srv):
     hdr = json.loads(w[8:8 + n])
     data = w[8 + n:]
     keys = [k for k in hdr if k != "__metadata__"]
-    a_key = next(k for k in keys if k.endswith("lora_A.weight"))
+    a_key = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert a_key in keys
 
     def rebuild(mut):
         h = json.loads(json.dumps(hdr))
@@ -777,7 +779,7 @@ def t_no_keys_configured(binary):
     srv = Server(binary, keys=(), model=False)
     try:
         expect(srv.get("/v1/models", key=None), 200)
-        r = expect(srv.get("/readyz", key=None), 503)
+        r = expect(srv.get("/readyz", key=None), 503, error_shape=False)
         assert "--model" in r.json()["model"]["reason"]
         assert expect(srv.get("/v1/models", key=None), 200).json()["data"] == []
     finally:
