@@ -27,7 +27,6 @@ struct Store {
     char tmp[3200];          /* DATA/tmp */
 };
 
-const char *const STORE_JOB_STATUSES[5] = {"queued", "running", "succeeded", "failed", "cancelled"};
 
 /* ---- helpers ----------------------------------------------------------- */
 

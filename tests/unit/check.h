@@ -1,0 +1,33 @@
+/* check.h - a minimal assertion kit for the C unit tests: CHECK counts and
+ * reports failures with file and line and keeps going; check_done() prints
+ * "N passed, N failed" and returns the exit status. */
+#ifndef GF_TEST_CHECK_H
+#define GF_TEST_CHECK_H
+
+#include <stdio.h>
+#include <string.h>
+
+static int g_checks_passed, g_checks_failed;
+
+#define CHECK(cond, ...)                                                        \
+    do {                                                                        \
+        if (cond) {                                                             \
+            g_checks_passed++;                                                  \
+        } else {                                                                \
+            g_checks_failed++;                                                  \
+            fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                                       \
+            fputc('\n', stderr);                                                \
+        }                                                                       \
+    } while (0)
+
+#define CHECK_STATUS(got, want, err)                                            \
+    CHECK((got) == (want), "status %d (%s), want %d; message: %s", (int)(got),  \
+          gf_status_name(got), (int)(want), (err).message)
+
+static inline int check_done(const char *name) {
+    printf("%s: %d passed, %d failed\n", name, g_checks_passed, g_checks_failed);
+    return g_checks_failed ? 1 : 0;
+}
+
+#endif
