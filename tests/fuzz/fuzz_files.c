@@ -1,0 +1,40 @@
+/* fuzz_files.c - the file-based parsers: the bytes are written to a memory
+ * file and read as an image, a tar archive, and a dataset JSONL whose image
+ * references resolve against that archive. */
+#include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "dataset.h"
+#include "image.h"
+#include "tar.h"
+
+static int memfile(const uint8_t *data, size_t size, char path[64]) {
+    int fd = memfd_create("fuzz", 0);
+    if (fd < 0) return -1;
+    if (size && write(fd, data, size) != (ssize_t)size) { close(fd); return -1; }
+    snprintf(path, 64, "/proc/self/fd/%d", fd);
+    return fd;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    GfError err;
+    Image img;
+    static const ImageLimits lim = {1u << 20, 1u << 22};
+    if (image_decode(data, size, &lim, &img, &err) == GF_OK) image_free(&img);
+    char path[64];
+    int fd = memfile(data, size, path);
+    if (fd < 0) return 0;
+    TarIndex t;
+    if (tar_index_open(path, 1000, &t, &err) == GF_OK) tar_index_close(&t);
+    DatasetLimits dl;
+    dataset_limits_default(&dl);
+    dl.min_examples = 1;
+    dl.max_line_bytes = 1 << 16;
+    dl.image = lim;
+    DatasetReport report;
+    dataset_validate(path, NULL, &dl, &report, &err);
+    dataset_report_free(&report);
+    close(fd);
+    return 0;
+}
