@@ -775,6 +775,23 @@ def t_restart_keeps_state_and_gc(binary):
         srv2.stop()
 
 
+def t_f13_database_busy(srv):
+    """Another process holds the write lock past the busy timeout: 503, then recovery."""
+    import sqlite3
+    c = sqlite3.connect(os.path.join(srv.data, "gemmaforge.db"), timeout=10, isolation_level=None)
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        def go():
+            r = expect(srv.post_json(JOBS, {"dataset": srv.ready_dataset}), 503, "database_busy")
+            assert int(r.headers["retry-after"]) > 0
+            expect(srv.get("/healthz"), 200)
+        nothing_persisted(srv, go)
+    finally:
+        c.execute("ROLLBACK")
+        c.close()
+    expect(srv.get("/v1/datasets/" + srv.ready_dataset), 200)
+
+
 def t_no_keys_configured(binary):
     srv = Server(binary, keys=(), model=False)
     try:
