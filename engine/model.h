@@ -1,0 +1,78 @@
+/* model.h - the Gemma 4 language model on the engine's compute backend:
+ * weights bound by their Hugging Face names, and the forward pass of
+ * GEMMA4.md §3 for one sequence at a time with a KV cache (prefill of many
+ * tokens, or decoding one by one, compute the same function).
+ *
+ * Ownership: Model owns its config, its mapped checkpoint (weights are views
+ * into it; F16 matrices are widened into owned F32 copies; small vectors such
+ * as norm weights are widened to owned F32), its thread pool and op table.
+ * KvCache is owned by the caller and belongs to one sequence.
+ *
+ * Threading: a Model is used by one thread at a time (the engine thread);
+ * distinct KvCaches may be used in turn on one Model. Errors: loading fails
+ * with GF_INVALID naming the tensor and both shapes, or an unclaimed tensor;
+ * forward fails only on bad ids or a full cache (GF_INVALID / GF_TOO_LARGE).
+ * Units: activations float32; logits [n, vocab]; hidden states
+ * [(layers + 1), n, hidden] as transformers' output_hidden_states returns them.
+ */
+#ifndef GF_MODEL_H
+#define GF_MODEL_H
+
+#include <stdint.h>
+
+#include "config.h"
+#include "modeldir.h"
+#include "ops.h"
+
+typedef struct Model Model;
+
+typedef struct {
+    int n_threads;            /* CPU threads, <= 0 = all cores */
+} ModelOptions;
+
+GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfError *err);
+void model_close(Model *m);
+const GemmaConfig *model_config(const Model *m);
+
+/* ---- KV cache ----------------------------------------------------------- */
+
+typedef struct {
+    int64_t capacity;         /* positions */
+    int64_t n_past;           /* positions filled */
+    float **k, **v;           /* per layer [capacity][kv_heads][head_dim]; NULL for KV-shared layers */
+    uint8_t *valid;           /* [capacity] key is real (not padding) */
+    int32_t *group;           /* [capacity] vision block id or -1 */
+    int32_t n_groups;
+    int n_layers;
+    /* scratch for the forward pass, grown to the largest n seen */
+    float *scratch;
+    size_t scratch_floats;
+} KvCache;
+
+/* Allocates a cache for up to capacity positions of model m. */
+GfStatus kv_cache_init(KvCache *c, const Model *m, int64_t capacity, GfError *err);
+void kv_cache_free(KvCache *c);
+/* Forgets every position (keeps the memory). */
+void kv_cache_reset(KvCache *c);
+
+/* ---- forward ------------------------------------------------------------ */
+
+typedef struct {
+    const int32_t *ids;       /* [n] token ids */
+    const uint8_t *valid;     /* [n] 1 = real token, 0 = padding (masked as a key); NULL = all real */
+    const uint8_t *mm_type;   /* [n] 0 text, 1 image, 2 video, 3 audio; NULL = derived from ids */
+    const float *soft_tokens; /* [n_image_tokens, hidden] written over image placeholders, or NULL */
+    int64_t n;
+    int last_logits_only;     /* logits of the last position only: [1, vocab] */
+} ModelInput;
+
+/* Runs n new tokens at positions cache->n_past.. and appends them to the
+ * cache. logits [n, vocab] and hidden [(L+1), n, hidden] may be NULL. */
+GfStatus model_forward(Model *m, KvCache *cache, const ModelInput *in, float *logits, float *hidden, GfError *err);
+
+/* Greedy continuation of prompt[0..n_prompt): writes up to max_new ids to
+ * out, stopping after an end-of-sequence id; returns the count in *n_out. */
+GfStatus model_generate_greedy(Model *m, const int32_t *prompt, int64_t n_prompt, int64_t max_new, int32_t *out,
+                               int64_t *n_out, GfError *err);
+
+#endif

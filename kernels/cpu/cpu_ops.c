@@ -1,0 +1,220 @@
+/* cpu_ops.c - the CPU reference kernels: plain loops, threaded by rows. */
+#include <math.h>
+#include <string.h>
+
+#include "../ops.h"
+
+/* ---- conversions -------------------------------------------------------- */
+
+float kn_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+uint16_t kn_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+float kn_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023, u;
+    if (exp == 31) u = sign | 0x7F800000u | (man << 13);
+    else if (exp == 0) {
+        float f = ldexpf((float)man, -24);
+        return sign ? -f : f;
+    } else u = sign | ((exp + 112) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Row r of W widened to float32 into out[cols]. */
+static void load_row(float *out, KnMatrix w, int64_t r) {
+    if (w.dtype == KN_F32) {
+        memcpy(out, (const float *)w.data + r * w.cols, (size_t)w.cols * sizeof(float));
+        return;
+    }
+    const uint16_t *src = (const uint16_t *)w.data + r * w.cols;
+    if (w.dtype == KN_BF16) {
+        for (int64_t c = 0; c < w.cols; c++) out[c] = kn_bf16_to_f32(src[c]);
+    } else {
+        for (int64_t c = 0; c < w.cols; c++) out[c] = kn_f16_to_f32(src[c]);
+    }
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float s[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
+    float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    for (; i < n; i++) t += a[i] * b[i];
+    return t;
+}
+
+/* ---- matmul ------------------------------------------------------------- */
+
+typedef struct {
+    float *y;
+    const float *x;
+    KnMatrix w;
+    int64_t n;
+} MatmulTask;
+
+/* Each thread owns a range of output features: widen one weight row, then
+ * dot it with every input row. */
+static void matmul_task(void *p, int ith, int nth) {
+    MatmulTask *t = p;
+    long lo, hi;
+    kn_split((long)t->w.rows, ith, nth, &lo, &hi);
+    enum { CHUNK = 4096 };
+    float row[CHUNK];
+    for (long o = lo; o < hi; o++) {
+        if (t->w.cols <= CHUNK) {
+            load_row(row, t->w, o);
+            for (int64_t i = 0; i < t->n; i++) t->y[i * t->w.rows + o] = dot(t->x + i * t->w.cols, row, t->w.cols);
+            continue;
+        }
+        for (int64_t i = 0; i < t->n; i++) t->y[i * t->w.rows + o] = 0.0f;
+        for (int64_t c0 = 0; c0 < t->w.cols; c0 += CHUNK) { /* wide rows: in column chunks */
+            int64_t len = t->w.cols - c0 < CHUNK ? t->w.cols - c0 : CHUNK;
+            KnMatrix part = t->w;
+            part.cols = len;
+            size_t es = t->w.dtype == KN_F32 ? 4 : 2;
+            part.data = (const char *)t->w.data + ((size_t)o * (size_t)t->w.cols + (size_t)c0) * es;
+            load_row(row, part, 0);
+            for (int64_t i = 0; i < t->n; i++) t->y[i * t->w.rows + o] += dot(t->x + i * t->w.cols + c0, row, len);
+        }
+    }
+}
+
+static void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
+    MatmulTask t = {y, x, w, n};
+    kn_pool_run(ctx->pool, matmul_task, &t);
+}
+
+/* ---- norms, activations ------------------------------------------------- */
+
+static void cpu_rmsnorm_forward(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim,
+                                float eps) {
+    (void)ctx;
+    for (int64_t r = 0; r < n; r++) {
+        const float *xr = x + r * dim;
+        float *yr = y + r * dim;
+        double ss = 0.0;
+        for (int64_t i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
+        float inv = 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+        for (int64_t i = 0; i < dim; i++) yr[i] = w ? xr[i] * inv * w[i] : xr[i] * inv;
+    }
+}
+
+static void cpu_rope_forward(float *x, int n_heads, int dim, const float *inv_freq, int64_t pos) {
+    int half = dim / 2;
+    for (int i = 0; i < half; i++) {
+        if (inv_freq[i] == 0.0f) continue; /* cos 1, sin 0 */
+        float theta = (float)pos * inv_freq[i];
+        float c = cosf(theta), s = sinf(theta);
+        for (int h = 0; h < n_heads; h++) {
+            float *xh = x + (int64_t)h * dim;
+            float a = xh[i], b = xh[i + half];
+            xh[i] = a * c - b * s;
+            xh[i + half] = b * c + a * s;
+        }
+    }
+}
+
+static void cpu_gelu_tanh(float *x, size_t n) {
+    const float k = 0.7978845608028654f; /* sqrt(2/pi) */
+    for (size_t i = 0; i < n; i++) {
+        float v = x[i];
+        x[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+    }
+}
+
+static void cpu_softcap(float *x, size_t n, float cap) {
+    for (size_t i = 0; i < n; i++) x[i] = cap * tanhf(x[i] / cap);
+}
+
+static void cpu_embed_row(float *out, KnMatrix table, int64_t row, float scale) {
+    load_row(out, table, row);
+    for (int64_t i = 0; i < table.cols; i++) out[i] *= scale;
+}
+
+/* ---- attention ---------------------------------------------------------- */
+
+typedef struct {
+    float *out;
+    const float *q, *k, *v;
+    int64_t n_q, q_pos0, n_keys;
+    int n_heads, n_kv_heads, dim;
+    float scale;
+    const KnMask *mask;
+} AttnTask;
+
+static int visible(const KnMask *m, int64_t q, int64_t t) {
+    if (!m->valid[t]) return 0;
+    int causal = t <= q || (m->group && m->group[q] >= 0 && m->group[q] == m->group[t]);
+    return causal && (m->window == 0 || t > q - m->window);
+}
+
+/* One (query, head) pair per work item: scores, softmax in float32, sum of V. */
+static void attn_task(void *p, int ith, int nth) {
+    AttnTask *t = p;
+    long lo, hi;
+    kn_split((long)(t->n_q * t->n_heads), ith, nth, &lo, &hi);
+    enum { MAX_STACK = 8192 };
+    float stack_scores[MAX_STACK];
+    for (long item = lo; item < hi; item++) {
+        int64_t i = item / t->n_heads;
+        int h = (int)(item % t->n_heads), kvh = h / (t->n_heads / t->n_kv_heads);
+        int64_t qpos = t->q_pos0 + i;
+        const float *qv = t->q + (i * t->n_heads + h) * t->dim;
+        float *o = t->out + (i * t->n_heads + h) * t->dim;
+        memset(o, 0, (size_t)t->dim * sizeof(float));
+        float mx = -INFINITY, sum = 0.0f;
+        /* two passes when the key count is larger than the stack buffer */
+        float *scores = t->n_keys <= MAX_STACK ? stack_scores : NULL;
+        for (int64_t k = 0; k < t->n_keys; k++) {
+            float s = visible(t->mask, qpos, k) ? dot(qv, t->k + (k * t->n_kv_heads + kvh) * t->dim, t->dim) * t->scale
+                                                 : -INFINITY;
+            if (scores) scores[k] = s;
+            if (s > mx) mx = s;
+        }
+        if (mx == -INFINITY) continue; /* no visible key: zeros */
+        for (int64_t k = 0; k < t->n_keys; k++) {
+            float s = scores ? scores[k]
+                             : (visible(t->mask, qpos, k) ? dot(qv, t->k + (k * t->n_kv_heads + kvh) * t->dim, t->dim) * t->scale
+                                                          : -INFINITY);
+            if (s == -INFINITY) continue;
+            float w = expf(s - mx);
+            sum += w;
+            const float *vv = t->v + (k * t->n_kv_heads + kvh) * t->dim;
+            for (int d = 0; d < t->dim; d++) o[d] += w * vv[d];
+        }
+        for (int d = 0; d < t->dim; d++) o[d] /= sum;
+    }
+}
+
+static void cpu_attention_forward(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
+                                  int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim,
+                                  float scale, const KnMask *mask) {
+    AttnTask t = {out, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask};
+    kn_pool_run(ctx->pool, attn_task, &t);
+}
+
+static const KnOps CPU_OPS = {
+    .matmul = cpu_matmul_forward,
+    .rmsnorm = cpu_rmsnorm_forward,
+    .rope = cpu_rope_forward,
+    .attention = cpu_attention_forward,
+    .gelu_tanh = cpu_gelu_tanh,
+    .softcap = cpu_softcap,
+    .embed_row = cpu_embed_row,
+};
+
+const KnOps *kn_cpu_ops(void) { return &CPU_OPS; }

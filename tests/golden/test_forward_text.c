@@ -1,0 +1,158 @@
+/* test_forward_text.c - the text model against transformers 5.17 for the
+ * dense, ple and moe golden models: logits at every unpadded position, a
+ * layer-by-layer report against hidden_states naming the first layer that
+ * diverges, KV-cache decoding (prefill + one token at a time) against the
+ * full forward, and the greedy continuation of generate.json. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "../unit/check.h"
+#include "golden.h"
+#include "jsoncheck.h"
+#include "model.h"
+#include "safetensors.h"
+
+typedef struct {
+    SafeTensors st;
+    int64_t B, T;
+    int32_t *ids;       /* [B, T] */
+    uint8_t *valid;     /* [B, T] */
+    const float *hidden, *logits;
+} Golden;
+
+static const float *f32(const SafeTensors *st, const char *name) {
+    const StTensor *t = safetensors_find(st, name);
+    return t && t->dtype == ST_F32 ? (const float *)t->data : NULL;
+}
+
+static int load_golden(const char *path, Golden *g) {
+    GfError err;
+    if (safetensors_open(path, "forward_text", &g->st, &err)) { fprintf(stderr, "%s\n", err.message); return -1; }
+    const StTensor *ids = safetensors_find(&g->st, "input_ids"), *mask = safetensors_find(&g->st, "attention_mask");
+    if (!ids || ids->dtype != ST_I64 || !mask) return -1;
+    g->B = (int64_t)ids->shape[0];
+    g->T = (int64_t)ids->shape[1];
+    g->ids = malloc((size_t)(g->B * g->T) * sizeof *g->ids);
+    g->valid = malloc((size_t)(g->B * g->T));
+    for (int64_t i = 0; i < g->B * g->T; i++) {
+        int64_t v, mk;
+        memcpy(&v, ids->data + 8 * i, 8);
+        memcpy(&mk, mask->data + 8 * i, 8);
+        g->ids[i] = (int32_t)v;
+        g->valid[i] = (uint8_t)mk;
+    }
+    g->hidden = f32(&g->st, "hidden_states");
+    g->logits = f32(&g->st, "logits");
+    return g->hidden && g->logits ? 0 : -1;
+}
+
+/* Full forward of row b; compares logits and every hidden state. */
+static void check_row(Model *m, const Golden *g, int64_t b, float *logits_out, const char *variant) {
+    const TextConfig *t = &model_config(m)->text;
+    int64_t T = g->T, V = t->vocab_size, H = t->hidden_size, L = t->n_layers;
+    KvCache c;
+    GfError err;
+    CHECK_STATUS(kv_cache_init(&c, m, T, &err), GF_OK, err);
+    float *hidden = malloc((size_t)((L + 1) * T * H) * sizeof(float));
+    ModelInput in = {.ids = g->ids + b * T, .valid = g->valid + b * T, .n = T};
+    CHECK_STATUS(model_forward(m, &c, &in, logits_out, hidden, &err), GF_OK, err);
+    char what[96];
+    int first_bad = -1;
+    float *ref_h = malloc((size_t)(T * H) * sizeof(float));
+    for (int64_t j = 0; j <= L; j++) {
+        /* golden hidden_states is [L+1, B, T, H] */
+        memcpy(ref_h, g->hidden + ((j * g->B + b) * T) * H, (size_t)(T * H) * sizeof(float));
+        snprintf(what, sizeof what, "%s row %lld hidden[%lld]", variant, (long long)b, (long long)j);
+        if (!golden_report(what, hidden + j * T * H, ref_h, (size_t)(T * H), (size_t)H, g->valid + b * T, GOLDEN_LOGITS_REL) &&
+            first_bad < 0)
+            first_bad = (int)j;
+    }
+    if (first_bad >= 0)
+        printf("%s row %lld: first divergence at hidden_states[%d] = %s\n", variant, (long long)b, first_bad,
+               first_bad == 0 ? "the embeddings" : first_bad == L ? "the final norm" : "the output of a decoder layer");
+    snprintf(what, sizeof what, "%s row %lld logits", variant, (long long)b);
+    CHECK(golden_report(what, logits_out, g->logits + b * T * V, (size_t)(T * V), (size_t)V, g->valid + b * T, GOLDEN_LOGITS_REL),
+          "%s logits", variant);
+    free(ref_h);
+    free(hidden);
+    kv_cache_free(&c);
+}
+
+/* Prefill of the first `split` tokens, then one token at a time. */
+static void check_kv_decoding(Model *m, const Golden *g, int64_t b, const float *full, const char *variant, int64_t split) {
+    const TextConfig *t = &model_config(m)->text;
+    int64_t T = g->T, V = t->vocab_size;
+    KvCache c;
+    GfError err;
+    CHECK_STATUS(kv_cache_init(&c, m, T, &err), GF_OK, err);
+    float *logits = malloc((size_t)(T * V) * sizeof(float));
+    ModelInput pre = {.ids = g->ids + b * T, .valid = g->valid + b * T, .n = split};
+    CHECK_STATUS(model_forward(m, &c, &pre, logits, NULL, &err), GF_OK, err);
+    for (int64_t i = split; i < T; i++) {
+        ModelInput step = {.ids = g->ids + b * T + i, .valid = g->valid + b * T + i, .n = 1};
+        CHECK_STATUS(model_forward(m, &c, &step, logits + i * V, NULL, &err), GF_OK, err);
+    }
+    char what[96];
+    snprintf(what, sizeof what, "%s row %lld kv-cache (prefill %lld)", variant, (long long)b, (long long)split);
+    CHECK(golden_report(what, logits, full, (size_t)(T * V), (size_t)V, g->valid + b * T, GOLDEN_KV_REL), "%s", what);
+    free(logits);
+    kv_cache_free(&c);
+}
+
+static void check_generate(Model *m, const char *dir, const char *variant) {
+    char path[700];
+    snprintf(path, sizeof path, "%s/generate.json", dir);
+    FILE *f = fopen(path, "rb");
+    char buf[8192];
+    size_t n = f ? fread(buf, 1, sizeof buf, f) : 0;
+    if (f) fclose(f);
+    GfError err;
+    cJSON *j = json_parse_strict(buf, n, "generate.json", &err);
+    const cJSON *text = cJSON_GetObjectItemCaseSensitive(j, "text");
+    const cJSON *prompt = cJSON_GetObjectItemCaseSensitive(text, "prompt"), *want = cJSON_GetObjectItemCaseSensitive(text, "output");
+    CHECK(prompt && want, "%s generate.json", variant);
+    if (!prompt || !want) { cJSON_Delete(j); return; }
+    int32_t ids[256], out[256];
+    int64_t np = 0, n_out = 0, nw = cJSON_GetArraySize(want);
+    for (const cJSON *e = prompt->child; e; e = e->next) ids[np++] = (int32_t)e->valuedouble;
+    CHECK_STATUS(model_generate_greedy(m, ids, np, nw, out, &n_out, &err), GF_OK, err);
+    int same = n_out == nw;
+    int64_t i = 0;
+    for (const cJSON *e = want->child; e && same; e = e->next, i++) same = out[i] == (int32_t)e->valuedouble;
+    printf("%-40s %lld tokens %s\n", "greedy text continuation", (long long)n_out, same ? "OK" : "NOT OK");
+    CHECK(same, "%s greedy continuation differs from generate.json", variant);
+    cJSON_Delete(j);
+}
+
+static void run_variant(const char *variant) {
+    char dir[512], path[600];
+    snprintf(dir, sizeof dir, GF_FIXTURES "/%s", variant);
+    snprintf(path, sizeof path, "%s/forward_text.safetensors", dir);
+    Model *m = NULL;
+    GfError err;
+    ModelOptions opts = {2};
+    CHECK_STATUS(model_open(dir, &opts, &m, &err), GF_OK, err);
+    Golden g;
+    CHECK(load_golden(path, &g) == 0, "%s golden file", variant);
+    if (!m) return;
+    int64_t V = model_config(m)->text.vocab_size;
+    float *logits = malloc((size_t)(g.T * V) * sizeof(float));
+    for (int64_t b = 0; b < g.B; b++) {
+        check_row(m, &g, b, logits, variant);
+        check_kv_decoding(m, &g, b, logits, variant, 1);
+        check_kv_decoding(m, &g, b, logits, variant, 7);
+    }
+    check_generate(m, dir, variant);
+    free(logits);
+    free(g.ids);
+    free(g.valid);
+    safetensors_close(&g.st);
+    model_close(m);
+}
+
+int main(void) {
+    run_variant("dense");
+    run_variant("ple");
+    run_variant("moe");
+    return check_done("test_forward_text");
+}
