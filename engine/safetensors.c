@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #include "jsoncheck.h"
@@ -206,4 +207,75 @@ const StTensor *safetensors_find(const SafeTensors *st, const char *name) {
     for (size_t i = 0; i < st->n_tensors; i++)
         if (strcmp(st->tensors[i].name, name) == 0) return &st->tensors[i];
     return NULL;
+}
+
+/* ---- writing -------------------------------------------------------------- */
+
+static uint64_t write_nbytes(const StWriteTensor *t) {
+    uint64_t n = safetensors_dtype_size(t->dtype);
+    for (int i = 0; i < t->n_dims; i++) n *= t->shape[i];
+    return n;
+}
+
+static char *write_header(const StWriteTensor *tensors, size_t n, uint64_t *len) {
+    cJSON *root = cJSON_CreateObject();
+    uint64_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+        const StWriteTensor *t = &tensors[i];
+        cJSON *e = cJSON_AddObjectToObject(root, t->name), *shape = cJSON_AddArrayToObject(e, "shape");
+        cJSON_AddStringToObject(e, "dtype", safetensors_dtype_name(t->dtype));
+        for (int d = 0; d < t->n_dims; d++) cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)t->shape[d]));
+        cJSON *offs = cJSON_AddArrayToObject(e, "data_offsets");
+        uint64_t nb = write_nbytes(t);
+        cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)off));
+        cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)(off + nb)));
+        off += nb;
+    }
+    char *text = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    if (!text) return NULL;
+    size_t raw = strlen(text), padded = (raw + 7) & ~(size_t)7;
+    char *out = realloc(text, padded + 1);
+    if (!out) { free(text); return NULL; }
+    memset(out + raw, ' ', padded - raw);
+    out[padded] = '\0';
+    *len = padded;
+    return out;
+}
+
+static int write_all(int fd, const void *buf, uint64_t n) {
+    const char *p = buf;
+    while (n > 0) {
+        ssize_t w = write(fd, p, n > (1u << 30) ? (1u << 30) : (size_t)n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return -1;
+        p += w;
+        n -= (uint64_t)w;
+    }
+    return 0;
+}
+
+GfStatus safetensors_write(const char *path, const StWriteTensor *tensors, size_t n, GfError *err) {
+    uint64_t hlen;
+    char *header = write_header(tensors, n, &hlen);
+    if (!header) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp-XXXXXX", path);
+    int fd = mkstemp(tmp);
+    int bad_io = fd < 0 || fchmod(fd, 0644) != 0;
+    uint8_t len8[8];
+    for (int i = 0; i < 8; i++) len8[i] = (uint8_t)(hlen >> (8 * i));
+    if (!bad_io) bad_io = write_all(fd, len8, 8) || write_all(fd, header, hlen);
+    for (size_t i = 0; !bad_io && i < n; i++) bad_io = write_all(fd, tensors[i].data, write_nbytes(&tensors[i]));
+    if (!bad_io) bad_io = fsync(fd) != 0;
+    int e = errno;
+    if (fd >= 0) close(fd);
+    free(header);
+    if (!bad_io && rename(tmp, path) != 0) { bad_io = 1; e = errno; }
+    if (bad_io) {
+        if (fd >= 0) unlink(tmp);
+        return gf_error_set(err, e == ENOSPC ? GF_NO_SPACE : GF_IO, e == ENOSPC ? "insufficient_storage" : "io_error", NULL,
+                            "cannot write the output file (%s)", strerror(e));
+    }
+    return GF_OK;
 }

@@ -72,6 +72,19 @@ const StTensor *safetensors_find(const SafeTensors *st, const char *name);
 size_t safetensors_dtype_size(StDtype dtype);
 const char *safetensors_dtype_name(StDtype dtype);
 
+/* A tensor to write: data holds n_elements x dtype size bytes. */
+typedef struct {
+    const char *name;
+    StDtype dtype;
+    int n_dims;
+    uint64_t shape[ST_MAX_DIMS];
+    const void *data;
+} StWriteTensor;
+
+/* Writes a safetensors file (tensors in the given order, 8-byte aligned
+ * header) to path via a temporary file, fsync and rename. */
+GfStatus safetensors_write(const char *path, const StWriteTensor *tensors, size_t n, GfError *err);
+
 /* Formats a shape as "[4, 32]" into buf. */
 void safetensors_shape_str(const uint64_t *shape, int n_dims, char *buf, size_t cap);
 

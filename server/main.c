@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli_engine.h"
 #include "httpd.h"
 #include "kernels.h"
 #include "modeldir.h"
@@ -32,8 +33,10 @@ static void usage(FILE *f) {
             "  devices    list the compute devices this build can use\n"
             "  routes     print the REST route table (JSON lines)\n"
             "  version    print the version\n"
-            "  train, infer, forward, generate, merge, preflight\n"
-            "             engine commands: not built yet (see README)\n\n"
+            "  forward    run the text model: --model DIR --inputs IN.safetensors --out OUT.safetensors [--hidden]\n"
+            "  generate   greedy continuation: --model DIR --ids 2,17,... [--max-new N]\n"
+            "  train, infer, merge, preflight\n"
+            "             not built yet (see README)\n\n"
             "serve options:\n"
             "  --model DIR             Gemma 4 model directory (config.json + safetensors)\n"
             "  --model-name NAME       name the base model is served under (default: DIR's name)\n"
@@ -249,8 +252,10 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "serve") == 0) exit(cmd_serve(argc, argv));
     if (strcmp(cmd, "devices") == 0) exit(cmd_devices());
     if (strcmp(cmd, "routes") == 0) exit(cmd_routes());
+    if (strcmp(cmd, "forward") == 0) exit(cli_forward(argc, argv));
+    if (strcmp(cmd, "generate") == 0) exit(cli_generate(argc, argv));
     if (strcmp(cmd, "version") == 0) { printf("gemmaforge %s\n", VERSION); exit(0); }
-    static const char *const engine_cmds[] = {"train", "infer", "forward", "generate", "merge", "preflight", "tokenize", "preprocess", "lora-step", NULL};
+    static const char *const engine_cmds[] = {"train", "infer", "merge", "preflight", "tokenize", "preprocess", "lora-step", NULL};
     for (int i = 0; engine_cmds[i]; i++)
         if (strcmp(cmd, engine_cmds[i]) == 0) {
             fprintf(stderr, "gemmaforge %s: not built yet: this build has no Gemma 4 engine (see README, \"What exists\")\n", cmd);

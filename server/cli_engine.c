@@ -1,0 +1,175 @@
+/* cli_engine.c - `gemmaforge forward` and `gemmaforge generate`. */
+#include "cli_engine.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+#include "safetensors.h"
+
+typedef struct {
+    const char *model, *inputs, *out, *ids;
+    long max_new, threads;
+    int hidden;
+} CliOptions;
+
+static int parse(int argc, char **argv, CliOptions *o) {
+    memset(o, 0, sizeof *o);
+    o->max_new = 32;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--hidden") == 0) { o->hidden = 1; continue; }
+        if (!v) { fprintf(stderr, "gemmaforge: %s needs a value\n", a); return -1; }
+        char *end;
+        if (strcmp(a, "--model") == 0) o->model = v;
+        else if (strcmp(a, "--inputs") == 0) o->inputs = v;
+        else if (strcmp(a, "--out") == 0) o->out = v;
+        else if (strcmp(a, "--ids") == 0) o->ids = v;
+        else if (strcmp(a, "--max-new") == 0 && (o->max_new = strtol(v, &end, 10), !*end) && o->max_new > 0 && o->max_new <= 1000000) {}
+        else if (strcmp(a, "--threads") == 0 && (o->threads = strtol(v, &end, 10), !*end) && o->threads >= 0 && o->threads <= 1024) {}
+        else { fprintf(stderr, "gemmaforge: unknown option or bad value: %s %s\n", a, v); return -1; }
+        i++;
+    }
+    return 0;
+}
+
+/* An I64 (or I32) [B, T] tensor as int32, or NULL when absent. */
+static int32_t *read_ids(const SafeTensors *st, const char *name, int64_t *B, int64_t *T, int required, int *bad) {
+    const StTensor *t = safetensors_find(st, name);
+    *bad = 0;
+    if (!t) {
+        if (required) { fprintf(stderr, "gemmaforge forward: the inputs have no '%s'\n", name); *bad = 1; }
+        return NULL;
+    }
+    if ((t->dtype != ST_I64 && t->dtype != ST_I32) || t->n_dims != 2 || (*B && (t->shape[0] != (uint64_t)*B || t->shape[1] != (uint64_t)*T))) {
+        fprintf(stderr, "gemmaforge forward: '%s' must be I64 [B, T] like input_ids\n", name);
+        *bad = 1;
+        return NULL;
+    }
+    *B = (int64_t)t->shape[0];
+    *T = (int64_t)t->shape[1];
+    int32_t *out = malloc((size_t)(*B * *T) * sizeof *out);
+    for (int64_t i = 0; out && i < *B * *T; i++) {
+        int64_t v = 0;
+        if (t->dtype == ST_I64) memcpy(&v, t->data + 8 * i, 8);
+        else { int32_t w; memcpy(&w, t->data + 4 * i, 4); v = w; }
+        out[i] = v < INT32_MIN || v > INT32_MAX ? -1 : (int32_t)v;
+    }
+    return out;
+}
+
+static int run_forward(Model *m, const CliOptions *o, const SafeTensors *in) {
+    int64_t B = 0, T = 0;
+    int bad;
+    int32_t *ids = read_ids(in, "input_ids", &B, &T, 1, &bad);
+    if (!ids) return 1;
+    int32_t *mask = read_ids(in, "attention_mask", &B, &T, 0, &bad), *mm = bad ? NULL : read_ids(in, "mm_token_type_ids", &B, &T, 0, &bad);
+    if (safetensors_find(in, "pixel_values") || safetensors_find(in, "pixel_values_u8")) {
+        fprintf(stderr, "gemmaforge forward: image inputs are not supported yet (the vision tower is not built)\n");
+        bad = 1;
+    }
+    const TextConfig *t = &model_config(m)->text;
+    int64_t V = t->vocab_size, H = t->hidden_size, L = t->n_layers;
+    float *logits = bad ? NULL : malloc((size_t)(B * T * V) * sizeof(float));
+    float *hidden = o->hidden && !bad ? malloc((size_t)((L + 1) * B * T * H) * sizeof(float)) : NULL;
+    float *row_hidden = hidden ? malloc((size_t)((L + 1) * T * H) * sizeof(float)) : NULL;
+    uint8_t *valid = malloc((size_t)T), *types = malloc((size_t)T);
+    int rc = !logits || (o->hidden && !row_hidden) || !valid || !types;
+    KvCache c;
+    GfError err;
+    if (!rc && kv_cache_init(&c, m, T, &err)) { fprintf(stderr, "gemmaforge forward: %s\n", err.message); rc = 1; }
+    for (int64_t b = 0; !rc && b < B; b++) {
+        for (int64_t i = 0; i < T; i++) {
+            valid[i] = mask ? mask[b * T + i] != 0 : 1;
+            types[i] = mm ? (uint8_t)mm[b * T + i] : 0;
+        }
+        kv_cache_reset(&c);
+        ModelInput mi = {.ids = ids + b * T, .valid = valid, .mm_type = mm ? types : NULL, .n = T};
+        if (model_forward(m, &c, &mi, logits + b * T * V, row_hidden, &err)) {
+            fprintf(stderr, "gemmaforge forward: row %lld: %s\n", (long long)b, err.message);
+            rc = 1;
+        }
+        for (int64_t j = 0; row_hidden && j <= L; j++)
+            memcpy(hidden + ((j * B + b) * T) * H, row_hidden + j * T * H, (size_t)(T * H) * sizeof(float));
+    }
+    if (!rc) {
+        StWriteTensor out[2] = {{"logits", ST_F32, 3, {(uint64_t)B, (uint64_t)T, (uint64_t)V}, logits},
+                                {"hidden_states", ST_F32, 4, {(uint64_t)(L + 1), (uint64_t)B, (uint64_t)T, (uint64_t)H}, hidden}};
+        if (safetensors_write(o->out, out, hidden ? 2 : 1, &err)) { fprintf(stderr, "gemmaforge forward: %s\n", err.message); rc = 1; }
+    }
+    if (logits) kv_cache_free(&c);
+    free(ids); free(mask); free(mm); free(logits); free(hidden); free(row_hidden); free(valid); free(types);
+    return rc;
+}
+
+static Model *open_model(const CliOptions *o, const char *cmd) {
+    Model *m = NULL;
+    GfError err;
+    ModelOptions mo = {(int)o->threads};
+    if (model_open(o->model, &mo, &m, &err)) {
+        fprintf(stderr, "gemmaforge %s: cannot load the model: %s\n", cmd, err.message);
+        return NULL;
+    }
+    return m;
+}
+
+int cli_forward(int argc, char **argv) {
+    CliOptions o;
+    if (parse(argc, argv, &o) || !o.model || !o.inputs || !o.out) {
+        fprintf(stderr, "usage: gemmaforge forward --model DIR --inputs IN.safetensors --out OUT.safetensors [--hidden] [--threads N]\n");
+        return 2;
+    }
+    gf_log_init(GF_LOG_WARN);
+    SafeTensors in;
+    GfError err;
+    if (safetensors_open(o.inputs, "the inputs file", &in, &err)) {
+        fprintf(stderr, "gemmaforge forward: %s\n", err.message);
+        return 1;
+    }
+    Model *m = open_model(&o, "forward");
+    int rc = m ? run_forward(m, &o, &in) : 1;
+    model_close(m);
+    safetensors_close(&in);
+    return rc;
+}
+
+int cli_generate(int argc, char **argv) {
+    CliOptions o;
+    if (parse(argc, argv, &o) || !o.model || !o.ids) {
+        fprintf(stderr, "usage: gemmaforge generate --model DIR --ids 2,17,... [--max-new N] [--threads N]\n");
+        return 2;
+    }
+    gf_log_init(GF_LOG_WARN);
+    int64_t n = 0, cap = (int64_t)strlen(o.ids) / 2 + 2;
+    int32_t *ids = malloc((size_t)cap * sizeof *ids), *out = malloc((size_t)o.max_new * sizeof *out);
+    for (const char *p = o.ids; ids && *p;) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v > INT32_MAX || (*end && *end != ',')) {
+            fprintf(stderr, "gemmaforge generate: --ids must be comma-separated token ids\n");
+            free(ids); free(out);
+            return 2;
+        }
+        ids[n++] = (int32_t)v;
+        p = *end ? end + 1 : end;
+    }
+    Model *m = n ? open_model(&o, "generate") : NULL;
+    int rc = 1;
+    GfError err;
+    int64_t n_out = 0;
+    if (m && model_generate_greedy(m, ids, n, o.max_new, out, &n_out, &err) == GF_OK) {
+        printf("[");
+        for (int64_t i = 0; i < n_out; i++) printf(i ? ", %d" : "%d", out[i]);
+        printf("]\n");
+        rc = 0;
+    } else if (m) {
+        fprintf(stderr, "gemmaforge generate: %s\n", err.message);
+    }
+    model_close(m);
+    free(ids);
+    free(out);
+    return rc;
+}
