@@ -93,9 +93,13 @@ static void matmul_task(void *p, int ith, int nth) {
     }
 }
 
+/* Below this many multiply-adds, waking the pool costs more than it saves. */
+#define PARALLEL_MIN_WORK 65536
+
 static void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
     MatmulTask t = {y, x, w, n};
-    kn_pool_run(ctx->pool, matmul_task, &t);
+    if (w.rows * w.cols * n < PARALLEL_MIN_WORK) matmul_task(&t, 0, 1);
+    else kn_pool_run(ctx->pool, matmul_task, &t);
 }
 
 /* ---- norms, activations ------------------------------------------------- */
@@ -204,7 +208,8 @@ static void cpu_attention_forward(const KnCtx *ctx, float *out, const float *q, 
                                   int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim,
                                   float scale, const KnMask *mask) {
     AttnTask t = {out, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask};
-    kn_pool_run(ctx->pool, attn_task, &t);
+    if (n_q * n_heads * n_keys * dim < PARALLEL_MIN_WORK) attn_task(&t, 0, 1);
+    else kn_pool_run(ctx->pool, attn_task, &t);
 }
 
 static const KnOps CPU_OPS = {
