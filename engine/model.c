@@ -8,6 +8,7 @@
 #include <string.h>
 
 const GemmaConfig *model_config(const Model *m) { return &m->cfg; }
+const ModelDir *model_dir(const Model *m) { return &m->dir; }
 
 static int keep(Model *m, void *p) {
     void **n = realloc(m->owned, (m->n_owned + 1) * sizeof *n);

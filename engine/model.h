@@ -33,6 +33,8 @@ typedef struct {
 GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfError *err);
 void model_close(Model *m);
 const GemmaConfig *model_config(const Model *m);
+/* The checkpoint's tensors (names and shapes), e.g. to check adapters. */
+const ModelDir *model_dir(const Model *m);
 
 /* ---- KV cache ----------------------------------------------------------- */
 

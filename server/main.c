@@ -11,7 +11,7 @@
 #include "cli_engine.h"
 #include "httpd.h"
 #include "kernels.h"
-#include "modeldir.h"
+#include "model.h"
 #include "store_open.h"
 
 #define VERSION "0.1.0"
@@ -152,24 +152,26 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
 
 /* ---- serve ------------------------------------------------------------- */
 
-static int open_model(const ServeOptions *o, ModelDir *md, ApiModel *m) {
+/* Loads the base model's weights (every tensor bound and shape-checked). */
+static int open_model(const ServeOptions *o, Model **model, ApiModel *m) {
     memset(m, 0, sizeof *m);
+    *model = NULL;
     if (!o->model_dir) {
         snprintf(m->not_ready_reason, sizeof m->not_ready_reason, "no model directory was given (--model DIR)");
         return 0;
     }
     GfError err;
-    if (model_dir_open(o->model_dir, md, &err)) {
-        fprintf(stderr, "gemmaforge: cannot use the model directory: %s\n", err.message);
+    ModelOptions mo = {0};
+    if (model_open(o->model_dir, &mo, model, &err)) {
+        fprintf(stderr, "gemmaforge: cannot load the model: %s\n", err.message);
         return -1;
     }
+    const ModelDir *md = model_dir(*model);
     snprintf(m->id, sizeof m->id, "%s", o->model_name ? o->model_name : md->name);
     m->dir_ok = 1;
+    m->loaded = 1;
     m->base_shapes = &md->base;
-    snprintf(m->not_ready_reason, sizeof m->not_ready_reason,
-             "the model directory is valid (%llu tensors) but this build cannot run Gemma 4 yet: the engine is not built",
-             (unsigned long long)md->n_tensors);
-    GF_LOGI("model '%s': %zu weight file(s), %llu tensors, %.1f MB", m->id, md->n_shards,
+    GF_LOGI("model '%s': %zu weight file(s), %llu tensors, %.1f MB loaded", m->id, md->n_shards,
             (unsigned long long)md->n_tensors, (double)md->n_bytes / 1e6);
     return 0;
 }
@@ -188,16 +190,15 @@ static int cmd_serve(int argc, char **argv) {
     gf_log_init(o.verbose ? GF_LOG_DEBUG : GF_LOG_INFO);
     sigset_t sigs;
     block_signals(&sigs); /* before any thread exists, so only sigwait sees them */
-    ModelDir md;
-    memset(&md, 0, sizeof md);
+    Model *model = NULL;
     Metrics metrics;
     metrics_init(&metrics);
     Api api = {.metrics = &metrics, .limits = o.limits, .started_at = gf_time_unix()};
-    if (open_model(&o, &md, &api.model)) return 1;
+    if (open_model(&o, &model, &api.model)) return 1;
     GfError err;
     if (store_open(o.data_dir, &api.store, &err)) {
         fprintf(stderr, "gemmaforge: cannot open the data directory: %s\n", err.message);
-        model_dir_close(&md);
+        model_close(model);
         return 1;
     }
     o.http.tmp_dir = store_tmp_dir(api.store);
@@ -206,7 +207,7 @@ static int cmd_serve(int argc, char **argv) {
     if (!h) {
         fprintf(stderr, "gemmaforge: %s\n", err.message);
         store_close(api.store);
-        model_dir_close(&md);
+        model_close(model);
         return 1;
     }
     GF_LOGI("gemmaforge %s listening on http://%s:%u (model: %s)", VERSION, o.http.bind_addr, httpd_port(h),
@@ -218,7 +219,7 @@ static int cmd_serve(int argc, char **argv) {
     GF_LOGI("signal %d: shutting down (draining requests for up to 10 s)", sig);
     httpd_stop(h, 10);
     store_close(api.store);
-    model_dir_close(&md);
+    model_close(model);
     metrics_free(&metrics);
     GF_LOGI("stopped");
     return 0;
