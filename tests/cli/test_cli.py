@@ -72,6 +72,80 @@ def t_generate_matches_golden(variant):
     assert json.loads(r.stdout) == want["output"], r.stdout
 
 
+def write_st(path, tensors):
+    """tensors: list of (name, dtype, shape, raw bytes)."""
+    header, off = {}, 0
+    for name, dtype, shape, raw in tensors:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + len(raw)]}
+        off += len(raw)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for t in tensors:
+            f.write(t[3])
+
+
+def raw_tensors(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    return [(k, v["dtype"], v["shape"], data[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]])
+            for k, v in header.items() if k != "__metadata__"]
+
+
+def bf16_to(raw, dtype):
+    """Exact widening of bf16 values to F32, or to F16 when representable (small weights are)."""
+    vals = struct.unpack("<%dH" % (len(raw) // 2), raw)
+    f32 = [struct.unpack("<f", struct.pack("<I", v << 16))[0] for v in vals]
+    return struct.pack("<%d%s" % (len(f32), "f" if dtype == "F32" else "e"), *f32)
+
+
+def t_sharded_and_dtypes(variant):
+    """The same model as two shards with an index, with weights in F32 and F16: same logits."""
+    src = os.path.join(FIXTURES, variant)
+    tmp = tempfile.mkdtemp()
+    for f in ("config.json", "generation_config.json"):
+        shutil.copy(os.path.join(src, f), tmp)
+    tensors = raw_tensors(os.path.join(src, "model.safetensors"))
+    half = len(tensors) // 2
+    conv = []
+    for i, (name, dtype, shape, raw) in enumerate(tensors):
+        if dtype == "BF16" and i % 3 == 1:
+            conv.append((name, "F32", shape, bf16_to(raw, "F32")))
+        elif dtype == "BF16" and i % 3 == 2:
+            conv.append((name, "F16", shape, bf16_to(raw, "F16")))
+        else:
+            conv.append((name, dtype, shape, raw))
+    write_st(os.path.join(tmp, "model-00001-of-00002.safetensors"), conv[:half])
+    write_st(os.path.join(tmp, "model-00002-of-00002.safetensors"), conv[half:])
+    index = {"metadata": {}, "weight_map": {t[0]: "model-0000%d-of-00002.safetensors" % (1 if i < half else 2)
+                                            for i, t in enumerate(conv)}}
+    json.dump(index, open(os.path.join(tmp, "model.safetensors.index.json"), "w"))
+    gold = os.path.join(src, "forward_text.safetensors")
+    out = os.path.join(tmp, "out.safetensors")
+    r = subprocess.run([BIN, "forward", "--model", tmp, "--inputs", gold, "--out", out], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    g = read_st(gold)
+    (B, T, V), ref = g["logits"]
+    e = rel_err(read_st(out)["logits"][1], ref, V, g["attention_mask"][1])
+    assert e <= 1e-3, e
+    # an index that points a tensor at the wrong shard is refused, naming it
+    name = conv[0][0]
+    index["weight_map"][name] = "model-00002-of-00002.safetensors"
+    json.dump(index, open(os.path.join(tmp, "model.safetensors.index.json"), "w"))
+    r = subprocess.run([BIN, "forward", "--model", tmp, "--inputs", gold, "--out", out], capture_output=True)
+    assert r.returncode == 1 and name.encode() in r.stderr, r.stderr
+    # an unexpected tensor is refused, not ignored
+    index["weight_map"][name] = "model-00001-of-00002.safetensors"
+    write_st(os.path.join(tmp, "model-00001-of-00002.safetensors"), conv[:half] + [("model.language_model.extra.weight", "F32", [1], b"\0" * 4)])
+    index["weight_map"]["model.language_model.extra.weight"] = "model-00001-of-00002.safetensors"
+    json.dump(index, open(os.path.join(tmp, "model.safetensors.index.json"), "w"))
+    r = subprocess.run([BIN, "forward", "--model", tmp, "--inputs", gold, "--out", out], capture_output=True)
+    assert r.returncode == 1 and b"model.language_model.extra.weight" in r.stderr, r.stderr
+
+
 def t_errors_are_clear(_):
     tmp = tempfile.mkdtemp()
     bad_model = os.path.join(tmp, "m")
@@ -99,6 +173,8 @@ def main():
     for v in ("dense", "ple", "moe"):
         runner.run("forward_matches_golden[%s]" % v, t_forward_matches_golden, v)
         runner.run("generate_matches_golden[%s]" % v, t_generate_matches_golden, v)
+    runner.run("sharded_and_dtypes[ple]", t_sharded_and_dtypes, "ple")
+    runner.run("sharded_and_dtypes[moe]", t_sharded_and_dtypes, "moe")
     runner.run("errors_are_clear", t_errors_are_clear, None)
     return runner.finish()
 
