@@ -56,6 +56,7 @@ typedef struct {
     BodyKind body;
     uint64_t body_max;       /* 0 = the limit from ApiLimits for this body kind */
     const char *name;        /* label for metrics ("GET /v1/datasets/{id}") */
+    int idempotent;          /* honours Idempotency-Key (POST that creates) */
 } Route;
 
 extern const Route API_ROUTES[];

@@ -15,6 +15,7 @@
 #include "reply.h"
 #include "router.h"
 #include "static_files.h"
+#include "store_open.h"
 
 #define MAX_PARTS 8
 #define FIELD_MAX 4096
@@ -53,6 +54,9 @@ typedef struct {
     char *field_values[MAX_PARTS];
     size_t n_parts;
     int cur_fd;                /* open file of the current file part, -1 */
+    /* Idempotency-Key: the request's content is hashed as it arrives */
+    char idem_key[256];        /* "" = none */
+    GfSha256 idem_hash;
 } Req;
 
 /* ---- small helpers ---------------------------------------------------- */
@@ -190,6 +194,21 @@ static GfStatus start_multipart(Req *q, struct MHD_Connection *c, GfError *err) 
     return GF_OK;
 }
 
+/* Idempotency-Key: 1..255 printable ASCII characters. */
+static GfStatus read_idempotency_key(Req *q, struct MHD_Connection *c, GfError *err) {
+    const char *k = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Idempotency-Key");
+    if (!k) return GF_OK;
+    size_t n = strlen(k);
+    int ok = n >= 1 && n < sizeof q->idem_key;
+    for (size_t i = 0; ok && i < n; i++) ok = k[i] >= 0x21 && k[i] <= 0x7e;
+    if (!ok)
+        return gf_error_set(err, GF_INVALID, "invalid_idempotency_key", "Idempotency-Key",
+                            "Idempotency-Key must be 1 to 255 printable ASCII characters");
+    memcpy(q->idem_key, k, n + 1);
+    gf_sha256_init(&q->idem_hash);
+    return GF_OK;
+}
+
 /* First call for a request: every check that needs no body. Returns 1 when
  * an error response was queued. */
 static int admit(Req *q, struct MHD_Connection *c, const char *url, enum MHD_Result *ret) {
@@ -226,6 +245,10 @@ static int admit(Req *q, struct MHD_Connection *c, const char *url, enum MHD_Res
     if (is_json || is_mp) {
         gf_error_set(&err, GF_UNSUPPORTED, "unsupported_media_type", NULL, "Content-Type must be %s",
                      is_json ? "application/json" : "multipart/form-data");
+        *ret = send_error(c, q, &err, NULL, 1);
+        return 1;
+    }
+    if (q->route->idempotent && read_idempotency_key(q, c, &err)) {
         *ret = send_error(c, q, &err, NULL, 1);
         return 1;
     }
@@ -308,6 +331,10 @@ static enum MHD_Result post_iterator(void *cls, enum MHD_ValueKind kind, const c
     /* MHD reports each part's value in chunks; off == 0 starts a new part. */
     int new_part = off == 0 || q->n_parts == 0 || strcmp(q->part_names[q->n_parts - 1], key) != 0;
     if (new_part && open_part(q, key, filename != NULL, &q->fail)) return MHD_NO;
+    if (q->idem_key[0]) { /* the parts' names and bytes, not the random boundary */
+        if (new_part) gf_sha256_update(&q->idem_hash, key, strlen(key) + 1);
+        gf_sha256_update(&q->idem_hash, data, size);
+    }
     if (size && append_part(q, data, size, &q->fail)) return MHD_NO;
     return MHD_YES;
 }
@@ -326,6 +353,7 @@ static void body_chunk(Req *q, const char *data, size_t size) {
         return;
     }
     if (q->route_index < 0 || q->route->body != BODY_JSON) return; /* ignored */
+    if (q->idem_key[0]) gf_sha256_update(&q->idem_hash, data, size);
     if (q->body_len + size > q->body_cap) {
         size_t cap = q->body_cap ? q->body_cap : 4096;
         while (cap < q->body_len + size) cap *= 2;
@@ -349,11 +377,48 @@ static GfStatus finish_multipart(Req *q, GfError *err) {
     return GF_OK;
 }
 
+/* With an Idempotency-Key: replays the first response, refuses a key reused
+ * for other content (422) or still in flight (409). Returns 1 when an answer
+ * was queued, 0 to run the handler. */
+static int idempotency_gate(Req *q, struct MHD_Connection *c, enum MHD_Result *ret) {
+    uint8_t digest[GF_SHA256_LEN];
+    char hex[2 * GF_SHA256_LEN + 1];
+    gf_sha256_final(&q->idem_hash, digest);
+    gf_hex(digest, GF_SHA256_LEN, hex);
+    IdemResult r;
+    int status = 0;
+    char *body = NULL;
+    GfError err;
+    if (store_idem_begin(q->httpd->api->store, q->idem_key, q->route->name, hex, &r, &status, &body, &err)) {
+        *ret = send_error(c, q, &err, NULL, 0);
+        return 1;
+    }
+    if (r == IDEM_NEW) return 0;
+    if (r == IDEM_MISMATCH)
+        gf_error_set(&err, GF_UNPROCESSABLE, "idempotency_key_reused", "Idempotency-Key",
+                     "this Idempotency-Key was used for a different request");
+    else if (r == IDEM_IN_PROGRESS)
+        gf_error_set(&err, GF_CONFLICT, "idempotency_key_in_use", "Idempotency-Key",
+                     "a request with this Idempotency-Key is still being processed");
+    if (r != IDEM_REPLAY) {
+        *ret = send_error(c, q, &err, NULL, 0);
+        return 1;
+    }
+    HttpResp resp;
+    memset(&resp, 0, sizeof resp);
+    reply_text(&resp, status, "application/json", body, strlen(body));
+    free(body);
+    *ret = send_resp(c, q, &resp, 0);
+    return 1;
+}
+
 static enum MHD_Result dispatch(Req *q, struct MHD_Connection *c) {
     Httpd *h = q->httpd;
     GfError err;
     if (q->route->body == BODY_MULTIPART && finish_multipart(q, &err)) return send_error(c, q, &err, NULL, 0);
     if (q->fail.status) return send_error(c, q, &q->fail, NULL, 1);
+    enum MHD_Result gated;
+    if (q->idem_key[0] && idempotency_gate(q, c, &gated)) return gated;
     HttpReq req = {.method = q->method, .path = q->path, .header = header_get, .query = query_get, .cls = c,
                    .body = q->body, .body_len = q->body_len, .parts = q->parts, .n_parts = q->n_parts,
                    .upload_dir = q->upload_dir, .request_id = q->request_id};
@@ -362,6 +427,10 @@ static enum MHD_Result dispatch(Req *q, struct MHD_Connection *c) {
     memset(&resp, 0, sizeof resp);
     q->route->handler(h->api, &req, &resp);
     if (!resp.status) reply_fail(&resp, GF_INTERNAL, "internal_error", NULL, "the handler produced no response");
+    if (q->idem_key[0] && resp.status >= 200 && resp.status < 300)
+        store_idem_finish(h->api->store, q->idem_key, q->route->name, resp.status, resp.body, resp.body_len);
+    else if (q->idem_key[0])
+        store_idem_abort(h->api->store, q->idem_key, q->route->name);
     return send_resp(c, q, &resp, 0);
 }
 

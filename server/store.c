@@ -180,6 +180,8 @@ GfStatus store_open(const char *data_dir, Store **out, GfError *err) {
         store_close(s);
         return st;
     }
+    /* requests that were running when the process died never finished */
+    exec_stmt(s, "DELETE FROM idempotency WHERE state='in_progress'", "");
     gc_dir(s, "tmp", NULL);
     gc_dir(s, "datasets", "SELECT 1 FROM datasets WHERE id=?");
     gc_dir(s, "adapters", "SELECT 1 FROM adapters WHERE name=?");
@@ -635,4 +637,73 @@ GfStatus store_counts(Store *s, StoreCounts *out, GfError *err) {
     GfStatus res = rc == SQLITE_DONE || rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
     unlock(s);
     return res;
+}
+
+/* ---- idempotency ------------------------------------------------------------ */
+
+static GfStatus idem_lookup(Store *s, const char *key, const char *route, const char *hash, IdemResult *result, int *status,
+                            char **body, GfError *err) {
+    sqlite3_stmt *st;
+    int rc = exec_stmt(s, "DELETE FROM idempotency WHERE created_at < ?", "i", gf_time_unix() - 86400);
+    if (rc == SQLITE_OK) rc = prep(s, &st, "SELECT request_sha256, state, status, response FROM idempotency WHERE key=? AND route=?",
+                                   "ss", key, route);
+    if (rc != SQLITE_OK) return db_fail(s, rc, err);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        char stored[65], state[16];
+        col_text(st, 0, stored, sizeof stored);
+        col_text(st, 1, state, sizeof state);
+        if (strcmp(stored, hash) != 0) *result = IDEM_MISMATCH;
+        else if (strcmp(state, "done") != 0) *result = IDEM_IN_PROGRESS;
+        else {
+            *result = IDEM_REPLAY;
+            *status = sqlite3_column_int(st, 2);
+            const unsigned char *t = sqlite3_column_text(st, 3);
+            *body = strdup(t ? (const char *)t : "");
+        }
+        sqlite3_finalize(st);
+        return GF_OK;
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) return db_fail(s, rc, err);
+    rc = exec_stmt(s, "INSERT INTO idempotency(key, route, request_sha256, state, created_at) VALUES(?,?,?,'in_progress',?)",
+                   "sssi", key, route, hash, gf_time_unix());
+    *result = IDEM_NEW;
+    return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+}
+
+GfStatus store_idem_begin(Store *s, const char *key, const char *route, const char *hash, IdemResult *result, int *status,
+                          char **body, GfError *err) {
+    *body = NULL;
+    lock(s);
+    int rc = begin(s);
+    GfStatus res = rc == SQLITE_OK ? idem_lookup(s, key, route, hash, result, status, body, err) : db_fail(s, rc, err);
+    if (!res && (rc = commit(s)) != SQLITE_OK) res = db_fail(s, rc, err);
+    if (res) rollback(s);
+    unlock(s);
+    return res;
+}
+
+void store_idem_finish(Store *s, const char *key, const char *route, int status, const char *body, size_t len) {
+    char *copy = strndup(body ? body : "", len);
+    lock(s);
+    if (copy && begin(s) == SQLITE_OK) {
+        int rc = exec_stmt(s, "UPDATE idempotency SET state='done', status=?, response=? WHERE key=? AND route=?", "isss",
+                           (int64_t)status, copy, key, route);
+        if (rc == SQLITE_OK) commit(s);
+        else rollback(s);
+    }
+    unlock(s);
+    free(copy);
+}
+
+void store_idem_abort(Store *s, const char *key, const char *route) {
+    lock(s);
+    if (begin(s) == SQLITE_OK) {
+        if (exec_stmt(s, "DELETE FROM idempotency WHERE key=? AND route=? AND state='in_progress'", "ss", key, route) == SQLITE_OK)
+            commit(s);
+        else
+            rollback(s);
+    }
+    unlock(s);
 }

@@ -20,6 +20,19 @@
 GfStatus store_open(const char *data_dir, Store **out, GfError *err);
 void store_close(Store *s);
 
+/* ---- idempotency keys (used by the HTTP layer around handlers) ---------- */
+typedef enum { IDEM_NEW, IDEM_REPLAY, IDEM_MISMATCH, IDEM_IN_PROGRESS } IdemResult;
+
+/* Looks up (key, route). IDEM_NEW: an in-progress row now exists and the
+ * caller must finish or abort it. IDEM_REPLAY: *status and *body (malloc'd,
+ * caller frees) hold the first response. Rows older than 24 h are dropped. */
+GfStatus store_idem_begin(Store *s, const char *key, const char *route, const char *sha256_hex, IdemResult *result,
+                          int *status, char **body, GfError *err);
+/* Records the response of a successful first request. */
+void store_idem_finish(Store *s, const char *key, const char *route, int status, const char *body, size_t len);
+/* Forgets the in-progress row of a failed first request. */
+void store_idem_abort(Store *s, const char *key, const char *route);
+
 /* Directory for temporary uploads (DATA/tmp), valid while the store is open. */
 const char *store_tmp_dir(const Store *s);
 

@@ -112,7 +112,7 @@ class Server:
     def snapshot(self):
         c = self.db()
         counts = {t: c.execute("SELECT COUNT(*) FROM %s" % t).fetchone()[0]
-                  for t in ("datasets", "jobs", "job_events", "adapters", "checkpoints")}
+                  for t in ("datasets", "jobs", "job_events", "adapters", "checkpoints", "idempotency")}
         check = c.execute("PRAGMA quick_check").fetchone()[0]
         c.close()
         files = set()

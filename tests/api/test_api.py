@@ -538,6 +538,44 @@ def t_d9_multipart_edges(srv):
     assert os.listdir(os.path.join(srv.data, "datasets", d["id"])) == ["data.jsonl"]
 
 
+def t_d11_t6_idempotency_keys(srv):
+    data, tar = good_dataset()
+    key = {"Idempotency-Key": "upload-7f3a"}
+    first = expect(upload(srv, data, tar, name="idem", headers=dict(key)), 201)
+    n_before = srv.snapshot()["counts"]["datasets"]
+    # the same upload again (curl picks a new multipart boundary): the first response, nothing new
+    again = expect(upload(srv, data, tar, name="idem", headers=dict(key)), 201)
+    assert again.json() == first.json()
+    assert srv.snapshot()["counts"]["datasets"] == n_before
+    def go():
+        expect(upload(srv, data + b"\n", tar, name="idem", headers=dict(key)), 422, "idempotency_key_reused")
+        expect(upload(srv, data, tar, headers={"Idempotency-Key": "bad key with spaces"}), 400, "invalid_idempotency_key")
+        expect(upload(srv, data, tar, headers={"Idempotency-Key": "x" * 300}), 400, "invalid_idempotency_key")
+    nothing_persisted(srv, go)
+    # jobs: without a key two jobs, with a key one job and the same answer
+    ds = first.json()["id"]
+    a = expect(srv.post_json(JOBS, {"dataset": ds}), 201).json()
+    b = expect(srv.post_json(JOBS, {"dataset": ds}), 201).json()
+    assert a["id"] != b["id"]
+    k = {"Idempotency-Key": "job-1"}
+    j1 = expect(srv.post_json(JOBS, {"dataset": ds}, headers=dict(k)), 201).json()
+    j2 = expect(srv.post_json(JOBS, {"dataset": ds}, headers=dict(k)), 201).json()
+    assert j1 == j2
+    expect(srv.post_json(JOBS, {"dataset": ds, "suffix": "other"}, headers=dict(k)), 422, "idempotency_key_reused")
+    # a failed first request stores nothing: the same key works once the request is fixed
+    k2 = {"Idempotency-Key": "job-2"}
+    expect(srv.post_json(JOBS, {"dataset": "ds_missing"}, headers=dict(k2)), 404, "dataset_not_found")
+    expect(srv.post_json(JOBS, {"dataset": ds}, headers=dict(k2)), 201)
+    # the same key on another route is another key
+    expect(upload(srv, data, tar, headers={"Idempotency-Key": "job-1"}), 201)
+    for jid in (a["id"], b["id"], j1["id"]):
+        srv.request("POST", JOBS + "/%s/cancel" % jid)
+    db = srv.db()
+    for jid in [r[0] for r in db.execute("SELECT id FROM jobs WHERE status='queued' AND dataset_id=?", (ds,))]:
+        srv.request("POST", JOBS + "/%s/cancel" % jid)
+    db.close()
+
+
 def t_d12_archives(srv):
     red = png(4, 4)
     lines = jsonl([example("a.png")] * MIN_EXAMPLES)
