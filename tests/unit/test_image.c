@@ -6,6 +6,9 @@
 #include "check.h"
 #include "image.h"
 
+#include <png.h>
+#include <turbojpeg.h>
+
 static uint8_t *slurp(const char *path, size_t *n) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
@@ -48,7 +51,135 @@ static void decode_fixture(const char *name, int w, int h, int gray) {
     free(b);
 }
 
+/* A w x h RGB test pattern. */
+static uint8_t *pattern(int w, int h) {
+    uint8_t *p = malloc((size_t)w * h * 3);
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++) {
+            uint8_t *px = p + ((size_t)y * w + x) * 3;
+            px[0] = (uint8_t)(x * 9); px[1] = (uint8_t)(y * 5); px[2] = (uint8_t)(x * y);
+        }
+    return p;
+}
+
+typedef struct { uint8_t *buf; size_t n, cap; } MemOut;
+
+static void mem_write(png_structp png, png_bytep data, png_size_t len) {
+    MemOut *m = png_get_io_ptr(png);
+    if (m->n + len > m->cap) { m->cap = (m->n + len) * 2; m->buf = realloc(m->buf, m->cap); }
+    memcpy(m->buf + m->n, data, len);
+    m->n += len;
+}
+static void mem_flush(png_structp png) { (void)png; }
+
+/* An RGB PNG, Adam7-interlaced or not, written with libpng. */
+static MemOut write_png(const uint8_t *rgb, int w, int h, int interlace) {
+    MemOut m = {0};
+    png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
+    png_infop info = png_create_info_struct(png);
+    png_set_write_fn(png, &m, mem_write, mem_flush);
+    png_set_IHDR(png, info, (png_uint_32)w, (png_uint_32)h, 8, PNG_COLOR_TYPE_RGB,
+                 interlace ? PNG_INTERLACE_ADAM7 : PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+    png_bytep *rows = malloc(sizeof(png_bytep) * (size_t)h);
+    for (int y = 0; y < h; y++) rows[y] = (png_bytep)rgb + (size_t)y * w * 3;
+    png_set_rows(png, info, rows);
+    png_write_png(png, info, PNG_TRANSFORM_IDENTITY, NULL);
+    png_destroy_write_struct(&png, &info);
+    free(rows);
+    return m;
+}
+
+static void test_interlaced_png(void) {
+    int w = 37, h = 23;
+    uint8_t *rgb = pattern(w, h);
+    MemOut plain = write_png(rgb, w, h, 0), adam7 = write_png(rgb, w, h, 1);
+    Image a, b;
+    GfError err;
+    CHECK_STATUS(image_decode(plain.buf, plain.n, &LIM, &a, &err), GF_OK, err);
+    CHECK_STATUS(image_decode(adam7.buf, adam7.n, &LIM, &b, &err), GF_OK, err);
+    CHECK(a.rgb && b.rgb && memcmp(a.rgb, rgb, (size_t)w * h * 3) == 0 && memcmp(b.rgb, rgb, (size_t)w * h * 3) == 0,
+          "interlaced and plain PNG decode to the same pixels");
+    image_free(&a);
+    image_free(&b);
+    free(plain.buf);
+    free(adam7.buf);
+    free(rgb);
+}
+
+/* A JPEG from TurboJPEG: pixel format RGB or CMYK, optionally progressive. */
+static unsigned char *write_jpeg(const uint8_t *px, int w, int h, int cmyk, unsigned long *size) {
+    tjhandle tj = tjInitCompress();
+    unsigned char *out = NULL;
+    *size = 0;
+    int rc = tjCompress2(tj, px, w, 0, h, cmyk ? TJPF_CMYK : TJPF_RGB, &out, size, cmyk ? TJSAMP_444 : TJSAMP_420, 90, 0);
+    tjDestroy(tj);
+    return rc == 0 ? out : NULL;
+}
+
+static unsigned char *make_progressive(const unsigned char *jpeg, unsigned long n, unsigned long *size) {
+    tjhandle tj = tjInitTransform();
+    unsigned char *out = NULL;
+    tjtransform xf;
+    memset(&xf, 0, sizeof xf);
+    xf.options = TJXOPT_PROGRESSIVE;
+    *size = 0;
+    int rc = tjTransform(tj, jpeg, n, 1, &out, size, &xf, 0);
+    tjDestroy(tj);
+    return rc == 0 ? out : NULL;
+}
+
+static void test_jpeg_variants(void) {
+    int w = 48, h = 32;
+    uint8_t *rgb = pattern(w, h);
+    unsigned long n = 0, pn = 0;
+    unsigned char *base = write_jpeg(rgb, w, h, 0, &n);
+    unsigned char *prog = base ? make_progressive(base, n, &pn) : NULL;
+    CHECK(prog != NULL, "progressive JPEG written");
+    Image a, b;
+    GfError err;
+    CHECK_STATUS(image_decode(base, n, &LIM, &a, &err), GF_OK, err);
+    if (prog) CHECK_STATUS(image_decode(prog, pn, &LIM, &b, &err), GF_OK, err);
+    CHECK(prog && a.rgb && b.rgb && memcmp(a.rgb, b.rgb, (size_t)w * h * 3) == 0, "progressive decodes like baseline");
+    /* a scan bomb: the last scan repeated thousands of times before EOI */
+    if (prog) {
+        size_t last_sos = 0;
+        for (size_t i = 0; i + 1 < pn; i++)
+            if (prog[i] == 0xFF && prog[i + 1] == 0xDA) last_sos = i;
+        size_t scan_len = pn - 2 - last_sos, reps = 5000, bn = last_sos + scan_len * reps + 2;
+        unsigned char *bomb = malloc(bn);
+        memcpy(bomb, prog, last_sos);
+        for (size_t r = 0; r < reps; r++) memcpy(bomb + last_sos + r * scan_len, prog + last_sos, scan_len);
+        bomb[bn - 2] = 0xFF;
+        bomb[bn - 1] = 0xD9;
+        Image c;
+        double t0 = gf_time_mono();
+        GfStatus st = image_decode(bomb, bn, &LIM, &c, &err);
+        double dt = gf_time_mono() - t0;
+        CHECK(st == GF_INVALID && strcmp(err.code, "invalid_image") == 0 && c.rgb == NULL, "scan bomb refused (%s)", err.message);
+        CHECK(dt < 1.0, "scan bomb refused in %.2f s", dt);
+        free(bomb);
+    }
+    /* CMYK: an all-zero-ink (inverted: 255) image is white */
+    uint8_t *cmyk = malloc((size_t)w * h * 4);
+    memset(cmyk, 255, (size_t)w * h * 4);
+    unsigned long cn = 0;
+    unsigned char *cj = write_jpeg(cmyk, w, h, 1, &cn);
+    Image c;
+    CHECK(cj && image_decode(cj, cn, &LIM, &c, &err) == GF_OK, "CMYK JPEG decodes: %s", err.message);
+    if (cj && c.rgb) CHECK(c.rgb[0] >= 250 && c.rgb[1] >= 250 && c.rgb[2] >= 250, "CMYK white is white (%d %d %d)", c.rgb[0], c.rgb[1], c.rgb[2]);
+    image_free(&a);
+    image_free(&b);
+    image_free(&c);
+    tjFree(base);
+    tjFree(prog);
+    tjFree(cj);
+    free(cmyk);
+    free(rgb);
+}
+
 int main(void) {
+    test_interlaced_png();
+    test_jpeg_variants();
     /* sizes from shared/golden/image_processor/index.json */
     decode_fixture("exact.png", 144, 96, 0);
     decode_fixture("gray.png", 150, 150, 1);
