@@ -299,15 +299,16 @@ static int32_t argmax(const float *x, int64_t n) {
     return (int32_t)best;
 }
 
-GfStatus model_generate_greedy(Model *m, const int32_t *prompt, int64_t n_prompt, int64_t max_new, int32_t *out,
-                               int64_t *n_out, GfError *err) {
+GfStatus model_generate_greedy_input(Model *m, const ModelInput *prompt, int64_t max_new, int32_t *out, int64_t *n_out,
+                                     GfError *err) {
     const TextConfig *t = &m->cfg.text;
     KvCache c;
     *n_out = 0;
-    if (kv_cache_init(&c, m, n_prompt + max_new, err)) return err->status;
+    if (kv_cache_init(&c, m, prompt->n + max_new, err)) return err->status;
     float *logits = gf_malloc((size_t)t->vocab_size * sizeof(float), err);
     GfStatus st = logits ? GF_OK : GF_NO_MEMORY;
-    ModelInput in = {.ids = prompt, .n = n_prompt, .last_logits_only = 1};
+    ModelInput in = *prompt;
+    in.last_logits_only = 1;
     if (!st) st = model_forward(m, &c, &in, logits, NULL, err);
     while (!st && *n_out < max_new) {
         int32_t next = argmax(logits, t->vocab_size);
@@ -319,4 +320,10 @@ GfStatus model_generate_greedy(Model *m, const int32_t *prompt, int64_t n_prompt
     free(logits);
     kv_cache_free(&c);
     return st;
+}
+
+GfStatus model_generate_greedy(Model *m, const int32_t *prompt, int64_t n_prompt, int64_t max_new, int32_t *out,
+                               int64_t *n_out, GfError *err) {
+    ModelInput in = {.ids = prompt, .n = n_prompt};
+    return model_generate_greedy_input(m, &in, max_new, out, n_out, err);
 }

@@ -30,6 +30,13 @@ static const StTensor *find(Model *m, const char *name, uint8_t **flag) {
 }
 
 /* Finds `name` with the expected shape (dims[0..n_dims)) and a float dtype. */
+static const StTensor *claim(Model *m, const char *name, const int64_t *dims, int n_dims, GfError *err);
+
+int model_keep(Model *m, void *p) { return keep(m, p); }
+
+GfStatus model_bind_matrix(Model *m, const char *name, int64_t rows, int64_t cols, KnMatrix *out, GfError *err);
+GfStatus model_bind_vector(Model *m, const char *name, int64_t n, float **out, GfError *err);
+
 static const StTensor *claim(Model *m, const char *name, const int64_t *dims, int n_dims, GfError *err) {
     uint8_t *flag;
     const StTensor *t = find(m, name, &flag);
@@ -64,7 +71,7 @@ static float *widen(Model *m, const StTensor *t, GfError *err) {
     return out;
 }
 
-static GfStatus bind_matrix(Model *m, const char *name, int64_t rows, int64_t cols, KnMatrix *out, GfError *err) {
+GfStatus model_bind_matrix(Model *m, const char *name, int64_t rows, int64_t cols, KnMatrix *out, GfError *err) {
     int64_t dims[2] = {rows, cols};
     const StTensor *t = claim(m, name, dims, 2, err);
     if (!t) return GF_INVALID;
@@ -77,8 +84,8 @@ static GfStatus bind_matrix(Model *m, const char *name, int64_t rows, int64_t co
     return GF_OK;
 }
 
-/* 3-D expert tensors [E, rows, cols] viewed as [E*rows, cols]. */
-static GfStatus bind_experts(Model *m, const char *name, int64_t e, int64_t rows, int64_t cols, KnMatrix *out, GfError *err) {
+/* 3-D tensors [E, rows, cols] viewed as [E*rows, cols]. */
+GfStatus model_bind_3d(Model *m, const char *name, int64_t e, int64_t rows, int64_t cols, KnMatrix *out, GfError *err) {
     int64_t dims[3] = {e, rows, cols};
     const StTensor *t = claim(m, name, dims, 3, err);
     if (!t) return GF_INVALID;
@@ -92,11 +99,22 @@ static GfStatus bind_experts(Model *m, const char *name, int64_t e, int64_t rows
     return GF_OK;
 }
 
-static GfStatus bind_vector(Model *m, const char *name, int64_t n, float **out, GfError *err) {
+GfStatus model_bind_vector(Model *m, const char *name, int64_t n, float **out, GfError *err) {
     const StTensor *t = claim(m, name, &n, 1, err);
     if (!t) return GF_INVALID;
     return (*out = widen(m, t, err)) ? GF_OK : GF_NO_MEMORY;
 }
+
+GfStatus model_bind_scalar(Model *m, const char *name, float *out, GfError *err) {
+    const StTensor *t = claim(m, name, NULL, 0, err);
+    if (!t) return GF_INVALID;
+    KnMatrix v = {t->data, dtype_of(t), 1, 1};
+    kn_cpu_ops()->embed_row(out, v, 0, 1.0f);
+    return GF_OK;
+}
+
+#define bind_matrix model_bind_matrix
+#define bind_vector model_bind_vector
 
 /* Inverse RoPE frequencies of GEMMA4.md §2.3 for a head size. */
 static float *rope_inv_freq(Model *m, const RopeParams *rp, int dim, GfError *err) {
@@ -151,8 +169,8 @@ static GfStatus bind_ffn(Model *m, int i, Layer *l, GfError *err) {
     if (bind_matrix(m, NAME(n, "%slayers.%d.router.proj.weight", p, i), E, H, &l->router, err) ||
         bind_vector(m, NAME(n, "%slayers.%d.router.scale", p, i), H, &l->router_scale, err) ||
         bind_vector(m, NAME(n, "%slayers.%d.router.per_expert_scale", p, i), E, &l->per_expert_scale, err) ||
-        bind_experts(m, NAME(n, "%slayers.%d.experts.gate_up_proj", p, i), E, 2 * Im, H, &l->experts_gate_up, err) ||
-        bind_experts(m, NAME(n, "%slayers.%d.experts.down_proj", p, i), E, H, Im, &l->experts_down, err) ||
+        model_bind_3d(m, NAME(n, "%slayers.%d.experts.gate_up_proj", p, i), E, 2 * Im, H, &l->experts_gate_up, err) ||
+        model_bind_3d(m, NAME(n, "%slayers.%d.experts.down_proj", p, i), E, H, Im, &l->experts_down, err) ||
         bind_vector(m, NAME(n, "%slayers.%d.pre_feedforward_layernorm_2.weight", p, i), H, &l->pre_ff_ln2, err) ||
         bind_vector(m, NAME(n, "%slayers.%d.post_feedforward_layernorm_1.weight", p, i), H, &l->post_ff_ln1, err) ||
         bind_vector(m, NAME(n, "%slayers.%d.post_feedforward_layernorm_2.weight", p, i), H, &l->post_ff_ln2, err))
@@ -198,7 +216,8 @@ static GfStatus bind_globals(Model *m, GfError *err) {
 static int skippable(const Model *m, const StTensor *t, int *audio, int *vision) {
     const char *name = t->name;
     if (strncmp(name, "model.audio_tower.", 18) == 0 || strncmp(name, "model.embed_audio.", 18) == 0) return ++*audio;
-    if (strncmp(name, "model.vision_tower.", 19) == 0 || strncmp(name, "model.embed_vision.", 19) == 0) return ++*vision;
+    if (!m->cfg.vision.present && (strncmp(name, "model.vision_tower.", 19) == 0 || strncmp(name, "model.embed_vision.", 19) == 0))
+        return ++*vision;
     if (strcmp(name, "lm_head.weight") == 0) return 1; /* tied to embed_tokens, never a second copy */
     const char *p = m->prefix;
     size_t pl = strlen(p);
@@ -221,7 +240,7 @@ static GfStatus check_all_claimed(Model *m, GfError *err) {
                                 "tensor '%s' is not part of the Gemma 4 model this config describes", t->name);
         }
     if (audio) GF_LOGI("model: skipped %d audio-tower tensors (audio input is not supported)", audio);
-    if (vision) GF_LOGI("model: %d vision-tower tensors not used by the text model", vision);
+    if (vision) GF_LOGI("model: skipped %d vision-tower tensors (config.json has no vision_config)", vision);
     return GF_OK;
 }
 
@@ -238,6 +257,7 @@ static GfStatus bind_all(Model *m, GfError *err) {
     if (!m->layers) return GF_NO_MEMORY;
     GfStatus st = bind_globals(m, err);
     for (int i = 0; !st && i < m->cfg.text.n_layers; i++) st = bind_layer(m, i, &m->layers[i], err);
+    if (!st && m->cfg.vision.present) st = vision_bind(m, err);
     return st ? st : check_all_claimed(m, err);
 }
 

@@ -72,9 +72,21 @@ typedef struct {
  * cache. logits [n, vocab] and hidden [(L+1), n, hidden] may be NULL. */
 GfStatus model_forward(Model *m, KvCache *cache, const ModelInput *in, float *logits, float *hidden, GfError *err);
 
+/* The vision tower and embed_vision for one image (GEMMA4.md §6.2-§6.8):
+ * pixels [n_patches, 3 p^2] in [0, 1] flattened (row, col, channel) per patch,
+ * positions [n_patches][2] as (x, y), (-1, -1) for padding patches. Writes
+ * the soft tokens [n_soft, text hidden] (n_soft <= n_patches / k^2) that
+ * replace the image's placeholders. GF_INVALID when the model has no vision
+ * tower or the positions are out of range. */
+GfStatus model_vision_forward(Model *m, const float *pixels, const int32_t *positions, int64_t n_patches, float *soft,
+                              int64_t *n_soft, GfError *err);
+
 /* Greedy continuation of prompt[0..n_prompt): writes up to max_new ids to
  * out, stopping after an end-of-sequence id; returns the count in *n_out. */
 GfStatus model_generate_greedy(Model *m, const int32_t *prompt, int64_t n_prompt, int64_t max_new, int32_t *out,
                                int64_t *n_out, GfError *err);
+/* The same from a full input (image soft tokens, mm types). */
+GfStatus model_generate_greedy_input(Model *m, const ModelInput *prompt, int64_t max_new, int32_t *out, int64_t *n_out,
+                                     GfError *err);
 
 #endif

@@ -19,6 +19,28 @@ typedef struct {
     float *inv_freq;                                         /* [D/2] */
 } Layer;
 
+/* A Gemma4ClippableLinear: clamps around the inner linear (when present). */
+typedef struct {
+    KnMatrix w;
+    int clipped;
+    float in_min, in_max, out_min, out_max;
+} ClipLinear;
+
+typedef struct {
+    float *input_ln, *post_attn_ln, *pre_ff_ln, *post_ff_ln; /* [d] */
+    float *q_norm, *k_norm;                                  /* [Dv] */
+    ClipLinear q, k, v, o, gate, up, down;
+} VisionLayer;
+
+typedef struct {
+    KnMatrix input_proj;            /* [d, 3 p^2] */
+    KnMatrix pos_table;             /* [2 * P, d]: axis 0 (x) rows then axis 1 (y) */
+    VisionLayer *layers;
+    float *std_bias, *std_scale;    /* [d], standardize only */
+    KnMatrix embed_proj;            /* [H, d] embed_vision.embedding_projection */
+    float *inv_freq;                /* [Dv / 4] 2-D RoPE frequencies */
+} VisionWeights;
+
 struct Model {
     GemmaConfig cfg;
     ModelDir dir;
@@ -28,10 +50,21 @@ struct Model {
     KnMatrix embed_ple, ple_model_proj; /* [V_ple, L*P], [L*P, H] */
     float *ple_norm, *final_norm;
     Layer *layers;
+    VisionWeights vision;           /* bound when config.json has vision_config */
     void **owned;                   /* widened copies */
     size_t n_owned;
     uint8_t **claimed;              /* per shard, per tensor */
     char prefix[32];                /* "model.language_model." or "model." */
 };
+
+/* Helpers of model.c used by vision.c. */
+GfStatus model_bind_matrix(Model *m, const char *name, int64_t rows, int64_t cols, KnMatrix *out, GfError *err);
+GfStatus model_bind_vector(Model *m, const char *name, int64_t n, float **out, GfError *err);
+/* A 3-D tensor [e, rows, cols] as a matrix of e*rows rows. */
+GfStatus model_bind_3d(Model *m, const char *name, int64_t e, int64_t rows, int64_t cols, KnMatrix *out, GfError *err);
+/* A 0-dimensional tensor (a scalar buffer). */
+GfStatus model_bind_scalar(Model *m, const char *name, float *out, GfError *err);
+int model_keep(Model *m, void *p);
+GfStatus vision_bind(Model *m, GfError *err);
 
 #endif
