@@ -60,14 +60,60 @@ static int32_t *read_ids(const SafeTensors *st, const char *name, int64_t *B, in
     return out;
 }
 
+/* Images: pixel_values (F32 in [0,1]) or pixel_values_u8 [N_img, P, 3p^2] and
+ * image_position_ids I64 [N_img, P, 2]. Runs the tower on each image and
+ * returns all soft tokens in order (*n_soft rows of hidden). */
+static float *run_vision(Model *m, const SafeTensors *in, int64_t *n_soft, int *bad) {
+    const StTensor *pf = safetensors_find(in, "pixel_values"), *pu = safetensors_find(in, "pixel_values_u8");
+    const StTensor *pos = safetensors_find(in, "image_position_ids"), *px = pf ? pf : pu;
+    *n_soft = 0;
+    if (!px) return NULL;
+    if ((pf && pf->dtype != ST_F32) || (pu && pu->dtype != ST_U8) || px->n_dims != 3 || !pos || pos->dtype != ST_I64 ||
+        pos->n_dims != 3 || pos->shape[0] != px->shape[0] || pos->shape[1] != px->shape[1] || pos->shape[2] != 2) {
+        fprintf(stderr, "gemmaforge forward: images need pixel_values F32 (or pixel_values_u8 U8) [N, P, 3p^2] and "
+                        "image_position_ids I64 [N, P, 2]\n");
+        *bad = 1;
+        return NULL;
+    }
+    int64_t n_img = (int64_t)px->shape[0], P = (int64_t)px->shape[1], D = (int64_t)px->shape[2];
+    int64_t H = model_config(m)->text.hidden_size;
+    float *soft = malloc((size_t)(n_img * P * H) * sizeof(float)), *pixels = malloc((size_t)(P * D) * sizeof(float));
+    int32_t *positions = malloc((size_t)(P * 2) * sizeof(int32_t));
+    GfError err;
+    for (int64_t im = 0; soft && pixels && positions && im < n_img && !*bad; im++) {
+        for (int64_t i = 0; i < P * D; i++) {
+            if (pf) memcpy(&pixels[i], pf->data + 4 * (im * P * D + i), 4);
+            else pixels[i] = (float)pu->data[im * P * D + i] / 255.0f;
+        }
+        for (int64_t i = 0; i < P * 2; i++) {
+            int64_t v;
+            memcpy(&v, pos->data + 8 * (im * P * 2 + i), 8);
+            positions[i] = v < -1 || v > 1000000 ? -2 : (int32_t)v;
+        }
+        int64_t n = 0;
+        if (model_vision_forward(m, pixels, positions, P, soft + *n_soft * H, &n, &err)) {
+            fprintf(stderr, "gemmaforge forward: image %lld: %s\n", (long long)im, err.message);
+            *bad = 1;
+        }
+        *n_soft += n;
+    }
+    free(pixels);
+    free(positions);
+    return soft;
+}
+
 static int run_forward(Model *m, const CliOptions *o, const SafeTensors *in) {
     int64_t B = 0, T = 0;
     int bad;
     int32_t *ids = read_ids(in, "input_ids", &B, &T, 1, &bad);
     if (!ids) return 1;
     int32_t *mask = read_ids(in, "attention_mask", &B, &T, 0, &bad), *mm = bad ? NULL : read_ids(in, "mm_token_type_ids", &B, &T, 0, &bad);
-    if (safetensors_find(in, "pixel_values") || safetensors_find(in, "pixel_values_u8")) {
-        fprintf(stderr, "gemmaforge forward: image inputs are not supported yet (the vision tower is not built)\n");
+    int64_t n_soft = 0, used_soft = 0, n_placeholders = 0;
+    float *soft = bad ? NULL : run_vision(m, in, &n_soft, &bad);
+    for (int64_t i = 0; i < B * T; i++) n_placeholders += ids[i] == model_config(m)->image_token_id;
+    if (!bad && soft && n_placeholders != n_soft) {
+        fprintf(stderr, "gemmaforge forward: the images give %lld soft tokens but input_ids hold %lld image placeholders\n",
+                (long long)n_soft, (long long)n_placeholders);
         bad = 1;
     }
     const TextConfig *t = &model_config(m)->text;
@@ -86,7 +132,9 @@ static int run_forward(Model *m, const CliOptions *o, const SafeTensors *in) {
             types[i] = mm ? (uint8_t)mm[b * T + i] : 0;
         }
         kv_cache_reset(&c);
-        ModelInput mi = {.ids = ids + b * T, .valid = valid, .mm_type = mm ? types : NULL, .n = T};
+        ModelInput mi = {.ids = ids + b * T, .valid = valid, .mm_type = mm ? types : NULL, .n = T,
+                         .soft_tokens = soft ? soft + used_soft * H : NULL};
+        for (int64_t i = 0; i < T; i++) used_soft += ids[b * T + i] == model_config(m)->image_token_id;
         if (model_forward(m, &c, &mi, logits + b * T * V, row_hidden, &err)) {
             fprintf(stderr, "gemmaforge forward: row %lld: %s\n", (long long)b, err.message);
             rc = 1;
@@ -95,11 +143,14 @@ static int run_forward(Model *m, const CliOptions *o, const SafeTensors *in) {
             memcpy(hidden + ((j * B + b) * T) * H, row_hidden + j * T * H, (size_t)(T * H) * sizeof(float));
     }
     if (!rc) {
-        StWriteTensor out[2] = {{"logits", ST_F32, 3, {(uint64_t)B, (uint64_t)T, (uint64_t)V}, logits},
-                                {"hidden_states", ST_F32, 4, {(uint64_t)(L + 1), (uint64_t)B, (uint64_t)T, (uint64_t)H}, hidden}};
-        if (safetensors_write(o->out, out, hidden ? 2 : 1, &err)) { fprintf(stderr, "gemmaforge forward: %s\n", err.message); rc = 1; }
+        StWriteTensor out[3] = {{"logits", ST_F32, 3, {(uint64_t)B, (uint64_t)T, (uint64_t)V}, logits}};
+        size_t n_out = 1;
+        if (hidden) out[n_out++] = (StWriteTensor){"hidden_states", ST_F32, 4, {(uint64_t)(L + 1), (uint64_t)B, (uint64_t)T, (uint64_t)H}, hidden};
+        if (soft) out[n_out++] = (StWriteTensor){"vision_soft_tokens", ST_F32, 2, {(uint64_t)n_soft, (uint64_t)H}, soft};
+        if (safetensors_write(o->out, out, n_out, &err)) { fprintf(stderr, "gemmaforge forward: %s\n", err.message); rc = 1; }
     }
     if (logits) kv_cache_free(&c);
+    free(soft);
     free(ids); free(mask); free(mm); free(logits); free(hidden); free(row_hidden); free(valid); free(types);
     return rc;
 }

@@ -29,7 +29,7 @@ def read_st(path):
             continue
         lo, hi = meta["data_offsets"]
         raw = data[8 + n + lo:8 + n + hi]
-        fmt = {"F32": "f", "I64": "q"}[meta["dtype"]]
+        fmt = {"F32": "f", "I64": "q", "U8": "B"}[meta["dtype"]]
         out[name] = (meta["shape"], struct.unpack("<%d%s" % (len(raw) // struct.calcsize(fmt), fmt), raw))
     return out
 
@@ -70,6 +70,22 @@ def t_generate_matches_golden(variant):
                         "--max-new", str(len(want["output"]))], capture_output=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == want["output"], r.stdout
+
+
+def t_forward_image_matches_golden(variant):
+    gold = os.path.join(FIXTURES, variant, "forward_image.safetensors")
+    out = os.path.join(tempfile.mkdtemp(), "out.safetensors")
+    r = subprocess.run([BIN, "forward", "--model", os.path.join(FIXTURES, variant), "--inputs", gold, "--out", out],
+                       capture_output=True)
+    assert r.returncode == 0, r.stderr
+    g, o = read_st(gold), read_st(out)
+    (B, T, V), ref = g["logits"]
+    e = rel_err(o["logits"][1], ref, V, [1] * T)
+    assert e <= 1e-3, "image logits rel err %g" % e
+    (n, H), soft = g["vision_soft_tokens"]
+    assert o["vision_soft_tokens"][0] == [n, H]
+    e = rel_err(o["vision_soft_tokens"][1], soft, H, [1] * n)
+    assert e <= 1e-3, "soft tokens rel err %g" % e
 
 
 def write_st(path, tensors):
@@ -173,6 +189,8 @@ def main():
     for v in ("dense", "ple", "moe"):
         runner.run("forward_matches_golden[%s]" % v, t_forward_matches_golden, v)
         runner.run("generate_matches_golden[%s]" % v, t_generate_matches_golden, v)
+    for v in ("dense", "ple", "moe"):
+        runner.run("forward_image_matches_golden[%s]" % v, t_forward_image_matches_golden, v)
     runner.run("sharded_and_dtypes[ple]", t_sharded_and_dtypes, "ple")
     runner.run("sharded_and_dtypes[moe]", t_sharded_and_dtypes, "moe")
     runner.run("errors_are_clear", t_errors_are_clear, None)
