@@ -7,17 +7,19 @@
 #include <string.h>
 
 #include "model.h"
+#include "preprocess.h"
 #include "safetensors.h"
 
 typedef struct {
-    const char *model, *inputs, *out, *ids;
-    long max_new, threads;
+    const char *model, *inputs, *out, *ids, *image;
+    long max_new, threads, max_soft_tokens;
     int hidden;
 } CliOptions;
 
 static int parse(int argc, char **argv, CliOptions *o) {
     memset(o, 0, sizeof *o);
     o->max_new = 32;
+    o->max_soft_tokens = 280;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "--hidden") == 0) { o->hidden = 1; continue; }
@@ -27,6 +29,8 @@ static int parse(int argc, char **argv, CliOptions *o) {
         else if (strcmp(a, "--inputs") == 0) o->inputs = v;
         else if (strcmp(a, "--out") == 0) o->out = v;
         else if (strcmp(a, "--ids") == 0) o->ids = v;
+        else if (strcmp(a, "--image") == 0) o->image = v;
+        else if (strcmp(a, "--max-soft-tokens") == 0 && (o->max_soft_tokens = strtol(v, &end, 10), !*end)) {}
         else if (strcmp(a, "--max-new") == 0 && (o->max_new = strtol(v, &end, 10), !*end) && o->max_new > 0 && o->max_new <= 1000000) {}
         else if (strcmp(a, "--threads") == 0 && (o->threads = strtol(v, &end, 10), !*end) && o->threads >= 0 && o->threads <= 1024) {}
         else { fprintf(stderr, "gemmaforge: unknown option or bad value: %s %s\n", a, v); return -1; }
@@ -222,5 +226,58 @@ int cli_generate(int argc, char **argv) {
     model_close(m);
     free(ids);
     free(out);
+    return rc;
+}
+
+/* ---- preprocess ---------------------------------------------------------------- */
+
+/* Reads and decodes an image file under the caps. */
+static GfStatus load_image(const char *path, Image *img, GfError *err) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return gf_error_set(err, GF_NOT_FOUND, "file_not_found", NULL, "cannot open the image (%s)", strerror(errno));
+    const ImageLimits lim = {20u << 20, 50000000};
+    uint8_t *buf = malloc(lim.max_bytes + 1);
+    size_t n = buf ? fread(buf, 1, lim.max_bytes + 1, f) : 0;
+    fclose(f);
+    if (!buf) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    GfStatus st = image_decode(buf, n, &lim, img, err);
+    free(buf);
+    return st;
+}
+
+int cli_preprocess(int argc, char **argv) {
+    CliOptions o;
+    if (parse(argc, argv, &o) || !o.image || !o.out) {
+        fprintf(stderr, "usage: gemmaforge preprocess --image FILE [--max-soft-tokens 70|140|280|560|1120] --out OUT.safetensors\n");
+        return 2;
+    }
+    Image img;
+    GfError err;
+    if (load_image(o.image, &img, &err)) {
+        fprintf(stderr, "gemmaforge preprocess: %s\n", err.message);
+        return 1;
+    }
+    PreprocessConfig cfg = {(int)o.max_soft_tokens, 16, 3};
+    int64_t P = 9 * o.max_soft_tokens, n_real = 0, n_soft = 0;
+    uint8_t *u8 = malloc((size_t)(P > 0 ? P : 1) * 768);
+    int32_t *pos = malloc((size_t)(P > 0 ? P : 1) * 2 * sizeof *pos);
+    float *pixels = malloc((size_t)(P > 0 ? P : 1) * 768 * sizeof *pixels);
+    int64_t *pos64 = malloc((size_t)(P > 0 ? P : 1) * 2 * sizeof *pos64);
+    int rc = !u8 || !pos || !pixels || !pos64;
+    if (!rc && preprocess_image(&cfg, &img, u8, pos, &n_real, &n_soft, &err)) {
+        fprintf(stderr, "gemmaforge preprocess: %s\n", err.message);
+        rc = 1;
+    }
+    if (!rc) {
+        for (int64_t i = 0; i < P * 768; i++) pixels[i] = (float)u8[i] / 255.0f;
+        for (int64_t i = 0; i < P * 2; i++) pos64[i] = pos[i];
+        StWriteTensor out[2] = {{"pixel_values", ST_F32, 3, {1, (uint64_t)P, 768}, pixels},
+                                {"image_position_ids", ST_I64, 3, {1, (uint64_t)P, 2}, pos64}};
+        if (safetensors_write(o.out, out, 2, &err)) { fprintf(stderr, "gemmaforge preprocess: %s\n", err.message); rc = 1; }
+        else printf("{\"width\": %d, \"height\": %d, \"patches\": %lld, \"soft_tokens\": %lld}\n", img.width, img.height,
+                    (long long)n_real, (long long)n_soft);
+    }
+    image_free(&img);
+    free(u8); free(pos); free(pixels); free(pos64);
     return rc;
 }

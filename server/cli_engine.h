@@ -9,5 +9,6 @@
 
 int cli_forward(int argc, char **argv);
 int cli_generate(int argc, char **argv);
+int cli_preprocess(int argc, char **argv);
 
 #endif

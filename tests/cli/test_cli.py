@@ -88,6 +88,34 @@ def t_forward_image_matches_golden(variant):
     assert e <= 1e-3, "soft tokens rel err %g" % e
 
 
+def t_preprocess_then_forward(variant):
+    """preprocess writes what the golden image inputs hold; forward on it gives the golden soft tokens."""
+    tmp = tempfile.mkdtemp()
+    pre = os.path.join(tmp, "pre.safetensors")
+    r = subprocess.run([BIN, "preprocess", "--image", os.path.join(FIXTURES, "images", "wide.png"), "--max-soft-tokens", "70",
+                        "--out", pre], capture_output=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["soft_tokens"] == 60, (r.stdout, r.stderr)
+    p = read_st(pre)
+    g = read_st(os.path.join(FIXTURES, variant, "forward_image.safetensors"))
+    assert p["image_position_ids"][1] == g["image_position_ids"][1]
+    assert [round(v * 255) for v in p["pixel_values"][1]] == list(g["pixel_values_u8"][1])
+    inputs = os.path.join(tmp, "in.safetensors")
+    ids = g["input_ids"][1]
+    write_st(inputs, [("input_ids", "I64", g["input_ids"][0], struct.pack("<%dq" % len(ids), *ids)),
+                      ("pixel_values", "F32", p["pixel_values"][0], struct.pack("<%df" % len(p["pixel_values"][1]), *p["pixel_values"][1])),
+                      ("image_position_ids", "I64", p["image_position_ids"][0],
+                       struct.pack("<%dq" % len(p["image_position_ids"][1]), *p["image_position_ids"][1]))])
+    out = os.path.join(tmp, "out.safetensors")
+    r = subprocess.run([BIN, "forward", "--model", os.path.join(FIXTURES, variant), "--inputs", inputs, "--out", out], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    (n, H), soft = g["vision_soft_tokens"]
+    assert rel_err(read_st(out)["vision_soft_tokens"][1], soft, H, [1] * n) <= 1e-3
+    for bad, msg in ((["--max-soft-tokens", "100"], b"budget"), (["--image", "/nonexistent.png"], b"cannot open")):
+        args = [BIN, "preprocess", "--image", os.path.join(FIXTURES, "images", "wide.png"), "--out", pre] + bad
+        r = subprocess.run(args, capture_output=True)
+        assert r.returncode == 1 and msg in r.stderr, r.stderr
+
+
 def write_st(path, tensors):
     """tensors: list of (name, dtype, shape, raw bytes)."""
     header, off = {}, 0
@@ -191,6 +219,7 @@ def main():
         runner.run("generate_matches_golden[%s]" % v, t_generate_matches_golden, v)
     for v in ("dense", "ple", "moe"):
         runner.run("forward_image_matches_golden[%s]" % v, t_forward_image_matches_golden, v)
+    runner.run("preprocess_then_forward[dense]", t_preprocess_then_forward, "dense")
     runner.run("sharded_and_dtypes[ple]", t_sharded_and_dtypes, "ple")
     runner.run("sharded_and_dtypes[moe]", t_sharded_and_dtypes, "moe")
     runner.run("errors_are_clear", t_errors_are_clear, None)
