@@ -8,6 +8,8 @@
 
 #include "model.h"
 #include "preprocess.h"
+#include "jsoncheck.h"
+#include "tokenizer.h"
 #include "safetensors.h"
 
 typedef struct {
@@ -279,5 +281,79 @@ int cli_preprocess(int argc, char **argv) {
     }
     image_free(&img);
     free(u8); free(pos); free(pixels); free(pos64);
+    return rc;
+}
+
+/* ---- tokenize ------------------------------------------------------------------ */
+
+static void print_ids(const int32_t *ids, size_t n) {
+    printf("{\"ids\": [");
+    for (size_t i = 0; i < n; i++) printf(i ? ", %d" : "%d", ids[i]);
+    printf("]}\n");
+}
+
+/* One {"text": ...} per input line -> one {"ids": [...]} per output line. */
+static int tokenize_jsonl(const Tokenizer *t, int add_special) {
+    char *line = NULL;
+    size_t cap = 0, lineno = 0;
+    ssize_t n;
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    int rc = 0;
+    while ((n = getline(&line, &cap, stdin)) > 0) {
+        lineno++;
+        GfError err;
+        cJSON *j = json_parse_strict(line, (size_t)n, "line", &err);
+        const cJSON *text = j ? cJSON_GetObjectItemCaseSensitive(j, "text") : NULL;
+        if (!cJSON_IsString(text)) {
+            fprintf(stderr, "gemmaforge tokenize: line %zu: expected {\"text\": ...}%s%s\n", lineno, j ? "" : ": ", j ? "" : err.message);
+            rc = 1;
+        } else if (tokenizer_encode(t, text->valuestring, strlen(text->valuestring), add_special, 1, &ids, &n_ids, &err)) {
+            fprintf(stderr, "gemmaforge tokenize: line %zu: %s\n", lineno, err.message);
+            rc = 1;
+        } else {
+            print_ids(ids, n_ids);
+        }
+        cJSON_Delete(j);
+    }
+    free(line);
+    free(ids);
+    return rc;
+}
+
+int cli_tokenize(int argc, char **argv) {
+    const char *model = NULL, *text = NULL;
+    int jsonl = 0, add_special = 0;
+    for (int i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "--model") == 0 && i + 1 < argc) model = argv[++i];
+        else if (strcmp(argv[i], "--jsonl") == 0) jsonl = 1;
+        else if (strcmp(argv[i], "--add-special") == 0) add_special = 1;
+        else if (!text && argv[i][0] != '-') text = argv[i];
+        else { text = NULL; model = NULL; break; }
+    }
+    if (!model || (!text && !jsonl)) {
+        fprintf(stderr, "usage: gemmaforge tokenize --model DIR [--add-special] TEXT | --jsonl < IN.jsonl\n");
+        return 2;
+    }
+    Tokenizer *t = NULL;
+    GfError err;
+    if (tokenizer_load_dir(model, &t, &err)) {
+        fprintf(stderr, "gemmaforge tokenize: %s\n", err.message);
+        return 1;
+    }
+    int rc = 0;
+    if (jsonl) rc = tokenize_jsonl(t, add_special);
+    else {
+        int32_t *ids = NULL;
+        size_t n = 0;
+        if (tokenizer_encode(t, text, strlen(text), add_special, 1, &ids, &n, &err)) {
+            fprintf(stderr, "gemmaforge tokenize: %s\n", err.message);
+            rc = 1;
+        } else {
+            print_ids(ids, n);
+        }
+        free(ids);
+    }
+    tokenizer_free(t);
     return rc;
 }

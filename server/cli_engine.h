@@ -10,5 +10,6 @@
 int cli_forward(int argc, char **argv);
 int cli_generate(int argc, char **argv);
 int cli_preprocess(int argc, char **argv);
+int cli_tokenize(int argc, char **argv);
 
 #endif

@@ -36,6 +36,7 @@ static void usage(FILE *f) {
             "  forward    run the text model: --model DIR --inputs IN.safetensors --out OUT.safetensors [--hidden]\n"
             "  generate   greedy continuation: --model DIR --ids 2,17,... [--max-new N]\n"
             "  preprocess an image as the model sees it: --image F [--max-soft-tokens N] --out OUT.safetensors\n"
+            "  tokenize   --model DIR [--add-special] TEXT, or --jsonl ({\"text\":..} lines on stdin)\n"
             "  train, infer, merge, preflight\n"
             "             not built yet (see README)\n\n"
             "serve options:\n"
@@ -257,8 +258,9 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "forward") == 0) exit(cli_forward(argc, argv));
     if (strcmp(cmd, "generate") == 0) exit(cli_generate(argc, argv));
     if (strcmp(cmd, "preprocess") == 0) exit(cli_preprocess(argc, argv));
+    if (strcmp(cmd, "tokenize") == 0) exit(cli_tokenize(argc, argv));
     if (strcmp(cmd, "version") == 0) { printf("gemmaforge %s\n", VERSION); exit(0); }
-    static const char *const engine_cmds[] = {"train", "infer", "merge", "preflight", "tokenize", "lora-step", NULL};
+    static const char *const engine_cmds[] = {"train", "infer", "merge", "preflight", "lora-step", NULL};
     for (int i = 0; engine_cmds[i]; i++)
         if (strcmp(cmd, engine_cmds[i]) == 0) {
             fprintf(stderr, "gemmaforge %s: not built yet: this build has no Gemma 4 engine (see README, \"What exists\")\n", cmd);

@@ -116,6 +116,20 @@ def t_preprocess_then_forward(variant):
         assert r.returncode == 1 and msg in r.stderr, r.stderr
 
 
+def t_tokenize_matches_golden(_):
+    cases = [json.loads(l) for l in open(os.path.join(FIXTURES, "tokenizer_cases.jsonl"))]
+    model = os.path.join(FIXTURES, "dense")
+    r = subprocess.run([BIN, "tokenize", "--model", model, "--jsonl"], input="".join(json.dumps({"text": c["text"]}) + "\n" for c in cases).encode(),
+                       capture_output=True)
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(l)["ids"] for l in r.stdout.decode().splitlines()]
+    assert got == [c["ids"] for c in cases], got
+    r = subprocess.run([BIN, "tokenize", "--model", model, cases[0]["text"]], capture_output=True)
+    assert json.loads(r.stdout)["ids"] == cases[0]["ids"]
+    r = subprocess.run([BIN, "tokenize", "--model", model, "--jsonl"], input=b'{"txt": 1}\n', capture_output=True)
+    assert r.returncode == 1 and b"line 1" in r.stderr
+
+
 def write_st(path, tensors):
     """tensors: list of (name, dtype, shape, raw bytes)."""
     header, off = {}, 0
@@ -220,6 +234,7 @@ def main():
     for v in ("dense", "ple", "moe"):
         runner.run("forward_image_matches_golden[%s]" % v, t_forward_image_matches_golden, v)
     runner.run("preprocess_then_forward[dense]", t_preprocess_then_forward, "dense")
+    runner.run("tokenize_matches_golden", t_tokenize_matches_golden, None)
     runner.run("sharded_and_dtypes[ple]", t_sharded_and_dtypes, "ple")
     runner.run("sharded_and_dtypes[moe]", t_sharded_and_dtypes, "moe")
     runner.run("errors_are_clear", t_errors_are_clear, None)
