@@ -121,6 +121,8 @@ struct Tokenizer {
     uint64_t *edge_keys;      /* key + 1 */
     int32_t *edge_vals;
     size_t edge_cap, n_edges;
+    char **retired;           /* vocab strings an added token replaced; still keys of `vocab` */
+    size_t n_retired;
 };
 
 size_t tokenizer_vocab_size(const Tokenizer *t) { return t->n_ids; }
@@ -143,6 +145,8 @@ void tokenizer_free(Tokenizer *t) {
     free(t->nodes);
     free(t->edge_keys);
     free(t->edge_vals);
+    for (size_t i = 0; i < t->n_retired; i++) free(t->retired[i]);
+    free(t->retired);
     free(t);
 }
 
@@ -213,6 +217,7 @@ static size_t trie_match(const Tokenizer *t, const char *s, size_t n, int parse_
 
 static GfStatus set_token(Tokenizer *t, int32_t id, const char *s, GfError *err) {
     if (id < 0 || (size_t)id >= t->n_ids) return bad(err, "token id out of range for '%.60s'", s);
+    if (t->id_to_token[id] && strcmp(t->id_to_token[id], s) == 0) return GF_OK; /* may be a key of t->vocab */
     free(t->id_to_token[id]);
     if (!(t->id_to_token[id] = gf_strdup(s, err))) return GF_NO_MEMORY;
     t->token_len[id] = (uint32_t)strlen(s);
@@ -298,6 +303,19 @@ static GfStatus load_vocab(Tokenizer *t, const cJSON *vocab, const cJSON *added,
     return GF_OK;
 }
 
+/* An added token that reuses a vocab id with other content: the vocab string
+ * stays a key of t->vocab (the BPE model still knows it), so it is kept alive. */
+static GfStatus retire_if_replaced(Tokenizer *t, int32_t id, const char *content, GfError *err) {
+    if (id < 0 || (size_t)id >= t->n_ids || !t->id_to_token[id]) return GF_OK;
+    if (strcmp(t->id_to_token[id], content) == 0) return GF_OK;
+    char **r = realloc(t->retired, (t->n_retired + 1) * sizeof *r);
+    if (!r) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    t->retired = r;
+    t->retired[t->n_retired++] = t->id_to_token[id];
+    t->id_to_token[id] = NULL;
+    return GF_OK;
+}
+
 static GfStatus load_added(Tokenizer *t, const cJSON *added, GfError *err) {
     t->edge_cap = 1024;
     size_t total = 0;
@@ -318,7 +336,7 @@ static GfStatus load_added(Tokenizer *t, const cJSON *added, GfError *err) {
             if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(a, flags[f])))
                 return bad(err, "added token flags (single_word, lstrip, rstrip, normalized) are not supported: '%.60s'", c->valuestring);
         int32_t i = (int32_t)id->valuedouble;
-        if (set_token(t, i, c->valuestring, err)) return err->status;
+        if (retire_if_replaced(t, i, c->valuestring, err) || set_token(t, i, c->valuestring, err)) return err->status;
         t->special[i] = (uint8_t)cJSON_IsTrue(sp);
         t->added[i] = 1;
         strmap_put(&t->vocab, t->id_to_token[i], t->token_len[i], i);
