@@ -31,6 +31,82 @@ static GfStatus check_dims(uint64_t w, uint64_t h, const ImageLimits *lim, GfErr
     return GF_OK;
 }
 
+/* ---- EXIF orientation ---------------------------------------------------- */
+
+static uint32_t tiff_u(const uint8_t *p, int size, int big) {
+    uint32_t v = 0;
+    for (int i = 0; i < size; i++) v |= (uint32_t)p[big ? i : size - 1 - i] << (8 * (size - 1 - i));
+    return v;
+}
+
+/* The Orientation tag (0x0112) of IFD0 in a TIFF block; 1 when absent,
+ * malformed or out of 1..8 (PIL then leaves the image as it is). */
+static int tiff_orientation(const uint8_t *t, size_t n) {
+    if (n < 8) return 1;
+    int big = t[0] == 'M' && t[1] == 'M';
+    if (!big && !(t[0] == 'I' && t[1] == 'I')) return 1;
+    if (tiff_u(t + 2, 2, big) != 42) return 1;
+    uint32_t ifd = tiff_u(t + 4, 4, big);
+    if (ifd > n || n - ifd < 2) return 1;
+    uint32_t count = tiff_u(t + ifd, 2, big);
+    for (uint32_t i = 0; i < count; i++) {
+        size_t e = (size_t)ifd + 2 + 12 * (size_t)i;
+        if (e + 12 > n) return 1;
+        if (tiff_u(t + e, 2, big) != 0x0112) continue;
+        uint32_t type = tiff_u(t + e + 2, 2, big), v = 0;
+        if (type == 3) v = tiff_u(t + e + 8, 2, big);       /* SHORT */
+        else if (type == 4) v = tiff_u(t + e + 8, 4, big);  /* LONG */
+        return v >= 1 && v <= 8 ? (int)v : 1;
+    }
+    return 1;
+}
+
+/* Walks the JPEG markers up to the first scan for an APP1 "Exif" segment. */
+static int jpeg_orientation(const uint8_t *b, size_t n) {
+    size_t pos = 2;
+    while (pos + 4 <= n && b[pos] == 0xFF) {
+        uint8_t m = b[pos + 1];
+        if (m == 0xFF) { pos++; continue; }                        /* fill byte */
+        if (m == 0xD8 || m == 0x01 || (m >= 0xD0 && m <= 0xD7)) { pos += 2; continue; }
+        if (m == 0xDA || m == 0xD9) break;
+        size_t len = (size_t)b[pos + 2] << 8 | b[pos + 3];
+        if (len < 2 || len > n - pos - 2) break;
+        if (m == 0xE1 && len >= 8 && memcmp(b + pos + 4, "Exif\0\0", 6) == 0) return tiff_orientation(b + pos + 10, len - 8);
+        pos += 2 + len;
+    }
+    return 1;
+}
+
+/* PIL's ImageOps.exif_transpose: 2 mirror, 3 rotate 180, 4 flip, 5 transpose,
+ * 6 rotate 90 clockwise, 7 transverse, 8 rotate 90 counter-clockwise. */
+static GfStatus apply_orientation(Image *img, int o, GfError *err) {
+    if (o <= 1 || o > 8) return GF_OK;
+    int W = img->width, H = img->height, swap = o >= 5;
+    int dw = swap ? H : W, dh = swap ? W : H;
+    uint8_t *dst = malloc((size_t)W * H * 3);
+    if (!dst) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    for (int y = 0; y < dh; y++) {
+        for (int x = 0; x < dw; x++) {
+            int sx, sy;
+            switch (o) {
+            case 2: sx = W - 1 - x; sy = y; break;
+            case 3: sx = W - 1 - x; sy = H - 1 - y; break;
+            case 4: sx = x; sy = H - 1 - y; break;
+            case 5: sx = y; sy = x; break;
+            case 6: sx = y; sy = H - 1 - x; break;
+            case 7: sx = W - 1 - y; sy = H - 1 - x; break;
+            default: sx = W - 1 - y; sy = x; break;
+            }
+            memcpy(dst + ((size_t)y * dw + x) * 3, img->rgb + ((size_t)sy * W + sx) * 3, 3);
+        }
+    }
+    free(img->rgb);
+    img->rgb = dst;
+    img->width = dw;
+    img->height = dh;
+    return GF_OK;
+}
+
 /* ---- PNG --------------------------------------------------------------- */
 
 typedef struct {
@@ -53,6 +129,14 @@ static void png_on_error(png_structp png, png_const_charp msg) {
 }
 
 static void png_on_warning(png_structp png, png_const_charp msg) { (void)png; (void)msg; }
+
+/* eXIf before the image data (the TIFF block without the "Exif" prefix). */
+static int png_exif_orientation(png_structp png, png_infop info) {
+    png_uint_32 n = 0;
+    png_bytep exif = NULL;
+    if (!png_get_eXIf_1(png, info, &n, &exif) || !exif) return 1;
+    return tiff_orientation(exif, n);
+}
 
 /* Everything between setjmp and the end lives in this function; locals that
  * change after setjmp are volatile. */
@@ -84,6 +168,7 @@ static GfStatus decode_png(const uint8_t *bytes, size_t n, const ImageLimits *li
         png_destroy_read_struct(&png, &info, NULL);
         return st;
     }
+    int orientation = png_exif_orientation(png, info);
     png_set_expand(png);
     png_set_strip_16(png);
     png_set_strip_alpha(png);
@@ -101,7 +186,9 @@ static GfStatus decode_png(const uint8_t *bytes, size_t n, const ImageLimits *li
     out->width = (int)w;
     out->height = (int)h;
     out->rgb = rgb;
-    return GF_OK;
+    GfStatus ost = apply_orientation(out, orientation, err);
+    if (ost) image_free(out);
+    return ost;
 }
 
 /* ---- JPEG -------------------------------------------------------------- */
@@ -147,7 +234,9 @@ static GfStatus decode_jpeg(const uint8_t *bytes, size_t n, const ImageLimits *l
     out->width = w;
     out->height = h;
     out->rgb = buf;
-    return GF_OK;
+    GfStatus ost = apply_orientation(out, jpeg_orientation(bytes, n), err);
+    if (ost) image_free(out);
+    return ost;
 }
 
 GfStatus image_decode(const uint8_t *bytes, size_t n, const ImageLimits *lim, Image *out, GfError *err) {

@@ -8,6 +8,9 @@
  * 16-bit samples keep their high byte. JPEG decoding stops on the first
  * warning and limits progressive scans (corrupt data is an error, never a
  * half-grey picture). CMYK JPEGs (Adobe, inverted) are converted as PIL does.
+ * An EXIF Orientation tag (JPEG APP1, PNG eXIf before the image data) is
+ * applied as PIL's ImageOps.exif_transpose does, which transformers'
+ * load_image calls: width and height are those of the upright picture.
  *
  * Errors (codes): unsupported_image_format (GF_UNSUPPORTED), invalid_image
  * (GF_INVALID: truncated, bad CRC, zero size, corrupt data), image_too_large

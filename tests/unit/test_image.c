@@ -2,6 +2,7 @@
  * the reference lists, gray and palette images convert to RGB as PIL does,
  * and caps are enforced from the header. */
 #include <stdlib.h>
+#include <string.h>
 
 #include "check.h"
 #include "image.h"
@@ -177,7 +178,44 @@ static void test_jpeg_variants(void) {
     free(rgb);
 }
 
+/* EXIF orientation: each tagged file decodes to what PIL's exif_transpose
+ * gives (tools/gen_exif_fixtures.py), saved losslessly as PNG. The JPEGs are
+ * decoded by the same libjpeg-turbo PIL uses, so values are equal. */
+static void test_exif_orientation(void) {
+    const char *names[] = {"orient1.jpg", "orient2.jpg", "orient3.jpg", "orient4.jpg", "orient5.jpg",
+                           "orient6.jpg", "orient7.jpg", "orient8.jpg", "orient6.png"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        char path[512], want_path[600];
+        snprintf(path, sizeof path, GF_FIXTURES "/images/exif/%s", names[i]);
+        if (strstr(names[i], ".png")) snprintf(want_path, sizeof want_path, "%s.expected.png", path);
+        else snprintf(want_path, sizeof want_path, GF_FIXTURES "/images/exif/%.7s.expected.png", names[i]);
+        size_t n = 0, wn = 0;
+        uint8_t *b = slurp(path, &n), *wb = slurp(want_path, &wn);
+        CHECK(b && wb, "read %s and its expected picture", names[i]);
+        Image got, want;
+        GfError err;
+        if (b && wb && image_decode(b, n, &LIM, &got, &err) == GF_OK) {
+            CHECK_STATUS(image_decode(wb, wn, &LIM, &want, &err), GF_OK, err);
+            int same_size = got.width == want.width && got.height == want.height;
+            CHECK(same_size, "%s: %dx%d, PIL gives %dx%d", names[i], got.width, got.height, want.width, want.height);
+            int maxd = 0;
+            for (size_t k = 0; same_size && k < (size_t)got.width * got.height * 3; k++) {
+                int d = abs((int)got.rgb[k] - (int)want.rgb[k]);
+                if (d > maxd) maxd = d;
+            }
+            CHECK(same_size && maxd == 0, "%s: pixels equal PIL's exif_transpose (max diff %d)", names[i], maxd);
+            image_free(&got);
+            image_free(&want);
+        } else {
+            CHECK(0, "%s decodes", names[i]);
+        }
+        free(b);
+        free(wb);
+    }
+}
+
 int main(void) {
+    test_exif_orientation();
     test_interlaced_png();
     test_jpeg_variants();
     /* sizes from shared/golden/image_processor/index.json */
