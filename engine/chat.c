@@ -20,27 +20,19 @@ GfStatus chat_template_detect(const char *src, ChatTemplate *tpl, GfError *err) 
     return GF_OK;
 }
 
-static char *read_file(const char *path, size_t max) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *b = malloc(max + 1);
-    size_t n = b ? fread(b, 1, max, f) : 0;
-    fclose(f);
-    if (b) b[n] = '\0';
-    return b;
-}
-
 GfStatus chat_template_load_dir(const char *dir, ChatTemplate *tpl, GfError *err) {
     char path[4096];
     snprintf(path, sizeof path, "%s/chat_template.jinja", dir);
-    char *src = read_file(path, 1u << 20);
+    GfError ferr;
+    char *src = gf_read_file(path, 1u << 20, "chat_template.jinja", NULL, &ferr);
+    if (!src && ferr.status != GF_NOT_FOUND) return gf_error_set(err, ferr.status, ferr.code, NULL, "%s", ferr.message);
     if (src) {
         GfStatus st = chat_template_detect(src, tpl, err);
         free(src);
         return st;
     }
     snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
-    char *cfg = read_file(path, 8u << 20);
+    char *cfg = gf_read_file(path, 8u << 20, "tokenizer_config.json", NULL, &ferr);
     GfError jerr;
     cJSON *j = cfg ? json_parse_strict(cfg, strlen(cfg), "tokenizer_config.json", &jerr) : NULL;
     free(cfg);

@@ -264,30 +264,18 @@ GfStatus gemma_config_parse(const char *json, size_t len, GemmaConfig *cfg, GfEr
     return st;
 }
 
-static char *read_all(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = n >= 0 && n < (16l << 20) ? malloc((size_t)n + 1) : NULL;
-    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) { free(b); b = NULL; }
-    fclose(f);
-    if (b) *len = (size_t)n;
-    return b;
-}
-
 GfStatus gemma_config_load(const char *dir, GemmaConfig *cfg, GfError *err) {
     char path[4096];
     size_t len;
     snprintf(path, sizeof path, "%s/config.json", dir);
-    char *text = read_all(path, &len);
-    if (!text) return gf_error_set(err, GF_NOT_FOUND, "file_not_found", NULL, "the model directory has no readable config.json");
+    char *text = gf_read_file(path, 16u << 20, "the model's config.json", &len, err);
+    if (!text) return err->status;
     GfStatus st = gemma_config_parse(text, len, cfg, err);
     free(text);
     if (st) return st;
     snprintf(path, sizeof path, "%s/generation_config.json", dir);
-    if (!(text = read_all(path, &len))) return GF_OK;
+    GfError ferr;
+    if (!(text = gf_read_file(path, 16u << 20, "generation_config.json", &len, &ferr))) return GF_OK;
     GfError jerr;
     cJSON *g = json_parse_strict(text, len, "generation_config.json", &jerr);
     free(text);

@@ -292,6 +292,8 @@ static int is_eos(const TextConfig *t, int32_t id) {
     return 0;
 }
 
+int model_is_eos(const Model *m, int32_t id) { return is_eos(&m->cfg.text, id); }
+
 static int32_t argmax(const float *x, int64_t n) {
     int64_t best = 0;
     for (int64_t i = 1; i < n; i++)

@@ -81,6 +81,10 @@ GfStatus model_forward(Model *m, KvCache *cache, const ModelInput *in, float *lo
 GfStatus model_vision_forward(Model *m, const float *pixels, const int32_t *positions, int64_t n_patches, float *soft,
                               int64_t *n_soft, GfError *err);
 
+/* 1 when id ends generation (the eos ids of config.json and
+ * generation_config.json). */
+int model_is_eos(const Model *m, int32_t id);
+
 /* Greedy continuation of prompt[0..n_prompt): writes up to max_new ids to
  * out, stopping after an end-of-sequence id; returns the count in *n_out. */
 GfStatus model_generate_greedy(Model *m, const int32_t *prompt, int64_t n_prompt, int64_t max_new, int32_t *out,

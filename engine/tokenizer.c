@@ -431,30 +431,19 @@ GfStatus tokenizer_load_json(const char *json, size_t len, int add_bos, Tokenize
 GfStatus tokenizer_load_dir(const char *dir, Tokenizer **out, GfError *err) {
     char path[4096];
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
-    FILE *f = fopen(path, "rb");
-    if (!f) return gf_error_set(err, GF_NOT_FOUND, "file_not_found", NULL, "the model directory has no tokenizer.json");
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = n > 0 && n < (512l << 20) ? malloc((size_t)n) : NULL;
-    size_t got = buf ? fread(buf, 1, (size_t)n, f) : 0;
-    fclose(f);
-    if (!buf || got != (size_t)n) { free(buf); return gf_error_set(err, GF_IO, "io_error", NULL, "cannot read tokenizer.json"); }
+    size_t n = 0, cn = 0;
+    char *buf = gf_read_file(path, 512u << 20, "the model's tokenizer.json", &n, err);
+    if (!buf) return err->status;
     int add_bos = -1;
     snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
-    FILE *c = fopen(path, "rb");
-    if (c) {
-        char *cfg = malloc(4u << 20);
-        size_t cn = cfg ? fread(cfg, 1, 4u << 20, c) : 0;
-        GfError jerr;
-        cJSON *j = cfg && cn < (4u << 20) ? json_parse_strict(cfg, cn, "tokenizer_config.json", &jerr) : NULL;
-        const cJSON *ab = j ? cJSON_GetObjectItemCaseSensitive(j, "add_bos_token") : NULL;
-        if (cJSON_IsBool(ab)) add_bos = cJSON_IsTrue(ab);
-        cJSON_Delete(j);
-        free(cfg);
-        fclose(c);
-    }
-    GfStatus st = tokenizer_load_json(buf, (size_t)n, add_bos, out, err);
+    GfError jerr;
+    char *cfg = gf_read_file(path, 8u << 20, "tokenizer_config.json", &cn, &jerr);
+    cJSON *j = cfg ? json_parse_strict(cfg, cn, "tokenizer_config.json", &jerr) : NULL;
+    const cJSON *ab = j ? cJSON_GetObjectItemCaseSensitive(j, "add_bos_token") : NULL;
+    if (cJSON_IsBool(ab)) add_bos = cJSON_IsTrue(ab);
+    cJSON_Delete(j);
+    free(cfg);
+    GfStatus st = tokenizer_load_json(buf, n, add_bos, out, err);
     free(buf);
     return st;
 }

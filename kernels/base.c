@@ -111,6 +111,29 @@ char *gf_strdup(const char *s, GfError *err) {
     return p;
 }
 
+char *gf_read_file(const char *path, size_t max, const char *what, size_t *len, GfError *err) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        if (errno == ENOENT || errno == ENOTDIR) gf_error_set(err, GF_NOT_FOUND, "file_not_found", NULL, "%s does not exist", what);
+        else gf_error_set(err, GF_IO, "io_error", NULL, "cannot open %s: %s", what, strerror(errno));
+        return NULL;
+    }
+    char *b = malloc(max + 1);
+    size_t n = b ? fread(b, 1, max + 1, f) : 0;
+    int failed = b && ferror(f);
+    fclose(f);
+    if (!b) { gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory reading %s", what); return NULL; }
+    if (failed) { free(b); gf_error_set(err, GF_IO, "io_error", NULL, "cannot read %s", what); return NULL; }
+    if (n > max) {
+        free(b);
+        gf_error_set(err, GF_TOO_LARGE, "file_too_large", NULL, "%s is larger than %zu bytes", what, max);
+        return NULL;
+    }
+    b[n] = '\0';
+    if (len) *len = n;
+    return b;
+}
+
 /* ---- arena ------------------------------------------------------------- */
 
 struct GfArenaBlock {

@@ -85,6 +85,10 @@ void *gf_malloc(size_t n, GfError *err);
 void *gf_calloc(size_t count, size_t size, GfError *err);
 /* strdup that sets err on failure; s must not be NULL. */
 char *gf_strdup(const char *s, GfError *err);
+/* A whole file of at most max bytes, NUL-terminated (the NUL not counted in
+ * *len). `what` names it in messages. Errors: file_not_found (GF_NOT_FOUND),
+ * file_too_large (GF_TOO_LARGE), io_error (GF_IO). Caller frees. */
+char *gf_read_file(const char *path, size_t max, const char *what, size_t *len, GfError *err);
 
 /* ---- arena ------------------------------------------------------------- */
 /* A bump allocator for per-request memory: many allocations, one free.

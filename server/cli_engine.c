@@ -1,4 +1,4 @@
-/* cli_engine.c - `gemmaforge forward` and `gemmaforge generate`. */
+/* cli_engine.c - the engine commands: forward, generate, preprocess, tokenize, infer. */
 #include "cli_engine.h"
 
 #include <errno.h>
@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "model.h"
+#include "pipeline.h"
 #include "preprocess.h"
 #include "jsoncheck.h"
 #include "tokenizer.h"
@@ -355,5 +356,146 @@ int cli_tokenize(int argc, char **argv) {
         free(ids);
     }
     tokenizer_free(t);
+    return rc;
+}
+
+/* ---- infer ----------------------------------------------------------------------- */
+
+#define INFER_MAX_IMAGES 16
+
+typedef struct {
+    const char *model, *prompt, *system, *images[INFER_MAX_IMAGES];
+    int n_images, think, json;
+    long max_tokens, threads, budget;
+} InferOptions;
+
+static int parse_infer(int argc, char **argv, InferOptions *o) {
+    memset(o, 0, sizeof *o);
+    o->max_tokens = 256;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--think") == 0) { o->think = 1; continue; }
+        if (strcmp(a, "--json") == 0) { o->json = 1; continue; }
+        if (!v) { fprintf(stderr, "gemmaforge infer: %s needs a value\n", a); return -1; }
+        char *end = NULL;
+        if (strcmp(a, "--model") == 0) o->model = v;
+        else if (strcmp(a, "--prompt") == 0) o->prompt = v;
+        else if (strcmp(a, "--system") == 0) o->system = v;
+        else if (strcmp(a, "--image") == 0) {
+            if (o->n_images == INFER_MAX_IMAGES) { fprintf(stderr, "gemmaforge infer: at most %d images\n", INFER_MAX_IMAGES); return -1; }
+            o->images[o->n_images++] = v;
+        }
+        else if (strcmp(a, "--max-tokens") == 0 && (o->max_tokens = strtol(v, &end, 10), !*end) && o->max_tokens > 0 && o->max_tokens <= 1000000) {}
+        else if (strcmp(a, "--max-soft-tokens") == 0 && (o->budget = strtol(v, &end, 10), !*end) && o->budget > 0) {}
+        else if (strcmp(a, "--threads") == 0 && (o->threads = strtol(v, &end, 10), !*end) && o->threads >= 0 && o->threads <= 1024) {}
+        else { fprintf(stderr, "gemmaforge infer: unknown option or bad value: %s %s\n", a, v); return -1; }
+        i++;
+    }
+    return 0;
+}
+
+typedef struct {
+    int json;
+    char *text;               /* --json: the answer so far */
+    size_t len, cap;
+} InferOut;
+
+static int print_piece(void *user, const char *text, size_t len) {
+    InferOut *out = user;
+    if (!out->json) {
+        fwrite(text, 1, len, stdout);
+        fflush(stdout);
+        return 0;
+    }
+    if (out->len + len + 1 > out->cap) {
+        size_t cap = (out->len + len + 1) * 2;
+        char *t = realloc(out->text, cap);
+        if (!t) return 1;
+        out->text = t;
+        out->cap = cap;
+    }
+    memcpy(out->text + out->len, text, len);
+    out->text[out->len += len] = '\0';
+    return 0;
+}
+
+static cJSON *ids_json(const int32_t *ids, int64_t n) {
+    cJSON *a = cJSON_CreateArray();
+    for (int64_t i = 0; a && i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(ids[i]));
+    return a;
+}
+
+/* --json: one object with the prompt and answer ids, the text and the counts. */
+static void print_infer_json(const Prompt *pr, const GenResult *res, const InferOut *out) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddItemToObject(o, "prompt_ids", ids_json(pr->ids, pr->n));
+    cJSON_AddItemToObject(o, "output_ids", ids_json(res->ids, res->n_generated));
+    cJSON_AddStringToObject(o, "text", out->text ? out->text : "");
+    cJSON_AddStringToObject(o, "finish_reason", res->finish == FINISH_STOP ? "stop" : "length");
+    cJSON_AddNumberToObject(o, "prompt_tokens", (double)res->n_prompt);
+    cJSON_AddNumberToObject(o, "completion_tokens", (double)res->n_generated);
+    char *s = cJSON_PrintUnformatted(o);
+    if (s) printf("%s\n", s);
+    free(s);
+    cJSON_Delete(o);
+}
+
+/* Decodes every --image before the model is loaded, so a bad file fails fast. */
+static int load_images(const InferOptions *o, Image *imgs) {
+    for (int k = 0; k < o->n_images; k++) {
+        GfError err;
+        if (load_image(o->images[k], &imgs[k], &err)) {
+            fprintf(stderr, "gemmaforge infer: %s: %s\n", o->images[k], err.message);
+            for (int j = 0; j < k; j++) image_free(&imgs[j]);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+int cli_infer(int argc, char **argv) {
+    InferOptions o;
+    if (parse_infer(argc, argv, &o) || !o.model || !o.prompt) {
+        fprintf(stderr, "usage: gemmaforge infer --model DIR [--image F]... --prompt TEXT [--system TEXT] [--max-tokens N]\n"
+                        "                        [--max-soft-tokens 70|140|280|560|1120] [--think] [--json] [--threads N]\n");
+        return 2;
+    }
+    gf_log_init(GF_LOG_WARN);
+    Image imgs[INFER_MAX_IMAGES];
+    if (load_images(&o, imgs)) return 1;
+    Pipeline *p = NULL;
+    GfError err;
+    ModelOptions mo = {(int)o.threads};
+    int rc = 1;
+    if (pipeline_open(o.model, &mo, &p, &err)) {
+        fprintf(stderr, "gemmaforge infer: cannot load the model: %s\n", err.message);
+    } else {
+        ChatPart parts[INFER_MAX_IMAGES + 1];
+        for (int k = 0; k < o.n_images; k++) parts[k] = (ChatPart){.is_image = 1};
+        parts[o.n_images] = (ChatPart){.text = o.prompt};
+        ChatPart sys_part = {.text = o.system};
+        ChatMessage msgs[2] = {{CHAT_SYSTEM, &sys_part, 1, 1}, {CHAT_USER, parts, (size_t)o.n_images + 1, o.n_images == 0}};
+        Prompt pr;
+        InferOut out = {.json = o.json};
+        GenResult res = {.ids = malloc((size_t)o.max_tokens * sizeof(int32_t))};
+        if (pipeline_prompt(p, msgs + !o.system, 1 + !!o.system, imgs, (size_t)o.n_images, (int)o.budget, o.think, &pr, &err)) {
+            fprintf(stderr, "gemmaforge infer: %s%s%s\n", err.param[0] ? err.param : "", err.param[0] ? ": " : "", err.message);
+        } else if (!res.ids || pipeline_generate(p, &pr, o.max_tokens, print_piece, &out, &res, &err)) {
+            fprintf(stderr, "\ngemmaforge infer: %s\n", res.ids ? err.message : "out of memory");
+            prompt_free(&pr);
+        } else {
+            if (o.json) print_infer_json(&pr, &res, &out);
+            else printf("\n");
+            fprintf(stderr, "[%lld prompt tokens in %.2f s; %lld generated in %.2f s (%.1f tokens/s); finish: %s]\n",
+                    (long long)res.n_prompt, res.prefill_s, (long long)res.n_generated, res.decode_s,
+                    res.decode_s > 0 ? (double)res.n_generated / res.decode_s : 0.0, res.finish == FINISH_STOP ? "stop" : "length");
+            prompt_free(&pr);
+            rc = 0;
+        }
+        free(res.ids);
+        free(out.text);
+    }
+    pipeline_close(p);
+    for (int k = 0; k < o.n_images; k++) image_free(&imgs[k]);
     return rc;
 }

@@ -1,6 +1,7 @@
 /* main.c - the gemmaforge command line: `serve` starts the HTTP server; the
- * engine commands (train, infer, forward, generate, merge, preflight) say
- * plainly that they are not built yet. The only file that calls exit(). */
+ * engine commands (forward, generate, preprocess, tokenize, infer) run the
+ * engine directly; the training commands (train, merge, preflight, lora-step)
+ * say plainly that they are not built yet. The only file that calls exit(). */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -37,7 +38,8 @@ static void usage(FILE *f) {
             "  generate   greedy continuation: --model DIR --ids 2,17,... [--max-new N]\n"
             "  preprocess an image as the model sees it: --image F [--max-soft-tokens N] --out OUT.safetensors\n"
             "  tokenize   --model DIR [--add-special] TEXT, or --jsonl ({\"text\":..} lines on stdin)\n"
-            "  train, infer, merge, preflight\n"
+            "  infer      answer a question about images: --model DIR [--image F]... --prompt TEXT [--max-tokens N]\n"
+            "  train, merge, preflight, lora-step\n"
             "             not built yet (see README)\n\n"
             "serve options:\n"
             "  --model DIR             Gemma 4 model directory (config.json + safetensors)\n"
@@ -259,11 +261,12 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "generate") == 0) exit(cli_generate(argc, argv));
     if (strcmp(cmd, "preprocess") == 0) exit(cli_preprocess(argc, argv));
     if (strcmp(cmd, "tokenize") == 0) exit(cli_tokenize(argc, argv));
+    if (strcmp(cmd, "infer") == 0) exit(cli_infer(argc, argv));
     if (strcmp(cmd, "version") == 0) { printf("gemmaforge %s\n", VERSION); exit(0); }
-    static const char *const engine_cmds[] = {"train", "infer", "merge", "preflight", "lora-step", NULL};
+    static const char *const engine_cmds[] = {"train", "merge", "preflight", "lora-step", NULL};
     for (int i = 0; engine_cmds[i]; i++)
         if (strcmp(cmd, engine_cmds[i]) == 0) {
-            fprintf(stderr, "gemmaforge %s: not built yet: this build has no Gemma 4 engine (see README, \"What exists\")\n", cmd);
+            fprintf(stderr, "gemmaforge %s: not built yet: training is not implemented in this build (see README, \"What exists\")\n", cmd);
             exit(2);
         }
     fprintf(stderr, "gemmaforge: unknown command '%s'\n", cmd);

@@ -1,6 +1,7 @@
 """The engine's command-line tools against the golden data: `forward` writes
 logits (and hidden states) that match transformers at every unpadded
-position, `generate` reproduces generate.json, and bad input fails clearly.
+position, `generate` reproduces generate.json, `infer` answers image
+questions as transformers does end to end, and bad input fails clearly.
 
 usage: test_cli.py PATH/TO/gemmaforge
 """
@@ -226,6 +227,80 @@ def t_errors_are_clear(_):
     assert r.returncode == 2 and b"usage" in r.stderr
 
 
+def infer_args(variant, case, *extra):
+    args = [BIN, "infer", "--model", os.path.join(FIXTURES, variant), "--prompt", case["prompt"],
+            "--max-tokens", str(case["max_new_tokens"])]
+    if case["image"]:
+        args += ["--image", os.path.join(FIXTURES, "images", case["image"])]
+    if case["system"]:
+        args += ["--system", case["system"]]
+    return args + list(extra)
+
+
+def t_infer_matches_transformers(variant):
+    """`infer` end to end against transformers' processor + generate + decode
+    (tools/gen_infer_golden.py): the prompt ids, the answer ids, the text."""
+    gen = json.load(open(os.path.join(FIXTURES, variant, "generation_config.json")))
+    eos = set(gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]])
+    for case in json.load(open(os.path.join(FIXTURES, variant, "infer.json")))["cases"]:
+        r = subprocess.run(infer_args(variant, case, "--json"), capture_output=True)
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        assert got["prompt_ids"] == case["input_ids"], (case["image"], got["prompt_ids"], case["input_ids"])
+        want = case["output_ids"]
+        stopped = bool(want) and want[-1] in eos
+        assert got["output_ids"] == (want[:-1] if stopped else want), (got["output_ids"], want)
+        assert got["finish_reason"] == ("stop" if stopped else "length")
+        assert got["text"] == case["text"], (got["text"], case["text"])
+        # the streaming form prints the same text, then a newline
+        r = subprocess.run(infer_args(variant, case), capture_output=True)
+        assert r.returncode == 0 and r.stdout.decode() == case["text"] + "\n", (r.stdout, case["text"])
+
+
+def png_with_header(w, h):
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def t_infer_errors(_):
+    tmp = tempfile.mkdtemp()
+    dense = os.path.join(FIXTURES, "dense")
+
+    def infer(image, model=dense):
+        return subprocess.run([BIN, "infer", "--model", model, "--image", image, "--prompt", "hi"], capture_output=True)
+    r = infer(os.path.join(tmp, "missing.png"))
+    assert r.returncode == 1 and b"missing.png" in r.stderr and b"No such file" in r.stderr, r.stderr
+    text = os.path.join(tmp, "notes.txt")
+    open(text, "w").write("not an image")
+    r = infer(text)
+    assert r.returncode == 1 and b"neither PNG nor JPEG" in r.stderr, r.stderr
+    bomb = os.path.join(tmp, "bomb.png")
+    open(bomb, "wb").write(png_with_header(100000, 100000))
+    r = infer(bomb)
+    assert r.returncode == 1 and b"100000x100000 pixels, over the cap" in r.stderr, r.stderr
+    truncated = os.path.join(tmp, "cut.jpg")
+    open(truncated, "wb").write(open(os.path.join(FIXTURES, "images", "photo.jpg"), "rb").read()[:3000])
+    r = infer(truncated)
+    assert r.returncode == 1 and b"invalid JPEG" in r.stderr, r.stderr
+    # a model directory without its tokenizer is named as such
+    no_tok = os.path.join(tmp, "m")
+    shutil.copytree(dense, no_tok)
+    os.remove(os.path.join(no_tok, "tokenizer.json"))
+    r = infer(os.path.join(FIXTURES, "images", "wide.png"), no_tok)
+    assert r.returncode == 1 and b"tokenizer.json does not exist" in r.stderr, r.stderr
+    # an unsupported processor setting is refused, naming it
+    shutil.copy(os.path.join(dense, "tokenizer.json"), no_tok)
+    pc = json.load(open(os.path.join(dense, "processor_config.json")))
+    pc["image_processor"]["do_normalize"] = True
+    json.dump(pc, open(os.path.join(no_tok, "processor_config.json"), "w"))
+    r = infer(os.path.join(FIXTURES, "images", "wide.png"), no_tok)
+    assert r.returncode == 1 and b"do_normalize" in r.stderr, r.stderr
+    r = subprocess.run([BIN, "infer", "--model", dense], capture_output=True)
+    assert r.returncode == 2 and b"usage" in r.stderr
+
+
 def main():
     runner = Runner()
     for v in ("dense", "ple", "moe"):
@@ -238,6 +313,9 @@ def main():
     runner.run("sharded_and_dtypes[ple]", t_sharded_and_dtypes, "ple")
     runner.run("sharded_and_dtypes[moe]", t_sharded_and_dtypes, "moe")
     runner.run("errors_are_clear", t_errors_are_clear, None)
+    for v in ("dense", "ple", "moe"):
+        runner.run("infer_matches_transformers[%s]" % v, t_infer_matches_transformers, v)
+    runner.run("infer_errors", t_infer_errors, None)
     return runner.finish()
 
 
