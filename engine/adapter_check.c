@@ -101,7 +101,7 @@ static GfStatus check_config(const cJSON *c, int max_rank, AdapterInfo *info, Gf
 /* ---- tensors ----------------------------------------------------------- */
 
 /* Splits "base_model.model.<module>.lora_X.weight" into module and X. */
-static int split_key(const char *key, char *module, size_t cap, char *which) {
+int adapter_split_key(const char *key, char *module, size_t cap, char *which) {
     size_t n = strlen(key), plen = strlen(PREFIX);
     const size_t slen = strlen(".lora_A.weight");
     if (n <= plen + slen || strncmp(key, PREFIX, plen) != 0) return -1;
@@ -116,7 +116,7 @@ static int split_key(const char *key, char *module, size_t cap, char *which) {
     return 0;
 }
 
-static float to_f32(const StTensor *t, uint64_t i) {
+float adapter_value_f32(const StTensor *t, uint64_t i) {
     const uint8_t *p = t->data;
     if (t->dtype == ST_F32) { float f; memcpy(&f, p + 4 * i, 4); return f; }
     uint16_t h;
@@ -135,7 +135,7 @@ static float to_f32(const StTensor *t, uint64_t i) {
 /* Finite check, and whether any value is non-zero. */
 static GfStatus scan_values(const StTensor *t, int *nonzero, GfError *err) {
     for (uint64_t i = 0; i < t->n_elements; i++) {
-        float v = to_f32(t, i);
+        float v = adapter_value_f32(t, i);
         if (!isfinite(v)) return incompatible(err, "tensor '%s' holds a non-finite value%s", t->name, NULL);
         if (v != 0.0f) *nonzero = 1;
     }
@@ -181,7 +181,7 @@ static GfStatus check_tensors(const SafeTensors *st, const AdapterInfo *info, co
     for (size_t i = 0; i < st->n_tensors; i++) {
         const StTensor *t = &st->tensors[i];
         char module[ST_NAME_MAX + 1], which, other[ST_NAME_MAX + 32];
-        if (split_key(t->name, module, sizeof module, &which))
+        if (adapter_split_key(t->name, module, sizeof module, &which))
             return incompatible(err, "tensor '%s' is not a PEFT LoRA weight (base_model.model.<module>.lora_A/B.weight)%s", t->name, NULL);
         if (!adapter_module_known(module))
             return incompatible(err, "tensor '%s' targets '%s', which is not a Gemma 4 linear LoRA can adapt", t->name, module);

@@ -50,4 +50,11 @@ GfStatus adapter_check(const char *config_json, size_t config_len, const uint8_t
  * Gemma 4 linear that LoRA may adapt. */
 int adapter_module_known(const char *module);
 
+/* Splits "base_model.model.<module>.lora_X.weight" into module (cap bytes)
+ * and X ('A' or 'B'); -1 when the key has another form. */
+int adapter_split_key(const char *key, char *module, size_t cap, char *which);
+
+/* Element i of an F32, BF16 or F16 tensor as float. */
+float adapter_value_f32(const StTensor *t, uint64_t i);
+
 #endif

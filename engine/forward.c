@@ -7,6 +7,7 @@
 
 #include "model.h"
 #include "model_impl.h"
+#include "lora.h"
 
 /* ---- KV cache ------------------------------------------------------------- */
 
@@ -57,9 +58,11 @@ typedef struct {
     float *gate, *up;          /* [n, Imax] */
     float *ple, *ple_g;        /* [n, L, P], [n, P] */
     float *moe_gu, *moe_u, *moe_y, *moe_p; /* [2 Im], [H], [H], [E] */
+    const LoraBinding *lora;   /* the sequence's adapter, or NULL */
+    float *lora_tmp;           /* [n, max rank] */
 } Scratch;
 
-static GfStatus scratch_take(KvCache *c, const Model *m, int64_t n, Scratch *s, GfError *err) {
+static GfStatus scratch_take(KvCache *c, const Model *m, int64_t n, const LoraBinding *lora, Scratch *s, GfError *err) {
     const TextConfig *t = &m->cfg.text;
     int64_t H = t->hidden_size, dmax = 0, kvmax = 0, imax = 0, LP = (int64_t)t->n_layers * t->ple_dim;
     for (int i = 0; i < t->n_layers; i++) {
@@ -70,9 +73,11 @@ static GfStatus scratch_take(KvCache *c, const Model *m, int64_t n, Scratch *s, 
     }
     int64_t qw = t->n_heads * dmax, im = t->moe ? t->moe_intermediate : 0;
     size_t sizes[] = {n * H, n * H, n * H, n * qw, n * qw, n * kvmax, n * kvmax, n * imax, n * imax,
-                      n * LP, n * t->ple_dim, 2 * im, H, H, t->moe ? t->n_experts : 0};
+                      n * LP, n * t->ple_dim, 2 * im, H, H, t->moe ? t->n_experts : 0,
+                      lora ? n * lora->max_rank : 0};
     float **slots[] = {&s->x, &s->h, &s->a, &s->q, &s->att, &s->k, &s->v, &s->gate, &s->up,
-                       &s->ple, &s->ple_g, &s->moe_gu, &s->moe_u, &s->moe_y, &s->moe_p};
+                       &s->ple, &s->ple_g, &s->moe_gu, &s->moe_u, &s->moe_y, &s->moe_p, &s->lora_tmp};
+    s->lora = lora;
     size_t total = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) total += (sizes[i] + 15) & ~(size_t)15;
     if (total > c->scratch_floats) {
@@ -90,6 +95,13 @@ static GfStatus scratch_take(KvCache *c, const Model *m, int64_t n, Scratch *s, 
 }
 
 /* ---- pieces of the forward pass --------------------------------------------- */
+
+/* y[n, out] = x W^T, plus the adapter's term when the slot is adapted. */
+static void linear(Model *m, const Scratch *s, float *y, const float *x, KnMatrix w, int li, int slot, int64_t n) {
+    m->ops->matmul(&m->ctx, y, x, w, n);
+    const LoraPair *p = s->lora ? s->lora->text[li * LORA_TEXT_SLOTS + slot] : NULL;
+    if (p) lora_apply(p, s->lora->scale, y, x, n, s->lora_tmp);
+}
 
 static int mm_kind(const GemmaConfig *c, int32_t id) {
     if (id == c->image_token_id) return 1;
@@ -123,10 +135,11 @@ static GfStatus embed(Model *m, KvCache *c, const ModelInput *in, float *x, GfEr
 }
 
 /* Per-layer embeddings (§3.3): ple[n, L, P]. */
-static void per_layer_inputs(Model *m, const ModelInput *in, const float *x, float *ple) {
+static void per_layer_inputs(Model *m, const ModelInput *in, const float *x, float *ple, const Scratch *s) {
     const TextConfig *t = &m->cfg.text;
     int64_t L = t->n_layers, P = t->ple_dim, H = t->hidden_size, n = in->n;
     m->ops->matmul(&m->ctx, ple, x, m->ple_model_proj, n);
+    if (s->lora && s->lora->ple_model_proj) lora_apply(s->lora->ple_model_proj, s->lora->scale, ple, x, n, s->lora_tmp);
     float ctx_scale = (float)(1.0 / sqrt((double)H)), tok_scale = sqrtf((float)P), mix = (float)(1.0 / sqrt(2.0));
     for (int64_t i = 0; i < n * L * P; i++) ple[i] *= ctx_scale;
     m->ops->rmsnorm(&m->ctx, ple, ple, m->ple_norm, n * L, P, t->rms_eps);
@@ -147,13 +160,13 @@ static void attention(Model *m, KvCache *c, int li, int64_t n, Scratch *s) {
     const Layer *l = &m->layers[li];
     int D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
     int64_t pos0 = c->n_past;
-    m->ops->matmul(&m->ctx, s->q, s->h, l->q, n);
+    linear(m, s, s->q, s->h, l->q, li, LORA_Q, n);
     m->ops->rmsnorm(&m->ctx, s->q, s->q, l->q_norm, n * NH, D, t->rms_eps);
     for (int64_t i = 0; i < n; i++) m->ops->rope(s->q + i * NH * D, NH, D, l->inv_freq, pos0 + i);
     if (!lc->kv_shared) {
-        m->ops->matmul(&m->ctx, s->k, s->h, l->k, n);
+        linear(m, s, s->k, s->h, l->k, li, LORA_K, n);
         if (lc->k_eq_v) memcpy(s->v, s->k, (size_t)(n * KVH * D) * sizeof(float));
-        else m->ops->matmul(&m->ctx, s->v, s->h, l->v, n);
+        else linear(m, s, s->v, s->h, l->v, li, LORA_V, n);
         m->ops->rmsnorm(&m->ctx, s->k, s->k, l->k_norm, n * KVH, D, t->rms_eps);
         m->ops->rmsnorm(&m->ctx, s->v, s->v, NULL, n * KVH, D, t->rms_eps);
         for (int64_t i = 0; i < n; i++) m->ops->rope(s->k + i * KVH * D, KVH, D, l->inv_freq, pos0 + i);
@@ -165,7 +178,7 @@ static void attention(Model *m, KvCache *c, int li, int64_t n, Scratch *s) {
     if (lc->kind == LAYER_FULL) mask.group = NULL; /* full layers stay causal (§4) */
     int src = lc->store_layer;
     m->ops->attention(&m->ctx, s->att, s->q, c->k[src], c->v[src], n, pos0, pos0 + n, NH, KVH, D, 1.0f, &mask);
-    m->ops->matmul(&m->ctx, s->h, s->att, l->o, n);
+    linear(m, s, s->h, s->att, l->o, li, LORA_O, n);
 }
 
 /* The MoE block of one token (§3.8): y[H] from the residual r[H]. */
@@ -215,11 +228,11 @@ static void feed_forward(Model *m, int li, int64_t n, Scratch *s) {
     const Layer *l = &m->layers[li];
     int64_t H = t->hidden_size, I = t->layers[li].intermediate;
     m->ops->rmsnorm(&m->ctx, s->h, s->x, l->pre_ff_ln, n, H, t->rms_eps);
-    m->ops->matmul(&m->ctx, s->gate, s->h, l->gate, n);
-    m->ops->matmul(&m->ctx, s->up, s->h, l->up, n);
+    linear(m, s, s->gate, s->h, l->gate, li, LORA_GATE, n);
+    linear(m, s, s->up, s->h, l->up, li, LORA_UP, n);
     m->ops->gelu_tanh(s->gate, (size_t)(n * I));
     for (int64_t i = 0; i < n * I; i++) s->gate[i] *= s->up[i];
-    m->ops->matmul(&m->ctx, s->h, s->gate, l->down, n);
+    linear(m, s, s->h, s->gate, l->down, li, LORA_DOWN, n);
     if (t->moe) {
         m->ops->rmsnorm(&m->ctx, s->h, s->h, l->post_ff_ln1, n, H, t->rms_eps);
         for (int64_t i = 0; i < n; i++) {
@@ -236,11 +249,11 @@ static void per_layer_inject(Model *m, int li, int64_t n, Scratch *s) {
     const TextConfig *t = &m->cfg.text;
     const Layer *l = &m->layers[li];
     int64_t H = t->hidden_size, P = t->ple_dim, L = t->n_layers;
-    m->ops->matmul(&m->ctx, s->ple_g, s->x, l->ple_gate, n);
+    linear(m, s, s->ple_g, s->x, l->ple_gate, li, LORA_PLE_GATE, n);
     m->ops->gelu_tanh(s->ple_g, (size_t)(n * P));
     for (int64_t i = 0; i < n; i++)
         for (int64_t p = 0; p < P; p++) s->ple_g[i * P + p] *= s->ple[(i * L + li) * P + p];
-    m->ops->matmul(&m->ctx, s->h, s->ple_g, l->ple_proj, n);
+    linear(m, s, s->h, s->ple_g, l->ple_proj, li, LORA_PLE_PROJ, n);
     m->ops->rmsnorm(&m->ctx, s->h, s->h, l->post_ple_ln, n, H, t->rms_eps);
     for (int64_t i = 0; i < n * H; i++) s->x[i] += s->h[i];
 }
@@ -268,10 +281,10 @@ GfStatus model_forward(Model *m, KvCache *c, const ModelInput *in, float *logits
         return gf_error_set(err, GF_TOO_LARGE, "context_length_exceeded", NULL, "%lld tokens do not fit the cache of %lld",
                             (long long)(c->n_past + n), (long long)c->capacity);
     Scratch s;
-    if (scratch_take(c, m, n, &s, err)) return err->status;
+    if (scratch_take(c, m, n, in->lora, &s, err)) return err->status;
     if (embed(m, c, in, s.x, err)) return err->status;
     if (hidden) memcpy(hidden, s.x, (size_t)(n * H) * sizeof(float));
-    if (t->ple_dim) per_layer_inputs(m, in, s.x, s.ple);
+    if (t->ple_dim) per_layer_inputs(m, in, s.x, s.ple, &s);
     for (int li = 0; li < L; li++) {
         decoder_layer(m, c, li, n, &s);
         if (hidden && li < L - 1) memcpy(hidden + (li + 1) * n * H, s.x, (size_t)(n * H) * sizeof(float));
@@ -316,7 +329,7 @@ GfStatus model_generate_greedy_input(Model *m, const ModelInput *prompt, int64_t
         int32_t next = argmax(logits, t->vocab_size);
         out[(*n_out)++] = next;
         if (is_eos(t, next) || *n_out == max_new) break;
-        ModelInput step = {.ids = &next, .n = 1, .last_logits_only = 1};
+        ModelInput step = {.ids = &next, .n = 1, .last_logits_only = 1, .lora = prompt->lora};
         st = model_forward(m, &c, &step, logits, NULL, err);
     }
     free(logits);

@@ -25,6 +25,7 @@
 #include "ops.h"
 
 typedef struct Model Model;
+typedef struct LoraBinding LoraBinding;   /* lora.h */
 
 typedef struct {
     int n_threads;            /* CPU threads, <= 0 = all cores */
@@ -66,6 +67,7 @@ typedef struct {
     const float *soft_tokens; /* [n_image_tokens, hidden] written over image placeholders, or NULL */
     int64_t n;
     int last_logits_only;     /* logits of the last position only: [1, vocab] */
+    const LoraBinding *lora;  /* adapter applied to this sequence, or NULL */
 } ModelInput;
 
 /* Runs n new tokens at positions cache->n_past.. and appends them to the
@@ -76,10 +78,11 @@ GfStatus model_forward(Model *m, KvCache *cache, const ModelInput *in, float *lo
  * pixels [n_patches, 3 p^2] in [0, 1] flattened (row, col, channel) per patch,
  * positions [n_patches][2] as (x, y), (-1, -1) for padding patches. Writes
  * the soft tokens [n_soft, text hidden] (n_soft <= n_patches / k^2) that
- * replace the image's placeholders. GF_INVALID when the model has no vision
- * tower or the positions are out of range. */
-GfStatus model_vision_forward(Model *m, const float *pixels, const int32_t *positions, int64_t n_patches, float *soft,
-                              int64_t *n_soft, GfError *err);
+ * replace the image's placeholders. lora (may be NULL) adapts the tower's
+ * linears. GF_INVALID when the model has no vision tower or the positions
+ * are out of range. */
+GfStatus model_vision_forward(Model *m, const LoraBinding *lora, const float *pixels, const int32_t *positions,
+                              int64_t n_patches, float *soft, int64_t *n_soft, GfError *err);
 
 /* 1 when id ends generation (the eos ids of config.json and
  * generation_config.json). */

@@ -121,7 +121,7 @@ static GfStatus encode_image(Pipeline *p, const Image *img, const PreprocessConf
     if (!st) {
         for (int64_t i = 0; i < P * D; i++) pixels[i] = (float)u8[i] / 255.0f;
         int64_t H = model_config(p->model)->text.hidden_size;
-        st = model_vision_forward(p->model, pixels, pos, P, pr->soft + pr->n_soft * H, &got, err);
+        st = model_vision_forward(p->model, pr->lora, pixels, pos, P, pr->soft + pr->n_soft * H, &got, err);
     }
     if (!st && got != n_soft)
         st = gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "the vision tower gave %lld soft tokens, preprocessing expected %lld",
@@ -136,9 +136,10 @@ static GfStatus encode_image(Pipeline *p, const Image *img, const PreprocessConf
     return st;
 }
 
-GfStatus pipeline_prompt(Pipeline *p, const ChatMessage *msgs, size_t n_msgs, const Image *images, size_t n_images,
-                         int budget, int enable_thinking, Prompt *out, GfError *err) {
+GfStatus pipeline_prompt(Pipeline *p, const LoraBinding *lora, const ChatMessage *msgs, size_t n_msgs, const Image *images,
+                         size_t n_images, int budget, int enable_thinking, Prompt *out, GfError *err) {
     memset(out, 0, sizeof *out);
+    out->lora = lora;
     const GemmaConfig *cfg = model_config(p->model);
     if (n_images && !cfg->vision.present)
         return gf_error_set(err, GF_INVALID, "no_vision_tower", "image", "this model has no vision tower; it cannot take images");
@@ -199,7 +200,8 @@ GfStatus pipeline_generate(Pipeline *p, const Prompt *pr, int64_t max_new, TextS
     float *logits = gf_malloc((size_t)t->vocab_size * sizeof(float), err);
     GfStatus st = logits ? GF_OK : GF_NO_MEMORY;
     double t0 = gf_time_mono();
-    ModelInput in = {.ids = pr->ids, .mm_type = pr->mm_type, .soft_tokens = pr->soft, .n = pr->n, .last_logits_only = 1};
+    ModelInput in = {.ids = pr->ids, .mm_type = pr->mm_type, .soft_tokens = pr->soft, .n = pr->n, .last_logits_only = 1,
+                     .lora = pr->lora};
     if (!st) st = model_forward(p->model, &c, &in, logits, NULL, err);
     double t1 = gf_time_mono();
     res->prefill_s = t1 - t0;
@@ -214,11 +216,12 @@ GfStatus pipeline_generate(Pipeline *p, const Prompt *pr, int64_t max_new, TextS
         res->n_generated++;
         if (emit(p, &ts, next, sink, user, &buf, &cap, &st, err)) { res->finish = FINISH_CANCELLED; break; }
         if (st || res->n_generated == max_new) break;
-        ModelInput step = {.ids = &next, .n = 1, .last_logits_only = 1};
+        ModelInput step = {.ids = &next, .n = 1, .last_logits_only = 1, .lora = pr->lora};
         st = model_forward(p->model, &c, &step, logits, NULL, err);
     }
     GfStatus st_end = GF_OK;
     if (!st && res->finish != FINISH_CANCELLED) emit(p, &ts, -1, sink, user, &buf, &cap, &st_end, err);
+    tokenizer_stream_free(&ts);
     res->decode_s = gf_time_mono() - t1;
     free(buf);
     free(logits);

@@ -45,13 +45,15 @@ typedef struct {
     uint8_t *mm_type;         /* [n] 1 on image placeholders */
     float *soft;              /* [n_soft, hidden] soft tokens of all images in order, or NULL */
     int64_t n, n_soft;
+    const LoraBinding *lora;  /* the adapter of this request (not owned), or NULL */
 } Prompt;
 
 /* Encodes a conversation for generation (the generation prompt appended).
  * images[k] is the k-th image part in message order; budget is the soft-token
- * budget per image (0 = the processor's). Runs the vision tower. */
-GfStatus pipeline_prompt(Pipeline *p, const ChatMessage *msgs, size_t n_msgs, const Image *images, size_t n_images,
-                         int budget, int enable_thinking, Prompt *out, GfError *err);
+ * budget per image (0 = the processor's). Runs the vision tower, with the
+ * adapter lora (may be NULL), which generation then uses too. */
+GfStatus pipeline_prompt(Pipeline *p, const LoraBinding *lora, const ChatMessage *msgs, size_t n_msgs, const Image *images,
+                         size_t n_images, int budget, int enable_thinking, Prompt *out, GfError *err);
 void prompt_free(Prompt *pr);
 
 /* Receives decoded text as it is generated; returns nonzero to stop early. */

@@ -713,13 +713,14 @@ GfStatus tokenizer_stream_push(const Tokenizer *t, TokenStream *s, int32_t id, i
     if (b < 0) {
         rc = tokenizer_stream_end(t, s, out, len, cap, err) || put_token(t, &x, id);
     } else {
-        s->pending[s->n_pending++] = (uint8_t)b;
-        size_t want = utf8_len(s->pending[0]);
-        int lead_ok = s->pending[0] < 0x80 || (s->pending[0] >= 0xC2 && s->pending[0] <= 0xF4);
-        if (!lead_ok || (size_t)s->n_pending >= want || s->n_pending == (int)sizeof s->pending) {
-            rc = put_run(&x, s->pending, (size_t)s->n_pending);
-            s->n_pending = 0;
+        if (s->n_pending == s->cap_pending) {
+            size_t nc = s->cap_pending ? 2 * s->cap_pending : 16;
+            uint8_t *p = realloc(s->pending, nc);
+            if (!p) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+            s->pending = p;
+            s->cap_pending = nc;
         }
+        s->pending[s->n_pending++] = (uint8_t)b;
     }
     return rc ? gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory") : GF_OK;
 }
@@ -727,7 +728,12 @@ GfStatus tokenizer_stream_push(const Tokenizer *t, TokenStream *s, int32_t id, i
 GfStatus tokenizer_stream_end(const Tokenizer *t, TokenStream *s, char **out, size_t *len, size_t *cap, GfError *err) {
     (void)t;
     Text x = {out, len, cap};
-    int rc = s->n_pending ? put_run(&x, s->pending, (size_t)s->n_pending) : 0;
-    s->n_pending = 0;
+    int rc = s->n_pending ? put_run(&x, s->pending, s->n_pending) : 0;
+    tokenizer_stream_free(s);
     return rc ? gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory") : GF_OK;
+}
+
+void tokenizer_stream_free(TokenStream *s) {
+    free(s->pending);
+    memset(s, 0, sizeof *s);
 }

@@ -44,16 +44,21 @@ int tokenizer_is_special(const Tokenizer *t, int32_t id);
 size_t tokenizer_vocab_size(const Tokenizer *t);
 
 /* Streaming detokenization: feed ids one at a time, get text that never
- * splits a UTF-8 character. */
+ * splits a UTF-8 character and whose concatenation always equals
+ * tokenizer_decode of the same ids. A run of byte-fallback tokens is held
+ * until it ends, because the reference decoder turns a whole run into one
+ * U+FFFD per byte when any of it is not UTF-8. Zero-initialize; end with
+ * tokenizer_stream_end (or tokenizer_stream_free to drop what is held). */
 typedef struct {
-    uint8_t pending[8];       /* byte-fallback bytes of an unfinished character */
-    int n_pending;
+    uint8_t *pending;         /* the current run of byte-fallback bytes */
+    size_t n_pending, cap_pending;
 } TokenStream;
 
 /* Appends the text that id completes to out[*len..] (grown as needed). */
 GfStatus tokenizer_stream_push(const Tokenizer *t, TokenStream *s, int32_t id, int skip_special, char **out, size_t *len,
                                size_t *cap, GfError *err);
-/* Flushes what is left (incomplete bytes become U+FFFD each). */
+/* Flushes what is held and frees it (the stream may be reused). */
 GfStatus tokenizer_stream_end(const Tokenizer *t, TokenStream *s, char **out, size_t *len, size_t *cap, GfError *err);
+void tokenizer_stream_free(TokenStream *s);
 
 #endif

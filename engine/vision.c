@@ -9,6 +9,7 @@
 
 #include "model.h"
 #include "model_impl.h"
+#include "lora.h"
 
 #define VT "model.vision_tower."
 #define NAME(buf, ...) (snprintf(buf, sizeof buf, __VA_ARGS__), buf)
@@ -81,10 +82,23 @@ static void clip(float *x, size_t n, float lo, float hi) {
     for (size_t i = 0; i < n; i++) x[i] = x[i] < lo ? lo : x[i] > hi ? hi : x[i];
 }
 
-/* y[n, rows] = CL(x[n, cols]); x is clamped in place (callers pass a scratch copy). */
-static void clip_linear(Model *m, const ClipLinear *cl, float *y, float *x, int64_t n) {
+typedef struct {
+    float *x, *h, *t, *q, *k, *v, *att, *g, *u;
+    const LoraBinding *lora;
+    float *lora_tmp;          /* [N, max rank] */
+} VScratch;
+
+/* The adapter's pair for a vision linear, or NULL. */
+static const LoraPair *vpair(const VScratch *s, int li, int slot) {
+    return s->lora ? s->lora->vision[li * LORA_VISION_SLOTS + slot] : NULL;
+}
+
+/* y[n, rows] = CL(x[n, cols]); x is clamped in place (callers pass a scratch
+ * copy). An adapter acts on the inner linear, inside the clamps (as PEFT). */
+static void clip_linear(Model *m, const VScratch *s, const ClipLinear *cl, const LoraPair *p, float *y, float *x, int64_t n) {
     if (cl->clipped) clip(x, (size_t)(n * cl->w.cols), cl->in_min, cl->in_max);
     m->ops->matmul(&m->ctx, y, x, cl->w, n);
+    if (p) lora_apply(p, s->lora->scale, y, x, n, s->lora_tmp);
     if (cl->clipped) clip(y, (size_t)(n * cl->w.rows), cl->out_min, cl->out_max);
 }
 
@@ -99,49 +113,46 @@ static void rope2d(Model *m, float *x, int64_t n, int heads, int D, const int32_
         }
 }
 
-typedef struct {
-    float *x, *h, *t, *q, *k, *v, *att, *g, *u;
-} VScratch;
-
-static void encoder_layer(Model *m, const VisionLayer *l, int64_t N, const int32_t *pos, const KnMask *mask, VScratch *s) {
+static void encoder_layer(Model *m, int li, const VisionLayer *l, int64_t N, const int32_t *pos, const KnMask *mask, VScratch *s) {
     const VisionConfig *v = &m->cfg.vision;
     int64_t d = v->hidden_size, D = v->head_dim, I = v->intermediate_size;
     int NH = v->n_heads, KVH = v->kv_heads;
     float eps = v->rms_eps;
     m->ops->rmsnorm(&m->ctx, s->h, s->x, l->input_ln, N, d, eps);
     memcpy(s->t, s->h, (size_t)(N * d) * sizeof(float));
-    clip_linear(m, &l->q, s->q, s->t, N);
+    clip_linear(m, s, &l->q, vpair(s, li, LORA_Q), s->q, s->t, N);
     memcpy(s->t, s->h, (size_t)(N * d) * sizeof(float));
-    clip_linear(m, &l->k, s->k, s->t, N);
+    clip_linear(m, s, &l->k, vpair(s, li, LORA_K), s->k, s->t, N);
     memcpy(s->t, s->h, (size_t)(N * d) * sizeof(float));
-    clip_linear(m, &l->v, s->v, s->t, N);
+    clip_linear(m, s, &l->v, vpair(s, li, LORA_V), s->v, s->t, N);
     m->ops->rmsnorm(&m->ctx, s->q, s->q, l->q_norm, N * NH, D, eps);
     m->ops->rmsnorm(&m->ctx, s->k, s->k, l->k_norm, N * KVH, D, eps);
     m->ops->rmsnorm(&m->ctx, s->v, s->v, NULL, N * KVH, D, eps);
     rope2d(m, s->q, N, NH, (int)D, pos);
     rope2d(m, s->k, N, KVH, (int)D, pos);
     m->ops->attention(&m->ctx, s->att, s->q, s->k, s->v, N, 0, N, NH, KVH, (int)D, 1.0f, mask);
-    clip_linear(m, &l->o, s->h, s->att, N);
+    clip_linear(m, s, &l->o, vpair(s, li, LORA_O), s->h, s->att, N);
     m->ops->rmsnorm(&m->ctx, s->h, s->h, l->post_attn_ln, N, d, eps);
     for (int64_t i = 0; i < N * d; i++) s->x[i] += s->h[i];
     m->ops->rmsnorm(&m->ctx, s->h, s->x, l->pre_ff_ln, N, d, eps);
     memcpy(s->t, s->h, (size_t)(N * d) * sizeof(float));
-    clip_linear(m, &l->gate, s->g, s->t, N);
+    clip_linear(m, s, &l->gate, vpair(s, li, LORA_GATE), s->g, s->t, N);
     memcpy(s->t, s->h, (size_t)(N * d) * sizeof(float));
-    clip_linear(m, &l->up, s->u, s->t, N);
+    clip_linear(m, s, &l->up, vpair(s, li, LORA_UP), s->u, s->t, N);
     m->ops->gelu_tanh(s->g, (size_t)(N * I));
     for (int64_t i = 0; i < N * I; i++) s->g[i] *= s->u[i];
-    clip_linear(m, &l->down, s->h, s->g, N);
+    clip_linear(m, s, &l->down, vpair(s, li, LORA_DOWN), s->h, s->g, N);
     m->ops->rmsnorm(&m->ctx, s->h, s->h, l->post_ff_ln, N, d, eps);
     for (int64_t i = 0; i < N * d; i++) s->x[i] += s->h[i];
 }
 
 /* Patch embedder (§6.2): x = 2(pixel - 0.5) W^T + T[0][x] + T[1][y]. */
-static void embed_patches(Model *m, const float *pixels, const int32_t *pos, int64_t N, float *x, float *tmp) {
+static void embed_patches(Model *m, const VScratch *s, const float *pixels, const int32_t *pos, int64_t N, float *x, float *tmp) {
     const VisionConfig *v = &m->cfg.vision;
     int64_t d = v->hidden_size, pp = m->vision.input_proj.cols;
     for (int64_t i = 0; i < N * pp; i++) tmp[i] = 2.0f * (pixels[i] - 0.5f);
     m->ops->matmul(&m->ctx, x, tmp, m->vision.input_proj, N);
+    if (s->lora && s->lora->input_proj) lora_apply(s->lora->input_proj, s->lora->scale, x, tmp, N, s->lora_tmp);
     float *row = tmp;
     for (int64_t i = 0; i < N; i++) {
         if (pos[2 * i] < 0) continue;
@@ -177,8 +188,8 @@ static int64_t pool(Model *m, const float *x, const int32_t *pos, int64_t N, flo
     return n_soft;
 }
 
-GfStatus model_vision_forward(Model *m, const float *pixels, const int32_t *pos, int64_t N, float *soft, int64_t *n_soft,
-                              GfError *err) {
+GfStatus model_vision_forward(Model *m, const LoraBinding *lora, const float *pixels, const int32_t *pos, int64_t N,
+                              float *soft, int64_t *n_soft, GfError *err) {
     const VisionConfig *v = &m->cfg.vision;
     if (!v->present) return gf_error_set(err, GF_INVALID, "no_vision", NULL, "this model has no vision tower");
     int64_t kk = v->pooling_kernel;
@@ -192,7 +203,8 @@ GfStatus model_vision_forward(Model *m, const float *pixels, const int32_t *pos,
     if (N < kk * kk) return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "an image needs at least %lld patches", (long long)(kk * kk));
     int64_t d = v->hidden_size, I = v->intermediate_size, qw = (int64_t)v->n_heads * v->head_dim, kvw = (int64_t)v->kv_heads * v->head_dim;
     int64_t pp = m->vision.input_proj.cols, tmp_w = pp > d ? pp : d;
-    size_t total = (size_t)(N * (d + d + tmp_w + qw + kvw + kvw + qw + I + I));
+    int64_t rmax = lora ? lora->max_rank : 0;
+    size_t total = (size_t)(N * (d + d + tmp_w + qw + kvw + kvw + qw + I + I + rmax));
     float *buf = gf_malloc(total * sizeof(float), err);
     uint8_t *valid = gf_malloc((size_t)N, err);
     int32_t *group = gf_malloc((size_t)N * sizeof *group, err);
@@ -207,7 +219,9 @@ GfStatus model_vision_forward(Model *m, const float *pixels, const int32_t *pos,
     s.v = p; p += N * kvw;
     s.att = p; p += N * qw;
     s.g = p; p += N * I;
-    s.u = p;
+    s.u = p; p += N * I;
+    s.lora_tmp = p;
+    s.lora = lora;
     /* bidirectional over the real patches: they form one block, padding
      * patches are never keys */
     for (int64_t i = 0; i < N; i++) {
@@ -215,13 +229,14 @@ GfStatus model_vision_forward(Model *m, const float *pixels, const int32_t *pos,
         group[i] = valid[i] ? 0 : -1;
     }
     KnMask mask = {valid, group, 0};
-    embed_patches(m, pixels, pos, N, s.x, s.t);
-    for (int i = 0; i < v->n_layers; i++) encoder_layer(m, &m->vision.layers[i], N, pos, &mask, &s);
+    embed_patches(m, &s, pixels, pos, N, s.x, s.t);
+    for (int i = 0; i < v->n_layers; i++) encoder_layer(m, i, &m->vision.layers[i], N, pos, &mask, &s);
     for (int64_t i = 0; i < N; i++)
         if (!valid[i]) memset(s.x + i * d, 0, (size_t)d * sizeof(float));
     *n_soft = pool(m, s.x, pos, N, s.h);
     m->ops->rmsnorm(&m->ctx, s.h, s.h, NULL, *n_soft, d, v->rms_eps);
     m->ops->matmul(&m->ctx, soft, s.h, m->vision.embed_proj, *n_soft);
+    if (lora && lora->embed_proj) lora_apply(lora->embed_proj, lora->scale, soft, s.h, *n_soft, s.lora_tmp);
     free(buf);
     free(valid);
     free(group);

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lora.h"
 #include "model.h"
 #include "pipeline.h"
 #include "preprocess.h"
@@ -14,7 +15,7 @@
 #include "safetensors.h"
 
 typedef struct {
-    const char *model, *inputs, *out, *ids, *image;
+    const char *model, *inputs, *out, *ids, *image, *adapter;
     long max_new, threads, max_soft_tokens;
     int hidden;
 } CliOptions;
@@ -33,6 +34,7 @@ static int parse(int argc, char **argv, CliOptions *o) {
         else if (strcmp(a, "--out") == 0) o->out = v;
         else if (strcmp(a, "--ids") == 0) o->ids = v;
         else if (strcmp(a, "--image") == 0) o->image = v;
+        else if (strcmp(a, "--adapter") == 0) o->adapter = v;
         else if (strcmp(a, "--max-soft-tokens") == 0 && (o->max_soft_tokens = strtol(v, &end, 10), !*end)) {}
         else if (strcmp(a, "--max-new") == 0 && (o->max_new = strtol(v, &end, 10), !*end) && o->max_new > 0 && o->max_new <= 1000000) {}
         else if (strcmp(a, "--threads") == 0 && (o->threads = strtol(v, &end, 10), !*end) && o->threads >= 0 && o->threads <= 1024) {}
@@ -70,7 +72,7 @@ static int32_t *read_ids(const SafeTensors *st, const char *name, int64_t *B, in
 /* Images: pixel_values (F32 in [0,1]) or pixel_values_u8 [N_img, P, 3p^2] and
  * image_position_ids I64 [N_img, P, 2]. Runs the tower on each image and
  * returns all soft tokens in order (*n_soft rows of hidden). */
-static float *run_vision(Model *m, const SafeTensors *in, int64_t *n_soft, int *bad) {
+static float *run_vision(Model *m, const LoraBinding *lora, const SafeTensors *in, int64_t *n_soft, int *bad) {
     const StTensor *pf = safetensors_find(in, "pixel_values"), *pu = safetensors_find(in, "pixel_values_u8");
     const StTensor *pos = safetensors_find(in, "image_position_ids"), *px = pf ? pf : pu;
     *n_soft = 0;
@@ -98,7 +100,7 @@ static float *run_vision(Model *m, const SafeTensors *in, int64_t *n_soft, int *
             positions[i] = v < -1 || v > 1000000 ? -2 : (int32_t)v;
         }
         int64_t n = 0;
-        if (model_vision_forward(m, pixels, positions, P, soft + *n_soft * H, &n, &err)) {
+        if (model_vision_forward(m, lora, pixels, positions, P, soft + *n_soft * H, &n, &err)) {
             fprintf(stderr, "gemmaforge forward: image %lld: %s\n", (long long)im, err.message);
             *bad = 1;
         }
@@ -109,14 +111,14 @@ static float *run_vision(Model *m, const SafeTensors *in, int64_t *n_soft, int *
     return soft;
 }
 
-static int run_forward(Model *m, const CliOptions *o, const SafeTensors *in) {
+static int run_forward(Model *m, const LoraBinding *lora, const CliOptions *o, const SafeTensors *in) {
     int64_t B = 0, T = 0;
     int bad;
     int32_t *ids = read_ids(in, "input_ids", &B, &T, 1, &bad);
     if (!ids) return 1;
     int32_t *mask = read_ids(in, "attention_mask", &B, &T, 0, &bad), *mm = bad ? NULL : read_ids(in, "mm_token_type_ids", &B, &T, 0, &bad);
     int64_t n_soft = 0, used_soft = 0, n_placeholders = 0;
-    float *soft = bad ? NULL : run_vision(m, in, &n_soft, &bad);
+    float *soft = bad ? NULL : run_vision(m, lora, in, &n_soft, &bad);
     for (int64_t i = 0; i < B * T; i++) n_placeholders += ids[i] == model_config(m)->image_token_id;
     if (!bad && soft && n_placeholders != n_soft) {
         fprintf(stderr, "gemmaforge forward: the images give %lld soft tokens but input_ids hold %lld image placeholders\n",
@@ -140,7 +142,7 @@ static int run_forward(Model *m, const CliOptions *o, const SafeTensors *in) {
         }
         kv_cache_reset(&c);
         ModelInput mi = {.ids = ids + b * T, .valid = valid, .mm_type = mm ? types : NULL, .n = T,
-                         .soft_tokens = soft ? soft + used_soft * H : NULL};
+                         .soft_tokens = soft ? soft + used_soft * H : NULL, .lora = lora};
         for (int64_t i = 0; i < T; i++) used_soft += ids[b * T + i] == model_config(m)->image_token_id;
         if (model_forward(m, &c, &mi, logits + b * T * V, row_hidden, &err)) {
             fprintf(stderr, "gemmaforge forward: row %lld: %s\n", (long long)b, err.message);
@@ -176,7 +178,7 @@ static Model *open_model(const CliOptions *o, const char *cmd) {
 int cli_forward(int argc, char **argv) {
     CliOptions o;
     if (parse(argc, argv, &o) || !o.model || !o.inputs || !o.out) {
-        fprintf(stderr, "usage: gemmaforge forward --model DIR --inputs IN.safetensors --out OUT.safetensors [--hidden] [--threads N]\n");
+        fprintf(stderr, "usage: gemmaforge forward --model DIR [--adapter DIR] --inputs IN.safetensors --out OUT.safetensors [--hidden] [--threads N]\n");
         return 2;
     }
     gf_log_init(GF_LOG_WARN);
@@ -187,7 +189,16 @@ int cli_forward(int argc, char **argv) {
         return 1;
     }
     Model *m = open_model(&o, "forward");
-    int rc = m ? run_forward(m, &o, &in) : 1;
+    LoraAdapter *a = NULL;
+    LoraBinding lb = {0};
+    int rc = !m;
+    if (m && o.adapter && (lora_load_dir(o.adapter, m, LORA_MAX_RANK, &a, &err) || lora_bind(m, a, &lb, &err))) {
+        fprintf(stderr, "gemmaforge forward: the adapter: %s\n", err.message);
+        rc = 1;
+    }
+    if (!rc) rc = run_forward(m, a ? &lb : NULL, &o, &in);
+    lora_binding_free(&lb);
+    lora_free(a);
     model_close(m);
     safetensors_close(&in);
     return rc;
@@ -364,7 +375,7 @@ int cli_tokenize(int argc, char **argv) {
 #define INFER_MAX_IMAGES 16
 
 typedef struct {
-    const char *model, *prompt, *system, *images[INFER_MAX_IMAGES];
+    const char *model, *adapter, *prompt, *system, *images[INFER_MAX_IMAGES];
     int n_images, think, json;
     long max_tokens, threads, budget;
 } InferOptions;
@@ -380,6 +391,7 @@ static int parse_infer(int argc, char **argv, InferOptions *o) {
         char *end = NULL;
         if (strcmp(a, "--model") == 0) o->model = v;
         else if (strcmp(a, "--prompt") == 0) o->prompt = v;
+        else if (strcmp(a, "--adapter") == 0) o->adapter = v;
         else if (strcmp(a, "--system") == 0) o->system = v;
         else if (strcmp(a, "--image") == 0) {
             if (o->n_images == INFER_MAX_IMAGES) { fprintf(stderr, "gemmaforge infer: at most %d images\n", INFER_MAX_IMAGES); return -1; }
@@ -456,7 +468,7 @@ static int load_images(const InferOptions *o, Image *imgs) {
 int cli_infer(int argc, char **argv) {
     InferOptions o;
     if (parse_infer(argc, argv, &o) || !o.model || !o.prompt) {
-        fprintf(stderr, "usage: gemmaforge infer --model DIR [--image F]... --prompt TEXT [--system TEXT] [--max-tokens N]\n"
+        fprintf(stderr, "usage: gemmaforge infer --model DIR [--adapter DIR] [--image F]... --prompt TEXT [--system TEXT] [--max-tokens N]\n"
                         "                        [--max-soft-tokens 70|140|280|560|1120] [--think] [--json] [--threads N]\n");
         return 2;
     }
@@ -467,8 +479,12 @@ int cli_infer(int argc, char **argv) {
     GfError err;
     ModelOptions mo = {(int)o.threads};
     int rc = 1;
+    LoraAdapter *adapter = NULL;
+    LoraBinding lb = {0};
     if (pipeline_open(o.model, &mo, &p, &err)) {
         fprintf(stderr, "gemmaforge infer: cannot load the model: %s\n", err.message);
+    } else if (o.adapter && (lora_load_dir(o.adapter, p->model, LORA_MAX_RANK, &adapter, &err) || lora_bind(p->model, adapter, &lb, &err))) {
+        fprintf(stderr, "gemmaforge infer: the adapter: %s\n", err.message);
     } else {
         ChatPart parts[INFER_MAX_IMAGES + 1];
         for (int k = 0; k < o.n_images; k++) parts[k] = (ChatPart){.is_image = 1};
@@ -478,7 +494,7 @@ int cli_infer(int argc, char **argv) {
         Prompt pr;
         InferOut out = {.json = o.json};
         GenResult res = {.ids = malloc((size_t)o.max_tokens * sizeof(int32_t))};
-        if (pipeline_prompt(p, msgs + !o.system, 1 + !!o.system, imgs, (size_t)o.n_images, (int)o.budget, o.think, &pr, &err)) {
+        if (pipeline_prompt(p, adapter ? &lb : NULL, msgs + !o.system, 1 + !!o.system, imgs, (size_t)o.n_images, (int)o.budget, o.think, &pr, &err)) {
             fprintf(stderr, "gemmaforge infer: %s%s%s\n", err.param[0] ? err.param : "", err.param[0] ? ": " : "", err.message);
         } else if (!res.ids || pipeline_generate(p, &pr, o.max_tokens, print_piece, &out, &res, &err)) {
             fprintf(stderr, "\ngemmaforge infer: %s\n", res.ids ? err.message : "out of memory");
@@ -495,6 +511,8 @@ int cli_infer(int argc, char **argv) {
         free(res.ids);
         free(out.text);
     }
+    lora_binding_free(&lb);
+    lora_free(adapter);
     pipeline_close(p);
     for (int k = 0; k < o.n_images; k++) image_free(&imgs[k]);
     return rc;

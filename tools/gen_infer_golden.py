@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Regenerates tests/fixtures/<variant>/infer.json: what transformers answers
-to an image question on each tiny model, end to end (AutoProcessor's chat
-template and image processor, then greedy generate, then decode), so that
-`gemmaforge infer` can be checked against it as a whole.
+to an image question on each tiny model, end to end (Gemma4Processor's chat
+template and image processor, then greedy generate, then decode), with the
+base model and with the golden PEFT adapters (adapter_final), so that
+`gemmaforge infer [--adapter]` can be checked against it as a whole.
 
-Needs torch, transformers 5.17 and Pillow: python3 tools/gen_infer_golden.py
+Needs torch, transformers 5.17, peft 0.21 and Pillow: python3 tools/gen_infer_golden.py
 """
 import json
 import os
 
+import peft
 import torch
 from PIL import Image
 import transformers
@@ -65,10 +67,18 @@ def main():
         processor = load_processor(d)
         model = AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
         cases = [run_case(model, processor, c) for c in CASES]
+        adapted = {}
+        for kind in ("lora_lm", "lora_all"):
+            adir = os.path.join(d, kind, "adapter_final")
+            if not os.path.isdir(adir):
+                continue
+            base = AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
+            peft_model = peft.PeftModel.from_pretrained(base, adir).eval()
+            adapted[kind] = [run_case(peft_model, processor, c) for c in CASES[:2]]
         with open(os.path.join(d, "infer.json"), "w") as f:
-            json.dump({"transformers": __import__("transformers").__version__, "cases": cases}, f, indent=1,
-                      ensure_ascii=False)
-        print(variant, [c["text"] for c in cases])
+            json.dump({"transformers": transformers.__version__, "peft": peft.__version__, "cases": cases,
+                       "adapters": adapted}, f, indent=1, ensure_ascii=False)
+        print(variant, [c["text"] for c in cases], {k: [c["text"] for c in v] for k, v in adapted.items()})
 
 
 if __name__ == "__main__":

@@ -239,11 +239,17 @@ def infer_args(variant, case, *extra):
 
 def t_infer_matches_transformers(variant):
     """`infer` end to end against transformers' processor + generate + decode
-    (tools/gen_infer_golden.py): the prompt ids, the answer ids, the text."""
+    (tools/gen_infer_golden.py): the prompt ids, the answer ids, the text;
+    with the base model and with each golden adapter (PEFT)."""
     gen = json.load(open(os.path.join(FIXTURES, variant, "generation_config.json")))
     eos = set(gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]])
-    for case in json.load(open(os.path.join(FIXTURES, variant, "infer.json")))["cases"]:
-        r = subprocess.run(infer_args(variant, case, "--json"), capture_output=True)
+    gold = json.load(open(os.path.join(FIXTURES, variant, "infer.json")))
+    runs = [(case, []) for case in gold["cases"]]
+    for kind, cases in gold["adapters"].items():
+        runs += [(case, ["--adapter", os.path.join(FIXTURES, variant, kind, "adapter_final")]) for case in cases]
+    assert len(runs) > len(gold["cases"])
+    for case, extra in runs:
+        r = subprocess.run(infer_args(variant, case, "--json", *extra), capture_output=True)
         assert r.returncode == 0, r.stderr
         got = json.loads(r.stdout)
         assert got["prompt_ids"] == case["input_ids"], (case["image"], got["prompt_ids"], case["input_ids"])
@@ -253,7 +259,7 @@ def t_infer_matches_transformers(variant):
         assert got["finish_reason"] == ("stop" if stopped else "length")
         assert got["text"] == case["text"], (got["text"], case["text"])
         # the streaming form prints the same text, then a newline
-        r = subprocess.run(infer_args(variant, case), capture_output=True)
+        r = subprocess.run(infer_args(variant, case, *extra), capture_output=True)
         assert r.returncode == 0 and r.stdout.decode() == case["text"] + "\n", (r.stdout, case["text"])
 
 
@@ -301,6 +307,52 @@ def t_infer_errors(_):
     assert r.returncode == 2 and b"usage" in r.stderr
 
 
+def t_forward_with_adapter(case):
+    """logits_final of the golden LoRA runs: the trained PEFT adapter applied
+    to the language model (and, for lora_all, the vision tower)."""
+    variant, kind = case
+    d = os.path.join(FIXTURES, variant)
+    out = os.path.join(tempfile.mkdtemp(), "out.safetensors")
+    r = subprocess.run([BIN, "forward", "--model", d, "--adapter", os.path.join(d, kind, "adapter_final"), "--inputs",
+                        os.path.join(d, "forward_image.safetensors"), "--out", out], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    (_, T, V), ref = read_st(os.path.join(d, kind, "logits_final.safetensors"))["logits"]
+    e = rel_err(read_st(out)["logits"][1], ref, V, [1] * T)
+    assert e <= 1e-3, "logits with adapter: rel err %g" % e
+    # and the adapter matters: the base model's logits are far from these
+    base = read_st(os.path.join(d, "forward_image.safetensors"))["logits"][1]
+    assert rel_err(base, ref, V, [1] * T) > 1e-2
+
+
+def t_adapter_refused(_):
+    d = os.path.join(FIXTURES, "dense")
+    src = os.path.join(d, "lora_lm", "adapter_final")
+    tmp = tempfile.mkdtemp()
+
+    def forward(adapter):
+        return subprocess.run([BIN, "forward", "--model", d, "--adapter", adapter, "--inputs",
+                               os.path.join(d, "forward_text.safetensors"), "--out", os.path.join(tmp, "o.safetensors")],
+                              capture_output=True)
+    tensors = raw_tensors(os.path.join(src, "adapter_model.safetensors"))
+    # a module this model does not have
+    bad = os.path.join(tmp, "wrong_keys")
+    os.mkdir(bad)
+    shutil.copy(os.path.join(src, "adapter_config.json"), bad)
+    renamed = [(n.replace("layers.0.", "layers.40."), dt, sh, raw) for n, dt, sh, raw in tensors]
+    write_st(os.path.join(bad, "adapter_model.safetensors"), renamed)
+    r = forward(bad)
+    assert r.returncode == 1 and b"layers.40" in r.stderr, r.stderr
+    # every lora_B zero: it would change nothing
+    empty = os.path.join(tmp, "zero_b")
+    os.mkdir(empty)
+    shutil.copy(os.path.join(src, "adapter_config.json"), empty)
+    zeroed = [(n, dt, sh, b"\0" * len(raw) if ".lora_B." in n else raw) for n, dt, sh, raw in tensors]
+    write_st(os.path.join(empty, "adapter_model.safetensors"), zeroed)
+    r = forward(empty)
+    assert r.returncode == 1 and b"change nothing" in r.stderr, r.stderr
+    assert not os.path.exists(os.path.join(tmp, "o.safetensors"))
+
+
 def main():
     runner = Runner()
     for v in ("dense", "ple", "moe"):
@@ -316,6 +368,9 @@ def main():
     for v in ("dense", "ple", "moe"):
         runner.run("infer_matches_transformers[%s]" % v, t_infer_matches_transformers, v)
     runner.run("infer_errors", t_infer_errors, None)
+    for case in (("dense", "lora_lm"), ("dense", "lora_all"), ("ple", "lora_lm"), ("moe", "lora_lm")):
+        runner.run("forward_with_adapter[%s/%s]" % case, t_forward_with_adapter, case)
+    runner.run("adapter_refused", t_adapter_refused, None)
     return runner.finish()
 
 

@@ -64,7 +64,7 @@ static void run_variant(const char *variant) {
     for (int64_t i = 0; i < T; i++) types[i] = (uint8_t)types32[i];
     float *soft = malloc((size_t)(N * H) * sizeof(float));
     int64_t n_soft = 0;
-    CHECK_STATUS(model_vision_forward(m, pixels, positions, N, soft, &n_soft, &err), GF_OK, err);
+    CHECK_STATUS(model_vision_forward(m, NULL, pixels, positions, N, soft, &n_soft, &err), GF_OK, err);
     char what[96];
     snprintf(what, sizeof what, "%s vision_soft_tokens (%lld)", variant, (long long)n_soft);
     CHECK(n_soft == 60, "%s: %lld soft tokens, want 60", variant, (long long)n_soft);

@@ -1,0 +1,284 @@
+/* lora.c - PEFT LoRA adapters: load (validated), save, bind to the model's
+ * linears, apply. */
+#include "lora.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "adapter_check.h"
+#include "jsoncheck.h"
+#include "model_impl.h"
+
+/* ---- module names ------------------------------------------------------------- */
+
+static const char *const TEXT_SLOT_NAMES[LORA_TEXT_SLOTS] = {
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+    "mlp.up_proj",      "mlp.down_proj",    "per_layer_input_gate", "per_layer_projection"};
+static const char *const VISION_SLOT_NAMES[LORA_VISION_SLOTS] = {
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+
+int lora_text_module(const Model *m, int layer, int slot, char *buf, size_t cap) {
+    const TextConfig *t = &m->cfg.text;
+    if (layer < 0 || layer >= t->n_layers || slot < 0 || slot >= LORA_TEXT_SLOTS) return -1;
+    const LayerConfig *lc = &t->layers[layer];
+    if ((slot == LORA_K || slot == LORA_V) && lc->kv_shared) return -1;
+    if (slot == LORA_V && lc->k_eq_v) return -1;
+    if ((slot == LORA_PLE_GATE || slot == LORA_PLE_PROJ) && !t->ple_dim) return -1;
+    snprintf(buf, cap, "%slayers.%d.%s", m->prefix, layer, TEXT_SLOT_NAMES[slot]);
+    return 0;
+}
+
+int lora_vision_module(const Model *m, int layer, int slot, char *buf, size_t cap) {
+    if (!m->cfg.vision.present || layer < 0 || layer >= m->cfg.vision.n_layers || slot < 0 || slot >= LORA_VISION_SLOTS)
+        return -1;
+    /* the linear inside Gemma4ClippableLinear: the clamps stay outside the adapter */
+    snprintf(buf, cap, "model.vision_tower.encoder.layers.%d.%s.linear", layer, VISION_SLOT_NAMES[slot]);
+    return 0;
+}
+
+/* ---- load ------------------------------------------------------------------------ */
+
+void lora_free(LoraAdapter *a) {
+    if (!a) return;
+    for (size_t i = 0; i < a->n_pairs; i++) {
+        free(a->pairs[i].A);
+        free(a->pairs[i].B);
+    }
+    free(a->pairs);
+    free(a);
+}
+
+static float *tensor_f32(const StTensor *t, GfError *err) {
+    float *f = gf_malloc((size_t)t->n_elements * sizeof(float), err);
+    for (uint64_t i = 0; f && i < t->n_elements; i++) f[i] = adapter_value_f32(t, i);
+    return f;
+}
+
+/* Every A with its B, as float32 (adapter_check has vouched for the pairs). */
+static GfStatus take_pairs(const SafeTensors *st, LoraAdapter *a, GfError *err) {
+    a->pairs = gf_calloc(st->n_tensors / 2 + 1, sizeof *a->pairs, err);
+    if (!a->pairs) return GF_NO_MEMORY;
+    char module[256], which, name[300];
+    for (size_t i = 0; i < st->n_tensors; i++) {
+        const StTensor *ta = &st->tensors[i];
+        if (adapter_split_key(ta->name, module, sizeof module, &which) || which != 'A') continue;
+        snprintf(name, sizeof name, "base_model.model.%s.lora_B.weight", module);
+        const StTensor *tb = safetensors_find(st, name);
+        LoraPair *p = &a->pairs[a->n_pairs];
+        if (!tb || strlen(module) >= sizeof p->module)
+            return gf_error_set(err, GF_INVALID, "adapter_incompatible", NULL, "module %.160s has no lora_B", module);
+        gf_strlcpy(p->module, module, sizeof p->module);
+        p->rank = (int64_t)ta->shape[0];
+        p->in = (int64_t)ta->shape[1];
+        p->out = (int64_t)tb->shape[0];
+        a->n_pairs++;
+        if (!(p->A = tensor_f32(ta, err)) || !(p->B = tensor_f32(tb, err))) return GF_NO_MEMORY;
+    }
+    return GF_OK;
+}
+
+static double config_number(const char *json, size_t len, const char *key, double dflt) {
+    GfError e;
+    cJSON *c = json_parse_strict(json, len, "adapter_config.json", &e);
+    const cJSON *v = c ? cJSON_GetObjectItemCaseSensitive(c, key) : NULL;
+    double out = cJSON_IsNumber(v) ? v->valuedouble : dflt;
+    cJSON_Delete(c);
+    return out;
+}
+
+GfStatus lora_load_dir(const char *dir, const Model *m, int max_rank, LoraAdapter **out, GfError *err) {
+    char path[4096];
+    size_t clen = 0;
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    char *cfg = gf_read_file(path, 1u << 20, "adapter_config.json", &clen, err);
+    if (!cfg) return err->status;
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    SafeTensors st;
+    GfError e;
+    if (safetensors_open(path, "adapter_model.safetensors", &st, &e)) {
+        free(cfg);
+        return gf_error_set(err, e.status == GF_INVALID ? GF_INVALID : e.status, e.status == GF_INVALID ? "adapter_corrupt" : e.code,
+                            "weights", "%s", e.message);
+    }
+    AdapterInfo info;
+    GfStatus s = adapter_check(cfg, clen, st.map, st.map_size, max_rank, &model_dir(m)->base, &info, err);
+    LoraAdapter *a = s ? NULL : gf_calloc(1, sizeof *a, err);
+    if (!s && !a) s = GF_NO_MEMORY;
+    if (!s) {
+        a->rank = info.rank;
+        a->alpha = info.alpha;
+        a->use_rslora = info.use_rslora;
+        a->dropout = config_number(cfg, clen, "lora_dropout", 0.0);
+        a->scale = (float)(info.use_rslora ? info.alpha / sqrt((double)info.rank) : info.alpha / info.rank);
+        s = take_pairs(&st, a, err);
+    }
+    safetensors_close(&st);
+    free(cfg);
+    if (s) { lora_free(a); return s; }
+    *out = a;
+    return GF_OK;
+}
+
+/* ---- save ------------------------------------------------------------------------ */
+
+static int finite_nonempty(const float *x, int64_t n) {
+    if (!x || n <= 0) return 0;
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+static cJSON *config_json(const LoraAdapter *a) {
+    cJSON *c = cJSON_CreateObject(), *targets = cJSON_CreateArray();
+    cJSON_AddStringToObject(c, "peft_type", "LORA");
+    cJSON_AddNullToObject(c, "task_type");
+    cJSON_AddNullToObject(c, "base_model_name_or_path");
+    cJSON_AddNumberToObject(c, "r", a->rank);
+    cJSON_AddNumberToObject(c, "lora_alpha", a->alpha);
+    cJSON_AddNumberToObject(c, "lora_dropout", a->dropout);
+    cJSON_AddBoolToObject(c, "use_rslora", a->use_rslora);
+    cJSON_AddStringToObject(c, "bias", "none");
+    cJSON_AddBoolToObject(c, "fan_in_fan_out", 0);
+    cJSON_AddBoolToObject(c, "use_dora", 0);
+    cJSON_AddBoolToObject(c, "inference_mode", 1);
+    cJSON_AddBoolToObject(c, "init_lora_weights", 1);
+    cJSON_AddNullToObject(c, "modules_to_save");
+    cJSON_AddItemToObject(c, "rank_pattern", cJSON_CreateObject());
+    cJSON_AddItemToObject(c, "alpha_pattern", cJSON_CreateObject());
+    for (size_t i = 0; i < a->n_pairs; i++) cJSON_AddItemToArray(targets, cJSON_CreateString(a->pairs[i].module));
+    cJSON_AddItemToObject(c, "target_modules", targets);
+    return c;
+}
+
+/* Writes text to dir/name through a temporary file, fsync and rename. */
+static GfStatus write_atomic(const char *dir, const char *name, const char *text, GfError *err) {
+    char tmp[4096], path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    snprintf(tmp, sizeof tmp, "%s/.%s.tmp", dir, name);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return gf_error_set(err, GF_IO, "io_error", NULL, "cannot write %s: %s", name, strerror(errno));
+    size_t len = strlen(text), done = 0;
+    while (done < len) {
+        ssize_t w = write(fd, text + done, len - done);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) break;
+        done += (size_t)w;
+    }
+    int ok = done == len && fsync(fd) == 0;
+    ok = close(fd) == 0 && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        unlink(tmp);
+        return gf_error_set(err, GF_IO, "io_error", NULL, "cannot write %s: %s", name, strerror(errno));
+    }
+    return GF_OK;
+}
+
+GfStatus lora_save_dir(const LoraAdapter *a, const char *dir, GfError *err) {
+    if (!a->n_pairs) return gf_error_set(err, GF_INVALID, "adapter_empty", NULL, "refusing to save an adapter with no tensors");
+    StWriteTensor *t = gf_calloc(2 * a->n_pairs, sizeof *t, err);
+    char (*names)[200] = t ? gf_calloc(2 * a->n_pairs, sizeof *names, err) : NULL;
+    if (!names) { free(t); return GF_NO_MEMORY; }
+    GfStatus st = GF_OK;
+    for (size_t i = 0; !st && i < a->n_pairs; i++) {
+        const LoraPair *p = &a->pairs[i];
+        if (!finite_nonempty(p->A, p->rank * p->in) || !finite_nonempty(p->B, p->out * p->rank)) {
+            st = gf_error_set(err, GF_INVALID, "adapter_not_finite", NULL,
+                              "refusing to save: %.160s has a missing, empty or non-finite tensor", p->module);
+            break;
+        }
+        snprintf(names[2 * i], sizeof names[0], "base_model.model.%s.lora_A.weight", p->module);
+        snprintf(names[2 * i + 1], sizeof names[0], "base_model.model.%s.lora_B.weight", p->module);
+        t[2 * i] = (StWriteTensor){names[2 * i], ST_F32, 2, {(uint64_t)p->rank, (uint64_t)p->in}, p->A};
+        t[2 * i + 1] = (StWriteTensor){names[2 * i + 1], ST_F32, 2, {(uint64_t)p->out, (uint64_t)p->rank}, p->B};
+    }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    if (!st) st = safetensors_write(path, t, 2 * a->n_pairs, err);
+    free(t);
+    free(names);
+    if (st) return st;
+    cJSON *c = config_json(a);
+    char *text = c ? cJSON_Print(c) : NULL;
+    cJSON_Delete(c);
+    if (!text) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    st = write_atomic(dir, "adapter_config.json", text, err);
+    free(text);
+    return st;
+}
+
+/* ---- bind ---------------------------------------------------------------------- */
+
+void lora_binding_free(LoraBinding *b) {
+    if (!b) return;
+    free(b->text);
+    free(b->vision);
+    memset(b, 0, sizeof *b);
+}
+
+/* The slot a module names, or NULL when the model has no such linear. */
+static const LoraPair **find_slot(const Model *m, LoraBinding *b, const char *module) {
+    char name[256];
+    for (int l = 0; l < b->n_layers; l++)
+        for (int s = 0; s < LORA_TEXT_SLOTS; s++)
+            if (lora_text_module(m, l, s, name, sizeof name) == 0 && strcmp(name, module) == 0)
+                return &b->text[l * LORA_TEXT_SLOTS + s];
+    for (int l = 0; l < b->n_vision_layers; l++)
+        for (int s = 0; s < LORA_VISION_SLOTS; s++)
+            if (lora_vision_module(m, l, s, name, sizeof name) == 0 && strcmp(name, module) == 0)
+                return &b->vision[l * LORA_VISION_SLOTS + s];
+    snprintf(name, sizeof name, "%sper_layer_model_projection", m->prefix);
+    if (m->cfg.text.ple_dim && strcmp(module, name) == 0) return &b->ple_model_proj;
+    if (m->cfg.vision.present && strcmp(module, "model.vision_tower.patch_embedder.input_proj") == 0) return &b->input_proj;
+    if (m->cfg.vision.present && strcmp(module, "model.embed_vision.embedding_projection") == 0) return &b->embed_proj;
+    return NULL;
+}
+
+GfStatus lora_bind(const Model *m, const LoraAdapter *a, LoraBinding *b, GfError *err) {
+    memset(b, 0, sizeof *b);
+    b->scale = a->scale;
+    b->n_layers = m->cfg.text.n_layers;
+    b->n_vision_layers = m->cfg.vision.present ? m->cfg.vision.n_layers : 0;
+    b->text = gf_calloc((size_t)b->n_layers * LORA_TEXT_SLOTS, sizeof *b->text, err);
+    b->vision = gf_calloc((size_t)b->n_vision_layers * LORA_VISION_SLOTS + 1, sizeof *b->vision, err);
+    if (!b->text || !b->vision) { lora_binding_free(b); return GF_NO_MEMORY; }
+    for (size_t i = 0; i < a->n_pairs; i++) {
+        const LoraPair **slot = find_slot(m, b, a->pairs[i].module);
+        if (!slot) {
+            lora_binding_free(b);
+            return gf_error_set(err, GF_INVALID, "adapter_incompatible", NULL,
+                                "the adapter's module %.160s is not a linear of this model", a->pairs[i].module);
+        }
+        *slot = &a->pairs[i];
+        if (a->pairs[i].rank > b->max_rank) b->max_rank = (int)a->pairs[i].rank;
+    }
+    return GF_OK;
+}
+
+/* ---- apply --------------------------------------------------------------------- */
+
+void lora_apply(const LoraPair *p, float scale, float *y, const float *x, int64_t n, float *tmp) {
+    int64_t r = p->rank, in = p->in, out = p->out;
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * in;
+        float *ti = tmp + i * r;
+        for (int64_t k = 0; k < r; k++) {
+            const float *a = p->A + k * in;
+            float s = 0.0f;
+            for (int64_t j = 0; j < in; j++) s += xi[j] * a[j];
+            ti[k] = s * scale;
+        }
+        float *yi = y + i * out;
+        for (int64_t o = 0; o < out; o++) {
+            const float *b = p->B + o * r;
+            float s = 0.0f;
+            for (int64_t k = 0; k < r; k++) s += ti[k] * b[k];
+            yi[o] += s;
+        }
+    }
+}

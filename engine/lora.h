@@ -1,0 +1,86 @@
+/* lora.h - LoRA adapters in PEFT's format, and where they plug into the model.
+ *
+ * An adapted linear computes y = x W^T + s (x A^T) B^T with A [r, in],
+ * B [out, r] and s = alpha / r (alpha / sqrt(r) with rsLoRA). The base W
+ * stays frozen and shared; A and B are float32 here whatever their stored
+ * dtype. Files: adapter_config.json + adapter_model.safetensors with keys
+ * "base_model.model.<module>.lora_A.weight" / "...lora_B.weight", <module>
+ * being the Hugging Face module name ("model.language_model.layers.3.mlp.up_proj",
+ * "model.vision_tower.encoder.layers.0.self_attn.q_proj.linear": inside the
+ * clippable linear, so the clamps stay around the adapted linear).
+ *
+ * Loading validates with adapter_check (keys, pairs, shapes against the base
+ * model, finite, not a no-op) before anything is kept. Saving refuses a
+ * missing, empty or non-finite tensor. lora_bind resolves an adapter's
+ * modules to the model's linears: a module the model does not have is an
+ * error, never ignored.
+ *
+ * Ownership: LoraAdapter owns its tensors; a LoraBinding points into one
+ * adapter and is valid while it lives. Read-only after load: one adapter may
+ * be used by many sequences at once.
+ */
+#ifndef GF_LORA_H
+#define GF_LORA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base.h"
+#include "model.h"
+
+#define LORA_MAX_RANK 1024
+
+typedef struct {
+    char module[160];         /* HF module name, without ".weight" */
+    int64_t in, out, rank;
+    float *A;                 /* [rank, in] */
+    float *B;                 /* [out, rank] */
+} LoraPair;
+
+typedef struct {
+    int rank;
+    double alpha;
+    int use_rslora;
+    double dropout;
+    float scale;              /* alpha / r or alpha / sqrt(r) */
+    LoraPair *pairs;
+    size_t n_pairs;
+} LoraAdapter;
+
+/* The linears of a text layer and of a vision layer that LoRA may adapt. */
+enum { LORA_Q = 0, LORA_K, LORA_V, LORA_O, LORA_GATE, LORA_UP, LORA_DOWN, LORA_PLE_GATE, LORA_PLE_PROJ, LORA_TEXT_SLOTS };
+enum { LORA_VISION_SLOTS = 7 };
+
+/* Where each pair of an adapter applies; NULL = not adapted. */
+struct LoraBinding {
+    float scale;
+    const LoraPair **text;    /* [n_layers * LORA_TEXT_SLOTS] */
+    const LoraPair **vision;  /* [vision layers * LORA_VISION_SLOTS] */
+    const LoraPair *ple_model_proj, *input_proj, *embed_proj;
+    int n_layers, n_vision_layers;
+    int max_rank;             /* largest rank bound (scratch sizing) */
+};
+
+/* Reads and validates DIR/adapter_config.json + DIR/adapter_model.safetensors
+ * against the model m. */
+GfStatus lora_load_dir(const char *dir, const Model *m, int max_rank, LoraAdapter **out, GfError *err);
+void lora_free(LoraAdapter *a);
+
+/* Writes the adapter in PEFT's format (config + F32 weights) into dir, which
+ * must exist. target_modules lists the module names. */
+GfStatus lora_save_dir(const LoraAdapter *a, const char *dir, GfError *err);
+
+/* Resolves every pair of a to a linear of m. */
+GfStatus lora_bind(const Model *m, const LoraAdapter *a, LoraBinding *b, GfError *err);
+void lora_binding_free(LoraBinding *b);
+
+/* The HF module name of a text or vision linear (for binding and for
+ * creating adapters); returns 0, or -1 when the slot does not exist there
+ * (a KV-shared layer has no k/v, k_eq_v has no v, no PLE without PLE). */
+int lora_text_module(const Model *m, int layer, int slot, char *buf, size_t cap);
+int lora_vision_module(const Model *m, int layer, int slot, char *buf, size_t cap);
+
+/* y[n, out] += scale * (x[n, in] A^T) B^T; tmp holds n * rank floats. */
+void lora_apply(const LoraPair *p, float scale, float *y, const float *x, int64_t n, float *tmp);
+
+#endif
