@@ -45,6 +45,12 @@ typedef struct {
     int window;               /* 0 = unlimited */
 } KnMask;
 
+static inline int kn_mask_visible(const KnMask *m, int64_t q, int64_t t) {
+    if (!m->valid[t]) return 0;
+    int causal = t <= q || (m->group && m->group[q] >= 0 && m->group[q] == m->group[t]);
+    return causal && (m->window == 0 || t > q - m->window);
+}
+
 typedef struct {
     /* y[n, rows] = x[n, cols] W^T */
     void (*matmul)(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
@@ -63,7 +69,22 @@ typedef struct {
     void (*softcap)(float *x, size_t n, float cap);
     /* out[dim] = row r of an embedding matrix, times scale */
     void (*embed_row)(float *out, KnMatrix table, int64_t row, float scale);
+
+    /* ---- backward (training): d-outputs are accumulated (+=) unless said ---- */
+    /* dx[n, cols] += dy[n, rows] W: the input gradient of y = x W^T */
+    void (*matmul_dx)(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n);
+    /* dx += the input gradient of rmsnorm (w may be NULL) at x for dy */
+    void (*rmsnorm_dx)(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n,
+                       int64_t dim, float eps);
+    /* dx[i] = dy[i] * gelu_tanh'(x[i]) (written, not accumulated) */
+    void (*gelu_tanh_dx)(float *dx, const float *x, const float *dy, size_t n);
+    /* dq written; dk, dv accumulated: the gradients of attention (same
+     * arguments as attention) for dout[n_q, n_heads, dim] */
+    void (*attention_dx)(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
+                         const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
+                         int n_kv_heads, int dim, float scale, const KnMask *mask);
 } KnOps;
+
 
 /* The CPU reference backend (always available). */
 const KnOps *kn_cpu_ops(void);

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "../ops.h"
+#include "cpu_grad.h"
 
 /* ---- conversions -------------------------------------------------------- */
 
@@ -34,7 +35,7 @@ float kn_f16_to_f32(uint16_t h) {
 }
 
 /* Row r of W widened to float32 into out[cols]. */
-static void load_row(float *out, KnMatrix w, int64_t r) {
+void kn_cpu_load_row(float *out, KnMatrix w, int64_t r) {
     if (w.dtype == KN_F32) {
         memcpy(out, (const float *)w.data + r * w.cols, (size_t)w.cols * sizeof(float));
         return;
@@ -76,7 +77,7 @@ static void matmul_task(void *p, int ith, int nth) {
     float row[CHUNK];
     for (long o = lo; o < hi; o++) {
         if (t->w.cols <= CHUNK) {
-            load_row(row, t->w, o);
+            kn_cpu_load_row(row, t->w, o);
             for (int64_t i = 0; i < t->n; i++) t->y[i * t->w.rows + o] = dot(t->x + i * t->w.cols, row, t->w.cols);
             continue;
         }
@@ -87,7 +88,7 @@ static void matmul_task(void *p, int ith, int nth) {
             part.cols = len;
             size_t es = t->w.dtype == KN_F32 ? 4 : 2;
             part.data = (const char *)t->w.data + ((size_t)o * (size_t)t->w.cols + (size_t)c0) * es;
-            load_row(row, part, 0);
+            kn_cpu_load_row(row, part, 0);
             for (int64_t i = 0; i < t->n; i++) t->y[i * t->w.rows + o] += dot(t->x + i * t->w.cols + c0, row, len);
         }
     }
@@ -145,7 +146,7 @@ static void cpu_softcap(float *x, size_t n, float cap) {
 }
 
 static void cpu_embed_row(float *out, KnMatrix table, int64_t row, float scale) {
-    load_row(out, table, row);
+    kn_cpu_load_row(out, table, row);
     for (int64_t i = 0; i < table.cols; i++) out[i] *= scale;
 }
 
@@ -160,11 +161,6 @@ typedef struct {
     const KnMask *mask;
 } AttnTask;
 
-static int visible(const KnMask *m, int64_t q, int64_t t) {
-    if (!m->valid[t]) return 0;
-    int causal = t <= q || (m->group && m->group[q] >= 0 && m->group[q] == m->group[t]);
-    return causal && (m->window == 0 || t > q - m->window);
-}
 
 /* One (query, head) pair per work item: scores, softmax in float32, sum of V. */
 static void attn_task(void *p, int ith, int nth) {
@@ -184,7 +180,7 @@ static void attn_task(void *p, int ith, int nth) {
         /* two passes when the key count is larger than the stack buffer */
         float *scores = t->n_keys <= MAX_STACK ? stack_scores : NULL;
         for (int64_t k = 0; k < t->n_keys; k++) {
-            float s = visible(t->mask, qpos, k) ? dot(qv, t->k + (k * t->n_kv_heads + kvh) * t->dim, t->dim) * t->scale
+            float s = kn_mask_visible(t->mask, qpos, k) ? dot(qv, t->k + (k * t->n_kv_heads + kvh) * t->dim, t->dim) * t->scale
                                                  : -INFINITY;
             if (scores) scores[k] = s;
             if (s > mx) mx = s;
@@ -192,7 +188,7 @@ static void attn_task(void *p, int ith, int nth) {
         if (mx == -INFINITY) continue; /* no visible key: zeros */
         for (int64_t k = 0; k < t->n_keys; k++) {
             float s = scores ? scores[k]
-                             : (visible(t->mask, qpos, k) ? dot(qv, t->k + (k * t->n_kv_heads + kvh) * t->dim, t->dim) * t->scale
+                             : (kn_mask_visible(t->mask, qpos, k) ? dot(qv, t->k + (k * t->n_kv_heads + kvh) * t->dim, t->dim) * t->scale
                                                           : -INFINITY);
             if (s == -INFINITY) continue;
             float w = expf(s - mx);
@@ -220,6 +216,10 @@ static const KnOps CPU_OPS = {
     .gelu_tanh = cpu_gelu_tanh,
     .softcap = cpu_softcap,
     .embed_row = cpu_embed_row,
+    .matmul_dx = kn_cpu_matmul_dx,
+    .rmsnorm_dx = kn_cpu_rmsnorm_dx,
+    .gelu_tanh_dx = kn_cpu_gelu_tanh_dx,
+    .attention_dx = kn_cpu_attention_dx,
 };
 
 const KnOps *kn_cpu_ops(void) { return &CPU_OPS; }

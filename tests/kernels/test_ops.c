@@ -5,6 +5,7 @@
  * lands: same inputs, compared with the CPU results.) */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "../unit/check.h"
 #include "ops.h"
@@ -148,6 +149,151 @@ static void test_attention(const KnOps *ops, KnCtx *ctx) {
     free(q); free(k); free(v);
 }
 
+/* ---- backward: each gradient kernel against central differences of a
+ * double-precision forward written from the definition ---- */
+
+/* Attention of double inputs (same mask rule as the kernel's contract). */
+static void ref_attention(double *out, const double *q, const double *k, const double *v, int nq, int pos0, int nk, int H,
+                          int KVH, int D, double scale, const KnMask *m) {
+    for (int i = 0; i < nq; i++)
+        for (int h = 0; h < H; h++) {
+            int g = h / (H / KVH);
+            double s[64], mx = -INFINITY, sum = 0;
+            for (int t = 0; t < nk; t++) {
+                s[t] = -INFINITY;
+                if (!kn_mask_visible(m, pos0 + i, t)) continue;
+                s[t] = 0;
+                for (int d = 0; d < D; d++) s[t] += q[(i * H + h) * D + d] * k[(t * KVH + g) * D + d];
+                s[t] *= scale;
+                if (s[t] > mx) mx = s[t];
+            }
+            for (int d = 0; d < D; d++) out[(i * H + h) * D + d] = 0;
+            for (int t = 0; t < nk; t++) sum += s[t] == -INFINITY ? 0 : exp(s[t] - mx);
+            for (int t = 0; t < nk; t++)
+                if (s[t] != -INFINITY)
+                    for (int d = 0; d < D; d++) out[(i * H + h) * D + d] += exp(s[t] - mx) / sum * v[(t * KVH + g) * D + d];
+        }
+}
+
+static double dot_d(const double *a, const float *b, size_t n) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* d/dx_i of sum(dy . f(x)) by central differences, for every i. */
+typedef void (*RefFn)(double *y, const double *x, const void *ctx);
+static void numeric_grad(double *g, RefFn f, const void *ctx, const float *x0, size_t nx, const float *dy, size_t ny) {
+    double *x = malloc(nx * sizeof *x), *y = malloc(ny * sizeof *y);
+    for (size_t i = 0; i < nx; i++) x[i] = x0[i];
+    for (size_t i = 0; i < nx; i++) {
+        double h = 1e-6, keep = x[i];
+        x[i] = keep + h;
+        f(y, x, ctx);
+        double up = dot_d(y, dy, ny);
+        x[i] = keep - h;
+        f(y, x, ctx);
+        g[i] = (up - dot_d(y, dy, ny)) / (2 * h);
+        x[i] = keep;
+    }
+    free(x);
+    free(y);
+}
+
+typedef struct { int rows, cols, n; const float *w; int dim; float eps; } LinCtx;
+static void ref_linear(double *y, const double *x, const void *c) {
+    const LinCtx *l = c;
+    for (int i = 0; i < l->n; i++)
+        for (int o = 0; o < l->rows; o++) {
+            double acc = 0;
+            for (int k = 0; k < l->cols; k++) acc += x[i * l->cols + k] * l->w[o * l->cols + k];
+            y[i * l->rows + o] = acc;
+        }
+}
+static void ref_rmsnorm(double *y, const double *x, const void *c) {
+    const LinCtx *l = c;
+    for (int r = 0; r < l->n; r++) {
+        double ss = 0;
+        for (int i = 0; i < l->dim; i++) ss += x[r * l->dim + i] * x[r * l->dim + i];
+        double inv = 1.0 / sqrt(ss / l->dim + l->eps);
+        for (int i = 0; i < l->dim; i++) y[r * l->dim + i] = x[r * l->dim + i] * inv * (l->w ? l->w[i] : 1.0);
+    }
+}
+static void ref_gelu(double *y, const double *x, const void *c) {
+    const LinCtx *l = c;
+    for (int i = 0; i < l->n; i++) y[i] = 0.5 * x[i] * (1 + tanh(sqrt(2 / M_PI) * (x[i] + 0.044715 * x[i] * x[i] * x[i])));
+}
+
+static void test_matmul_rmsnorm_gelu_dx(const KnOps *ops, KnCtx *ctx) {
+    int shapes[][3] = {{3, 5, 2}, {17, 40, 3}, {300, 70, 4}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
+        float *w = rand_vec((size_t)rows * cols), *x = rand_vec((size_t)n * cols), *dy = rand_vec((size_t)n * rows);
+        float *dx = rand_vec((size_t)n * cols), *dx0 = malloc((size_t)n * cols * sizeof *dx0);
+        memcpy(dx0, dx, (size_t)n * cols * sizeof *dx0);
+        double *g = malloc((size_t)n * cols * sizeof *g);
+        LinCtx l = {rows, cols, n, w, 0, 0};
+        numeric_grad(g, ref_linear, &l, x, (size_t)n * cols, dy, (size_t)n * rows);
+        for (int i = 0; i < n * cols; i++) g[i] += dx0[i]; /* accumulates */
+        ops->matmul_dx(ctx, dx, dy, (KnMatrix){w, KN_F32, rows, cols}, n);
+        EXPECT_CLOSE(dx, g, (size_t)n * cols, 1e-5, "matmul_dx %dx%d n=%d", rows, cols, n);
+        free(w); free(x); free(dy); free(dx); free(dx0); free(g);
+    }
+    int n = 5, dim = 24;
+    float *x = rand_vec((size_t)n * dim), *w = rand_vec((size_t)dim), *dy = rand_vec((size_t)n * dim);
+    float *dx = calloc((size_t)n * dim, sizeof *dx);
+    double *g = malloc((size_t)n * dim * sizeof *g);
+    for (int with_w = 0; with_w < 2; with_w++) {
+        LinCtx l = {0, 0, n, with_w ? w : NULL, dim, 1e-6f};
+        numeric_grad(g, ref_rmsnorm, &l, x, (size_t)n * dim, dy, (size_t)n * dim);
+        memset(dx, 0, (size_t)n * dim * sizeof *dx);
+        ops->rmsnorm_dx(ctx, dx, x, l.w, dy, n, dim, 1e-6f);
+        EXPECT_CLOSE(dx, g, (size_t)n * dim, 1e-5, "rmsnorm_dx %s weight", with_w ? "with" : "without");
+    }
+    for (int i = 0; i < n * dim; i++) x[i] *= 3.0f;
+    LinCtx l = {0, 0, n * dim, NULL, 0, 0};
+    numeric_grad(g, ref_gelu, &l, x, (size_t)n * dim, dy, (size_t)n * dim);
+    ops->gelu_tanh_dx(dx, x, dy, (size_t)(n * dim));
+    EXPECT_CLOSE(dx, g, (size_t)n * dim, 1e-5, "gelu_tanh_dx%s", "");
+    free(x); free(w); free(dy); free(dx); free(g);
+}
+
+typedef struct { int nq, pos0, nk, H, KVH, D, which; const float *q, *k, *v; const KnMask *m; } AttCtx;
+/* Attention as a function of one of q (0), k (1), v (2). */
+static void ref_attention_of(double *y, const double *x, const void *c) {
+    const AttCtx *a = c;
+    size_t nqv = (size_t)a->nq * a->H * a->D, nkv = (size_t)a->nk * a->KVH * a->D;
+    double *q = malloc(nqv * sizeof *q), *k = malloc(nkv * sizeof *k), *v = malloc(nkv * sizeof *v);
+    for (size_t i = 0; i < nqv; i++) q[i] = a->which == 0 ? x[i] : a->q[i];
+    for (size_t i = 0; i < nkv; i++) { k[i] = a->which == 1 ? x[i] : a->k[i]; v[i] = a->which == 2 ? x[i] : a->v[i]; }
+    ref_attention(y, q, k, v, a->nq, a->pos0, a->nk, a->H, a->KVH, a->D, 0.5, a->m);
+    free(q); free(k); free(v);
+}
+
+static void test_attention_dx(const KnOps *ops, KnCtx *ctx) {
+    int nq = 9, pos0 = 3, nk = 12, H = 4, KVH = 2, D = 8, W = 4;
+    size_t nqv = (size_t)nq * H * D, nkv = (size_t)nk * KVH * D;
+    float *q = rand_vec(nqv), *k = rand_vec(nkv), *v = rand_vec(nkv), *dout = rand_vec(nqv);
+    uint8_t valid[12] = {1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1};
+    int32_t group[12] = {-1, -1, -1, -1, 0, 0, 0, 0, 0, -1, -1, -1};
+    for (int variant = 0; variant < 3; variant++) {
+        KnMask m = {valid, variant == 2 ? group : NULL, variant == 0 ? 0 : W};
+        float *dq = malloc(nqv * sizeof *dq), *dk = calloc(nkv, sizeof *dk), *dv = calloc(nkv, sizeof *dv);
+        ops->attention_dx(ctx, dq, dk, dv, q, k, v, dout, nq, pos0, nk, H, KVH, D, 0.5f, &m);
+        double *g = malloc(nqv * sizeof *g);
+        for (int which = 0; which < 3; which++) {
+            AttCtx a = {nq, pos0, nk, H, KVH, D, which, q, k, v, &m};
+            const float *x = which == 0 ? q : which == 1 ? k : v;
+            size_t nx = which == 0 ? nqv : nkv;
+            numeric_grad(g, ref_attention_of, &a, x, nx, dout, nqv);
+            EXPECT_CLOSE(which == 0 ? dq : which == 1 ? dk : dv, g, nx, 1e-5, "attention_dx d%c variant %d",
+                         "qkv"[which], variant);
+        }
+        free(dq); free(dk); free(dv); free(g);
+    }
+    free(q); free(k); free(v); free(dout);
+}
+
 static void test_conversions(void) {
     CHECK(kn_f32_to_bf16(1.0f) == 0x3F80 && kn_bf16_to_f32(0x3F80) == 1.0f, "bf16 one");
     CHECK(kn_f32_to_bf16(1.00390625f) == 0x3F80, "round to nearest even (tie down)");
@@ -165,6 +311,8 @@ int main(void) {
         test_matmul(ops, &ctx);
         test_rmsnorm_gelu_softcap(ops, &ctx);
         test_attention(ops, &ctx);
+        test_matmul_rmsnorm_gelu_dx(ops, &ctx);
+        test_attention_dx(ops, &ctx);
         kn_pool_free(ctx.pool);
     }
     test_rope(ops);

@@ -1,0 +1,154 @@
+/* cpu_grad.c - the CPU backward kernels: the gradients of matmul (input
+ * side; weights are frozen), RMSNorm, tanh-GELU and attention. Plain loops
+ * in float32 (sums of squares in double, as the forward), threaded where the
+ * work is large. */
+#include <math.h>
+#include <string.h>
+
+#include "cpu_grad.h"
+
+#define PARALLEL_MIN_WORK 65536
+
+/* ---- matmul ----------------------------------------------------------------- */
+
+typedef struct {
+    float *dx;
+    const float *dy;
+    KnMatrix w;
+    int64_t n;
+} MatmulDxTask;
+
+/* Each thread owns a range of input features (columns of W), so no two
+ * threads write the same dx element. */
+static void matmul_dx_task(void *p, int ith, int nth) {
+    MatmulDxTask *t = p;
+    long lo, hi;
+    kn_split((long)t->w.cols, ith, nth, &lo, &hi);
+    enum { CHUNK = 2048 };
+    float row[CHUNK];
+    size_t es = t->w.dtype == KN_F32 ? 4 : 2;
+    for (long c0 = lo; c0 < hi; c0 += CHUNK) {
+        int64_t len = hi - c0 < CHUNK ? hi - c0 : CHUNK;
+        for (int64_t o = 0; o < t->w.rows; o++) {
+            KnMatrix part = t->w;
+            part.cols = len;
+            part.data = (const char *)t->w.data + ((size_t)o * (size_t)t->w.cols + (size_t)c0) * es;
+            kn_cpu_load_row(row, part, 0);
+            for (int64_t i = 0; i < t->n; i++) {
+                float g = t->dy[i * t->w.rows + o];
+                if (g == 0.0f) continue;
+                float *d = t->dx + i * t->w.cols + c0;
+                for (int64_t c = 0; c < len; c++) d[c] += g * row[c];
+            }
+        }
+    }
+}
+
+void kn_cpu_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
+    MatmulDxTask t = {dx, dy, w, n};
+    if (w.rows * w.cols * n < PARALLEL_MIN_WORK || !ctx->pool) matmul_dx_task(&t, 0, 1);
+    else kn_pool_run(ctx->pool, matmul_dx_task, &t);
+}
+
+/* ---- RMSNorm, GELU ---------------------------------------------------------------- */
+
+/* y = x r w with r = (mean x^2 + eps)^-1/2: dx = r g - r^3 x (g . x) / dim, g = w dy. */
+void kn_cpu_rmsnorm_dx(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n, int64_t dim,
+                       float eps) {
+    (void)ctx;
+    for (int64_t r = 0; r < n; r++) {
+        const float *xr = x + r * dim, *dyr = dy + r * dim;
+        float *dxr = dx + r * dim;
+        double ss = 0.0, gx = 0.0;
+        for (int64_t i = 0; i < dim; i++) {
+            ss += (double)xr[i] * xr[i];
+            gx += (double)(w ? w[i] * dyr[i] : dyr[i]) * xr[i];
+        }
+        float inv = 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+        float k = (float)((double)inv * inv * inv * gx / (double)dim);
+        for (int64_t i = 0; i < dim; i++) dxr[i] += inv * (w ? w[i] * dyr[i] : dyr[i]) - k * xr[i];
+    }
+}
+
+void kn_cpu_gelu_tanh_dx(float *dx, const float *x, const float *dy, size_t n) {
+    const float c = 0.7978845608028654f; /* sqrt(2/pi) */
+    for (size_t i = 0; i < n; i++) {
+        float v = x[i], th = tanhf(c * (v + 0.044715f * v * v * v));
+        float d = 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * c * (1.0f + 3.0f * 0.044715f * v * v);
+        dx[i] = dy[i] * d;
+    }
+}
+
+/* ---- attention -------------------------------------------------------------------- */
+
+typedef struct {
+    float *dq, *dk, *dv;
+    const float *q, *k, *v, *dout;
+    int64_t n_q, q_pos0, n_keys;
+    int n_heads, n_kv_heads, dim;
+    float scale;
+    const KnMask *mask;
+} AttnDxTask;
+
+static float dotf(const float *a, const float *b, int n) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* One query of one head: recompute the softmax, then
+ * ds_t = p_t (dout . v_t - sum_u p_u dout . v_u). Scores are recomputed in
+ * each pass rather than stored, so the kernel needs no memory. */
+static void attn_dx_query(const AttnDxTask *t, int64_t i, int h, int kvh) {
+    int D = t->dim, KVH = t->n_kv_heads;
+    const float *qv = t->q + (i * t->n_heads + h) * D, *go = t->dout + (i * t->n_heads + h) * D;
+    float *dq = t->dq + (i * t->n_heads + h) * D;
+    int64_t qpos = t->q_pos0 + i;
+    memset(dq, 0, (size_t)D * sizeof(float));
+    float mx = -INFINITY, sum = 0.0f, pdp = 0.0f;
+    for (int64_t k = 0; k < t->n_keys; k++)
+        if (kn_mask_visible(t->mask, qpos, k)) {
+            float s = dotf(qv, t->k + (k * KVH + kvh) * D, D) * t->scale;
+            if (s > mx) mx = s;
+        }
+    if (mx == -INFINITY) return;
+    for (int64_t k = 0; k < t->n_keys; k++)
+        if (kn_mask_visible(t->mask, qpos, k)) {
+            float e = expf(dotf(qv, t->k + (k * KVH + kvh) * D, D) * t->scale - mx);
+            sum += e;
+            pdp += e * dotf(go, t->v + (k * KVH + kvh) * D, D);
+        }
+    pdp /= sum;
+    for (int64_t k = 0; k < t->n_keys; k++) {
+        if (!kn_mask_visible(t->mask, qpos, k)) continue;
+        const float *kv = t->k + (k * KVH + kvh) * D;
+        float p = expf(dotf(qv, kv, D) * t->scale - mx) / sum;
+        float ds = p * (dotf(go, t->v + (k * KVH + kvh) * D, D) - pdp) * t->scale;
+        float *dk = t->dk + (k * KVH + kvh) * D, *dv = t->dv + (k * KVH + kvh) * D;
+        for (int d = 0; d < D; d++) {
+            dq[d] += ds * kv[d];
+            dk[d] += ds * qv[d];
+            dv[d] += p * go[d];
+        }
+    }
+}
+
+/* Each thread owns whole KV heads (with their query heads), so dk and dv of
+ * a head are written by one thread only. */
+static void attn_dx_task(void *arg, int ith, int nth) {
+    AttnDxTask *t = arg;
+    long lo, hi;
+    kn_split((long)t->n_kv_heads, ith, nth, &lo, &hi);
+    int group = t->n_heads / t->n_kv_heads;
+    for (long kvh = lo; kvh < hi; kvh++)
+        for (int h = (int)kvh * group; h < ((int)kvh + 1) * group; h++)
+            for (int64_t i = 0; i < t->n_q; i++) attn_dx_query(t, i, h, (int)kvh);
+}
+
+void kn_cpu_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
+                         const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads,
+                         int dim, float scale, const KnMask *mask) {
+    AttnDxTask t = {dq, dk, dv, q, k, v, dout, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask};
+    if (n_q * n_heads * n_keys * dim < PARALLEL_MIN_WORK || !ctx->pool || n_kv_heads == 1) attn_dx_task(&t, 0, 1);
+    else kn_pool_run(ctx->pool, attn_dx_task, &t);
+}
