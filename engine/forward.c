@@ -103,7 +103,7 @@ static void linear(Model *m, const Scratch *s, float *y, const float *x, KnMatri
     if (p) lora_apply(p, s->lora->scale, y, x, n, s->lora_tmp);
 }
 
-static int mm_kind(const GemmaConfig *c, int32_t id) {
+int model_mm_kind(const GemmaConfig *c, int32_t id) {
     if (id == c->image_token_id) return 1;
     if (id == c->video_token_id) return 2;
     if (id == c->audio_token_id) return 3;
@@ -122,7 +122,7 @@ static GfStatus embed(Model *m, KvCache *c, const ModelInput *in, float *x, GfEr
         if (id < 0 || id >= t->vocab_size)
             return gf_error_set(err, GF_INVALID, "invalid_token", NULL, "token id %d at position %lld is outside the vocabulary",
                                 id, (long long)i);
-        int kind = in->mm_type ? in->mm_type[i] : mm_kind(g, id);
+        int kind = in->mm_type ? in->mm_type[i] : model_mm_kind(g, id);
         int64_t pos = c->n_past + i;
         m->ops->embed_row(x + i * t->hidden_size, m->embed, kind ? t->pad_id : id, scale);
         if (in->soft_tokens && id == g->image_token_id)
@@ -134,19 +134,20 @@ static GfStatus embed(Model *m, KvCache *c, const ModelInput *in, float *x, GfEr
     return GF_OK;
 }
 
-/* Per-layer embeddings (§3.3): ple[n, L, P]. */
-static void per_layer_inputs(Model *m, const ModelInput *in, const float *x, float *ple, const Scratch *s) {
+/* Per-layer embeddings (§3.3): ple[n, L, P] from the token ids and the
+ * embedded sequence x0[n, H]; lora_tmp holds n * rank floats. */
+void model_ple_inputs(Model *m, const ModelInput *in, const float *x, float *ple, float *lora_tmp) {
     const TextConfig *t = &m->cfg.text;
     int64_t L = t->n_layers, P = t->ple_dim, H = t->hidden_size, n = in->n;
     m->ops->matmul(&m->ctx, ple, x, m->ple_model_proj, n);
-    if (s->lora && s->lora->ple_model_proj) lora_apply(s->lora->ple_model_proj, s->lora->scale, ple, x, n, s->lora_tmp);
+    if (in->lora && in->lora->ple_model_proj) lora_apply(in->lora->ple_model_proj, in->lora->scale, ple, x, n, lora_tmp);
     float ctx_scale = (float)(1.0 / sqrt((double)H)), tok_scale = sqrtf((float)P), mix = (float)(1.0 / sqrt(2.0));
     for (int64_t i = 0; i < n * L * P; i++) ple[i] *= ctx_scale;
     m->ops->rmsnorm(&m->ctx, ple, ple, m->ple_norm, n * L, P, t->rms_eps);
     float *tok = malloc((size_t)(L * P) * sizeof(float));
     for (int64_t i = 0; i < n; i++) {
         int32_t id = in->ids[i];
-        int kind = in->mm_type ? in->mm_type[i] : mm_kind(&m->cfg, id);
+        int kind = in->mm_type ? in->mm_type[i] : model_mm_kind(&m->cfg, id);
         if (tok) m->ops->embed_row(tok, m->embed_ple, kind ? t->pad_id : id, tok_scale);
         for (int64_t j = 0; tok && j < L * P; j++) ple[i * L * P + j] = (ple[i * L * P + j] + tok[j]) * mix;
     }
@@ -284,7 +285,7 @@ GfStatus model_forward(Model *m, KvCache *c, const ModelInput *in, float *logits
     if (scratch_take(c, m, n, in->lora, &s, err)) return err->status;
     if (embed(m, c, in, s.x, err)) return err->status;
     if (hidden) memcpy(hidden, s.x, (size_t)(n * H) * sizeof(float));
-    if (t->ple_dim) per_layer_inputs(m, in, s.x, s.ple, &s);
+    if (t->ple_dim) model_ple_inputs(m, in, s.x, s.ple, s.lora_tmp);
     for (int li = 0; li < L; li++) {
         decoder_layer(m, c, li, n, &s);
         if (hidden && li < L - 1) memcpy(hidden + (li + 1) * n * H, s.x, (size_t)(n * H) * sizeof(float));

@@ -49,6 +49,8 @@ void lora_free(LoraAdapter *a) {
     for (size_t i = 0; i < a->n_pairs; i++) {
         free(a->pairs[i].A);
         free(a->pairs[i].B);
+        free(a->pairs[i].dA);
+        free(a->pairs[i].dB);
     }
     free(a->pairs);
     free(a);
@@ -280,5 +282,57 @@ void lora_apply(const LoraPair *p, float scale, float *y, const float *x, int64_
             for (int64_t k = 0; k < r; k++) s += ti[k] * b[k];
             yi[o] += s;
         }
+    }
+}
+
+/* ---- backward ------------------------------------------------------------------ */
+
+void lora_backward(const LoraPair *p, float scale, float *dx, const float *dy, const float *x, int64_t n, float *tmp) {
+    int64_t r = p->rank, in = p->in, out = p->out;
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * in, *dyi = dy + i * out;
+        float *xa = tmp, *gb = tmp + r; /* x A^T and dy B, one row */
+        for (int64_t k = 0; k < r; k++) {
+            const float *a = p->A + k * in;
+            float s = 0.0f;
+            for (int64_t j = 0; j < in; j++) s += xi[j] * a[j];
+            xa[k] = s * scale;
+            gb[k] = 0.0f;
+        }
+        for (int64_t o = 0; o < out; o++) {
+            const float *b = p->B + o * r;
+            float *db = p->dB + o * r, g = dyi[o];
+            for (int64_t k = 0; k < r; k++) {
+                gb[k] += g * b[k];
+                db[k] += g * xa[k];
+            }
+        }
+        for (int64_t k = 0; k < r; k++) {
+            float g = gb[k] * scale;
+            float *da = p->dA + k * in;
+            const float *a = p->A + k * in;
+            for (int64_t j = 0; j < in; j++) da[j] += g * xi[j];
+            if (dx)
+                for (int64_t j = 0; j < in; j++) dx[i * in + j] += g * a[j];
+        }
+    }
+}
+
+GfStatus lora_grads_alloc(LoraAdapter *a, GfError *err) {
+    for (size_t i = 0; i < a->n_pairs; i++) {
+        LoraPair *p = &a->pairs[i];
+        if (!p->dA) p->dA = gf_calloc((size_t)(p->rank * p->in), sizeof(float), err);
+        if (!p->dB) p->dB = gf_calloc((size_t)(p->out * p->rank), sizeof(float), err);
+        if (!p->dA || !p->dB) return GF_NO_MEMORY;
+    }
+    lora_grads_zero(a);
+    return GF_OK;
+}
+
+void lora_grads_zero(LoraAdapter *a) {
+    for (size_t i = 0; i < a->n_pairs; i++) {
+        LoraPair *p = &a->pairs[i];
+        if (p->dA) memset(p->dA, 0, (size_t)(p->rank * p->in) * sizeof(float));
+        if (p->dB) memset(p->dB, 0, (size_t)(p->out * p->rank) * sizeof(float));
     }
 }

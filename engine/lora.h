@@ -15,9 +15,10 @@
  * modules to the model's linears: a module the model does not have is an
  * error, never ignored.
  *
- * Ownership: LoraAdapter owns its tensors; a LoraBinding points into one
- * adapter and is valid while it lives. Read-only after load: one adapter may
- * be used by many sequences at once.
+ * Ownership: LoraAdapter owns its tensors (and their gradients once
+ * allocated for training); a LoraBinding points into one adapter and is
+ * valid while it lives. Read-only after load when served: one adapter may be
+ * used by many sequences at once. A trained adapter belongs to its trainer.
  */
 #ifndef GF_LORA_H
 #define GF_LORA_H
@@ -35,6 +36,7 @@ typedef struct {
     int64_t in, out, rank;
     float *A;                 /* [rank, in] */
     float *B;                 /* [out, rank] */
+    float *dA, *dB;           /* gradients of A and B (same shapes); NULL until lora_grads_alloc */
 } LoraPair;
 
 typedef struct {
@@ -82,5 +84,15 @@ int lora_vision_module(const Model *m, int layer, int slot, char *buf, size_t ca
 
 /* y[n, out] += scale * (x[n, in] A^T) B^T; tmp holds n * rank floats. */
 void lora_apply(const LoraPair *p, float scale, float *y, const float *x, int64_t n, float *tmp);
+
+/* The adapter's part of a linear's backward, for dy[n, out] at input
+ * x[n, in]: dx[n, in] += scale (dy B) A (dx may be NULL), p->dA += scale
+ * (dy B)^T x, p->dB += scale dy^T (x A^T). tmp holds 2 n rank floats. */
+void lora_backward(const LoraPair *p, float scale, float *dx, const float *dy, const float *x, int64_t n, float *tmp);
+
+/* Gradient buffers for every pair (zeroed); lora_grads_zero clears them. */
+GfStatus lora_grads_alloc(LoraAdapter *a, GfError *err);
+void lora_grads_zero(LoraAdapter *a);
+
 
 #endif

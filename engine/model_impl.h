@@ -67,4 +67,11 @@ GfStatus model_bind_scalar(Model *m, const char *name, float *out, GfError *err)
 int model_keep(Model *m, void *p);
 GfStatus vision_bind(Model *m, GfError *err);
 
+/* Helpers of forward.c used by backward.c. */
+/* 1 image, 2 video, 3 audio placeholder, 0 text. */
+int model_mm_kind(const GemmaConfig *c, int32_t id);
+/* Per-layer inputs ple[n, L, P] (§3.3) of in (its lora included) from the
+ * embedded sequence x0[n, H]; lora_tmp holds n * rank floats. */
+void model_ple_inputs(Model *m, const ModelInput *in, const float *x0, float *ple, float *lora_tmp);
+
 #endif

@@ -1,7 +1,7 @@
 /* main.c - the gemmaforge command line: `serve` starts the HTTP server; the
- * engine commands (forward, generate, preprocess, tokenize, infer) run the
- * engine directly; the training commands (train, merge, preflight, lora-step)
- * say plainly that they are not built yet. The only file that calls exit(). */
+ * engine commands (forward, generate, preprocess, tokenize, infer, lora-step)
+ * run the engine directly; train, merge and preflight say plainly that they
+ * are not built yet. The only file that calls exit(). */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "cli_engine.h"
+#include "cli_train.h"
 #include "httpd.h"
 #include "kernels.h"
 #include "model.h"
@@ -39,7 +40,9 @@ static void usage(FILE *f) {
             "  preprocess an image as the model sees it: --image F [--max-soft-tokens N] --out OUT.safetensors\n"
             "  tokenize   --model DIR [--add-special] TEXT, or --jsonl ({\"text\":..} lines on stdin)\n"
             "  infer      answer a question about images: --model DIR [--image F]... --prompt TEXT [--max-tokens N]\n"
-            "  train, merge, preflight, lora-step\n"
+            "  lora-step  gradient/optimizer parity: --model DIR --adapter DIR --inputs IN.safetensors --out DIR\n"
+            "             [--steps N] [--lr X] [--weight-decay W]\n"
+            "  train, merge, preflight\n"
             "             not built yet (see README)\n\n"
             "serve options:\n"
             "  --model DIR             Gemma 4 model directory (config.json + safetensors)\n"
@@ -262,8 +265,9 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "preprocess") == 0) exit(cli_preprocess(argc, argv));
     if (strcmp(cmd, "tokenize") == 0) exit(cli_tokenize(argc, argv));
     if (strcmp(cmd, "infer") == 0) exit(cli_infer(argc, argv));
+    if (strcmp(cmd, "lora-step") == 0) exit(cli_lora_step(argc, argv));
     if (strcmp(cmd, "version") == 0) { printf("gemmaforge %s\n", VERSION); exit(0); }
-    static const char *const engine_cmds[] = {"train", "merge", "preflight", "lora-step", NULL};
+    static const char *const engine_cmds[] = {"train", "merge", "preflight", NULL};
     for (int i = 0; engine_cmds[i]; i++)
         if (strcmp(cmd, engine_cmds[i]) == 0) {
             fprintf(stderr, "gemmaforge %s: not built yet: training is not implemented in this build (see README, \"What exists\")\n", cmd);

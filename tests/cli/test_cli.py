@@ -30,6 +30,10 @@ def read_st(path):
             continue
         lo, hi = meta["data_offsets"]
         raw = data[8 + n + lo:8 + n + hi]
+        if meta["dtype"] == "BF16":
+            halves = struct.unpack("<%dH" % (len(raw) // 2), raw)
+            out[name] = (meta["shape"], struct.unpack("<%df" % len(halves), struct.pack("<%dI" % len(halves), *[h << 16 for h in halves])))
+            continue
         fmt = {"F32": "f", "I64": "q", "U8": "B"}[meta["dtype"]]
         out[name] = (meta["shape"], struct.unpack("<%d%s" % (len(raw) // struct.calcsize(fmt), fmt), raw))
     return out
@@ -324,6 +328,109 @@ def t_forward_with_adapter(case):
     assert rel_err(base, ref, V, [1] * T) > 1e-2
 
 
+def rel_l2(got, ref):
+    num = sum((g - r) ** 2 for g, r in zip(got, ref))
+    den = sum(r * r for r in ref)
+    return (num / den) ** 0.5 if den else num ** 0.5
+
+
+def lora_step(d, adapter, out, steps, train):
+    return subprocess.run([BIN, "lora-step", "--model", d, "--adapter", adapter, "--inputs",
+                           os.path.join(d, "forward_image.safetensors"), "--steps", str(steps), "--lr", repr(train["lr"]),
+                           "--weight-decay", repr(train["weight_decay"]), "--out", out], capture_output=True)
+
+
+def check_grads(got_path, ref_path, n_trainable):
+    grads, ref_grads = read_st(got_path), read_st(ref_path)
+    assert sorted(grads) == sorted(ref_grads), set(grads) ^ set(ref_grads)
+    n = 0
+    for name, (shape, ref) in ref_grads.items():
+        assert grads[name][0] == shape, name
+        e = rel_l2(grads[name][1], ref)
+        assert e <= 1e-3, "gradient %s: relative L2 error %g" % (name, e)
+        n += len(ref)
+    assert n == n_trainable, (n, n_trainable)
+
+
+def adamw_first_step(p, g, lr, wd, betas, eps):
+    """torch.optim.AdamW's first step from zero moments, in float64."""
+    m, v = (1 - betas[0]) * g, (1 - betas[1]) * g * g
+    return p * (1 - lr * wd) - lr / (1 - betas[0]) * m / ((v ** 0.5) / (1 - betas[1]) ** 0.5 + eps)
+
+
+def t_lora_step_gradients(case):
+    """gemmaforge lora-step from adapter_init on the image sample: the loss and
+    the gradient of every LoRA weight against PEFT's; then, teacher-forced,
+    the loss after torch's own first AdamW step (the adapter rebuilt here from
+    adapter_init and PEFT's gradients) against PEFT's second loss."""
+    variant, kind = case
+    d = os.path.join(FIXTURES, variant)
+    g = os.path.join(d, kind)
+    train = json.load(open(os.path.join(g, "train.json")))
+    out = tempfile.mkdtemp()
+    r = lora_step(d, os.path.join(g, "adapter_init"), out, 1, train)
+    assert r.returncode == 0, r.stderr
+    loss = json.load(open(os.path.join(out, "losses.json")))["losses_before_each_step"][0]
+    ref = train["losses_before_each_step"]
+    assert abs(loss - ref[0]) <= 1e-3 * ref[0], (loss, ref[0])
+    check_grads(os.path.join(out, "grads_step0.safetensors"), os.path.join(g, "grads_step0.safetensors"), train["n_trainable"])
+    ref_grads = read_st(os.path.join(g, "grads_step0.safetensors"))
+    init = read_st(os.path.join(g, "adapter_init", "adapter_model.safetensors"))
+    stepped = []
+    for name, (shape, p) in init.items():
+        grad = ref_grads[name.replace(".weight", ".default.weight")][1]
+        new = [adamw_first_step(a, b, train["lr"], train["weight_decay"], train["betas"], train["eps"]) for a, b in zip(p, grad)]
+        stepped.append((name, "F32", shape, struct.pack("<%df" % len(new), *new)))
+    a1 = os.path.join(out, "adapter_step1")
+    os.mkdir(a1)
+    shutil.copy(os.path.join(g, "adapter_init", "adapter_config.json"), a1)
+    write_st(os.path.join(a1, "adapter_model.safetensors"), stepped)
+    out1 = tempfile.mkdtemp()
+    r = lora_step(d, a1, out1, 1, train)
+    assert r.returncode == 0, r.stderr
+    loss1 = json.load(open(os.path.join(out1, "losses.json")))["losses_before_each_step"][0]
+    assert abs(loss1 - ref[1]) <= 1e-3 * ref[1], "loss after one torch step: %g, PEFT %g" % (loss1, ref[1])
+
+
+def t_lora_step_trajectory(case):
+    """Five free-running AdamW steps: the losses of train.json and, for the
+    dense model, adapter_final and the logits it gives (logits_final).
+
+    Only where the trajectory is well-conditioned: AdamW's first update is
+    about lr * sign(g), so a weight whose gradient lies within float32 rounding
+    noise of zero moves by +-lr whichever sign the noise gives. On ple and moe
+    such weights exist (float64 finite differences put several of them on the
+    other side of zero from PEFT's own gradients), so their golden adapter_final
+    is set by PEFT's rounding and the moe losses drift apart from step 2 while
+    step 0 gradients and the teacher-forced step 1 agree (t_lora_step_gradients)."""
+    variant, kind, check_final = case
+    d = os.path.join(FIXTURES, variant)
+    g = os.path.join(d, kind)
+    train = json.load(open(os.path.join(g, "train.json")))
+    out = tempfile.mkdtemp()
+    r = lora_step(d, os.path.join(g, "adapter_init"), out, train["steps"], train)
+    assert r.returncode == 0, r.stderr
+    losses = json.load(open(os.path.join(out, "losses.json")))["losses_before_each_step"]
+    assert len(losses) == train["steps"]
+    for i, (got, ref) in enumerate(zip(losses, train["losses_before_each_step"])):
+        assert abs(got - ref) <= 1e-3 * abs(ref), "loss before step %d: %g, PEFT %g" % (i, got, ref)
+    if not check_final:
+        return
+    final = read_st(os.path.join(out, "adapter_final", "adapter_model.safetensors"))
+    ref_final = read_st(os.path.join(g, "adapter_final", "adapter_model.safetensors"))
+    assert sorted(final) == sorted(ref_final)
+    for name, (shape, ref) in ref_final.items():
+        e = max(abs(a - b) for a, b in zip(final[name][1], ref)) / max(abs(v) for v in ref)
+        assert e <= 1e-3, "adapter_final %s: rel err %g" % (name, e)
+    logits = os.path.join(out, "logits.safetensors")
+    r = subprocess.run([BIN, "forward", "--model", d, "--adapter", os.path.join(out, "adapter_final"), "--inputs",
+                        os.path.join(d, "forward_image.safetensors"), "--out", logits], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    (_, T, V), ref = read_st(os.path.join(g, "logits_final.safetensors"))["logits"]
+    e = rel_err(read_st(logits)["logits"][1], ref, V, [1] * T)
+    assert e <= 1e-3, "logits_final: rel err %g" % e
+
+
 def t_adapter_refused(_):
     d = os.path.join(FIXTURES, "dense")
     src = os.path.join(d, "lora_lm", "adapter_final")
@@ -371,6 +478,10 @@ def main():
     for case in (("dense", "lora_lm"), ("dense", "lora_all"), ("ple", "lora_lm"), ("moe", "lora_lm")):
         runner.run("forward_with_adapter[%s/%s]" % case, t_forward_with_adapter, case)
     runner.run("adapter_refused", t_adapter_refused, None)
+    for case in (("dense", "lora_lm"), ("dense", "lora_all"), ("ple", "lora_lm"), ("moe", "lora_lm")):
+        runner.run("lora_step_gradients[%s/%s]" % case, t_lora_step_gradients, case)
+    for case in (("dense", "lora_lm", True), ("dense", "lora_all", True), ("ple", "lora_lm", False)):
+        runner.run("lora_step_trajectory[%s/%s]" % case[:2], t_lora_step_trajectory, case)
     return runner.finish()
 
 

@@ -1,0 +1,587 @@
+/* backward.c - loss and LoRA gradients of one training sequence: forward
+ * with per-layer checkpoints (model_forward's hidden states are the layer
+ * inputs, its KV cache the stored K/V), then for each layer from the last:
+ * re-run its forward keeping every intermediate (layer_forward), and walk it
+ * back (layer_backward). */
+#include "backward.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model_impl.h"
+
+#define LOGIT_ROWS 8          /* rows of logits materialized at once */
+
+/* ---- workspace -------------------------------------------------------------- */
+
+typedef struct {
+    float *u0, *u2, *p, *gu, *mm, *yk, *y;   /* [H], [H], [E], [K, 2Im], [K, Im], [K, H], [H] */
+    float *dy, *du, *dgu, *dmm, *t;          /* [H], [H], [2Im], [Im], [Im] */
+    int idx[64];
+    float w[64], wsum;
+} MoeTape;
+
+struct GradWorkspace {
+    int64_t max_tokens;
+    int max_rank;
+    KvCache cache;
+    float *hidden;                /* [(L + 1), n, H]: layer inputs */
+    float *soft;                  /* [n, H] image soft tokens */
+    float *ple, *dple, *ple_buf;  /* [n, L, P] */
+    float **dK, **dV;             /* per store layer [n, KVH, D] */
+    /* one layer's forward, [n, width] */
+    float *h1, *o, *x1, *h2, *d, *f, *x2, *pp, *out, *t;      /* H */
+    float *qlin, *qr, *att;                                    /* NH * D */
+    float *klin, *vlin;                                        /* KVH * D */
+    float *g, *u, *mm;                                         /* I */
+    float *moe;                                                /* H */
+    float *pg, *pm;                                            /* P */
+    /* its gradients */
+    float *dx, *dh, *dh2, *df;                                 /* H */
+    float *dq, *dqlin;                                         /* NH * D */
+    float *dklin, *dvlin;                                      /* KVH * D */
+    float *dI1, *dI2;                                          /* I */
+    float *dP1, *dP2;                                          /* P */
+    float *lora_tmp;                                           /* [n, 2 rank] */
+    float *logits, *gx, *gdx;                                  /* [LOGIT_ROWS, V], [LOGIT_ROWS, H] x2 */
+    float *xn, *dxn;                                           /* [n, H] */
+    MoeTape moe_tape;
+    float *slab;
+};
+
+typedef struct {
+    float *base;
+    size_t used;
+} Slab;
+
+/* Cuts n floats (16-aligned) from the slab; with no base it only counts. */
+static float *take(Slab *s, size_t n) {
+    float *p = s->base ? s->base + s->used : NULL;
+    s->used += (n + 15) & ~(size_t)15;
+    return p;
+}
+
+static void layout(const Model *m, GradWorkspace *w, Slab *s) {
+    const TextConfig *t = &m->cfg.text;
+    size_t n = (size_t)w->max_tokens, H = (size_t)t->hidden_size, L = (size_t)t->n_layers, P = (size_t)t->ple_dim;
+    size_t dmax = 0, kvmax = 0, imax = 0;
+    for (size_t i = 0; i < L; i++) {
+        const LayerConfig *l = &t->layers[i];
+        if ((size_t)l->head_dim > dmax) dmax = (size_t)l->head_dim;
+        if ((size_t)l->kv_heads * l->head_dim > kvmax) kvmax = (size_t)l->kv_heads * l->head_dim;
+        if ((size_t)l->intermediate > imax) imax = (size_t)l->intermediate;
+    }
+    size_t qw = (size_t)t->n_heads * dmax;
+    w->hidden = take(s, (L + 1) * n * H);
+    w->soft = take(s, n * H);
+    w->ple = take(s, n * L * P);
+    w->dple = take(s, n * L * P);
+    w->ple_buf = take(s, n * L * P);
+    for (size_t i = 0; i < L; i++) {
+        const LayerConfig *l = &t->layers[i];
+        w->dK[i] = l->kv_shared ? NULL : take(s, n * (size_t)l->kv_heads * (size_t)l->head_dim);
+        w->dV[i] = l->kv_shared ? NULL : take(s, n * (size_t)l->kv_heads * (size_t)l->head_dim);
+    }
+    float **h_bufs[] = {&w->h1, &w->o, &w->x1, &w->h2, &w->d, &w->f, &w->x2, &w->pp, &w->out, &w->t, &w->moe,
+                        &w->dx, &w->dh, &w->dh2, &w->df, &w->xn, &w->dxn};
+    for (size_t i = 0; i < sizeof h_bufs / sizeof *h_bufs; i++) *h_bufs[i] = take(s, n * H);
+    float **q_bufs[] = {&w->qlin, &w->qr, &w->att, &w->dq, &w->dqlin};
+    for (size_t i = 0; i < sizeof q_bufs / sizeof *q_bufs; i++) *q_bufs[i] = take(s, n * qw);
+    float **kv_bufs[] = {&w->klin, &w->vlin, &w->dklin, &w->dvlin};
+    for (size_t i = 0; i < sizeof kv_bufs / sizeof *kv_bufs; i++) *kv_bufs[i] = take(s, n * kvmax);
+    float **i_bufs[] = {&w->g, &w->u, &w->mm, &w->dI1, &w->dI2};
+    for (size_t i = 0; i < sizeof i_bufs / sizeof *i_bufs; i++) *i_bufs[i] = take(s, n * imax);
+    float **p_bufs[] = {&w->pg, &w->pm, &w->dP1, &w->dP2};
+    for (size_t i = 0; i < sizeof p_bufs / sizeof *p_bufs; i++) *p_bufs[i] = take(s, n * P);
+    w->lora_tmp = take(s, n * 2 * (size_t)(w->max_rank > 0 ? w->max_rank : 1));
+    w->logits = take(s, LOGIT_ROWS * (size_t)t->vocab_size);
+    w->gx = take(s, LOGIT_ROWS * H);
+    w->gdx = take(s, LOGIT_ROWS * H);
+    MoeTape *mt = &w->moe_tape;
+    size_t E = (size_t)t->n_experts, K = (size_t)t->top_k_experts, Im = (size_t)t->moe_intermediate;
+    if (!t->moe) E = K = Im = 0;
+    mt->u0 = take(s, H);
+    mt->u2 = take(s, H);
+    mt->p = take(s, E);
+    mt->gu = take(s, K * 2 * Im);
+    mt->mm = take(s, K * Im);
+    mt->yk = take(s, K * H);
+    mt->y = take(s, H);
+    mt->dy = take(s, H);
+    mt->du = take(s, H);
+    mt->dgu = take(s, 2 * Im);
+    mt->dmm = take(s, Im);
+    mt->t = take(s, Im);
+}
+
+GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWorkspace **out, GfError *err) {
+    const TextConfig *t = &m->cfg.text;
+    *out = NULL;
+    if (max_tokens <= 0 || max_rank < 0 || max_rank > LORA_MAX_RANK)
+        return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "bad workspace size");
+    GradWorkspace *w = gf_calloc(1, sizeof *w, err);
+    if (!w) return GF_NO_MEMORY;
+    w->max_tokens = max_tokens;
+    w->max_rank = max_rank;
+    w->dK = gf_calloc((size_t)t->n_layers, sizeof *w->dK, err);
+    w->dV = gf_calloc((size_t)t->n_layers, sizeof *w->dV, err);
+    Slab s = {NULL, 0};
+    if (w->dK && w->dV) {
+        layout(m, w, &s);
+        w->slab = gf_malloc(s.used * sizeof(float), err);
+    }
+    if (!w->slab || kv_cache_init(&w->cache, m, max_tokens, err)) {
+        grad_workspace_free(w);
+        return err->status ? err->status : GF_NO_MEMORY;
+    }
+    s = (Slab){w->slab, 0};
+    layout(m, w, &s);
+    *out = w;
+    return GF_OK;
+}
+
+void grad_workspace_free(GradWorkspace *w) {
+    if (!w) return;
+    kv_cache_free(&w->cache);
+    free(w->dK);
+    free(w->dV);
+    free(w->slab);
+    free(w);
+}
+
+int64_t train_sequence_targets(const TrainSequence *s) {
+    int64_t c = 0;
+    for (int64_t t = 0; t + 1 < s->n; t++) c += s->labels[t + 1] != -100;
+    return c;
+}
+
+/* ---- linears ------------------------------------------------------------------- */
+
+static const LoraPair *text_pair(const LoraBinding *b, int li, int slot) {
+    return b ? b->text[li * LORA_TEXT_SLOTS + slot] : NULL;
+}
+
+/* y[n, out] = x W^T (+ the adapter's term) */
+static void linear_fwd(Model *m, GradWorkspace *w, const LoraBinding *b, float *y, const float *x, KnMatrix W,
+                       const LoraPair *p, int64_t n) {
+    m->ops->matmul(&m->ctx, y, x, W, n);
+    if (p) lora_apply(p, b->scale, y, x, n, w->lora_tmp);
+}
+
+/* dx[n, in] += dy W (+ the adapter's term); the adapter's dA, dB accumulate. */
+static void linear_bwd(Model *m, GradWorkspace *w, const LoraBinding *b, float *dx, const float *dy, const float *x,
+                       KnMatrix W, const LoraPair *p, int64_t n) {
+    m->ops->matmul_dx(&m->ctx, dx, dy, W, n);
+    if (p) lora_backward(p, b->scale, dx, dy, x, n, w->lora_tmp);
+}
+
+static void zero(float *x, int64_t n) { memset(x, 0, (size_t)n * sizeof(float)); }
+
+/* ---- MoE (§3.8), one token ------------------------------------------------------- */
+
+static KnMatrix expert(KnMatrix all, int e, int64_t rows, int64_t cols) {
+    size_t es = all.dtype == KN_F32 ? 4 : 2;
+    return (KnMatrix){(const char *)all.data + (size_t)e * (size_t)(rows * cols) * es, all.dtype, rows, cols};
+}
+
+/* out[H] = the MoE block of residual r[H], keeping what moe_bwd needs. */
+static void moe_fwd(Model *m, const Layer *l, const float *r, float *out, MoeTape *mt) {
+    const TextConfig *t = &m->cfg.text;
+    int64_t H = t->hidden_size, E = t->n_experts, K = t->top_k_experts, Im = t->moe_intermediate;
+    m->ops->rmsnorm(&m->ctx, mt->u0, r, NULL, 1, H, t->rms_eps);
+    float hs = (float)(1.0 / sqrt((double)H));
+    for (int64_t i = 0; i < H; i++) mt->du[i] = mt->u0[i] * l->router_scale[i] * hs; /* router input */
+    m->ops->matmul(&m->ctx, mt->p, mt->du, l->router, 1);
+    float mx = mt->p[0], sum = 0.0f;
+    for (int64_t e = 1; e < E; e++) mx = mt->p[e] > mx ? mt->p[e] : mx;
+    for (int64_t e = 0; e < E; e++) sum += (mt->p[e] = expf(mt->p[e] - mx));
+    for (int64_t e = 0; e < E; e++) mt->p[e] /= sum;
+    mt->wsum = 0.0f;
+    for (int64_t k = 0; k < K; k++) { /* stable top-k: lower index wins ties */
+        int best = -1;
+        for (int64_t e = 0; e < E; e++) {
+            int taken = 0;
+            for (int64_t j = 0; j < k; j++) taken |= mt->idx[j] == e;
+            if (!taken && (best < 0 || mt->p[e] > mt->p[best])) best = (int)e;
+        }
+        mt->idx[k] = best;
+        mt->wsum += (mt->w[k] = mt->p[best]);
+    }
+    m->ops->rmsnorm(&m->ctx, mt->u2, r, l->pre_ff_ln2, 1, H, t->rms_eps);
+    zero(mt->y, H);
+    for (int64_t k = 0; k < K; k++) {
+        float *gu = mt->gu + k * 2 * Im, *mm = mt->mm + k * Im, *yk = mt->yk + k * H;
+        m->ops->matmul(&m->ctx, gu, mt->u2, expert(l->experts_gate_up, mt->idx[k], 2 * Im, H), 1);
+        memcpy(mm, gu, (size_t)Im * sizeof(float));
+        m->ops->gelu_tanh(mm, (size_t)Im);
+        for (int64_t i = 0; i < Im; i++) mm[i] *= gu[Im + i];
+        m->ops->matmul(&m->ctx, yk, mm, expert(l->experts_down, mt->idx[k], H, Im), 1);
+        float coef = mt->w[k] / mt->wsum * l->per_expert_scale[mt->idx[k]];
+        for (int64_t i = 0; i < H; i++) mt->y[i] += coef * yk[i];
+    }
+    m->ops->rmsnorm(&m->ctx, out, mt->y, l->post_ff_ln2, 1, H, t->rms_eps);
+}
+
+/* dr[H] += the gradient of moe_fwd at r for dout[H] (after moe_fwd at r).
+ * The experts are frozen; the gradient flows through their inputs and
+ * through the routing weights into the router's input. */
+static void moe_bwd(Model *m, const Layer *l, const float *r, const float *dout, float *dr, MoeTape *mt) {
+    const TextConfig *t = &m->cfg.text;
+    int64_t H = t->hidden_size, E = t->n_experts, K = t->top_k_experts, Im = t->moe_intermediate;
+    zero(mt->dy, H);
+    m->ops->rmsnorm_dx(&m->ctx, mt->dy, mt->y, l->post_ff_ln2, dout, 1, H, t->rms_eps);
+    float dwn[64]; /* gradient of the normalized routing weight w_k / wsum */
+    zero(mt->du, H);
+    for (int64_t k = 0; k < K; k++) {
+        const float *gu = mt->gu + k * 2 * Im, *yk = mt->yk + k * H;
+        float pes = l->per_expert_scale[mt->idx[k]], coef = mt->w[k] / mt->wsum * pes, dc = 0.0f;
+        for (int64_t i = 0; i < H; i++) dc += mt->dy[i] * yk[i];
+        dwn[k] = dc * pes;
+        zero(mt->dmm, Im);
+        m->ops->matmul_dx(&m->ctx, mt->dmm, mt->dy, expert(l->experts_down, mt->idx[k], H, Im), 1);
+        memcpy(mt->t, gu, (size_t)Im * sizeof(float));
+        m->ops->gelu_tanh(mt->t, (size_t)Im);
+        for (int64_t i = 0; i < Im; i++) {
+            mt->dmm[i] *= coef;
+            mt->dgu[Im + i] = mt->dmm[i] * mt->t[i];
+            mt->t[i] = mt->dmm[i] * gu[Im + i];
+        }
+        m->ops->gelu_tanh_dx(mt->dgu, gu, mt->t, (size_t)Im);
+        m->ops->matmul_dx(&m->ctx, mt->du, mt->dgu, expert(l->experts_gate_up, mt->idx[k], 2 * Im, H), 1);
+    }
+    m->ops->rmsnorm_dx(&m->ctx, dr, r, l->pre_ff_ln2, mt->du, 1, H, t->rms_eps);
+    /* routing: w_k = p_k / S over the chosen experts, then the softmax */
+    float dp[64] = {0}, corr = 0.0f, pdp = 0.0f;
+    for (int64_t k = 0; k < K; k++) corr += dwn[k] * mt->w[k];
+    for (int64_t k = 0; k < K; k++) dp[mt->idx[k]] = dwn[k] / mt->wsum - corr / (mt->wsum * mt->wsum);
+    for (int64_t e = 0; e < E; e++) pdp += mt->p[e] * dp[e];
+    for (int64_t e = 0; e < E; e++) dp[e] = mt->p[e] * (dp[e] - pdp);
+    zero(mt->du, H);
+    m->ops->matmul_dx(&m->ctx, mt->du, dp, l->router, 1);
+    float hs = (float)(1.0 / sqrt((double)H));
+    for (int64_t i = 0; i < H; i++) mt->du[i] *= l->router_scale[i] * hs;
+    m->ops->rmsnorm_dx(&m->ctx, dr, r, NULL, mt->du, 1, H, t->rms_eps);
+}
+
+/* ---- one decoder layer ------------------------------------------------------------- */
+
+static KnMask layer_mask(const Model *m, const KvCache *c, int li) {
+    const TextConfig *t = &m->cfg.text;
+    const LayerConfig *lc = &t->layers[li];
+    KnMask mask = {c->valid, t->bidirectional_vision ? c->group : NULL, lc->kind == LAYER_SLIDING ? t->sliding_window : 0};
+    if (lc->kind == LAYER_FULL) mask.group = NULL; /* full layers stay causal (§4) */
+    return mask;
+}
+
+/* Re-runs layer li on x[n, H] (its input), keeping the intermediates; the
+ * layer's output goes to w->out. K/V come from the cache the forward filled. */
+static void layer_forward(Model *m, GradWorkspace *w, const LoraBinding *b, int li, int64_t n, const float *x) {
+    const TextConfig *t = &m->cfg.text;
+    const LayerConfig *lc = &t->layers[li];
+    const Layer *l = &m->layers[li];
+    int64_t H = t->hidden_size, D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads, I = lc->intermediate;
+    int64_t P = t->ple_dim, L = t->n_layers;
+    float eps = t->rms_eps;
+    m->ops->rmsnorm(&m->ctx, w->h1, x, l->input_ln, n, H, eps);
+    linear_fwd(m, w, b, w->qlin, w->h1, l->q, text_pair(b, li, LORA_Q), n);
+    m->ops->rmsnorm(&m->ctx, w->qr, w->qlin, l->q_norm, n * NH, D, eps);
+    for (int64_t i = 0; i < n; i++) m->ops->rope(w->qr + i * NH * D, (int)NH, (int)D, l->inv_freq, i);
+    if (!lc->kv_shared) {
+        linear_fwd(m, w, b, w->klin, w->h1, l->k, text_pair(b, li, LORA_K), n);
+        if (lc->k_eq_v) memcpy(w->vlin, w->klin, (size_t)(n * KVH * D) * sizeof(float));
+        else linear_fwd(m, w, b, w->vlin, w->h1, l->v, text_pair(b, li, LORA_V), n);
+    }
+    KnMask mask = layer_mask(m, &w->cache, li);
+    int src = lc->store_layer;
+    m->ops->attention(&m->ctx, w->att, w->qr, w->cache.k[src], w->cache.v[src], n, 0, n, (int)NH, (int)KVH, (int)D, 1.0f, &mask);
+    linear_fwd(m, w, b, w->o, w->att, l->o, text_pair(b, li, LORA_O), n);
+    m->ops->rmsnorm(&m->ctx, w->t, w->o, l->post_attn_ln, n, H, eps);
+    for (int64_t i = 0; i < n * H; i++) w->x1[i] = x[i] + w->t[i];
+    m->ops->rmsnorm(&m->ctx, w->h2, w->x1, l->pre_ff_ln, n, H, eps);
+    linear_fwd(m, w, b, w->g, w->h2, l->gate, text_pair(b, li, LORA_GATE), n);
+    linear_fwd(m, w, b, w->u, w->h2, l->up, text_pair(b, li, LORA_UP), n);
+    memcpy(w->mm, w->g, (size_t)(n * I) * sizeof(float));
+    m->ops->gelu_tanh(w->mm, (size_t)(n * I));
+    for (int64_t i = 0; i < n * I; i++) w->mm[i] *= w->u[i];
+    linear_fwd(m, w, b, w->d, w->mm, l->down, text_pair(b, li, LORA_DOWN), n);
+    if (t->moe) {
+        m->ops->rmsnorm(&m->ctx, w->f, w->d, l->post_ff_ln1, n, H, eps);
+        for (int64_t i = 0; i < n; i++) {
+            moe_fwd(m, l, w->x1 + i * H, w->moe + i * H, &w->moe_tape);
+            for (int64_t j = 0; j < H; j++) w->f[i * H + j] += w->moe[i * H + j];
+        }
+    } else {
+        memcpy(w->f, w->d, (size_t)(n * H) * sizeof(float));
+    }
+    m->ops->rmsnorm(&m->ctx, w->t, w->f, l->post_ff_ln, n, H, eps);
+    for (int64_t i = 0; i < n * H; i++) w->x2[i] = w->x1[i] + w->t[i];
+    memcpy(w->out, w->x2, (size_t)(n * H) * sizeof(float));
+    if (P) {
+        linear_fwd(m, w, b, w->pg, w->x2, l->ple_gate, text_pair(b, li, LORA_PLE_GATE), n);
+        memcpy(w->pm, w->pg, (size_t)(n * P) * sizeof(float));
+        m->ops->gelu_tanh(w->pm, (size_t)(n * P));
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t p = 0; p < P; p++) w->pm[i * P + p] *= w->ple[(i * L + li) * P + p];
+        linear_fwd(m, w, b, w->pp, w->pm, l->ple_proj, text_pair(b, li, LORA_PLE_PROJ), n);
+        m->ops->rmsnorm(&m->ctx, w->t, w->pp, l->post_ple_ln, n, H, eps);
+        for (int64_t i = 0; i < n * H; i++) w->out[i] += w->t[i];
+    }
+    for (int64_t i = 0; i < n * H; i++) w->out[i] *= l->layer_scalar;
+}
+
+/* Attention backward from d(o) in w->dh2 to d(h1) in w->dh (written). */
+static void attention_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int li, int64_t n) {
+    const TextConfig *t = &m->cfg.text;
+    const LayerConfig *lc = &t->layers[li];
+    const Layer *l = &m->layers[li];
+    int64_t H = t->hidden_size, D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
+    float eps = t->rms_eps;
+    int src = lc->store_layer;
+    zero(w->dqlin, n * NH * D); /* d(att) first */
+    linear_bwd(m, w, b, w->dqlin, w->dh2, w->att, l->o, text_pair(b, li, LORA_O), n);
+    KnMask mask = layer_mask(m, &w->cache, li);
+    m->ops->attention_dx(&m->ctx, w->dq, w->dK[src], w->dV[src], w->qr, w->cache.k[src], w->cache.v[src], w->dqlin, n, 0,
+                         n, (int)NH, (int)KVH, (int)D, 1.0f, &mask);
+    for (int64_t i = 0; i < n; i++) m->ops->rope(w->dq + i * NH * D, (int)NH, (int)D, l->inv_freq, -i); /* R^T = R(-pos) */
+    zero(w->dqlin, n * NH * D);
+    m->ops->rmsnorm_dx(&m->ctx, w->dqlin, w->qlin, l->q_norm, w->dq, n * NH, D, eps);
+    zero(w->dh, n * H);
+    linear_bwd(m, w, b, w->dh, w->dqlin, w->h1, l->q, text_pair(b, li, LORA_Q), n);
+    if (lc->kv_shared) return;
+    /* this layer stores K/V: dK, dV now hold the gradients of every layer reading them */
+    float *dk = w->dK[li], *dv = w->dV[li];
+    for (int64_t i = 0; i < n; i++) m->ops->rope(dk + i * KVH * D, (int)KVH, (int)D, l->inv_freq, -i);
+    zero(w->dklin, n * KVH * D);
+    zero(w->dvlin, n * KVH * D);
+    m->ops->rmsnorm_dx(&m->ctx, w->dklin, w->klin, l->k_norm, dk, n * KVH, D, eps);
+    m->ops->rmsnorm_dx(&m->ctx, w->dvlin, w->vlin, NULL, dv, n * KVH, D, eps);
+    if (lc->k_eq_v) {
+        for (int64_t i = 0; i < n * KVH * D; i++) w->dklin[i] += w->dvlin[i];
+    } else {
+        linear_bwd(m, w, b, w->dh, w->dvlin, w->h1, l->v, text_pair(b, li, LORA_V), n);
+    }
+    linear_bwd(m, w, b, w->dh, w->dklin, w->h1, l->k, text_pair(b, li, LORA_K), n);
+}
+
+/* After layer_forward(li, x): w->dx holds d(out) on entry and d(x) on return. */
+static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int li, int64_t n, const float *x) {
+    const TextConfig *t = &m->cfg.text;
+    const LayerConfig *lc = &t->layers[li];
+    const Layer *l = &m->layers[li];
+    int64_t H = t->hidden_size, I = lc->intermediate, P = t->ple_dim, L = t->n_layers;
+    float eps = t->rms_eps;
+    float *dx = w->dx;
+    for (int64_t i = 0; i < n * H; i++) dx[i] *= l->layer_scalar;
+    if (P) { /* out = x2 + norm(proj(gelu(gate(x2)) * ple)) */
+        zero(w->dh, n * H);
+        m->ops->rmsnorm_dx(&m->ctx, w->dh, w->pp, l->post_ple_ln, dx, n, H, eps);
+        zero(w->dP1, n * P);
+        linear_bwd(m, w, b, w->dP1, w->dh, w->pm, l->ple_proj, text_pair(b, li, LORA_PLE_PROJ), n);
+        memcpy(w->dP2, w->pg, (size_t)(n * P) * sizeof(float));
+        m->ops->gelu_tanh(w->dP2, (size_t)(n * P));
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t p = 0; p < P; p++) {
+                int64_t j = i * P + p, k = (i * L + li) * P + p;
+                w->dple[k] += w->dP1[j] * w->dP2[j];
+                w->dP1[j] *= w->ple[k];
+            }
+        m->ops->gelu_tanh_dx(w->dP2, w->pg, w->dP1, (size_t)(n * P));
+        linear_bwd(m, w, b, dx, w->dP2, w->x2, l->ple_gate, text_pair(b, li, LORA_PLE_GATE), n);
+    }
+    /* x2 = x1 + norm(f) */
+    zero(w->df, n * H);
+    m->ops->rmsnorm_dx(&m->ctx, w->df, w->f, l->post_ff_ln, dx, n, H, eps);
+    float *dd = w->df;
+    if (t->moe) { /* f = norm1(d) + moe(x1) */
+        for (int64_t i = 0; i < n; i++) {
+            moe_fwd(m, l, w->x1 + i * H, w->moe + i * H, &w->moe_tape);
+            moe_bwd(m, l, w->x1 + i * H, w->df + i * H, dx + i * H, &w->moe_tape);
+        }
+        zero(w->dh, n * H);
+        m->ops->rmsnorm_dx(&m->ctx, w->dh, w->d, l->post_ff_ln1, w->df, n, H, eps);
+        dd = w->dh;
+    }
+    /* d = down(gelu(gate(h2)) * up(h2)) */
+    zero(w->dI1, n * I);
+    linear_bwd(m, w, b, w->dI1, dd, w->mm, l->down, text_pair(b, li, LORA_DOWN), n);
+    memcpy(w->dI2, w->g, (size_t)(n * I) * sizeof(float));
+    m->ops->gelu_tanh(w->dI2, (size_t)(n * I));
+    for (int64_t i = 0; i < n * I; i++) {
+        float dm = w->dI1[i];
+        w->dI1[i] = dm * w->u[i];   /* d gelu(g) */
+        w->dI2[i] = dm * w->dI2[i]; /* d u */
+    }
+    m->ops->gelu_tanh_dx(w->dI1, w->g, w->dI1, (size_t)(n * I));
+    zero(w->dh2, n * H);
+    linear_bwd(m, w, b, w->dh2, w->dI1, w->h2, l->gate, text_pair(b, li, LORA_GATE), n);
+    linear_bwd(m, w, b, w->dh2, w->dI2, w->h2, l->up, text_pair(b, li, LORA_UP), n);
+    m->ops->rmsnorm_dx(&m->ctx, dx, w->x1, l->pre_ff_ln, w->dh2, n, H, eps);
+    /* x1 = x + norm(attention(norm(x))) */
+    zero(w->dh2, n * H);
+    m->ops->rmsnorm_dx(&m->ctx, w->dh2, w->o, l->post_attn_ln, dx, n, H, eps);
+    attention_backward(m, w, b, li, n);
+    m->ops->rmsnorm_dx(&m->ctx, dx, x, l->input_ln, w->dh, n, H, eps);
+}
+
+/* ---- loss ------------------------------------------------------------------------ */
+
+/* Softcapped logits of LOGIT_ROWS rows at most: the rows' losses and, scaled,
+ * their gradients d(xn rows) into w->gdx. */
+static double loss_rows(Model *m, GradWorkspace *w, const int32_t *targets, int64_t rows, float scale) {
+    const TextConfig *t = &m->cfg.text;
+    int64_t V = t->vocab_size, H = t->hidden_size;
+    float cap = t->final_softcap;
+    m->ops->matmul(&m->ctx, w->logits, w->gx, m->embed, rows);
+    double loss = 0.0;
+    for (int64_t r = 0; r < rows; r++) {
+        float *z = w->logits + r * V;
+        if (cap > 0) m->ops->softcap(z, (size_t)V, cap);
+        float mx = z[0];
+        for (int64_t v = 1; v < V; v++) mx = z[v] > mx ? z[v] : mx;
+        double sum = 0.0;
+        for (int64_t v = 0; v < V; v++) sum += exp((double)(z[v] - mx));
+        double lse = (double)mx + log(sum);
+        loss += lse - (double)z[targets[r]];
+        for (int64_t v = 0; v < V; v++) {
+            float g = (float)exp((double)z[v] - lse) - (v == targets[r] ? 1.0f : 0.0f);
+            if (cap > 0) g *= 1.0f - (z[v] / cap) * (z[v] / cap); /* d cap tanh(l / cap) / dl */
+            z[v] = g * scale;
+        }
+    }
+    zero(w->gdx, rows * H);
+    m->ops->matmul_dx(&m->ctx, w->gdx, w->logits, m->embed, rows);
+    return loss;
+}
+
+/* The loss on the last layer's output xL[n, H]; d(xL) into w->dx. */
+static double loss_backward(Model *m, GradWorkspace *w, const TrainSequence *s, const float *xL, float scale) {
+    const TextConfig *t = &m->cfg.text;
+    int64_t n = s->n, H = t->hidden_size;
+    m->ops->rmsnorm(&m->ctx, w->xn, xL, m->final_norm, n, H, t->rms_eps);
+    zero(w->dxn, n * H);
+    double loss = 0.0;
+    int64_t rows[LOGIT_ROWS];
+    int32_t targets[LOGIT_ROWS];
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int last = i + 1 == n;
+        if (!last && s->labels[i + 1] != -100) {
+            rows[k] = i;
+            targets[k] = s->labels[i + 1];
+            memcpy(w->gx + k * H, w->xn + i * H, (size_t)H * sizeof(float));
+            k++;
+        }
+        if (k == LOGIT_ROWS || (last && k > 0)) {
+            loss += loss_rows(m, w, targets, k, scale);
+            for (int64_t r = 0; r < k; r++) memcpy(w->dxn + rows[r] * H, w->gdx + r * H, (size_t)H * sizeof(float));
+            k = 0;
+        }
+    }
+    zero(w->dx, n * H);
+    m->ops->rmsnorm_dx(&m->ctx, w->dx, xL, m->final_norm, w->dxn, n, H, t->rms_eps);
+    return loss;
+}
+
+/* ---- the embedded sequence ------------------------------------------------------------ */
+
+/* d(x0) += the per-layer inputs' share, through ple_model_proj (§3.3);
+ * ple_model_proj's adapter gets its gradient. */
+static void ple_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int64_t n, const float *x0, float *dx0) {
+    const TextConfig *t = &m->cfg.text;
+    int64_t L = t->n_layers, P = t->ple_dim, H = t->hidden_size;
+    const LoraPair *p = b ? b->ple_model_proj : NULL;
+    float ctx_scale = (float)(1.0 / sqrt((double)H)), mix = (float)(1.0 / sqrt(2.0));
+    m->ops->matmul(&m->ctx, w->ple_buf, x0, m->ple_model_proj, n);
+    if (p) lora_apply(p, b->scale, w->ple_buf, x0, n, w->lora_tmp);
+    for (int64_t i = 0; i < n * L * P; i++) {
+        w->ple_buf[i] *= ctx_scale;
+        w->dple[i] *= mix;
+    }
+    float *dproj = w->ple; /* the per-layer inputs are no longer needed */
+    zero(dproj, n * L * P);
+    m->ops->rmsnorm_dx(&m->ctx, dproj, w->ple_buf, m->ple_norm, w->dple, n * L, P, t->rms_eps);
+    for (int64_t i = 0; i < n * L * P; i++) dproj[i] *= ctx_scale;
+    linear_bwd(m, w, b, dx0, dproj, x0, m->ple_model_proj, p, n);
+}
+
+static int vision_adapted(const LoraBinding *b) {
+    if (!b) return 0;
+    if (b->input_proj || b->embed_proj) return 1;
+    for (int i = 0; i < b->n_vision_layers * LORA_VISION_SLOTS; i++)
+        if (b->vision[i]) return 1;
+    return 0;
+}
+
+/* Soft tokens of every image into w->soft; their count in *n_soft. */
+static GfStatus images_forward(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, int64_t *n_soft,
+                               GfError *err) {
+    const GemmaConfig *g = &m->cfg;
+    int64_t H = g->text.hidden_size, placeholders = 0, pp = 3 * (int64_t)g->vision.patch_size * g->vision.patch_size;
+    for (int64_t i = 0; i < s->n; i++) placeholders += s->ids[i] == g->image_token_id;
+    *n_soft = 0;
+    for (int im = 0; im < s->n_images; im++) {
+        int64_t got = 0;
+        int64_t kk = g->vision.pooling_kernel;
+        if (*n_soft + s->n_patches / (kk * kk) > w->max_tokens)
+            return gf_error_set(err, GF_TOO_LARGE, "context_length_exceeded", NULL, "the images give more soft tokens than the sequence holds");
+        if (model_vision_forward(m, b, s->pixels + im * s->n_patches * pp, s->positions + im * s->n_patches * 2, s->n_patches,
+                                 w->soft + *n_soft * H, &got, err))
+            return err->status;
+        *n_soft += got;
+    }
+    if (*n_soft != placeholders)
+        return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "%lld image placeholders for %lld soft tokens",
+                            (long long)placeholders, (long long)*n_soft);
+    return GF_OK;
+}
+
+/* ---- the whole sequence ------------------------------------------------------------------ */
+
+GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, float grad_scale,
+                        double *loss_sum, int64_t *n_targets, GfError *err) {
+    const TextConfig *t = &m->cfg.text;
+    int64_t n = s->n, H = t->hidden_size, L = t->n_layers, P = t->ple_dim;
+    *loss_sum = 0.0;
+    *n_targets = 0;
+    if (n <= 0 || n > w->max_tokens)
+        return gf_error_set(err, n <= 0 ? GF_INVALID : GF_TOO_LARGE, "context_length_exceeded", NULL,
+                            "a training sequence of %lld tokens (the workspace holds %lld)", (long long)n,
+                            (long long)w->max_tokens);
+    if (b && b->max_rank > w->max_rank)
+        return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "adapter rank %d above the workspace's %d", b->max_rank,
+                            w->max_rank);
+    if (vision_adapted(b))
+        return gf_error_set(err, GF_NOT_IMPLEMENTED, "not_implemented", NULL,
+                            "training adapters on the vision tower is not built yet");
+    for (int64_t i = 0; i < n; i++)
+        if (s->labels[i] != -100 && (s->labels[i] < 0 || s->labels[i] >= t->vocab_size))
+            return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "label %d at position %lld is outside the vocabulary",
+                                s->labels[i], (long long)i);
+    int64_t n_soft = 0;
+    if (s->n_images && images_forward(m, w, b, s, &n_soft, err)) return err->status;
+    /* forward: the layer inputs and the stored K/V */
+    ModelInput in = {.ids = s->ids, .mm_type = s->mm_type, .soft_tokens = n_soft ? w->soft : NULL, .n = n, .lora = b};
+    kv_cache_reset(&w->cache);
+    if (model_forward(m, &w->cache, &in, NULL, w->hidden, err)) return err->status;
+    if (P) {
+        model_ple_inputs(m, &in, w->hidden, w->ple, w->lora_tmp);
+        zero(w->dple, n * L * P);
+    }
+    for (int64_t li = 0; li < L; li++)
+        if (w->dK[li]) {
+            const LayerConfig *lc = &t->layers[li];
+            zero(w->dK[li], n * lc->kv_heads * lc->head_dim);
+            zero(w->dV[li], n * lc->kv_heads * lc->head_dim);
+        }
+    /* backward, one re-run layer at a time */
+    for (int64_t li = L - 1; li >= 0; li--) {
+        const float *x = w->hidden + li * n * H;
+        layer_forward(m, w, b, (int)li, n, x);
+        if (li == L - 1) *loss_sum = loss_backward(m, w, s, w->out, grad_scale);
+        layer_backward(m, w, b, (int)li, n, x);
+    }
+    if (P && b && b->ple_model_proj) ple_backward(m, w, b, n, w->hidden, w->dx);
+    *n_targets = train_sequence_targets(s);
+    return GF_OK;
+}

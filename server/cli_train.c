@@ -1,0 +1,228 @@
+/* cli_train.c - `gemmaforge lora-step`: the gradient and optimizer parity
+ * tool (see cli_train.h). */
+#include "cli_train.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "backward.h"
+#include "fsutil.h"
+#include "lora.h"
+#include "model.h"
+#include "optim.h"
+#include "safetensors.h"
+
+typedef struct {
+    const char *model, *adapter, *inputs, *out;
+    long steps, threads;
+    double lr, weight_decay;
+} StepOptions;
+
+static int parse_step(int argc, char **argv, StepOptions *o) {
+    memset(o, 0, sizeof *o);
+    o->steps = 1;
+    o->lr = 1e-4;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        char *end = NULL;
+        if (!v) { fprintf(stderr, "gemmaforge lora-step: %s needs a value\n", a); return -1; }
+        if (strcmp(a, "--model") == 0) o->model = v;
+        else if (strcmp(a, "--adapter") == 0) o->adapter = v;
+        else if (strcmp(a, "--inputs") == 0) o->inputs = v;
+        else if (strcmp(a, "--out") == 0) o->out = v;
+        else if (strcmp(a, "--steps") == 0 && (o->steps = strtol(v, &end, 10), !*end) && o->steps >= 1 && o->steps <= 100000) {}
+        else if (strcmp(a, "--threads") == 0 && (o->threads = strtol(v, &end, 10), !*end) && o->threads >= 0 && o->threads <= 1024) {}
+        else if (strcmp(a, "--lr") == 0 && (o->lr = strtod(v, &end), !*end) && o->lr >= 0 && o->lr < 10) {}
+        else if (strcmp(a, "--weight-decay") == 0 && (o->weight_decay = strtod(v, &end), !*end) && o->weight_decay >= 0 &&
+                 o->weight_decay < 10) {}
+        else { fprintf(stderr, "gemmaforge lora-step: unknown option or bad value: %s %s\n", a, v); return -1; }
+        i++;
+    }
+    return 0;
+}
+
+/* An integer tensor [1, T] (I64 or I32) as int32; NULL (with a message) when
+ * absent but required, or malformed. */
+static int32_t *ids_row(const SafeTensors *st, const char *name, int64_t *T, int required, int *bad) {
+    const StTensor *t = safetensors_find(st, name);
+    if (!t) {
+        if (required) { fprintf(stderr, "gemmaforge lora-step: the inputs have no '%s'\n", name); *bad = 1; }
+        return NULL;
+    }
+    if ((t->dtype != ST_I64 && t->dtype != ST_I32) || t->n_dims != 2 || t->shape[0] != 1 ||
+        (*T && t->shape[1] != (uint64_t)*T) || t->shape[1] == 0) {
+        fprintf(stderr, "gemmaforge lora-step: '%s' must be an integer tensor [1, T] (one sequence)\n", name);
+        *bad = 1;
+        return NULL;
+    }
+    *T = (int64_t)t->shape[1];
+    int32_t *out = malloc((size_t)*T * sizeof *out);
+    for (int64_t i = 0; out && i < *T; i++) {
+        int64_t v = 0;
+        if (t->dtype == ST_I64) memcpy(&v, t->data + 8 * i, 8);
+        else { int32_t w; memcpy(&w, t->data + 4 * i, 4); v = w; }
+        out[i] = v < INT32_MIN || v > INT32_MAX ? INT32_MIN : (int32_t)v;
+    }
+    if (!out) *bad = 1;
+    return out;
+}
+
+typedef struct {
+    int32_t *ids, *labels, *mm;
+    uint8_t *types;
+    float *pixels;
+    int32_t *positions;
+    TrainSequence seq;
+} StepInputs;
+
+static void inputs_free(StepInputs *in) {
+    free(in->ids); free(in->labels); free(in->mm); free(in->types); free(in->pixels); free(in->positions);
+}
+
+/* input_ids, labels, mm_token_type_ids and the images (pixel_values F32 or
+ * pixel_values_u8, image_position_ids) of forward_image.safetensors. */
+static int read_inputs(const SafeTensors *st, StepInputs *in) {
+    memset(in, 0, sizeof *in);
+    int64_t T = 0;
+    int bad = 0;
+    in->ids = ids_row(st, "input_ids", &T, 1, &bad);
+    if (!bad) in->labels = ids_row(st, "labels", &T, 1, &bad);
+    if (!bad) in->mm = ids_row(st, "mm_token_type_ids", &T, 0, &bad);
+    if (bad) return 1;
+    if (in->mm) {
+        in->types = malloc((size_t)T);
+        for (int64_t i = 0; in->types && i < T; i++) in->types[i] = (uint8_t)(in->mm[i] >= 0 && in->mm[i] <= 3 ? in->mm[i] : 0);
+    }
+    in->seq = (TrainSequence){.ids = in->ids, .labels = in->labels, .mm_type = in->types, .n = T};
+    const StTensor *pf = safetensors_find(st, "pixel_values"), *pu = safetensors_find(st, "pixel_values_u8");
+    const StTensor *pos = safetensors_find(st, "image_position_ids"), *px = pf ? pf : pu;
+    if (!px) return 0;
+    if ((pf && pf->dtype != ST_F32) || (pu && pu->dtype != ST_U8) || px->n_dims != 3 || !pos || pos->dtype != ST_I64 ||
+        pos->n_dims != 3 || pos->shape[0] != px->shape[0] || pos->shape[1] != px->shape[1] || pos->shape[2] != 2) {
+        fprintf(stderr, "gemmaforge lora-step: images need pixel_values F32 (or pixel_values_u8 U8) [N, P, 3p^2] and "
+                        "image_position_ids I64 [N, P, 2]\n");
+        return 1;
+    }
+    uint64_t n_px = px->n_elements, n_pos = pos->n_elements;
+    in->pixels = malloc(n_px * sizeof(float));
+    in->positions = malloc(n_pos * sizeof(int32_t));
+    if (!in->pixels || !in->positions) return 1;
+    for (uint64_t i = 0; i < n_px; i++) {
+        if (pf) memcpy(&in->pixels[i], pf->data + 4 * i, 4);
+        else in->pixels[i] = (float)pu->data[i] / 255.0f;
+    }
+    for (uint64_t i = 0; i < n_pos; i++) {
+        int64_t v;
+        memcpy(&v, pos->data + 8 * i, 8);
+        in->positions[i] = v < -1 || v > 1000000 ? -2 : (int32_t)v;
+    }
+    in->seq.pixels = in->pixels;
+    in->seq.positions = in->positions;
+    in->seq.n_images = (int)px->shape[0];
+    in->seq.n_patches = (int64_t)px->shape[1];
+    return 0;
+}
+
+/* Every dA, dB under PEFT's training key names (adapter "default"). */
+static GfStatus write_grads(const LoraAdapter *a, const char *path, GfError *err) {
+    StWriteTensor *t = gf_calloc(2 * a->n_pairs + 1, sizeof *t, err);
+    char (*names)[220] = t ? gf_calloc(2 * a->n_pairs + 1, sizeof *names, err) : NULL;
+    if (!names) { free(t); return GF_NO_MEMORY; }
+    for (size_t i = 0; i < a->n_pairs; i++) {
+        const LoraPair *p = &a->pairs[i];
+        snprintf(names[2 * i], sizeof names[0], "base_model.model.%s.lora_A.default.weight", p->module);
+        snprintf(names[2 * i + 1], sizeof names[0], "base_model.model.%s.lora_B.default.weight", p->module);
+        t[2 * i] = (StWriteTensor){names[2 * i], ST_F32, 2, {(uint64_t)p->rank, (uint64_t)p->in}, p->dA};
+        t[2 * i + 1] = (StWriteTensor){names[2 * i + 1], ST_F32, 2, {(uint64_t)p->out, (uint64_t)p->rank}, p->dB};
+    }
+    GfStatus st = safetensors_write(path, t, 2 * a->n_pairs, err);
+    free(t);
+    free(names);
+    return st;
+}
+
+static int write_losses(const char *dir, const double *losses, long n) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/losses.json", dir);
+    FILE *f = fopen(path, "w");
+    if (!f) { fprintf(stderr, "gemmaforge lora-step: cannot write %s: %s\n", path, strerror(errno)); return 1; }
+    fprintf(f, "{\"losses_before_each_step\": [");
+    for (long i = 0; i < n; i++) fprintf(f, "%s%.9g", i ? ", " : "", losses[i]);
+    fprintf(f, "]}\n");
+    return fclose(f) != 0;
+}
+
+/* The N steps: loss and gradients, grads of step 0 saved, AdamW update. */
+static int run_steps(Model *m, LoraAdapter *a, const LoraBinding *lb, const StepOptions *o, const StepInputs *in,
+                     double *losses) {
+    GfError err;
+    GradWorkspace *w = NULL;
+    AdamW opt;
+    memset(&opt, 0, sizeof opt);
+    int64_t targets = train_sequence_targets(&in->seq);
+    if (targets == 0) { fprintf(stderr, "gemmaforge lora-step: the labels train no position\n"); return 1; }
+    int rc = 0;
+    char path[4096];
+    if (grad_workspace_new(m, in->seq.n, lb->max_rank, &w, &err) || lora_grads_alloc(a, &err) ||
+        adamw_init(&opt, a, 0.9, 0.999, 1e-8, o->weight_decay, &err))
+        rc = 1;
+    for (long s = 0; !rc && s < o->steps; s++) {
+        double sum;
+        int64_t count;
+        lora_grads_zero(a);
+        if (model_backward(m, w, lb, &in->seq, 1.0f / (float)targets, &sum, &count, &err)) { rc = 1; break; }
+        losses[s] = sum / (double)count;
+        fprintf(stderr, "step %ld: loss %.6f\n", s, losses[s]);
+        snprintf(path, sizeof path, "%s/grads_step0.safetensors", o->out);
+        if (s == 0 && write_grads(a, path, &err)) { rc = 1; break; }
+        adamw_step(&opt, a, o->lr);
+    }
+    if (rc) fprintf(stderr, "gemmaforge lora-step: %s\n", err.message);
+    adamw_free(&opt);
+    grad_workspace_free(w);
+    return rc;
+}
+
+int cli_lora_step(int argc, char **argv) {
+    StepOptions o;
+    if (parse_step(argc, argv, &o) || !o.model || !o.adapter || !o.inputs || !o.out) {
+        fprintf(stderr, "usage: gemmaforge lora-step --model DIR --adapter DIR --inputs IN.safetensors --out DIR "
+                        "[--steps N] [--lr X] [--weight-decay W] [--threads N]\n");
+        return 2;
+    }
+    gf_log_init(GF_LOG_WARN);
+    GfError err;
+    SafeTensors st;
+    if (safetensors_open(o.inputs, "the inputs file", &st, &err)) {
+        fprintf(stderr, "gemmaforge lora-step: %s\n", err.message);
+        return 1;
+    }
+    StepInputs in;
+    int rc = read_inputs(&st, &in);
+    Model *m = NULL;
+    LoraAdapter *a = NULL;
+    LoraBinding lb = {0};
+    ModelOptions mo = {(int)o.threads};
+    char final_dir[4096];
+    snprintf(final_dir, sizeof final_dir, "%s/adapter_final", o.out);
+    if (!rc && model_open(o.model, &mo, &m, &err)) { fprintf(stderr, "gemmaforge lora-step: the model: %s\n", err.message); rc = 1; }
+    if (!rc && (lora_load_dir(o.adapter, m, LORA_MAX_RANK, &a, &err) || lora_bind(m, a, &lb, &err))) {
+        fprintf(stderr, "gemmaforge lora-step: the adapter: %s\n", err.message);
+        rc = 1;
+    }
+    if (!rc && fs_mkdirs(final_dir, &err)) { fprintf(stderr, "gemmaforge lora-step: %s\n", err.message); rc = 1; }
+    double *losses = rc ? NULL : calloc((size_t)o.steps, sizeof *losses);
+    if (!rc) rc = !losses || run_steps(m, a, &lb, &o, &in, losses);
+    if (!rc) rc = write_losses(o.out, losses, o.steps);
+    if (!rc && lora_save_dir(a, final_dir, &err)) { fprintf(stderr, "gemmaforge lora-step: %s\n", err.message); rc = 1; }
+    free(losses);
+    lora_binding_free(&lb);
+    lora_free(a);
+    model_close(m);
+    inputs_free(&in);
+    safetensors_close(&st);
+    return rc;
+}
