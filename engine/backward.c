@@ -12,6 +12,7 @@
 #include "model_impl.h"
 
 #define LOGIT_ROWS 8          /* rows of logits materialized at once */
+#define MAX_IMAGES 64         /* images in one training sequence */
 
 /* ---- workspace -------------------------------------------------------------- */
 
@@ -28,6 +29,7 @@ struct GradWorkspace {
     KvCache cache;
     float *hidden;                /* [(L + 1), n, H]: layer inputs */
     float *soft;                  /* [n, H] image soft tokens */
+    int64_t soft_counts[MAX_IMAGES];
     float *ple, *dple, *ple_buf;  /* [n, L, P] */
     float **dK, **dV;             /* per store layer [n, KVH, D] */
     /* one layer's forward, [n, width] */
@@ -528,11 +530,30 @@ static GfStatus images_forward(Model *m, GradWorkspace *w, const LoraBinding *b,
         if (model_vision_forward(m, b, s->pixels + im * s->n_patches * pp, s->positions + im * s->n_patches * 2, s->n_patches,
                                  w->soft + *n_soft * H, &got, err))
             return err->status;
+        if (im < MAX_IMAGES) w->soft_counts[im] = got;
         *n_soft += got;
     }
     if (*n_soft != placeholders)
         return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "%lld image placeholders for %lld soft tokens",
                             (long long)placeholders, (long long)*n_soft);
+    return GF_OK;
+}
+
+/* The tower's adapters: d(soft tokens) are the rows of d(x0) at the image
+ * placeholders, image after image. */
+static GfStatus images_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, GfError *err) {
+    const GemmaConfig *g = &m->cfg;
+    int64_t H = g->text.hidden_size, pp = 3 * (int64_t)g->vision.patch_size * g->vision.patch_size, k = 0;
+    float *dsoft = w->soft; /* the soft tokens themselves are no longer needed */
+    for (int64_t i = 0; i < s->n; i++)
+        if (s->ids[i] == g->image_token_id) memcpy(dsoft + (k++) * H, w->dx + i * H, (size_t)H * sizeof(float));
+    for (int im = 0, used = 0; im < s->n_images; im++) {
+        int64_t count = w->soft_counts[im];
+        if (model_vision_backward(m, b, s->pixels + im * s->n_patches * pp, s->positions + im * s->n_patches * 2,
+                                  s->n_patches, dsoft + used * H, count, err))
+            return err->status;
+        used += (int)count;
+    }
     return GF_OK;
 }
 
@@ -551,13 +572,13 @@ GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const 
     if (b && b->max_rank > w->max_rank)
         return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "adapter rank %d above the workspace's %d", b->max_rank,
                             w->max_rank);
-    if (vision_adapted(b))
-        return gf_error_set(err, GF_NOT_IMPLEMENTED, "not_implemented", NULL,
-                            "training adapters on the vision tower is not built yet");
     for (int64_t i = 0; i < n; i++)
         if (s->labels[i] != -100 && (s->labels[i] < 0 || s->labels[i] >= t->vocab_size))
             return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "label %d at position %lld is outside the vocabulary",
                                 s->labels[i], (long long)i);
+    if (s->n_images < 0 || s->n_images > MAX_IMAGES)
+        return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "%d images in one sequence (at most %d)", s->n_images,
+                            MAX_IMAGES);
     int64_t n_soft = 0;
     if (s->n_images && images_forward(m, w, b, s, &n_soft, err)) return err->status;
     /* forward: the layer inputs and the stored K/V */
@@ -581,7 +602,9 @@ GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const 
         if (li == L - 1) *loss_sum = loss_backward(m, w, s, w->out, grad_scale);
         layer_backward(m, w, b, (int)li, n, x);
     }
-    if (P && b && b->ple_model_proj) ple_backward(m, w, b, n, w->hidden, w->dx);
+    int tower = n_soft && vision_adapted(b);
+    if (P && b && (b->ple_model_proj || tower)) ple_backward(m, w, b, n, w->hidden, w->dx);
+    if (tower && images_backward(m, w, b, s, err)) return err->status;
     *n_targets = train_sequence_targets(s);
     return GF_OK;
 }

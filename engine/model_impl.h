@@ -74,4 +74,12 @@ int model_mm_kind(const GemmaConfig *c, int32_t id);
  * embedded sequence x0[n, H]; lora_tmp holds n * rank floats. */
 void model_ple_inputs(Model *m, const ModelInput *in, const float *x0, float *ple, float *lora_tmp);
 
+/* Helper of vision.c used by backward.c: the gradients of the tower's
+ * adapters (lora's vision pairs, input_proj, embed_proj: their dA, dB
+ * accumulate) for d(soft tokens) dsoft[n_soft, text hidden] of one image
+ * (arguments as model_vision_forward). Re-runs the tower, one layer at a time
+ * in reverse. */
+GfStatus model_vision_backward(Model *m, const LoraBinding *lora, const float *pixels, const int32_t *positions,
+                               int64_t n_patches, const float *dsoft, int64_t n_soft, GfError *err);
+
 #endif

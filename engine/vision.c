@@ -78,6 +78,8 @@ GfStatus vision_bind(Model *m, GfError *err) {
 
 /* ---- forward ------------------------------------------------------------------ */
 
+static GfStatus check_image(const Model *m, const int32_t *pos, int64_t N, GfError *err);
+
 static void clip(float *x, size_t n, float lo, float hi) {
     for (size_t i = 0; i < n; i++) x[i] = x[i] < lo ? lo : x[i] > hi ? hi : x[i];
 }
@@ -163,18 +165,30 @@ static void embed_patches(Model *m, const VScratch *s, const float *pixels, cons
     }
 }
 
+/* Columns of the pooled grid: the image is (max x + 1) patches wide. */
+static int64_t pool_cols(const int32_t *pos, int64_t N, int64_t kk) {
+    int64_t max_x = 0;
+    for (int64_t i = 0; i < N; i++)
+        if (pos[2 * i] > max_x) max_x = pos[2 * i];
+    return (max_x + 1) / kk;
+}
+
+/* The soft token patch i pools into, or -1 (padding, or beyond the grid). */
+static int64_t pool_block(const int32_t *pos, int64_t i, int64_t kk, int64_t cols, int64_t out_len) {
+    if (pos[2 * i] < 0) return -1;
+    int64_t b = pos[2 * i] / kk + cols * (pos[2 * i + 1] / kk);
+    return b < out_len ? b : -1;
+}
+
 /* Pooling (§6.6), sqrt(d) scaling, standardize (§6.7) into pooled[n_soft, d]. */
 static int64_t pool(Model *m, const float *x, const int32_t *pos, int64_t N, float *pooled) {
     const VisionConfig *v = &m->cfg.vision;
-    int64_t d = v->hidden_size, kk = v->pooling_kernel, out_len = N / (kk * kk), max_x = 0, n_soft = 0;
-    for (int64_t i = 0; i < N; i++)
-        if (pos[2 * i] > max_x) max_x = pos[2 * i];
-    int64_t cols = (max_x + 1) / kk;
+    int64_t d = v->hidden_size, kk = v->pooling_kernel, out_len = N / (kk * kk), n_soft = 0;
+    int64_t cols = pool_cols(pos, N, kk);
     memset(pooled, 0, (size_t)(out_len * d) * sizeof(float));
     for (int64_t i = 0; i < N; i++) {
-        if (pos[2 * i] < 0) continue;
-        int64_t b = pos[2 * i] / kk + cols * (pos[2 * i + 1] / kk);
-        if (b >= out_len) continue;
+        int64_t b = pool_block(pos, i, kk, cols, out_len);
+        if (b < 0) continue;
         for (int64_t j = 0; j < d; j++) pooled[b * d + j] += x[i * d + j];
         if (b + 1 > n_soft) n_soft = b + 1;
     }
@@ -190,17 +204,8 @@ static int64_t pool(Model *m, const float *x, const int32_t *pos, int64_t N, flo
 
 GfStatus model_vision_forward(Model *m, const LoraBinding *lora, const float *pixels, const int32_t *pos, int64_t N,
                               float *soft, int64_t *n_soft, GfError *err) {
+    if (check_image(m, pos, N, err)) return err->status;
     const VisionConfig *v = &m->cfg.vision;
-    if (!v->present) return gf_error_set(err, GF_INVALID, "no_vision", NULL, "this model has no vision tower");
-    int64_t kk = v->pooling_kernel;
-    for (int64_t i = 0; i < N; i++) {
-        int32_t px = pos[2 * i], py = pos[2 * i + 1];
-        int pad = px == -1 && py == -1;
-        if (!pad && (px < 0 || py < 0 || px >= v->position_embedding_size || py >= v->position_embedding_size))
-            return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "patch %lld has position (%d, %d) outside the table",
-                                (long long)i, px, py);
-    }
-    if (N < kk * kk) return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "an image needs at least %lld patches", (long long)(kk * kk));
     int64_t d = v->hidden_size, I = v->intermediate_size, qw = (int64_t)v->n_heads * v->head_dim, kvw = (int64_t)v->kv_heads * v->head_dim;
     int64_t pp = m->vision.input_proj.cols, tmp_w = pp > d ? pp : d;
     int64_t rmax = lora ? lora->max_rank : 0;
@@ -241,4 +246,279 @@ GfStatus model_vision_forward(Model *m, const LoraBinding *lora, const float *pi
     free(valid);
     free(group);
     return GF_OK;
+}
+
+/* ---- backward (adapters on the tower) -------------------------------------------- */
+
+/* One encoder layer's re-run forward and its gradients, [N, width]. */
+typedef struct {
+    float *h, *qy, *ky, *vy, *qr, *kr, *vn, *att, *oy, *x1, *h2, *gy, *uy, *mm, *dny; /* forward */
+    float *dx, *dh, *dq, *dk, *dv, *s1, *s2, *s3;                                      /* gradients, scratch */
+    int32_t *neg_pos;         /* [N, 2] positions negated: the inverse rotation */
+    int64_t qi;               /* max(NH D, I): half of dq's width */
+    const LoraBinding *lora;
+    float *lora_tmp;          /* [N, 2 rank] */
+} VTape;
+
+static void clamp_copy(float *y, const float *x, size_t n, int clipped, float lo, float hi) {
+    memcpy(y, x, n * sizeof(float));
+    if (clipped) clip(y, n, lo, hi);
+}
+
+/* y_pre[n, rows] = clamp_in(x) W^T (+ adapter), before the output clamp;
+ * scratch holds n * cols floats. */
+static void cl_forward(Model *m, const VTape *t, const ClipLinear *cl, const LoraPair *p, float *y_pre, const float *x,
+                       int64_t n, float *scratch) {
+    clamp_copy(scratch, x, (size_t)(n * cl->w.cols), cl->clipped, cl->in_min, cl->in_max);
+    m->ops->matmul(&m->ctx, y_pre, scratch, cl->w, n);
+    if (p) lora_apply(p, t->lora->scale, y_pre, scratch, n, t->lora_tmp);
+}
+
+/* dx[n, cols] += the input gradient of the clippable linear for dy (the
+ * gradient of its clamped output): clamps pass the gradient only inside their
+ * bounds (torch.clamp). The adapter's dA, dB accumulate. Uses s2, s3. */
+static void cl_backward(Model *m, const VTape *t, const ClipLinear *cl, const LoraPair *p, float *dx, const float *dy,
+                        const float *x, const float *y_pre, int64_t n) {
+    int64_t rows = cl->w.rows, cols = cl->w.cols;
+    float *dyp = t->s2, *dxc = t->s3;
+    for (int64_t i = 0; i < n * rows; i++)
+        dyp[i] = !cl->clipped || (y_pre[i] >= cl->out_min && y_pre[i] <= cl->out_max) ? dy[i] : 0.0f;
+    memset(dxc, 0, (size_t)(n * cols) * sizeof(float));
+    m->ops->matmul_dx(&m->ctx, dxc, dyp, cl->w, n);
+    if (p) {
+        float *xc = t->s1;
+        clamp_copy(xc, x, (size_t)(n * cols), cl->clipped, cl->in_min, cl->in_max);
+        lora_backward(p, t->lora->scale, dxc, dyp, xc, n, t->lora_tmp);
+    }
+    for (int64_t i = 0; i < n * cols; i++)
+        if (!cl->clipped || (x[i] >= cl->in_min && x[i] <= cl->in_max)) dx[i] += dxc[i];
+}
+
+static const LoraPair *tpair(const VTape *t, int li, int slot) {
+    return t->lora ? t->lora->vision[li * LORA_VISION_SLOTS + slot] : NULL;
+}
+
+/* Re-runs encoder layer li on x, keeping what layer_bwd needs; the layer's
+ * output goes to out when not NULL. */
+static void layer_fwd(Model *m, int li, const float *x, int64_t N, const int32_t *pos, const KnMask *mask, VTape *t,
+                      float *out) {
+    const VisionConfig *v = &m->cfg.vision;
+    const VisionLayer *l = &m->vision.layers[li];
+    int64_t d = v->hidden_size, D = v->head_dim, I = v->intermediate_size, NH = v->n_heads, KVH = v->kv_heads;
+    float eps = v->rms_eps;
+    m->ops->rmsnorm(&m->ctx, t->h, x, l->input_ln, N, d, eps);
+    cl_forward(m, t, &l->q, tpair(t, li, LORA_Q), t->qy, t->h, N, t->s1);
+    cl_forward(m, t, &l->k, tpair(t, li, LORA_K), t->ky, t->h, N, t->s1);
+    cl_forward(m, t, &l->v, tpair(t, li, LORA_V), t->vy, t->h, N, t->s1);
+    clamp_copy(t->qr, t->qy, (size_t)(N * NH * D), l->q.clipped, l->q.out_min, l->q.out_max);
+    clamp_copy(t->kr, t->ky, (size_t)(N * KVH * D), l->k.clipped, l->k.out_min, l->k.out_max);
+    clamp_copy(t->vn, t->vy, (size_t)(N * KVH * D), l->v.clipped, l->v.out_min, l->v.out_max);
+    m->ops->rmsnorm(&m->ctx, t->qr, t->qr, l->q_norm, N * NH, D, eps);
+    m->ops->rmsnorm(&m->ctx, t->kr, t->kr, l->k_norm, N * KVH, D, eps);
+    m->ops->rmsnorm(&m->ctx, t->vn, t->vn, NULL, N * KVH, D, eps);
+    rope2d(m, t->qr, N, (int)NH, (int)D, pos);
+    rope2d(m, t->kr, N, (int)KVH, (int)D, pos);
+    m->ops->attention(&m->ctx, t->att, t->qr, t->kr, t->vn, N, 0, N, (int)NH, (int)KVH, (int)D, 1.0f, mask);
+    cl_forward(m, t, &l->o, tpair(t, li, LORA_O), t->oy, t->att, N, t->s1);
+    clamp_copy(t->s1, t->oy, (size_t)(N * d), l->o.clipped, l->o.out_min, l->o.out_max);
+    m->ops->rmsnorm(&m->ctx, t->x1, t->s1, l->post_attn_ln, N, d, eps);
+    for (int64_t i = 0; i < N * d; i++) t->x1[i] += x[i];
+    m->ops->rmsnorm(&m->ctx, t->h2, t->x1, l->pre_ff_ln, N, d, eps);
+    cl_forward(m, t, &l->gate, tpair(t, li, LORA_GATE), t->gy, t->h2, N, t->s1);
+    cl_forward(m, t, &l->up, tpair(t, li, LORA_UP), t->uy, t->h2, N, t->s1);
+    clamp_copy(t->mm, t->gy, (size_t)(N * I), l->gate.clipped, l->gate.out_min, l->gate.out_max);
+    m->ops->gelu_tanh(t->mm, (size_t)(N * I));
+    clamp_copy(t->s1, t->uy, (size_t)(N * I), l->up.clipped, l->up.out_min, l->up.out_max);
+    for (int64_t i = 0; i < N * I; i++) t->mm[i] *= t->s1[i];
+    cl_forward(m, t, &l->down, tpair(t, li, LORA_DOWN), t->dny, t->mm, N, t->s1);
+    if (!out) return;
+    clamp_copy(t->s1, t->dny, (size_t)(N * d), l->down.clipped, l->down.out_min, l->down.out_max);
+    m->ops->rmsnorm(&m->ctx, out, t->s1, l->post_ff_ln, N, d, eps);
+    for (int64_t i = 0; i < N * d; i++) out[i] += t->x1[i];
+}
+
+/* Attention part of layer_bwd: d(the clamped output of o) in t->dh on
+ * entry, d(h) in t->dh on return. datt: [N, NH D] free scratch. */
+static void attn_bwd(Model *m, int li, int64_t N, const KnMask *mask, float *datt, VTape *t) {
+    const VisionConfig *v = &m->cfg.vision;
+    const VisionLayer *l = &m->vision.layers[li];
+    int64_t d = v->hidden_size, D = v->head_dim, NH = v->n_heads, KVH = v->kv_heads;
+    float eps = v->rms_eps;
+    memset(datt, 0, (size_t)(N * NH * D) * sizeof(float));
+    cl_backward(m, t, &l->o, tpair(t, li, LORA_O), datt, t->dh, t->att, t->oy, N);
+    memset(t->dk, 0, (size_t)(N * KVH * D) * sizeof(float));
+    memset(t->dv, 0, (size_t)(N * KVH * D) * sizeof(float));
+    m->ops->attention_dx(&m->ctx, t->dq, t->dk, t->dv, t->qr, t->kr, t->vn, datt, N, 0, N, (int)NH, (int)KVH, (int)D, 1.0f,
+                         mask);
+    rope2d(m, t->dq, N, (int)NH, (int)D, t->neg_pos); /* R^T = R(-pos) */
+    rope2d(m, t->dk, N, (int)KVH, (int)D, t->neg_pos);
+    memset(t->dh, 0, (size_t)(N * d) * sizeof(float));
+    /* each projection: back through its norm (at the clamped output), then the clippable linear */
+    struct { const ClipLinear *cl; int slot, heads; const float *y; float *g; const float *w; } pr[3] = {
+        {&l->q, LORA_Q, (int)NH, t->qy, t->dq, l->q_norm},
+        {&l->k, LORA_K, (int)KVH, t->ky, t->dk, l->k_norm},
+        {&l->v, LORA_V, (int)KVH, t->vy, t->dv, NULL}};
+    for (int j = 0; j < 3; j++) {
+        int64_t w = N * pr[j].heads * D;
+        float *yc = datt, *dn = t->s1;
+        clamp_copy(yc, pr[j].y, (size_t)w, pr[j].cl->clipped, pr[j].cl->out_min, pr[j].cl->out_max);
+        memset(dn, 0, (size_t)w * sizeof(float));
+        m->ops->rmsnorm_dx(&m->ctx, dn, yc, pr[j].w, pr[j].g, N * pr[j].heads, D, eps);
+        memcpy(pr[j].g, dn, (size_t)w * sizeof(float));
+        cl_backward(m, t, pr[j].cl, tpair(t, li, pr[j].slot), t->dh, pr[j].g, t->h, pr[j].y, N);
+    }
+}
+
+/* After layer_fwd(li, x): t->dx holds d(layer output) on entry, d(x) on return. */
+static void layer_bwd(Model *m, int li, const float *x, int64_t N, const KnMask *mask, VTape *t) {
+    const VisionConfig *v = &m->cfg.vision;
+    const VisionLayer *l = &m->vision.layers[li];
+    int64_t d = v->hidden_size, I = v->intermediate_size;
+    float eps = v->rms_eps;
+    float *dx = t->dx;
+    /* x2 = x1 + norm(down(gelu(gate(h2)) * up(h2))) */
+    clamp_copy(t->s1, t->dny, (size_t)(N * d), l->down.clipped, l->down.out_min, l->down.out_max);
+    memset(t->dh, 0, (size_t)(N * d) * sizeof(float));
+    m->ops->rmsnorm_dx(&m->ctx, t->dh, t->s1, l->post_ff_ln, dx, N, d, eps);
+    float *dmm = t->dq, *datt = t->dq + N * t->qi; /* dq holds 2 N max(NH D, I) */
+    memset(dmm, 0, (size_t)(N * I) * sizeof(float));
+    cl_backward(m, t, &l->down, tpair(t, li, LORA_DOWN), dmm, t->dh, t->mm, t->dny, N);
+    float *dg = t->dk, *du = t->dv; /* [N, I] each */
+    clamp_copy(t->s1, t->gy, (size_t)(N * I), l->gate.clipped, l->gate.out_min, l->gate.out_max);
+    clamp_copy(du, t->uy, (size_t)(N * I), l->up.clipped, l->up.out_min, l->up.out_max);
+    for (int64_t i = 0; i < N * I; i++) dg[i] = dmm[i] * du[i]; /* d gelu(gate) */
+    memcpy(t->s3, t->s1, (size_t)(N * I) * sizeof(float));
+    m->ops->gelu_tanh(t->s3, (size_t)(N * I));
+    for (int64_t i = 0; i < N * I; i++) du[i] = dmm[i] * t->s3[i];
+    m->ops->gelu_tanh_dx(dg, t->s1, dg, (size_t)(N * I));
+    memset(t->dh, 0, (size_t)(N * d) * sizeof(float));
+    cl_backward(m, t, &l->gate, tpair(t, li, LORA_GATE), t->dh, dg, t->h2, t->gy, N);
+    cl_backward(m, t, &l->up, tpair(t, li, LORA_UP), t->dh, du, t->h2, t->uy, N);
+    m->ops->rmsnorm_dx(&m->ctx, dx, t->x1, l->pre_ff_ln, t->dh, N, d, eps);
+    /* x1 = x + norm(o(attention(h))), h = norm(x) */
+    clamp_copy(t->s1, t->oy, (size_t)(N * d), l->o.clipped, l->o.out_min, l->o.out_max);
+    memset(t->dh, 0, (size_t)(N * d) * sizeof(float));
+    m->ops->rmsnorm_dx(&m->ctx, t->dh, t->s1, l->post_attn_ln, dx, N, d, eps);
+    attn_bwd(m, li, N, mask, datt, t);
+    m->ops->rmsnorm_dx(&m->ctx, dx, x, l->input_ln, t->dh, N, d, eps);
+}
+
+/* The check of model_vision_forward: positions inside the table, enough patches. */
+static GfStatus check_image(const Model *m, const int32_t *pos, int64_t N, GfError *err) {
+    const VisionConfig *v = &m->cfg.vision;
+    if (!v->present) return gf_error_set(err, GF_INVALID, "no_vision", NULL, "this model has no vision tower");
+    for (int64_t i = 0; i < N; i++) {
+        int32_t px = pos[2 * i], py = pos[2 * i + 1];
+        int pad = px == -1 && py == -1;
+        if (!pad && (px < 0 || py < 0 || px >= v->position_embedding_size || py >= v->position_embedding_size))
+            return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "patch %lld has position (%d, %d) outside the table",
+                                (long long)i, px, py);
+    }
+    int64_t kk = v->pooling_kernel;
+    if (N < kk * kk) return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "an image needs at least %lld patches", (long long)(kk * kk));
+    return GF_OK;
+}
+
+typedef struct {
+    VTape t;
+    float *xs;                /* [(layers + 1), N, d] layer inputs, then the tower's output */
+    float *pooled, *hn, *dhn; /* [N / k^2, d] */
+    uint8_t *valid;
+    int32_t *group;
+    void *mem;
+} VBackward;
+
+static GfStatus vbackward_alloc(const Model *m, const LoraBinding *lora, int64_t N, VBackward *b, GfError *err) {
+    const VisionConfig *v = &m->cfg.vision;
+    int64_t d = v->hidden_size, I = v->intermediate_size, qw = (int64_t)v->n_heads * v->head_dim;
+    int64_t kvw = (int64_t)v->kv_heads * v->head_dim, pp = m->vision.input_proj.cols, L = v->n_layers;
+    int64_t qi = qw > I ? qw : I, kvi = kvw > I ? kvw : I, wmax = d;
+    int64_t widths[] = {I, qw, pp};
+    for (size_t i = 0; i < 3; i++) wmax = widths[i] > wmax ? widths[i] : wmax;
+    int64_t out_len = N / ((int64_t)v->pooling_kernel * v->pooling_kernel), rank = lora ? lora->max_rank : 1;
+    VTape *t = &b->t;
+    float **bufs[] = {&t->h, &t->x1, &t->h2, &t->dny, &t->dx, &t->dh, &t->oy,
+                      &t->qy, &t->qr, &t->att, &t->ky, &t->kr, &t->vn, &t->vy, &t->gy, &t->uy, &t->mm,
+                      &t->dq, &t->dk, &t->dv, &t->s1, &t->s2, &t->s3, &t->lora_tmp, &b->xs, &b->pooled, &b->hn, &b->dhn};
+    int64_t sizes[] = {N * d, N * d, N * d, N * d, N * d, N * d, N * d,
+                       N * qw, N * qw, N * qw, N * kvw, N * kvw, N * kvw, N * kvw, N * I, N * I, N * I,
+                       2 * N * qi, N * kvi, N * kvi, N * wmax, N * wmax, N * wmax, N * 2 * rank, (L + 1) * N * d,
+                       out_len * d, out_len * d, out_len * d};
+    size_t total = 0, n = sizeof sizes / sizeof *sizes;
+    for (size_t i = 0; i < n; i++) total += (size_t)sizes[i];
+    memset(b, 0, sizeof *b);
+    b->mem = gf_malloc(total * sizeof(float) + (size_t)N * (1 + 3 * sizeof(int32_t)), err);
+    if (!b->mem) return GF_NO_MEMORY;
+    float *p = b->mem;
+    for (size_t i = 0; i < n; i++) {
+        *bufs[i] = p;
+        p += sizes[i];
+    }
+    t->neg_pos = (int32_t *)p;
+    b->group = t->neg_pos + 2 * N;
+    b->valid = (uint8_t *)(b->group + N);
+    t->qi = qi;
+    t->lora = lora;
+    return GF_OK;
+}
+
+/* d(soft tokens) -> d(pooled tower output) -> d(last layer's output) in t->dx. */
+static void head_backward(Model *m, const LoraBinding *lora, VBackward *b, const int32_t *pos, int64_t N,
+                          const float *dsoft, int64_t n_soft) {
+    const VisionConfig *v = &m->cfg.vision;
+    int64_t d = v->hidden_size, kk = v->pooling_kernel, out_len = N / (kk * kk), cols = pool_cols(pos, N, kk);
+    memset(b->dhn, 0, (size_t)(n_soft * d) * sizeof(float));
+    m->ops->matmul_dx(&m->ctx, b->dhn, dsoft, m->vision.embed_proj, n_soft);
+    if (lora && lora->embed_proj) lora_backward(lora->embed_proj, lora->scale, b->dhn, dsoft, b->hn, n_soft, b->t.lora_tmp);
+    float *dpool = b->t.s1;
+    memset(dpool, 0, (size_t)(n_soft * d) * sizeof(float));
+    m->ops->rmsnorm_dx(&m->ctx, dpool, b->pooled, NULL, b->dhn, n_soft, d, v->rms_eps);
+    float scale = sqrtf((float)d) / (float)(kk * kk);
+    for (int64_t s = 0; s < n_soft; s++)
+        for (int64_t j = 0; j < d; j++) dpool[s * d + j] *= scale * (v->standardize ? m->vision.std_scale[j] : 1.0f);
+    memset(b->t.dx, 0, (size_t)(N * d) * sizeof(float));
+    for (int64_t i = 0; i < N; i++) {
+        int64_t blk = pool_block(pos, i, kk, cols, out_len);
+        if (blk >= 0 && blk < n_soft) memcpy(b->t.dx + i * d, dpool + blk * d, (size_t)d * sizeof(float));
+    }
+}
+
+GfStatus model_vision_backward(Model *m, const LoraBinding *lora, const float *pixels, const int32_t *pos, int64_t N,
+                               const float *dsoft, int64_t n_soft, GfError *err) {
+    if (check_image(m, pos, N, err)) return err->status;
+    const VisionConfig *v = &m->cfg.vision;
+    int64_t d = v->hidden_size, L = v->n_layers, pp = m->vision.input_proj.cols;
+    VBackward b;
+    if (vbackward_alloc(m, lora, N, &b, err)) return err->status;
+    VTape *t = &b.t;
+    for (int64_t i = 0; i < N; i++) {
+        b.valid[i] = pos[2 * i] >= 0;
+        b.group[i] = b.valid[i] ? 0 : -1;
+        t->neg_pos[2 * i] = -pos[2 * i];
+        t->neg_pos[2 * i + 1] = -pos[2 * i + 1];
+    }
+    KnMask mask = {b.valid, b.group, 0};
+    /* forward, keeping each layer's input */
+    VScratch vs = {.lora = lora, .lora_tmp = t->lora_tmp};
+    embed_patches(m, &vs, pixels, pos, N, b.xs, t->s1);
+    for (int li = 0; li < L; li++) layer_fwd(m, li, b.xs + li * N * d, N, pos, &mask, t, b.xs + (li + 1) * N * d);
+    int64_t got = pool(m, b.xs + L * N * d, pos, N, b.pooled);
+    GfStatus st = GF_OK;
+    if (got != n_soft) {
+        st = gf_error_set(err, GF_INVALID, "invalid_image", NULL, "the image gives %lld soft tokens, the gradient has %lld",
+                          (long long)got, (long long)n_soft);
+    } else {
+        m->ops->rmsnorm(&m->ctx, b.hn, b.pooled, NULL, n_soft, d, v->rms_eps);
+        head_backward(m, lora, &b, pos, N, dsoft, n_soft);
+        for (int li = (int)L - 1; li >= 0; li--) {
+            layer_fwd(m, li, b.xs + li * N * d, N, pos, &mask, t, NULL);
+            layer_bwd(m, li, b.xs + li * N * d, N, &mask, t);
+        }
+        if (lora && lora->input_proj) { /* the patch embedder's input: 2 (pixel - 0.5) */
+            for (int64_t i = 0; i < N * pp; i++) t->s1[i] = 2.0f * (pixels[i] - 0.5f);
+            lora_backward(lora->input_proj, lora->scale, NULL, t->dx, t->s1, N, t->lora_tmp);
+        }
+    }
+    free(b.mem);
+    return st;
 }
