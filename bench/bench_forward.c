@@ -22,7 +22,7 @@ typedef struct {
 static void bench_model(const char *label, const char *dir, const BenchOpts *o) {
     Model *m = NULL;
     GfError err;
-    ModelOptions mo = {o->threads};
+    ModelOptions mo = {.n_threads = o->threads, .quantize = MODEL_QUANT_NONE};
     if (model_open(dir, &mo, &m, &err)) { fprintf(stderr, "%s: %s\n", label, err.message); return; }
     const TextConfig *t = &model_config(m)->text;
     int32_t *ids = malloc((size_t)o->prompt * sizeof *ids);

@@ -182,10 +182,7 @@ static void zero(float *x, int64_t n) { memset(x, 0, (size_t)n * sizeof(float));
 
 /* ---- MoE (§3.8), one token ------------------------------------------------------- */
 
-static KnMatrix expert(KnMatrix all, int e, int64_t rows, int64_t cols) {
-    size_t es = all.dtype == KN_F32 ? 4 : 2;
-    return (KnMatrix){(const char *)all.data + (size_t)e * (size_t)(rows * cols) * es, all.dtype, rows, cols};
-}
+static KnMatrix expert(KnMatrix all, int e, int64_t rows) { return kn_matrix_rows(all, e * rows, rows); }
 
 /* out[H] = the MoE block of residual r[H], keeping what moe_bwd needs. */
 static void moe_fwd(Model *m, const Layer *l, const float *r, float *out, MoeTape *mt) {
@@ -214,11 +211,11 @@ static void moe_fwd(Model *m, const Layer *l, const float *r, float *out, MoeTap
     zero(mt->y, H);
     for (int64_t k = 0; k < K; k++) {
         float *gu = mt->gu + k * 2 * Im, *mm = mt->mm + k * Im, *yk = mt->yk + k * H;
-        m->ops->matmul(&m->ctx, gu, mt->u2, expert(l->experts_gate_up, mt->idx[k], 2 * Im, H), 1);
+        m->ops->matmul(&m->ctx, gu, mt->u2, expert(l->experts_gate_up, mt->idx[k], 2 * Im), 1);
         memcpy(mm, gu, (size_t)Im * sizeof(float));
         m->ops->gelu_tanh(mm, (size_t)Im);
         for (int64_t i = 0; i < Im; i++) mm[i] *= gu[Im + i];
-        m->ops->matmul(&m->ctx, yk, mm, expert(l->experts_down, mt->idx[k], H, Im), 1);
+        m->ops->matmul(&m->ctx, yk, mm, expert(l->experts_down, mt->idx[k], H), 1);
         float coef = mt->w[k] / mt->wsum * l->per_expert_scale[mt->idx[k]];
         for (int64_t i = 0; i < H; i++) mt->y[i] += coef * yk[i];
     }
@@ -241,7 +238,7 @@ static void moe_bwd(Model *m, const Layer *l, const float *r, const float *dout,
         for (int64_t i = 0; i < H; i++) dc += mt->dy[i] * yk[i];
         dwn[k] = dc * pes;
         zero(mt->dmm, Im);
-        m->ops->matmul_dx(&m->ctx, mt->dmm, mt->dy, expert(l->experts_down, mt->idx[k], H, Im), 1);
+        m->ops->matmul_dx(&m->ctx, mt->dmm, mt->dy, expert(l->experts_down, mt->idx[k], H), 1);
         memcpy(mt->t, gu, (size_t)Im * sizeof(float));
         m->ops->gelu_tanh(mt->t, (size_t)Im);
         for (int64_t i = 0; i < Im; i++) {
@@ -250,7 +247,7 @@ static void moe_bwd(Model *m, const Layer *l, const float *r, const float *dout,
             mt->t[i] = mt->dmm[i] * gu[Im + i];
         }
         m->ops->gelu_tanh_dx(mt->dgu, gu, mt->t, (size_t)Im);
-        m->ops->matmul_dx(&m->ctx, mt->du, mt->dgu, expert(l->experts_gate_up, mt->idx[k], 2 * Im, H), 1);
+        m->ops->matmul_dx(&m->ctx, mt->du, mt->dgu, expert(l->experts_gate_up, mt->idx[k], 2 * Im), 1);
     }
     m->ops->rmsnorm_dx(&m->ctx, dr, r, l->pre_ff_ln2, mt->du, 1, H, t->rms_eps);
     /* routing: w_k = p_k / S over the chosen experts, then the softmax */

@@ -209,10 +209,9 @@ static void moe_token(Model *m, const Layer *l, const float *r, float *y, Scratc
     }
     m->ops->rmsnorm(&m->ctx, u, r, l->pre_ff_ln2, 1, H, t->rms_eps);
     memset(y, 0, (size_t)H * sizeof(float));
-    size_t es = l->experts_gate_up.dtype == KN_F32 ? 4 : 2, ds = l->experts_down.dtype == KN_F32 ? 4 : 2;
     for (int64_t k = 0; k < K; k++) {
-        KnMatrix g = {(const char *)l->experts_gate_up.data + (size_t)idx[k] * 2 * Im * H * es, l->experts_gate_up.dtype, 2 * Im, H};
-        KnMatrix d = {(const char *)l->experts_down.data + (size_t)idx[k] * H * Im * ds, l->experts_down.dtype, H, Im};
+        KnMatrix g = kn_matrix_rows(l->experts_gate_up, idx[k] * 2 * Im, 2 * Im);
+        KnMatrix d = kn_matrix_rows(l->experts_down, idx[k] * H, H);
         m->ops->matmul(&m->ctx, gu, u, g, 1);
         m->ops->gelu_tanh(gu, (size_t)Im);
         for (int64_t i = 0; i < Im; i++) gu[i] *= gu[Im + i];

@@ -1,6 +1,7 @@
 /* model.c - Gemma 4 text model: weight binding and the forward pass. */
 #include "model.h"
 #include "model_impl.h"
+#include "nf4.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -66,7 +67,7 @@ static KnDtype dtype_of(const StTensor *t) { return t->dtype == ST_F32 ? KN_F32 
 static float *widen(Model *m, const StTensor *t, GfError *err) {
     float *out = gf_malloc((size_t)t->n_elements * sizeof(float), err);
     if (!out || keep(m, out)) { free(out); return NULL; }
-    KnMatrix v = {t->data, dtype_of(t), 1, (int64_t)t->n_elements};
+    KnMatrix v = {t->data, dtype_of(t), 1, (int64_t)t->n_elements, 0};
     kn_cpu_ops()->embed_row(out, v, 0, 1.0f);
     return out;
 }
@@ -75,11 +76,11 @@ GfStatus model_bind_matrix(Model *m, const char *name, int64_t rows, int64_t col
     int64_t dims[2] = {rows, cols};
     const StTensor *t = claim(m, name, dims, 2, err);
     if (!t) return GF_INVALID;
-    *out = (KnMatrix){t->data, dtype_of(t), rows, cols};
+    *out = (KnMatrix){t->data, dtype_of(t), rows, cols, 0};
     if (t->dtype == ST_F16) { /* F16 kernels are not worth it: widen once */
         float *f = widen(m, t, err);
         if (!f) return GF_NO_MEMORY;
-        *out = (KnMatrix){f, KN_F32, rows, cols};
+        *out = (KnMatrix){f, KN_F32, rows, cols, 0};
     }
     return GF_OK;
 }
@@ -89,7 +90,7 @@ GfStatus model_bind_3d(Model *m, const char *name, int64_t e, int64_t rows, int6
     int64_t dims[3] = {e, rows, cols};
     const StTensor *t = claim(m, name, dims, 3, err);
     if (!t) return GF_INVALID;
-    *out = (KnMatrix){t->data, dtype_of(t), e * rows, cols};
+    *out = (KnMatrix){t->data, dtype_of(t), e * rows, cols, 0};
     if (t->dtype == ST_F16) {
         float *f = widen(m, t, err);
         if (!f) return GF_NO_MEMORY;
@@ -108,7 +109,7 @@ GfStatus model_bind_vector(Model *m, const char *name, int64_t n, float **out, G
 GfStatus model_bind_scalar(Model *m, const char *name, float *out, GfError *err) {
     const StTensor *t = claim(m, name, NULL, 0, err);
     if (!t) return GF_INVALID;
-    KnMatrix v = {t->data, dtype_of(t), 1, 1};
+    KnMatrix v = {t->data, dtype_of(t), 1, 1, 0};
     kn_cpu_ops()->embed_row(out, v, 0, 1.0f);
     return GF_OK;
 }
@@ -261,12 +262,51 @@ static GfStatus bind_all(Model *m, GfError *err) {
     return st ? st : check_all_claimed(m, err);
 }
 
+/* ---- QLoRA: the frozen linears in NF4 ------------------------------------------- */
+
+/* Every linear the adapters may wrap, text and vision, and the experts; the
+ * embedding (the tied lm_head) stays in its stored dtype. */
+static size_t linear_slots(Model *m, KnMatrix **slots, size_t cap) {
+    size_t n = 0;
+#define SLOT(x) do { if ((x).data && n < cap) slots[n++] = &(x); } while (0)
+    for (int i = 0; i < m->cfg.text.n_layers; i++) {
+        Layer *l = &m->layers[i];
+        SLOT(l->q); SLOT(l->k); SLOT(l->v); SLOT(l->o); SLOT(l->gate); SLOT(l->up); SLOT(l->down);
+        SLOT(l->ple_gate); SLOT(l->ple_proj); SLOT(l->experts_gate_up); SLOT(l->experts_down);
+    }
+    for (int i = 0; m->cfg.vision.present && i < m->cfg.vision.n_layers; i++) {
+        VisionLayer *l = &m->vision.layers[i];
+        SLOT(l->q.w); SLOT(l->k.w); SLOT(l->v.w); SLOT(l->o.w); SLOT(l->gate.w); SLOT(l->up.w); SLOT(l->down.w);
+    }
+#undef SLOT
+    return n;
+}
+
+static GfStatus quantize_linears(Model *m, GfError *err) {
+    size_t cap = (size_t)m->cfg.text.n_layers * 11 + (m->cfg.vision.present ? (size_t)m->cfg.vision.n_layers * 7 : 0);
+    KnMatrix **slots = gf_calloc(cap + 1, sizeof *slots, err);
+    m->nf4 = gf_calloc(cap + 1, sizeof *m->nf4, err);
+    if (!slots || !m->nf4) { free(slots); return GF_NO_MEMORY; }
+    size_t n = linear_slots(m, slots, cap);
+    GfStatus st = GF_OK;
+    for (size_t i = 0; !st && i < n; i++) {
+        KnMatrix *w = slots[i];
+        st = kn_nf4_quantize(&m->nf4[i], *w, err);
+        if (st) break;
+        m->n_nf4 = i + 1;
+        *w = kn_nf4_matrix(&m->nf4[i], 0, w->rows, w->cols);
+    }
+    free(slots);
+    return st;
+}
+
 GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfError *err) {
     Model *m = gf_calloc(1, sizeof *m, err);
     if (!m) return GF_NO_MEMORY;
     GfStatus st = gemma_config_load(dir, &m->cfg, err);
     if (!st) st = model_dir_open(dir, &m->dir, err);
     if (!st) st = bind_all(m, err);
+    if (!st && opts && opts->quantize == MODEL_QUANT_NF4) st = quantize_linears(m, err);
     if (!st) {
         m->ops = kn_cpu_ops();
         m->ctx.device = KN_DEVICE_CPU;
@@ -285,6 +325,8 @@ void model_close(Model *m) {
     if (!m) return;
     kn_pool_free(m->ctx.pool);
     for (size_t i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    for (size_t i = 0; i < m->n_nf4; i++) kn_nf4_free(&m->nf4[i]);
+    free(m->nf4);
     free(m->owned);
     for (size_t s = 0; m->claimed && s < m->dir.n_shards; s++) free(m->claimed[s]);
     free(m->claimed);

@@ -27,8 +27,11 @@
 typedef struct Model Model;
 typedef struct LoraBinding LoraBinding;   /* lora.h */
 
+typedef enum { MODEL_QUANT_NONE = 0, MODEL_QUANT_NF4 } ModelQuant;
+
 typedef struct {
     int n_threads;            /* CPU threads, <= 0 = all cores */
+    ModelQuant quantize;      /* NF4: every linear of the layers (text, vision, experts) quantized at load */
 } ModelOptions;
 
 GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfError *err);

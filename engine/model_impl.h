@@ -52,6 +52,8 @@ struct Model {
     Layer *layers;
     VisionWeights vision;           /* bound when config.json has vision_config */
     void **owned;                   /* widened copies */
+    struct KnNf4 *nf4;              /* QLoRA: the quantized linears the KnMatrix views point at */
+    size_t n_nf4;
     size_t n_owned;
     uint8_t **claimed;              /* per shard, per tensor */
     char prefix[32];                /* "model.language_model." or "model." */

@@ -21,13 +21,26 @@
 #include "kernels.h"
 #include "pool.h"
 
-typedef enum { KN_F32 = 0, KN_BF16, KN_F16 } KnDtype;
+typedef enum { KN_F32 = 0, KN_BF16, KN_F16, KN_NF4 } KnDtype;
 
 typedef struct {
-    const void *data;
+    const void *data;         /* the elements; for KN_NF4 a const KnNf4 * (nf4.h) */
     KnDtype dtype;
     int64_t rows, cols;       /* [out, in] */
+    int64_t offset;           /* KN_NF4 only: index of element (0, 0) in the quantized tensor */
 } KnMatrix;
+
+/* Rows [row0, row0 + rows) of w, e.g. one expert of a stacked tensor. */
+static inline KnMatrix kn_matrix_rows(KnMatrix w, int64_t row0, int64_t rows) {
+    KnMatrix m = w;
+    m.rows = rows;
+    if (w.dtype == KN_NF4) m.offset += row0 * w.cols;
+    else m.data = (const char *)w.data + (size_t)(row0 * w.cols) * (w.dtype == KN_F32 ? 4u : 2u);
+    return m;
+}
+
+/* len elements of row r of w from column c0, widened to float32. */
+void kn_load_span(float *out, KnMatrix w, int64_t r, int64_t c0, int64_t len);
 
 typedef struct {
     KnDeviceKind device;

@@ -18,6 +18,7 @@ typedef struct {
     const char *model, *inputs, *out, *ids, *image, *adapter;
     long max_new, threads, max_soft_tokens;
     int hidden;
+    ModelQuant quantize;
 } CliOptions;
 
 static int parse(int argc, char **argv, CliOptions *o) {
@@ -35,6 +36,8 @@ static int parse(int argc, char **argv, CliOptions *o) {
         else if (strcmp(a, "--ids") == 0) o->ids = v;
         else if (strcmp(a, "--image") == 0) o->image = v;
         else if (strcmp(a, "--adapter") == 0) o->adapter = v;
+        else if (strcmp(a, "--quantize") == 0 && (strcmp(v, "nf4") == 0 || strcmp(v, "none") == 0))
+            o->quantize = strcmp(v, "nf4") == 0 ? MODEL_QUANT_NF4 : MODEL_QUANT_NONE;
         else if (strcmp(a, "--max-soft-tokens") == 0 && (o->max_soft_tokens = strtol(v, &end, 10), !*end)) {}
         else if (strcmp(a, "--max-new") == 0 && (o->max_new = strtol(v, &end, 10), !*end) && o->max_new > 0 && o->max_new <= 1000000) {}
         else if (strcmp(a, "--threads") == 0 && (o->threads = strtol(v, &end, 10), !*end) && o->threads >= 0 && o->threads <= 1024) {}
@@ -167,7 +170,7 @@ static int run_forward(Model *m, const LoraBinding *lora, const CliOptions *o, c
 static Model *open_model(const CliOptions *o, const char *cmd) {
     Model *m = NULL;
     GfError err;
-    ModelOptions mo = {(int)o->threads};
+    ModelOptions mo = {.n_threads = (int)o->threads, .quantize = o->quantize};
     if (model_open(o->model, &mo, &m, &err)) {
         fprintf(stderr, "gemmaforge %s: cannot load the model: %s\n", cmd, err.message);
         return NULL;
@@ -178,7 +181,7 @@ static Model *open_model(const CliOptions *o, const char *cmd) {
 int cli_forward(int argc, char **argv) {
     CliOptions o;
     if (parse(argc, argv, &o) || !o.model || !o.inputs || !o.out) {
-        fprintf(stderr, "usage: gemmaforge forward --model DIR [--adapter DIR] --inputs IN.safetensors --out OUT.safetensors [--hidden] [--threads N]\n");
+        fprintf(stderr, "usage: gemmaforge forward --model DIR [--adapter DIR] [--quantize nf4|none] --inputs IN.safetensors --out OUT.safetensors [--hidden] [--threads N]\n");
         return 2;
     }
     gf_log_init(GF_LOG_WARN);
@@ -378,6 +381,7 @@ typedef struct {
     const char *model, *adapter, *prompt, *system, *images[INFER_MAX_IMAGES];
     int n_images, think, json;
     long max_tokens, threads, budget;
+    ModelQuant quantize;
 } InferOptions;
 
 static int parse_infer(int argc, char **argv, InferOptions *o) {
@@ -393,6 +397,8 @@ static int parse_infer(int argc, char **argv, InferOptions *o) {
         else if (strcmp(a, "--prompt") == 0) o->prompt = v;
         else if (strcmp(a, "--adapter") == 0) o->adapter = v;
         else if (strcmp(a, "--system") == 0) o->system = v;
+        else if (strcmp(a, "--quantize") == 0 && (strcmp(v, "nf4") == 0 || strcmp(v, "none") == 0))
+            o->quantize = strcmp(v, "nf4") == 0 ? MODEL_QUANT_NF4 : MODEL_QUANT_NONE;
         else if (strcmp(a, "--image") == 0) {
             if (o->n_images == INFER_MAX_IMAGES) { fprintf(stderr, "gemmaforge infer: at most %d images\n", INFER_MAX_IMAGES); return -1; }
             o->images[o->n_images++] = v;
@@ -468,7 +474,7 @@ static int load_images(const InferOptions *o, Image *imgs) {
 int cli_infer(int argc, char **argv) {
     InferOptions o;
     if (parse_infer(argc, argv, &o) || !o.model || !o.prompt) {
-        fprintf(stderr, "usage: gemmaforge infer --model DIR [--adapter DIR] [--image F]... --prompt TEXT [--system TEXT] [--max-tokens N]\n"
+        fprintf(stderr, "usage: gemmaforge infer --model DIR [--adapter DIR] [--quantize nf4|none] [--image F]... --prompt TEXT [--system TEXT] [--max-tokens N]\n"
                         "                        [--max-soft-tokens 70|140|280|560|1120] [--think] [--json] [--threads N]\n");
         return 2;
     }
@@ -477,7 +483,7 @@ int cli_infer(int argc, char **argv) {
     if (load_images(&o, imgs)) return 1;
     Pipeline *p = NULL;
     GfError err;
-    ModelOptions mo = {(int)o.threads};
+    ModelOptions mo = {.n_threads = (int)o.threads, .quantize = o.quantize};
     int rc = 1;
     LoraAdapter *adapter = NULL;
     LoraBinding lb = {0};

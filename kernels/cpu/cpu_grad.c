@@ -26,14 +26,10 @@ static void matmul_dx_task(void *p, int ith, int nth) {
     kn_split((long)t->w.cols, ith, nth, &lo, &hi);
     enum { CHUNK = 2048 };
     float row[CHUNK];
-    size_t es = t->w.dtype == KN_F32 ? 4 : 2;
     for (long c0 = lo; c0 < hi; c0 += CHUNK) {
         int64_t len = hi - c0 < CHUNK ? hi - c0 : CHUNK;
         for (int64_t o = 0; o < t->w.rows; o++) {
-            KnMatrix part = t->w;
-            part.cols = len;
-            part.data = (const char *)t->w.data + ((size_t)o * (size_t)t->w.cols + (size_t)c0) * es;
-            kn_cpu_load_row(row, part, 0);
+            kn_load_span(row, t->w, o, c0, len);
             for (int64_t i = 0; i < t->n; i++) {
                 float g = t->dy[i * t->w.rows + o];
                 if (g == 0.0f) continue;

@@ -4,6 +4,7 @@
 
 #include "../ops.h"
 #include "cpu_grad.h"
+#include "../nf4.h"
 
 /* ---- conversions -------------------------------------------------------- */
 
@@ -34,19 +35,24 @@ float kn_f16_to_f32(uint16_t h) {
     return f;
 }
 
-/* Row r of W widened to float32 into out[cols]. */
-void kn_cpu_load_row(float *out, KnMatrix w, int64_t r) {
+void kn_load_span(float *out, KnMatrix w, int64_t r, int64_t c0, int64_t len) {
+    int64_t e = r * w.cols + c0;
     if (w.dtype == KN_F32) {
-        memcpy(out, (const float *)w.data + r * w.cols, (size_t)w.cols * sizeof(float));
-        return;
-    }
-    const uint16_t *src = (const uint16_t *)w.data + r * w.cols;
-    if (w.dtype == KN_BF16) {
-        for (int64_t c = 0; c < w.cols; c++) out[c] = kn_bf16_to_f32(src[c]);
+        memcpy(out, (const float *)w.data + e, (size_t)len * sizeof(float));
+    } else if (w.dtype == KN_NF4) {
+        kn_nf4_dequantize(w.data, w.offset + e, len, out);
     } else {
-        for (int64_t c = 0; c < w.cols; c++) out[c] = kn_f16_to_f32(src[c]);
+        const uint16_t *src = (const uint16_t *)w.data + e;
+        if (w.dtype == KN_BF16) {
+            for (int64_t c = 0; c < len; c++) out[c] = kn_bf16_to_f32(src[c]);
+        } else {
+            for (int64_t c = 0; c < len; c++) out[c] = kn_f16_to_f32(src[c]);
+        }
     }
 }
+
+/* Row r of W widened to float32 into out[cols]. */
+void kn_cpu_load_row(float *out, KnMatrix w, int64_t r) { kn_load_span(out, w, r, 0, w.cols); }
 
 static float dot(const float *a, const float *b, int64_t n) {
     float s[8] = {0};
@@ -84,11 +90,7 @@ static void matmul_task(void *p, int ith, int nth) {
         for (int64_t i = 0; i < t->n; i++) t->y[i * t->w.rows + o] = 0.0f;
         for (int64_t c0 = 0; c0 < t->w.cols; c0 += CHUNK) { /* wide rows: in column chunks */
             int64_t len = t->w.cols - c0 < CHUNK ? t->w.cols - c0 : CHUNK;
-            KnMatrix part = t->w;
-            part.cols = len;
-            size_t es = t->w.dtype == KN_F32 ? 4 : 2;
-            part.data = (const char *)t->w.data + ((size_t)o * (size_t)t->w.cols + (size_t)c0) * es;
-            kn_cpu_load_row(row, part, 0);
+            kn_load_span(row, t->w, o, c0, len);
             for (int64_t i = 0; i < t->n; i++) t->y[i * t->w.rows + o] += dot(t->x + i * t->w.cols + c0, row, len);
         }
     }

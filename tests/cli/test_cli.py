@@ -433,6 +433,27 @@ def t_lora_step_trajectory(case):
     assert e <= 1e-3, "logits_final: rel err %g" % e
 
 
+def t_qlora_step(_):
+    """QLoRA: the same five steps on the dense model with its linears in NF4.
+    The base really is quantized (the first loss moves away from the bf16
+    one), and training on it still drives the loss down at every step."""
+    d = os.path.join(FIXTURES, "dense")
+    g = os.path.join(d, "lora_all")
+    train = json.load(open(os.path.join(g, "train.json")))
+    out = tempfile.mkdtemp()
+    r = subprocess.run([BIN, "lora-step", "--quantize", "nf4", "--model", d, "--adapter", os.path.join(g, "adapter_init"),
+                        "--inputs", os.path.join(d, "forward_image.safetensors"), "--steps", "5", "--lr", repr(train["lr"]),
+                        "--weight-decay", repr(train["weight_decay"]), "--out", out], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    losses = json.load(open(os.path.join(out, "losses.json")))["losses_before_each_step"]
+    ref = train["losses_before_each_step"]
+    assert abs(losses[0] - ref[0]) > 1e-2 * ref[0], (losses[0], ref[0])
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.5 * losses[0], losses
+    r = subprocess.run([BIN, "lora-step", "--quantize", "int3", "--model", d], capture_output=True)
+    assert r.returncode == 2 and b"--quantize" in r.stderr, r.stderr
+
+
 def t_adapter_refused(_):
     d = os.path.join(FIXTURES, "dense")
     src = os.path.join(d, "lora_lm", "adapter_final")
@@ -484,6 +505,7 @@ def main():
         runner.run("lora_step_gradients[%s/%s]" % case, t_lora_step_gradients, case)
     for case in (("dense", "lora_lm", True), ("dense", "lora_all", False), ("ple", "lora_lm", False)):
         runner.run("lora_step_trajectory[%s/%s]" % case[:2], t_lora_step_trajectory, case)
+    runner.run("qlora_step", t_qlora_step, None)
     return runner.finish()
 
 

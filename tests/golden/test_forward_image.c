@@ -46,7 +46,7 @@ static void run_variant(const char *variant) {
     snprintf(path, sizeof path, "%s/forward_image.safetensors", dir);
     Model *m = NULL;
     GfError err;
-    ModelOptions opts = {2};
+    ModelOptions opts = {.n_threads = 2, .quantize = MODEL_QUANT_NONE};
     SafeTensors st;
     CHECK_STATUS(model_open(dir, &opts, &m, &err), GF_OK, err);
     CHECK_STATUS(safetensors_open(path, "forward_image", &st, &err), GF_OK, err);

@@ -130,7 +130,7 @@ static void run_variant(const char *variant) {
     snprintf(path, sizeof path, "%s/forward_text.safetensors", dir);
     Model *m = NULL;
     GfError err;
-    ModelOptions opts = {2};
+    ModelOptions opts = {.n_threads = 2, .quantize = MODEL_QUANT_NONE};
     CHECK_STATUS(model_open(dir, &opts, &m, &err), GF_OK, err);
     Golden g;
     CHECK(load_golden(path, &g) == 0, "%s golden file", variant);

@@ -54,7 +54,7 @@ static void test_matmul(const KnOps *ops, KnCtx *ctx) {
                 ref[i * rows + o] = acc;
             }
         float *y = malloc((size_t)n * rows * sizeof *y);
-        KnMatrix mf = {wf, KN_F32, rows, cols}, mb = {wb, KN_BF16, rows, cols};
+        KnMatrix mf = {wf, KN_F32, rows, cols, 0}, mb = {wb, KN_BF16, rows, cols, 0};
         ops->matmul(ctx, y, x, mf, n);
         EXPECT_CLOSE(y, ref, (size_t)n * rows, 1e-5, "matmul f32 %dx%d n=%d", rows, cols, n);
         ops->matmul(ctx, y, x, mb, n);
@@ -235,7 +235,7 @@ static void test_matmul_rmsnorm_gelu_dx(const KnOps *ops, KnCtx *ctx) {
         LinCtx l = {rows, cols, n, w, 0, 0};
         numeric_grad(g, ref_linear, &l, x, (size_t)n * cols, dy, (size_t)n * rows);
         for (int i = 0; i < n * cols; i++) g[i] += dx0[i]; /* accumulates */
-        ops->matmul_dx(ctx, dx, dy, (KnMatrix){w, KN_F32, rows, cols}, n);
+        ops->matmul_dx(ctx, dx, dy, (KnMatrix){w, KN_F32, rows, cols, 0}, n);
         EXPECT_CLOSE(dx, g, (size_t)n * cols, 1e-5, "matmul_dx %dx%d n=%d", rows, cols, n);
         free(w); free(x); free(dy); free(dx); free(dx0); free(g);
     }

@@ -1,0 +1,51 @@
+/* nf4.h - 4-bit NormalFloat weights for QLoRA (Dettmers et al. 2023): the
+ * frozen base matrices stored as one 4-bit code per weight into the NF4 code
+ * book (16 quantiles of N(0, 1) scaled to [-1, 1], with an exact zero),
+ * times the absolute maximum of their block of 64 consecutive weights
+ * (row-major, the matrix flattened). The absmax constants are themselves
+ * quantized ("double quantization"): their mean is subtracted and each group
+ * of 256 is stored as int8 with one float32 scale, so a block costs
+ * 4 + 8/64 bits per weight instead of 4 + 32/64.
+ *
+ * Each weight takes the code nearest to w / absmax', absmax' being the
+ * dequantized constant, so |w - code absmax'| <= absmax' * (half the widest
+ * gap of the code book) + |absmax - absmax'| when |w| <= absmax'.
+ *
+ * Ownership: KnNf4 owns its buffers (kn_nf4_free). A KnMatrix of dtype
+ * KN_NF4 points at one (data) and may start at an element offset (a slice of
+ * stacked experts). Read-only after quantization; any thread may read it.
+ */
+#ifndef GF_NF4_H
+#define GF_NF4_H
+
+#include <stdint.h>
+
+#include "base.h"
+#include "ops.h"
+
+#define KN_NF4_BLOCK 64
+#define KN_NF4_GROUP 256
+
+extern const float KN_NF4_CODE[16];
+
+typedef struct KnNf4 {
+    uint8_t *codes;           /* [ceil(n / 2)]: element 2i in the low nibble of byte i */
+    int8_t *absmax_q;         /* [n_blocks] (absmax - offset) / scale of its group, rounded */
+    float *group_scale;       /* [n_groups] */
+    float offset;             /* mean absmax */
+    int64_t n, n_blocks, n_groups;
+} KnNf4;
+
+/* Quantizes every element of w (any dtype but NF4) into q. */
+GfStatus kn_nf4_quantize(KnNf4 *q, KnMatrix w, GfError *err);
+void kn_nf4_free(KnNf4 *q);
+
+/* The dequantized absmax of block b. */
+float kn_nf4_absmax(const KnNf4 *q, int64_t b);
+/* Elements [start, start + len) dequantized into out. */
+void kn_nf4_dequantize(const KnNf4 *q, int64_t start, int64_t len, float *out);
+
+/* A [rows, cols] matrix view of q starting at element offset. */
+KnMatrix kn_nf4_matrix(const KnNf4 *q, int64_t offset, int64_t rows, int64_t cols);
+
+#endif
