@@ -1,0 +1,89 @@
+/* test_optim.c - the optimizer pieces against their definitions: torch's
+ * AdamW over three steps (computed here in double from torch's formula),
+ * global-norm clipping as clip_grad_norm_, and the schedules of
+ * transformers' get_{constant,linear,cosine}_schedule_with_warmup. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "optim.h"
+
+static LoraAdapter *tiny_adapter(void) {
+    LoraAdapter *a = calloc(1, sizeof *a);
+    a->pairs = calloc(1, sizeof *a->pairs);
+    a->n_pairs = 1;
+    LoraPair *p = &a->pairs[0];
+    p->rank = 2; p->in = 3; p->out = 2;
+    p->A = calloc(6, sizeof(float)); p->B = calloc(4, sizeof(float));
+    for (int i = 0; i < 6; i++) p->A[i] = 0.1f * (float)(i - 2);
+    for (int i = 0; i < 4; i++) p->B[i] = -0.05f * (float)(i + 1);
+    GfError err;
+    CHECK(lora_grads_alloc(a, &err) == GF_OK, "gradient buffers");
+    return a;
+}
+
+static void test_adamw(void) {
+    LoraAdapter *a = tiny_adapter();
+    LoraPair *p = &a->pairs[0];
+    AdamW opt;
+    GfError err;
+    CHECK(adamw_init(&opt, a, 0.9, 0.999, 1e-8, 0.01, &err) == GF_OK && opt.n == 10, "moments for 10 parameters");
+    double ref[10], m[10] = {0}, v[10] = {0};
+    for (int i = 0; i < 6; i++) ref[i] = p->A[i];
+    for (int i = 0; i < 4; i++) ref[6 + i] = p->B[i];
+    double lr = 0.01;
+    for (int step = 1; step <= 3; step++) {
+        for (int i = 0; i < 10; i++) {
+            float g = (float)(0.3 * sin(step * 1.7 + i) + (i == 4 ? 1e-9 : 0.0));
+            if (i < 6) p->dA[i] = g; else p->dB[i - 6] = g;
+            ref[i] *= 1 - lr * 0.01; /* decoupled weight decay first */
+            m[i] = 0.9 * m[i] + 0.1 * g;
+            v[i] = 0.999 * v[i] + 0.001 * (double)g * g;
+            double mh = m[i] / (1 - pow(0.9, step)), denom = sqrt(v[i]) / sqrt(1 - pow(0.999, step)) + 1e-8;
+            ref[i] -= lr * mh / denom;
+        }
+        adamw_step(&opt, a, lr);
+    }
+    double worst = 0;
+    for (int i = 0; i < 10; i++) worst = fmax(worst, fabs((i < 6 ? p->A[i] : p->B[i - 6]) - ref[i]));
+    CHECK(worst < 1e-6 && opt.step == 3, "three AdamW steps as torch computes them (worst %.2g)", worst);
+    adamw_free(&opt);
+    lora_free(a);
+}
+
+static void test_clip(void) {
+    LoraAdapter *a = tiny_adapter();
+    LoraPair *p = &a->pairs[0];
+    for (int i = 0; i < 6; i++) p->dA[i] = 3.0f;
+    for (int i = 0; i < 4; i++) p->dB[i] = -4.0f;
+    double norm = sqrt(6 * 9.0 + 4 * 16.0);
+    CHECK(fabs(lora_grad_norm(a) - norm) < 1e-9, "global L2 norm");
+    CHECK(fabs(lora_clip_grads(a, 1.0) - norm) < 1e-9, "clip returns the norm before clipping");
+    CHECK(fabs(lora_grad_norm(a) - 1.0 / (norm + 1e-6) * norm) < 1e-6, "clipped to max_norm (torch's + 1e-6)");
+    double before = lora_grad_norm(a);
+    lora_clip_grads(a, 5.0);
+    CHECK(lora_grad_norm(a) == before, "a norm under the limit is left alone");
+    lora_free(a);
+}
+
+static void test_schedules(void) {
+    /* 100 steps, 10 of warmup, base 1e-3 */
+    CHECK(schedule_lr(SCHED_LINEAR, 1e-3, 10, 100, 0) == 0.0, "warmup starts at 0");
+    CHECK(fabs(schedule_lr(SCHED_COSINE, 1e-3, 10, 100, 5) - 0.5e-3) < 1e-15, "half-way through warmup");
+    CHECK(fabs(schedule_lr(SCHED_LINEAR, 1e-3, 10, 100, 10) - 1e-3) < 1e-15, "peak after warmup");
+    CHECK(fabs(schedule_lr(SCHED_LINEAR, 1e-3, 10, 100, 55) - 0.5e-3) < 1e-15, "linear: half-way down");
+    CHECK(fabs(schedule_lr(SCHED_COSINE, 1e-3, 10, 100, 55) - 0.5e-3) < 1e-15, "cosine: half at the middle");
+    CHECK(fabs(schedule_lr(SCHED_COSINE, 1e-3, 10, 100, 33) -
+               1e-3 * 0.5 * (1 + cos(M_PI * 23.0 / 90.0))) < 1e-15, "cosine curve");
+    CHECK(schedule_lr(SCHED_LINEAR, 1e-3, 10, 100, 100) == 0.0, "linear ends at 0");
+    CHECK(schedule_lr(SCHED_CONSTANT, 1e-3, 10, 100, 99) == 1e-3, "constant after warmup");
+    CHECK(schedule_lr(SCHED_CONSTANT, 1e-3, 0, 100, 0) == 1e-3, "no warmup");
+}
+
+int main(void) {
+    test_adamw();
+    test_clip();
+    test_schedules();
+    return check_done("test_optim");
+}
