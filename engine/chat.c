@@ -142,7 +142,14 @@ typedef void (*Emit)(void *ctx, const char *text, size_t len, int image, int tra
 
 static void emit_str(Emit emit, void *ctx, const char *s, int trained) { emit(ctx, s, strlen(s), 0, trained); }
 
-static void render(const ChatTemplate *tpl, const ChatMessage *m, size_t n, int gen, int think, Emit emit, void *ctx) {
+/* The empty thought block the 26B/31B templates end the generation prompt with. */
+#define EMPTY_THOUGHT "<|channel>thought\n<channel|>"
+
+/* train: every assistant turn starts with the prefix a generation prompt
+ * would give it (the empty thought block where the template has one), so a
+ * model trained on the sequence sees at each answer what inference sends. */
+static void render(const ChatTemplate *tpl, const ChatMessage *m, size_t n, int gen, int think, int train, Emit emit,
+                   void *ctx) {
     emit_str(emit, ctx, tpl->bos, 0);
     int sys = n > 0 && m[0].role == CHAT_SYSTEM;
     if (think || sys) {
@@ -160,6 +167,7 @@ static void render(const ChatTemplate *tpl, const ChatMessage *m, size_t n, int 
     for (size_t i = sys ? 1 : 0; i < n; i++) {
         int model = m[i].role == CHAT_ASSISTANT;
         emit_str(emit, ctx, model ? "<|turn>model\n" : "<|turn>user\n", 0);
+        if (model && train && tpl->thought_in_gen_prompt && !think) emit_str(emit, ctx, EMPTY_THOUGHT, 0);
         for (size_t k = 0; k < m[i].n_parts; k++) {
             if (m[i].parts[k].is_image) {
                 if (tpl->image_blank_lines) emit_str(emit, ctx, "\n\n", 0);
@@ -178,7 +186,7 @@ static void render(const ChatTemplate *tpl, const ChatMessage *m, size_t n, int 
     }
     if (gen) {
         emit_str(emit, ctx, "<|turn>model\n", 0);
-        if (tpl->thought_in_gen_prompt && !think) emit_str(emit, ctx, "<|channel>thought\n<channel|>", 0);
+        if (tpl->thought_in_gen_prompt && !think) emit_str(emit, ctx, EMPTY_THOUGHT, 0);
     }
 }
 
@@ -191,7 +199,7 @@ static void emit_text(void *ctx, const char *text, size_t len, int image, int tr
 GfStatus chat_render(const ChatTemplate *tpl, const ChatMessage *msgs, size_t n, int gen, int think, char **text, GfError *err) {
     if (check_messages(msgs, n, err)) return GF_INVALID;
     Buf b = {0};
-    render(tpl, msgs, n, gen, think, emit_text, &b);
+    render(tpl, msgs, n, gen, think, 0, emit_text, &b);
     if (b.failed) { free(b.s); return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory"); }
     *text = b.s;
     return GF_OK;
@@ -288,7 +296,7 @@ GfStatus chat_encode(const ChatTemplate *tpl, const Tokenizer *tok, const ChatMe
     memset(out, 0, sizeof *out);
     if (check_messages(msgs, n, err)) return GF_INVALID;
     Enc e = {tok, soft, n_images, 0, boi, img, eoi, with_labels, out, 0, err, 0, {0}, NULL, 0};
-    render(tpl, msgs, n, gen, think, emit_tokens, &e);
+    render(tpl, msgs, n, gen, think, with_labels == CHAT_LABELS_TRAIN, emit_tokens, &e);
     flush(&e);
     free(e.text.s);
     free(e.trained_bytes);

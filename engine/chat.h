@@ -60,8 +60,15 @@ typedef struct {
     size_t n;
 } ChatTokens;
 
+/* Labels: none; on assistant text and its <turn|> of the template's own
+ * rendering; or for training, where each assistant turn also starts with
+ * exactly the prefix the generation prompt gives at inference (the empty
+ * thought block of the 26B/31B templates, unlabeled). */
+enum { CHAT_LABELS_NONE = 0, CHAT_LABELS_TEMPLATE = 1, CHAT_LABELS_TRAIN = 2 };
+
 /* Renders and encodes in one pass; soft_tokens[k] is the soft-token count of
- * the k-th image. boi/image/eoi ids come from the model's config. */
+ * the k-th image. boi/image/eoi ids come from the model's config; with_labels
+ * is a CHAT_LABELS_ value. */
 GfStatus chat_encode(const ChatTemplate *tpl, const Tokenizer *tok, const ChatMessage *msgs, size_t n,
                      const int *soft_tokens, size_t n_images, int add_generation_prompt, int enable_thinking,
                      int32_t boi_id, int32_t image_id, int32_t eoi_id, int with_labels, ChatTokens *out, GfError *err);

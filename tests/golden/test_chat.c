@@ -93,6 +93,31 @@ static void render_case(const cJSON *r) {
     free(text);
 }
 
+/* Training sequences: every assistant turn is preceded by exactly the ids
+ * inference sends for the conversation so far (encoded with the generation
+ * prompt), and its labels start right there. */
+static void check_train_prefix(const ChatTemplate *tpl, const Tokenizer *tok, const Conv *c, const int *soft, const char *tname) {
+    ChatTokens t, p;
+    GfError err;
+    CHECK_STATUS(chat_encode(tpl, tok, c->msgs, c->n_msgs, soft, c->n_images, 0, 0, 255, 256, 257, CHAT_LABELS_TRAIN, &t, &err),
+                 GF_OK, err);
+    size_t images = 0, turns = 0;
+    for (size_t i = 0; i < c->n_msgs; i++) {
+        if (c->msgs[i].role == CHAT_ASSISTANT) {
+            CHECK_STATUS(chat_encode(tpl, tok, c->msgs, i, soft, images, 1, 0, 255, 256, 257, CHAT_LABELS_NONE, &p, &err), GF_OK, err);
+            int same = p.n < t.n;
+            for (size_t k = 0; same && k < p.n; k++) same = p.ids[k] == t.ids[k] && t.labels[k] == -100;
+            CHECK(same && t.labels[p.n] == t.ids[p.n], "%s: assistant turn %zu follows exactly the inference prompt (%zu ids) "
+                  "and is trained from its first token", tname, i, p.n);
+            chat_tokens_free(&p);
+            turns++;
+        }
+        for (size_t k = 0; k < c->msgs[i].n_parts; k++) images += c->msgs[i].parts[k].is_image;
+    }
+    CHECK(turns > 0, "%s: the case has assistant turns", tname);
+    chat_tokens_free(&t);
+}
+
 static void ids_case(const cJSON *r, const Tokenizer *tok, const ChatTemplate *small, const ChatTemplate *large) {
     const char *tname = cJSON_GetObjectItemCaseSensitive(r, "template")->valuestring;
     const char *cname = cJSON_GetObjectItemCaseSensitive(r, "case")->valuestring;
@@ -119,7 +144,7 @@ static void ids_case(const cJSON *r, const Tokenizer *tok, const ChatTemplate *s
     int gen = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(r, "add_generation_prompt"));
     ChatTokens t;
     GfError err;
-    CHECK_STATUS(chat_encode(tpl, tok, c.msgs, c.n_msgs, soft, c.n_images, gen, 0, 255, 256, 257, 1, &t, &err), GF_OK, err);
+    CHECK_STATUS(chat_encode(tpl, tok, c.msgs, c.n_msgs, soft, c.n_images, gen, 0, 255, 256, 257, CHAT_LABELS_TEMPLATE, &t, &err), GF_OK, err);
     const cJSON *want = cJSON_GetObjectItemCaseSensitive(r, "input_ids"), *mm = cJSON_GetObjectItemCaseSensitive(r, "mm_token_type_ids");
     int same = (size_t)cJSON_GetArraySize(want) == t.n, mm_same = same;
     size_t i = 0;
@@ -139,6 +164,7 @@ static void ids_case(const cJSON *r, const Tokenizer *tok, const ChatTemplate *s
         for (size_t k = 0; k < t.n; k++)
             if (t.labels[k] != -100) { n_lab++; last = k; CHECK(t.labels[k] == t.ids[k], "label = id"); }
         CHECK(n_lab > 1 && t.ids[last] == 263 && t.labels[t.n - 1] == -100, "%s: %zu labels ending at <turn|>, newline untrained", tname, n_lab);
+        check_train_prefix(tpl, tok, &c, soft, tname);
     }
     chat_tokens_free(&t);
 }
