@@ -336,3 +336,117 @@ void lora_grads_zero(LoraAdapter *a) {
         if (p->dB) memset(p->dB, 0, (size_t)(p->out * p->rank) * sizeof(float));
     }
 }
+
+/* ---- create ---------------------------------------------------------------------- */
+
+typedef struct {
+    char name[160];
+    int64_t in, out;
+} Candidate;
+
+/* Every linear an adapter may wrap, with its shape. */
+static size_t candidates(const Model *m, Candidate *c, size_t cap) {
+    size_t n = 0;
+    const TextConfig *t = &m->cfg.text;
+    for (int l = 0; l < t->n_layers; l++) {
+        const Layer *L = &m->layers[l];
+        const KnMatrix *tm[LORA_TEXT_SLOTS] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down, &L->ple_gate, &L->ple_proj};
+        for (int s = 0; s < LORA_TEXT_SLOTS && n < cap; s++)
+            if (lora_text_module(m, l, s, c[n].name, sizeof c[n].name) == 0) {
+                c[n].in = tm[s]->cols;
+                c[n].out = tm[s]->rows;
+                n++;
+            }
+    }
+    if (t->ple_dim && n < cap) {
+        snprintf(c[n].name, sizeof c[n].name, "%sper_layer_model_projection", m->prefix);
+        c[n].in = m->ple_model_proj.cols;
+        c[n].out = m->ple_model_proj.rows;
+        n++;
+    }
+    if (!m->cfg.vision.present) return n;
+    for (int l = 0; l < m->cfg.vision.n_layers; l++) {
+        const VisionLayer *V = &m->vision.layers[l];
+        const ClipLinear *cl[LORA_VISION_SLOTS] = {&V->q, &V->k, &V->v, &V->o, &V->gate, &V->up, &V->down};
+        for (int s = 0; s < LORA_VISION_SLOTS && n < cap; s++)
+            if (lora_vision_module(m, l, s, c[n].name, sizeof c[n].name) == 0) {
+                c[n].in = cl[s]->w.cols;
+                c[n].out = cl[s]->w.rows;
+                n++;
+            }
+    }
+    const char *names[2] = {"model.vision_tower.patch_embedder.input_proj", "model.embed_vision.embedding_projection"};
+    const KnMatrix *mats[2] = {&m->vision.input_proj, &m->vision.embed_proj};
+    for (int i = 0; i < 2 && n < cap; i++, n++) {
+        gf_strlcpy(c[n].name, names[i], sizeof c[n].name);
+        c[n].in = mats[i]->cols;
+        c[n].out = mats[i]->rows;
+    }
+    return n;
+}
+
+/* PEFT's rule: the module name is the target or ends with "." + target. */
+static int target_matches(const char *name, const char *target) {
+    size_t n = strlen(name), t = strlen(target);
+    return strcmp(name, target) == 0 || (n > t && name[n - t - 1] == '.' && strcmp(name + n - t, target) == 0);
+}
+
+static float uniform(uint64_t *state, float bound) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull); /* splitmix64 */
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)(((double)(z >> 11) / 9007199254740992.0 * 2.0 - 1.0) * bound);
+}
+
+static GfStatus add_pair(LoraAdapter *a, const Candidate *c, int rank, uint64_t *rng, GfError *err) {
+    LoraPair *p = &a->pairs[a->n_pairs];
+    gf_strlcpy(p->module, c->name, sizeof p->module);
+    p->in = c->in;
+    p->out = c->out;
+    p->rank = rank;
+    p->A = gf_malloc((size_t)(rank * c->in) * sizeof(float), err);
+    p->B = gf_calloc((size_t)(c->out * rank), sizeof(float), err);
+    if (!p->A || !p->B) return GF_NO_MEMORY;
+    a->n_pairs++;
+    float bound = (float)(1.0 / sqrt((double)c->in));
+    for (int64_t i = 0; i < rank * c->in; i++) p->A[i] = uniform(rng, bound);
+    return GF_OK;
+}
+
+GfStatus lora_create(const Model *m, const char *const *targets, size_t n_targets, int rank, double alpha,
+                     int use_rslora, uint64_t seed, LoraAdapter **out, GfError *err) {
+    *out = NULL;
+    if (rank < 1 || rank > LORA_MAX_RANK || !(alpha > 0) || n_targets == 0)
+        return gf_error_set(err, GF_INVALID, "invalid_hyperparameter", "lora_r",
+                            "rank must be 1..%d, alpha positive, and at least one target module", LORA_MAX_RANK);
+    size_t cap = (size_t)m->cfg.text.n_layers * LORA_TEXT_SLOTS + 3 +
+                 (m->cfg.vision.present ? (size_t)m->cfg.vision.n_layers * LORA_VISION_SLOTS : 0);
+    Candidate *c = gf_calloc(cap, sizeof *c, err);
+    LoraAdapter *a = c ? gf_calloc(1, sizeof *a, err) : NULL;
+    if (a) a->pairs = gf_calloc(cap, sizeof *a->pairs, err);
+    if (!a || !a->pairs) { free(c); lora_free(a); return GF_NO_MEMORY; }
+    size_t n = candidates(m, c, cap);
+    int all = n_targets == 1 && strcmp(targets[0], "all-linear") == 0;
+    uint8_t *hit = gf_calloc(n_targets, 1, err);
+    uint64_t rng = seed;
+    GfStatus st = hit ? GF_OK : GF_NO_MEMORY;
+    for (size_t i = 0; !st && i < n; i++) {
+        int take = all;
+        for (size_t k = 0; !all && k < n_targets; k++)
+            if (target_matches(c[i].name, targets[k])) take = hit[k] = 1;
+        if (take) st = add_pair(a, &c[i], rank, &rng, err);
+    }
+    for (size_t k = 0; !st && !all && k < n_targets; k++)
+        if (!hit[k]) st = gf_error_set(err, GF_INVALID, "invalid_hyperparameter", "target_modules",
+                                       "target module '%.100s' matches no linear of this model", targets[k]);
+    free(hit);
+    free(c);
+    if (st) { lora_free(a); return st; }
+    a->rank = rank;
+    a->alpha = alpha;
+    a->use_rslora = use_rslora;
+    a->scale = (float)(use_rslora ? alpha / sqrt((double)rank) : alpha / rank);
+    *out = a;
+    return GF_OK;
+}

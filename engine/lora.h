@@ -90,6 +90,16 @@ void lora_apply(const LoraPair *p, float scale, float *y, const float *x, int64_
  * (dy B)^T x, p->dB += scale dy^T (x A^T). tmp holds 2 n rank floats. */
 void lora_backward(const LoraPair *p, float scale, float *dx, const float *dy, const float *x, int64_t n, float *tmp);
 
+/* A new adapter on the modules of m that PEFT's target_modules select:
+ * "all-linear" (every adaptable linear: text q/k/v/o/gate/up/down and PLE
+ * projections, the vision tower's inner linears, its patch embedder and
+ * embed_vision; never lm_head), or module names matched as PEFT does (equal,
+ * or ending in "." + target). A is drawn as PEFT's default init
+ * (kaiming-uniform with a = sqrt 5: U(-1/sqrt(in), 1/sqrt(in))) from seed, B is
+ * zero. GF_INVALID naming the target that matches no module. */
+GfStatus lora_create(const Model *m, const char *const *targets, size_t n_targets, int rank, double alpha,
+                     int use_rslora, uint64_t seed, LoraAdapter **out, GfError *err);
+
 /* Gradient buffers for every pair (zeroed); lora_grads_zero clears them. */
 GfStatus lora_grads_alloc(LoraAdapter *a, GfError *err);
 void lora_grads_zero(LoraAdapter *a);
