@@ -216,6 +216,11 @@ int cli_lora_step(int argc, char **argv) {
         fprintf(stderr, "gemmaforge lora-step: the adapter: %s\n", err.message);
         rc = 1;
     }
+    if (!rc && a->dropout > 0) {
+        fprintf(stderr, "gemmaforge lora-step: the adapter sets lora_dropout %g; dropout in training is not built yet "
+                        "(use an adapter_config.json with lora_dropout 0)\n", a->dropout);
+        rc = 1;
+    }
     if (!rc && fs_mkdirs(final_dir, &err)) { fprintf(stderr, "gemmaforge lora-step: %s\n", err.message); rc = 1; }
     double *losses = rc ? NULL : calloc((size_t)o.steps, sizeof *losses);
     if (!rc) rc = !losses || run_steps(m, a, &lb, &o, &in, losses);

@@ -452,6 +452,14 @@ def t_qlora_step(_):
     assert losses[-1] < 0.5 * losses[0], losses
     r = subprocess.run([BIN, "lora-step", "--quantize", "int3", "--model", d], capture_output=True)
     assert r.returncode == 2 and b"--quantize" in r.stderr, r.stderr
+    # dropout is not applied in training yet: refused, never ignored
+    drop = os.path.join(out, "dropout")
+    shutil.copytree(os.path.join(g, "adapter_init"), drop)
+    cfg = json.load(open(os.path.join(drop, "adapter_config.json")))
+    cfg["lora_dropout"] = 0.1
+    json.dump(cfg, open(os.path.join(drop, "adapter_config.json"), "w"))
+    r = lora_step(d, drop, os.path.join(out, "o2"), 1, train)
+    assert r.returncode == 1 and b"lora_dropout 0.1" in r.stderr, r.stderr
 
 
 def t_adapter_refused(_):
