@@ -16,13 +16,6 @@
 
 /* ---- workspace -------------------------------------------------------------- */
 
-typedef struct {
-    float *u0, *u2, *p, *gu, *mm, *yk, *y;   /* [H], [H], [E], [K, 2Im], [K, Im], [K, H], [H] */
-    float *dy, *du, *dgu, *dmm, *t;          /* [H], [H], [2Im], [Im], [Im] */
-    int idx[64];
-    float w[64], wsum;
-} MoeTape;
-
 struct GradWorkspace {
     int64_t max_tokens;
     int max_rank;
@@ -100,21 +93,7 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     w->logits = take(s, LOGIT_ROWS * (size_t)t->vocab_size);
     w->gx = take(s, LOGIT_ROWS * H);
     w->gdx = take(s, LOGIT_ROWS * H);
-    MoeTape *mt = &w->moe_tape;
-    size_t E = (size_t)t->n_experts, K = (size_t)t->top_k_experts, Im = (size_t)t->moe_intermediate;
-    if (!t->moe) E = K = Im = 0;
-    mt->u0 = take(s, H);
-    mt->u2 = take(s, H);
-    mt->p = take(s, E);
-    mt->gu = take(s, K * 2 * Im);
-    mt->mm = take(s, K * Im);
-    mt->yk = take(s, K * H);
-    mt->y = take(s, H);
-    mt->dy = take(s, H);
-    mt->du = take(s, H);
-    mt->dgu = take(s, 2 * Im);
-    mt->dmm = take(s, Im);
-    mt->t = take(s, Im);
+    moe_tape_init(&w->moe_tape, t, take(s, moe_tape_floats(t)));
 }
 
 GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWorkspace **out, GfError *err) {
@@ -180,89 +159,6 @@ static void linear_bwd(Model *m, GradWorkspace *w, const LoraBinding *b, float *
 
 static void zero(float *x, int64_t n) { memset(x, 0, (size_t)n * sizeof(float)); }
 
-/* ---- MoE (§3.8), one token ------------------------------------------------------- */
-
-static KnMatrix expert(KnMatrix all, int e, int64_t rows) { return kn_matrix_rows(all, e * rows, rows); }
-
-/* out[H] = the MoE block of residual r[H], keeping what moe_bwd needs. */
-static void moe_fwd(Model *m, const Layer *l, const float *r, float *out, MoeTape *mt) {
-    const TextConfig *t = &m->cfg.text;
-    int64_t H = t->hidden_size, E = t->n_experts, K = t->top_k_experts, Im = t->moe_intermediate;
-    m->ops->rmsnorm(&m->ctx, mt->u0, r, NULL, 1, H, t->rms_eps);
-    float hs = (float)(1.0 / sqrt((double)H));
-    for (int64_t i = 0; i < H; i++) mt->du[i] = mt->u0[i] * l->router_scale[i] * hs; /* router input */
-    m->ops->matmul(&m->ctx, mt->p, mt->du, l->router, 1);
-    float mx = mt->p[0], sum = 0.0f;
-    for (int64_t e = 1; e < E; e++) mx = mt->p[e] > mx ? mt->p[e] : mx;
-    for (int64_t e = 0; e < E; e++) sum += (mt->p[e] = expf(mt->p[e] - mx));
-    for (int64_t e = 0; e < E; e++) mt->p[e] /= sum;
-    mt->wsum = 0.0f;
-    for (int64_t k = 0; k < K; k++) { /* stable top-k: lower index wins ties */
-        int best = -1;
-        for (int64_t e = 0; e < E; e++) {
-            int taken = 0;
-            for (int64_t j = 0; j < k; j++) taken |= mt->idx[j] == e;
-            if (!taken && (best < 0 || mt->p[e] > mt->p[best])) best = (int)e;
-        }
-        mt->idx[k] = best;
-        mt->wsum += (mt->w[k] = mt->p[best]);
-    }
-    m->ops->rmsnorm(&m->ctx, mt->u2, r, l->pre_ff_ln2, 1, H, t->rms_eps);
-    zero(mt->y, H);
-    for (int64_t k = 0; k < K; k++) {
-        float *gu = mt->gu + k * 2 * Im, *mm = mt->mm + k * Im, *yk = mt->yk + k * H;
-        m->ops->matmul(&m->ctx, gu, mt->u2, expert(l->experts_gate_up, mt->idx[k], 2 * Im), 1);
-        memcpy(mm, gu, (size_t)Im * sizeof(float));
-        m->ops->gelu_tanh(mm, (size_t)Im);
-        for (int64_t i = 0; i < Im; i++) mm[i] *= gu[Im + i];
-        m->ops->matmul(&m->ctx, yk, mm, expert(l->experts_down, mt->idx[k], H), 1);
-        float coef = mt->w[k] / mt->wsum * l->per_expert_scale[mt->idx[k]];
-        for (int64_t i = 0; i < H; i++) mt->y[i] += coef * yk[i];
-    }
-    m->ops->rmsnorm(&m->ctx, out, mt->y, l->post_ff_ln2, 1, H, t->rms_eps);
-}
-
-/* dr[H] += the gradient of moe_fwd at r for dout[H] (after moe_fwd at r).
- * The experts are frozen; the gradient flows through their inputs and
- * through the routing weights into the router's input. */
-static void moe_bwd(Model *m, const Layer *l, const float *r, const float *dout, float *dr, MoeTape *mt) {
-    const TextConfig *t = &m->cfg.text;
-    int64_t H = t->hidden_size, E = t->n_experts, K = t->top_k_experts, Im = t->moe_intermediate;
-    zero(mt->dy, H);
-    m->ops->rmsnorm_dx(&m->ctx, mt->dy, mt->y, l->post_ff_ln2, dout, 1, H, t->rms_eps);
-    float dwn[64]; /* gradient of the normalized routing weight w_k / wsum */
-    zero(mt->du, H);
-    for (int64_t k = 0; k < K; k++) {
-        const float *gu = mt->gu + k * 2 * Im, *yk = mt->yk + k * H;
-        float pes = l->per_expert_scale[mt->idx[k]], coef = mt->w[k] / mt->wsum * pes, dc = 0.0f;
-        for (int64_t i = 0; i < H; i++) dc += mt->dy[i] * yk[i];
-        dwn[k] = dc * pes;
-        zero(mt->dmm, Im);
-        m->ops->matmul_dx(&m->ctx, mt->dmm, mt->dy, expert(l->experts_down, mt->idx[k], H), 1);
-        memcpy(mt->t, gu, (size_t)Im * sizeof(float));
-        m->ops->gelu_tanh(mt->t, (size_t)Im);
-        for (int64_t i = 0; i < Im; i++) {
-            mt->dmm[i] *= coef;
-            mt->dgu[Im + i] = mt->dmm[i] * mt->t[i];
-            mt->t[i] = mt->dmm[i] * gu[Im + i];
-        }
-        m->ops->gelu_tanh_dx(mt->dgu, gu, mt->t, (size_t)Im);
-        m->ops->matmul_dx(&m->ctx, mt->du, mt->dgu, expert(l->experts_gate_up, mt->idx[k], 2 * Im), 1);
-    }
-    m->ops->rmsnorm_dx(&m->ctx, dr, r, l->pre_ff_ln2, mt->du, 1, H, t->rms_eps);
-    /* routing: w_k = p_k / S over the chosen experts, then the softmax */
-    float dp[64] = {0}, corr = 0.0f, pdp = 0.0f;
-    for (int64_t k = 0; k < K; k++) corr += dwn[k] * mt->w[k];
-    for (int64_t k = 0; k < K; k++) dp[mt->idx[k]] = dwn[k] / mt->wsum - corr / (mt->wsum * mt->wsum);
-    for (int64_t e = 0; e < E; e++) pdp += mt->p[e] * dp[e];
-    for (int64_t e = 0; e < E; e++) dp[e] = mt->p[e] * (dp[e] - pdp);
-    zero(mt->du, H);
-    m->ops->matmul_dx(&m->ctx, mt->du, dp, l->router, 1);
-    float hs = (float)(1.0 / sqrt((double)H));
-    for (int64_t i = 0; i < H; i++) mt->du[i] *= l->router_scale[i] * hs;
-    m->ops->rmsnorm_dx(&m->ctx, dr, r, NULL, mt->du, 1, H, t->rms_eps);
-}
-
 /* ---- one decoder layer ------------------------------------------------------------- */
 
 static KnMask layer_mask(const Model *m, const KvCache *c, int li) {
@@ -307,7 +203,7 @@ static void layer_forward(Model *m, GradWorkspace *w, const LoraBinding *b, int 
     if (t->moe) {
         m->ops->rmsnorm(&m->ctx, w->f, w->d, l->post_ff_ln1, n, H, eps);
         for (int64_t i = 0; i < n; i++) {
-            moe_fwd(m, l, w->x1 + i * H, w->moe + i * H, &w->moe_tape);
+            moe_forward(m, l, w->x1 + i * H, w->moe + i * H, &w->moe_tape);
             for (int64_t j = 0; j < H; j++) w->f[i * H + j] += w->moe[i * H + j];
         }
     } else {
@@ -394,8 +290,8 @@ static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int
     float *dd = w->df;
     if (t->moe) { /* f = norm1(d) + moe(x1) */
         for (int64_t i = 0; i < n; i++) {
-            moe_fwd(m, l, w->x1 + i * H, w->moe + i * H, &w->moe_tape);
-            moe_bwd(m, l, w->x1 + i * H, w->df + i * H, dx + i * H, &w->moe_tape);
+            moe_forward(m, l, w->x1 + i * H, w->moe + i * H, &w->moe_tape);
+            moe_backward(m, l, w->x1 + i * H, w->df + i * H, dx + i * H, &w->moe_tape);
         }
         zero(w->dh, n * H);
         m->ops->rmsnorm_dx(&m->ctx, w->dh, w->d, l->post_ff_ln1, w->df, n, H, eps);

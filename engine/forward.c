@@ -57,7 +57,7 @@ typedef struct {
     float *k, *v;              /* [n, KVHmax * Dmax] */
     float *gate, *up;          /* [n, Imax] */
     float *ple, *ple_g;        /* [n, L, P], [n, P] */
-    float *moe_gu, *moe_u, *moe_y, *moe_p; /* [2 Im], [H], [H], [E] */
+    MoeTape moe;
     const LoraBinding *lora;   /* the sequence's adapter, or NULL */
     float *lora_tmp;           /* [n, max rank] */
 } Scratch;
@@ -71,12 +71,13 @@ static GfStatus scratch_take(KvCache *c, const Model *m, int64_t n, const LoraBi
         if ((int64_t)l->kv_heads * l->head_dim > kvmax) kvmax = (int64_t)l->kv_heads * l->head_dim;
         if (l->intermediate > imax) imax = l->intermediate;
     }
-    int64_t qw = t->n_heads * dmax, im = t->moe ? t->moe_intermediate : 0;
+    int64_t qw = t->n_heads * dmax;
+    float *moe_buf;
     size_t sizes[] = {n * H, n * H, n * H, n * qw, n * qw, n * kvmax, n * kvmax, n * imax, n * imax,
-                      n * LP, n * t->ple_dim, 2 * im, H, H, t->moe ? t->n_experts : 0,
+                      n * LP, n * t->ple_dim, moe_tape_floats(t),
                       lora ? n * lora->max_rank : 0};
     float **slots[] = {&s->x, &s->h, &s->a, &s->q, &s->att, &s->k, &s->v, &s->gate, &s->up,
-                       &s->ple, &s->ple_g, &s->moe_gu, &s->moe_u, &s->moe_y, &s->moe_p, &s->lora_tmp};
+                       &s->ple, &s->ple_g, &moe_buf, &s->lora_tmp};
     s->lora = lora;
     size_t total = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) total += (sizes[i] + 15) & ~(size_t)15;
@@ -91,6 +92,7 @@ static GfStatus scratch_take(KvCache *c, const Model *m, int64_t n, const LoraBi
         *slots[i] = p;
         p += (sizes[i] + 15) & ~(size_t)15;
     }
+    moe_tape_init(&s->moe, t, moe_buf);
     return GF_OK;
 }
 
@@ -182,46 +184,6 @@ static void attention(Model *m, KvCache *c, int li, int64_t n, Scratch *s) {
     linear(m, s, s->h, s->att, l->o, li, LORA_O, n);
 }
 
-/* The MoE block of one token (§3.8): y[H] from the residual r[H]. */
-static void moe_token(Model *m, const Layer *l, const float *r, float *y, Scratch *s) {
-    const TextConfig *t = &m->cfg.text;
-    int64_t H = t->hidden_size, E = t->n_experts, K = t->top_k_experts, Im = t->moe_intermediate;
-    float *u = s->moe_u, *p = s->moe_p, *gu = s->moe_gu;
-    m->ops->rmsnorm(&m->ctx, u, r, NULL, 1, H, t->rms_eps);
-    float hs = (float)(1.0 / sqrt((double)H));
-    for (int64_t i = 0; i < H; i++) u[i] *= l->router_scale[i] * hs;
-    m->ops->matmul(&m->ctx, p, u, l->router, 1);
-    float mx = p[0], sum = 0.0f;
-    for (int64_t e = 1; e < E; e++) mx = p[e] > mx ? p[e] : mx;
-    for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(p[e] - mx));
-    for (int64_t e = 0; e < E; e++) p[e] /= sum;
-    int idx[64];
-    float w[64], wsum = 0.0f;
-    for (int64_t k = 0; k < K; k++) { /* stable top-k: lower index wins ties */
-        int best = -1;
-        for (int64_t e = 0; e < E; e++) {
-            int taken = 0;
-            for (int64_t j = 0; j < k; j++) taken |= idx[j] == e;
-            if (!taken && (best < 0 || p[e] > p[best])) best = (int)e;
-        }
-        idx[k] = best;
-        wsum += (w[k] = p[best]);
-    }
-    m->ops->rmsnorm(&m->ctx, u, r, l->pre_ff_ln2, 1, H, t->rms_eps);
-    memset(y, 0, (size_t)H * sizeof(float));
-    for (int64_t k = 0; k < K; k++) {
-        KnMatrix g = kn_matrix_rows(l->experts_gate_up, idx[k] * 2 * Im, 2 * Im);
-        KnMatrix d = kn_matrix_rows(l->experts_down, idx[k] * H, H);
-        m->ops->matmul(&m->ctx, gu, u, g, 1);
-        m->ops->gelu_tanh(gu, (size_t)Im);
-        for (int64_t i = 0; i < Im; i++) gu[i] *= gu[Im + i];
-        m->ops->matmul(&m->ctx, s->moe_y, gu, d, 1);
-        float wk = w[k] / wsum * l->per_expert_scale[idx[k]];
-        for (int64_t i = 0; i < H; i++) y[i] += wk * s->moe_y[i];
-    }
-    m->ops->rmsnorm(&m->ctx, y, y, l->post_ff_ln2, 1, H, t->rms_eps);
-}
-
 /* Feed-forward block of layer li (§3.4, §3.7, §3.8): x += FFN(x) in place. */
 static void feed_forward(Model *m, int li, int64_t n, Scratch *s) {
     const TextConfig *t = &m->cfg.text;
@@ -236,7 +198,7 @@ static void feed_forward(Model *m, int li, int64_t n, Scratch *s) {
     if (t->moe) {
         m->ops->rmsnorm(&m->ctx, s->h, s->h, l->post_ff_ln1, n, H, t->rms_eps);
         for (int64_t i = 0; i < n; i++) {
-            moe_token(m, l, s->x + i * H, s->a + i * H, s);
+            moe_forward(m, l, s->x + i * H, s->a + i * H, &s->moe);
             for (int64_t j = 0; j < H; j++) s->h[i * H + j] += s->a[i * H + j];
         }
     }

@@ -76,6 +76,23 @@ int model_mm_kind(const GemmaConfig *c, int32_t id);
  * embedded sequence x0[n, H]; lora_tmp holds n * rank floats. */
 void model_ple_inputs(Model *m, const ModelInput *in, const float *x0, float *ple, float *lora_tmp);
 
+/* The MoE block of one token (moe.c). A tape holds what the backward needs
+ * and the scratch of both directions, cut from one buffer of
+ * moe_tape_floats() floats (0 without MoE). */
+#define MOE_MAX_TOP_K 64
+typedef struct {
+    float *u0, *u2, *p, *dp, *gu, *mm, *yk, *y; /* [H], [H], [E], [E], [K, 2Im], [K, Im], [K, H], [H] */
+    float *dy, *du, *dgu, *dmm, *t;             /* [H], [H], [2Im], [Im], [Im] */
+    int idx[MOE_MAX_TOP_K];
+    float w[MOE_MAX_TOP_K], wsum;
+} MoeTape;
+size_t moe_tape_floats(const TextConfig *t);
+void moe_tape_init(MoeTape *mt, const TextConfig *t, float *buf);
+/* out[H] = the block on the residual r[H] (out may not alias r). */
+void moe_forward(Model *m, const Layer *l, const float *r, float *out, MoeTape *mt);
+/* dr[H] += its gradient for dout[H]; call right after moe_forward at r. */
+void moe_backward(Model *m, const Layer *l, const float *r, const float *dout, float *dr, MoeTape *mt);
+
 /* Helper of vision.c used by backward.c: the gradients of the tower's
  * adapters (lora's vision pairs, input_proj, embed_proj: their dA, dB
  * accumulate) for d(soft tokens) dsoft[n_soft, text hidden] of one image

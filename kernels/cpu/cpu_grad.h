@@ -1,13 +1,9 @@
 /* cpu_grad.h - the CPU backward kernels, entries of the CPU KnOps table
- * (contracts in ops.h), and the helpers they share with cpu_ops.c. Private
- * to the CPU backend. */
+ * (contracts in ops.h). Private to the CPU backend. */
 #ifndef GF_CPU_GRAD_H
 #define GF_CPU_GRAD_H
 
 #include "../ops.h"
-
-/* Row r of W widened to float32 into out[cols]. */
-void kn_cpu_load_row(float *out, KnMatrix w, int64_t r);
 
 void kn_cpu_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n);
 void kn_cpu_rmsnorm_dx(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n, int64_t dim,

@@ -51,8 +51,6 @@ void kn_load_span(float *out, KnMatrix w, int64_t r, int64_t c0, int64_t len) {
     }
 }
 
-/* Row r of W widened to float32 into out[cols]. */
-void kn_cpu_load_row(float *out, KnMatrix w, int64_t r) { kn_load_span(out, w, r, 0, w.cols); }
 
 static float dot(const float *a, const float *b, int64_t n) {
     float s[8] = {0};
@@ -73,8 +71,8 @@ typedef struct {
     int64_t n;
 } MatmulTask;
 
-/* Each thread owns a range of output features: widen one weight row, then
- * dot it with every input row. */
+/* Each thread owns a range of output features: widen one weight row (in
+ * column chunks when wide), then dot it with every input row. */
 static void matmul_task(void *p, int ith, int nth) {
     MatmulTask *t = p;
     long lo, hi;
@@ -82,13 +80,8 @@ static void matmul_task(void *p, int ith, int nth) {
     enum { CHUNK = 4096 };
     float row[CHUNK];
     for (long o = lo; o < hi; o++) {
-        if (t->w.cols <= CHUNK) {
-            kn_cpu_load_row(row, t->w, o);
-            for (int64_t i = 0; i < t->n; i++) t->y[i * t->w.rows + o] = dot(t->x + i * t->w.cols, row, t->w.cols);
-            continue;
-        }
         for (int64_t i = 0; i < t->n; i++) t->y[i * t->w.rows + o] = 0.0f;
-        for (int64_t c0 = 0; c0 < t->w.cols; c0 += CHUNK) { /* wide rows: in column chunks */
+        for (int64_t c0 = 0; c0 < t->w.cols; c0 += CHUNK) {
             int64_t len = t->w.cols - c0 < CHUNK ? t->w.cols - c0 : CHUNK;
             kn_load_span(row, t->w, o, c0, len);
             for (int64_t i = 0; i < t->n; i++) t->y[i * t->w.rows + o] += dot(t->x + i * t->w.cols + c0, row, len);
@@ -148,7 +141,7 @@ static void cpu_softcap(float *x, size_t n, float cap) {
 }
 
 static void cpu_embed_row(float *out, KnMatrix table, int64_t row, float scale) {
-    kn_cpu_load_row(out, table, row);
+    kn_load_span(out, table, row, 0, table.cols);
     for (int64_t i = 0; i < table.cols; i++) out[i] *= scale;
 }
 
