@@ -199,6 +199,8 @@ static GfStatus parse_text(const Cfg *c, TextConfig *t) {
                    get_int(c, "moe_intermediate_size", 1, 1 << 20, -1, &t->moe_intermediate)))
         return GF_INVALID;
     if (t->moe && t->top_k_experts > t->n_experts) return bad(c, "top_k_experts", "must not exceed num_experts");
+    if (t->moe && t->top_k_experts > MOE_MAX_TOP_K)
+        return bad(c, "top_k_experts", "more than 64 experts per token is not supported");
     if (t->n_heads % t->kv_heads) return bad(c, "num_key_value_heads", "must divide num_attention_heads");
     t->eos_ids[0] = 1;
     t->n_eos = 1;

@@ -18,6 +18,8 @@
 
 typedef enum { LAYER_SLIDING = 0, LAYER_FULL = 1 } LayerKind;
 
+#define MOE_MAX_TOP_K 64          /* experts per token the engine supports */
+
 typedef struct {
     float theta;              /* rope_theta */
     int proportional;         /* rope_type "proportional" (else default) */

@@ -79,7 +79,6 @@ void model_ple_inputs(Model *m, const ModelInput *in, const float *x0, float *pl
 /* The MoE block of one token (moe.c). A tape holds what the backward needs
  * and the scratch of both directions, cut from one buffer of
  * moe_tape_floats() floats (0 without MoE). */
-#define MOE_MAX_TOP_K 64
 typedef struct {
     float *u0, *u2, *p, *dp, *gu, *mm, *yk, *y; /* [H], [H], [E], [E], [K, 2Im], [K, Im], [K, H], [H] */
     float *dy, *du, *dgu, *dmm, *t;             /* [H], [H], [2Im], [Im], [Im] */

@@ -63,6 +63,8 @@ static void test_derivations(void) {
         {"\"num_hidden_layers\":2,\"num_key_value_heads\":2,\"enable_moe_block\":true", "num_experts"},
         {"\"num_hidden_layers\":2,\"num_key_value_heads\":2,\"hidden_size_per_layer_input\":-1", "hidden_size_per_layer_input"},
         {"\"num_hidden_layers\":2.5,\"num_key_value_heads\":2", "num_hidden_layers"},
+        {"\"num_hidden_layers\":2,\"num_key_value_heads\":2,\"enable_moe_block\":true,\"num_experts\":128,"
+         "\"top_k_experts\":65,\"moe_intermediate_size\":8", "top_k_experts"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         gf_error_clear(&err);
