@@ -1,7 +1,10 @@
 /* vision.c - the Gemma 4 vision tower (GEMMA4.md §6.2-§6.8): patch
  * embedder, encoder layers with clippable linears and 2-D RoPE,
  * bidirectional attention over real patches, 3x3 average pooling,
- * standardize, and embed_vision into the text hidden size. */
+ * standardize, and embed_vision into the text hidden size; and its backward
+ * for adapters on the tower. Inference and training run the same layer
+ * forward (layer_fwd); training keeps every layer's input and re-runs one
+ * layer at a time in reverse. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,30 +81,37 @@ GfStatus vision_bind(Model *m, GfError *err) {
 
 /* ---- forward ------------------------------------------------------------------ */
 
-static GfStatus check_image(const Model *m, const int32_t *pos, int64_t N, GfError *err);
-
 static void clip(float *x, size_t n, float lo, float hi) {
     for (size_t i = 0; i < n; i++) x[i] = x[i] < lo ? lo : x[i] > hi ? hi : x[i];
 }
 
-typedef struct {
-    float *x, *h, *t, *q, *k, *v, *att, *g, *u;
-    const LoraBinding *lora;
-    float *lora_tmp;          /* [N, max rank] */
-} VScratch;
-
-/* The adapter's pair for a vision linear, or NULL. */
-static const LoraPair *vpair(const VScratch *s, int li, int slot) {
-    return s->lora ? s->lora->vision[li * LORA_VISION_SLOTS + slot] : NULL;
+static void clamp_copy(float *y, const float *x, size_t n, int clipped, float lo, float hi) {
+    memcpy(y, x, n * sizeof(float));
+    if (clipped) clip(y, n, lo, hi);
 }
 
-/* y[n, rows] = CL(x[n, cols]); x is clamped in place (callers pass a scratch
- * copy). An adapter acts on the inner linear, inside the clamps (as PEFT). */
-static void clip_linear(Model *m, const VScratch *s, const ClipLinear *cl, const LoraPair *p, float *y, float *x, int64_t n) {
-    if (cl->clipped) clip(x, (size_t)(n * cl->w.cols), cl->in_min, cl->in_max);
-    m->ops->matmul(&m->ctx, y, x, cl->w, n);
-    if (p) lora_apply(p, s->lora->scale, y, x, n, s->lora_tmp);
-    if (cl->clipped) clip(y, (size_t)(n * cl->w.rows), cl->out_min, cl->out_max);
+/* One encoder layer's forward, kept for its backward, and the gradients
+ * (training only), [N, width]. */
+typedef struct {
+    float *h, *qy, *ky, *vy, *qr, *kr, *vn, *att, *oy, *x1, *h2, *gy, *uy, *mm, *dny; /* forward */
+    float *dx, *dh, *dq, *dk, *dv, *s1, *s2, *s3;                                      /* gradients, scratch */
+    int32_t *neg_pos;         /* [N, 2] positions negated: the inverse rotation */
+    int64_t qi;               /* max(NH D, I): half of dq's width */
+    const LoraBinding *lora;
+    float *lora_tmp;          /* [N, 2 rank] */
+} VTape;
+
+static const LoraPair *tpair(const VTape *t, int li, int slot) {
+    return t->lora ? t->lora->vision[li * LORA_VISION_SLOTS + slot] : NULL;
+}
+
+/* y_pre[n, rows] = clamp_in(x) W^T (+ adapter), before the output clamp;
+ * scratch holds n * cols floats. */
+static void cl_forward(Model *m, const VTape *t, const ClipLinear *cl, const LoraPair *p, float *y_pre, const float *x,
+                       int64_t n, float *scratch) {
+    clamp_copy(scratch, x, (size_t)(n * cl->w.cols), cl->clipped, cl->in_min, cl->in_max);
+    m->ops->matmul(&m->ctx, y_pre, scratch, cl->w, n);
+    if (p) lora_apply(p, t->lora->scale, y_pre, scratch, n, t->lora_tmp);
 }
 
 /* 2-D RoPE: first half of each head rotates with x, second half with y. */
@@ -115,46 +125,53 @@ static void rope2d(Model *m, float *x, int64_t n, int heads, int D, const int32_
         }
 }
 
-static void encoder_layer(Model *m, int li, const VisionLayer *l, int64_t N, const int32_t *pos, const KnMask *mask, VScratch *s) {
+/* Encoder layer li on x, keeping what layer_bwd needs; the layer's output
+ * goes to out when not NULL (a re-run for the backward needs none). */
+static void layer_fwd(Model *m, int li, const float *x, int64_t N, const int32_t *pos, const KnMask *mask, VTape *t,
+                      float *out) {
     const VisionConfig *v = &m->cfg.vision;
-    int64_t d = v->hidden_size, D = v->head_dim, I = v->intermediate_size;
-    int NH = v->n_heads, KVH = v->kv_heads;
+    const VisionLayer *l = &m->vision.layers[li];
+    int64_t d = v->hidden_size, D = v->head_dim, I = v->intermediate_size, NH = v->n_heads, KVH = v->kv_heads;
     float eps = v->rms_eps;
-    m->ops->rmsnorm(&m->ctx, s->h, s->x, l->input_ln, N, d, eps);
-    memcpy(s->t, s->h, (size_t)(N * d) * sizeof(float));
-    clip_linear(m, s, &l->q, vpair(s, li, LORA_Q), s->q, s->t, N);
-    memcpy(s->t, s->h, (size_t)(N * d) * sizeof(float));
-    clip_linear(m, s, &l->k, vpair(s, li, LORA_K), s->k, s->t, N);
-    memcpy(s->t, s->h, (size_t)(N * d) * sizeof(float));
-    clip_linear(m, s, &l->v, vpair(s, li, LORA_V), s->v, s->t, N);
-    m->ops->rmsnorm(&m->ctx, s->q, s->q, l->q_norm, N * NH, D, eps);
-    m->ops->rmsnorm(&m->ctx, s->k, s->k, l->k_norm, N * KVH, D, eps);
-    m->ops->rmsnorm(&m->ctx, s->v, s->v, NULL, N * KVH, D, eps);
-    rope2d(m, s->q, N, NH, (int)D, pos);
-    rope2d(m, s->k, N, KVH, (int)D, pos);
-    m->ops->attention(&m->ctx, s->att, s->q, s->k, s->v, N, 0, N, NH, KVH, (int)D, 1.0f, mask);
-    clip_linear(m, s, &l->o, vpair(s, li, LORA_O), s->h, s->att, N);
-    m->ops->rmsnorm(&m->ctx, s->h, s->h, l->post_attn_ln, N, d, eps);
-    for (int64_t i = 0; i < N * d; i++) s->x[i] += s->h[i];
-    m->ops->rmsnorm(&m->ctx, s->h, s->x, l->pre_ff_ln, N, d, eps);
-    memcpy(s->t, s->h, (size_t)(N * d) * sizeof(float));
-    clip_linear(m, s, &l->gate, vpair(s, li, LORA_GATE), s->g, s->t, N);
-    memcpy(s->t, s->h, (size_t)(N * d) * sizeof(float));
-    clip_linear(m, s, &l->up, vpair(s, li, LORA_UP), s->u, s->t, N);
-    m->ops->gelu_tanh(s->g, (size_t)(N * I));
-    for (int64_t i = 0; i < N * I; i++) s->g[i] *= s->u[i];
-    clip_linear(m, s, &l->down, vpair(s, li, LORA_DOWN), s->h, s->g, N);
-    m->ops->rmsnorm(&m->ctx, s->h, s->h, l->post_ff_ln, N, d, eps);
-    for (int64_t i = 0; i < N * d; i++) s->x[i] += s->h[i];
+    m->ops->rmsnorm(&m->ctx, t->h, x, l->input_ln, N, d, eps);
+    cl_forward(m, t, &l->q, tpair(t, li, LORA_Q), t->qy, t->h, N, t->s1);
+    cl_forward(m, t, &l->k, tpair(t, li, LORA_K), t->ky, t->h, N, t->s1);
+    cl_forward(m, t, &l->v, tpair(t, li, LORA_V), t->vy, t->h, N, t->s1);
+    clamp_copy(t->qr, t->qy, (size_t)(N * NH * D), l->q.clipped, l->q.out_min, l->q.out_max);
+    clamp_copy(t->kr, t->ky, (size_t)(N * KVH * D), l->k.clipped, l->k.out_min, l->k.out_max);
+    clamp_copy(t->vn, t->vy, (size_t)(N * KVH * D), l->v.clipped, l->v.out_min, l->v.out_max);
+    m->ops->rmsnorm(&m->ctx, t->qr, t->qr, l->q_norm, N * NH, D, eps);
+    m->ops->rmsnorm(&m->ctx, t->kr, t->kr, l->k_norm, N * KVH, D, eps);
+    m->ops->rmsnorm(&m->ctx, t->vn, t->vn, NULL, N * KVH, D, eps);
+    rope2d(m, t->qr, N, (int)NH, (int)D, pos);
+    rope2d(m, t->kr, N, (int)KVH, (int)D, pos);
+    m->ops->attention(&m->ctx, t->att, t->qr, t->kr, t->vn, N, 0, N, (int)NH, (int)KVH, (int)D, 1.0f, mask);
+    cl_forward(m, t, &l->o, tpair(t, li, LORA_O), t->oy, t->att, N, t->s1);
+    clamp_copy(t->s1, t->oy, (size_t)(N * d), l->o.clipped, l->o.out_min, l->o.out_max);
+    m->ops->rmsnorm(&m->ctx, t->x1, t->s1, l->post_attn_ln, N, d, eps);
+    for (int64_t i = 0; i < N * d; i++) t->x1[i] += x[i];
+    m->ops->rmsnorm(&m->ctx, t->h2, t->x1, l->pre_ff_ln, N, d, eps);
+    cl_forward(m, t, &l->gate, tpair(t, li, LORA_GATE), t->gy, t->h2, N, t->s1);
+    cl_forward(m, t, &l->up, tpair(t, li, LORA_UP), t->uy, t->h2, N, t->s1);
+    clamp_copy(t->mm, t->gy, (size_t)(N * I), l->gate.clipped, l->gate.out_min, l->gate.out_max);
+    m->ops->gelu_tanh(t->mm, (size_t)(N * I));
+    clamp_copy(t->s1, t->uy, (size_t)(N * I), l->up.clipped, l->up.out_min, l->up.out_max);
+    for (int64_t i = 0; i < N * I; i++) t->mm[i] *= t->s1[i];
+    cl_forward(m, t, &l->down, tpair(t, li, LORA_DOWN), t->dny, t->mm, N, t->s1);
+    if (!out) return;
+    clamp_copy(t->s1, t->dny, (size_t)(N * d), l->down.clipped, l->down.out_min, l->down.out_max);
+    m->ops->rmsnorm(&m->ctx, out, t->s1, l->post_ff_ln, N, d, eps);
+    for (int64_t i = 0; i < N * d; i++) out[i] += t->x1[i];
 }
 
 /* Patch embedder (§6.2): x = 2(pixel - 0.5) W^T + T[0][x] + T[1][y]. */
-static void embed_patches(Model *m, const VScratch *s, const float *pixels, const int32_t *pos, int64_t N, float *x, float *tmp) {
+static void embed_patches(Model *m, const LoraBinding *lora, float *lora_tmp, const float *pixels, const int32_t *pos, int64_t N,
+                          float *x, float *tmp) {
     const VisionConfig *v = &m->cfg.vision;
     int64_t d = v->hidden_size, pp = m->vision.input_proj.cols;
     for (int64_t i = 0; i < N * pp; i++) tmp[i] = 2.0f * (pixels[i] - 0.5f);
     m->ops->matmul(&m->ctx, x, tmp, m->vision.input_proj, N);
-    if (s->lora && s->lora->input_proj) lora_apply(s->lora->input_proj, s->lora->scale, x, tmp, N, s->lora_tmp);
+    if (lora && lora->input_proj) lora_apply(lora->input_proj, lora->scale, x, tmp, N, lora_tmp);
     float *row = tmp;
     for (int64_t i = 0; i < N; i++) {
         if (pos[2 * i] < 0) continue;
@@ -202,77 +219,109 @@ static int64_t pool(Model *m, const float *x, const int32_t *pos, int64_t N, flo
     return n_soft;
 }
 
-GfStatus model_vision_forward(Model *m, const LoraBinding *lora, const float *pixels, const int32_t *pos, int64_t N,
-                              float *soft, int64_t *n_soft, GfError *err) {
-    if (check_image(m, pos, N, err)) return err->status;
+/* Positions inside the table, enough patches. */
+static GfStatus check_image(const Model *m, const int32_t *pos, int64_t N, GfError *err) {
     const VisionConfig *v = &m->cfg.vision;
-    int64_t d = v->hidden_size, I = v->intermediate_size, qw = (int64_t)v->n_heads * v->head_dim, kvw = (int64_t)v->kv_heads * v->head_dim;
-    int64_t pp = m->vision.input_proj.cols, tmp_w = pp > d ? pp : d;
-    int64_t rmax = lora ? lora->max_rank : 0;
-    size_t total = (size_t)(N * (d + d + tmp_w + qw + kvw + kvw + qw + I + I + rmax));
-    float *buf = gf_malloc(total * sizeof(float), err);
-    uint8_t *valid = gf_malloc((size_t)N, err);
-    int32_t *group = gf_malloc((size_t)N * sizeof *group, err);
-    if (!buf || !valid || !group) { free(buf); free(valid); free(group); return GF_NO_MEMORY; }
-    VScratch s;
-    float *p = buf;
-    s.x = p; p += N * d;
-    s.h = p; p += N * d;
-    s.t = p; p += N * tmp_w;
-    s.q = p; p += N * qw;
-    s.k = p; p += N * kvw;
-    s.v = p; p += N * kvw;
-    s.att = p; p += N * qw;
-    s.g = p; p += N * I;
-    s.u = p; p += N * I;
-    s.lora_tmp = p;
-    s.lora = lora;
+    if (!v->present) return gf_error_set(err, GF_INVALID, "no_vision", NULL, "this model has no vision tower");
+    for (int64_t i = 0; i < N; i++) {
+        int32_t px = pos[2 * i], py = pos[2 * i + 1];
+        int pad = px == -1 && py == -1;
+        if (!pad && (px < 0 || py < 0 || px >= v->position_embedding_size || py >= v->position_embedding_size))
+            return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "patch %lld has position (%d, %d) outside the table",
+                                (long long)i, px, py);
+    }
+    int64_t kk = v->pooling_kernel;
+    if (N < kk * kk) return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "an image needs at least %lld patches", (long long)(kk * kk));
+    return GF_OK;
+}
+
+/* The whole tower's buffers, one allocation. */
+typedef struct {
+    VTape t;
+    float *xs;                /* layer inputs: [(layers + 1), N, d] when kept for training, else two that alternate */
+    float *pooled, *hn, *dhn; /* [N / k^2, d]: pooled (standardized), its norm, and that norm's gradient */
+    uint8_t *valid;           /* [N] real patch */
+    int32_t *group;           /* [N] 0 for real patches: one bidirectional block */
+    KnMask mask;
+    void *mem;
+} Tower;
+
+/* Sizes every buffer for N patches; the gradients and every layer's input
+ * only when training. */
+static GfStatus tower_alloc(const Model *m, const LoraBinding *lora, int64_t N, int training, Tower *b, GfError *err) {
+    const VisionConfig *v = &m->cfg.vision;
+    int64_t d = v->hidden_size, I = v->intermediate_size, qw = (int64_t)v->n_heads * v->head_dim;
+    int64_t kvw = (int64_t)v->kv_heads * v->head_dim, pp = m->vision.input_proj.cols, L = v->n_layers;
+    int64_t qi = qw > I ? qw : I, kvi = kvw > I ? kvw : I, wmax = d, g = training ? 1 : 0;
+    int64_t widths[] = {I, qw, pp};
+    for (size_t i = 0; i < 3; i++) wmax = widths[i] > wmax ? widths[i] : wmax;
+    int64_t out_len = N / ((int64_t)v->pooling_kernel * v->pooling_kernel), rank = lora ? lora->max_rank : 1;
+    VTape *t = &b->t;
+    float **bufs[] = {&t->h, &t->x1, &t->h2, &t->dny, &t->dx, &t->dh, &t->oy,
+                      &t->qy, &t->qr, &t->att, &t->ky, &t->kr, &t->vn, &t->vy, &t->gy, &t->uy, &t->mm,
+                      &t->dq, &t->dk, &t->dv, &t->s1, &t->s2, &t->s3, &t->lora_tmp, &b->xs, &b->pooled, &b->hn, &b->dhn};
+    int64_t sizes[] = {N * d, N * d, N * d, N * d, g * N * d, g * N * d, N * d,
+                       N * qw, N * qw, N * qw, N * kvw, N * kvw, N * kvw, N * kvw, N * I, N * I, N * I,
+                       g * 2 * N * qi, g * N * kvi, g * N * kvi, N * wmax, g * N * wmax, g * N * wmax, N * 2 * rank,
+                       (training ? L + 1 : 2) * N * d, out_len * d, out_len * d, g * out_len * d};
+    size_t total = 0, n = sizeof sizes / sizeof *sizes;
+    for (size_t i = 0; i < n; i++) total += (size_t)sizes[i];
+    memset(b, 0, sizeof *b);
+    b->mem = gf_malloc(total * sizeof(float) + (size_t)N * (1 + 3 * sizeof(int32_t)), err);
+    if (!b->mem) return GF_NO_MEMORY;
+    float *p = b->mem;
+    for (size_t i = 0; i < n; i++) {
+        *bufs[i] = p;
+        p += sizes[i];
+    }
+    t->neg_pos = (int32_t *)p;
+    b->group = t->neg_pos + 2 * N;
+    b->valid = (uint8_t *)(b->group + N);
+    t->qi = qi;
+    t->lora = lora;
+    return GF_OK;
+}
+
+/* Patch embedder, encoder layers, pooling and standardize, then the norm
+ * of embed_vision into b->hn; returns the soft-token count. keep: every
+ * layer's input stays in b->xs (for the backward). */
+static int64_t tower_run(Model *m, Tower *b, const float *pixels, const int32_t *pos, int64_t N, int keep) {
+    const VisionConfig *v = &m->cfg.vision;
+    VTape *t = &b->t;
+    int64_t d = v->hidden_size;
     /* bidirectional over the real patches: they form one block, padding
      * patches are never keys */
     for (int64_t i = 0; i < N; i++) {
-        valid[i] = pos[2 * i] >= 0;
-        group[i] = valid[i] ? 0 : -1;
+        b->valid[i] = pos[2 * i] >= 0;
+        b->group[i] = b->valid[i] ? 0 : -1;
+        t->neg_pos[2 * i] = -pos[2 * i];
+        t->neg_pos[2 * i + 1] = -pos[2 * i + 1];
     }
-    KnMask mask = {valid, group, 0};
-    embed_patches(m, &s, pixels, pos, N, s.x, s.t);
-    for (int i = 0; i < v->n_layers; i++) encoder_layer(m, i, &m->vision.layers[i], N, pos, &mask, &s);
-    for (int64_t i = 0; i < N; i++)
-        if (!valid[i]) memset(s.x + i * d, 0, (size_t)d * sizeof(float));
-    *n_soft = pool(m, s.x, pos, N, s.h);
-    m->ops->rmsnorm(&m->ctx, s.h, s.h, NULL, *n_soft, d, v->rms_eps);
-    m->ops->matmul(&m->ctx, soft, s.h, m->vision.embed_proj, *n_soft);
-    if (lora && lora->embed_proj) lora_apply(lora->embed_proj, lora->scale, soft, s.h, *n_soft, s.lora_tmp);
-    free(buf);
-    free(valid);
-    free(group);
+    b->mask = (KnMask){b->valid, b->group, 0};
+    embed_patches(m, t->lora, t->lora_tmp, pixels, pos, N, b->xs, t->s1);
+    float *x = b->xs;
+    for (int li = 0; li < v->n_layers; li++) {
+        float *next = keep || x == b->xs ? x + N * d : b->xs;
+        layer_fwd(m, li, x, N, pos, &b->mask, t, next);
+        x = next;
+    }
+    int64_t n_soft = pool(m, x, pos, N, b->pooled);
+    m->ops->rmsnorm(&m->ctx, b->hn, b->pooled, NULL, n_soft, d, v->rms_eps);
+    return n_soft;
+}
+
+GfStatus model_vision_forward(Model *m, const LoraBinding *lora, const float *pixels, const int32_t *pos, int64_t N,
+                              float *soft, int64_t *n_soft, GfError *err) {
+    Tower b;
+    if (check_image(m, pos, N, err) || tower_alloc(m, lora, N, 0, &b, err)) return err->status;
+    *n_soft = tower_run(m, &b, pixels, pos, N, 0);
+    m->ops->matmul(&m->ctx, soft, b.hn, m->vision.embed_proj, *n_soft);
+    if (lora && lora->embed_proj) lora_apply(lora->embed_proj, lora->scale, soft, b.hn, *n_soft, b.t.lora_tmp);
+    free(b.mem);
     return GF_OK;
 }
 
 /* ---- backward (adapters on the tower) -------------------------------------------- */
-
-/* One encoder layer's re-run forward and its gradients, [N, width]. */
-typedef struct {
-    float *h, *qy, *ky, *vy, *qr, *kr, *vn, *att, *oy, *x1, *h2, *gy, *uy, *mm, *dny; /* forward */
-    float *dx, *dh, *dq, *dk, *dv, *s1, *s2, *s3;                                      /* gradients, scratch */
-    int32_t *neg_pos;         /* [N, 2] positions negated: the inverse rotation */
-    int64_t qi;               /* max(NH D, I): half of dq's width */
-    const LoraBinding *lora;
-    float *lora_tmp;          /* [N, 2 rank] */
-} VTape;
-
-static void clamp_copy(float *y, const float *x, size_t n, int clipped, float lo, float hi) {
-    memcpy(y, x, n * sizeof(float));
-    if (clipped) clip(y, n, lo, hi);
-}
-
-/* y_pre[n, rows] = clamp_in(x) W^T (+ adapter), before the output clamp;
- * scratch holds n * cols floats. */
-static void cl_forward(Model *m, const VTape *t, const ClipLinear *cl, const LoraPair *p, float *y_pre, const float *x,
-                       int64_t n, float *scratch) {
-    clamp_copy(scratch, x, (size_t)(n * cl->w.cols), cl->clipped, cl->in_min, cl->in_max);
-    m->ops->matmul(&m->ctx, y_pre, scratch, cl->w, n);
-    if (p) lora_apply(p, t->lora->scale, y_pre, scratch, n, t->lora_tmp);
-}
 
 /* dx[n, cols] += the input gradient of the clippable linear for dy (the
  * gradient of its clamped output): clamps pass the gradient only inside their
@@ -292,49 +341,6 @@ static void cl_backward(Model *m, const VTape *t, const ClipLinear *cl, const Lo
     }
     for (int64_t i = 0; i < n * cols; i++)
         if (!cl->clipped || (x[i] >= cl->in_min && x[i] <= cl->in_max)) dx[i] += dxc[i];
-}
-
-static const LoraPair *tpair(const VTape *t, int li, int slot) {
-    return t->lora ? t->lora->vision[li * LORA_VISION_SLOTS + slot] : NULL;
-}
-
-/* Re-runs encoder layer li on x, keeping what layer_bwd needs; the layer's
- * output goes to out when not NULL. */
-static void layer_fwd(Model *m, int li, const float *x, int64_t N, const int32_t *pos, const KnMask *mask, VTape *t,
-                      float *out) {
-    const VisionConfig *v = &m->cfg.vision;
-    const VisionLayer *l = &m->vision.layers[li];
-    int64_t d = v->hidden_size, D = v->head_dim, I = v->intermediate_size, NH = v->n_heads, KVH = v->kv_heads;
-    float eps = v->rms_eps;
-    m->ops->rmsnorm(&m->ctx, t->h, x, l->input_ln, N, d, eps);
-    cl_forward(m, t, &l->q, tpair(t, li, LORA_Q), t->qy, t->h, N, t->s1);
-    cl_forward(m, t, &l->k, tpair(t, li, LORA_K), t->ky, t->h, N, t->s1);
-    cl_forward(m, t, &l->v, tpair(t, li, LORA_V), t->vy, t->h, N, t->s1);
-    clamp_copy(t->qr, t->qy, (size_t)(N * NH * D), l->q.clipped, l->q.out_min, l->q.out_max);
-    clamp_copy(t->kr, t->ky, (size_t)(N * KVH * D), l->k.clipped, l->k.out_min, l->k.out_max);
-    clamp_copy(t->vn, t->vy, (size_t)(N * KVH * D), l->v.clipped, l->v.out_min, l->v.out_max);
-    m->ops->rmsnorm(&m->ctx, t->qr, t->qr, l->q_norm, N * NH, D, eps);
-    m->ops->rmsnorm(&m->ctx, t->kr, t->kr, l->k_norm, N * KVH, D, eps);
-    m->ops->rmsnorm(&m->ctx, t->vn, t->vn, NULL, N * KVH, D, eps);
-    rope2d(m, t->qr, N, (int)NH, (int)D, pos);
-    rope2d(m, t->kr, N, (int)KVH, (int)D, pos);
-    m->ops->attention(&m->ctx, t->att, t->qr, t->kr, t->vn, N, 0, N, (int)NH, (int)KVH, (int)D, 1.0f, mask);
-    cl_forward(m, t, &l->o, tpair(t, li, LORA_O), t->oy, t->att, N, t->s1);
-    clamp_copy(t->s1, t->oy, (size_t)(N * d), l->o.clipped, l->o.out_min, l->o.out_max);
-    m->ops->rmsnorm(&m->ctx, t->x1, t->s1, l->post_attn_ln, N, d, eps);
-    for (int64_t i = 0; i < N * d; i++) t->x1[i] += x[i];
-    m->ops->rmsnorm(&m->ctx, t->h2, t->x1, l->pre_ff_ln, N, d, eps);
-    cl_forward(m, t, &l->gate, tpair(t, li, LORA_GATE), t->gy, t->h2, N, t->s1);
-    cl_forward(m, t, &l->up, tpair(t, li, LORA_UP), t->uy, t->h2, N, t->s1);
-    clamp_copy(t->mm, t->gy, (size_t)(N * I), l->gate.clipped, l->gate.out_min, l->gate.out_max);
-    m->ops->gelu_tanh(t->mm, (size_t)(N * I));
-    clamp_copy(t->s1, t->uy, (size_t)(N * I), l->up.clipped, l->up.out_min, l->up.out_max);
-    for (int64_t i = 0; i < N * I; i++) t->mm[i] *= t->s1[i];
-    cl_forward(m, t, &l->down, tpair(t, li, LORA_DOWN), t->dny, t->mm, N, t->s1);
-    if (!out) return;
-    clamp_copy(t->s1, t->dny, (size_t)(N * d), l->down.clipped, l->down.out_min, l->down.out_max);
-    m->ops->rmsnorm(&m->ctx, out, t->s1, l->post_ff_ln, N, d, eps);
-    for (int64_t i = 0; i < N * d; i++) out[i] += t->x1[i];
 }
 
 /* Attention part of layer_bwd: d(the clamped output of o) in t->dh on
@@ -403,67 +409,8 @@ static void layer_bwd(Model *m, int li, const float *x, int64_t N, const KnMask 
     m->ops->rmsnorm_dx(&m->ctx, dx, x, l->input_ln, t->dh, N, d, eps);
 }
 
-/* The check of model_vision_forward: positions inside the table, enough patches. */
-static GfStatus check_image(const Model *m, const int32_t *pos, int64_t N, GfError *err) {
-    const VisionConfig *v = &m->cfg.vision;
-    if (!v->present) return gf_error_set(err, GF_INVALID, "no_vision", NULL, "this model has no vision tower");
-    for (int64_t i = 0; i < N; i++) {
-        int32_t px = pos[2 * i], py = pos[2 * i + 1];
-        int pad = px == -1 && py == -1;
-        if (!pad && (px < 0 || py < 0 || px >= v->position_embedding_size || py >= v->position_embedding_size))
-            return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "patch %lld has position (%d, %d) outside the table",
-                                (long long)i, px, py);
-    }
-    int64_t kk = v->pooling_kernel;
-    if (N < kk * kk) return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "an image needs at least %lld patches", (long long)(kk * kk));
-    return GF_OK;
-}
-
-typedef struct {
-    VTape t;
-    float *xs;                /* [(layers + 1), N, d] layer inputs, then the tower's output */
-    float *pooled, *hn, *dhn; /* [N / k^2, d] */
-    uint8_t *valid;
-    int32_t *group;
-    void *mem;
-} VBackward;
-
-static GfStatus vbackward_alloc(const Model *m, const LoraBinding *lora, int64_t N, VBackward *b, GfError *err) {
-    const VisionConfig *v = &m->cfg.vision;
-    int64_t d = v->hidden_size, I = v->intermediate_size, qw = (int64_t)v->n_heads * v->head_dim;
-    int64_t kvw = (int64_t)v->kv_heads * v->head_dim, pp = m->vision.input_proj.cols, L = v->n_layers;
-    int64_t qi = qw > I ? qw : I, kvi = kvw > I ? kvw : I, wmax = d;
-    int64_t widths[] = {I, qw, pp};
-    for (size_t i = 0; i < 3; i++) wmax = widths[i] > wmax ? widths[i] : wmax;
-    int64_t out_len = N / ((int64_t)v->pooling_kernel * v->pooling_kernel), rank = lora ? lora->max_rank : 1;
-    VTape *t = &b->t;
-    float **bufs[] = {&t->h, &t->x1, &t->h2, &t->dny, &t->dx, &t->dh, &t->oy,
-                      &t->qy, &t->qr, &t->att, &t->ky, &t->kr, &t->vn, &t->vy, &t->gy, &t->uy, &t->mm,
-                      &t->dq, &t->dk, &t->dv, &t->s1, &t->s2, &t->s3, &t->lora_tmp, &b->xs, &b->pooled, &b->hn, &b->dhn};
-    int64_t sizes[] = {N * d, N * d, N * d, N * d, N * d, N * d, N * d,
-                       N * qw, N * qw, N * qw, N * kvw, N * kvw, N * kvw, N * kvw, N * I, N * I, N * I,
-                       2 * N * qi, N * kvi, N * kvi, N * wmax, N * wmax, N * wmax, N * 2 * rank, (L + 1) * N * d,
-                       out_len * d, out_len * d, out_len * d};
-    size_t total = 0, n = sizeof sizes / sizeof *sizes;
-    for (size_t i = 0; i < n; i++) total += (size_t)sizes[i];
-    memset(b, 0, sizeof *b);
-    b->mem = gf_malloc(total * sizeof(float) + (size_t)N * (1 + 3 * sizeof(int32_t)), err);
-    if (!b->mem) return GF_NO_MEMORY;
-    float *p = b->mem;
-    for (size_t i = 0; i < n; i++) {
-        *bufs[i] = p;
-        p += sizes[i];
-    }
-    t->neg_pos = (int32_t *)p;
-    b->group = t->neg_pos + 2 * N;
-    b->valid = (uint8_t *)(b->group + N);
-    t->qi = qi;
-    t->lora = lora;
-    return GF_OK;
-}
-
 /* d(soft tokens) -> d(pooled tower output) -> d(last layer's output) in t->dx. */
-static void head_backward(Model *m, const LoraBinding *lora, VBackward *b, const int32_t *pos, int64_t N,
+static void head_backward(Model *m, const LoraBinding *lora, Tower *b, const int32_t *pos, int64_t N,
                           const float *dsoft, int64_t n_soft) {
     const VisionConfig *v = &m->cfg.vision;
     int64_t d = v->hidden_size, kk = v->pooling_kernel, out_len = N / (kk * kk), cols = pool_cols(pos, N, kk);
@@ -485,34 +432,21 @@ static void head_backward(Model *m, const LoraBinding *lora, VBackward *b, const
 
 GfStatus model_vision_backward(Model *m, const LoraBinding *lora, const float *pixels, const int32_t *pos, int64_t N,
                                const float *dsoft, int64_t n_soft, GfError *err) {
-    if (check_image(m, pos, N, err)) return err->status;
+    Tower b;
+    if (check_image(m, pos, N, err) || tower_alloc(m, lora, N, 1, &b, err)) return err->status;
     const VisionConfig *v = &m->cfg.vision;
     int64_t d = v->hidden_size, L = v->n_layers, pp = m->vision.input_proj.cols;
-    VBackward b;
-    if (vbackward_alloc(m, lora, N, &b, err)) return err->status;
     VTape *t = &b.t;
-    for (int64_t i = 0; i < N; i++) {
-        b.valid[i] = pos[2 * i] >= 0;
-        b.group[i] = b.valid[i] ? 0 : -1;
-        t->neg_pos[2 * i] = -pos[2 * i];
-        t->neg_pos[2 * i + 1] = -pos[2 * i + 1];
-    }
-    KnMask mask = {b.valid, b.group, 0};
-    /* forward, keeping each layer's input */
-    VScratch vs = {.lora = lora, .lora_tmp = t->lora_tmp};
-    embed_patches(m, &vs, pixels, pos, N, b.xs, t->s1);
-    for (int li = 0; li < L; li++) layer_fwd(m, li, b.xs + li * N * d, N, pos, &mask, t, b.xs + (li + 1) * N * d);
-    int64_t got = pool(m, b.xs + L * N * d, pos, N, b.pooled);
+    int64_t got = tower_run(m, &b, pixels, pos, N, 1);
     GfStatus st = GF_OK;
     if (got != n_soft) {
         st = gf_error_set(err, GF_INVALID, "invalid_image", NULL, "the image gives %lld soft tokens, the gradient has %lld",
                           (long long)got, (long long)n_soft);
     } else {
-        m->ops->rmsnorm(&m->ctx, b.hn, b.pooled, NULL, n_soft, d, v->rms_eps);
         head_backward(m, lora, &b, pos, N, dsoft, n_soft);
         for (int li = (int)L - 1; li >= 0; li--) {
-            layer_fwd(m, li, b.xs + li * N * d, N, pos, &mask, t, NULL);
-            layer_bwd(m, li, b.xs + li * N * d, N, &mask, t);
+            layer_fwd(m, li, b.xs + li * N * d, N, pos, &b.mask, t, NULL);
+            layer_bwd(m, li, b.xs + li * N * d, N, &b.mask, t);
         }
         if (lora && lora->input_proj) { /* the patch embedder's input: 2 (pixel - 0.5) */
             for (int64_t i = 0; i < N * pp; i++) t->s1[i] = 2.0f * (pixels[i] - 0.5f);
