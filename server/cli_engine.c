@@ -1,5 +1,6 @@
 /* cli_engine.c - the engine commands: forward, generate, preprocess, tokenize, infer. */
 #include "cli_engine.h"
+#include "cli_inputs.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -36,8 +37,7 @@ static int parse(int argc, char **argv, CliOptions *o) {
         else if (strcmp(a, "--ids") == 0) o->ids = v;
         else if (strcmp(a, "--image") == 0) o->image = v;
         else if (strcmp(a, "--adapter") == 0) o->adapter = v;
-        else if (strcmp(a, "--quantize") == 0 && (strcmp(v, "nf4") == 0 || strcmp(v, "none") == 0))
-            o->quantize = strcmp(v, "nf4") == 0 ? MODEL_QUANT_NF4 : MODEL_QUANT_NONE;
+        else if (strcmp(a, "--quantize") == 0 && cli_parse_quantize(v, &o->quantize) == 0) {}
         else if (strcmp(a, "--max-soft-tokens") == 0 && (o->max_soft_tokens = strtol(v, &end, 10), !*end)) {}
         else if (strcmp(a, "--max-new") == 0 && (o->max_new = strtol(v, &end, 10), !*end) && o->max_new > 0 && o->max_new <= 1000000) {}
         else if (strcmp(a, "--threads") == 0 && (o->threads = strtol(v, &end, 10), !*end) && o->threads >= 0 && o->threads <= 1024) {}
@@ -47,79 +47,37 @@ static int parse(int argc, char **argv, CliOptions *o) {
     return 0;
 }
 
-/* An I64 (or I32) [B, T] tensor as int32, or NULL when absent. */
-static int32_t *read_ids(const SafeTensors *st, const char *name, int64_t *B, int64_t *T, int required, int *bad) {
-    const StTensor *t = safetensors_find(st, name);
-    *bad = 0;
-    if (!t) {
-        if (required) { fprintf(stderr, "gemmaforge forward: the inputs have no '%s'\n", name); *bad = 1; }
-        return NULL;
-    }
-    if ((t->dtype != ST_I64 && t->dtype != ST_I32) || t->n_dims != 2 || (*B && (t->shape[0] != (uint64_t)*B || t->shape[1] != (uint64_t)*T))) {
-        fprintf(stderr, "gemmaforge forward: '%s' must be I64 [B, T] like input_ids\n", name);
-        *bad = 1;
-        return NULL;
-    }
-    *B = (int64_t)t->shape[0];
-    *T = (int64_t)t->shape[1];
-    int32_t *out = malloc((size_t)(*B * *T) * sizeof *out);
-    for (int64_t i = 0; out && i < *B * *T; i++) {
-        int64_t v = 0;
-        if (t->dtype == ST_I64) memcpy(&v, t->data + 8 * i, 8);
-        else { int32_t w; memcpy(&w, t->data + 4 * i, 4); v = w; }
-        out[i] = v < INT32_MIN || v > INT32_MAX ? -1 : (int32_t)v;
-    }
-    return out;
-}
-
-/* Images: pixel_values (F32 in [0,1]) or pixel_values_u8 [N_img, P, 3p^2] and
- * image_position_ids I64 [N_img, P, 2]. Runs the tower on each image and
- * returns all soft tokens in order (*n_soft rows of hidden). */
+/* Runs the tower on each image of the inputs and returns all soft tokens in
+ * order (*n_soft rows of hidden); NULL without images or on failure (*bad). */
 static float *run_vision(Model *m, const LoraBinding *lora, const SafeTensors *in, int64_t *n_soft, int *bad) {
-    const StTensor *pf = safetensors_find(in, "pixel_values"), *pu = safetensors_find(in, "pixel_values_u8");
-    const StTensor *pos = safetensors_find(in, "image_position_ids"), *px = pf ? pf : pu;
+    CliImages im;
     *n_soft = 0;
-    if (!px) return NULL;
-    if ((pf && pf->dtype != ST_F32) || (pu && pu->dtype != ST_U8) || px->n_dims != 3 || !pos || pos->dtype != ST_I64 ||
-        pos->n_dims != 3 || pos->shape[0] != px->shape[0] || pos->shape[1] != px->shape[1] || pos->shape[2] != 2) {
-        fprintf(stderr, "gemmaforge forward: images need pixel_values F32 (or pixel_values_u8 U8) [N, P, 3p^2] and "
-                        "image_position_ids I64 [N, P, 2]\n");
-        *bad = 1;
-        return NULL;
-    }
-    int64_t n_img = (int64_t)px->shape[0], P = (int64_t)px->shape[1], D = (int64_t)px->shape[2];
-    int64_t H = model_config(m)->text.hidden_size;
-    float *soft = malloc((size_t)(n_img * P * H) * sizeof(float)), *pixels = malloc((size_t)(P * D) * sizeof(float));
-    int32_t *positions = malloc((size_t)(P * 2) * sizeof(int32_t));
+    if (cli_read_images(in, "forward", &im)) { *bad = 1; return NULL; }
+    if (!im.n_images) return NULL;
+    int64_t P = im.n_patches, H = model_config(m)->text.hidden_size;
+    float *soft = malloc((size_t)(im.n_images * P * H) * sizeof(float));
     GfError err;
-    for (int64_t im = 0; soft && pixels && positions && im < n_img && !*bad; im++) {
-        for (int64_t i = 0; i < P * D; i++) {
-            if (pf) memcpy(&pixels[i], pf->data + 4 * (im * P * D + i), 4);
-            else pixels[i] = (float)pu->data[im * P * D + i] / 255.0f;
-        }
-        for (int64_t i = 0; i < P * 2; i++) {
-            int64_t v;
-            memcpy(&v, pos->data + 8 * (im * P * 2 + i), 8);
-            positions[i] = v < -1 || v > 1000000 ? -2 : (int32_t)v;
-        }
+    if (!soft) *bad = 1;
+    for (int64_t k = 0; soft && k < im.n_images && !*bad; k++) {
         int64_t n = 0;
-        if (model_vision_forward(m, lora, pixels, positions, P, soft + *n_soft * H, &n, &err)) {
-            fprintf(stderr, "gemmaforge forward: image %lld: %s\n", (long long)im, err.message);
+        if (model_vision_forward(m, lora, im.pixels + k * P * im.patch_len, im.positions + k * P * 2, P, soft + *n_soft * H, &n,
+                                 &err)) {
+            fprintf(stderr, "gemmaforge forward: image %lld: %s\n", (long long)k, err.message);
             *bad = 1;
         }
         *n_soft += n;
     }
-    free(pixels);
-    free(positions);
+    cli_images_free(&im);
     return soft;
 }
 
 static int run_forward(Model *m, const LoraBinding *lora, const CliOptions *o, const SafeTensors *in) {
     int64_t B = 0, T = 0;
     int bad;
-    int32_t *ids = read_ids(in, "input_ids", &B, &T, 1, &bad);
+    int32_t *ids = cli_read_ids(in, "forward", "input_ids", &B, &T, 1, &bad);
     if (!ids) return 1;
-    int32_t *mask = read_ids(in, "attention_mask", &B, &T, 0, &bad), *mm = bad ? NULL : read_ids(in, "mm_token_type_ids", &B, &T, 0, &bad);
+    int32_t *mask = cli_read_ids(in, "forward", "attention_mask", &B, &T, 0, &bad);
+    int32_t *mm = bad ? NULL : cli_read_ids(in, "forward", "mm_token_type_ids", &B, &T, 0, &bad);
     int64_t n_soft = 0, used_soft = 0, n_placeholders = 0;
     float *soft = bad ? NULL : run_vision(m, lora, in, &n_soft, &bad);
     for (int64_t i = 0; i < B * T; i++) n_placeholders += ids[i] == model_config(m)->image_token_id;
@@ -397,8 +355,7 @@ static int parse_infer(int argc, char **argv, InferOptions *o) {
         else if (strcmp(a, "--prompt") == 0) o->prompt = v;
         else if (strcmp(a, "--adapter") == 0) o->adapter = v;
         else if (strcmp(a, "--system") == 0) o->system = v;
-        else if (strcmp(a, "--quantize") == 0 && (strcmp(v, "nf4") == 0 || strcmp(v, "none") == 0))
-            o->quantize = strcmp(v, "nf4") == 0 ? MODEL_QUANT_NF4 : MODEL_QUANT_NONE;
+        else if (strcmp(a, "--quantize") == 0 && cli_parse_quantize(v, &o->quantize) == 0) {}
         else if (strcmp(a, "--image") == 0) {
             if (o->n_images == INFER_MAX_IMAGES) { fprintf(stderr, "gemmaforge infer: at most %d images\n", INFER_MAX_IMAGES); return -1; }
             o->images[o->n_images++] = v;

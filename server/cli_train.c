@@ -6,9 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "backward.h"
+#include "cli_inputs.h"
 #include "fsutil.h"
 #include "lora.h"
 #include "model.h"
@@ -34,8 +34,7 @@ static int parse_step(int argc, char **argv, StepOptions *o) {
         else if (strcmp(a, "--adapter") == 0) o->adapter = v;
         else if (strcmp(a, "--inputs") == 0) o->inputs = v;
         else if (strcmp(a, "--out") == 0) o->out = v;
-        else if (strcmp(a, "--quantize") == 0 && (strcmp(v, "nf4") == 0 || strcmp(v, "none") == 0))
-            o->quantize = strcmp(v, "nf4") == 0 ? MODEL_QUANT_NF4 : MODEL_QUANT_NONE;
+        else if (strcmp(a, "--quantize") == 0 && cli_parse_quantize(v, &o->quantize) == 0) {}
         else if (strcmp(a, "--steps") == 0 && (o->steps = strtol(v, &end, 10), !*end) && o->steps >= 1 && o->steps <= 100000) {}
         else if (strcmp(a, "--threads") == 0 && (o->threads = strtol(v, &end, 10), !*end) && o->threads >= 0 && o->threads <= 1024) {}
         else if (strcmp(a, "--lr") == 0 && (o->lr = strtod(v, &end), !*end) && o->lr >= 0 && o->lr < 10) {}
@@ -47,85 +46,38 @@ static int parse_step(int argc, char **argv, StepOptions *o) {
     return 0;
 }
 
-/* An integer tensor [1, T] (I64 or I32) as int32; NULL (with a message) when
- * absent but required, or malformed. */
-static int32_t *ids_row(const SafeTensors *st, const char *name, int64_t *T, int required, int *bad) {
-    const StTensor *t = safetensors_find(st, name);
-    if (!t) {
-        if (required) { fprintf(stderr, "gemmaforge lora-step: the inputs have no '%s'\n", name); *bad = 1; }
-        return NULL;
-    }
-    if ((t->dtype != ST_I64 && t->dtype != ST_I32) || t->n_dims != 2 || t->shape[0] != 1 ||
-        (*T && t->shape[1] != (uint64_t)*T) || t->shape[1] == 0) {
-        fprintf(stderr, "gemmaforge lora-step: '%s' must be an integer tensor [1, T] (one sequence)\n", name);
-        *bad = 1;
-        return NULL;
-    }
-    *T = (int64_t)t->shape[1];
-    int32_t *out = malloc((size_t)*T * sizeof *out);
-    for (int64_t i = 0; out && i < *T; i++) {
-        int64_t v = 0;
-        if (t->dtype == ST_I64) memcpy(&v, t->data + 8 * i, 8);
-        else { int32_t w; memcpy(&w, t->data + 4 * i, 4); v = w; }
-        out[i] = v < INT32_MIN || v > INT32_MAX ? INT32_MIN : (int32_t)v;
-    }
-    if (!out) *bad = 1;
-    return out;
-}
-
 typedef struct {
     int32_t *ids, *labels, *mm;
     uint8_t *types;
-    float *pixels;
-    int32_t *positions;
+    CliImages images;
     TrainSequence seq;
 } StepInputs;
 
 static void inputs_free(StepInputs *in) {
-    free(in->ids); free(in->labels); free(in->mm); free(in->types); free(in->pixels); free(in->positions);
+    free(in->ids); free(in->labels); free(in->mm); free(in->types);
+    cli_images_free(&in->images);
 }
 
-/* input_ids, labels, mm_token_type_ids and the images (pixel_values F32 or
- * pixel_values_u8, image_position_ids) of forward_image.safetensors. */
+/* input_ids, labels, mm_token_type_ids (one sequence) and the images, as in
+ * forward_image.safetensors. */
 static int read_inputs(const SafeTensors *st, StepInputs *in) {
     memset(in, 0, sizeof *in);
-    int64_t T = 0;
+    int64_t B = 0, T = 0;
     int bad = 0;
-    in->ids = ids_row(st, "input_ids", &T, 1, &bad);
-    if (!bad) in->labels = ids_row(st, "labels", &T, 1, &bad);
-    if (!bad) in->mm = ids_row(st, "mm_token_type_ids", &T, 0, &bad);
+    in->ids = cli_read_ids(st, "lora-step", "input_ids", &B, &T, 1, &bad);
+    if (!bad) in->labels = cli_read_ids(st, "lora-step", "labels", &B, &T, 1, &bad);
+    if (!bad) in->mm = cli_read_ids(st, "lora-step", "mm_token_type_ids", &B, &T, 0, &bad);
     if (bad) return 1;
+    if (B != 1) { fprintf(stderr, "gemmaforge lora-step: the inputs must hold one sequence (input_ids [1, T])\n"); return 1; }
     if (in->mm) {
         in->types = malloc((size_t)T);
-        for (int64_t i = 0; in->types && i < T; i++) in->types[i] = (uint8_t)(in->mm[i] >= 0 && in->mm[i] <= 3 ? in->mm[i] : 0);
+        if (!in->types) return 1;
+        for (int64_t i = 0; i < T; i++) in->types[i] = (uint8_t)(in->mm[i] >= 0 && in->mm[i] <= 3 ? in->mm[i] : 0);
     }
-    in->seq = (TrainSequence){.ids = in->ids, .labels = in->labels, .mm_type = in->types, .n = T};
-    const StTensor *pf = safetensors_find(st, "pixel_values"), *pu = safetensors_find(st, "pixel_values_u8");
-    const StTensor *pos = safetensors_find(st, "image_position_ids"), *px = pf ? pf : pu;
-    if (!px) return 0;
-    if ((pf && pf->dtype != ST_F32) || (pu && pu->dtype != ST_U8) || px->n_dims != 3 || !pos || pos->dtype != ST_I64 ||
-        pos->n_dims != 3 || pos->shape[0] != px->shape[0] || pos->shape[1] != px->shape[1] || pos->shape[2] != 2) {
-        fprintf(stderr, "gemmaforge lora-step: images need pixel_values F32 (or pixel_values_u8 U8) [N, P, 3p^2] and "
-                        "image_position_ids I64 [N, P, 2]\n");
-        return 1;
-    }
-    uint64_t n_px = px->n_elements, n_pos = pos->n_elements;
-    in->pixels = malloc(n_px * sizeof(float));
-    in->positions = malloc(n_pos * sizeof(int32_t));
-    if (!in->pixels || !in->positions) return 1;
-    for (uint64_t i = 0; i < n_px; i++) {
-        if (pf) memcpy(&in->pixels[i], pf->data + 4 * i, 4);
-        else in->pixels[i] = (float)pu->data[i] / 255.0f;
-    }
-    for (uint64_t i = 0; i < n_pos; i++) {
-        int64_t v;
-        memcpy(&v, pos->data + 8 * i, 8);
-        in->positions[i] = v < -1 || v > 1000000 ? -2 : (int32_t)v;
-    }
-    in->seq.pixels = in->pixels;
-    in->seq.positions = in->positions;
-    in->seq.n_images = (int)px->shape[0];
-    in->seq.n_patches = (int64_t)px->shape[1];
+    if (cli_read_images(st, "lora-step", &in->images)) return 1;
+    in->seq = (TrainSequence){.ids = in->ids, .labels = in->labels, .mm_type = in->types, .n = T,
+                              .pixels = in->images.pixels, .positions = in->images.positions,
+                              .n_patches = in->images.n_patches, .n_images = (int)in->images.n_images};
     return 0;
 }
 
