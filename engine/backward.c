@@ -423,7 +423,7 @@ static GfStatus images_forward(Model *m, GradWorkspace *w, const LoraBinding *b,
         if (model_vision_forward(m, b, s->pixels + im * s->n_patches * pp, s->positions + im * s->n_patches * 2, s->n_patches,
                                  w->soft + *n_soft * H, &got, err))
             return err->status;
-        if (im < MAX_IMAGES) w->soft_counts[im] = got;
+        w->soft_counts[im] = got;
         *n_soft += got;
     }
     if (*n_soft != placeholders)

@@ -87,7 +87,7 @@ void lora_apply(const LoraPair *p, float scale, float *y, const float *x, int64_
 
 /* The adapter's part of a linear's backward, for dy[n, out] at input
  * x[n, in]: dx[n, in] += scale (dy B) A (dx may be NULL), p->dA += scale
- * (dy B)^T x, p->dB += scale dy^T (x A^T). tmp holds 2 n rank floats. */
+ * (dy B)^T x, p->dB += scale dy^T (x A^T). tmp holds 2 rank floats. */
 void lora_backward(const LoraPair *p, float scale, float *dx, const float *dy, const float *x, int64_t n, float *tmp);
 
 /* A new adapter on the modules of m that PEFT's target_modules select:

@@ -264,11 +264,12 @@ static GfStatus bind_all(Model *m, GfError *err) {
 
 /* ---- QLoRA: the frozen linears in NF4 ------------------------------------------- */
 
-/* Every linear the adapters may wrap, text and vision, and the experts; the
- * embedding (the tied lm_head) stays in its stored dtype. */
-static size_t linear_slots(Model *m, KnMatrix **slots, size_t cap) {
+/* Every linear the adapters may wrap, text and vision, and the experts (the
+ * embedding, the tied lm_head, stays in its stored dtype): their count, and
+ * their addresses into slots when not NULL. */
+static size_t linear_slots(Model *m, KnMatrix **slots) {
     size_t n = 0;
-#define SLOT(x) do { if ((x).data && n < cap) slots[n++] = &(x); } while (0)
+#define SLOT(x) do { if ((x).data) { if (slots) slots[n] = &(x); n++; } } while (0)
     for (int i = 0; i < m->cfg.text.n_layers; i++) {
         Layer *l = &m->layers[i];
         SLOT(l->q); SLOT(l->k); SLOT(l->v); SLOT(l->o); SLOT(l->gate); SLOT(l->up); SLOT(l->down);
@@ -283,11 +284,11 @@ static size_t linear_slots(Model *m, KnMatrix **slots, size_t cap) {
 }
 
 static GfStatus quantize_linears(Model *m, GfError *err) {
-    size_t cap = (size_t)m->cfg.text.n_layers * 11 + (m->cfg.vision.present ? (size_t)m->cfg.vision.n_layers * 7 : 0);
-    KnMatrix **slots = gf_calloc(cap + 1, sizeof *slots, err);
-    m->nf4 = gf_calloc(cap + 1, sizeof *m->nf4, err);
+    size_t n = linear_slots(m, NULL);
+    KnMatrix **slots = gf_calloc(n + 1, sizeof *slots, err);
+    m->nf4 = gf_calloc(n + 1, sizeof *m->nf4, err);
     if (!slots || !m->nf4) { free(slots); return GF_NO_MEMORY; }
-    size_t n = linear_slots(m, slots, cap);
+    linear_slots(m, slots);
     GfStatus st = GF_OK;
     for (size_t i = 0; !st && i < n; i++) {
         KnMatrix *w = slots[i];
