@@ -83,9 +83,9 @@ GfStatus not_built(Api *api, const HttpReq *req, HttpResp *resp) {
     const char *what = strstr(req->path, "/merge") ? "merging an adapter into the base checkpoint"
                                                    : "inference (chat completions and /v1/infer)";
     return reply_fail(resp, GF_NOT_IMPLEMENTED, "not_implemented", NULL,
-                      "%s is not built yet in the server: the engine answers image questions from the "
-                      "command line (gemmaforge infer), but serving over HTTP (engine thread, batching, adapters) "
-                      "and LoRA are not built", what);
+                      "%s is not built yet in the server: the engine answers image questions, with or without "
+                      "an adapter, from the command line (gemmaforge infer --adapter DIR), but serving over HTTP "
+                      "(engine thread, batching, per-request adapters) is not built", what);
 }
 
 /* ---- models ------------------------------------------------------------ */
