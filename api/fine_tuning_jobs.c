@@ -9,95 +9,8 @@
 #include "api.h"
 #include "common.h"
 #include "json_util.h"
+#include "hyperparameters.h"
 #include "reply.h"
-
-/* ---- hyperparameters --------------------------------------------------- */
-
-static const char *const TARGET_NAMES[] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                           "up_proj", "down_proj", NULL};
-
-static GfStatus parse_targets(const JsonCtx *c, cJSON *out) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(c->obj, "target_modules");
-    JsonCtx tc = *c;
-    if (!v || cJSON_IsNull(v) || (cJSON_IsString(v) && strcmp(v->valuestring, "all-linear") == 0)) {
-        cJSON_AddStringToObject(out, "target_modules", "all-linear");
-        return GF_OK;
-    }
-    if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) == 0 || cJSON_GetArraySize(v) > 7)
-        return gf_error_set(c->err, GF_INVALID, "invalid_hyperparameter", "hyperparameters.target_modules",
-                            "'hyperparameters.target_modules' must be \"all-linear\" or a list of module names");
-    cJSON *arr = cJSON_AddArrayToObject(out, "target_modules");
-    for (const cJSON *e = v->child; e; e = e->next) {
-        const char *const *k = TARGET_NAMES;
-        while (*k && !(cJSON_IsString(e) && strcmp(*k, e->valuestring) == 0)) k++;
-        if (!*k)
-            return gf_error_set(tc.err, GF_INVALID, "invalid_hyperparameter", "hyperparameters.target_modules",
-                                "'hyperparameters.target_modules' entries must be among q_proj, k_proj, v_proj, "
-                                "o_proj, gate_proj, up_proj, down_proj");
-        for (const cJSON *d = arr->child; d; d = d->next)
-            if (strcmp(d->valuestring, *k) == 0)
-                return gf_error_set(tc.err, GF_INVALID, "invalid_hyperparameter", "hyperparameters.target_modules",
-                                    "'hyperparameters.target_modules' lists '%s' twice", *k);
-        cJSON_AddItemToArray(arr, cJSON_CreateString(*k));
-    }
-    return GF_OK;
-}
-
-/* Validates every hyperparameter and writes the normalized set (defaults
- * filled in) to *out. */
-static GfStatus parse_hyperparameters(const cJSON *h, int max_rank, cJSON **out, GfError *err) {
-    static const cJSON empty_obj = {.type = cJSON_Object};
-    JsonCtx c = {h ? h : &empty_obj, "hyperparameters", "invalid_hyperparameter", err};
-    static const char *const keys[] = {
-        "epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "batch_size",
-        "gradient_accumulation_steps", "lora_rank", "lora_alpha", "lora_dropout", "use_rslora",
-        "target_modules", "quantization", "gradient_checkpointing", "max_seq_len", "eval_every",
-        "save_every", "seed", NULL};
-    static const char *const schedulers[] = {"cosine", "linear", "constant", NULL};
-    static const char *const quant[] = {"nf4", "none", NULL};
-    int64_t epochs, bs, accum, rank, seq, eval_every, save_every, seed;
-    double lr, warmup, alpha, dropout;
-    const char *sched, *q;
-    int rslora, ckpt;
-    if (json_only_keys(&c, keys) ||
-        json_get_int(&c, "epochs", 0, 1, 1000, 3, &epochs) ||
-        json_get_number(&c, "learning_rate", 0, 0, 1, 1.0, 5e-5, &lr) ||
-        json_get_enum(&c, "lr_scheduler", schedulers, "cosine", &sched) ||
-        json_get_number(&c, "warmup_ratio", 0, 0, 0, 0.5, 0.03, &warmup) ||
-        json_get_int(&c, "batch_size", 0, 1, 1024, 2, &bs) ||
-        json_get_int(&c, "gradient_accumulation_steps", 0, 1, 1024, 4, &accum) ||
-        json_get_int(&c, "lora_rank", 0, 1, max_rank, 64, &rank) ||
-        json_get_number(&c, "lora_alpha", 0, 0, 1, 4096, 64, &alpha) ||
-        json_get_number(&c, "lora_dropout", 0, 0, 0, 0.9, 0.05, &dropout) ||
-        json_get_bool(&c, "use_rslora", 0, &rslora) ||
-        json_get_enum(&c, "quantization", quant, "nf4", &q) ||
-        json_get_bool(&c, "gradient_checkpointing", 1, &ckpt) ||
-        json_get_int(&c, "max_seq_len", 0, 16, 131072, 2048, &seq) ||
-        json_get_int(&c, "eval_every", 0, 0, 1000000, 0, &eval_every) ||
-        json_get_int(&c, "save_every", 0, 1, 1000000, 100, &save_every) ||
-        json_get_int(&c, "seed", 0, 0, 2147483647, 42, &seed))
-        return GF_INVALID;
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddNumberToObject(o, "epochs", (double)epochs);
-    cJSON_AddNumberToObject(o, "learning_rate", lr);
-    cJSON_AddStringToObject(o, "lr_scheduler", sched);
-    cJSON_AddNumberToObject(o, "warmup_ratio", warmup);
-    cJSON_AddNumberToObject(o, "batch_size", (double)bs);
-    cJSON_AddNumberToObject(o, "gradient_accumulation_steps", (double)accum);
-    cJSON_AddNumberToObject(o, "lora_rank", (double)rank);
-    cJSON_AddNumberToObject(o, "lora_alpha", alpha);
-    cJSON_AddNumberToObject(o, "lora_dropout", dropout);
-    cJSON_AddBoolToObject(o, "use_rslora", rslora);
-    if (parse_targets(&c, o)) { cJSON_Delete(o); return GF_INVALID; }
-    cJSON_AddStringToObject(o, "quantization", q);
-    cJSON_AddBoolToObject(o, "gradient_checkpointing", ckpt);
-    cJSON_AddNumberToObject(o, "max_seq_len", (double)seq);
-    cJSON_AddNumberToObject(o, "eval_every", (double)eval_every);
-    cJSON_AddNumberToObject(o, "save_every", (double)save_every);
-    cJSON_AddNumberToObject(o, "seed", (double)seed);
-    *out = o;
-    return GF_OK;
-}
 
 /* ---- request ----------------------------------------------------------- */
 
@@ -119,7 +32,9 @@ static GfStatus parse_create(Api *api, const cJSON *body, JobRow *row, GfError *
     if (h && !cJSON_IsObject(h) && !cJSON_IsNull(h))
         return gf_error_set(err, GF_INVALID, "invalid_type", "hyperparameters", "'hyperparameters' must be an object");
     cJSON *norm;
-    if (parse_hyperparameters(cJSON_IsObject(h) ? h : NULL, api->limits.max_lora_rank, &norm, err)) return GF_INVALID;
+    JobParams params;
+    if (hyperparameters_parse(cJSON_IsObject(h) ? h : NULL, api->limits.max_lora_rank, &params, &norm, err))
+        return GF_INVALID;
     char *text = cJSON_PrintUnformatted(norm);
     cJSON_Delete(norm);
     if (!text || strlen(text) >= sizeof row->hyperparameters) {

@@ -321,9 +321,9 @@ static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int
 
 /* ---- loss ------------------------------------------------------------------------ */
 
-/* Softcapped logits of LOGIT_ROWS rows at most: the rows' losses and, scaled,
- * their gradients d(xn rows) into w->gdx. */
-static double loss_rows(Model *m, GradWorkspace *w, const int32_t *targets, int64_t rows, float scale) {
+/* Softcapped logits of LOGIT_ROWS rows at most: the rows' losses and, when
+ * grad, their gradients (times scale) d(xn rows) into w->gdx. */
+static double loss_rows(Model *m, GradWorkspace *w, const int32_t *targets, int64_t rows, float scale, int grad) {
     const TextConfig *t = &m->cfg.text;
     int64_t V = t->vocab_size, H = t->hidden_size;
     float cap = t->final_softcap;
@@ -338,12 +338,13 @@ static double loss_rows(Model *m, GradWorkspace *w, const int32_t *targets, int6
         for (int64_t v = 0; v < V; v++) sum += exp((double)(z[v] - mx));
         double lse = (double)mx + log(sum);
         loss += lse - (double)z[targets[r]];
-        for (int64_t v = 0; v < V; v++) {
+        for (int64_t v = 0; grad && v < V; v++) {
             float g = (float)exp((double)z[v] - lse) - (v == targets[r] ? 1.0f : 0.0f);
             if (cap > 0) g *= 1.0f - (z[v] / cap) * (z[v] / cap); /* d cap tanh(l / cap) / dl */
             z[v] = g * scale;
         }
     }
+    if (!grad) return loss;
     zero(w->gdx, rows * H);
     m->ops->matmul_dx(&m->ctx, w->gdx, w->logits, m->embed, rows);
     return loss;
@@ -368,7 +369,7 @@ static double loss_backward(Model *m, GradWorkspace *w, const TrainSequence *s, 
             k++;
         }
         if (k == LOGIT_ROWS || (last && k > 0)) {
-            loss += loss_rows(m, w, targets, k, scale);
+            loss += loss_rows(m, w, targets, k, scale, 1);
             for (int64_t r = 0; r < k; r++) memcpy(w->dxn + rows[r] * H, w->gdx + r * H, (size_t)H * sizeof(float));
             k = 0;
         }
@@ -452,12 +453,12 @@ static GfStatus images_backward(Model *m, GradWorkspace *w, const LoraBinding *b
 
 /* ---- the whole sequence ------------------------------------------------------------------ */
 
-GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, float grad_scale,
-                        double *loss_sum, int64_t *n_targets, GfError *err) {
+/* Refuses a sequence the workspace cannot hold or whose labels or images are
+ * out of range. */
+static GfStatus check_sequence(const Model *m, const GradWorkspace *w, const LoraBinding *b, const TrainSequence *s,
+                               GfError *err) {
     const TextConfig *t = &m->cfg.text;
-    int64_t n = s->n, H = t->hidden_size, L = t->n_layers, P = t->ple_dim;
-    *loss_sum = 0.0;
-    *n_targets = 0;
+    int64_t n = s->n;
     if (n <= 0 || n > w->max_tokens)
         return gf_error_set(err, n <= 0 ? GF_INVALID : GF_TOO_LARGE, "context_length_exceeded", NULL,
                             "a training sequence of %lld tokens (the workspace holds %lld)", (long long)n,
@@ -472,12 +473,55 @@ GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const 
     if (s->n_images < 0 || s->n_images > MAX_IMAGES)
         return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "%d images in one sequence (at most %d)", s->n_images,
                             MAX_IMAGES);
-    int64_t n_soft = 0;
-    if (s->n_images && images_forward(m, w, b, s, &n_soft, err)) return err->status;
-    /* forward: the layer inputs and the stored K/V */
-    ModelInput in = {.ids = s->ids, .mm_type = s->mm_type, .soft_tokens = n_soft ? w->soft : NULL, .n = n, .lora = b};
+    return GF_OK;
+}
+
+/* The checkpointing forward: soft tokens, then every layer's input (and the
+ * final normed output) into w->hidden and the stored K/V into w->cache. */
+static GfStatus forward_tape(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, int64_t *n_soft,
+                             ModelInput *in, GfError *err) {
+    *n_soft = 0;
+    if (s->n_images && images_forward(m, w, b, s, n_soft, err)) return err->status;
+    *in = (ModelInput){.ids = s->ids, .mm_type = s->mm_type, .soft_tokens = *n_soft ? w->soft : NULL, .n = s->n, .lora = b};
     kv_cache_reset(&w->cache);
-    if (model_forward(m, &w->cache, &in, NULL, w->hidden, err)) return err->status;
+    return model_forward(m, &w->cache, in, NULL, w->hidden, err);
+}
+
+GfStatus model_loss(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, double *loss_sum,
+                    int64_t *n_targets, GfError *err) {
+    const TextConfig *t = &m->cfg.text;
+    int64_t n = s->n, H = t->hidden_size, n_soft;
+    ModelInput in;
+    *loss_sum = 0.0;
+    *n_targets = 0;
+    if (check_sequence(m, w, b, s, err) || forward_tape(m, w, b, s, &n_soft, &in, err)) return err->status;
+    const float *xn = w->hidden + t->n_layers * n * H;
+    int32_t targets[LOGIT_ROWS];
+    int64_t k = 0;
+    for (int64_t i = 0; i + 1 < n; i++) {
+        if (s->labels[i + 1] != -100) {
+            targets[k] = s->labels[i + 1];
+            memcpy(w->gx + k * H, xn + i * H, (size_t)H * sizeof(float));
+            k++;
+        }
+        if (k == LOGIT_ROWS || (i + 2 == n && k > 0)) {
+            *loss_sum += loss_rows(m, w, targets, k, 0.0f, 0);
+            k = 0;
+        }
+    }
+    *n_targets = train_sequence_targets(s);
+    return GF_OK;
+}
+
+GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, float grad_scale,
+                        double *loss_sum, int64_t *n_targets, GfError *err) {
+    const TextConfig *t = &m->cfg.text;
+    int64_t n = s->n, H = t->hidden_size, L = t->n_layers, P = t->ple_dim;
+    *loss_sum = 0.0;
+    *n_targets = 0;
+    int64_t n_soft = 0;
+    ModelInput in;
+    if (check_sequence(m, w, b, s, err) || forward_tape(m, w, b, s, &n_soft, &in, err)) return err->status;
     if (P) {
         model_ple_inputs(m, &in, w->hidden, w->ple, w->lora_tmp);
         zero(w->dple, n * L * P);

@@ -55,4 +55,9 @@ void grad_workspace_free(GradWorkspace *w);
 GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *lora, const TrainSequence *s, float grad_scale,
                         double *loss_sum, int64_t *n_targets, GfError *err);
 
+/* The loss of one sequence without gradients (validation): the same
+ * forward and cross-entropy as model_backward. */
+GfStatus model_loss(Model *m, GradWorkspace *w, const LoraBinding *lora, const TrainSequence *s, double *loss_sum,
+                    int64_t *n_targets, GfError *err);
+
 #endif

@@ -1,6 +1,6 @@
 /* main.c - the gemmaforge command line: `serve` starts the HTTP server; the
- * engine commands (forward, generate, preprocess, tokenize, infer, lora-step)
- * run the engine directly; train, merge and preflight say plainly that they
+ * engine commands (forward, generate, preprocess, tokenize, infer, lora-step,
+ * train) run the engine directly; merge and preflight say plainly that they
  * are not built yet. The only file that calls exit(). */
 #include <errno.h>
 #include <pthread.h>
@@ -42,7 +42,9 @@ static void usage(FILE *f) {
             "  infer      answer a question about images: --model DIR [--image F]... --prompt TEXT [--max-tokens N]\n"
             "  lora-step  gradient/optimizer parity: --model DIR --adapter DIR --inputs IN.safetensors --out DIR\n"
             "             [--steps N] [--lr X] [--weight-decay W]\n"
-            "  train, merge, preflight\n"
+            "  train      fine-tune an adapter on a dataset: --model DIR --dataset FILE.jsonl [--images TAR] --out DIR\n"
+            "             [hyperparameters as --learning-rate X ...; see `gemmaforge train` without options]\n"
+            "  merge, preflight\n"
             "             not built yet (see README)\n\n"
             "serve options:\n"
             "  --model DIR             Gemma 4 model directory (config.json + safetensors)\n"
@@ -267,10 +269,11 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "infer") == 0) exit(cli_infer(argc, argv));
     if (strcmp(cmd, "lora-step") == 0) exit(cli_lora_step(argc, argv));
     if (strcmp(cmd, "version") == 0) { printf("gemmaforge %s\n", VERSION); exit(0); }
-    static const char *const engine_cmds[] = {"train", "merge", "preflight", NULL};
+    if (strcmp(cmd, "train") == 0) exit(cli_train(argc, argv));
+    static const char *const engine_cmds[] = {"merge", "preflight", NULL};
     for (int i = 0; engine_cmds[i]; i++)
         if (strcmp(cmd, engine_cmds[i]) == 0) {
-            fprintf(stderr, "gemmaforge %s: not built yet: training is not implemented in this build (see README, \"What exists\")\n", cmd);
+            fprintf(stderr, "gemmaforge %s: not built yet (see README, \"What exists\")\n", cmd);
             exit(2);
         }
     fprintf(stderr, "gemmaforge: unknown command '%s'\n", cmd);

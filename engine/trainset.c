@@ -1,0 +1,419 @@
+/* trainset.c - JSONL conversations to training sequences. */
+#define _POSIX_C_SOURCE 200809L
+#include "trainset.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "dataset.h"
+#include "jsoncheck.h"
+#include "tar.h"
+
+#define TS_MAX_IMAGES 64       /* per example; the backward's bound */
+#define TS_MAX_LINE (64u << 20)
+
+typedef struct {
+    uint64_t offset, len;      /* the line's bytes in the JSONL */
+    uint64_t line;             /* 1-based */
+    int64_t tok0, n;           /* slice of the token pools */
+    int64_t targets;
+    int n_images;
+} Entry;
+
+struct TrainSet {
+    const Pipeline *p;
+    int fd;                    /* the JSONL, for re-reading lines */
+    TarIndex tar;
+    int has_tar;
+    ImageLimits lim;
+    Entry *e;
+    size_t n, cap;
+    int32_t *ids, *labels;
+    uint8_t *mm;
+    int64_t pool_n, pool_cap;
+    int64_t max_tokens;
+};
+
+/* One parsed line: messages whose parts point into root. */
+typedef struct {
+    cJSON *root;
+    ChatMessage msgs[256];
+    ChatPart *parts;           /* all messages' parts, images first per message */
+    const char *refs[TS_MAX_IMAGES];
+    size_t n_msgs;
+    int n_images;
+} Conversation;
+
+static void conversation_free(Conversation *c) {
+    cJSON_Delete(c->root);
+    free(c->parts);
+    memset(c, 0, sizeof *c);
+}
+
+/* ---- parsing ------------------------------------------------------------------ */
+
+static GfStatus bad(GfError *err, uint64_t line, const char *what) {
+    return gf_error_set(err, GF_UNPROCESSABLE, "invalid_dataset", "dataset", "line %llu: %s", (unsigned long long)line, what);
+}
+
+static const char *image_ref(const cJSON *part) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(part, "image");
+    if (cJSON_IsString(v)) return v->valuestring;
+    v = cJSON_GetObjectItemCaseSensitive(part, "image_url");
+    v = cJSON_IsObject(v) ? cJSON_GetObjectItemCaseSensitive(v, "url") : NULL;
+    return cJSON_IsString(v) ? v->valuestring : NULL;
+}
+
+/* Appends the parts of one content list, images first. */
+static GfStatus take_parts(Conversation *c, const cJSON *content, size_t *np, uint64_t line, GfError *err) {
+    for (int pass = 0; pass < 2; pass++)
+        for (const cJSON *p = content->child; p; p = p->next) {
+            const cJSON *type = cJSON_GetObjectItemCaseSensitive(p, "type");
+            if (!cJSON_IsString(type)) return bad(err, line, "a content part has no type");
+            int is_image = strcmp(type->valuestring, "text") != 0;
+            if (is_image != (pass == 0)) continue;
+            if (is_image) {
+                const char *ref = image_ref(p);
+                if (!ref) return bad(err, line, "an image part has no image");
+                if (c->n_images == TS_MAX_IMAGES) return bad(err, line, "too many images");
+                c->refs[c->n_images++] = ref;
+                c->parts[(*np)++] = (ChatPart){.is_image = 1};
+            } else {
+                const cJSON *t = cJSON_GetObjectItemCaseSensitive(p, "text");
+                if (!cJSON_IsString(t)) return bad(err, line, "a text part has no text");
+                c->parts[(*np)++] = (ChatPart){.text = t->valuestring};
+            }
+        }
+    return GF_OK;
+}
+
+static GfStatus parse_message(Conversation *c, const cJSON *m, size_t *np, uint64_t line, GfError *err) {
+    const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role"), *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+    if (!cJSON_IsString(role) || !content) return bad(err, line, "a message has no role or content");
+    ChatMessage *msg = &c->msgs[c->n_msgs++];
+    const char *r = role->valuestring;
+    msg->role = strcmp(r, "system") == 0 ? CHAT_SYSTEM : strcmp(r, "user") == 0 ? CHAT_USER : CHAT_ASSISTANT;
+    if (msg->role == CHAT_ASSISTANT && strcmp(r, "assistant") != 0) return bad(err, line, "unknown role");
+    msg->parts = c->parts + *np;
+    size_t first = *np;
+    if (cJSON_IsString(content)) {
+        c->parts[(*np)++] = (ChatPart){.text = content->valuestring};
+        msg->content_is_string = 1;
+    } else if (!cJSON_IsArray(content) || take_parts(c, content, np, line, err)) {
+        return err->status ? err->status : bad(err, line, "content must be a string or a list of parts");
+    }
+    msg->n_parts = *np - first;
+    return GF_OK;
+}
+
+static GfStatus parse_conversation(const char *text, size_t len, uint64_t line, Conversation *c, GfError *err) {
+    memset(c, 0, sizeof *c);
+    gf_error_clear(err);
+    GfError jerr;
+    c->root = json_parse_strict(text, len, "line", &jerr);
+    if (!c->root) return bad(err, line, jerr.message);
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(c->root, "messages");
+    int n = cJSON_IsArray(msgs) ? cJSON_GetArraySize(msgs) : 0;
+    if (n <= 0 || n > (int)(sizeof c->msgs / sizeof *c->msgs)) return bad(err, line, "'messages' must be a list of 1 to 256 messages");
+    size_t total = 0, np = 0;
+    for (const cJSON *m = msgs->child; m; m = m->next) {
+        const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+        total += cJSON_IsArray(content) ? (size_t)cJSON_GetArraySize(content) : 1;
+    }
+    if (!(c->parts = gf_calloc(total ? total : 1, sizeof *c->parts, err))) return GF_NO_MEMORY;
+    for (const cJSON *m = msgs->child; m; m = m->next)
+        if (!cJSON_IsObject(m) || parse_message(c, m, &np, line, err)) return err->status ? err->status : bad(err, line, "a message is not an object");
+    return GF_OK;
+}
+
+/* ---- images ------------------------------------------------------------------- */
+
+static GfStatus read_image_bytes(TrainSet *t, const char *ref, uint8_t **bytes, size_t *n, GfError *err) {
+    if (strncmp(ref, "data:", 5) == 0) {
+        const char *mime;
+        size_t mime_len;
+        return data_url_decode(ref, &mime, &mime_len, bytes, n, t->lim.max_bytes, err);
+    }
+    char name[TAR_NAME_MAX + 2];
+    if (strstr(ref, "://") || strlen(ref) > TAR_NAME_MAX)
+        return gf_error_set(err, GF_UNPROCESSABLE, "unknown_image_reference", NULL, "image '%.80s' is not an archive path", ref);
+    strcpy(name, ref);
+    long i = (!t->has_tar || tar_name_normalize(name)) ? -1 : tar_find(&t->tar, name);
+    if (i < 0) return gf_error_set(err, GF_UNPROCESSABLE, "unknown_image_reference", NULL, "image '%.80s' is not in the images archive", ref);
+    *n = (size_t)t->tar.members[i].size;
+    return tar_read_member(&t->tar, (size_t)i, t->lim.max_bytes, bytes, err);
+}
+
+static GfStatus load_image(TrainSet *t, const char *ref, Image *img, GfError *err) {
+    uint8_t *bytes = NULL;
+    size_t n = 0;
+    GfStatus st = read_image_bytes(t, ref, &bytes, &n, err);
+    if (!st) st = image_decode(bytes, n, &t->lim, img, err);
+    free(bytes);
+    return st;
+}
+
+/* The soft-token count of an image at the processor's budget. */
+static GfStatus soft_count(const TrainSet *t, const Image *img, int *count, GfError *err) {
+    const PreprocessConfig *pre = &t->p->pre;
+    int tw, th;
+    GfStatus st = preprocess_target_size(pre, img->width, img->height, &tw, &th, err);
+    int side = pre->patch_size * pre->pooling_kernel;
+    if (!st) *count = (tw / side) * (th / side);
+    return st;
+}
+
+/* ---- encoding ----------------------------------------------------------------- */
+
+static GfStatus pool_append(TrainSet *t, const ChatTokens *ct, GfError *err) {
+    if (t->pool_n + (int64_t)ct->n > t->pool_cap) {
+        int64_t cap = t->pool_cap ? t->pool_cap : 4096;
+        while (cap < t->pool_n + (int64_t)ct->n) cap *= 2;
+        int32_t *ids = realloc(t->ids, (size_t)cap * sizeof *ids);
+        if (ids) t->ids = ids;
+        int32_t *labels = ids ? realloc(t->labels, (size_t)cap * sizeof *labels) : NULL;
+        if (labels) t->labels = labels;
+        uint8_t *mm = labels ? realloc(t->mm, (size_t)cap) : NULL;
+        if (!mm) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory holding the dataset's tokens");
+        t->mm = mm;
+        t->pool_cap = cap;
+    }
+    memcpy(t->ids + t->pool_n, ct->ids, ct->n * sizeof *t->ids);
+    memcpy(t->labels + t->pool_n, ct->labels, ct->n * sizeof *t->labels);
+    memcpy(t->mm + t->pool_n, ct->mm_type, ct->n);
+    t->pool_n += (int64_t)ct->n;
+    return GF_OK;
+}
+
+static int64_t count_targets(const int32_t *labels, int64_t n) {
+    int64_t k = 0;
+    for (int64_t i = 1; i < n; i++) k += labels[i] != -100;
+    return k;
+}
+
+static GfStatus encode_line(TrainSet *t, Conversation *c, Entry *e, int64_t max_seq_len, GfError *err) {
+    int counts[TS_MAX_IMAGES];
+    for (int k = 0; k < c->n_images; k++) {
+        Image img;
+        GfStatus st = load_image(t, c->refs[k], &img, err);
+        if (!st) st = soft_count(t, &img, &counts[k], err);
+        image_free(&img);
+        if (st) return bad(err, e->line, err->message);
+    }
+    const GemmaConfig *cfg = model_config(t->p->model);
+    if (c->n_images && !cfg->vision.present) return bad(err, e->line, "the conversation has images but the model has no vision tower");
+    ChatTokens ct = {0};
+    if (chat_encode(&t->p->tpl, t->p->tok, c->msgs, c->n_msgs, counts, (size_t)c->n_images, 0, 0, cfg->boi_token_id,
+                    cfg->image_token_id, cfg->eoi_token_id, CHAT_LABELS_TRAIN, &ct, err))
+        return bad(err, e->line, err->message);
+    GfStatus st = GF_OK;
+    if ((int64_t)ct.n > max_seq_len)
+        st = gf_error_set(err, GF_UNPROCESSABLE, "sequence_too_long", "max_seq_len",
+                          "line %llu is %zu tokens, over max_seq_len %lld: raise max_seq_len or shorten the conversation",
+                          (unsigned long long)e->line, ct.n, (long long)max_seq_len);
+    e->tok0 = t->pool_n;
+    e->n = (int64_t)ct.n;
+    e->n_images = c->n_images;
+    e->targets = count_targets(ct.labels, e->n);
+    if (!st && e->targets == 0) st = bad(err, e->line, "no token is trained (the assistant turns are empty)");
+    if (!st) st = pool_append(t, &ct, err);
+    chat_tokens_free(&ct);
+    if (!st && e->n > t->max_tokens) t->max_tokens = e->n;
+    return st;
+}
+
+static int is_blank(const char *s, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r') return 0;
+    return 1;
+}
+
+/* Strips the CR of a CRLF line end and a leading UTF-8 byte-order mark. */
+static const char *line_body(const char *s, size_t *n, uint64_t line, uint64_t *skip) {
+    *skip = 0;
+    if (*n && s[*n - 1] == '\r') (*n)--;
+    if (line == 1 && *n >= 3 && memcmp(s, "\xEF\xBB\xBF", 3) == 0) {
+        *skip = 3;
+        *n -= 3;
+    }
+    return s + *skip;
+}
+
+static GfStatus add_line(TrainSet *t, const char *s, size_t n, uint64_t offset, uint64_t line, int64_t max_seq_len,
+                         GfError *err) {
+    uint64_t skip;
+    s = line_body(s, &n, line, &skip);
+    if (is_blank(s, n)) return GF_OK;
+    if (t->n == t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : 256;
+        Entry *e = realloc(t->e, cap * sizeof *e);
+        if (!e) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory reading the dataset");
+        t->e = e;
+        t->cap = cap;
+    }
+    Entry *e = &t->e[t->n];
+    *e = (Entry){.offset = offset + skip, .len = n, .line = line};
+    Conversation c;
+    GfStatus st = parse_conversation(s, n, line, &c, err);
+    if (!st) st = encode_line(t, &c, e, max_seq_len, err);
+    conversation_free(&c);
+    if (!st) t->n++;
+    return st;
+}
+
+static GfStatus read_lines(TrainSet *t, FILE *f, int64_t max_seq_len, GfError *err) {
+    char *buf = NULL;
+    size_t cap = 0;
+    uint64_t offset = 0, line = 0;
+    GfStatus st = GF_OK;
+    for (;;) {
+        errno = 0;
+        ssize_t len = getline(&buf, &cap, f);
+        if (len < 0) {
+            if (errno) st = gf_error_set(err, GF_IO, "io_error", NULL, "cannot read the dataset: %s", strerror(errno));
+            break;
+        }
+        line++;
+        if ((size_t)len > TS_MAX_LINE) { st = bad(err, line, "the line is too long"); break; }
+        size_t n = (size_t)len - (buf[len - 1] == '\n');
+        if ((st = add_line(t, buf, n, offset, line, max_seq_len, err))) break;
+        offset += (uint64_t)len;
+    }
+    free(buf);
+    if (!st && t->n == 0) st = gf_error_set(err, GF_UNPROCESSABLE, "empty_dataset", "dataset", "the dataset has no examples");
+    return st;
+}
+
+GfStatus trainset_open(const Pipeline *p, const char *jsonl, const char *tar, int64_t max_seq_len,
+                       const ImageLimits *lim, TrainSet **out, GfError *err) {
+    *out = NULL;
+    TrainSet *t = gf_calloc(1, sizeof *t, err);
+    if (!t) return GF_NO_MEMORY;
+    t->p = p;
+    t->lim = *lim;
+    t->tar.fd = -1;
+    GfStatus st = GF_OK;
+    if (tar && !(st = tar_index_open(tar, 1000000, &t->tar, err))) t->has_tar = 1;
+    FILE *f = st ? NULL : fopen(jsonl, "re");
+    if (!st && !f) st = gf_error_set(err, GF_IO, "io_error", "dataset", "cannot open the dataset: %s", strerror(errno));
+    if (!st) st = read_lines(t, f, max_seq_len, err);
+    if (f) {
+        t->fd = dup(fileno(f));
+        fclose(f);
+        if (!st && t->fd < 0) st = gf_error_set(err, GF_IO, "io_error", NULL, "cannot keep the dataset open: %s", strerror(errno));
+    } else {
+        t->fd = -1;
+    }
+    if (st) {
+        trainset_close(t);
+        return st;
+    }
+    *out = t;
+    return GF_OK;
+}
+
+void trainset_close(TrainSet *t) {
+    if (!t) return;
+    if (t->fd >= 0) close(t->fd);
+    if (t->has_tar) tar_index_close(&t->tar);
+    free(t->e);
+    free(t->ids);
+    free(t->labels);
+    free(t->mm);
+    free(t);
+}
+
+size_t trainset_count(const TrainSet *t) { return t->n; }
+int64_t trainset_tokens(const TrainSet *t, size_t i) { return t->e[i].n; }
+int64_t trainset_max_tokens(const TrainSet *t) { return t->max_tokens; }
+int64_t trainset_targets(const TrainSet *t, size_t i) { return t->e[i].targets; }
+uint64_t trainset_line(const TrainSet *t, size_t i) { return t->e[i].line; }
+
+void trainset_tokens_of(const TrainSet *t, size_t i, const int32_t **ids, const int32_t **labels, int64_t *n) {
+    *ids = t->ids + t->e[i].tok0;
+    *labels = t->labels + t->e[i].tok0;
+    *n = t->e[i].n;
+}
+
+/* ---- fetching ----------------------------------------------------------------- */
+
+void train_example_free(TrainExample *ex) {
+    if (!ex) return;
+    free(ex->pixels);
+    free(ex->positions);
+    memset(ex, 0, sizeof *ex);
+}
+
+static GfStatus read_line_at(const TrainSet *t, const Entry *e, char **text, GfError *err) {
+    char *s = gf_malloc(e->len + 1, err);
+    if (!s) return GF_NO_MEMORY;
+    size_t got = 0;
+    while (got < e->len) {
+        ssize_t r = pread(t->fd, s + got, e->len - got, (off_t)(e->offset + got));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+            free(s);
+            return gf_error_set(err, GF_IO, "io_error", NULL, "cannot re-read line %llu of the dataset", (unsigned long long)e->line);
+        }
+        got += (size_t)r;
+    }
+    s[e->len] = '\0';
+    *text = s;
+    return GF_OK;
+}
+
+/* Decodes and preprocesses image k into the example's k-th pixel block. */
+static GfStatus fetch_image(TrainSet *t, const char *ref, TrainExample *ex, int k, uint8_t *u8, GfError *err) {
+    const PreprocessConfig *pre = &t->p->pre;
+    int64_t P = ex->seq.n_patches, D = 3 * (int64_t)pre->patch_size * pre->patch_size, n_real, n_soft;
+    Image img;
+    GfStatus st = load_image(t, ref, &img, err);
+    if (!st) st = preprocess_image(pre, &img, u8, ex->positions + (int64_t)k * P * 2, &n_real, &n_soft, err);
+    image_free(&img);
+    float *px = ex->pixels + (int64_t)k * P * D;
+    for (int64_t i = 0; !st && i < P * D; i++) px[i] = (float)u8[i] / 255.0f;
+    return st;
+}
+
+static GfStatus fetch_images(TrainSet *t, const Entry *e, TrainExample *ex, GfError *err) {
+    const PreprocessConfig *pre = &t->p->pre;
+    int64_t P = (int64_t)pre->pooling_kernel * pre->pooling_kernel * pre->max_soft_tokens;
+    int64_t D = 3 * (int64_t)pre->patch_size * pre->patch_size;
+    char *text = NULL;
+    Conversation c = {0};
+    uint8_t *u8 = NULL;
+    GfStatus st = read_line_at(t, e, &text, err);
+    if (!st) st = parse_conversation(text, e->len, e->line, &c, err);
+    if (!st && c.n_images != e->n_images) st = bad(err, e->line, "the dataset changed on disk while training");
+    ex->seq.n_patches = P;
+    if (!st && (!(ex->pixels = gf_malloc((size_t)(e->n_images * P * D) * sizeof(float), err)) ||
+                !(ex->positions = gf_malloc((size_t)(e->n_images * P * 2) * sizeof(int32_t), err)) ||
+                !(u8 = gf_malloc((size_t)(P * D), err))))
+        st = GF_NO_MEMORY;
+    for (int k = 0; !st && k < e->n_images; k++)
+        if ((st = fetch_image(t, c.refs[k], ex, k, u8, err))) st = bad(err, e->line, err->message);
+    free(u8);
+    free(text);
+    conversation_free(&c);
+    return st;
+}
+
+GfStatus trainset_example(TrainSet *t, size_t i, TrainExample *ex, GfError *err) {
+    memset(ex, 0, sizeof *ex);
+    const Entry *e = &t->e[i];
+    ex->line = e->line;
+    ex->seq = (TrainSequence){.ids = t->ids + e->tok0, .labels = t->labels + e->tok0, .mm_type = t->mm + e->tok0,
+                              .n = e->n, .n_images = e->n_images};
+    if (e->n_images == 0) return GF_OK;
+    GfStatus st = fetch_images(t, e, ex, err);
+    if (st) {
+        train_example_free(ex);
+        return st;
+    }
+    ex->seq.pixels = ex->pixels;
+    ex->seq.positions = ex->positions;
+    return GF_OK;
+}

@@ -1,0 +1,63 @@
+/* trainset.h - a fine-tuning dataset made ready for the trainer: every
+ * conversation of a JSONL file (and the images archive it references) is
+ * encoded once with the model's chat template into token ids, training labels
+ * and mm_token_type_ids; images are decoded and preprocessed again each time
+ * their example is fetched, so memory holds tokens, not pixels.
+ *
+ * Encoding (PRODUCT.md "Datasets", TOKENIZER.md §7): the images of a user
+ * turn are placed before its text; each image becomes boi + N image
+ * placeholders + eoi, N its soft-token count at the processor's budget; labels
+ * (chat_encode CHAT_LABELS_TRAIN) cover assistant text and its <turn|> only,
+ * and every assistant turn starts with exactly the prefix the generation
+ * prompt gives at inference. A conversation longer than max_seq_len tokens is
+ * refused (GF_UNPROCESSABLE naming the line and both counts), never cut:
+ * a cut conversation would train on a turn without its end.
+ *
+ * The file is read strictly again (it was validated at upload, but the
+ * trainer does not trust a file on disk): a line that does not parse, names
+ * an image the archive lacks or cannot be decoded fails the load with its
+ * line number.
+ *
+ * Ownership: a TrainSet owns its token arrays, a copy of the JSONL path and
+ * the open archive; a TrainExample owns its pixels (train_example_free).
+ * Threading: one thread at a time (the archive's file offset is shared).
+ */
+#ifndef GF_TRAINSET_H
+#define GF_TRAINSET_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backward.h"
+#include "pipeline.h"
+
+typedef struct TrainSet TrainSet;
+
+typedef struct {
+    TrainSequence seq;        /* views into the set, pixels into this example */
+    float *pixels;            /* [n_images, n_patches, 3 p^2] owned, or NULL */
+    int32_t *positions;       /* [n_images, n_patches, 2] owned, or NULL */
+    uint64_t line;            /* 1-based line of the JSONL */
+} TrainExample;
+
+/* Encodes every example of jsonl_path (tar_path NULL when no archive) for
+ * the pipeline's model, tokenizer, template and image settings. */
+GfStatus trainset_open(const Pipeline *p, const char *jsonl_path, const char *tar_path, int64_t max_seq_len,
+                       const ImageLimits *image_limits, TrainSet **out, GfError *err);
+void trainset_close(TrainSet *t);
+
+size_t trainset_count(const TrainSet *t);
+/* Tokens of example i, and of the longest example. */
+int64_t trainset_tokens(const TrainSet *t, size_t i);
+int64_t trainset_max_tokens(const TrainSet *t);
+/* Trained positions of example i (labels after the shift). */
+int64_t trainset_targets(const TrainSet *t, size_t i);
+uint64_t trainset_line(const TrainSet *t, size_t i);
+/* The encoded ids and labels of example i (valid while t lives). */
+void trainset_tokens_of(const TrainSet *t, size_t i, const int32_t **ids, const int32_t **labels, int64_t *n);
+
+/* Example i with its images decoded and preprocessed. */
+GfStatus trainset_example(TrainSet *t, size_t i, TrainExample *ex, GfError *err);
+void train_example_free(TrainExample *ex);
+
+#endif

@@ -1,0 +1,187 @@
+/* train_run.c - a fine-tuning run: files in, checkpoints and adapter out. */
+#include "train_run.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "fsutil.h"
+#include "pipeline.h"
+
+typedef struct {
+    const TrainRunSpec *spec;
+    const TrainRunHooks *hooks;
+    Pipeline *p;
+    TrainSet *train, *val;
+    LoraAdapter *a;
+    Trainer *t;
+    double step_s_sum;         /* wall time of the steps run here */
+    int64_t steps_run;
+    double eval_loss;
+    TrainStepInfo last;
+} Run;
+
+static void logf_(Run *r, const char *level, const char *fmt, ...) {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (r->hooks->on_log) r->hooks->on_log(r->hooks->user, level, msg);
+}
+
+static int stop_asked(void *user) {
+    Run *r = user;
+    return r->hooks->should_stop && r->hooks->should_stop(r->hooks->user);
+}
+
+void train_run_ckpt_dir(const char *root, int64_t step, char *out, size_t cap) {
+    snprintf(out, cap, "%s/step-%08lld", root, (long long)step);
+}
+
+/* ---- set-up ------------------------------------------------------------------- */
+
+static GfStatus open_data(Run *r, GfError *err) {
+    const TrainRunSpec *s = r->spec;
+    GfStatus st = trainset_open(r->p, s->train_jsonl, s->train_tar, s->params.max_seq_len, &s->image_limits, &r->train, err);
+    if (st) return st;
+    int64_t tokens = 0, targets = 0;
+    for (size_t i = 0; i < trainset_count(r->train); i++) {
+        tokens += trainset_tokens(r->train, i);
+        targets += trainset_targets(r->train, i);
+    }
+    logf_(r, "info", "training set: %zu examples, %lld tokens, %lld trained, longest %lld", trainset_count(r->train),
+          (long long)tokens, (long long)targets, (long long)trainset_max_tokens(r->train));
+    if (!s->val_jsonl) return GF_OK;
+    st = trainset_open(r->p, s->val_jsonl, s->val_tar, s->params.max_seq_len, &s->image_limits, &r->val, err);
+    if (st) return gf_error_set(err, st, err->code, "validation_dataset", "validation set: %s", err->message);
+    logf_(r, "info", "validation set: %zu examples", trainset_count(r->val));
+    return GF_OK;
+}
+
+static GfStatus open_all(Run *r, GfError *err) {
+    const TrainRunSpec *s = r->spec;
+    const JobParams *hp = &s->params;
+    if (hp->lora_dropout > 0)
+        return gf_error_set(err, GF_NOT_IMPLEMENTED, "not_implemented", "hyperparameters.lora_dropout",
+                            "lora_dropout %g: dropout in training is not built yet; use lora_dropout 0", hp->lora_dropout);
+    ModelOptions mo = {.n_threads = s->n_threads, .quantize = hp->quantization};
+    GfStatus st = pipeline_open(s->model_dir, &mo, &r->p, err);
+    if (st) return gf_error_set(err, st, err->code, "model", "the model: %s", err->message);
+    logf_(r, "info", "model loaded (%s base weights)", hp->quantization == MODEL_QUANT_NF4 ? "NF4" : "full-precision");
+    if ((st = open_data(r, err))) return st;
+    st = lora_create(r->p->model, hp->targets, hp->n_targets, hp->lora_rank, hp->lora_alpha, hp->use_rslora,
+                     hp->train.seed, &r->a, err);
+    if (st) return gf_error_set(err, st, err->code, "hyperparameters.target_modules", "%s", err->message);
+    size_t n_params = 0;
+    for (size_t i = 0; i < r->a->n_pairs; i++) n_params += (size_t)(r->a->pairs[i].rank * (r->a->pairs[i].in + r->a->pairs[i].out));
+    logf_(r, "info", "adapter: %zu modules, rank %d, %zu trainable parameters", r->a->n_pairs, hp->lora_rank, n_params);
+    if ((st = trainer_new(r->p->model, r->a, r->train, &hp->train, &r->t, err))) return st;
+    logf_(r, "info", "plan: %lld steps (%lld per epoch, %lld epochs)", (long long)trainer_total_steps(r->t),
+          (long long)trainer_steps_per_epoch(r->t), (long long)hp->train.epochs);
+    if (!s->resume_dir) return GF_OK;
+    if ((st = trainer_resume(r->t, s->resume_dir, err))) return st;
+    logf_(r, "info", "resumed from the checkpoint of step %lld", (long long)trainer_step_index(r->t));
+    return GF_OK;
+}
+
+static void close_all(Run *r) {
+    trainer_free(r->t);
+    lora_free(r->a);
+    trainset_close(r->val);
+    trainset_close(r->train);
+    pipeline_close(r->p);
+}
+
+/* ---- checkpoints -------------------------------------------------------------- */
+
+static GfStatus sync_files(const char *dir, GfError *err) {
+    static const char *const names[] = {"adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors",
+                                        "trainer_state.json"};
+    char path[4400];
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        if (fs_fsync_path(path, err)) return err->status;
+    }
+    return fs_fsync_path(dir, err);
+}
+
+static GfStatus checkpoint(Run *r, GfError *err) {
+    const char *root = r->spec->ckpt_root;
+    int64_t step = trainer_step_index(r->t);
+    char tmp[4200], final_dir[4200], metrics[256];
+    snprintf(tmp, sizeof tmp, "%s/.tmp-step-%08lld", root, (long long)step);
+    train_run_ckpt_dir(root, step, final_dir, sizeof final_dir);
+    fs_remove_tree(tmp);
+    fs_remove_tree(final_dir);
+    GfStatus st = mkdir(tmp, 0700) == 0 ? GF_OK
+                                        : gf_error_set(err, GF_IO, "io_error", NULL, "cannot create a checkpoint directory: %s", strerror(errno));
+    if (!st) st = trainer_save(r->t, tmp, err);
+    if (!st) st = sync_files(tmp, err);
+    if (!st && rename(tmp, final_dir) != 0) st = gf_error_set(err, GF_IO, "io_error", NULL, "cannot publish a checkpoint: %s", strerror(errno));
+    if (!st) st = fs_fsync_path(root, err);
+    if (st) {
+        fs_remove_tree(tmp);
+        return st;
+    }
+    if (isnan(r->eval_loss)) snprintf(metrics, sizeof metrics, "{\"step\":%lld,\"train_loss\":%.6g}", (long long)step, r->last.loss);
+    else snprintf(metrics, sizeof metrics, "{\"step\":%lld,\"train_loss\":%.6g,\"valid_loss\":%.6g}", (long long)step, r->last.loss, r->eval_loss);
+    if (r->hooks->on_checkpoint && (st = r->hooks->on_checkpoint(r->hooks->user, step, final_dir, metrics, err))) return st;
+    logf_(r, "info", "checkpoint saved at step %lld", (long long)step);
+    return GF_OK;
+}
+
+/* ---- the loop ----------------------------------------------------------------- */
+
+static GfStatus evaluate(Run *r, GfError *err) {
+    double loss;
+    GfStatus st = trainer_eval(r->t, r->val, stop_asked, r, &loss, err);
+    if (st) return st;
+    r->eval_loss = loss;
+    if (r->hooks->on_eval) r->hooks->on_eval(r->hooks->user, trainer_step_index(r->t), loss);
+    return GF_OK;
+}
+
+static void report(Run *r, const TrainStepInfo *info) {
+    r->last = *info;
+    r->step_s_sum += info->seconds;
+    r->steps_run++;
+    TrainRunRates rates = {.tokens_per_s = info->seconds > 0 ? (double)info->tokens / info->seconds : NAN,
+                           .eta_s = r->step_s_sum / (double)r->steps_run * (double)(info->total_steps - info->step),
+                           .eval_loss = r->eval_loss};
+    if (r->hooks->on_step) r->hooks->on_step(r->hooks->user, info, &rates);
+}
+
+static GfStatus loop(Run *r, GfError *err) {
+    const JobParams *hp = &r->spec->params;
+    GfStatus st = GF_OK;
+    while (!st && !trainer_done(r->t)) {
+        TrainStepInfo info;
+        if ((st = trainer_step(r->t, stop_asked, r, &info, err))) break;
+        report(r, &info);
+        int64_t step = info.step;
+        int last = trainer_done(r->t);
+        if (r->val && ((hp->eval_every && step % hp->eval_every == 0) || last)) st = evaluate(r, err);
+        if (!st && (step % hp->save_every == 0 || last)) st = checkpoint(r, err);
+        if (!st && r->spec->stop_at_step && step >= r->spec->stop_at_step && !last)
+            st = gf_error_set(err, GF_CANCELLED, "cancelled", NULL, "stopped after step %lld as asked", (long long)step);
+    }
+    return st;
+}
+
+GfStatus train_run(const TrainRunSpec *spec, const TrainRunHooks *hooks, GfError *err) {
+    static const TrainRunHooks none = {0};
+    Run r = {.spec = spec, .hooks = hooks ? hooks : &none, .eval_loss = NAN};
+    GfStatus st = fs_mkdirs(spec->ckpt_root, err);
+    if (!st) st = open_all(&r, err);
+    if (!st) st = loop(&r, err);
+    if (!st) st = lora_save_dir(r.a, spec->adapter_out, err);
+    if (!st) logf_(&r, "info", "training done: final loss %.4f", r.last.loss);
+    close_all(&r);
+    return st;
+}

@@ -1,0 +1,63 @@
+/* train_run.h - one fine-tuning run from files to a trained adapter, shared
+ * by `gemmaforge train` and the server's job worker: open the model (NF4 when
+ * asked), encode the datasets, create the adapter, resume from a checkpoint
+ * when one is given, step until the plan is done, evaluate every eval_every
+ * steps and at the end, checkpoint every save_every steps and at the end,
+ * and write the final adapter.
+ *
+ * Checkpoints: CKPT_ROOT/step-NNNNNNNN/ written by trainer_save into
+ * CKPT_ROOT/.tmp-step-NNNNNNNN/, every file fsynced, the directory renamed
+ * into place and CKPT_ROOT fsynced; only then is on_checkpoint called (the
+ * worker records the row there). A directory that exists is complete; one
+ * that is not recorded (a crash between rename and record) is replaced when
+ * its step comes again.
+ *
+ * Hooks are called on the running thread; any may be NULL. should_stop is
+ * asked between sequences: a stop abandons the current step and train_run
+ * returns GF_CANCELLED (the last checkpoint stays the resume point).
+ * Errors carry a message a user can act on (the dataset line, the memory
+ * needed, the hyperparameter at fault).
+ */
+#ifndef GF_TRAIN_RUN_H
+#define GF_TRAIN_RUN_H
+
+#include <stdint.h>
+
+#include "hyperparameters.h"
+#include "trainer.h"
+
+typedef struct {
+    const char *model_dir;
+    const char *train_jsonl, *train_tar;  /* tar may be NULL */
+    const char *val_jsonl, *val_tar;      /* NULL = no validation set */
+    const char *ckpt_root;                /* checkpoints go here (created) */
+    const char *resume_dir;               /* a checkpoint to continue from, or NULL */
+    const char *adapter_out;              /* existing empty directory for the final adapter */
+    JobParams params;
+    int n_threads;                        /* <= 0 = all cores */
+    int64_t stop_at_step;                 /* stop (GF_CANCELLED) once this step is done; 0 = never */
+    ImageLimits image_limits;
+} TrainRunSpec;
+
+typedef struct {
+    double tokens_per_s;                  /* of the last step */
+    double eta_s;                         /* remaining steps x mean step time */
+    double eval_loss;                     /* latest, NAN = none yet */
+} TrainRunRates;
+
+typedef struct {
+    void *user;
+    void (*on_log)(void *user, const char *level, const char *message);
+    void (*on_step)(void *user, const TrainStepInfo *info, const TrainRunRates *rates);
+    void (*on_eval)(void *user, int64_t step, double eval_loss);
+    /* A published checkpoint; a failure here fails the run. */
+    GfStatus (*on_checkpoint)(void *user, int64_t step, const char *dir, const char *metrics_json, GfError *err);
+    int (*should_stop)(void *user);
+} TrainRunHooks;
+
+/* Checkpoint directory name of a step under root. */
+void train_run_ckpt_dir(const char *root, int64_t step, char *out, size_t cap);
+
+GfStatus train_run(const TrainRunSpec *spec, const TrainRunHooks *hooks, GfError *err);
+
+#endif
