@@ -151,7 +151,8 @@ static int run(const TrainOptions *o, TrainRunSpec *spec, Progress *prog) {
     fs_remove_tree(tmp);
     if (fs_mkdirs(tmp, &err)) return fail("", &err);
     TrainRunHooks hooks = {.user = prog, .on_log = on_log, .on_step = on_step, .on_eval = on_eval};
-    GfStatus st = train_run(spec, &hooks, &err);
+    TrainRunResult res;
+    GfStatus st = train_run(spec, &hooks, &res, &err);
     if (prog->tty) fputc('\n', stderr);
     if (st) {
         fs_remove_tree(tmp);

@@ -12,6 +12,7 @@
 #include "cli_engine.h"
 #include "cli_train.h"
 #include "httpd.h"
+#include "jobs.h"
 #include "kernels.h"
 #include "model.h"
 #include "store_open.h"
@@ -25,6 +26,7 @@ typedef struct {
     HttpdConfig http;
     ApiLimits limits;
     int verbose;
+    int train_threads;
 } ServeOptions;
 
 static void usage(FILE *f) {
@@ -56,6 +58,7 @@ static void usage(FILE *f) {
             "  --api-key-file FILE     accept the keys in FILE, one per line\n"
             "  --allowed-host NAME     also answer to this Host header (repeatable)\n"
             "  --threads N             HTTP worker threads (default 4)\n"
+            "  --train-threads N       engine threads of the job worker (default 0: all cores)\n"
             "  --max-connections N     (default 256)   --per-ip-connections N (default 64)\n"
             "  --timeout S             idle connection timeout in seconds (default 30)\n"
             "  --max-queued-jobs N     (default 100)   --min-examples N (default 10)\n"
@@ -146,6 +149,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         }
         else if (strcmp(a, "--port") == 0 && !parse_uint(v, 65535, &n)) o->http.port = (uint16_t)n;
         else if (strcmp(a, "--threads") == 0 && !parse_uint(v, 256, &n) && n) o->http.threads = (unsigned)n;
+        else if (strcmp(a, "--train-threads") == 0 && !parse_uint(v, 1024, &n)) o->train_threads = (int)n;
         else if (strcmp(a, "--max-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.max_connections = (unsigned)n;
         else if (strcmp(a, "--per-ip-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.per_ip_connections = (unsigned)n;
         else if (strcmp(a, "--timeout") == 0 && !parse_uint(v, 3600, &n) && n) o->http.timeout_s = (unsigned)n;
@@ -211,10 +215,23 @@ static int cmd_serve(int argc, char **argv) {
         return 1;
     }
     o.http.tmp_dir = store_tmp_dir(api.store);
+    Jobs *jobs = NULL;
+    if (api.model.loaded) {
+        JobsConfig jc = {.model_dir = o.model_dir, .model_name = api.model.id, .max_lora_rank = o.limits.max_lora_rank,
+                         .n_threads = o.train_threads, .poll_s = 0.5,
+                         .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels}};
+        if (jobs_start(&jc, api.store, &jobs, &err)) {
+            fprintf(stderr, "gemmaforge: %s\n", err.message);
+            store_close(api.store);
+            model_close(model);
+            return 1;
+        }
+    }
     if (o.http.n_keys == 0) GF_LOGW("no API key configured: every route is open to anyone who can reach %s", o.http.bind_addr);
     Httpd *h = httpd_start(&o.http, &api, &err);
     if (!h) {
         fprintf(stderr, "gemmaforge: %s\n", err.message);
+        jobs_stop(jobs);
         store_close(api.store);
         model_close(model);
         return 1;
@@ -227,6 +244,7 @@ static int cmd_serve(int argc, char **argv) {
     sigwait(&sigs, &sig);
     GF_LOGI("signal %d: shutting down (draining requests for up to 10 s)", sig);
     httpd_stop(h, 10);
+    jobs_stop(jobs);
     store_close(api.store);
     model_close(model);
     metrics_free(&metrics);

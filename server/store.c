@@ -19,6 +19,7 @@
 #include "fsutil.h"
 #include "migrate.h"
 #include "store_open.h"
+#include "store_worker.h"
 
 struct Store {
     sqlite3 *db;
@@ -325,6 +326,7 @@ GfStatus store_dataset_delete(Store *s, const char *id, GfError *err) {
 
 /* ---- jobs -------------------------------------------------------------- */
 
+#define ADAPTER_COLS "name,source,job_id,base_model,rank,alpha,use_rslora,n_modules,has_vision,bytes,sha256,created_at"
 #define JOB_COLS "id,dataset_id,validation_dataset_id,model,suffix,hyperparameters,status,cancel_requested," \
                  "created_at,started_at,finished_at,error_code,error_message,step,total_steps,epoch,loss," \
                  "eval_loss,tokens_per_s,eta_s,adapter_name"
@@ -515,9 +517,205 @@ GfStatus store_job_checkpoints(Store *s, const char *id, CheckpointRow *out, int
     return res;
 }
 
+static int insert_adapter(Store *s, const AdapterRow *a) {
+    return exec_stmt(s, "INSERT INTO adapters(" ADAPTER_COLS ") VALUES(?,?,NULLIF(?,''),?,?,?,?,?,?,?,?,?)", "ssssidiiiisi",
+                     a->name, a->source, a->job_id, a->base_model, (int64_t)a->rank, a->alpha, (int64_t)a->use_rslora,
+                     (int64_t)a->n_modules, (int64_t)a->has_vision, (int64_t)a->bytes, a->sha256, a->created_at);
+}
+
+/* ---- the job worker ---------------------------------------------------- */
+
+
+/* Runs body inside BEGIN IMMEDIATE .. COMMIT under the lock. */
+typedef GfStatus (*TxnBody)(Store *s, void *ctx, GfError *err);
+
+static GfStatus txn_locked(Store *s, TxnBody body, void *ctx, GfError *err) {
+    int rc = begin(s);
+    GfStatus res = rc == SQLITE_OK ? body(s, ctx, err) : db_fail(s, rc, err);
+    if (!res && (rc = commit(s)) != SQLITE_OK) res = db_fail(s, rc, err);
+    if (res) rollback(s);
+    return res;
+}
+
+static GfStatus txn(Store *s, TxnBody body, void *ctx, GfError *err) {
+    lock(s);
+    GfStatus res = txn_locked(s, body, ctx, err);
+    unlock(s);
+    return res;
+}
+
+typedef struct {
+    JobRow *row;
+    int *resumed;
+} ClaimCtx;
+
+static GfStatus claim_body(Store *s, void *ctx, GfError *err) {
+    ClaimCtx *c = ctx;
+    sqlite3_stmt *st;
+    char id[STORE_ID_MAX] = "";
+    int rc = prep(s, &st, "SELECT id, status FROM jobs WHERE status IN ('running','queued') "
+                          "ORDER BY status='running' DESC, seq LIMIT 1", "");
+    if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        col_text(st, 0, id, sizeof id);
+        *c->resumed = strcmp((const char *)sqlite3_column_text(st, 1), "running") == 0;
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) return db_fail(s, rc, err);
+    if (!id[0]) return gf_error_set(err, GF_NOT_FOUND, "no_job", NULL, "no job to run");
+    rc = exec_stmt(s, *c->resumed ? "UPDATE jobs SET attempt=attempt+1 WHERE id=?2"
+                                  : "UPDATE jobs SET status='running', started_at=?1, attempt=attempt+1 WHERE id=?2",
+                   "is", gf_time_unix(), id);
+    if (rc == SQLITE_OK)
+        rc = add_event(s, id, "info", "status", *c->resumed ? "Job resumed after an interruption" : "Job started");
+    return rc == SQLITE_OK ? job_get_locked(s, id, c->row, err) : db_fail(s, rc, err);
+}
+
+GfStatus store_job_claim(Store *s, JobRow *out, int *resumed, GfError *err) {
+    ClaimCtx c = {out, resumed};
+    *resumed = 0;
+    return txn(s, claim_body, &c, err);
+}
+
+typedef struct {
+    const char *id;
+    const JobRow *p;
+    const char *level, *type, *message, *data;
+} EventCtx;
+
+static GfStatus event_body(Store *s, void *ctx, GfError *err) {
+    EventCtx *c = ctx;
+    int rc = SQLITE_OK;
+    if (c->p) {
+        const JobRow *p = c->p;
+        rc = exec_stmt(s, "UPDATE jobs SET step=COALESCE(?,step), total_steps=COALESCE(?,total_steps), "
+                          "epoch=COALESCE(?,epoch), loss=COALESCE(?,loss), eval_loss=COALESCE(?,eval_loss), "
+                          "tokens_per_s=COALESCE(?,tokens_per_s), eta_s=COALESCE(?,eta_s) WHERE id=?",
+                       "ddddddds", p->step < 0 ? NAN : (double)p->step,
+                       p->total_steps < 0 ? NAN : (double)p->total_steps, p->epoch, p->loss, p->eval_loss, p->tokens_per_s, p->eta_s,
+                       c->id);
+    }
+    if (rc == SQLITE_OK)
+        rc = exec_stmt(s, "INSERT INTO job_events(job_id,created_at,level,type,message,data) VALUES(?,?,?,?,?,NULLIF(?,''))",
+                       "sissss", c->id, gf_time_unix(), c->level, c->type, c->message, c->data ? c->data : "");
+    return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+}
+
+GfStatus store_job_progress(Store *s, const char *id, const JobRow *p, const char *message, const char *data,
+                            GfError *err) {
+    EventCtx c = {id, p, "info", "metrics", message, data};
+    return txn(s, event_body, &c, err);
+}
+
+GfStatus store_job_event(Store *s, const char *id, const char *level, const char *type, const char *message,
+                         GfError *err) {
+    EventCtx c = {id, NULL, level, type, message, NULL};
+    return txn(s, event_body, &c, err);
+}
+
+int store_job_cancel_requested(Store *s, const char *id) {
+    lock(s);
+    int yes = !row_exists(s, "SELECT 1 FROM jobs WHERE id=? AND cancel_requested=0", id);
+    unlock(s);
+    return yes;
+}
+
+typedef struct {
+    const char *job, *sha, *metrics;
+    int64_t step;
+} CkptCtx;
+
+static GfStatus ckpt_body(Store *s, void *ctx, GfError *err) {
+    CkptCtx *c = ctx;
+    char id[STORE_ID_MAX];
+    store_new_id("ckpt", id);
+    int rc = exec_stmt(s, "DELETE FROM checkpoints WHERE job_id=? AND step>=?", "si", c->job, c->step);
+    if (rc == SQLITE_OK)
+        rc = exec_stmt(s, "INSERT INTO checkpoints(id,job_id,step,sha256,metrics,created_at) VALUES(?,?,?,?,?,?)", "ssissi",
+                       id, c->job, c->step, c->sha, c->metrics, gf_time_unix());
+    return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+}
+
+GfStatus store_checkpoint_add(Store *s, const char *job_id, int64_t step, const char *sha256, const char *metrics,
+                              GfError *err) {
+    CkptCtx c = {job_id, sha256, metrics, step};
+    return txn(s, ckpt_body, &c, err);
+}
+
+GfStatus store_checkpoint_list(Store *s, const char *job_id, int64_t *steps, char (*digests)[65], int max, int *n,
+                               GfError *err) {
+    sqlite3_stmt *st;
+    *n = 0;
+    lock(s);
+    int rc = prep(s, &st, "SELECT step, sha256 FROM checkpoints WHERE job_id=? ORDER BY step DESC LIMIT ?", "si", job_id,
+                  (int64_t)max);
+    while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        steps[*n] = sqlite3_column_int64(st, 0);
+        col_text(st, 1, digests[*n], 65);
+        (*n)++;
+        rc = SQLITE_OK;
+    }
+    sqlite3_finalize(st);
+    GfStatus res = rc == SQLITE_DONE || rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+    unlock(s);
+    return res;
+}
+
+typedef struct {
+    const char *id, *status, *code, *message;
+    const AdapterRow *adapter;
+} FinishCtx;
+
+static GfStatus finish_body(Store *s, void *ctx, GfError *err) {
+    FinishCtx *c = ctx;
+    int rc = exec_stmt(s, "UPDATE jobs SET status=?, finished_at=?, error_code=NULLIF(?,''), error_message=NULLIF(?,''), "
+                          "adapter_name=NULLIF(?,''), eta_s=0 WHERE id=? AND status='running'",
+                       "sissss", c->status, gf_time_unix(), c->code ? c->code : "", c->message ? c->message : "",
+                       c->adapter ? c->adapter->name : "", c->id);
+    if (rc == SQLITE_OK && sqlite3_changes(s->db) != 1)
+        return gf_error_set(err, GF_CONFLICT, "job_not_running", "id", "job '%s' is not running", c->id);
+    char msg[700];
+    if (c->adapter) snprintf(msg, sizeof msg, "Job succeeded; adapter '%s' registered", c->adapter->name);
+    else if (strcmp(c->status, "cancelled") == 0) snprintf(msg, sizeof msg, "Job cancelled");
+    else snprintf(msg, sizeof msg, "Job failed: %s", c->message ? c->message : "");
+    if (rc == SQLITE_OK) rc = add_event(s, c->id, strcmp(c->status, "failed") == 0 ? "error" : "info", "status", msg);
+    if (rc == SQLITE_OK && c->adapter) rc = insert_adapter(s, c->adapter);
+    return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+}
+
+GfStatus store_job_finish(Store *s, const char *id, const char *status, const char *code, const char *message,
+                          GfError *err) {
+    FinishCtx c = {id, status, code, message, NULL};
+    return txn(s, finish_body, &c, err);
+}
+
+GfStatus store_job_succeed(Store *s, const char *id, const AdapterRow *a, const char *config_tmp,
+                           const char *weights_tmp, GfError *err) {
+    char tmp_dir[4096], final_dir[4096];
+    snprintf(tmp_dir, sizeof tmp_dir, "%s/adapters/.tmp-%s", s->dir, a->name);
+    snprintf(final_dir, sizeof final_dir, "%s/adapters/%s", s->dir, a->name);
+    const char *src[2] = {config_tmp, weights_tmp};
+    const char *names[2] = {"adapter_config.json", "adapter_model.safetensors"};
+    struct stat sb;
+    FinishCtx c = {id, "succeeded", NULL, NULL, a};
+    GfStatus res = GF_OK;
+    lock(s); /* held across publish, as for uploads, so one name cannot be taken twice */
+    if (row_exists(s, "SELECT 1 FROM adapters WHERE name=?", a->name) || lstat(final_dir, &sb) == 0)
+        res = gf_error_set(err, GF_CONFLICT, "adapter_exists", "name", "an adapter named '%s' already exists", a->name);
+    if (!res) res = fs_publish(tmp_dir, final_dir, src, names, 2, err);
+    if (!res && (res = txn_locked(s, finish_body, &c, err))) fs_remove_tree(final_dir);
+    unlock(s);
+    return res;
+}
+
+void store_dataset_paths(Store *s, const char *id, char jsonl[4096], char tar[4096]) {
+    snprintf(jsonl, 4096, "%s/datasets/%s/data.jsonl", s->dir, id);
+    snprintf(tar, 4096, "%s/datasets/%s/images.tar", s->dir, id);
+}
+
+void store_job_dir(Store *s, const char *id, char dir[4096]) { snprintf(dir, 4096, "%s/jobs/%s", s->dir, id); }
+
 /* ---- adapters ---------------------------------------------------------- */
 
-#define ADAPTER_COLS "name,source,job_id,base_model,rank,alpha,use_rslora,n_modules,has_vision,bytes,sha256,created_at"
 
 static void read_adapter(sqlite3_stmt *st, AdapterRow *a) {
     col_text(st, 0, a->name, sizeof a->name);
@@ -551,10 +749,7 @@ GfStatus store_adapter_create(Store *s, const AdapterRow *a, const char *config_
     if (!res) res = fs_publish(tmp_dir, final_dir, src, names, 2, err);
     int rc = res ? SQLITE_OK : begin(s);
     if (!res && rc == SQLITE_OK)
-        rc = exec_stmt(s, "INSERT INTO adapters(" ADAPTER_COLS ") VALUES(?,?,NULLIF(?,''),?,?,?,?,?,?,?,?,?)",
-                       "ssssidiiiisi", a->name, a->source, a->job_id, a->base_model, (int64_t)a->rank, a->alpha,
-                       (int64_t)a->use_rslora, (int64_t)a->n_modules, (int64_t)a->has_vision, (int64_t)a->bytes,
-                       a->sha256, a->created_at);
+        rc = insert_adapter(s, a);
     if (!res && rc == SQLITE_OK) rc = commit(s);
     if (!res && rc != SQLITE_OK) {
         rollback(s);

@@ -174,14 +174,24 @@ static GfStatus loop(Run *r, GfError *err) {
     return st;
 }
 
-GfStatus train_run(const TrainRunSpec *spec, const TrainRunHooks *hooks, GfError *err) {
+static void summarize(const Run *r, TrainRunResult *out) {
+    *out = (TrainRunResult){.steps = trainer_total_steps(r->t), .final_loss = r->steps_run ? r->last.loss : NAN,
+                            .eval_loss = r->eval_loss, .n_modules = (int)r->a->n_pairs};
+    for (size_t i = 0; i < r->a->n_pairs; i++)
+        if (strstr(r->a->pairs[i].module, "vision")) out->has_vision = 1;
+}
+
+GfStatus train_run(const TrainRunSpec *spec, const TrainRunHooks *hooks, TrainRunResult *result, GfError *err) {
     static const TrainRunHooks none = {0};
     Run r = {.spec = spec, .hooks = hooks ? hooks : &none, .eval_loss = NAN};
     GfStatus st = fs_mkdirs(spec->ckpt_root, err);
     if (!st) st = open_all(&r, err);
     if (!st) st = loop(&r, err);
     if (!st) st = lora_save_dir(r.a, spec->adapter_out, err);
-    if (!st) logf_(&r, "info", "training done: final loss %.4f", r.last.loss);
+    if (!st) {
+        summarize(&r, result);
+        logf_(&r, "info", "training done after %lld steps", (long long)result->steps);
+    }
     close_all(&r);
     return st;
 }

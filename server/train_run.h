@@ -55,9 +55,17 @@ typedef struct {
     int (*should_stop)(void *user);
 } TrainRunHooks;
 
+typedef struct {
+    int64_t steps;                        /* steps of the plan (all done) */
+    double final_loss;                    /* of the last step run, NAN if none ran here */
+    double eval_loss;                     /* NAN = no validation set */
+    int n_modules;                        /* adapted modules */
+    int has_vision;                       /* some are in the vision tower */
+} TrainRunResult;
+
 /* Checkpoint directory name of a step under root. */
 void train_run_ckpt_dir(const char *root, int64_t step, char *out, size_t cap);
 
-GfStatus train_run(const TrainRunSpec *spec, const TrainRunHooks *hooks, GfError *err);
+GfStatus train_run(const TrainRunSpec *spec, const TrainRunHooks *hooks, TrainRunResult *result, GfError *err);
 
 #endif

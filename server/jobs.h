@@ -1,0 +1,46 @@
+/* jobs.h - the job worker: one thread that runs queued fine-tuning jobs one
+ * at a time on this server's device, through train_run (the trainer that
+ * `gemmaforge train` runs too).
+ *
+ * State machine (store_worker.h): the worker claims a job left `running` by
+ * an interrupted process first, then the oldest queued one. A resumed job
+ * continues from its newest recorded checkpoint whose digest still matches
+ * (older ones are tried next; with none it starts over), so kill -9 at any
+ * moment loses at most save_every steps and ends with the same adapter as an
+ * uninterrupted run. Progress, evaluation, checkpoints and log lines are
+ * committed as they happen. Cancel (cancel_requested in the store) stops the
+ * job between two sequences and marks it cancelled. Success publishes the
+ * adapter under adapters/<name>/ and registers it in the same transaction
+ * that marks the job succeeded; name: "<suffix>-<8 hex of the job id>", or
+ * "ft-<24 hex>" without a suffix.
+ *
+ * Each job opens its own copy of the model from the model directory, with
+ * the job's quantization (the serving copy of the base weights is not shared
+ * yet: serving and training in one process is issue-level work still open).
+ *
+ * Threads: jobs_start and jobs_stop are called by the main thread; the
+ * worker thread owns its trainer. jobs_stop asks a running job to stop at
+ * the next sequence boundary and joins the thread; that job stays `running`
+ * and resumes at the next start.
+ */
+#ifndef GF_JOBS_H
+#define GF_JOBS_H
+
+#include "image.h"
+#include "store.h"
+
+typedef struct {
+    const char *model_dir;     /* the base model's directory */
+    const char *model_name;    /* its served name (adapters record it) */
+    int max_lora_rank;
+    int n_threads;             /* engine threads, <= 0 = all cores */
+    ImageLimits image_limits;
+    double poll_s;             /* how often an idle worker looks for jobs */
+} JobsConfig;
+
+typedef struct Jobs Jobs;
+
+GfStatus jobs_start(const JobsConfig *cfg, Store *store, Jobs **out, GfError *err);
+void jobs_stop(Jobs *j);
+
+#endif
