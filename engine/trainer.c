@@ -198,7 +198,7 @@ GfStatus trainer_eval(Trainer *t, TrainSet *val, TrainStopFn stop, void *user, d
 
 /* ---- checkpoints ----------------------------------------------------------------- */
 
-static GfStatus sha256_file(const char *path, char hex[2 * GF_SHA256_LEN + 1], GfError *err) {
+GfStatus trainer_file_digest(const char *path, char hex[65], GfError *err) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return gf_error_set(err, GF_FORMAT, "checkpoint_damaged", NULL, "a checkpoint file is missing: %s", strerror(errno));
     GfSha256 ctx;
@@ -259,8 +259,8 @@ GfStatus trainer_save(const Trainer *t, const char *dir, GfError *err) {
     char path[4096], sha_a[65], sha_o[65];
     GfStatus st = lora_save_dir(t->a, dir, err);
     if (!st) st = save_moments(t, dir, err);
-    if (!st) { path_in(path, sizeof path, dir, "adapter_model.safetensors"); st = sha256_file(path, sha_a, err); }
-    if (!st) { path_in(path, sizeof path, dir, "optimizer.safetensors"); st = sha256_file(path, sha_o, err); }
+    if (!st) { path_in(path, sizeof path, dir, "adapter_model.safetensors"); st = trainer_file_digest(path, sha_a, err); }
+    if (!st) { path_in(path, sizeof path, dir, "optimizer.safetensors"); st = trainer_file_digest(path, sha_o, err); }
     if (st) return st;
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "format", STATE_FORMAT);
@@ -291,7 +291,7 @@ static GfStatus open_checked(const char *dir, const char *name, const cJSON *sha
     path_in(path, sizeof path, dir, name);
     const cJSON *want = cJSON_GetObjectItemCaseSensitive(shas, name);
     if (!cJSON_IsString(want)) return damaged(err, "trainer_state.json has no digest for a tensor file");
-    if (sha256_file(path, hex, err)) return err->status;
+    if (trainer_file_digest(path, hex, err)) return err->status;
     if (strcmp(hex, want->valuestring) != 0) return damaged(err, "a tensor file does not match its digest");
     return safetensors_open(path, name, st, err) ? damaged(err, err->message) : GF_OK;
 }

@@ -97,4 +97,9 @@ GfStatus trainer_save(const Trainer *t, const char *dir, GfError *err);
  * training; on error the trainer is unchanged. */
 GfStatus trainer_resume(Trainer *t, const char *dir, GfError *err);
 
+/* SHA-256 (lowercase hex) of a file. A checkpoint's trainer_state.json holds
+ * the digests of its tensor files, so its digest identifies the whole
+ * checkpoint. GF_FORMAT when the file is missing. */
+GfStatus trainer_file_digest(const char *path, char hex[65], GfError *err);
+
 #endif

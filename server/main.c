@@ -27,6 +27,7 @@ typedef struct {
     ApiLimits limits;
     int verbose;
     int train_threads;
+    int no_train;
 } ServeOptions;
 
 static void usage(FILE *f) {
@@ -59,6 +60,7 @@ static void usage(FILE *f) {
             "  --allowed-host NAME     also answer to this Host header (repeatable)\n"
             "  --threads N             HTTP worker threads (default 4)\n"
             "  --train-threads N       engine threads of the job worker (default 0: all cores)\n"
+            "  --no-train              run no fine-tuning jobs here (they stay queued for a server that does)\n"
             "  --max-connections N     (default 256)   --per-ip-connections N (default 64)\n"
             "  --timeout S             idle connection timeout in seconds (default 30)\n"
             "  --max-queued-jobs N     (default 100)   --min-examples N (default 10)\n"
@@ -133,9 +135,10 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         unsigned long long n = 0;
-        int takes = strcmp(a, "--verbose") != 0;
+        int takes = strcmp(a, "--verbose") != 0 && strcmp(a, "--no-train") != 0;
         if (takes && !v) { fprintf(stderr, "gemmaforge: %s needs a value\n", a); return -1; }
         if (strcmp(a, "--verbose") == 0) o->verbose = 1;
+        else if (strcmp(a, "--no-train") == 0) o->no_train = 1;
         else if (strcmp(a, "--model") == 0) o->model_dir = v;
         else if (strcmp(a, "--model-name") == 0) o->model_name = v;
         else if (strcmp(a, "--data") == 0) o->data_dir = v;
@@ -216,7 +219,7 @@ static int cmd_serve(int argc, char **argv) {
     }
     o.http.tmp_dir = store_tmp_dir(api.store);
     Jobs *jobs = NULL;
-    if (api.model.loaded) {
+    if (api.model.loaded && !o.no_train) {
         JobsConfig jc = {.model_dir = o.model_dir, .model_name = api.model.id, .max_lora_rank = o.limits.max_lora_rank,
                          .n_threads = o.train_threads, .poll_s = 0.5,
                          .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels}};

@@ -417,7 +417,7 @@ def t_t1_to_t5_jobs(srv):
 
 
 def t_t4_queue_full(binary):
-    srv = Server(binary, extra=["--max-queued-jobs", "2", "--min-examples", str(MIN_EXAMPLES)])
+    srv = Server(binary, extra=["--max-queued-jobs", "2", "--no-train", "--min-examples", str(MIN_EXAMPLES)])
     try:
         ds = expect(upload(srv, good_dataset(images=False)[0]), 201).json()["id"]
         for _ in range(2):
@@ -795,7 +795,7 @@ def t_a5_a6_incompatible(srv):
 # ======================================================================
 
 def t_restart_keeps_state_and_gc(binary):
-    srv = Server(binary, extra=["--min-examples", str(MIN_EXAMPLES)])
+    srv = Server(binary, extra=["--min-examples", str(MIN_EXAMPLES), "--no-train"])
     ds = expect(upload(srv, good_dataset()[0], good_dataset()[1]), 201).json()["id"]
     assert srv.stop() == 0, "SIGTERM should exit 0"
     # leftovers of an interrupted upload and a half-published dataset
@@ -803,7 +803,7 @@ def t_restart_keeps_state_and_gc(binary):
     open(os.path.join(srv.data, "tmp", "up-stale", "part0"), "w").write("x")
     os.makedirs(os.path.join(srv.data, "datasets", ".tmp-ds_half"))
     os.makedirs(os.path.join(srv.data, "datasets", "ds_orphan"))
-    srv2 = Server(binary, data=srv.data, extra=["--min-examples", str(MIN_EXAMPLES)])
+    srv2 = Server(binary, data=srv.data, extra=["--min-examples", str(MIN_EXAMPLES), "--no-train"])
     try:
         expect(srv2.get("/v1/datasets/" + ds), 200)
         assert srv2.tmp_entries() == []
@@ -844,13 +844,14 @@ def t_not_built_routes_say_so(srv):
     r = expect(srv.post_json("/v1/chat/completions", {"model": "dense", "messages": []}), 501, "not_implemented")
     assert "not built yet" in r.json()["error"]["message"]
     r = expect(srv.post_json("/v1/adapters/pets-v1/merge", {}), 501, "not_implemented")
-    r = subprocess.run([BIN, "train"], capture_output=True)
+    r = subprocess.run([BIN, "merge"], capture_output=True)
     assert r.returncode == 2 and b"not built yet" in r.stderr
 
 
 def main():
     runner = Runner()
-    srv = Server(BIN, extra=["--min-examples", str(MIN_EXAMPLES), "--max-upload-bytes", str(UPLOAD_MAX)])
+    # jobs stay queued here (their lifecycle through training is tests/api/test_training.py)
+    srv = Server(BIN, extra=["--min-examples", str(MIN_EXAMPLES), "--max-upload-bytes", str(UPLOAD_MAX), "--no-train"])
     try:
         for name, fn in [(n, f) for n, f in globals().items() if n.startswith("t_")]:
             uses_binary = fn.__code__.co_varnames[:1] == ("binary",)
