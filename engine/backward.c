@@ -122,6 +122,18 @@ GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWork
     return GF_OK;
 }
 
+uint64_t grad_workspace_bytes(const Model *m, int64_t max_tokens, int max_rank) {
+    const TextConfig *t = &m->cfg.text;
+    float *dk[t->n_layers > 0 ? t->n_layers : 1], *dv[t->n_layers > 0 ? t->n_layers : 1];
+    GradWorkspace w = {.max_tokens = max_tokens, .max_rank = max_rank, .dK = dk, .dV = dv};
+    Slab s = {NULL, 0};
+    layout(m, &w, &s);
+    uint64_t kv = 0;
+    for (int i = 0; i < t->n_layers; i++)
+        if (!t->layers[i].kv_shared) kv += 2 * (uint64_t)t->layers[i].kv_heads * (uint64_t)t->layers[i].head_dim;
+    return (uint64_t)s.used * sizeof(float) + (uint64_t)max_tokens * (kv * sizeof(float) + 1 + sizeof(int32_t));
+}
+
 void grad_workspace_free(GradWorkspace *w) {
     if (!w) return;
     kv_cache_free(&w->cache);

@@ -47,6 +47,10 @@ int64_t train_sequence_targets(const TrainSequence *s);
 
 GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWorkspace **out, GfError *err);
 void grad_workspace_free(GradWorkspace *w);
+/* What grad_workspace_new(m, max_tokens, max_rank) allocates, in bytes (the
+ * layer re-run buffers, the checkpointed layer inputs and the K/V cache;
+ * images add model_vision_workspace_bytes each while they run). */
+uint64_t grad_workspace_bytes(const Model *m, int64_t max_tokens, int max_rank);
 
 /* Forward and backward of one sequence with the adapter bound by lora (its
  * pairs need gradient buffers). *loss_sum gets the summed token losses and

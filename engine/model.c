@@ -283,6 +283,33 @@ static size_t linear_slots(Model *m, KnMatrix **slots) {
     return n;
 }
 
+/* NF4 bytes of n elements: 4-bit codes, an int8 absmax per block of 64, a
+ * float scale per group of 256 blocks (kernels/nf4.h). */
+static uint64_t nf4_bytes(int64_t n) {
+    int64_t blocks = (n + 63) / 64, groups = (blocks + 255) / 256;
+    return (uint64_t)((n + 1) / 2 + blocks + groups * (int64_t)sizeof(float));
+}
+
+void model_memory(const Model *m, ModelMemory *out) {
+    memset(out, 0, sizeof *out);
+    size_t n = linear_slots((Model *)m, NULL);
+    KnMatrix **slots = calloc(n + 1, sizeof *slots);
+    if (!slots) return;
+    linear_slots((Model *)m, slots);
+    uint64_t linear_stored = 0;
+    for (size_t i = 0; i < n; i++) {
+        const KnMatrix *w = slots[i];
+        int64_t elems = w->rows * w->cols;
+        out->linear_params += (uint64_t)elems;
+        out->linear_nf4_bytes += nf4_bytes(elems);
+        linear_stored += w->dtype == KN_NF4 ? nf4_bytes(elems) : (uint64_t)elems * (w->dtype == KN_F32 ? 4u : 2u);
+    }
+    free(slots);
+    out->n_linears = n;
+    out->other_bytes = m->dir.n_bytes > linear_stored ? m->dir.n_bytes - linear_stored : 0;
+    out->linear_stored_bytes = linear_stored;
+}
+
 static GfStatus quantize_linears(Model *m, GfError *err) {
     size_t n = linear_slots(m, NULL);
     KnMatrix **slots = gf_calloc(n + 1, sizeof *slots, err);

@@ -40,6 +40,19 @@ const GemmaConfig *model_config(const Model *m);
 /* The checkpoint's tensors (names and shapes), e.g. to check adapters. */
 const ModelDir *model_dir(const Model *m);
 
+/* What the weights take in memory, for estimates (`gemmaforge preflight`).
+ * The adaptable linears (text, vision, experts) as stored and in NF4; the
+ * other tensors (embedding, norms, ...) stay in their stored dtype. */
+typedef struct {
+    uint64_t n_linears;
+    uint64_t linear_params;        /* elements of those linears */
+    uint64_t linear_stored_bytes;  /* as loaded now */
+    uint64_t linear_nf4_bytes;     /* if quantized to NF4 */
+    uint64_t other_bytes;          /* every other tensor of the checkpoint */
+} ModelMemory;
+
+void model_memory(const Model *m, ModelMemory *out);
+
 /* ---- KV cache ----------------------------------------------------------- */
 
 typedef struct {
@@ -86,6 +99,10 @@ GfStatus model_forward(Model *m, KvCache *cache, const ModelInput *in, float *lo
  * are out of range. */
 GfStatus model_vision_forward(Model *m, const LoraBinding *lora, const float *pixels, const int32_t *positions,
                               int64_t n_patches, float *soft, int64_t *n_soft, GfError *err);
+
+/* Bytes the vision tower's buffers take for an image of n_patches patches,
+ * for inference or for training (gradients and every layer's input kept). */
+uint64_t model_vision_workspace_bytes(const Model *m, int64_t n_patches, int max_rank, int training);
 
 /* 1 when id ends generation (the eos ids of config.json and
  * generation_config.json). */

@@ -246,26 +246,44 @@ typedef struct {
     void *mem;
 } Tower;
 
-/* Sizes every buffer for N patches; the gradients and every layer's input
- * only when training. */
-static GfStatus tower_alloc(const Model *m, const LoraBinding *lora, int64_t N, int training, Tower *b, GfError *err) {
+#define TOWER_BUFS 28
+
+/* The float count of each tower buffer for N patches (the gradients and
+ * every layer's input only when training); returns their sum. */
+static size_t tower_sizes(const Model *m, int64_t N, int64_t rank, int training, int64_t sizes[TOWER_BUFS]) {
     const VisionConfig *v = &m->cfg.vision;
     int64_t d = v->hidden_size, I = v->intermediate_size, qw = (int64_t)v->n_heads * v->head_dim;
     int64_t kvw = (int64_t)v->kv_heads * v->head_dim, pp = m->vision.input_proj.cols, L = v->n_layers;
     int64_t qi = qw > I ? qw : I, kvi = kvw > I ? kvw : I, wmax = d, g = training ? 1 : 0;
     int64_t widths[] = {I, qw, pp};
     for (size_t i = 0; i < 3; i++) wmax = widths[i] > wmax ? widths[i] : wmax;
-    int64_t out_len = N / ((int64_t)v->pooling_kernel * v->pooling_kernel), rank = lora ? lora->max_rank : 1;
+    int64_t out_len = N / ((int64_t)v->pooling_kernel * v->pooling_kernel);
+    int64_t all[TOWER_BUFS] = {N * d, N * d, N * d, N * d, g * N * d, g * N * d, N * d,
+                               N * qw, N * qw, N * qw, N * kvw, N * kvw, N * kvw, N * kvw, N * I, N * I, N * I,
+                               g * 2 * N * qi, g * N * kvi, g * N * kvi, N * wmax, g * N * wmax, g * N * wmax, N * 2 * rank,
+                               (training ? L + 1 : 2) * N * d, out_len * d, out_len * d, g * out_len * d};
+    size_t total = 0;
+    for (size_t i = 0; i < TOWER_BUFS; i++) total += (size_t)(sizes[i] = all[i]);
+    return total;
+}
+
+uint64_t model_vision_workspace_bytes(const Model *m, int64_t n_patches, int max_rank, int training) {
+    if (!m->cfg.vision.present) return 0;
+    int64_t sizes[TOWER_BUFS];
+    return tower_sizes(m, n_patches, max_rank > 0 ? max_rank : 1, training, sizes) * sizeof(float) +
+           (uint64_t)n_patches * (1 + 3 * sizeof(int32_t));
+}
+
+/* Sizes every buffer for N patches. */
+static GfStatus tower_alloc(const Model *m, const LoraBinding *lora, int64_t N, int training, Tower *b, GfError *err) {
+    const VisionConfig *v = &m->cfg.vision;
+    int64_t qw = (int64_t)v->n_heads * v->head_dim, I = v->intermediate_size, qi = qw > I ? qw : I;
+    int64_t sizes[TOWER_BUFS];
+    size_t total = tower_sizes(m, N, lora ? lora->max_rank : 1, training, sizes), n = TOWER_BUFS;
     VTape *t = &b->t;
-    float **bufs[] = {&t->h, &t->x1, &t->h2, &t->dny, &t->dx, &t->dh, &t->oy,
-                      &t->qy, &t->qr, &t->att, &t->ky, &t->kr, &t->vn, &t->vy, &t->gy, &t->uy, &t->mm,
-                      &t->dq, &t->dk, &t->dv, &t->s1, &t->s2, &t->s3, &t->lora_tmp, &b->xs, &b->pooled, &b->hn, &b->dhn};
-    int64_t sizes[] = {N * d, N * d, N * d, N * d, g * N * d, g * N * d, N * d,
-                       N * qw, N * qw, N * qw, N * kvw, N * kvw, N * kvw, N * kvw, N * I, N * I, N * I,
-                       g * 2 * N * qi, g * N * kvi, g * N * kvi, N * wmax, g * N * wmax, g * N * wmax, N * 2 * rank,
-                       (training ? L + 1 : 2) * N * d, out_len * d, out_len * d, g * out_len * d};
-    size_t total = 0, n = sizeof sizes / sizeof *sizes;
-    for (size_t i = 0; i < n; i++) total += (size_t)sizes[i];
+    float **bufs[TOWER_BUFS] = {&t->h, &t->x1, &t->h2, &t->dny, &t->dx, &t->dh, &t->oy,
+                                &t->qy, &t->qr, &t->att, &t->ky, &t->kr, &t->vn, &t->vy, &t->gy, &t->uy, &t->mm,
+                                &t->dq, &t->dk, &t->dv, &t->s1, &t->s2, &t->s3, &t->lora_tmp, &b->xs, &b->pooled, &b->hn, &b->dhn};
     memset(b, 0, sizeof *b);
     b->mem = gf_malloc(total * sizeof(float) + (size_t)N * (1 + 3 * sizeof(int32_t)), err);
     if (!b->mem) return GF_NO_MEMORY;

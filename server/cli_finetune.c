@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "backward.h"
 #include "dataset.h"
 #include "fsutil.h"
 #include "train_run.h"
@@ -95,8 +96,8 @@ static void on_step(void *user, const TrainStepInfo *in, const TrainRunRates *r)
     fprintf(stderr, "%s[%s] step %lld/%lld  epoch %.2f  loss %.4f  lr %.2e  %.0f tok/s  ETA %s%s", p->tty ? "\r" : "", bar,
             (long long)in->step, (long long)in->total_steps, in->epoch, in->loss, in->lr, r->tokens_per_s, eta,
             p->tty ? "   " : "\n");
-    fprintf(p->metrics, "{\"step\":%lld,\"epoch\":%.6g,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"tokens\":%lld,\"seconds\":%.6g}\n",
-            (long long)in->step, in->epoch, in->loss, in->lr, in->grad_norm, (long long)in->tokens, in->seconds);
+    fprintf(p->metrics, "{\"step\":%lld,\"epoch\":%.6g,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"tokens\":%lld,\"targets\":%lld,\"seconds\":%.6g}\n",
+            (long long)in->step, in->epoch, in->loss, in->lr, in->grad_norm, (long long)in->tokens, (long long)in->targets, in->seconds);
     fflush(p->metrics);
 }
 
@@ -196,5 +197,121 @@ int cli_train(int argc, char **argv) {
     if (!prog.metrics) { fprintf(stderr, "gemmaforge train: cannot write %s: %s\n", path, strerror(errno)); return 1; }
     int rc = run(&o, &spec, &prog);
     fclose(prog.metrics);
+    return rc;
+}
+
+/* ---- preflight ------------------------------------------------------------------- */
+
+static void print_bytes(const char *what, uint64_t b, const char *note) {
+    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    double v = (double)b;
+    int u = 0;
+    while (v >= 1024 && u < 4) { v /= 1024; u++; }
+    printf("  %-34s %9.1f %-3s  %s\n", what, v, units[u], note);
+}
+
+static void print_memory(const Pipeline *p, const LoraAdapter *a, const JobParams *hp, int64_t seq_len) {
+    ModelMemory mm;
+    model_memory(p->model, &mm);
+    size_t n_params = 0;
+    for (size_t i = 0; i < a->n_pairs; i++) n_params += (size_t)(a->pairs[i].rank * (a->pairs[i].in + a->pairs[i].out));
+    int nf4 = hp->quantization == MODEL_QUANT_NF4;
+    uint64_t weights = mm.other_bytes + (nf4 ? mm.linear_nf4_bytes : mm.linear_stored_bytes);
+    uint64_t state = 4 * (uint64_t)n_params * sizeof(float);
+    uint64_t act = grad_workspace_bytes(p->model, seq_len, hp->lora_rank);
+    const PreprocessConfig *pre = &p->pre;
+    uint64_t vis = model_vision_workspace_bytes(p->model, (int64_t)pre->pooling_kernel * pre->pooling_kernel * pre->max_soft_tokens,
+                                                hp->lora_rank, 1);
+    char note[160];
+    printf("\nmemory estimate for training (CPU backend; sequences run one at a time, so batch_size x "
+           "gradient_accumulation_steps adds none):\n");
+    snprintf(note, sizeof note, "%llu linears %s, the rest as stored", (unsigned long long)mm.n_linears, nf4 ? "in NF4" : "as stored");
+    print_bytes("base weights", weights, note);
+    snprintf(note, sizeof note, "%zu float32 parameters x 4 (weights, gradients, AdamW m and v)", n_params);
+    print_bytes("adapter training state", state, note);
+    snprintf(note, sizeof note, "checkpointed layer inputs, one layer re-run, K/V, for %lld tokens", (long long)seq_len);
+    print_bytes("activations", act, note);
+    if (vis) print_bytes("vision tower (one image at a time)", vis, "at the processor's soft-token budget");
+    print_bytes("total", weights + state + act + vis, "");
+}
+
+static void print_targets(const LoraAdapter *a, const JobParams *hp) {
+    char names[256] = "";
+    for (size_t i = 0; i < hp->n_targets; i++)
+        snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", i ? "," : "", hp->targets[i]);
+    printf("\nLoRA targets (%s, rank %d, alpha %g%s): %zu modules\n", names, hp->lora_rank, hp->lora_alpha,
+           hp->use_rslora ? ", rsLoRA" : "", a->n_pairs);
+    for (size_t i = 0; i < a->n_pairs; i++)
+        printf("  %-72s %6lld -> %lld\n", a->pairs[i].module, (long long)a->pairs[i].in, (long long)a->pairs[i].out);
+}
+
+/* Example 1 as the model sees it: trained spans in [[ ]], image placeholders
+ * counted. */
+static void print_example(const Pipeline *p, const TrainSet *set) {
+    const int32_t *ids, *labels;
+    int64_t n;
+    trainset_tokens_of(set, 0, &ids, &labels, &n);
+    int32_t image_id = model_config(p->model)->image_token_id;
+    printf("\nexample (line %llu): %lld tokens, %lld trained, shown [[trained]]:\n", (unsigned long long)trainset_line(set, 0),
+           (long long)n, (long long)trainset_targets(set, 0));
+    char *buf = NULL;
+    size_t len = 0, cap = 0;
+    TokenStream ts = {0};
+    GfError err;
+    int trained = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int now = labels[i] != -100;
+        if (ids[i] == image_id) {
+            int64_t k = i;
+            while (k < n && ids[k] == image_id) k++;
+            printf("<|image|> x %lld", (long long)(k - i));
+            i = k - 1;
+            continue;
+        }
+        if (now != trained) { tokenizer_stream_end(p->tok, &ts, &buf, &len, &cap, &err); fwrite(buf, 1, len, stdout); len = 0; fputs(now ? "[[" : "]]", stdout); trained = now; }
+        tokenizer_stream_push(p->tok, &ts, ids[i], 0, &buf, &len, &cap, &err);
+        fwrite(buf, 1, len, stdout);
+        len = 0;
+    }
+    tokenizer_stream_end(p->tok, &ts, &buf, &len, &cap, &err);
+    fwrite(buf, 1, len, stdout);
+    printf("%s\n", trained ? "]]" : "");
+    free(buf);
+}
+
+int cli_preflight(int argc, char **argv) {
+    TrainOptions o;
+    if (parse_train(argc, argv, &o) || !o.model) {
+        fprintf(stderr, "usage: gemmaforge preflight --model DIR [--dataset FILE.jsonl [--images TAR]] [hyperparameters as for train]\n");
+        cJSON_Delete(o.hp);
+        return 2;
+    }
+    gf_log_init(GF_LOG_WARN);
+    GfError err;
+    JobParams hp;
+    GfStatus st = hyperparameters_parse(o.hp, LORA_MAX_RANK, &hp, NULL, &err);
+    cJSON_Delete(o.hp);
+    if (st) { fail("", &err); return 2; }
+    ModelOptions mo = {.n_threads = (int)o.threads};
+    Pipeline *p = NULL;
+    LoraAdapter *a = NULL;
+    TrainSet *set = NULL;
+    DatasetLimits dl;
+    dataset_limits_default(&dl);
+    if (pipeline_open(o.model, &mo, &p, &err)) return fail("the model", &err);
+    const GemmaConfig *cfg = model_config(p->model);
+    printf("model: %s (%d layers, hidden %lld, vocabulary %lld, vision tower %s)\n", o.model, cfg->text.n_layers,
+           (long long)cfg->text.hidden_size, (long long)cfg->text.vocab_size, cfg->vision.present ? "yes" : "no");
+    int rc = 0;
+    if (lora_create(p->model, hp.targets, hp.n_targets, hp.lora_rank, hp.lora_alpha, hp.use_rslora, 0, &a, &err)) rc = fail("target_modules", &err);
+    if (!rc && o.dataset && trainset_open(p, o.dataset, o.images, hp.max_seq_len, &dl.image, &set, &err)) rc = fail("the dataset", &err);
+    if (!rc) {
+        print_targets(a, &hp);
+        print_memory(p, a, &hp, set ? trainset_max_tokens(set) : hp.max_seq_len);
+        if (set) print_example(p, set);
+    }
+    trainset_close(set);
+    lora_free(a);
+    pipeline_close(p);
     return rc;
 }

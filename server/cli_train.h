@@ -13,5 +13,10 @@
 
 int cli_lora_step(int argc, char **argv);
 int cli_train(int argc, char **argv);
+/* `preflight`: the memory a training run takes (weights at the chosen
+ * quantization, adapter state, activations at the dataset's longest
+ * sequence or max_seq_len), the modules that get adapters, and the dataset's
+ * first example with its trained tokens marked. Takes train's flags. */
+int cli_preflight(int argc, char **argv);
 
 #endif

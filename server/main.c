@@ -1,7 +1,7 @@
 /* main.c - the gemmaforge command line: `serve` starts the HTTP server; the
  * engine commands (forward, generate, preprocess, tokenize, infer, lora-step,
- * train) run the engine directly; merge and preflight say plainly that they
- * are not built yet. The only file that calls exit(). */
+ * train, preflight) run the engine directly; merge says plainly that it is
+ * not built yet. The only file that calls exit(). */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -47,7 +47,9 @@ static void usage(FILE *f) {
             "             [--steps N] [--lr X] [--weight-decay W]\n"
             "  train      fine-tune an adapter on a dataset: --model DIR --dataset FILE.jsonl [--images TAR] --out DIR\n"
             "             [hyperparameters as --learning-rate X ...; see `gemmaforge train` without options]\n"
-            "  merge, preflight\n"
+            "  preflight  memory estimate, LoRA targets and a formatted dataset example: --model DIR [--dataset FILE.jsonl]\n"
+            "             [train's hyperparameter flags]\n"
+            "  merge\n"
             "             not built yet (see README)\n\n"
             "serve options:\n"
             "  --model DIR             Gemma 4 model directory (config.json + safetensors)\n"
@@ -291,7 +293,8 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "lora-step") == 0) exit(cli_lora_step(argc, argv));
     if (strcmp(cmd, "version") == 0) { printf("gemmaforge %s\n", VERSION); exit(0); }
     if (strcmp(cmd, "train") == 0) exit(cli_train(argc, argv));
-    static const char *const engine_cmds[] = {"merge", "preflight", NULL};
+    if (strcmp(cmd, "preflight") == 0) exit(cli_preflight(argc, argv));
+    static const char *const engine_cmds[] = {"merge", NULL};
     for (int i = 0; engine_cmds[i]; i++)
         if (strcmp(cmd, engine_cmds[i]) == 0) {
             fprintf(stderr, "gemmaforge %s: not built yet (see README, \"What exists\")\n", cmd);
