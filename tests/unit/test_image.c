@@ -146,8 +146,9 @@ static void test_jpeg_variants(void) {
         size_t last_sos = 0;
         for (size_t i = 0; i + 1 < pn; i++)
             if (prog[i] == 0xFF && prog[i + 1] == 0xDA) last_sos = i;
-        size_t scan_len = pn - 2 - last_sos, reps = 5000, bn = last_sos + scan_len * reps + 2;
-        unsigned char *bomb = malloc(bn);
+        CHECK(last_sos > 0 && last_sos + 2 < pn && pn < (1u << 20), "the progressive JPEG has a last scan");
+        size_t scan_len = last_sos + 2 < pn ? pn - 2 - last_sos : 0, reps = 5000, bn = last_sos + scan_len * reps + 2;
+        unsigned char *bomb = malloc(bn < (1u << 30) ? bn : 1);
         memcpy(bomb, prog, last_sos);
         for (size_t r = 0; r < reps; r++) memcpy(bomb + last_sos + r * scan_len, prog + last_sos, scan_len);
         bomb[bn - 2] = 0xFF;
