@@ -64,7 +64,7 @@ GfStatus hyperparameters_parse(const cJSON *h, int max_rank, JobParams *p, cJSON
         json_get_int(&c, "gradient_accumulation_steps", 0, 1, 1024, 4, &accum) ||
         json_get_int(&c, "lora_rank", 0, 1, max_rank, 64, &rank) ||
         json_get_number(&c, "lora_alpha", 0, 0, 1, 4096, 64, &alpha) ||
-        json_get_number(&c, "lora_dropout", 0, 0, 0, 0.9, 0.0, &dropout) ||
+        json_get_number(&c, "lora_dropout", 0, 0, 0, 0.9, 0.05, &dropout) ||
         json_get_bool(&c, "use_rslora", 0, &rslora) ||
         json_get_enum(&c, "quantization", quant, "nf4", &q) ||
         json_get_bool(&c, "gradient_checkpointing", 1, &ckpt) ||

@@ -9,7 +9,7 @@
  * job row stores. hyperparameters_from_text reads that stored text back.
  * Defaults: epochs 3, learning_rate 5e-5, cosine, warmup_ratio 0.03,
  * batch_size 2, gradient_accumulation_steps 4, lora_rank 64, lora_alpha 64,
- * lora_dropout 0, use_rslora false, all-linear, nf4, gradient_checkpointing
+ * lora_dropout 0.05, use_rslora false, all-linear, nf4, gradient_checkpointing
  * true, max_seq_len 2048, eval_every 0 (never), save_every 100, seed 42.
  * Optimizer settings not exposed: AdamW betas (0.9, 0.999), eps 1e-8,
  * weight decay 0, clipping at global norm 1.0 (transformers' Trainer defaults).

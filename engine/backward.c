@@ -159,14 +159,14 @@ static const LoraPair *text_pair(const LoraBinding *b, int li, int slot) {
 static void linear_fwd(Model *m, GradWorkspace *w, const LoraBinding *b, float *y, const float *x, KnMatrix W,
                        const LoraPair *p, int64_t n) {
     m->ops->matmul(&m->ctx, y, x, W, n);
-    if (p) lora_apply(p, b->scale, y, x, n, w->lora_tmp);
+    if (p) lora_apply(b, p, y, x, n, w->lora_tmp);
 }
 
 /* dx[n, in] += dy W (+ the adapter's term); the adapter's dA, dB accumulate. */
 static void linear_bwd(Model *m, GradWorkspace *w, const LoraBinding *b, float *dx, const float *dy, const float *x,
                        KnMatrix W, const LoraPair *p, int64_t n) {
     m->ops->matmul_dx(&m->ctx, dx, dy, W, n);
-    if (p) lora_backward(p, b->scale, dx, dy, x, n, w->lora_tmp);
+    if (p) lora_backward(b, p, dx, dy, x, n, w->lora_tmp);
 }
 
 static void zero(float *x, int64_t n) { memset(x, 0, (size_t)n * sizeof(float)); }
@@ -401,7 +401,7 @@ static void ple_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int64
     const LoraPair *p = b ? b->ple_model_proj : NULL;
     float ctx_scale = (float)(1.0 / sqrt((double)H)), mix = (float)(1.0 / sqrt(2.0));
     m->ops->matmul(&m->ctx, w->ple_buf, x0, m->ple_model_proj, n);
-    if (p) lora_apply(p, b->scale, w->ple_buf, x0, n, w->lora_tmp);
+    if (p) lora_apply(b, p, w->ple_buf, x0, n, w->lora_tmp);
     for (int64_t i = 0; i < n * L * P; i++) {
         w->ple_buf[i] *= ctx_scale;
         w->dple[i] *= mix;

@@ -102,7 +102,7 @@ static GfStatus scratch_take(KvCache *c, const Model *m, int64_t n, const LoraBi
 static void linear(Model *m, const Scratch *s, float *y, const float *x, KnMatrix w, int li, int slot, int64_t n) {
     m->ops->matmul(&m->ctx, y, x, w, n);
     const LoraPair *p = s->lora ? s->lora->text[li * LORA_TEXT_SLOTS + slot] : NULL;
-    if (p) lora_apply(p, s->lora->scale, y, x, n, s->lora_tmp);
+    if (p) lora_apply(s->lora, p, y, x, n, s->lora_tmp);
 }
 
 int model_mm_kind(const GemmaConfig *c, int32_t id) {
@@ -142,7 +142,7 @@ void model_ple_inputs(Model *m, const ModelInput *in, const float *x, float *ple
     const TextConfig *t = &m->cfg.text;
     int64_t L = t->n_layers, P = t->ple_dim, H = t->hidden_size, n = in->n;
     m->ops->matmul(&m->ctx, ple, x, m->ple_model_proj, n);
-    if (in->lora && in->lora->ple_model_proj) lora_apply(in->lora->ple_model_proj, in->lora->scale, ple, x, n, lora_tmp);
+    if (in->lora && in->lora->ple_model_proj) lora_apply(in->lora, in->lora->ple_model_proj, ple, x, n, lora_tmp);
     float ctx_scale = (float)(1.0 / sqrt((double)H)), tok_scale = sqrtf((float)P), mix = (float)(1.0 / sqrt(2.0));
     for (int64_t i = 0; i < n * L * P; i++) ple[i] *= ctx_scale;
     m->ops->rmsnorm(&m->ctx, ple, ple, m->ple_norm, n * L, P, t->rms_eps);

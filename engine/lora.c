@@ -79,6 +79,7 @@ static GfStatus take_pairs(const SafeTensors *st, LoraAdapter *a, GfError *err) 
         p->rank = (int64_t)ta->shape[0];
         p->in = (int64_t)ta->shape[1];
         p->out = (int64_t)tb->shape[0];
+        p->index = (int)a->n_pairs;
         a->n_pairs++;
         if (!(p->A = tensor_f32(ta, err)) || !(p->B = tensor_f32(tb, err))) return GF_NO_MEMORY;
     }
@@ -262,12 +263,42 @@ GfStatus lora_bind(const Model *m, const LoraAdapter *a, LoraBinding *b, GfError
     return GF_OK;
 }
 
-/* ---- apply --------------------------------------------------------------------- */
+/* ---- apply ------------------------------------------------------------------ */
 
-void lora_apply(const LoraPair *p, float scale, float *y, const float *x, int64_t n, float *tmp) {
+int64_t lora_max_in(const LoraAdapter *a) {
+    int64_t m = 0;
+    for (size_t i = 0; i < a->n_pairs; i++) m = a->pairs[i].in > m ? a->pairs[i].in : m;
+    return m;
+}
+
+static uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Row i of the LoRA input: x itself without dropout; else the kept factors
+ * (0 or 1 / (1 - p)) into f = d->row and f * x into d->row + in. */
+static const float *lora_input(const LoraBinding *b, const LoraPair *p, const float *xi, int64_t i, const float **f) {
+    const LoraDropout *d = b ? &b->dropout : NULL;
+    *f = NULL;
+    if (!d || !(d->p > 0)) return xi;
+    float *fr = d->row, *xr = d->row + p->in, keep = 1.0f / (1.0f - d->p);
+    uint64_t base = mix64(d->key ^ mix64((uint64_t)p->index + 1)) + (uint64_t)i * (uint64_t)p->in;
+    uint32_t cut = (uint32_t)((double)d->p * 4294967296.0);
+    for (int64_t j = 0; j < p->in; j++) {
+        fr[j] = (uint32_t)(mix64(base + (uint64_t)j) >> 32) < cut ? 0.0f : keep;
+        xr[j] = xi[j] * fr[j];
+    }
+    *f = fr;
+    return xr;
+}
+
+void lora_apply(const LoraBinding *b, const LoraPair *p, float *y, const float *x, int64_t n, float *tmp) {
     int64_t r = p->rank, in = p->in, out = p->out;
+    float scale = b->scale;
     for (int64_t i = 0; i < n; i++) {
-        const float *xi = x + i * in;
+        const float *f, *xi = lora_input(b, p, x + i * in, i, &f);
         float *ti = tmp + i * r;
         for (int64_t k = 0; k < r; k++) {
             const float *a = p->A + k * in;
@@ -277,9 +308,9 @@ void lora_apply(const LoraPair *p, float scale, float *y, const float *x, int64_
         }
         float *yi = y + i * out;
         for (int64_t o = 0; o < out; o++) {
-            const float *b = p->B + o * r;
+            const float *bo = p->B + o * r;
             float s = 0.0f;
-            for (int64_t k = 0; k < r; k++) s += ti[k] * b[k];
+            for (int64_t k = 0; k < r; k++) s += ti[k] * bo[k];
             yi[o] += s;
         }
     }
@@ -287,10 +318,12 @@ void lora_apply(const LoraPair *p, float scale, float *y, const float *x, int64_
 
 /* ---- backward ------------------------------------------------------------------ */
 
-void lora_backward(const LoraPair *p, float scale, float *dx, const float *dy, const float *x, int64_t n, float *tmp) {
+void lora_backward(const LoraBinding *b, const LoraPair *p, float *dx, const float *dy, const float *x, int64_t n,
+                   float *tmp) {
     int64_t r = p->rank, in = p->in, out = p->out;
+    float scale = b->scale;
     for (int64_t i = 0; i < n; i++) {
-        const float *xi = x + i * in, *dyi = dy + i * out;
+        const float *f, *xi = lora_input(b, p, x + i * in, i, &f), *dyi = dy + i * out;
         float *xa = tmp, *gb = tmp + r; /* x A^T and dy B, one row */
         for (int64_t k = 0; k < r; k++) {
             const float *a = p->A + k * in;
@@ -300,10 +333,10 @@ void lora_backward(const LoraPair *p, float scale, float *dx, const float *dy, c
             gb[k] = 0.0f;
         }
         for (int64_t o = 0; o < out; o++) {
-            const float *b = p->B + o * r;
+            const float *bo = p->B + o * r;
             float *db = p->dB + o * r, g = dyi[o];
             for (int64_t k = 0; k < r; k++) {
-                gb[k] += g * b[k];
+                gb[k] += g * bo[k];
                 db[k] += g * xa[k];
             }
         }
@@ -312,7 +345,9 @@ void lora_backward(const LoraPair *p, float scale, float *dx, const float *dy, c
             float *da = p->dA + k * in;
             const float *a = p->A + k * in;
             for (int64_t j = 0; j < in; j++) da[j] += g * xi[j];
-            if (dx)
+            if (dx && f)
+                for (int64_t j = 0; j < in; j++) dx[i * in + j] += g * a[j] * f[j];
+            else if (dx)
                 for (int64_t j = 0; j < in; j++) dx[i * in + j] += g * a[j];
         }
     }
@@ -392,10 +427,7 @@ static int target_matches(const char *name, const char *target) {
 }
 
 static float uniform(uint64_t *state, float bound) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull); /* splitmix64 */
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
+    uint64_t z = mix64(*state += 0x9E3779B97F4A7C15ull); /* splitmix64 */
     return (float)(((double)(z >> 11) / 9007199254740992.0 * 2.0 - 1.0) * bound);
 }
 
@@ -405,6 +437,7 @@ static GfStatus add_pair(LoraAdapter *a, const Candidate *c, int rank, uint64_t 
     p->in = c->in;
     p->out = c->out;
     p->rank = rank;
+    p->index = (int)a->n_pairs;
     p->A = gf_malloc((size_t)(rank * c->in) * sizeof(float), err);
     p->B = gf_calloc((size_t)(c->out * rank), sizeof(float), err);
     if (!p->A || !p->B) return GF_NO_MEMORY;

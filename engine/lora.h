@@ -37,6 +37,7 @@ typedef struct {
     float *A;                 /* [rank, in] */
     float *B;                 /* [out, rank] */
     float *dA, *dB;           /* gradients of A and B (same shapes); NULL until lora_grads_alloc */
+    int index;                /* position in its adapter */
 } LoraPair;
 
 typedef struct {
@@ -53,9 +54,21 @@ typedef struct {
 enum { LORA_Q = 0, LORA_K, LORA_V, LORA_O, LORA_GATE, LORA_UP, LORA_DOWN, LORA_PLE_GATE, LORA_PLE_PROJ, LORA_TEXT_SLOTS };
 enum { LORA_VISION_SLOTS = 7 };
 
+/* LoRA dropout in training (PEFT: the adapter sees dropout(x), the frozen
+ * linear sees x). The mask of element j of row i of a pair's input is a
+ * hash of (key, the pair's index, i, j): the checkpointing forward, the
+ * re-run and the backward of one sequence draw the same mask without storing
+ * it, and a resumed run draws the same masks again. */
+typedef struct {
+    float p;                  /* drop probability; 0 = off (inference, evaluation) */
+    uint64_t key;             /* one stream per training sequence */
+    float *row;               /* scratch of 2 x the largest input width, owned by the trainer */
+} LoraDropout;
+
 /* Where each pair of an adapter applies; NULL = not adapted. */
 struct LoraBinding {
     float scale;
+    LoraDropout dropout;      /* training only; zero when serving */
     const LoraPair **text;    /* [n_layers * LORA_TEXT_SLOTS] */
     const LoraPair **vision;  /* [vision layers * LORA_VISION_SLOTS] */
     const LoraPair *ple_model_proj, *input_proj, *embed_proj;
@@ -82,13 +95,18 @@ void lora_binding_free(LoraBinding *b);
 int lora_text_module(const Model *m, int layer, int slot, char *buf, size_t cap);
 int lora_vision_module(const Model *m, int layer, int slot, char *buf, size_t cap);
 
-/* y[n, out] += scale * (x[n, in] A^T) B^T; tmp holds n * rank floats. */
-void lora_apply(const LoraPair *p, float scale, float *y, const float *x, int64_t n, float *tmp);
+/* y[n, out] += scale * (d(x)[n, in] A^T) B^T with the binding's scale and
+ * dropout d (the identity when off); tmp holds n * rank floats. */
+void lora_apply(const LoraBinding *b, const LoraPair *p, float *y, const float *x, int64_t n, float *tmp);
 
 /* The adapter's part of a linear's backward, for dy[n, out] at input
- * x[n, in]: dx[n, in] += scale (dy B) A (dx may be NULL), p->dA += scale
- * (dy B)^T x, p->dB += scale dy^T (x A^T). tmp holds 2 rank floats. */
-void lora_backward(const LoraPair *p, float scale, float *dx, const float *dy, const float *x, int64_t n, float *tmp);
+ * x[n, in]: dx[n, in] += d'(scale (dy B) A) (dx may be NULL), p->dA += scale
+ * (dy B)^T d(x), p->dB += scale dy^T (d(x) A^T). tmp holds 2 rank floats. */
+void lora_backward(const LoraBinding *b, const LoraPair *p, float *dx, const float *dy, const float *x, int64_t n,
+                   float *tmp);
+
+/* The largest input width of a's pairs (the dropout scratch is twice it). */
+int64_t lora_max_in(const LoraAdapter *a);
 
 /* A new adapter on the modules of m that PEFT's target_modules select:
  * "all-linear" (every adaptable linear: text q/k/v/o/gate/up/down and PLE

@@ -26,6 +26,7 @@ struct Trainer {
     AdamW opt;
     int64_t step;              /* steps done */
     int64_t steps_per_epoch, total_steps, warmup_steps, per_step;
+    float *dropout_row;        /* LoRA dropout scratch (2 x the widest input) */
     uint32_t *order;           /* the current epoch's example order */
     int64_t order_epoch;       /* which epoch order holds, -1 = none */
 };
@@ -52,6 +53,16 @@ static void epoch_order(Trainer *t, int64_t epoch) {
         t->order[j] = tmp;
     }
     t->order_epoch = epoch;
+}
+
+/* LoRA dropout of the k-th sequence of a step: its masks are a function of
+ * (seed, step, k), so a resumed run draws them again. Off for evaluation. */
+static void set_dropout(Trainer *t, int64_t step, int64_t k, int on) {
+    t->b.dropout = (LoraDropout){0};
+    if (!on || !(t->a->dropout > 0)) return;
+    uint64_t s = t->cfg.seed ^ 0x5DEECE66Dull;
+    uint64_t key = splitmix64(&s) ^ ((uint64_t)step << 24 | (uint64_t)k); /* k < 2^24 (check_config) */
+    t->b.dropout = (LoraDropout){.p = (float)t->a->dropout, .key = splitmix64(&key), .row = t->dropout_row};
 }
 
 static GfStatus check_config(const TrainConfig *c, GfError *err) {
@@ -87,6 +98,8 @@ GfStatus trainer_new(Model *m, LoraAdapter *a, TrainSet *train, const TrainConfi
     if (!st) st = adamw_init(&t->opt, a, 0.9, 0.999, 1e-8, cfg->weight_decay, err);
     if (!st) st = grad_workspace_new(m, t->w_tokens, t->b.max_rank, &t->w, err);
     if (!st && !(t->order = gf_malloc(trainset_count(train) * sizeof *t->order, err))) st = GF_NO_MEMORY;
+    if (!st && a->dropout > 0 && !(t->dropout_row = gf_malloc((size_t)(2 * lora_max_in(a)) * sizeof(float), err)))
+        st = GF_NO_MEMORY;
     if (st) {
         trainer_free(t);
         return st;
@@ -101,6 +114,7 @@ void trainer_free(Trainer *t) {
     adamw_free(&t->opt);
     lora_binding_free(&t->b);
     free(t->order);
+    free(t->dropout_row);
     free(t);
 }
 
@@ -162,7 +176,10 @@ GfStatus trainer_step(Trainer *t, TrainStopFn stop, void *user, TrainStepInfo *i
         size_t i = t->order[first + k];
         double l;
         int64_t n;
-        if (run_example(t, t->train, i, 1.0f / (float)total, &l, &n, err)) return err->status;
+        set_dropout(t, t->step, k, 1);
+        GfStatus st = run_example(t, t->train, i, 1.0f / (float)total, &l, &n, err);
+        set_dropout(t, 0, 0, 0);
+        if (st) return st;
         loss_sum += l;
         tokens += trainset_tokens(t->train, i);
     }
@@ -235,6 +252,7 @@ static cJSON *plan_json(const Trainer *t) {
     cJSON_AddNumberToObject(o, "warmup_ratio", c->warmup_ratio);
     cJSON_AddNumberToObject(o, "weight_decay", c->weight_decay);
     cJSON_AddNumberToObject(o, "max_grad_norm", c->max_grad_norm);
+    cJSON_AddNumberToObject(o, "lora_dropout", t->a->dropout);
     cJSON_AddNumberToObject(o, "schedule", (double)c->schedule);
     char seed[24];
     snprintf(seed, sizeof seed, "%llu", (unsigned long long)c->seed);

@@ -15,6 +15,9 @@
  * each runs at its own length, which is what a padded batch with its
  * attention mask computes.
  *
+ * LoRA dropout (the adapter's dropout, > 0) is on for training sequences
+ * only, with masks drawn from (seed, step, position in the step).
+ *
  * Per step: zero the gradients, forward and backward each example, clip by
  * global norm (max_grad_norm, 0 = off), learning rate from the schedule at
  * the 0-based step (warmup_steps = ceil(warmup_ratio x total)), AdamW. A stop

@@ -169,8 +169,8 @@ int cli_lora_step(int argc, char **argv) {
         rc = 1;
     }
     if (!rc && a->dropout > 0) {
-        fprintf(stderr, "gemmaforge lora-step: the adapter sets lora_dropout %g; dropout in training is not built yet "
-                        "(use an adapter_config.json with lora_dropout 0)\n", a->dropout);
+        fprintf(stderr, "gemmaforge lora-step: the adapter sets lora_dropout %g; the parity tool compares with PEFT, "
+                        "whose dropout masks cannot be reproduced (use an adapter_config.json with lora_dropout 0)\n", a->dropout);
         rc = 1;
     }
     if (!rc && fs_mkdirs(final_dir, &err)) { fprintf(stderr, "gemmaforge lora-step: %s\n", err.message); rc = 1; }

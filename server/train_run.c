@@ -67,9 +67,6 @@ static GfStatus open_data(Run *r, GfError *err) {
 static GfStatus open_all(Run *r, GfError *err) {
     const TrainRunSpec *s = r->spec;
     const JobParams *hp = &s->params;
-    if (hp->lora_dropout > 0)
-        return gf_error_set(err, GF_NOT_IMPLEMENTED, "not_implemented", "hyperparameters.lora_dropout",
-                            "lora_dropout %g: dropout in training is not built yet; use lora_dropout 0", hp->lora_dropout);
     ModelOptions mo = {.n_threads = s->n_threads, .quantize = hp->quantization};
     GfStatus st = pipeline_open(s->model_dir, &mo, &r->p, err);
     if (st) return gf_error_set(err, st, err->code, "model", "the model: %s", err->message);
@@ -78,6 +75,7 @@ static GfStatus open_all(Run *r, GfError *err) {
     st = lora_create(r->p->model, hp->targets, hp->n_targets, hp->lora_rank, hp->lora_alpha, hp->use_rslora,
                      hp->train.seed, &r->a, err);
     if (st) return gf_error_set(err, st, err->code, "hyperparameters.target_modules", "%s", err->message);
+    r->a->dropout = hp->lora_dropout;
     size_t n_params = 0;
     for (size_t i = 0; i < r->a->n_pairs; i++) n_params += (size_t)(r->a->pairs[i].rank * (r->a->pairs[i].in + r->a->pairs[i].out));
     logf_(r, "info", "adapter: %zu modules, rank %d, %zu trainable parameters", r->a->n_pairs, hp->lora_rank, n_params);

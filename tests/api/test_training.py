@@ -73,9 +73,9 @@ def infer(image_path, adapter=None):
 
 # ---- the end-to-end test ----------------------------------------------------------
 
-SHAPES_HP = {"epochs": 3, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 3e-3,
+SHAPES_HP = {"epochs": 4, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 3e-3,
              "lora_rank": 8, "lora_alpha": 16, "warmup_ratio": 0.1, "save_every": 100, "eval_every": 15,
-             "quantization": "nf4", "target_modules": "all-linear", "seed": 7}
+             "quantization": "nf4", "target_modules": "all-linear", "seed": 7, "lora_dropout": 0.05}
 
 
 def t_shapes_qlora_end_to_end(binary):
@@ -88,18 +88,18 @@ def t_shapes_qlora_end_to_end(binary):
         j = wait_job(srv, job)
         assert j["status"] == "succeeded", j
         p = j["progress"]
-        assert p["step"] == p["total_steps"] == 45 and p["epoch"] == 3, p
+        assert p["step"] == p["total_steps"] == 60 and p["epoch"] == 4, p
         assert p["eval_loss"] is not None and p["tokens_per_s"] > 0 and p["eta_s"] == 0, p
         name = j["adapter"]
         assert name and name.startswith("shapes-"), j
         # progress events: every step once, in order; the loss and the validation loss fell
         ev = events(srv, job)
         steps = [e["data"] for e in ev if e["type"] == "metrics" and e["data"] and "loss" in e["data"]]
-        assert [s["step"] for s in steps] == list(range(1, 46)), [s["step"] for s in steps]
+        assert [s["step"] for s in steps] == list(range(1, 61)), [s["step"] for s in steps]
         first, last = sum(s["loss"] for s in steps[:5]) / 5, sum(s["loss"] for s in steps[-5:]) / 5
         assert last < first / 3, (first, last)
         evals = [e["data"]["eval_loss"] for e in ev if e["data"] and "eval_loss" in e["data"]]
-        assert len(evals) == 3 and evals[-1] < evals[0], evals
+        assert len(evals) == 4 and evals[-1] < evals[0], evals
         assert ev[-1]["type"] == "status" and name in ev[-1]["message"], ev[-1]
         # registered: listed as an adapter and as a model whose parent is the base
         a = expect(srv.get("/v1/adapters/" + name), 200).json()
@@ -119,7 +119,7 @@ def t_shapes_qlora_end_to_end(binary):
         assert base_right <= 2, "the base model answered %d of 12 right without training" % base_right
         c = srv.db()
         row = c.execute("SELECT status, adapter_name, step FROM jobs WHERE id=?", (job,)).fetchone()
-        assert row == ("succeeded", name, 45), row
+        assert row == ("succeeded", name, 60), row
         assert c.execute("SELECT COUNT(*) FROM checkpoints WHERE job_id=?", (job,)).fetchone()[0] == 1
         c.close()
         assert not os.path.exists(os.path.join(srv.data, "jobs", job, "adapter-tmp"))
@@ -131,7 +131,7 @@ def t_shapes_qlora_end_to_end(binary):
 # ---- kill -9 and resume -------------------------------------------------------------
 
 RESUME_HP = {"epochs": 2, "batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
-             "lora_rank": 4, "lora_alpha": 8, "save_every": 2, "seed": 11, "warmup_ratio": 0.1}
+             "lora_rank": 4, "lora_alpha": 8, "save_every": 2, "seed": 11, "warmup_ratio": 0.1, "lora_dropout": 0.1}
 
 
 def reference_adapter(jsonl, tar, hp, tmp):
@@ -217,9 +217,6 @@ def t_failed_jobs_say_why(binary):
         assert j["status"] == "failed" and j["error"]["code"] == "sequence_too_long", j
         msg = j["error"]["message"]
         assert "line" in msg and "max_seq_len 16" in msg and "tokens" in msg, msg
-        job = create_job(srv, ds, {"lora_dropout": 0.1})
-        j = wait_job(srv, job, timeout=120)
-        assert j["status"] == "failed" and "lora_dropout" in j["error"]["message"], j
         c = srv.db()
         assert c.execute("SELECT COUNT(*) FROM adapters").fetchone()[0] == 0
         assert c.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('running','queued')").fetchone()[0] == 0
