@@ -75,7 +75,7 @@ static GfStatus hook_checkpoint(void *user, int64_t step, const char *dir, const
     char path[4200], hex[65];
     snprintf(path, sizeof path, "%s/trainer_state.json", dir);
     if (trainer_file_digest(path, hex, err)) return err->status;
-    return store_checkpoint_add(c->j->store, c->row->id, step, hex, metrics, err);
+    return store_checkpoint_add(c->j->store, c->row->id, step, hex, metrics, TRAIN_KEEP_CHECKPOINTS, err);
 }
 
 static int hook_stop(void *user) {

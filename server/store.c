@@ -621,7 +621,7 @@ int store_job_cancel_requested(Store *s, const char *id) {
 
 typedef struct {
     const char *job, *sha, *metrics;
-    int64_t step;
+    int64_t step, keep;
 } CkptCtx;
 
 static GfStatus ckpt_body(Store *s, void *ctx, GfError *err) {
@@ -632,12 +632,15 @@ static GfStatus ckpt_body(Store *s, void *ctx, GfError *err) {
     if (rc == SQLITE_OK)
         rc = exec_stmt(s, "INSERT INTO checkpoints(id,job_id,step,sha256,metrics,created_at) VALUES(?,?,?,?,?,?)", "ssissi",
                        id, c->job, c->step, c->sha, c->metrics, gf_time_unix());
+    if (rc == SQLITE_OK)
+        rc = exec_stmt(s, "DELETE FROM checkpoints WHERE job_id=?1 AND step NOT IN "
+                          "(SELECT step FROM checkpoints WHERE job_id=?1 ORDER BY step DESC LIMIT ?2)", "si", c->job, c->keep);
     return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
 }
 
 GfStatus store_checkpoint_add(Store *s, const char *job_id, int64_t step, const char *sha256, const char *metrics,
-                              GfError *err) {
-    CkptCtx c = {job_id, sha256, metrics, step};
+                              int keep, GfError *err) {
+    CkptCtx c = {job_id, sha256, metrics, step, keep};
     return txn(s, ckpt_body, &c, err);
 }
 

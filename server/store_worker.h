@@ -28,9 +28,10 @@ GfStatus store_job_event(Store *s, const char *id, const char *level, const char
 int store_job_cancel_requested(Store *s, const char *id);
 
 /* Records a published checkpoint (replacing rows of the same or later steps,
- * which a resumed run recomputes). sha256: digest of its trainer_state.json. */
+ * which a resumed run recomputes) and forgets all but the newest keep.
+ * sha256: digest of its trainer_state.json. */
 GfStatus store_checkpoint_add(Store *s, const char *job_id, int64_t step, const char *sha256, const char *metrics,
-                              GfError *err);
+                              int keep, GfError *err);
 /* The job's checkpoints, newest first: steps[] and digests[]. */
 GfStatus store_checkpoint_list(Store *s, const char *job_id, int64_t *steps, char (*digests)[65], int max, int *n,
                                GfError *err);

@@ -109,6 +109,31 @@ static GfStatus sync_files(const char *dir, GfError *err) {
     return fs_fsync_path(dir, err);
 }
 
+/* Removes step-N directories older than the newest TRAIN_KEEP_CHECKPOINTS. */
+static void prune_checkpoints(const char *root) {
+    int64_t newest[TRAIN_KEEP_CHECKPOINTS] = {0};
+    DIR *d = opendir(root);
+    if (!d) return;
+    struct dirent *e;
+    for (int pass = 0; pass < 2; pass++) {
+        rewinddir(d);
+        while ((e = readdir(d))) {
+            char *end;
+            long long s = strncmp(e->d_name, "step-", 5) == 0 ? strtoll(e->d_name + 5, &end, 10) : 0;
+            if (s <= 0 || *end) continue;
+            if (pass == 0) {
+                for (int i = 0; i < TRAIN_KEEP_CHECKPOINTS; i++)
+                    if (s > newest[i]) { int64_t t = newest[i]; newest[i] = s; s = t; }
+            } else if (s < newest[TRAIN_KEEP_CHECKPOINTS - 1]) {
+                char path[4400];
+                snprintf(path, sizeof path, "%s/%s", root, e->d_name);
+                fs_remove_tree(path);
+            }
+        }
+    }
+    closedir(d);
+}
+
 static GfStatus checkpoint(Run *r, GfError *err) {
     const char *root = r->spec->ckpt_root;
     int64_t step = trainer_step_index(r->t);
@@ -130,6 +155,7 @@ static GfStatus checkpoint(Run *r, GfError *err) {
     if (isnan(r->eval_loss)) snprintf(metrics, sizeof metrics, "{\"step\":%lld,\"train_loss\":%.6g}", (long long)step, r->last.loss);
     else snprintf(metrics, sizeof metrics, "{\"step\":%lld,\"train_loss\":%.6g,\"valid_loss\":%.6g}", (long long)step, r->last.loss, r->eval_loss);
     if (r->hooks->on_checkpoint && (st = r->hooks->on_checkpoint(r->hooks->user, step, final_dir, metrics, err))) return st;
+    prune_checkpoints(root);
     logf_(r, "info", "checkpoint saved at step %lld", (long long)step);
     return GF_OK;
 }

@@ -10,7 +10,8 @@
  * into place and CKPT_ROOT fsynced; only then is on_checkpoint called (the
  * worker records the row there). A directory that exists is complete; one
  * that is not recorded (a crash between rename and record) is replaced when
- * its step comes again.
+ * its step comes again. Only the newest TRAIN_KEEP_CHECKPOINTS stay: older
+ * directories are removed once the new one is recorded.
  *
  * Hooks are called on the running thread; any may be NULL. should_stop is
  * asked between sequences: a stop abandons the current step and train_run
@@ -25,6 +26,8 @@
 
 #include "hyperparameters.h"
 #include "trainer.h"
+
+#define TRAIN_KEEP_CHECKPOINTS 3
 
 typedef struct {
     const char *model_dir;

@@ -179,7 +179,9 @@ def t_kill9_resume_same_adapter(binary):
         c = srv.db()
         assert c.execute("SELECT COUNT(*) FROM jobs WHERE status='running'").fetchone()[0] == 0
         steps = [s for (s,) in c.execute("SELECT step FROM checkpoints WHERE job_id=? ORDER BY step", (job,))]
-        assert steps == list(range(2, total + 1, 2)), steps
+        assert steps == [total - 4, total - 2, total], steps  # the newest three are kept
+        kept = sorted(os.listdir(os.path.join(data, "jobs", job, "checkpoints")))
+        assert kept == ["step-%08d" % s for s in steps], kept
         c.close()
     finally:
         srv.stop()

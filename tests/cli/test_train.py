@@ -109,6 +109,8 @@ def t_resume_is_bit_exact_and_checked(_):
     assert b"other hyperparameters" in r.stderr, r.stderr
     train(part, hp, ["--resume"])
     assert adapter_bytes(part) == adapter_bytes(full)
+    kept = sorted(os.listdir(os.path.join(part, "checkpoints")))
+    assert kept == ["step-00000008", "step-00000010", "step-00000012"], kept  # the newest three
     resumed = {m["step"]: m["loss"] for m in metrics(part)}  # the resumed run's lines come last
     assert [resumed[s] for s in range(5, 13)] == [m["loss"] for m in metrics(full) if m["step"] > 4]
 
