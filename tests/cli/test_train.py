@@ -115,6 +115,19 @@ def t_resume_is_bit_exact_and_checked(_):
     assert [resumed[s] for s in range(5, 13)] == [m["loss"] for m in metrics(full) if m["step"] > 4]
 
 
+def t_quantization_none_and_nf4(_):
+    """The same run on the stored weights and on NF4: both train, their
+    losses agree to NF4's error, and the adapters differ (the base differs)."""
+    runs = {}
+    for q in ("none", "nf4"):
+        out = os.path.join(TMP, "q-" + q)
+        train(out, {"batch_size": 6, "quantization": q})
+        runs[q] = ([m["loss"] for m in metrics(out)], adapter_bytes(out))
+    (l0, a0), (l1, a1) = runs["none"], runs["nf4"]
+    assert len(l0) == len(l1) == 2 and all(abs(x - y) <= 0.05 * x for x, y in zip(l0, l1)), (l0, l1)
+    assert l0 != l1 and a0 != a1
+
+
 def t_validation_every_n_steps(_):
     vj, vt = write_dataset("val", 6, 22, prefix="val")
     out = os.path.join(TMP, "val")
