@@ -22,7 +22,9 @@
  * global norm (max_grad_norm, 0 = off), learning rate from the schedule at
  * the 0-based step (warmup_steps = ceil(warmup_ratio x total)), AdamW. A stop
  * request (the hook, asked between sequences) abandons the step: the
- * adapter and optimizer are left as they were before it.
+ * adapter and optimizer are left as they were before it. A loss or gradient
+ * that is not finite stops training (GF_UNPROCESSABLE, training_diverged)
+ * before the update, so no checkpoint or adapter ever holds NaN.
  *
  * Checkpoint (trainer_save into an existing empty directory; the caller makes
  * it durable and atomic): adapter_config.json + adapter_model.safetensors
