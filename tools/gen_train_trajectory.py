@@ -15,8 +15,15 @@ lr * sign(g), so a weight whose gradient lies within float32 rounding noise of
 zero moves by +-lr at random. To show the size of that effect the same run is
 repeated in float64 and its losses are written beside the float32 ones.
 
+The float32 run is also repeated with a single CPU thread: torch's float32
+reductions sum in a thread-count-dependent order, so the spread between the two
+float32 runs is the reproducibility of the golden adapter_final itself.
+
 Run on a machine with torch, transformers 5.17 and peft 0.21:
-    python3 tools/gen_train_trajectory.py tests/fixtures
+    python3 tools/gen_train_trajectory.py tests/fixtures [OUT_DIR]
+OUT_DIR (default: the fixture directories) receives, per case,
+<variant>_<kind>_trajectory.{json,safetensors} and the final adapters of every
+run (<variant>_<kind>_final_{f32,f32_1thread,f64}.safetensors).
 """
 import json
 import os
@@ -61,7 +68,10 @@ def write_st(path, tensors):
 
 
 def run(d, kind, dtype, train):
-    base = AutoModelForImageTextToText.from_pretrained(d, dtype=dtype)
+    torch.manual_seed(0)
+    # torch's grouped_mm has no float64 kernel; the eager expert loop computes the same sums
+    extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+    base = AutoModelForImageTextToText.from_pretrained(d, dtype=dtype, **extra)
     model = peft.PeftModel.from_pretrained(base, os.path.join(d, kind, "adapter_init"), is_trainable=True)
     model.to(dtype)
     model.train()
@@ -89,28 +99,44 @@ def run(d, kind, dtype, train):
     return losses, grads, final
 
 
-def main(root):
-    torch.manual_seed(0)
+def final_rel(final, ref_final):
+    """Worst max-abs error over tensors, relative to each reference tensor's max |value|."""
+    return max(((final[k.replace(".weight", ".default.weight")].double() - v.double()).abs().max()
+                / v.double().abs().max()).item() for k, v in ref_final.items())
+
+
+def main(root, out):
+    threads = torch.get_num_threads()
     for variant, kind in CASES:
         d = os.path.join(root, variant)
         g = os.path.join(d, kind)
+        dest = out or g
+        prefix = "%s_%s_" % (variant, kind) if out else ""
         train = json.load(open(os.path.join(g, "train.json")))
+        torch.set_num_threads(threads)
         losses, grads, final = run(d, kind, torch.float32, train)
-        losses64, _, _ = run(d, kind, torch.float64, train)
+        losses64, _, final64 = run(d, kind, torch.float64, train)
+        torch.set_num_threads(1)
+        losses1, _, final1 = run(d, kind, torch.float32, train)
         ref0 = read_st(os.path.join(g, "grads_step0.safetensors"))
         worst = max(((grads["step0." + k] - v).norm() / v.norm()).item() for k, v in ref0.items())
         ref_final = read_st(os.path.join(g, "adapter_final", "adapter_model.safetensors"))
-        final_err = max(((final[k.replace(".weight", ".default.weight")] - v).abs().max() / v.abs().max()).item()
-                        for k, v in ref_final.items())
-        write_st(os.path.join(g, "trajectory.safetensors"), grads)
-        with open(os.path.join(g, "trajectory.json"), "w") as f:
+        check = {"step0_grads_vs_golden_rel_l2": worst,
+                 "final_f32_vs_golden": final_rel(final, ref_final),
+                 "final_f32_1thread_vs_golden": final_rel(final1, ref_final),
+                 "final_f64_vs_golden": final_rel(final64, ref_final),
+                 "loss0_golden": train["losses_before_each_step"][0], "threads": threads}
+        write_st(os.path.join(dest, prefix + "trajectory.safetensors"), grads)
+        for tag, f in (("f32", final), ("f32_1thread", final1), ("f64", final64)):
+            write_st(os.path.join(dest, prefix + "final_%s.safetensors" % tag), f)
+        with open(os.path.join(dest, prefix + "trajectory.json"), "w") as f:
             json.dump({"transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__,
-                       "losses_float32": losses, "losses_float64": losses64,
-                       "check": {"step0_grads_vs_golden_rel_l2": worst, "adapter_final_vs_golden_rel": final_err,
-                                 "loss0_golden": train["losses_before_each_step"][0]}}, f, indent=1)
-        print(variant, kind, "f32", losses, "f64", losses64, "golden", train["losses_before_each_step"],
-              "grad0 err %.2e final err %.2e" % (worst, final_err))
+                       "losses_float32": losses, "losses_float32_1thread": losses1, "losses_float64": losses64,
+                       "losses_golden": train["losses_before_each_step"], "check": check}, f, indent=1)
+        print(variant, kind, json.dumps(check), "\n  f32", losses, "\n  f32/1", losses1, "\n  f64", losses64,
+              "\n  golden", train["losses_before_each_step"], flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    fixtures = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
+    main(fixtures, sys.argv[2] if len(sys.argv) > 2 else None)
