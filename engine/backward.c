@@ -201,7 +201,7 @@ static void layer_forward(Model *m, GradWorkspace *w, const LoraBinding *b, int 
     }
     KnMask mask = layer_mask(m, &w->cache, li);
     int src = lc->store_layer;
-    m->ops->attention(&m->ctx, w->att, w->qr, w->cache.k[src], w->cache.v[src], n, 0, n, (int)NH, (int)KVH, (int)D, 1.0f, &mask);
+    m->ops->attention(&m->ctx, w->att, w->qr, w->cache.own.k[src], w->cache.own.v[src], n, 0, n, (int)NH, (int)KVH, (int)D, 1.0f, &mask);
     linear_fwd(m, w, b, w->o, w->att, l->o, text_pair(b, li, LORA_O), n);
     m->ops->rmsnorm(&m->ctx, w->t, w->o, l->post_attn_ln, n, H, eps);
     for (int64_t i = 0; i < n * H; i++) w->x1[i] = x[i] + w->t[i];
@@ -248,7 +248,7 @@ static void attention_backward(Model *m, GradWorkspace *w, const LoraBinding *b,
     zero(w->dqlin, n * NH * D); /* d(att) first */
     linear_bwd(m, w, b, w->dqlin, w->dh2, w->att, l->o, text_pair(b, li, LORA_O), n);
     KnMask mask = layer_mask(m, &w->cache, li);
-    m->ops->attention_dx(&m->ctx, w->dq, w->dK[src], w->dV[src], w->qr, w->cache.k[src], w->cache.v[src], w->dqlin, n, 0,
+    m->ops->attention_dx(&m->ctx, w->dq, w->dK[src], w->dV[src], w->qr, w->cache.own.k[src], w->cache.own.v[src], w->dqlin, n, 0,
                          n, (int)NH, (int)KVH, (int)D, 1.0f, &mask);
     for (int64_t i = 0; i < n; i++) m->ops->rope(w->dq + i * NH * D, (int)NH, (int)D, l->inv_freq, -i); /* R^T = R(-pos) */
     zero(w->dqlin, n * NH * D);

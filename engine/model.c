@@ -359,6 +359,8 @@ void model_close(Model *m) {
     for (size_t s = 0; m->claimed && s < m->dir.n_shards; s++) free(m->claimed[s]);
     free(m->claimed);
     free(m->layers);
+    free(m->scratch);
+    free(m->rows);
     model_dir_close(&m->dir);
     gemma_config_free(&m->cfg);
     free(m);

@@ -55,24 +55,50 @@ void model_memory(const Model *m, ModelMemory *out);
 
 /* ---- KV cache ----------------------------------------------------------- */
 
+/* Keys and values live in a pool of fixed-size blocks (paged, as vLLM's
+ * PagedAttention): each sequence holds a table of the blocks it fills,
+ * takes one more every block_len positions, and gives them all back when it
+ * is freed or reset, so memory follows the real lengths of the sequences
+ * rather than their limits. A pool serves one Model and one thread. */
 typedef struct {
-    int64_t capacity;         /* positions */
+    int64_t block_len;        /* positions per block */
+    int64_t n_blocks;
+    float **k, **v;           /* per layer [n_blocks * block_len][kv_heads][head_dim]; NULL for KV-shared layers */
+    int32_t *free_ids;        /* stack of free block ids */
+    int64_t n_free;
+    int n_layers;
+} KvPool;
+
+/* Bytes one block of block_len positions takes over all layers. */
+uint64_t kv_block_bytes(const Model *m, int64_t block_len);
+GfStatus kv_pool_init(KvPool *p, const Model *m, int64_t block_len, int64_t n_blocks, GfError *err);
+void kv_pool_free(KvPool *p);
+
+typedef struct {
+    KvPool *pool;             /* the blocks' owner: &own, or a shared pool (kv_cache_init_paged) */
+    KvPool own;               /* kv_cache_init: one private block of `capacity` positions */
+    int32_t *table;           /* [max_blocks] block ids, the first n_table held */
+    int64_t n_table, max_blocks;
+    int64_t capacity;         /* positions this sequence may reach */
     int64_t n_past;           /* positions filled */
-    float **k, **v;           /* per layer [capacity][kv_heads][head_dim]; NULL for KV-shared layers */
     uint8_t *valid;           /* [capacity] key is real (not padding) */
     int32_t *group;           /* [capacity] vision block id or -1 */
     int32_t n_groups;
-    int n_layers;
-    /* scratch for the forward pass, grown to the largest n seen */
-    float *scratch;
-    size_t scratch_floats;
 } KvCache;
 
-/* Allocates a cache for up to capacity positions of model m. */
+/* A cache with its own contiguous store for up to capacity positions:
+ * c->own.k[l] / c->own.v[l] hold positions 0.. of layer l in order. */
 GfStatus kv_cache_init(KvCache *c, const Model *m, int64_t capacity, GfError *err);
+/* A cache for up to capacity positions whose blocks come from pool as they
+ * fill (model_forward fails with GF_TOO_LARGE, code kv_cache_full, when the
+ * pool has none left, before changing anything). */
+GfStatus kv_cache_init_paged(KvCache *c, KvPool *pool, int64_t capacity, GfError *err);
+/* Gives the blocks back and frees the tables. */
 void kv_cache_free(KvCache *c);
-/* Forgets every position (keeps the memory). */
+/* Forgets every position (a paged cache gives its blocks back). */
 void kv_cache_reset(KvCache *c);
+/* Blocks a paged cache still needs to take to hold n more positions. */
+int64_t kv_cache_blocks_needed(const KvCache *c, int64_t n);
 
 /* ---- forward ------------------------------------------------------------ */
 
@@ -89,6 +115,23 @@ typedef struct {
 /* Runs n new tokens at positions cache->n_past.. and appends them to the
  * cache. logits [n, vocab] and hidden [(L+1), n, hidden] may be NULL. */
 GfStatus model_forward(Model *m, KvCache *cache, const ModelInput *in, float *logits, float *hidden, GfError *err);
+
+/* One sequence of a batch: its cache and its new tokens (prefill of a
+ * prompt, or one decoded token), with its own adapter (in.lora). */
+typedef struct {
+    KvCache *cache;
+    ModelInput in;
+} ModelSeq;
+
+/* Runs the new tokens of n_seqs sequences in one pass: the base weights'
+ * matmuls over all their rows at once, each adapter's LoRA term over the rows
+ * of the consecutive sequences that use it (order the batch by adapter to
+ * compute each adapter's term once: the SGMV grouping), attention per
+ * sequence over its own cache. Each sequence gets exactly the values it would
+ * get alone. logits: per sequence in order, 1 row when in.last_logits_only,
+ * else in.n rows, of vocab floats. Checks every sequence before running any
+ * (ids, cache room, pool blocks). */
+GfStatus model_forward_batch(Model *m, ModelSeq *seqs, int n_seqs, float *logits, GfError *err);
 
 /* The vision tower and embed_vision for one image (GEMMA4.md §6.2-§6.8):
  * pixels [n_patches, 3 p^2] in [0, 1] flattened (row, col, channel) per patch,

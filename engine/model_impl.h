@@ -57,6 +57,10 @@ struct Model {
     size_t n_owned;
     uint8_t **claimed;              /* per shard, per tensor */
     char prefix[32];                /* "model.language_model." or "model." */
+    float *scratch;                 /* forward activations, grown to the largest batch seen */
+    size_t scratch_floats;
+    int64_t *rows;                  /* [rows_cap] a batch's row offsets */
+    size_t rows_cap;
 };
 
 /* Helpers of model.c used by vision.c. */

@@ -64,6 +64,15 @@ static inline int kn_mask_visible(const KnMask *m, int64_t q, int64_t t) {
     return causal && (m->window == 0 || t > q - m->window);
 }
 
+/* Keys and values stored in blocks (a paged KV cache): position t of a
+ * sequence lives in block table[t / block_len], row t % block_len, of
+ * stores k, v [n_blocks * block_len, n_kv_heads, dim]. */
+typedef struct {
+    const float *k, *v;
+    const int32_t *table;     /* [ceil(n_keys / block_len)] block ids */
+    int64_t block_len;        /* positions per block, >= 1 */
+} KnKv;
+
 typedef struct {
     /* y[n, rows] = x[n, cols] W^T */
     void (*matmul)(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
@@ -77,6 +86,10 @@ typedef struct {
     void (*attention)(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
                       int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
                       const KnMask *mask);
+    /* the same over a paged store (KnKv); the same sums in the same order,
+     * so the result equals attention over the keys laid out contiguously */
+    void (*attention_paged)(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q, int64_t q_pos0,
+                            int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale, const KnMask *mask);
     void (*gelu_tanh)(float *x, size_t n);
     /* x = cap * tanh(x / cap) */
     void (*softcap)(float *x, size_t n, float cap);

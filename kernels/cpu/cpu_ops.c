@@ -154,7 +154,15 @@ typedef struct {
     int n_heads, n_kv_heads, dim;
     float scale;
     const KnMask *mask;
+    const int32_t *table;     /* paged keys: block of each run of blk positions; NULL = contiguous */
+    int64_t blk;
 } AttnTask;
+
+/* Row of key (or value) position k, head kvh, in a contiguous or paged store. */
+static inline const float *kv_row(const AttnTask *t, const float *base, int64_t k, int kvh) {
+    int64_t slot = t->table ? (int64_t)t->table[k / t->blk] * t->blk + k % t->blk : k;
+    return base + (slot * t->n_kv_heads + kvh) * t->dim;
+}
 
 
 /* One (query, head) pair per work item: scores, softmax in float32, sum of V. */
@@ -175,7 +183,7 @@ static void attn_task(void *p, int ith, int nth) {
         /* two passes when the key count is larger than the stack buffer */
         float *scores = t->n_keys <= MAX_STACK ? stack_scores : NULL;
         for (int64_t k = 0; k < t->n_keys; k++) {
-            float s = kn_mask_visible(t->mask, qpos, k) ? dot(qv, t->k + (k * t->n_kv_heads + kvh) * t->dim, t->dim) * t->scale
+            float s = kn_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh), t->dim) * t->scale
                                                  : -INFINITY;
             if (scores) scores[k] = s;
             if (s > mx) mx = s;
@@ -183,12 +191,12 @@ static void attn_task(void *p, int ith, int nth) {
         if (mx == -INFINITY) continue; /* no visible key: zeros */
         for (int64_t k = 0; k < t->n_keys; k++) {
             float s = scores ? scores[k]
-                             : (kn_mask_visible(t->mask, qpos, k) ? dot(qv, t->k + (k * t->n_kv_heads + kvh) * t->dim, t->dim) * t->scale
+                             : (kn_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh), t->dim) * t->scale
                                                           : -INFINITY);
             if (s == -INFINITY) continue;
             float w = expf(s - mx);
             sum += w;
-            const float *vv = t->v + (k * t->n_kv_heads + kvh) * t->dim;
+            const float *vv = kv_row(t, t->v, k, kvh);
             for (int d = 0; d < t->dim; d++) o[d] += w * vv[d];
         }
         for (int d = 0; d < t->dim; d++) o[d] /= sum;
@@ -198,7 +206,16 @@ static void attn_task(void *p, int ith, int nth) {
 static void cpu_attention_forward(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
                                   int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim,
                                   float scale, const KnMask *mask) {
-    AttnTask t = {out, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask};
+    AttnTask t = {out, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask, NULL, 1};
+    if (n_q * n_heads * n_keys * dim < PARALLEL_MIN_WORK) attn_task(&t, 0, 1);
+    else kn_pool_run(ctx->pool, attn_task, &t);
+}
+
+static void cpu_attention_paged(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q,
+                                int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
+                                const KnMask *mask) {
+    AttnTask t = {out, q, kv->k, kv->v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask, kv->table,
+                  kv->block_len};
     if (n_q * n_heads * n_keys * dim < PARALLEL_MIN_WORK) attn_task(&t, 0, 1);
     else kn_pool_run(ctx->pool, attn_task, &t);
 }
@@ -208,6 +225,7 @@ static const KnOps CPU_OPS = {
     .rmsnorm = cpu_rmsnorm_forward,
     .rope = cpu_rope_forward,
     .attention = cpu_attention_forward,
+    .attention_paged = cpu_attention_paged,
     .gelu_tanh = cpu_gelu_tanh,
     .softcap = cpu_softcap,
     .embed_row = cpu_embed_row,

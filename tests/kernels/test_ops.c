@@ -143,6 +143,22 @@ static void test_attention(const KnOps *ops, KnCtx *ctx) {
         float *out = malloc((size_t)nq * H * D * sizeof *out);
         ops->attention(ctx, out, q, k, v, nq, pos0, nk, H, KVH, D, 0.5f, &m);
         EXPECT_CLOSE(out, ref, (size_t)nq * H * D, 1e-5, "attention variant %d (0 causal, 1 window, 2 window+block)", variant);
+        /* the same keys paged: blocks of 5 positions stored out of order
+         * (block b of the sequence in slot table[b]), the last one partial */
+        enum { BLK = 5, SLOTS = 4 };
+        int32_t table[3] = {2, 0, 3};
+        float *pk = calloc((size_t)SLOTS * BLK * KVH * D, sizeof *pk), *pv = calloc((size_t)SLOTS * BLK * KVH * D, sizeof *pv);
+        for (int t = 0; t < nk; t++) {
+            size_t dst = ((size_t)table[t / BLK] * BLK + t % BLK) * KVH * D;
+            memcpy(pk + dst, k + (size_t)t * KVH * D, (size_t)KVH * D * sizeof *pk);
+            memcpy(pv + dst, v + (size_t)t * KVH * D, (size_t)KVH * D * sizeof *pv);
+        }
+        KnKv kv = {pk, pv, table, BLK};
+        float *paged = malloc((size_t)nq * H * D * sizeof *paged);
+        ops->attention_paged(ctx, paged, q, &kv, nq, pos0, nk, H, KVH, D, 0.5f, &m);
+        CHECK(memcmp(paged, out, (size_t)nq * H * D * sizeof *out) == 0, "paged attention equals contiguous, variant %d",
+              variant);
+        free(pk); free(pv); free(paged);
         free(out);
         free(ref);
     }
