@@ -1,0 +1,219 @@
+/* test_batch.c - a batch that mixes the base model and three adapters, text
+ * and image prompts, gives every sequence what it gets alone.
+ *
+ * For dense, ple and moe: eight sequences (four text prompts of different
+ * lengths, four image prompts with the soft tokens of forward_image computed
+ * through each sequence's own adapter) over the base and three adapters (the
+ * golden trained adapter_final, and two adapters with random B on different
+ * module sets, one of them all-linear so the vision tower is adapted too).
+ * Each sequence runs alone on its own contiguous cache; then all of them run
+ * as one batch on a paged pool of small blocks (block boundaries inside every
+ * prompt), in an order that interleaves the adapters, with one sequence
+ * joining late so a prefill runs beside decoding rows, as under continuous
+ * batching. The logits of every prompt position and of every decoding step
+ * must agree within 1e-4 of max |logit| and the greedy tokens must be equal. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../unit/check.h"
+#include "lora.h"
+#include "model.h"
+#include "safetensors.h"
+
+#define N_SEQ 8
+#define N_DECODE 6
+#define LATE 5            /* sequence that joins the batch at decode step 2 */
+
+typedef struct {
+    int32_t ids[160];
+    uint8_t types[160];
+    int64_t n;
+    float *soft;          /* image soft tokens through the sequence's adapter, or NULL */
+    const LoraBinding *lora;
+    float *logits;        /* alone: [n + N_DECODE, V] */
+    int32_t tokens[N_DECODE];
+} Seq;
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static float rnd(void) {
+    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng_state >> 40) & 0xFFFFFF) / 16777216.0f - 0.5f;
+}
+
+/* A new adapter on targets whose B is random, so it changes the output. */
+static LoraAdapter *random_adapter(Model *m, const char *const *targets, size_t n, int rank) {
+    LoraAdapter *a = NULL;
+    GfError err;
+    CHECK_STATUS(lora_create(m, targets, n, rank, 2.0 * rank, 0, 7, &a, &err), GF_OK, err);
+    for (size_t i = 0; a && i < a->n_pairs; i++)
+        for (int64_t j = 0; j < a->pairs[i].out * a->pairs[i].rank; j++) a->pairs[i].B[j] = 0.05f * rnd();
+    return a;
+}
+
+static int argmax(const float *x, int64_t n) {
+    int best = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (x[i] > x[best]) best = (int)i;
+    return best;
+}
+
+/* max |a - b| / max |b| over n values. */
+static double rel_err(const float *a, const float *b, int64_t n) {
+    double e = 0, mx = 0;
+    for (int64_t i = 0; i < n; i++) {
+        e = fmax(e, fabs((double)a[i] - b[i]));
+        mx = fmax(mx, fabs((double)b[i]));
+    }
+    return mx > 0 ? e / mx : e;
+}
+
+static void run_alone(Model *m, Seq *s, int64_t V) {
+    KvCache c;
+    GfError err;
+    CHECK_STATUS(kv_cache_init(&c, m, s->n + N_DECODE, &err), GF_OK, err);
+    ModelInput in = {.ids = s->ids, .mm_type = s->types, .soft_tokens = s->soft, .n = s->n, .lora = s->lora};
+    CHECK_STATUS(model_forward(m, &c, &in, s->logits, NULL, &err), GF_OK, err);
+    for (int k = 0; k < N_DECODE; k++) {
+        const float *last = s->logits + (s->n - 1 + k) * V;
+        s->tokens[k] = argmax(last, V);
+        ModelInput step = {.ids = &s->tokens[k], .n = 1, .lora = s->lora};
+        CHECK_STATUS(model_forward(m, &c, &step, s->logits + (s->n + k) * V, NULL, &err), GF_OK, err);
+    }
+    kv_cache_free(&c);
+}
+
+/* The same sequences batched on a paged pool; checks against run_alone. */
+static void run_batched(Model *m, Seq *seqs, int64_t V, const char *variant) {
+    KvPool pool;
+    GfError err;
+    CHECK_STATUS(kv_pool_init(&pool, m, 4, 512, &err), GF_OK, err);
+    KvCache caches[N_SEQ];
+    int32_t next[N_SEQ];
+    int step_of[N_SEQ] = {0}; /* decode steps done */
+    for (int q = 0; q < N_SEQ; q++) CHECK_STATUS(kv_cache_init_paged(&caches[q], &pool, seqs[q].n + N_DECODE, &err), GF_OK, err);
+    float *out = malloc((size_t)(N_SEQ * 160) * (size_t)V * sizeof(float));
+    double worst = 0;
+    int tokens_ok = 1;
+    for (int round = 0; round <= N_DECODE + 2; round++) {
+        ModelSeq batch[N_SEQ];
+        int who[N_SEQ], nb = 0;
+        for (int q = 0; q < N_SEQ; q++) {
+            int joins = q == LATE ? 2 : 0;
+            if (round < joins || (round > joins && step_of[q] >= N_DECODE)) continue;
+            if (round == joins) {
+                step_of[q] = 0;
+                batch[nb] = (ModelSeq){&caches[q], {.ids = seqs[q].ids, .mm_type = seqs[q].types,
+                                                    .soft_tokens = seqs[q].soft, .n = seqs[q].n, .lora = seqs[q].lora}};
+            } else {
+                batch[nb] = (ModelSeq){&caches[q], {.ids = &next[q], .n = 1, .lora = seqs[q].lora}};
+            }
+            who[nb++] = q;
+        }
+        if (!nb) break;
+        CHECK_STATUS(model_forward_batch(m, batch, nb, out, &err), GF_OK, err);
+        int64_t row = 0;
+        for (int b = 0; b < nb; b++) {
+            Seq *s = &seqs[who[b]];
+            int64_t n = batch[b].in.n, at = n > 1 ? 0 : s->n + step_of[who[b]];
+            worst = fmax(worst, rel_err(out + row * V, s->logits + at * V, n * V));
+            next[who[b]] = argmax(out + (row + n - 1) * V, V);
+            if (n == 1) step_of[who[b]]++;
+            if (step_of[who[b]] < N_DECODE) tokens_ok &= next[who[b]] == s->tokens[step_of[who[b]]];
+            row += n;
+        }
+    }
+    printf("%-8s mixed batch vs alone: max rel err %.3g, greedy tokens %s, %lld blocks free of %lld\n", variant, worst,
+           tokens_ok ? "equal" : "DIFFER", (long long)pool.n_free, (long long)pool.n_blocks);
+    CHECK(worst <= 1e-4, "%s: batched logits differ from alone by %g", variant, worst);
+    CHECK(tokens_ok, "%s: batched greedy tokens differ from alone", variant);
+    for (int q = 0; q < N_SEQ; q++) kv_cache_free(&caches[q]);
+    CHECK(pool.n_free == pool.n_blocks, "%s: every block back in the pool (%lld of %lld)", variant,
+          (long long)pool.n_free, (long long)pool.n_blocks);
+    free(out);
+    kv_pool_free(&pool);
+}
+
+/* Image soft tokens of forward_image through lora (NULL = base). */
+static float *image_soft(Model *m, const SafeTensors *st, const LoraBinding *lora) {
+    const StTensor *px = safetensors_find(st, "pixel_values_u8"), *pos = safetensors_find(st, "image_position_ids");
+    int64_t N = (int64_t)px->shape[1], P = (int64_t)px->shape[2], H = model_config(m)->text.hidden_size, n_soft = 0;
+    float *pixels = malloc((size_t)(N * P) * sizeof(float)), *soft = malloc((size_t)(N * H) * sizeof(float));
+    int32_t *positions = malloc((size_t)(2 * N) * sizeof(int32_t));
+    for (int64_t i = 0; i < N * P; i++) pixels[i] = (float)px->data[i] / 255.0f;
+    for (int64_t i = 0; i < 2 * N; i++) {
+        int64_t v;
+        memcpy(&v, pos->data + 8 * i, 8);
+        positions[i] = (int32_t)v;
+    }
+    GfError err;
+    CHECK_STATUS(model_vision_forward(m, lora, pixels, positions, N, soft, &n_soft, &err), GF_OK, err);
+    free(pixels);
+    free(positions);
+    return soft;
+}
+
+static void image_prompt(Seq *s, const SafeTensors *st, int64_t cut) {
+    const StTensor *ids = safetensors_find(st, "input_ids"), *mm = safetensors_find(st, "mm_token_type_ids");
+    s->n = (int64_t)ids->shape[1] - cut;
+    for (int64_t i = 0; i < s->n; i++) {
+        int64_t v, t;
+        memcpy(&v, ids->data + 8 * i, 8);
+        memcpy(&t, mm->data + 8 * i, 8);
+        s->ids[i] = (int32_t)v;
+        s->types[i] = (uint8_t)t;
+    }
+}
+
+static void run_variant(const char *variant) {
+    char dir[512], path[700];
+    snprintf(dir, sizeof dir, GF_FIXTURES "/%s", variant);
+    Model *m = NULL;
+    GfError err;
+    ModelOptions mo = {.n_threads = 2, .quantize = MODEL_QUANT_NONE};
+    CHECK_STATUS(model_open(dir, &mo, &m, &err), GF_OK, err);
+    if (!m) return;
+    int64_t V = model_config(m)->text.vocab_size;
+    LoraAdapter *ad[3] = {NULL, NULL, NULL};
+    snprintf(path, sizeof path, "%s/lora_lm/adapter_final", dir);
+    CHECK_STATUS(lora_load_dir(path, m, LORA_MAX_RANK, &ad[0], &err), GF_OK, err);
+    const char *all[] = {"all-linear"}, *some[] = {"q_proj", "o_proj", "down_proj"};
+    ad[1] = random_adapter(m, all, 1, 8);
+    ad[2] = random_adapter(m, some, 3, 4);
+    LoraBinding bind[3];
+    for (int i = 0; i < 3; i++) CHECK_STATUS(lora_bind(m, ad[i], &bind[i], &err), GF_OK, err);
+    snprintf(path, sizeof path, "%s/forward_image.safetensors", dir);
+    SafeTensors st;
+    CHECK_STATUS(safetensors_open(path, "forward_image", &st, &err), GF_OK, err);
+    /* adapter of each sequence: interleaved, base = -1 */
+    static const int which[N_SEQ] = {-1, 0, 1, 2, 0, -1, 1, 2};
+    Seq seqs[N_SEQ];
+    memset(seqs, 0, sizeof seqs);
+    for (int q = 0; q < N_SEQ; q++) {
+        Seq *s = &seqs[q];
+        s->lora = which[q] < 0 ? NULL : &bind[which[q]];
+        if (q % 2 == 0) {
+            s->n = 5 + 9 * q;  /* text: 5 .. 59 tokens */
+            s->ids[0] = 2;
+            for (int64_t i = 1; i < s->n; i++) s->ids[i] = 300 + (int32_t)((q * 131 + i * 37) % 700);
+        } else {
+            image_prompt(s, &st, q);  /* the image prompt, cut short by q tokens */
+            s->soft = image_soft(m, &st, s->lora);
+        }
+        s->logits = malloc((size_t)(s->n + N_DECODE) * (size_t)V * sizeof(float));
+        run_alone(m, s, V);
+    }
+    run_batched(m, seqs, V, variant);
+    for (int q = 0; q < N_SEQ; q++) { free(seqs[q].soft); free(seqs[q].logits); }
+    for (int i = 0; i < 3; i++) { lora_binding_free(&bind[i]); lora_free(ad[i]); }
+    safetensors_close(&st);
+    model_close(m);
+}
+
+int main(void) {
+    run_variant("dense");
+    run_variant("ple");
+    run_variant("moe");
+    return check_done("test_batch");
+}
