@@ -1,0 +1,538 @@
+/* serve.c - the engine thread: admission, continuous batching, sampling,
+ * adapter residency. */
+#include "serve.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_CONTROL 64
+
+const double SERVE_HIST_BOUNDS[SERVE_HIST_BUCKETS] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                      0.5,   1.0,  2.5,   5.0,  10.0, 30.0};
+
+/* A resident adapter, bound to the engine's model. */
+typedef struct {
+    char name[128];
+    LoraAdapter *a;
+    LoraBinding b;
+    int refs;                 /* running sequences using it */
+    uint64_t last_used;       /* step counter */
+    int dropped;              /* forgotten: freed when refs reaches 0 */
+} Resident;
+
+struct ServeReq {
+    ServeSubmit s;
+    atomic_int refs;          /* engine + caller */
+    atomic_int cancelled;
+    ServeReq *next;           /* queue link */
+    /* engine thread only, once admitted */
+    Resident *ad;
+    float *soft;              /* [sum n_soft, H] */
+    KvCache cache;
+    int64_t reserved;         /* blocks reserved for prompt + max_tokens */
+    int64_t n_gen;
+    int32_t next_id;
+    int prefilled;
+    uint64_t rng;
+    double t_submit, t_first, t_last;
+};
+
+typedef struct {
+    char name[128];
+    LoraAdapter *a;           /* put: the adapter; drop: NULL */
+} Control;
+
+struct ServeEngine {
+    Model *m;
+    ServeConfig cfg;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    /* under mu */
+    ServeReq *head, *tail;
+    int n_queued;
+    int stopping;
+    Control control[MAX_CONTROL];
+    int n_control;
+    ServeStats stats;
+    /* engine thread */
+    KvPool pool;
+    int64_t reserved;         /* blocks promised to running sequences */
+    ServeReq **active;        /* [max_seqs] */
+    int n_active;
+    Resident **res;           /* [n_res_cap], each owned (requests point at them) */
+    int n_res, n_res_cap;
+    uint64_t step;
+    float *logits;            /* [max_seqs, V] */
+    ModelSeq *batch;          /* [max_seqs] */
+    SampleWork work;
+    double rate_t0;           /* start of the tokens/s window */
+    uint64_t rate_tokens;     /* generated in this step */
+    uint64_t window_tokens;   /* generated in this window */
+};
+
+/* ---- configuration ------------------------------------------------------------ */
+
+void serve_config_default(ServeConfig *c, const Model *m) {
+    memset(c, 0, sizeof *c);
+    c->max_seqs = 16;
+    c->max_queue = 64;
+    c->max_batch_tokens = 4096;
+    c->kv_block_len = 16;
+    int64_t ctx = 8192;
+    uint64_t per_block = kv_block_bytes(m, c->kv_block_len), cap = 64ull << 20;
+    int64_t per_slot = (ctx + c->kv_block_len - 1) / c->kv_block_len;
+    if (per_block && (uint64_t)per_slot * per_block > cap) per_slot = (int64_t)(cap / per_block);
+    c->kv_blocks = per_slot * c->max_seqs;
+    c->max_adapters = 8;
+    c->max_lora_rank = LORA_MAX_RANK;
+}
+
+static int64_t blocks_for(const ServeEngine *e, int64_t positions) {
+    return (positions + e->cfg.kv_block_len - 1) / e->cfg.kv_block_len;
+}
+
+/* ---- requests ------------------------------------------------------------------- */
+
+static void submit_free_arrays(ServeSubmit *s) {
+    free(s->ids);
+    free(s->mm_type);
+    for (int i = 0; i < s->n_images; i++) {
+        free(s->images[i].pixels);
+        free(s->images[i].positions);
+    }
+    free(s->images);
+    s->ids = NULL;
+    s->mm_type = NULL;
+    s->images = NULL;
+}
+
+void serve_release(ServeReq *r) {
+    if (!r || atomic_fetch_sub(&r->refs, 1) != 1) return;
+    submit_free_arrays(&r->s);
+    free(r->soft);
+    kv_cache_free(&r->cache);
+    free(r);
+}
+
+void serve_cancel(ServeReq *r) {
+    if (r) atomic_store(&r->cancelled, 1);
+}
+
+GfStatus serve_submit(ServeEngine *e, ServeSubmit *s, ServeReq **out, GfError *err) {
+    *out = NULL;
+    int64_t need = s->n + s->max_tokens, cap = e->cfg.kv_blocks * e->cfg.kv_block_len;
+    if (blocks_for(e, need) > e->cfg.kv_blocks) {
+        submit_free_arrays(s);
+        return gf_error_set(err, GF_TOO_LARGE, "context_length_exceeded", "max_tokens",
+                            "the prompt has %lld tokens and max_tokens is %lld: %lld in all, over the %lld positions "
+                            "the KV cache holds", (long long)s->n, (long long)s->max_tokens, (long long)need,
+                            (long long)cap);
+    }
+    ServeReq *r = gf_calloc(1, sizeof *r, err);
+    if (!r) { submit_free_arrays(s); return GF_NO_MEMORY; }
+    r->s = *s;
+    memset(s, 0, sizeof *s);
+    atomic_init(&r->refs, 2);
+    atomic_init(&r->cancelled, 0);
+    r->t_submit = gf_time_mono();
+    r->rng = sample_seed(r->s.seed);
+    pthread_mutex_lock(&e->mu);
+    if (e->stopping || e->n_queued >= e->cfg.max_queue) {
+        int stopping = e->stopping;
+        pthread_mutex_unlock(&e->mu);
+        submit_free_arrays(&r->s);
+        free(r);
+        return stopping ? gf_error_set(err, GF_NOT_READY, "shutting_down", NULL, "the server is shutting down")
+                        : gf_error_set(err, GF_BUSY, "queue_full", NULL,
+                                       "%d requests are already waiting for a slot; retry later", e->cfg.max_queue);
+    }
+    if (e->tail) e->tail->next = r;
+    else e->head = r;
+    e->tail = r;
+    e->n_queued++;
+    e->stats.requests++;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    *out = r;
+    return GF_OK;
+}
+
+/* ---- adapters (engine thread) ---------------------------------------------------- */
+
+static void resident_free(Resident *r) {
+    lora_binding_free(&r->b);
+    lora_free(r->a);
+    free(r);
+}
+
+/* Drops idle entries: forgotten ones, then the least recently used while
+ * more than max_adapters are resident. */
+static void evict(ServeEngine *e) {
+    for (;;) {
+        int victim = -1;
+        for (int i = 0; i < e->n_res; i++) {
+            Resident *r = e->res[i];
+            if (r->refs) continue;
+            if (r->dropped) { victim = i; break; }
+            if (e->n_res > e->cfg.max_adapters && (victim < 0 || r->last_used < e->res[victim]->last_used)) victim = i;
+        }
+        if (victim < 0) return;
+        if (!e->res[victim]->dropped) {
+            pthread_mutex_lock(&e->mu);
+            e->stats.adapter_evictions++;
+            pthread_mutex_unlock(&e->mu);
+        }
+        resident_free(e->res[victim]);
+        e->res[victim] = e->res[--e->n_res];
+    }
+}
+
+static Resident *find_resident(ServeEngine *e, const char *name) {
+    for (int i = 0; i < e->n_res; i++)
+        if (!e->res[i]->dropped && strcmp(e->res[i]->name, name) == 0) return e->res[i];
+    return NULL;
+}
+
+static GfStatus add_resident(ServeEngine *e, const char *name, LoraAdapter *a, Resident **out, GfError *err) {
+    evict(e);
+    if (e->n_res == e->n_res_cap) {
+        lora_free(a);
+        return gf_error_set(err, GF_BUSY, "adapters_busy", "model", "every adapter slot is in use; retry later");
+    }
+    Resident *r = gf_calloc(1, sizeof *r, err);
+    if (!r) { lora_free(a); return GF_NO_MEMORY; }
+    if (lora_bind(e->m, a, &r->b, err)) { lora_free(a); free(r); return err->status; }
+    snprintf(r->name, sizeof r->name, "%s", name);
+    r->a = a;
+    r->last_used = e->step;
+    e->res[e->n_res++] = r;
+    *out = r;
+    return GF_OK;
+}
+
+/* The adapter of a request: resident, or loaded now from its directory. */
+static GfStatus acquire_adapter(ServeEngine *e, ServeReq *q, GfError *err) {
+    if (!q->s.adapter[0]) return GF_OK;
+    Resident *r = find_resident(e, q->s.adapter);
+    if (!r) {
+        LoraAdapter *a = NULL;
+        if (lora_load_dir(q->s.adapter_dir, e->m, e->cfg.max_lora_rank, &a, err)) return err->status;
+        if (add_resident(e, q->s.adapter, a, &r, err)) return err->status;
+        pthread_mutex_lock(&e->mu);
+        e->stats.adapter_loads++;
+        pthread_mutex_unlock(&e->mu);
+    }
+    r->refs++;
+    r->last_used = e->step;
+    q->ad = r;
+    return GF_OK;
+}
+
+static void apply_control(ServeEngine *e, Control *c) {
+    for (int i = 0; i < e->n_res; i++)
+        if (strcmp(e->res[i]->name, c->name) == 0) e->res[i]->dropped = 1;
+    evict(e);
+    if (!c->a) return;
+    Resident *r;
+    GfError err;
+    if (add_resident(e, c->name, c->a, &r, &err)) GF_LOGW("adapter %s not kept in memory: %s", c->name, err.message);
+}
+
+static void post_control(ServeEngine *e, const char *name, LoraAdapter *a) {
+    pthread_mutex_lock(&e->mu);
+    if (e->n_control < MAX_CONTROL) {
+        snprintf(e->control[e->n_control].name, sizeof e->control[0].name, "%s", name);
+        e->control[e->n_control++].a = a;
+        a = NULL;
+        pthread_cond_signal(&e->cv);
+    }
+    pthread_mutex_unlock(&e->mu);
+    lora_free(a); /* only when the control list was full: the adapter loads from disk on first use */
+}
+
+void serve_adapter_put(ServeEngine *e, const char *name, LoraAdapter *a) { post_control(e, name, a); }
+void serve_adapter_drop(ServeEngine *e, const char *name) { post_control(e, name, NULL); }
+
+/* ---- ending a request --------------------------------------------------------------- */
+
+static void hist_add(uint64_t *h, double *sum, double v) {
+    int i = 0;
+    while (i < SERVE_HIST_BUCKETS && v > SERVE_HIST_BOUNDS[i]) i++;
+    h[i]++;
+    *sum += v;
+}
+
+/* Sends the END event and lets the request go (its blocks back in the pool). */
+static void finish(ServeEngine *e, ServeReq *q, FinishReason why, const GfError *error) {
+    ServeEvent ev = {.kind = SERVE_END, .finish = why, .error = error, .prompt_tokens = q->s.n,
+                     .completion_tokens = q->n_gen};
+    q->s.sink(q->s.sink_cls, &ev);
+    kv_cache_free(&q->cache);
+    e->reserved -= q->reserved;
+    q->reserved = 0;
+    if (q->ad) q->ad->refs--;
+    q->ad = NULL;
+    pthread_mutex_lock(&e->mu);
+    if (error) e->stats.failed++;
+    else if (why == FINISH_CANCELLED) e->stats.cancelled++;
+    else e->stats.completed++;
+    if (q->n_gen > 1) hist_add(e->stats.tpot, &e->stats.tpot_sum, (q->t_last - q->t_first) / (double)(q->n_gen - 1));
+    pthread_mutex_unlock(&e->mu);
+    serve_release(q);
+}
+
+/* ---- admission -------------------------------------------------------------------- */
+
+/* Vision tower of each image, with the request's adapter. */
+static GfStatus encode_images(ServeEngine *e, ServeReq *q, GfError *err) {
+    if (!q->s.n_images) return GF_OK;
+    int64_t H = model_config(e->m)->text.hidden_size, total = 0;
+    for (int i = 0; i < q->s.n_images; i++) total += q->s.images[i].n_patches;
+    q->soft = gf_malloc((size_t)(total * H) * sizeof(float), err);
+    if (!q->soft) return GF_NO_MEMORY;
+    int64_t at = 0;
+    for (int i = 0; i < q->s.n_images; i++) {
+        ServeImage *im = &q->s.images[i];
+        int64_t got = 0;
+        if (model_vision_forward(e->m, q->ad ? &q->ad->b : NULL, im->pixels, im->positions, im->n_patches,
+                                 q->soft + at * H, &got, err))
+            return err->status;
+        if (got != im->n_soft)
+            return gf_error_set(err, GF_INTERNAL, "internal_error", "image", "image %d gave %lld soft tokens, %lld expected",
+                                i, (long long)got, (long long)im->n_soft);
+        at += got;
+    }
+    return GF_OK;
+}
+
+static GfStatus admit_one(ServeEngine *e, ServeReq *q, GfError *err) {
+    q->reserved = blocks_for(e, q->s.n + q->s.max_tokens);
+    e->reserved += q->reserved;
+    if (acquire_adapter(e, q, err) || encode_images(e, q, err) ||
+        kv_cache_init_paged(&q->cache, &e->pool, q->s.n + q->s.max_tokens, err))
+        return err->status;
+    return GF_OK;
+}
+
+/* Moves queued requests into the batch while slots, blocks and the prefill
+ * budget allow; cancelled ones end without running. */
+static void admit(ServeEngine *e) {
+    int64_t prefill = 0;
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        ServeReq *q = e->head;
+        int ok = q && e->n_active < e->cfg.max_seqs &&
+                 e->reserved + blocks_for(e, q->s.n + q->s.max_tokens) <= e->cfg.kv_blocks &&
+                 (prefill == 0 || prefill + q->s.n <= e->cfg.max_batch_tokens);
+        if (ok) {
+            e->head = q->next;
+            if (!e->head) e->tail = NULL;
+            e->n_queued--;
+        }
+        pthread_mutex_unlock(&e->mu);
+        if (!ok) return;
+        GfError err;
+        if (atomic_load(&q->cancelled)) { finish(e, q, FINISH_CANCELLED, NULL); continue; }
+        if (admit_one(e, q, &err)) { finish(e, q, FINISH_STOP, &err); continue; }
+        prefill += q->s.n;
+        e->active[e->n_active++] = q;
+    }
+}
+
+/* ---- one step ------------------------------------------------------------------------ */
+
+static int by_adapter(const void *a, const void *b) {
+    const ServeReq *x = *(ServeReq *const *)a, *y = *(ServeReq *const *)b;
+    uintptr_t px = (uintptr_t)x->ad, py = (uintptr_t)y->ad;
+    if (px != py) return px < py ? -1 : 1;
+    return x->t_submit < y->t_submit ? -1 : x->t_submit > y->t_submit;
+}
+
+/* Drops cancelled sequences, then orders the rest by adapter. */
+static void prune(ServeEngine *e) {
+    int k = 0;
+    for (int i = 0; i < e->n_active; i++) {
+        ServeReq *q = e->active[i];
+        if (atomic_load(&q->cancelled)) finish(e, q, FINISH_CANCELLED, NULL);
+        else e->active[k++] = q;
+    }
+    e->n_active = k;
+    qsort(e->active, (size_t)e->n_active, sizeof *e->active, by_adapter);
+}
+
+/* Hands sequence i its next token; 1 when it has finished. */
+static int deliver(ServeEngine *e, ServeReq *q, const float *logits, double now) {
+    int32_t id = sample_next(logits, &q->s.sample, &q->rng, &e->work);
+    if (!q->n_gen && !q->t_first) {
+        q->t_first = now;
+        pthread_mutex_lock(&e->mu);
+        hist_add(e->stats.ttft, &e->stats.ttft_sum, now - q->t_submit);
+        pthread_mutex_unlock(&e->mu);
+    }
+    if (model_is_eos(e->m, id)) { finish(e, q, FINISH_STOP, NULL); return 1; }
+    q->n_gen++;
+    q->t_last = now;
+    e->rate_tokens++;
+    ServeEvent ev = {.kind = SERVE_TOKEN, .token = id, .prompt_tokens = q->s.n, .completion_tokens = q->n_gen};
+    if (q->s.sink(q->s.sink_cls, &ev)) { finish(e, q, FINISH_STOP, NULL); return 1; }
+    if (q->n_gen >= q->s.max_tokens) { finish(e, q, FINISH_LENGTH, NULL); return 1; }
+    q->next_id = id;
+    return 0;
+}
+
+static void run_step(ServeEngine *e) {
+    int n = e->n_active;
+    for (int i = 0; i < n; i++) {
+        ServeReq *q = e->active[i];
+        const LoraBinding *lb = q->ad ? &q->ad->b : NULL;
+        if (!q->prefilled)
+            e->batch[i] = (ModelSeq){&q->cache, {.ids = q->s.ids, .mm_type = q->s.mm_type, .soft_tokens = q->soft,
+                                                 .n = q->s.n, .last_logits_only = 1, .lora = lb}};
+        else
+            e->batch[i] = (ModelSeq){&q->cache, {.ids = &q->next_id, .n = 1, .last_logits_only = 1, .lora = lb}};
+    }
+    GfError err;
+    if (model_forward_batch(e->m, e->batch, n, e->logits, &err)) {
+        GF_LOGE("serving step failed: %s", err.message);
+        for (int i = 0; i < n; i++) finish(e, e->active[i], FINISH_STOP, &err);
+        e->n_active = 0;
+        return;
+    }
+    double now = gf_time_mono();
+    int64_t V = model_config(e->m)->text.vocab_size;
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        ServeReq *q = e->active[i];
+        q->prefilled = 1;
+        if (!deliver(e, q, e->logits + (int64_t)i * V, now)) e->active[k++] = q;
+    }
+    e->n_active = k;
+}
+
+/* ---- the thread ------------------------------------------------------------------------ */
+
+static void update_stats(ServeEngine *e) {
+    double now = gf_time_mono();
+    pthread_mutex_lock(&e->mu);
+    e->stats.queued = e->n_queued;
+    e->stats.running = e->n_active;
+    e->stats.resident_adapters = e->n_res;
+    e->stats.kv_blocks_used = e->pool.n_blocks - e->pool.n_free;
+    e->stats.generated_tokens += e->rate_tokens;
+    e->window_tokens += e->rate_tokens;
+    e->rate_tokens = 0;
+    if (now - e->rate_t0 >= 1.0) {
+        e->stats.tokens_per_s = (double)e->window_tokens / (now - e->rate_t0);
+        e->rate_t0 = now;
+        e->window_tokens = 0;
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Waits for work; applies adapter changes; 0 when stopping. */
+static int wait_for_work(ServeEngine *e) {
+    pthread_mutex_lock(&e->mu);
+    while (!e->stopping && !e->head && !e->n_control && e->n_active == 0) pthread_cond_wait(&e->cv, &e->mu);
+    Control ctl[MAX_CONTROL];
+    int n_ctl = e->n_control, stopping = e->stopping;
+    memcpy(ctl, e->control, (size_t)n_ctl * sizeof *ctl);
+    e->n_control = 0;
+    pthread_mutex_unlock(&e->mu);
+    for (int i = 0; i < n_ctl; i++) apply_control(e, &ctl[i]);
+    return !stopping;
+}
+
+static void *engine_main(void *arg) {
+    ServeEngine *e = arg;
+    e->rate_t0 = gf_time_mono();
+    while (wait_for_work(e)) {
+        e->step++;
+        prune(e);
+        admit(e);
+        qsort(e->active, (size_t)e->n_active, sizeof *e->active, by_adapter);
+        if (e->n_active) run_step(e);
+        evict(e);
+        update_stats(e);
+    }
+    GfError err;
+    gf_error_set(&err, GF_NOT_READY, "shutting_down", NULL, "the server is shutting down");
+    for (int i = 0; i < e->n_active; i++) finish(e, e->active[i], FINISH_STOP, &err);
+    e->n_active = 0;
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        ServeReq *q = e->head;
+        if (q) { e->head = q->next; e->n_queued--; }
+        pthread_mutex_unlock(&e->mu);
+        if (!q) break;
+        finish(e, q, FINISH_STOP, &err);
+    }
+    return NULL;
+}
+
+/* ---- lifetime ---------------------------------------------------------------------------- */
+
+static void engine_free(ServeEngine *e) {
+    for (int i = 0; i < e->n_res; i++) resident_free(e->res[i]);
+    for (int i = 0; i < e->n_control; i++) lora_free(e->control[i].a);
+    kv_pool_free(&e->pool);
+    sample_work_free(&e->work);
+    free(e->res);
+    free(e->active);
+    free(e->batch);
+    free(e->logits);
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->cv);
+    free(e);
+}
+
+GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfError *err) {
+    *out = NULL;
+    if (cfg->max_seqs < 1 || cfg->max_queue < 0 || cfg->kv_block_len < 1 || cfg->kv_blocks < 1 || cfg->max_adapters < 0)
+        return gf_error_set(err, GF_INVALID, "invalid_config", NULL, "serving limits must be positive");
+    ServeEngine *e = gf_calloc(1, sizeof *e, err);
+    if (!e) return GF_NO_MEMORY;
+    e->m = m;
+    e->cfg = *cfg;
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->cv, NULL);
+    int64_t V = model_config(m)->text.vocab_size;
+    e->n_res_cap = cfg->max_adapters + cfg->max_seqs;
+    e->res = gf_calloc((size_t)e->n_res_cap, sizeof *e->res, err);
+    e->active = gf_calloc((size_t)cfg->max_seqs, sizeof *e->active, err);
+    e->batch = gf_calloc((size_t)cfg->max_seqs, sizeof *e->batch, err);
+    e->logits = gf_malloc((size_t)cfg->max_seqs * (size_t)V * sizeof(float), err);
+    if (!e->res || !e->active || !e->batch || !e->logits || sample_work_init(&e->work, V, err) ||
+        kv_pool_init(&e->pool, m, cfg->kv_block_len, cfg->kv_blocks, err)) {
+        engine_free(e);
+        return err->status ? err->status : GF_NO_MEMORY;
+    }
+    e->stats.kv_blocks_total = cfg->kv_blocks;
+    e->stats.kv_block_len = cfg->kv_block_len;
+    if (pthread_create(&e->thread, NULL, engine_main, e)) {
+        engine_free(e);
+        return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "cannot start the engine thread");
+    }
+    *out = e;
+    return GF_OK;
+}
+
+void serve_stop(ServeEngine *e) {
+    if (!e) return;
+    pthread_mutex_lock(&e->mu);
+    e->stopping = 1;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    pthread_join(e->thread, NULL);
+    engine_free(e);
+}
+
+void serve_stats(ServeEngine *e, ServeStats *out) {
+    pthread_mutex_lock(&e->mu);
+    *out = e->stats;
+    out->queued = e->n_queued;
+    pthread_mutex_unlock(&e->mu);
+}

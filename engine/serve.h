@@ -1,0 +1,130 @@
+/* serve.h - the serving engine: one thread owns the model, the paged KV
+ * pool and the resident adapters; requests reach it through a bounded queue
+ * and get their tokens back through a per-request callback.
+ *
+ * Continuous batching: at every step boundary the engine admits queued
+ * requests (their images through the vision tower with their own adapter,
+ * their prompts prefilled) beside the running sequences' decoding rows, runs
+ * them all in one model_forward_batch ordered by adapter (each adapter's
+ * LoRA term computed once over its rows), samples each sequence's next token
+ * with its own parameters and random state, and lets finished or cancelled
+ * sequences go at once, their KV blocks back in the pool. A request is
+ * admitted only when the pool can hold its prompt plus max_tokens, so a
+ * running sequence never runs out of blocks.
+ *
+ * Adapters: loaded from their directory on first use (lora_load_dir: keys,
+ * shapes and a no-op adapter refused), kept resident up to max_adapters, the
+ * least recently used idle one dropped beyond that; serve_adapter_put hands
+ * over an adapter already in memory (a job that just succeeded), and
+ * serve_adapter_drop forgets one (deleted): requests already running keep
+ * it until they end.
+ *
+ * Threading: serve_* may be called from any thread. Sinks run on the engine
+ * thread and must not block. The Model belongs to the engine from
+ * serve_start to serve_stop.
+ */
+#ifndef GF_SERVE_H
+#define GF_SERVE_H
+
+#include <stdint.h>
+
+#include "base.h"
+#include "lora.h"
+#include "model.h"
+#include "pipeline.h"
+#include "sample.h"
+
+typedef struct ServeEngine ServeEngine;
+typedef struct ServeReq ServeReq;
+
+typedef struct {
+    int max_seqs;             /* sequences in the running batch */
+    int max_queue;            /* requests waiting for a slot; serve_submit refuses past it */
+    int64_t max_batch_tokens; /* prompt tokens prefilled in one step (at least one prompt) */
+    int64_t kv_block_len;     /* positions per KV block */
+    int64_t kv_blocks;        /* blocks in the pool */
+    int max_adapters;         /* resident adapters kept when idle */
+    int max_lora_rank;
+} ServeConfig;
+
+/* Defaults: 16 sequences, a queue of 64, blocks of 16 positions, enough
+ * blocks for every slot to reach 8192 positions (capped at 64 MiB of KV per
+ * slot), 8 adapters. */
+void serve_config_default(ServeConfig *c, const Model *m);
+
+/* One image, preprocessed by the caller (preprocess_image), pixels in [0, 1]. */
+typedef struct {
+    float *pixels;            /* [n_patches, 3 p^2] */
+    int32_t *positions;       /* [n_patches, 2] */
+    int64_t n_patches, n_soft;
+} ServeImage;
+
+typedef enum { SERVE_TOKEN = 0, SERVE_END } ServeEventKind;
+
+typedef struct {
+    ServeEventKind kind;
+    int32_t token;            /* SERVE_TOKEN */
+    FinishReason finish;      /* SERVE_END without error: stop (eos or the sink), length, cancelled */
+    const GfError *error;     /* SERVE_END: non-NULL when the request failed */
+    int64_t prompt_tokens, completion_tokens;
+} ServeEvent;
+
+/* Receives a request's events in order, ending with exactly one SERVE_END.
+ * Returning nonzero on a token ends the request with FINISH_STOP (a stop
+ * sequence matched). Runs on the engine thread; must not block. */
+typedef int (*ServeSink)(void *cls, const ServeEvent *ev);
+
+typedef struct {
+    int32_t *ids;             /* [n] prompt ids (taken over) */
+    uint8_t *mm_type;         /* [n] 1 on image placeholders (taken over) */
+    int64_t n;
+    ServeImage *images;       /* [n_images] in prompt order (taken over, with their arrays) */
+    int n_images;
+    char adapter[128];        /* "" = the base model */
+    char adapter_dir[4096];   /* where to load the adapter from when it is not resident */
+    int64_t max_tokens;
+    SampleParams sample;
+    uint64_t seed;
+    ServeSink sink;
+    void *sink_cls;
+} ServeSubmit;
+
+GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfError *err);
+/* Ends every request (SERVE_END, error shutting_down) and joins the thread. */
+void serve_stop(ServeEngine *e);
+
+/* Queues a request; s's arrays are taken over whatever the result. GF_BUSY
+ * (queue_full) when the queue is full, GF_TOO_LARGE
+ * (context_length_exceeded, both counts named) when prompt + max_tokens can
+ * never fit. On success *out is a handle for serve_cancel, valid until
+ * serve_release. */
+GfStatus serve_submit(ServeEngine *e, ServeSubmit *s, ServeReq **out, GfError *err);
+/* Ends the request at the next step boundary (FINISH_CANCELLED). */
+void serve_cancel(ServeReq *r);
+void serve_release(ServeReq *r);
+
+/* Hands over an adapter already in memory under name (replacing a resident
+ * one of that name once idle). */
+void serve_adapter_put(ServeEngine *e, const char *name, LoraAdapter *a);
+/* Forgets a resident adapter (running requests keep it until they end). */
+void serve_adapter_drop(ServeEngine *e, const char *name);
+
+#define SERVE_HIST_BUCKETS 12
+
+typedef struct {
+    int queued, running, resident_adapters;
+    int64_t kv_blocks_used, kv_blocks_total, kv_block_len;
+    uint64_t requests, completed, failed, cancelled;
+    uint64_t prompt_tokens, generated_tokens;
+    uint64_t adapter_loads, adapter_evictions;
+    double tokens_per_s;      /* generated tokens per second over the last steps */
+    /* histograms: counts of observations <= SERVE_HIST_BOUNDS[i] seconds, then +Inf */
+    uint64_t ttft[SERVE_HIST_BUCKETS + 1], tpot[SERVE_HIST_BUCKETS + 1];
+    double ttft_sum, tpot_sum;
+} ServeStats;
+
+extern const double SERVE_HIST_BOUNDS[SERVE_HIST_BUCKETS];
+
+void serve_stats(ServeEngine *e, ServeStats *out);
+
+#endif

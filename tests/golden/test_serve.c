@@ -1,0 +1,299 @@
+/* test_serve.c - the serving engine under concurrent requests on the tiny
+ * dense model: 24 requests over the base and four adapters (three handed
+ * over in memory, one loaded from its directory on first use), text and
+ * image prompts, submitted at once into 6 slots so that they join and leave
+ * the running batch as others finish. Each greedy answer must equal the same
+ * prompt generated alone (model_generate_greedy_input with its adapter);
+ * the same seed at temperature 1 gives the same tokens in different
+ * batches; a full queue refuses with queue_full; a cancelled request ends
+ * cancelled; a broken adapter fails only its own request; and every KV block
+ * is back in the pool at the end. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../unit/check.h"
+#include "lora.h"
+#include "model.h"
+#include "safetensors.h"
+#include "serve.h"
+
+#define N_REQ 24
+#define MAX_NEW 12
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int32_t tokens[64];
+    int n, done, cancel_after;
+    FinishReason finish;
+    char error_code[64];
+    ServeReq *handle;
+} Result;
+
+static int sink(void *cls, const ServeEvent *ev) {
+    Result *r = cls;
+    pthread_mutex_lock(&r->mu);
+    if (ev->kind == SERVE_TOKEN && r->n < 64) r->tokens[r->n++] = ev->token;
+    if (ev->kind == SERVE_END) {
+        r->done = 1;
+        r->finish = ev->finish;
+        if (ev->error) snprintf(r->error_code, sizeof r->error_code, "%s", ev->error->code);
+        pthread_cond_signal(&r->cv);
+    }
+    int stop = r->cancel_after && r->n >= r->cancel_after;
+    pthread_mutex_unlock(&r->mu);
+    if (stop && r->handle) serve_cancel(r->handle);
+    return 0;
+}
+
+static void wait_done(Result *r) {
+    pthread_mutex_lock(&r->mu);
+    while (!r->done) pthread_cond_wait(&r->cv, &r->mu);
+    pthread_mutex_unlock(&r->mu);
+}
+
+static uint64_t rs = 12345;
+static float rnd(void) {
+    rs = rs * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rs >> 40) & 0xFFFFFF) / 16777216.0f - 0.5f;
+}
+
+static LoraAdapter *random_adapter(Model *m, const char *target, int rank) {
+    LoraAdapter *a = NULL;
+    GfError err;
+    const char *t[] = {target};
+    CHECK_STATUS(lora_create(m, t, 1, rank, 2.0 * rank, 0, 11, &a, &err), GF_OK, err);
+    for (size_t i = 0; a && i < a->n_pairs; i++)
+        for (int64_t j = 0; j < a->pairs[i].out * a->pairs[i].rank; j++) a->pairs[i].B[j] = 0.1f * rnd();
+    return a;
+}
+
+typedef struct {
+    int32_t ids[128];
+    uint8_t types[128];
+    int64_t n;
+    int image;
+} Prompt1;
+
+static void make_prompt(Prompt1 *p, int q, const SafeTensors *img) {
+    if (q % 3 == 2) {
+        const StTensor *ids = safetensors_find(img, "input_ids"), *mm = safetensors_find(img, "mm_token_type_ids");
+        p->n = (int64_t)ids->shape[1] - 8;
+        for (int64_t i = 0; i < p->n; i++) {
+            int64_t v, t;
+            memcpy(&v, ids->data + 8 * i, 8);
+            memcpy(&t, mm->data + 8 * i, 8);
+            p->ids[i] = (int32_t)v;
+            p->types[i] = (uint8_t)t;
+        }
+        p->image = 1;
+        return;
+    }
+    p->n = 4 + (q * 7) % 40;
+    p->ids[0] = 2;
+    for (int64_t i = 1; i < p->n; i++) p->ids[i] = 300 + (int32_t)((q * 97 + i * 13) % 700);
+    memset(p->types, 0, sizeof p->types);
+    p->image = 0;
+}
+
+/* The one image of forward_image.safetensors as the engine takes it. */
+static ServeImage *image_of(const SafeTensors *st) {
+    const StTensor *px = safetensors_find(st, "pixel_values_u8"), *pos = safetensors_find(st, "image_position_ids");
+    int64_t N = (int64_t)px->shape[1], P = (int64_t)px->shape[2];
+    ServeImage *im = calloc(1, sizeof *im);
+    im->pixels = malloc((size_t)(N * P) * sizeof(float));
+    im->positions = malloc((size_t)(2 * N) * sizeof(int32_t));
+    for (int64_t i = 0; i < N * P; i++) im->pixels[i] = (float)px->data[i] / 255.0f;
+    for (int64_t i = 0; i < 2 * N; i++) {
+        int64_t v;
+        memcpy(&v, pos->data + 8 * i, 8);
+        im->positions[i] = (int32_t)v;
+    }
+    im->n_patches = N;
+    im->n_soft = 60;
+    return im;
+}
+
+static GfStatus submit(ServeEngine *e, const Prompt1 *p, const SafeTensors *img, const char *adapter, const char *dir,
+                       float temperature, uint64_t seed, Result *r, GfError *err) {
+    memset(r, 0, sizeof *r);
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cv, NULL);
+    ServeSubmit s = {.n = p->n, .max_tokens = MAX_NEW, .sample = {temperature, 1.0f, 0}, .seed = seed, .sink = sink,
+                     .sink_cls = r};
+    s.ids = malloc((size_t)p->n * sizeof *s.ids);
+    s.mm_type = malloc((size_t)p->n);
+    memcpy(s.ids, p->ids, (size_t)p->n * sizeof *s.ids);
+    memcpy(s.mm_type, p->types, (size_t)p->n);
+    if (p->image) {
+        s.images = image_of(img);
+        s.n_images = 1;
+    }
+    snprintf(s.adapter, sizeof s.adapter, "%s", adapter ? adapter : "");
+    snprintf(s.adapter_dir, sizeof s.adapter_dir, "%s", dir ? dir : "");
+    return serve_submit(e, &s, &r->handle, err);
+}
+
+/* Greedy alone, with the adapter bound here. */
+static void alone(Model *m, const Prompt1 *p, const SafeTensors *img, const LoraBinding *lb, int32_t *out, int64_t *n_out) {
+    GfError err;
+    float *soft = NULL;
+    if (p->image) {
+        ServeImage *im = image_of(img);
+        soft = malloc((size_t)(60 * model_config(m)->text.hidden_size) * sizeof(float));
+        int64_t got;
+        CHECK_STATUS(model_vision_forward(m, lb, im->pixels, im->positions, im->n_patches, soft, &got, &err), GF_OK, err);
+        free(im->pixels); free(im->positions); free(im);
+    }
+    ModelInput in = {.ids = p->ids, .mm_type = p->types, .soft_tokens = soft, .n = p->n, .lora = lb};
+    CHECK_STATUS(model_generate_greedy_input(m, &in, MAX_NEW, out, n_out, &err), GF_OK, err);
+    if (*n_out && model_is_eos(m, out[*n_out - 1])) (*n_out)--; /* the engine does not emit the eos */
+    free(soft);
+}
+
+int main(void) {
+    const char *dir = GF_FIXTURES "/dense";
+    char final_dir[600], path[600];
+    snprintf(final_dir, sizeof final_dir, "%s/lora_lm/adapter_final", dir);
+    snprintf(path, sizeof path, "%s/forward_image.safetensors", dir);
+    GfError err;
+    Model *m = NULL, *ref = NULL;
+    ModelOptions mo = {.n_threads = 2, .quantize = MODEL_QUANT_NONE};
+    CHECK_STATUS(model_open(dir, &mo, &m, &err), GF_OK, err);
+    CHECK_STATUS(model_open(dir, &mo, &ref, &err), GF_OK, err);
+    SafeTensors img;
+    CHECK_STATUS(safetensors_open(path, "forward_image", &img, &err), GF_OK, err);
+    if (!m || !ref) return check_done("test_serve");
+    /* the adapters: three random ones, saved (so an evicted one can load
+     * again) and handed over in memory; the golden adapter_final loads from
+     * its directory on first use. Each is also bound to the reference model. */
+    const char *names[4] = {"a-q", "a-all", "a-down", "a-final"};
+    const char *targets[3] = {"q_proj", "all-linear", "down_proj"};
+    char dirs[4][600];
+    LoraAdapter *mine[4], *theirs[3];
+    LoraBinding bind[4];
+    for (int i = 0; i < 3; i++) {
+        rs = 1000 + (uint64_t)i;
+        mine[i] = random_adapter(ref, targets[i], 4);
+        rs = 1000 + (uint64_t)i;
+        theirs[i] = random_adapter(m, targets[i], 4);
+        CHECK_STATUS(lora_bind(ref, mine[i], &bind[i], &err), GF_OK, err);
+        snprintf(dirs[i], sizeof dirs[i], "/tmp/gf_test_serve_%d_%d", (int)getpid(), i);
+        mkdir(dirs[i], 0700);
+        CHECK_STATUS(lora_save_dir(mine[i], dirs[i], &err), GF_OK, err);
+    }
+    snprintf(dirs[3], sizeof dirs[3], "%s", final_dir);
+    CHECK_STATUS(lora_load_dir(final_dir, ref, LORA_MAX_RANK, &mine[3], &err), GF_OK, err);
+    CHECK_STATUS(lora_bind(ref, mine[3], &bind[3], &err), GF_OK, err);
+
+    ServeConfig cfg;
+    serve_config_default(&cfg, m);
+    cfg.max_seqs = 6;
+    cfg.max_queue = N_REQ;
+    cfg.kv_block_len = 8;
+    cfg.kv_blocks = 6 * 16;
+    cfg.max_adapters = 2;  /* fewer than in use: LRU eviction and reloads happen */
+    ServeEngine *e = NULL;
+    CHECK_STATUS(serve_start(m, &cfg, &e, &err), GF_OK, err);
+    if (!e) return check_done("test_serve");
+    for (int i = 0; i < 3; i++) serve_adapter_put(e, names[i], theirs[i]);
+
+    Prompt1 prompts[N_REQ];
+    Result res[N_REQ];
+    int which[N_REQ];
+    for (int q = 0; q < N_REQ; q++) {
+        make_prompt(&prompts[q], q, &img);
+        which[q] = q % 5 - 1; /* -1 = base */
+        const char *name = which[q] < 0 ? NULL : names[which[q]];
+        CHECK_STATUS(submit(e, &prompts[q], &img, name, which[q] < 0 ? NULL : dirs[which[q]], 0.0f, 0, &res[q], &err),
+                     GF_OK, err);
+    }
+    int all_equal = 1;
+    for (int q = 0; q < N_REQ; q++) {
+        wait_done(&res[q]);
+        int32_t want[MAX_NEW + 1];
+        int64_t nw = 0;
+        alone(ref, &prompts[q], &img, which[q] < 0 ? NULL : &bind[which[q]], want, &nw);
+        int same = res[q].n == nw && memcmp(res[q].tokens, want, (size_t)nw * sizeof *want) == 0 && !res[q].error_code[0];
+        if (!same)
+            printf("request %d (adapter %d, %s): %d tokens vs %lld alone, error '%s'\n", q, which[q],
+                   prompts[q].image ? "image" : "text", res[q].n, (long long)nw, res[q].error_code);
+        all_equal &= same;
+        serve_release(res[q].handle);
+    }
+    CHECK(all_equal, "every batched greedy answer equals its prompt generated alone");
+
+    /* the same seed at temperature 1 in two different batches */
+    Result s1, s2, other;
+    CHECK_STATUS(submit(e, &prompts[1], &img, names[1], dirs[1], 1.0f, 77, &s1, &err), GF_OK, err);
+    CHECK_STATUS(submit(e, &prompts[4], &img, NULL, NULL, 1.0f, 5, &other, &err), GF_OK, err);
+    wait_done(&s1);
+    CHECK_STATUS(submit(e, &prompts[1], &img, names[1], dirs[1], 1.0f, 77, &s2, &err), GF_OK, err);
+    wait_done(&s2);
+    wait_done(&other);
+    CHECK(s1.n == s2.n && s1.n > 0 && memcmp(s1.tokens, s2.tokens, (size_t)s1.n * sizeof(int32_t)) == 0,
+          "same seed, same sampled tokens (%d and %d tokens)", s1.n, s2.n);
+    serve_release(s1.handle); serve_release(s2.handle); serve_release(other.handle);
+
+    /* cancel after two tokens */
+    Result c;
+    c.cancel_after = 0;
+    CHECK_STATUS(submit(e, &prompts[0], &img, NULL, NULL, 0.0f, 0, &c, &err), GF_OK, err);
+    pthread_mutex_lock(&c.mu);
+    c.cancel_after = 2;
+    pthread_mutex_unlock(&c.mu);
+    wait_done(&c);
+    CHECK(c.finish == FINISH_CANCELLED || c.n == MAX_NEW, "cancelled request ends cancelled (finish %d, %d tokens)",
+          (int)c.finish, c.n);
+    serve_release(c.handle);
+
+    /* an adapter directory that does not hold an adapter fails its own request only */
+    Result bad, good;
+    CHECK_STATUS(submit(e, &prompts[0], &img, "broken", GF_FIXTURES "/dense", 0.0f, 0, &bad, &err), GF_OK, err);
+    CHECK_STATUS(submit(e, &prompts[0], &img, NULL, NULL, 0.0f, 0, &good, &err), GF_OK, err);
+    wait_done(&bad);
+    wait_done(&good);
+    CHECK(bad.error_code[0] && bad.n == 0, "broken adapter: request failed (%s)", bad.error_code);
+    CHECK(!good.error_code[0] && good.n > 0, "the next request is served");
+    serve_release(bad.handle); serve_release(good.handle);
+
+    /* prompt + max_tokens over the pool */
+    Prompt1 big;
+    make_prompt(&big, 0, &img);
+    ServeSubmit s = {.n = big.n, .max_tokens = 100000, .sink = sink};
+    s.ids = malloc((size_t)big.n * sizeof *s.ids);
+    memcpy(s.ids, big.ids, (size_t)big.n * sizeof *s.ids);
+    ServeReq *h = NULL;
+    GfStatus st = serve_submit(e, &s, &h, &err);
+    CHECK(st == GF_TOO_LARGE && strcmp(err.code, "context_length_exceeded") == 0 && strstr(err.message, "100000"),
+          "too long: %s", err.message);
+
+    ServeStats stats;
+    usleep(100 * 1000);
+    serve_stats(e, &stats);
+    printf("served %llu requests (%llu completed, %llu failed, %llu cancelled), %llu tokens; adapter loads %llu, "
+           "evictions %llu; KV blocks in use %lld\n", (unsigned long long)stats.requests,
+           (unsigned long long)stats.completed, (unsigned long long)stats.failed, (unsigned long long)stats.cancelled,
+           (unsigned long long)stats.generated_tokens, (unsigned long long)stats.adapter_loads,
+           (unsigned long long)stats.adapter_evictions, (long long)stats.kv_blocks_used);
+    CHECK(stats.kv_blocks_used == 0, "every KV block back in the pool");
+    CHECK(stats.adapter_evictions > 0 && stats.adapter_loads > 0, "LRU evicted and reloaded adapters");
+    serve_stop(e);
+    for (int i = 0; i < 4; i++) { lora_binding_free(&bind[i]); lora_free(mine[i]); }
+    for (int i = 0; i < 3; i++) {
+        char f[3000];
+        snprintf(f, sizeof f, "%s/adapter_config.json", dirs[i]);
+        unlink(f);
+        snprintf(f, sizeof f, "%s/adapter_model.safetensors", dirs[i]);
+        unlink(f);
+        rmdir(dirs[i]);
+    }
+    safetensors_close(&img);
+    model_close(m);
+    model_close(ref);
+    return check_done("test_serve");
+}
