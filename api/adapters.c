@@ -13,6 +13,7 @@
 #include "api.h"
 #include "common.h"
 #include "reply.h"
+#include "serve.h"
 #include "sha256.h"
 #include "tar.h"
 
@@ -119,6 +120,7 @@ GfStatus adapters_create(Api *api, const HttpReq *req, HttpResp *resp) {
     row.bytes = w->size + cfg->size;
     row.created_at = gf_time_unix();
     if (store_adapter_create(api->store, &row, cfg->path, w->path, &err)) return reply_error(resp, &err, NULL);
+    if (api->serving.serve) serve_adapter_drop(api->serving.serve, row.name); /* no stale copy of an older one */
     return reply_json(resp, 201, adapter_json(&row));
 }
 
@@ -149,6 +151,7 @@ GfStatus adapters_get(Api *api, const HttpReq *req, HttpResp *resp) {
 GfStatus adapters_delete(Api *api, const HttpReq *req, HttpResp *resp) {
     GfError err;
     if (store_adapter_delete(api->store, req->params[0], &err)) return reply_error(resp, &err, NULL);
+    if (api->serving.serve) serve_adapter_drop(api->serving.serve, req->params[0]); /* running requests finish */
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "id", req->params[0]);
     cJSON_AddStringToObject(o, "object", "adapter");

@@ -12,8 +12,11 @@
 
 #include <stdint.h>
 
+#include "chat.h"
+#include "config.h"
 #include "http.h"
 #include "metrics.h"
+#include "preprocess.h"
 #include "store.h"
 
 typedef struct {
@@ -36,11 +39,25 @@ typedef struct {
     const void *base_shapes;         /* AdapterBase * of the model's safetensors, or NULL */
 } ApiModel;
 
+/* Serving: what the inference routes need of the engine (NULL serve = not
+ * serving: the routes answer 503 model_not_loaded). */
+typedef struct {
+    struct ServeEngine *serve;       /* serve.h */
+    const struct Tokenizer *tok;
+    const ChatTemplate *tpl;
+    const PreprocessConfig *pre;
+    const GemmaConfig *cfg;
+    int64_t max_tokens;              /* cap on a request's max_tokens */
+    int max_images;                  /* per request */
+    int max_messages;
+} ApiServing;
+
 typedef struct {
     Store *store;
     Metrics *metrics;
     ApiLimits limits;
     ApiModel model;
+    ApiServing serving;
     int64_t started_at;
 } Api;
 
@@ -89,5 +106,7 @@ GfStatus adapters_delete(Api *, const HttpReq *, HttpResp *);
 GfStatus adapters_download(Api *, const HttpReq *, HttpResp *);
 GfStatus models_list(Api *, const HttpReq *, HttpResp *);
 GfStatus not_built(Api *, const HttpReq *, HttpResp *);
+GfStatus chat_completions_create(Api *, const HttpReq *, HttpResp *);
+GfStatus infer_create(Api *, const HttpReq *, HttpResp *);
 
 #endif

@@ -49,10 +49,30 @@ typedef struct {
 } HttpReq;
 
 /* Reads up to max bytes at pos into buf; returns bytes written, 0 at the end,
- * -1 on error (the server then aborts the connection). */
+ * -1 on error (the server then aborts the connection), or HTTP_STREAM_WAIT
+ * when nothing is ready yet (deferred replies only: the server suspends the
+ * connection until the producer's wake). */
 typedef ssize_t (*HttpStreamRead)(void *cls, uint64_t pos, char *buf, size_t max);
+#define HTTP_STREAM_WAIT ((ssize_t)-2)
+
+/* A reply produced later by another thread (inference). The server suspends
+ * the connection, no thread waits: it calls arm once with a wake function
+ * that the producer calls (any thread, any number of times, never after
+ * abandon has returned) when take or the stream has something new; then,
+ * on each wake, take, which fills the reply (status and body, or status and
+ * stream) once its head is known and returns 1, or returns 0 to keep
+ * waiting. abandon is called exactly once when the connection ends (done,
+ * client gone, shutdown): it cancels the work and releases cls. */
+struct HttpResp;
 
 typedef struct {
+    void *cls;
+    void (*arm)(void *cls, void (*wake)(void *wake_cls), void *wake_cls);
+    int (*take)(void *cls, struct HttpResp *resp);
+    void (*abandon)(void *cls);
+} HttpDeferred;
+
+typedef struct HttpResp {
     int status;                    /* HTTP status */
     char content_type[96];
     char *body;                    /* malloc'd, owned by the server after return */
@@ -63,7 +83,10 @@ typedef struct {
     HttpStreamRead stream;         /* set instead of body for large downloads */
     void *stream_cls;
     void (*stream_free)(void *cls);
-    uint64_t stream_size;          /* total bytes of the stream */
+    uint64_t stream_size;          /* total bytes of the stream; HTTP_SIZE_UNKNOWN = chunked */
+    HttpDeferred deferred;         /* set (deferred.take != NULL) instead of status for a later reply */
 } HttpResp;
+
+#define HTTP_SIZE_UNKNOWN UINT64_MAX
 
 #endif

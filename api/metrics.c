@@ -1,5 +1,6 @@
 /* metrics.c - request counters and latency histograms, and GET /metrics. */
 #include "metrics.h"
+#include "serve.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -101,6 +102,48 @@ static void put_store(Text *t, const StoreCounts *c) {
         (unsigned long long)c->adapters);
 }
 
+static void put_hist(Text *t, const char *name, const char *help, const uint64_t *h, double sum) {
+    put(t, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    uint64_t cum = 0;
+    for (int b = 0; b < SERVE_HIST_BUCKETS; b++) {
+        cum += h[b];
+        put(t, "%s_bucket{le=\"%g\"} %llu\n", name, SERVE_HIST_BOUNDS[b], (unsigned long long)cum);
+    }
+    cum += h[SERVE_HIST_BUCKETS];
+    put(t, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name, (unsigned long long)cum, name, sum, name,
+        (unsigned long long)cum);
+}
+
+/* The serving engine's gauges, counters and latency histograms. */
+static void put_serving(Text *t, ServeEngine *e) {
+    ServeStats s;
+    serve_stats(e, &s);
+    put(t, "# HELP gf_inference_queue_depth Inference requests waiting for a slot.\n# TYPE gf_inference_queue_depth gauge\n"
+           "gf_inference_queue_depth %d\n", s.queued);
+    put(t, "# HELP gf_inference_running Sequences in the running batch.\n# TYPE gf_inference_running gauge\n"
+           "gf_inference_running %d\n", s.running);
+    put(t, "# HELP gf_inference_tokens_per_second Generated tokens per second (last second).\n"
+           "# TYPE gf_inference_tokens_per_second gauge\ngf_inference_tokens_per_second %.3f\n", s.tokens_per_s);
+    put(t, "# HELP gf_inference_requests_total Inference requests by outcome.\n# TYPE gf_inference_requests_total counter\n"
+           "gf_inference_requests_total{outcome=\"completed\"} %llu\ngf_inference_requests_total{outcome=\"failed\"} %llu\n"
+           "gf_inference_requests_total{outcome=\"cancelled\"} %llu\n", (unsigned long long)s.completed,
+        (unsigned long long)s.failed, (unsigned long long)s.cancelled);
+    put(t, "# HELP gf_inference_generated_tokens_total Tokens generated.\n# TYPE gf_inference_generated_tokens_total counter\n"
+           "gf_inference_generated_tokens_total %llu\n", (unsigned long long)s.generated_tokens);
+    put(t, "# HELP gf_adapter_loads_total Adapters loaded into the engine.\n# TYPE gf_adapter_loads_total counter\n"
+           "gf_adapter_loads_total %llu\n", (unsigned long long)s.adapter_loads);
+    put(t, "# HELP gf_adapter_evictions_total Idle adapters dropped beyond the resident budget.\n"
+           "# TYPE gf_adapter_evictions_total counter\ngf_adapter_evictions_total %llu\n",
+        (unsigned long long)s.adapter_evictions);
+    put(t, "# HELP gf_adapters_resident Adapters in the engine's memory.\n# TYPE gf_adapters_resident gauge\n"
+           "gf_adapters_resident %d\n", s.resident_adapters);
+    put(t, "# HELP gf_kv_blocks_used KV cache blocks in use.\n# TYPE gf_kv_blocks_used gauge\ngf_kv_blocks_used %lld\n"
+           "# HELP gf_kv_blocks_total KV cache blocks in the pool.\n# TYPE gf_kv_blocks_total gauge\ngf_kv_blocks_total %lld\n",
+        (long long)s.kv_blocks_used, (long long)s.kv_blocks_total);
+    put_hist(t, "gf_time_to_first_token_seconds", "From submission to the first generated token.", s.ttft, s.ttft_sum);
+    put_hist(t, "gf_time_per_output_token_seconds", "Mean time between a request's generated tokens.", s.tpot, s.tpot_sum);
+}
+
 static void put_devices(Text *t) {
     KnDeviceInfo dev[KN_MAX_DEVICES];
     int n = kn_devices_probe(dev);
@@ -130,6 +173,7 @@ GfStatus metrics_get(Api *api, const HttpReq *req, HttpResp *resp) {
     put_store(&t, &counts);
     put(&t, "# HELP gf_model_loaded 1 when the base model's weights are loaded.\n# TYPE gf_model_loaded gauge\n"
             "gf_model_loaded %d\n", api->model.loaded);
+    if (api->serving.serve) put_serving(&t, api->serving.serve);
     put_devices(&t);
     put(&t, "# HELP gf_uptime_seconds Seconds since the server started.\n# TYPE gf_uptime_seconds gauge\n"
             "gf_uptime_seconds %lld\n", (long long)(gf_time_unix() - api->started_at));

@@ -1,5 +1,5 @@
 /* routes.c - the route table, limits, and the small handlers: health,
- * readiness, models and the routes whose machinery is not built yet. */
+ * readiness, models and the route whose machinery is not built yet (merge). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,8 +30,8 @@ const Route API_ROUTES[] = {
     {"GET", "/v1/adapters/{name}/download", adapters_download, 1, BODY_NONE, 0, "GET /v1/adapters/{name}/download", 0},
     {"POST", "/v1/adapters/{name}/merge", not_built, 1, BODY_JSON, 0, "POST /v1/adapters/{name}/merge", 0},
     {"GET", "/v1/models", models_list, 1, BODY_NONE, 0, "GET /v1/models", 0},
-    {"POST", "/v1/chat/completions", not_built, 1, BODY_JSON, 8 * MiB, "POST /v1/chat/completions", 0},
-    {"POST", "/v1/infer", not_built, 1, BODY_MULTIPART, 32 * MiB, "POST /v1/infer", 0},
+    {"POST", "/v1/chat/completions", chat_completions_create, 1, BODY_JSON, 64 * MiB, "POST /v1/chat/completions", 0},
+    {"POST", "/v1/infer", infer_create, 1, BODY_MULTIPART, 32 * MiB, "POST /v1/infer", 0},
 };
 const int API_N_ROUTES = (int)(sizeof API_ROUTES / sizeof API_ROUTES[0]);
 
@@ -80,12 +80,9 @@ GfStatus ready_get(Api *api, const HttpReq *req, HttpResp *resp) {
 
 GfStatus not_built(Api *api, const HttpReq *req, HttpResp *resp) {
     (void)api;
-    const char *what = strstr(req->path, "/merge") ? "merging an adapter into the base checkpoint"
-                                                   : "inference (chat completions and /v1/infer)";
+    (void)req;
     return reply_fail(resp, GF_NOT_IMPLEMENTED, "not_implemented", NULL,
-                      "%s is not built yet in the server: the engine answers image questions, with or without "
-                      "an adapter, from the command line (gemmaforge infer --adapter DIR), but serving over HTTP "
-                      "(engine thread, batching, per-request adapters) is not built", what);
+                      "merging an adapter into the base checkpoint is not built yet");
 }
 
 /* ---- models ------------------------------------------------------------ */

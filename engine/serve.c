@@ -15,7 +15,7 @@ const double SERVE_HIST_BOUNDS[SERVE_HIST_BUCKETS] = {0.005, 0.01, 0.025, 0.05, 
 
 /* A resident adapter, bound to the engine's model. */
 typedef struct {
-    char name[128];
+    char name[260];
     LoraAdapter *a;
     LoraBinding b;
     int refs;                 /* running sequences using it */
@@ -41,7 +41,7 @@ struct ServeReq {
 };
 
 typedef struct {
-    char name[128];
+    char name[260];
     LoraAdapter *a;           /* put: the adapter; drop: NULL */
 } Control;
 
@@ -523,10 +523,16 @@ GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfErro
 void serve_stop(ServeEngine *e) {
     if (!e) return;
     pthread_mutex_lock(&e->mu);
+    int running = !e->stopping;
     e->stopping = 1;
     pthread_cond_signal(&e->cv);
     pthread_mutex_unlock(&e->mu);
-    pthread_join(e->thread, NULL);
+    if (running) pthread_join(e->thread, NULL);
+}
+
+void serve_free(ServeEngine *e) {
+    if (!e) return;
+    serve_stop(e);
     engine_free(e);
 }
 

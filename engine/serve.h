@@ -80,7 +80,7 @@ typedef struct {
     int64_t n;
     ServeImage *images;       /* [n_images] in prompt order (taken over, with their arrays) */
     int n_images;
-    char adapter[128];        /* "" = the base model */
+    char adapter[260];        /* "" = the base model */
     char adapter_dir[4096];   /* where to load the adapter from when it is not resident */
     int64_t max_tokens;
     SampleParams sample;
@@ -90,8 +90,11 @@ typedef struct {
 } ServeSubmit;
 
 GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfError *err);
-/* Ends every request (SERVE_END, error shutting_down) and joins the thread. */
+/* Ends every request (SERVE_END, error shutting_down) and joins the thread;
+ * later submits are refused with shutting_down. */
 void serve_stop(ServeEngine *e);
+/* Stops (if needed) and frees the engine; no other call may be running. */
+void serve_free(ServeEngine *e);
 
 /* Queues a request; s's arrays are taken over whatever the result. GF_BUSY
  * (queue_full) when the queue is full, GF_TOO_LARGE

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <microhttpd.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,6 +58,13 @@ typedef struct {
     /* Idempotency-Key: the request's content is hashed as it arrives */
     char idem_key[256];        /* "" = none */
     GfSha256 idem_hash;
+    /* deferred reply (inference): the connection sleeps until the producer wakes it */
+    struct MHD_Connection *conn;
+    HttpDeferred def;          /* def.take != NULL once armed */
+    pthread_mutex_t wake_mu;   /* guards suspended and woken */
+    int suspended, woken;
+    HttpStreamRead def_read;   /* the deferred reply's stream */
+    void *def_read_cls;
 } Req;
 
 /* ---- small helpers ---------------------------------------------------- */
@@ -91,7 +99,8 @@ static void add_headers(struct MHD_Response *r, const Req *q, const HttpResp *re
 static enum MHD_Result send_resp(struct MHD_Connection *c, Req *q, HttpResp *resp, int close_after) {
     struct MHD_Response *r;
     if (resp->stream) {
-        r = MHD_create_response_from_callback(resp->stream_size, 64 * 1024, (MHD_ContentReaderCallback)resp->stream,
+        uint64_t size = resp->stream_size == HTTP_SIZE_UNKNOWN ? MHD_SIZE_UNKNOWN : resp->stream_size;
+        r = MHD_create_response_from_callback(size, 64 * 1024, (MHD_ContentReaderCallback)resp->stream,
                                               resp->stream_cls, resp->stream_free);
         resp->stream = NULL;
     } else {
@@ -412,6 +421,72 @@ static int idempotency_gate(Req *q, struct MHD_Connection *c, enum MHD_Result *r
     return 1;
 }
 
+/* ---- deferred replies: suspend, wake, resume ------------------------------- */
+
+/* Producer side (any thread): something new for q. */
+static void wake_conn(void *cls) {
+    Req *q = cls;
+    pthread_mutex_lock(&q->wake_mu);
+    q->woken = 1;
+    if (q->suspended) {
+        q->suspended = 0;
+        MHD_resume_connection(q->conn);
+    }
+    pthread_mutex_unlock(&q->wake_mu);
+}
+
+/* Suspends q's connection unless a wake came since `woken` was cleared;
+ * 1 when suspended, 0 when the caller should look again. */
+static int sleep_unless_woken(Req *q) {
+    pthread_mutex_lock(&q->wake_mu);
+    int sleep = !q->woken;
+    if (sleep) {
+        q->suspended = 1;
+        MHD_suspend_connection(q->conn);
+    }
+    pthread_mutex_unlock(&q->wake_mu);
+    return sleep;
+}
+
+static void clear_woken(Req *q) {
+    pthread_mutex_lock(&q->wake_mu);
+    q->woken = 0;
+    pthread_mutex_unlock(&q->wake_mu);
+}
+
+/* MHD's reader for a deferred stream: waits (suspended) for bytes. */
+static ssize_t deferred_read(void *cls, uint64_t pos, char *buf, size_t max) {
+    Req *q = cls;
+    for (;;) {
+        clear_woken(q);
+        ssize_t n = q->def_read(q->def_read_cls, pos, buf, max);
+        if (n > 0) return n;
+        if (n == 0) return MHD_CONTENT_READER_END_OF_STREAM;
+        if (n != HTTP_STREAM_WAIT) return MHD_CONTENT_READER_END_WITH_ERROR;
+        if (sleep_unless_woken(q)) return 0;
+    }
+}
+
+/* Sends the deferred reply once its head is known, else sleeps. */
+static enum MHD_Result deferred_poll(Req *q, struct MHD_Connection *c) {
+    for (;;) {
+        clear_woken(q);
+        HttpResp resp;
+        memset(&resp, 0, sizeof resp);
+        if (q->def.take(q->def.cls, &resp)) {
+            if (resp.stream) {
+                q->def_read = resp.stream;
+                q->def_read_cls = resp.stream_cls;
+                resp.stream = deferred_read;
+                resp.stream_cls = q;
+                resp.stream_free = NULL; /* the stream belongs to the deferred reply (abandon) */
+            }
+            return send_resp(c, q, &resp, 0);
+        }
+        if (sleep_unless_woken(q)) return MHD_YES;
+    }
+}
+
 static enum MHD_Result dispatch(Req *q, struct MHD_Connection *c) {
     Httpd *h = q->httpd;
     GfError err;
@@ -426,6 +501,11 @@ static enum MHD_Result dispatch(Req *q, struct MHD_Connection *c) {
     HttpResp resp;
     memset(&resp, 0, sizeof resp);
     q->route->handler(h->api, &req, &resp);
+    if (resp.deferred.take) {
+        q->def = resp.deferred;
+        q->def.arm(q->def.cls, wake_conn, q);
+        return deferred_poll(q, c);
+    }
     if (!resp.status) reply_fail(&resp, GF_INTERNAL, "internal_error", NULL, "the handler produced no response");
     if (q->idem_key[0] && resp.status >= 200 && resp.status < 300)
         store_idem_finish(h->api->store, q->idem_key, q->route->name, resp.status, resp.body, resp.body_len);
@@ -443,13 +523,14 @@ static enum MHD_Result serve_static(Req *q, struct MHD_Connection *c, const char
 }
 
 static Req *req_new(Httpd *h, struct MHD_Connection *c, const char *url, const char *method) {
-    (void)c;
     Req *q = calloc(1, sizeof *q);
     if (!q) return NULL;
     q->httpd = h;
     q->t_start = gf_time_mono();
     q->cur_fd = -1;
     q->route_index = -1;
+    q->conn = c;
+    pthread_mutex_init(&q->wake_mu, NULL);
     uint8_t raw[8];
     if (gf_random_bytes(raw, sizeof raw) == 0) {
         char hex[17];
@@ -462,6 +543,7 @@ static Req *req_new(Httpd *h, struct MHD_Connection *c, const char *url, const c
     if (!q->path || !q->param_storage) {
         free(q->path);
         free(q->param_storage);
+        pthread_mutex_destroy(&q->wake_mu);
         free(q);
         return NULL;
     }
@@ -490,6 +572,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         *upload_data_size = 0;
         return q->received > q->body_max ? MHD_NO : MHD_YES;
     }
+    if (q->def.take && !q->responded) return deferred_poll(q, c);
     if (q->responded) return MHD_YES;
     if (q->route_index == -2) return serve_static(q, c, url);
     return dispatch(q, c);
@@ -506,6 +589,8 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
     metrics_observe(q->httpd->api->metrics, q->route_index >= 0 ? q->route_index : -1, status, dt);
     GF_LOGI("%s %s %d %.1fms %s%s", q->method, q->path, status, dt * 1000.0, q->request_id,
             toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED ? " timeout" : " aborted");
+    if (q->def.abandon) q->def.abandon(q->def.cls); /* no wake after this returns */
+    pthread_mutex_destroy(&q->wake_mu);
     if (q->pp) MHD_destroy_post_processor(q->pp);
     if (q->cur_fd >= 0) close(q->cur_fd);
     if (q->upload_dir[0]) fs_remove_tree(q->upload_dir);
@@ -533,7 +618,8 @@ Httpd *httpd_start(const HttpdConfig *cfg, Api *api, GfError *err) {
         gf_error_set(err, GF_INVALID, NULL, "host", "--host must be an IPv4 address");
         return NULL;
     }
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG | MHD_USE_ITC;
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG | MHD_USE_ITC |
+                     MHD_ALLOW_SUSPEND_RESUME;
     h->mhd = MHD_start_daemon(
         flags, cfg->port, NULL, NULL, on_request, h, MHD_OPTION_SOCK_ADDR, &addr,
         MHD_OPTION_THREAD_POOL_SIZE, cfg->threads, MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections,
@@ -553,7 +639,7 @@ uint16_t httpd_port(const Httpd *h) {
     return info ? info->port : 0;
 }
 
-void httpd_stop(Httpd *h, unsigned drain_s) {
+void httpd_stop(Httpd *h, unsigned drain_s, void (*drained)(void *cls), void *cls) {
     if (!h) return;
     MHD_quiesce_daemon(h->mhd);
     double deadline = gf_time_mono() + drain_s;
@@ -562,6 +648,8 @@ void httpd_stop(Httpd *h, unsigned drain_s) {
         if (!info || info->num_connections == 0) break;
         usleep(50 * 1000);
     }
+    if (drained) drained(cls); /* ends deferred replies, so no connection stays suspended */
+    usleep(100 * 1000);
     MHD_stop_daemon(h->mhd);
     free(h);
 }

@@ -56,6 +56,8 @@ uint16_t httpd_port(const Httpd *h);
 
 /* Stops accepting, waits up to drain_s seconds for requests in flight, then
  * shuts down and frees. NULL-safe. */
-void httpd_stop(Httpd *h, unsigned drain_s);
+/* drained (may be NULL) runs after the drain wait, before the daemon stops:
+ * it must end every deferred reply (the serving engine's stop does). */
+void httpd_stop(Httpd *h, unsigned drain_s, void (*drained)(void *cls), void *cls);
 
 #endif

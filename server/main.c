@@ -15,6 +15,8 @@
 #include "jobs.h"
 #include "kernels.h"
 #include "model.h"
+#include "pipeline.h"
+#include "serve.h"
 #include "store_open.h"
 
 #define VERSION "0.1.0"
@@ -28,6 +30,11 @@ typedef struct {
     int verbose;
     int train_threads;
     int no_train;
+    int max_seqs;                 /* 0 = default */
+    int max_inference_queue;      /* -1 = default */
+    int64_t max_context;          /* 0 = default: KV room per slot */
+    int max_resident_adapters;    /* -1 = default */
+    int64_t max_tokens;           /* 0 = default cap on max_tokens */
 } ServeOptions;
 
 static void usage(FILE *f) {
@@ -66,6 +73,11 @@ static void usage(FILE *f) {
             "  --max-connections N     (default 256)   --per-ip-connections N (default 64)\n"
             "  --timeout S             idle connection timeout in seconds (default 30)\n"
             "  --max-queued-jobs N     (default 100)   --min-examples N (default 10)\n"
+            "  --max-seqs N            sequences decoding at once (default 16)\n"
+            "  --max-queue N           inference requests waiting for a slot; 429 beyond (default 64)\n"
+            "  --max-context N         KV cache positions per sequence (default 8192, at most 64 MiB each)\n"
+            "  --max-adapters N        adapters kept in memory when idle (default 8)\n"
+            "  --max-tokens N          cap on a request's max_tokens (default 4096)\n"
             "  --max-upload-bytes N    dataset and adapter upload cap (default 2 GiB)\n"
             "  --web DIR               dashboard files (default: the source tree's web/)\n"
             "  --verbose               debug logging\n");
@@ -134,6 +146,8 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
     o->http.timeout_s = 30;
     o->http.web_dir = default_web;
     api_limits_default(&o->limits);
+    o->max_inference_queue = -1;
+    o->max_resident_adapters = -1;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         unsigned long long n = 0;
@@ -158,6 +172,11 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--max-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.max_connections = (unsigned)n;
         else if (strcmp(a, "--per-ip-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.per_ip_connections = (unsigned)n;
         else if (strcmp(a, "--timeout") == 0 && !parse_uint(v, 3600, &n) && n) o->http.timeout_s = (unsigned)n;
+        else if (strcmp(a, "--max-seqs") == 0 && !parse_uint(v, 4096, &n) && n) o->max_seqs = (int)n;
+        else if (strcmp(a, "--max-queue") == 0 && !parse_uint(v, 1000000, &n)) o->max_inference_queue = (int)n;
+        else if (strcmp(a, "--max-context") == 0 && !parse_uint(v, 1 << 20, &n) && n) o->max_context = (int64_t)n;
+        else if (strcmp(a, "--max-adapters") == 0 && !parse_uint(v, 100000, &n)) o->max_resident_adapters = (int)n;
+        else if (strcmp(a, "--max-tokens") == 0 && !parse_uint(v, 1 << 20, &n) && n) o->max_tokens = (int64_t)n;
         else if (strcmp(a, "--max-queued-jobs") == 0 && !parse_uint(v, 1000000, &n)) o->limits.max_queued_jobs = (int)n;
         else if (strcmp(a, "--min-examples") == 0 && !parse_uint(v, 1000000, &n) && n) o->limits.dataset_min_examples = n;
         else if (strcmp(a, "--max-upload-bytes") == 0 && !parse_uint(v, 1ull << 40, &n) && n)
@@ -170,21 +189,21 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
 
 /* ---- serve ------------------------------------------------------------- */
 
-/* Loads the base model's weights (every tensor bound and shape-checked). */
-static int open_model(const ServeOptions *o, Model **model, ApiModel *m) {
+/* Loads the base model (weights, tokenizer, chat template, image processor). */
+static int open_model(const ServeOptions *o, Pipeline **pipe, ApiModel *m) {
     memset(m, 0, sizeof *m);
-    *model = NULL;
+    *pipe = NULL;
     if (!o->model_dir) {
         snprintf(m->not_ready_reason, sizeof m->not_ready_reason, "no model directory was given (--model DIR)");
         return 0;
     }
     GfError err;
     ModelOptions mo = {0};
-    if (model_open(o->model_dir, &mo, model, &err)) {
+    if (pipeline_open(o->model_dir, &mo, pipe, &err)) {
         fprintf(stderr, "gemmaforge: cannot load the model: %s\n", err.message);
         return -1;
     }
-    const ModelDir *md = model_dir(*model);
+    const ModelDir *md = model_dir((*pipe)->model);
     snprintf(m->id, sizeof m->id, "%s", o->model_name ? o->model_name : md->name);
     m->dir_ok = 1;
     m->loaded = 1;
@@ -193,6 +212,32 @@ static int open_model(const ServeOptions *o, Model **model, ApiModel *m) {
             (unsigned long long)md->n_tensors, (double)md->n_bytes / 1e6);
     return 0;
 }
+
+/* The serving engine on the loaded model, and what the API needs of it. */
+static int start_serving(const ServeOptions *o, Pipeline *pipe, Api *api, ServeEngine **out) {
+    *out = NULL;
+    if (!pipe) return 0;
+    ServeConfig sc;
+    serve_config_default(&sc, pipe->model);
+    if (o->max_seqs) sc.max_seqs = o->max_seqs;
+    if (o->max_inference_queue >= 0) sc.max_queue = o->max_inference_queue;
+    if (o->max_context) sc.kv_blocks = sc.max_seqs * ((o->max_context + sc.kv_block_len - 1) / sc.kv_block_len);
+    if (o->max_resident_adapters >= 0) sc.max_adapters = o->max_resident_adapters;
+    sc.max_lora_rank = o->limits.max_lora_rank;
+    GfError err;
+    if (serve_start(pipe->model, &sc, out, &err)) {
+        fprintf(stderr, "gemmaforge: cannot start serving: %s\n", err.message);
+        return -1;
+    }
+    api->serving = (ApiServing){*out, pipe->tok, &pipe->tpl, &pipe->pre, model_config(pipe->model),
+                                o->max_tokens ? o->max_tokens : 4096, 8, 1024};
+    GF_LOGI("serving: %d sequences, queue %d, KV pool %lld blocks of %lld positions (%.1f MB), %d resident adapters",
+            sc.max_seqs, sc.max_queue, (long long)sc.kv_blocks, (long long)sc.kv_block_len,
+            (double)kv_block_bytes(pipe->model, sc.kv_block_len) * (double)sc.kv_blocks / 1e6, sc.max_adapters);
+    return 0;
+}
+
+static void stop_serving(void *cls) { serve_stop(cls); }
 
 static void block_signals(sigset_t *set) {
     sigemptyset(set);
@@ -208,15 +253,21 @@ static int cmd_serve(int argc, char **argv) {
     gf_log_init(o.verbose ? GF_LOG_DEBUG : GF_LOG_INFO);
     sigset_t sigs;
     block_signals(&sigs); /* before any thread exists, so only sigwait sees them */
-    Model *model = NULL;
+    Pipeline *pipe = NULL;
+    ServeEngine *serve = NULL;
     Metrics metrics;
     metrics_init(&metrics);
     Api api = {.metrics = &metrics, .limits = o.limits, .started_at = gf_time_unix()};
-    if (open_model(&o, &model, &api.model)) return 1;
+    if (open_model(&o, &pipe, &api.model)) return 1;
     GfError err;
     if (store_open(o.data_dir, &api.store, &err)) {
         fprintf(stderr, "gemmaforge: cannot open the data directory: %s\n", err.message);
-        model_close(model);
+        pipeline_close(pipe);
+        return 1;
+    }
+    if (start_serving(&o, pipe, &api, &serve)) {
+        store_close(api.store);
+        pipeline_close(pipe);
         return 1;
     }
     o.http.tmp_dir = store_tmp_dir(api.store);
@@ -227,8 +278,9 @@ static int cmd_serve(int argc, char **argv) {
                          .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels}};
         if (jobs_start(&jc, api.store, &jobs, &err)) {
             fprintf(stderr, "gemmaforge: %s\n", err.message);
+            serve_free(serve);
             store_close(api.store);
-            model_close(model);
+            pipeline_close(pipe);
             return 1;
         }
     }
@@ -237,8 +289,9 @@ static int cmd_serve(int argc, char **argv) {
     if (!h) {
         fprintf(stderr, "gemmaforge: %s\n", err.message);
         jobs_stop(jobs);
+        serve_free(serve);
         store_close(api.store);
-        model_close(model);
+        pipeline_close(pipe);
         return 1;
     }
     GF_LOGI("gemmaforge %s listening on http://%s:%u (model: %s)", VERSION, o.http.bind_addr, httpd_port(h),
@@ -248,10 +301,11 @@ static int cmd_serve(int argc, char **argv) {
     int sig = 0;
     sigwait(&sigs, &sig);
     GF_LOGI("signal %d: shutting down (draining requests for up to 10 s)", sig);
-    httpd_stop(h, 10);
+    httpd_stop(h, 10, serve ? stop_serving : NULL, serve);
     jobs_stop(jobs);
+    serve_free(serve);
     store_close(api.store);
-    model_close(model);
+    pipeline_close(pipe);
     metrics_free(&metrics);
     GF_LOGI("stopped");
     return 0;

@@ -282,7 +282,7 @@ int main(void) {
            (unsigned long long)stats.adapter_evictions, (long long)stats.kv_blocks_used);
     CHECK(stats.kv_blocks_used == 0, "every KV block back in the pool");
     CHECK(stats.adapter_evictions > 0 && stats.adapter_loads > 0, "LRU evicted and reloaded adapters");
-    serve_stop(e);
+    serve_free(e);
     for (int i = 0; i < 4; i++) { lora_binding_free(&bind[i]); lora_free(mine[i]); }
     for (int i = 0; i < 3; i++) {
         char f[3000];
