@@ -341,12 +341,14 @@ GfStatus inference_resolve_model(Api *api, const char *name, InferOptions *opts,
         return err->status;
     }
     char cfg[4096], weights[4096];
-    if (store_adapter_files(api->store, name, cfg, weights, err)) {
+    AdapterRow row;
+    if (store_adapter_get(api->store, name, &row, err)) {
         if (err->status == GF_NOT_FOUND)
             gf_error_set(err, GF_NOT_FOUND, "model_not_found", "model",
                          "no model or adapter named '%s' (GET /v1/models lists them)", name);
         return err->status;
     }
+    if (store_adapter_files(api->store, name, cfg, weights, err)) return err->status;
     char *slash = strrchr(cfg, '/');
     if (slash) *slash = '\0';
     snprintf(opts->adapter, sizeof opts->adapter, "%s", name);

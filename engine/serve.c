@@ -87,6 +87,7 @@ void serve_config_default(ServeConfig *c, const Model *m) {
     int64_t per_slot = (ctx + c->kv_block_len - 1) / c->kv_block_len;
     if (per_block && (uint64_t)per_slot * per_block > cap) per_slot = (int64_t)(cap / per_block);
     c->kv_blocks = per_slot * c->max_seqs;
+    c->max_context = per_slot * c->kv_block_len;
     c->max_adapters = 8;
     c->max_lora_rank = LORA_MAX_RANK;
 }
@@ -124,12 +125,12 @@ void serve_cancel(ServeReq *r) {
 
 GfStatus serve_submit(ServeEngine *e, ServeSubmit *s, ServeReq **out, GfError *err) {
     *out = NULL;
-    int64_t need = s->n + s->max_tokens, cap = e->cfg.kv_blocks * e->cfg.kv_block_len;
-    if (blocks_for(e, need) > e->cfg.kv_blocks) {
+    int64_t need = s->n + s->max_tokens, cap = e->cfg.max_context;
+    if (need > cap || blocks_for(e, need) > e->cfg.kv_blocks) {
         submit_free_arrays(s);
-        return gf_error_set(err, GF_TOO_LARGE, "context_length_exceeded", "max_tokens",
-                            "the prompt has %lld tokens and max_tokens is %lld: %lld in all, over the %lld positions "
-                            "the KV cache holds", (long long)s->n, (long long)s->max_tokens, (long long)need,
+        return gf_error_set(err, GF_INVALID, "context_length_exceeded", "max_tokens",
+                            "the prompt has %lld tokens and max_tokens is %lld: %lld in all, over the context of %lld "
+                            "positions", (long long)s->n, (long long)s->max_tokens, (long long)need,
                             (long long)cap);
     }
     ServeReq *r = gf_calloc(1, sizeof *r, err);
@@ -491,7 +492,8 @@ static void engine_free(ServeEngine *e) {
 
 GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfError *err) {
     *out = NULL;
-    if (cfg->max_seqs < 1 || cfg->max_queue < 0 || cfg->kv_block_len < 1 || cfg->kv_blocks < 1 || cfg->max_adapters < 0)
+    if (cfg->max_seqs < 1 || cfg->max_queue < 0 || cfg->kv_block_len < 1 || cfg->kv_blocks < 1 || cfg->max_adapters < 0 ||
+        cfg->max_context < 1)
         return gf_error_set(err, GF_INVALID, "invalid_config", NULL, "serving limits must be positive");
     ServeEngine *e = gf_calloc(1, sizeof *e, err);
     if (!e) return GF_NO_MEMORY;

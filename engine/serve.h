@@ -43,6 +43,7 @@ typedef struct {
     int64_t max_batch_tokens; /* prompt tokens prefilled in one step (at least one prompt) */
     int64_t kv_block_len;     /* positions per KV block */
     int64_t kv_blocks;        /* blocks in the pool */
+    int64_t max_context;      /* positions one sequence may reach (prompt + max_tokens) */
     int max_adapters;         /* resident adapters kept when idle */
     int max_lora_rank;
 } ServeConfig;
@@ -97,9 +98,9 @@ void serve_stop(ServeEngine *e);
 void serve_free(ServeEngine *e);
 
 /* Queues a request; s's arrays are taken over whatever the result. GF_BUSY
- * (queue_full) when the queue is full, GF_TOO_LARGE
+ * (queue_full) when the queue is full, GF_INVALID
  * (context_length_exceeded, both counts named) when prompt + max_tokens can
- * never fit. On success *out is a handle for serve_cancel, valid until
+ * never fit (GF_INVALID). On success *out is a handle for serve_cancel, valid until
  * serve_release. */
 GfStatus serve_submit(ServeEngine *e, ServeSubmit *s, ServeReq **out, GfError *err);
 /* Ends the request at the next step boundary (FINISH_CANCELLED). */

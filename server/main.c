@@ -221,7 +221,8 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, Api *api, ServeE
     serve_config_default(&sc, pipe->model);
     if (o->max_seqs) sc.max_seqs = o->max_seqs;
     if (o->max_inference_queue >= 0) sc.max_queue = o->max_inference_queue;
-    if (o->max_context) sc.kv_blocks = sc.max_seqs * ((o->max_context + sc.kv_block_len - 1) / sc.kv_block_len);
+    if (o->max_context) sc.max_context = o->max_context;
+    sc.kv_blocks = sc.max_seqs * ((sc.max_context + sc.kv_block_len - 1) / sc.kv_block_len); /* every slot can reach it */
     if (o->max_resident_adapters >= 0) sc.max_adapters = o->max_resident_adapters;
     sc.max_lora_rank = o->limits.max_lora_rank;
     GfError err;

@@ -410,9 +410,9 @@ def t_lora_step_teacher_forced(case):
     step k is rebuilt from adapter_init and PEFT's own gradients of steps
     0..k-1 with torch's AdamW (trajectory.safetensors, recorded by
     tools/gen_train_trajectory.py), and the engine's loss and gradients there
-    must equal PEFT's. This checks the gradients at trained adapters (at
-    adapter_init lora_B is zero, so lora_A's gradients are too), where the
-    free-running comparison cannot: see t_lora_step_trajectory."""
+    must equal PEFT's. This checks the gradients at every adapter the run
+    passes through, where the free-running comparison cannot: see
+    t_lora_step_trajectory."""
     variant, kind = case
     d = os.path.join(FIXTURES, variant)
     g = os.path.join(d, kind)

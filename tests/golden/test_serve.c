@@ -269,7 +269,7 @@ int main(void) {
     memcpy(s.ids, big.ids, (size_t)big.n * sizeof *s.ids);
     ServeReq *h = NULL;
     GfStatus st = serve_submit(e, &s, &h, &err);
-    CHECK(st == GF_TOO_LARGE && strcmp(err.code, "context_length_exceeded") == 0 && strstr(err.message, "100000"),
+    CHECK(st == GF_INVALID && strcmp(err.code, "context_length_exceeded") == 0 && strstr(err.message, "100000"),
           "too long: %s", err.message);
 
     ServeStats stats;

@@ -1,0 +1,356 @@
+#!/usr/bin/env python3
+"""Serving through the real server on loopback: chat completions and /v1/infer
+over the base model and many adapters at once.
+
+usage: test_serving.py PATH/TO/gemmaforge
+
+- 32 concurrent clients over the base and 8 uploaded adapters, text and image
+  prompts, streaming and not, sampling with seeds: every answer equals the
+  same request sent alone (same seed, same output), whatever else shared the
+  batch.
+- A full queue answers 429 with Retry-After; a client that hangs up in the
+  middle of a stream frees its slot and its KV blocks.
+- An adapter that would change nothing, or whose keys name modules the model
+  does not have, is refused with an error naming the problem; an adapter whose
+  file is damaged on disk fails its own requests only; an adapter changes the
+  answer; a deleted adapter is no longer served.
+- Bad requests get the documented errors (remote image URLs, unknown models,
+  out-of-range parameters, prompts too long for the context).
+"""
+import json
+import os
+import random
+import socket
+import struct
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import FIXTURES, Runner, Server, data_url, expect, fixture_bytes, png  # noqa: E402
+
+BIN = sys.argv[1] if len(sys.argv) > 1 else None
+N_ADAPTERS = 8
+
+
+# ---- adapters --------------------------------------------------------------------
+
+def read_st(data):
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    return header, data[8 + n:]
+
+
+def with_random_b(data, seed, scale=0.3):
+    """adapter_init's safetensors with every lora_B replaced by random values."""
+    header, blob = read_st(data)
+    blob = bytearray(blob)
+    rng = random.Random(seed)
+    for name, meta in header.items():
+        if name == "__metadata__" or "lora_B" not in name:
+            continue
+        assert meta["dtype"] == "F32", meta
+        lo, hi = meta["data_offsets"]
+        count = (hi - lo) // 4
+        blob[lo:hi] = struct.pack("<%df" % count, *[rng.uniform(-scale, scale) for _ in range(count)])
+    return data[:8 + struct.unpack("<Q", data[:8])[0]] + bytes(blob)
+
+
+def with_zero_b(data):
+    header, blob = read_st(data)
+    blob = bytearray(blob)
+    for name, meta in header.items():
+        if name != "__metadata__" and "lora_B" in name:
+            lo, hi = meta["data_offsets"]
+            blob[lo:hi] = bytes(hi - lo)
+    return data[:8 + struct.unpack("<Q", data[:8])[0]] + bytes(blob)
+
+
+def renamed(data, old, new):
+    """The same tensors under other module names (same lengths keep offsets valid)."""
+    n = struct.unpack("<Q", data[:8])[0]
+    header = data[8:8 + n].replace(old.encode(), new.encode())
+    assert len(header) == n
+    return data[:8] + header + data[8 + n:]
+
+
+def upload(srv, name, cfg, weights):
+    return srv.post_multipart("/v1/adapters", [("name", name), ("config", "adapter_config.json", cfg),
+                                                ("weights", "adapter_model.safetensors", weights)])
+
+
+def setup_adapters(srv):
+    names = []
+    for i in range(N_ADAPTERS):
+        kind = "lora_all" if i % 2 else "lora_lm"
+        d = ("dense", kind, "adapter_init")
+        cfg, w = fixture_bytes(*d, "adapter_config.json"), fixture_bytes(*d, "adapter_model.safetensors")
+        name = "ad-%d" % i
+        expect(upload(srv, name, cfg, with_random_b(w, 100 + i)), 201)
+        names.append(name)
+    return names
+
+
+# ---- requests ------------------------------------------------------------------------
+
+IMAGE = data_url(png(48, 32, pixel=lambda x, y: (200, 40 + x, 30 + y)))
+
+
+def chat_body(model, i, stream):
+    content = "Tell me about number %d and the colour of the sea." % i
+    if i % 4 == 3:
+        content = [{"type": "image_url", "image_url": {"url": IMAGE}}, {"type": "text", "text": "What is this? %d" % i}]
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 6 + i % 5,
+            "temperature": 0.9 if i % 2 else 0.0, "top_k": 40, "top_p": 0.95, "seed": 1000 + i, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def sse_events(body):
+    """The JSON events of an SSE body; asserts it ends with [DONE]."""
+    events = [line[6:] for line in body.decode().split("\n\n") if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", body[-200:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def answer_of(resp, stream):
+    """(text, finish_reason, usage) of a chat completion response."""
+    assert resp.status == 200, resp
+    if not stream:
+        j = resp.json()
+        assert j["object"] == "chat.completion" and j["choices"][0]["message"]["role"] == "assistant", j
+        return j["choices"][0]["message"]["content"], j["choices"][0]["finish_reason"], j["usage"]
+    assert resp.headers["content-type"].startswith("text/event-stream"), resp.headers
+    ev = sse_events(resp.body)
+    assert ev[0]["choices"][0]["delta"] == {"role": "assistant"}, ev[0]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in ev if e["choices"])
+    finish = [e["choices"][0]["finish_reason"] for e in ev if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert len(finish) == 1, ev[-2:]
+    usage = ev[-1]["usage"] if not ev[-1]["choices"] else None  # only with stream_options.include_usage
+    return text, finish[0], usage
+
+
+def t_concurrent_clients_match_alone(srv):
+    names = srv.adapter_names
+    models = ["dense"] + names
+    jobs = [(models[i % len(models)], i, i % 2 == 1) for i in range(32)]
+    alone = {}
+    for model, i, _ in jobs:
+        alone[i] = answer_of(srv.post_json("/v1/chat/completions", chat_body(model, i, False), timeout=120), False)
+    results, errors = {}, []
+
+    def client(model, i, stream):
+        try:
+            results[i] = answer_of(srv.post_json("/v1/chat/completions", chat_body(model, i, stream), timeout=300), stream)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=client, args=j) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for model, i, stream in jobs:
+        got, want = results[i], alone[i]
+        assert got[0] == want[0] and got[1] == want[1], (model, i, stream, got, want)
+        assert got[2]["completion_tokens"] == want[2]["completion_tokens"] > 0, (got, want)
+        assert got[2]["prompt_tokens"] == want[2]["prompt_tokens"], (got, want)
+    # the adapters changed the answers: greedy requests differ from the base model's
+    base = {i: alone[i][0] for model, i, _ in jobs if model == "dense"}
+    same = sum(alone[i][0] == chat_prompt_base(srv, i) for model, i, _ in jobs if model != "dense")
+    assert same <= 4, "%d of 29 adapter answers equal the base model's" % same
+    assert base, base
+    assert metric(srv, "gf_inference_running") == 0 and metric(srv, "gf_kv_blocks_used") == 0
+    loads, evictions = metric(srv, "gf_adapter_loads_total"), metric(srv, "gf_adapter_evictions_total")
+    assert loads >= N_ADAPTERS and evictions >= N_ADAPTERS - 4, (loads, evictions)  # 4 resident at most when idle
+
+
+_base_cache = {}
+
+
+def chat_prompt_base(srv, i):
+    """The base model's answer to request i's prompt (same settings)."""
+    if i not in _base_cache:
+        _base_cache[i] = answer_of(srv.post_json("/v1/chat/completions", chat_body("dense", i, False)), False)[0]
+    return _base_cache[i]
+
+
+def t_same_seed_same_output(srv):
+    body = chat_body(srv.adapter_names[1], 1, False)
+    body["max_tokens"] = 12
+    a = answer_of(srv.post_json("/v1/chat/completions", body), False)
+    b = answer_of(srv.post_json("/v1/chat/completions", body), False)
+    body["seed"] += 1
+    c = answer_of(srv.post_json("/v1/chat/completions", body), False)
+    assert a == b, (a, b)
+    assert c[0] != a[0], "another seed gave the same 12 sampled tokens: %r" % (a,)
+
+
+def t_stop_and_length(srv):
+    body = {"model": "dense", "messages": [{"role": "user", "content": "count"}], "max_tokens": 10, "temperature": 0}
+    full, finish, usage = answer_of(srv.post_json("/v1/chat/completions", body), False)
+    assert finish == "length" and usage["completion_tokens"] == 10, (full, finish, usage)
+    cut = full[len(full) // 2:len(full) // 2 + 2]
+    assert cut, full
+    body["stop"] = [cut]
+    text, finish, _ = answer_of(srv.post_json("/v1/chat/completions", body), False)
+    assert finish == "stop" and text == full[:full.index(cut)], (text, full, cut)
+    body["stream"] = True
+    text, finish, _ = answer_of(srv.post_json("/v1/chat/completions", body), True)
+    assert finish == "stop" and text == full[:full.index(cut)], (text, full, cut)
+
+
+def t_infer_multipart(srv):
+    img = png(40, 40, pixel=lambda x, y: (20, 200, 20))
+    fields = [("image", "g.png", img), ("prompt", "What colour is this?"), ("adapter", srv.adapter_names[0]),
+              ("max_tokens", "5")]
+    r = expect(srv.post_multipart("/v1/infer", fields), 200)
+    j = r.json()
+    assert j["model"] == srv.adapter_names[0] and j["usage"]["completion_tokens"] == 5 and isinstance(j["text"], str), j
+    chat = {"model": srv.adapter_names[0], "max_tokens": 5, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
+                                                      {"type": "text", "text": "What colour is this?"}]}]}
+    assert answer_of(srv.post_json("/v1/chat/completions", chat), False)[0] == j["text"]
+    expect(srv.post_multipart("/v1/infer", [("prompt", "hi"), ("adapter", "nope")]), 404, "model_not_found")
+    expect(srv.post_multipart("/v1/infer", [("image", "x.png", b"not an image"), ("prompt", "hi")]), 415)
+
+
+def t_bad_requests(srv):
+    def chat(**kw):
+        body = {"model": "dense", "messages": [{"role": "user", "content": "hi"}]}
+        body.update(kw)
+        return srv.post_json("/v1/chat/completions", body)
+
+    for url in ("http://169.254.169.254/x.png", "https://example.com/a.jpg", "file:///etc/passwd"):
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+        r = expect(chat(messages=msgs), 400, "remote_images_not_supported")
+        assert r.json()["error"]["param"] == "messages[0].content[0]", r
+    expect(chat(model="no-such-adapter"), 404, "model_not_found")
+    expect(chat(model="../etc"), 400, "invalid_model_name")
+    expect(chat(temperature=3), 400, "invalid_value")
+    expect(chat(top_p=0), 400, "invalid_value")
+    expect(chat(max_tokens=0), 400, "invalid_value")
+    expect(chat(max_tokens="10"), 400, "invalid_type")
+    expect(chat(n=2), 400, "invalid_value")
+    expect(chat(max_token=5), 400, "unknown_parameter")
+    expect(chat(messages=[]), 400, "invalid_type")
+    expect(chat(messages=[{"role": "robot", "content": "x"}]), 400, "invalid_value")
+    expect(chat(stop=["a"] * 17), 400, "too_many_stop_sequences")
+    r = expect(chat(messages=[{"role": "user", "content": "word " * 3000}], max_tokens=4000), 400,
+               "context_length_exceeded")
+    msg = r.json()["error"]["message"]
+    assert "4000" in msg and "prompt has" in msg, msg
+    assert srv.alive()
+
+
+def t_refused_adapters(srv):
+    d = ("dense", "lora_lm", "adapter_init")
+    cfg, w = fixture_bytes(*d, "adapter_config.json"), fixture_bytes(*d, "adapter_model.safetensors")
+    r = expect(upload(srv, "empty", cfg, with_zero_b(w)), 400, "adapter_incompatible")
+    assert "would change nothing" in r.json()["error"]["message"], r
+    bad = renamed(with_random_b(w, 5), "layers.0.mlp.down_proj", "layers.0.mlp.doom_proj")
+    r = expect(upload(srv, "wrongkeys", cfg, bad), 400, "adapter_incompatible")
+    assert "doom_proj" in r.json()["error"]["message"], r
+    # damaged on disk after upload: its requests fail, named; the others are served
+    expect(upload(srv, "damaged", cfg, with_random_b(w, 6)), 201)
+    path = os.path.join(srv.data, "adapters", "damaged", "adapter_model.safetensors")
+    os.chmod(path, 0o600)
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    r = srv.post_json("/v1/chat/completions", {"model": "damaged", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status >= 400 and r.code and "adapter" in r.json()["error"]["message"].lower(), r
+    answer_of(srv.post_json("/v1/chat/completions", {"model": srv.adapter_names[2], "max_tokens": 3,
+                                                     "messages": [{"role": "user", "content": "hi"}]}), False)
+
+
+def t_delete_adapter_stops_serving(srv):
+    d = ("dense", "lora_lm", "adapter_init")
+    cfg, w = fixture_bytes(*d, "adapter_config.json"), fixture_bytes(*d, "adapter_model.safetensors")
+    expect(upload(srv, "short-lived", cfg, with_random_b(w, 9)), 201)
+    body = {"model": "short-lived", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+    answer_of(srv.post_json("/v1/chat/completions", body), False)
+    models = {m["id"]: m for m in expect(srv.get("/v1/models"), 200).json()["data"]}
+    assert models["short-lived"]["parent"] == "dense" and models["dense"]["parent"] is None, models
+    expect(srv.request("DELETE", "/v1/adapters/short-lived"), 200)
+    expect(srv.post_json("/v1/chat/completions", body), 404, "model_not_found")
+
+
+# ---- limits: queue and disconnects -----------------------------------------------------------
+
+def metric(srv, name):
+    text = expect(srv.get("/metrics"), 200).body.decode()
+    return float(text.split("\n%s " % name)[1].split()[0])
+
+
+def t_queue_full_and_disconnect(binary):
+    srv = Server(binary, extra=["--no-train", "--max-seqs", "1", "--max-queue", "2"])
+    try:
+        body = {"model": "dense", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 400,
+                "temperature": 0}
+        statuses, lock = [], threading.Lock()
+
+        def client():
+            r = srv.post_json("/v1/chat/completions", body, timeout=600)
+            with lock:
+                statuses.append((r.status, r.headers.get("retry-after"), r.code))
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        full = [s for s in statuses if s[0] == 429]
+        assert len(full) >= 4 and all(s[1] and s[2] == "queue_full" for s in full), statuses
+        assert sum(s[0] == 200 for s in statuses) >= 1, statuses
+        # a client that hangs up mid-stream frees its slot and its KV blocks
+        stream = dict(body, stream=True, max_tokens=4000)
+        stream["messages"] = [{"role": "user", "content": "x"}]
+        payload = json.dumps(stream).encode()
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (srv.port, srv_key().encode(), len(payload))
+                  + payload)
+        got = b""
+        while got.count(b"data: ") < 3:
+            got += s.recv(4096)
+        assert b"200 OK" in got.split(b"\r\n")[0], got[:200]
+        assert metric(srv, "gf_inference_running") == 1
+        s.close()
+        t0 = time.time()
+        while metric(srv, "gf_inference_running") != 0 and time.time() - t0 < 20:
+            time.sleep(0.1)
+        assert metric(srv, "gf_inference_running") == 0, "the hung-up stream still holds its slot"
+        assert metric(srv, "gf_kv_blocks_used") == 0
+        text = expect(srv.get("/metrics"), 200).body.decode()
+        assert 'gf_inference_requests_total{outcome="cancelled"} 1' in text, text
+        assert srv.alive()
+    finally:
+        srv.stop()
+
+
+def srv_key():
+    from harness import KEY
+    return KEY
+
+
+def main():
+    runner = Runner()
+    srv = Server(BIN, extra=["--no-train", "--max-seqs", "6", "--max-queue", "64", "--max-adapters", "4"])
+    try:
+        srv.adapter_names = setup_adapters(srv)
+        for name, fn in [(n, f) for n, f in globals().items() if n.startswith("t_")]:
+            uses_binary = fn.__code__.co_varnames[:1] == ("binary",)
+            runner.run(name, fn, BIN if uses_binary else srv)
+        assert srv.alive(), "server died during the tests"
+    finally:
+        srv.stop()
+    return runner.finish()
+
+
+if __name__ == "__main__":
+    if not BIN:
+        print(__doc__)
+        sys.exit(2)
+    sys.exit(main())
