@@ -17,6 +17,7 @@
 
 typedef struct {
     const char *model, *inputs, *out, *ids, *image, *adapter;
+    const char *adapters;      /* forward: one adapter directory per row, "-" = none */
     long max_new, threads, max_soft_tokens;
     int hidden;
     ModelQuant quantize;
@@ -37,6 +38,7 @@ static int parse(int argc, char **argv, CliOptions *o) {
         else if (strcmp(a, "--ids") == 0) o->ids = v;
         else if (strcmp(a, "--image") == 0) o->image = v;
         else if (strcmp(a, "--adapter") == 0) o->adapter = v;
+        else if (strcmp(a, "--adapters") == 0) o->adapters = v;
         else if (strcmp(a, "--quantize") == 0 && cli_parse_quantize(v, &o->quantize) == 0) {}
         else if (strcmp(a, "--max-soft-tokens") == 0 && (o->max_soft_tokens = strtol(v, &end, 10), !*end)) {}
         else if (strcmp(a, "--max-new") == 0 && (o->max_new = strtol(v, &end, 10), !*end) && o->max_new > 0 && o->max_new <= 1000000) {}
@@ -125,6 +127,86 @@ static int run_forward(Model *m, const LoraBinding *lora, const CliOptions *o, c
     return rc;
 }
 
+/* Every row of the inputs in ONE batch, row b with adapter lora[b] (NULL =
+ * the base model): the mixed-batch parity check. Images are encoded with
+ * the adapter of the row that holds them. */
+static int run_forward_mixed(Model *m, const LoraBinding *const *lora, const CliOptions *o, const SafeTensors *in) {
+    int64_t B = 0, T = 0;
+    int bad = 0;
+    int32_t *ids = cli_read_ids(in, "forward", "input_ids", &B, &T, 1, &bad);
+    int32_t *mm = bad ? NULL : cli_read_ids(in, "forward", "mm_token_type_ids", &B, &T, 0, &bad);
+    const TextConfig *t = &model_config(m)->text;
+    int64_t V = t->vocab_size, H = t->hidden_size, before = 0;
+    float *logits = bad ? NULL : malloc((size_t)(B * T * V) * sizeof(float));
+    float **soft = calloc((size_t)(B > 0 ? B : 1), sizeof *soft);
+    uint8_t *types = malloc((size_t)(B * T) + 1);
+    KvCache *caches = calloc((size_t)(B > 0 ? B : 1), sizeof *caches);
+    ModelSeq *seqs = calloc((size_t)(B > 0 ? B : 1), sizeof *seqs);
+    int rc = !ids || !logits || !soft || !types || !caches || !seqs;
+    GfError err;
+    for (int64_t b = 0; !rc && b < B; b++) {
+        int64_t here = 0, n_soft = 0;
+        for (int64_t i = 0; i < T; i++) {
+            here += ids[b * T + i] == model_config(m)->image_token_id;
+            types[b * T + i] = mm ? (uint8_t)mm[b * T + i] : 0;
+        }
+        if (here) soft[b] = run_vision(m, lora[b], in, &n_soft, &bad);
+        if (bad || (here && before + here > n_soft)) {
+            fprintf(stderr, "gemmaforge forward: row %lld: its image placeholders do not match the images\n", (long long)b);
+            rc = 1;
+        }
+        if (!rc && kv_cache_init(&caches[b], m, T, &err)) { fprintf(stderr, "gemmaforge forward: %s\n", err.message); rc = 1; }
+        seqs[b] = (ModelSeq){&caches[b], {.ids = ids + b * T, .mm_type = mm ? types + b * T : NULL, .n = T,
+                                          .soft_tokens = soft[b] ? soft[b] + before * H : NULL, .lora = lora[b]}};
+        before += here;
+    }
+    if (!rc && model_forward_batch(m, seqs, (int)B, logits, &err)) {
+        fprintf(stderr, "gemmaforge forward: %s\n", err.message);
+        rc = 1;
+    }
+    if (!rc) {
+        StWriteTensor out = {"logits", ST_F32, 3, {(uint64_t)B, (uint64_t)T, (uint64_t)V}, logits};
+        if (safetensors_write(o->out, &out, 1, &err)) { fprintf(stderr, "gemmaforge forward: %s\n", err.message); rc = 1; }
+    }
+    for (int64_t b = 0; soft && b < B; b++) free(soft[b]);
+    for (int64_t b = 0; caches && b < B; b++) kv_cache_free(&caches[b]);
+    free(soft); free(caches); free(seqs); free(ids); free(mm); free(types); free(logits);
+    return rc;
+}
+
+/* --adapters A,B,-,...: one adapter directory per row ("-" = none). */
+static int forward_mixed(Model *m, const CliOptions *o, const SafeTensors *in) {
+    enum { MAX_ROWS = 256 };
+    LoraAdapter *ads[MAX_ROWS] = {0};
+    LoraBinding binds[MAX_ROWS];
+    const LoraBinding *rows[MAX_ROWS] = {0};
+    memset(binds, 0, sizeof binds);
+    char *list = strdup(o->adapters), *save = NULL;
+    int n = 0, rc = !list;
+    GfError err;
+    for (char *d = list ? strtok_r(list, ",", &save) : NULL; d && !rc; d = strtok_r(NULL, ",", &save), n++) {
+        if (n == MAX_ROWS) { fprintf(stderr, "gemmaforge forward: at most %d rows\n", MAX_ROWS); rc = 1; break; }
+        if (strcmp(d, "-") == 0) continue;
+        if (lora_load_dir(d, m, LORA_MAX_RANK, &ads[n], &err) || lora_bind(m, ads[n], &binds[n], &err)) {
+            fprintf(stderr, "gemmaforge forward: the adapter of row %d (%s): %s\n", n, d, err.message);
+            rc = 1;
+        }
+        rows[n] = &binds[n];
+    }
+    const StTensor *t = safetensors_find(in, "input_ids");
+    if (!rc && (!t || t->n_dims != 2 || (int64_t)t->shape[0] != n)) {
+        fprintf(stderr, "gemmaforge forward: --adapters names %d rows; input_ids must be [%d, T]\n", n, n);
+        rc = 1;
+    }
+    if (!rc) rc = run_forward_mixed(m, rows, o, in);
+    for (int i = 0; i < MAX_ROWS; i++) {
+        lora_binding_free(&binds[i]);
+        lora_free(ads[i]);
+    }
+    free(list);
+    return rc;
+}
+
 static Model *open_model(const CliOptions *o, const char *cmd) {
     Model *m = NULL;
     GfError err;
@@ -139,7 +221,9 @@ static Model *open_model(const CliOptions *o, const char *cmd) {
 int cli_forward(int argc, char **argv) {
     CliOptions o;
     if (parse(argc, argv, &o) || !o.model || !o.inputs || !o.out) {
-        fprintf(stderr, "usage: gemmaforge forward --model DIR [--adapter DIR] [--quantize nf4|none] --inputs IN.safetensors --out OUT.safetensors [--hidden] [--threads N]\n");
+        fprintf(stderr, "usage: gemmaforge forward --model DIR [--adapter DIR | --adapters DIR|-,DIR|-,...] [--quantize nf4|none]\n"
+                        "                          --inputs IN.safetensors --out OUT.safetensors [--hidden] [--threads N]\n"
+                        "  --adapters: one adapter per row of input_ids (- = the base model), all rows run as one batch\n");
         return 2;
     }
     gf_log_init(GF_LOG_WARN);
@@ -157,7 +241,11 @@ int cli_forward(int argc, char **argv) {
         fprintf(stderr, "gemmaforge forward: the adapter: %s\n", err.message);
         rc = 1;
     }
-    if (!rc) rc = run_forward(m, a ? &lb : NULL, &o, &in);
+    if (!rc && o.adapters && (o.adapter || o.hidden)) {
+        fprintf(stderr, "gemmaforge forward: --adapters goes without --adapter and --hidden\n");
+        rc = 2;
+    }
+    if (!rc) rc = o.adapters ? forward_mixed(m, &o, &in) : run_forward(m, a ? &lb : NULL, &o, &in);
     lora_binding_free(&lb);
     lora_free(a);
     model_close(m);

@@ -328,6 +328,53 @@ def t_forward_with_adapter(case):
     assert rel_err(base, ref, V, [1] * T) > 1e-2
 
 
+def t_forward_mixed_adapters(_):
+    """gemmaforge forward --adapters: one batch whose rows use the golden
+    lora_all adapter (with the image), the base model, lora_lm and lora_all
+    (text) gives each row the logits it gets alone with --adapter."""
+    d = os.path.join(FIXTURES, "dense")
+    tmp = tempfile.mkdtemp()
+    fi = read_st(os.path.join(d, "forward_image.safetensors"))
+    (_, T), ids = fi["input_ids"]
+    mm = fi["mm_token_type_ids"][1]
+    text = [300 + (i * 37) % 600 if m else x for i, (x, m) in enumerate(zip(ids, mm))]
+    rows = [(list(ids), list(mm))] + [(text, [0] * T)] * 3
+    adapters = [os.path.join(d, "lora_all", "adapter_final"), "-", os.path.join(d, "lora_lm", "adapter_final"),
+                os.path.join(d, "lora_all", "adapter_final")]
+    image = [(k, "U8" if k == "pixel_values_u8" else "I64", fi[k][0],
+              struct.pack("<%d%s" % (len(fi[k][1]), "B" if k == "pixel_values_u8" else "q"), *fi[k][1]))
+             for k in ("pixel_values_u8", "image_position_ids")]
+
+    def inputs(path, rs, with_image):
+        flat_ids = [x for r in rs for x in r[0]]
+        flat_mm = [x for r in rs for x in r[1]]
+        write_st(path, [("input_ids", "I64", [len(rs), T], struct.pack("<%dq" % len(flat_ids), *flat_ids)),
+                        ("mm_token_type_ids", "I64", [len(rs), T], struct.pack("<%dq" % len(flat_mm), *flat_mm))]
+                 + (image if with_image else []))
+
+    batch_in, batch_out = os.path.join(tmp, "batch.safetensors"), os.path.join(tmp, "batch_out.safetensors")
+    inputs(batch_in, rows, True)
+    r = subprocess.run([BIN, "forward", "--model", d, "--adapters", ",".join(adapters), "--inputs", batch_in,
+                        "--out", batch_out], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    (B, _, V), mixed = read_st(batch_out)["logits"]
+    assert B == 4
+    for b, (row, adapter) in enumerate(zip(rows, adapters)):
+        one_in, one_out = os.path.join(tmp, "row%d.safetensors" % b), os.path.join(tmp, "row%d_out.safetensors" % b)
+        inputs(one_in, [row], b == 0)
+        args = [BIN, "forward", "--model", d, "--inputs", one_in, "--out", one_out]
+        r = subprocess.run(args + (["--adapter", adapter] if adapter != "-" else []), capture_output=True)
+        assert r.returncode == 0, r.stderr
+        alone = read_st(one_out)["logits"][1]
+        e = rel_err(mixed[b * T * V:(b + 1) * T * V], alone, V, [1] * T)
+        assert e <= 1e-4, "row %d (%s): mixed batch vs alone rel err %g" % (b, adapter, e)
+    # the rows differ: the adapters matter inside the batch
+    assert rel_err(mixed[1 * T * V:2 * T * V], mixed[2 * T * V:3 * T * V], V, [1] * T) > 1e-2
+    r = subprocess.run([BIN, "forward", "--model", d, "--adapters", "-,-", "--inputs", batch_in, "--out", batch_out],
+                       capture_output=True)
+    assert r.returncode == 1 and b"--adapters names 2 rows" in r.stderr, r.stderr
+
+
 def rel_l2(got, ref):
     num = sum((g - r) ** 2 for g, r in zip(got, ref))
     den = sum(r * r for r in ref)
@@ -566,6 +613,7 @@ def main():
     for case in (("dense", "lora_lm"), ("dense", "lora_all"), ("ple", "lora_lm"), ("moe", "lora_lm")):
         runner.run("forward_with_adapter[%s/%s]" % case, t_forward_with_adapter, case)
     runner.run("adapter_refused", t_adapter_refused, None)
+    runner.run("forward_mixed_adapters", t_forward_mixed_adapters, None)
     for case in (("dense", "lora_lm"), ("dense", "lora_all"), ("ple", "lora_lm"), ("moe", "lora_lm")):
         runner.run("lora_step_gradients[%s/%s]" % case, t_lora_step_gradients, case)
     for case in (("dense", "lora_lm", True, True), ("dense", "lora_all", True, False), ("ple", "lora_lm", True, False),
