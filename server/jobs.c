@@ -154,6 +154,7 @@ static GfStatus prepare(JobCtx *c, JobPaths *p, TrainRunSpec *spec, GfError *err
     }
     spec->ckpt_root = p->ckpt;
     spec->adapter_out = p->out;
+    spec->keep_adapter = c->j->cfg.on_adapter != NULL;
     spec->n_threads = j->cfg.n_threads;
     spec->image_limits = j->cfg.image_limits;
     if (pick_checkpoint(c, p->ckpt, p->resume, sizeof p->resume)) spec->resume_dir = p->resume;
@@ -162,18 +163,23 @@ static GfStatus prepare(JobCtx *c, JobPaths *p, TrainRunSpec *spec, GfError *err
 
 /* The job's end: succeeded, cancelled, failed, or left running for the next
  * start when the server is stopping. */
-static void conclude(JobCtx *c, GfStatus st, const GfError *run_err, const JobParams *hp, const TrainRunResult *res,
+static void conclude(JobCtx *c, GfStatus st, const GfError *run_err, const JobParams *hp, TrainRunResult *res,
                      const char *out_dir) {
     Jobs *j = c->j;
     const char *id = c->row->id;
     GfError err;
     GfStatus rec = GF_OK;
     if (!st) {
+        char name[STORE_NAME_MAX];
+        adapter_name(c->row, name, sizeof name);
         if ((rec = register_adapter(c, hp, res, out_dir, &err))) {
             char code[GF_ERR_CODE_MAX], msg[GF_ERR_MSG_MAX + 64];
             snprintf(code, sizeof code, "%s", err.code[0] ? err.code : "registration_failed");
             snprintf(msg, sizeof msg, "the adapter could not be registered: %s", err.message);
             rec = store_job_finish(j->store, id, "failed", code, msg, &err);
+        } else if (j->cfg.on_adapter && res->adapter) {
+            j->cfg.on_adapter(j->cfg.on_adapter_cls, name, res->adapter); /* served at once, from memory */
+            res->adapter = NULL;
         }
     } else if (st == GF_CANCELLED && atomic_load(&j->stopping)) {
         hook_log(c, "info", "the server is stopping; the job resumes from its last checkpoint at the next start");
@@ -203,6 +209,7 @@ static void run_job(Jobs *j, const JobRow *row, int resumed) {
     if (p) conclude(&c, st, &err, &spec.params, &res, p->out);
     else if (store_job_finish(j->store, row->id, "failed", "out_of_memory", "the server ran out of memory", &err))
         GF_LOGE("job %s: could not record its end: %s", row->id, err.message);
+    lora_free(res.adapter); /* not handed over */
     free(p);
 }
 

@@ -27,6 +27,7 @@
 #define GF_JOBS_H
 
 #include "image.h"
+#include "lora.h"
 #include "store.h"
 
 typedef struct {
@@ -36,6 +37,11 @@ typedef struct {
     int n_threads;             /* engine threads, <= 0 = all cores */
     ImageLimits image_limits;
     double poll_s;             /* how often an idle worker looks for jobs */
+    /* called on the worker thread when a job's adapter is registered, with
+     * the trained adapter (ownership passes): the serving engine takes it
+     * from memory. NULL = the adapter is freed. */
+    void (*on_adapter)(void *cls, const char *name, LoraAdapter *adapter);
+    void *on_adapter_cls;
 } JobsConfig;
 
 typedef struct Jobs Jobs;

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "cli_engine.h"
+#include "cli_inputs.h"
 #include "cli_train.h"
 #include "httpd.h"
 #include "jobs.h"
@@ -35,6 +36,7 @@ typedef struct {
     int64_t max_context;          /* 0 = default: KV room per slot */
     int max_resident_adapters;    /* -1 = default */
     int64_t max_tokens;           /* 0 = default cap on max_tokens */
+    ModelQuant quantize;          /* the served base: bf16 as stored, or NF4 (QLoRA) */
 } ServeOptions;
 
 static void usage(FILE *f) {
@@ -73,6 +75,7 @@ static void usage(FILE *f) {
             "  --max-connections N     (default 256)   --per-ip-connections N (default 64)\n"
             "  --timeout S             idle connection timeout in seconds (default 30)\n"
             "  --max-queued-jobs N     (default 100)   --min-examples N (default 10)\n"
+            "  --quantize nf4|none     serve the base quantized to NF4, as QLoRA trained it (default none: bf16)\n"
             "  --max-seqs N            sequences decoding at once (default 16)\n"
             "  --max-queue N           inference requests waiting for a slot; 429 beyond (default 64)\n"
             "  --max-context N         KV cache positions per sequence (default 8192, at most 64 MiB each)\n"
@@ -172,6 +175,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--max-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.max_connections = (unsigned)n;
         else if (strcmp(a, "--per-ip-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.per_ip_connections = (unsigned)n;
         else if (strcmp(a, "--timeout") == 0 && !parse_uint(v, 3600, &n) && n) o->http.timeout_s = (unsigned)n;
+        else if (strcmp(a, "--quantize") == 0 && cli_parse_quantize(v, &o->quantize) == 0) {}
         else if (strcmp(a, "--max-seqs") == 0 && !parse_uint(v, 4096, &n) && n) o->max_seqs = (int)n;
         else if (strcmp(a, "--max-queue") == 0 && !parse_uint(v, 1000000, &n)) o->max_inference_queue = (int)n;
         else if (strcmp(a, "--max-context") == 0 && !parse_uint(v, 1 << 20, &n) && n) o->max_context = (int64_t)n;
@@ -198,7 +202,7 @@ static int open_model(const ServeOptions *o, Pipeline **pipe, ApiModel *m) {
         return 0;
     }
     GfError err;
-    ModelOptions mo = {0};
+    ModelOptions mo = {.quantize = o->quantize};
     if (pipeline_open(o->model_dir, &mo, pipe, &err)) {
         fprintf(stderr, "gemmaforge: cannot load the model: %s\n", err.message);
         return -1;
@@ -240,6 +244,9 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, Api *api, ServeE
 
 static void stop_serving(void *cls) { serve_stop(cls); }
 
+/* A job's trained adapter goes to the serving engine from memory. */
+static void serve_trained(void *cls, const char *name, LoraAdapter *a) { serve_adapter_put(cls, name, a); }
+
 static void block_signals(sigset_t *set) {
     sigemptyset(set);
     sigaddset(set, SIGINT);
@@ -276,7 +283,8 @@ static int cmd_serve(int argc, char **argv) {
     if (api.model.loaded && !o.no_train) {
         JobsConfig jc = {.model_dir = o.model_dir, .model_name = api.model.id, .max_lora_rank = o.limits.max_lora_rank,
                          .n_threads = o.train_threads, .poll_s = 0.5,
-                         .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels}};
+                         .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels},
+                         .on_adapter = serve ? serve_trained : NULL, .on_adapter_cls = serve};
         if (jobs_start(&jc, api.store, &jobs, &err)) {
             fprintf(stderr, "gemmaforge: %s\n", err.message);
             serve_free(serve);

@@ -215,6 +215,10 @@ GfStatus train_run(const TrainRunSpec *spec, const TrainRunHooks *hooks, TrainRu
     if (!st) {
         summarize(&r, result);
         logf_(&r, "info", "training done after %lld steps", (long long)result->steps);
+        if (spec->keep_adapter) {
+            result->adapter = r.a;
+            r.a = NULL;
+        }
     }
     close_all(&r);
     return st;

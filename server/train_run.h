@@ -36,6 +36,7 @@ typedef struct {
     const char *ckpt_root;                /* checkpoints go here (created) */
     const char *resume_dir;               /* a checkpoint to continue from, or NULL */
     const char *adapter_out;              /* existing empty directory for the final adapter */
+    int keep_adapter;                     /* hand the trained adapter back in TrainRunResult.adapter */
     JobParams params;
     int n_threads;                        /* <= 0 = all cores */
     int64_t stop_at_step;                 /* stop (GF_CANCELLED) once this step is done; 0 = never */
@@ -64,6 +65,7 @@ typedef struct {
     double eval_loss;                     /* NAN = no validation set */
     int n_modules;                        /* adapted modules */
     int has_vision;                       /* some are in the vision tower */
+    LoraAdapter *adapter;                 /* keep_adapter: the trained adapter, owned by the caller */
 } TrainRunResult;
 
 /* Checkpoint directory name of a step under root. */

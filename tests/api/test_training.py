@@ -78,8 +78,16 @@ SHAPES_HP = {"epochs": 4, "batch_size": 4, "gradient_accumulation_steps": 1, "le
              "quantization": "nf4", "target_modules": "all-linear", "seed": 7, "lora_dropout": 0.05}
 
 
+def serve_infer(srv, image, adapter=None):
+    fields = [("image", "q.png", image), ("prompt", shapes.QUESTION), ("max_tokens", "4")]
+    if adapter:
+        fields.append(("adapter", adapter))
+    r = expect(srv.post_multipart("/v1/infer", fields), 200)
+    return r.json()["text"].strip()
+
+
 def t_shapes_qlora_end_to_end(binary):
-    srv = Server(binary)
+    srv = Server(binary, extra=["--quantize", "nf4"])  # served on the NF4 base it was trained on
     tmp = tempfile.mkdtemp(prefix="gf-shapes-")
     try:
         ds, _, _ = upload_shapes(srv, 60, 1)
@@ -109,14 +117,22 @@ def t_shapes_qlora_end_to_end(binary):
         adapter_dir = os.path.join(srv.data, "adapters", name)
         # answers on held-out pictures
         _, _, held = shapes.dataset(12, 99, prefix="held")
-        right = base_right = 0
+        right = base_right = changed = 0
         for i, (colour, data) in enumerate(held):
             path = os.path.join(tmp, "%02d.png" % i)
             open(path, "wb").write(data)
-            right += infer(path, adapter_dir).split()[:1] == [colour]
-            base_right += infer(path).split()[:1] == [colour]
+            tuned, base = infer(path, adapter_dir), infer(path)
+            right += tuned.split()[:1] == [colour]
+            base_right += base.split()[:1] == [colour]
+            changed += tuned != base
+            # the running server answers the same, with the adapter it took from memory
+            assert serve_infer(srv, data, name) == tuned, (i, serve_infer(srv, data, name), tuned)
+            assert serve_infer(srv, data) == base, (i, serve_infer(srv, data), base)
         assert right >= 9, "the adapter answered %d of 12 held-out images right (chance: 4)" % right
         assert base_right <= 2, "the base model answered %d of 12 right without training" % base_right
+        assert changed >= 9, "the adapter changed only %d of 12 answers" % changed
+        text = expect(srv.get("/metrics"), 200).body.decode()
+        assert "\ngf_adapter_loads_total 0\n" in text, "the trained adapter was loaded from disk, not taken from memory"
         c = srv.db()
         row = c.execute("SELECT status, adapter_name, step FROM jobs WHERE id=?", (job,)).fetchone()
         assert row == ("succeeded", name, 60), row
