@@ -11,6 +11,7 @@
 #define GF_API_H
 
 #include <stdint.h>
+#include <cjson/cJSON.h>
 
 #include "chat.h"
 #include "config.h"
@@ -58,6 +59,7 @@ typedef struct {
     ApiLimits limits;
     ApiModel model;
     ApiServing serving;
+    struct JobHub *job_hub;          /* job_follow.h: wakes event streams; NULL = none */
     int64_t started_at;
 } Api;
 
@@ -99,6 +101,8 @@ GfStatus jobs_get(Api *, const HttpReq *, HttpResp *);
 GfStatus jobs_cancel(Api *, const HttpReq *, HttpResp *);
 GfStatus jobs_events(Api *, const HttpReq *, HttpResp *);
 GfStatus jobs_checkpoints(Api *, const HttpReq *, HttpResp *);
+/* A job event as the events endpoint returns it. */
+cJSON *jobs_event_json(const JobEvent *e);
 GfStatus adapters_create(Api *, const HttpReq *, HttpResp *);
 GfStatus adapters_list(Api *, const HttpReq *, HttpResp *);
 GfStatus adapters_get(Api *, const HttpReq *, HttpResp *);

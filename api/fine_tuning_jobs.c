@@ -10,6 +10,7 @@
 #include "common.h"
 #include "json_util.h"
 #include "hyperparameters.h"
+#include "job_follow.h"
 #include "reply.h"
 
 /* ---- request ----------------------------------------------------------- */
@@ -132,10 +133,11 @@ GfStatus jobs_cancel(Api *api, const HttpReq *req, HttpResp *resp) {
     JobRow row;
     GfError err;
     if (store_job_cancel(api->store, req->params[0], &row, &err)) return reply_error(resp, &err, NULL);
+    job_hub_notify(api->job_hub, req->params[0]);
     return reply_json(resp, 200, job_json(&row));
 }
 
-static cJSON *event_json(const JobEvent *e) {
+cJSON *jobs_event_json(const JobEvent *e) {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "seq", (double)e->seq);
     cJSON_AddStringToObject(o, "object", "fine_tuning.job.event");
@@ -151,14 +153,15 @@ static cJSON *event_json(const JobEvent *e) {
 
 GfStatus jobs_events(Api *api, const HttpReq *req, HttpResp *resp) {
     const char *accept = req->header(req->cls, "Accept");
-    if (accept && strstr(accept, "text/event-stream"))
-        return reply_fail(resp, GF_NOT_IMPLEMENTED, "not_implemented", NULL,
-                          "following events as a stream arrives with the trainer; poll with ?after=<seq>");
     const char *a = req->query(req->cls, "after"), *l = req->query(req->cls, "limit");
+    const char *last = req->header(req->cls, "Last-Event-ID");
+    int follow = accept && strstr(accept, "text/event-stream");
+    if (follow && last && !a) a = last; /* a reconnecting EventSource resumes after the last event it saw */
     char *end;
     long long after = 0, limit = PAGE_DEFAULT;
     if (a && (!*a || (after = strtoll(a, &end, 10), *end) || after < 0))
         return reply_fail(resp, GF_INVALID, "invalid_value", "after", "'after' must be a non-negative event seq");
+    if (follow) return job_follow_or_reply(api, req->params[0], after, resp);
     if (l && (!*l || (limit = strtoll(l, &end, 10), *end) || limit < 1 || limit > PAGE_MAX))
         return reply_fail(resp, GF_INVALID, "invalid_value", "limit", "'limit' must be an integer from 1 to %d", PAGE_MAX);
     JobEvent *ev = calloc((size_t)limit, sizeof *ev);
@@ -170,7 +173,7 @@ GfStatus jobs_events(Api *api, const HttpReq *req, HttpResp *resp) {
         return reply_error(resp, &err, NULL);
     }
     cJSON *data = cJSON_CreateArray();
-    for (int i = 0; i < n; i++) cJSON_AddItemToArray(data, event_json(&ev[i]));
+    for (int i = 0; i < n; i++) cJSON_AddItemToArray(data, jobs_event_json(&ev[i]));
     free(ev);
     return reply_json(resp, 200, list_envelope(data, more));
 }

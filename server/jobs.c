@@ -35,12 +35,18 @@ typedef struct {
 
 /* ---- hooks --------------------------------------------------------------------- */
 
+/* Tells the job's event followers that something was committed. */
+static void notify(Jobs *j, const char *job_id) {
+    if (j->cfg.on_event) j->cfg.on_event(j->cfg.on_event_cls, job_id);
+}
+
 static void hook_log(void *user, const char *level, const char *message) {
     JobCtx *c = user;
     GfError err;
     GF_LOGI("job %s: %s", c->row->id, message);
     if (store_job_event(c->j->store, c->row->id, level, "log", message, &err))
         GF_LOGW("job %s: could not record an event: %s", c->row->id, err.message);
+    notify(c->j, c->row->id);
 }
 
 static void hook_step(void *user, const TrainStepInfo *in, const TrainRunRates *r) {
@@ -57,6 +63,7 @@ static void hook_step(void *user, const TrainStepInfo *in, const TrainRunRates *
     GfError err;
     if (store_job_progress(c->j->store, c->row->id, &p, msg, data, &err))
         GF_LOGW("job %s: could not record progress: %s", c->row->id, err.message);
+    notify(c->j, c->row->id);
 }
 
 static void hook_eval(void *user, int64_t step, double loss) {
@@ -68,6 +75,7 @@ static void hook_eval(void *user, int64_t step, double loss) {
     GfError err;
     if (store_job_progress(c->j->store, c->row->id, &p, msg, data, &err))
         GF_LOGW("job %s: could not record the validation loss: %s", c->row->id, err.message);
+    notify(c->j, c->row->id);
 }
 
 static GfStatus hook_checkpoint(void *user, int64_t step, const char *dir, const char *metrics, GfError *err) {
@@ -189,6 +197,7 @@ static void conclude(JobCtx *c, GfStatus st, const GfError *run_err, const JobPa
         rec = store_job_finish(j->store, id, "failed", run_err->code[0] ? run_err->code : "training_failed", run_err->message, &err);
     }
     if (rec) GF_LOGE("job %s: could not record its end: %s", id, err.message);
+    notify(j, id);
     fs_remove_tree(out_dir);
 }
 
@@ -234,6 +243,7 @@ static void *worker(void *arg) {
         int resumed = 0;
         GfError err;
         GfStatus st = row ? store_job_claim(j->store, row, &resumed, &err) : GF_NO_MEMORY;
+        if (!st) notify(j, row->id); /* its "running" status event */
         if (!st) run_job(j, row, resumed);
         else if (st != GF_NOT_FOUND) GF_LOGW("job worker: %s", row ? err.message : "out of memory");
         free(row);

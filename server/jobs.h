@@ -42,6 +42,10 @@ typedef struct {
      * from memory. NULL = the adapter is freed. */
     void (*on_adapter)(void *cls, const char *name, LoraAdapter *adapter);
     void *on_adapter_cls;
+    /* called on the worker thread after each commit of a job's events or
+     * status (event streams wake on it); may be NULL */
+    void (*on_event)(void *cls, const char *job_id);
+    void *on_event_cls;
 } JobsConfig;
 
 typedef struct Jobs Jobs;

@@ -13,6 +13,7 @@
 #include "cli_inputs.h"
 #include "cli_train.h"
 #include "httpd.h"
+#include "job_follow.h"
 #include "jobs.h"
 #include "kernels.h"
 #include "model.h"
@@ -242,7 +243,15 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, Api *api, ServeE
     return 0;
 }
 
-static void stop_serving(void *cls) { serve_stop(cls); }
+/* Before the HTTP server stops: every deferred reply ends (inference
+ * requests and event streams), so no connection stays suspended. */
+static void end_deferred(void *cls) {
+    Api *api = cls;
+    if (api->serving.serve) serve_stop(api->serving.serve);
+    job_hub_close(api->job_hub);
+}
+
+static void job_event(void *cls, const char *job_id) { job_hub_notify(cls, job_id); }
 
 /* A job's trained adapter goes to the serving engine from memory. */
 static void serve_trained(void *cls, const char *name, LoraAdapter *a) { serve_adapter_put(cls, name, a); }
@@ -265,8 +274,8 @@ static int cmd_serve(int argc, char **argv) {
     ServeEngine *serve = NULL;
     Metrics metrics;
     metrics_init(&metrics);
-    Api api = {.metrics = &metrics, .limits = o.limits, .started_at = gf_time_unix()};
-    if (open_model(&o, &pipe, &api.model)) return 1;
+    Api api = {.metrics = &metrics, .limits = o.limits, .started_at = gf_time_unix(), .job_hub = job_hub_new()};
+    if (!api.job_hub || open_model(&o, &pipe, &api.model)) return 1;
     GfError err;
     if (store_open(o.data_dir, &api.store, &err)) {
         fprintf(stderr, "gemmaforge: cannot open the data directory: %s\n", err.message);
@@ -284,7 +293,8 @@ static int cmd_serve(int argc, char **argv) {
         JobsConfig jc = {.model_dir = o.model_dir, .model_name = api.model.id, .max_lora_rank = o.limits.max_lora_rank,
                          .n_threads = o.train_threads, .poll_s = 0.5,
                          .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels},
-                         .on_adapter = serve ? serve_trained : NULL, .on_adapter_cls = serve};
+                         .on_adapter = serve ? serve_trained : NULL, .on_adapter_cls = serve,
+                         .on_event = job_event, .on_event_cls = api.job_hub};
         if (jobs_start(&jc, api.store, &jobs, &err)) {
             fprintf(stderr, "gemmaforge: %s\n", err.message);
             serve_free(serve);
@@ -310,9 +320,10 @@ static int cmd_serve(int argc, char **argv) {
     int sig = 0;
     sigwait(&sigs, &sig);
     GF_LOGI("signal %d: shutting down (draining requests for up to 10 s)", sig);
-    httpd_stop(h, 10, serve ? stop_serving : NULL, serve);
+    httpd_stop(h, 10, end_deferred, &api);
     jobs_stop(jobs);
     serve_free(serve);
+    job_hub_free(api.job_hub);
     store_close(api.store);
     pipeline_close(pipe);
     metrics_free(&metrics);

@@ -7,6 +7,7 @@ usage: test_api.py PATH/TO/gemmaforge
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -838,6 +839,64 @@ def t_no_keys_configured(binary):
         assert expect(srv.get("/v1/models", key=None), 200).json()["data"] == []
     finally:
         srv.stop()
+
+
+def read_sse(sock, until_event, timeout=20):
+    """Reads a chunked SSE response from sock until an event named
+    until_event; returns [(id, event, data)] and the raw head."""
+    sock.settimeout(timeout)
+    raw = b""
+    t0 = time.time()
+    while b"event: %s\n" % until_event.encode() not in raw or not raw.endswith(b"\r\n"):
+        chunk = sock.recv(65536)
+        if not chunk or time.time() - t0 > timeout:
+            break
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    text = b""
+    while body:  # de-chunk
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        text, body = text + rest[:size], rest[size + 2:]
+    events = []
+    for block in text.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        f = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((int(f["id"]) if "id" in f else None, f["event"], json.loads(f["data"])))
+    return events, head
+
+
+def t_job_events_follow(srv):
+    """Accept: text/event-stream follows a job's events: the stored ones at
+    once, then each new one as it is committed (here: a cancel), then an end
+    event with the final status; ?after= and Last-Event-ID resume."""
+    job = expect(srv.post_json("/v1/fine_tuning/jobs", {"dataset": srv.ready_dataset}), 201).json()["id"]
+    polled = expect(srv.get("/v1/fine_tuning/jobs/%s/events" % job), 200).json()["data"]
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    s.sendall(b"GET /v1/fine_tuning/jobs/%s/events HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+              b"Accept: text/event-stream\r\n\r\n" % (job.encode(), srv.port, KEY.encode()))
+    time.sleep(0.3)
+    expect(srv.post_json("/v1/fine_tuning/jobs/%s/cancel" % job, {}), 200)
+    events, head = read_sse(s, "end")
+    s.close()
+    assert b"200 OK" in head and b"text/event-stream" in head, head
+    assert [e[0] for e in events[:len(polled)]] == [p["seq"] for p in polled], (events, polled)
+    assert events[0][2] == polled[0], (events[0], polled[0])
+    assert any(e[1] == "status" and "cancel" in e[2]["message"].lower() for e in events[len(polled):]), events
+    assert events[-1][1] == "end" and events[-1][2] == {"status": "cancelled", "reason": "job_ended"}, events[-1]
+    seqs = [e[0] for e in events if e[0] is not None]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
+    # resuming after the first event gives the rest
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    s.sendall(b"GET /v1/fine_tuning/jobs/%s/events HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+              b"Accept: text/event-stream\r\nLast-Event-ID: %d\r\n\r\n" % (job.encode(), srv.port, KEY.encode(), seqs[0]))
+    again, _ = read_sse(s, "end")
+    s.close()
+    assert [e[0] for e in again if e[0] is not None] == seqs[1:], (again, seqs)
+    expect(srv.get("/v1/fine_tuning/jobs/job_nope/events", headers={"Accept": "text/event-stream"}), 404)
 
 
 def t_not_built_routes_say_so(srv):
