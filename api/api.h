@@ -44,6 +44,7 @@ typedef struct {
  * serving: the routes answer 503 model_not_loaded). */
 typedef struct {
     struct ServeEngine *serve;       /* serve.h */
+    const struct Model *model;       /* read-only uses (estimates); the engine thread owns it */
     const struct Tokenizer *tok;
     const ChatTemplate *tpl;
     const PreprocessConfig *pre;
@@ -101,6 +102,7 @@ GfStatus jobs_get(Api *, const HttpReq *, HttpResp *);
 GfStatus jobs_cancel(Api *, const HttpReq *, HttpResp *);
 GfStatus jobs_events(Api *, const HttpReq *, HttpResp *);
 GfStatus jobs_checkpoints(Api *, const HttpReq *, HttpResp *);
+GfStatus jobs_preflight(Api *, const HttpReq *, HttpResp *);
 /* A job event as the events endpoint returns it. */
 cJSON *jobs_event_json(const JobEvent *e);
 GfStatus adapters_create(Api *, const HttpReq *, HttpResp *);

@@ -12,6 +12,7 @@
 #include "hyperparameters.h"
 #include "job_follow.h"
 #include "reply.h"
+#include "trainer.h"
 
 /* ---- request ----------------------------------------------------------- */
 
@@ -201,4 +202,48 @@ GfStatus jobs_checkpoints(Api *api, const HttpReq *req, HttpResp *resp) {
     }
     free(rows);
     return reply_json(resp, 200, list_envelope(data, 0));
+}
+
+/* ---- preflight: what a job with these hyperparameters will take ---------------- */
+
+static cJSON *preflight_json(const TrainMemory *tm, const LoraAdapter *a, const JobParams *hp) {
+    cJSON *o = cJSON_CreateObject(), *mem = cJSON_AddObjectToObject(o, "memory_bytes");
+    cJSON_AddStringToObject(o, "object", "fine_tuning.preflight");
+    cJSON_AddNumberToObject(mem, "base_weights", (double)tm->weights);
+    cJSON_AddNumberToObject(mem, "adapter_training_state", (double)tm->state);
+    cJSON_AddNumberToObject(mem, "activations", (double)tm->activations);
+    cJSON_AddNumberToObject(mem, "vision_tower", (double)tm->vision);
+    cJSON_AddNumberToObject(mem, "total", (double)tm->total);
+    cJSON_AddStringToObject(o, "quantization", hp->quantization == MODEL_QUANT_NF4 ? "nf4" : "none");
+    cJSON_AddNumberToObject(o, "max_seq_len", (double)hp->max_seq_len);
+    cJSON_AddNumberToObject(o, "trainable_parameters", (double)tm->n_params);
+    cJSON *mods = cJSON_AddArrayToObject(o, "modules");
+    for (size_t i = 0; i < a->n_pairs; i++) cJSON_AddItemToArray(mods, cJSON_CreateString(a->pairs[i].module));
+    return o;
+}
+
+GfStatus jobs_preflight(Api *api, const HttpReq *req, HttpResp *resp) {
+    GfError err;
+    const ApiServing *sv = &api->serving;
+    if (!sv->model) return reply_fail(resp, GF_NOT_READY, "model_not_loaded", NULL, "no model is loaded");
+    cJSON *body = json_parse_body(req->body, req->body_len, &err);
+    if (!body) return reply_error(resp, &err, NULL);
+    static const char *const keys[] = {"hyperparameters", NULL};
+    JsonCtx c = {body, "", NULL, &err};
+    JobParams hp;
+    const cJSON *h = cJSON_GetObjectItemCaseSensitive(body, "hyperparameters");
+    LoraAdapter *a = NULL;
+    GfStatus st = json_only_keys(&c, keys);
+    if (!st) st = hyperparameters_parse(cJSON_IsObject(h) ? h : NULL, api->limits.max_lora_rank, &hp, NULL, &err);
+    if (!st) st = lora_create(sv->model, hp.targets, hp.n_targets, hp.lora_rank, hp.lora_alpha, hp.use_rslora, 0, &a, &err);
+    if (st) {
+        cJSON_Delete(body);
+        return reply_error(resp, &err, NULL);
+    }
+    TrainMemory tm;
+    trainer_memory(sv->model, sv->pre, a, hp.quantization == MODEL_QUANT_NF4, hp.max_seq_len, &tm);
+    cJSON *out = preflight_json(&tm, a, &hp);
+    lora_free(a);
+    cJSON_Delete(body);
+    return reply_json(resp, 200, out);
 }

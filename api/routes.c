@@ -18,6 +18,7 @@ const Route API_ROUTES[] = {
     {"GET", "/v1/datasets/{id}", datasets_get, 1, BODY_NONE, 0, "GET /v1/datasets/{id}", 0},
     {"DELETE", "/v1/datasets/{id}", datasets_delete, 1, BODY_NONE, 0, "DELETE /v1/datasets/{id}", 0},
     {"POST", "/v1/fine_tuning/jobs", jobs_create, 1, BODY_JSON, 0, "POST /v1/fine_tuning/jobs", 1},
+    {"POST", "/v1/fine_tuning/preflight", jobs_preflight, 1, BODY_JSON, 0, "POST /v1/fine_tuning/preflight", 0},
     {"GET", "/v1/fine_tuning/jobs", jobs_list, 1, BODY_NONE, 0, "GET /v1/fine_tuning/jobs", 0},
     {"GET", "/v1/fine_tuning/jobs/{id}", jobs_get, 1, BODY_NONE, 0, "GET /v1/fine_tuning/jobs/{id}", 0},
     {"POST", "/v1/fine_tuning/jobs/{id}/cancel", jobs_cancel, 1, BODY_NONE, 0, "POST /v1/fine_tuning/jobs/{id}/cancel", 0},

@@ -415,3 +415,25 @@ GfStatus trainer_resume(Trainer *t, const char *dir, GfError *err) {
     cJSON_Delete(state);
     return st;
 }
+
+/* ---- memory estimate ---------------------------------------------------------- */
+
+void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapter *a, int nf4, int64_t seq_len,
+                    TrainMemory *out) {
+    ModelMemory mm;
+    model_memory(m, &mm);
+    uint64_t n_params = 0;
+    int max_rank = 0;
+    for (size_t i = 0; i < a->n_pairs; i++) {
+        n_params += (uint64_t)(a->pairs[i].rank * (a->pairs[i].in + a->pairs[i].out));
+        if (a->pairs[i].rank > max_rank) max_rank = (int)a->pairs[i].rank;
+    }
+    out->n_linears = mm.n_linears;
+    out->n_params = n_params;
+    out->weights = mm.other_bytes + (nf4 ? mm.linear_nf4_bytes : mm.linear_stored_bytes);
+    out->state = 4 * n_params * sizeof(float);
+    out->activations = grad_workspace_bytes(m, seq_len, max_rank);
+    int64_t patches = (int64_t)pre->pooling_kernel * pre->pooling_kernel * pre->max_soft_tokens;
+    out->vision = model_vision_workspace_bytes(m, patches, max_rank, 1);
+    out->total = out->weights + out->state + out->activations + out->vision;
+}

@@ -45,6 +45,7 @@
 #include <stdint.h>
 
 #include "lora.h"
+#include "preprocess.h"
 #include "optim.h"
 #include "trainset.h"
 
@@ -106,5 +107,19 @@ GfStatus trainer_resume(Trainer *t, const char *dir, GfError *err);
  * the digests of its tensor files, so its digest identifies the whole
  * checkpoint. GF_FORMAT when the file is missing. */
 GfStatus trainer_file_digest(const char *path, char hex[65], GfError *err);
+
+/* What training adapter a on m takes in memory (CPU backend; sequences run
+ * one at a time, so batch size and accumulation add nothing): the base
+ * weights (linears in NF4 when nf4), the adapter's training state (weights,
+ * gradients, AdamW m and v in float32), the activations of one seq_len
+ * sequence, and the vision tower's workspace for one image at the
+ * processor's budget (0 without a tower). */
+typedef struct {
+    uint64_t n_linears, n_params;
+    uint64_t weights, state, activations, vision, total;   /* bytes */
+} TrainMemory;
+
+void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapter *a, int nf4, int64_t seq_len,
+                    TrainMemory *out);
 
 #endif

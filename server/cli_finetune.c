@@ -211,28 +211,21 @@ static void print_bytes(const char *what, uint64_t b, const char *note) {
 }
 
 static void print_memory(const Pipeline *p, const LoraAdapter *a, const JobParams *hp, int64_t seq_len) {
-    ModelMemory mm;
-    model_memory(p->model, &mm);
-    size_t n_params = 0;
-    for (size_t i = 0; i < a->n_pairs; i++) n_params += (size_t)(a->pairs[i].rank * (a->pairs[i].in + a->pairs[i].out));
-    int nf4 = hp->quantization == MODEL_QUANT_NF4;
-    uint64_t weights = mm.other_bytes + (nf4 ? mm.linear_nf4_bytes : mm.linear_stored_bytes);
-    uint64_t state = 4 * (uint64_t)n_params * sizeof(float);
-    uint64_t act = grad_workspace_bytes(p->model, seq_len, hp->lora_rank);
-    const PreprocessConfig *pre = &p->pre;
-    uint64_t vis = model_vision_workspace_bytes(p->model, (int64_t)pre->pooling_kernel * pre->pooling_kernel * pre->max_soft_tokens,
-                                                hp->lora_rank, 1);
+    TrainMemory tm;
+    trainer_memory(p->model, &p->pre, a, hp->quantization == MODEL_QUANT_NF4, seq_len, &tm);
     char note[160];
     printf("\nmemory estimate for training (CPU backend; sequences run one at a time, so batch_size x "
            "gradient_accumulation_steps adds none):\n");
-    snprintf(note, sizeof note, "%llu linears %s, the rest as stored", (unsigned long long)mm.n_linears, nf4 ? "in NF4" : "as stored");
-    print_bytes("base weights", weights, note);
-    snprintf(note, sizeof note, "%zu float32 parameters x 4 (weights, gradients, AdamW m and v)", n_params);
-    print_bytes("adapter training state", state, note);
+    snprintf(note, sizeof note, "%llu linears %s, the rest as stored", (unsigned long long)tm.n_linears,
+             hp->quantization == MODEL_QUANT_NF4 ? "in NF4" : "as stored");
+    print_bytes("base weights", tm.weights, note);
+    snprintf(note, sizeof note, "%llu float32 parameters x 4 (weights, gradients, AdamW m and v)",
+             (unsigned long long)tm.n_params);
+    print_bytes("adapter training state", tm.state, note);
     snprintf(note, sizeof note, "checkpointed layer inputs, one layer re-run, K/V, for %lld tokens", (long long)seq_len);
-    print_bytes("activations", act, note);
-    if (vis) print_bytes("vision tower (one image at a time)", vis, "at the processor's soft-token budget");
-    print_bytes("total", weights + state + act + vis, "");
+    print_bytes("activations", tm.activations, note);
+    if (tm.vision) print_bytes("vision tower (one image at a time)", tm.vision, "at the processor's soft-token budget");
+    print_bytes("total", tm.total, "");
 }
 
 static void print_targets(const LoraAdapter *a, const JobParams *hp) {

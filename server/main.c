@@ -235,7 +235,7 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, Api *api, ServeE
         fprintf(stderr, "gemmaforge: cannot start serving: %s\n", err.message);
         return -1;
     }
-    api->serving = (ApiServing){*out, pipe->tok, &pipe->tpl, &pipe->pre, model_config(pipe->model),
+    api->serving = (ApiServing){*out, pipe->model, pipe->tok, &pipe->tpl, &pipe->pre, model_config(pipe->model),
                                 o->max_tokens ? o->max_tokens : 4096, 8, 1024};
     GF_LOGI("serving: %d sequences, queue %d, KV pool %lld blocks of %lld positions (%.1f MB), %d resident adapters",
             sc.max_seqs, sc.max_queue, (long long)sc.kv_blocks, (long long)sc.kv_block_len,

@@ -841,6 +841,25 @@ def t_no_keys_configured(binary):
         srv.stop()
 
 
+def t_preflight(srv):
+    """The training memory estimate and module list before a job is queued."""
+    train = json.loads(fixture_bytes("dense", "lora_all", "train.json"))
+    hp = {"lora_rank": 4, "lora_alpha": 8, "target_modules": "all-linear", "quantization": "nf4", "max_seq_len": 512}
+    a = expect(srv.post_json("/v1/fine_tuning/preflight", {"hyperparameters": hp}), 200).json()
+    assert a["trainable_parameters"] == train["n_trainable"] and len(a["modules"]) == 56, a
+    assert any("vision_tower" in m for m in a["modules"]) and not any("lm_head" in m for m in a["modules"]), a
+    m = a["memory_bytes"]
+    assert m["total"] == m["base_weights"] + m["adapter_training_state"] + m["activations"] + m["vision_tower"], m
+    assert m["adapter_training_state"] == 16 * train["n_trainable"] and m["vision_tower"] > 0, m
+    b = expect(srv.post_json("/v1/fine_tuning/preflight", {"hyperparameters": dict(hp, quantization="none",
+                                                                                      max_seq_len=1024)}), 200).json()
+    assert b["memory_bytes"]["base_weights"] > m["base_weights"], (a, b)
+    assert b["memory_bytes"]["activations"] > m["activations"], (a, b)
+    r = expect(srv.post_json("/v1/fine_tuning/preflight", {"hyperparameters": {"lora_rank": 0}}), 400,
+               "invalid_hyperparameter")
+    assert r.json()["error"]["param"] == "hyperparameters.lora_rank", r
+
+
 def read_sse(sock, until_event, timeout=20):
     """Reads a chunked SSE response from sock until an event named
     until_event; returns [(id, event, data)] and the raw head."""
