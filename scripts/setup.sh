@@ -7,7 +7,11 @@ packages=(
   build-essential cmake pkg-config
   libmicrohttpd-dev libcjson-dev libjpeg62-turbo-dev libturbojpeg0-dev libpng-dev libsqlite3-dev
   python3 curl
+  chromium
 )
+# the browser test drives Debian's chromium with playwright-core (npm)
+command -v node >/dev/null 2>&1 || packages+=(nodejs)
+command -v npm >/dev/null 2>&1 || packages+=(npm)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,4 +24,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
   echo "setup: all packages present"
+fi
+
+# playwright-core for the browser test, at the version package-lock.json pins
+browser_dir="$(dirname "$0")/../tests/browser"
+if [ ! -d "$browser_dir/node_modules/playwright-core" ]; then
+  echo "setup: installing the browser test's npm packages"
+  (cd "$browser_dir" && npm ci --no-audit --no-fund --loglevel=error)
 fi

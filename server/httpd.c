@@ -83,7 +83,8 @@ static void add_headers(struct MHD_Response *r, const Req *q, const HttpResp *re
     MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
     MHD_add_response_header(r, "Referrer-Policy", "no-referrer");
     MHD_add_response_header(r, "Content-Security-Policy",
-                            "default-src 'self'; script-src 'self'; object-src 'none'; frame-ancestors 'none'");
+                            "default-src 'self'; script-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+                            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'");
     MHD_add_response_header(r, "Cache-Control", q->route_index == -2 ? "no-cache" : "no-store");
     if (resp->allow[0]) MHD_add_response_header(r, "Allow", resp->allow);
     if (resp->status == 401) MHD_add_response_header(r, "WWW-Authenticate", "Bearer");

@@ -203,8 +203,14 @@ def t_metrics(srv):
 
 def t_static_dashboard(srv):
     r = expect(srv.get("/", key=None), 200)
-    assert r.headers["content-type"].startswith("text/html") and b"not built yet" in r.body
-    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["content-type"].startswith("text/html") and b'<script type="module" src="/app.js">' in r.body
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "script-src 'self';" in csp and "object-src 'none'" in csp, csp
+    assert "unsafe" not in csp and "frame-ancestors 'none'" in csp, csp
+    r = expect(srv.get("/app.js", key=None), 200)
+    assert r.headers["content-type"].startswith("text/javascript") and r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["cache-control"] == "no-cache", r.headers
+    expect(srv.get("/web/", key=None), 404)
     expect(srv.get("/../server/main.c", key=None), 404)
     expect(srv.get("/.git", key=None), 404)
 
