@@ -147,7 +147,7 @@ async function desktop(browser, base, dir) {
   check(true, 'starting a job opens its page');
 
   // the job page: live until it succeeds, the chart drawn
-  await page.locator('.job-head .badge-succeeded').waitFor({ timeout: 240000 });
+  await page.locator('.job-head .badge-succeeded').waitFor({ timeout: 600000 }); // ASan builds train slowly
   await page.locator('#loss-chart polyline.series-train').waitFor();
   const points = (await page.getAttribute('#loss-chart polyline.series-train', 'points')).trim().split(' ').length;
   check(points === 30, `the loss chart has a point per step (${points} of 30)`);
