@@ -38,6 +38,19 @@ static void parsed_free(Parsed *p) {
     memset(p, 0, sizeof *p);
 }
 
+/* Hands a parsed request to the engine, or answers its parse error. */
+static GfStatus submit_or_reply(Api *api, Parsed *p, GfStatus st, const GfError *err, HttpResp *resp) {
+    if (st) {
+        parsed_free(p);
+        return reply_error(resp, err, NULL);
+    }
+    free(p->msgs);
+    free(p->parts);
+    p->msgs = NULL;
+    p->parts = NULL;
+    return inference_start_or_reply(api, &p->s, &p->o, resp);
+}
+
 static GfStatus add_image(Api *api, Parsed *p, const uint8_t *bytes, size_t n, GfError *err) {
     if (p->s.n_images >= api->serving.max_images)
         return gf_error_set(err, GF_INVALID, "too_many_images", "messages", "at most %d images per request",
@@ -206,15 +219,7 @@ GfStatus chat_completions_create(Api *api, const HttpReq *req, HttpResp *resp) {
     if (!st) st = parse_messages(api, body, &p, &err);
     if (!st) st = inference_encode(api, p.msgs, p.n_msgs, &p.s, &err);
     cJSON_Delete(body); /* the parts' text pointed into it: encoded by now */
-    if (st) {
-        parsed_free(&p);
-        return reply_error(resp, &err, NULL);
-    }
-    free(p.msgs);
-    free(p.parts);
-    p.msgs = NULL;
-    p.parts = NULL;
-    return inference_start_or_reply(api, &p.s, &p.o, resp);
+    return submit_or_reply(api, &p, st, &err, resp);
 }
 
 /* ---- /v1/infer ---------------------------------------------------------------- */
@@ -288,13 +293,6 @@ GfStatus infer_create(Api *api, const HttpReq *req, HttpResp *resp) {
     GfError err;
     Parsed p;
     memset(&p, 0, sizeof p);
-    if (infer_parse(api, req, &p, &err)) {
-        parsed_free(&p);
-        return reply_error(resp, &err, NULL);
-    }
-    free(p.msgs);
-    free(p.parts);
-    p.msgs = NULL;
-    p.parts = NULL;
-    return inference_start_or_reply(api, &p.s, &p.o, resp);
+    GfStatus st = infer_parse(api, req, &p, &err);
+    return submit_or_reply(api, &p, st, &err, resp);
 }
