@@ -1,12 +1,14 @@
 /* model.h - the Gemma 4 language model on the engine's compute backend:
  * weights bound by their Hugging Face names, and the forward pass of
- * GEMMA4.md §3 for one sequence at a time with a KV cache (prefill of many
- * tokens, or decoding one by one, compute the same function).
+ * GEMMA4.md §3 over paged KV caches, for one sequence or a batch of them
+ * each with its own adapter (prefill of many tokens, or decoding one by one,
+ * alone or batched, compute the same function).
  *
  * Ownership: Model owns its config, its mapped checkpoint (weights are views
  * into it; F16 matrices are widened into owned F32 copies; small vectors such
- * as norm weights are widened to owned F32), its thread pool and op table.
- * KvCache is owned by the caller and belongs to one sequence.
+ * as norm weights are widened to owned F32), its thread pool, op table and
+ * activation scratch. KvCache and KvPool are owned by the caller; a KvCache
+ * belongs to one sequence and holds blocks of one pool.
  *
  * Threading: a Model is used by one thread at a time (the engine thread);
  * distinct KvCaches may be used in turn on one Model. Errors: loading fails
