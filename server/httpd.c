@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "fsutil.h"
@@ -468,10 +469,20 @@ static ssize_t deferred_read(void *cls, uint64_t pos, char *buf, size_t max) {
     }
 }
 
-/* Sends the deferred reply once its head is known, else sleeps. */
+/* 1 when the client has closed its side of the connection (a suspended
+ * connection is not watched by libmicrohttpd, so each wake looks). */
+static int client_gone(struct MHD_Connection *c) {
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    char b;
+    return ci && recv(ci->connect_fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
+/* Sends the deferred reply once its head is known, else sleeps; a client
+ * that hung up meanwhile ends the connection (abandon cancels the work). */
 static enum MHD_Result deferred_poll(Req *q, struct MHD_Connection *c) {
     for (;;) {
         clear_woken(q);
+        if (client_gone(c)) return MHD_NO;
         HttpResp resp;
         memset(&resp, 0, sizeof resp);
         if (q->def.take(q->def.cls, &resp)) {
@@ -503,6 +514,10 @@ static enum MHD_Result dispatch(Req *q, struct MHD_Connection *c) {
     memset(&resp, 0, sizeof resp);
     q->route->handler(h->api, &req, &resp);
     if (resp.deferred.take) {
+        /* the wait belongs to the work (a queue, a long generation), not to an
+         * idle client: no idle timeout; a client that hangs up is seen at
+         * the next wake (client_gone) or the next write */
+        MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, (unsigned int)0);
         q->def = resp.deferred;
         q->def.arm(q->def.cls, wake_conn, q);
         return deferred_poll(q, c);

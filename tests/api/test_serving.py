@@ -330,6 +330,34 @@ def t_queue_full_and_disconnect(binary):
         assert wait_metric(srv, "gf_kv_blocks_used", 0)
         text = expect(srv.get("/metrics"), 200).body.decode()
         assert 'gf_inference_requests_total{outcome="cancelled"} 1' in text, text
+        # a non-streaming client that hangs up is noticed at the next token too
+        plain = dict(stream, stream=False)
+        payload = json.dumps(plain).encode()
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (srv.port, srv_key().encode(), len(payload))
+                  + payload)
+        assert wait_metric(srv, "gf_inference_running", 1)
+        s.close()
+        assert wait_metric(srv, "gf_inference_running", 0), "the hung-up request still holds its slot"
+        assert wait_metric(srv, "gf_kv_blocks_used", 0)
+        text = expect(srv.get("/metrics"), 200).body.decode()
+        assert 'gf_inference_requests_total{outcome="cancelled"} 2' in text, text
+        # waiting longer than the idle timeout (3 s here) for a slot is not idleness
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        payload = json.dumps(stream).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (srv.port, srv_key().encode(), len(payload))
+                  + payload)
+        assert wait_metric(srv, "gf_inference_running", 1)
+        result = {}
+        waiter = threading.Thread(target=lambda: result.update(r=srv.post_json("/v1/chat/completions", dict(
+            plain, max_tokens=5), timeout=60)))
+        waiter.start()
+        time.sleep(4.5)
+        s.close()  # the slot frees; the waiting request runs
+        waiter.join()
+        assert result["r"].status == 200 and result["r"].json()["usage"]["completion_tokens"] > 0, result
         assert srv.alive()
     finally:
         srv.stop()
