@@ -80,6 +80,7 @@ typedef struct HttpResp {
     char allow[64];                /* "GET, POST" for 405, else "" */
     int retry_after;               /* seconds, 0 = none */
     char content_disposition[160]; /* "" = none */
+    char etag[80];                 /* "" = none */
     HttpStreamRead stream;         /* set instead of body for large downloads */
     void *stream_cls;
     void (*stream_free)(void *cls);

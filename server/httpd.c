@@ -90,6 +90,7 @@ static void add_headers(struct MHD_Response *r, const Req *q, const HttpResp *re
     if (resp->allow[0]) MHD_add_response_header(r, "Allow", resp->allow);
     if (resp->status == 401) MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
     if (resp->content_disposition[0]) MHD_add_response_header(r, "Content-Disposition", resp->content_disposition);
+    if (resp->etag[0]) MHD_add_response_header(r, "ETag", resp->etag);
     if (resp->retry_after > 0) {
         char ra[16];
         snprintf(ra, sizeof ra, "%d", resp->retry_after);
@@ -533,7 +534,8 @@ static enum MHD_Result dispatch(Req *q, struct MHD_Connection *c) {
 static enum MHD_Result serve_static(Req *q, struct MHD_Connection *c, const char *url) {
     HttpResp resp;
     memset(&resp, 0, sizeof resp);
-    static_files_serve(q->httpd->cfg->web_dir, url, &resp);
+    static_files_serve(q->httpd->cfg->web_dir, url, MHD_lookup_connection_value(c, MHD_HEADER_KIND, "If-None-Match"),
+                       &resp);
     enum MHD_Result r = send_resp(c, q, &resp, 0);
     return r;
 }

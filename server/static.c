@@ -36,7 +36,7 @@ int static_files_match(const char *method, const char *url) {
     return strcmp(url, "/") == 0 || (url[0] == '/' && safe_name(url + 1));
 }
 
-void static_files_serve(const char *web_dir, const char *url, HttpResp *resp) {
+void static_files_serve(const char *web_dir, const char *url, const char *if_none_match, HttpResp *resp) {
     const char *name = strcmp(url, "/") == 0 ? "index.html" : url + 1;
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", web_dir, name);
@@ -45,6 +45,14 @@ void static_files_serve(const char *web_dir, const char *url, HttpResp *resp) {
     if (fd < 0 || fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size > 16 * 1024 * 1024) {
         if (fd >= 0) close(fd);
         reply_fail(resp, GF_NOT_FOUND, "not_found", NULL, "no such file");
+        return;
+    }
+    snprintf(resp->etag, sizeof resp->etag, "\"%llx-%llx-%lx\"", (unsigned long long)sb.st_size,
+             (unsigned long long)sb.st_mtim.tv_sec, (long)sb.st_mtim.tv_nsec);
+    snprintf(resp->content_type, sizeof resp->content_type, "%s", type_of(name));
+    if (if_none_match && strcmp(if_none_match, resp->etag) == 0) {
+        close(fd);
+        resp->status = 304;
         return;
     }
     char *buf = malloc((size_t)sb.st_size + 1);

@@ -209,7 +209,10 @@ def t_static_dashboard(srv):
     assert "unsafe" not in csp and "frame-ancestors 'none'" in csp, csp
     r = expect(srv.get("/app.js", key=None), 200)
     assert r.headers["content-type"].startswith("text/javascript") and r.headers["x-content-type-options"] == "nosniff"
-    assert r.headers["cache-control"] == "no-cache", r.headers
+    assert r.headers["cache-control"] == "no-cache" and r.headers["etag"].startswith('"'), r.headers
+    again = srv.get("/app.js", key=None, headers={"If-None-Match": r.headers["etag"]})
+    assert again.status == 304 and again.body == b"", again
+    assert srv.get("/app.js", key=None, headers={"If-None-Match": '"other"'}).body == r.body
     expect(srv.get("/web/", key=None), 404)
     expect(srv.get("/../server/main.c", key=None), 404)
     expect(srv.get("/.git", key=None), 404)
