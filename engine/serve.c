@@ -72,6 +72,7 @@ struct ServeEngine {
     double rate_t0;           /* start of the tokens/s window */
     uint64_t rate_tokens;     /* generated in this step */
     uint64_t window_tokens;   /* generated in this window */
+    double last_token_t;      /* under mu: when a token was last generated */
 };
 
 /* ---- configuration ------------------------------------------------------------ */
@@ -425,6 +426,7 @@ static void update_stats(ServeEngine *e) {
     e->stats.kv_blocks_used = e->pool.n_blocks - e->pool.n_free;
     e->stats.generated_tokens += e->rate_tokens;
     e->window_tokens += e->rate_tokens;
+    if (e->rate_tokens) e->last_token_t = now;
     e->rate_tokens = 0;
     if (now - e->rate_t0 >= 1.0) {
         e->stats.tokens_per_s = (double)e->window_tokens / (now - e->rate_t0);
@@ -542,5 +544,6 @@ void serve_stats(ServeEngine *e, ServeStats *out) {
     pthread_mutex_lock(&e->mu);
     *out = e->stats;
     out->queued = e->n_queued;
+    if (gf_time_mono() - e->last_token_t > 2.0) out->tokens_per_s = 0; /* idle: the last window is stale */
     pthread_mutex_unlock(&e->mu);
 }

@@ -121,7 +121,7 @@ typedef struct {
     uint64_t requests, completed, failed, cancelled;
     uint64_t prompt_tokens, generated_tokens;
     uint64_t adapter_loads, adapter_evictions;
-    double tokens_per_s;      /* generated tokens per second over the last steps */
+    double tokens_per_s;      /* generated tokens per second over the last second of work; 0 when idle */
     /* histograms: counts of observations <= SERVE_HIST_BOUNDS[i] seconds, then +Inf */
     uint64_t ttft[SERVE_HIST_BUCKETS + 1], tpot[SERVE_HIST_BUCKETS + 1];
     double ttft_sum, tpot_sum;
