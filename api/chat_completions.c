@@ -27,14 +27,8 @@ typedef struct {
 static void parsed_free(Parsed *p) {
     free(p->msgs);
     free(p->parts);
-    for (int i = 0; i < p->s.n_images; i++) {
-        free(p->s.images[i].pixels);
-        free(p->s.images[i].positions);
-    }
-    free(p->s.images);
-    free(p->s.ids);
-    free(p->s.mm_type);
-    for (int i = 0; i < p->o.n_stop; i++) free(p->o.stop[i]);
+    serve_submit_free(&p->s);
+    inference_options_free(&p->o);
     memset(p, 0, sizeof *p);
 }
 

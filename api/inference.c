@@ -40,13 +40,18 @@ typedef struct {
 
 /* ---- small helpers ------------------------------------------------------------- */
 
+void inference_options_free(InferOptions *o) {
+    for (int i = 0; i < o->n_stop; i++) free(o->stop[i]);
+    o->n_stop = 0;
+}
+
 static void call_unref(InferCall *c) {
     pthread_mutex_lock(&c->mu);
     int last = --c->refs == 0;
     pthread_mutex_unlock(&c->mu);
     if (!last) return;
     tokenizer_stream_free(&c->ts);
-    for (int i = 0; i < c->o.n_stop; i++) free(c->o.stop[i]);
+    inference_options_free(&c->o);
     free(c->text);
     free(c->out);
     pthread_mutex_destroy(&c->mu);
@@ -274,11 +279,7 @@ static int call_take(void *cls, HttpResp *resp) {
         reply_json(resp, 200, body);
         return 1;
     }
-    resp->status = 200;
-    snprintf(resp->content_type, sizeof resp->content_type, "text/event-stream");
-    resp->stream = call_read;
-    resp->stream_cls = c;
-    resp->stream_size = HTTP_SIZE_UNKNOWN;
+    reply_event_stream(resp, call_read, c);
     return 1;
 }
 
@@ -296,9 +297,8 @@ GfStatus inference_start_or_reply(Api *api, ServeSubmit *s, InferOptions *opts, 
     GfError err;
     InferCall *c = gf_calloc(1, sizeof *c, &err);
     if (!c) {
-        for (int i = 0; i < opts->n_stop; i++) free(opts->stop[i]);
-        free(s->ids);
-        free(s->mm_type);
+        inference_options_free(opts);
+        serve_submit_free(s);
         return reply_error(resp, &err, NULL);
     }
     pthread_mutex_init(&c->mu, NULL);
@@ -365,16 +365,12 @@ GfStatus inference_image(Api *api, const uint8_t *bytes, size_t n, ServeImage *o
     Image img = {0};
     if (image_decode(bytes, n, &lim, &img, err)) return err->status;
     const PreprocessConfig *pre = api->serving.pre;
-    int64_t P = (int64_t)pre->pooling_kernel * pre->pooling_kernel * pre->max_soft_tokens;
-    int64_t D = 3 * (int64_t)pre->patch_size * pre->patch_size, n_real = 0, n_soft = 0;
-    uint8_t *u8 = gf_malloc((size_t)(P * D), err);
-    out->positions = u8 ? gf_malloc((size_t)(P * 2) * sizeof(int32_t), err) : NULL;
+    int64_t P = preprocess_max_patches(pre), D = 3 * (int64_t)pre->patch_size * pre->patch_size, n_real = 0, n_soft = 0;
+    out->positions = gf_malloc((size_t)(P * 2) * sizeof(int32_t), err);
     out->pixels = out->positions ? gf_malloc((size_t)(P * D) * sizeof(float), err) : NULL;
-    GfStatus st = out->pixels ? preprocess_image(pre, &img, u8, out->positions, &n_real, &n_soft, err) : GF_NO_MEMORY;
+    GfStatus st = out->pixels ? preprocess_image_f32(pre, &img, out->pixels, out->positions, &n_real, &n_soft, err)
+                              : GF_NO_MEMORY;
     image_free(&img);
-    if (!st)
-        for (int64_t i = 0; i < P * D; i++) out->pixels[i] = (float)u8[i] / 255.0f;
-    free(u8);
     if (st) {
         free(out->pixels);
         free(out->positions);

@@ -32,6 +32,9 @@ typedef struct {
     int n_stop;
 } InferOptions;
 
+/* Frees the stop strings. */
+void inference_options_free(InferOptions *o);
+
 /* Submits s (taken over) and fills resp with the deferred reply. On a
  * refusal (queue full, too long, shutting down) resp gets the error at
  * once. opts' stop strings are taken over. */

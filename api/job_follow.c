@@ -145,11 +145,7 @@ static void follow_arm(void *cls, void (*wake)(void *), void *wake_cls) {
 }
 
 static int follow_take(void *cls, HttpResp *resp) {
-    resp->status = 200;
-    snprintf(resp->content_type, sizeof resp->content_type, "text/event-stream");
-    resp->stream = follow_read;
-    resp->stream_cls = cls;
-    resp->stream_size = HTTP_SIZE_UNKNOWN;
+    reply_event_stream(resp, follow_read, cls);
     return 1;
 }
 

@@ -92,3 +92,11 @@ GfStatus reply_text(HttpResp *resp, int http_status, const char *content_type, c
     snprintf(resp->content_type, sizeof resp->content_type, "%s", content_type);
     return GF_OK;
 }
+
+void reply_event_stream(HttpResp *resp, HttpStreamRead read, void *cls) {
+    resp->status = 200;
+    snprintf(resp->content_type, sizeof resp->content_type, "text/event-stream");
+    resp->stream = read;
+    resp->stream_cls = cls;
+    resp->stream_size = HTTP_SIZE_UNKNOWN;
+}

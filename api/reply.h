@@ -29,4 +29,8 @@ GfStatus reply_json(HttpResp *resp, int http_status, cJSON *json);
 GfStatus reply_text(HttpResp *resp, int http_status, const char *content_type, const char *body,
                     size_t len);
 
+/* 200 text/event-stream of unknown length, read through read(cls, ...)
+ * (which may answer HTTP_STREAM_WAIT: deferred replies only). */
+void reply_event_stream(HttpResp *resp, HttpStreamRead read, void *cls);
+
 #endif

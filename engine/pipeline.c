@@ -112,14 +112,12 @@ void prompt_free(Prompt *pr) {
  * soft tokens to pr->soft (capacity already reserved). */
 static GfStatus encode_image(Pipeline *p, const Image *img, const PreprocessConfig *pre, Prompt *pr, int *n_soft_out,
                              GfError *err) {
-    int64_t k2 = (int64_t)pre->pooling_kernel * pre->pooling_kernel, P = k2 * pre->max_soft_tokens;
-    int64_t D = 3 * (int64_t)pre->patch_size * pre->patch_size, n_real = 0, n_soft = 0, got = 0;
-    uint8_t *u8 = gf_malloc((size_t)(P * D), err);
-    int32_t *pos = u8 ? gf_malloc((size_t)(P * 2) * sizeof *pos, err) : NULL;
+    int64_t P = preprocess_max_patches(pre), D = 3 * (int64_t)pre->patch_size * pre->patch_size;
+    int64_t n_real = 0, n_soft = 0, got = 0;
+    int32_t *pos = gf_malloc((size_t)(P * 2) * sizeof *pos, err);
     float *pixels = pos ? gf_malloc((size_t)(P * D) * sizeof *pixels, err) : NULL;
-    GfStatus st = pixels ? preprocess_image(pre, img, u8, pos, &n_real, &n_soft, err) : GF_NO_MEMORY;
+    GfStatus st = pixels ? preprocess_image_f32(pre, img, pixels, pos, &n_real, &n_soft, err) : GF_NO_MEMORY;
     if (!st) {
-        for (int64_t i = 0; i < P * D; i++) pixels[i] = (float)u8[i] / 255.0f;
         int64_t H = model_config(p->model)->text.hidden_size;
         st = model_vision_forward(p->model, pr->lora, pixels, pos, P, pr->soft + pr->n_soft * H, &got, err);
     }
@@ -130,7 +128,6 @@ static GfStatus encode_image(Pipeline *p, const Image *img, const PreprocessConf
         pr->n_soft += got;
         *n_soft_out = (int)got;
     }
-    free(u8);
     free(pos);
     free(pixels);
     return st;

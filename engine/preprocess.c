@@ -164,8 +164,23 @@ GfStatus preprocess_image(const PreprocessConfig *cfg, const Image *img, uint8_t
     Image resized;
     if ((st = preprocess_resize_bicubic(img, tw, th, &resized, err))) return st;
     int64_t k2 = (int64_t)cfg->pooling_kernel * cfg->pooling_kernel;
-    *n_real = preprocess_patchify(&resized, cfg->patch_size, k2 * cfg->max_soft_tokens, pixels, positions);
+    *n_real = preprocess_patchify(&resized, cfg->patch_size, preprocess_max_patches(cfg), pixels, positions);
     *n_soft = *n_real / k2;
     image_free(&resized);
     return GF_OK;
+}
+
+int64_t preprocess_max_patches(const PreprocessConfig *cfg) {
+    return (int64_t)cfg->pooling_kernel * cfg->pooling_kernel * cfg->max_soft_tokens;
+}
+
+GfStatus preprocess_image_f32(const PreprocessConfig *cfg, const Image *img, float *pixels, int32_t *positions,
+                              int64_t *n_real, int64_t *n_soft, GfError *err) {
+    int64_t n = preprocess_max_patches(cfg) * 3 * cfg->patch_size * cfg->patch_size;
+    uint8_t *u8 = gf_malloc((size_t)n, err);
+    if (!u8) return GF_NO_MEMORY;
+    GfStatus st = preprocess_image(cfg, img, u8, positions, n_real, n_soft, err);
+    for (int64_t i = 0; !st && i < n; i++) pixels[i] = (float)u8[i] / 255.0f;
+    free(u8);
+    return st;
 }

@@ -38,4 +38,12 @@ int64_t preprocess_patchify(const Image *img, int patch, int64_t max_patches, ui
 GfStatus preprocess_image(const PreprocessConfig *cfg, const Image *img, uint8_t *pixels, int32_t *positions,
                           int64_t *n_real, int64_t *n_soft, GfError *err);
 
+/* Patches of every image at the budget: pooling_kernel^2 x max_soft_tokens. */
+int64_t preprocess_max_patches(const PreprocessConfig *cfg);
+
+/* preprocess_image with the pixels as the vision tower takes them: float32
+ * in [0, 1], [max_patches, 3 p^2]. */
+GfStatus preprocess_image_f32(const PreprocessConfig *cfg, const Image *img, float *pixels, int32_t *positions,
+                              int64_t *n_real, int64_t *n_soft, GfError *err);
+
 #endif

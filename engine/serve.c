@@ -99,7 +99,7 @@ static int64_t blocks_for(const ServeEngine *e, int64_t positions) {
 
 /* ---- requests ------------------------------------------------------------------- */
 
-static void submit_free_arrays(ServeSubmit *s) {
+void serve_submit_free(ServeSubmit *s) {
     free(s->ids);
     free(s->mm_type);
     for (int i = 0; i < s->n_images; i++) {
@@ -110,11 +110,12 @@ static void submit_free_arrays(ServeSubmit *s) {
     s->ids = NULL;
     s->mm_type = NULL;
     s->images = NULL;
+    s->n_images = 0;
 }
 
 void serve_release(ServeReq *r) {
     if (!r || atomic_fetch_sub(&r->refs, 1) != 1) return;
-    submit_free_arrays(&r->s);
+    serve_submit_free(&r->s);
     free(r->soft);
     kv_cache_free(&r->cache);
     free(r);
@@ -128,14 +129,14 @@ GfStatus serve_submit(ServeEngine *e, ServeSubmit *s, ServeReq **out, GfError *e
     *out = NULL;
     int64_t need = s->n + s->max_tokens, cap = e->cfg.max_context;
     if (need > cap || blocks_for(e, need) > e->cfg.kv_blocks) {
-        submit_free_arrays(s);
+        serve_submit_free(s);
         return gf_error_set(err, GF_INVALID, "context_length_exceeded", "max_tokens",
                             "the prompt has %lld tokens and max_tokens is %lld: %lld in all, over the context of %lld "
                             "positions", (long long)s->n, (long long)s->max_tokens, (long long)need,
                             (long long)cap);
     }
     ServeReq *r = gf_calloc(1, sizeof *r, err);
-    if (!r) { submit_free_arrays(s); return GF_NO_MEMORY; }
+    if (!r) { serve_submit_free(s); return GF_NO_MEMORY; }
     r->s = *s;
     memset(s, 0, sizeof *s);
     atomic_init(&r->refs, 2);
@@ -146,7 +147,7 @@ GfStatus serve_submit(ServeEngine *e, ServeSubmit *s, ServeReq **out, GfError *e
     if (e->stopping || e->n_queued >= e->cfg.max_queue) {
         int stopping = e->stopping;
         pthread_mutex_unlock(&e->mu);
-        submit_free_arrays(&r->s);
+        serve_submit_free(&r->s);
         free(r);
         return stopping ? gf_error_set(err, GF_NOT_READY, "shutting_down", NULL, "the server is shutting down")
                         : gf_error_set(err, GF_BUSY, "queue_full", NULL,
@@ -354,7 +355,7 @@ static int by_adapter(const void *a, const void *b) {
     return x->t_submit < y->t_submit ? -1 : x->t_submit > y->t_submit;
 }
 
-/* Drops cancelled sequences, then orders the rest by adapter. */
+/* Drops cancelled sequences. */
 static void prune(ServeEngine *e) {
     int k = 0;
     for (int i = 0; i < e->n_active; i++) {
@@ -363,13 +364,12 @@ static void prune(ServeEngine *e) {
         else e->active[k++] = q;
     }
     e->n_active = k;
-    qsort(e->active, (size_t)e->n_active, sizeof *e->active, by_adapter);
 }
 
 /* Hands sequence i its next token; 1 when it has finished. */
 static int deliver(ServeEngine *e, ServeReq *q, const float *logits, double now) {
     int32_t id = sample_next(logits, &q->s.sample, &q->rng, &e->work);
-    if (!q->n_gen && !q->t_first) {
+    if (!q->t_first) {
         q->t_first = now;
         pthread_mutex_lock(&e->mu);
         hist_add(e->stats.ttft, &e->stats.ttft_sum, now - q->t_submit);
@@ -515,7 +515,6 @@ GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfErro
         return err->status ? err->status : GF_NO_MEMORY;
     }
     e->stats.kv_blocks_total = cfg->kv_blocks;
-    e->stats.kv_block_len = cfg->kv_block_len;
     if (pthread_create(&e->thread, NULL, engine_main, e)) {
         engine_free(e);
         return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "cannot start the engine thread");

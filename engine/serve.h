@@ -90,6 +90,9 @@ typedef struct {
     void *sink_cls;
 } ServeSubmit;
 
+/* Frees what a ServeSubmit owns (a request that is not submitted after all). */
+void serve_submit_free(ServeSubmit *s);
+
 GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfError *err);
 /* Ends every request (SERVE_END, error shutting_down) and joins the thread;
  * later submits are refused with shutting_down. */
@@ -117,7 +120,7 @@ void serve_adapter_drop(ServeEngine *e, const char *name);
 
 typedef struct {
     int queued, running, resident_adapters;
-    int64_t kv_blocks_used, kv_blocks_total, kv_block_len;
+    int64_t kv_blocks_used, kv_blocks_total;
     uint64_t requests, completed, failed, cancelled;
     uint64_t prompt_tokens, generated_tokens;
     uint64_t adapter_loads, adapter_evictions;

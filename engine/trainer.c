@@ -433,7 +433,6 @@ void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapt
     out->weights = mm.other_bytes + (nf4 ? mm.linear_nf4_bytes : mm.linear_stored_bytes);
     out->state = 4 * n_params * sizeof(float);
     out->activations = grad_workspace_bytes(m, seq_len, max_rank);
-    int64_t patches = (int64_t)pre->pooling_kernel * pre->pooling_kernel * pre->max_soft_tokens;
-    out->vision = model_vision_workspace_bytes(m, patches, max_rank, 1);
+    out->vision = model_vision_workspace_bytes(m, preprocess_max_patches(pre), max_rank, 1);
     out->total = out->weights + out->state + out->activations + out->vision;
 }

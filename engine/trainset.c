@@ -366,36 +366,30 @@ static GfStatus read_line_at(const TrainSet *t, const Entry *e, char **text, GfE
 }
 
 /* Decodes and preprocesses image k into the example's k-th pixel block. */
-static GfStatus fetch_image(TrainSet *t, const char *ref, TrainExample *ex, int k, uint8_t *u8, GfError *err) {
+static GfStatus fetch_image(TrainSet *t, const char *ref, TrainExample *ex, int k, GfError *err) {
     const PreprocessConfig *pre = &t->p->pre;
     int64_t P = ex->seq.n_patches, D = 3 * (int64_t)pre->patch_size * pre->patch_size, n_real, n_soft;
     Image img;
     GfStatus st = load_image(t, ref, &img, err);
-    if (!st) st = preprocess_image(pre, &img, u8, ex->positions + (int64_t)k * P * 2, &n_real, &n_soft, err);
+    if (!st) st = preprocess_image_f32(pre, &img, ex->pixels + k * P * D, ex->positions + k * P * 2, &n_real, &n_soft, err);
     image_free(&img);
-    float *px = ex->pixels + (int64_t)k * P * D;
-    for (int64_t i = 0; !st && i < P * D; i++) px[i] = (float)u8[i] / 255.0f;
     return st;
 }
 
 static GfStatus fetch_images(TrainSet *t, const Entry *e, TrainExample *ex, GfError *err) {
     const PreprocessConfig *pre = &t->p->pre;
-    int64_t P = (int64_t)pre->pooling_kernel * pre->pooling_kernel * pre->max_soft_tokens;
-    int64_t D = 3 * (int64_t)pre->patch_size * pre->patch_size;
+    int64_t P = preprocess_max_patches(pre), D = 3 * (int64_t)pre->patch_size * pre->patch_size;
     char *text = NULL;
     Conversation c = {0};
-    uint8_t *u8 = NULL;
     GfStatus st = read_line_at(t, e, &text, err);
     if (!st) st = parse_conversation(text, e->len, e->line, &c, err);
     if (!st && c.n_images != e->n_images) st = bad(err, e->line, "the dataset changed on disk while training");
     ex->seq.n_patches = P;
     if (!st && (!(ex->pixels = gf_malloc((size_t)(e->n_images * P * D) * sizeof(float), err)) ||
-                !(ex->positions = gf_malloc((size_t)(e->n_images * P * 2) * sizeof(int32_t), err)) ||
-                !(u8 = gf_malloc((size_t)(P * D), err))))
+                !(ex->positions = gf_malloc((size_t)(e->n_images * P * 2) * sizeof(int32_t), err))))
         st = GF_NO_MEMORY;
     for (int k = 0; !st && k < e->n_images; k++)
-        if ((st = fetch_image(t, c.refs[k], ex, k, u8, err))) st = bad(err, e->line, err->message);
-    free(u8);
+        if ((st = fetch_image(t, c.refs[k], ex, k, err))) st = bad(err, e->line, err->message);
     free(text);
     conversation_free(&c);
     return st;

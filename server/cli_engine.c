@@ -321,18 +321,16 @@ int cli_preprocess(int argc, char **argv) {
         return 1;
     }
     PreprocessConfig cfg = {(int)o.max_soft_tokens, 16, 3};
-    int64_t P = 9 * o.max_soft_tokens, n_real = 0, n_soft = 0;
-    uint8_t *u8 = malloc((size_t)(P > 0 ? P : 1) * 768);
+    int64_t P = preprocess_max_patches(&cfg), n_real = 0, n_soft = 0;
     int32_t *pos = malloc((size_t)(P > 0 ? P : 1) * 2 * sizeof *pos);
     float *pixels = malloc((size_t)(P > 0 ? P : 1) * 768 * sizeof *pixels);
     int64_t *pos64 = malloc((size_t)(P > 0 ? P : 1) * 2 * sizeof *pos64);
-    int rc = !u8 || !pos || !pixels || !pos64;
-    if (!rc && preprocess_image(&cfg, &img, u8, pos, &n_real, &n_soft, &err)) {
+    int rc = !pos || !pixels || !pos64;
+    if (!rc && preprocess_image_f32(&cfg, &img, pixels, pos, &n_real, &n_soft, &err)) {
         fprintf(stderr, "gemmaforge preprocess: %s\n", err.message);
         rc = 1;
     }
     if (!rc) {
-        for (int64_t i = 0; i < P * 768; i++) pixels[i] = (float)u8[i] / 255.0f;
         for (int64_t i = 0; i < P * 2; i++) pos64[i] = pos[i];
         StWriteTensor out[2] = {{"pixel_values", ST_F32, 3, {1, (uint64_t)P, 768}, pixels},
                                 {"image_position_ids", ST_I64, 3, {1, (uint64_t)P, 2}, pos64}};
@@ -341,7 +339,7 @@ int cli_preprocess(int argc, char **argv) {
                     (long long)n_real, (long long)n_soft);
     }
     image_free(&img);
-    free(u8); free(pos); free(pixels); free(pos64);
+    free(pos); free(pixels); free(pos64);
     return rc;
 }
 

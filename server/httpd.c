@@ -515,10 +515,9 @@ static enum MHD_Result dispatch(Req *q, struct MHD_Connection *c) {
     memset(&resp, 0, sizeof resp);
     q->route->handler(h->api, &req, &resp);
     if (resp.deferred.take) {
-        /* the wait belongs to the work (a queue, a long generation), not to an
-         * idle client: no idle timeout; a client that hangs up is seen at
-         * the next wake (client_gone) or the next write */
-        MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, (unsigned int)0);
+        /* a suspended connection is not subject to the idle timeout: a
+         * client that hangs up is seen at the next wake (client_gone) or
+         * the next write */
         q->def = resp.deferred;
         q->def.arm(q->def.cls, wake_conn, q);
         return deferred_poll(q, c);

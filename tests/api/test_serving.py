@@ -27,7 +27,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import FIXTURES, Runner, Server, data_url, expect, fixture_bytes, png  # noqa: E402
+from harness import KEY, Runner, Server, data_url, expect, fixture_bytes, png  # noqa: E402
 
 BIN = sys.argv[1] if len(sys.argv) > 1 else None
 N_ADAPTERS = 8
@@ -315,40 +315,17 @@ def t_queue_full_and_disconnect(binary):
         # a client that hangs up mid-stream frees its slot and its KV blocks
         stream = dict(body, stream=True, max_tokens=4000)
         stream["messages"] = [{"role": "user", "content": "x"}]
-        payload = json.dumps(stream).encode()
-        s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
-                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (srv.port, srv_key().encode(), len(payload))
-                  + payload)
+        s = open_chat(srv, stream)
         got = b""
         while got.count(b"data: ") < 3:
             got += s.recv(4096)
         assert b"200 OK" in got.split(b"\r\n")[0], got[:200]
-        assert wait_metric(srv, "gf_inference_running", 1)
-        s.close()
-        assert wait_metric(srv, "gf_inference_running", 0), "the hung-up stream still holds its slot"
-        assert wait_metric(srv, "gf_kv_blocks_used", 0)
-        text = expect(srv.get("/metrics"), 200).body.decode()
-        assert 'gf_inference_requests_total{outcome="cancelled"} 1' in text, text
+        hang_up_frees_slot(srv, s, 1)
         # a non-streaming client that hangs up is noticed at the next token too
         plain = dict(stream, stream=False)
-        payload = json.dumps(plain).encode()
-        s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
-                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (srv.port, srv_key().encode(), len(payload))
-                  + payload)
-        assert wait_metric(srv, "gf_inference_running", 1)
-        s.close()
-        assert wait_metric(srv, "gf_inference_running", 0), "the hung-up request still holds its slot"
-        assert wait_metric(srv, "gf_kv_blocks_used", 0)
-        text = expect(srv.get("/metrics"), 200).body.decode()
-        assert 'gf_inference_requests_total{outcome="cancelled"} 2' in text, text
+        hang_up_frees_slot(srv, open_chat(srv, plain), 2)
         # waiting longer than the idle timeout (3 s here) for a slot is not idleness
-        s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
-        payload = json.dumps(stream).encode()
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
-                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (srv.port, srv_key().encode(), len(payload))
-                  + payload)
+        s = open_chat(srv, stream)
         assert wait_metric(srv, "gf_inference_running", 1)
         result = {}
         waiter = threading.Thread(target=lambda: result.update(r=srv.post_json("/v1/chat/completions", dict(
@@ -363,9 +340,23 @@ def t_queue_full_and_disconnect(binary):
         srv.stop()
 
 
-def srv_key():
-    from harness import KEY
-    return KEY
+def open_chat(srv, body):
+    """A raw connection that has sent a chat completion request (to hang up on)."""
+    payload = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+              b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (srv.port, KEY.encode(), len(payload))
+              + payload)
+    return s
+
+
+def hang_up_frees_slot(srv, s, n_cancelled):
+    """Closes s while its request runs; its slot and KV blocks come back."""
+    assert wait_metric(srv, "gf_inference_running", 1)
+    s.close()
+    assert wait_metric(srv, "gf_inference_running", 0), "the hung-up request still holds its slot"
+    assert wait_metric(srv, "gf_kv_blocks_used", 0)
+    assert metric(srv, 'gf_inference_requests_total{outcome="cancelled"}') == n_cancelled
 
 
 def main():

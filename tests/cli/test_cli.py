@@ -399,46 +399,6 @@ def check_grads(got_path, ref_path, n_trainable):
     assert n == n_trainable, (n, n_trainable)
 
 
-def adamw_first_step(p, g, lr, wd, betas, eps):
-    """torch.optim.AdamW's first step from zero moments, in float64."""
-    m, v = (1 - betas[0]) * g, (1 - betas[1]) * g * g
-    return p * (1 - lr * wd) - lr / (1 - betas[0]) * m / ((v ** 0.5) / (1 - betas[1]) ** 0.5 + eps)
-
-
-def t_lora_step_gradients(case):
-    """gemmaforge lora-step from adapter_init on the image sample: the loss and
-    the gradient of every LoRA weight against PEFT's; then, teacher-forced,
-    the loss after torch's own first AdamW step (the adapter rebuilt here from
-    adapter_init and PEFT's gradients) against PEFT's second loss."""
-    variant, kind = case
-    d = os.path.join(FIXTURES, variant)
-    g = os.path.join(d, kind)
-    train = json.load(open(os.path.join(g, "train.json")))
-    out = tempfile.mkdtemp()
-    r = lora_step(d, os.path.join(g, "adapter_init"), out, 1, train)
-    assert r.returncode == 0, r.stderr
-    loss = json.load(open(os.path.join(out, "losses.json")))["losses_before_each_step"][0]
-    ref = train["losses_before_each_step"]
-    assert abs(loss - ref[0]) <= 1e-3 * ref[0], (loss, ref[0])
-    check_grads(os.path.join(out, "grads_step0.safetensors"), os.path.join(g, "grads_step0.safetensors"), train["n_trainable"])
-    ref_grads = read_st(os.path.join(g, "grads_step0.safetensors"))
-    init = read_st(os.path.join(g, "adapter_init", "adapter_model.safetensors"))
-    stepped = []
-    for name, (shape, p) in init.items():
-        grad = ref_grads[name.replace(".weight", ".default.weight")][1]
-        new = [adamw_first_step(a, b, train["lr"], train["weight_decay"], train["betas"], train["eps"]) for a, b in zip(p, grad)]
-        stepped.append((name, "F32", shape, struct.pack("<%df" % len(new), *new)))
-    a1 = os.path.join(out, "adapter_step1")
-    os.mkdir(a1)
-    shutil.copy(os.path.join(g, "adapter_init", "adapter_config.json"), a1)
-    write_st(os.path.join(a1, "adapter_model.safetensors"), stepped)
-    out1 = tempfile.mkdtemp()
-    r = lora_step(d, a1, out1, 1, train)
-    assert r.returncode == 0, r.stderr
-    loss1 = json.load(open(os.path.join(out1, "losses.json")))["losses_before_each_step"][0]
-    assert abs(loss1 - ref[1]) <= 1e-3 * ref[1], "loss after one torch step: %g, PEFT %g" % (loss1, ref[1])
-
-
 def adamw_steps(p, grads, lr, wd, betas, eps):
     """torch.optim.AdamW applied to one tensor for len(grads) steps, in float64."""
     m, v = [0.0] * len(p), [0.0] * len(p)
@@ -450,6 +410,47 @@ def adamw_steps(p, grads, lr, wd, betas, eps):
             v[i] = betas[1] * v[i] + (1 - betas[1]) * gi * gi
             p[i] = p[i] * (1 - lr * wd) - lr / c1 * m[i] / (v[i] ** 0.5 / c2 + eps)
     return p
+
+
+def stepped_adapter(g, train, history):
+    """A directory with adapter_init after torch's AdamW applied the
+    gradients history(peft_key) -> [step 0 grads, step 1 grads, ...]."""
+    init = read_st(os.path.join(g, "adapter_init", "adapter_model.safetensors"))
+    tensors = []
+    for name, (shape, p) in init.items():
+        new = adamw_steps(p, history(name.replace(".weight", ".default.weight")), train["lr"], train["weight_decay"],
+                          train["betas"], train["eps"])
+        tensors.append((name, "F32", shape, struct.pack("<%df" % len(new), *new)))
+    a = tempfile.mkdtemp()
+    shutil.copy(os.path.join(g, "adapter_init", "adapter_config.json"), a)
+    write_st(os.path.join(a, "adapter_model.safetensors"), tensors)
+    return a
+
+
+def loss_at(d, adapter, train):
+    """gemmaforge lora-step's loss at an adapter, and its output directory."""
+    out = tempfile.mkdtemp()
+    r = lora_step(d, adapter, out, 1, train)
+    assert r.returncode == 0, r.stderr
+    return json.load(open(os.path.join(out, "losses.json")))["losses_before_each_step"][0], out
+
+
+def t_lora_step_gradients(case):
+    """gemmaforge lora-step from adapter_init on the image sample: the loss and
+    the gradient of every LoRA weight against PEFT's; then, teacher-forced,
+    the loss after torch's own first AdamW step (the adapter rebuilt here from
+    adapter_init and PEFT's gradients) against PEFT's second loss."""
+    variant, kind = case
+    d = os.path.join(FIXTURES, variant)
+    g = os.path.join(d, kind)
+    train = json.load(open(os.path.join(g, "train.json")))
+    ref = train["losses_before_each_step"]
+    loss, out = loss_at(d, os.path.join(g, "adapter_init"), train)
+    assert abs(loss - ref[0]) <= 1e-3 * ref[0], (loss, ref[0])
+    check_grads(os.path.join(out, "grads_step0.safetensors"), os.path.join(g, "grads_step0.safetensors"), train["n_trainable"])
+    ref_grads = read_st(os.path.join(g, "grads_step0.safetensors"))
+    loss1, _ = loss_at(d, stepped_adapter(g, train, lambda key: [ref_grads[key][1]]), train)
+    assert abs(loss1 - ref[1]) <= 1e-3 * ref[1], "loss after one torch step: %g, PEFT %g" % (loss1, ref[1])
 
 
 def t_lora_step_teacher_forced(case):
@@ -466,21 +467,9 @@ def t_lora_step_teacher_forced(case):
     train = json.load(open(os.path.join(g, "train.json")))
     traj = json.load(open(os.path.join(g, "trajectory.json")))
     grads = read_st(os.path.join(g, "trajectory.safetensors"))
-    init = read_st(os.path.join(g, "adapter_init", "adapter_model.safetensors"))
     for k in range(1, train["steps"]):
-        tensors = []
-        for name, (shape, p) in init.items():
-            key = name.replace(".weight", ".default.weight")
-            hist = [grads["step%d.%s" % (s, key)][1] for s in range(k)]
-            new = adamw_steps(p, hist, train["lr"], train["weight_decay"], train["betas"], train["eps"])
-            tensors.append((name, "F32", shape, struct.pack("<%df" % len(new), *new)))
-        a = tempfile.mkdtemp()
-        shutil.copy(os.path.join(g, "adapter_init", "adapter_config.json"), a)
-        write_st(os.path.join(a, "adapter_model.safetensors"), tensors)
-        out = tempfile.mkdtemp()
-        r = lora_step(d, a, out, 1, train)
-        assert r.returncode == 0, r.stderr
-        loss = json.load(open(os.path.join(out, "losses.json")))["losses_before_each_step"][0]
+        adapter = stepped_adapter(g, train, lambda key: [grads["step%d.%s" % (s, key)][1] for s in range(k)])
+        loss, out = loss_at(d, adapter, train)
         ref = traj["losses_float32"][k]
         assert abs(loss - ref) <= 1e-3 * ref, "step %d: loss %g, PEFT %g" % (k, loss, ref)
         got = read_st(os.path.join(out, "grads_step0.safetensors"))

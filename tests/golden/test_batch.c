@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "../unit/check.h"
+#include "golden_inputs.h"
 #include "lora.h"
 #include "model.h"
 #include "safetensors.h"
@@ -137,16 +138,10 @@ static void run_batched(Model *m, Seq *seqs, int64_t V, const char *variant) {
 
 /* Image soft tokens of forward_image through lora (NULL = base). */
 static float *image_soft(Model *m, const SafeTensors *st, const LoraBinding *lora) {
-    const StTensor *px = safetensors_find(st, "pixel_values_u8"), *pos = safetensors_find(st, "image_position_ids");
-    int64_t N = (int64_t)px->shape[1], P = (int64_t)px->shape[2], H = model_config(m)->text.hidden_size, n_soft = 0;
-    float *pixels = malloc((size_t)(N * P) * sizeof(float)), *soft = malloc((size_t)(N * H) * sizeof(float));
-    int32_t *positions = malloc((size_t)(2 * N) * sizeof(int32_t));
-    for (int64_t i = 0; i < N * P; i++) pixels[i] = (float)px->data[i] / 255.0f;
-    for (int64_t i = 0; i < 2 * N; i++) {
-        int64_t v;
-        memcpy(&v, pos->data + 8 * i, 8);
-        positions[i] = (int32_t)v;
-    }
+    float *pixels;
+    int32_t *positions;
+    int64_t N = golden_image(st, &pixels, &positions), n_soft = 0;
+    float *soft = malloc((size_t)(N * model_config(m)->text.hidden_size) * sizeof(float));
     GfError err;
     CHECK_STATUS(model_vision_forward(m, lora, pixels, positions, N, soft, &n_soft, &err), GF_OK, err);
     free(pixels);
@@ -154,16 +149,10 @@ static float *image_soft(Model *m, const SafeTensors *st, const LoraBinding *lor
     return soft;
 }
 
+/* The image prompt, cut short by `cut` tokens. */
 static void image_prompt(Seq *s, const SafeTensors *st, int64_t cut) {
-    const StTensor *ids = safetensors_find(st, "input_ids"), *mm = safetensors_find(st, "mm_token_type_ids");
-    s->n = (int64_t)ids->shape[1] - cut;
-    for (int64_t i = 0; i < s->n; i++) {
-        int64_t v, t;
-        memcpy(&v, ids->data + 8 * i, 8);
-        memcpy(&t, mm->data + 8 * i, 8);
-        s->ids[i] = (int32_t)v;
-        s->types[i] = (uint8_t)t;
-    }
+    s->n = (int64_t)safetensors_find(st, "input_ids")->shape[1] - cut;
+    golden_prompt(st, s->n, s->ids, s->types);
 }
 
 static void run_variant(const char *variant) {
@@ -198,7 +187,7 @@ static void run_variant(const char *variant) {
             s->ids[0] = 2;
             for (int64_t i = 1; i < s->n; i++) s->ids[i] = 300 + (int32_t)((q * 131 + i * 37) % 700);
         } else {
-            image_prompt(s, &st, q);  /* the image prompt, cut short by q tokens */
+            image_prompt(s, &st, q);
             s->soft = image_soft(m, &st, s->lora);
         }
         s->logits = malloc((size_t)(s->n + N_DECODE) * (size_t)V * sizeof(float));

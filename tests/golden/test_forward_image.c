@@ -8,19 +8,10 @@
 
 #include "../unit/check.h"
 #include "golden.h"
+#include "golden_inputs.h"
 #include "jsoncheck.h"
 #include "model.h"
 #include "safetensors.h"
-
-static int32_t *ids_of(const StTensor *t) {
-    int32_t *out = malloc((size_t)t->n_elements * sizeof *out);
-    for (uint64_t i = 0; i < t->n_elements; i++) {
-        int64_t v;
-        memcpy(&v, t->data + 8 * i, 8);
-        out[i] = (int32_t)v;
-    }
-    return out;
-}
 
 /* The image continuation prompt of generate.json, with its expected output. */
 static int load_generate(const char *dir, int32_t *prompt, int64_t *n_prompt, int32_t *want, int64_t *n_want) {
@@ -51,17 +42,15 @@ static void run_variant(const char *variant) {
     CHECK_STATUS(model_open(dir, &opts, &m, &err), GF_OK, err);
     CHECK_STATUS(safetensors_open(path, "forward_image", &st, &err), GF_OK, err);
     if (!m || !st.n_tensors) return;
-    const StTensor *px = safetensors_find(&st, "pixel_values_u8"), *pos = safetensors_find(&st, "image_position_ids");
-    const StTensor *ids = safetensors_find(&st, "input_ids"), *mm = safetensors_find(&st, "mm_token_type_ids");
     const float *ref_soft = (const float *)safetensors_find(&st, "vision_soft_tokens")->data;
     const float *ref_logits = (const float *)safetensors_find(&st, "logits")->data;
-    int64_t N = (int64_t)px->shape[1], P = (int64_t)px->shape[2], T = (int64_t)ids->shape[1];
+    int64_t T = (int64_t)safetensors_find(&st, "input_ids")->shape[1];
     int64_t H = model_config(m)->text.hidden_size, V = model_config(m)->text.vocab_size;
-    float *pixels = malloc((size_t)(N * P) * sizeof(float));
-    for (int64_t i = 0; i < N * P; i++) pixels[i] = (float)px->data[i] / 255.0f;
-    int32_t *positions = ids_of(pos), *tokens = ids_of(ids), *types32 = ids_of(mm);
+    float *pixels;
+    int32_t *positions, *tokens = malloc((size_t)T * sizeof *tokens);
+    int64_t N = golden_image(&st, &pixels, &positions);
     uint8_t *types = malloc((size_t)T);
-    for (int64_t i = 0; i < T; i++) types[i] = (uint8_t)types32[i];
+    golden_prompt(&st, T, tokens, types);
     float *soft = malloc((size_t)(N * H) * sizeof(float));
     int64_t n_soft = 0;
     CHECK_STATUS(model_vision_forward(m, NULL, pixels, positions, N, soft, &n_soft, &err), GF_OK, err);
@@ -85,7 +74,7 @@ static void run_variant(const char *variant) {
     int same = ng == nw && memcmp(got, want, (size_t)nw * sizeof *got) == 0;
     printf("%-40s %lld tokens %s\n", "greedy image continuation", (long long)ng, same ? "OK" : "NOT OK");
     CHECK(same, "%s: image continuation differs from generate.json", variant);
-    free(pixels); free(positions); free(tokens); free(types32); free(types); free(soft); free(logits);
+    free(pixels); free(positions); free(tokens); free(types); free(soft); free(logits);
     safetensors_close(&st);
     model_close(m);
 }

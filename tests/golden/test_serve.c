@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "../unit/check.h"
+#include "golden_inputs.h"
 #include "lora.h"
 #include "model.h"
 #include "safetensors.h"
@@ -81,15 +82,8 @@ typedef struct {
 
 static void make_prompt(Prompt1 *p, int q, const SafeTensors *img) {
     if (q % 3 == 2) {
-        const StTensor *ids = safetensors_find(img, "input_ids"), *mm = safetensors_find(img, "mm_token_type_ids");
-        p->n = (int64_t)ids->shape[1] - 8;
-        for (int64_t i = 0; i < p->n; i++) {
-            int64_t v, t;
-            memcpy(&v, ids->data + 8 * i, 8);
-            memcpy(&t, mm->data + 8 * i, 8);
-            p->ids[i] = (int32_t)v;
-            p->types[i] = (uint8_t)t;
-        }
+        p->n = (int64_t)safetensors_find(img, "input_ids")->shape[1] - 8;
+        golden_prompt(img, p->n, p->ids, p->types);
         p->image = 1;
         return;
     }
@@ -102,18 +96,8 @@ static void make_prompt(Prompt1 *p, int q, const SafeTensors *img) {
 
 /* The one image of forward_image.safetensors as the engine takes it. */
 static ServeImage *image_of(const SafeTensors *st) {
-    const StTensor *px = safetensors_find(st, "pixel_values_u8"), *pos = safetensors_find(st, "image_position_ids");
-    int64_t N = (int64_t)px->shape[1], P = (int64_t)px->shape[2];
     ServeImage *im = calloc(1, sizeof *im);
-    im->pixels = malloc((size_t)(N * P) * sizeof(float));
-    im->positions = malloc((size_t)(2 * N) * sizeof(int32_t));
-    for (int64_t i = 0; i < N * P; i++) im->pixels[i] = (float)px->data[i] / 255.0f;
-    for (int64_t i = 0; i < 2 * N; i++) {
-        int64_t v;
-        memcpy(&v, pos->data + 8 * i, 8);
-        im->positions[i] = (int32_t)v;
-    }
-    im->n_patches = N;
+    im->n_patches = golden_image(st, &im->pixels, &im->positions);
     im->n_soft = 60;
     return im;
 }
