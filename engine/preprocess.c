@@ -158,7 +158,7 @@ int64_t preprocess_patchify(const Image *img, int p, int64_t max_patches, uint8_
 
 GfStatus preprocess_image(const PreprocessConfig *cfg, const Image *img, uint8_t *pixels, int32_t *positions,
                           int64_t *n_real, int64_t *n_soft, GfError *err) {
-    int tw, th;
+    int tw = 0, th = 0;
     GfStatus st = preprocess_target_size(cfg, img->width, img->height, &tw, &th, err);
     if (st) return st;
     Image resized;
