@@ -75,7 +75,7 @@ static float *widen(Model *m, const StTensor *t, GfError *err) {
 GfStatus model_bind_matrix(Model *m, const char *name, int64_t rows, int64_t cols, KnMatrix *out, GfError *err) {
     int64_t dims[2] = {rows, cols};
     const StTensor *t = claim(m, name, dims, 2, err);
-    if (!t) return GF_INVALID;
+    if (!t) return err->status;
     *out = (KnMatrix){t->data, dtype_of(t), rows, cols, 0};
     if (t->dtype == ST_F16) { /* F16 kernels are not worth it: widen once */
         float *f = widen(m, t, err);
@@ -89,7 +89,7 @@ GfStatus model_bind_matrix(Model *m, const char *name, int64_t rows, int64_t col
 GfStatus model_bind_3d(Model *m, const char *name, int64_t e, int64_t rows, int64_t cols, KnMatrix *out, GfError *err) {
     int64_t dims[3] = {e, rows, cols};
     const StTensor *t = claim(m, name, dims, 3, err);
-    if (!t) return GF_INVALID;
+    if (!t) return err->status;
     *out = (KnMatrix){t->data, dtype_of(t), e * rows, cols, 0};
     if (t->dtype == ST_F16) {
         float *f = widen(m, t, err);
@@ -102,13 +102,13 @@ GfStatus model_bind_3d(Model *m, const char *name, int64_t e, int64_t rows, int6
 
 GfStatus model_bind_vector(Model *m, const char *name, int64_t n, float **out, GfError *err) {
     const StTensor *t = claim(m, name, &n, 1, err);
-    if (!t) return GF_INVALID;
+    if (!t) return err->status;
     return (*out = widen(m, t, err)) ? GF_OK : GF_NO_MEMORY;
 }
 
 GfStatus model_bind_scalar(Model *m, const char *name, float *out, GfError *err) {
     const StTensor *t = claim(m, name, NULL, 0, err);
-    if (!t) return GF_INVALID;
+    if (!t) return err->status;
     KnMatrix v = {t->data, dtype_of(t), 1, 1, 0};
     kn_cpu_ops()->embed_row(out, v, 0, 1.0f);
     return GF_OK;
@@ -140,13 +140,13 @@ static GfStatus bind_attention(Model *m, int i, Layer *l, GfError *err) {
     if (bind_matrix(m, NAME(n, "%slayers.%d.self_attn.q_proj.weight", p, i), q_out, H, &l->q, err) ||
         bind_matrix(m, NAME(n, "%slayers.%d.self_attn.o_proj.weight", p, i), H, q_out, &l->o, err) ||
         bind_vector(m, NAME(n, "%slayers.%d.self_attn.q_norm.weight", p, i), D, &l->q_norm, err))
-        return GF_INVALID;
+        return err->status;
     if (!lc->kv_shared) {
         if (bind_matrix(m, NAME(n, "%slayers.%d.self_attn.k_proj.weight", p, i), kv_out, H, &l->k, err) ||
             bind_vector(m, NAME(n, "%slayers.%d.self_attn.k_norm.weight", p, i), D, &l->k_norm, err))
-            return GF_INVALID;
+            return err->status;
         if (!lc->k_eq_v && bind_matrix(m, NAME(n, "%slayers.%d.self_attn.v_proj.weight", p, i), kv_out, H, &l->v, err))
-            return GF_INVALID;
+            return err->status;
     }
     l->inv_freq = rope_inv_freq(m, &t->rope[lc->kind], lc->head_dim, err);
     return l->inv_freq ? GF_OK : GF_NO_MEMORY;
@@ -160,11 +160,11 @@ static GfStatus bind_ffn(Model *m, int i, Layer *l, GfError *err) {
     if (bind_matrix(m, NAME(n, "%slayers.%d.mlp.gate_proj.weight", p, i), I, H, &l->gate, err) ||
         bind_matrix(m, NAME(n, "%slayers.%d.mlp.up_proj.weight", p, i), I, H, &l->up, err) ||
         bind_matrix(m, NAME(n, "%slayers.%d.mlp.down_proj.weight", p, i), H, I, &l->down, err))
-        return GF_INVALID;
+        return err->status;
     if (P && (bind_matrix(m, NAME(n, "%slayers.%d.per_layer_input_gate.weight", p, i), P, H, &l->ple_gate, err) ||
               bind_matrix(m, NAME(n, "%slayers.%d.per_layer_projection.weight", p, i), H, P, &l->ple_proj, err) ||
               bind_vector(m, NAME(n, "%slayers.%d.post_per_layer_input_norm.weight", p, i), H, &l->post_ple_ln, err)))
-        return GF_INVALID;
+        return err->status;
     if (!t->moe) return GF_OK;
     int64_t E = t->n_experts, Im = t->moe_intermediate;
     if (bind_matrix(m, NAME(n, "%slayers.%d.router.proj.weight", p, i), E, H, &l->router, err) ||
@@ -175,7 +175,7 @@ static GfStatus bind_ffn(Model *m, int i, Layer *l, GfError *err) {
         bind_vector(m, NAME(n, "%slayers.%d.pre_feedforward_layernorm_2.weight", p, i), H, &l->pre_ff_ln2, err) ||
         bind_vector(m, NAME(n, "%slayers.%d.post_feedforward_layernorm_1.weight", p, i), H, &l->post_ff_ln1, err) ||
         bind_vector(m, NAME(n, "%slayers.%d.post_feedforward_layernorm_2.weight", p, i), H, &l->post_ff_ln2, err))
-        return GF_INVALID;
+        return err->status;
     return GF_OK;
 }
 
@@ -202,12 +202,12 @@ static GfStatus bind_globals(Model *m, GfError *err) {
     int64_t LP = (int64_t)t->n_layers * t->ple_dim;
     if (bind_matrix(m, NAME(n, "%sembed_tokens.weight", p), t->vocab_size, t->hidden_size, &m->embed, err) ||
         bind_vector(m, NAME(n, "%snorm.weight", p), t->hidden_size, &m->final_norm, err))
-        return GF_INVALID;
+        return err->status;
     if (t->ple_dim &&
         (bind_matrix(m, NAME(n, "%sembed_tokens_per_layer.weight", p), t->ple_vocab, LP, &m->embed_ple, err) ||
          bind_matrix(m, NAME(n, "%sper_layer_model_projection.weight", p), LP, t->hidden_size, &m->ple_model_proj, err) ||
          bind_vector(m, NAME(n, "%sper_layer_projection_norm.weight", p), t->ple_dim, &m->ple_norm, err)))
-        return GF_INVALID;
+        return err->status;
     return GF_OK;
 }
 

@@ -154,7 +154,7 @@ static GfStatus run_example(Trainer *t, TrainSet *set, size_t i, float grad_scal
     if (st) return st;
     st = grad_scale > 0 ? model_backward(t->m, t->w, &t->b, &ex.seq, grad_scale, loss, targets, err)
                         : model_loss(t->m, t->w, &t->b, &ex.seq, loss, targets, err);
-    if (st) gf_error_set(err, st, err->code, "dataset", "line %llu: %s", (unsigned long long)ex.line, err->message);
+    if (st) gf_error_wrap(err, "dataset", "line %llu", (unsigned long long)ex.line);
     train_example_free(&ex);
     return st;
 }
@@ -316,7 +316,10 @@ static GfStatus open_checked(const char *dir, const char *name, const cJSON *sha
     if (!cJSON_IsString(want)) return damaged(err, "trainer_state.json has no digest for a tensor file");
     if (trainer_file_digest(path, hex, err)) return err->status;
     if (strcmp(hex, want->valuestring) != 0) return damaged(err, "a tensor file does not match its digest");
-    return safetensors_open(path, name, st, err) ? damaged(err, err->message) : GF_OK;
+    if (!safetensors_open(path, name, st, err)) return GF_OK;
+    err->status = GF_FORMAT;
+    gf_strlcpy(err->code, "checkpoint_damaged", sizeof err->code);
+    return gf_error_wrap(err, NULL, "the checkpoint is damaged");
 }
 
 static const float *f32_tensor(const SafeTensors *st, const char *name, uint64_t d0, uint64_t d1, int dims) {

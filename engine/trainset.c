@@ -59,6 +59,16 @@ static GfStatus bad(GfError *err, uint64_t line, const char *what) {
     return gf_error_set(err, GF_UNPROCESSABLE, "invalid_dataset", "dataset", "line %llu: %s", (unsigned long long)line, what);
 }
 
+/* The error already in err, as a fault of dataset line `line` (running out
+ * of memory or failing I/O keeps its status and code: not the data's fault). */
+static GfStatus bad_line(GfError *err, uint64_t line) {
+    if (err->status != GF_NO_MEMORY && err->status != GF_IO) {
+        err->status = GF_UNPROCESSABLE;
+        gf_strlcpy(err->code, "invalid_dataset", sizeof err->code);
+    }
+    return gf_error_wrap(err, "dataset", "line %llu", (unsigned long long)line);
+}
+
 static const char *image_ref(const cJSON *part) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(part, "image");
     if (cJSON_IsString(v)) return v->valuestring;
@@ -201,14 +211,14 @@ static GfStatus encode_line(TrainSet *t, Conversation *c, Entry *e, int64_t max_
         GfStatus st = load_image(t, c->refs[k], &img, err);
         if (!st) st = soft_count(t, &img, &counts[k], err);
         image_free(&img);
-        if (st) return bad(err, e->line, err->message);
+        if (st) return bad_line(err, e->line);
     }
     const GemmaConfig *cfg = model_config(t->p->model);
     if (c->n_images && !cfg->vision.present) return bad(err, e->line, "the conversation has images but the model has no vision tower");
     ChatTokens ct = {0};
     if (chat_encode(&t->p->tpl, t->p->tok, c->msgs, c->n_msgs, counts, (size_t)c->n_images, 0, 0, cfg->boi_token_id,
                     cfg->image_token_id, cfg->eoi_token_id, CHAT_LABELS_TRAIN, &ct, err))
-        return bad(err, e->line, err->message);
+        return bad_line(err, e->line);
     GfStatus st = GF_OK;
     if ((int64_t)ct.n > max_seq_len)
         st = gf_error_set(err, GF_UNPROCESSABLE, "sequence_too_long", "max_seq_len",
@@ -389,7 +399,7 @@ static GfStatus fetch_images(TrainSet *t, const Entry *e, TrainExample *ex, GfEr
                 !(ex->positions = gf_malloc((size_t)(e->n_images * P * 2) * sizeof(int32_t), err))))
         st = GF_NO_MEMORY;
     for (int k = 0; !st && k < e->n_images; k++)
-        if ((st = fetch_image(t, c.refs[k], ex, k, err))) st = bad(err, e->line, err->message);
+        if ((st = fetch_image(t, c.refs[k], ex, k, err))) st = bad_line(err, e->line);
     free(text);
     conversation_free(&c);
     return st;

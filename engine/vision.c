@@ -21,14 +21,14 @@
 
 static GfStatus bind_clip(Model *m, const char *base, int64_t rows, int64_t cols, ClipLinear *cl, GfError *err) {
     char n[300];
-    if (model_bind_matrix(m, NAME(n, "%s.linear.weight", base), rows, cols, &cl->w, err)) return GF_INVALID;
+    if (model_bind_matrix(m, NAME(n, "%s.linear.weight", base), rows, cols, &cl->w, err)) return err->status;
     cl->clipped = m->cfg.vision.clipped_linears;
     if (!cl->clipped) return GF_OK;
     if (model_bind_scalar(m, NAME(n, "%s.input_min", base), &cl->in_min, err) ||
         model_bind_scalar(m, NAME(n, "%s.input_max", base), &cl->in_max, err) ||
         model_bind_scalar(m, NAME(n, "%s.output_min", base), &cl->out_min, err) ||
         model_bind_scalar(m, NAME(n, "%s.output_max", base), &cl->out_max, err))
-        return GF_INVALID;
+        return err->status;
     return GF_OK;
 }
 
@@ -50,7 +50,7 @@ static GfStatus bind_vision_layer(Model *m, int i, VisionLayer *l, GfError *err)
         bind_clip(m, NAME(n, "%smlp.gate_proj", p), v->intermediate_size, d, &l->gate, err) ||
         bind_clip(m, NAME(n, "%smlp.up_proj", p), v->intermediate_size, d, &l->up, err) ||
         bind_clip(m, NAME(n, "%smlp.down_proj", p), d, v->intermediate_size, &l->down, err))
-        return GF_INVALID;
+        return err->status;
     return GF_OK;
 }
 
@@ -62,16 +62,16 @@ GfStatus vision_bind(Model *m, GfError *err) {
     if (model_bind_matrix(m, VT "patch_embedder.input_proj.weight", d, pp, &w->input_proj, err) ||
         /* the position table is [2, P, d]: a matrix of 2P rows, x axis first */
         model_bind_3d(m, VT "patch_embedder.position_embedding_table", 2, v->position_embedding_size, d, &w->pos_table, err))
-        return GF_INVALID;
+        return err->status;
     w->layers = gf_calloc((size_t)v->n_layers, sizeof *w->layers, err);
     if (!w->layers || model_keep(m, w->layers)) return GF_NO_MEMORY;
     for (int i = 0; i < v->n_layers; i++)
-        if (bind_vision_layer(m, i, &w->layers[i], err)) return GF_INVALID;
+        if (bind_vision_layer(m, i, &w->layers[i], err)) return err->status;
     if (v->standardize && (model_bind_vector(m, VT "std_bias", d, &w->std_bias, err) ||
                            model_bind_vector(m, VT "std_scale", d, &w->std_scale, err)))
-        return GF_INVALID;
+        return err->status;
     if (model_bind_matrix(m, "model.embed_vision.embedding_projection.weight", m->cfg.text.hidden_size, d, &w->embed_proj, err))
-        return GF_INVALID;
+        return err->status;
     int q = v->head_dim / 4; /* frequencies per half: 100^(-4j/D) */
     w->inv_freq = gf_calloc((size_t)q, sizeof *w->inv_freq, err);
     if (!w->inv_freq || model_keep(m, w->inv_freq)) return GF_NO_MEMORY;

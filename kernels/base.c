@@ -38,6 +38,25 @@ GfStatus gf_error_set(GfError *err, GfStatus status, const char *code,
     return status;
 }
 
+GfStatus gf_error_wrap(GfError *err, const char *param, const char *fmt, ...) {
+    if (!err) return GF_INTERNAL;
+    char inner[GF_ERR_MSG_MAX], context[GF_ERR_MSG_MAX / 2];
+    memcpy(inner, err->message, sizeof inner);
+    inner[sizeof inner - 1] = '\0';
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(context, sizeof context, fmt, ap);
+    va_end(ap);
+    size_t n = strlen(context);
+    if (inner[0] && n + 2 < sizeof context) memcpy(context + n, ": ", 3);
+    n = strlen(context);
+    memcpy(err->message, context, n);
+    gf_strlcpy(err->message + n, inner, sizeof err->message - n);
+    if (param) copy_str(err->param, sizeof err->param, param);
+    if (err->status == GF_OK) err->status = GF_INTERNAL;
+    return err->status;
+}
+
 const char *gf_status_name(GfStatus status) {
     static const char *names[GF_STATUS_COUNT] = {
         "OK", "INVALID", "UNAUTHORIZED", "FORBIDDEN", "NOT_FOUND", "CONFLICT",

@@ -61,6 +61,14 @@ GfStatus gf_error_set(GfError *err, GfStatus status, const char *code,
                       const char *param, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 
+/* Puts the formatted context before err's message ("line 3: " + message),
+ * keeping its status and code; param replaces err's when not NULL. The old
+ * message is copied before formatting, so err's own fields may be arguments.
+ * Returns err's status (GF_INTERNAL if it was GF_OK: wrapping no error is a
+ * bug). err may be NULL. */
+GfStatus gf_error_wrap(GfError *err, const char *param, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 /* Name of a status for logs ("INVALID"). Never NULL. */
 const char *gf_status_name(GfStatus status);
 

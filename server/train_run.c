@@ -59,7 +59,7 @@ static GfStatus open_data(Run *r, GfError *err) {
           (long long)tokens, (long long)targets, (long long)trainset_max_tokens(r->train));
     if (!s->val_jsonl) return GF_OK;
     st = trainset_open(r->p, s->val_jsonl, s->val_tar, s->params.max_seq_len, &s->image_limits, &r->val, err);
-    if (st) return gf_error_set(err, st, err->code, "validation_dataset", "validation set: %s", err->message);
+    if (st) return gf_error_wrap(err, "validation_dataset", "validation set");
     logf_(r, "info", "validation set: %zu examples", trainset_count(r->val));
     return GF_OK;
 }
@@ -69,12 +69,15 @@ static GfStatus open_all(Run *r, GfError *err) {
     const JobParams *hp = &s->params;
     ModelOptions mo = {.n_threads = s->n_threads, .quantize = hp->quantization};
     GfStatus st = pipeline_open(s->model_dir, &mo, &r->p, err);
-    if (st) return gf_error_set(err, st, err->code, "model", "the model: %s", err->message);
+    if (st) return gf_error_wrap(err, "model", "the model");
     logf_(r, "info", "model loaded (%s base weights)", hp->quantization == MODEL_QUANT_NF4 ? "NF4" : "full-precision");
     if ((st = open_data(r, err))) return st;
     st = lora_create(r->p->model, hp->targets, hp->n_targets, hp->lora_rank, hp->lora_alpha, hp->use_rslora,
                      hp->train.seed, &r->a, err);
-    if (st) return gf_error_set(err, st, err->code, "hyperparameters.target_modules", "%s", err->message);
+    if (st) {
+        gf_strlcpy(err->param, "hyperparameters.target_modules", sizeof err->param);
+        return st;
+    }
     r->a->dropout = hp->lora_dropout;
     size_t n_params = 0;
     for (size_t i = 0; i < r->a->n_pairs; i++) n_params += (size_t)(r->a->pairs[i].rank * (r->a->pairs[i].in + r->a->pairs[i].out));

@@ -169,8 +169,24 @@ def t_train_errors(_):
     lines[1] = lines[1][:-2]
     open(bad, "w").write("\n".join(lines) + "\n")
     r = train(os.path.join(TMP, "e3"), dataset=(bad, IMAGES), expect_rc=1)
-    assert b"line 2" in r.stderr, r.stderr
+    assert r.stderr.count(b"line 2") == 1, r.stderr
     assert not os.path.exists(os.path.join(TMP, "e3", "adapter"))
+    # an error wrapped with its context keeps its own words whole (the
+    # context was once formatted into the buffer it read from)
+    two = json.loads(lines[0])
+    two["messages"].append(dict(two["messages"][-1]))
+    open(bad, "w").write(json.dumps(two) + "\n")
+    r = train(os.path.join(TMP, "e4"), dataset=(bad, IMAGES), expect_rc=1)
+    msg = r.stderr.decode().strip().splitlines()[-1]
+    assert msg == "gemmaforge train: line 1: two assistant messages in a row: roles must alternate (merge them into one)", msg
+    nocfg = os.path.join(TMP, "nocfg")
+    os.makedirs(nocfg)
+    for f in ("tokenizer.json", "model.safetensors"):
+        shutil.copy(os.path.join(MODEL, f), nocfg)
+    args = [BIN, "train", "--model", nocfg, "--dataset", DATA, "--images", IMAGES, "--out", os.path.join(TMP, "e5")]
+    r = subprocess.run(args, capture_output=True, timeout=600)
+    msg = r.stderr.decode().strip().splitlines()[-1]
+    assert r.returncode == 1 and msg == "gemmaforge train: the model: the model's config.json does not exist", (r.returncode, msg)
 
 
 def main():

@@ -68,8 +68,27 @@ static void test_arith_arena_errors(void) {
     CHECK(strcmp(small, "abc") == 0, "strlcpy");
 }
 
+/* Wrapping puts context before the message whole, even when the context's
+ * arguments are err's own fields, and keeps status and code. */
+static void test_error_wrap(void) {
+    GfError err;
+    gf_error_set(&err, GF_NOT_FOUND, "file_not_found", NULL, "config.json does not exist");
+    GfStatus s = gf_error_wrap(&err, "model", "the model in %s", err.code);
+    CHECK(s == GF_NOT_FOUND && strcmp(err.code, "file_not_found") == 0 && strcmp(err.param, "model") == 0, "wrap keeps");
+    CHECK(strcmp(err.message, "the model in file_not_found: config.json does not exist") == 0, "wrap: %s", err.message);
+    char longer[GF_ERR_MSG_MAX + 10];
+    memset(longer, 'x', sizeof longer - 1);
+    longer[sizeof longer - 1] = '\0';
+    gf_error_set(&err, GF_INVALID, NULL, NULL, "%s", longer);
+    gf_error_wrap(&err, NULL, "line %d", 3);
+    CHECK(strncmp(err.message, "line 3: xxx", 11) == 0 && strlen(err.message) == GF_ERR_MSG_MAX - 1, "wrap truncates");
+    gf_error_clear(&err);
+    CHECK(gf_error_wrap(&err, NULL, "ctx") == GF_INTERNAL, "wrapping no error is a bug");
+}
+
 int main(void) {
     test_sha256();
+    test_error_wrap();
     test_utf8();
     test_arith_arena_errors();
     return check_done("test_base");
