@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ops.h"
+#include "convert.h"
 #include "safetensors.h"
 
 static uint64_t rng = 88172645463325252ull;

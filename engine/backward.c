@@ -158,14 +158,14 @@ static const LoraPair *text_pair(const LoraBinding *b, int li, int slot) {
 /* y[n, out] = x W^T (+ the adapter's term) */
 static void linear_fwd(Model *m, GradWorkspace *w, const LoraBinding *b, float *y, const float *x, KnMatrix W,
                        const LoraPair *p, int64_t n) {
-    m->ops->matmul(&m->ctx, y, x, W, n);
+    m->be.ops->matmul(&m->be.ctx, y, x, W, n);
     if (p) lora_apply(b, p, y, x, n, w->lora_tmp);
 }
 
 /* dx[n, in] += dy W (+ the adapter's term); the adapter's dA, dB accumulate. */
 static void linear_bwd(Model *m, GradWorkspace *w, const LoraBinding *b, float *dx, const float *dy, const float *x,
                        KnMatrix W, const LoraPair *p, int64_t n) {
-    m->ops->matmul_dx(&m->ctx, dx, dy, W, n);
+    m->be.ops->matmul_dx(&m->be.ctx, dx, dy, W, n);
     if (p) lora_backward(b, p, dx, dy, x, n, w->lora_tmp);
 }
 
@@ -190,10 +190,10 @@ static void layer_forward(Model *m, GradWorkspace *w, const LoraBinding *b, int 
     int64_t H = t->hidden_size, D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads, I = lc->intermediate;
     int64_t P = t->ple_dim, L = t->n_layers;
     float eps = t->rms_eps;
-    m->ops->rmsnorm(&m->ctx, w->h1, x, l->input_ln, n, H, eps);
+    m->be.ops->rmsnorm(&m->be.ctx, w->h1, x, l->input_ln, n, H, eps);
     linear_fwd(m, w, b, w->qlin, w->h1, l->q, text_pair(b, li, LORA_Q), n);
-    m->ops->rmsnorm(&m->ctx, w->qr, w->qlin, l->q_norm, n * NH, D, eps);
-    for (int64_t i = 0; i < n; i++) m->ops->rope(w->qr + i * NH * D, (int)NH, (int)D, l->inv_freq, i);
+    m->be.ops->rmsnorm(&m->be.ctx, w->qr, w->qlin, l->q_norm, n * NH, D, eps);
+    for (int64_t i = 0; i < n; i++) m->be.ops->rope(&m->be.ctx, w->qr + i * NH * D, (int)NH, (int)D, l->inv_freq, i);
     if (!lc->kv_shared) {
         linear_fwd(m, w, b, w->klin, w->h1, l->k, text_pair(b, li, LORA_K), n);
         if (lc->k_eq_v) memcpy(w->vlin, w->klin, (size_t)(n * KVH * D) * sizeof(float));
@@ -201,19 +201,19 @@ static void layer_forward(Model *m, GradWorkspace *w, const LoraBinding *b, int 
     }
     KnMask mask = layer_mask(m, &w->cache, li);
     int src = lc->store_layer;
-    m->ops->attention(&m->ctx, w->att, w->qr, w->cache.own.k[src], w->cache.own.v[src], n, 0, n, (int)NH, (int)KVH, (int)D, 1.0f, &mask);
+    m->be.ops->attention(&m->be.ctx, w->att, w->qr, w->cache.own.k[src], w->cache.own.v[src], n, 0, n, (int)NH, (int)KVH, (int)D, 1.0f, &mask);
     linear_fwd(m, w, b, w->o, w->att, l->o, text_pair(b, li, LORA_O), n);
-    m->ops->rmsnorm(&m->ctx, w->t, w->o, l->post_attn_ln, n, H, eps);
+    m->be.ops->rmsnorm(&m->be.ctx, w->t, w->o, l->post_attn_ln, n, H, eps);
     for (int64_t i = 0; i < n * H; i++) w->x1[i] = x[i] + w->t[i];
-    m->ops->rmsnorm(&m->ctx, w->h2, w->x1, l->pre_ff_ln, n, H, eps);
+    m->be.ops->rmsnorm(&m->be.ctx, w->h2, w->x1, l->pre_ff_ln, n, H, eps);
     linear_fwd(m, w, b, w->g, w->h2, l->gate, text_pair(b, li, LORA_GATE), n);
     linear_fwd(m, w, b, w->u, w->h2, l->up, text_pair(b, li, LORA_UP), n);
     memcpy(w->mm, w->g, (size_t)(n * I) * sizeof(float));
-    m->ops->gelu_tanh(w->mm, (size_t)(n * I));
+    m->be.ops->gelu_tanh(&m->be.ctx, w->mm, (size_t)(n * I));
     for (int64_t i = 0; i < n * I; i++) w->mm[i] *= w->u[i];
     linear_fwd(m, w, b, w->d, w->mm, l->down, text_pair(b, li, LORA_DOWN), n);
     if (t->moe) {
-        m->ops->rmsnorm(&m->ctx, w->f, w->d, l->post_ff_ln1, n, H, eps);
+        m->be.ops->rmsnorm(&m->be.ctx, w->f, w->d, l->post_ff_ln1, n, H, eps);
         for (int64_t i = 0; i < n; i++) {
             moe_forward(m, l, w->x1 + i * H, w->moe + i * H, &w->moe_tape);
             for (int64_t j = 0; j < H; j++) w->f[i * H + j] += w->moe[i * H + j];
@@ -221,17 +221,17 @@ static void layer_forward(Model *m, GradWorkspace *w, const LoraBinding *b, int 
     } else {
         memcpy(w->f, w->d, (size_t)(n * H) * sizeof(float));
     }
-    m->ops->rmsnorm(&m->ctx, w->t, w->f, l->post_ff_ln, n, H, eps);
+    m->be.ops->rmsnorm(&m->be.ctx, w->t, w->f, l->post_ff_ln, n, H, eps);
     for (int64_t i = 0; i < n * H; i++) w->x2[i] = w->x1[i] + w->t[i];
     memcpy(w->out, w->x2, (size_t)(n * H) * sizeof(float));
     if (P) {
         linear_fwd(m, w, b, w->pg, w->x2, l->ple_gate, text_pair(b, li, LORA_PLE_GATE), n);
         memcpy(w->pm, w->pg, (size_t)(n * P) * sizeof(float));
-        m->ops->gelu_tanh(w->pm, (size_t)(n * P));
+        m->be.ops->gelu_tanh(&m->be.ctx, w->pm, (size_t)(n * P));
         for (int64_t i = 0; i < n; i++)
             for (int64_t p = 0; p < P; p++) w->pm[i * P + p] *= w->ple[(i * L + li) * P + p];
         linear_fwd(m, w, b, w->pp, w->pm, l->ple_proj, text_pair(b, li, LORA_PLE_PROJ), n);
-        m->ops->rmsnorm(&m->ctx, w->t, w->pp, l->post_ple_ln, n, H, eps);
+        m->be.ops->rmsnorm(&m->be.ctx, w->t, w->pp, l->post_ple_ln, n, H, eps);
         for (int64_t i = 0; i < n * H; i++) w->out[i] += w->t[i];
     }
     for (int64_t i = 0; i < n * H; i++) w->out[i] *= l->layer_scalar;
@@ -248,21 +248,21 @@ static void attention_backward(Model *m, GradWorkspace *w, const LoraBinding *b,
     zero(w->dqlin, n * NH * D); /* d(att) first */
     linear_bwd(m, w, b, w->dqlin, w->dh2, w->att, l->o, text_pair(b, li, LORA_O), n);
     KnMask mask = layer_mask(m, &w->cache, li);
-    m->ops->attention_dx(&m->ctx, w->dq, w->dK[src], w->dV[src], w->qr, w->cache.own.k[src], w->cache.own.v[src], w->dqlin, n, 0,
+    m->be.ops->attention_dx(&m->be.ctx, w->dq, w->dK[src], w->dV[src], w->qr, w->cache.own.k[src], w->cache.own.v[src], w->dqlin, n, 0,
                          n, (int)NH, (int)KVH, (int)D, 1.0f, &mask);
-    for (int64_t i = 0; i < n; i++) m->ops->rope(w->dq + i * NH * D, (int)NH, (int)D, l->inv_freq, -i); /* R^T = R(-pos) */
+    for (int64_t i = 0; i < n; i++) m->be.ops->rope(&m->be.ctx, w->dq + i * NH * D, (int)NH, (int)D, l->inv_freq, -i); /* R^T = R(-pos) */
     zero(w->dqlin, n * NH * D);
-    m->ops->rmsnorm_dx(&m->ctx, w->dqlin, w->qlin, l->q_norm, w->dq, n * NH, D, eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, w->dqlin, w->qlin, l->q_norm, w->dq, n * NH, D, eps);
     zero(w->dh, n * H);
     linear_bwd(m, w, b, w->dh, w->dqlin, w->h1, l->q, text_pair(b, li, LORA_Q), n);
     if (lc->kv_shared) return;
     /* this layer stores K/V: dK, dV now hold the gradients of every layer reading them */
     float *dk = w->dK[li], *dv = w->dV[li];
-    for (int64_t i = 0; i < n; i++) m->ops->rope(dk + i * KVH * D, (int)KVH, (int)D, l->inv_freq, -i);
+    for (int64_t i = 0; i < n; i++) m->be.ops->rope(&m->be.ctx, dk + i * KVH * D, (int)KVH, (int)D, l->inv_freq, -i);
     zero(w->dklin, n * KVH * D);
     zero(w->dvlin, n * KVH * D);
-    m->ops->rmsnorm_dx(&m->ctx, w->dklin, w->klin, l->k_norm, dk, n * KVH, D, eps);
-    m->ops->rmsnorm_dx(&m->ctx, w->dvlin, w->vlin, NULL, dv, n * KVH, D, eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, w->dklin, w->klin, l->k_norm, dk, n * KVH, D, eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, w->dvlin, w->vlin, NULL, dv, n * KVH, D, eps);
     if (lc->k_eq_v) {
         for (int64_t i = 0; i < n * KVH * D; i++) w->dklin[i] += w->dvlin[i];
     } else {
@@ -282,23 +282,23 @@ static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int
     for (int64_t i = 0; i < n * H; i++) dx[i] *= l->layer_scalar;
     if (P) { /* out = x2 + norm(proj(gelu(gate(x2)) * ple)) */
         zero(w->dh, n * H);
-        m->ops->rmsnorm_dx(&m->ctx, w->dh, w->pp, l->post_ple_ln, dx, n, H, eps);
+        m->be.ops->rmsnorm_dx(&m->be.ctx, w->dh, w->pp, l->post_ple_ln, dx, n, H, eps);
         zero(w->dP1, n * P);
         linear_bwd(m, w, b, w->dP1, w->dh, w->pm, l->ple_proj, text_pair(b, li, LORA_PLE_PROJ), n);
         memcpy(w->dP2, w->pg, (size_t)(n * P) * sizeof(float));
-        m->ops->gelu_tanh(w->dP2, (size_t)(n * P));
+        m->be.ops->gelu_tanh(&m->be.ctx, w->dP2, (size_t)(n * P));
         for (int64_t i = 0; i < n; i++)
             for (int64_t p = 0; p < P; p++) {
                 int64_t j = i * P + p, k = (i * L + li) * P + p;
                 w->dple[k] += w->dP1[j] * w->dP2[j];
                 w->dP1[j] *= w->ple[k];
             }
-        m->ops->gelu_tanh_dx(w->dP2, w->pg, w->dP1, (size_t)(n * P));
+        m->be.ops->gelu_tanh_dx(&m->be.ctx, w->dP2, w->pg, w->dP1, (size_t)(n * P));
         linear_bwd(m, w, b, dx, w->dP2, w->x2, l->ple_gate, text_pair(b, li, LORA_PLE_GATE), n);
     }
     /* x2 = x1 + norm(f) */
     zero(w->df, n * H);
-    m->ops->rmsnorm_dx(&m->ctx, w->df, w->f, l->post_ff_ln, dx, n, H, eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, w->df, w->f, l->post_ff_ln, dx, n, H, eps);
     float *dd = w->df;
     if (t->moe) { /* f = norm1(d) + moe(x1) */
         for (int64_t i = 0; i < n; i++) {
@@ -306,29 +306,29 @@ static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int
             moe_backward(m, l, w->x1 + i * H, w->df + i * H, dx + i * H, &w->moe_tape);
         }
         zero(w->dh, n * H);
-        m->ops->rmsnorm_dx(&m->ctx, w->dh, w->d, l->post_ff_ln1, w->df, n, H, eps);
+        m->be.ops->rmsnorm_dx(&m->be.ctx, w->dh, w->d, l->post_ff_ln1, w->df, n, H, eps);
         dd = w->dh;
     }
     /* d = down(gelu(gate(h2)) * up(h2)) */
     zero(w->dI1, n * I);
     linear_bwd(m, w, b, w->dI1, dd, w->mm, l->down, text_pair(b, li, LORA_DOWN), n);
     memcpy(w->dI2, w->g, (size_t)(n * I) * sizeof(float));
-    m->ops->gelu_tanh(w->dI2, (size_t)(n * I));
+    m->be.ops->gelu_tanh(&m->be.ctx, w->dI2, (size_t)(n * I));
     for (int64_t i = 0; i < n * I; i++) {
         float dm = w->dI1[i];
         w->dI1[i] = dm * w->u[i];   /* d gelu(g) */
         w->dI2[i] = dm * w->dI2[i]; /* d u */
     }
-    m->ops->gelu_tanh_dx(w->dI1, w->g, w->dI1, (size_t)(n * I));
+    m->be.ops->gelu_tanh_dx(&m->be.ctx, w->dI1, w->g, w->dI1, (size_t)(n * I));
     zero(w->dh2, n * H);
     linear_bwd(m, w, b, w->dh2, w->dI1, w->h2, l->gate, text_pair(b, li, LORA_GATE), n);
     linear_bwd(m, w, b, w->dh2, w->dI2, w->h2, l->up, text_pair(b, li, LORA_UP), n);
-    m->ops->rmsnorm_dx(&m->ctx, dx, w->x1, l->pre_ff_ln, w->dh2, n, H, eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, dx, w->x1, l->pre_ff_ln, w->dh2, n, H, eps);
     /* x1 = x + norm(attention(norm(x))) */
     zero(w->dh2, n * H);
-    m->ops->rmsnorm_dx(&m->ctx, w->dh2, w->o, l->post_attn_ln, dx, n, H, eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, w->dh2, w->o, l->post_attn_ln, dx, n, H, eps);
     attention_backward(m, w, b, li, n);
-    m->ops->rmsnorm_dx(&m->ctx, dx, x, l->input_ln, w->dh, n, H, eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, dx, x, l->input_ln, w->dh, n, H, eps);
 }
 
 /* ---- loss ------------------------------------------------------------------------ */
@@ -339,11 +339,11 @@ static double loss_rows(Model *m, GradWorkspace *w, const int32_t *targets, int6
     const TextConfig *t = &m->cfg.text;
     int64_t V = t->vocab_size, H = t->hidden_size;
     float cap = t->final_softcap;
-    m->ops->matmul(&m->ctx, w->logits, w->gx, m->embed, rows);
+    m->be.ops->matmul(&m->be.ctx, w->logits, w->gx, m->embed, rows);
     double loss = 0.0;
     for (int64_t r = 0; r < rows; r++) {
         float *z = w->logits + r * V;
-        if (cap > 0) m->ops->softcap(z, (size_t)V, cap);
+        if (cap > 0) m->be.ops->softcap(&m->be.ctx, z, (size_t)V, cap);
         float mx = z[0];
         for (int64_t v = 1; v < V; v++) mx = z[v] > mx ? z[v] : mx;
         double sum = 0.0;
@@ -358,7 +358,7 @@ static double loss_rows(Model *m, GradWorkspace *w, const int32_t *targets, int6
     }
     if (!grad) return loss;
     zero(w->gdx, rows * H);
-    m->ops->matmul_dx(&m->ctx, w->gdx, w->logits, m->embed, rows);
+    m->be.ops->matmul_dx(&m->be.ctx, w->gdx, w->logits, m->embed, rows);
     return loss;
 }
 
@@ -366,7 +366,7 @@ static double loss_rows(Model *m, GradWorkspace *w, const int32_t *targets, int6
 static double loss_backward(Model *m, GradWorkspace *w, const TrainSequence *s, const float *xL, float scale) {
     const TextConfig *t = &m->cfg.text;
     int64_t n = s->n, H = t->hidden_size;
-    m->ops->rmsnorm(&m->ctx, w->xn, xL, m->final_norm, n, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, w->xn, xL, m->final_norm, n, H, t->rms_eps);
     zero(w->dxn, n * H);
     double loss = 0.0;
     int64_t rows[LOGIT_ROWS];
@@ -387,7 +387,7 @@ static double loss_backward(Model *m, GradWorkspace *w, const TrainSequence *s, 
         }
     }
     zero(w->dx, n * H);
-    m->ops->rmsnorm_dx(&m->ctx, w->dx, xL, m->final_norm, w->dxn, n, H, t->rms_eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, w->dx, xL, m->final_norm, w->dxn, n, H, t->rms_eps);
     return loss;
 }
 
@@ -400,7 +400,7 @@ static void ple_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int64
     int64_t L = t->n_layers, P = t->ple_dim, H = t->hidden_size;
     const LoraPair *p = b ? b->ple_model_proj : NULL;
     float ctx_scale = (float)(1.0 / sqrt((double)H)), mix = (float)(1.0 / sqrt(2.0));
-    m->ops->matmul(&m->ctx, w->ple_buf, x0, m->ple_model_proj, n);
+    m->be.ops->matmul(&m->be.ctx, w->ple_buf, x0, m->ple_model_proj, n);
     if (p) lora_apply(b, p, w->ple_buf, x0, n, w->lora_tmp);
     for (int64_t i = 0; i < n * L * P; i++) {
         w->ple_buf[i] *= ctx_scale;
@@ -408,7 +408,7 @@ static void ple_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int64
     }
     float *dproj = w->ple; /* the per-layer inputs are no longer needed */
     zero(dproj, n * L * P);
-    m->ops->rmsnorm_dx(&m->ctx, dproj, w->ple_buf, m->ple_norm, w->dple, n * L, P, t->rms_eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, dproj, w->ple_buf, m->ple_norm, w->dple, n * L, P, t->rms_eps);
     for (int64_t i = 0; i < n * L * P; i++) dproj[i] *= ctx_scale;
     linear_bwd(m, w, b, dx0, dproj, x0, m->ple_model_proj, p, n);
 }

@@ -171,7 +171,7 @@ static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, GfEr
 /* y[n, out] = x W^T over every row of the batch, plus each adapter's term
  * on the rows of the run of consecutive sequences that use it. */
 static void linear(Model *m, const Batch *b, const Scratch *s, float *y, const float *x, KnMatrix w, int li, int slot) {
-    m->ops->matmul(&m->ctx, y, x, w, b->n);
+    m->be.ops->matmul(&m->be.ctx, y, x, w, b->n);
     for (int i = 0, j; i < b->n_seqs; i = j) {
         const LoraBinding *lb = b->seqs[i].in.lora;
         for (j = i + 1; j < b->n_seqs && b->seqs[j].in.lora == lb;) j++;
@@ -200,7 +200,7 @@ static void embed(Model *m, KvCache *c, const ModelInput *in, float *x) {
         int32_t id = in->ids[i];
         int kind = in->mm_type ? in->mm_type[i] : model_mm_kind(g, id);
         int64_t pos = c->n_past + i;
-        m->ops->embed_row(x + i * t->hidden_size, m->embed, kind ? t->pad_id : id, scale);
+        m->be.ops->embed_row(&m->be.ctx, x + i * t->hidden_size, m->embed, kind ? t->pad_id : id, scale);
         if (in->soft_tokens && id == g->image_token_id)
             memcpy(x + i * t->hidden_size, in->soft_tokens + (soft++) * t->hidden_size, (size_t)t->hidden_size * sizeof(float));
         c->valid[pos] = in->valid ? in->valid[i] : 1;
@@ -214,16 +214,16 @@ static void embed(Model *m, KvCache *c, const ModelInput *in, float *x) {
 void model_ple_inputs(Model *m, const ModelInput *in, const float *x, float *ple, float *lora_tmp) {
     const TextConfig *t = &m->cfg.text;
     int64_t L = t->n_layers, P = t->ple_dim, H = t->hidden_size, n = in->n;
-    m->ops->matmul(&m->ctx, ple, x, m->ple_model_proj, n);
+    m->be.ops->matmul(&m->be.ctx, ple, x, m->ple_model_proj, n);
     if (in->lora && in->lora->ple_model_proj) lora_apply(in->lora, in->lora->ple_model_proj, ple, x, n, lora_tmp);
     float ctx_scale = (float)(1.0 / sqrt((double)H)), tok_scale = sqrtf((float)P), mix = (float)(1.0 / sqrt(2.0));
     for (int64_t i = 0; i < n * L * P; i++) ple[i] *= ctx_scale;
-    m->ops->rmsnorm(&m->ctx, ple, ple, m->ple_norm, n * L, P, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, ple, ple, m->ple_norm, n * L, P, t->rms_eps);
     float *tok = malloc((size_t)(L * P) * sizeof(float));
     for (int64_t i = 0; i < n; i++) {
         int32_t id = in->ids[i];
         int kind = in->mm_type ? in->mm_type[i] : model_mm_kind(&m->cfg, id);
-        if (tok) m->ops->embed_row(tok, m->embed_ple, kind ? t->pad_id : id, tok_scale);
+        if (tok) m->be.ops->embed_row(&m->be.ctx, tok, m->embed_ple, kind ? t->pad_id : id, tok_scale);
         for (int64_t j = 0; tok && j < L * P; j++) ple[i * L * P + j] = (ple[i * L * P + j] + tok[j]) * mix;
     }
     free(tok);
@@ -248,7 +248,7 @@ static void attend(Model *m, const Batch *b, int seq, int li, Scratch *s) {
     if (lc->kind == LAYER_FULL) mask.group = NULL; /* full layers stay causal (§4) */
     int src = lc->store_layer;
     KnKv kv = {c->pool->k[src], c->pool->v[src], c->table, c->pool->block_len};
-    m->ops->attention_paged(&m->ctx, s->att + r0 * NH * D, s->q + r0 * NH * D, &kv, n, pos0, pos0 + n, NH, KVH, D, 1.0f,
+    m->be.ops->attention_paged(&m->be.ctx, s->att + r0 * NH * D, s->q + r0 * NH * D, &kv, n, pos0, pos0 + n, NH, KVH, D, 1.0f,
                             &mask);
 }
 
@@ -260,20 +260,20 @@ static void attention(Model *m, const Batch *b, int li, Scratch *s) {
     int D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
     int64_t n = b->n;
     linear(m, b, s, s->q, s->h, l->q, li, LORA_Q);
-    m->ops->rmsnorm(&m->ctx, s->q, s->q, l->q_norm, n * NH, D, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, s->q, s->q, l->q_norm, n * NH, D, t->rms_eps);
     if (!lc->kv_shared) {
         linear(m, b, s, s->k, s->h, l->k, li, LORA_K);
         if (lc->k_eq_v) memcpy(s->v, s->k, (size_t)(n * KVH * D) * sizeof(float));
         else linear(m, b, s, s->v, s->h, l->v, li, LORA_V);
-        m->ops->rmsnorm(&m->ctx, s->k, s->k, l->k_norm, n * KVH, D, t->rms_eps);
-        m->ops->rmsnorm(&m->ctx, s->v, s->v, NULL, n * KVH, D, t->rms_eps);
+        m->be.ops->rmsnorm(&m->be.ctx, s->k, s->k, l->k_norm, n * KVH, D, t->rms_eps);
+        m->be.ops->rmsnorm(&m->be.ctx, s->v, s->v, NULL, n * KVH, D, t->rms_eps);
     }
     for (int q = 0; q < b->n_seqs; q++) {
         int64_t pos0 = b->seqs[q].cache->n_past;
         for (int64_t i = b->row0[q]; i < b->row0[q + 1]; i++) {
             int64_t pos = pos0 + i - b->row0[q];
-            m->ops->rope(s->q + i * NH * D, NH, D, l->inv_freq, pos);
-            if (!lc->kv_shared) m->ops->rope(s->k + i * KVH * D, KVH, D, l->inv_freq, pos);
+            m->be.ops->rope(&m->be.ctx, s->q + i * NH * D, NH, D, l->inv_freq, pos);
+            if (!lc->kv_shared) m->be.ops->rope(&m->be.ctx, s->k + i * KVH * D, KVH, D, l->inv_freq, pos);
         }
         attend(m, b, q, li, s);
     }
@@ -285,20 +285,20 @@ static void feed_forward(Model *m, const Batch *b, int li, Scratch *s) {
     const TextConfig *t = &m->cfg.text;
     const Layer *l = &m->layers[li];
     int64_t H = t->hidden_size, I = t->layers[li].intermediate, n = b->n;
-    m->ops->rmsnorm(&m->ctx, s->h, s->x, l->pre_ff_ln, n, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, s->h, s->x, l->pre_ff_ln, n, H, t->rms_eps);
     linear(m, b, s, s->gate, s->h, l->gate, li, LORA_GATE);
     linear(m, b, s, s->up, s->h, l->up, li, LORA_UP);
-    m->ops->gelu_tanh(s->gate, (size_t)(n * I));
+    m->be.ops->gelu_tanh(&m->be.ctx, s->gate, (size_t)(n * I));
     for (int64_t i = 0; i < n * I; i++) s->gate[i] *= s->up[i];
     linear(m, b, s, s->h, s->gate, l->down, li, LORA_DOWN);
     if (t->moe) {
-        m->ops->rmsnorm(&m->ctx, s->h, s->h, l->post_ff_ln1, n, H, t->rms_eps);
+        m->be.ops->rmsnorm(&m->be.ctx, s->h, s->h, l->post_ff_ln1, n, H, t->rms_eps);
         for (int64_t i = 0; i < n; i++) {
             moe_forward(m, l, s->x + i * H, s->a + i * H, &s->moe);
             for (int64_t j = 0; j < H; j++) s->h[i * H + j] += s->a[i * H + j];
         }
     }
-    m->ops->rmsnorm(&m->ctx, s->h, s->h, l->post_ff_ln, n, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, s->h, s->h, l->post_ff_ln, n, H, t->rms_eps);
     for (int64_t i = 0; i < n * H; i++) s->x[i] += s->h[i];
 }
 
@@ -308,11 +308,11 @@ static void per_layer_inject(Model *m, const Batch *b, int li, Scratch *s) {
     const Layer *l = &m->layers[li];
     int64_t H = t->hidden_size, P = t->ple_dim, L = t->n_layers, n = b->n;
     linear(m, b, s, s->ple_g, s->x, l->ple_gate, li, LORA_PLE_GATE);
-    m->ops->gelu_tanh(s->ple_g, (size_t)(n * P));
+    m->be.ops->gelu_tanh(&m->be.ctx, s->ple_g, (size_t)(n * P));
     for (int64_t i = 0; i < n; i++)
         for (int64_t p = 0; p < P; p++) s->ple_g[i * P + p] *= s->ple[(i * L + li) * P + p];
     linear(m, b, s, s->h, s->ple_g, l->ple_proj, li, LORA_PLE_PROJ);
-    m->ops->rmsnorm(&m->ctx, s->h, s->h, l->post_ple_ln, n, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, s->h, s->h, l->post_ple_ln, n, H, t->rms_eps);
     for (int64_t i = 0; i < n * H; i++) s->x[i] += s->h[i];
 }
 
@@ -320,9 +320,9 @@ static void decoder_layer(Model *m, const Batch *b, int li, Scratch *s) {
     const TextConfig *t = &m->cfg.text;
     const Layer *l = &m->layers[li];
     int64_t H = t->hidden_size, n = b->n;
-    m->ops->rmsnorm(&m->ctx, s->h, s->x, l->input_ln, n, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, s->h, s->x, l->input_ln, n, H, t->rms_eps);
     attention(m, b, li, s);
-    m->ops->rmsnorm(&m->ctx, s->h, s->h, l->post_attn_ln, n, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, s->h, s->h, l->post_attn_ln, n, H, t->rms_eps);
     for (int64_t i = 0; i < n * H; i++) s->x[i] += s->h[i];
     feed_forward(m, b, li, s);
     if (t->ple_dim) per_layer_inject(m, b, li, s);
@@ -390,8 +390,8 @@ static void batch_logits(Model *m, const Batch *b, Scratch *s, float *logits) {
         memcpy(s->a + rows * H, s->x + (b->row0[q + 1] - k) * H, (size_t)(k * H) * sizeof(float));
         rows += k;
     }
-    m->ops->matmul(&m->ctx, logits, s->a, m->embed, rows);
-    if (t->final_softcap > 0) m->ops->softcap(logits, (size_t)(rows * t->vocab_size), t->final_softcap);
+    m->be.ops->matmul(&m->be.ctx, logits, s->a, m->embed, rows);
+    if (t->final_softcap > 0) m->be.ops->softcap(&m->be.ctx, logits, (size_t)(rows * t->vocab_size), t->final_softcap);
 }
 
 static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, float *logits, float *hidden, GfError *err) {
@@ -414,7 +414,7 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, float *logit
         decoder_layer(m, &b, li, &s);
         if (hidden && li < L - 1) memcpy(hidden + (li + 1) * n * H, s.x, (size_t)(n * H) * sizeof(float));
     }
-    m->ops->rmsnorm(&m->ctx, s.x, s.x, m->final_norm, n, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, s.x, s.x, m->final_norm, n, H, t->rms_eps);
     if (hidden) memcpy(hidden + L * n * H, s.x, (size_t)(n * H) * sizeof(float));
     for (int q = 0; q < n_seqs; q++) seqs[q].cache->n_past += seqs[q].in.n;
     if (logits) batch_logits(m, &b, &s, logits);

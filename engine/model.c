@@ -1,6 +1,7 @@
 /* model.c - Gemma 4 text model: weight binding and the forward pass. */
 #include "model.h"
 #include "model_impl.h"
+#include "convert.h"
 #include "nf4.h"
 
 #include <math.h>
@@ -67,8 +68,7 @@ static KnDtype dtype_of(const StTensor *t) { return t->dtype == ST_F32 ? KN_F32 
 static float *widen(Model *m, const StTensor *t, GfError *err) {
     float *out = gf_malloc((size_t)t->n_elements * sizeof(float), err);
     if (!out || keep(m, out)) { free(out); return NULL; }
-    KnMatrix v = {t->data, dtype_of(t), 1, (int64_t)t->n_elements, 0};
-    kn_cpu_ops()->embed_row(out, v, 0, 1.0f);
+    kn_convert_to_f32(out, t->data, dtype_of(t), 0, (int64_t)t->n_elements);
     return out;
 }
 
@@ -109,8 +109,7 @@ GfStatus model_bind_vector(Model *m, const char *name, int64_t n, float **out, G
 GfStatus model_bind_scalar(Model *m, const char *name, float *out, GfError *err) {
     const StTensor *t = claim(m, name, NULL, 0, err);
     if (!t) return err->status;
-    KnMatrix v = {t->data, dtype_of(t), 1, 1, 0};
-    kn_cpu_ops()->embed_row(out, v, 0, 1.0f);
+    kn_convert_to_f32(out, t->data, dtype_of(t), 0, 1);
     return GF_OK;
 }
 
@@ -328,6 +327,21 @@ static GfStatus quantize_linears(Model *m, GfError *err) {
     return st;
 }
 
+/* The device from the options, else from GF_DEVICE in the environment, else
+ * the CPU. */
+static GfStatus open_backend(Model *m, const ModelOptions *opts, GfError *err) {
+    KnDeviceKind kind = KN_DEVICE_CPU;
+    int index = 0;
+    const char *env = getenv("GF_DEVICE");
+    if (opts && opts->device) {
+        if (kn_backend_parse(opts->device, &kind, &index, err)) return err->status;
+    } else if (env && *env && kn_backend_parse(env, &kind, &index, err)) {
+        return gf_error_wrap(err, NULL, "GF_DEVICE");
+    }
+    KnBackendOptions bo = {.n_threads = opts ? opts->n_threads : 0};
+    return kn_backend_open(kind, index, &bo, &m->be, err);
+}
+
 GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfError *err) {
     Model *m = gf_calloc(1, sizeof *m, err);
     if (!m) return GF_NO_MEMORY;
@@ -335,12 +349,7 @@ GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfEr
     if (!st) st = model_dir_open(dir, &m->dir, err);
     if (!st) st = bind_all(m, err);
     if (!st && opts && opts->quantize == MODEL_QUANT_NF4) st = quantize_linears(m, err);
-    if (!st) {
-        m->ops = kn_cpu_ops();
-        m->ctx.device = KN_DEVICE_CPU;
-        m->ctx.pool = kn_pool_new(opts ? opts->n_threads : 0, err);
-        if (!m->ctx.pool) st = GF_NO_MEMORY;
-    }
+    if (!st) st = open_backend(m, opts, err);
     if (st) {
         model_close(m);
         return st;
@@ -351,7 +360,7 @@ GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfEr
 
 void model_close(Model *m) {
     if (!m) return;
-    kn_pool_free(m->ctx.pool);
+    kn_backend_close(&m->be);
     for (size_t i = 0; i < m->n_owned; i++) free(m->owned[i]);
     for (size_t i = 0; i < m->n_nf4; i++) kn_nf4_free(&m->nf4[i]);
     free(m->nf4);

@@ -24,7 +24,7 @@
 
 #include "config.h"
 #include "modeldir.h"
-#include "ops.h"
+#include "kernels.h"
 
 typedef struct Model Model;
 typedef struct LoraBinding LoraBinding;   /* lora.h */
@@ -32,6 +32,7 @@ typedef struct LoraBinding LoraBinding;   /* lora.h */
 typedef enum { MODEL_QUANT_NONE = 0, MODEL_QUANT_NF4 } ModelQuant;
 
 typedef struct {
+    const char *device;       /* "cpu", "guarded", "cuda[:N]"; NULL = GF_DEVICE from the environment, else "cpu" */
     int n_threads;            /* CPU threads, <= 0 = all cores */
     ModelQuant quantize;      /* NF4: every linear of the layers (text, vision, experts) quantized at load */
 } ModelOptions;

@@ -44,8 +44,7 @@ typedef struct {
 struct Model {
     GemmaConfig cfg;
     ModelDir dir;
-    KnCtx ctx;
-    const KnOps *ops;
+    KnBackend be;                   /* op table + context of the device the model runs on */
     KnMatrix embed;                 /* [V, H], tied lm_head */
     KnMatrix embed_ple, ple_model_proj; /* [V_ple, L*P], [L*P, H] */
     float *ple_norm, *final_norm;

@@ -37,10 +37,10 @@ static KnMatrix expert(KnMatrix all, int e, int64_t rows) { return kn_matrix_row
 void moe_forward(Model *m, const Layer *l, const float *r, float *out, MoeTape *mt) {
     const TextConfig *t = &m->cfg.text;
     int64_t H = t->hidden_size, E = t->n_experts, K = t->top_k_experts, Im = t->moe_intermediate;
-    m->ops->rmsnorm(&m->ctx, mt->u0, r, NULL, 1, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, mt->u0, r, NULL, 1, H, t->rms_eps);
     float hs = (float)(1.0 / sqrt((double)H));
     for (int64_t i = 0; i < H; i++) mt->du[i] = mt->u0[i] * (l->router_scale[i] * hs); /* router input */
-    m->ops->matmul(&m->ctx, mt->p, mt->du, l->router, 1);
+    m->be.ops->matmul(&m->be.ctx, mt->p, mt->du, l->router, 1);
     float mx = mt->p[0], sum = 0.0f;
     for (int64_t e = 1; e < E; e++) mx = mt->p[e] > mx ? mt->p[e] : mx;
     for (int64_t e = 0; e < E; e++) sum += (mt->p[e] = expf(mt->p[e] - mx));
@@ -56,19 +56,19 @@ void moe_forward(Model *m, const Layer *l, const float *r, float *out, MoeTape *
         mt->idx[k] = best;
         mt->wsum += (mt->w[k] = mt->p[best]);
     }
-    m->ops->rmsnorm(&m->ctx, mt->u2, r, l->pre_ff_ln2, 1, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, mt->u2, r, l->pre_ff_ln2, 1, H, t->rms_eps);
     zero(mt->y, H);
     for (int64_t k = 0; k < K; k++) {
         float *gu = mt->gu + k * 2 * Im, *mm = mt->mm + k * Im, *yk = mt->yk + k * H;
-        m->ops->matmul(&m->ctx, gu, mt->u2, expert(l->experts_gate_up, mt->idx[k], 2 * Im), 1);
+        m->be.ops->matmul(&m->be.ctx, gu, mt->u2, expert(l->experts_gate_up, mt->idx[k], 2 * Im), 1);
         memcpy(mm, gu, (size_t)Im * sizeof(float));
-        m->ops->gelu_tanh(mm, (size_t)Im);
+        m->be.ops->gelu_tanh(&m->be.ctx, mm, (size_t)Im);
         for (int64_t i = 0; i < Im; i++) mm[i] *= gu[Im + i];
-        m->ops->matmul(&m->ctx, yk, mm, expert(l->experts_down, mt->idx[k], H), 1);
+        m->be.ops->matmul(&m->be.ctx, yk, mm, expert(l->experts_down, mt->idx[k], H), 1);
         float coef = mt->w[k] / mt->wsum * l->per_expert_scale[mt->idx[k]];
         for (int64_t i = 0; i < H; i++) mt->y[i] += coef * yk[i];
     }
-    m->ops->rmsnorm(&m->ctx, out, mt->y, l->post_ff_ln2, 1, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, out, mt->y, l->post_ff_ln2, 1, H, t->rms_eps);
 }
 
 /* dr[H] += the gradient of moe_forward at r for dout[H] (after moe_forward at r).
@@ -78,7 +78,7 @@ void moe_backward(Model *m, const Layer *l, const float *r, const float *dout, f
     const TextConfig *t = &m->cfg.text;
     int64_t H = t->hidden_size, E = t->n_experts, K = t->top_k_experts, Im = t->moe_intermediate;
     zero(mt->dy, H);
-    m->ops->rmsnorm_dx(&m->ctx, mt->dy, mt->y, l->post_ff_ln2, dout, 1, H, t->rms_eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, mt->dy, mt->y, l->post_ff_ln2, dout, 1, H, t->rms_eps);
     float dwn[MOE_MAX_TOP_K]; /* gradient of the normalized routing weight w_k / wsum */
     zero(mt->du, H);
     for (int64_t k = 0; k < K; k++) {
@@ -87,18 +87,18 @@ void moe_backward(Model *m, const Layer *l, const float *r, const float *dout, f
         for (int64_t i = 0; i < H; i++) dc += mt->dy[i] * yk[i];
         dwn[k] = dc * pes;
         zero(mt->dmm, Im);
-        m->ops->matmul_dx(&m->ctx, mt->dmm, mt->dy, expert(l->experts_down, mt->idx[k], H), 1);
+        m->be.ops->matmul_dx(&m->be.ctx, mt->dmm, mt->dy, expert(l->experts_down, mt->idx[k], H), 1);
         memcpy(mt->t, gu, (size_t)Im * sizeof(float));
-        m->ops->gelu_tanh(mt->t, (size_t)Im);
+        m->be.ops->gelu_tanh(&m->be.ctx, mt->t, (size_t)Im);
         for (int64_t i = 0; i < Im; i++) {
             mt->dmm[i] *= coef;
             mt->dgu[Im + i] = mt->dmm[i] * mt->t[i];
             mt->t[i] = mt->dmm[i] * gu[Im + i];
         }
-        m->ops->gelu_tanh_dx(mt->dgu, gu, mt->t, (size_t)Im);
-        m->ops->matmul_dx(&m->ctx, mt->du, mt->dgu, expert(l->experts_gate_up, mt->idx[k], 2 * Im), 1);
+        m->be.ops->gelu_tanh_dx(&m->be.ctx, mt->dgu, gu, mt->t, (size_t)Im);
+        m->be.ops->matmul_dx(&m->be.ctx, mt->du, mt->dgu, expert(l->experts_gate_up, mt->idx[k], 2 * Im), 1);
     }
-    m->ops->rmsnorm_dx(&m->ctx, dr, r, l->pre_ff_ln2, mt->du, 1, H, t->rms_eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, dr, r, l->pre_ff_ln2, mt->du, 1, H, t->rms_eps);
     /* routing: w_k = p_k / S over the chosen experts, then the softmax */
     float *dp = mt->dp, corr = 0.0f, pdp = 0.0f;
     zero(dp, E);
@@ -107,9 +107,9 @@ void moe_backward(Model *m, const Layer *l, const float *r, const float *dout, f
     for (int64_t e = 0; e < E; e++) pdp += mt->p[e] * dp[e];
     for (int64_t e = 0; e < E; e++) dp[e] = mt->p[e] * (dp[e] - pdp);
     zero(mt->du, H);
-    m->ops->matmul_dx(&m->ctx, mt->du, dp, l->router, 1);
+    m->be.ops->matmul_dx(&m->be.ctx, mt->du, dp, l->router, 1);
     float hs = (float)(1.0 / sqrt((double)H));
     for (int64_t i = 0; i < H; i++) mt->du[i] *= l->router_scale[i] * hs;
-    m->ops->rmsnorm_dx(&m->ctx, dr, r, NULL, mt->du, 1, H, t->rms_eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, dr, r, NULL, mt->du, 1, H, t->rms_eps);
 }
 

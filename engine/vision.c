@@ -110,7 +110,7 @@ static const LoraPair *tpair(const VTape *t, int li, int slot) {
 static void cl_forward(Model *m, const VTape *t, const ClipLinear *cl, const LoraPair *p, float *y_pre, const float *x,
                        int64_t n, float *scratch) {
     clamp_copy(scratch, x, (size_t)(n * cl->w.cols), cl->clipped, cl->in_min, cl->in_max);
-    m->ops->matmul(&m->ctx, y_pre, scratch, cl->w, n);
+    m->be.ops->matmul(&m->be.ctx, y_pre, scratch, cl->w, n);
     if (p) lora_apply(t->lora, p, y_pre, scratch, n, t->lora_tmp);
 }
 
@@ -120,8 +120,8 @@ static void rope2d(Model *m, float *x, int64_t n, int heads, int D, const int32_
     for (int64_t i = 0; i < n; i++)
         for (int h = 0; h < heads; h++) {
             float *v = x + (i * heads + h) * D;
-            m->ops->rope(v, 1, half, m->vision.inv_freq, pos[2 * i]);
-            m->ops->rope(v + half, 1, half, m->vision.inv_freq, pos[2 * i + 1]);
+            m->be.ops->rope(&m->be.ctx, v, 1, half, m->vision.inv_freq, pos[2 * i]);
+            m->be.ops->rope(&m->be.ctx, v + half, 1, half, m->vision.inv_freq, pos[2 * i + 1]);
         }
 }
 
@@ -133,34 +133,34 @@ static void layer_fwd(Model *m, int li, const float *x, int64_t N, const int32_t
     const VisionLayer *l = &m->vision.layers[li];
     int64_t d = v->hidden_size, D = v->head_dim, I = v->intermediate_size, NH = v->n_heads, KVH = v->kv_heads;
     float eps = v->rms_eps;
-    m->ops->rmsnorm(&m->ctx, t->h, x, l->input_ln, N, d, eps);
+    m->be.ops->rmsnorm(&m->be.ctx, t->h, x, l->input_ln, N, d, eps);
     cl_forward(m, t, &l->q, tpair(t, li, LORA_Q), t->qy, t->h, N, t->s1);
     cl_forward(m, t, &l->k, tpair(t, li, LORA_K), t->ky, t->h, N, t->s1);
     cl_forward(m, t, &l->v, tpair(t, li, LORA_V), t->vy, t->h, N, t->s1);
     clamp_copy(t->qr, t->qy, (size_t)(N * NH * D), l->q.clipped, l->q.out_min, l->q.out_max);
     clamp_copy(t->kr, t->ky, (size_t)(N * KVH * D), l->k.clipped, l->k.out_min, l->k.out_max);
     clamp_copy(t->vn, t->vy, (size_t)(N * KVH * D), l->v.clipped, l->v.out_min, l->v.out_max);
-    m->ops->rmsnorm(&m->ctx, t->qr, t->qr, l->q_norm, N * NH, D, eps);
-    m->ops->rmsnorm(&m->ctx, t->kr, t->kr, l->k_norm, N * KVH, D, eps);
-    m->ops->rmsnorm(&m->ctx, t->vn, t->vn, NULL, N * KVH, D, eps);
+    m->be.ops->rmsnorm(&m->be.ctx, t->qr, t->qr, l->q_norm, N * NH, D, eps);
+    m->be.ops->rmsnorm(&m->be.ctx, t->kr, t->kr, l->k_norm, N * KVH, D, eps);
+    m->be.ops->rmsnorm(&m->be.ctx, t->vn, t->vn, NULL, N * KVH, D, eps);
     rope2d(m, t->qr, N, (int)NH, (int)D, pos);
     rope2d(m, t->kr, N, (int)KVH, (int)D, pos);
-    m->ops->attention(&m->ctx, t->att, t->qr, t->kr, t->vn, N, 0, N, (int)NH, (int)KVH, (int)D, 1.0f, mask);
+    m->be.ops->attention(&m->be.ctx, t->att, t->qr, t->kr, t->vn, N, 0, N, (int)NH, (int)KVH, (int)D, 1.0f, mask);
     cl_forward(m, t, &l->o, tpair(t, li, LORA_O), t->oy, t->att, N, t->s1);
     clamp_copy(t->s1, t->oy, (size_t)(N * d), l->o.clipped, l->o.out_min, l->o.out_max);
-    m->ops->rmsnorm(&m->ctx, t->x1, t->s1, l->post_attn_ln, N, d, eps);
+    m->be.ops->rmsnorm(&m->be.ctx, t->x1, t->s1, l->post_attn_ln, N, d, eps);
     for (int64_t i = 0; i < N * d; i++) t->x1[i] += x[i];
-    m->ops->rmsnorm(&m->ctx, t->h2, t->x1, l->pre_ff_ln, N, d, eps);
+    m->be.ops->rmsnorm(&m->be.ctx, t->h2, t->x1, l->pre_ff_ln, N, d, eps);
     cl_forward(m, t, &l->gate, tpair(t, li, LORA_GATE), t->gy, t->h2, N, t->s1);
     cl_forward(m, t, &l->up, tpair(t, li, LORA_UP), t->uy, t->h2, N, t->s1);
     clamp_copy(t->mm, t->gy, (size_t)(N * I), l->gate.clipped, l->gate.out_min, l->gate.out_max);
-    m->ops->gelu_tanh(t->mm, (size_t)(N * I));
+    m->be.ops->gelu_tanh(&m->be.ctx, t->mm, (size_t)(N * I));
     clamp_copy(t->s1, t->uy, (size_t)(N * I), l->up.clipped, l->up.out_min, l->up.out_max);
     for (int64_t i = 0; i < N * I; i++) t->mm[i] *= t->s1[i];
     cl_forward(m, t, &l->down, tpair(t, li, LORA_DOWN), t->dny, t->mm, N, t->s1);
     if (!out) return;
     clamp_copy(t->s1, t->dny, (size_t)(N * d), l->down.clipped, l->down.out_min, l->down.out_max);
-    m->ops->rmsnorm(&m->ctx, out, t->s1, l->post_ff_ln, N, d, eps);
+    m->be.ops->rmsnorm(&m->be.ctx, out, t->s1, l->post_ff_ln, N, d, eps);
     for (int64_t i = 0; i < N * d; i++) out[i] += t->x1[i];
 }
 
@@ -170,13 +170,13 @@ static void embed_patches(Model *m, const LoraBinding *lora, float *lora_tmp, co
     const VisionConfig *v = &m->cfg.vision;
     int64_t d = v->hidden_size, pp = m->vision.input_proj.cols;
     for (int64_t i = 0; i < N * pp; i++) tmp[i] = 2.0f * (pixels[i] - 0.5f);
-    m->ops->matmul(&m->ctx, x, tmp, m->vision.input_proj, N);
+    m->be.ops->matmul(&m->be.ctx, x, tmp, m->vision.input_proj, N);
     if (lora && lora->input_proj) lora_apply(lora, lora->input_proj, x, tmp, N, lora_tmp);
     float *row = tmp;
     for (int64_t i = 0; i < N; i++) {
         if (pos[2 * i] < 0) continue;
         for (int axis = 0; axis < 2; axis++) {
-            m->ops->embed_row(row, m->vision.pos_table, (int64_t)axis * v->position_embedding_size + pos[2 * i + axis], 1.0f);
+            m->be.ops->embed_row(&m->be.ctx, row, m->vision.pos_table, (int64_t)axis * v->position_embedding_size + pos[2 * i + axis], 1.0f);
             for (int64_t j = 0; j < d; j++) x[i * d + j] += row[j];
         }
     }
@@ -324,7 +324,7 @@ static int64_t tower_run(Model *m, Tower *b, const float *pixels, const int32_t 
         x = next;
     }
     int64_t n_soft = pool(m, x, pos, N, b->pooled);
-    m->ops->rmsnorm(&m->ctx, b->hn, b->pooled, NULL, n_soft, d, v->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, b->hn, b->pooled, NULL, n_soft, d, v->rms_eps);
     return n_soft;
 }
 
@@ -333,7 +333,7 @@ GfStatus model_vision_forward(Model *m, const LoraBinding *lora, const float *pi
     Tower b;
     if (check_image(m, pos, N, err) || tower_alloc(m, lora, N, 0, &b, err)) return err->status;
     *n_soft = tower_run(m, &b, pixels, pos, N, 0);
-    m->ops->matmul(&m->ctx, soft, b.hn, m->vision.embed_proj, *n_soft);
+    m->be.ops->matmul(&m->be.ctx, soft, b.hn, m->vision.embed_proj, *n_soft);
     if (lora && lora->embed_proj) lora_apply(lora, lora->embed_proj, soft, b.hn, *n_soft, b.t.lora_tmp);
     free(b.mem);
     return GF_OK;
@@ -351,7 +351,7 @@ static void cl_backward(Model *m, const VTape *t, const ClipLinear *cl, const Lo
     for (int64_t i = 0; i < n * rows; i++)
         dyp[i] = !cl->clipped || (y_pre[i] >= cl->out_min && y_pre[i] <= cl->out_max) ? dy[i] : 0.0f;
     memset(dxc, 0, (size_t)(n * cols) * sizeof(float));
-    m->ops->matmul_dx(&m->ctx, dxc, dyp, cl->w, n);
+    m->be.ops->matmul_dx(&m->be.ctx, dxc, dyp, cl->w, n);
     if (p) {
         float *xc = t->s1;
         clamp_copy(xc, x, (size_t)(n * cols), cl->clipped, cl->in_min, cl->in_max);
@@ -372,7 +372,7 @@ static void attn_bwd(Model *m, int li, int64_t N, const KnMask *mask, float *dat
     cl_backward(m, t, &l->o, tpair(t, li, LORA_O), datt, t->dh, t->att, t->oy, N);
     memset(t->dk, 0, (size_t)(N * KVH * D) * sizeof(float));
     memset(t->dv, 0, (size_t)(N * KVH * D) * sizeof(float));
-    m->ops->attention_dx(&m->ctx, t->dq, t->dk, t->dv, t->qr, t->kr, t->vn, datt, N, 0, N, (int)NH, (int)KVH, (int)D, 1.0f,
+    m->be.ops->attention_dx(&m->be.ctx, t->dq, t->dk, t->dv, t->qr, t->kr, t->vn, datt, N, 0, N, (int)NH, (int)KVH, (int)D, 1.0f,
                          mask);
     rope2d(m, t->dq, N, (int)NH, (int)D, t->neg_pos); /* R^T = R(-pos) */
     rope2d(m, t->dk, N, (int)KVH, (int)D, t->neg_pos);
@@ -387,7 +387,7 @@ static void attn_bwd(Model *m, int li, int64_t N, const KnMask *mask, float *dat
         float *yc = datt, *dn = t->s1;
         clamp_copy(yc, pr[j].y, (size_t)w, pr[j].cl->clipped, pr[j].cl->out_min, pr[j].cl->out_max);
         memset(dn, 0, (size_t)w * sizeof(float));
-        m->ops->rmsnorm_dx(&m->ctx, dn, yc, pr[j].w, pr[j].g, N * pr[j].heads, D, eps);
+        m->be.ops->rmsnorm_dx(&m->be.ctx, dn, yc, pr[j].w, pr[j].g, N * pr[j].heads, D, eps);
         memcpy(pr[j].g, dn, (size_t)w * sizeof(float));
         cl_backward(m, t, pr[j].cl, tpair(t, li, pr[j].slot), t->dh, pr[j].g, t->h, pr[j].y, N);
     }
@@ -403,7 +403,7 @@ static void layer_bwd(Model *m, int li, const float *x, int64_t N, const KnMask 
     /* x2 = x1 + norm(down(gelu(gate(h2)) * up(h2))) */
     clamp_copy(t->s1, t->dny, (size_t)(N * d), l->down.clipped, l->down.out_min, l->down.out_max);
     memset(t->dh, 0, (size_t)(N * d) * sizeof(float));
-    m->ops->rmsnorm_dx(&m->ctx, t->dh, t->s1, l->post_ff_ln, dx, N, d, eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, t->dh, t->s1, l->post_ff_ln, dx, N, d, eps);
     float *dmm = t->dq, *datt = t->dq + N * t->qi; /* dq holds 2 N max(NH D, I) */
     memset(dmm, 0, (size_t)(N * I) * sizeof(float));
     cl_backward(m, t, &l->down, tpair(t, li, LORA_DOWN), dmm, t->dh, t->mm, t->dny, N);
@@ -412,19 +412,19 @@ static void layer_bwd(Model *m, int li, const float *x, int64_t N, const KnMask 
     clamp_copy(du, t->uy, (size_t)(N * I), l->up.clipped, l->up.out_min, l->up.out_max);
     for (int64_t i = 0; i < N * I; i++) dg[i] = dmm[i] * du[i]; /* d gelu(gate) */
     memcpy(t->s3, t->s1, (size_t)(N * I) * sizeof(float));
-    m->ops->gelu_tanh(t->s3, (size_t)(N * I));
+    m->be.ops->gelu_tanh(&m->be.ctx, t->s3, (size_t)(N * I));
     for (int64_t i = 0; i < N * I; i++) du[i] = dmm[i] * t->s3[i];
-    m->ops->gelu_tanh_dx(dg, t->s1, dg, (size_t)(N * I));
+    m->be.ops->gelu_tanh_dx(&m->be.ctx, dg, t->s1, dg, (size_t)(N * I));
     memset(t->dh, 0, (size_t)(N * d) * sizeof(float));
     cl_backward(m, t, &l->gate, tpair(t, li, LORA_GATE), t->dh, dg, t->h2, t->gy, N);
     cl_backward(m, t, &l->up, tpair(t, li, LORA_UP), t->dh, du, t->h2, t->uy, N);
-    m->ops->rmsnorm_dx(&m->ctx, dx, t->x1, l->pre_ff_ln, t->dh, N, d, eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, dx, t->x1, l->pre_ff_ln, t->dh, N, d, eps);
     /* x1 = x + norm(o(attention(h))), h = norm(x) */
     clamp_copy(t->s1, t->oy, (size_t)(N * d), l->o.clipped, l->o.out_min, l->o.out_max);
     memset(t->dh, 0, (size_t)(N * d) * sizeof(float));
-    m->ops->rmsnorm_dx(&m->ctx, t->dh, t->s1, l->post_attn_ln, dx, N, d, eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, t->dh, t->s1, l->post_attn_ln, dx, N, d, eps);
     attn_bwd(m, li, N, mask, datt, t);
-    m->ops->rmsnorm_dx(&m->ctx, dx, x, l->input_ln, t->dh, N, d, eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, dx, x, l->input_ln, t->dh, N, d, eps);
 }
 
 /* d(soft tokens) -> d(pooled tower output) -> d(last layer's output) in t->dx. */
@@ -433,11 +433,11 @@ static void head_backward(Model *m, const LoraBinding *lora, Tower *b, const int
     const VisionConfig *v = &m->cfg.vision;
     int64_t d = v->hidden_size, kk = v->pooling_kernel, out_len = N / (kk * kk), cols = pool_cols(pos, N, kk);
     memset(b->dhn, 0, (size_t)(n_soft * d) * sizeof(float));
-    m->ops->matmul_dx(&m->ctx, b->dhn, dsoft, m->vision.embed_proj, n_soft);
+    m->be.ops->matmul_dx(&m->be.ctx, b->dhn, dsoft, m->vision.embed_proj, n_soft);
     if (lora && lora->embed_proj) lora_backward(lora, lora->embed_proj, b->dhn, dsoft, b->hn, n_soft, b->t.lora_tmp);
     float *dpool = b->t.s1;
     memset(dpool, 0, (size_t)(n_soft * d) * sizeof(float));
-    m->ops->rmsnorm_dx(&m->ctx, dpool, b->pooled, NULL, b->dhn, n_soft, d, v->rms_eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, dpool, b->pooled, NULL, b->dhn, n_soft, d, v->rms_eps);
     float scale = sqrtf((float)d) / (float)(kk * kk);
     for (int64_t s = 0; s < n_soft; s++)
         for (int64_t j = 0; j < d; j++) dpool[s * d + j] *= scale * (v->standardize ? m->vision.std_scale[j] : 1.0f);

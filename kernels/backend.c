@@ -1,6 +1,10 @@
-/* backend.c - the registry of compute backends: CPU always, CUDA when built
- * (GF_HAVE_CUDA) and a device exists. The only C file that tests
- * GF_HAVE_CUDA. */
+/* backend.c - the registry of compute backends: CPU always, the guarded CPU
+ * backend for tests, CUDA when built (GF_HAVE_CUDA) and a device exists. The
+ * only C file that tests GF_HAVE_CUDA. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "kernels_impl.h"
 
 int kn_cuda_built(void) {
@@ -18,4 +22,60 @@ int kn_devices_probe(KnDeviceInfo out[KN_MAX_DEVICES]) {
     n += cuda_devices_probe(out + n, KN_MAX_DEVICES - n);
 #endif
     return n;
+}
+
+/* The CPU kinds: a thread pool, and the guarded backend's buffer registry. */
+static GfStatus open_cpu(KnDeviceKind kind, const KnBackendOptions *opts, KnBackend *b, GfError *err) {
+    b->ctx.pool = kn_pool_new(opts ? opts->n_threads : 0, err);
+    if (!b->ctx.pool) return err->status;
+    if (kind == KN_DEVICE_CPU) {
+        b->ops = cpu_backend_ops();
+        snprintf(b->name, sizeof b->name, "cpu");
+        return GF_OK;
+    }
+    b->ops = guarded_backend_ops();
+    snprintf(b->name, sizeof b->name, "guarded");
+    if (guarded_ctx_init(&b->ctx, err)) {
+        kn_pool_free(b->ctx.pool);
+        return err->status;
+    }
+    return GF_OK;
+}
+
+GfStatus kn_backend_open(KnDeviceKind kind, int index, const KnBackendOptions *opts, KnBackend *out, GfError *err) {
+    memset(out, 0, sizeof *out);
+    out->ctx.device = kind;
+    out->ctx.index = index;
+    if ((kind == KN_DEVICE_CPU || kind == KN_DEVICE_GUARDED) && index == 0) return open_cpu(kind, opts, out, err);
+    if (kind == KN_DEVICE_CUDA)
+        return gf_error_set(err, GF_NOT_FOUND, "device_not_available", "device",
+                            kn_cuda_built() ? "cuda:%d: the CUDA backend's ops are not built yet"
+                                            : "cuda:%d: this binary was built without the CUDA backend", index);
+    return gf_error_set(err, GF_NOT_FOUND, "device_not_available", "device", "no such device (kind %d, index %d)",
+                        (int)kind, index);
+}
+
+void kn_backend_close(KnBackend *b) {
+    if (!b || !b->ops) return;
+    if (b->ctx.device == KN_DEVICE_GUARDED) guarded_ctx_free(&b->ctx);
+    kn_pool_free(b->ctx.pool);
+    memset(b, 0, sizeof *b);
+}
+
+GfStatus kn_backend_parse(const char *text, KnDeviceKind *kind, int *index, GfError *err) {
+    char *end = NULL;
+    *index = 0;
+    if (strcmp(text, "cpu") == 0) *kind = KN_DEVICE_CPU;
+    else if (strcmp(text, "guarded") == 0) *kind = KN_DEVICE_GUARDED;
+    else if (strcmp(text, "cuda") == 0) *kind = KN_DEVICE_CUDA;
+    else if (strncmp(text, "cuda:", 5) == 0 && text[5] >= '0' && text[5] <= '9') {
+        long v = strtol(text + 5, &end, 10);
+        if (*end || v >= KN_MAX_DEVICES) goto bad;
+        *kind = KN_DEVICE_CUDA;
+        *index = (int)v;
+    } else goto bad;
+    return GF_OK;
+bad:
+    return gf_error_set(err, GF_INVALID, "invalid_value", "device", "unknown device '%.64s': use cpu, cuda or cuda:N",
+                        text);
 }

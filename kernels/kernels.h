@@ -1,14 +1,15 @@
-/* kernels.h - the compute backends behind one interface.
+/* kernels.h - the compute backends behind one interface: which devices
+ * exist, and an opened backend (op table + context, ops.h) for one of them.
  *
- * Two backends exist: `cpu` (reference, always built) and `cuda` (CUDA +
- * cuBLAS, built when nvcc is found at configure time). This header exposes
- * what every layer may ask of them without knowing which one runs: which
- * devices exist and how much memory they have. The op table (matmul, norms,
- * attention, ...) joins this header as the engine lands; kernels know nothing
+ * Backends: `cpu` (reference, always built), `guarded` (the CPU kernels with
+ * device memory kept inaccessible between op calls: a test backend that
+ * proves the engine never touches device memory itself) and `cuda` (CUDA +
+ * cuBLAS, built when nvcc is found at configure time). Kernels know nothing
  * of Gemma.
  *
  * Threading: kn_devices_probe() may be called from any thread; it reads
- * device properties and allocates nothing that outlives the call.
+ * device properties and allocates nothing that outlives the call. An opened
+ * KnBackend belongs to the thread that uses it (ops.h); open one per thread.
  */
 #ifndef GF_KERNELS_H
 #define GF_KERNELS_H
@@ -16,8 +17,8 @@
 #include <stdint.h>
 
 #include "base.h"
-
-typedef enum { KN_DEVICE_CPU = 0, KN_DEVICE_CUDA = 1 } KnDeviceKind;
+#include "ops.h"
+#include "tensor.h"
 
 #define KN_MAX_DEVICES 16
 
@@ -38,5 +39,27 @@ int kn_devices_probe(KnDeviceInfo out[KN_MAX_DEVICES]);
 
 /* 1 when this binary contains the CUDA backend, whether or not a GPU exists. */
 int kn_cuda_built(void);
+
+/* An opened backend: its op table and a context on one device. */
+typedef struct {
+    const KnOps *ops;
+    KnCtx ctx;
+    char name[32];             /* "cpu", "guarded", "cuda:0" */
+} KnBackend;
+
+typedef struct {
+    int n_threads;             /* CPU threads for the CPU kernels, <= 0 = all cores */
+} KnBackendOptions;
+
+/* Opens the backend of kind on device index (0 for the CPU kinds): its op
+ * table and a fresh context (thread pool, stream). GF_NOT_FOUND naming the
+ * device when it does not exist or is not built; GF_NO_MEMORY. opts may be
+ * NULL. Close with kn_backend_close. */
+GfStatus kn_backend_open(KnDeviceKind kind, int index, const KnBackendOptions *opts, KnBackend *out, GfError *err);
+void kn_backend_close(KnBackend *b);
+
+/* Parses "cpu", "guarded", "cuda" or "cuda:N" into a kind and index;
+ * GF_INVALID naming the text otherwise. */
+GfStatus kn_backend_parse(const char *text, KnDeviceKind *kind, int *index, GfError *err);
 
 #endif /* GF_KERNELS_H */

@@ -12,4 +12,14 @@ void cpu_device_probe(KnDeviceInfo *out);
  * the runtime fails to initialise). Defined in cuda/cuda_device.cu. */
 int cuda_devices_probe(KnDeviceInfo *out, int max);
 
+/* The CPU table (cpu/cpu_ops.c). */
+const KnOps *cpu_backend_ops(void);
+
+/* The guarded CPU backend (cpu/cpu_guarded.c): the CPU kernels, with every
+ * buffer in its own mapping, inaccessible outside op calls. Its context
+ * holds the registry of live buffers (ctx->impl). */
+const KnOps *guarded_backend_ops(void);
+GfStatus guarded_ctx_init(KnCtx *ctx, GfError *err);
+void guarded_ctx_free(KnCtx *ctx);
+
 #endif

@@ -1,6 +1,8 @@
 /* nf4.c - NF4 quantization with double-quantized absmax (see nf4.h). */
 #include "nf4.h"
 
+#include "convert.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,7 +53,7 @@ void kn_nf4_free(KnNf4 *q) {
 static void block_absmax(KnMatrix w, float *absmax, int64_t n_blocks, float *row) {
     for (int64_t b = 0; b < n_blocks; b++) absmax[b] = 0.0f;
     for (int64_t r = 0; r < w.rows; r++) {
-        kn_load_span(row, w, r, 0, w.cols);
+        kn_convert_to_f32(row, w.data, w.dtype, r * w.cols, w.cols);
         for (int64_t c = 0; c < w.cols; c++) {
             int64_t b = (r * w.cols + c) / KN_NF4_BLOCK;
             float a = fabsf(row[c]);
@@ -97,7 +99,7 @@ GfStatus kn_nf4_quantize(KnNf4 *q, KnMatrix w, GfError *err) {
     block_absmax(w, absmax, q->n_blocks, row);
     quantize_absmax(q, absmax);
     for (int64_t r = 0; r < w.rows; r++) {
-        kn_load_span(row, w, r, 0, w.cols);
+        kn_convert_to_f32(row, w.data, w.dtype, r * w.cols, w.cols);
         for (int64_t c = 0; c < w.cols; c++) {
             int64_t e = r * w.cols + c;
             float a = kn_nf4_absmax(q, e / KN_NF4_BLOCK);

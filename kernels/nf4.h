@@ -21,7 +21,7 @@
 #include <stdint.h>
 
 #include "base.h"
-#include "ops.h"
+#include "tensor.h"
 
 #define KN_NF4_BLOCK 64
 #define KN_NF4_GROUP 256
@@ -36,7 +36,8 @@ typedef struct KnNf4 {
     int64_t n, n_blocks, n_groups;
 } KnNf4;
 
-/* Quantizes every element of w (any dtype but NF4) into q. */
+/* Quantizes every element of w (F32, BF16 or F16, in host memory) into q
+ * (host arrays; a backend uploads them into its own layout). */
 GfStatus kn_nf4_quantize(KnNf4 *q, KnMatrix w, GfError *err);
 void kn_nf4_free(KnNf4 *q);
 

@@ -5,9 +5,8 @@
 #include <math.h>
 #include <string.h>
 
-#include "cpu_grad.h"
+#include "cpu_impl.h"
 
-#define PARALLEL_MIN_WORK 65536
 
 /* ---- matmul ----------------------------------------------------------------- */
 
@@ -43,7 +42,7 @@ static void matmul_dx_task(void *p, int ith, int nth) {
         for (int64_t i0 = 0; i0 < t->n; i0 += TOKENS) {
             int64_t i1 = i0 + TOKENS < t->n ? i0 + TOKENS : t->n;
             for (int64_t o = 0; o < t->w.rows; o++) {
-                kn_load_span(row, t->w, o, c0, len);
+                cpu_load_span(row, t->w, o, c0, len);
                 for (int64_t i = i0; i < i1; i++) {
                     float g = t->dy[i * t->w.rows + o];
                     if (g == 0.0f) continue;
@@ -54,16 +53,16 @@ static void matmul_dx_task(void *p, int ith, int nth) {
     }
 }
 
-void kn_cpu_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
+void cpu_matmul_backward(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
     MatmulDxTask t = {dx, dy, w, n};
-    if (w.rows * w.cols * n < PARALLEL_MIN_WORK || !ctx->pool) matmul_dx_task(&t, 0, 1);
+    if (w.rows * w.cols * n < CPU_PARALLEL_MIN_WORK || !ctx->pool) matmul_dx_task(&t, 0, 1);
     else kn_pool_run(ctx->pool, matmul_dx_task, &t);
 }
 
 /* ---- RMSNorm, GELU ---------------------------------------------------------------- */
 
 /* y = x r w with r = (mean x^2 + eps)^-1/2: dx = r g - r^3 x (g . x) / dim, g = w dy. */
-void kn_cpu_rmsnorm_dx(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n, int64_t dim,
+void cpu_rmsnorm_backward(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n, int64_t dim,
                        float eps) {
     (void)ctx;
     for (int64_t r = 0; r < n; r++) {
@@ -80,7 +79,8 @@ void kn_cpu_rmsnorm_dx(const KnCtx *ctx, float *dx, const float *x, const float 
     }
 }
 
-void kn_cpu_gelu_tanh_dx(float *dx, const float *x, const float *dy, size_t n) {
+void cpu_gelu_tanh_backward(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n) {
+    (void)ctx;
     const float c = 0.7978845608028654f; /* sqrt(2/pi) */
     for (size_t i = 0; i < n; i++) {
         float v = x[i], th = tanhf(c * (v + 0.044715f * v * v * v));
@@ -117,20 +117,20 @@ static void attn_dx_query(const AttnDxTask *t, int64_t i, int h, int kvh) {
     memset(dq, 0, (size_t)D * sizeof(float));
     float mx = -INFINITY, sum = 0.0f, pdp = 0.0f;
     for (int64_t k = 0; k < t->n_keys; k++)
-        if (kn_mask_visible(t->mask, qpos, k)) {
+        if (cpu_mask_visible(t->mask, qpos, k)) {
             float s = dotf(qv, t->k + (k * KVH + kvh) * D, D) * t->scale;
             if (s > mx) mx = s;
         }
     if (mx == -INFINITY) return;
     for (int64_t k = 0; k < t->n_keys; k++)
-        if (kn_mask_visible(t->mask, qpos, k)) {
+        if (cpu_mask_visible(t->mask, qpos, k)) {
             float e = expf(dotf(qv, t->k + (k * KVH + kvh) * D, D) * t->scale - mx);
             sum += e;
             pdp += e * dotf(go, t->v + (k * KVH + kvh) * D, D);
         }
     pdp /= sum;
     for (int64_t k = 0; k < t->n_keys; k++) {
-        if (!kn_mask_visible(t->mask, qpos, k)) continue;
+        if (!cpu_mask_visible(t->mask, qpos, k)) continue;
         const float *kv = t->k + (k * KVH + kvh) * D;
         float p = expf(dotf(qv, kv, D) * t->scale - mx) / sum;
         float ds = p * (dotf(go, t->v + (k * KVH + kvh) * D, D) - pdp) * t->scale;
@@ -155,10 +155,10 @@ static void attn_dx_task(void *arg, int ith, int nth) {
             for (int64_t i = 0; i < t->n_q; i++) attn_dx_query(t, i, h, (int)kvh);
 }
 
-void kn_cpu_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
+void cpu_attention_backward(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
                          const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads,
                          int dim, float scale, const KnMask *mask) {
     AttnDxTask t = {dq, dk, dv, q, k, v, dout, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask};
-    if (n_q * n_heads * n_keys * dim < PARALLEL_MIN_WORK || !ctx->pool || n_kv_heads == 1) attn_dx_task(&t, 0, 1);
+    if (n_q * n_heads * n_keys * dim < CPU_PARALLEL_MIN_WORK || !ctx->pool || n_kv_heads == 1) attn_dx_task(&t, 0, 1);
     else kn_pool_run(ctx->pool, attn_dx_task, &t);
 }

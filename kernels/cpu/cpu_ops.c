@@ -2,55 +2,16 @@
 #include <math.h>
 #include <string.h>
 
-#include "../ops.h"
-#include "cpu_grad.h"
+#include "../convert.h"
 #include "../nf4.h"
+#include "../kernels_impl.h"
+#include "cpu_impl.h"
 
-/* ---- conversions -------------------------------------------------------- */
-
-float kn_bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-uint16_t kn_f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
-float kn_f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023, u;
-    if (exp == 31) u = sign | 0x7F800000u | (man << 13);
-    else if (exp == 0) {
-        float f = ldexpf((float)man, -24);
-        return sign ? -f : f;
-    } else u = sign | ((exp + 112) << 23) | (man << 13);
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-void kn_load_span(float *out, KnMatrix w, int64_t r, int64_t c0, int64_t len) {
+void cpu_load_span(float *out, KnMatrix w, int64_t r, int64_t c0, int64_t len) {
     int64_t e = r * w.cols + c0;
-    if (w.dtype == KN_F32) {
-        memcpy(out, (const float *)w.data + e, (size_t)len * sizeof(float));
-    } else if (w.dtype == KN_NF4) {
-        kn_nf4_dequantize(w.data, w.offset + e, len, out);
-    } else {
-        const uint16_t *src = (const uint16_t *)w.data + e;
-        if (w.dtype == KN_BF16) {
-            for (int64_t c = 0; c < len; c++) out[c] = kn_bf16_to_f32(src[c]);
-        } else {
-            for (int64_t c = 0; c < len; c++) out[c] = kn_f16_to_f32(src[c]);
-        }
-    }
+    if (w.dtype == KN_NF4) kn_nf4_dequantize(w.data, w.offset + e, len, out);
+    else kn_convert_to_f32(out, w.data, w.dtype, e, len);
 }
-
 
 static float dot(const float *a, const float *b, int64_t n) {
     float s[8] = {0};
@@ -83,18 +44,16 @@ static void matmul_task(void *p, int ith, int nth) {
         for (int64_t i = 0; i < t->n; i++) t->y[i * t->w.rows + o] = 0.0f;
         for (int64_t c0 = 0; c0 < t->w.cols; c0 += CHUNK) {
             int64_t len = t->w.cols - c0 < CHUNK ? t->w.cols - c0 : CHUNK;
-            kn_load_span(row, t->w, o, c0, len);
+            cpu_load_span(row, t->w, o, c0, len);
             for (int64_t i = 0; i < t->n; i++) t->y[i * t->w.rows + o] += dot(t->x + i * t->w.cols + c0, row, len);
         }
     }
 }
 
-/* Below this many multiply-adds, waking the pool costs more than it saves. */
-#define PARALLEL_MIN_WORK 65536
 
 static void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
     MatmulTask t = {y, x, w, n};
-    if (w.rows * w.cols * n < PARALLEL_MIN_WORK) matmul_task(&t, 0, 1);
+    if (w.rows * w.cols * n < CPU_PARALLEL_MIN_WORK) matmul_task(&t, 0, 1);
     else kn_pool_run(ctx->pool, matmul_task, &t);
 }
 
@@ -113,7 +72,8 @@ static void cpu_rmsnorm_forward(const KnCtx *ctx, float *y, const float *x, cons
     }
 }
 
-static void cpu_rope_forward(float *x, int n_heads, int dim, const float *inv_freq, int64_t pos) {
+static void cpu_rope_forward(const KnCtx *ctx, float *x, int n_heads, int dim, const float *inv_freq, int64_t pos) {
+    (void)ctx;
     int half = dim / 2;
     for (int i = 0; i < half; i++) {
         if (inv_freq[i] == 0.0f) continue; /* cos 1, sin 0 */
@@ -128,7 +88,8 @@ static void cpu_rope_forward(float *x, int n_heads, int dim, const float *inv_fr
     }
 }
 
-static void cpu_gelu_tanh(float *x, size_t n) {
+static void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n) {
+    (void)ctx;
     const float k = 0.7978845608028654f; /* sqrt(2/pi) */
     for (size_t i = 0; i < n; i++) {
         float v = x[i];
@@ -136,12 +97,14 @@ static void cpu_gelu_tanh(float *x, size_t n) {
     }
 }
 
-static void cpu_softcap(float *x, size_t n, float cap) {
+static void cpu_softcap_forward(const KnCtx *ctx, float *x, size_t n, float cap) {
+    (void)ctx;
     for (size_t i = 0; i < n; i++) x[i] = cap * tanhf(x[i] / cap);
 }
 
-static void cpu_embed_row(float *out, KnMatrix table, int64_t row, float scale) {
-    kn_load_span(out, table, row, 0, table.cols);
+static void cpu_embed_row_forward(const KnCtx *ctx, float *out, KnMatrix table, int64_t row, float scale) {
+    (void)ctx;
+    cpu_load_span(out, table, row, 0, table.cols);
     for (int64_t i = 0; i < table.cols; i++) out[i] *= scale;
 }
 
@@ -183,7 +146,7 @@ static void attn_task(void *p, int ith, int nth) {
         /* two passes when the key count is larger than the stack buffer */
         float *scores = t->n_keys <= MAX_STACK ? stack_scores : NULL;
         for (int64_t k = 0; k < t->n_keys; k++) {
-            float s = kn_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh), t->dim) * t->scale
+            float s = cpu_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh), t->dim) * t->scale
                                                  : -INFINITY;
             if (scores) scores[k] = s;
             if (s > mx) mx = s;
@@ -191,7 +154,7 @@ static void attn_task(void *p, int ith, int nth) {
         if (mx == -INFINITY) continue; /* no visible key: zeros */
         for (int64_t k = 0; k < t->n_keys; k++) {
             float s = scores ? scores[k]
-                             : (kn_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh), t->dim) * t->scale
+                             : (cpu_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh), t->dim) * t->scale
                                                           : -INFINITY);
             if (s == -INFINITY) continue;
             float w = expf(s - mx);
@@ -207,32 +170,40 @@ static void cpu_attention_forward(const KnCtx *ctx, float *out, const float *q, 
                                   int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim,
                                   float scale, const KnMask *mask) {
     AttnTask t = {out, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask, NULL, 1};
-    if (n_q * n_heads * n_keys * dim < PARALLEL_MIN_WORK) attn_task(&t, 0, 1);
+    if (n_q * n_heads * n_keys * dim < CPU_PARALLEL_MIN_WORK) attn_task(&t, 0, 1);
     else kn_pool_run(ctx->pool, attn_task, &t);
 }
 
-static void cpu_attention_paged(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q,
+static void cpu_attention_paged_forward(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q,
                                 int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
                                 const KnMask *mask) {
     AttnTask t = {out, q, kv->k, kv->v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask, kv->table,
                   kv->block_len};
-    if (n_q * n_heads * n_keys * dim < PARALLEL_MIN_WORK) attn_task(&t, 0, 1);
+    if (n_q * n_heads * n_keys * dim < CPU_PARALLEL_MIN_WORK) attn_task(&t, 0, 1);
     else kn_pool_run(ctx->pool, attn_task, &t);
 }
 
-static const KnOps CPU_OPS = {
+const KnOps CPU_OPS = {
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_upload,
+    .download = cpu_download,
+    .copy = cpu_copy,
+    .memset = cpu_memset,
+    .synchronize = cpu_synchronize,
+    .supports = cpu_supports,
     .matmul = cpu_matmul_forward,
     .rmsnorm = cpu_rmsnorm_forward,
     .rope = cpu_rope_forward,
     .attention = cpu_attention_forward,
-    .attention_paged = cpu_attention_paged,
-    .gelu_tanh = cpu_gelu_tanh,
-    .softcap = cpu_softcap,
-    .embed_row = cpu_embed_row,
-    .matmul_dx = kn_cpu_matmul_dx,
-    .rmsnorm_dx = kn_cpu_rmsnorm_dx,
-    .gelu_tanh_dx = kn_cpu_gelu_tanh_dx,
-    .attention_dx = kn_cpu_attention_dx,
+    .attention_paged = cpu_attention_paged_forward,
+    .gelu_tanh = cpu_gelu_tanh_forward,
+    .softcap = cpu_softcap_forward,
+    .embed_row = cpu_embed_row_forward,
+    .matmul_dx = cpu_matmul_backward,
+    .rmsnorm_dx = cpu_rmsnorm_backward,
+    .gelu_tanh_dx = cpu_gelu_tanh_backward,
+    .attention_dx = cpu_attention_backward,
 };
 
-const KnOps *kn_cpu_ops(void) { return &CPU_OPS; }
+const KnOps *cpu_backend_ops(void) { return &CPU_OPS; }

@@ -8,7 +8,8 @@
 
 #include "../unit/check.h"
 #include "nf4.h"
-#include "ops.h"
+#include "convert.h"
+#include "kernels.h"
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static double urand(void) {
@@ -110,9 +111,11 @@ int main(void) {
     test_round_trip(3, 7, 0);
     GfError err;
     for (int threads = 1; threads <= 3; threads += 2) {
-        KnCtx ctx = {KN_DEVICE_CPU, kn_pool_new(threads, &err)};
-        test_matmul(kn_cpu_ops(), &ctx);
-        kn_pool_free(ctx.pool);
+        KnBackend be;
+        KnBackendOptions o = {.n_threads = threads};
+        if (kn_backend_open(KN_DEVICE_CPU, 0, &o, &be, &err)) return 1;
+        test_matmul(be.ops, &be.ctx);
+        kn_backend_close(&be);
     }
     return check_done("test_nf4");
 }

@@ -1,14 +1,22 @@
-/* test_ops.c - every KnOps entry of the CPU backend against a plain
- * double-precision reference written from the definitions, on random and odd
- * shapes, single- and multi-threaded. Reports the max error relative to
- * max |ref| and the worst index. (The CUDA backend joins this test when it
- * lands: same inputs, compared with the CPU results.) */
+/* test_ops.c - every KnOps entry of every backend this build has (cpu, the
+ * guarded cpu, cuda when a device exists) against a plain double-precision
+ * reference written from the definitions, on random and odd shapes,
+ * single- and multi-threaded. Inputs are uploaded to the backend's device
+ * memory, outputs poisoned before each op and downloaded after it. Reports
+ * the max error relative to max |ref| and the worst index; backward ops are
+ * checked against central differences of a double-precision forward. */
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "../unit/check.h"
-#include "ops.h"
+#include "convert.h"
+#include "dev.h"
+
+#define F(n) ((size_t)(n) * sizeof(float))
 
 static uint64_t rng = 0x243F6A8885A308D3ull;
 static float frand(void) {
@@ -39,7 +47,7 @@ static double rel_err(const float *got, const double *ref, size_t n, size_t *wor
               (double)(got)[w_], (ref)[w_]);                                                     \
     } while (0)
 
-static void test_matmul(const KnOps *ops, KnCtx *ctx) {
+static void test_matmul(Dev *d) {
     int shapes[][3] = {{1, 1, 1}, {3, 5, 7}, {17, 33, 9}, {64, 128, 4}, {5, 5000, 3}, {300, 64, 2}};
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
@@ -53,19 +61,25 @@ static void test_matmul(const KnOps *ops, KnCtx *ctx) {
                 for (int k = 0; k < cols; k++) acc += (double)x[i * cols + k] * wf[o * cols + k];
                 ref[i * rows + o] = acc;
             }
-        float *y = malloc((size_t)n * rows * sizeof *y);
-        KnMatrix mf = {wf, KN_F32, rows, cols, 0}, mb = {wb, KN_BF16, rows, cols, 0};
-        ops->matmul(ctx, y, x, mf, n);
+        float *y = malloc(F(n * rows)), *dy = dev_poisoned(d, F(n * rows)), *dx = dev_put(d, x, F(n * cols));
+        KnMatrix mf = {dev_put(d, wf, F(rows * cols)), KN_F32, rows, cols, 0};
+        KnMatrix mb = {dev_put(d, wb, (size_t)rows * cols * 2), KN_BF16, rows, cols, 0};
+        d->be.ops->matmul(&d->be.ctx, dy, dx, mf, n);
+        dev_get(d, y, dy, F(n * rows));
         EXPECT_CLOSE(y, ref, (size_t)n * rows, 1e-5, "matmul f32 %dx%d n=%d", rows, cols, n);
-        ops->matmul(ctx, y, x, mb, n);
+        d->be.ops->memset(&d->be.ctx, dy, 0xFF, F(n * rows));
+        d->be.ops->matmul(&d->be.ctx, dy, dx, mb, n);
+        dev_get(d, y, dy, F(n * rows));
         EXPECT_CLOSE(y, ref, (size_t)n * rows, 1e-5, "matmul bf16 %dx%d n=%d", rows, cols, n);
         free(wf); free(wb); free(x); free(ref); free(y);
+        dev_reset(d);
     }
 }
 
-static void test_rmsnorm_gelu_softcap(const KnOps *ops, KnCtx *ctx) {
+static void test_rmsnorm_gelu_softcap(Dev *d) {
     int n = 7, dim = 33;
     float *x = rand_vec((size_t)n * dim), *w = rand_vec((size_t)dim), *y = malloc((size_t)n * dim * sizeof *y);
+    float *dx = dev_put(d, x, F(n * dim)), *dw = dev_put(d, w, F(dim)), *dy = dev_poisoned(d, F(n * dim));
     double *ref = malloc((size_t)n * dim * sizeof *ref);
     for (int r = 0; r < n; r++) {
         double ss = 0;
@@ -73,26 +87,33 @@ static void test_rmsnorm_gelu_softcap(const KnOps *ops, KnCtx *ctx) {
         double inv = 1.0 / sqrt(ss / dim + 1e-6);
         for (int i = 0; i < dim; i++) ref[r * dim + i] = x[r * dim + i] * inv * w[i];
     }
-    ops->rmsnorm(ctx, y, x, w, n, dim, 1e-6f);
+    d->be.ops->rmsnorm(&d->be.ctx, dy, dx, dw, n, dim, 1e-6f);
+    dev_get(d, y, dy, F(n * dim));
     EXPECT_CLOSE(y, ref, (size_t)n * dim, 1e-6, "rmsnorm%s", " (weight used as is)");
     for (int i = 0; i < n * dim; i++) ref[i] /= w[i % dim];
-    ops->rmsnorm(ctx, y, x, NULL, n, dim, 1e-6f);
-    EXPECT_CLOSE(y, ref, (size_t)n * dim, 1e-6, "rmsnorm%s", " without weight");
+    d->be.ops->rmsnorm(&d->be.ctx, dx, dx, NULL, n, dim, 1e-6f);
+    dev_get(d, y, dx, F(n * dim));
+    EXPECT_CLOSE(y, ref, (size_t)n * dim, 1e-6, "rmsnorm%s", " without weight, in place");
     for (int i = 0; i < n * dim; i++) {
         double v = 3.0 * x[i];
         y[i] = (float)v;
         ref[i] = 0.5 * v * (1 + tanh(sqrt(2 / M_PI) * (v + 0.044715 * v * v * v)));
     }
-    ops->gelu_tanh(y, (size_t)(n * dim));
+    d->be.ops->upload(&d->be.ctx, dy, y, F(n * dim));
+    d->be.ops->gelu_tanh(&d->be.ctx, dy, (size_t)(n * dim));
+    dev_get(d, y, dy, F(n * dim));
     EXPECT_CLOSE(y, ref, (size_t)n * dim, 1e-6, "gelu%s", "");
     for (int i = 0; i < n * dim; i++) { y[i] = 80 * x[i]; ref[i] = 30 * tanh(80.0 * x[i] / 30); }
-    ops->softcap(y, (size_t)(n * dim), 30.0f);
+    d->be.ops->upload(&d->be.ctx, dy, y, F(n * dim));
+    d->be.ops->softcap(&d->be.ctx, dy, (size_t)(n * dim), 30.0f);
+    dev_get(d, y, dy, F(n * dim));
     EXPECT_CLOSE(y, ref, (size_t)n * dim, 1e-6, "softcap%s", "");
     free(x); free(w); free(y); free(ref);
+    dev_reset(d);
 }
 
 /* Half-split rotation; the inverse frequencies carry the proportional zeros. */
-static void test_rope(const KnOps *ops) {
+static void test_rope(Dev *d) {
     int heads = 3, dim = 32;
     float inv[16];
     for (int i = 0; i < 16; i++) inv[i] = i < 4 ? (float)pow(1e6, -2.0 * i / dim) : 0.0f;
@@ -105,21 +126,24 @@ static void test_rope(const KnOps *ops) {
             ref[h * dim + i] = a * cos(th) - b * sin(th);
             ref[h * dim + i + dim / 2] = b * cos(th) + a * sin(th);
         }
-    memcpy(y, x, (size_t)heads * dim * sizeof *y);
-    ops->rope(y, heads, dim, inv, pos);
+    float *dy = dev_put(d, x, F(heads * dim));
+    d->be.ops->rope(&d->be.ctx, dy, heads, dim, dev_put(d, inv, sizeof inv), pos);
+    dev_get(d, y, dy, F(heads * dim));
     EXPECT_CLOSE(y, ref, (size_t)heads * dim, 1e-4, "rope%s", " proportional");
     CHECK(y[10] == x[10] && y[dim / 2 + 10] == x[dim / 2 + 10], "dimensions with zero frequency pass through");
     free(x); free(y);
+    dev_reset(d);
 }
 
 /* Attention with GQA, a window, padding and one bidirectional block. */
-static void test_attention(const KnOps *ops, KnCtx *ctx) {
+static void test_attention(Dev *d) {
     int nq = 9, pos0 = 3, nk = 12, H = 4, KVH = 2, D = 8, W = 4;
     float *q = rand_vec((size_t)nq * H * D), *k = rand_vec((size_t)nk * KVH * D), *v = rand_vec((size_t)nk * KVH * D);
     uint8_t valid[12] = {1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1};
     int32_t group[12] = {-1, -1, -1, -1, 0, 0, 0, 0, 0, -1, -1, -1};
     for (int variant = 0; variant < 3; variant++) {
         KnMask m = {valid, variant == 2 ? group : NULL, variant == 0 ? 0 : W};
+        KnMask dm = {dev_put(d, valid, sizeof valid), variant == 2 ? dev_put(d, group, sizeof group) : NULL, m.window};
         double *ref = calloc((size_t)nq * H * D, sizeof *ref);
         for (int i = 0; i < nq; i++)
             for (int h = 0; h < H; h++) {
@@ -140,8 +164,10 @@ static void test_attention(const KnOps *ops, KnCtx *ctx) {
                     if (s[t] != -INFINITY)
                         for (int d = 0; d < D; d++) ref[(i * H + h) * D + d] += exp(s[t] - mx) / sum * v[(t * KVH + g) * D + d];
             }
-        float *out = malloc((size_t)nq * H * D * sizeof *out);
-        ops->attention(ctx, out, q, k, v, nq, pos0, nk, H, KVH, D, 0.5f, &m);
+        float *out = malloc(F(nq * H * D)), *dout = dev_poisoned(d, F(nq * H * D)), *dq = dev_put(d, q, F(nq * H * D));
+        d->be.ops->attention(&d->be.ctx, dout, dq, dev_put(d, k, F(nk * KVH * D)), dev_put(d, v, F(nk * KVH * D)), nq, pos0,
+                             nk, H, KVH, D, 0.5f, &dm);
+        dev_get(d, out, dout, F(nq * H * D));
         EXPECT_CLOSE(out, ref, (size_t)nq * H * D, 1e-5, "attention variant %d (0 causal, 1 window, 2 window+block)", variant);
         /* the same keys paged: blocks of 5 positions stored out of order
          * (block b of the sequence in slot table[b]), the last one partial */
@@ -153,20 +179,31 @@ static void test_attention(const KnOps *ops, KnCtx *ctx) {
             memcpy(pk + dst, k + (size_t)t * KVH * D, (size_t)KVH * D * sizeof *pk);
             memcpy(pv + dst, v + (size_t)t * KVH * D, (size_t)KVH * D * sizeof *pv);
         }
-        KnKv kv = {pk, pv, table, BLK};
-        float *paged = malloc((size_t)nq * H * D * sizeof *paged);
-        ops->attention_paged(ctx, paged, q, &kv, nq, pos0, nk, H, KVH, D, 0.5f, &m);
+        size_t pn = F(SLOTS * BLK * KVH * D);
+        KnKv kv = {dev_put(d, pk, pn), dev_put(d, pv, pn), dev_put(d, table, sizeof table), BLK};
+        float *paged = malloc(F(nq * H * D));
+        d->be.ops->memset(&d->be.ctx, dout, 0xFF, F(nq * H * D));
+        d->be.ops->attention_paged(&d->be.ctx, dout, dq, &kv, nq, pos0, nk, H, KVH, D, 0.5f, &dm);
+        dev_get(d, paged, dout, F(nq * H * D));
         CHECK(memcmp(paged, out, (size_t)nq * H * D * sizeof *out) == 0, "paged attention equals contiguous, variant %d",
               variant);
         free(pk); free(pv); free(paged);
         free(out);
         free(ref);
+        dev_reset(d);
     }
     free(q); free(k); free(v);
 }
 
 /* ---- backward: each gradient kernel against central differences of a
  * double-precision forward written from the definition ---- */
+
+/* The mask rule of ops.h, on host arrays. */
+static int mask_visible(const KnMask *m, int64_t q, int64_t t) {
+    if (!m->valid[t]) return 0;
+    int causal = t <= q || (m->group && m->group[q] >= 0 && m->group[q] == m->group[t]);
+    return causal && (m->window == 0 || t > q - m->window);
+}
 
 /* Attention of double inputs (same mask rule as the kernel's contract). */
 static void ref_attention(double *out, const double *q, const double *k, const double *v, int nq, int pos0, int nk, int H,
@@ -177,7 +214,7 @@ static void ref_attention(double *out, const double *q, const double *k, const d
             double s[64], mx = -INFINITY, sum = 0;
             for (int t = 0; t < nk; t++) {
                 s[t] = -INFINITY;
-                if (!kn_mask_visible(m, pos0 + i, t)) continue;
+                if (!mask_visible(m, pos0 + i, t)) continue;
                 s[t] = 0;
                 for (int d = 0; d < D; d++) s[t] += q[(i * H + h) * D + d] * k[(t * KVH + g) * D + d];
                 s[t] *= scale;
@@ -240,7 +277,7 @@ static void ref_gelu(double *y, const double *x, const void *c) {
     for (int i = 0; i < l->n; i++) y[i] = 0.5 * x[i] * (1 + tanh(sqrt(2 / M_PI) * (x[i] + 0.044715 * x[i] * x[i] * x[i])));
 }
 
-static void test_matmul_rmsnorm_gelu_dx(const KnOps *ops, KnCtx *ctx) {
+static void test_matmul_rmsnorm_gelu_dx(Dev *d) {
     int shapes[][3] = {{3, 5, 2}, {17, 40, 3}, {300, 70, 4}};
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
@@ -251,27 +288,38 @@ static void test_matmul_rmsnorm_gelu_dx(const KnOps *ops, KnCtx *ctx) {
         LinCtx l = {rows, cols, n, w, 0, 0};
         numeric_grad(g, ref_linear, &l, x, (size_t)n * cols, dy, (size_t)n * rows);
         for (int i = 0; i < n * cols; i++) g[i] += dx0[i]; /* accumulates */
-        ops->matmul_dx(ctx, dx, dy, (KnMatrix){w, KN_F32, rows, cols, 0}, n);
+        float *ddx = dev_put(d, dx, F(n * cols));
+        d->be.ops->matmul_dx(&d->be.ctx, ddx, dev_put(d, dy, F(n * rows)),
+                             (KnMatrix){dev_put(d, w, F(rows * cols)), KN_F32, rows, cols, 0}, n);
+        dev_get(d, dx, ddx, F(n * cols));
         EXPECT_CLOSE(dx, g, (size_t)n * cols, 1e-5, "matmul_dx %dx%d n=%d", rows, cols, n);
         free(w); free(x); free(dy); free(dx); free(dx0); free(g);
+        dev_reset(d);
     }
     int n = 5, dim = 24;
     float *x = rand_vec((size_t)n * dim), *w = rand_vec((size_t)dim), *dy = rand_vec((size_t)n * dim);
     float *dx = calloc((size_t)n * dim, sizeof *dx);
     double *g = malloc((size_t)n * dim * sizeof *g);
+    float *d_x = dev_put(d, x, F(n * dim)), *d_w = dev_put(d, w, F(dim)), *d_dy = dev_put(d, dy, F(n * dim));
+    float *d_dx = dev_alloc(d, F(n * dim));
     for (int with_w = 0; with_w < 2; with_w++) {
         LinCtx l = {0, 0, n, with_w ? w : NULL, dim, 1e-6f};
         numeric_grad(g, ref_rmsnorm, &l, x, (size_t)n * dim, dy, (size_t)n * dim);
-        memset(dx, 0, (size_t)n * dim * sizeof *dx);
-        ops->rmsnorm_dx(ctx, dx, x, l.w, dy, n, dim, 1e-6f);
+        d->be.ops->memset(&d->be.ctx, d_dx, 0, F(n * dim));
+        d->be.ops->rmsnorm_dx(&d->be.ctx, d_dx, d_x, with_w ? d_w : NULL, d_dy, n, dim, 1e-6f);
+        dev_get(d, dx, d_dx, F(n * dim));
         EXPECT_CLOSE(dx, g, (size_t)n * dim, 1e-5, "rmsnorm_dx %s weight", with_w ? "with" : "without");
     }
     for (int i = 0; i < n * dim; i++) x[i] *= 3.0f;
     LinCtx l = {0, 0, n * dim, NULL, 0, 0};
     numeric_grad(g, ref_gelu, &l, x, (size_t)n * dim, dy, (size_t)n * dim);
-    ops->gelu_tanh_dx(dx, x, dy, (size_t)(n * dim));
+    d->be.ops->upload(&d->be.ctx, d_x, x, F(n * dim));
+    d->be.ops->memset(&d->be.ctx, d_dx, 0xFF, F(n * dim));
+    d->be.ops->gelu_tanh_dx(&d->be.ctx, d_dx, d_x, d_dy, (size_t)(n * dim));
+    dev_get(d, dx, d_dx, F(n * dim));
     EXPECT_CLOSE(dx, g, (size_t)n * dim, 1e-5, "gelu_tanh_dx%s", "");
     free(x); free(w); free(dy); free(dx); free(g);
+    dev_reset(d);
 }
 
 typedef struct { int nq, pos0, nk, H, KVH, D, which; const float *q, *k, *v; const KnMask *m; } AttCtx;
@@ -286,7 +334,7 @@ static void ref_attention_of(double *y, const double *x, const void *c) {
     free(q); free(k); free(v);
 }
 
-static void test_attention_dx(const KnOps *ops, KnCtx *ctx) {
+static void test_attention_dx(Dev *d) {
     int nq = 9, pos0 = 3, nk = 12, H = 4, KVH = 2, D = 8, W = 4;
     size_t nqv = (size_t)nq * H * D, nkv = (size_t)nk * KVH * D;
     float *q = rand_vec(nqv), *k = rand_vec(nkv), *v = rand_vec(nkv), *dout = rand_vec(nqv);
@@ -294,8 +342,14 @@ static void test_attention_dx(const KnOps *ops, KnCtx *ctx) {
     int32_t group[12] = {-1, -1, -1, -1, 0, 0, 0, 0, 0, -1, -1, -1};
     for (int variant = 0; variant < 3; variant++) {
         KnMask m = {valid, variant == 2 ? group : NULL, variant == 0 ? 0 : W};
+        KnMask dm = {dev_put(d, valid, sizeof valid), variant == 2 ? dev_put(d, group, sizeof group) : NULL, m.window};
         float *dq = malloc(nqv * sizeof *dq), *dk = calloc(nkv, sizeof *dk), *dv = calloc(nkv, sizeof *dv);
-        ops->attention_dx(ctx, dq, dk, dv, q, k, v, dout, nq, pos0, nk, H, KVH, D, 0.5f, &m);
+        float *d_dq = dev_poisoned(d, F(nqv)), *d_dk = dev_put(d, dk, F(nkv)), *d_dv = dev_put(d, dv, F(nkv));
+        d->be.ops->attention_dx(&d->be.ctx, d_dq, d_dk, d_dv, dev_put(d, q, F(nqv)), dev_put(d, k, F(nkv)),
+                                dev_put(d, v, F(nkv)), dev_put(d, dout, F(nqv)), nq, pos0, nk, H, KVH, D, 0.5f, &dm);
+        dev_get(d, dq, d_dq, F(nqv));
+        dev_get(d, dk, d_dk, F(nkv));
+        dev_get(d, dv, d_dv, F(nkv));
         double *g = malloc(nqv * sizeof *g);
         for (int which = 0; which < 3; which++) {
             AttCtx a = {nq, pos0, nk, H, KVH, D, which, q, k, v, &m};
@@ -306,6 +360,7 @@ static void test_attention_dx(const KnOps *ops, KnCtx *ctx) {
                          "qkv"[which], variant);
         }
         free(dq); free(dk); free(dv); free(g);
+        dev_reset(d);
     }
     free(q); free(k); free(v); free(dout);
 }
@@ -318,19 +373,46 @@ static void test_conversions(void) {
     CHECK(isnan(kn_bf16_to_f32(kn_f32_to_bf16(NAN))), "NaN stays NaN");
 }
 
-int main(void) {
-    const KnOps *ops = kn_cpu_ops();
-    test_conversions();
-    GfError err;
-    for (int threads = 1; threads <= 3; threads += 2) {
-        KnCtx ctx = {KN_DEVICE_CPU, kn_pool_new(threads, &err)};
-        test_matmul(ops, &ctx);
-        test_rmsnorm_gelu_softcap(ops, &ctx);
-        test_attention(ops, &ctx);
-        test_matmul_rmsnorm_gelu_dx(ops, &ctx);
-        test_attention_dx(ops, &ctx);
-        kn_pool_free(ctx.pool);
+/* The guarded backend's promise: device memory faults when touched from
+ * outside an op, and sealed buffers take no writes even inside one. */
+static void test_guarded_faults(void) {
+    for (int what = 0; what < 2; what++) {
+        fflush(NULL);
+        pid_t pid = fork();
+        if (pid == 0) {
+            Dev d;
+            if (!dev_open(&d, KN_DEVICE_GUARDED, 1)) _exit(3);
+            float *p = dev_poisoned(&d, 64);
+            if (what == 0) { volatile float v = p[0]; (void)v; }
+            else p[1] = 1.0f;
+            _exit(0);
+        }
+        int status = 0;
+        waitpid(pid, &status, 0);
+        CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV, "guarded device memory %s from the host faults",
+              what == 0 ? "read" : "written");
     }
-    test_rope(ops);
+}
+
+int main(void) {
+    test_conversions();
+    test_guarded_faults();
+    const KnDeviceKind kinds[] = {KN_DEVICE_CPU, KN_DEVICE_GUARDED, KN_DEVICE_CUDA};
+    for (size_t b = 0; b < sizeof kinds / sizeof *kinds; b++)
+        for (int threads = 1; threads <= 3; threads += 2) {
+            Dev d;
+            if (!dev_open(&d, kinds[b], threads)) {
+                printf("backend %d: not available here, skipped\n", (int)kinds[b]);
+                break;
+            }
+            printf("backend %s, %d thread(s)\n", d.be.name, threads);
+            test_matmul(&d);
+            test_rmsnorm_gelu_softcap(&d);
+            test_attention(&d);
+            test_matmul_rmsnorm_gelu_dx(&d);
+            test_attention_dx(&d);
+            test_rope(&d);
+            dev_close(&d);
+        }
     return check_done("test_ops");
 }

@@ -1,0 +1,46 @@
+/* cpu_impl.h - what the CPU kernels share, private to kernels/cpu/: the
+ * widening of weight rows, the entries each file exports to the CPU table
+ * (contracts in ops.h), and the table itself for the guarded backend, which
+ * runs the same kernels. */
+#ifndef GF_CPU_IMPL_H
+#define GF_CPU_IMPL_H
+
+#include "../ops.h"
+
+/* len elements of row r of w from column c0, widened to float32 (NF4
+ * dequantized). w lives in host memory (the CPU device). */
+void cpu_load_span(float *out, KnMatrix w, int64_t r, int64_t c0, int64_t len);
+
+/* The mask rule of ops.h (KnMask) for query position q and key t. */
+static inline int cpu_mask_visible(const KnMask *m, int64_t q, int64_t t) {
+    if (!m->valid[t]) return 0;
+    int causal = t <= q || (m->group && m->group[q] >= 0 && m->group[q] == m->group[t]);
+    return causal && (m->window == 0 || t > q - m->window);
+}
+
+/* Below this many multiply-adds, waking the pool costs more than it saves. */
+#define CPU_PARALLEL_MIN_WORK 65536
+
+/* cpu_grad.c */
+void cpu_matmul_backward(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n);
+void cpu_rmsnorm_backward(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n,
+                          int64_t dim, float eps);
+void cpu_gelu_tanh_backward(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n);
+void cpu_attention_backward(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
+                            const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
+                            int n_kv_heads, int dim, float scale, const KnMask *mask);
+
+/* The CPU table (cpu_ops.c): memory entries and ops. */
+extern const KnOps CPU_OPS;
+
+/* cpu_memory.c: host memory as the CPU device's memory. */
+GfStatus cpu_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what, GfError *err);
+void cpu_free(const KnCtx *ctx, KnBuffer *buf);
+void cpu_upload(const KnCtx *ctx, void *dst, const void *src, size_t n);
+void cpu_download(const KnCtx *ctx, void *dst, const void *src, size_t n);
+void cpu_copy(const KnCtx *ctx, void *dst, const void *src, size_t n);
+void cpu_memset(const KnCtx *ctx, void *dst, int value, size_t n);
+GfStatus cpu_synchronize(const KnCtx *ctx, GfError *err);
+int cpu_supports(const KnCtx *ctx, KnOpId op, KnDtype w);
+
+#endif
