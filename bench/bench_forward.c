@@ -28,7 +28,7 @@ static void bench_model(const char *label, const char *dir, const BenchOpts *o) 
     for (int i = 0; i < o->prompt; i++) ids[i] = 3 + (i * 7919) % (t->vocab_size - 3);
     float *logits = malloc((size_t)t->vocab_size * sizeof(float));
     KvCache c;
-    kv_cache_init(&c, m, o->prompt + o->decode, &err);
+    kv_cache_init(&c, &model_config(m)->text, model_backend(m), o->prompt + o->decode, &err);
     ModelInput warm = {.ids = ids, .n = o->prompt < 4 ? o->prompt : 4, .last_logits_only = 1};
     model_forward(m, &c, &warm, logits, NULL, &err);
     kv_cache_reset(&c);

@@ -41,6 +41,7 @@ struct GradWorkspace {
     float *lora_tmp;                                           /* [n, 2 rank] */
     float *logits, *gx, *gdx;                                  /* [LOGIT_ROWS, V], [LOGIT_ROWS, H] x2 */
     float *xn, *dxn;                                           /* [n, H] */
+    int32_t *ids;                                              /* [n] embedding rows */
     MoeTape moe_tape;
     float *slab;
 };
@@ -91,6 +92,7 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     for (size_t i = 0; i < sizeof p_bufs / sizeof *p_bufs; i++) *p_bufs[i] = take(s, n * P);
     w->lora_tmp = take(s, n * 2 * (size_t)(w->max_rank > 0 ? w->max_rank : 1));
     w->logits = take(s, LOGIT_ROWS * (size_t)t->vocab_size);
+    w->ids = (int32_t *)take(s, n);
     w->gx = take(s, LOGIT_ROWS * H);
     w->gdx = take(s, LOGIT_ROWS * H);
     moe_tape_init(&w->moe_tape, t, take(s, moe_tape_floats(t)));
@@ -112,7 +114,7 @@ GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWork
         layout(m, w, &s);
         w->slab = gf_malloc(s.used * sizeof(float), err);
     }
-    if (!w->slab || kv_cache_init(&w->cache, m, max_tokens, err)) {
+    if (!w->slab || kv_cache_init(&w->cache, &model_config(m)->text, model_backend(m), max_tokens, err)) {
         grad_workspace_free(w);
         return err->status ? err->status : GF_NO_MEMORY;
     }
@@ -159,14 +161,14 @@ static const LoraPair *text_pair(const LoraBinding *b, int li, int slot) {
 static void linear_fwd(Model *m, GradWorkspace *w, const LoraBinding *b, float *y, const float *x, KnMatrix W,
                        const LoraPair *p, int64_t n) {
     m->be.ops->matmul(&m->be.ctx, y, x, W, n);
-    if (p) lora_apply(b, p, y, x, n, w->lora_tmp);
+    if (p) lora_apply(&m->be, b, p, y, x, n, w->lora_tmp);
 }
 
 /* dx[n, in] += dy W (+ the adapter's term); the adapter's dA, dB accumulate. */
 static void linear_bwd(Model *m, GradWorkspace *w, const LoraBinding *b, float *dx, const float *dy, const float *x,
                        KnMatrix W, const LoraPair *p, int64_t n) {
     m->be.ops->matmul_dx(&m->be.ctx, dx, dy, W, n);
-    if (p) lora_backward(b, p, dx, dy, x, n, w->lora_tmp);
+    if (p) lora_backward(&m->be, b, p, dx, dy, x, n, w->lora_tmp);
 }
 
 static void zero(float *x, int64_t n) { memset(x, 0, (size_t)n * sizeof(float)); }
@@ -401,7 +403,7 @@ static void ple_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int64
     const LoraPair *p = b ? b->ple_model_proj : NULL;
     float ctx_scale = (float)(1.0 / sqrt((double)H)), mix = (float)(1.0 / sqrt(2.0));
     m->be.ops->matmul(&m->be.ctx, w->ple_buf, x0, m->ple_model_proj, n);
-    if (p) lora_apply(b, p, w->ple_buf, x0, n, w->lora_tmp);
+    if (p) lora_apply(&m->be, b, p, w->ple_buf, x0, n, w->lora_tmp);
     for (int64_t i = 0; i < n * L * P; i++) {
         w->ple_buf[i] *= ctx_scale;
         w->dple[i] *= mix;
@@ -535,7 +537,8 @@ GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const 
     ModelInput in;
     if (check_sequence(m, w, b, s, err) || forward_tape(m, w, b, s, &n_soft, &in, err)) return err->status;
     if (P) {
-        model_ple_inputs(m, &in, w->hidden, w->ple, w->lora_tmp);
+        model_embed_ids(m, &in, w->ids);
+        model_ple_inputs(m, &in, w->ids, w->hidden, w->ple, w->ple_buf, w->lora_tmp);
         zero(w->dple, n * L * P);
     }
     for (int64_t li = 0; li < L; li++)

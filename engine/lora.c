@@ -277,80 +277,45 @@ static uint64_t mix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
-/* Row i of the LoRA input: x itself without dropout; else the kept factors
- * (0 or 1 / (1 - p)) into f = d->row and f * x into d->row + in. */
-static const float *lora_input(const LoraBinding *b, const LoraPair *p, const float *xi, int64_t i, const float **f) {
-    const LoraDropout *d = b ? &b->dropout : NULL;
-    *f = NULL;
-    if (!d || !(d->p > 0)) return xi;
-    float *fr = d->row, *xr = d->row + p->in, keep = 1.0f / (1.0f - d->p);
-    uint64_t base = mix64(d->key ^ mix64((uint64_t)p->index + 1)) + (uint64_t)i * (uint64_t)p->in;
-    uint32_t cut = (uint32_t)((double)d->p * 4294967296.0);
-    for (int64_t j = 0; j < p->in; j++) {
-        fr[j] = (uint32_t)(mix64(base + (uint64_t)j) >> 32) < cut ? 0.0f : keep;
-        xr[j] = xi[j] * fr[j];
+/* The kernel's description of pair p applied to rows [0, n) under b. */
+static KnLoraSeg segment(const LoraBinding *b, const LoraPair *p, int64_t n) {
+    KnLoraSeg s = {0, n, p->A, p->B, p->dA, p->dB, (int)p->rank, b->scale, 0.0f, 0};
+    if (b->dropout.p > 0) {
+        s.dropout = b->dropout.p;
+        s.dropout_seed = mix64(b->dropout.key ^ mix64((uint64_t)p->index + 1));
     }
-    *f = fr;
-    return xr;
+    return s;
 }
 
-void lora_apply(const LoraBinding *b, const LoraPair *p, float *y, const float *x, int64_t n, float *tmp) {
-    int64_t r = p->rank, in = p->in, out = p->out;
-    float scale = b->scale;
-    for (int64_t i = 0; i < n; i++) {
-        const float *f, *xi = lora_input(b, p, x + i * in, i, &f);
-        float *ti = tmp + i * r;
-        for (int64_t k = 0; k < r; k++) {
-            const float *a = p->A + k * in;
-            float s = 0.0f;
-            for (int64_t j = 0; j < in; j++) s += xi[j] * a[j];
-            ti[k] = s * scale;
-        }
-        float *yi = y + i * out;
-        for (int64_t o = 0; o < out; o++) {
-            const float *bo = p->B + o * r;
-            float s = 0.0f;
-            for (int64_t k = 0; k < r; k++) s += ti[k] * bo[k];
-            yi[o] += s;
-        }
-    }
+void lora_apply(const KnBackend *be, const LoraBinding *b, const LoraPair *p, float *y, const float *x, int64_t n,
+                float *tmp) {
+    KnLoraSeg s = segment(b, p, n);
+    be->ops->lora_shrink(&be->ctx, tmp, p->rank, x, &s, 1, p->in, b->dropout.row);
+    be->ops->lora_expand(&be->ctx, y, tmp, p->rank, &s, 1, p->out);
+}
+
+void lora_apply_segments(const KnBackend *be, const KnLoraSeg *segs, int n_segs, float *y, const float *x, int64_t in,
+                         int64_t out, float *tmp, int64_t ld_tmp, float *dropout_buf) {
+    be->ops->lora_shrink(&be->ctx, tmp, ld_tmp, x, segs, n_segs, in, dropout_buf);
+    be->ops->lora_expand(&be->ctx, y, tmp, ld_tmp, segs, n_segs, out);
+}
+
+KnLoraSeg lora_segment(const LoraBinding *b, const LoraPair *p, int64_t row0, int64_t n) {
+    KnLoraSeg s = segment(b, p, n);
+    s.row0 = row0;
+    return s;
 }
 
 /* ---- backward ------------------------------------------------------------------ */
 
-void lora_backward(const LoraBinding *b, const LoraPair *p, float *dx, const float *dy, const float *x, int64_t n,
-                   float *tmp) {
-    int64_t r = p->rank, in = p->in, out = p->out;
-    float scale = b->scale;
-    for (int64_t i = 0; i < n; i++) {
-        const float *f, *xi = lora_input(b, p, x + i * in, i, &f), *dyi = dy + i * out;
-        float *xa = tmp, *gb = tmp + r; /* x A^T and dy B, one row */
-        for (int64_t k = 0; k < r; k++) {
-            const float *a = p->A + k * in;
-            float s = 0.0f;
-            for (int64_t j = 0; j < in; j++) s += xi[j] * a[j];
-            xa[k] = s * scale;
-            gb[k] = 0.0f;
-        }
-        for (int64_t o = 0; o < out; o++) {
-            const float *bo = p->B + o * r;
-            float *db = p->dB + o * r, g = dyi[o];
-            for (int64_t k = 0; k < r; k++) {
-                gb[k] += g * bo[k];
-                db[k] += g * xa[k];
-            }
-        }
-        for (int64_t k = 0; k < r; k++) {
-            float g = gb[k] * scale;
-            float *da = p->dA + k * in;
-            const float *a = p->A + k * in;
-            for (int64_t j = 0; j < in; j++) da[j] += g * xi[j];
-            if (dx && f)
-                for (int64_t j = 0; j < in; j++) dx[i * in + j] += g * a[j] * f[j];
-            else if (dx)
-                for (int64_t j = 0; j < in; j++) dx[i * in + j] += g * a[j];
-        }
-    }
+void lora_backward(const KnBackend *be, const LoraBinding *b, const LoraPair *p, float *dx, const float *dy,
+                   const float *x, int64_t n, float *tmp) {
+    KnLoraSeg s = segment(b, p, n);
+    int64_t r = p->rank;
+    float *t = tmp, *gt = tmp + n * r;
+    be->ops->lora_shrink(&be->ctx, t, r, x, &s, 1, p->in, b->dropout.row);
+    be->ops->lora_expand_dx(&be->ctx, gt, dy, t, r, &s, 1, p->out);
+    be->ops->lora_shrink_dx(&be->ctx, dx, gt, r, x, &s, 1, p->in, b->dropout.row);
 }
 
 GfStatus lora_grads_alloc(LoraAdapter *a, GfError *err) {

@@ -96,14 +96,27 @@ int lora_text_module(const Model *m, int layer, int slot, char *buf, size_t cap)
 int lora_vision_module(const Model *m, int layer, int slot, char *buf, size_t cap);
 
 /* y[n, out] += scale * (d(x)[n, in] A^T) B^T with the binding's scale and
- * dropout d (the identity when off); tmp holds n * rank floats. */
-void lora_apply(const LoraBinding *b, const LoraPair *p, float *y, const float *x, int64_t n, float *tmp);
+ * dropout d (the identity when off), on backend be; y, x and tmp (n * rank
+ * floats) are device memory. */
+void lora_apply(const KnBackend *be, const LoraBinding *b, const LoraPair *p, float *y, const float *x, int64_t n,
+                float *tmp);
+
+/* The kernel segment of pair p under b for rows [row0, row0 + n) of a batch. */
+KnLoraSeg lora_segment(const LoraBinding *b, const LoraPair *p, int64_t row0, int64_t n);
+
+/* Every segment's term in one grouped call (SGMV):
+ * y[rows, out] += the adapter term of each segment's rows of x[rows, in];
+ * tmp holds rows * ld_tmp floats, ld_tmp >= every segment's rank;
+ * dropout_buf (2 * in floats) when a segment has dropout, else NULL. */
+void lora_apply_segments(const KnBackend *be, const KnLoraSeg *segs, int n_segs, float *y, const float *x, int64_t in,
+                         int64_t out, float *tmp, int64_t ld_tmp, float *dropout_buf);
 
 /* The adapter's part of a linear's backward, for dy[n, out] at input
  * x[n, in]: dx[n, in] += d'(scale (dy B) A) (dx may be NULL), p->dA += scale
- * (dy B)^T d(x), p->dB += scale dy^T (d(x) A^T). tmp holds 2 rank floats. */
-void lora_backward(const LoraBinding *b, const LoraPair *p, float *dx, const float *dy, const float *x, int64_t n,
-                   float *tmp);
+ * (dy B)^T d(x), p->dB += scale dy^T (d(x) A^T). tmp holds 2 * n * rank
+ * floats. Device memory, as lora_apply. */
+void lora_backward(const KnBackend *be, const LoraBinding *b, const LoraPair *p, float *dx, const float *dy,
+                   const float *x, int64_t n, float *tmp);
 
 /* The largest input width of a's pairs (the dropout scratch is twice it). */
 int64_t lora_max_in(const LoraAdapter *a);

@@ -11,6 +11,7 @@
 
 const GemmaConfig *model_config(const Model *m) { return &m->cfg; }
 const ModelDir *model_dir(const Model *m) { return &m->dir; }
+const KnBackend *model_backend(const Model *m) { return &m->be; }
 
 static int keep(Model *m, void *p) {
     void **n = realloc(m->owned, (m->n_owned + 1) * sizeof *n);
@@ -368,8 +369,11 @@ void model_close(Model *m) {
     for (size_t s = 0; m->claimed && s < m->dir.n_shards; s++) free(m->claimed[s]);
     free(m->claimed);
     free(m->layers);
-    free(m->scratch);
-    free(m->rows);
+    m->be.ops ? m->be.ops->free(&m->be.ctx, &m->act) : (void)0;
+    free(m->tables.row0);
+    free(m->tables.segs);
+    free(m->tables.ids);
+    free(m->tables.pos);
     model_dir_close(&m->dir);
     gemma_config_free(&m->cfg);
     free(m);

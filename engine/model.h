@@ -23,8 +23,9 @@
 #include <stdint.h>
 
 #include "config.h"
-#include "modeldir.h"
 #include "kernels.h"
+#include "kvcache.h"
+#include "modeldir.h"
 
 typedef struct Model Model;
 typedef struct LoraBinding LoraBinding;   /* lora.h */
@@ -40,6 +41,10 @@ typedef struct {
 GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfError *err);
 void model_close(Model *m);
 const GemmaConfig *model_config(const Model *m);
+/* The backend (op table and context) the model runs on; valid until
+ * model_close. Buffers the model's ops read (KV caches, soft tokens) are
+ * allocated on it. */
+const KnBackend *model_backend(const Model *m);
 /* The checkpoint's tensors (names and shapes), e.g. to check adapters. */
 const ModelDir *model_dir(const Model *m);
 
@@ -56,60 +61,13 @@ typedef struct {
 
 void model_memory(const Model *m, ModelMemory *out);
 
-/* ---- KV cache ----------------------------------------------------------- */
-
-/* Keys and values live in a pool of fixed-size blocks (paged, as vLLM's
- * PagedAttention): each sequence holds a table of the blocks it fills,
- * takes one more every block_len positions, and gives them all back when it
- * is freed or reset, so memory follows the real lengths of the sequences
- * rather than their limits. A pool serves one Model and one thread. */
-typedef struct {
-    int64_t block_len;        /* positions per block */
-    int64_t n_blocks;
-    float **k, **v;           /* per layer [n_blocks * block_len][kv_heads][head_dim]; NULL for KV-shared layers */
-    int32_t *free_ids;        /* stack of free block ids */
-    int64_t n_free;
-    int n_layers;
-} KvPool;
-
-/* Bytes one block of block_len positions takes over all layers. */
-uint64_t kv_block_bytes(const Model *m, int64_t block_len);
-GfStatus kv_pool_init(KvPool *p, const Model *m, int64_t block_len, int64_t n_blocks, GfError *err);
-void kv_pool_free(KvPool *p);
-
-typedef struct {
-    KvPool *pool;             /* the blocks' owner: &own, or a shared pool (kv_cache_init_paged) */
-    KvPool own;               /* kv_cache_init: one private block of `capacity` positions */
-    int32_t *table;           /* [max_blocks] block ids, the first n_table held */
-    int64_t n_table, max_blocks;
-    int64_t capacity;         /* positions this sequence may reach */
-    int64_t n_past;           /* positions filled */
-    uint8_t *valid;           /* [capacity] key is real (not padding) */
-    int32_t *group;           /* [capacity] vision block id or -1 */
-    int32_t n_groups;
-} KvCache;
-
-/* A cache with its own contiguous store for up to capacity positions:
- * c->own.k[l] / c->own.v[l] hold positions 0.. of layer l in order. */
-GfStatus kv_cache_init(KvCache *c, const Model *m, int64_t capacity, GfError *err);
-/* A cache for up to capacity positions whose blocks come from pool as they
- * fill (model_forward fails with GF_TOO_LARGE, code kv_cache_full, when the
- * pool has none left, before changing anything). */
-GfStatus kv_cache_init_paged(KvCache *c, KvPool *pool, int64_t capacity, GfError *err);
-/* Gives the blocks back and frees the tables. */
-void kv_cache_free(KvCache *c);
-/* Forgets every position (a paged cache gives its blocks back). */
-void kv_cache_reset(KvCache *c);
-/* Blocks a paged cache still needs to take to hold n more positions. */
-int64_t kv_cache_blocks_needed(const KvCache *c, int64_t n);
-
 /* ---- forward ------------------------------------------------------------ */
 
 typedef struct {
     const int32_t *ids;       /* [n] token ids */
     const uint8_t *valid;     /* [n] 1 = real token, 0 = padding (masked as a key); NULL = all real */
     const uint8_t *mm_type;   /* [n] 0 text, 1 image, 2 video, 3 audio; NULL = derived from ids */
-    const float *soft_tokens; /* [n_image_tokens, hidden] written over image placeholders, or NULL */
+    const float *soft_tokens; /* [n_image_tokens, hidden] device memory, written over image placeholders, or NULL */
     int64_t n;
     int last_logits_only;     /* logits of the last position only: [1, vocab] */
     const LoraBinding *lora;  /* adapter applied to this sequence, or NULL */

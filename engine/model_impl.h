@@ -41,6 +41,16 @@ typedef struct {
     float *inv_freq;                /* [Dv / 4] 2-D RoPE frequencies */
 } VisionWeights;
 
+/* The small host tables of one batched forward, grown to the largest batch
+ * seen: row offsets and adapter segments per sequence, embedding ids and
+ * positions per row (uploaded each step). */
+typedef struct {
+    int64_t *row0;                  /* [seq_cap] */
+    KnLoraSeg *segs;                /* [seq_cap] */
+    int32_t *ids, *pos;             /* [row_cap] */
+    size_t seq_cap, row_cap;
+} StepTables;
+
 struct Model {
     GemmaConfig cfg;
     ModelDir dir;
@@ -56,10 +66,8 @@ struct Model {
     size_t n_owned;
     uint8_t **claimed;              /* per shard, per tensor */
     char prefix[32];                /* "model.language_model." or "model." */
-    float *scratch;                 /* forward activations, grown to the largest batch seen */
-    size_t scratch_floats;
-    int64_t *rows;                  /* [rows_cap] a batch's row offsets */
-    size_t rows_cap;
+    KnBuffer act;                   /* forward activations (device), grown to the largest batch seen */
+    StepTables tables;              /* a batch's host index tables */
 };
 
 /* Helpers of model.c used by vision.c. */
@@ -75,9 +83,14 @@ GfStatus vision_bind(Model *m, GfError *err);
 /* Helpers of forward.c used by backward.c. */
 /* 1 image, 2 video, 3 audio placeholder, 0 text. */
 int model_mm_kind(const GemmaConfig *c, int32_t id);
-/* Per-layer inputs ple[n, L, P] (§3.3) of in (its lora included) from the
- * embedded sequence x0[n, H]; lora_tmp holds n * rank floats. */
-void model_ple_inputs(Model *m, const ModelInput *in, const float *x0, float *ple, float *lora_tmp);
+/* The embedding row of each token of in (placeholders look up the pad
+ * row) into the host array ids[in->n]. */
+void model_embed_ids(const Model *m, const ModelInput *in, int32_t *ids);
+/* Per-layer inputs ple[n, L, P] (§3.3) of in (its lora included) from its
+ * embedding rows ids[n] and the embedded sequence x0[n, H], all device
+ * memory; tok holds n * L * P floats, lora_tmp n * rank floats. */
+void model_ple_inputs(Model *m, const ModelInput *in, const int32_t *ids, const float *x0, float *ple, float *tok,
+                      float *lora_tmp);
 
 /* The MoE block of one token (moe.c). A tape holds what the backward needs
  * and the scratch of both directions, cut from one buffer of

@@ -193,7 +193,7 @@ GfStatus pipeline_generate(Pipeline *p, const Prompt *pr, int64_t max_new, TextS
     res->n_prompt = pr->n;
     const TextConfig *t = &model_config(p->model)->text;
     KvCache c;
-    if (kv_cache_init(&c, p->model, pr->n + max_new, err)) return err->status;
+    if (kv_cache_init(&c, &model_config(p->model)->text, model_backend(p->model), pr->n + max_new, err)) return err->status;
     float *logits = gf_malloc((size_t)t->vocab_size * sizeof(float), err);
     GfStatus st = logits ? GF_OK : GF_NO_MEMORY;
     double t0 = gf_time_mono();

@@ -84,7 +84,7 @@ void serve_config_default(ServeConfig *c, const Model *m) {
     c->max_batch_tokens = 4096;
     c->kv_block_len = 16;
     int64_t ctx = 8192;
-    uint64_t per_block = kv_block_bytes(m, c->kv_block_len), cap = 64ull << 20;
+    uint64_t per_block = kv_block_bytes(&model_config(m)->text, c->kv_block_len), cap = 64ull << 20;
     int64_t per_slot = (ctx + c->kv_block_len - 1) / c->kv_block_len;
     if (per_block && (uint64_t)per_slot * per_block > cap) per_slot = (int64_t)(cap / per_block);
     c->kv_blocks = per_slot * c->max_seqs;
@@ -510,7 +510,7 @@ GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfErro
     e->batch = gf_calloc((size_t)cfg->max_seqs, sizeof *e->batch, err);
     e->logits = gf_malloc((size_t)cfg->max_seqs * (size_t)V * sizeof(float), err);
     if (!e->res || !e->active || !e->batch || !e->logits || sample_work_init(&e->work, V, err) ||
-        kv_pool_init(&e->pool, m, cfg->kv_block_len, cfg->kv_blocks, err)) {
+        kv_pool_init(&e->pool, &model_config(m)->text, model_backend(m), cfg->kv_block_len, cfg->kv_blocks, err)) {
         engine_free(e);
         return err->status ? err->status : GF_NO_MEMORY;
     }

@@ -111,7 +111,7 @@ static void cl_forward(Model *m, const VTape *t, const ClipLinear *cl, const Lor
                        int64_t n, float *scratch) {
     clamp_copy(scratch, x, (size_t)(n * cl->w.cols), cl->clipped, cl->in_min, cl->in_max);
     m->be.ops->matmul(&m->be.ctx, y_pre, scratch, cl->w, n);
-    if (p) lora_apply(t->lora, p, y_pre, scratch, n, t->lora_tmp);
+    if (p) lora_apply(&m->be, t->lora, p, y_pre, scratch, n, t->lora_tmp);
 }
 
 /* 2-D RoPE: first half of each head rotates with x, second half with y. */
@@ -171,7 +171,7 @@ static void embed_patches(Model *m, const LoraBinding *lora, float *lora_tmp, co
     int64_t d = v->hidden_size, pp = m->vision.input_proj.cols;
     for (int64_t i = 0; i < N * pp; i++) tmp[i] = 2.0f * (pixels[i] - 0.5f);
     m->be.ops->matmul(&m->be.ctx, x, tmp, m->vision.input_proj, N);
-    if (lora && lora->input_proj) lora_apply(lora, lora->input_proj, x, tmp, N, lora_tmp);
+    if (lora && lora->input_proj) lora_apply(&m->be, lora, lora->input_proj, x, tmp, N, lora_tmp);
     float *row = tmp;
     for (int64_t i = 0; i < N; i++) {
         if (pos[2 * i] < 0) continue;
@@ -334,7 +334,7 @@ GfStatus model_vision_forward(Model *m, const LoraBinding *lora, const float *pi
     if (check_image(m, pos, N, err) || tower_alloc(m, lora, N, 0, &b, err)) return err->status;
     *n_soft = tower_run(m, &b, pixels, pos, N, 0);
     m->be.ops->matmul(&m->be.ctx, soft, b.hn, m->vision.embed_proj, *n_soft);
-    if (lora && lora->embed_proj) lora_apply(lora, lora->embed_proj, soft, b.hn, *n_soft, b.t.lora_tmp);
+    if (lora && lora->embed_proj) lora_apply(&m->be, lora, lora->embed_proj, soft, b.hn, *n_soft, b.t.lora_tmp);
     free(b.mem);
     return GF_OK;
 }
@@ -355,7 +355,7 @@ static void cl_backward(Model *m, const VTape *t, const ClipLinear *cl, const Lo
     if (p) {
         float *xc = t->s1;
         clamp_copy(xc, x, (size_t)(n * cols), cl->clipped, cl->in_min, cl->in_max);
-        lora_backward(t->lora, p, dxc, dyp, xc, n, t->lora_tmp);
+        lora_backward(&m->be, t->lora, p, dxc, dyp, xc, n, t->lora_tmp);
     }
     for (int64_t i = 0; i < n * cols; i++)
         if (!cl->clipped || (x[i] >= cl->in_min && x[i] <= cl->in_max)) dx[i] += dxc[i];
@@ -434,7 +434,7 @@ static void head_backward(Model *m, const LoraBinding *lora, Tower *b, const int
     int64_t d = v->hidden_size, kk = v->pooling_kernel, out_len = N / (kk * kk), cols = pool_cols(pos, N, kk);
     memset(b->dhn, 0, (size_t)(n_soft * d) * sizeof(float));
     m->be.ops->matmul_dx(&m->be.ctx, b->dhn, dsoft, m->vision.embed_proj, n_soft);
-    if (lora && lora->embed_proj) lora_backward(lora, lora->embed_proj, b->dhn, dsoft, b->hn, n_soft, b->t.lora_tmp);
+    if (lora && lora->embed_proj) lora_backward(&m->be, lora, lora->embed_proj, b->dhn, dsoft, b->hn, n_soft, b->t.lora_tmp);
     float *dpool = b->t.s1;
     memset(dpool, 0, (size_t)(n_soft * d) * sizeof(float));
     m->be.ops->rmsnorm_dx(&m->be.ctx, dpool, b->pooled, NULL, b->dhn, n_soft, d, v->rms_eps);
@@ -468,7 +468,7 @@ GfStatus model_vision_backward(Model *m, const LoraBinding *lora, const float *p
         }
         if (lora && lora->input_proj) { /* the patch embedder's input: 2 (pixel - 0.5) */
             for (int64_t i = 0; i < N * pp; i++) t->s1[i] = 2.0f * (pixels[i] - 0.5f);
-            lora_backward(lora, lora->input_proj, NULL, t->dx, t->s1, N, t->lora_tmp);
+            lora_backward(&m->be, lora, lora->input_proj, NULL, t->dx, t->s1, N, t->lora_tmp);
         }
     }
     free(b.mem);

@@ -123,6 +123,12 @@ void *gf_calloc(size_t count, size_t size, GfError *err) {
     return p;
 }
 
+void *gf_realloc(void *p, size_t n, GfError *err) {
+    void *q = realloc(p, n ? n : 1);
+    if (!q) gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory (%zu bytes)", n);
+    return q;
+}
+
 char *gf_strdup(const char *s, GfError *err) {
     size_t n = strlen(s) + 1;
     char *p = gf_malloc(n, err);

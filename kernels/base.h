@@ -91,6 +91,8 @@ int gf_add_u64(uint64_t a, uint64_t b, uint64_t *out);
 /* malloc/calloc that set err to GF_NO_MEMORY on failure. Free with free(). */
 void *gf_malloc(size_t n, GfError *err);
 void *gf_calloc(size_t count, size_t size, GfError *err);
+/* realloc that sets err to GF_NO_MEMORY on failure (p is then untouched). */
+void *gf_realloc(void *p, size_t n, GfError *err);
 /* strdup that sets err on failure; s must not be NULL. */
 char *gf_strdup(const char *s, GfError *err);
 /* A whole file of at most max bytes, NUL-terminated (the NUL not counted in

@@ -69,6 +69,23 @@ typedef struct {
     int64_t block_len;        /* positions per block, >= 1 */
 } KnKv;
 
+/* One adapter's rows of a grouped LoRA op (SGMV): rows [row0, row0 +
+ * n_rows) of x, t and y use A [rank, in] and B [out, rank] (device arrays),
+ * scaled by scale. Backward ops accumulate into dA, dB (same shapes).
+ * LoRA dropout (training): when dropout > 0 the adapter sees d(x) = x * f,
+ * f[i, j] = 0 when the high 32 bits of splitmix64's finalizer of
+ * (dropout_seed + i * in + j) are below dropout * 2^32, else 1 / (1 - dropout),
+ * i counted from row0; the frozen linear still sees x. */
+typedef struct {
+    int64_t row0, n_rows;
+    const float *A, *B;
+    float *dA, *dB;
+    int rank;
+    float scale;
+    float dropout;
+    uint64_t dropout_seed;
+} KnLoraSeg;
+
 /* The entries, for supports(). */
 typedef enum {
     KN_OP_MATMUL,
@@ -125,6 +142,31 @@ typedef struct {
     void (*softcap)(const KnCtx *ctx, float *x, size_t n, float cap);
     /* out[dim] = row r of an embedding matrix, times scale */
     void (*embed_row)(const KnCtx *ctx, float *out, KnMatrix table, int64_t row, float scale);
+    /* out[n, cols] = rows ids[n] of table, times scale */
+    void (*embed_rows)(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale);
+    /* y[n] = a + b (y may alias a or b) */
+    void (*add)(const KnCtx *ctx, float *y, const float *a, const float *b, size_t n);
+    /* y[r, c] = a[r, c] * b[r * ld_b + c] over [rows, cols] (y may alias a) */
+    void (*mul)(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_b);
+    /* x[n] *= s */
+    void (*scale)(const KnCtx *ctx, float *x, size_t n, float s);
+    /* rope at each row's own position, in place on x [n_rows, n_heads, *]:
+     * head h of row r starts at x + (r * n_heads + h) * ld_head and rotates
+     * its first dim values at position pos[r * pos_stride] */
+    void (*rope_rows)(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
+                      const float *inv_freq, const int32_t *pos, int64_t pos_stride);
+    /* rows src[n, row_floats] into a paged store at positions pos0.. of a
+     * sequence whose blocks are table[] (KnKv's layout) */
+    void (*kv_store)(const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats,
+                     const int32_t *table, int64_t block_len, int64_t pos0);
+    /* t[r, k] = scale * sum_j d(x)[r, j] A[k, j] for the rows of each
+     * segment (t's rows are ld_t apart, ld_t >= rank); dropout_buf holds
+     * 2 * in floats when a segment has dropout, else may be NULL */
+    void (*lora_shrink)(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs,
+                        int64_t in, float *dropout_buf);
+    /* y[r, o] += sum_k t[r, k] B[o, k] for the rows of each segment */
+    void (*lora_expand)(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
+                        int64_t out);
 
     /* ---- backward (training): d-outputs are accumulated (+=) unless said ---- */
     /* dx[n, cols] += dy[n, rows] W: the input gradient of y = x W^T */
@@ -134,6 +176,13 @@ typedef struct {
                        int64_t dim, float eps);
     /* dx[i] = dy[i] * gelu_tanh'(x[i]) (written, not accumulated) */
     void (*gelu_tanh_dx)(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n);
+    /* gt[r, k] = sum_o dy[r, o] B[o, k] (written); dB[o, k] += sum_r dy[r, o] t[r, k] */
+    void (*lora_expand_dx)(const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t,
+                           const KnLoraSeg *segs, int n_segs, int64_t out);
+    /* with g = scale * gt: dA[k, j] += sum_r g[r, k] d(x)[r, j]; dx[r, j] +=
+     * sum_k g[r, k] A[k, j] f[r, j] (dx may be NULL); dropout_buf as lora_shrink */
+    void (*lora_shrink_dx)(const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x,
+                           const KnLoraSeg *segs, int n_segs, int64_t in, float *dropout_buf);
     /* dq written; dk, dv accumulated: the gradients of attention (same
      * arguments as attention) for dout[n_q, n_heads, dim] */
     void (*attention_dx)(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,

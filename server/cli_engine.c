@@ -97,7 +97,10 @@ static int run_forward(Model *m, const LoraBinding *lora, const CliOptions *o, c
     int rc = !logits || (o->hidden && !row_hidden) || !valid || !types;
     KvCache c;
     GfError err;
-    if (!rc && kv_cache_init(&c, m, T, &err)) { fprintf(stderr, "gemmaforge forward: %s\n", err.message); rc = 1; }
+    if (!rc && kv_cache_init(&c, &model_config(m)->text, model_backend(m), T, &err)) {
+        fprintf(stderr, "gemmaforge forward: %s\n", err.message);
+        rc = 1;
+    }
     for (int64_t b = 0; !rc && b < B; b++) {
         for (int64_t i = 0; i < T; i++) {
             valid[i] = mask ? mask[b * T + i] != 0 : 1;
@@ -155,7 +158,10 @@ static int run_forward_mixed(Model *m, const LoraBinding *const *lora, const Cli
             fprintf(stderr, "gemmaforge forward: row %lld: its image placeholders do not match the images\n", (long long)b);
             rc = 1;
         }
-        if (!rc && kv_cache_init(&caches[b], m, T, &err)) { fprintf(stderr, "gemmaforge forward: %s\n", err.message); rc = 1; }
+        if (!rc && kv_cache_init(&caches[b], &model_config(m)->text, model_backend(m), T, &err)) {
+            fprintf(stderr, "gemmaforge forward: %s\n", err.message);
+            rc = 1;
+        }
         seqs[b] = (ModelSeq){&caches[b], {.ids = ids + b * T, .mm_type = mm ? types + b * T : NULL, .n = T,
                                           .soft_tokens = soft[b] ? soft[b] + before * H : NULL, .lora = lora[b]}};
         before += here;

@@ -239,7 +239,7 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, Api *api, ServeE
                                 o->max_tokens ? o->max_tokens : 4096, 8, 1024};
     GF_LOGI("serving: %d sequences, queue %d, KV pool %lld blocks of %lld positions (%.1f MB), %d resident adapters",
             sc.max_seqs, sc.max_queue, (long long)sc.kv_blocks, (long long)sc.kv_block_len,
-            (double)kv_block_bytes(pipe->model, sc.kv_block_len) * (double)sc.kv_blocks / 1e6, sc.max_adapters);
+            (double)kv_block_bytes(&model_config(pipe->model)->text, sc.kv_block_len) * (double)sc.kv_blocks / 1e6, sc.max_adapters);
     return 0;
 }
 

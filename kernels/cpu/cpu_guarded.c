@@ -179,6 +179,36 @@ GUARDED(attention_dx,
          float scale, const KnMask *mask),
         (ctx, dq, dk, dv, q, k, v, dout, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask))
 
+GUARDED(embed_rows, (const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale),
+        (ctx, out, table, ids, n, scale))
+GUARDED(add, (const KnCtx *ctx, float *y, const float *a, const float *b, size_t n), (ctx, y, a, b, n))
+GUARDED(mul, (const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_b),
+        (ctx, y, a, b, rows, cols, ld_b))
+GUARDED(scale, (const KnCtx *ctx, float *x, size_t n, float s), (ctx, x, n, s))
+GUARDED(rope_rows,
+        (const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head, const float *inv_freq,
+         const int32_t *pos, int64_t pos_stride),
+        (ctx, x, n_rows, n_heads, dim, ld_head, inv_freq, pos, pos_stride))
+GUARDED(kv_store,
+        (const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats, const int32_t *table,
+         int64_t block_len, int64_t pos0),
+        (ctx, store, src, n, row_floats, table, block_len, pos0))
+GUARDED(lora_shrink,
+        (const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs, int64_t in,
+         float *dropout_buf),
+        (ctx, t, ld_t, x, segs, n_segs, in, dropout_buf))
+GUARDED(lora_expand,
+        (const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs, int64_t out),
+        (ctx, y, t, ld_t, segs, n_segs, out))
+GUARDED(lora_expand_dx,
+        (const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
+         int64_t out),
+        (ctx, gt, dy, t, ld_t, segs, n_segs, out))
+GUARDED(lora_shrink_dx,
+        (const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x, const KnLoraSeg *segs,
+         int n_segs, int64_t in, float *dropout_buf),
+        (ctx, dx, gt, ld_t, x, segs, n_segs, in, dropout_buf))
+
 static const KnOps GUARDED_OPS = {
     .alloc = g_alloc,
     .free = g_free,
@@ -197,6 +227,16 @@ static const KnOps GUARDED_OPS = {
     .gelu_tanh = g_gelu_tanh,
     .softcap = g_softcap,
     .embed_row = g_embed_row,
+    .embed_rows = g_embed_rows,
+    .add = g_add,
+    .mul = g_mul,
+    .scale = g_scale,
+    .rope_rows = g_rope_rows,
+    .kv_store = g_kv_store,
+    .lora_shrink = g_lora_shrink,
+    .lora_expand = g_lora_expand,
+    .lora_expand_dx = g_lora_expand_dx,
+    .lora_shrink_dx = g_lora_shrink_dx,
     .matmul_dx = g_matmul_dx,
     .rmsnorm_dx = g_rmsnorm_dx,
     .gelu_tanh_dx = g_gelu_tanh_dx,

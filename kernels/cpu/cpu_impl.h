@@ -30,6 +30,27 @@ void cpu_attention_backward(const KnCtx *ctx, float *dq, float *dk, float *dv, c
                             const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
                             int n_kv_heads, int dim, float scale, const KnMask *mask);
 
+/* cpu_elementwise.c */
+void cpu_add_forward(const KnCtx *ctx, float *y, const float *a, const float *b, size_t n);
+void cpu_mul_forward(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols,
+                     int64_t ld_b);
+void cpu_scale_forward(const KnCtx *ctx, float *x, size_t n, float s);
+void cpu_rope_rows_forward(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
+                           const float *inv_freq, const int32_t *pos, int64_t pos_stride);
+void cpu_kv_store_forward(const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats,
+                          const int32_t *table, int64_t block_len, int64_t pos0);
+void cpu_embed_rows_forward(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale);
+
+/* cpu_lora.c */
+void cpu_lora_shrink_forward(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs,
+                             int64_t in, float *dropout_buf);
+void cpu_lora_expand_forward(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
+                             int64_t out);
+void cpu_lora_expand_backward(const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t,
+                              const KnLoraSeg *segs, int n_segs, int64_t out);
+void cpu_lora_shrink_backward(const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x,
+                              const KnLoraSeg *segs, int n_segs, int64_t in, float *dropout_buf);
+
 /* The CPU table (cpu_ops.c): memory entries and ops. */
 extern const KnOps CPU_OPS;
 

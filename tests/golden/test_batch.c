@@ -73,7 +73,7 @@ static double rel_err(const float *a, const float *b, int64_t n) {
 static void run_alone(Model *m, Seq *s, int64_t V) {
     KvCache c;
     GfError err;
-    CHECK_STATUS(kv_cache_init(&c, m, s->n + N_DECODE, &err), GF_OK, err);
+    CHECK_STATUS(kv_cache_init(&c, &model_config(m)->text, model_backend(m), s->n + N_DECODE, &err), GF_OK, err);
     ModelInput in = {.ids = s->ids, .mm_type = s->types, .soft_tokens = s->soft, .n = s->n, .lora = s->lora};
     CHECK_STATUS(model_forward(m, &c, &in, s->logits, NULL, &err), GF_OK, err);
     for (int k = 0; k < N_DECODE; k++) {
@@ -89,7 +89,7 @@ static void run_alone(Model *m, Seq *s, int64_t V) {
 static void run_batched(Model *m, Seq *seqs, int64_t V, const char *variant) {
     KvPool pool;
     GfError err;
-    CHECK_STATUS(kv_pool_init(&pool, m, 4, 512, &err), GF_OK, err);
+    CHECK_STATUS(kv_pool_init(&pool, &model_config(m)->text, model_backend(m), 4, 512, &err), GF_OK, err);
     KvCache caches[N_SEQ];
     int32_t next[N_SEQ];
     int step_of[N_SEQ] = {0}; /* decode steps done */

@@ -60,7 +60,7 @@ static void run_variant(const char *variant) {
     CHECK(golden_report(what, soft, ref_soft, (size_t)(60 * H), (size_t)H, NULL, GOLDEN_LOGITS_REL), "%s", what);
     KvCache c;
     float *logits = malloc((size_t)(T * V) * sizeof(float));
-    CHECK_STATUS(kv_cache_init(&c, m, T, &err), GF_OK, err);
+    CHECK_STATUS(kv_cache_init(&c, &model_config(m)->text, model_backend(m), T, &err), GF_OK, err);
     ModelInput in = {.ids = tokens, .mm_type = types, .soft_tokens = soft, .n = T};
     CHECK_STATUS(model_forward(m, &c, &in, logits, NULL, &err), GF_OK, err);
     snprintf(what, sizeof what, "%s image logits", variant);

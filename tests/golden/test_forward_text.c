@@ -52,7 +52,7 @@ static void check_row(Model *m, const Golden *g, int64_t b, float *logits_out, c
     int64_t T = g->T, V = t->vocab_size, H = t->hidden_size, L = t->n_layers;
     KvCache c;
     GfError err;
-    CHECK_STATUS(kv_cache_init(&c, m, T, &err), GF_OK, err);
+    CHECK_STATUS(kv_cache_init(&c, &model_config(m)->text, model_backend(m), T, &err), GF_OK, err);
     float *hidden = malloc((size_t)((L + 1) * T * H) * sizeof(float));
     ModelInput in = {.ids = g->ids + b * T, .valid = g->valid + b * T, .n = T};
     CHECK_STATUS(model_forward(m, &c, &in, logits_out, hidden, &err), GF_OK, err);
@@ -84,7 +84,7 @@ static void check_kv_decoding(Model *m, const Golden *g, int64_t b, const float 
     int64_t T = g->T, V = t->vocab_size;
     KvCache c;
     GfError err;
-    CHECK_STATUS(kv_cache_init(&c, m, T, &err), GF_OK, err);
+    CHECK_STATUS(kv_cache_init(&c, &model_config(m)->text, model_backend(m), T, &err), GF_OK, err);
     float *logits = malloc((size_t)(T * V) * sizeof(float));
     ModelInput pre = {.ids = g->ids + b * T, .valid = g->valid + b * T, .n = split};
     CHECK_STATUS(model_forward(m, &c, &pre, logits, NULL, &err), GF_OK, err);

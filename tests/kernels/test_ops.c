@@ -373,6 +373,209 @@ static void test_conversions(void) {
     CHECK(isnan(kn_bf16_to_f32(kn_f32_to_bf16(NAN))), "NaN stays NaN");
 }
 
+/* ---- the small ops ---- */
+
+static void test_elementwise(Dev *d) {
+    int rows = 5, cols = 37, ld = 3 * cols;
+    size_t n = (size_t)rows * cols;
+    float *a = rand_vec(n), *b = rand_vec((size_t)rows * ld), *y = malloc(F(n));
+    double *ref = malloc(n * sizeof *ref);
+    float *da = dev_put(d, a, F(n)), *db = dev_put(d, b, F(rows * ld)), *dy = dev_poisoned(d, F(n));
+    d->be.ops->add(&d->be.ctx, dy, da, db, n);
+    dev_get(d, y, dy, F(n));
+    for (size_t i = 0; i < n; i++) ref[i] = (double)a[i] + b[i];
+    EXPECT_CLOSE(y, ref, n, 1e-7, "add%s", "");
+    d->be.ops->mul(&d->be.ctx, dy, da, db + cols, rows, cols, ld);
+    dev_get(d, y, dy, F(n));
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) ref[r * cols + c] = (double)a[r * cols + c] * b[r * ld + cols + c];
+    EXPECT_CLOSE(y, ref, n, 1e-7, "mul with a row stride%s", "");
+    d->be.ops->mul(&d->be.ctx, da, da, db, rows, cols, ld); /* in place */
+    d->be.ops->scale(&d->be.ctx, da, n, -0.75f);
+    dev_get(d, y, da, F(n));
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) ref[r * cols + c] = (double)a[r * cols + c] * b[r * ld + c] * -0.75;
+    EXPECT_CLOSE(y, ref, n, 1e-6, "mul in place, then scale%s", "");
+    free(a); free(b); free(y); free(ref);
+    dev_reset(d);
+}
+
+/* rope_rows: every row at its own position; the 2-D vision form (each head
+ * split in two halves rotated at the x and y positions) through strides. */
+static void test_rope_rows(Dev *d) {
+    int rows = 6, heads = 2, dim = 16;
+    float inv[8];
+    for (int i = 0; i < 8; i++) inv[i] = i < 6 ? (float)pow(1e4, -2.0 * i / dim) : 0.0f;
+    int32_t pos[12];
+    for (int i = 0; i < 12; i++) pos[i] = 7 * i + (i % 3) * 1000;
+    size_t n = (size_t)rows * heads * dim;
+    float *x = rand_vec(n), *y = malloc(F(n));
+    double *ref = malloc(n * sizeof *ref);
+    for (int pass = 0; pass < 2; pass++) {
+        /* pass 0: whole heads at pos[r]; pass 1: halves of dim/2 at pos[2r], pos[2r + 1] */
+        int sub = pass ? dim / 2 : dim;
+        for (int r = 0; r < rows; r++)
+            for (int h = 0; h < heads; h++)
+                for (int part = 0; part < dim / sub; part++) {
+                    const float *xh = x + (r * heads + h) * dim + part * sub;
+                    double *rh = ref + (r * heads + h) * dim + part * sub;
+                    int32_t p = pass ? pos[2 * r + part] : pos[r];
+                    for (int i = 0; i < sub / 2; i++) {
+                        double th = (double)((float)p * inv[i]), u = xh[i], v = xh[i + sub / 2];
+                        rh[i] = u * cos(th) - v * sin(th);
+                        rh[i + sub / 2] = v * cos(th) + u * sin(th);
+                    }
+                }
+        float *dx = dev_put(d, x, F(n)), *dinv = dev_put(d, inv, sizeof inv);
+        int32_t *dpos = dev_put(d, pos, sizeof pos);
+        if (!pass) d->be.ops->rope_rows(&d->be.ctx, dx, rows, heads, dim, dim, dinv, dpos, 1);
+        else {
+            d->be.ops->rope_rows(&d->be.ctx, dx, rows, heads, sub, dim, dinv, dpos, 2);
+            d->be.ops->rope_rows(&d->be.ctx, dx + sub, rows, heads, sub, dim, dinv, dpos + 1, 2);
+        }
+        dev_get(d, y, dx, F(n));
+        EXPECT_CLOSE(y, ref, n, 1e-4, "rope_rows %s", pass ? "2-D halves" : "per row");
+    }
+    free(x); free(y); free(ref);
+    dev_reset(d);
+}
+
+/* kv_store lands each row where a paged attention reads it; embed_rows
+ * gathers rows of a bf16 table. */
+static void test_kv_store_embed_rows(Dev *d) {
+    enum { BLK = 3, SLOTS = 5, ROW = 6, N = 7, POS0 = 4 };
+    int32_t table[SLOTS] = {4, 1, 3, 0, 2};
+    float *src = rand_vec((size_t)N * ROW), store[SLOTS * BLK * ROW];
+    float *dstore = dev_put(d, memset(store, 0, sizeof store), sizeof store);
+    d->be.ops->kv_store(&d->be.ctx, dstore, dev_put(d, src, F(N * ROW)), N, ROW, dev_put(d, table, sizeof table), BLK,
+                        POS0);
+    dev_get(d, store, dstore, sizeof store);
+    int ok = 1;
+    for (int i = 0; i < N; i++) {
+        int p = POS0 + i, slot = table[p / BLK] * BLK + p % BLK;
+        ok &= memcmp(store + slot * ROW, src + i * ROW, ROW * sizeof(float)) == 0;
+    }
+    CHECK(ok, "kv_store puts position p in block table[p / block_len], row p %% block_len%s", "");
+    int V = 11, C = 9;
+    int32_t ids[4] = {10, 0, 10, 3};
+    uint16_t *tb = malloc((size_t)V * C * 2);
+    float *tf = rand_vec((size_t)V * C), out[4 * 9];
+    for (int i = 0; i < V * C; i++) tb[i] = kn_f32_to_bf16(tf[i]);
+    float *dout = dev_poisoned(d, sizeof out);
+    d->be.ops->embed_rows(&d->be.ctx, dout, (KnMatrix){dev_put(d, tb, (size_t)V * C * 2), KN_BF16, V, C, 0},
+                          dev_put(d, ids, sizeof ids), 4, 2.5f);
+    dev_get(d, out, dout, sizeof out);
+    double ref[4 * 9];
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < C; c++) ref[i * C + c] = (double)kn_bf16_to_f32(tb[ids[i] * C + c]) * 2.5;
+    EXPECT_CLOSE(out, ref, (size_t)4 * C, 1e-7, "embed_rows%s", "");
+    free(src); free(tb); free(tf);
+    dev_reset(d);
+}
+
+/* ---- grouped LoRA: two segments with their own adapters (different
+ * ranks), a gap row no adapter touches, dropout on one segment ---- */
+
+typedef struct { int in, out, n; const float *A[2], *B[2]; int rank[2]; float scale[2]; int64_t row0[2], rows[2];
+                 float p[2]; uint64_t seed[2]; int which; const float *x; } LoraRef;
+
+static uint64_t ref_mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static double ref_factor(const LoraRef *l, int s, int64_t i, int j) {
+    if (!(l->p[s] > 0)) return 1.0;
+    uint32_t cut = (uint32_t)((double)l->p[s] * 4294967296.0);
+    return (uint32_t)(ref_mix64(l->seed[s] + (uint64_t)i * l->in + (uint64_t)j) >> 32) < cut ? 0.0 : 1.0 / (1.0 - l->p[s]);
+}
+
+/* The adapters' term of every row, as a function of v: x (which 0), or A
+ * (1) or B (2) of segment 0, everything else held at its value. */
+static void ref_lora_of(double *y, const double *v, const void *c) {
+    const LoraRef *l = c;
+    for (int64_t r = 0; r < l->n; r++)
+        for (int o = 0; o < l->out; o++) y[r * l->out + o] = 0;
+    for (int s = 0; s < 2; s++)
+        for (int64_t i = 0; i < l->rows[s]; i++) {
+            int64_t r = l->row0[s] + i;
+            for (int k = 0; k < l->rank[s]; k++) {
+                double t = 0;
+                for (int j = 0; j < l->in; j++) {
+                    double a = s == 0 && l->which == 1 ? v[k * l->in + j] : l->A[s][k * l->in + j];
+                    double x = l->which == 0 ? v[r * l->in + j] : l->x[r * l->in + j];
+                    t += x * ref_factor(l, s, i, j) * a;
+                }
+                for (int o = 0; o < l->out; o++) {
+                    double b = s == 0 && l->which == 2 ? v[o * l->rank[s] + k] : l->B[s][o * l->rank[s] + k];
+                    y[r * l->out + o] += t * l->scale[s] * b;
+                }
+            }
+        }
+}
+
+static void test_lora(Dev *d) {
+    int in = 40, out = 23, n = 9, R = 6;
+    LoraRef l = {in, out, n, {0}, {0}, {6, 3}, {0.5f, 2.0f}, {0, 5}, {4, 4}, {0.0f, 0.0f}, {0, 0}, 0, NULL};
+    float *A0 = rand_vec((size_t)6 * in), *B0 = rand_vec((size_t)out * 6), *A1 = rand_vec((size_t)3 * in),
+          *B1 = rand_vec((size_t)out * 3), *x = rand_vec((size_t)n * in), *y0 = rand_vec((size_t)n * out);
+    l.A[0] = A0; l.A[1] = A1; l.B[0] = B0; l.B[1] = B1; l.x = x;
+    for (int drop = 0; drop < 2; drop++) {
+        l.p[1] = drop ? 0.3f : 0.0f;
+        l.seed[1] = 0x1234567ull;
+        /* forward against the double reference: y = y0 + term; row 4 untouched */
+        double *ref = malloc((size_t)n * out * sizeof *ref);
+        for (int64_t r = 0; r < n; r++)
+            for (int o = 0; o < out; o++) {
+                int s = r < 4 ? 0 : r >= 5 ? 1 : -1;
+                double acc = y0[r * out + o];
+                if (s >= 0) {
+                    int64_t i = r - l.row0[s];
+                    for (int k = 0; k < l.rank[s]; k++) {
+                        double t = 0;
+                        for (int j = 0; j < in; j++) t += (double)x[r * in + j] * ref_factor(&l, s, i, j) * l.A[s][k * in + j];
+                        acc += t * l.scale[s] * l.B[s][o * l.rank[s] + k];
+                    }
+                }
+                ref[r * out + o] = acc;
+            }
+        float *dA[2] = {dev_put(d, A0, F(6 * in)), dev_put(d, A1, F(3 * in))};
+        float *dB[2] = {dev_put(d, B0, F(out * 6)), dev_put(d, B1, F(out * 3))};
+        float *gA[2] = {dev_alloc(d, F(6 * in)), dev_alloc(d, F(3 * in))}, *gB[2] = {dev_alloc(d, F(out * 6)), dev_alloc(d, F(out * 3))};
+        KnLoraSeg segs[2];
+        for (int s = 0; s < 2; s++) {
+            d->be.ops->memset(&d->be.ctx, gA[s], 0, F(l.rank[s] * in));
+            d->be.ops->memset(&d->be.ctx, gB[s], 0, F(out * l.rank[s]));
+            segs[s] = (KnLoraSeg){l.row0[s], l.rows[s], dA[s], dB[s], gA[s], gB[s], l.rank[s], l.scale[s], l.p[s], l.seed[s]};
+        }
+        float *dx = dev_put(d, x, F(n * in)), *dy = dev_put(d, y0, F(n * out)), *t = dev_poisoned(d, F(n * R));
+        float *buf = dev_alloc(d, F(2 * in)), *y = malloc(F(n * out));
+        d->be.ops->lora_shrink(&d->be.ctx, t, R, dx, segs, 2, in, buf);
+        d->be.ops->lora_expand(&d->be.ctx, dy, t, R, segs, 2, out);
+        dev_get(d, y, dy, F(n * out));
+        EXPECT_CLOSE(y, ref, (size_t)n * out, 1e-6, "lora shrink + expand, dropout %d", drop);
+        /* backward against central differences of the double forward */
+        float *gout = rand_vec((size_t)n * out), *gx = calloc((size_t)n * in, sizeof *gx);
+        float *ddx = dev_put(d, gx, F(n * in)), *gt = dev_poisoned(d, F(n * R));
+        d->be.ops->lora_expand_dx(&d->be.ctx, gt, dev_put(d, gout, F(n * out)), t, R, segs, 2, out);
+        d->be.ops->lora_shrink_dx(&d->be.ctx, ddx, gt, R, dx, segs, 2, in, buf);
+        float *got = malloc(F(n * in > 6 * in ? n * in : 6 * in) + F(out * 6));
+        double *g = malloc((size_t)(n * in + out * 6) * sizeof *g);
+        for (int which = 0; which < 3; which++) {
+            size_t nx = which == 0 ? (size_t)n * in : which == 1 ? (size_t)6 * in : (size_t)out * 6;
+            const float *x0 = which == 0 ? x : which == 1 ? A0 : B0;
+            l.which = which;
+            numeric_grad(g, ref_lora_of, &l, x0, nx, gout, (size_t)n * out);
+            dev_get(d, got, which == 0 ? ddx : which == 1 ? gA[0] : gB[0], F(nx));
+            EXPECT_CLOSE(got, g, nx, 1e-5, "lora backward d%s, dropout %d", which == 0 ? "x" : which == 1 ? "A" : "B", drop);
+        }
+        free(ref); free(y); free(gout); free(gx); free(got); free(g);
+        dev_reset(d);
+    }
+    free(A0); free(B0); free(A1); free(B1); free(x); free(y0);
+}
+
 /* The guarded backend's promise: device memory faults when touched from
  * outside an op, and sealed buffers take no writes even inside one. */
 static void test_guarded_faults(void) {
@@ -412,6 +615,10 @@ int main(void) {
             test_matmul_rmsnorm_gelu_dx(&d);
             test_attention_dx(&d);
             test_rope(&d);
+            test_elementwise(&d);
+            test_rope_rows(&d);
+            test_kv_store_embed_rows(&d);
+            test_lora(&d);
             dev_close(&d);
         }
     return check_done("test_ops");

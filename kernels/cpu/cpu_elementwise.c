@@ -1,0 +1,63 @@
+/* cpu_elementwise.c - the small ops between the big ones: residual adds,
+ * products, scales, RoPE over many rows, the paged KV store and embedding
+ * gathers. Plain loops; every element is computed exactly as the engine's
+ * loops computed it before they moved here. */
+#include <math.h>
+#include <string.h>
+
+#include "cpu_impl.h"
+
+void cpu_add_forward(const KnCtx *ctx, float *y, const float *a, const float *b, size_t n) {
+    (void)ctx;
+    for (size_t i = 0; i < n; i++) y[i] = a[i] + b[i];
+}
+
+void cpu_mul_forward(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols,
+                     int64_t ld_b) {
+    (void)ctx;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) y[r * cols + c] = a[r * cols + c] * b[r * ld_b + c];
+}
+
+void cpu_scale_forward(const KnCtx *ctx, float *x, size_t n, float s) {
+    (void)ctx;
+    for (size_t i = 0; i < n; i++) x[i] *= s;
+}
+
+/* One head's half-split rotation at position pos. */
+static void rope_head(float *xh, int dim, const float *inv_freq, int32_t pos) {
+    int half = dim / 2;
+    for (int i = 0; i < half; i++) {
+        if (inv_freq[i] == 0.0f) continue; /* cos 1, sin 0 */
+        float theta = (float)pos * inv_freq[i];
+        float c = cosf(theta), s = sinf(theta);
+        float a = xh[i], b = xh[i + half];
+        xh[i] = a * c - b * s;
+        xh[i + half] = b * c + a * s;
+    }
+}
+
+void cpu_rope_rows_forward(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
+                           const float *inv_freq, const int32_t *pos, int64_t pos_stride) {
+    (void)ctx;
+    for (int64_t r = 0; r < n_rows; r++)
+        for (int h = 0; h < n_heads; h++) rope_head(x + (r * n_heads + h) * ld_head, dim, inv_freq, pos[r * pos_stride]);
+}
+
+void cpu_kv_store_forward(const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats,
+                          const int32_t *table, int64_t block_len, int64_t pos0) {
+    (void)ctx;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t pos = pos0 + i, slot = (int64_t)table[pos / block_len] * block_len + pos % block_len;
+        memcpy(store + slot * row_floats, src + i * row_floats, (size_t)row_floats * sizeof(float));
+    }
+}
+
+void cpu_embed_rows_forward(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale) {
+    (void)ctx;
+    for (int64_t i = 0; i < n; i++) {
+        float *o = out + i * table.cols;
+        cpu_load_span(o, table, ids[i], 0, table.cols);
+        for (int64_t c = 0; c < table.cols; c++) o[c] *= scale;
+    }
+}

@@ -1,0 +1,172 @@
+/* cpu_lora.c - the grouped LoRA kernels (SGMV: segments of rows, each with
+ * its own adapter matrices), forward and backward, with LoRA dropout's
+ * hashed masks. Each output element sums its terms in index order, one row
+ * at a time, so the result does not depend on how rows are grouped or on
+ * the thread count. */
+#include <string.h>
+
+#include "cpu_impl.h"
+
+static uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Dropout factors f[in] of row i of segment s (0 or 1 / (1 - p)), as ops.h
+ * defines them; and d(x) = x * f into dx. */
+static void dropout_row(const KnLoraSeg *s, int64_t i, const float *x, int64_t in, float *f, float *dx) {
+    float keep = 1.0f / (1.0f - s->dropout);
+    uint32_t cut = (uint32_t)((double)s->dropout * 4294967296.0);
+    uint64_t base = s->dropout_seed + (uint64_t)i * (uint64_t)in;
+    for (int64_t j = 0; j < in; j++) {
+        f[j] = (uint32_t)(mix64(base + (uint64_t)j) >> 32) < cut ? 0.0f : keep;
+        dx[j] = x[j] * f[j];
+    }
+}
+
+/* The segment holding row r and r's index within it, or NULL. */
+static const KnLoraSeg *seg_of(const KnLoraSeg *segs, int n_segs, int64_t r, int64_t *i) {
+    for (int k = 0; k < n_segs; k++)
+        if (r >= segs[k].row0 && r < segs[k].row0 + segs[k].n_rows) {
+            *i = r - segs[k].row0;
+            return &segs[k];
+        }
+    return NULL;
+}
+
+/* ---- forward ----------------------------------------------------------------- */
+
+typedef struct {
+    float *out;
+    const float *in;
+    const KnLoraSeg *segs;
+    int n_segs;
+    int64_t n_rows, width, ld_t; /* width: in (shrink) or out (expand) */
+    float *buf;                  /* shrink with dropout: 2 * in floats (single-threaded then) */
+} LoraTask;
+
+/* t[r, k] = scale * sum_j d(x)[r, j] A[k, j]; the row buffer holds the
+ * dropout factors and d(x) of one row (2 * in floats) when p > 0. */
+static void shrink_row(const LoraTask *t, int64_t r, float *buf) {
+    int64_t i;
+    const KnLoraSeg *s = seg_of(t->segs, t->n_segs, r, &i);
+    if (!s) return;
+    const float *x = t->in + r * t->width;
+    if (s->dropout > 0) {
+        dropout_row(s, i, x, t->width, buf, buf + t->width);
+        x = buf + t->width;
+    }
+    float *tr = t->out + r * t->ld_t;
+    for (int k = 0; k < s->rank; k++) {
+        const float *a = s->A + (int64_t)k * t->width;
+        float acc = 0.0f;
+        for (int64_t j = 0; j < t->width; j++) acc += x[j] * a[j];
+        tr[k] = acc * s->scale;
+    }
+}
+
+static void shrink_task(void *p, int ith, int nth) {
+    LoraTask *t = p;
+    long lo, hi;
+    kn_split((long)t->n_rows, ith, nth, &lo, &hi);
+    for (long r = lo; r < hi; r++) shrink_row(t, r, t->buf);
+}
+
+/* y[r, o] += sum_k t[r, k] B[o, k] */
+static void expand_task(void *p, int ith, int nth) {
+    LoraTask *t = p;
+    long lo, hi;
+    kn_split((long)t->n_rows, ith, nth, &lo, &hi);
+    for (long r = lo; r < hi; r++) {
+        int64_t i;
+        const KnLoraSeg *s = seg_of(t->segs, t->n_segs, r, &i);
+        if (!s) continue;
+        const float *tr = t->in + r * t->ld_t;
+        float *y = t->out + r * t->width;
+        for (int64_t o = 0; o < t->width; o++) {
+            const float *b = s->B + o * s->rank;
+            float acc = 0.0f;
+            for (int k = 0; k < s->rank; k++) acc += tr[k] * b[k];
+            y[o] += acc;
+        }
+    }
+}
+
+/* Rows spanned by the segments. */
+static int64_t rows_end(const KnLoraSeg *segs, int n_segs) {
+    int64_t end = 0;
+    for (int k = 0; k < n_segs; k++)
+        if (segs[k].row0 + segs[k].n_rows > end) end = segs[k].row0 + segs[k].n_rows;
+    return end;
+}
+
+static void run_rows(const KnCtx *ctx, KnTask fn, LoraTask *t, int64_t work) {
+    if (work < CPU_PARALLEL_MIN_WORK) fn(t, 0, 1);
+    else kn_pool_run(ctx->pool, fn, t);
+}
+
+void cpu_lora_shrink_forward(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs,
+                             int64_t in, float *dropout_buf) {
+    LoraTask task = {t, x, segs, n_segs, rows_end(segs, n_segs), in, ld_t, dropout_buf};
+    int dropout = 0;
+    for (int k = 0; k < n_segs; k++) dropout |= segs[k].dropout > 0;
+    if (dropout) shrink_task(&task, 0, 1);
+    else run_rows(ctx, shrink_task, &task, task.n_rows * in * 8);
+}
+
+void cpu_lora_expand_forward(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
+                             int64_t out) {
+    LoraTask task = {y, t, segs, n_segs, rows_end(segs, n_segs), out, ld_t, NULL};
+    run_rows(ctx, expand_task, &task, task.n_rows * out * 8);
+}
+
+/* ---- backward ---------------------------------------------------------------- */
+
+void cpu_lora_expand_backward(const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t,
+                              const KnLoraSeg *segs, int n_segs, int64_t out) {
+    (void)ctx;
+    for (int q = 0; q < n_segs; q++) {
+        const KnLoraSeg *s = &segs[q];
+        for (int64_t r = s->row0; r < s->row0 + s->n_rows; r++) {
+            const float *dyr = dy + r * out, *tr = t + r * ld_t;
+            float *g = gt + r * ld_t;
+            for (int k = 0; k < s->rank; k++) g[k] = 0.0f;
+            for (int64_t o = 0; o < out; o++) {
+                const float *b = s->B + o * s->rank;
+                float *db = s->dB + o * s->rank, d = dyr[o];
+                for (int k = 0; k < s->rank; k++) {
+                    g[k] += d * b[k];
+                    db[k] += d * tr[k];
+                }
+            }
+        }
+    }
+}
+
+void cpu_lora_shrink_backward(const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x,
+                              const KnLoraSeg *segs, int n_segs, int64_t in, float *dropout_buf) {
+    (void)ctx;
+    for (int q = 0; q < n_segs; q++) {
+        const KnLoraSeg *s = &segs[q];
+        for (int64_t i = 0; i < s->n_rows; i++) {
+            int64_t r = s->row0 + i;
+            const float *xr = x + r * in, *f = NULL;
+            if (s->dropout > 0) {
+                dropout_row(s, i, xr, in, dropout_buf, dropout_buf + in);
+                f = dropout_buf;
+                xr = dropout_buf + in;
+            }
+            for (int k = 0; k < s->rank; k++) {
+                float g = gt[r * ld_t + k] * s->scale;
+                float *da = s->dA + (int64_t)k * in;
+                const float *a = s->A + (int64_t)k * in;
+                for (int64_t j = 0; j < in; j++) da[j] += g * xr[j];
+                if (dx && f)
+                    for (int64_t j = 0; j < in; j++) dx[r * in + j] += g * a[j] * f[j];
+                else if (dx)
+                    for (int64_t j = 0; j < in; j++) dx[r * in + j] += g * a[j];
+            }
+        }
+    }
+}
