@@ -95,7 +95,7 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     w->ids = (int32_t *)take(s, n);
     w->gx = take(s, LOGIT_ROWS * H);
     w->gdx = take(s, LOGIT_ROWS * H);
-    moe_tape_init(&w->moe_tape, t, take(s, moe_tape_floats(t)));
+    moe_tape_init(&w->moe_tape, t, take(s, moe_tape_floats(t, 1)), 1);
 }
 
 GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWorkspace **out, GfError *err) {
@@ -217,7 +217,7 @@ static void layer_forward(Model *m, GradWorkspace *w, const LoraBinding *b, int 
     if (t->moe) {
         m->be.ops->rmsnorm(&m->be.ctx, w->f, w->d, l->post_ff_ln1, n, H, eps);
         for (int64_t i = 0; i < n; i++) {
-            moe_forward(m, l, w->x1 + i * H, w->moe + i * H, &w->moe_tape);
+            moe_forward(m, l, w->x1 + i * H, w->moe + i * H, 1, &w->moe_tape);
             for (int64_t j = 0; j < H; j++) w->f[i * H + j] += w->moe[i * H + j];
         }
     } else {
@@ -304,8 +304,8 @@ static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int
     float *dd = w->df;
     if (t->moe) { /* f = norm1(d) + moe(x1) */
         for (int64_t i = 0; i < n; i++) {
-            moe_forward(m, l, w->x1 + i * H, w->moe + i * H, &w->moe_tape);
-            moe_backward(m, l, w->x1 + i * H, w->df + i * H, dx + i * H, &w->moe_tape);
+            moe_forward(m, l, w->x1 + i * H, w->moe + i * H, 1, &w->moe_tape);
+            moe_backward(m, l, w->x1 + i * H, w->df + i * H, dx + i * H, 1, &w->moe_tape);
         }
         zero(w->dh, n * H);
         m->be.ops->rmsnorm_dx(&m->be.ctx, w->dh, w->d, l->post_ff_ln1, w->df, n, H, eps);

@@ -27,6 +27,7 @@ typedef struct {
 } Batch;
 
 #define LOGIT_CHUNK 32         /* rows of logits materialized on the device at once */
+#define MOE_CHUNK 16           /* tokens of one MoE call (the tape's capacity) */
 
 typedef struct {
     float *x, *h, *a;          /* [n, H] residual stream, block output, gathered rows */
@@ -55,7 +56,7 @@ static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeT
     int64_t qw = t->n_heads * dmax;
     float *index;
     size_t sizes[] = {n * H, n * H, n * H, n * qw, n * qw, n * kvmax, n * kvmax, n * imax, n * imax,
-                      n * LP, n * LP, n * t->ple_dim, moe_tape_floats(t), (size_t)(n * max_rank),
+                      n * LP, n * LP, n * t->ple_dim, moe_tape_floats(t, MOE_CHUNK), (size_t)(n * max_rank),
                       (size_t)LOGIT_CHUNK * t->vocab_size, 2 * (size_t)n};
     float **slots[] = {&s->x, &s->h, &s->a, &s->q, &s->att, &s->k, &s->v, &s->gate, &s->up,
                        &s->ple, &s->ple_tok, &s->ple_g, &s->moe_buf, &s->lora_tmp, &s->logits, &index};
@@ -72,7 +73,7 @@ static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeT
     }
     s->ids = (int32_t *)index;
     s->pos = s->ids + n;
-    moe_tape_init(moe, t, s->moe_buf);
+    moe_tape_init(moe, t, s->moe_buf, MOE_CHUNK);
     return GF_OK;
 }
 
@@ -209,7 +210,8 @@ static void feed_forward(Model *m, const Batch *b, int li, Scratch *s, MoeTape *
     linear(m, b, s, s->h, s->gate, l->down, li, LORA_DOWN);
     if (t->moe) {
         m->be.ops->rmsnorm(&m->be.ctx, s->h, s->h, l->post_ff_ln1, n, H, t->rms_eps);
-        for (int64_t i = 0; i < n; i++) moe_forward(m, l, s->x + i * H, s->a + i * H, moe);
+        for (int64_t i = 0; i < n; i += MOE_CHUNK)
+            moe_forward(m, l, s->x + i * H, s->a + i * H, n - i < MOE_CHUNK ? n - i : MOE_CHUNK, moe);
         m->be.ops->add(&m->be.ctx, s->h, s->h, s->a, (size_t)(n * H));
     }
     m->be.ops->rmsnorm(&m->be.ctx, s->h, s->h, l->post_ff_ln, n, H, t->rms_eps);

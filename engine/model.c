@@ -176,6 +176,13 @@ static GfStatus bind_ffn(Model *m, int i, Layer *l, GfError *err) {
         bind_vector(m, NAME(n, "%slayers.%d.post_feedforward_layernorm_1.weight", p, i), H, &l->post_ff_ln1, err) ||
         bind_vector(m, NAME(n, "%slayers.%d.post_feedforward_layernorm_2.weight", p, i), H, &l->post_ff_ln2, err))
         return err->status;
+    l->router_in_scale = gf_malloc((size_t)H * sizeof(float), err);
+    if (!l->router_in_scale || keep(m, l->router_in_scale)) {
+        free(l->router_in_scale);
+        return GF_NO_MEMORY;
+    }
+    float hs = (float)(1.0 / sqrt((double)H));
+    for (int64_t k = 0; k < H; k++) l->router_in_scale[k] = l->router_scale[k] * hs;
     return GF_OK;
 }
 

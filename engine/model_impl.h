@@ -14,6 +14,7 @@ typedef struct {
     float *post_ple_ln;                                      /* [H] */
     KnMatrix router;                                         /* [E, H] */
     float *router_scale, *per_expert_scale;                  /* [H], [E] */
+    float *router_in_scale;                                  /* [H] router_scale / sqrt(H) */
     KnMatrix experts_gate_up, experts_down;                  /* [E*2Im, H], [E*H, Im] */
     float *pre_ff_ln2, *post_ff_ln1, *post_ff_ln2;           /* [H] */
     float *inv_freq;                                         /* [D/2] */
@@ -92,21 +93,24 @@ void model_embed_ids(const Model *m, const ModelInput *in, int32_t *ids);
 void model_ple_inputs(Model *m, const ModelInput *in, const int32_t *ids, const float *x0, float *ple, float *tok,
                       float *lora_tmp);
 
-/* The MoE block of one token (moe.c). A tape holds what the backward needs
- * and the scratch of both directions, cut from one buffer of
- * moe_tape_floats() floats (0 without MoE). */
+/* The MoE block of a run of tokens (moe.c). A tape holds what the backward
+ * needs for up to cap tokens and the scratch of both directions, cut from
+ * one device buffer of moe_tape_floats(t, cap) floats (0 without MoE). */
 typedef struct {
-    float *u0, *u2, *p, *dp, *gu, *mm, *yk, *y; /* [H], [H], [E], [E], [K, 2Im], [K, Im], [K, H], [H] */
-    float *dy, *du, *dgu, *dmm, *t;             /* [H], [H], [2Im], [Im], [Im] */
-    int idx[MOE_MAX_TOP_K];
-    float w[MOE_MAX_TOP_K], wsum;
+    int64_t cap;
+    float *u0, *rin, *u2, *y, *dy, *du;    /* [cap, H] */
+    float *p, *dp;                         /* [cap, E] router probabilities, their gradient */
+    float *w, *coef, *dc;                  /* [cap, K] chosen probabilities, coefficients, their gradient */
+    int32_t *idx;                          /* [cap, K] chosen experts */
+    float *gu, *mm, *yk;                   /* [cap, K, 2Im], [cap, K, Im], [cap, K, H] */
+    float *scratch;                        /* [4 Im] */
 } MoeTape;
-size_t moe_tape_floats(const TextConfig *t);
-void moe_tape_init(MoeTape *mt, const TextConfig *t, float *buf);
-/* out[H] = the block on the residual r[H] (out may not alias r). */
-void moe_forward(Model *m, const Layer *l, const float *r, float *out, MoeTape *mt);
-/* dr[H] += its gradient for dout[H]; call right after moe_forward at r. */
-void moe_backward(Model *m, const Layer *l, const float *r, const float *dout, float *dr, MoeTape *mt);
+size_t moe_tape_floats(const TextConfig *t, int64_t cap);
+void moe_tape_init(MoeTape *mt, const TextConfig *t, float *buf, int64_t cap);
+/* out[n, H] = the block on the residual rows r[n, H] (out may not alias r), n <= cap. */
+void moe_forward(Model *m, const Layer *l, const float *r, float *out, int64_t n, MoeTape *mt);
+/* dr[n, H] += its gradient for dout[n, H]; call right after moe_forward at r. */
+void moe_backward(Model *m, const Layer *l, const float *r, const float *dout, float *dr, int64_t n, MoeTape *mt);
 
 /* Helper of vision.c used by backward.c: the gradients of the tower's
  * adapters (lora's vision pairs, input_proj, embed_proj: their dA, dB

@@ -146,7 +146,8 @@ typedef struct {
     void (*embed_rows)(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale);
     /* y[n] = a + b (y may alias a or b) */
     void (*add)(const KnCtx *ctx, float *y, const float *a, const float *b, size_t n);
-    /* y[r, c] = a[r, c] * b[r * ld_b + c] over [rows, cols] (y may alias a) */
+    /* y[r, c] = a[r, c] * b[r * ld_b + c] over [rows, cols] (y may alias a;
+     * ld_b 0 broadcasts one row of b) */
     void (*mul)(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_b);
     /* x[n] *= s */
     void (*scale)(const KnCtx *ctx, float *x, size_t n, float s);
@@ -164,6 +165,21 @@ typedef struct {
      * 2 * in floats when a segment has dropout, else may be NULL */
     void (*lora_shrink)(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs,
                         int64_t in, float *dropout_buf);
+    /* mixture-of-experts routing of n tokens over E experts, K <= 256 per
+     * token: p[n, E] holds the router logits and becomes their softmax; the
+     * K most probable experts (lower index first among equals) into
+     * idx[n, K], their probabilities into w[n, K], and coef[n, K] =
+     * w / (sum of the token's w) * expert_scale[idx] */
+    void (*moe_route)(const KnCtx *ctx, int32_t *idx, float *w, float *coef, float *p, const float *expert_scale,
+                      int64_t n, int E, int K);
+    /* y[t] = sum_k coef[t, k] * down_e(gelu_tanh(g) * u) with [g, u] =
+     * gate_up_e(x[t]) and e = idx[t, k], for n tokens x[n, H]; the experts
+     * are stacked, gate_up [E * 2Im, H] and down [E * H, Im] (expert e's
+     * block starts at row e * 2Im, e * H). Keeps gu[n, K, 2Im] and
+     * yk[n, K, H] (each expert's output) for the backward; mm[n, K, Im] is
+     * scratch */
+    void (*moe_experts)(const KnCtx *ctx, float *y, const float *x, const int32_t *idx, const float *coef, float *gu,
+                        float *mm, float *yk, int64_t n, int K, KnMatrix gate_up, KnMatrix down);
     /* y[r, o] += sum_k t[r, k] B[o, k] for the rows of each segment */
     void (*lora_expand)(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
                         int64_t out);
@@ -176,6 +192,16 @@ typedef struct {
                        int64_t dim, float eps);
     /* dx[i] = dy[i] * gelu_tanh'(x[i]) (written, not accumulated) */
     void (*gelu_tanh_dx)(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n);
+    /* for dy[n, H] at moe_experts' x: dx[n, H] (written) through the
+     * experts' inputs, and dc[n, K] = dy . yk (the gradient of each coef);
+     * scratch holds 4 Im floats */
+    void (*moe_experts_dx)(const KnCtx *ctx, float *dx, float *dc, const float *dy, const float *gu, const float *yk,
+                           const int32_t *idx, const float *coef, float *scratch, int64_t n, int K, KnMatrix gate_up,
+                           KnMatrix down);
+    /* dlogits[n, E] (written): the gradient of moe_route's coefficients
+     * dc[n, K] through the renormalization and the softmax p[n, E] */
+    void (*moe_route_dx)(const KnCtx *ctx, float *dlogits, const float *dc, const int32_t *idx, const float *w,
+                         const float *p, const float *expert_scale, int64_t n, int E, int K);
     /* gt[r, k] = sum_o dy[r, o] B[o, k] (written); dB[o, k] += sum_r dy[r, o] t[r, k] */
     void (*lora_expand_dx)(const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t,
                            const KnLoraSeg *segs, int n_segs, int64_t out);

@@ -209,6 +209,23 @@ GUARDED(lora_shrink_dx,
          int n_segs, int64_t in, float *dropout_buf),
         (ctx, dx, gt, ld_t, x, segs, n_segs, in, dropout_buf))
 
+GUARDED(moe_route,
+        (const KnCtx *ctx, int32_t *idx, float *w, float *coef, float *p, const float *expert_scale, int64_t n, int E,
+         int K),
+        (ctx, idx, w, coef, p, expert_scale, n, E, K))
+GUARDED(moe_experts,
+        (const KnCtx *ctx, float *y, const float *x, const int32_t *idx, const float *coef, float *gu, float *mm,
+         float *yk, int64_t n, int K, KnMatrix gate_up, KnMatrix down),
+        (ctx, y, x, idx, coef, gu, mm, yk, n, K, gate_up, down))
+GUARDED(moe_experts_dx,
+        (const KnCtx *ctx, float *dx, float *dc, const float *dy, const float *gu, const float *yk, const int32_t *idx,
+         const float *coef, float *scratch, int64_t n, int K, KnMatrix gate_up, KnMatrix down),
+        (ctx, dx, dc, dy, gu, yk, idx, coef, scratch, n, K, gate_up, down))
+GUARDED(moe_route_dx,
+        (const KnCtx *ctx, float *dlogits, const float *dc, const int32_t *idx, const float *w, const float *p,
+         const float *expert_scale, int64_t n, int E, int K),
+        (ctx, dlogits, dc, idx, w, p, expert_scale, n, E, K))
+
 static const KnOps GUARDED_OPS = {
     .alloc = g_alloc,
     .free = g_free,
@@ -233,6 +250,10 @@ static const KnOps GUARDED_OPS = {
     .scale = g_scale,
     .rope_rows = g_rope_rows,
     .kv_store = g_kv_store,
+    .moe_route = g_moe_route,
+    .moe_experts = g_moe_experts,
+    .moe_experts_dx = g_moe_experts_dx,
+    .moe_route_dx = g_moe_route_dx,
     .lora_shrink = g_lora_shrink,
     .lora_expand = g_lora_expand,
     .lora_expand_dx = g_lora_expand_dx,

@@ -21,6 +21,21 @@ static inline int cpu_mask_visible(const KnMask *m, int64_t q, int64_t t) {
 /* Below this many multiply-adds, waking the pool costs more than it saves. */
 #define CPU_PARALLEL_MIN_WORK 65536
 
+/* cpu_ops.c, used by the fused kernels */
+void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
+void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n);
+
+/* cpu_moe.c */
+void cpu_moe_route_forward(const KnCtx *ctx, int32_t *idx, float *w, float *coef, float *p, const float *expert_scale,
+                           int64_t n, int E, int K);
+void cpu_moe_experts_forward(const KnCtx *ctx, float *y, const float *x, const int32_t *idx, const float *coef,
+                             float *gu, float *mm, float *yk, int64_t n, int K, KnMatrix gate_up, KnMatrix down);
+void cpu_moe_experts_backward(const KnCtx *ctx, float *dx, float *dc, const float *dy, const float *gu, const float *yk,
+                              const int32_t *idx, const float *coef, float *scratch, int64_t n, int K, KnMatrix gate_up,
+                              KnMatrix down);
+void cpu_moe_route_backward(const KnCtx *ctx, float *dlogits, const float *dc, const int32_t *idx, const float *w,
+                            const float *p, const float *expert_scale, int64_t n, int E, int K);
+
 /* cpu_grad.c */
 void cpu_matmul_backward(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n);
 void cpu_rmsnorm_backward(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n,

@@ -51,7 +51,7 @@ static void matmul_task(void *p, int ith, int nth) {
 }
 
 
-static void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
+void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
     MatmulTask t = {y, x, w, n};
     if (w.rows * w.cols * n < CPU_PARALLEL_MIN_WORK) matmul_task(&t, 0, 1);
     else kn_pool_run(ctx->pool, matmul_task, &t);
@@ -88,7 +88,7 @@ static void cpu_rope_forward(const KnCtx *ctx, float *x, int n_heads, int dim, c
     }
 }
 
-static void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n) {
+void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n) {
     (void)ctx;
     const float k = 0.7978845608028654f; /* sqrt(2/pi) */
     for (size_t i = 0; i < n; i++) {
@@ -206,6 +206,10 @@ const KnOps CPU_OPS = {
     .scale = cpu_scale_forward,
     .rope_rows = cpu_rope_rows_forward,
     .kv_store = cpu_kv_store_forward,
+    .moe_route = cpu_moe_route_forward,
+    .moe_experts = cpu_moe_experts_forward,
+    .moe_experts_dx = cpu_moe_experts_backward,
+    .moe_route_dx = cpu_moe_route_backward,
     .lora_shrink = cpu_lora_shrink_forward,
     .lora_expand = cpu_lora_expand_forward,
     .lora_expand_dx = cpu_lora_expand_backward,

@@ -576,6 +576,116 @@ static void test_lora(Dev *d) {
     free(A0); free(B0); free(A1); free(B1); free(x); free(y0);
 }
 
+/* ---- mixture of experts: routing against a double softmax and stable
+ * top-k, the experts against a double MLP, both backward ops against
+ * central differences with the chosen experts held fixed ---- */
+
+enum { ME = 6, MK = 2, MH = 12, MI = 5, MN = 3 };
+
+typedef struct { const float *gate_up, *down, *pes, *x, *logits; const int32_t *idx; const float *coef; int which; } MoeRef;
+
+static double ref_gelu1(double v) { return 0.5 * v * (1 + tanh(sqrt(2 / M_PI) * (v + 0.044715 * v * v * v))); }
+
+/* which 0: y[MN, MH] as a function of v = x (coef held); which 1: coef[MN, MK]
+ * as a function of v = logits (experts held). */
+static void ref_moe_of(double *y, const double *v, const void *c) {
+    const MoeRef *r = c;
+    for (int t = 0; t < MN; t++) {
+        if (r->which == 1) {
+            double mx = -INFINITY, sum = 0, p[ME], ws = 0;
+            for (int e = 0; e < ME; e++) mx = fmax(mx, v[t * ME + e]);
+            for (int e = 0; e < ME; e++) sum += (p[e] = exp(v[t * ME + e] - mx));
+            for (int k = 0; k < MK; k++) ws += p[r->idx[t * MK + k]] / sum;
+            for (int k = 0; k < MK; k++) y[t * MK + k] = p[r->idx[t * MK + k]] / sum / ws * r->pes[r->idx[t * MK + k]];
+            continue;
+        }
+        for (int o = 0; o < MH; o++) y[t * MH + o] = 0;
+        for (int k = 0; k < MK; k++) {
+            int e = r->idx[t * MK + k];
+            double g[2 * MI], mm[MI];
+            for (int i = 0; i < 2 * MI; i++) {
+                g[i] = 0;
+                for (int j = 0; j < MH; j++) g[i] += v[t * MH + j] * r->gate_up[(e * 2 * MI + i) * MH + j];
+            }
+            for (int i = 0; i < MI; i++) mm[i] = ref_gelu1(g[i]) * g[MI + i];
+            for (int o = 0; o < MH; o++) {
+                double acc = 0;
+                for (int i = 0; i < MI; i++) acc += mm[i] * r->down[(e * MH + o) * MI + i];
+                y[t * MH + o] += r->coef[t * MK + k] * acc;
+            }
+        }
+    }
+}
+
+static void test_moe(Dev *d) {
+    float *gate_up = rand_vec(ME * 2 * MI * MH), *down = rand_vec(ME * MH * MI), *pes = rand_vec(ME);
+    float *x = rand_vec(MN * MH), *logits = rand_vec(MN * ME);
+    for (int i = 0; i < MN * ME; i++) logits[i] *= 3.0f;
+    logits[ME + 4] = logits[ME + 1]; /* a tie: the lower index must win */
+    float *dp = dev_put(d, logits, F(MN * ME)), *dw = dev_poisoned(d, F(MN * MK)), *dcoef = dev_poisoned(d, F(MN * MK));
+    int32_t *didx = dev_poisoned(d, MN * MK * sizeof(int32_t)), idx[MN * MK];
+    float *dpes = dev_put(d, pes, F(ME)), coef[MN * MK], p[MN * ME];
+    d->be.ops->moe_route(&d->be.ctx, didx, dw, dcoef, dp, dpes, MN, ME, MK);
+    dev_get(d, idx, didx, sizeof idx);
+    dev_get(d, coef, dcoef, sizeof coef);
+    dev_get(d, p, dp, sizeof p);
+    int ok = 1;
+    double refc[MN * MK];
+    for (int t = 0; t < MN; t++) {
+        double mx = -INFINITY, sum = 0, pr[ME], ws = 0;
+        for (int e = 0; e < ME; e++) mx = fmax(mx, logits[t * ME + e]);
+        for (int e = 0; e < ME; e++) sum += (pr[e] = exp(logits[t * ME + e] - mx));
+        int want[MK];
+        for (int k = 0; k < MK; k++) {
+            want[k] = -1;
+            for (int e = 0; e < ME; e++)
+                if ((k == 0 || e != want[0]) && (want[k] < 0 || pr[e] > pr[want[k]])) want[k] = e;
+            ok &= idx[t * MK + k] == want[k];
+            ws += pr[want[k]] / sum;
+        }
+        for (int k = 0; k < MK; k++) refc[t * MK + k] = pr[want[k]] / sum / ws * pes[want[k]];
+    }
+    CHECK(ok, "moe_route picks the most probable experts, lower index first among equals%s", "");
+    EXPECT_CLOSE(coef, refc, MN * MK, 1e-6, "moe_route coefficients%s", "");
+    KnMatrix mgu = {dev_put(d, gate_up, F(ME * 2 * MI * MH)), KN_F32, ME * 2 * MI, MH, 0};
+    KnMatrix mdown = {dev_put(d, down, F(ME * MH * MI)), KN_F32, ME * MH, MI, 0};
+    float *dx = dev_put(d, x, F(MN * MH)), *dy = dev_poisoned(d, F(MN * MH)), *gu = dev_alloc(d, F(MN * MK * 2 * MI));
+    float *mm = dev_alloc(d, F(MN * MK * MI)), *yk = dev_alloc(d, F(MN * MK * MH)), y[MN * MH];
+    d->be.ops->moe_experts(&d->be.ctx, dy, dx, didx, dcoef, gu, mm, yk, MN, MK, mgu, mdown);
+    dev_get(d, y, dy, sizeof y);
+    MoeRef r = {gate_up, down, pes, x, logits, idx, coef, 0};
+    double ref[MN * MH], v[MN * MH];
+    for (int i = 0; i < MN * MH; i++) v[i] = x[i];
+    ref_moe_of(ref, v, &r);
+    EXPECT_CLOSE(y, ref, MN * MH, 1e-5, "moe_experts%s", "");
+    /* backward */
+    float *gy = rand_vec(MN * MH), gx[MN * MH], gc[MN * MK], gl[MN * ME];
+    float *dgx = dev_poisoned(d, F(MN * MH)), *dgc = dev_poisoned(d, F(MN * MK)), *dgl = dev_poisoned(d, F(MN * ME));
+    d->be.ops->moe_experts_dx(&d->be.ctx, dgx, dgc, dev_put(d, gy, F(MN * MH)), gu, yk, didx, dcoef,
+                              dev_alloc(d, F(4 * MI)), MN, MK, mgu, mdown);
+    dev_get(d, gx, dgx, sizeof gx);
+    dev_get(d, gc, dgc, sizeof gc);
+    double g[MN * ME > MN * MH ? MN * ME : MN * MH];
+    numeric_grad(g, ref_moe_of, &r, x, MN * MH, gy, MN * MH);
+    EXPECT_CLOSE(gx, g, MN * MH, 1e-5, "moe_experts_dx through the inputs%s", "");
+    double refdc[MN * MK];
+    float ykh[MN * MK * MH];
+    dev_get(d, ykh, yk, sizeof ykh);
+    for (int t = 0; t < MN; t++)
+        for (int k = 0; k < MK; k++) {
+            refdc[t * MK + k] = 0;
+            for (int o = 0; o < MH; o++) refdc[t * MK + k] += (double)gy[t * MH + o] * ykh[(t * MK + k) * MH + o];
+        }
+    EXPECT_CLOSE(gc, refdc, MN * MK, 1e-5, "moe_experts_dx coefficient gradients%s", "");
+    d->be.ops->moe_route_dx(&d->be.ctx, dgl, dgc, didx, dw, dp, dpes, MN, ME, MK);
+    dev_get(d, gl, dgl, sizeof gl);
+    r.which = 1;
+    numeric_grad(g, ref_moe_of, &r, logits, MN * ME, gc, MN * MK);
+    EXPECT_CLOSE(gl, g, MN * ME, 1e-5, "moe_route_dx through renormalization and softmax%s", "");
+    free(gate_up); free(down); free(pes); free(x); free(logits); free(gy);
+    dev_reset(d);
+}
+
 /* The guarded backend's promise: device memory faults when touched from
  * outside an op, and sealed buffers take no writes even inside one. */
 static void test_guarded_faults(void) {
@@ -619,6 +729,7 @@ int main(void) {
             test_rope_rows(&d);
             test_kv_store_embed_rows(&d);
             test_lora(&d);
+            test_moe(&d);
             dev_close(&d);
         }
     return check_done("test_ops");
