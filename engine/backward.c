@@ -12,6 +12,7 @@
 #include "model_impl.h"
 
 #define LOGIT_ROWS 8          /* rows of logits materialized at once */
+#define MOE_CHUNK 16          /* tokens of one MoE call */
 #define MAX_IMAGES 64         /* images in one training sequence */
 
 /* ---- workspace -------------------------------------------------------------- */
@@ -42,8 +43,12 @@ struct GradWorkspace {
     float *logits, *gx, *gdx;                                  /* [LOGIT_ROWS, V], [LOGIT_ROWS, H] x2 */
     float *xn, *dxn;                                           /* [n, H] */
     int32_t *ids;                                              /* [n] embedding rows */
+    int32_t *pos, *neg_pos;                                    /* [n] positions 0.., and their negatives */
+    int32_t *rows_idx, *targets;                               /* [LOGIT_ROWS] a chunk's rows and labels */
+    double *row_loss;                                          /* [LOGIT_ROWS] */
     MoeTape moe_tape;
-    float *slab;
+    KnBuffer slab;                                             /* every buffer above: device memory */
+    const KnBackend *be;
 };
 
 typedef struct {
@@ -93,9 +98,28 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     w->lora_tmp = take(s, n * 2 * (size_t)(w->max_rank > 0 ? w->max_rank : 1));
     w->logits = take(s, LOGIT_ROWS * (size_t)t->vocab_size);
     w->ids = (int32_t *)take(s, n);
+    w->pos = (int32_t *)take(s, n);
+    w->neg_pos = (int32_t *)take(s, n);
+    w->rows_idx = (int32_t *)take(s, LOGIT_ROWS);
+    w->targets = (int32_t *)take(s, LOGIT_ROWS);
+    w->row_loss = (double *)take(s, 2 * LOGIT_ROWS);
     w->gx = take(s, LOGIT_ROWS * H);
     w->gdx = take(s, LOGIT_ROWS * H);
-    moe_tape_init(&w->moe_tape, t, take(s, moe_tape_floats(t, 1)), 1);
+    moe_tape_init(&w->moe_tape, t, take(s, moe_tape_floats(t, MOE_CHUNK)), MOE_CHUNK);
+}
+
+/* Positions 0.. and their negatives (RoPE and its transpose), once. */
+static GfStatus upload_positions(Model *m, GradWorkspace *w, GfError *err) {
+    int32_t *p = gf_malloc((size_t)w->max_tokens * 2 * sizeof *p, err);
+    if (!p) return GF_NO_MEMORY;
+    for (int64_t i = 0; i < w->max_tokens; i++) {
+        p[i] = (int32_t)i;
+        p[w->max_tokens + i] = (int32_t)-i;
+    }
+    m->be.ops->upload(&m->be.ctx, w->pos, p, (size_t)w->max_tokens * sizeof *p);
+    m->be.ops->upload(&m->be.ctx, w->neg_pos, p + w->max_tokens, (size_t)w->max_tokens * sizeof *p);
+    free(p);
+    return GF_OK;
 }
 
 GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWorkspace **out, GfError *err) {
@@ -109,17 +133,24 @@ GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWork
     w->max_rank = max_rank;
     w->dK = gf_calloc((size_t)t->n_layers, sizeof *w->dK, err);
     w->dV = gf_calloc((size_t)t->n_layers, sizeof *w->dV, err);
+    w->be = &m->be;
     Slab s = {NULL, 0};
-    if (w->dK && w->dV) {
-        layout(m, w, &s);
-        w->slab = gf_malloc(s.used * sizeof(float), err);
-    }
-    if (!w->slab || kv_cache_init(&w->cache, &model_config(m)->text, model_backend(m), max_tokens, err)) {
+    if (!w->dK || !w->dV) {
         grad_workspace_free(w);
-        return err->status ? err->status : GF_NO_MEMORY;
+        return GF_NO_MEMORY;
     }
-    s = (Slab){w->slab, 0};
     layout(m, w, &s);
+    if (m->be.ops->alloc(&m->be.ctx, &w->slab, s.used * sizeof(float), KN_F32, "the training activations", err) ||
+        kv_cache_init(&w->cache, &model_config(m)->text, model_backend(m), max_tokens, err)) {
+        grad_workspace_free(w);
+        return err->status;
+    }
+    s = (Slab){w->slab.data, 0};
+    layout(m, w, &s);
+    if (upload_positions(m, w, err)) {
+        grad_workspace_free(w);
+        return err->status;
+    }
     *out = w;
     return GF_OK;
 }
@@ -141,7 +172,7 @@ void grad_workspace_free(GradWorkspace *w) {
     kv_cache_free(&w->cache);
     free(w->dK);
     free(w->dV);
-    free(w->slab);
+    if (w->be) w->be->ops->free(&w->be->ctx, &w->slab);
     free(w);
 }
 
@@ -171,7 +202,11 @@ static void linear_bwd(Model *m, GradWorkspace *w, const LoraBinding *b, float *
     if (p) lora_backward(&m->be, b, p, dx, dy, x, n, w->lora_tmp);
 }
 
-static void zero(float *x, int64_t n) { memset(x, 0, (size_t)n * sizeof(float)); }
+static void zero(Model *m, float *x, int64_t n) { m->be.ops->memset(&m->be.ctx, x, 0, (size_t)n * sizeof(float)); }
+
+static void copy(Model *m, float *dst, const float *src, int64_t n) {
+    m->be.ops->copy(&m->be.ctx, dst, src, (size_t)n * sizeof(float));
+}
 
 /* ---- one decoder layer ------------------------------------------------------------- */
 
@@ -195,10 +230,10 @@ static void layer_forward(Model *m, GradWorkspace *w, const LoraBinding *b, int 
     m->be.ops->rmsnorm(&m->be.ctx, w->h1, x, l->input_ln, n, H, eps);
     linear_fwd(m, w, b, w->qlin, w->h1, l->q, text_pair(b, li, LORA_Q), n);
     m->be.ops->rmsnorm(&m->be.ctx, w->qr, w->qlin, l->q_norm, n * NH, D, eps);
-    for (int64_t i = 0; i < n; i++) m->be.ops->rope(&m->be.ctx, w->qr + i * NH * D, (int)NH, (int)D, l->inv_freq, i);
+    m->be.ops->rope_rows(&m->be.ctx, w->qr, n, (int)NH, (int)D, D, l->inv_freq, w->pos, 1);
     if (!lc->kv_shared) {
         linear_fwd(m, w, b, w->klin, w->h1, l->k, text_pair(b, li, LORA_K), n);
-        if (lc->k_eq_v) memcpy(w->vlin, w->klin, (size_t)(n * KVH * D) * sizeof(float));
+        if (lc->k_eq_v) copy(m, w->vlin, w->klin, n * KVH * D);
         else linear_fwd(m, w, b, w->vlin, w->h1, l->v, text_pair(b, li, LORA_V), n);
     }
     KnMask mask = layer_mask(m, &w->cache, li);
@@ -206,37 +241,35 @@ static void layer_forward(Model *m, GradWorkspace *w, const LoraBinding *b, int 
     m->be.ops->attention(&m->be.ctx, w->att, w->qr, w->cache.own.k[src], w->cache.own.v[src], n, 0, n, (int)NH, (int)KVH, (int)D, 1.0f, &mask);
     linear_fwd(m, w, b, w->o, w->att, l->o, text_pair(b, li, LORA_O), n);
     m->be.ops->rmsnorm(&m->be.ctx, w->t, w->o, l->post_attn_ln, n, H, eps);
-    for (int64_t i = 0; i < n * H; i++) w->x1[i] = x[i] + w->t[i];
+    m->be.ops->add(&m->be.ctx, w->x1, x, w->t, (size_t)(n * H));
     m->be.ops->rmsnorm(&m->be.ctx, w->h2, w->x1, l->pre_ff_ln, n, H, eps);
     linear_fwd(m, w, b, w->g, w->h2, l->gate, text_pair(b, li, LORA_GATE), n);
     linear_fwd(m, w, b, w->u, w->h2, l->up, text_pair(b, li, LORA_UP), n);
-    memcpy(w->mm, w->g, (size_t)(n * I) * sizeof(float));
+    copy(m, w->mm, w->g, n * I);
     m->be.ops->gelu_tanh(&m->be.ctx, w->mm, (size_t)(n * I));
-    for (int64_t i = 0; i < n * I; i++) w->mm[i] *= w->u[i];
+    m->be.ops->mul(&m->be.ctx, w->mm, w->mm, w->u, n, I, I);
     linear_fwd(m, w, b, w->d, w->mm, l->down, text_pair(b, li, LORA_DOWN), n);
     if (t->moe) {
         m->be.ops->rmsnorm(&m->be.ctx, w->f, w->d, l->post_ff_ln1, n, H, eps);
-        for (int64_t i = 0; i < n; i++) {
-            moe_forward(m, l, w->x1 + i * H, w->moe + i * H, 1, &w->moe_tape);
-            for (int64_t j = 0; j < H; j++) w->f[i * H + j] += w->moe[i * H + j];
-        }
+        for (int64_t i = 0; i < n; i += MOE_CHUNK)
+            moe_forward(m, l, w->x1 + i * H, w->moe + i * H, n - i < MOE_CHUNK ? n - i : MOE_CHUNK, &w->moe_tape);
+        m->be.ops->add(&m->be.ctx, w->f, w->f, w->moe, (size_t)(n * H));
     } else {
-        memcpy(w->f, w->d, (size_t)(n * H) * sizeof(float));
+        copy(m, w->f, w->d, n * H);
     }
     m->be.ops->rmsnorm(&m->be.ctx, w->t, w->f, l->post_ff_ln, n, H, eps);
-    for (int64_t i = 0; i < n * H; i++) w->x2[i] = w->x1[i] + w->t[i];
-    memcpy(w->out, w->x2, (size_t)(n * H) * sizeof(float));
+    m->be.ops->add(&m->be.ctx, w->x2, w->x1, w->t, (size_t)(n * H));
+    copy(m, w->out, w->x2, n * H);
     if (P) {
         linear_fwd(m, w, b, w->pg, w->x2, l->ple_gate, text_pair(b, li, LORA_PLE_GATE), n);
-        memcpy(w->pm, w->pg, (size_t)(n * P) * sizeof(float));
+        copy(m, w->pm, w->pg, n * P);
         m->be.ops->gelu_tanh(&m->be.ctx, w->pm, (size_t)(n * P));
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t p = 0; p < P; p++) w->pm[i * P + p] *= w->ple[(i * L + li) * P + p];
+        m->be.ops->mul(&m->be.ctx, w->pm, w->pm, w->ple + li * P, n, P, L * P);
         linear_fwd(m, w, b, w->pp, w->pm, l->ple_proj, text_pair(b, li, LORA_PLE_PROJ), n);
         m->be.ops->rmsnorm(&m->be.ctx, w->t, w->pp, l->post_ple_ln, n, H, eps);
-        for (int64_t i = 0; i < n * H; i++) w->out[i] += w->t[i];
+        m->be.ops->add(&m->be.ctx, w->out, w->out, w->t, (size_t)(n * H));
     }
-    for (int64_t i = 0; i < n * H; i++) w->out[i] *= l->layer_scalar;
+    m->be.ops->scale(&m->be.ctx, w->out, (size_t)(n * H), l->layer_scalar);
 }
 
 /* Attention backward from d(o) in w->dh2 to d(h1) in w->dh (written). */
@@ -247,26 +280,26 @@ static void attention_backward(Model *m, GradWorkspace *w, const LoraBinding *b,
     int64_t H = t->hidden_size, D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
     float eps = t->rms_eps;
     int src = lc->store_layer;
-    zero(w->dqlin, n * NH * D); /* d(att) first */
+    zero(m, w->dqlin, n * NH * D); /* d(att) first */
     linear_bwd(m, w, b, w->dqlin, w->dh2, w->att, l->o, text_pair(b, li, LORA_O), n);
     KnMask mask = layer_mask(m, &w->cache, li);
     m->be.ops->attention_dx(&m->be.ctx, w->dq, w->dK[src], w->dV[src], w->qr, w->cache.own.k[src], w->cache.own.v[src], w->dqlin, n, 0,
                          n, (int)NH, (int)KVH, (int)D, 1.0f, &mask);
-    for (int64_t i = 0; i < n; i++) m->be.ops->rope(&m->be.ctx, w->dq + i * NH * D, (int)NH, (int)D, l->inv_freq, -i); /* R^T = R(-pos) */
-    zero(w->dqlin, n * NH * D);
+    m->be.ops->rope_rows(&m->be.ctx, w->dq, n, (int)NH, (int)D, D, l->inv_freq, w->neg_pos, 1); /* R^T = R(-pos) */
+    zero(m, w->dqlin, n * NH * D);
     m->be.ops->rmsnorm_dx(&m->be.ctx, w->dqlin, w->qlin, l->q_norm, w->dq, n * NH, D, eps);
-    zero(w->dh, n * H);
+    zero(m, w->dh, n * H);
     linear_bwd(m, w, b, w->dh, w->dqlin, w->h1, l->q, text_pair(b, li, LORA_Q), n);
     if (lc->kv_shared) return;
     /* this layer stores K/V: dK, dV now hold the gradients of every layer reading them */
     float *dk = w->dK[li], *dv = w->dV[li];
-    for (int64_t i = 0; i < n; i++) m->be.ops->rope(&m->be.ctx, dk + i * KVH * D, (int)KVH, (int)D, l->inv_freq, -i);
-    zero(w->dklin, n * KVH * D);
-    zero(w->dvlin, n * KVH * D);
+    m->be.ops->rope_rows(&m->be.ctx, dk, n, (int)KVH, (int)D, D, l->inv_freq, w->neg_pos, 1);
+    zero(m, w->dklin, n * KVH * D);
+    zero(m, w->dvlin, n * KVH * D);
     m->be.ops->rmsnorm_dx(&m->be.ctx, w->dklin, w->klin, l->k_norm, dk, n * KVH, D, eps);
     m->be.ops->rmsnorm_dx(&m->be.ctx, w->dvlin, w->vlin, NULL, dv, n * KVH, D, eps);
     if (lc->k_eq_v) {
-        for (int64_t i = 0; i < n * KVH * D; i++) w->dklin[i] += w->dvlin[i];
+        m->be.ops->add(&m->be.ctx, w->dklin, w->dklin, w->dvlin, (size_t)(n * KVH * D));
     } else {
         linear_bwd(m, w, b, w->dh, w->dvlin, w->h1, l->v, text_pair(b, li, LORA_V), n);
     }
@@ -281,53 +314,47 @@ static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int
     int64_t H = t->hidden_size, I = lc->intermediate, P = t->ple_dim, L = t->n_layers;
     float eps = t->rms_eps;
     float *dx = w->dx;
-    for (int64_t i = 0; i < n * H; i++) dx[i] *= l->layer_scalar;
+    m->be.ops->scale(&m->be.ctx, dx, (size_t)(n * H), l->layer_scalar);
     if (P) { /* out = x2 + norm(proj(gelu(gate(x2)) * ple)) */
-        zero(w->dh, n * H);
+        zero(m, w->dh, n * H);
         m->be.ops->rmsnorm_dx(&m->be.ctx, w->dh, w->pp, l->post_ple_ln, dx, n, H, eps);
-        zero(w->dP1, n * P);
+        zero(m, w->dP1, n * P);
         linear_bwd(m, w, b, w->dP1, w->dh, w->pm, l->ple_proj, text_pair(b, li, LORA_PLE_PROJ), n);
-        memcpy(w->dP2, w->pg, (size_t)(n * P) * sizeof(float));
+        copy(m, w->dP2, w->pg, n * P);
         m->be.ops->gelu_tanh(&m->be.ctx, w->dP2, (size_t)(n * P));
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t p = 0; p < P; p++) {
-                int64_t j = i * P + p, k = (i * L + li) * P + p;
-                w->dple[k] += w->dP1[j] * w->dP2[j];
-                w->dP1[j] *= w->ple[k];
-            }
+        m->be.ops->mul_acc(&m->be.ctx, w->dple + li * P, w->dP1, w->dP2, n, P, L * P);
+        m->be.ops->mul(&m->be.ctx, w->dP1, w->dP1, w->ple + li * P, n, P, L * P);
         m->be.ops->gelu_tanh_dx(&m->be.ctx, w->dP2, w->pg, w->dP1, (size_t)(n * P));
         linear_bwd(m, w, b, dx, w->dP2, w->x2, l->ple_gate, text_pair(b, li, LORA_PLE_GATE), n);
     }
     /* x2 = x1 + norm(f) */
-    zero(w->df, n * H);
+    zero(m, w->df, n * H);
     m->be.ops->rmsnorm_dx(&m->be.ctx, w->df, w->f, l->post_ff_ln, dx, n, H, eps);
     float *dd = w->df;
     if (t->moe) { /* f = norm1(d) + moe(x1) */
-        for (int64_t i = 0; i < n; i++) {
-            moe_forward(m, l, w->x1 + i * H, w->moe + i * H, 1, &w->moe_tape);
-            moe_backward(m, l, w->x1 + i * H, w->df + i * H, dx + i * H, 1, &w->moe_tape);
+        for (int64_t i = 0; i < n; i += MOE_CHUNK) {
+            int64_t c = n - i < MOE_CHUNK ? n - i : MOE_CHUNK;
+            moe_forward(m, l, w->x1 + i * H, w->moe + i * H, c, &w->moe_tape);
+            moe_backward(m, l, w->x1 + i * H, w->df + i * H, dx + i * H, c, &w->moe_tape);
         }
-        zero(w->dh, n * H);
+        zero(m, w->dh, n * H);
         m->be.ops->rmsnorm_dx(&m->be.ctx, w->dh, w->d, l->post_ff_ln1, w->df, n, H, eps);
         dd = w->dh;
     }
     /* d = down(gelu(gate(h2)) * up(h2)) */
-    zero(w->dI1, n * I);
+    zero(m, w->dI1, n * I);
     linear_bwd(m, w, b, w->dI1, dd, w->mm, l->down, text_pair(b, li, LORA_DOWN), n);
-    memcpy(w->dI2, w->g, (size_t)(n * I) * sizeof(float));
+    copy(m, w->dI2, w->g, n * I);
     m->be.ops->gelu_tanh(&m->be.ctx, w->dI2, (size_t)(n * I));
-    for (int64_t i = 0; i < n * I; i++) {
-        float dm = w->dI1[i];
-        w->dI1[i] = dm * w->u[i];   /* d gelu(g) */
-        w->dI2[i] = dm * w->dI2[i]; /* d u */
-    }
+    m->be.ops->mul(&m->be.ctx, w->dI2, w->dI1, w->dI2, n, I, I); /* d u */
+    m->be.ops->mul(&m->be.ctx, w->dI1, w->dI1, w->u, n, I, I);   /* d gelu(g) */
     m->be.ops->gelu_tanh_dx(&m->be.ctx, w->dI1, w->g, w->dI1, (size_t)(n * I));
-    zero(w->dh2, n * H);
+    zero(m, w->dh2, n * H);
     linear_bwd(m, w, b, w->dh2, w->dI1, w->h2, l->gate, text_pair(b, li, LORA_GATE), n);
     linear_bwd(m, w, b, w->dh2, w->dI2, w->h2, l->up, text_pair(b, li, LORA_UP), n);
     m->be.ops->rmsnorm_dx(&m->be.ctx, dx, w->x1, l->pre_ff_ln, w->dh2, n, H, eps);
     /* x1 = x + norm(attention(norm(x))) */
-    zero(w->dh2, n * H);
+    zero(m, w->dh2, n * H);
     m->be.ops->rmsnorm_dx(&m->be.ctx, w->dh2, w->o, l->post_attn_ln, dx, n, H, eps);
     attention_backward(m, w, b, li, n);
     m->be.ops->rmsnorm_dx(&m->be.ctx, dx, x, l->input_ln, w->dh, n, H, eps);
@@ -335,32 +362,46 @@ static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int
 
 /* ---- loss ------------------------------------------------------------------------ */
 
-/* Softcapped logits of LOGIT_ROWS rows at most: the rows' losses and, when
- * grad, their gradients (times scale) d(xn rows) into w->gdx. */
+/* The loss of rows (<= LOGIT_ROWS) of normed outputs already gathered in
+ * w->gx against targets (host), through the tied lm_head and the softcap;
+ * with grad, their gradients (times scale) d(rows) into w->gdx. */
 static double loss_rows(Model *m, GradWorkspace *w, const int32_t *targets, int64_t rows, float scale, int grad) {
     const TextConfig *t = &m->cfg.text;
     int64_t V = t->vocab_size, H = t->hidden_size;
-    float cap = t->final_softcap;
+    double row_loss[LOGIT_ROWS], loss = 0.0;
+    m->be.ops->upload(&m->be.ctx, w->targets, targets, (size_t)rows * sizeof *targets);
     m->be.ops->matmul(&m->be.ctx, w->logits, w->gx, m->embed, rows);
+    m->be.ops->xent_softcap(&m->be.ctx, w->row_loss, w->logits, w->targets, rows, V, t->final_softcap, scale, grad);
+    m->be.ops->download(&m->be.ctx, row_loss, w->row_loss, (size_t)rows * sizeof *row_loss);
+    for (int64_t r = 0; r < rows; r++) loss += row_loss[r];
+    if (!grad) return loss;
+    zero(m, w->gdx, rows * H);
+    m->be.ops->matmul_dx(&m->be.ctx, w->gdx, w->logits, m->embed, rows);
+    return loss;
+}
+
+/* The loss of every trained position of the normed outputs xn[n, H], in
+ * chunks of LOGIT_ROWS rows; with grad, d(xn) into w->dxn (zeroed first). */
+static double loss_chunks(Model *m, GradWorkspace *w, const TrainSequence *s, const float *xn, float scale, int grad) {
+    int64_t n = s->n, H = m->cfg.text.hidden_size, k = 0;
+    int32_t rows[LOGIT_ROWS], targets[LOGIT_ROWS];
     double loss = 0.0;
-    for (int64_t r = 0; r < rows; r++) {
-        float *z = w->logits + r * V;
-        if (cap > 0) m->be.ops->softcap(&m->be.ctx, z, (size_t)V, cap);
-        float mx = z[0];
-        for (int64_t v = 1; v < V; v++) mx = z[v] > mx ? z[v] : mx;
-        double sum = 0.0;
-        for (int64_t v = 0; v < V; v++) sum += exp((double)(z[v] - mx));
-        double lse = (double)mx + log(sum);
-        loss += lse - (double)z[targets[r]];
-        for (int64_t v = 0; grad && v < V; v++) {
-            float g = (float)exp((double)z[v] - lse) - (v == targets[r] ? 1.0f : 0.0f);
-            if (cap > 0) g *= 1.0f - (z[v] / cap) * (z[v] / cap); /* d cap tanh(l / cap) / dl */
-            z[v] = g * scale;
+    if (grad) zero(m, w->dxn, n * H);
+    for (int64_t i = 0; i < n; i++) {
+        int last = i + 1 == n;
+        if (!last && s->labels[i + 1] != -100) {
+            rows[k] = (int32_t)i;
+            targets[k] = s->labels[i + 1];
+            k++;
+        }
+        if (k == LOGIT_ROWS || (last && k > 0)) {
+            m->be.ops->upload(&m->be.ctx, w->rows_idx, rows, (size_t)k * sizeof *rows);
+            m->be.ops->rows_gather(&m->be.ctx, w->gx, xn, w->rows_idx, k, H);
+            loss += loss_rows(m, w, targets, k, scale, grad);
+            if (grad) m->be.ops->rows_scatter(&m->be.ctx, w->dxn, w->gdx, w->rows_idx, k, H);
+            k = 0;
         }
     }
-    if (!grad) return loss;
-    zero(w->gdx, rows * H);
-    m->be.ops->matmul_dx(&m->be.ctx, w->gdx, w->logits, m->embed, rows);
     return loss;
 }
 
@@ -369,26 +410,8 @@ static double loss_backward(Model *m, GradWorkspace *w, const TrainSequence *s, 
     const TextConfig *t = &m->cfg.text;
     int64_t n = s->n, H = t->hidden_size;
     m->be.ops->rmsnorm(&m->be.ctx, w->xn, xL, m->final_norm, n, H, t->rms_eps);
-    zero(w->dxn, n * H);
-    double loss = 0.0;
-    int64_t rows[LOGIT_ROWS];
-    int32_t targets[LOGIT_ROWS];
-    int64_t k = 0;
-    for (int64_t i = 0; i < n; i++) {
-        int last = i + 1 == n;
-        if (!last && s->labels[i + 1] != -100) {
-            rows[k] = i;
-            targets[k] = s->labels[i + 1];
-            memcpy(w->gx + k * H, w->xn + i * H, (size_t)H * sizeof(float));
-            k++;
-        }
-        if (k == LOGIT_ROWS || (last && k > 0)) {
-            loss += loss_rows(m, w, targets, k, scale, 1);
-            for (int64_t r = 0; r < k; r++) memcpy(w->dxn + rows[r] * H, w->gdx + r * H, (size_t)H * sizeof(float));
-            k = 0;
-        }
-    }
-    zero(w->dx, n * H);
+    double loss = loss_chunks(m, w, s, w->xn, scale, 1);
+    zero(m, w->dx, n * H);
     m->be.ops->rmsnorm_dx(&m->be.ctx, w->dx, xL, m->final_norm, w->dxn, n, H, t->rms_eps);
     return loss;
 }
@@ -404,14 +427,12 @@ static void ple_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int64
     float ctx_scale = (float)(1.0 / sqrt((double)H)), mix = (float)(1.0 / sqrt(2.0));
     m->be.ops->matmul(&m->be.ctx, w->ple_buf, x0, m->ple_model_proj, n);
     if (p) lora_apply(&m->be, b, p, w->ple_buf, x0, n, w->lora_tmp);
-    for (int64_t i = 0; i < n * L * P; i++) {
-        w->ple_buf[i] *= ctx_scale;
-        w->dple[i] *= mix;
-    }
+    m->be.ops->scale(&m->be.ctx, w->ple_buf, (size_t)(n * L * P), ctx_scale);
+    m->be.ops->scale(&m->be.ctx, w->dple, (size_t)(n * L * P), mix);
     float *dproj = w->ple; /* the per-layer inputs are no longer needed */
-    zero(dproj, n * L * P);
+    zero(m, dproj, n * L * P);
     m->be.ops->rmsnorm_dx(&m->be.ctx, dproj, w->ple_buf, m->ple_norm, w->dple, n * L, P, t->rms_eps);
-    for (int64_t i = 0; i < n * L * P; i++) dproj[i] *= ctx_scale;
+    m->be.ops->scale(&m->be.ctx, dproj, (size_t)(n * L * P), ctx_scale);
     linear_bwd(m, w, b, dx0, dproj, x0, m->ple_model_proj, p, n);
 }
 
@@ -453,8 +474,12 @@ static GfStatus images_backward(Model *m, GradWorkspace *w, const LoraBinding *b
     const GemmaConfig *g = &m->cfg;
     int64_t H = g->text.hidden_size, pp = 3 * (int64_t)g->vision.patch_size * g->vision.patch_size, k = 0;
     float *dsoft = w->soft; /* the soft tokens themselves are no longer needed */
-    for (int64_t i = 0; i < s->n; i++)
-        if (s->ids[i] == g->image_token_id) memcpy(dsoft + (k++) * H, w->dx + i * H, (size_t)H * sizeof(float));
+    for (int64_t i = 0, j; i < s->n; i = j) { /* runs of placeholders */
+        for (j = i + 1; j < s->n && (s->ids[i] == g->image_token_id) == (s->ids[j] == g->image_token_id);) j++;
+        if (s->ids[i] != g->image_token_id) continue;
+        copy(m, dsoft + k * H, w->dx + i * H, (j - i) * H);
+        k += j - i;
+    }
     for (int im = 0, used = 0; im < s->n_images; im++) {
         int64_t count = w->soft_counts[im];
         if (model_vision_backward(m, b, s->pixels + im * s->n_patches * pp, s->positions + im * s->n_patches * 2,
@@ -498,7 +523,7 @@ static GfStatus forward_tape(Model *m, GradWorkspace *w, const LoraBinding *b, c
     if (s->n_images && images_forward(m, w, b, s, n_soft, err)) return err->status;
     *in = (ModelInput){.ids = s->ids, .mm_type = s->mm_type, .soft_tokens = *n_soft ? w->soft : NULL, .n = s->n, .lora = b};
     kv_cache_reset(&w->cache);
-    return model_forward(m, &w->cache, in, NULL, w->hidden, err);
+    return model_forward_hidden(m, &w->cache, in, w->hidden, err);
 }
 
 GfStatus model_loss(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, double *loss_sum,
@@ -509,20 +534,7 @@ GfStatus model_loss(Model *m, GradWorkspace *w, const LoraBinding *b, const Trai
     *loss_sum = 0.0;
     *n_targets = 0;
     if (check_sequence(m, w, b, s, err) || forward_tape(m, w, b, s, &n_soft, &in, err)) return err->status;
-    const float *xn = w->hidden + t->n_layers * n * H;
-    int32_t targets[LOGIT_ROWS];
-    int64_t k = 0;
-    for (int64_t i = 0; i + 1 < n; i++) {
-        if (s->labels[i + 1] != -100) {
-            targets[k] = s->labels[i + 1];
-            memcpy(w->gx + k * H, xn + i * H, (size_t)H * sizeof(float));
-            k++;
-        }
-        if (k == LOGIT_ROWS || (i + 2 == n && k > 0)) {
-            *loss_sum += loss_rows(m, w, targets, k, 0.0f, 0);
-            k = 0;
-        }
-    }
+    *loss_sum = loss_chunks(m, w, s, w->hidden + t->n_layers * n * H, 0.0f, 0);
     *n_targets = train_sequence_targets(s);
     return GF_OK;
 }
@@ -539,13 +551,13 @@ GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const 
     if (P) {
         model_embed_ids(m, &in, w->ids);
         model_ple_inputs(m, &in, w->ids, w->hidden, w->ple, w->ple_buf, w->lora_tmp);
-        zero(w->dple, n * L * P);
+        zero(m, w->dple, n * L * P);
     }
     for (int64_t li = 0; li < L; li++)
         if (w->dK[li]) {
             const LayerConfig *lc = &t->layers[li];
-            zero(w->dK[li], n * lc->kv_heads * lc->head_dim);
-            zero(w->dV[li], n * lc->kv_heads * lc->head_dim);
+            zero(m, w->dK[li], n * lc->kv_heads * lc->head_dim);
+            zero(m, w->dV[li], n * lc->kv_heads * lc->head_dim);
         }
     /* backward, one re-run layer at a time */
     for (int64_t li = L - 1; li >= 0; li--) {

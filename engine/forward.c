@@ -357,7 +357,17 @@ static void batch_embed(Model *m, const Batch *b, Scratch *s) {
     }
 }
 
-static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, float *logits, float *hidden, GfError *err) {
+/* The batch's residual stream x[n, H] after a layer into layer slot li of
+ * hidden [(L + 1), n, H]: host memory (download) or device (copy). */
+static void keep_hidden(Model *m, float *hidden, int on_device, int64_t li, const float *x, int64_t n) {
+    int64_t H = m->cfg.text.hidden_size;
+    size_t bytes = (size_t)(n * H) * sizeof(float);
+    if (on_device) m->be.ops->copy(&m->be.ctx, hidden + li * n * H, x, bytes);
+    else m->be.ops->download(&m->be.ctx, hidden + li * n * H, x, bytes);
+}
+
+static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, float *logits, float *hidden, int hidden_on_device,
+                              GfError *err) {
     const TextConfig *t = &m->cfg.text;
     int64_t H = t->hidden_size, L = t->n_layers;
     Batch b = {0};
@@ -368,26 +378,30 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, float *logit
         return err->status;
     batch_embed(m, &b, &s);
     int64_t n = b.n;
-    size_t layer_bytes = (size_t)(n * H) * sizeof(float);
-    if (hidden) m->be.ops->download(&m->be.ctx, hidden, s.x, layer_bytes);
+    if (hidden) keep_hidden(m, hidden, hidden_on_device, 0, s.x, n);
     for (int li = 0; li < L; li++) {
         decoder_layer(m, &b, li, &s, &moe);
-        if (hidden && li < L - 1) m->be.ops->download(&m->be.ctx, hidden + (li + 1) * n * H, s.x, layer_bytes);
+        if (hidden && li < L - 1) keep_hidden(m, hidden, hidden_on_device, li + 1, s.x, n);
     }
     m->be.ops->rmsnorm(&m->be.ctx, s.x, s.x, m->final_norm, n, H, t->rms_eps);
-    if (hidden) m->be.ops->download(&m->be.ctx, hidden + L * n * H, s.x, layer_bytes);
+    if (hidden) keep_hidden(m, hidden, hidden_on_device, L, s.x, n);
     for (int q = 0; q < n_seqs; q++) seqs[q].cache->n_past += seqs[q].in.n;
     if (logits) batch_logits(m, &b, &s, logits);
     return m->be.ops->synchronize(&m->be.ctx, err);
 }
 
 GfStatus model_forward_batch(Model *m, ModelSeq *seqs, int n_seqs, float *logits, GfError *err) {
-    return forward_batch(m, seqs, n_seqs, logits, NULL, err);
+    return forward_batch(m, seqs, n_seqs, logits, NULL, 0, err);
 }
 
 GfStatus model_forward(Model *m, KvCache *c, const ModelInput *in, float *logits, float *hidden, GfError *err) {
     ModelSeq one = {c, *in};
-    return forward_batch(m, &one, 1, logits, hidden, err);
+    return forward_batch(m, &one, 1, logits, hidden, 0, err);
+}
+
+GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, GfError *err) {
+    ModelSeq one = {c, *in};
+    return forward_batch(m, &one, 1, NULL, hidden, 1, err);
 }
 
 static int is_eos(const TextConfig *t, int32_t id) {

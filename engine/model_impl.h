@@ -82,6 +82,9 @@ int model_keep(Model *m, void *p);
 GfStatus vision_bind(Model *m, GfError *err);
 
 /* Helpers of forward.c used by backward.c. */
+/* model_forward with the hidden states [(L + 1), n, H] kept in device
+ * memory (the training forward's layer checkpoints), no logits. */
+GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, GfError *err);
 /* 1 image, 2 video, 3 audio placeholder, 0 text. */
 int model_mm_kind(const GemmaConfig *c, int32_t id);
 /* The embedding row of each token of in (placeholders look up the pad

@@ -149,6 +149,18 @@ typedef struct {
     /* y[r, c] = a[r, c] * b[r * ld_b + c] over [rows, cols] (y may alias a;
      * ld_b 0 broadcasts one row of b) */
     void (*mul)(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_b);
+    /* y[r * ld_y + c] += a[r, c] * b[r, c] over [rows, cols] */
+    void (*mul_acc)(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_y);
+    /* out[i] = src row idx[i], for n rows of dim floats */
+    void (*rows_gather)(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
+    /* out row idx[i] = src[i], for n rows of dim floats (distinct idx) */
+    void (*rows_scatter)(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
+    /* The cross-entropy of rows of logits z[rows, V] against targets[rows],
+     * after cap * tanh(z / cap) when cap > 0: loss[r] = logsumexp - z[target]
+     * (double). With grad, z is replaced by scale * d(loss)/d(z before the
+     * cap); without, z is left softcapped. */
+    void (*xent_softcap)(const KnCtx *ctx, double *loss, float *z, const int32_t *targets, int64_t rows, int64_t V,
+                         float cap, float scale, int grad);
     /* x[n] *= s */
     void (*scale)(const KnCtx *ctx, float *x, size_t n, float s);
     /* rope at each row's own position, in place on x [n_rows, n_heads, *]:

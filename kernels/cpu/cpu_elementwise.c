@@ -61,3 +61,20 @@ void cpu_embed_rows_forward(const KnCtx *ctx, float *out, KnMatrix table, const 
         for (int64_t c = 0; c < table.cols; c++) o[c] *= scale;
     }
 }
+
+void cpu_mul_acc_forward(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols,
+                         int64_t ld_y) {
+    (void)ctx;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) y[r * ld_y + c] += a[r * cols + c] * b[r * cols + c];
+}
+
+void cpu_rows_gather_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
+    (void)ctx;
+    for (int64_t i = 0; i < n; i++) memcpy(out + i * dim, src + (int64_t)idx[i] * dim, (size_t)dim * sizeof(float));
+}
+
+void cpu_rows_scatter_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
+    (void)ctx;
+    for (int64_t i = 0; i < n; i++) memcpy(out + (int64_t)idx[i] * dim, src + i * dim, (size_t)dim * sizeof(float));
+}

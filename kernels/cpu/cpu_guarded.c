@@ -226,6 +226,17 @@ GUARDED(moe_route_dx,
          const float *expert_scale, int64_t n, int E, int K),
         (ctx, dlogits, dc, idx, w, p, expert_scale, n, E, K))
 
+GUARDED(mul_acc, (const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_y),
+        (ctx, y, a, b, rows, cols, ld_y))
+GUARDED(rows_gather, (const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim),
+        (ctx, out, src, idx, n, dim))
+GUARDED(rows_scatter, (const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim),
+        (ctx, out, src, idx, n, dim))
+GUARDED(xent_softcap,
+        (const KnCtx *ctx, double *loss, float *z, const int32_t *targets, int64_t rows, int64_t V, float cap,
+         float scale, int grad),
+        (ctx, loss, z, targets, rows, V, cap, scale, grad))
+
 static const KnOps GUARDED_OPS = {
     .alloc = g_alloc,
     .free = g_free,
@@ -248,6 +259,10 @@ static const KnOps GUARDED_OPS = {
     .add = g_add,
     .mul = g_mul,
     .scale = g_scale,
+    .mul_acc = g_mul_acc,
+    .rows_gather = g_rows_gather,
+    .rows_scatter = g_rows_scatter,
+    .xent_softcap = g_xent_softcap,
     .rope_rows = g_rope_rows,
     .kv_store = g_kv_store,
     .moe_route = g_moe_route,

@@ -24,6 +24,11 @@ static inline int cpu_mask_visible(const KnMask *m, int64_t q, int64_t t) {
 /* cpu_ops.c, used by the fused kernels */
 void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
 void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n);
+void cpu_softcap_forward(const KnCtx *ctx, float *x, size_t n, float cap);
+
+/* cpu_loss.c */
+void cpu_xent_softcap_forward(const KnCtx *ctx, double *loss, float *z, const int32_t *targets, int64_t rows, int64_t V,
+                              float cap, float scale, int grad);
 
 /* cpu_moe.c */
 void cpu_moe_route_forward(const KnCtx *ctx, int32_t *idx, float *w, float *coef, float *p, const float *expert_scale,
@@ -54,6 +59,10 @@ void cpu_rope_rows_forward(const KnCtx *ctx, float *x, int64_t n_rows, int n_hea
                            const float *inv_freq, const int32_t *pos, int64_t pos_stride);
 void cpu_kv_store_forward(const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats,
                           const int32_t *table, int64_t block_len, int64_t pos0);
+void cpu_mul_acc_forward(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols,
+                         int64_t ld_y);
+void cpu_rows_gather_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
+void cpu_rows_scatter_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
 void cpu_embed_rows_forward(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale);
 
 /* cpu_lora.c */

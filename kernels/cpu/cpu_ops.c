@@ -97,7 +97,7 @@ void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n) {
     }
 }
 
-static void cpu_softcap_forward(const KnCtx *ctx, float *x, size_t n, float cap) {
+void cpu_softcap_forward(const KnCtx *ctx, float *x, size_t n, float cap) {
     (void)ctx;
     for (size_t i = 0; i < n; i++) x[i] = cap * tanhf(x[i] / cap);
 }
@@ -204,6 +204,10 @@ const KnOps CPU_OPS = {
     .add = cpu_add_forward,
     .mul = cpu_mul_forward,
     .scale = cpu_scale_forward,
+    .mul_acc = cpu_mul_acc_forward,
+    .rows_gather = cpu_rows_gather_forward,
+    .rows_scatter = cpu_rows_scatter_forward,
+    .xent_softcap = cpu_xent_softcap_forward,
     .rope_rows = cpu_rope_rows_forward,
     .kv_store = cpu_kv_store_forward,
     .moe_route = cpu_moe_route_forward,

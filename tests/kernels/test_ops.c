@@ -686,6 +686,81 @@ static void test_moe(Dev *d) {
     dev_reset(d);
 }
 
+/* ---- rows and the loss ---- */
+
+typedef struct { int rows, V; float cap; const int32_t *targets; } XentRef;
+
+/* The summed cross-entropy of softcapped logits, as a function of the
+ * logits before the cap (one output). */
+static void ref_xent(double *y, const double *z, const void *c) {
+    const XentRef *x = c;
+    y[0] = 0;
+    for (int r = 0; r < x->rows; r++) {
+        double mx = -INFINITY, sum = 0, zz[64];
+        for (int v = 0; v < x->V; v++) {
+            zz[v] = x->cap > 0 ? x->cap * tanh(z[r * x->V + v] / x->cap) : z[r * x->V + v];
+            mx = fmax(mx, zz[v]);
+        }
+        for (int v = 0; v < x->V; v++) sum += exp(zz[v] - mx);
+        y[0] += mx + log(sum) - zz[x->targets[r]];
+    }
+}
+
+static void test_rows_and_loss(Dev *d) {
+    int n = 6, dim = 7, ld = 3 * dim;
+    float *a = rand_vec((size_t)n * dim), *b = rand_vec((size_t)n * dim), *y = rand_vec((size_t)n * ld);
+    double ref[6 * 21];
+    float got[6 * 21];
+    for (int r = 0; r < n; r++)
+        for (int c = 0; c < ld; c++) ref[r * ld + c] = y[r * ld + c] + (c >= dim && c < 2 * dim ? (double)a[r * dim + c - dim] * b[r * dim + c - dim] : 0);
+    float *dyv = dev_put(d, y, F(n * ld));
+    d->be.ops->mul_acc(&d->be.ctx, dyv + dim, dev_put(d, a, F(n * dim)), dev_put(d, b, F(n * dim)), n, dim, ld);
+    dev_get(d, got, dyv, F(n * ld));
+    EXPECT_CLOSE(got, ref, (size_t)n * ld, 1e-6, "mul_acc into a strided block%s", "");
+    int32_t idx[3] = {4, 0, 2};
+    float *g = dev_poisoned(d, F(3 * dim)), gh[3 * 7];
+    d->be.ops->rows_gather(&d->be.ctx, g, dev_put(d, a, F(n * dim)), dev_put(d, idx, sizeof idx), 3, dim);
+    dev_get(d, gh, g, sizeof gh);
+    int ok = 1;
+    for (int i = 0; i < 3; i++) ok &= memcmp(gh + i * dim, a + idx[i] * dim, (size_t)dim * sizeof(float)) == 0;
+    CHECK(ok, "rows_gather%s", "");
+    float *sc = dev_put(d, b, F(n * dim)), sh[6 * 7];
+    d->be.ops->rows_scatter(&d->be.ctx, sc, g, dev_put(d, idx, sizeof idx), 3, dim);
+    dev_get(d, sh, sc, sizeof sh);
+    ok = 1;
+    for (int r = 0; r < n; r++) {
+        const float *want = r == 4 ? a + 4 * dim : r == 0 ? a : r == 2 ? a + 2 * dim : b + r * dim;
+        ok &= memcmp(sh + r * dim, want, (size_t)dim * sizeof(float)) == 0;
+    }
+    CHECK(ok, "rows_scatter writes the indexed rows and no other%s", "");
+    free(a); free(b); free(y);
+    /* the loss: each row against the double reference, the gradient against
+     * central differences, with and without the cap */
+    enum { R = 3, V = 40 };
+    int32_t targets[R] = {7, 0, 39};
+    float *z = rand_vec(R * V);
+    for (int i = 0; i < R * V; i++) z[i] *= 20.0f;
+    for (int capped = 0; capped < 2; capped++) {
+        XentRef x = {R, V, capped ? 15.0f : 0.0f, targets};
+        double want[1], loss[R], gref[R * V];
+        for (int i = 0; i < R * V; i++) gref[i] = z[i];
+        ref_xent(want, gref, &x);
+        float *dz = dev_put(d, z, F(R * V)), gz[R * V];
+        double *dl = dev_poisoned(d, sizeof loss);
+        d->be.ops->xent_softcap(&d->be.ctx, dl, dz, dev_put(d, targets, sizeof targets), R, V, x.cap, 0.5f, 1);
+        dev_get(d, loss, dl, sizeof loss);
+        dev_get(d, gz, dz, sizeof gz);
+        CHECK(fabs(loss[0] + loss[1] + loss[2] - want[0]) <= 1e-5 * fabs(want[0]), "xent loss%s: %g vs %g",
+              capped ? " capped" : "", loss[0] + loss[1] + loss[2], want[0]);
+        float one = 1.0f;
+        numeric_grad(gref, ref_xent, &x, z, R * V, &one, 1);
+        for (int i = 0; i < R * V; i++) gref[i] *= 0.5;
+        EXPECT_CLOSE(gz, gref, (size_t)R * V, 1e-5, "xent gradient%s", capped ? " through the cap" : "");
+    }
+    free(z);
+    dev_reset(d);
+}
+
 /* The guarded backend's promise: device memory faults when touched from
  * outside an op, and sealed buffers take no writes even inside one. */
 static void test_guarded_faults(void) {
@@ -730,6 +805,7 @@ int main(void) {
             test_kv_store_embed_rows(&d);
             test_lora(&d);
             test_moe(&d);
+            test_rows_and_loss(&d);
             dev_close(&d);
         }
     return check_done("test_ops");
