@@ -40,6 +40,7 @@ typedef struct {
     float *std_bias, *std_scale;    /* [d], standardize only */
     KnMatrix embed_proj;            /* [H, d] embed_vision.embedding_projection */
     float *inv_freq;                /* [Dv / 4] 2-D RoPE frequencies */
+    float *pool_grad_scale;         /* [d] sqrt(d) / k^2 (times std_scale when standardizing) */
 } VisionWeights;
 
 /* The small host tables of one batched forward, grown to the largest batch

@@ -151,10 +151,20 @@ typedef struct {
     void (*mul)(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_b);
     /* y[r * ld_y + c] += a[r, c] * b[r, c] over [rows, cols] */
     void (*mul_acc)(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_y);
-    /* out[i] = src row idx[i], for n rows of dim floats */
+    /* out[i] = src row idx[i], for n rows of dim floats (idx < 0: out[i] untouched) */
     void (*rows_gather)(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
     /* out row idx[i] = src[i], for n rows of dim floats (distinct idx) */
     void (*rows_scatter)(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
+    /* out row idx[i] += src[i] for i = 0.. in order (idx < 0: skipped) */
+    void (*rows_sum)(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
+    /* out[i, :] += row ids[i] of table (ids < 0: skipped); row holds table.cols floats */
+    void (*embed_rows_add)(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float *row);
+    /* y[n] = min(max(x, lo), hi) (y may alias x) */
+    void (*clamp)(const KnCtx *ctx, float *y, const float *x, size_t n, float lo, float hi);
+    /* y[n] = (x + shift) * s (y may alias x) */
+    void (*scale_shift)(const KnCtx *ctx, float *y, const float *x, size_t n, float shift, float s);
+    /* x[r, c] = (x[r, c] - bias[c]) * scale[c] over [rows, cols] */
+    void (*standardize)(const KnCtx *ctx, float *x, int64_t rows, int64_t cols, const float *bias, const float *scale);
     /* The cross-entropy of rows of logits z[rows, V] against targets[rows],
      * after cap * tanh(z / cap) when cap > 0: loss[r] = logsumexp - z[target]
      * (double). With grad, z is replaced by scale * d(loss)/d(z before the
@@ -214,6 +224,10 @@ typedef struct {
      * dc[n, K] through the renormalization and the softmax p[n, E] */
     void (*moe_route_dx)(const KnCtx *ctx, float *dlogits, const float *dc, const int32_t *idx, const float *w,
                          const float *p, const float *expert_scale, int64_t n, int E, int K);
+    /* dx[n] (= or += with accumulate) dy where lo <= x <= hi, else 0: the
+     * gradient through a clamp at x */
+    void (*clamp_dx)(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n, float lo, float hi,
+                     int accumulate);
     /* gt[r, k] = sum_o dy[r, o] B[o, k] (written); dB[o, k] += sum_r dy[r, o] t[r, k] */
     void (*lora_expand_dx)(const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t,
                            const KnLoraSeg *segs, int n_segs, int64_t out);

@@ -71,10 +71,57 @@ void cpu_mul_acc_forward(const KnCtx *ctx, float *y, const float *a, const float
 
 void cpu_rows_gather_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
     (void)ctx;
-    for (int64_t i = 0; i < n; i++) memcpy(out + i * dim, src + (int64_t)idx[i] * dim, (size_t)dim * sizeof(float));
+    for (int64_t i = 0; i < n; i++)
+        if (idx[i] >= 0) memcpy(out + i * dim, src + (int64_t)idx[i] * dim, (size_t)dim * sizeof(float));
 }
 
 void cpu_rows_scatter_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
     (void)ctx;
     for (int64_t i = 0; i < n; i++) memcpy(out + (int64_t)idx[i] * dim, src + i * dim, (size_t)dim * sizeof(float));
+}
+
+void cpu_rows_sum_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
+    (void)ctx;
+    for (int64_t i = 0; i < n; i++) {
+        if (idx[i] < 0) continue;
+        float *o = out + (int64_t)idx[i] * dim;
+        for (int64_t j = 0; j < dim; j++) o[j] += src[i * dim + j];
+    }
+}
+
+void cpu_embed_rows_add_forward(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n,
+                                float *row) {
+    (void)ctx;
+    for (int64_t i = 0; i < n; i++) {
+        if (ids[i] < 0) continue;
+        cpu_load_span(row, table, ids[i], 0, table.cols);
+        for (int64_t c = 0; c < table.cols; c++) out[i * table.cols + c] += row[c];
+    }
+}
+
+void cpu_clamp_forward(const KnCtx *ctx, float *y, const float *x, size_t n, float lo, float hi) {
+    (void)ctx;
+    for (size_t i = 0; i < n; i++) y[i] = x[i] < lo ? lo : x[i] > hi ? hi : x[i];
+}
+
+void cpu_clamp_backward(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n, float lo, float hi,
+                        int accumulate) {
+    (void)ctx;
+    for (size_t i = 0; i < n; i++) {
+        float g = x[i] >= lo && x[i] <= hi ? dy[i] : 0.0f;
+        if (accumulate) dx[i] += g;
+        else dx[i] = g;
+    }
+}
+
+void cpu_scale_shift_forward(const KnCtx *ctx, float *y, const float *x, size_t n, float shift, float s) {
+    (void)ctx;
+    for (size_t i = 0; i < n; i++) y[i] = (x[i] + shift) * s;
+}
+
+void cpu_standardize_forward(const KnCtx *ctx, float *x, int64_t rows, int64_t cols, const float *bias,
+                             const float *scale) {
+    (void)ctx;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) x[r * cols + c] = (x[r * cols + c] - bias[c]) * scale[c];
 }

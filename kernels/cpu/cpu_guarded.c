@@ -237,6 +237,19 @@ GUARDED(xent_softcap,
          float scale, int grad),
         (ctx, loss, z, targets, rows, V, cap, scale, grad))
 
+GUARDED(rows_sum, (const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim),
+        (ctx, out, src, idx, n, dim))
+GUARDED(embed_rows_add, (const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float *row),
+        (ctx, out, table, ids, n, row))
+GUARDED(clamp, (const KnCtx *ctx, float *y, const float *x, size_t n, float lo, float hi), (ctx, y, x, n, lo, hi))
+GUARDED(clamp_dx,
+        (const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n, float lo, float hi, int accumulate),
+        (ctx, dx, x, dy, n, lo, hi, accumulate))
+GUARDED(scale_shift, (const KnCtx *ctx, float *y, const float *x, size_t n, float shift, float s),
+        (ctx, y, x, n, shift, s))
+GUARDED(standardize, (const KnCtx *ctx, float *x, int64_t rows, int64_t cols, const float *bias, const float *scale),
+        (ctx, x, rows, cols, bias, scale))
+
 static const KnOps GUARDED_OPS = {
     .alloc = g_alloc,
     .free = g_free,
@@ -263,6 +276,12 @@ static const KnOps GUARDED_OPS = {
     .rows_gather = g_rows_gather,
     .rows_scatter = g_rows_scatter,
     .xent_softcap = g_xent_softcap,
+    .rows_sum = g_rows_sum,
+    .embed_rows_add = g_embed_rows_add,
+    .clamp = g_clamp,
+    .clamp_dx = g_clamp_dx,
+    .scale_shift = g_scale_shift,
+    .standardize = g_standardize,
     .rope_rows = g_rope_rows,
     .kv_store = g_kv_store,
     .moe_route = g_moe_route,

@@ -63,6 +63,15 @@ void cpu_mul_acc_forward(const KnCtx *ctx, float *y, const float *a, const float
                          int64_t ld_y);
 void cpu_rows_gather_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
 void cpu_rows_scatter_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
+void cpu_rows_sum_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
+void cpu_embed_rows_add_forward(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n,
+                                float *row);
+void cpu_clamp_forward(const KnCtx *ctx, float *y, const float *x, size_t n, float lo, float hi);
+void cpu_clamp_backward(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n, float lo, float hi,
+                        int accumulate);
+void cpu_scale_shift_forward(const KnCtx *ctx, float *y, const float *x, size_t n, float shift, float s);
+void cpu_standardize_forward(const KnCtx *ctx, float *x, int64_t rows, int64_t cols, const float *bias,
+                             const float *scale);
 void cpu_embed_rows_forward(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale);
 
 /* cpu_lora.c */

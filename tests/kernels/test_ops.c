@@ -761,6 +761,58 @@ static void test_rows_and_loss(Dev *d) {
     dev_reset(d);
 }
 
+/* ---- the vision tower's small ops ---- */
+
+static void test_vision_ops(Dev *d) {
+    enum { N = 7, D = 5 };
+    float *x = rand_vec(N * D), *base = rand_vec(3 * D), got[N * D];
+    double ref[N * D];
+    int32_t blocks[N] = {2, 0, -1, 2, 1, 0, -1};
+    float *out = dev_put(d, base, F(3 * D));
+    d->be.ops->rows_sum(&d->be.ctx, out, dev_put(d, x, F(N * D)), dev_put(d, blocks, sizeof blocks), N, D);
+    dev_get(d, got, out, F(3 * D));
+    for (int b = 0; b < 3; b++)
+        for (int j = 0; j < D; j++) {
+            ref[b * D + j] = base[b * D + j];
+            for (int i = 0; i < N; i++) ref[b * D + j] += blocks[i] == b ? x[i * D + j] : 0;
+        }
+    EXPECT_CLOSE(got, ref, 3 * D, 1e-6, "rows_sum, skipping -1%s", "");
+    int32_t ids[N] = {3, -1, 0, 3, 1, -1, 2};
+    float *table = rand_vec(4 * D), *dxv = dev_put(d, x, F(N * D));
+    d->be.ops->embed_rows_add(&d->be.ctx, dxv, (KnMatrix){dev_put(d, table, F(4 * D)), KN_F32, 4, D, 0},
+                              dev_put(d, ids, sizeof ids), N, dev_alloc(d, F(D)));
+    dev_get(d, got, dxv, F(N * D));
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < D; j++) ref[i * D + j] = (double)x[i * D + j] + (ids[i] >= 0 ? table[ids[i] * D + j] : 0);
+    EXPECT_CLOSE(got, ref, N * D, 1e-6, "embed_rows_add, skipping -1%s", "");
+    float *y = dev_poisoned(d, F(N * D));
+    d->be.ops->clamp(&d->be.ctx, y, dev_put(d, x, F(N * D)), N * D, -0.3f, 0.4f);
+    dev_get(d, got, y, F(N * D));
+    for (int i = 0; i < N * D; i++) ref[i] = fmin(fmax(x[i], (double)-0.3f), (double)0.4f);
+    EXPECT_CLOSE(got, ref, N * D, 0, "clamp%s", "");
+    float *dy = rand_vec(N * D), *acc = rand_vec(N * D);
+    for (int accumulate = 0; accumulate < 2; accumulate++) {
+        float *dd = dev_put(d, acc, F(N * D));
+        d->be.ops->clamp_dx(&d->be.ctx, dd, dev_put(d, x, F(N * D)), dev_put(d, dy, F(N * D)), N * D, -0.3f, 0.4f,
+                            accumulate);
+        dev_get(d, got, dd, F(N * D));
+        for (int i = 0; i < N * D; i++)
+            ref[i] = (accumulate ? acc[i] : 0.0) + (x[i] >= -0.3f && x[i] <= 0.4f ? dy[i] : 0.0);
+        EXPECT_CLOSE(got, ref, N * D, 1e-7, "clamp_dx %s", accumulate ? "accumulated" : "written");
+    }
+    d->be.ops->scale_shift(&d->be.ctx, y, dev_put(d, x, F(N * D)), N * D, -0.5f, 2.0f);
+    dev_get(d, got, y, F(N * D));
+    for (int i = 0; i < N * D; i++) ref[i] = 2.0 * (x[i] - 0.5);
+    EXPECT_CLOSE(got, ref, N * D, 1e-7, "scale_shift%s", "");
+    float *bias = rand_vec(D), *sc = rand_vec(D);
+    d->be.ops->standardize(&d->be.ctx, y, N, D, dev_put(d, bias, F(D)), dev_put(d, sc, F(D)));
+    dev_get(d, got, y, F(N * D));
+    for (int i = 0; i < N * D; i++) ref[i] = (2.0 * (x[i] - 0.5) - bias[i % D]) * sc[i % D];
+    EXPECT_CLOSE(got, ref, N * D, 1e-6, "standardize%s", "");
+    free(x); free(base); free(table); free(dy); free(acc); free(bias); free(sc);
+    dev_reset(d);
+}
+
 /* The guarded backend's promise: device memory faults when touched from
  * outside an op, and sealed buffers take no writes even inside one. */
 static void test_guarded_faults(void) {
@@ -806,6 +858,7 @@ int main(void) {
             test_lora(&d);
             test_moe(&d);
             test_rows_and_loss(&d);
+            test_vision_ops(&d);
             dev_close(&d);
         }
     return check_done("test_ops");
