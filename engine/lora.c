@@ -46,14 +46,35 @@ int lora_vision_module(const Model *m, int layer, int slot, char *buf, size_t ca
 
 void lora_free(LoraAdapter *a) {
     if (!a) return;
-    for (size_t i = 0; i < a->n_pairs; i++) {
+    for (size_t i = 0; !a->params && i < a->n_pairs; i++) { /* not packed yet */
         free(a->pairs[i].A);
         free(a->pairs[i].B);
-        free(a->pairs[i].dA);
-        free(a->pairs[i].dB);
     }
+    free(a->params);
+    free(a->grads);
     free(a->pairs);
     free(a);
+}
+
+GfStatus lora_adapter_pack(LoraAdapter *a, GfError *err) {
+    size_t n = 0;
+    for (size_t i = 0; i < a->n_pairs; i++) n += (size_t)(a->pairs[i].rank * (a->pairs[i].in + a->pairs[i].out));
+    float *slab = gf_malloc((n ? n : 1) * sizeof(float), err), *p = slab;
+    if (!slab) return GF_NO_MEMORY;
+    for (size_t i = 0; i < a->n_pairs; i++) {
+        LoraPair *q = &a->pairs[i];
+        size_t na = (size_t)(q->rank * q->in), nb = (size_t)(q->out * q->rank);
+        memcpy(p, q->A, na * sizeof(float));
+        memcpy(p + na, q->B, nb * sizeof(float));
+        free(q->A);
+        free(q->B);
+        q->A = p;
+        q->B = p + na;
+        p += na + nb;
+    }
+    a->params = slab;
+    a->n_params = n;
+    return GF_OK;
 }
 
 static float *tensor_f32(const StTensor *t, GfError *err) {
@@ -120,6 +141,7 @@ GfStatus lora_load_dir(const char *dir, const Model *m, int max_rank, LoraAdapte
         a->dropout = config_number(cfg, clen, "lora_dropout", 0.0);
         a->scale = (float)(info.use_rslora ? info.alpha / sqrt((double)info.rank) : info.alpha / info.rank);
         s = take_pairs(&st, a, err);
+        if (!s) s = lora_adapter_pack(a, err);
     }
     safetensors_close(&st);
     free(cfg);
@@ -319,13 +341,15 @@ void lora_backward(const KnBackend *be, const LoraBinding *b, const LoraPair *p,
 }
 
 GfStatus lora_grads_alloc(LoraAdapter *a, GfError *err) {
+    if (a->grads) return GF_OK;
+    if (!a->params) return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "the adapter is not packed");
+    a->grads = gf_calloc(a->n_params ? a->n_params : 1, sizeof(float), err);
+    if (!a->grads) return GF_NO_MEMORY;
     for (size_t i = 0; i < a->n_pairs; i++) {
         LoraPair *p = &a->pairs[i];
-        if (!p->dA) p->dA = gf_calloc((size_t)(p->rank * p->in), sizeof(float), err);
-        if (!p->dB) p->dB = gf_calloc((size_t)(p->out * p->rank), sizeof(float), err);
-        if (!p->dA || !p->dB) return GF_NO_MEMORY;
+        p->dA = a->grads + (p->A - a->params);
+        p->dB = a->grads + (p->B - a->params);
     }
-    lora_grads_zero(a);
     return GF_OK;
 }
 
@@ -440,6 +464,7 @@ GfStatus lora_create(const Model *m, const char *const *targets, size_t n_target
                                        "target module '%.100s' matches no linear of this model", targets[k]);
     free(hit);
     free(c);
+    if (!st) st = lora_adapter_pack(a, err);
     if (st) { lora_free(a); return st; }
     a->rank = rank;
     a->alpha = alpha;

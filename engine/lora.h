@@ -48,6 +48,10 @@ typedef struct {
     float scale;              /* alpha / r or alpha / sqrt(r) */
     LoraPair *pairs;
     size_t n_pairs;
+    /* every pair's A then B, pair after pair, in one slab (the optimizer
+     * and the gradient norm run over it whole); the gradients likewise */
+    float *params, *grads;    /* [n_params]; grads NULL until lora_grads_alloc */
+    size_t n_params;
 } LoraAdapter;
 
 /* The linears of a text layer and of a vision layer that LoRA may adapt. */
@@ -75,6 +79,11 @@ struct LoraBinding {
     int n_layers, n_vision_layers;
     int max_rank;             /* largest rank bound (scratch sizing) */
 };
+
+/* Moves every pair's A and B (separately allocated) into one slab
+ * (a->params) in pair order, A before B. Loaders and lora_create do this;
+ * code that builds an adapter by hand calls it once before use. */
+GfStatus lora_adapter_pack(LoraAdapter *a, GfError *err);
 
 /* Reads and validates DIR/adapter_config.json + DIR/adapter_model.safetensors
  * against the model m. */

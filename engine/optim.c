@@ -5,12 +5,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static size_t n_params(const LoraAdapter *a) {
-    size_t n = 0;
-    for (size_t i = 0; i < a->n_pairs; i++) n += (size_t)(a->pairs[i].rank * (a->pairs[i].in + a->pairs[i].out));
-    return n;
-}
-
 GfStatus adamw_init(AdamW *o, const LoraAdapter *a, double beta1, double beta2, double eps, double weight_decay,
                     GfError *err) {
     memset(o, 0, sizeof *o);
@@ -18,7 +12,7 @@ GfStatus adamw_init(AdamW *o, const LoraAdapter *a, double beta1, double beta2, 
     o->beta2 = beta2;
     o->eps = eps;
     o->weight_decay = weight_decay;
-    o->n = n_params(a);
+    o->n = a->n_params;
     o->m = gf_calloc(o->n ? 2 * o->n : 1, sizeof(float), err);
     if (!o->m) return GF_NO_MEMORY;
     o->v = o->m + o->n;
@@ -30,52 +24,24 @@ void adamw_free(AdamW *o) {
     memset(o, 0, sizeof *o);
 }
 
-/* torch's single-tensor AdamW on one tensor: p[n], g[n], moments m[n], v[n]. */
-static void adamw_tensor(const AdamW *o, float *p, const float *g, float *m, float *v, size_t n, double lr) {
-    double bc1 = 1.0 - pow(o->beta1, (double)o->step), bc2 = 1.0 - pow(o->beta2, (double)o->step);
-    float step_size = (float)(lr / bc1), bc2_sqrt = (float)sqrt(bc2), decay = (float)(1.0 - lr * o->weight_decay);
-    float b1 = (float)o->beta1, b2 = (float)o->beta2, eps = (float)o->eps;
-    for (size_t i = 0; i < n; i++) {
-        p[i] *= decay;
-        m[i] += (g[i] - m[i]) * (1.0f - b1); /* torch: m.lerp_(g, 1 - beta1) */
-        v[i] = v[i] * b2 + (1.0f - b2) * g[i] * g[i];
-        float denom = sqrtf(v[i]) / bc2_sqrt + eps;
-        p[i] -= step_size * m[i] / denom;
-    }
-}
-
-void adamw_step(AdamW *o, LoraAdapter *a, double lr) {
+void adamw_step(AdamW *o, const KnBackend *be, LoraAdapter *a, double lr) {
     o->step++;
-    size_t off = 0;
-    for (size_t i = 0; i < a->n_pairs; i++) {
-        LoraPair *p = &a->pairs[i];
-        size_t na = (size_t)(p->rank * p->in), nb = (size_t)(p->out * p->rank);
-        adamw_tensor(o, p->A, p->dA, o->m + off, o->v + off, na, lr);
-        off += na;
-        adamw_tensor(o, p->B, p->dB, o->m + off, o->v + off, nb, lr);
-        off += nb;
-    }
+    double bc1 = 1.0 - pow(o->beta1, (double)o->step), bc2 = 1.0 - pow(o->beta2, (double)o->step);
+    KnAdamW h = {(float)(1.0 - lr * o->weight_decay), (float)o->beta1, (float)o->beta2, (float)o->eps,
+                 (float)(lr / bc1), (float)sqrt(bc2)};
+    be->ops->adamw(&be->ctx, a->params, a->grads, o->m, o->v, o->n, &h);
 }
 
-double lora_grad_norm(const LoraAdapter *a) {
+double lora_grad_norm(const KnBackend *be, const LoraAdapter *a) {
     double ss = 0.0;
-    for (size_t i = 0; i < a->n_pairs; i++) {
-        const LoraPair *p = &a->pairs[i];
-        for (int64_t j = 0; j < p->rank * p->in; j++) ss += (double)p->dA[j] * p->dA[j];
-        for (int64_t j = 0; j < p->out * p->rank; j++) ss += (double)p->dB[j] * p->dB[j];
-    }
+    be->ops->sq_norm(&be->ctx, &ss, a->grads, a->n_params);
     return sqrt(ss);
 }
 
-double lora_clip_grads(LoraAdapter *a, double max_norm) {
-    double norm = lora_grad_norm(a);
+double lora_clip_grads(const KnBackend *be, LoraAdapter *a, double max_norm) {
+    double norm = lora_grad_norm(be, a);
     if (max_norm <= 0 || !(norm > max_norm)) return norm;
-    float c = (float)(max_norm / (norm + 1e-6));
-    for (size_t i = 0; i < a->n_pairs; i++) {
-        LoraPair *p = &a->pairs[i];
-        for (int64_t j = 0; j < p->rank * p->in; j++) p->dA[j] *= c;
-        for (int64_t j = 0; j < p->out * p->rank; j++) p->dB[j] *= c;
-    }
+    be->ops->scale(&be->ctx, a->grads, a->n_params, (float)(max_norm / (norm + 1e-6)));
     return norm;
 }
 

@@ -34,13 +34,13 @@ GfStatus adamw_init(AdamW *o, const LoraAdapter *a, double beta1, double beta2, 
 void adamw_free(AdamW *o);
 
 /* One update of every A and B of a from its dA, dB at learning rate lr. */
-void adamw_step(AdamW *o, LoraAdapter *a, double lr);
+void adamw_step(AdamW *o, const KnBackend *be, LoraAdapter *a, double lr);
 
 /* The global L2 norm of every dA, dB. */
-double lora_grad_norm(const LoraAdapter *a);
+double lora_grad_norm(const KnBackend *be, const LoraAdapter *a);
 /* Scales the gradients so their global norm is at most max_norm (> 0);
  * returns the norm before clipping. */
-double lora_clip_grads(LoraAdapter *a, double max_norm);
+double lora_clip_grads(const KnBackend *be, LoraAdapter *a, double max_norm);
 
 /* The learning rate at step (0-based) of total_steps, after warmup_steps of
  * linear warmup from 0. */

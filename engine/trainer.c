@@ -184,14 +184,14 @@ GfStatus trainer_step(Trainer *t, TrainStopFn stop, void *user, TrainStepInfo *i
         tokens += trainset_tokens(t->train, i);
     }
     if (stop && stop(user)) return cancelled(err);
-    double norm = lora_grad_norm(t->a);
+    double norm = lora_grad_norm(model_backend(t->m), t->a);
     if (!isfinite(loss_sum) || !isfinite(norm))
         return gf_error_set(err, GF_UNPROCESSABLE, "training_diverged", "hyperparameters.learning_rate",
                             "training diverged at step %lld: the %s is not finite; lower the learning rate",
                             (long long)t->step + 1, isfinite(loss_sum) ? "gradient" : "loss");
-    info->grad_norm = lora_clip_grads(t->a, t->cfg.max_grad_norm);
+    info->grad_norm = lora_clip_grads(model_backend(t->m), t->a, t->cfg.max_grad_norm);
     info->lr = schedule_lr(t->cfg.schedule, t->cfg.lr, t->warmup_steps, t->total_steps, t->step);
-    adamw_step(&t->opt, t->a, info->lr);
+    adamw_step(&t->opt, model_backend(t->m), t->a, info->lr);
     t->step++;
     info->step = t->step;
     info->total_steps = t->total_steps;

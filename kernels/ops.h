@@ -86,6 +86,13 @@ typedef struct {
     uint64_t dropout_seed;
 } KnLoraSeg;
 
+/* One AdamW step's scalars, as torch computes them from lr, the betas and
+ * the step t: decay = 1 - lr * weight_decay, step_size = lr / (1 - beta1^t),
+ * bc2_sqrt = sqrt(1 - beta2^t). */
+typedef struct {
+    float decay, beta1, beta2, eps, step_size, bc2_sqrt;
+} KnAdamW;
+
 /* The entries, for supports(). */
 typedef enum {
     KN_OP_MATMUL,
@@ -171,6 +178,11 @@ typedef struct {
      * cap); without, z is left softcapped. */
     void (*xent_softcap)(const KnCtx *ctx, double *loss, float *z, const int32_t *targets, int64_t rows, int64_t V,
                          float cap, float scale, int grad);
+    /* torch's AdamW on n parameters p with gradients g and moments m, v
+     * (all updated in place but g) */
+    void (*adamw)(const KnCtx *ctx, float *p, const float *g, float *m, float *v, size_t n, const KnAdamW *h);
+    /* *out (device double) = sum of x[i]^2, accumulated in double in index order */
+    void (*sq_norm)(const KnCtx *ctx, double *out, const float *x, size_t n);
     /* x[n] *= s */
     void (*scale)(const KnCtx *ctx, float *x, size_t n, float s);
     /* rope at each row's own position, in place on x [n_rows, n_heads, *]:

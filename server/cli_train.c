@@ -133,7 +133,7 @@ static int run_steps(Model *m, LoraAdapter *a, const LoraBinding *lb, const Step
         fprintf(stderr, "step %ld: loss %.6f\n", s, losses[s]);
         snprintf(path, sizeof path, "%s/grads_step0.safetensors", o->out);
         if (s == 0 && write_grads(a, path, &err)) { rc = 1; break; }
-        adamw_step(&opt, a, o->lr);
+        adamw_step(&opt, model_backend(m), a, o->lr);
     }
     if (rc) fprintf(stderr, "gemmaforge lora-step: %s\n", err.message);
     adamw_free(&opt);

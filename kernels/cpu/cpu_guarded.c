@@ -250,6 +250,11 @@ GUARDED(scale_shift, (const KnCtx *ctx, float *y, const float *x, size_t n, floa
 GUARDED(standardize, (const KnCtx *ctx, float *x, int64_t rows, int64_t cols, const float *bias, const float *scale),
         (ctx, x, rows, cols, bias, scale))
 
+GUARDED(adamw,
+        (const KnCtx *ctx, float *p, const float *g, float *m, float *v, size_t n, const KnAdamW *h),
+        (ctx, p, g, m, v, n, h))
+GUARDED(sq_norm, (const KnCtx *ctx, double *out, const float *x, size_t n), (ctx, out, x, n))
+
 static const KnOps GUARDED_OPS = {
     .alloc = g_alloc,
     .free = g_free,
@@ -272,6 +277,8 @@ static const KnOps GUARDED_OPS = {
     .add = g_add,
     .mul = g_mul,
     .scale = g_scale,
+    .adamw = g_adamw,
+    .sq_norm = g_sq_norm,
     .mul_acc = g_mul_acc,
     .rows_gather = g_rows_gather,
     .rows_scatter = g_rows_scatter,

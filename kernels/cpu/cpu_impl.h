@@ -26,6 +26,10 @@ void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, 
 void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n);
 void cpu_softcap_forward(const KnCtx *ctx, float *x, size_t n, float cap);
 
+/* cpu_optim.c */
+void cpu_adamw_forward(const KnCtx *ctx, float *p, const float *g, float *m, float *v, size_t n, const KnAdamW *h);
+void cpu_sq_norm_forward(const KnCtx *ctx, double *out, const float *x, size_t n);
+
 /* cpu_loss.c */
 void cpu_xent_softcap_forward(const KnCtx *ctx, double *loss, float *z, const int32_t *targets, int64_t rows, int64_t V,
                               float cap, float scale, int grad);

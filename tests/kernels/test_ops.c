@@ -813,6 +813,32 @@ static void test_vision_ops(Dev *d) {
     dev_reset(d);
 }
 
+/* ---- the optimizer over one slab ---- */
+
+static void test_optim_ops(Dev *d) {
+    enum { N = 37 };
+    float *p = rand_vec(N), *g = rand_vec(N), *m = rand_vec(N), *v = rand_vec(N), got[N];
+    for (int i = 0; i < N; i++) v[i] = fabsf(v[i]);
+    KnAdamW h = {0.999f, 0.9f, 0.999f, 1e-8f, 0.01f / (1.0f - 0.9f * 0.9f), sqrtf(1.0f - 0.999f * 0.999f)};
+    double ref[N];
+    for (int i = 0; i < N; i++) {
+        double mm = m[i] + (g[i] - (double)m[i]) * (1 - (double)h.beta1);
+        double vv = v[i] * (double)h.beta2 + (1 - (double)h.beta2) * g[i] * g[i];
+        ref[i] = p[i] * (double)h.decay - h.step_size * mm / (sqrt(vv) / h.bc2_sqrt + h.eps);
+    }
+    float *dp = dev_put(d, p, F(N));
+    d->be.ops->adamw(&d->be.ctx, dp, dev_put(d, g, F(N)), dev_put(d, m, F(N)), dev_put(d, v, F(N)), N, &h);
+    dev_get(d, got, dp, F(N));
+    EXPECT_CLOSE(got, ref, N, 1e-5, "adamw%s", "");
+    double *dn = dev_poisoned(d, sizeof(double)), norm, want = 0;
+    d->be.ops->sq_norm(&d->be.ctx, dn, dev_put(d, g, F(N)), N);
+    dev_get(d, &norm, dn, sizeof norm);
+    for (int i = 0; i < N; i++) want += (double)g[i] * g[i];
+    CHECK(fabs(norm - want) <= 1e-12 * want, "sq_norm %g vs %g", norm, want);
+    free(p); free(g); free(m); free(v);
+    dev_reset(d);
+}
+
 /* The guarded backend's promise: device memory faults when touched from
  * outside an op, and sealed buffers take no writes even inside one. */
 static void test_guarded_faults(void) {
@@ -859,6 +885,7 @@ int main(void) {
             test_moe(&d);
             test_rows_and_loss(&d);
             test_vision_ops(&d);
+            test_optim_ops(&d);
             dev_close(&d);
         }
     return check_done("test_ops");

@@ -9,6 +9,8 @@
 #include "check.h"
 #include "optim.h"
 
+static KnBackend g_be; /* the CPU backend the optimizer's ops run on */
+
 static LoraAdapter *tiny_adapter(void) {
     LoraAdapter *a = calloc(1, sizeof *a);
     a->pairs = calloc(1, sizeof *a->pairs);
@@ -19,6 +21,7 @@ static LoraAdapter *tiny_adapter(void) {
     for (int i = 0; i < 6; i++) p->A[i] = 0.1f * (float)(i - 2);
     for (int i = 0; i < 4; i++) p->B[i] = -0.05f * (float)(i + 1);
     GfError err;
+    CHECK(lora_adapter_pack(a, &err) == GF_OK && a->n_params == 10, "one slab of 10 parameters");
     CHECK(lora_grads_alloc(a, &err) == GF_OK, "gradient buffers");
     return a;
 }
@@ -43,7 +46,7 @@ static void test_adamw(void) {
             double mh = m[i] / (1 - pow(0.9, step)), denom = sqrt(v[i]) / sqrt(1 - pow(0.999, step)) + 1e-8;
             ref[i] -= lr * mh / denom;
         }
-        adamw_step(&opt, a, lr);
+        adamw_step(&opt, &g_be, a, lr);
     }
     double worst = 0;
     for (int i = 0; i < 10; i++) worst = fmax(worst, fabs((i < 6 ? p->A[i] : p->B[i - 6]) - ref[i]));
@@ -58,12 +61,12 @@ static void test_clip(void) {
     for (int i = 0; i < 6; i++) p->dA[i] = 3.0f;
     for (int i = 0; i < 4; i++) p->dB[i] = -4.0f;
     double norm = sqrt(6 * 9.0 + 4 * 16.0);
-    CHECK(fabs(lora_grad_norm(a) - norm) < 1e-9, "global L2 norm");
-    CHECK(fabs(lora_clip_grads(a, 1.0) - norm) < 1e-9, "clip returns the norm before clipping");
-    CHECK(fabs(lora_grad_norm(a) - 1.0 / (norm + 1e-6) * norm) < 1e-6, "clipped to max_norm (torch's + 1e-6)");
-    double before = lora_grad_norm(a);
-    lora_clip_grads(a, 5.0);
-    CHECK(lora_grad_norm(a) == before, "a norm under the limit is left alone");
+    CHECK(fabs(lora_grad_norm(&g_be, a) - norm) < 1e-9, "global L2 norm");
+    CHECK(fabs(lora_clip_grads(&g_be, a, 1.0) - norm) < 1e-9, "clip returns the norm before clipping");
+    CHECK(fabs(lora_grad_norm(&g_be, a) - 1.0 / (norm + 1e-6) * norm) < 1e-6, "clipped to max_norm (torch's + 1e-6)");
+    double before = lora_grad_norm(&g_be, a);
+    lora_clip_grads(&g_be, a, 5.0);
+    CHECK(lora_grad_norm(&g_be, a) == before, "a norm under the limit is left alone");
     lora_free(a);
 }
 
@@ -82,8 +85,11 @@ static void test_schedules(void) {
 }
 
 int main(void) {
+    GfError err;
+    if (kn_backend_open(KN_DEVICE_CPU, 0, NULL, &g_be, &err)) return 1;
     test_adamw();
     test_clip();
     test_schedules();
+    kn_backend_close(&g_be);
     return check_done("test_optim");
 }
