@@ -40,6 +40,9 @@ typedef struct {
     float *lora_tmp;           /* [n, max rank] */
     float *logits;             /* [LOGIT_CHUNK, V] */
     int32_t *ids, *pos;        /* [n] embedding rows, positions */
+    void *cands;               /* [V] sampling candidates (8 bytes each) */
+    KnSampleRow *rows;         /* [LOGIT_CHUNK] a chunk's sampling parameters */
+    int32_t *next;             /* [LOGIT_CHUNK] a chunk's sampled tokens */
 } Scratch;
 
 /* Cuts the scratch of an n-row batch from the Model's device buffer (grown
@@ -54,12 +57,14 @@ static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeT
         if (l->intermediate > imax) imax = l->intermediate;
     }
     int64_t qw = t->n_heads * dmax;
-    float *index;
+    float *index, *cands, *rows, *next;
     size_t sizes[] = {n * H, n * H, n * H, n * qw, n * qw, n * kvmax, n * kvmax, n * imax, n * imax,
                       n * LP, n * LP, n * t->ple_dim, moe_tape_floats(t, MOE_CHUNK), (size_t)(n * max_rank),
-                      (size_t)LOGIT_CHUNK * t->vocab_size, 2 * (size_t)n};
+                      (size_t)LOGIT_CHUNK * t->vocab_size, 2 * (size_t)n, 2 * (size_t)t->vocab_size,
+                      LOGIT_CHUNK * sizeof(KnSampleRow) / sizeof(float), LOGIT_CHUNK};
     float **slots[] = {&s->x, &s->h, &s->a, &s->q, &s->att, &s->k, &s->v, &s->gate, &s->up,
-                       &s->ple, &s->ple_tok, &s->ple_g, &s->moe_buf, &s->lora_tmp, &s->logits, &index};
+                       &s->ple, &s->ple_tok, &s->ple_g, &s->moe_buf, &s->lora_tmp, &s->logits, &index, &cands,
+                       &rows, &next};
     size_t total = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) total += (sizes[i] + 15) & ~(size_t)15;
     if (total * sizeof(float) > m->act.bytes) {
@@ -73,6 +78,9 @@ static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeT
     }
     s->ids = (int32_t *)index;
     s->pos = s->ids + n;
+    s->cands = cands;
+    s->rows = (KnSampleRow *)rows;
+    s->next = (int32_t *)next;
     moe_tape_init(moe, t, s->moe_buf, MOE_CHUNK);
     return GF_OK;
 }
@@ -319,21 +327,47 @@ static GfStatus batch_rows(Model *m, ModelSeq *seqs, int n_seqs, Batch *b, GfErr
     return GF_OK;
 }
 
-/* logits of the rows each sequence asks for: those rows gathered into s->a,
- * then the tied lm_head and softcap in chunks of rows, each downloaded. */
-static void batch_logits(Model *m, const Batch *b, Scratch *s, float *logits) {
-    const TextConfig *t = &m->cfg.text;
-    int64_t H = t->hidden_size, V = t->vocab_size, rows = 0;
+/* The rows each sequence wants logits of (its last, or all with
+ * last_only 0 and !in.last_logits_only) gathered into s->a; returns their count. */
+static int64_t gather_logit_rows(Model *m, const Batch *b, Scratch *s, int last_only) {
+    int64_t H = m->cfg.text.hidden_size, rows = 0;
     for (int q = 0; q < b->n_seqs; q++) {
-        int64_t n = b->row0[q + 1] - b->row0[q], k = b->seqs[q].in.last_logits_only ? 1 : n;
+        int64_t n = b->row0[q + 1] - b->row0[q], k = last_only || b->seqs[q].in.last_logits_only ? 1 : n;
         m->be.ops->copy(&m->be.ctx, s->a + rows * H, s->x + (b->row0[q + 1] - k) * H, (size_t)(k * H) * sizeof(float));
         rows += k;
     }
+    return rows;
+}
+
+/* Softcapped logits of k gathered rows from row r0 into s->logits. */
+static void logits_chunk(Model *m, Scratch *s, int64_t r0, int64_t k) {
+    const TextConfig *t = &m->cfg.text;
+    m->be.ops->matmul(&m->be.ctx, s->logits, s->a + r0 * t->hidden_size, m->embed, k);
+    if (t->final_softcap > 0) m->be.ops->softcap(&m->be.ctx, s->logits, (size_t)(k * t->vocab_size), t->final_softcap);
+}
+
+/* logits of the rows each sequence asks for, in chunks of rows, each
+ * downloaded. */
+static void batch_logits(Model *m, const Batch *b, Scratch *s, float *logits) {
+    int64_t V = m->cfg.text.vocab_size, rows = gather_logit_rows(m, b, s, 0);
     for (int64_t r0 = 0; r0 < rows; r0 += LOGIT_CHUNK) {
         int64_t k = rows - r0 < LOGIT_CHUNK ? rows - r0 : LOGIT_CHUNK;
-        m->be.ops->matmul(&m->be.ctx, s->logits, s->a + r0 * H, m->embed, k);
-        if (t->final_softcap > 0) m->be.ops->softcap(&m->be.ctx, s->logits, (size_t)(k * V), t->final_softcap);
+        logits_chunk(m, s, r0, k);
         m->be.ops->download(&m->be.ctx, logits + r0 * V, s->logits, (size_t)(k * V) * sizeof(float));
+    }
+}
+
+/* Each sequence's next token from its last row: ids[n_seqs], the rows'
+ * random states advanced; only token ids cross to the host. */
+static void batch_sample(Model *m, const Batch *b, Scratch *s, KnSampleRow *rows, int32_t *ids) {
+    int64_t V = m->cfg.text.vocab_size, n = gather_logit_rows(m, b, s, 1);
+    for (int64_t r0 = 0; r0 < n; r0 += LOGIT_CHUNK) {
+        int64_t k = n - r0 < LOGIT_CHUNK ? n - r0 : LOGIT_CHUNK;
+        logits_chunk(m, s, r0, k);
+        m->be.ops->upload(&m->be.ctx, s->rows, rows + r0, (size_t)k * sizeof *rows);
+        m->be.ops->sample(&m->be.ctx, s->next, s->logits, s->rows, k, V, s->cands);
+        m->be.ops->download(&m->be.ctx, ids + r0, s->next, (size_t)k * sizeof *ids);
+        m->be.ops->download(&m->be.ctx, rows + r0, s->rows, (size_t)k * sizeof *rows);
     }
 }
 
@@ -366,8 +400,17 @@ static void keep_hidden(Model *m, float *hidden, int on_device, int64_t li, cons
     else m->be.ops->download(&m->be.ctx, hidden + li * n * H, x, bytes);
 }
 
-static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, float *logits, float *hidden, int hidden_on_device,
-                              GfError *err) {
+/* What a forward hands back: any of logits (host), hidden states (host or
+ * device), sampled next tokens. */
+typedef struct {
+    float *logits;
+    float *hidden;
+    int hidden_on_device;
+    KnSampleRow *rows;         /* with ids: sample each sequence's next token */
+    int32_t *ids;
+} Outputs;
+
+static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Outputs *o, GfError *err) {
     const TextConfig *t = &m->cfg.text;
     int64_t H = t->hidden_size, L = t->n_layers;
     Batch b = {0};
@@ -378,30 +421,40 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, float *logit
         return err->status;
     batch_embed(m, &b, &s);
     int64_t n = b.n;
-    if (hidden) keep_hidden(m, hidden, hidden_on_device, 0, s.x, n);
+    if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, 0, s.x, n);
     for (int li = 0; li < L; li++) {
         decoder_layer(m, &b, li, &s, &moe);
-        if (hidden && li < L - 1) keep_hidden(m, hidden, hidden_on_device, li + 1, s.x, n);
+        if (o->hidden && li < L - 1) keep_hidden(m, o->hidden, o->hidden_on_device, li + 1, s.x, n);
     }
     m->be.ops->rmsnorm(&m->be.ctx, s.x, s.x, m->final_norm, n, H, t->rms_eps);
-    if (hidden) keep_hidden(m, hidden, hidden_on_device, L, s.x, n);
+    if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, L, s.x, n);
     for (int q = 0; q < n_seqs; q++) seqs[q].cache->n_past += seqs[q].in.n;
-    if (logits) batch_logits(m, &b, &s, logits);
+    if (o->logits) batch_logits(m, &b, &s, o->logits);
+    if (o->ids) batch_sample(m, &b, &s, o->rows, o->ids);
     return m->be.ops->synchronize(&m->be.ctx, err);
 }
 
 GfStatus model_forward_batch(Model *m, ModelSeq *seqs, int n_seqs, float *logits, GfError *err) {
-    return forward_batch(m, seqs, n_seqs, logits, NULL, 0, err);
+    Outputs o = {.logits = logits};
+    return forward_batch(m, seqs, n_seqs, &o, err);
+}
+
+GfStatus model_forward_batch_sample(Model *m, ModelSeq *seqs, int n_seqs, KnSampleRow *rows, int32_t *ids,
+                                    GfError *err) {
+    Outputs o = {.rows = rows, .ids = ids};
+    return forward_batch(m, seqs, n_seqs, &o, err);
 }
 
 GfStatus model_forward(Model *m, KvCache *c, const ModelInput *in, float *logits, float *hidden, GfError *err) {
     ModelSeq one = {c, *in};
-    return forward_batch(m, &one, 1, logits, hidden, 0, err);
+    Outputs o = {.logits = logits, .hidden = hidden};
+    return forward_batch(m, &one, 1, &o, err);
 }
 
 GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, GfError *err) {
     ModelSeq one = {c, *in};
-    return forward_batch(m, &one, 1, NULL, hidden, 1, err);
+    Outputs o = {.hidden = hidden, .hidden_on_device = 1};
+    return forward_batch(m, &one, 1, &o, err);
 }
 
 static int is_eos(const TextConfig *t, int32_t id) {
@@ -412,34 +465,42 @@ static int is_eos(const TextConfig *t, int32_t id) {
 
 int model_is_eos(const Model *m, int32_t id) { return is_eos(&m->cfg.text, id); }
 
-static int32_t argmax(const float *x, int64_t n) {
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (x[i] > x[best]) best = i;
-    return (int32_t)best;
+GfStatus model_generate(Model *m, const ModelInput *prompt, int64_t max_new, const KnSampleRow *sampling,
+                        ModelTokenFn fn, void *user, int64_t *n_out, GfError *err) {
+    KvCache c;
+    *n_out = 0;
+    if (kv_cache_init(&c, &m->cfg.text, &m->be, prompt->n + (max_new > 0 ? max_new : 0), err)) return err->status;
+    KnSampleRow row = *sampling;
+    ModelSeq seq = {&c, *prompt};
+    seq.in.last_logits_only = 1;
+    GfStatus st = GF_OK;
+    for (;;) {
+        int32_t next;
+        if ((st = model_forward_batch_sample(m, &seq, 1, &row, &next, err)) || *n_out >= max_new) break;
+        (*n_out)++;
+        if (fn(user, next) || is_eos(&m->cfg.text, next) || *n_out == max_new) break;
+        seq.in = (ModelInput){.ids = &next, .n = 1, .last_logits_only = 1, .lora = prompt->lora};
+    }
+    kv_cache_free(&c);
+    return st;
+}
+
+typedef struct {
+    int32_t *out;
+    int64_t n;
+} GreedyOut;
+
+static int keep_token(void *user, int32_t id) {
+    GreedyOut *g = user;
+    g->out[g->n++] = id;
+    return 0;
 }
 
 GfStatus model_generate_greedy_input(Model *m, const ModelInput *prompt, int64_t max_new, int32_t *out, int64_t *n_out,
                                      GfError *err) {
-    const TextConfig *t = &m->cfg.text;
-    KvCache c;
-    *n_out = 0;
-    if (kv_cache_init(&c, &m->cfg.text, &m->be, prompt->n + max_new, err)) return err->status;
-    float *logits = gf_malloc((size_t)t->vocab_size * sizeof(float), err);
-    GfStatus st = logits ? GF_OK : GF_NO_MEMORY;
-    ModelInput in = *prompt;
-    in.last_logits_only = 1;
-    if (!st) st = model_forward(m, &c, &in, logits, NULL, err);
-    while (!st && *n_out < max_new) {
-        int32_t next = argmax(logits, t->vocab_size);
-        out[(*n_out)++] = next;
-        if (is_eos(t, next) || *n_out == max_new) break;
-        ModelInput step = {.ids = &next, .n = 1, .last_logits_only = 1, .lora = prompt->lora};
-        st = model_forward(m, &c, &step, logits, NULL, err);
-    }
-    free(logits);
-    kv_cache_free(&c);
-    return st;
+    GreedyOut g = {out, 0};
+    KnSampleRow greedy = {0};
+    return model_generate(m, prompt, max_new, &greedy, keep_token, &g, n_out, err);
 }
 
 GfStatus model_generate_greedy(Model *m, const int32_t *prompt, int64_t n_prompt, int64_t max_new, int32_t *out,

@@ -94,6 +94,12 @@ typedef struct {
  * (ids, cache room, pool blocks). */
 GfStatus model_forward_batch(Model *m, ModelSeq *seqs, int n_seqs, float *logits, GfError *err);
 
+/* model_forward_batch, then each sequence's next token from its last row's
+ * logits under rows[n_seqs] (host: sampling parameters and random states,
+ * advanced when drawn): ids[n_seqs] (host). Only the ids cross to the host. */
+GfStatus model_forward_batch_sample(Model *m, ModelSeq *seqs, int n_seqs, KnSampleRow *rows, int32_t *ids,
+                                    GfError *err);
+
 /* The vision tower and embed_vision for one image (GEMMA4.md §6.2-§6.8):
  * pixels [n_patches, 3 p^2] in [0, 1] flattened (row, col, channel) per patch,
  * positions [n_patches][2] as (x, y), (-1, -1) for padding patches. Writes
@@ -111,6 +117,17 @@ uint64_t model_vision_workspace_bytes(const Model *m, int64_t n_patches, int max
 /* 1 when id ends generation (the eos ids of config.json and
  * generation_config.json). */
 int model_is_eos(const Model *m, int32_t id);
+
+/* Called with each generated token; nonzero stops the generation. */
+typedef int (*ModelTokenFn)(void *user, int32_t id);
+
+/* Continues prompt for up to max_new tokens drawn under sampling (greedy:
+ * all zero), handing each to fn; stops after an end-of-sequence id (handed
+ * to fn too) or when fn says so. *n_out counts the tokens handed over. The
+ * one decode loop of the CLI and the pipeline (the serving engine batches
+ * model_forward_batch_sample itself). */
+GfStatus model_generate(Model *m, const ModelInput *prompt, int64_t max_new, const KnSampleRow *sampling,
+                        ModelTokenFn fn, void *user, int64_t *n_out, GfError *err);
 
 /* Greedy continuation of prompt[0..n_prompt): writes up to max_new ids to
  * out, stopping after an end-of-sequence id; returns the count in *n_out. */

@@ -169,13 +169,6 @@ GfStatus pipeline_prompt(Pipeline *p, const LoraBinding *lora, const ChatMessage
 
 /* ---- generation ------------------------------------------------------------- */
 
-static int32_t argmax(const float *x, int64_t n) {
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (x[i] > x[best]) best = i;
-    return (int32_t)best;
-}
-
 /* Decodes id and hands the text to the sink; 1 when the sink asks to stop. */
 static int emit(Pipeline *p, TokenStream *ts, int32_t id, TextSink sink, void *user, char **buf, size_t *cap,
                 GfStatus *st, GfError *err) {
@@ -185,43 +178,56 @@ static int emit(Pipeline *p, TokenStream *ts, int32_t id, TextSink sink, void *u
     return !*st && sink && len && sink(user, *buf, len);
 }
 
+/* One generation's state, for the per-token callback. */
+typedef struct {
+    Pipeline *p;
+    GenResult *res;
+    TokenStream ts;
+    TextSink sink;
+    void *user;
+    char *buf;
+    size_t cap;
+    double t0, t1;             /* start, and the first token (the end of the prefill) */
+    GfStatus st;
+    GfError *err;
+} GenRun;
+
+/* Each generated token: the end of the answer, or its text to the sink. */
+static int on_token(void *user, int32_t id) {
+    GenRun *g = user;
+    if (!g->t1) g->t1 = gf_time_mono();
+    if (model_is_eos(g->p->model, id)) {
+        g->res->finish = FINISH_STOP;
+        return 1;
+    }
+    if (g->res->ids) g->res->ids[g->res->n_generated] = id;
+    g->res->n_generated++;
+    if (emit(g->p, &g->ts, id, g->sink, g->user, &g->buf, &g->cap, &g->st, g->err)) {
+        g->res->finish = FINISH_CANCELLED;
+        return 1;
+    }
+    return g->st != GF_OK;
+}
+
 GfStatus pipeline_generate(Pipeline *p, const Prompt *pr, int64_t max_new, TextSink sink, void *user, GenResult *res,
                            GfError *err) {
     int32_t *ids_out = res->ids;
     memset(res, 0, sizeof *res);
     res->ids = ids_out;
     res->n_prompt = pr->n;
-    const TextConfig *t = &model_config(p->model)->text;
-    KvCache c;
-    if (kv_cache_init(&c, &model_config(p->model)->text, model_backend(p->model), pr->n + max_new, err)) return err->status;
-    float *logits = gf_malloc((size_t)t->vocab_size * sizeof(float), err);
-    GfStatus st = logits ? GF_OK : GF_NO_MEMORY;
-    double t0 = gf_time_mono();
-    ModelInput in = {.ids = pr->ids, .mm_type = pr->mm_type, .soft_tokens = pr->soft, .n = pr->n, .last_logits_only = 1,
-                     .lora = pr->lora};
-    if (!st) st = model_forward(p->model, &c, &in, logits, NULL, err);
-    double t1 = gf_time_mono();
-    res->prefill_s = t1 - t0;
     res->finish = FINISH_LENGTH;
-    TokenStream ts = {0};
-    char *buf = NULL;
-    size_t cap = 0;
-    while (!st && res->n_generated < max_new) {
-        int32_t next = argmax(logits, t->vocab_size);
-        if (model_is_eos(p->model, next)) { res->finish = FINISH_STOP; break; }
-        if (res->ids) res->ids[res->n_generated] = next;
-        res->n_generated++;
-        if (emit(p, &ts, next, sink, user, &buf, &cap, &st, err)) { res->finish = FINISH_CANCELLED; break; }
-        if (st || res->n_generated == max_new) break;
-        ModelInput step = {.ids = &next, .n = 1, .last_logits_only = 1, .lora = pr->lora};
-        st = model_forward(p->model, &c, &step, logits, NULL, err);
-    }
+    GenRun g = {.p = p, .res = res, .sink = sink, .user = user, .t0 = gf_time_mono(), .err = err};
+    ModelInput in = {.ids = pr->ids, .mm_type = pr->mm_type, .soft_tokens = pr->soft, .n = pr->n, .lora = pr->lora};
+    KnSampleRow greedy = {0};
+    int64_t n = 0;
+    GfStatus st = model_generate(p->model, &in, max_new, &greedy, on_token, &g, &n, err);
+    if (!st) st = g.st;
+    if (!g.t1) g.t1 = gf_time_mono();
+    res->prefill_s = g.t1 - g.t0;
     GfStatus st_end = GF_OK;
-    if (!st && res->finish != FINISH_CANCELLED) emit(p, &ts, -1, sink, user, &buf, &cap, &st_end, err);
-    tokenizer_stream_free(&ts);
-    res->decode_s = gf_time_mono() - t1;
-    free(buf);
-    free(logits);
-    kv_cache_free(&c);
+    if (!st && res->finish != FINISH_CANCELLED) emit(p, &g.ts, -1, sink, user, &g.buf, &g.cap, &st_end, err);
+    tokenizer_stream_free(&g.ts);
+    res->decode_s = gf_time_mono() - g.t1;
+    free(g.buf);
     return st ? st : st_end;
 }

@@ -66,9 +66,9 @@ struct ServeEngine {
     Resident **res;           /* [n_res_cap], each owned (requests point at them) */
     int n_res, n_res_cap;
     uint64_t step;
-    float *logits;            /* [max_seqs, V] */
+    KnSampleRow *rows;        /* [max_seqs] each running sequence's sampling parameters and state */
+    int32_t *next;            /* [max_seqs] the tokens the step sampled */
     ModelSeq *batch;          /* [max_seqs] */
-    SampleWork work;
     double rate_t0;           /* start of the tokens/s window */
     uint64_t rate_tokens;     /* generated in this step */
     uint64_t window_tokens;   /* generated in this window */
@@ -366,9 +366,8 @@ static void prune(ServeEngine *e) {
     e->n_active = k;
 }
 
-/* Hands sequence i its next token; 1 when it has finished. */
-static int deliver(ServeEngine *e, ServeReq *q, const float *logits, double now) {
-    int32_t id = sample_next(logits, &q->s.sample, &q->rng, &e->work);
+/* Hands sequence q its next token id; 1 when it has finished. */
+static int deliver(ServeEngine *e, ServeReq *q, int32_t id, double now) {
     if (!q->t_first) {
         q->t_first = now;
         pthread_mutex_lock(&e->mu);
@@ -396,21 +395,22 @@ static void run_step(ServeEngine *e) {
                                                  .n = q->s.n, .last_logits_only = 1, .lora = lb}};
         else
             e->batch[i] = (ModelSeq){&q->cache, {.ids = &q->next_id, .n = 1, .last_logits_only = 1, .lora = lb}};
+        e->rows[i] = (KnSampleRow){q->s.sample.temperature, q->s.sample.top_p, q->s.sample.top_k, 0, q->rng};
     }
     GfError err;
-    if (model_forward_batch(e->m, e->batch, n, e->logits, &err)) {
+    if (model_forward_batch_sample(e->m, e->batch, n, e->rows, e->next, &err)) {
         GF_LOGE("serving step failed: %s", err.message);
         for (int i = 0; i < n; i++) finish(e, e->active[i], FINISH_STOP, &err);
         e->n_active = 0;
         return;
     }
     double now = gf_time_mono();
-    int64_t V = model_config(e->m)->text.vocab_size;
     int k = 0;
     for (int i = 0; i < n; i++) {
         ServeReq *q = e->active[i];
         q->prefilled = 1;
-        if (!deliver(e, q, e->logits + (int64_t)i * V, now)) e->active[k++] = q;
+        q->rng = e->rows[i].rng;
+        if (!deliver(e, q, e->next[i], now)) e->active[k++] = q;
     }
     e->n_active = k;
 }
@@ -482,11 +482,11 @@ static void engine_free(ServeEngine *e) {
     for (int i = 0; i < e->n_res; i++) resident_free(e->res[i]);
     for (int i = 0; i < e->n_control; i++) lora_free(e->control[i].a);
     kv_pool_free(&e->pool);
-    sample_work_free(&e->work);
     free(e->res);
     free(e->active);
     free(e->batch);
-    free(e->logits);
+    free(e->rows);
+    free(e->next);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
     free(e);
@@ -503,13 +503,13 @@ GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfErro
     e->cfg = *cfg;
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->cv, NULL);
-    int64_t V = model_config(m)->text.vocab_size;
     e->n_res_cap = cfg->max_adapters + cfg->max_seqs;
     e->res = gf_calloc((size_t)e->n_res_cap, sizeof *e->res, err);
     e->active = gf_calloc((size_t)cfg->max_seqs, sizeof *e->active, err);
     e->batch = gf_calloc((size_t)cfg->max_seqs, sizeof *e->batch, err);
-    e->logits = gf_malloc((size_t)cfg->max_seqs * (size_t)V * sizeof(float), err);
-    if (!e->res || !e->active || !e->batch || !e->logits || sample_work_init(&e->work, V, err) ||
+    e->rows = gf_calloc((size_t)cfg->max_seqs, sizeof *e->rows, err);
+    e->next = gf_calloc((size_t)cfg->max_seqs, sizeof *e->next, err);
+    if (!e->res || !e->active || !e->batch || !e->rows || !e->next ||
         kv_pool_init(&e->pool, &model_config(m)->text, model_backend(m), cfg->kv_block_len, cfg->kv_blocks, err)) {
         engine_free(e);
         return err->status ? err->status : GF_NO_MEMORY;

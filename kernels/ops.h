@@ -93,6 +93,18 @@ typedef struct {
     float decay, beta1, beta2, eps, step_size, bc2_sqrt;
 } KnAdamW;
 
+/* How one row picks its next token (device array, one per row):
+ * temperature 0 (or top_k 1) is greedy (the first maximum); otherwise a
+ * draw from softmax(logits / temperature) within the top_k most probable
+ * (0: all) and the smallest nucleus holding top_p of their mass, ties
+ * ordered by token id, tokens below e^-40 of the best left out. rng is the
+ * row's splitmix64 state, advanced once per draw. */
+typedef struct {
+    float temperature, top_p;
+    int32_t top_k, pad;
+    uint64_t rng;
+} KnSampleRow;
+
 /* The entries, for supports(). */
 typedef enum {
     KN_OP_MATMUL,
@@ -178,6 +190,10 @@ typedef struct {
      * cap); without, z is left softcapped. */
     void (*xent_softcap)(const KnCtx *ctx, double *loss, float *z, const int32_t *targets, int64_t rows, int64_t V,
                          float cap, float scale, int grad);
+    /* ids[n] = the next token of each row of logits[n, V] under rows[n]
+     * (whose rng advance); scratch holds 8 V bytes */
+    void (*sample)(const KnCtx *ctx, int32_t *ids, const float *logits, KnSampleRow *rows, int64_t n, int64_t V,
+                   void *scratch);
     /* torch's AdamW on n parameters p with gradients g and moments m, v
      * (all updated in place but g) */
     void (*adamw)(const KnCtx *ctx, float *p, const float *g, float *m, float *v, size_t n, const KnAdamW *h);

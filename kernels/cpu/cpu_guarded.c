@@ -255,6 +255,10 @@ GUARDED(adamw,
         (ctx, p, g, m, v, n, h))
 GUARDED(sq_norm, (const KnCtx *ctx, double *out, const float *x, size_t n), (ctx, out, x, n))
 
+GUARDED(sample,
+        (const KnCtx *ctx, int32_t *ids, const float *logits, KnSampleRow *rows, int64_t n, int64_t V, void *scratch),
+        (ctx, ids, logits, rows, n, V, scratch))
+
 static const KnOps GUARDED_OPS = {
     .alloc = g_alloc,
     .free = g_free,
@@ -277,6 +281,7 @@ static const KnOps GUARDED_OPS = {
     .add = g_add,
     .mul = g_mul,
     .scale = g_scale,
+    .sample = g_sample,
     .adamw = g_adamw,
     .sq_norm = g_sq_norm,
     .mul_acc = g_mul_acc,

@@ -30,6 +30,10 @@ void cpu_softcap_forward(const KnCtx *ctx, float *x, size_t n, float cap);
 void cpu_adamw_forward(const KnCtx *ctx, float *p, const float *g, float *m, float *v, size_t n, const KnAdamW *h);
 void cpu_sq_norm_forward(const KnCtx *ctx, double *out, const float *x, size_t n);
 
+/* cpu_sample.c */
+void cpu_sample_forward(const KnCtx *ctx, int32_t *ids, const float *logits, KnSampleRow *rows, int64_t n, int64_t V,
+                        void *scratch);
+
 /* cpu_loss.c */
 void cpu_xent_softcap_forward(const KnCtx *ctx, double *loss, float *z, const int32_t *targets, int64_t rows, int64_t V,
                               float cap, float scale, int grad);

@@ -204,6 +204,7 @@ const KnOps CPU_OPS = {
     .add = cpu_add_forward,
     .mul = cpu_mul_forward,
     .scale = cpu_scale_forward,
+    .sample = cpu_sample_forward,
     .adamw = cpu_adamw_forward,
     .sq_norm = cpu_sq_norm_forward,
     .mul_acc = cpu_mul_acc_forward,

@@ -839,6 +839,51 @@ static void test_optim_ops(Dev *d) {
     dev_reset(d);
 }
 
+/* ---- sampling: greedy takes the first maximum; draws stay inside top-k
+ * and the nucleus, follow softmax(logits / T) (4,000 draws, a fixed seed),
+ * and advance each row's own state ---- */
+
+static void test_sample(Dev *d) {
+    enum { V = 6, DRAWS = 4000 };
+    float logits[V] = {1.0f, 3.0f, 2.0f, 3.0f, -1.0f, 0.5f};
+    float *dl = dev_put(d, logits, sizeof logits);
+    int32_t *dids = dev_poisoned(d, sizeof(int32_t)), id;
+    KnSampleRow *drow = dev_alloc(d, sizeof(KnSampleRow));
+    void *cands = dev_alloc(d, 8 * V);
+    KnSampleRow greedy = {0.0f, 1.0f, 0, 0, 7};
+    d->be.ops->upload(&d->be.ctx, drow, &greedy, sizeof greedy);
+    d->be.ops->sample(&d->be.ctx, dids, dl, drow, 1, V, cands);
+    dev_get(d, &id, dids, sizeof id);
+    KnSampleRow after;
+    dev_get(d, &after, drow, sizeof after);
+    CHECK(id == 1 && after.rng == 7, "greedy: the first maximum, the state untouched (got %d)", id);
+    int counts[3][V] = {{0}};
+    KnSampleRow kinds[3] = {{1.0f, 1.0f, 0, 0, 0}, {1.0f, 1.0f, 2, 0, 0}, {1.0f, 0.3f, 0, 0, 0}};
+    for (int k = 0; k < 3; k++) {
+        kinds[k].rng = 12345;
+        d->be.ops->upload(&d->be.ctx, drow, &kinds[k], sizeof kinds[k]);
+        for (int i = 0; i < DRAWS; i++) {
+            d->be.ops->sample(&d->be.ctx, dids, dl, drow, 1, V, cands);
+            dev_get(d, &id, dids, sizeof id);
+            if (id >= 0 && id < V) counts[k][id]++;
+        }
+    }
+    double z = 0, p[V];
+    for (int i = 0; i < V; i++) z += exp(logits[i]);
+    int ok = 1;
+    for (int i = 0; i < V; i++) {
+        p[i] = exp(logits[i]) / z;
+        double sd = sqrt(p[i] * (1 - p[i]) / DRAWS);
+        ok &= fabs((double)counts[0][i] / DRAWS - p[i]) < 5 * sd + 1e-3;
+    }
+    CHECK(ok, "draws follow the softmax (%d %d %d %d %d %d)", counts[0][0], counts[0][1], counts[0][2], counts[0][3],
+          counts[0][4], counts[0][5]);
+    CHECK(counts[1][1] + counts[1][3] == DRAWS && counts[1][1] > DRAWS / 3 && counts[1][3] > DRAWS / 3,
+          "top_k 2 keeps the two best, ties by id (%d, %d)", counts[1][1], counts[1][3]);
+    CHECK(counts[2][1] == DRAWS, "a nucleus of 0.3 holds only the best token (%d)", counts[2][1]);
+    dev_reset(d);
+}
+
 /* The guarded backend's promise: device memory faults when touched from
  * outside an op, and sealed buffers take no writes even inside one. */
 static void test_guarded_faults(void) {
@@ -886,6 +931,7 @@ int main(void) {
             test_rows_and_loss(&d);
             test_vision_ops(&d);
             test_optim_ops(&d);
+            test_sample(&d);
             dev_close(&d);
         }
     return check_done("test_ops");

@@ -1,0 +1,71 @@
+/* cpu_sample.c - the next token of each row of logits: greedy, or a draw at
+ * a temperature within the top-k tokens and the nucleus top_p. Candidates
+ * are ordered by probability, ties by token id (a total order, so the
+ * choice never depends on sort stability); tokens below e^-40 of the best
+ * are left out before sorting. The draw advances the row's own splitmix64
+ * state once. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "cpu_impl.h"
+
+#define CUTOFF 40.0f
+
+typedef struct {
+    float p;                  /* unnormalized probability */
+    int32_t id;
+} Cand;
+
+static uint64_t splitmix(uint64_t *s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static int32_t argmax(const float *x, int64_t n) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return (int32_t)best;
+}
+
+static int cand_cmp(const void *a, const void *b) {
+    const Cand *x = a, *y = b;
+    if (x->p != y->p) return x->p > y->p ? -1 : 1;
+    return x->id < y->id ? -1 : x->id > y->id;
+}
+
+static int32_t sample_row(const float *logits, int64_t V, KnSampleRow *r, Cand *c) {
+    int32_t best = argmax(logits, V);
+    if (r->temperature <= 0.0f || r->top_k == 1) return best;
+    float top = logits[best], inv_t = 1.0f / r->temperature;
+    int64_t n = 0;
+    for (int64_t i = 0; i < V; i++) {
+        float z = (logits[i] - top) * inv_t;
+        if (z > -CUTOFF) c[n++] = (Cand){expf(z), (int32_t)i};
+    }
+    qsort(c, (size_t)n, sizeof *c, cand_cmp);
+    if (r->top_k > 0 && n > r->top_k) n = r->top_k;
+    double total = 0;
+    for (int64_t i = 0; i < n; i++) total += c[i].p;
+    if (r->top_p < 1.0f) {
+        double keep = 0;
+        int64_t k = 0;
+        while (k < n && keep < r->top_p * total) keep += c[k++].p;
+        n = k > 0 ? k : 1;
+        total = keep > 0 ? keep : c[0].p;
+    }
+    double u = (double)(splitmix(&r->rng) >> 11) * (1.0 / 9007199254740992.0) * total, acc = 0;
+    for (int64_t i = 0; i < n; i++) {
+        acc += c[i].p;
+        if (u < acc) return c[i].id;
+    }
+    return c[n - 1].id;
+}
+
+void cpu_sample_forward(const KnCtx *ctx, int32_t *ids, const float *logits, KnSampleRow *rows, int64_t n, int64_t V,
+                        void *scratch) {
+    (void)ctx;
+    for (int64_t i = 0; i < n; i++) ids[i] = sample_row(logits + i * V, V, &rows[i], scratch);
+}
