@@ -213,7 +213,7 @@ GfStatus adapter_check(const char *config_json, size_t config_len, const uint8_t
     memset(info, 0, sizeof *info);
     GfError jerr;
     cJSON *cfg = json_parse_strict(config_json, config_len, "adapter_config.json", &jerr);
-    if (!cfg) return gf_error_set(err, GF_INVALID, "adapter_corrupt", "config", "%s", jerr.message);
+    if (!cfg) return json_error(err, &jerr, GF_INVALID, "adapter_corrupt", "config");
     GfStatus st = cJSON_IsObject(cfg) ? check_config(cfg, max_rank, info, err)
                                       : incompatible(err, "adapter_config.json is not a JSON object%s%s", NULL, NULL);
     cJSON_Delete(cfg);

@@ -57,7 +57,7 @@ static void put(Buf *b, const char *s, size_t n) {
     if (b->n + n + 1 > b->cap) {
         size_t nc = b->cap ? b->cap * 2 : 256;
         while (nc < b->n + n + 1) nc *= 2;
-        char *ns = realloc(b->s, nc);
+        char *ns = gf_realloc(b->s, nc, NULL);
         if (!ns) { b->failed = 1; return; }
         b->s = ns;
         b->cap = nc;
@@ -229,11 +229,11 @@ static void push(Enc *e, int32_t id, uint8_t mm, int32_t label) {
     ChatTokens *o = e->out;
     if (o->n == e->cap) {
         size_t nc = e->cap ? e->cap * 2 : 256;
-        int32_t *ids = realloc(o->ids, nc * sizeof *ids), *labels = o->labels;
-        uint8_t *mmt = ids ? realloc(o->mm_type, nc) : NULL;
+        int32_t *ids = gf_realloc(o->ids, nc * sizeof *ids, NULL), *labels = o->labels;
+        uint8_t *mmt = ids ? gf_realloc(o->mm_type, nc, NULL) : NULL;
         if (ids) o->ids = ids;
         if (mmt) o->mm_type = mmt;
-        if (e->with_labels && mmt && !(labels = realloc(o->labels, nc * sizeof *labels))) mmt = NULL;
+        if (e->with_labels && mmt && !(labels = gf_realloc(o->labels, nc * sizeof *labels, NULL))) mmt = NULL;
         if (!ids || !mmt) { e->failed = 1; return; }
         o->labels = labels;
         e->cap = nc;
@@ -269,7 +269,7 @@ static void emit_tokens(void *ctx, const char *text, size_t len, int image, int 
     if (!image) {
         if (e->text.n + len > e->trained_cap) {
             size_t nc = (e->text.n + len) * 2 + 64;
-            uint8_t *t = realloc(e->trained_bytes, nc);
+            uint8_t *t = gf_realloc(e->trained_bytes, nc, NULL);
             if (!t) { e->failed = 1; return; }
             e->trained_bytes = t;
             e->trained_cap = nc;

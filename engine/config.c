@@ -239,7 +239,7 @@ GfStatus gemma_config_parse(const char *json, size_t len, GemmaConfig *cfg, GfEr
     memset(cfg, 0, sizeof *cfg);
     GfError jerr;
     cJSON *root = json_parse_strict(json, len, "config.json", &jerr);
-    if (!root) return gf_error_set(err, GF_INVALID, "invalid_model", NULL, "%s", jerr.message);
+    if (!root) return json_error(err, &jerr, GF_INVALID, "invalid_model", NULL);
     Cfg top = {root, "", err};
     const cJSON *mt = cJSON_GetObjectItemCaseSensitive(root, "model_type");
     const cJSON *tc = cJSON_GetObjectItemCaseSensitive(root, "text_config");

@@ -221,7 +221,7 @@ static GfStatus check_message(Ctx *c, const cJSON *m, size_t index, GfError *err
 static GfStatus check_example(Ctx *c, const char *line, size_t n, GfError *err) {
     GfError jerr;
     cJSON *root = json_parse_strict(line, n, "line", &jerr);
-    if (!root) return gf_error_set(err, GF_UNPROCESSABLE, "invalid_json", NULL, "%s", jerr.message);
+    if (!root) return json_error(err, &jerr, GF_UNPROCESSABLE, "invalid_json", NULL);
     GfStatus st = GF_OK;
     const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
     c->line_images = 0;

@@ -83,7 +83,7 @@ static GfStatus apply_orientation(Image *img, int o, GfError *err) {
     if (o <= 1 || o > 8) return GF_OK;
     int W = img->width, H = img->height, swap = o >= 5;
     int dw = swap ? H : W, dh = swap ? W : H;
-    uint8_t *dst = malloc((size_t)W * H * 3);
+    uint8_t *dst = gf_malloc((size_t)W * H * 3, NULL);
     if (!dst) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
     for (int y = 0; y < dh; y++) {
         for (int x = 0; x < dw; x++) {
@@ -176,8 +176,8 @@ static GfStatus decode_png(const uint8_t *bytes, size_t n, const ImageLimits *li
     png_set_interlace_handling(png);
     png_read_update_info(png, info);
     if (png_get_rowbytes(png, info) != (size_t)w * 3) png_error(png, "unexpected row layout");
-    rgb = malloc((size_t)w * h * 3);
-    rows = malloc(sizeof(png_bytep) * h);
+    rgb = gf_malloc((size_t)w * h * 3, NULL);
+    rows = gf_malloc(sizeof(png_bytep) * h, NULL);
     if (!rgb || !rows) png_error(png, "out of memory");
     for (png_uint_32 y = 0; y < h; y++) rows[y] = rgb + (size_t)y * w * 3;
     png_read_image(png, rows);
@@ -212,7 +212,7 @@ static GfStatus decode_jpeg(const uint8_t *bytes, size_t n, const ImageLimits *l
     if (st) { tjDestroy(tj); return st; }
     int cmyk = cs == TJCS_CMYK || cs == TJCS_YCCK;
     size_t px = (size_t)w * (size_t)h;
-    uint8_t *buf = malloc(px * (cmyk ? 4 : 3));
+    uint8_t *buf = gf_malloc(px * (cmyk ? 4 : 3), NULL);
     if (!buf) { tjDestroy(tj); return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory"); }
     int flags = TJFLAG_LIMITSCANS | TJFLAG_STOPONWARNING;
     if (tjDecompress2(tj, bytes, (unsigned long)n, buf, w, 0, h, cmyk ? TJPF_CMYK : TJPF_RGB, flags) != 0) {
@@ -228,7 +228,7 @@ static GfStatus decode_jpeg(const uint8_t *bytes, size_t n, const ImageLimits *l
             uint8_t r = mul_div255(q[0], q[3]), g = mul_div255(q[1], q[3]), b = mul_div255(q[2], q[3]);
             buf[3 * i] = r; buf[3 * i + 1] = g; buf[3 * i + 2] = b;
         }
-        uint8_t *shrunk = realloc(buf, px * 3);
+        uint8_t *shrunk = gf_realloc(buf, px * 3, NULL);
         if (shrunk) buf = shrunk;
     }
     out->width = w;

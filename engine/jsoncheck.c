@@ -1,6 +1,7 @@
 /* jsoncheck.c - iterative strict JSON validator in front of cJSON. */
 #include "jsoncheck.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -216,11 +217,30 @@ static GfStatus check_duplicates(const cJSON *node, const char *what, GfError *e
     return GF_OK;
 }
 
+/* cJSON allocates through the checked allocator; a refusal is remembered
+ * per thread so a parse can tell running out of memory from bad JSON. */
+static _Thread_local int json_oom;
+static pthread_once_t hooks_once = PTHREAD_ONCE_INIT;
+
+static void *json_malloc(size_t n) {
+    void *p = gf_malloc(n, NULL);
+    if (!p) json_oom = 1;
+    return p;
+}
+
+static void install_hooks(void) {
+    cJSON_Hooks h = {json_malloc, free};
+    cJSON_InitHooks(&h);
+}
+
 cJSON *json_parse_strict(const char *buf, size_t n, const char *what, GfError *err) {
+    pthread_once(&hooks_once, install_hooks);
     if (json_scan_strict(buf, n, what, err)) return NULL;
+    json_oom = 0;
     cJSON *root = cJSON_ParseWithLength(buf, n);
     if (!root) {
-        gf_error_set(err, GF_INVALID, "invalid_json", NULL, "%s: invalid JSON", what);
+        if (json_oom) gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory parsing %s", what);
+        else gf_error_set(err, GF_INVALID, "invalid_json", NULL, "%s: invalid JSON", what);
         return NULL;
     }
     if (check_duplicates(root, what, err)) {
@@ -228,4 +248,9 @@ cJSON *json_parse_strict(const char *buf, size_t n, const char *what, GfError *e
         return NULL;
     }
     return root;
+}
+
+GfStatus json_error(GfError *err, const GfError *jerr, GfStatus status, const char *code, const char *param) {
+    if (jerr->status == GF_NO_MEMORY) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", param, "%s", jerr->message);
+    return gf_error_set(err, status, code, param, "%s", jerr->message);
 }

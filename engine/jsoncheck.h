@@ -8,9 +8,10 @@
  * every object for duplicate keys.
  *
  * Errors carry stable codes: invalid_json, invalid_utf8, invalid_string,
- * nesting_too_deep, duplicate_key. Messages give the byte offset, never the
- * content. Thread-safe; the returned tree is owned by the caller
- * (cJSON_Delete).
+ * nesting_too_deep, duplicate_key; running out of memory is GF_NO_MEMORY
+ * (cJSON allocates through gf_malloc, hooked once on first use). Messages
+ * give the byte offset, never the content. Thread-safe; the returned tree is
+ * owned by the caller (cJSON_Delete).
  */
 #ifndef GF_JSONCHECK_H
 #define GF_JSONCHECK_H
@@ -26,6 +27,11 @@
  * or NULL with err set (GF_INVALID). `what` names the input in messages
  * ("request body", "line 3"). */
 cJSON *json_parse_strict(const char *buf, size_t n, const char *what, GfError *err);
+
+/* A parse failure jerr reported as the caller's: status and code given, the
+ * message kept, param set; running out of memory stays GF_NO_MEMORY.
+ * Returns err's status. */
+GfStatus json_error(GfError *err, const GfError *jerr, GfStatus status, const char *code, const char *param);
 
 /* Only the scanning half: GF_OK when buf is one strict JSON value. */
 GfStatus json_scan_strict(const char *buf, size_t n, const char *what, GfError *err);

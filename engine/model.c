@@ -13,8 +13,20 @@ const GemmaConfig *model_config(const Model *m) { return &m->cfg; }
 const ModelDir *model_dir(const Model *m) { return &m->dir; }
 const KnBackend *model_backend(const Model *m) { return &m->be; }
 
-static int keep(Model *m, void *p) {
-    void **n = realloc(m->owned, (m->n_owned + 1) * sizeof *n);
+GfStatus model_device_alloc(const Model *m, KnBuffer *buf, size_t bytes, const char *what, GfError *err) {
+    return m->be.ops->alloc(&m->be.ctx, buf, bytes ? bytes : 1, KN_F32, what, err);
+}
+
+void model_device_free(const Model *m, KnBuffer *buf) {
+    if (m && buf) m->be.ops->free(&m->be.ctx, buf);
+}
+
+void model_download(const Model *m, void *host, const void *dev, size_t bytes) {
+    m->be.ops->download(&m->be.ctx, host, dev, bytes);
+}
+
+static int keep(Model *m, void *p, GfError *err) {
+    void **n = gf_realloc(m->owned, (m->n_owned + 1) * sizeof *n, err);
     if (!n) return -1;
     m->owned = n;
     m->owned[m->n_owned++] = p;
@@ -35,7 +47,7 @@ static const StTensor *find(Model *m, const char *name, uint8_t **flag) {
 /* Finds `name` with the expected shape (dims[0..n_dims)) and a float dtype. */
 static const StTensor *claim(Model *m, const char *name, const int64_t *dims, int n_dims, GfError *err);
 
-int model_keep(Model *m, void *p) { return keep(m, p); }
+int model_keep(Model *m, void *p, GfError *err) { return keep(m, p, err); }
 
 GfStatus model_bind_matrix(Model *m, const char *name, int64_t rows, int64_t cols, KnMatrix *out, GfError *err);
 GfStatus model_bind_vector(Model *m, const char *name, int64_t n, float **out, GfError *err);
@@ -68,7 +80,7 @@ static KnDtype dtype_of(const StTensor *t) { return t->dtype == ST_F32 ? KN_F32 
 /* Widens n values of t to a new owned float array. */
 static float *widen(Model *m, const StTensor *t, GfError *err) {
     float *out = gf_malloc((size_t)t->n_elements * sizeof(float), err);
-    if (!out || keep(m, out)) { free(out); return NULL; }
+    if (!out || keep(m, out, err)) { free(out); return NULL; }
     kn_convert_to_f32(out, t->data, dtype_of(t), 0, (int64_t)t->n_elements);
     return out;
 }
@@ -121,7 +133,7 @@ GfStatus model_bind_scalar(Model *m, const char *name, float *out, GfError *err)
 static float *rope_inv_freq(Model *m, const RopeParams *rp, int dim, GfError *err) {
     int half = dim / 2, live = rp->proportional ? (int)(rp->partial * (float)dim / 2.0f) : half;
     float *f = gf_calloc((size_t)half, sizeof *f, err);
-    if (!f || keep(m, f)) { free(f); return NULL; }
+    if (!f || keep(m, f, err)) { free(f); return NULL; }
     for (int i = 0; i < live && i < half; i++) {
         float expo = (float)(2 * i) / (float)dim;
         f[i] = (float)(1.0 / pow((double)rp->theta, (double)expo)) / rp->factor;
@@ -177,7 +189,7 @@ static GfStatus bind_ffn(Model *m, int i, Layer *l, GfError *err) {
         bind_vector(m, NAME(n, "%slayers.%d.post_feedforward_layernorm_2.weight", p, i), H, &l->post_ff_ln2, err))
         return err->status;
     l->router_in_scale = gf_malloc((size_t)H * sizeof(float), err);
-    if (!l->router_in_scale || keep(m, l->router_in_scale)) {
+    if (!l->router_in_scale || keep(m, l->router_in_scale, err)) {
         free(l->router_in_scale);
         return GF_NO_MEMORY;
     }
@@ -300,7 +312,7 @@ static uint64_t nf4_bytes(int64_t n) {
 void model_memory(const Model *m, ModelMemory *out) {
     memset(out, 0, sizeof *out);
     size_t n = linear_slots((Model *)m, NULL);
-    KnMatrix **slots = calloc(n + 1, sizeof *slots);
+    KnMatrix **slots = gf_calloc(n + 1, sizeof *slots, NULL);
     if (!slots) return;
     linear_slots((Model *)m, slots);
     uint64_t linear_stored = 0;

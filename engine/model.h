@@ -94,6 +94,14 @@ typedef struct {
  * (ids, cache room, pool blocks). */
 GfStatus model_forward_batch(Model *m, ModelSeq *seqs, int n_seqs, float *logits, GfError *err);
 
+/* Device memory on the model's backend for arrays a caller keeps between
+ * ops (soft tokens): GF_NO_MEMORY / GF_DEVICE naming `what`. Free with
+ * model_device_free (a zeroed buffer is a no-op). model_download copies
+ * bytes of device memory to the host (e.g. soft tokens to write out). */
+GfStatus model_device_alloc(const Model *m, KnBuffer *buf, size_t bytes, const char *what, GfError *err);
+void model_device_free(const Model *m, KnBuffer *buf);
+void model_download(const Model *m, void *host, const void *dev, size_t bytes);
+
 /* model_forward_batch, then each sequence's next token from its last row's
  * logits under rows[n_seqs] (host: sampling parameters and random states,
  * advanced when drawn): ids[n_seqs] (host). Only the ids cross to the host. */

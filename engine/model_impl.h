@@ -79,7 +79,8 @@ GfStatus model_bind_vector(Model *m, const char *name, int64_t n, float **out, G
 GfStatus model_bind_3d(Model *m, const char *name, int64_t e, int64_t rows, int64_t cols, KnMatrix *out, GfError *err);
 /* A 0-dimensional tensor (a scalar buffer). */
 GfStatus model_bind_scalar(Model *m, const char *name, float *out, GfError *err);
-int model_keep(Model *m, void *p);
+/* Takes ownership of p (freed at model_close); -1 with err set (p not taken) when out of memory. */
+int model_keep(Model *m, void *p, GfError *err);
 GfStatus vision_bind(Model *m, GfError *err);
 
 /* Helpers of forward.c used by backward.c. */

@@ -36,7 +36,7 @@ static GfStatus read_config(const char *dir, ModelDir *md, GfError *err) {
     GfError jerr;
     cJSON *cfg = json_parse_strict(text, n, "config.json", &jerr);
     free(text);
-    if (!cfg) return gf_error_set(err, GF_INVALID, "invalid_model", NULL, "%s", jerr.message);
+    if (!cfg) return json_error(err, &jerr, GF_INVALID, "invalid_model", NULL);
     const cJSON *mt = cJSON_GetObjectItemCaseSensitive(cfg, "model_type");
     GfStatus st = GF_OK;
     if (!cJSON_IsString(mt) || strcmp(mt->valuestring, "gemma4") != 0)
@@ -72,7 +72,7 @@ static long shard_index(const char *const *names, size_t n, const char *file) {
 static GfStatus open_index(const char *dir, const char *text, size_t n, ModelDir *md, GfError *err) {
     GfError jerr;
     cJSON *idx = json_parse_strict(text, n, "model.safetensors.index.json", &jerr);
-    if (!idx) return gf_error_set(err, GF_INVALID, "invalid_model", NULL, "%s", jerr.message);
+    if (!idx) return json_error(err, &jerr, GF_INVALID, "invalid_model", NULL);
     const cJSON *map = cJSON_GetObjectItemCaseSensitive(idx, "weight_map");
     const char *files[MODEL_MAX_SHARDS];
     size_t n_files = 0;

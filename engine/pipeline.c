@@ -104,7 +104,7 @@ void prompt_free(Prompt *pr) {
     if (!pr) return;
     free(pr->ids);
     free(pr->mm_type);
-    free(pr->soft);
+    model_device_free(pr->model, &pr->soft_buf);
     memset(pr, 0, sizeof *pr);
 }
 
@@ -137,6 +137,7 @@ GfStatus pipeline_prompt(Pipeline *p, const LoraBinding *lora, const ChatMessage
                          size_t n_images, int budget, int enable_thinking, Prompt *out, GfError *err) {
     memset(out, 0, sizeof *out);
     out->lora = lora;
+    out->model = p->model;
     const GemmaConfig *cfg = model_config(p->model);
     if (n_images && !cfg->vision.present)
         return gf_error_set(err, GF_INVALID, "no_vision_tower", "image", "this model has no vision tower; it cannot take images");
@@ -146,8 +147,11 @@ GfStatus pipeline_prompt(Pipeline *p, const LoraBinding *lora, const ChatMessage
     if (n_images && !counts) return GF_NO_MEMORY;
     int64_t H = cfg->text.hidden_size;
     GfStatus st = GF_OK;
-    if (n_images && !(out->soft = gf_malloc((size_t)((int64_t)n_images * pre.max_soft_tokens * H) * sizeof(float), err)))
-        st = GF_NO_MEMORY;
+    if (n_images) {
+        st = model_device_alloc(p->model, &out->soft_buf, (size_t)((int64_t)n_images * pre.max_soft_tokens * H) * sizeof(float),
+                                "soft tokens", err);
+        out->soft = out->soft_buf.data;
+    }
     for (size_t k = 0; !st && k < n_images; k++) {
         st = encode_image(p, &images[k], &pre, out, &counts[k], err);
         if (st) snprintf(err->param, sizeof err->param, "image[%zu]", k);

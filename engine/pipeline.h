@@ -43,7 +43,9 @@ GfStatus pipeline_load_processor(const char *dir, const VisionConfig *vision, Pr
 typedef struct {
     int32_t *ids;             /* [n] */
     uint8_t *mm_type;         /* [n] 1 on image placeholders */
-    float *soft;              /* [n_soft, hidden] soft tokens of all images in order, or NULL */
+    float *soft;              /* [n_soft, hidden] soft tokens of all images in order (device memory, in soft_buf), or NULL */
+    KnBuffer soft_buf;
+    const Model *model;       /* whose backend holds soft_buf */
     int64_t n, n_soft;
     const LoraBinding *lora;  /* the adapter of this request (not owned), or NULL */
 } Prompt;

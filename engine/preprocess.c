@@ -57,9 +57,9 @@ typedef struct {
 static int coeffs_init(Coeffs *c, int in_size, int out_size) {
     double scale = (double)in_size / out_size, fscale = scale < 1.0 ? 1.0 : scale, support = 2.0 * fscale;
     c->ksize = (int)ceil(support) * 2 + 1;
-    c->bounds = malloc((size_t)out_size * 2 * sizeof *c->bounds);
-    c->k = calloc((size_t)out_size * (size_t)c->ksize, sizeof *c->k);
-    double *w = malloc((size_t)c->ksize * sizeof *w);
+    c->bounds = gf_malloc((size_t)out_size * 2 * sizeof *c->bounds, NULL);
+    c->k = gf_calloc((size_t)out_size * (size_t)c->ksize, sizeof *c->k, NULL);
+    double *w = gf_malloc((size_t)c->ksize * sizeof *w, NULL);
     if (!c->bounds || !c->k || !w) { free(w); return -1; }
     for (int o = 0; o < out_size; o++) {
         double center = (o + 0.5) * scale, sum = 0.0, ss = 1.0 / fscale;
@@ -111,7 +111,7 @@ static void resample_pass(const uint8_t *in, int in_w, int in_h, uint8_t *out, i
 
 GfStatus preprocess_resize_bicubic(const Image *in, int tw, int th, Image *out, GfError *err) {
     memset(out, 0, sizeof *out);
-    uint8_t *cur = malloc((size_t)in->width * in->height * 3);
+    uint8_t *cur = gf_malloc((size_t)in->width * in->height * 3, NULL);
     if (!cur) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
     memcpy(cur, in->rgb, (size_t)in->width * in->height * 3);
     int w = in->width, h = in->height;
@@ -120,7 +120,7 @@ GfStatus preprocess_resize_bicubic(const Image *in, int tw, int th, Image *out, 
         if (n_in == n_out) continue;
         Coeffs c;
         int nw = horizontal ? tw : w, nh = horizontal ? h : th;
-        uint8_t *next = malloc((size_t)nw * nh * 3);
+        uint8_t *next = gf_malloc((size_t)nw * nh * 3, NULL);
         if (!next || coeffs_init(&c, n_in, n_out)) {
             free(next);
             free(cur);

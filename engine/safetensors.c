@@ -151,7 +151,7 @@ GfStatus safetensors_parse(const uint8_t *bytes, uint64_t size, SafeTensors *st,
     if (n < 2 || bytes[8] != '{') return bad(err, "header does not start with '{'%s", "");
     GfError jerr;
     cJSON *root = json_parse_strict((const char *)bytes + 8, (size_t)n, "safetensors header", &jerr);
-    if (!root) return gf_error_set(err, GF_INVALID, "invalid_safetensors", NULL, "%s", jerr.message);
+    if (!root) return json_error(err, &jerr, GF_INVALID, "invalid_safetensors", NULL);
     st->buffer = bytes + 8 + n;
     st->buffer_size = size - 8 - n;
     GfStatus rc = cJSON_IsObject(root) ? parse_table(root, st, err)
@@ -235,7 +235,7 @@ static char *write_header(const StWriteTensor *tensors, size_t n, uint64_t *len)
     cJSON_Delete(root);
     if (!text) return NULL;
     size_t raw = strlen(text), padded = (raw + 7) & ~(size_t)7;
-    char *out = realloc(text, padded + 1);
+    char *out = gf_realloc(text, padded + 1, NULL);
     if (!out) { free(text); return NULL; }
     memset(out + raw, ' ', padded - raw);
     out[padded] = '\0';

@@ -30,7 +30,8 @@ struct ServeReq {
     ServeReq *next;           /* queue link */
     /* engine thread only, once admitted */
     Resident *ad;
-    float *soft;              /* [sum n_soft, H] */
+    float *soft;              /* [sum n_soft, H] device memory (soft_buf) */
+    KnBuffer soft_buf;
     KvCache cache;
     int64_t reserved;         /* blocks reserved for prompt + max_tokens */
     int64_t n_gen;
@@ -116,9 +117,7 @@ void serve_submit_free(ServeSubmit *s) {
 void serve_release(ServeReq *r) {
     if (!r || atomic_fetch_sub(&r->refs, 1) != 1) return;
     serve_submit_free(&r->s);
-    free(r->soft);
-    kv_cache_free(&r->cache);
-    free(r);
+    free(r); /* its cache and soft tokens went in finish(), on the engine thread */
 }
 
 void serve_cancel(ServeReq *r) {
@@ -274,7 +273,9 @@ static void finish(ServeEngine *e, ServeReq *q, FinishReason why, const GfError 
     ServeEvent ev = {.kind = SERVE_END, .finish = why, .error = error, .prompt_tokens = q->s.n,
                      .completion_tokens = q->n_gen};
     q->s.sink(q->s.sink_cls, &ev);
-    kv_cache_free(&q->cache);
+    kv_cache_free(&q->cache); /* device memory is freed here, on the thread that owns the backend */
+    model_device_free(e->m, &q->soft_buf);
+    q->soft = NULL;
     e->reserved -= q->reserved;
     q->reserved = 0;
     if (q->ad) q->ad->refs--;
@@ -295,8 +296,8 @@ static GfStatus encode_images(ServeEngine *e, ServeReq *q, GfError *err) {
     if (!q->s.n_images) return GF_OK;
     int64_t H = model_config(e->m)->text.hidden_size, total = 0;
     for (int i = 0; i < q->s.n_images; i++) total += q->s.images[i].n_patches;
-    q->soft = gf_malloc((size_t)(total * H) * sizeof(float), err);
-    if (!q->soft) return GF_NO_MEMORY;
+    if (model_device_alloc(e->m, &q->soft_buf, (size_t)(total * H) * sizeof(float), "soft tokens", err)) return err->status;
+    q->soft = q->soft_buf.data;
     int64_t at = 0;
     for (int i = 0; i < q->s.n_images; i++) {
         ServeImage *im = &q->s.images[i];

@@ -140,7 +140,7 @@ static GfStatus add_member(TarIndex *t, size_t *cap, size_t max_members, const c
     if (t->n_members == max_members) return bad(err, "too many members", NULL);
     if (t->n_members == *cap) {
         size_t nc = *cap ? *cap * 2 : 64;
-        TarMember *m = realloc(t->members, nc * sizeof *m);
+        TarMember *m = gf_realloc(t->members, nc * sizeof *m, NULL);
         if (!m) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
         t->members = m;
         *cap = nc;

@@ -31,9 +31,9 @@ typedef struct {
 static int strmap_init(StrMap *m, size_t n) {
     m->cap = 16;
     while (m->cap < n * 2) m->cap *= 2;
-    m->keys = calloc(m->cap, sizeof *m->keys);
-    m->lens = calloc(m->cap, sizeof *m->lens);
-    m->vals = calloc(m->cap, sizeof *m->vals);
+    m->keys = gf_calloc(m->cap, sizeof *m->keys, NULL);
+    m->lens = gf_calloc(m->cap, sizeof *m->lens, NULL);
+    m->vals = gf_calloc(m->cap, sizeof *m->vals, NULL);
     return m->keys && m->lens && m->vals ? 0 : -1;
 }
 
@@ -65,9 +65,9 @@ typedef struct {
 static int mergemap_init(MergeMap *m, size_t n) {
     m->cap = 16;
     while (m->cap < n * 2) m->cap *= 2;
-    m->keys = calloc(m->cap, sizeof *m->keys);
-    m->rank = calloc(m->cap, sizeof *m->rank);
-    m->merged = calloc(m->cap, sizeof *m->merged);
+    m->keys = gf_calloc(m->cap, sizeof *m->keys, NULL);
+    m->rank = gf_calloc(m->cap, sizeof *m->rank, NULL);
+    m->merged = gf_calloc(m->cap, sizeof *m->merged, NULL);
     return m->keys && m->rank && m->merged ? 0 : -1;
 }
 
@@ -169,7 +169,7 @@ static int32_t trie_child(const Tokenizer *t, int32_t node, uint8_t b) {
 static int trie_add_node(Tokenizer *t) {
     if (t->n_nodes == t->cap_nodes) {
         size_t nc = t->cap_nodes ? t->cap_nodes * 2 : 1024;
-        TrieNode *n = realloc(t->nodes, nc * sizeof *n);
+        TrieNode *n = gf_realloc(t->nodes, nc * sizeof *n, NULL);
         if (!n) return -1;
         t->nodes = n;
         t->cap_nodes = nc;
@@ -290,10 +290,10 @@ static GfStatus load_vocab(Tokenizer *t, const cJSON *vocab, const cJSON *added,
         n++;
     }
     t->n_ids = (size_t)(max_id + 1);
-    t->id_to_token = calloc(t->n_ids, sizeof *t->id_to_token);
-    t->token_len = calloc(t->n_ids, sizeof *t->token_len);
-    t->special = calloc(t->n_ids, 1);
-    t->added = calloc(t->n_ids, 1);
+    t->id_to_token = gf_calloc(t->n_ids, sizeof *t->id_to_token, NULL);
+    t->token_len = gf_calloc(t->n_ids, sizeof *t->token_len, NULL);
+    t->special = gf_calloc(t->n_ids, 1, NULL);
+    t->added = gf_calloc(t->n_ids, 1, NULL);
     if (!t->id_to_token || !t->token_len || !t->special || !t->added || strmap_init(&t->vocab, n))
         return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
     for (const cJSON *e = vocab->child; e; e = e->next)
@@ -308,7 +308,7 @@ static GfStatus load_vocab(Tokenizer *t, const cJSON *vocab, const cJSON *added,
 static GfStatus retire_if_replaced(Tokenizer *t, int32_t id, const char *content, GfError *err) {
     if (id < 0 || (size_t)id >= t->n_ids || !t->id_to_token[id]) return GF_OK;
     if (strcmp(t->id_to_token[id], content) == 0) return GF_OK;
-    char **r = realloc(t->retired, (t->n_retired + 1) * sizeof *r);
+    char **r = gf_realloc(t->retired, (t->n_retired + 1) * sizeof *r, NULL);
     if (!r) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
     t->retired = r;
     t->retired[t->n_retired++] = t->id_to_token[id];
@@ -324,8 +324,8 @@ static GfStatus load_added(Tokenizer *t, const cJSON *added, GfError *err) {
         total += cJSON_IsString(c) ? strlen(c->valuestring) : 0;
     }
     while (t->edge_cap < total * 2 + 16) t->edge_cap *= 2;
-    t->edge_keys = calloc(t->edge_cap, sizeof *t->edge_keys);
-    t->edge_vals = calloc(t->edge_cap, sizeof *t->edge_vals);
+    t->edge_keys = gf_calloc(t->edge_cap, sizeof *t->edge_keys, NULL);
+    t->edge_vals = gf_calloc(t->edge_cap, sizeof *t->edge_vals, NULL);
     if (!t->edge_keys || !t->edge_vals || trie_add_node(t) < 0) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
     static const char *const flags[] = {"single_word", "lstrip", "rstrip", "normalized"};
     for (const cJSON *a = added ? added->child : NULL; a; a = a->next) {
@@ -398,7 +398,7 @@ static void load_post(Tokenizer *t, const cJSON *post, int add_bos) {
 GfStatus tokenizer_load_json(const char *json, size_t len, int add_bos, Tokenizer **out, GfError *err) {
     GfError jerr;
     cJSON *root = json_parse_strict(json, len, "tokenizer.json", &jerr);
-    if (!root) return gf_error_set(err, GF_INVALID, "invalid_tokenizer", NULL, "%s", jerr.message);
+    if (!root) return json_error(err, &jerr, GF_INVALID, "invalid_tokenizer", NULL);
     Tokenizer *t = gf_calloc(1, sizeof *t, err);
     GfStatus st = t ? GF_OK : GF_NO_MEMORY;
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
@@ -458,7 +458,7 @@ typedef struct {
 static int ids_push(Ids *a, int32_t id) {
     if (a->n == a->cap) {
         size_t nc = a->cap ? a->cap * 2 : 64;
-        int32_t *nv = realloc(a->v, nc * sizeof *nv);
+        int32_t *nv = gf_realloc(a->v, nc * sizeof *nv, NULL);
         if (!nv) return -1;
         a->v = nv;
         a->cap = nc;
@@ -469,7 +469,7 @@ static int ids_push(Ids *a, int32_t id) {
 
 /* Applies the normalizer's replaces; returns a new string. */
 static char *normalize(const Tokenizer *t, const char *s, size_t n, size_t *out_len) {
-    char *cur = malloc(n + 1);
+    char *cur = gf_malloc(n + 1, NULL);
     if (!cur) return NULL;
     memcpy(cur, s, n);
     cur[n] = '\0';
@@ -481,7 +481,7 @@ static char *normalize(const Tokenizer *t, const char *s, size_t n, size_t *out_
             if (memcmp(cur + i, rp->from, rp->from_len) == 0) { count++; i += rp->from_len - 1; }
         if (!count) continue;
         size_t nl = len + count * rp->to_len - count * rp->from_len, o = 0;
-        char *next = malloc(nl + 1);
+        char *next = gf_malloc(nl + 1, NULL);
         if (!next) { free(cur); return NULL; }
         for (size_t i = 0; i < len;) {
             if (i + rp->from_len <= len && memcmp(cur + i, rp->from, rp->from_len) == 0) {
@@ -542,9 +542,9 @@ static HeapItem heap_pop(HeapItem *h, size_t *n) {
  * leftmost on ties, over a linked list of symbols. */
 static int bpe(const Tokenizer *t, const char *s, size_t n, Ids *out) {
     size_t cap = n + 1, n_sym = 0, n_heap = 0;
-    int32_t *sym = malloc(cap * sizeof *sym), *prev = malloc(cap * sizeof *prev), *next = malloc(cap * sizeof *next);
-    uint8_t *alive = malloc(cap);
-    HeapItem *heap = malloc(2 * cap * sizeof *heap + sizeof *heap);
+    int32_t *sym = gf_malloc(cap * sizeof *sym, NULL), *prev = gf_malloc(cap * sizeof *prev, NULL), *next = gf_malloc(cap * sizeof *next, NULL);
+    uint8_t *alive = gf_malloc(cap, NULL);
+    HeapItem *heap = gf_malloc(2 * cap * sizeof *heap + sizeof *heap, NULL);
     int rc = !sym || !prev || !next || !alive || !heap ? -1 : 0;
     for (size_t i = 0; !rc && i < n;) {
         size_t cl = utf8_len((uint8_t)s[i]);
@@ -630,7 +630,7 @@ static int text_put(Text *x, const char *s, size_t n) {
     if (*x->len + n + 1 > *x->cap) {
         size_t nc = *x->cap ? *x->cap : 64;
         while (nc < *x->len + n + 1) nc *= 2;
-        char *nb = realloc(*x->buf, nc);
+        char *nb = gf_realloc(*x->buf, nc, NULL);
         if (!nb) return -1;
         *x->buf = nb;
         *x->cap = nc;
@@ -684,7 +684,7 @@ char *tokenizer_decode(const Tokenizer *t, const int32_t *ids, size_t n, int ski
     char *buf = NULL;
     size_t len = 0, cap = 0, n_run = 0;
     Text x = {&buf, &len, &cap};
-    uint8_t *run = malloc(n + 1);
+    uint8_t *run = gf_malloc(n + 1, NULL);
     int rc = run ? text_put(&x, "", 0) : -1;
     for (size_t i = 0; !rc && i < n; i++) {
         int32_t id = ids[i];
@@ -715,7 +715,7 @@ GfStatus tokenizer_stream_push(const Tokenizer *t, TokenStream *s, int32_t id, i
     } else {
         if (s->n_pending == s->cap_pending) {
             size_t nc = s->cap_pending ? 2 * s->cap_pending : 16;
-            uint8_t *p = realloc(s->pending, nc);
+            uint8_t *p = gf_realloc(s->pending, nc, NULL);
             if (!p) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
             s->pending = p;
             s->cap_pending = nc;

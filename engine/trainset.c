@@ -182,11 +182,11 @@ static GfStatus pool_append(TrainSet *t, const ChatTokens *ct, GfError *err) {
     if (t->pool_n + (int64_t)ct->n > t->pool_cap) {
         int64_t cap = t->pool_cap ? t->pool_cap : 4096;
         while (cap < t->pool_n + (int64_t)ct->n) cap *= 2;
-        int32_t *ids = realloc(t->ids, (size_t)cap * sizeof *ids);
+        int32_t *ids = gf_realloc(t->ids, (size_t)cap * sizeof *ids, NULL);
         if (ids) t->ids = ids;
-        int32_t *labels = ids ? realloc(t->labels, (size_t)cap * sizeof *labels) : NULL;
+        int32_t *labels = ids ? gf_realloc(t->labels, (size_t)cap * sizeof *labels, NULL) : NULL;
         if (labels) t->labels = labels;
-        uint8_t *mm = labels ? realloc(t->mm, (size_t)cap) : NULL;
+        uint8_t *mm = labels ? gf_realloc(t->mm, (size_t)cap, NULL) : NULL;
         if (!mm) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory holding the dataset's tokens");
         t->mm = mm;
         t->pool_cap = cap;
@@ -259,7 +259,7 @@ static GfStatus add_line(TrainSet *t, const char *s, size_t n, uint64_t offset, 
     if (is_blank(s, n)) return GF_OK;
     if (t->n == t->cap) {
         size_t cap = t->cap ? t->cap * 2 : 256;
-        Entry *e = realloc(t->e, cap * sizeof *e);
+        Entry *e = gf_realloc(t->e, cap * sizeof *e, NULL);
         if (!e) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory reading the dataset");
         t->e = e;
         t->cap = cap;

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -111,20 +112,43 @@ int gf_add_u64(uint64_t a, uint64_t b, uint64_t *out) {
     return 0;
 }
 
+static _Atomic long g_alloc_budget = -1; /* allocations left before the hook fails them; < 0: off */
+static _Atomic long g_alloc_refused;
+
+void gf_alloc_fail_after(long n) {
+    atomic_store(&g_alloc_refused, 0);
+    atomic_store(&g_alloc_budget, n);
+}
+
+long gf_alloc_failures(void) { return atomic_load(&g_alloc_refused); }
+
+/* 1 when the test hook refuses this allocation. */
+static int hook_refuses(void) {
+    long left = atomic_load(&g_alloc_budget);
+    while (left >= 0) {
+        if (left == 0) {
+            atomic_fetch_add(&g_alloc_refused, 1);
+            return 1;
+        }
+        if (atomic_compare_exchange_weak(&g_alloc_budget, &left, left - 1)) return 0;
+    }
+    return 0;
+}
+
 void *gf_malloc(size_t n, GfError *err) {
-    void *p = malloc(n ? n : 1);
+    void *p = hook_refuses() ? NULL : malloc(n ? n : 1);
     if (!p) gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory (%zu bytes)", n);
     return p;
 }
 
 void *gf_calloc(size_t count, size_t size, GfError *err) {
-    void *p = calloc(count ? count : 1, size ? size : 1);
+    void *p = hook_refuses() ? NULL : calloc(count ? count : 1, size ? size : 1);
     if (!p) gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
     return p;
 }
 
 void *gf_realloc(void *p, size_t n, GfError *err) {
-    void *q = realloc(p, n ? n : 1);
+    void *q = hook_refuses() ? NULL : realloc(p, n ? n : 1);
     if (!q) gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory (%zu bytes)", n);
     return q;
 }

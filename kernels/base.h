@@ -91,6 +91,14 @@ int gf_add_u64(uint64_t a, uint64_t b, uint64_t *out);
 /* malloc/calloc that set err to GF_NO_MEMORY on failure. Free with free(). */
 void *gf_malloc(size_t n, GfError *err);
 void *gf_calloc(size_t count, size_t size, GfError *err);
+/* Test hook, as SQLite's malloc-failure loop: after n more successful
+ * allocations, every gf_malloc / gf_calloc / gf_realloc / gf_strdup fails
+ * (as out of memory) until it is called again with n < 0. The only global
+ * besides the log settings; tests set it while one thread allocates. */
+void gf_alloc_fail_after(long n);
+/* Allocations refused by the hook since it was last set. */
+long gf_alloc_failures(void);
+
 /* realloc that sets err to GF_NO_MEMORY on failure (p is then untouched). */
 void *gf_realloc(void *p, size_t n, GfError *err);
 /* strdup that sets err on failure; s must not be NULL. */

@@ -57,7 +57,7 @@ KnPool *kn_pool_new(int n_threads, GfError *err) {
     p->threads = gf_calloc((size_t)n_threads, sizeof *p->threads, err);
     if (!p->threads) { free(p); return NULL; }
     for (int i = 1; i < n_threads; i++) {
-        Worker *w = malloc(sizeof *w);
+        Worker *w = gf_malloc(sizeof *w, NULL);
         if (w) {
             w->pool = p;
             w->ith = i;

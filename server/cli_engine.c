@@ -50,16 +50,23 @@ static int parse(int argc, char **argv, CliOptions *o) {
 }
 
 /* Runs the tower on each image of the inputs and returns all soft tokens in
- * order (*n_soft rows of hidden); NULL without images or on failure (*bad). */
-static float *run_vision(Model *m, const LoraBinding *lora, const SafeTensors *in, int64_t *n_soft, int *bad) {
+ * order (*n_soft rows of hidden) in device memory (buf, the model's to
+ * free); NULL without images or on failure (*bad). */
+static float *run_vision(Model *m, const LoraBinding *lora, const SafeTensors *in, KnBuffer *buf, int64_t *n_soft,
+                         int *bad) {
     CliImages im;
     *n_soft = 0;
     if (cli_read_images(in, "forward", &im)) { *bad = 1; return NULL; }
     if (!im.n_images) return NULL;
     int64_t P = im.n_patches, H = model_config(m)->text.hidden_size;
-    float *soft = malloc((size_t)(im.n_images * P * H) * sizeof(float));
     GfError err;
-    if (!soft) *bad = 1;
+    float *soft = NULL;
+    if (model_device_alloc(m, buf, (size_t)(im.n_images * P * H) * sizeof(float), "soft tokens", &err)) {
+        fprintf(stderr, "gemmaforge forward: %s\n", err.message);
+        *bad = 1;
+    } else {
+        soft = buf->data;
+    }
     for (int64_t k = 0; soft && k < im.n_images && !*bad; k++) {
         int64_t n = 0;
         if (model_vision_forward(m, lora, im.pixels + k * P * im.patch_len, im.positions + k * P * 2, P, soft + *n_soft * H, &n,
@@ -81,7 +88,8 @@ static int run_forward(Model *m, const LoraBinding *lora, const CliOptions *o, c
     int32_t *mask = cli_read_ids(in, "forward", "attention_mask", &B, &T, 0, &bad);
     int32_t *mm = bad ? NULL : cli_read_ids(in, "forward", "mm_token_type_ids", &B, &T, 0, &bad);
     int64_t n_soft = 0, used_soft = 0, n_placeholders = 0;
-    float *soft = bad ? NULL : run_vision(m, lora, in, &n_soft, &bad);
+    KnBuffer soft_buf = {0};
+    float *soft = bad ? NULL : run_vision(m, lora, in, &soft_buf, &n_soft, &bad);
     for (int64_t i = 0; i < B * T; i++) n_placeholders += ids[i] == model_config(m)->image_token_id;
     if (!bad && soft && n_placeholders != n_soft) {
         fprintf(stderr, "gemmaforge forward: the images give %lld soft tokens but input_ids hold %lld image placeholders\n",
@@ -117,15 +125,19 @@ static int run_forward(Model *m, const LoraBinding *lora, const CliOptions *o, c
         for (int64_t j = 0; row_hidden && j <= L; j++)
             memcpy(hidden + ((j * B + b) * T) * H, row_hidden + j * T * H, (size_t)(T * H) * sizeof(float));
     }
+    float *soft_host = !rc && soft ? malloc((size_t)(n_soft * H) * sizeof(float)) : NULL;
+    if (soft && !rc && !soft_host) rc = 1;
+    if (soft_host) model_download(m, soft_host, soft, (size_t)(n_soft * H) * sizeof(float));
     if (!rc) {
         StWriteTensor out[3] = {{"logits", ST_F32, 3, {(uint64_t)B, (uint64_t)T, (uint64_t)V}, logits}};
         size_t n_out = 1;
         if (hidden) out[n_out++] = (StWriteTensor){"hidden_states", ST_F32, 4, {(uint64_t)(L + 1), (uint64_t)B, (uint64_t)T, (uint64_t)H}, hidden};
-        if (soft) out[n_out++] = (StWriteTensor){"vision_soft_tokens", ST_F32, 2, {(uint64_t)n_soft, (uint64_t)H}, soft};
+        if (soft) out[n_out++] = (StWriteTensor){"vision_soft_tokens", ST_F32, 2, {(uint64_t)n_soft, (uint64_t)H}, soft_host};
         if (safetensors_write(o->out, out, n_out, &err)) { fprintf(stderr, "gemmaforge forward: %s\n", err.message); rc = 1; }
     }
     if (logits) kv_cache_free(&c);
-    free(soft);
+    model_device_free(m, &soft_buf);
+    free(soft_host);
     free(ids); free(mask); free(mm); free(logits); free(hidden); free(row_hidden); free(valid); free(types);
     return rc;
 }
@@ -142,10 +154,11 @@ static int run_forward_mixed(Model *m, const LoraBinding *const *lora, const Cli
     int64_t V = t->vocab_size, H = t->hidden_size, before = 0;
     float *logits = bad ? NULL : malloc((size_t)(B * T * V) * sizeof(float));
     float **soft = calloc((size_t)(B > 0 ? B : 1), sizeof *soft);
+    KnBuffer *soft_bufs = calloc((size_t)(B > 0 ? B : 1), sizeof *soft_bufs);
     uint8_t *types = malloc((size_t)(B * T) + 1);
     KvCache *caches = calloc((size_t)(B > 0 ? B : 1), sizeof *caches);
     ModelSeq *seqs = calloc((size_t)(B > 0 ? B : 1), sizeof *seqs);
-    int rc = !ids || !logits || !soft || !types || !caches || !seqs;
+    int rc = !ids || !logits || !soft || !soft_bufs || !types || !caches || !seqs;
     GfError err;
     for (int64_t b = 0; !rc && b < B; b++) {
         int64_t here = 0, n_soft = 0;
@@ -153,7 +166,7 @@ static int run_forward_mixed(Model *m, const LoraBinding *const *lora, const Cli
             here += ids[b * T + i] == model_config(m)->image_token_id;
             types[b * T + i] = mm ? (uint8_t)mm[b * T + i] : 0;
         }
-        if (here) soft[b] = run_vision(m, lora[b], in, &n_soft, &bad);
+        if (here) soft[b] = run_vision(m, lora[b], in, &soft_bufs[b], &n_soft, &bad);
         if (bad || (here && before + here > n_soft)) {
             fprintf(stderr, "gemmaforge forward: row %lld: its image placeholders do not match the images\n", (long long)b);
             rc = 1;
@@ -174,7 +187,8 @@ static int run_forward_mixed(Model *m, const LoraBinding *const *lora, const Cli
         StWriteTensor out = {"logits", ST_F32, 3, {(uint64_t)B, (uint64_t)T, (uint64_t)V}, logits};
         if (safetensors_write(o->out, &out, 1, &err)) { fprintf(stderr, "gemmaforge forward: %s\n", err.message); rc = 1; }
     }
-    for (int64_t b = 0; soft && b < B; b++) free(soft[b]);
+    for (int64_t b = 0; soft_bufs && b < B; b++) model_device_free(m, &soft_bufs[b]);
+    free(soft_bufs);
     for (int64_t b = 0; caches && b < B; b++) kv_cache_free(&caches[b]);
     free(soft); free(caches); free(seqs); free(ids); free(mm); free(types); free(logits);
     return rc;

@@ -5,7 +5,9 @@
  * transfer entry, faults at once, as it would (less politely) on a GPU.
  * Sealed buffers (weights) are read-only even during ops. Each mapping is
  * followed by an inaccessible guard page, so running off a buffer's end
- * faults too.
+ * faults too. The transfer entries (upload, download, copy, memset) abort
+ * when handed a device range outside every live buffer: host memory passed
+ * where device memory belongs.
  *
  * It exists for tests: the whole suite runs on it once in CI. Every op call
  * changes the protection of every live buffer twice, so it is slow by
@@ -106,6 +108,14 @@ static void g_seal(const KnCtx *ctx, const KnBuffer *buf) {
     b->sealed = 1;
 }
 
+/* The device memory [p, p + n) must lie inside one live buffer: host
+ * memory handed to a transfer entry (which a GPU could not read) aborts. */
+static GuardBuf *owner(const KnCtx *ctx, const void *p, size_t n) {
+    GuardBuf *b = find(guard_of(ctx), p);
+    if (!b || (const char *)p + n > b->base + b->len - guard_of(ctx)->page) abort();
+    return b;
+}
+
 /* Transfers open only the buffers they touch; a sealed buffer takes no
  * writes (weights are written once, before sealing). */
 static void with_open(const KnCtx *ctx, const void *p, int write, int open) {
@@ -117,6 +127,7 @@ static void with_open(const KnCtx *ctx, const void *p, int write, int open) {
 
 static void g_upload(const KnCtx *ctx, void *dst, const void *src, size_t n) {
     if (!n) return;
+    owner(ctx, dst, n);
     with_open(ctx, dst, 1, 1);
     memcpy(dst, src, n);
     with_open(ctx, dst, 1, 0);
@@ -124,6 +135,7 @@ static void g_upload(const KnCtx *ctx, void *dst, const void *src, size_t n) {
 
 static void g_download(const KnCtx *ctx, void *dst, const void *src, size_t n) {
     if (!n) return;
+    owner(ctx, src, n);
     with_open(ctx, src, 0, 1);
     memcpy(dst, src, n);
     with_open(ctx, src, 0, 0);
@@ -131,6 +143,8 @@ static void g_download(const KnCtx *ctx, void *dst, const void *src, size_t n) {
 
 static void g_copy(const KnCtx *ctx, void *dst, const void *src, size_t n) {
     if (!n) return;
+    owner(ctx, dst, n);
+    owner(ctx, src, n);
     set_access(ctx, 1);
     memcpy(dst, src, n);
     set_access(ctx, 0);
@@ -138,6 +152,7 @@ static void g_copy(const KnCtx *ctx, void *dst, const void *src, size_t n) {
 
 static void g_memset(const KnCtx *ctx, void *dst, int value, size_t n) {
     if (!n) return;
+    owner(ctx, dst, n);
     with_open(ctx, dst, 1, 1);
     memset(dst, value, n);
     with_open(ctx, dst, 1, 0);

@@ -31,7 +31,8 @@ typedef struct {
     int32_t ids[160];
     uint8_t types[160];
     int64_t n;
-    float *soft;          /* image soft tokens through the sequence's adapter, or NULL */
+    float *soft;          /* image soft tokens through the sequence's adapter (device memory, soft_buf), or NULL */
+    KnBuffer soft_buf;
     const LoraBinding *lora;
     float *logits;        /* alone: [n + N_DECODE, V] */
     int32_t tokens[N_DECODE];
@@ -136,17 +137,18 @@ static void run_batched(Model *m, Seq *seqs, int64_t V, const char *variant) {
     kv_pool_free(&pool);
 }
 
-/* Image soft tokens of forward_image through lora (NULL = base). */
-static float *image_soft(Model *m, const SafeTensors *st, const LoraBinding *lora) {
+/* Image soft tokens of forward_image through lora (NULL = base), in buf. */
+static float *image_soft(Model *m, const SafeTensors *st, const LoraBinding *lora, KnBuffer *buf) {
     float *pixels;
     int32_t *positions;
     int64_t N = golden_image(st, &pixels, &positions), n_soft = 0;
-    float *soft = malloc((size_t)(N * model_config(m)->text.hidden_size) * sizeof(float));
     GfError err;
-    CHECK_STATUS(model_vision_forward(m, lora, pixels, positions, N, soft, &n_soft, &err), GF_OK, err);
+    CHECK_STATUS(model_device_alloc(m, buf, (size_t)(N * model_config(m)->text.hidden_size) * sizeof(float), "soft", &err),
+                 GF_OK, err);
+    CHECK_STATUS(model_vision_forward(m, lora, pixels, positions, N, buf->data, &n_soft, &err), GF_OK, err);
     free(pixels);
     free(positions);
-    return soft;
+    return buf->data;
 }
 
 /* The image prompt, cut short by `cut` tokens. */
@@ -177,7 +179,7 @@ static void run_variant(const char *variant) {
     CHECK_STATUS(safetensors_open(path, "forward_image", &st, &err), GF_OK, err);
     /* adapter of each sequence: interleaved, base = -1 */
     static const int which[N_SEQ] = {-1, 0, 1, 2, 0, -1, 1, 2};
-    Seq seqs[N_SEQ];
+    Seq seqs[N_SEQ] = {0};
     memset(seqs, 0, sizeof seqs);
     for (int q = 0; q < N_SEQ; q++) {
         Seq *s = &seqs[q];
@@ -188,13 +190,13 @@ static void run_variant(const char *variant) {
             for (int64_t i = 1; i < s->n; i++) s->ids[i] = 300 + (int32_t)((q * 131 + i * 37) % 700);
         } else {
             image_prompt(s, &st, q);
-            s->soft = image_soft(m, &st, s->lora);
+            s->soft = image_soft(m, &st, s->lora, &s->soft_buf);
         }
         s->logits = malloc((size_t)(s->n + N_DECODE) * (size_t)V * sizeof(float));
         run_alone(m, s, V);
     }
     run_batched(m, seqs, V, variant);
-    for (int q = 0; q < N_SEQ; q++) { free(seqs[q].soft); free(seqs[q].logits); }
+    for (int q = 0; q < N_SEQ; q++) { model_device_free(m, &seqs[q].soft_buf); free(seqs[q].logits); }
     for (int i = 0; i < 3; i++) { lora_binding_free(&bind[i]); lora_free(ad[i]); }
     safetensors_close(&st);
     model_close(m);

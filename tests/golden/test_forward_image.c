@@ -51,13 +51,16 @@ static void run_variant(const char *variant) {
     int64_t N = golden_image(&st, &pixels, &positions);
     uint8_t *types = malloc((size_t)T);
     golden_prompt(&st, T, tokens, types);
-    float *soft = malloc((size_t)(N * H) * sizeof(float));
+    KnBuffer soft_buf;
+    CHECK_STATUS(model_device_alloc(m, &soft_buf, (size_t)(N * H) * sizeof(float), "soft tokens", &err), GF_OK, err);
+    float *soft = soft_buf.data, *soft_host = malloc((size_t)(N * H) * sizeof(float));
     int64_t n_soft = 0;
     CHECK_STATUS(model_vision_forward(m, NULL, pixels, positions, N, soft, &n_soft, &err), GF_OK, err);
+    model_download(m, soft_host, soft, (size_t)(n_soft * H) * sizeof(float));
     char what[96];
     snprintf(what, sizeof what, "%s vision_soft_tokens (%lld)", variant, (long long)n_soft);
     CHECK(n_soft == 60, "%s: %lld soft tokens, want 60", variant, (long long)n_soft);
-    CHECK(golden_report(what, soft, ref_soft, (size_t)(60 * H), (size_t)H, NULL, GOLDEN_LOGITS_REL), "%s", what);
+    CHECK(golden_report(what, soft_host, ref_soft, (size_t)(60 * H), (size_t)H, NULL, GOLDEN_LOGITS_REL), "%s", what);
     KvCache c;
     float *logits = malloc((size_t)(T * V) * sizeof(float));
     CHECK_STATUS(kv_cache_init(&c, &model_config(m)->text, model_backend(m), T, &err), GF_OK, err);
@@ -74,7 +77,8 @@ static void run_variant(const char *variant) {
     int same = ng == nw && memcmp(got, want, (size_t)nw * sizeof *got) == 0;
     printf("%-40s %lld tokens %s\n", "greedy image continuation", (long long)ng, same ? "OK" : "NOT OK");
     CHECK(same, "%s: image continuation differs from generate.json", variant);
-    free(pixels); free(positions); free(tokens); free(types); free(soft); free(logits);
+    free(pixels); free(positions); free(tokens); free(types); free(soft_host); free(logits);
+    model_device_free(m, &soft_buf);
     safetensors_close(&st);
     model_close(m);
 }

@@ -126,9 +126,12 @@ static GfStatus submit(ServeEngine *e, const Prompt1 *p, const SafeTensors *img,
 static void alone(Model *m, const Prompt1 *p, const SafeTensors *img, const LoraBinding *lb, int32_t *out, int64_t *n_out) {
     GfError err;
     float *soft = NULL;
+    KnBuffer soft_buf = {0};
     if (p->image) {
         ServeImage *im = image_of(img);
-        soft = malloc((size_t)(60 * model_config(m)->text.hidden_size) * sizeof(float));
+        CHECK_STATUS(model_device_alloc(m, &soft_buf, (size_t)(60 * model_config(m)->text.hidden_size) * sizeof(float),
+                                        "soft", &err), GF_OK, err);
+        soft = soft_buf.data;
         int64_t got;
         CHECK_STATUS(model_vision_forward(m, lb, im->pixels, im->positions, im->n_patches, soft, &got, &err), GF_OK, err);
         free(im->pixels); free(im->positions); free(im);
@@ -136,7 +139,7 @@ static void alone(Model *m, const Prompt1 *p, const SafeTensors *img, const Lora
     ModelInput in = {.ids = p->ids, .mm_type = p->types, .soft_tokens = soft, .n = p->n, .lora = lb};
     CHECK_STATUS(model_generate_greedy_input(m, &in, MAX_NEW, out, n_out, &err), GF_OK, err);
     if (*n_out && model_is_eos(m, out[*n_out - 1])) (*n_out)--; /* the engine does not emit the eos */
-    free(soft);
+    model_device_free(m, &soft_buf);
 }
 
 int main(void) {

@@ -1,0 +1,141 @@
+/* test_alloc_fail.c - out of memory at every allocation, as SQLite's
+ * malloc-failure loop: for N = 0, 1, 2, ... the allocator refuses every
+ * allocation after the first N, and opening the model, a batched forward
+ * and a training step must each fail with GF_NO_MEMORY and a message, leave
+ * their inputs usable, and (under ASan, which runs this test in CI) leak
+ * nothing; the loop ends at the first N that lets the operation finish. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../unit/check.h"
+#include "pipeline.h"
+#include "trainer.h"
+
+#define MAX_ROUNDS 20000
+
+typedef GfStatus (*Operation)(void *ctx, GfError *err);
+
+/* Runs op with the allocator failing after N = 0, 1, ... allocations until
+ * op succeeds; checks every failure's status and message. Returns the
+ * rounds it took. */
+static long failure_loop(const char *what, Operation op, void *ctx) {
+    long n;
+    int bad = 0;
+    for (n = 0; n < MAX_ROUNDS; n++) {
+        GfError err;
+        gf_error_clear(&err);
+        gf_alloc_fail_after(n);
+        GfStatus st = op(ctx, &err);
+        long refused = gf_alloc_failures();
+        gf_alloc_fail_after(-1);
+        if (st == GF_OK && refused == 0) break;
+        if (st == GF_OK) continue; /* a refused allocation the operation could do without */
+        if (bad < 12 && (st != GF_NO_MEMORY || !err.message[0])) {
+            CHECK(0, "%s, out of memory after %ld allocations: status %s, code %s, message '%s'", what, n, gf_status_name(st), err.code,
+                  err.message);
+            bad++;
+        }
+    }
+    CHECK(n < MAX_ROUNDS, "%s finished once memory sufficed", what);
+    printf("%-28s %5ld allocation points, each failing cleanly\n", what, n);
+    return n;
+}
+
+/* ---- model open ---- */
+
+static GfStatus open_close(void *ctx, GfError *err) {
+    const ModelOptions *mo = ctx;
+    Model *m = NULL;
+    GfStatus st = model_open(GF_FIXTURES "/moe", mo, &m, err);
+    model_close(m);
+    return st;
+}
+
+/* ---- a batched forward: two sequences, one with an adapter ---- */
+
+typedef struct {
+    Model *m;
+    const LoraBinding *lora;
+} ForwardCtx;
+
+static GfStatus forward_two(void *ctx, GfError *err) {
+    ForwardCtx *f = ctx;
+    const TextConfig *t = &model_config(f->m)->text;
+    int32_t a[] = {2, 500, 501, 502, 503}, b[] = {2, 600, 601};
+    KvCache ca, cb;
+    memset(&ca, 0, sizeof ca);
+    memset(&cb, 0, sizeof cb);
+    float *logits = gf_malloc(2 * (size_t)t->vocab_size * sizeof(float), err);
+    GfStatus st = logits ? GF_OK : GF_NO_MEMORY;
+    if (!st) st = kv_cache_init(&ca, t, model_backend(f->m), 16, err);
+    if (!st) st = kv_cache_init(&cb, t, model_backend(f->m), 16, err);
+    ModelSeq seqs[2] = {{&ca, {.ids = a, .n = 5, .last_logits_only = 1, .lora = f->lora}},
+                        {&cb, {.ids = b, .n = 3, .last_logits_only = 1}}};
+    if (!st) st = model_forward_batch(f->m, seqs, 2, logits, err);
+    kv_cache_free(&ca);
+    kv_cache_free(&cb);
+    free(logits);
+    return st;
+}
+
+/* ---- a training step ---- */
+
+typedef struct {
+    Pipeline *p;
+    TrainSet *set;
+} TrainCtx;
+
+static GfStatus train_step(void *ctx, GfError *err) {
+    TrainCtx *c = ctx;
+    const char *targets[] = {"q_proj", "v_proj", "down_proj"};
+    LoraAdapter *a = NULL;
+    Trainer *t = NULL;
+    TrainConfig cfg = {.epochs = 1, .batch_size = 2, .grad_accum = 1, .lr = 1e-3, .max_grad_norm = 1.0,
+                       .schedule = SCHED_LINEAR, .seed = 9};
+    TrainStepInfo info;
+    GfStatus st = lora_create(c->p->model, targets, 3, 4, 8.0, 0, 1, &a, err);
+    if (!st) st = trainer_new(c->p->model, a, c->set, &cfg, &t, err);
+    if (!st) st = trainer_step(t, NULL, NULL, &info, err);
+    trainer_free(t);
+    lora_free(a);
+    return st;
+}
+
+int main(void) {
+    GfError err;
+    ModelOptions mo = {.n_threads = 1, .quantize = MODEL_QUANT_NF4};
+    failure_loop("model_open (moe, nf4)", open_close, &mo);
+
+    Pipeline *p = NULL;
+    ModelOptions plain = {.n_threads = 1};
+    CHECK_STATUS(pipeline_open(GF_FIXTURES "/dense", &plain, &p, &err), GF_OK, err);
+    if (!p) return check_done("test_alloc_fail");
+    const char *targets[] = {"q_proj", "o_proj"};
+    LoraAdapter *a = NULL;
+    LoraBinding lb;
+    CHECK_STATUS(lora_create(p->model, targets, 2, 4, 8.0, 0, 3, &a, &err), GF_OK, err);
+    CHECK_STATUS(lora_bind(p->model, a, &lb, &err), GF_OK, err);
+    ForwardCtx f = {p->model, &lb};
+    failure_loop("model_forward_batch", forward_two, &f);
+    CHECK_STATUS(forward_two(&f, &err), GF_OK, err); /* the model is still whole */
+    lora_binding_free(&lb);
+    lora_free(a);
+
+    char path[] = "/tmp/gf-allocfail-XXXXXX";
+    int fd = mkstemp(path);
+    FILE *fp = fd >= 0 ? fdopen(fd, "w") : NULL;
+    for (int i = 0; fp && i < 4; i++)
+        fprintf(fp, "{\"messages\":[{\"role\":\"user\",\"content\":\"say %d\"},{\"role\":\"assistant\",\"content\":\"ok %d\"}]}\n",
+                i, i);
+    if (fp) fclose(fp);
+    ImageLimits lim = {20u << 20, 50000000};
+    TrainCtx tc = {p, NULL};
+    CHECK_STATUS(trainset_open(p, path, NULL, 256, &lim, &tc.set, &err), GF_OK, err);
+    if (tc.set) failure_loop("trainer step", train_step, &tc);
+    trainset_close(tc.set);
+    unlink(path);
+    pipeline_close(p);
+    return check_done("test_alloc_fail");
+}
