@@ -429,7 +429,12 @@ static GfStatus add_pair(LoraAdapter *a, const Candidate *c, int rank, uint64_t 
     p->index = (int)a->n_pairs;
     p->A = gf_malloc((size_t)(rank * c->in) * sizeof(float), err);
     p->B = gf_calloc((size_t)(c->out * rank), sizeof(float), err);
-    if (!p->A || !p->B) return GF_NO_MEMORY;
+    if (!p->A || !p->B) {
+        free(p->A);
+        free(p->B);
+        p->A = p->B = NULL;
+        return GF_NO_MEMORY;
+    }
     a->n_pairs++;
     float bound = (float)(1.0 / sqrt((double)c->in));
     for (int64_t i = 0; i < rank * c->in; i++) p->A[i] = uniform(rng, bound);

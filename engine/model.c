@@ -380,6 +380,7 @@ GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfEr
 
 void model_close(Model *m) {
     if (!m) return;
+    if (m->be.ops) m->be.ops->free(&m->be.ctx, &m->act);
     kn_backend_close(&m->be);
     for (size_t i = 0; i < m->n_owned; i++) free(m->owned[i]);
     for (size_t i = 0; i < m->n_nf4; i++) kn_nf4_free(&m->nf4[i]);
@@ -388,7 +389,6 @@ void model_close(Model *m) {
     for (size_t s = 0; m->claimed && s < m->dir.n_shards; s++) free(m->claimed[s]);
     free(m->claimed);
     free(m->layers);
-    m->be.ops ? m->be.ops->free(&m->be.ctx, &m->act) : (void)0;
     free(m->tables.row0);
     free(m->tables.segs);
     free(m->tables.ids);

@@ -64,7 +64,11 @@ GfStatus vision_bind(Model *m, GfError *err) {
         model_bind_3d(m, VT "patch_embedder.position_embedding_table", 2, v->position_embedding_size, d, &w->pos_table, err))
         return err->status;
     w->layers = gf_calloc((size_t)v->n_layers, sizeof *w->layers, err);
-    if (!w->layers || model_keep(m, w->layers, err)) return GF_NO_MEMORY;
+    if (!w->layers || model_keep(m, w->layers, err)) {
+        free(w->layers);
+        w->layers = NULL;
+        return GF_NO_MEMORY;
+    }
     for (int i = 0; i < v->n_layers; i++)
         if (bind_vision_layer(m, i, &w->layers[i], err)) return err->status;
     if (v->standardize && (model_bind_vector(m, VT "std_bias", d, &w->std_bias, err) ||
@@ -74,11 +78,17 @@ GfStatus vision_bind(Model *m, GfError *err) {
         return err->status;
     int q = v->head_dim / 4; /* frequencies per half: 100^(-4j/D) */
     w->inv_freq = gf_calloc((size_t)q, sizeof *w->inv_freq, err);
-    if (!w->inv_freq || model_keep(m, w->inv_freq, err)) return GF_NO_MEMORY;
+    if (!w->inv_freq || model_keep(m, w->inv_freq, err)) {
+        free(w->inv_freq);
+        return GF_NO_MEMORY;
+    }
     for (int j = 0; j < q; j++) w->inv_freq[j] = (float)(1.0 / pow((double)v->rope_theta, (double)((float)(2 * j) / (float)(v->head_dim / 2))));
     /* the pooled output's gradient factor: sqrt(d) / k^2, times std_scale */
     w->pool_grad_scale = gf_malloc((size_t)d * sizeof(float), err);
-    if (!w->pool_grad_scale || model_keep(m, w->pool_grad_scale, err)) return GF_NO_MEMORY;
+    if (!w->pool_grad_scale || model_keep(m, w->pool_grad_scale, err)) {
+        free(w->pool_grad_scale);
+        return GF_NO_MEMORY;
+    }
     float scale = sqrtf((float)d) / (float)(v->pooling_kernel * v->pooling_kernel);
     for (int64_t j = 0; j < d; j++) w->pool_grad_scale[j] = scale * (v->standardize ? w->std_scale[j] : 1.0f);
     return GF_OK;

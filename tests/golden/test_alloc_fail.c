@@ -48,7 +48,7 @@ static long failure_loop(const char *what, Operation op, void *ctx) {
 static GfStatus open_close(void *ctx, GfError *err) {
     const ModelOptions *mo = ctx;
     Model *m = NULL;
-    GfStatus st = model_open(GF_FIXTURES "/moe", mo, &m, err);
+    GfStatus st = model_open(GF_FIXTURES "/dense", mo, &m, err);
     model_close(m);
     return st;
 }
@@ -106,7 +106,7 @@ static GfStatus train_step(void *ctx, GfError *err) {
 int main(void) {
     GfError err;
     ModelOptions mo = {.n_threads = 1, .quantize = MODEL_QUANT_NF4};
-    failure_loop("model_open (moe, nf4)", open_close, &mo);
+    failure_loop("model_open (dense, nf4)", open_close, &mo);
 
     Pipeline *p = NULL;
     ModelOptions plain = {.n_threads = 1};
