@@ -37,6 +37,7 @@ static GfStatus open_cpu(KnDeviceKind kind, const KnBackendOptions *opts, KnBack
     snprintf(b->name, sizeof b->name, "guarded");
     if (guarded_ctx_init(&b->ctx, err)) {
         kn_pool_free(b->ctx.pool);
+        memset(b, 0, sizeof *b); /* nothing left to close */
         return err->status;
     }
     return GF_OK;

@@ -1,19 +1,17 @@
 /* cpu_guarded.c - the guarded CPU backend: the CPU kernels behind a table
- * whose device buffers each live in their own anonymous mapping, kept
+ * whose device buffers live in a reserved region of their own, kept
  * PROT_NONE whenever no op of this backend is running. Engine code that
  * reads or writes device memory itself, instead of through an op or a
  * transfer entry, faults at once, as it would (less politely) on a GPU.
- * Sealed buffers (weights) are read-only even during ops. Each mapping is
- * followed by an inaccessible guard page, so running off a buffer's end
- * faults too. The transfer entries (upload, download, copy, memset) abort
+ * Sealed buffers (weights) are read-only even during ops. The transfer entries (upload, download, copy, memset) abort
  * when handed a device range outside every live buffer: host memory passed
  * where device memory belongs.
  *
  * It exists for tests: the whole suite runs on it once in CI. Every op call
- * changes the protection of every live buffer twice, so it is slow by
- * design. Threading: as any KnCtx, one owner thread; the registry is the
+ * changes the region's protection twice (two system calls). Threading: as any KnCtx, one owner thread; the registry is the
  * context's (ctx->impl), not global.
  */
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -23,12 +21,15 @@
 #include "cpu_impl.h"
 
 typedef struct {
-    char *base;               /* the mapping: data, then the guard page */
-    size_t len;               /* bytes mapped, guard page included */
-    int sealed;
+    size_t off, len;          /* the chunk: byte offset in the region, whole pages */
+    int sealed, used;
 } GuardBuf;
 
 typedef struct {
+    int fd;                   /* the memory both mappings share */
+    char *dev;                /* the device view: PROT_NONE */
+    char *host;               /* the kernels' view: read-write */
+    size_t region_len, top;   /* reserved bytes; the end of the highest chunk */
     GuardBuf *bufs;
     size_t n, cap;
     size_t page;
@@ -36,18 +37,21 @@ typedef struct {
 
 static Guard *guard_of(const KnCtx *ctx) { return ctx->impl; }
 
-/* Opens every buffer for an op (sealed ones read-only), or closes them all. */
-static void set_access(const KnCtx *ctx, int open) {
+/* The kernels' address of a device address (anything outside the region,
+ * such as host weights, unchanged). */
+static void *hv(const KnCtx *ctx, const void *p) {
     Guard *g = guard_of(ctx);
-    for (size_t i = 0; i < g->n; i++) {
-        int prot = !open ? PROT_NONE : g->bufs[i].sealed ? PROT_READ : PROT_READ | PROT_WRITE;
-        if (mprotect(g->bufs[i].base, g->bufs[i].len - g->page, prot) != 0) abort();
-    }
+    const char *c = p;
+    if (!c || c < g->dev || c >= g->dev + g->region_len) return (void *)p;
+    return g->host + (c - g->dev);
 }
 
 static GuardBuf *find(Guard *g, const void *p) {
+    const char *c = p;
+    if (c < g->dev || c >= g->dev + g->region_len) return NULL;
+    size_t off = (size_t)(c - g->dev);
     for (size_t i = 0; i < g->n; i++)
-        if ((const char *)p >= g->bufs[i].base && (const char *)p < g->bufs[i].base + g->bufs[i].len) return &g->bufs[i];
+        if (g->bufs[i].used && off >= g->bufs[i].off && off < g->bufs[i].off + g->bufs[i].len) return &g->bufs[i];
     return NULL;
 }
 
@@ -56,6 +60,24 @@ GfStatus guarded_ctx_init(KnCtx *ctx, GfError *err) {
     if (!g) return GF_NO_MEMORY;
     long page = sysconf(_SC_PAGESIZE);
     g->page = page > 0 ? (size_t)page : 4096;
+    g->fd = memfd_create("gf-guarded", MFD_CLOEXEC);
+    for (size_t len = (size_t)1 << 38; g->fd >= 0 && len >= ((size_t)1 << 30) && !g->dev; len >>= 2) {
+        if (ftruncate(g->fd, (off_t)len) != 0) continue;
+        void *d = mmap(NULL, len, PROT_NONE, MAP_SHARED | MAP_NORESERVE, g->fd, 0);
+        void *h = d == MAP_FAILED ? MAP_FAILED : mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, g->fd, 0);
+        if (h == MAP_FAILED) {
+            if (d != MAP_FAILED) munmap(d, len);
+            continue;
+        }
+        g->dev = d;
+        g->host = h;
+        g->region_len = len;
+    }
+    if (!g->dev) {
+        if (g->fd >= 0) close(g->fd);
+        free(g);
+        return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "cannot reserve the guarded backend's memory");
+    }
     ctx->impl = g;
     return GF_OK;
 }
@@ -63,7 +85,9 @@ GfStatus guarded_ctx_init(KnCtx *ctx, GfError *err) {
 void guarded_ctx_free(KnCtx *ctx) {
     Guard *g = guard_of(ctx);
     if (!g) return;
-    for (size_t i = 0; i < g->n; i++) munmap(g->bufs[i].base, g->bufs[i].len);
+    munmap(g->dev, g->region_len);
+    munmap(g->host, g->region_len);
+    close(g->fd);
     free(g->bufs);
     free(g);
     ctx->impl = NULL;
@@ -71,24 +95,35 @@ void guarded_ctx_free(KnCtx *ctx) {
 
 /* ---- memory ------------------------------------------------------------------ */
 
-static GfStatus g_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what, GfError *err) {
-    Guard *g = guard_of(ctx);
-    memset(buf, 0, sizeof *buf);
-    if (bytes == 0 || bytes > SIZE_MAX - 2 * g->page)
-        return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory for %s (%zu bytes)", what, bytes);
+/* A free chunk of at least len bytes, or a new one at the top (NULL when
+ * the region or the registry is full). */
+static GuardBuf *take_chunk(Guard *g, size_t len) {
+    for (size_t i = 0; i < g->n; i++)
+        if (!g->bufs[i].used && g->bufs[i].len >= len) return &g->bufs[i];
+    if (len > g->region_len - g->top) return NULL;
     if (g->n == g->cap) {
         size_t cap = g->cap ? 2 * g->cap : 64;
         GuardBuf *b = realloc(g->bufs, cap * sizeof *b);
-        if (!b) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory for %s", what);
+        if (!b) return NULL;
         g->bufs = b;
         g->cap = cap;
     }
-    size_t len = (bytes + g->page - 1) / g->page * g->page + g->page;
-    char *p = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED)
+    GuardBuf *b = &g->bufs[g->n++];
+    *b = (GuardBuf){g->top, len, 0, 0};
+    g->top += len;
+    return b;
+}
+
+static GfStatus g_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what, GfError *err) {
+    Guard *g = guard_of(ctx);
+    memset(buf, 0, sizeof *buf);
+    size_t len = bytes > SIZE_MAX - g->page ? 0 : (bytes + g->page - 1) / g->page * g->page;
+    GuardBuf *b = len ? take_chunk(g, len) : NULL;
+    if (!b)
         return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory for %s (%zu bytes)", what, bytes);
-    g->bufs[g->n++] = (GuardBuf){p, len, 0};
-    *buf = (KnBuffer){p, bytes, ctx->device, ctx->index, dtype};
+    b->used = 1;
+    b->sealed = 0;
+    *buf = (KnBuffer){g->dev + b->off, bytes, ctx->device, ctx->index, dtype};
     return GF_OK;
 }
 
@@ -96,183 +131,213 @@ static void g_free(const KnCtx *ctx, KnBuffer *buf) {
     Guard *g = guard_of(ctx);
     if (!buf || !buf->data) return;
     GuardBuf *b = find(g, buf->data);
-    if (!b) abort(); /* not ours: a programming error */
-    munmap(b->base, b->len);
-    *b = g->bufs[--g->n];
+    if (!b || g->dev + b->off != (char *)buf->data) abort(); /* not ours: a programming error */
+    if (b->sealed && mprotect(g->host + b->off, b->len, PROT_READ | PROT_WRITE) != 0) abort();
+    b->used = b->sealed = 0;
+    fallocate(g->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)b->off, (off_t)b->len); /* pages back */
     memset(buf, 0, sizeof *buf);
 }
 
 static void g_seal(const KnCtx *ctx, const KnBuffer *buf) {
-    GuardBuf *b = find(guard_of(ctx), buf->data);
+    Guard *g = guard_of(ctx);
+    GuardBuf *b = find(g, buf->data);
     if (!b) abort();
     b->sealed = 1;
+    if (mprotect(g->host + b->off, b->len, PROT_READ) != 0) abort();
 }
 
 /* The device memory [p, p + n) must lie inside one live buffer: host
  * memory handed to a transfer entry (which a GPU could not read) aborts. */
-static GuardBuf *owner(const KnCtx *ctx, const void *p, size_t n) {
-    GuardBuf *b = find(guard_of(ctx), p);
-    if (!b || (const char *)p + n > b->base + b->len - guard_of(ctx)->page) abort();
-    return b;
-}
-
-/* Transfers open only the buffers they touch; a sealed buffer takes no
- * writes (weights are written once, before sealing). */
-static void with_open(const KnCtx *ctx, const void *p, int write, int open) {
-    GuardBuf *b = find(guard_of(ctx), p);
-    if (!b || (write && b->sealed)) abort();
-    size_t page = guard_of(ctx)->page;
-    if (mprotect(b->base, b->len - page, open ? (write ? PROT_READ | PROT_WRITE : PROT_READ) : PROT_NONE) != 0) abort();
+static void *owned(const KnCtx *ctx, const void *p, size_t n) {
+    Guard *g = guard_of(ctx);
+    GuardBuf *b = find(g, p);
+    if (!b || (const char *)p + n > g->dev + b->off + b->len) abort();
+    return hv(ctx, p);
 }
 
 static void g_upload(const KnCtx *ctx, void *dst, const void *src, size_t n) {
-    if (!n) return;
-    owner(ctx, dst, n);
-    with_open(ctx, dst, 1, 1);
-    memcpy(dst, src, n);
-    with_open(ctx, dst, 1, 0);
+    if (n) memcpy(owned(ctx, dst, n), src, n); /* a sealed buffer faults: weights are written before sealing */
 }
 
 static void g_download(const KnCtx *ctx, void *dst, const void *src, size_t n) {
-    if (!n) return;
-    owner(ctx, src, n);
-    with_open(ctx, src, 0, 1);
-    memcpy(dst, src, n);
-    with_open(ctx, src, 0, 0);
+    if (n) memcpy(dst, owned(ctx, src, n), n);
 }
 
 static void g_copy(const KnCtx *ctx, void *dst, const void *src, size_t n) {
-    if (!n) return;
-    owner(ctx, dst, n);
-    owner(ctx, src, n);
-    set_access(ctx, 1);
-    memcpy(dst, src, n);
-    set_access(ctx, 0);
+    if (n) memmove(owned(ctx, dst, n), owned(ctx, src, n), n);
 }
 
 static void g_memset(const KnCtx *ctx, void *dst, int value, size_t n) {
-    if (!n) return;
-    owner(ctx, dst, n);
-    with_open(ctx, dst, 1, 1);
-    memset(dst, value, n);
-    with_open(ctx, dst, 1, 0);
+    if (n) memset(owned(ctx, dst, n), value, n);
 }
 
-/* ---- ops: the CPU kernels between opening and closing every buffer ---- */
+/* ---- ops: each pointer argument translated to the kernels' view ---- */
 
-#define GUARDED(name, params, args) \
-    static void g_##name params {   \
-        set_access(ctx, 1);         \
-        CPU_OPS.name args;          \
-        set_access(ctx, 0);         \
+#define H(p) hv(ctx, p)
+
+static KnMatrix hm(const KnCtx *ctx, KnMatrix w) {
+    if (w.dtype != KN_NF4) w.data = H(w.data); /* an NF4 matrix points at its host KnNf4 */
+    return w;
+}
+
+static KnMask hmask(const KnCtx *ctx, const KnMask *m) {
+    return (KnMask){H(m->valid), H(m->group), m->window};
+}
+
+#define MAX_SEGS 1024
+/* The segments with their matrices in the kernels' view, into out. */
+static const KnLoraSeg *hsegs(const KnCtx *ctx, const KnLoraSeg *segs, int n, KnLoraSeg *out) {
+    if (n > MAX_SEGS) abort();
+    for (int i = 0; i < n; i++) {
+        out[i] = segs[i];
+        out[i].A = H(segs[i].A);
+        out[i].B = H(segs[i].B);
+        out[i].dA = H(segs[i].dA);
+        out[i].dB = H(segs[i].dB);
     }
+    return out;
+}
 
-GUARDED(matmul, (const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n), (ctx, y, x, w, n))
-GUARDED(rmsnorm, (const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps),
-        (ctx, y, x, w, n, dim, eps))
-GUARDED(rope, (const KnCtx *ctx, float *x, int n_heads, int dim, const float *inv_freq, int64_t pos),
-        (ctx, x, n_heads, dim, inv_freq, pos))
-GUARDED(attention,
-        (const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q, int64_t q_pos0,
-         int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale, const KnMask *mask),
-        (ctx, out, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask))
-GUARDED(attention_paged,
-        (const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q, int64_t q_pos0, int64_t n_keys,
-         int n_heads, int n_kv_heads, int dim, float scale, const KnMask *mask),
-        (ctx, out, q, kv, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask))
-GUARDED(gelu_tanh, (const KnCtx *ctx, float *x, size_t n), (ctx, x, n))
-GUARDED(softcap, (const KnCtx *ctx, float *x, size_t n, float cap), (ctx, x, n, cap))
-GUARDED(embed_row, (const KnCtx *ctx, float *out, KnMatrix table, int64_t row, float scale), (ctx, out, table, row, scale))
-GUARDED(matmul_dx, (const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n), (ctx, dx, dy, w, n))
-GUARDED(rmsnorm_dx,
-        (const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n, int64_t dim, float eps),
-        (ctx, dx, x, w, dy, n, dim, eps))
-GUARDED(gelu_tanh_dx, (const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n), (ctx, dx, x, dy, n))
-GUARDED(attention_dx,
-        (const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
-         const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim,
-         float scale, const KnMask *mask),
-        (ctx, dq, dk, dv, q, k, v, dout, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask))
-
-GUARDED(embed_rows, (const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale),
-        (ctx, out, table, ids, n, scale))
-GUARDED(add, (const KnCtx *ctx, float *y, const float *a, const float *b, size_t n), (ctx, y, a, b, n))
-GUARDED(mul, (const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_b),
-        (ctx, y, a, b, rows, cols, ld_b))
-GUARDED(scale, (const KnCtx *ctx, float *x, size_t n, float s), (ctx, x, n, s))
-GUARDED(rope_rows,
-        (const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head, const float *inv_freq,
-         const int32_t *pos, int64_t pos_stride),
-        (ctx, x, n_rows, n_heads, dim, ld_head, inv_freq, pos, pos_stride))
-GUARDED(kv_store,
-        (const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats, const int32_t *table,
-         int64_t block_len, int64_t pos0),
-        (ctx, store, src, n, row_floats, table, block_len, pos0))
-GUARDED(lora_shrink,
-        (const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs, int64_t in,
-         float *dropout_buf),
-        (ctx, t, ld_t, x, segs, n_segs, in, dropout_buf))
-GUARDED(lora_expand,
-        (const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs, int64_t out),
-        (ctx, y, t, ld_t, segs, n_segs, out))
-GUARDED(lora_expand_dx,
-        (const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
-         int64_t out),
-        (ctx, gt, dy, t, ld_t, segs, n_segs, out))
-GUARDED(lora_shrink_dx,
-        (const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x, const KnLoraSeg *segs,
-         int n_segs, int64_t in, float *dropout_buf),
-        (ctx, dx, gt, ld_t, x, segs, n_segs, in, dropout_buf))
-
-GUARDED(moe_route,
-        (const KnCtx *ctx, int32_t *idx, float *w, float *coef, float *p, const float *expert_scale, int64_t n, int E,
-         int K),
-        (ctx, idx, w, coef, p, expert_scale, n, E, K))
-GUARDED(moe_experts,
-        (const KnCtx *ctx, float *y, const float *x, const int32_t *idx, const float *coef, float *gu, float *mm,
-         float *yk, int64_t n, int K, KnMatrix gate_up, KnMatrix down),
-        (ctx, y, x, idx, coef, gu, mm, yk, n, K, gate_up, down))
-GUARDED(moe_experts_dx,
-        (const KnCtx *ctx, float *dx, float *dc, const float *dy, const float *gu, const float *yk, const int32_t *idx,
-         const float *coef, float *scratch, int64_t n, int K, KnMatrix gate_up, KnMatrix down),
-        (ctx, dx, dc, dy, gu, yk, idx, coef, scratch, n, K, gate_up, down))
-GUARDED(moe_route_dx,
-        (const KnCtx *ctx, float *dlogits, const float *dc, const int32_t *idx, const float *w, const float *p,
-         const float *expert_scale, int64_t n, int E, int K),
-        (ctx, dlogits, dc, idx, w, p, expert_scale, n, E, K))
-
-GUARDED(mul_acc, (const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_y),
-        (ctx, y, a, b, rows, cols, ld_y))
-GUARDED(rows_gather, (const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim),
-        (ctx, out, src, idx, n, dim))
-GUARDED(rows_scatter, (const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim),
-        (ctx, out, src, idx, n, dim))
-GUARDED(xent_softcap,
-        (const KnCtx *ctx, double *loss, float *z, const int32_t *targets, int64_t rows, int64_t V, float cap,
-         float scale, int grad),
-        (ctx, loss, z, targets, rows, V, cap, scale, grad))
-
-GUARDED(rows_sum, (const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim),
-        (ctx, out, src, idx, n, dim))
-GUARDED(embed_rows_add, (const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float *row),
-        (ctx, out, table, ids, n, row))
-GUARDED(clamp, (const KnCtx *ctx, float *y, const float *x, size_t n, float lo, float hi), (ctx, y, x, n, lo, hi))
-GUARDED(clamp_dx,
-        (const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n, float lo, float hi, int accumulate),
-        (ctx, dx, x, dy, n, lo, hi, accumulate))
-GUARDED(scale_shift, (const KnCtx *ctx, float *y, const float *x, size_t n, float shift, float s),
-        (ctx, y, x, n, shift, s))
-GUARDED(standardize, (const KnCtx *ctx, float *x, int64_t rows, int64_t cols, const float *bias, const float *scale),
-        (ctx, x, rows, cols, bias, scale))
-
-GUARDED(adamw,
-        (const KnCtx *ctx, float *p, const float *g, float *m, float *v, size_t n, const KnAdamW *h),
-        (ctx, p, g, m, v, n, h))
-GUARDED(sq_norm, (const KnCtx *ctx, double *out, const float *x, size_t n), (ctx, out, x, n))
-
-GUARDED(sample,
-        (const KnCtx *ctx, int32_t *ids, const float *logits, KnSampleRow *rows, int64_t n, int64_t V, void *scratch),
-        (ctx, ids, logits, rows, n, V, scratch))
+static void g_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
+    CPU_OPS.matmul(ctx, H(y), H(x), hm(ctx, w), n);
+}
+static void g_rmsnorm(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps) {
+    CPU_OPS.rmsnorm(ctx, H(y), H(x), H(w), n, dim, eps);
+}
+static void g_rope(const KnCtx *ctx, float *x, int n_heads, int dim, const float *inv_freq, int64_t pos) {
+    CPU_OPS.rope(ctx, H(x), n_heads, dim, H(inv_freq), pos);
+}
+static void g_attention(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
+                        int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
+                        const KnMask *mask) {
+    KnMask m = hmask(ctx, mask);
+    CPU_OPS.attention(ctx, H(out), H(q), H(k), H(v), n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, &m);
+}
+static void g_attention_paged(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q, int64_t q_pos0,
+                              int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale, const KnMask *mask) {
+    KnMask m = hmask(ctx, mask);
+    KnKv h = {H(kv->k), H(kv->v), H(kv->table), kv->block_len};
+    CPU_OPS.attention_paged(ctx, H(out), H(q), &h, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, &m);
+}
+static void g_gelu_tanh(const KnCtx *ctx, float *x, size_t n) { CPU_OPS.gelu_tanh(ctx, H(x), n); }
+static void g_softcap(const KnCtx *ctx, float *x, size_t n, float cap) { CPU_OPS.softcap(ctx, H(x), n, cap); }
+static void g_embed_row(const KnCtx *ctx, float *out, KnMatrix table, int64_t row, float scale) {
+    CPU_OPS.embed_row(ctx, H(out), hm(ctx, table), row, scale);
+}
+static void g_embed_rows(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale) {
+    CPU_OPS.embed_rows(ctx, H(out), hm(ctx, table), H(ids), n, scale);
+}
+static void g_add(const KnCtx *ctx, float *y, const float *a, const float *b, size_t n) {
+    CPU_OPS.add(ctx, H(y), H(a), H(b), n);
+}
+static void g_mul(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_b) {
+    CPU_OPS.mul(ctx, H(y), H(a), H(b), rows, cols, ld_b);
+}
+static void g_mul_acc(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols,
+                      int64_t ld_y) {
+    CPU_OPS.mul_acc(ctx, H(y), H(a), H(b), rows, cols, ld_y);
+}
+static void g_rows_gather(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
+    CPU_OPS.rows_gather(ctx, H(out), H(src), H(idx), n, dim);
+}
+static void g_rows_scatter(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
+    CPU_OPS.rows_scatter(ctx, H(out), H(src), H(idx), n, dim);
+}
+static void g_rows_sum(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
+    CPU_OPS.rows_sum(ctx, H(out), H(src), H(idx), n, dim);
+}
+static void g_embed_rows_add(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float *row) {
+    CPU_OPS.embed_rows_add(ctx, H(out), hm(ctx, table), H(ids), n, H(row));
+}
+static void g_clamp(const KnCtx *ctx, float *y, const float *x, size_t n, float lo, float hi) {
+    CPU_OPS.clamp(ctx, H(y), H(x), n, lo, hi);
+}
+static void g_scale_shift(const KnCtx *ctx, float *y, const float *x, size_t n, float shift, float s) {
+    CPU_OPS.scale_shift(ctx, H(y), H(x), n, shift, s);
+}
+static void g_standardize(const KnCtx *ctx, float *x, int64_t rows, int64_t cols, const float *bias, const float *scale) {
+    CPU_OPS.standardize(ctx, H(x), rows, cols, H(bias), H(scale));
+}
+static void g_xent_softcap(const KnCtx *ctx, double *loss, float *z, const int32_t *targets, int64_t rows, int64_t V,
+                           float cap, float scale, int grad) {
+    CPU_OPS.xent_softcap(ctx, H(loss), H(z), H(targets), rows, V, cap, scale, grad);
+}
+static void g_sample(const KnCtx *ctx, int32_t *ids, const float *logits, KnSampleRow *rows, int64_t n, int64_t V,
+                     void *scratch) {
+    CPU_OPS.sample(ctx, H(ids), H(logits), H(rows), n, V, H(scratch));
+}
+static void g_adamw(const KnCtx *ctx, float *p, const float *g, float *m, float *v, size_t n, const KnAdamW *h) {
+    CPU_OPS.adamw(ctx, H(p), H(g), H(m), H(v), n, h);
+}
+static void g_sq_norm(const KnCtx *ctx, double *out, const float *x, size_t n) { CPU_OPS.sq_norm(ctx, H(out), H(x), n); }
+static void g_scale(const KnCtx *ctx, float *x, size_t n, float s) { CPU_OPS.scale(ctx, H(x), n, s); }
+static void g_rope_rows(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
+                        const float *inv_freq, const int32_t *pos, int64_t pos_stride) {
+    CPU_OPS.rope_rows(ctx, H(x), n_rows, n_heads, dim, ld_head, H(inv_freq), H(pos), pos_stride);
+}
+static void g_kv_store(const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats,
+                       const int32_t *table, int64_t block_len, int64_t pos0) {
+    CPU_OPS.kv_store(ctx, H(store), H(src), n, row_floats, H(table), block_len, pos0);
+}
+static void g_moe_route(const KnCtx *ctx, int32_t *idx, float *w, float *coef, float *p, const float *expert_scale,
+                        int64_t n, int E, int K) {
+    CPU_OPS.moe_route(ctx, H(idx), H(w), H(coef), H(p), H(expert_scale), n, E, K);
+}
+static void g_moe_experts(const KnCtx *ctx, float *y, const float *x, const int32_t *idx, const float *coef, float *gu,
+                          float *mm, float *yk, int64_t n, int K, KnMatrix gate_up, KnMatrix down) {
+    CPU_OPS.moe_experts(ctx, H(y), H(x), H(idx), H(coef), H(gu), H(mm), H(yk), n, K, hm(ctx, gate_up), hm(ctx, down));
+}
+static void g_moe_experts_dx(const KnCtx *ctx, float *dx, float *dc, const float *dy, const float *gu, const float *yk,
+                             const int32_t *idx, const float *coef, float *scratch, int64_t n, int K, KnMatrix gate_up,
+                             KnMatrix down) {
+    CPU_OPS.moe_experts_dx(ctx, H(dx), H(dc), H(dy), H(gu), H(yk), H(idx), H(coef), H(scratch), n, K,
+                           hm(ctx, gate_up), hm(ctx, down));
+}
+static void g_moe_route_dx(const KnCtx *ctx, float *dlogits, const float *dc, const int32_t *idx, const float *w,
+                           const float *p, const float *expert_scale, int64_t n, int E, int K) {
+    CPU_OPS.moe_route_dx(ctx, H(dlogits), H(dc), H(idx), H(w), H(p), H(expert_scale), n, E, K);
+}
+static void g_lora_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs,
+                          int64_t in, float *dropout_buf) {
+    KnLoraSeg h[MAX_SEGS];
+    CPU_OPS.lora_shrink(ctx, H(t), ld_t, H(x), hsegs(ctx, segs, n_segs, h), n_segs, in, H(dropout_buf));
+}
+static void g_lora_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
+                          int64_t out) {
+    KnLoraSeg h[MAX_SEGS];
+    CPU_OPS.lora_expand(ctx, H(y), H(t), ld_t, hsegs(ctx, segs, n_segs, h), n_segs, out);
+}
+static void g_lora_expand_dx(const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t,
+                             const KnLoraSeg *segs, int n_segs, int64_t out) {
+    KnLoraSeg h[MAX_SEGS];
+    CPU_OPS.lora_expand_dx(ctx, H(gt), H(dy), H(t), ld_t, hsegs(ctx, segs, n_segs, h), n_segs, out);
+}
+static void g_lora_shrink_dx(const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x,
+                             const KnLoraSeg *segs, int n_segs, int64_t in, float *dropout_buf) {
+    KnLoraSeg h[MAX_SEGS];
+    CPU_OPS.lora_shrink_dx(ctx, H(dx), H(gt), ld_t, H(x), hsegs(ctx, segs, n_segs, h), n_segs, in, H(dropout_buf));
+}
+static void g_clamp_dx(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n, float lo, float hi,
+                       int accumulate) {
+    CPU_OPS.clamp_dx(ctx, H(dx), H(x), H(dy), n, lo, hi, accumulate);
+}
+static void g_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
+    CPU_OPS.matmul_dx(ctx, H(dx), H(dy), hm(ctx, w), n);
+}
+static void g_rmsnorm_dx(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n,
+                         int64_t dim, float eps) {
+    CPU_OPS.rmsnorm_dx(ctx, H(dx), H(x), H(w), H(dy), n, dim, eps);
+}
+static void g_gelu_tanh_dx(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n) {
+    CPU_OPS.gelu_tanh_dx(ctx, H(dx), H(x), H(dy), n);
+}
+static void g_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
+                           const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
+                           int n_kv_heads, int dim, float scale, const KnMask *mask) {
+    KnMask m = hmask(ctx, mask);
+    CPU_OPS.attention_dx(ctx, H(dq), H(dk), H(dv), H(q), H(k), H(v), H(dout), n_q, q_pos0, n_keys, n_heads, n_kv_heads,
+                         dim, scale, &m);
+}
 
 static const KnOps GUARDED_OPS = {
     .alloc = g_alloc,
