@@ -905,6 +905,21 @@ static void test_guarded_faults(void) {
     }
 }
 
+/* Every entry of the table is filled but the optional ones (seal). */
+static void test_table_complete(const Dev *d) {
+    typedef void (*Fn)(void);
+    Fn fns[sizeof(KnOps) / sizeof(Fn)];
+    memcpy(fns, d->be.ops, sizeof fns);
+    KnOps probe;
+    memset(&probe, 0, sizeof probe);
+    probe.seal = (void (*)(const KnCtx *, const KnBuffer *))(uintptr_t)1;
+    Fn optional[sizeof(KnOps) / sizeof(Fn)];
+    memcpy(optional, &probe, sizeof optional);
+    size_t missing = 0;
+    for (size_t i = 0; i < sizeof fns / sizeof *fns; i++) missing += !fns[i] && !optional[i];
+    CHECK(missing == 0, "%s: %zu required entries of KnOps are empty", d->be.name, missing);
+}
+
 int main(void) {
     test_conversions();
     test_guarded_faults();
@@ -917,6 +932,7 @@ int main(void) {
                 break;
             }
             printf("backend %s, %d thread(s)\n", d.be.name, threads);
+            test_table_complete(&d);
             test_matmul(&d);
             test_rmsnorm_gelu_softcap(&d);
             test_attention(&d);
