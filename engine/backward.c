@@ -43,6 +43,7 @@ struct GradWorkspace {
     float *logits, *gx, *gdx;                                  /* [LOGIT_ROWS, V], [LOGIT_ROWS, H] x2 */
     float *xn, *dxn;                                           /* [n, H] */
     int32_t *ids;                                              /* [n] embedding rows */
+    int32_t *host_ids;                                         /* [n] their host staging */
     int32_t *pos, *neg_pos;                                    /* [n] positions 0.., and their negatives */
     int32_t *rows_idx, *targets;                               /* [LOGIT_ROWS] a chunk's rows and labels */
     double *row_loss;                                          /* [LOGIT_ROWS] */
@@ -133,9 +134,10 @@ GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWork
     w->max_rank = max_rank;
     w->dK = gf_calloc((size_t)t->n_layers, sizeof *w->dK, err);
     w->dV = gf_calloc((size_t)t->n_layers, sizeof *w->dV, err);
+    w->host_ids = gf_malloc((size_t)max_tokens * sizeof *w->host_ids, err);
     w->be = &m->be;
     Slab s = {NULL, 0};
-    if (!w->dK || !w->dV) {
+    if (!w->dK || !w->dV || !w->host_ids) {
         grad_workspace_free(w);
         return GF_NO_MEMORY;
     }
@@ -172,6 +174,7 @@ void grad_workspace_free(GradWorkspace *w) {
     kv_cache_free(&w->cache);
     free(w->dK);
     free(w->dV);
+    free(w->host_ids);
     if (w->be) w->be->ops->free(&w->be->ctx, &w->slab);
     free(w);
 }
@@ -549,7 +552,8 @@ GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const 
     ModelInput in;
     if (check_sequence(m, w, b, s, err) || forward_tape(m, w, b, s, &n_soft, &in, err)) return err->status;
     if (P) {
-        model_embed_ids(m, &in, w->ids);
+        model_embed_ids(m, &in, w->host_ids);
+        m->be.ops->upload(&m->be.ctx, w->ids, w->host_ids, (size_t)n * sizeof *w->ids);
         model_ple_inputs(m, &in, w->ids, w->hidden, w->ple, w->ple_buf, w->lora_tmp);
         zero(m, w->dple, n * L * P);
     }
