@@ -16,9 +16,10 @@
 #include "chat.h"
 #include "config.h"
 #include "http.h"
-#include "metrics.h"
 #include "preprocess.h"
 #include "store.h"
+
+typedef struct Metrics Metrics; /* metrics.h: the counters this API updates */
 
 typedef struct {
     uint64_t json_body_max;          /* bytes, JSON routes */
@@ -103,8 +104,6 @@ GfStatus jobs_cancel(Api *, const HttpReq *, HttpResp *);
 GfStatus jobs_events(Api *, const HttpReq *, HttpResp *);
 GfStatus jobs_checkpoints(Api *, const HttpReq *, HttpResp *);
 GfStatus jobs_preflight(Api *, const HttpReq *, HttpResp *);
-/* A job event as the events endpoint returns it. */
-cJSON *jobs_event_json(const JobEvent *e);
 GfStatus adapters_create(Api *, const HttpReq *, HttpResp *);
 GfStatus adapters_list(Api *, const HttpReq *, HttpResp *);
 GfStatus adapters_get(Api *, const HttpReq *, HttpResp *);

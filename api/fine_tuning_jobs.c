@@ -138,20 +138,6 @@ GfStatus jobs_cancel(Api *api, const HttpReq *req, HttpResp *resp) {
     return reply_json(resp, 200, job_json(&row));
 }
 
-cJSON *jobs_event_json(const JobEvent *e) {
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddNumberToObject(o, "seq", (double)e->seq);
-    cJSON_AddStringToObject(o, "object", "fine_tuning.job.event");
-    cJSON_AddNumberToObject(o, "created_at", (double)e->created_at);
-    cJSON_AddStringToObject(o, "level", e->level);
-    cJSON_AddStringToObject(o, "type", e->type);
-    cJSON_AddStringToObject(o, "message", e->message);
-    cJSON *d = e->data[0] ? cJSON_Parse(e->data) : NULL;
-    if (d) cJSON_AddItemToObject(o, "data", d);
-    else cJSON_AddNullToObject(o, "data");
-    return o;
-}
-
 GfStatus jobs_events(Api *api, const HttpReq *req, HttpResp *resp) {
     const char *accept = req->header(req->cls, "Accept");
     const char *a = req->query(req->cls, "after"), *l = req->query(req->cls, "limit");

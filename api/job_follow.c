@@ -187,3 +187,17 @@ GfStatus job_follow_or_reply(Api *api, const char *job_id, int64_t after, HttpRe
     resp->deferred = (HttpDeferred){f, follow_arm, follow_take, follow_abandon};
     return GF_OK;
 }
+
+cJSON *jobs_event_json(const JobEvent *e) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "seq", (double)e->seq);
+    cJSON_AddStringToObject(o, "object", "fine_tuning.job.event");
+    cJSON_AddNumberToObject(o, "created_at", (double)e->created_at);
+    cJSON_AddStringToObject(o, "level", e->level);
+    cJSON_AddStringToObject(o, "type", e->type);
+    cJSON_AddStringToObject(o, "message", e->message);
+    cJSON *d = e->data[0] ? cJSON_Parse(e->data) : NULL;
+    if (d) cJSON_AddItemToObject(o, "data", d);
+    else cJSON_AddNullToObject(o, "data");
+    return o;
+}

@@ -29,4 +29,8 @@ void job_hub_free(JobHub *h);
 /* Fills resp with the deferred event stream of job_id from seq `after`. */
 GfStatus job_follow_or_reply(Api *api, const char *job_id, int64_t after, HttpResp *resp);
 
+/* A job event as the events endpoint returns it (and the follow stream
+ * sends it); the caller owns the object. */
+cJSON *jobs_event_json(const JobEvent *e);
+
 #endif

@@ -28,7 +28,7 @@ typedef struct {
     double sum_seconds;
 } MetricsRoute;
 
-typedef struct {
+typedef struct Metrics {
     pthread_mutex_t lock;
     MetricsRoute routes[METRICS_MAX_ROUTES];
     uint64_t bytes_received;

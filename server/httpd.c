@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "fsutil.h"
+#include "metrics.h"
 #include "reply.h"
 #include "router.h"
 #include "static_files.h"

@@ -16,6 +16,7 @@
 #include "job_follow.h"
 #include "jobs.h"
 #include "kernels.h"
+#include "metrics.h"
 #include "model.h"
 #include "pipeline.h"
 #include "serve.h"
