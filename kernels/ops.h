@@ -109,7 +109,7 @@ typedef struct {
 typedef enum {
     KN_OP_MATMUL,
     KN_OP_MATMUL_DX,
-    KN_OP_EMBED_ROW,
+    KN_OP_EMBED_ROWS,
     KN_OP_COUNT
 } KnOpId;
 
@@ -143,9 +143,6 @@ typedef struct {
     void (*matmul)(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
     /* y[n, dim] = x / rms(x) * (w ? w : 1), eps inside the root; y may alias x */
     void (*rmsnorm)(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps);
-    /* in place on x[n_heads, dim] at one position: half-split rotation with
-     * inverse frequencies inv_freq[dim/2] (zeros pass through) */
-    void (*rope)(const KnCtx *ctx, float *x, int n_heads, int dim, const float *inv_freq, int64_t pos);
     /* out[n_q, n_heads, dim]: q[n_q, n_heads, dim] at absolute positions
      * q_pos0.., k/v[n_keys, n_kv_heads, dim]; scale multiplies q.k */
     void (*attention)(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
@@ -159,8 +156,6 @@ typedef struct {
     void (*gelu_tanh)(const KnCtx *ctx, float *x, size_t n);
     /* x = cap * tanh(x / cap) */
     void (*softcap)(const KnCtx *ctx, float *x, size_t n, float cap);
-    /* out[dim] = row r of an embedding matrix, times scale */
-    void (*embed_row)(const KnCtx *ctx, float *out, KnMatrix table, int64_t row, float scale);
     /* out[n, cols] = rows ids[n] of table, times scale */
     void (*embed_rows)(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale);
     /* y[n] = a + b (y may alias a or b) */
@@ -201,7 +196,9 @@ typedef struct {
     void (*sq_norm)(const KnCtx *ctx, double *out, const float *x, size_t n);
     /* x[n] *= s */
     void (*scale)(const KnCtx *ctx, float *x, size_t n, float s);
-    /* rope at each row's own position, in place on x [n_rows, n_heads, *]:
+    /* RoPE at each row's own position, in place on x [n_rows, n_heads, *]:
+     * the half-split rotation with inverse frequencies inv_freq[dim / 2]
+     * (zeros pass through);
      * head h of row r starts at x + (r * n_heads + h) * ld_head and rotates
      * its first dim values at position pos[r * pos_stride] */
     void (*rope_rows)(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,

@@ -204,9 +204,6 @@ static void g_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int
 static void g_rmsnorm(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps) {
     CPU_OPS.rmsnorm(ctx, H(y), H(x), H(w), n, dim, eps);
 }
-static void g_rope(const KnCtx *ctx, float *x, int n_heads, int dim, const float *inv_freq, int64_t pos) {
-    CPU_OPS.rope(ctx, H(x), n_heads, dim, H(inv_freq), pos);
-}
 static void g_attention(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
                         int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
                         const KnMask *mask) {
@@ -221,9 +218,6 @@ static void g_attention_paged(const KnCtx *ctx, float *out, const float *q, cons
 }
 static void g_gelu_tanh(const KnCtx *ctx, float *x, size_t n) { CPU_OPS.gelu_tanh(ctx, H(x), n); }
 static void g_softcap(const KnCtx *ctx, float *x, size_t n, float cap) { CPU_OPS.softcap(ctx, H(x), n, cap); }
-static void g_embed_row(const KnCtx *ctx, float *out, KnMatrix table, int64_t row, float scale) {
-    CPU_OPS.embed_row(ctx, H(out), hm(ctx, table), row, scale);
-}
 static void g_embed_rows(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale) {
     CPU_OPS.embed_rows(ctx, H(out), hm(ctx, table), H(ids), n, scale);
 }
@@ -351,12 +345,10 @@ static const KnOps GUARDED_OPS = {
     .supports = cpu_supports,
     .matmul = g_matmul,
     .rmsnorm = g_rmsnorm,
-    .rope = g_rope,
     .attention = g_attention,
     .attention_paged = g_attention_paged,
     .gelu_tanh = g_gelu_tanh,
     .softcap = g_softcap,
-    .embed_row = g_embed_row,
     .embed_rows = g_embed_rows,
     .add = g_add,
     .mul = g_mul,

@@ -72,22 +72,6 @@ static void cpu_rmsnorm_forward(const KnCtx *ctx, float *y, const float *x, cons
     }
 }
 
-static void cpu_rope_forward(const KnCtx *ctx, float *x, int n_heads, int dim, const float *inv_freq, int64_t pos) {
-    (void)ctx;
-    int half = dim / 2;
-    for (int i = 0; i < half; i++) {
-        if (inv_freq[i] == 0.0f) continue; /* cos 1, sin 0 */
-        float theta = (float)pos * inv_freq[i];
-        float c = cosf(theta), s = sinf(theta);
-        for (int h = 0; h < n_heads; h++) {
-            float *xh = x + (int64_t)h * dim;
-            float a = xh[i], b = xh[i + half];
-            xh[i] = a * c - b * s;
-            xh[i + half] = b * c + a * s;
-        }
-    }
-}
-
 void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n) {
     (void)ctx;
     const float k = 0.7978845608028654f; /* sqrt(2/pi) */
@@ -100,12 +84,6 @@ void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n) {
 void cpu_softcap_forward(const KnCtx *ctx, float *x, size_t n, float cap) {
     (void)ctx;
     for (size_t i = 0; i < n; i++) x[i] = cap * tanhf(x[i] / cap);
-}
-
-static void cpu_embed_row_forward(const KnCtx *ctx, float *out, KnMatrix table, int64_t row, float scale) {
-    (void)ctx;
-    cpu_load_span(out, table, row, 0, table.cols);
-    for (int64_t i = 0; i < table.cols; i++) out[i] *= scale;
 }
 
 /* ---- attention ---------------------------------------------------------- */
@@ -194,12 +172,10 @@ const KnOps CPU_OPS = {
     .supports = cpu_supports,
     .matmul = cpu_matmul_forward,
     .rmsnorm = cpu_rmsnorm_forward,
-    .rope = cpu_rope_forward,
     .attention = cpu_attention_forward,
     .attention_paged = cpu_attention_paged_forward,
     .gelu_tanh = cpu_gelu_tanh_forward,
     .softcap = cpu_softcap_forward,
-    .embed_row = cpu_embed_row_forward,
     .embed_rows = cpu_embed_rows_forward,
     .add = cpu_add_forward,
     .mul = cpu_mul_forward,

@@ -127,7 +127,8 @@ static void test_rope(Dev *d) {
             ref[h * dim + i + dim / 2] = b * cos(th) + a * sin(th);
         }
     float *dy = dev_put(d, x, F(heads * dim));
-    d->be.ops->rope(&d->be.ctx, dy, heads, dim, dev_put(d, inv, sizeof inv), pos);
+    int32_t pos32 = (int32_t)pos;
+    d->be.ops->rope_rows(&d->be.ctx, dy, 1, heads, dim, dim, dev_put(d, inv, sizeof inv), dev_put(d, &pos32, 4), 1);
     dev_get(d, y, dy, F(heads * dim));
     EXPECT_CLOSE(y, ref, (size_t)heads * dim, 1e-4, "rope%s", " proportional");
     CHECK(y[10] == x[10] && y[dim / 2 + 10] == x[dim / 2 + 10], "dimensions with zero frequency pass through");
