@@ -38,7 +38,7 @@ static void time_steps(Model *m, const LoraBinding *b, GradWorkspace *w, const c
     for (int r = 0; r < o->reps; r++) model_backward(m, w, b, &s, 1.0f, &loss, &n, &err);
     double dt = (gf_time_mono() - t0) / o->reps;
     ModelMemory mem;
-    model_memory(m, &mem);
+    weights_memory(model_weights(m), &mem);
     double flops = 4.0 * (double)mem.linear_params * o->tokens;
     printf("%-22s %-4s | %4d tokens: %9.1f tok/s, %8.1f ms/sequence, %7.2f GFLOP/s | workspace %7.1f MiB\n", label,
            q == MODEL_QUANT_NF4 ? "nf4" : "bf16", o->tokens, o->tokens / dt, dt * 1e3, flops / dt / 1e9,

@@ -15,7 +15,7 @@ check engine 'microhttpd|sqlite3|(\.\./)?(api|server)/|api\.h|http\.h|router\.h|
 check api 'microhttpd|sqlite3|(\.\./)?server/|httpd\.h|store_open\.h|fsutil\.h|migrate\.h|kernels_impl\.h' "libmicrohttpd, SQLite, server headers or kernel internals"
 grep -rln "GF_HAVE_CUDA" --include='*.c' --include='*.h' kernels engine api server | grep -v '^kernels/backend.c$' && { echo "GF_HAVE_CUDA outside kernels/backend.c"; fail=1; }
 # inside engine/: formats <- model <- {train, serve}
-check engine/formats '(\.\./)?(model|train|serve)/|model\.h|model_impl\.h|kvcache\.h|lora\.h|pipeline\.h|backward\.h|optim\.h|trainset\.h|trainer\.h|serve\.h' "the model, training or serving"
+check engine/formats '(\.\./)?(model|train|serve)/|model\.h|model_impl\.h|weights\.h|weights_impl\.h|kvcache\.h|lora\.h|pipeline\.h|backward\.h|optim\.h|trainset\.h|trainer\.h|serve\.h' "the model, training or serving"
 check engine/model 'backward\.h|optim\.h|trainset\.h|trainer\.h|serve\.h' "training or serving"
 check engine/train 'serve\.h' "serving"
 check engine/serve 'backward\.h|optim\.h|trainset\.h|trainer\.h' "training"

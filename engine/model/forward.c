@@ -48,7 +48,7 @@ typedef struct {
 /* Cuts the scratch of an n-row batch from the Model's device buffer (grown
  * to the largest batch seen; the Model is used by one thread at a time). */
 static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeTape *moe, GfError *err) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     int64_t H = t->hidden_size, dmax = 0, kvmax = 0, imax = 0, LP = (int64_t)t->n_layers * t->ple_dim;
     for (int i = 0; i < t->n_layers; i++) {
         const LayerConfig *l = &t->layers[i];
@@ -116,7 +116,7 @@ int model_mm_kind(const GemmaConfig *c, int32_t id) {
 /* The embedding row of each token (placeholders of images, video and audio
  * look up the pad row, §3.2) into ids[n] (host). */
 void model_embed_ids(const Model *m, const ModelInput *in, int32_t *ids) {
-    const GemmaConfig *g = &m->cfg;
+    const GemmaConfig *g = &m->w->cfg;
     for (int64_t i = 0; i < in->n; i++) {
         int kind = in->mm_type ? in->mm_type[i] : model_mm_kind(g, in->ids[i]);
         ids[i] = kind ? g->text.pad_id : in->ids[i];
@@ -127,7 +127,7 @@ void model_embed_ids(const Model *m, const ModelInput *in, int32_t *ids) {
  * (§4), on the host. */
 static void mark_positions(const Model *m, KvCache *c, const ModelInput *in) {
     for (int64_t i = 0; i < in->n; i++) {
-        int kind = in->mm_type ? in->mm_type[i] : model_mm_kind(&m->cfg, in->ids[i]);
+        int kind = in->mm_type ? in->mm_type[i] : model_mm_kind(&m->w->cfg, in->ids[i]);
         int64_t pos = c->n_past + i;
         c->valid[pos] = in->valid ? in->valid[i] : 1;
         int vision = kind == 1 || kind == 2;
@@ -138,8 +138,8 @@ static void mark_positions(const Model *m, KvCache *c, const ModelInput *in) {
 /* Soft tokens over the image placeholders of x[n, H] (§5), one copy per run
  * of consecutive placeholders. */
 static void place_soft_tokens(Model *m, const ModelInput *in, float *x) {
-    int64_t H = m->cfg.text.hidden_size, soft = 0;
-    int32_t image = m->cfg.image_token_id;
+    int64_t H = m->w->cfg.text.hidden_size, soft = 0;
+    int32_t image = m->w->cfg.image_token_id;
     for (int64_t i = 0, j; i < in->n; i = j) {
         for (j = i + 1; j < in->n && (in->ids[i] == image) == (in->ids[j] == image);) j++;
         if (in->ids[i] != image) continue;
@@ -150,14 +150,14 @@ static void place_soft_tokens(Model *m, const ModelInput *in, float *x) {
 
 void model_ple_inputs(Model *m, const ModelInput *in, const int32_t *ids, const float *x, float *ple, float *tok,
                       float *lora_tmp) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     int64_t L = t->n_layers, P = t->ple_dim, H = t->hidden_size, n = in->n;
-    m->be.ops->matmul(&m->be.ctx, ple, x, m->ple_model_proj, n);
+    m->be.ops->matmul(&m->be.ctx, ple, x, m->w->ple_model_proj, n);
     if (in->lora && in->lora->ple_model_proj) lora_apply(&m->be, in->lora, in->lora->ple_model_proj, ple, x, n, lora_tmp);
     float ctx_scale = (float)(1.0 / sqrt((double)H)), tok_scale = sqrtf((float)P), mix = (float)(1.0 / sqrt(2.0));
     m->be.ops->scale(&m->be.ctx, ple, (size_t)(n * L * P), ctx_scale);
-    m->be.ops->rmsnorm(&m->be.ctx, ple, ple, m->ple_norm, n * L, P, t->rms_eps);
-    m->be.ops->embed_rows(&m->be.ctx, tok, m->embed_ple, ids, n, tok_scale);
+    m->be.ops->rmsnorm(&m->be.ctx, ple, ple, m->w->ple_norm, n * L, P, t->rms_eps);
+    m->be.ops->embed_rows(&m->be.ctx, tok, m->w->embed_ple, ids, n, tok_scale);
     m->be.ops->add(&m->be.ctx, ple, ple, tok, (size_t)(n * L * P));
     m->be.ops->scale(&m->be.ctx, ple, (size_t)(n * L * P), mix);
 }
@@ -165,7 +165,7 @@ void model_ple_inputs(Model *m, const ModelInput *in, const int32_t *ids, const 
 /* Keys, values and the attention of sequence `seq` of the batch for its
  * rows of s->q (already normed and rotated), written to s->att. */
 static void attend(Model *m, const Batch *b, int seq, int li, Scratch *s) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
     KvCache *c = b->seqs[seq].cache;
     int D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
@@ -185,9 +185,9 @@ static void attend(Model *m, const Batch *b, int seq, int li, Scratch *s) {
 
 /* Self-attention of layer li over the batch (§3.5, §3.6); result in s->h [n, H]. */
 static void attention(Model *m, const Batch *b, int li, Scratch *s) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
-    const Layer *l = &m->layers[li];
+    const Layer *l = &m->w->layers[li];
     int D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
     int64_t n = b->n;
     linear(m, b, s, s->q, s->h, l->q, li, LORA_Q);
@@ -207,8 +207,8 @@ static void attention(Model *m, const Batch *b, int li, Scratch *s) {
 
 /* Feed-forward block of layer li (§3.4, §3.7, §3.8): x += FFN(x) in place. */
 static void feed_forward(Model *m, const Batch *b, int li, Scratch *s, MoeTape *moe) {
-    const TextConfig *t = &m->cfg.text;
-    const Layer *l = &m->layers[li];
+    const TextConfig *t = &m->w->cfg.text;
+    const Layer *l = &m->w->layers[li];
     int64_t H = t->hidden_size, I = t->layers[li].intermediate, n = b->n;
     m->be.ops->rmsnorm(&m->be.ctx, s->h, s->x, l->pre_ff_ln, n, H, t->rms_eps);
     linear(m, b, s, s->gate, s->h, l->gate, li, LORA_GATE);
@@ -228,8 +228,8 @@ static void feed_forward(Model *m, const Batch *b, int li, Scratch *s, MoeTape *
 
 /* PLE injection at the end of layer li (§3.4). */
 static void per_layer_inject(Model *m, const Batch *b, int li, Scratch *s) {
-    const TextConfig *t = &m->cfg.text;
-    const Layer *l = &m->layers[li];
+    const TextConfig *t = &m->w->cfg.text;
+    const Layer *l = &m->w->layers[li];
     int64_t H = t->hidden_size, P = t->ple_dim, L = t->n_layers, n = b->n;
     linear(m, b, s, s->ple_g, s->x, l->ple_gate, li, LORA_PLE_GATE);
     m->be.ops->gelu_tanh(&m->be.ctx, s->ple_g, (size_t)(n * P));
@@ -240,8 +240,8 @@ static void per_layer_inject(Model *m, const Batch *b, int li, Scratch *s) {
 }
 
 static void decoder_layer(Model *m, const Batch *b, int li, Scratch *s, MoeTape *moe) {
-    const TextConfig *t = &m->cfg.text;
-    const Layer *l = &m->layers[li];
+    const TextConfig *t = &m->w->cfg.text;
+    const Layer *l = &m->w->layers[li];
     int64_t H = t->hidden_size, n = b->n;
     m->be.ops->rmsnorm(&m->be.ctx, s->h, s->x, l->input_ln, n, H, t->rms_eps);
     attention(m, b, li, s);
@@ -264,7 +264,7 @@ static GfStatus batch_check(const Model *m, ModelSeq *seqs, int n_seqs, GfError 
         if (n <= 0) return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "no tokens to run");
         for (int64_t i = 0; i < n; i++) {
             int32_t id = seqs[q].in.ids[i];
-            if (id < 0 || id >= m->cfg.text.vocab_size)
+            if (id < 0 || id >= m->w->cfg.text.vocab_size)
                 return gf_error_set(err, GF_INVALID, "invalid_token", NULL,
                                     "token id %d at position %lld is outside the vocabulary", id, (long long)i);
         }
@@ -330,7 +330,7 @@ static GfStatus batch_rows(Model *m, ModelSeq *seqs, int n_seqs, Batch *b, GfErr
 /* The rows each sequence wants logits of (its last, or all with
  * last_only 0 and !in.last_logits_only) gathered into s->a; returns their count. */
 static int64_t gather_logit_rows(Model *m, const Batch *b, Scratch *s, int last_only) {
-    int64_t H = m->cfg.text.hidden_size, rows = 0;
+    int64_t H = m->w->cfg.text.hidden_size, rows = 0;
     for (int q = 0; q < b->n_seqs; q++) {
         int64_t n = b->row0[q + 1] - b->row0[q], k = last_only || b->seqs[q].in.last_logits_only ? 1 : n;
         m->be.ops->copy(&m->be.ctx, s->a + rows * H, s->x + (b->row0[q + 1] - k) * H, (size_t)(k * H) * sizeof(float));
@@ -341,15 +341,15 @@ static int64_t gather_logit_rows(Model *m, const Batch *b, Scratch *s, int last_
 
 /* Softcapped logits of k gathered rows from row r0 into s->logits. */
 static void logits_chunk(Model *m, Scratch *s, int64_t r0, int64_t k) {
-    const TextConfig *t = &m->cfg.text;
-    m->be.ops->matmul(&m->be.ctx, s->logits, s->a + r0 * t->hidden_size, m->embed, k);
+    const TextConfig *t = &m->w->cfg.text;
+    m->be.ops->matmul(&m->be.ctx, s->logits, s->a + r0 * t->hidden_size, m->w->embed, k);
     if (t->final_softcap > 0) m->be.ops->softcap(&m->be.ctx, s->logits, (size_t)(k * t->vocab_size), t->final_softcap);
 }
 
 /* logits of the rows each sequence asks for, in chunks of rows, each
  * downloaded. */
 static void batch_logits(Model *m, const Batch *b, Scratch *s, float *logits) {
-    int64_t V = m->cfg.text.vocab_size, rows = gather_logit_rows(m, b, s, 0);
+    int64_t V = m->w->cfg.text.vocab_size, rows = gather_logit_rows(m, b, s, 0);
     for (int64_t r0 = 0; r0 < rows; r0 += LOGIT_CHUNK) {
         int64_t k = rows - r0 < LOGIT_CHUNK ? rows - r0 : LOGIT_CHUNK;
         logits_chunk(m, s, r0, k);
@@ -360,7 +360,7 @@ static void batch_logits(Model *m, const Batch *b, Scratch *s, float *logits) {
 /* Each sequence's next token from its last row: ids[n_seqs], the rows'
  * random states advanced; only token ids cross to the host. */
 static void batch_sample(Model *m, const Batch *b, Scratch *s, KnSampleRow *rows, int32_t *ids) {
-    int64_t V = m->cfg.text.vocab_size, n = gather_logit_rows(m, b, s, 1);
+    int64_t V = m->w->cfg.text.vocab_size, n = gather_logit_rows(m, b, s, 1);
     for (int64_t r0 = 0; r0 < n; r0 += LOGIT_CHUNK) {
         int64_t k = n - r0 < LOGIT_CHUNK ? n - r0 : LOGIT_CHUNK;
         logits_chunk(m, s, r0, k);
@@ -374,11 +374,11 @@ static void batch_sample(Model *m, const Batch *b, Scratch *s, KnSampleRow *rows
 /* Embeds every sequence's new tokens into s->x, takes their cache blocks and
  * syncs the caches' tables, and computes the per-layer inputs. */
 static void batch_embed(Model *m, const Batch *b, Scratch *s) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     int64_t H = t->hidden_size, LP = (int64_t)t->n_layers * t->ple_dim;
     m->be.ops->upload(&m->be.ctx, s->ids, m->tables.ids, (size_t)b->n * sizeof(int32_t));
     m->be.ops->upload(&m->be.ctx, s->pos, m->tables.pos, (size_t)b->n * sizeof(int32_t));
-    m->be.ops->embed_rows(&m->be.ctx, s->x, m->embed, s->ids, b->n, sqrtf((float)H));
+    m->be.ops->embed_rows(&m->be.ctx, s->x, m->w->embed, s->ids, b->n, sqrtf((float)H));
     for (int q = 0; q < b->n_seqs; q++) {
         ModelSeq *sq = &b->seqs[q];
         int64_t r0 = b->row0[q];
@@ -394,7 +394,7 @@ static void batch_embed(Model *m, const Batch *b, Scratch *s) {
 /* The batch's residual stream x[n, H] after a layer into layer slot li of
  * hidden [(L + 1), n, H]: host memory (download) or device (copy). */
 static void keep_hidden(Model *m, float *hidden, int on_device, int64_t li, const float *x, int64_t n) {
-    int64_t H = m->cfg.text.hidden_size;
+    int64_t H = m->w->cfg.text.hidden_size;
     size_t bytes = (size_t)(n * H) * sizeof(float);
     if (on_device) m->be.ops->copy(&m->be.ctx, hidden + li * n * H, x, bytes);
     else m->be.ops->download(&m->be.ctx, hidden + li * n * H, x, bytes);
@@ -411,7 +411,7 @@ typedef struct {
 } Outputs;
 
 static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Outputs *o, GfError *err) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     int64_t H = t->hidden_size, L = t->n_layers;
     Batch b = {0};
     Scratch s = {0};
@@ -426,7 +426,7 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
         decoder_layer(m, &b, li, &s, &moe);
         if (o->hidden && li < L - 1) keep_hidden(m, o->hidden, o->hidden_on_device, li + 1, s.x, n);
     }
-    m->be.ops->rmsnorm(&m->be.ctx, s.x, s.x, m->final_norm, n, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, s.x, s.x, m->w->final_norm, n, H, t->rms_eps);
     if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, L, s.x, n);
     for (int q = 0; q < n_seqs; q++) seqs[q].cache->n_past += seqs[q].in.n;
     if (o->logits) batch_logits(m, &b, &s, o->logits);
@@ -463,13 +463,13 @@ static int is_eos(const TextConfig *t, int32_t id) {
     return 0;
 }
 
-int model_is_eos(const Model *m, int32_t id) { return is_eos(&m->cfg.text, id); }
+int model_is_eos(const Model *m, int32_t id) { return is_eos(&m->w->cfg.text, id); }
 
 GfStatus model_generate(Model *m, const ModelInput *prompt, int64_t max_new, const KnSampleRow *sampling,
                         ModelTokenFn fn, void *user, int64_t *n_out, GfError *err) {
     KvCache c;
     *n_out = 0;
-    if (kv_cache_init(&c, &m->cfg.text, &m->be, prompt->n + (max_new > 0 ? max_new : 0), err)) return err->status;
+    if (kv_cache_init(&c, &m->w->cfg.text, &m->be, prompt->n + (max_new > 0 ? max_new : 0), err)) return err->status;
     KnSampleRow row = *sampling;
     ModelSeq seq = {&c, *prompt};
     seq.in.last_logits_only = 1;
@@ -478,7 +478,7 @@ GfStatus model_generate(Model *m, const ModelInput *prompt, int64_t max_new, con
         int32_t next;
         if ((st = model_forward_batch_sample(m, &seq, 1, &row, &next, err)) || *n_out >= max_new) break;
         (*n_out)++;
-        if (fn(user, next) || is_eos(&m->cfg.text, next) || *n_out == max_new) break;
+        if (fn(user, next) || is_eos(&m->w->cfg.text, next) || *n_out == max_new) break;
         seq.in = (ModelInput){.ids = &next, .n = 1, .last_logits_only = 1, .lora = prompt->lora};
     }
     kv_cache_free(&c);

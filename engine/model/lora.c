@@ -24,18 +24,18 @@ static const char *const VISION_SLOT_NAMES[LORA_VISION_SLOTS] = {
     "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
 
 int lora_text_module(const Model *m, int layer, int slot, char *buf, size_t cap) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     if (layer < 0 || layer >= t->n_layers || slot < 0 || slot >= LORA_TEXT_SLOTS) return -1;
     const LayerConfig *lc = &t->layers[layer];
     if ((slot == LORA_K || slot == LORA_V) && lc->kv_shared) return -1;
     if (slot == LORA_V && lc->k_eq_v) return -1;
     if ((slot == LORA_PLE_GATE || slot == LORA_PLE_PROJ) && !t->ple_dim) return -1;
-    snprintf(buf, cap, "%slayers.%d.%s", m->prefix, layer, TEXT_SLOT_NAMES[slot]);
+    snprintf(buf, cap, "%slayers.%d.%s", m->w->prefix, layer, TEXT_SLOT_NAMES[slot]);
     return 0;
 }
 
 int lora_vision_module(const Model *m, int layer, int slot, char *buf, size_t cap) {
-    if (!m->cfg.vision.present || layer < 0 || layer >= m->cfg.vision.n_layers || slot < 0 || slot >= LORA_VISION_SLOTS)
+    if (!m->w->cfg.vision.present || layer < 0 || layer >= m->w->cfg.vision.n_layers || slot < 0 || slot >= LORA_VISION_SLOTS)
         return -1;
     /* the linear inside Gemma4ClippableLinear: the clamps stay outside the adapter */
     snprintf(buf, cap, "model.vision_tower.encoder.layers.%d.%s.linear", layer, VISION_SLOT_NAMES[slot]);
@@ -257,18 +257,18 @@ static const LoraPair **find_slot(const Model *m, LoraBinding *b, const char *mo
         for (int s = 0; s < LORA_VISION_SLOTS; s++)
             if (lora_vision_module(m, l, s, name, sizeof name) == 0 && strcmp(name, module) == 0)
                 return &b->vision[l * LORA_VISION_SLOTS + s];
-    snprintf(name, sizeof name, "%sper_layer_model_projection", m->prefix);
-    if (m->cfg.text.ple_dim && strcmp(module, name) == 0) return &b->ple_model_proj;
-    if (m->cfg.vision.present && strcmp(module, "model.vision_tower.patch_embedder.input_proj") == 0) return &b->input_proj;
-    if (m->cfg.vision.present && strcmp(module, "model.embed_vision.embedding_projection") == 0) return &b->embed_proj;
+    snprintf(name, sizeof name, "%sper_layer_model_projection", m->w->prefix);
+    if (m->w->cfg.text.ple_dim && strcmp(module, name) == 0) return &b->ple_model_proj;
+    if (m->w->cfg.vision.present && strcmp(module, "model.vision_tower.patch_embedder.input_proj") == 0) return &b->input_proj;
+    if (m->w->cfg.vision.present && strcmp(module, "model.embed_vision.embedding_projection") == 0) return &b->embed_proj;
     return NULL;
 }
 
 GfStatus lora_bind(const Model *m, const LoraAdapter *a, LoraBinding *b, GfError *err) {
     memset(b, 0, sizeof *b);
     b->scale = a->scale;
-    b->n_layers = m->cfg.text.n_layers;
-    b->n_vision_layers = m->cfg.vision.present ? m->cfg.vision.n_layers : 0;
+    b->n_layers = m->w->cfg.text.n_layers;
+    b->n_vision_layers = m->w->cfg.vision.present ? m->w->cfg.vision.n_layers : 0;
     b->text = gf_calloc((size_t)b->n_layers * LORA_TEXT_SLOTS, sizeof *b->text, err);
     b->vision = gf_calloc((size_t)b->n_vision_layers * LORA_VISION_SLOTS + 1, sizeof *b->vision, err);
     if (!b->text || !b->vision) { lora_binding_free(b); return GF_NO_MEMORY; }
@@ -371,9 +371,9 @@ typedef struct {
 /* Every linear an adapter may wrap, with its shape. */
 static size_t candidates(const Model *m, Candidate *c, size_t cap) {
     size_t n = 0;
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     for (int l = 0; l < t->n_layers; l++) {
-        const Layer *L = &m->layers[l];
+        const Layer *L = &m->w->layers[l];
         const KnMatrix *tm[LORA_TEXT_SLOTS] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down, &L->ple_gate, &L->ple_proj};
         for (int s = 0; s < LORA_TEXT_SLOTS && n < cap; s++)
             if (lora_text_module(m, l, s, c[n].name, sizeof c[n].name) == 0) {
@@ -383,14 +383,14 @@ static size_t candidates(const Model *m, Candidate *c, size_t cap) {
             }
     }
     if (t->ple_dim && n < cap) {
-        snprintf(c[n].name, sizeof c[n].name, "%sper_layer_model_projection", m->prefix);
-        c[n].in = m->ple_model_proj.cols;
-        c[n].out = m->ple_model_proj.rows;
+        snprintf(c[n].name, sizeof c[n].name, "%sper_layer_model_projection", m->w->prefix);
+        c[n].in = m->w->ple_model_proj.cols;
+        c[n].out = m->w->ple_model_proj.rows;
         n++;
     }
-    if (!m->cfg.vision.present) return n;
-    for (int l = 0; l < m->cfg.vision.n_layers; l++) {
-        const VisionLayer *V = &m->vision.layers[l];
+    if (!m->w->cfg.vision.present) return n;
+    for (int l = 0; l < m->w->cfg.vision.n_layers; l++) {
+        const VisionLayer *V = &m->w->vision.layers[l];
         const ClipLinear *cl[LORA_VISION_SLOTS] = {&V->q, &V->k, &V->v, &V->o, &V->gate, &V->up, &V->down};
         for (int s = 0; s < LORA_VISION_SLOTS && n < cap; s++)
             if (lora_vision_module(m, l, s, c[n].name, sizeof c[n].name) == 0) {
@@ -400,7 +400,7 @@ static size_t candidates(const Model *m, Candidate *c, size_t cap) {
             }
     }
     const char *names[2] = {"model.vision_tower.patch_embedder.input_proj", "model.embed_vision.embedding_projection"};
-    const KnMatrix *mats[2] = {&m->vision.input_proj, &m->vision.embed_proj};
+    const KnMatrix *mats[2] = {&m->w->vision.input_proj, &m->w->vision.embed_proj};
     for (int i = 0; i < 2 && n < cap; i++, n++) {
         gf_strlcpy(c[n].name, names[i], sizeof c[n].name);
         c[n].in = mats[i]->cols;
@@ -447,8 +447,8 @@ GfStatus lora_create(const Model *m, const char *const *targets, size_t n_target
     if (rank < 1 || rank > LORA_MAX_RANK || !(alpha > 0) || n_targets == 0)
         return gf_error_set(err, GF_INVALID, "invalid_hyperparameter", "lora_r",
                             "rank must be 1..%d, alpha positive, and at least one target module", LORA_MAX_RANK);
-    size_t cap = (size_t)m->cfg.text.n_layers * LORA_TEXT_SLOTS + 3 +
-                 (m->cfg.vision.present ? (size_t)m->cfg.vision.n_layers * LORA_VISION_SLOTS : 0);
+    size_t cap = (size_t)m->w->cfg.text.n_layers * LORA_TEXT_SLOTS + 3 +
+                 (m->w->cfg.vision.present ? (size_t)m->w->cfg.vision.n_layers * LORA_VISION_SLOTS : 0);
     Candidate *c = gf_calloc(cap, sizeof *c, err);
     LoraAdapter *a = c ? gf_calloc(1, sizeof *a, err) : NULL;
     if (a) a->pairs = gf_calloc(cap, sizeof *a->pairs, err);

@@ -4,14 +4,15 @@
  * each with its own adapter (prefill of many tokens, or decoding one by one,
  * alone or batched, compute the same function).
  *
- * Ownership: Model owns its config, its mapped checkpoint (weights are views
- * into it; F16 matrices are widened into owned F32 copies; small vectors such
- * as norm weights are widened to owned F32), its thread pool, op table and
- * activation scratch. KvCache and KvPool are owned by the caller; a KvCache
- * belongs to one sequence and holds blocks of one pool.
+ * Ownership: a Model is one thread's context over GemmaWeights (weights.h,
+ * shared, one reference held): it owns its backend (op table, context,
+ * thread pool), its activation scratch and its step tables. KvCache and
+ * KvPool are owned by the caller; a KvCache belongs to one sequence and
+ * holds blocks of one pool.
  *
  * Threading: a Model is used by one thread at a time (the engine thread);
- * distinct KvCaches may be used in turn on one Model. Errors: loading fails
+ * distinct KvCaches may be used in turn on one Model; Models on the same
+ * weights run on different threads at once (serving and a training job). Errors: loading fails
  * with GF_INVALID naming the tensor and both shapes, or an unclaimed tensor;
  * forward fails only on bad ids or a full cache (GF_INVALID / GF_TOO_LARGE).
  * Units: activations float32; logits [n, vocab]; hidden states
@@ -26,20 +27,30 @@
 #include "kernels.h"
 #include "kvcache.h"
 #include "modeldir.h"
+#include "weights.h"
 
 typedef struct Model Model;
 typedef struct LoraBinding LoraBinding;   /* lora.h */
-
-typedef enum { MODEL_QUANT_NONE = 0, MODEL_QUANT_NF4 } ModelQuant;
 
 typedef struct {
     const char *device;       /* "cpu", "guarded", "cuda[:N]"; NULL = GF_DEVICE from the environment, else "cpu" */
     int n_threads;            /* CPU threads, <= 0 = all cores */
     ModelQuant quantize;      /* NF4: every linear of the layers (text, vision, experts) quantized at load */
+    GemmaWeights *weights;    /* model_open: run on these (shared) instead of loading; quantize must match */
+    WeightsGauge *gauge;      /* model_open: counts the weights it loads (may be NULL) */
 } ModelOptions;
 
+/* Opens a context on the weights of dir: loaded (weights_open) unless
+ * opts->weights gives them, then shared (GF_CONFLICT when their
+ * quantization is not opts->quantize). */
 GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfError *err);
+/* A context on w (one reference taken) with its own backend and scratch:
+ * one per thread, any number per weights. */
+GfStatus model_new(GemmaWeights *w, const ModelOptions *opts, Model **out, GfError *err);
+/* Frees the context and drops its reference to the weights. */
 void model_close(Model *m);
+/* The weights the context runs on (valid while it is open; retain to keep). */
+GemmaWeights *model_weights(const Model *m);
 const GemmaConfig *model_config(const Model *m);
 /* The backend (op table and context) the model runs on; valid until
  * model_close. Buffers the model's ops read (KV caches, soft tokens) are
@@ -48,18 +59,6 @@ const KnBackend *model_backend(const Model *m);
 /* The checkpoint's tensors (names and shapes), e.g. to check adapters. */
 const ModelDir *model_dir(const Model *m);
 
-/* What the weights take in memory, for estimates (`gemmaforge preflight`).
- * The adaptable linears (text, vision, experts) as stored and in NF4; the
- * other tensors (embedding, norms, ...) stay in their stored dtype. */
-typedef struct {
-    uint64_t n_linears;
-    uint64_t linear_params;        /* elements of those linears */
-    uint64_t linear_stored_bytes;  /* as loaded now */
-    uint64_t linear_nf4_bytes;     /* if quantized to NF4 */
-    uint64_t other_bytes;          /* every other tensor of the checkpoint */
-} ModelMemory;
-
-void model_memory(const Model *m, ModelMemory *out);
 
 /* ---- forward ------------------------------------------------------------ */
 

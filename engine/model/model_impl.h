@@ -1,47 +1,11 @@
-/* model_impl.h - the Model's internals, shared by the files of the model
- * (model.c binds weights, forward.c runs them). Not a public header. */
+/* model_impl.h - the internals of a Model (one thread's context), shared by
+ * the files that run it: model.c opens it, forward.c, moe.c and vision.c
+ * compute with it, lora.c and backward.c adapt it. Not a public header. */
 #ifndef GF_MODEL_IMPL_H
 #define GF_MODEL_IMPL_H
 
 #include "model.h"
-
-typedef struct {
-    float *input_ln, *post_attn_ln, *pre_ff_ln, *post_ff_ln; /* [H] */
-    float *q_norm, *k_norm;                                  /* [D] */
-    float layer_scalar;
-    KnMatrix q, k, v, o, gate, up, down;
-    KnMatrix ple_gate, ple_proj;                             /* [P, H], [H, P] */
-    float *post_ple_ln;                                      /* [H] */
-    KnMatrix router;                                         /* [E, H] */
-    float *router_scale, *per_expert_scale;                  /* [H], [E] */
-    float *router_in_scale;                                  /* [H] router_scale / sqrt(H) */
-    KnMatrix experts_gate_up, experts_down;                  /* [E*2Im, H], [E*H, Im] */
-    float *pre_ff_ln2, *post_ff_ln1, *post_ff_ln2;           /* [H] */
-    float *inv_freq;                                         /* [D/2] */
-} Layer;
-
-/* A Gemma4ClippableLinear: clamps around the inner linear (when present). */
-typedef struct {
-    KnMatrix w;
-    int clipped;
-    float in_min, in_max, out_min, out_max;
-} ClipLinear;
-
-typedef struct {
-    float *input_ln, *post_attn_ln, *pre_ff_ln, *post_ff_ln; /* [d] */
-    float *q_norm, *k_norm;                                  /* [Dv] */
-    ClipLinear q, k, v, o, gate, up, down;
-} VisionLayer;
-
-typedef struct {
-    KnMatrix input_proj;            /* [d, 3 p^2] */
-    KnMatrix pos_table;             /* [2 * P, d]: axis 0 (x) rows then axis 1 (y) */
-    VisionLayer *layers;
-    float *std_bias, *std_scale;    /* [d], standardize only */
-    KnMatrix embed_proj;            /* [H, d] embed_vision.embedding_projection */
-    float *inv_freq;                /* [Dv / 4] 2-D RoPE frequencies */
-    float *pool_grad_scale;         /* [d] sqrt(d) / k^2 (times std_scale when standardizing) */
-} VisionWeights;
+#include "weights_impl.h"
 
 /* The small host tables of one batched forward, grown to the largest batch
  * seen: row offsets and adapter segments per sequence, embedding ids and
@@ -53,35 +17,16 @@ typedef struct {
     size_t seq_cap, row_cap;
 } StepTables;
 
+
+
+/* One thread's context over shared weights. */
 struct Model {
-    GemmaConfig cfg;
-    ModelDir dir;
+    GemmaWeights *w;                /* one reference held */
     KnBackend be;                   /* op table + context of the device the model runs on */
-    KnMatrix embed;                 /* [V, H], tied lm_head */
-    KnMatrix embed_ple, ple_model_proj; /* [V_ple, L*P], [L*P, H] */
-    float *ple_norm, *final_norm;
-    Layer *layers;
-    VisionWeights vision;           /* bound when config.json has vision_config */
-    void **owned;                   /* widened copies */
-    struct KnNf4 *nf4;              /* QLoRA: the quantized linears the KnMatrix views point at */
-    size_t n_nf4;
-    size_t n_owned;
-    uint8_t **claimed;              /* per shard, per tensor */
-    char prefix[32];                /* "model.language_model." or "model." */
     KnBuffer act;                   /* forward activations (device), grown to the largest batch seen */
     StepTables tables;              /* a batch's host index tables */
 };
 
-/* Helpers of model.c used by vision.c. */
-GfStatus model_bind_matrix(Model *m, const char *name, int64_t rows, int64_t cols, KnMatrix *out, GfError *err);
-GfStatus model_bind_vector(Model *m, const char *name, int64_t n, float **out, GfError *err);
-/* A 3-D tensor [e, rows, cols] as a matrix of e*rows rows. */
-GfStatus model_bind_3d(Model *m, const char *name, int64_t e, int64_t rows, int64_t cols, KnMatrix *out, GfError *err);
-/* A 0-dimensional tensor (a scalar buffer). */
-GfStatus model_bind_scalar(Model *m, const char *name, float *out, GfError *err);
-/* Takes ownership of p (freed at model_close); -1 with err set (p not taken) when out of memory. */
-int model_keep(Model *m, void *p, GfError *err);
-GfStatus vision_bind(Model *m, GfError *err);
 
 /* Helpers of forward.c used by backward.c. */
 /* model_forward with the hidden states [(L + 1), n, H] kept in device

@@ -35,7 +35,7 @@ void moe_tape_init(MoeTape *mt, const TextConfig *t, float *buf, int64_t n) {
 /* out[n, H] = the MoE block of the residual rows r[n, H] (n <= the tape's
  * capacity), keeping in the tape what moe_backward needs. */
 void moe_forward(Model *m, const Layer *l, const float *r, float *out, int64_t n, MoeTape *mt) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     const KnOps *ops = m->be.ops;
     const KnCtx *ctx = &m->be.ctx;
     int64_t H = t->hidden_size;
@@ -54,7 +54,7 @@ void moe_forward(Model *m, const Layer *l, const float *r, float *out, int64_t n
  * moe_forward at r). The experts are frozen; the gradient flows through
  * their inputs and through the routing weights into the router's input. */
 void moe_backward(Model *m, const Layer *l, const float *r, const float *dout, float *dr, int64_t n, MoeTape *mt) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     const KnOps *ops = m->be.ops;
     const KnCtx *ctx = &m->be.ctx;
     int64_t H = t->hidden_size;

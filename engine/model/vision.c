@@ -17,83 +17,6 @@
 #define VT "model.vision_tower."
 #define NAME(buf, ...) (snprintf(buf, sizeof buf, __VA_ARGS__), buf)
 
-/* ---- binding ----------------------------------------------------------------- */
-
-static GfStatus bind_clip(Model *m, const char *base, int64_t rows, int64_t cols, ClipLinear *cl, GfError *err) {
-    char n[300];
-    if (model_bind_matrix(m, NAME(n, "%s.linear.weight", base), rows, cols, &cl->w, err)) return err->status;
-    cl->clipped = m->cfg.vision.clipped_linears;
-    if (!cl->clipped) return GF_OK;
-    if (model_bind_scalar(m, NAME(n, "%s.input_min", base), &cl->in_min, err) ||
-        model_bind_scalar(m, NAME(n, "%s.input_max", base), &cl->in_max, err) ||
-        model_bind_scalar(m, NAME(n, "%s.output_min", base), &cl->out_min, err) ||
-        model_bind_scalar(m, NAME(n, "%s.output_max", base), &cl->out_max, err))
-        return err->status;
-    return GF_OK;
-}
-
-static GfStatus bind_vision_layer(Model *m, int i, VisionLayer *l, GfError *err) {
-    const VisionConfig *v = &m->cfg.vision;
-    int64_t d = v->hidden_size, D = v->head_dim, qo = (int64_t)v->n_heads * D, kvo = (int64_t)v->kv_heads * D;
-    char n[300], p[160];
-    snprintf(p, sizeof p, VT "encoder.layers.%d.", i);
-    if (model_bind_vector(m, NAME(n, "%sinput_layernorm.weight", p), d, &l->input_ln, err) ||
-        model_bind_vector(m, NAME(n, "%spost_attention_layernorm.weight", p), d, &l->post_attn_ln, err) ||
-        model_bind_vector(m, NAME(n, "%spre_feedforward_layernorm.weight", p), d, &l->pre_ff_ln, err) ||
-        model_bind_vector(m, NAME(n, "%spost_feedforward_layernorm.weight", p), d, &l->post_ff_ln, err) ||
-        model_bind_vector(m, NAME(n, "%sself_attn.q_norm.weight", p), D, &l->q_norm, err) ||
-        model_bind_vector(m, NAME(n, "%sself_attn.k_norm.weight", p), D, &l->k_norm, err) ||
-        bind_clip(m, NAME(n, "%sself_attn.q_proj", p), qo, d, &l->q, err) ||
-        bind_clip(m, NAME(n, "%sself_attn.k_proj", p), kvo, d, &l->k, err) ||
-        bind_clip(m, NAME(n, "%sself_attn.v_proj", p), kvo, d, &l->v, err) ||
-        bind_clip(m, NAME(n, "%sself_attn.o_proj", p), d, qo, &l->o, err) ||
-        bind_clip(m, NAME(n, "%smlp.gate_proj", p), v->intermediate_size, d, &l->gate, err) ||
-        bind_clip(m, NAME(n, "%smlp.up_proj", p), v->intermediate_size, d, &l->up, err) ||
-        bind_clip(m, NAME(n, "%smlp.down_proj", p), d, v->intermediate_size, &l->down, err))
-        return err->status;
-    return GF_OK;
-}
-
-GfStatus vision_bind(Model *m, GfError *err) {
-    const VisionConfig *v = &m->cfg.vision;
-    VisionWeights *w = &m->vision;
-    int64_t d = v->hidden_size, pp = 3 * (int64_t)v->patch_size * v->patch_size;
-    if (v->head_dim % 4) return gf_error_set(err, GF_INVALID, "invalid_model", NULL, "config.json: vision_config.head_dim must be a multiple of 4");
-    if (model_bind_matrix(m, VT "patch_embedder.input_proj.weight", d, pp, &w->input_proj, err) ||
-        /* the position table is [2, P, d]: a matrix of 2P rows, x axis first */
-        model_bind_3d(m, VT "patch_embedder.position_embedding_table", 2, v->position_embedding_size, d, &w->pos_table, err))
-        return err->status;
-    w->layers = gf_calloc((size_t)v->n_layers, sizeof *w->layers, err);
-    if (!w->layers || model_keep(m, w->layers, err)) {
-        free(w->layers);
-        w->layers = NULL;
-        return GF_NO_MEMORY;
-    }
-    for (int i = 0; i < v->n_layers; i++)
-        if (bind_vision_layer(m, i, &w->layers[i], err)) return err->status;
-    if (v->standardize && (model_bind_vector(m, VT "std_bias", d, &w->std_bias, err) ||
-                           model_bind_vector(m, VT "std_scale", d, &w->std_scale, err)))
-        return err->status;
-    if (model_bind_matrix(m, "model.embed_vision.embedding_projection.weight", m->cfg.text.hidden_size, d, &w->embed_proj, err))
-        return err->status;
-    int q = v->head_dim / 4; /* frequencies per half: 100^(-4j/D) */
-    w->inv_freq = gf_calloc((size_t)q, sizeof *w->inv_freq, err);
-    if (!w->inv_freq || model_keep(m, w->inv_freq, err)) {
-        free(w->inv_freq);
-        return GF_NO_MEMORY;
-    }
-    for (int j = 0; j < q; j++) w->inv_freq[j] = (float)(1.0 / pow((double)v->rope_theta, (double)((float)(2 * j) / (float)(v->head_dim / 2))));
-    /* the pooled output's gradient factor: sqrt(d) / k^2, times std_scale */
-    w->pool_grad_scale = gf_malloc((size_t)d * sizeof(float), err);
-    if (!w->pool_grad_scale || model_keep(m, w->pool_grad_scale, err)) {
-        free(w->pool_grad_scale);
-        return GF_NO_MEMORY;
-    }
-    float scale = sqrtf((float)d) / (float)(v->pooling_kernel * v->pooling_kernel);
-    for (int64_t j = 0; j < d; j++) w->pool_grad_scale[j] = scale * (v->standardize ? w->std_scale[j] : 1.0f);
-    return GF_OK;
-}
-
 /* ---- forward ------------------------------------------------------------------ */
 
 /* y[n] = x clamped to [lo, hi] when the linear is clipped, else a copy. */
@@ -132,15 +55,15 @@ static void cl_forward(Model *m, const VTape *t, const ClipLinear *cl, const Lor
  * (pos [n, 2], device). */
 static void rope2d(Model *m, float *x, int64_t n, int heads, int D, const int32_t *pos) {
     int half = D / 2;
-    m->be.ops->rope_rows(&m->be.ctx, x, n, heads, half, D, m->vision.inv_freq, pos, 2);
-    m->be.ops->rope_rows(&m->be.ctx, x + half, n, heads, half, D, m->vision.inv_freq, pos + 1, 2);
+    m->be.ops->rope_rows(&m->be.ctx, x, n, heads, half, D, m->w->vision.inv_freq, pos, 2);
+    m->be.ops->rope_rows(&m->be.ctx, x + half, n, heads, half, D, m->w->vision.inv_freq, pos + 1, 2);
 }
 
 /* Encoder layer li on x, keeping what layer_bwd needs; the layer's output
  * goes to out when not NULL (a re-run for the backward needs none). */
 static void layer_fwd(Model *m, int li, const float *x, int64_t N, const KnMask *mask, VTape *t, float *out) {
-    const VisionConfig *v = &m->cfg.vision;
-    const VisionLayer *l = &m->vision.layers[li];
+    const VisionConfig *v = &m->w->cfg.vision;
+    const VisionLayer *l = &m->w->vision.layers[li];
     int64_t d = v->hidden_size, D = v->head_dim, I = v->intermediate_size, NH = v->n_heads, KVH = v->kv_heads;
     float eps = v->rms_eps;
     m->be.ops->rmsnorm(&m->be.ctx, t->h, x, l->input_ln, N, d, eps);
@@ -178,12 +101,12 @@ static void layer_fwd(Model *m, int li, const float *x, int64_t N, const KnMask 
  * table rows of each patch (-1 for padding) are in pos_rows [2, N]. */
 static void embed_patches(Model *m, const LoraBinding *lora, float *lora_tmp, const float *pixels,
                           const int32_t *pos_rows, int64_t N, float *x, float *tmp) {
-    int64_t pp = m->vision.input_proj.cols;
+    int64_t pp = m->w->vision.input_proj.cols;
     m->be.ops->scale_shift(&m->be.ctx, tmp, pixels, (size_t)(N * pp), -0.5f, 2.0f);
-    m->be.ops->matmul(&m->be.ctx, x, tmp, m->vision.input_proj, N);
+    m->be.ops->matmul(&m->be.ctx, x, tmp, m->w->vision.input_proj, N);
     if (lora && lora->input_proj) lora_apply(&m->be, lora, lora->input_proj, x, tmp, N, lora_tmp);
     for (int axis = 0; axis < 2; axis++)
-        m->be.ops->embed_rows_add(&m->be.ctx, x, m->vision.pos_table, pos_rows + axis * N, N, tmp);
+        m->be.ops->embed_rows_add(&m->be.ctx, x, m->w->vision.pos_table, pos_rows + axis * N, N, tmp);
 }
 
 /* Columns of the pooled grid: the image is (max x + 1) patches wide. */
@@ -204,17 +127,17 @@ static int64_t pool_block(const int32_t *pos, int64_t i, int64_t kk, int64_t col
 /* Pooling (§6.6), sqrt(d) scaling, standardize (§6.7) into
  * pooled[n_soft, d]; blocks [N] is each patch's soft token (-1: none). */
 static void pool(Model *m, const float *x, const int32_t *blocks, int64_t N, int64_t n_soft, float *pooled) {
-    const VisionConfig *v = &m->cfg.vision;
+    const VisionConfig *v = &m->w->cfg.vision;
     int64_t d = v->hidden_size, kk = v->pooling_kernel;
     zero(m, pooled, (N / (kk * kk)) * d);
     m->be.ops->rows_sum(&m->be.ctx, pooled, x, blocks, N, d);
     m->be.ops->scale(&m->be.ctx, pooled, (size_t)(n_soft * d), sqrtf((float)d) / (float)(kk * kk));
-    if (v->standardize) m->be.ops->standardize(&m->be.ctx, pooled, n_soft, d, m->vision.std_bias, m->vision.std_scale);
+    if (v->standardize) m->be.ops->standardize(&m->be.ctx, pooled, n_soft, d, m->w->vision.std_bias, m->w->vision.std_scale);
 }
 
 /* Positions inside the table, enough patches. */
 static GfStatus check_image(const Model *m, const int32_t *pos, int64_t N, GfError *err) {
-    const VisionConfig *v = &m->cfg.vision;
+    const VisionConfig *v = &m->w->cfg.vision;
     if (!v->present) return gf_error_set(err, GF_INVALID, "no_vision", NULL, "this model has no vision tower");
     for (int64_t i = 0; i < N; i++) {
         int32_t px = pos[2 * i], py = pos[2 * i + 1];
@@ -252,9 +175,9 @@ typedef struct {
 /* The float count of each tower buffer for N patches (the gradients and
  * every layer's input only when training); returns their sum. */
 static size_t tower_sizes(const Model *m, int64_t N, int64_t rank, int training, int64_t sizes[TOWER_BUFS]) {
-    const VisionConfig *v = &m->cfg.vision;
+    const VisionConfig *v = &m->w->cfg.vision;
     int64_t d = v->hidden_size, I = v->intermediate_size, qw = (int64_t)v->n_heads * v->head_dim;
-    int64_t kvw = (int64_t)v->kv_heads * v->head_dim, pp = m->vision.input_proj.cols, L = v->n_layers;
+    int64_t kvw = (int64_t)v->kv_heads * v->head_dim, pp = m->w->vision.input_proj.cols, L = v->n_layers;
     int64_t qi = qw > I ? qw : I, kvi = kvw > I ? kvw : I, wmax = d, g = training ? 1 : 0;
     int64_t widths[] = {I, qw, pp};
     for (size_t i = 0; i < 3; i++) wmax = widths[i] > wmax ? widths[i] : wmax;
@@ -270,7 +193,7 @@ static size_t tower_sizes(const Model *m, int64_t N, int64_t rank, int training,
 }
 
 uint64_t model_vision_workspace_bytes(const Model *m, int64_t n_patches, int max_rank, int training) {
-    if (!m->cfg.vision.present) return 0;
+    if (!m->w->cfg.vision.present) return 0;
     int64_t sizes[TOWER_BUFS];
     return tower_sizes(m, n_patches, max_rank > 0 ? max_rank : 1, training, sizes) * sizeof(float);
 }
@@ -278,7 +201,7 @@ uint64_t model_vision_workspace_bytes(const Model *m, int64_t n_patches, int max
 /* Sizes every buffer for N patches: one device buffer, and the host
  * staging of the index tables. */
 static GfStatus tower_alloc(Model *m, const LoraBinding *lora, int64_t N, int training, Tower *b, GfError *err) {
-    const VisionConfig *v = &m->cfg.vision;
+    const VisionConfig *v = &m->w->cfg.vision;
     int64_t qw = (int64_t)v->n_heads * v->head_dim, I = v->intermediate_size, qi = qw > I ? qw : I;
     int64_t sizes[TOWER_BUFS];
     size_t total = tower_sizes(m, N, lora ? lora->max_rank : 1, training, sizes);
@@ -320,7 +243,7 @@ static void tower_free(Tower *b) {
 /* The index tables of an image from its positions pos[N, 2] (host), into
  * the host staging in the device layout; returns the soft-token count. */
 static int64_t tower_tables(const Model *m, const int32_t *pos, int64_t N, int32_t *h) {
-    const VisionConfig *v = &m->cfg.vision;
+    const VisionConfig *v = &m->w->cfg.vision;
     int64_t kk = v->pooling_kernel, out_len = N / (kk * kk), cols = pool_cols(pos, N, kk), n_soft = 0;
     int32_t *hpos = h, *hneg = h + 2 * N, *hgroup = hneg + 2 * N, *hblk = hgroup + N, *hrows = hblk + N;
     uint8_t *hvalid = (uint8_t *)(hrows + 2 * N);
@@ -347,9 +270,9 @@ static int64_t tower_tables(const Model *m, const int32_t *pos, int64_t N, int32
  * layer's input stays in b->xs (for the backward). pixels and pos are host
  * memory. */
 static void tower_run(Model *m, Tower *b, const float *pixels, const int32_t *pos, int64_t N, int keep) {
-    const VisionConfig *v = &m->cfg.vision;
+    const VisionConfig *v = &m->w->cfg.vision;
     VTape *t = &b->t;
-    int64_t d = v->hidden_size, pp = m->vision.input_proj.cols;
+    int64_t d = v->hidden_size, pp = m->w->vision.input_proj.cols;
     b->n_soft = tower_tables(m, pos, N, b->idx);
     m->be.ops->upload(&m->be.ctx, t->pos, b->idx, (size_t)(8 * N) * sizeof(int32_t) + (size_t)N);
     m->be.ops->upload(&m->be.ctx, b->pixels, pixels, (size_t)(N * pp) * sizeof(float));
@@ -371,7 +294,7 @@ GfStatus model_vision_forward(Model *m, const LoraBinding *lora, const float *pi
     if (check_image(m, pos, N, err) || tower_alloc(m, lora, N, 0, &b, err)) return err->status;
     tower_run(m, &b, pixels, pos, N, 0);
     *n_soft = b.n_soft;
-    m->be.ops->matmul(&m->be.ctx, soft, b.hn, m->vision.embed_proj, *n_soft);
+    m->be.ops->matmul(&m->be.ctx, soft, b.hn, m->w->vision.embed_proj, *n_soft);
     if (lora && lora->embed_proj) lora_apply(&m->be, lora, lora->embed_proj, soft, b.hn, *n_soft, b.t.lora_tmp);
     tower_free(&b);
     return m->be.ops->synchronize(&m->be.ctx, err);
@@ -402,8 +325,8 @@ static void cl_backward(Model *m, const VTape *t, const ClipLinear *cl, const Lo
 /* Attention part of layer_bwd: d(the clamped output of o) in t->dh on
  * entry, d(h) in t->dh on return. datt: [N, NH D] free scratch. */
 static void attn_bwd(Model *m, int li, int64_t N, const KnMask *mask, float *datt, VTape *t) {
-    const VisionConfig *v = &m->cfg.vision;
-    const VisionLayer *l = &m->vision.layers[li];
+    const VisionConfig *v = &m->w->cfg.vision;
+    const VisionLayer *l = &m->w->vision.layers[li];
     int64_t d = v->hidden_size, D = v->head_dim, NH = v->n_heads, KVH = v->kv_heads;
     float eps = v->rms_eps;
     zero(m, datt, N * NH * D);
@@ -433,8 +356,8 @@ static void attn_bwd(Model *m, int li, int64_t N, const KnMask *mask, float *dat
 
 /* After layer_fwd(li, x): t->dx holds d(layer output) on entry, d(x) on return. */
 static void layer_bwd(Model *m, int li, const float *x, int64_t N, const KnMask *mask, VTape *t) {
-    const VisionConfig *v = &m->cfg.vision;
-    const VisionLayer *l = &m->vision.layers[li];
+    const VisionConfig *v = &m->w->cfg.vision;
+    const VisionLayer *l = &m->w->vision.layers[li];
     int64_t d = v->hidden_size, I = v->intermediate_size;
     float eps = v->rms_eps;
     float *dx = t->dx;
@@ -467,15 +390,15 @@ static void layer_bwd(Model *m, int li, const float *x, int64_t N, const KnMask 
 
 /* d(soft tokens) -> d(pooled tower output) -> d(last layer's output) in t->dx. */
 static void head_backward(Model *m, const LoraBinding *lora, Tower *b, int64_t N, const float *dsoft, int64_t n_soft) {
-    const VisionConfig *v = &m->cfg.vision;
+    const VisionConfig *v = &m->w->cfg.vision;
     int64_t d = v->hidden_size;
     zero(m, b->dhn, n_soft * d);
-    m->be.ops->matmul_dx(&m->be.ctx, b->dhn, dsoft, m->vision.embed_proj, n_soft);
+    m->be.ops->matmul_dx(&m->be.ctx, b->dhn, dsoft, m->w->vision.embed_proj, n_soft);
     if (lora && lora->embed_proj) lora_backward(&m->be, lora, lora->embed_proj, b->dhn, dsoft, b->hn, n_soft, b->t.lora_tmp);
     float *dpool = b->t.s1;
     zero(m, dpool, n_soft * d);
     m->be.ops->rmsnorm_dx(&m->be.ctx, dpool, b->pooled, NULL, b->dhn, n_soft, d, v->rms_eps);
-    m->be.ops->mul(&m->be.ctx, dpool, dpool, m->vision.pool_grad_scale, n_soft, d, 0);
+    m->be.ops->mul(&m->be.ctx, dpool, dpool, m->w->vision.pool_grad_scale, n_soft, d, 0);
     zero(m, b->t.dx, N * d);
     m->be.ops->rows_gather(&m->be.ctx, b->t.dx, dpool, b->blocks, N, d); /* every block < n_soft */
 }
@@ -484,8 +407,8 @@ GfStatus model_vision_backward(Model *m, const LoraBinding *lora, const float *p
                                const float *dsoft, int64_t n_soft, GfError *err) {
     Tower b;
     if (check_image(m, pos, N, err) || tower_alloc(m, lora, N, 1, &b, err)) return err->status;
-    const VisionConfig *v = &m->cfg.vision;
-    int64_t d = v->hidden_size, L = v->n_layers, pp = m->vision.input_proj.cols;
+    const VisionConfig *v = &m->w->cfg.vision;
+    int64_t d = v->hidden_size, L = v->n_layers, pp = m->w->vision.input_proj.cols;
     VTape *t = &b.t;
     tower_run(m, &b, pixels, pos, N, 1);
     int64_t got = b.n_soft;

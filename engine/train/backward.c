@@ -65,7 +65,7 @@ static float *take(Slab *s, size_t n) {
 }
 
 static void layout(const Model *m, GradWorkspace *w, Slab *s) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     size_t n = (size_t)w->max_tokens, H = (size_t)t->hidden_size, L = (size_t)t->n_layers, P = (size_t)t->ple_dim;
     size_t dmax = 0, kvmax = 0, imax = 0;
     for (size_t i = 0; i < L; i++) {
@@ -124,7 +124,7 @@ static GfStatus upload_positions(Model *m, GradWorkspace *w, GfError *err) {
 }
 
 GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWorkspace **out, GfError *err) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     *out = NULL;
     if (max_tokens <= 0 || max_rank < 0 || max_rank > LORA_MAX_RANK)
         return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "bad workspace size");
@@ -158,7 +158,7 @@ GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWork
 }
 
 uint64_t grad_workspace_bytes(const Model *m, int64_t max_tokens, int max_rank) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     float *dk[t->n_layers > 0 ? t->n_layers : 1], *dv[t->n_layers > 0 ? t->n_layers : 1];
     GradWorkspace w = {.max_tokens = max_tokens, .max_rank = max_rank, .dK = dk, .dV = dv};
     Slab s = {NULL, 0};
@@ -214,7 +214,7 @@ static void copy(Model *m, float *dst, const float *src, int64_t n) {
 /* ---- one decoder layer ------------------------------------------------------------- */
 
 static KnMask layer_mask(const Model *m, const KvCache *c, int li) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
     KnMask mask = {c->valid, t->bidirectional_vision ? c->group : NULL, lc->kind == LAYER_SLIDING ? t->sliding_window : 0};
     if (lc->kind == LAYER_FULL) mask.group = NULL; /* full layers stay causal (§4) */
@@ -224,9 +224,9 @@ static KnMask layer_mask(const Model *m, const KvCache *c, int li) {
 /* Re-runs layer li on x[n, H] (its input), keeping the intermediates; the
  * layer's output goes to w->out. K/V come from the cache the forward filled. */
 static void layer_forward(Model *m, GradWorkspace *w, const LoraBinding *b, int li, int64_t n, const float *x) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
-    const Layer *l = &m->layers[li];
+    const Layer *l = &m->w->layers[li];
     int64_t H = t->hidden_size, D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads, I = lc->intermediate;
     int64_t P = t->ple_dim, L = t->n_layers;
     float eps = t->rms_eps;
@@ -277,9 +277,9 @@ static void layer_forward(Model *m, GradWorkspace *w, const LoraBinding *b, int 
 
 /* Attention backward from d(o) in w->dh2 to d(h1) in w->dh (written). */
 static void attention_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int li, int64_t n) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
-    const Layer *l = &m->layers[li];
+    const Layer *l = &m->w->layers[li];
     int64_t H = t->hidden_size, D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
     float eps = t->rms_eps;
     int src = lc->store_layer;
@@ -311,9 +311,9 @@ static void attention_backward(Model *m, GradWorkspace *w, const LoraBinding *b,
 
 /* After layer_forward(li, x): w->dx holds d(out) on entry and d(x) on return. */
 static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int li, int64_t n, const float *x) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
-    const Layer *l = &m->layers[li];
+    const Layer *l = &m->w->layers[li];
     int64_t H = t->hidden_size, I = lc->intermediate, P = t->ple_dim, L = t->n_layers;
     float eps = t->rms_eps;
     float *dx = w->dx;
@@ -369,24 +369,24 @@ static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int
  * w->gx against targets (host), through the tied lm_head and the softcap;
  * with grad, their gradients (times scale) d(rows) into w->gdx. */
 static double loss_rows(Model *m, GradWorkspace *w, const int32_t *targets, int64_t rows, float scale, int grad) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     int64_t V = t->vocab_size, H = t->hidden_size;
     double row_loss[LOGIT_ROWS], loss = 0.0;
     m->be.ops->upload(&m->be.ctx, w->targets, targets, (size_t)rows * sizeof *targets);
-    m->be.ops->matmul(&m->be.ctx, w->logits, w->gx, m->embed, rows);
+    m->be.ops->matmul(&m->be.ctx, w->logits, w->gx, m->w->embed, rows);
     m->be.ops->xent_softcap(&m->be.ctx, w->row_loss, w->logits, w->targets, rows, V, t->final_softcap, scale, grad);
     m->be.ops->download(&m->be.ctx, row_loss, w->row_loss, (size_t)rows * sizeof *row_loss);
     for (int64_t r = 0; r < rows; r++) loss += row_loss[r];
     if (!grad) return loss;
     zero(m, w->gdx, rows * H);
-    m->be.ops->matmul_dx(&m->be.ctx, w->gdx, w->logits, m->embed, rows);
+    m->be.ops->matmul_dx(&m->be.ctx, w->gdx, w->logits, m->w->embed, rows);
     return loss;
 }
 
 /* The loss of every trained position of the normed outputs xn[n, H], in
  * chunks of LOGIT_ROWS rows; with grad, d(xn) into w->dxn (zeroed first). */
 static double loss_chunks(Model *m, GradWorkspace *w, const TrainSequence *s, const float *xn, float scale, int grad) {
-    int64_t n = s->n, H = m->cfg.text.hidden_size, k = 0;
+    int64_t n = s->n, H = m->w->cfg.text.hidden_size, k = 0;
     int32_t rows[LOGIT_ROWS], targets[LOGIT_ROWS];
     double loss = 0.0;
     if (grad) zero(m, w->dxn, n * H);
@@ -410,12 +410,12 @@ static double loss_chunks(Model *m, GradWorkspace *w, const TrainSequence *s, co
 
 /* The loss on the last layer's output xL[n, H]; d(xL) into w->dx. */
 static double loss_backward(Model *m, GradWorkspace *w, const TrainSequence *s, const float *xL, float scale) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     int64_t n = s->n, H = t->hidden_size;
-    m->be.ops->rmsnorm(&m->be.ctx, w->xn, xL, m->final_norm, n, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, w->xn, xL, m->w->final_norm, n, H, t->rms_eps);
     double loss = loss_chunks(m, w, s, w->xn, scale, 1);
     zero(m, w->dx, n * H);
-    m->be.ops->rmsnorm_dx(&m->be.ctx, w->dx, xL, m->final_norm, w->dxn, n, H, t->rms_eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, w->dx, xL, m->w->final_norm, w->dxn, n, H, t->rms_eps);
     return loss;
 }
 
@@ -424,19 +424,19 @@ static double loss_backward(Model *m, GradWorkspace *w, const TrainSequence *s, 
 /* d(x0) += the per-layer inputs' share, through ple_model_proj (§3.3);
  * ple_model_proj's adapter gets its gradient. */
 static void ple_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int64_t n, const float *x0, float *dx0) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     int64_t L = t->n_layers, P = t->ple_dim, H = t->hidden_size;
     const LoraPair *p = b ? b->ple_model_proj : NULL;
     float ctx_scale = (float)(1.0 / sqrt((double)H)), mix = (float)(1.0 / sqrt(2.0));
-    m->be.ops->matmul(&m->be.ctx, w->ple_buf, x0, m->ple_model_proj, n);
+    m->be.ops->matmul(&m->be.ctx, w->ple_buf, x0, m->w->ple_model_proj, n);
     if (p) lora_apply(&m->be, b, p, w->ple_buf, x0, n, w->lora_tmp);
     m->be.ops->scale(&m->be.ctx, w->ple_buf, (size_t)(n * L * P), ctx_scale);
     m->be.ops->scale(&m->be.ctx, w->dple, (size_t)(n * L * P), mix);
     float *dproj = w->ple; /* the per-layer inputs are no longer needed */
     zero(m, dproj, n * L * P);
-    m->be.ops->rmsnorm_dx(&m->be.ctx, dproj, w->ple_buf, m->ple_norm, w->dple, n * L, P, t->rms_eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, dproj, w->ple_buf, m->w->ple_norm, w->dple, n * L, P, t->rms_eps);
     m->be.ops->scale(&m->be.ctx, dproj, (size_t)(n * L * P), ctx_scale);
-    linear_bwd(m, w, b, dx0, dproj, x0, m->ple_model_proj, p, n);
+    linear_bwd(m, w, b, dx0, dproj, x0, m->w->ple_model_proj, p, n);
 }
 
 static int vision_adapted(const LoraBinding *b) {
@@ -450,7 +450,7 @@ static int vision_adapted(const LoraBinding *b) {
 /* Soft tokens of every image into w->soft; their count in *n_soft. */
 static GfStatus images_forward(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, int64_t *n_soft,
                                GfError *err) {
-    const GemmaConfig *g = &m->cfg;
+    const GemmaConfig *g = &m->w->cfg;
     int64_t H = g->text.hidden_size, placeholders = 0, pp = 3 * (int64_t)g->vision.patch_size * g->vision.patch_size;
     for (int64_t i = 0; i < s->n; i++) placeholders += s->ids[i] == g->image_token_id;
     *n_soft = 0;
@@ -474,7 +474,7 @@ static GfStatus images_forward(Model *m, GradWorkspace *w, const LoraBinding *b,
 /* The tower's adapters: d(soft tokens) are the rows of d(x0) at the image
  * placeholders, image after image. */
 static GfStatus images_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, GfError *err) {
-    const GemmaConfig *g = &m->cfg;
+    const GemmaConfig *g = &m->w->cfg;
     int64_t H = g->text.hidden_size, pp = 3 * (int64_t)g->vision.patch_size * g->vision.patch_size, k = 0;
     float *dsoft = w->soft; /* the soft tokens themselves are no longer needed */
     for (int64_t i = 0, j; i < s->n; i = j) { /* runs of placeholders */
@@ -499,7 +499,7 @@ static GfStatus images_backward(Model *m, GradWorkspace *w, const LoraBinding *b
  * out of range. */
 static GfStatus check_sequence(const Model *m, const GradWorkspace *w, const LoraBinding *b, const TrainSequence *s,
                                GfError *err) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     int64_t n = s->n;
     if (n <= 0 || n > w->max_tokens)
         return gf_error_set(err, n <= 0 ? GF_INVALID : GF_TOO_LARGE, "context_length_exceeded", NULL,
@@ -531,7 +531,7 @@ static GfStatus forward_tape(Model *m, GradWorkspace *w, const LoraBinding *b, c
 
 GfStatus model_loss(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, double *loss_sum,
                     int64_t *n_targets, GfError *err) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     int64_t n = s->n, H = t->hidden_size, n_soft;
     ModelInput in;
     *loss_sum = 0.0;
@@ -544,7 +544,7 @@ GfStatus model_loss(Model *m, GradWorkspace *w, const LoraBinding *b, const Trai
 
 GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, float grad_scale,
                         double *loss_sum, int64_t *n_targets, GfError *err) {
-    const TextConfig *t = &m->cfg.text;
+    const TextConfig *t = &m->w->cfg.text;
     int64_t n = s->n, H = t->hidden_size, L = t->n_layers, P = t->ple_dim;
     *loss_sum = 0.0;
     *n_targets = 0;

@@ -424,7 +424,7 @@ GfStatus trainer_resume(Trainer *t, const char *dir, GfError *err) {
 void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapter *a, int nf4, int64_t seq_len,
                     TrainMemory *out) {
     ModelMemory mm;
-    model_memory(m, &mm);
+    weights_memory(model_weights(m), &mm);
     uint64_t n_params = 0;
     int max_rank = 0;
     for (size_t i = 0; i < a->n_pairs; i++) {

@@ -1,0 +1,70 @@
+/* weights.h - the base model's weights, loaded once and shared: config.json,
+ * the mapped checkpoint and every tensor bound by its Hugging Face name
+ * (shapes checked, every tensor claimed or deliberately skipped), F16
+ * matrices and small vectors widened to F32, and under QLoRA every linear of
+ * the layers quantized to NF4. llama.cpp's llama_model to Model's
+ * llama_context: a Model (model.h) is one thread's context over weights.
+ *
+ * Ownership: GemmaWeights is reference counted. weights_open returns it with
+ * one reference; model_new (model.h) takes another for the context's
+ * lifetime; the last weights_release frees it. Threading: read-only once
+ * opened, so any number of contexts on any threads may run on it at once;
+ * retain and release are atomic. Where: the weights live in host memory
+ * (views into the mapped files, owned F32 and NF4 arrays), which the CPU
+ * backends read directly.
+ *
+ * A WeightsGauge, when given, counts the bytes and copies of base weights
+ * resident, from open to the last release (the server's /metrics shows it):
+ * a second copy of the base is never silent.
+ *
+ * Errors: GF_INVALID naming the tensor and both shapes, or an unclaimed
+ * tensor; GF_NO_MEMORY; the config's and the directory's errors.
+ */
+#ifndef GF_WEIGHTS_H
+#define GF_WEIGHTS_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "modeldir.h"
+
+typedef struct GemmaWeights GemmaWeights;
+
+typedef enum { MODEL_QUANT_NONE = 0, MODEL_QUANT_NF4 } ModelQuant;
+
+/* Base weights resident in this process: open copies and their bytes. */
+typedef struct {
+    _Atomic uint64_t bytes;
+    atomic_int copies;
+} WeightsGauge;
+
+/* Loads dir's config and weights (NF4 linears under MODEL_QUANT_NF4);
+ * gauge (may be NULL, else must outlive the weights) counts them. */
+GfStatus weights_open(const char *dir, ModelQuant quant, WeightsGauge *gauge, GemmaWeights **out, GfError *err);
+/* Another reference; returns w. */
+GemmaWeights *weights_retain(GemmaWeights *w);
+/* Drops a reference; the last one frees the weights. NULL is a no-op. */
+void weights_release(GemmaWeights *w);
+
+const GemmaConfig *weights_config(const GemmaWeights *w);
+const ModelDir *weights_dir(const GemmaWeights *w);
+ModelQuant weights_quant(const GemmaWeights *w);
+/* Bytes the engine reads at run time: the mapped tensors it uses as stored,
+ * plus its own widened and NF4 arrays (unused mapped bytes excluded). */
+uint64_t weights_resident_bytes(const GemmaWeights *w);
+
+/* What the weights take in memory, for estimates (`gemmaforge preflight`).
+ * The adaptable linears (text, vision, experts) as stored and in NF4; the
+ * other tensors (embedding, norms, ...) stay in their stored dtype. */
+typedef struct {
+    uint64_t n_linears;
+    uint64_t linear_params;        /* elements of those linears */
+    uint64_t linear_stored_bytes;  /* as loaded now */
+    uint64_t linear_nf4_bytes;     /* if quantized to NF4 */
+    uint64_t other_bytes;          /* every other tensor of the checkpoint */
+} ModelMemory;
+
+void weights_memory(const GemmaWeights *w, ModelMemory *out);
+
+#endif

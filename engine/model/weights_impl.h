@@ -1,0 +1,72 @@
+/* weights_impl.h - the internals of GemmaWeights: every bound tensor by
+ * layer, for weights.c, which binds them, and the files that compute with
+ * them (through model_impl.h). Read-only once weights_open returns. Not a
+ * public header. */
+#ifndef GF_WEIGHTS_IMPL_H
+#define GF_WEIGHTS_IMPL_H
+
+#include <stdatomic.h>
+
+#include "tensor.h"
+#include "weights.h"
+
+typedef struct {
+    float *input_ln, *post_attn_ln, *pre_ff_ln, *post_ff_ln; /* [H] */
+    float *q_norm, *k_norm;                                  /* [D] */
+    float layer_scalar;
+    KnMatrix q, k, v, o, gate, up, down;
+    KnMatrix ple_gate, ple_proj;                             /* [P, H], [H, P] */
+    float *post_ple_ln;                                      /* [H] */
+    KnMatrix router;                                         /* [E, H] */
+    float *router_scale, *per_expert_scale;                  /* [H], [E] */
+    float *router_in_scale;                                  /* [H] router_scale / sqrt(H) */
+    KnMatrix experts_gate_up, experts_down;                  /* [E*2Im, H], [E*H, Im] */
+    float *pre_ff_ln2, *post_ff_ln1, *post_ff_ln2;           /* [H] */
+    float *inv_freq;                                         /* [D/2] */
+} Layer;
+
+/* A Gemma4ClippableLinear: clamps around the inner linear (when present). */
+typedef struct {
+    KnMatrix w;
+    int clipped;
+    float in_min, in_max, out_min, out_max;
+} ClipLinear;
+
+typedef struct {
+    float *input_ln, *post_attn_ln, *pre_ff_ln, *post_ff_ln; /* [d] */
+    float *q_norm, *k_norm;                                  /* [Dv] */
+    ClipLinear q, k, v, o, gate, up, down;
+} VisionLayer;
+
+typedef struct {
+    KnMatrix input_proj;            /* [d, 3 p^2] */
+    KnMatrix pos_table;             /* [2 * P, d]: axis 0 (x) rows then axis 1 (y) */
+    VisionLayer *layers;
+    float *std_bias, *std_scale;    /* [d], standardize only */
+    KnMatrix embed_proj;            /* [H, d] embed_vision.embedding_projection */
+    float *inv_freq;                /* [Dv / 4] 2-D RoPE frequencies */
+    float *pool_grad_scale;         /* [d] sqrt(d) / k^2 (times std_scale when standardizing) */
+} VisionWeights;
+
+struct GemmaWeights {
+    atomic_int refs;
+    ModelQuant quant;
+    WeightsGauge *gauge;            /* counts these weights, or NULL */
+    uint64_t resident_bytes;        /* weights_resident_bytes */
+    uint64_t linear_bound_bytes;    /* the adaptable linears as bound, before NF4 */
+    GemmaConfig cfg;
+    ModelDir dir;
+    KnMatrix embed;                 /* [V, H], tied lm_head */
+    KnMatrix embed_ple, ple_model_proj; /* [V_ple, L*P], [L*P, H] */
+    float *ple_norm, *final_norm;
+    Layer *layers;
+    VisionWeights vision;           /* bound when config.json has vision_config */
+    void **owned;                   /* widened copies */
+    struct KnNf4 *nf4;              /* QLoRA: the quantized linears the KnMatrix views point at */
+    size_t n_nf4;
+    size_t n_owned;
+    uint8_t **claimed;              /* per shard, per tensor */
+    char prefix[32];                /* "model.language_model." or "model." */
+};
+
+#endif
