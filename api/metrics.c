@@ -144,6 +144,16 @@ static void put_serving(Text *t, ServeEngine *e) {
     put_hist(t, "gf_time_per_output_token_seconds", "Mean time between a request's generated tokens.", s.tpot, s.tpot_sum);
 }
 
+/* Base weights live in host memory (mapped, widened or NF4) and the CPU
+ * backends read them there: one label until a backend keeps device copies. */
+static void put_weights(Text *t, WeightsGauge *g) {
+    put(t, "# HELP gf_base_weights_resident_bytes Bytes of base model weights resident, all copies.\n"
+           "# TYPE gf_base_weights_resident_bytes gauge\ngf_base_weights_resident_bytes{device=\"cpu0\"} %llu\n"
+           "# HELP gf_base_weights_copies Copies of the base model's weights resident (serving and jobs share one).\n"
+           "# TYPE gf_base_weights_copies gauge\ngf_base_weights_copies{device=\"cpu0\"} %d\n",
+        (unsigned long long)atomic_load(&g->bytes), atomic_load(&g->copies));
+}
+
 static void put_devices(Text *t) {
     KnDeviceInfo dev[KN_MAX_DEVICES];
     int n = kn_devices_probe(dev);
@@ -174,6 +184,7 @@ GfStatus metrics_get(Api *api, const HttpReq *req, HttpResp *resp) {
     put(&t, "# HELP gf_model_loaded 1 when the base model's weights are loaded.\n# TYPE gf_model_loaded gauge\n"
             "gf_model_loaded %d\n", api->model.loaded);
     if (api->serving.serve) put_serving(&t, api->serving.serve);
+    put_weights(&t, &api->metrics->weights);
     put_devices(&t);
     put(&t, "# HELP gf_uptime_seconds Seconds since the server started.\n# TYPE gf_uptime_seconds gauge\n"
             "gf_uptime_seconds %lld\n", (long long)(gf_time_unix() - api->started_at));

@@ -3,7 +3,8 @@
  * Requests are counted by route (index into API_ROUTES, or the "unmatched"
  * slot) and HTTP status; latencies go into one histogram per route. Updated
  * by the HTTP server after each response (any thread; a mutex guards the
- * table), read by GET /metrics. Gauges that live elsewhere (queue depth,
+ * table), read by GET /metrics. The weights gauge is updated by the
+ * GemmaWeights it is handed to (atomics). Gauges that live elsewhere (queue depth,
  * datasets, jobs, adapters, devices) are read at scrape time.
  */
 #ifndef GF_METRICS_H
@@ -11,6 +12,8 @@
 
 #include <pthread.h>
 #include <stdint.h>
+
+#include "weights.h"
 
 #define METRICS_MAX_ROUTES 40       /* API routes + "unmatched" */
 #define METRICS_MAX_STATUSES 24     /* distinct HTTP statuses tracked per route */
@@ -32,6 +35,7 @@ typedef struct Metrics {
     pthread_mutex_t lock;
     MetricsRoute routes[METRICS_MAX_ROUTES];
     uint64_t bytes_received;
+    WeightsGauge weights;           /* base weights resident: the served copy and any job's own */
 } Metrics;
 
 extern const double METRICS_BUCKETS[METRICS_N_BUCKETS]; /* upper bounds, seconds */

@@ -153,6 +153,8 @@ static GfStatus prepare(JobCtx *c, JobPaths *p, TrainRunSpec *spec, GfError *err
     fs_remove_tree(p->out);
     if (fs_mkdirs(p->out, err)) return err->status;
     spec->model_dir = j->cfg.model_dir;
+    spec->base = j->cfg.base;
+    spec->gauge = j->cfg.gauge;
     spec->train_jsonl = p->jsonl;
     spec->train_tar = access(p->tar, F_OK) == 0 ? p->tar : NULL;
     if (row->validation_dataset_id[0]) {
@@ -256,6 +258,7 @@ GfStatus jobs_start(const JobsConfig *cfg, Store *store, Jobs **out, GfError *er
     Jobs *j = gf_calloc(1, sizeof *j, err);
     if (!j) return GF_NO_MEMORY;
     j->cfg = *cfg;
+    if (cfg->base) j->cfg.base = weights_retain(cfg->base);
     j->store = store;
     pthread_mutex_init(&j->lock, NULL);
     pthread_cond_init(&j->wake, NULL);
@@ -263,6 +266,7 @@ GfStatus jobs_start(const JobsConfig *cfg, Store *store, Jobs **out, GfError *er
     if (pthread_create(&j->thread, NULL, worker, j) != 0) {
         pthread_cond_destroy(&j->wake);
         pthread_mutex_destroy(&j->lock);
+        weights_release(j->cfg.base);
         free(j);
         return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "cannot start the job worker: %s", strerror(errno));
     }
@@ -279,5 +283,6 @@ void jobs_stop(Jobs *j) {
     pthread_join(j->thread, NULL);
     pthread_cond_destroy(&j->wake);
     pthread_mutex_destroy(&j->lock);
+    weights_release(j->cfg.base);
     free(j);
 }

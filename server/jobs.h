@@ -14,9 +14,12 @@
  * that marks the job succeeded; name: "<suffix>-<8 hex of the job id>", or
  * "ft-<24 hex>" without a suffix.
  *
- * Each job opens its own copy of the model from the model directory, with
- * the job's quantization (the serving copy of the base weights is not shared
- * yet: serving and training in one process is issue-level work still open).
+ * A job runs on the served base weights (cfg.base) when its quantization
+ * matches theirs: one copy of the base in memory, read by the serving
+ * engine and the job at once. Otherwise (no served base, or the job asks
+ * for NF4 where the base is full precision, or the reverse) the job loads
+ * its own copy from the model directory, says so in its log with the size,
+ * and drops it when it ends; cfg.gauge counts every copy.
  *
  * Threads: jobs_start and jobs_stop are called by the main thread; the
  * worker thread owns its trainer. jobs_stop asks a running job to stop at
@@ -29,11 +32,14 @@
 #include "image.h"
 #include "lora.h"
 #include "store.h"
+#include "weights.h"
 
 typedef struct {
     const char *model_dir;     /* the base model's directory */
     const char *model_name;    /* its served name (adapters record it) */
     int max_lora_rank;
+    GemmaWeights *base;        /* the served base weights (a reference is held until jobs_stop), or NULL */
+    WeightsGauge *gauge;       /* counts a job's own copy of the base (may be NULL) */
     int n_threads;             /* engine threads, <= 0 = all cores */
     ImageLimits image_limits;
     double poll_s;             /* how often an idle worker looks for jobs */

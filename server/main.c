@@ -196,7 +196,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
 /* ---- serve ------------------------------------------------------------- */
 
 /* Loads the base model (weights, tokenizer, chat template, image processor). */
-static int open_model(const ServeOptions *o, Pipeline **pipe, ApiModel *m) {
+static int open_model(const ServeOptions *o, WeightsGauge *gauge, Pipeline **pipe, ApiModel *m) {
     memset(m, 0, sizeof *m);
     *pipe = NULL;
     if (!o->model_dir) {
@@ -204,7 +204,7 @@ static int open_model(const ServeOptions *o, Pipeline **pipe, ApiModel *m) {
         return 0;
     }
     GfError err;
-    ModelOptions mo = {.quantize = o->quantize};
+    ModelOptions mo = {.quantize = o->quantize, .gauge = gauge};
     if (pipeline_open(o->model_dir, &mo, pipe, &err)) {
         fprintf(stderr, "gemmaforge: cannot load the model: %s\n", err.message);
         return -1;
@@ -214,8 +214,10 @@ static int open_model(const ServeOptions *o, Pipeline **pipe, ApiModel *m) {
     m->dir_ok = 1;
     m->loaded = 1;
     m->base_shapes = &md->base;
-    GF_LOGI("model '%s': %zu weight file(s), %llu tensors, %.1f MB loaded", m->id, md->n_shards,
-            (unsigned long long)md->n_tensors, (double)md->n_bytes / 1e6);
+    GF_LOGI("model '%s': %zu weight file(s), %llu tensors, %.1f MB; %.1f MB of %s base weights resident", m->id,
+            md->n_shards, (unsigned long long)md->n_tensors, (double)md->n_bytes / 1e6,
+            (double)weights_resident_bytes(model_weights((*pipe)->model)) / 1e6,
+            o->quantize == MODEL_QUANT_NF4 ? "NF4" : "full-precision");
     return 0;
 }
 
@@ -276,7 +278,7 @@ static int cmd_serve(int argc, char **argv) {
     Metrics metrics;
     metrics_init(&metrics);
     Api api = {.metrics = &metrics, .limits = o.limits, .started_at = gf_time_unix(), .job_hub = job_hub_new()};
-    if (!api.job_hub || open_model(&o, &pipe, &api.model)) return 1;
+    if (!api.job_hub || open_model(&o, &metrics.weights, &pipe, &api.model)) return 1;
     GfError err;
     if (store_open(o.data_dir, &api.store, &err)) {
         fprintf(stderr, "gemmaforge: cannot open the data directory: %s\n", err.message);
@@ -292,6 +294,7 @@ static int cmd_serve(int argc, char **argv) {
     Jobs *jobs = NULL;
     if (api.model.loaded && !o.no_train) {
         JobsConfig jc = {.model_dir = o.model_dir, .model_name = api.model.id, .max_lora_rank = o.limits.max_lora_rank,
+                         .base = model_weights(pipe->model), .gauge = &metrics.weights,
                          .n_threads = o.train_threads, .poll_s = 0.5,
                          .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels},
                          .on_adapter = serve ? serve_trained : NULL, .on_adapter_cls = serve,

@@ -64,13 +64,33 @@ static GfStatus open_data(Run *r, GfError *err) {
     return GF_OK;
 }
 
+static const char *quant_name(ModelQuant q) { return q == MODEL_QUANT_NF4 ? "NF4" : "full-precision"; }
+
+/* On the given base weights when the quantization matches; else a copy of
+ * our own, said so with its size. */
+static GfStatus open_model(Run *r, GfError *err) {
+    const TrainRunSpec *s = r->spec;
+    ModelQuant q = s->params.quantization;
+    int share = s->base && weights_quant(s->base) == q;
+    ModelOptions mo = {.n_threads = s->n_threads, .quantize = q, .weights = share ? s->base : NULL, .gauge = s->gauge};
+    GfStatus st = pipeline_open(s->model_dir, &mo, &r->p, err);
+    if (st) return gf_error_wrap(err, "model", "the model");
+    double mb = (double)weights_resident_bytes(model_weights(r->p->model)) / 1e6;
+    if (share)
+        logf_(r, "info", "model: running on the served base weights (%s, %.1f MB, shared)", quant_name(q), mb);
+    else if (s->base)
+        logf_(r, "info", "model: loaded a second copy of the base weights (%s, %.1f MB): the served base is %s",
+              quant_name(q), mb, quant_name(weights_quant(s->base)));
+    else
+        logf_(r, "info", "model loaded (%s base weights, %.1f MB)", quant_name(q), mb);
+    return GF_OK;
+}
+
 static GfStatus open_all(Run *r, GfError *err) {
     const TrainRunSpec *s = r->spec;
     const JobParams *hp = &s->params;
-    ModelOptions mo = {.n_threads = s->n_threads, .quantize = hp->quantization};
-    GfStatus st = pipeline_open(s->model_dir, &mo, &r->p, err);
-    if (st) return gf_error_wrap(err, "model", "the model");
-    logf_(r, "info", "model loaded (%s base weights)", hp->quantization == MODEL_QUANT_NF4 ? "NF4" : "full-precision");
+    GfStatus st;
+    if ((st = open_model(r, err))) return st;
     if ((st = open_data(r, err))) return st;
     st = lora_create(r->p->model, hp->targets, hp->n_targets, hp->lora_rank, hp->lora_alpha, hp->use_rslora,
                      hp->train.seed, &r->a, err);

@@ -1,6 +1,6 @@
 /* train_run.h - one fine-tuning run from files to a trained adapter, shared
  * by `gemmaforge train` and the server's job worker: open the model (NF4 when
- * asked), encode the datasets, create the adapter, resume from a checkpoint
+ * asked; on the given base weights when their quantization matches), encode the datasets, create the adapter, resume from a checkpoint
  * when one is given, step until the plan is done, evaluate every eval_every
  * steps and at the end, checkpoint every save_every steps and at the end,
  * and write the final adapter.
@@ -31,6 +31,8 @@
 
 typedef struct {
     const char *model_dir;
+    GemmaWeights *base;                   /* weights loaded from model_dir, shared when their quantization matches; or NULL */
+    WeightsGauge *gauge;                  /* counts a copy loaded here (may be NULL) */
     const char *train_jsonl, *train_tar;  /* tar may be NULL */
     const char *val_jsonl, *val_tar;      /* NULL = no validation set */
     const char *ckpt_root;                /* checkpoints go here (created) */

@@ -7,6 +7,8 @@ bundled tiny model (CPU), checked against what a user must be able to rely on:
 - kill -9 of the server at random moments, many times, then a restart, ends
   with the same adapter bytes as an uninterrupted `gemmaforge train` run with
   the same seed, and the job never stays running;
+- a job on the served base's quantization shares its weights (one copy on
+  /metrics while it runs); another quantization loads a second copy, said so;
 - cancel stops a running job within a step; a job that cannot train fails
   with a reason naming what to change; the database agrees afterwards.
 
@@ -222,6 +224,58 @@ def t_cancel_running_job(binary):
         assert expect(srv.get("/v1/fine_tuning/jobs/" + job), 200).json()["progress"]["step"] == step
         assert expect(srv.get("/v1/adapters"), 200).json()["data"] == []
         expect(srv.request("DELETE", "/v1/datasets/" + ds), 200)
+    finally:
+        srv.stop()
+
+
+def base_weights(srv):
+    """(copies, bytes) of base weights resident, from /metrics."""
+    text = expect(srv.get("/metrics"), 200).body.decode()
+    val = {}
+    for line in text.splitlines():
+        for name in ("gf_base_weights_copies", "gf_base_weights_resident_bytes"):
+            if line.startswith(name + '{device="cpu0"} '):
+                val[name] = int(line.split()[-1])
+    return val["gf_base_weights_copies"], val["gf_base_weights_resident_bytes"]
+
+
+def t_jobs_share_the_served_base(binary):
+    """A job whose quantization matches the served base trains on that copy of
+    the weights: /metrics counts one copy while it runs, and answers stay
+    those of the base. A job asking for NF4 on a full-precision base loads a
+    second copy, says so with its size, and drops it when it ends."""
+    srv = Server(binary)
+    try:
+        copies, base_bytes = base_weights(srv)
+        assert copies == 1 and base_bytes > 0, (copies, base_bytes)
+        ds, _, _ = upload_shapes(srv, 12, 5)
+        long_run = {"epochs": 50, "batch_size": 2, "gradient_accumulation_steps": 1, "save_every": 1000}
+        job = create_job(srv, ds, dict(long_run, quantization="none"))
+        wait_job(srv, job, pred=lambda j: (j["progress"]["step"] or 0) >= 2)
+        running = base_weights(srv)
+        assert running == (1, base_bytes), (running, base_bytes, events(srv, job))
+        shared = [e["message"] for e in events(srv, job) if "base weights" in e["message"]]
+        assert len(shared) == 1 and "running on the served base weights (full-precision" in shared[0], shared
+        # the serving engine answers on the same weights while the job trains
+        r = expect(srv.post_json("/v1/chat/completions", {"model": "dense", "max_tokens": 4,
+                                                          "messages": [{"role": "user", "content": "hi"}]}), 200)
+        assert r.json()["usage"]["completion_tokens"] >= 1
+        assert expect(srv.get("/v1/fine_tuning/jobs/" + job), 200).json()["status"] == "running"
+        expect(srv.post_json("/v1/fine_tuning/jobs/%s/cancel" % job, {}), 200)
+        assert wait_job(srv, job, timeout=120)["status"] == "cancelled"
+        assert base_weights(srv) == (1, base_bytes)
+
+        job = create_job(srv, ds, dict(long_run, quantization="nf4"))
+        wait_job(srv, job, pred=lambda j: (j["progress"]["step"] or 0) >= 2)
+        copies, both = base_weights(srv)
+        second = [e["message"] for e in events(srv, job) if "base weights" in e["message"]]
+        assert len(second) == 1 and "loaded a second copy of the base weights (NF4, " in second[0], second
+        mb = float(second[0].split("(NF4, ")[1].split(" MB")[0])
+        assert copies == 2 and abs((both - base_bytes) / 1e6 - mb) <= 0.05 and 0 < both - base_bytes < base_bytes, \
+            (copies, both, base_bytes, second)
+        expect(srv.post_json("/v1/fine_tuning/jobs/%s/cancel" % job, {}), 200)
+        assert wait_job(srv, job, timeout=120)["status"] == "cancelled"
+        assert base_weights(srv) == (1, base_bytes)
     finally:
         srv.stop()
 
