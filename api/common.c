@@ -8,7 +8,6 @@
 
 #include "reply.h"
 
-const char *const STORE_JOB_STATUSES[5] = {"queued", "running", "succeeded", "failed", "cancelled"};
 
 GfStatus paging_or_reply(const HttpReq *req, HttpResp *resp, int *limit, char after[STORE_NAME_MAX]) {
     const char *l = req->query ? req->query(req->cls, "limit") : NULL;

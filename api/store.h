@@ -1,7 +1,9 @@
 /* store.h - the persistence port of the API: the queries handlers need, as
- * plain C structs. Declared here, implemented by server/store.c (SQLite in
- * WAL mode plus the files under the data directory), so handlers never see
- * SQL or filesystem layout.
+ * plain C structs. A Store is a table of functions (StoreOps, as SQLite's
+ * VFS): server/store.c implements it with SQLite in WAL mode plus the files
+ * under the data directory; tests/unit/mem_store.c keeps everything in
+ * memory. Handlers never see SQL or filesystem layout, and the API library
+ * links no database.
  *
  * Every write is one `BEGIN IMMEDIATE` transaction. Functions that take
  * temporary files (dataset and adapter creation) move them into place
@@ -90,6 +92,38 @@ typedef struct {
 } StoreCounts;
 
 extern const char *const STORE_JOB_STATUSES[5];
+
+/* The port: one entry per query below (the store_* function of the same
+ * name calls it), each with that function's contract. Every entry is
+ * required. */
+typedef struct StoreOps {
+    GfStatus (*dataset_create)(Store *s, const DatasetRow *row, const char *jsonl_tmp, const char *tar_tmp, GfError *err);
+    GfStatus (*dataset_get)(Store *s, const char *id, DatasetRow *out, GfError *err);
+    GfStatus (*dataset_list)(Store *s, const char *after_id, int limit, DatasetRow *out, int *n, int *has_more,
+                             GfError *err);
+    GfStatus (*dataset_delete)(Store *s, const char *id, GfError *err);
+    GfStatus (*job_create)(Store *s, JobRow *row, int max_queued, GfError *err);
+    GfStatus (*job_get)(Store *s, const char *id, JobRow *out, GfError *err);
+    GfStatus (*job_list)(Store *s, const char *after_id, int limit, JobRow *out, int *n, int *has_more, GfError *err);
+    GfStatus (*job_cancel)(Store *s, const char *id, JobRow *out, GfError *err);
+    GfStatus (*job_events)(Store *s, const char *id, int64_t after_seq, int limit, JobEvent *out, int *n,
+                           int *has_more, GfError *err);
+    GfStatus (*job_checkpoints)(Store *s, const char *id, CheckpointRow *out, int max, int *n, GfError *err);
+    GfStatus (*adapter_create)(Store *s, const AdapterRow *row, const char *config_tmp, const char *weights_tmp,
+                               GfError *err);
+    GfStatus (*adapter_get)(Store *s, const char *name, AdapterRow *out, GfError *err);
+    GfStatus (*adapter_list)(Store *s, const char *after_name, int limit, AdapterRow *out, int *n, int *has_more,
+                             GfError *err);
+    GfStatus (*adapter_delete)(Store *s, const char *name, GfError *err);
+    GfStatus (*adapter_files)(Store *s, const char *name, char config[4096], char weights[4096], GfError *err);
+    GfStatus (*counts)(Store *s, StoreCounts *out, GfError *err);
+    GfStatus (*ping)(Store *s, GfError *err);
+} StoreOps;
+
+/* An implementation's struct starts with a Store whose ops it sets. */
+struct Store {
+    const StoreOps *ops;
+};
 
 /* ---- datasets ---------------------------------------------------------- */
 /* Moves jsonl_tmp (and tar_tmp unless NULL) into the dataset's directory and

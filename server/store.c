@@ -21,17 +21,19 @@
 #include "store_open.h"
 #include "store_worker.h"
 
-struct Store {
+/* The SQLite store; a Store * handed out is the address of its port. */
+typedef struct {
+    Store port;              /* first */
     sqlite3 *db;
     pthread_mutex_t lock;
     char dir[3072];          /* data directory */
     char tmp[3200];          /* DATA/tmp */
-};
+} SqlStore;
 
 
 /* ---- helpers ----------------------------------------------------------- */
 
-static GfStatus db_fail(Store *s, int rc, GfError *err) {
+static GfStatus db_fail(SqlStore *s, int rc, GfError *err) {
     if (rc == SQLITE_BUSY || rc == SQLITE_LOCKED)
         return gf_error_set(err, GF_NOT_READY, "database_busy", NULL, "the database is busy; retry shortly");
     if (rc == SQLITE_FULL)
@@ -40,15 +42,15 @@ static GfStatus db_fail(Store *s, int rc, GfError *err) {
     return gf_error_set(err, GF_IO, "database_error", NULL, "the database failed; see the server log");
 }
 
-static void lock(Store *s) { pthread_mutex_lock(&s->lock); }
-static void unlock(Store *s) { pthread_mutex_unlock(&s->lock); }
+static void lock(SqlStore *s) { pthread_mutex_lock(&s->lock); }
+static void unlock(SqlStore *s) { pthread_mutex_unlock(&s->lock); }
 
-static int begin(Store *s) { return sqlite3_exec(s->db, "BEGIN IMMEDIATE", NULL, NULL, NULL); }
-static int commit(Store *s) { return sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL); }
-static void rollback(Store *s) { sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL); }
+static int begin(SqlStore *s) { return sqlite3_exec(s->db, "BEGIN IMMEDIATE", NULL, NULL, NULL); }
+static int commit(SqlStore *s) { return sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL); }
+static void rollback(SqlStore *s) { sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL); }
 
 /* Prepares sql and binds text/int64 args described by fmt ('s', 'i', 'd'). */
-static int prep(Store *s, sqlite3_stmt **st, const char *sql, const char *fmt, ...) {
+static int prep(SqlStore *s, sqlite3_stmt **st, const char *sql, const char *fmt, ...) {
     int rc = sqlite3_prepare_v2(s->db, sql, -1, st, NULL);
     if (rc != SQLITE_OK) return rc;
     va_list ap;
@@ -63,7 +65,7 @@ static int prep(Store *s, sqlite3_stmt **st, const char *sql, const char *fmt, .
 }
 
 /* Runs a statement that returns no rows. */
-static int exec_stmt(Store *s, const char *sql, const char *fmt, ...) {
+static int exec_stmt(SqlStore *s, const char *sql, const char *fmt, ...) {
     sqlite3_stmt *st;
     int rc = sqlite3_prepare_v2(s->db, sql, -1, &st, NULL);
     if (rc != SQLITE_OK) return rc;
@@ -93,21 +95,10 @@ static int64_t col_int_or(sqlite3_stmt *st, int i, int64_t def) {
     return sqlite3_column_type(st, i) == SQLITE_NULL ? def : sqlite3_column_int64(st, i);
 }
 
-void store_new_id(const char *prefix, char out[STORE_ID_MAX]) {
-    uint8_t raw[12];
-    char hex[25];
-    if (gf_random_bytes(raw, sizeof raw) != 0) {
-        uint64_t t = (uint64_t)(gf_time_mono() * 1e9);
-        memcpy(raw, &t, 8);
-        memset(raw + 8, 0, 4);
-    }
-    gf_hex(raw, sizeof raw, hex);
-    snprintf(out, STORE_ID_MAX, "%s_%s", prefix, hex);
-}
 
 /* ---- opening ----------------------------------------------------------- */
 
-static GfStatus configure(Store *s, GfError *err) {
+static GfStatus configure(SqlStore *s, GfError *err) {
     static const char *const pragmas[] = {
         "PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA foreign_keys=ON",
         "PRAGMA trusted_schema=OFF", NULL};
@@ -127,7 +118,7 @@ static GfStatus configure(Store *s, GfError *err) {
     return GF_OK;
 }
 
-static int row_exists(Store *s, const char *sql, const char *key) {
+static int row_exists(SqlStore *s, const char *sql, const char *key) {
     sqlite3_stmt *st;
     int found = 0;
     if (prep(s, &st, sql, "s", key) == SQLITE_OK) found = sqlite3_step(st) == SQLITE_ROW;
@@ -136,7 +127,7 @@ static int row_exists(Store *s, const char *sql, const char *key) {
 }
 
 /* Removes entries of DATA/<sub> that are temporary or have no row. */
-static void gc_dir(Store *s, const char *sub, const char *exists_sql) {
+static void gc_dir(SqlStore *s, const char *sub, const char *exists_sql) {
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", s->dir, sub);
     DIR *d = opendir(path);
@@ -153,7 +144,7 @@ static void gc_dir(Store *s, const char *sub, const char *exists_sql) {
     closedir(d);
 }
 
-static GfStatus make_layout(Store *s, GfError *err) {
+static GfStatus make_layout(SqlStore *s, GfError *err) {
     static const char *const subs[] = {"tmp", "datasets", "adapters", "jobs", NULL};
     char path[4096];
     for (int i = 0; subs[i]; i++) {
@@ -163,9 +154,12 @@ static GfStatus make_layout(Store *s, GfError *err) {
     return GF_OK;
 }
 
+static const StoreOps SQL_STORE_OPS;
+
 GfStatus store_open(const char *data_dir, Store **out, GfError *err) {
-    Store *s = gf_calloc(1, sizeof *s, err);
+    SqlStore *s = gf_calloc(1, sizeof *s, err);
     if (!s) return GF_NO_MEMORY;
+    s->port.ops = &SQL_STORE_OPS;
     snprintf(s->dir, sizeof s->dir, "%s", data_dir);
     snprintf(s->tmp, sizeof s->tmp, "%s/tmp", data_dir);
     pthread_mutex_init(&s->lock, NULL);
@@ -178,7 +172,7 @@ GfStatus store_open(const char *data_dir, Store **out, GfError *err) {
     int applied = 0;
     if (!st) st = migrate_apply(s->db, GF_MIGRATIONS, GF_N_MIGRATIONS, &applied, err);
     if (st) {
-        store_close(s);
+        store_close(&s->port);
         return st;
     }
     /* requests that were running when the process died never finished */
@@ -186,20 +180,22 @@ GfStatus store_open(const char *data_dir, Store **out, GfError *err) {
     gc_dir(s, "tmp", NULL);
     gc_dir(s, "datasets", "SELECT 1 FROM datasets WHERE id=?");
     gc_dir(s, "adapters", "SELECT 1 FROM adapters WHERE name=?");
-    *out = s;
+    *out = &s->port;
     return GF_OK;
 }
 
-void store_close(Store *s) {
+void store_close(Store *store) {
+    SqlStore *s = (SqlStore *)store;
     if (!s) return;
     if (s->db) sqlite3_close(s->db);
     pthread_mutex_destroy(&s->lock);
     free(s);
 }
 
-const char *store_tmp_dir(const Store *s) { return s->tmp; }
+const char *store_tmp_dir(const Store *store) { return ((const SqlStore *)store)->tmp; }
 
-GfStatus store_ping(Store *s, GfError *err) {
+static GfStatus sql_ping(Store *store, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     lock(s);
     int rc = sqlite3_exec(s->db, "SELECT 1", NULL, NULL, NULL);
     unlock(s);
@@ -221,8 +217,9 @@ static void read_dataset(sqlite3_stmt *st, DatasetRow *d) {
     d->has_images = sqlite3_column_int(st, 7);
 }
 
-GfStatus store_dataset_create(Store *s, const DatasetRow *d, const char *jsonl_tmp, const char *tar_tmp,
+static GfStatus sql_dataset_create(Store *store, const DatasetRow *d, const char *jsonl_tmp, const char *tar_tmp,
                               GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     char tmp_dir[4096], final_dir[4096];
     snprintf(tmp_dir, sizeof tmp_dir, "%s/datasets/.tmp-%s", s->dir, d->id);
     snprintf(final_dir, sizeof final_dir, "%s/datasets/%s", s->dir, d->id);
@@ -246,7 +243,8 @@ GfStatus store_dataset_create(Store *s, const DatasetRow *d, const char *jsonl_t
     return st;
 }
 
-GfStatus store_dataset_get(Store *s, const char *id, DatasetRow *out, GfError *err) {
+static GfStatus sql_dataset_get(Store *store, const char *id, DatasetRow *out, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     sqlite3_stmt *st;
     lock(s);
     int rc = prep(s, &st, "SELECT " DATASET_COLS " FROM datasets WHERE id=?", "s", id);
@@ -264,7 +262,7 @@ GfStatus store_dataset_get(Store *s, const char *id, DatasetRow *out, GfError *e
  * key, which must exist. */
 typedef void (*RowReader)(sqlite3_stmt *st, void *out, int i);
 
-static GfStatus list_rows(Store *s, const char *sql, const char *seq_sql, const char *after, int limit,
+static GfStatus list_rows(SqlStore *s, const char *sql, const char *seq_sql, const char *after, int limit,
                           RowReader reader, void *out, int *n, int *has_more, GfError *err) {
     sqlite3_stmt *st = NULL;
     int64_t bound = INT64_MAX;
@@ -295,13 +293,15 @@ static GfStatus list_rows(Store *s, const char *sql, const char *seq_sql, const 
 
 static void read_dataset_at(sqlite3_stmt *st, void *out, int i) { read_dataset(st, (DatasetRow *)out + i); }
 
-GfStatus store_dataset_list(Store *s, const char *after, int limit, DatasetRow *out, int *n, int *has_more,
+static GfStatus sql_dataset_list(Store *store, const char *after, int limit, DatasetRow *out, int *n, int *has_more,
                             GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     return list_rows(s, "SELECT " DATASET_COLS " FROM datasets WHERE seq < ? ORDER BY seq DESC LIMIT ?",
                      "SELECT seq FROM datasets WHERE id=?", after, limit, read_dataset_at, out, n, has_more, err);
 }
 
-GfStatus store_dataset_delete(Store *s, const char *id, GfError *err) {
+static GfStatus sql_dataset_delete(Store *store, const char *id, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     GfStatus res = GF_OK;
     lock(s);
     int rc = begin(s);
@@ -358,7 +358,7 @@ static void read_job(sqlite3_stmt *st, JobRow *j) {
 static void read_job_at(sqlite3_stmt *st, void *out, int i) { read_job(st, (JobRow *)out + i); }
 
 /* Inside a transaction: the dataset must exist and be ready. */
-static GfStatus dataset_ready(Store *s, const char *id, const char *param, GfError *err) {
+static GfStatus dataset_ready(SqlStore *s, const char *id, const char *param, GfError *err) {
     sqlite3_stmt *st;
     char status[16] = "";
     int rc = prep(s, &st, "SELECT status FROM datasets WHERE id=?", "s", id);
@@ -372,7 +372,7 @@ static GfStatus dataset_ready(Store *s, const char *id, const char *param, GfErr
     return GF_OK;
 }
 
-static int64_t count_queued(Store *s) {
+static int64_t count_queued(SqlStore *s) {
     sqlite3_stmt *st;
     int64_t n = 0;
     if (sqlite3_prepare_v2(s->db, "SELECT COUNT(*) FROM jobs WHERE status='queued'", -1, &st, NULL) == SQLITE_OK &&
@@ -382,12 +382,12 @@ static int64_t count_queued(Store *s) {
     return n;
 }
 
-static int add_event(Store *s, const char *job, const char *level, const char *type, const char *msg) {
+static int add_event(SqlStore *s, const char *job, const char *level, const char *type, const char *msg) {
     return exec_stmt(s, "INSERT INTO job_events(job_id,created_at,level,type,message) VALUES(?,?,?,?,?)", "sisss",
                      job, gf_time_unix(), level, type, msg);
 }
 
-static GfStatus job_insert(Store *s, JobRow *j, int max_queued, GfError *err) {
+static GfStatus job_insert(SqlStore *s, JobRow *j, int max_queued, GfError *err) {
     GfStatus res = dataset_ready(s, j->dataset_id, "dataset", err);
     if (!res && j->validation_dataset_id[0]) res = dataset_ready(s, j->validation_dataset_id, "validation_dataset", err);
     if (!res && count_queued(s) >= max_queued)
@@ -404,7 +404,8 @@ static GfStatus job_insert(Store *s, JobRow *j, int max_queued, GfError *err) {
     return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
 }
 
-GfStatus store_job_create(Store *s, JobRow *j, int max_queued, GfError *err) {
+static GfStatus sql_job_create(Store *store, JobRow *j, int max_queued, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     lock(s);
     int rc = begin(s);
     GfStatus res = rc == SQLITE_OK ? job_insert(s, j, max_queued, err) : db_fail(s, rc, err);
@@ -414,7 +415,7 @@ GfStatus store_job_create(Store *s, JobRow *j, int max_queued, GfError *err) {
     return res;
 }
 
-static GfStatus job_get_locked(Store *s, const char *id, JobRow *out, GfError *err) {
+static GfStatus job_get_locked(SqlStore *s, const char *id, JobRow *out, GfError *err) {
     sqlite3_stmt *st;
     int rc = prep(s, &st, "SELECT " JOB_COLS " FROM jobs WHERE id=?", "s", id);
     GfStatus res = GF_OK;
@@ -426,19 +427,21 @@ static GfStatus job_get_locked(Store *s, const char *id, JobRow *out, GfError *e
     return res;
 }
 
-GfStatus store_job_get(Store *s, const char *id, JobRow *out, GfError *err) {
+static GfStatus sql_job_get(Store *store, const char *id, JobRow *out, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     lock(s);
     GfStatus res = job_get_locked(s, id, out, err);
     unlock(s);
     return res;
 }
 
-GfStatus store_job_list(Store *s, const char *after, int limit, JobRow *out, int *n, int *has_more, GfError *err) {
+static GfStatus sql_job_list(Store *store, const char *after, int limit, JobRow *out, int *n, int *has_more, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     return list_rows(s, "SELECT " JOB_COLS " FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
                      "SELECT seq FROM jobs WHERE id=?", after, limit, read_job_at, out, n, has_more, err);
 }
 
-static GfStatus cancel_locked(Store *s, const char *id, JobRow *out, GfError *err) {
+static GfStatus cancel_locked(SqlStore *s, const char *id, JobRow *out, GfError *err) {
     GfStatus res = job_get_locked(s, id, out, err);
     if (res) return res;
     int rc = SQLITE_OK;
@@ -456,7 +459,8 @@ static GfStatus cancel_locked(Store *s, const char *id, JobRow *out, GfError *er
     return job_get_locked(s, id, out, err);
 }
 
-GfStatus store_job_cancel(Store *s, const char *id, JobRow *out, GfError *err) {
+static GfStatus sql_job_cancel(Store *store, const char *id, JobRow *out, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     lock(s);
     int rc = begin(s);
     GfStatus res = rc == SQLITE_OK ? cancel_locked(s, id, out, err) : db_fail(s, rc, err);
@@ -466,8 +470,9 @@ GfStatus store_job_cancel(Store *s, const char *id, JobRow *out, GfError *err) {
     return res;
 }
 
-GfStatus store_job_events(Store *s, const char *id, int64_t after, int limit, JobEvent *out, int *n, int *has_more,
+static GfStatus sql_job_events(Store *store, const char *id, int64_t after, int limit, JobEvent *out, int *n, int *has_more,
                           GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     *n = *has_more = 0;
     lock(s);
     GfStatus res = GF_OK;
@@ -494,7 +499,8 @@ GfStatus store_job_events(Store *s, const char *id, int64_t after, int limit, Jo
     return res;
 }
 
-GfStatus store_job_checkpoints(Store *s, const char *id, CheckpointRow *out, int max, int *n, GfError *err) {
+static GfStatus sql_job_checkpoints(Store *store, const char *id, CheckpointRow *out, int max, int *n, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     *n = 0;
     lock(s);
     GfStatus res = GF_OK;
@@ -517,7 +523,7 @@ GfStatus store_job_checkpoints(Store *s, const char *id, CheckpointRow *out, int
     return res;
 }
 
-static int insert_adapter(Store *s, const AdapterRow *a) {
+static int insert_adapter(SqlStore *s, const AdapterRow *a) {
     return exec_stmt(s, "INSERT INTO adapters(" ADAPTER_COLS ") VALUES(?,?,NULLIF(?,''),?,?,?,?,?,?,?,?,?)", "ssssidiiiisi",
                      a->name, a->source, a->job_id, a->base_model, (int64_t)a->rank, a->alpha, (int64_t)a->use_rslora,
                      (int64_t)a->n_modules, (int64_t)a->has_vision, (int64_t)a->bytes, a->sha256, a->created_at);
@@ -527,9 +533,9 @@ static int insert_adapter(Store *s, const AdapterRow *a) {
 
 
 /* Runs body inside BEGIN IMMEDIATE .. COMMIT under the lock. */
-typedef GfStatus (*TxnBody)(Store *s, void *ctx, GfError *err);
+typedef GfStatus (*TxnBody)(SqlStore *s, void *ctx, GfError *err);
 
-static GfStatus txn_locked(Store *s, TxnBody body, void *ctx, GfError *err) {
+static GfStatus txn_locked(SqlStore *s, TxnBody body, void *ctx, GfError *err) {
     int rc = begin(s);
     GfStatus res = rc == SQLITE_OK ? body(s, ctx, err) : db_fail(s, rc, err);
     if (!res && (rc = commit(s)) != SQLITE_OK) res = db_fail(s, rc, err);
@@ -537,7 +543,7 @@ static GfStatus txn_locked(Store *s, TxnBody body, void *ctx, GfError *err) {
     return res;
 }
 
-static GfStatus txn(Store *s, TxnBody body, void *ctx, GfError *err) {
+static GfStatus txn(SqlStore *s, TxnBody body, void *ctx, GfError *err) {
     lock(s);
     GfStatus res = txn_locked(s, body, ctx, err);
     unlock(s);
@@ -549,7 +555,7 @@ typedef struct {
     int *resumed;
 } ClaimCtx;
 
-static GfStatus claim_body(Store *s, void *ctx, GfError *err) {
+static GfStatus claim_body(SqlStore *s, void *ctx, GfError *err) {
     ClaimCtx *c = ctx;
     sqlite3_stmt *st;
     char id[STORE_ID_MAX] = "";
@@ -570,7 +576,8 @@ static GfStatus claim_body(Store *s, void *ctx, GfError *err) {
     return rc == SQLITE_OK ? job_get_locked(s, id, c->row, err) : db_fail(s, rc, err);
 }
 
-GfStatus store_job_claim(Store *s, JobRow *out, int *resumed, GfError *err) {
+GfStatus store_job_claim(Store *store, JobRow *out, int *resumed, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     ClaimCtx c = {out, resumed};
     *resumed = 0;
     return txn(s, claim_body, &c, err);
@@ -582,7 +589,7 @@ typedef struct {
     const char *level, *type, *message, *data;
 } EventCtx;
 
-static GfStatus event_body(Store *s, void *ctx, GfError *err) {
+static GfStatus event_body(SqlStore *s, void *ctx, GfError *err) {
     EventCtx *c = ctx;
     int rc = SQLITE_OK;
     if (c->p) {
@@ -600,19 +607,22 @@ static GfStatus event_body(Store *s, void *ctx, GfError *err) {
     return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
 }
 
-GfStatus store_job_progress(Store *s, const char *id, const JobRow *p, const char *message, const char *data,
+GfStatus store_job_progress(Store *store, const char *id, const JobRow *p, const char *message, const char *data,
                             GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     EventCtx c = {id, p, "info", "metrics", message, data};
     return txn(s, event_body, &c, err);
 }
 
-GfStatus store_job_event(Store *s, const char *id, const char *level, const char *type, const char *message,
+GfStatus store_job_event(Store *store, const char *id, const char *level, const char *type, const char *message,
                          GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     EventCtx c = {id, NULL, level, type, message, NULL};
     return txn(s, event_body, &c, err);
 }
 
-int store_job_cancel_requested(Store *s, const char *id) {
+int store_job_cancel_requested(Store *store, const char *id) {
+    SqlStore *s = (SqlStore *)store;
     lock(s);
     int yes = !row_exists(s, "SELECT 1 FROM jobs WHERE id=? AND cancel_requested=0", id);
     unlock(s);
@@ -624,7 +634,7 @@ typedef struct {
     int64_t step, keep;
 } CkptCtx;
 
-static GfStatus ckpt_body(Store *s, void *ctx, GfError *err) {
+static GfStatus ckpt_body(SqlStore *s, void *ctx, GfError *err) {
     CkptCtx *c = ctx;
     char id[STORE_ID_MAX];
     store_new_id("ckpt", id);
@@ -638,14 +648,16 @@ static GfStatus ckpt_body(Store *s, void *ctx, GfError *err) {
     return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
 }
 
-GfStatus store_checkpoint_add(Store *s, const char *job_id, int64_t step, const char *sha256, const char *metrics,
+GfStatus store_checkpoint_add(Store *store, const char *job_id, int64_t step, const char *sha256, const char *metrics,
                               int keep, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     CkptCtx c = {job_id, sha256, metrics, step, keep};
     return txn(s, ckpt_body, &c, err);
 }
 
-GfStatus store_checkpoint_list(Store *s, const char *job_id, int64_t *steps, char (*digests)[65], int max, int *n,
+GfStatus store_checkpoint_list(Store *store, const char *job_id, int64_t *steps, char (*digests)[65], int max, int *n,
                                GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     sqlite3_stmt *st;
     *n = 0;
     lock(s);
@@ -668,7 +680,7 @@ typedef struct {
     const AdapterRow *adapter;
 } FinishCtx;
 
-static GfStatus finish_body(Store *s, void *ctx, GfError *err) {
+static GfStatus finish_body(SqlStore *s, void *ctx, GfError *err) {
     FinishCtx *c = ctx;
     int rc = exec_stmt(s, "UPDATE jobs SET status=?, finished_at=?, error_code=NULLIF(?,''), error_message=NULLIF(?,''), "
                           "adapter_name=NULLIF(?,''), eta_s=0 WHERE id=? AND status='running'",
@@ -685,14 +697,16 @@ static GfStatus finish_body(Store *s, void *ctx, GfError *err) {
     return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
 }
 
-GfStatus store_job_finish(Store *s, const char *id, const char *status, const char *code, const char *message,
+GfStatus store_job_finish(Store *store, const char *id, const char *status, const char *code, const char *message,
                           GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     FinishCtx c = {id, status, code, message, NULL};
     return txn(s, finish_body, &c, err);
 }
 
-GfStatus store_job_succeed(Store *s, const char *id, const AdapterRow *a, const char *config_tmp,
+GfStatus store_job_succeed(Store *store, const char *id, const AdapterRow *a, const char *config_tmp,
                            const char *weights_tmp, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     char tmp_dir[4096], final_dir[4096];
     snprintf(tmp_dir, sizeof tmp_dir, "%s/adapters/.tmp-%s", s->dir, a->name);
     snprintf(final_dir, sizeof final_dir, "%s/adapters/%s", s->dir, a->name);
@@ -710,12 +724,15 @@ GfStatus store_job_succeed(Store *s, const char *id, const AdapterRow *a, const 
     return res;
 }
 
-void store_dataset_paths(Store *s, const char *id, char jsonl[4096], char tar[4096]) {
+void store_dataset_paths(Store *store, const char *id, char jsonl[4096], char tar[4096]) {
+    SqlStore *s = (SqlStore *)store;
     snprintf(jsonl, 4096, "%s/datasets/%s/data.jsonl", s->dir, id);
     snprintf(tar, 4096, "%s/datasets/%s/images.tar", s->dir, id);
 }
 
-void store_job_dir(Store *s, const char *id, char dir[4096]) { snprintf(dir, 4096, "%s/jobs/%s", s->dir, id); }
+void store_job_dir(Store *store, const char *id, char dir[4096]) {
+    snprintf(dir, 4096, "%s/jobs/%s", ((SqlStore *)store)->dir, id);
+}
 
 /* ---- adapters ---------------------------------------------------------- */
 
@@ -737,8 +754,9 @@ static void read_adapter(sqlite3_stmt *st, AdapterRow *a) {
 
 static void read_adapter_at(sqlite3_stmt *st, void *out, int i) { read_adapter(st, (AdapterRow *)out + i); }
 
-GfStatus store_adapter_create(Store *s, const AdapterRow *a, const char *config_tmp, const char *weights_tmp,
+static GfStatus sql_adapter_create(Store *store, const AdapterRow *a, const char *config_tmp, const char *weights_tmp,
                               GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     char tmp_dir[4096], final_dir[4096];
     snprintf(tmp_dir, sizeof tmp_dir, "%s/adapters/.tmp-%s", s->dir, a->name);
     snprintf(final_dir, sizeof final_dir, "%s/adapters/%s", s->dir, a->name);
@@ -763,7 +781,8 @@ GfStatus store_adapter_create(Store *s, const AdapterRow *a, const char *config_
     return res;
 }
 
-GfStatus store_adapter_get(Store *s, const char *name, AdapterRow *out, GfError *err) {
+static GfStatus sql_adapter_get(Store *store, const char *name, AdapterRow *out, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     sqlite3_stmt *st;
     lock(s);
     int rc = prep(s, &st, "SELECT " ADAPTER_COLS " FROM adapters WHERE name=?", "s", name);
@@ -777,13 +796,15 @@ GfStatus store_adapter_get(Store *s, const char *name, AdapterRow *out, GfError 
     return res;
 }
 
-GfStatus store_adapter_list(Store *s, const char *after, int limit, AdapterRow *out, int *n, int *has_more,
+static GfStatus sql_adapter_list(Store *store, const char *after, int limit, AdapterRow *out, int *n, int *has_more,
                             GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     return list_rows(s, "SELECT " ADAPTER_COLS " FROM adapters WHERE seq < ? ORDER BY seq DESC LIMIT ?",
                      "SELECT seq FROM adapters WHERE name=?", after, limit, read_adapter_at, out, n, has_more, err);
 }
 
-GfStatus store_adapter_delete(Store *s, const char *name, GfError *err) {
+static GfStatus sql_adapter_delete(Store *store, const char *name, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     lock(s);
     GfStatus res = GF_OK;
     int rc = begin(s);
@@ -802,7 +823,8 @@ GfStatus store_adapter_delete(Store *s, const char *name, GfError *err) {
     return res;
 }
 
-GfStatus store_adapter_files(Store *s, const char *name, char config[4096], char weights[4096], GfError *err) {
+static GfStatus sql_adapter_files(Store *store, const char *name, char config[4096], char weights[4096], GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     (void)err;
     snprintf(config, 4096, "%s/adapters/%s/adapter_config.json", s->dir, name);
     snprintf(weights, 4096, "%s/adapters/%s/adapter_model.safetensors", s->dir, name);
@@ -811,7 +833,8 @@ GfStatus store_adapter_files(Store *s, const char *name, char config[4096], char
 
 /* ---- counts ------------------------------------------------------------ */
 
-GfStatus store_counts(Store *s, StoreCounts *out, GfError *err) {
+static GfStatus sql_counts(Store *store, StoreCounts *out, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     memset(out, 0, sizeof *out);
     sqlite3_stmt *st;
     lock(s);
@@ -839,7 +862,7 @@ GfStatus store_counts(Store *s, StoreCounts *out, GfError *err) {
 
 /* ---- idempotency ------------------------------------------------------------ */
 
-static GfStatus idem_lookup(Store *s, const char *key, const char *route, const char *hash, IdemResult *result, int *status,
+static GfStatus idem_lookup(SqlStore *s, const char *key, const char *route, const char *hash, IdemResult *result, int *status,
                             char **body, GfError *err) {
     sqlite3_stmt *st;
     int rc = exec_stmt(s, "DELETE FROM idempotency WHERE created_at < ?", "i", gf_time_unix() - 86400);
@@ -870,8 +893,9 @@ static GfStatus idem_lookup(Store *s, const char *key, const char *route, const 
     return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
 }
 
-GfStatus store_idem_begin(Store *s, const char *key, const char *route, const char *hash, IdemResult *result, int *status,
+GfStatus store_idem_begin(Store *store, const char *key, const char *route, const char *hash, IdemResult *result, int *status,
                           char **body, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
     *body = NULL;
     lock(s);
     int rc = begin(s);
@@ -882,7 +906,8 @@ GfStatus store_idem_begin(Store *s, const char *key, const char *route, const ch
     return res;
 }
 
-void store_idem_finish(Store *s, const char *key, const char *route, int status, const char *body, size_t len) {
+void store_idem_finish(Store *store, const char *key, const char *route, int status, const char *body, size_t len) {
+    SqlStore *s = (SqlStore *)store;
     char *copy = strndup(body ? body : "", len);
     lock(s);
     if (copy && begin(s) == SQLITE_OK) {
@@ -895,7 +920,8 @@ void store_idem_finish(Store *s, const char *key, const char *route, int status,
     free(copy);
 }
 
-void store_idem_abort(Store *s, const char *key, const char *route) {
+void store_idem_abort(Store *store, const char *key, const char *route) {
+    SqlStore *s = (SqlStore *)store;
     lock(s);
     if (begin(s) == SQLITE_OK) {
         if (exec_stmt(s, "DELETE FROM idempotency WHERE key=? AND route=? AND state='in_progress'", "ss", key, route) == SQLITE_OK)
@@ -905,3 +931,23 @@ void store_idem_abort(Store *s, const char *key, const char *route) {
     }
     unlock(s);
 }
+
+static const StoreOps SQL_STORE_OPS = {
+    .dataset_create = sql_dataset_create,
+    .dataset_get = sql_dataset_get,
+    .dataset_list = sql_dataset_list,
+    .dataset_delete = sql_dataset_delete,
+    .job_create = sql_job_create,
+    .job_get = sql_job_get,
+    .job_list = sql_job_list,
+    .job_cancel = sql_job_cancel,
+    .job_events = sql_job_events,
+    .job_checkpoints = sql_job_checkpoints,
+    .adapter_create = sql_adapter_create,
+    .adapter_get = sql_adapter_get,
+    .adapter_list = sql_adapter_list,
+    .adapter_delete = sql_adapter_delete,
+    .adapter_files = sql_adapter_files,
+    .counts = sql_counts,
+    .ping = sql_ping,
+};
