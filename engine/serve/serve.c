@@ -13,14 +13,17 @@
 const double SERVE_HIST_BOUNDS[SERVE_HIST_BUCKETS] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                                       0.5,   1.0,  2.5,   5.0,  10.0, 30.0};
 
-/* A resident adapter, bound to the engine's model. */
+/* A resident adapter, bound to the engine's model. The list of residents
+ * changes on the engine thread under the engine's mutex; submitting threads
+ * look names up and pin entries under it. */
 typedef struct {
     char name[260];
     LoraAdapter *a;
     LoraBinding b;
-    int refs;                 /* running sequences using it */
+    int refs;                 /* running sequences using it (engine thread) */
+    int pins;                 /* under mu: queued requests that will use it */
     uint64_t last_used;       /* step counter */
-    int dropped;              /* forgotten: freed when refs reaches 0 */
+    int dropped;              /* forgotten: freed when refs and pins reach 0 */
 } Resident;
 
 struct ServeReq {
@@ -28,6 +31,9 @@ struct ServeReq {
     atomic_int refs;          /* engine + caller */
     atomic_int cancelled;
     ServeReq *next;           /* queue link */
+    /* the adapter, settled at submit: a pinned resident, or one loaded then */
+    Resident *pinned;
+    LoraAdapter *loaded;
     /* engine thread only, once admitted */
     Resident *ad;
     float *soft;              /* [sum n_soft, H] device memory (soft_buf) */
@@ -124,6 +130,47 @@ void serve_cancel(ServeReq *r) {
     if (r) atomic_store(&r->cancelled, 1);
 }
 
+/* Under mu: why a request cannot be queued now, or GF_OK. */
+static GfStatus refused(ServeEngine *e, GfError *err) {
+    if (e->stopping) return gf_error_set(err, GF_NOT_READY, "shutting_down", NULL, "the server is shutting down");
+    if (e->n_queued >= e->cfg.max_queue)
+        return gf_error_set(err, GF_BUSY, "queue_full", NULL, "%d requests are already waiting for a slot; retry later",
+                            e->cfg.max_queue);
+    return GF_OK;
+}
+
+static Resident *find_resident(ServeEngine *e, const char *name);
+
+/* On the submitting thread: the request's adapter pinned where resident,
+ * else read and validated from its directory here (lora_load_dir reads the
+ * weights' names and shapes, which never change), never on the engine
+ * thread. */
+static GfStatus settle_adapter(ServeEngine *e, ServeReq *r, GfError *err) {
+    if (!r->s.adapter[0]) return GF_OK;
+    pthread_mutex_lock(&e->mu);
+    Resident *res = find_resident(e, r->s.adapter);
+    if (res) res->pins++;
+    pthread_mutex_unlock(&e->mu);
+    if ((r->pinned = res)) return GF_OK;
+    if (lora_load_dir(r->s.adapter_dir, e->m, e->cfg.max_lora_rank, &r->loaded, err)) return err->status;
+    pthread_mutex_lock(&e->mu);
+    e->stats.adapter_loads++;
+    pthread_mutex_unlock(&e->mu);
+    return GF_OK;
+}
+
+/* Releases what settle_adapter kept for a request that will not use it. */
+static void drop_adapter(ServeEngine *e, ServeReq *r) {
+    if (r->pinned) {
+        pthread_mutex_lock(&e->mu);
+        r->pinned->pins--;
+        pthread_mutex_unlock(&e->mu);
+        r->pinned = NULL;
+    }
+    lora_free(r->loaded);
+    r->loaded = NULL;
+}
+
 GfStatus serve_submit(ServeEngine *e, ServeSubmit *s, ServeReq **out, GfError *err) {
     *out = NULL;
     int64_t need = s->n + s->max_tokens, cap = e->cfg.max_context;
@@ -143,14 +190,17 @@ GfStatus serve_submit(ServeEngine *e, ServeSubmit *s, ServeReq **out, GfError *e
     r->t_submit = gf_time_mono();
     r->rng = sample_seed(r->s.seed);
     pthread_mutex_lock(&e->mu);
-    if (e->stopping || e->n_queued >= e->cfg.max_queue) {
-        int stopping = e->stopping;
+    GfStatus st = refused(e, err);
+    pthread_mutex_unlock(&e->mu);
+    if (!st) st = settle_adapter(e, r, err);
+    pthread_mutex_lock(&e->mu);
+    if (!st) st = refused(e, err);
+    if (st) {
         pthread_mutex_unlock(&e->mu);
+        drop_adapter(e, r);
         serve_submit_free(&r->s);
         free(r);
-        return stopping ? gf_error_set(err, GF_NOT_READY, "shutting_down", NULL, "the server is shutting down")
-                        : gf_error_set(err, GF_BUSY, "queue_full", NULL,
-                                       "%d requests are already waiting for a slot; retry later", e->cfg.max_queue);
+        return st;
     }
     if (e->tail) e->tail->next = r;
     else e->head = r;
@@ -171,28 +221,28 @@ static void resident_free(Resident *r) {
     free(r);
 }
 
-/* Drops idle entries: forgotten ones, then the least recently used while
- * more than max_adapters are resident. */
+/* Drops idle entries (no running sequence, no queued request pinning
+ * them): forgotten ones, then the least recently used while more than
+ * max_adapters are resident. */
 static void evict(ServeEngine *e) {
+    pthread_mutex_lock(&e->mu);
     for (;;) {
         int victim = -1;
         for (int i = 0; i < e->n_res; i++) {
             Resident *r = e->res[i];
-            if (r->refs) continue;
+            if (r->refs || r->pins) continue;
             if (r->dropped) { victim = i; break; }
             if (e->n_res > e->cfg.max_adapters && (victim < 0 || r->last_used < e->res[victim]->last_used)) victim = i;
         }
-        if (victim < 0) return;
-        if (!e->res[victim]->dropped) {
-            pthread_mutex_lock(&e->mu);
-            e->stats.adapter_evictions++;
-            pthread_mutex_unlock(&e->mu);
-        }
+        if (victim < 0) break;
+        if (!e->res[victim]->dropped) e->stats.adapter_evictions++;
         resident_free(e->res[victim]);
         e->res[victim] = e->res[--e->n_res];
     }
+    pthread_mutex_unlock(&e->mu);
 }
 
+/* Engine thread, or any thread under mu. */
 static Resident *find_resident(ServeEngine *e, const char *name) {
     for (int i = 0; i < e->n_res; i++)
         if (!e->res[i]->dropped && strcmp(e->res[i]->name, name) == 0) return e->res[i];
@@ -211,22 +261,27 @@ static GfStatus add_resident(ServeEngine *e, const char *name, LoraAdapter *a, R
     snprintf(r->name, sizeof r->name, "%s", name);
     r->a = a;
     r->last_used = e->step;
+    pthread_mutex_lock(&e->mu);
     e->res[e->n_res++] = r;
+    pthread_mutex_unlock(&e->mu);
     *out = r;
     return GF_OK;
 }
 
-/* The adapter of a request: resident, or loaded now from its directory. */
+/* The adapter of a request, settled at submit: the resident it pinned, or
+ * the one it loaded (made resident now, unless another request of the
+ * same name got there first). */
 static GfStatus acquire_adapter(ServeEngine *e, ServeReq *q, GfError *err) {
     if (!q->s.adapter[0]) return GF_OK;
-    Resident *r = find_resident(e, q->s.adapter);
-    if (!r) {
-        LoraAdapter *a = NULL;
-        if (lora_load_dir(q->s.adapter_dir, e->m, e->cfg.max_lora_rank, &a, err)) return err->status;
-        if (add_resident(e, q->s.adapter, a, &r, err)) return err->status;
-        pthread_mutex_lock(&e->mu);
-        e->stats.adapter_loads++;
-        pthread_mutex_unlock(&e->mu);
+    Resident *r = q->pinned;
+    if (r) {
+        drop_adapter(e, q); /* the running reference below replaces the pin */
+    } else {
+        r = find_resident(e, q->s.adapter);
+        LoraAdapter *a = q->loaded;
+        q->loaded = NULL;
+        if (r) lora_free(a);
+        else if (add_resident(e, q->s.adapter, a, &r, err)) return err->status;
     }
     r->refs++;
     r->last_used = e->step;
@@ -235,8 +290,10 @@ static GfStatus acquire_adapter(ServeEngine *e, ServeReq *q, GfError *err) {
 }
 
 static void apply_control(ServeEngine *e, Control *c) {
+    pthread_mutex_lock(&e->mu);
     for (int i = 0; i < e->n_res; i++)
         if (strcmp(e->res[i]->name, c->name) == 0) e->res[i]->dropped = 1;
+    pthread_mutex_unlock(&e->mu);
     evict(e);
     if (!c->a) return;
     Resident *r;
@@ -280,6 +337,7 @@ static void finish(ServeEngine *e, ServeReq *q, FinishReason why, const GfError 
     q->reserved = 0;
     if (q->ad) q->ad->refs--;
     q->ad = NULL;
+    drop_adapter(e, q); /* a request that never ran */
     pthread_mutex_lock(&e->mu);
     if (error) e->stats.failed++;
     else if (why == FINISH_CANCELLED) e->stats.cancelled++;
@@ -504,7 +562,7 @@ GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfErro
     e->cfg = *cfg;
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->cv, NULL);
-    e->n_res_cap = cfg->max_adapters + cfg->max_seqs;
+    e->n_res_cap = cfg->max_adapters + cfg->max_seqs + cfg->max_queue; /* idle, running and pinned by the queue */
     e->res = gf_calloc((size_t)e->n_res_cap, sizeof *e->res, err);
     e->active = gf_calloc((size_t)cfg->max_seqs, sizeof *e->active, err);
     e->batch = gf_calloc((size_t)cfg->max_seqs, sizeof *e->batch, err);

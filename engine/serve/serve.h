@@ -12,16 +12,20 @@
  * admitted only when the pool can hold its prompt plus max_tokens, so a
  * running sequence never runs out of blocks.
  *
- * Adapters: loaded from their directory on first use (lora_load_dir: keys,
- * shapes and a no-op adapter refused), kept resident up to max_adapters, the
- * least recently used idle one dropped beyond that; serve_adapter_put hands
+ * Adapters: read and validated from their directory by serve_submit, on
+ * the submitting thread, when not resident (lora_load_dir: keys, shapes and
+ * a no-op adapter refused), so the engine thread never waits on a disk or
+ * a parse; a resident one is pinned by the queued request until it runs.
+ * Kept resident up to max_adapters, the least recently used idle one
+ * dropped beyond that; serve_adapter_put hands
  * over an adapter already in memory (a job that just succeeded), and
  * serve_adapter_drop forgets one (deleted): requests already running keep
  * it until they end.
  *
  * Threading: serve_* may be called from any thread. Sinks run on the engine
  * thread and must not block. The Model belongs to the engine from
- * serve_start to serve_stop.
+ * serve_start to serve_stop (serve_submit reads only its weights' names and
+ * shapes, which never change).
  */
 #ifndef GF_SERVE_H
 #define GF_SERVE_H
@@ -103,7 +107,8 @@ void serve_free(ServeEngine *e);
 /* Queues a request; s's arrays are taken over whatever the result. GF_BUSY
  * (queue_full) when the queue is full, GF_INVALID
  * (context_length_exceeded, both counts named) when prompt + max_tokens can
- * never fit (GF_INVALID). On success *out is a handle for serve_cancel, valid until
+ * never fit, the adapter's error (lora_load_dir) when it is not resident
+ * and cannot be loaded. On success *out is a handle for serve_cancel, valid until
  * serve_release. */
 GfStatus serve_submit(ServeEngine *e, ServeSubmit *s, ServeReq **out, GfError *err);
 /* Ends the request at the next step boundary (FINISH_CANCELLED). */

@@ -6,8 +6,8 @@
  * prompt generated alone (model_generate_greedy_input with its adapter);
  * the same seed at temperature 1 gives the same tokens in different
  * batches; a full queue refuses with queue_full; a cancelled request ends
- * cancelled; a broken adapter fails only its own request; and every KV block
- * is back in the pool at the end. */
+ * cancelled; a broken adapter is refused at submit, on the caller's
+ * thread; and every KV block is back in the pool at the end. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -238,15 +238,21 @@ int main(void) {
           (int)c.finish, c.n);
     serve_release(c.handle);
 
-    /* an adapter directory that does not hold an adapter fails its own request only */
+    /* an adapter directory that does not hold an adapter is refused by
+     * serve_submit itself, on this thread (the engine thread never reads
+     * adapters), and fails that request only */
     Result bad, good;
-    CHECK_STATUS(submit(e, &prompts[0], &img, "broken", GF_FIXTURES "/dense", 0.0f, 0, &bad, &err), GF_OK, err);
+    ServeStats before;
+    serve_stats(e, &before);
+    GfStatus bst = submit(e, &prompts[0], &img, "broken", GF_FIXTURES "/dense", 0.0f, 0, &bad, &err);
+    CHECK(bst != GF_OK && err.code[0] && !bad.handle, "broken adapter refused at submit (%s: %s)", err.code, err.message);
     CHECK_STATUS(submit(e, &prompts[0], &img, NULL, NULL, 0.0f, 0, &good, &err), GF_OK, err);
-    wait_done(&bad);
     wait_done(&good);
-    CHECK(bad.error_code[0] && bad.n == 0, "broken adapter: request failed (%s)", bad.error_code);
     CHECK(!good.error_code[0] && good.n > 0, "the next request is served");
-    serve_release(bad.handle); serve_release(good.handle);
+    serve_release(good.handle);
+    ServeStats after;
+    serve_stats(e, &after);
+    CHECK(after.failed == before.failed && after.requests == before.requests + 1, "the refused request never queued");
 
     /* prompt + max_tokens over the pool */
     Prompt1 big;
