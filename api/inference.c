@@ -1,6 +1,8 @@
 /* inference.c - an inference request's life between an HTTP connection and
  * the serving engine, and the request pieces chat completions and /v1/infer
- * share (model resolution, images, chat encoding). */
+ * share (model resolution, images, chat encoding). The engine's sink only
+ * records token ids; detokenizing, stop strings and the JSON of the reply
+ * happen here on the connection's thread, when the engine's wake resumes it. */
 #include "inference.h"
 
 #include <pthread.h>
@@ -24,6 +26,12 @@ typedef struct {
     InferOptions o;
     char id[48];
     int64_t created;
+    /* generated ids, appended by the engine's sink; turned into text on the
+     * connection's side (n_done of them so far) */
+    int32_t *ids;
+    size_t n_ids, ids_cap, n_done;
+    int finalized;                     /* the end is formatted */
+    int64_t counted;                   /* ids taken into the text before a stop string */
     /* generated text */
     char *text;
     size_t text_len, text_cap, sent;   /* bytes already streamed */
@@ -31,7 +39,7 @@ typedef struct {
     /* stream bytes ready for the connection */
     char *out;
     size_t out_len, out_cap, out_pos;
-    int started, ended, stopped;
+    int started, ended, stopped, role_sent;
     FinishReason finish;
     GfError error;
     int has_error;
@@ -53,6 +61,7 @@ static void call_unref(InferCall *c) {
     tokenizer_stream_free(&c->ts);
     inference_options_free(&c->o);
     free(c->text);
+    free(c->ids);
     free(c->out);
     pthread_mutex_destroy(&c->mu);
     free(c);
@@ -128,7 +137,7 @@ static size_t utf8_tail(const char *s, size_t n) {
     return 0;
 }
 
-/* ---- engine side --------------------------------------------------------------- */
+/* ---- text, on the connection's side --------------------------------------------- */
 
 /* Cuts the text at the first stop string; 1 when one matched. */
 static int apply_stop(InferCall *c) {
@@ -177,34 +186,61 @@ static void stream_end(InferCall *c) {
     out_append(c, "data: [DONE]\n\n", 14);
 }
 
+/* The engine's sink: it only records the event (no detokenizing, no
+ * JSON on the engine thread) and wakes the connection. Nonzero once the
+ * connection's side found a stop string: the engine ends the request at
+ * this token. */
 static int on_event(void *cls, const ServeEvent *ev) {
     InferCall *c = cls;
-    int stop = 0;
     pthread_mutex_lock(&c->mu);
-    GfError err;
-    if (!c->started && c->o.stream && c->o.chat) out_event(c, chunk(c, NULL, 0, 1, NULL));
-    c->started = 1;
+    int stop = c->stopped;
     c->prompt_tokens = ev->prompt_tokens;
-    c->completion_tokens = ev->completion_tokens;
-    if (ev->kind == SERVE_TOKEN && !c->stopped) {
-        tokenizer_stream_push(c->tok, &c->ts, ev->token, 1, &c->text, &c->text_len, &c->text_cap, &err);
-        stop = c->stopped = apply_stop(c);
-        if (c->o.stream) stream_text(c, 0);
+    if (ev->kind == SERVE_TOKEN && !stop) {
+        if (c->n_ids == c->ids_cap) {
+            size_t cap = c->ids_cap ? 2 * c->ids_cap : 64;
+            int32_t *n = realloc(c->ids, cap * sizeof *n);
+            if (n) {
+                c->ids = n;
+                c->ids_cap = cap;
+            }
+        }
+        if (c->n_ids < c->ids_cap) c->ids[c->n_ids++] = ev->token;
+        else stop = 1; /* out of memory: end here rather than drop tokens */
+        c->completion_tokens = (int64_t)c->n_ids;
     } else if (ev->kind == SERVE_END) {
-        if (!c->stopped) tokenizer_stream_end(c->tok, &c->ts, &c->text, &c->text_len, &c->text_cap, &err);
-        if (!c->stopped) c->stopped = apply_stop(c);
         c->finish = ev->finish;
         if (ev->error) {
             c->error = *ev->error;
             c->has_error = 1;
         }
         c->ended = 1;
-        if (c->o.stream) stream_end(c);
     }
+    c->started = 1;
     if (c->wake) c->wake(c->wake_cls);
     pthread_mutex_unlock(&c->mu);
     if (ev->kind == SERVE_END) call_unref(c);
     return stop;
+}
+
+/* Under mu, on the connection's side: the ids recorded since the last call
+ * into text (stop strings applied, stream events formatted), and the end
+ * once the engine has sent it. */
+static void advance(InferCall *c) {
+    GfError err;
+    if (c->started && !c->role_sent && c->o.stream && c->o.chat) out_event(c, chunk(c, NULL, 0, 1, NULL));
+    c->role_sent = c->started;
+    for (; c->n_done < c->n_ids && !c->stopped; c->n_done++) {
+        tokenizer_stream_push(c->tok, &c->ts, c->ids[c->n_done], 1, &c->text, &c->text_len, &c->text_cap, &err);
+        c->counted++;
+        c->stopped = apply_stop(c);
+        if (c->o.stream) stream_text(c, 0);
+    }
+    if (!c->ended || c->finalized || (c->n_done < c->n_ids && !c->stopped)) return;
+    if (!c->stopped) tokenizer_stream_end(c->tok, &c->ts, &c->text, &c->text_len, &c->text_cap, &err);
+    if (!c->stopped) c->stopped = apply_stop(c);
+    if (c->stopped) c->completion_tokens = c->counted; /* the tokens up to the stop string */
+    c->finalized = 1;
+    if (c->o.stream) stream_end(c);
 }
 
 /* ---- connection side ------------------------------------------------------------ */
@@ -221,13 +257,14 @@ static ssize_t call_read(void *cls, uint64_t pos, char *buf, size_t max) {
     InferCall *c = cls;
     (void)pos;
     pthread_mutex_lock(&c->mu);
+    advance(c);
     ssize_t n;
     if (c->out_pos < c->out_len) {
         n = (ssize_t)(c->out_len - c->out_pos < max ? c->out_len - c->out_pos : max);
         memcpy(buf, c->out + c->out_pos, (size_t)n);
         c->out_pos += (size_t)n;
     } else {
-        n = c->ended ? 0 : HTTP_STREAM_WAIT;
+        n = c->finalized ? 0 : HTTP_STREAM_WAIT;
     }
     pthread_mutex_unlock(&c->mu);
     return n;
@@ -264,7 +301,8 @@ static cJSON *completion_json(const InferCall *c) {
 static int call_take(void *cls, HttpResp *resp) {
     InferCall *c = cls;
     pthread_mutex_lock(&c->mu);
-    int ready = c->o.stream ? c->started : c->ended;
+    if (!c->o.stream) advance(c);
+    int ready = c->o.stream ? c->started : c->finalized;
     int failed = c->has_error && (!c->o.stream || c->out_pos == 0) && c->completion_tokens == 0 && c->ended;
     GfError e = c->error;
     cJSON *body = ready && !failed && !c->o.stream ? completion_json(c) : NULL;

@@ -196,8 +196,14 @@ def t_stop_and_length(srv):
     cut = full[len(full) // 2:len(full) // 2 + 2]
     assert cut, full
     body["stop"] = [cut]
-    text, finish, _ = answer_of(srv.post_json("/v1/chat/completions", body), False)
+    text, finish, usage = answer_of(srv.post_json("/v1/chat/completions", body), False)
     assert finish == "stop" and text == full[:full.index(cut)], (text, full, cut)
+    # the stop string is found on the connection's side while the engine runs
+    # on: the usage counts the tokens up to the stop, the same every time
+    assert 1 <= usage["completion_tokens"] < 10, usage
+    for _ in range(3):
+        again = answer_of(srv.post_json("/v1/chat/completions", body), False)
+        assert again == (text, finish, usage), (again, usage)
     body["stream"] = True
     text, finish, _ = answer_of(srv.post_json("/v1/chat/completions", body), True)
     assert finish == "stop" and text == full[:full.index(cut)], (text, full, cut)
