@@ -219,8 +219,10 @@ GfStatus adapter_check(const char *config_json, size_t config_len, const uint8_t
     cJSON_Delete(cfg);
     if (st) return st;
     SafeTensors tensors;
-    if (safetensors_parse(weights, weights_len, &tensors, &jerr))
+    if (safetensors_parse(weights, weights_len, &tensors, &jerr)) {
+        if (jerr.status == GF_NO_MEMORY) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", "weights", "%s", jerr.message);
         return gf_error_set(err, GF_INVALID, "adapter_corrupt", "weights", "adapter_model.safetensors: %s", jerr.message);
+    }
     st = check_tensors(&tensors, info, base, &info->n_modules, &info->has_vision, err);
     safetensors_close(&tensors);
     return st;

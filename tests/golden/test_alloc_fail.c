@@ -1,8 +1,9 @@
 /* test_alloc_fail.c - out of memory at every allocation, as SQLite's
  * malloc-failure loop: for N = 0, 1, 2, ... the allocator refuses every
- * allocation after the first N, and opening the model, a batched forward
- * and a training step must each fail with GF_NO_MEMORY and a message, leave
- * their inputs usable, and (under ASan, which runs this test in CI) leak
+ * allocation after the first N, and opening the model, a batched forward,
+ * a training step and a serving request (submitted with an adapter read
+ * from its directory, then admitted and run by the engine thread) must each
+ * fail with GF_NO_MEMORY and a message, leave their inputs usable, and (under ASan, which runs this test in CI) leak
  * nothing; the loop ends at the first N that lets the operation finish. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,7 +11,10 @@
 #include <unistd.h>
 
 #include "../unit/check.h"
+#include <pthread.h>
+
 #include "pipeline.h"
+#include "serve.h"
 #include "trainer.h"
 
 #define MAX_ROUNDS 20000
@@ -103,6 +107,82 @@ static GfStatus train_step(void *ctx, GfError *err) {
     return st;
 }
 
+/* ---- a serving request ---- */
+
+typedef struct {
+    ServeEngine *e;
+    const char *adapter_dir;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int ended;
+    GfError end_err;
+    int failed;
+    int64_t tokens;
+} ServeCtx;
+
+static int serve_sink(void *cls, const ServeEvent *ev) {
+    ServeCtx *c = cls;
+    pthread_mutex_lock(&c->mu);
+    if (ev->kind == SERVE_END) {
+        c->ended = 1;
+        c->failed = ev->error != NULL;
+        if (ev->error) c->end_err = *ev->error;
+        c->tokens = ev->completion_tokens;
+        pthread_cond_signal(&c->cv);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return 0;
+}
+
+/* Submits a 4-token prompt with the adapter and waits for its end; the
+ * error of submit or of the engine (admission, the step) is the result. */
+static GfStatus serve_one(void *ctx, GfError *err) {
+    ServeCtx *c = ctx;
+    ServeSubmit s = {.n = 4, .max_tokens = 3, .sink = serve_sink, .sink_cls = c};
+    snprintf(s.adapter, sizeof s.adapter, "golden");
+    snprintf(s.adapter_dir, sizeof s.adapter_dir, "%s", c->adapter_dir);
+    s.ids = gf_malloc(4 * sizeof *s.ids, err);
+    if (!s.ids) return GF_NO_MEMORY;
+    for (int i = 0; i < 4; i++) s.ids[i] = 2 + 100 * i;
+    c->ended = c->failed = 0;
+    ServeReq *r = NULL;
+    GfStatus st = serve_submit(c->e, &s, &r, err);
+    if (st) return st;
+    pthread_mutex_lock(&c->mu);
+    while (!c->ended) pthread_cond_wait(&c->cv, &c->mu);
+    pthread_mutex_unlock(&c->mu);
+    serve_release(r);
+    if (c->failed) {
+        *err = c->end_err;
+        return err->status;
+    }
+    return c->tokens > 0 ? GF_OK : gf_error_set(err, GF_INTERNAL, NULL, NULL, "no token generated");
+}
+
+static void serving(Model *m) {
+    ServeConfig sc;
+    serve_config_default(&sc, m);
+    sc.max_seqs = 2;
+    sc.kv_blocks = 16;
+    sc.max_context = 64;
+    sc.max_adapters = 0; /* nothing stays resident: every round reads the adapter again */
+    GfError err;
+    ServeCtx c = {.adapter_dir = GF_FIXTURES "/dense/lora_lm/adapter_final"};
+    pthread_mutex_init(&c.mu, NULL);
+    pthread_cond_init(&c.cv, NULL);
+    CHECK_STATUS(serve_start(m, &sc, &c.e, &err), GF_OK, err);
+    if (c.e) {
+        failure_loop("serving request", serve_one, &c);
+        CHECK_STATUS(serve_one(&c, &err), GF_OK, err); /* the engine still serves */
+        ServeStats stats;
+        serve_stats(c.e, &stats);
+        CHECK(stats.running == 0 && stats.queued == 0, "nothing left running or queued");
+    }
+    serve_free(c.e);
+    pthread_cond_destroy(&c.cv);
+    pthread_mutex_destroy(&c.mu);
+}
+
 int main(void) {
     GfError err;
     ModelOptions mo = {.n_threads = 1, .quantize = MODEL_QUANT_NF4};
@@ -122,6 +202,7 @@ int main(void) {
     CHECK_STATUS(forward_two(&f, &err), GF_OK, err); /* the model is still whole */
     lora_binding_free(&lb);
     lora_free(a);
+    serving(p->model);
 
     char path[] = "/tmp/gf-allocfail-XXXXXX";
     int fd = mkstemp(path);
