@@ -275,6 +275,14 @@ void gf_strlcpy(char *dst, const char *src, size_t cap) {
     dst[n] = '\0';
 }
 
+uint64_t gf_mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+uint64_t gf_splitmix64(uint64_t *state) { return gf_mix64(*state += 0x9E3779B97F4A7C15ull); }
+
 void gf_hex(const uint8_t *bytes, size_t n, char *out) {
     static const char digits[] = "0123456789abcdef";
     for (size_t i = 0; i < n; i++) {

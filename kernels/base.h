@@ -138,6 +138,13 @@ int gf_random_bytes(void *buf, size_t n);
 /* Copies src into dst[cap] (truncating, always NUL-terminated). */
 void gf_strlcpy(char *dst, const char *src, size_t cap);
 
+/* SplitMix64 (Steele et al. 2014): gf_mix64 is its finalizer, a bijective
+ * hash of 64 bits (dropout masks hash (seed, element) with it);
+ * gf_splitmix64 advances *state by the golden-ratio increment and returns
+ * the finalized value (the samplers' and the data order's generator). */
+uint64_t gf_mix64(uint64_t z);
+uint64_t gf_splitmix64(uint64_t *state);
+
 /* Lowercase hex of n bytes into out (2n+1 bytes incl. NUL). */
 void gf_hex(const uint8_t *bytes, size_t n, char *out);
 

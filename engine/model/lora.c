@@ -293,18 +293,12 @@ int64_t lora_max_in(const LoraAdapter *a) {
     return m;
 }
 
-static uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 /* The kernel's description of pair p applied to rows [0, n) under b. */
 static KnLoraSeg segment(const LoraBinding *b, const LoraPair *p, int64_t n) {
     KnLoraSeg s = {0, n, p->A, p->B, p->dA, p->dB, (int)p->rank, b->scale, 0.0f, 0};
     if (b->dropout.p > 0) {
         s.dropout = b->dropout.p;
-        s.dropout_seed = mix64(b->dropout.key ^ mix64((uint64_t)p->index + 1));
+        s.dropout_seed = gf_mix64(b->dropout.key ^ gf_mix64((uint64_t)p->index + 1));
     }
     return s;
 }
@@ -416,7 +410,7 @@ static int target_matches(const char *name, const char *target) {
 }
 
 static float uniform(uint64_t *state, float bound) {
-    uint64_t z = mix64(*state += 0x9E3779B97F4A7C15ull); /* splitmix64 */
+    uint64_t z = gf_mix64(*state += 0x9E3779B97F4A7C15ull); /* splitmix64 */
     return (float)(((double)(z >> 11) / 9007199254740992.0 * 2.0 - 1.0) * bound);
 }
 

@@ -33,13 +33,6 @@ struct Trainer {
 
 /* ---- the plan ------------------------------------------------------------------ */
 
-static uint64_t splitmix64(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 /* The example order of an epoch: Fisher-Yates from (seed, epoch). */
 static void epoch_order(Trainer *t, int64_t epoch) {
     if (t->order_epoch == epoch) return;
@@ -47,7 +40,7 @@ static void epoch_order(Trainer *t, int64_t epoch) {
     uint64_t s = t->cfg.seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(epoch + 1));
     for (size_t i = 0; i < n; i++) t->order[i] = (uint32_t)i;
     for (size_t i = n; i > 1; i--) {
-        size_t j = (size_t)(splitmix64(&s) % i);
+        size_t j = (size_t)(gf_splitmix64(&s) % i);
         uint32_t tmp = t->order[i - 1];
         t->order[i - 1] = t->order[j];
         t->order[j] = tmp;
@@ -61,8 +54,8 @@ static void set_dropout(Trainer *t, int64_t step, int64_t k, int on) {
     t->b.dropout = (LoraDropout){0};
     if (!on || !(t->a->dropout > 0)) return;
     uint64_t s = t->cfg.seed ^ 0x5DEECE66Dull;
-    uint64_t key = splitmix64(&s) ^ ((uint64_t)step << 24 | (uint64_t)k); /* k < 2^24 (check_config) */
-    t->b.dropout = (LoraDropout){.p = (float)t->a->dropout, .key = splitmix64(&key), .row = t->dropout_row};
+    uint64_t key = gf_splitmix64(&s) ^ ((uint64_t)step << 24 | (uint64_t)k); /* k < 2^24 (check_config) */
+    t->b.dropout = (LoraDropout){.p = (float)t->a->dropout, .key = gf_splitmix64(&key), .row = t->dropout_row};
 }
 
 static GfStatus check_config(const TrainConfig *c, GfError *err) {

@@ -7,12 +7,6 @@
 
 #include "cpu_impl.h"
 
-static uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 /* Dropout factors f[in] of row i of segment s (0 or 1 / (1 - p)), as ops.h
  * defines them; and d(x) = x * f into dx. */
 static void dropout_row(const KnLoraSeg *s, int64_t i, const float *x, int64_t in, float *f, float *dx) {
@@ -20,7 +14,7 @@ static void dropout_row(const KnLoraSeg *s, int64_t i, const float *x, int64_t i
     uint32_t cut = (uint32_t)((double)s->dropout * 4294967296.0);
     uint64_t base = s->dropout_seed + (uint64_t)i * (uint64_t)in;
     for (int64_t j = 0; j < in; j++) {
-        f[j] = (uint32_t)(mix64(base + (uint64_t)j) >> 32) < cut ? 0.0f : keep;
+        f[j] = (uint32_t)(gf_mix64(base + (uint64_t)j) >> 32) < cut ? 0.0f : keep;
         dx[j] = x[j] * f[j];
     }
 }

@@ -16,13 +16,6 @@ typedef struct {
     int32_t id;
 } Cand;
 
-static uint64_t splitmix(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 static int32_t argmax(const float *x, int64_t n) {
     int64_t best = 0;
     for (int64_t i = 1; i < n; i++)
@@ -56,7 +49,7 @@ static int32_t sample_row(const float *logits, int64_t V, KnSampleRow *r, Cand *
         n = k > 0 ? k : 1;
         total = keep > 0 ? keep : c[0].p;
     }
-    double u = (double)(splitmix(&r->rng) >> 11) * (1.0 / 9007199254740992.0) * total, acc = 0;
+    double u = (double)(gf_splitmix64(&r->rng) >> 11) * (1.0 / 9007199254740992.0) * total, acc = 0;
     for (int64_t i = 0; i < n; i++) {
         acc += c[i].p;
         if (u < acc) return c[i].id;

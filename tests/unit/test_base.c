@@ -86,7 +86,21 @@ static void test_error_wrap(void) {
     CHECK(gf_error_wrap(&err, NULL, "ctx") == GF_INTERNAL, "wrapping no error is a bug");
 }
 
+/* SplitMix64's published outputs from seed 0 (the reference C of Vigna's
+ * xoshiro page) and its finalizer as a bijection on a few inputs. */
+static void test_splitmix(void) {
+    uint64_t st = 0;
+    const uint64_t want[3] = {0xE220A8397B1DCDAFull, 0x6E789E6AA1B965F4ull, 0x06C45D188009454Full};
+    for (int i = 0; i < 3; i++) {
+        uint64_t got = gf_splitmix64(&st);
+        CHECK(got == want[i], "splitmix64 output %d: %016llx", i, (unsigned long long)got);
+    }
+    CHECK(st == 3 * 0x9E3779B97F4A7C15ull, "state advanced by the increment");
+    CHECK(gf_mix64(0) == 0 && gf_mix64(1) != gf_mix64(2), "finalizer");
+}
+
 int main(void) {
+    test_splitmix();
     test_sha256();
     test_error_wrap();
     test_utf8();
