@@ -162,94 +162,125 @@ void model_ple_inputs(Model *m, const ModelInput *in, const int32_t *ids, const 
     m->be.ops->scale(&m->be.ctx, ple, (size_t)(n * L * P), mix);
 }
 
-/* Keys, values and the attention of sequence `seq` of the batch for its
- * rows of s->q (already normed and rotated), written to s->att. */
-static void attend(Model *m, const Batch *b, int seq, int li, Scratch *s) {
+/* ---- one decoder layer (§3.4-§3.8) --------------------------------------------- */
+
+/* The inference layout of a layer's buffers: one scratch row block reused
+ * step after step and the residual stream updated in place. */
+static LayerBufs scratch_bufs(const Scratch *s) {
+    return (LayerBufs){.h1 = s->h, .qlin = s->q, .qr = s->q, .klin = s->k, .vlin = s->v, .att = s->att, .o = s->h,
+                       .t = s->h, .x1 = s->x, .h2 = s->h, .g = s->gate, .u = s->up, .mm = s->gate, .d = s->h,
+                       .f = s->h, .moe = s->a, .x2 = s->x, .pg = s->ple_g, .pm = s->ple_g, .pp = s->h, .out = s->x};
+}
+
+/* dst[n] = src[n], nothing when they are the same buffer (inference). */
+static void copy_rows(Model *m, float *dst, const float *src, int64_t n) {
+    if (dst != src) m->be.ops->copy(&m->be.ctx, dst, src, (size_t)n * sizeof(float));
+}
+
+/* Keys and values of sequence `seq` into its cache (unless replaying: the
+ * cache holds them already), and its attention over the cache for its rows
+ * of u->qr (normed and rotated) into u->att. */
+static void attend(Model *m, const Batch *b, int seq, int li, const LayerBufs *u, int replay) {
     const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
     KvCache *c = b->seqs[seq].cache;
     int D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
-    int64_t r0 = b->row0[seq], n = b->row0[seq + 1] - r0, pos0 = c->n_past, kvw = (int64_t)KVH * D;
-    if (!lc->kv_shared) {
-        m->be.ops->kv_store(&m->be.ctx, c->pool->k[li], s->k + r0 * kvw, n, kvw, c->d_table, c->pool->block_len, pos0);
-        m->be.ops->kv_store(&m->be.ctx, c->pool->v[li], s->v + r0 * kvw, n, kvw, c->d_table, c->pool->block_len, pos0);
+    int64_t r0 = b->row0[seq], n = b->row0[seq + 1] - r0, kvw = (int64_t)KVH * D;
+    int64_t pos0 = replay ? c->n_past - n : c->n_past;
+    if (!lc->kv_shared && !replay) {
+        m->be.ops->kv_store(&m->be.ctx, c->pool->k[li], u->klin + r0 * kvw, n, kvw, c->d_table, c->pool->block_len, pos0);
+        m->be.ops->kv_store(&m->be.ctx, c->pool->v[li], u->vlin + r0 * kvw, n, kvw, c->d_table, c->pool->block_len, pos0);
     }
     KnMask mask = {c->d_valid, t->bidirectional_vision ? c->d_group : NULL,
                    lc->kind == LAYER_SLIDING ? t->sliding_window : 0};
     if (lc->kind == LAYER_FULL) mask.group = NULL; /* full layers stay causal (§4) */
     int src = lc->store_layer;
     KnKv kv = {c->pool->k[src], c->pool->v[src], c->d_table, c->pool->block_len};
-    m->be.ops->attention_paged(&m->be.ctx, s->att + r0 * NH * D, s->q + r0 * NH * D, &kv, n, pos0, pos0 + n, NH, KVH, D,
+    m->be.ops->attention_paged(&m->be.ctx, u->att + r0 * NH * D, u->qr + r0 * NH * D, &kv, n, pos0, pos0 + n, NH, KVH, D,
                                1.0f, &mask);
 }
 
-/* Self-attention of layer li over the batch (§3.5, §3.6); result in s->h [n, H]. */
-static void attention(Model *m, const Batch *b, int li, Scratch *s) {
+/* Self-attention of layer li (§3.5, §3.6) from u->h1 to u->o. Replaying,
+ * the K/V projections are recomputed (their backward needs them) but not
+ * normed, rotated or stored again. */
+static void attention(Model *m, const Batch *b, int li, Scratch *s, const LayerBufs *u, int replay) {
     const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
     const Layer *l = &m->w->layers[li];
     int D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
     int64_t n = b->n;
-    linear(m, b, s, s->q, s->h, l->q, li, LORA_Q);
-    m->be.ops->rmsnorm(&m->be.ctx, s->q, s->q, l->q_norm, n * NH, D, t->rms_eps);
+    linear(m, b, s, u->qlin, u->h1, l->q, li, LORA_Q);
+    m->be.ops->rmsnorm(&m->be.ctx, u->qr, u->qlin, l->q_norm, n * NH, D, t->rms_eps);
     if (!lc->kv_shared) {
-        linear(m, b, s, s->k, s->h, l->k, li, LORA_K);
-        if (lc->k_eq_v) m->be.ops->copy(&m->be.ctx, s->v, s->k, (size_t)(n * KVH * D) * sizeof(float));
-        else linear(m, b, s, s->v, s->h, l->v, li, LORA_V);
-        m->be.ops->rmsnorm(&m->be.ctx, s->k, s->k, l->k_norm, n * KVH, D, t->rms_eps);
-        m->be.ops->rmsnorm(&m->be.ctx, s->v, s->v, NULL, n * KVH, D, t->rms_eps);
+        linear(m, b, s, u->klin, u->h1, l->k, li, LORA_K);
+        if (lc->k_eq_v) copy_rows(m, u->vlin, u->klin, n * KVH * D);
+        else linear(m, b, s, u->vlin, u->h1, l->v, li, LORA_V);
     }
-    m->be.ops->rope_rows(&m->be.ctx, s->q, n, NH, D, D, l->inv_freq, s->pos, 1);
-    if (!lc->kv_shared) m->be.ops->rope_rows(&m->be.ctx, s->k, n, KVH, D, D, l->inv_freq, s->pos, 1);
-    for (int q = 0; q < b->n_seqs; q++) attend(m, b, q, li, s);
-    linear(m, b, s, s->h, s->att, l->o, li, LORA_O);
+    if (!lc->kv_shared && !replay) { /* normed and rotated in place, then stored */
+        m->be.ops->rmsnorm(&m->be.ctx, u->klin, u->klin, l->k_norm, n * KVH, D, t->rms_eps);
+        m->be.ops->rmsnorm(&m->be.ctx, u->vlin, u->vlin, NULL, n * KVH, D, t->rms_eps);
+    }
+    m->be.ops->rope_rows(&m->be.ctx, u->qr, n, NH, D, D, l->inv_freq, s->pos, 1);
+    if (!lc->kv_shared && !replay) m->be.ops->rope_rows(&m->be.ctx, u->klin, n, KVH, D, D, l->inv_freq, s->pos, 1);
+    for (int q = 0; q < b->n_seqs; q++) attend(m, b, q, li, u, replay);
+    linear(m, b, s, u->o, u->att, l->o, li, LORA_O);
 }
 
-/* Feed-forward block of layer li (§3.4, §3.7, §3.8): x += FFN(x) in place. */
-static void feed_forward(Model *m, const Batch *b, int li, Scratch *s, MoeTape *moe) {
+/* Feed-forward block of layer li (§3.4, §3.7, §3.8): u->x2 = u->x1 + FFN(u->x1). */
+static void feed_forward(Model *m, const Batch *b, int li, Scratch *s, MoeTape *moe, const LayerBufs *u) {
     const TextConfig *t = &m->w->cfg.text;
     const Layer *l = &m->w->layers[li];
     int64_t H = t->hidden_size, I = t->layers[li].intermediate, n = b->n;
-    m->be.ops->rmsnorm(&m->be.ctx, s->h, s->x, l->pre_ff_ln, n, H, t->rms_eps);
-    linear(m, b, s, s->gate, s->h, l->gate, li, LORA_GATE);
-    linear(m, b, s, s->up, s->h, l->up, li, LORA_UP);
-    m->be.ops->gelu_tanh(&m->be.ctx, s->gate, (size_t)(n * I));
-    m->be.ops->mul(&m->be.ctx, s->gate, s->gate, s->up, n, I, I);
-    linear(m, b, s, s->h, s->gate, l->down, li, LORA_DOWN);
+    m->be.ops->rmsnorm(&m->be.ctx, u->h2, u->x1, l->pre_ff_ln, n, H, t->rms_eps);
+    linear(m, b, s, u->g, u->h2, l->gate, li, LORA_GATE);
+    linear(m, b, s, u->u, u->h2, l->up, li, LORA_UP);
+    copy_rows(m, u->mm, u->g, n * I);
+    m->be.ops->gelu_tanh(&m->be.ctx, u->mm, (size_t)(n * I));
+    m->be.ops->mul(&m->be.ctx, u->mm, u->mm, u->u, n, I, I);
+    linear(m, b, s, u->d, u->mm, l->down, li, LORA_DOWN);
     if (t->moe) {
-        m->be.ops->rmsnorm(&m->be.ctx, s->h, s->h, l->post_ff_ln1, n, H, t->rms_eps);
+        m->be.ops->rmsnorm(&m->be.ctx, u->f, u->d, l->post_ff_ln1, n, H, t->rms_eps);
         for (int64_t i = 0; i < n; i += MOE_CHUNK)
-            moe_forward(m, l, s->x + i * H, s->a + i * H, n - i < MOE_CHUNK ? n - i : MOE_CHUNK, moe);
-        m->be.ops->add(&m->be.ctx, s->h, s->h, s->a, (size_t)(n * H));
+            moe_forward(m, l, u->x1 + i * H, u->moe + i * H, n - i < MOE_CHUNK ? n - i : MOE_CHUNK, moe);
+        m->be.ops->add(&m->be.ctx, u->f, u->f, u->moe, (size_t)(n * H));
+    } else {
+        copy_rows(m, u->f, u->d, n * H);
     }
-    m->be.ops->rmsnorm(&m->be.ctx, s->h, s->h, l->post_ff_ln, n, H, t->rms_eps);
-    m->be.ops->add(&m->be.ctx, s->x, s->x, s->h, (size_t)(n * H));
+    m->be.ops->rmsnorm(&m->be.ctx, u->t, u->f, l->post_ff_ln, n, H, t->rms_eps);
+    m->be.ops->add(&m->be.ctx, u->x2, u->x1, u->t, (size_t)(n * H));
 }
 
-/* PLE injection at the end of layer li (§3.4). */
-static void per_layer_inject(Model *m, const Batch *b, int li, Scratch *s) {
+/* PLE injection at the end of layer li (§3.4): u->out = u->x2 + the
+ * layer's share of the per-layer inputs ple[n, L, P]. */
+static void per_layer_inject(Model *m, const Batch *b, int li, Scratch *s, const float *ple, const LayerBufs *u) {
     const TextConfig *t = &m->w->cfg.text;
     const Layer *l = &m->w->layers[li];
     int64_t H = t->hidden_size, P = t->ple_dim, L = t->n_layers, n = b->n;
-    linear(m, b, s, s->ple_g, s->x, l->ple_gate, li, LORA_PLE_GATE);
-    m->be.ops->gelu_tanh(&m->be.ctx, s->ple_g, (size_t)(n * P));
-    m->be.ops->mul(&m->be.ctx, s->ple_g, s->ple_g, s->ple + li * P, n, P, L * P);
-    linear(m, b, s, s->h, s->ple_g, l->ple_proj, li, LORA_PLE_PROJ);
-    m->be.ops->rmsnorm(&m->be.ctx, s->h, s->h, l->post_ple_ln, n, H, t->rms_eps);
-    m->be.ops->add(&m->be.ctx, s->x, s->x, s->h, (size_t)(n * H));
+    linear(m, b, s, u->pg, u->x2, l->ple_gate, li, LORA_PLE_GATE);
+    copy_rows(m, u->pm, u->pg, n * P);
+    m->be.ops->gelu_tanh(&m->be.ctx, u->pm, (size_t)(n * P));
+    m->be.ops->mul(&m->be.ctx, u->pm, u->pm, ple + li * P, n, P, L * P);
+    linear(m, b, s, u->pp, u->pm, l->ple_proj, li, LORA_PLE_PROJ);
+    m->be.ops->rmsnorm(&m->be.ctx, u->t, u->pp, l->post_ple_ln, n, H, t->rms_eps);
+    m->be.ops->add(&m->be.ctx, u->out, u->x2, u->t, (size_t)(n * H));
 }
 
-static void decoder_layer(Model *m, const Batch *b, int li, Scratch *s, MoeTape *moe) {
+/* The layer on its input x[n, H], every step into u (scratch_bufs: the
+ * serving and CLI forward, x updated in place; a tape: the training
+ * backward's replay, every intermediate kept); the output in u->out. */
+static void decoder_layer(Model *m, const Batch *b, int li, Scratch *s, MoeTape *moe, const float *x, const float *ple,
+                          const LayerBufs *u, int replay) {
     const TextConfig *t = &m->w->cfg.text;
     const Layer *l = &m->w->layers[li];
     int64_t H = t->hidden_size, n = b->n;
-    m->be.ops->rmsnorm(&m->be.ctx, s->h, s->x, l->input_ln, n, H, t->rms_eps);
-    attention(m, b, li, s);
-    m->be.ops->rmsnorm(&m->be.ctx, s->h, s->h, l->post_attn_ln, n, H, t->rms_eps);
-    m->be.ops->add(&m->be.ctx, s->x, s->x, s->h, (size_t)(n * H));
-    feed_forward(m, b, li, s, moe);
-    if (t->ple_dim) per_layer_inject(m, b, li, s);
-    m->be.ops->scale(&m->be.ctx, s->x, (size_t)(n * H), l->layer_scalar);
+    m->be.ops->rmsnorm(&m->be.ctx, u->h1, x, l->input_ln, n, H, t->rms_eps);
+    attention(m, b, li, s, u, replay);
+    m->be.ops->rmsnorm(&m->be.ctx, u->t, u->o, l->post_attn_ln, n, H, t->rms_eps);
+    m->be.ops->add(&m->be.ctx, u->x1, x, u->t, (size_t)(n * H));
+    feed_forward(m, b, li, s, moe, u);
+    if (t->ple_dim) per_layer_inject(m, b, li, s, ple, u);
+    else copy_rows(m, u->out, u->x2, n * H);
+    m->be.ops->scale(&m->be.ctx, u->out, (size_t)(n * H), l->layer_scalar);
 }
 
 /* ---- forward ------------------------------------------------------------------ */
@@ -422,8 +453,9 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
     batch_embed(m, &b, &s);
     int64_t n = b.n;
     if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, 0, s.x, n);
+    LayerBufs u = scratch_bufs(&s);
     for (int li = 0; li < L; li++) {
-        decoder_layer(m, &b, li, &s, &moe);
+        decoder_layer(m, &b, li, &s, &moe, s.x, s.ple, &u, 0);
         if (o->hidden && li < L - 1) keep_hidden(m, o->hidden, o->hidden_on_device, li + 1, s.x, n);
     }
     m->be.ops->rmsnorm(&m->be.ctx, s.x, s.x, m->w->final_norm, n, H, t->rms_eps);
@@ -455,6 +487,27 @@ GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float 
     ModelSeq one = {c, *in};
     Outputs o = {.hidden = hidden, .hidden_on_device = 1};
     return forward_batch(m, &one, 1, &o, err);
+}
+
+GfStatus model_layer_replay(Model *m, KvCache *c, const ModelInput *in, int li, const float *x, const float *ple,
+                            const LayerBufs *tape, GfError *err) {
+    int64_t n = in->n;
+    if (n <= 0 || n > c->n_past || li < 0 || li >= m->w->cfg.text.n_layers)
+        return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "no forward of these %lld positions to replay",
+                            (long long)n);
+    ModelSeq one = {c, *in};
+    Batch b = {0};
+    Scratch s = {0};
+    MoeTape moe;
+    if (tables_reserve(m, 1, n, err)) return err->status;
+    b = (Batch){&one, 1, m->tables.row0, n, m->tables.segs, in->lora ? in->lora->max_rank : 0};
+    b.row0[0] = 0;
+    b.row0[1] = n;
+    if (scratch_take(m, n, b.max_rank, &s, &moe, err)) return err->status;
+    for (int64_t i = 0; i < n; i++) m->tables.pos[i] = (int32_t)(c->n_past - n + i);
+    m->be.ops->upload(&m->be.ctx, s.pos, m->tables.pos, (size_t)n * sizeof(int32_t));
+    decoder_layer(m, &b, li, &s, &moe, x, ple, tape, 1);
+    return GF_OK;
 }
 
 static int is_eos(const TextConfig *t, int32_t id) {

@@ -32,6 +32,33 @@ struct Model {
 /* model_forward with the hidden states [(L + 1), n, H] kept in device
  * memory (the training forward's layer checkpoints), no logits. */
 GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, GfError *err);
+/* The buffers one text decoder layer writes, each [n, width] of device
+ * memory (width: H, NH*D for queries and attention, KVH*D for keys and
+ * values, I for the MLP, P for PLE). The forward of serving and the CLI
+ * points most of them at the same scratch and updates the residual stream
+ * in place; the training backward's tape keeps each one apart. */
+typedef struct {
+    float *h1;                 /* input_layernorm(x) */
+    float *qlin, *qr;          /* q_proj(h1); q_norm'd and rotated */
+    float *klin, *vlin;        /* k_proj(h1), v_proj(h1) (normed, rotated and stored in place when not replaying) */
+    float *att, *o;            /* attention output; o_proj(att) */
+    float *t;                  /* a normed block output before its residual add */
+    float *x1, *h2;            /* x + attention; pre_feedforward_layernorm(x1) */
+    float *g, *u, *mm, *d;     /* gate_proj(h2), up_proj(h2), gelu(g) * u, down_proj(mm) */
+    float *f, *moe;            /* the feed-forward output (with the MoE block's), the MoE block's */
+    float *x2;                 /* x1 + FFN */
+    float *pg, *pm, *pp;       /* per_layer_input_gate(x2), gelu(pg) * ple, per_layer_projection(pm) */
+    float *out;                /* the layer's output (times layer_scalar) */
+} LayerBufs;
+
+/* Replays layer li for the last in->n positions of c (which a forward of
+ * in, e.g. model_forward_hidden, filled): from the layer's input x[n, H]
+ * and the per-layer inputs ple[n, L, P] (NULL without PLE), every
+ * intermediate into tape (all distinct buffers), with exactly the ops and
+ * values of the forward; K/V are read back from c, not stored again. The
+ * training backward's checkpointing. */
+GfStatus model_layer_replay(Model *m, KvCache *c, const ModelInput *in, int li, const float *x, const float *ple,
+                            const LayerBufs *tape, GfError *err);
 /* 1 image, 2 video, 3 audio placeholder, 0 text. */
 int model_mm_kind(const GemmaConfig *c, int32_t id);
 /* The embedding row of each token of in (placeholders look up the pad

@@ -1,8 +1,9 @@
 /* backward.c - loss and LoRA gradients of one training sequence: forward
  * with per-layer checkpoints (model_forward's hidden states are the layer
  * inputs, its KV cache the stored K/V), then for each layer from the last:
- * re-run its forward keeping every intermediate (layer_forward), and walk it
- * back (layer_backward). */
+ * replay its forward keeping every intermediate (model_layer_replay: the
+ * one decoder layer of forward.c, into a tape), and walk it back
+ * (layer_backward). */
 #include "backward.h"
 
 #include <math.h>
@@ -48,6 +49,7 @@ struct GradWorkspace {
     int32_t *rows_idx, *targets;                               /* [LOGIT_ROWS] a chunk's rows and labels */
     double *row_loss;                                          /* [LOGIT_ROWS] */
     MoeTape moe_tape;
+    LayerBufs tape;                                            /* the layer's buffers above, for its replay */
     KnBuffer slab;                                             /* every buffer above: device memory */
     const KnBackend *be;
 };
@@ -107,6 +109,9 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     w->gx = take(s, LOGIT_ROWS * H);
     w->gdx = take(s, LOGIT_ROWS * H);
     moe_tape_init(&w->moe_tape, t, take(s, moe_tape_floats(t, MOE_CHUNK)), MOE_CHUNK);
+    w->tape = (LayerBufs){.h1 = w->h1, .qlin = w->qlin, .qr = w->qr, .klin = w->klin, .vlin = w->vlin, .att = w->att,
+                          .o = w->o, .t = w->t, .x1 = w->x1, .h2 = w->h2, .g = w->g, .u = w->u, .mm = w->mm, .d = w->d,
+                          .f = w->f, .moe = w->moe, .x2 = w->x2, .pg = w->pg, .pm = w->pm, .pp = w->pp, .out = w->out};
 }
 
 /* Positions 0.. and their negatives (RoPE and its transpose), once. */
@@ -191,13 +196,6 @@ static const LoraPair *text_pair(const LoraBinding *b, int li, int slot) {
     return b ? b->text[li * LORA_TEXT_SLOTS + slot] : NULL;
 }
 
-/* y[n, out] = x W^T (+ the adapter's term) */
-static void linear_fwd(Model *m, GradWorkspace *w, const LoraBinding *b, float *y, const float *x, KnMatrix W,
-                       const LoraPair *p, int64_t n) {
-    m->be.ops->matmul(&m->be.ctx, y, x, W, n);
-    if (p) lora_apply(&m->be, b, p, y, x, n, w->lora_tmp);
-}
-
 /* dx[n, in] += dy W (+ the adapter's term); the adapter's dA, dB accumulate. */
 static void linear_bwd(Model *m, GradWorkspace *w, const LoraBinding *b, float *dx, const float *dy, const float *x,
                        KnMatrix W, const LoraPair *p, int64_t n) {
@@ -216,63 +214,9 @@ static void copy(Model *m, float *dst, const float *src, int64_t n) {
 static KnMask layer_mask(const Model *m, const KvCache *c, int li) {
     const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
-    KnMask mask = {c->valid, t->bidirectional_vision ? c->group : NULL, lc->kind == LAYER_SLIDING ? t->sliding_window : 0};
+    KnMask mask = {c->d_valid, t->bidirectional_vision ? c->d_group : NULL, lc->kind == LAYER_SLIDING ? t->sliding_window : 0};
     if (lc->kind == LAYER_FULL) mask.group = NULL; /* full layers stay causal (§4) */
     return mask;
-}
-
-/* Re-runs layer li on x[n, H] (its input), keeping the intermediates; the
- * layer's output goes to w->out. K/V come from the cache the forward filled. */
-static void layer_forward(Model *m, GradWorkspace *w, const LoraBinding *b, int li, int64_t n, const float *x) {
-    const TextConfig *t = &m->w->cfg.text;
-    const LayerConfig *lc = &t->layers[li];
-    const Layer *l = &m->w->layers[li];
-    int64_t H = t->hidden_size, D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads, I = lc->intermediate;
-    int64_t P = t->ple_dim, L = t->n_layers;
-    float eps = t->rms_eps;
-    m->be.ops->rmsnorm(&m->be.ctx, w->h1, x, l->input_ln, n, H, eps);
-    linear_fwd(m, w, b, w->qlin, w->h1, l->q, text_pair(b, li, LORA_Q), n);
-    m->be.ops->rmsnorm(&m->be.ctx, w->qr, w->qlin, l->q_norm, n * NH, D, eps);
-    m->be.ops->rope_rows(&m->be.ctx, w->qr, n, (int)NH, (int)D, D, l->inv_freq, w->pos, 1);
-    if (!lc->kv_shared) {
-        linear_fwd(m, w, b, w->klin, w->h1, l->k, text_pair(b, li, LORA_K), n);
-        if (lc->k_eq_v) copy(m, w->vlin, w->klin, n * KVH * D);
-        else linear_fwd(m, w, b, w->vlin, w->h1, l->v, text_pair(b, li, LORA_V), n);
-    }
-    KnMask mask = layer_mask(m, &w->cache, li);
-    int src = lc->store_layer;
-    m->be.ops->attention(&m->be.ctx, w->att, w->qr, w->cache.own.k[src], w->cache.own.v[src], n, 0, n, (int)NH, (int)KVH, (int)D, 1.0f, &mask);
-    linear_fwd(m, w, b, w->o, w->att, l->o, text_pair(b, li, LORA_O), n);
-    m->be.ops->rmsnorm(&m->be.ctx, w->t, w->o, l->post_attn_ln, n, H, eps);
-    m->be.ops->add(&m->be.ctx, w->x1, x, w->t, (size_t)(n * H));
-    m->be.ops->rmsnorm(&m->be.ctx, w->h2, w->x1, l->pre_ff_ln, n, H, eps);
-    linear_fwd(m, w, b, w->g, w->h2, l->gate, text_pair(b, li, LORA_GATE), n);
-    linear_fwd(m, w, b, w->u, w->h2, l->up, text_pair(b, li, LORA_UP), n);
-    copy(m, w->mm, w->g, n * I);
-    m->be.ops->gelu_tanh(&m->be.ctx, w->mm, (size_t)(n * I));
-    m->be.ops->mul(&m->be.ctx, w->mm, w->mm, w->u, n, I, I);
-    linear_fwd(m, w, b, w->d, w->mm, l->down, text_pair(b, li, LORA_DOWN), n);
-    if (t->moe) {
-        m->be.ops->rmsnorm(&m->be.ctx, w->f, w->d, l->post_ff_ln1, n, H, eps);
-        for (int64_t i = 0; i < n; i += MOE_CHUNK)
-            moe_forward(m, l, w->x1 + i * H, w->moe + i * H, n - i < MOE_CHUNK ? n - i : MOE_CHUNK, &w->moe_tape);
-        m->be.ops->add(&m->be.ctx, w->f, w->f, w->moe, (size_t)(n * H));
-    } else {
-        copy(m, w->f, w->d, n * H);
-    }
-    m->be.ops->rmsnorm(&m->be.ctx, w->t, w->f, l->post_ff_ln, n, H, eps);
-    m->be.ops->add(&m->be.ctx, w->x2, w->x1, w->t, (size_t)(n * H));
-    copy(m, w->out, w->x2, n * H);
-    if (P) {
-        linear_fwd(m, w, b, w->pg, w->x2, l->ple_gate, text_pair(b, li, LORA_PLE_GATE), n);
-        copy(m, w->pm, w->pg, n * P);
-        m->be.ops->gelu_tanh(&m->be.ctx, w->pm, (size_t)(n * P));
-        m->be.ops->mul(&m->be.ctx, w->pm, w->pm, w->ple + li * P, n, P, L * P);
-        linear_fwd(m, w, b, w->pp, w->pm, l->ple_proj, text_pair(b, li, LORA_PLE_PROJ), n);
-        m->be.ops->rmsnorm(&m->be.ctx, w->t, w->pp, l->post_ple_ln, n, H, eps);
-        m->be.ops->add(&m->be.ctx, w->out, w->out, w->t, (size_t)(n * H));
-    }
-    m->be.ops->scale(&m->be.ctx, w->out, (size_t)(n * H), l->layer_scalar);
 }
 
 /* Attention backward from d(o) in w->dh2 to d(h1) in w->dh (written). */
@@ -309,7 +253,9 @@ static void attention_backward(Model *m, GradWorkspace *w, const LoraBinding *b,
     linear_bwd(m, w, b, w->dh, w->dklin, w->h1, l->k, text_pair(b, li, LORA_K), n);
 }
 
-/* After layer_forward(li, x): w->dx holds d(out) on entry and d(x) on return. */
+/* After model_layer_replay(li, x) into w->tape: w->dx holds d(out) on
+ * entry and d(x) on return. The decoder layer's backward, op by op the
+ * forward's (forward.c: decoder_layer) in reverse. */
 static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int li, int64_t n, const float *x) {
     const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
@@ -566,7 +512,7 @@ GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const 
     /* backward, one re-run layer at a time */
     for (int64_t li = L - 1; li >= 0; li--) {
         const float *x = w->hidden + li * n * H;
-        layer_forward(m, w, b, (int)li, n, x);
+        if (model_layer_replay(m, &w->cache, &in, (int)li, x, P ? w->ple : NULL, &w->tape, err)) return err->status;
         if (li == L - 1) *loss_sum = loss_backward(m, w, s, w->out, grad_scale);
         layer_backward(m, w, b, (int)li, n, x);
     }

@@ -176,7 +176,12 @@ static void serving(Model *m) {
         CHECK_STATUS(serve_one(&c, &err), GF_OK, err); /* the engine still serves */
         ServeStats stats;
         serve_stats(c.e, &stats);
-        CHECK(stats.running == 0 && stats.queued == 0, "nothing left running or queued");
+        /* the engine updates its gauges after the step that ended the request */
+        for (int i = 0; i < 6000 && (stats.running || stats.queued); i++) {
+            usleep(10000);
+            serve_stats(c.e, &stats);
+        }
+        CHECK(stats.running == 0 && stats.queued == 0 && stats.failed > 0, "nothing left running or queued");
     }
     serve_free(c.e);
     pthread_cond_destroy(&c.cv);
