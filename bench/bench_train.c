@@ -55,7 +55,7 @@ static void bench_case(const char *label, const char *dir, ModelQuant q, const B
     const char *all[] = {"all-linear"};
     ModelOptions mo = {.n_threads = o->threads, .quantize = q};
     if (model_open(dir, &mo, &m, &err) || lora_create(m, all, 1, o->rank, 2.0 * o->rank, 0, 1, &a, &err) ||
-        lora_grads_alloc(a, &err) || lora_bind(m, a, &b, &err) || grad_workspace_new(m, o->tokens, o->rank, &w, &err))
+        lora_bind(m, a, &b, &err) || lora_binding_grads(&b, &err) || grad_workspace_new(m, o->tokens, o->rank, &w, &err))
         fprintf(stderr, "%s: %s\n", label, err.message);
     else
         time_steps(m, &b, w, label, q, o);

@@ -81,21 +81,26 @@ static int read_inputs(const SafeTensors *st, StepInputs *in) {
     return 0;
 }
 
-/* Every dA, dB under PEFT's training key names (adapter "default"). */
-static GfStatus write_grads(const LoraAdapter *a, const char *path, GfError *err) {
+/* Every dA, dB (downloaded from the binding) under PEFT's training key
+ * names (adapter "default"). */
+static GfStatus write_grads(const LoraAdapter *a, const LoraBinding *lb, const char *path, GfError *err) {
     StWriteTensor *t = gf_calloc(2 * a->n_pairs + 1, sizeof *t, err);
     char (*names)[220] = t ? gf_calloc(2 * a->n_pairs + 1, sizeof *names, err) : NULL;
-    if (!names) { free(t); return GF_NO_MEMORY; }
+    float *grads = names ? gf_malloc((a->n_params ? a->n_params : 1) * sizeof *grads, err) : NULL;
+    if (!grads) { free(t); free(names); return GF_NO_MEMORY; }
+    lora_binding_download_grads(lb, grads);
     for (size_t i = 0; i < a->n_pairs; i++) {
         const LoraPair *p = &a->pairs[i];
+        const float *dA = grads + (p->A - a->params), *dB = grads + (p->B - a->params);
         snprintf(names[2 * i], sizeof names[0], "base_model.model.%s.lora_A.default.weight", p->module);
         snprintf(names[2 * i + 1], sizeof names[0], "base_model.model.%s.lora_B.default.weight", p->module);
-        t[2 * i] = (StWriteTensor){names[2 * i], ST_F32, 2, {(uint64_t)p->rank, (uint64_t)p->in}, p->dA};
-        t[2 * i + 1] = (StWriteTensor){names[2 * i + 1], ST_F32, 2, {(uint64_t)p->out, (uint64_t)p->rank}, p->dB};
+        t[2 * i] = (StWriteTensor){names[2 * i], ST_F32, 2, {(uint64_t)p->rank, (uint64_t)p->in}, dA};
+        t[2 * i + 1] = (StWriteTensor){names[2 * i + 1], ST_F32, 2, {(uint64_t)p->out, (uint64_t)p->rank}, dB};
     }
     GfStatus st = safetensors_write(path, t, 2 * a->n_pairs, err);
     free(t);
     free(names);
+    free(grads);
     return st;
 }
 
@@ -111,7 +116,7 @@ static int write_losses(const char *dir, const double *losses, long n) {
 }
 
 /* The N steps: loss and gradients, grads of step 0 saved, AdamW update. */
-static int run_steps(Model *m, LoraAdapter *a, const LoraBinding *lb, const StepOptions *o, const StepInputs *in,
+static int run_steps(Model *m, LoraAdapter *a, LoraBinding *lb, const StepOptions *o, const StepInputs *in,
                      double *losses) {
     GfError err;
     GradWorkspace *w = NULL;
@@ -121,20 +126,21 @@ static int run_steps(Model *m, LoraAdapter *a, const LoraBinding *lb, const Step
     if (targets == 0) { fprintf(stderr, "gemmaforge lora-step: the labels train no position\n"); return 1; }
     int rc = 0;
     char path[4096];
-    if (grad_workspace_new(m, in->seq.n, lb->max_rank, &w, &err) || lora_grads_alloc(a, &err) ||
-        adamw_init(&opt, a, 0.9, 0.999, 1e-8, o->weight_decay, &err))
+    if (grad_workspace_new(m, in->seq.n, lb->max_rank, &w, &err) || lora_binding_grads(lb, &err) ||
+        adamw_init(&opt, lb, 0.9, 0.999, 1e-8, o->weight_decay, &err))
         rc = 1;
     for (long s = 0; !rc && s < o->steps; s++) {
         double sum;
         int64_t count;
-        lora_grads_zero(a);
+        lora_binding_zero_grads(lb);
         if (model_backward(m, w, lb, &in->seq, 1.0f / (float)targets, &sum, &count, &err)) { rc = 1; break; }
         losses[s] = sum / (double)count;
         fprintf(stderr, "step %ld: loss %.6f\n", s, losses[s]);
         snprintf(path, sizeof path, "%s/grads_step0.safetensors", o->out);
-        if (s == 0 && write_grads(a, path, &err)) { rc = 1; break; }
-        adamw_step(&opt, model_backend(m), a, o->lr);
+        if (s == 0 && write_grads(a, lb, path, &err)) { rc = 1; break; }
+        adamw_step(&opt, lb, o->lr);
     }
+    if (!rc) lora_binding_download(lb, a); /* the trained adapter, for adapter_final */
     if (rc) fprintf(stderr, "gemmaforge lora-step: %s\n", err.message);
     adamw_free(&opt);
     grad_workspace_free(w);

@@ -234,6 +234,7 @@ GfStatus train_run(const TrainRunSpec *spec, const TrainRunHooks *hooks, TrainRu
     GfStatus st = fs_mkdirs(spec->ckpt_root, err);
     if (!st) st = open_all(&r, err);
     if (!st) st = loop(&r, err);
+    if (!st) trainer_adapter_download(r.t); /* the trained values, from the device */
     if (!st) st = lora_save_dir(r.a, spec->adapter_out, err);
     if (!st) {
         summarize(&r, result);

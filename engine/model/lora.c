@@ -51,7 +51,6 @@ void lora_free(LoraAdapter *a) {
         free(a->pairs[i].B);
     }
     free(a->params);
-    free(a->grads);
     free(a->pairs);
     free(a);
 }
@@ -241,9 +240,66 @@ GfStatus lora_save_dir(const LoraAdapter *a, const char *dir, GfError *err) {
 
 void lora_binding_free(LoraBinding *b) {
     if (!b) return;
+    if (b->be) {
+        b->be->ops->free(&b->be->ctx, &b->d_params);
+        b->be->ops->free(&b->be->ctx, &b->d_grads);
+    }
+    free(b->pairs);
     free(b->text);
     free(b->vision);
     memset(b, 0, sizeof *b);
+}
+
+GfStatus lora_binding_upload_new(const KnBackend *be, const LoraAdapter *a, LoraBinding *b, GfError *err) {
+    if (!a->params) return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "the adapter is not packed");
+    b->be = be;
+    b->n_pairs = a->n_pairs;
+    b->n_params = a->n_params;
+    b->pairs = gf_calloc(a->n_pairs + 1, sizeof *b->pairs, err);
+    if (!b->pairs) return GF_NO_MEMORY;
+    if (be->ops->alloc(&be->ctx, &b->d_params, (a->n_params ? a->n_params : 1) * sizeof(float), KN_F32,
+                       "the adapter's parameters", err))
+        return err->status;
+    b->params = b->d_params.data;
+    be->ops->upload(&be->ctx, b->params, a->params, a->n_params * sizeof(float));
+    for (size_t i = 0; i < a->n_pairs; i++) {
+        b->pairs[i] = a->pairs[i];
+        b->pairs[i].A = b->params + (a->pairs[i].A - a->params);
+        b->pairs[i].B = b->params + (a->pairs[i].B - a->params);
+        b->pairs[i].dA = b->pairs[i].dB = NULL;
+    }
+    return GF_OK;
+}
+
+GfStatus lora_binding_grads(LoraBinding *b, GfError *err) {
+    if (b->grads) return GF_OK;
+    if (b->be->ops->alloc(&b->be->ctx, &b->d_grads, (b->n_params ? b->n_params : 1) * sizeof(float), KN_F32,
+                          "the adapter's gradients", err))
+        return err->status;
+    b->grads = b->d_grads.data;
+    lora_binding_zero_grads(b);
+    for (size_t i = 0; i < b->n_pairs; i++) {
+        LoraPair *p = &b->pairs[i];
+        p->dA = b->grads + (p->A - b->params);
+        p->dB = b->grads + (p->B - b->params);
+    }
+    return GF_OK;
+}
+
+void lora_binding_zero_grads(LoraBinding *b) {
+    if (b->grads) b->be->ops->memset(&b->be->ctx, b->grads, 0, b->n_params * sizeof(float));
+}
+
+void lora_binding_download(const LoraBinding *b, LoraAdapter *a) {
+    b->be->ops->download(&b->be->ctx, a->params, b->params, b->n_params * sizeof(float));
+}
+
+void lora_binding_upload(const LoraBinding *b, const LoraAdapter *a) {
+    b->be->ops->upload(&b->be->ctx, b->params, a->params, b->n_params * sizeof(float));
+}
+
+void lora_binding_download_grads(const LoraBinding *b, float *host) {
+    b->be->ops->download(&b->be->ctx, host, b->grads, b->n_params * sizeof(float));
 }
 
 /* The slot a module names, or NULL when the model has no such linear. */
@@ -279,9 +335,22 @@ GfStatus lora_bind(const Model *m, const LoraAdapter *a, LoraBinding *b, GfError
             return gf_error_set(err, GF_INVALID, "adapter_incompatible", NULL,
                                 "the adapter's module %.160s is not a linear of this model", a->pairs[i].module);
         }
-        *slot = &a->pairs[i];
+        *slot = &a->pairs[i]; /* the adapter's pair for now, its device copy below */
         if (a->pairs[i].rank > b->max_rank) b->max_rank = (int)a->pairs[i].rank;
     }
+    if (lora_binding_upload_new(&m->be, a, b, err)) {
+        GfStatus st = err->status;
+        lora_binding_free(b);
+        return st;
+    }
+    const LoraPair **slots[] = {b->text, b->vision};
+    size_t n_slots[] = {(size_t)b->n_layers * LORA_TEXT_SLOTS, (size_t)b->n_vision_layers * LORA_VISION_SLOTS};
+    for (int k = 0; k < 2; k++)
+        for (size_t i = 0; i < n_slots[k]; i++)
+            if (slots[k][i]) slots[k][i] = &b->pairs[slots[k][i] - a->pairs];
+    const LoraPair **one[] = {&b->ple_model_proj, &b->input_proj, &b->embed_proj};
+    for (int k = 0; k < 3; k++)
+        if (*one[k]) *one[k] = &b->pairs[*one[k] - a->pairs];
     return GF_OK;
 }
 
@@ -332,27 +401,6 @@ void lora_backward(const KnBackend *be, const LoraBinding *b, const LoraPair *p,
     be->ops->lora_shrink(&be->ctx, t, r, x, &s, 1, p->in, b->dropout.row);
     be->ops->lora_expand_dx(&be->ctx, gt, dy, t, r, &s, 1, p->out);
     be->ops->lora_shrink_dx(&be->ctx, dx, gt, r, x, &s, 1, p->in, b->dropout.row);
-}
-
-GfStatus lora_grads_alloc(LoraAdapter *a, GfError *err) {
-    if (a->grads) return GF_OK;
-    if (!a->params) return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "the adapter is not packed");
-    a->grads = gf_calloc(a->n_params ? a->n_params : 1, sizeof(float), err);
-    if (!a->grads) return GF_NO_MEMORY;
-    for (size_t i = 0; i < a->n_pairs; i++) {
-        LoraPair *p = &a->pairs[i];
-        p->dA = a->grads + (p->A - a->params);
-        p->dB = a->grads + (p->B - a->params);
-    }
-    return GF_OK;
-}
-
-void lora_grads_zero(LoraAdapter *a) {
-    for (size_t i = 0; i < a->n_pairs; i++) {
-        LoraPair *p = &a->pairs[i];
-        if (p->dA) memset(p->dA, 0, (size_t)(p->rank * p->in) * sizeof(float));
-        if (p->dB) memset(p->dB, 0, (size_t)(p->out * p->rank) * sizeof(float));
-    }
 }
 
 /* ---- create ---------------------------------------------------------------------- */

@@ -15,10 +15,12 @@
  * modules to the model's linears: a module the model does not have is an
  * error, never ignored.
  *
- * Ownership: LoraAdapter owns its tensors (and their gradients once
- * allocated for training); a LoraBinding points into one adapter and is
- * valid while it lives. Read-only after load when served: one adapter may be
- * used by many sequences at once. A trained adapter belongs to its trainer.
+ * Ownership: LoraAdapter owns its tensors in host memory; a LoraBinding
+ * owns the device copy it computes with (parameters, and gradients when
+ * training) and outlives nothing of the adapter. Read-only after load when
+ * served: one binding may be used by many sequences at once. A trained
+ * adapter's binding belongs to its trainer, which downloads the values
+ * before saving.
  */
 #ifndef GF_LORA_H
 #define GF_LORA_H
@@ -36,7 +38,7 @@ typedef struct {
     int64_t in, out, rank;
     float *A;                 /* [rank, in] */
     float *B;                 /* [out, rank] */
-    float *dA, *dB;           /* gradients of A and B (same shapes); NULL until lora_grads_alloc */
+    float *dA, *dB;           /* gradients of A and B (same shapes): a binding's pairs only (lora_binding_grads) */
     int index;                /* position in its adapter */
 } LoraPair;
 
@@ -48,9 +50,9 @@ typedef struct {
     float scale;              /* alpha / r or alpha / sqrt(r) */
     LoraPair *pairs;
     size_t n_pairs;
-    /* every pair's A then B, pair after pair, in one slab (the optimizer
-     * and the gradient norm run over it whole); the gradients likewise */
-    float *params, *grads;    /* [n_params]; grads NULL until lora_grads_alloc */
+    /* every pair's A then B, pair after pair, in one slab of host memory
+     * (the file's copy; a binding uploads it whole to the device) */
+    float *params;            /* [n_params] */
     size_t n_params;
 } LoraAdapter;
 
@@ -69,7 +71,11 @@ typedef struct {
     float *row;               /* scratch of 2 x the largest input width, owned by the trainer */
 } LoraDropout;
 
-/* Where each pair of an adapter applies; NULL = not adapted. */
+/* An adapter on a backend: its parameters uploaded into one device slab
+ * (and, for training, its gradients in another, same layout), its pairs
+ * copied with A, B (dA, dB) pointing there, and where each pair applies
+ * (NULL = not adapted). The adapter's host slab is not read again until
+ * lora_binding_download brings the device's values back. */
 struct LoraBinding {
     float scale;
     LoraDropout dropout;      /* training only; zero when serving */
@@ -78,6 +84,11 @@ struct LoraBinding {
     const LoraPair *ple_model_proj, *input_proj, *embed_proj;
     int n_layers, n_vision_layers;
     int max_rank;             /* largest rank bound (scratch sizing) */
+    const KnBackend *be;      /* where the slabs live */
+    LoraPair *pairs;          /* [n_pairs] the adapter's pairs, on the device */
+    size_t n_pairs, n_params;
+    float *params, *grads;    /* [n_params] device slabs; grads NULL until lora_binding_grads */
+    KnBuffer d_params, d_grads;
 };
 
 /* Moves every pair's A and B (separately allocated) into one slab
@@ -94,9 +105,24 @@ void lora_free(LoraAdapter *a);
  * must exist. target_modules lists the module names. */
 GfStatus lora_save_dir(const LoraAdapter *a, const char *dir, GfError *err);
 
-/* Resolves every pair of a to a linear of m. */
+/* Resolves every pair of a to a linear of m and uploads a's parameters to
+ * m's backend (GF_NO_MEMORY / GF_DEVICE when they do not fit). The binding
+ * does not refer to a afterwards. */
 GfStatus lora_bind(const Model *m, const LoraAdapter *a, LoraBinding *b, GfError *err);
+/* The device half of lora_bind alone (no model: no slots resolved), for
+ * the optimizer's tests. */
+GfStatus lora_binding_upload_new(const KnBackend *be, const LoraAdapter *a, LoraBinding *b, GfError *err);
 void lora_binding_free(LoraBinding *b);
+
+/* Training: a zeroed gradient slab (dA, dB of every pair); zero clears it. */
+GfStatus lora_binding_grads(LoraBinding *b, GfError *err);
+void lora_binding_zero_grads(LoraBinding *b);
+/* The device's parameters into a's host slab (a must be the adapter bound:
+ * same pairs), or a's host slab onto the device. */
+void lora_binding_download(const LoraBinding *b, LoraAdapter *a);
+void lora_binding_upload(const LoraBinding *b, const LoraAdapter *a);
+/* The gradients into host[n_params] (the params' layout). */
+void lora_binding_download_grads(const LoraBinding *b, float *host);
 
 /* The HF module name of a text or vision linear (for binding and for
  * creating adapters); returns 0, or -1 when the slot does not exist there
@@ -140,9 +166,6 @@ int64_t lora_max_in(const LoraAdapter *a);
 GfStatus lora_create(const Model *m, const char *const *targets, size_t n_targets, int rank, double alpha,
                      int use_rslora, uint64_t seed, LoraAdapter **out, GfError *err);
 
-/* Gradient buffers for every pair (zeroed); lora_grads_zero clears them. */
-GfStatus lora_grads_alloc(LoraAdapter *a, GfError *err);
-void lora_grads_zero(LoraAdapter *a);
 
 
 #endif

@@ -5,43 +5,57 @@
 #include <stdlib.h>
 #include <string.h>
 
-GfStatus adamw_init(AdamW *o, const LoraAdapter *a, double beta1, double beta2, double eps, double weight_decay,
+GfStatus adamw_init(AdamW *o, const LoraBinding *b, double beta1, double beta2, double eps, double weight_decay,
                     GfError *err) {
     memset(o, 0, sizeof *o);
     o->beta1 = beta1;
     o->beta2 = beta2;
     o->eps = eps;
     o->weight_decay = weight_decay;
-    o->n = a->n_params;
-    o->m = gf_calloc(o->n ? 2 * o->n : 1, sizeof(float), err);
-    if (!o->m) return GF_NO_MEMORY;
+    o->n = b->n_params;
+    if (b->be->ops->alloc(&b->be->ctx, &o->buf, (o->n ? 2 * o->n : 1) * sizeof(float), KN_F32, "the optimizer's moments",
+                          err))
+        return err->status;
+    o->be = b->be;
+    o->m = o->buf.data;
     o->v = o->m + o->n;
+    o->be->ops->memset(&o->be->ctx, o->m, 0, 2 * o->n * sizeof(float));
     return GF_OK;
 }
 
 void adamw_free(AdamW *o) {
-    free(o->m);
+    if (o->be) o->be->ops->free(&o->be->ctx, &o->buf);
     memset(o, 0, sizeof *o);
 }
 
-void adamw_step(AdamW *o, const KnBackend *be, LoraAdapter *a, double lr) {
+void adamw_download(const AdamW *o, float *m, float *v) {
+    o->be->ops->download(&o->be->ctx, m, o->m, o->n * sizeof(float));
+    o->be->ops->download(&o->be->ctx, v, o->v, o->n * sizeof(float));
+}
+
+void adamw_upload(AdamW *o, const float *m, const float *v) {
+    o->be->ops->upload(&o->be->ctx, o->m, m, o->n * sizeof(float));
+    o->be->ops->upload(&o->be->ctx, o->v, v, o->n * sizeof(float));
+}
+
+void adamw_step(AdamW *o, LoraBinding *b, double lr) {
     o->step++;
     double bc1 = 1.0 - pow(o->beta1, (double)o->step), bc2 = 1.0 - pow(o->beta2, (double)o->step);
     KnAdamW h = {(float)(1.0 - lr * o->weight_decay), (float)o->beta1, (float)o->beta2, (float)o->eps,
                  (float)(lr / bc1), (float)sqrt(bc2)};
-    be->ops->adamw(&be->ctx, a->params, a->grads, o->m, o->v, o->n, &h);
+    b->be->ops->adamw(&b->be->ctx, b->params, b->grads, o->m, o->v, o->n, &h);
 }
 
-double lora_grad_norm(const KnBackend *be, const LoraAdapter *a) {
+double lora_grad_norm(const LoraBinding *b) {
     double ss = 0.0;
-    be->ops->sq_norm(&be->ctx, &ss, a->grads, a->n_params);
+    b->be->ops->sq_norm(&b->be->ctx, &ss, b->grads, b->n_params);
     return sqrt(ss);
 }
 
-double lora_clip_grads(const KnBackend *be, LoraAdapter *a, double max_norm) {
-    double norm = lora_grad_norm(be, a);
+double lora_clip_grads(LoraBinding *b, double max_norm) {
+    double norm = lora_grad_norm(b);
     if (max_norm <= 0 || !(norm > max_norm)) return norm;
-    be->ops->scale(&be->ctx, a->grads, a->n_params, (float)(max_norm / (norm + 1e-6)));
+    b->be->ops->scale(&b->be->ctx, b->grads, b->n_params, (float)(max_norm / (norm + 1e-6)));
     return norm;
 }
 

@@ -26,7 +26,7 @@ struct Trainer {
     AdamW opt;
     int64_t step;              /* steps done */
     int64_t steps_per_epoch, total_steps, warmup_steps, per_step;
-    float *dropout_row;        /* LoRA dropout scratch (2 x the widest input) */
+    KnBuffer dropout_row;      /* LoRA dropout scratch (2 x the widest input, device) */
     uint32_t *order;           /* the current epoch's example order */
     int64_t order_epoch;       /* which epoch order holds, -1 = none */
 };
@@ -55,7 +55,7 @@ static void set_dropout(Trainer *t, int64_t step, int64_t k, int on) {
     if (!on || !(t->a->dropout > 0)) return;
     uint64_t s = t->cfg.seed ^ 0x5DEECE66Dull;
     uint64_t key = gf_splitmix64(&s) ^ ((uint64_t)step << 24 | (uint64_t)k); /* k < 2^24 (check_config) */
-    t->b.dropout = (LoraDropout){.p = (float)t->a->dropout, .key = gf_splitmix64(&key), .row = t->dropout_row};
+    t->b.dropout = (LoraDropout){.p = (float)t->a->dropout, .key = gf_splitmix64(&key), .row = t->dropout_row.data};
 }
 
 static GfStatus check_config(const TrainConfig *c, GfError *err) {
@@ -86,13 +86,15 @@ GfStatus trainer_new(Model *m, LoraAdapter *a, TrainSet *train, const TrainConfi
     if (!t) return GF_NO_MEMORY;
     *t = (Trainer){.m = m, .a = a, .train = train, .cfg = *cfg, .order_epoch = -1, .w_tokens = trainset_max_tokens(train)};
     plan(t);
+    const KnBackend *be = model_backend(m);
     GfStatus st = lora_bind(m, a, &t->b, err);
-    if (!st) st = lora_grads_alloc(a, err);
-    if (!st) st = adamw_init(&t->opt, a, 0.9, 0.999, 1e-8, cfg->weight_decay, err);
+    if (!st) st = lora_binding_grads(&t->b, err);
+    if (!st) st = adamw_init(&t->opt, &t->b, 0.9, 0.999, 1e-8, cfg->weight_decay, err);
     if (!st) st = grad_workspace_new(m, t->w_tokens, t->b.max_rank, &t->w, err);
     if (!st && !(t->order = gf_malloc(trainset_count(train) * sizeof *t->order, err))) st = GF_NO_MEMORY;
-    if (!st && a->dropout > 0 && !(t->dropout_row = gf_malloc((size_t)(2 * lora_max_in(a)) * sizeof(float), err)))
-        st = GF_NO_MEMORY;
+    if (!st && a->dropout > 0)
+        st = be->ops->alloc(&be->ctx, &t->dropout_row, (size_t)(2 * lora_max_in(a)) * sizeof(float), KN_F32,
+                            "the LoRA dropout scratch", err);
     if (st) {
         trainer_free(t);
         return st;
@@ -107,7 +109,8 @@ void trainer_free(Trainer *t) {
     adamw_free(&t->opt);
     lora_binding_free(&t->b);
     free(t->order);
-    free(t->dropout_row);
+    const KnBackend *be = model_backend(t->m);
+    be->ops->free(&be->ctx, &t->dropout_row);
     free(t);
 }
 
@@ -163,7 +166,7 @@ GfStatus trainer_step(Trainer *t, TrainStopFn stop, void *user, TrainStepInfo *i
     int64_t first, count, total = 0, tokens = 0;
     step_slice(t, t->step, &first, &count);
     for (int64_t k = 0; k < count; k++) total += trainset_targets(t->train, t->order[first + k]);
-    lora_grads_zero(t->a);
+    lora_binding_zero_grads(&t->b);
     for (int64_t k = 0; k < count; k++) {
         if (stop && stop(user)) return cancelled(err);
         size_t i = t->order[first + k];
@@ -177,14 +180,14 @@ GfStatus trainer_step(Trainer *t, TrainStopFn stop, void *user, TrainStepInfo *i
         tokens += trainset_tokens(t->train, i);
     }
     if (stop && stop(user)) return cancelled(err);
-    double norm = lora_grad_norm(model_backend(t->m), t->a);
+    double norm = lora_grad_norm(&t->b);
     if (!isfinite(loss_sum) || !isfinite(norm))
         return gf_error_set(err, GF_UNPROCESSABLE, "training_diverged", "hyperparameters.learning_rate",
                             "training diverged at step %lld: the %s is not finite; lower the learning rate",
                             (long long)t->step + 1, isfinite(loss_sum) ? "gradient" : "loss");
-    info->grad_norm = lora_clip_grads(model_backend(t->m), t->a, t->cfg.max_grad_norm);
+    info->grad_norm = lora_clip_grads(&t->b, t->cfg.max_grad_norm);
     info->lr = schedule_lr(t->cfg.schedule, t->cfg.lr, t->warmup_steps, t->total_steps, t->step);
-    adamw_step(&t->opt, model_backend(t->m), t->a, info->lr);
+    adamw_step(&t->opt, &t->b, info->lr);
     t->step++;
     info->step = t->step;
     info->total_steps = t->total_steps;
@@ -234,9 +237,14 @@ static void path_in(char *out, size_t cap, const char *dir, const char *name) { 
 static GfStatus save_moments(const Trainer *t, const char *dir, GfError *err) {
     char path[4096];
     path_in(path, sizeof path, dir, "optimizer.safetensors");
-    StWriteTensor ts[2] = {{"exp_avg", ST_F32, 1, {(uint64_t)t->opt.n}, t->opt.m},
-                           {"exp_avg_sq", ST_F32, 1, {(uint64_t)t->opt.n}, t->opt.v}};
-    return safetensors_write(path, ts, 2, err);
+    float *m = gf_malloc((t->opt.n ? 2 * t->opt.n : 1) * sizeof *m, err);
+    if (!m) return GF_NO_MEMORY;
+    adamw_download(&t->opt, m, m + t->opt.n);
+    StWriteTensor ts[2] = {{"exp_avg", ST_F32, 1, {(uint64_t)t->opt.n}, m},
+                           {"exp_avg_sq", ST_F32, 1, {(uint64_t)t->opt.n}, m + t->opt.n}};
+    GfStatus st = safetensors_write(path, ts, 2, err);
+    free(m);
+    return st;
 }
 
 /* The config and plan a checkpoint must match to be resumed. */
@@ -271,8 +279,12 @@ static GfStatus write_text(const char *path, const char *text, GfError *err) {
                                      "cannot write the checkpoint: %s", strerror(errno));
 }
 
-GfStatus trainer_save(const Trainer *t, const char *dir, GfError *err) {
+void trainer_adapter_download(Trainer *t) { lora_binding_download(&t->b, t->a); }
+void trainer_adapter_upload(Trainer *t) { lora_binding_upload(&t->b, t->a); }
+
+GfStatus trainer_save(Trainer *t, const char *dir, GfError *err) {
     char path[4096], sha_a[65], sha_o[65];
+    trainer_adapter_download(t);
     GfStatus st = lora_save_dir(t->a, dir, err);
     if (!st) st = save_moments(t, dir, err);
     if (!st) { path_in(path, sizeof path, dir, "adapter_model.safetensors"); st = trainer_file_digest(path, sha_a, err); }
@@ -400,8 +412,8 @@ GfStatus trainer_resume(Trainer *t, const char *dir, GfError *err) {
     if (!st) st = read_params(t, &ad, params, err);
     if (!st) {
         commit_params(t, params);
-        memcpy(t->opt.m, m, t->opt.n * sizeof(float));
-        memcpy(t->opt.v, v, t->opt.n * sizeof(float));
+        trainer_adapter_upload(t);
+        adamw_upload(&t->opt, m, v);
         t->opt.step = adam_step;
         t->step = step;
     }

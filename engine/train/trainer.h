@@ -96,12 +96,17 @@ GfStatus trainer_step(Trainer *t, TrainStopFn stop, void *user, TrainStepInfo *i
 GfStatus trainer_eval(Trainer *t, TrainSet *val, TrainStopFn stop, void *user, double *loss, GfError *err);
 
 /* Writes the checkpoint files into dir (existing, empty). */
-GfStatus trainer_save(const Trainer *t, const char *dir, GfError *err);
+GfStatus trainer_save(Trainer *t, const char *dir, GfError *err);
 /* Restores adapter weights, moments and step from a checkpoint directory
  * written by trainer_save for the same model, adapter shape, data and config.
  * GF_FORMAT when a file is damaged, GF_CONFLICT when it belongs to other
  * training; on error the trainer is unchanged. */
 GfStatus trainer_resume(Trainer *t, const char *dir, GfError *err);
+/* The adapter's parameters live on the model's device while it trains:
+ * download brings them into the LoraAdapter's host slab (before saving it
+ * or handing it over; trainer_save does it), upload sends host changes back. */
+void trainer_adapter_download(Trainer *t);
+void trainer_adapter_upload(Trainer *t);
 
 /* SHA-256 (lowercase hex) of a file. A checkpoint's trainer_state.json holds
  * the digests of its tensor files, so its digest identifies the whole

@@ -18,7 +18,8 @@
 typedef struct {
     Model *m;
     GradWorkspace *w;
-    LoraBinding b;
+    LoraAdapter *a;
+    LoraBinding b;            /* the adapter on the model's device */
     TrainSequence s;
 } Case;
 
@@ -30,14 +31,18 @@ static double loss_of(Case *c) {
     return sum;
 }
 
-/* Central difference of the summed loss in x[j] against the gradient g. */
-static void check_element(Case *c, float *x, float g, const char *what) {
-    float keep = *x, h = 4e-3f;
+/* Central difference of the summed loss in parameter j of the adapter's
+ * slab (changed on the host, then uploaded) against the gradient g. */
+static void check_element(Case *c, size_t j, float g, const char *what) {
+    float *x = &c->a->params[j], keep = *x, h = 4e-3f;
     *x = keep + h;
+    lora_binding_upload(&c->b, c->a);
     double up = loss_of(c);
     *x = keep - h;
+    lora_binding_upload(&c->b, c->a);
     double down = loss_of(c);
     *x = keep;
+    lora_binding_upload(&c->b, c->a);
     double fd = (up - down) / (2.0 * h);
     CHECK(fabs(fd - g) <= 0.03 * fabs(g) + 2e-3, "%s: gradient %.6f, central difference %.6f", what, g, fd);
 }
@@ -66,8 +71,9 @@ int main(void) {
             r = r * 6364136223846793005ull + 1442695040888963407ull;
             a->pairs[i].B[j] = (float)((double)(r >> 11) / 9007199254740992.0 - 0.5) * 0.2f;
         }
-    CHECK_STATUS(lora_grads_alloc(a, &err), GF_OK, err);
+    c.a = a;
     CHECK_STATUS(lora_bind(c.m, a, &c.b, &err), GF_OK, err);
+    CHECK_STATUS(lora_binding_grads(&c.b, &err), GF_OK, err);
     CHECK_STATUS(grad_workspace_new(c.m, N_TOK, 4, &c.w, &err), GF_OK, err);
     int32_t ids[N_TOK], labels[N_TOK];
     int64_t vocab = model_config(c.m)->text.vocab_size;
@@ -75,7 +81,10 @@ int main(void) {
     for (int i = 1; i < N_TOK; i++) ids[i] = (int32_t)(10 + (i * 37) % (vocab - 20));
     for (int i = 0; i < N_TOK; i++) labels[i] = i < 8 ? -100 : ids[i];
     c.s = (TrainSequence){.ids = ids, .labels = labels, .n = N_TOK};
-    float *row = malloc((size_t)(2 * lora_max_in(a)) * sizeof(float));
+    KnBuffer row_buf = {0};
+    CHECK_STATUS(model_device_alloc(c.m, &row_buf, (size_t)(2 * lora_max_in(a)) * sizeof(float), "dropout", &err), GF_OK,
+                 err);
+    float *row = row_buf.data;
 
     double plain = loss_of(&c);
     c.b.dropout = (LoraDropout){.p = 0.3f, .key = 1234, .row = row};
@@ -88,8 +97,10 @@ int main(void) {
 
     double sum;
     int64_t n;
-    lora_grads_zero(a);
+    lora_binding_zero_grads(&c.b);
     CHECK_STATUS(model_backward(c.m, c.w, &c.b, &c.s, 1.0f, &sum, &n, &err), GF_OK, err);
+    float *grads = malloc(a->n_params * sizeof *grads);
+    lora_binding_download_grads(&c.b, grads);
     CHECK(fabs(sum - dropped) <= 1e-9 * fabs(dropped), "the backward's loss is the dropout loss");
     /* text layers first, middle and last; their A and B */
     const char *names[] = {"model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.2.mlp.up_proj",
@@ -98,14 +109,16 @@ int main(void) {
         for (size_t i = 0; i < a->n_pairs; i++) {
             LoraPair *p = &a->pairs[i];
             if (strcmp(p->module, names[k]) != 0) continue;
-            int64_t ja = largest(p->dA, p->rank * p->in), jb = largest(p->dB, p->out * p->rank);
+            size_t oa = (size_t)(p->A - a->params), ob = (size_t)(p->B - a->params);
+            int64_t ja = largest(grads + oa, p->rank * p->in), jb = largest(grads + ob, p->out * p->rank);
             char what[256];
             snprintf(what, sizeof what, "%s.lora_A[%lld]", p->module, (long long)ja);
-            check_element(&c, &p->A[ja], p->dA[ja], what);
+            check_element(&c, oa + (size_t)ja, grads[oa + (size_t)ja], what);
             snprintf(what, sizeof what, "%s.lora_B[%lld]", p->module, (long long)jb);
-            check_element(&c, &p->B[jb], p->dB[jb], what);
+            check_element(&c, ob + (size_t)jb, grads[ob + (size_t)jb], what);
         }
-    free(row);
+    free(grads);
+    model_device_free(c.m, &row_buf);
     grad_workspace_free(c.w);
     lora_binding_free(&c.b);
     lora_free(a);

@@ -59,14 +59,20 @@ int main(void) {
     }
     CHECK(got == want && info.epoch == 1.0, "an epoch trains every example once (%lld of %lld tokens)", (long long)got,
           (long long)want);
-    /* a non-finite loss stops before the update */
+    /* a non-finite loss stops before the update (the adapter lives on the
+     * model's device while it trains: changes go up, values come down) */
+    trainer_adapter_download(t);
     float keep = a->pairs[0].A[0], other = a->pairs[1].B[0];
     a->pairs[0].A[0] = NAN;
+    trainer_adapter_upload(t);
     GfStatus st = trainer_step(t, NULL, NULL, &info, &err);
     CHECK(st == GF_UNPROCESSABLE && strcmp(err.code, "training_diverged") == 0 && strstr(err.message, "step 3"),
           "a NaN loss is refused: %s", err.message);
+    a->pairs[1].B[0] = -other;
+    trainer_adapter_download(t);
     CHECK(trainer_step_index(t) == 2 && a->pairs[1].B[0] == other, "nothing was updated");
     a->pairs[0].A[0] = keep;
+    trainer_adapter_upload(t);
     for (int s = 0; s < 2; s++) CHECK_STATUS(trainer_step(t, NULL, NULL, &info, &err), GF_OK, err);
     CHECK(trainer_done(t) && info.lr >= 0 && info.step == 4, "the plan is done after 4 steps");
     CHECK(trainer_step(t, NULL, NULL, &info, &err) == GF_CONFLICT, "a step past the plan is refused");
