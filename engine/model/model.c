@@ -71,6 +71,8 @@ GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfEr
 void model_close(Model *m) {
     if (!m) return;
     if (m->be.ops) m->be.ops->free(&m->be.ctx, &m->act);
+    if (m->be.ops) m->be.ops->free(&m->be.ctx, &m->vision_mem);
+    free(m->vision_idx);
     kn_backend_close(&m->be);
     free(m->tables.row0);
     free(m->tables.segs);

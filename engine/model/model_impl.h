@@ -25,6 +25,9 @@ struct Model {
     KnBackend be;                   /* op table + context of the device the model runs on */
     KnBuffer act;                   /* forward activations (device), grown to the largest batch seen */
     StepTables tables;              /* a batch's host index tables */
+    KnBuffer vision_mem;            /* the vision tower's buffers (device), grown to the largest image seen */
+    int32_t *vision_idx;            /* their host index staging */
+    size_t vision_idx_cap;
 };
 
 

@@ -166,8 +166,6 @@ typedef struct {
     int32_t *idx;             /* host staging of the tables: [8 N] ints + N bytes */
     int64_t n_soft;
     KnMask mask;
-    KnBuffer mem;
-    const KnBackend *be;
 } Tower;
 
 #define TOWER_BUFS 30
@@ -212,14 +210,20 @@ static GfStatus tower_alloc(Model *m, const LoraBinding *lora, int64_t N, int tr
                                 &t->dq, &t->dk, &t->dv, &t->s1, &t->s2, &t->s3, &t->lora_tmp, &b->xs, &b->pooled, &b->hn,
                                 &b->dhn, &b->pixels, &index};
     memset(b, 0, sizeof *b);
-    b->be = &m->be;
-    b->idx = gf_malloc((size_t)sizes[TOWER_BUFS - 1] * sizeof(int32_t), err);
-    if (!b->idx) return GF_NO_MEMORY;
-    if (m->be.ops->alloc(&m->be.ctx, &b->mem, total * sizeof(float), KN_F32, "the vision tower's buffers", err)) {
-        free(b->idx);
-        return err->status;
+    size_t idx_n = (size_t)sizes[TOWER_BUFS - 1];
+    if (idx_n > m->vision_idx_cap) { /* the context's buffers grow to the largest image seen, then stay */
+        int32_t *idx = gf_realloc(m->vision_idx, idx_n * sizeof *idx, err);
+        if (!idx) return GF_NO_MEMORY;
+        m->vision_idx = idx;
+        m->vision_idx_cap = idx_n;
     }
-    float *p = b->mem.data;
+    if (total * sizeof(float) > m->vision_mem.bytes) {
+        m->be.ops->free(&m->be.ctx, &m->vision_mem);
+        if (m->be.ops->alloc(&m->be.ctx, &m->vision_mem, total * sizeof(float), KN_F32, "the vision tower's buffers", err))
+            return err->status;
+    }
+    b->idx = m->vision_idx;
+    float *p = m->vision_mem.data;
     for (size_t i = 0; i < TOWER_BUFS; i++) {
         *bufs[i] = p;
         p += sizes[i];
@@ -235,10 +239,8 @@ static GfStatus tower_alloc(Model *m, const LoraBinding *lora, int64_t N, int tr
     return GF_OK;
 }
 
-static void tower_free(Tower *b) {
-    if (b->be) b->be->ops->free(&b->be->ctx, &b->mem);
-    free(b->idx);
-}
+/* The tower's memory is the context's (kept for the next image). */
+static void tower_free(Tower *b) { memset(b, 0, sizeof *b); }
 
 /* The index tables of an image from its positions pos[N, 2] (host), into
  * the host staging in the device layout; returns the soft-token count. */

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "jsoncheck.h"
+#include "loader.h"
 #include "safetensors.h"
 #include "sha256.h"
 
@@ -22,6 +23,7 @@ struct Trainer {
     TrainSet *train;
     TrainConfig cfg;
     GradWorkspace *w;
+    ExampleLoader *loader;     /* the next example, decoded while this one computes */
     int64_t w_tokens;          /* the workspace's capacity */
     AdamW opt;
     int64_t step;              /* steps done */
@@ -92,6 +94,7 @@ GfStatus trainer_new(Model *m, LoraAdapter *a, TrainSet *train, const TrainConfi
     if (!st) st = adamw_init(&t->opt, &t->b, 0.9, 0.999, 1e-8, cfg->weight_decay, err);
     if (!st) st = grad_workspace_new(m, t->w_tokens, t->b.max_rank, &t->w, err);
     if (!st && !(t->order = gf_malloc(trainset_count(train) * sizeof *t->order, err))) st = GF_NO_MEMORY;
+    if (!st) st = loader_start(&t->loader, err);
     if (!st && a->dropout > 0)
         st = be->ops->alloc(&be->ctx, &t->dropout_row, (size_t)(2 * lora_max_in(a)) * sizeof(float), KN_F32,
                             "the LoRA dropout scratch", err);
@@ -105,6 +108,7 @@ GfStatus trainer_new(Model *m, LoraAdapter *a, TrainSet *train, const TrainConfi
 
 void trainer_free(Trainer *t) {
     if (!t) return;
+    loader_stop(t->loader);
     grad_workspace_free(t->w);
     adamw_free(&t->opt);
     lora_binding_free(&t->b);
@@ -118,6 +122,13 @@ int64_t trainer_total_steps(const Trainer *t) { return t->total_steps; }
 int64_t trainer_steps_per_epoch(const Trainer *t) { return t->steps_per_epoch; }
 int64_t trainer_step_index(const Trainer *t) { return t->step; }
 int trainer_done(const Trainer *t) { return t->step >= t->total_steps; }
+
+void trainer_loader_stats(const Trainer *t, uint64_t *prefetched, uint64_t *on_demand) {
+    LoaderStats s;
+    loader_stats(t->loader, &s);
+    *prefetched = s.prefetched;
+    *on_demand = s.on_demand;
+}
 
 /* ---- a step -------------------------------------------------------------------- */
 
@@ -141,18 +152,28 @@ static GfStatus ensure_workspace(Trainer *t, int64_t n, GfError *err) {
     return GF_OK;
 }
 
-/* Forward (and backward when grad_scale > 0) of example i of set. */
-static GfStatus run_example(Trainer *t, TrainSet *set, size_t i, float grad_scale, double *loss, int64_t *targets,
-                            GfError *err) {
-    TrainExample ex;
+/* Forward (and backward when grad_scale > 0) of example i of set, the
+ * loader preparing example `next` of next_set (NULL: none known) meanwhile. */
+static GfStatus run_example(Trainer *t, TrainSet *set, size_t i, TrainSet *next_set, size_t next, float grad_scale,
+                            double *loss, int64_t *targets, GfError *err) {
+    const TrainExample *ex = NULL;
     GfStatus st = ensure_workspace(t, trainset_tokens(set, i), err);
-    if (!st) st = trainset_example(set, i, &ex, err);
+    if (!st) st = loader_get(t->loader, set, i, &ex, err);
+    if (!st && next_set) loader_prefetch(t->loader, next_set, next);
     if (st) return st;
-    st = grad_scale > 0 ? model_backward(t->m, t->w, &t->b, &ex.seq, grad_scale, loss, targets, err)
-                        : model_loss(t->m, t->w, &t->b, &ex.seq, loss, targets, err);
-    if (st) gf_error_wrap(err, "dataset", "line %llu", (unsigned long long)ex.line);
-    train_example_free(&ex);
+    st = grad_scale > 0 ? model_backward(t->m, t->w, &t->b, &ex->seq, grad_scale, loss, targets, err)
+                        : model_loss(t->m, t->w, &t->b, &ex->seq, loss, targets, err);
+    if (st) gf_error_wrap(err, "dataset", "line %llu", (unsigned long long)ex->line);
     return st;
+}
+
+/* The first example of the step after this one when it is in the same
+ * epoch (its order is known), else 0 with nothing in *i. */
+static int next_step_first(const Trainer *t, size_t *i) {
+    int64_t s = t->step + 1;
+    if (s >= t->total_steps || s / t->steps_per_epoch != t->order_epoch) return 0;
+    *i = t->order[(s % t->steps_per_epoch) * t->per_step];
+    return 1;
 }
 
 static GfStatus cancelled(GfError *err) {
@@ -172,8 +193,10 @@ GfStatus trainer_step(Trainer *t, TrainStopFn stop, void *user, TrainStepInfo *i
         size_t i = t->order[first + k];
         double l;
         int64_t n;
+        size_t next = 0;
+        int has_next = k + 1 < count ? (next = t->order[first + k + 1], 1) : next_step_first(t, &next);
         set_dropout(t, t->step, k, 1);
-        GfStatus st = run_example(t, t->train, i, 1.0f / (float)total, &l, &n, err);
+        GfStatus st = run_example(t, t->train, i, has_next ? t->train : NULL, next, 1.0f / (float)total, &l, &n, err);
         set_dropout(t, 0, 0, 0);
         if (st) return st;
         loss_sum += l;
@@ -206,7 +229,7 @@ GfStatus trainer_eval(Trainer *t, TrainSet *val, TrainStopFn stop, void *user, d
         if (stop && stop(user)) return cancelled(err);
         double l;
         int64_t n;
-        if (run_example(t, val, i, 0.0f, &l, &n, err)) return err->status;
+        if (run_example(t, val, i, i + 1 < trainset_count(val) ? val : NULL, i + 1, 0.0f, &l, &n, err)) return err->status;
         sum += l;
         targets += n;
     }

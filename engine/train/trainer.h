@@ -87,6 +87,10 @@ int64_t trainer_total_steps(const Trainer *t);
 int64_t trainer_steps_per_epoch(const Trainer *t);
 int64_t trainer_step_index(const Trainer *t);   /* steps done */
 int trainer_done(const Trainer *t);
+/* Examples the loader thread had ready (or in progress) when the step asked
+ * for them, and examples decoded only then (the first of a run, of an
+ * epoch, of an evaluation). */
+void trainer_loader_stats(const Trainer *t, uint64_t *prefetched, uint64_t *on_demand);
 
 /* One optimizer step. GF_CANCELLED when stop asked for it (nothing changed). */
 GfStatus trainer_step(Trainer *t, TrainStopFn stop, void *user, TrainStepInfo *info, GfError *err);

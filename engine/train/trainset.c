@@ -395,9 +395,17 @@ static GfStatus fetch_images(TrainSet *t, const Entry *e, TrainExample *ex, GfEr
     if (!st) st = parse_conversation(text, e->len, e->line, &c, err);
     if (!st && c.n_images != e->n_images) st = bad(err, e->line, "the dataset changed on disk while training");
     ex->seq.n_patches = P;
-    if (!st && (!(ex->pixels = gf_malloc((size_t)(e->n_images * P * D) * sizeof(float), err)) ||
-                !(ex->positions = gf_malloc((size_t)(e->n_images * P * 2) * sizeof(int32_t), err))))
-        st = GF_NO_MEMORY;
+    size_t np = (size_t)(e->n_images * P * D), nq = (size_t)(e->n_images * P * 2);
+    if (!st && np > ex->pixels_cap) { /* the example's buffers grow to the most images seen, then stay */
+        float *px = gf_realloc(ex->pixels, np * sizeof *px, err);
+        if (px) ex->pixels = px, ex->pixels_cap = np;
+        else st = GF_NO_MEMORY;
+    }
+    if (!st && nq > ex->positions_cap) {
+        int32_t *pq = gf_realloc(ex->positions, nq * sizeof *pq, err);
+        if (pq) ex->positions = pq, ex->positions_cap = nq;
+        else st = GF_NO_MEMORY;
+    }
     for (int k = 0; !st && k < e->n_images; k++)
         if ((st = fetch_image(t, c.refs[k], ex, k, err))) st = bad_line(err, e->line);
     free(text);
@@ -406,17 +414,19 @@ static GfStatus fetch_images(TrainSet *t, const Entry *e, TrainExample *ex, GfEr
 }
 
 GfStatus trainset_example(TrainSet *t, size_t i, TrainExample *ex, GfError *err) {
+    TrainExample keep = *ex; /* its buffers, reused */
     memset(ex, 0, sizeof *ex);
+    ex->pixels = keep.pixels;
+    ex->positions = keep.positions;
+    ex->pixels_cap = keep.pixels_cap;
+    ex->positions_cap = keep.positions_cap;
     const Entry *e = &t->e[i];
     ex->line = e->line;
     ex->seq = (TrainSequence){.ids = t->ids + e->tok0, .labels = t->labels + e->tok0, .mm_type = t->mm + e->tok0,
                               .n = e->n, .n_images = e->n_images};
     if (e->n_images == 0) return GF_OK;
     GfStatus st = fetch_images(t, e, ex, err);
-    if (st) {
-        train_example_free(ex);
-        return st;
-    }
+    if (st) return st;
     ex->seq.pixels = ex->pixels;
     ex->seq.positions = ex->positions;
     return GF_OK;

@@ -37,6 +37,7 @@ typedef struct {
     TrainSequence seq;        /* views into the set, pixels into this example */
     float *pixels;            /* [n_images, n_patches, 3 p^2] owned, or NULL */
     int32_t *positions;       /* [n_images, n_patches, 2] owned, or NULL */
+    size_t pixels_cap, positions_cap; /* their capacity (elements) */
     uint64_t line;            /* 1-based line of the JSONL */
 } TrainExample;
 
@@ -56,7 +57,9 @@ uint64_t trainset_line(const TrainSet *t, size_t i);
 /* The encoded ids and labels of example i (valid while t lives). */
 void trainset_tokens_of(const TrainSet *t, size_t i, const int32_t **ids, const int32_t **labels, int64_t *n);
 
-/* Example i with its images decoded and preprocessed. */
+/* Example i with its images decoded and preprocessed into ex, whose pixel
+ * buffers are reused (grown only when too small): zero ex before its first
+ * use, free it with train_example_free. */
 GfStatus trainset_example(TrainSet *t, size_t i, TrainExample *ex, GfError *err);
 void train_example_free(TrainExample *ex);
 

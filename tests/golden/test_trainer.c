@@ -76,6 +76,11 @@ int main(void) {
     for (int s = 0; s < 2; s++) CHECK_STATUS(trainer_step(t, NULL, NULL, &info, &err), GF_OK, err);
     CHECK(trainer_done(t) && info.lr >= 0 && info.step == 4, "the plan is done after 4 steps");
     CHECK(trainer_step(t, NULL, NULL, &info, &err) == GF_CONFLICT, "a step past the plan is refused");
+    uint64_t ahead, on_demand;
+    trainer_loader_stats(t, &ahead, &on_demand);
+    /* on demand: the run's first example, the refused step's, its retry's */
+    CHECK(on_demand == 3 && ahead == 7 + 4 + 7 - 3, "examples decoded ahead by the loader: %llu, on demand %llu",
+          (unsigned long long)ahead, (unsigned long long)on_demand);
     trainer_free(t);
     lora_free(a);
     trainset_close(set);
