@@ -123,7 +123,7 @@ void gf_alloc_fail_after(long n) {
 long gf_alloc_failures(void) { return atomic_load(&g_alloc_refused); }
 
 /* 1 when the test hook refuses this allocation. */
-static int hook_refuses(void) {
+int gf_alloc_hook_refuses(void) {
     long left = atomic_load(&g_alloc_budget);
     while (left >= 0) {
         if (left == 0) {
@@ -136,19 +136,19 @@ static int hook_refuses(void) {
 }
 
 void *gf_malloc(size_t n, GfError *err) {
-    void *p = hook_refuses() ? NULL : malloc(n ? n : 1);
+    void *p = gf_alloc_hook_refuses() ? NULL : malloc(n ? n : 1);
     if (!p) gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory (%zu bytes)", n);
     return p;
 }
 
 void *gf_calloc(size_t count, size_t size, GfError *err) {
-    void *p = hook_refuses() ? NULL : calloc(count ? count : 1, size ? size : 1);
+    void *p = gf_alloc_hook_refuses() ? NULL : calloc(count ? count : 1, size ? size : 1);
     if (!p) gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
     return p;
 }
 
 void *gf_realloc(void *p, size_t n, GfError *err) {
-    void *q = hook_refuses() ? NULL : realloc(p, n ? n : 1);
+    void *q = gf_alloc_hook_refuses() ? NULL : realloc(p, n ? n : 1);
     if (!q) gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory (%zu bytes)", n);
     return q;
 }

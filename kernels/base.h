@@ -93,11 +93,15 @@ void *gf_malloc(size_t n, GfError *err);
 void *gf_calloc(size_t count, size_t size, GfError *err);
 /* Test hook, as SQLite's malloc-failure loop: after n more successful
  * allocations, every gf_malloc / gf_calloc / gf_realloc / gf_strdup fails
- * (as out of memory) until it is called again with n < 0. The only global
+ * (as out of memory), and so does device memory (every backend's alloc),
+ * until it is called again with n < 0. The only global
  * besides the log settings; tests set it while one thread allocates. */
 void gf_alloc_fail_after(long n);
 /* Allocations refused by the hook since it was last set. */
 long gf_alloc_failures(void);
+/* 1 when the hook refuses the allocation about to be made (counted as
+ * refused): allocators outside this file (device memory) ask it too. */
+int gf_alloc_hook_refuses(void);
 
 /* realloc that sets err to GF_NO_MEMORY on failure (p is then untouched). */
 void *gf_realloc(void *p, size_t n, GfError *err);

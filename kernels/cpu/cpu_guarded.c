@@ -118,7 +118,7 @@ static GfStatus g_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype d
     Guard *g = guard_of(ctx);
     memset(buf, 0, sizeof *buf);
     size_t len = bytes > SIZE_MAX - g->page ? 0 : (bytes + g->page - 1) / g->page * g->page;
-    GuardBuf *b = len ? take_chunk(g, len) : NULL;
+    GuardBuf *b = len && !gf_alloc_hook_refuses() ? take_chunk(g, len) : NULL;
     if (!b)
         return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory for %s (%zu bytes)", what, bytes);
     b->used = 1;
