@@ -13,14 +13,78 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define ARENA_CHUNK ((size_t)1 << 20)
+
+/* A new mapping of size bytes (page-rounded) recorded in the arena. */
+static void *new_chunk(GemmaWeights *gw, size_t size, GfError *err) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size = (size + page - 1) / page * page;
+    if (gw->n_chunks == gw->cap_chunks) {
+        size_t cap = gw->cap_chunks ? 2 * gw->cap_chunks : 64;
+        WeightsChunk *c = gf_realloc(gw->chunks, cap * sizeof *c, err);
+        if (!c) return NULL;
+        gw->chunks = c;
+        gw->cap_chunks = cap;
+    }
+    void *p = gf_alloc_hook_refuses() ? MAP_FAILED : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory for the weights (%zu bytes)", size);
+        return NULL;
+    }
+    gw->chunks[gw->n_chunks++] = (WeightsChunk){p, size};
+    return p;
+}
+
+/* bytes (64-aligned) of the arena: large arrays get a mapping of their own
+ * (which arena_release can give back), small ones share 1 MiB chunks. */
+static void *arena_take(GemmaWeights *gw, size_t bytes, GfError *err) {
+    bytes = (bytes + 63) & ~(size_t)63;
+    if (bytes >= ARENA_CHUNK / 4) return new_chunk(gw, bytes, err);
+    if (bytes > gw->cur_left) {
+        if (!(gw->cur = new_chunk(gw, ARENA_CHUNK, err))) return NULL;
+        gw->cur_left = ARENA_CHUNK;
+    }
+    void *p = gw->cur;
+    gw->cur += bytes;
+    gw->cur_left -= bytes;
+    return p;
+}
+
+/* Gives back p's mapping when it has one of its own; 1 if it did. */
+static int arena_release(GemmaWeights *gw, const void *p) {
+    for (size_t i = 0; i < gw->n_chunks; i++)
+        if (gw->chunks[i].base == p) {
+            munmap(gw->chunks[i].base, gw->chunks[i].size);
+            gw->chunks[i] = gw->chunks[--gw->n_chunks];
+            return 1;
+        }
+    return 0;
+}
+
+/* 1 when p lies in the arena (a widened copy), not in the checkpoint. */
+static int in_arena(const GemmaWeights *gw, const void *p) {
+    const uint8_t *q = p;
+    for (size_t i = 0; i < gw->n_chunks; i++)
+        if (q >= (const uint8_t *)gw->chunks[i].base && q < (const uint8_t *)gw->chunks[i].base + gw->chunks[i].size)
+            return 1;
+    return 0;
+}
+
+/* Once opened, nothing may write the weights: every chunk read-only (the
+ * checkpoint's mapping already is). */
+static void arena_seal(GemmaWeights *gw) {
+    for (size_t i = 0; i < gw->n_chunks; i++) mprotect(gw->chunks[i].base, gw->chunks[i].size, PROT_READ);
+    gw->cur = NULL;
+    gw->cur_left = 0;
+}
 
 static float *weights_new_floats(GemmaWeights *gw, size_t n, GfError *err) {
-    void **list = gf_realloc(gw->owned, (gw->n_owned + 1) * sizeof *list, err);
-    if (!list) return NULL;
-    gw->owned = list;
-    float *p = gf_calloc(n ? n : 1, sizeof *p, err);
+    float *p = arena_take(gw, (n ? n : 1) * sizeof *p, err);
     if (!p) return NULL;
-    gw->owned[gw->n_owned++] = p;
+    memset(p, 0, n * sizeof *p);
     gw->resident_bytes += n * sizeof *p;
     return p;
 }
@@ -398,15 +462,22 @@ static GfStatus measure_linears(GemmaWeights *gw, GfError *err) {
     return GF_OK;
 }
 
-/* Frees an owned (widened) array once nothing points at it. */
-static void drop_owned(GemmaWeights *gw, const void *p, uint64_t bytes) {
-    for (size_t i = 0; i < gw->n_owned; i++)
-        if (gw->owned[i] == p) {
-            free(gw->owned[i]);
-            gw->owned[i] = gw->owned[--gw->n_owned];
-            gw->resident_bytes -= bytes;
-            return;
-        }
+/* q's arrays moved into the arena (read-only with the rest). */
+static GfStatus nf4_to_arena(GemmaWeights *gw, KnNf4 *q, GfError *err) {
+    size_t nc = (size_t)(q->n + 1) / 2, na = (size_t)q->n_blocks, ns = (size_t)q->n_groups * sizeof(float);
+    uint8_t *c = arena_take(gw, nc ? nc : 1, err);
+    int8_t *a = c ? arena_take(gw, na ? na : 1, err) : NULL;
+    float *g = a ? arena_take(gw, ns ? ns : 1, err) : NULL;
+    if (!g) return GF_NO_MEMORY;
+    memcpy(c, q->codes, nc);
+    memcpy(a, q->absmax_q, na);
+    memcpy(g, q->group_scale, ns);
+    KnNf4 old = *q;
+    kn_nf4_free(&old);
+    q->codes = c;
+    q->absmax_q = a;
+    q->group_scale = g;
+    return GF_OK;
 }
 
 static GfStatus quantize_linears(GemmaWeights *gw, GfError *err) {
@@ -420,12 +491,16 @@ static GfStatus quantize_linears(GemmaWeights *gw, GfError *err) {
         KnMatrix *w = slots[i];
         st = kn_nf4_quantize(&gw->nf4[i], *w, err);
         if (st) break;
+        if ((st = nf4_to_arena(gw, &gw->nf4[i], err))) {
+            kn_nf4_free(&gw->nf4[i]);
+            break;
+        }
         gw->n_nf4 = i + 1;
         uint64_t stored = linears_bytes(&w, 1);
-        /* the stored matrix is no longer read: a widened copy is freed,
-         * mapped pages stop counting */
-        if (w->dtype == KN_F32) drop_owned(gw, w->data, stored);
-        gw->resident_bytes += nf4_bytes(w->rows * w->cols) - stored;
+        /* the stored matrix is no longer read: a widened copy's mapping is
+         * given back, the checkpoint's pages stop counting */
+        if (!in_arena(gw, w->data) || arena_release(gw, w->data)) gw->resident_bytes -= stored;
+        gw->resident_bytes += nf4_bytes(w->rows * w->cols);
         *w = kn_nf4_matrix(&gw->nf4[i], 0, w->rows, w->cols);
     }
     free(slots);
@@ -439,10 +514,9 @@ static void weights_free(GemmaWeights *gw) {
         atomic_fetch_sub(&gw->gauge->bytes, gw->resident_bytes);
         atomic_fetch_sub(&gw->gauge->copies, 1);
     }
-    for (size_t i = 0; i < gw->n_owned; i++) free(gw->owned[i]);
-    for (size_t i = 0; i < gw->n_nf4; i++) kn_nf4_free(&gw->nf4[i]);
-    free(gw->nf4);
-    free(gw->owned);
+    for (size_t i = 0; i < gw->n_chunks; i++) munmap(gw->chunks[i].base, gw->chunks[i].size);
+    free(gw->chunks);
+    free(gw->nf4); /* their payloads were in the arena */
     for (size_t s = 0; gw->claimed && s < gw->dir.n_shards; s++) free(gw->claimed[s]);
     free(gw->claimed);
     free(gw->layers);
@@ -467,6 +541,7 @@ GfStatus weights_open(const char *dir, ModelQuant quant, WeightsGauge *gauge, Ge
         weights_free(gw);
         return st;
     }
+    arena_seal(gw);
     if ((gw->gauge = gauge)) {
         atomic_fetch_add(&gauge->bytes, gw->resident_bytes);
         atomic_fetch_add(&gauge->copies, 1);

@@ -48,6 +48,12 @@ typedef struct {
     float *pool_grad_scale;         /* [d] sqrt(d) / k^2 (times std_scale when standardizing) */
 } VisionWeights;
 
+/* A mapping of the weights' arena, read-only once the weights are open. */
+typedef struct {
+    void *base;
+    size_t size;
+} WeightsChunk;
+
 struct GemmaWeights {
     atomic_int refs;
     ModelQuant quant;
@@ -61,10 +67,12 @@ struct GemmaWeights {
     float *ple_norm, *final_norm;
     Layer *layers;
     VisionWeights vision;           /* bound when config.json has vision_config */
-    void **owned;                   /* widened copies */
-    struct KnNf4 *nf4;              /* QLoRA: the quantized linears the KnMatrix views point at */
+    WeightsChunk *chunks;           /* the arena: every array the weights own (widened, NF4, derived) */
+    size_t n_chunks, cap_chunks;
+    uint8_t *cur;                   /* the open chunk's free space */
+    size_t cur_left;
+    struct KnNf4 *nf4;              /* QLoRA: the quantized linears the KnMatrix views point at (payloads in the arena) */
     size_t n_nf4;
-    size_t n_owned;
     uint8_t **claimed;              /* per shard, per tensor */
     char prefix[32];                /* "model.language_model." or "model." */
 };
