@@ -341,8 +341,12 @@ static enum MHD_Result post_iterator(void *cls, enum MHD_ValueKind kind, const c
         gf_error_set(&q->fail, GF_INVALID, "invalid_multipart", NULL, "a form field has an invalid name");
         return MHD_NO;
     }
-    /* MHD reports each part's value in chunks; off == 0 starts a new part. */
-    int new_part = off == 0 || q->n_parts == 0 || strcmp(q->part_names[q->n_parts - 1], key) != 0;
+    /* MHD reports each part's value in chunks at their offset, and when the
+     * bytes arrive split it may report a part again at offset 0 with
+     * nothing in it: a chunk continues the last part when it has the same
+     * name and starts where that part ends. */
+    int new_part = q->n_parts == 0 || strcmp(q->part_names[q->n_parts - 1], key) != 0 ||
+                   off != q->parts[q->n_parts - 1].size;
     if (new_part && open_part(q, key, filename != NULL, &q->fail)) return MHD_NO;
     if (q->idem_key[0]) { /* the parts' names and bytes, not the random boundary */
         if (new_part) gf_sha256_update(&q->idem_hash, key, strlen(key) + 1);

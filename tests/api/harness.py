@@ -105,6 +105,34 @@ class Server:
         finally:
             s.close()
 
+    def send_pieces(self, method, path, body, content_type, cuts, pause=0.001, key=KEY, timeout=30):
+        """Sends one request whose body goes out in pieces, split at the given
+        offsets with a pause between them (so the server reads them apart);
+        returns (status, body) of the answer."""
+        head = ("%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\nContent-Type: %s\r\n"
+                "Content-Length: %d\r\nConnection: close\r\n\r\n" % (method, path, self.port, key, content_type,
+                                                                       len(body))).encode()
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(head)
+            last = 0
+            for c in list(cuts) + [len(body)]:
+                if c > last:
+                    s.sendall(body[last:c])
+                    last = c
+                    time.sleep(pause)
+            out = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        finally:
+            s.close()
+        head, _, payload = out.partition(b"\r\n\r\n")
+        return int(head.split(b" ", 2)[1]), payload
+
     # ---- persistence checks -------------------------------------------
     def db(self):
         return sqlite3.connect("file:%s/gemmaforge.db?mode=ro" % self.data, uri=True, timeout=10)
