@@ -45,6 +45,8 @@ typedef struct {
     int status;                /* HTTP status sent */
     uint64_t body_max, received;
     GfError fail;              /* set when the body phase failed */
+    GfError early;             /* refused from its head, answered once its body is read (refuse()) */
+    char early_allow[64];
     /* JSON body */
     char *body;
     size_t body_len, body_cap;
@@ -138,6 +140,36 @@ static enum MHD_Result send_error(struct MHD_Connection *c, Req *q, const GfErro
 
 /* ---- admission: host, route, key, size, type ------------------------- */
 
+static long long declared_length(struct MHD_Connection *c) {
+    const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+    return cl ? strtoll(cl, NULL, 10) : -1;
+}
+
+/* A body this size or smaller is read and dropped before a refusal is
+ * answered, so the client, still sending, reads the answer rather than a
+ * reset connection (nginx's lingering close); a larger one, or a client
+ * that asked `Expect: 100-continue` (it sends nothing until told), gets the
+ * answer at once, and so does a declared length over the route's cap (413
+ * before the body, RELIABILITY.md H8). */
+#define LINGER_MAX ((long long)16 << 20)
+
+static int sends_body(struct MHD_Connection *c) {
+    long long len = declared_length(c);
+    const char *te = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Transfer-Encoding");
+    return len > 0 || (te && strcasecmp(te, "chunked") == 0);
+}
+
+/* Answers err now, or records it to answer after the body (see LINGER_MAX). */
+static enum MHD_Result refuse(struct MHD_Connection *c, Req *q, const GfError *err, const char *allow) {
+    const char *expect = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Expect");
+    long long len = declared_length(c);
+    if (!sends_body(c) || (expect && strcasecmp(expect, "100-continue") == 0) || len > LINGER_MAX)
+        return send_error(c, q, err, allow, 1);
+    q->early = *err;
+    snprintf(q->early_allow, sizeof q->early_allow, "%s", allow ? allow : "");
+    return MHD_YES;
+}
+
 static int host_allowed(const HttpdConfig *cfg, const char *host) {
     if (!host || !*host || strpbrk(host, "/?#\\@ ")) return 0;
     char name[256];
@@ -184,11 +216,6 @@ static int content_type_is(struct MHD_Connection *c, const char *want) {
 }
 
 /* Declared Content-Length, or -1 when absent (chunked). */
-static long long declared_length(struct MHD_Connection *c) {
-    const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
-    return cl ? strtoll(cl, NULL, 10) : -1;
-}
-
 static enum MHD_Result post_iterator(void *cls, enum MHD_ValueKind kind, const char *key, const char *filename,
                                      const char *content_type, const char *transfer_encoding, const char *data,
                                      uint64_t off, size_t size);
@@ -232,7 +259,7 @@ static int admit(Req *q, struct MHD_Connection *c, const char *url, enum MHD_Res
     const char *host = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Host");
     if (!host_allowed(h->cfg, host)) {
         gf_error_set(&err, GF_INVALID, "invalid_host", NULL, "the Host header is not one this server answers to");
-        *ret = send_error(c, q, &err, NULL, 1);
+        *ret = refuse(c, q, &err, NULL);
         return 1;
     }
     if (static_files_match(q->method, url)) { q->route_index = -2; return 0; }
@@ -240,14 +267,14 @@ static int admit(Req *q, struct MHD_Connection *c, const char *url, enum MHD_Res
     if (rr != ROUTER_FOUND) {
         if (rr == ROUTER_BAD_METHOD) gf_error_set(&err, GF_INVALID, "method_not_allowed", NULL, "method %s is not allowed here", q->method);
         else gf_error_set(&err, GF_NOT_FOUND, "not_found", NULL, "no such route");
-        *ret = send_error(c, q, &err, rr == ROUTER_BAD_METHOD ? allow : NULL, 0);
+        *ret = refuse(c, q, &err, rr == ROUTER_BAD_METHOD ? allow : NULL);
         return 1;
     }
     q->route_index = (int)(q->route - API_ROUTES);
-    if (q->route->needs_auth && check_key(h->cfg, c, &err)) { *ret = send_error(c, q, &err, NULL, 1); return 1; }
+    if (q->route->needs_auth && check_key(h->cfg, c, &err)) { *ret = refuse(c, q, &err, NULL); return 1; }
     q->body_max = q->route->body == BODY_NONE ? NO_BODY_MAX : api_route_body_max(h->api, q->route);
     long long len = declared_length(c);
-    if (len > 0 && (unsigned long long)len > q->body_max) {
+    if (len > 0 && (unsigned long long)len > q->body_max) { /* answered before the body (RELIABILITY.md H8) */
         gf_error_set(&err, GF_TOO_LARGE, "request_too_large", NULL, "the body is %lld bytes; this route accepts at most %llu",
                      len, (unsigned long long)q->body_max);
         *ret = send_error(c, q, &err, NULL, 1);
@@ -258,15 +285,15 @@ static int admit(Req *q, struct MHD_Connection *c, const char *url, enum MHD_Res
     if (is_json || is_mp) {
         gf_error_set(&err, GF_UNSUPPORTED, "unsupported_media_type", NULL, "Content-Type must be %s",
                      is_json ? "application/json" : "multipart/form-data");
-        *ret = send_error(c, q, &err, NULL, 1);
+        *ret = refuse(c, q, &err, NULL);
         return 1;
     }
     if (q->route->idempotent && read_idempotency_key(q, c, &err)) {
-        *ret = send_error(c, q, &err, NULL, 1);
+        *ret = refuse(c, q, &err, NULL);
         return 1;
     }
     if (q->route->body == BODY_MULTIPART && start_multipart(q, c, &err)) {
-        *ret = send_error(c, q, &err, NULL, 1);
+        *ret = refuse(c, q, &err, NULL);
         return 1;
     }
     return 0;
@@ -585,6 +612,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         enum MHD_Result ret = MHD_YES;
         if (admit(q, c, url, &ret)) return ret;
         return MHD_YES;
+    }
+    if (q->early.status) { /* refused from its head: the body is dropped, then the answer goes */
+        if (!*upload_data_size) return send_error(c, q, &q->early, q->early_allow[0] ? q->early_allow : NULL, 1);
+        q->received += *upload_data_size;
+        *upload_data_size = 0;
+        return q->received > (uint64_t)LINGER_MAX ? MHD_NO : MHD_YES;
     }
     if (*upload_data_size) {
         /* A failed body is discarded up to the route's cap and answered at

@@ -225,6 +225,54 @@ def t_multipart_split_anywhere(srv):
     assert srv.snapshot() == before, "a refused upload left something behind"
 
 
+def raw_upload(srv, path, body, headers):
+    """Sends a whole request over one socket, body included, then reads the
+    answer: (status, json) or the exception a client would have hit."""
+    head = "POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: %d\r\n%s\r\n" % (
+        path, srv.port, len(body), "".join("%s: %s\r\n" % kv for kv in headers.items()))
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    try:
+        s.sendall(head.encode())
+        s.sendall(body)
+        out = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    except OSError as e:
+        return e
+    finally:
+        s.close()
+    h, _, payload = out.partition(b"\r\n\r\n")
+    return int(h.split(b" ", 2)[1]), json.loads(payload)
+
+
+def t_refusals_reach_clients_still_sending(srv):
+    """An upload refused from its head (401, 404, 405, 415) is read to its end
+    before the answer goes, so a client that sends its whole body before
+    reading (Node's fetch, the OpenAI SDK) gets the JSON error, not a reset
+    connection; with Expect: 100-continue the answer comes at once."""
+    body, ctype = multipart([("file", "data.jsonl", b"x" * (3 << 20))])
+    auth = {"Authorization": "Bearer " + KEY, "Content-Type": ctype}
+    cases = [("/v1/datasets", dict(auth, Authorization="Bearer wrong"), 401, "invalid_api_key"),
+             ("/v1/files-not-here", auth, 404, "not_found"),
+             ("/v1/models", auth, 405, "method_not_allowed"),
+             ("/v1/datasets", dict(auth, **{"Content-Type": "text/plain"}), 415, "unsupported_media_type")]
+    for path, headers, status, code in cases:
+        got = raw_upload(srv, path, body, headers)
+        assert not isinstance(got, Exception), (path, status, "the client saw %r" % got)
+        assert got[0] == status and got[1]["error"]["code"] == code, (path, got)
+    # asked to wait for 100 Continue, the client is answered before it sends anything
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    s.sendall(("POST /v1/datasets HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer wrong\r\n"
+               "Content-Type: %s\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n" % (srv.port, ctype, len(body))).encode())
+    first = s.recv(65536)
+    s.close()
+    assert first.startswith(b"HTTP/1.1 401"), first[:80]
+    assert srv.alive()
+
+
 def t_metrics(srv):
     r = expect(srv.get("/metrics"), 200)
     text = r.body.decode()
