@@ -110,6 +110,7 @@ GfStatus adapters_get(Api *, const HttpReq *, HttpResp *);
 GfStatus adapters_delete(Api *, const HttpReq *, HttpResp *);
 GfStatus adapters_download(Api *, const HttpReq *, HttpResp *);
 GfStatus models_list(Api *, const HttpReq *, HttpResp *);
+GfStatus models_get(Api *, const HttpReq *, HttpResp *);
 GfStatus not_built(Api *, const HttpReq *, HttpResp *);
 GfStatus chat_completions_create(Api *, const HttpReq *, HttpResp *);
 GfStatus infer_create(Api *, const HttpReq *, HttpResp *);

@@ -31,6 +31,7 @@ const Route API_ROUTES[] = {
     {"GET", "/v1/adapters/{name}/download", adapters_download, 1, BODY_NONE, 0, "GET /v1/adapters/{name}/download", 0},
     {"POST", "/v1/adapters/{name}/merge", not_built, 1, BODY_JSON, 0, "POST /v1/adapters/{name}/merge", 0},
     {"GET", "/v1/models", models_list, 1, BODY_NONE, 0, "GET /v1/models", 0},
+    {"GET", "/v1/models/{id}", models_get, 1, BODY_NONE, 0, "GET /v1/models/{id}", 0},
     {"POST", "/v1/chat/completions", chat_completions_create, 1, BODY_JSON, 64 * MiB, "POST /v1/chat/completions", 0},
     {"POST", "/v1/infer", infer_create, 1, BODY_MULTIPART, 32 * MiB, "POST /v1/infer", 0},
 };
@@ -127,4 +128,20 @@ GfStatus models_list(Api *api, const HttpReq *req, HttpResp *resp) {
     }
     free(rows);
     return reply_json(resp, 200, root);
+}
+
+/* One model as the list shows it: the base, or an adapter by name
+ * (OpenAI's models.retrieve). */
+GfStatus models_get(Api *api, const HttpReq *req, HttpResp *resp) {
+    const char *id = req->params[0];
+    if (api->model.id[0] && strcmp(id, api->model.id) == 0)
+        return reply_json(resp, 200, model_object(api->model.id, NULL, api->started_at, api->model.loaded));
+    AdapterRow row;
+    GfError err;
+    if (store_adapter_get(api->store, id, &row, &err)) {
+        if (err.status != GF_NOT_FOUND) return reply_error(resp, &err, NULL);
+        return reply_fail(resp, GF_NOT_FOUND, "model_not_found", "model", "no model '%.200s' (neither the base nor an adapter)",
+                          id);
+    }
+    return reply_json(resp, 200, model_object(row.name, row.base_model, row.created_at, api->model.loaded));
 }

@@ -156,6 +156,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         unsigned long long n = 0;
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) return 1; /* usage on stdout, exit 0 */
         int takes = strcmp(a, "--verbose") != 0 && strcmp(a, "--no-train") != 0;
         if (takes && !v) { fprintf(stderr, "gemmaforge: %s needs a value\n", a); return -1; }
         if (strcmp(a, "--verbose") == 0) o->verbose = 1;
@@ -269,7 +270,9 @@ static void block_signals(sigset_t *set) {
 
 static int cmd_serve(int argc, char **argv) {
     ServeOptions o;
-    if (parse_serve(argc, argv, &o)) { usage(stderr); return 2; }
+    int parsed = parse_serve(argc, argv, &o);
+    if (parsed > 0) { usage(stdout); return 0; }
+    if (parsed) { usage(stderr); return 2; }
     gf_log_init(o.verbose ? GF_LOG_DEBUG : GF_LOG_INFO);
     sigset_t sigs;
     block_signals(&sigs); /* before any thread exists, so only sigwait sees them */

@@ -273,6 +273,22 @@ def t_refusals_reach_clients_still_sending(srv):
     assert srv.alive()
 
 
+def t_models_retrieve(srv):
+    """GET /v1/models/{id}: the base and any adapter, as the list shows them
+    (the OpenAI SDKs' models.retrieve); anything else is model_not_found."""
+    listed = {m["id"]: m for m in expect(srv.get("/v1/models"), 200).json()["data"]}
+    got = expect(srv.get("/v1/models/dense"), 200).json()
+    assert got == listed["dense"] and got["object"] == "model" and got["parent"] is None, got
+    cfg, w = adapter_files("lora_all")
+    expect(upload_adapter(srv, "retrieve-me", cfg, w), 201)
+    got = expect(srv.get("/v1/models/retrieve-me"), 200).json()
+    assert got["id"] == "retrieve-me" and got["parent"] == "dense" and got["object"] == "model", got
+    expect(srv.request("DELETE", "/v1/adapters/retrieve-me"), 200)
+    r = expect(srv.get("/v1/models/retrieve-me"), 404, "model_not_found")
+    assert r.json()["error"]["param"] == "model"
+    expect(srv.get("/v1/models/no-such-model"), 404, "model_not_found")
+
+
 def t_metrics(srv):
     r = expect(srv.get("/metrics"), 200)
     text = r.body.decode()

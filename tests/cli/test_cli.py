@@ -229,6 +229,11 @@ def t_errors_are_clear(_):
     assert r.returncode == 1 and b"outside the vocabulary" in r.stderr, r.stderr
     r = subprocess.run([BIN, "forward", "--model", os.path.join(FIXTURES, "dense")], capture_output=True)
     assert r.returncode == 2 and b"usage" in r.stderr
+    # asked for help, serve prints the usage on stdout and succeeds
+    r = subprocess.run([BIN, "serve", "--help"], capture_output=True)
+    assert r.returncode == 0 and r.stdout.startswith(b"usage: gemmaforge") and not r.stderr, r
+    r = subprocess.run([BIN, "serve", "--port"], capture_output=True)
+    assert r.returncode == 2 and b"--port needs a value" in r.stderr, r
 
 
 def infer_args(variant, case, *extra):
