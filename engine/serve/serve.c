@@ -127,7 +127,7 @@ void serve_release(ServeReq *r) {
 }
 
 void serve_cancel(ServeReq *r) {
-    if (r) atomic_store(&r->cancelled, 1);
+    if (r) atomic_store(&r->cancelled, 1); /* the engine lets it go at its next step, queued or running */
 }
 
 /* Under mu: why a request cannot be queued now, or GF_OK. */
@@ -425,6 +425,28 @@ static void prune(ServeEngine *e) {
     e->n_active = k;
 }
 
+/* Ends queued requests whose client went away, so they stop holding queue
+ * slots while the running batch keeps every sequence slot busy. */
+static void prune_queue(ServeEngine *e) {
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        ServeReq *prev = NULL, *q = e->head;
+        while (q && !atomic_load(&q->cancelled)) {
+            prev = q;
+            q = q->next;
+        }
+        if (q) {
+            if (prev) prev->next = q->next;
+            else e->head = q->next;
+            if (e->tail == q) e->tail = prev;
+            e->n_queued--;
+        }
+        pthread_mutex_unlock(&e->mu);
+        if (!q) return;
+        finish(e, q, FINISH_CANCELLED, NULL);
+    }
+}
+
 /* Hands sequence q its next token id; 1 when it has finished. */
 static int deliver(ServeEngine *e, ServeReq *q, int32_t id, double now) {
     if (!q->t_first) {
@@ -514,6 +536,7 @@ static void *engine_main(void *arg) {
     while (wait_for_work(e)) {
         e->step++;
         prune(e);
+        prune_queue(e);
         admit(e);
         qsort(e->active, (size_t)e->n_active, sizeof *e->active, by_adapter);
         if (e->n_active) run_step(e);

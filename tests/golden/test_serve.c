@@ -142,6 +142,103 @@ static void alone(Model *m, const Prompt1 *p, const SafeTensors *img, const Lora
     model_device_free(m, &soft_buf);
 }
 
+/* A request whose sink holds the engine thread at its 1st and 2nd tokens
+ * until the test opens the gate (tests only: sinks must not block). */
+typedef struct {
+    Result r;
+    int at;                   /* the token count the engine is held at, 0 = running */
+    int open;                 /* gates opened so far */
+} Gated;
+
+static int gated_sink(void *cls, const ServeEvent *ev) {
+    Gated *g = cls;
+    pthread_mutex_lock(&g->r.mu);
+    if (ev->kind == SERVE_TOKEN) g->r.n++;
+    if (ev->kind == SERVE_END) g->r.done = 1;
+    if (ev->kind == SERVE_TOKEN && g->r.n <= 2) {
+        g->at = g->r.n;
+        pthread_cond_broadcast(&g->r.cv);
+        while (g->open < g->r.n) pthread_cond_wait(&g->r.cv, &g->r.mu);
+        g->at = 0;
+    }
+    pthread_cond_broadcast(&g->r.cv);
+    pthread_mutex_unlock(&g->r.mu);
+    return 0;
+}
+
+static void gate_wait(Gated *g, int at) {
+    pthread_mutex_lock(&g->r.mu);
+    while (g->at != at) pthread_cond_wait(&g->r.cv, &g->r.mu);
+    pthread_mutex_unlock(&g->r.mu);
+}
+
+static void gate_open(Gated *g) {
+    pthread_mutex_lock(&g->r.mu);
+    g->open++;
+    pthread_cond_broadcast(&g->r.cv);
+    pthread_mutex_unlock(&g->r.mu);
+}
+
+static ServeSubmit small_submit(const Prompt1 *p, ServeSink sink, void *cls) {
+    ServeSubmit s = {.n = p->n, .max_tokens = MAX_NEW, .sink = sink, .sink_cls = cls};
+    s.ids = malloc((size_t)p->n * sizeof *s.ids);
+    memcpy(s.ids, p->ids, (size_t)p->n * sizeof *s.ids);
+    return s;
+}
+
+/* One sequence slot, a queue of two: requests cancelled while queued (their
+ * clients hung up) give their queue slots back at the engine's next step,
+ * while the running sequence still runs, not only when a slot frees. */
+static void test_cancelled_leave_queue(Model *m, const Prompt1 *text) {
+    ServeConfig cfg;
+    serve_config_default(&cfg, m);
+    cfg.max_seqs = 1;
+    cfg.max_queue = 2;
+    ServeEngine *e = NULL;
+    GfError err;
+    CHECK_STATUS(serve_start(m, &cfg, &e, &err), GF_OK, err);
+    if (!e) return;
+    Gated a = {0};
+    Result b, c, d;
+    Result *rs_[3] = {&b, &c, &d};
+    for (int i = 0; i < 3; i++) {
+        memset(rs_[i], 0, sizeof *rs_[i]);
+        pthread_mutex_init(&rs_[i]->mu, NULL);
+        pthread_cond_init(&rs_[i]->cv, NULL);
+    }
+    pthread_mutex_init(&a.r.mu, NULL);
+    pthread_cond_init(&a.r.cv, NULL);
+    ServeSubmit s = small_submit(text, gated_sink, &a);
+    CHECK_STATUS(serve_submit(e, &s, &a.r.handle, &err), GF_OK, err);
+    gate_wait(&a, 1); /* the engine holds at A's first token: A runs, the slot is taken */
+    s = small_submit(text, sink, &b);
+    CHECK_STATUS(serve_submit(e, &s, &b.handle, &err), GF_OK, err);
+    s = small_submit(text, sink, &c);
+    CHECK_STATUS(serve_submit(e, &s, &c.handle, &err), GF_OK, err);
+    s = small_submit(text, sink, &d);
+    CHECK(serve_submit(e, &s, &d.handle, &err) == GF_BUSY, "the queue of two is full");
+    serve_cancel(b.handle);
+    serve_cancel(c.handle);
+    gate_open(&a);
+    gate_wait(&a, 2); /* one engine step later */
+    ServeStats st;
+    serve_stats(e, &st);
+    CHECK(b.done && c.done && b.finish == FINISH_CANCELLED && c.finish == FINISH_CANCELLED && !a.r.done && st.queued == 0,
+          "hung-up queued requests left the queue while A runs (B %d, C %d, A done %d, queued %d)", b.done, c.done,
+          a.r.done, st.queued);
+    s = small_submit(text, sink, &d);
+    CHECK_STATUS(serve_submit(e, &s, &d.handle, &err), GF_OK, err);
+    gate_open(&a);
+    wait_done(&a.r);
+    wait_done(&d);
+    CHECK(a.r.n == MAX_NEW && d.n > 0, "A and the next request are served (%d, %d tokens)", a.r.n, d.n);
+    serve_release(a.r.handle);
+    serve_release(b.handle);
+    serve_release(c.handle);
+    serve_release(d.handle);
+    serve_free(e);
+}
+
 int main(void) {
     const char *dir = GF_FIXTURES "/dense";
     char final_dir[600], path[600];
@@ -276,6 +373,11 @@ int main(void) {
     CHECK(stats.kv_blocks_used == 0, "every KV block back in the pool");
     CHECK(stats.adapter_evictions > 0 && stats.adapter_loads > 0, "LRU evicted and reloaded adapters");
     serve_free(e);
+    for (int q = 0; q < N_REQ; q++)
+        if (!prompts[q].image) {
+            test_cancelled_leave_queue(m, &prompts[q]);
+            break;
+        }
     for (int i = 0; i < 4; i++) { lora_binding_free(&bind[i]); lora_free(mine[i]); }
     for (int i = 0; i < 3; i++) {
         char f[3000];
