@@ -303,7 +303,9 @@ static int call_take(void *cls, HttpResp *resp) {
     pthread_mutex_lock(&c->mu);
     if (!c->o.stream) advance(c);
     int ready = c->o.stream ? c->started : c->finalized;
-    int failed = c->has_error && (!c->o.stream || c->out_pos == 0) && c->completion_tokens == 0 && c->ended;
+    /* an error ends the answer as an error, even after some tokens (a
+     * shutdown mid-answer): a cut answer never reads as complete */
+    int failed = c->has_error && c->ended && (!c->o.stream || c->out_pos == 0);
     GfError e = c->error;
     cJSON *body = ready && !failed && !c->o.stream ? completion_json(c) : NULL;
     pthread_mutex_unlock(&c->mu);

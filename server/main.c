@@ -39,6 +39,7 @@ typedef struct {
     int max_resident_adapters;    /* -1 = default */
     int64_t max_tokens;           /* 0 = default cap on max_tokens */
     ModelQuant quantize;          /* the served base: bf16 as stored, or NF4 (QLoRA) */
+    unsigned drain_s;             /* on SIGTERM: seconds requests may take to finish */
 } ServeOptions;
 
 static void usage(FILE *f) {
@@ -76,6 +77,8 @@ static void usage(FILE *f) {
             "  --no-train              run no fine-tuning jobs here (they stay queued for a server that does)\n"
             "  --max-connections N     (default 256)   --per-ip-connections N (default 64)\n"
             "  --timeout S             idle connection timeout in seconds (default 30)\n"
+            "  --drain S               on SIGINT/SIGTERM, seconds running requests may take to finish\n"
+            "                          before they end with 503 shutting_down (default 10)\n"
             "  --max-queued-jobs N     (default 100)   --min-examples N (default 10)\n"
             "  --quantize nf4|none     serve the base quantized to NF4, as QLoRA trained it (default none: bf16)\n"
             "  --max-seqs N            sequences decoding at once (default 16)\n"
@@ -153,6 +156,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
     api_limits_default(&o->limits);
     o->max_inference_queue = -1;
     o->max_resident_adapters = -1;
+    o->drain_s = 10;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         unsigned long long n = 0;
@@ -178,6 +182,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--max-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.max_connections = (unsigned)n;
         else if (strcmp(a, "--per-ip-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.per_ip_connections = (unsigned)n;
         else if (strcmp(a, "--timeout") == 0 && !parse_uint(v, 3600, &n) && n) o->http.timeout_s = (unsigned)n;
+        else if (strcmp(a, "--drain") == 0 && !parse_uint(v, 3600, &n)) o->drain_s = (unsigned)n;
         else if (strcmp(a, "--quantize") == 0 && cli_parse_quantize(v, &o->quantize) == 0) {}
         else if (strcmp(a, "--max-seqs") == 0 && !parse_uint(v, 4096, &n) && n) o->max_seqs = (int)n;
         else if (strcmp(a, "--max-queue") == 0 && !parse_uint(v, 1000000, &n)) o->max_inference_queue = (int)n;
@@ -326,8 +331,8 @@ static int cmd_serve(int argc, char **argv) {
     fflush(stdout);
     int sig = 0;
     sigwait(&sigs, &sig);
-    GF_LOGI("signal %d: shutting down (draining requests for up to 10 s)", sig);
-    httpd_stop(h, 10, end_deferred, &api);
+    GF_LOGI("signal %d: shutting down (draining requests for up to %u s)", sig, o.drain_s);
+    httpd_stop(h, o.drain_s, end_deferred, &api);
     jobs_stop(jobs);
     serve_free(serve);
     job_hub_free(api.job_hub);

@@ -20,6 +20,7 @@ usage: test_serving.py PATH/TO/gemmaforge
 import json
 import os
 import random
+import signal
 import socket
 import struct
 import sys
@@ -363,6 +364,40 @@ def hang_up_frees_slot(srv, s, n_cancelled):
     assert wait_metric(srv, "gf_inference_running", 0), "the hung-up request still holds its slot"
     assert wait_metric(srv, "gf_kv_blocks_used", 0)
     assert metric(srv, 'gf_inference_requests_total{outcome="cancelled"}') == n_cancelled
+
+
+def t_shutdown_mid_answer(binary):
+    """SIGTERM while answering: a non-streaming client cut short gets 503
+    shutting_down (retry elsewhere), never a 200 whose text reads complete;
+    one that finished before gets its whole answer."""
+    srv = Server(binary, extra=["--no-train", "--drain", "0"])  # no grace: running answers are cut
+    try:
+        body = {"model": "dense", "messages": [{"role": "user", "content": "count"}], "max_tokens": 4000,
+                "temperature": 0}
+        answers = []
+
+        def ask():
+            answers.append(srv.post_json("/v1/chat/completions", body, timeout=120))
+
+        th = threading.Thread(target=ask)
+        th.start()
+        for _ in range(3000):  # until the engine has generated some of its tokens
+            text = expect(srv.get("/metrics"), 200).body.decode()
+            done = [int(x.split()[-1]) for x in text.splitlines() if x.startswith("gf_inference_generated_tokens_total ")]
+            if done and done[0] >= 50:
+                break
+            time.sleep(0.005)
+        srv.proc.send_signal(signal.SIGTERM)
+        th.join(120)
+        r = answers[0]
+        if r.status == 200:
+            j = r.json()
+            assert j["choices"][0]["finish_reason"] == "length" and j["usage"]["completion_tokens"] == 4000, j["usage"]
+        else:
+            assert r.status == 503 and r.code == "shutting_down", r
+        srv.proc.wait(30)
+    finally:
+        srv.stop()
 
 
 def main():
