@@ -126,10 +126,12 @@ GfStatus json_scan_strict(const char *buf, size_t n, const char *what, GfError *
               (const unsigned char *)buf, what, err};
     char stack[JSON_DEPTH_MAX];
     int depth = 0;
+    long values = 0;
     skip_ws(&s);
     if (s.p >= s.end) return fail(&s, "invalid_json", "empty document");
     for (;;) {
         /* expecting a value */
+        if (++values > JSON_VALUES_MAX) return fail(&s, "too_many_values", "more than 1048576 values");
         skip_ws(&s);
         if (s.p >= s.end) return fail(&s, "invalid_json", "unexpected end");
         unsigned char c = *s.p;

@@ -8,7 +8,7 @@
  * every object for duplicate keys.
  *
  * Errors carry stable codes: invalid_json, invalid_utf8, invalid_string,
- * nesting_too_deep, duplicate_key; running out of memory is GF_NO_MEMORY
+ * nesting_too_deep, too_many_values, duplicate_key; running out of memory is GF_NO_MEMORY
  * (cJSON allocates through gf_malloc, hooked once on first use). Messages
  * give the byte offset, never the content. Thread-safe; the returned tree is
  * owned by the caller (cJSON_Delete).
@@ -22,6 +22,10 @@
 #include "base.h"
 
 #define JSON_DEPTH_MAX 64
+/* Values in one document (a string, however long, is one): the tree cJSON
+ * builds costs about 64 bytes a value, so a body of tiny values (33 M zeros
+ * in 64 MiB) would cost gigabytes; it is refused while scanning. */
+#define JSON_VALUES_MAX (1 << 20)
 
 /* Validates and parses buf[0..n) (no NUL terminator needed). Returns the tree
  * or NULL with err set (GF_INVALID). `what` names the input in messages

@@ -289,6 +289,16 @@ def t_models_retrieve(srv):
     expect(srv.get("/v1/models/no-such-model"), 404, "model_not_found")
 
 
+def t_json_of_tiny_values_refused(srv):
+    """A body of millions of tiny values (cheap to send, gigabytes as a tree)
+    is refused while its bytes are scanned, before any tree is built."""
+    body = b'{"model":"dense","messages":[],"x":[' + b"0," * (3 << 20) + b"0]}"
+    r = srv.request("POST", "/v1/chat/completions", body, headers={"Content-Type": "application/json"}, timeout=120)
+    expect(r, 400, "too_many_values")
+    assert "1048576 values" in r.json()["error"]["message"], r
+    assert srv.alive()
+
+
 def t_metrics(srv):
     r = expect(srv.get("/metrics"), 200)
     text = r.body.decode()

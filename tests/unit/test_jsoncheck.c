@@ -57,5 +57,24 @@ int main(void) {
         CHECK(j != NULL, "depth 64 accepted: %s", err.message);
         cJSON_Delete(j);
     }
+    /* an array of JSON_VALUES_MAX - 1 zeros is JSON_VALUES_MAX values with
+     * the array itself: accepted; one more zero is refused while scanning */
+    {
+        size_t zeros = JSON_VALUES_MAX - 1, n = 2 * zeros + 1; /* "[0,0,...,0]" */
+        char *doc = malloc(n + 2);
+        doc[0] = '[';
+        for (size_t i = 0; i < zeros; i++) {
+            doc[1 + 2 * i] = '0';
+            doc[2 + 2 * i] = ',';
+        }
+        doc[n - 1] = ']';
+        GfError err;
+        CHECK(json_scan_strict(doc, n, "d", &err) == GF_OK, "%d values accepted: %s", JSON_VALUES_MAX, err.message);
+        doc[n - 1] = ',';
+        doc[n] = '0';
+        doc[n + 1] = ']';
+        expect_code(doc, n + 2, "too_many_values");
+        free(doc);
+    }
     return check_done("test_jsoncheck");
 }
