@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <turbojpeg.h>
+#include <zlib.h>
 
 ImageFormat image_sniff(const uint8_t *b, size_t n) {
     static const uint8_t png_sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
@@ -138,10 +139,86 @@ static int png_exif_orientation(png_structp png, png_infop info) {
     return tiff_orientation(exif, n);
 }
 
+/* ---- PNG bombs ---------------------------------------------------------- */
+
+static uint32_t be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+
+/* The filtered bytes the header's image needs: one filter byte per row
+ * plus the row's bits, per Adam7 pass when interlaced; 0 when the header
+ * is not one libpng would accept (it then says why). */
+static uint64_t png_raw_bytes(const uint8_t *ihdr) {
+    uint64_t w = be32(ihdr), h = be32(ihdr + 4);
+    unsigned depth = ihdr[8], type = ihdr[9], interlace = ihdr[12];
+    static const unsigned channels[7] = {1, 0, 3, 1, 2, 0, 4};
+    if (type > 6 || !channels[type] || !depth || depth > 16) return 0;
+    uint64_t bpp = (uint64_t)channels[type] * depth;
+    if (!interlace) return h * (1 + (w * bpp + 7) / 8);
+    static const unsigned x0[7] = {0, 4, 0, 2, 0, 1, 0}, dx[7] = {8, 8, 4, 4, 2, 2, 1};
+    static const unsigned y0[7] = {0, 0, 4, 0, 2, 0, 1}, dy[7] = {8, 8, 8, 4, 4, 2, 2};
+    uint64_t total = 0;
+    for (int p = 0; p < 7; p++) {
+        uint64_t pw = w > x0[p] ? (w - x0[p] + dx[p] - 1) / dx[p] : 0, ph = h > y0[p] ? (h - y0[p] + dy[p] - 1) / dy[p] : 0;
+        if (pw && ph) total += ph * (1 + (pw * bpp + 7) / 8);
+    }
+    return total;
+}
+
+/* Refuses a PNG whose image data (IDAT) holds more than its header's image
+ * can need, before libpng inflates any of it (libpng inflates the whole
+ * stream, however long, to check its end): compressed, no more than the
+ * raw bytes plus deflate's worst-case overhead; inflated, no more than the
+ * raw bytes (one pass of zlib counting the output, stopped at the bound). */
+static GfStatus png_check_idat(const uint8_t *b, size_t n, const ImageLimits *lim, GfError *err) {
+    if (n < 33 || be32(b + 8) != 13 || memcmp(b + 12, "IHDR", 4) != 0) return GF_OK; /* libpng says why */
+    if (check_dims(be32(b + 16), be32(b + 20), lim, err)) return err->status; /* before any inflating */
+    uint64_t raw = png_raw_bytes(b + 16), packed = 0;
+    if (!raw) return GF_OK;
+    uint64_t most = raw + raw / 16000 * 5 + 1024; /* stored blocks: 5 bytes per 64 KiB, zlib's header and check */
+    z_stream z;
+    memset(&z, 0, sizeof z);
+    if (inflateInit(&z) != Z_OK) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    uint8_t sink[16384];
+    uint64_t inflated = 0;
+    GfStatus st = GF_OK;
+    int done = 0;
+    for (size_t at = 8; !st && !done && at + 12 <= n;) {
+        uint32_t len = be32(b + at);
+        if (len > n - at - 12) break; /* truncated: libpng says so */
+        if (memcmp(b + at + 4, "IDAT", 4) == 0) {
+            if ((packed += len) > most) {
+                st = gf_error_set(err, GF_INVALID, "invalid_image", NULL,
+                                  "invalid PNG: %llu bytes of compressed image data for a %u x %u image that needs at "
+                                  "most %llu", (unsigned long long)packed, be32(b + 16), be32(b + 20),
+                                  (unsigned long long)most);
+                break;
+            }
+            z.next_in = (Bytef *)(b + at + 8);
+            z.avail_in = len;
+            while (!st && !done && z.avail_in) {
+                z.next_out = sink;
+                z.avail_out = sizeof sink;
+                int rc = inflate(&z, Z_NO_FLUSH);
+                inflated += sizeof sink - z.avail_out;
+                if (inflated > raw)
+                    st = gf_error_set(err, GF_INVALID, "invalid_image", NULL,
+                                      "invalid PNG: its image data inflates past the %llu bytes a %u x %u image needs",
+                                      (unsigned long long)raw, be32(b + 16), be32(b + 20));
+                else if (rc == Z_STREAM_END) done = 1;
+                else if (rc != Z_OK && rc != Z_BUF_ERROR) done = 1; /* corrupt: libpng says so */
+                else if (rc == Z_BUF_ERROR && z.avail_out) break; /* wants the next chunk */
+            }
+        }
+        at += 12 + (size_t)len;
+    }
+    inflateEnd(&z);
+    return st;
+}
+
 /* Everything between setjmp and the end lives in this function; locals that
  * change after setjmp are volatile. */
 static GfStatus decode_png(const uint8_t *bytes, size_t n, const ImageLimits *lim, Image *out,
                            GfError *err) {
+    if (png_check_idat(bytes, n, lim, err)) return err->status;
     PngSrc src = {bytes, n, 0, ""};
     png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &src, png_on_error, png_on_warning);
     png_infop info = png ? png_create_info_struct(png) : NULL;

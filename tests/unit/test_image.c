@@ -8,6 +8,7 @@
 #include "image.h"
 
 #include <png.h>
+#include <zlib.h>
 #include <turbojpeg.h>
 
 static uint8_t *slurp(const char *path, size_t *n) {
@@ -215,7 +216,66 @@ static void test_exif_orientation(void) {
     }
 }
 
+/* ---- PNG bombs ---- */
+
+/* An 8-bit RGB PNG of w x h whose image data is the zlib stream of `raw`
+ * bytes of zeros (filter 0, black rows, then whatever is over). */
+static MemOut bomb_png(uint32_t w, uint32_t h, size_t raw) {
+    MemOut m = {0};
+    uint8_t *zeros = calloc(raw, 1);
+    uLongf clen = compressBound(raw);
+    uint8_t *z = malloc(clen);
+    compress2(z, &clen, zeros, raw, 9);
+    static const uint8_t sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    uint8_t ihdr[13] = {(uint8_t)(w >> 24), (uint8_t)(w >> 16), (uint8_t)(w >> 8), (uint8_t)w,
+                        (uint8_t)(h >> 24), (uint8_t)(h >> 16), (uint8_t)(h >> 8), (uint8_t)h, 8, 2, 0, 0, 0};
+    const struct { const char *type; const uint8_t *data; uint32_t len; } chunks[3] = {
+        {"IHDR", ihdr, 13}, {"IDAT", z, (uint32_t)clen}, {"IEND", NULL, 0}};
+    m.cap = 64 + clen;
+    m.buf = malloc(m.cap);
+    memcpy(m.buf, sig, 8);
+    m.n = 8;
+    for (int i = 0; i < 3; i++) {
+        uint32_t len = chunks[i].len;
+        uint8_t *o = m.buf + m.n;
+        o[0] = (uint8_t)(len >> 24); o[1] = (uint8_t)(len >> 16); o[2] = (uint8_t)(len >> 8); o[3] = (uint8_t)len;
+        memcpy(o + 4, chunks[i].type, 4);
+        if (len) memcpy(o + 8, chunks[i].data, len);
+        uLong crc = crc32(0, o + 4, 4 + len);
+        o[8 + len] = (uint8_t)(crc >> 24); o[9 + len] = (uint8_t)(crc >> 16);
+        o[10 + len] = (uint8_t)(crc >> 8); o[11 + len] = (uint8_t)crc;
+        m.n += 12 + len;
+    }
+    free(zeros);
+    free(z);
+    return m;
+}
+
+/* Image data larger than the header's image needs is refused before
+ * libpng inflates it: a 1 x 1 image with 64 MiB of zeros behind it
+ * (compressed past any 1 x 1 image's bound) and a 300 x 300 one whose small
+ * stream inflates to 64 MiB (past its 270,300 raw bytes); the same image
+ * with exactly its rows decodes. */
+static void test_png_bombs(void) {
+    Image img;
+    GfError err;
+    size_t big = (size_t)64 << 20;
+    MemOut a = bomb_png(1, 1, big), b = bomb_png(300, 300, big), c = bomb_png(300, 300, 300 * (1 + 900));
+    CHECK(image_decode(a.buf, a.n, &LIM, &img, &err) == GF_INVALID && strstr(err.message, "compressed image data"),
+          "1x1 with 64 MiB behind it: %s", err.message);
+    CHECK(image_decode(b.buf, b.n, &LIM, &img, &err) == GF_INVALID && strstr(err.message, "inflates past the 270300 bytes"),
+          "300x300 inflating to 64 MiB: %s", err.message);
+    GfStatus st = image_decode(c.buf, c.n, &LIM, &img, &err);
+    CHECK(st == GF_OK && img.width == 300 && img.height == 300 && img.rgb[0] == 0, "the honest one decodes: %s",
+          st ? err.message : "ok");
+    if (!st) image_free(&img);
+    free(a.buf);
+    free(b.buf);
+    free(c.buf);
+}
+
 int main(void) {
+    test_png_bombs();
     test_exif_orientation();
     test_interlaced_png();
     test_jpeg_variants();
