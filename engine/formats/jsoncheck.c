@@ -2,6 +2,7 @@
 #include "jsoncheck.h"
 
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -121,7 +122,7 @@ static GfStatus scan_scalar(Scan *s) {
 }
 
 /* The grammar as a loop over a stack of open containers: '{' or '['. */
-GfStatus json_scan_strict(const char *buf, size_t n, const char *what, GfError *err) {
+static GfStatus scan(const char *buf, size_t n, const char *what, long max_values, GfError *err) {
     Scan s = {(const unsigned char *)buf, (const unsigned char *)buf + n,
               (const unsigned char *)buf, what, err};
     char stack[JSON_DEPTH_MAX];
@@ -131,7 +132,11 @@ GfStatus json_scan_strict(const char *buf, size_t n, const char *what, GfError *
     if (s.p >= s.end) return fail(&s, "invalid_json", "empty document");
     for (;;) {
         /* expecting a value */
-        if (++values > JSON_VALUES_MAX) return fail(&s, "too_many_values", "more than 1048576 values");
+        if (++values > max_values) {
+            char msg[64];
+            snprintf(msg, sizeof msg, "more than %ld values", max_values);
+            return fail(&s, "too_many_values", msg);
+        }
         skip_ws(&s);
         if (s.p >= s.end) return fail(&s, "invalid_json", "unexpected end");
         unsigned char c = *s.p;
@@ -235,9 +240,17 @@ static void install_hooks(void) {
     cJSON_InitHooks(&h);
 }
 
+GfStatus json_scan_strict(const char *buf, size_t n, const char *what, GfError *err) {
+    return scan(buf, n, what, JSON_VALUES_MAX, err);
+}
+
 cJSON *json_parse_strict(const char *buf, size_t n, const char *what, GfError *err) {
+    return json_parse_strict_max(buf, n, what, JSON_VALUES_MAX, err);
+}
+
+cJSON *json_parse_strict_max(const char *buf, size_t n, const char *what, long max_values, GfError *err) {
     pthread_once(&hooks_once, install_hooks);
-    if (json_scan_strict(buf, n, what, err)) return NULL;
+    if (scan(buf, n, what, max_values, err)) return NULL;
     json_oom = 0;
     cJSON *root = cJSON_ParseWithLength(buf, n);
     if (!root) {

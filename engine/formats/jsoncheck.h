@@ -31,6 +31,9 @@
  * or NULL with err set (GF_INVALID). `what` names the input in messages
  * ("request body", "line 3"). */
 cJSON *json_parse_strict(const char *buf, size_t n, const char *what, GfError *err);
+/* The same with another cap on values, for large files the engine trusts
+ * more than a request (a tokenizer.json holds millions). */
+cJSON *json_parse_strict_max(const char *buf, size_t n, const char *what, long max_values, GfError *err);
 
 /* A parse failure jerr reported as the caller's: status and code given, the
  * message kept, param set; running out of memory stays GF_NO_MEMORY.

@@ -7,6 +7,10 @@
 
 #include "jsoncheck.h"
 
+/* tokenizer.json holds a vocabulary and its merges: millions of values
+ * (Gemma's 262,144 tokens with their merges are more than a million). */
+#define TOKENIZER_JSON_VALUES_MAX (1L << 26)
+
 /* ---- hash tables ------------------------------------------------------------- */
 
 static uint64_t hash_bytes(const char *s, size_t n) {
@@ -397,7 +401,7 @@ static void load_post(Tokenizer *t, const cJSON *post, int add_bos) {
 
 GfStatus tokenizer_load_json(const char *json, size_t len, int add_bos, Tokenizer **out, GfError *err) {
     GfError jerr;
-    cJSON *root = json_parse_strict(json, len, "tokenizer.json", &jerr);
+    cJSON *root = json_parse_strict_max(json, len, "tokenizer.json", TOKENIZER_JSON_VALUES_MAX, &jerr);
     if (!root) return json_error(err, &jerr, GF_INVALID, "invalid_tokenizer", NULL);
     Tokenizer *t = gf_calloc(1, sizeof *t, err);
     GfStatus st = t ? GF_OK : GF_NO_MEMORY;
