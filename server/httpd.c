@@ -194,7 +194,7 @@ static int check_key(const HttpdConfig *cfg, struct MHD_Connection *c, GfError *
                      "an API key is required: send 'Authorization: Bearer <key>'");
         return -1;
     }
-    if (strncmp(h, "Bearer ", 7) != 0) {
+    if (strncasecmp(h, "Bearer ", 7) != 0) { /* the scheme is case-insensitive (RFC 9110 §11.1) */
         gf_error_set(err, GF_UNAUTHORIZED, "invalid_api_key", NULL, "the Authorization header must be 'Bearer <key>'");
         return -1;
     }
@@ -263,6 +263,9 @@ static int admit(Req *q, struct MHD_Connection *c, const char *url, enum MHD_Res
         return 1;
     }
     if (static_files_match(q->method, url)) { q->route_index = -2; return 0; }
+    /* every /v1 path needs the key before it is routed: 404 and 405 would
+     * map the API for a client without one */
+    if (strncmp(url, "/v1/", 4) == 0 && check_key(h->cfg, c, &err)) { *ret = refuse(c, q, &err, NULL); return 1; }
     RouterResult rr = router_match(API_ROUTES, API_N_ROUTES, q->method, url, &q->route, q->params, q->param_storage, allow);
     if (rr != ROUTER_FOUND) {
         if (rr == ROUTER_BAD_METHOD) gf_error_set(&err, GF_INVALID, "method_not_allowed", NULL, "method %s is not allowed here", q->method);

@@ -299,6 +299,20 @@ def t_json_of_tiny_values_refused(srv):
     assert srv.alive()
 
 
+def t_auth_before_routing(srv):
+    """Without a valid key every /v1 path answers 401, so 404 and 405 do not
+    map the API for strangers; the auth scheme is case-insensitive."""
+    for method, path in (("GET", "/v1/no-such-route"), ("POST", "/v1/models"), ("DELETE", "/v1/datasets"),
+                         ("GET", "/v1/datasets")):
+        expect(srv.request(method, path, key=None), 401, "missing_api_key")
+        expect(srv.request(method, path, key="wrong-key"), 401, "invalid_api_key")
+    expect(srv.request("GET", "/v1/no-such-route"), 404, "not_found")
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        r = srv.request("GET", "/v1/models", key=None, headers={"Authorization": "%s %s" % (scheme, KEY)})
+        expect(r, 200)
+    expect(srv.get("/healthz", key=None), 200)
+
+
 def t_metrics(srv):
     r = expect(srv.get("/metrics"), 200)
     text = r.body.decode()
