@@ -79,8 +79,9 @@ static GfStatus check_config(const cJSON *c, int max_rank, AdapterInfo *info, Gf
         snprintf(lim, sizeof lim, "%d", max_rank);
         return incompatible(err, "adapter_config.json: r must be an integer from 1 to %s%s", lim, NULL);
     }
-    if (!cJSON_IsNumber(alpha) || !isfinite(alpha->valuedouble) || alpha->valuedouble <= 0)
-        return incompatible(err, "adapter_config.json: lora_alpha must be a positive number%s%s", NULL, NULL);
+    if (!cJSON_IsNumber(alpha) || !isfinite(alpha->valuedouble) || alpha->valuedouble <= 0 ||
+        alpha->valuedouble > ADAPTER_ALPHA_MAX)
+        return incompatible(err, "adapter_config.json: lora_alpha must be a number in (0, 4096]%s%s", NULL, NULL);
     if (!targets || !(cJSON_IsString(targets) || cJSON_IsArray(targets)))
         return incompatible(err, "adapter_config.json: target_modules must be a string or a list%s%s", NULL, NULL);
     if (rs && !cJSON_IsBool(rs))
@@ -137,6 +138,9 @@ static GfStatus scan_values(const StTensor *t, int *nonzero, GfError *err) {
     for (uint64_t i = 0; i < t->n_elements; i++) {
         float v = adapter_value_f32(t, i);
         if (!isfinite(v)) return incompatible(err, "tensor '%s' holds a non-finite value%s", t->name, NULL);
+        if (fabsf(v) > ADAPTER_VALUE_MAX)
+            return incompatible(err, "tensor '%s' holds a value beyond +-1e4, which can overflow the forward pass%s",
+                                t->name, NULL);
         if (v != 0.0f) *nonzero = 1;
     }
     return GF_OK;

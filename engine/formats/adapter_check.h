@@ -22,6 +22,14 @@
 #ifndef GF_ADAPTER_CHECK_H
 #define GF_ADAPTER_CHECK_H
 
+/* Values an adapter may hold, so that scale * B (A x) cannot overflow
+ * float32 in the forward pass: lora_alpha up to the jobs' 4096, every
+ * weight within +-1e4 (trained LoRA weights are far below 1). With rank
+ * <= 1024, inputs <= 65,536 wide and activations <= 1e4 the term stays
+ * under 4096 * 1024 * 65536 * 1e4^3 ~ 3e24, far from 3.4e38. */
+#define ADAPTER_ALPHA_MAX 4096.0
+#define ADAPTER_VALUE_MAX 1e4f
+
 #include <stddef.h>
 #include <stdint.h>
 

@@ -261,6 +261,14 @@ def t_refused_adapters(srv):
     bad = renamed(with_random_b(w, 5), "layers.0.mlp.down_proj", "layers.0.mlp.doom_proj")
     r = expect(upload(srv, "wrongkeys", cfg, bad), 400, "adapter_incompatible")
     assert "doom_proj" in r.json()["error"]["message"], r
+    # values that would overflow the forward pass (they answered "" before)
+    huge = json.loads(cfg)
+    huge["lora_alpha"] = 1e308
+    r = expect(upload(srv, "huge-alpha", json.dumps(huge).encode(), with_random_b(w, 7)), 400, "adapter_incompatible")
+    assert "lora_alpha" in r.json()["error"]["message"], r
+    r = expect(upload(srv, "huge-weights", cfg, with_random_b(w, 8, scale=1e38)), 400, "adapter_incompatible")
+    assert "lora_B" in r.json()["error"]["message"] and "1e4" in r.json()["error"]["message"], r
+    expect(srv.get("/v1/adapters/huge-alpha"), 404)
     # damaged on disk after upload: its requests fail, named; the others are served
     expect(upload(srv, "damaged", cfg, with_random_b(w, 6)), 201)
     path = os.path.join(srv.data, "adapters", "damaged", "adapter_model.safetensors")
