@@ -754,6 +754,14 @@ static void read_adapter(sqlite3_stmt *st, AdapterRow *a) {
 
 static void read_adapter_at(sqlite3_stmt *st, void *out, int i) { read_adapter(st, (AdapterRow *)out + i); }
 
+/* A queued or running job's adapter name (jobs.c: "<suffix>-<8 hex of the
+ * id>", or "ft-<24 hex>"), held from the job's creation so an upload cannot
+ * take it before the job publishes. */
+#define RESERVED_BY_JOB_SQL                                                                                     \
+    "SELECT 1 FROM jobs WHERE status IN ('queued','running') AND "                                          \
+    "(CASE WHEN suffix IS NOT NULL AND suffix != '' THEN suffix || '-' || substr(id, instr(id, '_') + 1, 8) " \
+    "ELSE 'ft-' || substr(id, instr(id, '_') + 1) END) = ?"
+
 static GfStatus sql_adapter_create(Store *store, const AdapterRow *a, const char *config_tmp, const char *weights_tmp,
                               GfError *err) {
     SqlStore *s = (SqlStore *)store;
@@ -765,6 +773,9 @@ static GfStatus sql_adapter_create(Store *store, const AdapterRow *a, const char
     struct stat sb;
     if (row_exists(s, "SELECT 1 FROM adapters WHERE name=?", a->name) || lstat(final_dir, &sb) == 0)
         res = gf_error_set(err, GF_CONFLICT, "adapter_exists", "name", "an adapter named '%s' already exists", a->name);
+    if (!res && row_exists(s, RESERVED_BY_JOB_SQL, a->name))
+        res = gf_error_set(err, GF_CONFLICT, "adapter_name_reserved", "name",
+                           "the name '%s' is reserved for the adapter of a queued or running fine-tuning job", a->name);
     const char *src[2] = {config_tmp, weights_tmp};
     const char *names[2] = {"adapter_config.json", "adapter_model.safetensors"};
     if (!res) res = fs_publish(tmp_dir, final_dir, src, names, 2, err);

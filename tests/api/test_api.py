@@ -313,6 +313,21 @@ def t_auth_before_routing(srv):
     expect(srv.get("/healthz", key=None), 200)
 
 
+def t_job_reserves_its_adapter_name(srv):
+    """A job's adapter name ("<suffix>-<8 hex of its id>") is held from the
+    job's creation: an upload under it is refused while the job is queued or
+    running (the job would train to the end and then fail on the name), and
+    free again once the job is cancelled."""
+    job = expect(srv.post_json("/v1/fine_tuning/jobs", {"dataset": srv.ready_dataset, "suffix": "held"}), 201).json()
+    name = "held-" + job["id"].split("_", 1)[1][:8]
+    cfg, w = adapter_files("lora_all")
+    r = expect(upload_adapter(srv, name, cfg, w), 409, "adapter_name_reserved")
+    assert r.json()["error"]["param"] == "name", r
+    expect(srv.post_json("/v1/fine_tuning/jobs/%s/cancel" % job["id"], {}), 200)
+    expect(upload_adapter(srv, name, cfg, w), 201)
+    expect(srv.request("DELETE", "/v1/adapters/" + name), 200)
+
+
 def t_metrics(srv):
     r = expect(srv.get("/metrics"), 200)
     text = r.body.decode()

@@ -275,12 +275,29 @@ GfStatus mem_store_job_start(MemStore *m, const char *id, GfError *err) {
 
 /* ---- adapters ---------------------------------------------------------- */
 
+/* server/store.c's RESERVED_BY_JOB_SQL: a live job's future adapter name. */
+static int reserved_by_job(const MemStore *m, const char *name) {
+    for (int i = 0; i < m->n_jobs; i++) {
+        const JobRow *j = &m->jobs[i];
+        if (strcmp(j->status, "queued") != 0 && strcmp(j->status, "running") != 0) continue;
+        const char *hex = strchr(j->id, '_') ? strchr(j->id, '_') + 1 : j->id;
+        char want[STORE_NAME_MAX];
+        if (j->suffix[0]) snprintf(want, sizeof want, "%s-%.8s", j->suffix, hex);
+        else snprintf(want, sizeof want, "ft-%s", hex);
+        if (strcmp(want, name) == 0) return 1;
+    }
+    return 0;
+}
+
 static GfStatus mem_adapter_create(Store *s, const AdapterRow *row, const char *config_tmp, const char *weights_tmp,
                                    GfError *err) {
     MemStore *m = lock_store(s);
     GfStatus st = injected(m, err);
     if (!st && find_adapter(m, row->name) >= 0)
         st = gf_error_set(err, GF_CONFLICT, "adapter_exists", "name", "an adapter named '%s' already exists", row->name);
+    if (!st && reserved_by_job(m, row->name))
+        st = gf_error_set(err, GF_CONFLICT, "adapter_name_reserved", "name",
+                          "the name '%s' is reserved for the adapter of a queued or running fine-tuning job", row->name);
     if (!st && m->n_adapters == MEM_STORE_MAX) st = gf_error_set(err, GF_TOO_LARGE, NULL, NULL, "the store is full");
     if (!st) {
         m->adapters[m->n_adapters++] = *row;

@@ -148,6 +148,23 @@ static void jobs(Api *api, MemStore *m) {
     cJSON_Delete(r);
 }
 
+/* A queued job's adapter name is reserved (the SQLite store's rule too). */
+static void reserved_names(Api *api, MemStore *m) {
+    (void)m;
+    int st;
+    cJSON *r = call(api, jobs_create, NULL, "{\"dataset\":\"ds_a\",\"suffix\":\"held\"}", NULL, &st);
+    char name[64];
+    const char *id = str(r, "id");
+    snprintf(name, sizeof name, "held-%.8s", strchr(id, '_') ? strchr(id, '_') + 1 : id);
+    CHECK(st == 201, "job with a suffix: %d", st);
+    cJSON_Delete(r);
+    AdapterRow row = {.rank = 4, .alpha = 8};
+    snprintf(row.name, sizeof row.name, "%s", name);
+    GfError err;
+    CHECK(store_adapter_create(api->store, &row, NULL, NULL, &err) == GF_CONFLICT &&
+          strcmp(err.code, "adapter_name_reserved") == 0, "the job's name is reserved: %s", err.message);
+}
+
 static void store_failures(Api *api, MemStore *m) {
     int st;
     mem_store_fail_next(m, GF_NO_SPACE);
@@ -176,6 +193,8 @@ int main(void) {
     snprintf(api.model.id, sizeof api.model.id, "dense");
     datasets(&api, m);
     jobs(&api, m);
+    api.limits.max_queued_jobs = 3;
+    reserved_names(&api, m);
     store_failures(&api, m);
     metrics_free(&metrics);
     mem_store_free(m);
