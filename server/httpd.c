@@ -249,13 +249,51 @@ static GfStatus read_idempotency_key(Req *q, struct MHD_Connection *c, GfError *
     return GF_OK;
 }
 
+typedef struct {
+    int host, length, encoding;
+} HeaderCounts;
+
+static enum MHD_Result count_header(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+    (void)kind;
+    (void)value;
+    HeaderCounts *n = cls;
+    if (strcasecmp(key, "Host") == 0) n->host++;
+    else if (strcasecmp(key, "Content-Length") == 0) n->length++;
+    else if (strcasecmp(key, "Transfer-Encoding") == 0) n->encoding++;
+    return MHD_YES;
+}
+
+/* Framing a proxy in front could read differently (request smuggling):
+ * another HTTP version than 1.0/1.1, a second Host or Content-Length, or
+ * both Content-Length and Transfer-Encoding. 0 when the head is clean. */
+static int ambiguous_head(struct MHD_Connection *c, const char *version, GfError *err) {
+    if (strcmp(version, "HTTP/1.1") != 0 && strcmp(version, "HTTP/1.0") != 0) {
+        gf_error_set(err, GF_INVALID, "invalid_request", NULL, "only HTTP/1.0 and HTTP/1.1 are served");
+        return -1;
+    }
+    HeaderCounts n = {0};
+    MHD_get_connection_values(c, MHD_HEADER_KIND, count_header, &n);
+    if (n.host > 1 || n.length > 1 || (n.length && n.encoding)) {
+        gf_error_set(err, GF_INVALID, "invalid_request", NULL, "%s",
+                     n.host > 1 ? "the request has more than one Host header"
+                     : n.length > 1 ? "the request has more than one Content-Length header"
+                                    : "the request has both Content-Length and Transfer-Encoding");
+        return -1;
+    }
+    return 0;
+}
+
 /* First call for a request: every check that needs no body. Returns 1 when
  * an error response was queued. */
-static int admit(Req *q, struct MHD_Connection *c, const char *url, enum MHD_Result *ret) {
+static int admit(Req *q, struct MHD_Connection *c, const char *url, const char *version, enum MHD_Result *ret) {
     Httpd *h = q->httpd;
     GfError err;
     gf_error_clear(&err);
     char allow[64];
+    if (ambiguous_head(c, version, &err)) {
+        *ret = send_error(c, q, &err, NULL, 1); /* never read a body whose length is in doubt */
+        return 1;
+    }
     const char *host = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Host");
     if (!host_allowed(h->cfg, host)) {
         gf_error_set(&err, GF_INVALID, "invalid_host", NULL, "the Host header is not one this server answers to");
@@ -605,7 +643,6 @@ static Req *req_new(Httpd *h, struct MHD_Connection *c, const char *url, const c
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
                                   const char *version, const char *upload_data, size_t *upload_data_size,
                                   void **con_cls) {
-    (void)version;
     Httpd *h = cls;
     Req *q = *con_cls;
     if (!q) {
@@ -613,7 +650,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         if (!q) return MHD_NO;
         *con_cls = q;
         enum MHD_Result ret = MHD_YES;
-        if (admit(q, c, url, &ret)) return ret;
+        if (admit(q, c, url, version, &ret)) return ret;
         return MHD_YES;
     }
     if (q->early.status) { /* refused from its head: the body is dropped, then the answer goes */

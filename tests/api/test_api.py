@@ -328,6 +328,29 @@ def t_job_reserves_its_adapter_name(srv):
     expect(srv.request("DELETE", "/v1/adapters/" + name), 200)
 
 
+def t_ambiguous_framing_refused(srv):
+    """Heads a proxy could frame differently (request smuggling) are refused
+    with 400 before any body is read: two Host headers, two Content-Length
+    headers, Content-Length with Transfer-Encoding, an HTTP version other
+    than 1.0 and 1.1. The plain request is served."""
+    get = "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n" % KEY
+    post = ("POST /v1/fine_tuning/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+            "Content-Type: application/json\r\n" % KEY)
+    cases = [(get + "\r\n", b"200"),
+             (get + "Host: other.example\r\n\r\n", b"400"),
+             (post + "Content-Length: 2\r\nContent-Length: 20\r\n\r\n{}", b"400"),
+             (post + "Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400"),
+             (get.replace("HTTP/1.1", "HTTP/1.2") + "\r\n", b"400")]
+    before = srv.snapshot()
+    for req, status in cases:
+        out = srv.raw(req.encode(), read_all=False)
+        assert out.split(b" ", 2)[1] == status, (req, out[:200])
+        if status == b"400":
+            assert b'"code":"invalid_request"' in out, out[:300]
+    settle(srv)
+    assert srv.snapshot() == before, "a refused request left something behind"
+
+
 def t_metrics(srv):
     r = expect(srv.get("/metrics"), 200)
     text = r.body.decode()
