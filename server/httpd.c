@@ -24,10 +24,25 @@
 #define FIELD_MAX 4096
 #define NO_BODY_MAX 1024       /* tolerated and ignored on routes without a body */
 
+/* A connection, from accept to close: when it started waiting for a
+ * request head, and whether a request is in progress. */
+typedef struct Conn {
+    int fd;
+    double since;
+    int busy;
+    struct Conn *prev, *next;
+} Conn;
+
 struct Httpd {
     struct MHD_Daemon *mhd;
     const HttpdConfig *cfg;
     Api *api;
+    /* slow clients: a sweeper ends connections whose head is late */
+    pthread_mutex_t conns_mu;
+    Conn *conns;
+    pthread_t sweeper;
+    int sweeping;              /* under conns_mu: 0 asks the sweeper to stop */
+    pthread_cond_t sweep_cv;
 };
 
 /* Per-request state, hung on MHD's con_cls; freed in on_completed. */
@@ -640,6 +655,21 @@ static Req *req_new(Httpd *h, struct MHD_Connection *c, const char *url, const c
     return q;
 }
 
+static Conn *conn_of(struct MHD_Connection *c) {
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    return ci ? ci->socket_context : NULL;
+}
+
+/* A request head arrived (busy) or a request ended (waiting for the next head). */
+static void conn_mark(Httpd *h, struct MHD_Connection *c, int busy) {
+    Conn *k = conn_of(c);
+    if (!k) return;
+    pthread_mutex_lock(&h->conns_mu);
+    k->busy = busy;
+    k->since = gf_time_mono();
+    pthread_mutex_unlock(&h->conns_mu);
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
                                   const char *version, const char *upload_data, size_t *upload_data_size,
                                   void **con_cls) {
@@ -649,6 +679,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         q = req_new(h, c, url, method);
         if (!q) return MHD_NO;
         *con_cls = q;
+        conn_mark(h, c, 1);
         enum MHD_Result ret = MHD_YES;
         if (admit(q, c, url, version, &ret)) return ret;
         return MHD_YES;
@@ -663,6 +694,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         /* A failed body is discarded up to the route's cap and answered at
          * its end; past the cap the connection is closed (libmicrohttpd
          * cannot answer in the middle of a body). */
+        double el = gf_time_mono() - q->t_start;
+        if (h->cfg->min_body_rate && h->cfg->header_timeout_s && el > (double)h->cfg->header_timeout_s &&
+            (double)(q->received + *upload_data_size) < el * (double)h->cfg->min_body_rate) {
+            GF_LOGI("%s %s: closing an upload slower than %u bytes/s", q->method, q->path, h->cfg->min_body_rate);
+            return MHD_NO;
+        }
         body_chunk(q, upload_data, *upload_data_size);
         *upload_data_size = 0;
         return q->received > q->body_max ? MHD_NO : MHD_YES;
@@ -673,11 +710,63 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     return dispatch(q, c);
 }
 
+static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
+                          enum MHD_ConnectionNotificationCode code) {
+    Httpd *h = cls;
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+        Conn *k = calloc(1, sizeof *k);
+        if (!k || !ci) { free(k); *socket_context = NULL; return; }
+        k->fd = ci->connect_fd;
+        k->since = gf_time_mono();
+        pthread_mutex_lock(&h->conns_mu);
+        k->next = h->conns;
+        if (h->conns) h->conns->prev = k;
+        h->conns = k;
+        pthread_mutex_unlock(&h->conns_mu);
+        *socket_context = k;
+    } else if (*socket_context) {
+        Conn *k = *socket_context;
+        pthread_mutex_lock(&h->conns_mu);
+        if (k->prev) k->prev->next = k->next;
+        else h->conns = k->next;
+        if (k->next) k->next->prev = k->prev;
+        pthread_mutex_unlock(&h->conns_mu);
+        free(k);
+        *socket_context = NULL;
+    }
+}
+
+/* Ends connections that have waited longer than header_timeout_s for a
+ * complete request head, however many bytes trickle in (slowloris): the
+ * idle timeout only counts silence. shutdown() makes libmicrohttpd close
+ * the connection on its own thread. */
+static void *sweep_main(void *arg) {
+    Httpd *h = arg;
+    pthread_mutex_lock(&h->conns_mu);
+    while (h->sweeping) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += 250 * 1000 * 1000;
+        if (until.tv_nsec >= 1000000000L) { until.tv_sec++; until.tv_nsec -= 1000000000L; }
+        pthread_cond_timedwait(&h->sweep_cv, &h->conns_mu, &until);
+        double now = gf_time_mono();
+        for (Conn *k = h->conns; k; k = k->next)
+            if (!k->busy && now - k->since > (double)h->cfg->header_timeout_s) {
+                GF_LOGI("closing a connection whose request head took over %u s", h->cfg->header_timeout_s);
+                shutdown(k->fd, SHUT_RDWR);
+                k->since = now + 1e9; /* once */
+            }
+    }
+    pthread_mutex_unlock(&h->conns_mu);
+    return NULL;
+}
+
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe) {
-    (void)cls;
-    (void)c;
+    Httpd *h = cls;
     Req *q = *con_cls;
     if (!q) return;
+    conn_mark(h, c, 0);
     double dt = gf_time_mono() - q->t_start;
     int status = q->responded ? q->status : 499;
     if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && q->responded == 0) status = 499;
@@ -704,6 +793,8 @@ Httpd *httpd_start(const HttpdConfig *cfg, Api *api, GfError *err) {
     if (!h) return NULL;
     h->cfg = cfg;
     h->api = api;
+    pthread_mutex_init(&h->conns_mu, NULL);
+    pthread_cond_init(&h->sweep_cv, NULL);
     struct sockaddr_in addr;
     memset(&addr, 0, sizeof addr);
     addr.sin_family = AF_INET;
@@ -720,11 +811,17 @@ Httpd *httpd_start(const HttpdConfig *cfg, Api *api, GfError *err) {
         MHD_OPTION_THREAD_POOL_SIZE, cfg->threads, MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections,
         MHD_OPTION_PER_IP_CONNECTION_LIMIT, cfg->per_ip_connections, MHD_OPTION_CONNECTION_TIMEOUT, cfg->timeout_s,
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024), MHD_OPTION_STRICT_FOR_CLIENT, 1,
-        MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_END);
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_NOTIFY_CONNECTION, on_connection, h, MHD_OPTION_END);
     if (!h->mhd) {
+        pthread_mutex_destroy(&h->conns_mu);
+        pthread_cond_destroy(&h->sweep_cv);
         free(h);
         gf_error_set(err, GF_IO, NULL, NULL, "cannot listen on %s:%u (port in use?)", cfg->bind_addr, cfg->port);
         return NULL;
+    }
+    if (cfg->header_timeout_s > 0) {
+        h->sweeping = 1;
+        if (pthread_create(&h->sweeper, NULL, sweep_main, h) != 0) h->sweeping = 0;
     }
     return h;
 }
@@ -746,5 +843,13 @@ void httpd_stop(Httpd *h, unsigned drain_s, void (*drained)(void *cls), void *cl
     if (drained) drained(cls); /* ends deferred replies, so no connection stays suspended */
     usleep(100 * 1000);
     MHD_stop_daemon(h->mhd);
+    pthread_mutex_lock(&h->conns_mu);
+    int sweeping = h->sweeping;
+    h->sweeping = 0;
+    pthread_cond_signal(&h->sweep_cv);
+    pthread_mutex_unlock(&h->conns_mu);
+    if (sweeping) pthread_join(h->sweeper, NULL);
+    pthread_cond_destroy(&h->sweep_cv);
+    pthread_mutex_destroy(&h->conns_mu);
     free(h);
 }

@@ -37,6 +37,8 @@ typedef struct {
     unsigned max_connections;
     unsigned per_ip_connections;
     unsigned timeout_s;              /* idle connection timeout */
+    unsigned header_timeout_s;       /* a request's head must be complete this long after the last one (0 = off) */
+    unsigned min_body_rate;          /* bytes/s an upload must average once header_timeout_s has passed (0 = off) */
     uint8_t key_digests[HTTPD_MAX_KEYS][GF_SHA256_LEN];
     int n_keys;                      /* 0 = authentication off */
     char allowed_hosts[HTTPD_MAX_HOSTS][256];

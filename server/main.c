@@ -77,6 +77,8 @@ static void usage(FILE *f) {
             "  --no-train              run no fine-tuning jobs here (they stay queued for a server that does)\n"
             "  --max-connections N     (default 256)   --per-ip-connections N (default 64)\n"
             "  --timeout S             idle connection timeout in seconds (default 30)\n"
+            "  --header-timeout S      a request head must be complete within S seconds (default 10; 0 = off)\n"
+            "  --min-body-rate B       past that, an upload must average B bytes/s (default 1024; 0 = off)\n"
             "  --drain S               on SIGINT/SIGTERM, seconds running requests may take to finish\n"
             "                          before they end with 503 shutting_down (default 10)\n"
             "  --max-queued-jobs N     (default 100)   --min-examples N (default 10)\n"
@@ -152,6 +154,8 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
     o->http.max_connections = 256;
     o->http.per_ip_connections = 64;
     o->http.timeout_s = 30;
+    o->http.header_timeout_s = 10;
+    o->http.min_body_rate = 1024;
     o->http.web_dir = default_web;
     api_limits_default(&o->limits);
     o->max_inference_queue = -1;
@@ -183,6 +187,8 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--per-ip-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.per_ip_connections = (unsigned)n;
         else if (strcmp(a, "--timeout") == 0 && !parse_uint(v, 3600, &n) && n) o->http.timeout_s = (unsigned)n;
         else if (strcmp(a, "--drain") == 0 && !parse_uint(v, 3600, &n)) o->drain_s = (unsigned)n;
+        else if (strcmp(a, "--header-timeout") == 0 && !parse_uint(v, 3600, &n)) o->http.header_timeout_s = (unsigned)n;
+        else if (strcmp(a, "--min-body-rate") == 0 && !parse_uint(v, 1u << 30, &n)) o->http.min_body_rate = (unsigned)n;
         else if (strcmp(a, "--quantize") == 0 && cli_parse_quantize(v, &o->quantize) == 0) {}
         else if (strcmp(a, "--max-seqs") == 0 && !parse_uint(v, 4096, &n) && n) o->max_seqs = (int)n;
         else if (strcmp(a, "--max-queue") == 0 && !parse_uint(v, 1000000, &n)) o->max_inference_queue = (int)n;

@@ -351,6 +351,48 @@ def t_ambiguous_framing_refused(srv):
     assert srv.snapshot() == before, "a refused request left something behind"
 
 
+def trickle(port, pieces, pause, limit=60):
+    """Sends pieces with a pause between them until the server closes the
+    connection; returns the seconds it stayed open (at most limit)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=limit)
+    t0 = time.time()
+    try:
+        for p in pieces:
+            s.sendall(p)
+            time.sleep(pause)
+            if time.time() - t0 > limit:
+                break
+        s.settimeout(max(1, limit - (time.time() - t0)))
+        while s.recv(65536):
+            pass
+    except OSError:
+        pass
+    finally:
+        s.close()
+    return time.time() - t0
+
+
+def t_slow_clients_are_cut(binary):
+    """Slowloris: a head sent a byte every half second is cut once the head
+    deadline passes, although the connection is never silent for the idle
+    timeout; so is an upload trickling under the minimum rate. A client
+    that sends promptly is served meanwhile."""
+    srv = Server(binary, extra=["--header-timeout", "2", "--min-body-rate", "1000", "--timeout", "30", "--no-train"])
+    try:
+        head = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200
+        stayed = trickle(srv.port, [head[i:i + 1] for i in range(len(head))], 0.5)
+        assert stayed < 20, "a trickled head kept its connection %.0f s" % stayed
+        body = b'{"dataset": "' + b"x" * 4000 + b'"}'
+        start = ("POST /v1/fine_tuning/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+                 "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (KEY, len(body))).encode()
+        stayed = trickle(srv.port, [start] + [body[i:i + 10] for i in range(0, len(body), 10)], 0.5)
+        assert stayed < 20, "an upload at 20 bytes/s kept its connection %.0f s" % stayed
+        expect(srv.get("/v1/models"), 200)
+        assert srv.alive()
+    finally:
+        srv.stop()
+
+
 def t_metrics(srv):
     r = expect(srv.get("/metrics"), 200)
     text = r.body.decode()
