@@ -105,17 +105,18 @@ class Server:
         finally:
             s.close()
 
-    def send_pieces(self, method, path, body, content_type, cuts, pause=0.001, key=KEY, timeout=30):
-        """Sends one request whose body goes out in pieces, split at the given
-        offsets with a pause between them (so the server reads them apart);
-        returns (status, body) of the answer."""
-        head = ("%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\nContent-Type: %s\r\n"
-                "Content-Length: %d\r\nConnection: close\r\n\r\n" % (method, path, self.port, key, content_type,
-                                                                       len(body))).encode()
+    def send_pieces(self, method, path, body, headers, cuts=(), pause=0.001, timeout=30):
+        """Sends one request over its own socket (headers: a dict; Host,
+        Content-Length and Connection: close added) whose body goes out in
+        pieces split at the given offsets, with a pause between them so the
+        server reads them apart; returns (status, body) of the answer. A
+        socket error (a reset while sending) is raised as the client sees it."""
+        head = "%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n" % (
+            method, path, self.port, len(body), "".join("%s: %s\r\n" % kv for kv in headers.items()))
         s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
         try:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.sendall(head)
+            s.sendall(head.encode())
             last = 0
             for c in list(cuts) + [len(body)]:
                 if c > last:

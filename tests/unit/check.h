@@ -4,8 +4,11 @@
 #ifndef GF_TEST_CHECK_H
 #define GF_TEST_CHECK_H
 
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 static int g_checks_passed, g_checks_failed;
 
@@ -24,6 +27,21 @@ static int g_checks_passed, g_checks_failed;
 #define CHECK_STATUS(got, want, err)                                            \
     CHECK((got) == (want), "status %d (%s), want %d; message: %s", (int)(got),  \
           gf_status_name(got), (int)(want), (err).message)
+
+/* 1 when fn(arg), run in a child process, dies of SIGSEGV (a fault the
+ * test provokes on purpose), even under a sanitizer's own handler. */
+static inline int check_segfaults(void (*fn)(int), int arg) {
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        signal(SIGSEGV, SIG_DFL);
+        fn(arg);
+        _exit(0);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV;
+}
 
 static inline int check_done(const char *name) {
     printf("%s: %d passed, %d failed\n", name, g_checks_passed, g_checks_failed);

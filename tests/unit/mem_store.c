@@ -65,22 +65,18 @@ static void take_file(const char *path) {
     if (path) unlink(path);
 }
 
-/* Newest first from before index `end` (exclusive): the indices of one
- * page into idx, *has_more when rows remain. */
-static void page(int end, int limit, int *idx, int *n, int *has_more) {
-    *n = 0;
-    *has_more = 0;
-    for (int i = end - 1; i >= 0; i--) {
-        if (*n == limit) { *has_more = 1; return; }
-        idx[(*n)++] = i;
+/* One page of rows[count] (each `size` bytes), newest first, after the row
+ * at index `found` (the one named `after`; "" = from the newest) into out. */
+static GfStatus list_page(const void *rows, size_t size, int count, int found, const char *after, int limit, void *out,
+                          int *n, int *has_more, GfError *err) {
+    *n = *has_more = 0;
+    if (after[0] && found < 0)
+        return gf_error_set(err, GF_INVALID, "invalid_value", "after", "'after' names no object in this list");
+    for (int i = (after[0] ? found : count) - 1; i >= 0; i--) {
+        if (*n == limit) { *has_more = 1; break; }
+        memcpy((char *)out + (size_t)(*n)++ * size, (const char *)rows + (size_t)i * size, size);
     }
-}
-
-/* The end index of a list after `after` (its position), or -1 with err. */
-static int page_end(int found, int count, const char *after, GfError *err) {
-    if (!after[0]) return count;
-    if (found < 0) gf_error_set(err, GF_INVALID, "invalid_value", "after", "'after' names no object in this list");
-    return found;
+    return GF_OK;
 }
 
 static void add_event(MemStore *m, const char *job, const char *message) {
@@ -124,11 +120,9 @@ static GfStatus mem_dataset_list(Store *s, const char *after, int limit, Dataset
     MemStore *m = lock_store(s);
     *n = *has_more = 0;
     GfStatus st = injected(m, err);
-    int end = st ? -1 : page_end(find_dataset(m, after), m->n_datasets, after, err);
-    if (!st && end < 0) st = err->status;
-    int idx[MEM_STORE_MAX];
-    if (!st) page(end, limit, idx, n, has_more);
-    for (int k = 0; !st && k < *n; k++) out[k] = m->datasets[idx[k]];
+    if (!st)
+        st = list_page(m->datasets, sizeof *m->datasets, m->n_datasets, find_dataset(m, after), after, limit, out, n,
+                       has_more, err);
     return unlock_with(m, st);
 }
 
@@ -209,11 +203,8 @@ static GfStatus mem_job_list(Store *s, const char *after, int limit, JobRow *out
     MemStore *m = lock_store(s);
     *n = *has_more = 0;
     GfStatus st = injected(m, err);
-    int end = st ? -1 : page_end(find_job(m, after), m->n_jobs, after, err);
-    if (!st && end < 0) st = err->status;
-    int idx[MEM_STORE_MAX];
-    if (!st) page(end, limit, idx, n, has_more);
-    for (int k = 0; !st && k < *n; k++) out[k] = m->jobs[idx[k]];
+    if (!st)
+        st = list_page(m->jobs, sizeof *m->jobs, m->n_jobs, find_job(m, after), after, limit, out, n, has_more, err);
     return unlock_with(m, st);
 }
 
@@ -321,11 +312,9 @@ static GfStatus mem_adapter_list(Store *s, const char *after, int limit, Adapter
     MemStore *m = lock_store(s);
     *n = *has_more = 0;
     GfStatus st = injected(m, err);
-    int end = st ? -1 : page_end(find_adapter(m, after), m->n_adapters, after, err);
-    if (!st && end < 0) st = err->status;
-    int idx[MEM_STORE_MAX];
-    if (!st) page(end, limit, idx, n, has_more);
-    for (int k = 0; !st && k < *n; k++) out[k] = m->adapters[idx[k]];
+    if (!st)
+        st = list_page(m->adapters, sizeof *m->adapters, m->n_adapters, find_adapter(m, after), after, limit, out,
+                       n, has_more, err);
     return unlock_with(m, st);
 }
 
