@@ -31,6 +31,25 @@ float kn_f16_to_f32(uint16_t h) {
     return f;
 }
 
+uint16_t kn_f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+    uint32_t a = u & 0x7fffffff;
+    if (a > 0x7f800000) return (uint16_t)(sign | 0x7e00);          /* NaN */
+    if (a >= 0x477ff000) return (uint16_t)(sign | 0x7c00);         /* rounds past 65504: inf */
+    if (a < 0x38800000) {                                          /* f16 subnormal (or zero) */
+        /* value = a_float; subnormal units of 2^-24, rounded to nearest even */
+        if (a < 0x33000000) return sign;                           /* below half the smallest: 0 */
+        uint32_t man = (a & 0x7fffff) | 0x800000, shift = 126 - (a >> 23);   /* 14..24 */
+        uint32_t q = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (q & 1))) q++;
+        return (uint16_t)(sign | q);
+    }
+    uint32_t r = a + 0xfff + ((a >> 13) & 1);                      /* round to nearest even at bit 13 */
+    return (uint16_t)(sign | ((r - 0x38000000) >> 13));
+}
+
 void kn_convert_to_f32(float *out, const void *src, KnDtype dtype, int64_t start, int64_t n) {
     if (dtype == KN_F32) {
         memcpy(out, (const float *)src + start, (size_t)n * sizeof(float));

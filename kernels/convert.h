@@ -16,6 +16,7 @@
 float kn_bf16_to_f32(uint16_t h);
 uint16_t kn_f32_to_bf16(float f);   /* round to nearest even; NaN stays NaN */
 float kn_f16_to_f32(uint16_t h);
+uint16_t kn_f32_to_f16(float f);    /* round to nearest even; beyond 65504 -> inf; NaN stays NaN */
 
 /* out[0..n) = the elements src[start..start + n) of a host array of dtype
  * F32, BF16 or F16, widened to float32. */

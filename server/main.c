@@ -1,7 +1,7 @@
 /* main.c - the gemmaforge command line: `serve` starts the HTTP server; the
  * engine commands (forward, generate, preprocess, tokenize, infer, lora-step,
- * train, preflight) run the engine directly; merge says plainly that it is
- * not built yet. The only file that calls exit(). */
+ * train, preflight) run the engine directly; merge writes an adapter merged
+ * into its base. The only file that calls exit(). */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "cli_engine.h"
+#include "cli_export.h"
 #include "cli_inputs.h"
 #include "cli_train.h"
 #include "httpd.h"
@@ -61,8 +62,8 @@ static void usage(FILE *f) {
             "             [hyperparameters as --learning-rate X ...; see `gemmaforge train` without options]\n"
             "  preflight  memory estimate, LoRA targets and a formatted dataset example: --model DIR [--dataset FILE.jsonl]\n"
             "             [train's hyperparameter flags]\n"
-            "  merge\n"
-            "             not built yet (see README)\n\n"
+            "  merge      an adapter merged into its base, as a new model directory: --model DIR --adapter DIR\n"
+            "             --out DIR [--dtype bf16|f16|f32] [--max-shard-bytes N]\n\n"
             "serve options:\n"
             "  --model DIR             Gemma 4 model directory (config.json + safetensors)\n"
             "  --model-name NAME       name the base model is served under (default: DIR's name)\n"
@@ -386,12 +387,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "version") == 0) { printf("gemmaforge %s\n", VERSION); exit(0); }
     if (strcmp(cmd, "train") == 0) exit(cli_train(argc, argv));
     if (strcmp(cmd, "preflight") == 0) exit(cli_preflight(argc, argv));
-    static const char *const engine_cmds[] = {"merge", NULL};
-    for (int i = 0; engine_cmds[i]; i++)
-        if (strcmp(cmd, engine_cmds[i]) == 0) {
-            fprintf(stderr, "gemmaforge %s: not built yet (see README, \"What exists\")\n", cmd);
-            exit(2);
-        }
+    if (strcmp(cmd, "merge") == 0) exit(cli_merge(argc, argv));
     fprintf(stderr, "gemmaforge: unknown command '%s'\n", cmd);
     usage(stderr);
     exit(2);

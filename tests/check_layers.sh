@@ -19,6 +19,9 @@ check engine/formats '(\.\./)?(model|train|serve)/|model\.h|model_impl\.h|weight
 check engine/model 'backward\.h|optim\.h|trainset\.h|trainer\.h|serve\.h' "training or serving"
 check engine/train 'serve\.h' "serving"
 check engine/serve 'backward\.h|optim\.h|trainset\.h|trainer\.h' "training"
+check engine/export 'backward\.h|optim\.h|trainset\.h|trainer\.h|serve\.h' "training or serving"
+check engine/formats 'merge\.h' "export"
+check engine/model 'merge\.h' "export"
 python3 tests/check_includes.py || fail=1
 if [ $fail -eq 0 ]; then echo "layers: 1 passed, 0 failed"; else echo "layers: 0 passed, 1 failed"; fi
 exit $fail

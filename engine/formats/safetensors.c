@@ -217,8 +217,10 @@ static uint64_t write_nbytes(const StWriteTensor *t) {
     return n;
 }
 
-static char *write_header(const StWriteTensor *tensors, size_t n, uint64_t *len) {
+static char *write_header(const StWriteTensor *tensors, size_t n, const char *format, uint64_t *len,
+                          uint64_t *data_len) {
     cJSON *root = cJSON_CreateObject();
+    if (format) cJSON_AddStringToObject(cJSON_AddObjectToObject(root, "__metadata__"), "format", format);
     uint64_t off = 0;
     for (size_t i = 0; i < n; i++) {
         const StWriteTensor *t = &tensors[i];
@@ -240,6 +242,7 @@ static char *write_header(const StWriteTensor *tensors, size_t n, uint64_t *len)
     memset(out + raw, ' ', padded - raw);
     out[padded] = '\0';
     *len = padded;
+    *data_len = off;
     return out;
 }
 
@@ -255,27 +258,72 @@ static int write_all(int fd, const void *buf, uint64_t n) {
     return 0;
 }
 
-GfStatus safetensors_write(const char *path, const StWriteTensor *tensors, size_t n, GfError *err) {
+static GfStatus writer_io_error(StWriter *w, int e, GfError *err) {
+    st_writer_abort(w);
+    return gf_error_set(err, e == ENOSPC || e == EDQUOT ? GF_NO_SPACE : GF_IO,
+                        e == ENOSPC || e == EDQUOT ? "insufficient_storage" : "io_error", NULL,
+                        "cannot write the output file (%s)", strerror(e));
+}
+
+GfStatus st_writer_open(StWriter *w, const char *path, const StWriteTensor *tensors, size_t n, const char *format,
+                        GfError *err) {
+    memset(w, 0, sizeof *w);
+    w->fd = -1;
+    if (strlen(path) >= sizeof w->path)
+        return gf_error_set(err, GF_INVALID, "invalid_path", NULL, "the output path is too long");
     uint64_t hlen;
-    char *header = write_header(tensors, n, &hlen);
+    char *header = write_header(tensors, n, format, &hlen, &w->remaining);
     if (!header) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp-XXXXXX", path);
-    int fd = mkstemp(tmp);
-    int bad_io = fd < 0 || fchmod(fd, 0644) != 0;
+    snprintf(w->path, sizeof w->path, "%s", path);
+    snprintf(w->tmp, sizeof w->tmp, "%s.tmp-XXXXXX", path);
+    w->fd = mkstemp(w->tmp);
+    int bad = w->fd < 0 || fchmod(w->fd, 0644) != 0;
     uint8_t len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (uint8_t)(hlen >> (8 * i));
-    if (!bad_io) bad_io = write_all(fd, len8, 8) || write_all(fd, header, hlen);
-    for (size_t i = 0; !bad_io && i < n; i++) bad_io = write_all(fd, tensors[i].data, write_nbytes(&tensors[i]));
-    if (!bad_io) bad_io = fsync(fd) != 0;
+    if (!bad) bad = write_all(w->fd, len8, 8) || write_all(w->fd, header, hlen);
     int e = errno;
-    if (fd >= 0) close(fd);
     free(header);
-    if (!bad_io && rename(tmp, path) != 0) { bad_io = 1; e = errno; }
-    if (bad_io) {
-        if (fd >= 0) unlink(tmp);
-        return gf_error_set(err, e == ENOSPC ? GF_NO_SPACE : GF_IO, e == ENOSPC ? "insufficient_storage" : "io_error", NULL,
-                            "cannot write the output file (%s)", strerror(e));
+    if (bad) {
+        if (w->fd < 0) w->tmp[0] = '\0';
+        return writer_io_error(w, e, err);
     }
     return GF_OK;
+}
+
+GfStatus st_writer_put(StWriter *w, const void *bytes, uint64_t n, GfError *err) {
+    if (n > w->remaining) {
+        st_writer_abort(w);
+        return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "more tensor bytes than the header announced");
+    }
+    if (write_all(w->fd, bytes, n)) return writer_io_error(w, errno, err);
+    w->remaining -= n;
+    return GF_OK;
+}
+
+GfStatus st_writer_commit(StWriter *w, GfError *err) {
+    if (w->remaining) {
+        st_writer_abort(w);
+        return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "fewer tensor bytes than the header announced");
+    }
+    if (fsync(w->fd) != 0) return writer_io_error(w, errno, err);
+    int e = close(w->fd) != 0 ? errno : 0;
+    w->fd = -1;
+    if (!e && rename(w->tmp, w->path) != 0) e = errno;
+    if (e) return writer_io_error(w, e, err);
+    w->tmp[0] = '\0';
+    return GF_OK;
+}
+
+void st_writer_abort(StWriter *w) {
+    if (w->fd >= 0) close(w->fd);
+    w->fd = -1;
+    if (w->tmp[0]) unlink(w->tmp);
+    w->tmp[0] = '\0';
+}
+
+GfStatus safetensors_write(const char *path, const StWriteTensor *tensors, size_t n, GfError *err) {
+    StWriter w;
+    GfStatus s = st_writer_open(&w, path, tensors, n, NULL, err);
+    for (size_t i = 0; !s && i < n; i++) s = st_writer_put(&w, tensors[i].data, write_nbytes(&tensors[i]), err);
+    return s ? s : st_writer_commit(&w, err);
 }

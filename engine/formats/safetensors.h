@@ -85,6 +85,27 @@ typedef struct {
  * header) to path via a temporary file, fsync and rename. */
 GfStatus safetensors_write(const char *path, const StWriteTensor *tensors, size_t n, GfError *err);
 
+/* A safetensors file written as a stream: the header (from the tensors'
+ * names, dtypes and shapes; their data is not read) goes out first, then
+ * the caller puts exactly the announced bytes, tensor after tensor, in
+ * pieces of any size. The file is written to "<path>.tmp-XXXXXX" and
+ * appears at path only on commit (fsync, rename); any error, or abort,
+ * removes it. format, when not NULL, goes into __metadata__ ("pt" is what
+ * transformers writes and checks). Errors: GF_NO_SPACE on ENOSPC/EDQUOT,
+ * GF_IO otherwise, GF_INTERNAL for more or fewer bytes than announced; the
+ * writer is aborted after any error. */
+typedef struct {
+    int fd;
+    uint64_t remaining;         /* data bytes still to put */
+    char path[4096], tmp[4112];
+} StWriter;
+
+GfStatus st_writer_open(StWriter *w, const char *path, const StWriteTensor *tensors, size_t n, const char *format,
+                        GfError *err);
+GfStatus st_writer_put(StWriter *w, const void *bytes, uint64_t n, GfError *err);
+GfStatus st_writer_commit(StWriter *w, GfError *err);
+void st_writer_abort(StWriter *w);
+
 /* Formats a shape as "[4, 32]" into buf. */
 void safetensors_shape_str(const uint64_t *shape, int n_dims, char *buf, size_t cap);
 

@@ -116,6 +116,10 @@ static double config_number(const char *json, size_t len, const char *key, doubl
 }
 
 GfStatus lora_load_dir(const char *dir, const Model *m, int max_rank, LoraAdapter **out, GfError *err) {
+    return lora_load_checked(dir, &model_dir(m)->base, max_rank, out, err);
+}
+
+GfStatus lora_load_checked(const char *dir, const AdapterBase *base, int max_rank, LoraAdapter **out, GfError *err) {
     char path[4096];
     size_t clen = 0;
     snprintf(path, sizeof path, "%s/adapter_config.json", dir);
@@ -130,7 +134,7 @@ GfStatus lora_load_dir(const char *dir, const Model *m, int max_rank, LoraAdapte
                             "weights", "%s", e.message);
     }
     AdapterInfo info;
-    GfStatus s = adapter_check(cfg, clen, st.map, st.map_size, max_rank, &model_dir(m)->base, &info, err);
+    GfStatus s = adapter_check(cfg, clen, st.map, st.map_size, max_rank, base, &info, err);
     LoraAdapter *a = s ? NULL : gf_calloc(1, sizeof *a, err);
     if (!s && !a) s = GF_NO_MEMORY;
     if (!s) {

@@ -99,6 +99,9 @@ GfStatus lora_adapter_pack(LoraAdapter *a, GfError *err);
 /* Reads and validates DIR/adapter_config.json + DIR/adapter_model.safetensors
  * against the model m. */
 GfStatus lora_load_dir(const char *dir, const Model *m, int max_rank, LoraAdapter **out, GfError *err);
+/* The same against the base model's weight shapes alone (a model directory
+ * opened without loading its weights, e.g. for merging). */
+GfStatus lora_load_checked(const char *dir, const AdapterBase *base, int max_rank, LoraAdapter **out, GfError *err);
 void lora_free(LoraAdapter *a);
 
 /* Writes the adapter in PEFT's format (config + F32 weights) into dir, which

@@ -1,0 +1,70 @@
+/* cli_export.c - `gemmaforge merge`. */
+#include "cli_export.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "merge.h"
+#include "safetensors.h"
+
+static int usage(void) {
+    fprintf(stderr,
+            "usage: gemmaforge merge --model DIR --adapter DIR --out DIR [--dtype bf16|f16|f32] [--max-shard-bytes N]\n"
+            "  writes the base model with the adapter merged in (W + scale * B A, rounded once) as a new model\n"
+            "  directory: the base's tensor names, shapes and dtypes (or --dtype for every floating tensor),\n"
+            "  shards of at most N bytes (default 5 GB) with model.safetensors.index.json, and the base's\n"
+            "  config, tokenizer, chat template and processor files. OUT must not exist.\n");
+    return 2;
+}
+
+static int parse_dtype(const char *v, int *out) {
+    if (strcmp(v, "bf16") == 0) *out = ST_BF16;
+    else if (strcmp(v, "f16") == 0) *out = ST_F16;
+    else if (strcmp(v, "f32") == 0) *out = ST_F32;
+    else return -1;
+    return 0;
+}
+
+/* A line on stderr at every further tenth of the bytes. */
+static int progress(void *ctx, uint64_t done, uint64_t total) {
+    int *last = ctx, tenth = total ? (int)(done * 10 / total) : 10;
+    if (tenth > *last) {
+        *last = tenth;
+        fprintf(stderr, "gemmaforge merge: %d%% (%llu of %llu bytes)\n", tenth * 10, (unsigned long long)done,
+                (unsigned long long)total);
+    }
+    return 0;
+}
+
+int cli_merge(int argc, char **argv) {
+    MergeOptions o = {.dtype = -1};
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) { fprintf(stderr, "gemmaforge merge: %s needs a value\n", a); return usage(); }
+        char *end;
+        if (strcmp(a, "--model") == 0) o.model_dir = v;
+        else if (strcmp(a, "--adapter") == 0) o.adapter_dir = v;
+        else if (strcmp(a, "--out") == 0) o.out_dir = v;
+        else if (strcmp(a, "--dtype") == 0 && parse_dtype(v, &o.dtype) == 0) {}
+        else if (strcmp(a, "--max-shard-bytes") == 0 && (o.max_shard_bytes = strtoull(v, &end, 10), !*end) &&
+                 o.max_shard_bytes > 0 && v[0] != '-') {}
+        else { fprintf(stderr, "gemmaforge merge: unknown option or bad value: %s %s\n", a, v); return usage(); }
+        i++;
+    }
+    if (!o.model_dir || !o.adapter_dir || !o.out_dir) return usage();
+    int last = 0;
+    o.progress = progress;
+    o.ctx = &last;
+    MergeReport r;
+    GfError err;
+    if (merge_adapter(&o, &r, &err)) {
+        fprintf(stderr, "gemmaforge merge: %s\n", err.message);
+        return 1;
+    }
+    printf("{\"tensors\":%llu,\"merged\":%llu,\"bytes\":%llu,\"shards\":%d,\"files\":%d,\"max_abs_delta\":%.9g,"
+           "\"unchanged_elements\":%llu}\n",
+           (unsigned long long)r.n_tensors, (unsigned long long)r.n_merged, (unsigned long long)r.n_bytes, r.n_shards,
+           r.n_files, r.max_abs_delta, (unsigned long long)r.n_unchanged);
+    return 0;
+}

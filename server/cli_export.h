@@ -1,0 +1,11 @@
+/* cli_export.h - `gemmaforge merge`: an adapter merged into its base model,
+ * written as a complete Hugging Face model directory (engine/export/merge.h).
+ * Returns a process exit status (0 ok, 1 failure, 2 usage); the report is
+ * one JSON object on stdout, progress and errors go to stderr.
+ */
+#ifndef GF_CLI_EXPORT_H
+#define GF_CLI_EXPORT_H
+
+int cli_merge(int argc, char **argv);
+
+#endif
