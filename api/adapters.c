@@ -16,6 +16,7 @@
 #include "serve.h"
 #include "sha256.h"
 #include "tar.h"
+#include "tar_stream.h"
 
 #define CONFIG_MAX (1u << 20)
 
@@ -161,81 +162,19 @@ GfStatus adapters_delete(Api *api, const HttpReq *req, HttpResp *resp) {
 
 /* ---- download: a ustar stream of the two PEFT files -------------------- */
 
-typedef struct {
-    int fd[2];
-    uint64_t size[2];
-    uint8_t hdr[2][512];
-    uint64_t start[2];   /* offset of each header in the stream */
-    uint64_t total;
-} TarStream;
-
-static ssize_t tar_stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
-    TarStream *t = cls;
-    if (pos >= t->total) return 0;
-    size_t n = 0;
-    while (n < max && pos < t->total) {
-        size_t take = 0;
-        int region = pos >= t->start[1] ? 1 : 0;
-        uint64_t rel = pos - t->start[region];
-        if (rel < 512) { /* header */
-            take = (size_t)(512 - rel) < max - n ? (size_t)(512 - rel) : max - n;
-            memcpy(buf + n, t->hdr[region] + rel, take);
-        } else if (rel - 512 < t->size[region]) { /* file data */
-            uint64_t left = t->size[region] - (rel - 512);
-            take = left < max - n ? (size_t)left : max - n;
-            ssize_t r = pread(t->fd[region], buf + n, take, (off_t)(rel - 512));
-            if (r <= 0) return -1;
-            take = (size_t)r;
-        } else { /* padding, or the end-of-archive blocks */
-            uint64_t end = region == 0 ? t->start[1] : t->total;
-            take = end - pos < max - n ? (size_t)(end - pos) : max - n;
-            memset(buf + n, 0, take);
-        }
-        n += take;
-        pos += take;
-    }
-    return (ssize_t)n;
-}
-
-static void tar_stream_free(void *cls) {
-    TarStream *t = cls;
-    for (int i = 0; i < 2; i++)
-        if (t->fd[i] >= 0) close(t->fd[i]);
-    free(t);
-}
-
-static uint64_t padded(uint64_t n) { return (n + 511) & ~(uint64_t)511; }
-
 GfStatus adapters_download(Api *api, const HttpReq *req, HttpResp *resp) {
-    char paths[2][4096];
+    char config[4096], weights[4096];
     GfError err;
     AdapterRow row;
     if (store_adapter_get(api->store, req->params[0], &row, &err) ||
-        store_adapter_files(api->store, req->params[0], paths[0], paths[1], &err))
+        store_adapter_files(api->store, req->params[0], config, weights, &err))
         return reply_error(resp, &err, NULL);
+    const char *const paths[2] = {config, weights};
     static const char *const names[2] = {"adapter_config.json", "adapter_model.safetensors"};
-    TarStream *t = calloc(1, sizeof *t);
-    if (!t) return reply_fail(resp, GF_NO_MEMORY, NULL, NULL, "out of memory");
-    t->fd[0] = t->fd[1] = -1;
-    for (int i = 0; i < 2; i++) {
-        struct stat sb;
-        t->fd[i] = open(paths[i], O_RDONLY | O_CLOEXEC);
-        if (t->fd[i] < 0 || fstat(t->fd[i], &sb) != 0) {
-            tar_stream_free(t);
+    if (tar_stream_reply(resp, paths, names, 2, row.created_at, row.name, "adapter_missing", &err)) {
+        if (err.status == GF_NOT_FOUND)
             return reply_fail(resp, GF_FORMAT, "adapter_missing", NULL, "the files of adapter '%s' are missing", row.name);
-        }
-        t->size[i] = (uint64_t)sb.st_size;
-        tar_header_write(t->hdr[i], names[i], t->size[i], row.created_at);
+        return reply_error(resp, &err, NULL);
     }
-    t->start[0] = 0;
-    t->start[1] = 512 + padded(t->size[0]);
-    t->total = t->start[1] + 512 + padded(t->size[1]) + 1024;
-    resp->status = 200;
-    snprintf(resp->content_type, sizeof resp->content_type, "application/x-tar");
-    snprintf(resp->content_disposition, sizeof resp->content_disposition, "attachment; filename=\"%.64s.tar\"", row.name);
-    resp->stream = tar_stream_read;
-    resp->stream_cls = t;
-    resp->stream_free = tar_stream_free;
-    resp->stream_size = t->total;
     return GF_OK;
 }

@@ -111,7 +111,12 @@ GfStatus adapters_delete(Api *, const HttpReq *, HttpResp *);
 GfStatus adapters_download(Api *, const HttpReq *, HttpResp *);
 GfStatus models_list(Api *, const HttpReq *, HttpResp *);
 GfStatus models_get(Api *, const HttpReq *, HttpResp *);
-GfStatus not_built(Api *, const HttpReq *, HttpResp *);
+GfStatus exports_merge(Api *, const HttpReq *, HttpResp *);
+GfStatus exports_list(Api *, const HttpReq *, HttpResp *);
+GfStatus exports_get(Api *, const HttpReq *, HttpResp *);
+GfStatus exports_cancel(Api *, const HttpReq *, HttpResp *);
+GfStatus exports_delete(Api *, const HttpReq *, HttpResp *);
+GfStatus exports_content(Api *, const HttpReq *, HttpResp *);
 GfStatus chat_completions_create(Api *, const HttpReq *, HttpResp *);
 GfStatus infer_create(Api *, const HttpReq *, HttpResp *);
 

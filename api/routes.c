@@ -1,5 +1,5 @@
 /* routes.c - the route table, limits, and the small handlers: health,
- * readiness, models and the route whose machinery is not built yet (merge). */
+ * readiness and models. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,7 +29,12 @@ const Route API_ROUTES[] = {
     {"GET", "/v1/adapters/{name}", adapters_get, 1, BODY_NONE, 0, "GET /v1/adapters/{name}", 0},
     {"DELETE", "/v1/adapters/{name}", adapters_delete, 1, BODY_NONE, 0, "DELETE /v1/adapters/{name}", 0},
     {"GET", "/v1/adapters/{name}/download", adapters_download, 1, BODY_NONE, 0, "GET /v1/adapters/{name}/download", 0},
-    {"POST", "/v1/adapters/{name}/merge", not_built, 1, BODY_JSON, 0, "POST /v1/adapters/{name}/merge", 0},
+    {"POST", "/v1/adapters/{name}/merge", exports_merge, 1, BODY_JSON, 0, "POST /v1/adapters/{name}/merge", 1},
+    {"GET", "/v1/exports", exports_list, 1, BODY_NONE, 0, "GET /v1/exports", 0},
+    {"GET", "/v1/exports/{id}", exports_get, 1, BODY_NONE, 0, "GET /v1/exports/{id}", 0},
+    {"POST", "/v1/exports/{id}/cancel", exports_cancel, 1, BODY_NONE, 0, "POST /v1/exports/{id}/cancel", 0},
+    {"DELETE", "/v1/exports/{id}", exports_delete, 1, BODY_NONE, 0, "DELETE /v1/exports/{id}", 0},
+    {"GET", "/v1/exports/{id}/content", exports_content, 1, BODY_NONE, 0, "GET /v1/exports/{id}/content", 0},
     {"GET", "/v1/models", models_list, 1, BODY_NONE, 0, "GET /v1/models", 0},
     {"GET", "/v1/models/{id}", models_get, 1, BODY_NONE, 0, "GET /v1/models/{id}", 0},
     {"POST", "/v1/chat/completions", chat_completions_create, 1, BODY_JSON, 64 * MiB, "POST /v1/chat/completions", 0},
@@ -78,13 +83,6 @@ GfStatus ready_get(Api *api, const HttpReq *req, HttpResp *resp) {
     if (!api->model.loaded) cJSON_AddStringToObject(m, "reason", api->model.not_ready_reason);
     if (!ready) resp->retry_after = 30;
     return reply_json(resp, ready ? 200 : 503, o);
-}
-
-GfStatus not_built(Api *api, const HttpReq *req, HttpResp *resp) {
-    (void)api;
-    (void)req;
-    return reply_fail(resp, GF_NOT_IMPLEMENTED, "not_implemented", NULL,
-                      "merging an adapter into the base checkpoint is not built yet");
 }
 
 /* ---- models ------------------------------------------------------------ */

@@ -79,6 +79,26 @@ GfStatus store_adapter_files(Store *s, const char *name, char config[4096], char
     return s->ops->adapter_files(s, name, config, weights, err);
 }
 
+GfStatus store_export_create(Store *s, ExportRow *row, GfError *err) { return s->ops->export_create(s, row, err); }
+
+GfStatus store_export_get(Store *s, const char *id, ExportRow *out, GfError *err) {
+    return s->ops->export_get(s, id, out, err);
+}
+
+GfStatus store_export_list(Store *s, const char *after_id, int limit, ExportRow *out, int *n, int *has_more, GfError *err) {
+    return s->ops->export_list(s, after_id, limit, out, n, has_more, err);
+}
+
+GfStatus store_export_cancel(Store *s, const char *id, ExportRow *out, GfError *err) {
+    return s->ops->export_cancel(s, id, out, err);
+}
+
+GfStatus store_export_delete(Store *s, const char *id, GfError *err) { return s->ops->export_delete(s, id, err); }
+
+GfStatus store_export_dir(Store *s, const char *id, char dir[4096], GfError *err) {
+    return s->ops->export_dir(s, id, dir, err);
+}
+
 GfStatus store_counts(Store *s, StoreCounts *out, GfError *err) {
     return s->ops->counts(s, out, err);
 }

@@ -86,6 +86,20 @@ typedef struct {
 } AdapterRow;
 
 typedef struct {
+    char id[STORE_ID_MAX];
+    char kind[16];               /* "merge" */
+    char adapter[STORE_NAME_MAX];
+    char dtype[8];               /* auto (the base's dtypes) bf16 f16 f32 */
+    char status[20];             /* queued running succeeded failed cancelled */
+    int cancel_requested;
+    int64_t created_at, started_at, finished_at; /* 0 = not yet */
+    uint64_t bytes_done, bytes_total;
+    char error_code[48];
+    char error_message[512];
+    char result[1024];           /* JSON object text of the export's report, "" until succeeded */
+} ExportRow;
+
+typedef struct {
     uint64_t datasets;
     uint64_t jobs_by_status[5];  /* queued running succeeded failed cancelled */
     uint64_t adapters;
@@ -116,6 +130,13 @@ typedef struct StoreOps {
                              GfError *err);
     GfStatus (*adapter_delete)(Store *s, const char *name, GfError *err);
     GfStatus (*adapter_files)(Store *s, const char *name, char config[4096], char weights[4096], GfError *err);
+    GfStatus (*export_create)(Store *s, ExportRow *row, GfError *err);
+    GfStatus (*export_get)(Store *s, const char *id, ExportRow *out, GfError *err);
+    GfStatus (*export_list)(Store *s, const char *after_id, int limit, ExportRow *out, int *n, int *has_more,
+                            GfError *err);
+    GfStatus (*export_cancel)(Store *s, const char *id, ExportRow *out, GfError *err);
+    GfStatus (*export_delete)(Store *s, const char *id, GfError *err);
+    GfStatus (*export_dir)(Store *s, const char *id, char dir[4096], GfError *err);
     GfStatus (*counts)(Store *s, StoreCounts *out, GfError *err);
     GfStatus (*ping)(Store *s, GfError *err);
 } StoreOps;
@@ -164,6 +185,25 @@ GfStatus store_adapter_delete(Store *s, const char *name, GfError *err);
 /* Paths of the adapter's two files (server-generated), for download. */
 GfStatus store_adapter_files(Store *s, const char *name, char config[4096], char weights[4096],
                              GfError *err);
+
+/* ---- exports ----------------------------------------------------------- */
+/* Inserts an export (status queued; fills created_at and status) of an
+ * existing adapter (GF_NOT_FOUND adapter_not_found); GF_CONFLICT
+ * export_running while another export of that adapter is queued or
+ * running. */
+GfStatus store_export_create(Store *s, ExportRow *row, GfError *err);
+GfStatus store_export_get(Store *s, const char *id, ExportRow *out, GfError *err);
+/* Newest first, as the other lists. */
+GfStatus store_export_list(Store *s, const char *after_id, int limit, ExportRow *out, int *n, int *has_more,
+                           GfError *err);
+/* queued -> cancelled; running -> cancel_requested; cancelled -> unchanged;
+ * succeeded/failed -> GF_CONFLICT. */
+GfStatus store_export_cancel(Store *s, const char *id, ExportRow *out, GfError *err);
+/* Removes a finished export's row, then its files; GF_CONFLICT while it is
+ * queued or running (cancel it first). */
+GfStatus store_export_delete(Store *s, const char *id, GfError *err);
+/* The directory of a succeeded export's files (server-generated path). */
+GfStatus store_export_dir(Store *s, const char *id, char dir[4096], GfError *err);
 
 /* ---- misc -------------------------------------------------------------- */
 GfStatus store_counts(Store *s, StoreCounts *out, GfError *err);

@@ -15,6 +15,7 @@
 #include "cli_train.h"
 #include "httpd.h"
 #include "job_follow.h"
+#include "exports.h"
 #include "jobs.h"
 #include "kernels.h"
 #include "metrics.h"
@@ -34,6 +35,7 @@ typedef struct {
     int verbose;
     int train_threads;
     int no_train;
+    int no_export;
     int max_seqs;                 /* 0 = default */
     int max_inference_queue;      /* -1 = default */
     int64_t max_context;          /* 0 = default: KV room per slot */
@@ -76,6 +78,7 @@ static void usage(FILE *f) {
             "  --threads N             HTTP worker threads (default 4)\n"
             "  --train-threads N       engine threads of the job worker (default 0: all cores)\n"
             "  --no-train              run no fine-tuning jobs here (they stay queued for a server that does)\n"
+            "  --no-export             run no export jobs (merges) here (they stay queued for a server that does)\n"
             "  --max-connections N     (default 256)   --per-ip-connections N (default 64)\n"
             "  --timeout S             idle connection timeout in seconds (default 30)\n"
             "  --header-timeout S      a request head must be complete within S seconds (default 10; 0 = off)\n"
@@ -166,10 +169,11 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         unsigned long long n = 0;
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) return 1; /* usage on stdout, exit 0 */
-        int takes = strcmp(a, "--verbose") != 0 && strcmp(a, "--no-train") != 0;
+        int takes = strcmp(a, "--verbose") != 0 && strcmp(a, "--no-train") != 0 && strcmp(a, "--no-export") != 0;
         if (takes && !v) { fprintf(stderr, "gemmaforge: %s needs a value\n", a); return -1; }
         if (strcmp(a, "--verbose") == 0) o->verbose = 1;
         else if (strcmp(a, "--no-train") == 0) o->no_train = 1;
+        else if (strcmp(a, "--no-export") == 0) o->no_export = 1;
         else if (strcmp(a, "--model") == 0) o->model_dir = v;
         else if (strcmp(a, "--model-name") == 0) o->model_name = v;
         else if (strcmp(a, "--data") == 0) o->data_dir = v;
@@ -322,10 +326,23 @@ static int cmd_serve(int argc, char **argv) {
             return 1;
         }
     }
+    Exports *exports = NULL;
+    if (api.model.dir_ok && !o.no_export) {
+        ExportsConfig xc = {.model_dir = o.model_dir, .poll_s = 0.5};
+        if (exports_start(&xc, api.store, &exports, &err)) {
+            fprintf(stderr, "gemmaforge: %s\n", err.message);
+            jobs_stop(jobs);
+            serve_free(serve);
+            store_close(api.store);
+            pipeline_close(pipe);
+            return 1;
+        }
+    }
     if (o.http.n_keys == 0) GF_LOGW("no API key configured: every route is open to anyone who can reach %s", o.http.bind_addr);
     Httpd *h = httpd_start(&o.http, &api, &err);
     if (!h) {
         fprintf(stderr, "gemmaforge: %s\n", err.message);
+        exports_stop(exports);
         jobs_stop(jobs);
         serve_free(serve);
         store_close(api.store);
@@ -340,6 +357,7 @@ static int cmd_serve(int argc, char **argv) {
     sigwait(&sigs, &sig);
     GF_LOGI("signal %d: shutting down (draining requests for up to %u s)", sig, o.drain_s);
     httpd_stop(h, o.drain_s, end_deferred, &api);
+    exports_stop(exports);
     jobs_stop(jobs);
     serve_free(serve);
     job_hub_free(api.job_hub);

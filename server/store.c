@@ -145,7 +145,7 @@ static void gc_dir(SqlStore *s, const char *sub, const char *exists_sql) {
 }
 
 static GfStatus make_layout(SqlStore *s, GfError *err) {
-    static const char *const subs[] = {"tmp", "datasets", "adapters", "jobs", NULL};
+    static const char *const subs[] = {"tmp", "datasets", "adapters", "jobs", "exports", NULL};
     char path[4096];
     for (int i = 0; subs[i]; i++) {
         snprintf(path, sizeof path, "%s/%s", s->dir, subs[i]);
@@ -180,6 +180,7 @@ GfStatus store_open(const char *data_dir, Store **out, GfError *err) {
     gc_dir(s, "tmp", NULL);
     gc_dir(s, "datasets", "SELECT 1 FROM datasets WHERE id=?");
     gc_dir(s, "adapters", "SELECT 1 FROM adapters WHERE name=?");
+    gc_dir(s, "exports", "SELECT 1 FROM exports WHERE id=? AND status IN ('succeeded','running')");
     *out = &s->port;
     return GF_OK;
 }
@@ -842,6 +843,182 @@ static GfStatus sql_adapter_files(Store *store, const char *name, char config[40
     return GF_OK;
 }
 
+/* ---- exports ------------------------------------------------------------ */
+
+#define EXPORT_COLS "id,kind,adapter,dtype,status,cancel_requested,created_at,started_at,finished_at,bytes_done,bytes_total," \
+                    "error_code,error_message,result"
+
+static void read_export(sqlite3_stmt *st, ExportRow *r) {
+    memset(r, 0, sizeof *r);
+    col_text(st, 0, r->id, sizeof r->id);
+    col_text(st, 1, r->kind, sizeof r->kind);
+    col_text(st, 2, r->adapter, sizeof r->adapter);
+    col_text(st, 3, r->dtype, sizeof r->dtype);
+    col_text(st, 4, r->status, sizeof r->status);
+    r->cancel_requested = sqlite3_column_int(st, 5);
+    r->created_at = sqlite3_column_int64(st, 6);
+    r->started_at = col_int_or(st, 7, 0);
+    r->finished_at = col_int_or(st, 8, 0);
+    r->bytes_done = (uint64_t)sqlite3_column_int64(st, 9);
+    r->bytes_total = (uint64_t)sqlite3_column_int64(st, 10);
+    col_text(st, 11, r->error_code, sizeof r->error_code);
+    col_text(st, 12, r->error_message, sizeof r->error_message);
+    col_text(st, 13, r->result, sizeof r->result);
+}
+
+static void read_export_at(sqlite3_stmt *st, void *out, int i) { read_export(st, (ExportRow *)out + i); }
+
+static GfStatus export_get_locked(SqlStore *s, const char *id, ExportRow *out, GfError *err) {
+    sqlite3_stmt *st;
+    int rc = prep(s, &st, "SELECT " EXPORT_COLS " FROM exports WHERE id=?", "s", id);
+    GfStatus res = GF_OK;
+    if (rc == SQLITE_OK) rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) read_export(st, out);
+    else if (rc == SQLITE_DONE) res = gf_error_set(err, GF_NOT_FOUND, "export_not_found", "id", "no export '%s'", id);
+    else res = db_fail(s, rc, err);
+    sqlite3_finalize(st);
+    return res;
+}
+
+static GfStatus export_create_body(SqlStore *s, void *ctx, GfError *err) {
+    ExportRow *r = ctx;
+    if (!row_exists(s, "SELECT 1 FROM adapters WHERE name=?", r->adapter))
+        return gf_error_set(err, GF_NOT_FOUND, "adapter_not_found", "name", "no adapter '%s'", r->adapter);
+    sqlite3_stmt *st;
+    char running[STORE_ID_MAX] = "";
+    int rc = prep(s, &st, "SELECT id FROM exports WHERE adapter=? AND status IN ('queued','running')", "s", r->adapter);
+    if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) col_text(st, 0, running, sizeof running);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) return db_fail(s, rc, err);
+    if (running[0])
+        return gf_error_set(err, GF_CONFLICT, "export_running", "name", "export %s of adapter '%s' is already queued or running",
+                            running, r->adapter);
+    snprintf(r->status, sizeof r->status, "queued");
+    r->created_at = gf_time_unix();
+    rc = exec_stmt(s, "INSERT INTO exports(id,kind,adapter,dtype,status,created_at) VALUES(?,?,?,?,?,?)", "sssssi", r->id,
+                   r->kind, r->adapter, r->dtype, r->status, r->created_at);
+    return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+}
+
+static GfStatus sql_export_create(Store *store, ExportRow *row, GfError *err) {
+    return txn((SqlStore *)store, export_create_body, row, err);
+}
+
+static GfStatus sql_export_get(Store *store, const char *id, ExportRow *out, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
+    lock(s);
+    GfStatus res = export_get_locked(s, id, out, err);
+    unlock(s);
+    return res;
+}
+
+static GfStatus sql_export_list(Store *store, const char *after, int limit, ExportRow *out, int *n, int *has_more,
+                                GfError *err) {
+    return list_rows((SqlStore *)store, "SELECT " EXPORT_COLS " FROM exports WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                     "SELECT seq FROM exports WHERE id=?", after, limit, read_export_at, out, n, has_more, err);
+}
+
+typedef struct {
+    const char *id;
+    ExportRow *row;
+} ExportCtx;
+
+static GfStatus export_cancel_body(SqlStore *s, void *ctx, GfError *err) {
+    ExportCtx *c = ctx;
+    GfStatus res = export_get_locked(s, c->id, c->row, err);
+    if (res) return res;
+    int rc = SQLITE_OK;
+    if (strcmp(c->row->status, "queued") == 0)
+        rc = exec_stmt(s, "UPDATE exports SET status='cancelled', finished_at=? WHERE id=?", "is", gf_time_unix(), c->id);
+    else if (strcmp(c->row->status, "running") == 0)
+        rc = exec_stmt(s, "UPDATE exports SET cancel_requested=1 WHERE id=?", "s", c->id);
+    else if (strcmp(c->row->status, "cancelled") != 0)
+        return gf_error_set(err, GF_CONFLICT, "export_not_cancellable", "id", "export '%s' has already %s", c->id,
+                            c->row->status);
+    return rc == SQLITE_OK ? export_get_locked(s, c->id, c->row, err) : db_fail(s, rc, err);
+}
+
+static GfStatus sql_export_cancel(Store *store, const char *id, ExportRow *out, GfError *err) {
+    ExportCtx c = {id, out};
+    return txn((SqlStore *)store, export_cancel_body, &c, err);
+}
+
+static GfStatus export_delete_body(SqlStore *s, void *ctx, GfError *err) {
+    ExportCtx *c = ctx;
+    GfStatus res = export_get_locked(s, c->id, c->row, err);
+    if (res) return res;
+    if (strcmp(c->row->status, "queued") == 0 || strcmp(c->row->status, "running") == 0)
+        return gf_error_set(err, GF_CONFLICT, "export_running", "id", "export '%s' is %s; cancel it first", c->id,
+                            c->row->status);
+    int rc = exec_stmt(s, "DELETE FROM exports WHERE id=?", "s", c->id);
+    return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+}
+
+static GfStatus sql_export_delete(Store *store, const char *id, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
+    ExportRow row;
+    ExportCtx c = {id, &row};
+    GfStatus res = txn(s, export_delete_body, &c, err);
+    if (!res) {
+        char dir[4096];
+        snprintf(dir, sizeof dir, "%s/exports/%s", s->dir, id);
+        if (fs_remove_tree(dir) != 0) GF_LOGW("could not remove the files of export %s; removed at next start", id);
+    }
+    return res;
+}
+
+static GfStatus sql_export_dir(Store *store, const char *id, char dir[4096], GfError *err) {
+    SqlStore *s = (SqlStore *)store;
+    (void)err;
+    snprintf(dir, 4096, "%s/exports/%s", s->dir, id);
+    return GF_OK;
+}
+
+/* the worker's side (store_worker.h) */
+
+static GfStatus export_claim_body(SqlStore *s, void *ctx, GfError *err) {
+    ExportCtx *c = ctx;
+    sqlite3_stmt *st;
+    char id[STORE_ID_MAX] = "";
+    int rc = prep(s, &st, "SELECT id FROM exports WHERE status IN ('running','queued') ORDER BY status='running' DESC, seq LIMIT 1",
+                  "");
+    if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) col_text(st, 0, id, sizeof id);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) return db_fail(s, rc, err);
+    if (!id[0]) return gf_error_set(err, GF_NOT_FOUND, "no_export", NULL, "no export to run");
+    rc = exec_stmt(s, "UPDATE exports SET status='running', started_at=?, bytes_done=0 WHERE id=?", "is", gf_time_unix(), id);
+    return rc == SQLITE_OK ? export_get_locked(s, id, c->row, err) : db_fail(s, rc, err);
+}
+
+GfStatus store_export_claim(Store *store, ExportRow *out, GfError *err) {
+    ExportCtx c = {NULL, out};
+    return txn((SqlStore *)store, export_claim_body, &c, err);
+}
+
+GfStatus store_export_progress(Store *store, const char *id, uint64_t done, uint64_t total, int *cancel, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
+    lock(s);
+    int rc = exec_stmt(s, "UPDATE exports SET bytes_done=?, bytes_total=? WHERE id=?", "iis", (int64_t)done, (int64_t)total, id);
+    *cancel = !row_exists(s, "SELECT 1 FROM exports WHERE id=? AND status='running' AND cancel_requested=0", id);
+    GfStatus res = rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+    unlock(s);
+    return res;
+}
+
+GfStatus store_export_finish(Store *store, const char *id, const char *status, const char *code, const char *message,
+                             const char *result, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
+    lock(s);
+    int rc = exec_stmt(s, "UPDATE exports SET status=?, finished_at=?, error_code=NULLIF(?,''), error_message=NULLIF(?,''), "
+                          "result=NULLIF(?,''), bytes_done=CASE WHEN ?='succeeded' THEN bytes_total ELSE bytes_done END "
+                          "WHERE id=? AND status='running'",
+                       "sisssss", status, gf_time_unix(), code ? code : "", message ? message : "",
+                       result ? result : "", status, id);
+    GfStatus res = rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+    unlock(s);
+    return res;
+}
+
 /* ---- counts ------------------------------------------------------------ */
 
 static GfStatus sql_counts(Store *store, StoreCounts *out, GfError *err) {
@@ -959,6 +1136,12 @@ static const StoreOps SQL_STORE_OPS = {
     .adapter_list = sql_adapter_list,
     .adapter_delete = sql_adapter_delete,
     .adapter_files = sql_adapter_files,
+    .export_create = sql_export_create,
+    .export_get = sql_export_get,
+    .export_list = sql_export_list,
+    .export_cancel = sql_export_cancel,
+    .export_delete = sql_export_delete,
+    .export_dir = sql_export_dir,
     .counts = sql_counts,
     .ping = sql_ping,
 };

@@ -44,6 +44,18 @@ GfStatus store_job_finish(Store *s, const char *id, const char *status, const ch
 GfStatus store_job_succeed(Store *s, const char *id, const AdapterRow *a, const char *config_tmp,
                            const char *weights_tmp, GfError *err);
 
+/* ---- exports: queued -> running (claim) -> succeeded | failed | cancelled;
+ * one found `running` was interrupted and is claimed again, from the start. */
+/* The next export: one left running first, else the oldest queued, which
+ * becomes running; bytes_done restarts at 0. GF_NOT_FOUND when none. */
+GfStatus store_export_claim(Store *s, ExportRow *out, GfError *err);
+/* Records progress; *cancel = 1 when a cancel was asked (or the row is gone). */
+GfStatus store_export_progress(Store *s, const char *id, uint64_t done, uint64_t total, int *cancel, GfError *err);
+/* running -> status (succeeded with result JSON, or failed / cancelled with
+ * code and message). */
+GfStatus store_export_finish(Store *s, const char *id, const char *status, const char *code, const char *message,
+                             const char *result, GfError *err);
+
 /* Files of a dataset (images.tar may not exist) and a job's directory. */
 void store_dataset_paths(Store *s, const char *id, char jsonl[4096], char tar[4096]);
 void store_job_dir(Store *s, const char *id, char dir[4096]);

@@ -4,17 +4,20 @@ file: happy paths, then every bad input of RELIABILITY.md §2.1 that applies
 
 usage: test_api.py PATH/TO/gemmaforge
 """
+import io
 import json
 import os
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
-from harness import (KEY, Runner, Server, data_url, example, expect, fixture_bytes, jsonl, make_tar, multipart, png)
+from harness import (FIXTURES, KEY, Runner, Server, data_url, example, expect, fixture_bytes, jsonl, make_tar, multipart, png)
 
 BIN = sys.argv[1]
 MIN_EXAMPLES = 3
@@ -1123,11 +1126,106 @@ def t_job_events_follow(srv):
     expect(srv.get("/v1/fine_tuning/jobs/job_nope/events", headers={"Accept": "text/event-stream"}), 404)
 
 
-def t_not_built_routes_say_so(srv):
-    r = expect(srv.post_json("/v1/adapters/pets-v1/merge", {}), 501, "not_implemented")
-    assert "not built yet" in r.json()["error"]["message"]
-    r = subprocess.run([BIN, "merge"], capture_output=True)
-    assert r.returncode == 2 and b"not built yet" in r.stderr
+def wait_export(srv, eid, bound_s=600):
+    """Polls an export until it ends (a hang guard, not a deadline)."""
+    t = time.time()
+    while True:
+        e = expect(srv.get("/v1/exports/" + eid), 200).json()
+        if e["status"] not in ("queued", "running"):
+            return e
+        assert time.time() - t < bound_s, e
+        time.sleep(0.1)
+
+
+def t_merge_export(srv):
+    """POST /v1/adapters/{name}/merge runs as an export job whose download is
+    exactly what `gemmaforge merge` writes for the same adapter."""
+    src = os.path.join(FIXTURES, "dense", "lora_all", "adapter_final")
+    cfg = open(os.path.join(src, "adapter_config.json"), "rb").read()
+    weights = open(os.path.join(src, "adapter_model.safetensors"), "rb").read()
+    expect(upload_adapter(srv, "merge-src", cfg, weights), 201)
+    r = expect(srv.post_json("/v1/adapters/merge-src/merge", {}), 202).json()
+    assert r["object"] == "export" and r["id"].startswith("exp_") and r["status"] == "queued", r
+    assert r["adapter"] == "merge-src" and r["dtype"] == "auto" and r["download_url"] is None, r
+    e = wait_export(srv, r["id"])
+    assert e["status"] == "succeeded", e
+    assert e["result"]["merged_tensors"] == 56 and e["result"]["shards"] == 1, e
+    assert e["progress"]["bytes_done"] == e["progress"]["bytes_total"] == e["result"]["bytes"] > 0, e
+    assert e["download_url"] == "/v1/exports/%s/content" % r["id"] and e["finished_at"] >= e["started_at"] > 0, e
+    assert [x["id"] for x in expect(srv.get("/v1/exports"), 200).json()["data"]][0] == r["id"]
+    d = expect(srv.get(e["download_url"]), 200)
+    assert d.headers["content-type"] == "application/x-tar"
+    assert 'filename="merge-src-merged.tar"' in d.headers["content-disposition"], d.headers
+    got = {m.name: tf.extractfile(m).read() for tf in [tarfile.open(fileobj=io.BytesIO(d.body))] for m in tf.getmembers()}
+    cli = os.path.join(tempfile.mkdtemp(), "m")
+    c = subprocess.run([BIN, "merge", "--model", os.path.join(FIXTURES, "dense"), "--adapter", src, "--out", cli],
+                       capture_output=True, timeout=3600)
+    assert c.returncode == 0, c.stderr
+    want = {f: open(os.path.join(cli, f), "rb").read() for f in os.listdir(cli)}
+    assert sorted(got) == sorted(want) and "model.safetensors.index.json" in got, (sorted(got), sorted(want))
+    for f in want:
+        assert got[f] == want[f], f
+    # errors
+    expect(srv.post_json("/v1/adapters/nope/merge", {}), 404, "adapter_not_found")
+    expect(srv.post_json("/v1/adapters/merge-src/merge", {"dtype": "f8"}), 400, "invalid_value")
+    expect(srv.post_json("/v1/adapters/merge-src/merge", {"dtyp": "f16"}), 400)
+    expect(srv.get("/v1/exports/exp_nope"), 404, "export_not_found")
+    expect(srv.post_json("/v1/exports/%s/cancel" % r["id"], None), 409, "export_not_cancellable")
+    # delete: row and files
+    out_dir = os.path.join(srv.data, "exports", r["id"])
+    assert os.path.isdir(out_dir)
+    expect(srv.request("DELETE", "/v1/exports/" + r["id"]), 200)
+    assert not os.path.exists(out_dir) and not os.listdir(os.path.join(srv.data, "exports"))
+    expect(srv.get("/v1/exports/" + r["id"]), 404, "export_not_found")
+    expect(srv.get(e["download_url"]), 404, "export_not_found")
+
+
+def t_merge_export_queue(binary):
+    """Exports wait for a server that runs them (--no-export here): one per
+    adapter at a time, cancel and delete rules, and a server that runs
+    exports picks up what was queued or left running by a crash."""
+    src = os.path.join(FIXTURES, "dense", "lora_lm", "adapter_final")
+    cfg = open(os.path.join(src, "adapter_config.json"), "rb").read()
+    weights = open(os.path.join(src, "adapter_model.safetensors"), "rb").read()
+    srv = Server(binary, extra=["--no-train", "--no-export"])
+    try:
+        expect(upload_adapter(srv, "qa", cfg, weights), 201)
+        expect(upload_adapter(srv, "qb", cfg, weights), 201)
+        a = expect(srv.post_json("/v1/adapters/qa/merge", {"dtype": "f32"}), 202).json()
+        r = expect(srv.post_json("/v1/adapters/qa/merge", {}), 409, "export_running")
+        assert a["id"] in r.json()["error"]["message"]
+        b = expect(srv.post_json("/v1/adapters/qb/merge", {}), 202).json()
+        expect(srv.get("/v1/exports/%s/content" % a["id"]), 409, "export_not_ready")
+        expect(srv.request("DELETE", "/v1/exports/" + a["id"]), 409, "export_running")
+        c = expect(srv.post_json("/v1/exports/%s/cancel" % b["id"], None), 200).json()
+        assert c["status"] == "cancelled" and c["finished_at"], c
+        expect(srv.request("DELETE", "/v1/exports/" + b["id"]), 200)
+        data = srv.data
+    finally:
+        srv.stop()
+    # what a crash leaves: the export marked running, a published but
+    # unrecorded output and a hidden partial directory
+    db = sqlite3.connect(os.path.join(data, "gemmaforge.db"))
+    db.execute("UPDATE exports SET status='running', started_at=1 WHERE id=?", (a["id"],))
+    db.commit()
+    db.close()
+    os.makedirs(os.path.join(data, "exports", a["id"]))
+    open(os.path.join(data, "exports", a["id"], "model-00001-of-00001.safetensors"), "wb").write(b"stale")
+    os.makedirs(os.path.join(data, "exports", ".%s.partial-abc123" % a["id"]))
+    srv = Server(binary, extra=["--no-train"], data=data)
+    try:
+        e = wait_export(srv, a["id"])
+        assert e["status"] == "succeeded" and e["dtype"] == "f32", e
+        assert sorted(os.listdir(os.path.join(data, "exports"))) == [a["id"]]
+        d = expect(srv.get(e["download_url"]), 200)
+        got = {m.name: tf.extractfile(m).read() for tf in [tarfile.open(fileobj=io.BytesIO(d.body))] for m in tf.getmembers()}
+        cli = os.path.join(tempfile.mkdtemp(), "m")
+        c = subprocess.run([binary, "merge", "--model", os.path.join(FIXTURES, "dense"), "--adapter", src, "--out", cli,
+                            "--dtype", "f32"], capture_output=True, timeout=3600)
+        assert c.returncode == 0, c.stderr
+        assert got == {f: open(os.path.join(cli, f), "rb").read() for f in os.listdir(cli)}
+    finally:
+        srv.stop()
 
 
 def main():

@@ -19,9 +19,10 @@ struct MemStore {
     DatasetRow datasets[MEM_STORE_MAX];
     JobRow jobs[MEM_STORE_MAX];
     AdapterRow adapters[MEM_STORE_MAX];
+    ExportRow exports[MEM_STORE_MAX];
     JobEvent events[MEM_EVENTS_MAX];
     char event_job[MEM_EVENTS_MAX][STORE_ID_MAX];
-    int n_datasets, n_jobs, n_adapters, n_events;
+    int n_datasets, n_jobs, n_adapters, n_exports, n_events;
     int64_t event_seq;
 };
 
@@ -336,6 +337,96 @@ static GfStatus mem_adapter_files(Store *s, const char *name, char config[4096],
     return gf_error_set(err, GF_NOT_FOUND, "adapter_not_found", "name", "the in-memory store keeps no files of '%s'", name);
 }
 
+/* ---- exports ----------------------------------------------------------- */
+
+static int find_export(const MemStore *m, const char *id) {
+    for (int i = 0; i < m->n_exports; i++)
+        if (strcmp(m->exports[i].id, id) == 0) return i;
+    return -1;
+}
+
+static int active(const ExportRow *r) { return strcmp(r->status, "queued") == 0 || strcmp(r->status, "running") == 0; }
+
+static GfStatus mem_export_create(Store *s, ExportRow *row, GfError *err) {
+    MemStore *m = lock_store(s);
+    GfStatus st = injected(m, err);
+    if (!st && find_adapter(m, row->adapter) < 0)
+        st = gf_error_set(err, GF_NOT_FOUND, "adapter_not_found", "name", "no adapter '%s'", row->adapter);
+    for (int i = 0; !st && i < m->n_exports; i++)
+        if (active(&m->exports[i]) && strcmp(m->exports[i].adapter, row->adapter) == 0)
+            st = gf_error_set(err, GF_CONFLICT, "export_running", "name", "export %s of adapter '%s' is already queued or running",
+                              m->exports[i].id, row->adapter);
+    if (!st && m->n_exports == MEM_STORE_MAX) st = gf_error_set(err, GF_TOO_LARGE, NULL, NULL, "the in-memory store is full");
+    if (!st) {
+        snprintf(row->status, sizeof row->status, "queued");
+        row->created_at = gf_time_unix();
+        m->exports[m->n_exports++] = *row;
+    }
+    return unlock_with(m, st);
+}
+
+static GfStatus export_get_locked(const MemStore *m, const char *id, ExportRow *out, GfError *err) {
+    int i = find_export(m, id);
+    if (i < 0) return gf_error_set(err, GF_NOT_FOUND, "export_not_found", "id", "no export '%s'", id);
+    *out = m->exports[i];
+    return GF_OK;
+}
+
+static GfStatus mem_export_get(Store *s, const char *id, ExportRow *out, GfError *err) {
+    MemStore *m = lock_store(s);
+    GfStatus st = injected(m, err);
+    return unlock_with(m, st ? st : export_get_locked(m, id, out, err));
+}
+
+static GfStatus mem_export_list(Store *s, const char *after, int limit, ExportRow *out, int *n, int *has_more,
+                                GfError *err) {
+    MemStore *m = lock_store(s);
+    GfStatus st = injected(m, err);
+    if (!st)
+        st = list_page(m->exports, sizeof *m->exports, m->n_exports, find_export(m, after), after, limit, out, n, has_more,
+                       err);
+    return unlock_with(m, st);
+}
+
+static GfStatus mem_export_cancel(Store *s, const char *id, ExportRow *out, GfError *err) {
+    MemStore *m = lock_store(s);
+    GfStatus st = injected(m, err);
+    int i = st ? -1 : find_export(m, id);
+    if (!st && i < 0) st = gf_error_set(err, GF_NOT_FOUND, "export_not_found", "id", "no export '%s'", id);
+    ExportRow *r = st ? NULL : &m->exports[i];
+    if (r && strcmp(r->status, "queued") == 0) {
+        snprintf(r->status, sizeof r->status, "cancelled");
+        r->finished_at = gf_time_unix();
+    } else if (r && strcmp(r->status, "running") == 0) {
+        r->cancel_requested = 1;
+    } else if (r && strcmp(r->status, "cancelled") != 0) {
+        st = gf_error_set(err, GF_CONFLICT, "export_not_cancellable", "id", "export '%s' has already %s", id, r->status);
+    }
+    if (!st) *out = *r;
+    return unlock_with(m, st);
+}
+
+static GfStatus mem_export_delete(Store *s, const char *id, GfError *err) {
+    MemStore *m = lock_store(s);
+    GfStatus st = injected(m, err);
+    int i = st ? -1 : find_export(m, id);
+    if (!st && i < 0) st = gf_error_set(err, GF_NOT_FOUND, "export_not_found", "id", "no export '%s'", id);
+    if (!st && active(&m->exports[i]))
+        st = gf_error_set(err, GF_CONFLICT, "export_running", "id", "export '%s' is %s; cancel it first", id,
+                          m->exports[i].status);
+    if (!st) {
+        memmove(&m->exports[i], &m->exports[i + 1], (size_t)(m->n_exports - i - 1) * sizeof *m->exports);
+        m->n_exports--;
+    }
+    return unlock_with(m, st);
+}
+
+static GfStatus mem_export_dir(Store *s, const char *id, char dir[4096], GfError *err) {
+    (void)s;
+    dir[0] = '\0';
+    return gf_error_set(err, GF_NOT_FOUND, "export_not_found", "id", "the in-memory store keeps no files of '%s'", id);
+}
+
 /* ---- misc -------------------------------------------------------------- */
 
 static GfStatus mem_counts(Store *s, StoreCounts *out, GfError *err) {
@@ -371,6 +462,12 @@ static const StoreOps MEM_STORE_OPS = {
     .adapter_list = mem_adapter_list,
     .adapter_delete = mem_adapter_delete,
     .adapter_files = mem_adapter_files,
+    .export_create = mem_export_create,
+    .export_get = mem_export_get,
+    .export_list = mem_export_list,
+    .export_cancel = mem_export_cancel,
+    .export_delete = mem_export_delete,
+    .export_dir = mem_export_dir,
     .counts = mem_counts,
     .ping = mem_ping,
 };

@@ -1,0 +1,149 @@
+/* exports.c - the export worker thread: claim, merge, record. */
+#include "exports.h"
+
+#include <errno.h>
+#include <libgen.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "fsutil.h"
+#include "merge.h"
+#include "safetensors.h"
+#include "store_worker.h"
+
+struct Exports {
+    ExportsConfig cfg;
+    Store *store;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    atomic_int stopping;
+};
+
+typedef struct {
+    Exports *x;
+    const ExportRow *row;
+    double last;               /* when progress was last recorded */
+    int cancelled;             /* asked through the API */
+} ExportCtx;
+
+static int on_progress(void *ctx, uint64_t done, uint64_t total) {
+    ExportCtx *c = ctx;
+    if (atomic_load(&c->x->stopping)) return 1;
+    double now = gf_time_mono();
+    if (now - c->last < 1.0 && done < total) return 0;
+    c->last = now;
+    GfError err;
+    int cancel = 0;
+    if (store_export_progress(c->x->store, c->row->id, done, total, &cancel, &err))
+        GF_LOGW("export %s: could not record progress: %s", c->row->id, err.message);
+    c->cancelled = cancel;
+    return cancel;
+}
+
+static int dtype_of(const char *name) {
+    if (strcmp(name, "auto") == 0) return -1;
+    return strcmp(name, "f32") == 0 ? ST_F32 : strcmp(name, "f16") == 0 ? ST_F16 : ST_BF16;
+}
+
+static void result_json(const MergeReport *r, double seconds, char *out, size_t cap) {
+    snprintf(out, cap,
+             "{\"tensors\":%llu,\"merged_tensors\":%llu,\"bytes\":%llu,\"shards\":%d,\"files\":%d,"
+             "\"max_abs_delta\":%.9g,\"unchanged_elements\":%llu,\"seconds\":%.3f}",
+             (unsigned long long)r->n_tensors, (unsigned long long)r->n_merged, (unsigned long long)r->n_bytes, r->n_shards,
+             r->n_files, r->max_abs_delta, (unsigned long long)r->n_unchanged, seconds);
+}
+
+static void run_export(Exports *x, const ExportRow *row) {
+    ExportCtx c = {x, row, 0, 0};
+    char out[4096], config[4096], weights[4096], result[1024];
+    GfError err;
+    gf_error_clear(&err);
+    store_export_dir(x->store, row->id, out, &err);
+    fs_remove_tree(out); /* what an interrupted run published before it was recorded */
+    GfStatus st = store_adapter_files(x->store, row->adapter, config, weights, &err);
+    MergeReport rep;
+    double t0 = gf_time_mono();
+    GF_LOGI("export %s: merging adapter %s (%s)", row->id, row->adapter, row->dtype);
+    if (!st) {
+        MergeOptions o = {.model_dir = x->cfg.model_dir, .adapter_dir = dirname(config), .out_dir = out,
+                          .dtype = dtype_of(row->dtype), .progress = on_progress, .ctx = &c};
+        st = merge_adapter(&o, &rep, &err);
+    }
+    GfError rec;
+    GfStatus r = GF_OK;
+    if (!st) {
+        result_json(&rep, gf_time_mono() - t0, result, sizeof result);
+        r = store_export_finish(x->store, row->id, "succeeded", NULL, NULL, result, &rec);
+        GF_LOGI("export %s: done, %llu bytes in %d shards", row->id, (unsigned long long)rep.n_bytes, rep.n_shards);
+    } else if (st == GF_CANCELLED && !c.cancelled) {
+        GF_LOGI("export %s: the server is stopping; the export runs again at the next start", row->id);
+    } else if (st == GF_CANCELLED) {
+        r = store_export_finish(x->store, row->id, "cancelled", NULL, NULL, NULL, &rec);
+    } else {
+        GF_LOGW("export %s failed: %s", row->id, err.message);
+        r = store_export_finish(x->store, row->id, "failed", err.code[0] ? err.code : "export_failed", err.message, NULL, &rec);
+    }
+    if (r) GF_LOGE("export %s: could not record its end: %s", row->id, rec.message);
+    if (st) fs_remove_tree(out);
+}
+
+static void idle_wait(Exports *x) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    double s = x->cfg.poll_s > 0 ? x->cfg.poll_s : 1.0;
+    until.tv_sec += (time_t)s;
+    until.tv_nsec += (long)((s - floor(s)) * 1e9);
+    if (until.tv_nsec >= 1000000000L) { until.tv_sec++; until.tv_nsec -= 1000000000L; }
+    pthread_mutex_lock(&x->lock);
+    if (!atomic_load(&x->stopping)) pthread_cond_timedwait(&x->wake, &x->lock, &until);
+    pthread_mutex_unlock(&x->lock);
+}
+
+static void *worker(void *arg) {
+    Exports *x = arg;
+    while (!atomic_load(&x->stopping)) {
+        ExportRow row;
+        GfError err;
+        GfStatus st = store_export_claim(x->store, &row, &err);
+        if (!st) run_export(x, &row);
+        else if (st != GF_NOT_FOUND) GF_LOGW("export worker: %s", err.message);
+        if (st) idle_wait(x);
+    }
+    return NULL;
+}
+
+GfStatus exports_start(const ExportsConfig *cfg, Store *store, Exports **out, GfError *err) {
+    Exports *x = gf_calloc(1, sizeof *x, err);
+    if (!x) return GF_NO_MEMORY;
+    x->cfg = *cfg;
+    x->store = store;
+    pthread_mutex_init(&x->lock, NULL);
+    pthread_cond_init(&x->wake, NULL);
+    atomic_init(&x->stopping, 0);
+    if (pthread_create(&x->thread, NULL, worker, x) != 0) {
+        pthread_cond_destroy(&x->wake);
+        pthread_mutex_destroy(&x->lock);
+        free(x);
+        return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "cannot start the export worker: %s", strerror(errno));
+    }
+    *out = x;
+    return GF_OK;
+}
+
+void exports_stop(Exports *x) {
+    if (!x) return;
+    pthread_mutex_lock(&x->lock);
+    atomic_store(&x->stopping, 1);
+    pthread_cond_broadcast(&x->wake);
+    pthread_mutex_unlock(&x->lock);
+    pthread_join(x->thread, NULL);
+    pthread_cond_destroy(&x->wake);
+    pthread_mutex_destroy(&x->lock);
+    free(x);
+}
