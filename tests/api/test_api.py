@@ -1191,7 +1191,10 @@ def t_merge_export_queue(binary):
     try:
         expect(upload_adapter(srv, "qa", cfg, weights), 201)
         expect(upload_adapter(srv, "qb", cfg, weights), 201)
-        a = expect(srv.post_json("/v1/adapters/qa/merge", {"dtype": "f32"}), 202).json()
+        idem = {"Idempotency-Key": "merge-qa-1"}
+        a = expect(srv.post_json("/v1/adapters/qa/merge", {"dtype": "f32"}, headers=idem), 202).json()
+        again = expect(srv.post_json("/v1/adapters/qa/merge", {"dtype": "f32"}, headers=idem), 202).json()
+        assert again["id"] == a["id"], (again, a)
         r = expect(srv.post_json("/v1/adapters/qa/merge", {}), 409, "export_running")
         assert a["id"] in r.json()["error"]["message"]
         b = expect(srv.post_json("/v1/adapters/qb/merge", {}), 202).json()

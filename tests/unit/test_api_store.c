@@ -1,7 +1,8 @@
 /* test_api_store.c - the API's handlers against the in-memory store, with
  * no SQLite, no socket and no model: datasets, jobs (create, list with
  * paging, get, cancel from queued and from running, events), the job a
- * dataset is used by, /readyz and /metrics, and failures of the store (an
+ * dataset is used by, export jobs (merge checks, one per adapter, cancel
+ * and delete rules), /readyz and /metrics, and failures of the store (an
  * injected GF_NO_SPACE, GF_NOT_READY) turned into the documented answers.
  * Links gf_api only. */
 #include <cjson/cJSON.h>
@@ -165,6 +166,57 @@ static void reserved_names(Api *api, MemStore *m) {
           strcmp(err.code, "adapter_name_reserved") == 0, "the job's name is reserved: %s", err.message);
 }
 
+/* Export jobs: the merge route's checks and the queue rules. */
+static void exports(Api *api, MemStore *m) {
+    int st;
+    cJSON *r = call(api, exports_merge, "pets", "{}", NULL, &st);
+    CHECK(st == 503 && strcmp(str(error_of(r), "code"), "model_not_loaded") == 0, "no model directory: %d", st);
+    cJSON_Delete(r);
+    api->model.dir_ok = 1;
+    r = call(api, exports_merge, "pets", "{}", NULL, &st);
+    CHECK(st == 404 && strcmp(str(error_of(r), "code"), "adapter_not_found") == 0, "no such adapter: %d", st);
+    cJSON_Delete(r);
+    AdapterRow row = {.rank = 4, .alpha = 8};
+    snprintf(row.name, sizeof row.name, "pets");
+    GfError err;
+    CHECK(store_adapter_create(api->store, &row, NULL, NULL, &err) == GF_OK, "adapter");
+    r = call(api, exports_merge, "pets", "{\"dtype\":\"fp8\"}", NULL, &st);
+    CHECK(st == 400 && strcmp(str(error_of(r), "param"), "dtype") == 0, "bad dtype: %d", st);
+    cJSON_Delete(r);
+    mem_store_fail_next(m, GF_NO_SPACE);
+    r = call(api, exports_merge, "pets", NULL, NULL, &st);
+    CHECK(st == 507, "disk full: %d", st);
+    cJSON_Delete(r);
+    r = call(api, exports_list, NULL, NULL, NULL, &st);
+    CHECK(st == 200 && cJSON_GetArraySize(cJSON_GetObjectItem(r, "data")) == 0, "nothing stored by a failed create");
+    cJSON_Delete(r);
+    r = call(api, exports_merge, "pets", "{\"dtype\":\"f16\"}", NULL, &st);
+    char id[STORE_ID_MAX];
+    snprintf(id, sizeof id, "%s", str(r, "id"));
+    CHECK(st == 202 && strcmp(str(r, "status"), "queued") == 0 && strcmp(str(r, "dtype"), "f16") == 0 &&
+          strncmp(id, "exp_", 4) == 0 && cJSON_IsNull(cJSON_GetObjectItem(r, "download_url")), "queued: %d", st);
+    cJSON_Delete(r);
+    r = call(api, exports_merge, "pets", NULL, NULL, &st);
+    CHECK(st == 409 && strcmp(str(error_of(r), "code"), "export_running") == 0 && strstr(str(error_of(r), "message"), id),
+          "one export per adapter at a time: %d", st);
+    cJSON_Delete(r);
+    r = call(api, exports_content, id, NULL, NULL, &st);
+    CHECK(st == 409 && strcmp(str(error_of(r), "code"), "export_not_ready") == 0, "no content yet: %d", st);
+    cJSON_Delete(r);
+    r = call(api, exports_delete, id, NULL, NULL, &st);
+    CHECK(st == 409 && strcmp(str(error_of(r), "code"), "export_running") == 0, "delete a queued export: %d", st);
+    cJSON_Delete(r);
+    r = call(api, exports_cancel, id, NULL, NULL, &st);
+    CHECK(st == 200 && strcmp(str(r, "status"), "cancelled") == 0, "queued -> cancelled: %d", st);
+    cJSON_Delete(r);
+    r = call(api, exports_delete, id, NULL, NULL, &st);
+    CHECK(st == 200, "delete: %d", st);
+    cJSON_Delete(r);
+    r = call(api, exports_get, id, NULL, NULL, &st);
+    CHECK(st == 404 && strcmp(str(error_of(r), "code"), "export_not_found") == 0, "deleted: %d", st);
+    cJSON_Delete(r);
+}
+
 static void store_failures(Api *api, MemStore *m) {
     int st;
     mem_store_fail_next(m, GF_NO_SPACE);
@@ -195,6 +247,7 @@ int main(void) {
     jobs(&api, m);
     api.limits.max_queued_jobs = 3;
     reserved_names(&api, m);
+    exports(&api, m);
     store_failures(&api, m);
     metrics_free(&metrics);
     mem_store_free(m);
