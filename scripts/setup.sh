@@ -32,3 +32,11 @@ if [ ! -d "$browser_dir/node_modules/playwright-core" ]; then
   echo "setup: installing the browser test's npm packages"
   (cd "$browser_dir" && npm ci --no-audit --no-fund --loglevel=error)
 fi
+
+# node-llama-cpp (llama.cpp's CPU build) for the GGUF export test, at the
+# version package-lock.json pins; the GPU variants are optional and skipped
+gguf_dir="$(dirname "$0")/../tests/gguf"
+if [ ! -d "$gguf_dir/node_modules/node-llama-cpp" ]; then
+  echo "setup: installing the GGUF test's npm packages"
+  (cd "$gguf_dir" && npm ci --omit=optional --no-audit --no-fund --loglevel=error)
+fi

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gguf_export.h"
 #include "merge.h"
 #include "safetensors.h"
 
@@ -31,7 +32,7 @@ static int progress(void *ctx, uint64_t done, uint64_t total) {
     int *last = ctx, tenth = total ? (int)(done * 10 / total) : 10;
     if (tenth > *last) {
         *last = tenth;
-        fprintf(stderr, "gemmaforge merge: %d%% (%llu of %llu bytes)\n", tenth * 10, (unsigned long long)done,
+        fprintf(stderr, "gemmaforge: %d%% (%llu of %llu bytes)\n", tenth * 10, (unsigned long long)done,
                 (unsigned long long)total);
     }
     return 0;
@@ -66,5 +67,49 @@ int cli_merge(int argc, char **argv) {
            "\"unchanged_elements\":%llu}\n",
            (unsigned long long)r.n_tensors, (unsigned long long)r.n_merged, (unsigned long long)r.n_bytes, r.n_shards,
            r.n_files, r.max_abs_delta, (unsigned long long)r.n_unchanged);
+    return 0;
+}
+
+static int usage_gguf(void) {
+    fprintf(stderr,
+            "usage: gemmaforge export-gguf --model DIR [--adapter DIR] --out FILE [--type f16|bf16|f32|q8_0|q4_0]\n"
+            "  writes the text model (with the adapter merged in) as one GGUF file for llama.cpp's gemma4\n"
+            "  architecture, with the tokenizer and chat template; default type f16. FILE must not exist.\n");
+    return 2;
+}
+
+static int parse_type(const char *v, GgmlType *out) {
+    static const struct { const char *name; GgmlType t; } TYPES[] = {
+        {"f32", GGML_F32}, {"f16", GGML_F16}, {"bf16", GGML_BF16}, {"q8_0", GGML_Q8_0}, {"q4_0", GGML_Q4_0}};
+    for (size_t i = 0; i < sizeof TYPES / sizeof *TYPES; i++)
+        if (strcmp(v, TYPES[i].name) == 0) { *out = TYPES[i].t; return 0; }
+    return -1;
+}
+
+int cli_export_gguf(int argc, char **argv) {
+    GgufExportOptions o = {.type = GGML_F16};
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) { fprintf(stderr, "gemmaforge export-gguf: %s needs a value\n", a); return usage_gguf(); }
+        if (strcmp(a, "--model") == 0) o.model_dir = v;
+        else if (strcmp(a, "--adapter") == 0) o.adapter_dir = v;
+        else if (strcmp(a, "--out") == 0) o.out_path = v;
+        else if (strcmp(a, "--type") == 0 && parse_type(v, &o.type) == 0) {}
+        else { fprintf(stderr, "gemmaforge export-gguf: unknown option or bad value: %s %s\n", a, v); return usage_gguf(); }
+        i++;
+    }
+    if (!o.model_dir || !o.out_path) return usage_gguf();
+    int last = 0;
+    o.progress = progress;
+    o.ctx = &last;
+    GgufExportReport r;
+    GfError err;
+    if (gguf_export(&o, &r, &err)) {
+        fprintf(stderr, "gemmaforge export-gguf: %s\n", err.message);
+        return 1;
+    }
+    printf("{\"tensors\":%llu,\"merged\":%llu,\"bytes\":%llu,\"tokens\":%llu,\"type\":\"%s\"}\n",
+           (unsigned long long)r.n_tensors, (unsigned long long)r.n_merged, (unsigned long long)r.n_bytes,
+           (unsigned long long)r.n_tokens, ggml_type_name(o.type));
     return 0;
 }

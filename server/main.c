@@ -65,7 +65,9 @@ static void usage(FILE *f) {
             "  preflight  memory estimate, LoRA targets and a formatted dataset example: --model DIR [--dataset FILE.jsonl]\n"
             "             [train's hyperparameter flags]\n"
             "  merge      an adapter merged into its base, as a new model directory: --model DIR --adapter DIR\n"
-            "             --out DIR [--dtype bf16|f16|f32] [--max-shard-bytes N]\n\n"
+            "             --out DIR [--dtype bf16|f16|f32] [--max-shard-bytes N]\n"
+            "  export-gguf the text model (with an adapter merged in) for llama.cpp: --model DIR [--adapter DIR]\n"
+            "             --out FILE [--type f16|bf16|f32|q8_0|q4_0]\n\n"
             "serve options:\n"
             "  --model DIR             Gemma 4 model directory (config.json + safetensors)\n"
             "  --model-name NAME       name the base model is served under (default: DIR's name)\n"
@@ -406,6 +408,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "train") == 0) exit(cli_train(argc, argv));
     if (strcmp(cmd, "preflight") == 0) exit(cli_preflight(argc, argv));
     if (strcmp(cmd, "merge") == 0) exit(cli_merge(argc, argv));
+    if (strcmp(cmd, "export-gguf") == 0) exit(cli_export_gguf(argc, argv));
     fprintf(stderr, "gemmaforge: unknown command '%s'\n", cmd);
     usage(stderr);
     exit(2);

@@ -51,7 +51,7 @@ static KnDtype kn_dtype(StDtype d) { return d == ST_F32 ? KN_F32 : d == ST_BF16 
 
 /* ---- the plan ----------------------------------------------------------- */
 
-static const LoraPair *pair_for(const LoraAdapter *a, const char *tensor) {
+const LoraPair *merge_pair_for(const LoraAdapter *a, const char *tensor) {
     size_t n = strlen(tensor);
     if (n < 8 || strcmp(tensor + n - 7, ".weight") != 0) return NULL;
     for (size_t i = 0; i < a->n_pairs; i++)
@@ -71,7 +71,7 @@ static GfStatus plan(Merge *m, GfError *err) {
             it->src = t;
             it->dtype = m->o->dtype >= 0 && is_float(t->dtype) ? (StDtype)m->o->dtype : t->dtype;
             it->n_bytes = t->n_elements * safetensors_dtype_size(it->dtype);
-            it->pair = pair_for(m->adapter, t->name);
+            it->pair = merge_pair_for(m->adapter, t->name);
             if (it->pair) {
                 n_paired++;
                 if (t->n_dims != 2 || !is_float(t->dtype) || (int64_t)t->shape[0] != it->pair->out ||
@@ -316,24 +316,33 @@ static GfStatus put_copy(Merge *m, StWriter *w, const Item *it, GfError *err) {
     return GF_OK;
 }
 
-/* Row r of W + scale * B A into the block at row slot j. */
-static int merge_row(Merge *m, const Item *it, int64_t r, int64_t j) {
-    const LoraPair *p = it->pair;
+void merge_lora_row(const StTensor *t, const LoraPair *p, float scale, int64_t r, float *out) {
     int64_t in = p->in;
-    float *acc = m->row;
-    memset(acc, 0, (size_t)in * sizeof *acc);
+    memset(out, 0, (size_t)in * sizeof *out);
     for (int64_t k = 0; k < p->rank; k++) {
         float b = p->B[r * p->rank + k];
         const float *a = p->A + k * in;
-        for (int64_t c = 0; c < in; c++) acc[c] += b * a[c];
+        for (int64_t c = 0; c < in; c++) out[c] += b * a[c];
     }
+    float w[256];
+    for (int64_t c0 = 0; c0 < in; c0 += 256) {
+        int64_t n = in - c0 < 256 ? in - c0 : 256;
+        kn_convert_to_f32(w, t->data, kn_dtype(t->dtype), r * in + c0, n);
+        for (int64_t c = 0; c < n; c++) out[c0 + c] = w[c] + scale * out[c0 + c];
+    }
+}
+
+/* Row r of W + scale * B A into the block at row slot j. */
+static int merge_row(Merge *m, const Item *it, int64_t r, int64_t j) {
+    int64_t in = it->pair->in;
+    merge_lora_row(it->src, it->pair, m->adapter->scale, r, m->row);
     float w[256];
     for (int64_t c0 = 0; c0 < in; c0 += 256) {
         int64_t n = in - c0 < 256 ? in - c0 : 256;
         kn_convert_to_f32(w, it->src->data, kn_dtype(it->src->dtype), r * in + c0, n);
         for (int64_t c = 0; c < n; c++) {
             uint64_t i = (uint64_t)(j * in + c0 + c);
-            if (store(m->block, i, it->dtype, w[c] + m->adapter->scale * acc[c0 + c])) return -1;
+            if (store(m->block, i, it->dtype, m->row[c0 + c])) return -1;
             double d = fabs((double)stored(m->block, i, it->dtype) - (double)w[c]);
             if (d > m->r->max_abs_delta) m->r->max_abs_delta = d;
             if (d == 0) m->r->n_unchanged++;

@@ -38,6 +38,8 @@
 #include <stdint.h>
 
 #include "base.h"
+#include "lora.h"
+#include "safetensors.h"
 
 #define MERGE_SHARD_BYTES_DEFAULT 5000000000ull   /* 5 GB, as transformers shards */
 
@@ -64,5 +66,12 @@ typedef struct {
 } MergeReport;
 
 GfStatus merge_adapter(const MergeOptions *o, MergeReport *r, GfError *err);
+
+/* The pieces, for other exports (GGUF): the adapter's pair whose module is
+ * tensor's ("<module>.weight"), or NULL; and row r of W + scale * B A for
+ * the base tensor t (2-D, F32/BF16/F16, [p->out, p->in]) as float32 into
+ * out[p->in], summed as merge_adapter sums it. */
+const LoraPair *merge_pair_for(const LoraAdapter *a, const char *tensor);
+void merge_lora_row(const StTensor *t, const LoraPair *p, float scale, int64_t r, float *out);
 
 #endif

@@ -117,7 +117,9 @@ async function desktop(browser, base, dir) {
   await page.fill('#ds-name', XSS);
   await page.setInputFiles('#ds-images', path.join(dir, 'good.tar'));
   await page.setInputFiles('#ds-file', path.join(dir, 'good.jsonl'));
-  await page.locator('#ds-preview .example').first().waitFor();
+  // the preview renders example by example: wait for the third of each
+  await page.locator('#ds-preview img.thumb').nth(2).waitFor();
+  await page.locator('#ds-preview mark.trained').nth(2).waitFor();
   check(await page.locator('#ds-preview img.thumb').count() === 3, 'the preview shows the conversations\u2019 images');
   check(await page.locator('#ds-preview mark.trained').count() === 3, 'the preview marks the trained assistant text');
   await page.click('#ds-form button[type=submit]');
