@@ -1,7 +1,8 @@
 /* exports.c - export jobs: POST /v1/adapters/{name}/merge queues an
- * adapter's merge into the base model (run by the server's export worker,
- * server/exports.c); /v1/exports lists, shows, cancels and deletes them and
- * downloads a finished one as a tar of its model directory. */
+ * adapter's merge into the base model, as a Hugging Face directory or one
+ * GGUF file (run by the server's export worker, server/exports.c);
+ * /v1/exports lists, shows, cancels and deletes them and downloads a
+ * finished one: a tar of its model directory, or the GGUF file. */
 #include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,28 +52,51 @@ static cJSON *export_json(const ExportRow *r) {
     return o;
 }
 
+static int one_of(const char *v, const char *const *allowed) {
+    for (int i = 0; allowed[i]; i++)
+        if (strcmp(v, allowed[i]) == 0) return 1;
+    return 0;
+}
+
+/* {"format": "safetensors" | "gguf", "dtype": ...} into row; GF_INVALID naming the field. */
+static GfStatus parse_merge(const HttpReq *req, ExportRow *row, GfError *err) {
+    static const char *const ST[] = {"auto", "bf16", "f16", "f32", NULL};
+    static const char *const GG[] = {"f16", "bf16", "f32", "q8_0", "q4_0", NULL};
+    const char *format = "safetensors", *dtype = NULL;
+    cJSON *body = NULL;
+    if (req->body_len) {
+        if (!(body = json_parse_body(req->body, req->body_len, err))) return err->status;
+        JsonCtx c = {body, "", NULL, err};
+        static const char *const keys[] = {"format", "dtype", NULL};
+        if (json_only_keys(&c, keys) || json_get_string(&c, "format", 0, 16, "safetensors", &format) ||
+            json_get_string(&c, "dtype", 0, 8, NULL, &dtype)) {
+            cJSON_Delete(body);
+            return GF_INVALID;
+        }
+    }
+    int gguf = strcmp(format, "gguf") == 0;
+    GfStatus s = GF_OK;
+    if (!gguf && strcmp(format, "safetensors") != 0)
+        s = gf_error_set(err, GF_INVALID, "invalid_value", "format", "'format' must be \"safetensors\" or \"gguf\"");
+    else if (dtype && !one_of(dtype, gguf ? GG : ST))
+        s = gf_error_set(err, GF_INVALID, "invalid_value", "dtype",
+                         gguf ? "'dtype' of a GGUF export must be \"f16\", \"bf16\", \"f32\", \"q8_0\" or \"q4_0\""
+                              : "'dtype' must be \"auto\" (the base's), \"bf16\", \"f16\" or \"f32\"");
+    if (!s) {
+        snprintf(row->kind, sizeof row->kind, "%s", gguf ? "gguf" : "merge");
+        snprintf(row->dtype, sizeof row->dtype, "%s", dtype ? dtype : gguf ? "f16" : "auto");
+    }
+    cJSON_Delete(body);
+    return s;
+}
+
 GfStatus exports_merge(Api *api, const HttpReq *req, HttpResp *resp) {
     GfError err;
     if (!api->model.dir_ok)
         return reply_fail(resp, GF_NOT_READY, "model_not_loaded", NULL, "the server has no base model to merge into");
     ExportRow row;
     memset(&row, 0, sizeof row);
-    const char *dtype = "auto";
-    cJSON *body = NULL;
-    if (req->body_len) {
-        if (!(body = json_parse_body(req->body, req->body_len, &err))) return reply_error(resp, &err, NULL);
-        JsonCtx c = {body, "", NULL, &err};
-        static const char *const keys[] = {"dtype", NULL};
-        if (json_only_keys(&c, keys) || json_get_string(&c, "dtype", 0, 8, "auto", &dtype)) {
-            cJSON_Delete(body);
-            return reply_error(resp, &err, NULL);
-        }
-    }
-    int ok = strcmp(dtype, "auto") == 0 || strcmp(dtype, "bf16") == 0 || strcmp(dtype, "f16") == 0 || strcmp(dtype, "f32") == 0;
-    if (ok) snprintf(row.dtype, sizeof row.dtype, "%s", dtype);
-    cJSON_Delete(body);
-    if (!ok) return reply_fail(resp, GF_INVALID, "invalid_value", "dtype", "'dtype' must be \"auto\" (the base's), \"bf16\", \"f16\" or \"f32\"");
-    snprintf(row.kind, sizeof row.kind, "merge");
+    if (parse_merge(req, &row, &err)) return reply_error(resp, &err, NULL);
     snprintf(row.adapter, sizeof row.adapter, "%s", req->params[0]);
     store_new_id("exp", row.id);
     if (store_export_create(api->store, &row, &err)) return reply_error(resp, &err, NULL);
@@ -154,6 +178,14 @@ GfStatus exports_content(Api *api, const HttpReq *req, HttpResp *resp) {
         return reply_fail(resp, GF_CONFLICT, "export_not_ready", "id", "export '%s' is %s; only a succeeded export has content",
                           row.id, row.status);
     if (store_export_dir(api->store, row.id, dir, &err)) return reply_error(resp, &err, NULL);
+    if (strcmp(row.kind, "gguf") == 0) {
+        char path[4200], download[STORE_NAME_MAX + 16];
+        snprintf(path, sizeof path, "%s/model.gguf", dir);
+        snprintf(download, sizeof download, "%s.gguf", row.adapter);
+        if (file_stream_reply(resp, path, "application/octet-stream", download, "export_missing", &err))
+            return reply_fail(resp, GF_FORMAT, "export_missing", NULL, "the file of export '%s' is missing", row.id);
+        return GF_OK;
+    }
     char **names = NULL;
     int n = list_files(dir, &names);
     char **paths = n > 0 ? calloc((size_t)n, sizeof *paths) : NULL;

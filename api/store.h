@@ -87,9 +87,9 @@ typedef struct {
 
 typedef struct {
     char id[STORE_ID_MAX];
-    char kind[16];               /* "merge" */
+    char kind[16];               /* "merge" (a Hugging Face directory) or "gguf" (one file for llama.cpp) */
     char adapter[STORE_NAME_MAX];
-    char dtype[8];               /* auto (the base's dtypes) bf16 f16 f32 */
+    char dtype[8];               /* merge: auto (the base's dtypes) bf16 f16 f32; gguf: f32 f16 bf16 q8_0 q4_0 */
     char status[20];             /* queued running succeeded failed cancelled */
     int cancel_requested;
     int64_t created_at, started_at, finished_at; /* 0 = not yet */

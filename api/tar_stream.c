@@ -99,3 +99,46 @@ GfStatus tar_stream_reply(HttpResp *resp, const char *const *paths, const char *
     resp->stream_size = t->total;
     return GF_OK;
 }
+
+/* ---- one file ------------------------------------------------------------- */
+
+typedef struct {
+    int fd;
+    uint64_t size;
+} FileStream;
+
+static ssize_t file_stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
+    FileStream *f = cls;
+    if (pos >= f->size) return 0;
+    size_t want = f->size - pos < max ? (size_t)(f->size - pos) : max;
+    ssize_t r = pread(f->fd, buf, want, (off_t)pos);
+    return r <= 0 ? -1 : r;
+}
+
+static void file_stream_free(void *cls) {
+    FileStream *f = cls;
+    close(f->fd);
+    free(f);
+}
+
+GfStatus file_stream_reply(HttpResp *resp, const char *path, const char *content_type, const char *download,
+                           const char *missing, GfError *err) {
+    FileStream *f = gf_calloc(1, sizeof *f, err);
+    if (!f) return GF_NO_MEMORY;
+    struct stat sb;
+    f->fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (f->fd < 0 || fstat(f->fd, &sb) != 0) {
+        if (f->fd >= 0) close(f->fd);
+        free(f);
+        return gf_error_set(err, GF_NOT_FOUND, missing, NULL, "%.100s is missing", download);
+    }
+    f->size = (uint64_t)sb.st_size;
+    resp->status = 200;
+    snprintf(resp->content_type, sizeof resp->content_type, "%s", content_type);
+    snprintf(resp->content_disposition, sizeof resp->content_disposition, "attachment; filename=\"%.100s\"", download);
+    resp->stream = file_stream_read;
+    resp->stream_cls = f;
+    resp->stream_free = file_stream_free;
+    resp->stream_size = f->size;
+    return GF_OK;
+}

@@ -1,5 +1,6 @@
 /* tar_stream.h - a download of several files as one uncompressed ustar
- * stream (HttpResp.stream), read from disk as the client takes it: no file
+ * stream (HttpResp.stream), or of one file as it is, read from disk as the
+ * client takes it: no file
  * is held in memory, the total size is known up front (Content-Length).
  *
  * Ownership: tar_stream_reply opens every file (a file removed afterwards
@@ -19,5 +20,10 @@
  * names[i]) when a file cannot be opened; GF_NO_MEMORY. */
 GfStatus tar_stream_reply(HttpResp *resp, const char *const *paths, const char *const *names, int n, int64_t mtime,
                           const char *download, const char *missing, GfError *err);
+
+/* One file as it is (a GGUF export): 200, content_type, offered as
+ * `download`. GF_NOT_FOUND (code `missing`) when it cannot be opened. */
+GfStatus file_stream_reply(HttpResp *resp, const char *path, const char *content_type, const char *download,
+                           const char *missing, GfError *err);
 
 #endif

@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "fsutil.h"
+#include "gguf_export.h"
 #include "merge.h"
 #include "safetensors.h"
 #include "store_worker.h"
@@ -46,6 +47,33 @@ static int on_progress(void *ctx, uint64_t done, uint64_t total) {
     return cancel;
 }
 
+static GgmlType ggml_of(const char *name) {
+    static const struct { const char *name; GgmlType t; } TYPES[] = {
+        {"f32", GGML_F32}, {"bf16", GGML_BF16}, {"q8_0", GGML_Q8_0}, {"q4_0", GGML_Q4_0}};
+    for (size_t i = 0; i < sizeof TYPES / sizeof *TYPES; i++)
+        if (strcmp(name, TYPES[i].name) == 0) return TYPES[i].t;
+    return GGML_F16;
+}
+
+/* The GGUF file into out/model.gguf (out created here, removed by the caller on failure). */
+static GfStatus run_gguf(Exports *x, const ExportRow *row, const char *out, char *adapter_dir, ExportCtx *c, char *result,
+                         size_t cap, GfError *err) {
+    char path[4200];
+    if (fs_mkdirs(out, err)) return err->status;
+    snprintf(path, sizeof path, "%s/model.gguf", out);
+    GgufExportOptions o = {.model_dir = x->cfg.model_dir, .adapter_dir = adapter_dir, .out_path = path,
+                           .type = ggml_of(row->dtype), .progress = on_progress, .ctx = c};
+    GgufExportReport r;
+    double t0 = gf_time_mono();
+    GfStatus s = gguf_export(&o, &r, err);
+    if (!s && fs_fsync_path(out, err)) s = err->status;
+    if (!s)
+        snprintf(result, cap, "{\"tensors\":%llu,\"merged_tensors\":%llu,\"bytes\":%llu,\"tokens\":%llu,\"seconds\":%.3f}",
+                 (unsigned long long)r.n_tensors, (unsigned long long)r.n_merged, (unsigned long long)r.n_bytes,
+                 (unsigned long long)r.n_tokens, gf_time_mono() - t0);
+    return s;
+}
+
 static int dtype_of(const char *name) {
     if (strcmp(name, "auto") == 0) return -1;
     return strcmp(name, "f32") == 0 ? ST_F32 : strcmp(name, "f16") == 0 ? ST_F16 : ST_BF16;
@@ -69,18 +97,21 @@ static void run_export(Exports *x, const ExportRow *row) {
     GfStatus st = store_adapter_files(x->store, row->adapter, config, weights, &err);
     MergeReport rep;
     double t0 = gf_time_mono();
-    GF_LOGI("export %s: merging adapter %s (%s)", row->id, row->adapter, row->dtype);
-    if (!st) {
+    int gguf = strcmp(row->kind, "gguf") == 0;
+    GF_LOGI("export %s: merging adapter %s (%s, %s)", row->id, row->adapter, row->kind, row->dtype);
+    if (!st && gguf) {
+        st = run_gguf(x, row, out, dirname(config), &c, result, sizeof result, &err);
+    } else if (!st) {
         MergeOptions o = {.model_dir = x->cfg.model_dir, .adapter_dir = dirname(config), .out_dir = out,
                           .dtype = dtype_of(row->dtype), .progress = on_progress, .ctx = &c};
         st = merge_adapter(&o, &rep, &err);
+        if (!st) result_json(&rep, gf_time_mono() - t0, result, sizeof result);
     }
     GfError rec;
     GfStatus r = GF_OK;
     if (!st) {
-        result_json(&rep, gf_time_mono() - t0, result, sizeof result);
         r = store_export_finish(x->store, row->id, "succeeded", NULL, NULL, result, &rec);
-        GF_LOGI("export %s: done, %llu bytes in %d shards", row->id, (unsigned long long)rep.n_bytes, rep.n_shards);
+        GF_LOGI("export %s: done", row->id);
     } else if (st == GF_CANCELLED && !c.cancelled) {
         GF_LOGI("export %s: the server is stopping; the export runs again at the next start", row->id);
     } else if (st == GF_CANCELLED) {

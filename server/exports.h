@@ -1,6 +1,8 @@
 /* exports.h - the export worker: one thread that runs queued export jobs
- * (an adapter merged into the base model, engine/export/merge.h) one at a
- * time, writing each under DATA/exports/<id>/.
+ * one at a time, writing each under DATA/exports/<id>/: an adapter merged
+ * into the base model as a Hugging Face directory (kind "merge",
+ * engine/export/merge.h) or as one GGUF file, model.gguf (kind "gguf",
+ * engine/export/gguf_export.h).
  *
  * State machine (store_worker.h): queued -> running -> succeeded | failed |
  * cancelled. Progress (bytes written of the total) is recorded about once a

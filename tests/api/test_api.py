@@ -1165,7 +1165,33 @@ def t_merge_export(srv):
     assert sorted(got) == sorted(want) and "model.safetensors.index.json" in got, (sorted(got), sorted(want))
     for f in want:
         assert got[f] == want[f], f
+    # the same adapter as one GGUF file: the text model only, so an adapter of
+    # the vision tower fails, saying why
+    g = wait_export(srv, expect(srv.post_json("/v1/adapters/merge-src/merge", {"format": "gguf"}), 202).json()["id"])
+    assert g["status"] == "failed" and g["kind"] == "gguf" and g["error"]["code"] == "unsupported_adapter", g
+    assert "outside the text model" in g["error"]["message"] and g["download_url"] is None, g
+    assert not os.path.exists(os.path.join(srv.data, "exports", g["id"]))
+    lm = os.path.join(FIXTURES, "dense", "lora_lm", "adapter_final")
+    expect(upload_adapter(srv, "merge-lm", open(os.path.join(lm, "adapter_config.json"), "rb").read(),
+                          open(os.path.join(lm, "adapter_model.safetensors"), "rb").read()), 201)
+    q = expect(srv.post_json("/v1/adapters/merge-lm/merge", {"format": "gguf", "dtype": "q8_0"}), 202).json()
+    assert q["kind"] == "gguf" and q["dtype"] == "q8_0", q
+    q = wait_export(srv, q["id"])
+    assert q["status"] == "succeeded" and q["result"]["merged_tensors"] == 40, q
+    d = expect(srv.get(q["download_url"]), 200)
+    assert d.headers["content-type"] == "application/octet-stream" and 'filename="merge-lm.gguf"' in d.headers["content-disposition"]
+    cli_gguf = os.path.join(tempfile.mkdtemp(), "m.gguf")
+    c = subprocess.run([BIN, "export-gguf", "--model", os.path.join(FIXTURES, "dense"), "--adapter", lm, "--out", cli_gguf,
+                        "--type", "q8_0"], capture_output=True, timeout=3600)
+    assert c.returncode == 0, c.stderr
+    assert d.body == open(cli_gguf, "rb").read() and d.body[:4] == b"GGUF"
+    expect(srv.request("DELETE", "/v1/exports/" + q["id"]), 200)
+    expect(srv.request("DELETE", "/v1/exports/" + g["id"]), 200)
     # errors
+    bad = expect(srv.post_json("/v1/adapters/merge-src/merge", {"format": "onnx"}), 400, "invalid_value")
+    assert bad.json()["error"]["param"] == "format"
+    bad = expect(srv.post_json("/v1/adapters/merge-src/merge", {"format": "gguf", "dtype": "auto"}), 400, "invalid_value")
+    assert bad.json()["error"]["param"] == "dtype"
     expect(srv.post_json("/v1/adapters/nope/merge", {}), 404, "adapter_not_found")
     expect(srv.post_json("/v1/adapters/merge-src/merge", {"dtype": "f8"}), 400, "invalid_value")
     expect(srv.post_json("/v1/adapters/merge-src/merge", {"dtyp": "f16"}), 400)

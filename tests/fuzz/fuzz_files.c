@@ -1,11 +1,12 @@
-/* fuzz_files.c - the file-based parsers: the bytes are written to a memory
- * file and read as an image, a tar archive, and a dataset JSONL whose image
- * references resolve against that archive. */
+/* fuzz_files.c - the file-based parsers: the bytes are parsed as a GGUF
+ * file, and written to a memory file and read as an image, a tar archive,
+ * and a dataset JSONL whose image references resolve against that archive. */
 #include <stdio.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include "dataset.h"
+#include "gguf.h"
 #include "image.h"
 #include "tar.h"
 
@@ -22,6 +23,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     Image img;
     static const ImageLimits lim = {1u << 20, 1u << 22};
     if (image_decode(data, size, &lim, &img, &err) == GF_OK) image_free(&img);
+    Gguf g;
+    if (gguf_parse(data, size, &g, &err) == GF_OK) {
+        for (size_t i = 0; i < g.n_kv; i++) { /* walk what the accessors walk */
+            uint64_t len;
+            for (uint64_t k = 0; k < g.kv[i].n && k < 64; k++) (void)gguf_arr_str(&g.kv[i], k, &len);
+        }
+        gguf_close(&g);
+    }
     char path[64];
     int fd = memfile(data, size, path);
     if (fd < 0) return 0;

@@ -183,6 +183,12 @@ static void exports(Api *api, MemStore *m) {
     r = call(api, exports_merge, "pets", "{\"dtype\":\"fp8\"}", NULL, &st);
     CHECK(st == 400 && strcmp(str(error_of(r), "param"), "dtype") == 0, "bad dtype: %d", st);
     cJSON_Delete(r);
+    r = call(api, exports_merge, "pets", "{\"format\":\"gguf\",\"dtype\":\"auto\"}", NULL, &st);
+    CHECK(st == 400 && strcmp(str(error_of(r), "param"), "dtype") == 0, "auto is not a GGUF type: %d", st);
+    cJSON_Delete(r);
+    r = call(api, exports_merge, "pets", "{\"format\":\"onnx\"}", NULL, &st);
+    CHECK(st == 400 && strcmp(str(error_of(r), "param"), "format") == 0, "bad format: %d", st);
+    cJSON_Delete(r);
     mem_store_fail_next(m, GF_NO_SPACE);
     r = call(api, exports_merge, "pets", NULL, NULL, &st);
     CHECK(st == 507, "disk full: %d", st);
