@@ -8,6 +8,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "dataset.h"
 #include "http.h"
 #include "store.h"
 
@@ -30,6 +31,9 @@ const HttpPart *find_part(const HttpReq *req, const char *name);
 
 /* Fails (invalid_multipart) on a part whose name is not in allowed. */
 GfStatus only_parts_or_reply(const HttpReq *req, HttpResp *resp, const char *const *allowed);
+
+/* A refused dataset's per-line report: [{line, code, message}] (datasets.c). */
+cJSON *dataset_issues_json(const DatasetReport *r);
 
 /* {"object":"list","data":data,"has_more":..} */
 cJSON *list_envelope(cJSON *data, int has_more);

@@ -23,7 +23,7 @@ static cJSON *dataset_json(const DatasetRow *d) {
     return o;
 }
 
-static cJSON *issues_json(const DatasetReport *r) {
+cJSON *dataset_issues_json(const DatasetReport *r) {
     cJSON *arr = cJSON_CreateArray();
     for (size_t i = 0; i < r->n_issues; i++) {
         cJSON *o = cJSON_CreateObject();
@@ -71,7 +71,7 @@ GfStatus datasets_create(Api *api, const HttpReq *req, HttpResp *resp) {
     gf_error_clear(&err);
     GfStatus st = dataset_validate(file->path, images ? images->path : NULL, &lim, &report, &err);
     if (st) {
-        GfStatus out = reply_error(resp, &err, st == GF_UNPROCESSABLE ? issues_json(&report) : NULL);
+        GfStatus out = reply_error(resp, &err, st == GF_UNPROCESSABLE ? dataset_issues_json(&report) : NULL);
         dataset_report_free(&report);
         return out;
     }

@@ -16,27 +16,100 @@
 
 /* ---- request ----------------------------------------------------------- */
 
+/* learning_rate_multiplier multiplies the default learning rate */
+#define BASE_LEARNING_RATE 5e-5
+
+/* OpenAI's hyperparameters (n_epochs, batch_size, learning_rate_multiplier,
+ * each a number or "auto" for our default) into ours, in a copy of h that
+ * keeps our own keys; seed joins it. *out is NULL when there is nothing. */
+static GfStatus openai_hyperparameters(const cJSON *h, const cJSON *seed, cJSON **out, GfError *err) {
+    *out = h ? cJSON_Duplicate(h, 1) : seed ? cJSON_CreateObject() : NULL;
+    if ((h || seed) && !*out) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    if (!*out) return GF_OK;
+    static const struct { const char *from, *to; } RENAME[] = {{"n_epochs", "epochs"}, {"batch_size", "batch_size"}};
+    for (size_t i = 0; i < 2; i++) {
+        cJSON *v = cJSON_DetachItemFromObjectCaseSensitive(*out, RENAME[i].from);
+        if (!v) continue;
+        if (cJSON_IsString(v) && strcmp(v->valuestring, "auto") == 0) { cJSON_Delete(v); continue; }
+        if (i == 0 && cJSON_HasObjectItem(*out, "epochs")) {
+            cJSON_Delete(v);
+            return gf_error_set(err, GF_INVALID, "invalid_hyperparameter", "hyperparameters.n_epochs",
+                                "give 'n_epochs' or 'epochs', not both");
+        }
+        cJSON_AddItemToObject(*out, RENAME[i].to, v);
+    }
+    cJSON *m = cJSON_DetachItemFromObjectCaseSensitive(*out, "learning_rate_multiplier");
+    if (m && !(cJSON_IsString(m) && strcmp(m->valuestring, "auto") == 0)) {
+        int both = cJSON_HasObjectItem(*out, "learning_rate"), bad = !cJSON_IsNumber(m) || !(m->valuedouble > 0) || m->valuedouble > 1000;
+        double lr = bad ? 0 : m->valuedouble * BASE_LEARNING_RATE;
+        cJSON_Delete(m);
+        if (both) return gf_error_set(err, GF_INVALID, "invalid_hyperparameter", "hyperparameters.learning_rate_multiplier",
+                                      "give 'learning_rate_multiplier' or 'learning_rate', not both");
+        if (bad) return gf_error_set(err, GF_INVALID, "invalid_hyperparameter", "hyperparameters.learning_rate_multiplier",
+                                     "'learning_rate_multiplier' must be \"auto\" or a number in (0, 1000]");
+        cJSON_AddNumberToObject(*out, "learning_rate", lr);
+    } else {
+        cJSON_Delete(m);
+    }
+    if (seed) {
+        if (cJSON_HasObjectItem(*out, "seed"))
+            return gf_error_set(err, GF_INVALID, "invalid_hyperparameter", "seed", "give 'seed' or 'hyperparameters.seed', not both");
+        cJSON_AddItemToObject(*out, "seed", cJSON_Duplicate(seed, 0));
+    }
+    return GF_OK;
+}
+
+/* OpenAI's method: {"type": "supervised", "supervised": {"hyperparameters": {...}}}. */
+static GfStatus method_hyperparameters(const cJSON *method, const cJSON **h, GfError *err) {
+    if (!method || cJSON_IsNull(method)) return GF_OK;
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(method, "type");
+    if (!cJSON_IsObject(method) || !cJSON_IsString(type))
+        return gf_error_set(err, GF_INVALID, "invalid_type", "method", "'method' must be an object with a 'type'");
+    if (strcmp(type->valuestring, "supervised") != 0)
+        return gf_error_set(err, GF_INVALID, "unsupported_method", "method.type",
+                            "only supervised fine-tuning is supported here, not '%.40s'", type->valuestring);
+    const cJSON *sup = cJSON_GetObjectItemCaseSensitive(method, "supervised");
+    const cJSON *mh = cJSON_IsObject(sup) ? cJSON_GetObjectItemCaseSensitive(sup, "hyperparameters") : NULL;
+    if (!mh || cJSON_IsNull(mh)) return GF_OK;
+    if (*h) return gf_error_set(err, GF_INVALID, "invalid_value", "method", "give hyperparameters in 'method' or at the top level, not both");
+    *h = mh;
+    return GF_OK;
+}
+
 static GfStatus parse_create(Api *api, const cJSON *body, JobRow *row, GfError *err) {
     JsonCtx c = {body, "", NULL, err};
-    static const char *const keys[] = {"dataset", "validation_dataset", "model", "suffix", "hyperparameters", NULL};
-    const char *ds, *vds, *model, *suffix;
-    if (json_only_keys(&c, keys) || json_get_string(&c, "dataset", 1, STORE_ID_MAX - 1, NULL, &ds) ||
-        json_get_string(&c, "validation_dataset", 0, STORE_ID_MAX - 1, "", &vds) ||
+    static const char *const keys[] = {"dataset", "validation_dataset", "training_file", "validation_file", "model", "suffix",
+                                       "hyperparameters", "method", "seed", NULL};
+    const char *ds, *vds, *tf, *vf, *model, *suffix;
+    if (json_only_keys(&c, keys) || json_get_string(&c, "dataset", 0, STORE_ID_MAX - 1, NULL, &ds) ||
+        json_get_string(&c, "validation_dataset", 0, STORE_ID_MAX - 1, NULL, &vds) ||
+        json_get_string(&c, "training_file", 0, STORE_ID_MAX - 1, NULL, &tf) ||
+        json_get_string(&c, "validation_file", 0, STORE_ID_MAX - 1, NULL, &vf) ||
         json_get_string(&c, "model", 0, STORE_NAME_MAX - 1, NULL, &model) ||
         json_get_string(&c, "suffix", 0, 40, "", &suffix))
         return GF_INVALID;
+    if (ds && tf) return gf_error_set(err, GF_INVALID, "invalid_value", "training_file", "give 'training_file' or 'dataset', not both");
+    if (vds && vf)
+        return gf_error_set(err, GF_INVALID, "invalid_value", "validation_file", "give 'validation_file' or 'validation_dataset', not both");
+    if (!ds && !(ds = tf)) return gf_error_set(err, GF_INVALID, "missing_parameter", "training_file", "'training_file' is required");
+    if (!vds) vds = vf ? vf : "";
     if (suffix[0] && check_object_name(suffix, "suffix", err)) return GF_INVALID;
     if (model && strcmp(model, api->model.id) != 0)
         return gf_error_set(err, GF_NOT_FOUND, "model_not_found", "model",
                             "model '%.64s' is not the base model this server fine-tunes ('%.64s')", model,
                             api->model.id[0] ? api->model.id : "none configured");
-    const cJSON *h = cJSON_GetObjectItemCaseSensitive(body, "hyperparameters");
+    const cJSON *h = cJSON_GetObjectItemCaseSensitive(body, "hyperparameters"), *seed = cJSON_GetObjectItemCaseSensitive(body, "seed");
     if (h && !cJSON_IsObject(h) && !cJSON_IsNull(h))
         return gf_error_set(err, GF_INVALID, "invalid_type", "hyperparameters", "'hyperparameters' must be an object");
-    cJSON *norm;
+    if (!cJSON_IsObject(h)) h = NULL;
+    if (cJSON_IsNull(seed)) seed = NULL;
+    if (method_hyperparameters(cJSON_GetObjectItemCaseSensitive(body, "method"), &h, err)) return GF_INVALID;
+    cJSON *given, *norm;
+    if (openai_hyperparameters(h, seed, &given, err)) { cJSON_Delete(given); return GF_INVALID; }
     JobParams params;
-    if (hyperparameters_parse(cJSON_IsObject(h) ? h : NULL, api->limits.max_lora_rank, &params, &norm, err))
-        return GF_INVALID;
+    GfStatus st = hyperparameters_parse(given, api->limits.max_lora_rank, &params, &norm, err);
+    cJSON_Delete(given);
+    if (st) return GF_INVALID;
     char *text = cJSON_PrintUnformatted(norm);
     cJSON_Delete(norm);
     if (!text || strlen(text) >= sizeof row->hyperparameters) {
@@ -68,7 +141,31 @@ static cJSON *job_json(const JobRow *j) {
     if (j->suffix[0]) cJSON_AddStringToObject(o, "suffix", j->suffix);
     else cJSON_AddNullToObject(o, "suffix");
     cJSON *h = cJSON_Parse(j->hyperparameters);
-    cJSON_AddItemToObject(o, "hyperparameters", h ? h : cJSON_CreateObject());
+    if (!h) h = cJSON_CreateObject();
+    /* OpenAI's names for three of them, beside ours */
+    const cJSON *ep = cJSON_GetObjectItemCaseSensitive(h, "epochs"), *lr = cJSON_GetObjectItemCaseSensitive(h, "learning_rate");
+    const cJSON *sd = cJSON_GetObjectItemCaseSensitive(h, "seed");
+    if (cJSON_IsNumber(ep)) cJSON_AddNumberToObject(h, "n_epochs", ep->valuedouble);
+    if (cJSON_IsNumber(lr)) cJSON_AddNumberToObject(h, "learning_rate_multiplier", lr->valuedouble / BASE_LEARNING_RATE);
+    if (cJSON_IsNumber(sd)) cJSON_AddNumberToObject(o, "seed", sd->valuedouble);
+    cJSON *method = cJSON_AddObjectToObject(o, "method");
+    cJSON_AddStringToObject(method, "type", "supervised");
+    cJSON_AddItemToObject(cJSON_AddObjectToObject(method, "supervised"), "hyperparameters", cJSON_Duplicate(h, 1));
+    cJSON_AddItemToObject(o, "hyperparameters", h);
+    /* OpenAI's job fields */
+    cJSON_AddStringToObject(o, "training_file", j->dataset_id);
+    if (j->validation_dataset_id[0]) cJSON_AddStringToObject(o, "validation_file", j->validation_dataset_id);
+    else cJSON_AddNullToObject(o, "validation_file");
+    if (j->adapter[0]) cJSON_AddStringToObject(o, "fine_tuned_model", j->adapter);
+    else cJSON_AddNullToObject(o, "fine_tuned_model");
+    cJSON_AddStringToObject(o, "organization_id", "gemmaforge");
+    cJSON_AddItemToObject(o, "result_files", cJSON_CreateArray());
+    cJSON_AddNullToObject(o, "trained_tokens");
+    cJSON_AddItemToObject(o, "integrations", cJSON_CreateArray());
+    if (strcmp(j->status, "running") == 0 && isfinite(j->eta_s) && j->eta_s >= 0)
+        cJSON_AddNumberToObject(o, "estimated_finish", (double)(gf_time_unix() + (int64_t)j->eta_s));
+    else
+        cJSON_AddNullToObject(o, "estimated_finish");
     cJSON_AddNumberToObject(o, "created_at", (double)j->created_at);
     add_time_or_null(o, "started_at", j->started_at);
     add_time_or_null(o, "finished_at", j->finished_at);
@@ -84,6 +181,7 @@ static cJSON *job_json(const JobRow *j) {
         cJSON *e = cJSON_AddObjectToObject(o, "error");
         cJSON_AddStringToObject(e, "code", j->error_code);
         cJSON_AddStringToObject(e, "message", j->error_message);
+        cJSON_AddNullToObject(e, "param");
     } else {
         cJSON_AddNullToObject(o, "error");
     }
@@ -146,8 +244,9 @@ GfStatus jobs_events(Api *api, const HttpReq *req, HttpResp *resp) {
     if (follow && last && !a) a = last; /* a reconnecting EventSource resumes after the last event it saw */
     char *end;
     long long after = 0, limit = PAGE_DEFAULT;
+    if (a && strncmp(a, "ftevent-", 8) == 0) a += 8; /* an event's id */
     if (a && (!*a || (after = strtoll(a, &end, 10), *end) || after < 0))
-        return reply_fail(resp, GF_INVALID, "invalid_value", "after", "'after' must be a non-negative event seq");
+        return reply_fail(resp, GF_INVALID, "invalid_value", "after", "'after' must be an event's id or a non-negative seq");
     if (follow) return job_follow_or_reply(api, req->params[0], after, resp);
     if (l && (!*l || (limit = strtoll(l, &end, 10), *end) || limit < 1 || limit > PAGE_MAX))
         return reply_fail(resp, GF_INVALID, "invalid_value", "limit", "'limit' must be an integer from 1 to %d", PAGE_MAX);

@@ -29,6 +29,7 @@ typedef struct {
     const char *name;        /* form field name */
     int is_file;             /* 1: bytes are in `path`; 0: in `value` */
     const char *path;        /* server-owned temporary file (is_file) */
+    const char *filename;    /* the file name the client gave (is_file; "" when none), at most 255 bytes */
     const char *value;       /* NUL-terminated field value (!is_file) */
     uint64_t size;           /* bytes */
 } HttpPart;

@@ -190,6 +190,9 @@ GfStatus job_follow_or_reply(Api *api, const char *job_id, int64_t after, HttpRe
 
 cJSON *jobs_event_json(const JobEvent *e) {
     cJSON *o = cJSON_CreateObject();
+    char id[40];
+    snprintf(id, sizeof id, "ftevent-%lld", (long long)e->seq);
+    cJSON_AddStringToObject(o, "id", id);  /* OpenAI's cursor: ?after= takes it, or the seq */
     cJSON_AddNumberToObject(o, "seq", (double)e->seq);
     cJSON_AddStringToObject(o, "object", "fine_tuning.job.event");
     cJSON_AddNumberToObject(o, "created_at", (double)e->created_at);

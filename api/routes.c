@@ -6,6 +6,7 @@
 
 #include "api.h"
 #include "reply.h"
+#include "serve.h"
 
 #define MiB (1024ull * 1024ull)
 
@@ -17,6 +18,11 @@ const Route API_ROUTES[] = {
     {"GET", "/v1/datasets", datasets_list, 1, BODY_NONE, 0, "GET /v1/datasets", 0},
     {"GET", "/v1/datasets/{id}", datasets_get, 1, BODY_NONE, 0, "GET /v1/datasets/{id}", 0},
     {"DELETE", "/v1/datasets/{id}", datasets_delete, 1, BODY_NONE, 0, "DELETE /v1/datasets/{id}", 0},
+    {"POST", "/v1/files", files_create, 1, BODY_MULTIPART, 0, "POST /v1/files", 1},
+    {"GET", "/v1/files", files_list, 1, BODY_NONE, 0, "GET /v1/files", 0},
+    {"GET", "/v1/files/{id}", files_get, 1, BODY_NONE, 0, "GET /v1/files/{id}", 0},
+    {"GET", "/v1/files/{id}/content", files_content, 1, BODY_NONE, 0, "GET /v1/files/{id}/content", 0},
+    {"DELETE", "/v1/files/{id}", files_delete, 1, BODY_NONE, 0, "DELETE /v1/files/{id}", 0},
     {"POST", "/v1/fine_tuning/jobs", jobs_create, 1, BODY_JSON, 0, "POST /v1/fine_tuning/jobs", 1},
     {"POST", "/v1/fine_tuning/preflight", jobs_preflight, 1, BODY_JSON, 0, "POST /v1/fine_tuning/preflight", 0},
     {"GET", "/v1/fine_tuning/jobs", jobs_list, 1, BODY_NONE, 0, "GET /v1/fine_tuning/jobs", 0},
@@ -37,6 +43,7 @@ const Route API_ROUTES[] = {
     {"GET", "/v1/exports/{id}/content", exports_content, 1, BODY_NONE, 0, "GET /v1/exports/{id}/content", 0},
     {"GET", "/v1/models", models_list, 1, BODY_NONE, 0, "GET /v1/models", 0},
     {"GET", "/v1/models/{id}", models_get, 1, BODY_NONE, 0, "GET /v1/models/{id}", 0},
+    {"DELETE", "/v1/models/{id}", models_delete, 1, BODY_NONE, 0, "DELETE /v1/models/{id}", 0},
     {"POST", "/v1/chat/completions", chat_completions_create, 1, BODY_JSON, 64 * MiB, "POST /v1/chat/completions", 0},
     {"POST", "/v1/infer", infer_create, 1, BODY_MULTIPART, 32 * MiB, "POST /v1/infer", 0},
 };
@@ -126,6 +133,26 @@ GfStatus models_list(Api *api, const HttpReq *req, HttpResp *resp) {
     }
     free(rows);
     return reply_json(resp, 200, root);
+}
+
+/* OpenAI's models.del for a fine-tuned model: the adapter, as DELETE
+ * /v1/adapters/{name} removes it; the base model is not deletable. */
+GfStatus models_delete(Api *api, const HttpReq *req, HttpResp *resp) {
+    const char *id = req->params[0];
+    if (api->model.id[0] && strcmp(id, api->model.id) == 0)
+        return reply_fail(resp, GF_FORBIDDEN, "model_not_deletable", "model",
+                          "'%.200s' is the base model this server runs; only fine-tuned models can be deleted", id);
+    GfError err;
+    if (store_adapter_delete(api->store, id, &err)) {
+        if (err.status != GF_NOT_FOUND) return reply_error(resp, &err, NULL);
+        return reply_fail(resp, GF_NOT_FOUND, "model_not_found", "model", "no model '%.200s'", id);
+    }
+    if (api->serving.serve) serve_adapter_drop(api->serving.serve, id); /* running requests finish */
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", id);
+    cJSON_AddStringToObject(o, "object", "model");
+    cJSON_AddBoolToObject(o, "deleted", 1);
+    return reply_json(resp, 200, o);
 }
 
 /* One model as the list shows it: the base, or an adapter by name

@@ -116,6 +116,7 @@ typedef struct StoreOps {
     GfStatus (*dataset_list)(Store *s, const char *after_id, int limit, DatasetRow *out, int *n, int *has_more,
                              GfError *err);
     GfStatus (*dataset_delete)(Store *s, const char *id, GfError *err);
+    GfStatus (*dataset_files)(Store *s, const char *id, char jsonl[4096], char tar[4096], GfError *err);
     GfStatus (*job_create)(Store *s, JobRow *row, int max_queued, GfError *err);
     GfStatus (*job_get)(Store *s, const char *id, JobRow *out, GfError *err);
     GfStatus (*job_list)(Store *s, const char *after_id, int limit, JobRow *out, int *n, int *has_more, GfError *err);
@@ -157,6 +158,9 @@ GfStatus store_dataset_list(Store *s, const char *after_id, int limit, DatasetRo
                             int *has_more, GfError *err);
 /* GF_CONFLICT while a queued or running job uses it. Removes row, then files. */
 GfStatus store_dataset_delete(Store *s, const char *id, GfError *err);
+/* Paths of the dataset's JSONL and images archive (which may not exist),
+ * server-generated, for download. */
+GfStatus store_dataset_files(Store *s, const char *id, char jsonl[4096], char tar[4096], GfError *err);
 
 /* ---- jobs -------------------------------------------------------------- */
 /* Checks the datasets exist and are ready and the queue has room, then

@@ -40,3 +40,10 @@ if [ ! -d "$gguf_dir/node_modules/node-llama-cpp" ]; then
   echo "setup: installing the GGUF test's npm packages"
   (cd "$gguf_dir" && npm ci --omit=optional --no-audit --no-fund --loglevel=error)
 fi
+
+# the official OpenAI Node SDK for the client test, at the version package-lock.json pins
+clients_dir="$(dirname "$0")/../tests/clients"
+if [ ! -d "$clients_dir/node_modules/openai" ]; then
+  echo "setup: installing the client test's npm packages"
+  (cd "$clients_dir" && npm ci --no-audit --no-fund --loglevel=error)
+fi

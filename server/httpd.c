@@ -71,6 +71,7 @@ typedef struct {
     HttpPart parts[MAX_PARTS];
     char part_paths[MAX_PARTS][4200];
     char part_names[MAX_PARTS][72];
+    char part_filenames[MAX_PARTS][256];
     char *field_values[MAX_PARTS];
     size_t n_parts;
     int cur_fd;                /* open file of the current file part, -1 */
@@ -365,7 +366,8 @@ static int valid_part_name(const char *key) {
     return 1;
 }
 
-static GfStatus open_part(Req *q, const char *key, int is_file, GfError *err) {
+static GfStatus open_part(Req *q, const char *key, const char *filename, GfError *err) {
+    int is_file = filename != NULL;
     for (size_t i = 0; i < q->n_parts; i++)
         if (strcmp(q->part_names[i], key) == 0)
             return gf_error_set(err, GF_INVALID, "invalid_multipart", key, "the form field '%s' appears twice", key);
@@ -377,6 +379,12 @@ static GfStatus open_part(Req *q, const char *key, int is_file, GfError *err) {
     p->name = q->part_names[i];
     p->is_file = is_file;
     if (is_file) {
+        /* the client's name, as far as it is short, UTF-8 and without control characters */
+        size_t n = strlen(filename);
+        int ok = n < sizeof q->part_filenames[i] && gf_utf8_valid(filename, n);
+        for (size_t k = 0; ok && k < n; k++) ok = (unsigned char)filename[k] >= 0x20 && filename[k] != 0x7f;
+        snprintf(q->part_filenames[i], sizeof q->part_filenames[i], "%s", ok ? filename : "");
+        p->filename = q->part_filenames[i];
         snprintf(q->part_paths[i], sizeof q->part_paths[i], "%s/part%zu", q->upload_dir, i);
         q->cur_fd = open(q->part_paths[i], O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
         if (q->cur_fd < 0) return gf_error_set(err, GF_IO, "io_error", NULL, "cannot store the upload");
@@ -430,7 +438,7 @@ static enum MHD_Result post_iterator(void *cls, enum MHD_ValueKind kind, const c
      * name and starts where that part ends. */
     int new_part = q->n_parts == 0 || strcmp(q->part_names[q->n_parts - 1], key) != 0 ||
                    off != q->parts[q->n_parts - 1].size;
-    if (new_part && open_part(q, key, filename != NULL, &q->fail)) return MHD_NO;
+    if (new_part && open_part(q, key, filename, &q->fail)) return MHD_NO;
     if (q->idem_key[0]) { /* the parts' names and bytes, not the random boundary */
         if (new_part) gf_sha256_update(&q->idem_hash, key, strlen(key) + 1);
         gf_sha256_update(&q->idem_hash, data, size);

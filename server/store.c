@@ -967,6 +967,12 @@ static GfStatus sql_export_delete(Store *store, const char *id, GfError *err) {
     return res;
 }
 
+static GfStatus sql_dataset_files(Store *store, const char *id, char jsonl[4096], char tar[4096], GfError *err) {
+    (void)err;
+    store_dataset_paths(store, id, jsonl, tar);
+    return GF_OK;
+}
+
 static GfStatus sql_export_dir(Store *store, const char *id, char dir[4096], GfError *err) {
     SqlStore *s = (SqlStore *)store;
     (void)err;
@@ -1125,6 +1131,7 @@ static const StoreOps SQL_STORE_OPS = {
     .dataset_get = sql_dataset_get,
     .dataset_list = sql_dataset_list,
     .dataset_delete = sql_dataset_delete,
+    .dataset_files = sql_dataset_files,
     .job_create = sql_job_create,
     .job_get = sql_job_get,
     .job_list = sql_job_list,

@@ -6,7 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <libgen.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 
 #include "config.h"
 #include "convert.h"
@@ -512,6 +514,26 @@ static int ftype_of(GgmlType t) {
     }
 }
 
+/* The file's bytes (tensors, plus at most the tokenizer's size and 1 MiB of
+ * other metadata) must fit where it is written. */
+static GfStatus check_space(const Export *x, GfError *err) {
+    char dir[4096], tok[4400];
+    snprintf(dir, sizeof dir, "%s", x->o->out_path);
+    snprintf(tok, sizeof tok, "%s/tokenizer.json", x->o->model_dir);
+    struct stat st;
+    uint64_t need = x->total + (1u << 20) + (stat(tok, &st) == 0 ? (uint64_t)st.st_size : 0);
+    struct statvfs v;
+    if (statvfs(dirname(dir), &v) != 0)
+        return gf_error_set(err, errno == ENOENT ? GF_NOT_FOUND : GF_IO, errno == ENOENT ? "not_found" : "io_error", "out",
+                            "the output's directory cannot be used (%s)", strerror(errno));
+    uint64_t avail = (uint64_t)v.f_bavail * (uint64_t)v.f_frsize;
+    if (avail < need)
+        return gf_error_set(err, GF_NO_SPACE, "insufficient_storage", NULL,
+                            "the GGUF file needs %llu bytes and %llu are free where it is written", (unsigned long long)need,
+                            (unsigned long long)avail);
+    return GF_OK;
+}
+
 static GfStatus prepare(Export *x, cJSON **text_cfg, GfError *err) {
     struct stat st;
     if (lstat(x->o->out_path, &st) == 0)
@@ -521,6 +543,7 @@ static GfStatus prepare(Export *x, cJSON **text_cfg, GfError *err) {
     if (!s && x->o->adapter_dir) s = lora_load_checked(x->o->adapter_dir, &x->md.base, LORA_MAX_RANK, &x->adapter, err);
     if (!s) s = load_tokenizer(x, err);
     if (!s) s = plan(x, err);
+    if (!s) s = check_space(x, err);
     uint64_t widest = 1;
     for (size_t i = 0; !s && i < x->n_outs; i++) widest = x->outs[i].ne[0] > widest ? x->outs[i].ne[0] : widest;
     if (!s && (!(x->row = gf_malloc(widest * sizeof *x->row, err)) || !(x->block = gf_malloc(widest * 4, err)))) s = GF_NO_MEMORY;

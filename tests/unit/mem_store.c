@@ -421,6 +421,12 @@ static GfStatus mem_export_delete(Store *s, const char *id, GfError *err) {
     return unlock_with(m, st);
 }
 
+static GfStatus mem_dataset_files(Store *s, const char *id, char jsonl[4096], char tar[4096], GfError *err) {
+    (void)s;
+    jsonl[0] = tar[0] = '\0';
+    return gf_error_set(err, GF_NOT_FOUND, "dataset_not_found", "id", "the in-memory store keeps no files of '%s'", id);
+}
+
 static GfStatus mem_export_dir(Store *s, const char *id, char dir[4096], GfError *err) {
     (void)s;
     dir[0] = '\0';
@@ -451,6 +457,7 @@ static const StoreOps MEM_STORE_OPS = {
     .dataset_get = mem_dataset_get,
     .dataset_list = mem_dataset_list,
     .dataset_delete = mem_dataset_delete,
+    .dataset_files = mem_dataset_files,
     .job_create = mem_job_create,
     .job_get = mem_job_get,
     .job_list = mem_job_list,
