@@ -132,8 +132,9 @@ static cJSON *job_json(const JobRow *j) {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "id", j->id);
     cJSON_AddStringToObject(o, "object", "fine_tuning.job");
-    cJSON_AddStringToObject(o, "status", j->status);
+    cJSON_AddStringToObject(o, "status", j->paused && strcmp(j->status, "queued") == 0 ? "paused" : j->status);
     cJSON_AddBoolToObject(o, "cancel_requested", j->cancel_requested);
+    cJSON_AddBoolToObject(o, "pause_requested", j->pause_requested);
     cJSON_AddStringToObject(o, "dataset", j->dataset_id);
     if (j->validation_dataset_id[0]) cJSON_AddStringToObject(o, "validation_dataset", j->validation_dataset_id);
     else cJSON_AddNullToObject(o, "validation_dataset");
@@ -232,6 +233,22 @@ GfStatus jobs_cancel(Api *api, const HttpReq *req, HttpResp *resp) {
     JobRow row;
     GfError err;
     if (store_job_cancel(api->store, req->params[0], &row, &err)) return reply_error(resp, &err, NULL);
+    job_hub_notify(api->job_hub, req->params[0]);
+    return reply_json(resp, 200, job_json(&row));
+}
+
+GfStatus jobs_pause(Api *api, const HttpReq *req, HttpResp *resp) {
+    JobRow row;
+    GfError err;
+    if (store_job_pause(api->store, req->params[0], &row, &err)) return reply_error(resp, &err, NULL);
+    job_hub_notify(api->job_hub, req->params[0]);
+    return reply_json(resp, 200, job_json(&row));
+}
+
+GfStatus jobs_resume(Api *api, const HttpReq *req, HttpResp *resp) {
+    JobRow row;
+    GfError err;
+    if (store_job_resume(api->store, req->params[0], &row, &err)) return reply_error(resp, &err, NULL);
     job_hub_notify(api->job_hub, req->params[0]);
     return reply_json(resp, 200, job_json(&row));
 }

@@ -28,6 +28,8 @@ const Route API_ROUTES[] = {
     {"GET", "/v1/fine_tuning/jobs", jobs_list, 1, BODY_NONE, 0, "GET /v1/fine_tuning/jobs", 0},
     {"GET", "/v1/fine_tuning/jobs/{id}", jobs_get, 1, BODY_NONE, 0, "GET /v1/fine_tuning/jobs/{id}", 0},
     {"POST", "/v1/fine_tuning/jobs/{id}/cancel", jobs_cancel, 1, BODY_NONE, 0, "POST /v1/fine_tuning/jobs/{id}/cancel", 0},
+    {"POST", "/v1/fine_tuning/jobs/{id}/pause", jobs_pause, 1, BODY_NONE, 0, "POST /v1/fine_tuning/jobs/{id}/pause", 0},
+    {"POST", "/v1/fine_tuning/jobs/{id}/resume", jobs_resume, 1, BODY_NONE, 0, "POST /v1/fine_tuning/jobs/{id}/resume", 0},
     {"GET", "/v1/fine_tuning/jobs/{id}/events", jobs_events, 1, BODY_NONE, 0, "GET /v1/fine_tuning/jobs/{id}/events", 0},
     {"GET", "/v1/fine_tuning/jobs/{id}/checkpoints", jobs_checkpoints, 1, BODY_NONE, 0, "GET /v1/fine_tuning/jobs/{id}/checkpoints", 0},
     {"POST", "/v1/adapters", adapters_create, 1, BODY_MULTIPART, 0, "POST /v1/adapters", 0},

@@ -79,6 +79,10 @@ GfStatus store_adapter_files(Store *s, const char *name, char config[4096], char
     return s->ops->adapter_files(s, name, config, weights, err);
 }
 
+GfStatus store_job_pause(Store *s, const char *id, JobRow *out, GfError *err) { return s->ops->job_pause(s, id, out, err); }
+
+GfStatus store_job_resume(Store *s, const char *id, JobRow *out, GfError *err) { return s->ops->job_resume(s, id, out, err); }
+
 GfStatus store_dataset_files(Store *s, const char *id, char jsonl[4096], char tar[4096], GfError *err) {
     return s->ops->dataset_files(s, id, jsonl, tar, err);
 }

@@ -46,6 +46,8 @@ typedef struct {
     char hyperparameters[2048];  /* normalized JSON written by the API */
     char status[20];             /* queued running succeeded failed cancelled */
     int cancel_requested;
+    int paused;                  /* queued and held until resumed (shown as "paused") */
+    int pause_requested;         /* running: checkpoint and pause after the current step */
     int64_t created_at, started_at, finished_at; /* 0 = not yet */
     char error_code[48];
     char error_message[512];
@@ -121,6 +123,8 @@ typedef struct StoreOps {
     GfStatus (*job_get)(Store *s, const char *id, JobRow *out, GfError *err);
     GfStatus (*job_list)(Store *s, const char *after_id, int limit, JobRow *out, int *n, int *has_more, GfError *err);
     GfStatus (*job_cancel)(Store *s, const char *id, JobRow *out, GfError *err);
+    GfStatus (*job_pause)(Store *s, const char *id, JobRow *out, GfError *err);
+    GfStatus (*job_resume)(Store *s, const char *id, JobRow *out, GfError *err);
     GfStatus (*job_events)(Store *s, const char *id, int64_t after_seq, int limit, JobEvent *out, int *n,
                            int *has_more, GfError *err);
     GfStatus (*job_checkpoints)(Store *s, const char *id, CheckpointRow *out, int max, int *n, GfError *err);
@@ -173,6 +177,14 @@ GfStatus store_job_list(Store *s, const char *after_id, int limit, JobRow *out, 
 /* queued -> cancelled; running -> cancel_requested; cancelled -> unchanged;
  * succeeded/failed -> GF_CONFLICT. Fills *out with the row afterwards. */
 GfStatus store_job_cancel(Store *s, const char *id, JobRow *out, GfError *err);
+/* queued -> paused; running -> pause_requested (the worker checkpoints and
+ * pauses after the current step); paused -> unchanged; finished ->
+ * GF_CONFLICT job_not_pausable. */
+GfStatus store_job_pause(Store *s, const char *id, JobRow *out, GfError *err);
+/* paused -> queued (continues from its newest checkpoint); a running job
+ * with a pause requested -> the request withdrawn; else GF_CONFLICT
+ * job_not_paused. */
+GfStatus store_job_resume(Store *s, const char *id, JobRow *out, GfError *err);
 GfStatus store_job_events(Store *s, const char *id, int64_t after_seq, int limit, JobEvent *out,
                           int *n, int *has_more, GfError *err);
 GfStatus store_job_checkpoints(Store *s, const char *id, CheckpointRow *out, int max, int *n,

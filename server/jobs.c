@@ -91,6 +91,11 @@ static int hook_stop(void *user) {
     return atomic_load(&c->j->stopping) || store_job_cancel_requested(c->j->store, c->row->id);
 }
 
+static int hook_pause(void *user) {
+    JobCtx *c = user;
+    return store_job_pause_requested(c->j->store, c->row->id);
+}
+
 /* ---- one job ------------------------------------------------------------------- */
 
 /* The newest recorded checkpoint whose trainer_state.json still has its
@@ -191,6 +196,9 @@ static void conclude(JobCtx *c, GfStatus st, const GfError *run_err, const JobPa
             j->cfg.on_adapter(j->cfg.on_adapter_cls, name, res->adapter); /* served at once, from memory */
             res->adapter = NULL;
         }
+    } else if (st == GF_CANCELLED && strcmp(run_err->code, "paused") == 0) {
+        GF_LOGI("job %s: %s", id, run_err->message);
+        rec = store_job_paused(j->store, id, run_err->message, &err);
     } else if (st == GF_CANCELLED && atomic_load(&j->stopping)) {
         hook_log(c, "info", "the server is stopping; the job resumes from its last checkpoint at the next start");
     } else if (st == GF_CANCELLED) {
@@ -214,7 +222,8 @@ static void run_job(Jobs *j, const JobRow *row, int resumed) {
     GfStatus st = p ? prepare(&c, p, &spec, &err) : gf_error_set(&err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
     if (!st) {
         TrainRunHooks hooks = {.user = &c, .on_log = hook_log, .on_step = hook_step, .on_eval = hook_eval,
-                               .on_checkpoint = hook_checkpoint, .should_stop = hook_stop};
+                               .on_checkpoint = hook_checkpoint, .should_stop = hook_stop,
+                               .should_pause = hook_pause};
         st = train_run(&spec, &hooks, &res, &err);
     }
     if (p) conclude(&c, st, &err, &spec.params, &res, p->out);

@@ -9,7 +9,9 @@
  * moment loses at most save_every steps and ends with the same adapter as an
  * uninterrupted run. Progress, evaluation, checkpoints and log lines are
  * committed as they happen. Cancel (cancel_requested in the store) stops the
- * job between two sequences and marks it cancelled. Success publishes the
+ * job between two sequences and marks it cancelled. Pause (pause_requested)
+ * checkpoints the job after its current step and puts it back in the queue,
+ * held (paused) until resumed; it then continues from that checkpoint. Success publishes the
  * adapter under adapters/<name>/ and registers it in the same transaction
  * that marks the job succeeded; name: "<suffix>-<8 hex of the job id>", or
  * "ft-<24 hex>" without a suffix.

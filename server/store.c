@@ -96,6 +96,24 @@ static int64_t col_int_or(sqlite3_stmt *st, int i, int64_t def) {
 }
 
 
+/* Runs body inside BEGIN IMMEDIATE .. COMMIT under the lock. */
+typedef GfStatus (*TxnBody)(SqlStore *s, void *ctx, GfError *err);
+
+static GfStatus txn_locked(SqlStore *s, TxnBody body, void *ctx, GfError *err) {
+    int rc = begin(s);
+    GfStatus res = rc == SQLITE_OK ? body(s, ctx, err) : db_fail(s, rc, err);
+    if (!res && (rc = commit(s)) != SQLITE_OK) res = db_fail(s, rc, err);
+    if (res) rollback(s);
+    return res;
+}
+
+static GfStatus txn(SqlStore *s, TxnBody body, void *ctx, GfError *err) {
+    lock(s);
+    GfStatus res = txn_locked(s, body, ctx, err);
+    unlock(s);
+    return res;
+}
+
 /* ---- opening ----------------------------------------------------------- */
 
 static GfStatus configure(SqlStore *s, GfError *err) {
@@ -330,7 +348,7 @@ static GfStatus sql_dataset_delete(Store *store, const char *id, GfError *err) {
 #define ADAPTER_COLS "name,source,job_id,base_model,rank,alpha,use_rslora,n_modules,has_vision,bytes,sha256,created_at"
 #define JOB_COLS "id,dataset_id,validation_dataset_id,model,suffix,hyperparameters,status,cancel_requested," \
                  "created_at,started_at,finished_at,error_code,error_message,step,total_steps,epoch,loss," \
-                 "eval_loss,tokens_per_s,eta_s,adapter_name"
+                 "eval_loss,tokens_per_s,eta_s,adapter_name,paused,pause_requested"
 
 static void read_job(sqlite3_stmt *st, JobRow *j) {
     col_text(st, 0, j->id, sizeof j->id);
@@ -354,6 +372,8 @@ static void read_job(sqlite3_stmt *st, JobRow *j) {
     j->tokens_per_s = col_real(st, 18);
     j->eta_s = col_real(st, 19);
     col_text(st, 20, j->adapter, sizeof j->adapter);
+    j->paused = sqlite3_column_int(st, 21);
+    j->pause_requested = sqlite3_column_int(st, 22);
 }
 
 static void read_job_at(sqlite3_stmt *st, void *out, int i) { read_job(st, (JobRow *)out + i); }
@@ -471,6 +491,56 @@ static GfStatus sql_job_cancel(Store *store, const char *id, JobRow *out, GfErro
     return res;
 }
 
+typedef struct {
+    const char *id;
+    JobRow *row;
+} JobCtx;
+
+static GfStatus pause_body(SqlStore *s, void *ctx, GfError *err) {
+    JobCtx *c = ctx;
+    GfStatus res = job_get_locked(s, c->id, c->row, err);
+    if (res) return res;
+    int rc = SQLITE_OK;
+    const char *st = c->row->status;
+    if (strcmp(st, "queued") == 0 && !c->row->paused) {
+        rc = exec_stmt(s, "UPDATE jobs SET paused=1 WHERE id=?", "s", c->id);
+        if (rc == SQLITE_OK) rc = add_event(s, c->id, "info", "status", "Job paused before it started");
+    } else if (strcmp(st, "running") == 0 && !c->row->pause_requested) {
+        rc = exec_stmt(s, "UPDATE jobs SET pause_requested=1 WHERE id=?", "s", c->id);
+        if (rc == SQLITE_OK) rc = add_event(s, c->id, "info", "status", "Pause requested; checkpointing after the current step");
+    } else if (strcmp(st, "queued") != 0 && strcmp(st, "running") != 0) {
+        return gf_error_set(err, GF_CONFLICT, "job_not_pausable", "id", "job '%s' has already %s", c->id, st);
+    }
+    return rc == SQLITE_OK ? job_get_locked(s, c->id, c->row, err) : db_fail(s, rc, err);
+}
+
+static GfStatus resume_body(SqlStore *s, void *ctx, GfError *err) {
+    JobCtx *c = ctx;
+    GfStatus res = job_get_locked(s, c->id, c->row, err);
+    if (res) return res;
+    int rc;
+    if (strcmp(c->row->status, "queued") == 0 && c->row->paused) {
+        rc = exec_stmt(s, "UPDATE jobs SET paused=0 WHERE id=?", "s", c->id);
+        if (rc == SQLITE_OK) rc = add_event(s, c->id, "info", "status", "Job resumed; queued to continue from its newest checkpoint");
+    } else if (strcmp(c->row->status, "running") == 0 && c->row->pause_requested) {
+        rc = exec_stmt(s, "UPDATE jobs SET pause_requested=0 WHERE id=?", "s", c->id);
+        if (rc == SQLITE_OK) rc = add_event(s, c->id, "info", "status", "Pause request withdrawn");
+    } else {
+        return gf_error_set(err, GF_CONFLICT, "job_not_paused", "id", "job '%s' is %s, not paused", c->id, c->row->status);
+    }
+    return rc == SQLITE_OK ? job_get_locked(s, c->id, c->row, err) : db_fail(s, rc, err);
+}
+
+static GfStatus sql_job_pause(Store *store, const char *id, JobRow *out, GfError *err) {
+    JobCtx c = {id, out};
+    return txn((SqlStore *)store, pause_body, &c, err);
+}
+
+static GfStatus sql_job_resume(Store *store, const char *id, JobRow *out, GfError *err) {
+    JobCtx c = {id, out};
+    return txn((SqlStore *)store, resume_body, &c, err);
+}
+
 static GfStatus sql_job_events(Store *store, const char *id, int64_t after, int limit, JobEvent *out, int *n, int *has_more,
                           GfError *err) {
     SqlStore *s = (SqlStore *)store;
@@ -533,23 +603,6 @@ static int insert_adapter(SqlStore *s, const AdapterRow *a) {
 /* ---- the job worker ---------------------------------------------------- */
 
 
-/* Runs body inside BEGIN IMMEDIATE .. COMMIT under the lock. */
-typedef GfStatus (*TxnBody)(SqlStore *s, void *ctx, GfError *err);
-
-static GfStatus txn_locked(SqlStore *s, TxnBody body, void *ctx, GfError *err) {
-    int rc = begin(s);
-    GfStatus res = rc == SQLITE_OK ? body(s, ctx, err) : db_fail(s, rc, err);
-    if (!res && (rc = commit(s)) != SQLITE_OK) res = db_fail(s, rc, err);
-    if (res) rollback(s);
-    return res;
-}
-
-static GfStatus txn(SqlStore *s, TxnBody body, void *ctx, GfError *err) {
-    lock(s);
-    GfStatus res = txn_locked(s, body, ctx, err);
-    unlock(s);
-    return res;
-}
 
 typedef struct {
     JobRow *row;
@@ -560,7 +613,7 @@ static GfStatus claim_body(SqlStore *s, void *ctx, GfError *err) {
     ClaimCtx *c = ctx;
     sqlite3_stmt *st;
     char id[STORE_ID_MAX] = "";
-    int rc = prep(s, &st, "SELECT id, status FROM jobs WHERE status IN ('running','queued') "
+    int rc = prep(s, &st, "SELECT id, status FROM jobs WHERE status='running' OR (status='queued' AND paused=0) "
                           "ORDER BY status='running' DESC, seq LIMIT 1", "");
     if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
         col_text(st, 0, id, sizeof id);
@@ -620,6 +673,28 @@ GfStatus store_job_event(Store *store, const char *id, const char *level, const 
     SqlStore *s = (SqlStore *)store;
     EventCtx c = {id, NULL, level, type, message, NULL};
     return txn(s, event_body, &c, err);
+}
+
+int store_job_pause_requested(Store *store, const char *id) {
+    SqlStore *s = (SqlStore *)store;
+    lock(s);
+    int yes = row_exists(s, "SELECT 1 FROM jobs WHERE id=? AND pause_requested=1", id);
+    unlock(s);
+    return yes;
+}
+
+static GfStatus paused_body(SqlStore *s, void *ctx, GfError *err) {
+    const JobCtx *c = ctx;
+    int rc = exec_stmt(s, "UPDATE jobs SET status='queued', paused=1, pause_requested=0 WHERE id=? AND status='running'", "s", c->id);
+    if (rc == SQLITE_OK) rc = add_event(s, c->id, "info", "status", c->row->error_message);
+    return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+}
+
+GfStatus store_job_paused(Store *store, const char *id, const char *message, GfError *err) {
+    JobRow note;
+    snprintf(note.error_message, sizeof note.error_message, "%s", message);
+    JobCtx c = {id, &note};
+    return txn((SqlStore *)store, paused_body, &c, err);
 }
 
 int store_job_cancel_requested(Store *store, const char *id) {
@@ -1136,6 +1211,8 @@ static const StoreOps SQL_STORE_OPS = {
     .job_get = sql_job_get,
     .job_list = sql_job_list,
     .job_cancel = sql_job_cancel,
+    .job_pause = sql_job_pause,
+    .job_resume = sql_job_resume,
     .job_events = sql_job_events,
     .job_checkpoints = sql_job_checkpoints,
     .adapter_create = sql_adapter_create,

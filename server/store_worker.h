@@ -27,6 +27,12 @@ GfStatus store_job_event(Store *s, const char *id, const char *level, const char
 /* 1 when a cancel was asked for the job (or it no longer exists). */
 int store_job_cancel_requested(Store *s, const char *id);
 
+/* 1 when a pause was asked for the running job. */
+int store_job_pause_requested(Store *s, const char *id);
+/* running -> paused (queued, held; resume continues from the newest
+ * checkpoint), with message as its status event. */
+GfStatus store_job_paused(Store *s, const char *id, const char *message, GfError *err);
+
 /* Records a published checkpoint (replacing rows of the same or later steps,
  * which a resumed run recomputes) and forgets all but the newest keep.
  * sha256: digest of its trainer_state.json. */

@@ -214,9 +214,16 @@ static GfStatus loop(Run *r, GfError *err) {
         int64_t step = info.step;
         int last = trainer_done(r->t);
         if (r->val && ((hp->eval_every && step % hp->eval_every == 0) || last)) st = evaluate(r, err);
-        if (!st && (step % hp->save_every == 0 || last)) st = checkpoint(r, err);
+        int saved = !st && (step % hp->save_every == 0 || last);
+        if (saved) st = checkpoint(r, err);
         if (!st && r->spec->stop_at_step && step >= r->spec->stop_at_step && !last)
             st = gf_error_set(err, GF_CANCELLED, "cancelled", NULL, "stopped after step %lld as asked", (long long)step);
+        if (!st && !last && r->hooks->should_pause && r->hooks->should_pause(r->hooks->user)) {
+            if (!saved) st = checkpoint(r, err);
+            if (!st)
+                st = gf_error_set(err, GF_CANCELLED, "paused", NULL, "Job paused after step %lld of %lld; resume continues from there",
+                                  (long long)step, (long long)info.total_steps);
+        }
     }
     return st;
 }

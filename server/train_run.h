@@ -59,6 +59,10 @@ typedef struct {
     /* A published checkpoint; a failure here fails the run. */
     GfStatus (*on_checkpoint)(void *user, int64_t step, const char *dir, const char *metrics_json, GfError *err);
     int (*should_stop)(void *user);
+    /* Asked after each step: yes checkpoints that step (unless it just
+     * was) and ends the run with GF_CANCELLED, code "paused"; resuming from
+     * that checkpoint continues exactly where it paused. */
+    int (*should_pause)(void *user);
 } TrainRunHooks;
 
 typedef struct {

@@ -148,7 +148,7 @@ static GfStatus io_error(GfError *err, int e, const char *what) {
 }
 
 static GfStatus write_file(const char *dir, const char *name, const void *bytes, size_t n, GfError *err) {
-    char path[4400];
+    char path[4700];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     const char *p = bytes;
@@ -378,7 +378,7 @@ static GfStatus write_shard(Merge *m, int shard, size_t first, size_t end, GfErr
         desc[i - first] = (StWriteTensor){.name = t->name, .dtype = m->items[i].dtype, .n_dims = t->n_dims};
         memcpy(desc[i - first].shape, t->shape, sizeof t->shape);
     }
-    char name[64], path[4400];
+    char name[64], path[sizeof m->tmp + sizeof name + 1];
     shard_name(name, sizeof name, shard, m->n_shards);
     snprintf(path, sizeof path, "%s/%s", m->tmp, name);
     StWriter w;

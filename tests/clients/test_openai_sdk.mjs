@@ -135,6 +135,17 @@ try {
                                                  hyperparameters: {n_epochs: 0}}), 400, 'invalid_hyperparameter');
   });
 
+  let second;
+  await step('a queued job pauses and stays paused', async () => {
+    // the worker runs one job at a time: while the first runs, this one waits
+    second = await client.fineTuning.jobs.create({model: 'dense', training_file: file.id, suffix: 'sdk2', seed: 7,
+                                                  hyperparameters: {n_epochs: 3, batch_size: 2, learning_rate_multiplier: 40,
+                                                                    gradient_accumulation_steps: 1, save_every: 4}});
+    const p = await client.fineTuning.jobs.pause(second.id);
+    check(p.status === 'paused', `paused: ${p.status}`);
+    await refused(client.fineTuning.jobs.resume(job.id), 409, 'job_not_paused');
+  });
+
   await step('the job succeeds and names its fine-tuned model', async () => {
     job = await finished(job.id);
     check(job.status === 'succeeded' && job.finished_at >= job.created_at, JSON.stringify(job));
@@ -143,6 +154,43 @@ try {
     const listed = [];
     for await (const j of client.fineTuning.jobs.list({limit: 1})) listed.push(j.id);
     check(listed.includes(job.id), 'listed through auto-pagination');
+  });
+
+  await step('a paused job resumes; paused again while running, it ends as if never paused', async () => {
+    await new Promise(r => setTimeout(r, 1500)); // the worker is idle now: a paused job is not taken
+    check((await client.fineTuning.jobs.retrieve(second.id)).status === 'paused', 'still paused after the first job');
+    check((await client.fineTuning.jobs.resume(second.id)).status === 'queued', 'resumed: queued');
+    for (let t = Date.now(); ; ) {  // running, past its first step (a hang guard, not a deadline)
+      const j = await client.fineTuning.jobs.retrieve(second.id);
+      if (j.status === 'running' && j.progress?.step >= 1) break;
+      check(['queued', 'running'].includes(j.status) && Date.now() - t < 3_600_000, `waiting to run: ${j.status}`);
+      await new Promise(r => setTimeout(r, 50));
+    }
+    const asked = await client.fineTuning.jobs.pause(second.id);
+    check(asked.status === 'running' && asked.pause_requested === true, JSON.stringify(asked));
+    for (let t = Date.now(); ; ) {
+      const j = await client.fineTuning.jobs.retrieve(second.id);
+      if (j.status === 'paused') break;
+      check(j.status === 'running' && Date.now() - t < 3_600_000, `waiting to pause: ${j.status}`);
+      await new Promise(r => setTimeout(r, 50));
+    }
+    await client.fineTuning.jobs.resume(second.id);
+    second = await finished(second.id);
+    check(second.status === 'succeeded', JSON.stringify(second));
+    // same data, hyperparameters and seed as the first job: the same adapter, bit for bit
+    const weights = async name => {
+      const tar = Buffer.from(await (await fetch(`${client.baseURL}/adapters/${name}/download`,
+                                                 {headers: {Authorization: `Bearer ${KEY}`}})).arrayBuffer());
+      for (let at = 0; at + 512 <= tar.length && tar[at]; ) {   // the ustar members
+        const member = tar.subarray(at, at + 100).toString().replace(/\0.*$/s, '');
+        const size = parseInt(tar.subarray(at + 124, at + 136).toString().replace(/\0.*$/s, '').trim(), 8);
+        if (member === 'adapter_model.safetensors') return tar.subarray(at + 512, at + 512 + size);
+        at += 512 + Math.ceil(size / 512) * 512;
+      }
+      throw new Error(`no weights in the download of ${name}`);
+    };
+    const [a, b] = [await weights(job.fine_tuned_model), await weights(second.fine_tuned_model)];
+    check(a.length > 0 && a.equals(b), 'the paused and resumed job trained the same adapter');
   });
 
   await step('listEvents pages through every event in order', async () => {

@@ -229,6 +229,44 @@ static GfStatus mem_job_cancel(Store *s, const char *id, JobRow *out, GfError *e
     return unlock_with(m, st);
 }
 
+static GfStatus mem_job_pause(Store *s, const char *id, JobRow *out, GfError *err) {
+    MemStore *m = lock_store(s);
+    GfStatus st = injected(m, err);
+    int i = st ? -1 : find_job(m, id);
+    if (!st && i < 0) st = gf_error_set(err, GF_NOT_FOUND, "job_not_found", "id", "no fine-tuning job '%s'", id);
+    JobRow *j = st ? NULL : &m->jobs[i];
+    if (j && strcmp(j->status, "queued") == 0 && !j->paused) {
+        j->paused = 1;
+        add_event(m, id, "Job paused before it started");
+    } else if (j && strcmp(j->status, "running") == 0 && !j->pause_requested) {
+        j->pause_requested = 1;
+        add_event(m, id, "Pause requested; checkpointing after the current step");
+    } else if (j && strcmp(j->status, "queued") != 0 && strcmp(j->status, "running") != 0) {
+        st = gf_error_set(err, GF_CONFLICT, "job_not_pausable", "id", "job '%s' has already %s", id, j->status);
+    }
+    if (!st) *out = *j;
+    return unlock_with(m, st);
+}
+
+static GfStatus mem_job_resume(Store *s, const char *id, JobRow *out, GfError *err) {
+    MemStore *m = lock_store(s);
+    GfStatus st = injected(m, err);
+    int i = st ? -1 : find_job(m, id);
+    if (!st && i < 0) st = gf_error_set(err, GF_NOT_FOUND, "job_not_found", "id", "no fine-tuning job '%s'", id);
+    JobRow *j = st ? NULL : &m->jobs[i];
+    if (j && strcmp(j->status, "queued") == 0 && j->paused) {
+        j->paused = 0;
+        add_event(m, id, "Job resumed; queued to continue from its newest checkpoint");
+    } else if (j && strcmp(j->status, "running") == 0 && j->pause_requested) {
+        j->pause_requested = 0;
+        add_event(m, id, "Pause request withdrawn");
+    } else if (j) {
+        st = gf_error_set(err, GF_CONFLICT, "job_not_paused", "id", "job '%s' is %s, not paused", id, j->status);
+    }
+    if (!st) *out = *j;
+    return unlock_with(m, st);
+}
+
 static GfStatus mem_job_events(Store *s, const char *id, int64_t after_seq, int limit, JobEvent *out, int *n,
                                int *has_more, GfError *err) {
     MemStore *m = lock_store(s);
@@ -462,6 +500,8 @@ static const StoreOps MEM_STORE_OPS = {
     .job_get = mem_job_get,
     .job_list = mem_job_list,
     .job_cancel = mem_job_cancel,
+    .job_pause = mem_job_pause,
+    .job_resume = mem_job_resume,
     .job_events = mem_job_events,
     .job_checkpoints = mem_job_checkpoints,
     .adapter_create = mem_adapter_create,
