@@ -203,6 +203,9 @@ static GfStatus check_message(Ctx *c, const cJSON *m, size_t index, GfError *err
         return line_err(err, "unknown_role", "unknown role '%.40s' (system, user or assistant)", r);
     if (strcmp(r, "system") == 0 && index != 0)
         return line_err(err, "invalid_message", "a system message may only come first%s", "");
+    if (cJSON_GetObjectItemCaseSensitive(m, "weight"))
+        return line_err(err, "unsupported_field",
+                        "a message has 'weight' (OpenAI's switch to leave a turn out of training), which is not supported yet%s", "");
     if (cJSON_GetArraySize(m) != 2 || !content)
         return line_err(err, "invalid_message", "a message needs exactly 'role' and 'content'%s", "");
     if (cJSON_IsString(content)) {
