@@ -117,6 +117,7 @@ static GfStatus parse_create(Api *api, const cJSON *body, JobRow *row, GfError *
         return gf_error_set(err, GF_INTERNAL, NULL, NULL, "hyperparameters too long to store");
     }
     memset(row, 0, sizeof *row);
+    row->trained_tokens = -1;
     snprintf(row->hyperparameters, sizeof row->hyperparameters, "%s", text);
     free(text);
     snprintf(row->dataset_id, sizeof row->dataset_id, "%s", ds);
@@ -161,7 +162,8 @@ static cJSON *job_json(const JobRow *j) {
     else cJSON_AddNullToObject(o, "fine_tuned_model");
     cJSON_AddStringToObject(o, "organization_id", "gemmaforge");
     cJSON_AddItemToObject(o, "result_files", cJSON_CreateArray());
-    cJSON_AddNullToObject(o, "trained_tokens");
+    if (j->trained_tokens >= 0) cJSON_AddNumberToObject(o, "trained_tokens", (double)j->trained_tokens);
+    else cJSON_AddNullToObject(o, "trained_tokens");
     cJSON_AddItemToObject(o, "integrations", cJSON_CreateArray());
     if (strcmp(j->status, "running") == 0 && isfinite(j->eta_s) && j->eta_s >= 0)
         cJSON_AddNumberToObject(o, "estimated_finish", (double)(gf_time_unix() + (int64_t)j->eta_s));

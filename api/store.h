@@ -54,6 +54,7 @@ typedef struct {
     int64_t step, total_steps;   /* -1 = unknown */
     double epoch, loss, eval_loss, tokens_per_s, eta_s; /* NAN = unknown */
     char adapter[STORE_NAME_MAX];  /* "" until succeeded */
+    int64_t trained_tokens;      /* the training set's tokens x epochs once succeeded; -1 = unknown */
 } JobRow;
 
 typedef struct {

@@ -138,7 +138,7 @@ static GfStatus register_adapter(JobCtx *c, const JobParams *hp, const TrainRunR
     if (stat(weights, &sb) != 0 || trainer_file_digest(weights, a.sha256, err))
         return gf_error_set(err, GF_IO, "io_error", NULL, "the trained adapter's files cannot be read");
     a.bytes = (uint64_t)sb.st_size;
-    return store_job_succeed(c->j->store, c->row->id, &a, config, weights, err);
+    return store_job_succeed(c->j->store, c->row->id, &a, res->trained_tokens, config, weights, err);
 }
 
 /* Fills the run's inputs from the job row; the path buffers live in paths. */

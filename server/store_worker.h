@@ -45,9 +45,9 @@ GfStatus store_checkpoint_list(Store *s, const char *job_id, int64_t *steps, cha
 /* running -> failed or cancelled, with the reason and a status event. */
 GfStatus store_job_finish(Store *s, const char *id, const char *status, const char *code, const char *message,
                           GfError *err);
-/* running -> succeeded: publishes the adapter's two files under
+/* running -> succeeded (with the tokens trained, -1 = unknown): publishes the adapter's two files under
  * adapters/<a->name>/, inserts its row and marks the job, all or nothing. */
-GfStatus store_job_succeed(Store *s, const char *id, const AdapterRow *a, const char *config_tmp,
+GfStatus store_job_succeed(Store *s, const char *id, const AdapterRow *a, int64_t trained_tokens, const char *config_tmp,
                            const char *weights_tmp, GfError *err);
 
 /* ---- exports: queued -> running (claim) -> succeeded | failed | cancelled;

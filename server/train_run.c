@@ -23,6 +23,7 @@ typedef struct {
     double step_s_sum;         /* wall time of the steps run here */
     int64_t steps_run;
     double eval_loss;
+    int64_t set_tokens;        /* tokens of the training set */
     TrainStepInfo last;
 } Run;
 
@@ -55,6 +56,7 @@ static GfStatus open_data(Run *r, GfError *err) {
         tokens += trainset_tokens(r->train, i);
         targets += trainset_targets(r->train, i);
     }
+    r->set_tokens = tokens;
     logf_(r, "info", "training set: %zu examples, %lld tokens, %lld trained, longest %lld", trainset_count(r->train),
           (long long)tokens, (long long)targets, (long long)trainset_max_tokens(r->train));
     if (!s->val_jsonl) return GF_OK;
@@ -230,6 +232,7 @@ static GfStatus loop(Run *r, GfError *err) {
 
 static void summarize(const Run *r, TrainRunResult *out) {
     *out = (TrainRunResult){.steps = trainer_total_steps(r->t), .final_loss = r->steps_run ? r->last.loss : NAN,
+                            .trained_tokens = r->set_tokens * r->spec->params.train.epochs,
                             .eval_loss = r->eval_loss, .n_modules = (int)r->a->n_pairs};
     for (size_t i = 0; i < r->a->n_pairs; i++)
         if (strstr(r->a->pairs[i].module, "vision")) out->has_vision = 1;

@@ -67,6 +67,7 @@ typedef struct {
 
 typedef struct {
     int64_t steps;                        /* steps of the plan (all done) */
+    int64_t trained_tokens;               /* the training set's tokens x epochs (OpenAI's trained_tokens) */
     double final_loss;                    /* of the last step run, NAN if none ran here */
     double eval_loss;                     /* NAN = no validation set */
     int n_modules;                        /* adapted modules */

@@ -73,7 +73,10 @@ export async function jobPage(view, id) {
   };
   const onEvent = (e) => {
     after = Math.max(after, e.seq);
+    // the log follows the newest event unless the reader scrolled up
+    const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
     log.append(logLine(e));
+    if (atEnd) log.scrollTop = log.scrollHeight;
     const d = e.data || {};
     if (e.type === 'metrics' && d.loss !== undefined) train.push({ step: d.step, loss: d.loss });
     if (e.type === 'metrics' && d.eval_loss !== undefined) evals.push({ step: d.step, eval_loss: d.eval_loss });
@@ -84,7 +87,8 @@ export async function jobPage(view, id) {
     drawChart();
     const c = await api('GET', `/v1/fine_tuning/jobs/${id}/checkpoints`);
     clear(ckpts).append(c.data.length ? h('ul', {}, c.data.map((k) => h('li', {}, `step ${k.step_number} — ${fmtTime(k.created_at)}`,
-      k.metrics.loss !== undefined ? ` — loss ${fmtNumber(k.metrics.loss)}` : ''))) : h('p', { class: 'muted' }, 'None yet.'));
+      (k.metrics.train_loss ?? k.metrics.loss) !== undefined ? ` — loss ${fmtNumber(k.metrics.train_loss ?? k.metrics.loss)}` : '')))
+      : h('p', { class: 'muted' }, 'None yet.'));
   };
   const poll = async () => {
     while (!stopped && document.body.contains(log)) {

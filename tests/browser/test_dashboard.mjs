@@ -93,6 +93,8 @@ async function desktop(browser, base, dir) {
   await page.addInitScript(() => {
     window.alert = () => { window.__xss = true; };
   });
+  const icon = await page.request.get(base + '/favicon.svg');
+  check(icon.status() === 200 && icon.headers()['content-type'] === 'image/svg+xml', 'the dashboard has a favicon');
   await page.goto(base + '/');
   await page.locator('#key-dialog').waitFor({ state: 'visible' });
   check(true, 'the key dialog opens on the first visit');
@@ -155,6 +157,11 @@ async function desktop(browser, base, dir) {
   check(points === 30, `the loss chart has a point per step (${points} of 30)`);
   await page.locator('#job-log li', { hasText: 'Job succeeded' }).waitFor();
   check(await page.locator('#job-log li').count() >= 30, 'the event log lists the steps, then the success');
+  const end = await page.evaluate(() => {
+    const l = document.getElementById('job-log');
+    return { overflows: l.scrollHeight > l.clientHeight, atEnd: l.scrollTop + l.clientHeight >= l.scrollHeight - 8 };
+  });
+  check(end.atEnd, `the event log shows its newest event, the success (overflowing: ${end.overflows})`);
   check(await page.evaluate(() => document.getElementById('view').dataset.mode) === 'stream',
     'progress arrived over the server-sent event stream');
   const adapter = (await page.locator('.job-head a.name').textContent()).trim();

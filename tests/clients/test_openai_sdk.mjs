@@ -126,7 +126,7 @@ try {
     check(job.object === 'fine_tuning.job' && job.training_file === file.id && job.model === 'dense', JSON.stringify(job));
     check(job.hyperparameters.n_epochs === 3 && job.hyperparameters.batch_size === 2, JSON.stringify(job.hyperparameters));
     check(Math.abs(job.hyperparameters.learning_rate_multiplier - 40) < 1e-9 && job.seed === 7, JSON.stringify(job));
-    check(job.method?.type === 'supervised' && job.fine_tuned_model === null, JSON.stringify(job.method));
+    check(job.method?.type === 'supervised' && job.fine_tuned_model === null && job.trained_tokens === null, JSON.stringify(job));
     await refused(client.fineTuning.jobs.create({model: 'dense', training_file: 'file-nope'}), 404);
     await refused(client.fineTuning.jobs.create({model: 'gpt-4o', training_file: file.id}), 404, 'model_not_found');
     await refused(client.fineTuning.jobs.create({model: 'dense', training_file: file.id, method: {type: 'dpo'}}), 400,
@@ -149,6 +149,8 @@ try {
   await step('the job succeeds and names its fine-tuned model', async () => {
     job = await finished(job.id);
     check(job.status === 'succeeded' && job.finished_at >= job.created_at, JSON.stringify(job));
+    check(Number.isInteger(job.trained_tokens) && job.trained_tokens > 0 && job.trained_tokens % 3 === 0,
+          `trained_tokens ${job.trained_tokens}: the set's tokens x 3 epochs`);
     check(typeof job.fine_tuned_model === 'string' && job.fine_tuned_model.startsWith('sdk-'), job.fine_tuned_model);
     model = job.fine_tuned_model;
     const listed = [];
