@@ -72,9 +72,10 @@ int cli_merge(int argc, char **argv) {
 
 static int usage_gguf(void) {
     fprintf(stderr,
-            "usage: gemmaforge export-gguf --model DIR [--adapter DIR] --out FILE [--type f16|bf16|f32|q8_0|q4_0]\n"
+            "usage: gemmaforge export-gguf --model DIR [--adapter DIR [--lora-only]] --out FILE [--type f16|bf16|f32|q8_0|q4_0]\n"
             "  writes the text model (with the adapter merged in) as one GGUF file for llama.cpp's gemma4\n"
-            "  architecture, with the tokenizer and chat template; default type f16. FILE must not exist.\n");
+            "  architecture, with the tokenizer and chat template; default type f16. With --lora-only, the\n"
+            "  adapter alone (f16 or f32) for llama.cpp's --lora over the base's GGUF. FILE must not exist.\n");
     return 2;
 }
 
@@ -88,8 +89,10 @@ static int parse_type(const char *v, GgmlType *out) {
 
 int cli_export_gguf(int argc, char **argv) {
     GgufExportOptions o = {.type = GGML_F16};
+    int lora_only = 0;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--lora-only") == 0) { lora_only = 1; continue; }
         if (!v) { fprintf(stderr, "gemmaforge export-gguf: %s needs a value\n", a); return usage_gguf(); }
         if (strcmp(a, "--model") == 0) o.model_dir = v;
         else if (strcmp(a, "--adapter") == 0) o.adapter_dir = v;
@@ -104,7 +107,8 @@ int cli_export_gguf(int argc, char **argv) {
     o.ctx = &last;
     GgufExportReport r;
     GfError err;
-    if (gguf_export(&o, &r, &err)) {
+    if (lora_only && !o.adapter_dir) return usage_gguf();
+    if ((lora_only ? gguf_export_lora : gguf_export)(&o, &r, &err)) {
         fprintf(stderr, "gemmaforge export-gguf: %s\n", err.message);
         return 1;
     }

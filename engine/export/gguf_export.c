@@ -598,3 +598,75 @@ GfStatus gguf_export(const GgufExportOptions *o, GgufExportReport *r, GfError *e
     model_dir_close(&x.md);
     return s;
 }
+
+/* ---- a LoRA adapter alone -------------------------------------------------------- */
+
+static GfStatus put_lora_matrix(GgufWriter *w, const float *m, int64_t n, GgmlType t, uint8_t *block, GfError *err) {
+    if (t == GGML_F32) return gguf_put(w, m, (uint64_t)n * 4, err);
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t h = kn_f32_to_f16(m[i]);
+        memcpy(block + 2 * i, &h, 2);
+    }
+    return gguf_put(w, block, (uint64_t)n * 2, err);
+}
+
+GfStatus gguf_export_lora(const GgufExportOptions *o, GgufExportReport *r, GfError *err) {
+    memset(r, 0, sizeof *r);
+    if (!o->adapter_dir) return gf_error_set(err, GF_INVALID, "missing_parameter", "adapter", "a LoRA GGUF needs an adapter");
+    if (o->type != GGML_F32 && o->type != GGML_F16)
+        return gf_error_set(err, GF_INVALID, "invalid_argument", "type", "a LoRA GGUF is written in f32 or f16");
+    struct stat st;
+    if (lstat(o->out_path, &st) == 0) return gf_error_set(err, GF_CONFLICT, "output_exists", "out", "the output file already exists");
+    ModelDir md;
+    LoraAdapter *a = NULL;
+    GgufWriter *w = NULL;
+    uint8_t *block = NULL;
+    GfStatus s = model_dir_open(o->model_dir, &md, err);
+    if (s) return s;
+    s = lora_load_checked(o->adapter_dir, &md.base, LORA_MAX_RANK, &a, err);
+    int64_t widest = 1;
+    for (size_t i = 0; !s && i < a->n_pairs; i++) {
+        const LoraPair *p = &a->pairs[i];
+        if (strncmp(p->module, LM, strlen(LM)) != 0)
+            s = gf_error_set(err, GF_UNSUPPORTED, "unsupported_adapter", "adapter",
+                             "the adapter adapts %s, outside the text model the GGUF holds", p->module);
+        if (p->rank * p->in > widest) widest = p->rank * p->in;
+        if (p->out * p->rank > widest) widest = p->out * p->rank;
+    }
+    if (!s && (!(w = gguf_writer_new(err)) || !(block = gf_malloc((size_t)widest * 2, err)))) s = GF_NO_MEMORY;
+    if (!s) {
+        gguf_kv_str(w, "general.architecture", "gemma4", 6);
+        gguf_kv_str(w, "general.type", "adapter", 7);
+        gguf_kv_str(w, "adapter.type", "lora", 4);
+        gguf_kv_f32(w, "adapter.lora.alpha", a->scale * (float)a->rank);
+    }
+    char name[96], full[128], module_weight[200];
+    for (size_t i = 0; !s && i < a->n_pairs; i++) {
+        const LoraPair *p = &a->pairs[i];
+        snprintf(module_weight, sizeof module_weight, "%s.weight", p->module);
+        if (gguf_name(module_weight, name, sizeof name) != 1) {
+            s = gf_error_set(err, GF_UNSUPPORTED, "unsupported_adapter", "adapter", "module %s has no llama.cpp name", p->module);
+            break;
+        }
+        uint64_t ne_a[2] = {(uint64_t)p->in, (uint64_t)p->rank}, ne_b[2] = {(uint64_t)p->rank, (uint64_t)p->out};
+        snprintf(full, sizeof full, "%s.lora_a", name);
+        s = gguf_add_tensor(w, full, 2, ne_a, o->type, err);
+        snprintf(full, sizeof full, "%s.lora_b", name);
+        if (!s) s = gguf_add_tensor(w, full, 2, ne_b, o->type, err);
+    }
+    if (!s) s = gguf_writer_open(w, o->out_path, err);
+    for (size_t i = 0; !s && i < a->n_pairs; i++) {
+        const LoraPair *p = &a->pairs[i];
+        s = put_lora_matrix(w, p->A, p->rank * p->in, o->type, block, err);
+        if (!s) s = put_lora_matrix(w, p->B, p->out * p->rank, o->type, block, err);
+        r->n_merged += !s;
+        r->n_bytes += (uint64_t)(p->rank * p->in + p->out * p->rank) * (o->type == GGML_F32 ? 4 : 2);
+    }
+    if (!s) s = gguf_commit(w, err);
+    if (!s) r->n_tensors = 2 * a->n_pairs;
+    gguf_writer_free(w);
+    free(block);
+    lora_free(a);
+    model_dir_close(&md);
+    return s;
+}

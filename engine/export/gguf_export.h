@@ -51,4 +51,12 @@ typedef struct {
 
 GfStatus gguf_export(const GgufExportOptions *o, GgufExportReport *r, GfError *err);
 
+/* The adapter alone as a llama.cpp LoRA GGUF (for `--lora` on top of the
+ * base's GGUF): general.type "adapter", adapter.type "lora",
+ * adapter.lora.alpha = scale x rank (llama.cpp multiplies by alpha / rank,
+ * so rsLoRA's alpha / sqrt(rank) is kept), and per adapted matrix
+ * "<name>.lora_a" (ne {in, rank}) and "<name>.lora_b" (ne {rank, out}) in
+ * f32 (o->type GGML_F32) or f16. Text-model modules only. */
+GfStatus gguf_export_lora(const GgufExportOptions *o, GgufExportReport *r, GfError *err);
+
 #endif

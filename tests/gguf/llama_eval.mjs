@@ -1,6 +1,6 @@
 // Runs a GGUF in llama.cpp (node-llama-cpp's prebuilt CPU binaries) and
 // prints what tests/gguf/test_gguf.py compares with gemmaforge.
-//   node llama_eval.mjs MODEL.gguf < {"rows": [[ids]...], "greedy": [{"prompt": [ids], "n": N}]}
+//   node llama_eval.mjs MODEL.gguf [LORA.gguf] < {"rows": [[ids]...], "greedy": [{"prompt": [ids], "n": N}]}
 // -> {"rows": [[[log p of every token] per position] per row], "greedy": [[ids]...]}
 // The KV cache is f32 (llama.cpp's default f16 would round K and V).
 import fs from 'node:fs';
@@ -11,7 +11,8 @@ const llama = await getLlama({gpu: false, build: 'never', logLevel: LlamaLogLeve
 const model = await llama.loadModel({modelPath: process.argv[2]});
 const longest = Math.max(8, ...req.rows.map(r => r.length), ...req.greedy.map(g => g.prompt.length + g.n));
 const ctx = await model.createContext({contextSize: longest + 16, batchSize: longest + 16, flashAttention: false, threads: 1,
-                                       experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32'});
+                                       experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32',
+                                       ...(process.argv[3] ? {lora: {adapters: [{filePath: process.argv[3]}]}} : {})});
 
 function logProbs(probabilities) {
   const out = new Array(nVocab).fill(-Infinity);

@@ -113,9 +113,10 @@ def export(model, out, typ, adapter=None, expect_rc=0):
     return r
 
 
-def llama(gguf, rows, greedy=()):
+def llama(gguf, rows, greedy=(), lora=None):
     req = json.dumps({"rows": rows, "greedy": [{"prompt": p, "n": n} for p, n in greedy]})
-    r = subprocess.run(["node", LLAMA, gguf], input=req.encode(), capture_output=True, cwd=HERE, timeout=3600)
+    r = subprocess.run(["node", LLAMA, gguf] + ([lora] if lora else []), input=req.encode(), capture_output=True, cwd=HERE,
+                       timeout=3600)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     return json.loads(r.stdout)
 
@@ -243,6 +244,29 @@ def t_adapter_merged(_):
     assert e <= BOUND["f32"] and base > 10 * e, (e, base)
 
 
+def t_lora_only(_):
+    """The adapter alone as a llama.cpp LoRA GGUF over the base's GGUF gives
+    the logits of base + adapter."""
+    model = os.path.join(FIXTURES, "dense")
+    adapter = os.path.join(model, "lora_lm", "adapter_final")
+    base, lora = os.path.join(TMP, "dense-base-f32.gguf"), os.path.join(TMP, "dense-lora-only.gguf")
+    export(model, base, "f32")
+    r = subprocess.run([BIN, "export-gguf", "--model", model, "--adapter", adapter, "--lora-only", "--type", "f32", "--out", lora],
+                       capture_output=True, timeout=3600)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    g = read_gguf(lora)
+    assert len(g) == 80 and g["blk.0.attn_q.weight.lora_a"][1] == [64, 4] and g["blk.0.attn_q.weight.lora_b"][1] == [4, 64], \
+        sorted(g)[:4]
+    rows = golden_rows("dense")
+    got = llama(base, rows, lora=lora)
+    e = rel_l2([p for r in got["rows"] for p in r], [p for row in rows for p in ours(model, row, adapter)])
+    print("    dense + lora_lm as a LoRA GGUF: rel L2 %.2e" % e)
+    assert e <= BOUND["f32"], e
+    r = subprocess.run([BIN, "export-gguf", "--model", model, "--adapter", os.path.join(model, "lora_all", "adapter_final"),
+                        "--lora-only", "--out", os.path.join(TMP, "vision-lora.gguf")], capture_output=True, timeout=3600)
+    assert r.returncode == 1 and b"outside the text model" in r.stderr, r.stderr
+
+
 def read_st_names(path):
     data = open(path, "rb").read()
     n = struct.unpack("<Q", data[:8])[0]
@@ -343,6 +367,7 @@ def main():
     runner.run("tensors_exact[dense/bf16]", t_tensors_exact, None)
     runner.run("quantized_blocks[dense]", t_quantized_blocks, None)
     runner.run("adapter_merged[dense/lora_lm]", t_adapter_merged, None)
+    runner.run("lora_only[dense/lora_lm]", t_lora_only, None)
     runner.run("errors", t_errors, None)
     code = runner.finish()
     if code == 0:
