@@ -111,6 +111,7 @@ GfStatus adapters_delete(Api *, const HttpReq *, HttpResp *);
 GfStatus adapters_download(Api *, const HttpReq *, HttpResp *);
 GfStatus models_list(Api *, const HttpReq *, HttpResp *);
 GfStatus models_get(Api *, const HttpReq *, HttpResp *);
+GfStatus openapi_get(Api *, const HttpReq *, HttpResp *);
 GfStatus jobs_pause(Api *, const HttpReq *, HttpResp *);
 GfStatus jobs_resume(Api *, const HttpReq *, HttpResp *);
 GfStatus files_create(Api *, const HttpReq *, HttpResp *);

@@ -14,6 +14,7 @@ const Route API_ROUTES[] = {
     {"GET", "/healthz", health_get, 0, BODY_NONE, 0, "GET /healthz", 0},
     {"GET", "/readyz", ready_get, 1, BODY_NONE, 0, "GET /readyz", 0},
     {"GET", "/metrics", metrics_get, 1, BODY_NONE, 0, "GET /metrics", 0},
+    {"GET", "/v1/openapi.json", openapi_get, 1, BODY_NONE, 0, "GET /v1/openapi.json", 0},
     {"POST", "/v1/datasets", datasets_create, 1, BODY_MULTIPART, 0, "POST /v1/datasets", 1},
     {"GET", "/v1/datasets", datasets_list, 1, BODY_NONE, 0, "GET /v1/datasets", 0},
     {"GET", "/v1/datasets/{id}", datasets_get, 1, BODY_NONE, 0, "GET /v1/datasets/{id}", 0},
@@ -76,6 +77,16 @@ GfStatus health_get(Api *api, const HttpReq *req, HttpResp *resp) {
     (void)api;
     (void)req;
     return reply_text(resp, 200, "application/json", "{\"status\":\"ok\"}", 15);
+}
+
+/* api/openapi.json, compiled in (openapi_embedded.c) */
+extern const char GF_OPENAPI_JSON[];
+extern const size_t GF_OPENAPI_JSON_LEN;
+
+GfStatus openapi_get(Api *api, const HttpReq *req, HttpResp *resp) {
+    (void)api;
+    (void)req;
+    return reply_text(resp, 200, "application/json", GF_OPENAPI_JSON, GF_OPENAPI_JSON_LEN);
 }
 
 GfStatus ready_get(Api *api, const HttpReq *req, HttpResp *resp) {

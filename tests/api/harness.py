@@ -22,6 +22,72 @@ import zlib
 
 KEY = "test-key-0123456789abcdef"
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+OPENAPI = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "api", "openapi.json")))
+
+
+# ---- every JSON answer checked against api/openapi.json ------------------------
+
+def _schema_errors(value, schema, where="$"):
+    """The ways value breaks schema (the JSON Schema subset openapi.json uses:
+    $ref, type (incl. lists and "null"), const, enum, pattern, properties,
+    required, items, oneOf)."""
+    if "$ref" in schema:
+        schema = OPENAPI["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    if "oneOf" in schema:
+        ok = [s for s in schema["oneOf"] if not _schema_errors(value, s, where)]
+        return [] if len(ok) == 1 else ["%s: matches %d of oneOf" % (where, len(ok))]
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    kind = "integer" if isinstance(value, int) and not isinstance(value, bool) else \
+        "number" if isinstance(value, float) else names.get(type(value), "?")
+    errs = []
+    if "type" in schema:
+        allowed = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if kind not in allowed and not (kind == "integer" and "number" in allowed) and \
+                not (kind == "number" and "integer" in allowed and float(value).is_integer()):
+            return ["%s: %s is not %s" % (where, kind, "/".join(allowed))]
+    if "const" in schema and value != schema["const"]:
+        errs.append("%s: %r is not %r" % (where, value, schema["const"]))
+    if "enum" in schema and value not in schema["enum"]:
+        errs.append("%s: %r not in %r" % (where, value, schema["enum"]))
+    if "pattern" in schema and isinstance(value, str):
+        import re
+        if not re.search(schema["pattern"], value):
+            errs.append("%s: %r does not match %s" % (where, value, schema["pattern"]))
+    if isinstance(value, dict):
+        for k in schema.get("required", []):
+            if k not in value:
+                errs.append("%s: no %r" % (where, k))
+        for k, sub in schema.get("properties", {}).items():
+            if k in value:
+                errs += _schema_errors(value[k], sub, where + "." + k)
+    if isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            errs += _schema_errors(v, schema["items"], "%s[%d]" % (where, i))
+    return errs
+
+
+def _operation(method, path):
+    path = path.split("?", 1)[0]
+    for pattern, ops in OPENAPI["paths"].items():
+        a, b = pattern.strip("/").split("/"), path.strip("/").split("/")
+        if len(a) == len(b) and all(x == y or (x.startswith("{") and y) for x, y in zip(a, b)):
+            return ops.get(method.lower())
+    return None
+
+
+def check_against_openapi(method, path, status, headers, body):
+    """Raises AssertionError when a JSON answer is not what openapi.json says
+    (the route's schema for that status, or the error schema)."""
+    if not headers.get("content-type", "").startswith("application/json") or not body:
+        return
+    op = _operation(method, path)
+    responses = op["responses"] if op else {"default": OPENAPI["paths"]["/v1/datasets"]["get"]["responses"]["default"]}
+    r = responses.get(str(status)) or responses.get("default")
+    assert r, "%s %s: status %d is not described in openapi.json" % (method, path, status)
+    schema = r.get("content", {}).get("application/json", {}).get("schema")
+    assert schema, "%s %s: a JSON answer with status %d that openapi.json does not describe" % (method, path, status)
+    errs = _schema_errors(json.loads(body), schema)
+    assert not errs, "%s %s -> %d does not match openapi.json: %s" % (method, path, status, "; ".join(errs[:5]))
 
 
 class Server:
@@ -71,7 +137,9 @@ class Server:
         r = conn.getresponse()
         data = r.read()
         conn.close()
-        return Resp(r.status, dict((k.lower(), v) for k, v in r.getheaders()), data)
+        headers = dict((k.lower(), v) for k, v in r.getheaders())
+        check_against_openapi(method, path, r.status, headers, data)
+        return Resp(r.status, headers, data)
 
     def get(self, path, **kw):
         return self.request("GET", path, **kw)

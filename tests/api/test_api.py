@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 import time
 
-from harness import (FIXTURES, KEY, Runner, Server, data_url, example, expect, fixture_bytes, jsonl, make_tar, multipart, png)
+from harness import (FIXTURES, KEY, OPENAPI, Runner, Server, data_url, example, expect, fixture_bytes, jsonl, make_tar, multipart, png)
 
 BIN = sys.argv[1]
 MIN_EXAMPLES = 3
@@ -1124,6 +1124,22 @@ def t_job_events_follow(srv):
     s.close()
     assert [e[0] for e in again if e[0] is not None] == seqs[1:], (again, seqs)
     expect(srv.get("/v1/fine_tuning/jobs/job_nope/events", headers={"Accept": "text/event-stream"}), 404)
+
+
+def t_openapi_covers_every_route(srv):
+    """api/openapi.json describes exactly the route table, the server serves
+    it, and (through the harness) every JSON answer of these suites is checked
+    against it."""
+    routes = [json.loads(line) for line in subprocess.run([BIN, "routes"], capture_output=True, check=True).stdout.splitlines()]
+    table = {(r["method"].lower(), r["pattern"]) for r in routes}
+    described = {(m, p) for p, ops in OPENAPI["paths"].items() for m in ops}
+    assert table == described, ("routes not described", sorted(table - described), "described, not routes", sorted(described - table))
+    for r in routes:
+        op = OPENAPI["paths"][r["pattern"]][r["method"].lower()]
+        assert (op.get("security") == []) == (not r["auth"]), (r, op.get("security"))
+    served = expect(srv.get("/v1/openapi.json"), 200)
+    assert served.json() == OPENAPI
+    expect(srv.get("/v1/openapi.json", key=None), 401, "missing_api_key")
 
 
 def wait_export(srv, eid, bound_s=600):
