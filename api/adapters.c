@@ -153,11 +153,7 @@ GfStatus adapters_delete(Api *api, const HttpReq *req, HttpResp *resp) {
     GfError err;
     if (store_adapter_delete(api->store, req->params[0], &err)) return reply_error(resp, &err, NULL);
     if (api->serving.serve) serve_adapter_drop(api->serving.serve, req->params[0]); /* running requests finish */
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "id", req->params[0]);
-    cJSON_AddStringToObject(o, "object", "adapter");
-    cJSON_AddBoolToObject(o, "deleted", 1);
-    return reply_json(resp, 200, o);
+    return reply_deleted(resp, req->params[0], "adapter");
 }
 
 /* ---- download: a ustar stream of the two PEFT files -------------------- */

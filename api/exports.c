@@ -137,11 +137,7 @@ GfStatus exports_cancel(Api *api, const HttpReq *req, HttpResp *resp) {
 GfStatus exports_delete(Api *api, const HttpReq *req, HttpResp *resp) {
     GfError err;
     if (store_export_delete(api->store, req->params[0], &err)) return reply_error(resp, &err, NULL);
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "id", req->params[0]);
-    cJSON_AddStringToObject(o, "object", "export");
-    cJSON_AddBoolToObject(o, "deleted", 1);
-    return reply_json(resp, 200, o);
+    return reply_deleted(resp, req->params[0], "export");
 }
 
 static int by_name(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }

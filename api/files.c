@@ -123,9 +123,5 @@ GfStatus files_content(Api *api, const HttpReq *req, HttpResp *resp) {
 GfStatus files_delete(Api *api, const HttpReq *req, HttpResp *resp) {
     GfError err;
     if (store_dataset_delete(api->store, req->params[0], &err)) return reply_error(resp, &err, NULL);
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "id", req->params[0]);
-    cJSON_AddStringToObject(o, "object", "file");
-    cJSON_AddBoolToObject(o, "deleted", 1);
-    return reply_json(resp, 200, o);
+    return reply_deleted(resp, req->params[0], "file");
 }

@@ -100,3 +100,11 @@ void reply_event_stream(HttpResp *resp, HttpStreamRead read, void *cls) {
     resp->stream_cls = cls;
     resp->stream_size = HTTP_SIZE_UNKNOWN;
 }
+
+GfStatus reply_deleted(HttpResp *resp, const char *id, const char *object) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", id);
+    cJSON_AddStringToObject(o, "object", object);
+    cJSON_AddBoolToObject(o, "deleted", 1);
+    return reply_json(resp, 200, o);
+}

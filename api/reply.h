@@ -22,6 +22,9 @@ GfStatus reply_error(HttpResp *resp, const GfError *err, cJSON *details);
 GfStatus reply_fail(HttpResp *resp, GfStatus status, const char *code, const char *param,
                     const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
+/* 200 {"id": id, "object": object, "deleted": true}, as OpenAI's deletes answer. */
+GfStatus reply_deleted(HttpResp *resp, const char *id, const char *object);
+
 /* Serializes json (takes ownership, deletes it) with the given status. */
 GfStatus reply_json(HttpResp *resp, int http_status, cJSON *json);
 

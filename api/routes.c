@@ -161,11 +161,7 @@ GfStatus models_delete(Api *api, const HttpReq *req, HttpResp *resp) {
         return reply_fail(resp, GF_NOT_FOUND, "model_not_found", "model", "no model '%.200s'", id);
     }
     if (api->serving.serve) serve_adapter_drop(api->serving.serve, id); /* running requests finish */
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "id", id);
-    cJSON_AddStringToObject(o, "object", "model");
-    cJSON_AddBoolToObject(o, "deleted", 1);
-    return reply_json(resp, 200, o);
+    return reply_deleted(resp, id, "model");
 }
 
 /* One model as the list shows it: the base, or an adapter by name

@@ -2,6 +2,7 @@
 #include "base.h"
 
 #include <errno.h>
+#include <unistd.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -158,6 +159,21 @@ char *gf_strdup(const char *s, GfError *err) {
     char *p = gf_malloc(n, err);
     if (p) memcpy(p, s, n);
     return p;
+}
+
+int gf_write_all(int fd, const void *buf, uint64_t n) {
+    const char *p = buf;
+    while (n > 0) {
+        ssize_t w = write(fd, p, n > (1u << 30) ? (1u << 30) : (size_t)n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            if (w == 0) errno = EIO;
+            return -1;
+        }
+        p += w;
+        n -= (uint64_t)w;
+    }
+    return 0;
 }
 
 char *gf_read_file(const char *path, size_t max, const char *what, size_t *len, GfError *err) {

@@ -111,6 +111,9 @@ char *gf_strdup(const char *s, GfError *err);
  * *len). `what` names it in messages. Errors: file_not_found (GF_NOT_FOUND),
  * file_too_large (GF_TOO_LARGE), io_error (GF_IO). Caller frees. */
 char *gf_read_file(const char *path, size_t max, const char *what, size_t *len, GfError *err);
+/* Writes all n bytes of buf to fd (retrying short writes and EINTR): 0, or
+ * -1 with errno set (EIO when write wrote nothing). */
+int gf_write_all(int fd, const void *buf, uint64_t n);
 
 /* ---- arena ------------------------------------------------------------- */
 /* A bump allocator for per-request memory: many allocations, one free.

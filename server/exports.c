@@ -16,14 +16,12 @@
 #include "merge.h"
 #include "safetensors.h"
 #include "store_worker.h"
+#include "worker.h"
 
 struct Exports {
     ExportsConfig cfg;
     Store *store;
-    pthread_t thread;
-    pthread_mutex_t lock;
-    pthread_cond_t wake;
-    atomic_int stopping;
+    Worker w;
 };
 
 typedef struct {
@@ -35,7 +33,7 @@ typedef struct {
 
 static int on_progress(void *ctx, uint64_t done, uint64_t total) {
     ExportCtx *c = ctx;
-    if (atomic_load(&c->x->stopping)) return 1;
+    if (worker_stopping(&c->x->w)) return 1;
     double now = gf_time_mono();
     if (now - c->last < 1.0 && done < total) return 0;
     c->last = now;
@@ -124,27 +122,15 @@ static void run_export(Exports *x, const ExportRow *row) {
     if (st) fs_remove_tree(out);
 }
 
-static void idle_wait(Exports *x) {
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    double s = x->cfg.poll_s > 0 ? x->cfg.poll_s : 1.0;
-    until.tv_sec += (time_t)s;
-    until.tv_nsec += (long)((s - floor(s)) * 1e9);
-    if (until.tv_nsec >= 1000000000L) { until.tv_sec++; until.tv_nsec -= 1000000000L; }
-    pthread_mutex_lock(&x->lock);
-    if (!atomic_load(&x->stopping)) pthread_cond_timedwait(&x->wake, &x->lock, &until);
-    pthread_mutex_unlock(&x->lock);
-}
-
 static void *worker(void *arg) {
     Exports *x = arg;
-    while (!atomic_load(&x->stopping)) {
+    while (!worker_stopping(&x->w)) {
         ExportRow row;
         GfError err;
         GfStatus st = store_export_claim(x->store, &row, &err);
         if (!st) run_export(x, &row);
         else if (st != GF_NOT_FOUND) GF_LOGW("export worker: %s", err.message);
-        if (st) idle_wait(x);
+        if (st) worker_idle(&x->w, x->cfg.poll_s);
     }
     return NULL;
 }
@@ -154,14 +140,9 @@ GfStatus exports_start(const ExportsConfig *cfg, Store *store, Exports **out, Gf
     if (!x) return GF_NO_MEMORY;
     x->cfg = *cfg;
     x->store = store;
-    pthread_mutex_init(&x->lock, NULL);
-    pthread_cond_init(&x->wake, NULL);
-    atomic_init(&x->stopping, 0);
-    if (pthread_create(&x->thread, NULL, worker, x) != 0) {
-        pthread_cond_destroy(&x->wake);
-        pthread_mutex_destroy(&x->lock);
+    if (worker_start(&x->w, worker, x, "export worker", err)) {
         free(x);
-        return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "cannot start the export worker: %s", strerror(errno));
+        return err->status;
     }
     *out = x;
     return GF_OK;
@@ -169,12 +150,6 @@ GfStatus exports_start(const ExportsConfig *cfg, Store *store, Exports **out, Gf
 
 void exports_stop(Exports *x) {
     if (!x) return;
-    pthread_mutex_lock(&x->lock);
-    atomic_store(&x->stopping, 1);
-    pthread_cond_broadcast(&x->wake);
-    pthread_mutex_unlock(&x->lock);
-    pthread_join(x->thread, NULL);
-    pthread_cond_destroy(&x->wake);
-    pthread_mutex_destroy(&x->lock);
+    worker_stop(&x->w);
     free(x);
 }

@@ -14,6 +14,7 @@
 
 #include "fsutil.h"
 #include "store_worker.h"
+#include "worker.h"
 #include "train_run.h"
 
 #define MAX_RESUME_TRIES 16
@@ -21,10 +22,7 @@
 struct Jobs {
     JobsConfig cfg;
     Store *store;
-    pthread_t thread;
-    pthread_mutex_t lock;
-    pthread_cond_t wake;
-    atomic_int stopping;
+    Worker w;
 };
 
 /* One job being run: what the hooks need. */
@@ -88,7 +86,7 @@ static GfStatus hook_checkpoint(void *user, int64_t step, const char *dir, const
 
 static int hook_stop(void *user) {
     JobCtx *c = user;
-    return atomic_load(&c->j->stopping) || store_job_cancel_requested(c->j->store, c->row->id);
+    return worker_stopping(&c->j->w) || store_job_cancel_requested(c->j->store, c->row->id);
 }
 
 static int hook_pause(void *user) {
@@ -199,7 +197,7 @@ static void conclude(JobCtx *c, GfStatus st, const GfError *run_err, const JobPa
     } else if (st == GF_CANCELLED && strcmp(run_err->code, "paused") == 0) {
         GF_LOGI("job %s: %s", id, run_err->message);
         rec = store_job_paused(j->store, id, run_err->message, &err);
-    } else if (st == GF_CANCELLED && atomic_load(&j->stopping)) {
+    } else if (st == GF_CANCELLED && worker_stopping(&j->w)) {
         hook_log(c, "info", "the server is stopping; the job resumes from its last checkpoint at the next start");
     } else if (st == GF_CANCELLED) {
         rec = store_job_finish(j->store, id, "cancelled", NULL, NULL, &err);
@@ -235,21 +233,9 @@ static void run_job(Jobs *j, const JobRow *row, int resumed) {
 
 /* ---- the thread ---------------------------------------------------------------- */
 
-static void idle_wait(Jobs *j) {
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    double s = j->cfg.poll_s > 0 ? j->cfg.poll_s : 1.0;
-    until.tv_sec += (time_t)s;
-    until.tv_nsec += (long)((s - floor(s)) * 1e9);
-    if (until.tv_nsec >= 1000000000L) { until.tv_sec++; until.tv_nsec -= 1000000000L; }
-    pthread_mutex_lock(&j->lock);
-    if (!atomic_load(&j->stopping)) pthread_cond_timedwait(&j->wake, &j->lock, &until);
-    pthread_mutex_unlock(&j->lock);
-}
-
 static void *worker(void *arg) {
     Jobs *j = arg;
-    while (!atomic_load(&j->stopping)) {
+    while (!worker_stopping(&j->w)) {
         JobRow *row = calloc(1, sizeof *row);
         int resumed = 0;
         GfError err;
@@ -258,7 +244,7 @@ static void *worker(void *arg) {
         if (!st) run_job(j, row, resumed);
         else if (st != GF_NOT_FOUND) GF_LOGW("job worker: %s", row ? err.message : "out of memory");
         free(row);
-        if (st) idle_wait(j);
+        if (st) worker_idle(&j->w, j->cfg.poll_s);
     }
     return NULL;
 }
@@ -269,15 +255,10 @@ GfStatus jobs_start(const JobsConfig *cfg, Store *store, Jobs **out, GfError *er
     j->cfg = *cfg;
     if (cfg->base) j->cfg.base = weights_retain(cfg->base);
     j->store = store;
-    pthread_mutex_init(&j->lock, NULL);
-    pthread_cond_init(&j->wake, NULL);
-    atomic_init(&j->stopping, 0);
-    if (pthread_create(&j->thread, NULL, worker, j) != 0) {
-        pthread_cond_destroy(&j->wake);
-        pthread_mutex_destroy(&j->lock);
+    if (worker_start(&j->w, worker, j, "job worker", err)) {
         weights_release(j->cfg.base);
         free(j);
-        return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "cannot start the job worker: %s", strerror(errno));
+        return err->status;
     }
     *out = j;
     return GF_OK;
@@ -285,13 +266,7 @@ GfStatus jobs_start(const JobsConfig *cfg, Store *store, Jobs **out, GfError *er
 
 void jobs_stop(Jobs *j) {
     if (!j) return;
-    pthread_mutex_lock(&j->lock);
-    atomic_store(&j->stopping, 1);
-    pthread_cond_broadcast(&j->wake);
-    pthread_mutex_unlock(&j->lock);
-    pthread_join(j->thread, NULL);
-    pthread_cond_destroy(&j->wake);
-    pthread_mutex_destroy(&j->lock);
+    worker_stop(&j->w);
     weights_release(j->cfg.base);
     free(j);
 }

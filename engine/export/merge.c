@@ -151,16 +151,8 @@ static GfStatus write_file(const char *dir, const char *name, const void *bytes,
     char path[4700];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    const char *p = bytes;
-    size_t left = n;
     int e = fd < 0 ? errno : 0;
-    while (!e && left) {
-        ssize_t w = write(fd, p, left);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) { e = w < 0 ? errno : EIO; break; }
-        p += w;
-        left -= (size_t)w;
-    }
+    if (!e && gf_write_all(fd, bytes, n) != 0) e = errno;
     if (!e && fsync(fd) != 0) e = errno;
     if (fd >= 0 && close(fd) != 0 && !e) e = errno;
     return e ? io_error(err, e, name) : GF_OK;

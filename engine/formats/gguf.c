@@ -457,18 +457,6 @@ GfStatus gguf_add_tensor(GgufWriter *w, const char *name, uint32_t n_dims, const
     return GF_OK;
 }
 
-static int write_all(int fd, const void *buf, uint64_t n) {
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t r = write(fd, p, n > (1u << 30) ? (1u << 30) : (size_t)n);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return -1;
-        p += r;
-        n -= (uint64_t)r;
-    }
-    return 0;
-}
-
 static GfStatus writer_fail(GgufWriter *w, int e, GfError *err) {
     if (w->fd >= 0) {
         close(w->fd);
@@ -497,16 +485,16 @@ GfStatus gguf_writer_open(GgufWriter *w, const char *path, GfError *err) {
     memcpy(head + 8, &n_tensors, 8);
     memcpy(head + 16, &w->n_kv, 8);
     uint64_t pos = 24 + w->meta_len;
-    int bad_io = fchmod(w->fd, 0644) != 0 || write_all(w->fd, head, 24) || write_all(w->fd, w->meta, w->meta_len);
+    int bad_io = fchmod(w->fd, 0644) != 0 || gf_write_all(w->fd, head, 24) || gf_write_all(w->fd, w->meta, w->meta_len);
     for (size_t i = 0; !bad_io && i < w->n_tensors; i++) {
         const WTensor *t = &w->tensors[i];
         uint64_t len = strlen(t->name);
         uint32_t type = t->type;
-        bad_io = write_all(w->fd, &len, 8) || write_all(w->fd, t->name, len) || write_all(w->fd, &t->n_dims, 4) ||
-                 write_all(w->fd, t->ne, 8ull * t->n_dims) || write_all(w->fd, &type, 4) || write_all(w->fd, &t->offset, 8);
+        bad_io = gf_write_all(w->fd, &len, 8) || gf_write_all(w->fd, t->name, len) || gf_write_all(w->fd, &t->n_dims, 4) ||
+                 gf_write_all(w->fd, t->ne, 8ull * t->n_dims) || gf_write_all(w->fd, &type, 4) || gf_write_all(w->fd, &t->offset, 8);
         pos += 8 + len + 4 + 8ull * t->n_dims + 4 + 8;
     }
-    if (!bad_io) bad_io = write_all(w->fd, ZEROS, align_up(pos) - pos);
+    if (!bad_io) bad_io = gf_write_all(w->fd, ZEROS, align_up(pos) - pos);
     if (bad_io) return writer_fail(w, errno, err);
     w->cur = 0;
     w->cur_done = 0;
@@ -518,7 +506,7 @@ static GfStatus finish_tensors(GgufWriter *w, GfError *err) {
     while (w->cur < w->n_tensors && w->cur_done == w->tensors[w->cur].n_bytes) {
         const WTensor *t = &w->tensors[w->cur];
         uint64_t pad = align_up(t->offset + t->n_bytes) - (t->offset + t->n_bytes);
-        if (write_all(w->fd, ZEROS, pad)) return writer_fail(w, errno, err);
+        if (gf_write_all(w->fd, ZEROS, pad)) return writer_fail(w, errno, err);
         w->cur++;
         w->cur_done = 0;
     }
@@ -535,7 +523,7 @@ GfStatus gguf_put(GgufWriter *w, const void *bytes, uint64_t n, GfError *err) {
             return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "more tensor bytes than the GGUF header announced");
         }
         uint64_t room = w->tensors[w->cur].n_bytes - w->cur_done, k = n < room ? n : room;
-        if (write_all(w->fd, p, k)) return writer_fail(w, errno, err);
+        if (gf_write_all(w->fd, p, k)) return writer_fail(w, errno, err);
         w->cur_done += k;
         p += k;
         n -= k;

@@ -246,18 +246,6 @@ static char *write_header(const StWriteTensor *tensors, size_t n, const char *fo
     return out;
 }
 
-static int write_all(int fd, const void *buf, uint64_t n) {
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t w = write(fd, p, n > (1u << 30) ? (1u << 30) : (size_t)n);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) return -1;
-        p += w;
-        n -= (uint64_t)w;
-    }
-    return 0;
-}
-
 static GfStatus writer_io_error(StWriter *w, int e, GfError *err) {
     st_writer_abort(w);
     return gf_error_set(err, e == ENOSPC || e == EDQUOT ? GF_NO_SPACE : GF_IO,
@@ -280,7 +268,7 @@ GfStatus st_writer_open(StWriter *w, const char *path, const StWriteTensor *tens
     int bad = w->fd < 0 || fchmod(w->fd, 0644) != 0;
     uint8_t len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (uint8_t)(hlen >> (8 * i));
-    if (!bad) bad = write_all(w->fd, len8, 8) || write_all(w->fd, header, hlen);
+    if (!bad) bad = gf_write_all(w->fd, len8, 8) || gf_write_all(w->fd, header, hlen);
     int e = errno;
     free(header);
     if (bad) {
@@ -295,7 +283,7 @@ GfStatus st_writer_put(StWriter *w, const void *bytes, uint64_t n, GfError *err)
         st_writer_abort(w);
         return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "more tensor bytes than the header announced");
     }
-    if (write_all(w->fd, bytes, n)) return writer_io_error(w, errno, err);
+    if (gf_write_all(w->fd, bytes, n)) return writer_io_error(w, errno, err);
     w->remaining -= n;
     return GF_OK;
 }
