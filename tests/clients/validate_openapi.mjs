@@ -28,6 +28,7 @@ console.log('ok   api/openapi.json validates as OpenAPI 3.1');
 
 // the document the server serves is the file
 const data = fs.mkdtempSync(path.join(os.tmpdir(), 'gf-openapi-'));
+let served_ok = false;
 const server = spawn(process.argv[2], ['serve', '--model', path.join(HERE, '..', 'fixtures', 'dense'), '--data', data, '--port', '0',
                                        '--api-key', 'openapi-test-key-0123456789', '--no-train', '--no-export'],
                      {stdio: ['ignore', 'pipe', 'ignore']});
@@ -40,13 +41,13 @@ try {
   });
   const r = await fetch(`http://127.0.0.1:${port}/v1/openapi.json`, {headers: {Authorization: 'Bearer openapi-test-key-0123456789'}});
   const served = await r.text();
-  if (r.status !== 200 || r.headers.get('content-type') !== 'application/json' || served !== fs.readFileSync(file, 'utf8')) {
-    console.log(`FAIL /v1/openapi.json: ${r.status} ${r.headers.get('content-type')}, ${served.length} bytes`);
-    process.exit(1);
-  }
-  console.log('ok   /v1/openapi.json serves it');
+  served_ok = r.status === 200 && r.headers.get('content-type') === 'application/json' && served === fs.readFileSync(file, 'utf8');
+  console.log(served_ok ? 'ok   /v1/openapi.json serves it'
+                        : `FAIL /v1/openapi.json: ${r.status} ${r.headers.get('content-type')}, ${served.length} bytes`);
 } finally {
   server.kill('SIGTERM');
+  await new Promise(r => (server.exitCode !== null ? r() : server.once('exit', r)));
   fs.rmSync(data, {recursive: true, force: true});
 }
-console.log('\n2 passed, 0 failed');
+console.log(served_ok ? '\n2 passed, 0 failed' : '\n1 passed, 1 failed');
+process.exit(served_ok ? 0 : 1);
