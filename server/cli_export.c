@@ -79,14 +79,6 @@ static int usage_gguf(void) {
     return 2;
 }
 
-static int parse_type(const char *v, GgmlType *out) {
-    static const struct { const char *name; GgmlType t; } TYPES[] = {
-        {"f32", GGML_F32}, {"f16", GGML_F16}, {"bf16", GGML_BF16}, {"q8_0", GGML_Q8_0}, {"q4_0", GGML_Q4_0}};
-    for (size_t i = 0; i < sizeof TYPES / sizeof *TYPES; i++)
-        if (strcmp(v, TYPES[i].name) == 0) { *out = TYPES[i].t; return 0; }
-    return -1;
-}
-
 int cli_export_gguf(int argc, char **argv) {
     GgufExportOptions o = {.type = GGML_F16};
     int lora_only = 0;
@@ -97,7 +89,7 @@ int cli_export_gguf(int argc, char **argv) {
         if (strcmp(a, "--model") == 0) o.model_dir = v;
         else if (strcmp(a, "--adapter") == 0) o.adapter_dir = v;
         else if (strcmp(a, "--out") == 0) o.out_path = v;
-        else if (strcmp(a, "--type") == 0 && parse_type(v, &o.type) == 0) {}
+        else if (strcmp(a, "--type") == 0 && ggml_type_from_name(v, &o.type) == 0) {}
         else { fprintf(stderr, "gemmaforge export-gguf: unknown option or bad value: %s %s\n", a, v); return usage_gguf(); }
         i++;
     }

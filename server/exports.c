@@ -45,14 +45,6 @@ static int on_progress(void *ctx, uint64_t done, uint64_t total) {
     return cancel;
 }
 
-static GgmlType ggml_of(const char *name) {
-    static const struct { const char *name; GgmlType t; } TYPES[] = {
-        {"f32", GGML_F32}, {"bf16", GGML_BF16}, {"q8_0", GGML_Q8_0}, {"q4_0", GGML_Q4_0}};
-    for (size_t i = 0; i < sizeof TYPES / sizeof *TYPES; i++)
-        if (strcmp(name, TYPES[i].name) == 0) return TYPES[i].t;
-    return GGML_F16;
-}
-
 /* The GGUF file into out/model.gguf (out created here, removed by the caller on failure). */
 static GfStatus run_gguf(Exports *x, const ExportRow *row, const char *out, char *adapter_dir, ExportCtx *c, char *result,
                          size_t cap, GfError *err) {
@@ -60,7 +52,8 @@ static GfStatus run_gguf(Exports *x, const ExportRow *row, const char *out, char
     if (fs_mkdirs(out, err)) return err->status;
     snprintf(path, sizeof path, "%s/model.gguf", out);
     GgufExportOptions o = {.model_dir = x->cfg.model_dir, .adapter_dir = adapter_dir, .out_path = path,
-                           .type = ggml_of(row->dtype), .progress = on_progress, .ctx = c};
+                           .type = GGML_F16, .progress = on_progress, .ctx = c};
+    ggml_type_from_name(row->dtype, &o.type); /* the API let only these names in */
     GgufExportReport r;
     double t0 = gf_time_mono();
     GfStatus s = gguf_export(&o, &r, err);

@@ -684,17 +684,19 @@ int store_job_pause_requested(Store *store, const char *id) {
     return yes;
 }
 
+typedef struct {
+    const char *id, *message;
+} PausedCtx;
+
 static GfStatus paused_body(SqlStore *s, void *ctx, GfError *err) {
-    const JobCtx *c = ctx;
+    const PausedCtx *c = ctx;
     int rc = exec_stmt(s, "UPDATE jobs SET status='queued', paused=1, pause_requested=0 WHERE id=? AND status='running'", "s", c->id);
-    if (rc == SQLITE_OK) rc = add_event(s, c->id, "info", "status", c->row->error_message);
+    if (rc == SQLITE_OK) rc = add_event(s, c->id, "info", "status", c->message);
     return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
 }
 
 GfStatus store_job_paused(Store *store, const char *id, const char *message, GfError *err) {
-    JobRow note;
-    snprintf(note.error_message, sizeof note.error_message, "%s", message);
-    JobCtx c = {id, &note};
+    PausedCtx c = {id, message};
     return txn((SqlStore *)store, paused_body, &c, err);
 }
 

@@ -204,10 +204,9 @@ static int layers_vary(const TextConfig *t, int what) {
 static GfStatus put_hparams(Export *x, const cJSON *text_cfg, GfError *err) {
     const TextConfig *t = &x->cfg.text;
     GgufWriter *w = x->w;
-    int n = t->n_layers, full_dim = t->head_dim, full_kv = t->kv_heads;
+    int n = t->n_layers, full_dim = t->head_dim;
     for (int l = 0; l < n; l++)
-        if (t->layers[l].kind == LAYER_FULL) { full_dim = t->layers[l].head_dim; full_kv = t->layers[l].kv_heads; }
-    (void)full_kv;
+        if (t->layers[l].kind == LAYER_FULL) full_dim = t->layers[l].head_dim;
     for (int k = 0; k < 2; k++)
         if (t->rope[k].factor != 1.0f)
             return gf_error_set(err, GF_UNSUPPORTED, "unsupported_model", NULL,

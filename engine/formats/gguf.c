@@ -39,6 +39,16 @@ const char *ggml_type_name(GgmlType t) {
     }
 }
 
+int ggml_type_from_name(const char *name, GgmlType *out) {
+    static const GgmlType ALL[] = {GGML_F32, GGML_F16, GGML_BF16, GGML_Q8_0, GGML_Q4_0};
+    for (size_t i = 0; i < sizeof ALL / sizeof *ALL; i++)
+        if (strcmp(name, ggml_type_name(ALL[i])) == 0) {
+            *out = ALL[i];
+            return 0;
+        }
+    return -1;
+}
+
 static int known_type(uint32_t t) {
     return t == GGML_F32 || t == GGML_F16 || t == GGML_BF16 || t == GGML_Q8_0 || t == GGML_Q4_0;
 }

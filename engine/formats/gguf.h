@@ -55,6 +55,8 @@ typedef enum { GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q8_0 = 8, GGML_BF
 uint64_t ggml_type_bytes(GgmlType t, uint64_t n);
 int ggml_type_block(GgmlType t);
 const char *ggml_type_name(GgmlType t);
+/* The type named "f32", "f16", "bf16", "q8_0" or "q4_0"; -1 for another name. */
+int ggml_type_from_name(const char *name, GgmlType *out);
 
 /* ---- reading ------------------------------------------------------------ */
 

@@ -25,6 +25,33 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtu
 OPENAPI = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "api", "openapi.json")))
 
 
+# ---- safetensors files, as the engine's tests read them ---------------------
+
+def safetensors_raw(path):
+    """name -> (dtype, shape, bytes) of a safetensors file."""
+    data = open(path, "rb").read()
+    n = struct.unpack("<Q", data[:8])[0]
+    return {k: (m["dtype"], m["shape"], data[8 + n + m["data_offsets"][0]:8 + n + m["data_offsets"][1]])
+            for k, m in json.loads(data[8:8 + n]).items() if k != "__metadata__"}
+
+
+def bf16_floats(raw):
+    h = struct.unpack("<%dH" % (len(raw) // 2), raw)
+    return struct.unpack("<%df" % len(h), struct.pack("<%dI" % len(h), *[x << 16 for x in h]))
+
+
+def read_st(path):
+    """name -> (shape, values) of a safetensors file of BF16, F32, I64 and U8 tensors."""
+    out = {}
+    for name, (dtype, shape, raw) in safetensors_raw(path).items():
+        if dtype == "BF16":
+            out[name] = (shape, bf16_floats(raw))
+            continue
+        fmt = {"F32": "f", "I64": "q", "U8": "B"}[dtype]
+        out[name] = (shape, struct.unpack("<%d%s" % (len(raw) // struct.calcsize(fmt), fmt), raw))
+    return out
+
+
 # ---- every JSON answer checked against api/openapi.json ------------------------
 
 def _schema_errors(value, schema, where="$"):

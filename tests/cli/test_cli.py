@@ -14,29 +14,9 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "api"))
-from harness import FIXTURES, Runner  # noqa: E402
+from harness import FIXTURES, Runner, read_st  # noqa: E402
 
 BIN = sys.argv[1]
-
-
-def read_st(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        lo, hi = meta["data_offsets"]
-        raw = data[8 + n + lo:8 + n + hi]
-        if meta["dtype"] == "BF16":
-            halves = struct.unpack("<%dH" % (len(raw) // 2), raw)
-            out[name] = (meta["shape"], struct.unpack("<%df" % len(halves), struct.pack("<%dI" % len(halves), *[h << 16 for h in halves])))
-            continue
-        fmt = {"F32": "f", "I64": "q", "U8": "B"}[meta["dtype"]]
-        out[name] = (meta["shape"], struct.unpack("<%d%s" % (len(raw) // struct.calcsize(fmt), fmt), raw))
-    return out
 
 
 def rel_err(got, ref, row_len, use):

@@ -22,7 +22,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "api"))
 sys.path.insert(0, os.path.join(HERE, "..", "data"))
-from harness import FIXTURES, Runner  # noqa: E402
+from harness import FIXTURES, Runner, bf16_floats, safetensors_raw  # noqa: E402
 import shapes  # noqa: E402
 
 BIN = sys.argv[1]
@@ -55,10 +55,9 @@ def tensors(model_dir):
 def floats(dtype, raw):
     if dtype == "F32":
         return list(struct.unpack("<%df" % (len(raw) // 4), raw))
-    halves = struct.unpack("<%dH" % (len(raw) // 2), raw)
     if dtype == "BF16":
-        return list(struct.unpack("<%df" % len(halves), struct.pack("<%dI" % len(halves), *[h << 16 for h in halves])))
-    return list(struct.unpack("<%de" % len(halves), raw))
+        return list(bf16_floats(raw))
+    return list(struct.unpack("<%de" % (len(raw) // 2), raw))
 
 
 def bf16_rne(x):
@@ -80,18 +79,11 @@ def forward(model, inputs, adapter=None):
     args = [BIN, "forward", "--model", model, "--inputs", inputs, "--out", out] + (["--adapter", adapter] if adapter else [])
     r = subprocess.run(args, capture_output=True, timeout=3600)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
-    d, (B, T, V), raw = tensors_of_file(out)["logits"]
+    d, (B, T, V), raw = safetensors_raw(out)["logits"]
     logits = floats(d, raw)
-    mask = tensors_of_file(inputs).get("attention_mask")
+    mask = safetensors_raw(inputs).get("attention_mask")
     keep = struct.unpack("<%dq" % (B * T), mask[2]) if mask else [1] * (B * T)
     return [x for p in range(B * T) if keep[p] for x in logits[p * V:(p + 1) * V]]
-
-
-def tensors_of_file(path):
-    h, start = header(path)
-    data = open(path, "rb").read()
-    return {n: (m["dtype"], m["shape"], data[start + m["data_offsets"][0]:start + m["data_offsets"][1]])
-            for n, m in h.items() if n != "__metadata__"}
 
 
 def rel_l2(got, ref):
@@ -102,7 +94,7 @@ def rel_l2(got, ref):
 def adapter_pairs(adapter_dir):
     cfg = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
     scale = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
-    t = tensors_of_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    t = safetensors_raw(os.path.join(adapter_dir, "adapter_model.safetensors"))
     pairs = {}
     for name, (dt, shape, raw) in t.items():
         if ".lora_A." in name:

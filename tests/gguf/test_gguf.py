@@ -21,7 +21,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "api"))
-from harness import FIXTURES, Runner  # noqa: E402
+from harness import FIXTURES, Runner, bf16_floats, read_st, safetensors_raw  # noqa: E402
 
 BIN = sys.argv[1]
 TMP = tempfile.mkdtemp(prefix="gf-gguf-")
@@ -86,23 +86,6 @@ def read_gguf(path):
         n = math.prod(ne)
         blk, nb = per[typ]
         out[name] = (typ, ne, data[start + off:start + off + n // blk * nb])
-    return out
-
-
-def read_st(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    out = {}
-    for name, m in header.items():
-        if name == "__metadata__":
-            continue
-        lo, hi = m["data_offsets"]
-        raw = data[8 + n + lo:8 + n + hi]
-        fmt = {"F32": "f", "I64": "q"}.get(m["dtype"])
-        if fmt:
-            out[name] = (m["shape"], struct.unpack("<%d%s" % (len(raw) // struct.calcsize(fmt), fmt), raw))
     return out
 
 
@@ -214,8 +197,8 @@ def t_matches_gemmaforge(case):
     model = model_dir(variant)
     gguf = os.path.join(TMP, "%s-%s.gguf" % (variant, typ))
     export(model, gguf, typ)
-    rows = golden_rows("ple" if variant == "ple" else variant)
-    gen = json.load(open(os.path.join(FIXTURES, "dense" if variant == "ple" else variant, "generate.json")))["text"]
+    rows = golden_rows(variant)
+    gen = json.load(open(os.path.join(FIXTURES, variant, "generate.json")))["text"]
     greedy = [(gen["prompt"], len(gen["output"]))] if typ in ("f32", "bf16") else []
     got = llama(gguf, rows, greedy)
     e = rel_l2([p for r in got["rows"] for p in r], [p for row in rows for p in ours(model, row)])
@@ -233,7 +216,7 @@ def t_adapter_merged(_):
     adapter = os.path.join(model, "lora_lm", "adapter_final")
     gguf = os.path.join(TMP, "dense-lora.gguf")
     rep = json.loads(export(model, gguf, "f32", adapter=adapter).stdout)
-    pairs = [k for k in read_st_names(os.path.join(adapter, "adapter_model.safetensors")) if ".lora_A." in k]
+    pairs = [k for k in safetensors_raw(os.path.join(adapter, "adapter_model.safetensors")) if ".lora_A." in k]
     assert rep["merged"] == len(pairs) == 40, rep  # q/k/v/o/gate/up/down of 6 layers; the 2 full layers have no v_proj
     rows = golden_rows("dense")
     got = llama(gguf, rows)
@@ -267,25 +250,6 @@ def t_lora_only(_):
     assert r.returncode == 1 and b"outside the text model" in r.stderr, r.stderr
 
 
-def read_st_names(path):
-    data = open(path, "rb").read()
-    n = struct.unpack("<Q", data[:8])[0]
-    return [k for k in json.loads(data[8:8 + n]) if k != "__metadata__"]
-
-
-def hf_tensors(path):
-    """name -> (dtype, shape, bytes) of a safetensors file."""
-    data = open(path, "rb").read()
-    n = struct.unpack("<Q", data[:8])[0]
-    return {k: (m["dtype"], m["shape"], data[8 + n + m["data_offsets"][0]:8 + n + m["data_offsets"][1]])
-            for k, m in json.loads(data[8:8 + n]).items() if k != "__metadata__"}
-
-
-def bf16_floats(raw):
-    h = struct.unpack("<%dH" % (len(raw) // 2), raw)
-    return struct.unpack("<%df" % len(h), struct.pack("<%dI" % len(h), *[x << 16 for x in h]))
-
-
 PAIRS = [("token_embd.weight", "model.language_model.embed_tokens.weight"),
          ("blk.0.attn_q.weight", "model.language_model.layers.0.self_attn.q_proj.weight"),
          ("blk.2.attn_k.weight", "model.language_model.layers.2.self_attn.k_proj.weight"),
@@ -296,7 +260,7 @@ PAIRS = [("token_embd.weight", "model.language_model.embed_tokens.weight"),
 def t_tensors_exact(_):
     """The bf16 export holds the checkpoint's bytes; names and shapes are
     llama.cpp's (ne[0] the contiguous dim); vectors are f32."""
-    hf = hf_tensors(os.path.join(FIXTURES, "dense", "model.safetensors"))
+    hf = safetensors_raw(os.path.join(FIXTURES, "dense", "model.safetensors"))
     g = read_gguf(os.path.join(TMP, "dense-bf16.gguf"))
     assert len(g) == 85 and "output.weight" not in g and "rope_freqs.weight" in g, sorted(g)
     for gname, hname in PAIRS:
@@ -318,7 +282,7 @@ def t_quantized_blocks(_):
     f16 (2^-11 of it per unit of the code); q4_0's codes run from -8 to 7
     with the step chosen so the largest magnitude is -8, so a weight of the
     other sign near it is clamped to 7: up to one step."""
-    hf = hf_tensors(os.path.join(FIXTURES, "dense", "model.safetensors"))
+    hf = safetensors_raw(os.path.join(FIXTURES, "dense", "model.safetensors"))
     for typ, block in (("q8_0", 34), ("q4_0", 18)):
         g = read_gguf(os.path.join(TMP, "dense-%s.gguf" % typ))
         for gname, hname in PAIRS[:4]:

@@ -17,15 +17,8 @@
 static char g_path[256];
 
 static uint8_t *slurp(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    *n = (size_t)ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *b = malloc(*n);
-    if (b && fread(b, 1, *n, f) != *n) { free(b); b = NULL; }
-    fclose(f);
-    return b;
+    GfError err;
+    return (uint8_t *)gf_read_file(path, 1u << 20, "sample", n, &err);
 }
 
 /* The file every case starts from. */
