@@ -6,10 +6,13 @@
 #include <fcntl.h>
 #include <microhttpd.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -24,12 +27,14 @@
 #define FIELD_MAX 4096
 #define NO_BODY_MAX 1024       /* tolerated and ignored on routes without a body */
 
+struct Req;
+
 /* A connection, from accept to close: when it started waiting for a
- * request head, and whether a request is in progress. */
+ * request head, and the request in progress (NULL between requests). */
 typedef struct Conn {
     int fd;
     double since;
-    int busy;
+    struct Req *req;
     struct Conn *prev, *next;
 } Conn;
 
@@ -37,7 +42,8 @@ struct Httpd {
     struct MHD_Daemon *mhd;
     const HttpdConfig *cfg;
     Api *api;
-    /* slow clients: a sweeper ends connections whose head is late */
+    /* a sweeper ends connections whose head is late (slowloris) and looks
+     * after suspended connections whose client may have gone */
     pthread_mutex_t conns_mu;
     Conn *conns;
     pthread_t sweeper;
@@ -46,8 +52,10 @@ struct Httpd {
 };
 
 /* Per-request state, hung on MHD's con_cls; freed in on_completed. */
-typedef struct {
+typedef struct Req {
     Httpd *httpd;
+    int fd;                    /* the connection's socket */
+    int http11;                /* an HTTP/1.1 request (may be sent an interim 1xx) */
     double t_start;
     char request_id[40];
     char method[16];
@@ -81,8 +89,10 @@ typedef struct {
     /* deferred reply (inference): the connection sleeps until the producer wakes it */
     struct MHD_Connection *conn;
     HttpDeferred def;          /* def.take != NULL once armed */
-    pthread_mutex_t wake_mu;   /* guards suspended and woken */
+    pthread_mutex_t wake_mu;   /* guards suspended, woken, probed and settled */
     int suspended, woken;
+    int probed;                /* an interim 100 was sent after the client's FIN (client_gone) */
+    int settled;               /* handed back unsuspended once (sleep_unless_woken) */
     HttpStreamRead def_read;   /* the deferred reply's stream */
     void *def_read_cls;
 } Req;
@@ -266,8 +276,18 @@ static GfStatus read_idempotency_key(Req *q, struct MHD_Connection *c, GfError *
 }
 
 typedef struct {
-    int host, length, encoding;
+    int host, length, encoding, bad_name;
 } HeaderCounts;
+
+/* RFC 9110's token characters, which a header name is made of. */
+static int is_token(const char *s) {
+    if (!*s) return 0;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+              strchr("!#$%&'*+-.^_`|~", *s)))
+            return 0;
+    return 1;
+}
 
 static enum MHD_Result count_header(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
     (void)kind;
@@ -276,12 +296,17 @@ static enum MHD_Result count_header(void *cls, enum MHD_ValueKind kind, const ch
     if (strcasecmp(key, "Host") == 0) n->host++;
     else if (strcasecmp(key, "Content-Length") == 0) n->length++;
     else if (strcasecmp(key, "Transfer-Encoding") == 0) n->encoding++;
+    if (!is_token(key)) n->bad_name++;
     return MHD_YES;
 }
 
 /* Framing a proxy in front could read differently (request smuggling):
- * another HTTP version than 1.0/1.1, a second Host or Content-Length, or
- * both Content-Length and Transfer-Encoding. 0 when the head is clean. */
+ * another HTTP version than 1.0/1.1, a second Host or Content-Length,
+ * both Content-Length and Transfer-Encoding, or a header name that is not
+ * a token (libmicrohttpd keeps the space of "Name : value" in the name).
+ * 0 when the head is clean. Bare LF line ends and folded header lines are
+ * normalised by libmicrohttpd 0.9.75 before this sees the head, and cannot
+ * be told apart here. */
 static int ambiguous_head(struct MHD_Connection *c, const char *version, GfError *err) {
     if (strcmp(version, "HTTP/1.1") != 0 && strcmp(version, "HTTP/1.0") != 0) {
         gf_error_set(err, GF_INVALID, "invalid_request", NULL, "only HTTP/1.0 and HTTP/1.1 are served");
@@ -289,10 +314,11 @@ static int ambiguous_head(struct MHD_Connection *c, const char *version, GfError
     }
     HeaderCounts n = {0};
     MHD_get_connection_values(c, MHD_HEADER_KIND, count_header, &n);
-    if (n.host > 1 || n.length > 1 || (n.length && n.encoding)) {
+    if (n.host > 1 || n.length > 1 || (n.length && n.encoding) || n.bad_name) {
         gf_error_set(err, GF_INVALID, "invalid_request", NULL, "%s",
-                     n.host > 1 ? "the request has more than one Host header"
+                     n.host > 1     ? "the request has more than one Host header"
                      : n.length > 1 ? "the request has more than one Content-Length header"
+                     : n.bad_name   ? "a header name has a space or a character HTTP does not allow in names"
                                     : "the request has both Content-Length and Transfer-Encoding");
         return -1;
     }
@@ -535,11 +561,21 @@ static void wake_conn(void *cls) {
 }
 
 /* Suspends q's connection unless a wake came since `woken` was cleared;
- * 1 when suspended, 0 when the caller should look again. */
+ * 1 when suspended (or handed back to libmicrohttpd once, see below), 0
+ * when the caller should look again.
+ *
+ * The first time, the connection goes back to libmicrohttpd unsuspended:
+ * 0.9.75 keeps the poll state a connection had when it was suspended, and
+ * within the request's final call that is still "read"; resumed, it would
+ * read the socket, find the FIN of a client that half-closed after its
+ * request, and close the connection unanswered. Handed back once, it
+ * records that the request is complete ("block") and calls again at once. */
 static int sleep_unless_woken(Req *q) {
     pthread_mutex_lock(&q->wake_mu);
     int sleep = !q->woken;
-    if (sleep) {
+    if (sleep && !q->settled) {
+        q->settled = 1;
+    } else if (sleep) {
         q->suspended = 1;
         MHD_suspend_connection(q->conn);
     }
@@ -553,6 +589,51 @@ static void clear_woken(Req *q) {
     pthread_mutex_unlock(&q->wake_mu);
 }
 
+/* What the client's side of a TCP connection has done: still open, sent
+ * its FIN (a hang-up or a half-close: the same bytes on the wire), or
+ * reset the connection. */
+typedef enum { PEER_OPEN, PEER_FIN, PEER_RESET } PeerState;
+
+static PeerState peer_state(int fd) {
+    struct tcp_info ti;
+    socklen_t n = sizeof ti;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &n) == 0 && n >= sizeof ti.tcpi_state)
+        return ti.tcpi_state == TCP_ESTABLISHED ? PEER_OPEN : ti.tcpi_state == TCP_CLOSE_WAIT ? PEER_FIN : PEER_RESET;
+    char b;
+    ssize_t r = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (r == 0) return PEER_FIN;
+    return r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR ? PEER_RESET : PEER_OPEN;
+}
+
+/* Under q->wake_mu: 1 when q's client has gone. A FIN alone is not enough:
+ * a client may half-close (shutdown(SHUT_WR)) after its request and still
+ * wait for the answer. Before any of the answer is sent, an HTTP/1.1
+ * client past its FIN is sent an interim "100 Continue", which every
+ * HTTP/1.1 client accepts and skips; a socket the client closed answers it
+ * with a reset, which the next look sees. An HTTP/1.0 client cannot be
+ * sent a 1xx: its FIN counts as a hang-up. Once the answer has started,
+ * writing it finds out. */
+static int client_gone(Req *q) {
+    static const char probe[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    switch (peer_state(q->fd)) {
+    case PEER_OPEN: return 0;
+    case PEER_RESET: return 1;
+    case PEER_FIN: break;
+    }
+    if (q->responded) return 0;
+    if (!q->http11) return 1;
+    if (q->probed) return 0;
+    q->probed = 1;
+    return send(q->fd, probe, sizeof probe - 1, MSG_NOSIGNAL | MSG_DONTWAIT) != (ssize_t)(sizeof probe - 1);
+}
+
+static int client_gone_now(Req *q) {
+    pthread_mutex_lock(&q->wake_mu);
+    int gone = client_gone(q);
+    pthread_mutex_unlock(&q->wake_mu);
+    return gone;
+}
+
 /* MHD's reader for a deferred stream: waits (suspended) for bytes. */
 static ssize_t deferred_read(void *cls, uint64_t pos, char *buf, size_t max) {
     Req *q = cls;
@@ -561,17 +642,9 @@ static ssize_t deferred_read(void *cls, uint64_t pos, char *buf, size_t max) {
         ssize_t n = q->def_read(q->def_read_cls, pos, buf, max);
         if (n > 0) return n;
         if (n == 0) return MHD_CONTENT_READER_END_OF_STREAM;
-        if (n != HTTP_STREAM_WAIT) return MHD_CONTENT_READER_END_WITH_ERROR;
+        if (n != HTTP_STREAM_WAIT || client_gone_now(q)) return MHD_CONTENT_READER_END_WITH_ERROR;
         if (sleep_unless_woken(q)) return 0;
     }
-}
-
-/* 1 when the client has closed its side of the connection (a suspended
- * connection is not watched by libmicrohttpd, so each wake looks). */
-static int client_gone(struct MHD_Connection *c) {
-    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
-    char b;
-    return ci && recv(ci->connect_fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
 }
 
 /* Sends the deferred reply once its head is known, else sleeps; a client
@@ -579,7 +652,7 @@ static int client_gone(struct MHD_Connection *c) {
 static enum MHD_Result deferred_poll(Req *q, struct MHD_Connection *c) {
     for (;;) {
         clear_woken(q);
-        if (client_gone(c)) return MHD_NO;
+        if (client_gone_now(q)) return MHD_NO;
         HttpResp resp;
         memset(&resp, 0, sizeof resp);
         if (q->def.take(q->def.cls, &resp)) {
@@ -612,8 +685,8 @@ static enum MHD_Result dispatch(Req *q, struct MHD_Connection *c) {
     q->route->handler(h->api, &req, &resp);
     if (resp.deferred.take) {
         /* a suspended connection is not subject to the idle timeout: a
-         * client that hangs up is seen at the next wake (client_gone) or
-         * the next write */
+         * client that hangs up is seen by the sweeper, at the next wake
+         * (client_gone) or at the next write */
         q->def = resp.deferred;
         q->def.arm(q->def.cls, wake_conn, q);
         return deferred_poll(q, c);
@@ -643,6 +716,8 @@ static Req *req_new(Httpd *h, struct MHD_Connection *c, const char *url, const c
     q->cur_fd = -1;
     q->route_index = -1;
     q->conn = c;
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    q->fd = ci ? ci->connect_fd : -1;
     pthread_mutex_init(&q->wake_mu, NULL);
     uint8_t raw[8];
     if (gf_random_bytes(raw, sizeof raw) == 0) {
@@ -668,12 +743,12 @@ static Conn *conn_of(struct MHD_Connection *c) {
     return ci ? ci->socket_context : NULL;
 }
 
-/* A request head arrived (busy) or a request ended (waiting for the next head). */
-static void conn_mark(Httpd *h, struct MHD_Connection *c, int busy) {
+/* A request head arrived (q) or a request ended (NULL: waiting for the next head). */
+static void conn_mark(Httpd *h, struct MHD_Connection *c, Req *q) {
     Conn *k = conn_of(c);
     if (!k) return;
     pthread_mutex_lock(&h->conns_mu);
-    k->busy = busy;
+    k->req = q;
     k->since = gf_time_mono();
     pthread_mutex_unlock(&h->conns_mu);
 }
@@ -687,7 +762,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         q = req_new(h, c, url, method);
         if (!q) return MHD_NO;
         *con_cls = q;
-        conn_mark(h, c, 1);
+        q->http11 = strcmp(version, "HTTP/1.1") == 0;
+        conn_mark(h, c, q);
         enum MHD_Result ret = MHD_YES;
         if (admit(q, c, url, version, &ret)) return ret;
         return MHD_YES;
@@ -745,10 +821,36 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
     }
 }
 
-/* Ends connections that have waited longer than header_timeout_s for a
- * complete request head, however many bytes trickle in (slowloris): the
- * idle timeout only counts silence. shutdown() makes libmicrohttpd close
- * the connection on its own thread. */
+/* Under h->conns_mu, every quarter second: ends connections that have
+ * waited longer than header_timeout_s for a complete request head, however
+ * many bytes trickle in (slowloris: the idle timeout only counts silence;
+ * shutdown() makes libmicrohttpd close the connection on its own thread),
+ * and collects the suspended connections whose client has gone (a queued
+ * request would otherwise keep its slot until its turn came). Their
+ * suspended flag is cleared here, so they stay alive until the caller
+ * resumes them. Returns how many went into gone[]. */
+static size_t sweep(Httpd *h, struct MHD_Connection **gone, size_t max) {
+    size_t n = 0;
+    double now = gf_time_mono();
+    for (Conn *k = h->conns; k; k = k->next) {
+        Req *q = k->req;
+        if (!q && h->cfg->header_timeout_s && now - k->since > (double)h->cfg->header_timeout_s) {
+            GF_LOGI("closing a connection whose request head took over %u s", h->cfg->header_timeout_s);
+            shutdown(k->fd, SHUT_RDWR);
+            k->since = now + 1e9; /* once */
+        }
+        if (!q || n == max) continue;
+        pthread_mutex_lock(&q->wake_mu);
+        if (q->suspended && client_gone(q)) {
+            q->suspended = 0;
+            q->woken = 1;
+            gone[n++] = q->conn;
+        }
+        pthread_mutex_unlock(&q->wake_mu);
+    }
+    return n;
+}
+
 static void *sweep_main(void *arg) {
     Httpd *h = arg;
     pthread_mutex_lock(&h->conns_mu);
@@ -758,13 +860,11 @@ static void *sweep_main(void *arg) {
         until.tv_nsec += 250 * 1000 * 1000;
         if (until.tv_nsec >= 1000000000L) { until.tv_sec++; until.tv_nsec -= 1000000000L; }
         pthread_cond_timedwait(&h->sweep_cv, &h->conns_mu, &until);
-        double now = gf_time_mono();
-        for (Conn *k = h->conns; k; k = k->next)
-            if (!k->busy && now - k->since > (double)h->cfg->header_timeout_s) {
-                GF_LOGI("closing a connection whose request head took over %u s", h->cfg->header_timeout_s);
-                shutdown(k->fd, SHUT_RDWR);
-                k->since = now + 1e9; /* once */
-            }
+        struct MHD_Connection *gone[64];
+        size_t n = sweep(h, gone, sizeof gone / sizeof gone[0]);
+        pthread_mutex_unlock(&h->conns_mu);
+        for (size_t i = 0; i < n; i++) MHD_resume_connection(gone[i]); /* its handler sees the client gone */
+        pthread_mutex_lock(&h->conns_mu);
     }
     pthread_mutex_unlock(&h->conns_mu);
     return NULL;
@@ -774,7 +874,7 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
     Httpd *h = cls;
     Req *q = *con_cls;
     if (!q) return;
-    conn_mark(h, c, 0);
+    conn_mark(h, c, NULL);
     double dt = gf_time_mono() - q->t_start;
     int status = q->responded ? q->status : 499;
     if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && q->responded == 0) status = 499;
@@ -792,6 +892,19 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
     free(q->param_storage);
     free(q);
     *con_cls = NULL;
+}
+
+/* libmicrohttpd's messages, into our log. Its "Application reported
+ * internal error" follows every MHD_NO, which this glue returns only for a
+ * client that has gone (already logged as 499 with its request id). */
+static void mhd_log(void *cls, const char *fmt, va_list ap) {
+    (void)cls;
+    char line[512];
+    vsnprintf(line, sizeof line, fmt, ap);
+    size_t n = strlen(line);
+    while (n && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = 0;
+    gf_log(strncmp(line, "Application reported internal error", 35) == 0 ? GF_LOG_DEBUG : GF_LOG_INFO,
+           "libmicrohttpd: %s", line);
 }
 
 /* ---- lifetime ---------------------------------------------------------- */
@@ -815,7 +928,7 @@ Httpd *httpd_start(const HttpdConfig *cfg, Api *api, GfError *err) {
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG | MHD_USE_ITC |
                      MHD_ALLOW_SUSPEND_RESUME;
     h->mhd = MHD_start_daemon(
-        flags, cfg->port, NULL, NULL, on_request, h, MHD_OPTION_SOCK_ADDR, &addr,
+        flags, cfg->port, NULL, NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_SOCK_ADDR, &addr,
         MHD_OPTION_THREAD_POOL_SIZE, cfg->threads, MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections,
         MHD_OPTION_PER_IP_CONNECTION_LIMIT, cfg->per_ip_connections, MHD_OPTION_CONNECTION_TIMEOUT, cfg->timeout_s,
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024), MHD_OPTION_STRICT_FOR_CLIENT, 1,
@@ -827,9 +940,14 @@ Httpd *httpd_start(const HttpdConfig *cfg, Api *api, GfError *err) {
         gf_error_set(err, GF_IO, NULL, NULL, "cannot listen on %s:%u (port in use?)", cfg->bind_addr, cfg->port);
         return NULL;
     }
-    if (cfg->header_timeout_s > 0) {
-        h->sweeping = 1;
-        if (pthread_create(&h->sweeper, NULL, sweep_main, h) != 0) h->sweeping = 0;
+    h->sweeping = 1;
+    if (pthread_create(&h->sweeper, NULL, sweep_main, h) != 0) {
+        MHD_stop_daemon(h->mhd);
+        pthread_mutex_destroy(&h->conns_mu);
+        pthread_cond_destroy(&h->sweep_cv);
+        free(h);
+        gf_error_set(err, GF_NO_MEMORY, NULL, NULL, "cannot start the connection sweeper thread");
+        return NULL;
     }
     return h;
 }

@@ -323,7 +323,8 @@ def t_ambiguous_framing_refused(srv):
     """Heads a proxy could frame differently (request smuggling) are refused
     with 400 before any body is read: two Host headers, two Content-Length
     headers, Content-Length with Transfer-Encoding, an HTTP version other
-    than 1.0 and 1.1. The plain request is served."""
+    than 1.0 and 1.1, a space between a header's name and its colon. The
+    plain request is served."""
     get = "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n" % KEY
     post = ("POST /v1/fine_tuning/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
             "Content-Type: application/json\r\n" % KEY)
@@ -331,7 +332,8 @@ def t_ambiguous_framing_refused(srv):
              (get + "Host: other.example\r\n\r\n", b"400"),
              (post + "Content-Length: 2\r\nContent-Length: 20\r\n\r\n{}", b"400"),
              (post + "Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400"),
-             (get.replace("HTTP/1.1", "HTTP/1.2") + "\r\n", b"400")]
+             (get.replace("HTTP/1.1", "HTTP/1.2") + "\r\n", b"400"),
+             (get + "Content-Type : text/plain\r\n\r\n", b"400")]
     before = srv.snapshot()
     for req, status in cases:
         out = srv.raw(req.encode(), read_all=False)

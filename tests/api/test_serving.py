@@ -9,7 +9,9 @@ usage: test_serving.py PATH/TO/gemmaforge
   same request sent alone (same seed, same output), whatever else shared the
   batch.
 - A full queue answers 429 with Retry-After; a client that hangs up in the
-  middle of a stream frees its slot and its KV blocks.
+  middle of a stream frees its slot and its KV blocks; queued clients that
+  hang up leave the queue at once; a client that half-closes after its
+  request still gets its whole answer.
 - An adapter that would change nothing, or whose keys name modules the model
   does not have, is refused with an error naming the problem; an adapter whose
   file is damaged on disk fails its own requests only; an adapter changes the
@@ -17,6 +19,7 @@ usage: test_serving.py PATH/TO/gemmaforge
 - Bad requests get the documented errors (remote image URLs, unknown models,
   out-of-range parameters, prompts too long for the context).
 """
+import http.client
 import json
 import os
 import random
@@ -28,7 +31,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import KEY, Runner, Server, data_url, expect, fixture_bytes, png  # noqa: E402
+from harness import KEY, Runner, Server, data_url, expect, fixture_bytes, multipart, png  # noqa: E402
 
 BIN = sys.argv[1] if len(sys.argv) > 1 else None
 N_ADAPTERS = 8
@@ -372,6 +375,70 @@ def hang_up_frees_slot(srv, s, n_cancelled):
     assert wait_metric(srv, "gf_inference_running", 0), "the hung-up request still holds its slot"
     assert wait_metric(srv, "gf_kv_blocks_used", 0)
     assert metric(srv, 'gf_inference_requests_total{outcome="cancelled"}') == n_cancelled
+
+
+def open_infer(srv, fields):
+    """A raw connection that has sent a multipart /v1/infer request."""
+    body, ctype = multipart(fields)
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    s.sendall(b"POST /v1/infer HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+              b"Content-Type: %s\r\nContent-Length: %d\r\n\r\n" % (srv.port, KEY.encode(), ctype.encode(), len(body))
+              + body)
+    return s
+
+
+def response_on(s):
+    """(status, body) of the final answer on raw socket s, any interim 1xx
+    skipped and a chunked body decoded, as an HTTP/1.1 client reads it."""
+    s.settimeout(600)
+    r = http.client.HTTPResponse(s)
+    r.begin()
+    return r.status, r.read()
+
+
+def t_half_close_and_queued_hang_ups(binary):
+    """Queued clients that hang up leave the queue at once (a live request is
+    then admitted, not refused with 429); clients that half-close after their
+    request (shutdown(SHUT_WR): done sending, still reading) are not hung up:
+    queued and then running, chat (plain and streaming) and /v1/infer, each
+    gets the answer the same request gets from a client that stays open."""
+    srv = Server(binary, extra=["--no-train", "--max-seqs", "1", "--max-queue", "4"])
+    try:
+        # the holder keeps the one slot busy for its 4,096 decode steps (seconds; the queue is
+        # looked at every 250 ms), then is closed below
+        long = {"model": "dense", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 4096,
+                "temperature": 0, "stream": True}
+        holder = open_chat(srv, long)
+        assert wait_metric(srv, "gf_inference_running", 1)
+        gone = [open_chat(srv, dict(long, stream=False)) for _ in range(4)]
+        assert wait_metric(srv, "gf_inference_queue_depth", 4)
+        for s in gone:
+            s.close()
+        assert wait_metric(srv, "gf_inference_queue_depth", 0), "hung-up queued requests kept their queue slots"
+        assert wait_metric(srv, 'gf_inference_requests_total{outcome="cancelled"}', 4)
+        assert metric(srv, "gf_inference_running") == 1, "the running request was not the one that hung up"
+
+        plain = {"model": "dense", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 12,
+                 "temperature": 0}
+        infer = [("prompt", "Once upon a time"), ("max_tokens", "9")]
+        half = [open_chat(srv, plain), open_chat(srv, dict(plain, stream=True)), open_infer(srv, infer)]
+        for s in half:
+            s.shutdown(socket.SHUT_WR)
+        assert wait_metric(srv, "gf_inference_queue_depth", 3)
+        time.sleep(1.5)  # several looks at the sockets: a FIN alone must not count as a hang-up
+        assert metric(srv, "gf_inference_queue_depth") == 3, "a half-closed client was taken for gone"
+        holder.close()
+        got = [response_on(s) for s in half]
+        assert all(status == 200 for status, _ in got), [g[0] for g in got]
+        want_chat = answer_of(expect(srv.post_json("/v1/chat/completions", plain), 200), False)
+        assert json.loads(got[0][1])["choices"][0]["message"]["content"] == want_chat[0], got[0]
+        streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in sse_events(got[1][1]) if e["choices"])
+        assert streamed == want_chat[0] and got[1][1].rstrip().endswith(b"data: [DONE]"), got[1][1][-200:]
+        want_infer = expect(srv.post_multipart("/v1/infer", infer), 200).json()
+        assert json.loads(got[2][1])["text"] == want_infer["text"], (got[2], want_infer)
+        assert srv.alive()
+    finally:
+        srv.stop()
 
 
 def t_shutdown_mid_answer(binary):
