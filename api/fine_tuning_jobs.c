@@ -190,6 +190,8 @@ static cJSON *job_json(const JobRow *j) {
     }
     if (j->adapter[0]) cJSON_AddStringToObject(o, "adapter", j->adapter);
     else cJSON_AddNullToObject(o, "adapter");
+    if (j->status_reason[0]) cJSON_AddStringToObject(o, "status_reason", j->status_reason);
+    else cJSON_AddNullToObject(o, "status_reason");
     return o;
 }
 

@@ -55,6 +55,7 @@ typedef struct {
     double epoch, loss, eval_loss, tokens_per_s, eta_s; /* NAN = unknown */
     char adapter[STORE_NAME_MAX];  /* "" until succeeded */
     int64_t trained_tokens;      /* the training set's tokens x epochs once succeeded; -1 = unknown */
+    char status_reason[512];     /* why it is where it is (waiting for disk space, paused because...); "" = nothing to say */
 } JobRow;
 
 typedef struct {

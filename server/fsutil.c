@@ -9,7 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static GfStatus io_fail(GfError *err, const char *what) {
+GfStatus fs_io_error(GfError *err, const char *what) {
     int e = errno;
     if (e == ENOSPC || e == EDQUOT)
         return gf_error_set(err, GF_NO_SPACE, "insufficient_storage", NULL, "the server's disk is full");
@@ -18,12 +18,12 @@ static GfStatus io_fail(GfError *err, const char *what) {
 
 GfStatus fs_fsync_path(const char *path, GfError *err) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return io_fail(err, "opening for sync");
+    if (fd < 0) return fs_io_error(err, "opening for sync");
     int rc = fsync(fd);
     int e = errno;
     close(fd);
     errno = e;
-    return rc ? io_fail(err, "syncing") : GF_OK;
+    return rc ? fs_io_error(err, "syncing") : GF_OK;
 }
 
 GfStatus fs_mkdirs(const char *path, GfError *err) {
@@ -32,10 +32,10 @@ GfStatus fs_mkdirs(const char *path, GfError *err) {
     for (char *p = buf + 1; *p; p++) {
         if (*p != '/') continue;
         *p = '\0';
-        if (mkdir(buf, 0700) != 0 && errno != EEXIST) return io_fail(err, "creating a directory");
+        if (mkdir(buf, 0700) != 0 && errno != EEXIST) return fs_io_error(err, "creating a directory");
         *p = '/';
     }
-    if (mkdir(buf, 0700) != 0 && errno != EEXIST) return io_fail(err, "creating a directory");
+    if (mkdir(buf, 0700) != 0 && errno != EEXIST) return fs_io_error(err, "creating a directory");
     return GF_OK;
 }
 
@@ -47,16 +47,16 @@ static void parent_of(const char *path, char *out, size_t cap) {
 
 GfStatus fs_publish(const char *dir, const char *final_dir, const char *const *src,
                     const char *const *names, int n, GfError *err) {
-    if (mkdir(dir, 0700) != 0) return io_fail(err, "creating a directory");
+    if (mkdir(dir, 0700) != 0) return fs_io_error(err, "creating a directory");
     char path[4096], parent[4096];
     GfStatus st = GF_OK;
     for (int i = 0; i < n && !st; i++) {
         snprintf(path, sizeof path, "%s/%s", dir, names[i]);
-        if (rename(src[i], path) != 0) st = io_fail(err, "moving an upload");
+        if (rename(src[i], path) != 0) st = fs_io_error(err, "moving an upload");
         else st = fs_fsync_path(path, err);
     }
     if (!st) st = fs_fsync_path(dir, err);
-    if (!st && rename(dir, final_dir) != 0) st = io_fail(err, "publishing");
+    if (!st && rename(dir, final_dir) != 0) st = fs_io_error(err, "publishing");
     if (!st) {
         parent_of(final_dir, parent, sizeof parent);
         st = fs_fsync_path(parent, err);

@@ -9,6 +9,10 @@
 
 #include "base.h"
 
+/* The error of a failed system call from errno: GF_NO_SPACE
+ * (insufficient_storage) on ENOSPC/EDQUOT, else GF_IO naming what failed. */
+GfStatus fs_io_error(GfError *err, const char *what);
+
 /* fsync of a file or directory by path. */
 GfStatus fs_fsync_path(const char *path, GfError *err);
 

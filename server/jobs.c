@@ -94,6 +94,16 @@ static int hook_pause(void *user) {
     return store_job_pause_requested(c->j->store, c->row->id);
 }
 
+static void hook_blocked(void *user, const char *reason, const char *message) {
+    JobCtx *c = user;
+    GfError err;
+    if (reason) GF_LOGW("job %s: %s", c->row->id, message);
+    else GF_LOGI("job %s: %s", c->row->id, message);
+    if (store_job_reason(c->j->store, c->row->id, reason, message, &err))
+        GF_LOGW("job %s: could not record its status reason: %s", c->row->id, err.message);
+    notify(c->j, c->row->id);
+}
+
 /* ---- one job ------------------------------------------------------------------- */
 
 /* The newest recorded checkpoint whose trainer_state.json still has its
@@ -170,6 +180,7 @@ static GfStatus prepare(JobCtx *c, JobPaths *p, TrainRunSpec *spec, GfError *err
     spec->keep_adapter = c->j->cfg.on_adapter != NULL;
     spec->n_threads = j->cfg.n_threads;
     spec->image_limits = j->cfg.image_limits;
+    spec->disk_full_wait_s = j->cfg.disk_full_wait_s;
     if (pick_checkpoint(c, p->ckpt, p->resume, sizeof p->resume)) spec->resume_dir = p->resume;
     return GF_OK;
 }
@@ -194,7 +205,7 @@ static void conclude(JobCtx *c, GfStatus st, const GfError *run_err, const JobPa
             j->cfg.on_adapter(j->cfg.on_adapter_cls, name, res->adapter); /* served at once, from memory */
             res->adapter = NULL;
         }
-    } else if (st == GF_CANCELLED && strcmp(run_err->code, "paused") == 0) {
+    } else if ((st == GF_CANCELLED && strcmp(run_err->code, "paused") == 0) || st == GF_NO_SPACE) {
         GF_LOGI("job %s: %s", id, run_err->message);
         rec = store_job_paused(j->store, id, run_err->message, &err);
     } else if (st == GF_CANCELLED && worker_stopping(&j->w)) {
@@ -221,7 +232,7 @@ static void run_job(Jobs *j, const JobRow *row, int resumed) {
     if (!st) {
         TrainRunHooks hooks = {.user = &c, .on_log = hook_log, .on_step = hook_step, .on_eval = hook_eval,
                                .on_checkpoint = hook_checkpoint, .should_stop = hook_stop,
-                               .should_pause = hook_pause};
+                               .should_pause = hook_pause, .on_blocked = hook_blocked};
         st = train_run(&spec, &hooks, &res, &err);
     }
     if (p) conclude(&c, st, &err, &spec.params, &res, p->out);

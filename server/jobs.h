@@ -45,6 +45,7 @@ typedef struct {
     int n_threads;             /* engine threads, <= 0 = all cores */
     ImageLimits image_limits;
     double poll_s;             /* how often an idle worker looks for jobs */
+    unsigned disk_full_wait_s; /* a checkpoint that finds the disk full waits this long, then the job pauses */
     /* called on the worker thread when a job's adapter is registered, with
      * the trained adapter (ownership passes): the serving engine takes it
      * from memory. NULL = the adapter is freed. */

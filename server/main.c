@@ -43,6 +43,7 @@ typedef struct {
     int64_t max_tokens;           /* 0 = default cap on max_tokens */
     ModelQuant quantize;          /* the served base: bf16 as stored, or NF4 (QLoRA) */
     unsigned drain_s;             /* on SIGTERM: seconds requests may take to finish */
+    unsigned disk_full_wait_s;    /* a job blocked by a full disk waits this long, then pauses */
 } ServeOptions;
 
 static void usage(FILE *f) {
@@ -88,6 +89,8 @@ static void usage(FILE *f) {
             "  --drain S               on SIGINT/SIGTERM, seconds running requests may take to finish\n"
             "                          before they end with 503 shutting_down (default 10)\n"
             "  --max-queued-jobs N     (default 100)   --min-examples N (default 10)\n"
+            "  --disk-full-wait S      a job whose checkpoint finds the disk full waits S seconds for space,\n"
+            "                          then pauses, saying why (default 600; 0 = pause at once)\n"
             "  --quantize nf4|none     serve the base quantized to NF4, as QLoRA trained it (default none: bf16)\n"
             "  --max-seqs N            sequences decoding at once (default 16)\n"
             "  --max-queue N           inference requests waiting for a slot; 429 beyond (default 64)\n"
@@ -167,6 +170,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
     o->max_inference_queue = -1;
     o->max_resident_adapters = -1;
     o->drain_s = 10;
+    o->disk_full_wait_s = 600;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         unsigned long long n = 0;
@@ -194,6 +198,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--per-ip-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.per_ip_connections = (unsigned)n;
         else if (strcmp(a, "--timeout") == 0 && !parse_uint(v, 3600, &n) && n) o->http.timeout_s = (unsigned)n;
         else if (strcmp(a, "--drain") == 0 && !parse_uint(v, 3600, &n)) o->drain_s = (unsigned)n;
+        else if (strcmp(a, "--disk-full-wait") == 0 && !parse_uint(v, 7 * 86400, &n)) o->disk_full_wait_s = (unsigned)n;
         else if (strcmp(a, "--header-timeout") == 0 && !parse_uint(v, 3600, &n)) o->http.header_timeout_s = (unsigned)n;
         else if (strcmp(a, "--min-body-rate") == 0 && !parse_uint(v, 1u << 30, &n)) o->http.min_body_rate = (unsigned)n;
         else if (strcmp(a, "--quantize") == 0 && cli_parse_quantize(v, &o->quantize) == 0) {}
@@ -316,7 +321,7 @@ static int cmd_serve(int argc, char **argv) {
     if (api.model.loaded && !o.no_train) {
         JobsConfig jc = {.model_dir = o.model_dir, .model_name = api.model.id, .max_lora_rank = o.limits.max_lora_rank,
                          .base = model_weights(pipe->model), .gauge = &metrics.weights,
-                         .n_threads = o.train_threads, .poll_s = 0.5,
+                         .n_threads = o.train_threads, .poll_s = 0.5, .disk_full_wait_s = o.disk_full_wait_s,
                          .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels},
                          .on_adapter = serve ? serve_trained : NULL, .on_adapter_cls = serve,
                          .on_event = job_event, .on_event_cls = api.job_hub};

@@ -1,5 +1,11 @@
 /* store.c - SQLite (WAL, synchronous=FULL) implementation of api/store.h.
  *
+ * The WAL keeps STORE_HEADROOM bytes allocated beyond its end (fallocate,
+ * keeping its size), topped up after every commit: on a full disk, the
+ * frames of a transaction land in blocks already the WAL's, so a job's end
+ * and its events are still recorded and deletes still work (they are how
+ * space is freed through the API).
+ *
  * One connection, serialized by a mutex: every public function holds the
  * lock for its whole transaction, and every write is BEGIN IMMEDIATE, so no
  * transaction ever upgrades from read to write (no SQLITE_BUSY_SNAPSHOT).
@@ -8,6 +14,7 @@
  */
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
 #include <sqlite3.h>
@@ -15,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "fsutil.h"
 #include "migrate.h"
@@ -28,7 +36,10 @@ typedef struct {
     pthread_mutex_t lock;
     char dir[3072];          /* data directory */
     char tmp[3200];          /* DATA/tmp */
+    char db_path[3200];      /* DATA/gemmaforge.db */
 } SqlStore;
+
+#define STORE_HEADROOM (4u << 20)
 
 
 /* ---- helpers ----------------------------------------------------------- */
@@ -99,11 +110,28 @@ static int64_t col_int_or(sqlite3_stmt *st, int i, int64_t def) {
 /* Runs body inside BEGIN IMMEDIATE .. COMMIT under the lock. */
 typedef GfStatus (*TxnBody)(SqlStore *s, void *ctx, GfError *err);
 
+/* Allocates STORE_HEADROOM bytes past the end of the WAL (its size kept;
+ * best effort: a full disk leaves what it could). Only the WAL: SQLite
+ * holds POSIX locks on the database file, and closing any descriptor of
+ * it in this process would drop them; it holds none on the WAL, where
+ * every write of a transaction lands first. */
+static void keep_headroom(SqlStore *s) {
+    char wal[3300];
+    snprintf(wal, sizeof wal, "%s-wal", s->db_path);
+    int fd = open(wal, O_WRONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) return;
+    struct stat st;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode))
+        (void)fallocate(fd, FALLOC_FL_KEEP_SIZE, st.st_size, STORE_HEADROOM);
+    close(fd);
+}
+
 static GfStatus txn_locked(SqlStore *s, TxnBody body, void *ctx, GfError *err) {
     int rc = begin(s);
     GfStatus res = rc == SQLITE_OK ? body(s, ctx, err) : db_fail(s, rc, err);
     if (!res && (rc = commit(s)) != SQLITE_OK) res = db_fail(s, rc, err);
     if (res) rollback(s);
+    else keep_headroom(s);
     return res;
 }
 
@@ -181,10 +209,9 @@ GfStatus store_open(const char *data_dir, Store **out, GfError *err) {
     snprintf(s->dir, sizeof s->dir, "%s", data_dir);
     snprintf(s->tmp, sizeof s->tmp, "%s/tmp", data_dir);
     pthread_mutex_init(&s->lock, NULL);
-    char db_path[4096];
-    snprintf(db_path, sizeof db_path, "%s/gemmaforge.db", data_dir);
+    snprintf(s->db_path, sizeof s->db_path, "%s/gemmaforge.db", data_dir);
     GfStatus st = make_layout(s, err);
-    if (!st && sqlite3_open_v2(db_path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK)
+    if (!st && sqlite3_open_v2(s->db_path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK)
         st = gf_error_set(err, GF_IO, NULL, NULL, "cannot open the database: %s", s->db ? sqlite3_errmsg(s->db) : "out of memory");
     if (!st) st = configure(s, err);
     int applied = 0;
@@ -199,6 +226,7 @@ GfStatus store_open(const char *data_dir, Store **out, GfError *err) {
     gc_dir(s, "datasets", "SELECT 1 FROM datasets WHERE id=?");
     gc_dir(s, "adapters", "SELECT 1 FROM adapters WHERE name=?");
     gc_dir(s, "exports", "SELECT 1 FROM exports WHERE id=? AND status IN ('succeeded','running')");
+    keep_headroom(s);
     *out = &s->port;
     return GF_OK;
 }
@@ -348,7 +376,7 @@ static GfStatus sql_dataset_delete(Store *store, const char *id, GfError *err) {
 #define ADAPTER_COLS "name,source,job_id,base_model,rank,alpha,use_rslora,n_modules,has_vision,bytes,sha256,created_at"
 #define JOB_COLS "id,dataset_id,validation_dataset_id,model,suffix,hyperparameters,status,cancel_requested," \
                  "created_at,started_at,finished_at,error_code,error_message,step,total_steps,epoch,loss," \
-                 "eval_loss,tokens_per_s,eta_s,adapter_name,paused,pause_requested,trained_tokens"
+                 "eval_loss,tokens_per_s,eta_s,adapter_name,paused,pause_requested,trained_tokens,status_reason"
 
 static void read_job(sqlite3_stmt *st, JobRow *j) {
     col_text(st, 0, j->id, sizeof j->id);
@@ -375,6 +403,7 @@ static void read_job(sqlite3_stmt *st, JobRow *j) {
     j->paused = sqlite3_column_int(st, 21);
     j->pause_requested = sqlite3_column_int(st, 22);
     j->trained_tokens = col_int_or(st, 23, -1);
+    col_text(st, 24, j->status_reason, sizeof j->status_reason);
 }
 
 static void read_job_at(sqlite3_stmt *st, void *out, int i) { read_job(st, (JobRow *)out + i); }
@@ -521,7 +550,7 @@ static GfStatus resume_body(SqlStore *s, void *ctx, GfError *err) {
     if (res) return res;
     int rc;
     if (strcmp(c->row->status, "queued") == 0 && c->row->paused) {
-        rc = exec_stmt(s, "UPDATE jobs SET paused=0 WHERE id=?", "s", c->id);
+        rc = exec_stmt(s, "UPDATE jobs SET paused=0, status_reason=NULL WHERE id=?", "s", c->id);
         if (rc == SQLITE_OK) rc = add_event(s, c->id, "info", "status", "Job resumed; queued to continue from its newest checkpoint");
     } else if (strcmp(c->row->status, "running") == 0 && c->row->pause_requested) {
         rc = exec_stmt(s, "UPDATE jobs SET pause_requested=0 WHERE id=?", "s", c->id);
@@ -623,8 +652,8 @@ static GfStatus claim_body(SqlStore *s, void *ctx, GfError *err) {
     sqlite3_finalize(st);
     if (rc != SQLITE_ROW && rc != SQLITE_DONE) return db_fail(s, rc, err);
     if (!id[0]) return gf_error_set(err, GF_NOT_FOUND, "no_job", NULL, "no job to run");
-    rc = exec_stmt(s, *c->resumed ? "UPDATE jobs SET attempt=attempt+1 WHERE id=?2"
-                                  : "UPDATE jobs SET status='running', started_at=?1, attempt=attempt+1 WHERE id=?2",
+    rc = exec_stmt(s, *c->resumed ? "UPDATE jobs SET attempt=attempt+1, status_reason=NULL WHERE id=?2"
+                                  : "UPDATE jobs SET status='running', started_at=?1, attempt=attempt+1, status_reason=NULL WHERE id=?2",
                    "is", gf_time_unix(), id);
     if (rc == SQLITE_OK)
         rc = add_event(s, id, "info", "status", *c->resumed ? "Job resumed after an interruption" : "Job started");
@@ -690,7 +719,8 @@ typedef struct {
 
 static GfStatus paused_body(SqlStore *s, void *ctx, GfError *err) {
     const PausedCtx *c = ctx;
-    int rc = exec_stmt(s, "UPDATE jobs SET status='queued', paused=1, pause_requested=0 WHERE id=? AND status='running'", "s", c->id);
+    int rc = exec_stmt(s, "UPDATE jobs SET status='queued', paused=1, pause_requested=0, status_reason=? WHERE id=? AND status='running'",
+                       "ss", c->message, c->id);
     if (rc == SQLITE_OK) rc = add_event(s, c->id, "info", "status", c->message);
     return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
 }
@@ -698,6 +728,23 @@ static GfStatus paused_body(SqlStore *s, void *ctx, GfError *err) {
 GfStatus store_job_paused(Store *store, const char *id, const char *message, GfError *err) {
     PausedCtx c = {id, message};
     return txn((SqlStore *)store, paused_body, &c, err);
+}
+
+typedef struct {
+    const char *id, *reason, *event;
+} ReasonCtx;
+
+static GfStatus reason_body(SqlStore *s, void *ctx, GfError *err) {
+    const ReasonCtx *c = ctx;
+    int rc = exec_stmt(s, "UPDATE jobs SET status_reason=NULLIF(?,'') WHERE id=? AND status='running'", "ss",
+                       c->reason ? c->reason : "", c->id);
+    if (rc == SQLITE_OK) rc = add_event(s, c->id, c->reason ? "warn" : "info", "status", c->event);
+    return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
+}
+
+GfStatus store_job_reason(Store *store, const char *id, const char *reason, const char *event, GfError *err) {
+    ReasonCtx c = {id, reason, event};
+    return txn((SqlStore *)store, reason_body, &c, err);
 }
 
 int store_job_cancel_requested(Store *store, const char *id) {
@@ -763,7 +810,7 @@ typedef struct {
 static GfStatus finish_body(SqlStore *s, void *ctx, GfError *err) {
     FinishCtx *c = ctx;
     int rc = exec_stmt(s, "UPDATE jobs SET status=?, finished_at=?, error_code=NULLIF(?,''), error_message=NULLIF(?,''), "
-                          "adapter_name=NULLIF(?,''), eta_s=0, trained_tokens=NULLIF(?,-1) WHERE id=? AND status='running'",
+                          "adapter_name=NULLIF(?,''), eta_s=0, trained_tokens=NULLIF(?,-1), status_reason=NULL WHERE id=? AND status='running'",
                        "sisssis", c->status, gf_time_unix(), c->code ? c->code : "", c->message ? c->message : "",
                        c->adapter ? c->adapter->name : "", c->adapter ? c->trained_tokens : (int64_t)-1, c->id);
     if (rc == SQLITE_OK && sqlite3_changes(s->db) != 1)

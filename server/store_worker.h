@@ -30,8 +30,12 @@ int store_job_cancel_requested(Store *s, const char *id);
 /* 1 when a pause was asked for the running job. */
 int store_job_pause_requested(Store *s, const char *id);
 /* running -> paused (queued, held; resume continues from the newest
- * checkpoint), with message as its status event. */
+ * checkpoint), with message as its status event and its status reason. */
 GfStatus store_job_paused(Store *s, const char *id, const char *message, GfError *err);
+
+/* A running job's status reason (reason, or NULL when it no longer
+ * applies) with event as a status event (warn with a reason, else info). */
+GfStatus store_job_reason(Store *s, const char *id, const char *reason, const char *event, GfError *err);
 
 /* Records a published checkpoint (replacing rows of the same or later steps,
  * which a resumed run recomputes) and forgets all but the newest keep.

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "fsutil.h"
 #include "pipeline.h"
@@ -167,11 +168,10 @@ static GfStatus checkpoint(Run *r, GfError *err) {
     train_run_ckpt_dir(root, step, final_dir, sizeof final_dir);
     fs_remove_tree(tmp);
     fs_remove_tree(final_dir);
-    GfStatus st = mkdir(tmp, 0700) == 0 ? GF_OK
-                                        : gf_error_set(err, GF_IO, "io_error", NULL, "cannot create a checkpoint directory: %s", strerror(errno));
+    GfStatus st = mkdir(tmp, 0700) == 0 ? GF_OK : fs_io_error(err, "creating a checkpoint directory");
     if (!st) st = trainer_save(r->t, tmp, err);
     if (!st) st = sync_files(tmp, err);
-    if (!st && rename(tmp, final_dir) != 0) st = gf_error_set(err, GF_IO, "io_error", NULL, "cannot publish a checkpoint: %s", strerror(errno));
+    if (!st && rename(tmp, final_dir) != 0) st = fs_io_error(err, "publishing a checkpoint");
     if (!st) st = fs_fsync_path(root, err);
     if (st) {
         fs_remove_tree(tmp);
@@ -183,6 +183,49 @@ static GfStatus checkpoint(Run *r, GfError *err) {
     prune_checkpoints(root);
     logf_(r, "info", "checkpoint saved at step %lld", (long long)step);
     return GF_OK;
+}
+
+/* The run is blocked (reason) or no longer (NULL), said through on_blocked
+ * or else the log. */
+static void blocked(Run *r, const char *reason, const char *message) {
+    if (r->hooks->on_blocked) r->hooks->on_blocked(r->hooks->user, reason, message);
+    else logf_(r, reason ? "warn" : "info", "%s", message);
+}
+
+static int stop_or_pause_asked(Run *r) {
+    return stop_asked(r) || (r->hooks->should_pause && r->hooks->should_pause(r->hooks->user));
+}
+
+/* A checkpoint that finds the disk full waits for space: the run says so,
+ * tries again every CKPT_RETRY_S seconds for up to disk_full_wait_s, and
+ * says when space is back. Still full then (or a stop or pause asked
+ * meanwhile): GF_NO_SPACE, code disk_full, saying what to do. */
+#define CKPT_RETRY_S 2.0
+static GfStatus checkpoint_or_wait(Run *r, GfError *err) {
+    GfStatus st = checkpoint(r, err);
+    unsigned wait_s = r->spec->disk_full_wait_s;
+    if (st != GF_NO_SPACE || !wait_s) return st;
+    long long step = (long long)trainer_step_index(r->t);
+    char why[GF_ERR_MSG_MAX + 160];
+    snprintf(why, sizeof why, "Waiting for disk space: the checkpoint of step %lld could not be written (%s); "
+             "trying again every %.0f s for up to %u s", step, err->message, CKPT_RETRY_S, wait_s);
+    blocked(r, why, why);
+    double until = gf_time_mono() + wait_s;
+    while (st == GF_NO_SPACE && gf_time_mono() < until && !stop_or_pause_asked(r)) {
+        for (double t = 0; t < CKPT_RETRY_S && !stop_or_pause_asked(r); t += 0.25) usleep(250 * 1000);
+        st = checkpoint(r, err);
+    }
+    if (!st) {
+        snprintf(why, sizeof why, "Disk space is back: the checkpoint of step %lld was written", step);
+        blocked(r, NULL, why);
+        return GF_OK;
+    }
+    if (st != GF_NO_SPACE) return st;
+    if (stop_asked(r)) return gf_error_set(err, GF_CANCELLED, "cancelled", NULL, "cancelled while waiting for disk space");
+    return gf_error_set(err, GF_NO_SPACE, "disk_full", NULL,
+                        "The data disk stayed full: the checkpoint of step %lld could not be written. Free space "
+                        "(delete datasets, adapters or exports), then resume the job; it continues from its last checkpoint",
+                        step);
 }
 
 /* ---- the loop ----------------------------------------------------------------- */
@@ -217,11 +260,11 @@ static GfStatus loop(Run *r, GfError *err) {
         int last = trainer_done(r->t);
         if (r->val && ((hp->eval_every && step % hp->eval_every == 0) || last)) st = evaluate(r, err);
         int saved = !st && (step % hp->save_every == 0 || last);
-        if (saved) st = checkpoint(r, err);
+        if (saved) st = checkpoint_or_wait(r, err);
         if (!st && r->spec->stop_at_step && step >= r->spec->stop_at_step && !last)
             st = gf_error_set(err, GF_CANCELLED, "cancelled", NULL, "stopped after step %lld as asked", (long long)step);
         if (!st && !last && r->hooks->should_pause && r->hooks->should_pause(r->hooks->user)) {
-            if (!saved) st = checkpoint(r, err);
+            if (!saved) st = checkpoint_or_wait(r, err);
             if (!st)
                 st = gf_error_set(err, GF_CANCELLED, "paused", NULL, "Job paused after step %lld of %lld; resume continues from there",
                                   (long long)step, (long long)info.total_steps);

@@ -17,7 +17,9 @@
  * asked between sequences: a stop abandons the current step and train_run
  * returns GF_CANCELLED (the last checkpoint stays the resume point).
  * Errors carry a message a user can act on (the dataset line, the memory
- * needed, the hyperparameter at fault).
+ * needed, the hyperparameter at fault). A checkpoint that finds the disk
+ * full waits up to disk_full_wait_s for space (on_blocked says so), then
+ * fails with GF_NO_SPACE, code disk_full.
  */
 #ifndef GF_TRAIN_RUN_H
 #define GF_TRAIN_RUN_H
@@ -42,6 +44,7 @@ typedef struct {
     JobParams params;
     int n_threads;                        /* <= 0 = all cores */
     int64_t stop_at_step;                 /* stop (GF_CANCELLED) once this step is done; 0 = never */
+    unsigned disk_full_wait_s;            /* a checkpoint that finds the disk full waits this long for space; 0 = fail at once */
     ImageLimits image_limits;
 } TrainRunSpec;
 
@@ -63,6 +66,9 @@ typedef struct {
      * was) and ends the run with GF_CANCELLED, code "paused"; resuming from
      * that checkpoint continues exactly where it paused. */
     int (*should_pause)(void *user);
+    /* The run is blocked (reason: why, in words) or no longer (NULL);
+     * message says it for an event. NULL: said in on_log. */
+    void (*on_blocked)(void *user, const char *reason, const char *message);
 } TrainRunHooks;
 
 typedef struct {

@@ -63,6 +63,7 @@ export async function jobPage(view, id) {
     clear(errBox);
     if (job.error) errBox.append(h('div', { class: 'error', role: 'alert' }, h('strong', {}, 'The job failed: '), job.error.message,
       h('span', { class: 'muted' }, ` (${job.error.code})`)));
+    else if (job.status_reason) errBox.append(h('div', { class: 'notice', role: 'status', id: 'status-reason' }, job.status_reason));
     const item = (k, v) => [h('dt', {}, k), h('dd', {}, v)];
     clear(stats).append(...item('Step', `${p.step ?? 0} of ${p.total_steps ?? '?'}`), ...item('Epoch', fmtNumber(p.epoch, 3)),
       ...item('Loss', fmtNumber(p.loss)), ...item('Validation loss', fmtNumber(p.eval_loss)),

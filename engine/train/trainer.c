@@ -298,7 +298,8 @@ static GfStatus write_text(const char *path, const char *text, GfError *err) {
     int ok = fputs(text, f) >= 0;
     ok = fflush(f) == 0 && ok && fsync(fileno(f)) == 0;
     ok = fclose(f) == 0 && ok;
-    return ok ? GF_OK : gf_error_set(err, errno == ENOSPC ? GF_NO_SPACE : GF_IO, "io_error", NULL,
+    int full = errno == ENOSPC || errno == EDQUOT;
+    return ok ? GF_OK : gf_error_set(err, full ? GF_NO_SPACE : GF_IO, full ? "insufficient_storage" : "io_error", NULL,
                                      "cannot write the checkpoint: %s", strerror(errno));
 }
 

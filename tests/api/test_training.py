@@ -10,7 +10,10 @@ bundled tiny model (CPU), checked against what a user must be able to rely on:
 - a job on the served base's quantization shares its weights (one copy on
   /metrics while it runs); another quantization loads a second copy, said so;
 - cancel stops a running job within a step; a job that cannot train fails
-  with a reason naming what to change; the database agrees afterwards.
+  with a reason naming what to change; the database agrees afterwards;
+- on a full disk (a small tmpfs as the data directory) a job says it waits
+  for space, goes on when space is back, pauses saying why, and resumes to
+  success once space is freed; deletes work with 0 bytes free.
 
 usage: test_training.py PATH/TO/gemmaforge
 """
@@ -301,6 +304,77 @@ def t_failed_jobs_say_why(binary):
         c.close()
     finally:
         srv.stop()
+
+
+def fill_disk(path):
+    """Writes path until the filesystem under it is full; returns its size."""
+    with open(path, "ab") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == 28, e  # ENOSPC
+    os.sync()
+    return os.path.getsize(path)
+
+
+def t_disk_full_job_waits_pauses_and_resumes(binary):
+    mnt = tempfile.mkdtemp(prefix="gf-disk-")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", mnt], stderr=subprocess.DEVNULL).returncode:
+        os.rmdir(mnt)
+        print("  SKIPPED: mounting a small tmpfs as the full disk needs root")
+        return
+    srv = None
+    try:
+        srv = Server(binary, data=os.path.join(mnt, "data"), extra=["--disk-full-wait", "3600"])
+        ds, _, _ = upload_shapes(srv, 12, 3)
+        spare, _, _ = upload_shapes(srv, 12, 5)
+        job = create_job(srv, ds, {"epochs": 4, "batch_size": 2, "gradient_accumulation_steps": 1, "save_every": 2})
+        wait_job(srv, job, pred=lambda j: (j["progress"]["step"] or 0) >= 1)
+        filler = os.path.join(mnt, "filler")
+
+        # full: the job says it waits; space back: it says so and goes on
+        fill_disk(filler)
+        j = wait_job(srv, job, pred=lambda j: j["status_reason"])
+        assert j["status"] == "running" and j["status_reason"].startswith("Waiting for disk space: the checkpoint of step"), j
+        assert any(e["level"] == "warn" and e["message"] == j["status_reason"] for e in events(srv, job))
+        step = j["progress"]["step"]
+        time.sleep(1)
+        assert expect(srv.get("/v1/fine_tuning/jobs/" + job), 200).json()["progress"]["step"] == step, "trained on unsaved"
+        os.remove(filler)
+        j = wait_job(srv, job, pred=lambda j: not j["status_reason"] and (j["progress"]["step"] or 0) > step)
+        assert any(e["message"].startswith("Disk space is back") for e in events(srv, job))
+
+        # full again: waiting, then paused (here asked while it waits) with the reason in words
+        fill_disk(filler)
+        wait_job(srv, job, pred=lambda j: j["status_reason"])
+        expect(srv.post_json("/v1/fine_tuning/jobs/%s/pause" % job, {}), 200)
+        j = wait_job(srv, job, until=("paused", "succeeded", "failed", "cancelled"))
+        assert j["status"] == "paused" and j["error"] is None, j
+        assert j["status_reason"].startswith("The data disk stayed full") and "resume" in j["status_reason"], j
+
+        # deletes free space through the API with 0 bytes free
+        fill_disk(filler)
+        assert os.statvfs(mnt).f_bavail == 0
+        expect(srv.request("DELETE", "/v1/datasets/" + spare), 200)
+        c = srv.db()
+        assert c.execute("SELECT COUNT(*) FROM datasets WHERE id=?", (spare,)).fetchone()[0] == 0
+        c.close()
+        assert not os.path.exists(os.path.join(mnt, "data", "datasets", spare))
+
+        # space freed: resumed, it finishes and its adapter is served
+        os.remove(filler)
+        expect(srv.post_json("/v1/fine_tuning/jobs/%s/resume" % job, {}), 200)
+        j = wait_job(srv, job)
+        assert j["status"] == "succeeded" and j["status_reason"] is None and j["adapter"], j
+        expect(srv.post_json("/v1/chat/completions", {"model": j["adapter"], "max_tokens": 2,
+                                                      "messages": [{"role": "user", "content": "hi"}]}), 200)
+    finally:
+        if srv:
+            srv.stop()
+        subprocess.run(["umount", mnt])
+        os.rmdir(mnt)
 
 
 def main():
