@@ -273,7 +273,7 @@ static GfStatus infer_parse(Api *api, const HttpReq *req, Parsed *p, GfError *er
         p->parts[p->n_parts++] = (ChatPart){1, NULL};
     }
     p->parts[p->n_parts++] = (ChatPart){0, prompt->value};
-    p->msgs[0] = (ChatMessage){CHAT_USER, p->parts, p->n_parts, 0};
+    p->msgs[0] = (ChatMessage){.role = CHAT_USER, .parts = p->parts, .n_parts = p->n_parts};
     p->n_msgs = 1;
     p->s.max_tokens = max_tokens;
     p->s.sample = (SampleParams){0.0f, 1.0f, 0};

@@ -559,7 +559,9 @@ int cli_infer(int argc, char **argv) {
         for (int k = 0; k < o.n_images; k++) parts[k] = (ChatPart){.is_image = 1};
         parts[o.n_images] = (ChatPart){.text = o.prompt};
         ChatPart sys_part = {.text = o.system};
-        ChatMessage msgs[2] = {{CHAT_SYSTEM, &sys_part, 1, 1}, {CHAT_USER, parts, (size_t)o.n_images + 1, o.n_images == 0}};
+        ChatMessage msgs[2] = {{.role = CHAT_SYSTEM, .parts = &sys_part, .n_parts = 1, .content_is_string = 1},
+                               {.role = CHAT_USER, .parts = parts, .n_parts = (size_t)o.n_images + 1,
+                                .content_is_string = o.n_images == 0}};
         Prompt pr;
         InferOut out = {.json = o.json};
         GenResult res = {.ids = malloc((size_t)o.max_tokens * sizeof(int32_t))};

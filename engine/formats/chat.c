@@ -165,7 +165,7 @@ static void render(const ChatTemplate *tpl, const ChatMessage *m, size_t n, int 
         emit_str(emit, ctx, "<turn|>\n", 0);
     }
     for (size_t i = sys ? 1 : 0; i < n; i++) {
-        int model = m[i].role == CHAT_ASSISTANT;
+        int model = m[i].role == CHAT_ASSISTANT, trained = model && !m[i].untrained;
         emit_str(emit, ctx, model ? "<|turn>model\n" : "<|turn>user\n", 0);
         if (model && train && tpl->thought_in_gen_prompt && !think) emit_str(emit, ctx, EMPTY_THOUGHT, 0);
         for (size_t k = 0; k < m[i].n_parts; k++) {
@@ -178,10 +178,10 @@ static void render(const ChatTemplate *tpl, const ChatMessage *m, size_t n, int 
             Buf b = {0};
             if (model) put_without_thoughts(&b, m[i].parts[k].text);
             else put_trimmed(&b, m[i].parts[k].text);
-            if (b.n) emit(ctx, b.s, b.n, 0, model);
+            if (b.n) emit(ctx, b.s, b.n, 0, trained);
             free(b.s);
         }
-        emit_str(emit, ctx, "<turn|>", model);
+        emit_str(emit, ctx, "<turn|>", trained);
         emit_str(emit, ctx, "\n", 0);
     }
     if (gen) {

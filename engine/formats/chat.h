@@ -11,7 +11,7 @@
  * chat_encode builds ids directly: each image becomes boi + N x image +
  * eoi with N from the image processor, mm_token_type_ids 1 on the image
  * placeholders, and (for training) labels on assistant text and its closing
- * <turn|> only. Thread-safe; outputs are malloc'd and owned by the caller.
+ * <turn|> only (none on an untrained assistant turn). Thread-safe; outputs are malloc'd and owned by the caller.
  */
 #ifndef GF_CHAT_H
 #define GF_CHAT_H
@@ -34,6 +34,7 @@ typedef struct {
     const ChatPart *parts;
     size_t n_parts;
     int content_is_string;    /* content was a plain string (one text part) */
+    int untrained;            /* an assistant turn left out of training (OpenAI's "weight": 0): no labels */
 } ChatMessage;
 
 typedef struct {

@@ -203,11 +203,14 @@ static GfStatus check_message(Ctx *c, const cJSON *m, size_t index, GfError *err
         return line_err(err, "unknown_role", "unknown role '%.40s' (system, user or assistant)", r);
     if (strcmp(r, "system") == 0 && index != 0)
         return line_err(err, "invalid_message", "a system message may only come first%s", "");
-    if (cJSON_GetObjectItemCaseSensitive(m, "weight"))
-        return line_err(err, "unsupported_field",
-                        "a message has 'weight' (OpenAI's switch to leave a turn out of training), which is not supported yet%s", "");
-    if (cJSON_GetArraySize(m) != 2 || !content)
-        return line_err(err, "invalid_message", "a message needs exactly 'role' and 'content'%s", "");
+    const cJSON *weight = cJSON_GetObjectItemCaseSensitive(m, "weight");
+    if (weight && strcmp(r, "assistant") != 0)
+        return line_err(err, "invalid_weight", "'weight' is only for assistant messages, not a %s message", r);
+    if (weight && !(cJSON_IsNumber(weight) && (weight->valuedouble == 0 || weight->valuedouble == 1)))
+        return line_err(err, "invalid_weight", "'weight' must be 0 (leave the turn out of training) or 1%s", "");
+    if (cJSON_GetArraySize(m) != 2 + (weight != NULL) || !content)
+        return line_err(err, "invalid_message", "a message needs exactly 'role' and 'content' (and, for an assistant, "
+                        "an optional 'weight')%s", "");
     if (cJSON_IsString(content)) {
         if (content->valuestring[0] == '\0') return line_err(err, "empty_content", "a %s message has empty content", r);
         return GF_OK;
@@ -232,14 +235,20 @@ static GfStatus check_example(Ctx *c, const char *line, size_t n, GfError *err) 
     else if (!cJSON_IsArray(msgs)) st = line_err(err, "missing_messages", "the line has no 'messages' list%s", "");
     else if (cJSON_GetArraySize(root) != 1) st = line_err(err, "unknown_field", "only 'messages' is allowed at the top level%s", "");
     else if (cJSON_GetArraySize(msgs) == 0) st = line_err(err, "missing_messages", "'messages' is empty%s", "");
-    int has_assistant = 0;
+    int has_assistant = 0, trained = 0;
     size_t i = 0;
     for (const cJSON *m = st ? NULL : msgs->child; m && !st; m = m->next, i++) {
         st = check_message(c, m, i, err);
         const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
-        if (!st && strcmp(role->valuestring, "assistant") == 0) has_assistant = 1;
+        if (!st && strcmp(role->valuestring, "assistant") == 0) {
+            const cJSON *w = cJSON_GetObjectItemCaseSensitive(m, "weight");
+            has_assistant = 1;
+            trained += !w || w->valuedouble == 1;
+        }
     }
     if (!st && !has_assistant) st = line_err(err, "no_assistant_turn", "the conversation has no assistant turn%s", "");
+    if (!st && !trained)
+        st = line_err(err, "no_trained_turn", "every assistant turn has 'weight': 0, so nothing of the line is trained%s", "");
     cJSON_Delete(root);
     return st;
 }

@@ -107,6 +107,8 @@ static GfStatus parse_message(Conversation *c, const cJSON *m, size_t *np, uint6
     const char *r = role->valuestring;
     msg->role = strcmp(r, "system") == 0 ? CHAT_SYSTEM : strcmp(r, "user") == 0 ? CHAT_USER : CHAT_ASSISTANT;
     if (msg->role == CHAT_ASSISTANT && strcmp(r, "assistant") != 0) return bad(err, line, "unknown role");
+    const cJSON *w = cJSON_GetObjectItemCaseSensitive(m, "weight");
+    msg->untrained = msg->role == CHAT_ASSISTANT && cJSON_IsNumber(w) && w->valuedouble == 0;
     msg->parts = c->parts + *np;
     size_t first = *np;
     if (cJSON_IsString(content)) {
@@ -228,7 +230,7 @@ static GfStatus encode_line(TrainSet *t, Conversation *c, Entry *e, int64_t max_
     e->n = (int64_t)ct.n;
     e->n_images = c->n_images;
     e->targets = count_targets(ct.labels, e->n);
-    if (!st && e->targets == 0) st = bad(err, e->line, "no token is trained (the assistant turns are empty)");
+    if (!st && e->targets == 0) st = bad(err, e->line, "no token is trained (the assistant turns are empty or have weight 0)");
     if (!st) st = pool_append(t, &ct, err);
     chat_tokens_free(&ct);
     if (!st && e->n > t->max_tokens) t->max_tokens = e->n;

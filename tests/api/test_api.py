@@ -666,6 +666,12 @@ def t_d1_text_edges(srv):
     assert d["examples"] == MIN_EXAMPLES
 
 
+def weighted(w1, w2):
+    """A two-turn conversation whose assistant turns have OpenAI's weights w1, w2."""
+    return json.dumps({"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "a", "weight": w1},
+                                    {"role": "user", "content": "two"}, {"role": "assistant", "content": "b", "weight": w2}]})
+
+
 def t_d2_to_d5_lines(srv):
     good = example(None, answer="ok")
     lines = [good,
@@ -682,13 +688,19 @@ def t_d2_to_d5_lines(srv):
              json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "y"}]}),  # 12
              json.dumps({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a"}]}, {"role": "assistant", "content": "y"}]}),  # 13
              '{"messages":[{"role":"user","content":"a","content":"b"},{"role":"assistant","content":"y"}]}',  # 14 duplicate
-             good]
+             good,
+             weighted(0, 1),                                                   # 16 OpenAI's weight: fine
+             weighted(0, 0),                                                   # 17 nothing trained
+             weighted(2, 1),                                                   # 18 not 0 or 1
+             json.dumps({"messages": [{"role": "user", "content": "x", "weight": 1}, {"role": "assistant", "content": "y"}]}),  # 19
+             json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": True}]})]  # 20
     expected = {2: "invalid_json", 3: "invalid_json", 4: "missing_messages", 5: "unknown_role", 6: "no_assistant_turn",
                 7: "empty_content", 8: "invalid_content", 11: "unknown_field", 12: "invalid_message",
-                13: "invalid_content", 14: "invalid_json"}
+                13: "invalid_content", 14: "invalid_json", 17: "no_trained_turn", 18: "invalid_weight", 19: "invalid_weight",
+                20: "invalid_weight"}
     def go():
         r = bad_upload(srv, jsonl(lines), code="invalid_dataset", lines=expected)
-        assert "11 of 14 lines" in r.json()["error"]["message"], r
+        assert "15 of 19 lines" in r.json()["error"]["message"], r
         bad_upload(srv, jsonl([good] * (MIN_EXAMPLES - 1)), code="too_few_examples")
     nothing_persisted(srv, go)
 

@@ -118,6 +118,38 @@ static void check_train_prefix(const ChatTemplate *tpl, const Tokenizer *tok, co
     chat_tokens_free(&t);
 }
 
+/* OpenAI's "weight": 0: an untrained assistant turn keeps its ids (it is
+ * context for what follows) and loses its labels, and only its own. */
+static void check_untrained_turns(const ChatTemplate *tpl, const Tokenizer *tok, const char *tname) {
+    ChatPart parts[4] = {{0, "What is two plus two?"}, {0, "Four."}, {0, "And three plus three?"}, {0, "Six."}};
+    ChatMessage m[4];
+    for (int i = 0; i < 4; i++) m[i] = (ChatMessage){i % 2 ? CHAT_ASSISTANT : CHAT_USER, &parts[i], 1, 1, 0};
+    ChatTokens all, p;
+    GfError err;
+    CHECK_STATUS(chat_encode(tpl, tok, m, 4, NULL, 0, 0, 0, 255, 256, 257, CHAT_LABELS_TRAIN, &all, &err), GF_OK, err);
+    CHECK_STATUS(chat_encode(tpl, tok, m, 3, NULL, 0, 1, 0, 255, 256, 257, CHAT_LABELS_NONE, &p, &err), GF_OK, err);
+    size_t second = p.n; /* where the second assistant turn starts */
+    chat_tokens_free(&p);
+    size_t trained[2] = {0, 0};
+    for (size_t k = 0; k < all.n; k++) trained[k >= second] += all.labels[k] != -100;
+    CHECK(trained[0] > 0 && trained[1] > 0, "%s: both turns trained by default", tname);
+    for (int j = 1; j <= 3; j += 2) {
+        ChatTokens w;
+        m[j].untrained = 1;
+        CHECK_STATUS(chat_encode(tpl, tok, m, 4, NULL, 0, 0, 0, 255, 256, 257, CHAT_LABELS_TRAIN, &w, &err), GF_OK, err);
+        int same_ids = w.n == all.n, labels_ok = same_ids;
+        for (size_t k = 0; same_ids && k < w.n; k++) {
+            same_ids = w.ids[k] == all.ids[k];
+            int in_turn = j == 1 ? k < second : k >= second;
+            labels_ok &= w.labels[k] == (in_turn ? -100 : all.labels[k]);
+        }
+        CHECK(same_ids && labels_ok, "%s: assistant turn %d with weight 0 keeps its ids and only it loses its labels", tname, j);
+        chat_tokens_free(&w);
+        m[j].untrained = 0;
+    }
+    chat_tokens_free(&all);
+}
+
 static void ids_case(const cJSON *r, const Tokenizer *tok, const ChatTemplate *small, const ChatTemplate *large) {
     const char *tname = cJSON_GetObjectItemCaseSensitive(r, "template")->valuestring;
     const char *cname = cJSON_GetObjectItemCaseSensitive(r, "case")->valuestring;
@@ -199,6 +231,10 @@ int main(void) {
         cJSON_Delete(r);
     }
     free(text);
+    if (tok) {
+        check_untrained_turns(&small, tok, "small");
+        check_untrained_turns(&large, tok, "large");
+    }
     tokenizer_free(tok);
     CHECK(chat_template_detect("{{ messages }}", &small, &err) == GF_INVALID, "non-Gemma-4 template refused");
     return check_done("test_chat");
