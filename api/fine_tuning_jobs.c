@@ -286,20 +286,28 @@ GfStatus jobs_events(Api *api, const HttpReq *req, HttpResp *resp) {
 }
 
 GfStatus jobs_checkpoints(Api *api, const HttpReq *req, HttpResp *resp) {
-    enum { MAX = 100 };
+    enum { MAX = STORE_CHECKPOINTS_MAX };
     CheckpointRow *rows = calloc(MAX, sizeof *rows);
     if (!rows) return reply_fail(resp, GF_NO_MEMORY, NULL, NULL, "out of memory");
     int n = 0;
     GfError err;
-    if (store_job_checkpoints(api->store, req->params[0], rows, MAX, &n, &err)) {
+    JobRow job;
+    if (store_job_get(api->store, req->params[0], &job, &err) ||
+        store_job_checkpoints(api->store, req->params[0], rows, MAX, &n, &err)) {
         free(rows);
         return reply_error(resp, &err, NULL);
     }
+    char adapter[STORE_NAME_MAX], model[STORE_NAME_MAX + STORE_ID_MAX + 48];
+    store_job_adapter_name(&job, adapter, sizeof adapter);
     cJSON *data = cJSON_CreateArray();
     for (int i = 0; i < n; i++) {
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "id", rows[i].id);
         cJSON_AddStringToObject(o, "object", "fine_tuning.job.checkpoint");
+        cJSON_AddStringToObject(o, "fine_tuning_job_id", job.id);
+        snprintf(model, sizeof model, "ft:%s:%s:ckpt-step-%lld", adapter, job.id, (long long)rows[i].step);
+        if (rows[i].dir[0]) cJSON_AddStringToObject(o, "fine_tuned_model_checkpoint", model);
+        else cJSON_AddNullToObject(o, "fine_tuned_model_checkpoint");
         cJSON_AddNumberToObject(o, "step_number", (double)rows[i].step);
         cJSON_AddNumberToObject(o, "created_at", (double)rows[i].created_at);
         cJSON *m = cJSON_Parse(rows[i].metrics);

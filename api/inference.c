@@ -370,12 +370,46 @@ GfStatus inference_start_or_reply(Api *api, ServeSubmit *s, InferOptions *opts, 
 
 /* ---- request pieces ------------------------------------------------------------- */
 
+/* A checkpoint's model, "ft:<the job's adapter name>:<job id>:ckpt-step-<N>"
+ * (its fine_tuned_model_checkpoint): the adapter saved in that checkpoint.
+ * 1 when name has that form (opts set, or err), 0 when it has not. */
+static int resolve_checkpoint(Api *api, const char *name, InferOptions *opts, GfError *err, GfStatus *st) {
+    char adapter[101], job_id[STORE_ID_MAX], want[STORE_NAME_MAX];
+    long long step = 0;
+    int used = 0;
+    if (strncmp(name, "ft:", 3) != 0 ||
+        sscanf(name + 3, "%100[^:]:%39[^:]:ckpt-step-%lld%n", adapter, job_id, &step, &used) != 3 || name[3 + used])
+        return 0;
+    JobRow job;
+    CheckpointRow *rows = calloc(STORE_CHECKPOINTS_MAX, sizeof *rows);
+    int n = 0, found = -1;
+    *st = rows ? GF_OK : gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    if (!*st && store_job_get(api->store, job_id, &job, err) == GF_OK) {
+        store_job_adapter_name(&job, want, sizeof want);
+        if (strcmp(want, adapter) == 0 &&
+            store_job_checkpoints(api->store, job_id, rows, STORE_CHECKPOINTS_MAX, &n, err) == GF_OK)
+            for (int i = 0; i < n; i++)
+                if (rows[i].step == step && rows[i].dir[0]) found = i;
+    }
+    if (!*st && found < 0)
+        *st = gf_error_set(err, GF_NOT_FOUND, "model_not_found", "model",
+                           "no checkpoint '%s' (GET /v1/fine_tuning/jobs/%s/checkpoints lists the ones kept)", name, job_id);
+    if (!*st) {
+        snprintf(opts->adapter, sizeof opts->adapter, "%s", name);
+        snprintf(opts->adapter_dir, sizeof opts->adapter_dir, "%s", rows[found].dir);
+    }
+    free(rows);
+    return 1;
+}
+
 GfStatus inference_resolve_model(Api *api, const char *name, InferOptions *opts, GfError *err) {
     snprintf(opts->model, sizeof opts->model, "%s", name);
     if (strcmp(name, api->model.id) == 0) {
         opts->adapter[0] = opts->adapter_dir[0] = '\0';
         return GF_OK;
     }
+    GfStatus st;
+    if (resolve_checkpoint(api, name, opts, err, &st)) return st;
     if (check_object_name(name, "model", err)) {
         snprintf(err->code, sizeof err->code, "invalid_model_name");
         return err->status;

@@ -19,6 +19,12 @@ void store_new_id(const char *prefix, char out[STORE_ID_MAX]) {
     snprintf(out, STORE_ID_MAX, "%s_%s", prefix, hex);
 }
 
+void store_job_adapter_name(const JobRow *row, char *out, size_t cap) {
+    const char *hex = strchr(row->id, '_') ? strchr(row->id, '_') + 1 : row->id;
+    if (row->suffix[0]) snprintf(out, cap, "%s-%.8s", row->suffix, hex);
+    else snprintf(out, cap, "ft-%s", hex);
+}
+
 GfStatus store_dataset_create(Store *s, const DatasetRow *row, const char *jsonl_tmp, const char *tar_tmp, GfError *err) {
     return s->ops->dataset_create(s, row, jsonl_tmp, tar_tmp, err);
 }

@@ -72,7 +72,10 @@ typedef struct {
     int64_t step;
     int64_t created_at;
     char metrics[512];           /* JSON object text */
+    char dir[4096];              /* its directory (a PEFT adapter among its files); "" where the store keeps no files */
 } CheckpointRow;
+
+#define STORE_CHECKPOINTS_MAX 100    /* the most checkpoint rows a job lists */
 
 typedef struct {
     char name[STORE_NAME_MAX];
@@ -227,6 +230,10 @@ GfStatus store_export_dir(Store *s, const char *id, char dir[4096], GfError *err
 GfStatus store_counts(Store *s, StoreCounts *out, GfError *err);
 /* GF_OK when the database answers a trivial query. */
 GfStatus store_ping(Store *s, GfError *err);
+/* The name a job's adapter gets (reserved from the job's creation):
+ * "<suffix>-<first 8 hex of the job id>", or "ft-<the id's hex>". */
+void store_job_adapter_name(const JobRow *row, char *out, size_t cap);
+
 /* New opaque id "<prefix>_<24 hex>". */
 void store_new_id(const char *prefix, char out[STORE_ID_MAX]);
 

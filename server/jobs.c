@@ -125,17 +125,11 @@ static int64_t pick_checkpoint(JobCtx *c, const char *root, char *dir, size_t ca
     return 0;
 }
 
-static void adapter_name(const JobRow *row, char *out, size_t cap) {
-    const char *hex = strchr(row->id, '_') ? strchr(row->id, '_') + 1 : row->id;
-    if (row->suffix[0]) snprintf(out, cap, "%s-%.8s", row->suffix, hex);
-    else snprintf(out, cap, "ft-%s", hex);
-}
-
 /* Registers the trained adapter in dir (and marks the job succeeded). */
 static GfStatus register_adapter(JobCtx *c, const JobParams *hp, const TrainRunResult *res, const char *dir, GfError *err) {
     AdapterRow a = {.rank = hp->lora_rank, .alpha = hp->lora_alpha, .use_rslora = hp->use_rslora,
                     .n_modules = res->n_modules, .has_vision = res->has_vision, .created_at = gf_time_unix()};
-    adapter_name(c->row, a.name, sizeof a.name);
+    store_job_adapter_name(c->row, a.name, sizeof a.name);
     snprintf(a.source, sizeof a.source, "trained");
     snprintf(a.job_id, sizeof a.job_id, "%s", c->row->id);
     snprintf(a.base_model, sizeof a.base_model, "%s", c->j->cfg.model_name);
@@ -195,7 +189,7 @@ static void conclude(JobCtx *c, GfStatus st, const GfError *run_err, const JobPa
     GfStatus rec = GF_OK;
     if (!st) {
         char name[STORE_NAME_MAX];
-        adapter_name(c->row, name, sizeof name);
+        store_job_adapter_name(c->row, name, sizeof name);
         if ((rec = register_adapter(c, hp, res, out_dir, &err))) {
             char code[GF_ERR_CODE_MAX], msg[GF_ERR_MSG_MAX + 64];
             snprintf(code, sizeof code, "%s", err.code[0] ? err.code : "registration_failed");

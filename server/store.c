@@ -28,6 +28,7 @@
 #include "migrate.h"
 #include "store_open.h"
 #include "store_worker.h"
+#include "train_run.h"
 
 /* The SQLite store; a Store * handed out is the address of its port. */
 typedef struct {
@@ -609,13 +610,16 @@ static GfStatus sql_job_checkpoints(Store *store, const char *id, CheckpointRow 
         res = gf_error_set(err, GF_NOT_FOUND, "job_not_found", "id", "no fine-tuning job '%s'", id);
     sqlite3_stmt *st = NULL;
     int rc = res ? SQLITE_OK : prep(s, &st, "SELECT id,step,created_at,metrics FROM checkpoints WHERE job_id=? "
-                                            "ORDER BY step LIMIT ?", "si", id, (int64_t)max);
+                                            "ORDER BY step DESC LIMIT ?", "si", id, (int64_t)max);
     while (!res && rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
         CheckpointRow *c = &out[(*n)++];
         col_text(st, 0, c->id, sizeof c->id);
         c->step = sqlite3_column_int64(st, 1);
         c->created_at = sqlite3_column_int64(st, 2);
         col_text(st, 3, c->metrics, sizeof c->metrics);
+        char root[4096 + 16];
+        snprintf(root, sizeof root, "%s/jobs/%s/checkpoints", s->dir, id);
+        train_run_ckpt_dir(root, c->step, c->dir, sizeof c->dir);
         rc = SQLITE_OK;
     }
     if (!res && rc != SQLITE_OK && rc != SQLITE_DONE) res = db_fail(s, rc, err);

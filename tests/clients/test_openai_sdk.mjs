@@ -211,7 +211,22 @@ try {
     const cps = [];
     for await (const c of client.fineTuning.jobs.checkpoints.list(job.id)) cps.push(c);
     check(cps.length >= 2 && cps.every(c => c.object === 'fine_tuning.job.checkpoint' && Number.isInteger(c.step_number) &&
-                                       c.step_number > 0 && c.step_number % 4 === 0), JSON.stringify(cps));
+                                       c.step_number > 0 && c.step_number % 4 === 0 && c.fine_tuning_job_id === job.id),
+          JSON.stringify(cps));
+    check(cps.every((c, i) => i === 0 || c.step_number < cps[i - 1].step_number), 'newest first');
+    // each checkpoint is a model: the adapter saved at that step answers
+    const messages = [{role: 'user', content: 'Which colour?'}];
+    for (const c of cps) {
+      check(c.fine_tuned_model_checkpoint === `ft:${job.fine_tuned_model}:${job.id}:ckpt-step-${c.step_number}`,
+            c.fine_tuned_model_checkpoint);
+      const r = await client.chat.completions.create({model: c.fine_tuned_model_checkpoint, messages, max_tokens: 3,
+                                                      temperature: 0});
+      check(r.model === c.fine_tuned_model_checkpoint && r.usage.completion_tokens > 0, JSON.stringify(r));
+    }
+    await refused(client.chat.completions.create({model: `ft:${job.fine_tuned_model}:${job.id}:ckpt-step-99999`, messages}),
+                  404, 'model_not_found');
+    await refused(client.chat.completions.create({model: `ft:someone-else:${job.id}:ckpt-step-${cps[0].step_number}`,
+                                                  messages}), 404, 'model_not_found');
   });
 
   await step('chat with the fine-tuned model and an image', async () => {
