@@ -76,10 +76,38 @@ static GfStatus method_hyperparameters(const cJSON *method, const cJSON **h, GfE
     return GF_OK;
 }
 
+/* OpenAI's metadata: null, or an object of at most 16 string values, keys
+ * of 1 to 64 bytes, values of at most 512; into out as JSON text ("" = none). */
+static GfStatus parse_metadata(const cJSON *m, char out[JOB_METADATA_MAX], GfError *err) {
+    out[0] = '\0';
+    if (!m || cJSON_IsNull(m)) return GF_OK;
+    if (!cJSON_IsObject(m))
+        return gf_error_set(err, GF_INVALID, "invalid_type", "metadata", "'metadata' must be an object of strings");
+    int n = 0;
+    for (const cJSON *e = m->child; e; e = e->next, n++) {
+        size_t k = strlen(e->string);
+        if (n == 16) return gf_error_set(err, GF_INVALID, "invalid_value", "metadata", "'metadata' has more than 16 keys");
+        if (k == 0 || k > 64)
+            return gf_error_set(err, GF_INVALID, "invalid_value", "metadata", "metadata keys must have 1 to 64 bytes");
+        if (!cJSON_IsString(e) || strlen(e->valuestring) > 512)
+            return gf_error_set(err, GF_INVALID, "invalid_value", "metadata",
+                                "metadata['%.64s'] must be a string of at most 512 bytes", e->string);
+    }
+    if (n == 0) return GF_OK;
+    char *text = cJSON_PrintUnformatted(m);
+    GfStatus st = !text ? gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory")
+                  : strlen(text) >= JOB_METADATA_MAX
+                      ? gf_error_set(err, GF_INVALID, "invalid_value", "metadata", "'metadata' is too long once encoded")
+                      : GF_OK;
+    if (!st) memcpy(out, text, strlen(text) + 1);
+    free(text);
+    return st;
+}
+
 static GfStatus parse_create(Api *api, const cJSON *body, JobRow *row, GfError *err) {
     JsonCtx c = {body, "", NULL, err};
     static const char *const keys[] = {"dataset", "validation_dataset", "training_file", "validation_file", "model", "suffix",
-                                       "hyperparameters", "method", "seed", NULL};
+                                       "hyperparameters", "method", "seed", "metadata", NULL};
     const char *ds, *vds, *tf, *vf, *model, *suffix;
     if (json_only_keys(&c, keys) || json_get_string(&c, "dataset", 0, STORE_ID_MAX - 1, NULL, &ds) ||
         json_get_string(&c, "validation_dataset", 0, STORE_ID_MAX - 1, NULL, &vds) ||
@@ -117,6 +145,7 @@ static GfStatus parse_create(Api *api, const cJSON *body, JobRow *row, GfError *
         return gf_error_set(err, GF_INTERNAL, NULL, NULL, "hyperparameters too long to store");
     }
     memset(row, 0, sizeof *row);
+    if (parse_metadata(cJSON_GetObjectItemCaseSensitive(body, "metadata"), row->metadata, err)) return GF_INVALID;
     row->trained_tokens = -1;
     snprintf(row->hyperparameters, sizeof row->hyperparameters, "%s", text);
     free(text);
@@ -190,6 +219,9 @@ static cJSON *job_json(const JobRow *j) {
     }
     if (j->adapter[0]) cJSON_AddStringToObject(o, "adapter", j->adapter);
     else cJSON_AddNullToObject(o, "adapter");
+    cJSON *meta = j->metadata[0] ? cJSON_Parse(j->metadata) : NULL;
+    if (meta) cJSON_AddItemToObject(o, "metadata", meta);
+    else cJSON_AddNullToObject(o, "metadata");
     if (j->status_reason[0]) cJSON_AddStringToObject(o, "status_reason", j->status_reason);
     else cJSON_AddNullToObject(o, "status_reason");
     return o;
@@ -209,14 +241,87 @@ GfStatus jobs_create(Api *api, const HttpReq *req, HttpResp *resp) {
     return reply_json(resp, 201, job_json(&row));
 }
 
+/* OpenAI's list filter: metadata[KEY]=VALUE (all must match), or
+ * metadata=null or empty (jobs without metadata). */
+typedef struct {
+    char keys[16][65], values[16][513];
+    int n, none, bad;
+} MetaFilter;
+
+static void collect_filter(void *ctx, const char *name, const char *value) {
+    MetaFilter *f = ctx;
+    size_t n = strlen(name);
+    if (strcmp(name, "metadata") == 0) {
+        if (strcmp(value, "null") == 0 || !value[0]) f->none = 1; /* the SDKs send metadata=null as "metadata=" */
+        else f->bad = 1;
+        return;
+    }
+    if (strncmp(name, "metadata[", 9) != 0) return;
+    if (name[n - 1] != ']' || n - 10 < 1 || n - 10 > 64 || f->n == 16 || strlen(value) > 512) {
+        f->bad = 1;
+        return;
+    }
+    memcpy(f->keys[f->n], name + 9, n - 10);
+    f->keys[f->n][n - 10] = '\0';
+    snprintf(f->values[f->n], sizeof f->values[f->n], "%s", value);
+    f->n++;
+}
+
+static int job_matches(const JobRow *j, const MetaFilter *f) {
+    if (f->none) return !j->metadata[0];
+    if (!f->n) return 1;
+    cJSON *m = j->metadata[0] ? cJSON_Parse(j->metadata) : NULL;
+    int ok = m != NULL;
+    for (int i = 0; ok && i < f->n; i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(m, f->keys[i]);
+        ok = cJSON_IsString(v) && strcmp(v->valuestring, f->values[i]) == 0;
+    }
+    cJSON_Delete(m);
+    return ok;
+}
+
+/* Pages of the store until limit jobs match the filter or none are left. */
+static GfStatus list_matching(Api *api, const MetaFilter *f, const char *after, int limit, JobRow *out, int *n_out,
+                              int *more, GfError *err) {
+    JobRow *page = calloc((size_t)limit, sizeof *page);
+    if (!page) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    char cursor[STORE_NAME_MAX];
+    snprintf(cursor, sizeof cursor, "%s", after);
+    GfStatus st = GF_OK;
+    *n_out = *more = 0;
+    for (;;) {
+        int n = 0, page_more = 0;
+        if ((st = store_job_list(api->store, cursor, limit, page, &n, &page_more, err))) break;
+        int i = 0;
+        for (; i < n && *n_out < limit; i++)
+            if (job_matches(&page[i], f)) out[(*n_out)++] = page[i];
+        if (*n_out == limit) { *more = i < n || page_more; break; }
+        if (!page_more || n == 0) break;
+        snprintf(cursor, sizeof cursor, "%s", page[n - 1].id);
+    }
+    free(page);
+    return st;
+}
+
 GfStatus jobs_list(Api *api, const HttpReq *req, HttpResp *resp) {
     int limit, n = 0, more = 0;
     char after[STORE_NAME_MAX];
     if (paging_or_reply(req, resp, &limit, after)) return GF_INVALID;
+    MetaFilter *f = calloc(1, sizeof *f);
     JobRow *rows = calloc((size_t)limit, sizeof *rows);
-    if (!rows) return reply_fail(resp, GF_NO_MEMORY, NULL, NULL, "out of memory");
+    if (!rows || !f) {
+        free(rows);
+        free(f);
+        return reply_fail(resp, GF_NO_MEMORY, NULL, NULL, "out of memory");
+    }
+    if (req->query_each) req->query_each(req->cls, collect_filter, f);
     GfError err;
-    if (store_job_list(api->store, after, limit, rows, &n, &more, &err)) {
+    GfStatus st = f->bad ? gf_error_set(&err, GF_INVALID, "invalid_value", "metadata",
+                                        "filter with metadata[KEY]=VALUE (at most 16; keys of 1 to 64 bytes, values "
+                                        "of at most 512) or metadata=null")
+                  : list_matching(api, f, after, limit, rows, &n, &more, &err);
+    free(f);
+    if (st) {
         free(rows);
         return reply_error(resp, &err, NULL);
     }

@@ -40,6 +40,8 @@ typedef struct {
     const char *params[HTTP_ROUTE_PARAMS_MAX];       /* from {placeholders} */
     const char *(*header)(void *cls, const char *name); /* NULL when absent */
     const char *(*query)(void *cls, const char *name);  /* NULL when absent */
+    /* Calls fn for every query argument, in order (may be NULL: none). */
+    void (*query_each)(void *cls, void (*fn)(void *ctx, const char *name, const char *value), void *ctx);
     void *cls;
     const char *body;        /* JSON routes; not NUL-terminated */
     size_t body_len;

@@ -26,6 +26,7 @@ typedef struct Store Store;
 
 #define STORE_ID_MAX 40
 #define STORE_NAME_MAX 257
+#define JOB_METADATA_MAX 16384       /* a job's metadata, as JSON text (16 pairs of <= 64 + 512 bytes, escaped) */
 
 typedef struct {
     char id[STORE_ID_MAX];
@@ -56,6 +57,7 @@ typedef struct {
     char adapter[STORE_NAME_MAX];  /* "" until succeeded */
     int64_t trained_tokens;      /* the training set's tokens x epochs once succeeded; -1 = unknown */
     char status_reason[512];     /* why it is where it is (waiting for disk space, paused because...); "" = nothing to say */
+    char metadata[JOB_METADATA_MAX]; /* OpenAI's metadata as JSON object text; "" = none */
 } JobRow;
 
 typedef struct {

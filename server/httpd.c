@@ -107,6 +107,23 @@ static const char *query_get(void *cls, const char *name) {
     return MHD_lookup_connection_value(cls, MHD_GET_ARGUMENT_KIND, name);
 }
 
+typedef struct {
+    void (*fn)(void *ctx, const char *name, const char *value);
+    void *ctx;
+} QueryEach;
+
+static enum MHD_Result query_one(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+    (void)kind;
+    QueryEach *e = cls;
+    e->fn(e->ctx, key, value ? value : "");
+    return MHD_YES;
+}
+
+static void query_each(void *cls, void (*fn)(void *ctx, const char *name, const char *value), void *ctx) {
+    QueryEach e = {fn, ctx};
+    MHD_get_connection_values(cls, MHD_GET_ARGUMENT_KIND, query_one, &e);
+}
+
 static void add_headers(struct MHD_Response *r, const Req *q, const HttpResp *resp) {
     MHD_add_response_header(r, "Content-Type", resp->content_type[0] ? resp->content_type : "application/json");
     MHD_add_response_header(r, "X-Request-Id", q->request_id);
@@ -676,7 +693,7 @@ static enum MHD_Result dispatch(Req *q, struct MHD_Connection *c) {
     if (q->fail.status) return send_error(c, q, &q->fail, NULL, 1);
     enum MHD_Result gated;
     if (q->idem_key[0] && idempotency_gate(q, c, &gated)) return gated;
-    HttpReq req = {.method = q->method, .path = q->path, .header = header_get, .query = query_get, .cls = c,
+    HttpReq req = {.method = q->method, .path = q->path, .header = header_get, .query = query_get, .query_each = query_each, .cls = c,
                    .body = q->body, .body_len = q->body_len, .parts = q->parts, .n_parts = q->n_parts,
                    .upload_dir = q->upload_dir, .request_id = q->request_id};
     memcpy(req.params, q->params, sizeof req.params);

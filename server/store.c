@@ -377,7 +377,7 @@ static GfStatus sql_dataset_delete(Store *store, const char *id, GfError *err) {
 #define ADAPTER_COLS "name,source,job_id,base_model,rank,alpha,use_rslora,n_modules,has_vision,bytes,sha256,created_at"
 #define JOB_COLS "id,dataset_id,validation_dataset_id,model,suffix,hyperparameters,status,cancel_requested," \
                  "created_at,started_at,finished_at,error_code,error_message,step,total_steps,epoch,loss," \
-                 "eval_loss,tokens_per_s,eta_s,adapter_name,paused,pause_requested,trained_tokens,status_reason"
+                 "eval_loss,tokens_per_s,eta_s,adapter_name,paused,pause_requested,trained_tokens,status_reason,metadata"
 
 static void read_job(sqlite3_stmt *st, JobRow *j) {
     col_text(st, 0, j->id, sizeof j->id);
@@ -405,6 +405,7 @@ static void read_job(sqlite3_stmt *st, JobRow *j) {
     j->pause_requested = sqlite3_column_int(st, 22);
     j->trained_tokens = col_int_or(st, 23, -1);
     col_text(st, 24, j->status_reason, sizeof j->status_reason);
+    col_text(st, 25, j->metadata, sizeof j->metadata);
 }
 
 static void read_job_at(sqlite3_stmt *st, void *out, int i) { read_job(st, (JobRow *)out + i); }
@@ -449,9 +450,9 @@ static GfStatus job_insert(SqlStore *s, JobRow *j, int max_queued, GfError *err)
     snprintf(j->status, sizeof j->status, "queued");
     j->step = j->total_steps = -1;
     j->epoch = j->loss = j->eval_loss = j->tokens_per_s = j->eta_s = NAN;
-    int rc = exec_stmt(s, "INSERT INTO jobs(id,dataset_id,validation_dataset_id,model,suffix,hyperparameters,status,created_at) "
-                          "VALUES(?,?,NULLIF(?,''),?,?,?,'queued',?)", "ssssssi", j->id, j->dataset_id,
-                       j->validation_dataset_id, j->model, j->suffix, j->hyperparameters, j->created_at);
+    int rc = exec_stmt(s, "INSERT INTO jobs(id,dataset_id,validation_dataset_id,model,suffix,hyperparameters,status,created_at,"
+                          "metadata) VALUES(?,?,NULLIF(?,''),?,?,?,'queued',?,NULLIF(?,''))", "ssssssis", j->id, j->dataset_id,
+                       j->validation_dataset_id, j->model, j->suffix, j->hyperparameters, j->created_at, j->metadata);
     if (rc == SQLITE_OK) rc = add_event(s, j->id, "info", "status", "Job created and queued");
     return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
 }

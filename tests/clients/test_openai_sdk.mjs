@@ -121,8 +121,10 @@ try {
 
   await step('fineTuning.jobs.create takes OpenAI\'s parameters', async () => {
     job = await client.fineTuning.jobs.create({model: 'dense', training_file: file.id, suffix: 'sdk', seed: 7,
+                                               metadata: {team: 'vision', run: 'first'},
                                                hyperparameters: {n_epochs: 3, batch_size: 2, learning_rate_multiplier: 40,
                                                                  gradient_accumulation_steps: 1, save_every: 4 /* ours */}});
+    check(JSON.stringify(job.metadata) === '{"team":"vision","run":"first"}', JSON.stringify(job.metadata));
     check(job.object === 'fine_tuning.job' && job.training_file === file.id && job.model === 'dense', JSON.stringify(job));
     check(job.hyperparameters.n_epochs === 3 && job.hyperparameters.batch_size === 2, JSON.stringify(job.hyperparameters));
     check(Math.abs(job.hyperparameters.learning_rate_multiplier - 40) < 1e-9 && job.seed === 7, JSON.stringify(job));
@@ -133,6 +135,8 @@ try {
                   'unsupported_method');
     await refused(client.fineTuning.jobs.create({model: 'dense', training_file: file.id,
                                                  hyperparameters: {n_epochs: 0}}), 400, 'invalid_hyperparameter');
+    await refused(client.fineTuning.jobs.create({model: 'dense', training_file: file.id, metadata: {n: 1}}), 400,
+                  'invalid_value');
   });
 
   let second;
@@ -156,6 +160,15 @@ try {
     const listed = [];
     for await (const j of client.fineTuning.jobs.list({limit: 1})) listed.push(j.id);
     check(listed.includes(job.id), 'listed through auto-pagination');
+    // metadata filters, one job per page: the SDK still walks past the jobs that do not match
+    const byMeta = async (metadata) => {
+      const ids = [];
+      for await (const j of client.fineTuning.jobs.list({limit: 1, metadata})) ids.push(j.id);
+      return ids;
+    };
+    check(JSON.stringify(await byMeta({team: 'vision'})) === JSON.stringify([job.id]), 'filtered by metadata');
+    check((await byMeta({team: 'vision', run: 'second'})).length === 0, 'every pair must match');
+    check(JSON.stringify(await byMeta(null)) === JSON.stringify([second.id]), 'metadata=null: the jobs without');
   });
 
   await step('a paused job resumes; paused again while running, it ends as if never paused', async () => {
