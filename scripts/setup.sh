@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # Installs what gemmaforge needs to build and test on Debian 12, with apt,
 # skipping what is already there. Safe to run again. Needs root (or sudo).
+#   scripts/setup.sh               everything: build, tests (CI runs this)
+#   scripts/setup.sh --build-only  the compiler and libraries only (the Dockerfile's build stage)
 set -euo pipefail
+
+build_only=0
+[ "${1:-}" = "--build-only" ] && build_only=1
 
 packages=(
   build-essential cmake pkg-config
   libmicrohttpd-dev libcjson-dev libjpeg62-turbo-dev libturbojpeg0-dev libpng-dev libsqlite3-dev
-  python3 curl
-  chromium
 )
-# the browser test drives Debian's chromium with playwright-core (npm)
-command -v node >/dev/null 2>&1 || packages+=(nodejs)
-command -v npm >/dev/null 2>&1 || packages+=(npm)
+if [ "$build_only" -eq 0 ]; then
+  # the tests: Python suites, the browser test (Debian's chromium driven by
+  # playwright-core), the npm clients, and the compose file's validation
+  packages+=(python3 curl chromium docker-compose)
+  command -v node >/dev/null 2>&1 || packages+=(nodejs)
+  command -v npm >/dev/null 2>&1 || packages+=(npm)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,6 +32,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   echo "setup: all packages present"
 fi
+
+[ "$build_only" -eq 1 ] && exit 0
 
 # playwright-core for the browser test, at the version package-lock.json pins
 browser_dir="$(dirname "$0")/../tests/browser"
