@@ -35,7 +35,8 @@ if command -v apt-cache >/dev/null 2>&1; then
     apt-cache show "$p" >/dev/null 2>&1 || { echo "FAIL: the runtime stage installs '$p', which Debian does not have"; fail=1; }
   done
   if [ -n "${1:-}" ] && command -v dpkg >/dev/null 2>&1 && command -v readelf >/dev/null 2>&1; then
-    for so in $(readelf -d "$1" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'); do
+    # (the image builds with GF_CUDA=OFF: CUDA's own libraries are not its)
+    for so in $(readelf -d "$1" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | grep -vE '^lib(cudart|cublas|cublasLt)\.so'); do
       path="$(ldconfig -p | awk -v so="$so" '$1 == so && /x86-64|64bit/ {print $NF; exit}')"
       # dpkg knows a library by the path its package installed (usrmerge: /lib or /usr/lib)
       pkg="$( { dpkg -S "${path:-/nonexistent}" || dpkg -S "$(readlink -f "${path:-/nonexistent}")" || dpkg -S "/usr${path:-}"; } \
