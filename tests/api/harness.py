@@ -147,6 +147,13 @@ class Server:
     def alive(self):
         return self.proc.poll() is None
 
+    def rss(self):
+        """The server's resident set size in bytes (Linux /proc)."""
+        for line in open("/proc/%d/status" % self.proc.pid):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS for the server")
+
     # ---- HTTP ----------------------------------------------------------
     def request(self, method, path, body=None, headers=None, key=KEY, timeout=30):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
