@@ -10,10 +10,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "fsutil.h"
 #include "gguf_export.h"
+#include "cJSON.h"
 #include "merge.h"
+#include "qlora_gap.h"
 #include "safetensors.h"
 #include "store_worker.h"
 #include "worker.h"
@@ -70,17 +73,68 @@ static int dtype_of(const char *name) {
     return strcmp(name, "f32") == 0 ? ST_F32 : strcmp(name, "f16") == 0 ? ST_F16 : ST_BF16;
 }
 
-static void result_json(const MergeReport *r, double seconds, char *out, size_t cap) {
-    snprintf(out, cap,
-             "{\"tensors\":%llu,\"merged_tensors\":%llu,\"bytes\":%llu,\"shards\":%d,\"files\":%d,"
-             "\"max_abs_delta\":%.9g,\"unchanged_elements\":%llu,\"seconds\":%.3f}",
-             (unsigned long long)r->n_tensors, (unsigned long long)r->n_merged, (unsigned long long)r->n_bytes, r->n_shards,
-             r->n_files, r->max_abs_delta, (unsigned long long)r->n_unchanged, seconds);
+/* 1 when the adapter was trained here by a job with quantization nf4
+ * (QLoRA); its dataset's files into jsonl and tar. */
+static int qlora_job_dataset(Exports *x, const char *adapter, char jsonl[4096], char tar[4096]) {
+    AdapterRow a;
+    JobRow *j = calloc(1, sizeof *j);
+    GfError err;
+    int yes = 0;
+    if (j && store_adapter_get(x->store, adapter, &a, &err) == GF_OK && a.job_id[0] &&
+        store_job_get(x->store, a.job_id, j, &err) == GF_OK) {
+        cJSON *h = cJSON_Parse(j->hyperparameters);
+        const cJSON *q = cJSON_GetObjectItemCaseSensitive(h, "quantization");
+        yes = cJSON_IsString(q) && strcmp(q->valuestring, "nf4") == 0;
+        cJSON_Delete(h);
+        if (yes) store_dataset_paths(x->store, j->dataset_id, jsonl, tar);
+    }
+    free(j);
+    return yes;
+}
+
+#define QLORA_CHECK_EXAMPLES 4
+
+/* The merge's result: its report and, for a QLoRA adapter of a job here,
+ * how far the merged model is from the NF4 base + adapter on the job's
+ * dataset (or why that could not be measured). */
+static char *merge_result(Exports *x, const ExportRow *row, const char *adapter_dir, const char *out,
+                          const MergeReport *r, double seconds) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "tensors", (double)r->n_tensors);
+    cJSON_AddNumberToObject(o, "merged_tensors", (double)r->n_merged);
+    cJSON_AddNumberToObject(o, "bytes", (double)r->n_bytes);
+    cJSON_AddNumberToObject(o, "shards", r->n_shards);
+    cJSON_AddNumberToObject(o, "files", r->n_files);
+    cJSON_AddNumberToObject(o, "max_abs_delta", r->max_abs_delta);
+    cJSON_AddNumberToObject(o, "unchanged_elements", (double)r->n_unchanged);
+    cJSON_AddNumberToObject(o, "seconds", seconds);
+    char jsonl[4096], tar[4096];
+    if (qlora_job_dataset(x, row->adapter, jsonl, tar)) {
+        QloraGapSpec q = {.base_dir = x->cfg.model_dir, .adapter_dir = adapter_dir, .merged_dir = out, .jsonl = jsonl,
+                          .tar = access(tar, F_OK) == 0 ? tar : NULL, .max_examples = QLORA_CHECK_EXAMPLES,
+                          .image_limits = x->cfg.image_limits};
+        QloraGap g;
+        GfError err;
+        GF_LOGI("export %s: measuring the merged model against the NF4 base + adapter", row->id);
+        if (qlora_gap_measure(&q, &g, &err) == GF_OK) {
+            cJSON *gap = cJSON_AddObjectToObject(o, "qlora_gap");
+            cJSON_AddNumberToObject(gap, "examples", g.n_examples);
+            cJSON_AddNumberToObject(gap, "rows", (double)g.n_rows);
+            cJSON_AddNumberToObject(gap, "rel_l2", g.rel_l2);
+            cJSON_AddNumberToObject(gap, "max_abs", g.max_abs);
+            cJSON_AddNumberToObject(gap, "top1_agreement", g.top1_agreement);
+        } else {
+            cJSON_AddStringToObject(o, "qlora_gap_error", err.message);
+        }
+    }
+    char *text = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return text;
 }
 
 static void run_export(Exports *x, const ExportRow *row) {
     ExportCtx c = {x, row, 0, 0};
-    char out[4096], config[4096], weights[4096], result[1024];
+    char out[4096], config[4096], weights[4096], gguf_result[1024], *result = gguf_result, *merged = NULL;
     GfError err;
     gf_error_clear(&err);
     store_export_dir(x->store, row->id, out, &err);
@@ -91,12 +145,13 @@ static void run_export(Exports *x, const ExportRow *row) {
     int gguf = strcmp(row->kind, "gguf") == 0;
     GF_LOGI("export %s: merging adapter %s (%s, %s)", row->id, row->adapter, row->kind, row->dtype);
     if (!st && gguf) {
-        st = run_gguf(x, row, out, dirname(config), &c, result, sizeof result, &err);
+        st = run_gguf(x, row, out, dirname(config), &c, gguf_result, sizeof gguf_result, &err);
     } else if (!st) {
         MergeOptions o = {.model_dir = x->cfg.model_dir, .adapter_dir = dirname(config), .out_dir = out,
                           .dtype = dtype_of(row->dtype), .progress = on_progress, .ctx = &c};
         st = merge_adapter(&o, &rep, &err);
-        if (!st) result_json(&rep, gf_time_mono() - t0, result, sizeof result);
+        if (!st && !(result = merged = merge_result(x, row, o.adapter_dir, out, &rep, gf_time_mono() - t0)))
+            st = gf_error_set(&err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
     }
     GfError rec;
     GfStatus r = GF_OK;
@@ -113,6 +168,7 @@ static void run_export(Exports *x, const ExportRow *row) {
     }
     if (r) GF_LOGE("export %s: could not record its end: %s", row->id, rec.message);
     if (st) fs_remove_tree(out);
+    free(merged);
 }
 
 static void *worker(void *arg) {

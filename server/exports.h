@@ -18,11 +18,13 @@
 #ifndef GF_EXPORTS_H
 #define GF_EXPORTS_H
 
+#include "image.h"
 #include "store.h"
 
 typedef struct {
     const char *model_dir;     /* the base model's directory */
     double poll_s;             /* how often an idle worker looks for work */
+    ImageLimits image_limits;  /* for the QLoRA check's examples */
 } ExportsConfig;
 
 typedef struct Exports Exports;

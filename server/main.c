@@ -335,7 +335,8 @@ static int cmd_serve(int argc, char **argv) {
     }
     Exports *exports = NULL;
     if (api.model.dir_ok && !o.no_export) {
-        ExportsConfig xc = {.model_dir = o.model_dir, .poll_s = 0.5};
+        ExportsConfig xc = {.model_dir = o.model_dir, .poll_s = 0.5,
+                            .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels}};
         if (exports_start(&xc, api.store, &exports, &err)) {
             fprintf(stderr, "gemmaforge: %s\n", err.message);
             jobs_stop(jobs);

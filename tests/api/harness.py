@@ -35,6 +35,20 @@ def safetensors_raw(path):
             for k, m in json.loads(data[8:8 + n]).items() if k != "__metadata__"}
 
 
+def write_st(path, tensors):
+    """A safetensors file of tensors: a list of (name, dtype, shape, raw bytes)."""
+    header, off = {}, 0
+    for name, dtype, shape, raw in tensors:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + len(raw)]}
+        off += len(raw)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for t in tensors:
+            f.write(t[3])
+
+
 def bf16_floats(raw):
     h = struct.unpack("<%dH" % (len(raw) // 2), raw)
     return struct.unpack("<%df" % len(h), struct.pack("<%dI" % len(h), *[x << 16 for x in h]))
@@ -406,3 +420,14 @@ def expect(resp, status, code=None, error_shape=True):
         assert set(e) >= {"type", "code", "message", "param"}, e
         assert "/tmp" not in e["message"] and "SELECT" not in e["message"] and "INSERT" not in e["message"], e
     return resp
+
+
+def wait_export(srv, eid, bound_s=3600):
+    """Polls an export until it ends (a hang guard, not a deadline)."""
+    t = time.time()
+    while True:
+        e = expect(srv.get("/v1/exports/" + eid), 200).json()
+        if e["status"] not in ("queued", "running"):
+            return e
+        assert time.time() - t < bound_s, e
+        time.sleep(0.1)

@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 import time
 
-from harness import (FIXTURES, KEY, OPENAPI, Runner, Server, data_url, example, expect, fixture_bytes, jsonl, make_tar, multipart, png)
+from harness import (FIXTURES, KEY, OPENAPI, Runner, Server, data_url, example, expect, fixture_bytes, jsonl, make_tar, multipart, png, wait_export)
 
 BIN = sys.argv[1]
 MIN_EXAMPLES = 3
@@ -1162,17 +1162,6 @@ def t_openapi_covers_every_route(srv):
     expect(srv.get("/v1/openapi.json", key=None), 401, "missing_api_key")
 
 
-def wait_export(srv, eid, bound_s=600):
-    """Polls an export until it ends (a hang guard, not a deadline)."""
-    t = time.time()
-    while True:
-        e = expect(srv.get("/v1/exports/" + eid), 200).json()
-        if e["status"] not in ("queued", "running"):
-            return e
-        assert time.time() - t < bound_s, e
-        time.sleep(0.1)
-
-
 def t_merge_export(srv):
     """POST /v1/adapters/{name}/merge runs as an export job whose download is
     exactly what `gemmaforge merge` writes for the same adapter."""
@@ -1186,6 +1175,7 @@ def t_merge_export(srv):
     e = wait_export(srv, r["id"])
     assert e["status"] == "succeeded", e
     assert e["result"]["merged_tensors"] == 56 and e["result"]["shards"] == 1, e
+    assert "qlora_gap" not in e["result"], "an uploaded adapter has no QLoRA run to compare with"
     assert e["progress"]["bytes_done"] == e["progress"]["bytes_total"] == e["result"]["bytes"] > 0, e
     assert e["download_url"] == "/v1/exports/%s/content" % r["id"] and e["finished_at"] >= e["started_at"] > 0, e
     assert [x["id"] for x in expect(srv.get("/v1/exports"), 200).json()["data"]][0] == r["id"]

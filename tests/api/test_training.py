@@ -17,6 +17,7 @@ bundled tiny model (CPU), checked against what a user must be able to rely on:
 
 usage: test_training.py PATH/TO/gemmaforge
 """
+import json
 import os
 import random
 import shutil
@@ -28,7 +29,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "data"))
-from harness import FIXTURES, Runner, Server, expect  # noqa: E402
+from harness import FIXTURES, Runner, Server, expect, wait_export  # noqa: E402
 import shapes  # noqa: E402
 
 BIN = sys.argv[1]
@@ -144,6 +145,20 @@ def t_shapes_qlora_end_to_end(binary):
         assert changed >= 9, "the adapter changed only %d of 12 answers" % changed
         text = expect(srv.get("/metrics"), 200).body.decode()
         assert "\ngf_adapter_loads_total 0\n" in text, "the trained adapter was loaded from disk, not taken from memory"
+        # merged for deployment, the export says how far it is from what QLoRA trained (NF4 base +
+        # adapter), on the job's 4 shortest examples: the figures gemmaforge merge --qlora-check gives
+        eid = expect(srv.post_json("/v1/adapters/%s/merge" % name, {"dtype": "f32"}), 202).json()["id"]
+        e = wait_export(srv, eid)
+        assert e["status"] == "succeeded", e
+        gap = e["result"]["qlora_gap"]
+        assert gap["examples"] == 4 and gap["rows"] > 0 and 0 < gap["rel_l2"] < 1 and 0 <= gap["top1_agreement"] <= 1, gap
+        ds_dir = os.path.join(srv.data, "datasets", ds)
+        r = subprocess.run([binary, "merge", "--model", MODEL, "--adapter", adapter_dir, "--out", os.path.join(tmp, "merged"),
+                            "--dtype", "f32", "--qlora-check", os.path.join(ds_dir, "data.jsonl"), "--qlora-images",
+                            os.path.join(ds_dir, "images.tar")], capture_output=True, timeout=3600)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        cli = json.loads(r.stdout)["qlora_gap"]
+        assert all(abs(cli[k] - gap[k]) <= 1e-6 * max(1.0, abs(gap[k])) for k in gap), (cli, gap)
         c = srv.db()
         row = c.execute("SELECT status, adapter_name, step FROM jobs WHERE id=?", (job,)).fetchone()
         assert row == ("succeeded", name, 60), row

@@ -14,7 +14,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "api"))
-from harness import FIXTURES, Runner, read_st  # noqa: E402
+from harness import FIXTURES, Runner, read_st, write_st  # noqa: E402
 
 BIN = sys.argv[1]
 
@@ -113,20 +113,6 @@ def t_tokenize_matches_golden(_):
     assert json.loads(r.stdout)["ids"] == cases[0]["ids"]
     r = subprocess.run([BIN, "tokenize", "--model", model, "--jsonl"], input=b'{"txt": 1}\n', capture_output=True)
     assert r.returncode == 1 and b"line 1" in r.stderr
-
-
-def write_st(path, tensors):
-    """tensors: list of (name, dtype, shape, raw bytes)."""
-    header, off = {}, 0
-    for name, dtype, shape, raw in tensors:
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + len(raw)]}
-        off += len(raw)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        for t in tensors:
-            f.write(t[3])
 
 
 def raw_tensors(path):

@@ -22,7 +22,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "api"))
 sys.path.insert(0, os.path.join(HERE, "..", "data"))
-from harness import FIXTURES, Runner, bf16_floats, safetensors_raw  # noqa: E402
+from harness import FIXTURES, Runner, bf16_floats, safetensors_raw, write_st  # noqa: E402
 import shapes  # noqa: E402
 
 BIN = sys.argv[1]
@@ -84,6 +84,16 @@ def forward(model, inputs, adapter=None):
     mask = safetensors_raw(inputs).get("attention_mask")
     keep = struct.unpack("<%dq" % (B * T), mask[2]) if mask else [1] * (B * T)
     return [x for p in range(B * T) if keep[p] for x in logits[p * V:(p + 1) * V]]
+
+
+def forward_nf4(model, inputs, adapter):
+    """forward()'s logits with the base quantized to NF4 at load, as QLoRA trains it."""
+    out = os.path.join(TMP, "fwd-nf4.safetensors")
+    r = subprocess.run([BIN, "forward", "--model", model, "--inputs", inputs, "--out", out, "--adapter", adapter,
+                        "--quantize", "nf4"], capture_output=True, timeout=3600)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    d, _, raw = safetensors_raw(out)["logits"]
+    return floats(d, raw)
 
 
 def rel_l2(got, ref):
@@ -229,6 +239,46 @@ def t_merged_base_fine_tunes(_):
     assert os.path.getsize(os.path.join(run, "adapter", "adapter_model.safetensors")) > 0
 
 
+def t_merge_qlora_gap(_):
+    """--qlora-check: the merged model against the NF4 base + adapter a QLoRA
+    run trained, on the dataset's shortest example; the report's figures are
+    recomputed here from `forward` of both models on that example's ids."""
+    base = os.path.join(FIXTURES, "dense")
+    lines = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]},
+             {"messages": [{"role": "user", "content": "Name a colour, any colour you like"},
+                           {"role": "assistant", "content": "Blue, like the sea on a clear day"}]},
+             {"messages": [{"role": "user", "content": "Count to three"}, {"role": "assistant", "content": "one two three"}]}]
+    jp = os.path.join(TMP, "qlora.jsonl")
+    open(jp, "w").write("".join(json.dumps(x) + "\n" for x in lines))
+    run = os.path.join(TMP, "qlora-run")
+    r = subprocess.run([BIN, "train", "--model", base, "--dataset", jp, "--out", run, "--epochs", "3", "--batch-size", "1",
+                        "--gradient-accumulation-steps", "1", "--learning-rate", "5e-2", "--quantization", "nf4",
+                        "--lora-rank", "4", "--lora-alpha", "8", "--warmup-ratio", "0"], capture_output=True, timeout=3600)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    adapter, out = os.path.join(run, "adapter"), os.path.join(TMP, "qlora-merged")
+    gap = json.loads(merge(base, adapter, out, "--dtype", "f32", "--qlora-check", jp, "--qlora-examples", "1").stdout)["qlora_gap"]
+    # the shortest example is line 1: its ids as the trainer encodes them (preflight shows its rendering)
+    r = subprocess.run([BIN, "preflight", "--model", base, "--dataset", jp], capture_output=True, timeout=600)
+    shown = r.stdout.decode().split("shown [[trained]]:\n", 1)[1]
+    text = shown.replace("[[", "").replace("]]", "").rstrip("\n") + "\n"
+    r = subprocess.run([BIN, "tokenize", "--model", base, text], capture_output=True, timeout=600)
+    ids = json.loads(r.stdout)["ids"]
+    assert gap["examples"] == 1 and gap["rows"] == len(ids), (gap, len(ids))
+    inputs = os.path.join(TMP, "qlora-ids.safetensors")
+    write_st(inputs, [("input_ids", "I64", [1, len(ids)], struct.pack("<%dq" % len(ids), *ids))])
+    trained = forward_nf4(base, inputs, adapter)
+    merged = forward(out, inputs)
+    V = len(trained) // len(ids)
+    top1 = sum(max(range(V), key=lambda v: trained[p * V + v]) == max(range(V), key=lambda v: merged[p * V + v])
+               for p in range(len(ids))) / len(ids)
+    assert abs(gap["rel_l2"] - rel_l2(merged, trained)) <= 1e-6 * rel_l2(merged, trained), (gap, rel_l2(merged, trained))
+    assert abs(gap["max_abs"] - max(abs(a - b) for a, b in zip(merged, trained))) <= 1e-5, gap
+    assert abs(gap["top1_agreement"] - top1) < 1e-8, (gap, top1)
+    # NF4 rounding is real: the merged model is near the trained one, not equal to it
+    assert 0 < gap["rel_l2"] < 0.5, gap
+    merge(base, adapter, os.path.join(TMP, "qlora-bad"), "--qlora-check", os.path.join(TMP, "missing.jsonl"), expect_rc=1)
+
+
 def t_merge_errors(_):
     dense, ple = os.path.join(FIXTURES, "dense"), os.path.join(FIXTURES, "ple")
     d = tempfile.mkdtemp(dir=TMP)
@@ -272,6 +322,7 @@ def main():
     for case in (("dense", "lora_lm"), ("dense", "lora_all"), ("ple", "lora_lm"), ("moe", "lora_lm")):
         runner.run("merge_matches_adapter[%s/%s]" % case, t_merge_matches_adapter, case)
     runner.run("merge_all_linear_trained[ple]", t_merge_all_linear_trained, None)
+    runner.run("merge_qlora_gap[dense]", t_merge_qlora_gap, None)
     runner.run("merged_base_fine_tunes[dense]", t_merged_base_fine_tunes, None)
     runner.run("merge_errors", t_merge_errors, None)
     code = runner.finish()
