@@ -1,6 +1,7 @@
 """Test harness for the gemmaforge API: starts the real server binary on a
 loopback port with a temporary data directory, talks HTTP to it, and checks
 the database and the data directory afterwards. Standard library only."""
+import atexit
 import base64
 import http.client
 import io
@@ -134,7 +135,10 @@ def check_against_openapi(method, path, status, headers, body):
 class Server:
     def __init__(self, binary, extra=(), model=True, keys=(KEY,), data=None):
         self.binary = binary
-        self.data = data or tempfile.mkdtemp(prefix="gf-api-")
+        if not data:  # removed when the test process ends (a restarted server may reuse it until then)
+            data = tempfile.mkdtemp(prefix="gf-api-")
+            atexit.register(shutil.rmtree, data, True)
+        self.data = data
         args = [binary, "serve", "--data", self.data, "--port", "0", "--timeout", "3"]
         if model:
             args += ["--model", os.path.join(FIXTURES, "dense")]
