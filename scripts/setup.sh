@@ -14,8 +14,9 @@ packages=(
 )
 if [ "$build_only" -eq 0 ]; then
   # the tests: Python suites, the browser test (Debian's chromium driven by
-  # playwright-core), the npm clients, and the compose file's validation
-  packages+=(python3 curl chromium docker-compose)
+  # playwright-core), the npm clients, the compose file's validation, and
+  # libfiu's fault injection
+  packages+=(python3 curl chromium docker-compose fiu-utils)
   command -v node >/dev/null 2>&1 || packages+=(nodejs)
   command -v npm >/dev/null 2>&1 || packages+=(npm)
 fi

@@ -133,13 +133,14 @@ def check_against_openapi(method, path, status, headers, body):
 
 
 class Server:
-    def __init__(self, binary, extra=(), model=True, keys=(KEY,), data=None):
+    def __init__(self, binary, extra=(), model=True, keys=(KEY,), data=None, wrap=()):
+        """wrap: a command the server runs under (e.g. fiu-run -x); its pid stays the server's."""
         self.binary = binary
         if not data:  # removed when the test process ends (a restarted server may reuse it until then)
             data = tempfile.mkdtemp(prefix="gf-api-")
             atexit.register(shutil.rmtree, data, True)
         self.data = data
-        args = [binary, "serve", "--data", self.data, "--port", "0", "--timeout", "3"]
+        args = list(wrap) + [binary, "serve", "--data", self.data, "--port", "0", "--timeout", "3"]
         if model:
             args += ["--model", os.path.join(FIXTURES, "dense")]
         for k in keys:
