@@ -37,10 +37,11 @@ if command -v apt-cache >/dev/null 2>&1; then
   if [ -n "${1:-}" ] && command -v dpkg >/dev/null 2>&1 && command -v readelf >/dev/null 2>&1; then
     # (the image builds with GF_CUDA=OFF: CUDA's own libraries are not its)
     for so in $(readelf -d "$1" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | grep -vE '^lib(cudart|cublas|cublasLt)\.so'); do
-      path="$(ldconfig -p | awk -v so="$so" '$1 == so && /x86-64|64bit/ {print $NF; exit}')"
+      # (awk reads to the end: an early exit would SIGPIPE ldconfig, which pipefail reports)
+      path="$(ldconfig -p | awk -v so="$so" '$1 == so && /x86-64|64bit/ && !found {print $NF; found = 1}')"
       # dpkg knows a library by the path its package installed (usrmerge: /lib or /usr/lib)
       pkg="$( { dpkg -S "${path:-/nonexistent}" || dpkg -S "$(readlink -f "${path:-/nonexistent}")" || dpkg -S "/usr${path:-}"; } \
-              2>/dev/null | head -1 | cut -d: -f1 || true)"
+              2>/dev/null | sed -n '1s/:.*//p' || true)"
       case " libc6 $(echo $pkgs) " in
         *" $pkg "*) ;;
         *) echo "FAIL: the binary links $so (package '${pkg:-unknown}'), which the runtime stage does not install"; fail=1 ;;
