@@ -36,6 +36,7 @@ static int to_conv(const cJSON *messages, Conv *c) {
     c->n_msgs = c->n_images = 0;
     for (const cJSON *m = messages->child; m; m = m->next) {
         ChatMessage *cm = &c->msgs[c->n_msgs++];
+        *cm = (ChatMessage){0};
         const char *role = cJSON_GetObjectItemCaseSensitive(m, "role")->valuestring;
         cm->role = strcmp(role, "system") == 0 ? CHAT_SYSTEM : strcmp(role, "assistant") == 0 ? CHAT_ASSISTANT : CHAT_USER;
         const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
