@@ -7,8 +7,8 @@ fsync/fdatasync, rename, open, mmap). Then the faults are switched off and:
 
 - the server is alive and answered every request: 2xx, or an error with its
   JSON body (never a dropped connection);
-- nothing is half there: tmp/ is empty, every dataset and adapter directory
-  has its row and every row its files;
+- nothing is half there (harness.check_store_whole): tmp/ is empty, every
+  dataset, adapter and export directory has its row and every row its files;
 - restarted, the database passes integrity_check and every write that was
   acknowledged is there, whole; the job is succeeded, failed or paused with
   its reason in words, or trains on, never stuck.
@@ -29,7 +29,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "data"))
-from harness import Server, expect, fixture_bytes  # noqa: E402
+from harness import Acked, Server, check_store_whole, expect, fixture_bytes  # noqa: E402
 import shapes  # noqa: E402
 
 FAMILIES = [("write", ["posix/io/rw/write", "posix/io/rw/pwrite"]),
@@ -56,15 +56,17 @@ def operations(srv, rng, n, tag, acked, answers):
             if what < 0.4:
                 r = srv.post_multipart("/v1/datasets", [("file", "d.jsonl", jsonl), ("images", "i.tar", tar)], timeout=60)
                 if r.status == 201:
-                    acked["datasets"][r.json()["id"]] = (len(jsonl), len(tar))
+                    acked.datasets[r.json()["id"]] = (len(jsonl), len(tar))
             elif what < 0.8:
                 name = "%s-%d" % (tag, k)
                 r = srv.post_multipart("/v1/adapters", [("name", name), ("config", "adapter_config.json", cfg),
                                                         ("weights", "adapter_model.safetensors", weights)], timeout=60)
                 if r.status == 201:
-                    acked["adapters"][name] = len(weights)
-            elif acked["adapters"]:
-                r = srv.post_json("/v1/adapters/%s/merge" % rng.choice(sorted(acked["adapters"])), {}, timeout=60)
+                    acked.adapters[name] = len(weights)
+            elif acked.adapters:
+                r = srv.post_json("/v1/adapters/%s/merge" % rng.choice(sorted(acked.adapters)), {}, timeout=60)
+                if r.status == 202:
+                    acked.exports.add(r.json()["id"])
             else:
                 r = srv.get("/v1/datasets", timeout=60)
             if r.status >= 400:
@@ -74,32 +76,6 @@ def operations(srv, rng, n, tag, acked, answers):
             raise
         except Exception as e:
             raise AssertionError("a request got no answer under faults: %r" % e)
-
-
-def check_files(srv, acked):
-    d = srv.data
-    assert srv.tmp_entries() == [], "tmp/ holds %s" % srv.tmp_entries()
-    listed = {sub: os.listdir(os.path.join(d, sub)) for sub in ("datasets", "adapters")}
-    c = srv.db()
-    assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    rows = {"datasets": {r[0] for r in c.execute("SELECT id FROM datasets")},
-            "adapters": {r[0] for r in c.execute("SELECT name FROM adapters")}}
-    c.close()
-    for sub in ("datasets", "adapters"):
-        for entry in listed[sub]:
-            assert entry in rows[sub], "%s/%s has no row" % (sub, entry)
-    for ds in rows["datasets"]:
-        assert os.path.exists(os.path.join(d, "datasets", ds, "data.jsonl")), "dataset %s lost its file" % ds
-    for name in rows["adapters"]:
-        for f in ("adapter_config.json", "adapter_model.safetensors"):
-            assert os.path.exists(os.path.join(d, "adapters", name, f)), "adapter %s lost %s" % (name, f)
-    for ds, (nj, nt) in acked["datasets"].items():
-        assert ds in rows["datasets"], "acknowledged dataset %s lost" % ds
-        assert os.path.getsize(os.path.join(d, "datasets", ds, "data.jsonl")) == nj
-        assert os.path.getsize(os.path.join(d, "datasets", ds, "images.tar")) == nt
-    for name, nw in acked["adapters"].items():
-        assert name in rows["adapters"], "acknowledged adapter %s lost" % name
-        assert os.path.getsize(os.path.join(d, "adapters", name, "adapter_model.safetensors")) == nw
 
 
 def job_under_faults(srv, job, steps):
@@ -151,13 +127,13 @@ def job_settles(srv, job):
 def one_round(binary, family, names, p, rng, n_ops):
     data = tempfile.mkdtemp(prefix="gf-faults-")
     base = os.path.join(data, "fiu")
-    acked, answers = {"datasets": {}, "adapters": {}}, collections.Counter()
+    acked, answers = Acked(), collections.Counter()
     srv = Server(binary, data=os.path.join(data, "d"), wrap=["fiu-run", "-x", "-f", base],
                  extra=["--min-examples", "10", "--disk-full-wait", "0"])
     try:
         jsonl, tar, _ = shapes.dataset(12, 7, "img")
         ds = expect(srv.post_multipart("/v1/datasets", [("file", "d.jsonl", jsonl), ("images", "i.tar", tar)]), 201).json()["id"]
-        acked["datasets"][ds] = (len(jsonl), len(tar))
+        acked.datasets[ds] = (len(jsonl), len(tar))
         job = expect(srv.post_json("/v1/fine_tuning/jobs", {"dataset": ds, "hyperparameters": JOB_HP}), 201).json()["id"]
         until = time.time() + 600
         while (expect(srv.get("/v1/fine_tuning/jobs/" + job), 200).json()["progress"]["step"] or 0) < 1:
@@ -170,11 +146,11 @@ def one_round(binary, family, names, p, rng, n_ops):
         for name in names:
             ctrl(srv, base, "disable name=%s" % name)
         assert srv.alive(), "the server died under %s faults" % family
-        check_files(srv, acked)
+        check_store_whole(srv, acked, "%s faults" % family)
         outcome = job_settles(srv, job)
         srv.stop()
         srv = Server(binary, data=os.path.join(data, "d"), extra=["--min-examples", "10", "--no-train"])
-        check_files(srv, acked)
+        check_store_whole(srv, acked, "restarted after %s faults" % family)
         return answers, outcome
     finally:
         srv.stop()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -436,3 +437,57 @@ def wait_export(srv, eid, bound_s=3600):
             return e
         assert time.time() - t < bound_s, e
         time.sleep(0.1)
+
+
+class Acked:
+    """The writes a server acknowledged (check_store_whole), across restarts."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.datasets, self.adapters, self.exports = {}, {}, set()
+
+
+def check_store_whole(srv, acked, when):
+    """The data directory holds together (after a kill or injected faults,
+    `when` says which): integrity_check passes, every write in acked (an
+    Acked) is there whole, no dataset, adapter or export directory lacks its
+    row (an export rerun since the start may be writing its hidden partial
+    directory), no row lacks its files, tmp/ is empty. The directories are
+    listed before the database is read: the export worker may be publishing
+    meanwhile."""
+    d = srv.data
+    listed = {sub: os.listdir(os.path.join(d, sub)) for sub in ("datasets", "adapters", "exports")}
+    c = srv.db()
+    assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok", when
+    rows = {t: {r[0] for r in c.execute(q)} for t, q in (
+        ("datasets", "SELECT id FROM datasets"), ("adapters", "SELECT name FROM adapters"),
+        ("exports", "SELECT id FROM exports"), ("jobs", "SELECT id FROM jobs"))}
+    export_status = dict(c.execute("SELECT id, status FROM exports"))
+    c.close()
+    with acked.lock:
+        for ds, (nj, nt) in acked.datasets.items():
+            assert ds in rows["datasets"], "%s: acknowledged dataset %s lost" % (when, ds)
+            assert os.path.getsize(os.path.join(d, "datasets", ds, "data.jsonl")) == nj, ds
+            assert os.path.getsize(os.path.join(d, "datasets", ds, "images.tar")) == nt, ds
+        for name, nw in acked.adapters.items():
+            assert name in rows["adapters"], "%s: acknowledged adapter %s lost" % (when, name)
+            assert os.path.getsize(os.path.join(d, "adapters", name, "adapter_model.safetensors")) == nw, name
+        for e in acked.exports:
+            assert e in rows["exports"], "%s: acknowledged export %s lost" % (when, e)
+    for sub in ("datasets", "adapters"):
+        for entry in listed[sub]:
+            assert entry in rows[sub], "%s: %s/%s has no row" % (when, sub, entry)
+    for entry in listed["exports"]:
+        # an export rerun since the start writes a hidden partial directory, renamed into place when done
+        partial = entry.startswith(".") and ".partial-" in entry
+        eid = entry[1:].split(".partial-")[0] if partial else entry
+        status = export_status.get(eid)
+        ok = status in ("succeeded", "running") and not (partial and status == "succeeded" and
+                                                         os.path.exists(os.path.join(d, "exports", entry)))
+        assert ok, "%s: exports/%s is left over (export %s)" % (when, entry, status)
+    for ds in rows["datasets"]:
+        assert os.path.exists(os.path.join(d, "datasets", ds, "data.jsonl")), "%s: dataset %s lost its file" % (when, ds)
+    for name in rows["adapters"]:
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            assert os.path.exists(os.path.join(d, "adapters", name, f)), "%s: adapter %s lost %s" % (when, name, f)
+    assert srv.tmp_entries() == [], "%s: tmp/ holds %s" % (when, srv.tmp_entries())

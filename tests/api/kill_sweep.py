@@ -27,20 +27,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "data"))
-from harness import Server, expect, fixture_bytes  # noqa: E402
+from harness import Acked, Server, check_store_whole, expect, fixture_bytes  # noqa: E402
 import shapes  # noqa: E402
 
 JOB_HP = {"epochs": 400, "batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "lora_rank": 4,
           "lora_alpha": 8, "save_every": 1, "seed": 5, "quantization": "none"}
 ADAPTER = ("dense", "lora_lm", "adapter_init")
-
-
-class Acked:
-    """The writes the server acknowledged, across restarts."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.datasets, self.adapters, self.exports = {}, {}, set()
 
 
 def writer(srv, acked, stop, rng, n):
@@ -84,47 +76,6 @@ def job_step(srv, job):
         return 0
 
 
-def check(srv, acked, kills):
-    """The invariants after a restart. The directories are listed before the
-    database is read: the export worker may be publishing meanwhile."""
-    d = srv.data
-    listed = {sub: os.listdir(os.path.join(d, sub)) for sub in ("datasets", "adapters", "exports")}
-    c = srv.db()
-    assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    rows = {t: {r[0] for r in c.execute(q)} for t, q in (
-        ("datasets", "SELECT id FROM datasets"), ("adapters", "SELECT name FROM adapters"),
-        ("exports", "SELECT id FROM exports"), ("jobs", "SELECT id FROM jobs"))}
-    export_status = dict(c.execute("SELECT id, status FROM exports"))
-    c.close()
-    with acked.lock:
-        for ds, (nj, nt) in acked.datasets.items():
-            assert ds in rows["datasets"], "kill %d: acknowledged dataset %s lost" % (kills, ds)
-            assert os.path.getsize(os.path.join(d, "datasets", ds, "data.jsonl")) == nj, ds
-            assert os.path.getsize(os.path.join(d, "datasets", ds, "images.tar")) == nt, ds
-        for name, nw in acked.adapters.items():
-            assert name in rows["adapters"], "kill %d: acknowledged adapter %s lost" % (kills, name)
-            assert os.path.getsize(os.path.join(d, "adapters", name, "adapter_model.safetensors")) == nw, name
-        for e in acked.exports:
-            assert e in rows["exports"], "kill %d: acknowledged export %s lost" % (kills, e)
-    for sub in ("datasets", "adapters"):
-        for entry in listed[sub]:
-            assert entry in rows[sub], "kill %d: %s/%s has no row" % (kills, sub, entry)
-    for entry in listed["exports"]:
-        # an export rerun since the start writes a hidden partial directory, renamed into place when done
-        partial = entry.startswith(".") and ".partial-" in entry
-        eid = entry[1:].split(".partial-")[0] if partial else entry
-        status = export_status.get(eid)
-        ok = status in ("succeeded", "running") and not (partial and status == "succeeded" and
-                                                         os.path.exists(os.path.join(d, "exports", entry)))
-        assert ok, "kill %d: exports/%s is left over (export %s)" % (kills, entry, status)
-    for ds in rows["datasets"]:
-        assert os.path.exists(os.path.join(d, "datasets", ds, "data.jsonl")), "kill %d: dataset %s lost its file" % (kills, ds)
-    for name in rows["adapters"]:
-        for f in ("adapter_config.json", "adapter_model.safetensors"):
-            assert os.path.exists(os.path.join(d, "adapters", name, f)), "kill %d: adapter %s lost %s" % (kills, name, f)
-    assert srv.tmp_entries() == [], "kill %d: tmp/ holds %s" % (kills, srv.tmp_entries())
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
@@ -161,7 +112,7 @@ def main():
             for w in writers:
                 w.join(60)
             srv = Server(a.binary, data=data, extra=["--min-examples", "10"])
-            check(srv, acked, n + 1)
+            check_store_whole(srv, acked, "kill %d" % (n + 1))
         j = expect(srv.get("/v1/fine_tuning/jobs/" + job), 200).json()
         assert j["status"] in ("queued", "running", "succeeded"), j
         assert all(b > a for a, b in zip([0] + steps_seen, steps_seen)) or not steps_seen, \
