@@ -53,6 +53,7 @@ typedef struct {
     int64_t max_tokens;              /* cap on a request's max_tokens */
     int max_images;                  /* per request */
     int max_messages;
+    struct WorkPool *images;         /* work_pool.h: decodes requests' images off the HTTP threads; NULL = on them */
 } ApiServing;
 
 typedef struct {

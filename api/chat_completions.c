@@ -1,7 +1,15 @@
 /* chat_completions.c - POST /v1/chat/completions (the OpenAI shape) and
- * POST /v1/infer (multipart for curl): checked and encoded here, answered by
- * the serving engine through inference.c. */
+ * POST /v1/infer (multipart for curl): checked here on the HTTP thread,
+ * answered by the serving engine through inference.c.
+ *
+ * A request with images is prepared off the HTTP thread: the bytes are
+ * taken as they came (data: URL or file part, size-checked), and decoding,
+ * preprocessing and chat encoding run as one task of the API's image pool
+ * (work_pool.h) behind a deferred reply that becomes the inference reply
+ * once the task has submitted the request. So a large or hostile image
+ * never holds an HTTP thread; /healthz and every other route keep theirs. */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,49 +19,243 @@
 #include "inference.h"
 #include "json_util.h"
 #include "reply.h"
+#include "work_pool.h"
 
 #define MAX_PARTS_PER_MESSAGE 64
 #define MAX_STOP_LEN 256
 
+/* An image's bytes as the client sent them, not decoded yet. */
+typedef struct {
+    uint8_t *bytes;
+    size_t n;
+    char param[96];           /* where it was in the request, for its errors */
+} RawImage;
+
 /* Everything a parsed request holds until it is submitted. */
 typedef struct {
     ChatMessage *msgs;
-    ChatPart *parts;          /* all messages' parts */
+    ChatPart *parts;          /* all messages' parts; their text points into body or prompt */
     size_t n_msgs, n_parts;
+    cJSON *body;              /* the chat request's JSON */
+    char *prompt;             /* /v1/infer's prompt, copied */
+    RawImage *raw;            /* in prompt order */
+    int n_raw;
     ServeSubmit s;
     InferOptions o;
 } Parsed;
 
-static void parsed_free(Parsed *p) {
+static void parsed_free_text(Parsed *p) {
     free(p->msgs);
     free(p->parts);
+    cJSON_Delete(p->body);
+    free(p->prompt);
+    for (int i = 0; i < p->n_raw; i++) free(p->raw[i].bytes);
+    free(p->raw);
+    p->msgs = NULL;
+    p->parts = NULL;
+    p->body = NULL;
+    p->prompt = NULL;
+    p->raw = NULL;
+    p->n_msgs = p->n_parts = 0;
+    p->n_raw = 0;
+}
+
+static void parsed_free(Parsed *p) {
+    parsed_free_text(p);
     serve_submit_free(&p->s);
     inference_options_free(&p->o);
     memset(p, 0, sizeof *p);
 }
 
-/* Hands a parsed request to the engine, or answers its parse error. */
+/* Decodes and preprocesses the images (stopping early once *stop is set),
+ * then chat-encodes the messages into p->s; the text and raw bytes are
+ * released either way. */
+static GfStatus prepare(Api *api, Parsed *p, const int *stop, GfError *err) {
+    GfStatus st = GF_OK;
+    if (p->n_raw) {
+        p->s.images = calloc((size_t)p->n_raw, sizeof *p->s.images);
+        if (!p->s.images) st = gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    }
+    for (int i = 0; !st && i < p->n_raw; i++) {
+        if (stop && __atomic_load_n(stop, __ATOMIC_ACQUIRE))
+            st = gf_error_set(err, GF_CANCELLED, "cancelled", NULL, "the client went away");
+        else if ((st = inference_image(api, p->raw[i].bytes, p->raw[i].n, &p->s.images[i], err)) == GF_OK)
+            p->s.n_images++;
+        else if (!err->param[0])
+            snprintf(err->param, sizeof err->param, "%s", p->raw[i].param);
+        free(p->raw[i].bytes);
+        p->raw[i].bytes = NULL;
+    }
+    if (!st) st = inference_encode(api, p->msgs, p->n_msgs, &p->s, err);
+    parsed_free_text(p);
+    return st;
+}
+
+/* A deferred reply whose request is still being prepared on the image
+ * pool; once submitted, it is the inference reply (out) and passes every
+ * call through. Owned by the connection and the pool task: the last to let
+ * go frees it. */
+typedef struct {
+    pthread_mutex_t mu;
+    int refs;
+    Api *api;
+    Parsed p;                 /* the pool task's until it has run */
+    int stop;                 /* the connection ended (atomic): skip the work */
+    int done;                 /* out holds the reply */
+    HttpResp out;             /* an error, or inference.c's deferred reply */
+    void (*wake)(void *);
+    void *wake_cls;
+    int out_armed;
+} Prep;
+
+static void prep_unref(Prep *x) {
+    pthread_mutex_lock(&x->mu);
+    int last = --x->refs == 0;
+    pthread_mutex_unlock(&x->mu);
+    if (!last) return;
+    parsed_free(&x->p);
+    pthread_mutex_destroy(&x->mu);
+    free(x);
+}
+
+/* Releases a reply nobody will send. */
+static void reply_discard(HttpResp *r) {
+    if (r->deferred.take) r->deferred.abandon(r->deferred.cls);
+    free(r->body);
+    memset(r, 0, sizeof *r);
+}
+
+/* Under x->mu: hands out's deferred reply the connection's wake. */
+static void prep_arm_out(Prep *x) {
+    if (x->done && x->wake && x->out.deferred.take && !x->out_armed) {
+        x->out.deferred.arm(x->out.deferred.cls, x->wake, x->wake_cls);
+        x->out_armed = 1;
+    }
+}
+
+/* The pool task: prepare, submit, and wake the connection. */
+static void prep_run(void *arg, int cancelled) {
+    Prep *x = arg;
+    HttpResp out;
+    memset(&out, 0, sizeof out);
+    GfError err;
+    if (cancelled) {
+        reply_fail(&out, GF_NOT_READY, "shutting_down", NULL, "the server is shutting down");
+        out.retry_after = 1;
+    } else if (!__atomic_load_n(&x->stop, __ATOMIC_ACQUIRE)) {
+        if (prepare(x->api, &x->p, &x->stop, &err)) reply_error(&out, &err, NULL);
+        else inference_start_or_reply(x->api, &x->p.s, &x->p.o, &out);
+        memset(&x->p.s, 0, sizeof x->p.s); /* taken over (or freed) by inference_start_or_reply */
+        memset(&x->p.o, 0, sizeof x->p.o);
+    }
+    parsed_free(&x->p);
+    pthread_mutex_lock(&x->mu);
+    int gone = x->stop;
+    if (!gone) {
+        x->out = out;
+        x->done = 1;
+        prep_arm_out(x);
+        if (x->wake) x->wake(x->wake_cls);
+    }
+    pthread_mutex_unlock(&x->mu);
+    if (gone) reply_discard(&out);
+    prep_unref(x);
+}
+
+static void prep_arm(void *cls, void (*wake)(void *), void *wake_cls) {
+    Prep *x = cls;
+    pthread_mutex_lock(&x->mu);
+    x->wake = wake;
+    x->wake_cls = wake_cls;
+    prep_arm_out(x);
+    pthread_mutex_unlock(&x->mu);
+}
+
+static int prep_take(void *cls, HttpResp *resp) {
+    Prep *x = cls;
+    pthread_mutex_lock(&x->mu);
+    int done = x->done;
+    HttpDeferred d = x->out.deferred;
+    if (done && !d.take) {
+        *resp = x->out;
+        memset(&x->out, 0, sizeof x->out);
+    }
+    pthread_mutex_unlock(&x->mu);
+    if (!done) return 0;
+    return d.take ? d.take(d.cls, resp) : 1;
+}
+
+static void prep_abandon(void *cls) {
+    Prep *x = cls;
+    pthread_mutex_lock(&x->mu);
+    __atomic_store_n(&x->stop, 1, __ATOMIC_RELEASE);
+    x->wake = NULL;
+    HttpResp out = x->out;
+    memset(&x->out, 0, sizeof x->out);
+    pthread_mutex_unlock(&x->mu);
+    reply_discard(&out); /* the inference reply, if submitted: cancels it */
+    prep_unref(x);
+}
+
+/* Hands p (taken over) to the image pool behind a deferred reply, or
+ * answers why not (the pool is full: 429 with Retry-After). */
+static GfStatus prep_start_or_reply(Api *api, Parsed *p, HttpResp *resp) {
+    GfError err;
+    Prep *x = gf_calloc(1, sizeof *x, &err);
+    if (!x) {
+        parsed_free(p);
+        return reply_error(resp, &err, NULL);
+    }
+    pthread_mutex_init(&x->mu, NULL);
+    x->refs = 2;
+    x->api = api;
+    x->p = *p;
+    memset(p, 0, sizeof *p);
+    if (work_pool_submit(api->serving.images, prep_run, x, &err)) {
+        x->refs = 1;
+        prep_unref(x);
+        reply_error(resp, &err, NULL);
+        resp->retry_after = 1;
+        return err.status;
+    }
+    resp->deferred = (HttpDeferred){x, prep_arm, prep_take, prep_abandon};
+    return GF_OK;
+}
+
+/* Hands a parsed request to the engine (through the image pool when it has
+ * images), or answers its parse error. */
 static GfStatus submit_or_reply(Api *api, Parsed *p, GfStatus st, const GfError *err, HttpResp *resp) {
     if (st) {
         parsed_free(p);
         return reply_error(resp, err, NULL);
     }
-    free(p->msgs);
-    free(p->parts);
-    p->msgs = NULL;
-    p->parts = NULL;
+    if (p->n_raw && api->serving.images) return prep_start_or_reply(api, p, resp);
+    GfError e;
+    if (prepare(api, p, NULL, &e)) {
+        parsed_free(p);
+        return reply_error(resp, &e, NULL);
+    }
     return inference_start_or_reply(api, &p->s, &p->o, resp);
 }
 
-static GfStatus add_image(Api *api, Parsed *p, const uint8_t *bytes, size_t n, GfError *err) {
-    if (p->s.n_images >= api->serving.max_images)
-        return gf_error_set(err, GF_INVALID, "too_many_images", "messages", "at most %d images per request",
-                            api->serving.max_images);
-    ServeImage *im = realloc(p->s.images, (size_t)(p->s.n_images + 1) * sizeof *im);
-    if (!im) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
-    p->s.images = im;
-    if (inference_image(api, bytes, n, &im[p->s.n_images], err)) return err->status;
-    p->s.n_images++;
+/* Takes bytes over: kept, undecoded, for prepare. */
+static GfStatus add_image(Api *api, Parsed *p, uint8_t *bytes, size_t n, const char *param, GfError *err) {
+    RawImage *r = NULL;
+    if (p->n_raw >= api->serving.max_images)
+        gf_error_set(err, GF_INVALID, "too_many_images", "messages", "at most %d images per request", api->serving.max_images);
+    else if (n > api->limits.image_max_bytes)
+        gf_error_set(err, GF_TOO_LARGE, "image_too_large", param, "the image is %zu bytes, over the %llu-byte limit", n,
+                     (unsigned long long)api->limits.image_max_bytes);
+    else if (!(r = realloc(p->raw, (size_t)(p->n_raw + 1) * sizeof *r)))
+        gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    if (!r) {
+        free(bytes);
+        return err->status;
+    }
+    p->raw = r;
+    r[p->n_raw] = (RawImage){bytes, n, ""};
+    snprintf(r[p->n_raw].param, sizeof r[p->n_raw].param, "%s", param);
+    p->n_raw++;
     return GF_OK;
 }
 
@@ -74,10 +276,7 @@ static GfStatus image_part(Api *api, Parsed *p, const cJSON *part, const char *p
         snprintf(err->param, sizeof err->param, "%s", param);
         return err->status;
     }
-    GfStatus st = add_image(api, p, bytes, n, err);
-    free(bytes);
-    if (st && !err->param[0]) snprintf(err->param, sizeof err->param, "%s", param);
-    return st;
+    return add_image(api, p, bytes, n, param, err);
 }
 
 static GfStatus content_parts(Api *api, Parsed *p, const cJSON *content, const char *param, ChatMessage *m, GfError *err) {
@@ -206,13 +405,12 @@ GfStatus chat_completions_create(Api *api, const HttpReq *req, HttpResp *resp) {
     if (!body) return reply_error(resp, &err, NULL);
     Parsed p;
     memset(&p, 0, sizeof p);
+    p.body = body; /* the parts' text points into it until encoded */
     JsonCtx c = {body, "", NULL, &err};
     GfStatus st = json_only_keys(&c, CHAT_KEYS);
     if (!st) st = parse_settings(api, body, &p, &err);
     if (!st) st = parse_stop(body, &p, &err);
     if (!st) st = parse_messages(api, body, &p, &err);
-    if (!st) st = inference_encode(api, p.msgs, p.n_msgs, &p.s, &err);
-    cJSON_Delete(body); /* the parts' text pointed into it: encoded by now */
     return submit_or_reply(api, &p, st, &err, resp);
 }
 
@@ -258,8 +456,9 @@ static GfStatus infer_parse(Api *api, const HttpReq *req, Parsed *p, GfError *er
         infer_field_int(req, "max_tokens", 1, api->serving.max_tokens, 256, &max_tokens, err))
         return err->status;
     p->msgs = calloc(1, sizeof *p->msgs);
-    p->parts = calloc(16, sizeof *p->parts);
-    if (!p->msgs || !p->parts) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    p->parts = calloc((size_t)api->serving.max_images + 1, sizeof *p->parts);
+    p->prompt = strdup(prompt->value); /* the request's fields go when the handler returns */
+    if (!p->msgs || !p->parts || !p->prompt) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
     for (size_t i = 0; i < req->n_parts; i++) {
         const HttpPart *part = &req->parts[i];
         if (strcmp(part->name, "image") != 0) continue;
@@ -267,17 +466,15 @@ static GfStatus infer_parse(Api *api, const HttpReq *req, Parsed *p, GfError *er
         uint8_t *bytes = NULL;
         size_t n = 0;
         if (read_part_file(part, &bytes, &n, api->limits.image_max_bytes, err)) return err->status;
-        GfStatus st = add_image(api, p, bytes, n, err);
-        free(bytes);
-        if (st) return st;
+        if (add_image(api, p, bytes, n, "image", err)) return err->status;
         p->parts[p->n_parts++] = (ChatPart){1, NULL};
     }
-    p->parts[p->n_parts++] = (ChatPart){0, prompt->value};
+    p->parts[p->n_parts++] = (ChatPart){0, p->prompt};
     p->msgs[0] = (ChatMessage){.role = CHAT_USER, .parts = p->parts, .n_parts = p->n_parts};
     p->n_msgs = 1;
     p->s.max_tokens = max_tokens;
     p->s.sample = (SampleParams){0.0f, 1.0f, 0};
-    return inference_encode(api, p->msgs, p->n_msgs, &p->s, err);
+    return GF_OK;
 }
 
 GfStatus infer_create(Api *api, const HttpReq *req, HttpResp *resp) {

@@ -9,6 +9,7 @@
 #include "api.h"
 #include "kernels.h"
 #include "reply.h"
+#include "work_pool.h"
 
 const double METRICS_BUCKETS[METRICS_N_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                                    0.1,   0.25,   0.5,   1.0,  2.5,   10.0};
@@ -169,6 +170,18 @@ static void put_devices(Text *t) {
             dev[i].index, (unsigned long long)dev[i].memory_free);
 }
 
+/* The pool decoding requests' images off the HTTP threads. */
+static void put_image_pool(Text *t, WorkPool *p) {
+    WorkPoolStats s;
+    work_pool_stats(p, &s);
+    put(t, "# HELP gf_image_decode_requests Requests whose images are decoding (running) or waiting to (queued).\n"
+           "# TYPE gf_image_decode_requests gauge\ngf_image_decode_requests{state=\"queued\"} %d\n"
+           "gf_image_decode_requests{state=\"running\"} %d\n", s.queued, s.running);
+    put(t, "# HELP gf_image_decode_total Requests whose images were decoded (or refused), and requests refused a place.\n"
+           "# TYPE gf_image_decode_total counter\ngf_image_decode_total{outcome=\"done\"} %llu\n"
+           "gf_image_decode_total{outcome=\"refused\"} %llu\n", (unsigned long long)s.done, (unsigned long long)s.refused);
+}
+
 GfStatus metrics_get(Api *api, const HttpReq *req, HttpResp *resp) {
     (void)req;
     GfError err;
@@ -184,6 +197,7 @@ GfStatus metrics_get(Api *api, const HttpReq *req, HttpResp *resp) {
     put(&t, "# HELP gf_model_loaded 1 when the base model's weights are loaded.\n# TYPE gf_model_loaded gauge\n"
             "gf_model_loaded %d\n", api->model.loaded);
     if (api->serving.serve) put_serving(&t, api->serving.serve);
+    if (api->serving.images) put_image_pool(&t, api->serving.images);
     put_weights(&t, &api->metrics->weights);
     put_devices(&t);
     put(&t, "# HELP gf_uptime_seconds Seconds since the server started.\n# TYPE gf_uptime_seconds gauge\n"

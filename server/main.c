@@ -23,6 +23,7 @@
 #include "pipeline.h"
 #include "serve.h"
 #include "store_open.h"
+#include "work_pool.h"
 
 #define VERSION "0.1.0"
 
@@ -40,6 +41,8 @@ typedef struct {
     int max_inference_queue;      /* -1 = default */
     int64_t max_context;          /* 0 = default: KV room per slot */
     int max_resident_adapters;    /* -1 = default */
+    int image_threads;            /* threads decoding requests' images */
+    int max_image_tasks;          /* requests with images being decoded or waiting to be; 429 beyond */
     int64_t max_tokens;           /* 0 = default cap on max_tokens */
     ModelQuant quantize;          /* the served base: bf16 as stored, or NF4 (QLoRA) */
     unsigned drain_s;             /* on SIGTERM: seconds requests may take to finish */
@@ -97,6 +100,8 @@ static void usage(FILE *f) {
             "  --max-context N         KV cache positions per sequence (default 8192, at most 64 MiB each)\n"
             "  --max-adapters N        adapters kept in memory when idle (default 8)\n"
             "  --max-tokens N          cap on a request's max_tokens (default 4096)\n"
+            "  --image-threads N       threads decoding requests' images, off the HTTP threads (default 2)\n"
+            "  --max-image-queue N     requests whose images are decoding or waiting to; 429 beyond (default 16)\n"
             "  --max-upload-bytes N    dataset and adapter upload cap (default 2 GiB)\n"
             "  --web DIR               dashboard files (default: the source tree's web/)\n"
             "  --verbose               debug logging\n");
@@ -169,6 +174,8 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
     api_limits_default(&o->limits);
     o->max_inference_queue = -1;
     o->max_resident_adapters = -1;
+    o->image_threads = 2;
+    o->max_image_tasks = 16;
     o->drain_s = 10;
     o->disk_full_wait_s = 600;
     for (int i = 2; i < argc; i++) {
@@ -206,6 +213,8 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--max-queue") == 0 && !parse_uint(v, 1000000, &n)) o->max_inference_queue = (int)n;
         else if (strcmp(a, "--max-context") == 0 && !parse_uint(v, 1 << 20, &n) && n) o->max_context = (int64_t)n;
         else if (strcmp(a, "--max-adapters") == 0 && !parse_uint(v, 100000, &n)) o->max_resident_adapters = (int)n;
+        else if (strcmp(a, "--image-threads") == 0 && !parse_uint(v, 256, &n) && n) o->image_threads = (int)n;
+        else if (strcmp(a, "--max-image-queue") == 0 && !parse_uint(v, 100000, &n) && n) o->max_image_tasks = (int)n;
         else if (strcmp(a, "--max-tokens") == 0 && !parse_uint(v, 1 << 20, &n) && n) o->max_tokens = (int64_t)n;
         else if (strcmp(a, "--max-queued-jobs") == 0 && !parse_uint(v, 1000000, &n)) o->limits.max_queued_jobs = (int)n;
         else if (strcmp(a, "--min-examples") == 0 && !parse_uint(v, 1000000, &n) && n) o->limits.dataset_min_examples = n;
@@ -263,10 +272,19 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, Api *api, ServeE
         return -1;
     }
     api->serving = (ApiServing){*out, pipe->model, pipe->tok, &pipe->tpl, &pipe->pre, model_config(pipe->model),
-                                o->max_tokens ? o->max_tokens : 4096, 8, 1024};
-    GF_LOGI("serving: %d sequences, queue %d, KV pool %lld blocks of %lld positions (%.1f MB), %d resident adapters",
-            sc.max_seqs, sc.max_queue, (long long)sc.kv_blocks, (long long)sc.kv_block_len,
-            (double)kv_block_bytes(&model_config(pipe->model)->text, sc.kv_block_len) * (double)sc.kv_blocks / 1e6, sc.max_adapters);
+                                o->max_tokens ? o->max_tokens : 4096, 8, 1024, NULL};
+    int tasks = o->max_image_tasks < o->image_threads ? o->image_threads : o->max_image_tasks;
+    api->serving.images = work_pool_new(o->image_threads, tasks, &err);
+    if (!api->serving.images) {
+        fprintf(stderr, "gemmaforge: cannot start the image decoders: %s\n", err.message);
+        serve_free(*out);
+        *out = NULL;
+        return -1;
+    }
+    GF_LOGI("serving: %d sequences, queue %d, KV pool %lld blocks of %lld positions (%.1f MB), %d resident adapters, "
+            "%d image threads (%d requests)", sc.max_seqs, sc.max_queue, (long long)sc.kv_blocks, (long long)sc.kv_block_len,
+            (double)kv_block_bytes(&model_config(pipe->model)->text, sc.kv_block_len) * (double)sc.kv_blocks / 1e6, sc.max_adapters,
+            o->image_threads, tasks);
     return 0;
 }
 
@@ -274,6 +292,7 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, Api *api, ServeE
  * requests and event streams), so no connection stays suspended. */
 static void end_deferred(void *cls) {
     Api *api = cls;
+    if (api->serving.images) work_pool_close(api->serving.images); /* images not started: shutting_down */
     if (api->serving.serve) serve_stop(api->serving.serve);
     job_hub_close(api->job_hub);
 }
@@ -327,6 +346,7 @@ static int cmd_serve(int argc, char **argv) {
                          .on_event = job_event, .on_event_cls = api.job_hub};
         if (jobs_start(&jc, api.store, &jobs, &err)) {
             fprintf(stderr, "gemmaforge: %s\n", err.message);
+            work_pool_free(api.serving.images);
             serve_free(serve);
             store_close(api.store);
             pipeline_close(pipe);
@@ -340,6 +360,7 @@ static int cmd_serve(int argc, char **argv) {
         if (exports_start(&xc, api.store, &exports, &err)) {
             fprintf(stderr, "gemmaforge: %s\n", err.message);
             jobs_stop(jobs);
+            work_pool_free(api.serving.images);
             serve_free(serve);
             store_close(api.store);
             pipeline_close(pipe);
@@ -352,6 +373,7 @@ static int cmd_serve(int argc, char **argv) {
         fprintf(stderr, "gemmaforge: %s\n", err.message);
         exports_stop(exports);
         jobs_stop(jobs);
+        work_pool_free(api.serving.images);
         serve_free(serve);
         store_close(api.store);
         pipeline_close(pipe);
@@ -365,6 +387,7 @@ static int cmd_serve(int argc, char **argv) {
     sigwait(&sigs, &sig);
     GF_LOGI("signal %d: shutting down (draining requests for up to %u s)", sig, o.drain_s);
     httpd_stop(h, o.drain_s, end_deferred, &api);
+    work_pool_free(api.serving.images); /* before the engine its tasks submit to */
     exports_stop(exports);
     jobs_stop(jobs);
     serve_free(serve);

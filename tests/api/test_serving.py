@@ -16,6 +16,8 @@ usage: test_serving.py PATH/TO/gemmaforge
   does not have, is refused with an error naming the problem; an adapter whose
   file is damaged on disk fails its own requests only; an adapter changes the
   answer; a deleted adapter is no longer served.
+- Images are decoded off the HTTP threads: while large images decode and
+  zip-bomb PNGs are refused, /healthz keeps answering at once.
 - Bad requests get the documented errors (remote image URLs, unknown models,
   out-of-range parameters, prompts too long for the context).
 """
@@ -29,6 +31,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import KEY, Runner, Server, data_url, expect, fixture_bytes, multipart, png  # noqa: E402
@@ -436,6 +439,75 @@ def t_half_close_and_queued_hang_ups(binary):
         assert streamed == want_chat[0] and got[1][1].rstrip().endswith(b"data: [DONE]"), got[1][1][-200:]
         want_infer = expect(srv.post_multipart("/v1/infer", infer), 200).json()
         assert json.loads(got[2][1])["text"] == want_infer["text"], (got[2], want_infer)
+        assert srv.alive()
+    finally:
+        srv.stop()
+
+def png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+
+
+def flat_png(width, height, inflated=None):
+    """A black RGB PNG, encoded fast: its rows of zeros compress ~1000:1. With
+    inflated, its image data inflates to that many bytes whatever the header
+    says (a zip bomb when that is past what width x height needs)."""
+    n = inflated if inflated is not None else height * (1 + 3 * width)
+    z, chunk, parts = zlib.compressobj(9), bytes(1 << 20), []
+    for off in range(0, n, len(chunk)):
+        parts.append(z.compress(chunk[:min(len(chunk), n - off)]))
+    parts.append(z.flush())
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) +
+            png_chunk(b"IDAT", b"".join(parts)) + png_chunk(b"IEND", b""))
+
+
+def t_images_off_http_threads(binary):
+    """Finding 2 of the reliability review: images were decoded on the HTTP
+    thread of their request, so a few requests of large images (or bombs)
+    held every HTTP thread and /healthz waited behind them. Now two HTTP
+    threads serve /healthz at once while one image thread works through four
+    requests of three 16-megapixel PNGs each (48 MB of pixels each, sent as
+    50 KB) and refuses requests of eight zip bombs. The bound is relative
+    (a slow machine slows both sides): no /healthz may wait a quarter of the
+    shortest image request, which it did, whole, before."""
+    srv = Server(binary, extra=["--no-train", "--threads", "2", "--image-threads", "1", "--max-image-queue", "16"])
+    try:
+        big = data_url(flat_png(4000, 4000))
+        bomb = data_url(flat_png(1, 1, inflated=64 << 20))
+        heavy = {"model": "dense", "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": big}}] * 3 + [{"type": "text", "text": "What is this?"}]}]}
+        bombs = {"model": "dense", "max_tokens": 1, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": bomb}}] * 8}]}
+        results, lock, done = [], threading.Lock(), threading.Event()
+
+        def send(body, kind):
+            t0 = time.time()
+            r = srv.post_json("/v1/chat/completions", body, timeout=600)
+            with lock:
+                results.append((kind, r.status, r.code, time.time() - t0))
+
+        threads = [threading.Thread(target=send, args=(heavy, "heavy")) for _ in range(4)]
+        threads += [threading.Thread(target=send, args=(bombs, "bomb")) for _ in range(2)]
+        for t in threads:
+            t.start()
+        waits = []
+        while any(t.is_alive() for t in threads[:4]):
+            t0 = time.time()
+            expect(srv.get("/healthz"), 200)
+            waits.append(time.time() - t0)
+            time.sleep(0.02)
+        for t in threads:
+            t.join()
+        heavy_s = sorted(d for kind, status, code, d in results if kind == "heavy")
+        assert [(k, s) for k, s, c, d in results if k == "heavy"] == [("heavy", 200)] * 4, results
+        assert [(s, c) for k, s, c, d in results if k == "bomb"] == [(400, "invalid_image")] * 2, results
+        waits.sort()
+        print("    /healthz while images decoded: %d answers, p50 %.1f ms, max %.1f ms; image requests %.2f-%.2f s"
+              % (len(waits), 1000 * waits[len(waits) // 2], 1000 * waits[-1], heavy_s[0], heavy_s[-1]))
+        assert len(waits) >= 10, "too few /healthz answers while the images decoded: %d" % len(waits)
+        assert waits[-1] < heavy_s[0] / 4, "/healthz waited %.3f s behind image decoding (requests %.2f s)" % (
+            waits[-1], heavy_s[0])
+        counts = metric(srv, 'gf_image_decode_total{outcome="done"}')
+        assert counts == 6, counts
         assert srv.alive()
     finally:
         srv.stop()
