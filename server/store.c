@@ -50,6 +50,11 @@ static GfStatus db_fail(SqlStore *s, int rc, GfError *err) {
         return gf_error_set(err, GF_NOT_READY, "database_busy", NULL, "the database is busy; retry shortly");
     if (rc == SQLITE_FULL)
         return gf_error_set(err, GF_NO_SPACE, "insufficient_storage", NULL, "the server's disk is full");
+    if ((rc & 0xff) == SQLITE_READONLY) {
+        GF_LOGE("sqlite: %s (%d): the database has become read-only", sqlite3_errmsg(s->db), rc);
+        return gf_error_set(err, GF_IO, "database_read_only", NULL,
+                            "the database has become read-only (its disk or file changed under the server); see the server log");
+    }
     GF_LOGE("sqlite: %s (%d)", sqlite3_errmsg(s->db), rc);
     return gf_error_set(err, GF_IO, "database_error", NULL, "the database failed; see the server log");
 }
@@ -196,7 +201,19 @@ static GfStatus make_layout(SqlStore *s, GfError *err) {
     char path[4096];
     for (int i = 0; subs[i]; i++) {
         snprintf(path, sizeof path, "%s/%s", s->dir, subs[i]);
-        if (fs_mkdirs(path, err)) return err->status;
+        if (fs_mkdirs(path, err)) {
+            GfError e = *err; /* the message names no path: it may reach a client */
+            return gf_error_set(err, e.status, e.code, NULL, "cannot create %s: %s", path, e.message);
+        }
+    }
+    /* a read-only mount (or a directory the server may not write): refused
+     * here, not found out one failed request at a time */
+    for (int i = -1; subs[i < 0 ? 0 : i]; i++) {
+        snprintf(path, sizeof path, "%s%s%s", s->dir, i < 0 ? "" : "/", i < 0 ? "" : subs[i]);
+        if (access(path, W_OK) != 0)
+            return gf_error_set(err, GF_IO, "read_only", NULL,
+                                "the data directory cannot be written: %s: %s (gemmaforge keeps its database, uploads, "
+                                "jobs and adapters there; give it a writable directory)", path, strerror(errno));
     }
     return GF_OK;
 }
@@ -214,6 +231,9 @@ GfStatus store_open(const char *data_dir, Store **out, GfError *err) {
     GfStatus st = make_layout(s, err);
     if (!st && sqlite3_open_v2(s->db_path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK)
         st = gf_error_set(err, GF_IO, NULL, NULL, "cannot open the database: %s", s->db ? sqlite3_errmsg(s->db) : "out of memory");
+    if (!st && sqlite3_db_readonly(s->db, "main") == 1)
+        st = gf_error_set(err, GF_IO, "read_only", NULL,
+                          "the database %s can only be opened read-only (its file or directory is not writable)", s->db_path);
     if (!st) st = configure(s, err);
     int applied = 0;
     if (!st) st = migrate_apply(s->db, GF_MIGRATIONS, GF_N_MIGRATIONS, &applied, err);

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import tarfile
+import shutil
 import tempfile
 import time
 
@@ -1056,6 +1057,47 @@ def t_f13_database_busy(srv):
         c.execute("ROLLBACK")
         c.close()
     expect(srv.get("/v1/datasets/" + srv.ready_dataset), 200)
+
+
+def t_f13_read_only_data_dir(binary):
+    """A data directory the server cannot write (a read-only mount) is refused
+    at start, naming the path, instead of a server that answers reads and
+    fails every write with an unexplained 500; a fresh one too; the database
+    is left as it was. Needs root to bind-mount (skipped otherwise)."""
+    import hashlib
+    srv = Server(binary, extra=["--min-examples", str(MIN_EXAMPLES), "--no-train"])
+    ds = expect(upload(srv, good_dataset()[0], good_dataset()[1]), 201).json()["id"]
+    assert srv.stop() == 0
+    db = os.path.join(srv.data, "gemmaforge.db")
+    before = hashlib.sha256(open(db, "rb").read()).hexdigest()
+    fresh = tempfile.mkdtemp(prefix="gf-api-ro-fresh-")
+    mounts = []
+    try:
+        for src in (srv.data, fresh):
+            mnt = tempfile.mkdtemp(prefix="gf-api-ro-")
+            if subprocess.run(["mount", "--bind", src, mnt], stderr=subprocess.DEVNULL).returncode:
+                print("  SKIPPED: a read-only bind mount needs root")
+                return
+            mounts.append(mnt)
+            assert subprocess.run(["mount", "-o", "remount,ro,bind", mnt]).returncode == 0
+            p = subprocess.run([binary, "serve", "--data", mnt, "--port", "0", "--no-train",
+                                "--model", os.path.join(FIXTURES, "dense")], capture_output=True, timeout=120)
+            err = p.stderr.decode()
+            assert p.returncode == 1 and not p.stdout.startswith(b"listening"), (p.returncode, p.stdout, err)
+            assert mnt in err and "Read-only file system" in err, err
+            assert ("cannot be written" if src == srv.data else "cannot create") in err, err
+        assert hashlib.sha256(open(db, "rb").read()).hexdigest() == before, "the read-only start changed the database"
+        assert os.listdir(fresh) == []
+    finally:
+        for mnt in mounts:
+            subprocess.run(["umount", mnt])
+            os.rmdir(mnt)
+        shutil.rmtree(fresh, True)
+    srv2 = Server(binary, data=srv.data, extra=["--min-examples", str(MIN_EXAMPLES), "--no-train"])
+    try:
+        expect(srv2.get("/v1/datasets/" + ds), 200)
+    finally:
+        srv2.stop()
 
 
 def t_no_keys_configured(binary):
