@@ -49,6 +49,7 @@ struct Httpd {
     pthread_t sweeper;
     int sweeping;              /* under conns_mu: 0 asks the sweeper to stop */
     pthread_cond_t sweep_cv;
+    int line_ends_known;       /* libmicrohttpd's in-place head layout is known (see head_lines_bad) */
 };
 
 /* Per-request state, hung on MHD's con_cls; freed in on_completed. */
@@ -317,14 +318,49 @@ static enum MHD_Result count_header(void *cls, enum MHD_ValueKind kind, const ch
     return MHD_YES;
 }
 
+/* Line ends and folded lines, which libmicrohttpd 0.9.75 accepts, read
+ * back from where its parser left the head: it parses in place, turning
+ * each line end into NUL bytes (CRLF two, a bare LF one; a lone CR ends
+ * nothing), leaving each header as "Name\0<blanks>value" where it was, and
+ * appending a folded line (one starting with a blank) to the header's
+ * *name* in a new allocation. So in a head of CRLF lines without folding,
+ * the version is followed by two NULs and the first name, each value by
+ * two NULs and the next name (or two more NULs: the empty line), each
+ * value starts right after its name's NUL and blanks, and no name or
+ * value holds a CR. Anything else is a bare LF, a bare CR or a folded
+ * line. Used only with the libmicrohttpd whose layout this is (0.9.75). */
+typedef struct {
+    const char *next;          /* where the next line must start */
+    int bad;
+} LineWalk;
+
+static enum MHD_Result walk_line(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+    (void)kind;
+    LineWalk *w = cls;
+    const char *p = key + strlen(key) + 1, *end = value + strlen(value);
+    while (p < value && (*p == ' ' || *p == '\t')) p++;
+    if (key != w->next || p != value || end[1] != '\0' || strchr(key, '\r') || strchr(value, '\r')) {
+        w->bad = 1;
+        return MHD_NO;
+    }
+    w->next = end + 2;
+    return MHD_YES;
+}
+
+static int head_lines_bad(struct MHD_Connection *c, const char *version) {
+    const char *v_end = version + strlen(version);
+    LineWalk w = {v_end + 2, v_end[1] != '\0'};
+    if (!w.bad) MHD_get_connection_values(c, MHD_HEADER_KIND, walk_line, &w);
+    return w.bad || w.next[0] != '\0' || w.next[1] != '\0'; /* then the empty line, CRLF */
+}
+
 /* Framing a proxy in front could read differently (request smuggling):
  * another HTTP version than 1.0/1.1, a second Host or Content-Length,
- * both Content-Length and Transfer-Encoding, or a header name that is not
- * a token (libmicrohttpd keeps the space of "Name : value" in the name).
- * 0 when the head is clean. Bare LF line ends and folded header lines are
- * normalised by libmicrohttpd 0.9.75 before this sees the head, and cannot
- * be told apart here. */
-static int ambiguous_head(struct MHD_Connection *c, const char *version, GfError *err) {
+ * both Content-Length and Transfer-Encoding, a header name that is not a
+ * token (libmicrohttpd keeps the space of "Name : value" in the name),
+ * line ends other than CRLF, or a folded header line. 0 when the head is
+ * clean. */
+static int ambiguous_head(Httpd *h, struct MHD_Connection *c, const char *version, GfError *err) {
     if (strcmp(version, "HTTP/1.1") != 0 && strcmp(version, "HTTP/1.0") != 0) {
         gf_error_set(err, GF_INVALID, "invalid_request", NULL, "only HTTP/1.0 and HTTP/1.1 are served");
         return -1;
@@ -339,6 +375,11 @@ static int ambiguous_head(struct MHD_Connection *c, const char *version, GfError
                                     : "the request has both Content-Length and Transfer-Encoding");
         return -1;
     }
+    if (h->line_ends_known && head_lines_bad(c, version)) {
+        gf_error_set(err, GF_INVALID, "invalid_request", NULL,
+                     "the request head must end every line with CRLF and must not fold header lines");
+        return -1;
+    }
     return 0;
 }
 
@@ -349,7 +390,7 @@ static int admit(Req *q, struct MHD_Connection *c, const char *url, const char *
     GfError err;
     gf_error_clear(&err);
     char allow[64];
-    if (ambiguous_head(c, version, &err)) {
+    if (ambiguous_head(h, c, version, &err)) {
         *ret = send_error(c, q, &err, NULL, 1); /* never read a body whose length is in doubt */
         return 1;
     }
@@ -931,6 +972,10 @@ Httpd *httpd_start(const HttpdConfig *cfg, Api *api, GfError *err) {
     if (!h) return NULL;
     h->cfg = cfg;
     h->api = api;
+    h->line_ends_known = strcmp(MHD_get_version(), "0.9.75") == 0;
+    if (!h->line_ends_known)
+        GF_LOGW("libmicrohttpd %s: bare-LF line ends and folded header lines are not refused (checked with 0.9.75 only)",
+                MHD_get_version());
     pthread_mutex_init(&h->conns_mu, NULL);
     pthread_cond_init(&h->sweep_cv, NULL);
     struct sockaddr_in addr;

@@ -330,8 +330,10 @@ def t_ambiguous_framing_refused(srv):
     """Heads a proxy could frame differently (request smuggling) are refused
     with 400 before any body is read: two Host headers, two Content-Length
     headers, Content-Length with Transfer-Encoding, an HTTP version other
-    than 1.0 and 1.1, a space between a header's name and its colon. The
-    plain request is served."""
+    than 1.0 and 1.1, a space between a header's name and its colon, a line
+    ended by a bare LF (the request line, a header, the empty line before a
+    body), a bare CR in a value, a folded header line. The plain request is
+    served, with odd but valid headers too."""
     get = "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n" % KEY
     post = ("POST /v1/fine_tuning/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
             "Content-Type: application/json\r\n" % KEY)
@@ -340,7 +342,18 @@ def t_ambiguous_framing_refused(srv):
              (post + "Content-Length: 2\r\nContent-Length: 20\r\n\r\n{}", b"400"),
              (post + "Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400"),
              (get.replace("HTTP/1.1", "HTTP/1.2") + "\r\n", b"400"),
-             (get + "Content-Type : text/plain\r\n\r\n", b"400")]
+             (get + "Content-Type : text/plain\r\n\r\n", b"400"),
+             (get.replace("HTTP/1.1\r\n", "HTTP/1.1\n") + "\r\n", b"400"),
+             (get.replace("Host: 127.0.0.1\r\n", "Host: 127.0.0.1\n") + "\r\n", b"400"),
+             (post + "Content-Length: 2\n\r\n{}", b"400"),
+             (post + "Content-Length: 2\r\n\n{}", b"400"),
+             (post + "Content-Length: 2\n\n{}", b"400"),
+             (get + "X-Note: a\rb\r\n\r\n", b"400"),
+             (get + "X-Note: a\r\n b\r\n\r\n", b"400"),
+             (get + "X-Note: a\r\n\tb\r\nAccept: */*\r\n\r\n", b"400"),
+             ("GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n", b"200"),
+             ("GET /healthz HTTP/1.0\nHost: 127.0.0.1\n\n", b"400"),
+             (get + "Accept:*/*\r\nX-A:   spaced   \r\nX-Empty:\r\nX-Tab:\tv\r\n\r\n", b"200")]
     before = srv.snapshot()
     for req, status in cases:
         out = srv.raw(req.encode(), read_all=False)
