@@ -380,25 +380,26 @@ static int resolve_checkpoint(Api *api, const char *name, InferOptions *opts, Gf
     if (strncmp(name, "ft:", 3) != 0 ||
         sscanf(name + 3, "%100[^:]:%39[^:]:ckpt-step-%lld%n", adapter, job_id, &step, &used) != 3 || name[3 + used])
         return 0;
-    JobRow job;
-    CheckpointRow *rows = calloc(STORE_CHECKPOINTS_MAX, sizeof *rows);
-    int n = 0, found = -1;
-    *st = rows ? GF_OK : gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
-    if (!*st && store_job_get(api->store, job_id, &job, err) == GF_OK) {
-        store_job_adapter_name(&job, want, sizeof want);
-        if (strcmp(want, adapter) == 0 &&
-            store_job_checkpoints(api->store, job_id, rows, STORE_CHECKPOINTS_MAX, &n, err) == GF_OK)
-            for (int i = 0; i < n; i++)
-                if (rows[i].step == step && rows[i].dir[0]) found = i;
+    JobRow *job = malloc(sizeof *job);
+    CheckpointRow *row = malloc(sizeof *row);
+    *st = job && row ? GF_OK : gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    int found = 0;
+    GfStatus got = *st ? *st : store_job_get(api->store, job_id, job, err);
+    if (!got) {
+        store_job_adapter_name(job, want, sizeof want);
+        got = strcmp(want, adapter) == 0 ? store_job_checkpoint(api->store, job_id, step, row, err) : GF_NOT_FOUND;
+        found = !got && row->dir[0];
     }
-    if (!*st && found < 0)
+    if (!*st && got && got != GF_NOT_FOUND) *st = got; /* the store failed: say so, not "no such model" */
+    if (!*st && !found)
         *st = gf_error_set(err, GF_NOT_FOUND, "model_not_found", "model",
                            "no checkpoint '%s' (GET /v1/fine_tuning/jobs/%s/checkpoints lists the ones kept)", name, job_id);
     if (!*st) {
         snprintf(opts->adapter, sizeof opts->adapter, "%s", name);
-        snprintf(opts->adapter_dir, sizeof opts->adapter_dir, "%s", rows[found].dir);
+        snprintf(opts->adapter_dir, sizeof opts->adapter_dir, "%s", row->dir);
     }
-    free(rows);
+    free(job);
+    free(row);
     return 1;
 }
 

@@ -65,6 +65,10 @@ GfStatus store_job_checkpoints(Store *s, const char *id, CheckpointRow *out, int
     return s->ops->job_checkpoints(s, id, out, max, n, err);
 }
 
+GfStatus store_job_checkpoint(Store *s, const char *id, int64_t step, CheckpointRow *out, GfError *err) {
+    return s->ops->job_checkpoint(s, id, step, out, err);
+}
+
 GfStatus store_adapter_create(Store *s, const AdapterRow *row, const char *config_tmp, const char *weights_tmp, GfError *err) {
     return s->ops->adapter_create(s, row, config_tmp, weights_tmp, err);
 }

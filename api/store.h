@@ -135,6 +135,7 @@ typedef struct StoreOps {
     GfStatus (*job_events)(Store *s, const char *id, int64_t after_seq, int limit, JobEvent *out, int *n,
                            int *has_more, GfError *err);
     GfStatus (*job_checkpoints)(Store *s, const char *id, CheckpointRow *out, int max, int *n, GfError *err);
+    GfStatus (*job_checkpoint)(Store *s, const char *id, int64_t step, CheckpointRow *out, GfError *err);
     GfStatus (*adapter_create)(Store *s, const AdapterRow *row, const char *config_tmp, const char *weights_tmp,
                                GfError *err);
     GfStatus (*adapter_get)(Store *s, const char *name, AdapterRow *out, GfError *err);
@@ -196,6 +197,9 @@ GfStatus store_job_events(Store *s, const char *id, int64_t after_seq, int limit
                           int *n, int *has_more, GfError *err);
 GfStatus store_job_checkpoints(Store *s, const char *id, CheckpointRow *out, int max, int *n,
                                GfError *err);
+/* The job's checkpoint at step; GF_NOT_FOUND (code checkpoint_not_found)
+ * when the job keeps none there, job_not_found when there is no job. */
+GfStatus store_job_checkpoint(Store *s, const char *id, int64_t step, CheckpointRow *out, GfError *err);
 
 /* ---- adapters ---------------------------------------------------------- */
 /* GF_CONFLICT when the name exists. Moves the two files into place. */

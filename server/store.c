@@ -622,28 +622,54 @@ static GfStatus sql_job_events(Store *store, const char *id, int64_t after, int 
     return res;
 }
 
+#define CHECKPOINT_COLS "id,step,created_at,metrics"
+
+static void read_checkpoint(SqlStore *s, sqlite3_stmt *st, const char *job_id, CheckpointRow *c) {
+    col_text(st, 0, c->id, sizeof c->id);
+    c->step = sqlite3_column_int64(st, 1);
+    c->created_at = sqlite3_column_int64(st, 2);
+    col_text(st, 3, c->metrics, sizeof c->metrics);
+    char root[4096 + 16];
+    snprintf(root, sizeof root, "%s/jobs/%s/checkpoints", s->dir, job_id);
+    train_run_ckpt_dir(root, c->step, c->dir, sizeof c->dir);
+}
+
+/* Under the lock: job_not_found unless job id exists. */
+static GfStatus job_must_exist(SqlStore *s, const char *id, GfError *err) {
+    if (row_exists(s, "SELECT 1 FROM jobs WHERE id=?", id)) return GF_OK;
+    return gf_error_set(err, GF_NOT_FOUND, "job_not_found", "id", "no fine-tuning job '%s'", id);
+}
+
 static GfStatus sql_job_checkpoints(Store *store, const char *id, CheckpointRow *out, int max, int *n, GfError *err) {
     SqlStore *s = (SqlStore *)store;
     *n = 0;
     lock(s);
-    GfStatus res = GF_OK;
-    if (!row_exists(s, "SELECT 1 FROM jobs WHERE id=?", id))
-        res = gf_error_set(err, GF_NOT_FOUND, "job_not_found", "id", "no fine-tuning job '%s'", id);
+    GfStatus res = job_must_exist(s, id, err);
     sqlite3_stmt *st = NULL;
-    int rc = res ? SQLITE_OK : prep(s, &st, "SELECT id,step,created_at,metrics FROM checkpoints WHERE job_id=? "
+    int rc = res ? SQLITE_OK : prep(s, &st, "SELECT " CHECKPOINT_COLS " FROM checkpoints WHERE job_id=? "
                                             "ORDER BY step DESC LIMIT ?", "si", id, (int64_t)max);
     while (!res && rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
-        CheckpointRow *c = &out[(*n)++];
-        col_text(st, 0, c->id, sizeof c->id);
-        c->step = sqlite3_column_int64(st, 1);
-        c->created_at = sqlite3_column_int64(st, 2);
-        col_text(st, 3, c->metrics, sizeof c->metrics);
-        char root[4096 + 16];
-        snprintf(root, sizeof root, "%s/jobs/%s/checkpoints", s->dir, id);
-        train_run_ckpt_dir(root, c->step, c->dir, sizeof c->dir);
+        read_checkpoint(s, st, id, &out[(*n)++]);
         rc = SQLITE_OK;
     }
     if (!res && rc != SQLITE_OK && rc != SQLITE_DONE) res = db_fail(s, rc, err);
+    sqlite3_finalize(st);
+    unlock(s);
+    return res;
+}
+
+static GfStatus sql_job_checkpoint(Store *store, const char *id, int64_t step, CheckpointRow *out, GfError *err) {
+    SqlStore *s = (SqlStore *)store;
+    lock(s);
+    GfStatus res = job_must_exist(s, id, err);
+    sqlite3_stmt *st = NULL;
+    int rc = res ? SQLITE_OK : prep(s, &st, "SELECT " CHECKPOINT_COLS " FROM checkpoints WHERE job_id=? AND step=?",
+                                    "si", id, step);
+    if (!res && rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) read_checkpoint(s, st, id, out);
+    else if (!res && (rc == SQLITE_OK || rc == SQLITE_DONE))
+        res = gf_error_set(err, GF_NOT_FOUND, "checkpoint_not_found", "step", "job '%s' keeps no checkpoint at step %lld", id,
+                           (long long)step);
+    else if (!res) res = db_fail(s, rc, err);
     sqlite3_finalize(st);
     unlock(s);
     return res;
@@ -1291,6 +1317,7 @@ static const StoreOps SQL_STORE_OPS = {
     .job_resume = sql_job_resume,
     .job_events = sql_job_events,
     .job_checkpoints = sql_job_checkpoints,
+    .job_checkpoint = sql_job_checkpoint,
     .adapter_create = sql_adapter_create,
     .adapter_get = sql_adapter_get,
     .adapter_list = sql_adapter_list,

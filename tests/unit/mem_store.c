@@ -281,6 +281,17 @@ static GfStatus mem_job_events(Store *s, const char *id, int64_t after_seq, int 
     return unlock_with(m, st);
 }
 
+static GfStatus mem_job_checkpoint(Store *s, const char *id, int64_t step, CheckpointRow *out, GfError *err) {
+    (void)out;
+    MemStore *m = lock_store(s);
+    GfStatus st = injected(m, err);
+    if (!st && find_job(m, id) < 0) st = gf_error_set(err, GF_NOT_FOUND, "job_not_found", "id", "no fine-tuning job '%s'", id);
+    if (!st) /* jobs here never run, so they have no checkpoints */
+        st = gf_error_set(err, GF_NOT_FOUND, "checkpoint_not_found", "step", "job '%s' keeps no checkpoint at step %lld", id,
+                          (long long)step);
+    return unlock_with(m, st);
+}
+
 static GfStatus mem_job_checkpoints(Store *s, const char *id, CheckpointRow *out, int max, int *n, GfError *err) {
     (void)out;
     (void)max;
@@ -504,6 +515,7 @@ static const StoreOps MEM_STORE_OPS = {
     .job_resume = mem_job_resume,
     .job_events = mem_job_events,
     .job_checkpoints = mem_job_checkpoints,
+    .job_checkpoint = mem_job_checkpoint,
     .adapter_create = mem_adapter_create,
     .adapter_get = mem_adapter_get,
     .adapter_list = mem_adapter_list,
