@@ -13,6 +13,7 @@
 #include "common.h"
 #include "image.h"
 #include "reply.h"
+#include "sha256.h"
 #include "tokenizer.h"
 
 typedef struct {
@@ -454,6 +455,8 @@ GfStatus inference_image(Api *api, const uint8_t *bytes, size_t n, ServeImage *o
     }
     out->n_patches = P;
     out->n_soft = n_soft;
+    gf_sha256(bytes, n, out->digest); /* the vision cache's key: the bytes decide the pixels */
+    out->has_digest = 1;
     return GF_OK;
 }
 

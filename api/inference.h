@@ -45,7 +45,8 @@ GfStatus inference_start_or_reply(Api *api, ServeSubmit *s, InferOptions *opts, 
 GfStatus inference_resolve_model(Api *api, const char *name, InferOptions *opts, GfError *err);
 
 /* Decodes and preprocesses one image (magic-number sniffing, the server's
- * byte and pixel limits) into a ServeImage; *n_soft is its token count. */
+ * byte and pixel limits) into a ServeImage, with its n_soft tokens and the
+ * digest of its bytes (the engine's vision cache key). */
 GfStatus inference_image(Api *api, const uint8_t *bytes, size_t n, ServeImage *out, GfError *err);
 
 /* Chat-encodes msgs (images counted by soft tokens) into s's prompt. */

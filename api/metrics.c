@@ -136,6 +136,14 @@ static void put_serving(Text *t, ServeEngine *e) {
     put(t, "# HELP gf_adapter_evictions_total Idle adapters dropped beyond the resident budget.\n"
            "# TYPE gf_adapter_evictions_total counter\ngf_adapter_evictions_total %llu\n",
         (unsigned long long)s.adapter_evictions);
+    put(t, "# HELP gf_vision_cache_lookups_total Images looked up in the vision cache, by result.\n"
+           "# TYPE gf_vision_cache_lookups_total counter\ngf_vision_cache_lookups_total{result=\"hit\"} %llu\n"
+           "gf_vision_cache_lookups_total{result=\"miss\"} %llu\n", (unsigned long long)s.vision_cache_hits,
+        (unsigned long long)s.vision_cache_misses);
+    put(t, "# HELP gf_vision_cache_bytes Vision tower outputs kept for repeated images.\n# TYPE gf_vision_cache_bytes gauge\n"
+           "gf_vision_cache_bytes %llu\n# HELP gf_vision_cache_entries Images (with an adapter's vision weights) cached.\n"
+           "# TYPE gf_vision_cache_entries gauge\ngf_vision_cache_entries %d\n", (unsigned long long)s.vision_cache_bytes,
+        s.vision_cache_entries);
     put(t, "# HELP gf_adapters_resident Adapters in the engine's memory.\n# TYPE gf_adapters_resident gauge\n"
            "gf_adapters_resident %d\n", s.resident_adapters);
     put(t, "# HELP gf_kv_blocks_used KV cache blocks in use.\n# TYPE gf_kv_blocks_used gauge\ngf_kv_blocks_used %lld\n"

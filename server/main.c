@@ -42,6 +42,7 @@ typedef struct {
     int64_t max_context;          /* 0 = default: KV room per slot */
     int max_resident_adapters;    /* -1 = default */
     int image_threads;            /* threads decoding requests' images */
+    long long vision_cache_mb;    /* -1 = default */
     int max_image_tasks;          /* requests with images being decoded or waiting to be; 429 beyond */
     int64_t max_tokens;           /* 0 = default cap on max_tokens */
     ModelQuant quantize;          /* the served base: bf16 as stored, or NF4 (QLoRA) */
@@ -102,6 +103,7 @@ static void usage(FILE *f) {
             "  --max-tokens N          cap on a request's max_tokens (default 4096)\n"
             "  --image-threads N       threads decoding requests' images, off the HTTP threads (default 2)\n"
             "  --max-image-queue N     requests whose images are decoding or waiting to; 429 beyond (default 16)\n"
+            "  --vision-cache-mb N     vision tower outputs kept for repeated images (default 128; 0 = none)\n"
             "  --max-upload-bytes N    dataset and adapter upload cap (default 2 GiB)\n"
             "  --web DIR               dashboard files (default: the source tree's web/)\n"
             "  --verbose               debug logging\n");
@@ -175,6 +177,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
     o->max_inference_queue = -1;
     o->max_resident_adapters = -1;
     o->image_threads = 2;
+    o->vision_cache_mb = -1;
     o->max_image_tasks = 16;
     o->drain_s = 10;
     o->disk_full_wait_s = 600;
@@ -214,6 +217,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--max-context") == 0 && !parse_uint(v, 1 << 20, &n) && n) o->max_context = (int64_t)n;
         else if (strcmp(a, "--max-adapters") == 0 && !parse_uint(v, 100000, &n)) o->max_resident_adapters = (int)n;
         else if (strcmp(a, "--image-threads") == 0 && !parse_uint(v, 256, &n) && n) o->image_threads = (int)n;
+        else if (strcmp(a, "--vision-cache-mb") == 0 && !parse_uint(v, 1u << 20, &n)) o->vision_cache_mb = (long long)n;
         else if (strcmp(a, "--max-image-queue") == 0 && !parse_uint(v, 100000, &n) && n) o->max_image_tasks = (int)n;
         else if (strcmp(a, "--max-tokens") == 0 && !parse_uint(v, 1 << 20, &n) && n) o->max_tokens = (int64_t)n;
         else if (strcmp(a, "--max-queued-jobs") == 0 && !parse_uint(v, 1000000, &n)) o->limits.max_queued_jobs = (int)n;
@@ -266,6 +270,7 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, Api *api, ServeE
     sc.kv_blocks = sc.max_seqs * ((sc.max_context + sc.kv_block_len - 1) / sc.kv_block_len); /* every slot can reach it */
     if (o->max_resident_adapters >= 0) sc.max_adapters = o->max_resident_adapters;
     sc.max_lora_rank = o->limits.max_lora_rank;
+    if (o->vision_cache_mb >= 0) sc.vision_cache_bytes = (uint64_t)o->vision_cache_mb << 20;
     GfError err;
     if (serve_start(pipe->model, &sc, out, &err)) {
         fprintf(stderr, "gemmaforge: cannot start serving: %s\n", err.message);

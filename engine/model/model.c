@@ -23,6 +23,10 @@ void model_download(const Model *m, void *host, const void *dev, size_t bytes) {
     m->be.ops->download(&m->be.ctx, host, dev, bytes);
 }
 
+void model_device_copy(const Model *m, void *dst, const void *src, size_t bytes) {
+    m->be.ops->copy(&m->be.ctx, dst, src, bytes);
+}
+
 /* The device from the options, else from GF_DEVICE in the environment, else
  * the CPU. */
 static GfStatus open_backend(Model *m, const ModelOptions *opts, GfError *err) {

@@ -100,6 +100,8 @@ GfStatus model_forward_batch(Model *m, ModelSeq *seqs, int n_seqs, float *logits
 GfStatus model_device_alloc(const Model *m, KnBuffer *buf, size_t bytes, const char *what, GfError *err);
 void model_device_free(const Model *m, KnBuffer *buf);
 void model_download(const Model *m, void *host, const void *dev, size_t bytes);
+/* bytes of device memory from src to dst (not overlapping). */
+void model_device_copy(const Model *m, void *dst, const void *src, size_t bytes);
 
 /* model_forward_batch, then each sequence's next token from its last row's
  * logits under rows[n_seqs] (host: sampling parameters and random states,

@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vision_cache.h"
+
 #define MAX_CONTROL 64
 
 const double SERVE_HIST_BOUNDS[SERVE_HIST_BUCKETS] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -24,6 +26,7 @@ typedef struct {
     int pins;                 /* under mu: queued requests that will use it */
     uint64_t last_used;       /* step counter */
     int dropped;              /* forgotten: freed when refs and pins reach 0 */
+    uint8_t vision_digest[VISION_DIGEST_LEN]; /* its vision part (vision_cache.h); zero: the base's features */
 } Resident;
 
 struct ServeReq {
@@ -71,6 +74,7 @@ struct ServeEngine {
     ServeReq **active;        /* [max_seqs] */
     int n_active;
     Resident **res;           /* [n_res_cap], each owned (requests point at them) */
+    VisionCache *vcache;
     int n_res, n_res_cap;
     uint64_t step;
     KnSampleRow *rows;        /* [max_seqs] each running sequence's sampling parameters and state */
@@ -98,6 +102,7 @@ void serve_config_default(ServeConfig *c, const Model *m) {
     c->max_context = per_slot * c->kv_block_len;
     c->max_adapters = 8;
     c->max_lora_rank = LORA_MAX_RANK;
+    c->vision_cache_bytes = 128ull << 20;
 }
 
 static int64_t blocks_for(const ServeEngine *e, int64_t positions) {
@@ -261,6 +266,7 @@ static GfStatus add_resident(ServeEngine *e, const char *name, LoraAdapter *a, R
     snprintf(r->name, sizeof r->name, "%s", name);
     r->a = a;
     r->last_used = e->step;
+    vision_cache_adapter_digest(a, r->vision_digest);
     pthread_mutex_lock(&e->mu);
     e->res[e->n_res++] = r;
     pthread_mutex_unlock(&e->mu);
@@ -349,6 +355,34 @@ static void finish(ServeEngine *e, ServeReq *q, FinishReason why, const GfError 
 
 /* ---- admission -------------------------------------------------------------------- */
 
+/* The vision cache's figures into the stats (under mu). */
+static void note_vision_cache(ServeEngine *e) {
+    VisionCacheStats v;
+    vision_cache_stats(e->vcache, &v);
+    pthread_mutex_lock(&e->mu);
+    e->stats.vision_cache_hits = v.hits;
+    e->stats.vision_cache_misses = v.misses;
+    e->stats.vision_cache_bytes = v.bytes;
+    e->stats.vision_cache_entries = v.entries;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Soft tokens of one image at dst: from the cache, or from the tower with
+ * the request's adapter (then kept). */
+static GfStatus encode_image(ServeEngine *e, ServeReq *q, const ServeImage *im, float *dst, GfError *err) {
+    static const uint8_t base[VISION_DIGEST_LEN];
+    const uint8_t *vision = q->ad ? q->ad->vision_digest : base;
+    if (im->has_digest && vision_cache_get(e->vcache, im->digest, vision, im->n_soft, dst)) return GF_OK;
+    int64_t got = 0;
+    if (model_vision_forward(e->m, q->ad ? &q->ad->b : NULL, im->pixels, im->positions, im->n_patches, dst, &got, err))
+        return err->status;
+    if (got != im->n_soft)
+        return gf_error_set(err, GF_INTERNAL, "internal_error", "image", "an image gave %lld soft tokens, %lld expected",
+                            (long long)got, (long long)im->n_soft);
+    if (im->has_digest) vision_cache_put(e->vcache, im->digest, vision, got, dst);
+    return GF_OK;
+}
+
 /* Vision tower of each image, with the request's adapter. */
 static GfStatus encode_images(ServeEngine *e, ServeReq *q, GfError *err) {
     if (!q->s.n_images) return GF_OK;
@@ -357,18 +391,13 @@ static GfStatus encode_images(ServeEngine *e, ServeReq *q, GfError *err) {
     if (model_device_alloc(e->m, &q->soft_buf, (size_t)(total * H) * sizeof(float), "soft tokens", err)) return err->status;
     q->soft = q->soft_buf.data;
     int64_t at = 0;
-    for (int i = 0; i < q->s.n_images; i++) {
-        ServeImage *im = &q->s.images[i];
-        int64_t got = 0;
-        if (model_vision_forward(e->m, q->ad ? &q->ad->b : NULL, im->pixels, im->positions, im->n_patches,
-                                 q->soft + at * H, &got, err))
-            return err->status;
-        if (got != im->n_soft)
-            return gf_error_set(err, GF_INTERNAL, "internal_error", "image", "image %d gave %lld soft tokens, %lld expected",
-                                i, (long long)got, (long long)im->n_soft);
-        at += got;
+    GfStatus st = GF_OK;
+    for (int i = 0; !st && i < q->s.n_images; i++) {
+        st = encode_image(e, q, &q->s.images[i], q->soft + at * H, err);
+        at += q->s.images[i].n_soft;
     }
-    return GF_OK;
+    note_vision_cache(e);
+    return st;
 }
 
 static GfStatus admit_one(ServeEngine *e, ServeReq *q, GfError *err) {
@@ -564,6 +593,7 @@ static void engine_free(ServeEngine *e) {
     for (int i = 0; i < e->n_res; i++) resident_free(e->res[i]);
     for (int i = 0; i < e->n_control; i++) lora_free(e->control[i].a);
     kv_pool_free(&e->pool);
+    vision_cache_free(e->vcache);
     free(e->res);
     free(e->active);
     free(e->batch);
@@ -591,7 +621,8 @@ GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfErro
     e->batch = gf_calloc((size_t)cfg->max_seqs, sizeof *e->batch, err);
     e->rows = gf_calloc((size_t)cfg->max_seqs, sizeof *e->rows, err);
     e->next = gf_calloc((size_t)cfg->max_seqs, sizeof *e->next, err);
-    if (!e->res || !e->active || !e->batch || !e->rows || !e->next ||
+    e->vcache = e->next ? vision_cache_new(m, cfg->vision_cache_bytes, err) : NULL;
+    if (!e->res || !e->active || !e->batch || !e->rows || !e->next || !e->vcache ||
         kv_pool_init(&e->pool, &model_config(m)->text, model_backend(m), cfg->kv_block_len, cfg->kv_blocks, err)) {
         engine_free(e);
         return err->status ? err->status : GF_NO_MEMORY;

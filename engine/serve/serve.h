@@ -22,6 +22,11 @@
  * serve_adapter_drop forgets one (deleted): requests already running keep
  * it until they end.
  *
+ * Images: the vision tower's output is kept per (image digest, the
+ * adapter's vision weights) in a byte-bounded LRU (vision_cache.h), so a
+ * repeated image skips the tower, and a replaced adapter never sees the
+ * old one's features.
+ *
  * Threading: serve_* may be called from any thread. Sinks run on the engine
  * thread and must not block. The Model belongs to the engine from
  * serve_start to serve_stop (serve_submit reads only its weights' names and
@@ -50,11 +55,12 @@ typedef struct {
     int64_t max_context;      /* positions one sequence may reach (prompt + max_tokens) */
     int max_adapters;         /* resident adapters kept when idle */
     int max_lora_rank;
+    uint64_t vision_cache_bytes; /* the vision tower's outputs kept for repeated images (vision_cache.h); 0 = none */
 } ServeConfig;
 
 /* Defaults: 16 sequences, a queue of 64, blocks of 16 positions, enough
  * blocks for every slot to reach 8192 positions (capped at 64 MiB of KV per
- * slot), 8 adapters. */
+ * slot), 8 adapters, 128 MiB of cached vision features. */
 void serve_config_default(ServeConfig *c, const Model *m);
 
 /* One image, preprocessed by the caller (preprocess_image), pixels in [0, 1]. */
@@ -62,6 +68,8 @@ typedef struct {
     float *pixels;            /* [n_patches, 3 p^2] */
     int32_t *positions;       /* [n_patches, 2] */
     int64_t n_patches, n_soft;
+    uint8_t digest[32];       /* SHA-256 of the image's bytes: the vision cache's key (with has_digest) */
+    int has_digest;           /* 0: never cached */
 } ServeImage;
 
 typedef enum { SERVE_TOKEN = 0, SERVE_END } ServeEventKind;
@@ -129,6 +137,8 @@ typedef struct {
     uint64_t requests, completed, failed, cancelled;
     uint64_t prompt_tokens, generated_tokens;
     uint64_t adapter_loads, adapter_evictions;
+    uint64_t vision_cache_hits, vision_cache_misses, vision_cache_bytes; /* images with a digest */
+    int vision_cache_entries;
     double tokens_per_s;      /* generated tokens per second over the last second of work; 0 when idle */
     /* histograms: counts of observations <= SERVE_HIST_BOUNDS[i] seconds, then +Inf */
     uint64_t ttft[SERVE_HIST_BUCKETS + 1], tpot[SERVE_HIST_BUCKETS + 1];

@@ -16,6 +16,8 @@ usage: test_serving.py PATH/TO/gemmaforge
   does not have, is refused with an error naming the problem; an adapter whose
   file is damaged on disk fails its own requests only; an adapter changes the
   answer; a deleted adapter is no longer served.
+- The vision tower's output is cached per image and adapter content: hits
+  for repeated images, misses for a replaced adapter, answers unchanged.
 - Images are decoded off the HTTP threads: while large images decode and
   zip-bomb PNGs are refused, /healthz keeps answering at once.
 - Bad requests get the documented errors (remote image URLs, unknown models,
@@ -511,6 +513,53 @@ def t_images_off_http_threads(binary):
         assert srv.alive()
     finally:
         srv.stop()
+
+
+def t_vision_cache_keyed_by_content(binary):
+    """The vision tower's output is cached per (image bytes, the adapter's
+    vision weights), not per adapter name: a repeated image hits; an adapter
+    of the text model only shares the base's features; an adapter replaced
+    under the same name with other vision weights misses and answers with
+    its new weights. Every answer equals the same request on a server with
+    the cache off."""
+    srv = Server(binary, extra=["--no-train"])
+    ref = Server(binary, extra=["--no-train", "--vision-cache-mb", "0"])
+    try:
+        def fixture(kind):
+            d = ("dense", kind, "adapter_init")
+            return fixture_bytes(*d, "adapter_config.json"), fixture_bytes(*d, "adapter_model.safetensors")
+        (cfg_all, w_all), (cfg_lm, w_lm) = fixture("lora_all"), fixture("lora_lm")
+        v1, v2, t = with_random_b(w_all, 31), with_random_b(w_all, 32), with_random_b(w_lm, 33)
+        for name, cfg, w in (("vis", cfg_all, v1), ("txt", cfg_lm, t)):
+            expect(upload(srv, name, cfg, w), 201)
+        for name, cfg, w in (("vis1", cfg_all, v1), ("vis2", cfg_all, v2), ("txt", cfg_lm, t)):
+            expect(upload(ref, name, cfg, w), 201)
+        image = data_url(png(64, 48, pixel=lambda x, y: (x * 4 % 256, 250 - y * 5, (x * y) % 256)))
+
+        def ask(server, model):
+            body = {"model": model, "max_tokens": 12, "temperature": 0, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Describe it."}]}]}
+            return answer_of(server.post_json("/v1/chat/completions", body), False)[0]
+
+        def lookups():
+            return (metric(srv, 'gf_vision_cache_lookups_total{result="hit"}'),
+                    metric(srv, 'gf_vision_cache_lookups_total{result="miss"}'))
+
+        want = {m: ask(ref, m) for m in ("vis1", "vis2", "txt", "dense")}
+        assert want["vis1"] != want["vis2"], "the two vision adapters answer alike: the test could not tell them apart"
+        steps = [("vis", "vis1", (0, 1)), ("vis", "vis1", (1, 1)), ("dense", "dense", (1, 2)), ("txt", "txt", (2, 2))]
+        for model, same_as, counts in steps:
+            assert ask(srv, model) == want[same_as], (model, same_as)
+            assert lookups() == counts, (model, lookups(), counts)
+        expect(srv.request("DELETE", "/v1/adapters/vis"), 200)
+        expect(upload(srv, "vis", cfg_all, v2), 201)
+        assert ask(srv, "vis") == want["vis2"], "a replaced adapter answered with the old one's vision features"
+        assert lookups() == (2, 3), lookups()
+        assert metric(srv, "gf_vision_cache_entries") == 3 and metric(srv, "gf_vision_cache_bytes") > 0
+        assert metric(ref, "gf_vision_cache_entries") == 0
+    finally:
+        srv.stop()
+        ref.stop()
 
 
 def t_shutdown_mid_answer(binary):

@@ -7,7 +7,9 @@
  * the same seed at temperature 1 gives the same tokens in different
  * batches; a full queue refuses with queue_full; a cancelled request ends
  * cancelled; a broken adapter is refused at submit, on the caller's
- * thread; and every KV block is back in the pool at the end. */
+ * thread; and every KV block is back in the pool at the end. The vision
+ * cache keeps the tower's output per image digest within its byte budget,
+ * least recently used out first, and a hit answers as the tower would. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -94,11 +96,18 @@ static void make_prompt(Prompt1 *p, int q, const SafeTensors *img) {
     p->image = 0;
 }
 
+/* The digest the next submitted image carries (its vision cache key); 0 = none. */
+static int g_image_label;
+
 /* The one image of forward_image.safetensors as the engine takes it. */
 static ServeImage *image_of(const SafeTensors *st) {
     ServeImage *im = calloc(1, sizeof *im);
     im->n_patches = golden_image(st, &im->pixels, &im->positions);
     im->n_soft = 60;
+    if (g_image_label) {
+        memset(im->digest, g_image_label, sizeof im->digest);
+        im->has_digest = 1;
+    }
     return im;
 }
 
@@ -239,6 +248,36 @@ static void test_cancelled_leave_queue(Model *m, const Prompt1 *text) {
     serve_free(e);
 }
 
+/* A cache of one image's features: labels A, B, A, A give miss, miss (A
+ * evicted), miss, hit; every answer is the same (the same pixels). */
+static void test_vision_cache_lru(Model *m, const Prompt1 *p, const SafeTensors *img) {
+    GfError err;
+    ServeConfig cfg;
+    serve_config_default(&cfg, m);
+    cfg.vision_cache_bytes = (uint64_t)(60 * model_config(m)->text.hidden_size) * sizeof(float);
+    ServeEngine *e = NULL;
+    CHECK_STATUS(serve_start(m, &cfg, &e, &err), GF_OK, err);
+    if (!e) return;
+    static const int labels[4] = {'A', 'B', 'A', 'A'};
+    Result r[4];
+    for (int i = 0; i < 4; i++) {
+        g_image_label = labels[i];
+        CHECK_STATUS(submit(e, p, img, NULL, NULL, 0.0f, 0, &r[i], &err), GF_OK, err);
+        wait_done(&r[i]);
+        CHECK(r[i].n > 0 && r[i].n == r[0].n && memcmp(r[i].tokens, r[0].tokens, (size_t)r[0].n * sizeof(int32_t)) == 0,
+              "request %d answers as the first (%d tokens)", i, r[i].n);
+        serve_release(r[i].handle);
+    }
+    g_image_label = 0;
+    ServeStats s;
+    serve_stats(e, &s);
+    CHECK(s.vision_cache_misses == 3 && s.vision_cache_hits == 1 && s.vision_cache_entries == 1 &&
+              s.vision_cache_bytes == cfg.vision_cache_bytes,
+          "vision cache: %llu misses, %llu hits, %d entries, %llu bytes", (unsigned long long)s.vision_cache_misses,
+          (unsigned long long)s.vision_cache_hits, s.vision_cache_entries, (unsigned long long)s.vision_cache_bytes);
+    serve_free(e);
+}
+
 int main(void) {
     const char *dir = GF_FIXTURES "/dense";
     char final_dir[600], path[600];
@@ -376,6 +415,11 @@ int main(void) {
     for (int q = 0; q < N_REQ; q++)
         if (!prompts[q].image) {
             test_cancelled_leave_queue(m, &prompts[q]);
+            break;
+        }
+    for (int q = 0; q < N_REQ; q++)
+        if (prompts[q].image) {
+            test_vision_cache_lru(m, &prompts[q], &img);
             break;
         }
     for (int i = 0; i < 4; i++) { lora_binding_free(&bind[i]); lora_free(mine[i]); }
