@@ -315,6 +315,30 @@ static void block_signals(sigset_t *set) {
     signal(SIGPIPE, SIG_IGN);
 }
 
+/* What cmd_serve starts, so every exit stops and frees the same way. */
+typedef struct {
+    Metrics metrics;
+    Api api;
+    Pipeline *pipe;
+    ServeEngine *serve;
+    Jobs *jobs;
+    Exports *exports;
+} ServeParts;
+
+/* Stops and frees what was started, in reverse order (what was not is
+ * NULL); returns status. */
+static int serve_teardown(ServeParts *p, int status) {
+    work_pool_free(p->api.serving.images); /* before the engine its tasks submit to */
+    exports_stop(p->exports);
+    jobs_stop(p->jobs);
+    serve_free(p->serve);
+    job_hub_free(p->api.job_hub);
+    store_close(p->api.store);
+    pipeline_close(p->pipe);
+    metrics_free(&p->metrics);
+    return status;
+}
+
 static int cmd_serve(int argc, char **argv) {
     ServeOptions o;
     int parsed = parse_serve(argc, argv, &o);
@@ -323,83 +347,54 @@ static int cmd_serve(int argc, char **argv) {
     gf_log_init(o.verbose ? GF_LOG_DEBUG : GF_LOG_INFO);
     sigset_t sigs;
     block_signals(&sigs); /* before any thread exists, so only sigwait sees them */
-    Pipeline *pipe = NULL;
-    ServeEngine *serve = NULL;
-    Metrics metrics;
-    metrics_init(&metrics);
-    Api api = {.metrics = &metrics, .limits = o.limits, .started_at = gf_time_unix(), .job_hub = job_hub_new()};
-    if (!api.job_hub || open_model(&o, &metrics.weights, &pipe, &api.model)) return 1;
+    ServeParts p;
+    memset(&p, 0, sizeof p);
+    metrics_init(&p.metrics);
+    Api *api = &p.api;
+    *api = (Api){.metrics = &p.metrics, .limits = o.limits, .started_at = gf_time_unix(), .job_hub = job_hub_new()};
+    if (!api->job_hub || open_model(&o, &p.metrics.weights, &p.pipe, &api->model)) return serve_teardown(&p, 1);
     GfError err;
-    if (store_open(o.data_dir, &api.store, &err)) {
+    if (store_open(o.data_dir, &api->store, &err)) {
         fprintf(stderr, "gemmaforge: cannot open the data directory: %s\n", err.message);
-        pipeline_close(pipe);
-        return 1;
+        return serve_teardown(&p, 1);
     }
-    if (start_serving(&o, pipe, &api, &serve)) {
-        store_close(api.store);
-        pipeline_close(pipe);
-        return 1;
-    }
-    o.http.tmp_dir = store_tmp_dir(api.store);
-    Jobs *jobs = NULL;
-    if (api.model.loaded && !o.no_train) {
-        JobsConfig jc = {.model_dir = o.model_dir, .model_name = api.model.id, .max_lora_rank = o.limits.max_lora_rank,
-                         .base = model_weights(pipe->model), .gauge = &metrics.weights,
+    if (start_serving(&o, p.pipe, api, &p.serve)) return serve_teardown(&p, 1);
+    o.http.tmp_dir = store_tmp_dir(api->store);
+    if (api->model.loaded && !o.no_train) {
+        JobsConfig jc = {.model_dir = o.model_dir, .model_name = api->model.id, .max_lora_rank = o.limits.max_lora_rank,
+                         .base = model_weights(p.pipe->model), .gauge = &p.metrics.weights,
                          .n_threads = o.train_threads, .poll_s = 0.5, .disk_full_wait_s = o.disk_full_wait_s,
                          .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels},
-                         .on_adapter = serve ? serve_trained : NULL, .on_adapter_cls = serve,
-                         .on_event = job_event, .on_event_cls = api.job_hub};
-        if (jobs_start(&jc, api.store, &jobs, &err)) {
+                         .on_adapter = p.serve ? serve_trained : NULL, .on_adapter_cls = p.serve,
+                         .on_event = job_event, .on_event_cls = api->job_hub};
+        if (jobs_start(&jc, api->store, &p.jobs, &err)) {
             fprintf(stderr, "gemmaforge: %s\n", err.message);
-            work_pool_free(api.serving.images);
-            serve_free(serve);
-            store_close(api.store);
-            pipeline_close(pipe);
-            return 1;
+            return serve_teardown(&p, 1);
         }
     }
-    Exports *exports = NULL;
-    if (api.model.dir_ok && !o.no_export) {
+    if (api->model.dir_ok && !o.no_export) {
         ExportsConfig xc = {.model_dir = o.model_dir, .poll_s = 0.5,
                             .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels}};
-        if (exports_start(&xc, api.store, &exports, &err)) {
+        if (exports_start(&xc, api->store, &p.exports, &err)) {
             fprintf(stderr, "gemmaforge: %s\n", err.message);
-            jobs_stop(jobs);
-            work_pool_free(api.serving.images);
-            serve_free(serve);
-            store_close(api.store);
-            pipeline_close(pipe);
-            return 1;
+            return serve_teardown(&p, 1);
         }
     }
     if (o.http.n_keys == 0) GF_LOGW("no API key configured: every route is open to anyone who can reach %s", o.http.bind_addr);
-    Httpd *h = httpd_start(&o.http, &api, &err);
+    Httpd *h = httpd_start(&o.http, api, &err);
     if (!h) {
         fprintf(stderr, "gemmaforge: %s\n", err.message);
-        exports_stop(exports);
-        jobs_stop(jobs);
-        work_pool_free(api.serving.images);
-        serve_free(serve);
-        store_close(api.store);
-        pipeline_close(pipe);
-        return 1;
+        return serve_teardown(&p, 1);
     }
     GF_LOGI("gemmaforge %s listening on http://%s:%u (model: %s)", VERSION, o.http.bind_addr, httpd_port(h),
-            api.model.id[0] ? api.model.id : "none");
+            api->model.id[0] ? api->model.id : "none");
     printf("listening on %s:%u\n", o.http.bind_addr, httpd_port(h));
     fflush(stdout);
     int sig = 0;
     sigwait(&sigs, &sig);
     GF_LOGI("signal %d: shutting down (draining requests for up to %u s)", sig, o.drain_s);
-    httpd_stop(h, o.drain_s, end_deferred, &api);
-    work_pool_free(api.serving.images); /* before the engine its tasks submit to */
-    exports_stop(exports);
-    jobs_stop(jobs);
-    serve_free(serve);
-    job_hub_free(api.job_hub);
-    store_close(api.store);
-    pipeline_close(pipe);
-    metrics_free(&metrics);
+    httpd_stop(h, o.drain_s, end_deferred, api);
+    serve_teardown(&p, 0);
     GF_LOGI("stopped");
     return 0;
 }

@@ -515,6 +515,36 @@ def t_images_off_http_threads(binary):
         srv.stop()
 
 
+def t_hang_up_while_images_wait(binary):
+    """A client that hangs up while its images wait for the image thread is
+    let go: its task skips the work (or, if it had started, the request is
+    cancelled at the engine), it never completes, and the pool drains."""
+    srv = Server(binary, extra=["--no-train", "--image-threads", "1"])
+    try:
+        big = data_url(flat_png(4000, 4000))
+        heavy = {"model": "dense", "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": big}}] * 4 + [{"type": "text", "text": "What is this?"}]}]}
+        first = []
+        th = threading.Thread(target=lambda: first.append(srv.post_json("/v1/chat/completions", heavy, timeout=600)))
+        th.start()
+        assert wait_metric(srv, 'gf_image_decode_requests{state="running"}', 1, timeout=120)
+        gone = open_chat(srv, heavy)
+        assert wait_metric(srv, 'gf_image_decode_requests{state="queued"}', 1, timeout=120)
+        gone.close()
+        th.join(600)
+        expect(first[0], 200)
+        assert wait_metric(srv, 'gf_image_decode_total{outcome="done"}', 2, timeout=120)
+        assert metric(srv, 'gf_image_decode_requests{state="queued"}') == 0
+        assert metric(srv, 'gf_image_decode_requests{state="running"}') == 0
+        completed = metric(srv, 'gf_inference_requests_total{outcome="completed"}')
+        cancelled = metric(srv, 'gf_inference_requests_total{outcome="cancelled"}')
+        assert completed == 1 and cancelled in (0, 1), (completed, cancelled)
+        print("    the hung-up request %s" % ("never reached the engine" if cancelled == 0 else "was cancelled at the engine"))
+        assert srv.alive()
+    finally:
+        srv.stop()
+
+
 def t_vision_cache_keyed_by_content(binary):
     """The vision tower's output is cached per (image bytes, the adapter's
     vision weights), not per adapter name: a repeated image hits; an adapter

@@ -238,10 +238,15 @@ def t_cancel_running_job(binary):
         ds, _, _ = upload_shapes(srv, 12, 3)
         job = create_job(srv, ds, {"epochs": 50, "batch_size": 2, "gradient_accumulation_steps": 1, "save_every": 1000})
         wait_job(srv, job, pred=lambda j: (j["progress"]["step"] or 0) >= 1)
-        expect(srv.post_json("/v1/fine_tuning/jobs/%s/cancel" % job, {}), 200)
+        at_cancel = expect(srv.post_json("/v1/fine_tuning/jobs/%s/cancel" % job, {}), 200).json()["progress"]["step"]
         t0 = time.time()
-        j = wait_job(srv, job, timeout=60)
-        assert j["status"] == "cancelled" and time.time() - t0 < 10, j
+        j = wait_job(srv, job, timeout=600)
+        # the worker stops at the next step boundary: at most one step later,
+        # however slow a step is on this machine (a wall-clock bound failed
+        # under ASan on a busy 2-core machine)
+        assert j["status"] == "cancelled" and j["progress"]["step"] <= at_cancel + 1, (at_cancel, j)
+        print("    cancelled %.1f s after the request, at step %d (asked at step %d)" % (
+            time.time() - t0, j["progress"]["step"], at_cancel))
         assert j["adapter"] is None and j["error"] is None, j
         step = j["progress"]["step"]
         time.sleep(1)
