@@ -238,14 +238,12 @@ static GfStatus submit_or_reply(Api *api, Parsed *p, GfStatus st, const GfError 
     return inference_start_or_reply(api, &p->s, &p->o, resp);
 }
 
-/* Takes bytes over: kept, undecoded, for prepare. */
+/* Takes bytes over: kept, undecoded, for prepare (their size was checked
+ * as they were read: data_url_decode, read_part_file). */
 static GfStatus add_image(Api *api, Parsed *p, uint8_t *bytes, size_t n, const char *param, GfError *err) {
     RawImage *r = NULL;
     if (p->n_raw >= api->serving.max_images)
         gf_error_set(err, GF_INVALID, "too_many_images", "messages", "at most %d images per request", api->serving.max_images);
-    else if (n > api->limits.image_max_bytes)
-        gf_error_set(err, GF_TOO_LARGE, "image_too_large", param, "the image is %zu bytes, over the %llu-byte limit", n,
-                     (unsigned long long)api->limits.image_max_bytes);
     else if (!(r = realloc(p->raw, (size_t)(p->n_raw + 1) * sizeof *r)))
         gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
     if (!r) {

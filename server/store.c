@@ -196,6 +196,15 @@ static void gc_dir(SqlStore *s, const char *sub, const char *exists_sql) {
     closedir(d);
 }
 
+/* A read-only mount (or a directory the server may not write) is refused
+ * at start, not found out one failed request at a time. */
+static GfStatus must_be_writable(const char *path, GfError *err) {
+    if (access(path, W_OK) == 0) return GF_OK;
+    return gf_error_set(err, GF_IO, "read_only", NULL,
+                        "the data directory cannot be written: %s: %s (gemmaforge keeps its database, uploads, jobs and "
+                        "adapters there; give it a writable directory)", path, strerror(errno));
+}
+
 static GfStatus make_layout(SqlStore *s, GfError *err) {
     static const char *const subs[] = {"tmp", "datasets", "adapters", "jobs", "exports", NULL};
     char path[4096];
@@ -205,17 +214,9 @@ static GfStatus make_layout(SqlStore *s, GfError *err) {
             GfError e = *err; /* the message names no path: it may reach a client */
             return gf_error_set(err, e.status, e.code, NULL, "cannot create %s: %s", path, e.message);
         }
+        if (must_be_writable(path, err)) return err->status;
     }
-    /* a read-only mount (or a directory the server may not write): refused
-     * here, not found out one failed request at a time */
-    for (int i = -1; subs[i < 0 ? 0 : i]; i++) {
-        snprintf(path, sizeof path, "%s%s%s", s->dir, i < 0 ? "" : "/", i < 0 ? "" : subs[i]);
-        if (access(path, W_OK) != 0)
-            return gf_error_set(err, GF_IO, "read_only", NULL,
-                                "the data directory cannot be written: %s: %s (gemmaforge keeps its database, uploads, "
-                                "jobs and adapters there; give it a writable directory)", path, strerror(errno));
-    }
-    return GF_OK;
+    return must_be_writable(s->dir, err);
 }
 
 static const StoreOps SQL_STORE_OPS;

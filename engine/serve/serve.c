@@ -37,6 +37,7 @@ struct ServeReq {
     /* the adapter, settled at submit: a pinned resident, or one loaded then */
     Resident *pinned;
     LoraAdapter *loaded;
+    uint8_t loaded_digest[VISION_DIGEST_LEN]; /* the loaded one's vision part, hashed here, not on the engine thread */
     /* engine thread only, once admitted */
     Resident *ad;
     float *soft;              /* [sum n_soft, H] device memory (soft_buf) */
@@ -53,6 +54,7 @@ struct ServeReq {
 typedef struct {
     char name[260];
     LoraAdapter *a;           /* put: the adapter; drop: NULL */
+    uint8_t vision_digest[VISION_DIGEST_LEN]; /* put: a's vision part, hashed by the caller */
 } Control;
 
 struct ServeEngine {
@@ -158,6 +160,7 @@ static GfStatus settle_adapter(ServeEngine *e, ServeReq *r, GfError *err) {
     pthread_mutex_unlock(&e->mu);
     if ((r->pinned = res)) return GF_OK;
     if (lora_load_dir(r->s.adapter_dir, e->m, e->cfg.max_lora_rank, &r->loaded, err)) return err->status;
+    vision_cache_adapter_digest(r->loaded, r->loaded_digest);
     pthread_mutex_lock(&e->mu);
     e->stats.adapter_loads++;
     pthread_mutex_unlock(&e->mu);
@@ -254,7 +257,8 @@ static Resident *find_resident(ServeEngine *e, const char *name) {
     return NULL;
 }
 
-static GfStatus add_resident(ServeEngine *e, const char *name, LoraAdapter *a, Resident **out, GfError *err) {
+static GfStatus add_resident(ServeEngine *e, const char *name, LoraAdapter *a, const uint8_t *vision_digest, Resident **out,
+                             GfError *err) {
     evict(e);
     if (e->n_res == e->n_res_cap) {
         lora_free(a);
@@ -266,7 +270,7 @@ static GfStatus add_resident(ServeEngine *e, const char *name, LoraAdapter *a, R
     snprintf(r->name, sizeof r->name, "%s", name);
     r->a = a;
     r->last_used = e->step;
-    vision_cache_adapter_digest(a, r->vision_digest);
+    memcpy(r->vision_digest, vision_digest, sizeof r->vision_digest);
     pthread_mutex_lock(&e->mu);
     e->res[e->n_res++] = r;
     pthread_mutex_unlock(&e->mu);
@@ -287,7 +291,7 @@ static GfStatus acquire_adapter(ServeEngine *e, ServeReq *q, GfError *err) {
         LoraAdapter *a = q->loaded;
         q->loaded = NULL;
         if (r) lora_free(a);
-        else if (add_resident(e, q->s.adapter, a, &r, err)) return err->status;
+        else if (add_resident(e, q->s.adapter, a, q->loaded_digest, &r, err)) return err->status;
     }
     r->refs++;
     r->last_used = e->step;
@@ -304,14 +308,18 @@ static void apply_control(ServeEngine *e, Control *c) {
     if (!c->a) return;
     Resident *r;
     GfError err;
-    if (add_resident(e, c->name, c->a, &r, &err)) GF_LOGW("adapter %s not kept in memory: %s", c->name, err.message);
+    if (add_resident(e, c->name, c->a, c->vision_digest, &r, &err)) GF_LOGW("adapter %s not kept in memory: %s", c->name, err.message);
 }
 
 static void post_control(ServeEngine *e, const char *name, LoraAdapter *a) {
+    uint8_t digest[VISION_DIGEST_LEN];
+    vision_cache_adapter_digest(a, digest); /* here, on the caller's thread */
     pthread_mutex_lock(&e->mu);
     if (e->n_control < MAX_CONTROL) {
-        snprintf(e->control[e->n_control].name, sizeof e->control[0].name, "%s", name);
-        e->control[e->n_control++].a = a;
+        Control *c = &e->control[e->n_control++];
+        snprintf(c->name, sizeof c->name, "%s", name);
+        c->a = a;
+        memcpy(c->vision_digest, digest, sizeof digest);
         a = NULL;
         pthread_cond_signal(&e->cv);
     }

@@ -14,8 +14,8 @@
  *
  * Adapters: read and validated from their directory by serve_submit, on
  * the submitting thread, when not resident (lora_load_dir: keys, shapes and
- * a no-op adapter refused), so the engine thread never waits on a disk or
- * a parse; a resident one is pinned by the queued request until it runs.
+ * a no-op adapter refused; its vision part hashed for the vision cache), so
+ * the engine thread never waits on a disk, a parse or a hash; a resident one is pinned by the queued request until it runs.
  * Kept resident up to max_adapters, the least recently used idle one
  * dropped beyond that; serve_adapter_put hands
  * over an adapter already in memory (a job that just succeeded), and

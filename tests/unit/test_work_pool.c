@@ -63,17 +63,26 @@ static void gate_free(Gate *g) {
     free(g);
 }
 
+/* A pool of n_threads and n_slots given n_submit gated tasks (args[i] is
+ * task i), once every thread has started one; NULL if it cannot start. */
+static WorkPool *pool_busy(int n_threads, int n_slots, int n_submit, Gate *g, Arg *args) {
+    GfError err;
+    WorkPool *p = work_pool_new(n_threads, n_slots, &err);
+    CHECK(p != NULL, "new: %s", err.message);
+    if (!p) return NULL;
+    for (int i = 0; i < n_submit; i++) CHECK_STATUS(work_pool_submit(p, task, &args[i], &err), GF_OK, err);
+    wait_started(g, n_threads);
+    return p;
+}
+
 /* Two threads, four slots: the fifth submit is refused while four are in. */
 static void test_bound_and_order(void) {
     GfError err;
     Gate *g = gate_new();
     Arg args[8];
-    WorkPool *p = work_pool_new(2, 4, &err);
-    CHECK(p != NULL, "new: %s", err.message);
-    if (!p) return;
     for (int i = 0; i < 8; i++) args[i] = (Arg){g, i};
-    for (int i = 0; i < 4; i++) CHECK_STATUS(work_pool_submit(p, task, &args[i], &err), GF_OK, err);
-    wait_started(g, 2);
+    WorkPool *p = pool_busy(2, 4, 4, g, args);
+    if (!p) { gate_free(g); return; }
     WorkPoolStats s;
     work_pool_stats(p, &s);
     CHECK(s.running == 2 && s.queued == 2 && s.done == 0 && s.refused == 0, "stats %d %d %llu %llu", s.running,
@@ -97,12 +106,9 @@ static void test_close_cancels_queued(void) {
     GfError err;
     Gate *g = gate_new();
     Arg args[4];
-    WorkPool *p = work_pool_new(1, 4, &err);
-    CHECK(p != NULL, "new: %s", err.message);
-    if (!p) return;
     for (int i = 0; i < 4; i++) args[i] = (Arg){g, i};
-    for (int i = 0; i < 3; i++) CHECK_STATUS(work_pool_submit(p, task, &args[i], &err), GF_OK, err);
-    wait_started(g, 1);
+    WorkPool *p = pool_busy(1, 4, 3, g, args);
+    if (!p) { gate_free(g); return; }
     work_pool_close(p);
     CHECK_STATUS(work_pool_submit(p, task, &args[3], &err), GF_NOT_READY, err);
     CHECK(strcmp(err.code, "shutting_down") == 0, "code %s", err.code);
