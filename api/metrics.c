@@ -149,6 +149,15 @@ static void put_serving(Text *t, ServeEngine *e) {
     put(t, "# HELP gf_kv_blocks_used KV cache blocks in use.\n# TYPE gf_kv_blocks_used gauge\ngf_kv_blocks_used %lld\n"
            "# HELP gf_kv_blocks_total KV cache blocks in the pool.\n# TYPE gf_kv_blocks_total gauge\ngf_kv_blocks_total %lld\n",
         (long long)s.kv_blocks_used, (long long)s.kv_blocks_total);
+    put(t, "# HELP gf_kv_window_blocks_used KV cache blocks of the sliding-window layers in use.\n"
+           "# TYPE gf_kv_window_blocks_used gauge\ngf_kv_window_blocks_used %lld\n"
+           "# HELP gf_kv_window_blocks_total KV cache blocks of the sliding-window layers in the pool.\n"
+           "# TYPE gf_kv_window_blocks_total gauge\ngf_kv_window_blocks_total %lld\n",
+        (long long)s.kv_window_blocks_used, (long long)s.kv_window_blocks_total);
+    put(t, "# HELP gf_inference_preemptions_total Sequences paused for KV blocks (resumed by recomputing).\n"
+           "# TYPE gf_inference_preemptions_total counter\ngf_inference_preemptions_total %llu\n"
+           "# HELP gf_inference_paused Preempted sequences waiting to resume.\n# TYPE gf_inference_paused gauge\n"
+           "gf_inference_paused %d\n", (unsigned long long)s.preemptions, s.paused);
     put_hist(t, "gf_time_to_first_token_seconds", "From submission to the first generated token.", s.ttft, s.ttft_sum);
     put_hist(t, "gf_time_per_output_token_seconds", "Mean time between a request's generated tokens.", s.tpot, s.tpot_sum);
 }

@@ -65,7 +65,8 @@ typedef struct {
  * stores k, v [n_blocks * block_len, n_kv_heads, dim] (device arrays). */
 typedef struct {
     const float *k, *v;
-    const int32_t *table;     /* [ceil(n_keys / block_len)] block ids */
+    const int32_t *table;     /* [ceil(n_keys / block_len)] block ids; a block whose keys the mask hides
+                                 from every query may be -1 (given back): never read it */
     int64_t block_len;        /* positions per block, >= 1 */
 } KnKv;
 

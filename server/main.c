@@ -40,6 +40,7 @@ typedef struct {
     int max_seqs;                 /* 0 = default */
     int max_inference_queue;      /* -1 = default */
     int64_t max_context;          /* 0 = default: KV room per slot */
+    int64_t kv_blocks;            /* 0 = default: every slot can reach max_context */
     int max_resident_adapters;    /* -1 = default */
     int image_threads;            /* threads decoding requests' images */
     long long vision_cache_mb;    /* -1 = default */
@@ -99,6 +100,9 @@ static void usage(FILE *f) {
             "  --max-seqs N            sequences decoding at once (default 16)\n"
             "  --max-queue N           inference requests waiting for a slot; 429 beyond (default 64)\n"
             "  --max-context N         KV cache positions per sequence (default 8192, at most 64 MiB each)\n"
+            "  --kv-blocks N           KV blocks of 16 positions for the full-attention layers (default: every\n"
+            "                          sequence can reach --max-context; fewer: sequences are preempted and\n"
+            "                          resumed when the pool runs dry)\n"
             "  --max-adapters N        adapters kept in memory when idle (default 8)\n"
             "  --max-tokens N          cap on a request's max_tokens (default 4096)\n"
             "  --image-threads N       threads decoding requests' images, off the HTTP threads (default 2)\n"
@@ -215,6 +219,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--max-seqs") == 0 && !parse_uint(v, 4096, &n) && n) o->max_seqs = (int)n;
         else if (strcmp(a, "--max-queue") == 0 && !parse_uint(v, 1000000, &n)) o->max_inference_queue = (int)n;
         else if (strcmp(a, "--max-context") == 0 && !parse_uint(v, 1 << 20, &n) && n) o->max_context = (int64_t)n;
+        else if (strcmp(a, "--kv-blocks") == 0 && !parse_uint(v, INT32_MAX, &n) && n) o->kv_blocks = (int64_t)n;
         else if (strcmp(a, "--max-adapters") == 0 && !parse_uint(v, 100000, &n)) o->max_resident_adapters = (int)n;
         else if (strcmp(a, "--image-threads") == 0 && !parse_uint(v, 256, &n) && n) o->image_threads = (int)n;
         else if (strcmp(a, "--vision-cache-mb") == 0 && !parse_uint(v, 1u << 20, &n)) o->vision_cache_mb = (long long)n;
@@ -267,7 +272,13 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, Api *api, ServeE
     if (o->max_seqs) sc.max_seqs = o->max_seqs;
     if (o->max_inference_queue >= 0) sc.max_queue = o->max_inference_queue;
     if (o->max_context) sc.max_context = o->max_context;
-    sc.kv_blocks = sc.max_seqs * ((sc.max_context + sc.kv_block_len - 1) / sc.kv_block_len); /* every slot can reach it */
+    int64_t per_seq = (sc.max_context + sc.kv_block_len - 1) / sc.kv_block_len;
+    sc.kv_blocks = o->kv_blocks ? o->kv_blocks : sc.max_seqs * per_seq; /* default: every slot can reach max_context */
+    if (sc.kv_blocks < per_seq) {
+        fprintf(stderr, "gemmaforge: --kv-blocks %lld cannot hold one sequence of --max-context %lld (%lld blocks)\n",
+                (long long)sc.kv_blocks, (long long)sc.max_context, (long long)per_seq);
+        return -1;
+    }
     if (o->max_resident_adapters >= 0) sc.max_adapters = o->max_resident_adapters;
     sc.max_lora_rank = o->limits.max_lora_rank;
     if (o->vision_cache_mb >= 0) sc.vision_cache_bytes = (uint64_t)o->vision_cache_mb << 20;
@@ -286,9 +297,13 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, Api *api, ServeE
         *out = NULL;
         return -1;
     }
-    GF_LOGI("serving: %d sequences, queue %d, KV pool %lld blocks of %lld positions (%.1f MB), %d resident adapters, "
-            "%d image threads (%d requests)", sc.max_seqs, sc.max_queue, (long long)sc.kv_blocks, (long long)sc.kv_block_len,
-            (double)kv_block_bytes(&model_config(pipe->model)->text, sc.kv_block_len) * (double)sc.kv_blocks / 1e6, sc.max_adapters,
+    const TextConfig *tc = &model_config(pipe->model)->text;
+    int64_t window_blocks = serve_window_blocks(&sc, pipe->model);
+    GF_LOGI("serving: %d sequences, queue %d, KV pool %lld blocks of %lld positions (%.1f MB) and %lld sliding-window "
+            "blocks (%.1f MB), %d resident adapters, %d image threads (%d requests)", sc.max_seqs, sc.max_queue,
+            (long long)sc.kv_blocks, (long long)sc.kv_block_len,
+            (double)kv_block_bytes(tc, sc.kv_block_len, KV_FULL) * (double)sc.kv_blocks / 1e6, (long long)window_blocks,
+            (double)kv_block_bytes(tc, sc.kv_block_len, KV_WINDOW) * (double)window_blocks / 1e6, sc.max_adapters,
             o->image_threads, tasks);
     return 0;
 }

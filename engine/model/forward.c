@@ -187,15 +187,16 @@ static void attend(Model *m, const Batch *b, int seq, int li, const LayerBufs *u
     int D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
     int64_t r0 = b->row0[seq], n = b->row0[seq + 1] - r0, kvw = (int64_t)KVH * D;
     int64_t pos0 = replay ? c->n_past - n : c->n_past;
+    const int32_t *table = c->d_table[c->pool->layer_space[li]];
     if (!lc->kv_shared && !replay) {
-        m->be.ops->kv_store(&m->be.ctx, c->pool->k[li], u->klin + r0 * kvw, n, kvw, c->d_table, c->pool->block_len, pos0);
-        m->be.ops->kv_store(&m->be.ctx, c->pool->v[li], u->vlin + r0 * kvw, n, kvw, c->d_table, c->pool->block_len, pos0);
+        m->be.ops->kv_store(&m->be.ctx, c->pool->k[li], u->klin + r0 * kvw, n, kvw, table, c->pool->block_len, pos0);
+        m->be.ops->kv_store(&m->be.ctx, c->pool->v[li], u->vlin + r0 * kvw, n, kvw, table, c->pool->block_len, pos0);
     }
     KnMask mask = {c->d_valid, t->bidirectional_vision ? c->d_group : NULL,
                    lc->kind == LAYER_SLIDING ? t->sliding_window : 0};
     if (lc->kind == LAYER_FULL) mask.group = NULL; /* full layers stay causal (§4) */
     int src = lc->store_layer;
-    KnKv kv = {c->pool->k[src], c->pool->v[src], c->d_table, c->pool->block_len};
+    KnKv kv = {c->pool->k[src], c->pool->v[src], table, c->pool->block_len};
     m->be.ops->attention_paged(&m->be.ctx, u->att + r0 * NH * D, u->qr + r0 * NH * D, &kv, n, pos0, pos0 + n, NH, KVH, D,
                                1.0f, &mask);
 }
@@ -304,16 +305,18 @@ static GfStatus batch_check(const Model *m, ModelSeq *seqs, int n_seqs, GfError 
                                 "%lld tokens do not fit the cache of %lld", (long long)(c->n_past + n),
                                 (long long)c->capacity);
     }
-    for (int q = 0; q < n_seqs; q++) {
-        KvPool *pool = seqs[q].cache->pool;
-        int64_t need = 0;
-        for (int r = 0; r < n_seqs; r++)
-            if (seqs[r].cache->pool == pool) need += kv_cache_blocks_needed(seqs[r].cache, seqs[r].in.n);
-        if (need > pool->n_free)
-            return gf_error_set(err, GF_TOO_LARGE, "kv_cache_full", NULL,
-                                "the KV cache has %lld free blocks of %lld positions, the batch needs %lld",
-                                (long long)pool->n_free, (long long)pool->block_len, (long long)need);
-    }
+    for (int q = 0; q < n_seqs; q++)
+        for (int sp = 0; sp < KV_SPACES; sp++) {
+            KvPool *pool = seqs[q].cache->pool;
+            int64_t need = 0;
+            for (int r = 0; r < n_seqs; r++)
+                if (seqs[r].cache->pool == pool) need += kv_cache_blocks_needed(seqs[r].cache, seqs[r].in.n, (KvSpace)sp);
+            if (need > pool->space[sp].n_free)
+                return gf_error_set(err, GF_TOO_LARGE, "kv_cache_full", NULL,
+                                    "the KV cache has %lld free %sblocks of %lld positions, the batch needs %lld",
+                                    (long long)pool->space[sp].n_free, sp == KV_WINDOW ? "sliding-window " : "",
+                                    (long long)pool->block_len, (long long)need);
+        }
     return GF_OK;
 }
 

@@ -6,40 +6,74 @@
 
 static uint64_t kv_row_floats(const LayerConfig *l) { return (uint64_t)l->kv_heads * (uint64_t)l->head_dim; }
 
-uint64_t kv_block_bytes(const TextConfig *t, int64_t block_len) {
+KvSpace kv_layer_space(const TextConfig *t, int li) {
+    int store = t->layers[li].store_layer;
+    for (int j = 0; j < t->n_layers; j++)
+        if (t->layers[j].store_layer == store && t->layers[j].kind != LAYER_SLIDING) return KV_FULL;
+    return KV_WINDOW;
+}
+
+uint64_t kv_block_bytes(const TextConfig *t, int64_t block_len, KvSpace s) {
     uint64_t floats = 0;
     for (int i = 0; i < t->n_layers; i++)
-        if (!t->layers[i].kv_shared) floats += 2 * kv_row_floats(&t->layers[i]);
+        if (!t->layers[i].kv_shared && kv_layer_space(t, i) == s) floats += 2 * kv_row_floats(&t->layers[i]);
     return floats * (uint64_t)block_len * sizeof(float);
 }
 
+static GfStatus blocks_init(KvBlocks *b, int64_t n, GfError *err) {
+    b->n_blocks = n;
+    b->free_ids = gf_malloc((size_t)(n > 0 ? n : 1) * sizeof *b->free_ids, err);
+    if (!b->free_ids) return GF_NO_MEMORY;
+    for (int64_t i = 0; i < n; i++) b->free_ids[i] = (int32_t)(n - 1 - i);
+    b->n_free = n;
+    return GF_OK;
+}
+
+/* The k and v stores of layer i, in its space's blocks. */
+static GfStatus layer_stores(KvPool *p, const LayerConfig *l, int i, GfError *err) {
+    const KnBackend *be = p->be;
+    size_t bytes = (size_t)(p->space[p->layer_space[i]].n_blocks * p->block_len) * kv_row_floats(l) * sizeof(float);
+    if (be->ops->alloc(&be->ctx, &p->bufs[2 * i], bytes, KN_F32, "the KV cache", err) ||
+        be->ops->alloc(&be->ctx, &p->bufs[2 * i + 1], bytes, KN_F32, "the KV cache", err))
+        return err->status;
+    p->k[i] = p->bufs[2 * i].data;
+    p->v[i] = p->bufs[2 * i + 1].data;
+    return GF_OK;
+}
+
 GfStatus kv_pool_init(KvPool *p, const TextConfig *t, const KnBackend *be, int64_t block_len, int64_t n_blocks,
-                      GfError *err) {
+                      int64_t n_window_blocks, GfError *err) {
     memset(p, 0, sizeof *p);
-    if (block_len <= 0 || n_blocks <= 0 || n_blocks > INT32_MAX)
+    if (block_len <= 0 || n_blocks <= 0 || n_blocks > INT32_MAX || n_window_blocks > INT32_MAX)
         return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "a KV pool needs blocks of at least one position");
     p->be = be;
     p->block_len = block_len;
-    p->n_blocks = n_blocks;
+    p->window = t->sliding_window;
     p->n_layers = t->n_layers;
     p->bufs = gf_calloc(2 * (size_t)t->n_layers, sizeof *p->bufs, err);
     p->k = gf_calloc((size_t)t->n_layers, sizeof *p->k, err);
     p->v = gf_calloc((size_t)t->n_layers, sizeof *p->v, err);
-    p->free_ids = gf_malloc((size_t)n_blocks * sizeof *p->free_ids, err);
-    if (!p->bufs || !p->k || !p->v || !p->free_ids) { kv_pool_free(p); return GF_NO_MEMORY; }
+    p->layer_space = gf_calloc((size_t)t->n_layers, 1, err);
+    if (!p->bufs || !p->k || !p->v || !p->layer_space) { kv_pool_free(p); return GF_NO_MEMORY; }
+    int windowed = 0;
     for (int i = 0; i < t->n_layers; i++) {
-        if (t->layers[i].kv_shared) continue;
-        size_t bytes = (size_t)(n_blocks * block_len) * kv_row_floats(&t->layers[i]) * sizeof(float);
-        if (be->ops->alloc(&be->ctx, &p->bufs[2 * i], bytes, KN_F32, "the KV cache", err) ||
-            be->ops->alloc(&be->ctx, &p->bufs[2 * i + 1], bytes, KN_F32, "the KV cache", err)) {
+        p->layer_space[i] = (uint8_t)kv_layer_space(t, i);
+        windowed |= p->layer_space[i] == KV_WINDOW;
+    }
+    if (windowed && n_window_blocks <= 0) {
+        kv_pool_free(p);
+        return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "a KV pool of a model with sliding layers needs window blocks");
+    }
+    if (blocks_init(&p->space[KV_FULL], n_blocks, err) ||
+        blocks_init(&p->space[KV_WINDOW], windowed ? n_window_blocks : 0, err)) {
+        kv_pool_free(p);
+        return GF_NO_MEMORY;
+    }
+    for (int i = 0; i < t->n_layers; i++)
+        if (!t->layers[i].kv_shared && layer_stores(p, &t->layers[i], i, err)) {
             kv_pool_free(p);
             return err->status;
         }
-        p->k[i] = p->bufs[2 * i].data;
-        p->v[i] = p->bufs[2 * i + 1].data;
-    }
-    for (int64_t b = 0; b < n_blocks; b++) p->free_ids[b] = (int32_t)(n_blocks - 1 - b);
-    p->n_free = n_blocks;
     return GF_OK;
 }
 
@@ -49,26 +83,30 @@ void kv_pool_free(KvPool *p) {
     free(p->bufs);
     free(p->k);
     free(p->v);
-    free(p->free_ids);
+    free(p->layer_space);
+    for (int s = 0; s < KV_SPACES; s++) free(p->space[s].free_ids);
     memset(p, 0, sizeof *p);
 }
+
+int64_t kv_pool_used(const KvPool *p, KvSpace s) { return p->space[s].n_blocks - p->space[s].n_free; }
 
 /* Host tables and their device mirrors for capacity positions. */
 static GfStatus cache_tables(KvCache *c, int64_t capacity, GfError *err) {
     const KnBackend *be = c->pool->be;
     c->capacity = capacity;
     c->max_blocks = (capacity + c->pool->block_len - 1) / c->pool->block_len;
-    c->table = gf_calloc((size_t)c->max_blocks, sizeof *c->table, err);
+    for (int s = 0; s < KV_SPACES; s++) c->table[s] = gf_calloc((size_t)c->max_blocks, sizeof *c->table[s], err);
     c->valid = gf_calloc((size_t)capacity, 1, err);
     c->group = gf_calloc((size_t)capacity, sizeof *c->group, err);
-    if (!c->table || !c->valid || !c->group) { kv_cache_free(c); return GF_NO_MEMORY; }
-    size_t bytes = (size_t)(c->max_blocks + capacity) * sizeof(int32_t) + (size_t)capacity;
+    if (!c->table[KV_FULL] || !c->table[KV_WINDOW] || !c->valid || !c->group) { kv_cache_free(c); return GF_NO_MEMORY; }
+    size_t bytes = (size_t)(KV_SPACES * c->max_blocks + capacity) * sizeof(int32_t) + (size_t)capacity;
     if (be->ops->alloc(&be->ctx, &c->dev, bytes, KN_I32, "the KV cache's tables", err)) {
         kv_cache_free(c);
         return err->status;
     }
-    c->d_table = c->dev.data;
-    c->d_group = c->d_table + c->max_blocks;
+    c->d_table[KV_FULL] = c->dev.data;
+    c->d_table[KV_WINDOW] = c->d_table[KV_FULL] + c->max_blocks;
+    c->d_group = c->d_table[KV_WINDOW] + c->max_blocks;
     c->d_valid = (uint8_t *)(c->d_group + capacity);
     return GF_OK;
 }
@@ -76,7 +114,7 @@ static GfStatus cache_tables(KvCache *c, int64_t capacity, GfError *err) {
 GfStatus kv_cache_init(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, GfError *err) {
     memset(c, 0, sizeof *c);
     if (capacity <= 0) return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "a KV cache needs room for a position");
-    if (kv_pool_init(&c->own, t, be, capacity, 1, err)) return err->status;
+    if (kv_pool_init(&c->own, t, be, capacity, 1, 1, err)) return err->status;
     c->pool = &c->own;
     return cache_tables(c, capacity, err);
 }
@@ -88,42 +126,70 @@ GfStatus kv_cache_init_paged(KvCache *c, KvPool *pool, int64_t capacity, GfError
     return cache_tables(c, capacity, err);
 }
 
+static int space_used(const KvCache *c, KvSpace s) { return c->pool->space[s].n_blocks > 0; }
+
 void kv_cache_reset(KvCache *c) {
-    while (c->n_table > 0) c->pool->free_ids[c->pool->n_free++] = c->table[--c->n_table];
+    for (int s = 0; s < KV_SPACES; s++) {
+        KvBlocks *b = &c->pool->space[s];
+        while (c->n_table[s] > 0) {
+            int32_t id = c->table[s][--c->n_table[s]];
+            if (id >= 0) b->free_ids[b->n_free++] = id;
+        }
+        c->synced_table[s] = 0;
+    }
+    c->n_dropped = 0;
     c->n_past = 0;
     c->n_groups = 0;
-    c->synced_table = 0;
 }
 
 void kv_cache_free(KvCache *c) {
     if (!c) return;
     if (c->pool) {
-        kv_cache_reset(c);
+        if (c->table[KV_FULL] && c->table[KV_WINDOW]) kv_cache_reset(c);
         c->pool->be->ops->free(&c->pool->be->ctx, &c->dev);
     }
     if (c->pool == &c->own) kv_pool_free(&c->own);
-    free(c->table);
+    for (int s = 0; s < KV_SPACES; s++) free(c->table[s]);
     free(c->valid);
     free(c->group);
     memset(c, 0, sizeof *c);
 }
 
-int64_t kv_cache_blocks_needed(const KvCache *c, int64_t n) {
+int64_t kv_cache_blocks_needed(const KvCache *c, int64_t n, KvSpace s) {
+    if (!space_used(c, s)) return 0;
     int64_t need = (c->n_past + n + c->pool->block_len - 1) / c->pool->block_len;
-    return need > c->n_table ? need - c->n_table : 0;
+    return need > c->n_table[s] ? need - c->n_table[s] : 0;
 }
 
 void kv_cache_grow(KvCache *c, int64_t n) {
-    for (int64_t k = kv_cache_blocks_needed(c, n); k > 0; k--) c->table[c->n_table++] = c->pool->free_ids[--c->pool->n_free];
+    for (int s = 0; s < KV_SPACES; s++) {
+        KvBlocks *b = &c->pool->space[s];
+        for (int64_t k = kv_cache_blocks_needed(c, n, (KvSpace)s); k > 0; k--)
+            c->table[s][c->n_table[s]++] = b->free_ids[--b->n_free];
+    }
+}
+
+int64_t kv_cache_drop_window(KvCache *c) {
+    if (!space_used(c, KV_WINDOW) || c->pool == &c->own) return 0;
+    /* block k's last position is (k + 1) * len - 1; unseen when <= n_past - window */
+    int64_t until = (c->n_past - c->pool->window + 1) / c->pool->block_len, given = 0;
+    if (until > c->n_table[KV_WINDOW]) until = c->n_table[KV_WINDOW];
+    KvBlocks *b = &c->pool->space[KV_WINDOW];
+    for (; c->n_dropped < until; c->n_dropped++, given++) {
+        b->free_ids[b->n_free++] = c->table[KV_WINDOW][c->n_dropped];
+        c->table[KV_WINDOW][c->n_dropped] = -1;
+    }
+    return given;
 }
 
 void kv_cache_sync(KvCache *c, int64_t pos0, int64_t n) {
     const KnBackend *be = c->pool->be;
-    if (c->n_table > c->synced_table) {
-        be->ops->upload(&be->ctx, c->d_table + c->synced_table, c->table + c->synced_table,
-                        (size_t)(c->n_table - c->synced_table) * sizeof *c->table);
-        c->synced_table = c->n_table;
-    }
-    be->ops->upload(&be->ctx, c->d_valid + pos0, c->valid + pos0, (size_t)n);
+    for (int s = 0; s < KV_SPACES; s++)
+        if (c->n_table[s] > c->synced_table[s]) {
+            be->ops->upload(&be->ctx, c->d_table[s] + c->synced_table[s], c->table[s] + c->synced_table[s],
+                            (size_t)(c->n_table[s] - c->synced_table[s]) * sizeof *c->table[s]);
+            c->synced_table[s] = c->n_table[s];
+        }
+    be->ops->upload(&be->ctx, c->d_valid + pos0, c->valid + pos0, (size_t)n * sizeof *c->valid);
     be->ops->upload(&be->ctx, c->d_group + pos0, c->group + pos0, (size_t)n * sizeof *c->group);
 }

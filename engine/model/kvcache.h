@@ -3,7 +3,9 @@
  * the backend's device; each sequence holds a table of the blocks it fills,
  * takes one more every block_len positions, and gives them all back when it
  * is freed or reset, so memory follows the real lengths of the sequences
- * rather than their limits.
+ * rather than their limits. Sliding-window layers keep their keys in a
+ * space of their own, where a sequence holds only the blocks its window
+ * can still see.
  *
  * Host and device: the stores (k, v) and each cache's mirrors of its block
  * table, key validity and vision groups are device memory, read by the
@@ -23,38 +25,60 @@
 #include "config.h"
 #include "kernels.h"
 
+/* The two block spaces. A layer's keys stay in the full space unless every
+ * layer reading its store is a sliding-window layer: then they live in the
+ * window space, whose blocks a sequence gives back once every future query
+ * is past their window (kv_cache_drop_window), so a long sequence holds
+ * only its window there. */
+typedef enum { KV_FULL = 0, KV_WINDOW = 1 } KvSpace;
+#define KV_SPACES 2
+
+typedef struct {
+    int64_t n_blocks;
+    int32_t *free_ids;        /* stack of free block ids (host) */
+    int64_t n_free;
+} KvBlocks;
+
 typedef struct {
     const KnBackend *be;      /* the device the stores live on (borrowed) */
     int64_t block_len;        /* positions per block */
-    int64_t n_blocks;
+    int64_t window;           /* positions a window layer sees back (sliding_window) */
+    KvBlocks space[KV_SPACES];
+    uint8_t *layer_space;     /* [n_layers] the space of the store each layer reads (KvSpace) */
     KnBuffer *bufs;           /* [2 * n_layers]: k then v of each layer (empty for KV-shared layers) */
-    float **k, **v;           /* per layer [n_blocks * block_len][kv_heads][head_dim] device; NULL for KV-shared layers */
-    int32_t *free_ids;        /* stack of free block ids (host) */
-    int64_t n_free;
+    float **k, **v;           /* per layer [space blocks * block_len][kv_heads][head_dim] device; NULL for KV-shared layers */
     int n_layers;
 } KvPool;
 
-/* Bytes one block of block_len positions takes over all layers. */
-uint64_t kv_block_bytes(const TextConfig *t, int64_t block_len);
+/* The space layer li's keys and values live in (its store layer's). */
+KvSpace kv_layer_space(const TextConfig *t, int li);
+/* Bytes one block of block_len positions takes over the layers of space s. */
+uint64_t kv_block_bytes(const TextConfig *t, int64_t block_len, KvSpace s);
+/* A pool of n_blocks blocks in the full space and n_window_blocks in the
+ * window space (ignored, and none allocated, when no layer uses it). */
 GfStatus kv_pool_init(KvPool *p, const TextConfig *t, const KnBackend *be, int64_t block_len, int64_t n_blocks,
-                      GfError *err);
+                      int64_t n_window_blocks, GfError *err);
 void kv_pool_free(KvPool *p);
+/* Blocks of space s in use. */
+int64_t kv_pool_used(const KvPool *p, KvSpace s);
 
 typedef struct {
     KvPool *pool;             /* the blocks' owner: &own, or a shared pool (kv_cache_init_paged) */
-    KvPool own;               /* kv_cache_init: one private block of `capacity` positions */
-    int32_t *table;           /* [max_blocks] block ids, the first n_table held (host) */
-    int64_t n_table, max_blocks;
+    KvPool own;               /* kv_cache_init: one private block of `capacity` positions per space */
+    int32_t *table[KV_SPACES]; /* [max_blocks] block ids by position / block_len, the first n_table held (host);
+                                  window entries below n_dropped are given back (-1) */
+    int64_t n_table[KV_SPACES], max_blocks;
+    int64_t n_dropped;        /* window blocks given back, from the first */
     int64_t capacity;         /* positions this sequence may reach */
     int64_t n_past;           /* positions filled */
     uint8_t *valid;           /* [capacity] key is real (not padding) (host) */
     int32_t *group;           /* [capacity] vision block id or -1 (host) */
     int32_t n_groups;
     KnBuffer dev;             /* device mirrors, cut into: */
-    int32_t *d_table;         /*   [max_blocks] */
+    int32_t *d_table[KV_SPACES]; /* [max_blocks] each */
     int32_t *d_group;         /*   [capacity] */
     uint8_t *d_valid;         /*   [capacity] */
-    int64_t synced_table;     /* table entries already on the device */
+    int64_t synced_table[KV_SPACES]; /* table entries already on the device */
 } KvCache;
 
 /* A cache with its own contiguous store for up to capacity positions:
@@ -68,10 +92,16 @@ GfStatus kv_cache_init_paged(KvCache *c, KvPool *pool, int64_t capacity, GfError
 void kv_cache_free(KvCache *c);
 /* Forgets every position (a paged cache gives its blocks back). */
 void kv_cache_reset(KvCache *c);
-/* Blocks a paged cache still needs to take to hold n more positions. */
-int64_t kv_cache_blocks_needed(const KvCache *c, int64_t n);
+/* Blocks of space s a paged cache still needs to take to hold n more positions. */
+int64_t kv_cache_blocks_needed(const KvCache *c, int64_t n, KvSpace s);
 /* Takes the blocks to hold n more positions (room checked by the caller). */
 void kv_cache_grow(KvCache *c, int64_t n);
+/* Gives back the window blocks no later query can see: those whose last
+ * position is at least `window` before n_past (queries come at n_past or
+ * later, and a window layer's query at q sees keys after q - window only).
+ * Only for a cache whose next forward starts at n_past (serving); training
+ * replays earlier positions and must not call it. Returns the blocks given. */
+int64_t kv_cache_drop_window(KvCache *c);
 /* Uploads the host tables' new entries: block ids taken since the last
  * sync, and validity and groups of positions [pos0, pos0 + n). */
 void kv_cache_sync(KvCache *c, int64_t pos0, int64_t n);

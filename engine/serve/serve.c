@@ -43,10 +43,12 @@ struct ServeReq {
     float *soft;              /* [sum n_soft, H] device memory (soft_buf) */
     KnBuffer soft_buf;
     KvCache cache;
-    int64_t reserved;         /* blocks reserved for prompt + max_tokens */
+    int32_t *ids;             /* [n + max_tokens] the prompt, then each generated token: a preempted
+                                 sequence recomputes its KV from them */
+    uint8_t *mm_type;         /* [n + max_tokens] the prompt's, then zeros */
+    uint64_t admitted;        /* admission order: the latest admitted is preempted first */
     int64_t n_gen;
     int32_t next_id;
-    int prefilled;
     uint64_t rng;
     double t_submit, t_first, t_last;
 };
@@ -72,9 +74,11 @@ struct ServeEngine {
     ServeStats stats;
     /* engine thread */
     KvPool pool;
-    int64_t reserved;         /* blocks promised to running sequences */
     ServeReq **active;        /* [max_seqs] */
     int n_active;
+    ServeReq **paused;        /* [max_seqs] preempted, by admission order: resumed before the queue moves */
+    int n_paused;
+    uint64_t n_admitted;
     Resident **res;           /* [n_res_cap], each owned (requests point at them) */
     VisionCache *vcache;
     int n_res, n_res_cap;
@@ -97,11 +101,12 @@ void serve_config_default(ServeConfig *c, const Model *m) {
     c->max_batch_tokens = 4096;
     c->kv_block_len = 16;
     int64_t ctx = 8192;
-    uint64_t per_block = kv_block_bytes(&model_config(m)->text, c->kv_block_len), cap = 64ull << 20;
+    uint64_t per_block = kv_block_bytes(&model_config(m)->text, c->kv_block_len, KV_FULL), cap = 64ull << 20;
     int64_t per_slot = (ctx + c->kv_block_len - 1) / c->kv_block_len;
     if (per_block && (uint64_t)per_slot * per_block > cap) per_slot = (int64_t)(cap / per_block);
     c->kv_blocks = per_slot * c->max_seqs;
     c->max_context = per_slot * c->kv_block_len;
+    c->kv_window_blocks = 0; /* derived at serve_start (serve_window_blocks) */
     c->max_adapters = 8;
     c->max_lora_rank = LORA_MAX_RANK;
     c->vision_cache_bytes = 128ull << 20;
@@ -109,6 +114,14 @@ void serve_config_default(ServeConfig *c, const Model *m) {
 
 static int64_t blocks_for(const ServeEngine *e, int64_t positions) {
     return (positions + e->cfg.kv_block_len - 1) / e->cfg.kv_block_len;
+}
+
+int64_t serve_window_blocks(const ServeConfig *c, const Model *m) {
+    if (c->kv_window_blocks > 0) return c->kv_window_blocks;
+    int64_t len = c->kv_block_len, window = model_config(m)->text.sliding_window;
+    int64_t steady = (window + len - 1) / len + 2, prefill = (c->max_context + len - 1) / len;
+    int64_t n = (int64_t)c->max_seqs * steady + prefill;
+    return n < c->kv_blocks ? n : c->kv_blocks;
 }
 
 /* ---- requests ------------------------------------------------------------------- */
@@ -182,7 +195,7 @@ static void drop_adapter(ServeEngine *e, ServeReq *r) {
 GfStatus serve_submit(ServeEngine *e, ServeSubmit *s, ServeReq **out, GfError *err) {
     *out = NULL;
     int64_t need = s->n + s->max_tokens, cap = e->cfg.max_context;
-    if (need > cap || blocks_for(e, need) > e->cfg.kv_blocks) {
+    if (need > cap || blocks_for(e, need) > e->cfg.kv_blocks || blocks_for(e, need) > e->cfg.kv_window_blocks) {
         serve_submit_free(s);
         return gf_error_set(err, GF_INVALID, "context_length_exceeded", "max_tokens",
                             "the prompt has %lld tokens and max_tokens is %lld: %lld in all, over the context of %lld "
@@ -347,8 +360,10 @@ static void finish(ServeEngine *e, ServeReq *q, FinishReason why, const GfError 
     kv_cache_free(&q->cache); /* device memory is freed here, on the thread that owns the backend */
     model_device_free(e->m, &q->soft_buf);
     q->soft = NULL;
-    e->reserved -= q->reserved;
-    q->reserved = 0;
+    free(q->ids);
+    free(q->mm_type);
+    q->ids = NULL;
+    q->mm_type = NULL;
     if (q->ad) q->ad->refs--;
     q->ad = NULL;
     drop_adapter(e, q); /* a request that never ran */
@@ -408,24 +423,68 @@ static GfStatus encode_images(ServeEngine *e, ServeReq *q, GfError *err) {
     return st;
 }
 
+/* Tokens the sequence's next forward carries: its whole known text when
+ * its cache is empty (a new prompt, or a preempted sequence recomputing),
+ * else the one token sampled last. */
+static int64_t step_tokens(const ServeReq *q) { return q->cache.n_past ? 1 : q->s.n + q->n_gen; }
+
+/* Blocks of space sp the running sequences take in the coming step. */
+static int64_t step_need(const ServeEngine *e, KvSpace sp) {
+    int64_t need = 0;
+    for (int i = 0; i < e->n_active; i++) need += kv_cache_blocks_needed(&e->active[i]->cache, step_tokens(e->active[i]), sp);
+    return need;
+}
+
+/* Whether a sequence needing `positions` positions now fits beside the
+ * running sequences' next step. */
+static int room_for(const ServeEngine *e, int64_t positions) {
+    for (int sp = 0; sp < KV_SPACES; sp++) {
+        const KvBlocks *b = &e->pool.space[sp];
+        if (b->n_blocks && step_need(e, (KvSpace)sp) + blocks_for(e, positions) > b->n_free) return 0;
+    }
+    return 1;
+}
+
 static GfStatus admit_one(ServeEngine *e, ServeReq *q, GfError *err) {
-    q->reserved = blocks_for(e, q->s.n + q->s.max_tokens);
-    e->reserved += q->reserved;
-    if (acquire_adapter(e, q, err) || encode_images(e, q, err) ||
-        kv_cache_init_paged(&q->cache, &e->pool, q->s.n + q->s.max_tokens, err))
+    int64_t total = q->s.n + q->s.max_tokens;
+    if (acquire_adapter(e, q, err) || encode_images(e, q, err) || kv_cache_init_paged(&q->cache, &e->pool, total, err))
         return err->status;
+    q->ids = gf_malloc((size_t)total * sizeof *q->ids, err);
+    q->mm_type = gf_calloc((size_t)total, 1, err);
+    if (!q->ids || !q->mm_type) return GF_NO_MEMORY;
+    memcpy(q->ids, q->s.ids, (size_t)q->s.n * sizeof *q->ids);
+    if (q->s.mm_type) memcpy(q->mm_type, q->s.mm_type, (size_t)q->s.n);
     return GF_OK;
 }
 
+/* Resumes preempted sequences, oldest first, while slots and blocks allow;
+ * 1 when every one is back (the queue may move). */
+static int resume(ServeEngine *e, int64_t *prefill) {
+    while (e->n_paused) {
+        ServeReq *q = e->paused[0];
+        int64_t n = step_tokens(q);
+        if (e->n_active >= e->cfg.max_seqs || !room_for(e, n) ||
+            (*prefill > 0 && *prefill + n > e->cfg.max_batch_tokens))
+            return 0;
+        memmove(e->paused, e->paused + 1, (size_t)--e->n_paused * sizeof *e->paused);
+        *prefill += n;
+        e->active[e->n_active++] = q;
+    }
+    return 1;
+}
+
 /* Moves queued requests into the batch while slots, blocks and the prefill
- * budget allow; cancelled ones end without running. */
+ * budget allow (preempted sequences first); cancelled ones end without
+ * running. A request needs room only for its prompt: sequences grow as
+ * they decode, and when the pool runs dry the latest admitted is preempted
+ * (make_room). */
 static void admit(ServeEngine *e) {
     int64_t prefill = 0;
+    if (!resume(e, &prefill)) return;
     for (;;) {
         pthread_mutex_lock(&e->mu);
         ServeReq *q = e->head;
-        int ok = q && e->n_active < e->cfg.max_seqs &&
-                 e->reserved + blocks_for(e, q->s.n + q->s.max_tokens) <= e->cfg.kv_blocks &&
+        int ok = q && e->n_active < e->cfg.max_seqs && room_for(e, q->s.n) &&
                  (prefill == 0 || prefill + q->s.n <= e->cfg.max_batch_tokens);
         if (ok) {
             e->head = q->next;
@@ -437,8 +496,41 @@ static void admit(ServeEngine *e) {
         GfError err;
         if (atomic_load(&q->cancelled)) { finish(e, q, FINISH_CANCELLED, NULL); continue; }
         if (admit_one(e, q, &err)) { finish(e, q, FINISH_STOP, &err); continue; }
+        q->admitted = ++e->n_admitted;
         prefill += q->s.n;
         e->active[e->n_active++] = q;
+    }
+}
+
+/* Pauses sequence i: its blocks go back to the pool, and it recomputes its
+ * KV from its tokens when resumed (its sampler state is kept, so it goes
+ * on with the tokens it would have produced). */
+static void preempt(ServeEngine *e, int i) {
+    ServeReq *q = e->active[i];
+    kv_cache_reset(&q->cache);
+    e->active[i] = e->active[--e->n_active];
+    int at = e->n_paused;
+    while (at > 0 && e->paused[at - 1]->admitted > q->admitted) at--;
+    memmove(e->paused + at + 1, e->paused + at, (size_t)(e->n_paused - at) * sizeof *e->paused);
+    e->paused[at] = q;
+    e->n_paused++;
+    pthread_mutex_lock(&e->mu);
+    e->stats.preemptions++;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Preempts the latest admitted sequences until the step fits the pool. One
+ * sequence always fits: serve_submit refuses any that could outgrow it. */
+static void make_room(ServeEngine *e) {
+    for (;;) {
+        int fits = 1;
+        for (int sp = 0; sp < KV_SPACES; sp++)
+            if (step_need(e, (KvSpace)sp) > e->pool.space[sp].n_free) fits = 0;
+        if (fits || e->n_active <= 1) return;
+        int victim = 0;
+        for (int i = 1; i < e->n_active; i++)
+            if (e->active[i]->admitted > e->active[victim]->admitted) victim = i;
+        preempt(e, victim);
     }
 }
 
@@ -460,6 +552,13 @@ static void prune(ServeEngine *e) {
         else e->active[k++] = q;
     }
     e->n_active = k;
+    k = 0;
+    for (int i = 0; i < e->n_paused; i++) {
+        ServeReq *q = e->paused[i];
+        if (atomic_load(&q->cancelled)) finish(e, q, FINISH_CANCELLED, NULL);
+        else e->paused[k++] = q;
+    }
+    e->n_paused = k;
 }
 
 /* Ends queued requests whose client went away, so they stop holding queue
@@ -493,6 +592,7 @@ static int deliver(ServeEngine *e, ServeReq *q, int32_t id, double now) {
         pthread_mutex_unlock(&e->mu);
     }
     if (model_is_eos(e->m, id)) { finish(e, q, FINISH_STOP, NULL); return 1; }
+    q->ids[q->s.n + q->n_gen] = id; /* kept for a recompute: n + n_gen < n + max_tokens here */
     q->n_gen++;
     q->t_last = now;
     e->rate_tokens++;
@@ -508,9 +608,9 @@ static void run_step(ServeEngine *e) {
     for (int i = 0; i < n; i++) {
         ServeReq *q = e->active[i];
         const LoraBinding *lb = q->ad ? &q->ad->b : NULL;
-        if (!q->prefilled)
-            e->batch[i] = (ModelSeq){&q->cache, {.ids = q->s.ids, .mm_type = q->s.mm_type, .soft_tokens = q->soft,
-                                                 .n = q->s.n, .last_logits_only = 1, .lora = lb}};
+        if (!q->cache.n_past)
+            e->batch[i] = (ModelSeq){&q->cache, {.ids = q->ids, .mm_type = q->mm_type, .soft_tokens = q->soft,
+                                                 .n = step_tokens(q), .last_logits_only = 1, .lora = lb}};
         else
             e->batch[i] = (ModelSeq){&q->cache, {.ids = &q->next_id, .n = 1, .last_logits_only = 1, .lora = lb}};
         e->rows[i] = (KnSampleRow){q->s.sample.temperature, q->s.sample.top_p, q->s.sample.top_k, 0, q->rng};
@@ -526,9 +626,10 @@ static void run_step(ServeEngine *e) {
     int k = 0;
     for (int i = 0; i < n; i++) {
         ServeReq *q = e->active[i];
-        q->prefilled = 1;
         q->rng = e->rows[i].rng;
-        if (!deliver(e, q, e->next[i], now)) e->active[k++] = q;
+        if (deliver(e, q, e->next[i], now)) continue;
+        kv_cache_drop_window(&q->cache);
+        e->active[k++] = q;
     }
     e->n_active = k;
 }
@@ -541,7 +642,9 @@ static void update_stats(ServeEngine *e) {
     e->stats.queued = e->n_queued;
     e->stats.running = e->n_active;
     e->stats.resident_adapters = e->n_res;
-    e->stats.kv_blocks_used = e->pool.n_blocks - e->pool.n_free;
+    e->stats.kv_blocks_used = kv_pool_used(&e->pool, KV_FULL);
+    e->stats.kv_window_blocks_used = kv_pool_used(&e->pool, KV_WINDOW);
+    e->stats.paused = e->n_paused;
     e->stats.generated_tokens += e->rate_tokens;
     e->window_tokens += e->rate_tokens;
     if (e->rate_tokens) e->last_token_t = now;
@@ -557,7 +660,8 @@ static void update_stats(ServeEngine *e) {
 /* Waits for work; applies adapter changes; 0 when stopping. */
 static int wait_for_work(ServeEngine *e) {
     pthread_mutex_lock(&e->mu);
-    while (!e->stopping && !e->head && !e->n_control && e->n_active == 0) pthread_cond_wait(&e->cv, &e->mu);
+    while (!e->stopping && !e->head && !e->n_control && e->n_active == 0 && e->n_paused == 0)
+        pthread_cond_wait(&e->cv, &e->mu);
     Control ctl[MAX_CONTROL];
     int n_ctl = e->n_control, stopping = e->stopping;
     memcpy(ctl, e->control, (size_t)n_ctl * sizeof *ctl);
@@ -575,6 +679,7 @@ static void *engine_main(void *arg) {
         prune(e);
         prune_queue(e);
         admit(e);
+        make_room(e);
         qsort(e->active, (size_t)e->n_active, sizeof *e->active, by_adapter);
         if (e->n_active) run_step(e);
         evict(e);
@@ -584,6 +689,8 @@ static void *engine_main(void *arg) {
     gf_error_set(&err, GF_NOT_READY, "shutting_down", NULL, "the server is shutting down");
     for (int i = 0; i < e->n_active; i++) finish(e, e->active[i], FINISH_STOP, &err);
     e->n_active = 0;
+    for (int i = 0; i < e->n_paused; i++) finish(e, e->paused[i], FINISH_STOP, &err);
+    e->n_paused = 0;
     for (;;) {
         pthread_mutex_lock(&e->mu);
         ServeReq *q = e->head;
@@ -604,6 +711,7 @@ static void engine_free(ServeEngine *e) {
     vision_cache_free(e->vcache);
     free(e->res);
     free(e->active);
+    free(e->paused);
     free(e->batch);
     free(e->rows);
     free(e->next);
@@ -621,21 +729,25 @@ GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfErro
     if (!e) return GF_NO_MEMORY;
     e->m = m;
     e->cfg = *cfg;
+    e->cfg.kv_window_blocks = serve_window_blocks(cfg, m);
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->cv, NULL);
     e->n_res_cap = cfg->max_adapters + cfg->max_seqs + cfg->max_queue; /* idle, running and pinned by the queue */
     e->res = gf_calloc((size_t)e->n_res_cap, sizeof *e->res, err);
     e->active = gf_calloc((size_t)cfg->max_seqs, sizeof *e->active, err);
+    e->paused = gf_calloc((size_t)cfg->max_seqs, sizeof *e->paused, err);
     e->batch = gf_calloc((size_t)cfg->max_seqs, sizeof *e->batch, err);
     e->rows = gf_calloc((size_t)cfg->max_seqs, sizeof *e->rows, err);
     e->next = gf_calloc((size_t)cfg->max_seqs, sizeof *e->next, err);
     e->vcache = e->next ? vision_cache_new(m, cfg->vision_cache_bytes, err) : NULL;
-    if (!e->res || !e->active || !e->batch || !e->rows || !e->next || !e->vcache ||
-        kv_pool_init(&e->pool, &model_config(m)->text, model_backend(m), cfg->kv_block_len, cfg->kv_blocks, err)) {
+    if (!e->res || !e->active || !e->paused || !e->batch || !e->rows || !e->next || !e->vcache ||
+        kv_pool_init(&e->pool, &model_config(m)->text, model_backend(m), cfg->kv_block_len, cfg->kv_blocks,
+                     e->cfg.kv_window_blocks, err)) {
         engine_free(e);
         return err->status ? err->status : GF_NO_MEMORY;
     }
     e->stats.kv_blocks_total = cfg->kv_blocks;
+    e->stats.kv_window_blocks_total = e->pool.space[KV_WINDOW].n_blocks;
     if (pthread_create(&e->thread, NULL, engine_main, e)) {
         engine_free(e);
         return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "cannot start the engine thread");

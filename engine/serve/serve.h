@@ -8,9 +8,18 @@
  * them all in one model_forward_batch ordered by adapter (each adapter's
  * LoRA term computed once over its rows), samples each sequence's next token
  * with its own parameters and random state, and lets finished or cancelled
- * sequences go at once, their KV blocks back in the pool. A request is
- * admitted only when the pool can hold its prompt plus max_tokens, so a
- * running sequence never runs out of blocks.
+ * sequences go at once, their KV blocks back in the pool.
+ *
+ * KV memory: a request is admitted when the pool can hold its prompt beside
+ * the running sequences' next step; sequences then take blocks as they
+ * decode. When a step would need more blocks than are free, the sequence
+ * admitted last is preempted: its blocks go back, and once there is room
+ * again (before any queued request) it recomputes its KV from its prompt
+ * and the tokens it has sent, keeping its sampler state, so it goes on with
+ * exactly the tokens it would have produced (the kernels compute a row the
+ * same whatever the batch or the step it is in). Sliding-window layers keep
+ * their KV in a second block space (kvcache.h) where a sequence holds only
+ * the blocks its window still sees.
  *
  * Adapters: read and validated from their directory by serve_submit, on
  * the submitting thread, when not resident (lora_load_dir: keys, shapes and
@@ -51,7 +60,8 @@ typedef struct {
     int max_queue;            /* requests waiting for a slot; serve_submit refuses past it */
     int64_t max_batch_tokens; /* prompt tokens prefilled in one step (at least one prompt) */
     int64_t kv_block_len;     /* positions per KV block */
-    int64_t kv_blocks;        /* blocks in the pool */
+    int64_t kv_blocks;        /* blocks in the pool (full-attention layers) */
+    int64_t kv_window_blocks; /* blocks of the sliding-window layers; 0 = serve_window_blocks' default */
     int64_t max_context;      /* positions one sequence may reach (prompt + max_tokens) */
     int max_adapters;         /* resident adapters kept when idle */
     int max_lora_rank;
@@ -60,8 +70,14 @@ typedef struct {
 
 /* Defaults: 16 sequences, a queue of 64, blocks of 16 positions, enough
  * blocks for every slot to reach 8192 positions (capped at 64 MiB of KV per
- * slot), 8 adapters, 128 MiB of cached vision features. */
+ * slot in the full-attention layers), 8 adapters, 128 MiB of cached vision
+ * features. */
 void serve_config_default(ServeConfig *c, const Model *m);
+
+/* The window blocks serving uses: c->kv_window_blocks when set, else room
+ * for every slot's window (plus a block on each side) and one prompt of
+ * max_context prefilled at once, at most kv_blocks. */
+int64_t serve_window_blocks(const ServeConfig *c, const Model *m);
 
 /* One image, preprocessed by the caller (preprocess_image), pixels in [0, 1]. */
 typedef struct {
@@ -133,7 +149,10 @@ void serve_adapter_drop(ServeEngine *e, const char *name);
 
 typedef struct {
     int queued, running, resident_adapters;
-    int64_t kv_blocks_used, kv_blocks_total;
+    int64_t kv_blocks_used, kv_blocks_total;          /* full-attention layers' space */
+    int64_t kv_window_blocks_used, kv_window_blocks_total; /* sliding-window layers' space */
+    int paused;               /* preempted sequences waiting to resume */
+    uint64_t preemptions;
     uint64_t requests, completed, failed, cancelled;
     uint64_t prompt_tokens, generated_tokens;
     uint64_t adapter_loads, adapter_evictions;

@@ -595,6 +595,47 @@ def t_vision_cache_keyed_by_content(binary):
         ref.stop()
 
 
+def t_preemption_over_http(binary):
+    """A KV pool of 10 blocks (one sequence at its longest) under 8 concurrent
+    clients: sequences are preempted as they grow and resume by recomputing;
+    every answer, streamed or not, greedy or sampled with a seed, equals the
+    one the same request gets alone."""
+    srv = Server(binary, extra=["--no-train", "--max-seqs", "6", "--max-context", "160", "--kv-blocks", "10"])
+    try:
+        bodies = {}
+        for i in range(8):
+            body = chat_body("dense", i, i % 3 == 1)
+            body["max_tokens"] = 40
+            bodies[i] = body
+        alone = {}
+        for i, body in bodies.items():
+            alone[i] = answer_of(srv.post_json("/v1/chat/completions", body, timeout=120), body["stream"])
+        assert metric(srv, "gf_inference_preemptions_total") == 0
+        results, errors = {}, []
+
+        def client(i):
+            try:
+                resp = srv.post_json("/v1/chat/completions", bodies[i], timeout=300)
+                results[i] = answer_of(resp, bodies[i]["stream"])
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append((i, repr(e)))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in bodies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for i in bodies:
+            assert results[i][:2] == alone[i][:2], (i, results[i], alone[i])
+        assert metric(srv, "gf_inference_preemptions_total") > 0
+        assert wait_metric(srv, "gf_inference_paused", 0) and wait_metric(srv, "gf_kv_blocks_used", 0)
+        assert wait_metric(srv, "gf_kv_window_blocks_used", 0) and metric(srv, "gf_kv_window_blocks_total") > 0
+        assert srv.alive()
+    finally:
+        srv.stop()
+
+
 def t_shutdown_mid_answer(binary):
     """SIGTERM while answering: a non-streaming client cut short gets 503
     shutting_down (retry elsewhere), never a 200 whose text reads complete;

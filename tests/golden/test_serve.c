@@ -9,7 +9,9 @@
  * cancelled; a broken adapter is refused at submit, on the caller's
  * thread; and every KV block is back in the pool at the end. The vision
  * cache keeps the tower's output per image digest within its byte budget,
- * least recently used out first, and a hit answers as the tower would. */
+ * least recently used out first, and a hit answers as the tower would. A
+ * pool that holds one sequence at its longest preempts sequences as they
+ * grow, and each resumes with exactly the tokens a roomy pool gives. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -96,6 +98,9 @@ static void make_prompt(Prompt1 *p, int q, const SafeTensors *img) {
     p->image = 0;
 }
 
+/* max_tokens of submit's requests. */
+static int64_t g_max_new = MAX_NEW;
+
 /* The digest the next submitted image carries (its vision cache key); 0 = none. */
 static int g_image_label;
 
@@ -116,7 +121,7 @@ static GfStatus submit(ServeEngine *e, const Prompt1 *p, const SafeTensors *img,
     memset(r, 0, sizeof *r);
     pthread_mutex_init(&r->mu, NULL);
     pthread_cond_init(&r->cv, NULL);
-    ServeSubmit s = {.n = p->n, .max_tokens = MAX_NEW, .sample = {temperature, 1.0f, 0}, .seed = seed, .sink = sink,
+    ServeSubmit s = {.n = p->n, .max_tokens = g_max_new, .sample = {temperature, 1.0f, 0}, .seed = seed, .sink = sink,
                      .sink_cls = r};
     s.ids = malloc((size_t)p->n * sizeof *s.ids);
     s.mm_type = malloc((size_t)p->n);
@@ -278,6 +283,66 @@ static void test_vision_cache_lru(Model *m, const Prompt1 *p, const SafeTensors 
     serve_free(e);
 }
 
+/* Twelve requests (text and image, base and adapters, greedy and sampled
+ * with seeds) into 6 slots over a pool of just the blocks the longest one
+ * needs: sequences are preempted when the pool runs dry and recompute their
+ * KV on resuming; every answer must equal, token for token, the same
+ * request on a pool with room for all, and every block (both spaces) must
+ * come back. */
+static void test_preemption(Model *m, const Prompt1 *prompts, const SafeTensors *img, const char *const *names,
+                            char (*dirs)[600]) {
+    enum { N = 12 };
+    GfError err;
+    ServeConfig roomy, tight;
+    serve_config_default(&roomy, m);
+    tight = roomy;
+    tight.max_seqs = 6;
+    tight.kv_block_len = 4;
+    tight.kv_blocks = 0;
+    g_max_new = 48;
+    for (int q = 0; q < N; q++) {
+        int64_t b = (prompts[q].n + g_max_new + tight.kv_block_len - 1) / tight.kv_block_len;
+        if (b > tight.kv_blocks) tight.kv_blocks = b;
+    }
+    tight.max_context = tight.kv_blocks * tight.kv_block_len;
+    Result want[N], got[N];
+    ServeStats st[2];
+    for (int pass = 0; pass < 2; pass++) {
+        ServeEngine *e = NULL;
+        CHECK_STATUS(serve_start(m, pass ? &tight : &roomy, &e, &err), GF_OK, err);
+        if (!e) return;
+        Result *r = pass ? got : want;
+        for (int q = 0; q < N; q++) {
+            int a = q % 3 - 1;
+            CHECK_STATUS(submit(e, &prompts[q], img, a < 0 ? NULL : names[a], a < 0 ? NULL : dirs[a], q % 2 ? 1.0f : 0.0f,
+                                (uint64_t)(100 + q), &r[q], &err), GF_OK, err);
+        }
+        for (int q = 0; q < N; q++) {
+            wait_done(&r[q]);
+            serve_release(r[q].handle);
+        }
+        usleep(50 * 1000);
+        serve_stats(e, &st[pass]);
+        serve_free(e);
+    }
+    g_max_new = MAX_NEW;
+    int same = 1;
+    for (int q = 0; q < N; q++) {
+        int eq = got[q].n == want[q].n && got[q].n > 0 && !got[q].error_code[0] && got[q].finish == want[q].finish &&
+                 memcmp(got[q].tokens, want[q].tokens, (size_t)got[q].n * sizeof(int32_t)) == 0;
+        if (!eq) printf("preemption: request %d gave %d tokens (error '%s') vs %d\n", q, got[q].n, got[q].error_code, want[q].n);
+        same &= eq;
+    }
+    printf("preemption: %lld blocks of %lld positions, %llu preemptions (roomy pool: %llu)\n", (long long)tight.kv_blocks,
+           (long long)tight.kv_block_len, (unsigned long long)st[1].preemptions, (unsigned long long)st[0].preemptions);
+    CHECK(st[1].preemptions > 0 && st[0].preemptions == 0, "the tight pool preempted (%llu), the roomy one did not",
+          (unsigned long long)st[1].preemptions);
+    CHECK(same, "every preempted and resumed answer equals the roomy pool's");
+    CHECK(st[1].kv_blocks_used == 0 && st[1].kv_window_blocks_used == 0 && st[1].paused == 0 && st[1].kv_window_blocks_total > 0,
+          "every block of both spaces back (%lld, %lld of %lld window blocks)", (long long)st[1].kv_blocks_used,
+          (long long)st[1].kv_window_blocks_used, (long long)st[1].kv_window_blocks_total);
+}
+
 int main(void) {
     const char *dir = GF_FIXTURES "/dense";
     char final_dir[600], path[600];
@@ -412,6 +477,7 @@ int main(void) {
     CHECK(stats.kv_blocks_used == 0, "every KV block back in the pool");
     CHECK(stats.adapter_evictions > 0 && stats.adapter_loads > 0, "LRU evicted and reloaded adapters");
     serve_free(e);
+    test_preemption(m, prompts, &img, names, dirs);
     for (int q = 0; q < N_REQ; q++)
         if (!prompts[q].image) {
             test_cancelled_leave_queue(m, &prompts[q]);
