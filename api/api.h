@@ -54,6 +54,7 @@ typedef struct {
     int max_images;                  /* per request */
     int max_messages;
     struct WorkPool *images;         /* work_pool.h: decodes requests' images off the HTTP threads; NULL = on them */
+    struct DevSched *sched;          /* devsched.h: the device shared by serving and training, or NULL */
 } ApiServing;
 
 typedef struct {

@@ -162,6 +162,31 @@ static void put_serving(Text *t, ServeEngine *e) {
     put_hist(t, "gf_time_per_output_token_seconds", "Mean time between a request's generated tokens.", s.tpot, s.tpot_sum);
 }
 
+/* The device's time between serving steps and a training job (devsched.h). */
+static void put_devsched(Text *t, DevSched *d) {
+    DevSchedStats s;
+    devsched_stats(d, &s);
+    put(t, "# HELP gf_device_busy_seconds_total Device time held, by user.\n# TYPE gf_device_busy_seconds_total counter\n"
+           "gf_device_busy_seconds_total{user=\"serving\"} %.6f\ngf_device_busy_seconds_total{user=\"training\"} %.6f\n",
+        s.serve_busy_s, s.train_busy_s);
+    put(t, "# HELP gf_device_serving_steps_total Serving steps, and those that found a training job on the device.\n"
+           "# TYPE gf_device_serving_steps_total counter\ngf_device_serving_steps_total{waited=\"no\"} %llu\n"
+           "gf_device_serving_steps_total{waited=\"yes\"} %llu\n",
+        (unsigned long long)(s.serve_steps - s.serve_waits), (unsigned long long)s.serve_waits);
+    put(t, "# HELP gf_device_serving_wait_seconds_total Time serving steps waited for a training job.\n"
+           "# TYPE gf_device_serving_wait_seconds_total counter\ngf_device_serving_wait_seconds_total %.6f\n"
+           "# HELP gf_device_serving_wait_max_seconds The longest a serving step waited.\n"
+           "# TYPE gf_device_serving_wait_max_seconds gauge\ngf_device_serving_wait_max_seconds %.6f\n"
+           "# HELP gf_device_serving_wait_bound_seconds How long a serving step waits before training gives way (--decode-wait-ms).\n"
+           "# TYPE gf_device_serving_wait_bound_seconds gauge\ngf_device_serving_wait_bound_seconds %.6f\n",
+        s.serve_wait_s, s.serve_wait_max_s, s.max_wait_s);
+    put(t, "# HELP gf_device_training_yields_total Layer boundaries where a training job gave way to serving.\n"
+           "# TYPE gf_device_training_yields_total counter\ngf_device_training_yields_total %llu\n"
+           "# HELP gf_device_training_wait_seconds_total Time a training job waited for the device.\n"
+           "# TYPE gf_device_training_wait_seconds_total counter\ngf_device_training_wait_seconds_total %.6f\n",
+        (unsigned long long)s.train_yields, s.train_wait_s);
+}
+
 /* Base weights live in host memory (mapped, widened or NF4) and the CPU
  * backends read them there: one label until a backend keeps device copies. */
 static void put_weights(Text *t, WeightsGauge *g) {
@@ -215,6 +240,7 @@ GfStatus metrics_get(Api *api, const HttpReq *req, HttpResp *resp) {
             "gf_model_loaded %d\n", api->model.loaded);
     if (api->serving.serve) put_serving(&t, api->serving.serve);
     if (api->serving.images) put_image_pool(&t, api->serving.images);
+    if (api->serving.sched) put_devsched(&t, api->serving.sched);
     put_weights(&t, &api->metrics->weights);
     put_devices(&t);
     put(&t, "# HELP gf_uptime_seconds Seconds since the server started.\n# TYPE gf_uptime_seconds gauge\n"

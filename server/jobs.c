@@ -162,6 +162,7 @@ static GfStatus prepare(JobCtx *c, JobPaths *p, TrainRunSpec *spec, GfError *err
     spec->model_dir = j->cfg.model_dir;
     spec->base = j->cfg.base;
     spec->gauge = j->cfg.gauge;
+    spec->sched = j->cfg.sched;
     spec->train_jsonl = p->jsonl;
     spec->train_tar = access(p->tar, F_OK) == 0 ? p->tar : NULL;
     if (row->validation_dataset_id[0]) {

@@ -31,6 +31,7 @@
 #ifndef GF_JOBS_H
 #define GF_JOBS_H
 
+#include "devsched.h"
 #include "image.h"
 #include "lora.h"
 #include "store.h"
@@ -42,6 +43,7 @@ typedef struct {
     int max_lora_rank;
     GemmaWeights *base;        /* the served base weights (a reference is held until jobs_stop), or NULL */
     WeightsGauge *gauge;       /* counts a job's own copy of the base (may be NULL) */
+    DevSched *sched;           /* the device shared with the serving engine (devsched.h), or NULL */
     int n_threads;             /* engine threads, <= 0 = all cores */
     ImageLimits image_limits;
     double poll_s;             /* how often an idle worker looks for jobs */

@@ -44,6 +44,7 @@ typedef struct {
     int max_resident_adapters;    /* -1 = default */
     int image_threads;            /* threads decoding requests' images */
     long long vision_cache_mb;    /* -1 = default */
+    long long decode_wait_ms;     /* how long a serving step may wait for a training job before it gives way */
     int max_image_tasks;          /* requests with images being decoded or waiting to be; 429 beyond */
     int64_t max_tokens;           /* 0 = default cap on max_tokens */
     ModelQuant quantize;          /* the served base: bf16 as stored, or NF4 (QLoRA) */
@@ -108,6 +109,8 @@ static void usage(FILE *f) {
             "  --image-threads N       threads decoding requests' images, off the HTTP threads (default 2)\n"
             "  --max-image-queue N     requests whose images are decoding or waiting to; 429 beyond (default 16)\n"
             "  --vision-cache-mb N     vision tower outputs kept for repeated images (default 128; 0 = none)\n"
+            "  --decode-wait-ms N      a serving step finding a training job on the device waits at most N ms\n"
+            "                          (plus one layer) before the job gives way (default 10; 0 = next layer)\n"
             "  --max-upload-bytes N    dataset and adapter upload cap (default 2 GiB)\n"
             "  --web DIR               dashboard files (default: the source tree's web/)\n"
             "  --verbose               debug logging\n");
@@ -182,6 +185,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
     o->max_resident_adapters = -1;
     o->image_threads = 2;
     o->vision_cache_mb = -1;
+    o->decode_wait_ms = 10;
     o->max_image_tasks = 16;
     o->drain_s = 10;
     o->disk_full_wait_s = 600;
@@ -223,6 +227,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--max-adapters") == 0 && !parse_uint(v, 100000, &n)) o->max_resident_adapters = (int)n;
         else if (strcmp(a, "--image-threads") == 0 && !parse_uint(v, 256, &n) && n) o->image_threads = (int)n;
         else if (strcmp(a, "--vision-cache-mb") == 0 && !parse_uint(v, 1u << 20, &n)) o->vision_cache_mb = (long long)n;
+        else if (strcmp(a, "--decode-wait-ms") == 0 && !parse_uint(v, 60000, &n)) o->decode_wait_ms = (long long)n;
         else if (strcmp(a, "--max-image-queue") == 0 && !parse_uint(v, 100000, &n) && n) o->max_image_tasks = (int)n;
         else if (strcmp(a, "--max-tokens") == 0 && !parse_uint(v, 1 << 20, &n) && n) o->max_tokens = (int64_t)n;
         else if (strcmp(a, "--max-queued-jobs") == 0 && !parse_uint(v, 1000000, &n)) o->limits.max_queued_jobs = (int)n;
@@ -264,7 +269,7 @@ static int open_model(const ServeOptions *o, WeightsGauge *gauge, Pipeline **pip
 }
 
 /* The serving engine on the loaded model, and what the API needs of it. */
-static int start_serving(const ServeOptions *o, Pipeline *pipe, Api *api, ServeEngine **out) {
+static int start_serving(const ServeOptions *o, Pipeline *pipe, DevSched *sched, Api *api, ServeEngine **out) {
     *out = NULL;
     if (!pipe) return 0;
     ServeConfig sc;
@@ -282,13 +287,14 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, Api *api, ServeE
     if (o->max_resident_adapters >= 0) sc.max_adapters = o->max_resident_adapters;
     sc.max_lora_rank = o->limits.max_lora_rank;
     if (o->vision_cache_mb >= 0) sc.vision_cache_bytes = (uint64_t)o->vision_cache_mb << 20;
+    sc.sched = sched;
     GfError err;
     if (serve_start(pipe->model, &sc, out, &err)) {
         fprintf(stderr, "gemmaforge: cannot start serving: %s\n", err.message);
         return -1;
     }
     api->serving = (ApiServing){*out, pipe->model, pipe->tok, &pipe->tpl, &pipe->pre, model_config(pipe->model),
-                                o->max_tokens ? o->max_tokens : 4096, 8, 1024, NULL};
+                                o->max_tokens ? o->max_tokens : 4096, 8, 1024, NULL, sched};
     int tasks = o->max_image_tasks < o->image_threads ? o->image_threads : o->max_image_tasks;
     api->serving.images = work_pool_new(o->image_threads, tasks, &err);
     if (!api->serving.images) {
@@ -338,6 +344,7 @@ typedef struct {
     ServeEngine *serve;
     Jobs *jobs;
     Exports *exports;
+    DevSched *sched;
 } ServeParts;
 
 /* Stops and frees what was started, in reverse order (what was not is
@@ -347,6 +354,7 @@ static int serve_teardown(ServeParts *p, int status) {
     exports_stop(p->exports);
     jobs_stop(p->jobs);
     serve_free(p->serve);
+    devsched_free(p->sched); /* after both sides are gone */
     job_hub_free(p->api.job_hub);
     store_close(p->api.store);
     pipeline_close(p->pipe);
@@ -373,11 +381,15 @@ static int cmd_serve(int argc, char **argv) {
         fprintf(stderr, "gemmaforge: cannot open the data directory: %s\n", err.message);
         return serve_teardown(&p, 1);
     }
-    if (start_serving(&o, p.pipe, api, &p.serve)) return serve_teardown(&p, 1);
+    if (p.pipe && !o.no_train && !(p.sched = devsched_new((double)o.decode_wait_ms / 1000.0, NULL, &err))) {
+        fprintf(stderr, "gemmaforge: %s\n", err.message);
+        return serve_teardown(&p, 1);
+    }
+    if (start_serving(&o, p.pipe, p.sched, api, &p.serve)) return serve_teardown(&p, 1);
     o.http.tmp_dir = store_tmp_dir(api->store);
     if (api->model.loaded && !o.no_train) {
         JobsConfig jc = {.model_dir = o.model_dir, .model_name = api->model.id, .max_lora_rank = o.limits.max_lora_rank,
-                         .base = model_weights(p.pipe->model), .gauge = &p.metrics.weights,
+                         .base = model_weights(p.pipe->model), .gauge = &p.metrics.weights, .sched = p.serve ? p.sched : NULL,
                          .n_threads = o.train_threads, .poll_s = 0.5, .disk_full_wait_s = o.disk_full_wait_s,
                          .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels},
                          .on_adapter = p.serve ? serve_trained : NULL, .on_adapter_cls = p.serve,

@@ -106,6 +106,10 @@ static GfStatus open_all(Run *r, GfError *err) {
     for (size_t i = 0; i < r->a->n_pairs; i++) n_params += (size_t)(r->a->pairs[i].rank * (r->a->pairs[i].in + r->a->pairs[i].out));
     logf_(r, "info", "adapter: %zu modules, rank %d, %zu trainable parameters", r->a->n_pairs, hp->lora_rank, n_params);
     if ((st = trainer_new(r->p->model, r->a, r->train, &hp->train, &r->t, err))) return st;
+    if (s->sched) {
+        trainer_set_sched(r->t, s->sched);
+        logf_(r, "info", "device: shared with serving, which goes first (training gives way at layer boundaries)");
+    }
     logf_(r, "info", "plan: %lld steps (%lld per epoch, %lld epochs)", (long long)trainer_total_steps(r->t),
           (long long)trainer_steps_per_epoch(r->t), (long long)hp->train.epochs);
     if (!s->resume_dir) return GF_OK;

@@ -35,6 +35,7 @@ typedef struct {
     const char *model_dir;
     GemmaWeights *base;                   /* weights loaded from model_dir, shared when their quantization matches; or NULL */
     WeightsGauge *gauge;                  /* counts a copy loaded here (may be NULL) */
+    DevSched *sched;                      /* the device shared with the serving engine (devsched.h), or NULL */
     const char *train_jsonl, *train_tar;  /* tar may be NULL */
     const char *val_jsonl, *val_tar;      /* NULL = no validation set */
     const char *ckpt_root;                /* checkpoints go here (created) */

@@ -460,6 +460,7 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
     for (int li = 0; li < L; li++) {
         decoder_layer(m, &b, li, &s, &moe, s.x, s.ple, &u, 0);
         if (o->hidden && li < L - 1) keep_hidden(m, o->hidden, o->hidden_on_device, li + 1, s.x, n);
+        model_layer_done(m);
     }
     m->be.ops->rmsnorm(&m->be.ctx, s.x, s.x, m->w->final_norm, n, H, t->rms_eps);
     if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, L, s.x, n);

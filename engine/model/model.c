@@ -72,6 +72,18 @@ GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfEr
     return st;
 }
 
+void model_set_yield(Model *m, void (*fn)(void *cls), void *cls) {
+    m->yield = fn;
+    m->yield_cls = cls;
+}
+
+void model_layer_done(Model *m) {
+    if (!m->yield) return;
+    GfError err;
+    if (m->be.ops->synchronize(&m->be.ctx, &err)) return; /* the pass's own synchronize reports it */
+    m->yield(m->yield_cls);
+}
+
 void model_close(Model *m) {
     if (!m) return;
     if (m->be.ops) m->be.ops->free(&m->be.ctx, &m->act);

@@ -49,6 +49,11 @@ GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfEr
 GfStatus model_new(GemmaWeights *w, const ModelOptions *opts, Model **out, GfError *err);
 /* Frees the context and drops its reference to the weights. */
 void model_close(Model *m);
+/* fn(cls) runs after every layer of the text stack and the vision tower,
+ * forward or backward, and every chunk of the training loss, the device's
+ * queue drained first: a training job's device scheduler gives way to
+ * serving there (devsched.h). NULL = none. */
+void model_set_yield(Model *m, void (*fn)(void *cls), void *cls);
 /* The weights the context runs on (valid while it is open; retain to keep). */
 GemmaWeights *model_weights(const Model *m);
 const GemmaConfig *model_config(const Model *m);

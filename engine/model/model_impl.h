@@ -28,7 +28,13 @@ struct Model {
     KnBuffer vision_mem;            /* the vision tower's buffers (device), grown to the largest image seen */
     int32_t *vision_idx;            /* their host index staging */
     size_t vision_idx_cap;
+    void (*yield)(void *cls);       /* called between layers and loss chunks (model_set_yield), NULL = none */
+    void *yield_cls;
 };
+
+/* A layer (or a loss chunk) is done: the device's queue drained and the
+ * yield hook run. */
+void model_layer_done(Model *m);
 
 
 /* Helpers of forward.c used by backward.c. */

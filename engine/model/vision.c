@@ -285,6 +285,7 @@ static void tower_run(Model *m, Tower *b, const float *pixels, const int32_t *po
         float *next = keep || x == b->xs ? x + N * d : b->xs;
         layer_fwd(m, li, x, N, &b->mask, t, next);
         x = next;
+        model_layer_done(m);
     }
     pool(m, x, b->blocks, N, b->n_soft, b->pooled);
     m->be.ops->rmsnorm(&m->be.ctx, b->hn, b->pooled, NULL, b->n_soft, d, v->rms_eps);
@@ -423,6 +424,7 @@ GfStatus model_vision_backward(Model *m, const LoraBinding *lora, const float *p
         for (int li = (int)L - 1; li >= 0; li--) {
             layer_fwd(m, li, b.xs + li * N * d, N, &b.mask, t, NULL);
             layer_bwd(m, li, b.xs + li * N * d, N, &b.mask, t);
+            model_layer_done(m);
         }
         if (lora && lora->input_proj) { /* the patch embedder's input: 2 (pixel - 0.5) */
             m->be.ops->scale_shift(&m->be.ctx, t->s1, b.pixels, (size_t)(N * pp), -0.5f, 2.0f);

@@ -678,10 +678,12 @@ static void *engine_main(void *arg) {
         e->step++;
         prune(e);
         prune_queue(e);
+        if (e->cfg.sched) devsched_serve_enter(e->cfg.sched); /* a training job gives way at its next layer */
         admit(e);
         make_room(e);
         qsort(e->active, (size_t)e->n_active, sizeof *e->active, by_adapter);
         if (e->n_active) run_step(e);
+        if (e->cfg.sched) devsched_serve_leave(e->cfg.sched);
         evict(e);
         update_stats(e);
     }

@@ -47,6 +47,7 @@
 #include <stdint.h>
 
 #include "base.h"
+#include "devsched.h"
 #include "lora.h"
 #include "model.h"
 #include "pipeline.h"
@@ -66,6 +67,7 @@ typedef struct {
     int max_adapters;         /* resident adapters kept when idle */
     int max_lora_rank;
     uint64_t vision_cache_bytes; /* the vision tower's outputs kept for repeated images (vision_cache.h); 0 = none */
+    DevSched *sched;          /* the device shared with a training job (borrowed; each step holds it), or NULL */
 } ServeConfig;
 
 /* Defaults: 16 sequences, a queue of 64, blocks of 16 positions, enough

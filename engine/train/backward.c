@@ -349,6 +349,7 @@ static double loss_chunks(Model *m, GradWorkspace *w, const TrainSequence *s, co
             loss += loss_rows(m, w, targets, k, scale, grad);
             if (grad) m->be.ops->rows_scatter(&m->be.ctx, w->dxn, w->gdx, w->rows_idx, k, H);
             k = 0;
+            model_layer_done(m); /* a chunk of the vocabulary-wide loss is as long as a layer */
         }
     }
     return loss;
@@ -515,6 +516,7 @@ GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const 
         if (model_layer_replay(m, &w->cache, &in, (int)li, x, P ? w->ple : NULL, &w->tape, err)) return err->status;
         if (li == L - 1) *loss_sum = loss_backward(m, w, s, w->out, grad_scale);
         layer_backward(m, w, b, (int)li, n, x);
+        model_layer_done(m);
     }
     int tower = n_soft && vision_adapted(b);
     if (P && b && (b->ple_model_proj || tower)) ple_backward(m, w, b, n, w->hidden, w->dx);

@@ -31,7 +31,20 @@ struct Trainer {
     KnBuffer dropout_row;      /* LoRA dropout scratch (2 x the widest input, device) */
     uint32_t *order;           /* the current epoch's example order */
     int64_t order_epoch;       /* which epoch order holds, -1 = none */
+    DevSched *sched;           /* the device shared with serving (borrowed), NULL = ours alone */
 };
+
+void trainer_set_sched(Trainer *t, DevSched *s) {
+    t->sched = s;
+    model_set_yield(t->m, s ? devsched_yield_hook : NULL, s);
+}
+
+static void device_enter(Trainer *t) {
+    if (t->sched) devsched_train_enter(t->sched);
+}
+static void device_leave(Trainer *t) {
+    if (t->sched) devsched_train_leave(t->sched);
+}
 
 /* ---- the plan ------------------------------------------------------------------ */
 
@@ -109,6 +122,7 @@ GfStatus trainer_new(Model *m, LoraAdapter *a, TrainSet *train, const TrainConfi
 void trainer_free(Trainer *t) {
     if (!t) return;
     loader_stop(t->loader);
+    trainer_set_sched(t, NULL);
     grad_workspace_free(t->w);
     adamw_free(&t->opt);
     lora_binding_free(&t->b);
@@ -161,8 +175,10 @@ static GfStatus run_example(Trainer *t, TrainSet *set, size_t i, TrainSet *next_
     if (!st) st = loader_get(t->loader, set, i, &ex, err);
     if (!st && next_set) loader_prefetch(t->loader, next_set, next);
     if (st) return st;
+    device_enter(t);
     st = grad_scale > 0 ? model_backward(t->m, t->w, &t->b, &ex->seq, grad_scale, loss, targets, err)
                         : model_loss(t->m, t->w, &t->b, &ex->seq, loss, targets, err);
+    device_leave(t);
     if (st) gf_error_wrap(err, "dataset", "line %llu", (unsigned long long)ex->line);
     return st;
 }
@@ -203,14 +219,18 @@ GfStatus trainer_step(Trainer *t, TrainStopFn stop, void *user, TrainStepInfo *i
         tokens += trainset_tokens(t->train, i);
     }
     if (stop && stop(user)) return cancelled(err);
+    device_enter(t);
     double norm = lora_grad_norm(&t->b);
-    if (!isfinite(loss_sum) || !isfinite(norm))
+    if (!isfinite(loss_sum) || !isfinite(norm)) {
+        device_leave(t);
         return gf_error_set(err, GF_UNPROCESSABLE, "training_diverged", "hyperparameters.learning_rate",
                             "training diverged at step %lld: the %s is not finite; lower the learning rate",
                             (long long)t->step + 1, isfinite(loss_sum) ? "gradient" : "loss");
+    }
     info->grad_norm = lora_clip_grads(&t->b, t->cfg.max_grad_norm);
     info->lr = schedule_lr(t->cfg.schedule, t->cfg.lr, t->warmup_steps, t->total_steps, t->step);
     adamw_step(&t->opt, &t->b, info->lr);
+    device_leave(t);
     t->step++;
     info->step = t->step;
     info->total_steps = t->total_steps;

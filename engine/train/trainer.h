@@ -44,6 +44,7 @@
 
 #include <stdint.h>
 
+#include "devsched.h"
 #include "lora.h"
 #include "preprocess.h"
 #include "optim.h"
@@ -91,6 +92,12 @@ int trainer_done(const Trainer *t);
  * for them, and examples decoded only then (the first of a run, of an
  * epoch, of an evaluation). */
 void trainer_loader_stats(const Trainer *t, uint64_t *prefetched, uint64_t *on_demand);
+
+/* Shares the model's device with a serving engine (devsched.h): each
+ * sequence's forward and backward and each update hold the device, giving
+ * way to serving steps at layer boundaries. NULL: the device is the
+ * trainer's alone. s must outlive the trainer or be unset first. */
+void trainer_set_sched(Trainer *t, DevSched *s);
 
 /* One optimizer step. GF_CANCELLED when stop asked for it (nothing changed). */
 GfStatus trainer_step(Trainer *t, TrainStopFn stop, void *user, TrainStepInfo *info, GfError *err);

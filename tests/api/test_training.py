@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -305,6 +306,70 @@ def t_jobs_share_the_served_base(binary):
         expect(srv.post_json("/v1/fine_tuning/jobs/%s/cancel" % job, {}), 200)
         assert wait_job(srv, job, timeout=120)["status"] == "cancelled"
         assert base_weights(srv) == (1, base_bytes)
+    finally:
+        srv.stop()
+
+
+def metric_lines(srv):
+    """name{labels} -> value of every sample on /metrics."""
+    text = expect(srv.get("/metrics"), 200).body.decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def t_job_and_requests_share_the_device(binary):
+    """A job trains while 8 streaming clients are served on the same device
+    (--decode-wait-ms 0: training gives way at its next layer boundary):
+    every answer equals the one the same request got before the job
+    started, serving steps found the job on the device and it gave way to
+    them, and the job trains on (it is not starved)."""
+    srv = Server(binary, extra=["--decode-wait-ms", "0"])
+    try:
+        def body(i):
+            return {"model": "dense", "max_tokens": 16, "stream": True, "seed": 50 + i,
+                    "temperature": 0.8 if i % 2 else 0.0,
+                    "messages": [{"role": "user", "content": "Describe shape %d in a few words." % i}]}
+
+        def answer(i):
+            r = expect(srv.post_json("/v1/chat/completions", body(i), timeout=600), 200)
+            chunks = [json.loads(x[6:]) for x in r.body.decode().split("\n\n") if x.startswith("data: {")]
+            return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+
+        alone = {i: answer(i) for i in range(8)}
+        ds, _, _ = upload_shapes(srv, 12, 7)
+        job = create_job(srv, ds, {"epochs": 50, "batch_size": 2, "gradient_accumulation_steps": 1,
+                                   "save_every": 1000, "quantization": "none"})
+        step0 = wait_job(srv, job, pred=lambda j: (j["progress"]["step"] or 0) >= 1)["progress"]["step"]
+        results, errors = {}, []
+
+        def client(i):
+            try:
+                for _ in range(2):
+                    got = answer(i)
+                    if got != alone[i]:
+                        errors.append((i, got, alone[i]))
+                results[i] = True
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append((i, repr(e)))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(results) == 8, errors
+        m = metric_lines(srv)
+        assert m["gf_device_serving_wait_bound_seconds"] == 0, m
+        assert m['gf_device_serving_steps_total{waited="yes"}'] > 0, m
+        assert m["gf_device_training_yields_total"] > 0, m
+        assert m['gf_device_busy_seconds_total{user="training"}'] > 0, m
+        assert m['gf_device_busy_seconds_total{user="serving"}'] > 0, m
+        shared = [e["message"] for e in events(srv, job) if e["message"].startswith("device:")]
+        assert len(shared) == 1 and "shared with serving" in shared[0], shared
+        j = wait_job(srv, job, pred=lambda j: (j["progress"]["step"] or 0) >= step0 + 2)
+        assert j["status"] == "running", j
+        expect(srv.post_json("/v1/fine_tuning/jobs/%s/cancel" % job, {}), 200)
+        assert wait_job(srv, job, timeout=120)["status"] == "cancelled"
     finally:
         srv.stop()
 
