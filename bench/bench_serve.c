@@ -4,17 +4,25 @@
  * adapters (rank 16 on q/k/v/o/gate/up/down, random B), on the CPU backend.
  * Reports generated tokens/s (prefill included in the wall time) and the
  * mean time to first token, so the CUDA backend can be measured against it.
+ * Then decode latency (p50 / p99 of the gaps between a request's tokens)
+ * with and without a training job on the same device (a thread running
+ * LoRA forward and backward passes on the same weights), through the device
+ * scheduler (devsched.h) and without it, and the job's tokens/s each time.
  *
  * usage: bench_serve [--threads N] [--requests N] [--prompt T] [--tokens N] [--tiny DIR]
+ *                    [--train-tokens T] [--decode-wait-ms N]
  * Without --tiny it writes a random 120M Gemma 4 config (as bench_forward).
  */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "backward.h"
+#include "devsched.h"
 #include "lora.h"
 #include "model.h"
 #include "random_model.h"
@@ -31,15 +39,22 @@ typedef struct {
 typedef struct {
     Tally *t;
     int got_first;
+    double last;              /* when its last token came */
+    double *gaps;             /* with gap_cap: where the gaps between tokens go (shared by a round) */
+    int *n_gaps, gap_cap;
 } One;
 
 static int sink(void *cls, const ServeEvent *ev) {
     One *o = cls;
     Tally *t = o->t;
+    double now = gf_time_mono();
     pthread_mutex_lock(&t->mu);
+    if (ev->kind == SERVE_TOKEN && o->got_first && o->gaps && *o->n_gaps < o->gap_cap)
+        o->gaps[(*o->n_gaps)++] = now - o->last;
+    if (ev->kind == SERVE_TOKEN) o->last = now;
     if (ev->kind == SERVE_TOKEN && !o->got_first) {
         o->got_first = 1;
-        t->t_first_sum += gf_time_mono() - t->t_submit;
+        t->t_first_sum += now - t->t_submit;
         t->n_first++;
     }
     if (ev->kind == SERVE_END && --t->pending == 0) pthread_cond_signal(&t->cv);
@@ -61,8 +76,11 @@ static LoraAdapter *random_adapter(Model *m, int rank, uint64_t seed) {
     return a;
 }
 
-/* One round: n_req requests spread over n_adapters adapters (0 = base). */
-static void round_(ServeEngine *e, const Model *m, int n_req, int n_adapters, int prompt, int tokens) {
+/* One round: n_req requests spread over n_adapters adapters (0 = base);
+ * with gaps, the time between each request's tokens goes there (up to cap,
+ * counted in *n_gaps) and the line is not printed. */
+static void round_gaps(ServeEngine *e, const Model *m, int n_req, int n_adapters, int prompt, int tokens, double *gaps,
+                       int *n_gaps, int cap) {
     Tally t = {.pending = n_req};
     pthread_mutex_init(&t.mu, NULL);
     pthread_cond_init(&t.cv, NULL);
@@ -71,7 +89,7 @@ static void round_(ServeEngine *e, const Model *m, int n_req, int n_adapters, in
     int V = model_config(m)->text.vocab_size;
     t.t_submit = gf_time_mono();
     for (int r = 0; r < n_req; r++) {
-        ones[r].t = &t;
+        ones[r] = (One){.t = &t, .gaps = gaps, .n_gaps = n_gaps, .gap_cap = cap};
         ServeSubmit s = {.n = prompt, .max_tokens = tokens, .sample = {0.0f, 1.0f, 0}, .sink = sink, .sink_cls = &ones[r]};
         s.ids = malloc((size_t)prompt * sizeof *s.ids);
         for (int i = 0; i < prompt; i++) s.ids[i] = 3 + (r * 131 + i * 7919) % (V - 3);
@@ -88,18 +106,143 @@ static void round_(ServeEngine *e, const Model *m, int n_req, int n_adapters, in
     while (t.pending) pthread_cond_wait(&t.cv, &t.mu);
     pthread_mutex_unlock(&t.mu);
     double wall = gf_time_mono() - t.t_submit;
+    for (int r = 0; r < n_req; r++) serve_release(handles[r]);
+    free(handles);
+    free(ones);
+    if (gaps) return;
     char label[32];
     snprintf(label, sizeof label, n_adapters ? "%d adapter%s" : "base only", n_adapters, n_adapters == 1 ? "" : "s");
     printf("%-12s %3d requests x %3d tokens: %8.1f generated tok/s | wall %6.2f s | mean TTFT %7.1f ms\n", label, n_req,
            tokens, (double)n_req * tokens / wall, wall,
            t.n_first ? 1000.0 * t.t_first_sum / t.n_first : 0.0);
-    for (int r = 0; r < n_req; r++) serve_release(handles[r]);
-    free(handles);
-    free(ones);
+}
+
+static void round_(ServeEngine *e, const Model *m, int n_req, int n_adapters, int prompt, int tokens) {
+    round_gaps(e, m, n_req, n_adapters, prompt, tokens, NULL, NULL, 0);
+}
+
+/* ---- a training job beside serving ------------------------------------------------ */
+
+typedef struct {
+    Model *m;                 /* the job's context on the served weights */
+    DevSched *sched;          /* NULL: no scheduler, the two share the cores as the OS likes */
+    int tokens;
+    atomic_int stop;
+    int64_t trained;          /* tokens through forward and backward */
+    double seconds;
+    const char *error;
+} TrainJob;
+
+static void *train_main(void *arg) {
+    TrainJob *j = arg;
+    LoraAdapter *a = NULL;
+    LoraBinding b = {0};
+    GradWorkspace *w = NULL;
+    GfError err;
+    const char *all[] = {"all-linear"};
+    int V = model_config(j->m)->text.vocab_size;
+    int32_t *ids = malloc((size_t)j->tokens * sizeof *ids);
+    for (int i = 0; i < j->tokens; i++) ids[i] = 3 + (i * 7919) % (V - 3);
+    TrainSequence seq = {.ids = ids, .labels = ids, .n = j->tokens};
+    if (lora_create(j->m, all, 1, 16, 32.0, 0, 1, &a, &err) || lora_bind(j->m, a, &b, &err) || lora_binding_grads(&b, &err) ||
+        grad_workspace_new(j->m, j->tokens, 16, &w, &err)) {
+        j->error = "cannot set up training";
+        atomic_store(&j->stop, 1);
+    }
+    model_set_yield(j->m, j->sched ? devsched_yield_hook : NULL, j->sched);
+    double t0 = gf_time_mono(), loss;
+    int64_t n;
+    while (!atomic_load(&j->stop)) {
+        if (j->sched) devsched_train_enter(j->sched);
+        GfStatus st = model_backward(j->m, w, &b, &seq, 1.0f, &loss, &n, &err);
+        if (j->sched) devsched_train_leave(j->sched);
+        if (st) { j->error = "training failed"; break; }
+        j->trained += j->tokens;
+    }
+    j->seconds = gf_time_mono() - t0;
+    model_set_yield(j->m, NULL, NULL);
+    grad_workspace_free(w);
+    lora_binding_free(&b);
+    lora_free(a);
+    free(ids);
+    return NULL;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double percentile(double *v, int n, double q) {
+    if (n == 0) return 0;
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    int i = (int)(q * (n - 1) + 0.5);
+    return v[i];
+}
+
+/* Decode rounds over the base with a training job beside them (mode 0:
+ * none, 1: through sched, 2: without a scheduler), and a training job
+ * alone; prints p50 / p99 time per output token and the job's tokens/s. */
+static void bench_training(Model *m, int threads, int n_req, int prompt, int tokens, int train_tokens, double wait_s) {
+    GfError err;
+    DevSched *sched = devsched_new(wait_s, NULL, &err);
+    Model *tm = NULL;
+    ModelOptions mo = {.n_threads = threads, .quantize = MODEL_QUANT_NONE, .weights = model_weights(m)};
+    if (!sched || model_new(model_weights(m), &mo, &tm, &err)) { fprintf(stderr, "%s\n", err.message); return; }
+    printf("\ndecode beside a training job on the same device (LoRA all-linear rank 16, %d-token sequences, forward and "
+           "backward on the served weights): %d requests x %d tokens, base model\n", train_tokens, n_req, tokens);
+    static const char *const modes[] = {"serving alone", "with training, scheduled", "with training, unscheduled"};
+    int cap = n_req * tokens;
+    double *gaps = malloc((size_t)cap * sizeof *gaps);
+    for (int mode = 0; mode < 3; mode++) {
+        ServeConfig cfg;
+        serve_config_default(&cfg, m);
+        cfg.max_seqs = cfg.max_queue = n_req;
+        cfg.max_context = prompt + tokens;
+        cfg.kv_blocks = n_req * ((cfg.max_context + cfg.kv_block_len - 1) / cfg.kv_block_len);
+        cfg.sched = mode == 1 ? sched : NULL;
+        ServeEngine *e = NULL;
+        if (serve_start(m, &cfg, &e, &err)) { fprintf(stderr, "%s\n", err.message); break; }
+        round_(e, m, n_req, 0, prompt, tokens); /* warm-up */
+        TrainJob job = {.m = tm, .sched = mode == 1 ? sched : NULL, .tokens = train_tokens};
+        atomic_init(&job.stop, 0);
+        pthread_t th;
+        if (mode) pthread_create(&th, NULL, train_main, &job);
+        if (mode) usleep(200 * 1000); /* the job is under way */
+        int n_gaps = 0;
+        round_gaps(e, m, n_req, 0, prompt, tokens, gaps, &n_gaps, cap);
+        if (mode) {
+            atomic_store(&job.stop, 1);
+            pthread_join(th, NULL);
+        }
+        double p50 = percentile(gaps, n_gaps, 0.5), p99 = percentile(gaps, n_gaps, 0.99);
+        printf("%-28s TPOT p50 %8.1f ms  p99 %8.1f ms", modes[mode], 1e3 * p50, 1e3 * p99);
+        if (mode) printf(" | training %8.1f tok/s%s", job.seconds > 0 ? (double)job.trained / job.seconds : 0.0,
+                         job.error ? job.error : "");
+        printf("\n");
+        serve_free(e);
+    }
+    TrainJob alone = {.m = tm, .tokens = train_tokens};
+    atomic_init(&alone.stop, 0);
+    pthread_t th;
+    pthread_create(&th, NULL, train_main, &alone);
+    sleep(3);
+    atomic_store(&alone.stop, 1);
+    pthread_join(th, NULL);
+    printf("%-28s %37s training %8.1f tok/s\n", "training alone", "", alone.seconds > 0 ? (double)alone.trained / alone.seconds : 0.0);
+    DevSchedStats st;
+    devsched_stats(sched, &st);
+    printf("scheduler (bound %.0f ms): %llu of %llu steps waited, longest %.1f ms, %llu yields\n", 1e3 * wait_s,
+           (unsigned long long)st.serve_waits, (unsigned long long)st.serve_steps, 1e3 * st.serve_wait_max_s,
+           (unsigned long long)st.train_yields);
+    free(gaps);
+    model_close(tm);
+    devsched_free(sched);
 }
 
 int main(int argc, char **argv) {
-    int threads = 0, requests = 64, prompt = 32, tokens = 16;
+    int threads = 0, requests = 64, prompt = 32, tokens = 16, train_tokens = 128;
+    double wait_ms = 10;
     const char *tiny = NULL;
     for (int i = 1; i + 1 < argc; i++) {
         if (strcmp(argv[i], "--threads") == 0) threads = atoi(argv[++i]);
@@ -107,6 +250,8 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--prompt") == 0) prompt = atoi(argv[++i]);
         else if (strcmp(argv[i], "--tokens") == 0) tokens = atoi(argv[++i]);
         else if (strcmp(argv[i], "--tiny") == 0) tiny = argv[++i];
+        else if (strcmp(argv[i], "--train-tokens") == 0) train_tokens = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--decode-wait-ms") == 0) wait_ms = atof(argv[++i]);
     }
     gf_log_init(GF_LOG_WARN);
     char tmp[] = "/tmp/gf-bench-XXXXXX";
@@ -146,6 +291,7 @@ int main(int argc, char **argv) {
     static const int counts[] = {1, 4, 16, 64};
     for (int k = 0; k < 4; k++) round_(e, m, requests, counts[k], prompt, tokens);
     serve_free(e);
+    bench_training(m, threads, requests < 8 ? requests : 8, prompt, 4 * tokens, train_tokens, wait_ms / 1000.0);
     model_close(m);
     if (!tiny) {
         char cmd[128];

@@ -109,8 +109,9 @@ static void usage(FILE *f) {
             "  --image-threads N       threads decoding requests' images, off the HTTP threads (default 2)\n"
             "  --max-image-queue N     requests whose images are decoding or waiting to; 429 beyond (default 16)\n"
             "  --vision-cache-mb N     vision tower outputs kept for repeated images (default 128; 0 = none)\n"
-            "  --decode-wait-ms N      a serving step finding a training job on the device waits at most N ms\n"
-            "                          (plus one layer) before the job gives way (default 10; 0 = next layer)\n"
+            "  --decode-wait-ms N      a serving step finding a training job on the device lets it go on for up\n"
+            "                          to N ms (plus one layer) before it gives way: more for training, slower\n"
+            "                          decoding (default 0: the job gives way at its next layer)\n"
             "  --max-upload-bytes N    dataset and adapter upload cap (default 2 GiB)\n"
             "  --web DIR               dashboard files (default: the source tree's web/)\n"
             "  --verbose               debug logging\n");
@@ -185,7 +186,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
     o->max_resident_adapters = -1;
     o->image_threads = 2;
     o->vision_cache_mb = -1;
-    o->decode_wait_ms = 10;
+    o->decode_wait_ms = 0;
     o->max_image_tasks = 16;
     o->drain_s = 10;
     o->disk_full_wait_s = 600;
