@@ -242,7 +242,7 @@ static void bench_training(Model *m, int threads, int n_req, int prompt, int tok
 
 int main(int argc, char **argv) {
     int threads = 0, requests = 64, prompt = 32, tokens = 16, train_tokens = 128;
-    double wait_ms = 10;
+    double wait_ms = 0;
     const char *tiny = NULL;
     for (int i = 1; i + 1 < argc; i++) {
         if (strcmp(argv[i], "--threads") == 0) threads = atoi(argv[++i]);

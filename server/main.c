@@ -45,6 +45,7 @@ typedef struct {
     int image_threads;            /* threads decoding requests' images */
     long long vision_cache_mb;    /* -1 = default */
     long long decode_wait_ms;     /* how long a serving step may wait for a training job before it gives way */
+    int device_sched;             /* serving and training take turns on the device: -1 = on GPUs only, 0 off, 1 on */
     int max_image_tasks;          /* requests with images being decoded or waiting to be; 429 beyond */
     int64_t max_tokens;           /* 0 = default cap on max_tokens */
     ModelQuant quantize;          /* the served base: bf16 as stored, or NF4 (QLoRA) */
@@ -109,6 +110,8 @@ static void usage(FILE *f) {
             "  --image-threads N       threads decoding requests' images, off the HTTP threads (default 2)\n"
             "  --max-image-queue N     requests whose images are decoding or waiting to; 429 beyond (default 16)\n"
             "  --vision-cache-mb N     vision tower outputs kept for repeated images (default 128; 0 = none)\n"
+            "  --device-sched on|off   serving steps and a training job take turns on the device, serving first\n"
+            "                          (default: on a GPU; on the CPU the OS shares the cores more finely)\n"
             "  --decode-wait-ms N      a serving step finding a training job on the device lets it go on for up\n"
             "                          to N ms (plus one layer) before it gives way: more for training, slower\n"
             "                          decoding (default 0: the job gives way at its next layer)\n"
@@ -187,6 +190,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
     o->image_threads = 2;
     o->vision_cache_mb = -1;
     o->decode_wait_ms = 0;
+    o->device_sched = -1;
     o->max_image_tasks = 16;
     o->drain_s = 10;
     o->disk_full_wait_s = 600;
@@ -229,6 +233,8 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--image-threads") == 0 && !parse_uint(v, 256, &n) && n) o->image_threads = (int)n;
         else if (strcmp(a, "--vision-cache-mb") == 0 && !parse_uint(v, 1u << 20, &n)) o->vision_cache_mb = (long long)n;
         else if (strcmp(a, "--decode-wait-ms") == 0 && !parse_uint(v, 60000, &n)) o->decode_wait_ms = (long long)n;
+        else if (strcmp(a, "--device-sched") == 0 && (strcmp(v, "on") == 0 || strcmp(v, "off") == 0))
+            o->device_sched = strcmp(v, "on") == 0;
         else if (strcmp(a, "--max-image-queue") == 0 && !parse_uint(v, 100000, &n) && n) o->max_image_tasks = (int)n;
         else if (strcmp(a, "--max-tokens") == 0 && !parse_uint(v, 1 << 20, &n) && n) o->max_tokens = (int64_t)n;
         else if (strcmp(a, "--max-queued-jobs") == 0 && !parse_uint(v, 1000000, &n)) o->limits.max_queued_jobs = (int)n;
@@ -363,6 +369,17 @@ static int serve_teardown(ServeParts *p, int status) {
     return status;
 }
 
+/* Whether serving and training take turns on the model's device: asked
+ * for, or by default on a GPU, whose queued kernels would otherwise
+ * interleave as they come. On the CPU backends the operating system
+ * time-slices the cores far more finely than a training layer lasts
+ * (`bench_serve`: decode p99 466 ms sharing the cores, 1.2 s taking turns,
+ * on the random 120M model), so they share them unless asked. */
+static int use_device_sched(const ServeOptions *o, const Model *m) {
+    if (o->device_sched >= 0) return o->device_sched;
+    return strncmp(model_backend(m)->name, "cuda", 4) == 0;
+}
+
 static int cmd_serve(int argc, char **argv) {
     ServeOptions o;
     int parsed = parse_serve(argc, argv, &o);
@@ -382,7 +399,8 @@ static int cmd_serve(int argc, char **argv) {
         fprintf(stderr, "gemmaforge: cannot open the data directory: %s\n", err.message);
         return serve_teardown(&p, 1);
     }
-    if (p.pipe && !o.no_train && !(p.sched = devsched_new((double)o.decode_wait_ms / 1000.0, NULL, &err))) {
+    if (p.pipe && !o.no_train && use_device_sched(&o, p.pipe->model) &&
+        !(p.sched = devsched_new((double)o.decode_wait_ms / 1000.0, NULL, &err))) {
         fprintf(stderr, "gemmaforge: %s\n", err.message);
         return serve_teardown(&p, 1);
     }

@@ -319,11 +319,12 @@ def metric_lines(srv):
 
 def t_job_and_requests_share_the_device(binary):
     """A job trains while 8 streaming clients are served on the same device
-    (--decode-wait-ms 0: training gives way at its next layer boundary):
+    taking turns (--device-sched on, the CPU's default being off;
+    --decode-wait-ms 0: training gives way at its next layer boundary):
     every answer equals the one the same request got before the job
     started, serving steps found the job on the device and it gave way to
     them, and the job trains on (it is not starved)."""
-    srv = Server(binary, extra=["--decode-wait-ms", "0"])
+    srv = Server(binary, extra=["--device-sched", "on", "--decode-wait-ms", "0"])
     try:
         def body(i):
             return {"model": "dense", "max_tokens": 16, "stream": True, "seed": 50 + i,
