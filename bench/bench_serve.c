@@ -187,7 +187,7 @@ static void bench_training(Model *m, int threads, int n_req, int prompt, int tok
     GfError err;
     DevSched *sched = devsched_new(wait_s, NULL, &err);
     Model *tm = NULL;
-    ModelOptions mo = {.n_threads = threads, .quantize = MODEL_QUANT_NONE, .weights = model_weights(m)};
+    ModelOptions mo = {.n_threads = threads, .quantize = MODEL_QUANT_NONE};
     if (!sched || model_new(model_weights(m), &mo, &tm, &err)) { fprintf(stderr, "%s\n", err.message); return; }
     printf("\ndecode beside a training job on the same device (LoRA all-linear rank 16, %d-token sequences, forward and "
            "backward on the served weights): %d requests x %d tokens, base model\n", train_tokens, n_req, tokens);
@@ -217,8 +217,8 @@ static void bench_training(Model *m, int threads, int n_req, int prompt, int tok
         }
         double p50 = percentile(gaps, n_gaps, 0.5), p99 = percentile(gaps, n_gaps, 0.99);
         printf("%-28s TPOT p50 %8.1f ms  p99 %8.1f ms", modes[mode], 1e3 * p50, 1e3 * p99);
-        if (mode) printf(" | training %8.1f tok/s%s", job.seconds > 0 ? (double)job.trained / job.seconds : 0.0,
-                         job.error ? job.error : "");
+        if (mode) printf(" | training %8.1f tok/s%s%s", job.seconds > 0 ? (double)job.trained / job.seconds : 0.0,
+                         job.error ? ": " : "", job.error ? job.error : "");
         printf("\n");
         serve_free(e);
     }

@@ -145,7 +145,7 @@ void kv_cache_reset(KvCache *c) {
 void kv_cache_free(KvCache *c) {
     if (!c) return;
     if (c->pool) {
-        if (c->table[KV_FULL] && c->table[KV_WINDOW]) kv_cache_reset(c);
+        kv_cache_reset(c); /* tables not allocated hold nothing (n_table 0) */
         c->pool->be->ops->free(&c->pool->be->ctx, &c->dev);
     }
     if (c->pool == &c->own) kv_pool_free(&c->own);

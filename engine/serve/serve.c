@@ -106,7 +106,6 @@ void serve_config_default(ServeConfig *c, const Model *m) {
     if (per_block && (uint64_t)per_slot * per_block > cap) per_slot = (int64_t)(cap / per_block);
     c->kv_blocks = per_slot * c->max_seqs;
     c->max_context = per_slot * c->kv_block_len;
-    c->kv_window_blocks = 0; /* derived at serve_start (serve_window_blocks) */
     c->max_adapters = 8;
     c->max_lora_rank = LORA_MAX_RANK;
     c->vision_cache_bytes = 128ull << 20;

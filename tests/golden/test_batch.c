@@ -97,7 +97,8 @@ static void run_batched(Model *m, Seq *seqs, int64_t V, const char *variant) {
     KvPool pool;
     GfError err;
     CHECK_STATUS(kv_pool_init(&pool, &model_config(m)->text, model_backend(m), 4, 512, 512, &err), GF_OK, err);
-    int64_t dropped = 0, window = model_config(m)->text.sliding_window, held_ok = 1;
+    int64_t dropped = 0, window = model_config(m)->text.sliding_window;
+    int held_ok = 1;
     KvCache caches[N_SEQ];
     int32_t next[N_SEQ];
     int step_of[N_SEQ] = {0}; /* decode steps done */
@@ -131,7 +132,7 @@ static void run_batched(Model *m, Seq *seqs, int64_t V, const char *variant) {
             KvCache *c = &caches[who[b]];
             dropped += kv_cache_drop_window(c);
             /* held: the blocks from the one holding position n_past - window + 1 to the last */
-            int64_t first = c->n_past - window + 1 > 0 ? (c->n_past - window + 1) / 4 : 0;
+            int64_t first = c->n_past - window + 1 > 0 ? (c->n_past - window + 1) / pool.block_len : 0;
             held_ok &= c->n_dropped == first;
             if (n == 1) step_of[who[b]]++;
             if (step_of[who[b]] < N_DECODE) tokens_ok &= next[who[b]] == s->tokens[step_of[who[b]]];

@@ -55,7 +55,7 @@ static void serve_finish(ServeStep *p) {
 typedef struct {
     DevSched *s;
     pthread_t th;
-    atomic_int entered, asked, done, yields, leave, left; /* layer boundaries asked for and returned */
+    atomic_int entered, asked, done, yields, leave; /* layer boundaries asked for and returned */
 } TrainHold;
 
 static void *train_main(void *arg) {
@@ -70,7 +70,6 @@ static void *train_main(void *arg) {
         usleep(500);
     }
     devsched_train_leave(p->s);
-    atomic_store(&p->left, 1);
     return NULL;
 }
 
@@ -80,7 +79,6 @@ static void train_start(TrainHold *p, DevSched *s) {
     atomic_init(&p->done, 0);
     atomic_init(&p->yields, 0);
     atomic_init(&p->leave, 0);
-    atomic_init(&p->left, 0);
     p->s = s;
     pthread_create(&p->th, NULL, train_main, p);
 }
