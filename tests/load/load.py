@@ -2,14 +2,18 @@
 """Load at a fixed rate through the real server on loopback, and a soak mode.
 
 usage: load.py PATH/TO/gemmaforge [--rate R] [--duration S] [--adapters N]
-               [--sample S] [--warmup S] [--max-growth-mb M]
+               [--sample S] [--warmup S] [--max-growth-mb M] [--max-in-flight N]
 
 Starts the server on the bundled tiny model (no training), uploads N adapters
 (random lora_B), then sends chat completions open-loop at R requests/s for S
 seconds: round-robin over the base and the adapters, streaming and not, text
 and image prompts, 8 tokens each. Every --sample seconds it records the
 server's RSS, open file descriptors and threads, and the p50/p99 latency,
-completions and errors of the window, as one table row. Fails when any
+completions and errors of the window, as one table row. At most
+--max-in-flight requests are open at once, below the server's per-IP
+connection limit: when the server answers slower than the offered rate (a
+slow or busy machine), sends wait, the wait counts in their latency, and the
+run says so instead of failing on connections the limit closes. Fails when any
 request fails, when the server dies, or when RSS, descriptors or threads grow
 after the warm-up (--warmup seconds) by more than --max-growth-mb (RSS) or at
 all (descriptors, threads, at the end of a quiet second).
@@ -54,9 +58,19 @@ class Stats:
     def __init__(self):
         self.lock = threading.Lock()
         self.window, self.errors, self.done, self.total_errors = [], [], 0, 0
+        self.in_flight = 0
+
+    def start(self):
+        with self.lock:
+            self.in_flight += 1
+
+    def busy(self, limit):
+        with self.lock:
+            return self.in_flight >= limit
 
     def add(self, latency, error):
         with self.lock:
+            self.in_flight -= 1
             self.done += 1
             if error:
                 self.errors.append(error)
@@ -77,8 +91,8 @@ def pct(sorted_values, p):
     return sorted_values[min(len(sorted_values) - 1, int(p / 100.0 * len(sorted_values)))]
 
 
-def one(srv, body, stats):
-    t0 = time.time()
+def one(srv, body, stats, t0):
+    """t0 is when the request was due, so a send held back counts its wait (no coordinated omission)."""
     try:
         r = srv.post_json("/v1/chat/completions", body, timeout=120)
         ok = r.status == 200 and (b"[DONE]" in r.body if body["stream"] else b'"chat.completion"' in r.body)
@@ -96,6 +110,8 @@ def main():
     ap.add_argument("--sample", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--max-growth-mb", type=float, default=24.0)
+    ap.add_argument("--max-in-flight", type=int, default=48,
+                    help="requests open at once; kept below the server's per-IP connection limit (64)")
     a = ap.parse_args()
 
     srv = Server(a.binary, extra=["--no-train", "--max-seqs", "16", "--max-queue", "256"])
@@ -107,14 +123,20 @@ def main():
         print("%d models, %.1f requests/s for %.0f s, a sample every %.0f s" % (len(models), a.rate, a.duration, a.sample))
         print("%7s %9s %7s %7s %9s %9s %8s %6s %7s" % ("t_s", "rss_MB", "fds", "threads", "p50_ms", "p99_ms", "done", "errors", "req/s"))
         t0 = time.time()
-        next_sample, i, rows, last_done = t0 + a.sample, 0, [], 0
+        next_sample, i, rows, last_done, held = t0 + a.sample, 0, [], 0, 0
         while time.time() - t0 < a.duration:
             due, now = t0 + i / a.rate, time.time()
             if now < due and now < next_sample:
                 time.sleep(min(due, next_sample) - now)
                 continue
-            if now >= due:
-                th = threading.Thread(target=one, args=(srv, body_of(models[i % len(models)], i), stats), daemon=True)
+            if now >= due and stats.busy(a.max_in_flight):
+                # the server answers slower than the offered rate (a slow or busy machine): more
+                # connections from this one client would pass its per-IP limit and be closed unanswered
+                time.sleep(0.01)
+                held += time.time() - now
+            elif now >= due:
+                stats.start()
+                th = threading.Thread(target=one, args=(srv, body_of(models[i % len(models)], i), stats, due), daemon=True)
                 th.start()
                 threads.append(th)
                 i += 1
@@ -137,8 +159,12 @@ def main():
             failed.append("requests still unanswered 180 s after the load ended")
         time.sleep(1.0)  # a quiet second: connections closed, queues empty
         rss, nthreads, fds = proc_status(srv.proc.pid)
-        print("after the load: rss %.1f MB, %d fds, %d threads; %d requests, %d failed" % (
-            rss / 2 ** 20, fds, nthreads, stats.done, stats.total_errors))
+        print("after the load: rss %.1f MB, %d fds, %d threads; %d requests, %d failed; %.1f requests/s sent" % (
+            rss / 2 ** 20, fds, nthreads, stats.done, stats.total_errors, i / a.duration))
+        if held:
+            print("note: sends waited %.1f s in all for one of %d open requests to end: the server answered "
+                  "slower than %.1f requests/s here (latencies count from when a request was due)" % (
+                      held, a.max_in_flight, a.rate))
         if stats.total_errors:
             failed.append("%d of %d requests failed" % (stats.total_errors, stats.done))
         if not srv.alive():
