@@ -48,10 +48,20 @@ GfStatus kn_backend_open(KnDeviceKind kind, int index, const KnBackendOptions *o
     out->ctx.device = kind;
     out->ctx.index = index;
     if ((kind == KN_DEVICE_CPU || kind == KN_DEVICE_GUARDED) && index == 0) return open_cpu(kind, opts, out, err);
-    if (kind == KN_DEVICE_CUDA)
+    if (kind == KN_DEVICE_CUDA) {
+#ifdef GF_HAVE_CUDA
+        out->ops = cuda_backend_ops();
+        snprintf(out->name, sizeof out->name, "cuda:%d", index);
+        if (cuda_ctx_init(&out->ctx, index, err)) {
+            memset(out, 0, sizeof *out);
+            return err->status;
+        }
+        return GF_OK;
+#else
         return gf_error_set(err, GF_NOT_FOUND, "device_not_available", "device",
-                            kn_cuda_built() ? "cuda:%d: the CUDA backend's ops are not built yet"
-                                            : "cuda:%d: this binary was built without the CUDA backend", index);
+                            "cuda:%d: this binary was built without the CUDA backend", index);
+#endif
+    }
     return gf_error_set(err, GF_NOT_FOUND, "device_not_available", "device", "no such device (kind %d, index %d)",
                         (int)kind, index);
 }
@@ -59,6 +69,9 @@ GfStatus kn_backend_open(KnDeviceKind kind, int index, const KnBackendOptions *o
 void kn_backend_close(KnBackend *b) {
     if (!b || !b->ops) return;
     if (b->ctx.device == KN_DEVICE_GUARDED) guarded_ctx_free(&b->ctx);
+#ifdef GF_HAVE_CUDA
+    if (b->ctx.device == KN_DEVICE_CUDA) cuda_ctx_free(&b->ctx);
+#endif
     kn_pool_free(b->ctx.pool);
     memset(b, 0, sizeof *b);
 }

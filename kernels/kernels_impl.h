@@ -12,6 +12,13 @@ void cpu_device_probe(KnDeviceInfo *out);
  * the runtime fails to initialise). Defined in cuda/cuda_device.cu. */
 int cuda_devices_probe(KnDeviceInfo *out, int max);
 
+/* The CUDA backend (cuda/cuda_backend.cu): its table, and a context on
+ * device index (stream, cuBLAS handle) in ctx->impl; GF_NOT_FOUND when the
+ * device does not exist, GF_DEVICE when it cannot be initialised. */
+const KnOps *cuda_backend_ops(void);
+GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err);
+void cuda_ctx_free(KnCtx *ctx);
+
 /* The CPU table (cpu/cpu_ops.c). */
 const KnOps *cpu_backend_ops(void);
 

@@ -48,6 +48,12 @@ GfStatus model_new(GemmaWeights *w, const ModelOptions *opts, Model **out, GfErr
     if (!m) return GF_NO_MEMORY;
     m->w = weights_retain(w);
     GfStatus st = open_backend(m, opts, err);
+    /* the weights are bound in host memory (weights.c), which a GPU cannot read */
+    if (!st && m->be.ctx.device == KN_DEVICE_CUDA)
+        st = gf_error_set(err, GF_NOT_IMPLEMENTED, "not_implemented", "device",
+                          "%s: models do not run on CUDA devices yet: the CUDA ops are built, the upload of the "
+                          "weights to device memory is not",
+                          m->be.name);
     if (st) {
         model_close(m);
         return st;

@@ -1,6 +1,7 @@
 /* cuda_device.cu - CUDA device discovery for the registry. A runtime that
  * cannot initialise (no driver, no GPU) reports zero devices. */
 #include <cuda_runtime.h>
+#include <stdio.h>
 #include <string.h>
 
 extern "C" {
@@ -22,7 +23,7 @@ int cuda_devices_probe(KnDeviceInfo *out, int max) {
         memset(d, 0, sizeof *d);
         d->kind = KN_DEVICE_CUDA;
         d->index = i;
-        strncpy(d->name, prop.name, sizeof d->name - 1);
+        snprintf(d->name, sizeof d->name, "%.127s", prop.name); /* names are far shorter */
         d->n_threads = prop.multiProcessorCount;
         d->memory_total = prop.totalGlobalMem;
         size_t free_b = 0, total_b = 0;

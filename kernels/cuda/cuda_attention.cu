@@ -1,0 +1,223 @@
+/* cuda_attention.cu - attention over contiguous or paged keys, and its
+ * gradient. One block per (query, head): the keys pass in chunks of CHUNK,
+ * each warp scoring a few of them, and the output is accumulated with an
+ * online softmax (running maximum and sum), each thread owning a slice of
+ * the head's dimensions, so no T x T score matrix is ever stored. Keys the
+ * mask hides are never read (a paged block given back may be -1). The
+ * gradient recomputes the softmax in two passes, then adds each key's
+ * share into dk and dv atomically (queries of one KV head run in parallel). */
+#include <math.h>
+#include <stdio.h>
+
+#include "cuda_impl.h"
+
+#define ATT_THREADS 128
+#define ATT_WARPS (ATT_THREADS / 32)
+#define CHUNK 32
+#define MAX_DPT 8 /* dimensions per thread: head_dim <= 1024 */
+
+typedef struct {
+    const float *k, *v;
+    const int32_t *table;     /* NULL: contiguous */
+    int64_t blk;
+    const uint8_t *valid;
+    const int32_t *group;
+    int window;
+    int64_t n_q, q_pos0, n_keys;
+    int n_heads, n_kv_heads, dim;
+    float scale;
+} AttArgs;
+
+static __device__ __forceinline__ const float *kv_row(const AttArgs &a, const float *base, int64_t key, int kvh) {
+    int64_t slot = a.table ? (int64_t)a.table[key / a.blk] * a.blk + key % a.blk : key;
+    return base + (slot * a.n_kv_heads + kvh) * a.dim;
+}
+
+/* For keys k0..k0+CHUNK: s[j] = q . k * scale (or -inf when hidden), and
+ * when go is given gv[j] = go . v. One warp per key, in turn. */
+static __device__ void chunk_scores(const AttArgs &a, const float *qs, const float *go, int64_t qpos, int kvh, int64_t k0,
+                                    float *s, float *gv) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int j = warp; j < CHUNK; j += ATT_WARPS) {
+        int64_t key = k0 + j;
+        int vis = key < a.n_keys && mask_visible(a.valid, a.group, a.window, qpos, key);
+        float dot = 0.0f, dgv = 0.0f;
+        if (vis) {
+            const float *kr = kv_row(a, a.k, key, kvh);
+            for (int d = lane; d < a.dim; d += 32) dot += qs[d] * kr[d];
+            dot = warp_sum(dot);
+            if (go) {
+                const float *vr = kv_row(a, a.v, key, kvh);
+                for (int d = lane; d < a.dim; d += 32) dgv += go[d] * vr[d];
+                dgv = warp_sum(dgv);
+            }
+        }
+        if (lane == 0) {
+            s[j] = vis ? dot * a.scale : -INFINITY;
+            if (gv) gv[j] = dgv;
+        }
+    }
+    __syncthreads();
+}
+
+static __global__ void k_attention(float *out, const float *q, AttArgs a) {
+    __shared__ float qs[1024], s[CHUNK], p[CHUNK];
+    __shared__ float m_sh, alpha_sh;
+    int64_t item = blockIdx.x, i = item / a.n_heads;
+    int h = (int)(item % a.n_heads), kvh = h / (a.n_heads / a.n_kv_heads);
+    int64_t qpos = a.q_pos0 + i;
+    const float *qv = q + item * a.dim;
+    for (int d = threadIdx.x; d < a.dim; d += ATT_THREADS) qs[d] = qv[d];
+    float acc[MAX_DPT];
+    for (int t = 0; t < MAX_DPT; t++) acc[t] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+    __syncthreads();
+    for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) {
+        chunk_scores(a, qs, NULL, qpos, kvh, k0, s, NULL);
+        if (threadIdx.x == 0) {
+            float cm = m;
+            for (int j = 0; j < CHUNK; j++) cm = fmaxf(cm, s[j]);
+            alpha_sh = cm == -INFINITY || m == -INFINITY ? 0.0f : expf(m - cm);
+            m_sh = cm;
+            for (int j = 0; j < CHUNK; j++) p[j] = s[j] == -INFINITY ? 0.0f : expf(s[j] - cm);
+        }
+        __syncthreads();
+        float alpha = alpha_sh;
+        m = m_sh;
+        float ps = 0.0f;
+        for (int j = 0; j < CHUNK; j++) ps += p[j];
+        l = l * alpha + ps;
+        for (int t = 0; t < MAX_DPT; t++) {
+            int d = threadIdx.x + t * ATT_THREADS;
+            if (d >= a.dim) break;
+            float v = acc[t] * alpha;
+            for (int j = 0; j < CHUNK; j++)
+                if (p[j] != 0.0f) v += p[j] * kv_row(a, a.v, k0 + j, kvh)[d];
+            acc[t] = v;
+        }
+        __syncthreads(); /* s and p are rewritten by the next chunk */
+    }
+    float *o = out + item * a.dim;
+    for (int t = 0; t < MAX_DPT; t++) {
+        int d = threadIdx.x + t * ATT_THREADS;
+        if (d >= a.dim) break;
+        o[d] = m == -INFINITY ? 0.0f : acc[t] / l; /* no visible key: zeros */
+    }
+}
+
+static int att_ok(CudaCtx *c, int dim, int n_heads, int n_kv_heads, const char *what) {
+    if (dim > 0 && dim <= 1024 && n_kv_heads > 0 && n_heads % n_kv_heads == 0) return 1;
+    cuda_note(c, cudaErrorInvalidValue, what); /* a shape the kernel does not take: reported at synchronize */
+    return 0;
+}
+
+static void launch_attention(const KnCtx *ctx, float *out, const float *q, const AttArgs &a, const char *what) {
+    if (a.n_q <= 0 || a.n_heads <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    if (!att_ok(c, a.dim, a.n_heads, a.n_kv_heads, what)) return;
+    k_attention<<<(unsigned)(a.n_q * a.n_heads), ATT_THREADS, 0, c->stream>>>(out, q, a);
+    CUDA_LAUNCHED(c, what);
+}
+
+void cuda_attention(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
+                    int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
+                    const KnMask *mask) {
+    AttArgs a = {k, v, NULL, 1, mask->valid, mask->group, mask->window, n_q, q_pos0, n_keys, n_heads, n_kv_heads,
+                 dim, scale};
+    launch_attention(ctx, out, q, a, "attention");
+}
+
+void cuda_attention_paged(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q, int64_t q_pos0,
+                          int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale, const KnMask *mask) {
+    AttArgs a = {kv->k, kv->v, kv->table, kv->block_len, mask->valid, mask->group, mask->window, n_q, q_pos0, n_keys,
+                 n_heads, n_kv_heads, dim, scale};
+    launch_attention(ctx, out, q, a, "attention_paged");
+}
+
+/* ---- backward ----------------------------------------------------------------------- */
+
+/* dq = sum_t ds_t k_t; dk_t += ds_t q; dv_t += p_t dout, with
+ * p = softmax(s), ds_t = p_t (dout . v_t - sum_u p_u dout . v_u) scale. */
+static __global__ void k_attention_dx(float *dq, float *dk, float *dv, const float *q, const float *dout, AttArgs a) {
+    __shared__ float qs[1024], go[1024], s[CHUNK], gv[CHUNK];
+    __shared__ float red[3];
+    int64_t item = blockIdx.x, i = item / a.n_heads;
+    int h = (int)(item % a.n_heads), kvh = h / (a.n_heads / a.n_kv_heads);
+    int64_t qpos = a.q_pos0 + i;
+    for (int d = threadIdx.x; d < a.dim; d += ATT_THREADS) {
+        qs[d] = q[item * a.dim + d];
+        go[d] = dout[item * a.dim + d];
+    }
+    __syncthreads();
+    /* pass 1: the maximum score */
+    float mx = -INFINITY;
+    for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) {
+        chunk_scores(a, qs, NULL, qpos, kvh, k0, s, NULL);
+        if (threadIdx.x == 0)
+            for (int j = 0; j < CHUNK; j++) mx = fmaxf(mx, s[j]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) red[0] = mx;
+    __syncthreads();
+    mx = red[0];
+    float acc[MAX_DPT];
+    for (int t = 0; t < MAX_DPT; t++) acc[t] = 0.0f;
+    if (mx != -INFINITY) {
+        /* pass 2: the sum of e^(s - max) and of e (dout . v) */
+        float sum = 0.0f, pdp = 0.0f;
+        for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) {
+            chunk_scores(a, qs, go, qpos, kvh, k0, s, gv);
+            if (threadIdx.x == 0)
+                for (int j = 0; j < CHUNK; j++)
+                    if (s[j] != -INFINITY) {
+                        float e = expf(s[j] - mx);
+                        sum += e;
+                        pdp += e * gv[j];
+                    }
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) {
+            red[1] = sum;
+            red[2] = pdp / sum;
+        }
+        __syncthreads();
+        sum = red[1];
+        pdp = red[2];
+        /* pass 3: each visible key's share */
+        for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) {
+            chunk_scores(a, qs, go, qpos, kvh, k0, s, gv);
+            for (int j = 0; j < CHUNK; j++) {
+                if (s[j] == -INFINITY) continue;
+                float p = expf(s[j] - mx) / sum, ds = p * (gv[j] - pdp) * a.scale;
+                int64_t key = k0 + j;
+                const float *kr = a.k + (key * a.n_kv_heads + kvh) * a.dim;
+                float *dkr = dk + (key * a.n_kv_heads + kvh) * a.dim, *dvr = dv + (key * a.n_kv_heads + kvh) * a.dim;
+                for (int t = 0; t < MAX_DPT; t++) {
+                    int d = threadIdx.x + t * ATT_THREADS;
+                    if (d >= a.dim) break;
+                    acc[t] += ds * kr[d];
+                    atomicAdd(&dkr[d], ds * qs[d]);
+                    atomicAdd(&dvr[d], p * go[d]);
+                }
+            }
+            __syncthreads();
+        }
+    }
+    for (int t = 0; t < MAX_DPT; t++) {
+        int d = threadIdx.x + t * ATT_THREADS;
+        if (d >= a.dim) break;
+        dq[item * a.dim + d] = acc[t];
+    }
+}
+
+void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
+                       const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
+                       int n_kv_heads, int dim, float scale, const KnMask *mask) {
+    if (n_q <= 0 || n_heads <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_dx")) return;
+    AttArgs a = {k, v, NULL, 1, mask->valid, mask->group, mask->window, n_q, q_pos0, n_keys, n_heads, n_kv_heads,
+                 dim, scale};
+    k_attention_dx<<<(unsigned)(n_q * n_heads), ATT_THREADS, 0, c->stream>>>(dq, dk, dv, q, dout, a);
+    CUDA_LAUNCHED(c, "attention_dx");
+}

@@ -1,0 +1,195 @@
+/* cuda_backend.cu - the CUDA backend's context (device, stream, cuBLAS
+ * handle, first fault), its memory entries and its op table. Transfers run
+ * on the context's stream: upload returns once the source may be reused
+ * (pageable host memory is staged before the call returns), download once
+ * the bytes are on the host. */
+#include <stdio.h>
+#include <string.h>
+
+#include "cuda_impl.h"
+
+CudaCtx *cuda_ctx(const KnCtx *ctx) {
+    CudaCtx *c = (CudaCtx *)ctx->impl;
+    cudaSetDevice(c->device);
+    return c;
+}
+
+void cuda_note(CudaCtx *c, cudaError_t rc, const char *where) {
+    if (rc == cudaSuccess || c->fault != cudaSuccess) return;
+    c->fault = rc;
+    snprintf(c->fault_where, sizeof c->fault_where, "%s", where);
+}
+
+extern "C" GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err) {
+    int count = 0;
+    cudaError_t rc = cudaGetDeviceCount(&count);
+    if (rc != cudaSuccess || index < 0 || index >= count) {
+        cudaGetLastError();
+        return gf_error_set(err, GF_NOT_FOUND, "device_not_available", "device", "cuda:%d: no such device (%s)", index,
+                            rc != cudaSuccess ? cudaGetErrorString(rc) : "index out of range");
+    }
+    CudaCtx *c = (CudaCtx *)gf_calloc(1, sizeof *c, err);
+    if (!c) return GF_NO_MEMORY;
+    c->device = index;
+    const char *step = "cudaSetDevice";
+    if ((rc = cudaSetDevice(index)) != cudaSuccess) goto fail;
+    step = "cudaStreamCreate";
+    if ((rc = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess) goto fail;
+    if (cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS || cublasSetStream(c->blas, c->stream) != CUBLAS_STATUS_SUCCESS) {
+        cudaStreamDestroy(c->stream);
+        free(c);
+        return gf_error_set(err, GF_DEVICE, "device_error", "device", "cuda:%d: cuBLAS cannot be initialised", index);
+    }
+    /* fp32 GEMMs stay fp32: no TF32 tensor-op rounding behind the caller's back */
+    cublasSetMathMode(c->blas, CUBLAS_PEDANTIC_MATH);
+    ctx->impl = c;
+    ctx->stream = c->stream;
+    return GF_OK;
+fail:
+    if (c->stream) cudaStreamDestroy(c->stream);
+    free(c);
+    cudaGetLastError();
+    return gf_error_set(err, GF_DEVICE, "device_error", "device", "cuda:%d: %s failed: %s", index, step,
+                        cudaGetErrorString(rc));
+}
+
+extern "C" void cuda_ctx_free(KnCtx *ctx) {
+    CudaCtx *c = (CudaCtx *)ctx->impl;
+    if (!c) return;
+    cudaSetDevice(c->device);
+    cudaStreamSynchronize(c->stream);
+    cublasDestroy(c->blas);
+    cudaStreamDestroy(c->stream);
+    free(c);
+    ctx->impl = NULL;
+    ctx->stream = NULL;
+}
+
+/* ---- memory ------------------------------------------------------------------ */
+
+static GfStatus cu_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what, GfError *err) {
+    CudaCtx *c = cuda_ctx(ctx);
+    memset(buf, 0, sizeof *buf);
+    void *p = NULL;
+    cudaError_t rc = bytes == 0 || gf_alloc_hook_refuses() ? cudaErrorMemoryAllocation : cudaMalloc(&p, bytes);
+    if (rc != cudaSuccess) {
+        cudaGetLastError(); /* an allocation failure is not sticky: clear it */
+        size_t free_b = 0, total_b = 0;
+        cudaMemGetInfo(&free_b, &total_b);
+        return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL,
+                            "out of memory on cuda:%d for %s (%zu bytes; %zu of %zu bytes free)", c->device, what,
+                            bytes, free_b, total_b);
+    }
+    buf->data = p;
+    buf->bytes = bytes;
+    buf->device = ctx->device;
+    buf->device_index = ctx->index;
+    buf->dtype = dtype;
+    return GF_OK;
+}
+
+static void cu_free(const KnCtx *ctx, KnBuffer *buf) {
+    if (!buf || !buf->data) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    cuda_note(c, cudaFree(buf->data), "free");
+    memset(buf, 0, sizeof *buf);
+}
+
+static void cu_upload(const KnCtx *ctx, void *dst, const void *src, size_t n) {
+    if (!n) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    cuda_note(c, cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, c->stream), "upload");
+}
+
+static void cu_download(const KnCtx *ctx, void *dst, const void *src, size_t n) {
+    if (!n) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    cudaError_t rc = cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, c->stream);
+    if (rc == cudaSuccess) rc = cudaStreamSynchronize(c->stream);
+    if (rc != cudaSuccess) memset(dst, 0xFF, n); /* never stale bytes that look valid; synchronize reports it */
+    cuda_note(c, rc, "download");
+}
+
+static void cu_copy(const KnCtx *ctx, void *dst, const void *src, size_t n) {
+    if (!n) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    cuda_note(c, cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, c->stream), "copy");
+}
+
+static void cu_memset(const KnCtx *ctx, void *dst, int value, size_t n) {
+    if (!n) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    cuda_note(c, cudaMemsetAsync(dst, value, n, c->stream), "memset");
+}
+
+static GfStatus cu_synchronize(const KnCtx *ctx, GfError *err) {
+    CudaCtx *c = cuda_ctx(ctx);
+    cuda_note(c, cudaStreamSynchronize(c->stream), "synchronize");
+    if (c->fault == cudaSuccess) return GF_OK;
+    cudaError_t rc = c->fault;
+    c->fault = cudaSuccess;
+    return gf_error_set(err, GF_DEVICE, "device_error", NULL, "cuda:%d: %s failed: %s", c->device, c->fault_where,
+                        cudaGetErrorString(rc));
+}
+
+static int cu_supports(const KnCtx *ctx, KnOpId op, KnDtype w) {
+    (void)ctx;
+    (void)op;
+    return w == KN_F32 || w == KN_BF16 || w == KN_F16 || w == KN_NF4;
+}
+
+/* The table, filled by name (C++17 has no designated initializers). */
+static KnOps make_ops(void) {
+    KnOps o;
+    memset(&o, 0, sizeof o);
+    o.alloc = cu_alloc;
+    o.free = cu_free;
+    o.upload = cu_upload;
+    o.download = cu_download;
+    o.copy = cu_copy;
+    o.memset = cu_memset;
+    o.synchronize = cu_synchronize;
+    o.supports = cu_supports;
+    o.matmul = cuda_matmul;
+    o.rmsnorm = cuda_rmsnorm;
+    o.attention = cuda_attention;
+    o.attention_paged = cuda_attention_paged;
+    o.gelu_tanh = cuda_gelu_tanh;
+    o.softcap = cuda_softcap;
+    o.embed_rows = cuda_embed_rows;
+    o.add = cuda_add;
+    o.mul = cuda_mul;
+    o.mul_acc = cuda_mul_acc;
+    o.rows_gather = cuda_rows_gather;
+    o.rows_scatter = cuda_rows_scatter;
+    o.rows_sum = cuda_rows_sum;
+    o.embed_rows_add = cuda_embed_rows_add;
+    o.clamp = cuda_clamp;
+    o.scale_shift = cuda_scale_shift;
+    o.standardize = cuda_standardize;
+    o.xent_softcap = cuda_xent_softcap;
+    o.sample = cuda_sample;
+    o.adamw = cuda_adamw;
+    o.sq_norm = cuda_sq_norm;
+    o.scale = cuda_scale;
+    o.rope_rows = cuda_rope_rows;
+    o.kv_store = cuda_kv_store;
+    o.lora_shrink = cuda_lora_shrink;
+    o.moe_route = cuda_moe_route;
+    o.moe_experts = cuda_moe_experts;
+    o.lora_expand = cuda_lora_expand;
+    o.matmul_dx = cuda_matmul_dx;
+    o.rmsnorm_dx = cuda_rmsnorm_dx;
+    o.gelu_tanh_dx = cuda_gelu_tanh_dx;
+    o.moe_experts_dx = cuda_moe_experts_dx;
+    o.moe_route_dx = cuda_moe_route_dx;
+    o.clamp_dx = cuda_clamp_dx;
+    o.lora_expand_dx = cuda_lora_expand_dx;
+    o.lora_shrink_dx = cuda_lora_shrink_dx;
+    o.attention_dx = cuda_attention_dx;
+    return o;
+}
+
+static const KnOps CUDA_OPS = make_ops();
+
+extern "C" const KnOps *cuda_backend_ops(void) { return &CUDA_OPS; }

@@ -1,0 +1,221 @@
+/* cuda_impl.h - what the CUDA backend's files share, private to
+ * kernels/cuda/: the context (stream, cuBLAS handle, the first fault since
+ * the last synchronize), launch checking, and weights as kernels read them.
+ *
+ * Faults: ops return nothing (ops.h), so every launch and transfer is
+ * checked at once and the first error is kept in the context;
+ * synchronize() reports it as GF_DEVICE naming the op, and clears it.
+ *
+ * Weights: a KnMatrix of F32, BF16 or F16 points at its elements in device
+ * memory. A KN_NF4 matrix points at a KnNf4 (nf4.h) whose struct lives on the
+ * host and whose three arrays (codes, absmax_q, group_scale) live in device
+ * memory; DevW carries what a kernel needs by value.
+ *
+ * The kernels are written for exactness first (fp32 arithmetic, every
+ * reduction in a fixed order within a launch); speed comes from the
+ * specialised kernels that replace them entry by entry, checked against
+ * these and the CPU by test_ops.
+ *
+ * Threading: a context belongs to one thread (ops.h); every entry makes the
+ * context's device current on the calling thread first. */
+#ifndef GF_CUDA_IMPL_H
+#define GF_CUDA_IMPL_H
+
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+extern "C" {
+#include "../kernels_impl.h"
+#include "../nf4.h"
+}
+
+typedef struct {
+    int device;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    cudaError_t fault;        /* the first error since the last synchronize, cudaSuccess if none */
+    char fault_where[48];     /* the op or transfer that met it */
+} CudaCtx;
+
+/* The context of ctx, its device made current on this thread. */
+CudaCtx *cuda_ctx(const KnCtx *ctx);
+
+/* Keeps rc as the context's fault when it is the first one. */
+void cuda_note(CudaCtx *c, cudaError_t rc, const char *where);
+
+/* After a launch: the launch's own error, if any, becomes the fault. */
+#define CUDA_LAUNCHED(c, where) cuda_note((c), cudaGetLastError(), (where))
+
+/* Blocks for n items of a grid-stride kernel, capped so the grid stays small. */
+static inline unsigned cuda_blocks(size_t n, unsigned threads) {
+    size_t b = (n + threads - 1) / threads;
+    return (unsigned)(b < 1 ? 1 : b > 65535 ? 65535 : b);
+}
+
+/* A weight matrix as a kernel reads it (by value). */
+typedef struct {
+    const void *data;         /* F32, BF16, F16: the elements */
+    const uint8_t *codes;     /* NF4 */
+    const int8_t *absmax_q;
+    const float *group_scale;
+    float nf4_offset;
+    int64_t elem0;            /* NF4: index of element (0, 0) in the quantized tensor */
+    int64_t rows, cols;
+    int dtype;                /* KnDtype */
+} DevW;
+
+static inline DevW dev_w(KnMatrix m) {
+    DevW w;
+    w.data = m.data;
+    w.codes = NULL;
+    w.absmax_q = NULL;
+    w.group_scale = NULL;
+    w.nf4_offset = 0.0f;
+    w.elem0 = 0;
+    w.rows = m.rows;
+    w.cols = m.cols;
+    w.dtype = (int)m.dtype;
+    if (m.dtype == KN_NF4) {
+        const KnNf4 *q = (const KnNf4 *)m.data;
+        w.codes = q->codes;
+        w.absmax_q = q->absmax_q;
+        w.group_scale = q->group_scale;
+        w.nf4_offset = q->offset;
+        w.elem0 = m.offset;
+    }
+    return w;
+}
+
+/* one copy per translation unit (no relocatable device code needed) */
+static __constant__ float CUDA_NF4_CODE[16] = KN_NF4_CODE_VALUES;
+
+/* Element (r, c) of w widened to float (NF4 dequantized as kn_nf4_dequantize). */
+static __device__ __forceinline__ float w_at(const DevW &w, int64_t r, int64_t c) {
+    int64_t e = r * w.cols + c;
+    switch (w.dtype) {
+    case KN_F32: return ((const float *)w.data)[e];
+    case KN_BF16: return __uint_as_float((uint32_t)((const uint16_t *)w.data)[e] << 16);
+    case KN_F16: return __half2float(((const __half *)w.data)[e]);
+    default: {
+        e += w.elem0;
+        int64_t b = e / KN_NF4_BLOCK;
+        float a = __fadd_rn(w.nf4_offset, __fmul_rn((float)w.absmax_q[b], w.group_scale[b / KN_NF4_GROUP]));
+        uint8_t byte = w.codes[e / 2];
+        return __fmul_rn(CUDA_NF4_CODE[(e & 1) ? byte >> 4 : byte & 15], a);
+    }
+    }
+}
+
+/* The mask rule of ops.h (KnMask) for query position q and key t. */
+static __device__ __forceinline__ int mask_visible(const uint8_t *valid, const int32_t *group, int window, int64_t q,
+                                                   int64_t t) {
+    if (!valid[t]) return 0;
+    int causal = t <= q || (group && group[q] >= 0 && group[q] == group[t]);
+    return causal && (window == 0 || t > q - window);
+}
+
+/* SplitMix64's finalizer (base.h gf_mix64), on the device. */
+static __device__ __forceinline__ uint64_t dev_mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* The sum of v over a block (every thread gets it); sh holds 32 values of T. */
+template <typename T> static __device__ __forceinline__ T block_sum(T v, T *sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    T s = 0;
+    for (int i = 0; i < nw; i++) s += sh[i]; /* in warp order: the same sum in every thread */
+    return s;
+}
+
+/* The maximum of v over a block (every thread gets it). */
+static __device__ __forceinline__ float block_max(float v, float *sh) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float m = sh[0];
+    for (int i = 1; i < nw; i++) m = fmaxf(m, sh[i]);
+    return m;
+}
+
+/* The sum of v over a warp (every lane gets it). */
+static __device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* Entries each file exports to the table (contracts in ops.h). */
+/* cuda_ops.cu */
+void cuda_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
+void cuda_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n);
+void cuda_rmsnorm(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps);
+void cuda_rmsnorm_dx(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n,
+                     int64_t dim, float eps);
+void cuda_gelu_tanh(const KnCtx *ctx, float *x, size_t n);
+void cuda_gelu_tanh_dx(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n);
+void cuda_softcap(const KnCtx *ctx, float *x, size_t n, float cap);
+void cuda_embed_rows(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale);
+void cuda_embed_rows_add(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float *row);
+void cuda_add(const KnCtx *ctx, float *y, const float *a, const float *b, size_t n);
+void cuda_mul(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_b);
+void cuda_mul_acc(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols,
+                  int64_t ld_y);
+void cuda_rows_gather(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
+void cuda_rows_scatter(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
+void cuda_rows_sum(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
+void cuda_clamp(const KnCtx *ctx, float *y, const float *x, size_t n, float lo, float hi);
+void cuda_clamp_dx(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n, float lo, float hi,
+                   int accumulate);
+void cuda_scale_shift(const KnCtx *ctx, float *y, const float *x, size_t n, float shift, float s);
+void cuda_standardize(const KnCtx *ctx, float *x, int64_t rows, int64_t cols, const float *bias, const float *scale);
+void cuda_scale(const KnCtx *ctx, float *x, size_t n, float s);
+void cuda_rope_rows(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
+                    const float *inv_freq, const int32_t *pos, int64_t pos_stride);
+void cuda_kv_store(const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats,
+                   const int32_t *table, int64_t block_len, int64_t pos0);
+/* cuda_attention.cu */
+void cuda_attention(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
+                    int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
+                    const KnMask *mask);
+void cuda_attention_paged(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q, int64_t q_pos0,
+                          int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale, const KnMask *mask);
+void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
+                       const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
+                       int n_kv_heads, int dim, float scale, const KnMask *mask);
+/* cuda_train.cu */
+void cuda_xent_softcap(const KnCtx *ctx, double *loss, float *z, const int32_t *targets, int64_t rows, int64_t V,
+                       float cap, float scale, int grad);
+void cuda_adamw(const KnCtx *ctx, float *p, const float *g, float *m, float *v, size_t n, const KnAdamW *h);
+void cuda_sq_norm(const KnCtx *ctx, double *out, const float *x, size_t n);
+void cuda_sample(const KnCtx *ctx, int32_t *ids, const float *logits, KnSampleRow *rows, int64_t n, int64_t V,
+                 void *scratch);
+/* cuda_lora.cu */
+void cuda_lora_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs,
+                      int64_t in, float *dropout_buf);
+void cuda_lora_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
+                      int64_t out);
+void cuda_lora_expand_dx(const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t,
+                         const KnLoraSeg *segs, int n_segs, int64_t out);
+void cuda_lora_shrink_dx(const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x,
+                         const KnLoraSeg *segs, int n_segs, int64_t in, float *dropout_buf);
+/* cuda_moe.cu */
+void cuda_moe_route(const KnCtx *ctx, int32_t *idx, float *w, float *coef, float *p, const float *expert_scale,
+                    int64_t n, int E, int K);
+void cuda_moe_experts(const KnCtx *ctx, float *y, const float *x, const int32_t *idx, const float *coef, float *gu,
+                      float *mm, float *yk, int64_t n, int K, KnMatrix gate_up, KnMatrix down);
+void cuda_moe_experts_dx(const KnCtx *ctx, float *dx, float *dc, const float *dy, const float *gu, const float *yk,
+                         const int32_t *idx, const float *coef, float *scratch, int64_t n, int K, KnMatrix gate_up,
+                         KnMatrix down);
+void cuda_moe_route_dx(const KnCtx *ctx, float *dlogits, const float *dc, const int32_t *idx, const float *w,
+                       const float *p, const float *expert_scale, int64_t n, int E, int K);
+
+#endif

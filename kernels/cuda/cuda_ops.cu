@@ -1,0 +1,340 @@
+/* cuda_ops.cu - the CUDA backend's dense ops: matmul and its input gradient
+ * (cuBLAS SGEMM for float32 weights, a shared-memory tiled kernel that
+ * widens BF16, F16 and NF4 tiles as it loads them), RMSNorm and its
+ * gradient (sums of squares in double, as the CPU), activations, and the
+ * element-wise, row and RoPE ops. */
+#include <stdio.h>
+
+#include "cuda_impl.h"
+
+#define THREADS 256
+#define TILE 16
+
+static void blas_note(CudaCtx *c, cublasStatus_t st, const char *what) {
+    if (st == CUBLAS_STATUS_SUCCESS) return;
+    char where[48];
+    snprintf(where, sizeof where, "%s (cuBLAS status %d)", what, (int)st);
+    cuda_note(c, cudaErrorUnknown, where);
+}
+
+/* ---- matmul ------------------------------------------------------------------ */
+
+/* y[i, o] = sum_c x[i, c] W[o, c]: a TILE x TILE block of (rows of x,
+ * features), the reduction in tiles of TILE columns. */
+static __global__ void k_matmul(float *y, const float *x, DevW w, int64_t n) {
+    __shared__ float xs[TILE][TILE + 1], ws[TILE][TILE + 1];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    int64_t i = (int64_t)blockIdx.y * TILE + ty, o = (int64_t)blockIdx.x * TILE + tx;
+    int64_t wo = (int64_t)blockIdx.x * TILE + ty; /* the weight row this thread loads */
+    float acc = 0.0f;
+    for (int64_t c0 = 0; c0 < w.cols; c0 += TILE) {
+        int64_t c = c0 + tx;
+        xs[ty][tx] = i < n && c < w.cols ? x[i * w.cols + c] : 0.0f;
+        ws[ty][tx] = wo < w.rows && c < w.cols ? w_at(w, wo, c) : 0.0f;
+        __syncthreads();
+        for (int k = 0; k < TILE; k++) acc += xs[ty][k] * ws[tx][k];
+        __syncthreads();
+    }
+    if (i < n && o < w.rows) y[i * w.rows + o] = acc;
+}
+
+/* dx[i, c] += sum_o dy[i, o] W[o, c] */
+static __global__ void k_matmul_dx(float *dx, const float *dy, DevW w, int64_t n) {
+    __shared__ float gs[TILE][TILE + 1], ws[TILE][TILE + 1];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    int64_t i = (int64_t)blockIdx.y * TILE + ty, c = (int64_t)blockIdx.x * TILE + tx;
+    float acc = 0.0f;
+    for (int64_t o0 = 0; o0 < w.rows; o0 += TILE) {
+        gs[ty][tx] = i < n && o0 + tx < w.rows ? dy[i * w.rows + o0 + tx] : 0.0f;
+        ws[ty][tx] = o0 + ty < w.rows && c < w.cols ? w_at(w, o0 + ty, c) : 0.0f;
+        __syncthreads();
+        for (int k = 0; k < TILE; k++) acc += gs[ty][k] * ws[k][tx];
+        __syncthreads();
+    }
+    if (i < n && c < w.cols) dx[i * w.cols + c] += acc;
+}
+
+static int blas_fits(KnMatrix w, int64_t n) {
+    return w.dtype == KN_F32 && w.rows < INT32_MAX && w.cols < INT32_MAX && n < INT32_MAX;
+}
+
+void cuda_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
+    if (n <= 0 || w.rows <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    if (blas_fits(w, n)) {
+        /* column-major: y^T [rows, n] = W^T' x^T with W stored [cols, rows] */
+        const float one = 1.0f, zero = 0.0f;
+        blas_note(c, cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)w.rows, (int)n, (int)w.cols, &one,
+                                 (const float *)w.data, (int)w.cols, x, (int)w.cols, &zero, y, (int)w.rows), "matmul");
+        return;
+    }
+    dim3 grid((unsigned)((w.rows + TILE - 1) / TILE), (unsigned)((n + TILE - 1) / TILE)), block(TILE, TILE);
+    k_matmul<<<grid, block, 0, c->stream>>>(y, x, dev_w(w), n);
+    CUDA_LAUNCHED(c, "matmul");
+}
+
+void cuda_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
+    if (n <= 0 || w.cols <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    if (blas_fits(w, n)) {
+        /* column-major: dx^T [cols, n] += W' [cols, rows] dy^T [rows, n] */
+        const float one = 1.0f;
+        blas_note(c, cublasSgemm(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)w.cols, (int)n, (int)w.rows, &one,
+                                 (const float *)w.data, (int)w.cols, dy, (int)w.rows, &one, dx, (int)w.cols),
+                  "matmul_dx");
+        return;
+    }
+    dim3 grid((unsigned)((w.cols + TILE - 1) / TILE), (unsigned)((n + TILE - 1) / TILE)), block(TILE, TILE);
+    k_matmul_dx<<<grid, block, 0, c->stream>>>(dx, dy, dev_w(w), n);
+    CUDA_LAUNCHED(c, "matmul_dx");
+}
+
+/* ---- RMSNorm ------------------------------------------------------------------ */
+
+static __global__ void k_rmsnorm(float *y, const float *x, const float *w, int64_t dim, float eps) {
+    __shared__ double sh[32];
+    const float *xr = x + blockIdx.x * dim;
+    float *yr = y + blockIdx.x * dim;
+    double ss = 0.0;
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)xr[i] * xr[i];
+    ss = block_sum(ss, sh);
+    float inv = 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = w ? xr[i] * inv * w[i] : xr[i] * inv;
+}
+
+void cuda_rmsnorm(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps) {
+    if (n <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    k_rmsnorm<<<(unsigned)n, THREADS, 0, c->stream>>>(y, x, w, dim, eps);
+    CUDA_LAUNCHED(c, "rmsnorm");
+}
+
+/* dx += r g - r^3 x (g . x) / dim, g = w dy, r = (mean x^2 + eps)^-1/2 */
+static __global__ void k_rmsnorm_dx(float *dx, const float *x, const float *w, const float *dy, int64_t dim, float eps) {
+    __shared__ double sh[32];
+    const float *xr = x + blockIdx.x * dim, *dyr = dy + blockIdx.x * dim;
+    float *dxr = dx + blockIdx.x * dim;
+    double ss = 0.0, gx = 0.0;
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+        ss += (double)xr[i] * xr[i];
+        gx += (double)(w ? w[i] * dyr[i] : dyr[i]) * xr[i];
+    }
+    ss = block_sum(ss, sh);
+    gx = block_sum(gx, sh);
+    float inv = 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+    float k = (float)((double)inv * inv * inv * gx / (double)dim);
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dxr[i] += inv * (w ? w[i] * dyr[i] : dyr[i]) - k * xr[i];
+}
+
+void cuda_rmsnorm_dx(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n,
+                     int64_t dim, float eps) {
+    if (n <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    k_rmsnorm_dx<<<(unsigned)n, THREADS, 0, c->stream>>>(dx, x, w, dy, dim, eps);
+    CUDA_LAUNCHED(c, "rmsnorm_dx");
+}
+
+/* ---- element-wise --------------------------------------------------------------- */
+
+#define GRID_STRIDE(i, n) for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+#define LAUNCH(c, name, n, ...)                                                   \
+    do {                                                                          \
+        if ((n) == 0) return;                                                     \
+        k_##name<<<cuda_blocks((n), THREADS), THREADS, 0, (c)->stream>>>(__VA_ARGS__); \
+        CUDA_LAUNCHED((c), #name);                                                \
+    } while (0)
+
+#define GELU_K 0.7978845608028654f /* sqrt(2/pi) */
+
+static __global__ void k_gelu_tanh(float *x, size_t n) {
+    GRID_STRIDE(i, n) {
+        float v = x[i];
+        x[i] = 0.5f * v * (1.0f + tanhf(GELU_K * (v + 0.044715f * v * v * v)));
+    }
+}
+void cuda_gelu_tanh(const KnCtx *ctx, float *x, size_t n) { LAUNCH(cuda_ctx(ctx), gelu_tanh, n, x, n); }
+
+static __global__ void k_gelu_tanh_dx(float *dx, const float *x, const float *dy, size_t n) {
+    GRID_STRIDE(i, n) {
+        float v = x[i], th = tanhf(GELU_K * (v + 0.044715f * v * v * v));
+        float d = 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * GELU_K * (1.0f + 3.0f * 0.044715f * v * v);
+        dx[i] = dy[i] * d;
+    }
+}
+void cuda_gelu_tanh_dx(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n) {
+    LAUNCH(cuda_ctx(ctx), gelu_tanh_dx, n, dx, x, dy, n);
+}
+
+static __global__ void k_softcap(float *x, size_t n, float cap) {
+    GRID_STRIDE(i, n) x[i] = cap * tanhf(x[i] / cap);
+}
+void cuda_softcap(const KnCtx *ctx, float *x, size_t n, float cap) { LAUNCH(cuda_ctx(ctx), softcap, n, x, n, cap); }
+
+static __global__ void k_add(float *y, const float *a, const float *b, size_t n) {
+    GRID_STRIDE(i, n) y[i] = a[i] + b[i];
+}
+void cuda_add(const KnCtx *ctx, float *y, const float *a, const float *b, size_t n) {
+    LAUNCH(cuda_ctx(ctx), add, n, y, a, b, n);
+}
+
+static __global__ void k_mul(float *y, const float *a, const float *b, size_t n, int64_t cols, int64_t ld_b) {
+    GRID_STRIDE(e, n) {
+        int64_t r = (int64_t)e / cols, col = (int64_t)e % cols;
+        y[e] = a[e] * b[r * ld_b + col];
+    }
+}
+void cuda_mul(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_b) {
+    size_t n = rows > 0 && cols > 0 ? (size_t)(rows * cols) : 0;
+    LAUNCH(cuda_ctx(ctx), mul, n, y, a, b, n, cols, ld_b);
+}
+
+static __global__ void k_mul_acc(float *y, const float *a, const float *b, size_t n, int64_t cols, int64_t ld_y) {
+    GRID_STRIDE(e, n) {
+        int64_t r = (int64_t)e / cols, col = (int64_t)e % cols;
+        y[r * ld_y + col] += a[e] * b[e];
+    }
+}
+void cuda_mul_acc(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols,
+                  int64_t ld_y) {
+    size_t n = rows > 0 && cols > 0 ? (size_t)(rows * cols) : 0;
+    LAUNCH(cuda_ctx(ctx), mul_acc, n, y, a, b, n, cols, ld_y);
+}
+
+static __global__ void k_scale(float *x, size_t n, float s) {
+    GRID_STRIDE(i, n) x[i] *= s;
+}
+void cuda_scale(const KnCtx *ctx, float *x, size_t n, float s) { LAUNCH(cuda_ctx(ctx), scale, n, x, n, s); }
+
+static __global__ void k_clamp(float *y, const float *x, size_t n, float lo, float hi) {
+    GRID_STRIDE(i, n) y[i] = x[i] < lo ? lo : x[i] > hi ? hi : x[i];
+}
+void cuda_clamp(const KnCtx *ctx, float *y, const float *x, size_t n, float lo, float hi) {
+    LAUNCH(cuda_ctx(ctx), clamp, n, y, x, n, lo, hi);
+}
+
+static __global__ void k_clamp_dx(float *dx, const float *x, const float *dy, size_t n, float lo, float hi,
+                                  int accumulate) {
+    GRID_STRIDE(i, n) {
+        float g = x[i] >= lo && x[i] <= hi ? dy[i] : 0.0f;
+        dx[i] = accumulate ? dx[i] + g : g;
+    }
+}
+void cuda_clamp_dx(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n, float lo, float hi,
+                   int accumulate) {
+    LAUNCH(cuda_ctx(ctx), clamp_dx, n, dx, x, dy, n, lo, hi, accumulate);
+}
+
+static __global__ void k_scale_shift(float *y, const float *x, size_t n, float shift, float s) {
+    GRID_STRIDE(i, n) y[i] = (x[i] + shift) * s;
+}
+void cuda_scale_shift(const KnCtx *ctx, float *y, const float *x, size_t n, float shift, float s) {
+    LAUNCH(cuda_ctx(ctx), scale_shift, n, y, x, n, shift, s);
+}
+
+static __global__ void k_standardize(float *x, size_t n, int64_t cols, const float *bias, const float *scale) {
+    GRID_STRIDE(e, n) {
+        int64_t col = (int64_t)e % cols;
+        x[e] = (x[e] - bias[col]) * scale[col];
+    }
+}
+void cuda_standardize(const KnCtx *ctx, float *x, int64_t rows, int64_t cols, const float *bias, const float *scale) {
+    size_t n = rows > 0 && cols > 0 ? (size_t)(rows * cols) : 0;
+    LAUNCH(cuda_ctx(ctx), standardize, n, x, n, cols, bias, scale);
+}
+
+/* ---- rows and embeddings ------------------------------------------------------------ */
+
+static __global__ void k_embed_rows(float *out, DevW t, const int32_t *ids, size_t n, float scale) {
+    GRID_STRIDE(e, n) {
+        int64_t i = (int64_t)e / t.cols, col = (int64_t)e % t.cols;
+        out[e] = w_at(t, ids[i], col) * scale;
+    }
+}
+void cuda_embed_rows(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale) {
+    size_t total = n > 0 ? (size_t)(n * table.cols) : 0;
+    LAUNCH(cuda_ctx(ctx), embed_rows, total, out, dev_w(table), ids, total, scale);
+}
+
+static __global__ void k_embed_rows_add(float *out, DevW t, const int32_t *ids, size_t n) {
+    GRID_STRIDE(e, n) {
+        int64_t i = (int64_t)e / t.cols, col = (int64_t)e % t.cols;
+        if (ids[i] >= 0) out[e] += w_at(t, ids[i], col);
+    }
+}
+void cuda_embed_rows_add(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float *row) {
+    (void)row; /* the CPU's staging row; each element is widened in place here */
+    size_t total = n > 0 ? (size_t)(n * table.cols) : 0;
+    LAUNCH(cuda_ctx(ctx), embed_rows_add, total, out, dev_w(table), ids, total);
+}
+
+static __global__ void k_rows_gather(float *out, const float *src, const int32_t *idx, size_t n, int64_t dim) {
+    GRID_STRIDE(e, n) {
+        int64_t i = (int64_t)e / dim, j = (int64_t)e % dim;
+        if (idx[i] >= 0) out[e] = src[(int64_t)idx[i] * dim + j];
+    }
+}
+void cuda_rows_gather(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
+    size_t total = n > 0 && dim > 0 ? (size_t)(n * dim) : 0;
+    LAUNCH(cuda_ctx(ctx), rows_gather, total, out, src, idx, total, dim);
+}
+
+static __global__ void k_rows_scatter(float *out, const float *src, const int32_t *idx, size_t n, int64_t dim) {
+    GRID_STRIDE(e, n) {
+        int64_t i = (int64_t)e / dim, j = (int64_t)e % dim;
+        out[(int64_t)idx[i] * dim + j] = src[e];
+    }
+}
+void cuda_rows_scatter(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
+    size_t total = n > 0 && dim > 0 ? (size_t)(n * dim) : 0;
+    LAUNCH(cuda_ctx(ctx), rows_scatter, total, out, src, idx, total, dim);
+}
+
+/* One thread per column, the rows in order: rows that share a target add up
+ * in index order, as on the CPU. */
+static __global__ void k_rows_sum(float *out, const float *src, const int32_t *idx, int64_t n, size_t dim) {
+    GRID_STRIDE(j, dim)
+        for (int64_t i = 0; i < n; i++)
+            if (idx[i] >= 0) out[(int64_t)idx[i] * (int64_t)dim + (int64_t)j] += src[i * (int64_t)dim + (int64_t)j];
+}
+void cuda_rows_sum(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
+    if (n <= 0) return;
+    size_t d = dim > 0 ? (size_t)dim : 0;
+    LAUNCH(cuda_ctx(ctx), rows_sum, d, out, src, idx, n, d);
+}
+
+/* ---- RoPE, KV store ------------------------------------------------------------------ */
+
+static __global__ void k_rope_rows(float *x, size_t n, int n_heads, int half, int64_t ld_head, const float *inv_freq,
+                                   const int32_t *pos, int64_t pos_stride) {
+    GRID_STRIDE(e, n) {
+        int i = (int)(e % (size_t)half);
+        int64_t rh = (int64_t)(e / (size_t)half), r = rh / n_heads;
+        if (inv_freq[i] == 0.0f) continue; /* cos 1, sin 0 */
+        float *xh = x + rh * ld_head;
+        float theta = (float)pos[r * pos_stride] * inv_freq[i];
+        float cs = cosf(theta), sn = sinf(theta);
+        float a = xh[i], b = xh[i + half];
+        xh[i] = a * cs - b * sn;
+        xh[i + half] = b * cs + a * sn;
+    }
+}
+void cuda_rope_rows(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
+                    const float *inv_freq, const int32_t *pos, int64_t pos_stride) {
+    int half = dim / 2;
+    size_t n = n_rows > 0 && half > 0 ? (size_t)n_rows * (size_t)n_heads * (size_t)half : 0;
+    LAUNCH(cuda_ctx(ctx), rope_rows, n, x, n, n_heads, half, ld_head, inv_freq, pos, pos_stride);
+}
+
+static __global__ void k_kv_store(float *store, const float *src, size_t n, int64_t row_floats, const int32_t *table,
+                                  int64_t block_len, int64_t pos0) {
+    GRID_STRIDE(e, n) {
+        int64_t i = (int64_t)e / row_floats, f = (int64_t)e % row_floats, pos = pos0 + i;
+        int64_t slot = (int64_t)table[pos / block_len] * block_len + pos % block_len;
+        store[slot * row_floats + f] = src[e];
+    }
+}
+void cuda_kv_store(const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats,
+                   const int32_t *table, int64_t block_len, int64_t pos0) {
+    size_t total = n > 0 && row_floats > 0 ? (size_t)(n * row_floats) : 0;
+    LAUNCH(cuda_ctx(ctx), kv_store, total, store, src, total, row_floats, table, block_len, pos0);
+}
