@@ -35,7 +35,9 @@ static GfStatus open_cpu(KnDeviceKind kind, const KnBackendOptions *opts, KnBack
     }
     b->ops = guarded_backend_ops();
     snprintf(b->name, sizeof b->name, "guarded");
-    if (guarded_ctx_init(&b->ctx, err)) {
+    const KnBackend *share = opts ? opts->share : NULL;
+    if (share && (share->ctx.device != KN_DEVICE_GUARDED || !share->ops)) share = NULL;
+    if (guarded_ctx_init(&b->ctx, share ? &share->ctx : NULL, err)) {
         kn_pool_free(b->ctx.pool);
         memset(b, 0, sizeof *b); /* nothing left to close */
         return err->status;

@@ -41,7 +41,7 @@ int kn_devices_probe(KnDeviceInfo out[KN_MAX_DEVICES]);
 int kn_cuda_built(void);
 
 /* An opened backend: its op table and a context on one device. */
-typedef struct {
+typedef struct KnBackend {
     const KnOps *ops;
     KnCtx ctx;
     char name[32];             /* "cpu", "guarded", "cuda:0" */
@@ -49,6 +49,11 @@ typedef struct {
 
 typedef struct {
     int n_threads;             /* CPU threads for the CPU kernels, <= 0 = all cores */
+    /* an open backend of the same kind and device whose memory the new one
+     * must be able to address (NULL: none). Contexts on one GPU always
+     * share its memory; the guarded backend's contexts share their region
+     * only when opened this way (a sibling keeps it alive). */
+    const struct KnBackend *share;
 } KnBackendOptions;
 
 /* Opens the backend of kind on device index (0 for the CPU kinds): its op

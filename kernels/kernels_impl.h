@@ -24,9 +24,9 @@ const KnOps *cpu_backend_ops(void);
 
 /* The guarded CPU backend (cpu/cpu_guarded.c): the CPU kernels, with every
  * buffer in its own mapping, inaccessible outside op calls. Its context
- * holds the registry of live buffers (ctx->impl). */
+ * holds the registry of live buffers (ctx->impl), shared with its siblings. */
 const KnOps *guarded_backend_ops(void);
-GfStatus guarded_ctx_init(KnCtx *ctx, GfError *err);
+GfStatus guarded_ctx_init(KnCtx *ctx, const KnCtx *share, GfError *err); /* share: a sibling's, or NULL */
 void guarded_ctx_free(KnCtx *ctx);
 
 #endif

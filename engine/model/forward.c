@@ -152,12 +152,12 @@ void model_ple_inputs(Model *m, const ModelInput *in, const int32_t *ids, const 
                       float *lora_tmp) {
     const TextConfig *t = &m->w->cfg.text;
     int64_t L = t->n_layers, P = t->ple_dim, H = t->hidden_size, n = in->n;
-    m->be.ops->matmul(&m->be.ctx, ple, x, m->w->ple_model_proj, n);
+    m->be.ops->matmul(&m->be.ctx, ple, x, m->wt->ple_model_proj, n);
     if (in->lora && in->lora->ple_model_proj) lora_apply(&m->be, in->lora, in->lora->ple_model_proj, ple, x, n, lora_tmp);
     float ctx_scale = (float)(1.0 / sqrt((double)H)), tok_scale = sqrtf((float)P), mix = (float)(1.0 / sqrt(2.0));
     m->be.ops->scale(&m->be.ctx, ple, (size_t)(n * L * P), ctx_scale);
-    m->be.ops->rmsnorm(&m->be.ctx, ple, ple, m->w->ple_norm, n * L, P, t->rms_eps);
-    m->be.ops->embed_rows(&m->be.ctx, tok, m->w->embed_ple, ids, n, tok_scale);
+    m->be.ops->rmsnorm(&m->be.ctx, ple, ple, m->wt->ple_norm, n * L, P, t->rms_eps);
+    m->be.ops->embed_rows(&m->be.ctx, tok, m->wt->embed_ple, ids, n, tok_scale);
     m->be.ops->add(&m->be.ctx, ple, ple, tok, (size_t)(n * L * P));
     m->be.ops->scale(&m->be.ctx, ple, (size_t)(n * L * P), mix);
 }
@@ -207,7 +207,7 @@ static void attend(Model *m, const Batch *b, int seq, int li, const LayerBufs *u
 static void attention(Model *m, const Batch *b, int li, Scratch *s, const LayerBufs *u, int replay) {
     const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
-    const Layer *l = &m->w->layers[li];
+    const Layer *l = &m->wt->layers[li];
     int D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
     int64_t n = b->n;
     linear(m, b, s, u->qlin, u->h1, l->q, li, LORA_Q);
@@ -230,7 +230,7 @@ static void attention(Model *m, const Batch *b, int li, Scratch *s, const LayerB
 /* Feed-forward block of layer li (§3.4, §3.7, §3.8): u->x2 = u->x1 + FFN(u->x1). */
 static void feed_forward(Model *m, const Batch *b, int li, Scratch *s, MoeTape *moe, const LayerBufs *u) {
     const TextConfig *t = &m->w->cfg.text;
-    const Layer *l = &m->w->layers[li];
+    const Layer *l = &m->wt->layers[li];
     int64_t H = t->hidden_size, I = t->layers[li].intermediate, n = b->n;
     m->be.ops->rmsnorm(&m->be.ctx, u->h2, u->x1, l->pre_ff_ln, n, H, t->rms_eps);
     linear(m, b, s, u->g, u->h2, l->gate, li, LORA_GATE);
@@ -255,7 +255,7 @@ static void feed_forward(Model *m, const Batch *b, int li, Scratch *s, MoeTape *
  * layer's share of the per-layer inputs ple[n, L, P]. */
 static void per_layer_inject(Model *m, const Batch *b, int li, Scratch *s, const float *ple, const LayerBufs *u) {
     const TextConfig *t = &m->w->cfg.text;
-    const Layer *l = &m->w->layers[li];
+    const Layer *l = &m->wt->layers[li];
     int64_t H = t->hidden_size, P = t->ple_dim, L = t->n_layers, n = b->n;
     linear(m, b, s, u->pg, u->x2, l->ple_gate, li, LORA_PLE_GATE);
     copy_rows(m, u->pm, u->pg, n * P);
@@ -272,7 +272,7 @@ static void per_layer_inject(Model *m, const Batch *b, int li, Scratch *s, const
 static void decoder_layer(Model *m, const Batch *b, int li, Scratch *s, MoeTape *moe, const float *x, const float *ple,
                           const LayerBufs *u, int replay) {
     const TextConfig *t = &m->w->cfg.text;
-    const Layer *l = &m->w->layers[li];
+    const Layer *l = &m->wt->layers[li];
     int64_t H = t->hidden_size, n = b->n;
     m->be.ops->rmsnorm(&m->be.ctx, u->h1, x, l->input_ln, n, H, t->rms_eps);
     attention(m, b, li, s, u, replay);
@@ -376,7 +376,7 @@ static int64_t gather_logit_rows(Model *m, const Batch *b, Scratch *s, int last_
 /* Softcapped logits of k gathered rows from row r0 into s->logits. */
 static void logits_chunk(Model *m, Scratch *s, int64_t r0, int64_t k) {
     const TextConfig *t = &m->w->cfg.text;
-    m->be.ops->matmul(&m->be.ctx, s->logits, s->a + r0 * t->hidden_size, m->w->embed, k);
+    m->be.ops->matmul(&m->be.ctx, s->logits, s->a + r0 * t->hidden_size, m->wt->embed, k);
     if (t->final_softcap > 0) m->be.ops->softcap(&m->be.ctx, s->logits, (size_t)(k * t->vocab_size), t->final_softcap);
 }
 
@@ -412,7 +412,7 @@ static void batch_embed(Model *m, const Batch *b, Scratch *s) {
     int64_t H = t->hidden_size, LP = (int64_t)t->n_layers * t->ple_dim;
     m->be.ops->upload(&m->be.ctx, s->ids, m->tables.ids, (size_t)b->n * sizeof(int32_t));
     m->be.ops->upload(&m->be.ctx, s->pos, m->tables.pos, (size_t)b->n * sizeof(int32_t));
-    m->be.ops->embed_rows(&m->be.ctx, s->x, m->w->embed, s->ids, b->n, sqrtf((float)H));
+    m->be.ops->embed_rows(&m->be.ctx, s->x, m->wt->embed, s->ids, b->n, sqrtf((float)H));
     for (int q = 0; q < b->n_seqs; q++) {
         ModelSeq *sq = &b->seqs[q];
         int64_t r0 = b->row0[q];
@@ -462,7 +462,7 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
         if (o->hidden && li < L - 1) keep_hidden(m, o->hidden, o->hidden_on_device, li + 1, s.x, n);
         model_layer_done(m);
     }
-    m->be.ops->rmsnorm(&m->be.ctx, s.x, s.x, m->w->final_norm, n, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, s.x, s.x, m->wt->final_norm, n, H, t->rms_eps);
     if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, L, s.x, n);
     for (int q = 0; q < n_seqs; q++) seqs[q].cache->n_past += seqs[q].in.n;
     if (o->logits) batch_logits(m, &b, &s, o->logits);

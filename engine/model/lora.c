@@ -277,10 +277,11 @@ GfStatus lora_binding_upload_new(const KnBackend *be, const LoraAdapter *a, Lora
 
 GfStatus lora_binding_grads(LoraBinding *b, GfError *err) {
     if (b->grads) return GF_OK;
-    if (b->be->ops->alloc(&b->be->ctx, &b->d_grads, (b->n_params ? b->n_params : 1) * sizeof(float), KN_F32,
-                          "the adapter's gradients", err))
+    size_t at = (b->n_params * sizeof(float) + 7) / 8 * 8; /* the norm's double after the gradients */
+    if (b->be->ops->alloc(&b->be->ctx, &b->d_grads, at + sizeof(double), KN_F32, "the adapter's gradients", err))
         return err->status;
     b->grads = b->d_grads.data;
+    b->grad_sq = (double *)((char *)b->d_grads.data + at);
     lora_binding_zero_grads(b);
     for (size_t i = 0; i < b->n_pairs; i++) {
         LoraPair *p = &b->pairs[i];
@@ -419,7 +420,7 @@ static size_t candidates(const Model *m, Candidate *c, size_t cap) {
     size_t n = 0;
     const TextConfig *t = &m->w->cfg.text;
     for (int l = 0; l < t->n_layers; l++) {
-        const Layer *L = &m->w->layers[l];
+        const Layer *L = &m->wt->layers[l];
         const KnMatrix *tm[LORA_TEXT_SLOTS] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down, &L->ple_gate, &L->ple_proj};
         for (int s = 0; s < LORA_TEXT_SLOTS && n < cap; s++)
             if (lora_text_module(m, l, s, c[n].name, sizeof c[n].name) == 0) {
@@ -430,13 +431,13 @@ static size_t candidates(const Model *m, Candidate *c, size_t cap) {
     }
     if (t->ple_dim && n < cap) {
         snprintf(c[n].name, sizeof c[n].name, "%sper_layer_model_projection", m->w->prefix);
-        c[n].in = m->w->ple_model_proj.cols;
-        c[n].out = m->w->ple_model_proj.rows;
+        c[n].in = m->wt->ple_model_proj.cols;
+        c[n].out = m->wt->ple_model_proj.rows;
         n++;
     }
     if (!m->w->cfg.vision.present) return n;
     for (int l = 0; l < m->w->cfg.vision.n_layers; l++) {
-        const VisionLayer *V = &m->w->vision.layers[l];
+        const VisionLayer *V = &m->wt->vision.layers[l];
         const ClipLinear *cl[LORA_VISION_SLOTS] = {&V->q, &V->k, &V->v, &V->o, &V->gate, &V->up, &V->down};
         for (int s = 0; s < LORA_VISION_SLOTS && n < cap; s++)
             if (lora_vision_module(m, l, s, c[n].name, sizeof c[n].name) == 0) {
@@ -446,7 +447,7 @@ static size_t candidates(const Model *m, Candidate *c, size_t cap) {
             }
     }
     const char *names[2] = {"model.vision_tower.patch_embedder.input_proj", "model.embed_vision.embedding_projection"};
-    const KnMatrix *mats[2] = {&m->w->vision.input_proj, &m->w->vision.embed_proj};
+    const KnMatrix *mats[2] = {&m->wt->vision.input_proj, &m->wt->vision.embed_proj};
     for (int i = 0; i < 2 && n < cap; i++, n++) {
         gf_strlcpy(c[n].name, names[i], sizeof c[n].name);
         c[n].in = mats[i]->cols;

@@ -88,6 +88,7 @@ struct LoraBinding {
     LoraPair *pairs;          /* [n_pairs] the adapter's pairs, on the device */
     size_t n_pairs, n_params;
     float *params, *grads;    /* [n_params] device slabs; grads NULL until lora_binding_grads */
+    double *grad_sq;          /* device: the gradients' squared norm (after grads in d_grads) */
     KnBuffer d_params, d_grads;
 };
 

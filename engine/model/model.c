@@ -28,7 +28,8 @@ void model_device_copy(const Model *m, void *dst, const void *src, size_t bytes)
 }
 
 /* The device from the options, else from GF_DEVICE in the environment, else
- * the CPU. */
+ * the CPU; the weights as that device reads them, and a context sharing
+ * their memory. */
 static GfStatus open_backend(Model *m, const ModelOptions *opts, GfError *err) {
     KnDeviceKind kind = KN_DEVICE_CPU;
     int index = 0;
@@ -39,6 +40,7 @@ static GfStatus open_backend(Model *m, const ModelOptions *opts, GfError *err) {
         return gf_error_wrap(err, NULL, "GF_DEVICE");
     }
     KnBackendOptions bo = {.n_threads = opts ? opts->n_threads : 0};
+    if (weights_on_device(m->w, kind, index, bo.n_threads, &m->wt, &bo.share, err)) return err->status;
     return kn_backend_open(kind, index, &bo, &m->be, err);
 }
 
@@ -48,12 +50,6 @@ GfStatus model_new(GemmaWeights *w, const ModelOptions *opts, Model **out, GfErr
     if (!m) return GF_NO_MEMORY;
     m->w = weights_retain(w);
     GfStatus st = open_backend(m, opts, err);
-    /* the weights are bound in host memory (weights.c), which a GPU cannot read */
-    if (!st && m->be.ctx.device == KN_DEVICE_CUDA)
-        st = gf_error_set(err, GF_NOT_IMPLEMENTED, "not_implemented", "device",
-                          "%s: models do not run on CUDA devices yet: the CUDA ops are built, the upload of the "
-                          "weights to device memory is not",
-                          m->be.name);
     if (st) {
         model_close(m);
         return st;

@@ -22,6 +22,7 @@ typedef struct {
 /* One thread's context over shared weights. */
 struct Model {
     GemmaWeights *w;                /* one reference held */
+    const WeightsTensors *wt;       /* the tensors as this model's device reads them (w's host view, or its copy) */
     KnBackend be;                   /* op table + context of the device the model runs on */
     KnBuffer act;                   /* forward activations (device), grown to the largest batch seen */
     StepTables tables;              /* a batch's host index tables */

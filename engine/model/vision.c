@@ -55,15 +55,15 @@ static void cl_forward(Model *m, const VTape *t, const ClipLinear *cl, const Lor
  * (pos [n, 2], device). */
 static void rope2d(Model *m, float *x, int64_t n, int heads, int D, const int32_t *pos) {
     int half = D / 2;
-    m->be.ops->rope_rows(&m->be.ctx, x, n, heads, half, D, m->w->vision.inv_freq, pos, 2);
-    m->be.ops->rope_rows(&m->be.ctx, x + half, n, heads, half, D, m->w->vision.inv_freq, pos + 1, 2);
+    m->be.ops->rope_rows(&m->be.ctx, x, n, heads, half, D, m->wt->vision.inv_freq, pos, 2);
+    m->be.ops->rope_rows(&m->be.ctx, x + half, n, heads, half, D, m->wt->vision.inv_freq, pos + 1, 2);
 }
 
 /* Encoder layer li on x, keeping what layer_bwd needs; the layer's output
  * goes to out when not NULL (a re-run for the backward needs none). */
 static void layer_fwd(Model *m, int li, const float *x, int64_t N, const KnMask *mask, VTape *t, float *out) {
     const VisionConfig *v = &m->w->cfg.vision;
-    const VisionLayer *l = &m->w->vision.layers[li];
+    const VisionLayer *l = &m->wt->vision.layers[li];
     int64_t d = v->hidden_size, D = v->head_dim, I = v->intermediate_size, NH = v->n_heads, KVH = v->kv_heads;
     float eps = v->rms_eps;
     m->be.ops->rmsnorm(&m->be.ctx, t->h, x, l->input_ln, N, d, eps);
@@ -101,12 +101,12 @@ static void layer_fwd(Model *m, int li, const float *x, int64_t N, const KnMask 
  * table rows of each patch (-1 for padding) are in pos_rows [2, N]. */
 static void embed_patches(Model *m, const LoraBinding *lora, float *lora_tmp, const float *pixels,
                           const int32_t *pos_rows, int64_t N, float *x, float *tmp) {
-    int64_t pp = m->w->vision.input_proj.cols;
+    int64_t pp = m->wt->vision.input_proj.cols;
     m->be.ops->scale_shift(&m->be.ctx, tmp, pixels, (size_t)(N * pp), -0.5f, 2.0f);
-    m->be.ops->matmul(&m->be.ctx, x, tmp, m->w->vision.input_proj, N);
+    m->be.ops->matmul(&m->be.ctx, x, tmp, m->wt->vision.input_proj, N);
     if (lora && lora->input_proj) lora_apply(&m->be, lora, lora->input_proj, x, tmp, N, lora_tmp);
     for (int axis = 0; axis < 2; axis++)
-        m->be.ops->embed_rows_add(&m->be.ctx, x, m->w->vision.pos_table, pos_rows + axis * N, N, tmp);
+        m->be.ops->embed_rows_add(&m->be.ctx, x, m->wt->vision.pos_table, pos_rows + axis * N, N, tmp);
 }
 
 /* Columns of the pooled grid: the image is (max x + 1) patches wide. */
@@ -132,7 +132,7 @@ static void pool(Model *m, const float *x, const int32_t *blocks, int64_t N, int
     zero(m, pooled, (N / (kk * kk)) * d);
     m->be.ops->rows_sum(&m->be.ctx, pooled, x, blocks, N, d);
     m->be.ops->scale(&m->be.ctx, pooled, (size_t)(n_soft * d), sqrtf((float)d) / (float)(kk * kk));
-    if (v->standardize) m->be.ops->standardize(&m->be.ctx, pooled, n_soft, d, m->w->vision.std_bias, m->w->vision.std_scale);
+    if (v->standardize) m->be.ops->standardize(&m->be.ctx, pooled, n_soft, d, m->wt->vision.std_bias, m->wt->vision.std_scale);
 }
 
 /* Positions inside the table, enough patches. */
@@ -175,7 +175,7 @@ typedef struct {
 static size_t tower_sizes(const Model *m, int64_t N, int64_t rank, int training, int64_t sizes[TOWER_BUFS]) {
     const VisionConfig *v = &m->w->cfg.vision;
     int64_t d = v->hidden_size, I = v->intermediate_size, qw = (int64_t)v->n_heads * v->head_dim;
-    int64_t kvw = (int64_t)v->kv_heads * v->head_dim, pp = m->w->vision.input_proj.cols, L = v->n_layers;
+    int64_t kvw = (int64_t)v->kv_heads * v->head_dim, pp = m->wt->vision.input_proj.cols, L = v->n_layers;
     int64_t qi = qw > I ? qw : I, kvi = kvw > I ? kvw : I, wmax = d, g = training ? 1 : 0;
     int64_t widths[] = {I, qw, pp};
     for (size_t i = 0; i < 3; i++) wmax = widths[i] > wmax ? widths[i] : wmax;
@@ -274,7 +274,7 @@ static int64_t tower_tables(const Model *m, const int32_t *pos, int64_t N, int32
 static void tower_run(Model *m, Tower *b, const float *pixels, const int32_t *pos, int64_t N, int keep) {
     const VisionConfig *v = &m->w->cfg.vision;
     VTape *t = &b->t;
-    int64_t d = v->hidden_size, pp = m->w->vision.input_proj.cols;
+    int64_t d = v->hidden_size, pp = m->wt->vision.input_proj.cols;
     b->n_soft = tower_tables(m, pos, N, b->idx);
     m->be.ops->upload(&m->be.ctx, t->pos, b->idx, (size_t)(8 * N) * sizeof(int32_t) + (size_t)N);
     m->be.ops->upload(&m->be.ctx, b->pixels, pixels, (size_t)(N * pp) * sizeof(float));
@@ -297,7 +297,7 @@ GfStatus model_vision_forward(Model *m, const LoraBinding *lora, const float *pi
     if (check_image(m, pos, N, err) || tower_alloc(m, lora, N, 0, &b, err)) return err->status;
     tower_run(m, &b, pixels, pos, N, 0);
     *n_soft = b.n_soft;
-    m->be.ops->matmul(&m->be.ctx, soft, b.hn, m->w->vision.embed_proj, *n_soft);
+    m->be.ops->matmul(&m->be.ctx, soft, b.hn, m->wt->vision.embed_proj, *n_soft);
     if (lora && lora->embed_proj) lora_apply(&m->be, lora, lora->embed_proj, soft, b.hn, *n_soft, b.t.lora_tmp);
     tower_free(&b);
     return m->be.ops->synchronize(&m->be.ctx, err);
@@ -329,7 +329,7 @@ static void cl_backward(Model *m, const VTape *t, const ClipLinear *cl, const Lo
  * entry, d(h) in t->dh on return. datt: [N, NH D] free scratch. */
 static void attn_bwd(Model *m, int li, int64_t N, const KnMask *mask, float *datt, VTape *t) {
     const VisionConfig *v = &m->w->cfg.vision;
-    const VisionLayer *l = &m->w->vision.layers[li];
+    const VisionLayer *l = &m->wt->vision.layers[li];
     int64_t d = v->hidden_size, D = v->head_dim, NH = v->n_heads, KVH = v->kv_heads;
     float eps = v->rms_eps;
     zero(m, datt, N * NH * D);
@@ -360,7 +360,7 @@ static void attn_bwd(Model *m, int li, int64_t N, const KnMask *mask, float *dat
 /* After layer_fwd(li, x): t->dx holds d(layer output) on entry, d(x) on return. */
 static void layer_bwd(Model *m, int li, const float *x, int64_t N, const KnMask *mask, VTape *t) {
     const VisionConfig *v = &m->w->cfg.vision;
-    const VisionLayer *l = &m->w->vision.layers[li];
+    const VisionLayer *l = &m->wt->vision.layers[li];
     int64_t d = v->hidden_size, I = v->intermediate_size;
     float eps = v->rms_eps;
     float *dx = t->dx;
@@ -396,12 +396,12 @@ static void head_backward(Model *m, const LoraBinding *lora, Tower *b, int64_t N
     const VisionConfig *v = &m->w->cfg.vision;
     int64_t d = v->hidden_size;
     zero(m, b->dhn, n_soft * d);
-    m->be.ops->matmul_dx(&m->be.ctx, b->dhn, dsoft, m->w->vision.embed_proj, n_soft);
+    m->be.ops->matmul_dx(&m->be.ctx, b->dhn, dsoft, m->wt->vision.embed_proj, n_soft);
     if (lora && lora->embed_proj) lora_backward(&m->be, lora, lora->embed_proj, b->dhn, dsoft, b->hn, n_soft, b->t.lora_tmp);
     float *dpool = b->t.s1;
     zero(m, dpool, n_soft * d);
     m->be.ops->rmsnorm_dx(&m->be.ctx, dpool, b->pooled, NULL, b->dhn, n_soft, d, v->rms_eps);
-    m->be.ops->mul(&m->be.ctx, dpool, dpool, m->w->vision.pool_grad_scale, n_soft, d, 0);
+    m->be.ops->mul(&m->be.ctx, dpool, dpool, m->wt->vision.pool_grad_scale, n_soft, d, 0);
     zero(m, b->t.dx, N * d);
     m->be.ops->rows_gather(&m->be.ctx, b->t.dx, dpool, b->blocks, N, d); /* every block < n_soft */
 }
@@ -411,7 +411,7 @@ GfStatus model_vision_backward(Model *m, const LoraBinding *lora, const float *p
     Tower b;
     if (check_image(m, pos, N, err) || tower_alloc(m, lora, N, 1, &b, err)) return err->status;
     const VisionConfig *v = &m->w->cfg.vision;
-    int64_t d = v->hidden_size, L = v->n_layers, pp = m->w->vision.input_proj.cols;
+    int64_t d = v->hidden_size, L = v->n_layers, pp = m->wt->vision.input_proj.cols;
     VTape *t = &b.t;
     tower_run(m, &b, pixels, pos, N, 1);
     int64_t got = b.n_soft;

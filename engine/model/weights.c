@@ -266,13 +266,13 @@ static GfStatus bind_globals(GemmaWeights *gw, GfError *err) {
     char n[256];
     const char *p = gw->prefix;
     int64_t LP = (int64_t)t->n_layers * t->ple_dim;
-    if (weights_bind_matrix(gw, NAME(n, "%sembed_tokens.weight", p), t->vocab_size, t->hidden_size, &gw->embed, err) ||
-        weights_bind_vector(gw, NAME(n, "%snorm.weight", p), t->hidden_size, &gw->final_norm, err))
+    if (weights_bind_matrix(gw, NAME(n, "%sembed_tokens.weight", p), t->vocab_size, t->hidden_size, &gw->host.embed, err) ||
+        weights_bind_vector(gw, NAME(n, "%snorm.weight", p), t->hidden_size, &gw->host.final_norm, err))
         return err->status;
     if (t->ple_dim &&
-        (weights_bind_matrix(gw, NAME(n, "%sembed_tokens_per_layer.weight", p), t->ple_vocab, LP, &gw->embed_ple, err) ||
-         weights_bind_matrix(gw, NAME(n, "%sper_layer_model_projection.weight", p), LP, t->hidden_size, &gw->ple_model_proj, err) ||
-         weights_bind_vector(gw, NAME(n, "%sper_layer_projection_norm.weight", p), t->ple_dim, &gw->ple_norm, err)))
+        (weights_bind_matrix(gw, NAME(n, "%sembed_tokens_per_layer.weight", p), t->ple_vocab, LP, &gw->host.embed_ple, err) ||
+         weights_bind_matrix(gw, NAME(n, "%sper_layer_model_projection.weight", p), LP, t->hidden_size, &gw->host.ple_model_proj, err) ||
+         weights_bind_vector(gw, NAME(n, "%sper_layer_projection_norm.weight", p), t->ple_dim, &gw->host.ple_norm, err)))
         return err->status;
     return GF_OK;
 }
@@ -318,7 +318,7 @@ static GfStatus bind_vision_layer(GemmaWeights *gw, int i, VisionLayer *l, GfErr
 
 static GfStatus vision_bind(GemmaWeights *gw, GfError *err) {
     const VisionConfig *v = &gw->cfg.vision;
-    VisionWeights *w = &gw->vision;
+    VisionWeights *w = &gw->host.vision;
     int64_t d = v->hidden_size, pp = 3 * (int64_t)v->patch_size * v->patch_size;
     if (v->head_dim % 4) return gf_error_set(err, GF_INVALID, "invalid_model", NULL, "config.json: vision_config.head_dim must be a multiple of 4");
     if (weights_bind_matrix(gw, VT "patch_embedder.input_proj.weight", d, pp, &w->input_proj, err) ||
@@ -387,10 +387,10 @@ static GfStatus bind_all(GemmaWeights *gw, GfError *err) {
     if (!gw->claimed) return GF_NO_MEMORY;
     for (size_t s = 0; s < gw->dir.n_shards; s++)
         if (!(gw->claimed[s] = gf_calloc(gw->dir.shards[s].n_tensors, 1, err))) return GF_NO_MEMORY;
-    gw->layers = gf_calloc((size_t)gw->cfg.text.n_layers, sizeof *gw->layers, err);
-    if (!gw->layers) return GF_NO_MEMORY;
+    gw->host.layers = gf_calloc((size_t)gw->cfg.text.n_layers, sizeof *gw->host.layers, err);
+    if (!gw->host.layers) return GF_NO_MEMORY;
     GfStatus st = bind_globals(gw, err);
-    for (int i = 0; !st && i < gw->cfg.text.n_layers; i++) st = bind_layer(gw, i, &gw->layers[i], err);
+    for (int i = 0; !st && i < gw->cfg.text.n_layers; i++) st = bind_layer(gw, i, &gw->host.layers[i], err);
     if (!st && gw->cfg.vision.present) st = vision_bind(gw, err);
     return st ? st : check_all_claimed(gw, err);
 }
@@ -404,12 +404,12 @@ static size_t linear_slots(GemmaWeights *gw, KnMatrix **slots) {
     size_t n = 0;
 #define SLOT(x) do { if ((x).data) { if (slots) slots[n] = &(x); n++; } } while (0)
     for (int i = 0; i < gw->cfg.text.n_layers; i++) {
-        Layer *l = &gw->layers[i];
+        Layer *l = &gw->host.layers[i];
         SLOT(l->q); SLOT(l->k); SLOT(l->v); SLOT(l->o); SLOT(l->gate); SLOT(l->up); SLOT(l->down);
         SLOT(l->ple_gate); SLOT(l->ple_proj); SLOT(l->experts_gate_up); SLOT(l->experts_down);
     }
     for (int i = 0; gw->cfg.vision.present && i < gw->cfg.vision.n_layers; i++) {
-        VisionLayer *l = &gw->vision.layers[i];
+        VisionLayer *l = &gw->host.vision.layers[i];
         SLOT(l->q.w); SLOT(l->k.w); SLOT(l->v.w); SLOT(l->o.w); SLOT(l->gate.w); SLOT(l->up.w); SLOT(l->down.w);
     }
 #undef SLOT
@@ -510,6 +510,8 @@ static GfStatus quantize_linears(GemmaWeights *gw, GfError *err) {
 /* ---- the object ---------------------------------------------------------------- */
 
 static void weights_free(GemmaWeights *gw) {
+    weights_devices_free(gw);
+    pthread_mutex_destroy(&gw->devices_lock);
     if (gw->gauge) { /* set only once opened */
         atomic_fetch_sub(&gw->gauge->bytes, gw->resident_bytes);
         atomic_fetch_sub(&gw->gauge->copies, 1);
@@ -519,8 +521,8 @@ static void weights_free(GemmaWeights *gw) {
     free(gw->nf4); /* their payloads were in the arena */
     for (size_t s = 0; gw->claimed && s < gw->dir.n_shards; s++) free(gw->claimed[s]);
     free(gw->claimed);
-    free(gw->layers);
-    free(gw->vision.layers);
+    free(gw->host.layers);
+    free(gw->host.vision.layers);
     model_dir_close(&gw->dir);
     gemma_config_free(&gw->cfg);
     free(gw);
@@ -531,6 +533,7 @@ GfStatus weights_open(const char *dir, ModelQuant quant, WeightsGauge *gauge, Ge
     GemmaWeights *gw = gf_calloc(1, sizeof *gw, err);
     if (!gw) return GF_NO_MEMORY;
     atomic_init(&gw->refs, 1);
+    pthread_mutex_init(&gw->devices_lock, NULL);
     gw->quant = quant;
     GfStatus st = gemma_config_load(dir, &gw->cfg, err);
     if (!st) st = model_dir_open(dir, &gw->dir, err);

@@ -5,8 +5,10 @@
 #ifndef GF_WEIGHTS_IMPL_H
 #define GF_WEIGHTS_IMPL_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 
+#include "kernels.h"
 #include "tensor.h"
 #include "weights.h"
 
@@ -48,6 +50,38 @@ typedef struct {
     float *pool_grad_scale;         /* [d] sqrt(d) / k^2 (times std_scale when standardizing) */
 } VisionWeights;
 
+/* Every tensor the ops read, as addresses on one device: the bound
+ * checkpoint in host memory (GemmaWeights.host, what the CPU reads) or a
+ * copy uploaded to another device (weights_on_device). */
+typedef struct {
+    KnMatrix embed;                 /* [V, H], tied lm_head */
+    KnMatrix embed_ple, ple_model_proj; /* [V_ple, L*P], [L*P, H] */
+    float *ple_norm, *final_norm;
+    Layer *layers;
+    VisionWeights vision;           /* bound when config.json has vision_config */
+} WeightsTensors;
+
+/* A copy of the tensors on one device, made on first use and kept until
+ * the weights are freed. */
+typedef struct WeightsDevice {
+    KnBackend be;                   /* the context that made the copy and frees it; models on the device share its memory */
+    KnBuffer buf;                   /* every tensor */
+    WeightsTensors t;               /* device addresses into buf (t.layers, t.vision.layers: host arrays owned here) */
+    struct KnNf4 *nf4;              /* [n_nf4] as the host's, their arrays in buf */
+    struct WeightsDevice *next;
+} WeightsDevice;
+
+/* The tensors as a backend of kind on device index reads them: the host's
+ * for the CPU; for another device, its copy, uploaded on the first call
+ * (n_threads for the copy's own context). *share (NULL for the CPU) is the
+ * copy's context, for the caller to open its own as a sibling
+ * (KnBackendOptions.share). Thread-safe. GF_NO_MEMORY naming the bytes,
+ * GF_DEVICE, or the backend's open errors. */
+GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n_threads, const WeightsTensors **t,
+                           const KnBackend **share, GfError *err);
+/* Frees every device copy (weights_free, once no context runs on them). */
+void weights_devices_free(GemmaWeights *gw);
+
 /* A mapping of the weights' arena, read-only once the weights are open. */
 typedef struct {
     void *base;
@@ -62,11 +96,9 @@ struct GemmaWeights {
     uint64_t linear_bound_bytes;    /* the adaptable linears as bound, before NF4 */
     GemmaConfig cfg;
     ModelDir dir;
-    KnMatrix embed;                 /* [V, H], tied lm_head */
-    KnMatrix embed_ple, ple_model_proj; /* [V_ple, L*P], [L*P, H] */
-    float *ple_norm, *final_norm;
-    Layer *layers;
-    VisionWeights vision;           /* bound when config.json has vision_config */
+    WeightsTensors host;            /* the tensors in host memory */
+    pthread_mutex_t devices_lock;   /* devices */
+    WeightsDevice *devices;         /* copies on other devices */
     WeightsChunk *chunks;           /* the arena: every array the weights own (widened, NF4, derived) */
     size_t n_chunks, cap_chunks;
     uint8_t *cur;                   /* the open chunk's free space */

@@ -223,7 +223,7 @@ static KnMask layer_mask(const Model *m, const KvCache *c, int li) {
 static void attention_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int li, int64_t n) {
     const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
-    const Layer *l = &m->w->layers[li];
+    const Layer *l = &m->wt->layers[li];
     int64_t H = t->hidden_size, D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
     float eps = t->rms_eps;
     int src = lc->store_layer;
@@ -259,7 +259,7 @@ static void attention_backward(Model *m, GradWorkspace *w, const LoraBinding *b,
 static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int li, int64_t n, const float *x) {
     const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
-    const Layer *l = &m->w->layers[li];
+    const Layer *l = &m->wt->layers[li];
     int64_t H = t->hidden_size, I = lc->intermediate, P = t->ple_dim, L = t->n_layers;
     float eps = t->rms_eps;
     float *dx = w->dx;
@@ -319,13 +319,13 @@ static double loss_rows(Model *m, GradWorkspace *w, const int32_t *targets, int6
     int64_t V = t->vocab_size, H = t->hidden_size;
     double row_loss[LOGIT_ROWS], loss = 0.0;
     m->be.ops->upload(&m->be.ctx, w->targets, targets, (size_t)rows * sizeof *targets);
-    m->be.ops->matmul(&m->be.ctx, w->logits, w->gx, m->w->embed, rows);
+    m->be.ops->matmul(&m->be.ctx, w->logits, w->gx, m->wt->embed, rows);
     m->be.ops->xent_softcap(&m->be.ctx, w->row_loss, w->logits, w->targets, rows, V, t->final_softcap, scale, grad);
     m->be.ops->download(&m->be.ctx, row_loss, w->row_loss, (size_t)rows * sizeof *row_loss);
     for (int64_t r = 0; r < rows; r++) loss += row_loss[r];
     if (!grad) return loss;
     zero(m, w->gdx, rows * H);
-    m->be.ops->matmul_dx(&m->be.ctx, w->gdx, w->logits, m->w->embed, rows);
+    m->be.ops->matmul_dx(&m->be.ctx, w->gdx, w->logits, m->wt->embed, rows);
     return loss;
 }
 
@@ -359,10 +359,10 @@ static double loss_chunks(Model *m, GradWorkspace *w, const TrainSequence *s, co
 static double loss_backward(Model *m, GradWorkspace *w, const TrainSequence *s, const float *xL, float scale) {
     const TextConfig *t = &m->w->cfg.text;
     int64_t n = s->n, H = t->hidden_size;
-    m->be.ops->rmsnorm(&m->be.ctx, w->xn, xL, m->w->final_norm, n, H, t->rms_eps);
+    m->be.ops->rmsnorm(&m->be.ctx, w->xn, xL, m->wt->final_norm, n, H, t->rms_eps);
     double loss = loss_chunks(m, w, s, w->xn, scale, 1);
     zero(m, w->dx, n * H);
-    m->be.ops->rmsnorm_dx(&m->be.ctx, w->dx, xL, m->w->final_norm, w->dxn, n, H, t->rms_eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, w->dx, xL, m->wt->final_norm, w->dxn, n, H, t->rms_eps);
     return loss;
 }
 
@@ -375,15 +375,15 @@ static void ple_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int64
     int64_t L = t->n_layers, P = t->ple_dim, H = t->hidden_size;
     const LoraPair *p = b ? b->ple_model_proj : NULL;
     float ctx_scale = (float)(1.0 / sqrt((double)H)), mix = (float)(1.0 / sqrt(2.0));
-    m->be.ops->matmul(&m->be.ctx, w->ple_buf, x0, m->w->ple_model_proj, n);
+    m->be.ops->matmul(&m->be.ctx, w->ple_buf, x0, m->wt->ple_model_proj, n);
     if (p) lora_apply(&m->be, b, p, w->ple_buf, x0, n, w->lora_tmp);
     m->be.ops->scale(&m->be.ctx, w->ple_buf, (size_t)(n * L * P), ctx_scale);
     m->be.ops->scale(&m->be.ctx, w->dple, (size_t)(n * L * P), mix);
     float *dproj = w->ple; /* the per-layer inputs are no longer needed */
     zero(m, dproj, n * L * P);
-    m->be.ops->rmsnorm_dx(&m->be.ctx, dproj, w->ple_buf, m->w->ple_norm, w->dple, n * L, P, t->rms_eps);
+    m->be.ops->rmsnorm_dx(&m->be.ctx, dproj, w->ple_buf, m->wt->ple_norm, w->dple, n * L, P, t->rms_eps);
     m->be.ops->scale(&m->be.ctx, dproj, (size_t)(n * L * P), ctx_scale);
-    linear_bwd(m, w, b, dx0, dproj, x0, m->w->ple_model_proj, p, n);
+    linear_bwd(m, w, b, dx0, dproj, x0, m->wt->ple_model_proj, p, n);
 }
 
 static int vision_adapted(const LoraBinding *b) {

@@ -48,7 +48,8 @@ void adamw_step(AdamW *o, LoraBinding *b, double lr) {
 
 double lora_grad_norm(const LoraBinding *b) {
     double ss = 0.0;
-    b->be->ops->sq_norm(&b->be->ctx, &ss, b->grads, b->n_params);
+    b->be->ops->sq_norm(&b->be->ctx, b->grad_sq, b->grads, b->n_params);
+    b->be->ops->download(&b->be->ctx, &ss, b->grad_sq, sizeof ss);
     return sqrt(ss);
 }
 

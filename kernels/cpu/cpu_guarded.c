@@ -7,17 +7,26 @@
  * when handed a device range outside every live buffer: host memory passed
  * where device memory belongs.
  *
- * It exists for tests: the whole suite runs on it once in CI. Every op call
- * changes the region's protection twice (two system calls). Threading: as any KnCtx, one owner thread; the registry is the
- * context's (ctx->impl), not global.
+ * Every pointer an op is handed must be NULL or lie in the region: host
+ * memory where device memory belongs (weights left in host memory, a host
+ * array) aborts with a message, as a GPU would fault on it.
+ *
+ * It exists for tests: the whole suite runs on it once in CI. Threading: a
+ * context belongs to one thread, as any KnCtx; contexts opened as siblings
+ * (KnBackendOptions.share) share one region, as contexts on one GPU share
+ * its memory, so its registry is locked. The region is the contexts' own
+ * (ctx->impl, reference counted), not global.
  */
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include "../kernels_impl.h"
+#include "../nf4.h"
 #include "cpu_impl.h"
 
 typedef struct {
@@ -33,16 +42,22 @@ typedef struct {
     GuardBuf *bufs;
     size_t n, cap;
     size_t page;
+    pthread_mutex_t lock;     /* the registry (bufs, n, cap, top) and refs */
+    int refs;                 /* contexts on this region */
 } Guard;
 
 static Guard *guard_of(const KnCtx *ctx) { return ctx->impl; }
 
-/* The kernels' address of a device address (anything outside the region,
- * such as host weights, unchanged). */
+/* The kernels' address of a device address; NULL stays NULL. Anything
+ * else outside the region is host memory handed to an op: abort. */
 static void *hv(const KnCtx *ctx, const void *p) {
     Guard *g = guard_of(ctx);
     const char *c = p;
-    if (!c || c < g->dev || c >= g->dev + g->region_len) return (void *)p;
+    if (!c) return NULL;
+    if (c < g->dev || c >= g->dev + g->region_len) {
+        fprintf(stderr, "guarded backend: an op was handed %p, which is not device memory\n", p);
+        abort();
+    }
     return g->host + (c - g->dev);
 }
 
@@ -55,7 +70,15 @@ static GuardBuf *find(Guard *g, const void *p) {
     return NULL;
 }
 
-GfStatus guarded_ctx_init(KnCtx *ctx, GfError *err) {
+GfStatus guarded_ctx_init(KnCtx *ctx, const KnCtx *share, GfError *err) {
+    if (share) {
+        Guard *g = guard_of(share);
+        pthread_mutex_lock(&g->lock);
+        g->refs++;
+        pthread_mutex_unlock(&g->lock);
+        ctx->impl = g;
+        return GF_OK;
+    }
     Guard *g = gf_calloc(1, sizeof *g, err);
     if (!g) return GF_NO_MEMORY;
     long page = sysconf(_SC_PAGESIZE);
@@ -78,6 +101,8 @@ GfStatus guarded_ctx_init(KnCtx *ctx, GfError *err) {
         free(g);
         return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "cannot reserve the guarded backend's memory");
     }
+    pthread_mutex_init(&g->lock, NULL);
+    g->refs = 1;
     ctx->impl = g;
     return GF_OK;
 }
@@ -85,12 +110,17 @@ GfStatus guarded_ctx_init(KnCtx *ctx, GfError *err) {
 void guarded_ctx_free(KnCtx *ctx) {
     Guard *g = guard_of(ctx);
     if (!g) return;
+    ctx->impl = NULL;
+    pthread_mutex_lock(&g->lock);
+    int last = --g->refs == 0;
+    pthread_mutex_unlock(&g->lock);
+    if (!last) return;
+    pthread_mutex_destroy(&g->lock);
     munmap(g->dev, g->region_len);
     munmap(g->host, g->region_len);
     close(g->fd);
     free(g->bufs);
     free(g);
-    ctx->impl = NULL;
 }
 
 /* ---- memory ------------------------------------------------------------------ */
@@ -118,40 +148,50 @@ static GfStatus g_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype d
     Guard *g = guard_of(ctx);
     memset(buf, 0, sizeof *buf);
     size_t len = bytes > SIZE_MAX - g->page ? 0 : (bytes + g->page - 1) / g->page * g->page;
+    pthread_mutex_lock(&g->lock);
     GuardBuf *b = len && !gf_alloc_hook_refuses() ? take_chunk(g, len) : NULL;
+    if (b) {
+        b->used = 1;
+        b->sealed = 0;
+        *buf = (KnBuffer){g->dev + b->off, bytes, ctx->device, ctx->index, dtype};
+    }
+    pthread_mutex_unlock(&g->lock);
     if (!b)
         return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory for %s (%zu bytes)", what, bytes);
-    b->used = 1;
-    b->sealed = 0;
-    *buf = (KnBuffer){g->dev + b->off, bytes, ctx->device, ctx->index, dtype};
     return GF_OK;
 }
 
 static void g_free(const KnCtx *ctx, KnBuffer *buf) {
     Guard *g = guard_of(ctx);
     if (!buf || !buf->data) return;
+    pthread_mutex_lock(&g->lock);
     GuardBuf *b = find(g, buf->data);
     if (!b || g->dev + b->off != (char *)buf->data) abort(); /* not ours: a programming error */
     if (b->sealed && mprotect(g->host + b->off, b->len, PROT_READ | PROT_WRITE) != 0) abort();
-    b->used = b->sealed = 0;
     fallocate(g->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)b->off, (off_t)b->len); /* pages back */
+    b->used = b->sealed = 0;
+    pthread_mutex_unlock(&g->lock);
     memset(buf, 0, sizeof *buf);
 }
 
 static void g_seal(const KnCtx *ctx, const KnBuffer *buf) {
     Guard *g = guard_of(ctx);
+    pthread_mutex_lock(&g->lock);
     GuardBuf *b = find(g, buf->data);
     if (!b) abort();
     b->sealed = 1;
     if (mprotect(g->host + b->off, b->len, PROT_READ) != 0) abort();
+    pthread_mutex_unlock(&g->lock);
 }
 
 /* The device memory [p, p + n) must lie inside one live buffer: host
  * memory handed to a transfer entry (which a GPU could not read) aborts. */
 static void *owned(const KnCtx *ctx, const void *p, size_t n) {
     Guard *g = guard_of(ctx);
+    pthread_mutex_lock(&g->lock);
     GuardBuf *b = find(g, p);
     if (!b || (const char *)p + n > g->dev + b->off + b->len) abort();
+    pthread_mutex_unlock(&g->lock);
     return hv(ctx, p);
 }
 
@@ -175,10 +215,22 @@ static void g_memset(const KnCtx *ctx, void *dst, int value, size_t n) {
 
 #define H(p) hv(ctx, p)
 
-static KnMatrix hm(const KnCtx *ctx, KnMatrix w) {
-    if (w.dtype != KN_NF4) w.data = H(w.data); /* an NF4 matrix points at its host KnNf4 */
+/* w in the kernels' view; an NF4 matrix points at a host KnNf4 whose
+ * arrays are device memory, translated into *q. */
+static KnMatrix hm(const KnCtx *ctx, KnMatrix w, KnNf4 *q) {
+    if (w.dtype != KN_NF4) {
+        w.data = H(w.data);
+        return w;
+    }
+    *q = *(const KnNf4 *)w.data;
+    q->codes = H(q->codes);
+    q->absmax_q = H(q->absmax_q);
+    q->group_scale = H(q->group_scale);
+    w.data = q;
     return w;
 }
+/* the KnNf4 lives until the end of the calling function's block */
+#define HM(w) hm(ctx, (w), &(KnNf4){0})
 
 static KnMask hmask(const KnCtx *ctx, const KnMask *m) {
     return (KnMask){H(m->valid), H(m->group), m->window};
@@ -199,7 +251,7 @@ static const KnLoraSeg *hsegs(const KnCtx *ctx, const KnLoraSeg *segs, int n, Kn
 }
 
 static void g_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
-    CPU_OPS.matmul(ctx, H(y), H(x), hm(ctx, w), n);
+    CPU_OPS.matmul(ctx, H(y), H(x), HM(w), n);
 }
 static void g_rmsnorm(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps) {
     CPU_OPS.rmsnorm(ctx, H(y), H(x), H(w), n, dim, eps);
@@ -219,7 +271,7 @@ static void g_attention_paged(const KnCtx *ctx, float *out, const float *q, cons
 static void g_gelu_tanh(const KnCtx *ctx, float *x, size_t n) { CPU_OPS.gelu_tanh(ctx, H(x), n); }
 static void g_softcap(const KnCtx *ctx, float *x, size_t n, float cap) { CPU_OPS.softcap(ctx, H(x), n, cap); }
 static void g_embed_rows(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale) {
-    CPU_OPS.embed_rows(ctx, H(out), hm(ctx, table), H(ids), n, scale);
+    CPU_OPS.embed_rows(ctx, H(out), HM(table), H(ids), n, scale);
 }
 static void g_add(const KnCtx *ctx, float *y, const float *a, const float *b, size_t n) {
     CPU_OPS.add(ctx, H(y), H(a), H(b), n);
@@ -241,7 +293,7 @@ static void g_rows_sum(const KnCtx *ctx, float *out, const float *src, const int
     CPU_OPS.rows_sum(ctx, H(out), H(src), H(idx), n, dim);
 }
 static void g_embed_rows_add(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float *row) {
-    CPU_OPS.embed_rows_add(ctx, H(out), hm(ctx, table), H(ids), n, H(row));
+    CPU_OPS.embed_rows_add(ctx, H(out), HM(table), H(ids), n, H(row));
 }
 static void g_clamp(const KnCtx *ctx, float *y, const float *x, size_t n, float lo, float hi) {
     CPU_OPS.clamp(ctx, H(y), H(x), n, lo, hi);
@@ -279,13 +331,13 @@ static void g_moe_route(const KnCtx *ctx, int32_t *idx, float *w, float *coef, f
 }
 static void g_moe_experts(const KnCtx *ctx, float *y, const float *x, const int32_t *idx, const float *coef, float *gu,
                           float *mm, float *yk, int64_t n, int K, KnMatrix gate_up, KnMatrix down) {
-    CPU_OPS.moe_experts(ctx, H(y), H(x), H(idx), H(coef), H(gu), H(mm), H(yk), n, K, hm(ctx, gate_up), hm(ctx, down));
+    CPU_OPS.moe_experts(ctx, H(y), H(x), H(idx), H(coef), H(gu), H(mm), H(yk), n, K, HM(gate_up), HM(down));
 }
 static void g_moe_experts_dx(const KnCtx *ctx, float *dx, float *dc, const float *dy, const float *gu, const float *yk,
                              const int32_t *idx, const float *coef, float *scratch, int64_t n, int K, KnMatrix gate_up,
                              KnMatrix down) {
     CPU_OPS.moe_experts_dx(ctx, H(dx), H(dc), H(dy), H(gu), H(yk), H(idx), H(coef), H(scratch), n, K,
-                           hm(ctx, gate_up), hm(ctx, down));
+                           HM(gate_up), HM(down));
 }
 static void g_moe_route_dx(const KnCtx *ctx, float *dlogits, const float *dc, const int32_t *idx, const float *w,
                            const float *p, const float *expert_scale, int64_t n, int E, int K) {
@@ -316,7 +368,7 @@ static void g_clamp_dx(const KnCtx *ctx, float *dx, const float *x, const float 
     CPU_OPS.clamp_dx(ctx, H(dx), H(x), H(dy), n, lo, hi, accumulate);
 }
 static void g_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
-    CPU_OPS.matmul_dx(ctx, H(dx), H(dy), hm(ctx, w), n);
+    CPU_OPS.matmul_dx(ctx, H(dx), H(dy), HM(w), n);
 }
 static void g_rmsnorm_dx(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n,
                          int64_t dim, float eps) {

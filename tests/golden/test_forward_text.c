@@ -161,9 +161,9 @@ static void write_weights(int what) {
     ModelOptions mo = {.n_threads = 1, .quantize = what == 2 ? MODEL_QUANT_NF4 : MODEL_QUANT_NONE};
     if (model_open(GF_FIXTURES "/dense", &mo, &m, &err)) _exit(3);
     const GemmaWeights *w = model_weights(m);
-    if (what == 0) w->final_norm[0] = 2.0f;
-    else if (what == 1) ((uint16_t *)w->layers[0].q.data)[0] ^= 1;
-    else ((KnNf4 *)w->layers[0].q.data)->codes[0] ^= 1;
+    if (what == 0) w->host.final_norm[0] = 2.0f;
+    else if (what == 1) ((uint16_t *)w->host.layers[0].q.data)[0] ^= 1;
+    else ((KnNf4 *)w->host.layers[0].q.data)->codes[0] ^= 1;
 }
 
 /* Opened weights are read-only: each write kills the process that tries, so

@@ -1,0 +1,242 @@
+/* weights_device.c - the base weights copied to a device other than the
+ * CPU, once per device, shared by every context on it.
+ *
+ * What is copied: every arena chunk (the widened, NF4 and derived arrays:
+ * all in use) and every matrix the model reads straight from the mapped
+ * checkpoint, each once; never the checkpoint's unused tensors or the
+ * stored linears NF4 replaced. One device buffer holds them all; a host
+ * address becomes a device address by its offset in its span. Every
+ * pointer of WeightsTensors is translated, so a field this file forgets
+ * stays a host address, which the guarded backend refuses. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "nf4.h"
+#include "weights_impl.h"
+
+#define ALIGN 256
+
+typedef struct {
+    const uint8_t *host;
+    size_t len, off;          /* off: in the device buffer */
+} Span;
+
+typedef struct {
+    Span *spans;
+    size_t n, cap, total;
+    const GemmaWeights *gw;
+    char *dev;                /* the device buffer (translate) */
+    int missing;              /* a pointer no span covers */
+} Spans;
+
+static int add_span(Spans *s, const void *p, size_t len) {
+    for (size_t i = 0; i < s->n; i++)
+        if (s->spans[i].host == p) return 0;
+    if (s->n == s->cap) {
+        size_t cap = s->cap ? 2 * s->cap : 256;
+        Span *n = realloc(s->spans, cap * sizeof *n);
+        if (!n) return -1;
+        s->spans = n;
+        s->cap = cap;
+    }
+    s->spans[s->n++] = (Span){p, len, s->total};
+    s->total += (len + ALIGN - 1) / ALIGN * ALIGN;
+    return 0;
+}
+
+static int in_chunks(const GemmaWeights *gw, const void *p) {
+    const uint8_t *q = p;
+    for (size_t i = 0; i < gw->n_chunks; i++)
+        if (q >= (const uint8_t *)gw->chunks[i].base && q < (const uint8_t *)gw->chunks[i].base + gw->chunks[i].size)
+            return 1;
+    return 0;
+}
+
+/* The device address of host address p (NULL stays NULL). */
+static void *translate(Spans *s, const void *p) {
+    if (!p) return NULL;
+    const uint8_t *q = p;
+    for (size_t i = 0; i < s->n; i++)
+        if (q >= s->spans[i].host && q < s->spans[i].host + s->spans[i].len)
+            return s->dev + s->spans[i].off + (size_t)(q - s->spans[i].host);
+    s->missing = 1;
+    return NULL;
+}
+
+/* ---- every tensor of WeightsTensors, by kind ---------------------------------------- */
+
+typedef struct {
+    void (*mat)(KnMatrix *m, void *cls);
+    void (*vec)(float **v, void *cls);
+    void *cls;
+} Visit;
+
+static void visit_layer(Layer *l, const Visit *v) {
+    KnMatrix *mats[] = {&l->q, &l->k, &l->v, &l->o, &l->gate, &l->up, &l->down, &l->ple_gate, &l->ple_proj,
+                        &l->router, &l->experts_gate_up, &l->experts_down};
+    float **vecs[] = {&l->input_ln, &l->post_attn_ln, &l->pre_ff_ln, &l->post_ff_ln, &l->q_norm, &l->k_norm,
+                      &l->post_ple_ln, &l->router_scale, &l->per_expert_scale, &l->router_in_scale, &l->pre_ff_ln2,
+                      &l->post_ff_ln1, &l->post_ff_ln2, &l->inv_freq};
+    for (size_t i = 0; i < sizeof mats / sizeof *mats; i++) v->mat(mats[i], v->cls);
+    for (size_t i = 0; i < sizeof vecs / sizeof *vecs; i++) v->vec(vecs[i], v->cls);
+}
+
+static void visit_vision_layer(VisionLayer *l, const Visit *v) {
+    ClipLinear *mats[] = {&l->q, &l->k, &l->v, &l->o, &l->gate, &l->up, &l->down};
+    float **vecs[] = {&l->input_ln, &l->post_attn_ln, &l->pre_ff_ln, &l->post_ff_ln, &l->q_norm, &l->k_norm};
+    for (size_t i = 0; i < sizeof mats / sizeof *mats; i++) v->mat(&mats[i]->w, v->cls);
+    for (size_t i = 0; i < sizeof vecs / sizeof *vecs; i++) v->vec(vecs[i], v->cls);
+}
+
+static void visit_all(WeightsTensors *t, const GemmaConfig *cfg, const Visit *v) {
+    v->mat(&t->embed, v->cls);
+    v->mat(&t->embed_ple, v->cls);
+    v->mat(&t->ple_model_proj, v->cls);
+    v->vec(&t->ple_norm, v->cls);
+    v->vec(&t->final_norm, v->cls);
+    for (int i = 0; i < cfg->text.n_layers; i++) visit_layer(&t->layers[i], v);
+    if (!cfg->vision.present) return;
+    VisionWeights *w = &t->vision;
+    v->mat(&w->input_proj, v->cls);
+    v->mat(&w->pos_table, v->cls);
+    v->mat(&w->embed_proj, v->cls);
+    float **vecs[] = {&w->std_bias, &w->std_scale, &w->inv_freq, &w->pool_grad_scale};
+    for (size_t i = 0; i < sizeof vecs / sizeof *vecs; i++) v->vec(vecs[i], v->cls);
+    for (int i = 0; i < cfg->vision.n_layers; i++) visit_vision_layer(&w->layers[i], v);
+}
+
+/* Pass 1: the spans (arena chunks first, then the checkpoint's matrices). */
+static void span_of_mat(KnMatrix *m, void *cls) {
+    Spans *s = cls;
+    if (!m->data || m->dtype == KN_NF4 || in_chunks(s->gw, m->data)) return;
+    size_t len = (size_t)(m->rows * m->cols) * kn_dtype_size(m->dtype);
+    if (add_span(s, m->data, len)) s->missing = 1;
+}
+
+static void span_of_vec(float **v, void *cls) { (void)v, (void)cls; /* vectors live in the arena */ }
+
+/* Pass 2: every pointer to its device address. */
+typedef struct {
+    Spans *spans;
+    WeightsDevice *d;
+    const GemmaWeights *gw;
+} Rewrite;
+
+static void rewrite_mat(KnMatrix *m, void *cls) {
+    Rewrite *r = cls;
+    if (!m->data) return;
+    if (m->dtype != KN_NF4) {
+        m->data = translate(r->spans, m->data);
+        return;
+    }
+    ptrdiff_t i = (const KnNf4 *)m->data - r->gw->nf4;
+    if (i < 0 || (size_t)i >= r->gw->n_nf4) {
+        r->spans->missing = 1;
+        return;
+    }
+    m->data = &r->d->nf4[i];
+}
+
+static void rewrite_vec(float **v, void *cls) {
+    Rewrite *r = cls;
+    *v = translate(r->spans, *v);
+}
+
+/* ---- the copy ------------------------------------------------------------------------- */
+
+static void device_free(WeightsDevice *d) {
+    if (!d) return;
+    if (d->be.ops) d->be.ops->free(&d->be.ctx, &d->buf);
+    kn_backend_close(&d->be);
+    free(d->t.layers);
+    free(d->t.vision.layers);
+    free(d->nf4);
+    free(d);
+}
+
+/* d->t: the host's tensors with their own layer arrays, every pointer translated. */
+static GfStatus rewrite_all(const GemmaWeights *gw, WeightsDevice *d, Spans *s, GfError *err) {
+    const GemmaConfig *cfg = &gw->cfg;
+    d->t = gw->host;
+    d->t.layers = calloc((size_t)cfg->text.n_layers + 1, sizeof *d->t.layers);
+    d->t.vision.layers = calloc((size_t)(cfg->vision.present ? cfg->vision.n_layers : 0) + 1, sizeof *d->t.vision.layers);
+    d->nf4 = calloc(gw->n_nf4 + 1, sizeof *d->nf4);
+    if (!d->t.layers || !d->t.vision.layers || !d->nf4)
+        return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory for the weights' device tables");
+    memcpy(d->t.layers, gw->host.layers, (size_t)cfg->text.n_layers * sizeof *d->t.layers);
+    if (cfg->vision.present)
+        memcpy(d->t.vision.layers, gw->host.vision.layers, (size_t)cfg->vision.n_layers * sizeof *d->t.vision.layers);
+    for (size_t i = 0; i < gw->n_nf4; i++) {
+        d->nf4[i] = gw->nf4[i];
+        d->nf4[i].codes = translate(s, gw->nf4[i].codes);
+        d->nf4[i].absmax_q = translate(s, gw->nf4[i].absmax_q);
+        d->nf4[i].group_scale = translate(s, gw->nf4[i].group_scale);
+    }
+    Rewrite r = {s, d, gw};
+    Visit v = {rewrite_mat, rewrite_vec, &r};
+    visit_all(&d->t, cfg, &v);
+    if (s->missing)
+        return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "a weight lies outside every uploaded span");
+    return GF_OK;
+}
+
+static GfStatus upload_all(GemmaWeights *gw, WeightsDevice *d, GfError *err) {
+    Spans s = {.gw = gw};
+    for (size_t i = 0; i < gw->n_chunks; i++)
+        if (add_span(&s, gw->chunks[i].base, gw->chunks[i].size)) s.missing = 1;
+    Visit v = {span_of_mat, span_of_vec, &s};
+    visit_all(&gw->host, &gw->cfg, &v);
+    GfStatus st = GF_OK;
+    if (s.missing) st = gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory for the weights' spans");
+    if (!st) st = d->be.ops->alloc(&d->be.ctx, &d->buf, s.total ? s.total : 1, KN_U8, "the base weights", err);
+    if (!st) {
+        s.dev = d->buf.data;
+        for (size_t i = 0; i < s.n; i++) d->be.ops->upload(&d->be.ctx, s.dev + s.spans[i].off, s.spans[i].host, s.spans[i].len);
+        if (d->be.ops->seal) d->be.ops->seal(&d->be.ctx, &d->buf);
+        st = d->be.ops->synchronize(&d->be.ctx, err);
+    }
+    if (!st) st = rewrite_all(gw, d, &s, err);
+    if (!st) GF_LOGI("model: base weights copied to %s (%.1f MB)", d->be.name, (double)s.total / 1e6);
+    free(s.spans);
+    return st;
+}
+
+GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n_threads, const WeightsTensors **t,
+                           const KnBackend **share, GfError *err) {
+    *t = NULL;
+    *share = NULL;
+    if (kind == KN_DEVICE_CPU) {
+        *t = &gw->host;
+        return GF_OK;
+    }
+    pthread_mutex_lock(&gw->devices_lock);
+    WeightsDevice *d = gw->devices;
+    while (d && (d->be.ctx.device != kind || d->be.ctx.index != index)) d = d->next;
+    GfStatus st = GF_OK;
+    if (!d) {
+        d = gf_calloc(1, sizeof *d, err);
+        KnBackendOptions o = {.n_threads = n_threads};
+        st = d ? kn_backend_open(kind, index, &o, &d->be, err) : GF_NO_MEMORY;
+        if (!st) st = upload_all(gw, d, err);
+        if (st) {
+            device_free(d);
+            d = NULL;
+        } else {
+            d->next = gw->devices;
+            gw->devices = d;
+        }
+    }
+    pthread_mutex_unlock(&gw->devices_lock);
+    if (st) return st;
+    *t = &d->t;
+    *share = &d->be;
+    return GF_OK;
+}
+
+void weights_devices_free(GemmaWeights *gw) {
+    while (gw->devices) {
+        WeightsDevice *d = gw->devices;
+        gw->devices = d->next;
+        device_free(d);
+    }
+}
