@@ -13,7 +13,9 @@
  *
  * Ownership: KnNf4 owns its buffers (kn_nf4_free). A KnMatrix of dtype
  * KN_NF4 points at one (data) and may start at an element offset (a slice of
- * stacked experts). Read-only after quantization; any thread may read it.
+ * stacked experts). The struct always lives on the host; on a device other
+ * than the CPU its arrays are that device's memory (a copy owned elsewhere,
+ * never freed with kn_nf4_free). Read-only after quantization; any thread may read it.
  */
 #ifndef GF_NF4_H
 #define GF_NF4_H

@@ -45,7 +45,8 @@ typedef struct {
 } KnBuffer;
 
 typedef struct {
-    const void *data;         /* device address of the elements; for KN_NF4 a const KnNf4 * (nf4.h) */
+    const void *data;         /* device address of the elements; for KN_NF4 a const KnNf4 * (nf4.h): a host
+                                 struct whose three arrays are device memory */
     KnDtype dtype;
     int64_t rows, cols;       /* [out, in] */
     int64_t offset;           /* KN_NF4 only: index of element (0, 0) in the quantized tensor */

@@ -11,7 +11,9 @@
  * opened, so any number of contexts on any threads may run on it at once;
  * retain and release are atomic. Where: the weights live in host memory
  * (views into the mapped files, owned F32 and NF4 arrays), which the CPU
- * backends read directly.
+ * backend reads directly; any other device gets one copy of the tensors it
+ * reads, uploaded by the first context opened on it and shared by every
+ * later one (weights_impl.h, weights_on_device), freed with the weights.
  *
  * A WeightsGauge, when given, counts the bytes and copies of base weights
  * resident, from open to the last release (the server's /metrics shows it):

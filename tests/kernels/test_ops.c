@@ -892,12 +892,44 @@ static void touch_guarded(int what) {
     else p[1] = 1.0f;
 }
 
+/* Hands an op host memory (0), or a buffer of another guarded context that
+ * is no sibling (1): both abort. 2: the same through a sibling, which
+ * shares the region, runs. */
+static void hand_guarded(int what) {
+    Dev a;
+    if (!dev_open(&a, KN_DEVICE_GUARDED, 1)) _exit(3);
+    float host[16] = {0};
+    if (what == 0) a.be.ops->scale(&a.be.ctx, host, 16, 2.0f);
+    GfError err;
+    KnBackend b;
+    KnBackendOptions o = {.n_threads = 1, .share = what == 2 ? &a.be : NULL};
+    if (kn_backend_open(KN_DEVICE_GUARDED, 0, &o, &b, &err)) _exit(3);
+    float one[4] = {1, 2, 3, 4}, got[4];
+    float *p = dev_put(&a, one, sizeof one);
+    b.ops->scale(&b.ctx, p, 4, 2.0f);
+    a.be.ops->download(&a.be.ctx, got, p, sizeof got);
+    kn_backend_close(&b);
+    dev_close(&a); /* the region outlives the sibling that closed first */
+    _exit(got[3] == 8.0f ? 0 : 4);
+}
+
 /* The guarded backend's promise: device memory faults when touched from
- * outside an op, and sealed buffers take no writes even inside one. */
+ * outside an op, and sealed buffers take no writes even inside one; an op
+ * handed anything but device memory of its region aborts; siblings share
+ * one region. */
 static void test_guarded_faults(void) {
     for (int what = 0; what < 2; what++)
         CHECK(check_segfaults(touch_guarded, what), "guarded device memory %s from the host faults",
               what == 0 ? "read" : "written");
+    CHECK(check_aborts(hand_guarded, 0), "an op handed host memory aborts");
+    CHECK(check_aborts(hand_guarded, 1), "an op handed another region's buffer aborts");
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) hand_guarded(2);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "a sibling context runs ops on the region's buffers (%d)",
+          status);
 }
 
 /* Every entry of the table is filled but the optional ones (seal). */

@@ -43,6 +43,20 @@ static inline int check_segfaults(void (*fn)(int), int arg) {
     return WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV;
 }
 
+/* 1 when fn(arg), run in a child process, aborts (SIGABRT). */
+static inline int check_aborts(void (*fn)(int), int arg) {
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        signal(SIGABRT, SIG_DFL);
+        fn(arg);
+        _exit(0);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT;
+}
+
 static inline int check_done(const char *name) {
     printf("%s: %d passed, %d failed\n", name, g_checks_passed, g_checks_failed);
     return g_checks_failed ? 1 : 0;
