@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# gpu_check.sh [quick|bench|all] - the GPU check, one command on a machine
+# with an NVIDIA GPU (see ../shared/device/README.md for the lent one, which
+# has no apt: carry .devdeps, made here by `../shared/device/sysroot.sh fetch
+# .devdeps`, and .devtools holding hf_anchor.py for `bench`).
+#
+#   quick  build with -DGF_CUDA=ON, list the devices, run test_ops (every op
+#          of the table on CUDA against its references) and `ctest -L gpu`
+#          (the golden, CLI and API tests with every model on the GPU)
+#   bench  quick's build, then the benchmarks with GF_DEVICE=cuda, and the
+#          Hugging Face anchor when .devtools/hf_anchor.py is there
+#   all    both (the default)
+#
+# Full logs go to $OUT (the device tool's folder) or ./gpu-check; a short
+# table is printed last. Exit status: 0 when every step passed.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+mode=${1:-all}
+case "$mode" in quick|bench|all) ;; *) echo "usage: gpu_check.sh [quick|bench|all]" >&2; exit 2 ;; esac
+logs=${OUT:-$PWD/gpu-check}
+mkdir -p "$logs"
+jobs=$(nproc 2>/dev/null || echo 8)
+declare -a rows=()
+failed=0
+
+# step NAME LOG CMD...: runs CMD with its output in LOG, and records a row.
+step() {
+    local name=$1 log=$2 t0 rc
+    shift 2
+    t0=$(date +%s)
+    "$@" >"$logs/$log" 2>&1
+    rc=$?
+    local s=$(( $(date +%s) - t0 ))
+    rows+=("$(printf '%-28s %-7s %5ss  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAILED)" "$s" "$log")")
+    [ $rc -eq 0 ] || failed=1
+    return $rc
+}
+
+if [ -d .devdeps ]; then
+    eval "$(bash .devdeps/sysroot.sh unpack .devdeps /tmp/sysroot)"
+fi
+
+build() {
+    cmake -S . -B build-gpu -DGF_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release -DGF_WERROR=ON &&
+        cmake --build build-gpu -j"$jobs"
+}
+step build build.log build || { printf '%s\n' "${rows[@]}"; exit 1; }
+step devices devices.log build-gpu/server/gemmaforge devices
+cat "$logs/devices.log"
+if ! grep -q '^cuda0 ' "$logs/devices.log"; then
+    echo "no CUDA device: nothing to check on a GPU here" >&2
+    printf '%s\n' "${rows[@]}"
+    exit 1
+fi
+
+if [ "$mode" != bench ]; then
+    step "test_ops (cpu, guarded, cuda)" test_ops.log build-gpu/tests/test_ops
+    step "ctest -L gpu" ctest_gpu.log bash -c "cd build-gpu && ctest -L gpu --output-on-failure -j4"
+    grep -E 'tests passed|Test +#' "$logs/ctest_gpu.log" | tail -16
+fi
+
+if [ "$mode" != quick ]; then
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$logs/gpu.txt" 2>&1 || true
+    step "bench_forward (cuda)" bench_forward.log env GF_DEVICE=cuda build-gpu/bench_forward tests/fixtures
+    step "bench_train (cuda)" bench_train.log env GF_DEVICE=cuda build-gpu/bench_train tests/fixtures
+    step "bench_serve (cuda)" bench_serve.log env GF_DEVICE=cuda build-gpu/bench_serve
+    if [ -f .devtools/hf_anchor.py ]; then
+        step "hf_anchor (transformers)" hf_anchor.log python3 .devtools/hf_anchor.py peak e4b:4:1024 decode-e4b
+    else
+        rows+=("$(printf '%-28s %-7s' "hf_anchor" "absent: copy ../shared/bench/hf_anchor.py into .devtools/")")
+    fi
+    for f in bench_forward bench_train bench_serve hf_anchor; do
+        [ -f "$logs/$f.log" ] && { echo "== $f"; tail -12 "$logs/$f.log"; }
+    done
+fi
+
+echo
+echo "gpu_check $mode, $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%dT%H:%MZ), logs in $logs"
+printf '%s\n' "${rows[@]}"
+exit $failed
