@@ -24,6 +24,19 @@ int kn_devices_probe(KnDeviceInfo out[KN_MAX_DEVICES]) {
     return n;
 }
 
+void kn_default_device(KnDeviceKind *kind, int *index) {
+    KnDeviceInfo dev[KN_MAX_DEVICES];
+    int n = kn_devices_probe(dev);
+    *kind = KN_DEVICE_CPU;
+    *index = 0;
+    for (int i = 0; i < n; i++)
+        if (dev[i].kind == KN_DEVICE_CUDA) {
+            *kind = KN_DEVICE_CUDA;
+            *index = dev[i].index;
+            return;
+        }
+}
+
 /* The CPU kinds: a thread pool, and the guarded backend's buffer registry. */
 static GfStatus open_cpu(KnDeviceKind kind, const KnBackendOptions *opts, KnBackend *b, GfError *err) {
     b->ctx.pool = kn_pool_new(opts ? opts->n_threads : 0, err);

@@ -40,6 +40,10 @@ int kn_devices_probe(KnDeviceInfo out[KN_MAX_DEVICES]);
 /* 1 when this binary contains the CUDA backend, whether or not a GPU exists. */
 int kn_cuda_built(void);
 
+/* The device to run on when none is named: the first CUDA device when this
+ * binary has the backend and one exists, else the CPU. */
+void kn_default_device(KnDeviceKind *kind, int *index);
+
 /* An opened backend: its op table and a context on one device. */
 typedef struct KnBackend {
     const KnOps *ops;

@@ -1,6 +1,8 @@
 /* cli_inputs.c - the inputs files of the parity commands (see cli_inputs.h). */
 #include "cli_inputs.h"
 
+#include "kernels.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,6 +71,15 @@ int cli_read_images(const SafeTensors *st, const char *cmd, CliImages *out) {
         out->positions[i] = v < -1 || v > 1000000 ? -2 : (int32_t)v;
     }
     return 0;
+}
+
+int cli_parse_device(const char *v) {
+    KnDeviceKind kind;
+    int index;
+    GfError err;
+    if (kn_backend_parse(v, &kind, &index, &err) == GF_OK) return 0;
+    fprintf(stderr, "gemmaforge: --device: %s\n", err.message);
+    return -1;
 }
 
 int cli_parse_quantize(const char *v, ModelQuant *q) {

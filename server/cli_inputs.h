@@ -34,5 +34,8 @@ void cli_images_free(CliImages *im);
 
 /* "nf4" or "none" into *q; -1 for anything else. */
 int cli_parse_quantize(const char *v, ModelQuant *q);
+/* 0 when v names a device (cpu, guarded, cuda, cuda:N), else -1 with the
+ * reason on stderr. */
+int cli_parse_device(const char *v);
 
 #endif

@@ -173,6 +173,7 @@ static GfStatus prepare(JobCtx *c, JobPaths *p, TrainRunSpec *spec, GfError *err
     spec->ckpt_root = p->ckpt;
     spec->adapter_out = p->out;
     spec->keep_adapter = c->j->cfg.on_adapter != NULL;
+    spec->device = j->cfg.device;
     spec->n_threads = j->cfg.n_threads;
     spec->image_limits = j->cfg.image_limits;
     spec->disk_full_wait_s = j->cfg.disk_full_wait_s;

@@ -44,6 +44,7 @@ typedef struct {
     GemmaWeights *base;        /* the served base weights (a reference is held until jobs_stop), or NULL */
     WeightsGauge *gauge;       /* counts a job's own copy of the base (may be NULL) */
     DevSched *sched;           /* the device shared with the serving engine (devsched.h), or NULL */
+    const char *device;        /* the jobs' device ("cuda:0", ...); NULL = the default (model.h) */
     int n_threads;             /* engine threads, <= 0 = all cores */
     ImageLimits image_limits;
     double poll_s;             /* how often an idle worker looks for jobs */

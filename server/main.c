@@ -35,6 +35,7 @@ typedef struct {
     ApiLimits limits;
     int verbose;
     int train_threads;
+    const char *device;           /* NULL = the default (model.h); serving and jobs alike */
     int no_train;
     int no_export;
     int max_seqs;                 /* 0 = default */
@@ -86,6 +87,8 @@ static void usage(FILE *f) {
             "  --api-key-file FILE     accept the keys in FILE, one per line\n"
             "  --allowed-host NAME     also answer to this Host header (repeatable)\n"
             "  --threads N             HTTP worker threads (default 4)\n"
+            "  --device D              cpu, cuda or cuda:N, for serving and jobs (default: the first GPU, else the CPU;\n"
+            "                          also GF_DEVICE)\n"
             "  --train-threads N       engine threads of the job worker (default 0: all cores)\n"
             "  --no-train              run no fine-tuning jobs here (they stay queued for a server that does)\n"
             "  --no-export             run no export jobs (merges) here (they stay queued for a server that does)\n"
@@ -217,6 +220,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--port") == 0 && !parse_uint(v, 65535, &n)) o->http.port = (uint16_t)n;
         else if (strcmp(a, "--threads") == 0 && !parse_uint(v, 256, &n) && n) o->http.threads = (unsigned)n;
         else if (strcmp(a, "--train-threads") == 0 && !parse_uint(v, 1024, &n)) o->train_threads = (int)n;
+        else if (strcmp(a, "--device") == 0 && cli_parse_device(v) == 0) o->device = v;
         else if (strcmp(a, "--max-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.max_connections = (unsigned)n;
         else if (strcmp(a, "--per-ip-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.per_ip_connections = (unsigned)n;
         else if (strcmp(a, "--timeout") == 0 && !parse_uint(v, 3600, &n) && n) o->http.timeout_s = (unsigned)n;
@@ -258,7 +262,7 @@ static int open_model(const ServeOptions *o, WeightsGauge *gauge, Pipeline **pip
         return 0;
     }
     GfError err;
-    ModelOptions mo = {.quantize = o->quantize, .gauge = gauge};
+    ModelOptions mo = {.device = o->device, .quantize = o->quantize, .gauge = gauge};
     if (pipeline_open(o->model_dir, &mo, pipe, &err)) {
         fprintf(stderr, "gemmaforge: cannot load the model: %s\n", err.message);
         return -1;
@@ -409,7 +413,7 @@ static int cmd_serve(int argc, char **argv) {
     if (api->model.loaded && !o.no_train) {
         JobsConfig jc = {.model_dir = o.model_dir, .model_name = api->model.id, .max_lora_rank = o.limits.max_lora_rank,
                          .base = model_weights(p.pipe->model), .gauge = &p.metrics.weights, .sched = p.serve ? p.sched : NULL,
-                         .n_threads = o.train_threads, .poll_s = 0.5, .disk_full_wait_s = o.disk_full_wait_s,
+                         .device = o.device, .n_threads = o.train_threads, .poll_s = 0.5, .disk_full_wait_s = o.disk_full_wait_s,
                          .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels},
                          .on_adapter = p.serve ? serve_trained : NULL, .on_adapter_cls = p.serve,
                          .on_event = job_event, .on_event_cls = api->job_hub};

@@ -75,7 +75,8 @@ static GfStatus open_model(Run *r, GfError *err) {
     const TrainRunSpec *s = r->spec;
     ModelQuant q = s->params.quantization;
     int share = s->base && weights_quant(s->base) == q;
-    ModelOptions mo = {.n_threads = s->n_threads, .quantize = q, .weights = share ? s->base : NULL, .gauge = s->gauge};
+    ModelOptions mo = {.device = s->device, .n_threads = s->n_threads, .quantize = q, .weights = share ? s->base : NULL,
+                       .gauge = s->gauge};
     GfStatus st = pipeline_open(s->model_dir, &mo, &r->p, err);
     if (st) return gf_error_wrap(err, "model", "the model");
     double mb = (double)weights_resident_bytes(model_weights(r->p->model)) / 1e6;

@@ -28,16 +28,18 @@ void model_device_copy(const Model *m, void *dst, const void *src, size_t bytes)
 }
 
 /* The device from the options, else from GF_DEVICE in the environment, else
- * the CPU; the weights as that device reads them, and a context sharing
- * their memory. */
+ * the first GPU, else the CPU; the weights as that device reads them, and a
+ * context sharing their memory. */
 static GfStatus open_backend(Model *m, const ModelOptions *opts, GfError *err) {
     KnDeviceKind kind = KN_DEVICE_CPU;
     int index = 0;
     const char *env = getenv("GF_DEVICE");
     if (opts && opts->device) {
         if (kn_backend_parse(opts->device, &kind, &index, err)) return err->status;
-    } else if (env && *env && kn_backend_parse(env, &kind, &index, err)) {
-        return gf_error_wrap(err, NULL, "GF_DEVICE");
+    } else if (env && *env) {
+        if (kn_backend_parse(env, &kind, &index, err)) return gf_error_wrap(err, NULL, "GF_DEVICE");
+    } else {
+        kn_default_device(&kind, &index);
     }
     KnBackendOptions bo = {.n_threads = opts ? opts->n_threads : 0};
     if (weights_on_device(m->w, kind, index, bo.n_threads, &m->wt, &bo.share, err)) return err->status;

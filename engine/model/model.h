@@ -33,7 +33,8 @@ typedef struct Model Model;
 typedef struct LoraBinding LoraBinding;   /* lora.h */
 
 typedef struct {
-    const char *device;       /* "cpu", "guarded", "cuda[:N]"; NULL = GF_DEVICE from the environment, else "cpu" */
+    const char *device;       /* "cpu", "guarded", "cuda[:N]"; NULL = GF_DEVICE from the environment, else the
+                                 first CUDA device, else "cpu" (kn_default_device) */
     int n_threads;            /* CPU threads, <= 0 = all cores */
     ModelQuant quantize;      /* NF4: every linear of the layers (text, vision, experts) quantized at load */
     GemmaWeights *weights;    /* model_open: run on these (shared) instead of loading; quantize must match */
