@@ -11,6 +11,8 @@
 #include "json_util.h"
 #include "hyperparameters.h"
 #include "job_follow.h"
+#include "kernels.h"
+#include "metrics.h"
 #include "reply.h"
 #include "trainer.h"
 
@@ -425,6 +427,25 @@ GfStatus jobs_checkpoints(Api *api, const HttpReq *req, HttpResp *resp) {
 
 /* ---- preflight: what a job with these hyperparameters will take ---------------- */
 
+/* "device": where a job would train, and whether it fits there now (as
+ * the job checks at its start). */
+static void preflight_device(Api *api, const TrainMemory *tm, const JobParams *hp, cJSON *o) {
+    const ApiServing *sv = &api->serving;
+    const KnBackend *be = model_backend(sv->model);
+    KnDeviceInfo dev;
+    GfError err;
+    cJSON *d = cJSON_AddObjectToObject(o, "device");
+    cJSON_AddStringToObject(d, "name", be->name);
+    if (kn_device_info(be->ctx.device, be->ctx.index, &dev, &err)) return;
+    int shares = weights_quant(model_weights(sv->model)) == hp->quantization;
+    TrainFit fit;
+    trainer_fit(tm, shares, dev.memory_free, sv->memory_limit, atomic_load(&api->metrics->weights.bytes), &fit);
+    cJSON_AddBoolToObject(d, "shares_served_base", shares);
+    cJSON_AddNumberToObject(d, "needed_bytes", (double)fit.need);
+    cJSON_AddNumberToObject(d, "free_bytes", (double)fit.avail);
+    cJSON_AddBoolToObject(d, "fits", fit.fits);
+}
+
 static cJSON *preflight_json(const TrainMemory *tm, const LoraAdapter *a, const JobParams *hp) {
     cJSON *o = cJSON_CreateObject(), *mem = cJSON_AddObjectToObject(o, "memory_bytes");
     cJSON_AddStringToObject(o, "object", "fine_tuning.preflight");
@@ -462,6 +483,7 @@ GfStatus jobs_preflight(Api *api, const HttpReq *req, HttpResp *resp) {
     TrainMemory tm;
     trainer_memory(sv->model, sv->pre, a, hp.quantization == MODEL_QUANT_NF4, hp.max_seq_len, &tm);
     cJSON *out = preflight_json(&tm, a, &hp);
+    preflight_device(api, &tm, &hp, out);
     lora_free(a);
     cJSON_Delete(body);
     return reply_json(resp, 200, out);

@@ -24,6 +24,19 @@ int kn_devices_probe(KnDeviceInfo out[KN_MAX_DEVICES]) {
     return n;
 }
 
+GfStatus kn_device_info(KnDeviceKind kind, int index, KnDeviceInfo *out, GfError *err) {
+    KnDeviceInfo dev[KN_MAX_DEVICES];
+    int n = kn_devices_probe(dev);
+    KnDeviceKind k = kind == KN_DEVICE_GUARDED ? KN_DEVICE_CPU : kind;
+    for (int i = 0; i < n; i++)
+        if (dev[i].kind == k && dev[i].index == index) {
+            *out = dev[i];
+            return GF_OK;
+        }
+    return gf_error_set(err, GF_NOT_FOUND, "device_not_available", "device", "no %s device %d",
+                        k == KN_DEVICE_CUDA ? "CUDA" : "CPU", index);
+}
+
 void kn_default_device(KnDeviceKind *kind, int *index) {
     KnDeviceInfo dev[KN_MAX_DEVICES];
     int n = kn_devices_probe(dev);

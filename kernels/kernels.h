@@ -29,6 +29,7 @@ typedef struct {
     int n_threads;             /* CPU: cores used by the thread pool; CUDA: SM count */
     uint64_t memory_total;     /* bytes */
     uint64_t memory_free;      /* bytes, at probe time */
+    int cc_major, cc_minor;    /* CUDA compute capability (0.0 for the CPU) */
 } KnDeviceInfo;
 
 /* Fills out[0..n) with the CPU followed by every CUDA device that the CUDA
@@ -36,6 +37,11 @@ typedef struct {
  * runtime that cannot be initialised simply contributes no device, and the
  * reason is logged once at debug level. */
 int kn_devices_probe(KnDeviceInfo out[KN_MAX_DEVICES]);
+
+/* The description of the device of kind (the guarded backend's is the
+ * CPU's: its memory is host memory) and index, its free memory read now;
+ * GF_NOT_FOUND naming it when there is none. */
+GfStatus kn_device_info(KnDeviceKind kind, int index, KnDeviceInfo *out, GfError *err);
 
 /* 1 when this binary contains the CUDA backend, whether or not a GPU exists. */
 int kn_cuda_built(void);

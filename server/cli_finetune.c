@@ -217,11 +217,12 @@ static void print_bytes(const char *what, uint64_t b, const char *note) {
     printf("  %-34s %9.1f %-3s  %s\n", what, v, units[u], note);
 }
 
-static void print_memory(const Pipeline *p, const LoraAdapter *a, const JobParams *hp, int64_t seq_len) {
+/* 0 when the estimate fits the model's device now, else 1 (said so). */
+static int print_memory(const Pipeline *p, const LoraAdapter *a, const JobParams *hp, int64_t seq_len) {
     TrainMemory tm;
     trainer_memory(p->model, &p->pre, a, hp->quantization == MODEL_QUANT_NF4, seq_len, &tm);
     char note[160];
-    printf("\nmemory estimate for training (CPU backend; sequences run one at a time, so batch_size x "
+    printf("\nmemory estimate for training (sequences run one at a time, so batch_size x "
            "gradient_accumulation_steps adds none):\n");
     snprintf(note, sizeof note, "%llu linears %s, the rest as stored", (unsigned long long)tm.n_linears,
              hp->quantization == MODEL_QUANT_NF4 ? "in NF4" : "as stored");
@@ -233,6 +234,19 @@ static void print_memory(const Pipeline *p, const LoraAdapter *a, const JobParam
     print_bytes("activations", tm.activations, note);
     if (tm.vision) print_bytes("vision tower (one image at a time)", tm.vision, "at the processor's soft-token budget");
     print_bytes("total", tm.total, "");
+    const KnBackend *be = model_backend(p->model);
+    KnDeviceInfo dev;
+    GfError err;
+    if (kn_device_info(be->ctx.device, be->ctx.index, &dev, &err)) {
+        printf("\ndevice %s: %s\n", be->name, err.message);
+        return 1;
+    }
+    TrainFit fit;
+    trainer_fit(&tm, 0, dev.memory_free, 0, 0, &fit);
+    printf("\ndevice %s (%s): %.1f MiB free now, the job needs %.1f MiB: %s\n", be->name, dev.name,
+           (double)fit.avail / 1048576.0, (double)fit.need / 1048576.0,
+           fit.fits ? "it fits" : "it does NOT fit (lower max_seq_len or lora_rank, or use quantization nf4)");
+    return fit.fits ? 0 : 1;
 }
 
 static void print_targets(const LoraAdapter *a, const JobParams *hp) {
@@ -307,7 +321,7 @@ int cli_preflight(int argc, char **argv) {
     if (!rc && o.dataset && trainset_open(p, o.dataset, o.images, hp.max_seq_len, &dl.image, &set, &err)) rc = fail("the dataset", &err);
     if (!rc) {
         print_targets(a, &hp);
-        print_memory(p, a, &hp, set ? trainset_max_tokens(set) : hp.max_seq_len);
+        rc = print_memory(p, a, &hp, set ? trainset_max_tokens(set) : hp.max_seq_len);
         if (set) print_example(p, set);
     }
     trainset_close(set);

@@ -174,6 +174,8 @@ static GfStatus prepare(JobCtx *c, JobPaths *p, TrainRunSpec *spec, GfError *err
     spec->adapter_out = p->out;
     spec->keep_adapter = c->j->cfg.on_adapter != NULL;
     spec->device = j->cfg.device;
+    spec->pre = j->cfg.pre;
+    spec->memory_limit = j->cfg.memory_limit;
     spec->n_threads = j->cfg.n_threads;
     spec->image_limits = j->cfg.image_limits;
     spec->disk_full_wait_s = j->cfg.disk_full_wait_s;

@@ -36,6 +36,7 @@ typedef struct {
     int verbose;
     int train_threads;
     const char *device;           /* NULL = the default (model.h); serving and jobs alike */
+    uint64_t device_memory;       /* bytes jobs may count on the device, base copies included; 0 = what it has free */
     int no_train;
     int no_export;
     int max_seqs;                 /* 0 = default */
@@ -89,6 +90,8 @@ static void usage(FILE *f) {
             "  --threads N             HTTP worker threads (default 4)\n"
             "  --device D              cpu, cuda or cuda:N, for serving and jobs (default: the first GPU, else the CPU;\n"
             "                          also GF_DEVICE)\n"
+            "  --device-memory BYTES   memory the base copies and jobs may use on the device; a job that would not\n"
+            "                          fit fails at its start, saying why (default: what the device has free)\n"
             "  --train-threads N       engine threads of the job worker (default 0: all cores)\n"
             "  --no-train              run no fine-tuning jobs here (they stay queued for a server that does)\n"
             "  --no-export             run no export jobs (merges) here (they stay queued for a server that does)\n"
@@ -221,6 +224,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--threads") == 0 && !parse_uint(v, 256, &n) && n) o->http.threads = (unsigned)n;
         else if (strcmp(a, "--train-threads") == 0 && !parse_uint(v, 1024, &n)) o->train_threads = (int)n;
         else if (strcmp(a, "--device") == 0 && cli_parse_device(v) == 0) o->device = v;
+        else if (strcmp(a, "--device-memory") == 0 && !parse_uint(v, 1ull << 50, &n) && n) o->device_memory = n;
         else if (strcmp(a, "--max-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.max_connections = (unsigned)n;
         else if (strcmp(a, "--per-ip-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.per_ip_connections = (unsigned)n;
         else if (strcmp(a, "--timeout") == 0 && !parse_uint(v, 3600, &n) && n) o->http.timeout_s = (unsigned)n;
@@ -305,7 +309,7 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, DevSched *sched,
         return -1;
     }
     api->serving = (ApiServing){*out, pipe->model, pipe->tok, &pipe->tpl, &pipe->pre, model_config(pipe->model),
-                                o->max_tokens ? o->max_tokens : 4096, 8, 1024, NULL, sched};
+                                o->max_tokens ? o->max_tokens : 4096, 8, 1024, NULL, sched, o->device_memory};
     int tasks = o->max_image_tasks < o->image_threads ? o->image_threads : o->max_image_tasks;
     api->serving.images = work_pool_new(o->image_threads, tasks, &err);
     if (!api->serving.images) {
@@ -413,7 +417,8 @@ static int cmd_serve(int argc, char **argv) {
     if (api->model.loaded && !o.no_train) {
         JobsConfig jc = {.model_dir = o.model_dir, .model_name = api->model.id, .max_lora_rank = o.limits.max_lora_rank,
                          .base = model_weights(p.pipe->model), .gauge = &p.metrics.weights, .sched = p.serve ? p.sched : NULL,
-                         .device = o.device, .n_threads = o.train_threads, .poll_s = 0.5, .disk_full_wait_s = o.disk_full_wait_s,
+                         .device = o.device, .pre = &p.pipe->pre, .memory_limit = o.device_memory,
+                         .n_threads = o.train_threads, .poll_s = 0.5, .disk_full_wait_s = o.disk_full_wait_s,
                          .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels},
                          .on_adapter = p.serve ? serve_trained : NULL, .on_adapter_cls = p.serve,
                          .on_event = job_event, .on_event_cls = api->job_hub};
@@ -461,10 +466,13 @@ static int cmd_devices(void) {
     KnDeviceInfo dev[KN_MAX_DEVICES];
     int n = kn_devices_probe(dev);
     printf("CUDA backend %s\n", kn_cuda_built() ? "built" : "not built");
-    for (int i = 0; i < n; i++)
-        printf("%s%d  %-32s  %d %s  %.1f GiB total, %.1f GiB free\n", dev[i].kind == KN_DEVICE_CPU ? "cpu" : "cuda",
+    for (int i = 0; i < n; i++) {
+        char cc[32] = "";
+        if (dev[i].kind == KN_DEVICE_CUDA) snprintf(cc, sizeof cc, ", compute capability %d.%d", dev[i].cc_major, dev[i].cc_minor);
+        printf("%s%d  %-32s  %d %s  %.1f GiB total, %.1f GiB free%s\n", dev[i].kind == KN_DEVICE_CPU ? "cpu" : "cuda",
                dev[i].index, dev[i].name, dev[i].n_threads, dev[i].kind == KN_DEVICE_CPU ? "threads" : "SMs",
-               (double)dev[i].memory_total / 1073741824.0, (double)dev[i].memory_free / 1073741824.0);
+               (double)dev[i].memory_total / 1073741824.0, (double)dev[i].memory_free / 1073741824.0, cc);
+    }
     return 0;
 }
 

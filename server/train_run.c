@@ -69,12 +69,67 @@ static GfStatus open_data(Run *r, GfError *err) {
 
 static const char *quant_name(ModelQuant q) { return q == MODEL_QUANT_NF4 ? "NF4" : "full-precision"; }
 
+#define MB(b) ((double)(b) / 1e6)
+
+/* The estimate of tm against what the device has free (trainer_fit): a
+ * line in the job's log, or the error that fails it naming the sizes. */
+static GfStatus judge_fit(Run *r, const TrainMemory *tm, int share, const KnDeviceInfo *dev, const char *name,
+                          GfError *err) {
+    const TrainRunSpec *s = r->spec;
+    TrainFit fit;
+    trainer_fit(tm, share, dev->memory_free, s->memory_limit, s->gauge ? atomic_load(&s->gauge->bytes) : 0, &fit);
+    uint64_t train = tm->total - tm->weights, need = fit.need, avail = fit.avail;
+    if (fit.fits) {
+        logf_(r, "info", "memory: the job needs %.1f MB on %s at most (max_seq_len %lld), %.1f MB are free", MB(need),
+              name, (long long)s->params.max_seq_len, MB(avail));
+        return GF_OK;
+    }
+    if (share)
+        return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", "hyperparameters.max_seq_len",
+                            "the job does not fit %s: its training needs %.1f MB at max_seq_len %lld (adapter state "
+                            "%.1f MB, activations %.1f MB, vision tower %.1f MB), %.1f MB are free",
+                            name, MB(need), (long long)s->params.max_seq_len, MB(tm->state), MB(tm->activations),
+                            MB(tm->vision), MB(avail));
+    return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", "hyperparameters.quantization",
+                        "the job does not fit %s: a second copy of the base (%s, %.1f MB) and its training (%.1f MB) "
+                        "need %.1f MB, %.1f MB are free; with quantization \"%s\" it would share the served base",
+                        name, quant_name(s->params.quantization), MB(tm->weights), MB(train), MB(need), MB(avail),
+                        weights_quant(s->base) == MODEL_QUANT_NF4 ? "nf4" : "none");
+}
+
+/* Before anything is loaded: what the job will need on its device (its
+ * adapter's state and the activations at max_seq_len, and a second copy of
+ * the base when it cannot share the served one) against what is free, on a
+ * context over the served base. */
+static GfStatus check_fit(Run *r, int share, GfError *err) {
+    const TrainRunSpec *s = r->spec;
+    const JobParams *hp = &s->params;
+    if (!s->base || !s->pre) return GF_OK;
+    ModelOptions mo = {.device = s->device, .n_threads = 1};
+    Model *m = NULL;
+    LoraAdapter *a = NULL;
+    GfStatus st = model_new(s->base, &mo, &m, err);
+    if (!st) st = lora_create(m, hp->targets, hp->n_targets, hp->lora_rank, hp->lora_alpha, hp->use_rslora, 0, &a, err);
+    if (!st) {
+        TrainMemory tm;
+        trainer_memory(m, s->pre, a, hp->quantization == MODEL_QUANT_NF4, hp->max_seq_len, &tm);
+        const KnBackend *be = model_backend(m);
+        KnDeviceInfo dev;
+        st = kn_device_info(be->ctx.device, be->ctx.index, &dev, err);
+        if (!st) st = judge_fit(r, &tm, share, &dev, be->name, err);
+    }
+    lora_free(a);
+    model_close(m);
+    return st;
+}
+
 /* On the given base weights when the quantization matches; else a copy of
  * our own, said so with its size. */
 static GfStatus open_model(Run *r, GfError *err) {
     const TrainRunSpec *s = r->spec;
     ModelQuant q = s->params.quantization;
     int share = s->base && weights_quant(s->base) == q;
+    if (check_fit(r, share, err)) return err->status;
     ModelOptions mo = {.device = s->device, .n_threads = s->n_threads, .quantize = q, .weights = share ? s->base : NULL,
                        .gauge = s->gauge};
     GfStatus st = pipeline_open(s->model_dir, &mo, &r->p, err);

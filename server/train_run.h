@@ -36,6 +36,10 @@ typedef struct {
     GemmaWeights *base;                   /* weights loaded from model_dir, shared when their quantization matches; or NULL */
     WeightsGauge *gauge;                  /* counts a copy loaded here (may be NULL) */
     DevSched *sched;                      /* the device shared with the serving engine (devsched.h), or NULL */
+    const PreprocessConfig *pre;          /* the served pipeline's image processor: with base, the job checks
+                                             that it fits its device before loading anything; NULL = no check */
+    uint64_t memory_limit;                /* bytes this process may use on the device (base copies included);
+                                             0 = as much as the device has free */
     const char *train_jsonl, *train_tar;  /* tar may be NULL */
     const char *val_jsonl, *val_tar;      /* NULL = no validation set */
     const char *ckpt_root;                /* checkpoints go here (created) */

@@ -445,6 +445,7 @@ void weights_memory(const GemmaWeights *gw, ModelMemory *out) {
         out->linear_nf4_bytes += nf4_bytes(elems);
     }
     out->linear_stored_bytes = linears_bytes(slots, n);
+    out->linear_full_bytes = gw->linear_bound_bytes;
     free(slots);
     out->n_linears = n;
     out->other_bytes = gw->dir.n_bytes > gw->linear_bound_bytes ? gw->dir.n_bytes - gw->linear_bound_bytes : 0;

@@ -63,6 +63,7 @@ typedef struct {
     uint64_t n_linears;
     uint64_t linear_params;        /* elements of those linears */
     uint64_t linear_stored_bytes;  /* as loaded now */
+    uint64_t linear_full_bytes;    /* as a copy without NF4 holds them (F16 widened to F32) */
     uint64_t linear_nf4_bytes;     /* if quantized to NF4 */
     uint64_t other_bytes;          /* every other tensor of the checkpoint */
 } ModelMemory;

@@ -470,6 +470,15 @@ GfStatus trainer_resume(Trainer *t, const char *dir, GfError *err) {
 
 /* ---- memory estimate ---------------------------------------------------------- */
 
+void trainer_fit(const TrainMemory *tm, int shares_base, uint64_t device_free, uint64_t limit, uint64_t resident,
+                 TrainFit *out) {
+    out->need = shares_base ? tm->total - tm->weights : tm->total;
+    out->avail = device_free;
+    uint64_t room = limit > resident ? limit - resident : 0;
+    if (limit && room < out->avail) out->avail = room;
+    out->fits = out->need <= out->avail;
+}
+
 void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapter *a, int nf4, int64_t seq_len,
                     TrainMemory *out) {
     ModelMemory mm;
@@ -482,7 +491,7 @@ void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapt
     }
     out->n_linears = mm.n_linears;
     out->n_params = n_params;
-    out->weights = mm.other_bytes + (nf4 ? mm.linear_nf4_bytes : mm.linear_stored_bytes);
+    out->weights = mm.other_bytes + (nf4 ? mm.linear_nf4_bytes : mm.linear_full_bytes);
     out->state = 4 * n_params * sizeof(float);
     out->activations = grad_workspace_bytes(m, seq_len, max_rank);
     out->vision = model_vision_workspace_bytes(m, preprocess_max_patches(pre), max_rank, 1);

@@ -138,4 +138,16 @@ typedef struct {
 void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapter *a, int nf4, int64_t seq_len,
                     TrainMemory *out);
 
+/* Whether a job of estimate tm fits its device: it needs tm->total there,
+ * less the base weights when it shares a resident copy; it has the device's
+ * free bytes, and at most limit less the resident base copies when a limit
+ * (bytes this process may use there) is set. */
+typedef struct {
+    uint64_t need, avail;
+    int fits;
+} TrainFit;
+
+void trainer_fit(const TrainMemory *tm, int shares_base, uint64_t device_free, uint64_t limit, uint64_t resident,
+                 TrainFit *out);
+
 #endif

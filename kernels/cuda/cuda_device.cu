@@ -26,6 +26,8 @@ int cuda_devices_probe(KnDeviceInfo *out, int max) {
         snprintf(d->name, sizeof d->name, "%.127s", prop.name); /* names are far shorter */
         d->n_threads = prop.multiProcessorCount;
         d->memory_total = prop.totalGlobalMem;
+        d->cc_major = prop.major;
+        d->cc_minor = prop.minor;
         size_t free_b = 0, total_b = 0;
         if (cudaSetDevice(i) == cudaSuccess && cudaMemGetInfo(&free_b, &total_b) == cudaSuccess)
             d->memory_free = free_b;

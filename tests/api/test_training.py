@@ -375,6 +375,51 @@ def t_job_and_requests_share_the_device(binary):
         srv.stop()
 
 
+def t_job_must_fit_its_device(binary):
+    """A job checks, before loading anything, that it fits the device within
+    --device-memory: with room for its training on the shared base but not
+    for a second copy, a job on the served quantization trains, and one that
+    would load an NF4 copy fails at once naming the sizes and the way out,
+    with no second copy ever resident."""
+    hp = {"epochs": 50, "batch_size": 2, "gradient_accumulation_steps": 1, "save_every": 1000, "max_seq_len": 512}
+    srv = Server(binary)
+    try:
+        _, base_bytes = base_weights(srv)
+        est = {q: expect(srv.post_json("/v1/fine_tuning/preflight", {"hyperparameters": dict(hp, quantization=q)}),
+                         200).json()["memory_bytes"] for q in ("none", "nf4")}
+    finally:
+        srv.stop()
+    share_need = est["none"]["total"] - est["none"]["base_weights"]
+    second_need = est["nf4"]["total"]
+    assert 0 < share_need < second_need, est
+    limit = base_bytes + (share_need + second_need) // 2
+    srv = Server(binary, extra=["--device-memory", str(limit)])
+    try:
+        for q, fits, need in (("none", True, share_need), ("nf4", False, second_need)):
+            d = expect(srv.post_json("/v1/fine_tuning/preflight", {"hyperparameters": dict(hp, quantization=q)}),
+                       200).json()["device"]
+            assert d["fits"] is fits and d["needed_bytes"] == need and d["free_bytes"] == limit - base_bytes, (q, d)
+            assert d["shares_served_base"] is (q == "none") and d["name"] in ("cpu", "guarded"), d
+        ds, _, _ = upload_shapes(srv, 12, 6)
+        job = create_job(srv, ds, dict(hp, quantization="nf4"))
+        j = wait_job(srv, job, timeout=120)
+        assert j["status"] == "failed" and j["error"]["code"] == "out_of_memory", j
+        msg = j["error"]["message"]
+        assert "a second copy of the base (NF4, %.1f MB)" % (est["nf4"]["base_weights"] / 1e6) in msg, (msg, est)
+        assert "%.1f MB are free" % ((limit - base_bytes) / 1e6) in msg and 'quantization "none"' in msg, (msg, limit)
+        assert not [e for e in events(srv, job) if "second copy" in e["message"] and "loaded" in e["message"]]
+        assert base_weights(srv) == (1, base_bytes)
+
+        job = create_job(srv, ds, dict(hp, quantization="none"))
+        wait_job(srv, job, pred=lambda j: (j["progress"]["step"] or 0) >= 1)
+        fit = [e["message"] for e in events(srv, job) if e["message"].startswith("memory:")]
+        assert len(fit) == 1 and "needs %.1f MB" % (share_need / 1e6) in fit[0], (fit, share_need)
+        expect(srv.post_json("/v1/fine_tuning/jobs/%s/cancel" % job, {}), 200)
+        assert wait_job(srv, job, timeout=120)["status"] == "cancelled"
+    finally:
+        srv.stop()
+
+
 def t_failed_jobs_say_why(binary):
     srv = Server(binary)
     try:

@@ -20,6 +20,29 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, '..', '..');
 const BIN = process.argv[2];
 const KEY = 'browser-test-key-0123456789';
+
+// Waits for the job page's success badge as long as the job makes progress
+// (its step or status changes within any 5 minutes): a slow or busy
+// machine (ASan on two cores beside other suites) trains slower, never wrongly.
+async function untilDone(page, job) {
+  let seen = null, since = Date.now();
+  for (;;) {
+    try {
+      await page.locator('.job-head .badge-succeeded').waitFor({ timeout: 30000 });
+      return;
+    } catch (e) {
+      if (!String(e).includes('Timeout')) throw e;
+    }
+    const j = await page.evaluate(async ([id, key]) => {
+      const r = await fetch('/v1/fine_tuning/jobs/' + id, { headers: { Authorization: 'Bearer ' + key } });
+      return r.json();
+    }, [job, KEY]);
+    if (['failed', 'cancelled'].includes(j.status)) throw new Error(`the job ended ${j.status}: ${JSON.stringify(j.error)}`);
+    const now = `${j.status} ${j.progress && j.progress.step}`;
+    if (now !== seen) { seen = now; since = Date.now(); }
+    else if (Date.now() - since > 300000) throw new Error(`the job made no progress for 5 minutes (${now})`);
+  }
+}
 const XSS = '<img src=x onerror=alert(1)>';
 const ART = path.join(HERE, 'artifacts');
 
@@ -151,7 +174,7 @@ async function desktop(browser, base, dir) {
   check(true, 'starting a job opens its page');
 
   // the job page: live until it succeeds, the chart drawn
-  await page.locator('.job-head .badge-succeeded').waitFor({ timeout: 600000 }); // ASan builds train slowly
+  await untilDone(page, page.url().split('/').pop());
   await page.locator('#loss-chart polyline.series-train').waitFor();
   const points = (await page.getAttribute('#loss-chart polyline.series-train', 'points')).trim().split(' ').length;
   check(points === 30, `the loss chart has a point per step (${points} of 30)`);
