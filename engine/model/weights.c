@@ -64,8 +64,7 @@ static int arena_release(GemmaWeights *gw, const void *p) {
     return 0;
 }
 
-/* 1 when p lies in the arena (a widened copy), not in the checkpoint. */
-static int in_arena(const GemmaWeights *gw, const void *p) {
+int weights_in_arena(const GemmaWeights *gw, const void *p) {
     const uint8_t *q = p;
     for (size_t i = 0; i < gw->n_chunks; i++)
         if (q >= (const uint8_t *)gw->chunks[i].base && q < (const uint8_t *)gw->chunks[i].base + gw->chunks[i].size)
@@ -500,7 +499,7 @@ static GfStatus quantize_linears(GemmaWeights *gw, GfError *err) {
         uint64_t stored = linears_bytes(&w, 1);
         /* the stored matrix is no longer read: a widened copy's mapping is
          * given back, the checkpoint's pages stop counting */
-        if (!in_arena(gw, w->data) || arena_release(gw, w->data)) gw->resident_bytes -= stored;
+        if (!weights_in_arena(gw, w->data) || arena_release(gw, w->data)) gw->resident_bytes -= stored;
         gw->resident_bytes += nf4_bytes(w->rows * w->cols);
         *w = kn_nf4_matrix(&gw->nf4[i], 0, w->rows, w->cols);
     }

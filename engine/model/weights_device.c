@@ -44,14 +44,6 @@ static int add_span(Spans *s, const void *p, size_t len) {
     return 0;
 }
 
-static int in_chunks(const GemmaWeights *gw, const void *p) {
-    const uint8_t *q = p;
-    for (size_t i = 0; i < gw->n_chunks; i++)
-        if (q >= (const uint8_t *)gw->chunks[i].base && q < (const uint8_t *)gw->chunks[i].base + gw->chunks[i].size)
-            return 1;
-    return 0;
-}
-
 /* The device address of host address p (NULL stays NULL). */
 static void *translate(Spans *s, const void *p) {
     if (!p) return NULL;
@@ -108,7 +100,7 @@ static void visit_all(WeightsTensors *t, const GemmaConfig *cfg, const Visit *v)
 /* Pass 1: the spans (arena chunks first, then the checkpoint's matrices). */
 static void span_of_mat(KnMatrix *m, void *cls) {
     Spans *s = cls;
-    if (!m->data || m->dtype == KN_NF4 || in_chunks(s->gw, m->data)) return;
+    if (!m->data || m->dtype == KN_NF4 || weights_in_arena(s->gw, m->data)) return;
     size_t len = (size_t)(m->rows * m->cols) * kn_dtype_size(m->dtype);
     if (add_span(s, m->data, len)) s->missing = 1;
 }

@@ -79,6 +79,10 @@ typedef struct WeightsDevice {
  * GF_DEVICE, or the backend's open errors. */
 GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n_threads, const WeightsTensors **t,
                            const KnBackend **share, GfError *err);
+/* 1 when p lies in the weights' arena (a widened, NF4 or derived array),
+ * not in the mapped checkpoint. */
+int weights_in_arena(const GemmaWeights *gw, const void *p);
+
 /* Frees every device copy (weights_free, once no context runs on them). */
 void weights_devices_free(GemmaWeights *gw);
 

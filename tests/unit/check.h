@@ -28,34 +28,26 @@ static int g_checks_passed, g_checks_failed;
     CHECK((got) == (want), "status %d (%s), want %d; message: %s", (int)(got),  \
           gf_status_name(got), (int)(want), (err).message)
 
-/* 1 when fn(arg), run in a child process, dies of SIGSEGV (a fault the
+/* 1 when fn(arg), run in a child process, dies of signal sig (a fault the
  * test provokes on purpose), even under a sanitizer's own handler. */
-static inline int check_segfaults(void (*fn)(int), int arg) {
+static inline int check_dies(void (*fn)(int), int arg, int sig) {
     fflush(NULL);
     pid_t pid = fork();
     if (pid == 0) {
-        signal(SIGSEGV, SIG_DFL);
+        signal(sig, SIG_DFL);
         fn(arg);
         _exit(0);
     }
     int status = 0;
     waitpid(pid, &status, 0);
-    return WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV;
+    return WIFSIGNALED(status) && WTERMSIG(status) == sig;
 }
 
+/* 1 when fn(arg), run in a child process, faults (SIGSEGV). */
+static inline int check_segfaults(void (*fn)(int), int arg) { return check_dies(fn, arg, SIGSEGV); }
+
 /* 1 when fn(arg), run in a child process, aborts (SIGABRT). */
-static inline int check_aborts(void (*fn)(int), int arg) {
-    fflush(NULL);
-    pid_t pid = fork();
-    if (pid == 0) {
-        signal(SIGABRT, SIG_DFL);
-        fn(arg);
-        _exit(0);
-    }
-    int status = 0;
-    waitpid(pid, &status, 0);
-    return WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT;
-}
+static inline int check_aborts(void (*fn)(int), int arg) { return check_dies(fn, arg, SIGABRT); }
 
 static inline int check_done(const char *name) {
     printf("%s: %d passed, %d failed\n", name, g_checks_passed, g_checks_failed);
