@@ -133,6 +133,9 @@ static void put_serving(Text *t, ServeEngine *e) {
            "gf_inference_generated_tokens_total %llu\n", (unsigned long long)s.generated_tokens);
     put(t, "# HELP gf_adapter_loads_total Adapters loaded into the engine.\n# TYPE gf_adapter_loads_total counter\n"
            "gf_adapter_loads_total %llu\n", (unsigned long long)s.adapter_loads);
+    put(t, "# HELP gf_adapters_adopted_total Jobs' adapters served from their device slab as trained, without a "
+           "copy.\n# TYPE gf_adapters_adopted_total counter\ngf_adapters_adopted_total %llu\n",
+        (unsigned long long)s.adapters_adopted);
     put(t, "# HELP gf_adapter_evictions_total Idle adapters dropped beyond the resident budget.\n"
            "# TYPE gf_adapter_evictions_total counter\ngf_adapter_evictions_total %llu\n",
         (unsigned long long)s.adapter_evictions);

@@ -284,7 +284,7 @@ int main(int argc, char **argv) {
         char name[32];
         snprintf(name, sizeof name, "bench-%d", i);
         LoraAdapter *a = random_adapter(m, 16, (uint64_t)i + 1);
-        if (a) serve_adapter_put(e, name, a);
+        if (a) serve_adapter_put(e, name, a, NULL);
     }
     round_(e, m, requests, 0, prompt, tokens); /* warm-up */
     round_(e, m, requests, 0, prompt, tokens);

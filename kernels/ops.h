@@ -120,7 +120,9 @@ typedef struct {
      * names it in the error (GF_NO_MEMORY, or GF_DEVICE) when it cannot be
      * had. Contents undefined. */
     GfStatus (*alloc)(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what, GfError *err);
-    /* Frees buf (a zeroed buffer is a no-op) and zeroes it. */
+    /* Frees buf (a zeroed buffer is a no-op) and zeroes it. A buffer belongs
+     * to its device: any context there (for the guarded backend, any
+     * sibling) may free it, on any thread. */
     void (*free)(const KnCtx *ctx, KnBuffer *buf);
     /* (optional) buf's contents are final (weights, after their upload):
      * read-only from now on. */

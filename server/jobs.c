@@ -200,7 +200,7 @@ static void conclude(JobCtx *c, GfStatus st, const GfError *run_err, const JobPa
             snprintf(msg, sizeof msg, "the adapter could not be registered: %s", err.message);
             rec = store_job_finish(j->store, id, "failed", code, msg, &err);
         } else if (j->cfg.on_adapter && res->adapter) {
-            j->cfg.on_adapter(j->cfg.on_adapter_cls, name, res->adapter); /* served at once, from memory */
+            j->cfg.on_adapter(j->cfg.on_adapter_cls, name, res->adapter, &res->params); /* served at once, from memory */
             res->adapter = NULL;
         }
     } else if ((st == GF_CANCELLED && strcmp(run_err->code, "paused") == 0) || st == GF_NO_SPACE) {
@@ -237,6 +237,7 @@ static void run_job(Jobs *j, const JobRow *row, int resumed) {
     else if (store_job_finish(j->store, row->id, "failed", "out_of_memory", "the server ran out of memory", &err))
         GF_LOGE("job %s: could not record its end: %s", row->id, err.message);
     lora_free(res.adapter); /* not handed over */
+    if (res.params.data && j->cfg.free_params) j->cfg.free_params(j->cfg.on_adapter_cls, &res.params);
     free(p);
 }
 

@@ -53,9 +53,13 @@ typedef struct {
     double poll_s;             /* how often an idle worker looks for jobs */
     unsigned disk_full_wait_s; /* a checkpoint that finds the disk full waits this long, then the job pauses */
     /* called on the worker thread when a job's adapter is registered, with
-     * the trained adapter (ownership passes): the serving engine takes it
-     * from memory. NULL = the adapter is freed. */
-    void (*on_adapter)(void *cls, const char *name, LoraAdapter *adapter);
+     * the trained adapter and, when the job trained on the served base, its
+     * parameters still on the device (both taken): the serving engine takes
+     * them from memory. NULL = the adapter is freed. */
+    void (*on_adapter)(void *cls, const char *name, LoraAdapter *adapter, KnBuffer *params);
+    /* frees a job's device parameters that on_adapter did not take (its
+     * registration failed); needed with on_adapter */
+    void (*free_params)(void *cls, KnBuffer *params);
     void *on_adapter_cls;
     /* called on the worker thread after each commit of a job's events or
      * status (event streams wake on it); may be NULL */

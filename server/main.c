@@ -341,7 +341,10 @@ static void end_deferred(void *cls) {
 static void job_event(void *cls, const char *job_id) { job_hub_notify(cls, job_id); }
 
 /* A job's trained adapter goes to the serving engine from memory. */
-static void serve_trained(void *cls, const char *name, LoraAdapter *a) { serve_adapter_put(cls, name, a); }
+static void serve_trained(void *cls, const char *name, LoraAdapter *a, KnBuffer *params) {
+    serve_adapter_put(cls, name, a, params);
+}
+static void free_trained(void *cls, KnBuffer *params) { serve_params_free(cls, params); }
 
 static void block_signals(sigset_t *set) {
     sigemptyset(set);
@@ -420,7 +423,8 @@ static int cmd_serve(int argc, char **argv) {
                          .device = o.device, .pre = &p.pipe->pre, .memory_limit = o.device_memory,
                          .n_threads = o.train_threads, .poll_s = 0.5, .disk_full_wait_s = o.disk_full_wait_s,
                          .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels},
-                         .on_adapter = p.serve ? serve_trained : NULL, .on_adapter_cls = p.serve,
+                         .on_adapter = p.serve ? serve_trained : NULL, .free_params = free_trained,
+                         .on_adapter_cls = p.serve,
                          .on_event = job_event, .on_event_cls = api->job_hub};
         if (jobs_start(&jc, api->store, &p.jobs, &err)) {
             fprintf(stderr, "gemmaforge: %s\n", err.message);

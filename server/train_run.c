@@ -25,6 +25,7 @@ typedef struct {
     int64_t steps_run;
     double eval_loss;
     int64_t set_tokens;        /* tokens of the training set */
+    int shared;                /* the model runs on the served base's weights */
     TrainStepInfo last;
 } Run;
 
@@ -135,6 +136,7 @@ static GfStatus open_model(Run *r, GfError *err) {
     GfStatus st = pipeline_open(s->model_dir, &mo, &r->p, err);
     if (st) return gf_error_wrap(err, "model", "the model");
     double mb = (double)weights_resident_bytes(model_weights(r->p->model)) / 1e6;
+    r->shared = share;
     if (share)
         logf_(r, "info", "model: running on the served base weights (%s, %.1f MB, shared)", quant_name(q), mb);
     else if (s->base)
@@ -355,6 +357,10 @@ GfStatus train_run(const TrainRunSpec *spec, const TrainRunHooks *hooks, TrainRu
         if (spec->keep_adapter) {
             result->adapter = r.a;
             r.a = NULL;
+            if (r.shared) { /* its device slab sits beside the served base: serving binds it as it is */
+                trainer_take_params(r.t, &result->params);
+                logf_(&r, "info", "adapter: handed to serving on the device as trained, without a copy");
+            }
         }
     }
     close_all(&r);

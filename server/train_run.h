@@ -85,6 +85,9 @@ typedef struct {
     int n_modules;                        /* adapted modules */
     int has_vision;                       /* some are in the vision tower */
     LoraAdapter *adapter;                 /* keep_adapter: the trained adapter, owned by the caller */
+    KnBuffer params;                      /* keep_adapter, on the served base's weights: the adapter's parameters
+                                             as trained, in device memory any context of the device can bind
+                                             (lora_bind_adopt) and free; zeroed otherwise. The caller's. */
 } TrainRunResult;
 
 /* Checkpoint directory name of a step under root. */

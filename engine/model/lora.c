@@ -254,18 +254,27 @@ void lora_binding_free(LoraBinding *b) {
     memset(b, 0, sizeof *b);
 }
 
-GfStatus lora_binding_upload_new(const KnBackend *be, const LoraAdapter *a, LoraBinding *b, GfError *err) {
+/* b's device slab: *slab taken as it is (zeroed), or a new one holding a's
+ * parameters; then b's pairs pointing into it. */
+static GfStatus binding_slab(const KnBackend *be, const LoraAdapter *a, KnBuffer *slab, LoraBinding *b, GfError *err) {
     if (!a->params) return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "the adapter is not packed");
+    if (slab && slab->bytes < a->n_params * sizeof(float))
+        return gf_error_set(err, GF_INVALID, "invalid_value", NULL, "the parameter slab holds %zu bytes, the adapter %zu",
+                            slab->bytes, a->n_params * sizeof(float));
     b->be = be;
     b->n_pairs = a->n_pairs;
     b->n_params = a->n_params;
     b->pairs = gf_calloc(a->n_pairs + 1, sizeof *b->pairs, err);
     if (!b->pairs) return GF_NO_MEMORY;
-    if (be->ops->alloc(&be->ctx, &b->d_params, (a->n_params ? a->n_params : 1) * sizeof(float), KN_F32,
-                       "the adapter's parameters", err))
+    if (slab) {
+        b->d_params = *slab;
+        memset(slab, 0, sizeof *slab);
+    } else if (be->ops->alloc(&be->ctx, &b->d_params, (a->n_params ? a->n_params : 1) * sizeof(float), KN_F32,
+                              "the adapter's parameters", err)) {
         return err->status;
+    }
     b->params = b->d_params.data;
-    be->ops->upload(&be->ctx, b->params, a->params, a->n_params * sizeof(float));
+    if (!slab) be->ops->upload(&be->ctx, b->params, a->params, a->n_params * sizeof(float));
     for (size_t i = 0; i < a->n_pairs; i++) {
         b->pairs[i] = a->pairs[i];
         b->pairs[i].A = b->params + (a->pairs[i].A - a->params);
@@ -273,6 +282,10 @@ GfStatus lora_binding_upload_new(const KnBackend *be, const LoraAdapter *a, Lora
         b->pairs[i].dA = b->pairs[i].dB = NULL;
     }
     return GF_OK;
+}
+
+GfStatus lora_binding_upload_new(const KnBackend *be, const LoraAdapter *a, LoraBinding *b, GfError *err) {
+    return binding_slab(be, a, NULL, b, err);
 }
 
 GfStatus lora_binding_grads(LoraBinding *b, GfError *err) {
@@ -325,7 +338,7 @@ static const LoraPair **find_slot(const Model *m, LoraBinding *b, const char *mo
     return NULL;
 }
 
-GfStatus lora_bind(const Model *m, const LoraAdapter *a, LoraBinding *b, GfError *err) {
+static GfStatus bind(const Model *m, const LoraAdapter *a, KnBuffer *slab, LoraBinding *b, GfError *err) {
     memset(b, 0, sizeof *b);
     b->scale = a->scale;
     b->n_layers = m->w->cfg.text.n_layers;
@@ -343,7 +356,7 @@ GfStatus lora_bind(const Model *m, const LoraAdapter *a, LoraBinding *b, GfError
         *slot = &a->pairs[i]; /* the adapter's pair for now, its device copy below */
         if (a->pairs[i].rank > b->max_rank) b->max_rank = (int)a->pairs[i].rank;
     }
-    if (lora_binding_upload_new(&m->be, a, b, err)) {
+    if (binding_slab(&m->be, a, slab, b, err)) { /* a slab is taken only once nothing else can fail */
         GfStatus st = err->status;
         lora_binding_free(b);
         return st;
@@ -357,6 +370,12 @@ GfStatus lora_bind(const Model *m, const LoraAdapter *a, LoraBinding *b, GfError
     for (int k = 0; k < 3; k++)
         if (*one[k]) *one[k] = &b->pairs[*one[k] - a->pairs];
     return GF_OK;
+}
+
+GfStatus lora_bind(const Model *m, const LoraAdapter *a, LoraBinding *b, GfError *err) { return bind(m, a, NULL, b, err); }
+
+GfStatus lora_bind_adopt(const Model *m, const LoraAdapter *a, KnBuffer *slab, LoraBinding *b, GfError *err) {
+    return bind(m, a, slab, b, err);
 }
 
 /* ---- apply ------------------------------------------------------------------ */

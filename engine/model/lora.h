@@ -113,6 +113,11 @@ GfStatus lora_save_dir(const LoraAdapter *a, const char *dir, GfError *err);
  * m's backend (GF_NO_MEMORY / GF_DEVICE when they do not fit). The binding
  * does not refer to a afterwards. */
 GfStatus lora_bind(const Model *m, const LoraAdapter *a, LoraBinding *b, GfError *err);
+/* lora_bind without the upload: the binding takes *slab (device memory
+ * that m's backend can address, e.g. a trainer's parameter slab on the same
+ * device, holding a's parameters in a's packed layout) and zeroes it. On
+ * failure *slab stays the caller's. GF_INVALID when it is too small. */
+GfStatus lora_bind_adopt(const Model *m, const LoraAdapter *a, KnBuffer *slab, LoraBinding *b, GfError *err);
 /* The device half of lora_bind alone (no model: no slots resolved), for
  * the optimizer's tests. */
 GfStatus lora_binding_upload_new(const KnBackend *be, const LoraAdapter *a, LoraBinding *b, GfError *err);

@@ -56,6 +56,7 @@ struct ServeReq {
 typedef struct {
     char name[260];
     LoraAdapter *a;           /* put: the adapter; drop: NULL */
+    KnBuffer params;          /* put: a's parameters already on the device (bound without a copy), or zeroed */
     uint8_t vision_digest[VISION_DIGEST_LEN]; /* put: a's vision part, hashed by the caller */
 } Control;
 
@@ -269,16 +270,25 @@ static Resident *find_resident(ServeEngine *e, const char *name) {
     return NULL;
 }
 
-static GfStatus add_resident(ServeEngine *e, const char *name, LoraAdapter *a, const uint8_t *vision_digest, Resident **out,
-                             GfError *err) {
+/* a (and params, when it holds a's parameters on the device: bound as
+ * they are) made resident under name; both are taken, also on failure. */
+static GfStatus add_resident(ServeEngine *e, const char *name, LoraAdapter *a, KnBuffer *params,
+                             const uint8_t *vision_digest, Resident **out, GfError *err) {
     evict(e);
-    if (e->n_res == e->n_res_cap) {
+    int adopt = params && params->data;
+    Resident *r = e->n_res == e->n_res_cap ? NULL : gf_calloc(1, sizeof *r, err);
+    GfStatus st = e->n_res == e->n_res_cap ? gf_error_set(err, GF_BUSY, "adapters_busy", "model",
+                                                           "every adapter slot is in use; retry later")
+                  : !r                     ? GF_NO_MEMORY
+                  : adopt                  ? lora_bind_adopt(e->m, a, params, &r->b, err)
+                                           : lora_bind(e->m, a, &r->b, err);
+    if (st) {
+        serve_params_free(e, params);
         lora_free(a);
-        return gf_error_set(err, GF_BUSY, "adapters_busy", "model", "every adapter slot is in use; retry later");
+        free(r);
+        return st;
     }
-    Resident *r = gf_calloc(1, sizeof *r, err);
-    if (!r) { lora_free(a); return GF_NO_MEMORY; }
-    if (lora_bind(e->m, a, &r->b, err)) { lora_free(a); free(r); return err->status; }
+    if (adopt) e->stats.adapters_adopted++;
     snprintf(r->name, sizeof r->name, "%s", name);
     r->a = a;
     r->last_used = e->step;
@@ -303,7 +313,7 @@ static GfStatus acquire_adapter(ServeEngine *e, ServeReq *q, GfError *err) {
         LoraAdapter *a = q->loaded;
         q->loaded = NULL;
         if (r) lora_free(a);
-        else if (add_resident(e, q->s.adapter, a, q->loaded_digest, &r, err)) return err->status;
+        else if (add_resident(e, q->s.adapter, a, NULL, q->loaded_digest, &r, err)) return err->status;
     }
     r->refs++;
     r->last_used = e->step;
@@ -320,10 +330,11 @@ static void apply_control(ServeEngine *e, Control *c) {
     if (!c->a) return;
     Resident *r;
     GfError err;
-    if (add_resident(e, c->name, c->a, c->vision_digest, &r, &err)) GF_LOGW("adapter %s not kept in memory: %s", c->name, err.message);
+    if (add_resident(e, c->name, c->a, &c->params, c->vision_digest, &r, &err))
+        GF_LOGW("adapter %s not kept in memory: %s", c->name, err.message);
 }
 
-static void post_control(ServeEngine *e, const char *name, LoraAdapter *a) {
+static void post_control(ServeEngine *e, const char *name, LoraAdapter *a, KnBuffer *params) {
     uint8_t digest[VISION_DIGEST_LEN];
     vision_cache_adapter_digest(a, digest); /* here, on the caller's thread */
     pthread_mutex_lock(&e->mu);
@@ -331,16 +342,31 @@ static void post_control(ServeEngine *e, const char *name, LoraAdapter *a) {
         Control *c = &e->control[e->n_control++];
         snprintf(c->name, sizeof c->name, "%s", name);
         c->a = a;
+        memset(&c->params, 0, sizeof c->params);
+        if (params) {
+            c->params = *params;
+            memset(params, 0, sizeof *params);
+        }
         memcpy(c->vision_digest, digest, sizeof digest);
         a = NULL;
         pthread_cond_signal(&e->cv);
     }
     pthread_mutex_unlock(&e->mu);
-    lora_free(a); /* only when the control list was full: the adapter loads from disk on first use */
+    /* only when the control list was full: the adapter loads from disk on first use */
+    lora_free(a);
+    serve_params_free(e, params);
 }
 
-void serve_adapter_put(ServeEngine *e, const char *name, LoraAdapter *a) { post_control(e, name, a); }
-void serve_adapter_drop(ServeEngine *e, const char *name) { post_control(e, name, NULL); }
+void serve_adapter_put(ServeEngine *e, const char *name, LoraAdapter *a, KnBuffer *params) {
+    post_control(e, name, a, params);
+}
+void serve_adapter_drop(ServeEngine *e, const char *name) { post_control(e, name, NULL, NULL); }
+
+void serve_params_free(ServeEngine *e, KnBuffer *params) {
+    if (!params || !params->data) return;
+    const KnBackend *be = model_backend(e->m);
+    be->ops->free(&be->ctx, params);
+}
 
 /* ---- ending a request --------------------------------------------------------------- */
 
@@ -707,7 +733,10 @@ static void *engine_main(void *arg) {
 
 static void engine_free(ServeEngine *e) {
     for (int i = 0; i < e->n_res; i++) resident_free(e->res[i]);
-    for (int i = 0; i < e->n_control; i++) lora_free(e->control[i].a);
+    for (int i = 0; i < e->n_control; i++) {
+        lora_free(e->control[i].a);
+        serve_params_free(e, &e->control[i].params);
+    }
     kv_pool_free(&e->pool);
     vision_cache_free(e->vcache);
     free(e->res);

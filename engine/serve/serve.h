@@ -142,8 +142,15 @@ void serve_cancel(ServeReq *r);
 void serve_release(ServeReq *r);
 
 /* Hands over an adapter already in memory under name (replacing a resident
- * one of that name once idle). */
-void serve_adapter_put(ServeEngine *e, const char *name, LoraAdapter *a);
+ * one of that name once idle). params, when not NULL and not zeroed, holds
+ * a's parameters in device memory of the engine's device (a trainer's slab
+ * on the served base: train_run): the engine binds them as they are,
+ * without a copy. Both are taken. */
+void serve_adapter_put(ServeEngine *e, const char *name, LoraAdapter *a, KnBuffer *params);
+/* Frees device memory of the engine's device that was meant for it (a
+ * buffer belongs to its device: any context there may free it). NULL or
+ * zeroed: nothing. Any thread. */
+void serve_params_free(ServeEngine *e, KnBuffer *params);
 /* Forgets a resident adapter (running requests keep it until they end). */
 void serve_adapter_drop(ServeEngine *e, const char *name);
 
@@ -158,6 +165,7 @@ typedef struct {
     uint64_t requests, completed, failed, cancelled;
     uint64_t prompt_tokens, generated_tokens;
     uint64_t adapter_loads, adapter_evictions;
+    uint64_t adapters_adopted;          /* a job's adapter bound from its device slab, without a copy */
     uint64_t vision_cache_hits, vision_cache_misses, vision_cache_bytes; /* images with a digest */
     int vision_cache_entries;
     double tokens_per_s;      /* generated tokens per second over the last second of work; 0 when idle */

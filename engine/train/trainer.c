@@ -326,6 +326,12 @@ static GfStatus write_text(const char *path, const char *text, GfError *err) {
 void trainer_adapter_download(Trainer *t) { lora_binding_download(&t->b, t->a); }
 void trainer_adapter_upload(Trainer *t) { lora_binding_upload(&t->b, t->a); }
 
+void trainer_take_params(Trainer *t, KnBuffer *out) {
+    *out = t->b.d_params;
+    memset(&t->b.d_params, 0, sizeof t->b.d_params);
+    t->b.params = NULL;
+}
+
 GfStatus trainer_save(Trainer *t, const char *dir, GfError *err) {
     char path[4096], sha_a[65], sha_o[65];
     trainer_adapter_download(t);

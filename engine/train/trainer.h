@@ -117,6 +117,10 @@ GfStatus trainer_resume(Trainer *t, const char *dir, GfError *err);
  * download brings them into the LoraAdapter's host slab (before saving it
  * or handing it over; trainer_save does it), upload sends host changes back. */
 void trainer_adapter_download(Trainer *t);
+/* Hands the device slab of the adapter's parameters (trainer_adapter_download
+ * first: the values are final) to the caller, to bind elsewhere without a
+ * copy (lora_bind_adopt); the trainer may then only be freed. */
+void trainer_take_params(Trainer *t, KnBuffer *out);
 void trainer_adapter_upload(Trainer *t);
 
 /* SHA-256 (lowercase hex) of a file. A checkpoint's trainer_state.json holds

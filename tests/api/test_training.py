@@ -146,6 +146,9 @@ def t_shapes_qlora_end_to_end(binary):
         assert changed >= 9, "the adapter changed only %d of 12 answers" % changed
         text = expect(srv.get("/metrics"), 200).body.decode()
         assert "\ngf_adapter_loads_total 0\n" in text, "the trained adapter was loaded from disk, not taken from memory"
+        # trained on the served base, it went live from the trainer's own device slab
+        assert "\ngf_adapters_adopted_total 1\n" in text, "the trained adapter was copied, not handed over"
+        assert any("handed to serving on the device as trained, without a copy" in e["message"] for e in ev), ev[-5:]
         # merged for deployment, the export says how far it is from what QLoRA trained (NF4 base +
         # adapter), on the job's 4 shortest examples: the figures gemmaforge merge --qlora-check gives
         eid = expect(srv.post_json("/v1/adapters/%s/merge" % name, {"dtype": "f32"}), 202).json()["id"]

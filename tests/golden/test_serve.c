@@ -289,6 +289,63 @@ static void test_vision_cache_lru(Model *m, const Prompt1 *p, const SafeTensors 
  * KV on resuming; every answer must equal, token for token, the same
  * request on a pool with room for all, and every block (both spaces) must
  * come back. */
+/* A job that trained on the served base hands its adapter over as it is:
+ * bound by another context on m's weights (the trainer's), whose parameter
+ * slab the engine binds without a copy after that context has closed. Its
+ * answers, text and image, equal the same adapter's bound to ref; no
+ * directory exists to load it from. */
+static void test_handover(Model *m, Model *ref, const Prompt1 *prompts, const SafeTensors *img) {
+    GfError err;
+    rs = 4242;
+    LoraAdapter *theirs = random_adapter(m, "all-linear", 4);
+    rs = 4242;
+    LoraAdapter *mine = random_adapter(ref, "all-linear", 4);
+    LoraBinding ref_b, tb;
+    CHECK_STATUS(lora_bind(ref, mine, &ref_b, &err), GF_OK, err);
+    KnBuffer slab = {0};
+    Model *tm = NULL;
+    ModelOptions tmo = {.n_threads = 1};
+    CHECK_STATUS(model_new(model_weights(m), &tmo, &tm, &err), GF_OK, err);
+    if (tm && lora_bind(tm, theirs, &tb, &err) == GF_OK) {
+        slab = tb.d_params;
+        memset(&tb.d_params, 0, sizeof tb.d_params);
+        lora_binding_free(&tb);
+    }
+    model_close(tm);
+    ServeConfig cfg;
+    serve_config_default(&cfg, m);
+    cfg.max_seqs = 2;
+    ServeEngine *e = NULL;
+    CHECK_STATUS(serve_start(m, &cfg, &e, &err), GF_OK, err);
+    if (!e) return;
+    serve_adapter_put(e, "trained", theirs, &slab);
+    CHECK(!slab.data, "the engine took the slab");
+    ServeStats st = {0};
+    for (int i = 0; i < 60000 && !st.adapters_adopted; i++) { /* the engine thread binds it: wait, generously */
+        serve_stats(e, &st);
+        if (!st.adapters_adopted) usleep(1000);
+    }
+    int all_equal = 1;
+    for (int q = 0; q < 4; q++) { /* prompts 0..3: text and image */
+        Result res;
+        CHECK_STATUS(submit(e, &prompts[q], img, "trained", NULL, 0.0f, 0, &res, &err), GF_OK, err);
+        wait_done(&res);
+        int32_t want[MAX_NEW + 1];
+        int64_t nw = 0;
+        alone(ref, &prompts[q], img, &ref_b, want, &nw);
+        all_equal &= res.n == nw && memcmp(res.tokens, want, (size_t)nw * sizeof *want) == 0 && !res.error_code[0];
+        serve_release(res.handle);
+    }
+    CHECK(all_equal, "the handed-over adapter answers as the same adapter uploaded anew");
+    serve_stats(e, &st);
+    CHECK(st.adapters_adopted == 1 && st.adapter_loads == 0, "bound from its slab without a copy or a load (%llu, %llu)",
+          (unsigned long long)st.adapters_adopted, (unsigned long long)st.adapter_loads);
+    serve_stop(e);
+    serve_free(e);
+    lora_binding_free(&ref_b);
+    lora_free(mine);
+}
+
 static void test_preemption(Model *m, const Prompt1 *prompts, const SafeTensors *img, const char *const *names,
                             char (*dirs)[600]) {
     enum { N = 12 };
@@ -388,7 +445,7 @@ int main(void) {
     ServeEngine *e = NULL;
     CHECK_STATUS(serve_start(m, &cfg, &e, &err), GF_OK, err);
     if (!e) return check_done("test_serve");
-    for (int i = 0; i < 3; i++) serve_adapter_put(e, names[i], theirs[i]);
+    for (int i = 0; i < 3; i++) serve_adapter_put(e, names[i], theirs[i], NULL);
 
     Prompt1 prompts[N_REQ];
     Result res[N_REQ];
@@ -478,6 +535,7 @@ int main(void) {
     CHECK(stats.adapter_evictions > 0 && stats.adapter_loads > 0, "LRU evicted and reloaded adapters");
     serve_free(e);
     test_preemption(m, prompts, &img, names, dirs);
+    test_handover(m, ref, prompts, &img);
     for (int q = 0; q < N_REQ; q++)
         if (!prompts[q].image) {
             test_cancelled_leave_queue(m, &prompts[q]);
