@@ -136,6 +136,10 @@ static void put_serving(Text *t, ServeEngine *e) {
     put(t, "# HELP gf_adapters_adopted_total Jobs' adapters served from their device slab as trained, without a "
            "copy.\n# TYPE gf_adapters_adopted_total counter\ngf_adapters_adopted_total %llu\n",
         (unsigned long long)s.adapters_adopted);
+    put(t, "# HELP gf_adapter_uploads_total Adapters' parameters uploaded to the device, by the thread that did it: "
+           "staged (the submitting thread, off the decode path) or engine.\n# TYPE gf_adapter_uploads_total counter\n"
+           "gf_adapter_uploads_total{thread=\"staged\"} %llu\ngf_adapter_uploads_total{thread=\"engine\"} %llu\n",
+        (unsigned long long)s.adapter_uploads_staged, (unsigned long long)s.adapter_uploads_engine);
     put(t, "# HELP gf_adapter_evictions_total Idle adapters dropped beyond the resident budget.\n"
            "# TYPE gf_adapter_evictions_total counter\ngf_adapter_evictions_total %llu\n",
         (unsigned long long)s.adapter_evictions);

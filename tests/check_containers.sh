@@ -35,8 +35,12 @@ if command -v apt-cache >/dev/null 2>&1; then
     apt-cache show "$p" >/dev/null 2>&1 || { echo "FAIL: the runtime stage installs '$p', which Debian does not have"; fail=1; }
   done
   if [ -n "${1:-}" ] && command -v dpkg >/dev/null 2>&1 && command -v readelf >/dev/null 2>&1; then
-    # (the image builds with GF_CUDA=OFF: CUDA's own libraries are not its)
-    for so in $(readelf -d "$1" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | grep -vE '^lib(cudart|cublas|cublasLt)\.so'); do
+    # (the image builds with GF_CUDA=OFF: CUDA's own libraries are not its, nor
+    # the C++ runtime that only the CUDA backend's objects bring)
+    libs="$(readelf -d "$1" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p')"
+    not_image='^lib(cudart|cublas|cublasLt)\.so'
+    if grep -qE "$not_image" <<<"$libs"; then not_image='^lib(cudart|cublas|cublasLt|stdc\+\+|gcc_s)\.so'; fi
+    for so in $(grep -vE "$not_image" <<<"$libs"); do
       # (awk reads to the end: an early exit would SIGPIPE ldconfig, which pipefail reports)
       path="$(ldconfig -p | awk -v so="$so" '$1 == so && /x86-64|64bit/ && !found {print $NF; found = 1}')"
       # dpkg knows a library by the path its package installed (usrmerge: /lib or /usr/lib)

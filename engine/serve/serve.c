@@ -37,6 +37,7 @@ struct ServeReq {
     /* the adapter, settled at submit: a pinned resident, or one loaded then */
     Resident *pinned;
     LoraAdapter *loaded;
+    KnBuffer loaded_params;   /* its parameters, uploaded on the submitting thread (stage_params) */
     uint8_t loaded_digest[VISION_DIGEST_LEN]; /* the loaded one's vision part, hashed here, not on the engine thread */
     /* engine thread only, once admitted */
     Resident *ad;
@@ -57,6 +58,7 @@ typedef struct {
     char name[260];
     LoraAdapter *a;           /* put: the adapter; drop: NULL */
     KnBuffer params;          /* put: a's parameters already on the device (bound without a copy), or zeroed */
+    int handover;             /* put: params are a job's trained slab (not staged here) */
     uint8_t vision_digest[VISION_DIGEST_LEN]; /* put: a's vision part, hashed by the caller */
 } Control;
 
@@ -91,6 +93,10 @@ struct ServeEngine {
     uint64_t rate_tokens;     /* generated in this step */
     uint64_t window_tokens;   /* generated in this window */
     double last_token_t;      /* under mu: when a token was last generated */
+    /* adapters' uploads, off the engine thread: a context of the engine's
+     * device sharing its memory (its own stream on a GPU), one upload at a time */
+    KnBackend up;
+    pthread_mutex_t up_mu;
 };
 
 /* ---- configuration ------------------------------------------------------------ */
@@ -161,6 +167,22 @@ static GfStatus refused(ServeEngine *e, GfError *err) {
 
 static Resident *find_resident(ServeEngine *e, const char *name);
 
+/* a's parameters in a new slab of the engine's device, uploaded and landed
+ * on the calling thread (any but the engine's), for add_resident to bind
+ * as they are: the engine thread never waits on an adapter's upload. */
+static GfStatus stage_params(ServeEngine *e, const LoraAdapter *a, KnBuffer *out, GfError *err) {
+    memset(out, 0, sizeof *out);
+    size_t bytes = (a->n_params ? a->n_params : 1) * sizeof(float);
+    pthread_mutex_lock(&e->up_mu);
+    GfStatus st = e->up.ops->alloc(&e->up.ctx, out, bytes, KN_F32, "an adapter's parameters", err);
+    if (!st) {
+        e->up.ops->upload(&e->up.ctx, out->data, a->params, a->n_params * sizeof(float));
+        if ((st = e->up.ops->synchronize(&e->up.ctx, err))) e->up.ops->free(&e->up.ctx, out);
+    }
+    pthread_mutex_unlock(&e->up_mu);
+    return st;
+}
+
 /* On the submitting thread: the request's adapter pinned where resident,
  * else read and validated from its directory here (lora_load_dir reads the
  * weights' names and shapes, which never change), never on the engine
@@ -173,6 +195,7 @@ static GfStatus settle_adapter(ServeEngine *e, ServeReq *r, GfError *err) {
     pthread_mutex_unlock(&e->mu);
     if ((r->pinned = res)) return GF_OK;
     if (lora_load_dir(r->s.adapter_dir, e->m, e->cfg.max_lora_rank, &r->loaded, err)) return err->status;
+    if (stage_params(e, r->loaded, &r->loaded_params, err)) return err->status;
     vision_cache_adapter_digest(r->loaded, r->loaded_digest);
     pthread_mutex_lock(&e->mu);
     e->stats.adapter_loads++;
@@ -190,6 +213,7 @@ static void drop_adapter(ServeEngine *e, ServeReq *r) {
     }
     lora_free(r->loaded);
     r->loaded = NULL;
+    serve_params_free(e, &r->loaded_params);
 }
 
 GfStatus serve_submit(ServeEngine *e, ServeSubmit *s, ServeReq **out, GfError *err) {
@@ -271,8 +295,9 @@ static Resident *find_resident(ServeEngine *e, const char *name) {
 }
 
 /* a (and params, when it holds a's parameters on the device: bound as
- * they are) made resident under name; both are taken, also on failure. */
-static GfStatus add_resident(ServeEngine *e, const char *name, LoraAdapter *a, KnBuffer *params,
+ * they are; a job's slab when handover) made resident under name; both are
+ * taken, also on failure. */
+static GfStatus add_resident(ServeEngine *e, const char *name, LoraAdapter *a, KnBuffer *params, int handover,
                              const uint8_t *vision_digest, Resident **out, GfError *err) {
     evict(e);
     int adopt = params && params->data;
@@ -288,7 +313,9 @@ static GfStatus add_resident(ServeEngine *e, const char *name, LoraAdapter *a, K
         free(r);
         return st;
     }
-    if (adopt) e->stats.adapters_adopted++;
+    if (adopt && handover) e->stats.adapters_adopted++;
+    else if (adopt) e->stats.adapter_uploads_staged++;
+    else e->stats.adapter_uploads_engine++;
     snprintf(r->name, sizeof r->name, "%s", name);
     r->a = a;
     r->last_used = e->step;
@@ -312,8 +339,12 @@ static GfStatus acquire_adapter(ServeEngine *e, ServeReq *q, GfError *err) {
         r = find_resident(e, q->s.adapter);
         LoraAdapter *a = q->loaded;
         q->loaded = NULL;
-        if (r) lora_free(a);
-        else if (add_resident(e, q->s.adapter, a, NULL, q->loaded_digest, &r, err)) return err->status;
+        if (r) {
+            lora_free(a);
+            serve_params_free(e, &q->loaded_params);
+        } else if (add_resident(e, q->s.adapter, a, &q->loaded_params, 0, q->loaded_digest, &r, err)) {
+            return err->status;
+        }
     }
     r->refs++;
     r->last_used = e->step;
@@ -330,19 +361,27 @@ static void apply_control(ServeEngine *e, Control *c) {
     if (!c->a) return;
     Resident *r;
     GfError err;
-    if (add_resident(e, c->name, c->a, &c->params, c->vision_digest, &r, &err))
+    if (add_resident(e, c->name, c->a, &c->params, c->handover, c->vision_digest, &r, &err))
         GF_LOGW("adapter %s not kept in memory: %s", c->name, err.message);
 }
 
 static void post_control(ServeEngine *e, const char *name, LoraAdapter *a, KnBuffer *params) {
     uint8_t digest[VISION_DIGEST_LEN];
     vision_cache_adapter_digest(a, digest); /* here, on the caller's thread */
+    KnBuffer staged = {0};
+    GfError err;
+    int handover = params && params->data;
+    if (a && !handover) { /* uploaded here too; failing that, the engine binds it */
+        if (stage_params(e, a, &staged, &err)) GF_LOGW("adapter %s: %s", name, err.message);
+        else params = &staged;
+    }
     pthread_mutex_lock(&e->mu);
     if (e->n_control < MAX_CONTROL) {
         Control *c = &e->control[e->n_control++];
         snprintf(c->name, sizeof c->name, "%s", name);
         c->a = a;
         memset(&c->params, 0, sizeof c->params);
+        c->handover = handover;
         if (params) {
             c->params = *params;
             memset(params, 0, sizeof *params);
@@ -737,6 +776,8 @@ static void engine_free(ServeEngine *e) {
         lora_free(e->control[i].a);
         serve_params_free(e, &e->control[i].params);
     }
+    kn_backend_close(&e->up);
+    pthread_mutex_destroy(&e->up_mu);
     kv_pool_free(&e->pool);
     vision_cache_free(e->vcache);
     free(e->res);
@@ -761,6 +802,13 @@ GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfErro
     e->cfg = *cfg;
     e->cfg.kv_window_blocks = serve_window_blocks(cfg, m);
     pthread_mutex_init(&e->mu, NULL);
+    pthread_mutex_init(&e->up_mu, NULL);
+    const KnBackend *be = model_backend(m);
+    KnBackendOptions up = {.n_threads = 1, .share = be};
+    if (kn_backend_open(be->ctx.device, be->ctx.index, &up, &e->up, err)) {
+        engine_free(e);
+        return err->status;
+    }
     pthread_cond_init(&e->cv, NULL);
     e->n_res_cap = cfg->max_adapters + cfg->max_seqs + cfg->max_queue; /* idle, running and pinned by the queue */
     e->res = gf_calloc((size_t)e->n_res_cap, sizeof *e->res, err);

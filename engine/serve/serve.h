@@ -166,6 +166,8 @@ typedef struct {
     uint64_t prompt_tokens, generated_tokens;
     uint64_t adapter_loads, adapter_evictions;
     uint64_t adapters_adopted;          /* a job's adapter bound from its device slab, without a copy */
+    uint64_t adapter_uploads_staged;    /* adapters uploaded off the engine thread (by the submitting thread) */
+    uint64_t adapter_uploads_engine;    /* adapters the engine thread had to upload itself (staging failed) */
     uint64_t vision_cache_hits, vision_cache_misses, vision_cache_bytes; /* images with a digest */
     int vision_cache_entries;
     double tokens_per_s;      /* generated tokens per second over the last second of work; 0 when idle */

@@ -338,8 +338,11 @@ static void test_handover(Model *m, Model *ref, const Prompt1 *prompts, const Sa
     }
     CHECK(all_equal, "the handed-over adapter answers as the same adapter uploaded anew");
     serve_stats(e, &st);
-    CHECK(st.adapters_adopted == 1 && st.adapter_loads == 0, "bound from its slab without a copy or a load (%llu, %llu)",
-          (unsigned long long)st.adapters_adopted, (unsigned long long)st.adapter_loads);
+    CHECK(st.adapters_adopted == 1 && st.adapter_loads == 0 && st.adapter_uploads_staged == 0 &&
+              st.adapter_uploads_engine == 0,
+          "bound from its slab without a copy, a load or an upload (%llu, %llu, %llu, %llu)",
+          (unsigned long long)st.adapters_adopted, (unsigned long long)st.adapter_loads,
+          (unsigned long long)st.adapter_uploads_staged, (unsigned long long)st.adapter_uploads_engine);
     serve_stop(e);
     serve_free(e);
     lora_binding_free(&ref_b);
@@ -533,6 +536,10 @@ int main(void) {
            (unsigned long long)stats.adapter_evictions, (long long)stats.kv_blocks_used);
     CHECK(stats.kv_blocks_used == 0, "every KV block back in the pool");
     CHECK(stats.adapter_evictions > 0 && stats.adapter_loads > 0, "LRU evicted and reloaded adapters");
+    CHECK(stats.adapter_uploads_engine == 0 && stats.adapter_uploads_staged >= 3 &&
+              stats.adapter_uploads_staged <= stats.adapter_loads + 3,
+          "every adapter was uploaded off the engine thread (%llu staged, %llu on the engine thread)",
+          (unsigned long long)stats.adapter_uploads_staged, (unsigned long long)stats.adapter_uploads_engine);
     serve_free(e);
     test_preemption(m, prompts, &img, names, dirs);
     test_handover(m, ref, prompts, &img);
