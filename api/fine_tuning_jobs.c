@@ -439,7 +439,9 @@ static void preflight_device(Api *api, const TrainMemory *tm, const JobParams *h
     if (kn_device_info(be->ctx.device, be->ctx.index, &dev, &err)) return;
     int shares = weights_quant(model_weights(sv->model)) == hp->quantization;
     TrainFit fit;
-    trainer_fit(tm, shares, dev.memory_free, sv->memory_limit, atomic_load(&api->metrics->weights.bytes), &fit);
+    const WeightsGauge *g = &api->metrics->weights;
+    uint64_t resident = dev.kind == KN_DEVICE_CUDA ? atomic_load(&g->device_bytes) : atomic_load(&g->bytes);
+    trainer_fit(tm, shares, dev.memory_free, sv->memory_limit, resident, &fit);
     cJSON_AddBoolToObject(d, "shares_served_base", shares);
     cJSON_AddNumberToObject(d, "needed_bytes", (double)fit.need);
     cJSON_AddNumberToObject(d, "free_bytes", (double)fit.avail);

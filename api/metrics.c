@@ -194,14 +194,20 @@ static void put_devsched(Text *t, DevSched *d) {
         (unsigned long long)s.train_yields, s.train_wait_s);
 }
 
-/* Base weights live in host memory (mapped, widened or NF4) and the CPU
- * backends read them there: one label until a backend keeps device copies. */
+/* Base weights live in host memory (mapped, widened or NF4), which the
+ * CPU backend reads; a model on another device reads a copy there, one per
+ * device and set of weights. */
 static void put_weights(Text *t, WeightsGauge *g) {
     put(t, "# HELP gf_base_weights_resident_bytes Bytes of base model weights resident, all copies.\n"
            "# TYPE gf_base_weights_resident_bytes gauge\ngf_base_weights_resident_bytes{device=\"cpu0\"} %llu\n"
            "# HELP gf_base_weights_copies Copies of the base model's weights resident (serving and jobs share one).\n"
            "# TYPE gf_base_weights_copies gauge\ngf_base_weights_copies{device=\"cpu0\"} %d\n",
         (unsigned long long)atomic_load(&g->bytes), atomic_load(&g->copies));
+    put(t, "# HELP gf_base_weights_device_bytes Bytes of the base weights' copies on devices other than the CPU.\n"
+           "# TYPE gf_base_weights_device_bytes gauge\ngf_base_weights_device_bytes %llu\n"
+           "# HELP gf_base_weights_device_copies Copies of the base weights on devices other than the CPU (every "
+           "context on a device shares one).\n# TYPE gf_base_weights_device_copies gauge\ngf_base_weights_device_copies %d\n",
+        (unsigned long long)atomic_load(&g->device_bytes), atomic_load(&g->device_copies));
 }
 
 static void put_devices(Text *t) {

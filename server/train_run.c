@@ -78,7 +78,10 @@ static GfStatus judge_fit(Run *r, const TrainMemory *tm, int share, const KnDevi
                           GfError *err) {
     const TrainRunSpec *s = r->spec;
     TrainFit fit;
-    trainer_fit(tm, share, dev->memory_free, s->memory_limit, s->gauge ? atomic_load(&s->gauge->bytes) : 0, &fit);
+    uint64_t resident = !s->gauge ? 0
+                        : dev->kind == KN_DEVICE_CUDA ? atomic_load(&s->gauge->device_bytes)
+                                                      : atomic_load(&s->gauge->bytes);
+    trainer_fit(tm, share, dev->memory_free, s->memory_limit, resident, &fit);
     uint64_t train = tm->total - tm->weights, need = fit.need, avail = fit.avail;
     if (fit.fits) {
         logf_(r, "info", "memory: the job needs %.1f MB on %s at most (max_seq_len %lld), %.1f MB are free", MB(need),

@@ -35,10 +35,13 @@ typedef struct GemmaWeights GemmaWeights;
 
 typedef enum { MODEL_QUANT_NONE = 0, MODEL_QUANT_NF4 } ModelQuant;
 
-/* Base weights resident in this process: open copies and their bytes. */
+/* Base weights resident in this process: open copies and their bytes in
+ * host memory, and their copies on other devices (weights_impl.h). */
 typedef struct {
     _Atomic uint64_t bytes;
     atomic_int copies;
+    _Atomic uint64_t device_bytes;
+    atomic_int device_copies;
 } WeightsGauge;
 
 /* Loads dir's config and weights (NF4 linears under MODEL_QUANT_NF4);

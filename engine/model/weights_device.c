@@ -136,8 +136,12 @@ static void rewrite_vec(float **v, void *cls) {
 
 /* ---- the copy ------------------------------------------------------------------------- */
 
-static void device_free(WeightsDevice *d) {
+static void device_free(const GemmaWeights *gw, WeightsDevice *d) {
     if (!d) return;
+    if (gw->gauge && d->counted) {
+        atomic_fetch_sub(&gw->gauge->device_bytes, (uint64_t)d->buf.bytes);
+        atomic_fetch_sub(&gw->gauge->device_copies, 1);
+    }
     if (d->be.ops) d->be.ops->free(&d->be.ctx, &d->buf);
     kn_backend_close(&d->be);
     free(d->t.layers);
@@ -211,11 +215,15 @@ GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n
         st = d ? kn_backend_open(kind, index, &o, &d->be, err) : GF_NO_MEMORY;
         if (!st) st = upload_all(gw, d, err);
         if (st) {
-            device_free(d);
+            device_free(gw, d);
             d = NULL;
         } else {
             d->next = gw->devices;
             gw->devices = d;
+            if ((d->counted = gw->gauge != NULL)) {
+                atomic_fetch_add(&gw->gauge->device_bytes, (uint64_t)d->buf.bytes);
+                atomic_fetch_add(&gw->gauge->device_copies, 1);
+            }
         }
     }
     pthread_mutex_unlock(&gw->devices_lock);
@@ -229,6 +237,6 @@ void weights_devices_free(GemmaWeights *gw) {
     while (gw->devices) {
         WeightsDevice *d = gw->devices;
         gw->devices = d->next;
-        device_free(d);
+        device_free(gw, d);
     }
 }

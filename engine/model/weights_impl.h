@@ -68,6 +68,7 @@ typedef struct WeightsDevice {
     KnBuffer buf;                   /* every tensor */
     WeightsTensors t;               /* device addresses into buf (t.layers, t.vision.layers: host arrays owned here) */
     struct KnNf4 *nf4;              /* [n_nf4] as the host's, their arrays in buf */
+    int counted;                    /* in the weights' gauge */
     struct WeightsDevice *next;
 } WeightsDevice;
 

@@ -272,6 +272,12 @@ def base_weights(srv):
     return val["gf_base_weights_copies"], val["gf_base_weights_resident_bytes"]
 
 
+def device_copies(srv):
+    """Copies of the base weights on devices other than the CPU, from /metrics."""
+    text = expect(srv.get("/metrics"), 200).body.decode()
+    return int([l for l in text.splitlines() if l.startswith("gf_base_weights_device_copies ")][0].split()[1])
+
+
 def t_jobs_share_the_served_base(binary):
     """A job whose quantization matches the served base trains on that copy of
     the weights: /metrics counts one copy while it runs, and answers stay
@@ -287,6 +293,9 @@ def t_jobs_share_the_served_base(binary):
         wait_job(srv, job, pred=lambda j: (j["progress"]["step"] or 0) >= 2)
         running = base_weights(srv)
         assert running == (1, base_bytes), (running, base_bytes, events(srv, job))
+        # on a device (the guarded backend in CI) the job reads the served copy there too
+        on_device = 1 if os.environ.get("GF_DEVICE") == "guarded" else 0
+        assert device_copies(srv) == on_device, device_copies(srv)
         shared = [e["message"] for e in events(srv, job) if "base weights" in e["message"]]
         assert len(shared) == 1 and "running on the served base weights (full-precision" in shared[0], shared
         # the serving engine answers on the same weights while the job trains
@@ -301,6 +310,7 @@ def t_jobs_share_the_served_base(binary):
         job = create_job(srv, ds, dict(long_run, quantization="nf4"))
         wait_job(srv, job, pred=lambda j: (j["progress"]["step"] or 0) >= 2)
         copies, both = base_weights(srv)
+        assert device_copies(srv) == 2 * on_device, device_copies(srv)  # its own weights, its own device copy
         second = [e["message"] for e in events(srv, job) if "base weights" in e["message"]]
         assert len(second) == 1 and "loaded a second copy of the base weights (NF4, " in second[0], second
         mb = float(second[0].split("(NF4, ")[1].split(" MB")[0])
@@ -308,7 +318,7 @@ def t_jobs_share_the_served_base(binary):
             (copies, both, base_bytes, second)
         expect(srv.post_json("/v1/fine_tuning/jobs/%s/cancel" % job, {}), 200)
         assert wait_job(srv, job, timeout=120)["status"] == "cancelled"
-        assert base_weights(srv) == (1, base_bytes)
+        assert base_weights(srv) == (1, base_bytes) and device_copies(srv) == on_device
     finally:
         srv.stop()
 
