@@ -73,10 +73,13 @@ uint64_t api_route_body_max(const Api *api, const Route *r) {
     }
 }
 
+/* Alive, unless the device failed: only a restart brings it back. */
 GfStatus health_get(Api *api, const HttpReq *req, HttpResp *resp) {
-    (void)api;
     (void)req;
-    return reply_text(resp, 200, "application/json", "{\"status\":\"ok\"}", 15);
+    char why[GF_ERR_MSG_MAX];
+    if (!api->serving.serve || !serve_failed(api->serving.serve, why, sizeof why))
+        return reply_text(resp, 200, "application/json", "{\"status\":\"ok\"}", 15);
+    return reply_fail(resp, GF_NOT_READY, "device_failed", NULL, "the device failed (%.300s); restart the server", why);
 }
 
 /* api/openapi.json, compiled in (openapi_embedded.c) */
@@ -94,8 +97,11 @@ GfStatus ready_get(Api *api, const HttpReq *req, HttpResp *resp) {
     GfError err;
     int store_ok = store_ping(api->store, &err) == GF_OK;
     cJSON *o = cJSON_CreateObject();
-    int ready = store_ok && api->model.loaded;
+    char why[GF_ERR_MSG_MAX];
+    int device_failed = api->serving.serve && serve_failed(api->serving.serve, why, sizeof why);
+    int ready = store_ok && api->model.loaded && !device_failed;
     cJSON_AddStringToObject(o, "status", ready ? "ready" : "not_ready");
+    if (device_failed) cJSON_AddStringToObject(o, "device", why);
     cJSON_AddStringToObject(o, "store", store_ok ? "ok" : "unavailable");
     cJSON *m = cJSON_AddObjectToObject(o, "model");
     cJSON_AddStringToObject(m, "id", api->model.id);

@@ -93,6 +93,7 @@ struct ServeEngine {
     uint64_t rate_tokens;     /* generated in this step */
     uint64_t window_tokens;   /* generated in this window */
     double last_token_t;      /* under mu: when a token was last generated */
+    char failed[GF_ERR_MSG_MAX]; /* under mu: the device fault that ended serving ("" = none) */
     /* adapters' uploads, off the engine thread: a context of the engine's
      * device sharing its memory (its own stream on a GPU), one upload at a time */
     KnBackend up;
@@ -159,6 +160,9 @@ void serve_cancel(ServeReq *r) {
 /* Under mu: why a request cannot be queued now, or GF_OK. */
 static GfStatus refused(ServeEngine *e, GfError *err) {
     if (e->stopping) return gf_error_set(err, GF_NOT_READY, "shutting_down", NULL, "the server is shutting down");
+    if (e->failed[0])
+        return gf_error_set(err, GF_NOT_READY, "device_failed", NULL, "the device failed (%.300s); restart the server",
+                            e->failed);
     if (e->n_queued >= e->cfg.max_queue)
         return gf_error_set(err, GF_BUSY, "queue_full", NULL, "%d requests are already waiting for a slot; retry later",
                             e->cfg.max_queue);
@@ -684,6 +688,11 @@ static void run_step(ServeEngine *e) {
         GF_LOGE("serving step failed: %s", err.message);
         for (int i = 0; i < n; i++) finish(e, e->active[i], FINISH_STOP, &err);
         e->n_active = 0;
+        if (err.status == GF_DEVICE) { /* the device is lost to this process (a CUDA fault is sticky) */
+            pthread_mutex_lock(&e->mu);
+            snprintf(e->failed, sizeof e->failed, "%s", err.message);
+            pthread_mutex_unlock(&e->mu);
+        }
         return;
     }
     double now = gf_time_mono();
@@ -735,6 +744,30 @@ static int wait_for_work(ServeEngine *e) {
     return !stopping;
 }
 
+/* Ends every running, paused and queued request with err. */
+static void drain(ServeEngine *e, const GfError *err) {
+    for (int i = 0; i < e->n_active; i++) finish(e, e->active[i], FINISH_STOP, err);
+    e->n_active = 0;
+    for (int i = 0; i < e->n_paused; i++) finish(e, e->paused[i], FINISH_STOP, err);
+    e->n_paused = 0;
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        ServeReq *q = e->head;
+        if (q) { e->head = q->next; e->n_queued--; }
+        pthread_mutex_unlock(&e->mu);
+        if (!q) break;
+        finish(e, q, FINISH_STOP, err);
+    }
+}
+
+int serve_failed(ServeEngine *e, char *why, size_t cap) {
+    pthread_mutex_lock(&e->mu);
+    int failed = e->failed[0] != 0;
+    if (why && cap) snprintf(why, cap, "%s", e->failed);
+    pthread_mutex_unlock(&e->mu);
+    return failed;
+}
+
 static void *engine_main(void *arg) {
     ServeEngine *e = arg;
     e->rate_t0 = gf_time_mono();
@@ -750,21 +783,15 @@ static void *engine_main(void *arg) {
         if (e->cfg.sched) devsched_serve_leave(e->cfg.sched);
         evict(e);
         update_stats(e);
+        GfError err;
+        pthread_mutex_lock(&e->mu);
+        int failed = refused(e, &err) && strcmp(err.code, "device_failed") == 0;
+        pthread_mutex_unlock(&e->mu);
+        if (failed) drain(e, &err); /* what waits would only fail again */
     }
     GfError err;
     gf_error_set(&err, GF_NOT_READY, "shutting_down", NULL, "the server is shutting down");
-    for (int i = 0; i < e->n_active; i++) finish(e, e->active[i], FINISH_STOP, &err);
-    e->n_active = 0;
-    for (int i = 0; i < e->n_paused; i++) finish(e, e->paused[i], FINISH_STOP, &err);
-    e->n_paused = 0;
-    for (;;) {
-        pthread_mutex_lock(&e->mu);
-        ServeReq *q = e->head;
-        if (q) { e->head = q->next; e->n_queued--; }
-        pthread_mutex_unlock(&e->mu);
-        if (!q) break;
-        finish(e, q, FINISH_STOP, &err);
-    }
+    drain(e, &err);
     return NULL;
 }
 

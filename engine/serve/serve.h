@@ -179,5 +179,9 @@ typedef struct {
 extern const double SERVE_HIST_BOUNDS[SERVE_HIST_BUCKETS];
 
 void serve_stats(ServeEngine *e, ServeStats *out);
+/* 1 once a step met a device fault (GF_DEVICE): every request then running,
+ * paused or queued ended with it, and new ones are refused (503
+ * device_failed) until the process restarts; the fault's message into why. */
+int serve_failed(ServeEngine *e, char *why, size_t cap);
 
 #endif

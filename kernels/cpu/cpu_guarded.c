@@ -11,6 +11,11 @@
  * memory where device memory belongs (weights left in host memory, a host
  * array) aborts with a message, as a GPU would fault on it.
  *
+ * A device fault can be injected: with GF_GUARDED_FAULT_FILE naming a path,
+ * synchronize reports GF_DEVICE once that file exists, and from then on,
+ * as a GPU's sticky faults do (the fault belongs to the region, so every
+ * sibling sees it).
+ *
  * It exists for tests: the whole suite runs on it once in CI. Threading: a
  * context belongs to one thread, as any KnCtx; contexts opened as siblings
  * (KnBackendOptions.share) share one region, as contexts on one GPU share
@@ -42,8 +47,10 @@ typedef struct {
     GuardBuf *bufs;
     size_t n, cap;
     size_t page;
-    pthread_mutex_t lock;     /* the registry (bufs, n, cap, top) and refs */
+    pthread_mutex_t lock;     /* the registry (bufs, n, cap, top), refs and faulted */
     int refs;                 /* contexts on this region */
+    char *fault_file;         /* GF_GUARDED_FAULT_FILE, read once at creation, or NULL */
+    int faulted;              /* an injected device fault happened */
 } Guard;
 
 static Guard *guard_of(const KnCtx *ctx) { return ctx->impl; }
@@ -103,6 +110,8 @@ GfStatus guarded_ctx_init(KnCtx *ctx, const KnCtx *share, GfError *err) {
     }
     pthread_mutex_init(&g->lock, NULL);
     g->refs = 1;
+    const char *fault = getenv("GF_GUARDED_FAULT_FILE");
+    if (fault && *fault) g->fault_file = strdup(fault);
     ctx->impl = g;
     return GF_OK;
 }
@@ -120,7 +129,20 @@ void guarded_ctx_free(KnCtx *ctx) {
     munmap(g->host, g->region_len);
     close(g->fd);
     free(g->bufs);
+    free(g->fault_file);
     free(g);
+}
+
+static GfStatus g_synchronize(const KnCtx *ctx, GfError *err) {
+    Guard *g = guard_of(ctx);
+    if (!g->fault_file) return GF_OK;
+    pthread_mutex_lock(&g->lock);
+    if (!g->faulted && access(g->fault_file, F_OK) == 0) g->faulted = 1;
+    int faulted = g->faulted;
+    pthread_mutex_unlock(&g->lock);
+    return faulted ? gf_error_set(err, GF_DEVICE, "device_error", NULL,
+                                  "guarded: a device fault (injected through GF_GUARDED_FAULT_FILE)")
+                   : GF_OK;
 }
 
 /* ---- memory ------------------------------------------------------------------ */
@@ -393,7 +415,7 @@ static const KnOps GUARDED_OPS = {
     .download = g_download,
     .copy = g_copy,
     .memset = g_memset,
-    .synchronize = cpu_synchronize,
+    .synchronize = g_synchronize,
     .supports = cpu_supports,
     .matmul = g_matmul,
     .rmsnorm = g_rmsnorm,

@@ -27,10 +27,12 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -668,6 +670,42 @@ def t_shutdown_mid_answer(binary):
         srv.proc.wait(30)
     finally:
         srv.stop()
+
+
+def t_device_fault_refuses_new_work(binary):
+    """A device fault in a serving step (injected through the guarded
+    backend) ends the request it hit with 500 device_error; from then on the
+    server refuses new requests with 503 device_failed, /healthz and /readyz
+    say why (an orchestrator restarts it), and it stays up for the rest."""
+    fault = os.path.join(tempfile.mkdtemp(prefix="gf-fault-"), "fault")
+    saved = {k: os.environ.get(k) for k in ("GF_DEVICE", "GF_GUARDED_FAULT_FILE")}
+    os.environ.update(GF_DEVICE="guarded", GF_GUARDED_FAULT_FILE=fault)
+    try:
+        srv = Server(binary, extra=["--no-train"])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        body = {"model": "dense", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+        expect(srv.post_json("/v1/chat/completions", body), 200)
+        expect(srv.get("/healthz"), 200)
+        open(fault, "w").close()
+        r = srv.post_json("/v1/chat/completions", body)
+        assert r.status == 500 and r.code == "device_error" and "injected" in r.json()["error"]["message"], r
+        r = srv.post_json("/v1/chat/completions", dict(body, stream=True))
+        assert r.status == 503 and r.code == "device_failed" and "restart" in r.json()["error"]["message"], r
+        h = expect(srv.get("/healthz"), 503)
+        assert h.code == "device_failed" and "injected" in h.json()["error"]["message"], h
+        rd = expect(srv.get("/readyz"), 503, error_shape=False).json()
+        assert rd["status"] == "not_ready" and "injected" in rd["device"], rd
+        expect(srv.get("/v1/models"), 200)
+        assert srv.alive()
+    finally:
+        srv.stop()
+        shutil.rmtree(os.path.dirname(fault), ignore_errors=True)
 
 
 def main():
