@@ -12,7 +12,8 @@
  * memory; DevW carries what a kernel needs by value.
  *
  * The kernels are written for exactness first (fp32 arithmetic, every
- * reduction in a fixed order within a launch); speed comes from the
+ * reduction in a fixed order within a launch, except attention_dx's dk and
+ * dv, which queries of one KV head add atomically); speed comes from the
  * specialised kernels that replace them entry by entry, checked against
  * these and the CPU by test_ops.
  *
