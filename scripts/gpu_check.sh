@@ -7,8 +7,11 @@
 #   quick  build with -DGF_CUDA=ON, list the devices, run test_ops (every op
 #          of the table on CUDA against its references) and `ctest -L gpu`
 #          (the golden, CLI and API tests with every model on the GPU)
-#   bench  quick's build, then the benchmarks with GF_DEVICE=cuda, and the
-#          Hugging Face anchor when .devtools/hf_anchor.py is there
+#   bench  quick's build, then the benchmarks with GF_DEVICE=cuda: bench_shapes
+#          at the real shapes named by GF_SHAPES (default "e4b"; "31b:20"
+#          cuts 31B to 20 layers), MFU against GF_PEAK_TFLOPS (default 989,
+#          an H100/H200's dense bf16), bench_serve, and the Hugging Face
+#          anchor when .devtools/hf_anchor.py is there
 #   all    both (the default)
 #
 # Full logs go to $OUT (the device tool's folder) or ./gpu-check; a short
@@ -61,16 +64,22 @@ fi
 
 if [ "$mode" != quick ]; then
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$logs/gpu.txt" 2>&1 || true
-    step "bench_forward (cuda)" bench_forward.log env GF_DEVICE=cuda build-gpu/bench_forward tests/fixtures
-    step "bench_train (cuda)" bench_train.log env GF_DEVICE=cuda build-gpu/bench_train tests/fixtures
+    # Real shapes from random weights (GEMMA4.md §10): SHAPE or SHAPE:LAYERS,
+    # e.g. GF_SHAPES="e4b 31b:20" (a cut stack says so in its JSON lines).
+    for sh in ${GF_SHAPES:-e4b}; do
+        name=${sh%%:*} layers=()
+        [ "$sh" != "$name" ] && layers=(--layers "${sh#*:}")
+        step "bench_shapes $sh (cuda)" "bench_shapes_$name.log" env GF_DEVICE=cuda build-gpu/bench_shapes "$name" \
+            "${layers[@]}" --steps 3 --peak-tflops "${GF_PEAK_TFLOPS:-989}"
+    done
     step "bench_serve (cuda)" bench_serve.log env GF_DEVICE=cuda build-gpu/bench_serve
     if [ -f .devtools/hf_anchor.py ]; then
         step "hf_anchor (transformers)" hf_anchor.log python3 .devtools/hf_anchor.py peak e4b:4:1024 decode-e4b
     else
         rows+=("$(printf '%-28s %-7s' "hf_anchor" "absent: copy ../shared/bench/hf_anchor.py into .devtools/")")
     fi
-    for f in bench_forward bench_train bench_serve hf_anchor; do
-        [ -f "$logs/$f.log" ] && { echo "== $f"; tail -12 "$logs/$f.log"; }
+    for f in "$logs"/bench_shapes_*.log "$logs"/bench_serve.log "$logs"/hf_anchor.log; do
+        [ -f "$f" ] && { echo "== $(basename "$f" .log)"; tail -16 "$f"; }
     done
 fi
 

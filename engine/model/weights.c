@@ -8,6 +8,7 @@
 #include "base.h"
 #include "convert.h"
 #include "nf4.h"
+#include "pool.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -480,29 +481,61 @@ static GfStatus nf4_to_arena(GemmaWeights *gw, KnNf4 *q, GfError *err) {
     return GF_OK;
 }
 
+/* One batch of slots quantized on a thread pool: slot j of the batch by
+ * thread j % nth, each with its own status and error. */
+typedef struct {
+    KnMatrix **slots;
+    KnNf4 *out;
+    GfStatus *st;
+    GfError *errs;
+    size_t n;
+} QuantBatch;
+
+static void quantize_task(void *ctx, int ith, int nth) {
+    QuantBatch *q = ctx;
+    for (size_t j = (size_t)ith; j < q->n; j += (size_t)nth) q->st[j] = kn_nf4_quantize(&q->out[j], *q->slots[j], &q->errs[j]);
+}
+
+/* The quantized slot i moved into the arena; its stored matrix, no longer
+ * read, is given back (a widened copy) or stops counting (mapped pages). */
+static GfStatus install_nf4(GemmaWeights *gw, KnMatrix *w, size_t i, GfError *err) {
+    GfStatus st = nf4_to_arena(gw, &gw->nf4[i], err);
+    if (st) {
+        kn_nf4_free(&gw->nf4[i]);
+        return st;
+    }
+    gw->n_nf4 = i + 1;
+    uint64_t stored = linears_bytes(&w, 1);
+    if (!weights_in_arena(gw, w->data) || arena_release(gw, w->data)) gw->resident_bytes -= stored;
+    gw->resident_bytes += nf4_bytes(w->rows * w->cols);
+    *w = kn_nf4_matrix(&gw->nf4[i], 0, w->rows, w->cols);
+    return GF_OK;
+}
+
+/* Every linear to NF4, quantized on every core (31B's 30 B parameters take
+ * minutes on one) in batches of a few per thread, installed in order. */
 static GfStatus quantize_linears(GemmaWeights *gw, GfError *err) {
     size_t n = linear_slots(gw, NULL);
     KnMatrix **slots = gf_calloc(n + 1, sizeof *slots, err);
     gw->nf4 = gf_calloc(n + 1, sizeof *gw->nf4, err);
-    if (!slots || !gw->nf4) { free(slots); return GF_NO_MEMORY; }
-    linear_slots(gw, slots);
-    GfStatus st = GF_OK;
-    for (size_t i = 0; !st && i < n; i++) {
-        KnMatrix *w = slots[i];
-        st = kn_nf4_quantize(&gw->nf4[i], *w, err);
-        if (st) break;
-        if ((st = nf4_to_arena(gw, &gw->nf4[i], err))) {
-            kn_nf4_free(&gw->nf4[i]);
-            break;
+    KnPool *pool = slots && gw->nf4 ? kn_pool_new(0, err) : NULL;
+    size_t per = pool ? 2 * (size_t)kn_pool_size(pool) : 0;
+    GfStatus *sts = pool ? gf_calloc(per, sizeof *sts, err) : NULL;
+    GfError *errs = sts ? gf_calloc(per, sizeof *errs, err) : NULL;
+    GfStatus st = errs ? GF_OK : GF_NO_MEMORY;
+    if (!st) linear_slots(gw, slots);
+    for (size_t i0 = 0; !st && i0 < n; i0 += per) {
+        QuantBatch b = {slots + i0, gw->nf4 + i0, sts, errs, n - i0 < per ? n - i0 : per};
+        kn_pool_run(pool, quantize_task, &b);
+        for (size_t j = 0; j < b.n; j++) {
+            if (!st && (st = sts[j])) *err = errs[j];
+            else if (!st) st = install_nf4(gw, slots[i0 + j], i0 + j, err);
+            else kn_nf4_free(&gw->nf4[i0 + j]); /* after a failure: dropped, never installed */
         }
-        gw->n_nf4 = i + 1;
-        uint64_t stored = linears_bytes(&w, 1);
-        /* the stored matrix is no longer read: a widened copy's mapping is
-         * given back, the checkpoint's pages stop counting */
-        if (!weights_in_arena(gw, w->data) || arena_release(gw, w->data)) gw->resident_bytes -= stored;
-        gw->resident_bytes += nf4_bytes(w->rows * w->cols);
-        *w = kn_nf4_matrix(&gw->nf4[i], 0, w->rows, w->cols);
     }
+    kn_pool_free(pool);
+    free(errs);
+    free(sts);
     free(slots);
     return st;
 }

@@ -1,0 +1,519 @@
+/* bench_shapes.c - the engine at Gemma 4's real shapes (a benchmark, not a
+ * test): the text stack of E2B, E4B or 31B (GEMMA4.md §10: PLE, KV sharing,
+ * the double-wide MLP, k_eq_v and the global KV heads, sliding and full
+ * layers with their head dims) written with random bf16 weights to a
+ * checkpoint, then on the chosen device (GF_DEVICE, else the default one):
+ *
+ *   copy     the device's copy bandwidth (bytes read + written per second)
+ *   decode   base and rank-64 adapter, batch 1 and 16, NF4 and bf16 base:
+ *            generated tokens/s after a 128-token prompt, and the share of
+ *            the bandwidth roofline (weight bytes a step reads / step time,
+ *            against the copy bandwidth measured in the same run)
+ *   train    QLoRA (NF4 base, rank 64 on q/k/v/o/gate/up/down, gradient
+ *            checkpointing, AdamW): tokens/s, ms per step, the device memory
+ *            the run took, TFLOP/s counted as 4 x base linear parameters x
+ *            tokens (forward and input gradients; the frozen base has no
+ *            weight gradients) and, given --peak-tflops, that share of peak
+ *
+ * The same shapes as ../shared/bench/hf_anchor.py (random weights, r64 on the
+ * same modules, prompt 128 and 128 new tokens), so the figures stand side by
+ * side with transformers + PEFT. One JSON line per measurement.
+ *
+ * Random weights: each tensor is a slice, at a random offset, of a pool of
+ * 16M random bf16 values per scale (a checkpoint of tens of GB is written in
+ * seconds, not minutes); timing does not depend on the values, only on their
+ * being finite and varied.
+ *
+ * usage: bench_shapes e2b|e4b|31b [--layers N] [--batch B] [--seq T] [--steps K]
+ *        [--new N] [--only copy|decode|train] [--no-bf16] [--peak-tflops F]
+ *        [--dir DIR] [--threads N]
+ *   --layers N  the first N layers of the stack (KV sharing scaled with it),
+ *               to fit a smaller device or a CPU; the JSON says how many ran
+ *   --dir DIR   where the checkpoint goes (default /dev/shm, else /tmp); it is
+ *               removed at the end
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "backward.h"
+#include "convert.h"
+#include "lora.h"
+#include "model.h"
+#include "optim.h"
+
+/* ---- the shapes (GEMMA4.md §10, text stack) ---------------------------- */
+
+typedef struct {
+    const char *name;
+    int hidden, layers, period, heads, kv, kv_full, inter, window, ple, kv_shared, double_wide, k_eq_v;
+} Shape;
+
+static const Shape SHAPES[] = {
+    {"e2b", 1536, 35, 5, 8, 1, 1, 6144, 512, 256, 20, 1, 0},
+    {"e4b", 2560, 42, 6, 8, 2, 2, 10240, 512, 256, 18, 0, 0},
+    {"31b", 5376, 60, 6, 32, 16, 4, 21504, 1024, 0, 0, 0, 1},
+};
+enum { VOCAB = 262144, HEAD_DIM = 256, HEAD_DIM_FULL = 512 };
+
+static int is_full(const Shape *s, int i, int n_layers) { return i % s->period == s->period - 1 || i == n_layers - 1; }
+
+/* ---- a streamed random checkpoint -------------------------------------- */
+
+enum { POOL_N = (1 << 24) - 3 };
+
+typedef struct {
+    float scale, base;
+    uint16_t *v;
+} Pool;
+
+typedef struct {
+    char name[128];
+    int n_dims;
+    uint64_t a, b;
+    float scale, base;
+} Ten;
+
+typedef struct {
+    Ten *t;
+    size_t n, cap;
+    Pool pools[8];
+    int n_pools;
+    uint64_t rng;
+} Ckpt;
+
+static uint64_t next_rand(uint64_t *s) {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+static void ten(Ckpt *c, int n_dims, uint64_t a, uint64_t b, float scale, float base, const char *fmt, int layer) {
+    if (c->n == c->cap) {
+        c->cap = c->cap ? 2 * c->cap : 256;
+        c->t = realloc(c->t, c->cap * sizeof *c->t);
+        if (!c->t) { perror("realloc"); exit(1); }
+    }
+    Ten *t = &c->t[c->n++];
+    char leaf[100];
+    snprintf(leaf, sizeof leaf, fmt, layer);
+    *t = (Ten){.n_dims = n_dims, .a = a, .b = n_dims > 1 ? b : 1, .scale = scale, .base = base};
+    snprintf(t->name, sizeof t->name, "model.language_model.%s", leaf);
+}
+
+static const uint16_t *pool_for(Ckpt *c, float scale, float base) {
+    for (int i = 0; i < c->n_pools; i++)
+        if (c->pools[i].scale == scale && c->pools[i].base == base) return c->pools[i].v;
+    if (c->n_pools == 8) { fprintf(stderr, "too many weight scales\n"); exit(1); }
+    Pool *p = &c->pools[c->n_pools++];
+    *p = (Pool){scale, base, malloc((size_t)POOL_N * 2)};
+    if (!p->v) { perror("malloc"); exit(1); }
+    for (size_t i = 0; i < POOL_N; i++) {
+        float u = (float)((double)(next_rand(&c->rng) >> 11) / 9007199254740992.0) - 0.5f;
+        p->v[i] = kn_f32_to_bf16(base + scale * u);
+    }
+    return p->v;
+}
+
+/* The tensors of the text stack of s cut to n_layers, as weights.c binds them. */
+static void list_tensors(Ckpt *c, const Shape *s, int n_layers, int n_shared) {
+    int H = s->hidden, P = s->ple;
+    float wh = 1.0f / sqrtf((float)H);
+    ten(c, 2, VOCAB, H, 0.1f, 0, "embed_tokens.weight", 0);
+    ten(c, 1, H, 0, 0.2f, 1.0f, "norm.weight", 0);
+    if (P) {
+        ten(c, 2, VOCAB, (uint64_t)n_layers * P, 0.1f, 0, "embed_tokens_per_layer.weight", 0);
+        ten(c, 2, (uint64_t)n_layers * P, H, wh, 0, "per_layer_model_projection.weight", 0);
+        ten(c, 1, P, 0, 0.2f, 1.0f, "per_layer_projection_norm.weight", 0);
+    }
+    for (int i = 0; i < n_layers; i++) {
+        int full = is_full(s, i, n_layers), shared = i >= n_layers - n_shared;
+        int d = full ? HEAD_DIM_FULL : HEAD_DIM, kv = full && s->k_eq_v ? s->kv_full : s->kv;
+        int inter = s->double_wide && shared ? 2 * s->inter : s->inter;
+        float wq = 1.0f / sqrtf((float)(s->heads * d)), wi = 1.0f / sqrtf((float)inter);
+        ten(c, 1, H, 0, 0.2f, 1.0f, "layers.%d.input_layernorm.weight", i);
+        ten(c, 1, H, 0, 0.2f, 1.0f, "layers.%d.post_attention_layernorm.weight", i);
+        ten(c, 1, H, 0, 0.2f, 1.0f, "layers.%d.pre_feedforward_layernorm.weight", i);
+        ten(c, 1, H, 0, 0.2f, 1.0f, "layers.%d.post_feedforward_layernorm.weight", i);
+        ten(c, 1, 1, 0, 0, 1.0f, "layers.%d.layer_scalar", i);
+        ten(c, 2, (uint64_t)s->heads * d, H, wh, 0, "layers.%d.self_attn.q_proj.weight", i);
+        ten(c, 2, H, (uint64_t)s->heads * d, wq, 0, "layers.%d.self_attn.o_proj.weight", i);
+        ten(c, 1, d, 0, 0.2f, 1.0f, "layers.%d.self_attn.q_norm.weight", i);
+        if (!shared) {
+            ten(c, 2, (uint64_t)kv * d, H, wh, 0, "layers.%d.self_attn.k_proj.weight", i);
+            if (!(full && s->k_eq_v)) ten(c, 2, (uint64_t)kv * d, H, wh, 0, "layers.%d.self_attn.v_proj.weight", i);
+            ten(c, 1, d, 0, 0.2f, 1.0f, "layers.%d.self_attn.k_norm.weight", i);
+        }
+        ten(c, 2, inter, H, wh, 0, "layers.%d.mlp.gate_proj.weight", i);
+        ten(c, 2, inter, H, wh, 0, "layers.%d.mlp.up_proj.weight", i);
+        ten(c, 2, H, inter, wi, 0, "layers.%d.mlp.down_proj.weight", i);
+        if (P) {
+            ten(c, 2, P, H, wh, 0, "layers.%d.per_layer_input_gate.weight", i);
+            ten(c, 2, H, P, 1.0f / sqrtf((float)P), 0, "layers.%d.per_layer_projection.weight", i);
+            ten(c, 1, H, 0, 0.2f, 1.0f, "layers.%d.post_per_layer_input_norm.weight", i);
+        }
+    }
+}
+
+static int write_config(const char *dir, const Shape *s, int n_layers, int n_shared) {
+    char path[700];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    fprintf(f,
+            "{\"model_type\":\"gemma4\",\"tie_word_embeddings\":true,\"vision_config\":null,\"audio_config\":null,"
+            "\"text_config\":{\"model_type\":\"gemma4_text\",\"vocab_size\":%d,\"hidden_size\":%d,"
+            "\"intermediate_size\":%d,\"num_hidden_layers\":%d,\"num_attention_heads\":%d,\"num_key_value_heads\":%d,"
+            "\"head_dim\":%d,\"global_head_dim\":%d,\"num_global_key_value_heads\":%s,\"attention_k_eq_v\":%s,"
+            "\"use_double_wide_mlp\":%s,\"num_kv_shared_layers\":%d,\"hidden_size_per_layer_input\":%d,"
+            "\"vocab_size_per_layer_input\":%d,\"sliding_window\":%d,\"final_logit_softcapping\":30.0,"
+            "\"max_position_embeddings\":131072,\"rms_norm_eps\":1e-06,\"hidden_activation\":\"gelu_pytorch_tanh\","
+            "\"rope_parameters\":{\"full_attention\":{\"partial_rotary_factor\":0.25,\"rope_theta\":1000000.0,"
+            "\"rope_type\":\"proportional\"},\"sliding_attention\":{\"rope_theta\":10000.0,\"rope_type\":\"default\"}},"
+            "\"layer_types\":[",
+            VOCAB, s->hidden, s->inter, n_layers, s->heads, s->kv, HEAD_DIM, HEAD_DIM_FULL,
+            s->k_eq_v ? "4" : "null", s->k_eq_v ? "true" : "false", s->double_wide ? "true" : "false", n_shared,
+            s->ple, VOCAB, s->window);
+    for (int i = 0; i < n_layers; i++)
+        fprintf(f, "%s\"%s\"", i ? "," : "", is_full(s, i, n_layers) ? "full_attention" : "sliding_attention");
+    fprintf(f, "]}}\n");
+    return fclose(f);
+}
+
+/* model.safetensors: the header, then every tensor's bytes from its pool. */
+static int write_tensors(const char *dir, Ckpt *c, uint64_t *total) {
+    size_t cap = 256 + c->n * 200, len = 0;
+    char *h = malloc(cap);
+    uint64_t off = 0;
+    len += (size_t)snprintf(h + len, cap - len, "{");
+    for (size_t i = 0; i < c->n; i++) {
+        const Ten *t = &c->t[i];
+        uint64_t bytes = t->a * t->b * 2;
+        if (t->n_dims == 1)
+            len += (size_t)snprintf(h + len, cap - len, "%s\"%s\":{\"dtype\":\"BF16\",\"shape\":[%llu],\"data_offsets\":[%llu,%llu]}",
+                                    i ? "," : "", t->name, (unsigned long long)t->a, (unsigned long long)off,
+                                    (unsigned long long)(off + bytes));
+        else
+            len += (size_t)snprintf(h + len, cap - len,
+                                    "%s\"%s\":{\"dtype\":\"BF16\",\"shape\":[%llu,%llu],\"data_offsets\":[%llu,%llu]}",
+                                    i ? "," : "", t->name, (unsigned long long)t->a, (unsigned long long)t->b,
+                                    (unsigned long long)off, (unsigned long long)(off + bytes));
+        off += bytes;
+    }
+    len += (size_t)snprintf(h + len, cap - len, "}");
+    while (len % 8) h[len++] = ' ';
+    char path[700];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    FILE *f = fopen(path, "wb");
+    uint64_t hl = len;
+    int ok = f && fwrite(&hl, 8, 1, f) == 1 && fwrite(h, 1, len, f) == len;
+    for (size_t i = 0; ok && i < c->n; i++) {
+        const Ten *t = &c->t[i];
+        const uint16_t *p = pool_for(c, t->scale, t->base);
+        uint64_t n = t->a * t->b, at = next_rand(&c->rng) % POOL_N;
+        while (ok && n) {
+            uint64_t k = n < POOL_N - at ? n : POOL_N - at;
+            ok = fwrite(p + at, 2, k, f) == k;
+            n -= k;
+            at = 0;
+        }
+    }
+    if (f && fclose(f)) ok = 0;
+    free(h);
+    *total = off;
+    return ok ? 0 : -1;
+}
+
+/* ---- measurements ------------------------------------------------------ */
+
+typedef struct {
+    const Shape *s;
+    int n_layers, batch, seq, steps, n_new, bf16;
+    const char *only;
+    double peak_tflops, copy_gbs;
+    int threads;
+} Run;
+
+static const char *const TARGETS[] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+
+static int sync_model(const Model *m, GfError *err) {
+    const KnBackend *b = model_backend(m);
+    return b->ops->synchronize(&b->ctx, err) ? -1 : 0;
+}
+
+static uint64_t device_free(const Model *m) {
+    KnDeviceKind kind;
+    int index;
+    KnDeviceInfo info;
+    GfError err;
+    if (kn_backend_parse(model_backend(m)->name, &kind, &index, &err) || kn_device_info(kind, index, &info, &err)) return 0;
+    return info.memory_free;
+}
+
+/* Device-to-device copies of min(1 GiB, an eighth of the free memory). */
+static void bench_copy(Run *r, Model *m) {
+    uint64_t fr = device_free(m), n = 1ull << 30;
+    if (fr / 8 < n) n = fr / 8 & ~4095ull;
+    KnBuffer a = {0}, b = {0};
+    GfError err;
+    if (n < (1u << 20) || model_device_alloc(m, &a, n, "copy source", &err) ||
+        model_device_alloc(m, &b, n, "copy destination", &err)) {
+        printf("{\"what\":\"copy\",\"error\":\"no room for the copy buffers\"}\n");
+        model_device_free(m, &a);
+        return;
+    }
+    const KnBackend *be = model_backend(m);
+    be->ops->memset(&be->ctx, a.data, 1, n);
+    for (int i = 0; i < 2; i++) model_device_copy(m, b.data, a.data, n);
+    sync_model(m, &err);
+    int reps = 10;
+    double t0 = gf_time_mono();
+    for (int i = 0; i < reps; i++) model_device_copy(m, b.data, a.data, n);
+    sync_model(m, &err);
+    double dt = gf_time_mono() - t0;
+    r->copy_gbs = 2.0 * (double)n * reps / dt / 1e9;
+    printf("{\"what\":\"copy\",\"device\":\"%s\",\"bytes\":%llu,\"gbs\":%.1f}\n", be->name, (unsigned long long)n,
+           r->copy_gbs);
+    model_device_free(m, &b);
+    model_device_free(m, &a);
+}
+
+/* Bytes of base weights one decode step reads: every linear of the layers
+ * as loaded, and the tied head (vocab x hidden, bf16). PLE rows, norms and
+ * the KV cache are left out: small against these at a short context. */
+static double step_weight_bytes(const Model *m) {
+    ModelMemory mem;
+    weights_memory(model_weights(m), &mem);
+    const TextConfig *t = &model_config(m)->text;
+    return (double)mem.linear_stored_bytes + 2.0 * (double)t->vocab_size * t->hidden_size;
+}
+
+static int fill_ids(int32_t *ids, int n, uint64_t *rng) {
+    for (int i = 0; i < n; i++) ids[i] = 10 + (int32_t)(next_rand(rng) % (VOCAB - 1000));
+    return n;
+}
+
+/* A prompt per sequence, then n_new greedy steps over the whole batch. */
+static void decode_case(Run *r, Model *m, const LoraBinding *lora, int B, const char *quant) {
+    const int prompt = 128;
+    KvCache *c = calloc((size_t)B, sizeof *c);
+    ModelSeq *seqs = calloc((size_t)B, sizeof *seqs);
+    KnSampleRow *rows = calloc((size_t)B, sizeof *rows);
+    int32_t *ids = malloc((size_t)prompt * B * sizeof *ids), *next = malloc((size_t)B * sizeof *next);
+    uint64_t rng = 99;
+    GfError err = {0};
+    int ok = 1;
+    for (int i = 0; ok && i < B; i++) {
+        ok = !kv_cache_init(&c[i], &model_config(m)->text, model_backend(m), prompt + r->n_new + 8, &err);
+        fill_ids(ids + (size_t)i * prompt, prompt, &rng);
+        seqs[i] = (ModelSeq){&c[i], {.ids = ids + (size_t)i * prompt, .n = prompt, .last_logits_only = 1, .lora = lora}};
+    }
+    double t0 = gf_time_mono();
+    ok = ok && !model_forward_batch_sample(m, seqs, B, rows, next, &err);
+    double t1 = gf_time_mono();
+    for (int k = 0; ok && k < r->n_new; k++) {
+        for (int i = 0; i < B; i++) seqs[i].in = (ModelInput){.ids = &next[i], .n = 1, .last_logits_only = 1, .lora = lora};
+        ok = !model_forward_batch_sample(m, seqs, B, rows, next, &err);
+    }
+    double t2 = gf_time_mono();
+    if (!ok) {
+        printf("{\"what\":\"decode\",\"quant\":\"%s\",\"batch\":%d,\"error\":\"%s\"}\n", quant, B, err.message);
+    } else {
+        double step = (t2 - t1) / r->n_new, bytes = step_weight_bytes(m), gbs = bytes / step / 1e9;
+        printf("{\"what\":\"decode\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"%s\",\"lora\":%s,\"batch\":%d,"
+               "\"prompt\":%d,\"new_tokens\":%d,\"prefill_s\":%.4f,\"step_ms\":%.3f,\"tokens_per_s\":%.1f,"
+               "\"weight_bytes_per_step\":%.0f,\"weight_gbs\":%.1f,\"roofline_share\":%.3f}\n",
+               r->s->name, r->n_layers, quant, lora ? "true" : "false", B, prompt, r->n_new, t1 - t0, step * 1e3,
+               B / step, bytes, gbs, r->copy_gbs > 0 ? gbs / r->copy_gbs : 0.0);
+    }
+    fflush(stdout);
+    for (int i = 0; i < B; i++) kv_cache_free(&c[i]);
+    free(c);
+    free(seqs);
+    free(rows);
+    free(ids);
+    free(next);
+}
+
+static void bench_decode(Run *r, Model *m, const char *quant) {
+    LoraAdapter *a = NULL;
+    LoraBinding b = {0};
+    GfError err;
+    if (lora_create(m, TARGETS, 7, 64, 64.0, 0, 1, &a, &err) || lora_bind(m, a, &b, &err)) {
+        printf("{\"what\":\"decode\",\"error\":\"%s\"}\n", err.message);
+        lora_free(a);
+        return;
+    }
+    const int batches[] = {1, 16};
+    for (int k = 0; k < 2; k++) {
+        decode_case(r, m, NULL, batches[k], quant);
+        decode_case(r, m, &b, batches[k], quant);
+    }
+    lora_binding_free(&b);
+    lora_free(a);
+}
+
+/* One optimizer step as the trainer takes it: B sequences of T trained
+ * tokens, gradients accumulated, clipped, AdamW. */
+static GfStatus train_step(Model *m, GradWorkspace *w, LoraBinding *b, AdamW *o, int32_t *ids, const Run *r,
+                           double *loss, GfError *err) {
+    lora_binding_zero_grads(b);
+    *loss = 0;
+    for (int i = 0; i < r->batch; i++) {
+        TrainSequence s = {.ids = ids + (size_t)i * r->seq, .labels = ids + (size_t)i * r->seq, .n = r->seq};
+        double l;
+        int64_t n;
+        GfStatus st = model_backward(m, w, b, &s, 1.0f / (float)(r->batch * (r->seq - 1)), &l, &n, err);
+        if (st) return st;
+        *loss += l;
+    }
+    lora_clip_grads(b, 1.0);
+    adamw_step(o, b, 1e-4);
+    *loss /= (double)r->batch * (r->seq - 1);
+    return sync_model(m, err) ? GF_DEVICE : GF_OK;
+}
+
+static void bench_train(Run *r, Model *m, uint64_t free_before) {
+    LoraAdapter *a = NULL;
+    LoraBinding b = {0};
+    GradWorkspace *w = NULL;
+    AdamW o = {0};
+    GfError err = {0};
+    int32_t *ids = malloc((size_t)r->batch * r->seq * sizeof *ids);
+    uint64_t rng = 7;
+    fill_ids(ids, r->batch * r->seq, &rng);
+    double loss = 0, *times = calloc((size_t)r->steps, sizeof *times);
+    uint64_t min_free = UINT64_MAX;
+    int ok = !lora_create(m, TARGETS, 7, 64, 64.0, 0, 1, &a, &err) && !lora_bind(m, a, &b, &err) &&
+             !lora_binding_grads(&b, &err) && !grad_workspace_new(m, r->seq, 64, &w, &err) &&
+             !adamw_init(&o, &b, 0.9, 0.999, 1e-8, 0.0, &err) && !train_step(m, w, &b, &o, ids, r, &loss, &err);
+    for (int k = 0; ok && k < r->steps; k++) {
+        double t0 = gf_time_mono();
+        ok = !train_step(m, w, &b, &o, ids, r, &loss, &err);
+        times[k] = gf_time_mono() - t0;
+        uint64_t fr = device_free(m);
+        if (fr < min_free) min_free = fr;
+    }
+    if (!ok) {
+        printf("{\"what\":\"train\",\"model\":\"%s\",\"error\":\"%s\"}\n", r->s->name, err.message);
+    } else {
+        for (int i = 1; i < r->steps; i++)
+            for (int j = i; j > 0 && times[j] < times[j - 1]; j--) { double t = times[j]; times[j] = times[j - 1]; times[j - 1] = t; }
+        double st = times[r->steps / 2], tokens = (double)r->batch * r->seq;
+        ModelMemory mem;
+        weights_memory(model_weights(m), &mem);
+        const TextConfig *t = &model_config(m)->text;
+        double flops = 4.0 * ((double)mem.linear_params + (double)t->vocab_size * t->hidden_size) * tokens;
+        double tflops = flops / st / 1e12;
+        char mfu[32] = "null";
+        if (r->peak_tflops > 0) snprintf(mfu, sizeof mfu, "%.4f", tflops / r->peak_tflops);
+        printf("{\"what\":\"train\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"nf4\",\"rank\":64,\"batch\":%d,\"seq\":%d,"
+               "\"grad_ckpt\":true,\"step_s_median\":%.4f,\"tokens_per_s\":%.1f,\"device_mem_gb\":%.2f,"
+               "\"trainable_m\":%.2f,\"tflops\":%.2f,\"peak_tflops\":%.1f,\"mfu\":%s,\"loss\":%.4f}\n",
+               r->s->name, r->n_layers, r->batch, r->seq, st, tokens / st,
+               free_before > min_free ? (double)(free_before - min_free) / 1e9 : 0.0, (double)b.n_params / 1e6, tflops,
+               r->peak_tflops, mfu, loss);
+    }
+    fflush(stdout);
+    adamw_free(&o);
+    grad_workspace_free(w);
+    lora_binding_free(&b);
+    lora_free(a);
+    free(ids);
+    free(times);
+}
+
+static int wants(const Run *r, const char *what) { return !r->only || strcmp(r->only, what) == 0; }
+
+/* Opens the checkpoint under quant and runs what this run wants on it. */
+static int bench_quant(Run *r, const char *dir, ModelQuant q) {
+    GfError err;
+    Model *m = NULL;
+    KnDeviceKind kind;
+    int index;
+    KnDeviceInfo info = {0};
+    kn_default_device(&kind, &index);
+    const char *env = getenv("GF_DEVICE");
+    if (env && *env && kn_backend_parse(env, &kind, &index, &err)) { fprintf(stderr, "%s\n", err.message); return 1; }
+    kn_device_info(kind, index, &info, &err);
+    ModelOptions mo = {.n_threads = r->threads, .quantize = q};
+    double t0 = gf_time_mono();
+    if (model_open(dir, &mo, &m, &err)) { fprintf(stderr, "%s\n", err.message); return 1; }
+    const char *qn = q == MODEL_QUANT_NF4 ? "nf4" : "bf16";
+    printf("{\"what\":\"load\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"%s\",\"device\":\"%s\",\"device_name\":\"%s\","
+           "\"seconds\":%.1f,\"weight_bytes_per_step\":%.0f}\n",
+           r->s->name, r->n_layers, qn, model_backend(m)->name, info.name, gf_time_mono() - t0, step_weight_bytes(m));
+    fflush(stdout);
+    if (r->copy_gbs == 0 && (wants(r, "copy") || wants(r, "decode"))) bench_copy(r, m);
+    if (wants(r, "decode")) bench_decode(r, m, qn);
+    if (q == MODEL_QUANT_NF4 && wants(r, "train")) bench_train(r, m, info.memory_free);
+    model_close(m);
+    return 0;
+}
+
+static int usage(void) {
+    fprintf(stderr, "usage: bench_shapes e2b|e4b|31b [--layers N] [--batch B] [--seq T] [--steps K] [--new N]\n"
+                    "       [--only copy|decode|train] [--no-bf16] [--peak-tflops F] [--dir DIR] [--threads N]\n");
+    return 2;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return usage();
+    Run r = {.batch = 4, .seq = 1024, .steps = 5, .n_new = 128, .bf16 = 1};
+    for (size_t i = 0; i < sizeof SHAPES / sizeof *SHAPES; i++)
+        if (strcmp(argv[1], SHAPES[i].name) == 0) r.s = &SHAPES[i];
+    if (!r.s) return usage();
+    if (strcmp(r.s->name, "31b") == 0) r.batch = 1;
+    r.n_layers = r.s->layers;
+    const char *dir_base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
+    for (int i = 2; i < argc; i++) {
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(argv[i], "--no-bf16") == 0) { r.bf16 = 0; continue; }
+        if (!v) return usage();
+        if (strcmp(argv[i], "--layers") == 0) r.n_layers = atoi(v);
+        else if (strcmp(argv[i], "--batch") == 0) r.batch = atoi(v);
+        else if (strcmp(argv[i], "--seq") == 0) r.seq = atoi(v);
+        else if (strcmp(argv[i], "--steps") == 0) r.steps = atoi(v);
+        else if (strcmp(argv[i], "--new") == 0) r.n_new = atoi(v);
+        else if (strcmp(argv[i], "--only") == 0) r.only = v;
+        else if (strcmp(argv[i], "--peak-tflops") == 0) r.peak_tflops = atof(v);
+        else if (strcmp(argv[i], "--dir") == 0) dir_base = v;
+        else if (strcmp(argv[i], "--threads") == 0) r.threads = atoi(v);
+        else return usage();
+        i++;
+    }
+    if (r.n_layers < 1 || r.n_layers > r.s->layers || r.batch < 1 || r.seq < 2 || r.steps < 1 || r.n_new < 1)
+        return usage();
+    gf_log_init(GF_LOG_WARN);
+    /* KV sharing keeps its share of the stack, leaving at least one period of storing layers. */
+    int n_shared = r.s->kv_shared * r.n_layers / r.s->layers;
+    if (r.n_layers - n_shared < r.s->period) n_shared = r.n_layers > r.s->period ? r.n_layers - r.s->period : 0;
+
+    char dir[600];
+    snprintf(dir, sizeof dir, "%s/gf-shapes-XXXXXX", dir_base);
+    if (!mkdtemp(dir)) { perror(dir); return 1; }
+    Ckpt c = {.rng = 88172645463325252ull};
+    list_tensors(&c, r.s, r.n_layers, n_shared);
+    uint64_t bytes = 0;
+    double t0 = gf_time_mono();
+    int rc = write_config(dir, r.s, r.n_layers, n_shared) || write_tensors(dir, &c, &bytes);
+    printf("{\"what\":\"checkpoint\",\"model\":\"%s\",\"layers\":%d,\"kv_shared\":%d,\"bytes\":%llu,\"seconds\":%.1f%s}\n",
+           r.s->name, r.n_layers, n_shared, (unsigned long long)bytes, gf_time_mono() - t0,
+           rc ? ",\"error\":\"cannot write the checkpoint\"" : "");
+    fflush(stdout);
+    for (int i = 0; i < c.n_pools; i++) free(c.pools[i].v);
+    free(c.t);
+    if (!rc) rc = bench_quant(&r, dir, MODEL_QUANT_NF4);
+    if (!rc && r.bf16 && wants(&r, "decode")) rc = bench_quant(&r, dir, MODEL_QUANT_NONE);
+    char path[700];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    unlink(path);
+    rmdir(dir);
+    return rc;
+}
