@@ -215,7 +215,8 @@ static cJSON *job_json(const JobRow *j) {
         cJSON *e = cJSON_AddObjectToObject(o, "error");
         cJSON_AddStringToObject(e, "code", j->error_code);
         cJSON_AddStringToObject(e, "message", j->error_message);
-        cJSON_AddNullToObject(e, "param");
+        if (j->error_param[0]) cJSON_AddStringToObject(e, "param", j->error_param);
+        else cJSON_AddNullToObject(e, "param");
     } else {
         cJSON_AddNullToObject(o, "error");
     }
@@ -439,9 +440,7 @@ static void preflight_device(Api *api, const TrainMemory *tm, const JobParams *h
     if (kn_device_info(be->ctx.device, be->ctx.index, &dev, &err)) return;
     int shares = weights_quant(model_weights(sv->model)) == hp->quantization;
     TrainFit fit;
-    const WeightsGauge *g = &api->metrics->weights;
-    uint64_t resident = dev.kind == KN_DEVICE_CUDA ? atomic_load(&g->device_bytes) : atomic_load(&g->bytes);
-    trainer_fit(tm, shares, dev.memory_free, sv->memory_limit, resident, &fit);
+    trainer_fit(tm, shares, dev.memory_free, sv->memory_limit, weights_gauge_bytes(&api->metrics->weights, dev.kind), &fit);
     cJSON_AddBoolToObject(d, "shares_served_base", shares);
     cJSON_AddNumberToObject(d, "needed_bytes", (double)fit.need);
     cJSON_AddNumberToObject(d, "free_bytes", (double)fit.avail);

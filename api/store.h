@@ -52,6 +52,7 @@ typedef struct {
     int64_t created_at, started_at, finished_at; /* 0 = not yet */
     char error_code[48];
     char error_message[512];
+    char error_param[GF_ERR_PARAM_MAX]; /* the field the error names; "" = none */
     int64_t step, total_steps;   /* -1 = unknown */
     double epoch, loss, eval_loss, tokens_per_s, eta_s; /* NAN = unknown */
     char adapter[STORE_NAME_MAX];  /* "" until succeeded */

@@ -195,10 +195,11 @@ static void conclude(JobCtx *c, GfStatus st, const GfError *run_err, const JobPa
         char name[STORE_NAME_MAX];
         store_job_adapter_name(c->row, name, sizeof name);
         if ((rec = register_adapter(c, hp, res, out_dir, &err))) {
-            char code[GF_ERR_CODE_MAX], msg[GF_ERR_MSG_MAX + 64];
+            char code[GF_ERR_CODE_MAX], param[GF_ERR_PARAM_MAX], msg[GF_ERR_MSG_MAX + 64];
             snprintf(code, sizeof code, "%s", err.code[0] ? err.code : "registration_failed");
+            snprintf(param, sizeof param, "%s", err.param);
             snprintf(msg, sizeof msg, "the adapter could not be registered: %s", err.message);
-            rec = store_job_finish(j->store, id, "failed", code, msg, &err);
+            rec = store_job_finish(j->store, id, "failed", code, param, msg, &err);
         } else if (j->cfg.on_adapter && res->adapter) {
             j->cfg.on_adapter(j->cfg.on_adapter_cls, name, res->adapter, &res->params); /* served at once, from memory */
             res->adapter = NULL;
@@ -209,9 +210,10 @@ static void conclude(JobCtx *c, GfStatus st, const GfError *run_err, const JobPa
     } else if (st == GF_CANCELLED && worker_stopping(&j->w)) {
         hook_log(c, "info", "the server is stopping; the job resumes from its last checkpoint at the next start");
     } else if (st == GF_CANCELLED) {
-        rec = store_job_finish(j->store, id, "cancelled", NULL, NULL, &err);
+        rec = store_job_finish(j->store, id, "cancelled", NULL, NULL, NULL, &err);
     } else {
-        rec = store_job_finish(j->store, id, "failed", run_err->code[0] ? run_err->code : "training_failed", run_err->message, &err);
+        rec = store_job_finish(j->store, id, "failed", run_err->code[0] ? run_err->code : "training_failed", run_err->param,
+                               run_err->message, &err);
     }
     if (rec) GF_LOGE("job %s: could not record its end: %s", id, err.message);
     notify(j, id);
@@ -234,7 +236,7 @@ static void run_job(Jobs *j, const JobRow *row, int resumed) {
         st = train_run(&spec, &hooks, &res, &err);
     }
     if (p) conclude(&c, st, &err, &spec.params, &res, p->out);
-    else if (store_job_finish(j->store, row->id, "failed", "out_of_memory", "the server ran out of memory", &err))
+    else if (store_job_finish(j->store, row->id, "failed", "out_of_memory", NULL, "the server ran out of memory", &err))
         GF_LOGE("job %s: could not record its end: %s", row->id, err.message);
     lora_free(res.adapter); /* not handed over */
     if (res.params.data && j->cfg.free_params) j->cfg.free_params(j->cfg.on_adapter_cls, &res.params);

@@ -398,7 +398,7 @@ static GfStatus sql_dataset_delete(Store *store, const char *id, GfError *err) {
 #define ADAPTER_COLS "name,source,job_id,base_model,rank,alpha,use_rslora,n_modules,has_vision,bytes,sha256,created_at"
 #define JOB_COLS "id,dataset_id,validation_dataset_id,model,suffix,hyperparameters,status,cancel_requested," \
                  "created_at,started_at,finished_at,error_code,error_message,step,total_steps,epoch,loss," \
-                 "eval_loss,tokens_per_s,eta_s,adapter_name,paused,pause_requested,trained_tokens,status_reason,metadata"
+                 "eval_loss,tokens_per_s,eta_s,adapter_name,paused,pause_requested,trained_tokens,status_reason,metadata,error_param"
 
 static void read_job(sqlite3_stmt *st, JobRow *j) {
     col_text(st, 0, j->id, sizeof j->id);
@@ -427,6 +427,7 @@ static void read_job(sqlite3_stmt *st, JobRow *j) {
     j->trained_tokens = col_int_or(st, 23, -1);
     col_text(st, 24, j->status_reason, sizeof j->status_reason);
     col_text(st, 25, j->metadata, sizeof j->metadata);
+    col_text(st, 26, j->error_param, sizeof j->error_param);
 }
 
 static void read_job_at(sqlite3_stmt *st, void *out, int i) { read_job(st, (JobRow *)out + i); }
@@ -854,16 +855,17 @@ GfStatus store_checkpoint_list(Store *store, const char *job_id, int64_t *steps,
 }
 
 typedef struct {
-    const char *id, *status, *code, *message;
+    const char *id, *status, *code, *param, *message;
     const AdapterRow *adapter;
     int64_t trained_tokens;     /* -1 = unknown */
 } FinishCtx;
 
 static GfStatus finish_body(SqlStore *s, void *ctx, GfError *err) {
     FinishCtx *c = ctx;
-    int rc = exec_stmt(s, "UPDATE jobs SET status=?, finished_at=?, error_code=NULLIF(?,''), error_message=NULLIF(?,''), "
-                          "adapter_name=NULLIF(?,''), eta_s=0, trained_tokens=NULLIF(?,-1), status_reason=NULL WHERE id=? AND status='running'",
-                       "sisssis", c->status, gf_time_unix(), c->code ? c->code : "", c->message ? c->message : "",
+    int rc = exec_stmt(s, "UPDATE jobs SET status=?, finished_at=?, error_code=NULLIF(?,''), error_param=NULLIF(?,''), "
+                          "error_message=NULLIF(?,''), adapter_name=NULLIF(?,''), eta_s=0, trained_tokens=NULLIF(?,-1), status_reason=NULL WHERE id=? AND status='running'",
+                       "sissssis", c->status, gf_time_unix(), c->code ? c->code : "", c->param ? c->param : "",
+                       c->message ? c->message : "",
                        c->adapter ? c->adapter->name : "", c->adapter ? c->trained_tokens : (int64_t)-1, c->id);
     if (rc == SQLITE_OK && sqlite3_changes(s->db) != 1)
         return gf_error_set(err, GF_CONFLICT, "job_not_running", "id", "job '%s' is not running", c->id);
@@ -876,10 +878,10 @@ static GfStatus finish_body(SqlStore *s, void *ctx, GfError *err) {
     return rc == SQLITE_OK ? GF_OK : db_fail(s, rc, err);
 }
 
-GfStatus store_job_finish(Store *store, const char *id, const char *status, const char *code, const char *message,
-                          GfError *err) {
+GfStatus store_job_finish(Store *store, const char *id, const char *status, const char *code, const char *param,
+                          const char *message, GfError *err) {
     SqlStore *s = (SqlStore *)store;
-    FinishCtx c = {id, status, code, message, NULL, -1};
+    FinishCtx c = {id, status, code, param, message, NULL, -1};
     return txn(s, finish_body, &c, err);
 }
 
@@ -892,7 +894,7 @@ GfStatus store_job_succeed(Store *store, const char *id, const AdapterRow *a, in
     const char *src[2] = {config_tmp, weights_tmp};
     const char *names[2] = {"adapter_config.json", "adapter_model.safetensors"};
     struct stat sb;
-    FinishCtx c = {id, "succeeded", NULL, NULL, a, trained_tokens};
+    FinishCtx c = {id, "succeeded", NULL, NULL, NULL, a, trained_tokens};
     GfStatus res = GF_OK;
     lock(s); /* held across publish, as for uploads, so one name cannot be taken twice */
     if (row_exists(s, "SELECT 1 FROM adapters WHERE name=?", a->name) || lstat(final_dir, &sb) == 0)

@@ -46,9 +46,10 @@ GfStatus store_checkpoint_add(Store *s, const char *job_id, int64_t step, const 
 GfStatus store_checkpoint_list(Store *s, const char *job_id, int64_t *steps, char (*digests)[65], int max, int *n,
                                GfError *err);
 
-/* running -> failed or cancelled, with the reason and a status event. */
-GfStatus store_job_finish(Store *s, const char *id, const char *status, const char *code, const char *message,
-                          GfError *err);
+/* running -> failed or cancelled, with the reason (code, the field it
+ * names or NULL, message) and a status event. */
+GfStatus store_job_finish(Store *s, const char *id, const char *status, const char *code, const char *param,
+                          const char *message, GfError *err);
 /* running -> succeeded (with the tokens trained, -1 = unknown): publishes the adapter's two files under
  * adapters/<a->name>/, inserts its row and marks the job, all or nothing. */
 GfStatus store_job_succeed(Store *s, const char *id, const AdapterRow *a, int64_t trained_tokens, const char *config_tmp,

@@ -49,10 +49,18 @@ void train_run_ckpt_dir(const char *root, int64_t step, char *out, size_t cap) {
 
 /* ---- set-up ------------------------------------------------------------------- */
 
+/* A data set's error in the job's terms (its error.param): the
+ * hyperparameter it names, else the file it came from. */
+static GfStatus data_error(GfError *err, const char *file_param) {
+    const char *p = strcmp(err->param, "max_seq_len") == 0 ? "hyperparameters.max_seq_len" : file_param;
+    snprintf(err->param, sizeof err->param, "%s", p);
+    return err->status;
+}
+
 static GfStatus open_data(Run *r, GfError *err) {
     const TrainRunSpec *s = r->spec;
     GfStatus st = trainset_open(r->p, s->train_jsonl, s->train_tar, s->params.max_seq_len, &s->image_limits, &r->train, err);
-    if (st) return st;
+    if (st) return data_error(err, "training_file");
     int64_t tokens = 0, targets = 0;
     for (size_t i = 0; i < trainset_count(r->train); i++) {
         tokens += trainset_tokens(r->train, i);
@@ -63,7 +71,10 @@ static GfStatus open_data(Run *r, GfError *err) {
           (long long)tokens, (long long)targets, (long long)trainset_max_tokens(r->train));
     if (!s->val_jsonl) return GF_OK;
     st = trainset_open(r->p, s->val_jsonl, s->val_tar, s->params.max_seq_len, &s->image_limits, &r->val, err);
-    if (st) return gf_error_wrap(err, "validation_dataset", "validation set");
+    if (st) {
+        gf_error_wrap(err, NULL, "validation set");
+        return data_error(err, "validation_file");
+    }
     logf_(r, "info", "validation set: %zu examples", trainset_count(r->val));
     return GF_OK;
 }
@@ -78,10 +89,7 @@ static GfStatus judge_fit(Run *r, const TrainMemory *tm, int share, const KnDevi
                           GfError *err) {
     const TrainRunSpec *s = r->spec;
     TrainFit fit;
-    uint64_t resident = !s->gauge ? 0
-                        : dev->kind == KN_DEVICE_CUDA ? atomic_load(&s->gauge->device_bytes)
-                                                      : atomic_load(&s->gauge->bytes);
-    trainer_fit(tm, share, dev->memory_free, s->memory_limit, resident, &fit);
+    trainer_fit(tm, share, dev->memory_free, s->memory_limit, weights_gauge_bytes(s->gauge, dev->kind), &fit);
     uint64_t train = tm->total - tm->weights, need = fit.need, avail = fit.avail;
     if (fit.fits) {
         logf_(r, "info", "memory: the job needs %.1f MB on %s at most (max_seq_len %lld), %.1f MB are free", MB(need),

@@ -540,6 +540,11 @@ static GfStatus quantize_linears(GemmaWeights *gw, GfError *err) {
     return st;
 }
 
+uint64_t weights_gauge_bytes(const WeightsGauge *g, KnDeviceKind kind) {
+    if (!g) return 0;
+    return kind == KN_DEVICE_CUDA ? atomic_load(&g->device_bytes) : atomic_load(&g->bytes);
+}
+
 /* ---- the object ---------------------------------------------------------------- */
 
 static void weights_free(GemmaWeights *gw) {

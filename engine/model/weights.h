@@ -30,6 +30,7 @@
 
 #include "config.h"
 #include "modeldir.h"
+#include "tensor.h"
 
 typedef struct GemmaWeights GemmaWeights;
 
@@ -43,6 +44,11 @@ typedef struct {
     _Atomic uint64_t device_bytes;
     atomic_int device_copies;
 } WeightsGauge;
+
+/* The base-weight bytes g counts in the memory of a device of kind: the
+ * host copies for the CPU kinds (the guarded backend's memory is host
+ * memory), the device copies for CUDA. 0 when g is NULL. */
+uint64_t weights_gauge_bytes(const WeightsGauge *g, KnDeviceKind kind);
 
 /* Loads dir's config and weights (NF4 linears under MODEL_QUANT_NF4);
  * gauge (may be NULL, else must outlive the weights) counts them. */

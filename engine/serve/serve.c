@@ -305,12 +305,16 @@ static GfStatus add_resident(ServeEngine *e, const char *name, LoraAdapter *a, K
                              const uint8_t *vision_digest, Resident **out, GfError *err) {
     evict(e);
     int adopt = params && params->data;
-    Resident *r = e->n_res == e->n_res_cap ? NULL : gf_calloc(1, sizeof *r, err);
-    GfStatus st = e->n_res == e->n_res_cap ? gf_error_set(err, GF_BUSY, "adapters_busy", "model",
-                                                           "every adapter slot is in use; retry later")
-                  : !r                     ? GF_NO_MEMORY
-                  : adopt                  ? lora_bind_adopt(e->m, a, params, &r->b, err)
-                                           : lora_bind(e->m, a, &r->b, err);
+    Resident *r = NULL;
+    GfStatus st;
+    if (e->n_res == e->n_res_cap)
+        st = gf_error_set(err, GF_BUSY, "adapters_busy", "model", "every adapter slot is in use; retry later");
+    else if (!(r = gf_calloc(1, sizeof *r, err)))
+        st = GF_NO_MEMORY;
+    else if (adopt)
+        st = lora_bind_adopt(e->m, a, params, &r->b, err);
+    else
+        st = lora_bind(e->m, a, &r->b, err);
     if (st) {
         serve_params_free(e, params);
         lora_free(a);

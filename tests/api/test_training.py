@@ -417,6 +417,7 @@ def t_job_must_fit_its_device(binary):
         job = create_job(srv, ds, dict(hp, quantization="nf4"))
         j = wait_job(srv, job, timeout=120)
         assert j["status"] == "failed" and j["error"]["code"] == "out_of_memory", j
+        assert j["error"]["param"] == "hyperparameters.quantization", j
         msg = j["error"]["message"]
         assert "a second copy of the base (NF4, %.1f MB)" % (est["nf4"]["base_weights"] / 1e6) in msg, (msg, est)
         assert "%.1f MB are free" % ((limit - base_bytes) / 1e6) in msg and 'quantization "none"' in msg, (msg, limit)
@@ -440,6 +441,7 @@ def t_failed_jobs_say_why(binary):
         job = create_job(srv, ds, {"max_seq_len": 16})
         j = wait_job(srv, job, timeout=120)
         assert j["status"] == "failed" and j["error"]["code"] == "sequence_too_long", j
+        assert j["error"]["param"] == "hyperparameters.max_seq_len", j
         msg = j["error"]["message"]
         assert "line" in msg and "max_seq_len 16" in msg and "tokens" in msg, msg
         c = srv.db()
