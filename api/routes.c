@@ -107,6 +107,11 @@ GfStatus ready_get(Api *api, const HttpReq *req, HttpResp *resp) {
     cJSON_AddStringToObject(m, "id", api->model.id);
     cJSON_AddBoolToObject(m, "loaded", api->model.loaded);
     if (!api->model.loaded) cJSON_AddStringToObject(m, "reason", api->model.not_ready_reason);
+    if (api->serving.model) {
+        const KnBackend *be = model_backend(api->serving.model);
+        cJSON_AddStringToObject(m, "device", be->name);
+        cJSON_AddStringToObject(m, "precision", kn_precision_name(be->ctx.precision));
+    }
     if (!ready) resp->retry_after = 30;
     return reply_json(resp, ready ? 200 : 503, o);
 }

@@ -24,6 +24,9 @@
  * seconds, not minutes); timing does not depend on the values, only on their
  * being finite and varied.
  *
+ * The device's default precision (bf16 on CUDA) unless GF_PRECISION says
+ * otherwise; the load line says which.
+ *
  * usage: bench_shapes e2b|e4b|31b [--layers N] [--batch B] [--seq T] [--steps K]
  *        [--new N] [--only copy|decode|train] [--no-bf16] [--peak-tflops F]
  *        [--dir DIR] [--threads N]
@@ -444,9 +447,11 @@ static int bench_quant(Run *r, const char *dir, ModelQuant q) {
     double t0 = gf_time_mono();
     if (model_open(dir, &mo, &m, &err)) { fprintf(stderr, "%s\n", err.message); return 1; }
     const char *qn = q == MODEL_QUANT_NF4 ? "nf4" : "bf16";
+    const KnBackend *be = model_backend(m);
     printf("{\"what\":\"load\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"%s\",\"device\":\"%s\",\"device_name\":\"%s\","
-           "\"seconds\":%.1f,\"weight_bytes_per_step\":%.0f}\n",
-           r->s->name, r->n_layers, qn, model_backend(m)->name, info.name, gf_time_mono() - t0, step_weight_bytes(m));
+           "\"precision\":\"%s\",\"seconds\":%.1f,\"weight_bytes_per_step\":%.0f}\n",
+           r->s->name, r->n_layers, qn, be->name, info.name, kn_precision_name(be->ctx.precision), gf_time_mono() - t0,
+           step_weight_bytes(m));
     fflush(stdout);
     if (r->copy_gbs == 0 && (wants(r, "copy") || wants(r, "decode"))) bench_copy(r, m);
     if (wants(r, "decode")) bench_decode(r, m, qn);

@@ -71,10 +71,37 @@ static GfStatus open_cpu(KnDeviceKind kind, const KnBackendOptions *opts, KnBack
     return GF_OK;
 }
 
+GfStatus kn_precision_parse(const char *text, KnPrecision *out, GfError *err) {
+    if (strcmp(text, "fp32") == 0) *out = KN_PRECISION_FP32;
+    else if (strcmp(text, "bf16") == 0) *out = KN_PRECISION_BF16;
+    else return gf_error_set(err, GF_INVALID, "invalid_value", "precision", "precision '%s': expected fp32 or bf16", text);
+    return GF_OK;
+}
+
+const char *kn_precision_name(KnPrecision p) {
+    return p == KN_PRECISION_FP32 ? "fp32" : p == KN_PRECISION_BF16 ? "bf16" : "auto";
+}
+
+/* AUTO resolved for kind: BF16 on CUDA, FP32 on the CPU kinds, which
+ * compute in float32 only. */
+static GfStatus resolve_precision(KnDeviceKind kind, const KnBackendOptions *opts, KnPrecision *out, GfError *err) {
+    KnPrecision p = opts ? opts->precision : KN_PRECISION_AUTO;
+    if (p == KN_PRECISION_AUTO) p = kind == KN_DEVICE_CUDA ? KN_PRECISION_BF16 : KN_PRECISION_FP32;
+    if (p == KN_PRECISION_BF16 && kind != KN_DEVICE_CUDA)
+        return gf_error_set(err, GF_INVALID, "invalid_value", "precision",
+                            "the %s backend computes in fp32 only; precision bf16 needs a CUDA device",
+                            kind == KN_DEVICE_GUARDED ? "guarded" : "cpu");
+    *out = p;
+    return GF_OK;
+}
+
 GfStatus kn_backend_open(KnDeviceKind kind, int index, const KnBackendOptions *opts, KnBackend *out, GfError *err) {
     memset(out, 0, sizeof *out);
+    KnPrecision precision;
+    if (resolve_precision(kind, opts, &precision, err)) return err->status;
     out->ctx.device = kind;
     out->ctx.index = index;
+    out->ctx.precision = precision;
     if ((kind == KN_DEVICE_CPU || kind == KN_DEVICE_GUARDED) && index == 0) return open_cpu(kind, opts, out, err);
     if (kind == KN_DEVICE_CUDA) {
 #ifdef GF_HAVE_CUDA

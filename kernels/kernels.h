@@ -64,6 +64,7 @@ typedef struct {
      * share its memory; the guarded backend's contexts share their region
      * only when opened this way (a sibling keeps it alive). */
     const struct KnBackend *share;
+    KnPrecision precision;     /* AUTO: BF16 on CUDA, else FP32; BF16 on a CPU kind is refused */
 } KnBackendOptions;
 
 /* Opens the backend of kind on device index (0 for the CPU kinds): its op
@@ -72,6 +73,11 @@ typedef struct {
  * NULL. Close with kn_backend_close. */
 GfStatus kn_backend_open(KnDeviceKind kind, int index, const KnBackendOptions *opts, KnBackend *out, GfError *err);
 void kn_backend_close(KnBackend *b);
+
+/* Parses "fp32" or "bf16" (the --precision values); GF_INVALID naming the
+ * text otherwise. kn_precision_name gives the text back ("auto" for AUTO). */
+GfStatus kn_precision_parse(const char *text, KnPrecision *out, GfError *err);
+const char *kn_precision_name(KnPrecision p);
 
 /* Parses "cpu", "guarded", "cuda" or "cuda:N" into a kind and index;
  * GF_INVALID naming the text otherwise. */

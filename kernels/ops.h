@@ -40,10 +40,18 @@
 #include "pool.h"
 #include "tensor.h"
 
+/* How a backend's matmuls compute: FP32 (float32 operands, TF32 off: the
+ * parity mode, the only one on the CPU kinds) or BF16 (operands rounded to
+ * bfloat16 on the tensor cores, float32 accumulation; CUDA's production
+ * mode). Activations, LoRA weights, gradients and optimizer state stay
+ * float32 in both. AUTO, only as an option: BF16 on CUDA, else FP32. */
+typedef enum { KN_PRECISION_AUTO = 0, KN_PRECISION_FP32, KN_PRECISION_BF16 } KnPrecision;
+
 /* One backend instance on one device: the state its ops need. */
 typedef struct {
     KnDeviceKind device;
     int index;                /* device ordinal within its kind */
+    KnPrecision precision;    /* FP32 or BF16, resolved when opened */
     KnPool *pool;             /* CPU threads (NULL: single thread) */
     void *stream;             /* CUDA stream (NULL: the backend's default); unused on the CPU */
     void *impl;               /* the backend's private state */

@@ -19,6 +19,7 @@ typedef struct {
     const char *model, *inputs, *out, *ids, *image, *adapter;
     const char *adapters;      /* forward: one adapter directory per row, "-" = none */
     const char *device;        /* NULL: the default (model.h) */
+    const char *precision;     /* NULL: the default (model.h) */
     long max_new, threads, max_soft_tokens;
     int hidden;
     ModelQuant quantize;
@@ -44,6 +45,7 @@ static int parse(int argc, char **argv, CliOptions *o) {
         else if (strcmp(a, "--max-soft-tokens") == 0 && (o->max_soft_tokens = strtol(v, &end, 10), !*end)) {}
         else if (strcmp(a, "--max-new") == 0 && (o->max_new = strtol(v, &end, 10), !*end) && o->max_new > 0 && o->max_new <= 1000000) {}
         else if (strcmp(a, "--device") == 0 && cli_parse_device(v) == 0) o->device = v;
+        else if (strcmp(a, "--precision") == 0 && cli_parse_precision(v) == 0) o->precision = v;
         else if (strcmp(a, "--threads") == 0 && (o->threads = strtol(v, &end, 10), !*end) && o->threads >= 0 && o->threads <= 1024) {}
         else { fprintf(stderr, "gemmaforge: unknown option or bad value: %s %s\n", a, v); return -1; }
         i++;
@@ -232,7 +234,7 @@ static int forward_mixed(Model *m, const CliOptions *o, const SafeTensors *in) {
 static Model *open_model(const CliOptions *o, const char *cmd) {
     Model *m = NULL;
     GfError err;
-    ModelOptions mo = {.device = o->device, .n_threads = (int)o->threads, .quantize = o->quantize};
+    ModelOptions mo = {.device = o->device, .precision = o->precision, .n_threads = (int)o->threads, .quantize = o->quantize};
     if (model_open(o->model, &mo, &m, &err)) {
         fprintf(stderr, "gemmaforge %s: cannot load the model: %s\n", cmd, err.message);
         return NULL;
@@ -244,7 +246,7 @@ int cli_forward(int argc, char **argv) {
     CliOptions o;
     if (parse(argc, argv, &o) || !o.model || !o.inputs || !o.out) {
         fprintf(stderr, "usage: gemmaforge forward --model DIR [--adapter DIR | --adapters DIR|-,DIR|-,...] [--quantize nf4|none]\n"
-                        "                          --inputs IN.safetensors --out OUT.safetensors [--hidden] [--device D] [--threads N]\n"
+                        "                          --inputs IN.safetensors --out OUT.safetensors [--hidden] [--device D] [--precision fp32|bf16] [--threads N]\n"
                         "  --adapters: one adapter per row of input_ids (- = the base model), all rows run as one batch\n");
         return 2;
     }
@@ -278,7 +280,7 @@ int cli_forward(int argc, char **argv) {
 int cli_generate(int argc, char **argv) {
     CliOptions o;
     if (parse(argc, argv, &o) || !o.model || !o.ids) {
-        fprintf(stderr, "usage: gemmaforge generate --model DIR --ids 2,17,... [--max-new N] [--device D] [--threads N]\n");
+        fprintf(stderr, "usage: gemmaforge generate --model DIR --ids 2,17,... [--max-new N] [--device D] [--precision fp32|bf16] [--threads N]\n");
         return 2;
     }
     gf_log_init(GF_LOG_WARN);
@@ -446,6 +448,7 @@ int cli_tokenize(int argc, char **argv) {
 typedef struct {
     const char *model, *adapter, *prompt, *system, *images[INFER_MAX_IMAGES];
     const char *device;        /* NULL: the default (model.h) */
+    const char *precision;     /* NULL: the default (model.h) */
     int n_images, think, json;
     long max_tokens, threads, budget;
     ModelQuant quantize;
@@ -472,6 +475,7 @@ static int parse_infer(int argc, char **argv, InferOptions *o) {
         else if (strcmp(a, "--max-tokens") == 0 && (o->max_tokens = strtol(v, &end, 10), !*end) && o->max_tokens > 0 && o->max_tokens <= 1000000) {}
         else if (strcmp(a, "--max-soft-tokens") == 0 && (o->budget = strtol(v, &end, 10), !*end) && o->budget > 0) {}
         else if (strcmp(a, "--device") == 0 && cli_parse_device(v) == 0) o->device = v;
+        else if (strcmp(a, "--precision") == 0 && cli_parse_precision(v) == 0) o->precision = v;
         else if (strcmp(a, "--threads") == 0 && (o->threads = strtol(v, &end, 10), !*end) && o->threads >= 0 && o->threads <= 1024) {}
         else { fprintf(stderr, "gemmaforge infer: unknown option or bad value: %s %s\n", a, v); return -1; }
         i++;
@@ -542,7 +546,7 @@ int cli_infer(int argc, char **argv) {
     InferOptions o;
     if (parse_infer(argc, argv, &o) || !o.model || !o.prompt) {
         fprintf(stderr, "usage: gemmaforge infer --model DIR [--adapter DIR] [--quantize nf4|none] [--image F]... --prompt TEXT [--system TEXT] [--max-tokens N]\n"
-                        "                        [--max-soft-tokens 70|140|280|560|1120] [--think] [--json] [--device D] [--threads N]\n");
+                        "                        [--max-soft-tokens 70|140|280|560|1120] [--think] [--json] [--device D] [--precision fp32|bf16] [--threads N]\n");
         return 2;
     }
     gf_log_init(GF_LOG_WARN);
@@ -550,7 +554,7 @@ int cli_infer(int argc, char **argv) {
     if (load_images(&o, imgs)) return 1;
     Pipeline *p = NULL;
     GfError err;
-    ModelOptions mo = {.device = o.device, .n_threads = (int)o.threads, .quantize = o.quantize};
+    ModelOptions mo = {.device = o.device, .precision = o.precision, .n_threads = (int)o.threads, .quantize = o.quantize};
     int rc = 1;
     LoraAdapter *adapter = NULL;
     LoraBinding lb = {0};

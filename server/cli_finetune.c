@@ -20,6 +20,7 @@
 typedef struct {
     const char *model, *dataset, *images, *validation, *validation_images, *out;
     const char *device;        /* NULL: the default (model.h) */
+    const char *precision;     /* NULL: the default (model.h) */
     long threads;
     long long stop_after;
     int resume;
@@ -69,6 +70,9 @@ static int parse_train(int argc, char **argv, TrainOptions *o) {
         else if (strcmp(a, "--device") == 0) {
             if (cli_parse_device(v)) return -1;
             o->device = v;
+        } else if (strcmp(a, "--precision") == 0) {
+            if (cli_parse_precision(v)) return -1;
+            o->precision = v;
         }
         else if (strcmp(a, "--threads") == 0 && (o->threads = strtol(v, &end, 10), !*end) && o->threads >= 0 && o->threads <= 1024) {}
         else if (strcmp(a, "--stop-after-step") == 0 && (o->stop_after = strtoll(v, &end, 10), !*end) && o->stop_after >= 1) {}
@@ -175,7 +179,7 @@ int cli_train(int argc, char **argv) {
     TrainOptions o;
     if (parse_train(argc, argv, &o) || !o.model || !o.dataset || !o.out) {
         fprintf(stderr, "usage: gemmaforge train --model DIR --dataset FILE.jsonl [--images TAR] [--validation FILE.jsonl "
-                        "[--validation-images TAR]] --out DIR [--resume] [--device D] [--threads N] [--stop-after-step N]\n"
+                        "[--validation-images TAR]] --out DIR [--resume] [--device D] [--precision fp32|bf16] [--threads N] [--stop-after-step N]\n"
                         "       [--epochs N] [--learning-rate X] [--lr-scheduler cosine|linear|constant] [--warmup-ratio X]\n"
                         "       [--batch-size N] [--gradient-accumulation-steps N] [--lora-rank N] [--lora-alpha X]\n"
                         "       [--use-rslora true|false] [--target-modules all-linear|q_proj,v_proj,...]\n"
@@ -186,8 +190,8 @@ int cli_train(int argc, char **argv) {
     gf_log_init(GF_LOG_WARN);
     GfError err;
     TrainRunSpec spec = {.model_dir = o.model, .train_jsonl = o.dataset, .train_tar = o.images, .val_jsonl = o.validation,
-                         .val_tar = o.validation_images, .device = o.device, .n_threads = (int)o.threads,
-                         .stop_at_step = o.stop_after};
+                         .val_tar = o.validation_images, .device = o.device, .precision = o.precision,
+                         .n_threads = (int)o.threads, .stop_at_step = o.stop_after};
     DatasetLimits dl;
     dataset_limits_default(&dl);
     spec.image_limits = dl.image;
@@ -306,7 +310,7 @@ int cli_preflight(int argc, char **argv) {
     GfStatus st = hyperparameters_parse(o.hp, LORA_MAX_RANK, &hp, NULL, &err);
     cJSON_Delete(o.hp);
     if (st) { fail("", &err); return 2; }
-    ModelOptions mo = {.device = o.device, .n_threads = (int)o.threads};
+    ModelOptions mo = {.device = o.device, .precision = o.precision, .n_threads = (int)o.threads};
     Pipeline *p = NULL;
     LoraAdapter *a = NULL;
     TrainSet *set = NULL;

@@ -82,6 +82,14 @@ int cli_parse_device(const char *v) {
     return -1;
 }
 
+int cli_parse_precision(const char *v) {
+    KnPrecision p;
+    GfError err;
+    if (kn_precision_parse(v, &p, &err) == GF_OK) return 0;
+    fprintf(stderr, "gemmaforge: --precision: %s\n", err.message);
+    return -1;
+}
+
 int cli_parse_quantize(const char *v, ModelQuant *q) {
     if (strcmp(v, "nf4") == 0) *q = MODEL_QUANT_NF4;
     else if (strcmp(v, "none") == 0) *q = MODEL_QUANT_NONE;

@@ -37,5 +37,7 @@ int cli_parse_quantize(const char *v, ModelQuant *q);
 /* 0 when v names a device (cpu, guarded, cuda, cuda:N), else -1 with the
  * reason on stderr. */
 int cli_parse_device(const char *v);
+/* 0 when v is a --precision value (fp32, bf16), else -1 (said so). */
+int cli_parse_precision(const char *v);
 
 #endif

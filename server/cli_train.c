@@ -18,6 +18,7 @@
 typedef struct {
     const char *model, *adapter, *inputs, *out;
     const char *device;        /* NULL: the default (model.h) */
+    const char *precision;     /* NULL: the default (model.h) */
     long steps, threads;
     double lr, weight_decay;
     ModelQuant quantize;
@@ -38,6 +39,7 @@ static int parse_step(int argc, char **argv, StepOptions *o) {
         else if (strcmp(a, "--quantize") == 0 && cli_parse_quantize(v, &o->quantize) == 0) {}
         else if (strcmp(a, "--steps") == 0 && (o->steps = strtol(v, &end, 10), !*end) && o->steps >= 1 && o->steps <= 100000) {}
         else if (strcmp(a, "--device") == 0 && cli_parse_device(v) == 0) o->device = v;
+        else if (strcmp(a, "--precision") == 0 && cli_parse_precision(v) == 0) o->precision = v;
         else if (strcmp(a, "--threads") == 0 && (o->threads = strtol(v, &end, 10), !*end) && o->threads >= 0 && o->threads <= 1024) {}
         else if (strcmp(a, "--lr") == 0 && (o->lr = strtod(v, &end), !*end) && o->lr >= 0 && o->lr < 10) {}
         else if (strcmp(a, "--weight-decay") == 0 && (o->weight_decay = strtod(v, &end), !*end) && o->weight_decay >= 0 &&
@@ -153,7 +155,7 @@ int cli_lora_step(int argc, char **argv) {
     StepOptions o;
     if (parse_step(argc, argv, &o) || !o.model || !o.adapter || !o.inputs || !o.out) {
         fprintf(stderr, "usage: gemmaforge lora-step --model DIR --adapter DIR --inputs IN.safetensors --out DIR "
-                        "[--steps N] [--lr X] [--weight-decay W] [--quantize nf4|none] [--device D] [--threads N]\n");
+                        "[--steps N] [--lr X] [--weight-decay W] [--quantize nf4|none] [--device D] [--precision fp32|bf16] [--threads N]\n");
         return 2;
     }
     gf_log_init(GF_LOG_WARN);
@@ -168,7 +170,7 @@ int cli_lora_step(int argc, char **argv) {
     Model *m = NULL;
     LoraAdapter *a = NULL;
     LoraBinding lb = {0};
-    ModelOptions mo = {.device = o.device, .n_threads = (int)o.threads, .quantize = o.quantize};
+    ModelOptions mo = {.device = o.device, .precision = o.precision, .n_threads = (int)o.threads, .quantize = o.quantize};
     char final_dir[4096];
     snprintf(final_dir, sizeof final_dir, "%s/adapter_final", o.out);
     if (!rc && model_open(o.model, &mo, &m, &err)) { fprintf(stderr, "gemmaforge lora-step: the model: %s\n", err.message); rc = 1; }

@@ -174,6 +174,7 @@ static GfStatus prepare(JobCtx *c, JobPaths *p, TrainRunSpec *spec, GfError *err
     spec->adapter_out = p->out;
     spec->keep_adapter = c->j->cfg.on_adapter != NULL;
     spec->device = j->cfg.device;
+    spec->precision = j->cfg.precision;
     spec->pre = j->cfg.pre;
     spec->memory_limit = j->cfg.memory_limit;
     spec->n_threads = j->cfg.n_threads;

@@ -46,6 +46,7 @@ typedef struct {
     WeightsGauge *gauge;       /* counts a job's own copy of the base (may be NULL) */
     DevSched *sched;           /* the device shared with the serving engine (devsched.h), or NULL */
     const char *device;        /* the jobs' device ("cuda:0", ...); NULL = the default (model.h) */
+    const char *precision;     /* their precision ("fp32", "bf16"); NULL = the default (model.h) */
     const PreprocessConfig *pre;  /* the served pipeline's: each job checks it fits before loading (or NULL) */
     uint64_t memory_limit;     /* bytes this process may use on the device; 0 = what it has free */
     int n_threads;             /* engine threads, <= 0 = all cores */

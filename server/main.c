@@ -36,6 +36,7 @@ typedef struct {
     int verbose;
     int train_threads;
     const char *device;           /* NULL = the default (model.h); serving and jobs alike */
+    const char *precision;        /* NULL = the default (model.h); serving and jobs alike */
     uint64_t device_memory;       /* bytes jobs may count on the device, base copies included; 0 = what it has free */
     int no_train;
     int no_export;
@@ -90,6 +91,9 @@ static void usage(FILE *f) {
             "  --threads N             HTTP worker threads (default 4)\n"
             "  --device D              cpu, cuda or cuda:N, for serving and jobs (default: the first GPU, else the CPU;\n"
             "                          also GF_DEVICE)\n"
+            "  --precision fp32|bf16   how the matmuls compute: bf16 operands on the tensor cores with fp32 sums\n"
+            "                          (the default on CUDA) or fp32 throughout (the only one on the CPU; also\n"
+            "                          GF_PRECISION)\n"
             "  --device-memory BYTES   memory the base copies and jobs may use on the device; a job that would not\n"
             "                          fit fails at its start, saying why (default: what the device has free)\n"
             "  --train-threads N       engine threads of the job worker (default 0: all cores)\n"
@@ -224,6 +228,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--threads") == 0 && !parse_uint(v, 256, &n) && n) o->http.threads = (unsigned)n;
         else if (strcmp(a, "--train-threads") == 0 && !parse_uint(v, 1024, &n)) o->train_threads = (int)n;
         else if (strcmp(a, "--device") == 0 && cli_parse_device(v) == 0) o->device = v;
+        else if (strcmp(a, "--precision") == 0 && cli_parse_precision(v) == 0) o->precision = v;
         else if (strcmp(a, "--device-memory") == 0 && !parse_uint(v, 1ull << 50, &n) && n) o->device_memory = n;
         else if (strcmp(a, "--max-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.max_connections = (unsigned)n;
         else if (strcmp(a, "--per-ip-connections") == 0 && !parse_uint(v, 100000, &n) && n) o->http.per_ip_connections = (unsigned)n;
@@ -266,7 +271,7 @@ static int open_model(const ServeOptions *o, WeightsGauge *gauge, Pipeline **pip
         return 0;
     }
     GfError err;
-    ModelOptions mo = {.device = o->device, .quantize = o->quantize, .gauge = gauge};
+    ModelOptions mo = {.device = o->device, .precision = o->precision, .quantize = o->quantize, .gauge = gauge};
     if (pipeline_open(o->model_dir, &mo, pipe, &err)) {
         fprintf(stderr, "gemmaforge: cannot load the model: %s\n", err.message);
         return -1;
@@ -420,7 +425,7 @@ static int cmd_serve(int argc, char **argv) {
     if (api->model.loaded && !o.no_train) {
         JobsConfig jc = {.model_dir = o.model_dir, .model_name = api->model.id, .max_lora_rank = o.limits.max_lora_rank,
                          .base = model_weights(p.pipe->model), .gauge = &p.metrics.weights, .sched = p.serve ? p.sched : NULL,
-                         .device = o.device, .pre = &p.pipe->pre, .memory_limit = o.device_memory,
+                         .device = o.device, .precision = o.precision, .pre = &p.pipe->pre, .memory_limit = o.device_memory,
                          .n_threads = o.train_threads, .poll_s = 0.5, .disk_full_wait_s = o.disk_full_wait_s,
                          .image_limits = {.max_bytes = o.limits.image_max_bytes, .max_pixels = o.limits.image_max_pixels},
                          .on_adapter = p.serve ? serve_trained : NULL, .free_params = free_trained,

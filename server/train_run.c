@@ -117,7 +117,7 @@ static GfStatus check_fit(Run *r, int share, GfError *err) {
     const TrainRunSpec *s = r->spec;
     const JobParams *hp = &s->params;
     if (!s->base || !s->pre) return GF_OK;
-    ModelOptions mo = {.device = s->device, .n_threads = 1};
+    ModelOptions mo = {.device = s->device, .precision = s->precision, .n_threads = 1};
     Model *m = NULL;
     LoraAdapter *a = NULL;
     GfStatus st = model_new(s->base, &mo, &m, err);
@@ -142,7 +142,7 @@ static GfStatus open_model(Run *r, GfError *err) {
     ModelQuant q = s->params.quantization;
     int share = s->base && weights_quant(s->base) == q;
     if (check_fit(r, share, err)) return err->status;
-    ModelOptions mo = {.device = s->device, .n_threads = s->n_threads, .quantize = q, .weights = share ? s->base : NULL,
+    ModelOptions mo = {.device = s->device, .precision = s->precision, .n_threads = s->n_threads, .quantize = q, .weights = share ? s->base : NULL,
                        .gauge = s->gauge};
     GfStatus st = pipeline_open(s->model_dir, &mo, &r->p, err);
     if (st) return gf_error_wrap(err, "model", "the model");

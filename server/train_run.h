@@ -48,6 +48,7 @@ typedef struct {
     int keep_adapter;                     /* hand the trained adapter back in TrainRunResult.adapter */
     JobParams params;
     const char *device;                   /* "cpu", "cuda:N", ...; NULL = the default (model.h) */
+    const char *precision;                /* "fp32", "bf16"; NULL = the default (model.h) */
     int n_threads;                        /* <= 0 = all cores */
     int64_t stop_at_step;                 /* stop (GF_CANCELLED) once this step is done; 0 = never */
     unsigned disk_full_wait_s;            /* a checkpoint that finds the disk full waits this long for space; 0 = fail at once */

@@ -27,6 +27,16 @@ void model_device_copy(const Model *m, void *dst, const void *src, size_t bytes)
     m->be.ops->copy(&m->be.ctx, dst, src, bytes);
 }
 
+/* The precision from the options, else from GF_PRECISION in the
+ * environment, else the device's default (AUTO). */
+static GfStatus model_precision(const ModelOptions *opts, KnPrecision *out, GfError *err) {
+    const char *env = getenv("GF_PRECISION");
+    *out = KN_PRECISION_AUTO;
+    if (opts && opts->precision) return kn_precision_parse(opts->precision, out, err);
+    if (env && *env && kn_precision_parse(env, out, err)) return gf_error_wrap(err, NULL, "GF_PRECISION");
+    return GF_OK;
+}
+
 /* The device from the options, else from GF_DEVICE in the environment, else
  * the first GPU, else the CPU; the weights as that device reads them, and a
  * context sharing their memory. */
@@ -42,6 +52,7 @@ static GfStatus open_backend(Model *m, const ModelOptions *opts, GfError *err) {
         kn_default_device(&kind, &index);
     }
     KnBackendOptions bo = {.n_threads = opts ? opts->n_threads : 0};
+    if (model_precision(opts, &bo.precision, err)) return err->status;
     if (weights_on_device(m->w, kind, index, bo.n_threads, &m->wt, &bo.share, err)) return err->status;
     return kn_backend_open(kind, index, &bo, &m->be, err);
 }

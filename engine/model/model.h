@@ -35,6 +35,8 @@ typedef struct LoraBinding LoraBinding;   /* lora.h */
 typedef struct {
     const char *device;       /* "cpu", "guarded", "cuda[:N]"; NULL = GF_DEVICE from the environment, else the
                                  first CUDA device, else "cpu" (kn_default_device) */
+    const char *precision;    /* "fp32", or "bf16" (CUDA only; KnPrecision); NULL = GF_PRECISION from the
+                                 environment, else bf16 on CUDA and fp32 elsewhere */
     int n_threads;            /* CPU threads, <= 0 = all cores */
     ModelQuant quantize;      /* NF4: every linear of the layers (text, vision, experts) quantized at load */
     GemmaWeights *weights;    /* model_open: run on these (shared) instead of loading; quantize must match */

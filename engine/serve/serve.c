@@ -835,7 +835,7 @@ GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfErro
     pthread_mutex_init(&e->mu, NULL);
     pthread_mutex_init(&e->up_mu, NULL);
     const KnBackend *be = model_backend(m);
-    KnBackendOptions up = {.n_threads = 1, .share = be};
+    KnBackendOptions up = {.n_threads = 1, .share = be, .precision = be->ctx.precision};
     if (kn_backend_open(be->ctx.device, be->ctx.index, &up, &e->up, err)) {
         engine_free(e);
         return err->status;

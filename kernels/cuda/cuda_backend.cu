@@ -40,8 +40,10 @@ extern "C" GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err) {
         free(c);
         return gf_error_set(err, GF_DEVICE, "device_error", "device", "cuda:%d: cuBLAS cannot be initialised", index);
     }
-    /* fp32 GEMMs stay fp32: no TF32 tensor-op rounding behind the caller's back */
-    cublasSetMathMode(c->blas, CUBLAS_PEDANTIC_MATH);
+    /* fp32 GEMMs stay fp32: no TF32 tensor-op rounding behind the caller's
+     * back; the BF16 precision's GEMMs (cuda_gemm.cu) need the tensor cores */
+    c->bf16 = ctx->precision == KN_PRECISION_BF16;
+    cublasSetMathMode(c->blas, c->bf16 ? CUBLAS_DEFAULT_MATH : CUBLAS_PEDANTIC_MATH);
     ctx->impl = c;
     ctx->stream = c->stream;
     return GF_OK;
@@ -57,6 +59,7 @@ extern "C" void cuda_ctx_free(KnCtx *ctx) {
     CudaCtx *c = (CudaCtx *)ctx->impl;
     if (!c) return;
     cudaSetDevice(c->device);
+    if (c->scratch) cudaFreeAsync(c->scratch, c->stream);
     cudaStreamSynchronize(c->stream);
     cublasDestroy(c->blas);
     cudaStreamDestroy(c->stream);

@@ -32,10 +32,16 @@ extern "C" {
 #include "../nf4.h"
 }
 
+/* Rows of x up to which a BF16 matmul is a GEMV (a decode step's batch). */
+#define CUDA_GEMV_MAX_ROWS 16
+
 typedef struct {
     int device;
+    int bf16;                 /* KN_PRECISION_BF16: matmuls on bf16 operands (cuda_gemm.cu) */
     cudaStream_t stream;
     cublasHandle_t blas;
+    void *scratch;            /* cuda_gemm.cu's bf16 operands, grown on the stream */
+    size_t scratch_bytes;
     cudaError_t fault;        /* the first error since the last synchronize, cudaSuccess if none */
     char fault_where[48];     /* the op or transfer that met it */
 } CudaCtx;
@@ -155,6 +161,9 @@ static __device__ __forceinline__ float warp_sum(float v) {
 }
 
 /* Entries each file exports to the table (contracts in ops.h). */
+/* cuda_gemm.cu: the BF16 precision's matmul and its input gradient */
+void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t n);
+void cuda_matmul_dx_bf16(CudaCtx *c, float *dx, const float *dy, KnMatrix w, int64_t n);
 /* cuda_ops.cu */
 void cuda_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
 void cuda_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n);

@@ -54,13 +54,16 @@ static __global__ void k_matmul_dx(float *dx, const float *dy, DevW w, int64_t n
     if (i < n && c < w.cols) dx[i * w.cols + c] += acc;
 }
 
-static int blas_fits(KnMatrix w, int64_t n) {
-    return w.dtype == KN_F32 && w.rows < INT32_MAX && w.cols < INT32_MAX && n < INT32_MAX;
-}
+static int dims_fit(KnMatrix w, int64_t n) { return w.rows < INT32_MAX && w.cols < INT32_MAX && n < INT32_MAX; }
+static int blas_fits(KnMatrix w, int64_t n) { return w.dtype == KN_F32 && dims_fit(w, n); }
 
 void cuda_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
     if (n <= 0 || w.rows <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
+    if (c->bf16 && dims_fit(w, n)) {
+        cuda_matmul_bf16(c, y, x, w, n);
+        return;
+    }
     if (blas_fits(w, n)) {
         /* column-major: y^T [rows, n] = W^T' x^T with W stored [cols, rows] */
         const float one = 1.0f, zero = 0.0f;
@@ -76,6 +79,10 @@ void cuda_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t
 void cuda_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
     if (n <= 0 || w.cols <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
+    if (c->bf16 && dims_fit(w, n)) {
+        cuda_matmul_dx_bf16(c, dx, dy, w, n);
+        return;
+    }
     if (blas_fits(w, n)) {
         /* column-major: dx^T [cols, n] += W' [cols, rows] dy^T [rows, n] */
         const float one = 1.0f;

@@ -1,11 +1,13 @@
 #!/bin/sh
-# on_cuda.sh GEMMAFORGE COMMAND [ARGS...] - runs COMMAND with GF_DEVICE=cuda,
-# so every model it opens runs on the first GPU, when GEMMAFORGE lists a CUDA
-# device; otherwise exits 77, which ctest reports as skipped (CI has no GPU).
+# on_cuda.sh GEMMAFORGE COMMAND [ARGS...] - runs COMMAND with GF_DEVICE=cuda
+# and GF_PRECISION=fp32, so every model it opens runs on the first GPU in the
+# parity mode, when GEMMAFORGE lists a CUDA device; otherwise exits 77, which
+# ctest reports as skipped (CI has no GPU).
 bin=$1
 shift
 if ! "$bin" devices 2>/dev/null | grep -q '^cuda0 '; then
     echo "no CUDA device here: skipped"
     exit 77
 fi
-GF_DEVICE=cuda exec "$@"
+# fp32: the golden and CPU comparisons hold to fp32 tolerances
+GF_DEVICE=cuda GF_PRECISION=fp32 exec "$@"

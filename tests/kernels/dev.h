@@ -20,13 +20,17 @@ typedef struct {
     int n;
 } Dev;
 
-/* Opens backend kind with n_threads; 0 when it cannot be had here (no such
- * device: the caller skips it). */
-static inline int dev_open(Dev *d, KnDeviceKind kind, int n_threads) {
+/* Opens backend kind with n_threads at precision (FP32 for the parity
+ * checks); 0 when it cannot be had here (no such device: the caller skips it). */
+static inline int dev_open_at(Dev *d, KnDeviceKind kind, int n_threads, KnPrecision precision) {
     GfError err;
     memset(d, 0, sizeof *d);
-    KnBackendOptions o = {.n_threads = n_threads};
+    KnBackendOptions o = {.n_threads = n_threads, .precision = precision};
     return kn_backend_open(kind, 0, &o, &d->be, &err) == GF_OK;
+}
+
+static inline int dev_open(Dev *d, KnDeviceKind kind, int n_threads) {
+    return dev_open_at(d, kind, n_threads, KN_PRECISION_FP32);
 }
 
 static inline void *dev_alloc(Dev *d, size_t bytes) {

@@ -13,6 +13,7 @@
 #include "../unit/check.h"
 #include "convert.h"
 #include "dev.h"
+#include "nf4.h"
 
 #define F(n) ((size_t)(n) * sizeof(float))
 
@@ -72,6 +73,107 @@ static void test_matmul(Dev *d) {
         free(wf); free(wb); free(x); free(ref); free(y);
         dev_reset(d);
     }
+}
+
+/* The BF16 precision's matmul and matmul_dx (CUDA only) against the
+ * double-precision products of the weights as stored (F32, F16, BF16 and
+ * NF4, an NF4 slice at an offset too): within 1e-2 of the largest value,
+ * as bf16 operands allow, on the GEMV (n <= 16) and GEMM paths, with
+ * Gemma-sized rows among odd ones. */
+static void nf4_on_device(Dev *d, const KnNf4 *host, KnNf4 *dev) {
+    *dev = *host;
+    dev->codes = dev_put(d, host->codes, (size_t)(host->n + 1) / 2);
+    dev->absmax_q = dev_put(d, host->absmax_q, (size_t)host->n_blocks);
+    dev->group_scale = dev_put(d, host->group_scale, (size_t)host->n_groups * sizeof(float));
+}
+
+static void test_matmul_bf16(void) {
+    Dev d;
+    if (!dev_open_at(&d, KN_DEVICE_CUDA, 1, KN_PRECISION_BF16)) return;
+    printf("backend %s, precision bf16\n", d.be.name);
+    int shapes[][3] = {{1, 8, 1}, {7, 40, 3}, {33, 37, 5}, {64, 2560, 16}, {129, 256, 17}, {300, 1536, 64}, {5, 5000, 2}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
+        int extra = s % 2 ? 3 : 64; /* NF4: a slice after `extra` elements, aligned for the GEMV or not */
+        float *wf = rand_vec((size_t)rows * cols + extra), *x = rand_vec((size_t)n * cols), *g = rand_vec((size_t)n * rows);
+        uint16_t *wb = malloc(((size_t)rows * cols + extra) * 2), *wh = malloc((size_t)rows * cols * 2);
+        KnNf4 q, qd;
+        KnMatrix whole = {wf, KN_F32, 1, (int64_t)rows * cols + extra, 0};
+        CHECK(kn_nf4_quantize(&q, whole, &(GfError){0}) == GF_OK, "quantize");
+        float *wq = malloc(((size_t)rows * cols + extra) * sizeof *wq);
+        kn_nf4_dequantize(&q, 0, (int64_t)rows * cols + extra, wq);
+        nf4_on_device(&d, &q, &qd);
+        for (int i = 0; i < rows * cols; i++) wh[i] = kn_f32_to_f16(wf[i]);
+        for (int i = 0; i < rows * cols + extra; i++) wb[i] = kn_f32_to_bf16(wf[i]);
+        struct { KnMatrix m; const char *name; } ws[] = {
+            {{dev_put(&d, wf, F(rows * cols)), KN_F32, rows, cols, 0}, "f32"},
+            {{dev_put(&d, wh, (size_t)rows * cols * 2), KN_F16, rows, cols, 0}, "f16"},
+            {{dev_put(&d, wb, (size_t)rows * cols * 2), KN_BF16, rows, cols, 0}, "bf16"},
+            {kn_nf4_matrix(&qd, extra, rows, cols), "nf4"},
+        };
+        float *dx = dev_put(&d, x, F(n * cols)), *dg = dev_put(&d, g, F(n * rows));
+        float *dy = dev_poisoned(&d, F(n * rows)), *ddx = dev_alloc(&d, F(n * cols));
+        float *y = malloc(F(n * rows)), *gx = malloc(F(n * cols));
+        double *ref = malloc((size_t)n * rows * sizeof *ref), *refx = malloc((size_t)n * cols * sizeof *refx);
+        for (size_t k = 0; k < sizeof ws / sizeof *ws; k++) {
+            for (int i = 0; i < n; i++) {
+                for (int o = 0; o < rows; o++) {
+                    double acc = 0;
+                    for (int c = 0; c < cols; c++) {
+                        size_t e = (size_t)o * cols + c;
+                        double v = k == 0 ? wf[e] : k == 1 ? kn_f16_to_f32(wh[e]) : k == 2 ? kn_bf16_to_f32(wb[e]) : wq[e + extra];
+                        acc += (double)x[i * cols + c] * v;
+                    }
+                    ref[i * rows + o] = acc;
+                }
+                for (int c = 0; c < cols; c++) {
+                    double acc = 0;
+                    for (int o = 0; o < rows; o++) {
+                        size_t e = (size_t)o * cols + c;
+                        double v = k == 0 ? wf[e] : k == 1 ? kn_f16_to_f32(wh[e]) : k == 2 ? kn_bf16_to_f32(wb[e]) : wq[e + extra];
+                        acc += (double)g[i * rows + o] * v;
+                    }
+                    refx[i * cols + c] = acc;
+                }
+            }
+            d.be.ops->memset(&d.be.ctx, dy, 0xFF, F(n * rows));
+            d.be.ops->matmul(&d.be.ctx, dy, dx, ws[k].m, n);
+            dev_get(&d, y, dy, F(n * rows));
+            EXPECT_CLOSE(y, ref, (size_t)n * rows, 1e-2, "bf16 matmul %s %dx%d n=%d", ws[k].name, rows, cols, n);
+            d.be.ops->memset(&d.be.ctx, ddx, 0, F(n * cols));
+            d.be.ops->matmul_dx(&d.be.ctx, ddx, dg, ws[k].m, n);
+            dev_get(&d, gx, ddx, F(n * cols));
+            EXPECT_CLOSE(gx, refx, (size_t)n * cols, 1e-2, "bf16 matmul_dx %s %dx%d n=%d", ws[k].name, rows, cols, n);
+        }
+        GfError err;
+        CHECK(d.be.ops->synchronize(&d.be.ctx, &err) == GF_OK, "bf16 matmuls: %s", err.message);
+        kn_nf4_free(&q);
+        free(wf); free(x); free(g); free(wb); free(wh); free(wq); free(y); free(gx); free(ref); free(refx);
+        dev_reset(&d);
+    }
+    dev_close(&d);
+}
+
+/* The CPU kinds compute in fp32 only: asking them for bf16 is an error
+ * naming the precision, and AUTO resolves to FP32 there. */
+static void test_precision(void) {
+    const KnDeviceKind kinds[] = {KN_DEVICE_CPU, KN_DEVICE_GUARDED};
+    for (int k = 0; k < 2; k++) {
+        KnBackend b;
+        GfError err;
+        KnBackendOptions o = {.n_threads = 1, .precision = KN_PRECISION_BF16};
+        CHECK(kn_backend_open(kinds[k], 0, &o, &b, &err) == GF_INVALID && strcmp(err.param, "precision") == 0 &&
+                  strstr(err.message, "fp32 only"),
+              "bf16 on a CPU kind: %s", err.message);
+        o.precision = KN_PRECISION_AUTO;
+        CHECK(kn_backend_open(kinds[k], 0, &o, &b, &err) == GF_OK && b.ctx.precision == KN_PRECISION_FP32, "auto on a CPU kind");
+        kn_backend_close(&b);
+    }
+    KnPrecision p;
+    GfError err;
+    CHECK(kn_precision_parse("bf16", &p, &err) == GF_OK && p == KN_PRECISION_BF16, "parse bf16");
+    CHECK(kn_precision_parse("fp32", &p, &err) == GF_OK && p == KN_PRECISION_FP32, "parse fp32");
+    CHECK(kn_precision_parse("fp16", &p, &err) == GF_INVALID && strstr(err.message, "fp16"), "parse fp16: %s", err.message);
 }
 
 static void test_rmsnorm_gelu_softcap(Dev *d) {
@@ -950,6 +1052,8 @@ static void test_table_complete(const Dev *d) {
 int main(void) {
     test_conversions();
     test_guarded_faults();
+    test_precision();
+    test_matmul_bf16();
     const KnDeviceKind kinds[] = {KN_DEVICE_CPU, KN_DEVICE_GUARDED, KN_DEVICE_CUDA};
     for (size_t b = 0; b < sizeof kinds / sizeof *kinds; b++)
         for (int threads = 1; threads <= 3; threads += 2) {

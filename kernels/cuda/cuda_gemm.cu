@@ -1,0 +1,200 @@
+/* cuda_gemm.cu - the matmuls of the BF16 precision (ops.h KnPrecision): the
+ * operands rounded to bfloat16 (round to nearest even), the products summed
+ * in float32 on the tensor cores (cublasGemmEx, CUBLAS_COMPUTE_32F), float32
+ * in and out. BF16 weights are read as stored; F32, F16 and NF4 weights are
+ * widened to bfloat16 a chunk of rows at a time into the context's scratch
+ * (dequantize, then GEMM: what QLoRA does on a GPU). A decode step's few rows
+ * (n <= CUDA_GEMV_MAX_ROWS) take a GEMV instead that reads each weight byte
+ * once and never rounds x: one warp per output feature, lanes striding the
+ * input features, NF4 codes read four bytes (eight elements, one absmax)
+ * at a time when the matrix allows.
+ *
+ * The scratch grows on the stream (cudaMallocAsync); a failure to grow is
+ * the context's fault, reported by synchronize naming the op. */
+#include <cuda_bf16.h>
+#include <stdio.h>
+
+#include "cuda_impl.h"
+
+#define GEMV_WARPS 8
+/* bytes of widened weight rows per GEMM chunk */
+#define CHUNK_BYTES ((size_t)64 << 20)
+
+/* The scratch of at least bytes, grown on the stream; NULL (and the fault
+ * noted) when it cannot be. */
+static void *scratch(CudaCtx *c, size_t bytes, const char *what) {
+    if (bytes <= c->scratch_bytes) return c->scratch;
+    if (c->scratch) cuda_note(c, cudaFreeAsync(c->scratch, c->stream), what);
+    c->scratch = NULL;
+    c->scratch_bytes = 0;
+    void *p = NULL;
+    cudaError_t rc = cudaMallocAsync(&p, bytes, c->stream);
+    if (rc != cudaSuccess) {
+        cudaGetLastError();
+        char where[48];
+        snprintf(where, sizeof where, "%s: %zu MB of scratch", what, bytes >> 20);
+        cuda_note(c, rc, where);
+        return NULL;
+    }
+    c->scratch = p;
+    c->scratch_bytes = bytes;
+    return p;
+}
+
+static __global__ void k_to_bf16(__nv_bfloat16 *out, const float *in, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16_rn(in[i]);
+}
+
+/* Rows [r0, r0 + n_rows) of w, widened and rounded to bfloat16. */
+static __global__ void k_w_to_bf16(__nv_bfloat16 *out, DevW w, int64_t r0, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16_rn(w_at(w, r0 + (int64_t)(i / (size_t)w.cols), (int64_t)(i % (size_t)w.cols)));
+}
+
+static int to_bf16(CudaCtx *c, __nv_bfloat16 *out, const float *in, size_t n) {
+    k_to_bf16<<<cuda_blocks(n, 256), 256, 0, c->stream>>>(out, in, n);
+    CUDA_LAUNCHED(c, "matmul bf16: x to bf16");
+    return 0;
+}
+
+static void blas_check(CudaCtx *c, cublasStatus_t st, const char *what) {
+    if (st == CUBLAS_STATUS_SUCCESS) return;
+    char where[48];
+    snprintf(where, sizeof where, "%s (cuBLAS status %d)", what, (int)st);
+    cuda_note(c, cudaErrorUnknown, where);
+}
+
+/* Rows of w per chunk: all of a BF16 matrix (read in place), else as many
+ * as CHUNK_BYTES hold. */
+static int64_t chunk_rows(KnMatrix w) {
+    if (w.dtype == KN_BF16) return w.rows;
+    int64_t r = (int64_t)(CHUNK_BYTES / (2 * (size_t)w.cols));
+    return r < 1 ? 1 : r > w.rows ? w.rows : r;
+}
+
+/* w's rows [r0, r0 + R) as bfloat16: in place for BF16, else widened into dst. */
+static const __nv_bfloat16 *w_rows_bf16(CudaCtx *c, KnMatrix w, int64_t r0, int64_t R, __nv_bfloat16 *dst) {
+    if (w.dtype == KN_BF16) return (const __nv_bfloat16 *)w.data + r0 * w.cols;
+    size_t n = (size_t)R * (size_t)w.cols;
+    k_w_to_bf16<<<cuda_blocks(n, 256), 256, 0, c->stream>>>(dst, dev_w(w), r0, n);
+    CUDA_LAUNCHED(c, "matmul bf16: weights to bf16");
+    return dst;
+}
+
+/* ---- the decode GEMV ---------------------------------------------------------- */
+
+/* acc[i] += sum over 8 features from c of x[i, c + k] * v[k], for n rows. */
+static __device__ __forceinline__ void gemv_acc8(float *acc, const float *x, int64_t cols, int64_t c, int n,
+                                                 const float *v) {
+#pragma unroll
+    for (int i = 0; i < CUDA_GEMV_MAX_ROWS; i++) {
+        if (i >= n) break;
+        const float *xr = x + i * cols + c;
+#pragma unroll
+        for (int k = 0; k < 8; k++) acc[i] = fmaf(__ldg(xr + k), v[k], acc[i]);
+    }
+}
+
+/* y[i, o] = sum_c x[i, c] W[o, c] for n <= CUDA_GEMV_MAX_ROWS rows of x: one
+ * warp per o. vec8: NF4 or BF16 read eight elements at a time (cols and the
+ * NF4 start a multiple of 8; BF16 rows 16-byte aligned). */
+static __global__ void k_gemv(float *y, const float *x, DevW w, int n, int vec8) {
+    int lane = threadIdx.x & 31;
+    int64_t o = (int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (o >= w.rows) return;
+    float acc[CUDA_GEMV_MAX_ROWS];
+#pragma unroll
+    for (int i = 0; i < CUDA_GEMV_MAX_ROWS; i++) acc[i] = 0.0f;
+    if (vec8) {
+        for (int64_t c = (int64_t)lane * 8; c < w.cols; c += 256) {
+            float v[8];
+            if (w.dtype == KN_NF4) {
+                int64_t e = w.elem0 + o * w.cols + c, b = e / KN_NF4_BLOCK;
+                float a = __fadd_rn(w.nf4_offset, __fmul_rn((float)w.absmax_q[b], w.group_scale[b / KN_NF4_GROUP]));
+                uint32_t q = __ldg((const uint32_t *)(w.codes + e / 2));
+#pragma unroll
+                for (int k = 0; k < 8; k++) v[k] = __fmul_rn(CUDA_NF4_CODE[(q >> (4 * k)) & 15], a);
+            } else {
+                uint4 q = __ldg((const uint4 *)((const uint16_t *)w.data + o * w.cols + c));
+                uint32_t p[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    v[2 * k] = __uint_as_float(p[k] << 16);
+                    v[2 * k + 1] = __uint_as_float(p[k] & 0xFFFF0000u);
+                }
+            }
+            gemv_acc8(acc, x, w.cols, c, n, v);
+        }
+    } else {
+        for (int64_t k = lane; k < w.cols; k += 32) {
+            float v = w_at(w, o, k);
+#pragma unroll
+            for (int i = 0; i < CUDA_GEMV_MAX_ROWS; i++) /* bounds known: acc stays in registers */
+                if (i < n) acc[i] = fmaf(__ldg(x + i * w.cols + k), v, acc[i]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < CUDA_GEMV_MAX_ROWS; i++) {
+        if (i >= n) break;
+        float s = warp_sum(acc[i]);
+        if (lane == 0) y[i * w.rows + o] = s;
+    }
+}
+
+static int gemv_vec8(KnMatrix w) {
+    if (w.cols % 8) return 0;
+    if (w.dtype == KN_NF4) {
+        const KnNf4 *q = (const KnNf4 *)w.data;
+        return w.offset % 8 == 0 && ((uintptr_t)q->codes & 3) == 0;
+    }
+    return w.dtype == KN_BF16 && ((uintptr_t)w.data & 15) == 0;
+}
+
+/* ---- the entries -------------------------------------------------------------- */
+
+void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t n) {
+    if (n <= CUDA_GEMV_MAX_ROWS) {
+        unsigned blocks = (unsigned)((w.rows + GEMV_WARPS - 1) / GEMV_WARPS);
+        k_gemv<<<blocks, 32 * GEMV_WARPS, 0, c->stream>>>(y, x, dev_w(w), (int)n, gemv_vec8(w));
+        CUDA_LAUNCHED(c, "matmul bf16: gemv");
+        return;
+    }
+    int64_t R = chunk_rows(w);
+    size_t xb = (size_t)n * (size_t)w.cols * 2, wb = w.dtype == KN_BF16 ? 0 : (size_t)R * (size_t)w.cols * 2;
+    char *s = (char *)scratch(c, xb + wb, "matmul bf16");
+    if (!s) return;
+    __nv_bfloat16 *x16 = (__nv_bfloat16 *)s, *w16 = (__nv_bfloat16 *)(s + xb);
+    to_bf16(c, x16, x, (size_t)n * (size_t)w.cols);
+    const float one = 1.0f, zero = 0.0f;
+    for (int64_t r0 = 0; r0 < w.rows; r0 += R) {
+        int64_t rr = w.rows - r0 < R ? w.rows - r0 : R;
+        const __nv_bfloat16 *a = w_rows_bf16(c, w, r0, rr, w16);
+        /* column-major: y^T[r0.., n] (ld rows) = W[r0..]^T' x^T */
+        blas_check(c,
+                   cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rr, (int)n, (int)w.cols, &one, a, CUDA_R_16BF,
+                                (int)w.cols, x16, CUDA_R_16BF, (int)w.cols, &zero, y + r0, CUDA_R_32F, (int)w.rows,
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "matmul bf16");
+    }
+}
+
+void cuda_matmul_dx_bf16(CudaCtx *c, float *dx, const float *dy, KnMatrix w, int64_t n) {
+    int64_t R = chunk_rows(w);
+    size_t gb = (size_t)n * (size_t)w.rows * 2, wb = w.dtype == KN_BF16 ? 0 : (size_t)R * (size_t)w.cols * 2;
+    char *s = (char *)scratch(c, gb + wb, "matmul_dx bf16");
+    if (!s) return;
+    __nv_bfloat16 *g16 = (__nv_bfloat16 *)s, *w16 = (__nv_bfloat16 *)(s + gb);
+    to_bf16(c, g16, dy, (size_t)n * (size_t)w.rows);
+    const float one = 1.0f;
+    for (int64_t r0 = 0; r0 < w.rows; r0 += R) {
+        int64_t rr = w.rows - r0 < R ? w.rows - r0 : R;
+        const __nv_bfloat16 *a = w_rows_bf16(c, w, r0, rr, w16);
+        /* column-major: dx^T[cols, n] += W[r0..]' [cols, rr] dy^T[r0.., n] (ld rows) */
+        blas_check(c,
+                   cublasGemmEx(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)w.cols, (int)n, (int)rr, &one, a, CUDA_R_16BF,
+                                (int)w.cols, g16 + r0, CUDA_R_16BF, (int)w.rows, &one, dx, CUDA_R_32F, (int)w.cols,
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "matmul_dx bf16");
+    }
+}
