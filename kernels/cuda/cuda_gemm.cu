@@ -9,8 +9,9 @@
  * input features, NF4 codes read four bytes (eight elements, one absmax)
  * at a time when the matrix allows.
  *
- * The scratch grows on the stream (cudaMallocAsync); a failure to grow is
- * the context's fault, reported by synchronize naming the op. */
+ * The context's scratch (cuda_scratch) grows on the stream
+ * (cudaMallocAsync); a failure to grow is the context's fault, reported by
+ * synchronize naming the op. */
 #include <cuda_bf16.h>
 #include <stdio.h>
 
@@ -20,9 +21,7 @@
 /* bytes of widened weight rows per GEMM chunk */
 #define CHUNK_BYTES ((size_t)64 << 20)
 
-/* The scratch of at least bytes, grown on the stream; NULL (and the fault
- * noted) when it cannot be. */
-static void *scratch(CudaCtx *c, size_t bytes, const char *what) {
+void *cuda_scratch(CudaCtx *c, size_t bytes, const char *what) {
     if (bytes <= c->scratch_bytes) return c->scratch;
     if (c->scratch) cuda_note(c, cudaFreeAsync(c->scratch, c->stream), what);
     c->scratch = NULL;
@@ -162,7 +161,7 @@ void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t 
     }
     int64_t R = chunk_rows(w);
     size_t xb = (size_t)n * (size_t)w.cols * 2, wb = w.dtype == KN_BF16 ? 0 : (size_t)R * (size_t)w.cols * 2;
-    char *s = (char *)scratch(c, xb + wb, "matmul bf16");
+    char *s = (char *)cuda_scratch(c, xb + wb, "matmul bf16");
     if (!s) return;
     __nv_bfloat16 *x16 = (__nv_bfloat16 *)s, *w16 = (__nv_bfloat16 *)(s + xb);
     to_bf16(c, x16, x, (size_t)n * (size_t)w.cols);
@@ -182,7 +181,7 @@ void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t 
 void cuda_matmul_dx_bf16(CudaCtx *c, float *dx, const float *dy, KnMatrix w, int64_t n) {
     int64_t R = chunk_rows(w);
     size_t gb = (size_t)n * (size_t)w.rows * 2, wb = w.dtype == KN_BF16 ? 0 : (size_t)R * (size_t)w.cols * 2;
-    char *s = (char *)scratch(c, gb + wb, "matmul_dx bf16");
+    char *s = (char *)cuda_scratch(c, gb + wb, "matmul_dx bf16");
     if (!s) return;
     __nv_bfloat16 *g16 = (__nv_bfloat16 *)s, *w16 = (__nv_bfloat16 *)(s + gb);
     to_bf16(c, g16, dy, (size_t)n * (size_t)w.rows);

@@ -161,6 +161,10 @@ static __device__ __forceinline__ float warp_sum(float v) {
 }
 
 /* Entries each file exports to the table (contracts in ops.h). */
+/* The context's scratch, at least bytes, grown on its stream (an op's
+ * temporaries, valid until the next op asks for it); NULL with the fault
+ * noted when it cannot grow. cuda_gemm.cu. */
+void *cuda_scratch(CudaCtx *c, size_t bytes, const char *what);
 /* cuda_gemm.cu: the BF16 precision's matmul and its input gradient */
 void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t n);
 void cuda_matmul_dx_bf16(CudaCtx *c, float *dx, const float *dy, KnMatrix w, int64_t n);

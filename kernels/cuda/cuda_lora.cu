@@ -1,8 +1,16 @@
 /* cuda_lora.cu - the grouped LoRA ops (ops.h KnLoraSeg), forward and
  * backward, one launch per segment (each adapter at its own rank, never
- * padded). Dropout factors are hashed per element exactly as on the CPU,
- * so no mask is stored. Sums over rows run in row order in one thread, so
+ * padded). Dropout factors are hashed per element exactly as on the CPU.
+ *
+ * A serving segment (no gradients) runs on kernels that compute each row
+ * alone, so a sequence's LoRA term never depends on its batch. A training
+ * segment (dA set) of TRAIN_GEMM_ROWS rows or more runs as float32 cuBLAS
+ * GEMMs, its dropped-out x materialised in the context's scratch: at a
+ * training step's thousand rows the per-row kernels would cost as much as
+ * the base's matmuls. Either way the sums over rows have a fixed order, so
  * the weight gradients do not depend on scheduling. */
+#include <stdio.h>
+
 #include "cuda_impl.h"
 
 #define THREADS 256
@@ -37,10 +45,54 @@ static Seg seg_of(const KnLoraSeg *s) {
     return g;
 }
 
+#define TRAIN_GEMM_ROWS 16
+
+static int gemm_segment(const KnLoraSeg *s) { return s->dA && s->n_rows >= TRAIN_GEMM_ROWS && s->rank > 0; }
+
+static void sgemm(CudaCtx *c, cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k, float alpha,
+                  const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *y, int64_t ldc,
+                  const char *what) {
+    cublasStatus_t st = cublasSgemm(c->blas, ta, tb, (int)m, (int)n, (int)k, &alpha, a, (int)lda, b, (int)ldb, &beta, y,
+                                    (int)ldc);
+    if (st == CUBLAS_STATUS_SUCCESS) return;
+    char where[48];
+    snprintf(where, sizeof where, "%s (cuBLAS status %d)", what, (int)st);
+    cuda_note(c, cudaErrorUnknown, where);
+}
+
 /* The dropout factor of element j of the segment's row i (ops.h). */
 static __device__ __forceinline__ float drop(const Seg &s, int64_t i, int64_t in, int64_t j) {
     if (!s.dropout) return 1.0f;
     return (uint32_t)(dev_mix64(s.seed + (uint64_t)i * (uint64_t)in + (uint64_t)j) >> 32) < s.cut ? 0.0f : s.keep;
+}
+
+/* xd[i, j] = x[row0 + i, j] * f[i, j]: the segment's rows, dropped out. */
+static __global__ void k_dropped(float *xd, const float *x, Seg s, int64_t in) {
+    size_t n = (size_t)(s.n_rows * in);
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        int64_t i = (int64_t)e / in, j = (int64_t)e % in;
+        xd[e] = x[(s.row0 + i) * in + j] * drop(s, i, in, j);
+    }
+}
+
+/* dx[row0 + i, j] += p[i, j] * f[i, j] */
+static __global__ void k_add_dropped(float *dx, const float *p, Seg s, int64_t in) {
+    size_t n = (size_t)(s.n_rows * in);
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        int64_t i = (int64_t)e / in, j = (int64_t)e % in;
+        dx[(s.row0 + i) * in + j] += p[e] * drop(s, i, in, j);
+    }
+}
+
+/* The segment's x as its matmuls read it: x's rows in place without
+ * dropout, else dropped out into the scratch (NULL: the fault is noted). */
+static const float *segment_x(CudaCtx *c, const Seg &s, const float *x, int64_t in, const char *what) {
+    if (!s.dropout) return x + s.row0 * in;
+    float *xd = (float *)cuda_scratch(c, (size_t)(s.n_rows * in) * sizeof(float), what);
+    if (!xd) return NULL;
+    k_dropped<<<cuda_blocks((size_t)(s.n_rows * in), THREADS), THREADS, 0, c->stream>>>(xd, x, s, in);
+    CUDA_LAUNCHED(c, what);
+    return xd;
 }
 
 /* t[r, k] = scale * sum_j d(x)[r, j] A[k, j]: one warp per (row, k). */
@@ -61,6 +113,15 @@ void cuda_lora_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, 
     CudaCtx *c = cuda_ctx(ctx);
     for (int q = 0; q < n_segs; q++) {
         if (segs[q].n_rows <= 0 || segs[q].rank <= 0) continue;
+        if (gemm_segment(&segs[q])) {
+            /* column-major: t^T[rank, n] (ld ld_t) = scale A d(x)^T */
+            Seg s = seg_of(&segs[q]);
+            const float *xs = segment_x(c, s, x, in, "lora_shrink");
+            if (xs)
+                sgemm(c, CUBLAS_OP_T, CUBLAS_OP_N, s.rank, s.n_rows, in, s.scale, s.A, in, xs, in, 0.0f, t + s.row0 * ld_t,
+                      ld_t, "lora_shrink");
+            continue;
+        }
         dim3 grid((unsigned)segs[q].n_rows, (unsigned)((segs[q].rank + WARPS - 1) / WARPS));
         k_shrink<<<grid, THREADS, 0, c->stream>>>(t, ld_t, x, seg_of(&segs[q]), in);
         CUDA_LAUNCHED(c, "lora_shrink");
@@ -84,6 +145,13 @@ void cuda_lora_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, 
     CudaCtx *c = cuda_ctx(ctx);
     for (int q = 0; q < n_segs; q++) {
         if (segs[q].n_rows <= 0 || out <= 0) continue;
+        if (gemm_segment(&segs[q])) {
+            /* column-major: y^T[out, n] += B t^T */
+            const KnLoraSeg *s = &segs[q];
+            sgemm(c, CUBLAS_OP_T, CUBLAS_OP_N, out, s->n_rows, s->rank, 1.0f, s->B, s->rank, t + s->row0 * ld_t, ld_t, 1.0f,
+                  y + s->row0 * out, out, "lora_expand");
+            continue;
+        }
         k_expand<<<cuda_blocks((size_t)(segs[q].n_rows * out), THREADS), THREADS, 0, c->stream>>>(y, t, ld_t,
                                                                                               seg_of(&segs[q]), out);
         CUDA_LAUNCHED(c, "lora_expand");
@@ -120,6 +188,15 @@ void cuda_lora_expand_dx(const KnCtx *ctx, float *gt, const float *dy, const flo
     for (int q = 0; q < n_segs; q++) {
         if (segs[q].n_rows <= 0 || segs[q].rank <= 0) continue;
         Seg s = seg_of(&segs[q]);
+        if (gemm_segment(&segs[q])) {
+            /* column-major: gt^T[rank, n] (ld ld_t) = B^T dy^T; dB^T[rank, out] += t^T dy */
+            sgemm(c, CUBLAS_OP_N, CUBLAS_OP_N, s.rank, s.n_rows, out, 1.0f, s.B, s.rank, dy + s.row0 * out, out, 0.0f,
+                  gt + s.row0 * ld_t, ld_t, "lora_expand_dx");
+            if (out > 0)
+                sgemm(c, CUBLAS_OP_N, CUBLAS_OP_T, s.rank, out, s.n_rows, 1.0f, t + s.row0 * ld_t, ld_t, dy + s.row0 * out,
+                      out, 1.0f, s.dB, s.rank, "lora_expand_dx");
+            continue;
+        }
         dim3 grid((unsigned)s.n_rows, (unsigned)((s.rank + WARPS - 1) / WARPS));
         k_expand_gt<<<grid, THREADS, 0, c->stream>>>(gt, dy, ld_t, s, out);
         CUDA_LAUNCHED(c, "lora_expand_dx");
@@ -154,6 +231,29 @@ static __global__ void k_shrink_dx(float *dx, const float *gt, int64_t ld_t, Seg
     }
 }
 
+/* dA^T[in, rank] += scale d(x)^T gt; dx^T[in, n] += scale (A^T gt^T) * f,
+ * through the scratch when dropped out (the product, then the mask). */
+static void shrink_dx_gemm(CudaCtx *c, float *dx, const float *gt, int64_t ld_t, const float *x, const Seg &s,
+                           int64_t in) {
+    const float *xs = segment_x(c, s, x, in, "lora_shrink_dx");
+    if (!xs) return;
+    sgemm(c, CUBLAS_OP_N, CUBLAS_OP_T, in, s.rank, s.n_rows, s.scale, xs, in, gt + s.row0 * ld_t, ld_t, 1.0f, s.dA, in,
+          "lora_shrink_dx");
+    if (!dx) return;
+    if (!s.dropout) {
+        sgemm(c, CUBLAS_OP_N, CUBLAS_OP_N, in, s.n_rows, s.rank, s.scale, s.A, in, gt + s.row0 * ld_t, ld_t, 1.0f,
+              dx + s.row0 * in, in, "lora_shrink_dx");
+        return;
+    }
+    /* the scratch held d(x) for dA; the stream orders its reuse for the product */
+    float *p = (float *)cuda_scratch(c, (size_t)(s.n_rows * in) * sizeof(float), "lora_shrink_dx");
+    if (!p) return;
+    sgemm(c, CUBLAS_OP_N, CUBLAS_OP_N, in, s.n_rows, s.rank, s.scale, s.A, in, gt + s.row0 * ld_t, ld_t, 0.0f, p, in,
+          "lora_shrink_dx");
+    k_add_dropped<<<cuda_blocks((size_t)(s.n_rows * in), THREADS), THREADS, 0, c->stream>>>(dx, p, s, in);
+    CUDA_LAUNCHED(c, "lora_shrink_dx");
+}
+
 void cuda_lora_shrink_dx(const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x,
                          const KnLoraSeg *segs, int n_segs, int64_t in, float *dropout_buf) {
     (void)dropout_buf;
@@ -161,6 +261,10 @@ void cuda_lora_shrink_dx(const KnCtx *ctx, float *dx, const float *gt, int64_t l
     for (int q = 0; q < n_segs; q++) {
         if (segs[q].n_rows <= 0 || segs[q].rank <= 0 || in <= 0) continue;
         Seg s = seg_of(&segs[q]);
+        if (gemm_segment(&segs[q])) {
+            shrink_dx_gemm(c, dx, gt, ld_t, x, s, in);
+            continue;
+        }
         k_shrink_dA<<<cuda_blocks((size_t)(s.rank * in), THREADS), THREADS, 0, c->stream>>>(gt, ld_t, x, s, in);
         CUDA_LAUNCHED(c, "lora_shrink_dx");
         if (!dx) continue;

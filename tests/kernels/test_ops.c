@@ -677,6 +677,75 @@ static void test_lora(Dev *d) {
     free(A0); free(B0); free(A1); free(B1); free(x); free(y0);
 }
 
+/* The LoRA ops of one training segment (gradients set) over many rows,
+ * where the CUDA backend takes its GEMM path, on d against the CPU
+ * backend's: forward, gt, dx, dA and dB, with and without dropout. */
+typedef struct {
+    float *y, *gt, *dx, *gA, *gB;
+} LoraOut;
+
+static void lora_train_run(Dev *d, const float *const *host, int n, int in, int out, int rank, float p, LoraOut *o) {
+    const float *x = host[0], *A = host[1], *B = host[2], *y0 = host[3], *gout = host[4];
+    float *dA = dev_put(d, A, F(rank * in)), *dB = dev_put(d, B, F(out * rank));
+    float *gA = dev_alloc(d, F(rank * in)), *gB = dev_alloc(d, F(out * rank));
+    d->be.ops->memset(&d->be.ctx, gA, 0, F(rank * in));
+    d->be.ops->memset(&d->be.ctx, gB, 0, F(out * rank));
+    KnLoraSeg s = {0, n, dA, dB, gA, gB, rank, 0.75f, p, 0xBEEFull};
+    float *dx = dev_put(d, x, F(n * in)), *dy = dev_put(d, y0, F(n * out)), *t = dev_poisoned(d, F(n * rank));
+    float *buf = dev_alloc(d, F(2 * in)), *gt = dev_poisoned(d, F(n * rank));
+    float *ddx = dev_alloc(d, F(n * in));
+    d->be.ops->memset(&d->be.ctx, ddx, 0, F(n * in));
+    d->be.ops->lora_shrink(&d->be.ctx, t, rank, dx, &s, 1, in, buf);
+    d->be.ops->lora_expand(&d->be.ctx, dy, t, rank, &s, 1, out);
+    d->be.ops->lora_expand_dx(&d->be.ctx, gt, dev_put(d, gout, F(n * out)), t, rank, &s, 1, out);
+    d->be.ops->lora_shrink_dx(&d->be.ctx, ddx, gt, rank, dx, &s, 1, in, buf);
+    dev_get(d, o->y, dy, F(n * out));
+    dev_get(d, o->gt, gt, F(n * rank));
+    dev_get(d, o->dx, ddx, F(n * in));
+    dev_get(d, o->gA, gA, F(rank * in));
+    dev_get(d, o->gB, gB, F(out * rank));
+    dev_reset(d);
+}
+
+static void lora_out_alloc(LoraOut *o, int n, int in, int out, int rank) {
+    o->y = malloc(F(n * out)); o->gt = malloc(F(n * rank)); o->dx = malloc(F(n * in));
+    o->gA = malloc(F(rank * in)); o->gB = malloc(F(out * rank));
+}
+
+static void lora_out_free(LoraOut *o) { free(o->y); free(o->gt); free(o->dx); free(o->gA); free(o->gB); }
+
+static void expect_like(const float *got, const float *want, size_t n, const char *what, float p) {
+    double *ref = malloc(n * sizeof *ref);
+    for (size_t i = 0; i < n; i++) ref[i] = want[i];
+    EXPECT_CLOSE(got, ref, n, 1e-5, "lora training rows %s, dropout %.1f", what, p);
+    free(ref);
+}
+
+static void test_lora_training_rows(Dev *d) {
+    int n = 48, in = 72, out = 50, rank = 8;
+    float *host[5] = {rand_vec((size_t)n * in), rand_vec((size_t)rank * in), rand_vec((size_t)out * rank),
+                      rand_vec((size_t)n * out), rand_vec((size_t)n * out)};
+    Dev cpu;
+    CHECK(dev_open(&cpu, KN_DEVICE_CPU, 1), "cpu backend");
+    for (int k = 0; k < 2; k++) {
+        float p = k ? 0.3f : 0.0f;
+        LoraOut a, b;
+        lora_out_alloc(&a, n, in, out, rank);
+        lora_out_alloc(&b, n, in, out, rank);
+        lora_train_run(d, (const float *const *)host, n, in, out, rank, p, &a);
+        lora_train_run(&cpu, (const float *const *)host, n, in, out, rank, p, &b);
+        expect_like(a.y, b.y, (size_t)n * out, "y", p);
+        expect_like(a.gt, b.gt, (size_t)n * rank, "gt", p);
+        expect_like(a.dx, b.dx, (size_t)n * in, "dx", p);
+        expect_like(a.gA, b.gA, (size_t)rank * in, "dA", p);
+        expect_like(a.gB, b.gB, (size_t)out * rank, "dB", p);
+        lora_out_free(&a);
+        lora_out_free(&b);
+    }
+    dev_close(&cpu);
+    for (int i = 0; i < 5; i++) free(host[i]);
+}
+
 /* ---- mixture of experts: routing against a double softmax and stable
  * top-k, the experts against a double MLP, both backward ops against
  * central differences with the chosen experts held fixed ---- */
@@ -1074,6 +1143,7 @@ int main(void) {
             test_rope_rows(&d);
             test_kv_store_embed_rows(&d);
             test_lora(&d);
+            test_lora_training_rows(&d);
             test_moe(&d);
             test_rows_and_loss(&d);
             test_vision_ops(&d);
