@@ -60,48 +60,104 @@ static __device__ void chunk_scores(const AttArgs &a, const float *qs, const flo
     __syncthreads();
 }
 
+/* The forward, QT queries of one head per block: each chunk of CHUNK keys
+ * (and then its values) is loaded once into shared memory for all of them,
+ * and skipped whole when none of them sees any of its keys. Each query's
+ * arithmetic is the one-query kernel's, in the same order (a warp's lanes
+ * striding the dimensions of q . k, then a butterfly sum; one thread's
+ * running maximum and sum over the chunk in key order; each output
+ * dimension rescaled, then the chunk's values added in key order), so a
+ * query gets the same bits whatever tile, prompt or batch it is in: a
+ * prefill and the decode steps it replaces agree exactly. */
+#define QT 8
+#define TILE_THREADS 256
+#define TILE_WARPS (TILE_THREADS / 32)
+#define TILE_PER_THREAD (QT * 1024 / TILE_THREADS) /* outputs per thread at head_dim 1024 */
+
+static size_t tile_smem(int dim) { return ((size_t)QT * dim + (size_t)CHUNK * dim) * sizeof(float); }
+
 static __global__ void k_attention(float *out, const float *q, AttArgs a) {
-    __shared__ float qs[1024], s[CHUNK], p[CHUNK];
-    __shared__ float m_sh, alpha_sh;
-    int64_t item = blockIdx.x, i = item / a.n_heads;
-    int h = (int)(item % a.n_heads), kvh = h / (a.n_heads / a.n_kv_heads);
-    int64_t qpos = a.q_pos0 + i;
-    const float *qv = q + item * a.dim;
-    for (int d = threadIdx.x; d < a.dim; d += ATT_THREADS) qs[d] = qv[d];
-    float acc[MAX_DPT];
-    for (int t = 0; t < MAX_DPT; t++) acc[t] = 0.0f;
-    float m = -INFINITY, l = 0.0f;
-    __syncthreads();
+    extern __shared__ float sm[];
+    float *qs = sm, *kv = sm + QT * a.dim; /* [QT][dim], then one chunk's keys or values [CHUNK][dim] */
+    __shared__ float s[QT][CHUNK], p[QT][CHUNK], alpha_sh[QT], l_sh[QT], m_sh[QT];
+    __shared__ uint8_t vis[QT][CHUNK];
+    __shared__ int any_sh;
+    int64_t i0 = (int64_t)blockIdx.x * QT;
+    int h = (int)blockIdx.y, kvh = h / (a.n_heads / a.n_kv_heads), tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int nq = a.n_q - i0 < QT ? (int)(a.n_q - i0) : QT;
+    for (int e = tid; e < QT * a.dim; e += TILE_THREADS) {
+        int qi = e / a.dim;
+        qs[e] = qi < nq ? q[((i0 + qi) * a.n_heads + h) * a.dim + e % a.dim] : 0.0f;
+    }
+    if (tid < QT) {
+        m_sh[tid] = -INFINITY;
+        l_sh[tid] = 0.0f;
+    }
+    float acc[TILE_PER_THREAD];
+#pragma unroll
+    for (int t = 0; t < TILE_PER_THREAD; t++) acc[t] = 0.0f;
     for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) {
-        chunk_scores(a, qs, NULL, qpos, kvh, k0, s, NULL);
-        if (threadIdx.x == 0) {
-            float cm = m;
-            for (int j = 0; j < CHUNK; j++) cm = fmaxf(cm, s[j]);
-            alpha_sh = cm == -INFINITY || m == -INFINITY ? 0.0f : expf(m - cm);
-            m_sh = cm;
-            for (int j = 0; j < CHUNK; j++) p[j] = s[j] == -INFINITY ? 0.0f : expf(s[j] - cm);
+        if (tid == 0) any_sh = 0;
+        __syncthreads();
+        { /* which of the tile's queries see which keys: QT * CHUNK = TILE_THREADS pairs */
+            int qi = tid / CHUNK, j = tid % CHUNK;
+            int64_t key = k0 + j;
+            uint8_t v = qi < nq && key < a.n_keys && mask_visible(a.valid, a.group, a.window, a.q_pos0 + i0 + qi, key);
+            vis[qi][j] = v;
+            if (v) any_sh = 1;
         }
         __syncthreads();
-        float alpha = alpha_sh;
-        m = m_sh;
-        float ps = 0.0f;
-        for (int j = 0; j < CHUNK; j++) ps += p[j];
-        l = l * alpha + ps;
-        for (int t = 0; t < MAX_DPT; t++) {
-            int d = threadIdx.x + t * ATT_THREADS;
-            if (d >= a.dim) break;
-            float v = acc[t] * alpha;
+        if (!any_sh) continue; /* no query sees the chunk: the one-query kernel leaves its state as it is */
+        for (int e = tid; e < CHUNK * a.dim; e += TILE_THREADS) {
+            int j = e / a.dim, seen = 0;
+            for (int qi = 0; qi < QT; qi++) seen |= vis[qi][j];
+            kv[e] = seen ? kv_row(a, a.k, k0 + j, kvh)[e % a.dim] : 0.0f; /* unseen keys are never read */
+        }
+        __syncthreads();
+        for (int pr = warp; pr < QT * CHUNK; pr += TILE_WARPS) {
+            int qi = pr / CHUNK, j = pr % CHUNK;
+            float dot = 0.0f;
+            if (vis[qi][j]) { /* uniform over the warp */
+                for (int d = lane; d < a.dim; d += 32) dot += qs[qi * a.dim + d] * kv[j * a.dim + d];
+                dot = warp_sum(dot);
+            }
+            if (lane == 0) s[qi][j] = vis[qi][j] ? dot * a.scale : -INFINITY;
+        }
+        __syncthreads();
+        if (tid < QT) {
+            float m = m_sh[tid], cm = m;
+            for (int j = 0; j < CHUNK; j++) cm = fmaxf(cm, s[tid][j]);
+            float alpha = cm == -INFINITY || m == -INFINITY ? 0.0f : expf(m - cm);
+            float ps = 0.0f;
+            for (int j = 0; j < CHUNK; j++) p[tid][j] = s[tid][j] == -INFINITY ? 0.0f : expf(s[tid][j] - cm);
+            for (int j = 0; j < CHUNK; j++) ps += p[tid][j];
+            alpha_sh[tid] = alpha;
+            m_sh[tid] = cm;
+            l_sh[tid] = l_sh[tid] * alpha + ps;
+        }
+        for (int e = tid; e < CHUNK * a.dim; e += TILE_THREADS) { /* the values replace the keys (all scored) */
+            int j = e / a.dim, seen = 0;
+            for (int qi = 0; qi < QT; qi++) seen |= vis[qi][j];
+            kv[e] = seen ? kv_row(a, a.v, k0 + j, kvh)[e % a.dim] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < TILE_PER_THREAD; t++) {
+            int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
+            if (qi >= nq) break;
+            float v = acc[t] * alpha_sh[qi];
             for (int j = 0; j < CHUNK; j++)
-                if (p[j] != 0.0f) v += p[j] * kv_row(a, a.v, k0 + j, kvh)[d];
+                if (p[qi][j] != 0.0f) v += p[qi][j] * kv[j * a.dim + d];
             acc[t] = v;
         }
-        __syncthreads(); /* s and p are rewritten by the next chunk */
+        __syncthreads(); /* s, p, vis and the chunk are rewritten next */
     }
-    float *o = out + item * a.dim;
-    for (int t = 0; t < MAX_DPT; t++) {
-        int d = threadIdx.x + t * ATT_THREADS;
-        if (d >= a.dim) break;
-        o[d] = m == -INFINITY ? 0.0f : acc[t] / l; /* no visible key: zeros */
+#pragma unroll
+    for (int t = 0; t < TILE_PER_THREAD; t++) {
+        int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
+        if (qi >= nq) break;
+        float m = m_sh[qi], l = l_sh[qi];
+        out[((i0 + qi) * a.n_heads + h) * a.dim + d] = m == -INFINITY ? 0.0f : acc[t] / l; /* no visible key: zeros */
     }
 }
 
@@ -115,7 +171,10 @@ static void launch_attention(const KnCtx *ctx, float *out, const float *q, const
     if (a.n_q <= 0 || a.n_heads <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
     if (!att_ok(c, a.dim, a.n_heads, a.n_kv_heads, what)) return;
-    k_attention<<<(unsigned)(a.n_q * a.n_heads), ATT_THREADS, 0, c->stream>>>(out, q, a);
+    size_t smem = tile_smem(a.dim);
+    cuda_note(c, cudaFuncSetAttribute(k_attention, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), what);
+    dim3 grid((unsigned)((a.n_q + QT - 1) / QT), (unsigned)a.n_heads);
+    k_attention<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, a);
     CUDA_LAUNCHED(c, what);
 }
 

@@ -237,6 +237,59 @@ static void test_rope(Dev *d) {
 }
 
 /* Attention with GQA, a window, padding and one bidirectional block. */
+/* Attention at Gemma 4's head dims (256, 512), GQA 4:1, over several key
+ * chunks, causal and sliding: against a double reference, and each query
+ * computed alone (a decode step) equal bit for bit to the same query in the
+ * whole prompt (a prefill), which preemption's recompute and batching rely on. */
+static void test_attention_shapes(Dev *d) {
+    const int dims[2] = {256, 512};
+    for (int di = 0; di < 2; di++) {
+        int D = dims[di], nq = 20, pos0 = 50, nk = 70, H = 8, KVH = 2, W = 16;
+        float *q = rand_vec((size_t)nq * H * D), *k = rand_vec((size_t)nk * KVH * D), *v = rand_vec((size_t)nk * KVH * D);
+        uint8_t *valid = malloc((size_t)nk);
+        for (int t = 0; t < nk; t++) valid[t] = t != 7;
+        float scale = 1.0f / sqrtf((float)D);
+        for (int variant = 0; variant < 2; variant++) {
+            int win = variant ? W : 0;
+            KnMask dm = {dev_put(d, valid, (size_t)nk), NULL, win};
+            double *ref = calloc((size_t)nq * H * D, sizeof *ref), *s = malloc((size_t)nk * sizeof *s);
+            for (int i = 0; i < nq; i++)
+                for (int h = 0; h < H; h++) {
+                    int qp = pos0 + i, g = h / (H / KVH);
+                    double mx = -INFINITY, sum = 0;
+                    for (int t = 0; t < nk; t++) {
+                        s[t] = -INFINITY;
+                        if (!valid[t] || t > qp || (win && t <= qp - win)) continue;
+                        double acc = 0;
+                        for (int x = 0; x < D; x++) acc += (double)q[(i * H + h) * D + x] * k[(t * KVH + g) * D + x];
+                        s[t] = acc * scale;
+                        if (s[t] > mx) mx = s[t];
+                    }
+                    for (int t = 0; t < nk; t++) sum += s[t] == -INFINITY ? 0 : exp(s[t] - mx);
+                    for (int t = 0; t < nk; t++)
+                        if (s[t] != -INFINITY)
+                            for (int x = 0; x < D; x++) ref[(i * H + h) * D + x] += exp(s[t] - mx) / sum * v[(t * KVH + g) * D + x];
+                }
+            size_t n = (size_t)nq * H * D;
+            float *out = malloc(F(n)), *alone = malloc(F(n)), *dout = dev_poisoned(d, F(n)), *dq = dev_put(d, q, F(n));
+            float *dk = dev_put(d, k, F(nk * KVH * D)), *dv = dev_put(d, v, F(nk * KVH * D));
+            d->be.ops->attention(&d->be.ctx, dout, dq, dk, dv, nq, pos0, nk, H, KVH, D, scale, &dm);
+            dev_get(d, out, dout, F(n));
+            EXPECT_CLOSE(out, ref, n, 1e-5, "attention head_dim %d, %s", D, win ? "sliding" : "causal");
+            d->be.ops->memset(&d->be.ctx, dout, 0xFF, F(n));
+            for (int i = 0; i < nq; i++)
+                d->be.ops->attention(&d->be.ctx, dout + (size_t)i * H * D, dq + (size_t)i * H * D, dk, dv, 1, pos0 + i, nk, H,
+                                     KVH, D, scale, &dm);
+            dev_get(d, alone, dout, F(n));
+            CHECK(memcmp(alone, out, F(n)) == 0, "%s: attention head_dim %d %s: each query alone equals the prompt's, bit for bit",
+                  d->be.name, D, win ? "sliding" : "causal");
+            free(ref); free(s); free(out); free(alone);
+            dev_reset(d);
+        }
+        free(q); free(k); free(v); free(valid);
+    }
+}
+
 static void test_attention(Dev *d) {
     int nq = 9, pos0 = 3, nk = 12, H = 4, KVH = 2, D = 8, W = 4;
     float *q = rand_vec((size_t)nq * H * D), *k = rand_vec((size_t)nk * KVH * D), *v = rand_vec((size_t)nk * KVH * D);
@@ -1136,6 +1189,7 @@ int main(void) {
             test_matmul(&d);
             test_rmsnorm_gelu_softcap(&d);
             test_attention(&d);
+            test_attention_shapes(&d);
             test_matmul_rmsnorm_gelu_dx(&d);
             test_attention_dx(&d);
             test_rope(&d);
