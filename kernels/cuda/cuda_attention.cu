@@ -1,11 +1,14 @@
 /* cuda_attention.cu - attention over contiguous or paged keys, and its
- * gradient. One block per (query, head): the keys pass in chunks of CHUNK,
- * each warp scoring a few of them, and the output is accumulated with an
- * online softmax (running maximum and sum), each thread owning a slice of
- * the head's dimensions, so no T x T score matrix is ever stored. Keys the
- * mask hides are never read (a paged block given back may be -1). The
- * gradient recomputes the softmax in two passes, then adds each key's
- * share into dk and dv atomically (queries of one KV head run in parallel). */
+ * gradient. The keys pass in chunks of CHUNK, each warp scoring a few of
+ * them, and the output is accumulated with an online softmax (running
+ * maximum and sum), so no T x T score matrix is ever stored; a block takes
+ * QT queries of one head, sharing each chunk loaded into shared memory.
+ * Keys the mask hides are never read (a paged block given back may be -1).
+ * The gradient (head_dim <= 512) runs query tiles for the softmax's
+ * statistics and dq, then key tiles that walk every query of their KV head
+ * in order for dk and dv: no atomics. Larger heads take the one-query
+ * kernel, which recomputes the softmax in two passes and adds each key's
+ * share into dk and dv atomically. */
 #include <math.h>
 #include <stdio.h>
 
@@ -269,6 +272,236 @@ static __global__ void k_attention_dx(float *dq, float *dk, float *dv, const flo
     }
 }
 
+/* ---- the tiled gradient (head_dim <= TILED_DX_MAX_DIM) --------------------------------------- */
+
+/* With p = softmax(s) per query and D = sum_t p_t (dout . v_t):
+ *   ds_t = p_t (dout . v_t - D) scale, dq = sum_t ds_t k_t,
+ *   dk_t += sum over queries of ds_t q, dv_t += sum over queries of p_t dout.
+ * k_dx_stats_dq: QT queries of a head per block, two passes over the key
+ * chunks (the values, then the keys, through one shared buffer): the first
+ * keeps each query's running maximum m, sum l and sum of e^(s - m) dout . v
+ * and stores (m, l, D); the second writes dq. k_dx_dkdv: KT keys of a KV
+ * head per block walk every (query, head) pair of the group in order, QC at
+ * a time, and add their dk and dv once: no atomics, so the gradient is the
+ * same on every run. */
+#define TILED_DX_MAX_DIM 512
+#define KT 8
+#define QC 8
+#define DX_PER_THREAD (QT * TILED_DX_MAX_DIM / TILE_THREADS) /* = KT * TILED_DX_MAX_DIM / TILE_THREADS */
+
+/* gv[qi][j] = dout_qi . v_j, then s[qi][j] = q_qi . k_j * scale (or -inf):
+ * chunk k0's values and keys in turn through buf; a warp per pair. */
+static __device__ void dx_chunk(const AttArgs &a, const float *qs, const float *gos, float *buf, int nq, int64_t i0, int kvh,
+                                int64_t k0, uint8_t (*vis)[CHUNK], float (*s)[CHUNK], float (*gv)[CHUNK]) {
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    {
+        int qi = tid / CHUNK, j = tid % CHUNK;
+        int64_t key = k0 + j;
+        vis[qi][j] = qi < nq && key < a.n_keys && mask_visible(a.valid, a.group, a.window, a.q_pos0 + i0 + qi, key);
+    }
+    __syncthreads();
+    for (int pass = 0; pass < 2; pass++) {
+        const float *src = pass ? a.k : a.v;
+        for (int e = tid; e < CHUNK * a.dim; e += TILE_THREADS) {
+            int j = e / a.dim, seen = 0;
+            for (int qi = 0; qi < QT; qi++) seen |= vis[qi][j];
+            buf[e] = seen ? kv_row(a, src, k0 + j, kvh)[e % a.dim] : 0.0f;
+        }
+        __syncthreads();
+        for (int pr = warp; pr < QT * CHUNK; pr += TILE_WARPS) {
+            int qi = pr / CHUNK, j = pr % CHUNK;
+            float dot = 0.0f;
+            if (vis[qi][j]) {
+                const float *x = pass ? qs + qi * a.dim : gos + qi * a.dim;
+                for (int d = lane; d < a.dim; d += 32) dot += x[d] * buf[j * a.dim + d];
+                dot = warp_sum(dot);
+            }
+            if (lane == 0) {
+                if (pass) s[qi][j] = vis[qi][j] ? dot * a.scale : -INFINITY;
+                else gv[qi][j] = dot;
+            }
+        }
+        __syncthreads();
+    }
+}
+
+static __global__ void k_dx_stats_dq(float *dq, float *stats, const float *q, const float *dout, AttArgs a) {
+    extern __shared__ float sm[];
+    float *qs = sm, *gos = sm + QT * a.dim, *buf = sm + 2 * QT * a.dim;
+    __shared__ float s[QT][CHUNK], gv[QT][CHUNK], ds[QT][CHUNK], m_sh[QT], l_sh[QT], g_sh[QT];
+    __shared__ uint8_t vis[QT][CHUNK];
+    int64_t i0 = (int64_t)blockIdx.x * QT;
+    int h = (int)blockIdx.y, kvh = h / (a.n_heads / a.n_kv_heads), tid = threadIdx.x;
+    int nq = a.n_q - i0 < QT ? (int)(a.n_q - i0) : QT;
+    for (int e = tid; e < QT * a.dim; e += TILE_THREADS) {
+        int qi = e / a.dim;
+        size_t at = ((size_t)(i0 + qi) * a.n_heads + h) * a.dim + e % a.dim;
+        qs[e] = qi < nq ? q[at] : 0.0f;
+        gos[e] = qi < nq ? dout[at] : 0.0f;
+    }
+    if (tid < QT) {
+        m_sh[tid] = -INFINITY;
+        l_sh[tid] = 0.0f;
+        g_sh[tid] = 0.0f;
+    }
+    for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) { /* pass 1: m, l and sum e^(s - m) dout . v */
+        dx_chunk(a, qs, gos, buf, nq, i0, kvh, k0, vis, s, gv);
+        if (tid < QT) {
+            float m = m_sh[tid], cm = m;
+            for (int j = 0; j < CHUNK; j++) cm = fmaxf(cm, s[tid][j]);
+            float alpha = cm == -INFINITY || m == -INFINITY ? 0.0f : expf(m - cm), l = 0.0f, g = 0.0f;
+            for (int j = 0; j < CHUNK; j++)
+                if (s[tid][j] != -INFINITY) {
+                    float e = expf(s[tid][j] - cm);
+                    l += e;
+                    g += e * gv[tid][j];
+                }
+            m_sh[tid] = cm;
+            l_sh[tid] = l_sh[tid] * alpha + l;
+            g_sh[tid] = g_sh[tid] * alpha + g;
+        }
+        __syncthreads();
+    }
+    if (tid < nq) {
+        float *st = stats + ((i0 + tid) * a.n_heads + h) * 3;
+        st[0] = m_sh[tid];
+        st[1] = l_sh[tid];
+        st[2] = l_sh[tid] > 0.0f ? g_sh[tid] / l_sh[tid] : 0.0f;
+    }
+    float acc[DX_PER_THREAD];
+#pragma unroll
+    for (int t = 0; t < DX_PER_THREAD; t++) acc[t] = 0.0f;
+    for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) { /* pass 2: dq, the keys still in buf */
+        dx_chunk(a, qs, gos, buf, nq, i0, kvh, k0, vis, s, gv);
+        {
+            int qi = tid / CHUNK, j = tid % CHUNK;
+            float m = m_sh[qi], l = l_sh[qi], D = l > 0.0f ? g_sh[qi] / l : 0.0f;
+            ds[qi][j] = s[qi][j] == -INFINITY ? 0.0f : expf(s[qi][j] - m) / l * (gv[qi][j] - D) * a.scale;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < DX_PER_THREAD; t++) {
+            int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
+            if (qi >= nq) break;
+            float v = acc[t];
+            for (int j = 0; j < CHUNK; j++)
+                if (ds[qi][j] != 0.0f) v += ds[qi][j] * buf[j * a.dim + d];
+            acc[t] = v;
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int t = 0; t < DX_PER_THREAD; t++) {
+        int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
+        if (qi >= nq) break;
+        dq[((i0 + qi) * a.n_heads + h) * a.dim + d] = acc[t];
+    }
+}
+
+static __global__ void k_dx_dkdv(float *dk, float *dv, const float *stats, const float *q, const float *dout, AttArgs a) {
+    extern __shared__ float sm[];
+    float *ks = sm, *vs = sm + KT * a.dim, *qs = sm + 2 * KT * a.dim, *gos = sm + (2 * KT + QC) * a.dim;
+    __shared__ float p[QC][KT], ds[QC][KT];
+    __shared__ uint8_t vis[QC][KT];
+    __shared__ int any_sh;
+    int64_t j0 = (int64_t)blockIdx.x * KT;
+    int kvh = (int)blockIdx.y, G = a.n_heads / a.n_kv_heads, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int nk = a.n_keys - j0 < KT ? (int)(a.n_keys - j0) : KT;
+    int64_t n_pairs = a.n_q * G;
+    /* the tile's keys and values (the gradient's keys are contiguous: every one may be read) */
+    for (int e = tid; e < KT * a.dim; e += TILE_THREADS) {
+        int j = e / a.dim;
+        ks[e] = j < nk ? kv_row(a, a.k, j0 + j, kvh)[e % a.dim] : 0.0f;
+        vs[e] = j < nk ? kv_row(a, a.v, j0 + j, kvh)[e % a.dim] : 0.0f;
+    }
+    float gk[DX_PER_THREAD], gvv[DX_PER_THREAD];
+#pragma unroll
+    for (int t = 0; t < DX_PER_THREAD; t++) gk[t] = gvv[t] = 0.0f;
+    for (int64_t p0 = 0; p0 < n_pairs; p0 += QC) {
+        if (tid == 0) any_sh = 0;
+        __syncthreads();
+        if (tid < QC * KT) { /* pair c = (query i, head kvh * G + g), in the order i, then g */
+            int c = tid / KT, j = tid % KT;
+            int64_t pr = p0 + c, i = pr / G;
+            uint8_t v = pr < n_pairs && j < nk && mask_visible(a.valid, a.group, a.window, a.q_pos0 + i, j0 + j);
+            vis[c][j] = v;
+            if (v) any_sh = 1;
+        }
+        __syncthreads();
+        if (!any_sh) continue;
+        for (int e = tid; e < QC * a.dim; e += TILE_THREADS) {
+            int c = e / a.dim;
+            int64_t pr = p0 + c, i = pr / G;
+            int h = kvh * G + (int)(pr % G);
+            size_t at = ((size_t)i * a.n_heads + h) * a.dim + e % a.dim;
+            qs[e] = pr < n_pairs ? q[at] : 0.0f;
+            gos[e] = pr < n_pairs ? dout[at] : 0.0f;
+        }
+        __syncthreads();
+        for (int w = warp; w < QC * KT; w += TILE_WARPS) {
+            int c = w / KT, j = w % KT;
+            float dot = 0.0f, dgv = 0.0f;
+            if (vis[c][j]) {
+                for (int d = lane; d < a.dim; d += 32) {
+                    dot += qs[c * a.dim + d] * ks[j * a.dim + d];
+                    dgv += gos[c * a.dim + d] * vs[j * a.dim + d];
+                }
+                dot = warp_sum(dot);
+                dgv = warp_sum(dgv);
+            }
+            if (lane == 0) {
+                float pp = 0.0f, dd = 0.0f;
+                if (vis[c][j]) {
+                    int64_t pr = p0 + c, i = pr / G;
+                    int h = kvh * G + (int)(pr % G);
+                    const float *st = stats + (i * a.n_heads + h) * 3;
+                    pp = expf(dot * a.scale - st[0]) / st[1];
+                    dd = pp * (dgv - st[2]) * a.scale;
+                }
+                p[c][j] = pp;
+                ds[c][j] = dd;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < DX_PER_THREAD; t++) {
+            int e = tid + t * TILE_THREADS, j = e / a.dim, d = e % a.dim;
+            if (j >= nk) break;
+            float x = gk[t], y = gvv[t];
+            for (int c = 0; c < QC; c++) {
+                if (ds[c][j] != 0.0f) x += ds[c][j] * qs[c * a.dim + d];
+                if (p[c][j] != 0.0f) y += p[c][j] * gos[c * a.dim + d];
+            }
+            gk[t] = x;
+            gvv[t] = y;
+        }
+        __syncthreads(); /* vis, p, ds and the pairs' rows are rewritten next */
+    }
+#pragma unroll
+    for (int t = 0; t < DX_PER_THREAD; t++) {
+        int e = tid + t * TILE_THREADS, j = e / a.dim, d = e % a.dim;
+        if (j >= nk) break;
+        size_t at = ((size_t)(j0 + j) * a.n_kv_heads + kvh) * a.dim + d;
+        dk[at] += gk[t];
+        dv[at] += gvv[t];
+    }
+}
+
+/* The tiled gradient: the stats and dq, then dk and dv. */
+static void attention_dx_tiled(CudaCtx *c, float *dq, float *dk, float *dv, const float *q, const float *dout,
+                               const AttArgs &a) {
+    float *stats = (float *)cuda_scratch(c, (size_t)(a.n_q * a.n_heads) * 3 * sizeof(float), "attention_dx");
+    if (!stats) return;
+    size_t sm1 = ((size_t)2 * QT + CHUNK) * a.dim * sizeof(float), sm2 = ((size_t)2 * KT + 2 * QC) * a.dim * sizeof(float);
+    cuda_note(c, cudaFuncSetAttribute(k_dx_stats_dq, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1), "attention_dx");
+    cuda_note(c, cudaFuncSetAttribute(k_dx_dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2), "attention_dx");
+    dim3 g1((unsigned)((a.n_q + QT - 1) / QT), (unsigned)a.n_heads), g2((unsigned)((a.n_keys + KT - 1) / KT), (unsigned)a.n_kv_heads);
+    k_dx_stats_dq<<<g1, TILE_THREADS, sm1, c->stream>>>(dq, stats, q, dout, a);
+    CUDA_LAUNCHED(c, "attention_dx");
+    k_dx_dkdv<<<g2, TILE_THREADS, sm2, c->stream>>>(dk, dv, stats, q, dout, a);
+    CUDA_LAUNCHED(c, "attention_dx");
+}
+
 void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
                        const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
                        int n_kv_heads, int dim, float scale, const KnMask *mask) {
@@ -277,6 +510,10 @@ void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const 
     if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_dx")) return;
     AttArgs a = {k, v, NULL, 1, mask->valid, mask->group, mask->window, n_q, q_pos0, n_keys, n_heads, n_kv_heads,
                  dim, scale};
+    if (dim <= TILED_DX_MAX_DIM) {
+        attention_dx_tiled(c, dq, dk, dv, q, dout, a);
+        return;
+    }
     k_attention_dx<<<(unsigned)(n_q * n_heads), ATT_THREADS, 0, c->stream>>>(dq, dk, dv, q, dout, a);
     CUDA_LAUNCHED(c, "attention_dx");
 }

@@ -13,7 +13,8 @@
  *
  * The kernels are written for exactness first (fp32 arithmetic, every
  * reduction in a fixed order within a launch, except attention_dx's dk and
- * dv, which queries of one KV head add atomically); speed comes from the
+ * dv beyond head_dim 512, which queries of one KV head add atomically;
+ * cuda_gemm.cu's bf16 matmuls when the context's precision asks); speed comes from the
  * specialised kernels that replace them entry by entry, checked against
  * these and the CPU by test_ops.
  *

@@ -488,6 +488,56 @@ static void ref_attention_of(double *y, const double *x, const void *c) {
     free(q); free(k); free(v);
 }
 
+/* attention_dx at Gemma 4's head dims over several key chunks, causal with
+ * a bidirectional block and sliding, against the CPU backend's (checked by
+ * central differences above): dq written, dk and dv added to what is there,
+ * the same on a second run (no scheduling in the sums). */
+static void attention_dx_run(Dev *d, const float *const *h, int nq, int nk, int H, int KVH, int D, const uint8_t *valid,
+                             const int32_t *group, int win, float *out) {
+    size_t nqv = (size_t)nq * H * D, nkv = (size_t)nk * KVH * D;
+    KnMask dm = {dev_put(d, valid, (size_t)nk), dev_put(d, group, (size_t)nk * sizeof *group), win};
+    float *dq = dev_poisoned(d, F(nqv)), *dk = dev_put(d, h[4], F(nkv)), *dv = dev_put(d, h[5], F(nkv));
+    d->be.ops->attention_dx(&d->be.ctx, dq, dk, dv, dev_put(d, h[0], F(nqv)), dev_put(d, h[1], F(nkv)),
+                            dev_put(d, h[2], F(nkv)), dev_put(d, h[3], F(nqv)), nq, 0, nk, H, KVH, D,
+                            1.0f / sqrtf((float)D), &dm);
+    dev_get(d, out, dq, F(nqv));
+    dev_get(d, out + nqv, dk, F(nkv));
+    dev_get(d, out + nqv + nkv, dv, F(nkv));
+    dev_reset(d);
+}
+
+static void test_attention_dx_shapes(Dev *d) {
+    Dev cpu;
+    CHECK(dev_open(&cpu, KN_DEVICE_CPU, 1), "cpu backend");
+    const int dims[2] = {256, 512};
+    for (int di = 0; di < 2; di++) {
+        int D = dims[di], n = 45, H = 8, KVH = 2;
+        size_t nqv = (size_t)n * H * D, nkv = (size_t)n * KVH * D, total = nqv + 2 * nkv;
+        float *h[6] = {rand_vec(nqv), rand_vec(nkv), rand_vec(nkv), rand_vec(nqv), rand_vec(nkv), rand_vec(nkv)};
+        uint8_t *valid = malloc((size_t)n);
+        int32_t *group = malloc((size_t)n * sizeof *group);
+        for (int t = 0; t < n; t++) {
+            valid[t] = t != 3;
+            group[t] = t >= 10 && t < 20 ? 0 : -1; /* an image's block sees itself both ways */
+        }
+        for (int win = 0; win <= 16; win += 16) {
+            float *got = malloc(F(total)), *again = malloc(F(total)), *want = malloc(F(total));
+            attention_dx_run(d, (const float *const *)h, n, n, H, KVH, D, valid, group, win, got);
+            attention_dx_run(d, (const float *const *)h, n, n, H, KVH, D, valid, group, win, again);
+            attention_dx_run(&cpu, (const float *const *)h, n, n, H, KVH, D, valid, group, win, want);
+            double *ref = malloc(total * sizeof *ref);
+            for (size_t i = 0; i < total; i++) ref[i] = want[i];
+            EXPECT_CLOSE(got, ref, nqv, 1e-5, "attention_dx dq head_dim %d window %d", D, win);
+            EXPECT_CLOSE(got + nqv, ref + nqv, 2 * nkv, 1e-5, "attention_dx dk, dv head_dim %d window %d", D, win);
+            CHECK(memcmp(got, again, F(total)) == 0, "%s: attention_dx head_dim %d: the same on a second run", d->be.name, D);
+            free(got); free(again); free(want); free(ref);
+        }
+        for (int i = 0; i < 6; i++) free(h[i]);
+        free(valid); free(group);
+    }
+    dev_close(&cpu);
+}
+
 static void test_attention_dx(Dev *d) {
     int nq = 9, pos0 = 3, nk = 12, H = 4, KVH = 2, D = 8, W = 4;
     size_t nqv = (size_t)nq * H * D, nkv = (size_t)nk * KVH * D;
@@ -1192,6 +1242,7 @@ int main(void) {
             test_attention_shapes(&d);
             test_matmul_rmsnorm_gelu_dx(&d);
             test_attention_dx(&d);
+            test_attention_dx_shapes(&d);
             test_rope(&d);
             test_elementwise(&d);
             test_rope_rows(&d);
