@@ -1,17 +1,20 @@
 /* bench_serve.c - multi-adapter serving throughput of the serving engine (a
  * benchmark, not a test): N concurrent requests decoded in one continuous
  * batch, over the base model alone and over 1, 4, 16 and 64 distinct
- * adapters (rank 16 on q/k/v/o/gate/up/down, random B), on the CPU backend.
- * Reports generated tokens/s (prefill included in the wall time) and the
- * mean time to first token, so the CUDA backend can be measured against it.
+ * adapters (rank 16 on q/k/v/o/gate/up/down, random B). Reports generated
+ * tokens/s (prefill included in the wall time), the mean time to first
+ * token, the time per output token and the bytes each decode step must read
+ * (the base's weights and every distinct adapter once).
  * Then decode latency (p50 / p99 of the gaps between a request's tokens)
  * with and without a training job on the same device (a thread running
  * LoRA forward and backward passes on the same weights), through the device
  * scheduler (devsched.h) and without it, and the job's tokens/s each time.
  *
  * usage: bench_serve [--threads N] [--requests N] [--prompt T] [--tokens N] [--tiny DIR]
- *                    [--train-tokens T] [--decode-wait-ms N]
- * Without --tiny it writes a random 120M Gemma 4 config (as bench_forward).
+ *                    [--shape e2b|e4b|31b[:LAYERS]] [--quantize nf4] [--train-tokens T] [--decode-wait-ms N]
+ * Without --tiny it writes a random 120M Gemma 4 config (as bench_forward),
+ * or with --shape a random checkpoint of that real shape (shapes_model.h).
+ * On the device GF_DEVICE names, else the default one.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -27,6 +30,7 @@
 #include "model.h"
 #include "random_model.h"
 #include "serve.h"
+#include "shapes_model.h"
 
 typedef struct {
     pthread_mutex_t mu;
@@ -78,9 +82,10 @@ static LoraAdapter *random_adapter(Model *m, int rank, uint64_t seed) {
 
 /* One round: n_req requests spread over n_adapters adapters (0 = base);
  * with gaps, the time between each request's tokens goes there (up to cap,
- * counted in *n_gaps) and the line is not printed. */
+ * counted in *n_gaps). *wall and *ttft (may be NULL) get the round's wall
+ * time and mean time to first token. */
 static void round_gaps(ServeEngine *e, const Model *m, int n_req, int n_adapters, int prompt, int tokens, double *gaps,
-                       int *n_gaps, int cap) {
+                       int *n_gaps, int cap, double *wall_out, double *ttft_out) {
     Tally t = {.pending = n_req};
     pthread_mutex_init(&t.mu, NULL);
     pthread_cond_init(&t.cv, NULL);
@@ -109,16 +114,37 @@ static void round_gaps(ServeEngine *e, const Model *m, int n_req, int n_adapters
     for (int r = 0; r < n_req; r++) serve_release(handles[r]);
     free(handles);
     free(ones);
-    if (gaps) return;
-    char label[32];
-    snprintf(label, sizeof label, n_adapters ? "%d adapter%s" : "base only", n_adapters, n_adapters == 1 ? "" : "s");
-    printf("%-12s %3d requests x %3d tokens: %8.1f generated tok/s | wall %6.2f s | mean TTFT %7.1f ms\n", label, n_req,
-           tokens, (double)n_req * tokens / wall, wall,
-           t.n_first ? 1000.0 * t.t_first_sum / t.n_first : 0.0);
+    if (wall_out) *wall_out = wall;
+    if (ttft_out) *ttft_out = t.n_first ? t.t_first_sum / t.n_first : 0.0;
 }
 
-static void round_(ServeEngine *e, const Model *m, int n_req, int n_adapters, int prompt, int tokens) {
-    round_gaps(e, m, n_req, n_adapters, prompt, tokens, NULL, NULL, 0);
+static double percentile(double *v, int n, double q);
+
+/* Bytes of base weights one decode step reads: every linear of the layers
+ * as loaded, and the tied head (vocab x hidden, bf16). */
+static double base_step_bytes(const Model *m) {
+    ModelMemory mem;
+    weights_memory(model_weights(m), &mem);
+    const TextConfig *t = &model_config(m)->text;
+    return (double)mem.linear_stored_bytes + 2.0 * (double)t->vocab_size * t->hidden_size;
+}
+
+/* A round, printed: generated tokens/s, mean time to first token, the time
+ * per output token (p50, p99 of the gaps) and the bytes a decode step must
+ * read (the base's, and every distinct adapter's once). */
+static void round_(ServeEngine *e, const Model *m, int n_req, int n_adapters, int prompt, int tokens,
+                   double adapter_bytes) {
+    int cap = n_req * tokens, n_gaps = 0;
+    double *gaps = malloc((size_t)(cap ? cap : 1) * sizeof *gaps), wall = 0, ttft = 0;
+    round_gaps(e, m, n_req, n_adapters, prompt, tokens, gaps, &n_gaps, cap, &wall, &ttft);
+    double p50 = percentile(gaps, n_gaps, 0.5), p99 = percentile(gaps, n_gaps, 0.99);
+    char label[32];
+    snprintf(label, sizeof label, n_adapters ? "%d adapter%s" : "base only", n_adapters, n_adapters == 1 ? "" : "s");
+    printf("%-12s %3d requests x %3d tokens: %8.1f generated tok/s | wall %6.2f s | mean TTFT %7.1f ms | TPOT p50 %7.1f "
+           "p99 %7.1f ms | step reads %8.1f MB\n",
+           label, n_req, tokens, (double)n_req * tokens / wall, wall, 1000.0 * ttft, 1000.0 * p50, 1000.0 * p99,
+           (base_step_bytes(m) + (n_adapters < n_req ? n_adapters : n_req) * adapter_bytes) / 1e6);
+    free(gaps);
 }
 
 /* ---- a training job beside serving ------------------------------------------------ */
@@ -203,14 +229,14 @@ static void bench_training(Model *m, int threads, int n_req, int prompt, int tok
         cfg.sched = mode == 1 ? sched : NULL;
         ServeEngine *e = NULL;
         if (serve_start(m, &cfg, &e, &err)) { fprintf(stderr, "%s\n", err.message); break; }
-        round_(e, m, n_req, 0, prompt, tokens); /* warm-up */
+        round_gaps(e, m, n_req, 0, prompt, tokens, NULL, NULL, 0, NULL, NULL); /* warm-up */
         TrainJob job = {.m = tm, .sched = mode == 1 ? sched : NULL, .tokens = train_tokens};
         atomic_init(&job.stop, 0);
         pthread_t th;
         if (mode) pthread_create(&th, NULL, train_main, &job);
         if (mode) usleep(200 * 1000); /* the job is under way */
         int n_gaps = 0;
-        round_gaps(e, m, n_req, 0, prompt, tokens, gaps, &n_gaps, cap);
+        round_gaps(e, m, n_req, 0, prompt, tokens, gaps, &n_gaps, cap, NULL, NULL);
         if (mode) {
             atomic_store(&job.stop, 1);
             pthread_join(th, NULL);
@@ -241,9 +267,10 @@ static void bench_training(Model *m, int threads, int n_req, int prompt, int tok
 }
 
 int main(int argc, char **argv) {
-    int threads = 0, requests = 64, prompt = 32, tokens = 16, train_tokens = 128;
+    int threads = 0, requests = 64, prompt = 32, tokens = 16, train_tokens = 128, n_layers = 0;
     double wait_ms = 0;
-    const char *tiny = NULL;
+    const char *tiny = NULL, *shape_arg = NULL;
+    ModelQuant quant = MODEL_QUANT_NONE;
     for (int i = 1; i + 1 < argc; i++) {
         if (strcmp(argv[i], "--threads") == 0) threads = atoi(argv[++i]);
         else if (strcmp(argv[i], "--requests") == 0) requests = atoi(argv[++i]);
@@ -252,12 +279,29 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--tiny") == 0) tiny = argv[++i];
         else if (strcmp(argv[i], "--train-tokens") == 0) train_tokens = atoi(argv[++i]);
         else if (strcmp(argv[i], "--decode-wait-ms") == 0) wait_ms = atof(argv[++i]);
+        else if (strcmp(argv[i], "--shape") == 0) shape_arg = argv[++i];
+        else if (strcmp(argv[i], "--quantize") == 0) quant = strcmp(argv[++i], "nf4") == 0 ? MODEL_QUANT_NF4 : MODEL_QUANT_NONE;
     }
     gf_log_init(GF_LOG_WARN);
+    const Shape *shape = NULL;
+    char shape_name[16] = "";
+    if (shape_arg) { /* NAME or NAME:LAYERS */
+        snprintf(shape_name, sizeof shape_name, "%s", shape_arg);
+        char *colon = strchr(shape_name, ':');
+        if (colon) *colon = '\0';
+        shape = shape_find(shape_name);
+        n_layers = shape ? (colon ? atoi(colon + 1) : shape->layers) : 0;
+        if (!shape || n_layers < 1 || n_layers > shape->layers) {
+            fprintf(stderr, "--shape: e2b, e4b or 31b, optionally :LAYERS\n");
+            return 2;
+        }
+    }
     char tmp[] = "/tmp/gf-bench-XXXXXX";
     const char *dir = tiny;
     if (!dir) {
-        if (!mkdtemp(tmp) || write_random_model(tmp, 1024, 6, 4096, 32768, 8, 2, 128, 256)) {
+        uint64_t bytes;
+        if (!mkdtemp(tmp) || (shape ? shape_write(tmp, shape, n_layers, &bytes)
+                                    : write_random_model(tmp, 1024, 6, 4096, 32768, 8, 2, 128, 256))) {
             fprintf(stderr, "cannot write the random model\n");
             return 1;
         }
@@ -265,7 +309,7 @@ int main(int argc, char **argv) {
     }
     Model *m = NULL;
     GfError err;
-    ModelOptions mo = {.n_threads = threads, .quantize = MODEL_QUANT_NONE};
+    ModelOptions mo = {.n_threads = threads, .quantize = quant};
     if (model_open(dir, &mo, &m, &err)) { fprintf(stderr, "%s\n", err.message); return 1; }
     ServeConfig cfg;
     serve_config_default(&cfg, m);
@@ -277,23 +321,30 @@ int main(int argc, char **argv) {
     ServeEngine *e = NULL;
     if (serve_start(m, &cfg, &e, &err)) { fprintf(stderr, "%s\n", err.message); return 1; }
     const TextConfig *t = &model_config(m)->text;
-    printf("serving engine, CPU backend: %s model, %d layers, hidden %d, vocab %d; %d sequences per batch, prompt %d, "
-           "greedy; adapters rank 16 on q/k/v/o/gate/up/down\n", tiny ? "tiny" : "random 120M bf16", t->n_layers,
-           t->hidden_size, t->vocab_size, requests, prompt);
+    const KnBackend *be = model_backend(m);
+    char label[64];
+    snprintf(label, sizeof label, "%s%s", shape ? shape_name : tiny ? "tiny" : "random 120M", shape ? " (random)" : "");
+    printf("serving engine on %s (%s): %s model, %s, %d layers, hidden %d, vocab %d; %d sequences per batch, prompt %d, "
+           "greedy; adapters rank 16 on q/k/v/o/gate/up/down\n", be->name, kn_precision_name(be->ctx.precision), label,
+           quant == MODEL_QUANT_NF4 ? "NF4" : "as stored", t->n_layers, t->hidden_size, t->vocab_size, requests, prompt);
+    double adapter_bytes = 0;
     for (int i = 0; i < 64; i++) {
         char name[32];
         snprintf(name, sizeof name, "bench-%d", i);
         LoraAdapter *a = random_adapter(m, 16, (uint64_t)i + 1);
+        if (a) adapter_bytes = (double)a->n_params * sizeof(float);
         if (a) serve_adapter_put(e, name, a, NULL);
     }
-    round_(e, m, requests, 0, prompt, tokens); /* warm-up */
-    round_(e, m, requests, 0, prompt, tokens);
+    round_(e, m, requests, 0, prompt, tokens, adapter_bytes); /* warm-up */
+    round_(e, m, requests, 0, prompt, tokens, adapter_bytes);
     static const int counts[] = {1, 4, 16, 64};
-    for (int k = 0; k < 4; k++) round_(e, m, requests, counts[k], prompt, tokens);
+    for (int k = 0; k < 4; k++) round_(e, m, requests, counts[k], prompt, tokens, adapter_bytes);
     serve_free(e);
     bench_training(m, threads, requests < 8 ? requests : 8, prompt, 4 * tokens, train_tokens, wait_ms / 1000.0);
     model_close(m);
-    if (!tiny) {
+    if (shape) {
+        shape_remove(tmp);
+    } else if (!tiny) {
         char cmd[128];
         snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
         if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", tmp);

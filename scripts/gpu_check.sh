@@ -10,8 +10,10 @@
 #   bench  quick's build, then the benchmarks with GF_DEVICE=cuda: bench_shapes
 #          at the real shapes named by GF_SHAPES (default "e4b"; "31b:20"
 #          cuts 31B to 20 layers), MFU against GF_PEAK_TFLOPS (default 989,
-#          an H100/H200's dense bf16), bench_serve, and the Hugging Face
-#          anchor when .devtools/hf_anchor.py is there
+#          an H100/H200's dense bf16), bench_serve over an NF4 base of the
+#          shape GF_SERVE_SHAPE (default e4b; 1-64 adapters, then beside a
+#          training job), and the Hugging Face anchor when
+#          .devtools/hf_anchor.py is there
 #   all    both (the default)
 #
 # Full logs go to $OUT (the device tool's folder) or ./gpu-check; a short
@@ -72,7 +74,8 @@ if [ "$mode" != quick ]; then
         step "bench_shapes $sh (cuda)" "bench_shapes_$name.log" env GF_DEVICE=cuda build-gpu/bench_shapes "$name" \
             "${layers[@]}" --steps 3 --peak-tflops "${GF_PEAK_TFLOPS:-989}"
     done
-    step "bench_serve (cuda)" bench_serve.log env GF_DEVICE=cuda build-gpu/bench_serve
+    step "bench_serve ${GF_SERVE_SHAPE:-e4b} nf4 (cuda)" bench_serve.log env GF_DEVICE=cuda build-gpu/bench_serve \
+        --shape "${GF_SERVE_SHAPE:-e4b}" --quantize nf4
     if [ -f .devtools/hf_anchor.py ]; then
         step "hf_anchor (transformers)" hf_anchor.log python3 .devtools/hf_anchor.py peak e4b:4:1024 decode-e4b
     else
