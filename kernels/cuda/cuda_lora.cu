@@ -1,6 +1,7 @@
 /* cuda_lora.cu - the grouped LoRA ops (ops.h KnLoraSeg), forward and
- * backward, one launch per segment (each adapter at its own rank, never
- * padded). Dropout factors are hashed per element exactly as on the CPU.
+ * backward, each adapter at its own rank, never padded: the forward's
+ * segments GROUP per launch, the backward's one launch per segment.
+ * Dropout factors are hashed per element exactly as on the CPU.
  *
  * A serving segment (no gradients) runs on kernels that compute each row
  * alone, so a sequence's LoRA term never depends on its batch. A training
@@ -95,11 +96,21 @@ static const float *segment_x(CudaCtx *c, const Seg &s, const float *x, int64_t 
     return xd;
 }
 
+/* Segments launched together: up to GROUP of them by value in the kernel's
+ * parameters, blockIdx.z picking one, so a decode step over 64 adapters
+ * takes two launches per op, not 64. */
+#define GROUP 32
+typedef struct {
+    Seg s[GROUP];
+    int n;
+} Group;
+
 /* t[r, k] = scale * sum_j d(x)[r, j] A[k, j]: one warp per (row, k). */
-static __global__ void k_shrink(float *t, int64_t ld_t, const float *x, Seg s, int64_t in) {
+static __global__ void k_shrink(float *t, int64_t ld_t, const float *x, Group g, int64_t in) {
+    const Seg &s = g.s[blockIdx.z];
     int lane = threadIdx.x & 31, k = blockIdx.y * WARPS + (threadIdx.x >> 5);
     int64_t i = blockIdx.x, r = s.row0 + i;
-    if (k >= s.rank) return;
+    if (i >= s.n_rows || k >= s.rank) return;
     const float *xr = x + r * in, *a = s.A + (int64_t)k * in;
     float acc = 0.0f;
     for (int64_t j = lane; j < in; j += 32) acc += xr[j] * drop(s, i, in, j) * a[j];
@@ -107,29 +118,9 @@ static __global__ void k_shrink(float *t, int64_t ld_t, const float *x, Seg s, i
     if (lane == 0) t[r * ld_t + k] = acc * s.scale;
 }
 
-void cuda_lora_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs,
-                      int64_t in, float *dropout_buf) {
-    (void)dropout_buf;
-    CudaCtx *c = cuda_ctx(ctx);
-    for (int q = 0; q < n_segs; q++) {
-        if (segs[q].n_rows <= 0 || segs[q].rank <= 0) continue;
-        if (gemm_segment(&segs[q])) {
-            /* column-major: t^T[rank, n] (ld ld_t) = scale A d(x)^T */
-            Seg s = seg_of(&segs[q]);
-            const float *xs = segment_x(c, s, x, in, "lora_shrink");
-            if (xs)
-                sgemm(c, CUBLAS_OP_T, CUBLAS_OP_N, s.rank, s.n_rows, in, s.scale, s.A, in, xs, in, 0.0f, t + s.row0 * ld_t,
-                      ld_t, "lora_shrink");
-            continue;
-        }
-        dim3 grid((unsigned)segs[q].n_rows, (unsigned)((segs[q].rank + WARPS - 1) / WARPS));
-        k_shrink<<<grid, THREADS, 0, c->stream>>>(t, ld_t, x, seg_of(&segs[q]), in);
-        CUDA_LAUNCHED(c, "lora_shrink");
-    }
-}
-
 /* y[r, o] += sum_k t[r, k] B[o, k] */
-static __global__ void k_expand(float *y, const float *t, int64_t ld_t, Seg s, int64_t out) {
+static __global__ void k_expand(float *y, const float *t, int64_t ld_t, Group g, int64_t out) {
+    const Seg &s = g.s[blockIdx.z];
     size_t n = (size_t)(s.n_rows * out);
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
         int64_t r = s.row0 + (int64_t)e / out, o = (int64_t)e % out;
@@ -140,22 +131,82 @@ static __global__ void k_expand(float *y, const float *t, int64_t ld_t, Seg s, i
     }
 }
 
-void cuda_lora_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
-                      int64_t out) {
+/* The segments of segs the row kernels take (not gemm_segment's, not
+ * empty), GROUP at a time: fn(c, group, most rows, highest rank, cls). */
+static void for_groups(CudaCtx *c, const KnLoraSeg *segs, int n_segs,
+                       void (*fn)(CudaCtx *, const Group &, int64_t, int, void *), void *cls) {
+    Group g;
+    g.n = 0;
+    int64_t rows = 0;
+    int rank = 0;
+    for (int q = 0; q <= n_segs; q++) {
+        if (q < n_segs) {
+            const KnLoraSeg *s = &segs[q];
+            if (s->n_rows <= 0 || s->rank <= 0 || gemm_segment(s)) continue;
+            g.s[g.n++] = seg_of(s);
+            rows = s->n_rows > rows ? s->n_rows : rows;
+            rank = s->rank > rank ? s->rank : rank;
+        }
+        if (g.n && (g.n == GROUP || q == n_segs)) {
+            fn(c, g, rows, rank, cls);
+            g.n = 0;
+            rows = 0;
+            rank = 0;
+        }
+    }
+}
+
+typedef struct {
+    float *t, *y;
+    const float *x;
+    int64_t ld_t, dim; /* in for shrink, out for expand */
+} RowArgs;
+
+static void shrink_group(CudaCtx *c, const Group &g, int64_t rows, int rank, void *cls) {
+    const RowArgs *r = (const RowArgs *)cls;
+    dim3 grid((unsigned)rows, (unsigned)((rank + WARPS - 1) / WARPS), (unsigned)g.n);
+    k_shrink<<<grid, THREADS, 0, c->stream>>>(r->t, r->ld_t, r->x, g, r->dim);
+    CUDA_LAUNCHED(c, "lora_shrink");
+}
+
+static void expand_group(CudaCtx *c, const Group &g, int64_t rows, int rank, void *cls) {
+    (void)rank;
+    const RowArgs *r = (const RowArgs *)cls;
+    dim3 grid(cuda_blocks((size_t)(rows * r->dim), THREADS), 1, (unsigned)g.n);
+    k_expand<<<grid, THREADS, 0, c->stream>>>(r->y, r->t, r->ld_t, g, r->dim);
+    CUDA_LAUNCHED(c, "lora_expand");
+}
+
+void cuda_lora_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs,
+                      int64_t in, float *dropout_buf) {
+    (void)dropout_buf;
     CudaCtx *c = cuda_ctx(ctx);
     for (int q = 0; q < n_segs; q++) {
-        if (segs[q].n_rows <= 0 || out <= 0) continue;
-        if (gemm_segment(&segs[q])) {
-            /* column-major: y^T[out, n] += B t^T */
-            const KnLoraSeg *s = &segs[q];
-            sgemm(c, CUBLAS_OP_T, CUBLAS_OP_N, out, s->n_rows, s->rank, 1.0f, s->B, s->rank, t + s->row0 * ld_t, ld_t, 1.0f,
-                  y + s->row0 * out, out, "lora_expand");
-            continue;
-        }
-        k_expand<<<cuda_blocks((size_t)(segs[q].n_rows * out), THREADS), THREADS, 0, c->stream>>>(y, t, ld_t,
-                                                                                              seg_of(&segs[q]), out);
-        CUDA_LAUNCHED(c, "lora_expand");
+        if (segs[q].n_rows <= 0 || !gemm_segment(&segs[q])) continue;
+        /* column-major: t^T[rank, n] (ld ld_t) = scale A d(x)^T */
+        Seg s = seg_of(&segs[q]);
+        const float *xs = segment_x(c, s, x, in, "lora_shrink");
+        if (xs)
+            sgemm(c, CUBLAS_OP_T, CUBLAS_OP_N, s.rank, s.n_rows, in, s.scale, s.A, in, xs, in, 0.0f, t + s.row0 * ld_t, ld_t,
+                  "lora_shrink");
     }
+    RowArgs r = {t, NULL, x, ld_t, in};
+    for_groups(c, segs, n_segs, shrink_group, &r);
+}
+
+void cuda_lora_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
+                      int64_t out) {
+    if (out <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    for (int q = 0; q < n_segs; q++) {
+        if (segs[q].n_rows <= 0 || !gemm_segment(&segs[q])) continue;
+        /* column-major: y^T[out, n] += B t^T */
+        const KnLoraSeg *s = &segs[q];
+        sgemm(c, CUBLAS_OP_T, CUBLAS_OP_N, out, s->n_rows, s->rank, 1.0f, s->B, s->rank, t + s->row0 * ld_t, ld_t, 1.0f,
+              y + s->row0 * out, out, "lora_expand");
+    }
+    RowArgs r = {(float *)t, y, NULL, ld_t, out};
+    for_groups(c, segs, n_segs, expand_group, &r);
 }
 
 /* ---- backward ------------------------------------------------------------------------ */
