@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# gpu_check.sh [quick|bench|all] - the GPU check, one command on a machine
+# gpu_check.sh [quick|api|bench|all] - the GPU check, one command on a machine
 # with an NVIDIA GPU (see ../shared/device/README.md for the lent one, which
 # has no apt: carry .devdeps, made here by `../shared/device/sysroot.sh fetch
 # .devdeps`, and .devtools holding hf_anchor.py for `bench`).
 #
 #   quick  build with -DGF_CUDA=ON, list the devices, run test_ops (every op
 #          of the table on CUDA against its references) and `ctest -L gpu`
-#          (the golden, CLI and API tests with every model on the GPU)
+#          but the API suites (the golden, engine and CLI tests with every
+#          model on the GPU): a few minutes
+#   api    quick's build, then the serving and training API suites on the GPU
+#          (`ctest -L gpu -R gpu_api_`), the longest part
 #   bench  quick's build, then the benchmarks with GF_DEVICE=cuda: bench_shapes
 #          at the real shapes named by GF_SHAPES (default "e4b"; "31b:20"
 #          cuts 31B to 20 layers), MFU against GF_PEAK_TFLOPS (default 989,
@@ -14,14 +17,14 @@
 #          shape GF_SERVE_SHAPE (default e4b; 1-64 adapters, then beside a
 #          training job), and the Hugging Face anchor when
 #          .devtools/hf_anchor.py is there
-#   all    both (the default)
+#   all    all three (the default)
 #
 # Full logs go to $OUT (the device tool's folder) or ./gpu-check; a short
 # table is printed last. Exit status: 0 when every step passed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 mode=${1:-all}
-case "$mode" in quick|bench|all) ;; *) echo "usage: gpu_check.sh [quick|bench|all]" >&2; exit 2 ;; esac
+case "$mode" in quick|api|bench|all) ;; *) echo "usage: gpu_check.sh [quick|api|bench|all]" >&2; exit 2 ;; esac
 logs=${OUT:-$PWD/gpu-check}
 mkdir -p "$logs"
 jobs=$(nproc 2>/dev/null || echo 8)
@@ -58,13 +61,18 @@ if ! grep -q '^cuda0 ' "$logs/devices.log"; then
     exit 1
 fi
 
-if [ "$mode" != bench ]; then
+if [ "$mode" = quick ] || [ "$mode" = all ]; then
     step "test_ops (cpu, guarded, cuda)" test_ops.log build-gpu/tests/test_ops
-    step "ctest -L gpu" ctest_gpu.log bash -c "cd build-gpu && ctest -L gpu --output-on-failure -j4"
+    step "ctest -L gpu (engine, CLI)" ctest_gpu.log bash -c "cd build-gpu && ctest -L gpu -E gpu_api_ --output-on-failure -j4"
     grep -E 'tests passed|Test +#' "$logs/ctest_gpu.log" | tail -16
 fi
 
-if [ "$mode" != quick ]; then
+if [ "$mode" = api ] || [ "$mode" = all ]; then
+    step "ctest -L gpu (API suites)" ctest_gpu_api.log bash -c "cd build-gpu && ctest -L gpu -R gpu_api_ --output-on-failure -j2"
+    grep -E 'tests passed|Test +#' "$logs/ctest_gpu_api.log" | tail -4
+fi
+
+if [ "$mode" = bench ] || [ "$mode" = all ]; then
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$logs/gpu.txt" 2>&1 || true
     # Real shapes from random weights (GEMMA4.md §10): SHAPE or SHAPE:LAYERS,
     # e.g. GF_SHAPES="e4b 31b:20" (a cut stack says so in its JSON lines).
