@@ -152,6 +152,20 @@ static int gemv_vec8(KnMatrix w) {
 
 /* ---- the entries -------------------------------------------------------------- */
 
+/* The scratch for a GEMM's operands: act (n_act activations rounded to bf16
+ * from src) and wbuf (R widened rows of w unless w is BF16); 0 when the
+ * scratch cannot grow (the fault is noted). */
+static int gemm_operands(CudaCtx *c, KnMatrix w, const float *src, size_t n_act, int64_t R, const char *what,
+                         __nv_bfloat16 **act, __nv_bfloat16 **wbuf) {
+    size_t ab = n_act * 2, wb = w.dtype == KN_BF16 ? 0 : (size_t)R * (size_t)w.cols * 2;
+    char *s = (char *)cuda_scratch(c, ab + wb, what);
+    if (!s) return 0;
+    *act = (__nv_bfloat16 *)s;
+    *wbuf = (__nv_bfloat16 *)(s + ab);
+    to_bf16(c, *act, src, n_act);
+    return 1;
+}
+
 void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t n) {
     if (n <= CUDA_GEMV_MAX_ROWS) {
         unsigned blocks = (unsigned)((w.rows + GEMV_WARPS - 1) / GEMV_WARPS);
@@ -160,11 +174,8 @@ void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t 
         return;
     }
     int64_t R = chunk_rows(w);
-    size_t xb = (size_t)n * (size_t)w.cols * 2, wb = w.dtype == KN_BF16 ? 0 : (size_t)R * (size_t)w.cols * 2;
-    char *s = (char *)cuda_scratch(c, xb + wb, "matmul bf16");
-    if (!s) return;
-    __nv_bfloat16 *x16 = (__nv_bfloat16 *)s, *w16 = (__nv_bfloat16 *)(s + xb);
-    to_bf16(c, x16, x, (size_t)n * (size_t)w.cols);
+    __nv_bfloat16 *x16, *w16;
+    if (!gemm_operands(c, w, x, (size_t)n * (size_t)w.cols, R, "matmul bf16", &x16, &w16)) return;
     const float one = 1.0f, zero = 0.0f;
     for (int64_t r0 = 0; r0 < w.rows; r0 += R) {
         int64_t rr = w.rows - r0 < R ? w.rows - r0 : R;
@@ -180,11 +191,8 @@ void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t 
 
 void cuda_matmul_dx_bf16(CudaCtx *c, float *dx, const float *dy, KnMatrix w, int64_t n) {
     int64_t R = chunk_rows(w);
-    size_t gb = (size_t)n * (size_t)w.rows * 2, wb = w.dtype == KN_BF16 ? 0 : (size_t)R * (size_t)w.cols * 2;
-    char *s = (char *)cuda_scratch(c, gb + wb, "matmul_dx bf16");
-    if (!s) return;
-    __nv_bfloat16 *g16 = (__nv_bfloat16 *)s, *w16 = (__nv_bfloat16 *)(s + gb);
-    to_bf16(c, g16, dy, (size_t)n * (size_t)w.rows);
+    __nv_bfloat16 *g16, *w16;
+    if (!gemm_operands(c, w, dy, (size_t)n * (size_t)w.rows, R, "matmul_dx bf16", &g16, &w16)) return;
     const float one = 1.0f;
     for (int64_t r0 = 0; r0 < w.rows; r0 += R) {
         int64_t rr = w.rows - r0 < R ? w.rows - r0 : R;

@@ -116,26 +116,22 @@ static void test_matmul_bf16(void) {
         float *y = malloc(F(n * rows)), *gx = malloc(F(n * cols));
         double *ref = malloc((size_t)n * rows * sizeof *ref), *refx = malloc((size_t)n * cols * sizeof *refx);
         for (size_t k = 0; k < sizeof ws / sizeof *ws; k++) {
+            double *wd = malloc((size_t)rows * cols * sizeof *wd); /* the weights as stored, widened */
+            for (size_t e = 0; e < (size_t)rows * cols; e++)
+                wd[e] = k == 0 ? wf[e] : k == 1 ? kn_f16_to_f32(wh[e]) : k == 2 ? kn_bf16_to_f32(wb[e]) : wq[e + extra];
             for (int i = 0; i < n; i++) {
                 for (int o = 0; o < rows; o++) {
                     double acc = 0;
-                    for (int c = 0; c < cols; c++) {
-                        size_t e = (size_t)o * cols + c;
-                        double v = k == 0 ? wf[e] : k == 1 ? kn_f16_to_f32(wh[e]) : k == 2 ? kn_bf16_to_f32(wb[e]) : wq[e + extra];
-                        acc += (double)x[i * cols + c] * v;
-                    }
+                    for (int c = 0; c < cols; c++) acc += (double)x[i * cols + c] * wd[(size_t)o * cols + c];
                     ref[i * rows + o] = acc;
                 }
                 for (int c = 0; c < cols; c++) {
                     double acc = 0;
-                    for (int o = 0; o < rows; o++) {
-                        size_t e = (size_t)o * cols + c;
-                        double v = k == 0 ? wf[e] : k == 1 ? kn_f16_to_f32(wh[e]) : k == 2 ? kn_bf16_to_f32(wb[e]) : wq[e + extra];
-                        acc += (double)g[i * rows + o] * v;
-                    }
+                    for (int o = 0; o < rows; o++) acc += (double)g[i * rows + o] * wd[(size_t)o * cols + c];
                     refx[i * cols + c] = acc;
                 }
             }
+            free(wd);
             d.be.ops->memset(&d.be.ctx, dy, 0xFF, F(n * rows));
             d.be.ops->matmul(&d.be.ctx, dy, dx, ws[k].m, n);
             dev_get(&d, y, dy, F(n * rows));
