@@ -437,6 +437,7 @@ static void preflight_device(Api *api, const TrainMemory *tm, const JobParams *h
     GfError err;
     cJSON *d = cJSON_AddObjectToObject(o, "device");
     cJSON_AddStringToObject(d, "name", be->name);
+    cJSON_AddStringToObject(d, "precision", kn_precision_name(be->ctx.precision));
     if (kn_device_info(be->ctx.device, be->ctx.index, &dev, &err)) return;
     int shares = weights_quant(model_weights(sv->model)) == hp->quantization;
     TrainFit fit;

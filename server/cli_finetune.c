@@ -247,8 +247,8 @@ static int print_memory(const Pipeline *p, const LoraAdapter *a, const JobParams
     }
     TrainFit fit;
     trainer_fit(&tm, 0, dev.memory_free, 0, 0, &fit);
-    printf("\ndevice %s (%s): %.1f MiB free now, the job needs %.1f MiB: %s\n", be->name, dev.name,
-           (double)fit.avail / 1048576.0, (double)fit.need / 1048576.0,
+    printf("\ndevice %s (%s, %s): %.1f MiB free now, the job needs %.1f MiB: %s\n", be->name, dev.name,
+           kn_precision_name(be->ctx.precision), (double)fit.avail / 1048576.0, (double)fit.need / 1048576.0,
            fit.fits ? "it fits" : "it does NOT fit (lower max_seq_len or lora_rank, or use quantization nf4)");
     return fit.fits ? 0 : 1;
 }

@@ -412,7 +412,8 @@ def t_job_must_fit_its_device(binary):
             d = expect(srv.post_json("/v1/fine_tuning/preflight", {"hyperparameters": dict(hp, quantization=q)}),
                        200).json()["device"]
             assert d["fits"] is fits and d["needed_bytes"] == need and d["free_bytes"] == limit - base_bytes, (q, d)
-            assert d["shares_served_base"] is (q == "none") and d["name"] in ("cpu", "guarded"), d
+            assert d["shares_served_base"] is (q == "none") and d["name"] in ("cpu", "guarded", "cuda:0"), d
+            assert d["precision"] == "fp32", d  # the CPU kinds', and the GPU tests' (on_cuda.sh)
         ds, _, _ = upload_shapes(srv, 12, 6)
         job = create_job(srv, ds, dict(hp, quantization="nf4"))
         j = wait_job(srv, job, timeout=120)

@@ -151,6 +151,7 @@ def t_preflight(_):
     sizes = {k: v for k, v in re.findall(r"^  (base weights|adapter training state|activations|vision tower.*?|total)\s+"
                                          r"([\d.]+ \w+)", text, re.M)}
     assert set(sizes) >= {"base weights", "adapter training state", "activations", "total"}, text
+    assert re.search(r"^device (cpu|guarded|cuda:0) \(.*, fp32\): [\d.]+ MiB free now", text, re.M), text
     first = json.loads(open(DATA).readline())
     answer = first["messages"][-1]["content"]
     assert "[[%s<turn|>]]" % answer in text, text
