@@ -272,6 +272,15 @@ def base_weights(srv):
     return val["gf_base_weights_copies"], val["gf_base_weights_resident_bytes"]
 
 
+def fit_resident_bytes(srv):
+    """The base bytes a job's fit check counts against --device-memory: the
+    host copies on the CPU kinds, the device copies on a GPU."""
+    if not expect(srv.get("/readyz"), 200).json()["model"]["device"].startswith("cuda"):
+        return base_weights(srv)[1]
+    text = expect(srv.get("/metrics"), 200).body.decode()
+    return int([l for l in text.splitlines() if l.startswith("gf_base_weights_device_bytes ")][0].split()[1])
+
+
 def device_copies(srv):
     """Copies of the base weights on devices other than the CPU, from /metrics."""
     text = expect(srv.get("/metrics"), 200).body.decode()
@@ -398,6 +407,7 @@ def t_job_must_fit_its_device(binary):
     srv = Server(binary)
     try:
         _, base_bytes = base_weights(srv)
+        resident = fit_resident_bytes(srv)
         est = {q: expect(srv.post_json("/v1/fine_tuning/preflight", {"hyperparameters": dict(hp, quantization=q)}),
                          200).json()["memory_bytes"] for q in ("none", "nf4")}
     finally:
@@ -405,13 +415,13 @@ def t_job_must_fit_its_device(binary):
     share_need = est["none"]["total"] - est["none"]["base_weights"]
     second_need = est["nf4"]["total"]
     assert 0 < share_need < second_need, est
-    limit = base_bytes + (share_need + second_need) // 2
+    limit = resident + (share_need + second_need) // 2
     srv = Server(binary, extra=["--device-memory", str(limit)])
     try:
         for q, fits, need in (("none", True, share_need), ("nf4", False, second_need)):
             d = expect(srv.post_json("/v1/fine_tuning/preflight", {"hyperparameters": dict(hp, quantization=q)}),
                        200).json()["device"]
-            assert d["fits"] is fits and d["needed_bytes"] == need and d["free_bytes"] == limit - base_bytes, (q, d)
+            assert d["fits"] is fits and d["needed_bytes"] == need and d["free_bytes"] == limit - resident, (q, d)
             assert d["shares_served_base"] is (q == "none") and d["name"] in ("cpu", "guarded", "cuda:0"), d
             assert d["precision"] == "fp32", d  # the CPU kinds', and the GPU tests' (on_cuda.sh)
         ds, _, _ = upload_shapes(srv, 12, 6)
@@ -421,7 +431,7 @@ def t_job_must_fit_its_device(binary):
         assert j["error"]["param"] == "hyperparameters.quantization", j
         msg = j["error"]["message"]
         assert "a second copy of the base (NF4, %.1f MB)" % (est["nf4"]["base_weights"] / 1e6) in msg, (msg, est)
-        assert "%.1f MB are free" % ((limit - base_bytes) / 1e6) in msg and 'quantization "none"' in msg, (msg, limit)
+        assert "%.1f MB are free" % ((limit - resident) / 1e6) in msg and 'quantization "none"' in msg, (msg, limit)
         assert not [e for e in events(srv, job) if "second copy" in e["message"] and "loaded" in e["message"]]
         assert base_weights(srv) == (1, base_bytes)
 
