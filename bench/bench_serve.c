@@ -120,15 +120,6 @@ static void round_gaps(ServeEngine *e, const Model *m, int n_req, int n_adapters
 
 static double percentile(double *v, int n, double q);
 
-/* Bytes of base weights one decode step reads: every linear of the layers
- * as loaded, and the tied head (vocab x hidden, bf16). */
-static double base_step_bytes(const Model *m) {
-    ModelMemory mem;
-    weights_memory(model_weights(m), &mem);
-    const TextConfig *t = &model_config(m)->text;
-    return (double)mem.linear_stored_bytes + 2.0 * (double)t->vocab_size * t->hidden_size;
-}
-
 /* A round, printed: generated tokens/s, mean time to first token, the time
  * per output token (p50, p99 of the gaps) and the bytes a decode step must
  * read (the base's, and every distinct adapter's once). */
@@ -143,7 +134,7 @@ static void round_(ServeEngine *e, const Model *m, int n_req, int n_adapters, in
     printf("%-12s %3d requests x %3d tokens: %8.1f generated tok/s | wall %6.2f s | mean TTFT %7.1f ms | TPOT p50 %7.1f "
            "p99 %7.1f ms | step reads %8.1f MB\n",
            label, n_req, tokens, (double)n_req * tokens / wall, wall, 1000.0 * ttft, 1000.0 * p50, 1000.0 * p99,
-           (base_step_bytes(m) + (n_adapters < n_req ? n_adapters : n_req) * adapter_bytes) / 1e6);
+           (step_weight_bytes(m) + (n_adapters < n_req ? n_adapters : n_req) * adapter_bytes) / 1e6);
     free(gaps);
 }
 

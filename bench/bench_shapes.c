@@ -101,16 +101,6 @@ static void bench_copy(Run *r, Model *m) {
     model_device_free(m, &a);
 }
 
-/* Bytes of base weights one decode step reads: every linear of the layers
- * as loaded, and the tied head (vocab x hidden, bf16). PLE rows, norms and
- * the KV cache are left out: small against these at a short context. */
-static double step_weight_bytes(const Model *m) {
-    ModelMemory mem;
-    weights_memory(model_weights(m), &mem);
-    const TextConfig *t = &model_config(m)->text;
-    return (double)mem.linear_stored_bytes + 2.0 * (double)t->vocab_size * t->hidden_size;
-}
-
 static int fill_ids(int32_t *ids, int n, uint64_t *rng) {
     for (int i = 0; i < n; i++) ids[i] = 10 + (int32_t)(next_rand(rng) % (VOCAB - 1000));
     return n;

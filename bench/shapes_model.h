@@ -17,6 +17,17 @@
 #include <unistd.h>
 
 #include "convert.h"
+#include "model.h"
+
+/* Bytes of base weights one decode step reads: every linear of the layers
+ * as loaded, and the tied head (vocab x hidden, bf16). PLE rows, norms and
+ * the KV cache are left out: small against these at a short context. */
+static double step_weight_bytes(const Model *m) {
+    ModelMemory mem;
+    weights_memory(model_weights(m), &mem);
+    const TextConfig *t = &model_config(m)->text;
+    return (double)mem.linear_stored_bytes + 2.0 * (double)t->vocab_size * t->hidden_size;
+}
 
 /* ---- the shapes (GEMMA4.md §10, text stack) ---------------------------- */
 

@@ -20,6 +20,13 @@ void cuda_note(CudaCtx *c, cudaError_t rc, const char *where) {
     snprintf(c->fault_where, sizeof c->fault_where, "%s", where);
 }
 
+void cuda_blas_note(CudaCtx *c, cublasStatus_t st, const char *what) {
+    if (st == CUBLAS_STATUS_SUCCESS) return;
+    char where[48];
+    snprintf(where, sizeof where, "%s (cuBLAS status %d)", what, (int)st);
+    cuda_note(c, cudaErrorUnknown, where);
+}
+
 extern "C" GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err) {
     int count = 0;
     cudaError_t rc = cudaGetDeviceCount(&count);

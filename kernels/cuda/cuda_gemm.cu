@@ -51,17 +51,9 @@ static __global__ void k_w_to_bf16(__nv_bfloat16 *out, DevW w, int64_t r0, size_
         out[i] = __float2bfloat16_rn(w_at(w, r0 + (int64_t)(i / (size_t)w.cols), (int64_t)(i % (size_t)w.cols)));
 }
 
-static int to_bf16(CudaCtx *c, __nv_bfloat16 *out, const float *in, size_t n) {
+static void to_bf16(CudaCtx *c, __nv_bfloat16 *out, const float *in, size_t n) {
     k_to_bf16<<<cuda_blocks(n, 256), 256, 0, c->stream>>>(out, in, n);
     CUDA_LAUNCHED(c, "matmul bf16: x to bf16");
-    return 0;
-}
-
-static void blas_check(CudaCtx *c, cublasStatus_t st, const char *what) {
-    if (st == CUBLAS_STATUS_SUCCESS) return;
-    char where[48];
-    snprintf(where, sizeof where, "%s (cuBLAS status %d)", what, (int)st);
-    cuda_note(c, cudaErrorUnknown, where);
 }
 
 /* Rows of w per chunk: all of a BF16 matrix (read in place), else as many
@@ -181,7 +173,7 @@ void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t 
         int64_t rr = w.rows - r0 < R ? w.rows - r0 : R;
         const __nv_bfloat16 *a = w_rows_bf16(c, w, r0, rr, w16);
         /* column-major: y^T[r0.., n] (ld rows) = W[r0..]^T' x^T */
-        blas_check(c,
+        cuda_blas_note(c,
                    cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rr, (int)n, (int)w.cols, &one, a, CUDA_R_16BF,
                                 (int)w.cols, x16, CUDA_R_16BF, (int)w.cols, &zero, y + r0, CUDA_R_32F, (int)w.rows,
                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
@@ -198,7 +190,7 @@ void cuda_matmul_dx_bf16(CudaCtx *c, float *dx, const float *dy, KnMatrix w, int
         int64_t rr = w.rows - r0 < R ? w.rows - r0 : R;
         const __nv_bfloat16 *a = w_rows_bf16(c, w, r0, rr, w16);
         /* column-major: dx^T[cols, n] += W[r0..]' [cols, rr] dy^T[r0.., n] (ld rows) */
-        blas_check(c,
+        cuda_blas_note(c,
                    cublasGemmEx(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)w.cols, (int)n, (int)rr, &one, a, CUDA_R_16BF,
                                 (int)w.cols, g16 + r0, CUDA_R_16BF, (int)w.rows, &one, dx, CUDA_R_32F, (int)w.cols,
                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),

@@ -53,6 +53,10 @@ CudaCtx *cuda_ctx(const KnCtx *ctx);
 /* Keeps rc as the context's fault when it is the first one. */
 void cuda_note(CudaCtx *c, cudaError_t rc, const char *where);
 
+/* A cuBLAS call's status: anything but success becomes the fault, naming
+ * what and the status. */
+void cuda_blas_note(CudaCtx *c, cublasStatus_t st, const char *what);
+
 /* After a launch: the launch's own error, if any, becomes the fault. */
 #define CUDA_LAUNCHED(c, where) cuda_note((c), cudaGetLastError(), (where))
 

@@ -53,12 +53,8 @@ static int gemm_segment(const KnLoraSeg *s) { return s->dA && s->n_rows >= TRAIN
 static void sgemm(CudaCtx *c, cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k, float alpha,
                   const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *y, int64_t ldc,
                   const char *what) {
-    cublasStatus_t st = cublasSgemm(c->blas, ta, tb, (int)m, (int)n, (int)k, &alpha, a, (int)lda, b, (int)ldb, &beta, y,
-                                    (int)ldc);
-    if (st == CUBLAS_STATUS_SUCCESS) return;
-    char where[48];
-    snprintf(where, sizeof where, "%s (cuBLAS status %d)", what, (int)st);
-    cuda_note(c, cudaErrorUnknown, where);
+    cuda_blas_note(c, cublasSgemm(c->blas, ta, tb, (int)m, (int)n, (int)k, &alpha, a, (int)lda, b, (int)ldb, &beta, y, (int)ldc),
+                   what);
 }
 
 /* The dropout factor of element j of the segment's row i (ops.h). */

@@ -10,13 +10,6 @@
 #define THREADS 256
 #define TILE 16
 
-static void blas_note(CudaCtx *c, cublasStatus_t st, const char *what) {
-    if (st == CUBLAS_STATUS_SUCCESS) return;
-    char where[48];
-    snprintf(where, sizeof where, "%s (cuBLAS status %d)", what, (int)st);
-    cuda_note(c, cudaErrorUnknown, where);
-}
-
 /* ---- matmul ------------------------------------------------------------------ */
 
 /* y[i, o] = sum_c x[i, c] W[o, c]: a TILE x TILE block of (rows of x,
@@ -67,7 +60,7 @@ void cuda_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t
     if (blas_fits(w, n)) {
         /* column-major: y^T [rows, n] = W^T' x^T with W stored [cols, rows] */
         const float one = 1.0f, zero = 0.0f;
-        blas_note(c, cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)w.rows, (int)n, (int)w.cols, &one,
+        cuda_blas_note(c, cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)w.rows, (int)n, (int)w.cols, &one,
                                  (const float *)w.data, (int)w.cols, x, (int)w.cols, &zero, y, (int)w.rows), "matmul");
         return;
     }
@@ -86,7 +79,7 @@ void cuda_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, in
     if (blas_fits(w, n)) {
         /* column-major: dx^T [cols, n] += W' [cols, rows] dy^T [rows, n] */
         const float one = 1.0f;
-        blas_note(c, cublasSgemm(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)w.cols, (int)n, (int)w.rows, &one,
+        cuda_blas_note(c, cublasSgemm(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)w.cols, (int)n, (int)w.rows, &one,
                                  (const float *)w.data, (int)w.cols, dy, (int)w.rows, &one, dx, (int)w.cols),
                   "matmul_dx");
         return;
