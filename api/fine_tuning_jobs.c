@@ -455,6 +455,7 @@ static cJSON *preflight_json(const TrainMemory *tm, const LoraAdapter *a, const 
     cJSON_AddNumberToObject(mem, "adapter_training_state", (double)tm->state);
     cJSON_AddNumberToObject(mem, "activations", (double)tm->activations);
     cJSON_AddNumberToObject(mem, "vision_tower", (double)tm->vision);
+    cJSON_AddNumberToObject(mem, "backend_scratch", (double)tm->scratch);
     cJSON_AddNumberToObject(mem, "total", (double)tm->total);
     cJSON_AddStringToObject(o, "quantization", hp->quantization == MODEL_QUANT_NF4 ? "nf4" : "none");
     cJSON_AddNumberToObject(o, "max_seq_len", (double)hp->max_seq_len);
@@ -483,6 +484,7 @@ GfStatus jobs_preflight(Api *api, const HttpReq *req, HttpResp *resp) {
         return reply_error(resp, &err, NULL);
     }
     TrainMemory tm;
+    a->dropout = hp.lora_dropout;
     trainer_memory(sv->model, sv->pre, a, hp.quantization == MODEL_QUANT_NF4, hp.max_seq_len, &tm);
     cJSON *out = preflight_json(&tm, a, &hp);
     preflight_device(api, &tm, &hp, out);

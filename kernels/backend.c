@@ -121,6 +121,19 @@ GfStatus kn_backend_open(KnDeviceKind kind, int index, const KnBackendOptions *o
                         (int)kind, index);
 }
 
+const KnOps *kn_backend_ops(KnDeviceKind kind) {
+    if (kind == KN_DEVICE_CPU) return cpu_backend_ops();
+    if (kind == KN_DEVICE_GUARDED) return guarded_backend_ops();
+#ifdef GF_HAVE_CUDA
+    if (kind == KN_DEVICE_CUDA) return cuda_backend_ops();
+#endif
+    return NULL;
+}
+
+size_t kn_scratch_bytes(const KnBackend *b, const KnCall *call) {
+    return b->ops && b->ops->scratch_bytes ? b->ops->scratch_bytes(&b->ctx, call) : 0;
+}
+
 void kn_backend_close(KnBackend *b) {
     if (!b || !b->ops) return;
     if (b->ctx.device == KN_DEVICE_GUARDED) guarded_ctx_free(&b->ctx);

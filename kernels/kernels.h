@@ -79,6 +79,14 @@ void kn_backend_close(KnBackend *b);
 GfStatus kn_precision_parse(const char *text, KnPrecision *out, GfError *err);
 const char *kn_precision_name(KnPrecision p);
 
+/* The op table of kind when this binary has it (NULL otherwise), without a
+ * device or a context: for the entries that need neither (scratch_bytes). */
+const KnOps *kn_backend_ops(KnDeviceKind kind);
+
+/* The device memory b's context holds for itself once call has run
+ * (ops.h scratch_bytes; 0 for a backend without scratch). */
+size_t kn_scratch_bytes(const KnBackend *b, const KnCall *call);
+
 /* Parses "cpu", "guarded", "cuda" or "cuda:N" into a kind and index;
  * GF_INVALID naming the text otherwise. */
 GfStatus kn_backend_parse(const char *text, KnDeviceKind *kind, int *index, GfError *err);

@@ -28,7 +28,10 @@
  * Threading: a KnCtx and everything run on it belong to one thread (its
  * owner: the serving engine thread, or a job worker); ops split their work
  * over ctx->pool (CPU) or the device internally. No op allocates except the
- * CPU kernels' per-worker row buffers on the stack.
+ * CPU kernels' per-worker row buffers on the stack and a backend's scratch
+ * of its own, kept by the context and grown to its largest call (CUDA: the
+ * bf16 operands of a matmul); scratch_bytes says how much a call needs, so
+ * that a fit check can count it.
  */
 #ifndef GF_OPS_H
 #define GF_OPS_H
@@ -114,13 +117,29 @@ typedef struct {
     uint64_t rng;
 } KnSampleRow;
 
-/* The entries, for supports(). */
+/* The entries, for supports() and scratch_bytes(). */
 typedef enum {
     KN_OP_MATMUL,
     KN_OP_MATMUL_DX,
     KN_OP_EMBED_ROWS,
+    KN_OP_ATTENTION_DX,
+    KN_OP_LORA_SHRINK,
+    KN_OP_LORA_SHRINK_DX,
+    KN_OP_MOE_EXPERTS_DX,
     KN_OP_COUNT
 } KnOpId;
+
+/* One call of an entry, for scratch_bytes(): the entry and the sizes that
+ * decide the device memory it takes beyond its arguments. */
+typedef struct {
+    KnOpId op;
+    KnMatrix w;          /* MATMUL, MATMUL_DX: the weights; MOE_EXPERTS_DX: down (dtype, rows and cols are read) */
+    int64_t n;           /* rows of x: tokens; ATTENTION_DX: queries; LORA_*: one training segment's rows */
+    int64_t in;          /* LORA_*: input features */
+    int n_heads, dim;    /* ATTENTION_DX */
+    int dropout;         /* LORA_*: the segment is dropped out */
+    int top_k;           /* MOE_EXPERTS_DX: K */
+} KnCall;
 
 typedef struct {
     /* ---- memory ---- */
@@ -148,6 +167,13 @@ typedef struct {
     GfStatus (*synchronize)(const KnCtx *ctx, GfError *err);
     /* 1 when op accepts weights of dtype w on this backend. */
     int (*supports)(const KnCtx *ctx, KnOpId op, KnDtype w);
+    /* (optional; NULL: none) Bytes of device memory a context of ctx's
+     * precision holds for itself once call has run: the scratch the call
+     * grows (a context keeps its largest) and the workspaces the context
+     * holds from its start. A run of calls needs the most of their answers
+     * beyond its own buffers. Reads only ctx->precision: a pure function,
+     * callable without a device (kn_backend_ops). */
+    size_t (*scratch_bytes)(const KnCtx *ctx, const KnCall *call);
 
     /* ---- forward ---- */
     /* y[n, rows] = x[n, cols] W^T */

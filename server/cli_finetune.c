@@ -237,6 +237,8 @@ static int print_memory(const Pipeline *p, const LoraAdapter *a, const JobParams
     snprintf(note, sizeof note, "checkpointed layer inputs, one layer re-run, K/V, for %lld tokens", (long long)seq_len);
     print_bytes("activations", tm.activations, note);
     if (tm.vision) print_bytes("vision tower (one image at a time)", tm.vision, "at the processor's soft-token budget");
+    if (tm.scratch)
+        print_bytes("backend scratch", tm.scratch, "the largest matmul's bf16 operands, library workspaces");
     print_bytes("total", tm.total, "");
     const KnBackend *be = model_backend(p->model);
     KnDeviceInfo dev;
@@ -324,6 +326,7 @@ int cli_preflight(int argc, char **argv) {
     if (lora_create(p->model, hp.targets, hp.n_targets, hp.lora_rank, hp.lora_alpha, hp.use_rslora, 0, &a, &err)) rc = fail("target_modules", &err);
     if (!rc && o.dataset && trainset_open(p, o.dataset, o.images, hp.max_seq_len, &dl.image, &set, &err)) rc = fail("the dataset", &err);
     if (!rc) {
+        a->dropout = hp.lora_dropout;
         print_targets(a, &hp);
         rc = print_memory(p, a, &hp, set ? trainset_max_tokens(set) : hp.max_seq_len);
         if (set) print_example(p, set);

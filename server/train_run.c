@@ -99,9 +99,10 @@ static GfStatus judge_fit(Run *r, const TrainMemory *tm, int share, const KnDevi
     if (share)
         return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", "hyperparameters.max_seq_len",
                             "the job does not fit %s: its training needs %.1f MB at max_seq_len %lld (adapter state "
-                            "%.1f MB, activations %.1f MB, vision tower %.1f MB), %.1f MB are free",
+                            "%.1f MB, activations %.1f MB, vision tower %.1f MB, backend scratch %.1f MB), %.1f MB "
+                            "are free",
                             name, MB(need), (long long)s->params.max_seq_len, MB(tm->state), MB(tm->activations),
-                            MB(tm->vision), MB(avail));
+                            MB(tm->vision), MB(tm->scratch), MB(avail));
     return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", "hyperparameters.quantization",
                         "the job does not fit %s: a second copy of the base (%s, %.1f MB) and its training (%.1f MB) "
                         "need %.1f MB, %.1f MB are free; with quantization \"%s\" it would share the served base",
@@ -124,6 +125,7 @@ static GfStatus check_fit(Run *r, int share, GfError *err) {
     if (!st) st = lora_create(m, hp->targets, hp->n_targets, hp->lora_rank, hp->lora_alpha, hp->use_rslora, 0, &a, err);
     if (!st) {
         TrainMemory tm;
+        a->dropout = hp->lora_dropout;
         trainer_memory(m, s->pre, a, hp->quantization == MODEL_QUANT_NF4, hp->max_seq_len, &tm);
         const KnBackend *be = model_backend(m);
         KnDeviceInfo dev;

@@ -64,6 +64,7 @@ function estimateView(e) {
     h('table', { class: 'table compact' }, h('tbody', {},
       row('Base weights', m.base_weights), row('Adapter training state', m.adapter_training_state),
       row('Activations', m.activations), row('Vision tower', m.vision_tower),
+      row('Backend scratch', m.backend_scratch),
       h('tr', { class: 'total' }, h('th', { scope: 'row' }, 'Total'), h('td', {}, fmtBytes(m.total))))),
     h('p', { class: 'muted' }, `${e.modules.length} adapted modules, ${e.trainable_parameters.toLocaleString()} trainable parameters.`),
     h('details', {}, h('summary', {}, 'Adapted modules'), h('ul', { class: 'modules' }, e.modules.map((n) => h('li', {}, h('code', {}, n))))));

@@ -174,6 +174,87 @@ uint64_t grad_workspace_bytes(const Model *m, int64_t max_tokens, int max_rank) 
     return (uint64_t)s.used * sizeof(float) + (uint64_t)max_tokens * (kv * sizeof(float) + 1 + sizeof(int32_t));
 }
 
+/* ---- the backend's own memory ----------------------------------------------- */
+
+static uint64_t most(uint64_t a, uint64_t b) { return a > b ? a : b; }
+
+/* The matmul and its input gradient over w at n rows; an adaptable linear
+ * counted as NF4 when the job quantizes (as weights.c would make it). */
+static uint64_t linear_scratch(const KnBackend *be, KnMatrix w, int adaptable, int nf4, int64_t n) {
+    if (!w.data || n <= 0) return 0;
+    if (adaptable && nf4) w.dtype = KN_NF4;
+    KnCall f = {.op = KN_OP_MATMUL, .w = w, .n = n}, b = {.op = KN_OP_MATMUL_DX, .w = w, .n = n};
+    return most(kn_scratch_bytes(be, &f), kn_scratch_bytes(be, &b));
+}
+
+static uint64_t attention_scratch(const KnBackend *be, int64_t n, int n_heads, int dim) {
+    KnCall c = {.op = KN_OP_ATTENTION_DX, .n = n, .n_heads = n_heads, .dim = dim};
+    return n > 0 ? kn_scratch_bytes(be, &c) : 0;
+}
+
+static uint64_t text_scratch(const Model *m, const KnBackend *be, int nf4, int64_t n) {
+    const TextConfig *t = &m->w->cfg.text;
+    const WeightsTensors *h = &m->w->host;
+    uint64_t most_bytes = linear_scratch(be, h->embed, 0, nf4, n < LOGIT_ROWS ? n : LOGIT_ROWS); /* the tied head */
+    most_bytes = most(most_bytes, linear_scratch(be, h->ple_model_proj, 0, nf4, n));
+    for (int i = 0; i < t->n_layers; i++) {
+        const Layer *l = &h->layers[i];
+        const KnMatrix lin[] = {l->q, l->k, l->v, l->o, l->gate, l->up, l->down, l->ple_gate, l->ple_proj};
+        for (size_t j = 0; j < sizeof lin / sizeof *lin; j++) most_bytes = most(most_bytes, linear_scratch(be, lin[j], 1, nf4, n));
+        most_bytes = most(most_bytes, attention_scratch(be, n, t->n_heads, t->layers[i].head_dim));
+        if (l->experts_down.data) { /* the MoE block runs MOE_CHUNK tokens at a time */
+            int64_t c = n < MOE_CHUNK ? n : MOE_CHUNK;
+            most_bytes = most(most_bytes, linear_scratch(be, l->router, 0, nf4, c));
+            KnCall moe = {.op = KN_OP_MOE_EXPERTS_DX, .w = l->experts_down, .n = c, .top_k = t->top_k_experts};
+            most_bytes = most(most_bytes, kn_scratch_bytes(be, &moe));
+        }
+    }
+    return most_bytes;
+}
+
+static uint64_t vision_scratch(const Model *m, const KnBackend *be, int nf4, int64_t n) {
+    const VisionConfig *v = &m->w->cfg.vision;
+    const VisionWeights *h = &m->w->host.vision;
+    if (!v->present || n <= 0) return 0;
+    uint64_t most_bytes = most(linear_scratch(be, h->input_proj, 0, nf4, n), linear_scratch(be, h->embed_proj, 0, nf4, n));
+    for (int i = 0; i < v->n_layers; i++) {
+        const VisionLayer *l = &h->layers[i];
+        const ClipLinear *lin[] = {&l->q, &l->k, &l->v, &l->o, &l->gate, &l->up, &l->down};
+        for (size_t j = 0; j < sizeof lin / sizeof *lin; j++) most_bytes = most(most_bytes, linear_scratch(be, lin[j]->w, 1, nf4, n));
+    }
+    return most(most_bytes, attention_scratch(be, n, v->n_heads, v->head_dim));
+}
+
+/* 1 when the pair adapts a linear of the text stack. */
+static int text_pair_of(const Model *m, const LoraPair *p) {
+    char name[160];
+    for (int i = 0; i < m->w->cfg.text.n_layers; i++)
+        for (int s = 0; s < LORA_TEXT_SLOTS; s++)
+            if (lora_text_module(m, i, s, name, sizeof name) == 0 && strcmp(name, p->module) == 0) return 1;
+    return 0;
+}
+
+/* A training segment of each pair: the text stack's at n rows, the vision
+ * tower's at n_patches. */
+static uint64_t lora_scratch(const Model *m, const KnBackend *be, const LoraAdapter *a, int64_t n, int64_t n_patches) {
+    uint64_t most_bytes = 0;
+    for (size_t i = 0; a && i < a->n_pairs; i++) {
+        const LoraPair *p = &a->pairs[i];
+        int64_t rows = text_pair_of(m, p) ? n : n_patches;
+        KnCall f = {.op = KN_OP_LORA_SHRINK, .n = rows, .in = p->in, .dropout = a->dropout > 0};
+        KnCall b = f;
+        b.op = KN_OP_LORA_SHRINK_DX;
+        if (rows > 0) most_bytes = most(most_bytes, most(kn_scratch_bytes(be, &f), kn_scratch_bytes(be, &b)));
+    }
+    return most_bytes;
+}
+
+uint64_t grad_scratch_bytes(const Model *m, const KnBackend *be, int64_t max_tokens, const LoraAdapter *a, int nf4,
+                            int64_t n_patches) {
+    uint64_t most_bytes = most(text_scratch(m, be, nf4, max_tokens), vision_scratch(m, be, nf4, n_patches));
+    return most(most_bytes, lora_scratch(m, be, a, max_tokens, n_patches));
+}
+
 void grad_workspace_free(GradWorkspace *w) {
     if (!w) return;
     kv_cache_free(&w->cache);

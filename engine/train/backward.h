@@ -51,6 +51,14 @@ void grad_workspace_free(GradWorkspace *w);
  * layer re-run buffers, the checkpointed layer inputs and the K/V cache;
  * images add model_vision_workspace_bytes each while they run). */
 uint64_t grad_workspace_bytes(const Model *m, int64_t max_tokens, int max_rank);
+/* The device memory backend be (m's, or any other's table and precision)
+ * keeps for itself over model_backward's calls on m for sequences of up to
+ * max_tokens with adapter a (its dropout as set) and images of up to
+ * n_patches patches (0: none), the adaptable linears in NF4 when nf4: the
+ * most any one call asks (kn_scratch_bytes), since a context keeps its
+ * largest scratch. 0 on a backend without scratch (the CPU). */
+uint64_t grad_scratch_bytes(const Model *m, const KnBackend *be, int64_t max_tokens, const LoraAdapter *a, int nf4,
+                            int64_t n_patches);
 
 /* Forward and backward of one sequence with the adapter bound by lora (its
  * pairs need gradient buffers). *loss_sum gets the summed token losses and

@@ -500,6 +500,8 @@ void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapt
     out->weights = mm.other_bytes + (nf4 ? mm.linear_nf4_bytes : mm.linear_full_bytes);
     out->state = 4 * n_params * sizeof(float);
     out->activations = grad_workspace_bytes(m, seq_len, max_rank);
-    out->vision = model_vision_workspace_bytes(m, preprocess_max_patches(pre), max_rank, 1);
-    out->total = out->weights + out->state + out->activations + out->vision;
+    int64_t patches = preprocess_max_patches(pre);
+    out->vision = model_vision_workspace_bytes(m, patches, max_rank, 1);
+    out->scratch = grad_scratch_bytes(m, model_backend(m), seq_len, a, nf4, model_config(m)->vision.present ? patches : 0);
+    out->total = out->weights + out->state + out->activations + out->vision + out->scratch;
 }

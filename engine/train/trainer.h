@@ -128,15 +128,17 @@ void trainer_adapter_upload(Trainer *t);
  * checkpoint. GF_FORMAT when the file is missing. */
 GfStatus trainer_file_digest(const char *path, char hex[65], GfError *err);
 
-/* What training adapter a on m takes in memory (CPU backend; sequences run
+/* What training adapter a on m takes in memory on m's device (sequences run
  * one at a time, so batch size and accumulation add nothing): the base
  * weights (linears in NF4 when nf4), the adapter's training state (weights,
  * gradients, AdamW m and v in float32), the activations of one seq_len
- * sequence, and the vision tower's workspace for one image at the
- * processor's budget (0 without a tower). */
+ * sequence, the vision tower's workspace for one image at the processor's
+ * budget (0 without a tower), and the backend's own scratch and workspaces
+ * at m's precision (grad_scratch_bytes; 0 on the CPU). a's dropout is read:
+ * set it first. */
 typedef struct {
     uint64_t n_linears, n_params;
-    uint64_t weights, state, activations, vision, total;   /* bytes */
+    uint64_t weights, state, activations, vision, scratch, total;   /* bytes */
 } TrainMemory;
 
 void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapter *a, int nf4, int64_t seq_len,

@@ -487,6 +487,10 @@ static __global__ void k_dx_dkdv(float *dk, float *dv, const float *stats, const
     }
 }
 
+size_t cuda_attention_dx_scratch(int64_t n_q, int n_heads, int dim) {
+    return dim <= TILED_DX_MAX_DIM && n_q > 0 && n_heads > 0 ? (size_t)(n_q * n_heads) * 3 * sizeof(float) : 0;
+}
+
 /* The tiled gradient: the stats and dq, then dk and dv. */
 static void attention_dx_tiled(CudaCtx *c, float *dq, float *dk, float *dv, const float *q, const float *dout,
                                const AttArgs &a) {

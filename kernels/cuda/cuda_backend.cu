@@ -148,6 +148,25 @@ static int cu_supports(const KnCtx *ctx, KnOpId op, KnDtype w) {
     return w == KN_F32 || w == KN_BF16 || w == KN_F16 || w == KN_NF4;
 }
 
+/* cuBLAS's own workspace per handle: its default on Hopper and later
+ * (4 MiB before), counted at the larger size. */
+#define BLAS_WORKSPACE_BYTES ((size_t)32 << 20)
+
+static size_t cu_scratch_bytes(const KnCtx *ctx, const KnCall *call) {
+    size_t own = 0;
+    int bf16 = ctx->precision == KN_PRECISION_BF16;
+    switch (call->op) {
+    case KN_OP_MATMUL: own = bf16 ? cuda_gemm_scratch(call->w, call->n, 0) : 0; break;
+    case KN_OP_MATMUL_DX: own = bf16 ? cuda_gemm_scratch(call->w, call->n, 1) : 0; break;
+    case KN_OP_ATTENTION_DX: own = cuda_attention_dx_scratch(call->n, call->n_heads, call->dim); break;
+    case KN_OP_LORA_SHRINK:
+    case KN_OP_LORA_SHRINK_DX: own = cuda_lora_scratch(call->n, call->in, call->dropout); break;
+    case KN_OP_MOE_EXPERTS_DX: own = cuda_moe_dx_scratch(call->n, call->top_k, call->w.cols); break;
+    default: break;
+    }
+    return BLAS_WORKSPACE_BYTES + own;
+}
+
 /* The table, filled by name (C++17 has no designated initializers). */
 static KnOps make_ops(void) {
     KnOps o;
@@ -160,6 +179,7 @@ static KnOps make_ops(void) {
     o.memset = cu_memset;
     o.synchronize = cu_synchronize;
     o.supports = cu_supports;
+    o.scratch_bytes = cu_scratch_bytes;
     o.matmul = cuda_matmul;
     o.rmsnorm = cuda_rmsnorm;
     o.attention = cuda_attention;

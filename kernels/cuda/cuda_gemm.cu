@@ -144,6 +144,12 @@ static int gemv_vec8(KnMatrix w) {
 
 /* ---- the entries -------------------------------------------------------------- */
 
+size_t cuda_gemm_scratch(KnMatrix w, int64_t n, int dx) {
+    if (n <= 0 || w.rows <= 0 || w.cols <= 0 || (!dx && n <= CUDA_GEMV_MAX_ROWS)) return 0;
+    size_t ab = (size_t)n * (size_t)(dx ? w.rows : w.cols) * 2;
+    return ab + (w.dtype == KN_BF16 ? 0 : (size_t)chunk_rows(w) * (size_t)w.cols * 2);
+}
+
 /* The scratch for a GEMM's operands: act (n_act activations rounded to bf16
  * from src) and wbuf (R widened rows of w unless w is BF16); 0 when the
  * scratch cannot grow (the fault is noted). */

@@ -173,6 +173,14 @@ void *cuda_scratch(CudaCtx *c, size_t bytes, const char *what);
 /* cuda_gemm.cu: the BF16 precision's matmul and its input gradient */
 void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t n);
 void cuda_matmul_dx_bf16(CudaCtx *c, float *dx, const float *dy, KnMatrix w, int64_t n);
+/* the scratch those take for n rows over w (dx: the input gradient's) */
+size_t cuda_gemm_scratch(KnMatrix w, int64_t n, int dx);
+/* cuda_lora.cu: the scratch of a training segment of n rows of in features */
+size_t cuda_lora_scratch(int64_t n, int64_t in, int dropout);
+/* cuda_moe.cu: the scratch of moe_experts_dx over n tokens of K experts of Im */
+size_t cuda_moe_dx_scratch(int64_t n, int K, int64_t Im);
+/* cuda_attention.cu: the scratch of attention_dx over n_q queries */
+size_t cuda_attention_dx_scratch(int64_t n_q, int n_heads, int dim);
 /* cuda_ops.cu */
 void cuda_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
 void cuda_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n);

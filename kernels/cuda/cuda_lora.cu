@@ -50,6 +50,11 @@ static Seg seg_of(const KnLoraSeg *s) {
 
 static int gemm_segment(const KnLoraSeg *s) { return s->dA && s->n_rows >= TRAIN_GEMM_ROWS && s->rank > 0; }
 
+/* a GEMM segment's dropped-out x (segment_x, then shrink_dx_gemm's product) */
+size_t cuda_lora_scratch(int64_t n, int64_t in, int dropout) {
+    return dropout && n >= TRAIN_GEMM_ROWS && in > 0 ? (size_t)(n * in) * sizeof(float) : 0;
+}
+
 static void sgemm(CudaCtx *c, cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k, float alpha,
                   const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *y, int64_t ldc,
                   const char *what) {

@@ -1,16 +1,19 @@
 /* cuda_moe.cu - mixture-of-experts routing and the experts' MLPs, forward
  * and backward. Routing runs one thread per token (E and K are small).
  * The forward computes every (token, expert) pair at once into the buffers
- * the contract keeps (gu, mm, yk); the backward, whose scratch holds one
- * pair (4 Im floats), runs the pairs in turn, two launches each. The
- * experts are rows of the stacked matrices: expert e's row r is row
- * e * rows + r. */
+ * the contract keeps (gu, mm, yk); the backward takes the tokens a chunk at
+ * a time (as many as CHUNK_BYTES of the context's scratch holds the
+ * gradients of their pairs' gate_up outputs), two launches per chunk, each
+ * token's input gradient summed over its experts in order by one warp per
+ * feature (no atomics). The experts are rows of the stacked matrices:
+ * expert e's row r is row e * rows + r. */
 #include <math.h>
 
 #include "cuda_impl.h"
 
 #define THREADS 256
 #define WARPS (THREADS / 32)
+#define CHUNK_BYTES ((size_t)64 << 20) /* the backward's scratch */
 #define GELU_K 0.7978845608028654f
 
 static __device__ __forceinline__ float gelu(float v) {
@@ -154,53 +157,76 @@ static __global__ void k_dcoef(float *dc, const float *dy, const float *yk, int6
     if (lane == 0) dc[tk] = acc;
 }
 
-/* For pair tk: dmm[i] = coef (dy[t] . down column i of expert e), then
- * dgu = (gelu'(g) dmm u, dmm gelu(g)) into scratch [2 Im]. One warp per i. */
+/* For pair tk0 + blockIdx.x: dmm[i] = coef (dy[t] . down column i of
+ * expert e), then dgu = (gelu'(g) dmm u, dmm gelu(g)) into its row of
+ * dgu [pairs of the chunk, 2 Im]. One warp per i. */
 static __global__ void k_dgu(float *dgu, const float *dy, const float *gu, const int32_t *idx, const float *coef,
-                             DevW down, int64_t tk, int K, int64_t H) {
+                             DevW down, int64_t tk0, int K, int64_t H) {
     int lane = threadIdx.x & 31;
-    int64_t i = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5), Im = down.cols;
+    int64_t i = (int64_t)blockIdx.y * WARPS + (threadIdx.x >> 5), Im = down.cols, tk = tk0 + blockIdx.x;
     if (i >= Im) return;
     const float *d = dy + (tk / K) * H, *g = gu + tk * 2 * Im;
+    float *out = dgu + (int64_t)blockIdx.x * 2 * Im;
     int64_t row0 = (int64_t)idx[tk] * H;
     float acc = 0.0f;
     for (int64_t h = lane; h < H; h += 32) acc += d[h] * w_at(down, row0 + h, i);
     acc = warp_sum(acc);
     if (lane == 0) {
         float dmm = acc * coef[tk];
-        dgu[Im + i] = dmm * gelu(g[i]);
-        dgu[i] = gelu_d(g[i]) * (dmm * g[Im + i]);
+        out[Im + i] = dmm * gelu(g[i]);
+        out[i] = gelu_d(g[i]) * (dmm * g[Im + i]);
     }
 }
 
-/* dx[t, h] += dgu . gate_up column h of expert e: one warp per h. */
-static __global__ void k_dx(float *dx, const float *dgu, const int32_t *idx, DevW gate_up, int64_t tk, int K) {
+/* dx[t, h] = sum over t's experts k, in order, of dgu[t, k] . gate_up
+ * column h of expert e_k, for token t = t0 + blockIdx.x: one warp per h. */
+static __global__ void k_dx(float *dx, const float *dgu, const int32_t *idx, DevW gate_up, int64_t t0, int K) {
     int lane = threadIdx.x & 31;
-    int64_t h = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5), H = gate_up.cols, two_im = gate_up.rows;
+    int64_t h = (int64_t)blockIdx.y * WARPS + (threadIdx.x >> 5), H = gate_up.cols, two_im = gate_up.rows;
     if (h >= H) return;
-    int64_t row0 = (int64_t)idx[tk] * two_im;
-    float acc = 0.0f;
-    for (int64_t j = lane; j < two_im; j += 32) acc += dgu[j] * w_at(gate_up, row0 + j, h);
-    acc = warp_sum(acc);
-    if (lane == 0) dx[(tk / K) * H + h] += acc;
+    int64_t t = t0 + blockIdx.x;
+    float sum = 0.0f;
+    for (int k = 0; k < K; k++) {
+        const float *g = dgu + ((int64_t)blockIdx.x * K + k) * two_im;
+        int64_t row0 = (int64_t)idx[t * K + k] * two_im;
+        float acc = 0.0f;
+        for (int64_t j = lane; j < two_im; j += 32) acc += g[j] * w_at(gate_up, row0 + j, h);
+        sum += warp_sum(acc);
+    }
+    if (lane == 0) dx[t * H + h] = sum;
+}
+
+/* Tokens per chunk of the backward: their pairs' 2 Im gradients in CHUNK_BYTES. */
+static int64_t dx_chunk_tokens(int64_t n, int K, int64_t Im) {
+    int64_t per = (int64_t)K * 2 * Im * (int64_t)sizeof(float), t = (int64_t)(CHUNK_BYTES / (size_t)per);
+    return t < 1 ? 1 : t > n ? n : t;
+}
+
+size_t cuda_moe_dx_scratch(int64_t n, int K, int64_t Im) {
+    return n > 0 && K > 0 && Im > 0 ? (size_t)(dx_chunk_tokens(n, K, Im) * K * 2 * Im) * sizeof(float) : 0;
 }
 
 void cuda_moe_experts_dx(const KnCtx *ctx, float *dx, float *dc, const float *dy, const float *gu, const float *yk,
                          const int32_t *idx, const float *coef, float *scratch, int64_t n, int K, KnMatrix gate_up,
                          KnMatrix down) {
+    (void)scratch; /* the context's own, for many pairs at once */
     if (n <= 0 || K <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    int64_t H = gate_up.cols, Im = down.cols, pairs = n * K;
+    int64_t H = gate_up.cols, Im = down.cols, pairs = n * K, T = dx_chunk_tokens(n, K, Im);
     k_dcoef<<<(unsigned)((pairs + WARPS - 1) / WARPS), THREADS, 0, c->stream>>>(dc, dy, yk, pairs, K, H);
     CUDA_LAUNCHED(c, "moe_experts_dx");
-    cuda_note(c, cudaMemsetAsync(dx, 0, (size_t)(n * H) * sizeof(float), c->stream), "moe_experts_dx");
+    float *dgu = (float *)cuda_scratch(c, cuda_moe_dx_scratch(n, K, Im), "moe_experts_dx");
+    if (!dgu) return;
     /* gate_up as one expert's rows, so k_dx reads its row count from the view */
     KnMatrix gu_one = gate_up;
     gu_one.rows = 2 * Im;
     DevW wd = dev_w(down), wgu = dev_w(gu_one);
-    for (int64_t tk = 0; tk < pairs; tk++) {
-        k_dgu<<<(unsigned)((Im + WARPS - 1) / WARPS), THREADS, 0, c->stream>>>(scratch, dy, gu, idx, coef, wd, tk, K, H);
-        k_dx<<<(unsigned)((H + WARPS - 1) / WARPS), THREADS, 0, c->stream>>>(dx, scratch, idx, wgu, tk, K);
+    for (int64_t t0 = 0; t0 < n; t0 += T) {
+        int64_t nt = n - t0 < T ? n - t0 : T;
+        dim3 g1((unsigned)(nt * K), (unsigned)((Im + WARPS - 1) / WARPS)), g2((unsigned)nt, (unsigned)((H + WARPS - 1) / WARPS));
+        k_dgu<<<g1, THREADS, 0, c->stream>>>(dgu, dy, gu, idx, coef, wd, t0 * K, K, H);
+        CUDA_LAUNCHED(c, "moe_experts_dx");
+        k_dx<<<g2, THREADS, 0, c->stream>>>(dx, dgu, idx, wgu, t0, K);
+        CUDA_LAUNCHED(c, "moe_experts_dx");
     }
-    CUDA_LAUNCHED(c, "moe_experts_dx");
 }

@@ -1135,8 +1135,12 @@ def t_preflight(srv):
     assert a["trainable_parameters"] == train["n_trainable"] and len(a["modules"]) == 56, a
     assert any("vision_tower" in m for m in a["modules"]) and not any("lm_head" in m for m in a["modules"]), a
     m = a["memory_bytes"]
-    assert m["total"] == m["base_weights"] + m["adapter_training_state"] + m["activations"] + m["vision_tower"], m
+    assert m["total"] == (m["base_weights"] + m["adapter_training_state"] + m["activations"] + m["vision_tower"]
+                          + m["backend_scratch"]), m
     assert m["adapter_training_state"] == 16 * train["n_trainable"] and m["vision_tower"] > 0, m
+    # the CPU kinds keep no scratch of their own; CUDA counts its workspaces at least
+    on_gpu = expect(srv.get("/readyz"), 200).json()["model"]["device"].startswith("cuda")
+    assert (m["backend_scratch"] > 0) if on_gpu else (m["backend_scratch"] == 0), m
     b = expect(srv.post_json("/v1/fine_tuning/preflight", {"hyperparameters": dict(hp, quantization="none",
                                                                                       max_seq_len=1024)}), 200).json()
     assert b["memory_bytes"]["base_weights"] > m["base_weights"], (a, b)

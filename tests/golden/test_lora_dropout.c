@@ -55,6 +55,44 @@ static int64_t largest(const float *g, int64_t n) {
     return best;
 }
 
+/* The backend's own memory over a training step (grad_scratch_bytes), as a
+ * fit check counts it: none on the CPU; on CUDA (its table asked without a
+ * device, when built) the largest call's: in fp32 a dropped-out LoRA
+ * segment (every text pair's input at max_tokens rows, as float) or
+ * attention_dx's statistics; in bf16 also the rounded operands of the widest
+ * matmul. */
+static void check_scratch(Model *m, LoraAdapter *a) {
+    const int64_t T = 512;
+    a->dropout = 0.1;
+    CHECK(grad_scratch_bytes(m, model_backend(m), T, a, 0, 0) == 0, "the CPU keeps no scratch");
+    const KnOps *ops = kn_backend_ops(KN_DEVICE_CUDA);
+    if (!ops) return;
+    KnBackend f32 = {.ops = ops, .ctx = {.device = KN_DEVICE_CUDA, .precision = KN_PRECISION_FP32}}, b16 = f32;
+    b16.ctx.precision = KN_PRECISION_BF16;
+    KnCall none = {.op = KN_OP_COUNT};
+    uint64_t ws = kn_scratch_bytes(&f32, &none), widest = 0, widest_io = 0;
+    for (size_t i = 0; i < a->n_pairs; i++) {
+        const LoraPair *p = &a->pairs[i];
+        if (strstr(p->module, "vision")) continue;
+        if ((uint64_t)p->in > widest) widest = (uint64_t)p->in;
+        if ((uint64_t)p->out > widest_io) widest_io = (uint64_t)p->out;
+    }
+    if (widest > widest_io) widest_io = widest;
+    const TextConfig *t = &model_config(m)->text;
+    uint64_t lora = (uint64_t)T * widest * sizeof(float), att = (uint64_t)T * (uint64_t)t->n_heads * 3 * sizeof(float);
+    uint64_t got = grad_scratch_bytes(m, &f32, T, a, 0, 0);
+    CHECK(got == ws + (lora > att ? lora : att), "fp32 with dropout: %llu, the widest segment %llu, attention %llu",
+          (unsigned long long)got, (unsigned long long)lora, (unsigned long long)att);
+    a->dropout = 0;
+    got = grad_scratch_bytes(m, &f32, T, a, 0, 0);
+    CHECK(got == ws + att, "fp32 without dropout: attention_dx's %llu, got %llu", (unsigned long long)att,
+          (unsigned long long)got);
+    uint64_t b = grad_scratch_bytes(m, &b16, T, a, 1, 0);
+    CHECK(b >= ws + (uint64_t)T * widest_io * 2 && b > got, "bf16: the widest matmul's operands (%llu)",
+          (unsigned long long)b);
+    CHECK(grad_scratch_bytes(m, &b16, 2 * T, a, 1, 0) > b, "more tokens, more scratch");
+}
+
 int main(void) {
     Case c = {0};
     LoraAdapter *a = NULL;
@@ -64,6 +102,7 @@ int main(void) {
     CHECK_STATUS(model_open(GF_FIXTURES "/dense", &mo, &c.m, &err), GF_OK, err);
     if (!c.m) return check_done("test_lora_dropout");
     CHECK_STATUS(lora_create(c.m, all, 1, 4, 8.0, 0, 5, &a, &err), GF_OK, err);
+    check_scratch(c.m, a);
     /* B away from zero, so the LoRA path (and its dropout) shows in the loss */
     uint64_t r = 99;
     for (size_t i = 0; i < a->n_pairs; i++)

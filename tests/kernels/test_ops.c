@@ -1203,6 +1203,61 @@ static void test_guarded_faults(void) {
 }
 
 /* Every entry of the table is filled but the optional ones (seal). */
+/* What a context keeps for itself, per call (ops.h scratch_bytes): nothing
+ * on the CPU kinds; on CUDA its cuBLAS workspace always, and beyond it the
+ * bf16 operands of a matmul (x or dy rounded, plus 64 MB of widened rows
+ * unless the weights are BF16; none for a decode step's GEMV), attention_dx's
+ * statistics, a dropped-out LoRA training segment and the MoE backward's
+ * gate_up gradients. Asked of the table
+ * alone: no device needed. */
+static void test_scratch_bytes(void) {
+    KnBackend cpu = {.ops = kn_backend_ops(KN_DEVICE_CPU)}, guarded = {.ops = kn_backend_ops(KN_DEVICE_GUARDED)};
+    KnMatrix nf4 = {.data = (void *)1, .dtype = KN_NF4, .rows = 2560, .cols = 10240};
+    KnCall mm = {.op = KN_OP_MATMUL, .w = nf4, .n = 1024};
+    CHECK(cpu.ops && guarded.ops && kn_scratch_bytes(&cpu, &mm) == 0 && kn_scratch_bytes(&guarded, &mm) == 0,
+          "the CPU kinds keep no scratch");
+    const KnOps *ops = kn_backend_ops(KN_DEVICE_CUDA);
+    CHECK(!ops == !kn_cuda_built(), "the CUDA table is there exactly when built");
+    if (!ops) return;
+    KnBackend f32 = {.ops = ops, .ctx = {.precision = KN_PRECISION_FP32}}, b16 = {.ops = ops, .ctx = {.precision = KN_PRECISION_BF16}};
+    size_t ws = kn_scratch_bytes(&f32, &mm);
+    CHECK(ws > 0 && ws <= ((size_t)64 << 20), "cuBLAS workspace %zu", ws);
+    size_t whole = (size_t)2560 * 10240 * 2; /* under 64 MB: every row widened at once */
+    CHECK(kn_scratch_bytes(&b16, &mm) == ws + (size_t)1024 * 10240 * 2 + whole, "bf16 NF4 matmul: x and its rows");
+    KnCall dx = mm;
+    dx.op = KN_OP_MATMUL_DX;
+    CHECK(kn_scratch_bytes(&b16, &dx) == ws + (size_t)1024 * 2560 * 2 + whole, "bf16 NF4 matmul_dx: dy and its rows");
+    KnCall head = {.op = KN_OP_MATMUL_DX, .w = {.data = (void *)1, .dtype = KN_F32, .rows = 262144, .cols = 2560}, .n = 8};
+    size_t chunk = (size_t)(((size_t)64 << 20) / (2 * 2560)) * 2560 * 2;
+    CHECK(kn_scratch_bytes(&b16, &head) == ws + (size_t)8 * 262144 * 2 + chunk, "a vocabulary's rows 64 MB at a time");
+    CHECK(kn_scratch_bytes(&f32, &dx) == ws, "fp32 matmul_dx: none of its own");
+    KnCall bf = mm;
+    bf.w.dtype = KN_BF16;
+    CHECK(kn_scratch_bytes(&b16, &bf) == ws + (size_t)1024 * 10240 * 2, "bf16 weights are read in place");
+    KnCall small = {.op = KN_OP_MATMUL, .w = {.data = (void *)1, .dtype = KN_NF4, .rows = 8, .cols = 16}, .n = 32};
+    CHECK(kn_scratch_bytes(&b16, &small) == ws + 32 * 16 * 2 + 8 * 16 * 2, "a small matrix widens its own rows only");
+    mm.n = 16;
+    CHECK(kn_scratch_bytes(&b16, &mm) == ws, "a decode step's GEMV takes no scratch");
+    KnCall att = {.op = KN_OP_ATTENTION_DX, .n = 1000, .n_heads = 8, .dim = 256};
+    CHECK(kn_scratch_bytes(&f32, &att) == ws + 1000 * 8 * 3 * sizeof(float), "attention_dx statistics");
+    att.dim = 1024;
+    CHECK(kn_scratch_bytes(&f32, &att) == ws, "the untiled attention_dx takes none");
+    KnCall lora = {.op = KN_OP_LORA_SHRINK_DX, .n = 300, .in = 2560, .dropout = 1};
+    CHECK(kn_scratch_bytes(&f32, &lora) == ws + (size_t)300 * 2560 * 4, "a dropped-out training segment");
+    lora.dropout = 0;
+    CHECK(kn_scratch_bytes(&f32, &lora) == ws, "a segment without dropout reads x in place");
+    lora.dropout = 1;
+    lora.n = 15;
+    CHECK(kn_scratch_bytes(&f32, &lora) == ws, "a short segment takes the row kernels");
+    KnCall moe = {.op = KN_OP_MOE_EXPERTS_DX, .w = {.data = (void *)1, .dtype = KN_BF16, .rows = 128 * 2816, .cols = 704},
+                  .n = 16, .top_k = 8};
+    size_t per_token = (size_t)8 * 2 * 704 * sizeof(float);
+    CHECK(kn_scratch_bytes(&b16, &moe) == ws + 16 * per_token, "moe_experts_dx: every pair's gate_up gradient");
+    moe.n = 100000;
+    CHECK(kn_scratch_bytes(&b16, &moe) == ws + (((size_t)64 << 20) / per_token) * per_token,
+          "moe_experts_dx: 64 MB of tokens at a time");
+}
+
 static void test_table_complete(const Dev *d) {
     typedef void (*Fn)(void);
     Fn fns[sizeof(KnOps) / sizeof(Fn)];
@@ -1210,6 +1265,7 @@ static void test_table_complete(const Dev *d) {
     KnOps probe;
     memset(&probe, 0, sizeof probe);
     probe.seal = (void (*)(const KnCtx *, const KnBuffer *))(uintptr_t)1;
+    probe.scratch_bytes = (size_t (*)(const KnCtx *, const KnCall *))(uintptr_t)1;
     Fn optional[sizeof(KnOps) / sizeof(Fn)];
     memcpy(optional, &probe, sizeof optional);
     size_t missing = 0;
@@ -1221,6 +1277,7 @@ int main(void) {
     test_conversions();
     test_guarded_faults();
     test_precision();
+    test_scratch_bytes();
     test_matmul_bf16();
     const KnDeviceKind kinds[] = {KN_DEVICE_CPU, KN_DEVICE_GUARDED, KN_DEVICE_CUDA};
     for (size_t b = 0; b < sizeof kinds / sizeof *kinds; b++)
