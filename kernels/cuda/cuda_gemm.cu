@@ -47,8 +47,9 @@ static __global__ void k_to_bf16(__nv_bfloat16 *out, const float *in, size_t n) 
 
 /* Rows [r0, r0 + n_rows) of w, widened and rounded to bfloat16. */
 static __global__ void k_w_to_bf16(__nv_bfloat16 *out, DevW w, int64_t r0, size_t n) {
+    CUDA_NF4_SHARED(code);
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = __float2bfloat16_rn(w_at(w, r0 + (int64_t)(i / (size_t)w.cols), (int64_t)(i % (size_t)w.cols)));
+        out[i] = __float2bfloat16_rn(w_at_code(w, r0 + (int64_t)(i / (size_t)w.cols), (int64_t)(i % (size_t)w.cols), code));
 }
 
 static void to_bf16(CudaCtx *c, __nv_bfloat16 *out, const float *in, size_t n) {
@@ -91,6 +92,7 @@ static __device__ __forceinline__ void gemv_acc8(float *acc, const float *x, int
  * warp per o. vec8: NF4 or BF16 read eight elements at a time (cols and the
  * NF4 start a multiple of 8; BF16 rows 16-byte aligned). */
 static __global__ void k_gemv(float *y, const float *x, DevW w, int n, int vec8) {
+    CUDA_NF4_SHARED(code);
     int lane = threadIdx.x & 31;
     int64_t o = (int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     if (o >= w.rows) return;
@@ -105,7 +107,7 @@ static __global__ void k_gemv(float *y, const float *x, DevW w, int n, int vec8)
                 float a = __fadd_rn(w.nf4_offset, __fmul_rn((float)w.absmax_q[b], w.group_scale[b / KN_NF4_GROUP]));
                 uint32_t q = __ldg((const uint32_t *)(w.codes + e / 2));
 #pragma unroll
-                for (int k = 0; k < 8; k++) v[k] = __fmul_rn(CUDA_NF4_CODE[(q >> (4 * k)) & 15], a);
+                for (int k = 0; k < 8; k++) v[k] = __fmul_rn(code[(q >> (4 * k)) & 15], a);
             } else {
                 uint4 q = __ldg((const uint4 *)((const uint16_t *)w.data + o * w.cols + c));
                 uint32_t p[4] = {q.x, q.y, q.z, q.w};
@@ -119,7 +121,7 @@ static __global__ void k_gemv(float *y, const float *x, DevW w, int n, int vec8)
         }
     } else {
         for (int64_t k = lane; k < w.cols; k += 32) {
-            float v = w_at(w, o, k);
+            float v = w_at_code(w, o, k, code);
 #pragma unroll
             for (int i = 0; i < CUDA_GEMV_MAX_ROWS; i++) /* bounds known: acc stays in registers */
                 if (i < n) acc[i] = fmaf(__ldg(x + i * w.cols + k), v, acc[i]);

@@ -103,8 +103,19 @@ static inline DevW dev_w(KnMatrix m) {
 /* one copy per translation unit (no relocatable device code needed) */
 static __constant__ float CUDA_NF4_CODE[16] = KN_NF4_CODE_VALUES;
 
-/* Element (r, c) of w widened to float (NF4 dequantized as kn_nf4_dequantize). */
-static __device__ __forceinline__ float w_at(const DevW &w, int64_t r, int64_t c) {
+/* The code book in shared memory, for the kernels that dequantize NF4 in
+ * bulk (the decode GEMV, the bf16 GEMM's widening, the MoE experts): the
+ * constant cache serves a warp's loads of different entries one after
+ * another (up to 16 here), shared memory at once. Declare it at the top of
+ * the kernel, before any thread returns (blockDim.x >= 16). */
+#define CUDA_NF4_SHARED(name)                                            \
+    __shared__ float name[16];                                           \
+    if (threadIdx.x < 16) name[threadIdx.x] = CUDA_NF4_CODE[threadIdx.x]; \
+    __syncthreads()
+
+/* Element (r, c) of w widened to float (NF4 dequantized as
+ * kn_nf4_dequantize, its codes looked up in code). */
+static __device__ __forceinline__ float w_at_code(const DevW &w, int64_t r, int64_t c, const float *code) {
     int64_t e = r * w.cols + c;
     switch (w.dtype) {
     case KN_F32: return ((const float *)w.data)[e];
@@ -115,9 +126,14 @@ static __device__ __forceinline__ float w_at(const DevW &w, int64_t r, int64_t c
         int64_t b = e / KN_NF4_BLOCK;
         float a = __fadd_rn(w.nf4_offset, __fmul_rn((float)w.absmax_q[b], w.group_scale[b / KN_NF4_GROUP]));
         uint8_t byte = w.codes[e / 2];
-        return __fmul_rn(CUDA_NF4_CODE[(e & 1) ? byte >> 4 : byte & 15], a);
+        return __fmul_rn(code[(e & 1) ? byte >> 4 : byte & 15], a);
     }
     }
+}
+
+/* The same, the codes read from constant memory (kernels off the hot paths). */
+static __device__ __forceinline__ float w_at(const DevW &w, int64_t r, int64_t c) {
+    return w_at_code(w, r, c, CUDA_NF4_CODE);
 }
 
 /* The mask rule of ops.h (KnMask) for query position q and key t. */

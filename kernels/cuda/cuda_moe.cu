@@ -84,13 +84,14 @@ void cuda_moe_route_dx(const KnCtx *ctx, float *dlogits, const float *dc, const 
 
 /* gu[tk, j] = x[t] . gate_up row (e * 2Im + j): one warp per (pair, j). */
 static __global__ void k_gate_up(float *gu, const float *x, const int32_t *idx, DevW w, int K, int64_t two_im) {
+    CUDA_NF4_SHARED(code);
     int lane = threadIdx.x & 31;
     int64_t tk = blockIdx.x, j = (int64_t)blockIdx.y * WARPS + (threadIdx.x >> 5);
     if (j >= two_im) return;
     const float *xt = x + (tk / K) * w.cols;
     int64_t row = (int64_t)idx[tk] * two_im + j;
     float acc = 0.0f;
-    for (int64_t h = lane; h < w.cols; h += 32) acc += xt[h] * w_at(w, row, h);
+    for (int64_t h = lane; h < w.cols; h += 32) acc += xt[h] * w_at_code(w, row, h, code);
     acc = warp_sum(acc);
     if (lane == 0) gu[tk * two_im + j] = acc;
 }
@@ -105,13 +106,14 @@ static __global__ void k_gelu_mul(float *mm, const float *gu, size_t n, int64_t 
 
 /* yk[tk, h] = mm[tk] . down row (e * H + h): one warp per (pair, h). */
 static __global__ void k_down(float *yk, const float *mm, const int32_t *idx, DevW w, int64_t H) {
+    CUDA_NF4_SHARED(code);
     int lane = threadIdx.x & 31;
     int64_t tk = blockIdx.x, h = (int64_t)blockIdx.y * WARPS + (threadIdx.x >> 5);
     if (h >= H) return;
     const float *m = mm + tk * w.cols;
     int64_t row = (int64_t)idx[tk] * H + h;
     float acc = 0.0f;
-    for (int64_t i = lane; i < w.cols; i += 32) acc += m[i] * w_at(w, row, i);
+    for (int64_t i = lane; i < w.cols; i += 32) acc += m[i] * w_at_code(w, row, i, code);
     acc = warp_sum(acc);
     if (lane == 0) yk[tk * H + h] = acc;
 }
@@ -162,6 +164,7 @@ static __global__ void k_dcoef(float *dc, const float *dy, const float *yk, int6
  * dgu [pairs of the chunk, 2 Im]. One warp per i. */
 static __global__ void k_dgu(float *dgu, const float *dy, const float *gu, const int32_t *idx, const float *coef,
                              DevW down, int64_t tk0, int K, int64_t H) {
+    CUDA_NF4_SHARED(code);
     int lane = threadIdx.x & 31;
     int64_t i = (int64_t)blockIdx.y * WARPS + (threadIdx.x >> 5), Im = down.cols, tk = tk0 + blockIdx.x;
     if (i >= Im) return;
@@ -169,7 +172,7 @@ static __global__ void k_dgu(float *dgu, const float *dy, const float *gu, const
     float *out = dgu + (int64_t)blockIdx.x * 2 * Im;
     int64_t row0 = (int64_t)idx[tk] * H;
     float acc = 0.0f;
-    for (int64_t h = lane; h < H; h += 32) acc += d[h] * w_at(down, row0 + h, i);
+    for (int64_t h = lane; h < H; h += 32) acc += d[h] * w_at_code(down, row0 + h, i, code);
     acc = warp_sum(acc);
     if (lane == 0) {
         float dmm = acc * coef[tk];
@@ -181,6 +184,7 @@ static __global__ void k_dgu(float *dgu, const float *dy, const float *gu, const
 /* dx[t, h] = sum over t's experts k, in order, of dgu[t, k] . gate_up
  * column h of expert e_k, for token t = t0 + blockIdx.x: one warp per h. */
 static __global__ void k_dx(float *dx, const float *dgu, const int32_t *idx, DevW gate_up, int64_t t0, int K) {
+    CUDA_NF4_SHARED(code);
     int lane = threadIdx.x & 31;
     int64_t h = (int64_t)blockIdx.y * WARPS + (threadIdx.x >> 5), H = gate_up.cols, two_im = gate_up.rows;
     if (h >= H) return;
@@ -190,7 +194,7 @@ static __global__ void k_dx(float *dx, const float *dgu, const int32_t *idx, Dev
         const float *g = dgu + ((int64_t)blockIdx.x * K + k) * two_im;
         int64_t row0 = (int64_t)idx[t * K + k] * two_im;
         float acc = 0.0f;
-        for (int64_t j = lane; j < two_im; j += 32) acc += g[j] * w_at(gate_up, row0 + j, h);
+        for (int64_t j = lane; j < two_im; j += 32) acc += g[j] * w_at_code(gate_up, row0 + j, h, code);
         sum += warp_sum(acc);
     }
     if (lane == 0) dx[t * H + h] = sum;
