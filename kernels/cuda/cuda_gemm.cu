@@ -5,9 +5,10 @@
  * widened to bfloat16 a chunk of rows at a time into the context's scratch
  * (dequantize, then GEMM: what QLoRA does on a GPU). A decode step's few rows
  * (n <= CUDA_GEMV_MAX_ROWS) take a GEMV instead that reads each weight byte
- * once and never rounds x: one warp per output feature, lanes striding the
- * input features, NF4 codes read four bytes (eight elements, one absmax)
- * at a time when the matrix allows.
+ * once and never rounds x: a warp per output feature (four for up to four
+ * rows of x, reading x once for them), lanes striding the input features,
+ * NF4 codes read four bytes (eight elements, one absmax) at a time when the
+ * matrix allows.
  *
  * The context's scratch (cuda_scratch) grows on the stream
  * (cudaMallocAsync); a failure to grow is the context's fault, reported by
@@ -76,67 +77,105 @@ static const __nv_bfloat16 *w_rows_bf16(CudaCtx *c, KnMatrix w, int64_t r0, int6
 
 /* ---- the decode GEMV ---------------------------------------------------------- */
 
-/* acc[i] += sum over 8 features from c of x[i, c + k] * v[k], for n rows. */
-static __device__ __forceinline__ void gemv_acc8(float *acc, const float *x, int64_t cols, int64_t c, int n,
-                                                 const float *v) {
+/* The eight weights of row o from feature c (a multiple of 8) as floats. */
+static __device__ __forceinline__ void gemv_w8(const DevW &w, int64_t o, int64_t c, const float *code, float *v) {
+    if (w.dtype == KN_NF4) {
+        int64_t e = w.elem0 + o * w.cols + c, b = e / KN_NF4_BLOCK;
+        float a = __fadd_rn(w.nf4_offset, __fmul_rn((float)w.absmax_q[b], w.group_scale[b / KN_NF4_GROUP]));
+        uint32_t q = __ldg((const uint32_t *)(w.codes + e / 2));
 #pragma unroll
-    for (int i = 0; i < CUDA_GEMV_MAX_ROWS; i++) {
-        if (i >= n) break;
-        const float *xr = x + i * cols + c;
+        for (int k = 0; k < 8; k++) v[k] = __fmul_rn(code[(q >> (4 * k)) & 15], a);
+        return;
+    }
+    uint4 q = __ldg((const uint4 *)((const uint16_t *)w.data + o * w.cols + c));
+    uint32_t p[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-        for (int k = 0; k < 8; k++) acc[i] = fmaf(__ldg(xr + k), v[k], acc[i]);
+    for (int k = 0; k < 4; k++) {
+        v[2 * k] = __uint_as_float(p[k] << 16);
+        v[2 * k + 1] = __uint_as_float(p[k] & 0xFFFF0000u);
     }
 }
 
-/* y[i, o] = sum_c x[i, c] W[o, c] for n <= CUDA_GEMV_MAX_ROWS rows of x: one
- * warp per o. vec8: NF4 or BF16 read eight elements at a time (cols and the
- * NF4 start a multiple of 8; BF16 rows 16-byte aligned). */
+/* y[i, o] = sum_c x[i, c] W[o, c] for n <= NMAX rows of x: a warp per R
+ * consecutive outputs, each lane taking features lane, lane + 32, ... (or
+ * eight at a time from 8 lane with vec8: NF4 or BF16 weights read eight
+ * elements at once, x in two 16-byte loads; cols and the NF4 start a
+ * multiple of 8, BF16 rows and x 16-byte aligned). A warp's x is read once
+ * for its R outputs, so a decode step (n small) reads x R times less; each
+ * output is summed in the same order whatever R and NMAX. */
+template <int R, int NMAX>
 static __global__ void k_gemv(float *y, const float *x, DevW w, int n, int vec8) {
     CUDA_NF4_SHARED(code);
     int lane = threadIdx.x & 31;
-    int64_t o = (int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (o >= w.rows) return;
-    float acc[CUDA_GEMV_MAX_ROWS];
+    int64_t o0 = ((int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * R;
+    if (o0 >= w.rows) return;
+    int nr = w.rows - o0 < R ? (int)(w.rows - o0) : R;
+    float acc[R][NMAX];
 #pragma unroll
-    for (int i = 0; i < CUDA_GEMV_MAX_ROWS; i++) acc[i] = 0.0f;
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int i = 0; i < NMAX; i++) acc[r][i] = 0.0f;
     if (vec8) {
         for (int64_t c = (int64_t)lane * 8; c < w.cols; c += 256) {
-            float v[8];
-            if (w.dtype == KN_NF4) {
-                int64_t e = w.elem0 + o * w.cols + c, b = e / KN_NF4_BLOCK;
-                float a = __fadd_rn(w.nf4_offset, __fmul_rn((float)w.absmax_q[b], w.group_scale[b / KN_NF4_GROUP]));
-                uint32_t q = __ldg((const uint32_t *)(w.codes + e / 2));
+            float v[R][8];
 #pragma unroll
-                for (int k = 0; k < 8; k++) v[k] = __fmul_rn(code[(q >> (4 * k)) & 15], a);
-            } else {
-                uint4 q = __ldg((const uint4 *)((const uint16_t *)w.data + o * w.cols + c));
-                uint32_t p[4] = {q.x, q.y, q.z, q.w};
+            for (int r = 0; r < R; r++)
+                if (r < nr) gemv_w8(w, o0 + r, c, code, v[r]);
 #pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    v[2 * k] = __uint_as_float(p[k] << 16);
-                    v[2 * k + 1] = __uint_as_float(p[k] & 0xFFFF0000u);
-                }
+            for (int i = 0; i < NMAX; i++) {
+                if (i >= n) break;
+                const float4 *xr = (const float4 *)(x + i * w.cols + c);
+                float4 lo = __ldg(xr), hi = __ldg(xr + 1);
+                float xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    if (r < nr) /* uniform over the warp */
+#pragma unroll
+                        for (int k = 0; k < 8; k++) acc[r][i] = fmaf(xv[k], v[r][k], acc[r][i]);
             }
-            gemv_acc8(acc, x, w.cols, c, n, v);
         }
     } else {
         for (int64_t k = lane; k < w.cols; k += 32) {
-            float v = w_at_code(w, o, k, code);
+            float v[R];
 #pragma unroll
-            for (int i = 0; i < CUDA_GEMV_MAX_ROWS; i++) /* bounds known: acc stays in registers */
-                if (i < n) acc[i] = fmaf(__ldg(x + i * w.cols + k), v, acc[i]);
+            for (int r = 0; r < R; r++) v[r] = r < nr ? w_at_code(w, o0 + r, k, code) : 0.0f;
+#pragma unroll
+            for (int i = 0; i < NMAX; i++) { /* bounds known: acc stays in registers */
+                if (i >= n) break;
+                float xi = __ldg(x + i * w.cols + k);
+#pragma unroll
+                for (int r = 0; r < R; r++) acc[r][i] = fmaf(xi, v[r], acc[r][i]);
+            }
         }
     }
 #pragma unroll
-    for (int i = 0; i < CUDA_GEMV_MAX_ROWS; i++) {
-        if (i >= n) break;
-        float s = warp_sum(acc[i]);
-        if (lane == 0) y[i * w.rows + o] = s;
-    }
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int i = 0; i < NMAX; i++) {
+            if (i >= n) break;
+            float s = warp_sum(acc[r][i]);
+            if (lane == 0 && r < nr) y[i * w.rows + o0 + r] = s;
+        }
 }
 
-static int gemv_vec8(KnMatrix w) {
-    if (w.cols % 8) return 0;
+/* Outputs per warp of the GEMV: 4 for up to GEMV_FEW_ROWS rows of x, else 1
+ * (sixteen rows' accumulators leave no registers for more). */
+#define GEMV_FEW_ROWS 4
+
+static void launch_gemv(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t n, int vec8) {
+    DevW dw = dev_w(w);
+    if (n <= GEMV_FEW_ROWS) {
+        unsigned blocks = (unsigned)((w.rows + 4 * GEMV_WARPS - 1) / (4 * GEMV_WARPS));
+        k_gemv<4, GEMV_FEW_ROWS><<<blocks, 32 * GEMV_WARPS, 0, c->stream>>>(y, x, dw, (int)n, vec8);
+    } else {
+        unsigned blocks = (unsigned)((w.rows + GEMV_WARPS - 1) / GEMV_WARPS);
+        k_gemv<1, CUDA_GEMV_MAX_ROWS><<<blocks, 32 * GEMV_WARPS, 0, c->stream>>>(y, x, dw, (int)n, vec8);
+    }
+    CUDA_LAUNCHED(c, "matmul bf16: gemv");
+}
+
+static int gemv_vec8(KnMatrix w, const float *x) {
+    if (w.cols % 8 || ((uintptr_t)x & 15)) return 0;
     if (w.dtype == KN_NF4) {
         const KnNf4 *q = (const KnNf4 *)w.data;
         return w.offset % 8 == 0 && ((uintptr_t)q->codes & 3) == 0;
@@ -168,9 +207,7 @@ static int gemm_operands(CudaCtx *c, KnMatrix w, const float *src, size_t n_act,
 
 void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t n) {
     if (n <= CUDA_GEMV_MAX_ROWS) {
-        unsigned blocks = (unsigned)((w.rows + GEMV_WARPS - 1) / GEMV_WARPS);
-        k_gemv<<<blocks, 32 * GEMV_WARPS, 0, c->stream>>>(y, x, dev_w(w), (int)n, gemv_vec8(w));
-        CUDA_LAUNCHED(c, "matmul bf16: gemv");
+        launch_gemv(c, y, x, w, n, gemv_vec8(w, x));
         return;
     }
     int64_t R = chunk_rows(w);
