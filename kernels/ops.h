@@ -81,6 +81,17 @@ typedef struct {
     int64_t block_len;        /* positions per block, >= 1 */
 } KnKv;
 
+/* One sequence of a batch for attention_batch: its rows [row0, row0 + n_q)
+ * of q and out at absolute positions q_pos0.., attending n_keys keys of
+ * the shared paged stores through its own block table and mask arrays
+ * (KnKv's and KnMask's meaning; device arrays, group may be NULL). */
+typedef struct {
+    int64_t row0, n_q, q_pos0, n_keys;
+    const int32_t *table;
+    const uint8_t *valid;
+    const int32_t *group;
+} KnAttnSeq;
+
 /* One adapter's rows of a grouped LoRA op (SGMV): rows [row0, row0 +
  * n_rows) of x, t and y use A [rank, in] and B [out, rank] (device arrays),
  * scaled by scale. Backward ops accumulate into dA, dB (same shapes).
@@ -189,6 +200,14 @@ typedef struct {
      * so the result equals attention over the keys laid out contiguously */
     void (*attention_paged)(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q, int64_t q_pos0,
                             int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale, const KnMask *mask);
+    /* attention_paged of every sequence of a batch in one call (a decode
+     * step's sequences, each with its own table and mask, over the stores
+     * k, v of block_len positions per block, the same window for all):
+     * the same sums in the same order as attention_paged of each alone, so
+     * the result is the same. seqs is a host array of n_seqs. */
+    void (*attention_batch)(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
+                            int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads, int n_kv_heads, int dim,
+                            float scale, int window);
     /* x[n] = gelu_tanh(x) in place */
     void (*gelu_tanh)(const KnCtx *ctx, float *x, size_t n);
     /* x = cap * tanh(x / cap) */
@@ -240,10 +259,6 @@ typedef struct {
      * its first dim values at position pos[r * pos_stride] */
     void (*rope_rows)(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
                       const float *inv_freq, const int32_t *pos, int64_t pos_stride);
-    /* rows src[n, row_floats] into a paged store at positions pos0.. of a
-     * sequence whose blocks are table[] (KnKv's layout) */
-    void (*kv_store)(const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats,
-                     const int32_t *table, int64_t block_len, int64_t pos0);
     /* t[r, k] = scale * sum_j d(x)[r, j] A[k, j] for the rows of each
      * segment (t's rows are ld_t apart, ld_t >= rank); dropout_buf holds
      * 2 * in floats when a segment has dropout, else may be NULL */

@@ -40,6 +40,7 @@ typedef struct {
     float *lora_tmp;           /* [n, max rank] */
     float *logits;             /* [LOGIT_CHUNK, V] */
     int32_t *ids, *pos;        /* [n] embedding rows, positions */
+    int32_t *slots;            /* [KV_SPACES, n] each row's slot in its KV store, space by space */
     void *cands;               /* [V] sampling candidates (8 bytes each) */
     KnSampleRow *rows;         /* [LOGIT_CHUNK] a chunk's sampling parameters */
     int32_t *next;             /* [LOGIT_CHUNK] a chunk's sampled tokens */
@@ -60,7 +61,7 @@ static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeT
     float *index, *cands, *rows, *next;
     size_t sizes[] = {n * H, n * H, n * H, n * qw, n * qw, n * kvmax, n * kvmax, n * imax, n * imax,
                       n * LP, n * LP, n * t->ple_dim, moe_tape_floats(t, MOE_CHUNK), (size_t)(n * max_rank),
-                      (size_t)LOGIT_CHUNK * t->vocab_size, 2 * (size_t)n, 2 * (size_t)t->vocab_size,
+                      (size_t)LOGIT_CHUNK * t->vocab_size, (2 + KV_SPACES) * (size_t)n, 2 * (size_t)t->vocab_size,
                       LOGIT_CHUNK * sizeof(KnSampleRow) / sizeof(float), LOGIT_CHUNK};
     float **slots[] = {&s->x, &s->h, &s->a, &s->q, &s->att, &s->k, &s->v, &s->gate, &s->up,
                        &s->ple, &s->ple_tok, &s->ple_g, &s->moe_buf, &s->lora_tmp, &s->logits, &index, &cands,
@@ -78,6 +79,7 @@ static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeT
     }
     s->ids = (int32_t *)index;
     s->pos = s->ids + n;
+    s->slots = s->pos + n;
     s->cands = cands;
     s->rows = (KnSampleRow *)rows;
     s->next = (int32_t *)next;
@@ -177,28 +179,38 @@ static void copy_rows(Model *m, float *dst, const float *src, int64_t n) {
     if (dst != src) m->be.ops->copy(&m->be.ctx, dst, src, (size_t)n * sizeof(float));
 }
 
-/* Keys and values of sequence `seq` into its cache (unless replaying: the
- * cache holds them already), and its attention over the cache for its rows
- * of u->qr (normed and rotated) into u->att. */
-static void attend(Model *m, const Batch *b, int seq, int li, const LayerBufs *u, int replay) {
+/* The batch's new keys and values into their caches' stores (unless
+ * replaying: the caches hold them already), then each sequence's attention
+ * over its cache for its rows of u->qr (normed and rotated) into u->att:
+ * one scatter each and one attention call per run of sequences that share a
+ * pool (all of them when serving), not a launch per sequence. */
+static void attend(Model *m, const Batch *b, const Scratch *s, int li, const LayerBufs *u, int replay) {
     const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
-    KvCache *c = b->seqs[seq].cache;
-    int D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
-    int64_t r0 = b->row0[seq], n = b->row0[seq + 1] - r0, kvw = (int64_t)KVH * D;
-    int64_t pos0 = replay ? c->n_past - n : c->n_past;
-    const int32_t *table = c->d_table[c->pool->layer_space[li]];
-    if (!lc->kv_shared && !replay) {
-        m->be.ops->kv_store(&m->be.ctx, c->pool->k[li], u->klin + r0 * kvw, n, kvw, table, c->pool->block_len, pos0);
-        m->be.ops->kv_store(&m->be.ctx, c->pool->v[li], u->vlin + r0 * kvw, n, kvw, table, c->pool->block_len, pos0);
+    const KnOps *ops = m->be.ops;
+    int D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads, src = lc->store_layer;
+    int64_t kvw = (int64_t)KVH * D;
+    int window = lc->kind == LAYER_SLIDING ? t->sliding_window : 0;
+    int groups = t->bidirectional_vision && lc->kind != LAYER_FULL; /* full layers stay causal (§4) */
+    KnAttnSeq *att = m->tables.att;
+    for (int i = 0, j; i < b->n_seqs; i = j) {
+        KvPool *pool = b->seqs[i].cache->pool;
+        for (j = i + 1; j < b->n_seqs && b->seqs[j].cache->pool == pool;) j++;
+        KvSpace sp = (KvSpace)pool->layer_space[li];
+        int64_t r0 = b->row0[i], rows = b->row0[j] - r0;
+        if (!lc->kv_shared && !replay) {
+            const int32_t *slots = s->slots + sp * b->n + r0;
+            ops->rows_scatter(&m->be.ctx, pool->k[li], u->klin + r0 * kvw, slots, rows, kvw);
+            ops->rows_scatter(&m->be.ctx, pool->v[li], u->vlin + r0 * kvw, slots, rows, kvw);
+        }
+        for (int q = i; q < j; q++) {
+            KvCache *c = b->seqs[q].cache;
+            int64_t n = b->row0[q + 1] - b->row0[q], pos0 = replay ? c->n_past - n : c->n_past;
+            att[q - i] = (KnAttnSeq){b->row0[q], n, pos0, pos0 + n, c->d_table[sp], c->d_valid, groups ? c->d_group : NULL};
+        }
+        ops->attention_batch(&m->be.ctx, u->att, u->qr, pool->k[src], pool->v[src], pool->block_len, att, j - i, NH,
+                             KVH, D, 1.0f, window);
     }
-    KnMask mask = {c->d_valid, t->bidirectional_vision ? c->d_group : NULL,
-                   lc->kind == LAYER_SLIDING ? t->sliding_window : 0};
-    if (lc->kind == LAYER_FULL) mask.group = NULL; /* full layers stay causal (§4) */
-    int src = lc->store_layer;
-    KnKv kv = {c->pool->k[src], c->pool->v[src], table, c->pool->block_len};
-    m->be.ops->attention_paged(&m->be.ctx, u->att + r0 * NH * D, u->qr + r0 * NH * D, &kv, n, pos0, pos0 + n, NH, KVH, D,
-                               1.0f, &mask);
 }
 
 /* Self-attention of layer li (§3.5, §3.6) from u->h1 to u->o. Replaying,
@@ -223,7 +235,7 @@ static void attention(Model *m, const Batch *b, int li, Scratch *s, const LayerB
     }
     m->be.ops->rope_rows(&m->be.ctx, u->qr, n, NH, D, D, l->inv_freq, s->pos, 1);
     if (!lc->kv_shared && !replay) m->be.ops->rope_rows(&m->be.ctx, u->klin, n, KVH, D, D, l->inv_freq, s->pos, 1);
-    for (int q = 0; q < b->n_seqs; q++) attend(m, b, q, li, u, replay);
+    attend(m, b, s, li, u, replay);
     linear(m, b, s, u->o, u->att, l->o, li, LORA_O);
 }
 
@@ -328,16 +340,20 @@ static GfStatus tables_reserve(Model *m, int n_seqs, int64_t n, GfError *err) {
         int64_t *r = gf_realloc(t->row0, cap * sizeof *r, err);
         if (r) t->row0 = r;
         KnLoraSeg *g = r ? gf_realloc(t->segs, cap * sizeof *g, err) : NULL;
-        if (!g) return GF_NO_MEMORY;
-        t->segs = g;
+        if (g) t->segs = g;
+        KnAttnSeq *a = g ? gf_realloc(t->att, cap * sizeof *a, err) : NULL;
+        if (!a) return GF_NO_MEMORY;
+        t->att = a;
         t->seq_cap = cap;
     }
     if ((size_t)n > t->row_cap) {
         int32_t *ids = gf_realloc(t->ids, (size_t)n * sizeof *ids, err);
         if (ids) t->ids = ids;
         int32_t *pos = ids ? gf_realloc(t->pos, (size_t)n * sizeof *pos, err) : NULL;
-        if (!pos) return GF_NO_MEMORY;
-        t->pos = pos;
+        if (pos) t->pos = pos;
+        int32_t *slots = pos ? gf_realloc(t->slots, (size_t)n * KV_SPACES * sizeof *slots, err) : NULL;
+        if (!slots) return GF_NO_MEMORY;
+        t->slots = slots;
         t->row_cap = (size_t)n;
     }
     return GF_OK;
@@ -405,6 +421,25 @@ static void batch_sample(Model *m, const Batch *b, Scratch *s, KnSampleRow *rows
     }
 }
 
+/* Each row's slot in its cache's store of each space (KnKv's rule: position
+ * p lives in block table[p / block_len], row p % block_len; -1 where the
+ * space holds no block for it, never stored), uploaded for the layers'
+ * scatters. After the caches took their blocks. */
+static void batch_slots(Model *m, const Batch *b, Scratch *s) {
+    int32_t *h = m->tables.slots;
+    for (int sp = 0; sp < KV_SPACES; sp++)
+        for (int q = 0; q < b->n_seqs; q++) {
+            const KvCache *c = b->seqs[q].cache;
+            int64_t blk = c->pool->block_len, n = b->row0[q + 1] - b->row0[q];
+            int32_t *out = h + sp * b->n + b->row0[q];
+            for (int64_t i = 0; i < n; i++) {
+                int64_t pos = c->n_past + i, e = pos / blk;
+                out[i] = e < c->n_table[sp] && c->table[sp][e] >= 0 ? (int32_t)(c->table[sp][e] * blk + pos % blk) : -1;
+            }
+        }
+    m->be.ops->upload(&m->be.ctx, s->slots, h, (size_t)(KV_SPACES * b->n) * sizeof *h);
+}
+
 /* Embeds every sequence's new tokens into s->x, takes their cache blocks and
  * syncs the caches' tables, and computes the per-layer inputs. */
 static void batch_embed(Model *m, const Batch *b, Scratch *s) {
@@ -423,6 +458,7 @@ static void batch_embed(Model *m, const Batch *b, Scratch *s) {
         if (t->ple_dim)
             model_ple_inputs(m, &sq->in, s->ids + r0, s->x + r0 * H, s->ple + r0 * LP, s->ple_tok + r0 * LP, s->lora_tmp);
     }
+    batch_slots(m, b, s);
 }
 
 /* The batch's residual stream x[n, H] after a layer into layer slot li of

@@ -107,6 +107,8 @@ void model_close(Model *m) {
     kn_backend_close(&m->be);
     free(m->tables.row0);
     free(m->tables.segs);
+    free(m->tables.att);
+    free(m->tables.slots);
     free(m->tables.ids);
     free(m->tables.pos);
     weights_release(m->w);

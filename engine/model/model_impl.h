@@ -8,12 +8,15 @@
 #include "weights_impl.h"
 
 /* The small host tables of one batched forward, grown to the largest batch
- * seen: row offsets and adapter segments per sequence, embedding ids and
- * positions per row (uploaded each step). */
+ * seen: row offsets, adapter segments and attention descriptions per
+ * sequence, embedding ids, positions and KV store slots per row (uploaded
+ * each step). */
 typedef struct {
     int64_t *row0;                  /* [seq_cap] */
     KnLoraSeg *segs;                /* [seq_cap] */
+    KnAttnSeq *att;                 /* [seq_cap] */
     int32_t *ids, *pos;             /* [row_cap] */
+    int32_t *slots;                 /* [KV_SPACES * row_cap]: each row's slot in its store, space by space */
     size_t seq_cap, row_cap;
 } StepTables;
 

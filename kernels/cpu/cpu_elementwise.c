@@ -44,15 +44,6 @@ void cpu_rope_rows_forward(const KnCtx *ctx, float *x, int64_t n_rows, int n_hea
         for (int h = 0; h < n_heads; h++) rope_head(x + (r * n_heads + h) * ld_head, dim, inv_freq, pos[r * pos_stride]);
 }
 
-void cpu_kv_store_forward(const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats,
-                          const int32_t *table, int64_t block_len, int64_t pos0) {
-    (void)ctx;
-    for (int64_t i = 0; i < n; i++) {
-        int64_t pos = pos0 + i, slot = (int64_t)table[pos / block_len] * block_len + pos % block_len;
-        memcpy(store + slot * row_floats, src + i * row_floats, (size_t)row_floats * sizeof(float));
-    }
-}
-
 void cpu_embed_rows_forward(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale) {
     (void)ctx;
     for (int64_t i = 0; i < n; i++) {

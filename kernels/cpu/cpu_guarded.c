@@ -290,6 +290,20 @@ static void g_attention_paged(const KnCtx *ctx, float *out, const float *q, cons
     KnKv h = {H(kv->k), H(kv->v), H(kv->table), kv->block_len};
     CPU_OPS.attention_paged(ctx, H(out), H(q), &h, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, &m);
 }
+static void g_attention_batch(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
+                              int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads, int n_kv_heads,
+                              int dim, float scale, int window) {
+    KnAttnSeq h[MAX_SEGS];
+    if (n_seqs > MAX_SEGS) abort();
+    for (int i = 0; i < n_seqs; i++) {
+        h[i] = seqs[i];
+        h[i].table = H(seqs[i].table);
+        h[i].valid = H(seqs[i].valid);
+        h[i].group = H(seqs[i].group);
+    }
+    CPU_OPS.attention_batch(ctx, H(out), H(q), H(k), H(v), block_len, h, n_seqs, n_heads, n_kv_heads, dim, scale,
+                            window);
+}
 static void g_gelu_tanh(const KnCtx *ctx, float *x, size_t n) { CPU_OPS.gelu_tanh(ctx, H(x), n); }
 static void g_softcap(const KnCtx *ctx, float *x, size_t n, float cap) { CPU_OPS.softcap(ctx, H(x), n, cap); }
 static void g_embed_rows(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale) {
@@ -342,10 +356,6 @@ static void g_scale(const KnCtx *ctx, float *x, size_t n, float s) { CPU_OPS.sca
 static void g_rope_rows(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
                         const float *inv_freq, const int32_t *pos, int64_t pos_stride) {
     CPU_OPS.rope_rows(ctx, H(x), n_rows, n_heads, dim, ld_head, H(inv_freq), H(pos), pos_stride);
-}
-static void g_kv_store(const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats,
-                       const int32_t *table, int64_t block_len, int64_t pos0) {
-    CPU_OPS.kv_store(ctx, H(store), H(src), n, row_floats, H(table), block_len, pos0);
 }
 static void g_moe_route(const KnCtx *ctx, int32_t *idx, float *w, float *coef, float *p, const float *expert_scale,
                         int64_t n, int E, int K) {
@@ -421,6 +431,7 @@ static const KnOps GUARDED_OPS = {
     .rmsnorm = g_rmsnorm,
     .attention = g_attention,
     .attention_paged = g_attention_paged,
+    .attention_batch = g_attention_batch,
     .gelu_tanh = g_gelu_tanh,
     .softcap = g_softcap,
     .embed_rows = g_embed_rows,
@@ -441,7 +452,6 @@ static const KnOps GUARDED_OPS = {
     .scale_shift = g_scale_shift,
     .standardize = g_standardize,
     .rope_rows = g_rope_rows,
-    .kv_store = g_kv_store,
     .moe_route = g_moe_route,
     .moe_experts = g_moe_experts,
     .moe_experts_dx = g_moe_experts_dx,

@@ -65,8 +65,6 @@ void cpu_mul_forward(const KnCtx *ctx, float *y, const float *a, const float *b,
 void cpu_scale_forward(const KnCtx *ctx, float *x, size_t n, float s);
 void cpu_rope_rows_forward(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
                            const float *inv_freq, const int32_t *pos, int64_t pos_stride);
-void cpu_kv_store_forward(const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats,
-                          const int32_t *table, int64_t block_len, int64_t pos0);
 void cpu_mul_acc_forward(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols,
                          int64_t ld_y);
 void cpu_rows_gather_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);

@@ -106,42 +106,46 @@ static inline const float *kv_row(const AttnTask *t, const float *base, int64_t 
 }
 
 
-/* One (query, head) pair per work item: scores, softmax in float32, sum of V. */
+enum { ATTN_STACK = 8192 }; /* scores kept on the stack up to this many keys */
+
+/* Work item `item` = (query, head): scores, softmax in float32, sum of V. */
+static void attn_item(const AttnTask *t, long item, float *stack_scores) {
+    int64_t i = item / t->n_heads;
+    int h = (int)(item % t->n_heads), kvh = h / (t->n_heads / t->n_kv_heads);
+    int64_t qpos = t->q_pos0 + i;
+    const float *qv = t->q + (i * t->n_heads + h) * t->dim;
+    float *o = t->out + (i * t->n_heads + h) * t->dim;
+    memset(o, 0, (size_t)t->dim * sizeof(float));
+    float mx = -INFINITY, sum = 0.0f;
+    /* two passes when the key count is larger than the stack buffer */
+    float *scores = t->n_keys <= ATTN_STACK ? stack_scores : NULL;
+    for (int64_t k = 0; k < t->n_keys; k++) {
+        float s = cpu_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh), t->dim) * t->scale
+                                             : -INFINITY;
+        if (scores) scores[k] = s;
+        if (s > mx) mx = s;
+    }
+    if (mx == -INFINITY) return; /* no visible key: zeros */
+    for (int64_t k = 0; k < t->n_keys; k++) {
+        float s = scores ? scores[k]
+                         : (cpu_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh), t->dim) * t->scale
+                                                      : -INFINITY);
+        if (s == -INFINITY) continue;
+        float w = expf(s - mx);
+        sum += w;
+        const float *vv = kv_row(t, t->v, k, kvh);
+        for (int d = 0; d < t->dim; d++) o[d] += w * vv[d];
+    }
+    for (int d = 0; d < t->dim; d++) o[d] /= sum;
+}
+
+/* One (query, head) pair per work item. */
 static void attn_task(void *p, int ith, int nth) {
     AttnTask *t = p;
     long lo, hi;
     kn_split((long)(t->n_q * t->n_heads), ith, nth, &lo, &hi);
-    enum { MAX_STACK = 8192 };
-    float stack_scores[MAX_STACK];
-    for (long item = lo; item < hi; item++) {
-        int64_t i = item / t->n_heads;
-        int h = (int)(item % t->n_heads), kvh = h / (t->n_heads / t->n_kv_heads);
-        int64_t qpos = t->q_pos0 + i;
-        const float *qv = t->q + (i * t->n_heads + h) * t->dim;
-        float *o = t->out + (i * t->n_heads + h) * t->dim;
-        memset(o, 0, (size_t)t->dim * sizeof(float));
-        float mx = -INFINITY, sum = 0.0f;
-        /* two passes when the key count is larger than the stack buffer */
-        float *scores = t->n_keys <= MAX_STACK ? stack_scores : NULL;
-        for (int64_t k = 0; k < t->n_keys; k++) {
-            float s = cpu_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh), t->dim) * t->scale
-                                                 : -INFINITY;
-            if (scores) scores[k] = s;
-            if (s > mx) mx = s;
-        }
-        if (mx == -INFINITY) continue; /* no visible key: zeros */
-        for (int64_t k = 0; k < t->n_keys; k++) {
-            float s = scores ? scores[k]
-                             : (cpu_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh), t->dim) * t->scale
-                                                          : -INFINITY);
-            if (s == -INFINITY) continue;
-            float w = expf(s - mx);
-            sum += w;
-            const float *vv = kv_row(t, t->v, k, kvh);
-            for (int d = 0; d < t->dim; d++) o[d] += w * vv[d];
-        }
-        for (int d = 0; d < t->dim; d++) o[d] /= sum;
-    }
+    float stack_scores[ATTN_STACK];
+    for (long item = lo; item < hi; item++) attn_item(t, item, stack_scores);
 }
 
 static void cpu_attention_forward(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
@@ -161,6 +165,54 @@ static void cpu_attention_paged_forward(const KnCtx *ctx, float *out, const floa
     else kn_pool_run(ctx->pool, attn_task, &t);
 }
 
+/* A batch's sequences: their (query, head) items numbered one after the
+ * other (first[s] is sequence s's first), split over the threads. */
+typedef struct {
+    AttnTask *seqs;
+    KnMask *masks;
+    long *first;              /* [n + 1] */
+    int n;
+} AttnBatch;
+
+static void attn_batch_task(void *p, int ith, int nth) {
+    AttnBatch *b = p;
+    long lo, hi;
+    kn_split(b->first[b->n], ith, nth, &lo, &hi);
+    float stack_scores[ATTN_STACK];
+    int s = 0;
+    for (long item = lo; item < hi; item++) {
+        while (item >= b->first[s + 1]) s++;
+        attn_item(&b->seqs[s], item - b->first[s], stack_scores);
+    }
+}
+
+/* Batches of at most this many sequences per pool run (their tasks on the stack). */
+#define ATTN_BATCH 64
+
+static void cpu_attention_batch_forward(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
+                                        int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads,
+                                        int n_kv_heads, int dim, float scale, int window) {
+    AttnTask tasks[ATTN_BATCH];
+    KnMask masks[ATTN_BATCH];
+    long first[ATTN_BATCH + 1];
+    for (int s0 = 0; s0 < n_seqs; s0 += ATTN_BATCH) {
+        AttnBatch b = {tasks, masks, first, n_seqs - s0 < ATTN_BATCH ? n_seqs - s0 : ATTN_BATCH};
+        int64_t work = 0;
+        first[0] = 0;
+        for (int i = 0; i < b.n; i++) {
+            const KnAttnSeq *sq = &seqs[s0 + i];
+            masks[i] = (KnMask){sq->valid, sq->group, window};
+            size_t at = (size_t)(sq->row0 * n_heads * dim);
+            tasks[i] = (AttnTask){out + at, q + at, k, v, sq->n_q, sq->q_pos0, sq->n_keys, n_heads, n_kv_heads, dim,
+                                  scale, &masks[i], sq->table, block_len};
+            first[i + 1] = first[i] + (long)(sq->n_q * n_heads);
+            work += sq->n_q * n_heads * sq->n_keys * dim;
+        }
+        if (work < CPU_PARALLEL_MIN_WORK) attn_batch_task(&b, 0, 1);
+        else kn_pool_run(ctx->pool, attn_batch_task, &b);
+    }
+}
+
 const KnOps CPU_OPS = {
     .alloc = cpu_alloc,
     .free = cpu_free,
@@ -174,6 +226,7 @@ const KnOps CPU_OPS = {
     .rmsnorm = cpu_rmsnorm_forward,
     .attention = cpu_attention_forward,
     .attention_paged = cpu_attention_paged_forward,
+    .attention_batch = cpu_attention_batch_forward,
     .gelu_tanh = cpu_gelu_tanh_forward,
     .softcap = cpu_softcap_forward,
     .embed_rows = cpu_embed_rows_forward,
@@ -194,7 +247,6 @@ const KnOps CPU_OPS = {
     .scale_shift = cpu_scale_shift_forward,
     .standardize = cpu_standardize_forward,
     .rope_rows = cpu_rope_rows_forward,
-    .kv_store = cpu_kv_store_forward,
     .moe_route = cpu_moe_route_forward,
     .moe_experts = cpu_moe_experts_forward,
     .moe_experts_dx = cpu_moe_experts_backward,

@@ -79,7 +79,10 @@ static __device__ void chunk_scores(const AttArgs &a, const float *qs, const flo
 
 static size_t tile_smem(int dim) { return ((size_t)QT * dim + (size_t)CHUNK * dim) * sizeof(float); }
 
-static __global__ void k_attention(float *out, const float *q, AttArgs a) {
+/* The block's tile (queries blockIdx.x * QT.., head blockIdx.y) of a; one
+ * compiled body for the single and the batched kernel, so both give the
+ * same bits. */
+static __device__ __noinline__ void attention_tile(float *out, const float *q, const AttArgs a) {
     extern __shared__ float sm[];
     float *qs = sm, *kv = sm + QT * a.dim; /* [QT][dim], then one chunk's keys or values [CHUNK][dim] */
     __shared__ float s[QT][CHUNK], p[QT][CHUNK], alpha_sh[QT], l_sh[QT], m_sh[QT];
@@ -164,6 +167,29 @@ static __global__ void k_attention(float *out, const float *q, AttArgs a) {
     }
 }
 
+static __global__ void k_attention(float *out, const float *q, AttArgs a) { attention_tile(out, q, a); }
+
+/* A batch's sequences launched together: up to ATT_GROUP of them by value
+ * in the kernel's parameters, blockIdx.z picking one; a block past its
+ * sequence's queries has nothing to do. */
+#define ATT_GROUP 32
+typedef struct {
+    KnAttnSeq s[ATT_GROUP];
+} AttSeqs;
+
+static __global__ void k_attention_batch(float *out, const float *q, AttArgs a, AttSeqs g) {
+    const KnAttnSeq &s = g.s[blockIdx.z];
+    if ((int64_t)blockIdx.x * QT >= s.n_q) return; /* the whole block */
+    a.table = s.table;
+    a.valid = s.valid;
+    a.group = s.group;
+    a.n_q = s.n_q;
+    a.q_pos0 = s.q_pos0;
+    a.n_keys = s.n_keys;
+    size_t at = (size_t)s.row0 * (size_t)a.n_heads * (size_t)a.dim;
+    attention_tile(out + at, q + at, a);
+}
+
 static int att_ok(CudaCtx *c, int dim, int n_heads, int n_kv_heads, const char *what) {
     if (dim > 0 && dim <= 1024 && n_kv_heads > 0 && n_heads % n_kv_heads == 0) return 1;
     cuda_note(c, cudaErrorInvalidValue, what); /* a shape the kernel does not take: reported at synchronize */
@@ -179,6 +205,32 @@ static void launch_attention(const KnCtx *ctx, float *out, const float *q, const
     dim3 grid((unsigned)((a.n_q + QT - 1) / QT), (unsigned)a.n_heads);
     k_attention<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, a);
     CUDA_LAUNCHED(c, what);
+}
+
+void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
+                          int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads, int n_kv_heads, int dim,
+                          float scale, int window) {
+    if (n_seqs <= 0 || n_heads <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_batch")) return;
+    size_t smem = tile_smem(dim);
+    cuda_note(c, cudaFuncSetAttribute(k_attention_batch, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+              "attention_batch");
+    AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale};
+    for (int s0 = 0; s0 < n_seqs; s0 += ATT_GROUP) {
+        AttSeqs g;
+        int ng = n_seqs - s0 < ATT_GROUP ? n_seqs - s0 : ATT_GROUP;
+        int64_t tiles = 0;
+        for (int i = 0; i < ng; i++) {
+            g.s[i] = seqs[s0 + i];
+            int64_t t = (g.s[i].n_q + QT - 1) / QT;
+            if (t > tiles) tiles = t;
+        }
+        if (tiles == 0) continue;
+        dim3 grid((unsigned)tiles, (unsigned)n_heads, (unsigned)ng);
+        k_attention_batch<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, a, g);
+        CUDA_LAUNCHED(c, "attention_batch");
+    }
 }
 
 void cuda_attention(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,

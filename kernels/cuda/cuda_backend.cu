@@ -184,6 +184,7 @@ static KnOps make_ops(void) {
     o.rmsnorm = cuda_rmsnorm;
     o.attention = cuda_attention;
     o.attention_paged = cuda_attention_paged;
+    o.attention_batch = cuda_attention_batch;
     o.gelu_tanh = cuda_gelu_tanh;
     o.softcap = cuda_softcap;
     o.embed_rows = cuda_embed_rows;
@@ -203,7 +204,6 @@ static KnOps make_ops(void) {
     o.sq_norm = cuda_sq_norm;
     o.scale = cuda_scale;
     o.rope_rows = cuda_rope_rows;
-    o.kv_store = cuda_kv_store;
     o.lora_shrink = cuda_lora_shrink;
     o.moe_route = cuda_moe_route;
     o.moe_experts = cuda_moe_experts;

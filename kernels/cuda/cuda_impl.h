@@ -223,14 +223,15 @@ void cuda_standardize(const KnCtx *ctx, float *x, int64_t rows, int64_t cols, co
 void cuda_scale(const KnCtx *ctx, float *x, size_t n, float s);
 void cuda_rope_rows(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
                     const float *inv_freq, const int32_t *pos, int64_t pos_stride);
-void cuda_kv_store(const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats,
-                   const int32_t *table, int64_t block_len, int64_t pos0);
 /* cuda_attention.cu */
 void cuda_attention(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
                     int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
                     const KnMask *mask);
 void cuda_attention_paged(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q, int64_t q_pos0,
                           int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale, const KnMask *mask);
+void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
+                          int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads, int n_kv_heads, int dim,
+                          float scale, int window);
 void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
                        const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
                        int n_kv_heads, int dim, float scale, const KnMask *mask);

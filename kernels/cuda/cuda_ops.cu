@@ -325,16 +325,3 @@ void cuda_rope_rows(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int
     LAUNCH(cuda_ctx(ctx), rope_rows, n, x, n, n_heads, half, ld_head, inv_freq, pos, pos_stride);
 }
 
-static __global__ void k_kv_store(float *store, const float *src, size_t n, int64_t row_floats, const int32_t *table,
-                                  int64_t block_len, int64_t pos0) {
-    GRID_STRIDE(e, n) {
-        int64_t i = (int64_t)e / row_floats, f = (int64_t)e % row_floats, pos = pos0 + i;
-        int64_t slot = (int64_t)table[pos / block_len] * block_len + pos % block_len;
-        store[slot * row_floats + f] = src[e];
-    }
-}
-void cuda_kv_store(const KnCtx *ctx, float *store, const float *src, int64_t n, int64_t row_floats,
-                   const int32_t *table, int64_t block_len, int64_t pos0) {
-    size_t total = n > 0 && row_floats > 0 ? (size_t)(n * row_floats) : 0;
-    LAUNCH(cuda_ctx(ctx), kv_store, total, store, src, total, row_floats, table, block_len, pos0);
-}

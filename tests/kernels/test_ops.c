@@ -345,6 +345,56 @@ static void test_attention(Dev *d) {
     free(q); free(k); free(v);
 }
 
+/* attention_batch: a decode step's sequences in one call (decodes and
+ * prefills of several lengths, each with its own blocks in shared stores,
+ * its own padding and one with vision blocks) give, bit for bit, what
+ * attention_paged gives each alone. */
+static void test_attention_batch(Dev *d) {
+    enum { NS = 5, BLK = 4, SLOTS = 16, H = 4, KVH = 2 };
+    const int nq[NS] = {1, 6, 3, 1, 9}, pos0[NS] = {10, 0, 5, 0, 2};
+    const int dims[] = {16, 256};
+    for (size_t di = 0; di < sizeof dims / sizeof *dims; di++)
+        for (int window = 0; window <= 3; window += 3) {
+            int D = dims[di], rows = 0, next_slot = 0;
+            size_t store = (size_t)SLOTS * BLK * KVH * D;
+            float *k = rand_vec(store), *v = rand_vec(store);
+            float *dk = dev_put(d, k, F(store)), *dv = dev_put(d, v, F(store));
+            KnAttnSeq seqs[NS];
+            for (int s = 0; s < NS; s++) {
+                int nk = pos0[s] + nq[s], nb = (nk + BLK - 1) / BLK;
+                int32_t table[8] = {0}, group[32] = {0};
+                uint8_t valid[32] = {0};
+                for (int b = 0; b < nb; b++) table[b] = (int32_t)((next_slot++ * 7) % SLOTS); /* out of order */
+                for (int t = 0; t < nk; t++) {
+                    valid[t] = (uint8_t)(t == 0 || frand() > -0.7f);
+                    group[t] = s == 4 && t >= 3 && t < 7 ? 0 : -1;
+                }
+                seqs[s] = (KnAttnSeq){rows, nq[s], pos0[s], nk, dev_put(d, table, sizeof table),
+                                      dev_put(d, valid, sizeof valid), s == 4 ? dev_put(d, group, sizeof group) : NULL};
+                rows += nq[s];
+            }
+            size_t qn = (size_t)rows * H * D;
+            float *dq = dev_put(d, rand_vec(qn), F(qn)), *d1 = dev_poisoned(d, F(qn)), *d2 = dev_poisoned(d, F(qn));
+            d->be.ops->attention_batch(&d->be.ctx, d1, dq, dk, dv, BLK, seqs, NS, H, KVH, D, 0.25f, window);
+            for (int s = 0; s < NS; s++) {
+                KnKv kv = {dk, dv, seqs[s].table, BLK};
+                KnMask m = {seqs[s].valid, seqs[s].group, window};
+                size_t at = (size_t)seqs[s].row0 * H * D;
+                d->be.ops->attention_paged(&d->be.ctx, d2 + at, dq + at, &kv, seqs[s].n_q, seqs[s].q_pos0, seqs[s].n_keys,
+                                           H, KVH, D, 0.25f, &m);
+            }
+            float *o1 = malloc(F(qn)), *o2 = malloc(F(qn));
+            dev_get(d, o1, d1, F(qn));
+            dev_get(d, o2, d2, F(qn));
+            int finite = 1;
+            for (size_t i = 0; i < qn; i++) finite &= isfinite(o1[i]);
+            CHECK(finite && memcmp(o1, o2, F(qn)) == 0, "%s: attention_batch equals attention_paged per sequence (D %d, window %d)",
+                  d->be.name, D, window);
+            free(o1); free(o2); free(k); free(v);
+            dev_reset(d);
+        }
+}
+
 /* ---- backward: each gradient kernel against central differences of a
  * double-precision forward written from the definition ---- */
 
@@ -640,22 +690,26 @@ static void test_rope_rows(Dev *d) {
     dev_reset(d);
 }
 
-/* kv_store lands each row where a paged attention reads it; embed_rows
- * gathers rows of a bf16 table. */
+/* rows_scatter stores K/V rows where a paged attention reads them (the
+ * engine's slot of position p: table[p / block_len] * block_len + p %
+ * block_len), leaving the other rows as they were; embed_rows gathers rows
+ * of a bf16 table. */
 static void test_kv_store_embed_rows(Dev *d) {
     enum { BLK = 3, SLOTS = 5, ROW = 6, N = 7, POS0 = 4 };
-    int32_t table[SLOTS] = {4, 1, 3, 0, 2};
-    float *src = rand_vec((size_t)N * ROW), store[SLOTS * BLK * ROW];
-    float *dstore = dev_put(d, memset(store, 0, sizeof store), sizeof store);
-    d->be.ops->kv_store(&d->be.ctx, dstore, dev_put(d, src, F(N * ROW)), N, ROW, dev_put(d, table, sizeof table), BLK,
-                        POS0);
+    int32_t table[SLOTS] = {4, 1, 3, 0, 2}, slot[N];
+    float *src = rand_vec((size_t)N * ROW), store[SLOTS * BLK * ROW], *before = rand_vec((size_t)SLOTS * BLK * ROW);
+    for (int i = 0; i < N; i++) slot[i] = table[(POS0 + i) / BLK] * BLK + (POS0 + i) % BLK;
+    float *dstore = dev_put(d, before, sizeof store);
+    d->be.ops->rows_scatter(&d->be.ctx, dstore, dev_put(d, src, F(N * ROW)), dev_put(d, slot, sizeof slot), N, ROW);
     dev_get(d, store, dstore, sizeof store);
-    int ok = 1;
+    int ok = 1, stored[SLOTS * BLK] = {0};
     for (int i = 0; i < N; i++) {
-        int p = POS0 + i, slot = table[p / BLK] * BLK + p % BLK;
-        ok &= memcmp(store + slot * ROW, src + i * ROW, ROW * sizeof(float)) == 0;
+        ok &= memcmp(store + slot[i] * ROW, src + i * ROW, ROW * sizeof(float)) == 0;
+        stored[slot[i]] = 1;
     }
-    CHECK(ok, "kv_store puts position p in block table[p / block_len], row p %% block_len%s", "");
+    for (int r = 0; r < SLOTS * BLK; r++) ok &= stored[r] || memcmp(store + r * ROW, before + r * ROW, ROW * sizeof(float)) == 0;
+    CHECK(ok, "K/V rows land in block table[p / block_len], row p %% block_len%s", "");
+    free(before);
     int V = 11, C = 9;
     int32_t ids[4] = {10, 0, 10, 3};
     uint16_t *tb = malloc((size_t)V * C * 2);
@@ -1293,6 +1347,7 @@ int main(void) {
             test_rmsnorm_gelu_softcap(&d);
             test_attention(&d);
             test_attention_shapes(&d);
+            test_attention_batch(&d);
             test_matmul_rmsnorm_gelu_dx(&d);
             test_attention_dx(&d);
             test_attention_dx_shapes(&d);
