@@ -150,18 +150,49 @@ static void place_soft_tokens(Model *m, const ModelInput *in, float *x) {
     }
 }
 
-void model_ple_inputs(Model *m, const ModelInput *in, const int32_t *ids, const float *x, float *ple, float *tok,
-                      float *lora_tmp) {
+/* The per-layer inputs of n rows (§3.3) from their projection (x
+ * ple_model_proj^T, with its adapter's term) in ple[n, L, P]: scaled and
+ * normed, the token part of embedding rows ids added (tok: scratch of the
+ * same size), mixed. */
+static void ple_finish(Model *m, const int32_t *ids, int64_t n, float *ple, float *tok) {
     const TextConfig *t = &m->w->cfg.text;
-    int64_t L = t->n_layers, P = t->ple_dim, H = t->hidden_size, n = in->n;
-    m->be.ops->matmul(&m->be.ctx, ple, x, m->wt->ple_model_proj, n);
-    if (in->lora && in->lora->ple_model_proj) lora_apply(&m->be, in->lora, in->lora->ple_model_proj, ple, x, n, lora_tmp);
+    int64_t L = t->n_layers, P = t->ple_dim, H = t->hidden_size;
     float ctx_scale = (float)(1.0 / sqrt((double)H)), tok_scale = sqrtf((float)P), mix = (float)(1.0 / sqrt(2.0));
     m->be.ops->scale(&m->be.ctx, ple, (size_t)(n * L * P), ctx_scale);
     m->be.ops->rmsnorm(&m->be.ctx, ple, ple, m->wt->ple_norm, n * L, P, t->rms_eps);
     m->be.ops->embed_rows(&m->be.ctx, tok, m->wt->embed_ple, ids, n, tok_scale);
     m->be.ops->add(&m->be.ctx, ple, ple, tok, (size_t)(n * L * P));
     m->be.ops->scale(&m->be.ctx, ple, (size_t)(n * L * P), mix);
+}
+
+void model_ple_inputs(Model *m, const ModelInput *in, const int32_t *ids, const float *x, float *ple, float *tok,
+                      float *lora_tmp) {
+    m->be.ops->matmul(&m->be.ctx, ple, x, m->wt->ple_model_proj, in->n);
+    if (in->lora && in->lora->ple_model_proj) lora_apply(&m->be, in->lora, in->lora->ple_model_proj, ple, x, in->n, lora_tmp);
+    ple_finish(m, ids, in->n, ple, tok);
+}
+
+/* The per-layer inputs of every row of the batch at once: one matmul over
+ * ple_model_proj for all its sequences (read once per step, not once per
+ * sequence), the adapters on it added in one grouped call. After the soft
+ * tokens are placed. */
+static void batch_ple(Model *m, const Batch *b, Scratch *s) {
+    const TextConfig *t = &m->w->cfg.text;
+    int64_t LP = (int64_t)t->n_layers * t->ple_dim;
+    m->be.ops->matmul(&m->be.ctx, s->ple, s->x, m->wt->ple_model_proj, b->n);
+    int n_segs = 0;
+    float *dropout_buf = NULL;
+    for (int i = 0, j; i < b->n_seqs; i = j) {
+        const LoraBinding *lb = b->seqs[i].in.lora;
+        for (j = i + 1; j < b->n_seqs && b->seqs[j].in.lora == lb;) j++;
+        if (!lb || !lb->ple_model_proj) continue;
+        b->segs[n_segs++] = lora_segment(lb, lb->ple_model_proj, b->row0[i], b->row0[j] - b->row0[i]);
+        if (lb->dropout.p > 0) dropout_buf = lb->dropout.row;
+    }
+    if (n_segs)
+        lora_apply_segments(&m->be, b->segs, n_segs, s->ple, s->x, t->hidden_size, LP, s->lora_tmp, b->max_rank,
+                            dropout_buf);
+    ple_finish(m, s->ids, b->n, s->ple, s->ple_tok);
 }
 
 /* ---- one decoder layer (§3.4-§3.8) --------------------------------------------- */
@@ -444,7 +475,7 @@ static void batch_slots(Model *m, const Batch *b, Scratch *s) {
  * syncs the caches' tables, and computes the per-layer inputs. */
 static void batch_embed(Model *m, const Batch *b, Scratch *s) {
     const TextConfig *t = &m->w->cfg.text;
-    int64_t H = t->hidden_size, LP = (int64_t)t->n_layers * t->ple_dim;
+    int64_t H = t->hidden_size;
     m->be.ops->upload(&m->be.ctx, s->ids, m->tables.ids, (size_t)b->n * sizeof(int32_t));
     m->be.ops->upload(&m->be.ctx, s->pos, m->tables.pos, (size_t)b->n * sizeof(int32_t));
     m->be.ops->embed_rows(&m->be.ctx, s->x, m->wt->embed, s->ids, b->n, sqrtf((float)H));
@@ -455,9 +486,8 @@ static void batch_embed(Model *m, const Batch *b, Scratch *s) {
         mark_positions(m, sq->cache, &sq->in);
         kv_cache_grow(sq->cache, sq->in.n);
         kv_cache_sync(sq->cache, sq->cache->n_past, sq->in.n);
-        if (t->ple_dim)
-            model_ple_inputs(m, &sq->in, s->ids + r0, s->x + r0 * H, s->ple + r0 * LP, s->ple_tok + r0 * LP, s->lora_tmp);
     }
+    if (t->ple_dim) batch_ple(m, b, s);
     batch_slots(m, b, s);
 }
 
