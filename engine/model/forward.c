@@ -409,14 +409,18 @@ static GfStatus batch_rows(Model *m, ModelSeq *seqs, int n_seqs, Batch *b, GfErr
 }
 
 /* The rows each sequence wants logits of (its last, or all with
- * last_only 0 and !in.last_logits_only) gathered into s->a; returns their count. */
+ * last_only 0 and !in.last_logits_only) gathered into s->a in one call;
+ * returns their count. After the layers: their indices reuse the KV slot
+ * tables, host and device. */
 static int64_t gather_logit_rows(Model *m, const Batch *b, Scratch *s, int last_only) {
     int64_t H = m->w->cfg.text.hidden_size, rows = 0;
+    int32_t *idx = m->tables.slots;
     for (int q = 0; q < b->n_seqs; q++) {
         int64_t n = b->row0[q + 1] - b->row0[q], k = last_only || b->seqs[q].in.last_logits_only ? 1 : n;
-        m->be.ops->copy(&m->be.ctx, s->a + rows * H, s->x + (b->row0[q + 1] - k) * H, (size_t)(k * H) * sizeof(float));
-        rows += k;
+        for (int64_t r = b->row0[q + 1] - k; r < b->row0[q + 1]; r++) idx[rows++] = (int32_t)r;
     }
+    m->be.ops->upload(&m->be.ctx, s->slots, idx, (size_t)rows * sizeof *idx);
+    m->be.ops->rows_gather(&m->be.ctx, s->a, s->x, s->slots, rows, H);
     return rows;
 }
 
