@@ -374,7 +374,7 @@ static void test_attention_batch(Dev *d) {
                 rows += nq[s];
             }
             size_t qn = (size_t)rows * H * D;
-            float *dq = dev_put(d, rand_vec(qn), F(qn)), *d1 = dev_poisoned(d, F(qn)), *d2 = dev_poisoned(d, F(qn));
+            float *q = rand_vec(qn), *dq = dev_put(d, q, F(qn)), *d1 = dev_poisoned(d, F(qn)), *d2 = dev_poisoned(d, F(qn));
             d->be.ops->attention_batch(&d->be.ctx, d1, dq, dk, dv, BLK, seqs, NS, H, KVH, D, 0.25f, window);
             for (int s = 0; s < NS; s++) {
                 KnKv kv = {dk, dv, seqs[s].table, BLK};
@@ -390,7 +390,7 @@ static void test_attention_batch(Dev *d) {
             for (size_t i = 0; i < qn; i++) finite &= isfinite(o1[i]);
             CHECK(finite && memcmp(o1, o2, F(qn)) == 0, "%s: attention_batch equals attention_paged per sequence (D %d, window %d)",
                   d->be.name, D, window);
-            free(o1); free(o2); free(k); free(v);
+            free(o1); free(o2); free(q); free(k); free(v);
             dev_reset(d);
         }
 }
