@@ -89,23 +89,35 @@ static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeT
 
 /* ---- pieces of the forward pass --------------------------------------------- */
 
-/* y[n, out] = x W^T over every row of the batch, plus each adapter's term
- * on the rows of the run of consecutive sequences that use it, all adapters
+/* The pair a binding puts on text slot `slot` of layer li, or on
+ * ple_model_proj for li < 0 (NULL: none). */
+static const LoraPair *batch_pair(const LoraBinding *lb, int li, int slot) {
+    if (!lb) return NULL;
+    return li < 0 ? lb->ple_model_proj : lb->text[li * LORA_TEXT_SLOTS + slot];
+}
+
+/* y[n, out] += each adapter's term (its pair at li, slot: batch_pair) on
+ * the rows of the run of consecutive sequences that use it, all adapters
  * in one grouped call. */
-static void linear(Model *m, const Batch *b, const Scratch *s, float *y, const float *x, KnMatrix w, int li, int slot) {
-    m->be.ops->matmul(&m->be.ctx, y, x, w, b->n);
+static void batch_adapters(Model *m, const Batch *b, const Scratch *s, float *y, const float *x, int64_t in,
+                           int64_t out, int li, int slot) {
     int n_segs = 0;
     float *dropout_buf = NULL; /* training runs one sequence: one binding, one buffer */
     for (int i = 0, j; i < b->n_seqs; i = j) {
         const LoraBinding *lb = b->seqs[i].in.lora;
         for (j = i + 1; j < b->n_seqs && b->seqs[j].in.lora == lb;) j++;
-        const LoraPair *p = lb ? lb->text[li * LORA_TEXT_SLOTS + slot] : NULL;
+        const LoraPair *p = batch_pair(lb, li, slot);
         if (!p) continue;
         b->segs[n_segs++] = lora_segment(lb, p, b->row0[i], b->row0[j] - b->row0[i]);
         if (lb->dropout.p > 0) dropout_buf = lb->dropout.row;
     }
-    if (n_segs)
-        lora_apply_segments(&m->be, b->segs, n_segs, y, x, w.cols, w.rows, s->lora_tmp, b->max_rank, dropout_buf);
+    if (n_segs) lora_apply_segments(&m->be, b->segs, n_segs, y, x, in, out, s->lora_tmp, b->max_rank, dropout_buf);
+}
+
+/* y[n, out] = x W^T over every row of the batch, plus the adapters' terms. */
+static void linear(Model *m, const Batch *b, const Scratch *s, float *y, const float *x, KnMatrix w, int li, int slot) {
+    m->be.ops->matmul(&m->be.ctx, y, x, w, b->n);
+    batch_adapters(m, b, s, y, x, w.cols, w.rows, li, slot);
 }
 
 int model_mm_kind(const GemmaConfig *c, int32_t id) {
@@ -180,18 +192,7 @@ static void batch_ple(Model *m, const Batch *b, Scratch *s) {
     const TextConfig *t = &m->w->cfg.text;
     int64_t LP = (int64_t)t->n_layers * t->ple_dim;
     m->be.ops->matmul(&m->be.ctx, s->ple, s->x, m->wt->ple_model_proj, b->n);
-    int n_segs = 0;
-    float *dropout_buf = NULL;
-    for (int i = 0, j; i < b->n_seqs; i = j) {
-        const LoraBinding *lb = b->seqs[i].in.lora;
-        for (j = i + 1; j < b->n_seqs && b->seqs[j].in.lora == lb;) j++;
-        if (!lb || !lb->ple_model_proj) continue;
-        b->segs[n_segs++] = lora_segment(lb, lb->ple_model_proj, b->row0[i], b->row0[j] - b->row0[i]);
-        if (lb->dropout.p > 0) dropout_buf = lb->dropout.row;
-    }
-    if (n_segs)
-        lora_apply_segments(&m->be, b->segs, n_segs, s->ple, s->x, t->hidden_size, LP, s->lora_tmp, b->max_rank,
-                            dropout_buf);
+    batch_adapters(m, b, s, s->ple, s->x, t->hidden_size, LP, -1, 0);
     ple_finish(m, s->ids, b->n, s->ple, s->ple_tok);
 }
 

@@ -546,7 +546,7 @@ size_t cuda_attention_dx_scratch(int64_t n_q, int n_heads, int dim) {
 /* The tiled gradient: the stats and dq, then dk and dv. */
 static void attention_dx_tiled(CudaCtx *c, float *dq, float *dk, float *dv, const float *q, const float *dout,
                                const AttArgs &a) {
-    float *stats = (float *)cuda_scratch(c, (size_t)(a.n_q * a.n_heads) * 3 * sizeof(float), "attention_dx");
+    float *stats = (float *)cuda_scratch(c, cuda_attention_dx_scratch(a.n_q, a.n_heads, a.dim), "attention_dx");
     if (!stats) return;
     size_t sm1 = ((size_t)2 * QT + CHUNK) * a.dim * sizeof(float), sm2 = ((size_t)2 * KT + 2 * QC) * a.dim * sizeof(float);
     cuda_note(c, cudaFuncSetAttribute(k_dx_stats_dq, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1), "attention_dx");

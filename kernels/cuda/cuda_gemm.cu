@@ -191,13 +191,14 @@ size_t cuda_gemm_scratch(KnMatrix w, int64_t n, int dx) {
     return ab + (w.dtype == KN_BF16 ? 0 : (size_t)chunk_rows(w) * (size_t)w.cols * 2);
 }
 
-/* The scratch for a GEMM's operands: act (n_act activations rounded to bf16
- * from src) and wbuf (R widened rows of w unless w is BF16); 0 when the
- * scratch cannot grow (the fault is noted). */
-static int gemm_operands(CudaCtx *c, KnMatrix w, const float *src, size_t n_act, int64_t R, const char *what,
+/* The scratch for a GEMM's operands over n rows (dx: the input gradient's,
+ * src being dy): act (src rounded to bf16) and then wbuf (a chunk of
+ * widened rows of w unless w is BF16), sized by cuda_gemm_scratch; 0 when
+ * the scratch cannot grow (the fault is noted). */
+static int gemm_operands(CudaCtx *c, KnMatrix w, const float *src, int64_t n, int dx, const char *what,
                          __nv_bfloat16 **act, __nv_bfloat16 **wbuf) {
-    size_t ab = n_act * 2, wb = w.dtype == KN_BF16 ? 0 : (size_t)R * (size_t)w.cols * 2;
-    char *s = (char *)cuda_scratch(c, ab + wb, what);
+    size_t n_act = (size_t)n * (size_t)(dx ? w.rows : w.cols), ab = n_act * 2;
+    char *s = (char *)cuda_scratch(c, cuda_gemm_scratch(w, n, dx), what);
     if (!s) return 0;
     *act = (__nv_bfloat16 *)s;
     *wbuf = (__nv_bfloat16 *)(s + ab);
@@ -212,7 +213,7 @@ void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t 
     }
     int64_t R = chunk_rows(w);
     __nv_bfloat16 *x16, *w16;
-    if (!gemm_operands(c, w, x, (size_t)n * (size_t)w.cols, R, "matmul bf16", &x16, &w16)) return;
+    if (!gemm_operands(c, w, x, n, 0, "matmul bf16", &x16, &w16)) return;
     const float one = 1.0f, zero = 0.0f;
     for (int64_t r0 = 0; r0 < w.rows; r0 += R) {
         int64_t rr = w.rows - r0 < R ? w.rows - r0 : R;
@@ -229,7 +230,7 @@ void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t 
 void cuda_matmul_dx_bf16(CudaCtx *c, float *dx, const float *dy, KnMatrix w, int64_t n) {
     int64_t R = chunk_rows(w);
     __nv_bfloat16 *g16, *w16;
-    if (!gemm_operands(c, w, dy, (size_t)n * (size_t)w.rows, R, "matmul_dx bf16", &g16, &w16)) return;
+    if (!gemm_operands(c, w, dy, n, 1, "matmul_dx bf16", &g16, &w16)) return;
     const float one = 1.0f;
     for (int64_t r0 = 0; r0 < w.rows; r0 += R) {
         int64_t rr = w.rows - r0 < R ? w.rows - r0 : R;

@@ -90,7 +90,7 @@ static __global__ void k_add_dropped(float *dx, const float *p, Seg s, int64_t i
  * dropout, else dropped out into the scratch (NULL: the fault is noted). */
 static const float *segment_x(CudaCtx *c, const Seg &s, const float *x, int64_t in, const char *what) {
     if (!s.dropout) return x + s.row0 * in;
-    float *xd = (float *)cuda_scratch(c, (size_t)(s.n_rows * in) * sizeof(float), what);
+    float *xd = (float *)cuda_scratch(c, cuda_lora_scratch(s.n_rows, in, 1), what);
     if (!xd) return NULL;
     k_dropped<<<cuda_blocks((size_t)(s.n_rows * in), THREADS), THREADS, 0, c->stream>>>(xd, x, s, in);
     CUDA_LAUNCHED(c, what);
@@ -298,7 +298,7 @@ static void shrink_dx_gemm(CudaCtx *c, float *dx, const float *gt, int64_t ld_t,
         return;
     }
     /* the scratch held d(x) for dA; the stream orders its reuse for the product */
-    float *p = (float *)cuda_scratch(c, (size_t)(s.n_rows * in) * sizeof(float), "lora_shrink_dx");
+    float *p = (float *)cuda_scratch(c, cuda_lora_scratch(s.n_rows, in, 1), "lora_shrink_dx");
     if (!p) return;
     sgemm(c, CUBLAS_OP_N, CUBLAS_OP_N, in, s.n_rows, s.rank, s.scale, s.A, in, gt + s.row0 * ld_t, ld_t, 0.0f, p, in,
           "lora_shrink_dx");
