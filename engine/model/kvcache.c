@@ -90,7 +90,27 @@ void kv_pool_free(KvPool *p) {
 
 int64_t kv_pool_used(const KvPool *p, KvSpace s) { return p->space[s].n_blocks - p->space[s].n_free; }
 
-/* Host tables and their device mirrors for capacity positions. */
+/* Host validity and groups of positions [p0, p1) back to a text key's
+ * (valid, no vision group): what the device mirrors hold outside a cache's
+ * odd range. */
+static void set_plain(KvCache *c, int64_t p0, int64_t p1) {
+    if (p1 <= p0) return;
+    memset(c->valid + p0, 1, (size_t)(p1 - p0));
+    for (int64_t p = p0; p < p1; p++) c->group[p] = -1;
+}
+
+static int is_plain(const KvCache *c, int64_t p) { return c->valid[p] == 1 && c->group[p] < 0; }
+
+/* Host validity and groups of positions [p0, p1) to the device. */
+static void upload_positions(KvCache *c, int64_t p0, int64_t p1) {
+    const KnBackend *be = c->pool->be;
+    if (p1 <= p0) return;
+    be->ops->upload(&be->ctx, c->d_valid + p0, c->valid + p0, (size_t)(p1 - p0) * sizeof *c->valid);
+    be->ops->upload(&be->ctx, c->d_group + p0, c->group + p0, (size_t)(p1 - p0) * sizeof *c->group);
+}
+
+/* Host tables and their device mirrors for capacity positions, the mirrors
+ * starting with every position plain. */
 static GfStatus cache_tables(KvCache *c, int64_t capacity, GfError *err) {
     const KnBackend *be = c->pool->be;
     c->capacity = capacity;
@@ -108,6 +128,8 @@ static GfStatus cache_tables(KvCache *c, int64_t capacity, GfError *err) {
     c->d_table[KV_WINDOW] = c->d_table[KV_FULL] + c->max_blocks;
     c->d_group = c->d_table[KV_WINDOW] + c->max_blocks;
     c->d_valid = (uint8_t *)(c->d_group + capacity);
+    set_plain(c, 0, capacity);
+    upload_positions(c, 0, capacity);
     return GF_OK;
 }
 
@@ -128,7 +150,8 @@ GfStatus kv_cache_init_paged(KvCache *c, KvPool *pool, int64_t capacity, GfError
 
 static int space_used(const KvCache *c, KvSpace s) { return c->pool->space[s].n_blocks > 0; }
 
-void kv_cache_reset(KvCache *c) {
+/* Gives every block back and forgets the positions. */
+static void give_back(KvCache *c) {
     for (int s = 0; s < KV_SPACES; s++) {
         KvBlocks *b = &c->pool->space[s];
         while (c->n_table[s] > 0) {
@@ -142,10 +165,18 @@ void kv_cache_reset(KvCache *c) {
     c->n_groups = 0;
 }
 
+void kv_cache_reset(KvCache *c) {
+    int64_t filled = c->n_past > c->odd_hi ? c->n_past : c->odd_hi;
+    give_back(c);
+    set_plain(c, 0, filled);
+    upload_positions(c, c->odd_lo, c->odd_hi);
+    c->odd_lo = c->odd_hi = 0;
+}
+
 void kv_cache_free(KvCache *c) {
     if (!c) return;
     if (c->pool) {
-        kv_cache_reset(c); /* tables not allocated hold nothing (n_table 0) */
+        give_back(c); /* tables not allocated hold nothing (n_table 0) */
         c->pool->be->ops->free(&c->pool->be->ctx, &c->dev);
     }
     if (c->pool == &c->own) kv_pool_free(&c->own);
@@ -190,6 +221,11 @@ void kv_cache_sync(KvCache *c, int64_t pos0, int64_t n) {
                             (size_t)(c->n_table[s] - c->synced_table[s]) * sizeof *c->table[s]);
             c->synced_table[s] = c->n_table[s];
         }
-    be->ops->upload(&be->ctx, c->d_valid + pos0, c->valid + pos0, (size_t)n * sizeof *c->valid);
-    be->ops->upload(&be->ctx, c->d_group + pos0, c->group + pos0, (size_t)n * sizeof *c->group);
+    int64_t lo = pos0, hi = pos0 + n;
+    while (lo < hi && is_plain(c, lo)) lo++;
+    while (hi > lo && is_plain(c, hi - 1)) hi--;
+    if (lo == hi) return; /* the device already holds plain positions there */
+    upload_positions(c, lo, hi);
+    if (c->odd_hi == c->odd_lo) c->odd_lo = lo;
+    c->odd_hi = hi;
 }

@@ -79,6 +79,8 @@ typedef struct {
     int32_t *d_group;         /*   [capacity] */
     uint8_t *d_valid;         /*   [capacity] */
     int64_t synced_table[KV_SPACES]; /* table entries already on the device */
+    int64_t odd_lo, odd_hi;   /* the device's validity and groups are a text key's (valid, group -1) outside
+                                 positions [odd_lo, odd_hi), the host's inside */
 } KvCache;
 
 /* A cache with its own contiguous store for up to capacity positions:
@@ -103,7 +105,10 @@ void kv_cache_grow(KvCache *c, int64_t n);
  * replays earlier positions and must not call it. Returns the blocks given. */
 int64_t kv_cache_drop_window(KvCache *c);
 /* Uploads the host tables' new entries: block ids taken since the last
- * sync, and validity and groups of positions [pos0, pos0 + n). */
+ * sync, and validity and groups of positions [pos0, pos0 + n) (pos0 =
+ * n_past). The device mirrors start, and are put back by kv_cache_reset,
+ * with every position a text key's, so a step of plain text tokens (every
+ * decode step) uploads no validity or groups at all. */
 void kv_cache_sync(KvCache *c, int64_t pos0, int64_t n);
 
 #endif

@@ -156,8 +156,11 @@ static void run_batched(Model *m, Seq *seqs, int64_t V, const char *variant) {
 }
 
 /* A preempted sequence recomputes: its prompt and the tokens it decoded,
- * prefilled at once on a fresh paged cache, give the logits the decoding
- * steps gave (bit for bit on the CPU backends). */
+ * prefilled at once on a paged cache, give the logits the decoding steps
+ * gave (bit for bit on the CPU backends). One cache serves every sequence
+ * in turn, reset between them as preemption resets it, so a text sequence
+ * follows an image one on the positions where that one's vision groups
+ * were. */
 static void run_recomputed(Model *m, Seq *seqs, int64_t V, const char *variant) {
     KvPool pool;
     GfError err;
@@ -165,20 +168,21 @@ static void run_recomputed(Model *m, Seq *seqs, int64_t V, const char *variant) 
     const char *be = model_backend(m)->name;
     double tol = strcmp(be, "cpu") == 0 || strcmp(be, "guarded") == 0 ? 0.0 : 1e-4, worst = 0;
     float *out = malloc((size_t)(160 + N_DECODE) * (size_t)V * sizeof(float));
+    KvCache c;
+    CHECK_STATUS(kv_cache_init_paged(&c, &pool, 160 + N_DECODE, &err), GF_OK, err);
     for (int q = 0; q < N_SEQ; q++) {
         Seq *s = &seqs[q];
-        KvCache c;
         int32_t ids[160 + N_DECODE];
         uint8_t types[160 + N_DECODE] = {0};
         memcpy(ids, s->ids, (size_t)s->n * sizeof *ids);
         memcpy(types, s->types, (size_t)s->n);
         memcpy(ids + s->n, s->tokens, N_DECODE * sizeof *ids);
-        CHECK_STATUS(kv_cache_init_paged(&c, &pool, s->n + N_DECODE, &err), GF_OK, err);
+        kv_cache_reset(&c);
         ModelInput in = {.ids = ids, .mm_type = types, .soft_tokens = s->soft, .n = s->n + N_DECODE, .lora = s->lora};
         CHECK_STATUS(model_forward(m, &c, &in, out, NULL, &err), GF_OK, err);
         worst = fmax(worst, rel_err(out, s->logits, (s->n + N_DECODE) * V));
-        kv_cache_free(&c);
     }
+    kv_cache_free(&c);
     printf("%-8s recomputed vs decoded: max rel err %.3g\n", variant, worst);
     CHECK(worst <= tol, "%s: a recomputed prefill differs from the decoding steps by %g (%s backend)", variant, worst, be);
     free(out);
