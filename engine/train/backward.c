@@ -225,22 +225,22 @@ static uint64_t vision_scratch(const Model *m, const KnBackend *be, int nf4, int
     return most(most_bytes, attention_scratch(be, n, v->n_heads, v->head_dim));
 }
 
-/* 1 when the pair adapts a linear of the text stack. */
-static int text_pair_of(const Model *m, const LoraPair *p) {
-    char name[160];
-    for (int i = 0; i < m->w->cfg.text.n_layers; i++)
-        for (int s = 0; s < LORA_TEXT_SLOTS; s++)
-            if (lora_text_module(m, i, s, name, sizeof name) == 0 && strcmp(name, p->module) == 0) return 1;
+/* 1 when the pair adapts a linear of the vision tower or its embedder
+ * (they run on the image's patches or soft tokens, not the text rows). */
+static int vision_pair(const LoraPair *p) {
+    static const char *const prefixes[] = {"model.vision_tower.", "model.embed_vision."};
+    for (size_t i = 0; i < sizeof prefixes / sizeof *prefixes; i++)
+        if (strncmp(p->module, prefixes[i], strlen(prefixes[i])) == 0) return 1;
     return 0;
 }
 
 /* A training segment of each pair: the text stack's at n rows, the vision
  * tower's at n_patches. */
-static uint64_t lora_scratch(const Model *m, const KnBackend *be, const LoraAdapter *a, int64_t n, int64_t n_patches) {
+static uint64_t lora_scratch(const KnBackend *be, const LoraAdapter *a, int64_t n, int64_t n_patches) {
     uint64_t most_bytes = 0;
     for (size_t i = 0; a && i < a->n_pairs; i++) {
         const LoraPair *p = &a->pairs[i];
-        int64_t rows = text_pair_of(m, p) ? n : n_patches;
+        int64_t rows = vision_pair(p) ? n_patches : n;
         KnCall f = {.op = KN_OP_LORA_SHRINK, .n = rows, .in = p->in, .dropout = a->dropout > 0};
         KnCall b = f;
         b.op = KN_OP_LORA_SHRINK_DX;
@@ -252,7 +252,7 @@ static uint64_t lora_scratch(const Model *m, const KnBackend *be, const LoraAdap
 uint64_t grad_scratch_bytes(const Model *m, const KnBackend *be, int64_t max_tokens, const LoraAdapter *a, int nf4,
                             int64_t n_patches) {
     uint64_t most_bytes = most(text_scratch(m, be, nf4, max_tokens), vision_scratch(m, be, nf4, n_patches));
-    return most(most_bytes, lora_scratch(m, be, a, max_tokens, n_patches));
+    return most(most_bytes, lora_scratch(be, a, max_tokens, n_patches));
 }
 
 void grad_workspace_free(GradWorkspace *w) {

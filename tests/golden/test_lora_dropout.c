@@ -70,10 +70,13 @@ static void check_scratch(Model *m, LoraAdapter *a) {
     KnBackend f32 = {.ops = ops, .ctx = {.device = KN_DEVICE_CUDA, .precision = KN_PRECISION_FP32}}, b16 = f32;
     b16.ctx.precision = KN_PRECISION_BF16;
     KnCall none = {.op = KN_OP_COUNT};
-    uint64_t ws = kn_scratch_bytes(&f32, &none), widest = 0, widest_io = 0;
+    uint64_t ws = kn_scratch_bytes(&f32, &none), widest = 0, widest_io = 0, widest_vision = 0;
     for (size_t i = 0; i < a->n_pairs; i++) {
         const LoraPair *p = &a->pairs[i];
-        if (strstr(p->module, "vision")) continue;
+        if (strstr(p->module, "vision")) {
+            if ((uint64_t)p->in > widest_vision) widest_vision = (uint64_t)p->in;
+            continue;
+        }
         if ((uint64_t)p->in > widest) widest = (uint64_t)p->in;
         if ((uint64_t)p->out > widest_io) widest_io = (uint64_t)p->out;
     }
@@ -83,6 +86,11 @@ static void check_scratch(Model *m, LoraAdapter *a) {
     uint64_t got = grad_scratch_bytes(m, &f32, T, a, 0, 0);
     CHECK(got == ws + (lora > att ? lora : att), "fp32 with dropout: %llu, the widest segment %llu, attention %llu",
           (unsigned long long)got, (unsigned long long)lora, (unsigned long long)att);
+    if (widest_vision) { /* the vision tower's pairs run on the patches */
+        uint64_t vis = grad_scratch_bytes(m, &f32, T, a, 0, 8 * T);
+        CHECK(vis >= ws + (uint64_t)8 * T * widest_vision * sizeof(float), "a vision segment of %lld patches: %llu",
+              (long long)(8 * T), (unsigned long long)vis);
+    }
     a->dropout = 0;
     got = grad_scratch_bytes(m, &f32, T, a, 0, 0);
     CHECK(got == ws + att, "fp32 without dropout: attention_dx's %llu, got %llu", (unsigned long long)att,
