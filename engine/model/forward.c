@@ -27,7 +27,6 @@ typedef struct {
 } Batch;
 
 #define LOGIT_CHUNK 32         /* rows of logits materialized on the device at once */
-#define MOE_CHUNK 16           /* tokens of one MoE call (the tape's capacity) */
 
 typedef struct {
     float *x, *h, *a;          /* [n, H] residual stream, block output, gathered rows */
@@ -57,10 +56,10 @@ static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeT
         if ((int64_t)l->kv_heads * l->head_dim > kvmax) kvmax = (int64_t)l->kv_heads * l->head_dim;
         if (l->intermediate > imax) imax = l->intermediate;
     }
-    int64_t qw = t->n_heads * dmax;
+    int64_t qw = t->n_heads * dmax, moe_cap = n < m->moe_chunk ? n : m->moe_chunk;
     float *index, *cands, *rows, *next;
     size_t sizes[] = {n * H, n * H, n * H, n * qw, n * qw, n * kvmax, n * kvmax, n * imax, n * imax,
-                      n * LP, n * LP, n * t->ple_dim, moe_tape_floats(t, MOE_CHUNK), (size_t)(n * max_rank),
+                      n * LP, n * LP, n * t->ple_dim, moe_tape_floats(t, moe_cap), (size_t)(n * max_rank),
                       (size_t)LOGIT_CHUNK * t->vocab_size, (2 + KV_SPACES) * (size_t)n, 2 * (size_t)t->vocab_size,
                       LOGIT_CHUNK * sizeof(KnSampleRow) / sizeof(float), LOGIT_CHUNK};
     float **slots[] = {&s->x, &s->h, &s->a, &s->q, &s->att, &s->k, &s->v, &s->gate, &s->up,
@@ -83,7 +82,7 @@ static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeT
     s->cands = cands;
     s->rows = (KnSampleRow *)rows;
     s->next = (int32_t *)next;
-    moe_tape_init(moe, t, s->moe_buf, MOE_CHUNK);
+    moe_tape_init(moe, t, s->moe_buf, moe_cap);
     return GF_OK;
 }
 
@@ -285,8 +284,8 @@ static void feed_forward(Model *m, const Batch *b, int li, Scratch *s, MoeTape *
     linear(m, b, s, u->d, u->mm, l->down, li, LORA_DOWN);
     if (t->moe) {
         m->be.ops->rmsnorm(&m->be.ctx, u->f, u->d, l->post_ff_ln1, n, H, t->rms_eps);
-        for (int64_t i = 0; i < n; i += MOE_CHUNK)
-            moe_forward(m, l, u->x1 + i * H, u->moe + i * H, n - i < MOE_CHUNK ? n - i : MOE_CHUNK, moe);
+        for (int64_t i = 0, c = m->moe_chunk; i < n; i += c)
+            moe_forward(m, l, u->x1 + i * H, u->moe + i * H, n - i < c ? n - i : c, moe);
         m->be.ops->add(&m->be.ctx, u->f, u->f, u->moe, (size_t)(n * H));
     } else {
         copy_rows(m, u->f, u->d, n * H);

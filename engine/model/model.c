@@ -62,6 +62,7 @@ GfStatus model_new(GemmaWeights *w, const ModelOptions *opts, Model **out, GfErr
     Model *m = gf_calloc(1, sizeof *m, err);
     if (!m) return GF_NO_MEMORY;
     m->w = weights_retain(w);
+    m->moe_chunk = moe_chunk_tokens(&w->cfg.text, opts ? opts->moe_chunk : 0);
     GfStatus st = open_backend(m, opts, err);
     if (st) {
         model_close(m);

@@ -41,6 +41,8 @@ typedef struct {
     ModelQuant quantize;      /* NF4: every linear of the layers (text, vision, experts) quantized at load */
     GemmaWeights *weights;    /* model_open: run on these (shared) instead of loading; quantize must match */
     WeightsGauge *gauge;      /* model_open: counts the weights it loads (may be NULL) */
+    int64_t moe_chunk;        /* tokens per call of the MoE block, the size of its tape; <= 0 = as many as
+                                 64 MB of tape holds (16 to 512). The results do not depend on it. */
 } ModelOptions;
 
 /* Opens a context on the weights of dir: loaded (weights_open) unless

@@ -32,6 +32,7 @@ struct Model {
     KnBuffer vision_mem;            /* the vision tower's buffers (device), grown to the largest image seen */
     int32_t *vision_idx;            /* their host index staging */
     size_t vision_idx_cap;
+    int64_t moe_chunk;              /* tokens per MoE call (moe_chunk_tokens; 0 without MoE) */
     void (*yield)(void *cls);       /* called between layers and loss chunks (model_set_yield), NULL = none */
     void *yield_cls;
 };
@@ -96,6 +97,10 @@ typedef struct {
     float *scratch;                        /* [4 Im] */
 } MoeTape;
 size_t moe_tape_floats(const TextConfig *t, int64_t cap);
+/* Tokens per MoE call: asked when positive, else as many as MOE_TAPE_BYTES
+ * of tape holds, within [16, 512] (more tokens per call, fewer launches and
+ * more tokens per expert for the device's expert matmuls); 0 without MoE. */
+int64_t moe_chunk_tokens(const TextConfig *t, int64_t asked);
 void moe_tape_init(MoeTape *mt, const TextConfig *t, float *buf, int64_t cap);
 /* out[n, H] = the block on the residual rows r[n, H] (out may not alias r), n <= cap. */
 void moe_forward(Model *m, const Layer *l, const float *r, float *out, int64_t n, MoeTape *mt);

@@ -14,6 +14,16 @@ size_t moe_tape_floats(const TextConfig *t, int64_t n) {
     return (size_t)n * (6 * H + 2 * E + 4 * K + K * (3 * Im + H)) + 4 * Im;
 }
 
+#define MOE_TAPE_BYTES ((size_t)64 << 20)
+
+int64_t moe_chunk_tokens(const TextConfig *t, int64_t asked) {
+    if (!t->moe) return 0;
+    if (asked > 0) return asked;
+    size_t per_token = moe_tape_floats(t, 1) * sizeof(float);
+    int64_t n = (int64_t)(MOE_TAPE_BYTES / per_token);
+    return n < 16 ? 16 : n > 512 ? 512 : n;
+}
+
 void moe_tape_init(MoeTape *mt, const TextConfig *t, float *buf, int64_t n) {
     size_t N = (size_t)n, H = (size_t)t->hidden_size, E = (size_t)t->n_experts, K = (size_t)t->top_k_experts;
     size_t Im = (size_t)t->moe_intermediate;

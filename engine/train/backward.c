@@ -13,7 +13,6 @@
 #include "model_impl.h"
 
 #define LOGIT_ROWS 8          /* rows of logits materialized at once */
-#define MOE_CHUNK 16          /* tokens of one MoE call */
 #define MAX_IMAGES 64         /* images in one training sequence */
 
 /* ---- workspace -------------------------------------------------------------- */
@@ -108,7 +107,8 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     w->row_loss = (double *)take(s, 2 * LOGIT_ROWS);
     w->gx = take(s, LOGIT_ROWS * H);
     w->gdx = take(s, LOGIT_ROWS * H);
-    moe_tape_init(&w->moe_tape, t, take(s, moe_tape_floats(t, MOE_CHUNK)), MOE_CHUNK);
+    int64_t moe_cap = w->max_tokens < m->moe_chunk ? w->max_tokens : m->moe_chunk;
+    moe_tape_init(&w->moe_tape, t, take(s, moe_tape_floats(t, moe_cap)), moe_cap);
     w->tape = (LayerBufs){.h1 = w->h1, .qlin = w->qlin, .qr = w->qr, .klin = w->klin, .vlin = w->vlin, .att = w->att,
                           .o = w->o, .t = w->t, .x1 = w->x1, .h2 = w->h2, .g = w->g, .u = w->u, .mm = w->mm, .d = w->d,
                           .f = w->f, .moe = w->moe, .x2 = w->x2, .pg = w->pg, .pm = w->pm, .pp = w->pp, .out = w->out};
@@ -202,8 +202,8 @@ static uint64_t text_scratch(const Model *m, const KnBackend *be, int nf4, int64
         const KnMatrix lin[] = {l->q, l->k, l->v, l->o, l->gate, l->up, l->down, l->ple_gate, l->ple_proj};
         for (size_t j = 0; j < sizeof lin / sizeof *lin; j++) most_bytes = most(most_bytes, linear_scratch(be, lin[j], 1, nf4, n));
         most_bytes = most(most_bytes, attention_scratch(be, n, t->n_heads, t->layers[i].head_dim));
-        if (l->experts_down.data) { /* the MoE block runs MOE_CHUNK tokens at a time */
-            int64_t c = n < MOE_CHUNK ? n : MOE_CHUNK;
+        if (l->experts_down.data) { /* the MoE block runs m->moe_chunk tokens at a time */
+            int64_t c = n < m->moe_chunk ? n : m->moe_chunk;
             most_bytes = most(most_bytes, linear_scratch(be, l->router, 0, nf4, c));
             KnCall moe = {.op = KN_OP_MOE_EXPERTS_DX, .w = l->experts_down, .n = c, .top_k = t->top_k_experts};
             most_bytes = most(most_bytes, kn_scratch_bytes(be, &moe));
@@ -362,8 +362,8 @@ static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int
     m->be.ops->rmsnorm_dx(&m->be.ctx, w->df, w->f, l->post_ff_ln, dx, n, H, eps);
     float *dd = w->df;
     if (t->moe) { /* f = norm1(d) + moe(x1) */
-        for (int64_t i = 0; i < n; i += MOE_CHUNK) {
-            int64_t c = n - i < MOE_CHUNK ? n - i : MOE_CHUNK;
+        for (int64_t i = 0; i < n; i += m->moe_chunk) {
+            int64_t c = n - i < m->moe_chunk ? n - i : m->moe_chunk;
             moe_forward(m, l, w->x1 + i * H, w->moe + i * H, c, &w->moe_tape);
             moe_backward(m, l, w->x1 + i * H, w->df + i * H, dx + i * H, c, &w->moe_tape);
         }
