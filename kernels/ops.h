@@ -136,6 +136,7 @@ typedef enum {
     KN_OP_ATTENTION_DX,
     KN_OP_LORA_SHRINK,
     KN_OP_LORA_SHRINK_DX,
+    KN_OP_MOE_EXPERTS,
     KN_OP_MOE_EXPERTS_DX,
     KN_OP_COUNT
 } KnOpId;
@@ -149,7 +150,8 @@ typedef struct {
     int64_t in;          /* LORA_*: input features */
     int n_heads, dim;    /* ATTENTION_DX */
     int dropout;         /* LORA_*: the segment is dropped out */
-    int top_k;           /* MOE_EXPERTS_DX: K */
+    int top_k;           /* MOE_EXPERTS, MOE_EXPERTS_DX: K */
+    int n_experts;       /* MOE_EXPERTS: E */
 } KnCall;
 
 typedef struct {

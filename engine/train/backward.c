@@ -205,7 +205,9 @@ static uint64_t text_scratch(const Model *m, const KnBackend *be, int nf4, int64
         if (l->experts_down.data) { /* the MoE block runs m->moe_chunk tokens at a time */
             int64_t c = n < m->moe_chunk ? n : m->moe_chunk;
             most_bytes = most(most_bytes, linear_scratch(be, l->router, 0, nf4, c));
-            KnCall moe = {.op = KN_OP_MOE_EXPERTS_DX, .w = l->experts_down, .n = c, .top_k = t->top_k_experts};
+            KnCall moe = {.op = KN_OP_MOE_EXPERTS, .n = c, .top_k = t->top_k_experts, .n_experts = t->n_experts};
+            most_bytes = most(most_bytes, kn_scratch_bytes(be, &moe));
+            moe = (KnCall){.op = KN_OP_MOE_EXPERTS_DX, .w = l->experts_down, .n = c, .top_k = t->top_k_experts};
             most_bytes = most(most_bytes, kn_scratch_bytes(be, &moe));
         }
     }

@@ -195,6 +195,8 @@ size_t cuda_gemm_scratch(KnMatrix w, int64_t n, int dx);
 size_t cuda_lora_scratch(int64_t n, int64_t in, int dropout);
 /* cuda_moe.cu: the scratch of moe_experts_dx over n tokens of K experts of Im */
 size_t cuda_moe_dx_scratch(int64_t n, int K, int64_t Im);
+/* the forward's grouping of n tokens' K pairs over E experts */
+size_t cuda_moe_scratch(int64_t n, int K, int E);
 /* cuda_attention.cu: the scratch of attention_dx over n_q queries */
 size_t cuda_attention_dx_scratch(int64_t n_q, int n_heads, int dim);
 /* cuda_ops.cu */

@@ -1,11 +1,12 @@
 /* cuda_moe.cu - mixture-of-experts routing and the experts' MLPs, forward
  * and backward. Routing runs one thread per token (E and K are small).
  * The forward computes every (token, expert) pair at once into the buffers
- * the contract keeps (gu, mm, yk); the backward takes the tokens a chunk at
- * a time (as many as CHUNK_BYTES of the context's scratch holds the
- * gradients of their pairs' gate_up outputs), two launches per chunk, each
- * token's input gradient summed over its experts in order by one warp per
- * feature (no atomics). The experts are rows of the stacked matrices:
+ * the contract keeps (gu, mm, yk), the pairs grouped by expert so that an
+ * expert's weights are read once per 32 of its pairs, not once per pair.
+ * The backward takes the tokens a chunk at a time (as many as CHUNK_BYTES
+ * of the context's scratch holds the gradients of their pairs' gate_up
+ * outputs), two launches per chunk, each token's input gradient summed
+ * over its experts in order by one warp per feature (no atomics). The experts are rows of the stacked matrices:
  * expert e's row r is row e * rows + r. */
 #include <math.h>
 
@@ -82,18 +83,74 @@ void cuda_moe_route_dx(const KnCtx *ctx, float *dlogits, const float *dc, const 
 
 /* ---- experts, forward ------------------------------------------------------------------ */
 
-/* gu[tk, j] = x[t] . gate_up row (e * 2Im + j): one warp per (pair, j). */
-static __global__ void k_gate_up(float *gu, const float *x, const int32_t *idx, DevW w, int K, int64_t two_im) {
+/* The pairs of a call grouped by expert, in the context's scratch
+ * (cuda_moe_scratch): count[E], cursor[E], offset[E + 1] (where expert e's
+ * pairs start in order), order[pairs] (pair ids, expert by expert; within
+ * an expert in any order: each pair's outputs are computed alone). */
+static __global__ void k_expert_count(int32_t *count, const int32_t *idx, int64_t pairs, int E) {
+    int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (p < pairs && (unsigned)idx[p] < (unsigned)E) atomicAdd(&count[idx[p]], 1);
+}
+
+static __global__ void k_expert_offsets(int32_t *offset, int32_t *cursor, const int32_t *count, int E) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    int32_t at = 0;
+    for (int e = 0; e < E; e++) {
+        offset[e] = cursor[e] = at;
+        at += count[e];
+    }
+    offset[E] = at;
+}
+
+static __global__ void k_expert_order(int32_t *order, int32_t *cursor, const int32_t *idx, int64_t pairs, int E) {
+    int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (p < pairs && (unsigned)idx[p] < (unsigned)E) order[atomicAdd(&cursor[idx[p]], 1)] = (int32_t)p;
+}
+
+#define EXP_O 64  /* outputs of a block's tile */
+#define EXP_P 32  /* pairs per pass (EXP_P / (THREADS / EXP_O) per thread) */
+#define EXP_K 32  /* inputs per shared-memory tile */
+#define EXP_Q (EXP_P / (THREADS / EXP_O))
+
+/* out[p, o] = (x row of pair p) . (row e * n_out + o of w), for the pairs of
+ * expert e = blockIdx.x and the outputs o of tile blockIdx.y; the x row of
+ * pair p is x + (p / x_div) * w.cols. A tile of the expert's weights is
+ * widened into shared memory once per EXP_P of its pairs (not once per
+ * pair), the pairs' inputs beside it; each output sums its inputs in order. */
+static __global__ void __launch_bounds__(THREADS) k_expert_mm(float *out, const float *x, int x_div, const int32_t *order,
+                                                                const int32_t *offset, DevW w, int64_t n_out) {
     CUDA_NF4_SHARED(code);
-    int lane = threadIdx.x & 31;
-    int64_t tk = blockIdx.x, j = (int64_t)blockIdx.y * WARPS + (threadIdx.x >> 5);
-    if (j >= two_im) return;
-    const float *xt = x + (tk / K) * w.cols;
-    int64_t row = (int64_t)idx[tk] * two_im + j;
-    float acc = 0.0f;
-    for (int64_t h = lane; h < w.cols; h += 32) acc += xt[h] * w_at_code(w, row, h, code);
-    acc = warp_sum(acc);
-    if (lane == 0) gu[tk * two_im + j] = acc;
+    __shared__ float xs[EXP_P][EXP_K];
+    __shared__ float ws[EXP_O][EXP_K + 1]; /* +1: a warp's 32 outputs in 32 banks */
+    int e = blockIdx.x, tid = threadIdx.x, ol = tid % EXP_O, pg = tid / EXP_O;
+    int32_t first = offset[e], count = offset[e + 1] - first;
+    if (count <= 0) return; /* the whole block */
+    int64_t in = w.cols, o0 = (int64_t)blockIdx.y * EXP_O, row0 = (int64_t)e * n_out + o0;
+    for (int32_t p0 = 0; p0 < count; p0 += EXP_P) {
+        float acc[EXP_Q];
+        for (int q = 0; q < EXP_Q; q++) acc[q] = 0.0f;
+        for (int64_t k0 = 0; k0 < in; k0 += EXP_K) {
+            for (int i = tid; i < EXP_P * EXP_K; i += THREADS) {
+                int pi = i / EXP_K, kk = i % EXP_K;
+                xs[pi][kk] = p0 + pi < count && k0 + kk < in ? x[(int64_t)(order[first + p0 + pi] / x_div) * in + k0 + kk] : 0.0f;
+            }
+            for (int i = tid; i < EXP_O * EXP_K; i += THREADS) {
+                int oi = i / EXP_K, kk = i % EXP_K;
+                ws[oi][kk] = o0 + oi < n_out && k0 + kk < in ? w_at_code(w, row0 + oi, k0 + kk, code) : 0.0f;
+            }
+            __syncthreads();
+            for (int kk = 0; kk < EXP_K; kk++) {
+                float wv = ws[ol][kk];
+                for (int q = 0; q < EXP_Q; q++) acc[q] += xs[pg * EXP_Q + q][kk] * wv;
+            }
+            __syncthreads();
+        }
+        if (o0 + ol < n_out)
+            for (int q = 0; q < EXP_Q; q++) {
+                int32_t pi = p0 + pg * EXP_Q + q;
+                if (pi < count) out[(int64_t)order[first + pi] * n_out + o0 + ol] = acc[q];
+            }
+    }
 }
 
 static __global__ void k_gelu_mul(float *mm, const float *gu, size_t n, int64_t im) {
@@ -102,20 +159,6 @@ static __global__ void k_gelu_mul(float *mm, const float *gu, size_t n, int64_t 
         const float *g = gu + tk * 2 * im;
         mm[e] = gelu(g[i]) * g[im + i];
     }
-}
-
-/* yk[tk, h] = mm[tk] . down row (e * H + h): one warp per (pair, h). */
-static __global__ void k_down(float *yk, const float *mm, const int32_t *idx, DevW w, int64_t H) {
-    CUDA_NF4_SHARED(code);
-    int lane = threadIdx.x & 31;
-    int64_t tk = blockIdx.x, h = (int64_t)blockIdx.y * WARPS + (threadIdx.x >> 5);
-    if (h >= H) return;
-    const float *m = mm + tk * w.cols;
-    int64_t row = (int64_t)idx[tk] * H + h;
-    float acc = 0.0f;
-    for (int64_t i = lane; i < w.cols; i += 32) acc += m[i] * w_at_code(w, row, i, code);
-    acc = warp_sum(acc);
-    if (lane == 0) yk[tk * H + h] = acc;
 }
 
 /* y[t, h] = sum_k coef[tk] yk[tk, h], the experts in order */
@@ -128,18 +171,34 @@ static __global__ void k_combine(float *y, const float *yk, const float *coef, s
     }
 }
 
+size_t cuda_moe_scratch(int64_t n, int K, int E) {
+    return n > 0 && K > 0 && E > 0 ? (size_t)(3 * (int64_t)E + 1 + n * K) * sizeof(int32_t) : 0;
+}
+
 void cuda_moe_experts(const KnCtx *ctx, float *y, const float *x, const int32_t *idx, const float *coef, float *gu,
                       float *mm, float *yk, int64_t n, int K, KnMatrix gate_up, KnMatrix down) {
     if (n <= 0 || K <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
     int64_t H = gate_up.cols, Im = down.cols, pairs = n * K;
-    dim3 g1((unsigned)pairs, (unsigned)((2 * Im + WARPS - 1) / WARPS));
-    k_gate_up<<<g1, THREADS, 0, c->stream>>>(gu, x, idx, dev_w(gate_up), K, 2 * Im);
+    int E = (int)(gate_up.rows / (2 * Im));
+    int32_t *s = (int32_t *)cuda_scratch(c, cuda_moe_scratch(n, K, E), "moe_experts");
+    if (!s) return;
+    int32_t *count = s, *cursor = s + E, *offset = s + 2 * E, *order = s + 3 * E + 1;
+    cuda_note(c, cudaMemsetAsync(count, 0, (size_t)E * sizeof *count, c->stream), "moe_experts");
+    unsigned pb = cuda_blocks((size_t)pairs, THREADS);
+    k_expert_count<<<pb, THREADS, 0, c->stream>>>(count, idx, pairs, E);
+    CUDA_LAUNCHED(c, "moe_experts");
+    k_expert_offsets<<<1, 1, 0, c->stream>>>(offset, cursor, count, E);
+    CUDA_LAUNCHED(c, "moe_experts");
+    k_expert_order<<<pb, THREADS, 0, c->stream>>>(order, cursor, idx, pairs, E);
+    CUDA_LAUNCHED(c, "moe_experts");
+    dim3 g1((unsigned)E, (unsigned)((2 * Im + EXP_O - 1) / EXP_O));
+    k_expert_mm<<<g1, THREADS, 0, c->stream>>>(gu, x, K, order, offset, dev_w(gate_up), 2 * Im);
     CUDA_LAUNCHED(c, "moe_experts");
     k_gelu_mul<<<cuda_blocks((size_t)(pairs * Im), THREADS), THREADS, 0, c->stream>>>(mm, gu, (size_t)(pairs * Im), Im);
     CUDA_LAUNCHED(c, "moe_experts");
-    dim3 g3((unsigned)pairs, (unsigned)((H + WARPS - 1) / WARPS));
-    k_down<<<g3, THREADS, 0, c->stream>>>(yk, mm, idx, dev_w(down), H);
+    dim3 g3((unsigned)E, (unsigned)((H + EXP_O - 1) / EXP_O));
+    k_expert_mm<<<g3, THREADS, 0, c->stream>>>(yk, mm, 1, order, offset, dev_w(down), H);
     CUDA_LAUNCHED(c, "moe_experts");
     k_combine<<<cuda_blocks((size_t)(n * H), THREADS), THREADS, 0, c->stream>>>(y, yk, coef, (size_t)(n * H), K, H);
     CUDA_LAUNCHED(c, "moe_experts");

@@ -1009,6 +1009,58 @@ static void test_moe(Dev *d) {
     dev_reset(d);
 }
 
+/* moe_experts over many pairs per expert, at sizes that cut every tile of a
+ * grouped kernel short (hidden 100, intermediate 40): every token's first
+ * expert is expert 3, so it has 40 pairs; the others spread over the rest.
+ * f32 and bf16 weights against a double MLP; gu, mm, yk poisoned first. */
+enum { GE = 16, GK = 4, GH = 100, GI = 40, GN = 40 };
+
+static void test_moe_grouped(Dev *d) {
+    float *gate_up = rand_vec((size_t)GE * 2 * GI * GH), *down = rand_vec((size_t)GE * GH * GI), *x = rand_vec(GN * GH);
+    uint16_t *gub = malloc((size_t)GE * 2 * GI * GH * 2), *downb = malloc((size_t)GE * GH * GI * 2);
+    for (int i = 0; i < GE * 2 * GI * GH; i++) gate_up[i] = kn_bf16_to_f32(gub[i] = kn_f32_to_bf16(gate_up[i]));
+    for (int i = 0; i < GE * GH * GI; i++) down[i] = kn_bf16_to_f32(downb[i] = kn_f32_to_bf16(down[i]));
+    int32_t idx[GN * GK];
+    float coef[GN * GK];
+    for (int t = 0; t < GN; t++)
+        for (int k = 0; k < GK; k++) {
+            int v = (t * 3 + k) % (GE - 1); /* k = 1..3: three consecutive others, none of them 3 */
+            idx[t * GK + k] = k == 0 ? 3 : v < 3 ? v : v + 1;
+            coef[t * GK + k] = 0.25f + 0.5f * frand();
+        }
+    double *ref = calloc(GN * GH, sizeof *ref);
+    for (int t = 0; t < GN; t++)
+        for (int k = 0; k < GK; k++) {
+            int e = idx[t * GK + k];
+            double g[2 * GI], mm[GI];
+            for (int i = 0; i < 2 * GI; i++) {
+                g[i] = 0;
+                for (int h = 0; h < GH; h++) g[i] += (double)x[t * GH + h] * gate_up[((size_t)e * 2 * GI + i) * GH + h];
+            }
+            for (int i = 0; i < GI; i++) mm[i] = ref_gelu1(g[i]) * g[GI + i];
+            for (int o = 0; o < GH; o++) {
+                double acc = 0;
+                for (int i = 0; i < GI; i++) acc += mm[i] * down[((size_t)e * GH + o) * GI + i];
+                ref[t * GH + o] += coef[t * GK + k] * acc;
+            }
+        }
+    int32_t *didx = dev_put(d, idx, sizeof idx);
+    float *dcoef = dev_put(d, coef, sizeof coef), *dx = dev_put(d, x, F(GN * GH)), *y = malloc(F(GN * GH));
+    KnMatrix mats[2][2] = {{{dev_put(d, gate_up, F(GE * 2 * GI * GH)), KN_F32, GE * 2 * GI, GH, 0},
+                            {dev_put(d, down, F(GE * GH * GI)), KN_F32, GE * GH, GI, 0}},
+                           {{dev_put(d, gub, (size_t)GE * 2 * GI * GH * 2), KN_BF16, GE * 2 * GI, GH, 0},
+                            {dev_put(d, downb, (size_t)GE * GH * GI * 2), KN_BF16, GE * GH, GI, 0}}};
+    for (int b = 0; b < 2; b++) {
+        float *dy = dev_poisoned(d, F(GN * GH)), *gu = dev_poisoned(d, F(GN * GK * 2 * GI));
+        float *mm = dev_poisoned(d, F(GN * GK * GI)), *yk = dev_poisoned(d, F(GN * GK * GH));
+        d->be.ops->moe_experts(&d->be.ctx, dy, dx, didx, dcoef, gu, mm, yk, GN, GK, mats[b][0], mats[b][1]);
+        dev_get(d, y, dy, F(GN * GH));
+        EXPECT_CLOSE(y, ref, GN * GH, 1e-5, "moe_experts, 40 pairs on one expert, %s weights", b ? "bf16" : "f32");
+    }
+    free(gate_up); free(down); free(x); free(gub); free(downb); free(ref); free(y);
+    dev_reset(d);
+}
+
 /* ---- rows and the loss ---- */
 
 typedef struct { int rows, V; float cap; const int32_t *targets; } XentRef;
@@ -1310,6 +1362,9 @@ static void test_scratch_bytes(void) {
     moe.n = 100000;
     CHECK(kn_scratch_bytes(&b16, &moe) == ws + (((size_t)64 << 20) / per_token) * per_token,
           "moe_experts_dx: 64 MB of tokens at a time");
+    KnCall group = {.op = KN_OP_MOE_EXPERTS, .n = 300, .top_k = 8, .n_experts = 128};
+    CHECK(kn_scratch_bytes(&f32, &group) == ws + (3 * 128 + 1 + 300 * 8) * sizeof(int32_t),
+          "moe_experts: the pairs grouped by expert");
 }
 
 static void test_table_complete(const Dev *d) {
@@ -1358,6 +1413,7 @@ int main(void) {
             test_lora(&d);
             test_lora_training_rows(&d);
             test_moe(&d);
+            test_moe_grouped(&d);
             test_rows_and_loss(&d);
             test_vision_ops(&d);
             test_optim_ops(&d);
