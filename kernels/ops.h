@@ -145,13 +145,13 @@ typedef enum {
  * decide the device memory it takes beyond its arguments. */
 typedef struct {
     KnOpId op;
-    KnMatrix w;          /* MATMUL, MATMUL_DX: the weights; MOE_EXPERTS_DX: down (dtype, rows and cols are read) */
+    KnMatrix w;          /* MATMUL, MATMUL_DX: the weights; MOE_EXPERTS_DX: down (its rows, E * H, and cols, Im) */
     int64_t n;           /* rows of x: tokens; ATTENTION_DX: queries; LORA_*: one training segment's rows */
     int64_t in;          /* LORA_*: input features */
     int n_heads, dim;    /* ATTENTION_DX */
     int dropout;         /* LORA_*: the segment is dropped out */
     int top_k;           /* MOE_EXPERTS, MOE_EXPERTS_DX: K */
-    int n_experts;       /* MOE_EXPERTS: E */
+    int n_experts;       /* MOE_EXPERTS, MOE_EXPERTS_DX: E */
 } KnCall;
 
 typedef struct {

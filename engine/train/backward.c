@@ -207,7 +207,8 @@ static uint64_t text_scratch(const Model *m, const KnBackend *be, int nf4, int64
             most_bytes = most(most_bytes, linear_scratch(be, l->router, 0, nf4, c));
             KnCall moe = {.op = KN_OP_MOE_EXPERTS, .n = c, .top_k = t->top_k_experts, .n_experts = t->n_experts};
             most_bytes = most(most_bytes, kn_scratch_bytes(be, &moe));
-            moe = (KnCall){.op = KN_OP_MOE_EXPERTS_DX, .w = l->experts_down, .n = c, .top_k = t->top_k_experts};
+            moe.op = KN_OP_MOE_EXPERTS_DX;
+            moe.w = l->experts_down;
             most_bytes = most(most_bytes, kn_scratch_bytes(be, &moe));
         }
     }

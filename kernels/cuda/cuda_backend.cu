@@ -162,7 +162,11 @@ static size_t cu_scratch_bytes(const KnCtx *ctx, const KnCall *call) {
     case KN_OP_LORA_SHRINK:
     case KN_OP_LORA_SHRINK_DX: own = cuda_lora_scratch(call->n, call->in, call->dropout); break;
     case KN_OP_MOE_EXPERTS: own = cuda_moe_scratch(call->n, call->top_k, call->n_experts); break;
-    case KN_OP_MOE_EXPERTS_DX: own = cuda_moe_dx_scratch(call->n, call->top_k, call->w.cols); break;
+    case KN_OP_MOE_EXPERTS_DX:
+        own = call->n_experts > 0 ? cuda_moe_dx_scratch(call->n, call->top_k, call->n_experts,
+                                                        call->w.rows / call->n_experts, call->w.cols)
+                                  : 0;
+        break;
     default: break;
     }
     return BLAS_WORKSPACE_BYTES + own;

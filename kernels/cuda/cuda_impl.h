@@ -193,8 +193,9 @@ void cuda_matmul_dx_bf16(CudaCtx *c, float *dx, const float *dy, KnMatrix w, int
 size_t cuda_gemm_scratch(KnMatrix w, int64_t n, int dx);
 /* cuda_lora.cu: the scratch of a training segment of n rows of in features */
 size_t cuda_lora_scratch(int64_t n, int64_t in, int dropout);
-/* cuda_moe.cu: the scratch of moe_experts_dx over n tokens of K experts of Im */
-size_t cuda_moe_dx_scratch(int64_t n, int K, int64_t Im);
+/* cuda_moe.cu: the scratch of moe_experts_dx over n tokens, K of E experts
+ * of hidden H and intermediate Im */
+size_t cuda_moe_dx_scratch(int64_t n, int K, int E, int64_t H, int64_t Im);
 /* the forward's grouping of n tokens' K pairs over E experts */
 size_t cuda_moe_scratch(int64_t n, int K, int E);
 /* cuda_attention.cu: the scratch of attention_dx over n_q queries */

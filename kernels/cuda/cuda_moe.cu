@@ -5,8 +5,8 @@
  * expert's weights are read once per 32 of its pairs, not once per pair.
  * The backward takes the tokens a chunk at a time (as many as CHUNK_BYTES
  * of the context's scratch holds the gradients of their pairs' gate_up
- * outputs), two launches per chunk, each token's input gradient summed
- * over its experts in order by one warp per feature (no atomics). The experts are rows of the stacked matrices:
+ * outputs and inputs), grouped the same way, each token's input gradient
+ * summed over its experts in order (no atomics). The experts are rows of the stacked matrices:
  * expert e's row r is row e * rows + r. */
 #include <math.h>
 
@@ -112,31 +112,51 @@ static __global__ void k_expert_order(int32_t *order, int32_t *cursor, const int
 #define EXP_K 32  /* inputs per shared-memory tile */
 #define EXP_Q (EXP_P / (THREADS / EXP_O))
 
-/* out[p, o] = (x row of pair p) . (row e * n_out + o of w), for the pairs of
- * expert e = blockIdx.x and the outputs o of tile blockIdx.y; the x row of
- * pair p is x + (p / x_div) * w.cols. A tile of the expert's weights is
- * widened into shared memory once per EXP_P of its pairs (not once per
- * pair), the pairs' inputs beside it; each output sums its inputs in order. */
-static __global__ void __launch_bounds__(THREADS) k_expert_mm(float *out, const float *x, int x_div, const int32_t *order,
-                                                                const int32_t *offset, DevW w, int64_t n_out) {
+/* One grouped product over the pairs of every expert e (order[offset[e] ..
+ * offset[e + 1])): out[p * out_stride + o] = sum over k < n_in, in order,
+ * of x[(p / x_div) * x_stride + k] W_e(o, k), o < n_out. W_e(o, k) is
+ * row e * n_out + o, column k of w (a forward: y = x W^T), or with
+ * TRANS row e * n_in + k, column o (an input gradient: dx = dy W). */
+typedef struct {
+    float *out;
+    int64_t out_stride;
+    const float *x;
+    int64_t x_stride;
+    int x_div;
+    const int32_t *order, *offset;
+    DevW w;
+    int64_t n_out, n_in;
+} ExpertMm;
+
+/* Block (e, tile): a tile of expert e's weights is widened into shared
+ * memory once per EXP_P of its pairs (not once per pair), the pairs'
+ * inputs beside it. */
+template <bool TRANS>
+static __global__ void __launch_bounds__(THREADS) k_expert_mm(ExpertMm a) {
     CUDA_NF4_SHARED(code);
     __shared__ float xs[EXP_P][EXP_K];
-    __shared__ float ws[EXP_O][EXP_K + 1]; /* +1: a warp's 32 outputs in 32 banks */
+    __shared__ float ws[EXP_O][EXP_K + 1]; /* +1: 32 outputs of one input in 32 banks */
     int e = blockIdx.x, tid = threadIdx.x, ol = tid % EXP_O, pg = tid / EXP_O;
-    int32_t first = offset[e], count = offset[e + 1] - first;
+    int32_t first = a.offset[e], count = a.offset[e + 1] - first;
     if (count <= 0) return; /* the whole block */
-    int64_t in = w.cols, o0 = (int64_t)blockIdx.y * EXP_O, row0 = (int64_t)e * n_out + o0;
+    int64_t o0 = (int64_t)blockIdx.y * EXP_O;
     for (int32_t p0 = 0; p0 < count; p0 += EXP_P) {
         float acc[EXP_Q];
         for (int q = 0; q < EXP_Q; q++) acc[q] = 0.0f;
-        for (int64_t k0 = 0; k0 < in; k0 += EXP_K) {
+        for (int64_t k0 = 0; k0 < a.n_in; k0 += EXP_K) {
             for (int i = tid; i < EXP_P * EXP_K; i += THREADS) {
                 int pi = i / EXP_K, kk = i % EXP_K;
-                xs[pi][kk] = p0 + pi < count && k0 + kk < in ? x[(int64_t)(order[first + p0 + pi] / x_div) * in + k0 + kk] : 0.0f;
+                int ok = p0 + pi < count && k0 + kk < a.n_in;
+                xs[pi][kk] = ok ? a.x[(int64_t)(a.order[first + p0 + pi] / a.x_div) * a.x_stride + k0 + kk] : 0.0f;
             }
             for (int i = tid; i < EXP_O * EXP_K; i += THREADS) {
-                int oi = i / EXP_K, kk = i % EXP_K;
-                ws[oi][kk] = o0 + oi < n_out && k0 + kk < in ? w_at_code(w, row0 + oi, k0 + kk, code) : 0.0f;
+                /* consecutive threads read consecutive columns of w */
+                int oi = TRANS ? i % EXP_O : i / EXP_K, kk = TRANS ? i / EXP_O : i % EXP_K;
+                int64_t o = o0 + oi, k = k0 + kk;
+                float v = 0.0f;
+                if (o < a.n_out && k < a.n_in)
+                    v = TRANS ? w_at_code(a.w, e * a.n_in + k, o, code) : w_at_code(a.w, e * a.n_out + o, k, code);
+                ws[oi][kk] = v;
             }
             __syncthreads();
             for (int kk = 0; kk < EXP_K; kk++) {
@@ -145,12 +165,39 @@ static __global__ void __launch_bounds__(THREADS) k_expert_mm(float *out, const 
             }
             __syncthreads();
         }
-        if (o0 + ol < n_out)
+        if (o0 + ol < a.n_out)
             for (int q = 0; q < EXP_Q; q++) {
                 int32_t pi = p0 + pg * EXP_Q + q;
-                if (pi < count) out[(int64_t)order[first + pi] * n_out + o0 + ol] = acc[q];
+                if (pi < count) a.out[(int64_t)a.order[first + pi] * a.out_stride + o0 + ol] = acc[q];
             }
     }
+}
+
+/* The ints of grouping `pairs` pairs over E experts (count, cursor, offset,
+ * order), rounded up to 64. */
+static size_t group_ints(int64_t pairs, int E) { return (size_t)((3 * (int64_t)E + 1 + pairs + 63) & ~(int64_t)63); }
+
+/* Groups pairs idx[pairs] by expert into s (group_ints): returns order,
+ * *offset set. */
+static int32_t *group_pairs(CudaCtx *c, int32_t *s, const int32_t *idx, int64_t pairs, int E, int32_t **offset) {
+    int32_t *count = s, *cursor = s + E, *order = s + 3 * E + 1;
+    *offset = s + 2 * E;
+    cuda_note(c, cudaMemsetAsync(count, 0, (size_t)E * sizeof *count, c->stream), "moe_experts");
+    unsigned pb = cuda_blocks((size_t)pairs, THREADS);
+    k_expert_count<<<pb, THREADS, 0, c->stream>>>(count, idx, pairs, E);
+    CUDA_LAUNCHED(c, "moe_experts");
+    k_expert_offsets<<<1, 1, 0, c->stream>>>(*offset, cursor, count, E);
+    CUDA_LAUNCHED(c, "moe_experts");
+    k_expert_order<<<pb, THREADS, 0, c->stream>>>(order, cursor, idx, pairs, E);
+    CUDA_LAUNCHED(c, "moe_experts");
+    return order;
+}
+
+static void expert_mm(CudaCtx *c, bool trans, const ExpertMm &a, int E) {
+    dim3 grid((unsigned)E, (unsigned)((a.n_out + EXP_O - 1) / EXP_O));
+    if (trans) k_expert_mm<true><<<grid, THREADS, 0, c->stream>>>(a);
+    else k_expert_mm<false><<<grid, THREADS, 0, c->stream>>>(a);
+    CUDA_LAUNCHED(c, "moe_experts");
 }
 
 static __global__ void k_gelu_mul(float *mm, const float *gu, size_t n, int64_t im) {
@@ -172,7 +219,7 @@ static __global__ void k_combine(float *y, const float *yk, const float *coef, s
 }
 
 size_t cuda_moe_scratch(int64_t n, int K, int E) {
-    return n > 0 && K > 0 && E > 0 ? (size_t)(3 * (int64_t)E + 1 + n * K) * sizeof(int32_t) : 0;
+    return n > 0 && K > 0 && E > 0 ? group_ints(n * K, E) * sizeof(int32_t) : 0;
 }
 
 void cuda_moe_experts(const KnCtx *ctx, float *y, const float *x, const int32_t *idx, const float *coef, float *gu,
@@ -181,25 +228,13 @@ void cuda_moe_experts(const KnCtx *ctx, float *y, const float *x, const int32_t 
     CudaCtx *c = cuda_ctx(ctx);
     int64_t H = gate_up.cols, Im = down.cols, pairs = n * K;
     int E = (int)(gate_up.rows / (2 * Im));
-    int32_t *s = (int32_t *)cuda_scratch(c, cuda_moe_scratch(n, K, E), "moe_experts");
+    int32_t *s = (int32_t *)cuda_scratch(c, cuda_moe_scratch(n, K, E), "moe_experts"), *offset;
     if (!s) return;
-    int32_t *count = s, *cursor = s + E, *offset = s + 2 * E, *order = s + 3 * E + 1;
-    cuda_note(c, cudaMemsetAsync(count, 0, (size_t)E * sizeof *count, c->stream), "moe_experts");
-    unsigned pb = cuda_blocks((size_t)pairs, THREADS);
-    k_expert_count<<<pb, THREADS, 0, c->stream>>>(count, idx, pairs, E);
-    CUDA_LAUNCHED(c, "moe_experts");
-    k_expert_offsets<<<1, 1, 0, c->stream>>>(offset, cursor, count, E);
-    CUDA_LAUNCHED(c, "moe_experts");
-    k_expert_order<<<pb, THREADS, 0, c->stream>>>(order, cursor, idx, pairs, E);
-    CUDA_LAUNCHED(c, "moe_experts");
-    dim3 g1((unsigned)E, (unsigned)((2 * Im + EXP_O - 1) / EXP_O));
-    k_expert_mm<<<g1, THREADS, 0, c->stream>>>(gu, x, K, order, offset, dev_w(gate_up), 2 * Im);
-    CUDA_LAUNCHED(c, "moe_experts");
+    int32_t *order = group_pairs(c, s, idx, pairs, E, &offset);
+    expert_mm(c, false, ExpertMm{gu, 2 * Im, x, H, K, order, offset, dev_w(gate_up), 2 * Im, H}, E);
     k_gelu_mul<<<cuda_blocks((size_t)(pairs * Im), THREADS), THREADS, 0, c->stream>>>(mm, gu, (size_t)(pairs * Im), Im);
     CUDA_LAUNCHED(c, "moe_experts");
-    dim3 g3((unsigned)E, (unsigned)((H + EXP_O - 1) / EXP_O));
-    k_expert_mm<<<g3, THREADS, 0, c->stream>>>(yk, mm, 1, order, offset, dev_w(down), H);
-    CUDA_LAUNCHED(c, "moe_experts");
+    expert_mm(c, false, ExpertMm{yk, H, mm, Im, 1, order, offset, dev_w(down), H, Im}, E);
     k_combine<<<cuda_blocks((size_t)(n * H), THREADS), THREADS, 0, c->stream>>>(y, yk, coef, (size_t)(n * H), K, H);
     CUDA_LAUNCHED(c, "moe_experts");
 }
@@ -218,55 +253,40 @@ static __global__ void k_dcoef(float *dc, const float *dy, const float *yk, int6
     if (lane == 0) dc[tk] = acc;
 }
 
-/* For pair tk0 + blockIdx.x: dmm[i] = coef (dy[t] . down column i of
- * expert e), then dgu = (gelu'(g) dmm u, dmm gelu(g)) into its row of
- * dgu [pairs of the chunk, 2 Im]. One warp per i. */
-static __global__ void k_dgu(float *dgu, const float *dy, const float *gu, const int32_t *idx, const float *coef,
-                             DevW down, int64_t tk0, int K, int64_t H) {
-    CUDA_NF4_SHARED(code);
-    int lane = threadIdx.x & 31;
-    int64_t i = (int64_t)blockIdx.y * WARPS + (threadIdx.x >> 5), Im = down.cols, tk = tk0 + blockIdx.x;
-    if (i >= Im) return;
-    const float *d = dy + (tk / K) * H, *g = gu + tk * 2 * Im;
-    float *out = dgu + (int64_t)blockIdx.x * 2 * Im;
-    int64_t row0 = (int64_t)idx[tk] * H;
-    float acc = 0.0f;
-    for (int64_t h = lane; h < H; h += 32) acc += d[h] * w_at_code(down, row0 + h, i, code);
-    acc = warp_sum(acc);
-    if (lane == 0) {
-        float dmm = acc * coef[tk];
-        out[Im + i] = dmm * gelu(g[i]);
-        out[i] = gelu_d(g[i]) * (dmm * g[Im + i]);
+/* The gate_up gradient of each pair p < n from its down input gradient
+ * dmm / coef, in dgu's second half [p, Im + i] (as k_expert_mm left it):
+ * dgu[p] = (gelu'(g) dmm u, dmm gelu(g)), g, u = gu[p]'s halves. */
+static __global__ void k_dgu(float *dgu, const float *gu, const float *coef, size_t n, int64_t im) {
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        int64_t p = (int64_t)e / im, i = (int64_t)e % im;
+        const float *g = gu + p * 2 * im;
+        float *d = dgu + p * 2 * im, dmm = d[im + i] * coef[p];
+        d[im + i] = dmm * gelu(g[i]);
+        d[i] = gelu_d(g[i]) * (dmm * g[im + i]);
     }
 }
 
-/* dx[t, h] = sum over t's experts k, in order, of dgu[t, k] . gate_up
- * column h of expert e_k, for token t = t0 + blockIdx.x: one warp per h. */
-static __global__ void k_dx(float *dx, const float *dgu, const int32_t *idx, DevW gate_up, int64_t t0, int K) {
-    CUDA_NF4_SHARED(code);
-    int lane = threadIdx.x & 31;
-    int64_t h = (int64_t)blockIdx.y * WARPS + (threadIdx.x >> 5), H = gate_up.cols, two_im = gate_up.rows;
-    if (h >= H) return;
-    int64_t t = t0 + blockIdx.x;
-    float sum = 0.0f;
-    for (int k = 0; k < K; k++) {
-        const float *g = dgu + ((int64_t)blockIdx.x * K + k) * two_im;
-        int64_t row0 = (int64_t)idx[t * K + k] * two_im;
+/* dx[t, h] = sum over t's experts k, in order, of dxk[t K + k, h]. */
+static __global__ void k_sum_pairs(float *dx, const float *dxk, size_t n, int K, int64_t H) {
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        int64_t t = (int64_t)e / H, h = (int64_t)e % H;
         float acc = 0.0f;
-        for (int64_t j = lane; j < two_im; j += 32) acc += g[j] * w_at_code(gate_up, row0 + j, h, code);
-        sum += warp_sum(acc);
+        for (int k = 0; k < K; k++) acc += dxk[(t * K + k) * H + h];
+        dx[e] = acc;
     }
-    if (lane == 0) dx[t * H + h] = sum;
 }
 
-/* Tokens per chunk of the backward: their pairs' 2 Im gradients in CHUNK_BYTES. */
-static int64_t dx_chunk_tokens(int64_t n, int K, int64_t Im) {
-    int64_t per = (int64_t)K * 2 * Im * (int64_t)sizeof(float), t = (int64_t)(CHUNK_BYTES / (size_t)per);
+/* Tokens per chunk of the backward: their pairs' gradients (2 Im of
+ * gate_up, H of the input) in CHUNK_BYTES. */
+static int64_t dx_chunk_tokens(int64_t n, int K, int64_t H, int64_t Im) {
+    int64_t per = (int64_t)K * (2 * Im + H) * (int64_t)sizeof(float), t = (int64_t)(CHUNK_BYTES / (size_t)per);
     return t < 1 ? 1 : t > n ? n : t;
 }
 
-size_t cuda_moe_dx_scratch(int64_t n, int K, int64_t Im) {
-    return n > 0 && K > 0 && Im > 0 ? (size_t)(dx_chunk_tokens(n, K, Im) * K * 2 * Im) * sizeof(float) : 0;
+size_t cuda_moe_dx_scratch(int64_t n, int K, int E, int64_t H, int64_t Im) {
+    if (n <= 0 || K <= 0 || E <= 0 || H <= 0 || Im <= 0) return 0;
+    int64_t pairs = dx_chunk_tokens(n, K, H, Im) * K;
+    return group_ints(pairs, E) * sizeof(int32_t) + (size_t)(pairs * (2 * Im + H)) * sizeof(float);
 }
 
 void cuda_moe_experts_dx(const KnCtx *ctx, float *dx, float *dc, const float *dy, const float *gu, const float *yk,
@@ -275,21 +295,26 @@ void cuda_moe_experts_dx(const KnCtx *ctx, float *dx, float *dc, const float *dy
     (void)scratch; /* the context's own, for many pairs at once */
     if (n <= 0 || K <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    int64_t H = gate_up.cols, Im = down.cols, pairs = n * K, T = dx_chunk_tokens(n, K, Im);
+    int64_t H = gate_up.cols, Im = down.cols, pairs = n * K, T = dx_chunk_tokens(n, K, H, Im);
+    int E = (int)(gate_up.rows / (2 * Im));
     k_dcoef<<<(unsigned)((pairs + WARPS - 1) / WARPS), THREADS, 0, c->stream>>>(dc, dy, yk, pairs, K, H);
     CUDA_LAUNCHED(c, "moe_experts_dx");
-    float *dgu = (float *)cuda_scratch(c, cuda_moe_dx_scratch(n, K, Im), "moe_experts_dx");
-    if (!dgu) return;
-    /* gate_up as one expert's rows, so k_dx reads its row count from the view */
-    KnMatrix gu_one = gate_up;
-    gu_one.rows = 2 * Im;
-    DevW wd = dev_w(down), wgu = dev_w(gu_one);
+    int32_t *s = (int32_t *)cuda_scratch(c, cuda_moe_dx_scratch(n, K, E, H, Im), "moe_experts_dx"), *offset;
+    if (!s) return;
+    float *dgu = (float *)(s + group_ints(T * K, E)), *dxk = dgu + T * K * 2 * Im;
+    DevW wd = dev_w(down), wgu = dev_w(gate_up);
     for (int64_t t0 = 0; t0 < n; t0 += T) {
-        int64_t nt = n - t0 < T ? n - t0 : T;
-        dim3 g1((unsigned)(nt * K), (unsigned)((Im + WARPS - 1) / WARPS)), g2((unsigned)nt, (unsigned)((H + WARPS - 1) / WARPS));
-        k_dgu<<<g1, THREADS, 0, c->stream>>>(dgu, dy, gu, idx, coef, wd, t0 * K, K, H);
+        int64_t nt = n - t0 < T ? n - t0 : T, np = nt * K;
+        int32_t *order = group_pairs(c, s, idx + t0 * K, np, E, &offset);
+        /* dmm = dy W_down (coef applied by k_dgu), into dgu's second half */
+        expert_mm(c, true, ExpertMm{dgu + Im, 2 * Im, dy + t0 * H, H, K, order, offset, wd, Im, H}, E);
+        size_t elems = (size_t)(np * Im);
+        k_dgu<<<cuda_blocks(elems, THREADS), THREADS, 0, c->stream>>>(dgu, gu + t0 * K * 2 * Im, coef + t0 * K, elems, Im);
         CUDA_LAUNCHED(c, "moe_experts_dx");
-        k_dx<<<g2, THREADS, 0, c->stream>>>(dx, dgu, idx, wgu, t0, K);
+        /* each pair's input gradient dgu W_gate_up, then each token's sum over its experts */
+        expert_mm(c, true, ExpertMm{dxk, H, dgu, 2 * Im, 1, order, offset, wgu, H, 2 * Im}, E);
+        elems = (size_t)(nt * H);
+        k_sum_pairs<<<cuda_blocks(elems, THREADS), THREADS, 0, c->stream>>>(dx + t0 * H, dxk, elems, K, H);
         CUDA_LAUNCHED(c, "moe_experts_dx");
     }
 }

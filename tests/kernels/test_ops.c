@@ -1009,10 +1009,11 @@ static void test_moe(Dev *d) {
     dev_reset(d);
 }
 
-/* moe_experts over many pairs per expert, at sizes that cut every tile of a
- * grouped kernel short (hidden 100, intermediate 40): every token's first
- * expert is expert 3, so it has 40 pairs; the others spread over the rest.
- * f32 and bf16 weights against a double MLP; gu, mm, yk poisoned first. */
+/* moe_experts and moe_experts_dx over many pairs per expert, at sizes that
+ * cut every tile of a grouped kernel short (hidden 100, intermediate 40):
+ * every token's first expert is expert 3, so it has 40 pairs; the others
+ * spread over the rest. f32 and bf16 weights against a double MLP and its
+ * hand-derived gradient; every output poisoned first. */
 enum { GE = 16, GK = 4, GH = 100, GI = 40, GN = 40 };
 
 static void test_moe_grouped(Dev *d) {
@@ -1028,20 +1029,35 @@ static void test_moe_grouped(Dev *d) {
             idx[t * GK + k] = k == 0 ? 3 : v < 3 ? v : v + 1;
             coef[t * GK + k] = 0.25f + 0.5f * frand();
         }
-    double *ref = calloc(GN * GH, sizeof *ref);
+    float *gy = rand_vec(GN * GH);
+    double *ref = calloc(GN * GH, sizeof *ref), *ref_dx = calloc(GN * GH, sizeof *ref_dx), ref_dc[GN * GK];
+    const double c0 = sqrt(2 / M_PI), c1 = 0.044715;
     for (int t = 0; t < GN; t++)
         for (int k = 0; k < GK; k++) {
             int e = idx[t * GK + k];
-            double g[2 * GI], mm[GI];
+            const float *gu_e = gate_up + (size_t)e * 2 * GI * GH, *down_e = down + (size_t)e * GH * GI;
+            double g[2 * GI], mm[GI], dmm[GI];
             for (int i = 0; i < 2 * GI; i++) {
                 g[i] = 0;
-                for (int h = 0; h < GH; h++) g[i] += (double)x[t * GH + h] * gate_up[((size_t)e * 2 * GI + i) * GH + h];
+                for (int h = 0; h < GH; h++) g[i] += (double)x[t * GH + h] * gu_e[(size_t)i * GH + h];
             }
             for (int i = 0; i < GI; i++) mm[i] = ref_gelu1(g[i]) * g[GI + i];
+            ref_dc[t * GK + k] = 0;
             for (int o = 0; o < GH; o++) {
                 double acc = 0;
-                for (int i = 0; i < GI; i++) acc += mm[i] * down[((size_t)e * GH + o) * GI + i];
+                for (int i = 0; i < GI; i++) acc += mm[i] * down_e[(size_t)o * GI + i];
                 ref[t * GH + o] += coef[t * GK + k] * acc;
+                ref_dc[t * GK + k] += gy[t * GH + o] * acc;
+            }
+            for (int i = 0; i < GI; i++) {
+                dmm[i] = 0;
+                for (int o = 0; o < GH; o++) dmm[i] += gy[t * GH + o] * down_e[(size_t)o * GI + i];
+                dmm[i] *= coef[t * GK + k];
+                double v = g[i], th = tanh(c0 * (v + c1 * v * v * v));
+                double dgelu = 0.5 * (1 + th) + 0.5 * v * (1 - th * th) * c0 * (1 + 3 * c1 * v * v);
+                double dg = dgelu * dmm[i] * g[GI + i], du = dmm[i] * ref_gelu1(v);
+                for (int h = 0; h < GH; h++)
+                    ref_dx[t * GH + h] += dg * gu_e[(size_t)i * GH + h] + du * gu_e[(size_t)(GI + i) * GH + h];
             }
         }
     int32_t *didx = dev_put(d, idx, sizeof idx);
@@ -1056,8 +1072,16 @@ static void test_moe_grouped(Dev *d) {
         d->be.ops->moe_experts(&d->be.ctx, dy, dx, didx, dcoef, gu, mm, yk, GN, GK, mats[b][0], mats[b][1]);
         dev_get(d, y, dy, F(GN * GH));
         EXPECT_CLOSE(y, ref, GN * GH, 1e-5, "moe_experts, 40 pairs on one expert, %s weights", b ? "bf16" : "f32");
+        float *dgx = dev_poisoned(d, F(GN * GH)), *dgc = dev_poisoned(d, F(GN * GK)), gx[GN * GH], gc[GN * GK];
+        d->be.ops->moe_experts_dx(&d->be.ctx, dgx, dgc, dev_put(d, gy, F(GN * GH)), gu, yk, didx, dcoef,
+                                  dev_alloc(d, F(4 * GI)), GN, GK, mats[b][0], mats[b][1]);
+        dev_get(d, gx, dgx, sizeof gx);
+        dev_get(d, gc, dgc, sizeof gc);
+        EXPECT_CLOSE(gx, ref_dx, GN * GH, 1e-5, "moe_experts_dx inputs, 40 pairs on one expert, %s weights",
+                     b ? "bf16" : "f32");
+        EXPECT_CLOSE(gc, ref_dc, GN * GK, 1e-5, "moe_experts_dx coefficients, %s weights", b ? "bf16" : "f32");
     }
-    free(gate_up); free(down); free(x); free(gub); free(downb); free(ref); free(y);
+    free(gate_up); free(down); free(x); free(gy); free(gub); free(downb); free(ref); free(ref_dx); free(y);
     dev_reset(d);
 }
 
@@ -1356,14 +1380,18 @@ static void test_scratch_bytes(void) {
     lora.n = 15;
     CHECK(kn_scratch_bytes(&f32, &lora) == ws, "a short segment takes the row kernels");
     KnCall moe = {.op = KN_OP_MOE_EXPERTS_DX, .w = {.data = (void *)1, .dtype = KN_BF16, .rows = 128 * 2816, .cols = 704},
-                  .n = 16, .top_k = 8};
-    size_t per_token = (size_t)8 * 2 * 704 * sizeof(float);
-    CHECK(kn_scratch_bytes(&b16, &moe) == ws + 16 * per_token, "moe_experts_dx: every pair's gate_up gradient");
+                  .n = 16, .top_k = 8, .n_experts = 128};
+    /* each pair's gate_up and input gradients, and the pairs grouped by
+     * expert (count, cursor, offset[E + 1], order; rounded up to 64 ints) */
+    size_t per_token = (size_t)8 * (2 * 704 + 2816) * sizeof(float);
+    size_t ints16 = ((3 * 128 + 1 + 16 * 8 + 63) / 64) * 64 * sizeof(int32_t);
+    CHECK(kn_scratch_bytes(&b16, &moe) == ws + ints16 + 16 * per_token, "moe_experts_dx: every pair's gradients");
     moe.n = 100000;
-    CHECK(kn_scratch_bytes(&b16, &moe) == ws + (((size_t)64 << 20) / per_token) * per_token,
-          "moe_experts_dx: 64 MB of tokens at a time");
+    size_t moe_chunk = ((size_t)64 << 20) / per_token;
+    size_t ints = ((3 * 128 + 1 + moe_chunk * 8 + 63) / 64) * 64 * sizeof(int32_t);
+    CHECK(kn_scratch_bytes(&b16, &moe) == ws + ints + moe_chunk * per_token, "moe_experts_dx: 64 MB of tokens at a time");
     KnCall group = {.op = KN_OP_MOE_EXPERTS, .n = 300, .top_k = 8, .n_experts = 128};
-    CHECK(kn_scratch_bytes(&f32, &group) == ws + (3 * 128 + 1 + 300 * 8) * sizeof(int32_t),
+    CHECK(kn_scratch_bytes(&f32, &group) == ws + ((3 * 128 + 1 + 300 * 8 + 63) / 64) * 64 * sizeof(int32_t),
           "moe_experts: the pairs grouped by expert");
 }
 
