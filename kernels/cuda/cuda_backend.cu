@@ -2,7 +2,9 @@
  * handle, first fault), its memory entries and its op table. Transfers run
  * on the context's stream: upload returns once the source may be reused
  * (pageable host memory is staged before the call returns), download once
- * the bytes are on the host. */
+ * the bytes are on the host. A large upload (a checkpoint's weights,
+ * streamed from the mmapped file) goes through two pinned staging buffers
+ * of the context, the host filling one while the other copies. */
 #include <stdio.h>
 #include <string.h>
 
@@ -68,6 +70,10 @@ extern "C" void cuda_ctx_free(KnCtx *ctx) {
     cudaSetDevice(c->device);
     if (c->scratch) cudaFreeAsync(c->scratch, c->stream);
     cudaStreamSynchronize(c->stream);
+    for (int b = 0; c->stage_ready == 1 && b < 2; b++) {
+        cudaFreeHost(c->stage[b]);
+        cudaEventDestroy(c->staged[b]);
+    }
     cublasDestroy(c->blas);
     cudaStreamDestroy(c->stream);
     free(c);
@@ -105,10 +111,47 @@ static void cu_free(const KnCtx *ctx, KnBuffer *buf) {
     memset(buf, 0, sizeof *buf);
 }
 
+#define STAGE_BYTES ((size_t)8 << 20) /* each staging buffer */
+#define STAGE_MIN ((size_t)1 << 20)   /* smaller uploads go direct */
+
+/* The staging buffers, allocated on first use; 0 when pinned memory is
+ * refused (uploads then go direct, as pageable copies). */
+static int stage_init(CudaCtx *c) {
+    if (c->stage_ready) return c->stage_ready > 0;
+    c->stage_ready = -1;
+    for (int b = 0; b < 2; b++)
+        if (cudaHostAlloc(&c->stage[b], STAGE_BYTES, cudaHostAllocDefault) != cudaSuccess ||
+            cudaEventCreateWithFlags(&c->staged[b], cudaEventDisableTiming) != cudaSuccess) {
+            cudaGetLastError();
+            for (int i = 0; i <= b; i++) {
+                if (c->stage[i]) cudaFreeHost(c->stage[i]);
+                if (c->staged[i]) cudaEventDestroy(c->staged[i]);
+                c->stage[i] = NULL;
+                c->staged[i] = NULL;
+            }
+            return 0;
+        }
+    c->stage_ready = 1;
+    return 1;
+}
+
 static void cu_upload(const KnCtx *ctx, void *dst, const void *src, size_t n) {
     if (!n) return;
     CudaCtx *c = cuda_ctx(ctx);
-    cuda_note(c, cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, c->stream), "upload");
+    if (n < STAGE_MIN || !stage_init(c)) {
+        cuda_note(c, cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, c->stream), "upload");
+        return;
+    }
+    /* a buffer is refilled once its previous copy is done; the last copies
+     * read only the staging buffers, so src is free on return */
+    for (size_t off = 0, i = 0; off < n; off += STAGE_BYTES, i++) {
+        int b = (int)(i & 1);
+        size_t len = n - off < STAGE_BYTES ? n - off : STAGE_BYTES;
+        cuda_note(c, cudaEventSynchronize(c->staged[b]), "upload");
+        memcpy(c->stage[b], (const char *)src + off, len);
+        cuda_note(c, cudaMemcpyAsync((char *)dst + off, c->stage[b], len, cudaMemcpyHostToDevice, c->stream), "upload");
+        cuda_note(c, cudaEventRecord(c->staged[b], c->stream), "upload");
+    }
 }
 
 static void cu_download(const KnCtx *ctx, void *dst, const void *src, size_t n) {

@@ -43,6 +43,9 @@ typedef struct {
     cublasHandle_t blas;
     void *scratch;            /* cuda_gemm.cu's bf16 operands, grown on the stream */
     size_t scratch_bytes;
+    void *stage[2];           /* pinned staging of large uploads (cuda_backend.cu), allocated on first use */
+    cudaEvent_t staged[2];    /* the copy out of each staging buffer done */
+    int stage_ready;          /* 1: allocated; -1: pinned memory refused (uploads go direct) */
     cudaError_t fault;        /* the first error since the last synchronize, cudaSuccess if none */
     char fault_where[48];     /* the op or transfer that met it */
 } CudaCtx;

@@ -172,6 +172,28 @@ static void test_precision(void) {
     CHECK(kn_precision_parse("fp16", &p, &err) == GF_INVALID && strstr(err.message, "fp16"), "parse fp16: %s", err.message);
 }
 
+/* Uploads of every size land whole: large ones (through the CUDA
+ * backend's pinned staging, several buffers' worth, an odd tail, at an odd
+ * offset) and small ones between them; the source is changed right after
+ * each call returns (upload returns once it may be reused). */
+static void test_transfers(Dev *d) {
+    size_t sizes[] = {7, (size_t)20 << 20 | 13, 4096, ((size_t)1 << 20) + 1, (size_t)9 << 20};
+    size_t most = (size_t)20 << 20 | 13;
+    uint8_t *src = malloc(most), *back = malloc(most), *want = malloc(most);
+    uint8_t *dev = dev_alloc(d, most + 8);
+    for (size_t k = 0; k < sizeof sizes / sizeof *sizes; k++) {
+        size_t n = sizes[k];
+        for (size_t i = 0; i < n; i++) src[i] = (uint8_t)(i * 131 + k * 7 + (i >> 13));
+        memcpy(want, src, n);
+        d->be.ops->upload(&d->be.ctx, dev + 3, src, n);
+        memset(src, 0xA5, n);
+        dev_get(d, back, dev + 3, n);
+        CHECK(memcmp(back, want, n) == 0, "an upload of %zu bytes arrives whole", n);
+    }
+    free(src); free(back); free(want);
+    dev_reset(d);
+}
+
 static void test_rmsnorm_gelu_softcap(Dev *d) {
     int n = 7, dim = 33;
     float *x = rand_vec((size_t)n * dim), *w = rand_vec((size_t)dim), *y = malloc((size_t)n * dim * sizeof *y);
@@ -1427,6 +1449,7 @@ int main(void) {
             printf("backend %s, %d thread(s)\n", d.be.name, threads);
             test_table_complete(&d);
             test_matmul(&d);
+            test_transfers(&d);
             test_rmsnorm_gelu_softcap(&d);
             test_attention(&d);
             test_attention_shapes(&d);
