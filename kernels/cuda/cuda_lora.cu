@@ -106,29 +106,61 @@ typedef struct {
     int n;
 } Group;
 
-/* t[r, k] = scale * sum_j d(x)[r, j] A[k, j]: one warp per (row, k). */
+/* A serving warp's share: SHRINK_ROWS rows by SHRINK_KS of the adapter's
+ * ranks, so each element of A is loaded once per SHRINK_ROWS rows and each
+ * of x once per SHRINK_KS ranks (a batch sharing an adapter reads it at
+ * full bandwidth); an expand thread's SHRINK_ROWS rows of one output read
+ * B's row once. Each row's sums are the same operations whatever its slot
+ * or the other rows, so its term does not depend on its batch. */
+#define SHRINK_ROWS 8
+#define SHRINK_KS 4
+
+/* t[r, k] = scale * sum_j d(x)[r, j] A[k, j] */
 static __global__ void k_shrink(float *t, int64_t ld_t, const float *x, Group g, int64_t in) {
     const Seg &s = g.s[blockIdx.z];
-    int lane = threadIdx.x & 31, k = blockIdx.y * WARPS + (threadIdx.x >> 5);
-    int64_t i = blockIdx.x, r = s.row0 + i;
-    if (i >= s.n_rows || k >= s.rank) return;
-    const float *xr = x + r * in, *a = s.A + (int64_t)k * in;
-    float acc = 0.0f;
-    for (int64_t j = lane; j < in; j += 32) acc += xr[j] * drop(s, i, in, j) * a[j];
-    acc = warp_sum(acc);
-    if (lane == 0) t[r * ld_t + k] = acc * s.scale;
+    int lane = threadIdx.x & 31, k0 = (blockIdx.y * WARPS + (threadIdx.x >> 5)) * SHRINK_KS;
+    int64_t i0 = (int64_t)blockIdx.x * SHRINK_ROWS;
+    if (i0 >= s.n_rows || k0 >= s.rank) return;
+    int nr = s.n_rows - i0 < SHRINK_ROWS ? (int)(s.n_rows - i0) : SHRINK_ROWS;
+    int nk = s.rank - k0 < SHRINK_KS ? s.rank - k0 : SHRINK_KS;
+    float acc[SHRINK_ROWS][SHRINK_KS];
+    for (int q = 0; q < SHRINK_ROWS; q++)
+        for (int c = 0; c < SHRINK_KS; c++) acc[q][c] = 0.0f;
+    for (int64_t j = lane; j < in; j += 32) {
+        float a[SHRINK_KS];
+        for (int c = 0; c < SHRINK_KS; c++) a[c] = c < nk ? s.A[(int64_t)(k0 + c) * in + j] : 0.0f;
+        for (int q = 0; q < SHRINK_ROWS; q++) {
+            if (q >= nr) break;
+            float xd = x[(s.row0 + i0 + q) * in + j] * drop(s, i0 + q, in, j);
+            for (int c = 0; c < SHRINK_KS; c++) acc[q][c] += xd * a[c];
+        }
+    }
+    for (int q = 0; q < nr; q++)
+        for (int c = 0; c < nk; c++) {
+            float v = warp_sum(acc[q][c]);
+            if (lane == 0) t[(s.row0 + i0 + q) * ld_t + k0 + c] = v * s.scale;
+        }
 }
 
 /* y[r, o] += sum_k t[r, k] B[o, k] */
 static __global__ void k_expand(float *y, const float *t, int64_t ld_t, Group g, int64_t out) {
     const Seg &s = g.s[blockIdx.z];
-    size_t n = (size_t)(s.n_rows * out);
+    int64_t groups = (s.n_rows + SHRINK_ROWS - 1) / SHRINK_ROWS;
+    size_t n = (size_t)(groups * out);
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
-        int64_t r = s.row0 + (int64_t)e / out, o = (int64_t)e % out;
-        const float *tr = t + r * ld_t, *b = s.B + o * s.rank;
-        float acc = 0.0f;
-        for (int k = 0; k < s.rank; k++) acc += tr[k] * b[k];
-        y[r * out + o] += acc;
+        int64_t i0 = (int64_t)e / out * SHRINK_ROWS, o = (int64_t)e % out;
+        int nr = s.n_rows - i0 < SHRINK_ROWS ? (int)(s.n_rows - i0) : SHRINK_ROWS;
+        const float *b = s.B + o * s.rank, *t0 = t + (s.row0 + i0) * ld_t;
+        float acc[SHRINK_ROWS];
+        for (int q = 0; q < SHRINK_ROWS; q++) acc[q] = 0.0f;
+        for (int k = 0; k < s.rank; k++) {
+            float bk = b[k];
+            for (int q = 0; q < SHRINK_ROWS; q++)
+                if (q < nr) acc[q] += t0[q * ld_t + k] * bk;
+        }
+#pragma unroll
+        for (int q = 0; q < SHRINK_ROWS; q++) /* constant indices: acc stays in registers */
+            if (q < nr) y[(s.row0 + i0 + q) * out + o] += acc[q];
     }
 }
 
@@ -165,7 +197,9 @@ typedef struct {
 
 static void shrink_group(CudaCtx *c, const Group &g, int64_t rows, int rank, void *cls) {
     const RowArgs *r = (const RowArgs *)cls;
-    dim3 grid((unsigned)rows, (unsigned)((rank + WARPS - 1) / WARPS), (unsigned)g.n);
+    int per_block = WARPS * SHRINK_KS;
+    dim3 grid((unsigned)((rows + SHRINK_ROWS - 1) / SHRINK_ROWS), (unsigned)((rank + per_block - 1) / per_block),
+              (unsigned)g.n);
     k_shrink<<<grid, THREADS, 0, c->stream>>>(r->t, r->ld_t, r->x, g, r->dim);
     CUDA_LAUNCHED(c, "lora_shrink");
 }
@@ -173,7 +207,8 @@ static void shrink_group(CudaCtx *c, const Group &g, int64_t rows, int rank, voi
 static void expand_group(CudaCtx *c, const Group &g, int64_t rows, int rank, void *cls) {
     (void)rank;
     const RowArgs *r = (const RowArgs *)cls;
-    dim3 grid(cuda_blocks((size_t)(rows * r->dim), THREADS), 1, (unsigned)g.n);
+    int64_t groups = (rows + SHRINK_ROWS - 1) / SHRINK_ROWS;
+    dim3 grid(cuda_blocks((size_t)(groups * r->dim), THREADS), 1, (unsigned)g.n);
     k_expand<<<grid, THREADS, 0, c->stream>>>(r->y, r->t, r->ld_t, g, r->dim);
     CUDA_LAUNCHED(c, "lora_expand");
 }

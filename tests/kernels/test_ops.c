@@ -791,6 +791,54 @@ static void ref_lora_of(double *y, const double *v, const void *c) {
         }
 }
 
+/* Serving segments (no gradients) of many rows and ranks, so the CUDA
+ * kernels' row and rank tiles end short (21 rows, rank 37; 3 rows, rank
+ * 16), with dropout on the first: against the double reference, and each
+ * row of the first segment run alone (a one-row segment over the same
+ * adapter at its place) equals its value in the batch bit for bit. */
+static void test_lora_serving(Dev *d) {
+    enum { SIN = 70, SOUT = 45, SN = 24, SR = 37 };
+    LoraRef l = {SIN, SOUT, SN, {0}, {0}, {SR, 16}, {0.25f, 1.5f}, {0, 21}, {21, 3}, {0.2f, 0.0f}, {99, 0}, 0, NULL};
+    float *A0 = rand_vec((size_t)SR * SIN), *B0 = rand_vec((size_t)SOUT * SR), *A1 = rand_vec((size_t)16 * SIN);
+    float *B1 = rand_vec((size_t)SOUT * 16), *x = rand_vec((size_t)SN * SIN), *y0 = rand_vec((size_t)SN * SOUT);
+    l.A[0] = A0; l.A[1] = A1; l.B[0] = B0; l.B[1] = B1; l.x = x;
+    double *ref = malloc((size_t)SN * SOUT * sizeof *ref);
+    for (int64_t r = 0; r < SN; r++)
+        for (int o = 0; o < SOUT; o++) {
+            int sg = r < 21 ? 0 : 1;
+            int64_t i = r - l.row0[sg];
+            double acc = y0[r * SOUT + o];
+            for (int k = 0; k < l.rank[sg]; k++) {
+                double t = 0;
+                for (int j = 0; j < SIN; j++) t += (double)x[r * SIN + j] * ref_factor(&l, sg, i, j) * l.A[sg][k * SIN + j];
+                acc += t * l.scale[sg] * l.B[sg][o * l.rank[sg] + k];
+            }
+            ref[r * SOUT + o] = acc;
+        }
+    float *dA0 = dev_put(d, A0, F(SR * SIN)), *dB0 = dev_put(d, B0, F(SOUT * SR));
+    KnLoraSeg segs[2] = {{0, 21, dA0, dB0, NULL, NULL, SR, 0.25f, 0.2f, 99},
+                         {21, 3, dev_put(d, A1, F(16 * SIN)), dev_put(d, B1, F(SOUT * 16)), NULL, NULL, 16, 1.5f, 0, 0}};
+    float *dx = dev_put(d, x, F(SN * SIN)), *dy = dev_put(d, y0, F(SN * SOUT)), *t = dev_poisoned(d, F(SN * SR));
+    float *buf = dev_alloc(d, F(2 * SIN)), *y = malloc(F(SN * SOUT)), *one = malloc(F(SN * SOUT));
+    d->be.ops->lora_shrink(&d->be.ctx, t, SR, dx, segs, 2, SIN, buf);
+    d->be.ops->lora_expand(&d->be.ctx, dy, t, SR, segs, 2, SOUT);
+    dev_get(d, y, dy, F(SN * SOUT));
+    EXPECT_CLOSE(y, ref, (size_t)SN * SOUT, 1e-6, "lora serving segments of %d and %d rows", 21, 3);
+    int same = 1;
+    float *dy1 = dev_alloc(d, F(SN * SOUT));
+    for (int r = 0; r < 21; r++) { /* row r alone: its dropout mask is its own row's (seed offset by r) */
+        KnLoraSeg alone = {r, 1, dA0, dB0, NULL, NULL, SR, 0.25f, 0.2f, 99 + (uint64_t)r * SIN};
+        d->be.ops->upload(&d->be.ctx, dy1, y0, F(SN * SOUT));
+        d->be.ops->lora_shrink(&d->be.ctx, t, SR, dx, &alone, 1, SIN, buf);
+        d->be.ops->lora_expand(&d->be.ctx, dy1, t, SR, &alone, 1, SOUT);
+        dev_get(d, one, dy1, F(SN * SOUT));
+        same &= memcmp(one + r * SOUT, y + r * SOUT, F(SOUT)) == 0;
+    }
+    CHECK(same, "a row's LoRA term alone equals its term in a segment of %d rows, bit for bit", 21);
+    free(A0); free(B0); free(A1); free(B1); free(x); free(y0); free(ref); free(y); free(one);
+    dev_reset(d);
+}
+
 static void test_lora(Dev *d) {
     int in = 40, out = 23, n = 9, R = 6;
     LoraRef l = {in, out, n, {0}, {0}, {6, 3}, {0.5f, 2.0f}, {0, 5}, {4, 4}, {0.0f, 0.0f}, {0, 0}, 0, NULL};
@@ -1462,6 +1510,7 @@ int main(void) {
             test_rope_rows(&d);
             test_kv_store_embed_rows(&d);
             test_lora(&d);
+            test_lora_serving(&d);
             test_lora_training_rows(&d);
             test_moe(&d);
             test_moe_grouped(&d);
