@@ -2,13 +2,16 @@
  * and backward. Routing runs one thread per token (E and K are small).
  * The forward computes every (token, expert) pair at once into the buffers
  * the contract keeps (gu, mm, yk), the pairs grouped by expert so that an
- * expert's weights are read once per 32 of its pairs, not once per pair.
+ * expert's weights are read once per 32 of its pairs, not once per pair
+ * (on the tensor cores, bf16 operands, in the BF16 precision).
  * The backward takes the tokens a chunk at a time (as many as CHUNK_BYTES
  * of the context's scratch holds the gradients of their pairs' gate_up
  * outputs and inputs), grouped the same way, each token's input gradient
  * summed over its experts in order (no atomics). The experts are rows of the stacked matrices:
  * expert e's row r is row e * rows + r. */
+#include <cuda_bf16.h>
 #include <math.h>
+#include <mma.h>
 
 #include "cuda_impl.h"
 
@@ -173,6 +176,64 @@ static __global__ void __launch_bounds__(THREADS) k_expert_mm(ExpertMm a) {
     }
 }
 
+/* k_expert_mm on the tensor cores, for the BF16 precision: the tiles are
+ * rounded to bf16 in shared memory (operands as the bf16 matmuls round
+ * them), the 32 x 64 product of a pass is 2 x 4 warp fragments of 16 x 16
+ * summed in fp32 (wmma), staged in shared memory for the scattered rows. */
+#define EXP_LD (EXP_K + 8) /* bf16 row stride: a multiple of 8, fragments 32-byte aligned */
+#define EXP_CLD (EXP_O + 4)
+
+template <bool TRANS>
+static __global__ void __launch_bounds__(THREADS, 2) k_expert_mm_tc(ExpertMm a) {
+    using namespace nvcuda;
+    CUDA_NF4_SHARED(code);
+    __shared__ __align__(32) __nv_bfloat16 xs[EXP_P][EXP_LD];
+    __shared__ __align__(32) __nv_bfloat16 ws[EXP_O][EXP_LD];
+    __shared__ __align__(32) float cs[EXP_P][EXP_CLD];
+    int e = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, fr = warp / 4, fc = warp % 4;
+    int32_t first = a.offset[e], count = a.offset[e + 1] - first;
+    if (count <= 0) return; /* the whole block */
+    int64_t o0 = (int64_t)blockIdx.y * EXP_O;
+    for (int32_t p0 = 0; p0 < count; p0 += EXP_P) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int64_t k0 = 0; k0 < a.n_in; k0 += EXP_K) {
+            for (int i = tid; i < EXP_P * EXP_K; i += THREADS) {
+                int pi = i / EXP_K, kk = i % EXP_K;
+                int ok = p0 + pi < count && k0 + kk < a.n_in;
+                float v = ok ? a.x[(int64_t)(a.order[first + p0 + pi] / a.x_div) * a.x_stride + k0 + kk] : 0.0f;
+                xs[pi][kk] = __float2bfloat16(v);
+            }
+            for (int i = tid; i < EXP_O * EXP_K; i += THREADS) {
+                int oi = TRANS ? i % EXP_O : i / EXP_K, kk = TRANS ? i / EXP_O : i % EXP_K;
+                int64_t o = o0 + oi, k = k0 + kk;
+                float v = 0.0f;
+                if (o < a.n_out && k < a.n_in)
+                    v = TRANS ? w_at_code(a.w, e * a.n_in + k, o, code) : w_at_code(a.w, e * a.n_out + o, k, code);
+                ws[oi][kk] = __float2bfloat16(v);
+            }
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < EXP_K; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb; /* ws[o][k]: W^T */
+                wmma::load_matrix_sync(fa, &xs[fr * 16][kk], EXP_LD);
+                wmma::load_matrix_sync(fb, &ws[fc * 16][kk], EXP_LD);
+                wmma::mma_sync(acc, fa, fb, acc);
+            }
+            __syncthreads();
+        }
+        wmma::store_matrix_sync(&cs[fr * 16][fc * 16], acc, EXP_CLD, wmma::mem_row_major);
+        __syncthreads();
+        for (int i = tid; i < EXP_P * EXP_O; i += THREADS) {
+            int pi = i / EXP_O, ol = i % EXP_O;
+            if (p0 + pi < count && o0 + ol < a.n_out)
+                a.out[(int64_t)a.order[first + p0 + pi] * a.out_stride + o0 + ol] = cs[pi][ol];
+        }
+        __syncthreads();
+    }
+}
+
 /* The ints of grouping `pairs` pairs over E experts (count, cursor, offset,
  * order), rounded up to 64. */
 static size_t group_ints(int64_t pairs, int E) { return (size_t)((3 * (int64_t)E + 1 + pairs + 63) & ~(int64_t)63); }
@@ -193,9 +254,13 @@ static int32_t *group_pairs(CudaCtx *c, int32_t *s, const int32_t *idx, int64_t 
     return order;
 }
 
+/* One grouped product: on the tensor cores in the BF16 precision, else in
+ * fp32. */
 static void expert_mm(CudaCtx *c, bool trans, const ExpertMm &a, int E) {
     dim3 grid((unsigned)E, (unsigned)((a.n_out + EXP_O - 1) / EXP_O));
-    if (trans) k_expert_mm<true><<<grid, THREADS, 0, c->stream>>>(a);
+    if (c->bf16 && trans) k_expert_mm_tc<true><<<grid, THREADS, 0, c->stream>>>(a);
+    else if (c->bf16) k_expert_mm_tc<false><<<grid, THREADS, 0, c->stream>>>(a);
+    else if (trans) k_expert_mm<true><<<grid, THREADS, 0, c->stream>>>(a);
     else k_expert_mm<false><<<grid, THREADS, 0, c->stream>>>(a);
     CUDA_LAUNCHED(c, "moe_experts");
 }

@@ -1082,15 +1082,68 @@ static void test_moe(Dev *d) {
 /* moe_experts and moe_experts_dx over many pairs per expert, at sizes that
  * cut every tile of a grouped kernel short (hidden 100, intermediate 40):
  * every token's first expert is expert 3, so it has 40 pairs; the others
- * spread over the rest. f32 and bf16 weights against a double MLP and its
- * hand-derived gradient; every output poisoned first. */
+ * spread over the rest. F32, BF16 and NF4 weights against a double MLP and
+ * its hand-derived gradient over the weights as stored; every output
+ * poisoned first. */
 enum { GE = 16, GK = 4, GH = 100, GI = 40, GN = 40 };
 
-static void test_moe_grouped(Dev *d) {
-    float *gate_up = rand_vec((size_t)GE * 2 * GI * GH), *down = rand_vec((size_t)GE * GH * GI), *x = rand_vec(GN * GH);
-    uint16_t *gub = malloc((size_t)GE * 2 * GI * GH * 2), *downb = malloc((size_t)GE * GH * GI * 2);
-    for (int i = 0; i < GE * 2 * GI * GH; i++) gate_up[i] = kn_bf16_to_f32(gub[i] = kn_f32_to_bf16(gate_up[i]));
-    for (int i = 0; i < GE * GH * GI; i++) down[i] = kn_bf16_to_f32(downb[i] = kn_f32_to_bf16(down[i]));
+typedef struct {
+    const float *x, *gy, *coef;
+    const int32_t *idx;
+} MoeCase;
+
+/* y, dx [GN, GH] and dc [GN, GK] in double, over weights gate_up, down. */
+static void moe_grouped_ref(const MoeCase *mc, const float *gate_up, const float *down, double *y, double *dx,
+                            double *dc) {
+    const double c0 = sqrt(2 / M_PI), c1 = 0.044715;
+    memset(y, 0, GN * GH * sizeof *y);
+    memset(dx, 0, GN * GH * sizeof *dx);
+    for (int t = 0; t < GN; t++)
+        for (int k = 0; k < GK; k++) {
+            int e = mc->idx[t * GK + k];
+            double cf = mc->coef[t * GK + k], g[2 * GI], mm[GI];
+            const float *gu_e = gate_up + (size_t)e * 2 * GI * GH, *down_e = down + (size_t)e * GH * GI;
+            const float *xt = mc->x + t * GH, *gyt = mc->gy + t * GH;
+            for (int i = 0; i < 2 * GI; i++) {
+                g[i] = 0;
+                for (int h = 0; h < GH; h++) g[i] += (double)xt[h] * gu_e[(size_t)i * GH + h];
+            }
+            for (int i = 0; i < GI; i++) mm[i] = ref_gelu1(g[i]) * g[GI + i];
+            dc[t * GK + k] = 0;
+            for (int o = 0; o < GH; o++) {
+                double acc = 0;
+                for (int i = 0; i < GI; i++) acc += mm[i] * down_e[(size_t)o * GI + i];
+                y[t * GH + o] += cf * acc;
+                dc[t * GK + k] += gyt[o] * acc;
+            }
+            for (int i = 0; i < GI; i++) {
+                double dmm = 0;
+                for (int o = 0; o < GH; o++) dmm += gyt[o] * down_e[(size_t)o * GI + i];
+                dmm *= cf;
+                double v = g[i], th = tanh(c0 * (v + c1 * v * v * v));
+                double dgelu = 0.5 * (1 + th) + 0.5 * v * (1 - th * th) * c0 * (1 + 3 * c1 * v * v);
+                double dg = dgelu * dmm * g[GI + i], du = dmm * ref_gelu1(v);
+                for (int h = 0; h < GH; h++)
+                    dx[t * GH + h] += dg * gu_e[(size_t)i * GH + h] + du * gu_e[(size_t)(GI + i) * GH + h];
+            }
+        }
+}
+
+/* The grouped experts on d within tol (rel err), every weight kind. */
+static void test_moe_grouped_at(Dev *d, double tol) {
+    size_t ngu = (size_t)GE * 2 * GI * GH, ndown = (size_t)GE * GH * GI;
+    float *gate_up = rand_vec(ngu), *down = rand_vec(ndown), *x = rand_vec(GN * GH), *gy = rand_vec(GN * GH);
+    uint16_t *gub = malloc(ngu * 2), *downb = malloc(ndown * 2);
+    for (size_t i = 0; i < ngu; i++) gate_up[i] = kn_bf16_to_f32(gub[i] = kn_f32_to_bf16(gate_up[i]));
+    for (size_t i = 0; i < ndown; i++) down[i] = kn_bf16_to_f32(downb[i] = kn_f32_to_bf16(down[i]));
+    KnNf4 q[2], qd[2];
+    KnMatrix whole[2] = {{gate_up, KN_F32, GE * 2 * GI, GH, 0}, {down, KN_F32, GE * GH, GI, 0}};
+    float *deq[2] = {malloc(ngu * sizeof(float)), malloc(ndown * sizeof(float))};
+    for (int m = 0; m < 2; m++) {
+        CHECK(kn_nf4_quantize(&q[m], whole[m], &(GfError){0}) == GF_OK, "quantize the experts");
+        kn_nf4_dequantize(&q[m], 0, m ? (int64_t)ndown : (int64_t)ngu, deq[m]);
+        nf4_on_device(d, &q[m], &qd[m]);
+    }
     int32_t idx[GN * GK];
     float coef[GN * GK];
     for (int t = 0; t < GN; t++)
@@ -1099,60 +1152,47 @@ static void test_moe_grouped(Dev *d) {
             idx[t * GK + k] = k == 0 ? 3 : v < 3 ? v : v + 1;
             coef[t * GK + k] = 0.25f + 0.5f * frand();
         }
-    float *gy = rand_vec(GN * GH);
-    double *ref = calloc(GN * GH, sizeof *ref), *ref_dx = calloc(GN * GH, sizeof *ref_dx), ref_dc[GN * GK];
-    const double c0 = sqrt(2 / M_PI), c1 = 0.044715;
-    for (int t = 0; t < GN; t++)
-        for (int k = 0; k < GK; k++) {
-            int e = idx[t * GK + k];
-            const float *gu_e = gate_up + (size_t)e * 2 * GI * GH, *down_e = down + (size_t)e * GH * GI;
-            double g[2 * GI], mm[GI], dmm[GI];
-            for (int i = 0; i < 2 * GI; i++) {
-                g[i] = 0;
-                for (int h = 0; h < GH; h++) g[i] += (double)x[t * GH + h] * gu_e[(size_t)i * GH + h];
-            }
-            for (int i = 0; i < GI; i++) mm[i] = ref_gelu1(g[i]) * g[GI + i];
-            ref_dc[t * GK + k] = 0;
-            for (int o = 0; o < GH; o++) {
-                double acc = 0;
-                for (int i = 0; i < GI; i++) acc += mm[i] * down_e[(size_t)o * GI + i];
-                ref[t * GH + o] += coef[t * GK + k] * acc;
-                ref_dc[t * GK + k] += gy[t * GH + o] * acc;
-            }
-            for (int i = 0; i < GI; i++) {
-                dmm[i] = 0;
-                for (int o = 0; o < GH; o++) dmm[i] += gy[t * GH + o] * down_e[(size_t)o * GI + i];
-                dmm[i] *= coef[t * GK + k];
-                double v = g[i], th = tanh(c0 * (v + c1 * v * v * v));
-                double dgelu = 0.5 * (1 + th) + 0.5 * v * (1 - th * th) * c0 * (1 + 3 * c1 * v * v);
-                double dg = dgelu * dmm[i] * g[GI + i], du = dmm[i] * ref_gelu1(v);
-                for (int h = 0; h < GH; h++)
-                    ref_dx[t * GH + h] += dg * gu_e[(size_t)i * GH + h] + du * gu_e[(size_t)(GI + i) * GH + h];
-            }
-        }
+    MoeCase mc = {x, gy, coef, idx};
+    double *ref = malloc(GN * GH * sizeof *ref), *ref_dx = malloc(GN * GH * sizeof *ref_dx), ref_dc[GN * GK];
     int32_t *didx = dev_put(d, idx, sizeof idx);
-    float *dcoef = dev_put(d, coef, sizeof coef), *dx = dev_put(d, x, F(GN * GH)), *y = malloc(F(GN * GH));
-    KnMatrix mats[2][2] = {{{dev_put(d, gate_up, F(GE * 2 * GI * GH)), KN_F32, GE * 2 * GI, GH, 0},
-                            {dev_put(d, down, F(GE * GH * GI)), KN_F32, GE * GH, GI, 0}},
-                           {{dev_put(d, gub, (size_t)GE * 2 * GI * GH * 2), KN_BF16, GE * 2 * GI, GH, 0},
-                            {dev_put(d, downb, (size_t)GE * GH * GI * 2), KN_BF16, GE * GH, GI, 0}}};
-    for (int b = 0; b < 2; b++) {
+    float *dcoef = dev_put(d, coef, sizeof coef), *dx = dev_put(d, x, F(GN * GH)), *dgy = dev_put(d, gy, F(GN * GH));
+    float y[GN * GH], gx[GN * GH], gc[GN * GK];
+    struct { KnMatrix gu, down; const char *name; } kinds[] = {
+        {{dev_put(d, gate_up, F(ngu)), KN_F32, GE * 2 * GI, GH, 0}, {dev_put(d, down, F(ndown)), KN_F32, GE * GH, GI, 0}, "f32"},
+        {{dev_put(d, gub, ngu * 2), KN_BF16, GE * 2 * GI, GH, 0}, {dev_put(d, downb, ndown * 2), KN_BF16, GE * GH, GI, 0}, "bf16"},
+        {kn_nf4_matrix(&qd[0], 0, GE * 2 * GI, GH), kn_nf4_matrix(&qd[1], 0, GE * GH, GI), "nf4"},
+    };
+    for (size_t b = 0; b < sizeof kinds / sizeof *kinds; b++) {
+        moe_grouped_ref(&mc, b == 2 ? deq[0] : gate_up, b == 2 ? deq[1] : down, ref, ref_dx, ref_dc);
         float *dy = dev_poisoned(d, F(GN * GH)), *gu = dev_poisoned(d, F(GN * GK * 2 * GI));
         float *mm = dev_poisoned(d, F(GN * GK * GI)), *yk = dev_poisoned(d, F(GN * GK * GH));
-        d->be.ops->moe_experts(&d->be.ctx, dy, dx, didx, dcoef, gu, mm, yk, GN, GK, mats[b][0], mats[b][1]);
-        dev_get(d, y, dy, F(GN * GH));
-        EXPECT_CLOSE(y, ref, GN * GH, 1e-5, "moe_experts, 40 pairs on one expert, %s weights", b ? "bf16" : "f32");
-        float *dgx = dev_poisoned(d, F(GN * GH)), *dgc = dev_poisoned(d, F(GN * GK)), gx[GN * GH], gc[GN * GK];
-        d->be.ops->moe_experts_dx(&d->be.ctx, dgx, dgc, dev_put(d, gy, F(GN * GH)), gu, yk, didx, dcoef,
-                                  dev_alloc(d, F(4 * GI)), GN, GK, mats[b][0], mats[b][1]);
+        d->be.ops->moe_experts(&d->be.ctx, dy, dx, didx, dcoef, gu, mm, yk, GN, GK, kinds[b].gu, kinds[b].down);
+        dev_get(d, y, dy, sizeof y);
+        EXPECT_CLOSE(y, ref, GN * GH, tol, "moe_experts, 40 pairs on one expert, %s weights", kinds[b].name);
+        float *dgx = dev_poisoned(d, F(GN * GH)), *dgc = dev_poisoned(d, F(GN * GK));
+        d->be.ops->moe_experts_dx(&d->be.ctx, dgx, dgc, dgy, gu, yk, didx, dcoef, dev_alloc(d, F(4 * GI)), GN, GK,
+                                  kinds[b].gu, kinds[b].down);
         dev_get(d, gx, dgx, sizeof gx);
         dev_get(d, gc, dgc, sizeof gc);
-        EXPECT_CLOSE(gx, ref_dx, GN * GH, 1e-5, "moe_experts_dx inputs, 40 pairs on one expert, %s weights",
-                     b ? "bf16" : "f32");
-        EXPECT_CLOSE(gc, ref_dc, GN * GK, 1e-5, "moe_experts_dx coefficients, %s weights", b ? "bf16" : "f32");
+        EXPECT_CLOSE(gx, ref_dx, GN * GH, tol, "moe_experts_dx inputs, 40 pairs on one expert, %s weights", kinds[b].name);
+        EXPECT_CLOSE(gc, ref_dc, GN * GK, tol, "moe_experts_dx coefficients, %s weights", kinds[b].name);
     }
-    free(gate_up); free(down); free(x); free(gy); free(gub); free(downb); free(ref); free(ref_dx); free(y);
+    GfError err;
+    CHECK(d->be.ops->synchronize(&d->be.ctx, &err) == GF_OK, "grouped experts: %s", err.message);
+    for (int m = 0; m < 2; m++) { kn_nf4_free(&q[m]); free(deq[m]); }
+    free(gate_up); free(down); free(x); free(gy); free(gub); free(downb); free(ref); free(ref_dx);
     dev_reset(d);
+}
+
+static void test_moe_grouped(Dev *d) { test_moe_grouped_at(d, 1e-5); }
+
+/* The same in the BF16 precision on CUDA (the tensor-core tiles): 1e-2. */
+static void test_moe_grouped_bf16(void) {
+    Dev d;
+    if (!dev_open_at(&d, KN_DEVICE_CUDA, 1, KN_PRECISION_BF16)) return;
+    printf("backend %s, precision bf16: grouped experts\n", d.be.name);
+    test_moe_grouped_at(&d, 1e-2);
+    dev_close(&d);
 }
 
 /* ---- rows and the loss ---- */
@@ -1486,6 +1526,7 @@ int main(void) {
     test_precision();
     test_scratch_bytes();
     test_matmul_bf16();
+    test_moe_grouped_bf16();
     const KnDeviceKind kinds[] = {KN_DEVICE_CPU, KN_DEVICE_GUARDED, KN_DEVICE_CUDA};
     for (size_t b = 0; b < sizeof kinds / sizeof *kinds; b++)
         for (int threads = 1; threads <= 3; threads += 2) {
