@@ -6,7 +6,9 @@
  * ordered by (probability descending, id ascending), a total order, encoded
  * as one 64-bit key per token; the top_k boundary, the nucleus and the
  * drawn token are each the smallest key whose prefix (count or mass) passes
- * a threshold, found by bisecting the key space with block reductions.
+ * a threshold, found by a SPLIT-ary search of the key space: each pass over
+ * the row tests SPLIT - 1 keys at once (16 passes for 64 bits, where a
+ * bisection took 64), with block reductions.
  * Masses are summed in double, but not in sorted order, so a draw that
  * lands within rounding of a boundary may pick its neighbour: the
  * distribution is the CPU's, the bits are not. */
@@ -16,6 +18,8 @@
 
 #define THREADS 256
 #define ROW_THREADS 1024
+#define SAMPLE_THREADS 512 /* the sampler's blocks: registers for SPLIT - 1 sums per thread */
+#define SPLIT 16
 
 /* ---- cross-entropy ------------------------------------------------------------------ */
 
@@ -129,21 +133,65 @@ static __device__ void prefix(const Row &r, uint64_t x, long long *count, double
 
 enum { BY_COUNT_GE, BY_MASS_GE, BY_MASS_GT };
 
+static __device__ __forceinline__ int passes(int how, double t, long long n, double m) {
+    return how == BY_COUNT_GE ? (double)n >= t : how == BY_MASS_GE ? m >= t : m > t;
+}
+
+/* Whether the prefix of each of the SPLIT - 1 keys xs passes, in one pass
+ * over the row: each key's count and mass are the sums prefix() gives it
+ * (the same elements per thread in the same order, the same reduction), so
+ * the search finds what a bisection would. */
+static __device__ void prefixes_pass(const Row &r, const uint64_t *xs, int how, double t, int *ok, long long *shc,
+                                     double *shm) {
+    int n[SPLIT - 1];
+    double m[SPLIT - 1];
+#pragma unroll
+    for (int j = 0; j < SPLIT - 1; j++) {
+        n[j] = 0;
+        m[j] = 0.0;
+    }
+    for (int64_t id = threadIdx.x; id < r.V; id += blockDim.x) {
+        float c = 0.0f;
+        uint64_t k = key_of(r, id, &c);
+#pragma unroll
+        for (int j = 0; j < SPLIT - 1; j++)
+            if (k <= xs[j]) {
+                n[j]++;
+                m[j] += c;
+            }
+    }
+#pragma unroll
+    for (int j = 0; j < SPLIT - 1; j++) {
+        long long cn = block_sum((long long)n[j], shc);
+        double cm = block_sum(m[j], shm);
+        ok[j] = passes(how, t, cn, cm);
+    }
+}
+
 /* The smallest key x <= hi whose prefix passes (count >= t, mass >= t or
- * mass > t); hi when even its prefix does not. */
+ * mass > t); hi when even its prefix does not. The prefix grows with x, so
+ * each pass keeps the part of [lo, hi] between the last key that fails and
+ * the first that passes. */
 static __device__ uint64_t smallest(const Row &r, int how, double t, uint64_t hi, long long *shc, double *shm) {
     long long n;
     double m;
     prefix(r, hi, &n, &m, shc, shm);
-    int ok = how == BY_COUNT_GE ? (double)n >= t : how == BY_MASS_GE ? m >= t : m > t;
-    if (!ok) return hi;
-    uint64_t lo = 0;
+    if (!passes(how, t, n, m)) return hi;
+    uint64_t lo = 0; /* the answer is in [lo, hi] */
     while (lo < hi) {
-        uint64_t mid = lo + (hi - lo) / 2;
-        prefix(r, mid, &n, &m, shc, shm);
-        ok = how == BY_COUNT_GE ? (double)n >= t : how == BY_MASS_GE ? m >= t : m > t;
-        if (ok) hi = mid;
-        else lo = mid + 1;
+        uint64_t span = hi - lo, q = span / SPLIT, rem = span % SPLIT, xs[SPLIT - 1];
+        int ok[SPLIT - 1];
+#pragma unroll
+        for (int j = 0; j < SPLIT - 1; j++) xs[j] = lo + q * (j + 1) + rem * (j + 1) / SPLIT; /* in [lo, hi) */
+        prefixes_pass(r, xs, how, t, ok, shc, shm);
+        uint64_t new_lo = xs[SPLIT - 2] + 1, new_hi = hi;
+        for (int j = SPLIT - 2; j >= 0; j--)
+            if (ok[j]) {
+                new_hi = xs[j];
+                new_lo = j > 0 ? xs[j - 1] + 1 : lo;
+            }
+        lo = new_lo < lo ? lo : new_lo;
+        hi = new_hi;
     }
     return lo;
 }
@@ -182,7 +230,8 @@ static __device__ int64_t argmax_row(const float *l, int64_t V, float *shv, long
     return bi < 0 ? 0 : bi;
 }
 
-static __global__ void k_sample(int32_t *ids, const float *logits, KnSampleRow *rows, int64_t V) {
+static __global__ void __launch_bounds__(SAMPLE_THREADS) k_sample(int32_t *ids, const float *logits, KnSampleRow *rows,
+                                                                    int64_t V) {
     __shared__ float shv[32];
     __shared__ long long shc[32];
     __shared__ double shm[32];
@@ -224,6 +273,6 @@ void cuda_sample(const KnCtx *ctx, int32_t *ids, const float *logits, KnSampleRo
     (void)scratch; /* keys are recomputed from the logits instead of staged */
     if (n <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    k_sample<<<(unsigned)n, ROW_THREADS, 0, c->stream>>>(ids, logits, rows, V);
+    k_sample<<<(unsigned)n, SAMPLE_THREADS, 0, c->stream>>>(ids, logits, rows, V);
     CUDA_LAUNCHED(c, "sample");
 }
