@@ -1,6 +1,9 @@
 /* cuda_ops.cu - the CUDA backend's dense ops: matmul and its input gradient
- * (cuBLAS SGEMM for float32 weights, a shared-memory tiled kernel that
- * widens BF16, F16 and NF4 tiles as it loads them), RMSNorm and its
+ * in the FP32 precision (matmul: a shared-memory tiled kernel that widens
+ * F32, BF16, F16 and NF4 tiles as it loads them and sums each output in
+ * one fixed order, so a row's result never depends on the rows beside it,
+ * as in the CPU backend; matmul_dx: cuBLAS SGEMM for float32 weights, the
+ * tiled kernel for the rest), RMSNorm and its
  * gradient (sums of squares in double, as the CPU), activations, and the
  * element-wise, row and RoPE ops. */
 #include <stdio.h>
@@ -57,13 +60,8 @@ void cuda_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t
         cuda_matmul_bf16(c, y, x, w, n);
         return;
     }
-    if (blas_fits(w, n)) {
-        /* column-major: y^T [rows, n] = W^T' x^T with W stored [cols, rows] */
-        const float one = 1.0f, zero = 0.0f;
-        cuda_blas_note(c, cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)w.rows, (int)n, (int)w.cols, &one,
-                                 (const float *)w.data, (int)w.cols, x, (int)w.cols, &zero, y, (int)w.rows), "matmul");
-        return;
-    }
+    /* the parity precision: batch-invariant rather than cuBLAS, whose
+     * kernel (and so its sums' order) changes with the row count */
     dim3 grid((unsigned)((w.rows + TILE - 1) / TILE), (unsigned)((n + TILE - 1) / TILE)), block(TILE, TILE);
     k_matmul<<<grid, block, 0, c->stream>>>(y, x, dev_w(w), n);
     CUDA_LAUNCHED(c, "matmul");

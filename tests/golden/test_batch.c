@@ -14,16 +14,19 @@
  * blocks its window no longer sees (kv_cache_drop_window; the fixtures'
  * window is 8 positions, the blocks 4), as the serving engine does. The
  * logits of every prompt position and of every decoding step must agree
- * (bit for bit on the CPU backends, whose kernels compute a row the same
- * whatever else is in the batch; within 1e-4 of max |logit| on a device)
- * and the greedy tokens must be equal; the window blocks a sequence holds
- * stay within its window. */
+ * bit for bit in the fp32 precision, on every backend (their kernels
+ * compute a row the same whatever else is in the batch), and within 2e-2
+ * of max |logit| in bf16 on a GPU (a decode step's GEMV beside a prefill's
+ * GEMM), where each sequence is fed its own greedy tokens; the greedy
+ * tokens must be equal in fp32; the window blocks a sequence holds stay
+ * within its window. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../unit/check.h"
+#include "golden.h"
 #include "golden_inputs.h"
 #include "lora.h"
 #include "model.h"
@@ -77,6 +80,12 @@ static double rel_err(const float *a, const float *b, int64_t n) {
     return mx > 0 ? e / mx : e;
 }
 
+/* How far a sequence's logits in a batch may be from alone, relative to
+ * max |logit|: 0 in fp32. */
+static double batch_tol(const Model *m) {
+    return model_backend(m)->ctx.precision == KN_PRECISION_BF16 ? GOLDEN_BF16_REL : 0.0;
+}
+
 static void run_alone(Model *m, Seq *s, int64_t V) {
     KvCache c;
     GfError err;
@@ -128,14 +137,17 @@ static void run_batched(Model *m, Seq *seqs, int64_t V, const char *variant) {
             Seq *s = &seqs[who[b]];
             int64_t n = batch[b].in.n, at = n > 1 ? 0 : s->n + step_of[who[b]];
             worst = fmax(worst, rel_err(out + row * V, s->logits + at * V, n * V));
-            next[who[b]] = argmax(out + (row + n - 1) * V, V);
+            int got = argmax(out + (row + n - 1) * V, V); /* fed its own greedy token, as alone */
             KvCache *c = &caches[who[b]];
             dropped += kv_cache_drop_window(c);
             /* held: the blocks from the one holding position n_past - window + 1 to the last */
             int64_t first = c->n_past - window + 1 > 0 ? (c->n_past - window + 1) / pool.block_len : 0;
             held_ok &= c->n_dropped == first;
             if (n == 1) step_of[who[b]]++;
-            if (step_of[who[b]] < N_DECODE) tokens_ok &= next[who[b]] == s->tokens[step_of[who[b]]];
+            if (step_of[who[b]] < N_DECODE) {
+                next[who[b]] = s->tokens[step_of[who[b]]];
+                tokens_ok &= got == next[who[b]];
+            }
             row += n;
         }
     }
@@ -144,9 +156,9 @@ static void run_batched(Model *m, Seq *seqs, int64_t V, const char *variant) {
            (long long)pool.space[KV_FULL].n_free, (long long)pool.space[KV_FULL].n_blocks, (long long)dropped);
     CHECK(dropped > 0 && held_ok, "%s: window blocks given back as the window moves (%lld)", variant, (long long)dropped);
     const char *be = model_backend(m)->name;
-    double tol = strcmp(be, "cpu") == 0 || strcmp(be, "guarded") == 0 ? 0.0 : 1e-4;
+    double tol = batch_tol(m);
     CHECK(worst <= tol, "%s: batched logits differ from alone by %g (%s backend)", variant, worst, be);
-    CHECK(tokens_ok, "%s: batched greedy tokens differ from alone", variant);
+    CHECK(tokens_ok || tol > 0, "%s: batched greedy tokens differ from alone", variant);
     for (int q = 0; q < N_SEQ; q++) kv_cache_free(&caches[q]);
     for (int sp = 0; sp < KV_SPACES; sp++)
         CHECK(pool.space[sp].n_free == pool.space[sp].n_blocks, "%s: every block of space %d back in the pool (%lld of %lld)",
@@ -166,7 +178,7 @@ static void run_recomputed(Model *m, Seq *seqs, int64_t V, const char *variant) 
     GfError err;
     CHECK_STATUS(kv_pool_init(&pool, &model_config(m)->text, model_backend(m), 4, 64, 64, &err), GF_OK, err);
     const char *be = model_backend(m)->name;
-    double tol = strcmp(be, "cpu") == 0 || strcmp(be, "guarded") == 0 ? 0.0 : 1e-4, worst = 0;
+    double tol = batch_tol(m), worst = 0;
     float *out = malloc((size_t)(160 + N_DECODE) * (size_t)V * sizeof(float));
     KvCache c;
     CHECK_STATUS(kv_cache_init_paged(&c, &pool, 160 + N_DECODE, &err), GF_OK, err);
