@@ -91,8 +91,8 @@ void cuda_moe_route_dx(const KnCtx *ctx, float *dlogits, const float *dc, const 
  * pairs start in order), order[pairs] (pair ids, expert by expert; within
  * an expert in any order: each pair's outputs are computed alone). */
 static __global__ void k_expert_count(int32_t *count, const int32_t *idx, int64_t pairs, int E) {
-    int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    if (p < pairs && (unsigned)idx[p] < (unsigned)E) atomicAdd(&count[idx[p]], 1);
+    for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < pairs; p += (int64_t)gridDim.x * blockDim.x)
+        if ((unsigned)idx[p] < (unsigned)E) atomicAdd(&count[idx[p]], 1);
 }
 
 static __global__ void k_expert_offsets(int32_t *offset, int32_t *cursor, const int32_t *count, int E) {
@@ -106,8 +106,8 @@ static __global__ void k_expert_offsets(int32_t *offset, int32_t *cursor, const 
 }
 
 static __global__ void k_expert_order(int32_t *order, int32_t *cursor, const int32_t *idx, int64_t pairs, int E) {
-    int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    if (p < pairs && (unsigned)idx[p] < (unsigned)E) order[atomicAdd(&cursor[idx[p]], 1)] = (int32_t)p;
+    for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < pairs; p += (int64_t)gridDim.x * blockDim.x)
+        if ((unsigned)idx[p] < (unsigned)E) order[atomicAdd(&cursor[idx[p]], 1)] = (int32_t)p;
 }
 
 #define EXP_O 64  /* outputs of a block's tile */
