@@ -1505,6 +1505,158 @@ static void test_scratch_bytes(void) {
           "moe_experts: the pairs grouped by expert");
 }
 
+/* ---- Gemma 4's real shapes on CUDA against the CPU backend (GPU only):
+ * relative L2 error <= 1e-5 in fp32 and <= 1e-2 in bf16, outputs poisoned
+ * before each run ---- */
+
+static double rel_l2(const float *got, const float *ref, size_t n) {
+    double e = 0, r = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)got[i] - ref[i];
+        e += d * d;
+        r += (double)ref[i] * ref[i];
+    }
+    return r > 0 ? sqrt(e / r) : sqrt(e);
+}
+
+/* devs[0] the CPU (the reference), [1] CUDA fp32, [2] CUDA bf16 */
+#define REAL_DEVS 3
+static const double REAL_LIMIT[REAL_DEVS] = {0, 1e-5, 1e-2};
+static const char *const REAL_NAME[REAL_DEVS] = {"cpu", "cuda fp32", "cuda bf16"};
+
+/* matmul and matmul_dx of bf16 and NF4 weights [rows, cols] over n rows. */
+static void real_matmul(Dev *devs, int rows, int cols, int n) {
+    size_t nw = (size_t)rows * cols;
+    float *wf = rand_vec(nw), *x = rand_vec((size_t)n * cols), *g = rand_vec((size_t)n * rows);
+    uint16_t *wb = malloc(nw * 2);
+    for (size_t i = 0; i < nw; i++) wb[i] = kn_f32_to_bf16(wf[i]);
+    KnNf4 q;
+    CHECK(kn_nf4_quantize(&q, (KnMatrix){wf, KN_F32, rows, cols, 0}, &(GfError){0}) == GF_OK, "quantize");
+    float *y[REAL_DEVS], *dx[REAL_DEVS];
+    for (int kind = 0; kind < 2; kind++) {
+        for (int v = 0; v < REAL_DEVS; v++) {
+            Dev *d = &devs[v];
+            KnNf4 qd;
+            KnMatrix w;
+            if (kind == 0) {
+                w = (KnMatrix){dev_put(d, wb, nw * 2), KN_BF16, rows, cols, 0};
+            } else {
+                nf4_on_device(d, &q, &qd);
+                w = kn_nf4_matrix(&qd, 0, rows, cols);
+            }
+            float *dy = dev_poisoned(d, F(n * rows)), *ddx = dev_alloc(d, F(n * cols));
+            d->be.ops->memset(&d->be.ctx, ddx, 0, F(n * cols));
+            d->be.ops->matmul(&d->be.ctx, dy, dev_put(d, x, F(n * cols)), w, n);
+            d->be.ops->matmul_dx(&d->be.ctx, ddx, dev_put(d, g, F(n * rows)), w, n);
+            y[v] = malloc(F(n * rows));
+            dx[v] = malloc(F(n * cols));
+            dev_get(d, y[v], dy, F(n * rows));
+            dev_get(d, dx[v], ddx, F(n * cols));
+            dev_reset(d);
+        }
+        for (int v = 1; v < REAL_DEVS; v++) {
+            double e = rel_l2(y[v], y[0], (size_t)n * rows), ex = rel_l2(dx[v], dx[0], (size_t)n * cols);
+            CHECK(e <= REAL_LIMIT[v] && ex <= REAL_LIMIT[v], "%s matmul %s [%d, %d] x %d rows: rel L2 %.3g, dx %.3g",
+                  REAL_NAME[v], kind ? "nf4" : "bf16", rows, cols, n, e, ex);
+        }
+        for (int v = 0; v < REAL_DEVS; v++) { free(y[v]); free(dx[v]); }
+    }
+    kn_nf4_free(&q);
+    free(wf); free(x); free(g); free(wb);
+}
+
+/* The softcapped cross-entropy over 262,144 classes: losses and gradient. */
+static void real_xent(Dev *devs) {
+    enum { XR = 3 };
+    const int64_t V = 262144;
+    float *z = rand_vec((size_t)XR * V), *grad[REAL_DEVS];
+    for (size_t i = 0; i < (size_t)XR * V; i++) z[i] *= 20.0f;
+    int32_t targets[XR] = {7, 131071, 262143};
+    double loss[REAL_DEVS][XR];
+    for (int v = 0; v < REAL_DEVS; v++) {
+        Dev *d = &devs[v];
+        float *dz = dev_put(d, z, F(XR * V));
+        double *dl = dev_alloc(d, XR * sizeof(double));
+        d->be.ops->xent_softcap(&d->be.ctx, dl, dz, dev_put(d, targets, sizeof targets), XR, V, 30.0f, 0.5f, 1);
+        dev_get(d, loss[v], dl, sizeof loss[v]);
+        grad[v] = malloc(F(XR * V));
+        dev_get(d, grad[v], dz, F(XR * V));
+        dev_reset(d);
+    }
+    for (int v = 1; v < REAL_DEVS; v++) {
+        double worst = 0;
+        for (int r = 0; r < XR; r++) worst = fmax(worst, fabs(loss[v][r] - loss[0][r]) / fabs(loss[0][r]));
+        double e = rel_l2(grad[v], grad[0], (size_t)XR * V);
+        CHECK(worst <= 1e-5 && e <= REAL_LIMIT[v], "%s cross-entropy over 262144 classes: loss rel %.3g, gradient rel L2 %.3g",
+              REAL_NAME[v], worst, e);
+    }
+    for (int v = 0; v < REAL_DEVS; v++) free(grad[v]);
+    free(z);
+}
+
+/* The experts of 26B-A4B (128 experts, top 8, hidden 2816, intermediate
+ * 704, bf16 weights) over 24 tokens, forward and backward. */
+static void real_moe(Dev *devs) {
+    enum { RE = 128, RK = 8, RH = 2816, RI = 704, RN = 24 };
+    size_t ngu = (size_t)RE * 2 * RI * RH, ndown = (size_t)RE * RH * RI;
+    uint16_t *gub = malloc(ngu * 2), *downb = malloc(ndown * 2);
+    for (size_t i = 0; i < ngu; i++) gub[i] = kn_f32_to_bf16(frand() * 0.05f);
+    for (size_t i = 0; i < ndown; i++) downb[i] = kn_f32_to_bf16(frand() * 0.05f);
+    float *x = rand_vec(RN * RH), *gy = rand_vec(RN * RH), coef[RN * RK];
+    int32_t idx[RN * RK];
+    for (int t = 0; t < RN; t++)
+        for (int k = 0; k < RK; k++) {
+            idx[t * RK + k] = (t * 5 + k * 16) % RE; /* distinct within a token; experts shared across tokens */
+            coef[t * RK + k] = 0.1f + 0.2f * fabsf(frand());
+        }
+    float *y[REAL_DEVS], *dx[REAL_DEVS], dc[REAL_DEVS][RN * RK];
+    for (int v = 0; v < REAL_DEVS; v++) {
+        Dev *d = &devs[v];
+        KnMatrix mgu = {dev_put(d, gub, ngu * 2), KN_BF16, RE * 2 * RI, RH, 0};
+        KnMatrix mdown = {dev_put(d, downb, ndown * 2), KN_BF16, RE * RH, RI, 0};
+        int32_t *didx = dev_put(d, idx, sizeof idx);
+        float *dcoef = dev_put(d, coef, sizeof coef), *dy = dev_poisoned(d, F(RN * RH));
+        float *gu = dev_poisoned(d, F(RN * RK * 2 * RI)), *mm = dev_poisoned(d, F(RN * RK * RI));
+        float *yk = dev_poisoned(d, F(RN * RK * RH)), *dgx = dev_poisoned(d, F(RN * RH)), *dgc = dev_poisoned(d, F(RN * RK));
+        d->be.ops->moe_experts(&d->be.ctx, dy, dev_put(d, x, F(RN * RH)), didx, dcoef, gu, mm, yk, RN, RK, mgu, mdown);
+        d->be.ops->moe_experts_dx(&d->be.ctx, dgx, dgc, dev_put(d, gy, F(RN * RH)), gu, yk, didx, dcoef,
+                                  dev_alloc(d, F(4 * RI)), RN, RK, mgu, mdown);
+        y[v] = malloc(F(RN * RH));
+        dx[v] = malloc(F(RN * RH));
+        dev_get(d, y[v], dy, F(RN * RH));
+        dev_get(d, dx[v], dgx, F(RN * RH));
+        dev_get(d, dc[v], dgc, sizeof dc[v]);
+        dev_reset(d);
+    }
+    for (int v = 1; v < REAL_DEVS; v++) {
+        double e = rel_l2(y[v], y[0], RN * RH), ex = rel_l2(dx[v], dx[0], RN * RH), ec = rel_l2(dc[v], dc[0], RN * RK);
+        CHECK(e <= REAL_LIMIT[v] && ex <= REAL_LIMIT[v] && ec <= REAL_LIMIT[v],
+              "%s experts 128 x top 8 [2816, 704] x %d tokens: rel L2 %.3g, dx %.3g, dcoef %.3g", REAL_NAME[v], RN, e,
+              ex, ec);
+    }
+    for (int v = 0; v < REAL_DEVS; v++) { free(y[v]); free(dx[v]); }
+    free(gub); free(downb); free(x); free(gy);
+}
+
+static void test_real_shapes(void) {
+    static Dev devs[REAL_DEVS];
+    if (!dev_open_at(&devs[1], KN_DEVICE_CUDA, 1, KN_PRECISION_FP32)) return; /* no GPU: nothing to compare */
+    int ok2 = dev_open_at(&devs[2], KN_DEVICE_CUDA, 1, KN_PRECISION_BF16);
+    int ok0 = dev_open_at(&devs[0], KN_DEVICE_CPU, 0, KN_PRECISION_FP32);
+    CHECK(ok0 && ok2, "the CPU and CUDA bf16 backends open beside CUDA fp32%s", "");
+    if (!ok0 || !ok2) {
+        for (int v = 0; v < REAL_DEVS; v++)
+            if (v == 1 || (v == 0 && ok0) || (v == 2 && ok2)) dev_close(&devs[v]);
+        return;
+    }
+    printf("real shapes: CUDA fp32 and bf16 against the CPU\n");
+    const int mm[][3] = {{6144, 1536, 7}, {2560, 10240, 300}, {5376, 5376, 16}, {1536, 2048, 1}};
+    for (size_t i = 0; i < sizeof mm / sizeof *mm; i++) real_matmul(devs, mm[i][0], mm[i][1], mm[i][2]);
+    real_xent(devs);
+    real_moe(devs);
+    for (int v = 0; v < REAL_DEVS; v++) dev_close(&devs[v]);
+}
+
 static void test_table_complete(const Dev *d) {
     typedef void (*Fn)(void);
     Fn fns[sizeof(KnOps) / sizeof(Fn)];
@@ -1527,6 +1679,7 @@ int main(void) {
     test_scratch_bytes();
     test_matmul_bf16();
     test_moe_grouped_bf16();
+    test_real_shapes();
     const KnDeviceKind kinds[] = {KN_DEVICE_CPU, KN_DEVICE_GUARDED, KN_DEVICE_CUDA};
     for (size_t b = 0; b < sizeof kinds / sizeof *kinds; b++)
         for (int threads = 1; threads <= 3; threads += 2) {
