@@ -110,8 +110,9 @@ static void check_kv_decoding(Model *m, const Golden *g, int64_t b, const float 
 
 /* The MoE block three tokens per call gives what one call over the whole
  * row gives: each token's routing and experts do not depend on the others
- * in its call (bit for bit on the CPU backends; the device's router matmul
- * may take another kernel for another row count). */
+ * in its call (bit for bit on the CPU backends; within 1e-5 on a device,
+ * 2e-2 in bf16, whose router matmul takes another kernel for another row
+ * count). */
 static void check_moe_chunks(Model *m3, const Golden *g, int64_t b, const float *full) {
     int64_t T = g->T, V = model_config(m3)->text.vocab_size;
     KvCache c;
@@ -121,7 +122,7 @@ static void check_moe_chunks(Model *m3, const Golden *g, int64_t b, const float 
     ModelInput in = {.ids = g->ids + b * T, .valid = g->valid + b * T, .n = T};
     CHECK_STATUS(model_forward(m3, &c, &in, logits, NULL, &err), GF_OK, err);
     const char *be = model_backend(m3)->name;
-    double tol = strcmp(be, "cpu") == 0 || strcmp(be, "guarded") == 0 ? 0.0 : 1e-5, worst = 0, scale = 0;
+    double tol = strcmp(be, "cpu") == 0 || strcmp(be, "guarded") == 0 ? 0.0 : limit(m3, 1e-5), worst = 0, scale = 0;
     for (int64_t i = 0; i < T * V; i++) {
         double d = fabs((double)logits[i] - full[i]);
         worst = d > worst ? d : worst;
