@@ -53,12 +53,21 @@ function turn(msg, images) {
     }));
 }
 
+// Previews run as the files are picked and read them asynchronously: only
+// the latest pick renders (an earlier one still reading, e.g. the tar picked
+// while the previous JSONL was still chosen, is dropped, never appended).
 async function preview(fileInput, tarInput, out) {
+  const gen = (out.previewGen = (out.previewGen || 0) + 1);
+  const file = fileInput.files[0], tarFile = tarInput.files[0];
+  let images = new Map(), text = '';
+  if (file) {
+    if (tarFile) images = untar(await tarFile.arrayBuffer());
+    text = await file.slice(0, 4 << 20).text();
+  }
+  if (out.previewGen !== gen) return;
   clear(out);
-  const file = fileInput.files[0];
   if (!file) return;
-  const images = tarInput.files[0] ? untar(await tarInput.files[0].arrayBuffer()) : new Map();
-  const lines = (await file.slice(0, 4 << 20).text()).split('\n').filter((l) => l.trim()).slice(0, 3);
+  const lines = text.split('\n').filter((l) => l.trim()).slice(0, 3);
   out.append(h('h3', {}, 'Preview of the first conversations'),
     h('p', { class: 'muted' }, 'Highlighted text is what the model is trained to write.'));
   lines.forEach((line, i) => {
