@@ -131,6 +131,23 @@ typedef struct {
     int64_t n_out, n_in;
 } ExpertMm;
 
+/* Input k of the expert's pair p (0 past its pairs or inputs). */
+static __device__ __forceinline__ float x_elem(const ExpertMm &a, int32_t first, int32_t count, int32_t p, int64_t k) {
+    return p < count && k < a.n_in ? a.x[(int64_t)(a.order[first + p] / a.x_div) * a.x_stride + k] : 0.0f;
+}
+
+/* W_e(o, k) widened to float (0 past the outputs or inputs). */
+template <bool TRANS>
+static __device__ __forceinline__ float w_elem(const ExpertMm &a, int e, int64_t o, int64_t k, const float *code) {
+    if (o >= a.n_out || k >= a.n_in) return 0.0f;
+    return TRANS ? w_at_code(a.w, e * a.n_in + k, o, code) : w_at_code(a.w, e * a.n_out + o, k, code);
+}
+
+/* Element i of a weight tile load: its output and input in the tile, so
+ * that consecutive threads read consecutive columns of w. */
+#define W_OI(i) (TRANS ? (i) % EXP_O : (i) / EXP_K)
+#define W_KK(i) (TRANS ? (i) / EXP_O : (i) % EXP_K)
+
 /* Block (e, tile): a tile of expert e's weights is widened into shared
  * memory once per EXP_P of its pairs (not once per pair), the pairs'
  * inputs beside it. */
@@ -147,19 +164,11 @@ static __global__ void __launch_bounds__(THREADS) k_expert_mm(ExpertMm a) {
         float acc[EXP_Q];
         for (int q = 0; q < EXP_Q; q++) acc[q] = 0.0f;
         for (int64_t k0 = 0; k0 < a.n_in; k0 += EXP_K) {
-            for (int i = tid; i < EXP_P * EXP_K; i += THREADS) {
-                int pi = i / EXP_K, kk = i % EXP_K;
-                int ok = p0 + pi < count && k0 + kk < a.n_in;
-                xs[pi][kk] = ok ? a.x[(int64_t)(a.order[first + p0 + pi] / a.x_div) * a.x_stride + k0 + kk] : 0.0f;
-            }
+            for (int i = tid; i < EXP_P * EXP_K; i += THREADS)
+                xs[i / EXP_K][i % EXP_K] = x_elem(a, first, count, p0 + i / EXP_K, k0 + i % EXP_K);
             for (int i = tid; i < EXP_O * EXP_K; i += THREADS) {
-                /* consecutive threads read consecutive columns of w */
-                int oi = TRANS ? i % EXP_O : i / EXP_K, kk = TRANS ? i / EXP_O : i % EXP_K;
-                int64_t o = o0 + oi, k = k0 + kk;
-                float v = 0.0f;
-                if (o < a.n_out && k < a.n_in)
-                    v = TRANS ? w_at_code(a.w, e * a.n_in + k, o, code) : w_at_code(a.w, e * a.n_out + o, k, code);
-                ws[oi][kk] = v;
+                int oi = W_OI(i), kk = W_KK(i);
+                ws[oi][kk] = w_elem<TRANS>(a, e, o0 + oi, k0 + kk, code);
             }
             __syncthreads();
             for (int kk = 0; kk < EXP_K; kk++) {
@@ -198,19 +207,11 @@ static __global__ void __launch_bounds__(THREADS, 2) k_expert_mm_tc(ExpertMm a) 
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
         wmma::fill_fragment(acc, 0.0f);
         for (int64_t k0 = 0; k0 < a.n_in; k0 += EXP_K) {
-            for (int i = tid; i < EXP_P * EXP_K; i += THREADS) {
-                int pi = i / EXP_K, kk = i % EXP_K;
-                int ok = p0 + pi < count && k0 + kk < a.n_in;
-                float v = ok ? a.x[(int64_t)(a.order[first + p0 + pi] / a.x_div) * a.x_stride + k0 + kk] : 0.0f;
-                xs[pi][kk] = __float2bfloat16(v);
-            }
+            for (int i = tid; i < EXP_P * EXP_K; i += THREADS)
+                xs[i / EXP_K][i % EXP_K] = __float2bfloat16(x_elem(a, first, count, p0 + i / EXP_K, k0 + i % EXP_K));
             for (int i = tid; i < EXP_O * EXP_K; i += THREADS) {
-                int oi = TRANS ? i % EXP_O : i / EXP_K, kk = TRANS ? i / EXP_O : i % EXP_K;
-                int64_t o = o0 + oi, k = k0 + kk;
-                float v = 0.0f;
-                if (o < a.n_out && k < a.n_in)
-                    v = TRANS ? w_at_code(a.w, e * a.n_in + k, o, code) : w_at_code(a.w, e * a.n_out + o, k, code);
-                ws[oi][kk] = __float2bfloat16(v);
+                int oi = W_OI(i), kk = W_KK(i);
+                ws[oi][kk] = __float2bfloat16(w_elem<TRANS>(a, e, o0 + oi, k0 + kk, code));
             }
             __syncthreads();
 #pragma unroll
