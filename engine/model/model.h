@@ -42,7 +42,8 @@ typedef struct {
     GemmaWeights *weights;    /* model_open: run on these (shared) instead of loading; quantize must match */
     WeightsGauge *gauge;      /* model_open: counts the weights it loads (may be NULL) */
     int64_t moe_chunk;        /* tokens per call of the MoE block, the size of its tape; <= 0 = as many as
-                                 64 MB of tape holds (16 to 512). The results do not depend on it. */
+                                 64 MB of tape holds (16 to 512). In fp32 the results do not depend on it;
+                                 in bf16 on a GPU the router's matmul rounds by row count */
 } ModelOptions;
 
 /* Opens a context on the weights of dir: loaded (weights_open) unless
