@@ -187,6 +187,22 @@ typedef struct {
      * beyond its own buffers. Reads only ctx->precision: a pure function,
      * callable without a device (kn_backend_ops). */
     size_t (*scratch_bytes)(const KnCtx *ctx, const KnCall *call);
+    /* (optional; NULL: none) Recording a run of ops to submit as one unit
+     * (CUDA: a stream capture replayed as a CUDA graph, so a decode step's
+     * hundreds of small launches reach the device at once). graph_begin
+     * returns 1 when it started recording: the ops submitted until
+     * graph_end are recorded, not run. Between the two, only ops, copy and
+     * memset may be submitted; an upload, download, alloc, free or
+     * synchronize there is refused (does nothing; alloc fails) and makes
+     * the recording fail, as does an op that would grow the context's
+     * scratch. graph_end returns 0 when the recorded ops were submitted, in
+     * order, as a graph (kept per bucket, the caller's name for the run's
+     * shape, and updated in place when the next run of that bucket has the
+     * same launches), and 1 when nothing of the recording ran: the caller
+     * then submits the same ops again without recording. Whether a graph
+     * ran or not, the results are those of the ops run one by one. */
+    int (*graph_begin)(const KnCtx *ctx);
+    int (*graph_end)(const KnCtx *ctx, int64_t bucket);
 
     /* ---- forward ---- */
     /* y[n, rows] = x[n, cols] W^T */

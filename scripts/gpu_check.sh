@@ -15,7 +15,8 @@
 #          cuts 31B to 20 layers), MFU against GF_PEAK_TFLOPS (default 989,
 #          an H100/H200's dense bf16), bench_serve over an NF4 base of the
 #          shape GF_SERVE_SHAPE (default e4b; 1-64 adapters, then beside a
-#          training job), and the Hugging Face anchor when
+#          training job), the first shape's decode again with
+#          GF_CUDA_GRAPHS=0, and the Hugging Face anchor when
 #          .devtools/hf_anchor.py is there
 #   all    all three (the default)
 #
@@ -82,6 +83,14 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
         step "bench_shapes $sh (cuda)" "bench_shapes_$name.log" env GF_DEVICE=cuda build-gpu/bench_shapes "$name" \
             "${layers[@]}" --steps 3 --peak-tflops "${GF_PEAK_TFLOPS:-989}"
     done
+    # the first shape's decode again with its steps run op by op, to set
+    # beside the recorded graphs' figures above
+    first=${GF_SHAPES:-e4b}
+    first=${first%% *}
+    fname=${first%%:*} flayers=()
+    [ "$first" != "$fname" ] && flayers=(--layers "${first#*:}")
+    step "bench_shapes $first decode, no graphs" "bench_shapes_${fname}_nographs.log" env GF_DEVICE=cuda \
+        GF_CUDA_GRAPHS=0 build-gpu/bench_shapes "$fname" "${flayers[@]}" --only decode
     step "bench_serve ${GF_SERVE_SHAPE:-e4b} nf4 (cuda)" bench_serve.log env GF_DEVICE=cuda build-gpu/bench_serve \
         --shape "${GF_SERVE_SHAPE:-e4b}" --quantize nf4
     if [ -f .devtools/hf_anchor.py ]; then

@@ -514,9 +514,35 @@ typedef struct {
     int32_t *ids;
 } Outputs;
 
+/* The batch's decoder layers and final norm over s->x, each layer's
+ * output kept in o->hidden when asked. Device work only (and the yield
+ * hook): submitted again as it is when a recording of it ran nothing. */
+static void batch_layers(Model *m, const Batch *b, Scratch *s, MoeTape *moe, const Outputs *o) {
+    const TextConfig *t = &m->w->cfg.text;
+    int64_t H = t->hidden_size, L = t->n_layers, n = b->n;
+    LayerBufs u = scratch_bufs(s);
+    for (int li = 0; li < L; li++) {
+        decoder_layer(m, b, li, s, moe, s->x, s->ple, &u, 0);
+        if (o->hidden && li < L - 1) keep_hidden(m, o->hidden, o->hidden_on_device, li + 1, s->x, n);
+        model_layer_done(m);
+    }
+    m->be.ops->rmsnorm(&m->be.ctx, s->x, s->x, m->wt->final_norm, n, H, t->rms_eps);
+}
+
+/* 1 when the batch's layers may be recorded and launched as one graph
+ * (ops.h graph_begin; CUDA graphs): a decode step, every sequence feeding
+ * one token, on a backend that records, with no hidden states to download
+ * and no yield hook between layers (both need the host mid-run). */
+static int layers_recordable(const Model *m, const Batch *b, const Outputs *o) {
+    if (!m->be.ops->graph_begin || (o->hidden && !o->hidden_on_device) || m->yield) return 0;
+    for (int q = 0; q < b->n_seqs; q++)
+        if (b->seqs[q].in.n != 1) return 0;
+    return 1;
+}
+
 static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Outputs *o, GfError *err) {
     const TextConfig *t = &m->w->cfg.text;
-    int64_t H = t->hidden_size, L = t->n_layers;
+    int64_t L = t->n_layers;
     Batch b = {0};
     Scratch s = {0};
     MoeTape moe;
@@ -524,16 +550,13 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
         scratch_take(m, b.n, b.max_rank, &s, &moe, err))
         return err->status;
     batch_embed(m, &b, &s);
-    int64_t n = b.n;
-    if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, 0, s.x, n);
-    LayerBufs u = scratch_bufs(&s);
-    for (int li = 0; li < L; li++) {
-        decoder_layer(m, &b, li, &s, &moe, s.x, s.ple, &u, 0);
-        if (o->hidden && li < L - 1) keep_hidden(m, o->hidden, o->hidden_on_device, li + 1, s.x, n);
-        model_layer_done(m);
-    }
-    m->be.ops->rmsnorm(&m->be.ctx, s.x, s.x, m->wt->final_norm, n, H, t->rms_eps);
-    if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, L, s.x, n);
+    if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, 0, s.x, b.n);
+    /* a decode step's launches recorded and submitted at once, keyed by its
+     * rows; a recording that ran nothing is submitted again op by op */
+    int recording = layers_recordable(m, &b, o) && m->be.ops->graph_begin(&m->be.ctx);
+    batch_layers(m, &b, &s, &moe, o);
+    if (recording && m->be.ops->graph_end(&m->be.ctx, b.n)) batch_layers(m, &b, &s, &moe, o);
+    if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, L, s.x, b.n);
     for (int q = 0; q < n_seqs; q++) seqs[q].cache->n_past += seqs[q].in.n;
     if (o->logits) batch_logits(m, &b, &s, o->logits);
     if (o->ids) batch_sample(m, &b, &s, o->rows, o->ids);

@@ -16,11 +16,19 @@
  * as a GPU's sticky faults do (the fault belongs to the region, so every
  * sibling sees it).
  *
+ * Recording (ops.h graph_begin / graph_end) is emulated: the ops between
+ * the two run as they are submitted and graph_end answers 0, except that
+ * with GF_GUARDED_GRAPH_FAIL=N every Nth recording of a context fails as a
+ * GPU's may: its ops and copies do not run and graph_end answers 1, so the
+ * caller's second submission is what computes. An upload, download,
+ * alloc, free or synchronize while recording aborts with a message: engine
+ * code that a GPU's recording would refuse.
+ *
  * It exists for tests: the whole suite runs on it once in CI. Threading: a
  * context belongs to one thread, as any KnCtx; contexts opened as siblings
  * (KnBackendOptions.share) share one region, as contexts on one GPU share
  * its memory, so its registry is locked. The region is the contexts' own
- * (ctx->impl, reference counted), not global.
+ * (reference counted), not global; ctx->impl is a context's GuardCtx.
  */
 #include <fcntl.h>
 #include <pthread.h>
@@ -53,7 +61,27 @@ typedef struct {
     int faulted;              /* an injected device fault happened */
 } Guard;
 
-static Guard *guard_of(const KnCtx *ctx) { return ctx->impl; }
+/* One context: its region and its recording. */
+typedef struct {
+    Guard *g;
+    int fail_every;           /* GF_GUARDED_GRAPH_FAIL, read at init: every Nth recording fails (0: none) */
+    uint64_t recordings;
+    int recording;            /* between graph_begin and graph_end */
+    int skipping;             /* this recording fails: its ops and copies do not run */
+} GuardCtx;
+
+static GuardCtx *gctx(const KnCtx *ctx) { return ctx->impl; }
+static Guard *guard_of(const KnCtx *ctx) { return gctx(ctx)->g; }
+
+/* Aborts when ctx is recording: entry is one a recording refuses. */
+static void not_recording(const KnCtx *ctx, const char *entry) {
+    if (!gctx(ctx)->recording) return;
+    fprintf(stderr, "guarded backend: %s while recording a graph\n", entry);
+    abort();
+}
+
+/* 1 when the op or copy submitted now must not run (a failing recording). */
+static int skipped(const KnCtx *ctx) { return gctx(ctx)->skipping; }
 
 /* The kernels' address of a device address; NULL stays NULL. Anything
  * else outside the region is host memory handed to an op: abort. */
@@ -77,17 +105,10 @@ static GuardBuf *find(Guard *g, const void *p) {
     return NULL;
 }
 
-GfStatus guarded_ctx_init(KnCtx *ctx, const KnCtx *share, GfError *err) {
-    if (share) {
-        Guard *g = guard_of(share);
-        pthread_mutex_lock(&g->lock);
-        g->refs++;
-        pthread_mutex_unlock(&g->lock);
-        ctx->impl = g;
-        return GF_OK;
-    }
+/* A new region of its own (refs 1), or NULL with err set. */
+static Guard *region_new(GfError *err) {
     Guard *g = gf_calloc(1, sizeof *g, err);
-    if (!g) return GF_NO_MEMORY;
+    if (!g) return NULL;
     long page = sysconf(_SC_PAGESIZE);
     g->page = page > 0 ? (size_t)page : 4096;
     g->fd = memfd_create("gf-guarded", MFD_CLOEXEC);
@@ -106,19 +127,39 @@ GfStatus guarded_ctx_init(KnCtx *ctx, const KnCtx *share, GfError *err) {
     if (!g->dev) {
         if (g->fd >= 0) close(g->fd);
         free(g);
-        return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "cannot reserve the guarded backend's memory");
+        gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "cannot reserve the guarded backend's memory");
+        return NULL;
     }
     pthread_mutex_init(&g->lock, NULL);
     g->refs = 1;
     const char *fault = getenv("GF_GUARDED_FAULT_FILE");
     if (fault && *fault) g->fault_file = strdup(fault);
-    ctx->impl = g;
+    return g;
+}
+
+GfStatus guarded_ctx_init(KnCtx *ctx, const KnCtx *share, GfError *err) {
+    GuardCtx *c = gf_calloc(1, sizeof *c, err);
+    if (!c) return GF_NO_MEMORY;
+    if (share) {
+        c->g = guard_of(share);
+        pthread_mutex_lock(&c->g->lock);
+        c->g->refs++;
+        pthread_mutex_unlock(&c->g->lock);
+    } else if (!(c->g = region_new(err))) {
+        free(c);
+        return err->status;
+    }
+    const char *fail = getenv("GF_GUARDED_GRAPH_FAIL");
+    c->fail_every = fail ? atoi(fail) : 0;
+    ctx->impl = c;
     return GF_OK;
 }
 
 void guarded_ctx_free(KnCtx *ctx) {
-    Guard *g = guard_of(ctx);
-    if (!g) return;
+    GuardCtx *c = gctx(ctx);
+    if (!c) return;
+    Guard *g = c->g;
+    free(c);
     ctx->impl = NULL;
     pthread_mutex_lock(&g->lock);
     int last = --g->refs == 0;
@@ -134,6 +175,7 @@ void guarded_ctx_free(KnCtx *ctx) {
 }
 
 static GfStatus g_synchronize(const KnCtx *ctx, GfError *err) {
+    not_recording(ctx, "synchronize");
     Guard *g = guard_of(ctx);
     if (!g->fault_file) return GF_OK;
     pthread_mutex_lock(&g->lock);
@@ -167,6 +209,7 @@ static GuardBuf *take_chunk(Guard *g, size_t len) {
 }
 
 static GfStatus g_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what, GfError *err) {
+    not_recording(ctx, "alloc");
     Guard *g = guard_of(ctx);
     memset(buf, 0, sizeof *buf);
     size_t len = bytes > SIZE_MAX - g->page ? 0 : (bytes + g->page - 1) / g->page * g->page;
@@ -186,6 +229,7 @@ static GfStatus g_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype d
 static void g_free(const KnCtx *ctx, KnBuffer *buf) {
     Guard *g = guard_of(ctx);
     if (!buf || !buf->data) return;
+    not_recording(ctx, "free");
     pthread_mutex_lock(&g->lock);
     GuardBuf *b = find(g, buf->data);
     if (!b || g->dev + b->off != (char *)buf->data) abort(); /* not ours: a programming error */
@@ -218,24 +262,32 @@ static void *owned(const KnCtx *ctx, const void *p, size_t n) {
 }
 
 static void g_upload(const KnCtx *ctx, void *dst, const void *src, size_t n) {
+    not_recording(ctx, "upload");
     if (n) memcpy(owned(ctx, dst, n), src, n); /* a sealed buffer faults: weights are written before sealing */
 }
 
 static void g_download(const KnCtx *ctx, void *dst, const void *src, size_t n) {
+    not_recording(ctx, "download");
     if (n) memcpy(dst, owned(ctx, src, n), n);
 }
 
 static void g_copy(const KnCtx *ctx, void *dst, const void *src, size_t n) {
-    if (n) memmove(owned(ctx, dst, n), owned(ctx, src, n), n);
+    if (n && !skipped(ctx)) memmove(owned(ctx, dst, n), owned(ctx, src, n), n);
 }
 
 static void g_memset(const KnCtx *ctx, void *dst, int value, size_t n) {
-    if (n) memset(owned(ctx, dst, n), value, n);
+    if (n && !skipped(ctx)) memset(owned(ctx, dst, n), value, n);
 }
 
 /* ---- ops: each pointer argument translated to the kernels' view ---- */
 
 #define H(p) hv(ctx, p)
+/* The CPU kernel op on the translated arguments, unless a failing
+ * recording skips it. */
+#define RUN(op, ...)                                  \
+    do {                                              \
+        if (!skipped(ctx)) CPU_OPS.op(__VA_ARGS__);   \
+    } while (0)
 
 /* w in the kernels' view; an NF4 matrix points at a host KnNf4 whose
  * arrays are device memory, translated into *q. */
@@ -273,22 +325,22 @@ static const KnLoraSeg *hsegs(const KnCtx *ctx, const KnLoraSeg *segs, int n, Kn
 }
 
 static void g_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
-    CPU_OPS.matmul(ctx, H(y), H(x), HM(w), n);
+    RUN(matmul, ctx, H(y), H(x), HM(w), n);
 }
 static void g_rmsnorm(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps) {
-    CPU_OPS.rmsnorm(ctx, H(y), H(x), H(w), n, dim, eps);
+    RUN(rmsnorm, ctx, H(y), H(x), H(w), n, dim, eps);
 }
 static void g_attention(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
                         int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
                         const KnMask *mask) {
     KnMask m = hmask(ctx, mask);
-    CPU_OPS.attention(ctx, H(out), H(q), H(k), H(v), n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, &m);
+    RUN(attention, ctx, H(out), H(q), H(k), H(v), n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, &m);
 }
 static void g_attention_paged(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q, int64_t q_pos0,
                               int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale, const KnMask *mask) {
     KnMask m = hmask(ctx, mask);
     KnKv h = {H(kv->k), H(kv->v), H(kv->table), kv->block_len};
-    CPU_OPS.attention_paged(ctx, H(out), H(q), &h, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, &m);
+    RUN(attention_paged, ctx, H(out), H(q), &h, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, &m);
 }
 static void g_attention_batch(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
                               int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads, int n_kv_heads,
@@ -301,120 +353,138 @@ static void g_attention_batch(const KnCtx *ctx, float *out, const float *q, cons
         h[i].valid = H(seqs[i].valid);
         h[i].group = H(seqs[i].group);
     }
-    CPU_OPS.attention_batch(ctx, H(out), H(q), H(k), H(v), block_len, h, n_seqs, n_heads, n_kv_heads, dim, scale,
+    RUN(attention_batch, ctx, H(out), H(q), H(k), H(v), block_len, h, n_seqs, n_heads, n_kv_heads, dim, scale,
                             window);
 }
-static void g_gelu_tanh(const KnCtx *ctx, float *x, size_t n) { CPU_OPS.gelu_tanh(ctx, H(x), n); }
-static void g_softcap(const KnCtx *ctx, float *x, size_t n, float cap) { CPU_OPS.softcap(ctx, H(x), n, cap); }
+static void g_gelu_tanh(const KnCtx *ctx, float *x, size_t n) { RUN(gelu_tanh, ctx, H(x), n); }
+static void g_softcap(const KnCtx *ctx, float *x, size_t n, float cap) { RUN(softcap, ctx, H(x), n, cap); }
 static void g_embed_rows(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale) {
-    CPU_OPS.embed_rows(ctx, H(out), HM(table), H(ids), n, scale);
+    RUN(embed_rows, ctx, H(out), HM(table), H(ids), n, scale);
 }
 static void g_add(const KnCtx *ctx, float *y, const float *a, const float *b, size_t n) {
-    CPU_OPS.add(ctx, H(y), H(a), H(b), n);
+    RUN(add, ctx, H(y), H(a), H(b), n);
 }
 static void g_mul(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_b) {
-    CPU_OPS.mul(ctx, H(y), H(a), H(b), rows, cols, ld_b);
+    RUN(mul, ctx, H(y), H(a), H(b), rows, cols, ld_b);
 }
 static void g_mul_acc(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols,
                       int64_t ld_y) {
-    CPU_OPS.mul_acc(ctx, H(y), H(a), H(b), rows, cols, ld_y);
+    RUN(mul_acc, ctx, H(y), H(a), H(b), rows, cols, ld_y);
 }
 static void g_rows_gather(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
-    CPU_OPS.rows_gather(ctx, H(out), H(src), H(idx), n, dim);
+    RUN(rows_gather, ctx, H(out), H(src), H(idx), n, dim);
 }
 static void g_rows_scatter(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
-    CPU_OPS.rows_scatter(ctx, H(out), H(src), H(idx), n, dim);
+    RUN(rows_scatter, ctx, H(out), H(src), H(idx), n, dim);
 }
 static void g_rows_sum(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
-    CPU_OPS.rows_sum(ctx, H(out), H(src), H(idx), n, dim);
+    RUN(rows_sum, ctx, H(out), H(src), H(idx), n, dim);
 }
 static void g_embed_rows_add(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float *row) {
-    CPU_OPS.embed_rows_add(ctx, H(out), HM(table), H(ids), n, H(row));
+    RUN(embed_rows_add, ctx, H(out), HM(table), H(ids), n, H(row));
 }
 static void g_clamp(const KnCtx *ctx, float *y, const float *x, size_t n, float lo, float hi) {
-    CPU_OPS.clamp(ctx, H(y), H(x), n, lo, hi);
+    RUN(clamp, ctx, H(y), H(x), n, lo, hi);
 }
 static void g_scale_shift(const KnCtx *ctx, float *y, const float *x, size_t n, float shift, float s) {
-    CPU_OPS.scale_shift(ctx, H(y), H(x), n, shift, s);
+    RUN(scale_shift, ctx, H(y), H(x), n, shift, s);
 }
 static void g_standardize(const KnCtx *ctx, float *x, int64_t rows, int64_t cols, const float *bias, const float *scale) {
-    CPU_OPS.standardize(ctx, H(x), rows, cols, H(bias), H(scale));
+    RUN(standardize, ctx, H(x), rows, cols, H(bias), H(scale));
 }
 static void g_xent_softcap(const KnCtx *ctx, double *loss, float *z, const int32_t *targets, int64_t rows, int64_t V,
                            float cap, float scale, int grad) {
-    CPU_OPS.xent_softcap(ctx, H(loss), H(z), H(targets), rows, V, cap, scale, grad);
+    RUN(xent_softcap, ctx, H(loss), H(z), H(targets), rows, V, cap, scale, grad);
 }
 static void g_sample(const KnCtx *ctx, int32_t *ids, const float *logits, KnSampleRow *rows, int64_t n, int64_t V,
                      void *scratch) {
-    CPU_OPS.sample(ctx, H(ids), H(logits), H(rows), n, V, H(scratch));
+    RUN(sample, ctx, H(ids), H(logits), H(rows), n, V, H(scratch));
 }
 static void g_adamw(const KnCtx *ctx, float *p, const float *g, float *m, float *v, size_t n, const KnAdamW *h) {
-    CPU_OPS.adamw(ctx, H(p), H(g), H(m), H(v), n, h);
+    RUN(adamw, ctx, H(p), H(g), H(m), H(v), n, h);
 }
-static void g_sq_norm(const KnCtx *ctx, double *out, const float *x, size_t n) { CPU_OPS.sq_norm(ctx, H(out), H(x), n); }
-static void g_scale(const KnCtx *ctx, float *x, size_t n, float s) { CPU_OPS.scale(ctx, H(x), n, s); }
+static void g_sq_norm(const KnCtx *ctx, double *out, const float *x, size_t n) { RUN(sq_norm, ctx, H(out), H(x), n); }
+static void g_scale(const KnCtx *ctx, float *x, size_t n, float s) { RUN(scale, ctx, H(x), n, s); }
 static void g_rope_rows(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
                         const float *inv_freq, const int32_t *pos, int64_t pos_stride) {
-    CPU_OPS.rope_rows(ctx, H(x), n_rows, n_heads, dim, ld_head, H(inv_freq), H(pos), pos_stride);
+    RUN(rope_rows, ctx, H(x), n_rows, n_heads, dim, ld_head, H(inv_freq), H(pos), pos_stride);
 }
 static void g_moe_route(const KnCtx *ctx, int32_t *idx, float *w, float *coef, float *p, const float *expert_scale,
                         int64_t n, int E, int K) {
-    CPU_OPS.moe_route(ctx, H(idx), H(w), H(coef), H(p), H(expert_scale), n, E, K);
+    RUN(moe_route, ctx, H(idx), H(w), H(coef), H(p), H(expert_scale), n, E, K);
 }
 static void g_moe_experts(const KnCtx *ctx, float *y, const float *x, const int32_t *idx, const float *coef, float *gu,
                           float *mm, float *yk, int64_t n, int K, KnMatrix gate_up, KnMatrix down) {
-    CPU_OPS.moe_experts(ctx, H(y), H(x), H(idx), H(coef), H(gu), H(mm), H(yk), n, K, HM(gate_up), HM(down));
+    RUN(moe_experts, ctx, H(y), H(x), H(idx), H(coef), H(gu), H(mm), H(yk), n, K, HM(gate_up), HM(down));
 }
 static void g_moe_experts_dx(const KnCtx *ctx, float *dx, float *dc, const float *dy, const float *gu, const float *yk,
                              const int32_t *idx, const float *coef, float *scratch, int64_t n, int K, KnMatrix gate_up,
                              KnMatrix down) {
-    CPU_OPS.moe_experts_dx(ctx, H(dx), H(dc), H(dy), H(gu), H(yk), H(idx), H(coef), H(scratch), n, K,
+    RUN(moe_experts_dx, ctx, H(dx), H(dc), H(dy), H(gu), H(yk), H(idx), H(coef), H(scratch), n, K,
                            HM(gate_up), HM(down));
 }
 static void g_moe_route_dx(const KnCtx *ctx, float *dlogits, const float *dc, const int32_t *idx, const float *w,
                            const float *p, const float *expert_scale, int64_t n, int E, int K) {
-    CPU_OPS.moe_route_dx(ctx, H(dlogits), H(dc), H(idx), H(w), H(p), H(expert_scale), n, E, K);
+    RUN(moe_route_dx, ctx, H(dlogits), H(dc), H(idx), H(w), H(p), H(expert_scale), n, E, K);
 }
 static void g_lora_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs,
                           int64_t in, float *dropout_buf) {
     KnLoraSeg h[MAX_SEGS];
-    CPU_OPS.lora_shrink(ctx, H(t), ld_t, H(x), hsegs(ctx, segs, n_segs, h), n_segs, in, H(dropout_buf));
+    RUN(lora_shrink, ctx, H(t), ld_t, H(x), hsegs(ctx, segs, n_segs, h), n_segs, in, H(dropout_buf));
 }
 static void g_lora_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
                           int64_t out) {
     KnLoraSeg h[MAX_SEGS];
-    CPU_OPS.lora_expand(ctx, H(y), H(t), ld_t, hsegs(ctx, segs, n_segs, h), n_segs, out);
+    RUN(lora_expand, ctx, H(y), H(t), ld_t, hsegs(ctx, segs, n_segs, h), n_segs, out);
 }
 static void g_lora_expand_dx(const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t,
                              const KnLoraSeg *segs, int n_segs, int64_t out) {
     KnLoraSeg h[MAX_SEGS];
-    CPU_OPS.lora_expand_dx(ctx, H(gt), H(dy), H(t), ld_t, hsegs(ctx, segs, n_segs, h), n_segs, out);
+    RUN(lora_expand_dx, ctx, H(gt), H(dy), H(t), ld_t, hsegs(ctx, segs, n_segs, h), n_segs, out);
 }
 static void g_lora_shrink_dx(const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x,
                              const KnLoraSeg *segs, int n_segs, int64_t in, float *dropout_buf) {
     KnLoraSeg h[MAX_SEGS];
-    CPU_OPS.lora_shrink_dx(ctx, H(dx), H(gt), ld_t, H(x), hsegs(ctx, segs, n_segs, h), n_segs, in, H(dropout_buf));
+    RUN(lora_shrink_dx, ctx, H(dx), H(gt), ld_t, H(x), hsegs(ctx, segs, n_segs, h), n_segs, in, H(dropout_buf));
 }
 static void g_clamp_dx(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n, float lo, float hi,
                        int accumulate) {
-    CPU_OPS.clamp_dx(ctx, H(dx), H(x), H(dy), n, lo, hi, accumulate);
+    RUN(clamp_dx, ctx, H(dx), H(x), H(dy), n, lo, hi, accumulate);
 }
 static void g_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
-    CPU_OPS.matmul_dx(ctx, H(dx), H(dy), HM(w), n);
+    RUN(matmul_dx, ctx, H(dx), H(dy), HM(w), n);
 }
 static void g_rmsnorm_dx(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n,
                          int64_t dim, float eps) {
-    CPU_OPS.rmsnorm_dx(ctx, H(dx), H(x), H(w), H(dy), n, dim, eps);
+    RUN(rmsnorm_dx, ctx, H(dx), H(x), H(w), H(dy), n, dim, eps);
 }
 static void g_gelu_tanh_dx(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n) {
-    CPU_OPS.gelu_tanh_dx(ctx, H(dx), H(x), H(dy), n);
+    RUN(gelu_tanh_dx, ctx, H(dx), H(x), H(dy), n);
 }
 static void g_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
                            const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
                            int n_kv_heads, int dim, float scale, const KnMask *mask) {
     KnMask m = hmask(ctx, mask);
-    CPU_OPS.attention_dx(ctx, H(dq), H(dk), H(dv), H(q), H(k), H(v), H(dout), n_q, q_pos0, n_keys, n_heads, n_kv_heads,
+    RUN(attention_dx, ctx, H(dq), H(dk), H(dv), H(q), H(k), H(v), H(dout), n_q, q_pos0, n_keys, n_heads, n_kv_heads,
                          dim, scale, &m);
+}
+
+static int g_graph_begin(const KnCtx *ctx) {
+    GuardCtx *c = gctx(ctx);
+    if (c->recording) return 0;
+    c->recording = 1;
+    c->recordings++;
+    c->skipping = c->fail_every > 0 && c->recordings % (uint64_t)c->fail_every == 0;
+    return 1;
+}
+
+static int g_graph_end(const KnCtx *ctx, int64_t bucket) {
+    (void)bucket;
+    GuardCtx *c = gctx(ctx);
+    if (!c->recording) return 1;
+    int failed = c->skipping;
+    c->recording = c->skipping = 0;
+    return failed;
 }
 
 static const KnOps GUARDED_OPS = {
@@ -427,6 +497,8 @@ static const KnOps GUARDED_OPS = {
     .memset = g_memset,
     .synchronize = g_synchronize,
     .supports = cpu_supports,
+    .graph_begin = g_graph_begin,
+    .graph_end = g_graph_end,
     .matmul = g_matmul,
     .rmsnorm = g_rmsnorm,
     .attention = g_attention,

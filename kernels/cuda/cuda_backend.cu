@@ -53,6 +53,7 @@ extern "C" GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err) {
      * back; the BF16 precision's GEMMs (cuda_gemm.cu) need the tensor cores */
     c->bf16 = ctx->precision == KN_PRECISION_BF16;
     cublasSetMathMode(c->blas, c->bf16 ? CUBLAS_DEFAULT_MATH : CUBLAS_PEDANTIC_MATH);
+    cuda_graphs_init(c);
     ctx->impl = c;
     ctx->stream = c->stream;
     return GF_OK;
@@ -68,6 +69,12 @@ extern "C" void cuda_ctx_free(KnCtx *ctx) {
     CudaCtx *c = (CudaCtx *)ctx->impl;
     if (!c) return;
     cudaSetDevice(c->device);
+    if (c->graphs.capturing) { /* a recording never ended: dropped */
+        cudaGraph_t graph = NULL;
+        if (cudaStreamEndCapture(c->stream, &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
+        cudaGetLastError();
+    }
+    cuda_graphs_free(c);
     if (c->scratch) cudaFreeAsync(c->scratch, c->stream);
     cudaStreamSynchronize(c->stream);
     for (int b = 0; c->stage_ready == 1 && b < 2; b++) {
@@ -86,6 +93,9 @@ extern "C" void cuda_ctx_free(KnCtx *ctx) {
 static GfStatus cu_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what, GfError *err) {
     CudaCtx *c = cuda_ctx(ctx);
     memset(buf, 0, sizeof *buf);
+    if (cuda_refused(c))
+        return gf_error_set(err, GF_DEVICE, "device_error", NULL,
+                            "cuda:%d: cannot allocate %s while recording a graph", c->device, what);
     void *p = NULL;
     cudaError_t rc = bytes == 0 || gf_alloc_hook_refuses() ? cudaErrorMemoryAllocation : cudaMalloc(&p, bytes);
     if (rc != cudaSuccess) {
@@ -107,6 +117,7 @@ static GfStatus cu_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype 
 static void cu_free(const KnCtx *ctx, KnBuffer *buf) {
     if (!buf || !buf->data) return;
     CudaCtx *c = cuda_ctx(ctx);
+    if (cuda_refused(c)) return; /* ops.h: refused while recording */
     cuda_note(c, cudaFree(buf->data), "free");
     memset(buf, 0, sizeof *buf);
 }
@@ -138,6 +149,7 @@ static int stage_init(CudaCtx *c) {
 static void cu_upload(const KnCtx *ctx, void *dst, const void *src, size_t n) {
     if (!n) return;
     CudaCtx *c = cuda_ctx(ctx);
+    if (cuda_refused(c)) return;
     if (n < STAGE_MIN || !stage_init(c)) {
         cuda_note(c, cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, c->stream), "upload");
         return;
@@ -157,6 +169,10 @@ static void cu_upload(const KnCtx *ctx, void *dst, const void *src, size_t n) {
 static void cu_download(const KnCtx *ctx, void *dst, const void *src, size_t n) {
     if (!n) return;
     CudaCtx *c = cuda_ctx(ctx);
+    if (cuda_refused(c)) {
+        memset(dst, 0xFF, n);
+        return;
+    }
     cudaError_t rc = cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, c->stream);
     if (rc == cudaSuccess) rc = cudaStreamSynchronize(c->stream);
     if (rc != cudaSuccess) memset(dst, 0xFF, n); /* never stale bytes that look valid; synchronize reports it */
@@ -177,6 +193,7 @@ static void cu_memset(const KnCtx *ctx, void *dst, int value, size_t n) {
 
 static GfStatus cu_synchronize(const KnCtx *ctx, GfError *err) {
     CudaCtx *c = cuda_ctx(ctx);
+    if (cuda_refused(c)) return GF_OK;
     cuda_note(c, cudaStreamSynchronize(c->stream), "synchronize");
     if (c->fault == cudaSuccess) return GF_OK;
     cudaError_t rc = c->fault;
@@ -228,6 +245,8 @@ static KnOps make_ops(void) {
     o.synchronize = cu_synchronize;
     o.supports = cu_supports;
     o.scratch_bytes = cu_scratch_bytes;
+    o.graph_begin = cuda_graph_begin;
+    o.graph_end = cuda_graph_end;
     o.matmul = cuda_matmul;
     o.rmsnorm = cuda_rmsnorm;
     o.attention = cuda_attention;

@@ -36,6 +36,28 @@ extern "C" {
 /* Rows of x up to which a BF16 matmul is a GEMV (a decode step's batch). */
 #define CUDA_GEMV_MAX_ROWS 16
 
+/* A context's recorded graphs (cuda_graph.cu): whether its stream is being
+ * captured and whether that capture can still run, the graphs instantiated
+ * so far (one per bucket, the least recently run replaced) and counts. */
+#define CUDA_GRAPH_SLOTS 8
+
+typedef struct {
+    int64_t bucket;
+    cudaGraphExec_t exec;
+    uint64_t last_run;
+} CudaGraphSlot;
+
+typedef struct {
+    int off;                  /* GF_CUDA_GRAPHS=0, or recordings kept failing: never record */
+    int capturing;            /* between graph_begin and graph_end */
+    int broken;               /* something refused while capturing: the recording will not run */
+    int streak;               /* failed recordings in a row */
+    cudaError_t fault_before; /* the context's fault when the capture began */
+    uint64_t runs;            /* graphs launched (the slots' clock) */
+    uint64_t updates, instantiations, failures;
+    CudaGraphSlot slot[CUDA_GRAPH_SLOTS];
+} CudaGraphs;
+
 typedef struct {
     int device;
     int bf16;                 /* KN_PRECISION_BF16: matmuls on bf16 operands (cuda_gemm.cu) */
@@ -48,6 +70,7 @@ typedef struct {
     int stage_ready;          /* 1: allocated; -1: pinned memory refused (uploads go direct) */
     cudaError_t fault;        /* the first error since the last synchronize, cudaSuccess if none */
     char fault_where[48];     /* the op or transfer that met it */
+    CudaGraphs graphs;        /* cuda_graph.cu */
 } CudaCtx;
 
 /* The context of ctx, its device made current on this thread. */
@@ -59,6 +82,16 @@ void cuda_note(CudaCtx *c, cudaError_t rc, const char *where);
 /* A cuBLAS call's status: anything but success becomes the fault, naming
  * what and the status. */
 void cuda_blas_note(CudaCtx *c, cublasStatus_t st, const char *what);
+
+/* cuda_graph.cu: the graph entries (ops.h graph_begin / graph_end); the
+ * context's graphs read GF_CUDA_GRAPHS once (init) and are freed with it.
+ * cuda_refused marks an entry that cannot be recorded: 1 (and the
+ * recording will not run) while the stream is being captured, else 0. */
+void cuda_graphs_init(CudaCtx *c);
+void cuda_graphs_free(CudaCtx *c);
+int cuda_graph_begin(const KnCtx *ctx);
+int cuda_graph_end(const KnCtx *ctx, int64_t bucket);
+int cuda_refused(CudaCtx *c);
 
 /* After a launch: the launch's own error, if any, becomes the fault. */
 #define CUDA_LAUNCHED(c, where) cuda_note((c), cudaGetLastError(), (where))
@@ -187,7 +220,8 @@ static __device__ __forceinline__ float warp_sum(float v) {
 /* Entries each file exports to the table (contracts in ops.h). */
 /* The context's scratch, at least bytes, grown on its stream (an op's
  * temporaries, valid until the next op asks for it); NULL with the fault
- * noted when it cannot grow. cuda_gemm.cu. */
+ * noted when it cannot grow, and NULL (the recording failing) when it
+ * would have to grow while the stream is recorded. cuda_gemm.cu. */
 void *cuda_scratch(CudaCtx *c, size_t bytes, const char *what);
 /* cuda_gemm.cu: the BF16 precision's matmul and its input gradient */
 void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t n);

@@ -1393,6 +1393,111 @@ static void test_sample(Dev *d) {
     dev_reset(d);
 }
 
+/* ---- recorded runs (ops.h graph_begin / graph_end) ---- */
+
+enum { GPH_N = 24, GPH_C = 40, GPH_R = 33, GPH_RANK = 4 };
+
+/* The recorded chain: y = gelu(s x W^T), then doubled `extra` times. */
+static void graph_chain(Dev *d, float *y, const float *x, KnMatrix w, float s, int extra) {
+    const KnOps *o = d->be.ops;
+    o->matmul(&d->be.ctx, y, x, w, GPH_N);
+    o->scale(&d->be.ctx, y, (size_t)GPH_N * GPH_R, s);
+    o->gelu_tanh(&d->be.ctx, y, (size_t)GPH_N * GPH_R);
+    for (int i = 0; i < extra; i++) o->add(&d->be.ctx, y, y, y, (size_t)GPH_N * GPH_R);
+}
+
+/* The chain recorded in bucket into yg and run op by op into ye: 0 when
+ * the recording ran (a second submission otherwise, as the engine does);
+ * *same: the two outputs are equal bit for bit. */
+static int graph_run(Dev *d, float *yg, float *ye, const float *x, KnMatrix w, float s, int extra, int64_t bucket,
+                     int *same) {
+    static float g[GPH_N * GPH_R], e[GPH_N * GPH_R];
+    d->be.ops->memset(&d->be.ctx, yg, 0xFF, sizeof g);
+    d->be.ops->memset(&d->be.ctx, ye, 0xFF, sizeof e);
+    int recording = d->be.ops->graph_begin(&d->be.ctx);
+    graph_chain(d, yg, x, w, s, extra);
+    int failed = recording ? d->be.ops->graph_end(&d->be.ctx, bucket) : 1;
+    if (failed) graph_chain(d, yg, x, w, s, extra);
+    graph_chain(d, ye, x, w, s, extra);
+    dev_get(d, g, yg, sizeof g);
+    dev_get(d, e, ye, sizeof e);
+    *same = memcmp(g, e, sizeof g) == 0 && !isnan(e[0]);
+    return !recording || failed;
+}
+
+/* A recorded run computes what its ops run one by one compute, bit for
+ * bit: three runs of one bucket with other arguments (its graph updated
+ * in place), a run of another shape in it, more buckets than a context
+ * keeps and an evicted one again. On CUDA a recording that an entry
+ * refuses (an upload; a scratch that would grow) runs nothing and says so.
+ * A fresh context of kind; skipped where the backend does not record. */
+static void test_graphs(KnDeviceKind kind) {
+    Dev d;
+    if (!dev_open(&d, kind, 1)) return;
+    if (!d.be.ops->graph_begin) {
+        dev_close(&d);
+        return;
+    }
+    float *hw = rand_vec(GPH_R * GPH_C), *hx = rand_vec(GPH_N * GPH_C);
+    KnMatrix w = {.data = dev_put(&d, hw, F(GPH_R * GPH_C)), .dtype = KN_F32, .rows = GPH_R, .cols = GPH_C};
+    float *x = dev_put(&d, hx, F(GPH_N * GPH_C)), *yg = dev_alloc(&d, F(GPH_N * GPH_R)), *ye = dev_alloc(&d, F(GPH_N * GPH_R));
+    int ran = 1, same, all_same = 1;
+    for (int k = 0; k < 3; k++) {
+        ran &= !graph_run(&d, yg, ye, x, w, 0.5f + (float)k, 0, 7, &same);
+        all_same &= same;
+    }
+    CHECK(ran && all_same, "%s: three recorded runs of one bucket, other arguments each: ran %d, equal %d", d.be.name,
+          ran, all_same);
+    ran = !graph_run(&d, yg, ye, x, w, 0.75f, 2, 7, &same);
+    CHECK(ran && same, "%s: a run of another shape in the bucket: ran %d, equal %d", d.be.name, ran, same);
+    ran = 1, all_same = 1;
+    for (int b = 0; b < 12; b++) {
+        ran &= !graph_run(&d, yg, ye, x, w, 0.1f * (float)(b + 1), b % 3, 100 + b, &same);
+        all_same &= same;
+    }
+    ran &= !graph_run(&d, yg, ye, x, w, 2.5f, 0, 100, &same);
+    CHECK(ran && same && all_same, "%s: 12 buckets and the first again: ran %d, equal %d", d.be.name, ran,
+          same && all_same);
+    if (kind == KN_DEVICE_CUDA) {
+        float poison, one = 1.0f;
+        float *other = dev_alloc(&d, sizeof one);
+        d.be.ops->memset(&d.be.ctx, yg, 0xFF, F(GPH_N * GPH_R));
+        int recording = d.be.ops->graph_begin(&d.be.ctx);
+        graph_chain(&d, yg, x, w, 1.0f, 0);
+        d.be.ops->upload(&d.be.ctx, other, &one, sizeof one);
+        int failed = recording ? d.be.ops->graph_end(&d.be.ctx, 7) : -1;
+        dev_get(&d, &poison, yg, sizeof poison);
+        CHECK(failed == 1 && isnan(poison), "cuda: a recording with an upload in it runs nothing (%d)", failed);
+        /* a training LoRA segment with dropout drops its rows out into the
+         * scratch, which this context has never grown */
+        float *hA = rand_vec(GPH_RANK * GPH_C), *t = dev_alloc(&d, F(GPH_N * GPH_RANK)), *buf = dev_alloc(&d, F(2 * GPH_C));
+        KnLoraSeg seg = {.row0 = 0, .n_rows = GPH_N, .A = dev_put(&d, hA, F(GPH_RANK * GPH_C)), .rank = GPH_RANK, .scale = 1.0f,
+                         .dropout = 0.25f, .dropout_seed = 9};
+        seg.dA = dev_alloc(&d, F(GPH_RANK * GPH_C));
+        d.be.ops->memset(&d.be.ctx, t, 0xFF, F(GPH_N * GPH_RANK));
+        recording = d.be.ops->graph_begin(&d.be.ctx);
+        d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf);
+        failed = recording ? d.be.ops->graph_end(&d.be.ctx, 8) : -1;
+        dev_get(&d, &poison, t, sizeof poison);
+        CHECK(failed == 1 && isnan(poison), "cuda: a recording whose scratch would grow runs nothing (%d)", failed);
+        d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf); /* grows it */
+        float want[GPH_N * GPH_RANK], got[GPH_N * GPH_RANK];
+        dev_get(&d, want, t, sizeof want);
+        d.be.ops->memset(&d.be.ctx, t, 0xFF, F(GPH_N * GPH_RANK));
+        recording = d.be.ops->graph_begin(&d.be.ctx);
+        d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf);
+        failed = recording ? d.be.ops->graph_end(&d.be.ctx, 8) : -1;
+        dev_get(&d, got, t, sizeof got);
+        CHECK(failed == 0 && memcmp(got, want, sizeof got) == 0, "cuda: then, the scratch grown, it runs (%d)", failed);
+        GfError err;
+        CHECK(d.be.ops->synchronize(&d.be.ctx, &err) == GF_OK, "cuda: no fault is left behind by the failed recordings");
+        free(hA);
+    }
+    free(hw);
+    free(hx);
+    dev_close(&d);
+}
+
 /* Touches guarded device memory from outside an op: reads (0) or writes (1). */
 static void touch_guarded(int what) {
     Dev d;
@@ -1442,7 +1547,6 @@ static void test_guarded_faults(void) {
           status);
 }
 
-/* Every entry of the table is filled but the optional ones (seal). */
 /* What a context keeps for itself, per call (ops.h scratch_bytes): nothing
  * on the CPU kinds; on CUDA its cuBLAS workspace always, and beyond it the
  * bf16 operands of a matmul (x or dy rounded, plus 64 MB of widened rows
@@ -1657,6 +1761,8 @@ static void test_real_shapes(void) {
     for (int v = 0; v < REAL_DEVS; v++) dev_close(&devs[v]);
 }
 
+/* Every entry of the table is filled but the optional ones (seal,
+ * scratch_bytes, graph_begin and graph_end). */
 static void test_table_complete(const Dev *d) {
     typedef void (*Fn)(void);
     Fn fns[sizeof(KnOps) / sizeof(Fn)];
@@ -1665,6 +1771,8 @@ static void test_table_complete(const Dev *d) {
     memset(&probe, 0, sizeof probe);
     probe.seal = (void (*)(const KnCtx *, const KnBuffer *))(uintptr_t)1;
     probe.scratch_bytes = (size_t (*)(const KnCtx *, const KnCall *))(uintptr_t)1;
+    probe.graph_begin = (int (*)(const KnCtx *))(uintptr_t)1;
+    probe.graph_end = (int (*)(const KnCtx *, int64_t))(uintptr_t)1;
     Fn optional[sizeof(KnOps) / sizeof(Fn)];
     memcpy(optional, &probe, sizeof optional);
     size_t missing = 0;
@@ -1681,6 +1789,7 @@ int main(void) {
     test_moe_grouped_bf16();
     test_real_shapes();
     const KnDeviceKind kinds[] = {KN_DEVICE_CPU, KN_DEVICE_GUARDED, KN_DEVICE_CUDA};
+    for (size_t b = 0; b < sizeof kinds / sizeof *kinds; b++) test_graphs(kinds[b]);
     for (size_t b = 0; b < sizeof kinds / sizeof *kinds; b++)
         for (int threads = 1; threads <= 3; threads += 2) {
             Dev d;
