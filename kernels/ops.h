@@ -82,11 +82,14 @@ typedef struct {
 } KnKv;
 
 /* One sequence of a batch for attention_batch: its rows [row0, row0 + n_q)
- * of q and out at absolute positions q_pos0.., attending n_keys keys of
- * the shared paged stores through its own block table and mask arrays
- * (KnKv's and KnMask's meaning; device arrays, group may be NULL). */
+ * of q and out, at the consecutive absolute positions that start at the
+ * call's pos[row0] (a device array: a decode step's launches then stay the
+ * same from step to step), attending the keys before its last query's
+ * position and that position itself, pos[row0] + n_q in all, of the shared
+ * paged stores through its own block table and mask arrays (KnKv's and
+ * KnMask's meaning; device arrays, group may be NULL). */
 typedef struct {
-    int64_t row0, n_q, q_pos0, n_keys;
+    int64_t row0, n_q;
     const int32_t *table;
     const uint8_t *valid;
     const int32_t *group;
@@ -127,6 +130,9 @@ typedef struct {
     int32_t top_k, pad;
     uint64_t rng;
 } KnSampleRow;
+
+/* graph_begin's answers (KnOps). */
+enum { KN_GRAPH_NONE = 0, KN_GRAPH_RECORD = 1, KN_GRAPH_REPLAY = 2 };
 
 /* The entries, for supports() and scratch_bytes(). */
 typedef enum {
@@ -188,21 +194,29 @@ typedef struct {
      * callable without a device (kn_backend_ops). */
     size_t (*scratch_bytes)(const KnCtx *ctx, const KnCall *call);
     /* (optional; NULL: none) Recording a run of ops to submit as one unit
-     * (CUDA: a stream capture replayed as a CUDA graph, so a decode step's
-     * hundreds of small launches reach the device at once). graph_begin
-     * returns 1 when it started recording: the ops submitted until
-     * graph_end are recorded, not run. Between the two, only ops, copy and
-     * memset may be submitted; an upload, download, alloc, free or
-     * synchronize there is refused (does nothing; alloc fails) and makes
-     * the recording fail, as does an op that would grow the context's
-     * scratch. graph_end returns 0 when the recorded ops were submitted, in
-     * order, as a graph (kept per bucket, the caller's name for the run's
-     * shape, and updated in place when the next run of that bucket has the
-     * same launches), and 1 when nothing of the recording ran: the caller
-     * then submits the same ops again without recording. Whether a graph
-     * ran or not, the results are those of the ops run one by one. */
-    int (*graph_begin)(const KnCtx *ctx);
-    int (*graph_end)(const KnCtx *ctx, int64_t bucket);
+     * and launching it again (CUDA: a stream capture launched as a CUDA
+     * graph, so a decode step's hundreds of small launches reach the device
+     * at once, and from then on without the host making them). bucket
+     * names the run's shape (the caller's choice; a backend keeps a few
+     * buckets' graphs); sig[sig_bytes] is the caller's promise that two runs
+     * of a bucket with equal signatures submit the same ops with the same
+     * arguments, only device memory's contents differing (NULL: no
+     * promise, never replayed). graph_begin answers
+     *   KN_GRAPH_NONE: nothing recorded: submit the ops as usual, and no
+     *     graph_end;
+     *   KN_GRAPH_RECORD: recording: the ops submitted until graph_end are
+     *     recorded, not run. Only ops, copy and memset may be submitted
+     *     then; an upload, download, alloc, free or synchronize is refused
+     *     (does nothing; alloc fails) and makes the recording fail, as does
+     *     an op that would grow the context's scratch;
+     *   KN_GRAPH_REPLAY: the bucket's graph, recorded under an equal
+     *     signature, is what graph_end launches: submit nothing between.
+     * graph_end answers 0 when the recording or the replay was submitted,
+     * in order, and 1 when nothing of it ran: the caller then submits the
+     * same ops itself. Either way the results are those of the ops run one
+     * by one. */
+    int (*graph_begin)(const KnCtx *ctx, int64_t bucket, const void *sig, size_t sig_bytes);
+    int (*graph_end)(const KnCtx *ctx);
 
     /* ---- forward ---- */
     /* y[n, rows] = x[n, cols] W^T */
@@ -222,10 +236,12 @@ typedef struct {
      * step's sequences, each with its own table and mask, over the stores
      * k, v of block_len positions per block, the same window for all):
      * the same sums in the same order as attention_paged of each alone, so
-     * the result is the same. seqs is a host array of n_seqs. */
-    void (*attention_batch)(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
-                            int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads, int n_kv_heads, int dim,
-                            float scale, int window);
+     * the result is the same. seqs is a host array of n_seqs; pos[rows]
+     * (device) holds each row's absolute position, of which the call reads
+     * each sequence's first (KnAttnSeq). */
+    void (*attention_batch)(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
+                            const float *v, int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads,
+                            int n_kv_heads, int dim, float scale, int window);
     /* x[n] = gelu_tanh(x) in place */
     void (*gelu_tanh)(const KnCtx *ctx, float *x, size_t n);
     /* x = cap * tanh(x / cap) */

@@ -236,11 +236,12 @@ static void attend(Model *m, const Batch *b, const Scratch *s, int li, const Lay
         }
         for (int q = i; q < j; q++) {
             KvCache *c = b->seqs[q].cache;
-            int64_t n = b->row0[q + 1] - b->row0[q], pos0 = replay ? c->n_past - n : c->n_past;
-            att[q - i] = (KnAttnSeq){b->row0[q], n, pos0, pos0 + n, c->d_table[sp], c->d_valid, groups ? c->d_group : NULL};
+            int64_t n = b->row0[q + 1] - b->row0[q];
+            att[q - i] = (KnAttnSeq){b->row0[q], n, c->d_table[sp], c->d_valid, groups ? c->d_group : NULL};
         }
-        ops->attention_batch(&m->be.ctx, u->att, u->qr, pool->k[src], pool->v[src], pool->block_len, att, j - i, NH,
-                             KVH, D, 1.0f, window);
+        /* the positions each sequence's rows start at: s->pos (uploaded) */
+        ops->attention_batch(&m->be.ctx, u->att, u->qr, s->pos, pool->k[src], pool->v[src], pool->block_len, att,
+                             j - i, NH, KVH, D, 1.0f, window);
     }
 }
 
@@ -531,13 +532,72 @@ static void batch_layers(Model *m, const Batch *b, Scratch *s, MoeTape *moe, con
 
 /* 1 when the batch's layers may be recorded and launched as one graph
  * (ops.h graph_begin; CUDA graphs): a decode step, every sequence feeding
- * one token, on a backend that records, with no hidden states to download
- * and no yield hook between layers (both need the host mid-run). */
+ * one token, on a backend that records, with no hidden states to download,
+ * no yield hook between layers (both need the host mid-run) and no LoRA
+ * dropout (training's, whose seeds change from sequence to sequence). */
 static int layers_recordable(const Model *m, const Batch *b, const Outputs *o) {
     if (!m->be.ops->graph_begin || (o->hidden && !o->hidden_on_device) || m->yield) return 0;
     for (int q = 0; q < b->n_seqs; q++)
-        if (b->seqs[q].in.n != 1) return 0;
+        if (b->seqs[q].in.n != 1 || (b->seqs[q].in.lora && b->seqs[q].in.lora->dropout.p > 0)) return 0;
     return 1;
+}
+
+/* Appends v to the step's signature at *n; 0 when it cannot grow. */
+static int sig_put(StepTables *t, size_t *n, uint64_t v) {
+    if (*n == t->sig_cap) {
+        size_t cap = t->sig_cap ? 2 * t->sig_cap : 256;
+        uint64_t *p = realloc(t->sig, cap * sizeof *p);
+        if (!p) return 0;
+        t->sig = p;
+        t->sig_cap = cap;
+    }
+    t->sig[(*n)++] = v;
+    return 1;
+}
+
+/* What a decode step's layers pass to the ops by value, beyond what the
+ * Model fixes for its life (weights, config, MoE chunk), as ops.h
+ * graph_begin's signature: two steps with equal signatures submit the same
+ * launches, so the second may replay the first's graph. The rows, the
+ * activation buffer (every scratch address follows from it and the rows)
+ * and the largest rank; per sequence its first row and its cache's device
+ * tables (block tables, validity, groups); where a run of sequences on one
+ * KV pool starts (attend), that pool's stores; where a run on one adapter
+ * starts (batch_adapters), its launch digest (lora.h). Token ids,
+ * positions, KV slots and the tables' contents are device memory, uploaded
+ * before the layers. 0 words when it cannot be built: the step is then
+ * recorded and never replayed. */
+static size_t step_signature(Model *m, const Batch *b) {
+    StepTables *t = &m->tables;
+    size_t n = 0;
+    int ok = sig_put(t, &n, (uint64_t)b->n) && sig_put(t, &n, (uintptr_t)m->act.data) &&
+             sig_put(t, &n, (uint64_t)b->max_rank) && sig_put(t, &n, (uint64_t)b->n_seqs);
+    for (int q = 0; ok && q < b->n_seqs; q++) {
+        const KvCache *c = b->seqs[q].cache;
+        const LoraBinding *lb = b->seqs[q].in.lora;
+        int new_pool = q == 0 || c->pool != b->seqs[q - 1].cache->pool;
+        int new_lora = q == 0 || lb != b->seqs[q - 1].in.lora;
+        uint64_t head[] = {(uint64_t)b->row0[q], (uintptr_t)c->d_table[KV_FULL], (uintptr_t)c->d_table[KV_WINDOW],
+                           (uintptr_t)c->d_valid, (uintptr_t)c->d_group, (uint64_t)new_pool, (uint64_t)new_lora};
+        for (size_t i = 0; ok && i < sizeof head / sizeof *head; i++) ok = sig_put(t, &n, head[i]);
+        for (int l = 0; ok && new_pool && l < c->pool->n_layers; l++)
+            ok = sig_put(t, &n, (uintptr_t)c->pool->k[l]) && sig_put(t, &n, (uintptr_t)c->pool->v[l]);
+        if (ok && new_pool) ok = sig_put(t, &n, (uint64_t)c->pool->block_len);
+        for (int w = 0; ok && new_lora && w < 4; w++) {
+            uint64_t v = 0;
+            if (lb) memcpy(&v, lb->launch_digest + 8 * w, sizeof v);
+            ok = sig_put(t, &n, v);
+        }
+    }
+    return ok ? n : 0;
+}
+
+/* Starts the step's graph (ops.h graph_begin): KN_GRAPH_NONE when its
+ * layers run op by op. */
+static int layers_graph(Model *m, const Batch *b, const Outputs *o) {
+    if (!layers_recordable(m, b, o)) return KN_GRAPH_NONE;
+    size_t words = step_signature(m, b);
+    return m->be.ops->graph_begin(&m->be.ctx, b->n, words ? m->tables.sig : NULL, words * sizeof(uint64_t));
 }
 
 static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Outputs *o, GfError *err) {
@@ -552,10 +612,11 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
     batch_embed(m, &b, &s);
     if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, 0, s.x, b.n);
     /* a decode step's launches recorded and submitted at once, keyed by its
-     * rows; a recording that ran nothing is submitted again op by op */
-    int recording = layers_recordable(m, &b, o) && m->be.ops->graph_begin(&m->be.ctx);
-    batch_layers(m, &b, &s, &moe, o);
-    if (recording && m->be.ops->graph_end(&m->be.ctx, b.n)) batch_layers(m, &b, &s, &moe, o);
+     * rows, or the last recording of the same launches replayed; a graph
+     * that ran nothing is submitted again op by op */
+    int graph = layers_graph(m, &b, o);
+    if (graph != KN_GRAPH_REPLAY) batch_layers(m, &b, &s, &moe, o);
+    if (graph != KN_GRAPH_NONE && m->be.ops->graph_end(&m->be.ctx)) batch_layers(m, &b, &s, &moe, o);
     if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, L, s.x, b.n);
     for (int q = 0; q < n_seqs; q++) seqs[q].cache->n_past += seqs[q].in.n;
     if (o->logits) batch_logits(m, &b, &s, o->logits);

@@ -12,6 +12,7 @@
 
 #include "adapter_check.h"
 #include "jsoncheck.h"
+#include "sha256.h"
 #include "model_impl.h"
 
 /* ---- module names ------------------------------------------------------------- */
@@ -284,6 +285,28 @@ static GfStatus binding_slab(const KnBackend *be, const LoraAdapter *a, KnBuffer
     return GF_OK;
 }
 
+/* b->launch_digest from its scale and text slots (lora.h). */
+static void launch_digest(LoraBinding *b) {
+    GfSha256 h;
+    gf_sha256_init(&h);
+    uint32_t scale;
+    memcpy(&scale, &b->scale, sizeof scale);
+    uint64_t head[2] = {scale, (uint64_t)b->n_layers};
+    gf_sha256_update(&h, head, sizeof head);
+    size_t n = b->text ? (size_t)b->n_layers * LORA_TEXT_SLOTS : 0;
+    for (size_t i = 0; i <= n; i++) {
+        const LoraPair *p = i < n ? b->text[i] : b->ple_model_proj;
+        uint64_t w[7] = {0};
+        if (p) {
+            uint64_t v[7] = {1, (uintptr_t)p->A, (uintptr_t)p->B, (uintptr_t)p->dA, (uintptr_t)p->dB,
+                             (uint64_t)p->rank, (uint64_t)p->index};
+            memcpy(w, v, sizeof w);
+        }
+        gf_sha256_update(&h, w, sizeof w);
+    }
+    gf_sha256_final(&h, b->launch_digest);
+}
+
 GfStatus lora_binding_upload_new(const KnBackend *be, const LoraAdapter *a, LoraBinding *b, GfError *err) {
     return binding_slab(be, a, NULL, b, err);
 }
@@ -301,6 +324,7 @@ GfStatus lora_binding_grads(LoraBinding *b, GfError *err) {
         p->dA = b->grads + (p->A - b->params);
         p->dB = b->grads + (p->B - b->params);
     }
+    launch_digest(b);
     return GF_OK;
 }
 
@@ -369,6 +393,7 @@ static GfStatus bind(const Model *m, const LoraAdapter *a, KnBuffer *slab, LoraB
     const LoraPair **one[] = {&b->ple_model_proj, &b->input_proj, &b->embed_proj};
     for (int k = 0; k < 3; k++)
         if (*one[k]) *one[k] = &b->pairs[*one[k] - a->pairs];
+    launch_digest(b);
     return GF_OK;
 }
 

@@ -90,6 +90,12 @@ struct LoraBinding {
     float *params, *grads;    /* [n_params] device slabs; grads NULL until lora_binding_grads */
     double *grad_sq;          /* device: the gradients' squared norm (after grads in d_grads) */
     KnBuffer d_params, d_grads;
+    /* SHA-256 of what the binding's text segments pass to the kernels by
+     * value (scale, and each text slot's pair: its device A, B, dA, dB,
+     * rank and index), set by lora_bind and lora_binding_grads: two
+     * bindings with equal digests launch the same LoRA terms, whatever
+     * their addresses (a decode step's graph signature, forward.c) */
+    uint8_t launch_digest[32];
 };
 
 /* Moves every pair's A and B (separately allocated) into one slab

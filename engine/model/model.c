@@ -112,6 +112,7 @@ void model_close(Model *m) {
     free(m->tables.slots);
     free(m->tables.ids);
     free(m->tables.pos);
+    free(m->tables.sig);
     weights_release(m->w);
     free(m);
 }

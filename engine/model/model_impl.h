@@ -18,6 +18,8 @@ typedef struct {
     int32_t *ids, *pos;             /* [row_cap] */
     int32_t *slots;                 /* [KV_SPACES * row_cap]: each row's slot in its store, space by space */
     size_t seq_cap, row_cap;
+    uint64_t *sig;                  /* [sig_cap] a decode step's signature (forward.c step_signature) */
+    size_t sig_cap;
 } StepTables;
 
 

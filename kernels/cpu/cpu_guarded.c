@@ -17,12 +17,14 @@
  * sibling sees it).
  *
  * Recording (ops.h graph_begin / graph_end) is emulated: the ops between
- * the two run as they are submitted and graph_end answers 0, except that
- * with GF_GUARDED_GRAPH_FAIL=N every Nth recording of a context fails as a
- * GPU's may: its ops and copies do not run and graph_end answers 1, so the
- * caller's second submission is what computes. An upload, download,
- * alloc, free or synchronize while recording aborts with a message: engine
- * code that a GPU's recording would refuse.
+ * the two run as they are submitted and graph_end answers 0. With
+ * GF_GUARDED_GRAPH_FAIL=N, every Nth recording of a context fails as a
+ * GPU's may (its ops and copies do not run, graph_end answers 1, and the
+ * caller's second submission is what computes), and a run whose signature
+ * equals its bucket's last recording's is answered KN_GRAPH_REPLAY, which
+ * cannot run here: graph_end answers 1. An upload, download, alloc, free or
+ * synchronize while recording, or an op submitted during a replay, aborts
+ * with a message: engine code that a GPU would refuse or run wrongly.
  *
  * It exists for tests: the whole suite runs on it once in CI. Threading: a
  * context belongs to one thread, as any KnCtx; contexts opened as siblings
@@ -61,6 +63,16 @@ typedef struct {
     int faulted;              /* an injected device fault happened */
 } Guard;
 
+#define GUARD_GRAPH_SLOTS 8
+
+/* A bucket's last recording's signature (replays are answered in fail mode). */
+typedef struct {
+    int64_t bucket;
+    void *sig;
+    size_t bytes;
+    int used;
+} GuardSig;
+
 /* One context: its region and its recording. */
 typedef struct {
     Guard *g;
@@ -68,20 +80,30 @@ typedef struct {
     uint64_t recordings;
     int recording;            /* between graph_begin and graph_end */
     int skipping;             /* this recording fails: its ops and copies do not run */
+    int replaying;            /* between graph_begin (REPLAY) and graph_end: nothing may be submitted */
+    GuardSig sigs[GUARD_GRAPH_SLOTS];
 } GuardCtx;
 
 static GuardCtx *gctx(const KnCtx *ctx) { return ctx->impl; }
 static Guard *guard_of(const KnCtx *ctx) { return gctx(ctx)->g; }
 
-/* Aborts when ctx is recording: entry is one a recording refuses. */
+/* Aborts when ctx is recording or replaying: entry is one a recording
+ * refuses. */
 static void not_recording(const KnCtx *ctx, const char *entry) {
-    if (!gctx(ctx)->recording) return;
+    if (!gctx(ctx)->recording && !gctx(ctx)->replaying) return;
     fprintf(stderr, "guarded backend: %s while recording a graph\n", entry);
     abort();
 }
 
-/* 1 when the op or copy submitted now must not run (a failing recording). */
-static int skipped(const KnCtx *ctx) { return gctx(ctx)->skipping; }
+/* 1 when the op or copy submitted now must not run (a failing
+ * recording); aborts during a replay, which takes no submissions. */
+static int skipped(const KnCtx *ctx) {
+    if (gctx(ctx)->replaying) {
+        fprintf(stderr, "guarded backend: an op submitted while a graph is replayed\n");
+        abort();
+    }
+    return gctx(ctx)->skipping;
+}
 
 /* The kernels' address of a device address; NULL stays NULL. Anything
  * else outside the region is host memory handed to an op: abort. */
@@ -159,6 +181,7 @@ void guarded_ctx_free(KnCtx *ctx) {
     GuardCtx *c = gctx(ctx);
     if (!c) return;
     Guard *g = c->g;
+    for (int i = 0; i < GUARD_GRAPH_SLOTS; i++) free(c->sigs[i].sig);
     free(c);
     ctx->impl = NULL;
     pthread_mutex_lock(&g->lock);
@@ -342,9 +365,9 @@ static void g_attention_paged(const KnCtx *ctx, float *out, const float *q, cons
     KnKv h = {H(kv->k), H(kv->v), H(kv->table), kv->block_len};
     RUN(attention_paged, ctx, H(out), H(q), &h, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, &m);
 }
-static void g_attention_batch(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
-                              int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads, int n_kv_heads,
-                              int dim, float scale, int window) {
+static void g_attention_batch(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
+                              const float *v, int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads,
+                              int n_kv_heads, int dim, float scale, int window) {
     KnAttnSeq h[MAX_SEGS];
     if (n_seqs > MAX_SEGS) abort();
     for (int i = 0; i < n_seqs; i++) {
@@ -353,8 +376,8 @@ static void g_attention_batch(const KnCtx *ctx, float *out, const float *q, cons
         h[i].valid = H(seqs[i].valid);
         h[i].group = H(seqs[i].group);
     }
-    RUN(attention_batch, ctx, H(out), H(q), H(k), H(v), block_len, h, n_seqs, n_heads, n_kv_heads, dim, scale,
-                            window);
+    RUN(attention_batch, ctx, H(out), H(q), H(pos), H(k), H(v), block_len, h, n_seqs, n_heads, n_kv_heads, dim, scale,
+        window);
 }
 static void g_gelu_tanh(const KnCtx *ctx, float *x, size_t n) { RUN(gelu_tanh, ctx, H(x), n); }
 static void g_softcap(const KnCtx *ctx, float *x, size_t n, float cap) { RUN(softcap, ctx, H(x), n, cap); }
@@ -469,18 +492,43 @@ static void g_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, co
                          dim, scale, &m);
 }
 
-static int g_graph_begin(const KnCtx *ctx) {
+/* The signature slot of bucket: its own, else a free one, else slot
+ * bucket % GUARD_GRAPH_SLOTS. */
+static GuardSig *sig_slot(GuardCtx *c, int64_t bucket) {
+    GuardSig *free_slot = NULL;
+    for (int i = 0; i < GUARD_GRAPH_SLOTS; i++) {
+        if (c->sigs[i].used && c->sigs[i].bucket == bucket) return &c->sigs[i];
+        if (!c->sigs[i].used && !free_slot) free_slot = &c->sigs[i];
+    }
+    return free_slot ? free_slot : &c->sigs[(uint64_t)bucket % GUARD_GRAPH_SLOTS];
+}
+
+static int g_graph_begin(const KnCtx *ctx, int64_t bucket, const void *sig, size_t sig_bytes) {
     GuardCtx *c = gctx(ctx);
-    if (c->recording) return 0;
+    if (c->recording || c->replaying) return KN_GRAPH_NONE;
+    GuardSig *gs = sig_slot(c, bucket);
+    int same = gs->used && gs->bucket == bucket && sig && sig_bytes && gs->bytes == sig_bytes &&
+               memcmp(gs->sig, sig, sig_bytes) == 0;
+    if (c->fail_every > 0 && same) {
+        c->replaying = 1;
+        return KN_GRAPH_REPLAY;
+    }
+    void *copy = sig && sig_bytes ? malloc(sig_bytes) : NULL;
+    if (copy) memcpy(copy, sig, sig_bytes);
+    free(gs->sig);
+    *gs = (GuardSig){bucket, copy, copy ? sig_bytes : 0, 1};
     c->recording = 1;
     c->recordings++;
     c->skipping = c->fail_every > 0 && c->recordings % (uint64_t)c->fail_every == 0;
-    return 1;
+    return KN_GRAPH_RECORD;
 }
 
-static int g_graph_end(const KnCtx *ctx, int64_t bucket) {
-    (void)bucket;
+static int g_graph_end(const KnCtx *ctx) {
     GuardCtx *c = gctx(ctx);
+    if (c->replaying) { /* a replay never runs here */
+        c->replaying = 0;
+        return 1;
+    }
     if (!c->recording) return 1;
     int failed = c->skipping;
     c->recording = c->skipping = 0;

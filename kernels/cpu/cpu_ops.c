@@ -189,9 +189,9 @@ static void attn_batch_task(void *p, int ith, int nth) {
 /* Batches of at most this many sequences per pool run (their tasks on the stack). */
 #define ATTN_BATCH 64
 
-static void cpu_attention_batch_forward(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
-                                        int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads,
-                                        int n_kv_heads, int dim, float scale, int window) {
+static void cpu_attention_batch_forward(const KnCtx *ctx, float *out, const float *q, const int32_t *pos,
+                                        const float *k, const float *v, int64_t block_len, const KnAttnSeq *seqs,
+                                        int n_seqs, int n_heads, int n_kv_heads, int dim, float scale, int window) {
     AttnTask tasks[ATTN_BATCH];
     KnMask masks[ATTN_BATCH];
     long first[ATTN_BATCH + 1];
@@ -203,10 +203,11 @@ static void cpu_attention_batch_forward(const KnCtx *ctx, float *out, const floa
             const KnAttnSeq *sq = &seqs[s0 + i];
             masks[i] = (KnMask){sq->valid, sq->group, window};
             size_t at = (size_t)(sq->row0 * n_heads * dim);
-            tasks[i] = (AttnTask){out + at, q + at, k, v, sq->n_q, sq->q_pos0, sq->n_keys, n_heads, n_kv_heads, dim,
+            int64_t pos0 = pos[sq->row0], n_keys = pos0 + sq->n_q;
+            tasks[i] = (AttnTask){out + at, q + at, k, v, sq->n_q, pos0, n_keys, n_heads, n_kv_heads, dim,
                                   scale, &masks[i], sq->table, block_len};
             first[i + 1] = first[i] + (long)(sq->n_q * n_heads);
-            work += sq->n_q * n_heads * sq->n_keys * dim;
+            work += sq->n_q * n_heads * n_keys * dim;
         }
         if (work < CPU_PARALLEL_MIN_WORK) attn_batch_task(&b, 0, 1);
         else kn_pool_run(ctx->pool, attn_batch_task, &b);

@@ -170,22 +170,23 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
 static __global__ void k_attention(float *out, const float *q, AttArgs a) { attention_tile(out, q, a); }
 
 /* A batch's sequences launched together: up to ATT_GROUP of them by value
- * in the kernel's parameters, blockIdx.z picking one; a block past its
- * sequence's queries has nothing to do. */
+ * in the kernel's parameters, blockIdx.z picking one, its first position
+ * read from pos (so a decode step's parameters are the same every step);
+ * a block past its sequence's queries has nothing to do. */
 #define ATT_GROUP 32
 typedef struct {
     KnAttnSeq s[ATT_GROUP];
 } AttSeqs;
 
-static __global__ void k_attention_batch(float *out, const float *q, AttArgs a, AttSeqs g) {
+static __global__ void k_attention_batch(float *out, const float *q, const int32_t *pos, AttArgs a, AttSeqs g) {
     const KnAttnSeq &s = g.s[blockIdx.z];
     if ((int64_t)blockIdx.x * QT >= s.n_q) return; /* the whole block */
     a.table = s.table;
     a.valid = s.valid;
     a.group = s.group;
     a.n_q = s.n_q;
-    a.q_pos0 = s.q_pos0;
-    a.n_keys = s.n_keys;
+    a.q_pos0 = pos[s.row0];
+    a.n_keys = a.q_pos0 + s.n_q;
     size_t at = (size_t)s.row0 * (size_t)a.n_heads * (size_t)a.dim;
     attention_tile(out + at, q + at, a);
 }
@@ -207,9 +208,9 @@ static void launch_attention(const KnCtx *ctx, float *out, const float *q, const
     CUDA_LAUNCHED(c, what);
 }
 
-void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
-                          int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads, int n_kv_heads, int dim,
-                          float scale, int window) {
+void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
+                          const float *v, int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads,
+                          int n_kv_heads, int dim, float scale, int window) {
     if (n_seqs <= 0 || n_heads <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
     if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_batch")) return;
@@ -228,7 +229,7 @@ void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const fl
         }
         if (tiles == 0) continue;
         dim3 grid((unsigned)tiles, (unsigned)n_heads, (unsigned)ng);
-        k_attention_batch<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, a, g);
+        k_attention_batch<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, g);
         CUDA_LAUNCHED(c, "attention_batch");
     }
 }

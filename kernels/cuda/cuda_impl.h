@@ -38,23 +38,31 @@ extern "C" {
 
 /* A context's recorded graphs (cuda_graph.cu): whether its stream is being
  * captured and whether that capture can still run, the graphs instantiated
- * so far (one per bucket, the least recently run replaced) and counts. */
+ * so far (one per bucket, with the signature they were recorded under; the
+ * least recently run replaced) and counts. */
 #define CUDA_GRAPH_SLOTS 8
 
 typedef struct {
     int64_t bucket;
     cudaGraphExec_t exec;
+    void *sig;                /* the signature of the recording exec holds (NULL: none, never replayed) */
+    size_t sig_bytes, sig_cap;
     uint64_t last_run;
 } CudaGraphSlot;
 
 typedef struct {
     int off;                  /* GF_CUDA_GRAPHS=0, or recordings kept failing: never record */
-    int capturing;            /* between graph_begin and graph_end */
+    int no_replay;            /* GF_CUDA_GRAPHS=record: record every run, never replay */
+    int capturing;            /* between graph_begin (RECORD) and graph_end */
     int broken;               /* something refused while capturing: the recording will not run */
+    CudaGraphSlot *replay;    /* between graph_begin (REPLAY) and graph_end: the graph to launch */
+    int64_t bucket;           /* the recording's bucket and signature (a copy) */
+    void *sig;
+    size_t sig_bytes, sig_cap;
     int streak;               /* failed recordings in a row */
     cudaError_t fault_before; /* the context's fault when the capture began */
     uint64_t runs;            /* graphs launched (the slots' clock) */
-    uint64_t updates, instantiations, failures;
+    uint64_t replays, updates, instantiations, failures;
     CudaGraphSlot slot[CUDA_GRAPH_SLOTS];
 } CudaGraphs;
 
@@ -89,8 +97,8 @@ void cuda_blas_note(CudaCtx *c, cublasStatus_t st, const char *what);
  * recording will not run) while the stream is being captured, else 0. */
 void cuda_graphs_init(CudaCtx *c);
 void cuda_graphs_free(CudaCtx *c);
-int cuda_graph_begin(const KnCtx *ctx);
-int cuda_graph_end(const KnCtx *ctx, int64_t bucket);
+int cuda_graph_begin(const KnCtx *ctx, int64_t bucket, const void *sig, size_t sig_bytes);
+int cuda_graph_end(const KnCtx *ctx);
 int cuda_refused(CudaCtx *c);
 
 /* After a launch: the launch's own error, if any, becomes the fault. */
@@ -269,9 +277,9 @@ void cuda_attention(const KnCtx *ctx, float *out, const float *q, const float *k
                     const KnMask *mask);
 void cuda_attention_paged(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q, int64_t q_pos0,
                           int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale, const KnMask *mask);
-void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
-                          int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads, int n_kv_heads, int dim,
-                          float scale, int window);
+void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
+                          const float *v, int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads,
+                          int n_kv_heads, int dim, float scale, int window);
 void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
                        const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
                        int n_kv_heads, int dim, float scale, const KnMask *mask);

@@ -369,8 +369,9 @@ static void test_attention(Dev *d) {
 
 /* attention_batch: a decode step's sequences in one call (decodes and
  * prefills of several lengths, each with its own blocks in shared stores,
- * its own padding and one with vision blocks) give, bit for bit, what
- * attention_paged gives each alone. */
+ * its own padding and one with vision blocks, its first position read from
+ * the device's positions) give, bit for bit, what attention_paged gives
+ * each alone. */
 static void test_attention_batch(Dev *d) {
     enum { NS = 5, BLK = 4, SLOTS = 16, H = 4, KVH = 2 };
     const int nq[NS] = {1, 6, 3, 1, 9}, pos0[NS] = {10, 0, 5, 0, 2};
@@ -382,6 +383,7 @@ static void test_attention_batch(Dev *d) {
             float *k = rand_vec(store), *v = rand_vec(store);
             float *dk = dev_put(d, k, F(store)), *dv = dev_put(d, v, F(store));
             KnAttnSeq seqs[NS];
+            int32_t pos[32];
             for (int s = 0; s < NS; s++) {
                 int nk = pos0[s] + nq[s], nb = (nk + BLK - 1) / BLK;
                 int32_t table[8] = {0}, group[32] = {0};
@@ -391,19 +393,21 @@ static void test_attention_batch(Dev *d) {
                     valid[t] = (uint8_t)(t == 0 || frand() > -0.7f);
                     group[t] = s == 4 && t >= 3 && t < 7 ? 0 : -1;
                 }
-                seqs[s] = (KnAttnSeq){rows, nq[s], pos0[s], nk, dev_put(d, table, sizeof table),
-                                      dev_put(d, valid, sizeof valid), s == 4 ? dev_put(d, group, sizeof group) : NULL};
+                seqs[s] = (KnAttnSeq){rows, nq[s], dev_put(d, table, sizeof table), dev_put(d, valid, sizeof valid),
+                                      s == 4 ? dev_put(d, group, sizeof group) : NULL};
+                for (int i = 0; i < nq[s]; i++) pos[rows + i] = pos0[s] + i;
                 rows += nq[s];
             }
             size_t qn = (size_t)rows * H * D;
             float *q = rand_vec(qn), *dq = dev_put(d, q, F(qn)), *d1 = dev_poisoned(d, F(qn)), *d2 = dev_poisoned(d, F(qn));
-            d->be.ops->attention_batch(&d->be.ctx, d1, dq, dk, dv, BLK, seqs, NS, H, KVH, D, 0.25f, window);
+            int32_t *dpos = dev_put(d, pos, sizeof pos);
+            d->be.ops->attention_batch(&d->be.ctx, d1, dq, dpos, dk, dv, BLK, seqs, NS, H, KVH, D, 0.25f, window);
             for (int s = 0; s < NS; s++) {
                 KnKv kv = {dk, dv, seqs[s].table, BLK};
                 KnMask m = {seqs[s].valid, seqs[s].group, window};
                 size_t at = (size_t)seqs[s].row0 * H * D;
-                d->be.ops->attention_paged(&d->be.ctx, d2 + at, dq + at, &kv, seqs[s].n_q, seqs[s].q_pos0, seqs[s].n_keys,
-                                           H, KVH, D, 0.25f, &m);
+                d->be.ops->attention_paged(&d->be.ctx, d2 + at, dq + at, &kv, seqs[s].n_q, pos0[s], pos0[s] + nq[s], H,
+                                           KVH, D, 0.25f, &m);
             }
             float *o1 = malloc(F(qn)), *o2 = malloc(F(qn));
             dev_get(d, o1, d1, F(qn));
@@ -1406,31 +1410,38 @@ static void graph_chain(Dev *d, float *y, const float *x, KnMatrix w, float s, i
     for (int i = 0; i < extra; i++) o->add(&d->be.ctx, y, y, y, (size_t)GPH_N * GPH_R);
 }
 
-/* The chain recorded in bucket into yg and run op by op into ye: 0 when
- * the recording ran (a second submission otherwise, as the engine does);
- * *same: the two outputs are equal bit for bit. */
+/* The chain run through a graph of bucket under sig (NULL: none) into yg,
+ * and op by op into ye; *same: the two outputs are equal bit for bit.
+ * Returns how yg was computed: KN_GRAPH_RECORD or KN_GRAPH_REPLAY when a
+ * graph ran, KN_GRAPH_NONE when the ops ran one by one (no recording, or
+ * one that ran nothing and was submitted again, as the engine does). */
 static int graph_run(Dev *d, float *yg, float *ye, const float *x, KnMatrix w, float s, int extra, int64_t bucket,
-                     int *same) {
+                     const char *sig, int *same) {
     static float g[GPH_N * GPH_R], e[GPH_N * GPH_R];
     d->be.ops->memset(&d->be.ctx, yg, 0xFF, sizeof g);
     d->be.ops->memset(&d->be.ctx, ye, 0xFF, sizeof e);
-    int recording = d->be.ops->graph_begin(&d->be.ctx);
-    graph_chain(d, yg, x, w, s, extra);
-    int failed = recording ? d->be.ops->graph_end(&d->be.ctx, bucket) : 1;
-    if (failed) graph_chain(d, yg, x, w, s, extra);
+    int mode = d->be.ops->graph_begin(&d->be.ctx, bucket, sig, sig ? strlen(sig) : 0);
+    if (mode != KN_GRAPH_REPLAY) graph_chain(d, yg, x, w, s, extra);
+    if (mode != KN_GRAPH_NONE && d->be.ops->graph_end(&d->be.ctx)) {
+        graph_chain(d, yg, x, w, s, extra);
+        mode = KN_GRAPH_NONE;
+    }
     graph_chain(d, ye, x, w, s, extra);
     dev_get(d, g, yg, sizeof g);
     dev_get(d, e, ye, sizeof e);
     *same = memcmp(g, e, sizeof g) == 0 && !isnan(e[0]);
-    return !recording || failed;
+    return mode;
 }
 
-/* A recorded run computes what its ops run one by one compute, bit for
- * bit: three runs of one bucket with other arguments (its graph updated
- * in place), a run of another shape in it, more buckets than a context
- * keeps and an evicted one again. On CUDA a recording that an entry
- * refuses (an upload; a scratch that would grow) runs nothing and says so.
- * A fresh context of kind; skipped where the backend does not record. */
+/* A graph computes what its ops run one by one compute, bit for bit:
+ * three recordings of one bucket with other arguments (its graph updated
+ * in place), one of another shape in it, more buckets than a context
+ * keeps and an evicted one again. Under a signature, a run with the same
+ * one replays the recording (on CUDA; the guarded backend records every
+ * run) and reads the inputs' new contents; another signature records
+ * again. On CUDA a recording that an entry refuses (an upload; a scratch
+ * that would grow) runs nothing and says so. A fresh context of kind;
+ * skipped where the backend does not record. */
 static void test_graphs(KnDeviceKind kind) {
     Dev d;
     if (!dev_open(&d, kind, 1)) return;
@@ -1443,29 +1454,41 @@ static void test_graphs(KnDeviceKind kind) {
     float *x = dev_put(&d, hx, F(GPH_N * GPH_C)), *yg = dev_alloc(&d, F(GPH_N * GPH_R)), *ye = dev_alloc(&d, F(GPH_N * GPH_R));
     int ran = 1, same, all_same = 1;
     for (int k = 0; k < 3; k++) {
-        ran &= !graph_run(&d, yg, ye, x, w, 0.5f + (float)k, 0, 7, &same);
+        ran &= graph_run(&d, yg, ye, x, w, 0.5f + (float)k, 0, 7, NULL, &same) == KN_GRAPH_RECORD;
         all_same &= same;
     }
-    CHECK(ran && all_same, "%s: three recorded runs of one bucket, other arguments each: ran %d, equal %d", d.be.name,
+    CHECK(ran && all_same, "%s: three recordings of one bucket, other arguments each: ran %d, equal %d", d.be.name,
           ran, all_same);
-    ran = !graph_run(&d, yg, ye, x, w, 0.75f, 2, 7, &same);
-    CHECK(ran && same, "%s: a run of another shape in the bucket: ran %d, equal %d", d.be.name, ran, same);
+    ran = graph_run(&d, yg, ye, x, w, 0.75f, 2, 7, NULL, &same) == KN_GRAPH_RECORD;
+    CHECK(ran && same, "%s: a recording of another shape in the bucket: ran %d, equal %d", d.be.name, ran, same);
     ran = 1, all_same = 1;
     for (int b = 0; b < 12; b++) {
-        ran &= !graph_run(&d, yg, ye, x, w, 0.1f * (float)(b + 1), b % 3, 100 + b, &same);
+        ran &= graph_run(&d, yg, ye, x, w, 0.1f * (float)(b + 1), b % 3, 100 + b, NULL, &same) == KN_GRAPH_RECORD;
         all_same &= same;
     }
-    ran &= !graph_run(&d, yg, ye, x, w, 2.5f, 0, 100, &same);
+    ran &= graph_run(&d, yg, ye, x, w, 2.5f, 0, 100, NULL, &same) == KN_GRAPH_RECORD;
     CHECK(ran && same && all_same, "%s: 12 buckets and the first again: ran %d, equal %d", d.be.name, ran,
           same && all_same);
+    int want_replay = kind == KN_DEVICE_CUDA ? KN_GRAPH_REPLAY : KN_GRAPH_RECORD;
+    int m1 = graph_run(&d, yg, ye, x, w, 1.5f, 1, 20, "step of 24 rows", &same);
+    all_same = same;
+    for (int i = 0; i < GPH_N * GPH_C; i++) hx[i] = -hx[i] * 0.5f;
+    d.be.ops->upload(&d.be.ctx, x, hx, F(GPH_N * GPH_C));
+    int m2 = graph_run(&d, yg, ye, x, w, 1.5f, 1, 20, "step of 24 rows", &same);
+    all_same &= same;
+    int m3 = graph_run(&d, yg, ye, x, w, 0.5f, 0, 20, "another step", &same);
+    all_same &= same;
+    CHECK(m1 == KN_GRAPH_RECORD && m2 == want_replay && m3 == KN_GRAPH_RECORD && all_same,
+          "%s: signed runs record, replay with the inputs' new contents, record on another signature (%d %d %d, "
+          "equal %d)", d.be.name, m1, m2, m3, all_same);
     if (kind == KN_DEVICE_CUDA) {
         float poison, one = 1.0f;
         float *other = dev_alloc(&d, sizeof one);
         d.be.ops->memset(&d.be.ctx, yg, 0xFF, F(GPH_N * GPH_R));
-        int recording = d.be.ops->graph_begin(&d.be.ctx);
+        int mode = d.be.ops->graph_begin(&d.be.ctx, 7, NULL, 0);
         graph_chain(&d, yg, x, w, 1.0f, 0);
         d.be.ops->upload(&d.be.ctx, other, &one, sizeof one);
-        int failed = recording ? d.be.ops->graph_end(&d.be.ctx, 7) : -1;
+        int failed = mode == KN_GRAPH_RECORD ? d.be.ops->graph_end(&d.be.ctx) : -1;
         dev_get(&d, &poison, yg, sizeof poison);
         CHECK(failed == 1 && isnan(poison), "cuda: a recording with an upload in it runs nothing (%d)", failed);
         /* a training LoRA segment with dropout drops its rows out into the
@@ -1475,18 +1498,18 @@ static void test_graphs(KnDeviceKind kind) {
                          .dropout = 0.25f, .dropout_seed = 9};
         seg.dA = dev_alloc(&d, F(GPH_RANK * GPH_C));
         d.be.ops->memset(&d.be.ctx, t, 0xFF, F(GPH_N * GPH_RANK));
-        recording = d.be.ops->graph_begin(&d.be.ctx);
+        mode = d.be.ops->graph_begin(&d.be.ctx, 8, NULL, 0);
         d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf);
-        failed = recording ? d.be.ops->graph_end(&d.be.ctx, 8) : -1;
+        failed = mode == KN_GRAPH_RECORD ? d.be.ops->graph_end(&d.be.ctx) : -1;
         dev_get(&d, &poison, t, sizeof poison);
         CHECK(failed == 1 && isnan(poison), "cuda: a recording whose scratch would grow runs nothing (%d)", failed);
         d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf); /* grows it */
         float want[GPH_N * GPH_RANK], got[GPH_N * GPH_RANK];
         dev_get(&d, want, t, sizeof want);
         d.be.ops->memset(&d.be.ctx, t, 0xFF, F(GPH_N * GPH_RANK));
-        recording = d.be.ops->graph_begin(&d.be.ctx);
+        mode = d.be.ops->graph_begin(&d.be.ctx, 8, NULL, 0);
         d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf);
-        failed = recording ? d.be.ops->graph_end(&d.be.ctx, 8) : -1;
+        failed = mode == KN_GRAPH_RECORD ? d.be.ops->graph_end(&d.be.ctx) : -1;
         dev_get(&d, got, t, sizeof got);
         CHECK(failed == 0 && memcmp(got, want, sizeof got) == 0, "cuda: then, the scratch grown, it runs (%d)", failed);
         GfError err;
@@ -1771,8 +1794,8 @@ static void test_table_complete(const Dev *d) {
     memset(&probe, 0, sizeof probe);
     probe.seal = (void (*)(const KnCtx *, const KnBuffer *))(uintptr_t)1;
     probe.scratch_bytes = (size_t (*)(const KnCtx *, const KnCall *))(uintptr_t)1;
-    probe.graph_begin = (int (*)(const KnCtx *))(uintptr_t)1;
-    probe.graph_end = (int (*)(const KnCtx *, int64_t))(uintptr_t)1;
+    probe.graph_begin = (int (*)(const KnCtx *, int64_t, const void *, size_t))(uintptr_t)1;
+    probe.graph_end = (int (*)(const KnCtx *))(uintptr_t)1;
     Fn optional[sizeof(KnOps) / sizeof(Fn)];
     memcpy(optional, &probe, sizeof optional);
     size_t missing = 0;
