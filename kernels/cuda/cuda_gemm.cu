@@ -25,6 +25,7 @@
 void *cuda_scratch(CudaCtx *c, size_t bytes, const char *what) {
     if (bytes <= c->scratch_bytes) return c->scratch;
     if (cuda_refused(c)) return NULL; /* a recording grows nothing (cuda_graph.cu) */
+    c->scratch_gen++;
     if (c->scratch) cuda_note(c, cudaFreeAsync(c->scratch, c->stream), what);
     c->scratch = NULL;
     c->scratch_bytes = 0;

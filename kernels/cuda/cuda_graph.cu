@@ -8,7 +8,9 @@
  * shape changed. Each bucket's graph keeps the signature it was recorded
  * under: a run with an equal signature replays it (the caller promises the
  * same launches), so a decode step whose batch did not change costs the
- * host one launch instead of a few hundred.
+ * host one launch instead of a few hundred. The caller's promise cannot
+ * cover the context's own scratch: a graph recorded before the scratch
+ * last moved is recorded again, never replayed.
  *
  * A recording that cannot run runs nothing, and graph_end says so: an entry
  * refused while capturing (a transfer, an allocation, a synchronize, a
@@ -106,7 +108,8 @@ int cuda_graph_begin(const KnCtx *ctx, int64_t bucket, const void *sig, size_t s
     CudaGraphs *g = &c->graphs;
     if (g->off || g->capturing || g->replay) return KN_GRAPH_NONE;
     CudaGraphSlot *s = slot_of(g, bucket);
-    if (s && sig && sig_bytes && s->sig_bytes == sig_bytes && memcmp(s->sig, sig, sig_bytes) == 0) {
+    if (s && sig && sig_bytes && s->sig_bytes == sig_bytes && s->scratch_gen == c->scratch_gen &&
+        memcmp(s->sig, sig, sig_bytes) == 0) {
         g->replay = s;
         return KN_GRAPH_REPLAY;
     }
@@ -125,9 +128,11 @@ int cuda_graph_begin(const KnCtx *ctx, int64_t bucket, const void *sig, size_t s
 /* graph made launchable in bucket's slot: the slot's graph updated to it,
  * or (a new bucket, or a graph of another shape) instantiated; NULL when
  * the runtime refuses both. The slot's signature is the recording's. */
-static CudaGraphSlot *exec_for(CudaGraphs *g, int64_t bucket, cudaGraph_t graph) {
+static CudaGraphSlot *exec_for(CudaCtx *c, int64_t bucket, cudaGraph_t graph) {
+    CudaGraphs *g = &c->graphs;
     CudaGraphSlot *s = slot_for(g, bucket);
     s->sig_bytes = 0;
+    s->scratch_gen = c->scratch_gen; /* the scratch cannot move while recording */
     if (s->exec) {
         cudaGraphExecUpdateResultInfo info;
         if (cudaGraphExecUpdate(s->exec, graph, &info) == cudaSuccess) {
@@ -204,7 +209,7 @@ int cuda_graph_end(const KnCtx *ctx) {
     cudaError_t rc = cudaStreamEndCapture(c->stream, &graph);
     g->capturing = 0;
     int runnable = rc == cudaSuccess && graph && !g->broken && c->fault == g->fault_before;
-    CudaGraphSlot *s = runnable ? exec_for(g, g->bucket, graph) : NULL;
+    CudaGraphSlot *s = runnable ? exec_for(c, g->bucket, graph) : NULL;
     if (graph) cudaGraphDestroy(graph);
     return s ? launch(c, s) : run_failed(c);
 }

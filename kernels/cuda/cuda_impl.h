@@ -47,6 +47,7 @@ typedef struct {
     cudaGraphExec_t exec;
     void *sig;                /* the signature of the recording exec holds (NULL: none, never replayed) */
     size_t sig_bytes, sig_cap;
+    uint64_t scratch_gen;     /* the context's scratch it was recorded over (CudaCtx.scratch_gen) */
     uint64_t last_run;
 } CudaGraphSlot;
 
@@ -73,6 +74,7 @@ typedef struct {
     cublasHandle_t blas;
     void *scratch;            /* cuda_gemm.cu's bf16 operands, grown on the stream */
     size_t scratch_bytes;
+    uint64_t scratch_gen;     /* times the scratch moved: a graph recorded over an older one is never replayed */
     void *stage[2];           /* pinned staging of large uploads (cuda_backend.cu), allocated on first use */
     cudaEvent_t staged[2];    /* the copy out of each staging buffer done */
     int stage_ready;          /* 1: allocated; -1: pinned memory refused (uploads go direct) */

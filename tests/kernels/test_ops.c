@@ -1512,6 +1512,26 @@ static void test_graphs(KnDeviceKind kind) {
         failed = mode == KN_GRAPH_RECORD ? d.be.ops->graph_end(&d.be.ctx) : -1;
         dev_get(&d, got, t, sizeof got);
         CHECK(failed == 0 && memcmp(got, want, sizeof got) == 0, "cuda: then, the scratch grown, it runs (%d)", failed);
+        /* a signed recording over the scratch is not replayed once the
+         * scratch has moved (a segment of twice the rows grows it) */
+        int m1 = d.be.ops->graph_begin(&d.be.ctx, 9, "lora", 4);
+        if (m1 != KN_GRAPH_REPLAY) d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf);
+        if (m1 != KN_GRAPH_NONE) d.be.ops->graph_end(&d.be.ctx);
+        int m2 = d.be.ops->graph_begin(&d.be.ctx, 9, "lora", 4);
+        if (m2 != KN_GRAPH_REPLAY) d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf);
+        if (m2 != KN_GRAPH_NONE) d.be.ops->graph_end(&d.be.ctx);
+        float *x2 = dev_alloc(&d, F(2 * GPH_N * GPH_C)), *t2 = dev_alloc(&d, F(2 * GPH_N * GPH_RANK));
+        d.be.ops->memset(&d.be.ctx, x2, 0, F(2 * GPH_N * GPH_C));
+        KnLoraSeg twice = seg;
+        twice.n_rows = 2 * GPH_N;
+        d.be.ops->lora_shrink(&d.be.ctx, t2, GPH_RANK, x2, &twice, 1, GPH_C, buf);
+        int m3 = d.be.ops->graph_begin(&d.be.ctx, 9, "lora", 4);
+        if (m3 != KN_GRAPH_REPLAY) d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf);
+        failed = m3 != KN_GRAPH_NONE ? d.be.ops->graph_end(&d.be.ctx) : -1;
+        dev_get(&d, got, t, sizeof got);
+        CHECK(m1 == KN_GRAPH_RECORD && m2 == KN_GRAPH_REPLAY && m3 == KN_GRAPH_RECORD && failed == 0 &&
+                  memcmp(got, want, sizeof got) == 0,
+              "cuda: a graph over the scratch is replayed until the scratch moves (%d %d %d)", m1, m2, m3);
         GfError err;
         CHECK(d.be.ops->synchronize(&d.be.ctx, &err) == GF_OK, "cuda: no fault is left behind by the failed recordings");
         free(hA);
