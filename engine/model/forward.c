@@ -532,11 +532,12 @@ static void batch_layers(Model *m, const Batch *b, Scratch *s, MoeTape *moe, con
 
 /* 1 when the batch's layers may be recorded and launched as one graph
  * (ops.h graph_begin; CUDA graphs): a decode step, every sequence feeding
- * one token, on a backend that records, with no hidden states to download,
- * no yield hook between layers (both need the host mid-run) and no LoRA
- * dropout (training's, whose seeds change from sequence to sequence). */
+ * one token, on a backend that records, with no hidden states to keep (a
+ * download needs the host mid-run; a device copy's target is the caller's),
+ * no yield hook between layers and no LoRA dropout (training's, whose seeds
+ * change from sequence to sequence). */
 static int layers_recordable(const Model *m, const Batch *b, const Outputs *o) {
-    if (!m->be.ops->graph_begin || (o->hidden && !o->hidden_on_device) || m->yield) return 0;
+    if (!m->be.ops->graph_begin || o->hidden || m->yield) return 0;
     for (int q = 0; q < b->n_seqs; q++)
         if (b->seqs[q].in.n != 1 || (b->seqs[q].in.lora && b->seqs[q].in.lora->dropout.p > 0)) return 0;
     return 1;
