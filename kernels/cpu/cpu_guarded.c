@@ -91,7 +91,7 @@ static Guard *guard_of(const KnCtx *ctx) { return gctx(ctx)->g; }
  * refuses. */
 static void not_recording(const KnCtx *ctx, const char *entry) {
     if (!gctx(ctx)->recording && !gctx(ctx)->replaying) return;
-    fprintf(stderr, "guarded backend: %s while recording a graph\n", entry);
+    fprintf(stderr, "guarded backend: %s while a graph is recorded or replayed\n", entry);
     abort();
 }
 

@@ -1551,13 +1551,19 @@ static void touch_guarded(int what) {
 }
 
 /* Hands an op host memory (0), or a buffer of another guarded context that
- * is no sibling (1): both abort. 2: the same through a sibling, which
- * shares the region, runs. */
+ * is no sibling (1), or uploads while a graph is recorded (3): all abort.
+ * 2: the same through a sibling, which shares the region, runs. */
 static void hand_guarded(int what) {
     Dev a;
     if (!dev_open(&a, KN_DEVICE_GUARDED, 1)) _exit(3);
     float host[16] = {0};
     if (what == 0) a.be.ops->scale(&a.be.ctx, host, 16, 2.0f);
+    if (what == 3) {
+        float *p = dev_alloc(&a, sizeof host);
+        if (a.be.ops->graph_begin(&a.be.ctx, 1, NULL, 0) != KN_GRAPH_RECORD) _exit(5);
+        a.be.ops->upload(&a.be.ctx, p, host, sizeof host);
+        _exit(6);
+    }
     GfError err;
     KnBackend b;
     KnBackendOptions o = {.n_threads = 1, .share = what == 2 ? &a.be : NULL};
@@ -1581,6 +1587,7 @@ static void test_guarded_faults(void) {
               what == 0 ? "read" : "written");
     CHECK(check_aborts(hand_guarded, 0), "an op handed host memory aborts");
     CHECK(check_aborts(hand_guarded, 1), "an op handed another region's buffer aborts");
+    CHECK(check_aborts(hand_guarded, 3), "an upload while a graph is recorded aborts");
     fflush(NULL);
     pid_t pid = fork();
     if (pid == 0) hand_guarded(2);
