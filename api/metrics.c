@@ -140,6 +140,11 @@ static void put_serving(Text *t, ServeEngine *e) {
            "staged (the submitting thread, off the decode path) or engine.\n# TYPE gf_adapter_uploads_total counter\n"
            "gf_adapter_uploads_total{thread=\"staged\"} %llu\ngf_adapter_uploads_total{thread=\"engine\"} %llu\n",
         (unsigned long long)s.adapter_uploads_staged, (unsigned long long)s.adapter_uploads_engine);
+    put(t, "# HELP gf_decode_graph_steps_total Decode steps run as a device graph: recorded, replayed, or "
+           "resubmitted op by op when the graph could not run.\n# TYPE gf_decode_graph_steps_total counter\n"
+           "gf_decode_graph_steps_total{how=\"recorded\"} %llu\ngf_decode_graph_steps_total{how=\"replayed\"} %llu\n"
+           "gf_decode_graph_steps_total{how=\"resubmitted\"} %llu\n", (unsigned long long)s.graph_recorded,
+        (unsigned long long)s.graph_replayed, (unsigned long long)s.graph_resubmitted);
     put(t, "# HELP gf_adapter_evictions_total Idle adapters dropped beyond the resident budget.\n"
            "# TYPE gf_adapter_evictions_total counter\ngf_adapter_evictions_total %llu\n",
         (unsigned long long)s.adapter_evictions);

@@ -617,7 +617,14 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
      * that ran nothing is submitted again op by op */
     int graph = layers_graph(m, &b, o);
     if (graph != KN_GRAPH_REPLAY) batch_layers(m, &b, &s, &moe, o);
-    if (graph != KN_GRAPH_NONE && m->be.ops->graph_end(&m->be.ctx)) batch_layers(m, &b, &s, &moe, o);
+    if (graph != KN_GRAPH_NONE && m->be.ops->graph_end(&m->be.ctx)) {
+        batch_layers(m, &b, &s, &moe, o);
+        m->graphs.resubmitted++;
+    } else if (graph == KN_GRAPH_REPLAY) {
+        m->graphs.replayed++;
+    } else if (graph == KN_GRAPH_RECORD) {
+        m->graphs.recorded++;
+    }
     if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, L, s.x, b.n);
     for (int q = 0; q < n_seqs; q++) seqs[q].cache->n_past += seqs[q].in.n;
     if (o->logits) batch_logits(m, &b, &s, o->logits);

@@ -93,6 +93,8 @@ void model_set_yield(Model *m, void (*fn)(void *cls), void *cls) {
     m->yield_cls = cls;
 }
 
+void model_graph_stats(const Model *m, ModelGraphStats *out) { *out = m->graphs; }
+
 void model_layer_done(Model *m) {
     if (!m->yield) return;
     GfError err;

@@ -60,6 +60,14 @@ void model_close(Model *m);
  * queue drained first: a training job's device scheduler gives way to
  * serving there (devsched.h). NULL = none. */
 void model_set_yield(Model *m, void (*fn)(void *cls), void *cls);
+/* Decode steps whose layers ran through the backend's graphs (ops.h
+ * graph_begin; CUDA graphs): recorded, replayed, and those whose graph ran
+ * nothing and were submitted again op by op. Counted and read on the
+ * context's thread. */
+typedef struct {
+    uint64_t recorded, replayed, resubmitted;
+} ModelGraphStats;
+void model_graph_stats(const Model *m, ModelGraphStats *out);
 /* The weights the context runs on (valid while it is open; retain to keep). */
 GemmaWeights *model_weights(const Model *m);
 const GemmaConfig *model_config(const Model *m);

@@ -37,6 +37,7 @@ struct Model {
     int64_t moe_chunk;              /* tokens per MoE call (moe_chunk_tokens; 0 without MoE) */
     void (*yield)(void *cls);       /* called between layers and loss chunks (model_set_yield), NULL = none */
     void *yield_cls;
+    ModelGraphStats graphs;         /* decode steps through graphs (forward.c) */
 };
 
 /* A layer (or a loss chunk) is done: the device's queue drained and the

@@ -715,7 +715,12 @@ static void run_step(ServeEngine *e) {
 
 static void update_stats(ServeEngine *e) {
     double now = gf_time_mono();
+    ModelGraphStats g;
+    model_graph_stats(e->m, &g);
     pthread_mutex_lock(&e->mu);
+    e->stats.graph_recorded = g.recorded;
+    e->stats.graph_replayed = g.replayed;
+    e->stats.graph_resubmitted = g.resubmitted;
     e->stats.queued = e->n_queued;
     e->stats.running = e->n_active;
     e->stats.resident_adapters = e->n_res;

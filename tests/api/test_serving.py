@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -177,6 +178,14 @@ def t_concurrent_clients_match_alone(srv):
     assert wait_metric(srv, "gf_inference_running", 0) and wait_metric(srv, "gf_kv_blocks_used", 0)
     loads, evictions = metric(srv, "gf_adapter_loads_total"), metric(srv, "gf_adapter_evictions_total")
     assert loads >= N_ADAPTERS and evictions >= N_ADAPTERS - 4, (loads, evictions)  # 4 resident at most when idle
+    # decode steps went through graphs exactly where the backend records them
+    # (the guarded backend in CI, CUDA on a GPU unless GF_CUDA_GRAPHS=0)
+    text = expect(srv.get("/metrics"), 200).body.decode()
+    steps = {how: float(text.split('\ngf_decode_graph_steps_total{how="%s"} ' % how)[1].split()[0])
+             for how in ("recorded", "replayed", "resubmitted")}
+    device = os.environ.get("GF_DEVICE") or default_device(srv.binary)
+    records = device == "guarded" or (device.startswith("cuda") and os.environ.get("GF_CUDA_GRAPHS") != "0")
+    assert (sum(steps.values()) > 0) == records, (steps, device)
 
 
 _base_cache = {}
@@ -304,6 +313,12 @@ def t_delete_adapter_stops_serving(srv):
 
 
 # ---- limits: queue and disconnects -----------------------------------------------------------
+
+def default_device(binary):
+    """The device a server runs on when none is named: the first GPU, else the CPU."""
+    out = subprocess.run([binary, "devices"], capture_output=True, text=True).stdout
+    return "cuda" if any(line.startswith("cuda0 ") for line in out.splitlines()) else "cpu"
+
 
 def metric(srv, name):
     text = expect(srv.get("/metrics"), 200).body.decode()

@@ -403,6 +403,27 @@ static void test_preemption(Model *m, const Prompt1 *prompts, const SafeTensors 
           (long long)st[1].kv_window_blocks_used, (long long)st[1].kv_window_blocks_total);
 }
 
+/* Decode steps went through graphs exactly where the backend records
+ * (guarded, and CUDA unless GF_CUDA_GRAPHS=0): on CUDA an unchanged batch
+ * replays, under GF_GUARDED_GRAPH_FAIL steps are resubmitted and no replay
+ * ever runs; on the CPU none. */
+static void check_graph_steps(ServeEngine *e) {
+    ServeStats st;
+    serve_stats(e, &st);
+    const char *dev = getenv("GF_DEVICE"), *graphs = getenv("GF_CUDA_GRAPHS"), *fail = getenv("GF_GUARDED_GRAPH_FAIL");
+    int guarded = dev && strcmp(dev, "guarded") == 0;
+    int cuda = dev && strncmp(dev, "cuda", 4) == 0 && !(graphs && strcmp(graphs, "0") == 0);
+    uint64_t steps = st.graph_recorded + st.graph_replayed + st.graph_resubmitted;
+    CHECK(guarded || cuda ? steps > 0 : steps == 0,
+          "decode steps through graphs where the backend records: %llu recorded, %llu replayed, %llu resubmitted",
+          (unsigned long long)st.graph_recorded, (unsigned long long)st.graph_replayed,
+          (unsigned long long)st.graph_resubmitted);
+    if (guarded && fail && atoi(fail) > 0)
+        CHECK(st.graph_resubmitted > 0 && st.graph_replayed == 0, "guarded, failing graphs: resubmitted, never replayed");
+    if (cuda && !(graphs && strcmp(graphs, "record") == 0))
+        CHECK(st.graph_replayed > 0, "cuda: an unchanged batch replays its graph");
+}
+
 int main(void) {
     const char *dir = GF_FIXTURES "/dense";
     char final_dir[600], path[600];
@@ -474,6 +495,7 @@ int main(void) {
         serve_release(res[q].handle);
     }
     CHECK(all_equal, "every batched greedy answer equals its prompt generated alone");
+    check_graph_steps(e);
 
     /* the same seed at temperature 1 in two different batches */
     Result s1, s2, other;
