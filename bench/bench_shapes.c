@@ -124,20 +124,26 @@ static void decode_case(Run *r, Model *m, const LoraBinding *lora, int B, const 
     double t0 = gf_time_mono();
     ok = ok && !model_forward_batch_sample(m, seqs, B, rows, next, &err);
     double t1 = gf_time_mono();
+    ModelGraphStats g0, g1;
+    model_graph_stats(m, &g0);
     for (int k = 0; ok && k < r->n_new; k++) {
         for (int i = 0; i < B; i++) seqs[i].in = (ModelInput){.ids = &next[i], .n = 1, .last_logits_only = 1, .lora = lora};
         ok = !model_forward_batch_sample(m, seqs, B, rows, next, &err);
     }
     double t2 = gf_time_mono();
+    model_graph_stats(m, &g1);
     if (!ok) {
         printf("{\"what\":\"decode\",\"quant\":\"%s\",\"batch\":%d,\"error\":\"%s\"}\n", quant, B, err.message);
     } else {
         double step = (t2 - t1) / r->n_new, bytes = step_weight_bytes(m), gbs = bytes / step / 1e9;
         printf("{\"what\":\"decode\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"%s\",\"lora\":%s,\"batch\":%d,"
                "\"prompt\":%d,\"new_tokens\":%d,\"prefill_s\":%.4f,\"step_ms\":%.3f,\"tokens_per_s\":%.1f,"
-               "\"weight_bytes_per_step\":%.0f,\"weight_gbs\":%.1f,\"roofline_share\":%.3f}\n",
+               "\"weight_bytes_per_step\":%.0f,\"weight_gbs\":%.1f,\"roofline_share\":%.3f,"
+               "\"graph_steps\":{\"recorded\":%llu,\"replayed\":%llu,\"resubmitted\":%llu}}\n",
                r->s->name, r->n_layers, quant, lora ? "true" : "false", B, prompt, r->n_new, t1 - t0, step * 1e3,
-               B / step, bytes, gbs, r->copy_gbs > 0 ? gbs / r->copy_gbs : 0.0);
+               B / step, bytes, gbs, r->copy_gbs > 0 ? gbs / r->copy_gbs : 0.0,
+               (unsigned long long)(g1.recorded - g0.recorded), (unsigned long long)(g1.replayed - g0.replayed),
+               (unsigned long long)(g1.resubmitted - g0.resubmitted));
     }
     fflush(stdout);
     for (int i = 0; i < B; i++) kv_cache_free(&c[i]);
