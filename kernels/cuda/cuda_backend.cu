@@ -69,11 +69,6 @@ extern "C" void cuda_ctx_free(KnCtx *ctx) {
     CudaCtx *c = (CudaCtx *)ctx->impl;
     if (!c) return;
     cudaSetDevice(c->device);
-    if (c->graphs.capturing) { /* a recording never ended: dropped */
-        cudaGraph_t graph = NULL;
-        if (cudaStreamEndCapture(c->stream, &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
-        cudaGetLastError();
-    }
     cuda_graphs_free(c);
     if (c->scratch) cudaFreeAsync(c->scratch, c->stream);
     cudaStreamSynchronize(c->stream);

@@ -47,6 +47,11 @@ static void slot_clear(CudaGraphSlot *s) {
 
 void cuda_graphs_free(CudaCtx *c) {
     CudaGraphs *g = &c->graphs;
+    if (g->capturing) { /* a recording never ended: dropped, never run */
+        cudaGraph_t graph = NULL;
+        if (cudaStreamEndCapture(c->stream, &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
+        cudaGetLastError();
+    }
     if (g->runs || g->failures)
         GF_LOGD("cuda:%d: %llu graphs launched (%llu replayed, %llu instantiated, %llu updated), %llu recordings failed",
                 c->device, (unsigned long long)g->runs, (unsigned long long)g->replays,

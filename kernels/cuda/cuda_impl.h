@@ -61,7 +61,7 @@ typedef struct {
     void *sig;
     size_t sig_bytes, sig_cap;
     int streak;               /* failed recordings in a row */
-    cudaError_t fault_before; /* the context's fault when the capture began */
+    cudaError_t fault_before; /* the context's fault when the capture or replay began */
     uint64_t runs;            /* graphs launched (the slots' clock) */
     uint64_t replays, updates, instantiations, failures;
     CudaGraphSlot slot[CUDA_GRAPH_SLOTS];

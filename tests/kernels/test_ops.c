@@ -1433,14 +1433,72 @@ static int graph_run(Dev *d, float *yg, float *ye, const float *x, KnMatrix w, f
     return mode;
 }
 
+/* One LoRA shrink of seg (x into t) under graph_begin(bucket, sig): its
+ * mode, and in *failed what graph_end answered (-1: no recording). */
+static int shrink_graphed(Dev *d, int64_t bucket, const char *sig, float *t, const float *x, const KnLoraSeg *seg,
+                          float *buf, int *failed) {
+    int mode = d->be.ops->graph_begin(&d->be.ctx, bucket, sig, sig ? strlen(sig) : 0);
+    if (mode != KN_GRAPH_REPLAY) d->be.ops->lora_shrink(&d->be.ctx, t, GPH_RANK, x, seg, 1, GPH_C, buf);
+    *failed = mode != KN_GRAPH_NONE ? d->be.ops->graph_end(&d->be.ctx) : -1;
+    return mode;
+}
+
+/* CUDA only: a recording that an entry refuses (an upload; a scratch that
+ * would grow) runs nothing, says so and leaves no fault; a signed graph
+ * over the scratch replays until the scratch moves. */
+static void test_graphs_refused(Dev *d, const float *x, KnMatrix w, float *yg) {
+    float poison, one = 1.0f;
+    float *other = dev_alloc(d, sizeof one);
+    d->be.ops->memset(&d->be.ctx, yg, 0xFF, F(GPH_N * GPH_R));
+    int mode = d->be.ops->graph_begin(&d->be.ctx, 7, NULL, 0);
+    graph_chain(d, yg, x, w, 1.0f, 0);
+    d->be.ops->upload(&d->be.ctx, other, &one, sizeof one);
+    int failed = mode == KN_GRAPH_RECORD ? d->be.ops->graph_end(&d->be.ctx) : -1;
+    dev_get(d, &poison, yg, sizeof poison);
+    CHECK(failed == 1 && isnan(poison), "cuda: a recording with an upload in it runs nothing (%d)", failed);
+    /* a training LoRA segment with dropout drops its rows out into the
+     * scratch, which this context has never grown */
+    float *hA = rand_vec(GPH_RANK * GPH_C), *t = dev_alloc(d, F(GPH_N * GPH_RANK)), *buf = dev_alloc(d, F(2 * GPH_C));
+    KnLoraSeg seg = {.row0 = 0, .n_rows = GPH_N, .A = dev_put(d, hA, F(GPH_RANK * GPH_C)), .rank = GPH_RANK, .scale = 1.0f,
+                     .dropout = 0.25f, .dropout_seed = 9};
+    seg.dA = dev_alloc(d, F(GPH_RANK * GPH_C));
+    d->be.ops->memset(&d->be.ctx, t, 0xFF, F(GPH_N * GPH_RANK));
+    shrink_graphed(d, 8, NULL, t, x, &seg, buf, &failed);
+    dev_get(d, &poison, t, sizeof poison);
+    CHECK(failed == 1 && isnan(poison), "cuda: a recording whose scratch would grow runs nothing (%d)", failed);
+    d->be.ops->lora_shrink(&d->be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf); /* grows it */
+    float want[GPH_N * GPH_RANK], got[GPH_N * GPH_RANK];
+    dev_get(d, want, t, sizeof want);
+    d->be.ops->memset(&d->be.ctx, t, 0xFF, F(GPH_N * GPH_RANK));
+    shrink_graphed(d, 8, NULL, t, x, &seg, buf, &failed);
+    dev_get(d, got, t, sizeof got);
+    CHECK(failed == 0 && memcmp(got, want, sizeof got) == 0, "cuda: then, the scratch grown, it runs (%d)", failed);
+    /* a signed recording over the scratch is not replayed once the
+     * scratch has moved (a segment of twice the rows grows it) */
+    int m1 = shrink_graphed(d, 9, "lora", t, x, &seg, buf, &failed);
+    int m2 = shrink_graphed(d, 9, "lora", t, x, &seg, buf, &failed);
+    float *x2 = dev_alloc(d, F(2 * GPH_N * GPH_C)), *t2 = dev_alloc(d, F(2 * GPH_N * GPH_RANK));
+    d->be.ops->memset(&d->be.ctx, x2, 0, F(2 * GPH_N * GPH_C));
+    KnLoraSeg twice = seg;
+    twice.n_rows = 2 * GPH_N;
+    d->be.ops->lora_shrink(&d->be.ctx, t2, GPH_RANK, x2, &twice, 1, GPH_C, buf);
+    int m3 = shrink_graphed(d, 9, "lora", t, x, &seg, buf, &failed);
+    dev_get(d, got, t, sizeof got);
+    CHECK(m1 == KN_GRAPH_RECORD && m2 == KN_GRAPH_REPLAY && m3 == KN_GRAPH_RECORD && failed == 0 &&
+              memcmp(got, want, sizeof got) == 0,
+          "cuda: a graph over the scratch is replayed until the scratch moves (%d %d %d)", m1, m2, m3);
+    GfError err;
+    CHECK(d->be.ops->synchronize(&d->be.ctx, &err) == GF_OK, "cuda: no fault is left behind by the failed recordings");
+    free(hA);
+}
+
 /* A graph computes what its ops run one by one compute, bit for bit:
  * three recordings of one bucket with other arguments (its graph updated
  * in place), one of another shape in it, more buckets than a context
  * keeps and an evicted one again. Under a signature, a run with the same
  * one replays the recording (on CUDA; the guarded backend records every
  * run) and reads the inputs' new contents; another signature records
- * again. On CUDA a recording that an entry refuses (an upload; a scratch
- * that would grow) runs nothing and says so. A fresh context of kind;
+ * again (on CUDA, also test_graphs_refused). A fresh context of kind;
  * skipped where the backend does not record. */
 static void test_graphs(KnDeviceKind kind) {
     Dev d;
@@ -1481,61 +1539,7 @@ static void test_graphs(KnDeviceKind kind) {
     CHECK(m1 == KN_GRAPH_RECORD && m2 == want_replay && m3 == KN_GRAPH_RECORD && all_same,
           "%s: signed runs record, replay with the inputs' new contents, record on another signature (%d %d %d, "
           "equal %d)", d.be.name, m1, m2, m3, all_same);
-    if (kind == KN_DEVICE_CUDA) {
-        float poison, one = 1.0f;
-        float *other = dev_alloc(&d, sizeof one);
-        d.be.ops->memset(&d.be.ctx, yg, 0xFF, F(GPH_N * GPH_R));
-        int mode = d.be.ops->graph_begin(&d.be.ctx, 7, NULL, 0);
-        graph_chain(&d, yg, x, w, 1.0f, 0);
-        d.be.ops->upload(&d.be.ctx, other, &one, sizeof one);
-        int failed = mode == KN_GRAPH_RECORD ? d.be.ops->graph_end(&d.be.ctx) : -1;
-        dev_get(&d, &poison, yg, sizeof poison);
-        CHECK(failed == 1 && isnan(poison), "cuda: a recording with an upload in it runs nothing (%d)", failed);
-        /* a training LoRA segment with dropout drops its rows out into the
-         * scratch, which this context has never grown */
-        float *hA = rand_vec(GPH_RANK * GPH_C), *t = dev_alloc(&d, F(GPH_N * GPH_RANK)), *buf = dev_alloc(&d, F(2 * GPH_C));
-        KnLoraSeg seg = {.row0 = 0, .n_rows = GPH_N, .A = dev_put(&d, hA, F(GPH_RANK * GPH_C)), .rank = GPH_RANK, .scale = 1.0f,
-                         .dropout = 0.25f, .dropout_seed = 9};
-        seg.dA = dev_alloc(&d, F(GPH_RANK * GPH_C));
-        d.be.ops->memset(&d.be.ctx, t, 0xFF, F(GPH_N * GPH_RANK));
-        mode = d.be.ops->graph_begin(&d.be.ctx, 8, NULL, 0);
-        d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf);
-        failed = mode == KN_GRAPH_RECORD ? d.be.ops->graph_end(&d.be.ctx) : -1;
-        dev_get(&d, &poison, t, sizeof poison);
-        CHECK(failed == 1 && isnan(poison), "cuda: a recording whose scratch would grow runs nothing (%d)", failed);
-        d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf); /* grows it */
-        float want[GPH_N * GPH_RANK], got[GPH_N * GPH_RANK];
-        dev_get(&d, want, t, sizeof want);
-        d.be.ops->memset(&d.be.ctx, t, 0xFF, F(GPH_N * GPH_RANK));
-        mode = d.be.ops->graph_begin(&d.be.ctx, 8, NULL, 0);
-        d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf);
-        failed = mode == KN_GRAPH_RECORD ? d.be.ops->graph_end(&d.be.ctx) : -1;
-        dev_get(&d, got, t, sizeof got);
-        CHECK(failed == 0 && memcmp(got, want, sizeof got) == 0, "cuda: then, the scratch grown, it runs (%d)", failed);
-        /* a signed recording over the scratch is not replayed once the
-         * scratch has moved (a segment of twice the rows grows it) */
-        int m1 = d.be.ops->graph_begin(&d.be.ctx, 9, "lora", 4);
-        if (m1 != KN_GRAPH_REPLAY) d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf);
-        if (m1 != KN_GRAPH_NONE) d.be.ops->graph_end(&d.be.ctx);
-        int m2 = d.be.ops->graph_begin(&d.be.ctx, 9, "lora", 4);
-        if (m2 != KN_GRAPH_REPLAY) d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf);
-        if (m2 != KN_GRAPH_NONE) d.be.ops->graph_end(&d.be.ctx);
-        float *x2 = dev_alloc(&d, F(2 * GPH_N * GPH_C)), *t2 = dev_alloc(&d, F(2 * GPH_N * GPH_RANK));
-        d.be.ops->memset(&d.be.ctx, x2, 0, F(2 * GPH_N * GPH_C));
-        KnLoraSeg twice = seg;
-        twice.n_rows = 2 * GPH_N;
-        d.be.ops->lora_shrink(&d.be.ctx, t2, GPH_RANK, x2, &twice, 1, GPH_C, buf);
-        int m3 = d.be.ops->graph_begin(&d.be.ctx, 9, "lora", 4);
-        if (m3 != KN_GRAPH_REPLAY) d.be.ops->lora_shrink(&d.be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, buf);
-        failed = m3 != KN_GRAPH_NONE ? d.be.ops->graph_end(&d.be.ctx) : -1;
-        dev_get(&d, got, t, sizeof got);
-        CHECK(m1 == KN_GRAPH_RECORD && m2 == KN_GRAPH_REPLAY && m3 == KN_GRAPH_RECORD && failed == 0 &&
-                  memcmp(got, want, sizeof got) == 0,
-              "cuda: a graph over the scratch is replayed until the scratch moves (%d %d %d)", m1, m2, m3);
-        GfError err;
-        CHECK(d.be.ops->synchronize(&d.be.ctx, &err) == GF_OK, "cuda: no fault is left behind by the failed recordings");
-        free(hA);
-    }
+    if (kind == KN_DEVICE_CUDA) test_graphs_refused(&d, x, w, yg);
     free(hw);
     free(hx);
     dev_close(&d);
