@@ -404,9 +404,9 @@ static void test_preemption(Model *m, const Prompt1 *prompts, const SafeTensors 
 }
 
 /* Decode steps went through graphs exactly where the backend records
- * (guarded, and CUDA unless GF_CUDA_GRAPHS=0): on CUDA an unchanged batch
- * replays, under GF_GUARDED_GRAPH_FAIL steps are resubmitted and no replay
- * ever runs; on the CPU none. */
+ * (guarded, and CUDA unless GF_CUDA_GRAPHS=0): an unchanged batch replays
+ * (on CUDA unless GF_CUDA_GRAPHS=record), under GF_GUARDED_GRAPH_FAIL steps
+ * are resubmitted and no replay ever runs; on the CPU none. */
 static void check_graph_steps(ServeEngine *e) {
     ServeStats st;
     serve_stats(e, &st);
@@ -420,8 +420,8 @@ static void check_graph_steps(ServeEngine *e) {
           (unsigned long long)st.graph_resubmitted);
     if (guarded && fail && atoi(fail) > 0)
         CHECK(st.graph_resubmitted > 0 && st.graph_replayed == 0, "guarded, failing graphs: resubmitted, never replayed");
-    if (cuda && !(graphs && strcmp(graphs, "record") == 0))
-        CHECK(st.graph_replayed > 0, "cuda: an unchanged batch replays its graph");
+    else if (guarded || (cuda && !(graphs && strcmp(graphs, "record") == 0)))
+        CHECK(st.graph_replayed > 0, "%s: an unchanged batch replays its graph", dev);
 }
 
 int main(void) {

@@ -1443,6 +1443,38 @@ static int shrink_graphed(Dev *d, int64_t bucket, const char *sig, float *t, con
     return mode;
 }
 
+/* A recorded call runs on what it was handed when it was submitted, as a
+ * GPU's captured launch runs on its parameters: a segment array changed
+ * after the submission, before graph_end or before a replay, changes
+ * nothing (which is why a step's signature must name what it passes). */
+static void test_graphs_kept(Dev *d, const float *x) {
+    float *hA = rand_vec(GPH_RANK * GPH_C), *hA2 = rand_vec(GPH_RANK * GPH_C);
+    const float *A = dev_put(d, hA, F(GPH_RANK * GPH_C)), *A2 = dev_put(d, hA2, F(GPH_RANK * GPH_C));
+    float *t = dev_alloc(d, F(GPH_N * GPH_RANK));
+    KnLoraSeg seg = {.row0 = 0, .n_rows = GPH_N, .A = A, .rank = GPH_RANK, .scale = 1.0f};
+    float want[GPH_N * GPH_RANK], got[GPH_N * GPH_RANK];
+    d->be.ops->lora_shrink(&d->be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, NULL);
+    dev_get(d, want, t, sizeof want);
+    int modes[2] = {-1, -1}, same = 1;
+    for (int k = 0; k < 2; k++) {
+        d->be.ops->memset(&d->be.ctx, t, 0xFF, F(GPH_N * GPH_RANK));
+        seg.A = A;
+        seg.scale = 1.0f;
+        modes[k] = d->be.ops->graph_begin(&d->be.ctx, 31, "kept", 4);
+        if (modes[k] != KN_GRAPH_REPLAY) d->be.ops->lora_shrink(&d->be.ctx, t, GPH_RANK, x, &seg, 1, GPH_C, NULL);
+        seg.A = A2;
+        seg.scale = 3.0f;
+        if (modes[k] != KN_GRAPH_NONE && d->be.ops->graph_end(&d->be.ctx)) modes[k] = -1;
+        dev_get(d, got, t, sizeof got);
+        same &= memcmp(got, want, sizeof got) == 0;
+    }
+    CHECK(modes[0] == KN_GRAPH_RECORD && modes[1] == KN_GRAPH_REPLAY && same,
+          "%s: a recorded call keeps the segments it was handed (%d %d, equal %d)", d->be.name, modes[0], modes[1],
+          same);
+    free(hA);
+    free(hA2);
+}
+
 /* CUDA only: a recording that an entry refuses (an upload; a scratch that
  * would grow) runs nothing, says so and leaves no fault; a signed graph
  * over the scratch replays until the scratch moves. */
@@ -1496,9 +1528,9 @@ static void test_graphs_refused(Dev *d, const float *x, KnMatrix w, float *yg) {
  * three recordings of one bucket with other arguments (its graph updated
  * in place), one of another shape in it, more buckets than a context
  * keeps and an evicted one again. Under a signature, a run with the same
- * one replays the recording (on CUDA; the guarded backend records every
- * run) and reads the inputs' new contents; another signature records
- * again (on CUDA, also test_graphs_refused). A fresh context of kind;
+ * one replays the recording and reads the inputs' new contents; another
+ * signature records again (test_graphs_kept; on CUDA, also
+ * test_graphs_refused). A fresh context of kind;
  * skipped where the backend does not record. */
 static void test_graphs(KnDeviceKind kind) {
     Dev d;
@@ -1527,7 +1559,6 @@ static void test_graphs(KnDeviceKind kind) {
     ran &= graph_run(&d, yg, ye, x, w, 2.5f, 0, 100, NULL, &same) == KN_GRAPH_RECORD;
     CHECK(ran && same && all_same, "%s: 12 buckets and the first again: ran %d, equal %d", d.be.name, ran,
           same && all_same);
-    int want_replay = kind == KN_DEVICE_CUDA ? KN_GRAPH_REPLAY : KN_GRAPH_RECORD;
     int m1 = graph_run(&d, yg, ye, x, w, 1.5f, 1, 20, "step of 24 rows", &same);
     all_same = same;
     for (int i = 0; i < GPH_N * GPH_C; i++) hx[i] = -hx[i] * 0.5f;
@@ -1536,9 +1567,10 @@ static void test_graphs(KnDeviceKind kind) {
     all_same &= same;
     int m3 = graph_run(&d, yg, ye, x, w, 0.5f, 0, 20, "another step", &same);
     all_same &= same;
-    CHECK(m1 == KN_GRAPH_RECORD && m2 == want_replay && m3 == KN_GRAPH_RECORD && all_same,
+    CHECK(m1 == KN_GRAPH_RECORD && m2 == KN_GRAPH_REPLAY && m3 == KN_GRAPH_RECORD && all_same,
           "%s: signed runs record, replay with the inputs' new contents, record on another signature (%d %d %d, "
           "equal %d)", d.be.name, m1, m2, m3, all_same);
+    test_graphs_kept(&d, x);
     if (kind == KN_DEVICE_CUDA) test_graphs_refused(&d, x, w, yg);
     free(hw);
     free(hx);
@@ -1555,12 +1587,14 @@ static void touch_guarded(int what) {
 }
 
 /* Hands an op host memory (0), or a buffer of another guarded context that
- * is no sibling (1), or uploads while a graph is recorded (3): all abort.
- * 2: the same through a sibling, which shares the region, runs. */
+ * is no sibling (1), or uploads while a graph is recorded (3), or replays a
+ * graph over a buffer freed since (4): all abort. 2: the same through a
+ * sibling, which shares the region, runs. */
 static void hand_guarded(int what) {
     Dev a;
     if (!dev_open(&a, KN_DEVICE_GUARDED, 1)) _exit(3);
     float host[16] = {0};
+    GfError err;
     if (what == 0) a.be.ops->scale(&a.be.ctx, host, 16, 2.0f);
     if (what == 3) {
         float *p = dev_alloc(&a, sizeof host);
@@ -1568,7 +1602,17 @@ static void hand_guarded(int what) {
         a.be.ops->upload(&a.be.ctx, p, host, sizeof host);
         _exit(6);
     }
-    GfError err;
+    if (what == 4) {
+        KnBuffer buf;
+        if (a.be.ops->alloc(&a.be.ctx, &buf, sizeof host, KN_F32, "test", &err)) _exit(3);
+        if (a.be.ops->graph_begin(&a.be.ctx, 1, "freed", 5) != KN_GRAPH_RECORD) _exit(5);
+        a.be.ops->scale(&a.be.ctx, buf.data, 16, 2.0f);
+        if (a.be.ops->graph_end(&a.be.ctx)) _exit(5);
+        a.be.ops->free(&a.be.ctx, &buf);
+        if (a.be.ops->graph_begin(&a.be.ctx, 1, "freed", 5) != KN_GRAPH_REPLAY) _exit(5);
+        a.be.ops->graph_end(&a.be.ctx);
+        _exit(6);
+    }
     KnBackend b;
     KnBackendOptions o = {.n_threads = 1, .share = what == 2 ? &a.be : NULL};
     if (kn_backend_open(KN_DEVICE_GUARDED, 0, &o, &b, &err)) _exit(3);
@@ -1592,6 +1636,7 @@ static void test_guarded_faults(void) {
     CHECK(check_aborts(hand_guarded, 0), "an op handed host memory aborts");
     CHECK(check_aborts(hand_guarded, 1), "an op handed another region's buffer aborts");
     CHECK(check_aborts(hand_guarded, 3), "an upload while a graph is recorded aborts");
+    CHECK(check_aborts(hand_guarded, 4), "a replay of a graph over a freed buffer aborts");
     fflush(NULL);
     pid_t pid = fork();
     if (pid == 0) hand_guarded(2);
