@@ -1,6 +1,7 @@
 /* cuda_lora.cu - the grouped LoRA ops (ops.h KnLoraSeg), forward and
- * backward, each adapter at its own rank, never padded: the forward's
- * segments GROUP per launch, the backward's one launch per segment.
+ * backward, each adapter at its own rank, never padded: segments on the
+ * row kernels GROUP per launch, forward and backward (a launch never holds
+ * two segments that accumulate into one gradient).
  * Dropout factors are hashed per element exactly as on the CPU.
  *
  * A serving segment (no gradients) runs on kernels that compute each row
@@ -164,28 +165,36 @@ static __global__ void k_expand(float *y, const float *t, int64_t ld_t, Group g,
     }
 }
 
+/* 1 when s accumulates into a gradient array a segment of g does. */
+static int shares_grads(const Group &g, const KnLoraSeg *s) {
+    for (int i = 0; i < g.n; i++)
+        if ((s->dA && g.s[i].dA == s->dA) || (s->dB && g.s[i].dB == s->dB)) return 1;
+    return 0;
+}
+
 /* The segments of segs the row kernels take (not gemm_segment's, not
- * empty), GROUP at a time: fn(c, group, most rows, highest rank, cls). */
-static void for_groups(CudaCtx *c, const KnLoraSeg *segs, int n_segs,
+ * empty), GROUP at a time: fn(c, group, most rows, highest rank, cls).
+ * With grads, a segment whose dA or dB a segment of the group also
+ * accumulates into starts the next group (the stream orders the two). */
+static void for_groups(CudaCtx *c, const KnLoraSeg *segs, int n_segs, int grads,
                        void (*fn)(CudaCtx *, const Group &, int64_t, int, void *), void *cls) {
     Group g;
     g.n = 0;
     int64_t rows = 0;
     int rank = 0;
     for (int q = 0; q <= n_segs; q++) {
-        if (q < n_segs) {
-            const KnLoraSeg *s = &segs[q];
-            if (s->n_rows <= 0 || s->rank <= 0 || gemm_segment(s)) continue;
-            g.s[g.n++] = seg_of(s);
-            rows = s->n_rows > rows ? s->n_rows : rows;
-            rank = s->rank > rank ? s->rank : rank;
-        }
-        if (g.n && (g.n == GROUP || q == n_segs)) {
+        const KnLoraSeg *s = q < n_segs ? &segs[q] : NULL;
+        if (s && (s->n_rows <= 0 || s->rank <= 0 || gemm_segment(s))) continue;
+        if (g.n && (!s || g.n == GROUP || (grads && shares_grads(g, s)))) {
             fn(c, g, rows, rank, cls);
             g.n = 0;
             rows = 0;
             rank = 0;
         }
+        if (!s) break;
+        g.s[g.n++] = seg_of(s);
+        rows = s->n_rows > rows ? s->n_rows : rows;
+        rank = s->rank > rank ? s->rank : rank;
     }
 }
 
@@ -227,7 +236,7 @@ void cuda_lora_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, 
                   "lora_shrink");
     }
     RowArgs r = {t, NULL, x, ld_t, in};
-    for_groups(c, segs, n_segs, shrink_group, &r);
+    for_groups(c, segs, n_segs, 0, shrink_group, &r);
 }
 
 void cuda_lora_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
@@ -242,16 +251,20 @@ void cuda_lora_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, 
               y + s->row0 * out, out, "lora_expand");
     }
     RowArgs r = {(float *)t, y, NULL, ld_t, out};
-    for_groups(c, segs, n_segs, expand_group, &r);
+    for_groups(c, segs, n_segs, 0, expand_group, &r);
 }
 
 /* ---- backward ------------------------------------------------------------------------ */
 
+/* The short segments' backward: blockIdx.z picks the group's segment;
+ * each kernel's sums over rows run in row order, as on the CPU. */
+
 /* gt[r, k] = sum_o dy[r, o] B[o, k]: one warp per (row, k). */
-static __global__ void k_expand_gt(float *gt, const float *dy, int64_t ld_t, Seg s, int64_t out) {
+static __global__ void k_expand_gt(float *gt, const float *dy, int64_t ld_t, Group g, int64_t out) {
+    const Seg &s = g.s[blockIdx.z];
     int lane = threadIdx.x & 31, k = blockIdx.y * WARPS + (threadIdx.x >> 5);
+    if ((int64_t)blockIdx.x >= s.n_rows || k >= s.rank) return;
     int64_t r = s.row0 + blockIdx.x;
-    if (k >= s.rank) return;
     float acc = 0.0f;
     for (int64_t o = lane; o < out; o += 32) acc += dy[r * out + o] * s.B[o * s.rank + k];
     acc = warp_sum(acc);
@@ -259,7 +272,8 @@ static __global__ void k_expand_gt(float *gt, const float *dy, int64_t ld_t, Seg
 }
 
 /* dB[o, k] += sum_r dy[r, o] t[r, k], the rows in order */
-static __global__ void k_expand_dB(const float *dy, const float *t, int64_t ld_t, Seg s, int64_t out) {
+static __global__ void k_expand_dB(const float *dy, const float *t, int64_t ld_t, Group g, int64_t out) {
+    const Seg &s = g.s[blockIdx.z];
     size_t n = (size_t)(out * s.rank);
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
         int64_t o = (int64_t)e / s.rank, k = (int64_t)e % s.rank;
@@ -269,32 +283,43 @@ static __global__ void k_expand_dB(const float *dy, const float *t, int64_t ld_t
     }
 }
 
+typedef struct {
+    float *grad;              /* gt (expand_dx) or dx (shrink_dx, may be NULL) */
+    const float *a, *b;       /* dy, t (expand_dx); gt, x (shrink_dx) */
+    int64_t ld_t, dim;        /* out (expand_dx) or in (shrink_dx) */
+} GradArgs;
+
+static void expand_dx_group(CudaCtx *c, const Group &g, int64_t rows, int rank, void *cls) {
+    const GradArgs *r = (const GradArgs *)cls;
+    dim3 grid((unsigned)rows, (unsigned)((rank + WARPS - 1) / WARPS), (unsigned)g.n);
+    k_expand_gt<<<grid, THREADS, 0, c->stream>>>(r->grad, r->a, r->ld_t, g, r->dim);
+    CUDA_LAUNCHED(c, "lora_expand_dx");
+    if (r->dim <= 0) return;
+    dim3 grid_b(cuda_blocks((size_t)(r->dim * rank), THREADS), 1, (unsigned)g.n);
+    k_expand_dB<<<grid_b, THREADS, 0, c->stream>>>(r->a, r->b, r->ld_t, g, r->dim);
+    CUDA_LAUNCHED(c, "lora_expand_dx");
+}
+
 void cuda_lora_expand_dx(const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t,
                          const KnLoraSeg *segs, int n_segs, int64_t out) {
     CudaCtx *c = cuda_ctx(ctx);
     for (int q = 0; q < n_segs; q++) {
-        if (segs[q].n_rows <= 0 || segs[q].rank <= 0) continue;
+        if (segs[q].n_rows <= 0 || !gemm_segment(&segs[q])) continue;
         Seg s = seg_of(&segs[q]);
-        if (gemm_segment(&segs[q])) {
-            /* column-major: gt^T[rank, n] (ld ld_t) = B^T dy^T; dB^T[rank, out] += t^T dy */
-            sgemm(c, CUBLAS_OP_N, CUBLAS_OP_N, s.rank, s.n_rows, out, 1.0f, s.B, s.rank, dy + s.row0 * out, out, 0.0f,
-                  gt + s.row0 * ld_t, ld_t, "lora_expand_dx");
-            if (out > 0)
-                sgemm(c, CUBLAS_OP_N, CUBLAS_OP_T, s.rank, out, s.n_rows, 1.0f, t + s.row0 * ld_t, ld_t, dy + s.row0 * out,
-                      out, 1.0f, s.dB, s.rank, "lora_expand_dx");
-            continue;
-        }
-        dim3 grid((unsigned)s.n_rows, (unsigned)((s.rank + WARPS - 1) / WARPS));
-        k_expand_gt<<<grid, THREADS, 0, c->stream>>>(gt, dy, ld_t, s, out);
-        CUDA_LAUNCHED(c, "lora_expand_dx");
-        if (out <= 0) continue;
-        k_expand_dB<<<cuda_blocks((size_t)(out * s.rank), THREADS), THREADS, 0, c->stream>>>(dy, t, ld_t, s, out);
-        CUDA_LAUNCHED(c, "lora_expand_dx");
+        /* column-major: gt^T[rank, n] (ld ld_t) = B^T dy^T; dB^T[rank, out] += t^T dy */
+        sgemm(c, CUBLAS_OP_N, CUBLAS_OP_N, s.rank, s.n_rows, out, 1.0f, s.B, s.rank, dy + s.row0 * out, out, 0.0f,
+              gt + s.row0 * ld_t, ld_t, "lora_expand_dx");
+        if (out > 0)
+            sgemm(c, CUBLAS_OP_N, CUBLAS_OP_T, s.rank, out, s.n_rows, 1.0f, t + s.row0 * ld_t, ld_t, dy + s.row0 * out,
+                  out, 1.0f, s.dB, s.rank, "lora_expand_dx");
     }
+    GradArgs r = {gt, dy, t, ld_t, out};
+    for_groups(c, segs, n_segs, 1, expand_dx_group, &r);
 }
 
 /* dA[k, j] += sum_r scale gt[r, k] d(x)[r, j], the rows in order */
-static __global__ void k_shrink_dA(const float *gt, int64_t ld_t, const float *x, Seg s, int64_t in) {
+static __global__ void k_shrink_dA(const float *gt, int64_t ld_t, const float *x, Group g, int64_t in) {
+    const Seg &s = g.s[blockIdx.z];
     size_t n = (size_t)(s.rank * in);
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
         int64_t k = (int64_t)e / in, j = (int64_t)e % in;
@@ -308,7 +333,8 @@ static __global__ void k_shrink_dA(const float *gt, int64_t ld_t, const float *x
 }
 
 /* dx[r, j] += sum_k scale gt[r, k] A[k, j] f[r, j] */
-static __global__ void k_shrink_dx(float *dx, const float *gt, int64_t ld_t, Seg s, int64_t in) {
+static __global__ void k_shrink_dx(float *dx, const float *gt, int64_t ld_t, Group g, int64_t in) {
+    const Seg &s = g.s[blockIdx.z];
     size_t n = (size_t)(s.n_rows * in);
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
         int64_t i = (int64_t)e / in, j = (int64_t)e % in, r = s.row0 + i;
@@ -316,6 +342,17 @@ static __global__ void k_shrink_dx(float *dx, const float *gt, int64_t ld_t, Seg
         for (int k = 0; k < s.rank; k++) acc += gt[r * ld_t + k] * s.scale * s.A[(int64_t)k * in + j];
         dx[r * in + j] += acc * drop(s, i, in, j);
     }
+}
+
+static void shrink_dx_group(CudaCtx *c, const Group &g, int64_t rows, int rank, void *cls) {
+    const GradArgs *r = (const GradArgs *)cls;
+    dim3 grid_a(cuda_blocks((size_t)(rank * r->dim), THREADS), 1, (unsigned)g.n);
+    k_shrink_dA<<<grid_a, THREADS, 0, c->stream>>>(r->a, r->ld_t, r->b, g, r->dim);
+    CUDA_LAUNCHED(c, "lora_shrink_dx");
+    if (!r->grad) return;
+    dim3 grid_x(cuda_blocks((size_t)(rows * r->dim), THREADS), 1, (unsigned)g.n);
+    k_shrink_dx<<<grid_x, THREADS, 0, c->stream>>>(r->grad, r->a, r->ld_t, g, r->dim);
+    CUDA_LAUNCHED(c, "lora_shrink_dx");
 }
 
 /* dA^T[in, rank] += scale d(x)^T gt; dx^T[in, n] += scale (A^T gt^T) * f,
@@ -344,18 +381,10 @@ static void shrink_dx_gemm(CudaCtx *c, float *dx, const float *gt, int64_t ld_t,
 void cuda_lora_shrink_dx(const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x,
                          const KnLoraSeg *segs, int n_segs, int64_t in, float *dropout_buf) {
     (void)dropout_buf;
+    if (in <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    for (int q = 0; q < n_segs; q++) {
-        if (segs[q].n_rows <= 0 || segs[q].rank <= 0 || in <= 0) continue;
-        Seg s = seg_of(&segs[q]);
-        if (gemm_segment(&segs[q])) {
-            shrink_dx_gemm(c, dx, gt, ld_t, x, s, in);
-            continue;
-        }
-        k_shrink_dA<<<cuda_blocks((size_t)(s.rank * in), THREADS), THREADS, 0, c->stream>>>(gt, ld_t, x, s, in);
-        CUDA_LAUNCHED(c, "lora_shrink_dx");
-        if (!dx) continue;
-        k_shrink_dx<<<cuda_blocks((size_t)(s.n_rows * in), THREADS), THREADS, 0, c->stream>>>(dx, gt, ld_t, s, in);
-        CUDA_LAUNCHED(c, "lora_shrink_dx");
-    }
+    for (int q = 0; q < n_segs; q++)
+        if (segs[q].n_rows > 0 && gemm_segment(&segs[q])) shrink_dx_gemm(c, dx, gt, ld_t, x, seg_of(&segs[q]), in);
+    GradArgs r = {dx, gt, x, ld_t, in};
+    for_groups(c, segs, n_segs, 1, shrink_dx_group, &r);
 }

@@ -973,6 +973,53 @@ static void test_lora_training_rows(Dev *d) {
     for (int i = 0; i < 5; i++) free(host[i]);
 }
 
+/* Two short segments of one adapter (rows 0-4 and 6-11, one dA and one
+ * dB) accumulate both their gradients, against double sums: a backend
+ * that runs segments together must not let the two race. */
+static void test_lora_shared_grads(Dev *d) {
+    enum { N = 12, IN = 33, OUT = 21, RANK = 5 };
+    const int64_t row0[2] = {0, 6}, rows[2] = {5, 6};
+    const float scale = 0.5f;
+    float *hA = rand_vec(RANK * IN), *hB = rand_vec(OUT * RANK), *hx = rand_vec(N * IN), *hdy = rand_vec(N * OUT);
+    double refA[RANK * IN] = {0}, refB[OUT * RANK] = {0};
+    for (int sg = 0; sg < 2; sg++)
+        for (int64_t r = row0[sg]; r < row0[sg] + rows[sg]; r++) {
+            double t[RANK], gt[RANK];
+            for (int k = 0; k < RANK; k++) {
+                t[k] = gt[k] = 0;
+                for (int j = 0; j < IN; j++) t[k] += (double)hx[r * IN + j] * hA[k * IN + j];
+                t[k] *= scale;
+                for (int o = 0; o < OUT; o++) gt[k] += (double)hdy[r * OUT + o] * hB[o * RANK + k];
+            }
+            for (int o = 0; o < OUT; o++)
+                for (int k = 0; k < RANK; k++) refB[o * RANK + k] += hdy[r * OUT + o] * t[k];
+            for (int k = 0; k < RANK; k++)
+                for (int j = 0; j < IN; j++) refA[k * IN + j] += scale * gt[k] * hx[r * IN + j];
+        }
+    float *A = dev_put(d, hA, F(RANK * IN)), *B = dev_put(d, hB, F(OUT * RANK)), *x = dev_put(d, hx, F(N * IN));
+    float *dy = dev_put(d, hdy, F(N * OUT)), *t = dev_alloc(d, F(N * RANK)), *gt = dev_alloc(d, F(N * RANK));
+    float *dA = dev_alloc(d, F(RANK * IN)), *dB = dev_alloc(d, F(OUT * RANK)), *dx = dev_alloc(d, F(N * IN));
+    d->be.ops->memset(&d->be.ctx, dA, 0, F(RANK * IN));
+    d->be.ops->memset(&d->be.ctx, dB, 0, F(OUT * RANK));
+    d->be.ops->memset(&d->be.ctx, dx, 0, F(N * IN));
+    KnLoraSeg segs[2];
+    for (int sg = 0; sg < 2; sg++)
+        segs[sg] = (KnLoraSeg){.row0 = row0[sg], .n_rows = rows[sg], .A = A, .B = B, .dA = dA, .dB = dB, .rank = RANK,
+                               .scale = scale};
+    d->be.ops->lora_shrink(&d->be.ctx, t, RANK, x, segs, 2, IN, NULL);
+    d->be.ops->lora_expand_dx(&d->be.ctx, gt, dy, t, RANK, segs, 2, OUT);
+    d->be.ops->lora_shrink_dx(&d->be.ctx, dx, gt, RANK, x, segs, 2, IN, NULL);
+    float gotA[RANK * IN], gotB[OUT * RANK];
+    dev_get(d, gotA, dA, sizeof gotA);
+    dev_get(d, gotB, dB, sizeof gotB);
+    EXPECT_CLOSE(gotA, refA, (size_t)RANK * IN, 1e-5, "%s: dA of two segments of one adapter", d->be.name);
+    EXPECT_CLOSE(gotB, refB, (size_t)OUT * RANK, 1e-5, "%s: dB of two segments of one adapter", d->be.name);
+    free(hA);
+    free(hB);
+    free(hx);
+    free(hdy);
+}
+
 /* ---- mixture of experts: routing against a double softmax and stable
  * top-k, the experts against a double MLP, both backward ops against
  * central differences with the chosen experts held fixed ---- */
@@ -1914,6 +1961,7 @@ int main(void) {
             test_lora(&d);
             test_lora_serving(&d);
             test_lora_training_rows(&d);
+            test_lora_shared_grads(&d);
             test_moe(&d);
             test_moe_grouped(&d);
             test_rows_and_loss(&d);
