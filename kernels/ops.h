@@ -95,6 +95,25 @@ typedef struct {
     const int32_t *group;
 } KnAttnSeq;
 
+/* One query row of attention_rows, in device memory: the block table,
+ * validity and vision groups of its sequence's cache (KnAttnSeq's meaning;
+ * device arrays, group may be NULL). */
+typedef struct {
+    const int32_t *table;
+    const uint8_t *valid;
+    const int32_t *group;
+} KnAttnRow;
+
+/* One row's adapter for lora_rows_shrink / lora_rows_expand, in device
+ * memory: A [rank, in], B [out, rank] (device arrays) scaled by scale, as a
+ * serving KnLoraSeg of that one row (no dropout, no gradients); rank 0: the
+ * row has no term. */
+typedef struct {
+    const float *A, *B;
+    int32_t rank;
+    float scale;
+} KnLoraRow;
+
 /* One adapter's rows of a grouped LoRA op (SGMV): rows [row0, row0 +
  * n_rows) of x, t and y use A [rank, in] and B [out, rank] (device arrays),
  * scaled by scale. Backward ops accumulate into dA, dB (same shapes).
@@ -242,6 +261,14 @@ typedef struct {
     void (*attention_batch)(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
                             const float *v, int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads,
                             int n_kv_heads, int dim, float scale, int window);
+    /* attention_batch of n sequences of one query row each, described in
+     * device memory: row r of q and out, at position pos[r], attends the
+     * keys 0 .. pos[r] through rows[r] (a device array of n); the same sums
+     * as attention_batch gives that row. A decode step's launch then
+     * depends on its row count alone, not on which sequences hold its rows. */
+    void (*attention_rows)(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
+                           const float *v, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
+                           int n_kv_heads, int dim, float scale, int window);
     /* x[n] = gelu_tanh(x) in place */
     void (*gelu_tanh)(const KnCtx *ctx, float *x, size_t n);
     /* x = cap * tanh(x / cap) */
@@ -257,7 +284,7 @@ typedef struct {
     void (*mul_acc)(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_y);
     /* out[i] = src row idx[i], for n rows of dim floats (idx < 0: out[i] untouched) */
     void (*rows_gather)(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
-    /* out row idx[i] = src[i], for n rows of dim floats (distinct idx) */
+    /* out row idx[i] = src[i], for n rows of dim floats (distinct idx; idx < 0: skipped) */
     void (*rows_scatter)(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
     /* out row idx[i] += src[i] for i = 0.. in order (idx < 0: skipped) */
     void (*rows_sum)(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
@@ -316,6 +343,14 @@ typedef struct {
     /* y[r, o] += sum_k t[r, k] B[o, k] for the rows of each segment */
     void (*lora_expand)(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
                         int64_t out);
+    /* lora_shrink and lora_expand with each of n rows' adapter read from
+     * rows (a device array of n; every rank <= max_rank <= ld_t): t[r, k]
+     * for k < rows[r].rank, and y[r] += its term, the same sums as a
+     * serving segment gives the row; rows of rank 0 are left untouched. */
+    void (*lora_rows_shrink)(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraRow *rows, int64_t n,
+                             int64_t in, int max_rank);
+    void (*lora_rows_expand)(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraRow *rows, int64_t n,
+                             int64_t out);
 
     /* ---- backward (training): d-outputs are accumulated (+=) unless said ---- */
     /* dx[n, cols] += dy[n, rows] W: the input gradient of y = x W^T */

@@ -68,7 +68,8 @@ void cpu_rows_gather_forward(const KnCtx *ctx, float *out, const float *src, con
 
 void cpu_rows_scatter_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
     (void)ctx;
-    for (int64_t i = 0; i < n; i++) memcpy(out + (int64_t)idx[i] * dim, src + i * dim, (size_t)dim * sizeof(float));
+    for (int64_t i = 0; i < n; i++)
+        if (idx[i] >= 0) memcpy(out + (int64_t)idx[i] * dim, src + i * dim, (size_t)dim * sizeof(float));
 }
 
 void cpu_rows_sum_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {

@@ -208,6 +208,50 @@ static void g_attention_batch(const KnCtx *ctx, float *out, const float *q, cons
     SUBMIT(x_attention_batch, a);
 }
 
+/* The n descriptors at device address rows, read now (a replay reads the
+ * table's contents of then) with their arrays in the kernels' view, into
+ * a copy the caller frees. */
+static KnAttnRow *attn_rows_now(const KnCtx *ctx, const KnAttnRow *rows, int64_t n) {
+    const KnAttnRow *d = guard_owned(ctx, rows, (size_t)n * sizeof *d);
+    KnAttnRow *h = malloc((size_t)n * sizeof *h);
+    if (!h) abort();
+    for (int64_t i = 0; i < n; i++) h[i] = (KnAttnRow){H(d[i].table), H(d[i].valid), H(d[i].group)};
+    return h;
+}
+
+static KnLoraRow *lora_rows_now(const KnCtx *ctx, const KnLoraRow *rows, int64_t n) {
+    const KnLoraRow *d = guard_owned(ctx, rows, (size_t)n * sizeof *d);
+    KnLoraRow *h = malloc((size_t)n * sizeof *h);
+    if (!h) abort();
+    for (int64_t i = 0; i < n; i++) h[i] = (KnLoraRow){H(d[i].A), H(d[i].B), d[i].rank, d[i].scale};
+    return h;
+}
+
+typedef struct {
+    float *out;
+    const float *q, *k, *v;
+    const int32_t *pos;
+    int64_t block_len, n;
+    const KnAttnRow *rows;
+    int n_heads, n_kv_heads, dim;
+    float scale;
+    int window;
+} AttentionRowsArgs;
+static void x_attention_rows(const KnCtx *ctx, const void *p) {
+    const AttentionRowsArgs *a = p;
+    if (a->n <= 0) return;
+    KnAttnRow *h = attn_rows_now(ctx, a->rows, a->n);
+    CPU_OPS.attention_rows(ctx, H(a->out), H(a->q), H(a->pos), H(a->k), H(a->v), a->block_len, h, a->n, a->n_heads,
+                           a->n_kv_heads, a->dim, a->scale, a->window);
+    free(h);
+}
+static void g_attention_rows(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
+                             const float *v, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
+                             int n_kv_heads, int dim, float scale, int window) {
+    AttentionRowsArgs a = {out, q, k, v, pos, block_len, n, rows, n_heads, n_kv_heads, dim, scale, window};
+    SUBMIT(x_attention_rows, a);
+}
+
 /* the elementwise ops over n floats: x (in place) or y from x */
 typedef struct {
     float *y;
@@ -504,6 +548,39 @@ static void g_lora_shrink_dx(const KnCtx *ctx, float *dx, const float *gt, int64
     SUBMIT(x_lora_shrink_dx, a);
 }
 
+/* lora_rows_shrink: out = t, in = x; lora_rows_expand: out = y, in = t */
+typedef struct {
+    float *out;
+    const float *in;
+    int64_t ld_t, n, width;
+    const KnLoraRow *rows;
+    int max_rank;
+} LoraRowsArgs;
+static void x_lora_rows_shrink(const KnCtx *ctx, const void *p) {
+    const LoraRowsArgs *a = p;
+    if (a->n <= 0) return;
+    KnLoraRow *h = lora_rows_now(ctx, a->rows, a->n);
+    CPU_OPS.lora_rows_shrink(ctx, H(a->out), a->ld_t, H(a->in), h, a->n, a->width, a->max_rank);
+    free(h);
+}
+static void g_lora_rows_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraRow *rows,
+                               int64_t n, int64_t in, int max_rank) {
+    LoraRowsArgs a = {t, x, ld_t, n, in, rows, max_rank};
+    SUBMIT(x_lora_rows_shrink, a);
+}
+static void x_lora_rows_expand(const KnCtx *ctx, const void *p) {
+    const LoraRowsArgs *a = p;
+    if (a->n <= 0) return;
+    KnLoraRow *h = lora_rows_now(ctx, a->rows, a->n);
+    CPU_OPS.lora_rows_expand(ctx, H(a->out), H(a->in), a->ld_t, h, a->n, a->width);
+    free(h);
+}
+static void g_lora_rows_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraRow *rows,
+                               int64_t n, int64_t out) {
+    LoraRowsArgs a = {y, t, ld_t, n, out, rows, 0};
+    SUBMIT(x_lora_rows_expand, a);
+}
+
 /* ---- loss, sampling, optimizer ---- */
 
 typedef struct {
@@ -633,6 +710,7 @@ static const KnOps GUARDED_OPS = {
     .attention = g_attention,
     .attention_paged = g_attention_paged,
     .attention_batch = g_attention_batch,
+    .attention_rows = g_attention_rows,
     .gelu_tanh = g_gelu_tanh,
     .softcap = g_softcap,
     .embed_rows = g_embed_rows,
@@ -659,6 +737,8 @@ static const KnOps GUARDED_OPS = {
     .moe_route_dx = g_moe_route_dx,
     .lora_shrink = g_lora_shrink,
     .lora_expand = g_lora_expand,
+    .lora_rows_shrink = g_lora_rows_shrink,
+    .lora_rows_expand = g_lora_rows_expand,
     .lora_expand_dx = g_lora_expand_dx,
     .lora_shrink_dx = g_lora_shrink_dx,
     .matmul_dx = g_matmul_dx,

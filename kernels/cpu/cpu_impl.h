@@ -81,6 +81,10 @@ void cpu_standardize_forward(const KnCtx *ctx, float *x, int64_t rows, int64_t c
 void cpu_embed_rows_forward(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale);
 
 /* cpu_lora.c */
+void cpu_lora_rows_shrink_forward(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraRow *rows,
+                                  int64_t n, int64_t in, int max_rank);
+void cpu_lora_rows_expand_forward(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraRow *rows,
+                                  int64_t n, int64_t out);
 void cpu_lora_shrink_forward(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs,
                              int64_t in, float *dropout_buf);
 void cpu_lora_expand_forward(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,

@@ -40,6 +40,26 @@ typedef struct {
     float *buf;                  /* shrink with dropout: 2 * in floats (single-threaded then) */
 } LoraTask;
 
+/* One row's terms, shared by the segment and the row ops so that both sum
+ * alike: tr[k] = scale * sum_j x[j] A[k, j], and y[o] += sum_k tr[k] B[o, k]. */
+static void shrink_one(float *tr, const float *x, const float *A, int rank, float scale, int64_t in) {
+    for (int k = 0; k < rank; k++) {
+        const float *a = A + (int64_t)k * in;
+        float acc = 0.0f;
+        for (int64_t j = 0; j < in; j++) acc += x[j] * a[j];
+        tr[k] = acc * scale;
+    }
+}
+
+static void expand_one(float *y, const float *tr, const float *B, int rank, int64_t out) {
+    for (int64_t o = 0; o < out; o++) {
+        const float *b = B + o * rank;
+        float acc = 0.0f;
+        for (int k = 0; k < rank; k++) acc += tr[k] * b[k];
+        y[o] += acc;
+    }
+}
+
 /* t[r, k] = scale * sum_j d(x)[r, j] A[k, j]; the row buffer holds the
  * dropout factors and d(x) of one row (2 * in floats) when p > 0. */
 static void shrink_row(const LoraTask *t, int64_t r, float *buf) {
@@ -51,13 +71,7 @@ static void shrink_row(const LoraTask *t, int64_t r, float *buf) {
         dropout_row(s, i, x, t->width, buf, buf + t->width);
         x = buf + t->width;
     }
-    float *tr = t->out + r * t->ld_t;
-    for (int k = 0; k < s->rank; k++) {
-        const float *a = s->A + (int64_t)k * t->width;
-        float acc = 0.0f;
-        for (int64_t j = 0; j < t->width; j++) acc += x[j] * a[j];
-        tr[k] = acc * s->scale;
-    }
+    shrink_one(t->out + r * t->ld_t, x, s->A, s->rank, s->scale, t->width);
 }
 
 static void shrink_task(void *p, int ith, int nth) {
@@ -76,14 +90,7 @@ static void expand_task(void *p, int ith, int nth) {
         int64_t i;
         const KnLoraSeg *s = seg_of(t->segs, t->n_segs, r, &i);
         if (!s) continue;
-        const float *tr = t->in + r * t->ld_t;
-        float *y = t->out + r * t->width;
-        for (int64_t o = 0; o < t->width; o++) {
-            const float *b = s->B + o * s->rank;
-            float acc = 0.0f;
-            for (int k = 0; k < s->rank; k++) acc += tr[k] * b[k];
-            y[o] += acc;
-        }
+        expand_one(t->out + r * t->width, t->in + r * t->ld_t, s->B, s->rank, t->width);
     }
 }
 
@@ -95,7 +102,7 @@ static int64_t rows_end(const KnLoraSeg *segs, int n_segs) {
     return end;
 }
 
-static void run_rows(const KnCtx *ctx, KnTask fn, LoraTask *t, int64_t work) {
+static void run_rows(const KnCtx *ctx, KnTask fn, void *t, int64_t work) {
     if (work < CPU_PARALLEL_MIN_WORK) fn(t, 0, 1);
     else kn_pool_run(ctx->pool, fn, t);
 }
@@ -113,6 +120,46 @@ void cpu_lora_expand_forward(const KnCtx *ctx, float *y, const float *t, int64_t
                              int64_t out) {
     LoraTask task = {y, t, segs, n_segs, rows_end(segs, n_segs), out, ld_t, NULL};
     run_rows(ctx, expand_task, &task, task.n_rows * out * 8);
+}
+
+/* ---- one adapter per row (KnLoraRow) ------------------------------------------ */
+
+typedef struct {
+    float *out;
+    const float *in;
+    const KnLoraRow *rows;
+    int64_t n, width, ld_t;    /* width: in (shrink) or out (expand) */
+} RowsTask;
+
+static void rows_shrink_task(void *p, int ith, int nth) {
+    RowsTask *t = p;
+    long lo, hi;
+    kn_split((long)t->n, ith, nth, &lo, &hi);
+    for (long r = lo; r < hi; r++)
+        if (t->rows[r].rank > 0)
+            shrink_one(t->out + r * t->ld_t, t->in + r * t->width, t->rows[r].A, t->rows[r].rank, t->rows[r].scale,
+                       t->width);
+}
+
+static void rows_expand_task(void *p, int ith, int nth) {
+    RowsTask *t = p;
+    long lo, hi;
+    kn_split((long)t->n, ith, nth, &lo, &hi);
+    for (long r = lo; r < hi; r++)
+        if (t->rows[r].rank > 0)
+            expand_one(t->out + r * t->width, t->in + r * t->ld_t, t->rows[r].B, t->rows[r].rank, t->width);
+}
+
+void cpu_lora_rows_shrink_forward(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraRow *rows,
+                                  int64_t n, int64_t in, int max_rank) {
+    RowsTask task = {t, x, rows, n, in, ld_t};
+    run_rows(ctx, rows_shrink_task, &task, n * in * max_rank);
+}
+
+void cpu_lora_rows_expand_forward(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraRow *rows,
+                                  int64_t n, int64_t out) {
+    RowsTask task = {y, t, rows, n, out, ld_t};
+    run_rows(ctx, rows_expand_task, &task, n * out * 8);
 }
 
 /* ---- backward ---------------------------------------------------------------- */

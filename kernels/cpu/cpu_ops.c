@@ -214,6 +214,19 @@ static void cpu_attention_batch_forward(const KnCtx *ctx, float *out, const floa
     }
 }
 
+/* One sequence of one row per entry of rows: attention_batch's tasks. */
+static void cpu_attention_rows_forward(const KnCtx *ctx, float *out, const float *q, const int32_t *pos,
+                                       const float *k, const float *v, int64_t block_len, const KnAttnRow *rows,
+                                       int64_t n, int n_heads, int n_kv_heads, int dim, float scale, int window) {
+    KnAttnSeq seqs[ATTN_BATCH];
+    for (int64_t r0 = 0; r0 < n; r0 += ATTN_BATCH) {
+        int m = n - r0 < ATTN_BATCH ? (int)(n - r0) : ATTN_BATCH;
+        for (int i = 0; i < m; i++) seqs[i] = (KnAttnSeq){r0 + i, 1, rows[r0 + i].table, rows[r0 + i].valid, rows[r0 + i].group};
+        cpu_attention_batch_forward(ctx, out, q, pos, k, v, block_len, seqs, m, n_heads, n_kv_heads, dim, scale,
+                                    window);
+    }
+}
+
 const KnOps CPU_OPS = {
     .alloc = cpu_alloc,
     .free = cpu_free,
@@ -228,6 +241,7 @@ const KnOps CPU_OPS = {
     .attention = cpu_attention_forward,
     .attention_paged = cpu_attention_paged_forward,
     .attention_batch = cpu_attention_batch_forward,
+    .attention_rows = cpu_attention_rows_forward,
     .gelu_tanh = cpu_gelu_tanh_forward,
     .softcap = cpu_softcap_forward,
     .embed_rows = cpu_embed_rows_forward,
@@ -254,6 +268,8 @@ const KnOps CPU_OPS = {
     .moe_route_dx = cpu_moe_route_backward,
     .lora_shrink = cpu_lora_shrink_forward,
     .lora_expand = cpu_lora_expand_forward,
+    .lora_rows_shrink = cpu_lora_rows_shrink_forward,
+    .lora_rows_expand = cpu_lora_rows_expand_forward,
     .lora_expand_dx = cpu_lora_expand_backward,
     .lora_shrink_dx = cpu_lora_shrink_backward,
     .matmul_dx = cpu_matmul_backward,

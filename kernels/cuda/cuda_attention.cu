@@ -191,6 +191,21 @@ static __global__ void k_attention_batch(float *out, const float *q, const int32
     attention_tile(out + at, q + at, a);
 }
 
+/* One sequence of one query row per blockIdx.z, described in device
+ * memory (KnAttnRow): what k_attention_batch computes for that row. */
+static __global__ void k_attention_rows(float *out, const float *q, const int32_t *pos, AttArgs a,
+                                        const KnAttnRow *rows) {
+    const KnAttnRow s = rows[blockIdx.z];
+    a.table = s.table;
+    a.valid = s.valid;
+    a.group = s.group;
+    a.n_q = 1;
+    a.q_pos0 = pos[blockIdx.z];
+    a.n_keys = a.q_pos0 + 1;
+    size_t at = (size_t)blockIdx.z * (size_t)a.n_heads * (size_t)a.dim;
+    attention_tile(out + at, q + at, a);
+}
+
 static int att_ok(CudaCtx *c, int dim, int n_heads, int n_kv_heads, const char *what) {
     if (dim > 0 && dim <= 1024 && n_kv_heads > 0 && n_heads % n_kv_heads == 0) return 1;
     cuda_note(c, cudaErrorInvalidValue, what); /* a shape the kernel does not take: reported at synchronize */
@@ -232,6 +247,25 @@ void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const in
         k_attention_batch<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, g);
         CUDA_LAUNCHED(c, "attention_batch");
     }
+}
+
+void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
+                         const float *v, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
+                         int n_kv_heads, int dim, float scale, int window) {
+    if (n <= 0 || n_heads <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_rows")) return;
+    if (n > 65535) { /* one row per grid z index */
+        cuda_note(c, cudaErrorInvalidValue, "attention_rows");
+        return;
+    }
+    size_t smem = tile_smem(dim);
+    cuda_note(c, cudaFuncSetAttribute(k_attention_rows, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+              "attention_rows");
+    AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale};
+    dim3 grid(1, (unsigned)n_heads, (unsigned)n);
+    k_attention_rows<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, rows);
+    CUDA_LAUNCHED(c, "attention_rows");
 }
 
 void cuda_attention(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,

@@ -247,6 +247,7 @@ static KnOps make_ops(void) {
     o.attention = cuda_attention;
     o.attention_paged = cuda_attention_paged;
     o.attention_batch = cuda_attention_batch;
+    o.attention_rows = cuda_attention_rows;
     o.gelu_tanh = cuda_gelu_tanh;
     o.softcap = cuda_softcap;
     o.embed_rows = cuda_embed_rows;
@@ -270,6 +271,8 @@ static KnOps make_ops(void) {
     o.moe_route = cuda_moe_route;
     o.moe_experts = cuda_moe_experts;
     o.lora_expand = cuda_lora_expand;
+    o.lora_rows_shrink = cuda_lora_rows_shrink;
+    o.lora_rows_expand = cuda_lora_rows_expand;
     o.matmul_dx = cuda_matmul_dx;
     o.rmsnorm_dx = cuda_rmsnorm_dx;
     o.gelu_tanh_dx = cuda_gelu_tanh_dx;

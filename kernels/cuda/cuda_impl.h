@@ -282,6 +282,9 @@ void cuda_attention_paged(const KnCtx *ctx, float *out, const float *q, const Kn
 void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
                           const float *v, int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads,
                           int n_kv_heads, int dim, float scale, int window);
+void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
+                         const float *v, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
+                         int n_kv_heads, int dim, float scale, int window);
 void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
                        const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
                        int n_kv_heads, int dim, float scale, const KnMask *mask);
@@ -297,6 +300,10 @@ void cuda_lora_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, 
                       int64_t in, float *dropout_buf);
 void cuda_lora_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
                       int64_t out);
+void cuda_lora_rows_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraRow *rows, int64_t n,
+                           int64_t in, int max_rank);
+void cuda_lora_rows_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraRow *rows, int64_t n,
+                           int64_t out);
 void cuda_lora_expand_dx(const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t,
                          const KnLoraSeg *segs, int n_segs, int64_t out);
 void cuda_lora_shrink_dx(const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x,

@@ -254,6 +254,55 @@ void cuda_lora_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, 
     for_groups(c, segs, n_segs, 0, expand_group, &r);
 }
 
+/* ---- one adapter per row (KnLoraRow, in device memory) --------------------------------- */
+
+/* t[r, k] = scale * sum_j x[r, j] A[k, j], one warp per (row, k): each
+ * lane's sum over j = lane, lane + 32, .. then the warp's, as k_shrink
+ * sums a row, so a row's term is the same on either path. */
+static __global__ void k_rows_shrink(float *t, int64_t ld_t, const float *x, const KnLoraRow *rows, int64_t in) {
+    const KnLoraRow s = rows[blockIdx.x];
+    int lane = threadIdx.x & 31, k = blockIdx.y * WARPS + (threadIdx.x >> 5);
+    if (k >= s.rank) return;
+    const float *xr = x + (int64_t)blockIdx.x * in, *a = s.A + (int64_t)k * in;
+    float acc = 0.0f;
+    for (int64_t j = lane; j < in; j += 32) acc += xr[j] * a[j];
+    acc = warp_sum(acc);
+    if (lane == 0) t[(int64_t)blockIdx.x * ld_t + k] = acc * s.scale;
+}
+
+/* y[r, o] += sum_k t[r, k] B[o, k], a thread per (row, o), k in order as
+ * k_expand. */
+static __global__ void k_rows_expand(float *y, const float *t, int64_t ld_t, const KnLoraRow *rows, int64_t n,
+                                     int64_t out) {
+    size_t total = (size_t)(n * out);
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+        int64_t r = (int64_t)e / out, o = (int64_t)e % out;
+        const KnLoraRow s = rows[r];
+        if (s.rank <= 0) continue;
+        const float *b = s.B + o * s.rank, *tr = t + r * ld_t;
+        float acc = 0.0f;
+        for (int k = 0; k < s.rank; k++) acc += tr[k] * b[k];
+        y[e] += acc;
+    }
+}
+
+void cuda_lora_rows_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraRow *rows, int64_t n,
+                           int64_t in, int max_rank) {
+    if (n <= 0 || in <= 0 || max_rank <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    dim3 grid((unsigned)n, (unsigned)((max_rank + WARPS - 1) / WARPS));
+    k_rows_shrink<<<grid, THREADS, 0, c->stream>>>(t, ld_t, x, rows, in);
+    CUDA_LAUNCHED(c, "lora_rows_shrink");
+}
+
+void cuda_lora_rows_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraRow *rows, int64_t n,
+                           int64_t out) {
+    if (n <= 0 || out <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    k_rows_expand<<<cuda_blocks((size_t)(n * out), THREADS), THREADS, 0, c->stream>>>(y, t, ld_t, rows, n, out);
+    CUDA_LAUNCHED(c, "lora_rows_expand");
+}
+
 /* ---- backward ------------------------------------------------------------------------ */
 
 /* The short segments' backward: blockIdx.z picks the group's segment;

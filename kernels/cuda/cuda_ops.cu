@@ -279,7 +279,7 @@ void cuda_rows_gather(const KnCtx *ctx, float *out, const float *src, const int3
 static __global__ void k_rows_scatter(float *out, const float *src, const int32_t *idx, size_t n, int64_t dim) {
     GRID_STRIDE(e, n) {
         int64_t i = (int64_t)e / dim, j = (int64_t)e % dim;
-        out[(int64_t)idx[i] * dim + j] = src[e];
+        if (idx[i] >= 0) out[(int64_t)idx[i] * dim + j] = src[e];
     }
 }
 void cuda_rows_scatter(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {

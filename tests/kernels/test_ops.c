@@ -416,6 +416,25 @@ static void test_attention_batch(Dev *d) {
             for (size_t i = 0; i < qn; i++) finite &= isfinite(o1[i]);
             CHECK(finite && memcmp(o1, o2, F(qn)) == 0, "%s: attention_batch equals attention_paged per sequence (D %d, window %d)",
                   d->be.name, D, window);
+            /* every row a sequence of its own: attention_rows, its rows in
+             * device memory, equals attention_batch of one-row sequences */
+            KnAttnSeq one[32];
+            KnAttnRow hrows[32];
+            for (int s = 0, r = 0; s < NS; s++)
+                for (int i = 0; i < nq[s]; i++, r++) {
+                    one[r] = (KnAttnSeq){r, 1, seqs[s].table, seqs[s].valid, seqs[s].group};
+                    hrows[r] = (KnAttnRow){seqs[s].table, seqs[s].valid, seqs[s].group};
+                }
+            float *d3 = dev_poisoned(d, F(qn)), *d4 = dev_poisoned(d, F(qn));
+            d->be.ops->attention_batch(&d->be.ctx, d3, dq, dpos, dk, dv, BLK, one, rows, H, KVH, D, 0.25f, window);
+            d->be.ops->attention_rows(&d->be.ctx, d4, dq, dpos, dk, dv, BLK, dev_put(d, hrows, sizeof hrows), rows, H, KVH,
+                                      D, 0.25f, window);
+            dev_get(d, o1, d3, F(qn));
+            dev_get(d, o2, d4, F(qn));
+            finite = 1;
+            for (size_t i = 0; i < qn; i++) finite &= isfinite(o2[i]);
+            CHECK(finite && memcmp(o1, o2, F(qn)) == 0, "%s: attention_rows equals attention_batch of one-row sequences "
+                  "(D %d, window %d)", d->be.name, D, window);
             free(o1); free(o2); free(q); free(k); free(v);
             dev_reset(d);
         }
@@ -971,6 +990,54 @@ static void test_lora_training_rows(Dev *d) {
     }
     dev_close(&cpu);
     for (int i = 0; i < 5; i++) free(host[i]);
+}
+
+/* lora_rows_shrink / lora_rows_expand, each row's adapter read from device
+ * memory, give each row what a serving segment of that one row gives, bit
+ * for bit; a row of rank 0 keeps its t (poisoned here) and its y. */
+static void test_lora_rows(Dev *d) {
+    enum { N = 7, IN = 40, OUT = 23, LD = 8 };
+    const int rank_of[N] = {4, 0, 7, 4, 7, 0, 4}, which[N] = {0, -1, 1, 0, 1, -1, 0};
+    const float scale[2] = {0.5f, 1.75f};
+    float *hA[2] = {rand_vec(4 * IN), rand_vec(7 * IN)}, *hB[2] = {rand_vec(OUT * 4), rand_vec(OUT * 7)};
+    float *hx = rand_vec(N * IN), *hy = rand_vec(N * OUT);
+    const float *A[2], *B[2];
+    for (int a = 0; a < 2; a++) {
+        A[a] = dev_put(d, hA[a], F(rank_of[a == 0 ? 0 : 2] * IN));
+        B[a] = dev_put(d, hB[a], F(OUT * rank_of[a == 0 ? 0 : 2]));
+    }
+    KnLoraRow rows[N];
+    KnLoraSeg segs[N];
+    int n_segs = 0;
+    for (int r = 0; r < N; r++) {
+        int a = which[r];
+        rows[r] = a < 0 ? (KnLoraRow){NULL, NULL, 0, 0.0f} : (KnLoraRow){A[a], B[a], rank_of[r], scale[a]};
+        if (a >= 0) segs[n_segs++] = (KnLoraSeg){.row0 = r, .n_rows = 1, .A = A[a], .B = B[a], .rank = rank_of[r],
+                                                 .scale = scale[a]};
+    }
+    float *x = dev_put(d, hx, F(N * IN)), *t1 = dev_poisoned(d, F(N * LD)), *t2 = dev_poisoned(d, F(N * LD));
+    float *y1 = dev_put(d, hy, F(N * OUT)), *y2 = dev_put(d, hy, F(N * OUT));
+    const KnLoraRow *drows = dev_put(d, rows, sizeof rows);
+    d->be.ops->lora_shrink(&d->be.ctx, t1, LD, x, segs, n_segs, IN, NULL);
+    d->be.ops->lora_expand(&d->be.ctx, y1, t1, LD, segs, n_segs, OUT);
+    d->be.ops->lora_rows_shrink(&d->be.ctx, t2, LD, x, drows, N, IN, 7);
+    d->be.ops->lora_rows_expand(&d->be.ctx, y2, t2, LD, drows, N, OUT);
+    float g1[N * OUT], g2[N * OUT], u1[N * LD], u2[N * LD];
+    dev_get(d, g1, y1, sizeof g1);
+    dev_get(d, g2, y2, sizeof g2);
+    dev_get(d, u1, t1, sizeof u1);
+    dev_get(d, u2, t2, sizeof u2);
+    int untouched = 1;
+    for (int r = 0; r < N; r++)
+        if (!rank_of[r]) untouched &= isnan(u2[r * LD]) && memcmp(g2 + r * OUT, hy + r * OUT, F(OUT)) == 0;
+    CHECK(memcmp(g1, g2, sizeof g1) == 0 && memcmp(u1, u2, sizeof u1) == 0 && untouched,
+          "%s: LoRA rows from device tables equal one-row segments (rank-0 rows untouched %d)", d->be.name, untouched);
+    for (int a = 0; a < 2; a++) {
+        free(hA[a]);
+        free(hB[a]);
+    }
+    free(hx);
+    free(hy);
 }
 
 /* Two short segments of one adapter (rows 0-4 and 6-11, one dA and one
@@ -1962,6 +2029,7 @@ int main(void) {
             test_lora_serving(&d);
             test_lora_training_rows(&d);
             test_lora_shared_grads(&d);
+            test_lora_rows(&d);
             test_moe(&d);
             test_moe_grouped(&d);
             test_rows_and_loss(&d);
