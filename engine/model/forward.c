@@ -23,7 +23,9 @@ typedef struct {
     int64_t *row0;             /* [n_seqs + 1]: rows of sequence i are row0[i] .. row0[i + 1] */
     int64_t n;                 /* rows in all */
     KnLoraSeg *segs;           /* [n_seqs] one linear's adapter segments */
-    int max_rank;              /* the largest rank of the batch's adapters */
+    int max_rank;              /* the largest rank of the batch's adapters (bucketed: rounded up) */
+    int bucketed;              /* a decode step padded to a bucket of rows: row0[n_seqs] .. n are pad rows,
+                                  and attention and adapters read the row tables (row_tables) */
 } Batch;
 
 #define LOGIT_CHUNK 32         /* rows of logits materialized on the device at once */
@@ -86,6 +88,44 @@ static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeT
     return GF_OK;
 }
 
+/* ---- a bucketed decode step's row tables ---------------------------------------- */
+
+/* The device tables a bucketed step reads (StepTables.d_rows): the pad
+ * table (int32 0) and pad validity (uint8 1) in the first ROWS_PAD bytes,
+ * then each row's KnAttnRow per (space, with groups or not), then each
+ * row's KnLoraRow per (layer, slot). */
+#define ROWS_PAD 64
+typedef struct {
+    size_t att, lora, total;
+} RowsLayout;
+
+static RowsLayout rows_layout(const Model *m, int64_t n) {
+    RowsLayout l;
+    l.att = ROWS_PAD;
+    l.lora = l.att + 2 * KV_SPACES * (size_t)n * sizeof(KnAttnRow);
+    l.total = l.lora + (size_t)((int64_t)m->w->cfg.text.n_layers * LORA_TEXT_SLOTS * n) * sizeof(KnLoraRow);
+    return l;
+}
+
+/* The device rows of the attention of a layer in space sp (groups: it
+ * sees the vision groups). */
+static const KnAttnRow *att_rows(const Model *m, const Batch *b, int sp, int groups) {
+    const char *d = m->tables.d_rows.data;
+    return (const KnAttnRow *)(d + rows_layout(m, b->n).att) + (2 * sp + groups) * b->n;
+}
+
+/* The device rows of the adapters on text slot `slot` of layer li. */
+static const KnLoraRow *lora_rows(const Model *m, const Batch *b, int li, int slot) {
+    const char *d = m->tables.d_rows.data;
+    return (const KnLoraRow *)(d + rows_layout(m, b->n).lora) + (int64_t)(li * LORA_TEXT_SLOTS + slot) * b->n;
+}
+
+/* 1 when some row of the step has an adapter on slot `slot` of layer li. */
+static int lora_active(const Model *m, int li, int slot) {
+    int i = li * LORA_TEXT_SLOTS + slot;
+    return (int)(m->tables.lora_active[i / 64] >> (i % 64) & 1);
+}
+
 /* ---- pieces of the forward pass --------------------------------------------- */
 
 /* The pair a binding puts on text slot `slot` of layer li, or on
@@ -100,6 +140,13 @@ static const LoraPair *batch_pair(const LoraBinding *lb, int li, int slot) {
  * in one grouped call. */
 static void batch_adapters(Model *m, const Batch *b, const Scratch *s, float *y, const float *x, int64_t in,
                            int64_t out, int li, int slot) {
+    if (b->bucketed && li >= 0) { /* every row's adapter from the row tables */
+        if (!lora_active(m, li, slot)) return;
+        const KnLoraRow *rows = lora_rows(m, b, li, slot);
+        m->be.ops->lora_rows_shrink(&m->be.ctx, s->lora_tmp, b->max_rank, x, rows, b->n, in, b->max_rank);
+        m->be.ops->lora_rows_expand(&m->be.ctx, y, s->lora_tmp, b->max_rank, rows, b->n, out);
+        return;
+    }
     int n_segs = 0;
     float *dropout_buf = NULL; /* training runs one sequence: one binding, one buffer */
     for (int i = 0, j; i < b->n_seqs; i = j) {
@@ -224,6 +271,17 @@ static void attend(Model *m, const Batch *b, const Scratch *s, int li, const Lay
     int window = lc->kind == LAYER_SLIDING ? t->sliding_window : 0;
     int groups = t->bidirectional_vision && lc->kind != LAYER_FULL; /* full layers stay causal (§4) */
     KnAttnSeq *att = m->tables.att;
+    if (b->bucketed) { /* one pool; every row's sequence from the row tables, pad rows store nothing */
+        KvPool *pool = b->seqs[0].cache->pool;
+        int sp = pool->layer_space[li];
+        if (!lc->kv_shared && !replay) {
+            ops->rows_scatter(&m->be.ctx, pool->k[li], u->klin, s->slots + sp * b->n, b->n, kvw);
+            ops->rows_scatter(&m->be.ctx, pool->v[li], u->vlin, s->slots + sp * b->n, b->n, kvw);
+        }
+        ops->attention_rows(&m->be.ctx, u->att, u->qr, s->pos, pool->k[src], pool->v[src], pool->block_len,
+                            att_rows(m, b, sp, groups), b->n, NH, KVH, D, 1.0f, window);
+        return;
+    }
     for (int i = 0, j; i < b->n_seqs; i = j) {
         KvPool *pool = b->seqs[i].cache->pool;
         for (j = i + 1; j < b->n_seqs && b->seqs[j].cache->pool == pool;) j++;
@@ -397,7 +455,7 @@ static GfStatus batch_rows(Model *m, ModelSeq *seqs, int n_seqs, Batch *b, GfErr
     for (int q = 0; q < n_seqs; q++) n += seqs[q].in.n;
     if (tables_reserve(m, n_seqs, n, err)) return err->status;
     StepTables *t = &m->tables;
-    *b = (Batch){seqs, n_seqs, t->row0, 0, t->segs, 0};
+    *b = (Batch){seqs, n_seqs, t->row0, 0, t->segs, 0, 0};
     for (int q = 0; q < n_seqs; q++) {
         b->row0[q] = b->n;
         model_embed_ids(m, &seqs[q].in, t->ids + b->n);
@@ -473,6 +531,8 @@ static void batch_slots(Model *m, const Batch *b, Scratch *s) {
                 out[i] = e < c->n_table[sp] && c->table[sp][e] >= 0 ? (int32_t)(c->table[sp][e] * blk + pos % blk) : -1;
             }
         }
+    for (int sp = 0; sp < KV_SPACES; sp++) /* a bucketed step's pad rows store nothing */
+        for (int64_t r = b->row0[b->n_seqs]; r < b->n; r++) h[sp * b->n + r] = -1;
     m->be.ops->upload(&m->be.ctx, s->slots, h, (size_t)(KV_SPACES * b->n) * sizeof *h);
 }
 
@@ -593,11 +653,134 @@ static size_t step_signature(Model *m, const Batch *b) {
     return ok ? n : 0;
 }
 
+/* A bucketed step's signature: what step_signature names, less all that
+ * now comes from the row tables (each sequence's cache tables and
+ * adapter), plus the tables' buffer and which (layer, slot) pairs have an
+ * adapter somewhere in the step. Sequences joining and leaving within a
+ * bucket leave it unchanged. */
+static size_t bucket_signature(Model *m, const Batch *b) {
+    StepTables *t = &m->tables;
+    const KvPool *pool = b->seqs[0].cache->pool;
+    size_t n = 0;
+    int ok = sig_put(t, &n, 0x7465646b63756221ull) && sig_put(t, &n, (uint64_t)b->n) &&
+             sig_put(t, &n, (uintptr_t)m->act.data) && sig_put(t, &n, (uint64_t)b->max_rank) &&
+             sig_put(t, &n, (uintptr_t)t->d_rows.data) && sig_put(t, &n, (uint64_t)pool->block_len);
+    for (int l = 0; ok && l < pool->n_layers; l++)
+        ok = sig_put(t, &n, (uintptr_t)pool->k[l]) && sig_put(t, &n, (uintptr_t)pool->v[l]);
+    for (size_t w = 0; ok && w < t->active_words; w++) ok = sig_put(t, &n, t->lora_active[w]);
+    return ok ? n : 0;
+}
+
+/* Rows of the bucket a decode step of n rows is padded to. */
+static int64_t bucket_rows(int64_t n) {
+    if (n <= 4) return n <= 1 ? 1 : n <= 2 ? 2 : 4;
+    return (n + 7) / 8 * 8;
+}
+
+/* A rank rounded up to a power of two of at least 16 (0 stays 0), so that
+ * adapters of nearby ranks share a graph. */
+static int rank_bucket(int r) {
+    int b = 16;
+    while (r > 0 && b < r) b *= 2;
+    return r > 0 ? b : 0;
+}
+
+/* 1 when the step is padded to a bucket: a step that may be recorded,
+ * every sequence on one KV pool. */
+static int step_bucketable(const Model *m, const Batch *b, const Outputs *o) {
+    if (!layers_recordable(m, b, o)) return 0;
+    for (int q = 1; q < b->n_seqs; q++)
+        if (b->seqs[q].cache->pool != b->seqs[0].cache->pool) return 0;
+    return b->n_seqs > 0;
+}
+
+/* Pads the batch to its bucket: the pad rows' token ids (the pad token)
+ * and positions (0), the rank rounded up, and room for the row tables on
+ * both sides. Before the scratch is cut and anything is embedded. */
+static GfStatus batch_pad(Model *m, Batch *b, GfError *err) {
+    int64_t n = bucket_rows(b->n);
+    if (tables_reserve(m, b->n_seqs, n, err)) return err->status;
+    StepTables *t = &m->tables;
+    for (int64_t r = b->n; r < n; r++) {
+        t->ids[r] = m->w->cfg.text.pad_id;
+        t->pos[r] = 0;
+    }
+    b->n = n;
+    b->max_rank = rank_bucket(b->max_rank);
+    RowsLayout lay = rows_layout(m, n);
+    size_t words = ((size_t)m->w->cfg.text.n_layers * LORA_TEXT_SLOTS + 63) / 64;
+    if (lay.total > t->rows_cap) {
+        uint8_t *h = gf_realloc(t->rows_host, lay.total, err);
+        if (h) t->rows_host = h;
+        uint8_t *sent = h ? gf_realloc(t->rows_sent, lay.total, err) : NULL;
+        if (!sent) return GF_NO_MEMORY;
+        t->rows_sent = sent;
+        t->rows_cap = lay.total;
+    }
+    if (words > t->active_words) {
+        uint64_t *a = gf_realloc(t->lora_active, words * sizeof *a, err);
+        if (!a) return GF_NO_MEMORY;
+        t->lora_active = a;
+        t->active_words = words;
+    }
+    if (lay.total > t->d_rows.bytes) {
+        m->be.ops->free(&m->be.ctx, &t->d_rows);
+        t->rows_sent_bytes = 0;
+        if (m->be.ops->alloc(&m->be.ctx, &t->d_rows, lay.total, KN_I32, "a decode step's row tables", err))
+            return err->status;
+    }
+    return GF_OK;
+}
+
+/* The host image of the row tables: the pad constants, each row's
+ * attention per (space, groups) (pad rows: position 0 of the pad table),
+ * each row's adapter per (layer, slot), and the active bits. */
+static void rows_build(Model *m, const Batch *b, uint8_t *h, RowsLayout lay) {
+    StepTables *t = &m->tables;
+    const char *dev = t->d_rows.data;
+    int64_t n = b->n, L = m->w->cfg.text.n_layers, real = b->row0[b->n_seqs];
+    memset(h, 0, lay.total);
+    h[4] = 1; /* the pad table holds block 0 (bytes 0-3), the pad validity 1 */
+    memset(t->lora_active, 0, t->active_words * sizeof *t->lora_active);
+    KnAttnRow *att = (KnAttnRow *)(h + lay.att), pad = {(const int32_t *)dev, (const uint8_t *)(dev + 4), NULL};
+    KnLoraRow *lr = (KnLoraRow *)(h + lay.lora);
+    for (int v = 0; v < 2 * KV_SPACES; v++)
+        for (int64_t r = real; r < n; r++) att[v * n + r] = pad;
+    for (int q = 0; q < b->n_seqs; q++) {
+        const KvCache *c = b->seqs[q].cache;
+        const LoraBinding *lb = b->seqs[q].in.lora;
+        int64_t r = b->row0[q];
+        for (int sp = 0; sp < KV_SPACES; sp++) {
+            att[(2 * sp) * n + r] = (KnAttnRow){c->d_table[sp], c->d_valid, NULL};
+            att[(2 * sp + 1) * n + r] = (KnAttnRow){c->d_table[sp], c->d_valid, c->d_group};
+        }
+        for (int i = 0; lb && i < L * LORA_TEXT_SLOTS; i++) {
+            const LoraPair *p = batch_pair(lb, i / LORA_TEXT_SLOTS, i % LORA_TEXT_SLOTS);
+            if (!p) continue;
+            KnLoraSeg sg = lora_segment(lb, p, r, 1);
+            lr[(int64_t)i * n + r] = (KnLoraRow){sg.A, sg.B, sg.rank, sg.scale};
+            t->lora_active[i / 64] |= 1ull << (i % 64);
+        }
+    }
+}
+
+/* The row tables built and, when they changed, uploaded. After the caches
+ * took their blocks and synced their tables (batch_embed). */
+static void row_tables(Model *m, const Batch *b) {
+    StepTables *t = &m->tables;
+    RowsLayout lay = rows_layout(m, b->n);
+    rows_build(m, b, t->rows_host, lay);
+    if (t->rows_sent_bytes == lay.total && memcmp(t->rows_host, t->rows_sent, lay.total) == 0) return;
+    m->be.ops->upload(&m->be.ctx, t->d_rows.data, t->rows_host, lay.total);
+    memcpy(t->rows_sent, t->rows_host, lay.total);
+    t->rows_sent_bytes = lay.total;
+}
+
 /* Starts the step's graph (ops.h graph_begin): KN_GRAPH_NONE when its
  * layers run op by op. */
 static int layers_graph(Model *m, const Batch *b, const Outputs *o) {
     if (!layers_recordable(m, b, o)) return KN_GRAPH_NONE;
-    size_t words = step_signature(m, b);
+    size_t words = b->bucketed ? bucket_signature(m, b) : step_signature(m, b);
     return m->be.ops->graph_begin(&m->be.ctx, b->n, words ? m->tables.sig : NULL, words * sizeof(uint64_t));
 }
 
@@ -607,10 +790,11 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
     Batch b = {0};
     Scratch s = {0};
     MoeTape moe;
-    if (batch_check(m, seqs, n_seqs, err) || batch_rows(m, seqs, n_seqs, &b, err) ||
-        scratch_take(m, b.n, b.max_rank, &s, &moe, err))
-        return err->status;
+    if (batch_check(m, seqs, n_seqs, err) || batch_rows(m, seqs, n_seqs, &b, err)) return err->status;
+    b.bucketed = step_bucketable(m, &b, o);
+    if ((b.bucketed && batch_pad(m, &b, err)) || scratch_take(m, b.n, b.max_rank, &s, &moe, err)) return err->status;
     batch_embed(m, &b, &s);
+    if (b.bucketed) row_tables(m, &b);
     if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, 0, s.x, b.n);
     /* a decode step's launches recorded and submitted at once, keyed by its
      * rows, or the last recording of the same launches replayed; a graph
@@ -666,7 +850,7 @@ GfStatus model_layer_replay(Model *m, KvCache *c, const ModelInput *in, int li, 
     Scratch s = {0};
     MoeTape moe;
     if (tables_reserve(m, 1, n, err)) return err->status;
-    b = (Batch){&one, 1, m->tables.row0, n, m->tables.segs, in->lora ? in->lora->max_rank : 0};
+    b = (Batch){&one, 1, m->tables.row0, n, m->tables.segs, in->lora ? in->lora->max_rank : 0, 0};
     b.row0[0] = 0;
     b.row0[1] = n;
     if (scratch_take(m, n, b.max_rank, &s, &moe, err)) return err->status;

@@ -38,6 +38,10 @@ static GfStatus layer_stores(KvPool *p, const LayerConfig *l, int i, GfError *er
         return err->status;
     p->k[i] = p->bufs[2 * i].data;
     p->v[i] = p->bufs[2 * i + 1].data;
+    if (be->ops->graph_begin) { /* position 0 of block 0: what a bucketed decode step's pad rows read (forward.c) */
+        be->ops->memset(&be->ctx, p->k[i], 0, kv_row_floats(l) * sizeof(float));
+        be->ops->memset(&be->ctx, p->v[i], 0, kv_row_floats(l) * sizeof(float));
+    }
     return GF_OK;
 }
 

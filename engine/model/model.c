@@ -106,6 +106,7 @@ void model_close(Model *m) {
     if (!m) return;
     if (m->be.ops) m->be.ops->free(&m->be.ctx, &m->act);
     if (m->be.ops) m->be.ops->free(&m->be.ctx, &m->vision_mem);
+    if (m->be.ops) m->be.ops->free(&m->be.ctx, &m->tables.d_rows);
     free(m->vision_idx);
     kn_backend_close(&m->be);
     free(m->tables.row0);
@@ -115,6 +116,9 @@ void model_close(Model *m) {
     free(m->tables.ids);
     free(m->tables.pos);
     free(m->tables.sig);
+    free(m->tables.rows_host);
+    free(m->tables.rows_sent);
+    free(m->tables.lora_active);
     weights_release(m->w);
     free(m);
 }

@@ -20,6 +20,13 @@ typedef struct {
     size_t seq_cap, row_cap;
     uint64_t *sig;                  /* [sig_cap] a decode step's signature (forward.c step_signature) */
     size_t sig_cap;
+    /* a bucketed decode step's row tables (forward.c row_tables): built on
+     * the host, the last upload's copy, and the device buffer they are in */
+    uint8_t *rows_host, *rows_sent;
+    size_t rows_cap, rows_sent_bytes;
+    KnBuffer d_rows;
+    uint64_t *lora_active;          /* [active_words] bit li * LORA_TEXT_SLOTS + slot: some row has an adapter there */
+    size_t active_words;
 } StepTables;
 
 
