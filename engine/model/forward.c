@@ -688,7 +688,7 @@ static int rank_bucket(int r) {
 /* 1 when the step is padded to a bucket: a step that may be recorded,
  * every sequence on one KV pool. */
 static int step_bucketable(const Model *m, const Batch *b, const Outputs *o) {
-    if (!layers_recordable(m, b, o)) return 0;
+    if (m->graphs_off || !layers_recordable(m, b, o)) return 0;
     for (int q = 1; q < b->n_seqs; q++)
         if (b->seqs[q].cache->pool != b->seqs[0].cache->pool) return 0;
     return b->n_seqs > 0;
@@ -764,11 +764,54 @@ static void rows_build(Model *m, const Batch *b, uint8_t *h, RowsLayout lay) {
     }
 }
 
-/* The row tables built and, when they changed, uploaded. After the caches
- * took their blocks and synced their tables (batch_embed). */
+/* What the row tables are built from: the rows, the tables' buffer, and
+ * per sequence its cache's device tables and its adapter's binding and
+ * launch digest (lora.h), into t->sig's words (0: none could be kept). */
+static size_t rows_key(Model *m, const Batch *b) {
+    StepTables *t = &m->tables;
+    size_t n = 0;
+    int ok = sig_put(t, &n, (uint64_t)b->n) && sig_put(t, &n, (uintptr_t)t->d_rows.data);
+    for (int q = 0; ok && q < b->n_seqs; q++) {
+        const KvCache *c = b->seqs[q].cache;
+        const LoraBinding *lb = b->seqs[q].in.lora;
+        uint64_t w[] = {(uintptr_t)c->d_table[KV_FULL], (uintptr_t)c->d_table[KV_WINDOW], (uintptr_t)c->d_valid,
+                        (uintptr_t)c->d_group, (uintptr_t)lb};
+        for (size_t i = 0; ok && i < sizeof w / sizeof *w; i++) ok = sig_put(t, &n, w[i]);
+        for (int i = 0; ok && lb && i < 4; i++) {
+            uint64_t v;
+            memcpy(&v, lb->launch_digest + 8 * i, sizeof v);
+            ok = sig_put(t, &n, v);
+        }
+    }
+    return ok ? n : 0;
+}
+
+/* 1 when the tables last sent were built from the same key (then kept as
+ * the last key, when there is room). */
+static int rows_unchanged(Model *m, size_t words) {
+    StepTables *t = &m->tables;
+    if (words && t->rows_sent_bytes && words == t->rows_key_words && memcmp(t->sig, t->rows_key, words * 8) == 0)
+        return 1;
+    t->rows_key_words = 0;
+    if (words > t->rows_key_cap) {
+        uint64_t *k = realloc(t->rows_key, words * sizeof *k);
+        if (!k) return 0;
+        t->rows_key = k;
+        t->rows_key_cap = words;
+    }
+    memcpy(t->rows_key, t->sig, words * sizeof *t->rows_key);
+    t->rows_key_words = words;
+    return 0;
+}
+
+/* The row tables built and uploaded, unless the batch's sequences and
+ * adapters are the ones they were last built from (a batch decoding on
+ * unchanged: nothing to do). After the caches took their blocks and
+ * synced their tables (batch_embed). */
 static void row_tables(Model *m, const Batch *b) {
     StepTables *t = &m->tables;
     RowsLayout lay = rows_layout(m, b->n);
+    if (rows_unchanged(m, rows_key(m, b))) return;
     rows_build(m, b, t->rows_host, lay);
     if (t->rows_sent_bytes == lay.total && memcmp(t->rows_host, t->rows_sent, lay.total) == 0) return;
     m->be.ops->upload(&m->be.ctx, t->d_rows.data, t->rows_host, lay.total);
@@ -781,7 +824,9 @@ static void row_tables(Model *m, const Batch *b) {
 static int layers_graph(Model *m, const Batch *b, const Outputs *o) {
     if (!layers_recordable(m, b, o)) return KN_GRAPH_NONE;
     size_t words = b->bucketed ? bucket_signature(m, b) : step_signature(m, b);
-    return m->be.ops->graph_begin(&m->be.ctx, b->n, words ? m->tables.sig : NULL, words * sizeof(uint64_t));
+    int mode = m->be.ops->graph_begin(&m->be.ctx, b->n, words ? m->tables.sig : NULL, words * sizeof(uint64_t));
+    if (mode == KN_GRAPH_NONE) m->graphs_off = 1; /* graphs off (GF_CUDA_GRAPHS=0, or given up): pad no more */
+    return mode;
 }
 
 static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Outputs *o, GfError *err) {

@@ -119,6 +119,7 @@ void model_close(Model *m) {
     free(m->tables.rows_host);
     free(m->tables.rows_sent);
     free(m->tables.lora_active);
+    free(m->tables.rows_key);
     weights_release(m->w);
     free(m);
 }

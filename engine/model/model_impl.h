@@ -27,6 +27,8 @@ typedef struct {
     KnBuffer d_rows;
     uint64_t *lora_active;          /* [active_words] bit li * LORA_TEXT_SLOTS + slot: some row has an adapter there */
     size_t active_words;
+    uint64_t *rows_key;             /* [rows_key_words] what the tables last sent were built from */
+    size_t rows_key_words, rows_key_cap;
 } StepTables;
 
 
@@ -45,6 +47,7 @@ struct Model {
     void (*yield)(void *cls);       /* called between layers and loss chunks (model_set_yield), NULL = none */
     void *yield_cls;
     ModelGraphStats graphs;         /* decode steps through graphs (forward.c) */
+    int graphs_off;                 /* the backend declined to record a step: decode steps are no longer bucketed */
 };
 
 /* A layer (or a loss chunk) is done: the device's queue drained and the
