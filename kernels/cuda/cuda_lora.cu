@@ -256,33 +256,94 @@ void cuda_lora_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, 
 
 /* ---- one adapter per row (KnLoraRow, in device memory) --------------------------------- */
 
-/* t[r, k] = scale * sum_j x[r, j] A[k, j], one warp per (row, k): each
- * lane's sum over j = lane, lane + 32, .. then the warp's, as k_shrink
- * sums a row, so a row's term is the same on either path. */
-static __global__ void k_rows_shrink(float *t, int64_t ld_t, const float *x, const KnLoraRow *rows, int64_t in) {
-    const KnLoraRow s = rows[blockIdx.x];
-    int lane = threadIdx.x & 31, k = blockIdx.y * WARPS + (threadIdx.x >> 5);
-    if (k >= s.rank) return;
-    const float *xr = x + (int64_t)blockIdx.x * in, *a = s.A + (int64_t)k * in;
-    float acc = 0.0f;
-    for (int64_t j = lane; j < in; j += 32) acc += xr[j] * a[j];
-    acc = warp_sum(acc);
-    if (lane == 0) t[(int64_t)blockIdx.x * ld_t + k] = acc * s.scale;
+/* t[r, k] = scale_r * sum_j x[r, j] A_r[k, j]. A warp takes SHRINK_ROWS
+ * rows by SHRINK_KS ranks as k_shrink does, each lane summing j = lane,
+ * lane + 32, .. before the warp's sum, so a row's term is k_shrink's; a
+ * row on the adapter of the row before reuses the A values loaded for it,
+ * so consecutive rows sharing an adapter read it once per SHRINK_ROWS. */
+static __global__ void k_rows_shrink(float *t, int64_t ld_t, const float *x, const KnLoraRow *rows, int64_t n,
+                                     int64_t in) {
+    int lane = threadIdx.x & 31, k0 = (blockIdx.y * WARPS + (threadIdx.x >> 5)) * SHRINK_KS;
+    int64_t i0 = (int64_t)blockIdx.x * SHRINK_ROWS;
+    int nr = n - i0 < SHRINK_ROWS ? (int)(n - i0) : SHRINK_ROWS;
+    KnLoraRow d[SHRINK_ROWS];
+    int any = 0;
+#pragma unroll
+    for (int q = 0; q < SHRINK_ROWS; q++) {
+        d[q] = q < nr ? rows[i0 + q] : KnLoraRow{NULL, NULL, 0, 0.0f};
+        any |= k0 < d[q].rank;
+    }
+    if (!any) return; /* the whole warp: d is the same for every lane */
+    float acc[SHRINK_ROWS][SHRINK_KS];
+#pragma unroll
+    for (int q = 0; q < SHRINK_ROWS; q++)
+#pragma unroll
+        for (int c = 0; c < SHRINK_KS; c++) acc[q][c] = 0.0f;
+    for (int64_t j = lane; j < in; j += 32) {
+        float a[SHRINK_KS] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const float *A = NULL;
+#pragma unroll
+        for (int q = 0; q < SHRINK_ROWS; q++) {
+            if (k0 >= d[q].rank) continue;
+            if (d[q].A != A) {
+                A = d[q].A;
+                int nk = d[q].rank - k0 < SHRINK_KS ? d[q].rank - k0 : SHRINK_KS;
+#pragma unroll
+                for (int c = 0; c < SHRINK_KS; c++) a[c] = c < nk ? A[(int64_t)(k0 + c) * in + j] : 0.0f;
+            }
+            float xd = x[(i0 + q) * in + j];
+#pragma unroll
+            for (int c = 0; c < SHRINK_KS; c++) acc[q][c] += xd * a[c];
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < SHRINK_ROWS; q++) {
+        if (k0 >= d[q].rank) continue;
+        int nk = d[q].rank - k0 < SHRINK_KS ? d[q].rank - k0 : SHRINK_KS;
+#pragma unroll
+        for (int c = 0; c < SHRINK_KS; c++) {
+            float v = warp_sum(acc[q][c]);
+            if (c < nk && lane == 0) t[(i0 + q) * ld_t + k0 + c] = v * d[q].scale;
+        }
+    }
 }
 
-/* y[r, o] += sum_k t[r, k] B[o, k], a thread per (row, o), k in order as
- * k_expand. */
+/* y[r, o] += sum_k t[r, k] B_r[o, k], k in order as k_expand sums it: a
+ * thread per (SHRINK_ROWS rows, o), each run of consecutive rows on one
+ * adapter reading its row of B once. Rows of rank 0 keep their y. */
 static __global__ void k_rows_expand(float *y, const float *t, int64_t ld_t, const KnLoraRow *rows, int64_t n,
                                      int64_t out) {
-    size_t total = (size_t)(n * out);
+    int64_t groups = (n + SHRINK_ROWS - 1) / SHRINK_ROWS;
+    size_t total = (size_t)(groups * out);
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
-        int64_t r = (int64_t)e / out, o = (int64_t)e % out;
-        const KnLoraRow s = rows[r];
-        if (s.rank <= 0) continue;
-        const float *b = s.B + o * s.rank, *tr = t + r * ld_t;
-        float acc = 0.0f;
-        for (int k = 0; k < s.rank; k++) acc += tr[k] * b[k];
-        y[e] += acc;
+        int64_t i0 = (int64_t)e / out * SHRINK_ROWS, o = (int64_t)e % out;
+        int nr = n - i0 < SHRINK_ROWS ? (int)(n - i0) : SHRINK_ROWS;
+        const float *t0 = t + i0 * ld_t;
+        float acc[SHRINK_ROWS];
+        int has[SHRINK_ROWS];
+#pragma unroll
+        for (int q = 0; q < SHRINK_ROWS; q++) {
+            acc[q] = 0.0f;
+            has[q] = 0;
+        }
+        for (int q0 = 0, q1; q0 < nr; q0 = q1) {
+            const KnLoraRow d = rows[i0 + q0];
+            for (q1 = q0 + 1; q1 < nr && rows[i0 + q1].B == d.B && rows[i0 + q1].rank == d.rank;) q1++;
+            if (d.rank <= 0) continue;
+            const float *b = d.B + o * d.rank;
+            for (int k = 0; k < d.rank; k++) {
+                float bk = b[k];
+#pragma unroll
+                for (int q = 0; q < SHRINK_ROWS; q++)
+                    if (q >= q0 && q < q1) acc[q] += t0[q * ld_t + k] * bk;
+            }
+#pragma unroll
+            for (int q = 0; q < SHRINK_ROWS; q++)
+                if (q >= q0 && q < q1) has[q] = 1;
+        }
+#pragma unroll
+        for (int q = 0; q < SHRINK_ROWS; q++) /* constant indices: acc stays in registers */
+            if (has[q]) y[(i0 + q) * out + o] += acc[q];
     }
 }
 
@@ -290,8 +351,9 @@ void cuda_lora_rows_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float
                            int64_t in, int max_rank) {
     if (n <= 0 || in <= 0 || max_rank <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    dim3 grid((unsigned)n, (unsigned)((max_rank + WARPS - 1) / WARPS));
-    k_rows_shrink<<<grid, THREADS, 0, c->stream>>>(t, ld_t, x, rows, in);
+    int per_block = WARPS * SHRINK_KS;
+    dim3 grid((unsigned)((n + SHRINK_ROWS - 1) / SHRINK_ROWS), (unsigned)((max_rank + per_block - 1) / per_block));
+    k_rows_shrink<<<grid, THREADS, 0, c->stream>>>(t, ld_t, x, rows, n, in);
     CUDA_LAUNCHED(c, "lora_rows_shrink");
 }
 
@@ -299,7 +361,8 @@ void cuda_lora_rows_expand(const KnCtx *ctx, float *y, const float *t, int64_t l
                            int64_t out) {
     if (n <= 0 || out <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    k_rows_expand<<<cuda_blocks((size_t)(n * out), THREADS), THREADS, 0, c->stream>>>(y, t, ld_t, rows, n, out);
+    int64_t groups = (n + SHRINK_ROWS - 1) / SHRINK_ROWS;
+    k_rows_expand<<<cuda_blocks((size_t)(groups * out), THREADS), THREADS, 0, c->stream>>>(y, t, ld_t, rows, n, out);
     CUDA_LAUNCHED(c, "lora_rows_expand");
 }
 
