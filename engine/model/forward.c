@@ -701,6 +701,8 @@ static GfStatus batch_pad(Model *m, Batch *b, GfError *err) {
     int64_t n = bucket_rows(b->n);
     if (tables_reserve(m, b->n_seqs, n, err)) return err->status;
     StepTables *t = &m->tables;
+    b->row0 = t->row0; /* unmoved (batch_rows reserved n_seqs), but the batch must follow the tables */
+    b->segs = t->segs;
     for (int64_t r = b->n; r < n; r++) {
         t->ids[r] = m->w->cfg.text.pad_id;
         t->pos[r] = 0;
