@@ -414,6 +414,9 @@ static void check_graph_steps(ServeEngine *e) {
     int guarded = dev && strcmp(dev, "guarded") == 0;
     int cuda = dev && strncmp(dev, "cuda", 4) == 0 && !(graphs && strcmp(graphs, "0") == 0);
     uint64_t steps = st.graph_recorded + st.graph_replayed + st.graph_resubmitted;
+    printf("decode steps through graphs: %llu recorded, %llu replayed, %llu resubmitted\n",
+           (unsigned long long)st.graph_recorded, (unsigned long long)st.graph_replayed,
+           (unsigned long long)st.graph_resubmitted);
     CHECK(guarded || cuda ? steps > 0 : steps == 0,
           "decode steps through graphs where the backend records: %llu recorded, %llu replayed, %llu resubmitted",
           (unsigned long long)st.graph_recorded, (unsigned long long)st.graph_replayed,
