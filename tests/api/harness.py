@@ -133,6 +133,12 @@ def check_against_openapi(method, path, status, headers, body):
     assert not errs, "%s %s -> %d does not match openapi.json: %s" % (method, path, status, "; ".join(errs[:5]))
 
 
+def default_device(binary):
+    """The device a server runs on when none is named: the first GPU, else the CPU."""
+    out = subprocess.run([binary, "devices"], capture_output=True, text=True).stdout
+    return "cuda" if any(line.startswith("cuda0 ") for line in out.splitlines()) else "cpu"
+
+
 class Server:
     def __init__(self, binary, extra=(), model=True, keys=(KEY,), data=None, wrap=()):
         """wrap: a command the server runs under (e.g. fiu-run -x); its pid stays the server's."""

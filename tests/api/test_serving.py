@@ -31,7 +31,6 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,7 +38,7 @@ import time
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import KEY, Runner, Server, data_url, expect, fixture_bytes, multipart, png  # noqa: E402
+from harness import KEY, Runner, Server, data_url, default_device, expect, fixture_bytes, multipart, png  # noqa: E402
 
 BIN = sys.argv[1] if len(sys.argv) > 1 else None
 N_ADAPTERS = 8
@@ -313,12 +312,6 @@ def t_delete_adapter_stops_serving(srv):
 
 
 # ---- limits: queue and disconnects -----------------------------------------------------------
-
-def default_device(binary):
-    """The device a server runs on when none is named: the first GPU, else the CPU."""
-    out = subprocess.run([binary, "devices"], capture_output=True, text=True).stdout
-    return "cuda" if any(line.startswith("cuda0 ") for line in out.splitlines()) else "cpu"
-
 
 def metric(srv, name):
     text = expect(srv.get("/metrics"), 200).body.decode()

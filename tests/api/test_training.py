@@ -30,7 +30,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "data"))
-from harness import FIXTURES, Runner, Server, expect, wait_export  # noqa: E402
+from harness import FIXTURES, Runner, Server, default_device, expect, wait_export  # noqa: E402
 import shapes  # noqa: E402
 
 BIN = sys.argv[1]
@@ -340,12 +340,14 @@ def metric_lines(srv):
 
 
 def t_job_and_requests_share_the_device(binary):
-    """A job trains while 8 streaming clients are served on the same device
-    taking turns (--device-sched on, the CPU's default being off;
-    --decode-wait-ms 0: training gives way at its next layer boundary):
-    every answer equals the one the same request got before the job
-    started, serving steps found the job on the device and it gave way to
-    them, and the job trains on (it is not starved)."""
+    """A job trains while streaming clients (16 on a GPU, 8 elsewhere) are
+    served on the same device taking turns (--device-sched on, the CPU's
+    default being off; --decode-wait-ms 0: training gives way at its next
+    layer boundary): every answer equals the one the same request got
+    before the job started, serving steps found the job on the device and
+    it gave way to them, and the job trains on (it is not starved)."""
+    device = os.environ.get("GF_DEVICE") or default_device(binary)
+    n_clients = 16 if device.startswith("cuda") else 8
     srv = Server(binary, extra=["--device-sched", "on", "--decode-wait-ms", "0"])
     try:
         def body(i):
@@ -358,7 +360,7 @@ def t_job_and_requests_share_the_device(binary):
             chunks = [json.loads(x[6:]) for x in r.body.decode().split("\n\n") if x.startswith("data: {")]
             return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
 
-        alone = {i: answer(i) for i in range(8)}
+        alone = {i: answer(i) for i in range(n_clients)}
         ds, _, _ = upload_shapes(srv, 12, 7)
         job = create_job(srv, ds, {"epochs": 50, "batch_size": 2, "gradient_accumulation_steps": 1,
                                    "save_every": 1000, "quantization": "none"})
@@ -375,12 +377,12 @@ def t_job_and_requests_share_the_device(binary):
             except Exception as e:  # noqa: BLE001 - reported below
                 errors.append((i, repr(e)))
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert not errors and len(results) == 8, errors
+        assert not errors and len(results) == n_clients, errors
         m = metric_lines(srv)
         assert m["gf_device_serving_wait_bound_seconds"] == 0, m
         assert m['gf_device_serving_steps_total{waited="yes"}'] > 0, m
