@@ -48,9 +48,7 @@
 #include <unistd.h>
 
 #include "../kernels_impl.h"
-#include "../nf4.h"
 #include "cpu_guarded.h"
-#include "cpu_impl.h"
 
 typedef struct {
     size_t off, len;          /* the chunk: byte offset in the region, whole pages */
