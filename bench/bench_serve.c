@@ -10,11 +10,13 @@
  * LoRA forward and backward passes on the same weights), through the device
  * scheduler (devsched.h) and without it, and the job's tokens/s each time.
  *
- * usage: bench_serve [--threads N] [--requests N] [--prompt T] [--tokens N] [--tiny DIR]
- *                    [--shape e2b|e4b|31b[:LAYERS]] [--quantize nf4] [--train-tokens T] [--decode-wait-ms N]
+ * usage: bench_serve [--device cpu|cuda[:N]|guarded] [--precision fp32|bf16] [--threads N] [--requests N]
+ *                    [--prompt T] [--tokens N] [--tiny DIR] [--shape e2b|e4b|31b[:LAYERS]] [--quantize nf4]
+ *                    [--train-tokens T] [--decode-wait-ms N]
  * Without --tiny it writes a random 120M Gemma 4 config (as bench_forward),
  * or with --shape a random checkpoint of that real shape (shapes_model.h).
- * On the device GF_DEVICE names, else the default one.
+ * On --device, else the device GF_DEVICE names, else the default one; at
+ * --precision, else the device's default.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -207,11 +209,13 @@ static double percentile(double *v, int n, double q) {
 /* Decode rounds over the base with a training job beside them (mode 0:
  * none, 1: through sched, 2: without a scheduler), and a training job
  * alone; prints p50 / p99 time per output token and the job's tokens/s. */
-static void bench_training(Model *m, int threads, int n_req, int prompt, int tokens, int train_tokens, double wait_s) {
+static void bench_training(Model *m, const ModelOptions *served, int n_req, int prompt, int tokens, int train_tokens,
+                           double wait_s) {
     GfError err;
     DevSched *sched = devsched_new(wait_s, NULL, &err);
     Model *tm = NULL;
-    ModelOptions mo = {.n_threads = threads, .quantize = MODEL_QUANT_NONE};
+    ModelOptions mo = {.n_threads = served->n_threads, .quantize = MODEL_QUANT_NONE, .device = served->device,
+                       .precision = served->precision}; /* the served model's device: one copy of the weights */
     if (!sched || model_new(model_weights(m), &mo, &tm, &err)) { fprintf(stderr, "%s\n", err.message); return; }
     printf("\ndecode beside a training job on the same device (LoRA all-linear rank 16, %d-token sequences, forward and "
            "backward on the served weights): %d requests x %d tokens, base model\n", train_tokens, n_req, tokens);
@@ -267,10 +271,12 @@ static void bench_training(Model *m, int threads, int n_req, int prompt, int tok
 int main(int argc, char **argv) {
     int threads = 0, requests = 64, prompt = 32, tokens = 16, train_tokens = 128, n_layers = 0;
     double wait_ms = 0;
-    const char *tiny = NULL, *shape_arg = NULL;
+    const char *tiny = NULL, *shape_arg = NULL, *device = NULL, *precision = NULL;
     ModelQuant quant = MODEL_QUANT_NONE;
     for (int i = 1; i + 1 < argc; i++) {
-        if (strcmp(argv[i], "--threads") == 0) threads = atoi(argv[++i]);
+        if (strcmp(argv[i], "--device") == 0) device = argv[++i];
+        else if (strcmp(argv[i], "--precision") == 0) precision = argv[++i];
+        else if (strcmp(argv[i], "--threads") == 0) threads = atoi(argv[++i]);
         else if (strcmp(argv[i], "--requests") == 0) requests = atoi(argv[++i]);
         else if (strcmp(argv[i], "--prompt") == 0) prompt = atoi(argv[++i]);
         else if (strcmp(argv[i], "--tokens") == 0) tokens = atoi(argv[++i]);
@@ -307,7 +313,7 @@ int main(int argc, char **argv) {
     }
     Model *m = NULL;
     GfError err;
-    ModelOptions mo = {.n_threads = threads, .quantize = quant};
+    ModelOptions mo = {.n_threads = threads, .quantize = quant, .device = device, .precision = precision};
     if (model_open(dir, &mo, &m, &err)) { fprintf(stderr, "%s\n", err.message); return 1; }
     ServeConfig cfg;
     serve_config_default(&cfg, m);
@@ -338,7 +344,7 @@ int main(int argc, char **argv) {
     static const int counts[] = {1, 4, 16, 64};
     for (int k = 0; k < 4; k++) round_(e, m, requests, counts[k], prompt, tokens, adapter_bytes);
     serve_free(e);
-    bench_training(m, threads, requests < 8 ? requests : 8, prompt, 4 * tokens, train_tokens, wait_ms / 1000.0);
+    bench_training(m, &mo, requests < 8 ? requests : 8, prompt, 4 * tokens, train_tokens, wait_ms / 1000.0);
     model_close(m);
     if (shape) {
         shape_remove(tmp);
