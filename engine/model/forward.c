@@ -725,10 +725,11 @@ static GfStatus batch_pad(Model *m, Batch *b, GfError *err) {
         t->lora_active = a;
         t->active_words = words;
     }
-    if (lay.total > t->d_rows.bytes) {
+    if (lay.total > t->d_rows.bytes) { /* room for 64 rows, or twice these: its address is in every signature */
+        size_t bytes = rows_layout(m, n < 32 ? 64 : 2 * n).total;
         m->be.ops->free(&m->be.ctx, &t->d_rows);
         t->rows_sent_bytes = 0;
-        if (m->be.ops->alloc(&m->be.ctx, &t->d_rows, lay.total, KN_I32, "a decode step's row tables", err))
+        if (m->be.ops->alloc(&m->be.ctx, &t->d_rows, bytes, KN_I32, "a decode step's row tables", err))
             return err->status;
     }
     return GF_OK;
@@ -821,12 +822,23 @@ static void row_tables(Model *m, const Batch *b) {
     t->rows_sent_bytes = lay.total;
 }
 
+/* The graph a bucketed step's launches belong to: its rows, and (bits 20
+ * and up) a hash of its rank and the (layer, slot) pairs its adapters
+ * touch, so that a bucket's base-only and adapter steps keep a graph each
+ * rather than evicting one another. */
+static int64_t bucket_key(const Model *m, const Batch *b) {
+    uint64_t h = 1469598103934665603ull ^ (uint64_t)b->max_rank;
+    for (size_t w = 0; w < m->tables.active_words; w++) h = (h ^ m->tables.lora_active[w]) * 1099511628211ull;
+    return b->n | (int64_t)((h >> 24) << 20 & INT64_MAX);
+}
+
 /* Starts the step's graph (ops.h graph_begin): KN_GRAPH_NONE when its
  * layers run op by op. */
 static int layers_graph(Model *m, const Batch *b, const Outputs *o) {
     if (!layers_recordable(m, b, o)) return KN_GRAPH_NONE;
     size_t words = b->bucketed ? bucket_signature(m, b) : step_signature(m, b);
-    int mode = m->be.ops->graph_begin(&m->be.ctx, b->n, words ? m->tables.sig : NULL, words * sizeof(uint64_t));
+    int64_t key = b->bucketed ? bucket_key(m, b) : b->n;
+    int mode = m->be.ops->graph_begin(&m->be.ctx, key, words ? m->tables.sig : NULL, words * sizeof(uint64_t));
     if (mode == KN_GRAPH_NONE) m->graphs_off = 1; /* graphs off (GF_CUDA_GRAPHS=0, or given up): pad no more */
     return mode;
 }
