@@ -151,7 +151,7 @@ typedef struct {
 } KnSampleRow;
 
 /* graph_begin's answers (KnOps). */
-enum { KN_GRAPH_NONE = 0, KN_GRAPH_RECORD = 1, KN_GRAPH_REPLAY = 2 };
+enum { KN_GRAPH_NONE = 0, KN_GRAPH_RECORD = 1, KN_GRAPH_REPLAY = 2, KN_GRAPH_OFF = 3 };
 
 /* The entries, for supports() and scratch_bytes(). */
 typedef enum {
@@ -221,8 +221,11 @@ typedef struct {
      * of a bucket with equal signatures submit the same ops with the same
      * arguments, only device memory's contents differing (NULL: no
      * promise, never replayed). graph_begin answers
-     *   KN_GRAPH_NONE: nothing recorded: submit the ops as usual, and no
-     *     graph_end;
+     *   KN_GRAPH_NONE: nothing recorded this time: submit the ops as
+     *     usual, and no graph_end;
+     *   KN_GRAPH_OFF: as KN_GRAPH_NONE, and the context will record
+     *     nothing for the rest of its life (switched off, or given up
+     *     after recordings that kept failing);
      *   KN_GRAPH_RECORD: recording: the ops submitted until graph_end are
      *     recorded, not run. Only ops, copy and memset may be submitted
      *     then; an upload, download, alloc, free or synchronize is refused

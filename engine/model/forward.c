@@ -616,6 +616,23 @@ static int sig_put(StepTables *t, size_t *n, uint64_t v) {
     return 1;
 }
 
+/* Appends what a sequence's launches read through pointers: its cache's
+ * device tables (block tables, validity, groups) and, when digest, its
+ * adapter's launch digest (lora.h; zeros without an adapter). 0 when the
+ * signature cannot grow. */
+static int seq_put(StepTables *t, size_t *n, const KvCache *c, const LoraBinding *lb, int digest) {
+    uint64_t w[] = {(uintptr_t)c->d_table[KV_FULL], (uintptr_t)c->d_table[KV_WINDOW], (uintptr_t)c->d_valid,
+                    (uintptr_t)c->d_group};
+    int ok = 1;
+    for (size_t i = 0; ok && i < sizeof w / sizeof *w; i++) ok = sig_put(t, n, w[i]);
+    for (int i = 0; ok && digest && i < 4; i++) {
+        uint64_t v = 0;
+        if (lb) memcpy(&v, lb->launch_digest + 8 * i, sizeof v);
+        ok = sig_put(t, n, v);
+    }
+    return ok;
+}
+
 /* What a decode step's layers pass to the ops by value, beyond what the
  * Model fixes for its life (weights, config, MoE chunk), as ops.h
  * graph_begin's signature: two steps with equal signatures submit the same
@@ -635,20 +652,13 @@ static size_t step_signature(Model *m, const Batch *b) {
              sig_put(t, &n, (uint64_t)b->max_rank) && sig_put(t, &n, (uint64_t)b->n_seqs);
     for (int q = 0; ok && q < b->n_seqs; q++) {
         const KvCache *c = b->seqs[q].cache;
-        const LoraBinding *lb = b->seqs[q].in.lora;
         int new_pool = q == 0 || c->pool != b->seqs[q - 1].cache->pool;
-        int new_lora = q == 0 || lb != b->seqs[q - 1].in.lora;
-        uint64_t head[] = {(uint64_t)b->row0[q], (uintptr_t)c->d_table[KV_FULL], (uintptr_t)c->d_table[KV_WINDOW],
-                           (uintptr_t)c->d_valid, (uintptr_t)c->d_group, (uint64_t)new_pool, (uint64_t)new_lora};
-        for (size_t i = 0; ok && i < sizeof head / sizeof *head; i++) ok = sig_put(t, &n, head[i]);
+        int new_lora = q == 0 || b->seqs[q].in.lora != b->seqs[q - 1].in.lora;
+        ok = sig_put(t, &n, (uint64_t)b->row0[q]) && sig_put(t, &n, (uint64_t)new_pool) &&
+             sig_put(t, &n, (uint64_t)new_lora) && seq_put(t, &n, c, b->seqs[q].in.lora, new_lora);
         for (int l = 0; ok && new_pool && l < c->pool->n_layers; l++)
             ok = sig_put(t, &n, (uintptr_t)c->pool->k[l]) && sig_put(t, &n, (uintptr_t)c->pool->v[l]);
         if (ok && new_pool) ok = sig_put(t, &n, (uint64_t)c->pool->block_len);
-        for (int w = 0; ok && new_lora && w < 4; w++) {
-            uint64_t v = 0;
-            if (lb) memcpy(&v, lb->launch_digest + 8 * w, sizeof v);
-            ok = sig_put(t, &n, v);
-        }
     }
     return ok ? n : 0;
 }
@@ -713,10 +723,8 @@ static GfStatus batch_pad(Model *m, Batch *b, GfError *err) {
     size_t words = ((size_t)m->w->cfg.text.n_layers * LORA_TEXT_SLOTS + 63) / 64;
     if (lay.total > t->rows_cap) {
         uint8_t *h = gf_realloc(t->rows_host, lay.total, err);
-        if (h) t->rows_host = h;
-        uint8_t *sent = h ? gf_realloc(t->rows_sent, lay.total, err) : NULL;
-        if (!sent) return GF_NO_MEMORY;
-        t->rows_sent = sent;
+        if (!h) return GF_NO_MEMORY;
+        t->rows_host = h;
         t->rows_cap = lay.total;
     }
     if (words > t->active_words) {
@@ -728,7 +736,7 @@ static GfStatus batch_pad(Model *m, Batch *b, GfError *err) {
     if (lay.total > t->d_rows.bytes) { /* room for 64 rows, or twice these: its address is in every signature */
         size_t bytes = rows_layout(m, n < 32 ? 64 : 2 * n).total;
         m->be.ops->free(&m->be.ctx, &t->d_rows);
-        t->rows_sent_bytes = 0;
+        t->rows_key_words = 0; /* a new buffer holds no tables, even at the old address */
         if (m->be.ops->alloc(&m->be.ctx, &t->d_rows, bytes, KN_I32, "a decode step's row tables", err))
             return err->status;
     }
@@ -774,26 +782,16 @@ static size_t rows_key(Model *m, const Batch *b) {
     StepTables *t = &m->tables;
     size_t n = 0;
     int ok = sig_put(t, &n, (uint64_t)b->n) && sig_put(t, &n, (uintptr_t)t->d_rows.data);
-    for (int q = 0; ok && q < b->n_seqs; q++) {
-        const KvCache *c = b->seqs[q].cache;
-        const LoraBinding *lb = b->seqs[q].in.lora;
-        uint64_t w[] = {(uintptr_t)c->d_table[KV_FULL], (uintptr_t)c->d_table[KV_WINDOW], (uintptr_t)c->d_valid,
-                        (uintptr_t)c->d_group, (uintptr_t)lb};
-        for (size_t i = 0; ok && i < sizeof w / sizeof *w; i++) ok = sig_put(t, &n, w[i]);
-        for (int i = 0; ok && lb && i < 4; i++) {
-            uint64_t v;
-            memcpy(&v, lb->launch_digest + 8 * i, sizeof v);
-            ok = sig_put(t, &n, v);
-        }
-    }
+    for (int q = 0; ok && q < b->n_seqs; q++)
+        ok = sig_put(t, &n, (uintptr_t)b->seqs[q].in.lora) && seq_put(t, &n, b->seqs[q].cache, b->seqs[q].in.lora, 1);
     return ok ? n : 0;
 }
 
-/* 1 when the tables last sent were built from the same key (then kept as
- * the last key, when there is room). */
+/* 1 when the tables in d_rows were built from the same key; else the key
+ * is kept as theirs, when there is room (the caller then builds them). */
 static int rows_unchanged(Model *m, size_t words) {
     StepTables *t = &m->tables;
-    if (words && t->rows_sent_bytes && words == t->rows_key_words && memcmp(t->sig, t->rows_key, words * 8) == 0)
+    if (words && words == t->rows_key_words && memcmp(t->sig, t->rows_key, words * 8) == 0)
         return 1;
     t->rows_key_words = 0;
     if (words > t->rows_key_cap) {
@@ -816,10 +814,7 @@ static void row_tables(Model *m, const Batch *b) {
     RowsLayout lay = rows_layout(m, b->n);
     if (rows_unchanged(m, rows_key(m, b))) return;
     rows_build(m, b, t->rows_host, lay);
-    if (t->rows_sent_bytes == lay.total && memcmp(t->rows_host, t->rows_sent, lay.total) == 0) return;
     m->be.ops->upload(&m->be.ctx, t->d_rows.data, t->rows_host, lay.total);
-    memcpy(t->rows_sent, t->rows_host, lay.total);
-    t->rows_sent_bytes = lay.total;
 }
 
 /* The graph a bucketed step's launches belong to: its rows, and (bits 20
@@ -839,8 +834,9 @@ static int layers_graph(Model *m, const Batch *b, const Outputs *o) {
     size_t words = b->bucketed ? bucket_signature(m, b) : step_signature(m, b);
     int64_t key = b->bucketed ? bucket_key(m, b) : b->n;
     int mode = m->be.ops->graph_begin(&m->be.ctx, key, words ? m->tables.sig : NULL, words * sizeof(uint64_t));
-    if (mode == KN_GRAPH_NONE) m->graphs_off = 1; /* graphs off (GF_CUDA_GRAPHS=0, or given up): pad no more */
-    return mode;
+    if (mode != KN_GRAPH_OFF) return mode;
+    m->graphs_off = 1; /* graphs off for good (GF_CUDA_GRAPHS=0, or given up): pad no more */
+    return KN_GRAPH_NONE;
 }
 
 static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Outputs *o, GfError *err) {

@@ -117,7 +117,6 @@ void model_close(Model *m) {
     free(m->tables.pos);
     free(m->tables.sig);
     free(m->tables.rows_host);
-    free(m->tables.rows_sent);
     free(m->tables.lora_active);
     free(m->tables.rows_key);
     weights_release(m->w);

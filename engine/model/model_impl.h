@@ -21,13 +21,13 @@ typedef struct {
     uint64_t *sig;                  /* [sig_cap] a decode step's signature (forward.c step_signature) */
     size_t sig_cap;
     /* a bucketed decode step's row tables (forward.c row_tables): built on
-     * the host, the last upload's copy, and the device buffer they are in */
-    uint8_t *rows_host, *rows_sent;
-    size_t rows_cap, rows_sent_bytes;
+     * the host, and the device buffer they are uploaded to */
+    uint8_t *rows_host;
+    size_t rows_cap;
     KnBuffer d_rows;
     uint64_t *lora_active;          /* [active_words] bit li * LORA_TEXT_SLOTS + slot: some row has an adapter there */
     size_t active_words;
-    uint64_t *rows_key;             /* [rows_key_words] what the tables last sent were built from */
+    uint64_t *rows_key;             /* [rows_key_words] what the tables in d_rows were built from (0 words: none) */
     size_t rows_key_words, rows_key_cap;
 } StepTables;
 
@@ -47,7 +47,7 @@ struct Model {
     void (*yield)(void *cls);       /* called between layers and loss chunks (model_set_yield), NULL = none */
     void *yield_cls;
     ModelGraphStats graphs;         /* decode steps through graphs (forward.c) */
-    int graphs_off;                 /* the backend declined to record a step: decode steps are no longer bucketed */
+    int graphs_off;                 /* the backend records no more (ops.h KN_GRAPH_OFF): decode steps are no longer bucketed */
 };
 
 /* A layer (or a loss chunk) is done: the device's queue drained and the

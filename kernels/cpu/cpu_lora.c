@@ -129,37 +129,33 @@ typedef struct {
     const float *in;
     const KnLoraRow *rows;
     int64_t n, width, ld_t;    /* width: in (shrink) or out (expand) */
+    int shrink;                /* 1: out = t (ld_t) from in = x; 0: out = y += from in = t (ld_t) */
 } RowsTask;
 
-static void rows_shrink_task(void *p, int ith, int nth) {
+/* Each row with an adapter (rank > 0) through shrink_one or expand_one;
+ * rank-0 rows are left as they are. */
+static void rows_task(void *p, int ith, int nth) {
     RowsTask *t = p;
     long lo, hi;
     kn_split((long)t->n, ith, nth, &lo, &hi);
-    for (long r = lo; r < hi; r++)
-        if (t->rows[r].rank > 0)
-            shrink_one(t->out + r * t->ld_t, t->in + r * t->width, t->rows[r].A, t->rows[r].rank, t->rows[r].scale,
-                       t->width);
-}
-
-static void rows_expand_task(void *p, int ith, int nth) {
-    RowsTask *t = p;
-    long lo, hi;
-    kn_split((long)t->n, ith, nth, &lo, &hi);
-    for (long r = lo; r < hi; r++)
-        if (t->rows[r].rank > 0)
-            expand_one(t->out + r * t->width, t->in + r * t->ld_t, t->rows[r].B, t->rows[r].rank, t->width);
+    for (long r = lo; r < hi; r++) {
+        const KnLoraRow *w = &t->rows[r];
+        if (w->rank <= 0) continue;
+        if (t->shrink) shrink_one(t->out + r * t->ld_t, t->in + r * t->width, w->A, w->rank, w->scale, t->width);
+        else expand_one(t->out + r * t->width, t->in + r * t->ld_t, w->B, w->rank, t->width);
+    }
 }
 
 void cpu_lora_rows_shrink_forward(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraRow *rows,
                                   int64_t n, int64_t in, int max_rank) {
-    RowsTask task = {t, x, rows, n, in, ld_t};
-    run_rows(ctx, rows_shrink_task, &task, n * in * max_rank);
+    RowsTask task = {t, x, rows, n, in, ld_t, 1};
+    run_rows(ctx, rows_task, &task, n * in * max_rank);
 }
 
 void cpu_lora_rows_expand_forward(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraRow *rows,
                                   int64_t n, int64_t out) {
-    RowsTask task = {y, t, rows, n, out, ld_t};
-    run_rows(ctx, rows_expand_task, &task, n * out * 8);
+    RowsTask task = {y, t, rows, n, out, ld_t, 0};
+    run_rows(ctx, rows_task, &task, n * out * 8);
 }
 
 /* ---- backward ---------------------------------------------------------------- */

@@ -212,12 +212,21 @@ static int att_ok(CudaCtx *c, int dim, int n_heads, int n_kv_heads, const char *
     return 0;
 }
 
+/* The dynamic shared memory of one of the tile kernels for dim, once the
+ * shape is checked (att_ok) and the kernel's limit raised to it; 0 when
+ * the shape is refused. */
+static size_t att_smem(CudaCtx *c, const void *kernel, int dim, int n_heads, int n_kv_heads, const char *what) {
+    if (!att_ok(c, dim, n_heads, n_kv_heads, what)) return 0;
+    size_t smem = tile_smem(dim);
+    cuda_note(c, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), what);
+    return smem;
+}
+
 static void launch_attention(const KnCtx *ctx, float *out, const float *q, const AttArgs &a, const char *what) {
     if (a.n_q <= 0 || a.n_heads <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    if (!att_ok(c, a.dim, a.n_heads, a.n_kv_heads, what)) return;
-    size_t smem = tile_smem(a.dim);
-    cuda_note(c, cudaFuncSetAttribute(k_attention, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), what);
+    size_t smem = att_smem(c, (const void *)k_attention, a.dim, a.n_heads, a.n_kv_heads, what);
+    if (!smem) return;
     dim3 grid((unsigned)((a.n_q + QT - 1) / QT), (unsigned)a.n_heads);
     k_attention<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, a);
     CUDA_LAUNCHED(c, what);
@@ -228,10 +237,8 @@ void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const in
                           int n_kv_heads, int dim, float scale, int window) {
     if (n_seqs <= 0 || n_heads <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_batch")) return;
-    size_t smem = tile_smem(dim);
-    cuda_note(c, cudaFuncSetAttribute(k_attention_batch, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-              "attention_batch");
+    size_t smem = att_smem(c, (const void *)k_attention_batch, dim, n_heads, n_kv_heads, "attention_batch");
+    if (!smem) return;
     AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale};
     for (int s0 = 0; s0 < n_seqs; s0 += ATT_GROUP) {
         AttSeqs g;
@@ -254,14 +261,12 @@ void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int
                          int n_kv_heads, int dim, float scale, int window) {
     if (n <= 0 || n_heads <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_rows")) return;
     if (n > 65535) { /* one row per grid z index */
         cuda_note(c, cudaErrorInvalidValue, "attention_rows");
         return;
     }
-    size_t smem = tile_smem(dim);
-    cuda_note(c, cudaFuncSetAttribute(k_attention_rows, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-              "attention_rows");
+    size_t smem = att_smem(c, (const void *)k_attention_rows, dim, n_heads, n_kv_heads, "attention_rows");
+    if (!smem) return;
     AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale};
     dim3 grid(1, (unsigned)n_heads, (unsigned)n);
     k_attention_rows<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, rows);

@@ -111,7 +111,8 @@ static void keep_sig(CudaGraphs *g, const void *sig, size_t n) {
 int cuda_graph_begin(const KnCtx *ctx, int64_t bucket, const void *sig, size_t sig_bytes) {
     CudaCtx *c = cuda_ctx(ctx);
     CudaGraphs *g = &c->graphs;
-    if (g->off || g->capturing || g->replay) return KN_GRAPH_NONE;
+    if (g->off) return KN_GRAPH_OFF;
+    if (g->capturing || g->replay) return KN_GRAPH_NONE;
     CudaGraphSlot *s = slot_of(g, bucket);
     if (s && sig && sig_bytes && s->sig_bytes == sig_bytes && s->scratch_gen == c->scratch_gen &&
         memcmp(s->sig, sig, sig_bytes) == 0) {

@@ -1638,6 +1638,24 @@ static void test_graphs_refused(Dev *d, const float *x, KnMatrix w, float *yg) {
     free(hA);
 }
 
+/* CUDA only: a context opened under GF_CUDA_GRAPHS=0 answers KN_GRAPH_OFF,
+ * not KN_GRAPH_NONE, so that the engine stops padding decode steps for
+ * graphs it will never get. */
+static void test_graphs_off(void) {
+    const char *env = getenv("GF_CUDA_GRAPHS");
+    char *was = env ? strdup(env) : NULL;
+    setenv("GF_CUDA_GRAPHS", "0", 1);
+    Dev d;
+    int opened = dev_open(&d, KN_DEVICE_CUDA, 1);
+    if (was) setenv("GF_CUDA_GRAPHS", was, 1);
+    else unsetenv("GF_CUDA_GRAPHS");
+    free(was);
+    if (!opened) return;
+    int mode = d.be.ops->graph_begin(&d.be.ctx, 1, "off", 3);
+    CHECK(mode == KN_GRAPH_OFF, "cuda: under GF_CUDA_GRAPHS=0 graph_begin answers that graphs are off (%d)", mode);
+    dev_close(&d);
+}
+
 /* A graph computes what its ops run one by one compute, bit for bit:
  * three recordings of one bucket with other arguments (its graph updated
  * in place), one of another shape in it, more buckets than a context
@@ -1686,6 +1704,7 @@ static void test_graphs(KnDeviceKind kind) {
           "equal %d)", d.be.name, m1, m2, m3, all_same);
     test_graphs_kept(&d, x);
     if (kind == KN_DEVICE_CUDA) test_graphs_refused(&d, x, w, yg);
+    if (kind == KN_DEVICE_CUDA) test_graphs_off();
     free(hw);
     free(hx);
     dev_close(&d);
