@@ -8,12 +8,18 @@
  * once and never rounds x: a warp per output feature (four for up to four
  * rows of x, reading x once for them), lanes striding the input features,
  * NF4 codes read four bytes (eight elements, one absmax) at a time when the
- * matrix allows.
+ * matrix allows. Between the two (a decode batch of up to TILED_MAX_ROWS
+ * rows) F32, F16 and NF4 weights are widened a tile at a time in shared
+ * memory, next to x's tile, for the tensor cores (wmma): each weight byte
+ * is still read once, where widening whole rows would write and read them
+ * again as bf16. Matrices of few outputs split the features over blocks
+ * (partial sums in the scratch, added in a fixed order).
  *
  * The context's scratch (cuda_scratch) grows on the stream
  * (cudaMallocAsync); a failure to grow is the context's fault, reported by
  * synchronize naming the op. */
 #include <cuda_bf16.h>
+#include <mma.h>
 #include <stdio.h>
 
 #include "cuda_impl.h"
@@ -176,19 +182,161 @@ static void launch_gemv(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_
     CUDA_LAUNCHED(c, "matmul bf16: gemv");
 }
 
+/* 1 when w's NF4 codes may be read eight elements (four bytes) at a time. */
+static int nf4_vec8(KnMatrix w) {
+    const KnNf4 *q = (const KnNf4 *)w.data;
+    return w.dtype == KN_NF4 && w.cols % 8 == 0 && w.offset % 8 == 0 && ((uintptr_t)q->codes & 3) == 0;
+}
+
 static int gemv_vec8(KnMatrix w, const float *x) {
     if (w.cols % 8 || ((uintptr_t)x & 15)) return 0;
-    if (w.dtype == KN_NF4) {
-        const KnNf4 *q = (const KnNf4 *)w.data;
-        return w.offset % 8 == 0 && ((uintptr_t)q->codes & 3) == 0;
-    }
+    if (w.dtype == KN_NF4) return nf4_vec8(w);
     return w.dtype == KN_BF16 && ((uintptr_t)w.data & 15) == 0;
+}
+
+/* ---- a decode batch's few rows: weight tiles widened in shared memory -------- */
+
+#define TILED_MAX_ROWS 64   /* rows of x: 4 fragments of 16 */
+#define TILED_O 128         /* outputs per block: 16 per warp */
+#define TILED_K 64          /* features per step */
+#define TILED_THREADS 256
+#define TILED_LD (TILED_K + 8)  /* bf16 row stride: a multiple of 8, fragments 32-byte aligned */
+#define TILED_CLD (TILED_O + 4)
+#define TILED_BLOCKS 256    /* blocks a split of the features aims at */
+
+typedef struct {
+    __nv_bfloat16 x[TILED_MAX_ROWS][TILED_LD];
+    __nv_bfloat16 w[TILED_O][TILED_LD];
+} TiledTiles;
+
+typedef union {
+    TiledTiles t;
+    float c[TILED_MAX_ROWS][TILED_CLD]; /* the block's sums, staged for rows past n */
+} TiledSmem;
+
+/* Rows [o0, o0 + TILED_O) of w at features [k0, k0 + TILED_K), widened and
+ * rounded to bf16 as the GEMM's widening rounds them; zeros past w. */
+static __device__ void tiled_w(__nv_bfloat16 (*ws)[TILED_LD], const DevW &w, int64_t o0, int64_t k0, int vec8,
+                               const float *code) {
+    if (vec8) { /* eight elements, four bytes of codes, one absmax a thread */
+        for (int g = threadIdx.x; g < TILED_O * TILED_K / 8; g += TILED_THREADS) {
+            int o = g / (TILED_K / 8), kk = g % (TILED_K / 8) * 8;
+            float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            if (o0 + o < w.rows && k0 + kk < w.cols) gemv_w8(w, o0 + o, k0 + kk, code, v);
+#pragma unroll
+            for (int k = 0; k < 8; k++) ws[o][kk + k] = __float2bfloat16_rn(v[k]);
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < TILED_O * TILED_K; i += TILED_THREADS) {
+        int o = i / TILED_K, kk = i % TILED_K;
+        float v = o0 + o < w.rows && k0 + kk < w.cols ? w_at_code(w, o0 + o, k0 + kk, code) : 0.0f;
+        ws[o][kk] = __float2bfloat16_rn(v);
+    }
+}
+
+/* y[i, o] = sum_c x[i, c] W[o, c] for 16 < n <= TILED_MAX_ROWS: block
+ * (blockIdx.x, blockIdx.y) sums outputs [128 bx, +128) over its share of
+ * the features (split: steps of TILED_K each), into y (one share) or
+ * part + by * n * rows. Warp w owns outputs [16 w, +16) for every 16 rows
+ * of x. */
+static __global__ void __launch_bounds__(TILED_THREADS, 2)
+    k_matmul_tiled(float *y, float *part, const float *x, DevW w, int n, int vec8, int steps_per) {
+    using namespace nvcuda;
+    CUDA_NF4_SHARED(code);
+    __shared__ __align__(32) TiledSmem sm;
+    int warp = threadIdx.x >> 5, nt = (n + 15) / 16;
+    int64_t o0 = (int64_t)blockIdx.x * TILED_O, k_lo = (int64_t)blockIdx.y * steps_per * TILED_K;
+    int64_t k_hi = k_lo + (int64_t)steps_per * TILED_K < w.cols ? k_lo + (int64_t)steps_per * TILED_K : w.cols;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[TILED_MAX_ROWS / 16];
+#pragma unroll
+    for (int f = 0; f < TILED_MAX_ROWS / 16; f++) wmma::fill_fragment(acc[f], 0.0f);
+    for (int64_t k0 = k_lo; k0 < k_hi; k0 += TILED_K) {
+        for (int i = threadIdx.x; i < nt * 16 * TILED_K; i += TILED_THREADS) {
+            int r = i / TILED_K, kk = i % TILED_K;
+            sm.t.x[r][kk] = __float2bfloat16_rn(r < n && k0 + kk < w.cols ? __ldg(x + r * w.cols + k0 + kk) : 0.0f);
+        }
+        tiled_w(sm.t.w, w, o0, k0, vec8, code);
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TILED_K; kk += 16) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb; /* w[o][k]: W^T */
+            wmma::load_matrix_sync(fb, &sm.t.w[warp * 16][kk], TILED_LD);
+#pragma unroll
+            for (int f = 0; f < TILED_MAX_ROWS / 16; f++) {
+                if (f >= nt) break; /* uniform over the block */
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+                wmma::load_matrix_sync(fa, &sm.t.x[f * 16][kk], TILED_LD);
+                wmma::mma_sync(acc[f], fa, fb, acc[f]);
+            }
+        }
+        __syncthreads(); /* the tiles are rewritten next */
+    }
+#pragma unroll
+    for (int f = 0; f < TILED_MAX_ROWS / 16; f++)
+        if (f < nt) wmma::store_matrix_sync(&sm.c[f * 16][warp * 16], acc[f], TILED_CLD, wmma::mem_row_major);
+    __syncthreads();
+    float *out = gridDim.y > 1 ? part + (size_t)blockIdx.y * (size_t)n * (size_t)w.rows : y;
+    for (int i = threadIdx.x; i < n * TILED_O; i += TILED_THREADS) {
+        int r = i / TILED_O, ol = i % TILED_O;
+        if (o0 + ol < w.rows) out[(int64_t)r * w.rows + o0 + ol] = sm.c[r][ol];
+    }
+}
+
+/* y[e] = the splits' partial sums of element e, in order. */
+static __global__ void k_sum_splits(float *y, const float *part, int splits, size_t n) {
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        float s = 0.0f;
+        for (int k = 0; k < splits; k++) s += part[(size_t)k * n + e];
+        y[e] = s;
+    }
+}
+
+/* 1 when a matmul of n rows over w takes the tiled kernel. */
+static int tiled_takes(KnMatrix w, int64_t n) {
+    return w.dtype != KN_BF16 && n > CUDA_GEMV_MAX_ROWS && n <= TILED_MAX_ROWS;
+}
+
+/* The feature steps of each block of the tiled kernel: all of them, or a
+ * share when w has too few outputs to fill TILED_BLOCKS blocks (never under
+ * four steps a block, never over 16 shares). A function of the shape only. */
+static int64_t tiled_steps_per(KnMatrix w) {
+    int64_t steps = (w.cols + TILED_K - 1) / TILED_K, blocks = (w.rows + TILED_O - 1) / TILED_O;
+    int64_t splits = TILED_BLOCKS / blocks;
+    if (splits > steps / 4) splits = steps / 4;
+    if (splits > 16) splits = 16;
+    if (splits < 1) splits = 1;
+    return (steps + splits - 1) / splits;
+}
+
+static int64_t tiled_splits(KnMatrix w) {
+    int64_t steps = (w.cols + TILED_K - 1) / TILED_K, per = tiled_steps_per(w);
+    return (steps + per - 1) / per;
+}
+
+static void matmul_tiled(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t n) {
+    int64_t splits = tiled_splits(w);
+    size_t part_n = (size_t)n * (size_t)w.rows;
+    float *part = NULL;
+    if (splits > 1 && !(part = (float *)cuda_scratch(c, (size_t)splits * part_n * sizeof(float), "matmul bf16")))
+        return;
+    dim3 grid((unsigned)((w.rows + TILED_O - 1) / TILED_O), (unsigned)splits);
+    k_matmul_tiled<<<grid, TILED_THREADS, 0, c->stream>>>(y, part, x, dev_w(w), (int)n, nf4_vec8(w),
+                                                          (int)tiled_steps_per(w));
+    CUDA_LAUNCHED(c, "matmul bf16: tiled");
+    if (splits == 1) return;
+    k_sum_splits<<<cuda_blocks(part_n, 256), 256, 0, c->stream>>>(y, part, (int)splits, part_n);
+    CUDA_LAUNCHED(c, "matmul bf16: tiled splits");
 }
 
 /* ---- the entries -------------------------------------------------------------- */
 
 size_t cuda_gemm_scratch(KnMatrix w, int64_t n, int dx) {
     if (n <= 0 || w.rows <= 0 || w.cols <= 0 || (!dx && n <= CUDA_GEMV_MAX_ROWS)) return 0;
+    if (!dx && tiled_takes(w, n)) {
+        int64_t splits = tiled_splits(w);
+        return splits > 1 ? (size_t)splits * (size_t)n * (size_t)w.rows * sizeof(float) : 0;
+    }
     size_t ab = (size_t)n * (size_t)(dx ? w.rows : w.cols) * 2;
     return ab + (w.dtype == KN_BF16 ? 0 : (size_t)chunk_rows(w) * (size_t)w.cols * 2);
 }
@@ -211,6 +359,10 @@ static int gemm_operands(CudaCtx *c, KnMatrix w, const float *src, int64_t n, in
 void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t n) {
     if (n <= CUDA_GEMV_MAX_ROWS) {
         launch_gemv(c, y, x, w, n, gemv_vec8(w, x));
+        return;
+    }
+    if (tiled_takes(w, n)) {
+        matmul_tiled(c, y, x, w, n);
         return;
     }
     int64_t R = chunk_rows(w);

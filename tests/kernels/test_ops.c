@@ -78,8 +78,8 @@ static void test_matmul(Dev *d) {
 /* The BF16 precision's matmul and matmul_dx (CUDA only) against the
  * double-precision products of the weights as stored (F32, F16, BF16 and
  * NF4, an NF4 slice at an offset too): within 1e-2 of the largest value,
- * as bf16 operands allow, on the GEMV (n <= 16) and GEMM paths, with
- * Gemma-sized rows among odd ones. */
+ * as bf16 operands allow, on the GEMV (n <= 16), tiled (n <= 64) and GEMM
+ * paths, with Gemma-sized rows among odd ones. */
 static void nf4_on_device(Dev *d, const KnNf4 *host, KnNf4 *dev) {
     *dev = *host;
     dev->codes = dev_put(d, host->codes, (size_t)(host->n + 1) / 2);
@@ -91,7 +91,9 @@ static void test_matmul_bf16(void) {
     Dev d;
     if (!dev_open_at(&d, KN_DEVICE_CUDA, 1, KN_PRECISION_BF16)) return;
     printf("backend %s, precision bf16\n", d.be.name);
-    int shapes[][3] = {{1, 8, 1}, {7, 40, 3}, {33, 37, 5}, {64, 2560, 16}, {129, 256, 17}, {300, 1536, 64}, {5, 5000, 2}};
+    /* GEMV (n <= 16); tiled (16 < n <= 64: whole tiles, partial ones, split features); GEMM */
+    int shapes[][3] = {{1, 8, 1},    {7, 40, 3},     {33, 37, 5},     {64, 2560, 16},  {129, 256, 17},
+                       {300, 1536, 64}, {5, 5000, 2}, {100, 520, 33}, {256, 2560, 48}, {40, 4096, 65}};
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
         int extra = s % 2 ? 3 : 64; /* NF4: a slice after `extra` elements, aligned for the GEMV or not */
@@ -1810,8 +1812,15 @@ static void test_scratch_bytes(void) {
     KnCall bf = mm;
     bf.w.dtype = KN_BF16;
     CHECK(kn_scratch_bytes(&b16, &bf) == ws + (size_t)1024 * 10240 * 2, "bf16 weights are read in place");
-    KnCall small = {.op = KN_OP_MATMUL, .w = {.data = (void *)1, .dtype = KN_NF4, .rows = 8, .cols = 16}, .n = 32};
-    CHECK(kn_scratch_bytes(&b16, &small) == ws + 32 * 16 * 2 + 8 * 16 * 2, "a small matrix widens its own rows only");
+    KnCall small = {.op = KN_OP_MATMUL, .w = {.data = (void *)1, .dtype = KN_NF4, .rows = 8, .cols = 16}, .n = 65};
+    CHECK(kn_scratch_bytes(&b16, &small) == ws + 65 * 16 * 2 + 8 * 16 * 2, "a small matrix widens its own rows only");
+    small.n = 64;
+    CHECK(kn_scratch_bytes(&b16, &small) == ws, "a decode batch of 64 rows widens tiles in shared memory");
+    KnCall down = {.op = KN_OP_MATMUL, .w = {.data = (void *)1, .dtype = KN_NF4, .rows = 2560, .cols = 10240}, .n = 32};
+    /* 160 steps of 64 features over 20 blocks of outputs: 12 shares of 14 steps */
+    CHECK(kn_scratch_bytes(&b16, &down) == ws + (size_t)12 * 32 * 2560 * 4, "few outputs split the features");
+    down.w.dtype = KN_BF16;
+    CHECK(kn_scratch_bytes(&b16, &down) == ws + (size_t)32 * 10240 * 2, "bf16 weights of a batch: cuBLAS in place");
     mm.n = 16;
     CHECK(kn_scratch_bytes(&b16, &mm) == ws, "a decode step's GEMV takes no scratch");
     KnCall att = {.op = KN_OP_ATTENTION_DX, .n = 1000, .n_heads = 8, .dim = 256};
