@@ -79,14 +79,54 @@ static __device__ void chunk_scores(const AttArgs &a, const float *qs, const flo
 
 static size_t tile_smem(int dim) { return ((size_t)QT * dim + (size_t)CHUNK * dim) * sizeof(float); }
 
+/* One warp, lane j taking key k0 + j: which of the tile's nq queries (at
+ * positions qpos0..) see it (vis[qi][j]), where its row starts in k and v
+ * (row[j], -1 when no query sees it, so that it is never read: a paged
+ * block given back may be -1) and, in *any, whether any query sees any key
+ * of the chunk. */
+static_assert(CHUNK == 32, "chunk_rows takes a key per lane of one warp");
+static __device__ void chunk_rows(const AttArgs &a, int64_t k0, int nq, int64_t qpos0, int kvh, uint8_t (*vis)[CHUNK],
+                                  int64_t *row, int *any) {
+    int j = threadIdx.x & 31, seen = 0;
+    int64_t key = k0 + j;
+    for (int qi = 0; qi < QT; qi++) {
+        uint8_t v = qi < nq && key < a.n_keys && mask_visible(a.valid, a.group, a.window, qpos0 + qi, key);
+        vis[qi][j] = v;
+        seen |= v;
+    }
+    int64_t slot = !seen ? -1 : a.table ? (int64_t)a.table[key / a.blk] * a.blk + key % a.blk : key;
+    row[j] = slot < 0 ? -1 : (slot * a.n_kv_heads + kvh) * a.dim;
+    int some = __any_sync(0xffffffffu, seen);
+    if (j == 0) *any = some;
+}
+
+/* The chunk's rows of src (keys or values) into kv[CHUNK][dim], zeros for
+ * the rows no query sees; four floats a load when vec4 (dim a multiple of
+ * 4, k and v 16-byte aligned). */
+static __device__ __forceinline__ void chunk_load(float *kv, const float *src, const int64_t *row, int dim, int vec4) {
+    if (vec4) {
+        int d4 = dim / 4;
+        for (int e = threadIdx.x; e < CHUNK * d4; e += TILE_THREADS) {
+            int64_t r = row[e / d4];
+            ((float4 *)kv)[e] = r >= 0 ? __ldg((const float4 *)(src + r) + e % d4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+        return;
+    }
+    for (int e = threadIdx.x; e < CHUNK * dim; e += TILE_THREADS) {
+        int64_t r = row[e / dim];
+        kv[e] = r >= 0 ? __ldg(src + r + e % dim) : 0.0f;
+    }
+}
+
 /* The block's tile (queries blockIdx.x * QT.., head blockIdx.y) of a; one
  * compiled body for the single and the batched kernel, so both give the
  * same bits. */
 static __device__ __noinline__ void attention_tile(float *out, const float *q, const AttArgs a) {
-    extern __shared__ float sm[];
+    extern __shared__ __align__(16) float sm[];
     float *qs = sm, *kv = sm + QT * a.dim; /* [QT][dim], then one chunk's keys or values [CHUNK][dim] */
     __shared__ float s[QT][CHUNK], p[QT][CHUNK], alpha_sh[QT], l_sh[QT], m_sh[QT];
     __shared__ uint8_t vis[QT][CHUNK];
+    __shared__ int64_t row_sh[CHUNK]; /* where key j's row starts in k and v; -1: no query of the tile sees it */
     __shared__ int any_sh;
     int64_t i0 = (int64_t)blockIdx.x * QT;
     int h = (int)blockIdx.y, kvh = h / (a.n_heads / a.n_kv_heads), tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -102,23 +142,13 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
     float acc[TILE_PER_THREAD];
 #pragma unroll
     for (int t = 0; t < TILE_PER_THREAD; t++) acc[t] = 0.0f;
+    int vec4 = a.dim % 4 == 0 && (((uintptr_t)a.k | (uintptr_t)a.v) & 15) == 0;
     for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) {
-        if (tid == 0) any_sh = 0;
-        __syncthreads();
-        { /* which of the tile's queries see which keys: QT * CHUNK = TILE_THREADS pairs */
-            int qi = tid / CHUNK, j = tid % CHUNK;
-            int64_t key = k0 + j;
-            uint8_t v = qi < nq && key < a.n_keys && mask_visible(a.valid, a.group, a.window, a.q_pos0 + i0 + qi, key);
-            vis[qi][j] = v;
-            if (v) any_sh = 1;
-        }
+        __syncthreads(); /* vis, row_sh and any_sh of the chunk before are read no more */
+        if (warp == 0) chunk_rows(a, k0, nq, a.q_pos0 + i0, kvh, vis, row_sh, &any_sh);
         __syncthreads();
         if (!any_sh) continue; /* no query sees the chunk: the one-query kernel leaves its state as it is */
-        for (int e = tid; e < CHUNK * a.dim; e += TILE_THREADS) {
-            int j = e / a.dim, seen = 0;
-            for (int qi = 0; qi < QT; qi++) seen |= vis[qi][j];
-            kv[e] = seen ? kv_row(a, a.k, k0 + j, kvh)[e % a.dim] : 0.0f; /* unseen keys are never read */
-        }
+        chunk_load(kv, a.k, row_sh, a.dim, vec4); /* unseen keys are never read */
         __syncthreads();
         for (int pr = warp; pr < QT * CHUNK; pr += TILE_WARPS) {
             int qi = pr / CHUNK, j = pr % CHUNK;
@@ -141,11 +171,7 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
             m_sh[tid] = cm;
             l_sh[tid] = l_sh[tid] * alpha + ps;
         }
-        for (int e = tid; e < CHUNK * a.dim; e += TILE_THREADS) { /* the values replace the keys (all scored) */
-            int j = e / a.dim, seen = 0;
-            for (int qi = 0; qi < QT; qi++) seen |= vis[qi][j];
-            kv[e] = seen ? kv_row(a, a.v, k0 + j, kvh)[e % a.dim] : 0.0f;
-        }
+        chunk_load(kv, a.v, row_sh, a.dim, vec4); /* the values replace the keys (all scored) */
         __syncthreads();
 #pragma unroll
         for (int t = 0; t < TILE_PER_THREAD; t++) {
