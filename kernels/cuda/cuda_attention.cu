@@ -2,7 +2,8 @@
  * gradient. The keys pass in chunks of CHUNK, each warp scoring a few of
  * them, and the output is accumulated with an online softmax (running
  * maximum and sum), so no T x T score matrix is ever stored; a block takes
- * QT queries of one head, sharing each chunk loaded into shared memory.
+ * QT queries of one head, or a decode step's query for up to QT heads of
+ * one KV head, sharing each chunk loaded into shared memory.
  * Keys the mask hides are never read (a paged block given back may be -1).
  * The gradient (head_dim <= 512) runs query tiles for the softmax's
  * statistics and dq, then key tiles that walk every query of their KV head
@@ -29,6 +30,7 @@ typedef struct {
     int64_t n_q, q_pos0, n_keys;
     int n_heads, n_kv_heads, dim;
     float scale;
+    int hp;                   /* the forward tile's heads (attention_tile): 1, or packed for one query */
 } AttArgs;
 
 static __device__ __forceinline__ const float *kv_row(const AttArgs &a, const float *base, int64_t key, int kvh) {
@@ -79,19 +81,19 @@ static __device__ void chunk_scores(const AttArgs &a, const float *qs, const flo
 
 static size_t tile_smem(int dim) { return ((size_t)QT * dim + (size_t)CHUNK * dim) * sizeof(float); }
 
-/* One warp, lane j taking key k0 + j: which of the tile's nq queries (at
- * positions qpos0..) see it (vis[qi][j]), where its row starts in k and v
- * (row[j], -1 when no query sees it, so that it is never read: a paged
- * block given back may be -1) and, in *any, whether any query sees any key
- * of the chunk. */
+/* One warp, lane j taking key k0 + j: which of the tile's ns slots (slot
+ * i: the query at position qpos0 + i / hp) see it (vis[i][j]), where its
+ * row starts in k and v (row[j], -1 when no slot sees it, so that it is
+ * never read: a paged block given back may be -1) and, in *any, whether any
+ * slot sees any key of the chunk. */
 static_assert(CHUNK == 32, "chunk_rows takes a key per lane of one warp");
-static __device__ void chunk_rows(const AttArgs &a, int64_t k0, int nq, int64_t qpos0, int kvh, uint8_t (*vis)[CHUNK],
-                                  int64_t *row, int *any) {
+static __device__ void chunk_rows(const AttArgs &a, int64_t k0, int ns, int hp, int64_t qpos0, int kvh,
+                                  uint8_t (*vis)[CHUNK], int64_t *row, int *any) {
     int j = threadIdx.x & 31, seen = 0;
     int64_t key = k0 + j;
-    for (int qi = 0; qi < QT; qi++) {
-        uint8_t v = qi < nq && key < a.n_keys && mask_visible(a.valid, a.group, a.window, qpos0 + qi, key);
-        vis[qi][j] = v;
+    for (int i = 0; i < QT; i++) {
+        uint8_t v = i < ns && key < a.n_keys && mask_visible(a.valid, a.group, a.window, qpos0 + i / hp, key);
+        vis[i][j] = v;
         seen |= v;
     }
     int64_t slot = !seen ? -1 : a.table ? (int64_t)a.table[key / a.blk] * a.blk + key % a.blk : key;
@@ -118,22 +120,27 @@ static __device__ __forceinline__ void chunk_load(float *kv, const float *src, c
     }
 }
 
-/* The block's tile (queries blockIdx.x * QT.., head blockIdx.y) of a; one
- * compiled body for the single and the batched kernel, so both give the
- * same bits. */
+/* The block's tile of a: QT slots, slot i the query i0 + i / hp of head
+ * h0 + i % hp (queries i0 = blockIdx.x * QT / hp.., heads h0 = blockIdx.y *
+ * hp.. of one KV head; a decode step's one query takes hp heads, so that
+ * they share each chunk of keys and values). Each slot's arithmetic is
+ * the same whatever else is in its tile. One compiled body for the single,
+ * the batched and the row kernels, so all give the same bits. */
 static __device__ __noinline__ void attention_tile(float *out, const float *q, const AttArgs a) {
     extern __shared__ __align__(16) float sm[];
     float *qs = sm, *kv = sm + QT * a.dim; /* [QT][dim], then one chunk's keys or values [CHUNK][dim] */
     __shared__ float s[QT][CHUNK], p[QT][CHUNK], alpha_sh[QT], l_sh[QT], m_sh[QT];
     __shared__ uint8_t vis[QT][CHUNK];
-    __shared__ int64_t row_sh[CHUNK]; /* where key j's row starts in k and v; -1: no query of the tile sees it */
+    __shared__ int64_t row_sh[CHUNK]; /* where key j's row starts in k and v; -1: no slot of the tile sees it */
     __shared__ int any_sh;
-    int64_t i0 = (int64_t)blockIdx.x * QT;
-    int h = (int)blockIdx.y, kvh = h / (a.n_heads / a.n_kv_heads), tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    int nq = a.n_q - i0 < QT ? (int)(a.n_q - i0) : QT;
+    int hp = a.hp, qt = QT / hp;
+    int64_t i0 = (int64_t)blockIdx.x * qt;
+    int h0 = (int)blockIdx.y * hp, kvh = h0 / (a.n_heads / a.n_kv_heads), tid = threadIdx.x, lane = tid & 31,
+        warp = tid >> 5;
+    int nq = a.n_q - i0 < qt ? (int)(a.n_q - i0) : qt, ns = nq * hp; /* slots in use: the first ns */
     for (int e = tid; e < QT * a.dim; e += TILE_THREADS) {
-        int qi = e / a.dim;
-        qs[e] = qi < nq ? q[((i0 + qi) * a.n_heads + h) * a.dim + e % a.dim] : 0.0f;
+        int i = e / a.dim;
+        qs[e] = i < ns ? q[((i0 + i / hp) * a.n_heads + h0 + i % hp) * a.dim + e % a.dim] : 0.0f;
     }
     if (tid < QT) {
         m_sh[tid] = -INFINITY;
@@ -145,7 +152,7 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
     int vec4 = a.dim % 4 == 0 && (((uintptr_t)a.k | (uintptr_t)a.v) & 15) == 0;
     for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) {
         __syncthreads(); /* vis, row_sh and any_sh of the chunk before are read no more */
-        if (warp == 0) chunk_rows(a, k0, nq, a.q_pos0 + i0, kvh, vis, row_sh, &any_sh);
+        if (warp == 0) chunk_rows(a, k0, ns, hp, a.q_pos0 + i0, kvh, vis, row_sh, &any_sh);
         __syncthreads();
         if (!any_sh) continue; /* no query sees the chunk: the one-query kernel leaves its state as it is */
         chunk_load(kv, a.k, row_sh, a.dim, vec4); /* unseen keys are never read */
@@ -176,7 +183,7 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
 #pragma unroll
         for (int t = 0; t < TILE_PER_THREAD; t++) {
             int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
-            if (qi >= nq) break;
+            if (qi >= ns) break;
             float v = acc[t] * alpha_sh[qi];
             for (int j = 0; j < CHUNK; j++)
                 if (p[qi][j] != 0.0f) v += p[qi][j] * kv[j * a.dim + d];
@@ -187,9 +194,9 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
 #pragma unroll
     for (int t = 0; t < TILE_PER_THREAD; t++) {
         int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
-        if (qi >= nq) break;
+        if (qi >= ns) break;
         float m = m_sh[qi], l = l_sh[qi];
-        out[((i0 + qi) * a.n_heads + h) * a.dim + d] = m == -INFINITY ? 0.0f : acc[t] / l; /* no visible key: zeros */
+        out[((i0 + qi / hp) * a.n_heads + h0 + qi % hp) * a.dim + d] = m == -INFINITY ? 0.0f : acc[t] / l; /* no visible key: zeros */
     }
 }
 
@@ -206,7 +213,8 @@ typedef struct {
 
 static __global__ void k_attention_batch(float *out, const float *q, const int32_t *pos, AttArgs a, AttSeqs g) {
     const KnAttnSeq &s = g.s[blockIdx.z];
-    if ((int64_t)blockIdx.x * QT >= s.n_q) return; /* the whole block */
+    if (s.n_q != 1) a.hp = 1; /* a.hp heads share a tile of a decode step's one query */
+    if ((int64_t)blockIdx.x * (QT / a.hp) >= s.n_q || (int)blockIdx.y * a.hp >= a.n_heads) return; /* the whole block */
     a.table = s.table;
     a.valid = s.valid;
     a.group = s.group;
@@ -238,6 +246,14 @@ static int att_ok(CudaCtx *c, int dim, int n_heads, int n_kv_heads, const char *
     return 0;
 }
 
+/* Heads a tile of one query takes (attention_tile): the most, up to QT, a
+ * power of two dividing the heads of a KV head. */
+static int heads_packed(int n_heads, int n_kv_heads) {
+    int g = n_heads / n_kv_heads, hp = 1;
+    while (2 * hp <= QT && g % (2 * hp) == 0) hp *= 2;
+    return hp;
+}
+
 /* The dynamic shared memory of one of the tile kernels for dim, once the
  * shape is checked (att_ok) and the kernel's limit raised to it; 0 when
  * the shape is refused. */
@@ -248,12 +264,14 @@ static size_t att_smem(CudaCtx *c, const void *kernel, int dim, int n_heads, int
     return smem;
 }
 
-static void launch_attention(const KnCtx *ctx, float *out, const float *q, const AttArgs &a, const char *what) {
+static void launch_attention(const KnCtx *ctx, float *out, const float *q, AttArgs a, const char *what) {
     if (a.n_q <= 0 || a.n_heads <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
     size_t smem = att_smem(c, (const void *)k_attention, a.dim, a.n_heads, a.n_kv_heads, what);
     if (!smem) return;
-    dim3 grid((unsigned)((a.n_q + QT - 1) / QT), (unsigned)a.n_heads);
+    a.hp = a.n_q == 1 ? heads_packed(a.n_heads, a.n_kv_heads) : 1;
+    int qt = QT / a.hp;
+    dim3 grid((unsigned)((a.n_q + qt - 1) / qt), (unsigned)(a.n_heads / a.hp));
     k_attention<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, a);
     CUDA_LAUNCHED(c, what);
 }
@@ -265,7 +283,8 @@ void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const in
     CudaCtx *c = cuda_ctx(ctx);
     size_t smem = att_smem(c, (const void *)k_attention_batch, dim, n_heads, n_kv_heads, "attention_batch");
     if (!smem) return;
-    AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale};
+    AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale,
+                 heads_packed(n_heads, n_kv_heads)};
     for (int s0 = 0; s0 < n_seqs; s0 += ATT_GROUP) {
         AttSeqs g;
         int ng = n_seqs - s0 < ATT_GROUP ? n_seqs - s0 : ATT_GROUP;
@@ -293,8 +312,9 @@ void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int
     }
     size_t smem = att_smem(c, (const void *)k_attention_rows, dim, n_heads, n_kv_heads, "attention_rows");
     if (!smem) return;
-    AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale};
-    dim3 grid(1, (unsigned)n_heads, (unsigned)n);
+    AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale,
+                 heads_packed(n_heads, n_kv_heads)};
+    dim3 grid(1, (unsigned)(n_heads / a.hp), (unsigned)n);
     k_attention_rows<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, rows);
     CUDA_LAUNCHED(c, "attention_rows");
 }
@@ -303,14 +323,14 @@ void cuda_attention(const KnCtx *ctx, float *out, const float *q, const float *k
                     int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
                     const KnMask *mask) {
     AttArgs a = {k, v, NULL, 1, mask->valid, mask->group, mask->window, n_q, q_pos0, n_keys, n_heads, n_kv_heads,
-                 dim, scale};
+                 dim, scale, 1};
     launch_attention(ctx, out, q, a, "attention");
 }
 
 void cuda_attention_paged(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q, int64_t q_pos0,
                           int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale, const KnMask *mask) {
     AttArgs a = {kv->k, kv->v, kv->table, kv->block_len, mask->valid, mask->group, mask->window, n_q, q_pos0, n_keys,
-                 n_heads, n_kv_heads, dim, scale};
+                 n_heads, n_kv_heads, dim, scale, 1};
     launch_attention(ctx, out, q, a, "attention_paged");
 }
 
@@ -631,7 +651,7 @@ void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const 
     CudaCtx *c = cuda_ctx(ctx);
     if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_dx")) return;
     AttArgs a = {k, v, NULL, 1, mask->valid, mask->group, mask->window, n_q, q_pos0, n_keys, n_heads, n_kv_heads,
-                 dim, scale};
+                 dim, scale, 1};
     if (dim <= TILED_DX_MAX_DIM) {
         attention_dx_tiled(c, dq, dk, dv, q, dout, a);
         return;
