@@ -120,21 +120,69 @@ static __device__ __forceinline__ void chunk_load(float *kv, const float *src, c
     }
 }
 
-/* The block's tile of a: QT slots, slot i the query i0 + i / hp of head
- * h0 + i % hp (queries i0 = blockIdx.x * QT / hp.., heads h0 = blockIdx.y *
- * hp.. of one KV head; a decode step's one query takes hp heads, so that
- * they share each chunk of keys and values). Each slot's arithmetic is
- * the same whatever else is in its tile. One compiled body for the single,
- * the batched and the row kernels, so all give the same bits. */
-static __device__ __noinline__ void attention_tile(float *out, const float *q, const AttArgs a) {
+/* The order a query's keys are summed in, the same on every path so that
+ * a decode step equals its prefill bit for bit however it is split: the
+ * keys fall into runs of ATT_RUN (key t in run t / ATT_RUN), run g into
+ * stream g % ATT_STREAMS. A stream's runs are summed in order by the online
+ * softmax, chunk by chunk, from nothing; then the streams' sums are merged
+ * in stream order (att_merge). One block may take every stream of a tile
+ * in turn, or ATT_STREAMS blocks one stream each and k_att_merge merges
+ * them (a decode step's few rows over a long context). A context of up to
+ * ATT_RUN keys has one stream, merged exactly as it was summed. */
+#define ATT_RUN 64
+#define ATT_STREAMS 8
+static_assert(ATT_RUN % CHUNK == 0, "a run is whole chunks");
+
+/* Merges a stream's (m, l) into the running (*M, *L): 0 (the stream saw
+ * nothing: keep), 1 (nothing before it: take the stream's sums) or 2 (sum
+ * both, the running one times *fa, the stream's times *fb). */
+static __device__ __forceinline__ int att_merge(float *M, float *L, float m, float l, float *fa, float *fb) {
+    if (m == -INFINITY) return 0;
+    if (*M == -INFINITY) {
+        *M = m;
+        *L = l;
+        return 1;
+    }
+    float nm = fmaxf(*M, m);
+    *fa = expf(*M - nm);
+    *fb = expf(m - nm);
+    *L = __fmaf_rn(*L, *fa, __fmul_rn(l, *fb));
+    *M = nm;
+    return 2;
+}
+
+/* An output element after a merge of mode (att_merge): tot the running
+ * sum, acc the stream's. */
+static __device__ __forceinline__ float att_merged(int mode, float tot, float acc, float fa, float fb) {
+    return mode == 1 ? acc : mode == 2 ? __fmaf_rn(tot, fa, __fmul_rn(acc, fb)) : tot;
+}
+
+/* One stream's (m, l, acc[dim]) of a query row and head, in the split's
+ * partial sums: [row][head][stream]. */
+static __device__ __forceinline__ float *att_part(float *part, int64_t row, int h, int r, const AttArgs &a) {
+    return part + (((size_t)row * (size_t)a.n_heads + (size_t)h) * ATT_STREAMS + (size_t)r) * (size_t)(a.dim + 2);
+}
+
+/* Tile `tile` of a: QT slots, slot i the query i0 + i / hp of head h0 + i %
+ * hp (queries i0 = tile * QT / hp.., heads h0 = blockIdx.y * hp.. of one
+ * KV head; a decode step's one query takes hp heads, so that they share
+ * each chunk of keys and values). Each slot's arithmetic is the same
+ * whatever else is in its tile. stream < 0: every stream, merged, into
+ * out (the running sums kept there until the end); else that stream's sums
+ * into part (att_part). One compiled body for every forward kernel, so
+ * all give the same bits. */
+static __device__ __noinline__ void attention_tile(float *out, const float *q, const AttArgs a, int64_t tile, int stream,
+                                                   float *part) {
     extern __shared__ __align__(16) float sm[];
     float *qs = sm, *kv = sm + QT * a.dim; /* [QT][dim], then one chunk's keys or values [CHUNK][dim] */
     __shared__ float s[QT][CHUNK], p[QT][CHUNK], alpha_sh[QT], l_sh[QT], m_sh[QT];
+    __shared__ float M_sh[QT], L_sh[QT], fa_sh[QT], fb_sh[QT]; /* the streams merged so far, and this merge */
+    __shared__ int mode_sh[QT];
     __shared__ uint8_t vis[QT][CHUNK];
     __shared__ int64_t row_sh[CHUNK]; /* where key j's row starts in k and v; -1: no slot of the tile sees it */
     __shared__ int any_sh;
     int hp = a.hp, qt = QT / hp;
-    int64_t i0 = (int64_t)blockIdx.x * qt;
+    int64_t i0 = tile * qt;
     int h0 = (int)blockIdx.y * hp, kvh = h0 / (a.n_heads / a.n_kv_heads), tid = threadIdx.x, lane = tid & 31,
         warp = tid >> 5;
     int nq = a.n_q - i0 < qt ? (int)(a.n_q - i0) : qt, ns = nq * hp; /* slots in use: the first ns */
@@ -143,64 +191,117 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
         qs[e] = i < ns ? q[((i0 + i / hp) * a.n_heads + h0 + i % hp) * a.dim + e % a.dim] : 0.0f;
     }
     if (tid < QT) {
-        m_sh[tid] = -INFINITY;
-        l_sh[tid] = 0.0f;
+        M_sh[tid] = -INFINITY;
+        L_sh[tid] = 0.0f;
     }
-    float acc[TILE_PER_THREAD];
-#pragma unroll
-    for (int t = 0; t < TILE_PER_THREAD; t++) acc[t] = 0.0f;
     int vec4 = a.dim % 4 == 0 && (((uintptr_t)a.k | (uintptr_t)a.v) & 15) == 0;
-    for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) {
-        __syncthreads(); /* vis, row_sh and any_sh of the chunk before are read no more */
-        if (warp == 0) chunk_rows(a, k0, ns, hp, a.q_pos0 + i0, kvh, vis, row_sh, &any_sh);
-        __syncthreads();
-        if (!any_sh) continue; /* no query sees the chunk: the one-query kernel leaves its state as it is */
-        chunk_load(kv, a.k, row_sh, a.dim, vec4); /* unseen keys are never read */
-        __syncthreads();
-        for (int pr = warp; pr < QT * CHUNK; pr += TILE_WARPS) {
-            int qi = pr / CHUNK, j = pr % CHUNK;
-            float dot = 0.0f;
-            if (vis[qi][j]) { /* uniform over the warp */
-                for (int d = lane; d < a.dim; d += 32) dot += qs[qi * a.dim + d] * kv[j * a.dim + d];
-                dot = warp_sum(dot);
-            }
-            if (lane == 0) s[qi][j] = vis[qi][j] ? dot * a.scale : -INFINITY;
-        }
-        __syncthreads();
+    float acc[TILE_PER_THREAD];
+    for (int r = stream < 0 ? 0 : stream; r < (stream < 0 ? ATT_STREAMS : stream + 1); r++) {
         if (tid < QT) {
-            float m = m_sh[tid], cm = m;
-            for (int j = 0; j < CHUNK; j++) cm = fmaxf(cm, s[tid][j]);
-            float alpha = cm == -INFINITY || m == -INFINITY ? 0.0f : expf(m - cm);
-            float ps = 0.0f;
-            for (int j = 0; j < CHUNK; j++) p[tid][j] = s[tid][j] == -INFINITY ? 0.0f : expf(s[tid][j] - cm);
-            for (int j = 0; j < CHUNK; j++) ps += p[tid][j];
-            alpha_sh[tid] = alpha;
-            m_sh[tid] = cm;
-            l_sh[tid] = l_sh[tid] * alpha + ps;
+            m_sh[tid] = -INFINITY;
+            l_sh[tid] = 0.0f;
         }
-        chunk_load(kv, a.v, row_sh, a.dim, vec4); /* the values replace the keys (all scored) */
+#pragma unroll
+        for (int t = 0; t < TILE_PER_THREAD; t++) acc[t] = 0.0f;
+        for (int64_t g0 = (int64_t)r * ATT_RUN; g0 < a.n_keys; g0 += (int64_t)ATT_STREAMS * ATT_RUN)
+            for (int64_t k0 = g0; k0 < g0 + ATT_RUN && k0 < a.n_keys; k0 += CHUNK) {
+                __syncthreads(); /* vis, row_sh and any_sh of the chunk before are read no more */
+                if (warp == 0) chunk_rows(a, k0, ns, hp, a.q_pos0 + i0, kvh, vis, row_sh, &any_sh);
+                __syncthreads();
+                if (!any_sh) continue; /* no slot sees the chunk: its state stays as it is */
+                chunk_load(kv, a.k, row_sh, a.dim, vec4); /* unseen keys are never read */
+                __syncthreads();
+                for (int pr = warp; pr < QT * CHUNK; pr += TILE_WARPS) {
+                    int qi = pr / CHUNK, j = pr % CHUNK;
+                    float dot = 0.0f;
+                    if (vis[qi][j]) { /* uniform over the warp */
+                        for (int d = lane; d < a.dim; d += 32) dot += qs[qi * a.dim + d] * kv[j * a.dim + d];
+                        dot = warp_sum(dot);
+                    }
+                    if (lane == 0) s[qi][j] = vis[qi][j] ? dot * a.scale : -INFINITY;
+                }
+                __syncthreads();
+                if (tid < QT) {
+                    float m = m_sh[tid], cm = m;
+                    for (int j = 0; j < CHUNK; j++) cm = fmaxf(cm, s[tid][j]);
+                    float alpha = cm == -INFINITY || m == -INFINITY ? 0.0f : expf(m - cm);
+                    float ps = 0.0f;
+                    for (int j = 0; j < CHUNK; j++) p[tid][j] = s[tid][j] == -INFINITY ? 0.0f : expf(s[tid][j] - cm);
+                    for (int j = 0; j < CHUNK; j++) ps += p[tid][j];
+                    alpha_sh[tid] = alpha;
+                    m_sh[tid] = cm;
+                    l_sh[tid] = l_sh[tid] * alpha + ps;
+                }
+                chunk_load(kv, a.v, row_sh, a.dim, vec4); /* the values replace the keys (all scored) */
+                __syncthreads();
+#pragma unroll
+                for (int t = 0; t < TILE_PER_THREAD; t++) {
+                    int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
+                    if (qi >= ns) break;
+                    float v = acc[t] * alpha_sh[qi];
+                    for (int j = 0; j < CHUNK; j++)
+                        if (p[qi][j] != 0.0f) v += p[qi][j] * kv[j * a.dim + d];
+                    acc[t] = v;
+                }
+            }
+        __syncthreads(); /* the stream's m_sh and l_sh are final */
+        if (stream >= 0) { /* this stream's sums for k_att_merge */
+            if (tid < ns) {
+                float *pt = att_part(part, i0 + tid / hp, h0 + tid % hp, r, a);
+                pt[0] = m_sh[tid];
+                pt[1] = l_sh[tid];
+            }
+#pragma unroll
+            for (int t = 0; t < TILE_PER_THREAD; t++) {
+                int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
+                if (qi >= ns) break;
+                att_part(part, i0 + qi / hp, h0 + qi % hp, r, a)[2 + d] = acc[t];
+            }
+            return;
+        }
+        if (tid < QT) mode_sh[tid] = att_merge(&M_sh[tid], &L_sh[tid], m_sh[tid], l_sh[tid], &fa_sh[tid], &fb_sh[tid]);
         __syncthreads();
 #pragma unroll
         for (int t = 0; t < TILE_PER_THREAD; t++) {
             int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
             if (qi >= ns) break;
-            float v = acc[t] * alpha_sh[qi];
-            for (int j = 0; j < CHUNK; j++)
-                if (p[qi][j] != 0.0f) v += p[qi][j] * kv[j * a.dim + d];
-            acc[t] = v;
+            float *o = &out[((i0 + qi / hp) * a.n_heads + h0 + qi % hp) * a.dim + d];
+            if (mode_sh[qi]) *o = att_merged(mode_sh[qi], mode_sh[qi] == 2 ? *o : 0.0f, acc[t], fa_sh[qi], fb_sh[qi]);
         }
-        __syncthreads(); /* s, p, vis and the chunk are rewritten next */
+        __syncthreads(); /* mode_sh, fa_sh, fb_sh and m_sh are rewritten next */
     }
 #pragma unroll
     for (int t = 0; t < TILE_PER_THREAD; t++) {
         int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
         if (qi >= ns) break;
-        float m = m_sh[qi], l = l_sh[qi];
-        out[((i0 + qi / hp) * a.n_heads + h0 + qi % hp) * a.dim + d] = m == -INFINITY ? 0.0f : acc[t] / l; /* no visible key: zeros */
+        float *o = &out[((i0 + qi / hp) * a.n_heads + h0 + qi % hp) * a.dim + d];
+        *o = M_sh[qi] == -INFINITY ? 0.0f : *o / L_sh[qi]; /* no visible key: zeros */
     }
 }
 
-static __global__ void k_attention(float *out, const float *q, AttArgs a) { attention_tile(out, q, a); }
+/* out[row, h, d] from the streams' sums of a split (attention_tile's
+ * stream >= 0), merged in stream order as one block merges them. */
+static __global__ void k_att_merge(float *out, float *part, AttArgs a, int64_t rows) {
+    size_t n = (size_t)rows * (size_t)a.n_heads * (size_t)a.dim;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        int64_t row = (int64_t)(e / ((size_t)a.n_heads * a.dim));
+        int h = (int)(e / (size_t)a.dim % (size_t)a.n_heads), d = (int)(e % (size_t)a.dim);
+        float M = -INFINITY, L = 0.0f, tot = 0.0f, fa = 0.0f, fb = 0.0f;
+        for (int r = 0; r < ATT_STREAMS; r++) {
+            const float *pt = att_part(part, row, h, r, a);
+            int mode = att_merge(&M, &L, pt[0], pt[1], &fa, &fb);
+            tot = att_merged(mode, tot, pt[2 + d], fa, fb);
+        }
+        out[e] = M == -INFINITY ? 0.0f : tot / L;
+    }
+}
+
+/* One sequence's tiles; with part, its one query's streams (blockIdx.x)
+ * for k_att_merge. */
+static __global__ void k_attention(float *out, const float *q, AttArgs a, float *part) {
+    if (part) attention_tile(out, q, a, 0, (int)blockIdx.x, part);
+    else attention_tile(out, q, a, blockIdx.x, -1, NULL);
+}
 
 /* A batch's sequences launched together: up to ATT_GROUP of them by value
  * in the kernel's parameters, blockIdx.z picking one, its first position
@@ -222,13 +323,14 @@ static __global__ void k_attention_batch(float *out, const float *q, const int32
     a.q_pos0 = pos[s.row0];
     a.n_keys = a.q_pos0 + s.n_q;
     size_t at = (size_t)s.row0 * (size_t)a.n_heads * (size_t)a.dim;
-    attention_tile(out + at, q + at, a);
+    attention_tile(out + at, q + at, a, blockIdx.x, -1, NULL);
 }
 
 /* One sequence of one query row per blockIdx.z, described in device
- * memory (KnAttnRow): what k_attention_batch computes for that row. */
+ * memory (KnAttnRow): what k_attention_batch computes for that row; with
+ * part, its streams (blockIdx.x) for k_att_merge. */
 static __global__ void k_attention_rows(float *out, const float *q, const int32_t *pos, AttArgs a,
-                                        const KnAttnRow *rows) {
+                                        const KnAttnRow *rows, float *part) {
     const KnAttnRow s = rows[blockIdx.z];
     a.table = s.table;
     a.valid = s.valid;
@@ -237,7 +339,8 @@ static __global__ void k_attention_rows(float *out, const float *q, const int32_
     a.q_pos0 = pos[blockIdx.z];
     a.n_keys = a.q_pos0 + 1;
     size_t at = (size_t)blockIdx.z * (size_t)a.n_heads * (size_t)a.dim;
-    attention_tile(out + at, q + at, a);
+    if (part) attention_tile(out + at, q + at, a, 0, (int)blockIdx.x, att_part(part, blockIdx.z, 0, 0, a));
+    else attention_tile(out + at, q + at, a, 0, -1, NULL);
 }
 
 static int att_ok(CudaCtx *c, int dim, int n_heads, int n_kv_heads, const char *what) {
@@ -252,6 +355,24 @@ static int heads_packed(int n_heads, int n_kv_heads) {
     int g = n_heads / n_kv_heads, hp = 1;
     while (2 * hp <= QT && g % (2 * hp) == 0) hp *= 2;
     return hp;
+}
+
+/* The partial sums of a decode step's rows split by stream (attention_tile),
+ * in the context's scratch; NULL when the step does not split: its rows
+ * and heads already fill the device (rows * heads / hp tiles of at least
+ * ATT_SPLIT_BELOW), or the scratch cannot grow (then unsplit, which sums
+ * the same bits). */
+#define ATT_SPLIT_BELOW 1024
+static float *att_split(CudaCtx *c, int64_t rows, const AttArgs &a, const char *what) {
+    if (rows * (a.n_heads / a.hp) >= ATT_SPLIT_BELOW) return NULL;
+    size_t bytes = (size_t)rows * (size_t)a.n_heads * ATT_STREAMS * (size_t)(a.dim + 2) * sizeof(float);
+    return (float *)cuda_scratch(c, bytes, what);
+}
+
+static void launch_merge(CudaCtx *c, float *out, float *part, const AttArgs &a, int64_t rows, const char *what) {
+    size_t n = (size_t)rows * (size_t)a.n_heads * (size_t)a.dim;
+    k_att_merge<<<cuda_blocks(n, 256), 256, 0, c->stream>>>(out, part, a, rows);
+    CUDA_LAUNCHED(c, what);
 }
 
 /* The dynamic shared memory of one of the tile kernels for dim, once the
@@ -271,9 +392,11 @@ static void launch_attention(const KnCtx *ctx, float *out, const float *q, AttAr
     if (!smem) return;
     a.hp = a.n_q == 1 ? heads_packed(a.n_heads, a.n_kv_heads) : 1;
     int qt = QT / a.hp;
-    dim3 grid((unsigned)((a.n_q + qt - 1) / qt), (unsigned)(a.n_heads / a.hp));
-    k_attention<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, a);
+    float *part = a.n_q == 1 ? att_split(c, 1, a, what) : NULL;
+    dim3 grid(part ? ATT_STREAMS : (unsigned)((a.n_q + qt - 1) / qt), (unsigned)(a.n_heads / a.hp));
+    k_attention<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, a, part);
     CUDA_LAUNCHED(c, what);
+    if (part) launch_merge(c, out, part, a, 1, what);
 }
 
 void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
@@ -314,9 +437,11 @@ void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int
     if (!smem) return;
     AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale,
                  heads_packed(n_heads, n_kv_heads)};
-    dim3 grid(1, (unsigned)(n_heads / a.hp), (unsigned)n);
-    k_attention_rows<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, rows);
+    float *part = att_split(c, n, a, "attention_rows");
+    dim3 grid(part ? ATT_STREAMS : 1, (unsigned)(n_heads / a.hp), (unsigned)n);
+    k_attention_rows<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, rows, part);
     CUDA_LAUNCHED(c, "attention_rows");
+    if (part) launch_merge(c, out, part, a, n, "attention_rows");
 }
 
 void cuda_attention(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,

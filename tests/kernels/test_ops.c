@@ -258,13 +258,14 @@ static void test_rope(Dev *d) {
 
 /* Attention with GQA, a window, padding and one bidirectional block. */
 /* Attention at Gemma 4's head dims (256, 512), GQA 4:1, over several key
- * chunks, causal and sliding: against a double reference, and each query
- * computed alone (a decode step) equal bit for bit to the same query in the
- * whole prompt (a prefill), which preemption's recompute and batching rely on. */
+ * chunks (and, the second time, every stream of runs: CUDA sums them apart),
+ * causal and sliding: against a double reference, and each query computed
+ * alone (a decode step) equal bit for bit to the same query in the whole
+ * prompt (a prefill), which preemption's recompute and batching rely on. */
 static void test_attention_shapes(Dev *d) {
-    const int dims[2] = {256, 512};
-    for (int di = 0; di < 2; di++) {
-        int D = dims[di], nq = 20, pos0 = 50, nk = 70, H = 8, KVH = 2, W = 16;
+    const int dims[2] = {256, 512}, lens[2][2] = {{20, 50}, {12, 1100}}; /* queries, first position */
+    for (int di = 0; di < 4; di++) {
+        int D = dims[di % 2], nq = lens[di / 2][0], pos0 = lens[di / 2][1], nk = pos0 + nq, H = 8, KVH = 2, W = 16;
         float *q = rand_vec((size_t)nq * H * D), *k = rand_vec((size_t)nk * KVH * D), *v = rand_vec((size_t)nk * KVH * D);
         uint8_t *valid = malloc((size_t)nk);
         for (int t = 0; t < nk; t++) valid[t] = t != 7;
