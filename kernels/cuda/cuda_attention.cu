@@ -195,6 +195,9 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
         L_sh[tid] = 0.0f;
     }
     int vec4 = a.dim % 4 == 0 && (((uintptr_t)a.k | (uintptr_t)a.v) & 15) == 0;
+    /* the chunks before the window of the tile's first query: no slot sees them, so skipping them changes nothing */
+    int64_t k_lo = a.window > 0 ? a.q_pos0 + i0 - a.window + 1 : 0;
+    k_lo = k_lo > 0 ? k_lo / CHUNK * CHUNK : 0;
     float acc[TILE_PER_THREAD];
     for (int r = stream < 0 ? 0 : stream; r < (stream < 0 ? ATT_STREAMS : stream + 1); r++) {
         if (tid < QT) {
@@ -203,8 +206,10 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
         }
 #pragma unroll
         for (int t = 0; t < TILE_PER_THREAD; t++) acc[t] = 0.0f;
-        for (int64_t g0 = (int64_t)r * ATT_RUN; g0 < a.n_keys; g0 += (int64_t)ATT_STREAMS * ATT_RUN)
-            for (int64_t k0 = g0; k0 < g0 + ATT_RUN && k0 < a.n_keys; k0 += CHUNK) {
+        int64_t g = k_lo / ATT_RUN; /* the stream's first run that reaches k_lo */
+        g = g <= r ? r : r + (g - r + ATT_STREAMS - 1) / ATT_STREAMS * ATT_STREAMS;
+        for (int64_t g0 = g * ATT_RUN; g0 < a.n_keys; g0 += (int64_t)ATT_STREAMS * ATT_RUN)
+            for (int64_t k0 = g0 > k_lo ? g0 : k_lo; k0 < g0 + ATT_RUN && k0 < a.n_keys; k0 += CHUNK) {
                 __syncthreads(); /* vis, row_sh and any_sh of the chunk before are read no more */
                 if (warp == 0) chunk_rows(a, k0, ns, hp, a.q_pos0 + i0, kvh, vis, row_sh, &any_sh);
                 __syncthreads();
