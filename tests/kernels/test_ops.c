@@ -443,6 +443,64 @@ static void test_attention_batch(Dev *d) {
         }
 }
 
+/* A decode step's rows over long contexts in paged stores (CUDA splits
+ * their keys' streams over blocks and merges them after): attention_rows
+ * gives each row, bit for bit, what the sequence's prefill gives its last
+ * query (attention_paged of its last four queries), full and sliding. */
+static void test_attention_rows_long(Dev *d) {
+    enum { NS = 3, BLK = 16, H = 8, KVH = 2, D = 256, LAST = 4 };
+    const int len[NS] = {700, 1030, 300}; /* keys, the decoding query's included */
+    int blocks = 0;
+    for (int s = 0; s < NS; s++) blocks += (len[s] + BLK - 1) / BLK;
+    size_t store = (size_t)blocks * BLK * KVH * D;
+    float *k = rand_vec(store), *v = rand_vec(store);
+    float *dk = dev_put(d, k, F(store)), *dv = dev_put(d, v, F(store));
+    KnAttnRow hrows[NS];
+    int32_t pos[NS], *tables[NS];
+    uint8_t *valid = malloc(1100);
+    for (int t = 0; t < 1100; t++) valid[t] = (uint8_t)(t % 97 != 5);
+    const uint8_t *dvalid = dev_put(d, valid, 1100);
+    for (int s = 0, next = 0; s < NS; s++) {
+        int nb = (len[s] + BLK - 1) / BLK;
+        tables[s] = malloc((size_t)nb * sizeof **tables);
+        /* out of order; 5 is coprime to the 128 blocks, so no table holds one twice */
+        for (int b = 0; b < nb; b++) tables[s][b] = (int32_t)((next + b * 5) % blocks);
+        next += nb;
+        hrows[s] = (KnAttnRow){dev_put(d, tables[s], (size_t)nb * sizeof **tables), dvalid, NULL};
+        pos[s] = len[s] - 1;
+    }
+    size_t qn = (size_t)NS * LAST * H * D;
+    float *q = rand_vec(qn), *dq = dev_put(d, q, F(qn)), *drow = dev_put(d, q, F(qn)); /* rows: each sequence's last query */
+    for (int s = 0; s < NS; s++)
+        d->be.ops->copy(&d->be.ctx, drow + (size_t)s * H * D, dq + ((size_t)s * LAST + LAST - 1) * H * D, F(H * D));
+    int32_t *dpos = dev_put(d, pos, sizeof pos);
+    const KnAttnRow *drows = dev_put(d, hrows, sizeof hrows);
+    for (int window = 0; window <= 100; window += 100) {
+        float *o1 = dev_poisoned(d, F((size_t)NS * H * D)), *o2 = dev_poisoned(d, F(qn));
+        d->be.ops->attention_rows(&d->be.ctx, o1, drow, dpos, dk, dv, BLK, drows, NS, H, KVH, D, 0.0625f, window);
+        for (int s = 0; s < NS; s++) {
+            KnKv kv = {dk, dv, hrows[s].table, BLK};
+            KnMask m = {dvalid, NULL, window};
+            size_t at = (size_t)s * LAST * H * D;
+            d->be.ops->attention_paged(&d->be.ctx, o2 + at, dq + at, &kv, LAST, len[s] - LAST, len[s], H, KVH, D,
+                                       0.0625f, &m);
+        }
+        float *a = malloc(F((size_t)NS * H * D)), *b = malloc(F(qn));
+        dev_get(d, a, o1, F((size_t)NS * H * D));
+        dev_get(d, b, o2, F(qn));
+        int same = 1, finite = 1;
+        for (int s = 0; s < NS; s++)
+            same &= memcmp(a + (size_t)s * H * D, b + ((size_t)s * LAST + LAST - 1) * H * D, F(H * D)) == 0;
+        for (size_t i = 0; i < (size_t)NS * H * D; i++) finite &= isfinite(a[i]);
+        CHECK(same && finite, "%s: attention_rows over %d, %d and %d keys equals each prefill's last query (window %d)",
+              d->be.name, len[0], len[1], len[2], window);
+        free(a); free(b);
+    }
+    for (int s = 0; s < NS; s++) free(tables[s]);
+    free(valid); free(q); free(k); free(v);
+    dev_reset(d);
+}
+
 /* ---- backward: each gradient kernel against central differences of a
  * double-precision forward written from the definition ---- */
 
@@ -2047,6 +2105,7 @@ int main(void) {
             test_attention(&d);
             test_attention_shapes(&d);
             test_attention_batch(&d);
+            test_attention_rows_long(&d);
             test_matmul_rmsnorm_gelu_dx(&d);
             test_attention_dx(&d);
             test_attention_dx_shapes(&d);
