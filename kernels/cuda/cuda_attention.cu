@@ -78,6 +78,7 @@ static __device__ void chunk_scores(const AttArgs &a, const float *qs, const flo
 #define TILE_THREADS 256
 #define TILE_WARPS (TILE_THREADS / 32)
 #define TILE_PER_THREAD (QT * 1024 / TILE_THREADS) /* outputs per thread at head_dim 1024 */
+static_assert(QT * CHUNK == TILE_THREADS, "a thread per (slot, key) pair of a chunk");
 
 static size_t tile_smem(int dim) { return ((size_t)QT * dim + (size_t)CHUNK * dim) * sizeof(float); }
 
@@ -226,19 +227,24 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
                     if (lane == 0) s[qi][j] = vis[qi][j] ? dot * a.scale : -INFINITY;
                 }
                 __syncthreads();
-                if (tid < QT) {
+                if (tid < QT) { /* the slot's new maximum, and what its sums so far are scaled by */
                     float m = m_sh[tid], cm = m;
                     for (int j = 0; j < CHUNK; j++) cm = fmaxf(cm, s[tid][j]);
-                    float alpha = cm == -INFINITY || m == -INFINITY ? 0.0f : expf(m - cm);
-                    float ps = 0.0f;
-                    for (int j = 0; j < CHUNK; j++) p[tid][j] = s[tid][j] == -INFINITY ? 0.0f : expf(s[tid][j] - cm);
-                    for (int j = 0; j < CHUNK; j++) ps += p[tid][j];
-                    alpha_sh[tid] = alpha;
+                    alpha_sh[tid] = cm == -INFINITY || m == -INFINITY ? 0.0f : expf(m - cm);
                     m_sh[tid] = cm;
-                    l_sh[tid] = l_sh[tid] * alpha + ps;
+                }
+                __syncthreads();
+                { /* every (slot, key) weight at once: QT * CHUNK = TILE_THREADS of them */
+                    int qi = tid / CHUNK, j = tid % CHUNK;
+                    p[qi][j] = s[qi][j] == -INFINITY ? 0.0f : expf(s[qi][j] - m_sh[qi]);
                 }
                 chunk_load(kv, a.v, row_sh, a.dim, vec4); /* the values replace the keys (all scored) */
                 __syncthreads();
+                if (tid < QT) { /* the weights summed in key order */
+                    float ps = 0.0f;
+                    for (int j = 0; j < CHUNK; j++) ps += p[tid][j];
+                    l_sh[tid] = l_sh[tid] * alpha_sh[tid] + ps;
+                }
 #pragma unroll
                 for (int t = 0; t < TILE_PER_THREAD; t++) {
                     int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
