@@ -127,6 +127,7 @@ static __global__ void k_shrink(float *t, int64_t ld_t, const float *x, Group g,
     float acc[SHRINK_ROWS][SHRINK_KS];
     for (int q = 0; q < SHRINK_ROWS; q++)
         for (int c = 0; c < SHRINK_KS; c++) acc[q][c] = 0.0f;
+#pragma unroll 4
     for (int64_t j = lane; j < in; j += 32) {
         float a[SHRINK_KS];
         for (int c = 0; c < SHRINK_KS; c++) a[c] = c < nk ? s.A[(int64_t)(k0 + c) * in + j] : 0.0f;
@@ -256,55 +257,44 @@ void cuda_lora_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, 
 
 /* ---- one adapter per row (KnLoraRow, in device memory) --------------------------------- */
 
-/* t[r, k] = scale_r * sum_j x[r, j] A_r[k, j]. A warp takes SHRINK_ROWS
- * rows by SHRINK_KS ranks as k_shrink does, each lane summing j = lane,
- * lane + 32, .. before the warp's sum, so a row's term is k_shrink's; a
- * row on the adapter of the row before reuses the A values loaded for it,
- * so consecutive rows sharing an adapter read it once per SHRINK_ROWS. */
+/* t[r, k] = scale_r * sum_j x[r, j] A_r[k, j]. A warp takes ROWS_R rows
+ * for one rank (a decode step of 64 rows at rank 16: 256 warps), each lane
+ * summing j = lane, lane + 32, .. before the warp's sum, so a row's term is
+ * k_shrink's, bit for bit, however the rows and ranks are dealt out. The
+ * loop has no branch (rows without the rank load nothing), so that the
+ * loads of several j are in flight at once: with many distinct adapters
+ * the step reads each one's A at the device's bandwidth, not at one load
+ * per warp's round trip; rows sharing an adapter find it in the cache. */
+#define ROWS_R 4
 static __global__ void k_rows_shrink(float *t, int64_t ld_t, const float *x, const KnLoraRow *rows, int64_t n,
                                      int64_t in) {
-    int lane = threadIdx.x & 31, k0 = (blockIdx.y * WARPS + (threadIdx.x >> 5)) * SHRINK_KS;
-    int64_t i0 = (int64_t)blockIdx.x * SHRINK_ROWS;
-    int nr = n - i0 < SHRINK_ROWS ? (int)(n - i0) : SHRINK_ROWS;
-    KnLoraRow d[SHRINK_ROWS];
+    int lane = threadIdx.x & 31, k = blockIdx.y * WARPS + (threadIdx.x >> 5);
+    int64_t i0 = (int64_t)blockIdx.x * ROWS_R;
+    int nr = n - i0 < ROWS_R ? (int)(n - i0) : ROWS_R;
+    const float *A[ROWS_R], *xr[ROWS_R];
+    float scale[ROWS_R], acc[ROWS_R];
     int any = 0;
 #pragma unroll
-    for (int q = 0; q < SHRINK_ROWS; q++) {
-        d[q] = q < nr ? rows[i0 + q] : KnLoraRow{NULL, NULL, 0, 0.0f};
-        any |= k0 < d[q].rank;
+    for (int q = 0; q < ROWS_R; q++) {
+        KnLoraRow d = q < nr ? rows[i0 + q] : KnLoraRow{NULL, NULL, 0, 0.0f};
+        A[q] = k < d.rank ? d.A + (int64_t)k * in : NULL; /* the same for every lane */
+        xr[q] = A[q] ? x + (i0 + q) * in : NULL;
+        scale[q] = d.scale;
+        acc[q] = 0.0f;
+        any |= A[q] != NULL;
     }
-    if (!any) return; /* the whole warp: d is the same for every lane */
-    float acc[SHRINK_ROWS][SHRINK_KS];
+    if (!any) return; /* the whole warp */
+#pragma unroll 4
+    for (int64_t j = lane; j < in; j += 32)
 #pragma unroll
-    for (int q = 0; q < SHRINK_ROWS; q++)
-#pragma unroll
-        for (int c = 0; c < SHRINK_KS; c++) acc[q][c] = 0.0f;
-    for (int64_t j = lane; j < in; j += 32) {
-        float a[SHRINK_KS] = {0.0f, 0.0f, 0.0f, 0.0f};
-        const float *A = NULL;
-#pragma unroll
-        for (int q = 0; q < SHRINK_ROWS; q++) {
-            if (k0 >= d[q].rank) continue;
-            if (d[q].A != A) {
-                A = d[q].A;
-                int nk = d[q].rank - k0 < SHRINK_KS ? d[q].rank - k0 : SHRINK_KS;
-#pragma unroll
-                for (int c = 0; c < SHRINK_KS; c++) a[c] = c < nk ? A[(int64_t)(k0 + c) * in + j] : 0.0f;
-            }
-            float xd = x[(i0 + q) * in + j];
-#pragma unroll
-            for (int c = 0; c < SHRINK_KS; c++) acc[q][c] += xd * a[c];
+        for (int q = 0; q < ROWS_R; q++) {
+            float a = A[q] ? __ldg(A[q] + j) : 0.0f, xd = A[q] ? __ldg(xr[q] + j) : 0.0f;
+            acc[q] += xd * a;
         }
-    }
 #pragma unroll
-    for (int q = 0; q < SHRINK_ROWS; q++) {
-        if (k0 >= d[q].rank) continue;
-        int nk = d[q].rank - k0 < SHRINK_KS ? d[q].rank - k0 : SHRINK_KS;
-#pragma unroll
-        for (int c = 0; c < SHRINK_KS; c++) {
-            float v = warp_sum(acc[q][c]);
-            if (c < nk && lane == 0) t[(i0 + q) * ld_t + k0 + c] = v * d[q].scale;
-        }
+    for (int q = 0; q < ROWS_R; q++) {
+        float v = warp_sum(acc[q]);
+        if (A[q] && lane == 0) t[(i0 + q) * ld_t + k] = v * scale[q];
     }
 }
 
@@ -351,8 +341,7 @@ void cuda_lora_rows_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float
                            int64_t in, int max_rank) {
     if (n <= 0 || in <= 0 || max_rank <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    int per_block = WARPS * SHRINK_KS;
-    dim3 grid((unsigned)((n + SHRINK_ROWS - 1) / SHRINK_ROWS), (unsigned)((max_rank + per_block - 1) / per_block));
+    dim3 grid((unsigned)((n + ROWS_R - 1) / ROWS_R), (unsigned)((max_rank + WARPS - 1) / WARPS));
     k_rows_shrink<<<grid, THREADS, 0, c->stream>>>(t, ld_t, x, rows, n, in);
     CUDA_LAUNCHED(c, "lora_rows_shrink");
 }
