@@ -257,40 +257,53 @@ void cuda_lora_expand(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, 
 
 /* ---- one adapter per row (KnLoraRow, in device memory) --------------------------------- */
 
-/* t[r, k] = scale_r * sum_j x[r, j] A_r[k, j]. A warp takes ROWS_R rows
- * for one rank (a decode step of 64 rows at rank 16: 256 warps), each lane
- * summing j = lane, lane + 32, .. before the warp's sum, so a row's term is
- * k_shrink's, bit for bit, however the rows and ranks are dealt out. The
- * loop has no branch (rows without the rank load nothing), so that the
- * loads of several j are in flight at once: with many distinct adapters
- * the step reads each one's A at the device's bandwidth, not at one load
- * per warp's round trip; rows sharing an adapter find it in the cache. */
+/* t[r, k] = scale_r * sum_j x[r, j] A_r[k, j]. A block takes ROWS_R rows,
+ * a warp one rank of them (a decode step of 64 rows at rank 16: 256
+ * warps), the rows' x staged in shared memory ROWS_TILE features at a time
+ * for all of them. Each lane sums j = lane, lane + 32, .. before the warp's
+ * sum, so a row's term is k_shrink's, bit for bit, however the rows and
+ * ranks are dealt out. The inner loop has no branch (rows without the rank
+ * load nothing), so that the loads of several j are in flight at once:
+ * with many distinct adapters a step reads each one's A at the device's
+ * bandwidth, not at one load per round trip; rows sharing an adapter find
+ * it in the cache. */
 #define ROWS_R 4
-static __global__ void k_rows_shrink(float *t, int64_t ld_t, const float *x, const KnLoraRow *rows, int64_t n,
-                                     int64_t in) {
+#define ROWS_TILE 1024 /* a multiple of 32: each lane's j stay in order across tiles */
+static __global__ void __launch_bounds__(THREADS) k_rows_shrink(float *t, int64_t ld_t, const float *x,
+                                                                const KnLoraRow *rows, int64_t n, int64_t in) {
+    __shared__ float xs[ROWS_R][ROWS_TILE];
     int lane = threadIdx.x & 31, k = blockIdx.y * WARPS + (threadIdx.x >> 5);
     int64_t i0 = (int64_t)blockIdx.x * ROWS_R;
-    int nr = n - i0 < ROWS_R ? (int)(n - i0) : ROWS_R;
-    const float *A[ROWS_R], *xr[ROWS_R];
+    int nr = n - i0 < ROWS_R ? (int)(n - i0) : ROWS_R, any = 0, block_any = 0;
+    const float *A[ROWS_R];
     float scale[ROWS_R], acc[ROWS_R];
-    int any = 0;
 #pragma unroll
     for (int q = 0; q < ROWS_R; q++) {
         KnLoraRow d = q < nr ? rows[i0 + q] : KnLoraRow{NULL, NULL, 0, 0.0f};
         A[q] = k < d.rank ? d.A + (int64_t)k * in : NULL; /* the same for every lane */
-        xr[q] = A[q] ? x + (i0 + q) * in : NULL;
         scale[q] = d.scale;
         acc[q] = 0.0f;
         any |= A[q] != NULL;
+        block_any |= d.rank > (int)(blockIdx.y * WARPS);
     }
-    if (!any) return; /* the whole warp */
-#pragma unroll 4
-    for (int64_t j = lane; j < in; j += 32)
-#pragma unroll
-        for (int q = 0; q < ROWS_R; q++) {
-            float a = A[q] ? __ldg(A[q] + j) : 0.0f, xd = A[q] ? __ldg(xr[q] + j) : 0.0f;
-            acc[q] += xd * a;
+    if (!block_any) return; /* the whole block: no warp of it has a rank to sum */
+    for (int64_t j0 = 0; j0 < in; j0 += ROWS_TILE) {
+        int len = in - j0 < ROWS_TILE ? (int)(in - j0) : ROWS_TILE;
+        for (int e = threadIdx.x; e < ROWS_R * ROWS_TILE; e += THREADS) {
+            int q = e / ROWS_TILE, jj = e % ROWS_TILE;
+            xs[q][jj] = q < nr && jj < len ? __ldg(x + (i0 + q) * in + j0 + jj) : 0.0f;
         }
+        __syncthreads();
+        if (any)
+#pragma unroll 4
+            for (int jj = lane; jj < len; jj += 32)
+#pragma unroll
+                for (int q = 0; q < ROWS_R; q++) {
+                    float a = A[q] ? __ldg(A[q] + j0 + jj) : 0.0f, xd = A[q] ? xs[q][jj] : 0.0f;
+                    acc[q] += xd * a;
+                }
+        __syncthreads(); /* xs is rewritten next */
+    }
 #pragma unroll
     for (int q = 0; q < ROWS_R; q++) {
         float v = warp_sum(acc[q]);
