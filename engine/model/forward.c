@@ -864,6 +864,7 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
     } else if (graph == KN_GRAPH_RECORD) {
         m->graphs.recorded++;
     }
+    m->graphs.padded += (uint64_t)b.bucketed;
     if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, L, s.x, b.n);
     for (int q = 0; q < n_seqs; q++) seqs[q].cache->n_past += seqs[q].in.n;
     if (o->logits) batch_logits(m, &b, &s, o->logits);

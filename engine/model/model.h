@@ -62,10 +62,11 @@ void model_close(Model *m);
 void model_set_yield(Model *m, void (*fn)(void *cls), void *cls);
 /* Decode steps whose layers ran through the backend's graphs (ops.h
  * graph_begin; CUDA graphs): recorded, replayed, and those whose graph ran
- * nothing and were submitted again op by op. Counted and read on the
+ * nothing and were submitted again op by op; and the decode steps padded
+ * to a bucket of rows for a graph (forward.c). Counted and read on the
  * context's thread. */
 typedef struct {
-    uint64_t recorded, replayed, resubmitted;
+    uint64_t recorded, replayed, resubmitted, padded;
 } ModelGraphStats;
 void model_graph_stats(const Model *m, ModelGraphStats *out);
 /* The weights the context runs on (valid while it is open; retain to keep). */

@@ -27,7 +27,9 @@
  * GUARD_GRAPH_SLOTS graphs. With GF_GUARDED_GRAPH_FAIL=N, every Nth
  * recording of a context fails as a GPU's may (nothing of it runs,
  * graph_end answers 1, and the caller's second submission is what
- * computes), and every replay fails likewise. An upload, download, alloc,
+ * computes), and every replay fails likewise; with GF_GUARDED_GRAPHS=0 it
+ * records nothing, answering KN_GRAPH_OFF as a GPU's context with graphs
+ * switched off does. An upload, download, alloc,
  * free or synchronize while recording or replaying, or an op submitted
  * during a replay, aborts with a message: engine code that a GPU would
  * refuse or run wrongly.
@@ -99,6 +101,7 @@ typedef struct {
 typedef struct {
     Guard *g;
     int fail_every;           /* GF_GUARDED_GRAPH_FAIL, read at init: every Nth recording fails (0: none) */
+    int off;                  /* GF_GUARDED_GRAPHS=0, read at init: records nothing (KN_GRAPH_OFF) */
     uint64_t recordings;
     int recording;            /* between graph_begin (RECORD) and graph_end */
     int broken;               /* this recording fails: nothing of it will run */
@@ -197,6 +200,8 @@ GfStatus guarded_ctx_init(KnCtx *ctx, const KnCtx *share, GfError *err) {
     }
     const char *fail = getenv("GF_GUARDED_GRAPH_FAIL");
     c->fail_every = fail ? atoi(fail) : 0;
+    const char *graphs = getenv("GF_GUARDED_GRAPHS");
+    c->off = graphs && strcmp(graphs, "0") == 0;
     ctx->impl = c;
     return GF_OK;
 }
@@ -419,6 +424,7 @@ static int slot_sign(GuardSlot *s, int64_t bucket, const void *sig, size_t sig_b
 
 int guard_graph_begin(const KnCtx *ctx, int64_t bucket, const void *sig, size_t sig_bytes) {
     GuardCtx *c = gctx(ctx);
+    if (c->off) return KN_GRAPH_OFF;
     if (c->recording || c->replay) return KN_GRAPH_NONE;
     GuardSlot *s = slot_of(c, bucket);
     int same = s->used && s->bucket == bucket && sig && sig_bytes && s->bytes == sig_bytes &&

@@ -258,10 +258,15 @@ static void run_swapped(Model *m, Seq *seqs, int64_t V, const char *variant) {
            replayed, ROUNDS);
     CHECK(worst <= batch_tol(m), "%s: swapped sequences differ from alone by %g (%s backend)", variant, worst,
           model_backend(m)->name);
-    const char *fail = getenv("GF_GUARDED_GRAPH_FAIL");
-    if (model_backend(m)->ctx.device == KN_DEVICE_GUARDED && !(fail && atoi(fail) > 0)) {
+    const char *fail = getenv("GF_GUARDED_GRAPH_FAIL"), *graphs = getenv("GF_GUARDED_GRAPHS");
+    unsigned long long padded = after.padded - before.padded, ran = replayed + after.recorded - before.recorded;
+    if (model_backend(m)->ctx.device == KN_DEVICE_GUARDED && graphs && strcmp(graphs, "0") == 0) {
+        /* graph_begin answers KN_GRAPH_OFF: nothing recorded, and the steps stop being padded */
+        CHECK(ran == 0 && padded <= 1, "%s: graphs off: %llu steps through graphs, %llu padded", variant, ran, padded);
+    } else if (model_backend(m)->ctx.device == KN_DEVICE_GUARDED && !(fail && atoi(fail) > 0)) {
         CHECK(replayed >= 8, "%s: the rounds replay their bucket's graph (%llu)", variant, replayed);
         CHECK(singles_replayed, "%s: a bucket keeps its base-only and its adapter graphs", variant);
+        CHECK(padded == ROUNDS, "%s: every round is padded to its bucket (%llu)", variant, padded);
     }
     for (size_t u = 0; u < sizeof used / sizeof *used; u++) kv_cache_free(&caches[used[u]]);
     free(out);
