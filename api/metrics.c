@@ -145,6 +145,9 @@ static void put_serving(Text *t, ServeEngine *e) {
            "gf_decode_graph_steps_total{how=\"recorded\"} %llu\ngf_decode_graph_steps_total{how=\"replayed\"} %llu\n"
            "gf_decode_graph_steps_total{how=\"resubmitted\"} %llu\n", (unsigned long long)s.graph_recorded,
         (unsigned long long)s.graph_replayed, (unsigned long long)s.graph_resubmitted);
+    put(t, "# HELP gf_decode_steps_padded_total Decode steps padded to a bucket of rows so that a device graph of the "
+           "bucket can run them.\n# TYPE gf_decode_steps_padded_total counter\ngf_decode_steps_padded_total %llu\n",
+        (unsigned long long)s.graph_padded);
     put(t, "# HELP gf_adapter_evictions_total Idle adapters dropped beyond the resident budget.\n"
            "# TYPE gf_adapter_evictions_total counter\ngf_adapter_evictions_total %llu\n",
         (unsigned long long)s.adapter_evictions);

@@ -125,7 +125,8 @@ static double percentile(double *v, int n, double q);
 /* A round, printed: generated tokens/s, mean time to first token, the time
  * per output token (p50, p99 of the gaps), the bytes a decode step must
  * read (the base's, and every distinct adapter's once), and how the
- * round's decode steps ran (graphs recorded, replayed, resubmitted). */
+ * round's decode steps ran (graphs recorded, replayed, resubmitted; steps
+ * padded to their bucket). */
 static void round_(ServeEngine *e, const Model *m, int n_req, int n_adapters, int prompt, int tokens,
                    double adapter_bytes) {
     int cap = n_req * tokens, n_gaps = 0;
@@ -138,12 +139,13 @@ static void round_(ServeEngine *e, const Model *m, int n_req, int n_adapters, in
     char label[32];
     snprintf(label, sizeof label, n_adapters ? "%d adapter%s" : "base only", n_adapters, n_adapters == 1 ? "" : "s");
     printf("%-12s %3d requests x %3d tokens: %8.1f generated tok/s | wall %6.2f s | mean TTFT %7.1f ms | TPOT p50 %7.1f "
-           "p99 %7.1f ms | step reads %8.1f MB | graphs %llu recorded, %llu replayed, %llu resubmitted\n",
+           "p99 %7.1f ms | step reads %8.1f MB | graphs %llu recorded, %llu replayed, %llu resubmitted, %llu padded\n",
            label, n_req, tokens, (double)n_req * tokens / wall, wall, 1000.0 * ttft, 1000.0 * p50, 1000.0 * p99,
            (step_weight_bytes(m) + (n_adapters < n_req ? n_adapters : n_req) * adapter_bytes) / 1e6,
            (unsigned long long)(s1.graph_recorded - s0.graph_recorded),
            (unsigned long long)(s1.graph_replayed - s0.graph_replayed),
-           (unsigned long long)(s1.graph_resubmitted - s0.graph_resubmitted));
+           (unsigned long long)(s1.graph_resubmitted - s0.graph_resubmitted),
+           (unsigned long long)(s1.graph_padded - s0.graph_padded));
     free(gaps);
 }
 

@@ -139,11 +139,11 @@ static void decode_case(Run *r, Model *m, const LoraBinding *lora, int B, const 
         printf("{\"what\":\"decode\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"%s\",\"lora\":%s,\"batch\":%d,"
                "\"prompt\":%d,\"new_tokens\":%d,\"prefill_s\":%.4f,\"step_ms\":%.3f,\"tokens_per_s\":%.1f,"
                "\"weight_bytes_per_step\":%.0f,\"weight_gbs\":%.1f,\"roofline_share\":%.3f,"
-               "\"graph_steps\":{\"recorded\":%llu,\"replayed\":%llu,\"resubmitted\":%llu}}\n",
+               "\"graph_steps\":{\"recorded\":%llu,\"replayed\":%llu,\"resubmitted\":%llu,\"padded\":%llu}}\n",
                r->s->name, r->n_layers, quant, lora ? "true" : "false", B, prompt, r->n_new, t1 - t0, step * 1e3,
                B / step, bytes, gbs, r->copy_gbs > 0 ? gbs / r->copy_gbs : 0.0,
                (unsigned long long)(g1.recorded - g0.recorded), (unsigned long long)(g1.replayed - g0.replayed),
-               (unsigned long long)(g1.resubmitted - g0.resubmitted));
+               (unsigned long long)(g1.resubmitted - g0.resubmitted), (unsigned long long)(g1.padded - g0.padded));
     }
     fflush(stdout);
     for (int i = 0; i < B; i++) kv_cache_free(&c[i]);

@@ -721,6 +721,7 @@ static void update_stats(ServeEngine *e) {
     e->stats.graph_recorded = g.recorded;
     e->stats.graph_replayed = g.replayed;
     e->stats.graph_resubmitted = g.resubmitted;
+    e->stats.graph_padded = g.padded;
     e->stats.queued = e->n_queued;
     e->stats.running = e->n_active;
     e->stats.resident_adapters = e->n_res;

@@ -171,6 +171,7 @@ typedef struct {
     uint64_t vision_cache_hits, vision_cache_misses, vision_cache_bytes; /* images with a digest */
     int vision_cache_entries;
     uint64_t graph_recorded, graph_replayed, graph_resubmitted; /* decode steps through graphs (model.h) */
+    uint64_t graph_padded;    /* decode steps padded to a bucket of rows for a graph (model.h) */
     double tokens_per_s;      /* generated tokens per second over the last second of work; 0 when idle */
     /* histograms: counts of observations <= SERVE_HIST_BOUNDS[i] seconds, then +Inf */
     uint64_t ttft[SERVE_HIST_BUCKETS + 1], tpot[SERVE_HIST_BUCKETS + 1];
