@@ -205,14 +205,20 @@ static int gemv_vec8(KnMatrix w, const float *x) {
 #define TILED_BLOCKS 256    /* blocks a split of the features aims at */
 
 typedef struct {
-    __nv_bfloat16 x[TILED_MAX_ROWS][TILED_LD];
-    __nv_bfloat16 w[TILED_O][TILED_LD];
+    __align__(16) __nv_bfloat16 x[TILED_MAX_ROWS][TILED_LD];
+    __align__(16) __nv_bfloat16 w[TILED_O][TILED_LD];
 } TiledTiles;
 
 typedef union {
     TiledTiles t;
     float c[TILED_MAX_ROWS][TILED_CLD]; /* the block's sums, staged for rows past n */
 } TiledSmem;
+
+/* a and b rounded to bf16 (as __float2bfloat16_rn), a in the low half. */
+static __device__ __forceinline__ uint32_t bf16x2(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *(const uint32_t *)&h;
+}
 
 /* Rows [o0, o0 + TILED_O) of w at features [k0, k0 + TILED_K), widened and
  * rounded to bf16 as the GEMM's widening rounds them; zeros past w. */
@@ -223,8 +229,9 @@ static __device__ void tiled_w(__nv_bfloat16 (*ws)[TILED_LD], const DevW &w, int
             int o = g / (TILED_K / 8), kk = g % (TILED_K / 8) * 8;
             float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             if (o0 + o < w.rows && k0 + kk < w.cols) gemv_w8(w, o0 + o, k0 + kk, code, v);
-#pragma unroll
-            for (int k = 0; k < 8; k++) ws[o][kk + k] = __float2bfloat16_rn(v[k]);
+            /* one 16-byte store: rows are TILED_LD * 2 = 144 bytes, kk a multiple of 8 */
+            *(uint4 *)&ws[o][kk] = make_uint4(bf16x2(v[0], v[1]), bf16x2(v[2], v[3]), bf16x2(v[4], v[5]),
+                                              bf16x2(v[6], v[7]));
         }
         return;
     }
@@ -235,13 +242,33 @@ static __device__ void tiled_w(__nv_bfloat16 (*ws)[TILED_LD], const DevW &w, int
     }
 }
 
+/* Rows [0, 16 nt) of x at features [k0, k0 + TILED_K), rounded to bf16;
+ * zeros past x. Four floats a load when x4 (cols a multiple of 4, x
+ * 16-byte aligned). */
+static __device__ __forceinline__ void tiled_x(__nv_bfloat16 (*xs)[TILED_LD], const float *x, int n, int nt, int64_t cols,
+                                               int64_t k0, int x4) {
+    if (x4) {
+        for (int i = threadIdx.x; i < nt * 16 * (TILED_K / 4); i += TILED_THREADS) {
+            int r = i / (TILED_K / 4), kk = i % (TILED_K / 4) * 4;
+            float4 v = r < n && k0 + kk < cols ? __ldg((const float4 *)(x + r * cols + k0 + kk))
+                                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            *(uint2 *)&xs[r][kk] = make_uint2(bf16x2(v.x, v.y), bf16x2(v.z, v.w)); /* 8-byte aligned: 144-byte rows */
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < nt * 16 * TILED_K; i += TILED_THREADS) {
+        int r = i / TILED_K, kk = i % TILED_K;
+        xs[r][kk] = __float2bfloat16_rn(r < n && k0 + kk < cols ? __ldg(x + r * cols + k0 + kk) : 0.0f);
+    }
+}
+
 /* y[i, o] = sum_c x[i, c] W[o, c] for 16 < n <= TILED_MAX_ROWS: block
  * (blockIdx.x, blockIdx.y) sums outputs [128 bx, +128) over its share of
  * the features (split: steps of TILED_K each), into y (one share) or
  * part + by * n * rows. Warp w owns outputs [16 w, +16) for every 16 rows
  * of x. */
 static __global__ void __launch_bounds__(TILED_THREADS, 2)
-    k_matmul_tiled(float *y, float *part, const float *x, DevW w, int n, int vec8, int steps_per) {
+    k_matmul_tiled(float *y, float *part, const float *x, DevW w, int n, int vec8, int x4, int steps_per) {
     using namespace nvcuda;
     CUDA_NF4_SHARED(code);
     __shared__ __align__(32) TiledSmem sm;
@@ -252,10 +279,7 @@ static __global__ void __launch_bounds__(TILED_THREADS, 2)
 #pragma unroll
     for (int f = 0; f < TILED_MAX_ROWS / 16; f++) wmma::fill_fragment(acc[f], 0.0f);
     for (int64_t k0 = k_lo; k0 < k_hi; k0 += TILED_K) {
-        for (int i = threadIdx.x; i < nt * 16 * TILED_K; i += TILED_THREADS) {
-            int r = i / TILED_K, kk = i % TILED_K;
-            sm.t.x[r][kk] = __float2bfloat16_rn(r < n && k0 + kk < w.cols ? __ldg(x + r * w.cols + k0 + kk) : 0.0f);
-        }
+        tiled_x(sm.t.x, x, n, nt, w.cols, k0, x4);
         tiled_w(sm.t.w, w, o0, k0, vec8, code);
         __syncthreads();
 #pragma unroll
@@ -321,7 +345,8 @@ static void matmul_tiled(CudaCtx *c, float *y, const float *x, KnMatrix w, int64
     if (splits > 1 && !(part = (float *)cuda_scratch(c, (size_t)splits * part_n * sizeof(float), "matmul bf16")))
         return;
     dim3 grid((unsigned)((w.rows + TILED_O - 1) / TILED_O), (unsigned)splits);
-    k_matmul_tiled<<<grid, TILED_THREADS, 0, c->stream>>>(y, part, x, dev_w(w), (int)n, nf4_vec8(w),
+    int x4 = w.cols % 4 == 0 && ((uintptr_t)x & 15) == 0;
+    k_matmul_tiled<<<grid, TILED_THREADS, 0, c->stream>>>(y, part, x, dev_w(w), (int)n, nf4_vec8(w), x4,
                                                           (int)tiled_steps_per(w));
     CUDA_LAUNCHED(c, "matmul bf16: tiled");
     if (splits == 1) return;

@@ -93,7 +93,8 @@ static void test_matmul_bf16(void) {
     printf("backend %s, precision bf16\n", d.be.name);
     /* GEMV (n <= 16); tiled (16 < n <= 64: whole tiles, partial ones, split features); GEMM */
     int shapes[][3] = {{1, 8, 1},    {7, 40, 3},     {33, 37, 5},     {64, 2560, 16},  {129, 256, 17},
-                       {300, 1536, 64}, {5, 5000, 2}, {100, 520, 33}, {256, 2560, 48}, {40, 4096, 65}};
+                       {300, 1536, 64}, {5, 5000, 2}, {100, 520, 33}, {256, 2560, 48}, {40, 4096, 65},
+                       {70, 301, 20}};
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
         int extra = s % 2 ? 3 : 64; /* NF4: a slice after `extra` elements, aligned for the GEMV or not */
