@@ -323,10 +323,12 @@ typedef struct {
     KnAttnSeq s[ATT_GROUP];
 } AttSeqs;
 
-static __global__ void k_attention_batch(float *out, const float *q, const int32_t *pos, AttArgs a, AttSeqs g) {
+static __global__ void k_attention_batch(float *out, const float *q, const int32_t *pos, AttArgs a, AttSeqs g,
+                                         float *part) {
     const KnAttnSeq &s = g.s[blockIdx.z];
+    int64_t tile = part ? 0 : blockIdx.x; /* with part (every sequence one query): blockIdx.x is the stream */
     if (s.n_q != 1) a.hp = 1; /* a.hp heads share a tile of a decode step's one query */
-    if ((int64_t)blockIdx.x * (QT / a.hp) >= s.n_q || (int)blockIdx.y * a.hp >= a.n_heads) return; /* the whole block */
+    if (tile * (QT / a.hp) >= s.n_q || (int)blockIdx.y * a.hp >= a.n_heads) return; /* the whole block */
     a.table = s.table;
     a.valid = s.valid;
     a.group = s.group;
@@ -334,7 +336,8 @@ static __global__ void k_attention_batch(float *out, const float *q, const int32
     a.q_pos0 = pos[s.row0];
     a.n_keys = a.q_pos0 + s.n_q;
     size_t at = (size_t)s.row0 * (size_t)a.n_heads * (size_t)a.dim;
-    attention_tile(out + at, q + at, a, blockIdx.x, -1, NULL);
+    if (part) attention_tile(out + at, q + at, a, 0, (int)blockIdx.x, att_part(part, s.row0, 0, 0, a));
+    else attention_tile(out + at, q + at, a, tile, -1, NULL);
 }
 
 /* One sequence of one query row per blockIdx.z, described in device
@@ -380,6 +383,19 @@ static float *att_split(CudaCtx *c, int64_t rows, const AttArgs &a, const char *
     return (float *)cuda_scratch(c, bytes, what);
 }
 
+/* 1 when seqs are a decode step's rows in one launch: one query each, at
+ * rows 0 .. n_seqs - 1 (each once), n_seqs <= ATT_GROUP; then the step may
+ * split its streams (att_split) as attention_rows does. */
+static int decode_rows(const KnAttnSeq *seqs, int n_seqs) {
+    uint32_t seen = 0;
+    if (n_seqs > ATT_GROUP) return 0;
+    for (int i = 0; i < n_seqs; i++) {
+        if (seqs[i].n_q != 1 || seqs[i].row0 < 0 || seqs[i].row0 >= n_seqs || (seen >> seqs[i].row0 & 1u)) return 0;
+        seen |= 1u << seqs[i].row0;
+    }
+    return 1;
+}
+
 static void launch_merge(CudaCtx *c, float *out, float *part, const AttArgs &a, int64_t rows, const char *what) {
     size_t n = (size_t)rows * (size_t)a.n_heads * (size_t)a.dim;
     k_att_merge<<<cuda_blocks(n, 256), 256, 0, c->stream>>>(out, part, a, rows);
@@ -419,6 +435,16 @@ void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const in
     if (!smem) return;
     AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale,
                  heads_packed(n_heads, n_kv_heads)};
+    float *part = decode_rows(seqs, n_seqs) ? att_split(c, n_seqs, a, "attention_batch") : NULL;
+    if (part) {
+        AttSeqs g;
+        for (int i = 0; i < n_seqs; i++) g.s[i] = seqs[i];
+        dim3 grid(ATT_STREAMS, (unsigned)n_heads, (unsigned)n_seqs);
+        k_attention_batch<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, g, part);
+        CUDA_LAUNCHED(c, "attention_batch");
+        launch_merge(c, out, part, a, n_seqs, "attention_batch");
+        return;
+    }
     for (int s0 = 0; s0 < n_seqs; s0 += ATT_GROUP) {
         AttSeqs g;
         int ng = n_seqs - s0 < ATT_GROUP ? n_seqs - s0 : ATT_GROUP;
@@ -430,7 +456,7 @@ void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const in
         }
         if (tiles == 0) continue;
         dim3 grid((unsigned)tiles, (unsigned)n_heads, (unsigned)ng);
-        k_attention_batch<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, g);
+        k_attention_batch<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, g, NULL);
         CUDA_LAUNCHED(c, "attention_batch");
     }
 }

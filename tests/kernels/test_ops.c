@@ -445,9 +445,10 @@ static void test_attention_batch(Dev *d) {
 }
 
 /* A decode step's rows over long contexts in paged stores (CUDA splits
- * their keys' streams over blocks and merges them after): attention_rows
- * gives each row, bit for bit, what the sequence's prefill gives its last
- * query (attention_paged of its last four queries), full and sliding. */
+ * their keys' streams over blocks and merges them after): attention_rows,
+ * and attention_batch of one-query sequences, give each row, bit for bit,
+ * what the sequence's prefill gives its last query (attention_paged of its
+ * last four queries), full and sliding. */
 static void test_attention_rows_long(Dev *d) {
     enum { NS = 3, BLK = 16, H = 8, KVH = 2, D = 256, LAST = 4 };
     const int len[NS] = {700, 1030, 300}; /* keys, the decoding query's included */
@@ -476,9 +477,13 @@ static void test_attention_rows_long(Dev *d) {
         d->be.ops->copy(&d->be.ctx, drow + (size_t)s * H * D, dq + ((size_t)s * LAST + LAST - 1) * H * D, F(H * D));
     int32_t *dpos = dev_put(d, pos, sizeof pos);
     const KnAttnRow *drows = dev_put(d, hrows, sizeof hrows);
+    KnAttnSeq one[NS];
+    for (int s = 0; s < NS; s++) one[s] = (KnAttnSeq){s, 1, hrows[s].table, dvalid, NULL};
     for (int window = 0; window <= 100; window += 100) {
         float *o1 = dev_poisoned(d, F((size_t)NS * H * D)), *o2 = dev_poisoned(d, F(qn));
+        float *o3 = dev_poisoned(d, F((size_t)NS * H * D));
         d->be.ops->attention_rows(&d->be.ctx, o1, drow, dpos, dk, dv, BLK, drows, NS, H, KVH, D, 0.0625f, window);
+        d->be.ops->attention_batch(&d->be.ctx, o3, drow, dpos, dk, dv, BLK, one, NS, H, KVH, D, 0.0625f, window);
         for (int s = 0; s < NS; s++) {
             KnKv kv = {dk, dv, hrows[s].table, BLK};
             KnMask m = {dvalid, NULL, window};
@@ -486,16 +491,20 @@ static void test_attention_rows_long(Dev *d) {
             d->be.ops->attention_paged(&d->be.ctx, o2 + at, dq + at, &kv, LAST, len[s] - LAST, len[s], H, KVH, D,
                                        0.0625f, &m);
         }
-        float *a = malloc(F((size_t)NS * H * D)), *b = malloc(F(qn));
+        float *a = malloc(F((size_t)NS * H * D)), *b = malloc(F(qn)), *c = malloc(F((size_t)NS * H * D));
         dev_get(d, a, o1, F((size_t)NS * H * D));
         dev_get(d, b, o2, F(qn));
+        dev_get(d, c, o3, F((size_t)NS * H * D));
         int same = 1, finite = 1;
         for (int s = 0; s < NS; s++)
             same &= memcmp(a + (size_t)s * H * D, b + ((size_t)s * LAST + LAST - 1) * H * D, F(H * D)) == 0;
         for (size_t i = 0; i < (size_t)NS * H * D; i++) finite &= isfinite(a[i]);
         CHECK(same && finite, "%s: attention_rows over %d, %d and %d keys equals each prefill's last query (window %d)",
               d->be.name, len[0], len[1], len[2], window);
-        free(a); free(b);
+        CHECK(memcmp(a, c, F((size_t)NS * H * D)) == 0,
+              "%s: attention_batch of one-query sequences equals attention_rows over long contexts (window %d)",
+              d->be.name, window);
+        free(a); free(b); free(c);
     }
     for (int s = 0; s < NS; s++) free(tables[s]);
     free(valid); free(q); free(k); free(v);
