@@ -33,9 +33,14 @@ typedef struct {
     int hp;                   /* the forward tile's heads (attention_tile): 1, or packed for one query */
 } AttArgs;
 
-static __device__ __forceinline__ const float *kv_row(const AttArgs &a, const float *base, int64_t key, int kvh) {
+/* Where key's row of KV head kvh starts in the stores (elements). */
+static __device__ __forceinline__ int64_t kv_offset(const AttArgs &a, int64_t key, int kvh) {
     int64_t slot = a.table ? (int64_t)a.table[key / a.blk] * a.blk + key % a.blk : key;
-    return base + (slot * a.n_kv_heads + kvh) * a.dim;
+    return (slot * a.n_kv_heads + kvh) * a.dim;
+}
+
+static __device__ __forceinline__ const float *kv_row(const AttArgs &a, const float *base, int64_t key, int kvh) {
+    return base + kv_offset(a, key, kvh);
 }
 
 /* For keys k0..k0+CHUNK: s[j] = q . k * scale (or -inf when hidden), and
@@ -97,8 +102,7 @@ static __device__ void chunk_rows(const AttArgs &a, int64_t k0, int ns, int hp, 
         vis[i][j] = v;
         seen |= v;
     }
-    int64_t slot = !seen ? -1 : a.table ? (int64_t)a.table[key / a.blk] * a.blk + key % a.blk : key;
-    row[j] = slot < 0 ? -1 : (slot * a.n_kv_heads + kvh) * a.dim;
+    row[j] = seen ? kv_offset(a, key, kvh) : -1;
     int some = __any_sync(0xffffffffu, seen);
     if (j == 0) *any = some;
 }
@@ -187,9 +191,10 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
     int h0 = (int)blockIdx.y * hp, kvh = h0 / (a.n_heads / a.n_kv_heads), tid = threadIdx.x, lane = tid & 31,
         warp = tid >> 5;
     int nq = a.n_q - i0 < qt ? (int)(a.n_q - i0) : qt, ns = nq * hp; /* slots in use: the first ns */
+#define SLOT_AT(i) ((((i0) + (i) / hp) * a.n_heads + h0 + (i) % hp) * a.dim) /* slot i's row in q and out */
     for (int e = tid; e < QT * a.dim; e += TILE_THREADS) {
         int i = e / a.dim;
-        qs[e] = i < ns ? q[((i0 + i / hp) * a.n_heads + h0 + i % hp) * a.dim + e % a.dim] : 0.0f;
+        qs[e] = i < ns ? q[SLOT_AT(i) + e % a.dim] : 0.0f;
     }
     if (tid < QT) {
         M_sh[tid] = -INFINITY;
@@ -276,7 +281,7 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
         for (int t = 0; t < TILE_PER_THREAD; t++) {
             int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
             if (qi >= ns) break;
-            float *o = &out[((i0 + qi / hp) * a.n_heads + h0 + qi % hp) * a.dim + d];
+            float *o = &out[SLOT_AT(qi) + d];
             if (mode_sh[qi]) *o = att_merged(mode_sh[qi], mode_sh[qi] == 2 ? *o : 0.0f, acc[t], fa_sh[qi], fb_sh[qi]);
         }
         __syncthreads(); /* mode_sh, fa_sh, fb_sh and m_sh are rewritten next */
@@ -285,9 +290,10 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
     for (int t = 0; t < TILE_PER_THREAD; t++) {
         int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
         if (qi >= ns) break;
-        float *o = &out[((i0 + qi / hp) * a.n_heads + h0 + qi % hp) * a.dim + d];
+        float *o = &out[SLOT_AT(qi) + d];
         *o = M_sh[qi] == -INFINITY ? 0.0f : *o / L_sh[qi]; /* no visible key: zeros */
     }
+#undef SLOT_AT
 }
 
 /* out[row, h, d] from the streams' sums of a split (attention_tile's
