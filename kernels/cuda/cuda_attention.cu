@@ -414,7 +414,7 @@ static void launch_merge(CudaCtx *c, float *out, float *part, const AttArgs &a, 
 static size_t att_smem(CudaCtx *c, const void *kernel, int dim, int n_heads, int n_kv_heads, const char *what) {
     if (!att_ok(c, dim, n_heads, n_kv_heads, what)) return 0;
     size_t smem = tile_smem(dim);
-    cuda_note(c, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), what);
+    cuda_smem_limit(c, kernel, smem, what);
     return smem;
 }
 
@@ -441,16 +441,8 @@ void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const in
     if (!smem) return;
     AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale,
                  heads_packed(n_heads, n_kv_heads)};
+    /* a decode step's rows split their streams over blocks (one group: decode_rows) */
     float *part = decode_rows(seqs, n_seqs) ? att_split(c, n_seqs, a, "attention_batch") : NULL;
-    if (part) {
-        AttSeqs g;
-        for (int i = 0; i < n_seqs; i++) g.s[i] = seqs[i];
-        dim3 grid(ATT_STREAMS, (unsigned)n_heads, (unsigned)n_seqs);
-        k_attention_batch<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, g, part);
-        CUDA_LAUNCHED(c, "attention_batch");
-        launch_merge(c, out, part, a, n_seqs, "attention_batch");
-        return;
-    }
     for (int s0 = 0; s0 < n_seqs; s0 += ATT_GROUP) {
         AttSeqs g;
         int ng = n_seqs - s0 < ATT_GROUP ? n_seqs - s0 : ATT_GROUP;
@@ -461,10 +453,11 @@ void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const in
             if (t > tiles) tiles = t;
         }
         if (tiles == 0) continue;
-        dim3 grid((unsigned)tiles, (unsigned)n_heads, (unsigned)ng);
-        k_attention_batch<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, g, NULL);
+        dim3 grid(part ? ATT_STREAMS : (unsigned)tiles, (unsigned)n_heads, (unsigned)ng);
+        k_attention_batch<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, g, part);
         CUDA_LAUNCHED(c, "attention_batch");
     }
+    if (part) launch_merge(c, out, part, a, n_seqs, "attention_batch");
 }
 
 void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
@@ -803,8 +796,8 @@ static void attention_dx_tiled(CudaCtx *c, float *dq, float *dk, float *dv, cons
     float *stats = (float *)cuda_scratch(c, cuda_attention_dx_scratch(a.n_q, a.n_heads, a.dim), "attention_dx");
     if (!stats) return;
     size_t sm1 = ((size_t)2 * QT + CHUNK) * a.dim * sizeof(float), sm2 = ((size_t)2 * KT + 2 * QC) * a.dim * sizeof(float);
-    cuda_note(c, cudaFuncSetAttribute(k_dx_stats_dq, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1), "attention_dx");
-    cuda_note(c, cudaFuncSetAttribute(k_dx_dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2), "attention_dx");
+    cuda_smem_limit(c, (const void *)k_dx_stats_dq, sm1, "attention_dx");
+    cuda_smem_limit(c, (const void *)k_dx_dkdv, sm2, "attention_dx");
     dim3 g1((unsigned)((a.n_q + QT - 1) / QT), (unsigned)a.n_heads), g2((unsigned)((a.n_keys + KT - 1) / KT), (unsigned)a.n_kv_heads);
     k_dx_stats_dq<<<g1, TILE_THREADS, sm1, c->stream>>>(dq, stats, q, dout, a);
     CUDA_LAUNCHED(c, "attention_dx");

@@ -29,6 +29,20 @@ void cuda_blas_note(CudaCtx *c, cublasStatus_t st, const char *what) {
     cuda_note(c, cudaErrorUnknown, where);
 }
 
+void cuda_smem_limit(CudaCtx *c, const void *kernel, size_t bytes, const char *what) {
+    int i = 0;
+    while (i < c->n_smem && c->smem[i].kernel != kernel) i++;
+    if (i < c->n_smem && c->smem[i].bytes >= bytes) return;
+    cudaError_t rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    cuda_note(c, rc, what);
+    if (rc != cudaSuccess) return;
+    if (i == c->n_smem) {
+        if (i == CUDA_SMEM_KERNELS) return; /* table full: set per launch, as correct */
+        c->smem[c->n_smem++].kernel = kernel;
+    }
+    c->smem[i].bytes = bytes;
+}
+
 extern "C" GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err) {
     int count = 0;
     cudaError_t rc = cudaGetDeviceCount(&count);

@@ -321,33 +321,37 @@ static int tiled_takes(KnMatrix w, int64_t n) {
     return w.dtype != KN_BF16 && n > CUDA_GEMV_MAX_ROWS && n <= TILED_MAX_ROWS;
 }
 
-/* The feature steps of each block of the tiled kernel: all of them, or a
- * share when w has too few outputs to fill TILED_BLOCKS blocks (never under
- * four steps a block, never over 16 shares). A function of the shape only. */
-static int64_t tiled_steps_per(KnMatrix w) {
+/* How the tiled kernel shares w's feature steps among blocks: all to one
+ * block per outputs' tile, or split into shares when w has too few outputs
+ * to fill TILED_BLOCKS blocks (never under four steps a share, never over
+ * 16 shares). A function of the shape only. */
+typedef struct {
+    int64_t per;    /* feature steps a block takes */
+    int64_t splits; /* shares (blocks per outputs' tile) */
+} TiledSplit;
+
+static TiledSplit tiled_split(KnMatrix w) {
     int64_t steps = (w.cols + TILED_K - 1) / TILED_K, blocks = (w.rows + TILED_O - 1) / TILED_O;
     int64_t splits = TILED_BLOCKS / blocks;
     if (splits > steps / 4) splits = steps / 4;
     if (splits > 16) splits = 16;
     if (splits < 1) splits = 1;
-    return (steps + splits - 1) / splits;
-}
-
-static int64_t tiled_splits(KnMatrix w) {
-    int64_t steps = (w.cols + TILED_K - 1) / TILED_K, per = tiled_steps_per(w);
-    return (steps + per - 1) / per;
+    TiledSplit t;
+    t.per = (steps + splits - 1) / splits;
+    t.splits = (steps + t.per - 1) / t.per; /* rounding per up may leave fewer */
+    return t;
 }
 
 static void matmul_tiled(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t n) {
-    int64_t splits = tiled_splits(w);
+    TiledSplit t = tiled_split(w);
+    int64_t splits = t.splits;
     size_t part_n = (size_t)n * (size_t)w.rows;
     float *part = NULL;
     if (splits > 1 && !(part = (float *)cuda_scratch(c, (size_t)splits * part_n * sizeof(float), "matmul bf16")))
         return;
     dim3 grid((unsigned)((w.rows + TILED_O - 1) / TILED_O), (unsigned)splits);
     int x4 = w.cols % 4 == 0 && ((uintptr_t)x & 15) == 0;
-    k_matmul_tiled<<<grid, TILED_THREADS, 0, c->stream>>>(y, part, x, dev_w(w), (int)n, nf4_vec8(w), x4,
-                                                          (int)tiled_steps_per(w));
+    k_matmul_tiled<<<grid, TILED_THREADS, 0, c->stream>>>(y, part, x, dev_w(w), (int)n, nf4_vec8(w), x4, (int)t.per);
     CUDA_LAUNCHED(c, "matmul bf16: tiled");
     if (splits == 1) return;
     k_sum_splits<<<cuda_blocks(part_n, 256), 256, 0, c->stream>>>(y, part, (int)splits, part_n);
@@ -359,7 +363,7 @@ static void matmul_tiled(CudaCtx *c, float *y, const float *x, KnMatrix w, int64
 size_t cuda_gemm_scratch(KnMatrix w, int64_t n, int dx) {
     if (n <= 0 || w.rows <= 0 || w.cols <= 0 || (!dx && n <= CUDA_GEMV_MAX_ROWS)) return 0;
     if (!dx && tiled_takes(w, n)) {
-        int64_t splits = tiled_splits(w);
+        int64_t splits = tiled_split(w).splits;
         return splits > 1 ? (size_t)splits * (size_t)n * (size_t)w.rows * sizeof(float) : 0;
     }
     size_t ab = (size_t)n * (size_t)(dx ? w.rows : w.cols) * 2;

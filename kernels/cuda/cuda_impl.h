@@ -67,6 +67,14 @@ typedef struct {
     CudaGraphSlot slot[CUDA_GRAPH_SLOTS];
 } CudaGraphs;
 
+/* A kernel's dynamic shared memory limit as raised on the context's device
+ * (cuda_smem_limit). */
+#define CUDA_SMEM_KERNELS 8
+typedef struct {
+    const void *kernel;
+    size_t bytes;
+} CudaSmemLimit;
+
 typedef struct {
     int device;
     int bf16;                 /* KN_PRECISION_BF16: matmuls on bf16 operands (cuda_gemm.cu) */
@@ -81,6 +89,8 @@ typedef struct {
     cudaError_t fault;        /* the first error since the last synchronize, cudaSuccess if none */
     char fault_where[48];     /* the op or transfer that met it */
     CudaGraphs graphs;        /* cuda_graph.cu */
+    CudaSmemLimit smem[CUDA_SMEM_KERNELS]; /* cuda_smem_limit's kernels, in first-use order */
+    int n_smem;
 } CudaCtx;
 
 /* The context of ctx, its device made current on this thread. */
@@ -102,6 +112,12 @@ void cuda_graphs_free(CudaCtx *c);
 int cuda_graph_begin(const KnCtx *ctx, int64_t bucket, const void *sig, size_t sig_bytes);
 int cuda_graph_end(const KnCtx *ctx);
 int cuda_refused(CudaCtx *c);
+
+/* Raises kernel's dynamic shared memory limit to at least bytes before a
+ * launch that takes them: the attribute is set on the first launch and
+ * again only when a launch needs more, not per launch (host work on the
+ * decode path). A refusal becomes the fault, naming what. */
+void cuda_smem_limit(CudaCtx *c, const void *kernel, size_t bytes, const char *what);
 
 /* After a launch: the launch's own error, if any, becomes the fault. */
 #define CUDA_LAUNCHED(c, where) cuda_note((c), cudaGetLastError(), (where))
