@@ -309,6 +309,7 @@ void cuda_xent_softcap(const KnCtx *ctx, double *loss, float *z, const int32_t *
                        float cap, float scale, int grad);
 void cuda_adamw(const KnCtx *ctx, float *p, const float *g, float *m, float *v, size_t n, const KnAdamW *h);
 void cuda_sq_norm(const KnCtx *ctx, double *out, const float *x, size_t n);
+/* cuda_sample.cu */
 void cuda_sample(const KnCtx *ctx, int32_t *ids, const float *logits, KnSampleRow *rows, int64_t n, int64_t V,
                  void *scratch);
 /* cuda_lora.cu */

@@ -1582,6 +1582,145 @@ static void test_sample(Dev *d) {
     dev_reset(d);
 }
 
+/* ---- sampling over Gemma's vocabulary: each row's draw equals the rule of
+ * ops.h applied by sorting (a reference written from it), row by row in
+ * one call, with ties by id at the maximum, inside the top_k boundary and
+ * where most of the mass lies (a group of 50 equal logits), over 262,144
+ * softcapped logits. The CPU's draws equal it exactly; another backend's
+ * may differ only where a draw lands within rounding of a boundary. ---- */
+
+typedef struct {
+    float p;
+    int32_t id;
+} RefCand;
+
+static int ref_cand_cmp(const void *a, const void *b) {
+    const RefCand *x = a, *y = b;
+    if (x->p != y->p) return x->p > y->p ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* A row's kept candidates, most probable first, and their mass. */
+typedef struct {
+    RefCand *c;
+    int64_t n;
+    double total;
+    int32_t best;
+} RefRow;
+
+static void ref_row(RefRow *o, const float *l, int64_t V, const KnSampleRow *r) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < V; i++)
+        if (l[i] > l[best]) best = i;
+    o->best = (int32_t)best;
+    o->c = malloc((size_t)V * sizeof *o->c);
+    o->n = 0;
+    o->total = 0;
+    if (r->temperature <= 0.0f || r->top_k == 1) return;
+    float inv_t = 1.0f / r->temperature;
+    for (int64_t i = 0; i < V; i++) {
+        float z = (l[i] - l[best]) * inv_t;
+        if (z > -40.0f) o->c[o->n++] = (RefCand){expf(z), (int32_t)i};
+    }
+    qsort(o->c, (size_t)o->n, sizeof *o->c, ref_cand_cmp);
+    if (r->top_k > 0 && o->n > r->top_k) o->n = r->top_k;
+    for (int64_t i = 0; i < o->n; i++) o->total += o->c[i].p;
+    if (r->top_p < 1.0f) {
+        double keep = 0;
+        int64_t k = 0;
+        while (k < o->n && keep < r->top_p * o->total) keep += o->c[k++].p;
+        o->n = k > 0 ? k : 1;
+        o->total = keep > 0 ? keep : o->c[0].p;
+    }
+}
+
+/* The token drawn with state *rng (advanced), and where among the kept. */
+static int32_t ref_draw(const RefRow *o, uint64_t *rng, int64_t *rank) {
+    if (o->n == 0) {
+        *rank = -1;
+        return o->best;
+    }
+    double u = (double)(gf_splitmix64(rng) >> 11) * (1.0 / 9007199254740992.0) * o->total, acc = 0;
+    for (int64_t i = 0; i < o->n; i++) {
+        acc += o->c[i].p;
+        if (u < acc) {
+            *rank = i;
+            return o->c[i].id;
+        }
+    }
+    *rank = o->n - 1;
+    return o->c[o->n - 1].id;
+}
+
+static void test_sample_vocab(Dev *d) {
+    enum { V = 262144, R = 8 };
+    const KnSampleRow kinds[R] = {
+        {0.0f, 1.0f, 0, 0, 0},     /* greedy: the first of two maxima */
+        {1.0f, 1.0f, 0, 0, 0},     /* a draw from everything */
+        {0.7f, 1.0f, 40, 0, 0},    /* top_k */
+        {1.0f, 0.9f, 0, 0, 0},     /* nucleus */
+        {1.3f, 0.95f, 2000, 0, 0}, /* both */
+        {1.0f, 1.0f, 30, 0, 0},    /* top_k cutting the tied group */
+        {1.0f, 0.5f, 0, 0, 0},     /* a nucleus ending inside the tied group */
+        {0.9f, 1.0f, 1, 0, 0},     /* top_k 1: greedy */
+    };
+    int calls = d->be.ctx.device == KN_DEVICE_CUDA ? 50 : 3;
+    float *l = malloc((size_t)R * V * sizeof *l);
+    for (int r = 0; r < R; r++) {
+        float *row = l + (size_t)r * V;
+        for (int64_t i = 0; i < V; i++) {
+            double g = 0;
+            for (int k = 0; k < 4; k++) g += frand();
+            row[i] = (float)(30.0 * tanh((g * 4.0 + (r % 3)) / 30.0));
+        }
+        float top = 0;
+        for (int64_t i = 0; i < V; i++) top = fmaxf(top, row[i]);
+        int64_t at = 1000 + 7919 * r;
+        row[at] = row[at + 99991] = top + 1.0f;             /* two maxima */
+        for (int k = 0; k < 50; k++) row[(at + 3 + 5003 * k) % V] = top + 0.5f; /* the tied group */
+        for (int k = 0; k < 4000; k++) row[(at + 11 + 61 * k) % V] = top - 9.0f; /* a large tie of the tail */
+    }
+    RefRow ref[R];
+    for (int r = 0; r < R; r++) ref_row(&ref[r], l + (size_t)r * V, V, &kinds[r]);
+    float *dl = dev_put(d, l, (size_t)R * V * sizeof *l);
+    int32_t *dids = dev_poisoned(d, R * sizeof(int32_t)), ids[R];
+    KnSampleRow *drows = dev_alloc(d, sizeof kinds), rows[R], after[R];
+    void *cands = dev_alloc(d, (size_t)8 * V);
+    memcpy(rows, kinds, sizeof rows);
+    for (int r = 0; r < R; r++) rows[r].rng = 0x9E3779B97F4A7C15ull * (uint64_t)(r + 1);
+    int draws = 0, differ = 0, states_ok = 1, tied_inside = 0;
+    for (int call = 0; call < calls; call++) {
+        d->be.ops->upload(&d->be.ctx, drows, rows, sizeof rows);
+        d->be.ops->memset(&d->be.ctx, dids, 0xFF, sizeof ids);
+        d->be.ops->sample(&d->be.ctx, dids, dl, drows, R, V, cands);
+        dev_get(d, ids, dids, sizeof ids);
+        dev_get(d, after, drows, sizeof after);
+        for (int r = 0; r < R; r++) {
+            uint64_t st = rows[r].rng;
+            int64_t rank = -1;
+            int greedy = kinds[r].temperature <= 0.0f || kinds[r].top_k == 1;
+            int32_t want = greedy ? ref[r].best : ref_draw(&ref[r], &st, &rank);
+            states_ok &= after[r].rng == st;
+            draws++;
+            differ += ids[r] != want;
+            if (ids[r] != want && !(ids[r] >= 0 && ids[r] < V))
+                CHECK(0, "sample row %d call %d: id %d out of range", r, call, ids[r]);
+            tied_inside += rank > 0 && ref[r].c[rank].p == ref[r].c[rank - 1].p;
+            rows[r].rng = after[r].rng;
+        }
+    }
+    CHECK(ref[0].best == 1000 && ids[0] == 1000, "greedy takes the first of two maxima (%d)", ids[0]);
+    CHECK(ids[7] == ref[7].best, "top_k 1 is greedy (%d)", ids[7]);
+    CHECK(states_ok, "each drawing row's state advanced once, greedy rows' untouched");
+    CHECK(tied_inside > 0, "draws landed inside a tie (%d)", tied_inside);
+    int limit = d->be.ctx.device == KN_DEVICE_CUDA ? draws / 50 : 0;
+    CHECK(differ <= limit, "%s: %d of %d draws over %d logits differ from the sorted rule (limit %d)", d->be.name,
+          differ, draws, V, limit);
+    for (int r = 0; r < R; r++) free(ref[r].c);
+    free(l);
+    dev_reset(d);
+}
+
 /* ---- recorded runs (ops.h graph_begin / graph_end) ---- */
 
 enum { GPH_N = 24, GPH_C = 40, GPH_R = 33, GPH_RANK = 4 };
@@ -2134,6 +2273,7 @@ int main(void) {
             test_vision_ops(&d);
             test_optim_ops(&d);
             test_sample(&d);
+            test_sample_vocab(&d);
             dev_close(&d);
         }
     return check_done("test_ops");
