@@ -5,7 +5,8 @@
  * checkpoint, then on the chosen device (GF_DEVICE, else the default one):
  *
  *   copy     the device's copy bandwidth (bytes read + written per second)
- *   decode   base and rank-64 adapter, batch 1 and 16, NF4 and bf16 base:
+ *   decode   base and rank-64 adapter, batch 1 and 16, NF4 and bf16 base,
+ *            greedy (and the base drawing at temperature 1, top_p 0.95):
  *            generated tokens/s after a 128-token prompt, and the share of
  *            the bandwidth roofline (weight bytes a step reads / step time,
  *            against the copy bandwidth measured in the same run)
@@ -106,8 +107,10 @@ static int fill_ids(int32_t *ids, int n, uint64_t *rng) {
     return n;
 }
 
-/* A prompt per sequence, then n_new greedy steps over the whole batch. */
-static void decode_case(Run *r, Model *m, const LoraBinding *lora, int B, const char *quant) {
+/* A prompt per sequence, then n_new steps over the whole batch: greedy, or
+ * (draw) each token drawn at temperature 1 within the nucleus 0.95, what
+ * the sampler adds to a step. */
+static void decode_case(Run *r, Model *m, const LoraBinding *lora, int B, const char *quant, int draw) {
     const int prompt = 128;
     KvCache *c = calloc((size_t)B, sizeof *c);
     ModelSeq *seqs = calloc((size_t)B, sizeof *seqs);
@@ -116,6 +119,7 @@ static void decode_case(Run *r, Model *m, const LoraBinding *lora, int B, const 
     uint64_t rng = 99;
     GfError err = {0};
     int ok = 1;
+    for (int i = 0; draw && i < B; i++) rows[i] = (KnSampleRow){.temperature = 1.0f, .top_p = 0.95f, .rng = 7u + (uint64_t)i};
     for (int i = 0; ok && i < B; i++) {
         ok = !kv_cache_init(&c[i], &model_config(m)->text, model_backend(m), prompt + r->n_new + 8, &err);
         fill_ids(ids + (size_t)i * prompt, prompt, &rng);
@@ -136,11 +140,11 @@ static void decode_case(Run *r, Model *m, const LoraBinding *lora, int B, const 
         printf("{\"what\":\"decode\",\"quant\":\"%s\",\"batch\":%d,\"error\":\"%s\"}\n", quant, B, err.message);
     } else {
         double step = (t2 - t1) / r->n_new, bytes = step_weight_bytes(m), gbs = bytes / step / 1e9;
-        printf("{\"what\":\"decode\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"%s\",\"lora\":%s,\"batch\":%d,"
+        printf("{\"what\":\"decode\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"%s\",\"lora\":%s,\"sampling\":\"%s\",\"batch\":%d,"
                "\"prompt\":%d,\"new_tokens\":%d,\"prefill_s\":%.4f,\"step_ms\":%.3f,\"tokens_per_s\":%.1f,"
                "\"weight_bytes_per_step\":%.0f,\"weight_gbs\":%.1f,\"roofline_share\":%.3f,"
                "\"graph_steps\":{\"recorded\":%llu,\"replayed\":%llu,\"resubmitted\":%llu,\"padded\":%llu}}\n",
-               r->s->name, r->n_layers, quant, lora ? "true" : "false", B, prompt, r->n_new, t1 - t0, step * 1e3,
+               r->s->name, r->n_layers, quant, lora ? "true" : "false", draw ? "t1_p0.95" : "greedy", B, prompt, r->n_new, t1 - t0, step * 1e3,
                B / step, bytes, gbs, r->copy_gbs > 0 ? gbs / r->copy_gbs : 0.0,
                (unsigned long long)(g1.recorded - g0.recorded), (unsigned long long)(g1.replayed - g0.replayed),
                (unsigned long long)(g1.resubmitted - g0.resubmitted), (unsigned long long)(g1.padded - g0.padded));
@@ -165,8 +169,9 @@ static void bench_decode(Run *r, Model *m, const char *quant) {
     }
     const int batches[] = {1, 16};
     for (int k = 0; k < 2; k++) {
-        decode_case(r, m, NULL, batches[k], quant);
-        decode_case(r, m, &b, batches[k], quant);
+        decode_case(r, m, NULL, batches[k], quant, 0);
+        decode_case(r, m, NULL, batches[k], quant, 1);
+        decode_case(r, m, &b, batches[k], quant, 0);
     }
     lora_binding_free(&b);
     lora_free(a);

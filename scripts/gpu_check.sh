@@ -99,7 +99,7 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
         rows+=("$(printf '%-28s %-7s' "hf_anchor" "absent: copy ../shared/bench/hf_anchor.py into .devtools/")")
     fi
     for f in "$logs"/bench_shapes_*.log "$logs"/bench_serve.log "$logs"/hf_anchor.log; do
-        [ -f "$f" ] && { echo "== $(basename "$f" .log)"; tail -16 "$f"; }
+        [ -f "$f" ] && { echo "== $(basename "$f" .log)"; tail -24 "$f"; }
     done
 fi
 

@@ -3,9 +3,16 @@
  * are ordered by probability, ties by token id (a total order, so the
  * choice never depends on sort stability); tokens below e^-40 of the best
  * are left out before sorting. The draw advances the row's own splitmix64
- * state once. */
+ * state once.
+ *
+ * The sort is a stable radix sort of the candidates, made in id order, on
+ * P = bits(1.0f) - bits(p) < 2^29 (p in (e^-40, 1]; P ascending is p
+ * descending): three passes of 9, 10 and 10 bits through a buffer of the
+ * call, about ten times faster than comparison sorting Gemma's 262,144
+ * tokens. Without that buffer (no memory), qsort gives the same order. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu_impl.h"
 
@@ -29,7 +36,41 @@ static int cand_cmp(const void *a, const void *b) {
     return x->id < y->id ? -1 : x->id > y->id;
 }
 
-static int32_t sample_row(const float *logits, int64_t V, KnSampleRow *r, Cand *c) {
+#define P_ONE 0x3F800000u /* bits of 1.0f */
+
+static uint32_t cand_P(const Cand *c) {
+    uint32_t b;
+    memcpy(&b, &c->p, sizeof b);
+    return P_ONE - b;
+}
+
+/* One stable counting pass of src[n] into dst by the bits of P at shift. */
+static void radix_pass(const Cand *src, Cand *dst, int64_t n, int shift, int bits) {
+    int64_t at[1024] = {0};
+    uint32_t mask = (1u << bits) - 1u;
+    for (int64_t i = 0; i < n; i++) at[cand_P(&src[i]) >> shift & mask]++;
+    int64_t sum = 0;
+    for (uint32_t d = 0; d <= mask; d++) {
+        int64_t k = at[d];
+        at[d] = sum;
+        sum += k;
+    }
+    for (int64_t i = 0; i < n; i++) dst[at[cand_P(&src[i]) >> shift & mask]++] = src[i];
+}
+
+/* c[n] (in id order) sorted by cand_cmp's order; tmp (NULL: none) holds n. */
+static void sort_cands(Cand *c, int64_t n, Cand *tmp) {
+    if (!tmp) {
+        qsort(c, (size_t)n, sizeof *c, cand_cmp);
+        return;
+    }
+    radix_pass(c, tmp, n, 0, 9);
+    radix_pass(tmp, c, n, 9, 10);
+    radix_pass(c, tmp, n, 19, 10);
+    memcpy(c, tmp, (size_t)n * sizeof *c);
+}
+
+static int32_t sample_row(const float *logits, int64_t V, KnSampleRow *r, Cand *c, Cand *tmp) {
     int32_t best = argmax(logits, V);
     if (r->temperature <= 0.0f || r->top_k == 1) return best;
     float top = logits[best], inv_t = 1.0f / r->temperature;
@@ -38,7 +79,7 @@ static int32_t sample_row(const float *logits, int64_t V, KnSampleRow *r, Cand *
         float z = (logits[i] - top) * inv_t;
         if (z > -CUTOFF) c[n++] = (Cand){expf(z), (int32_t)i};
     }
-    qsort(c, (size_t)n, sizeof *c, cand_cmp);
+    sort_cands(c, n, tmp);
     if (r->top_k > 0 && n > r->top_k) n = r->top_k;
     double total = 0;
     for (int64_t i = 0; i < n; i++) total += c[i].p;
@@ -60,5 +101,9 @@ static int32_t sample_row(const float *logits, int64_t V, KnSampleRow *r, Cand *
 void cpu_sample_forward(const KnCtx *ctx, int32_t *ids, const float *logits, KnSampleRow *rows, int64_t n, int64_t V,
                         void *scratch) {
     (void)ctx;
-    for (int64_t i = 0; i < n; i++) ids[i] = sample_row(logits + i * V, V, &rows[i], scratch);
+    Cand *tmp = NULL;
+    for (int64_t i = 0; i < n && !tmp; i++)
+        if (rows[i].temperature > 0.0f && rows[i].top_k != 1) tmp = malloc((size_t)V * sizeof *tmp);
+    for (int64_t i = 0; i < n; i++) ids[i] = sample_row(logits + i * V, V, &rows[i], scratch, tmp);
+    free(tmp);
 }
