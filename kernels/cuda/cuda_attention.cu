@@ -409,13 +409,19 @@ static void launch_merge(CudaCtx *c, float *out, float *part, const AttArgs &a, 
 }
 
 /* The dynamic shared memory of one of the tile kernels for dim, once the
- * shape is checked (att_ok) and the kernel's limit raised to it; 0 when
- * the shape is refused. */
+ * shape is checked (att_ok) and the kernel may take it (cuda_smem_full);
+ * 0 when the shape is refused. */
 static size_t att_smem(CudaCtx *c, const void *kernel, int dim, int n_heads, int n_kv_heads, const char *what) {
     if (!att_ok(c, dim, n_heads, n_kv_heads, what)) return 0;
     size_t smem = tile_smem(dim);
-    cuda_smem_limit(c, kernel, smem, what);
+    cuda_smem_full(c, kernel, what);
     return smem;
+}
+
+void cuda_attention_open(CudaCtx *c) {
+    cuda_smem_full(c, (const void *)k_attention, "attention");
+    cuda_smem_full(c, (const void *)k_attention_batch, "attention_batch");
+    cuda_smem_full(c, (const void *)k_attention_rows, "attention_rows");
 }
 
 static void launch_attention(const KnCtx *ctx, float *out, const float *q, AttArgs a, const char *what) {
@@ -796,8 +802,8 @@ static void attention_dx_tiled(CudaCtx *c, float *dq, float *dk, float *dv, cons
     float *stats = (float *)cuda_scratch(c, cuda_attention_dx_scratch(a.n_q, a.n_heads, a.dim), "attention_dx");
     if (!stats) return;
     size_t sm1 = ((size_t)2 * QT + CHUNK) * a.dim * sizeof(float), sm2 = ((size_t)2 * KT + 2 * QC) * a.dim * sizeof(float);
-    cuda_smem_limit(c, (const void *)k_dx_stats_dq, sm1, "attention_dx");
-    cuda_smem_limit(c, (const void *)k_dx_dkdv, sm2, "attention_dx");
+    cuda_smem_full(c, (const void *)k_dx_stats_dq, "attention_dx");
+    cuda_smem_full(c, (const void *)k_dx_dkdv, "attention_dx");
     dim3 g1((unsigned)((a.n_q + QT - 1) / QT), (unsigned)a.n_heads), g2((unsigned)((a.n_keys + KT - 1) / KT), (unsigned)a.n_kv_heads);
     k_dx_stats_dq<<<g1, TILE_THREADS, sm1, c->stream>>>(dq, stats, q, dout, a);
     CUDA_LAUNCHED(c, "attention_dx");

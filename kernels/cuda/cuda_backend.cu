@@ -29,18 +29,17 @@ void cuda_blas_note(CudaCtx *c, cublasStatus_t st, const char *what) {
     cuda_note(c, cudaErrorUnknown, where);
 }
 
-void cuda_smem_limit(CudaCtx *c, const void *kernel, size_t bytes, const char *what) {
-    int i = 0;
-    while (i < c->n_smem && c->smem[i].kernel != kernel) i++;
-    if (i < c->n_smem && c->smem[i].bytes >= bytes) return;
-    cudaError_t rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+void cuda_smem_full(CudaCtx *c, const void *kernel, const char *what) {
+    for (int i = 0; i < c->n_smem_full; i++)
+        if (c->smem_full[i] == kernel) return;
+    int optin = 0;
+    cudaFuncAttributes fa;
+    cudaError_t rc = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device);
+    if (rc == cudaSuccess) rc = cudaFuncGetAttributes(&fa, kernel);
+    if (rc == cudaSuccess)
+        rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - (int)fa.sharedSizeBytes);
     cuda_note(c, rc, what);
-    if (rc != cudaSuccess) return;
-    if (i == c->n_smem) {
-        if (i == CUDA_SMEM_KERNELS) return; /* table full: set per launch, as correct */
-        c->smem[c->n_smem++].kernel = kernel;
-    }
-    c->smem[i].bytes = bytes;
+    if (rc == cudaSuccess && c->n_smem_full < CUDA_SMEM_KERNELS) c->smem_full[c->n_smem_full++] = kernel;
 }
 
 extern "C" GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err) {
@@ -68,6 +67,7 @@ extern "C" GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err) {
     c->bf16 = ctx->precision == KN_PRECISION_BF16;
     cublasSetMathMode(c->blas, c->bf16 ? CUBLAS_DEFAULT_MATH : CUBLAS_PEDANTIC_MATH);
     cuda_graphs_init(c);
+    cuda_attention_open(c);
     ctx->impl = c;
     ctx->stream = c->stream;
     return GF_OK;
