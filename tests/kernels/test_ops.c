@@ -312,6 +312,50 @@ static void test_attention_shapes(Dev *d) {
     }
 }
 
+/* Two CUDA contexts on one GPU (a serving and a training context) taking
+ * attention tiles of different shared memory in turn: the kernels' limit
+ * belongs to the device, so a context whose heads are small must not leave
+ * it too low for the other's head_dim 512 (which then failed to launch). */
+static void test_attention_two_contexts(void) {
+    Dev a, b;
+    if (!dev_open_at(&a, KN_DEVICE_CUDA, 1, KN_PRECISION_FP32)) return;
+    if (!dev_open_at(&b, KN_DEVICE_CUDA, 1, KN_PRECISION_FP32)) {
+        CHECK(0, "a second CUDA context opens%s", "");
+        dev_close(&a);
+        return;
+    }
+    const int nq = 12, nk = 40, H = 4, KVH = 2, dims[2] = {512, 64};
+    uint8_t valid[40];
+    memset(valid, 1, sizeof valid);
+    float *out[3];
+    for (int run = 0; run < 3; run++) {
+        Dev *d = run == 1 ? &b : &a;
+        int D = dims[run == 1];
+        uint64_t keep = rng;
+        rng = 0x5EEDull + (uint64_t)D; /* the same inputs for both runs of a */
+        float *q = rand_vec((size_t)nq * H * D), *k = rand_vec((size_t)nk * KVH * D), *v = rand_vec((size_t)nk * KVH * D);
+        rng = keep;
+        size_t n = (size_t)nq * H * D;
+        KnMask dm = {dev_put(d, valid, sizeof valid), NULL, 0};
+        float *dout = dev_poisoned(d, F(n));
+        d->be.ops->attention(&d->be.ctx, dout, dev_put(d, q, F(n)), dev_put(d, k, F(nk * KVH * D)),
+                             dev_put(d, v, F(nk * KVH * D)), nq, nk - nq, nk, H, KVH, D, 0.125f, &dm);
+        GfError err = {0};
+        GfStatus st = d->be.ops->synchronize(&d->be.ctx, &err);
+        CHECK(st == GF_OK, "attention head_dim %d on context %c after the other's: %s", D, run == 1 ? 'b' : 'a',
+              err.message);
+        out[run] = malloc(F(n));
+        dev_get(d, out[run], dout, F(n));
+        dev_reset(d);
+        free(q); free(k); free(v);
+    }
+    CHECK(memcmp(out[0], out[2], F((size_t)nq * H * 512)) == 0,
+          "head_dim 512 gives the same bits before and after the other context's head_dim 64%s", "");
+    for (int i = 0; i < 3; i++) free(out[i]);
+    dev_close(&b);
+    dev_close(&a);
+}
+
 static void test_attention(Dev *d) {
     int nq = 9, pos0 = 3, nk = 12, H = 4, KVH = 2, D = 8, W = 4;
     float *q = rand_vec((size_t)nq * H * D), *k = rand_vec((size_t)nk * KVH * D), *v = rand_vec((size_t)nk * KVH * D);
@@ -2237,6 +2281,7 @@ int main(void) {
     test_matmul_bf16();
     test_moe_grouped_bf16();
     test_real_shapes();
+    test_attention_two_contexts();
     const KnDeviceKind kinds[] = {KN_DEVICE_CPU, KN_DEVICE_GUARDED, KN_DEVICE_CUDA};
     for (size_t b = 0; b < sizeof kinds / sizeof *kinds; b++) test_graphs(kinds[b]);
     for (size_t b = 0; b < sizeof kinds / sizeof *kinds; b++)
