@@ -71,9 +71,12 @@ static void sort_cands(Cand *c, int64_t n, Cand *tmp) {
     memcpy(c, tmp, (size_t)n * sizeof *c);
 }
 
+/* 0 for a greedy row (temperature 0, or top_k 1). */
+static int draws(const KnSampleRow *r) { return r->temperature > 0.0f && r->top_k != 1; }
+
 static int32_t sample_row(const float *logits, int64_t V, KnSampleRow *r, Cand *c, Cand *tmp) {
     int32_t best = argmax(logits, V);
-    if (r->temperature <= 0.0f || r->top_k == 1) return best;
+    if (!draws(r)) return best;
     float top = logits[best], inv_t = 1.0f / r->temperature;
     int64_t n = 0;
     for (int64_t i = 0; i < V; i++) {
@@ -102,8 +105,6 @@ static int32_t sample_row(const float *logits, int64_t V, KnSampleRow *r, Cand *
     }
     return c[n - 1].id;
 }
-
-static int draws(const KnSampleRow *r) { return r->temperature > 0.0f && r->top_k != 1; }
 
 /* Rows ith, ith + nth, ... of a call: thread 0 sorts in the call's scratch,
  * the others in their own buffer; a thread without one leaves its drawing
