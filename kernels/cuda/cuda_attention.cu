@@ -409,25 +409,16 @@ static void launch_merge(CudaCtx *c, float *out, float *part, const AttArgs &a, 
 }
 
 /* The dynamic shared memory of one of the tile kernels for dim, once the
- * shape is checked (att_ok) and the kernel may take it (cuda_smem_full);
- * 0 when the shape is refused. */
-static size_t att_smem(CudaCtx *c, const void *kernel, int dim, int n_heads, int n_kv_heads, const char *what) {
-    if (!att_ok(c, dim, n_heads, n_kv_heads, what)) return 0;
-    size_t smem = tile_smem(dim);
-    cuda_smem_full(c, kernel, what);
-    return smem;
-}
-
-void cuda_attention_open(CudaCtx *c) {
-    cuda_smem_full(c, (const void *)k_attention, "attention");
-    cuda_smem_full(c, (const void *)k_attention_batch, "attention_batch");
-    cuda_smem_full(c, (const void *)k_attention_rows, "attention_rows");
+ * shape is checked (att_ok); 0 when the shape is refused. The kernels may
+ * take it since the context opened (cuda_attention_open). */
+static size_t att_smem(CudaCtx *c, int dim, int n_heads, int n_kv_heads, const char *what) {
+    return att_ok(c, dim, n_heads, n_kv_heads, what) ? tile_smem(dim) : 0;
 }
 
 static void launch_attention(const KnCtx *ctx, float *out, const float *q, AttArgs a, const char *what) {
     if (a.n_q <= 0 || a.n_heads <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    size_t smem = att_smem(c, (const void *)k_attention, a.dim, a.n_heads, a.n_kv_heads, what);
+    size_t smem = att_smem(c, a.dim, a.n_heads, a.n_kv_heads, what);
     if (!smem) return;
     a.hp = a.n_q == 1 ? heads_packed(a.n_heads, a.n_kv_heads) : 1;
     int qt = QT / a.hp;
@@ -443,7 +434,7 @@ void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const in
                           int n_kv_heads, int dim, float scale, int window) {
     if (n_seqs <= 0 || n_heads <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    size_t smem = att_smem(c, (const void *)k_attention_batch, dim, n_heads, n_kv_heads, "attention_batch");
+    size_t smem = att_smem(c, dim, n_heads, n_kv_heads, "attention_batch");
     if (!smem) return;
     AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale,
                  heads_packed(n_heads, n_kv_heads)};
@@ -475,7 +466,7 @@ void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int
         cuda_note(c, cudaErrorInvalidValue, "attention_rows");
         return;
     }
-    size_t smem = att_smem(c, (const void *)k_attention_rows, dim, n_heads, n_kv_heads, "attention_rows");
+    size_t smem = att_smem(c, dim, n_heads, n_kv_heads, "attention_rows");
     if (!smem) return;
     AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale,
                  heads_packed(n_heads, n_kv_heads)};
@@ -802,13 +793,19 @@ static void attention_dx_tiled(CudaCtx *c, float *dq, float *dk, float *dv, cons
     float *stats = (float *)cuda_scratch(c, cuda_attention_dx_scratch(a.n_q, a.n_heads, a.dim), "attention_dx");
     if (!stats) return;
     size_t sm1 = ((size_t)2 * QT + CHUNK) * a.dim * sizeof(float), sm2 = ((size_t)2 * KT + 2 * QC) * a.dim * sizeof(float);
-    cuda_smem_full(c, (const void *)k_dx_stats_dq, "attention_dx");
-    cuda_smem_full(c, (const void *)k_dx_dkdv, "attention_dx");
     dim3 g1((unsigned)((a.n_q + QT - 1) / QT), (unsigned)a.n_heads), g2((unsigned)((a.n_keys + KT - 1) / KT), (unsigned)a.n_kv_heads);
     k_dx_stats_dq<<<g1, TILE_THREADS, sm1, c->stream>>>(dq, stats, q, dout, a);
     CUDA_LAUNCHED(c, "attention_dx");
     k_dx_dkdv<<<g2, TILE_THREADS, sm2, c->stream>>>(dk, dv, stats, q, dout, a);
     CUDA_LAUNCHED(c, "attention_dx");
+}
+
+void cuda_attention_open(CudaCtx *c) {
+    cuda_smem_full(c, (const void *)k_attention, "attention");
+    cuda_smem_full(c, (const void *)k_attention_batch, "attention_batch");
+    cuda_smem_full(c, (const void *)k_attention_rows, "attention_rows");
+    cuda_smem_full(c, (const void *)k_dx_stats_dq, "attention_dx");
+    cuda_smem_full(c, (const void *)k_dx_dkdv, "attention_dx");
 }
 
 void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,

@@ -30,8 +30,6 @@ void cuda_blas_note(CudaCtx *c, cublasStatus_t st, const char *what) {
 }
 
 void cuda_smem_full(CudaCtx *c, const void *kernel, const char *what) {
-    for (int i = 0; i < c->n_smem_full; i++)
-        if (c->smem_full[i] == kernel) return;
     int optin = 0;
     cudaFuncAttributes fa;
     cudaError_t rc = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device);
@@ -39,7 +37,6 @@ void cuda_smem_full(CudaCtx *c, const void *kernel, const char *what) {
     if (rc == cudaSuccess)
         rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - (int)fa.sharedSizeBytes);
     cuda_note(c, rc, what);
-    if (rc == cudaSuccess && c->n_smem_full < CUDA_SMEM_KERNELS) c->smem_full[c->n_smem_full++] = kernel;
 }
 
 extern "C" GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err) {

@@ -67,8 +67,6 @@ typedef struct {
     CudaGraphSlot slot[CUDA_GRAPH_SLOTS];
 } CudaGraphs;
 
-#define CUDA_SMEM_KERNELS 8 /* kernels cuda_smem_full remembers per context */
-
 typedef struct {
     int device;
     int bf16;                 /* KN_PRECISION_BF16: matmuls on bf16 operands (cuda_gemm.cu) */
@@ -83,8 +81,6 @@ typedef struct {
     cudaError_t fault;        /* the first error since the last synchronize, cudaSuccess if none */
     char fault_where[48];     /* the op or transfer that met it */
     CudaGraphs graphs;        /* cuda_graph.cu */
-    const void *smem_full[CUDA_SMEM_KERNELS]; /* the kernels cuda_smem_full has opened */
-    int n_smem_full;
 } CudaCtx;
 
 /* The context of ctx, its device made current on this thread. */
@@ -107,14 +103,14 @@ int cuda_graph_begin(const KnCtx *ctx, int64_t bucket, const void *sig, size_t s
 int cuda_graph_end(const KnCtx *ctx);
 int cuda_refused(CudaCtx *c);
 
-/* Before a launch of kernel with more than 48 KB of dynamic shared memory:
+/* For a kernel launched with more than 48 KB of dynamic shared memory:
  * lets kernel take all the device allows a block (the opt-in maximum less
- * its static shared memory). Set once per context, not per launch (host
- * work on the decode path), and to the same value by every context, so
- * that no context lowers what another's launch needs (the attribute
- * belongs to the kernel on the device, not to the context). A launch that
- * needs more than the device has fails at launch; a refusal here becomes
- * the fault, naming what. */
+ * its static shared memory); called when a context starts (not per
+ * launch: host work on the decode path). Every context sets the
+ * same value, so that none lowers what another's launch needs (the
+ * attribute belongs to the kernel on the device, not to the context). A
+ * launch that needs more than the device has fails at launch; a refusal
+ * here becomes the fault, naming what. */
 void cuda_smem_full(CudaCtx *c, const void *kernel, const char *what);
 
 /* After a launch: the launch's own error, if any, becomes the fault. */
@@ -299,9 +295,9 @@ void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const in
 void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
                          const float *v, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
                          int n_kv_heads, int dim, float scale, int window);
-/* The attention kernels' shared memory opened (cuda_smem_full) when the
- * context starts, so that no attribute is set while a decode step is
- * recorded (attention_rows runs only in recorded steps). */
+/* Every attention kernel may take the shared memory it needs
+ * (cuda_smem_full), set once when the context starts: not per launch, and
+ * never while a decode step is recorded (attention_rows runs only there). */
 void cuda_attention_open(CudaCtx *c);
 void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
                        const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,

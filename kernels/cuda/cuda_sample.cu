@@ -10,8 +10,7 @@
  * radix: three passes over the row, each a histogram over 10, 10 and 9
  * bits of P of the candidates that share the digits found so far, then the
  * tokens of that P ordered by id. So a row drawn within top_k and top_p
- * takes one pass for the maximum and nine for the searches (55 before,
- * each computing every probability again).
+ * takes one pass for the maximum and nine for the searches.
  *
  * Masses are integers, p 2^63 rounded down (every candidate's > 0), summed
  * in 128 bits: exact, so a histogram is the same whatever order its blocks
@@ -439,7 +438,7 @@ static __device__ void smp_step(int32_t *ids, const float *l, KnSampleRow *rows,
     int b = sp.found == NO_BIN ? sp.last_bin : sp.found;
     if (threadIdx.x == 0 && (sp.found == NO_BIN || b < 0)) s.forced = 1;
     __syncthreads();
-    if (b < 0) { /* nothing kept in the prefix (cannot happen): keep the cut made so far */
+    if (b < 0) { /* no candidate kept (a nucleus over non-finite logits): keep the cut made so far */
         if (threadIdx.x == 0) {
             if (s.stage == ST_DRAW) finish_stage(s, q, s.last_p, s.last_p == P_ALL ? s.best : s.last_id, ids, row);
             else begin_stage(s, next_stage(q, s.stage));
