@@ -396,6 +396,33 @@ static int use_device_sched(const ServeOptions *o, const Model *m) {
     return strncmp(model_backend(m)->name, "cuda", 4) == 0;
 }
 
+/* The devices found, in the start-up log. The first probe initialises the
+ * CUDA runtime, which loads the driver library (dlopen, under the dynamic
+ * loader's lock); made here, before any thread exists, it leaves nothing to
+ * load later, when a job's memory check or a /metrics scrape probes again
+ * while other threads run. (Loaded mid-flight, the loader's lock once
+ * deadlocked the server against the allocator that the fault-injection
+ * test interposes, libfiu's.) */
+static void log_devices(void) {
+    KnDeviceInfo dev[KN_MAX_DEVICES];
+    int n = kn_devices_probe(dev);
+    char line[1024] = "";
+    size_t used = 0;
+    for (int i = 0; i < n && used < sizeof line; i++) {
+        int cpu = dev[i].kind == KN_DEVICE_CPU, w;
+        double free_gib = (double)dev[i].memory_free / 1073741824.0;
+        if (cpu)
+            w = snprintf(line + used, sizeof line - used, "%scpu (%d threads, %.1f GiB free)", i ? ", " : "",
+                         dev[i].n_threads, free_gib);
+        else
+            w = snprintf(line + used, sizeof line - used, "%scuda:%d %s (%d SMs, %.1f GiB free)", i ? ", " : "",
+                         dev[i].index, dev[i].name, dev[i].n_threads, free_gib);
+        if (w < 0) break;
+        used += (size_t)w;
+    }
+    GF_LOGI("devices: %s", line);
+}
+
 static int cmd_serve(int argc, char **argv) {
     ServeOptions o;
     int parsed = parse_serve(argc, argv, &o);
@@ -404,6 +431,7 @@ static int cmd_serve(int argc, char **argv) {
     gf_log_init(o.verbose ? GF_LOG_DEBUG : GF_LOG_INFO);
     sigset_t sigs;
     block_signals(&sigs); /* before any thread exists, so only sigwait sees them */
+    log_devices();         /* before any thread exists too: see its comment */
     ServeParts p;
     memset(&p, 0, sizeof p);
     metrics_init(&p.metrics);

@@ -13,6 +13,9 @@ fsync/fdatasync, rename, open, mmap). Then the faults are switched off and:
   acknowledged is there, whole; the job is succeeded, failed or paused with
   its reason in words, or trains on, never stuck.
 
+First, without faults: the server loads no library once it listens
+(no_late_loads).
+
 usage: faults.py PATH/TO/gemmaforge [--rounds N] [--seed S]
 Exit 77 (skipped) without fiu-run.
 """
@@ -124,6 +127,42 @@ def job_settles(srv, job):
     raise AssertionError("the job is stuck at step %s after the faults ended" % step)
 
 
+def no_late_loads(binary):
+    """The server loads no library once it listens (glibc's LD_DEBUG=files
+    names each one): a dlopen takes the dynamic loader's lock, and mid-flight,
+    against libfiu's interposed allocator, that lock once deadlocked the
+    whole server (the CUDA runtime loading its driver at a job's start)."""
+    data = tempfile.mkdtemp(prefix="gf-loads-")
+    trace = os.path.join(data, "ld")
+    old = {k: os.environ.get(k) for k in ("LD_DEBUG", "LD_DEBUG_OUTPUT")}
+    os.environ.update(LD_DEBUG="files", LD_DEBUG_OUTPUT=trace)
+    try:
+        srv = Server(binary, data=os.path.join(data, "d"), extra=["--min-examples", "10"])
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    path = "%s.%d" % (trace, srv.proc.pid)
+
+    def loads():
+        with open(path, errors="replace") as f:
+            return [line.split("file=", 1)[1].strip() for line in f if "dynamically loaded by" in line]
+    try:
+        at_start = loads()
+        jsonl, tar, _ = shapes.dataset(12, 7, "img")
+        ds = expect(srv.post_multipart("/v1/datasets", [("file", "d.jsonl", jsonl), ("images", "i.tar", tar)]), 201).json()["id"]
+        job = expect(srv.post_json("/v1/fine_tuning/jobs", {"dataset": ds, "hyperparameters": JOB_HP}), 201).json()["id"]
+        until = time.time() + 600
+        while (expect(srv.get("/v1/fine_tuning/jobs/" + job), 200).json()["progress"]["step"] or 0) < 1:
+            assert time.time() < until, "the job never started"
+            time.sleep(0.05)
+        expect(srv.get("/metrics"), 200)
+        late = loads()[len(at_start):]
+        assert not late, "loaded after the server started listening: %s" % late
+    finally:
+        srv.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
 def one_round(binary, family, names, p, rng, n_ops):
     data = tempfile.mkdtemp(prefix="gf-faults-")
     base = os.path.join(data, "fiu")
@@ -172,6 +211,12 @@ def main():
     rng = random.Random(seed)
     print("fault injection: %d rounds of %d families, p=%g, seed %d" % (a.rounds, len(FAMILIES), a.probability, seed))
     failed = 0
+    try:
+        no_late_loads(a.binary)
+        print("ok   no library is loaded once the server listens", flush=True)
+    except AssertionError as e:
+        failed += 1
+        print("FAIL late loads: %s" % e, flush=True)
     for r in range(a.rounds):
         for family, names in FAMILIES:
             try:
