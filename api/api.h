@@ -56,6 +56,7 @@ typedef struct {
     struct WorkPool *images;         /* work_pool.h: decodes requests' images off the HTTP threads; NULL = on them */
     struct DevSched *sched;          /* devsched.h: the device shared by serving and training, or NULL */
     uint64_t memory_limit;           /* bytes this process may use on the device (--device-memory), 0 = none */
+    const struct Pipeline *pipe;     /* the model, tokenizer, template and image settings together (read-only) */
 } ApiServing;
 
 typedef struct {

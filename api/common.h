@@ -8,6 +8,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "api.h"
 #include "dataset.h"
 #include "http.h"
 #include "store.h"
@@ -34,6 +35,12 @@ GfStatus only_parts_or_reply(const HttpReq *req, HttpResp *resp, const char *con
 
 /* A refused dataset's per-line report: [{line, code, message}] (datasets.c). */
 cJSON *dataset_issues_json(const DatasetReport *r);
+
+/* Checks an upload (the JSONL at jsonl, the image archive at tar or NULL)
+ * line by line and, when a model is loaded, measures every example in tokens
+ * for it (none may be longer than a job can train on); fills row's counts.
+ * A refused upload is answered here (422 with every bad line). datasets.c. */
+GfStatus dataset_check_or_reply(Api *api, const char *jsonl, const char *tar, DatasetRow *row, HttpResp *resp);
 
 /* {"object":"list","data":data,"has_more":..} */
 cJSON *list_envelope(cJSON *data, int has_more);

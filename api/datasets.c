@@ -7,7 +7,22 @@
 #include "api.h"
 #include "common.h"
 #include "dataset.h"
+#include "hyperparameters.h"
 #include "reply.h"
+#include "trainset.h"
+
+/* "tokens": what the upload measured for the model loaded then, or null. */
+static void add_tokens(cJSON *o, const DatasetRow *d) {
+    if (d->max_tokens < 0) {
+        cJSON_AddNullToObject(o, "tokens");
+        return;
+    }
+    cJSON *t = cJSON_AddObjectToObject(o, "tokens");
+    cJSON_AddStringToObject(t, "model", d->tokens_model);
+    cJSON_AddNumberToObject(t, "total", (double)d->tokens);
+    cJSON_AddNumberToObject(t, "longest", (double)d->max_tokens);
+    cJSON_AddNumberToObject(t, "longest_line", (double)d->max_tokens_line);
+}
 
 static cJSON *dataset_json(const DatasetRow *d) {
     cJSON *o = cJSON_CreateObject();
@@ -20,6 +35,7 @@ static cJSON *dataset_json(const DatasetRow *d) {
     cJSON_AddNumberToObject(o, "images", (double)d->n_images);
     cJSON_AddNumberToObject(o, "bytes", (double)d->bytes);
     cJSON_AddBoolToObject(o, "has_images_archive", d->has_images);
+    add_tokens(o, d);
     return o;
 }
 
@@ -57,10 +73,36 @@ static GfStatus parts_or_reply(const HttpReq *req, HttpResp *resp, const HttpPar
     return GF_OK;
 }
 
-GfStatus datasets_create(Api *api, const HttpReq *req, HttpResp *resp) {
-    const HttpPart *file = NULL, *images = NULL;
-    const char *name = NULL;
-    if (parts_or_reply(req, resp, &file, &images, &name)) return GF_INVALID;
+/* The longest sequence a job can train: max_seq_len's bound, and the
+ * model's context when its config gives one. */
+static int64_t trainable_tokens(const Api *api) {
+    int64_t ctx = api->serving.cfg ? api->serving.cfg->text.max_positions : 0;
+    return ctx > 0 && ctx < HP_MAX_SEQ_LEN ? ctx : HP_MAX_SEQ_LEN;
+}
+
+/* The examples in tokens, for the loaded model. */
+static GfStatus measure_or_reply(Api *api, const char *jsonl, const char *tar, const DatasetLimits *lim,
+                                 DatasetRow *row, HttpResp *resp) {
+    TrainSetStats stats;
+    DatasetReport report;
+    GfError err;
+    gf_error_clear(&err);
+    GfStatus st = trainset_measure(api->serving.pipe, jsonl, tar, trainable_tokens(api), &lim->image,
+                                   lim->max_issues_kept, &stats, &report, &err);
+    if (st) {
+        GfStatus out = reply_error(resp, &err, st == GF_UNPROCESSABLE ? dataset_issues_json(&report) : NULL);
+        dataset_report_free(&report);
+        return out;
+    }
+    dataset_report_free(&report);
+    snprintf(row->tokens_model, sizeof row->tokens_model, "%s", api->model.id);
+    row->tokens = stats.tokens;
+    row->max_tokens = stats.max_tokens;
+    row->max_tokens_line = stats.max_tokens_line;
+    return GF_OK;
+}
+
+GfStatus dataset_check_or_reply(Api *api, const char *jsonl, const char *tar, DatasetRow *row, HttpResp *resp) {
     DatasetLimits lim;
     dataset_limits_default(&lim);
     lim.min_examples = api->limits.dataset_min_examples;
@@ -69,23 +111,34 @@ GfStatus datasets_create(Api *api, const HttpReq *req, HttpResp *resp) {
     DatasetReport report;
     GfError err;
     gf_error_clear(&err);
-    GfStatus st = dataset_validate(file->path, images ? images->path : NULL, &lim, &report, &err);
+    GfStatus st = dataset_validate(jsonl, tar, &lim, &report, &err);
     if (st) {
         GfStatus out = reply_error(resp, &err, st == GF_UNPROCESSABLE ? dataset_issues_json(&report) : NULL);
         dataset_report_free(&report);
         return out;
     }
+    row->n_examples = report.n_examples;
+    row->n_images = report.n_images;
+    dataset_report_free(&report);
+    row->tokens = row->max_tokens = -1;
+    return api->serving.pipe ? measure_or_reply(api, jsonl, tar, &lim, row, resp) : GF_OK;
+}
+
+GfStatus datasets_create(Api *api, const HttpReq *req, HttpResp *resp) {
+    const HttpPart *file = NULL, *images = NULL;
+    const char *name = NULL;
+    if (parts_or_reply(req, resp, &file, &images, &name)) return GF_INVALID;
     DatasetRow row;
     memset(&row, 0, sizeof row);
+    GfStatus st = dataset_check_or_reply(api, file->path, images ? images->path : NULL, &row, resp);
+    if (st) return st;
+    GfError err;
     store_new_id("ds", row.id);
     snprintf(row.name, sizeof row.name, "%s", name ? name : row.id);
     snprintf(row.status, sizeof row.status, "ready");
-    row.n_examples = report.n_examples;
-    row.n_images = report.n_images;
     row.bytes = file->size + (images ? images->size : 0);
     row.has_images = images != NULL;
     row.created_at = gf_time_unix();
-    dataset_report_free(&report);
     if (store_dataset_create(api->store, &row, file->path, images ? images->path : NULL, &err))
         return reply_error(resp, &err, NULL);
     return reply_json(resp, 201, dataset_json(&row));

@@ -46,29 +46,15 @@ GfStatus files_create(Api *api, const HttpReq *req, HttpResp *resp) {
         return reply_fail(resp, GF_INVALID, "missing_parameter", "file", "the multipart field 'file' (the JSONL) is required");
     const char *name = file->filename && file->filename[0] ? file->filename : "upload.jsonl";
     if (check_display_name(name, "file", &err)) return reply_error(resp, &err, NULL);
-    DatasetLimits lim;
-    dataset_limits_default(&lim);
-    lim.min_examples = api->limits.dataset_min_examples;
-    lim.image.max_bytes = api->limits.image_max_bytes;
-    lim.image.max_pixels = api->limits.image_max_pixels;
-    DatasetReport report;
-    gf_error_clear(&err);
-    GfStatus st = dataset_validate(file->path, NULL, &lim, &report, &err);
-    if (st) {
-        GfStatus out = reply_error(resp, &err, st == GF_UNPROCESSABLE ? dataset_issues_json(&report) : NULL);
-        dataset_report_free(&report);
-        return out;
-    }
     DatasetRow row;
     memset(&row, 0, sizeof row);
+    GfStatus st = dataset_check_or_reply(api, file->path, NULL, &row, resp);
+    if (st) return st;
     store_new_id("file", row.id);
     snprintf(row.name, sizeof row.name, "%s", name);
     snprintf(row.status, sizeof row.status, "ready");
-    row.n_examples = report.n_examples;
-    row.n_images = report.n_images;
     row.bytes = file->size;
     row.created_at = gf_time_unix();
-    dataset_report_free(&report);
     if (store_dataset_create(api->store, &row, file->path, NULL, &err)) return reply_error(resp, &err, NULL);
     return reply_json(resp, 200, file_json(&row));
 }

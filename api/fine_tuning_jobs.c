@@ -106,7 +106,7 @@ static GfStatus parse_metadata(const cJSON *m, char out[JOB_METADATA_MAX], GfErr
     return st;
 }
 
-static GfStatus parse_create(Api *api, const cJSON *body, JobRow *row, GfError *err) {
+static GfStatus parse_create(Api *api, const cJSON *body, JobRow *row, int64_t *max_seq_len, GfError *err) {
     JsonCtx c = {body, "", NULL, err};
     static const char *const keys[] = {"dataset", "validation_dataset", "training_file", "validation_file", "model", "suffix",
                                        "hyperparameters", "method", "seed", "metadata", NULL};
@@ -140,6 +140,7 @@ static GfStatus parse_create(Api *api, const cJSON *body, JobRow *row, GfError *
     GfStatus st = hyperparameters_parse(given, api->limits.max_lora_rank, &params, &norm, err);
     cJSON_Delete(given);
     if (st) return GF_INVALID;
+    *max_seq_len = params.max_seq_len;
     char *text = cJSON_PrintUnformatted(norm);
     cJSON_Delete(norm);
     if (!text || strlen(text) >= sizeof row->hyperparameters) {
@@ -230,14 +231,33 @@ static cJSON *job_json(const JobRow *j) {
     return o;
 }
 
+/* A job is refused when an example of its dataset (param: "training_file"
+ * or "validation_file") is longer than its max_seq_len, as measured at
+ * upload for the model served now. Unmeasured datasets (uploaded with no
+ * model loaded, or for another model) are checked when the job starts; a
+ * missing one is job_insert's to report. */
+static GfStatus check_lengths(Api *api, const char *id, const char *param, int64_t max_seq_len, GfError *err) {
+    DatasetRow d;
+    if (!id[0]) return GF_OK;
+    if (store_dataset_get(api->store, id, &d, err)) return err->status == GF_NOT_FOUND ? GF_OK : err->status;
+    if (d.max_tokens <= max_seq_len || strcmp(d.tokens_model, api->model.id) != 0) return GF_OK;
+    return gf_error_set(err, GF_INVALID, "sequence_too_long", "hyperparameters.max_seq_len",
+                        "line %llu of %s '%s' is %lld tokens, over max_seq_len %lld: raise max_seq_len to at least "
+                        "%lld or shorten that conversation", (unsigned long long)d.max_tokens_line, param, id,
+                        (long long)d.max_tokens, (long long)max_seq_len, (long long)d.max_tokens);
+}
+
 GfStatus jobs_create(Api *api, const HttpReq *req, HttpResp *resp) {
     GfError err;
     gf_error_clear(&err);
     cJSON *body = json_parse_body(req->body, req->body_len, &err);
     if (!body) return reply_error(resp, &err, NULL);
     JobRow row;
-    GfStatus st = parse_create(api, body, &row, &err);
+    int64_t max_seq_len = 0;
+    GfStatus st = parse_create(api, body, &row, &max_seq_len, &err);
     cJSON_Delete(body);
+    if (!st) st = check_lengths(api, row.dataset_id, "training_file", max_seq_len, &err);
+    if (!st) st = check_lengths(api, row.validation_dataset_id, "validation_file", max_seq_len, &err);
     if (st) return reply_error(resp, &err, NULL);
     store_new_id("job", row.id);
     if (store_job_create(api->store, &row, api->limits.max_queued_jobs, &err)) return reply_error(resp, &err, NULL);

@@ -68,7 +68,7 @@ GfStatus hyperparameters_parse(const cJSON *h, int max_rank, JobParams *p, cJSON
         json_get_bool(&c, "use_rslora", 0, &rslora) ||
         json_get_enum(&c, "quantization", quant, "nf4", &q) ||
         json_get_bool(&c, "gradient_checkpointing", 1, &ckpt) ||
-        json_get_int(&c, "max_seq_len", 0, 16, 131072, 2048, &seq) ||
+        json_get_int(&c, "max_seq_len", 0, 16, HP_MAX_SEQ_LEN, 2048, &seq) ||
         json_get_int(&c, "eval_every", 0, 0, 1000000, 0, &eval_every) ||
         json_get_int(&c, "save_every", 0, 1, 1000000, 100, &save_every) ||
         json_get_int(&c, "seed", 0, 0, 2147483647, 42, &seed))

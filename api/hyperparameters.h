@@ -26,6 +26,7 @@
 #include "trainer.h"
 
 #define HP_MAX_TARGETS 8
+#define HP_MAX_SEQ_LEN 131072      /* the largest max_seq_len a job may ask for */
 
 typedef struct {
     TrainConfig train;              /* epochs, lr, schedule, warmup, batch, accumulation, seed */

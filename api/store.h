@@ -36,6 +36,10 @@ typedef struct {
     uint64_t n_examples, n_images;
     uint64_t bytes;              /* JSONL + archive */
     int has_images;
+    char tokens_model[STORE_NAME_MAX]; /* the model they were measured for ("": not measured, no model at upload) */
+    int64_t tokens;              /* every example's tokens for that model; -1 when not measured */
+    int64_t max_tokens;          /* the longest example's, -1 when not measured */
+    uint64_t max_tokens_line;    /* its line */
 } DatasetRow;
 
 typedef struct {

@@ -314,7 +314,7 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, DevSched *sched,
         return -1;
     }
     api->serving = (ApiServing){*out, pipe->model, pipe->tok, &pipe->tpl, &pipe->pre, model_config(pipe->model),
-                                o->max_tokens ? o->max_tokens : 4096, 8, 1024, NULL, sched, o->device_memory};
+                                o->max_tokens ? o->max_tokens : 4096, 8, 1024, NULL, sched, o->device_memory, pipe};
     int tasks = o->max_image_tasks < o->image_threads ? o->image_threads : o->max_image_tasks;
     api->serving.images = work_pool_new(o->image_threads, tasks, &err);
     if (!api->serving.images) {

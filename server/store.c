@@ -66,17 +66,29 @@ static int begin(SqlStore *s) { return sqlite3_exec(s->db, "BEGIN IMMEDIATE", NU
 static int commit(SqlStore *s) { return sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL); }
 static void rollback(SqlStore *s) { sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL); }
 
-/* Prepares sql and binds text/int64 args described by fmt ('s', 'i', 'd'). */
+/* Binds the args described by fmt: 's' text, 'i' int64, 'n' int64 or NULL
+ * when negative, 'd' double. */
+static void bind_args(sqlite3_stmt *st, const char *fmt, va_list ap) {
+    for (int i = 0; fmt[i]; i++) {
+        if (fmt[i] == 's') {
+            sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
+        } else if (fmt[i] == 'i' || fmt[i] == 'n') {
+            int64_t v = va_arg(ap, int64_t);
+            if (fmt[i] == 'n' && v < 0) sqlite3_bind_null(st, i + 1);
+            else sqlite3_bind_int64(st, i + 1, v);
+        } else {
+            sqlite3_bind_double(st, i + 1, va_arg(ap, double));
+        }
+    }
+}
+
+/* Prepares sql and binds the args described by fmt (bind_args). */
 static int prep(SqlStore *s, sqlite3_stmt **st, const char *sql, const char *fmt, ...) {
     int rc = sqlite3_prepare_v2(s->db, sql, -1, st, NULL);
     if (rc != SQLITE_OK) return rc;
     va_list ap;
     va_start(ap, fmt);
-    for (int i = 0; fmt[i]; i++) {
-        if (fmt[i] == 's') sqlite3_bind_text(*st, i + 1, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
-        else if (fmt[i] == 'i') sqlite3_bind_int64(*st, i + 1, va_arg(ap, int64_t));
-        else sqlite3_bind_double(*st, i + 1, va_arg(ap, double));
-    }
+    bind_args(*st, fmt, ap);
     va_end(ap);
     return SQLITE_OK;
 }
@@ -88,11 +100,7 @@ static int exec_stmt(SqlStore *s, const char *sql, const char *fmt, ...) {
     if (rc != SQLITE_OK) return rc;
     va_list ap;
     va_start(ap, fmt);
-    for (int i = 0; fmt[i]; i++) {
-        if (fmt[i] == 's') sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
-        else if (fmt[i] == 'i') sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t));
-        else sqlite3_bind_double(st, i + 1, va_arg(ap, double));
-    }
+    bind_args(st, fmt, ap);
     va_end(ap);
     rc = sqlite3_step(st);
     sqlite3_finalize(st);
@@ -273,7 +281,7 @@ static GfStatus sql_ping(Store *store, GfError *err) {
 
 /* ---- datasets ---------------------------------------------------------- */
 
-#define DATASET_COLS "id,name,status,created_at,n_examples,n_images,bytes,has_images"
+#define DATASET_COLS "id,name,status,created_at,n_examples,n_images,bytes,has_images,tokens_model,tokens,max_tokens,max_tokens_line"
 
 static void read_dataset(sqlite3_stmt *st, DatasetRow *d) {
     col_text(st, 0, d->id, sizeof d->id);
@@ -284,6 +292,11 @@ static void read_dataset(sqlite3_stmt *st, DatasetRow *d) {
     d->n_images = (uint64_t)sqlite3_column_int64(st, 5);
     d->bytes = (uint64_t)sqlite3_column_int64(st, 6);
     d->has_images = sqlite3_column_int(st, 7);
+    int measured = sqlite3_column_type(st, 10) != SQLITE_NULL;
+    col_text(st, 8, d->tokens_model, sizeof d->tokens_model);
+    d->tokens = measured ? sqlite3_column_int64(st, 9) : -1;
+    d->max_tokens = measured ? sqlite3_column_int64(st, 10) : -1;
+    d->max_tokens_line = measured ? (uint64_t)sqlite3_column_int64(st, 11) : 0;
 }
 
 static GfStatus sql_dataset_create(Store *store, const DatasetRow *d, const char *jsonl_tmp, const char *tar_tmp,
@@ -299,9 +312,11 @@ static GfStatus sql_dataset_create(Store *store, const DatasetRow *d, const char
     lock(s);
     int rc = begin(s);
     if (rc == SQLITE_OK)
-        rc = exec_stmt(s, "INSERT INTO datasets(id,name,status,created_at,n_examples,n_images,bytes,has_images) "
-                          "VALUES(?,?,?,?,?,?,?,?)", "sssiiiii", d->id, d->name, d->status, d->created_at,
-                       (int64_t)d->n_examples, (int64_t)d->n_images, (int64_t)d->bytes, (int64_t)d->has_images);
+        rc = exec_stmt(s, "INSERT INTO datasets(" DATASET_COLS ") VALUES(?,?,?,?,?,?,?,?,?,?,?,?)", "sssiiiiisnnn", d->id,
+                       d->name, d->status, d->created_at, (int64_t)d->n_examples, (int64_t)d->n_images,
+                       (int64_t)d->bytes, (int64_t)d->has_images, d->max_tokens < 0 ? NULL : d->tokens_model,
+                       d->tokens, d->max_tokens,
+                       d->max_tokens < 0 ? (int64_t)-1 : (int64_t)d->max_tokens_line);
     if (rc == SQLITE_OK) rc = commit(s);
     if (rc != SQLITE_OK) {
         rollback(s);

@@ -180,6 +180,7 @@ static GfStatus parse_text(const Cfg *c, TextConfig *t) {
         get_int(c, "num_hidden_layers", 1, 1024, -1, &t->n_layers) || get_int(c, "num_attention_heads", 1, 4096, -1, &t->n_heads) ||
         get_int(c, "num_key_value_heads", 1, 4096, -1, &t->kv_heads) || get_int(c, "head_dim", 2, 65536, -1, &t->head_dim) ||
         get_float(c, "rms_norm_eps", 0, 1, 1e-6, &t->rms_eps) || get_int(c, "sliding_window", 1, 1 << 24, 512, &t->sliding_window) ||
+        get_int(c, "max_position_embeddings", 0, 1 << 30, 0, &t->max_positions) ||
         get_float(c, "final_logit_softcapping", 0, 1e6, 0, &t->final_softcap) ||
         get_int(c, "hidden_size_per_layer_input", 0, 1 << 16, 0, &t->ple_dim) ||
         get_int(c, "vocab_size_per_layer_input", 1, 1 << 24, t->vocab_size, &t->ple_vocab) ||

@@ -42,6 +42,7 @@ typedef struct {
     int head_dim, kv_heads;                 /* defaults of sliding layers */
     float rms_eps;
     int sliding_window;
+    int max_positions;                      /* max_position_embeddings: the context it was trained for; 0 = not given */
     float final_softcap;                    /* 0 = none */
     int bidirectional_vision;               /* use_bidirectional_attention == "vision" */
     int ple_dim, ple_vocab;                 /* hidden_size_per_layer_input, vocab_size_per_layer_input */

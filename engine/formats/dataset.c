@@ -255,13 +255,20 @@ static GfStatus check_example(Ctx *c, const char *line, size_t n, GfError *err) 
 
 /* ---- file scanning ---------------------------------------------------- */
 
-static void add_issue(DatasetReport *r, const DatasetLimits *lim, uint64_t line, const GfError *e) {
+GfStatus dataset_report_add(DatasetReport *r, uint64_t line, const char *code, const char *message, size_t max_kept) {
     if (line) r->n_bad_lines++;
-    if (r->n_issues >= lim->max_issues_kept) return;
+    if (r->n_issues >= max_kept) return GF_OK;
+    if (!r->issues && !(r->issues = calloc(max_kept, sizeof *r->issues))) return GF_NO_MEMORY;
     DatasetIssue *is = &r->issues[r->n_issues++];
     is->line = line;
-    gf_strlcpy(is->code, e->code[0] ? e->code : "invalid_example", sizeof is->code);
-    gf_strlcpy(is->message, e->message, sizeof is->message);
+    gf_strlcpy(is->code, code, sizeof is->code);
+    gf_strlcpy(is->message, message, sizeof is->message);
+    return GF_OK;
+}
+
+/* The array was allocated for max_issues_kept when validation began. */
+static void add_issue(DatasetReport *r, const DatasetLimits *lim, uint64_t line, const GfError *e) {
+    dataset_report_add(r, line, e->code[0] ? e->code : "invalid_example", e->message, lim->max_issues_kept);
 }
 
 static int is_blank(const char *s, size_t n) {

@@ -13,8 +13,9 @@
  * a UTF-8 byte-order mark at the start and CRLF line ends are accepted.
  *
  * The report lists every bad line with its 1-based number, a stable code and
- * a reason (the first problem found on that line). Token-length checks join
- * when the tokenizer exists.
+ * a reason (the first problem found on that line). The lengths in tokens
+ * need the model (its tokenizer, chat template and image budget):
+ * trainset_measure (trainset.h) checks them once this validation passed.
  *
  * Ownership: DatasetReport owns its issue array (dataset_report_free).
  * Thread-safe: no shared state.
@@ -66,6 +67,11 @@ GfStatus dataset_validate(const char *jsonl_path, const char *tar_path, const Da
                           DatasetReport *report, GfError *err);
 
 void dataset_report_free(DatasetReport *report);
+
+/* Adds an issue about line (0: the whole file) to report, counting every bad
+ * line but keeping at most max_kept in detail (the array is allocated for
+ * max_kept at the first one). GF_NO_MEMORY when it cannot be allocated. */
+GfStatus dataset_report_add(DatasetReport *report, uint64_t line, const char *code, const char *message, size_t max_kept);
 
 /* Strict RFC 4648 base64 decode of s[0..n) (padding required, no
  * whitespace) into a new buffer. Returns NULL with err set. */

@@ -27,7 +27,7 @@
 #include "preprocess.h"
 #include "tokenizer.h"
 
-typedef struct {
+typedef struct Pipeline {
     Model *model;
     Tokenizer *tok;
     ChatTemplate tpl;

@@ -35,6 +35,9 @@ struct TrainSet {
     uint8_t *mm;
     int64_t pool_n, pool_cap;
     int64_t max_tokens;
+    TrainSetStats *stats;      /* measuring (trainset_measure): no example is kept */
+    DatasetReport *report;
+    size_t max_issues;
 };
 
 /* One parsed line: messages whose parts point into root. */
@@ -222,7 +225,11 @@ static GfStatus encode_line(TrainSet *t, Conversation *c, Entry *e, int64_t max_
                     cfg->image_token_id, cfg->eoi_token_id, CHAT_LABELS_TRAIN, &ct, err))
         return bad_line(err, e->line);
     GfStatus st = GF_OK;
-    if ((int64_t)ct.n > max_seq_len)
+    if ((int64_t)ct.n > max_seq_len && t->stats)
+        st = gf_error_set(err, GF_UNPROCESSABLE, "sequence_too_long", "file",
+                          "the conversation is %zu tokens, over the %lld that a job can train on: shorten it or split it",
+                          ct.n, (long long)max_seq_len);
+    else if ((int64_t)ct.n > max_seq_len)
         st = gf_error_set(err, GF_UNPROCESSABLE, "sequence_too_long", "max_seq_len",
                           "line %llu is %zu tokens, over max_seq_len %lld: raise max_seq_len or shorten the conversation",
                           (unsigned long long)e->line, ct.n, (long long)max_seq_len);
@@ -231,7 +238,7 @@ static GfStatus encode_line(TrainSet *t, Conversation *c, Entry *e, int64_t max_
     e->n_images = c->n_images;
     e->targets = count_targets(ct.labels, e->n);
     if (!st && e->targets == 0) st = bad(err, e->line, "no token is trained (the assistant turns are empty or have weight 0)");
-    if (!st) st = pool_append(t, &ct, err);
+    if (!st && !t->stats) st = pool_append(t, &ct, err);
     chat_tokens_free(&ct);
     if (!st && e->n > t->max_tokens) t->max_tokens = e->n;
     return st;
@@ -254,6 +261,26 @@ static const char *line_body(const char *s, size_t *n, uint64_t line, uint64_t *
     return s + *skip;
 }
 
+/* Measuring: the example counted, or the line's problem reported and the
+ * reading going on (running out of memory or failing I/O still stops it). */
+static GfStatus measured(TrainSet *t, const Entry *e, GfStatus st, GfError *err) {
+    TrainSetStats *s = t->stats;
+    if (!st) {
+        s->examples++;
+        s->tokens += e->n;
+        if (e->n > s->max_tokens) {
+            s->max_tokens = e->n;
+            s->max_tokens_line = e->line;
+        }
+        return GF_OK;
+    }
+    if (st != GF_UNPROCESSABLE) return st;
+    if (dataset_report_add(t->report, e->line, err->code, err->message, t->max_issues))
+        return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory listing the dataset's problems");
+    gf_error_clear(err);
+    return GF_OK;
+}
+
 static GfStatus add_line(TrainSet *t, const char *s, size_t n, uint64_t offset, uint64_t line, int64_t max_seq_len,
                          GfError *err) {
     uint64_t skip;
@@ -272,6 +299,7 @@ static GfStatus add_line(TrainSet *t, const char *s, size_t n, uint64_t offset, 
     GfStatus st = parse_conversation(s, n, line, &c, err);
     if (!st) st = encode_line(t, &c, e, max_seq_len, err);
     conversation_free(&c);
+    if (t->stats) return measured(t, e, st, err);
     if (!st) t->n++;
     return st;
 }
@@ -295,18 +323,24 @@ static GfStatus read_lines(TrainSet *t, FILE *f, int64_t max_seq_len, GfError *e
         offset += (uint64_t)len;
     }
     free(buf);
-    if (!st && t->n == 0) st = gf_error_set(err, GF_UNPROCESSABLE, "empty_dataset", "dataset", "the dataset has no examples");
+    if (!st && t->n == 0 && !t->stats)
+        st = gf_error_set(err, GF_UNPROCESSABLE, "empty_dataset", "dataset", "the dataset has no examples");
     return st;
 }
 
-GfStatus trainset_open(const Pipeline *p, const char *jsonl, const char *tar, int64_t max_seq_len,
-                       const ImageLimits *lim, TrainSet **out, GfError *err) {
+/* The set read from jsonl (and tar): opened, or only measured into stats. */
+static GfStatus read_set(const Pipeline *p, const char *jsonl, const char *tar, int64_t max_seq_len,
+                         const ImageLimits *lim, TrainSetStats *stats, DatasetReport *report, size_t max_issues,
+                         TrainSet **out, GfError *err) {
     *out = NULL;
     TrainSet *t = gf_calloc(1, sizeof *t, err);
     if (!t) return GF_NO_MEMORY;
     t->p = p;
     t->lim = *lim;
     t->tar.fd = -1;
+    t->stats = stats;
+    t->report = report;
+    t->max_issues = max_issues;
     GfStatus st = GF_OK;
     if (tar && !(st = tar_index_open(tar, 1000000, &t->tar, err))) t->has_tar = 1;
     FILE *f = st ? NULL : fopen(jsonl, "re");
@@ -325,6 +359,25 @@ GfStatus trainset_open(const Pipeline *p, const char *jsonl, const char *tar, in
     }
     *out = t;
     return GF_OK;
+}
+
+GfStatus trainset_open(const Pipeline *p, const char *jsonl, const char *tar, int64_t max_seq_len,
+                       const ImageLimits *lim, TrainSet **out, GfError *err) {
+    return read_set(p, jsonl, tar, max_seq_len, lim, NULL, NULL, 0, out, err);
+}
+
+GfStatus trainset_measure(const Pipeline *p, const char *jsonl, const char *tar, int64_t max_seq_len,
+                          const ImageLimits *lim, size_t max_issues, TrainSetStats *stats, DatasetReport *report,
+                          GfError *err) {
+    memset(stats, 0, sizeof *stats);
+    memset(report, 0, sizeof *report);
+    TrainSet *t;
+    GfStatus st = read_set(p, jsonl, tar, max_seq_len, lim, stats, report, max_issues, &t, err);
+    trainset_close(t);
+    if (!st && report->n_bad_lines)
+        st = gf_error_set(err, GF_UNPROCESSABLE, "invalid_dataset", "file", "%llu of %llu lines cannot be trained on; see error.details",
+                          (unsigned long long)report->n_bad_lines, (unsigned long long)(stats->examples + report->n_bad_lines));
+    return st;
 }
 
 void trainset_close(TrainSet *t) {

@@ -29,6 +29,7 @@
 #include <stdint.h>
 
 #include "backward.h"
+#include "dataset.h"
 #include "pipeline.h"
 
 typedef struct TrainSet TrainSet;
@@ -46,6 +47,27 @@ typedef struct {
 GfStatus trainset_open(const Pipeline *p, const char *jsonl_path, const char *tar_path, int64_t max_seq_len,
                        const ImageLimits *image_limits, TrainSet **out, GfError *err);
 void trainset_close(TrainSet *t);
+
+/* What trainset_measure finds of a dataset's examples. */
+typedef struct {
+    uint64_t examples;
+    int64_t tokens;            /* every example's tokens, images' soft tokens included */
+    int64_t max_tokens;        /* the longest example's */
+    uint64_t max_tokens_line;  /* its line (the first, when several are as long) */
+} TrainSetStats;
+
+/* Encodes every example of jsonl_path as trainset_open does but one at a
+ * time, keeping only the counts: the check of an upload, whose examples a
+ * job encodes again. A line the encoder refuses (over max_seq_len tokens:
+ * code sequence_too_long; or whatever trainset_open would fail it for) is
+ * added to report, which keeps max_issues of them in detail, and the
+ * reading goes on. Returns GF_OK with every example counted,
+ * GF_UNPROCESSABLE when report lists lines, or the error that stopped the
+ * reading (I/O, memory, the archive). The caller frees report
+ * (dataset_report_free) in every case. */
+GfStatus trainset_measure(const Pipeline *p, const char *jsonl_path, const char *tar_path, int64_t max_seq_len,
+                          const ImageLimits *image_limits, size_t max_issues, TrainSetStats *stats,
+                          DatasetReport *report, GfError *err);
 
 size_t trainset_count(const TrainSet *t);
 /* Tokens of example i, and of the longest example. */

@@ -11,6 +11,8 @@ bundled tiny model (CPU), checked against what a user must be able to rely on:
   /metrics while it runs); another quantization loads a second copy, said so;
 - cancel stops a running job within a step; a job that cannot train fails
   with a reason naming what to change; the database agrees afterwards;
+- an upload is measured in tokens: a line no job could train is refused at
+  upload, a job whose max_seq_len is too short at its creation;
 - on a full disk (a small tmpfs as the data directory) a job says it waits
   for space, goes on when space is back, pauses saying why, and resumes to
   success once space is freed; deletes work with 0 bytes free.
@@ -448,9 +450,17 @@ def t_job_must_fit_its_device(binary):
 
 
 def t_failed_jobs_say_why(binary):
-    srv = Server(binary)
+    """A dataset uploaded while no model was loaded is not measured: its job
+    is accepted, and fails at its start naming the line."""
+    data = tempfile.mkdtemp(prefix="gf-api-")
+    srv = Server(binary, model=False, data=data)
     try:
         ds, _, _ = upload_shapes(srv, 12, 4)
+        assert expect(srv.get("/v1/datasets/" + ds), 200).json()["tokens"] is None
+    finally:
+        srv.stop()
+    srv = Server(binary, data=data)
+    try:
         job = create_job(srv, ds, {"max_seq_len": 16})
         j = wait_job(srv, job, timeout=120)
         assert j["status"] == "failed" and j["error"]["code"] == "sequence_too_long", j
@@ -461,6 +471,66 @@ def t_failed_jobs_say_why(binary):
         assert c.execute("SELECT COUNT(*) FROM adapters").fetchone()[0] == 0
         assert c.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('running','queued')").fetchone()[0] == 0
         c.close()
+    finally:
+        srv.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def conversation(words):
+    """One text-only example whose user turn is `words` words long."""
+    return json.dumps({"messages": [{"role": "user", "content": " ".join(["colour"] * words)},
+                                    {"role": "assistant", "content": "red"}]}).encode()
+
+
+def t_dataset_lengths_checked_at_upload(binary):
+    """An upload is measured in tokens for the served model: a line longer
+    than a job can ever train (the model's context) is refused with the
+    others, and a job whose max_seq_len is shorter than an example is refused
+    when it is created, naming the line, rather than failing at its start.
+    The upload's counts are the job's own (its "training set" event)."""
+    context = json.load(open(os.path.join(MODEL, "config.json")))["text_config"]["max_position_embeddings"]
+    srv = Server(binary)
+    try:
+        ds, j, t = upload_shapes(srv, 12, 4)
+        tok = expect(srv.get("/v1/datasets/" + ds), 200).json()["tokens"]
+        assert tok["model"] == "dense" and 0 < tok["longest"] < tok["total"], tok
+        assert 1 <= tok["longest_line"] <= 12, tok
+
+        # a validation set whose third line is the longest of all
+        lines = [conversation(5) for _ in range(12)]
+        lines[2] = conversation(3 * tok["longest"])
+        vds = expect(srv.post_multipart("/v1/datasets", [("file", "v.jsonl", b"\n".join(lines))]), 201).json()["id"]
+        vtok = expect(srv.get("/v1/datasets/" + vds), 200).json()["tokens"]
+        assert vtok["longest_line"] == 3 and vtok["longest"] > tok["longest"], vtok
+
+        for hp, extra, where, line, n in [({"max_seq_len": tok["longest"] - 1}, {}, "training_file", tok["longest_line"], tok["longest"]),
+                                          ({"max_seq_len": tok["longest"]}, {"validation_dataset": vds}, "validation_file", 3, vtok["longest"])]:
+            r = expect(srv.post_json("/v1/fine_tuning/jobs", dict(dataset=ds, hyperparameters=hp, **extra)), 400).json()["error"]
+            assert r["code"] == "sequence_too_long" and r["param"] == "hyperparameters.max_seq_len", r
+            assert ("line %d of %s" % (line, where)) in r["message"] and ("is %d tokens" % n) in r["message"], r
+            assert ("max_seq_len %d" % hp["max_seq_len"]) in r["message"], r
+        c = srv.db()
+        assert c.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+        c.close()
+
+        job = create_job(srv, ds, {"max_seq_len": tok["longest"], "epochs": 50, "save_every": 1000})
+        wait_job(srv, job, pred=lambda x: (x["progress"]["step"] or 0) >= 1)
+        seen = [e["message"] for e in events(srv, job) if e["message"].startswith("training set:")]
+        assert seen == ["training set: 12 examples, %d tokens, " % tok["total"] + seen[0].split(" tokens, ", 1)[1]], seen
+        assert seen[0].endswith("longest %d" % tok["longest"]), seen
+        expect(srv.post_json("/v1/fine_tuning/jobs/%s/cancel" % job, {}), 200)
+        wait_job(srv, job)
+
+        # a line over the model's context: refused with its line, nothing stored
+        before = len(expect(srv.get("/v1/datasets"), 200).json()["data"])
+        bad = j.rstrip(b"\n").split(b"\n")
+        bad.insert(4, conversation(context + 10))
+        r = expect(srv.post_multipart("/v1/datasets", [("file", "d.jsonl", b"\n".join(bad)), ("images", "i.tar", t)]), 422)
+        details = r.json()["error"]["details"]
+        assert [(d["line"], d["code"]) for d in details] == [(5, "sequence_too_long")], details
+        assert ("over the %d" % context) in details[0]["message"], details
+        assert len(expect(srv.get("/v1/datasets"), 200).json()["data"]) == before
+        assert not os.listdir(os.path.join(srv.data, "tmp")), os.listdir(os.path.join(srv.data, "tmp"))
     finally:
         srv.stop()
 
