@@ -101,6 +101,8 @@ async function listInto(el) {
   if (!page.data.length) { el.append(h('p', { class: 'muted' }, 'No datasets yet.')); return; }
   const rows = page.data.map((d) => h('tr', {},
     h('td', { class: 'name' }, d.name || d.id), h('td', {}, String(d.examples ?? '—')), h('td', {}, String(d.images ?? 0)),
+    h('td', { title: d.tokens ? `measured for ${d.tokens.model}; ${d.tokens.total} tokens in all` : 'not measured (no model was loaded at upload)' },
+      d.tokens ? `${d.tokens.longest} (line ${d.tokens.longest_line})` : '—'),
     h('td', {}, statusBadge(d.status)), h('td', {}, fmtBytes(d.bytes || 0)), h('td', {}, fmtTime(d.created_at)),
     h('td', {}, h('button', { class: 'danger small', 'aria-label': `Delete dataset ${d.name || d.id}`,
       onclick: async () => {
@@ -108,7 +110,7 @@ async function listInto(el) {
         try { await api('DELETE', '/v1/datasets/' + d.id); listInto(el); } catch (e) { el.prepend(errorBox(e)); }
       } }, 'Delete'))));
   el.append(h('div', { class: 'scroll' }, h('table', { class: 'table', id: 'datasets-table' },
-    h('thead', {}, h('tr', {}, ['name', 'examples', 'images', 'status', 'size', 'created', ''].map((c) => h('th', {}, c)))),
+    h('thead', {}, h('tr', {}, ['name', 'examples', 'images', 'longest (tokens)', 'status', 'size', 'created', ''].map((c) => h('th', {}, c)))),
     h('tbody', {}, rows))));
 }
 

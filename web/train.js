@@ -18,7 +18,7 @@ const PARAMS = [
   ['target_modules', 'Target modules', 'all-linear', ['all-linear', 'q_proj,k_proj,v_proj,o_proj', 'q_proj,v_proj',
     'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'], null, null, 'all-linear includes the vision tower.'],
   ['quantization', 'Base weights', 'nf4', ['nf4', 'none'], null, null, 'nf4 = QLoRA (4-bit base, double quantization).'],
-  ['max_seq_len', 'Max sequence length', 2048, 'int', 16, 131072, 'Tokens; longer examples fail the job, named.'],
+  ['max_seq_len', 'Max sequence length', 2048, 'int', 16, 131072, 'Tokens; at least the longest example of the dataset (the Datasets page shows it), or the job is refused naming the line.'],
   ['eval_every', 'Evaluate every', 0, 'int', 0, 1000000, 'Steps; 0 = at the end (with a validation set).'],
   ['save_every', 'Checkpoint every', 100, 'int', 1, 1000000, 'Steps.'],
   ['seed', 'Seed', 42, 'int', 0, 2147483647, 'Shuffling, initialization and dropout.'],
