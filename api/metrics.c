@@ -214,8 +214,12 @@ static void put_weights(Text *t, WeightsGauge *g) {
     put(t, "# HELP gf_base_weights_device_bytes Bytes of the base weights' copies on devices other than the CPU.\n"
            "# TYPE gf_base_weights_device_bytes gauge\ngf_base_weights_device_bytes %llu\n"
            "# HELP gf_base_weights_device_copies Copies of the base weights on devices other than the CPU (every "
-           "context on a device shares one).\n# TYPE gf_base_weights_device_copies gauge\ngf_base_weights_device_copies %d\n",
-        (unsigned long long)atomic_load(&g->device_bytes), atomic_load(&g->device_copies));
+           "context on a device shares one).\n# TYPE gf_base_weights_device_copies gauge\ngf_base_weights_device_copies %d\n"
+           "# HELP gf_base_weights_mapped_bytes Bytes of those copies kept in pinned host memory that the device "
+           "reads (the per-layer embedding table).\n# TYPE gf_base_weights_mapped_bytes gauge\n"
+           "gf_base_weights_mapped_bytes %llu\n",
+        (unsigned long long)atomic_load(&g->device_bytes), atomic_load(&g->device_copies),
+        (unsigned long long)atomic_load(&g->mapped_bytes));
 }
 
 static void put_devices(Text *t) {

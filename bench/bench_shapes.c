@@ -23,7 +23,9 @@
  * The random checkpoint: shapes_model.h.
  *
  * The device's default precision (bf16 on CUDA) unless GF_PRECISION says
- * otherwise; the load line says which.
+ * otherwise; the load line says which, and the weights' bytes in device
+ * memory and in the host memory the device reads (the per-layer embedding
+ * table, unless GF_PLE=device).
  *
  * usage: bench_shapes e2b|e4b|31b [--layers N] [--batch B] [--seq T] [--steps K]
  *        [--new N] [--only copy|decode|train] [--no-bf16] [--peak-tflops F]
@@ -260,15 +262,18 @@ static int bench_quant(Run *r, const char *dir, ModelQuant q) {
     const char *env = getenv("GF_DEVICE");
     if (env && *env && kn_backend_parse(env, &kind, &index, &err)) { fprintf(stderr, "%s\n", err.message); return 1; }
     kn_device_info(kind, index, &info, &err);
-    ModelOptions mo = {.n_threads = r->threads, .quantize = q};
+    WeightsGauge gauge = {0};
+    ModelOptions mo = {.n_threads = r->threads, .quantize = q, .gauge = &gauge};
     double t0 = gf_time_mono();
     if (model_open(dir, &mo, &m, &err)) { fprintf(stderr, "%s\n", err.message); return 1; }
     const char *qn = q == MODEL_QUANT_NF4 ? "nf4" : "bf16";
     const KnBackend *be = model_backend(m);
     printf("{\"what\":\"load\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"%s\",\"device\":\"%s\",\"device_name\":\"%s\","
-           "\"precision\":\"%s\",\"seconds\":%.1f,\"weight_bytes_per_step\":%.0f}\n",
+           "\"precision\":\"%s\",\"seconds\":%.1f,\"weight_bytes_per_step\":%.0f,\"device_weight_bytes\":%llu,"
+           "\"mapped_weight_bytes\":%llu}\n",
            r->s->name, r->n_layers, qn, be->name, info.name, kn_precision_name(be->ctx.precision), gf_time_mono() - t0,
-           step_weight_bytes(m));
+           step_weight_bytes(m), (unsigned long long)atomic_load(&gauge.device_bytes),
+           (unsigned long long)atomic_load(&gauge.mapped_bytes));
     fflush(stdout);
     if (r->copy_gbs == 0 && (wants(r, "copy") || wants(r, "decode"))) bench_copy(r, m);
     if (wants(r, "decode")) bench_decode(r, m, qn);

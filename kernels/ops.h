@@ -185,6 +185,13 @@ typedef struct {
      * names it in the error (GF_NO_MEMORY, or GF_DEVICE) when it cannot be
      * had. Contents undefined. */
     GfStatus (*alloc)(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what, GfError *err);
+    /* (optional; NULL: none) A buffer of host memory that ctx's device reads
+     * directly over the bus (CUDA: pinned and mapped), for a large table of
+     * which a step reads a few rows. Its data is one address for both: the
+     * host fills it with plain stores before the device first reads it (no
+     * upload), then it is read-only. Freed with free. */
+    GfStatus (*alloc_mapped)(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what,
+                             GfError *err);
     /* Frees buf (a zeroed buffer is a no-op) and zeroes it. A buffer belongs
      * to its device: any context there (for the guarded backend, any
      * sibling) may free it, on any thread. */

@@ -42,6 +42,7 @@ typedef struct {
     KnDeviceKind device;
     int device_index;
     KnDtype dtype;            /* what the buffer holds, for messages and checks */
+    int mapped;               /* host memory the device reads over the bus (KnOps.alloc_mapped) */
 } KnBuffer;
 
 typedef struct {

@@ -91,6 +91,10 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
     [ "$first" != "$fname" ] && flayers=(--layers "${first#*:}")
     step "bench_shapes $first decode, no graphs" "bench_shapes_${fname}_nographs.log" env GF_DEVICE=cuda \
         GF_CUDA_GRAPHS=0 build-gpu/bench_shapes "$fname" "${flayers[@]}" --only decode
+    # and with the per-layer embedding table on the GPU rather than read
+    # from pinned host memory (the default), for its cost in decode and training
+    step "bench_shapes $first, per-layer table on the device" "bench_shapes_${fname}_pledevice.log" env GF_DEVICE=cuda \
+        GF_PLE=device build-gpu/bench_shapes "$fname" "${flayers[@]}" --steps 3 --no-bf16
     step "bench_serve ${GF_SERVE_SHAPE:-e4b} nf4 (cuda)" bench_serve.log env GF_DEVICE=cuda build-gpu/bench_serve \
         --shape "${GF_SERVE_SHAPE:-e4b}" --quantize nf4
     if [ -f .devtools/hf_anchor.py ]; then

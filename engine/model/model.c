@@ -37,6 +37,20 @@ static GfStatus model_precision(const ModelOptions *opts, KnPrecision *out, GfEr
     return GF_OK;
 }
 
+/* Where the per-layer embedding table goes (ModelOptions.ple): 1 = host. */
+static GfStatus model_ple(const ModelOptions *opts, int *host, GfError *err) {
+    const char *v = opts && opts->ple ? opts->ple : getenv("GF_PLE");
+    const char *where = opts && opts->ple ? "ple" : "GF_PLE";
+    *host = 1;
+    if (!v || !*v || strcmp(v, "host") == 0) return GF_OK;
+    if (strcmp(v, "device") == 0) {
+        *host = 0;
+        return GF_OK;
+    }
+    return gf_error_set(err, GF_INVALID, "invalid_value", where, "%s must be \"host\" or \"device\", not \"%.32s\"",
+                        where, v);
+}
+
 /* The device from the options, else from GF_DEVICE in the environment, else
  * the first GPU, else the CPU; the weights as that device reads them, and a
  * context sharing their memory. */
@@ -52,8 +66,9 @@ static GfStatus open_backend(Model *m, const ModelOptions *opts, GfError *err) {
         kn_default_device(&kind, &index);
     }
     KnBackendOptions bo = {.n_threads = opts ? opts->n_threads : 0};
-    if (model_precision(opts, &bo.precision, err)) return err->status;
-    if (weights_on_device(m->w, kind, index, bo.n_threads, &m->wt, &bo.share, err)) return err->status;
+    int ple_host;
+    if (model_precision(opts, &bo.precision, err) || model_ple(opts, &ple_host, err)) return err->status;
+    if (weights_on_device(m->w, kind, index, bo.n_threads, ple_host, &m->wt, &bo.share, err)) return err->status;
     return kn_backend_open(kind, index, &bo, &m->be, err);
 }
 

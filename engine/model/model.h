@@ -37,6 +37,10 @@ typedef struct {
                                  first CUDA device, else "cpu" (kn_default_device) */
     const char *precision;    /* "fp32", or "bf16" (CUDA only; KnPrecision); NULL = GF_PRECISION from the
                                  environment, else bf16 on CUDA and fp32 elsewhere */
+    const char *ple;          /* where a GPU copy of the weights keeps the per-layer embedding table (E2B/E4B):
+                                 "host" (pinned host memory the GPU reads, one row per token a step) or "device";
+                                 NULL = GF_PLE from the environment, else "host". The first context opened on a
+                                 device decides for every later one */
     int n_threads;            /* CPU threads, <= 0 = all cores */
     ModelQuant quantize;      /* NF4: every linear of the layers (text, vision, experts) quantized at load */
     GemmaWeights *weights;    /* model_open: run on these (shared) instead of loading; quantize must match */

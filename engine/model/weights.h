@@ -43,6 +43,7 @@ typedef struct {
     atomic_int copies;
     _Atomic uint64_t device_bytes;
     atomic_int device_copies;
+    _Atomic uint64_t mapped_bytes;  /* of the device copies, kept in host memory the device reads */
 } WeightsGauge;
 
 /* The base-weight bytes g counts in the memory of a device of kind: the

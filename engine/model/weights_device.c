@@ -4,8 +4,10 @@
  * What is copied: every arena chunk (the widened, NF4 and derived arrays:
  * all in use) and every matrix the model reads straight from the mapped
  * checkpoint, each once; never the checkpoint's unused tensors or the
- * stored linears NF4 replaced. One device buffer holds them all; a host
- * address becomes a device address by its offset in its span. Every
+ * stored linears NF4 replaced. One device buffer holds them all, but the
+ * per-layer embedding table when it stays in host memory the device reads
+ * (a second, mapped buffer); a host address becomes a device address by
+ * its offset in its span. Every
  * pointer of WeightsTensors is translated, so a field this file forgets
  * stays a host address, which the guarded backend refuses. */
 #include <stdlib.h>
@@ -18,18 +20,19 @@
 
 typedef struct {
     const uint8_t *host;
-    size_t len, off;          /* off: in the device buffer */
+    size_t len, off;          /* off: in its buffer */
+    int mapped;               /* in the mapped buffer, not the device one */
 } Span;
 
 typedef struct {
     Span *spans;
-    size_t n, cap, total;
+    size_t n, cap, total[2];  /* total: of the device buffer [0] and the mapped one [1] */
     const GemmaWeights *gw;
-    char *dev;                /* the device buffer (translate) */
+    char *dev[2];             /* the buffers (translate) */
     int missing;              /* a pointer no span covers */
 } Spans;
 
-static int add_span(Spans *s, const void *p, size_t len) {
+static int add_span(Spans *s, const void *p, size_t len, int mapped) {
     for (size_t i = 0; i < s->n; i++)
         if (s->spans[i].host == p) return 0;
     if (s->n == s->cap) {
@@ -39,8 +42,8 @@ static int add_span(Spans *s, const void *p, size_t len) {
         s->spans = n;
         s->cap = cap;
     }
-    s->spans[s->n++] = (Span){p, len, s->total};
-    s->total += (len + ALIGN - 1) / ALIGN * ALIGN;
+    s->spans[s->n++] = (Span){p, len, s->total[mapped], mapped};
+    s->total[mapped] += (len + ALIGN - 1) / ALIGN * ALIGN;
     return 0;
 }
 
@@ -50,7 +53,7 @@ static void *translate(Spans *s, const void *p) {
     const uint8_t *q = p;
     for (size_t i = 0; i < s->n; i++)
         if (q >= s->spans[i].host && q < s->spans[i].host + s->spans[i].len)
-            return s->dev + s->spans[i].off + (size_t)(q - s->spans[i].host);
+            return s->dev[s->spans[i].mapped] + s->spans[i].off + (size_t)(q - s->spans[i].host);
     s->missing = 1;
     return NULL;
 }
@@ -102,7 +105,7 @@ static void span_of_mat(KnMatrix *m, void *cls) {
     Spans *s = cls;
     if (!m->data || m->dtype == KN_NF4 || weights_in_arena(s->gw, m->data)) return;
     size_t len = (size_t)(m->rows * m->cols) * kn_dtype_size(m->dtype);
-    if (add_span(s, m->data, len)) s->missing = 1;
+    if (add_span(s, m->data, len, 0)) s->missing = 1;
 }
 
 static void span_of_vec(float **v, void *cls) { (void)v, (void)cls; /* vectors live in the arena */ }
@@ -140,9 +143,11 @@ static void device_free(const GemmaWeights *gw, WeightsDevice *d) {
     if (!d) return;
     if (gw->gauge && d->counted) {
         atomic_fetch_sub(&gw->gauge->device_bytes, (uint64_t)d->buf.bytes);
+        atomic_fetch_sub(&gw->gauge->mapped_bytes, (uint64_t)d->map.bytes);
         atomic_fetch_sub(&gw->gauge->device_copies, 1);
     }
     if (d->be.ops) d->be.ops->free(&d->be.ctx, &d->buf);
+    if (d->be.ops) d->be.ops->free(&d->be.ctx, &d->map);
     kn_backend_close(&d->be);
     free(d->t.layers);
     free(d->t.vision.layers);
@@ -176,29 +181,58 @@ static GfStatus rewrite_all(const GemmaWeights *gw, WeightsDevice *d, Spans *s, 
     return GF_OK;
 }
 
-static GfStatus upload_all(GemmaWeights *gw, WeightsDevice *d, GfError *err) {
+/* The per-layer embedding table as a span of the mapped buffer: when asked
+ * and the backend has one, and the table is a matrix of the checkpoint
+ * (one in the arena travels with its chunk). Added first, so that the
+ * matrices' pass finds it there. */
+static int map_ple(Spans *s, const WeightsDevice *d, int ple_host) {
+    const KnMatrix *m = &s->gw->host.embed_ple;
+    if (!ple_host || !d->be.ops->alloc_mapped || !m->data || m->dtype == KN_NF4 || weights_in_arena(s->gw, m->data))
+        return 0;
+    return add_span(s, m->data, (size_t)(m->rows * m->cols) * kn_dtype_size(m->dtype), 1);
+}
+
+/* Fills the buffers: the device one by upload (sealed after), the mapped
+ * one by the host's stores. */
+static GfStatus copy_spans(WeightsDevice *d, Spans *s, GfError *err) {
+    GfStatus st = d->be.ops->alloc(&d->be.ctx, &d->buf, s->total[0] ? s->total[0] : 1, KN_U8, "the base weights", err);
+    if (!st && s->total[1])
+        st = d->be.ops->alloc_mapped(&d->be.ctx, &d->map, s->total[1], KN_U8, "the per-layer embedding table", err);
+    if (st) return st;
+    s->dev[0] = d->buf.data;
+    s->dev[1] = d->map.data;
+    for (size_t i = 0; i < s->n; i++) {
+        const Span *sp = &s->spans[i];
+        if (sp->mapped) memcpy(s->dev[1] + sp->off, sp->host, sp->len);
+        else d->be.ops->upload(&d->be.ctx, s->dev[0] + sp->off, sp->host, sp->len);
+    }
+    if (d->be.ops->seal) d->be.ops->seal(&d->be.ctx, &d->buf);
+    if (d->be.ops->seal && d->map.data) d->be.ops->seal(&d->be.ctx, &d->map);
+    return d->be.ops->synchronize(&d->be.ctx, err);
+}
+
+static GfStatus upload_all(GemmaWeights *gw, WeightsDevice *d, int ple_host, GfError *err) {
     Spans s = {.gw = gw};
+    if (map_ple(&s, d, ple_host)) s.missing = 1;
     for (size_t i = 0; i < gw->n_chunks; i++)
-        if (add_span(&s, gw->chunks[i].base, gw->chunks[i].size)) s.missing = 1;
+        if (add_span(&s, gw->chunks[i].base, gw->chunks[i].size, 0)) s.missing = 1;
     Visit v = {span_of_mat, span_of_vec, &s};
     visit_all(&gw->host, &gw->cfg, &v);
     GfStatus st = GF_OK;
     if (s.missing) st = gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory for the weights' spans");
-    if (!st) st = d->be.ops->alloc(&d->be.ctx, &d->buf, s.total ? s.total : 1, KN_U8, "the base weights", err);
-    if (!st) {
-        s.dev = d->buf.data;
-        for (size_t i = 0; i < s.n; i++) d->be.ops->upload(&d->be.ctx, s.dev + s.spans[i].off, s.spans[i].host, s.spans[i].len);
-        if (d->be.ops->seal) d->be.ops->seal(&d->be.ctx, &d->buf);
-        st = d->be.ops->synchronize(&d->be.ctx, err);
-    }
+    if (!st) st = copy_spans(d, &s, err);
     if (!st) st = rewrite_all(gw, d, &s, err);
-    if (!st) GF_LOGI("model: base weights copied to %s (%.1f MB)", d->be.name, (double)s.total / 1e6);
+    if (!st && s.total[1])
+        GF_LOGI("model: base weights copied to %s (%.1f MB), the per-layer embedding table to host memory it reads "
+                "(%.1f MB)", d->be.name, (double)s.total[0] / 1e6, (double)s.total[1] / 1e6);
+    else if (!st)
+        GF_LOGI("model: base weights copied to %s (%.1f MB)", d->be.name, (double)s.total[0] / 1e6);
     free(s.spans);
     return st;
 }
 
-GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n_threads, const WeightsTensors **t,
-                           const KnBackend **share, GfError *err) {
+GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n_threads, int ple_host,
+                           const WeightsTensors **t, const KnBackend **share, GfError *err) {
     *t = NULL;
     *share = NULL;
     if (kind == KN_DEVICE_CPU) {
@@ -213,7 +247,7 @@ GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n
         d = gf_calloc(1, sizeof *d, err);
         KnBackendOptions o = {.n_threads = n_threads};
         st = d ? kn_backend_open(kind, index, &o, &d->be, err) : GF_NO_MEMORY;
-        if (!st) st = upload_all(gw, d, err);
+        if (!st) st = upload_all(gw, d, ple_host, err);
         if (st) {
             device_free(gw, d);
             d = NULL;
@@ -222,6 +256,7 @@ GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n
             gw->devices = d;
             if ((d->counted = gw->gauge != NULL)) {
                 atomic_fetch_add(&gw->gauge->device_bytes, (uint64_t)d->buf.bytes);
+                atomic_fetch_add(&gw->gauge->mapped_bytes, (uint64_t)d->map.bytes);
                 atomic_fetch_add(&gw->gauge->device_copies, 1);
             }
         }

@@ -65,7 +65,9 @@ typedef struct {
  * the weights are freed. */
 typedef struct WeightsDevice {
     KnBackend be;                   /* the context that made the copy and frees it; models on the device share its memory */
-    KnBuffer buf;                   /* every tensor */
+    KnBuffer buf;                   /* every tensor but those in map */
+    KnBuffer map;                   /* host memory the device reads (alloc_mapped): the per-layer embedding table,
+                                       when the weights keep it on the host; else empty */
     WeightsTensors t;               /* device addresses into buf (t.layers, t.vision.layers: host arrays owned here) */
     struct KnNf4 *nf4;              /* [n_nf4] as the host's, their arrays in buf */
     int counted;                    /* in the weights' gauge */
@@ -74,12 +76,16 @@ typedef struct WeightsDevice {
 
 /* The tensors as a backend of kind on device index reads them: the host's
  * for the CPU; for another device, its copy, uploaded on the first call
- * (n_threads for the copy's own context). *share (NULL for the CPU) is the
- * copy's context, for the caller to open its own as a sibling
+ * (n_threads for the copy's own context). ple_host: the per-layer
+ * embedding table (E2B/E4B: 2.4-2.9 B parameters, of which a step reads
+ * one row per token) goes to host memory the device reads over the bus
+ * when the backend has it (alloc_mapped), instead of device memory; the
+ * first call on a device decides. *share (NULL for the CPU) is the copy's
+ * context, for the caller to open its own as a sibling
  * (KnBackendOptions.share). Thread-safe. GF_NO_MEMORY naming the bytes,
  * GF_DEVICE, or the backend's open errors. */
-GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n_threads, const WeightsTensors **t,
-                           const KnBackend **share, GfError *err);
+GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n_threads, int ple_host,
+                           const WeightsTensors **t, const KnBackend **share, GfError *err);
 /* 1 when p lies in the weights' arena (a widened, NF4 or derived array),
  * not in the mapped checkpoint. */
 int weights_in_arena(const GemmaWeights *gw, const void *p);

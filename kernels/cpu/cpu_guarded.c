@@ -55,6 +55,7 @@
 typedef struct {
     size_t off, len;          /* the chunk: byte offset in the region, whole pages */
     int sealed, used;
+    int mapped;               /* alloc_mapped: its device view is open to the host too */
 } GuardBuf;
 
 typedef struct {
@@ -255,7 +256,7 @@ static GuardBuf *take_chunk(Guard *g, size_t len) {
         g->cap = cap;
     }
     GuardBuf *b = &g->bufs[g->n++];
-    *b = (GuardBuf){g->top, len, 0, 0};
+    *b = (GuardBuf){g->top, len, 0, 0, 0};
     g->top += len;
     return b;
 }
@@ -270,11 +271,33 @@ GfStatus guard_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtyp
     if (b) {
         b->used = 1;
         b->sealed = 0;
-        *buf = (KnBuffer){g->dev + b->off, bytes, ctx->device, ctx->index, dtype};
+        *buf = (KnBuffer){g->dev + b->off, bytes, ctx->device, ctx->index, dtype, 0};
     }
     pthread_mutex_unlock(&g->lock);
     if (!b)
         return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory for %s (%zu bytes)", what, bytes);
+    return GF_OK;
+}
+
+/* As a GPU's mapped host memory: a chunk of the region whose device view
+ * the host may read and write at the same addresses (until it is sealed:
+ * then read only), and which ops take as any buffer. */
+GfStatus guard_alloc_mapped(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what,
+                            GfError *err) {
+    GfStatus st = guard_alloc(ctx, buf, bytes, dtype, what, err);
+    if (st) return st;
+    Guard *g = guard_of(ctx);
+    pthread_mutex_lock(&g->lock);
+    GuardBuf *b = find(g, buf->data);
+    int rc = mprotect(g->dev + b->off, b->len, PROT_READ | PROT_WRITE);
+    b->mapped = rc == 0;
+    pthread_mutex_unlock(&g->lock);
+    if (rc != 0) {
+        guard_free(ctx, buf);
+        return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "cannot map %s (%zu bytes) for the host", what,
+                            bytes);
+    }
+    buf->mapped = 1;
     return GF_OK;
 }
 
@@ -286,8 +309,9 @@ void guard_free(const KnCtx *ctx, KnBuffer *buf) {
     GuardBuf *b = find(g, buf->data);
     if (!b || g->dev + b->off != (char *)buf->data) abort(); /* not ours: a programming error */
     if (b->sealed && mprotect(g->host + b->off, b->len, PROT_READ | PROT_WRITE) != 0) abort();
+    if (b->mapped && mprotect(g->dev + b->off, b->len, PROT_NONE) != 0) abort();
     fallocate(g->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)b->off, (off_t)b->len); /* pages back */
-    b->used = b->sealed = 0;
+    b->used = b->sealed = b->mapped = 0;
     pthread_mutex_unlock(&g->lock);
     memset(buf, 0, sizeof *buf);
 }
@@ -299,6 +323,7 @@ void guard_seal(const KnCtx *ctx, const KnBuffer *buf) {
     if (!b) abort();
     b->sealed = 1;
     if (mprotect(g->host + b->off, b->len, PROT_READ) != 0) abort();
+    if (b->mapped && mprotect(g->dev + b->off, b->len, PROT_READ) != 0) abort();
     pthread_mutex_unlock(&g->lock);
 }
 

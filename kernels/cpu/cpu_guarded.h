@@ -35,6 +35,8 @@ const void *guard_keep(const KnCtx *ctx, const void *p, size_t n);
 
 /* cpu_guarded.c: the memory and graph entries of the table (ops.h). */
 GfStatus guard_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what, GfError *err);
+GfStatus guard_alloc_mapped(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what,
+                            GfError *err);
 void guard_free(const KnCtx *ctx, KnBuffer *buf);
 void guard_seal(const KnCtx *ctx, const KnBuffer *buf);
 void guard_upload(const KnCtx *ctx, void *dst, const void *src, size_t n);

@@ -695,6 +695,7 @@ static void g_gelu_tanh_dx(const KnCtx *ctx, float *dx, const float *x, const fl
 
 static const KnOps GUARDED_OPS = {
     .alloc = guard_alloc,
+    .alloc_mapped = guard_alloc_mapped,
     .free = guard_free,
     .seal = guard_seal,
     .upload = guard_upload,

@@ -11,7 +11,7 @@ GfStatus cpu_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype,
     void *p = NULL;
     if (bytes == 0 || gf_alloc_hook_refuses() || posix_memalign(&p, 64, bytes) != 0)
         return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory for %s (%zu bytes)", what, bytes);
-    *buf = (KnBuffer){p, bytes, ctx->device, ctx->index, dtype};
+    *buf = (KnBuffer){p, bytes, ctx->device, ctx->index, dtype, 0};
     return GF_OK;
 }
 

@@ -120,11 +120,42 @@ static GfStatus cu_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype 
     return GF_OK;
 }
 
+/* Pinned host memory mapped into the device's address space: with unified
+ * addressing (every 64-bit Linux system CUDA supports) the device reads it
+ * at the host's address. Write-combined: the host writes it once, the
+ * device reads it over the bus without snooping the host's caches. */
+static GfStatus cu_alloc_mapped(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what,
+                                GfError *err) {
+    CudaCtx *c = cuda_ctx(ctx);
+    memset(buf, 0, sizeof *buf);
+    if (cuda_refused(c))
+        return gf_error_set(err, GF_DEVICE, "device_error", NULL,
+                            "cuda:%d: cannot allocate %s while recording a graph", c->device, what);
+    void *p = NULL, *dev = NULL;
+    unsigned flags = cudaHostAllocMapped | cudaHostAllocPortable | cudaHostAllocWriteCombined;
+    cudaError_t rc = bytes == 0 || gf_alloc_hook_refuses() ? cudaErrorMemoryAllocation : cudaHostAlloc(&p, bytes, flags);
+    if (rc == cudaSuccess) rc = cudaHostGetDevicePointer(&dev, p, 0);
+    if (rc != cudaSuccess || dev != p) {
+        cudaGetLastError();
+        if (p) cudaFreeHost(p);
+        return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL,
+                            "cuda:%d: no pinned host memory mapped at one address for %s (%zu bytes): %s", c->device,
+                            what, bytes, rc != cudaSuccess ? cudaGetErrorString(rc) : "no unified addressing");
+    }
+    buf->data = p;
+    buf->bytes = bytes;
+    buf->device = ctx->device;
+    buf->device_index = ctx->index;
+    buf->dtype = dtype;
+    buf->mapped = 1;
+    return GF_OK;
+}
+
 static void cu_free(const KnCtx *ctx, KnBuffer *buf) {
     if (!buf || !buf->data) return;
     CudaCtx *c = cuda_ctx(ctx);
     if (cuda_refused(c)) return; /* ops.h: refused while recording */
-    cuda_note(c, cudaFree(buf->data), "free");
+    cuda_note(c, buf->mapped ? cudaFreeHost(buf->data) : cudaFree(buf->data), "free");
     memset(buf, 0, sizeof *buf);
 }
 
@@ -243,6 +274,7 @@ static KnOps make_ops(void) {
     KnOps o;
     memset(&o, 0, sizeof o);
     o.alloc = cu_alloc;
+    o.alloc_mapped = cu_alloc_mapped;
     o.free = cu_free;
     o.upload = cu_upload;
     o.download = cu_download;

@@ -192,6 +192,64 @@ static void run_variant(const char *variant) {
     model_close(m);
 }
 
+/* Row 0's logits on the ple model with its per-layer embedding table where
+ * ple says, and what the weights' gauge counted while they were open. */
+static float *ple_logits(const char *ple, WeightsGauge *gauge, int64_t *n, uint64_t *table) {
+    Model *m = NULL;
+    GfError err;
+    WeightsGauge open = {0};
+    ModelOptions opts = {.n_threads = 2, .ple = ple, .gauge = &open};
+    CHECK_STATUS(model_open(GF_FIXTURES "/ple", &opts, &m, &err), GF_OK, err);
+    Golden g;
+    CHECK(load_golden(GF_FIXTURES "/ple/forward_text.safetensors", &g) == 0, "ple golden file");
+    if (!m) return NULL;
+    KvCache c;
+    const TextConfig *t = &model_config(m)->text;
+    /* [ple vocab, layers * ple dim], in the checkpoint's dtype */
+    *table = (uint64_t)t->ple_vocab * (uint64_t)(t->n_layers * t->ple_dim) * kn_dtype_size(model_weights(m)->host.embed_ple.dtype);
+    *n = g.T * t->vocab_size;
+    float *logits = malloc((size_t)*n * sizeof(float));
+    ModelInput in = {.ids = g.ids, .valid = g.valid, .n = g.T};
+    CHECK_STATUS(kv_cache_init(&c, &model_config(m)->text, model_backend(m), g.T, &err), GF_OK, err);
+    CHECK_STATUS(model_forward(m, &c, &in, logits, NULL, &err), GF_OK, err);
+    atomic_store(&gauge->device_bytes, atomic_load(&open.device_bytes));
+    atomic_store(&gauge->mapped_bytes, atomic_load(&open.mapped_bytes));
+    kv_cache_free(&c);
+    free(g.ids);
+    free(g.valid);
+    safetensors_close(&g.st);
+    model_close(m);
+    return logits;
+}
+
+/* On a device other than the CPU, the per-layer embedding table stays in
+ * host memory the device reads (ple "host", the default) or goes to the
+ * device ("device"): the same logits bit for bit, and the gauge counts the
+ * table apart from the device bytes. */
+static void test_ple_placement(void) {
+    WeightsGauge on_host = {0}, on_device = {0};
+    int64_t n1 = 0, n2 = 0;
+    uint64_t table = 0;
+    float *a = ple_logits("host", &on_host, &n1, &table), *b = ple_logits("device", &on_device, &n2, &table);
+    CHECK(a && b && n1 == n2 && memcmp(a, b, (size_t)n1 * sizeof *a) == 0,
+          "the ple model's logits do not depend on where its per-layer table is");
+    uint64_t mapped = atomic_load(&on_host.mapped_bytes), dev_h = atomic_load(&on_host.device_bytes);
+    uint64_t dev_d = atomic_load(&on_device.device_bytes);
+    if (!dev_d) {
+        printf("%-40s %s\n", "per-layer table placement", "the CPU reads the host's weights: nothing to place");
+    } else {
+        CHECK(mapped >= table && mapped < table + 256, "mapped %llu bytes for a table of %llu", (unsigned long long)mapped,
+              (unsigned long long)table);
+        CHECK(atomic_load(&on_device.mapped_bytes) == 0, "ple \"device\" maps nothing");
+        CHECK(dev_h + mapped == dev_d, "device bytes %llu + mapped %llu != %llu with the table on the device",
+              (unsigned long long)dev_h, (unsigned long long)mapped, (unsigned long long)dev_d);
+        printf("%-40s %llu bytes in host memory, %llu on the device\n", "per-layer table placement",
+               (unsigned long long)mapped, (unsigned long long)dev_h);
+    }
+    free(a);
+    free(b);
+}
+
 /* Writes into open weights: a widened norm vector (0), a bf16 matrix of the
  * checkpoint (1), an NF4 linear's codes (2). */
 static void write_weights(int what) {
@@ -218,5 +276,6 @@ int main(void) {
     run_variant("dense");
     run_variant("ple");
     run_variant("moe");
+    test_ple_placement();
     return check_done("test_forward_text");
 }
