@@ -192,12 +192,10 @@ static int map_ple(Spans *s, const WeightsDevice *d, int ple_host) {
     return add_span(s, m->data, (size_t)(m->rows * m->cols) * kn_dtype_size(m->dtype), 1);
 }
 
-/* Fills the buffers: the device one by upload (sealed after), the mapped
- * one by the host's stores. */
+/* Fills the buffers (the mapped one, d->map, already allocated): the
+ * device one by upload (sealed after), the mapped one by the host's stores. */
 static GfStatus copy_spans(WeightsDevice *d, Spans *s, GfError *err) {
     GfStatus st = d->be.ops->alloc(&d->be.ctx, &d->buf, s->total[0] ? s->total[0] : 1, KN_U8, "the base weights", err);
-    if (!st && s->total[1])
-        st = d->be.ops->alloc_mapped(&d->be.ctx, &d->map, s->total[1], KN_U8, "the per-layer embedding table", err);
     if (st) return st;
     s->dev[0] = d->buf.data;
     s->dev[1] = d->map.data;
@@ -220,6 +218,12 @@ static GfStatus upload_all(GemmaWeights *gw, WeightsDevice *d, int ple_host, GfE
     visit_all(&gw->host, &gw->cfg, &v);
     GfStatus st = GF_OK;
     if (s.missing) st = gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory for the weights' spans");
+    if (!st && s.total[1] &&
+        d->be.ops->alloc_mapped(&d->be.ctx, &d->map, s.total[1], KN_U8, "the per-layer embedding table", err)) {
+        GF_LOGW("model: %s; the table goes to %s's memory instead", err->message, d->be.name);
+        free(s.spans);
+        return upload_all(gw, d, 0, err); /* pinned host memory may be scarce where device memory is not */
+    }
     if (!st) st = copy_spans(d, &s, err);
     if (!st) st = rewrite_all(gw, d, &s, err);
     if (!st && s.total[1])
