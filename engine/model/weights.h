@@ -80,4 +80,9 @@ typedef struct {
 
 void weights_memory(const GemmaWeights *w, ModelMemory *out);
 
+/* Bytes of w's copy on device (kind, index) that stay in host memory the
+ * device reads (the per-layer embedding table; weights_impl.h); 0 when
+ * there is no such copy. Thread-safe. */
+uint64_t weights_mapped_bytes(GemmaWeights *w, KnDeviceKind kind, int index);
+
 #endif

@@ -498,6 +498,11 @@ void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapt
     out->n_linears = mm.n_linears;
     out->n_params = n_params;
     out->weights = mm.other_bytes + (nf4 ? mm.linear_nf4_bytes : mm.linear_full_bytes);
+    /* a GPU copy keeps the per-layer embedding table in host memory (as a
+     * second copy would): not the device's memory to count */
+    const KnCtx *ctx = &model_backend(m)->ctx;
+    uint64_t mapped = ctx->device == KN_DEVICE_CUDA ? weights_mapped_bytes(model_weights(m), ctx->device, ctx->index) : 0;
+    out->weights -= mapped < out->weights ? mapped : 0;
     out->state = 4 * n_params * sizeof(float);
     out->activations = grad_workspace_bytes(m, seq_len, max_rank);
     int64_t patches = preprocess_max_patches(pre);

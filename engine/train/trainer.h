@@ -130,7 +130,8 @@ GfStatus trainer_file_digest(const char *path, char hex[65], GfError *err);
 
 /* What training adapter a on m takes in memory on m's device (sequences run
  * one at a time, so batch size and accumulation add nothing): the base
- * weights (linears in NF4 when nf4), the adapter's training state (weights,
+ * weights (linears in NF4 when nf4; on CUDA less what m's copy keeps in
+ * host memory, weights_mapped_bytes), the adapter's training state (weights,
  * gradients, AdamW m and v in float32), the activations of one seq_len
  * sequence, the vision tower's workspace for one image at the processor's
  * budget (0 without a tower), and the backend's own scratch and workspaces
