@@ -162,7 +162,9 @@ static GfStatus read_image_bytes(TrainSet *t, const char *ref, uint8_t **bytes, 
     return tar_read_member(&t->tar, (size_t)i, t->lim.max_bytes, bytes, err);
 }
 
+/* img is empty (image_free-able) whatever happens, the read failing too. */
 static GfStatus load_image(TrainSet *t, const char *ref, Image *img, GfError *err) {
+    memset(img, 0, sizeof *img);
     uint8_t *bytes = NULL;
     size_t n = 0;
     GfStatus st = read_image_bytes(t, ref, &bytes, &n, err);

@@ -180,6 +180,18 @@ def t_train_errors(_):
     r = train(os.path.join(TMP, "e4"), dataset=(bad, IMAGES), expect_rc=1)
     msg = r.stderr.decode().strip().splitlines()[-1]
     assert msg == "gemmaforge train: line 1: two assistant messages in a row: roles must alternate (merge them into one)", msg
+    # an image the archive lacks, on the third line: the load fails naming
+    # it (the image was once freed before it was ever read: a crash)
+    lines = open(DATA).read().splitlines()
+    third = json.loads(lines[2])
+    for part in third["messages"][0]["content"]:
+        if part.get("type") == "image":
+            part["image"] = "not-in-the-archive.png"
+    lines[2] = json.dumps(third)
+    open(bad, "w").write("\n".join(lines) + "\n")
+    r = train(os.path.join(TMP, "e6"), dataset=(bad, IMAGES), expect_rc=1)
+    msg = r.stderr.decode().strip().splitlines()[-1]
+    assert msg == "gemmaforge train: line 3: image 'not-in-the-archive.png' is not in the images archive", msg
     nocfg = os.path.join(TMP, "nocfg")
     os.makedirs(nocfg)
     for f in ("tokenizer.json", "model.safetensors"):

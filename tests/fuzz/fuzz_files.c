@@ -1,7 +1,10 @@
 /* fuzz_files.c - the file-based parsers: the bytes are parsed as a GGUF
  * file, and written to a memory file and read as an image, a tar archive,
- * and a dataset JSONL whose image references resolve against that archive. */
+ * a dataset JSONL as an upload is validated, and the same JSONL measured
+ * in tokens for the tiny dense model as an upload then is (its
+ * conversations parsed again, rendered and tokenized). */
 #include <stdio.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -9,6 +12,25 @@
 #include "gguf.h"
 #include "image.h"
 #include "tar.h"
+#include "trainset.h"
+
+static Pipeline *g_pipe; /* the fuzz target's own: opened at the first input */
+
+static void close_pipeline(void) { pipeline_close(g_pipe); }
+
+static const Pipeline *pipeline(void) {
+    static int tried;
+    if (tried) return g_pipe;
+    tried = 1;
+    GfError err;
+    ModelOptions mo = {.device = "cpu", .n_threads = 1};
+    if (pipeline_open(GF_FIXTURES "/dense", &mo, &g_pipe, &err)) {
+        fprintf(stderr, "fuzz_files: the dense fixture: %s\n", err.message);
+        abort();
+    }
+    atexit(close_pipeline);
+    return g_pipe;
+}
 
 static int memfile(const uint8_t *data, size_t size, char path[64]) {
     int fd = memfd_create("fuzz", 0);
@@ -43,6 +65,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     dl.image = lim;
     DatasetReport report;
     dataset_validate(path, NULL, &dl, &report, &err);
+    dataset_report_free(&report);
+    TrainSetStats stats;
+    trainset_measure(pipeline(), path, NULL, 4096, &lim, 100, &stats, &report, &err);
     dataset_report_free(&report);
     close(fd);
     return 0;
