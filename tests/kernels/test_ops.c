@@ -887,6 +887,39 @@ static void test_kv_store_embed_rows(Dev *d) {
     dev_reset(d);
 }
 
+/* A table in host memory the device reads (alloc_mapped, where the backend
+ * has it): written by plain stores, sealed, then gathered by embed_rows as
+ * from device memory, and freed with the rest. */
+static void test_mapped_table(Dev *d) {
+    if (!d->be.ops->alloc_mapped) {
+        printf("%-40s %s\n", "mapped table", "no mapped memory on this backend");
+        return;
+    }
+    enum { V = 37, C = 96, N = 5 };
+    GfError err;
+    CHECK(d->n < DEV_MAX_BUFS, "room for the mapped buffer%s", "");
+    KnBuffer *buf = &d->bufs[d->n];
+    CHECK_STATUS(d->be.ops->alloc_mapped(&d->be.ctx, buf, (size_t)V * C * 2, KN_BF16, "a test table", &err), GF_OK, err);
+    if (!buf->data) return;
+    d->n++;
+    CHECK(buf->mapped == 1, "a mapped buffer says so%s", "");
+    float *tf = rand_vec((size_t)V * C);
+    uint16_t *tb = buf->data; /* the host's stores, at the address the device reads */
+    for (int i = 0; i < V * C; i++) tb[i] = kn_f32_to_bf16(tf[i]);
+    if (d->be.ops->seal) d->be.ops->seal(&d->be.ctx, buf);
+    int32_t ids[N] = {36, 0, 17, 36, 5};
+    float out[N * C];
+    float *dout = dev_poisoned(d, sizeof out);
+    d->be.ops->embed_rows(&d->be.ctx, dout, (KnMatrix){buf->data, KN_BF16, V, C, 0}, dev_put(d, ids, sizeof ids), N, 1.0f);
+    dev_get(d, out, dout, sizeof out);
+    int same = 1;
+    for (int i = 0; i < N; i++)
+        for (int c = 0; c < C; c++) same &= out[i * C + c] == kn_bf16_to_f32(kn_f32_to_bf16(tf[ids[i] * C + c]));
+    CHECK(same, "embed_rows gathers a table from mapped host memory exactly%s", "");
+    free(tf);
+    dev_reset(d);
+}
+
 /* ---- grouped LoRA: two segments with their own adapters (different
  * ranks), a gap row no adapter touches, dropout on one segment ---- */
 
@@ -2254,14 +2287,15 @@ static void test_real_shapes(void) {
     for (int v = 0; v < REAL_DEVS; v++) dev_close(&devs[v]);
 }
 
-/* Every entry of the table is filled but the optional ones (seal,
- * scratch_bytes, graph_begin and graph_end). */
+/* Every entry of the table is filled but the optional ones (alloc_mapped,
+ * seal, scratch_bytes, graph_begin and graph_end). */
 static void test_table_complete(const Dev *d) {
     typedef void (*Fn)(void);
     Fn fns[sizeof(KnOps) / sizeof(Fn)];
     memcpy(fns, d->be.ops, sizeof fns);
     KnOps probe;
     memset(&probe, 0, sizeof probe);
+    probe.alloc_mapped = (GfStatus (*)(const KnCtx *, KnBuffer *, size_t, KnDtype, const char *, GfError *))(uintptr_t)1;
     probe.seal = (void (*)(const KnCtx *, const KnBuffer *))(uintptr_t)1;
     probe.scratch_bytes = (size_t (*)(const KnCtx *, const KnCall *))(uintptr_t)1;
     probe.graph_begin = (int (*)(const KnCtx *, int64_t, const void *, size_t))(uintptr_t)1;
@@ -2293,6 +2327,7 @@ int main(void) {
             }
             printf("backend %s, %d thread(s)\n", d.be.name, threads);
             test_table_complete(&d);
+            test_mapped_table(&d);
             test_matmul(&d);
             test_transfers(&d);
             test_rmsnorm_gelu_softcap(&d);
