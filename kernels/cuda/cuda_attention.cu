@@ -800,12 +800,19 @@ static void attention_dx_tiled(CudaCtx *c, float *dq, float *dk, float *dv, cons
     CUDA_LAUNCHED(c, "attention_dx");
 }
 
-void cuda_attention_open(CudaCtx *c) {
-    cuda_smem_full(c, (const void *)k_attention, "attention");
-    cuda_smem_full(c, (const void *)k_attention_batch, "attention_batch");
-    cuda_smem_full(c, (const void *)k_attention_rows, "attention_rows");
-    cuda_smem_full(c, (const void *)k_dx_stats_dq, "attention_dx");
-    cuda_smem_full(c, (const void *)k_dx_dkdv, "attention_dx");
+cudaError_t cuda_attention_open(const CudaCtx *c, const char **what) {
+    static const struct { const void *kernel; const char *name; } kernels[] = {
+        {(const void *)k_attention, "attention"},          {(const void *)k_attention_batch, "attention_batch"},
+        {(const void *)k_attention_rows, "attention_rows"}, {(const void *)k_dx_stats_dq, "attention_dx (dq)"},
+        {(const void *)k_dx_dkdv, "attention_dx (dk, dv)"}};
+    for (size_t i = 0; i < sizeof kernels / sizeof *kernels; i++) {
+        cudaError_t rc = cuda_smem_full(c, kernels[i].kernel);
+        if (rc != cudaSuccess) {
+            *what = kernels[i].name;
+            return rc;
+        }
+    }
+    return cudaSuccess;
 }
 
 void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,

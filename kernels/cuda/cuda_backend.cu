@@ -29,14 +29,14 @@ void cuda_blas_note(CudaCtx *c, cublasStatus_t st, const char *what) {
     cuda_note(c, cudaErrorUnknown, where);
 }
 
-void cuda_smem_full(CudaCtx *c, const void *kernel, const char *what) {
+cudaError_t cuda_smem_full(const CudaCtx *c, const void *kernel) {
     int optin = 0;
     cudaFuncAttributes fa;
     cudaError_t rc = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device);
     if (rc == cudaSuccess) rc = cudaFuncGetAttributes(&fa, kernel);
     if (rc == cudaSuccess)
         rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - (int)fa.sharedSizeBytes);
-    cuda_note(c, rc, what);
+    return rc;
 }
 
 extern "C" GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err) {
@@ -50,7 +50,7 @@ extern "C" GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err) {
     CudaCtx *c = (CudaCtx *)gf_calloc(1, sizeof *c, err);
     if (!c) return GF_NO_MEMORY;
     c->device = index;
-    const char *step = "cudaSetDevice";
+    const char *step = "cudaSetDevice", *what = NULL;
     if ((rc = cudaSetDevice(index)) != cudaSuccess) goto fail;
     step = "cudaStreamCreate";
     if ((rc = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess) goto fail;
@@ -63,8 +63,16 @@ extern "C" GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err) {
      * back; the BF16 precision's GEMMs (cuda_gemm.cu) need the tensor cores */
     c->bf16 = ctx->precision == KN_PRECISION_BF16;
     cublasSetMathMode(c->blas, c->bf16 ? CUBLAS_DEFAULT_MATH : CUBLAS_PEDANTIC_MATH);
+    if ((rc = cuda_attention_open(c, &what)) != cudaSuccess) {
+        cublasDestroy(c->blas);
+        cudaStreamDestroy(c->stream);
+        free(c);
+        cudaGetLastError();
+        return gf_error_set(err, GF_DEVICE, "device_error", "device",
+                            "cuda:%d: the %s kernel cannot be given the device's shared memory: %s", index, what,
+                            cudaGetErrorString(rc));
+    }
     cuda_graphs_init(c);
-    cuda_attention_open(c);
     ctx->impl = c;
     ctx->stream = c->stream;
     return GF_OK;

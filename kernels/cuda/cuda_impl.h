@@ -110,8 +110,8 @@ int cuda_refused(CudaCtx *c);
  * same value, so that none lowers what another's launch needs (the
  * attribute belongs to the kernel on the device, not to the context). A
  * launch that needs more than the device has fails at launch; a refusal
- * here becomes the fault, naming what. */
-void cuda_smem_full(CudaCtx *c, const void *kernel, const char *what);
+ * here is returned (the context then fails to open, naming the kernel). */
+cudaError_t cuda_smem_full(const CudaCtx *c, const void *kernel);
 
 /* After a launch: the launch's own error, if any, becomes the fault. */
 #define CUDA_LAUNCHED(c, where) cuda_note((c), cudaGetLastError(), (where))
@@ -297,8 +297,9 @@ void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int
                          int n_kv_heads, int dim, float scale, int window);
 /* Every attention kernel may take the shared memory it needs
  * (cuda_smem_full), set once when the context starts: not per launch, and
- * never while a decode step is recorded (attention_rows runs only there). */
-void cuda_attention_open(CudaCtx *c);
+ * never while a decode step is recorded (attention_rows runs only there).
+ * The first refusal, *what naming its kernel; cudaSuccess when none. */
+cudaError_t cuda_attention_open(const CudaCtx *c, const char **what);
 void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
                        const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
                        int n_kv_heads, int dim, float scale, const KnMask *mask);
