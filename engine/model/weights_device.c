@@ -187,7 +187,7 @@ static GfStatus rewrite_all(const GemmaWeights *gw, WeightsDevice *d, Spans *s, 
  * matrices' pass finds it there. */
 static int map_ple(Spans *s, const WeightsDevice *d, int ple_host) {
     const KnMatrix *m = &s->gw->host.embed_ple;
-    if (!ple_host || !d->be.ops->alloc_mapped || !m->data || m->dtype == KN_NF4 || weights_in_arena(s->gw, m->data))
+    if (!ple_host || !d->be.ops->alloc_mapped || !m->data || weights_in_arena(s->gw, m->data))
         return 0;
     return add_span(s, m->data, (size_t)(m->rows * m->cols) * kn_dtype_size(m->dtype), 1);
 }

@@ -127,6 +127,18 @@ def job_settles(srv, job):
     raise AssertionError("the job is stuck at step %s after the faults ended" % step)
 
 
+def start_job(srv):
+    """A dataset uploaded and a job on it that has made its first step."""
+    jsonl, tar, _ = shapes.dataset(12, 7, "img")
+    ds = expect(srv.post_multipart("/v1/datasets", [("file", "d.jsonl", jsonl), ("images", "i.tar", tar)]), 201).json()["id"]
+    job = expect(srv.post_json("/v1/fine_tuning/jobs", {"dataset": ds, "hyperparameters": JOB_HP}), 201).json()["id"]
+    until = time.time() + 600  # a hang guard: a busy machine starts slower, never wrongly
+    while (expect(srv.get("/v1/fine_tuning/jobs/" + job), 200).json()["progress"]["step"] or 0) < 1:
+        assert time.time() < until, "the job never started"
+        time.sleep(0.05)
+    return ds, job
+
+
 def no_late_loads(binary):
     """The server loads no library once it listens (glibc's LD_DEBUG=files
     names each one): a dlopen takes the dynamic loader's lock, and mid-flight,
@@ -148,13 +160,7 @@ def no_late_loads(binary):
             return [line.split("file=", 1)[1].strip() for line in f if "dynamically loaded by" in line]
     try:
         at_start = loads()
-        jsonl, tar, _ = shapes.dataset(12, 7, "img")
-        ds = expect(srv.post_multipart("/v1/datasets", [("file", "d.jsonl", jsonl), ("images", "i.tar", tar)]), 201).json()["id"]
-        job = expect(srv.post_json("/v1/fine_tuning/jobs", {"dataset": ds, "hyperparameters": JOB_HP}), 201).json()["id"]
-        until = time.time() + 600
-        while (expect(srv.get("/v1/fine_tuning/jobs/" + job), 200).json()["progress"]["step"] or 0) < 1:
-            assert time.time() < until, "the job never started"
-            time.sleep(0.05)
+        start_job(srv)
         expect(srv.get("/metrics"), 200)
         late = loads()[len(at_start):]
         assert not late, "loaded after the server started listening: %s" % late
@@ -170,14 +176,9 @@ def one_round(binary, family, names, p, rng, n_ops):
     srv = Server(binary, data=os.path.join(data, "d"), wrap=["fiu-run", "-x", "-f", base],
                  extra=["--min-examples", "10", "--disk-full-wait", "0"])
     try:
-        jsonl, tar, _ = shapes.dataset(12, 7, "img")
-        ds = expect(srv.post_multipart("/v1/datasets", [("file", "d.jsonl", jsonl), ("images", "i.tar", tar)]), 201).json()["id"]
+        ds, job = start_job(srv)
+        jsonl, tar, _ = shapes.dataset(12, 7, "img")  # the bytes start_job uploaded, for the store checks
         acked.datasets[ds] = (len(jsonl), len(tar))
-        job = expect(srv.post_json("/v1/fine_tuning/jobs", {"dataset": ds, "hyperparameters": JOB_HP}), 201).json()["id"]
-        until = time.time() + 600
-        while (expect(srv.get("/v1/fine_tuning/jobs/" + job), 200).json()["progress"]["step"] or 0) < 1:
-            assert time.time() < until, "the job never started"
-            time.sleep(0.05)
         for name in names:
             ctrl(srv, base, "enable_random name=%s,probability=%g" % (name, p))
         operations(srv, rng, n_ops, family, acked, answers)

@@ -192,34 +192,47 @@ static void run_variant(const char *variant) {
     model_close(m);
 }
 
-/* Row 0's logits on the ple model with its per-layer embedding table where
- * ple says, and what the weights' gauge counted while they were open. */
-static float *ple_logits(const char *ple, WeightsGauge *gauge, int64_t *n, uint64_t *table) {
+/* The ple model's logits of golden row 0 with its per-layer embedding
+ * table where ple says, and what its weights' copy held while open: bytes
+ * of device memory and of mapped host memory, and the table's own bytes. */
+typedef struct {
+    float *logits;
+    int64_t n;
+    uint64_t device, mapped, table;
+} PleRun;
+
+static PleRun ple_run(const char *ple) {
+    PleRun r = {0};
     Model *m = NULL;
     GfError err;
-    WeightsGauge open = {0};
-    ModelOptions opts = {.n_threads = 2, .ple = ple, .gauge = &open};
+    WeightsGauge gauge = {0};
+    ModelOptions opts = {.n_threads = 2, .ple = ple, .gauge = &gauge};
     CHECK_STATUS(model_open(GF_FIXTURES "/ple", &opts, &m, &err), GF_OK, err);
     Golden g;
-    CHECK(load_golden(GF_FIXTURES "/ple/forward_text.safetensors", &g) == 0, "ple golden file");
-    if (!m) return NULL;
-    KvCache c;
-    const TextConfig *t = &model_config(m)->text;
-    /* [ple vocab, layers * ple dim], in the checkpoint's dtype */
-    *table = (uint64_t)t->ple_vocab * (uint64_t)(t->n_layers * t->ple_dim) * kn_dtype_size(model_weights(m)->host.embed_ple.dtype);
-    *n = g.T * t->vocab_size;
-    float *logits = malloc((size_t)*n * sizeof(float));
-    ModelInput in = {.ids = g.ids, .valid = g.valid, .n = g.T};
-    CHECK_STATUS(kv_cache_init(&c, &model_config(m)->text, model_backend(m), g.T, &err), GF_OK, err);
-    CHECK_STATUS(model_forward(m, &c, &in, logits, NULL, &err), GF_OK, err);
-    atomic_store(&gauge->device_bytes, atomic_load(&open.device_bytes));
-    atomic_store(&gauge->mapped_bytes, atomic_load(&open.mapped_bytes));
-    kv_cache_free(&c);
-    free(g.ids);
-    free(g.valid);
-    safetensors_close(&g.st);
+    int golden = load_golden(GF_FIXTURES "/ple/forward_text.safetensors", &g) == 0;
+    CHECK(golden, "ple golden file%s", "");
+    if (m && golden) {
+        const TextConfig *t = &model_config(m)->text;
+        /* [ple vocab, layers * ple dim], in the checkpoint's dtype */
+        r.table = (uint64_t)t->ple_vocab * (uint64_t)(t->n_layers * t->ple_dim) *
+                  kn_dtype_size(model_weights(m)->host.embed_ple.dtype);
+        r.n = g.T * t->vocab_size;
+        r.logits = malloc((size_t)r.n * sizeof(float));
+        KvCache c;
+        ModelInput in = {.ids = g.ids, .valid = g.valid, .n = g.T};
+        CHECK_STATUS(kv_cache_init(&c, t, model_backend(m), g.T, &err), GF_OK, err);
+        CHECK_STATUS(model_forward(m, &c, &in, r.logits, NULL, &err), GF_OK, err);
+        kv_cache_free(&c);
+        r.device = atomic_load(&gauge.device_bytes);
+        r.mapped = atomic_load(&gauge.mapped_bytes);
+    }
+    if (golden) {
+        free(g.ids);
+        free(g.valid);
+        safetensors_close(&g.st);
+    }
     model_close(m);
-    return logits;
+    return r;
 }
 
 /* On a device other than the CPU, the per-layer embedding table stays in
@@ -227,27 +240,22 @@ static float *ple_logits(const char *ple, WeightsGauge *gauge, int64_t *n, uint6
  * device ("device"): the same logits bit for bit, and the gauge counts the
  * table apart from the device bytes. */
 static void test_ple_placement(void) {
-    WeightsGauge on_host = {0}, on_device = {0};
-    int64_t n1 = 0, n2 = 0;
-    uint64_t table = 0;
-    float *a = ple_logits("host", &on_host, &n1, &table), *b = ple_logits("device", &on_device, &n2, &table);
-    CHECK(a && b && n1 == n2 && memcmp(a, b, (size_t)n1 * sizeof *a) == 0,
-          "the ple model's logits do not depend on where its per-layer table is");
-    uint64_t mapped = atomic_load(&on_host.mapped_bytes), dev_h = atomic_load(&on_host.device_bytes);
-    uint64_t dev_d = atomic_load(&on_device.device_bytes);
-    if (!dev_d) {
+    PleRun h = ple_run("host"), d = ple_run("device");
+    CHECK(h.logits && d.logits && h.n == d.n && memcmp(h.logits, d.logits, (size_t)h.n * sizeof *h.logits) == 0,
+          "the ple model's logits do not depend on where its per-layer table is%s", "");
+    if (!d.device) {
         printf("%-40s %s\n", "per-layer table placement", "the CPU reads the host's weights: nothing to place");
     } else {
-        CHECK(mapped >= table && mapped < table + 256, "mapped %llu bytes for a table of %llu", (unsigned long long)mapped,
-              (unsigned long long)table);
-        CHECK(atomic_load(&on_device.mapped_bytes) == 0, "ple \"device\" maps nothing");
-        CHECK(dev_h + mapped == dev_d, "device bytes %llu + mapped %llu != %llu with the table on the device",
-              (unsigned long long)dev_h, (unsigned long long)mapped, (unsigned long long)dev_d);
+        CHECK(h.mapped >= h.table && h.mapped < h.table + 256, "mapped %llu bytes for a table of %llu",
+              (unsigned long long)h.mapped, (unsigned long long)h.table);
+        CHECK(d.mapped == 0, "ple \"device\" maps nothing%s", "");
+        CHECK(h.device + h.mapped == d.device, "device bytes %llu + mapped %llu != %llu with the table on the device",
+              (unsigned long long)h.device, (unsigned long long)h.mapped, (unsigned long long)d.device);
         printf("%-40s %llu bytes in host memory, %llu on the device\n", "per-layer table placement",
-               (unsigned long long)mapped, (unsigned long long)dev_h);
+               (unsigned long long)h.mapped, (unsigned long long)h.device);
     }
-    free(a);
-    free(b);
+    free(h.logits);
+    free(d.logits);
 }
 
 /* Writes into open weights: a widened norm vector (0), a bf16 matrix of the
