@@ -214,18 +214,44 @@ static GfStatus png_check_idat(const uint8_t *b, size_t n, const ImageLimits *li
     return st;
 }
 
+/* Creates libpng's reader over src and reads the chunks before the image
+ * data, checking the header's size against the caps. On GF_OK *png and
+ * *info are the caller's (png_destroy_read_struct), who must set its own
+ * png_jmpbuf before the next libpng call; on failure nothing is left. */
+static GfStatus png_open(PngSrc *src, const ImageLimits *lim, png_structp *png_out, png_infop *info_out, GfError *err) {
+    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, src, png_on_error, png_on_warning);
+    png_infop info = png ? png_create_info_struct(png) : NULL;
+    if (!info) {
+        png_destroy_read_struct(&png, NULL, NULL);
+        return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
+    }
+    if (setjmp(png_jmpbuf(png))) {
+        png_destroy_read_struct(&png, &info, NULL);
+        return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "invalid PNG: %s", src->message);
+    }
+    png_set_read_fn(png, src, png_read_mem);
+    png_set_user_limits(png, 1000000, 1000000);
+    png_set_chunk_malloc_max(png, 8u << 20);
+    png_set_chunk_cache_max(png, 1000);
+    png_read_info(png, info);
+    if (check_dims(png_get_image_width(png, info), png_get_image_height(png, info), lim, err)) {
+        png_destroy_read_struct(&png, &info, NULL);
+        return err->status;
+    }
+    *png_out = png;
+    *info_out = info;
+    return GF_OK;
+}
+
 /* Everything between setjmp and the end lives in this function; locals that
  * change after setjmp are volatile. */
 static GfStatus decode_png(const uint8_t *bytes, size_t n, const ImageLimits *lim, Image *out,
                            GfError *err) {
     if (png_check_idat(bytes, n, lim, err)) return err->status;
     PngSrc src = {bytes, n, 0, ""};
-    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &src, png_on_error, png_on_warning);
-    png_infop info = png ? png_create_info_struct(png) : NULL;
-    if (!info) {
-        png_destroy_read_struct(&png, NULL, NULL);
-        return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory");
-    }
+    png_structp png;
+    png_infop info;
+    if (png_open(&src, lim, &png, &info, err)) return err->status;
     uint8_t *volatile rgb = NULL;
     png_bytep *volatile rows = NULL;
     if (setjmp(png_jmpbuf(png))) {
@@ -234,17 +260,7 @@ static GfStatus decode_png(const uint8_t *bytes, size_t n, const ImageLimits *li
         png_destroy_read_struct(&png, &info, NULL);
         return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "invalid PNG: %s", src.message);
     }
-    png_set_read_fn(png, &src, png_read_mem);
-    png_set_user_limits(png, 1000000, 1000000);
-    png_set_chunk_malloc_max(png, 8u << 20);
-    png_set_chunk_cache_max(png, 1000);
-    png_read_info(png, info);
     png_uint_32 w = png_get_image_width(png, info), h = png_get_image_height(png, info);
-    GfStatus st = check_dims(w, h, lim, err);
-    if (st) {
-        png_destroy_read_struct(&png, &info, NULL);
-        return st;
-    }
     int orientation = png_exif_orientation(png, info);
     png_set_expand(png);
     png_set_strip_16(png);
@@ -275,18 +291,21 @@ static uint8_t mul_div255(unsigned a, unsigned b) {
     return (uint8_t)((t + (t >> 8)) >> 8);
 }
 
+/* The size and colour space of the frame header, checked against the caps. */
+static GfStatus jpeg_header(tjhandle tj, const uint8_t *bytes, size_t n, const ImageLimits *lim, int *w, int *h, int *cs,
+                            GfError *err) {
+    int subsamp = 0;
+    if (tjDecompressHeader3(tj, bytes, (unsigned long)n, w, h, &subsamp, cs) != 0)
+        return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "invalid JPEG: %s", tjGetErrorStr2(tj));
+    return check_dims((uint64_t)(*w > 0 ? *w : 0), (uint64_t)(*h > 0 ? *h : 0), lim, err);
+}
+
 static GfStatus decode_jpeg(const uint8_t *bytes, size_t n, const ImageLimits *lim, Image *out,
                             GfError *err) {
     tjhandle tj = tjInitDecompress();
     if (!tj) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "cannot start JPEG decoder");
-    int w = 0, h = 0, subsamp = 0, cs = 0;
-    if (tjDecompressHeader3(tj, bytes, (unsigned long)n, &w, &h, &subsamp, &cs) != 0) {
-        gf_error_set(err, GF_INVALID, "invalid_image", NULL, "invalid JPEG: %s", tjGetErrorStr2(tj));
-        tjDestroy(tj);
-        return GF_INVALID;
-    }
-    GfStatus st = check_dims((uint64_t)(w > 0 ? w : 0), (uint64_t)(h > 0 ? h : 0), lim, err);
-    if (st) { tjDestroy(tj); return st; }
+    int w = 0, h = 0, cs = 0;
+    if (jpeg_header(tj, bytes, n, lim, &w, &h, &cs, err)) { tjDestroy(tj); return err->status; }
     int cmyk = cs == TJCS_CMYK || cs == TJCS_YCCK;
     size_t px = (size_t)w * (size_t)h;
     uint8_t *buf = gf_malloc(px * (cmyk ? 4 : 3), NULL);
@@ -316,17 +335,56 @@ static GfStatus decode_jpeg(const uint8_t *bytes, size_t n, const ImageLimits *l
     return ost;
 }
 
-GfStatus image_decode(const uint8_t *bytes, size_t n, const ImageLimits *lim, Image *out, GfError *err) {
-    memset(out, 0, sizeof *out);
+/* The width and height the header declares, after the orientation. */
+static GfStatus probe_png(const uint8_t *bytes, size_t n, const ImageLimits *lim, int *w, int *h, GfError *err) {
+    PngSrc src = {bytes, n, 0, ""};
+    png_structp png;
+    png_infop info;
+    if (png_open(&src, lim, &png, &info, err)) return err->status;
+    int o = png_exif_orientation(png, info);
+    png_uint_32 pw = png_get_image_width(png, info), ph = png_get_image_height(png, info);
+    png_destroy_read_struct(&png, &info, NULL);
+    *w = (int)(o >= 5 ? ph : pw);
+    *h = (int)(o >= 5 ? pw : ph);
+    return GF_OK;
+}
+
+static GfStatus probe_jpeg(const uint8_t *bytes, size_t n, const ImageLimits *lim, int *w, int *h, GfError *err) {
+    tjhandle tj = tjInitDecompress();
+    if (!tj) return gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "cannot start JPEG decoder");
+    int jw = 0, jh = 0, cs = 0;
+    GfStatus st = jpeg_header(tj, bytes, n, lim, &jw, &jh, &cs, err);
+    tjDestroy(tj);
+    if (st) return st;
+    int o = jpeg_orientation(bytes, n);
+    *w = o >= 5 ? jh : jw;
+    *h = o >= 5 ? jw : jh;
+    return GF_OK;
+}
+
+/* The checks every image gets before its format's header is read. */
+static GfStatus check_bytes(const uint8_t *bytes, size_t n, const ImageLimits *lim, ImageFormat *fmt, GfError *err) {
     if (n == 0) return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "image is empty (0 bytes)");
     if (n > lim->max_bytes)
         return gf_error_set(err, GF_TOO_LARGE, "image_too_large", NULL,
                             "image is %zu bytes, over the cap of %llu", n, (unsigned long long)lim->max_bytes);
-    switch (image_sniff(bytes, n)) {
-    case IMAGE_FORMAT_PNG: return decode_png(bytes, n, lim, out, err);
-    case IMAGE_FORMAT_JPEG: return decode_jpeg(bytes, n, lim, out, err);
-    default:
-        return gf_error_set(err, GF_UNSUPPORTED, "unsupported_image_format", NULL,
-                            "image is neither PNG nor JPEG");
-    }
+    *fmt = image_sniff(bytes, n);
+    if (*fmt == IMAGE_FORMAT_UNKNOWN)
+        return gf_error_set(err, GF_UNSUPPORTED, "unsupported_image_format", NULL, "image is neither PNG nor JPEG");
+    return GF_OK;
+}
+
+GfStatus image_probe(const uint8_t *bytes, size_t n, const ImageLimits *lim, int *width, int *height, GfError *err) {
+    *width = *height = 0;
+    ImageFormat fmt;
+    if (check_bytes(bytes, n, lim, &fmt, err)) return err->status;
+    return fmt == IMAGE_FORMAT_PNG ? probe_png(bytes, n, lim, width, height, err)
+                                   : probe_jpeg(bytes, n, lim, width, height, err);
+}
+
+GfStatus image_decode(const uint8_t *bytes, size_t n, const ImageLimits *lim, Image *out, GfError *err) {
+    memset(out, 0, sizeof *out);
+    ImageFormat fmt;
+    if (check_bytes(bytes, n, lim, &fmt, err)) return err->status;
+    return fmt == IMAGE_FORMAT_PNG ? decode_png(bytes, n, lim, out, err) : decode_jpeg(bytes, n, lim, out, err);
 }

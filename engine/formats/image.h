@@ -43,6 +43,14 @@ ImageFormat image_sniff(const uint8_t *bytes, size_t n);
 GfStatus image_decode(const uint8_t *bytes, size_t n, const ImageLimits *limits, Image *out,
                       GfError *err);
 
+/* The width and height image_decode would give bytes[0..n) (the EXIF
+ * orientation applied), read from the headers alone under the same caps
+ * and with the same errors for what the headers show; the image data is
+ * not read, so a picture corrupt past its headers probes without error.
+ * For data image_decode has already accepted. On failure both are 0. */
+GfStatus image_probe(const uint8_t *bytes, size_t n, const ImageLimits *limits, int *width, int *height,
+                     GfError *err);
+
 void image_free(Image *img);
 
 #endif

@@ -173,14 +173,37 @@ static GfStatus load_image(TrainSet *t, const char *ref, Image *img, GfError *er
     return st;
 }
 
-/* The soft-token count of an image at the processor's budget. */
-static GfStatus soft_count(const TrainSet *t, const Image *img, int *count, GfError *err) {
+/* The soft-token count of a width x height image at the processor's budget. */
+static GfStatus soft_count(const TrainSet *t, int width, int height, int *count, GfError *err) {
     const PreprocessConfig *pre = &t->p->pre;
     int tw, th;
-    GfStatus st = preprocess_target_size(pre, img->width, img->height, &tw, &th, err);
+    GfStatus st = preprocess_target_size(pre, width, height, &tw, &th, err);
     int side = pre->patch_size * pre->pooling_kernel;
     if (!st) *count = (tw / side) * (th / side);
     return st;
+}
+
+/* The soft-token count of image ref. Measuring an upload, which
+ * dataset_validate has just decoded whole, reads the headers alone;
+ * opening a set for training decodes the image, so that a corrupt one
+ * stops the run before its first step. */
+static GfStatus image_soft_count(TrainSet *t, const char *ref, int *count, GfError *err) {
+    uint8_t *bytes = NULL;
+    size_t n = 0;
+    int w = 0, h = 0;
+    GfStatus st = GF_OK;
+    if (t->stats) {
+        st = read_image_bytes(t, ref, &bytes, &n, err);
+        if (!st) st = image_probe(bytes, n, &t->lim, &w, &h, err);
+        free(bytes);
+    } else {
+        Image img;
+        st = load_image(t, ref, &img, err);
+        w = img.width;
+        h = img.height;
+        image_free(&img);
+    }
+    return st ? st : soft_count(t, w, h, count, err);
 }
 
 /* ---- encoding ----------------------------------------------------------------- */
@@ -213,13 +236,8 @@ static int64_t count_targets(const int32_t *labels, int64_t n) {
 
 static GfStatus encode_line(TrainSet *t, Conversation *c, Entry *e, int64_t max_seq_len, GfError *err) {
     int counts[TS_MAX_IMAGES];
-    for (int k = 0; k < c->n_images; k++) {
-        Image img;
-        GfStatus st = load_image(t, c->refs[k], &img, err);
-        if (!st) st = soft_count(t, &img, &counts[k], err);
-        image_free(&img);
-        if (st) return bad_line(err, e->line);
-    }
+    for (int k = 0; k < c->n_images; k++)
+        if (image_soft_count(t, c->refs[k], &counts[k], err)) return bad_line(err, e->line);
     const GemmaConfig *cfg = model_config(t->p->model);
     if (c->n_images && !cfg->vision.present) return bad(err, e->line, "the conversation has images but the model has no vision tower");
     ChatTokens ct = {0};

@@ -58,7 +58,9 @@ typedef struct {
 
 /* Encodes every example of jsonl_path as trainset_open does but one at a
  * time, keeping only the counts: the check of an upload, whose examples a
- * job encodes again. A line the encoder refuses (over max_seq_len tokens:
+ * job encodes again. Each image's size is read from its headers
+ * (image_probe), not decoded: the data must have passed dataset_validate,
+ * which decodes every image. A line the encoder refuses (over max_seq_len tokens:
  * code sequence_too_long; or whatever trainset_open would fail it for) is
  * added to report, which keeps max_issues of them in detail, and the
  * reading goes on. Returns GF_OK with every example counted,

@@ -1,5 +1,6 @@
 /* fuzz_files.c - the file-based parsers: the bytes are parsed as a GGUF
- * file, and written to a memory file and read as an image, a tar archive,
+ * file, and written to a memory file and read as an image (decoded, and
+ * probed from its headers, which must give the decoded size), a tar archive,
  * a dataset JSONL as an upload is validated, and the same JSONL measured
  * in tokens for the tiny dense model as an upload then is (its
  * conversations parsed again, rendered and tokenized). */
@@ -44,7 +45,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     GfError err;
     Image img;
     static const ImageLimits lim = {1u << 20, 1u << 22};
-    if (image_decode(data, size, &lim, &img, &err) == GF_OK) image_free(&img);
+    int pw, ph;
+    GfStatus probed = image_probe(data, size, &lim, &pw, &ph, &err);
+    if (image_decode(data, size, &lim, &img, &err) == GF_OK) {
+        /* what upload measuring relies on: the headers give the decoded size */
+        if (probed != GF_OK || pw != img.width || ph != img.height) abort();
+        image_free(&img);
+    }
     Gguf g;
     if (gguf_parse(data, size, &g, &err) == GF_OK) {
         for (size_t i = 0; i < g.n_kv; i++) { /* walk what the accessors walk */

@@ -49,6 +49,16 @@ static void decode_fixture(const char *name, int w, int h, int gray) {
     ImageLimits tiny = {n - 1, LIM.max_pixels};
     CHECK(image_decode(b, n, &tiny, &none, &err) == GF_TOO_LARGE, "%s: byte cap", name);
     CHECK(image_decode(b, n / 2, &LIM, &none, &err) == GF_INVALID && none.rgb == NULL, "%s: truncated", name);
+    int pw = -1, ph = -1;
+    CHECK_STATUS(image_probe(b, n, &LIM, &pw, &ph, &err), GF_OK, err);
+    CHECK(pw == w && ph == h, "%s: probed %dx%d, want %dx%d", name, pw, ph, w, h);
+    CHECK(image_probe(b, n / 2, &LIM, &pw, &ph, &err) == GF_OK && pw == w && ph == h,
+          "%s: the headers of a truncated file probe (%dx%d)", name, pw, ph);
+    CHECK(image_probe(b, n, &small, &pw, &ph, &err) == GF_INVALID && strcmp(err.code, "image_too_large") == 0 &&
+              pw == 0 && ph == 0, "%s: probe checks the pixel cap", name);
+    CHECK(image_probe(b, n, &tiny, &pw, &ph, &err) == GF_TOO_LARGE, "%s: probe checks the byte cap", name);
+    CHECK(image_probe(b, 20, &LIM, &pw, &ph, &err) == GF_INVALID && strcmp(err.code, "invalid_image") == 0,
+          "%s: 20 bytes hold no header: %s", name, err.message);
     image_free(&img);
     free(b);
 }
@@ -206,6 +216,9 @@ static void test_exif_orientation(void) {
                 if (d > maxd) maxd = d;
             }
             CHECK(same_size && maxd == 0, "%s: pixels equal PIL's exif_transpose (max diff %d)", names[i], maxd);
+            int pw = 0, ph = 0;
+            CHECK(image_probe(b, n, &LIM, &pw, &ph, &err) == GF_OK && pw == want.width && ph == want.height,
+                  "%s: probed %dx%d, upright %dx%d", names[i], pw, ph, want.width, want.height);
             image_free(&got);
             image_free(&want);
         } else {
@@ -292,5 +305,8 @@ int main(void) {
     GfError err;
     CHECK(image_decode((const uint8_t *)"GIF89a....", 10, &LIM, &img, &err) == GF_UNSUPPORTED, "gif");
     CHECK(image_decode((const uint8_t *)"", 0, &LIM, &img, &err) == GF_INVALID, "empty");
+    int pw, ph;
+    CHECK(image_probe((const uint8_t *)"GIF89a....", 10, &LIM, &pw, &ph, &err) == GF_UNSUPPORTED, "probe: gif");
+    CHECK(image_probe((const uint8_t *)"", 0, &LIM, &pw, &ph, &err) == GF_INVALID, "probe: empty");
     return check_done("test_image");
 }
