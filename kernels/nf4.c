@@ -11,15 +11,44 @@
 /* The NF4 data type of the QLoRA paper (as bitsandbytes ships it). */
 const float KN_NF4_CODE[16] = KN_NF4_CODE_VALUES;
 
-/* The code nearest to v (v in [-1, 1] or clamped to it). */
-static uint8_t nearest_code(float v) {
-    uint8_t best = 0;
-    float bd = fabsf(v - KN_NF4_CODE[0]);
-    for (uint8_t c = 1; c < 16; c++) {
-        float d = fabsf(v - KN_NF4_CODE[c]);
-        if (d < bd) { bd = d; best = c; }
+/* The least float t_i for which code i + 1 is nearer than code i, as
+ * nearest is computed: fabsf(t - code[i + 1]) < fabsf(t - code[i]). Each
+ * comparison is monotone in v over the floats, so the nearest code of a v
+ * in [-1, 1] is the number of t_i <= v (ties between two codes going to
+ * the lower one). Found by bisection over the floats between the two
+ * codes; test_nf4 checks each against that definition and the count
+ * against the search over all 16 codes. */
+static const float NEAREST_FROM[15] = {
+    -0x1.b239bp-1f,  -0x1.38a4ep-1f,  -0x1.d708fep-2f, -0x1.5bd4ecp-2f, -0x1.e079d8p-3f,
+    -0x1.1a7176p-3f, -0x1.74f0ep-5f,  0x1.45f6p-5f,    0x1.ec90c6p-4f,  0x1.a0cfc2p-3f,
+    0x1.2b05aap-2f,  0x1.8ea7f4p-2f,  0x1.00da08p-1f,  0x1.491b6p-1f,   0x1.b913b4p-1f};
+
+/* The code nearest to w / a, the quotient clamped to [-1, 1] (NaN to 1). */
+static inline uint8_t nearest_code(float w, float a) {
+    float v = w / a;
+    v = v < -1.0f ? -1.0f : v;
+    v = v <= 1.0f ? v : 1.0f; /* NaN too */
+    const float *t = NEAREST_FROM; /* the 15 comparisons written out: one straight line to vectorize */
+    return (uint8_t)((v >= t[0]) + (v >= t[1]) + (v >= t[2]) + (v >= t[3]) + (v >= t[4]) + (v >= t[5]) + (v >= t[6]) +
+                     (v >= t[7]) + (v >= t[8]) + (v >= t[9]) + (v >= t[10]) + (v >= t[11]) + (v >= t[12]) +
+                     (v >= t[13]) + (v >= t[14]));
+}
+
+uint8_t kn_nf4_nearest(float w, float a) { return a != 0.0f ? nearest_code(w, a) : 7; /* 7: zero */ }
+
+/* The codes of x[0..n) (n <= KN_NF4_BLOCK), one block's share, whose
+ * dequantized absmax is a, into code[0..n). Loops of a whole block's
+ * fixed length without branches, which the compiler vectorizes. */
+static void block_codes(const float *x, int64_t n, float a, uint8_t *code) {
+    if (a == 0.0f) {
+        memset(code, 7, (size_t)n); /* 7: zero */
+        return;
     }
-    return best;
+    float v[KN_NF4_BLOCK] = {0};
+    uint8_t c[KN_NF4_BLOCK];
+    memcpy(v, x, (size_t)n * sizeof *v);
+    for (int k = 0; k < KN_NF4_BLOCK; k++) c[k] = nearest_code(v[k], a);
+    memcpy(code, c, (size_t)n);
 }
 
 float kn_nf4_absmax(const KnNf4 *q, int64_t b) {
@@ -34,17 +63,37 @@ void kn_nf4_free(KnNf4 *q) {
     memset(q, 0, sizeof *q);
 }
 
+/* Where the share of row r that lies in one block ends: the column after
+ * it, for the segment starting at column c. */
+static int64_t segment_end(KnMatrix w, int64_t r, int64_t c) {
+    int64_t b = (r * w.cols + c) / KN_NF4_BLOCK, end = (b + 1) * KN_NF4_BLOCK - r * w.cols;
+    return end < w.cols ? end : w.cols;
+}
+
 /* Exact absmax of every block, from the source matrix. */
 static void block_absmax(KnMatrix w, float *absmax, int64_t n_blocks, float *row) {
     for (int64_t b = 0; b < n_blocks; b++) absmax[b] = 0.0f;
     for (int64_t r = 0; r < w.rows; r++) {
         kn_convert_to_f32(row, w.data, w.dtype, r * w.cols, w.cols);
-        for (int64_t c = 0; c < w.cols; c++) {
-            int64_t b = (r * w.cols + c) / KN_NF4_BLOCK;
-            float a = fabsf(row[c]);
-            if (a > absmax[b]) absmax[b] = a;
+        for (int64_t c = 0, end; c < w.cols; c = end) {
+            end = segment_end(w, r, c);
+            float m = absmax[(r * w.cols + c) / KN_NF4_BLOCK];
+            for (int64_t k = c; k < end; k++) {
+                float a = fabsf(row[k]);
+                m = a > m ? a : m; /* a NaN is passed over */
+            }
+            absmax[(r * w.cols + c) / KN_NF4_BLOCK] = m;
         }
     }
+}
+
+/* Row r's codes (code[0..cols)) into the packed codes: two a byte, the
+ * even element low, the row starting at element r * cols. */
+static void pack_row(uint8_t *codes, const uint8_t *code, int64_t r, int64_t cols) {
+    int64_t e = r * cols, c = 0;
+    if (e % 2 && cols > 0) codes[e++ / 2] |= (uint8_t)(code[c++] << 4);
+    for (; c + 1 < cols; c += 2, e += 2) codes[e / 2] = (uint8_t)(code[c] | code[c + 1] << 4);
+    if (c < cols) codes[e / 2] |= code[c]; /* its high nibble is the next row's */
 }
 
 /* Double quantization: mean offset, int8 per group of 256 with a scale. */
@@ -75,9 +124,11 @@ GfStatus kn_nf4_quantize(KnNf4 *q, KnMatrix w, GfError *err) {
     q->absmax_q = gf_malloc((size_t)q->n_blocks, err);
     q->group_scale = gf_malloc((size_t)q->n_groups * sizeof(float), err);
     float *absmax = gf_malloc((size_t)q->n_blocks * sizeof(float), err), *row = gf_malloc((size_t)w.cols * sizeof(float), err);
-    if (!q->codes || !q->absmax_q || !q->group_scale || !absmax || !row) {
+    uint8_t *code = gf_malloc((size_t)w.cols, err);
+    if (!q->codes || !q->absmax_q || !q->group_scale || !absmax || !row || !code) {
         free(absmax);
         free(row);
+        free(code);
         kn_nf4_free(q);
         return GF_NO_MEMORY;
     }
@@ -85,15 +136,15 @@ GfStatus kn_nf4_quantize(KnNf4 *q, KnMatrix w, GfError *err) {
     quantize_absmax(q, absmax);
     for (int64_t r = 0; r < w.rows; r++) {
         kn_convert_to_f32(row, w.data, w.dtype, r * w.cols, w.cols);
-        for (int64_t c = 0; c < w.cols; c++) {
-            int64_t e = r * w.cols + c;
-            float a = kn_nf4_absmax(q, e / KN_NF4_BLOCK);
-            uint8_t code = a != 0.0f ? nearest_code(fmaxf(-1.0f, fminf(1.0f, row[c] / a))) : 7; /* 7: zero */
-            q->codes[e / 2] |= (uint8_t)(e % 2 ? code << 4 : code);
+        for (int64_t c = 0, end; c < w.cols; c = end) { /* the row's share of one block at a time */
+            end = segment_end(w, r, c);
+            block_codes(row + c, end - c, kn_nf4_absmax(q, (r * w.cols + c) / KN_NF4_BLOCK), code + c);
         }
+        pack_row(q->codes, code, r, w.cols);
     }
     free(absmax);
     free(row);
+    free(code);
     return GF_OK;
 }
 

@@ -51,6 +51,11 @@ typedef struct KnNf4 {
 GfStatus kn_nf4_quantize(KnNf4 *q, KnMatrix w, GfError *err);
 void kn_nf4_free(KnNf4 *q);
 
+/* The code kn_nf4_quantize gives weight w of a block whose dequantized
+ * absmax is a: the nearest to w / a clamped to [-1, 1], ties to the lower
+ * code; 7 (zero) when a is 0. */
+uint8_t kn_nf4_nearest(float w, float a);
+
 /* The dequantized absmax of block b. */
 float kn_nf4_absmax(const KnNf4 *q, int64_t b);
 /* Elements [start, start + len) dequantized into out. */

@@ -69,6 +69,66 @@ static void test_round_trip(int rows, int cols, int outliers) {
     free(back);
 }
 
+/* The nearest code as defined: the first of the 16 at the least distance. */
+static uint8_t nearest_ref(float w, float a) {
+    if (a == 0.0f) return 7;
+    float v = fmaxf(-1.0f, fminf(1.0f, w / a));
+    uint8_t best = 0;
+    float bd = fabsf(v - KN_NF4_CODE[0]);
+    for (uint8_t c = 1; c < 16; c++) {
+        float d = fabsf(v - KN_NF4_CODE[c]);
+        if (d < bd) { bd = d; best = c; }
+    }
+    return best;
+}
+
+/* kn_nf4_nearest (a threshold count) against the search over the 16 codes:
+ * every float within 2^16 ulps of each midpoint between two codes, at the
+ * codes themselves and at +-1, random quotients, NaN, infinities and a
+ * zero absmax. (The same comparison over every float of [-1, 1] agreed
+ * when the thresholds were found; it takes too long for each test run.) */
+static void test_nearest(void) {
+    long bad = 0, n = 0;
+    for (int i = 0; i < 15; i++) {
+        float mid = (KN_NF4_CODE[i] + KN_NF4_CODE[i + 1]) / 2, v = mid;
+        for (int k = 0; k < 65536; k++) v = nextafterf(v, -2.0f);
+        for (int k = 0; k < 2 * 65536; k++, n++, v = nextafterf(v, 2.0f)) bad += kn_nf4_nearest(v, 1.0f) != nearest_ref(v, 1.0f);
+    }
+    for (int c = 0; c < 16; c++, n++) bad += kn_nf4_nearest(KN_NF4_CODE[c], 1.0f) != c;
+    for (int k = 0; k < 1000000; k++, n++) {
+        float w = gauss(), a = 0.01f + 2.0f * (float)urand();
+        bad += kn_nf4_nearest(w, a) != nearest_ref(w, a);
+    }
+    const float odd[] = {NAN, -NAN, INFINITY, -INFINITY, 0.0f, -0.0f, 1.0f, -1.0f, 3.0f, -3.0f, 1e-30f, -1e-30f};
+    for (size_t k = 0; k < sizeof odd / sizeof *odd; k++, n += 3)
+        bad += (kn_nf4_nearest(odd[k], 1.0f) != nearest_ref(odd[k], 1.0f)) + (kn_nf4_nearest(odd[k], -0.5f) != nearest_ref(odd[k], -0.5f)) +
+               (kn_nf4_nearest(odd[k], 0.0f) != 7);
+    CHECK(bad == 0, "nearest code by thresholds equals the search over the code book (%ld of %ld differ)", bad, n);
+}
+
+/* Every packed code of a rows x cols quantization (odd widths: rows start
+ * in mid-byte) equals the nearest code of its weight under its block's
+ * dequantized absmax; NaN weights and an all-zero block included. */
+static void test_codes(int rows, int cols) {
+    int64_t n = (int64_t)rows * cols;
+    float *w = malloc((size_t)n * sizeof *w);
+    for (int64_t i = 0; i < n; i++) w[i] = 0.05f * gauss();
+    for (int64_t i = 0; i < n && i < 64; i++) w[i] = 0.0f; /* block 0: zero */
+    if (n > 200) w[200] = NAN;
+    KnNf4 q;
+    GfError err;
+    CHECK(kn_nf4_quantize(&q, (KnMatrix){w, KN_F32, rows, cols, 0}, &err) == GF_OK, "quantize %dx%d", rows, cols);
+    int64_t bad = -1;
+    for (int64_t e = 0; e < n && bad < 0; e++) {
+        uint8_t byte = q.codes[e / 2], got = e % 2 ? byte >> 4 : byte & 15;
+        if (got != nearest_ref(w[e], kn_nf4_absmax(&q, e / 64))) bad = e;
+    }
+    CHECK(bad < 0, "%dx%d: every code is the nearest (first wrong element %lld)", rows, cols, (long long)bad);
+    CHECK(n % 2 == 0 || (q.codes[n / 2] >> 4) == 0, "%dx%d: the last byte's unused nibble is zero", rows, cols);
+    kn_nf4_free(&q);
+    free(w);
+}
+
 static double max_rel(const float *a, const float *b, size_t n) {
     double e = 0, m = 0;
     for (size_t i = 0; i < n; i++) { e = fmax(e, fabs(a[i] - b[i])); m = fmax(m, fabs(b[i])); }
@@ -106,6 +166,11 @@ static void test_matmul(const KnOps *ops, KnCtx *ctx) {
 
 int main(void) {
     test_code_book();
+    test_nearest();
+    test_codes(70, 300);
+    test_codes(13, 77);
+    test_codes(5, 3);
+    test_codes(1, 1);
     test_round_trip(70, 300, 0);
     test_round_trip(70, 300, 1);
     test_round_trip(3, 7, 0);
