@@ -324,7 +324,7 @@ int cli_preflight(int argc, char **argv) {
            (long long)cfg->text.hidden_size, (long long)cfg->text.vocab_size, cfg->vision.present ? "yes" : "no");
     int rc = 0;
     if (lora_create(p->model, hp.targets, hp.n_targets, hp.lora_rank, hp.lora_alpha, hp.use_rslora, 0, &a, &err)) rc = fail("target_modules", &err);
-    if (!rc && o.dataset && trainset_open(p, o.dataset, o.images, hp.max_seq_len, &dl.image, &set, &err)) rc = fail("the dataset", &err);
+    if (!rc && o.dataset && trainset_open(p, o.dataset, o.images, hp.max_seq_len, &dl.image, TRAINSET_DECODE_IMAGES, &set, &err)) rc = fail("the dataset", &err);
     if (!rc) {
         a->dropout = hp.lora_dropout;
         print_targets(a, &hp);

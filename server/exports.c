@@ -112,7 +112,7 @@ static char *merge_result(Exports *x, const ExportRow *row, const char *adapter_
     if (qlora_job_dataset(x, row->adapter, jsonl, tar)) {
         QloraGapSpec q = {.base_dir = x->cfg.model_dir, .adapter_dir = adapter_dir, .merged_dir = out, .jsonl = jsonl,
                           .tar = access(tar, F_OK) == 0 ? tar : NULL, .max_examples = QLORA_CHECK_EXAMPLES,
-                          .image_limits = x->cfg.image_limits};
+                          .image_limits = x->cfg.image_limits, .images = TRAINSET_IMAGES_VALIDATED};
         QloraGap g;
         GfError err;
         GF_LOGI("export %s: measuring the merged model against the NF4 base + adapter", row->id);

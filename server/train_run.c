@@ -59,7 +59,8 @@ static GfStatus data_error(GfError *err, const char *file_param) {
 
 static GfStatus open_data(Run *r, GfError *err) {
     const TrainRunSpec *s = r->spec;
-    GfStatus st = trainset_open(r->p, s->train_jsonl, s->train_tar, s->params.max_seq_len, &s->image_limits, &r->train, err);
+    GfStatus st = trainset_open(r->p, s->train_jsonl, s->train_tar, s->params.max_seq_len, &s->image_limits,
+                                TRAINSET_IMAGES_VALIDATED, &r->train, err); /* uploads are validated */
     if (st) return data_error(err, "training_file");
     int64_t tokens = 0, targets = 0;
     for (size_t i = 0; i < trainset_count(r->train); i++) {
@@ -70,7 +71,8 @@ static GfStatus open_data(Run *r, GfError *err) {
     logf_(r, "info", "training set: %zu examples, %lld tokens, %lld trained, longest %lld", trainset_count(r->train),
           (long long)tokens, (long long)targets, (long long)trainset_max_tokens(r->train));
     if (!s->val_jsonl) return GF_OK;
-    st = trainset_open(r->p, s->val_jsonl, s->val_tar, s->params.max_seq_len, &s->image_limits, &r->val, err);
+    st = trainset_open(r->p, s->val_jsonl, s->val_tar, s->params.max_seq_len, &s->image_limits, TRAINSET_IMAGES_VALIDATED,
+                       &r->val, err);
     if (st) {
         gf_error_wrap(err, NULL, "validation set");
         return data_error(err, "validation_file");

@@ -119,7 +119,7 @@ static GfStatus gap_open(const QloraGapSpec *s, Gap *g, GfError *err) {
     if (pipeline_open(s->base_dir, &nf4, &g->trained, err)) return err->status;
     if (lora_load_dir(s->adapter_dir, g->trained->model, LORA_MAX_RANK, &g->a, err) ||
         lora_bind(g->trained->model, g->a, &g->lb, err) || model_open(s->merged_dir, &plain, &g->merged, err) ||
-        trainset_open(g->trained, s->jsonl, s->tar, GAP_MAX_SEQ, &s->image_limits, &g->set, err))
+        trainset_open(g->trained, s->jsonl, s->tar, GAP_MAX_SEQ, &s->image_limits, s->images, &g->set, err))
         return err->status;
     const TextConfig *ta = &model_config(g->trained->model)->text, *tb = &model_config(g->merged)->text;
     if (ta->vocab_size != tb->vocab_size || ta->hidden_size != tb->hidden_size || ta->n_layers != tb->n_layers)

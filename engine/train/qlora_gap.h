@@ -21,8 +21,9 @@
 
 #include <stdint.h>
 
-#include "image.h"
 #include "base.h"
+#include "image.h"
+#include "trainset.h"
 
 typedef struct {
     const char *base_dir;       /* the base model directory the adapter was trained on */
@@ -32,6 +33,7 @@ typedef struct {
     int max_examples;           /* how many of its shortest examples (>= 1) */
     int n_threads;              /* <= 0 = all cores */
     ImageLimits image_limits;
+    TrainSetImages images;      /* TRAINSET_IMAGES_VALIDATED for an uploaded dataset */
 } QloraGapSpec;
 
 typedef struct {

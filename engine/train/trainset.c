@@ -36,6 +36,7 @@ struct TrainSet {
     int64_t pool_n, pool_cap;
     int64_t max_tokens;
     TrainSetStats *stats;      /* measuring (trainset_measure): no example is kept */
+    TrainSetImages images;
     DatasetReport *report;
     size_t max_issues;
 };
@@ -168,7 +169,7 @@ static GfStatus load_image(TrainSet *t, const char *ref, Image *img, GfError *er
     uint8_t *bytes = NULL;
     size_t n = 0;
     GfStatus st = read_image_bytes(t, ref, &bytes, &n, err);
-    if (!st) st = image_decode(bytes, n, &t->lim, img, err);
+    if (!st && (st = image_decode(bytes, n, &t->lim, img, err))) gf_error_wrap(err, NULL, "image '%.80s'", ref);
     free(bytes);
     return st;
 }
@@ -183,18 +184,15 @@ static GfStatus soft_count(const TrainSet *t, int width, int height, int *count,
     return st;
 }
 
-/* The soft-token count of image ref. Measuring an upload, which
- * dataset_validate has just decoded whole, reads the headers alone;
- * opening a set for training decodes the image, so that a corrupt one
- * stops the run before its first step. */
+/* The soft-token count of image ref, from its headers or decoded (t->images). */
 static GfStatus image_soft_count(TrainSet *t, const char *ref, int *count, GfError *err) {
     uint8_t *bytes = NULL;
     size_t n = 0;
     int w = 0, h = 0;
     GfStatus st = GF_OK;
-    if (t->stats) {
+    if (t->images == TRAINSET_IMAGES_VALIDATED) {
         st = read_image_bytes(t, ref, &bytes, &n, err);
-        if (!st) st = image_probe(bytes, n, &t->lim, &w, &h, err);
+        if (!st && (st = image_probe(bytes, n, &t->lim, &w, &h, err))) gf_error_wrap(err, NULL, "image '%.80s'", ref);
         free(bytes);
     } else {
         Image img;
@@ -350,8 +348,8 @@ static GfStatus read_lines(TrainSet *t, FILE *f, int64_t max_seq_len, GfError *e
 
 /* The set read from jsonl (and tar): opened, or only measured into stats. */
 static GfStatus read_set(const Pipeline *p, const char *jsonl, const char *tar, int64_t max_seq_len,
-                         const ImageLimits *lim, TrainSetStats *stats, DatasetReport *report, size_t max_issues,
-                         TrainSet **out, GfError *err) {
+                         const ImageLimits *lim, TrainSetImages images, TrainSetStats *stats, DatasetReport *report,
+                         size_t max_issues, TrainSet **out, GfError *err) {
     *out = NULL;
     TrainSet *t = gf_calloc(1, sizeof *t, err);
     if (!t) return GF_NO_MEMORY;
@@ -359,6 +357,7 @@ static GfStatus read_set(const Pipeline *p, const char *jsonl, const char *tar, 
     t->lim = *lim;
     t->tar.fd = -1;
     t->stats = stats;
+    t->images = images;
     t->report = report;
     t->max_issues = max_issues;
     GfStatus st = GF_OK;
@@ -382,8 +381,8 @@ static GfStatus read_set(const Pipeline *p, const char *jsonl, const char *tar, 
 }
 
 GfStatus trainset_open(const Pipeline *p, const char *jsonl, const char *tar, int64_t max_seq_len,
-                       const ImageLimits *lim, TrainSet **out, GfError *err) {
-    return read_set(p, jsonl, tar, max_seq_len, lim, NULL, NULL, 0, out, err);
+                       const ImageLimits *lim, TrainSetImages images, TrainSet **out, GfError *err) {
+    return read_set(p, jsonl, tar, max_seq_len, lim, images, NULL, NULL, 0, out, err);
 }
 
 GfStatus trainset_measure(const Pipeline *p, const char *jsonl, const char *tar, int64_t max_seq_len,
@@ -392,7 +391,7 @@ GfStatus trainset_measure(const Pipeline *p, const char *jsonl, const char *tar,
     memset(stats, 0, sizeof *stats);
     memset(report, 0, sizeof *report);
     TrainSet *t;
-    GfStatus st = read_set(p, jsonl, tar, max_seq_len, lim, stats, report, max_issues, &t, err);
+    GfStatus st = read_set(p, jsonl, tar, max_seq_len, lim, TRAINSET_IMAGES_VALIDATED, stats, report, max_issues, &t, err);
     trainset_close(t);
     if (!st && report->n_bad_lines)
         st = gf_error_set(err, GF_UNPROCESSABLE, "invalid_dataset", "file", "%llu of %llu lines cannot be trained on; see error.details",

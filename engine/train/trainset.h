@@ -42,10 +42,18 @@ typedef struct {
     uint64_t line;            /* 1-based line of the JSONL */
 } TrainExample;
 
+/* How an image's soft-token count is found when a set is encoded: its
+ * size read from its headers (image_probe), for files that passed
+ * dataset_validate (an upload: every image decoded once there), or the
+ * image decoded, so that a corrupt one fails the open (files nothing has
+ * checked). Either way the loader decodes each image when its example
+ * runs, and fails naming the line if it no longer decodes. */
+typedef enum { TRAINSET_DECODE_IMAGES = 0, TRAINSET_IMAGES_VALIDATED = 1 } TrainSetImages;
+
 /* Encodes every example of jsonl_path (tar_path NULL when no archive) for
  * the pipeline's model, tokenizer, template and image settings. */
 GfStatus trainset_open(const Pipeline *p, const char *jsonl_path, const char *tar_path, int64_t max_seq_len,
-                       const ImageLimits *image_limits, TrainSet **out, GfError *err);
+                       const ImageLimits *image_limits, TrainSetImages images, TrainSet **out, GfError *err);
 void trainset_close(TrainSet *t);
 
 /* What trainset_measure finds of a dataset's examples. */
@@ -58,9 +66,8 @@ typedef struct {
 
 /* Encodes every example of jsonl_path as trainset_open does but one at a
  * time, keeping only the counts: the check of an upload, whose examples a
- * job encodes again. Each image's size is read from its headers
- * (image_probe), not decoded: the data must have passed dataset_validate,
- * which decodes every image. A line the encoder refuses (over max_seq_len tokens:
+ * job encodes again, its images as TRAINSET_IMAGES_VALIDATED: the data
+ * must have passed dataset_validate. A line the encoder refuses (over max_seq_len tokens:
  * code sequence_too_long; or whatever trainset_open would fail it for) is
  * added to report, which keeps max_issues of them in detail, and the
  * reading goes on. Returns GF_OK with every example counted,

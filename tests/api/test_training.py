@@ -12,7 +12,8 @@ bundled tiny model (CPU), checked against what a user must be able to rely on:
 - cancel stops a running job within a step; a job that cannot train fails
   with a reason naming what to change; the database agrees afterwards;
 - an upload is measured in tokens: a line no job could train is refused at
-  upload, a job whose max_seq_len is too short at its creation;
+  upload, a job whose max_seq_len is too short at its creation; an image
+  damaged on disk after its upload fails its job naming the line;
 - on a full disk (a small tmpfs as the data directory) a job says it waits
   for space, goes on when space is back, pauses saying why, and resumes to
   success once space is freed; deletes work with 0 bytes free.
@@ -471,6 +472,50 @@ def t_failed_jobs_say_why(binary):
         assert c.execute("SELECT COUNT(*) FROM adapters").fetchone()[0] == 0
         assert c.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('running','queued')").fetchone()[0] == 0
         c.close()
+    finally:
+        srv.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def damage_image_data(tar_path, member):
+    """Overwrites the compressed pixels of PNG `member` inside the tar in
+    place: its headers (and the archive) stay whole, its data no longer
+    inflates."""
+    import tarfile
+    with tarfile.open(tar_path) as t:
+        info = t.getmember(member)
+        data = t.extractfile(info).read()
+    at = data.index(b"IDAT") + 4  # the chunk's data, after its length and type
+    os.chmod(tar_path, 0o644)
+    with open(tar_path, "r+b") as f:
+        f.seek(info.offset_data + at)
+        f.write(b"\xff" * 16)
+
+
+def t_damaged_image_fails_its_job(binary):
+    """A job encodes an uploaded set reading each image's size from its
+    headers (the upload decoded every image): an image damaged on disk past
+    its headers after the upload fails the job when its example is loaded,
+    naming the line, and the server goes on serving."""
+    data = tempfile.mkdtemp(prefix="gf-api-")
+    srv = Server(binary, data=data)
+    try:
+        ds, jsonl, _ = upload_shapes(srv, 12, 4)
+        lines = jsonl.decode().splitlines()
+        line = next(i + 1 for i, l in enumerate(lines) if "img/0005.png" in l)
+        damage_image_data(os.path.join(data, "datasets", ds, "images.tar"), "img/0005.png")
+        job = create_job(srv, ds, {"epochs": 1, "batch_size": 1})
+        j = wait_job(srv, job, timeout=300)
+        assert j["status"] == "failed", j
+        msg = j["error"]["message"]
+        assert ("line %d: image 'img/0005.png': invalid PNG" % line) in msg, msg
+        ev = events(srv, job)
+        assert any("training set: 12 examples" in e["message"] for e in ev), ev
+        c = srv.db()
+        assert c.execute("SELECT COUNT(*) FROM adapters").fetchone()[0] == 0
+        c.close()
+        expect(srv.post_json("/v1/chat/completions", {"model": "dense", "max_tokens": 2,
+                                                      "messages": [{"role": "user", "content": "hi"}]}), 200)
     finally:
         srv.stop()
         shutil.rmtree(data, ignore_errors=True)

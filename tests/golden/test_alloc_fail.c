@@ -218,7 +218,7 @@ int main(void) {
     if (fp) fclose(fp);
     ImageLimits lim = {20u << 20, 50000000};
     TrainCtx tc = {p, NULL};
-    CHECK_STATUS(trainset_open(p, path, NULL, 256, &lim, &tc.set, &err), GF_OK, err);
+    CHECK_STATUS(trainset_open(p, path, NULL, 256, &lim, TRAINSET_DECODE_IMAGES, &tc.set, &err), GF_OK, err);
     if (tc.set) failure_loop("trainer step", train_step, &tc);
     trainset_close(tc.set);
     unlink(path);

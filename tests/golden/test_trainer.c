@@ -40,7 +40,7 @@ int main(void) {
     const char *targets[] = {"q_proj", "v_proj"};
     CHECK_STATUS(pipeline_open(GF_FIXTURES "/dense", &mo, &p, &err), GF_OK, err);
     if (!p) return check_done("test_trainer");
-    CHECK_STATUS(trainset_open(p, path, NULL, 2048, &lim, &set, &err), GF_OK, err);
+    CHECK_STATUS(trainset_open(p, path, NULL, 2048, &lim, TRAINSET_DECODE_IMAGES, &set, &err), GF_OK, err);
     CHECK(set && trainset_count(set) == N_EXAMPLES, "every line is an example");
     CHECK_STATUS(lora_create(p->model, targets, 2, 4, 8.0, 0, 1, &a, &err), GF_OK, err);
     TrainConfig cfg = {.epochs = 2, .batch_size = 2, .grad_accum = 2, .lr = 1e-3, .max_grad_norm = 1.0,
