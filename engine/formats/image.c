@@ -341,6 +341,10 @@ static GfStatus probe_png(const uint8_t *bytes, size_t n, const ImageLimits *lim
     png_structp png;
     png_infop info;
     if (png_open(&src, lim, &png, &info, err)) return err->status;
+    if (setjmp(png_jmpbuf(png))) { /* the getters below do not fail; should one, it lands here */
+        png_destroy_read_struct(&png, &info, NULL);
+        return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "invalid PNG: %s", src.message);
+    }
     int o = png_exif_orientation(png, info);
     png_uint_32 pw = png_get_image_width(png, info), ph = png_get_image_height(png, info);
     png_destroy_read_struct(&png, &info, NULL);
