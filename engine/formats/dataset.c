@@ -6,9 +6,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "jsoncheck.h"
+#include "pool.h"
 #include "tar.h"
 
 void dataset_limits_default(DatasetLimits *l) {
@@ -18,6 +20,7 @@ void dataset_limits_default(DatasetLimits *l) {
     l->max_images_per_example = 10;
     l->max_archive_members = 100000;
     l->max_issues_kept = 1000;
+    l->n_threads = 0;
     l->image.max_bytes = 20u << 20;
     l->image.max_pixels = 50000000;
 }
@@ -91,12 +94,16 @@ GfStatus data_url_decode(const char *url, const char **mime, size_t *mime_len, u
 
 /* ---- per-line validation ---------------------------------------------- */
 
+/* One range of lines being checked (every range has its own; the
+ * archive, its members' marks and the example count are shared). */
 typedef struct {
     const DatasetLimits *lim;
     TarIndex *tar;            /* NULL when no archive */
-    uint8_t *member_ok;       /* per archive member: 0 unchecked, 1 ok */
-    DatasetReport *report;
+    uint8_t *member_ok;       /* per archive member: 0 unchecked, 1 ok (__atomic: ranges share it) */
+    uint64_t *examples;       /* valid examples of every range so far (__atomic) */
+    DatasetReport *report;    /* this range's, its lines numbered from 1 */
     uint64_t line_images;
+    int first;                /* the range starts the file (a byte-order mark may open it) */
 } Ctx;
 
 static GfStatus line_err(GfError *err, const char *code, const char *fmt, const char *detail) {
@@ -145,13 +152,13 @@ static GfStatus resolve_member(Ctx *c, const char *ref, GfError *err) {
         return line_err(err, "unknown_image_reference", "image '%.80s' is referenced but no images archive was uploaded", name);
     long i = tar_find(c->tar, name);
     if (i < 0) return line_err(err, "unknown_image_reference", "image '%.80s' is not in the images archive", name);
-    if (c->member_ok[i]) return GF_OK;
+    if (__atomic_load_n(&c->member_ok[i], __ATOMIC_RELAXED)) return GF_OK; /* another line decoded it */
     uint8_t *bytes;
     GfStatus st = tar_read_member(c->tar, (size_t)i, c->lim->image.max_bytes, &bytes, err);
     if (st) return st;
     st = check_decoded(bytes, (size_t)c->tar->members[i].size, &c->lim->image, err);
     free(bytes);
-    if (!st) c->member_ok[i] = 1;
+    if (!st) __atomic_store_n(&c->member_ok[i], 1, __ATOMIC_RELAXED);
     return st;
 }
 
@@ -279,7 +286,7 @@ static int is_blank(const char *s, size_t n) {
 
 static void handle_line(Ctx *c, char *line, size_t n, uint64_t lineno) {
     if (n && line[n - 1] == '\r') n--;
-    if (lineno == 1 && n >= 3 && memcmp(line, "\xEF\xBB\xBF", 3) == 0) { line += 3; n -= 3; }
+    if (c->first && lineno == 1 && n >= 3 && memcmp(line, "\xEF\xBB\xBF", 3) == 0) { line += 3; n -= 3; }
     if (is_blank(line, n)) return;
     GfError e;
     gf_error_clear(&e);
@@ -287,12 +294,23 @@ static void handle_line(Ctx *c, char *line, size_t n, uint64_t lineno) {
     else {
         c->report->n_examples++;
         c->report->n_images += c->line_images;
+        __atomic_fetch_add(c->examples, 1, __ATOMIC_RELAXED);
     }
 }
 
-/* Streams the file; a line longer than the cap is reported and skipped
- * without being buffered whole. */
-static GfStatus scan_lines(Ctx *c, int fd, GfError *err) {
+static int too_many(const Ctx *c) { return __atomic_load_n(c->examples, __ATOMIC_RELAXED) > c->lim->max_examples; }
+
+static void line_too_long(Ctx *c, uint64_t lineno, size_t cap) {
+    GfError e;
+    gf_error_set(&e, GF_UNPROCESSABLE, "line_too_long", NULL, "the line is longer than %zu bytes", cap);
+    add_issue(c->report, c->lim, lineno, &e);
+}
+
+/* Streams bytes [start, end) of the file, whole lines (the last range's
+ * final line may lack its newline); a line longer than the cap is
+ * reported and skipped without being buffered whole. Stops early once
+ * the ranges together have more examples than the limit. */
+static GfStatus scan_lines(Ctx *c, int fd, uint64_t start, uint64_t end, GfError *err) {
     size_t cap = (size_t)c->lim->max_line_bytes;
     char *line = gf_malloc(cap + 1, err);
     char chunk[65536];
@@ -300,50 +318,156 @@ static GfStatus scan_lines(Ctx *c, int fd, GfError *err) {
     size_t len = 0;
     int too_long = 0, any = 0;
     uint64_t lineno = 1;
-    for (;;) {
-        ssize_t r = read(fd, chunk, sizeof chunk);
+    for (uint64_t at = start; at < end && !too_many(c);) {
+        size_t want = end - at < sizeof chunk ? (size_t)(end - at) : sizeof chunk;
+        ssize_t r = pread(fd, chunk, want, (off_t)at);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) { free(line); return gf_error_set(err, GF_IO, "io_error", NULL, "dataset: read failed"); }
         if (r == 0) break;
+        at += (uint64_t)r;
         for (ssize_t i = 0; i < r; i++) {
             char ch = chunk[i];
             any = 1;
             if (ch == '\n') {
-                if (too_long) {
-                    GfError e;
-                    gf_error_set(&e, GF_UNPROCESSABLE, "line_too_long", NULL,
-                                 "the line is longer than %zu bytes", cap);
-                    add_issue(c->report, c->lim, lineno, &e);
-                } else {
-                    handle_line(c, line, len, lineno);
-                }
+                if (too_long) line_too_long(c, lineno, cap);
+                else handle_line(c, line, len, lineno);
                 lineno++;
                 len = 0;
-                too_long = 0;
-                any = 0;
-                if (c->report->n_examples > c->lim->max_examples) break;
+                too_long = any = 0;
+                if (too_many(c)) break;
                 continue;
             }
             if (too_long) continue;
             if (len == cap) { too_long = 1; continue; }
             line[len++] = ch;
         }
-        if (c->report->n_examples > c->lim->max_examples) break;
     }
-    if (any && c->report->n_examples <= c->lim->max_examples) {
-        if (too_long) {
-            GfError e;
-            gf_error_set(&e, GF_UNPROCESSABLE, "line_too_long", NULL, "the line is longer than %zu bytes", cap);
-            add_issue(c->report, c->lim, lineno, &e);
-        } else {
-            handle_line(c, line, len, lineno);
-        }
+    if (any && !too_many(c)) {
+        if (too_long) line_too_long(c, lineno, cap);
+        else handle_line(c, line, len, lineno);
         c->report->n_lines = lineno;
     } else {
         c->report->n_lines = lineno - 1;
     }
     free(line);
     return GF_OK;
+}
+
+/* ---- ranges checked in parallel ------------------------------------------------- */
+
+#define MAX_RANGES 8
+#define AUTO_RANGE_BYTES (16u << 10) /* the least a range is worth a thread for (its lines may name big images) */
+
+typedef struct {
+    Ctx c;
+    DatasetReport report;
+    uint64_t start, end;
+    GfStatus st;
+    GfError err;
+} Range;
+
+typedef struct {
+    Range *r;
+    int n;
+    int fd;
+} Ranges;
+
+static void scan_task(void *ctx, int ith, int nth) {
+    Ranges *rs = ctx;
+    for (int i = ith; i < rs->n; i += nth) {
+        Range *r = &rs->r[i];
+        r->st = scan_lines(&r->c, rs->fd, r->start, r->end, &r->err);
+    }
+}
+
+/* The offset just past the first newline at or after `from` (size when
+ * there is none, or on a read error: the range then runs to the end). */
+static uint64_t next_line(int fd, uint64_t from, uint64_t size) {
+    char buf[4096];
+    while (from < size) {
+        ssize_t r = pread(fd, buf, sizeof buf, (off_t)from);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return size;
+        const char *nl = memchr(buf, '\n', (size_t)r);
+        if (nl) return from + (uint64_t)(nl - buf) + 1;
+        from += (uint64_t)r;
+    }
+    return size;
+}
+
+/* Cuts the file into up to `want` ranges of whole lines, nearly equal in
+ * bytes; returns how many (at least 1). */
+static int cut_ranges(int fd, uint64_t size, int want, Range *r) {
+    int n = 0;
+    uint64_t at = 0;
+    while (at < size || n == 0) {
+        uint64_t target = n + 1 < want ? size * (uint64_t)(n + 1) / (uint64_t)want : size;
+        uint64_t end = n + 1 < want ? next_line(fd, target > at ? target : at, size) : size;
+        r[n].start = at;
+        r[n].end = end;
+        n++;
+        at = end;
+    }
+    return n;
+}
+
+/* How many ranges: lim->n_threads when set, else one per core up to
+ * MAX_RANGES and one per AUTO_RANGE_BYTES of the file. */
+static int ranges_wanted(const DatasetLimits *lim, uint64_t size) {
+    if (lim->n_threads > 0) return lim->n_threads < MAX_RANGES ? lim->n_threads : MAX_RANGES;
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    uint64_t by_size = size / AUTO_RANGE_BYTES + 1;
+    long n = cores < MAX_RANGES ? cores : MAX_RANGES;
+    return (int)((uint64_t)n < by_size ? (n > 0 ? n : 1) : by_size);
+}
+
+/* The ranges' reports as one, their lines renumbered in file order: the
+ * counts summed, the issues concatenated up to the kept number (each
+ * range kept its first ones, so these are the file's first). */
+static GfStatus merge_reports(Range *r, int n, const DatasetLimits *lim, DatasetReport *out, GfError *err) {
+    uint64_t lines_before = 0;
+    for (int i = 0; i < n; i++) {
+        DatasetReport *p = &r[i].report;
+        for (size_t k = 0; k < p->n_issues && out->n_issues < lim->max_issues_kept; k++) {
+            DatasetIssue is = p->issues[k];
+            if (is.line) is.line += lines_before;
+            if (!out->issues && !(out->issues = gf_calloc(lim->max_issues_kept, sizeof *out->issues, err)))
+                return GF_NO_MEMORY;
+            out->issues[out->n_issues++] = is;
+        }
+        out->n_examples += p->n_examples;
+        out->n_images += p->n_images;
+        out->n_bad_lines += p->n_bad_lines;
+        lines_before += p->n_lines;
+    }
+    out->n_lines = lines_before;
+    return GF_OK;
+}
+
+/* Checks every line of the file, its ranges on a thread each. */
+static GfStatus scan_file(const Ctx *proto, int fd, DatasetReport *report, GfError *err) {
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) return gf_error_set(err, GF_IO, "io_error", NULL, "dataset: cannot read the uploaded file");
+    uint64_t size = (uint64_t)sb.st_size;
+    Range r[MAX_RANGES];
+    memset(r, 0, sizeof r);
+    uint64_t examples = 0;
+    Ranges rs = {r, cut_ranges(fd, size, ranges_wanted(proto->lim, size), r), fd};
+    for (int i = 0; i < rs.n; i++) {
+        r[i].c = *proto;
+        r[i].c.examples = &examples;
+        r[i].c.report = &r[i].report;
+        r[i].c.first = i == 0;
+    }
+    KnPool *pool = rs.n > 1 ? kn_pool_new(rs.n, NULL) : NULL; /* none: the ranges one after another */
+    kn_pool_run(pool, scan_task, &rs);
+    kn_pool_free(pool);
+    GfStatus st = GF_OK;
+    for (int i = 0; i < rs.n && !st; i++)
+        if ((st = r[i].st)) *err = r[i].err;
+    if (!st) st = merge_reports(r, rs.n, proto->lim, report, err);
+    for (int i = 0; i < rs.n; i++) dataset_report_free(&r[i].report);
+    return st;
 }
 
 static GfStatus summarize(Ctx *c, GfError *err) {
@@ -370,7 +494,7 @@ GfStatus dataset_validate(const char *jsonl_path, const char *tar_path, const Da
                           DatasetReport *report, GfError *err) {
     memset(report, 0, sizeof *report);
     TarIndex tar = {.fd = -1};
-    Ctx c = {lim, NULL, NULL, report, 0};
+    Ctx c = {.lim = lim, .report = report}; /* the ranges' own reports are merged into it */
     GfStatus st = GF_OK;
     if (tar_path) {
         st = tar_index_open(tar_path, lim->max_archive_members, &tar, err);
@@ -379,11 +503,9 @@ GfStatus dataset_validate(const char *jsonl_path, const char *tar_path, const Da
         c.member_ok = gf_calloc(tar.n_members, 1, err);
         if (!c.member_ok) { tar_index_close(&tar); return GF_NO_MEMORY; }
     }
-    report->issues = gf_calloc(lim->max_issues_kept, sizeof *report->issues, err);
-    int fd = report->issues ? open(jsonl_path, O_RDONLY | O_CLOEXEC) : -1;
-    if (!report->issues) st = GF_NO_MEMORY;
-    else if (fd < 0) st = gf_error_set(err, GF_IO, "io_error", NULL, "dataset: cannot open the uploaded file");
-    else st = scan_lines(&c, fd, err);
+    int fd = open(jsonl_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) st = gf_error_set(err, GF_IO, "io_error", NULL, "dataset: cannot open the uploaded file");
+    else st = scan_file(&c, fd, report, err);
     if (fd >= 0) close(fd);
     if (!st) {
         st = summarize(&c, err);

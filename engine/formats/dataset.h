@@ -36,6 +36,8 @@ typedef struct {
     uint32_t max_images_per_example;
     uint32_t max_archive_members;
     uint32_t max_issues_kept;       /* report at most this many lines in detail */
+    int n_threads;                  /* lines checked in that many ranges at once; <= 0: by the
+                                       cores (up to 8) and the file's size (a range per 16 KiB) */
     ImageLimits image;
 } DatasetLimits;
 

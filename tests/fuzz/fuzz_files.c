@@ -1,11 +1,13 @@
 /* fuzz_files.c - the file-based parsers: the bytes are parsed as a GGUF
  * file, and written to a memory file and read as an image (decoded, and
  * probed from its headers, which must give the decoded size), a tar archive,
- * a dataset JSONL as an upload is validated, and the same JSONL measured
+ * a dataset JSONL as an upload is validated (in one range of lines and in
+ * three at once, which must report the same), and the same JSONL measured
  * in tokens for the tiny dense model as an upload then is (its
  * conversations parsed again, rendered and tokenized). */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -41,6 +43,17 @@ static int memfile(const uint8_t *data, size_t size, char path[64]) {
     return fd;
 }
 
+static int same_report(const DatasetReport *a, const DatasetReport *b) {
+    if (a->n_lines != b->n_lines || a->n_examples != b->n_examples || a->n_images != b->n_images ||
+        a->n_bad_lines != b->n_bad_lines || a->n_issues != b->n_issues)
+        return 0;
+    for (size_t i = 0; i < a->n_issues; i++)
+        if (a->issues[i].line != b->issues[i].line || strcmp(a->issues[i].code, b->issues[i].code) != 0 ||
+            strcmp(a->issues[i].message, b->issues[i].message) != 0)
+            return 0;
+    return 1;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     GfError err;
     Image img;
@@ -70,9 +83,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     dl.min_examples = 1;
     dl.max_line_bytes = 1 << 16;
     dl.image = lim;
-    DatasetReport report;
-    dataset_validate(path, NULL, &dl, &report, &err);
+    DatasetReport report, ranged;
+    dl.n_threads = 1;
+    GfStatus one = dataset_validate(path, NULL, &dl, &report, &err);
+    dl.n_threads = 3; /* the lines in three ranges at once: the same report */
+    GfError err3;
+    GfStatus three = dataset_validate(path, NULL, &dl, &ranged, &err3);
+    if (one != three || !same_report(&report, &ranged) || (one && strcmp(err.message, err3.message) != 0)) abort();
     dataset_report_free(&report);
+    dataset_report_free(&ranged);
     TrainSetStats stats;
     trainset_measure(pipeline(), path, NULL, 4096, &lim, 100, &stats, &report, &err);
     dataset_report_free(&report);
