@@ -1,17 +1,19 @@
-/* loader.h - training examples prepared one ahead on a thread of their own:
- * while the engine computes example k, the loader reads example k+1's line,
- * decodes its images and preprocesses them (trainset_example), so the
- * compute threads never wait on a file or a JPEG when the next example was
- * announced in time.
+/* loader.h - training examples prepared ahead on threads of their own:
+ * while the engine computes example k, the loader reads the next examples'
+ * lines, decodes their images and preprocesses them (trainset_example),
+ * up to LOADER_AHEAD of them on LOADER_THREADS threads at once, so the
+ * compute threads never wait on a file or a JPEG when the next examples
+ * were announced in time, even when one example's images take longer to
+ * decode than the engine takes to compute it (large photos on a GPU).
  *
- * Two example slots, each with pixel buffers that grow to the largest
- * example seen and are then reused: the one handed out (valid until the
- * next loader_get) and the one being prepared. Every trainset_example call
- * runs on the loader's thread (a TrainSet is used by one thread at a time).
+ * LOADER_AHEAD + 1 example slots, each with pixel buffers that grow to the
+ * largest example it held and are then reused: the one handed out (valid
+ * until the next loader_get) and the ones announced. trainset_example runs
+ * on several threads at once, each into its own slot.
  *
  * Threading: loader_* are called by one thread (the trainer's). Errors: an
  * example's error (a damaged image, a changed file) comes back from the
- * loader_get that asks for it; GF_INTERNAL when the thread cannot start.
+ * loader_get that asks for it; GF_INTERNAL when no thread can start.
  */
 #ifndef GF_LOADER_H
 #define GF_LOADER_H
@@ -20,6 +22,9 @@
 #include <stdint.h>
 
 #include "trainset.h"
+
+#define LOADER_AHEAD 4        /* examples announced and prepared ahead at most */
+#define LOADER_THREADS 4      /* preparing them at once (<= LOADER_AHEAD) */
 
 typedef struct ExampleLoader ExampleLoader;
 
@@ -32,11 +37,14 @@ GfStatus loader_start(ExampleLoader **out, GfError *err);
 /* Stops the thread (after the example in progress) and frees the slots. */
 void loader_stop(ExampleLoader *l);
 
-/* Announces that example i of set comes next: the loader prepares it now,
- * unless it is already prepared. */
+/* Announces that example i of set comes after those announced before it:
+ * a loader thread prepares it when one is free, unless it is announced
+ * already or LOADER_AHEAD examples are (then it is prepared when asked
+ * for). Asking for an example passes over those announced before it. */
 void loader_prefetch(ExampleLoader *l, TrainSet *set, size_t i);
-/* Example i of set, prepared ahead when announced, else now (waited for);
- * valid until the next loader_get. */
+/* Example i of set, prepared ahead when announced (waited for if still
+ * being prepared), else now on the calling thread; valid until the next
+ * loader_get. */
 GfStatus loader_get(ExampleLoader *l, TrainSet *set, size_t i, const TrainExample **ex, GfError *err);
 
 void loader_stats(ExampleLoader *l, LoaderStats *out);

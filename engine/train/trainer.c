@@ -166,14 +166,21 @@ static GfStatus ensure_workspace(Trainer *t, int64_t n, GfError *err) {
     return GF_OK;
 }
 
+/* The examples that follow: up to LOADER_AHEAD of set, in order. */
+typedef struct {
+    TrainSet *set;
+    size_t ids[LOADER_AHEAD];
+    int n;
+} Upcoming;
+
 /* Forward (and backward when grad_scale > 0) of example i of set, the
- * loader preparing example `next` of next_set (NULL: none known) meanwhile. */
-static GfStatus run_example(Trainer *t, TrainSet *set, size_t i, TrainSet *next_set, size_t next, float grad_scale,
+ * loader preparing the upcoming examples meanwhile. */
+static GfStatus run_example(Trainer *t, TrainSet *set, size_t i, const Upcoming *next, float grad_scale,
                             double *loss, int64_t *targets, GfError *err) {
     const TrainExample *ex = NULL;
     GfStatus st = ensure_workspace(t, trainset_tokens(set, i), err);
     if (!st) st = loader_get(t->loader, set, i, &ex, err);
-    if (!st && next_set) loader_prefetch(t->loader, next_set, next);
+    for (int k = 0; !st && k < next->n; k++) loader_prefetch(t->loader, next->set, next->ids[k]);
     if (st) return st;
     device_enter(t);
     st = grad_scale > 0 ? model_backward(t->m, t->w, &t->b, &ex->seq, grad_scale, loss, targets, err)
@@ -183,13 +190,13 @@ static GfStatus run_example(Trainer *t, TrainSet *set, size_t i, TrainSet *next_
     return st;
 }
 
-/* The first example of the step after this one when it is in the same
- * epoch (its order is known), else 0 with nothing in *i. */
-static int next_step_first(const Trainer *t, size_t *i) {
-    int64_t s = t->step + 1;
-    if (s >= t->total_steps || s / t->steps_per_epoch != t->order_epoch) return 0;
-    *i = t->order[(s % t->steps_per_epoch) * t->per_step];
-    return 1;
+/* The training examples after position pos of this epoch's order, up to
+ * its end (the next epoch's order is drawn when it starts). */
+static Upcoming upcoming_train(const Trainer *t, int64_t pos) {
+    Upcoming u = {t->train, {0}, 0};
+    int64_t n = (int64_t)trainset_count(t->train);
+    for (int64_t p = pos + 1; p < n && u.n < LOADER_AHEAD; p++) u.ids[u.n++] = t->order[p];
+    return u;
 }
 
 static GfStatus cancelled(GfError *err) {
@@ -209,10 +216,9 @@ GfStatus trainer_step(Trainer *t, TrainStopFn stop, void *user, TrainStepInfo *i
         size_t i = t->order[first + k];
         double l;
         int64_t n;
-        size_t next = 0;
-        int has_next = k + 1 < count ? (next = t->order[first + k + 1], 1) : next_step_first(t, &next);
+        Upcoming next = upcoming_train(t, first + k);
         set_dropout(t, t->step, k, 1);
-        GfStatus st = run_example(t, t->train, i, has_next ? t->train : NULL, next, 1.0f / (float)total, &l, &n, err);
+        GfStatus st = run_example(t, t->train, i, &next, 1.0f / (float)total, &l, &n, err);
         set_dropout(t, 0, 0, 0);
         if (st) return st;
         loss_sum += l;
@@ -249,7 +255,9 @@ GfStatus trainer_eval(Trainer *t, TrainSet *val, TrainStopFn stop, void *user, d
         if (stop && stop(user)) return cancelled(err);
         double l;
         int64_t n;
-        if (run_example(t, val, i, i + 1 < trainset_count(val) ? val : NULL, i + 1, 0.0f, &l, &n, err)) return err->status;
+        Upcoming next = {val, {0}, 0};
+        for (size_t j = i + 1; j < trainset_count(val) && next.n < LOADER_AHEAD; j++) next.ids[next.n++] = j;
+        if (run_example(t, val, i, &next, 0.0f, &l, &n, err)) return err->status;
         sum += l;
         targets += n;
     }

@@ -20,7 +20,9 @@
  *
  * Ownership: a TrainSet owns its token arrays, a copy of the JSONL path and
  * the open archive; a TrainExample owns its pixels (train_example_free).
- * Threading: one thread at a time (the archive's file offset is shared).
+ * Threading: trainset_example may run on several threads at once, each
+ * into its own example (the files are read with pread); everything else,
+ * one thread at a time.
  */
 #ifndef GF_TRAINSET_H
 #define GF_TRAINSET_H
