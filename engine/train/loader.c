@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 enum { FREE, QUEUED, BUSY, READY, OUT };
 
@@ -83,13 +84,21 @@ static void stop_threads(ExampleLoader *l) {
     for (int k = 0; k < l->n_threads; k++) pthread_join(l->threads[k], NULL);
 }
 
+/* LOADER_THREADS, but a core left to the thread that drives the engine
+ * (the trainer's: on a GPU it launches the kernels, and a busy machine
+ * makes it wait to be scheduled), and at least one. */
+static int loader_threads(void) {
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    return cores - 1 < 1 ? 1 : cores - 1 < LOADER_THREADS ? (int)cores - 1 : LOADER_THREADS;
+}
+
 GfStatus loader_start(ExampleLoader **out, GfError *err) {
     *out = NULL;
     ExampleLoader *l = gf_calloc(1, sizeof *l, err);
     if (!l) return GF_NO_MEMORY;
     pthread_mutex_init(&l->mu, NULL);
     pthread_cond_init(&l->cv, NULL);
-    for (int k = 0; k < LOADER_THREADS; k++) {
+    for (int k = 0; k < loader_threads(); k++) {
         if (pthread_create(&l->threads[k], NULL, loader_main, l) != 0) break;
         l->n_threads++;
     }

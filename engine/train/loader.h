@@ -1,7 +1,7 @@
 /* loader.h - training examples prepared ahead on threads of their own:
  * while the engine computes example k, the loader reads the next examples'
  * lines, decodes their images and preprocesses them (trainset_example),
- * up to LOADER_AHEAD of them on LOADER_THREADS threads at once, so the
+ * up to LOADER_AHEAD of them on up to LOADER_THREADS threads, so the
  * compute threads never wait on a file or a JPEG when the next examples
  * were announced in time, even when one example's images take longer to
  * decode than the engine takes to compute it (large photos on a GPU).
@@ -24,7 +24,8 @@
 #include "trainset.h"
 
 #define LOADER_AHEAD 4        /* examples announced and prepared ahead at most */
-#define LOADER_THREADS 4      /* preparing them at once (<= LOADER_AHEAD) */
+#define LOADER_THREADS 4      /* preparing them at once at most (<= LOADER_AHEAD; one core is
+                                 left to the trainer's thread: one thread on 2 cores) */
 
 typedef struct ExampleLoader ExampleLoader;
 
