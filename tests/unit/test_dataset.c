@@ -15,16 +15,10 @@
 #include "dataset.h"
 #include "tar.h"
 
+/* A fixture file's bytes (gf_read_file), NULL when it cannot be read. */
 static uint8_t *slurp(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    *n = (size_t)ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *b = malloc(*n ? *n : 1);
-    if (fread(b, 1, *n, f) != *n) { free(b); b = NULL; }
-    fclose(f);
-    return b;
+    GfError err;
+    return (uint8_t *)gf_read_file(path, 1u << 20, "fixture", n, &err);
 }
 
 static void tar_add(FILE *f, const char *name, const uint8_t *data, size_t n) {
