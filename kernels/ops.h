@@ -171,7 +171,8 @@ typedef enum {
 typedef struct {
     KnOpId op;
     KnMatrix w;          /* MATMUL, MATMUL_DX: the weights; MOE_EXPERTS_DX: down (its rows, E * H, and cols, Im) */
-    int64_t n;           /* rows of x: tokens; ATTENTION_DX: queries; LORA_*: one training segment's rows */
+    int64_t n;           /* rows of x: tokens; ATTENTION_DX: queries, and keys (its calls attend as
+                            many keys as they have queries); LORA_*: one training segment's rows */
     int64_t in;          /* LORA_*: input features */
     int n_heads, dim;    /* ATTENTION_DX */
     int dropout;         /* LORA_*: the segment is dropped out */

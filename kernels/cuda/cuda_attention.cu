@@ -5,20 +5,18 @@
  * QT queries of one head, or a decode step's query for up to QT heads of
  * one KV head, sharing each chunk loaded into shared memory.
  * Keys the mask hides are never read (a paged block given back may be -1).
- * The gradient (head_dim <= 512) runs query tiles for the softmax's
- * statistics and dq, then key tiles that walk every query of their KV head
- * in order for dk and dv: no atomics. Larger heads take the one-query
- * kernel, which recomputes the softmax in two passes and adds each key's
- * share into dk and dv atomically. */
+ * The gradient (training only, where nothing has to equal a decode step)
+ * is matmuls on cuBLAS over chunks of queries (att_gemm.h): the chunk's
+ * scores, their softmax and dS stored in the scratch, dq, dk and dv as
+ * products with them, so that the tensor cores take its arithmetic in the
+ * BF16 precision; no atomics, and dk and dv summed in cuBLAS's order. */
 #include <math.h>
 #include <stdio.h>
 
+#include "att_gemm.h"
 #include "cuda_impl.h"
 
-#define ATT_THREADS 128
-#define ATT_WARPS (ATT_THREADS / 32)
 #define CHUNK 32
-#define MAX_DPT 8 /* dimensions per thread: head_dim <= 1024 */
 
 typedef struct {
     const float *k, *v;
@@ -37,37 +35,6 @@ typedef struct {
 static __device__ __forceinline__ int64_t kv_offset(const AttArgs &a, int64_t key, int kvh) {
     int64_t slot = a.table ? (int64_t)a.table[key / a.blk] * a.blk + key % a.blk : key;
     return (slot * a.n_kv_heads + kvh) * a.dim;
-}
-
-static __device__ __forceinline__ const float *kv_row(const AttArgs &a, const float *base, int64_t key, int kvh) {
-    return base + kv_offset(a, key, kvh);
-}
-
-/* For keys k0..k0+CHUNK: s[j] = q . k * scale (or -inf when hidden), and
- * when go is given gv[j] = go . v. One warp per key, in turn. */
-static __device__ void chunk_scores(const AttArgs &a, const float *qs, const float *go, int64_t qpos, int kvh, int64_t k0,
-                                    float *s, float *gv) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int j = warp; j < CHUNK; j += ATT_WARPS) {
-        int64_t key = k0 + j;
-        int vis = key < a.n_keys && mask_visible(a.valid, a.group, a.window, qpos, key);
-        float dot = 0.0f, dgv = 0.0f;
-        if (vis) {
-            const float *kr = kv_row(a, a.k, key, kvh);
-            for (int d = lane; d < a.dim; d += 32) dot += qs[d] * kr[d];
-            dot = warp_sum(dot);
-            if (go) {
-                const float *vr = kv_row(a, a.v, key, kvh);
-                for (int d = lane; d < a.dim; d += 32) dgv += go[d] * vr[d];
-                dgv = warp_sum(dgv);
-            }
-        }
-        if (lane == 0) {
-            s[j] = vis ? dot * a.scale : -INFINITY;
-            if (gv) gv[j] = dgv;
-        }
-    }
-    __syncthreads();
 }
 
 /* The forward, QT queries of one head per block: each chunk of CHUNK keys
@@ -492,319 +459,102 @@ void cuda_attention_paged(const KnCtx *ctx, float *out, const float *q, const Kn
     launch_attention(ctx, out, q, a, "attention_paged");
 }
 
-/* ---- backward ----------------------------------------------------------------------- */
+/* ---- backward: matmuls over chunks of queries (att_gemm.h) ------------------------------ */
 
-/* dq = sum_t ds_t k_t; dk_t += ds_t q; dv_t += p_t dout, with
- * p = softmax(s), ds_t = p_t (dout . v_t - sum_u p_u dout . v_u) scale. */
-static __global__ void k_attention_dx(float *dq, float *dk, float *dv, const float *q, const float *dout, AttArgs a) {
-    __shared__ float qs[1024], go[1024], s[CHUNK], gv[CHUNK];
-    __shared__ float red[3];
-    int64_t item = blockIdx.x, i = item / a.n_heads;
-    int h = (int)(item % a.n_heads), kvh = h / (a.n_heads / a.n_kv_heads);
-    int64_t qpos = a.q_pos0 + i;
-    for (int d = threadIdx.x; d < a.dim; d += ATT_THREADS) {
-        qs[d] = q[item * a.dim + d];
-        go[d] = dout[item * a.dim + d];
-    }
-    __syncthreads();
-    /* pass 1: the maximum score */
-    float mx = -INFINITY;
-    for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) {
-        chunk_scores(a, qs, NULL, qpos, kvh, k0, s, NULL);
-        if (threadIdx.x == 0)
-            for (int j = 0; j < CHUNK; j++) mx = fmaxf(mx, s[j]);
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) red[0] = mx;
-    __syncthreads();
-    mx = red[0];
-    float acc[MAX_DPT];
-    for (int t = 0; t < MAX_DPT; t++) acc[t] = 0.0f;
-    if (mx != -INFINITY) {
-        /* pass 2: the sum of e^(s - max) and of e (dout . v) */
-        float sum = 0.0f, pdp = 0.0f;
-        for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) {
-            chunk_scores(a, qs, go, qpos, kvh, k0, s, gv);
-            if (threadIdx.x == 0)
-                for (int j = 0; j < CHUNK; j++)
-                    if (s[j] != -INFINITY) {
-                        float e = expf(s[j] - mx);
-                        sum += e;
-                        pdp += e * gv[j];
-                    }
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) {
-            red[1] = sum;
-            red[2] = pdp / sum;
-        }
-        __syncthreads();
-        sum = red[1];
-        pdp = red[2];
-        /* pass 3: each visible key's share */
-        for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) {
-            chunk_scores(a, qs, go, qpos, kvh, k0, s, gv);
-            for (int j = 0; j < CHUNK; j++) {
-                if (s[j] == -INFINITY) continue;
-                float p = expf(s[j] - mx) / sum, ds = p * (gv[j] - pdp) * a.scale;
-                int64_t key = k0 + j;
-                const float *kr = a.k + (key * a.n_kv_heads + kvh) * a.dim;
-                float *dkr = dk + (key * a.n_kv_heads + kvh) * a.dim, *dvr = dv + (key * a.n_kv_heads + kvh) * a.dim;
-                for (int t = 0; t < MAX_DPT; t++) {
-                    int d = threadIdx.x + t * ATT_THREADS;
-                    if (d >= a.dim) break;
-                    acc[t] += ds * kr[d];
-                    atomicAdd(&dkr[d], ds * qs[d]);
-                    atomicAdd(&dvr[d], p * go[d]);
-                }
-            }
-            __syncthreads();
-        }
-    }
-    for (int t = 0; t < MAX_DPT; t++) {
-        int d = threadIdx.x + t * ATT_THREADS;
-        if (d >= a.dim) break;
-        dq[item * a.dim + d] = acc[t];
+/* Packs the chunk's rows of src ([n_q, n_heads, dim]) into dst ([b][i][g][d]),
+ * or, unpacking, the packed src into dst's rows. */
+static __global__ void k_att_pack(float *dst, const float *src, AttChunk ch, int unpack) {
+    size_t n = (size_t)ch.n_heads * (size_t)ch.nq * (size_t)ch.dim;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        int64_t at = att_pack_at((int64_t)e, &ch);
+        if (unpack) dst[at] = src[e];
+        else dst[e] = src[at];
     }
 }
 
-/* ---- the tiled gradient (head_dim <= TILED_DX_MAX_DIM) --------------------------------------- */
-
-/* With p = softmax(s) per query and D = sum_t p_t (dout . v_t):
- *   ds_t = p_t (dout . v_t - D) scale, dq = sum_t ds_t k_t,
- *   dk_t += sum over queries of ds_t q, dv_t += sum over queries of p_t dout.
- * k_dx_stats_dq: QT queries of a head per block, two passes over the key
- * chunks (the values, then the keys, through one shared buffer): the first
- * keeps each query's running maximum m, sum l and sum of e^(s - m) dout . v
- * and stores (m, l, D); the second writes dq. k_dx_dkdv: KT keys of a KV
- * head per block walk every (query, head) pair of the group in order, QC at
- * a time, and add their dk and dv once: no atomics, so the gradient is the
- * same on every run. */
-#define TILED_DX_MAX_DIM 512
-#define KT 8
-#define QC 8
-#define DX_PER_THREAD (QT * TILED_DX_MAX_DIM / TILE_THREADS) /* = KT * TILED_DX_MAX_DIM / TILE_THREADS */
-
-/* gv[qi][j] = dout_qi . v_j, then s[qi][j] = q_qi . k_j * scale (or -inf):
- * chunk k0's values and keys in turn through buf; a warp per pair. */
-static __device__ void dx_chunk(const AttArgs &a, const float *qs, const float *gos, float *buf, int nq, int64_t i0, int kvh,
-                                int64_t k0, uint8_t (*vis)[CHUNK], float (*s)[CHUNK], float (*gv)[CHUNK]) {
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    {
-        int qi = tid / CHUNK, j = tid % CHUNK;
-        int64_t key = k0 + j;
-        vis[qi][j] = qi < nq && key < a.n_keys && mask_visible(a.valid, a.group, a.window, a.q_pos0 + i0 + qi, key);
+/* Row blockIdx.x of the chunk's scores s[rows, nk] (already scaled) becomes
+ * the softmax over the keys its query sees, 0 at every other key (a row
+ * that sees none is all 0). */
+static __global__ void k_att_softmax(float *s, AttChunk ch, int64_t q_pos0, KnMask m) {
+    __shared__ float sh[32];
+    int64_t r = blockIdx.x, qpos = q_pos0 + ch.q0 + att_row_query(r, &ch);
+    float *row = s + r * ch.nk, mx = -INFINITY;
+    for (int64_t j = threadIdx.x; j < ch.nk; j += blockDim.x)
+        if (mask_visible(m.valid, m.group, m.window, qpos, ch.k0 + j)) mx = fmaxf(mx, row[j]);
+    mx = block_max(mx, sh);
+    float sum = 0.0f;
+    for (int64_t j = threadIdx.x; j < ch.nk; j += blockDim.x) {
+        float e = mx != -INFINITY && mask_visible(m.valid, m.group, m.window, qpos, ch.k0 + j) ? expf(row[j] - mx) : 0.0f;
+        row[j] = e;
+        sum += e;
     }
-    __syncthreads();
-    for (int pass = 0; pass < 2; pass++) {
-        const float *src = pass ? a.k : a.v;
-        for (int e = tid; e < CHUNK * a.dim; e += TILE_THREADS) {
-            int j = e / a.dim, seen = 0;
-            for (int qi = 0; qi < QT; qi++) seen |= vis[qi][j];
-            buf[e] = seen ? kv_row(a, src, k0 + j, kvh)[e % a.dim] : 0.0f;
-        }
-        __syncthreads();
-        for (int pr = warp; pr < QT * CHUNK; pr += TILE_WARPS) {
-            int qi = pr / CHUNK, j = pr % CHUNK;
-            float dot = 0.0f;
-            if (vis[qi][j]) {
-                const float *x = pass ? qs + qi * a.dim : gos + qi * a.dim;
-                for (int d = lane; d < a.dim; d += 32) dot += x[d] * buf[j * a.dim + d];
-                dot = warp_sum(dot);
-            }
-            if (lane == 0) {
-                if (pass) s[qi][j] = vis[qi][j] ? dot * a.scale : -INFINITY;
-                else gv[qi][j] = dot;
-            }
-        }
-        __syncthreads();
-    }
+    sum = block_sum(sum, sh);
+    for (int64_t j = threadIdx.x; j < ch.nk; j += blockDim.x) row[j] = sum > 0.0f ? row[j] / sum : 0.0f;
 }
 
-static __global__ void k_dx_stats_dq(float *dq, float *stats, const float *q, const float *dout, AttArgs a) {
-    extern __shared__ float sm[];
-    float *qs = sm, *gos = sm + QT * a.dim, *buf = sm + 2 * QT * a.dim;
-    __shared__ float s[QT][CHUNK], gv[QT][CHUNK], ds[QT][CHUNK], m_sh[QT], l_sh[QT], g_sh[QT];
-    __shared__ uint8_t vis[QT][CHUNK];
-    int64_t i0 = (int64_t)blockIdx.x * QT;
-    int h = (int)blockIdx.y, kvh = h / (a.n_heads / a.n_kv_heads), tid = threadIdx.x;
-    int nq = a.n_q - i0 < QT ? (int)(a.n_q - i0) : QT;
-    for (int e = tid; e < QT * a.dim; e += TILE_THREADS) {
-        int qi = e / a.dim;
-        size_t at = ((size_t)(i0 + qi) * a.n_heads + h) * a.dim + e % a.dim;
-        qs[e] = qi < nq ? q[at] : 0.0f;
-        gos[e] = qi < nq ? dout[at] : 0.0f;
-    }
-    if (tid < QT) {
-        m_sh[tid] = -INFINITY;
-        l_sh[tid] = 0.0f;
-        g_sh[tid] = 0.0f;
-    }
-    for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) { /* pass 1: m, l and sum e^(s - m) dout . v */
-        dx_chunk(a, qs, gos, buf, nq, i0, kvh, k0, vis, s, gv);
-        if (tid < QT) {
-            float m = m_sh[tid], cm = m;
-            for (int j = 0; j < CHUNK; j++) cm = fmaxf(cm, s[tid][j]);
-            float alpha = cm == -INFINITY || m == -INFINITY ? 0.0f : expf(m - cm), l = 0.0f, g = 0.0f;
-            for (int j = 0; j < CHUNK; j++)
-                if (s[tid][j] != -INFINITY) {
-                    float e = expf(s[tid][j] - cm);
-                    l += e;
-                    g += e * gv[tid][j];
-                }
-            m_sh[tid] = cm;
-            l_sh[tid] = l_sh[tid] * alpha + l;
-            g_sh[tid] = g_sh[tid] * alpha + g;
-        }
-        __syncthreads();
-    }
-    if (tid < nq) {
-        float *st = stats + ((i0 + tid) * a.n_heads + h) * 3;
-        st[0] = m_sh[tid];
-        st[1] = l_sh[tid];
-        st[2] = l_sh[tid] > 0.0f ? g_sh[tid] / l_sh[tid] : 0.0f;
-    }
-    float acc[DX_PER_THREAD];
-#pragma unroll
-    for (int t = 0; t < DX_PER_THREAD; t++) acc[t] = 0.0f;
-    for (int64_t k0 = 0; k0 < a.n_keys; k0 += CHUNK) { /* pass 2: dq, the keys still in buf */
-        dx_chunk(a, qs, gos, buf, nq, i0, kvh, k0, vis, s, gv);
-        {
-            int qi = tid / CHUNK, j = tid % CHUNK;
-            float m = m_sh[qi], l = l_sh[qi], D = l > 0.0f ? g_sh[qi] / l : 0.0f;
-            ds[qi][j] = s[qi][j] == -INFINITY ? 0.0f : expf(s[qi][j] - m) / l * (gv[qi][j] - D) * a.scale;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int t = 0; t < DX_PER_THREAD; t++) {
-            int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
-            if (qi >= nq) break;
-            float v = acc[t];
-            for (int j = 0; j < CHUNK; j++)
-                if (ds[qi][j] != 0.0f) v += ds[qi][j] * buf[j * a.dim + d];
-            acc[t] = v;
-        }
-        __syncthreads();
-    }
-#pragma unroll
-    for (int t = 0; t < DX_PER_THREAD; t++) {
-        int e = tid + t * TILE_THREADS, qi = e / a.dim, d = e % a.dim;
-        if (qi >= nq) break;
-        dq[((i0 + qi) * a.n_heads + h) * a.dim + d] = acc[t];
-    }
+/* Row blockIdx.x: dp[j] = p[j] (dp[j] - sum_u p[u] dp[u]) scale (dS). */
+static __global__ void k_att_softmax_dx(float *dp, const float *p, AttChunk ch) {
+    __shared__ float sh[32];
+    int64_t r = blockIdx.x;
+    float *g = dp + r * ch.nk;
+    const float *pr = p + r * ch.nk;
+    float dot = 0.0f;
+    for (int64_t j = threadIdx.x; j < ch.nk; j += blockDim.x) dot += pr[j] * g[j];
+    dot = block_sum(dot, sh);
+    for (int64_t j = threadIdx.x; j < ch.nk; j += blockDim.x) g[j] = pr[j] * (g[j] - dot) * ch.scale;
 }
 
-static __global__ void k_dx_dkdv(float *dk, float *dv, const float *stats, const float *q, const float *dout, AttArgs a) {
-    extern __shared__ float sm[];
-    float *ks = sm, *vs = sm + KT * a.dim, *qs = sm + 2 * KT * a.dim, *gos = sm + (2 * KT + QC) * a.dim;
-    __shared__ float p[QC][KT], ds[QC][KT];
-    __shared__ uint8_t vis[QC][KT];
-    __shared__ int any_sh;
-    int64_t j0 = (int64_t)blockIdx.x * KT;
-    int kvh = (int)blockIdx.y, G = a.n_heads / a.n_kv_heads, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    int nk = a.n_keys - j0 < KT ? (int)(a.n_keys - j0) : KT;
-    int64_t n_pairs = a.n_q * G;
-    /* the tile's keys and values (the gradient's keys are contiguous: every one may be read) */
-    for (int e = tid; e < KT * a.dim; e += TILE_THREADS) {
-        int j = e / a.dim;
-        ks[e] = j < nk ? kv_row(a, a.k, j0 + j, kvh)[e % a.dim] : 0.0f;
-        vs[e] = j < nk ? kv_row(a, a.v, j0 + j, kvh)[e % a.dim] : 0.0f;
-    }
-    float gk[DX_PER_THREAD], gvv[DX_PER_THREAD];
-#pragma unroll
-    for (int t = 0; t < DX_PER_THREAD; t++) gk[t] = gvv[t] = 0.0f;
-    for (int64_t p0 = 0; p0 < n_pairs; p0 += QC) {
-        if (tid == 0) any_sh = 0;
-        __syncthreads();
-        if (tid < QC * KT) { /* pair c = (query i, head kvh * G + g), in the order i, then g */
-            int c = tid / KT, j = tid % KT;
-            int64_t pr = p0 + c, i = pr / G;
-            uint8_t v = pr < n_pairs && j < nk && mask_visible(a.valid, a.group, a.window, a.q_pos0 + i, j0 + j);
-            vis[c][j] = v;
-            if (v) any_sh = 1;
-        }
-        __syncthreads();
-        if (!any_sh) continue;
-        for (int e = tid; e < QC * a.dim; e += TILE_THREADS) {
-            int c = e / a.dim;
-            int64_t pr = p0 + c, i = pr / G;
-            int h = kvh * G + (int)(pr % G);
-            size_t at = ((size_t)i * a.n_heads + h) * a.dim + e % a.dim;
-            qs[e] = pr < n_pairs ? q[at] : 0.0f;
-            gos[e] = pr < n_pairs ? dout[at] : 0.0f;
-        }
-        __syncthreads();
-        for (int w = warp; w < QC * KT; w += TILE_WARPS) {
-            int c = w / KT, j = w % KT;
-            float dot = 0.0f, dgv = 0.0f;
-            if (vis[c][j]) {
-                for (int d = lane; d < a.dim; d += 32) {
-                    dot += qs[c * a.dim + d] * ks[j * a.dim + d];
-                    dgv += gos[c * a.dim + d] * vs[j * a.dim + d];
-                }
-                dot = warp_sum(dot);
-                dgv = warp_sum(dgv);
-            }
-            if (lane == 0) {
-                float pp = 0.0f, dd = 0.0f;
-                if (vis[c][j]) {
-                    int64_t pr = p0 + c, i = pr / G;
-                    int h = kvh * G + (int)(pr % G);
-                    const float *st = stats + (i * a.n_heads + h) * 3;
-                    pp = expf(dot * a.scale - st[0]) / st[1];
-                    dd = pp * (dgv - st[2]) * a.scale;
-                }
-                p[c][j] = pp;
-                ds[c][j] = dd;
-            }
-        }
-        __syncthreads();
-#pragma unroll
-        for (int t = 0; t < DX_PER_THREAD; t++) {
-            int e = tid + t * TILE_THREADS, j = e / a.dim, d = e % a.dim;
-            if (j >= nk) break;
-            float x = gk[t], y = gvv[t];
-            for (int c = 0; c < QC; c++) {
-                if (ds[c][j] != 0.0f) x += ds[c][j] * qs[c * a.dim + d];
-                if (p[c][j] != 0.0f) y += p[c][j] * gos[c * a.dim + d];
-            }
-            gk[t] = x;
-            gvv[t] = y;
-        }
-        __syncthreads(); /* vis, p, ds and the pairs' rows are rewritten next */
-    }
-#pragma unroll
-    for (int t = 0; t < DX_PER_THREAD; t++) {
-        int e = tid + t * TILE_THREADS, j = e / a.dim, d = e % a.dim;
-        if (j >= nk) break;
-        size_t at = ((size_t)(j0 + j) * a.n_kv_heads + kvh) * a.dim + d;
-        dk[at] += gk[t];
-        dv[at] += gvv[t];
-    }
+/* One strided batched GEMM of the plan: float32 in and out, summed in
+ * float32; the BF16 precision lets cuBLAS round the operands to bfloat16
+ * for the tensor cores, the FP32 one keeps them (the handle's math is
+ * pedantic there: no TF32). */
+static void att_gemm_run(CudaCtx *c, const AttGemm *g) {
+    cublasComputeType_t ct = c->bf16 ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F;
+    cuda_blas_note(c,
+                   cublasGemmStridedBatchedEx(c->blas, g->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                              g->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, (int)g->m, (int)g->n, (int)g->k,
+                                              &g->alpha, g->a, CUDA_R_32F, (int)g->lda, g->stride_a, g->b, CUDA_R_32F,
+                                              (int)g->ldb, g->stride_b, &g->beta, g->c, CUDA_R_32F, (int)g->ldc,
+                                              g->stride_c, (int)g->batch, ct, CUBLAS_GEMM_DEFAULT),
+                   "attention_dx");
 }
 
 size_t cuda_attention_dx_scratch(int64_t n_q, int n_heads, int dim) {
-    return dim <= TILED_DX_MAX_DIM && n_q > 0 && n_heads > 0 ? (size_t)(n_q * n_heads) * 3 * sizeof(float) : 0;
+    return att_gemm_scratch_bytes(n_q, n_q, n_heads, dim, ATT_GEMM_BUDGET);
 }
 
-/* The tiled gradient: the stats and dq, then dk and dv. */
-static void attention_dx_tiled(CudaCtx *c, float *dq, float *dk, float *dv, const float *q, const float *dout,
-                               const AttArgs &a) {
-    float *stats = (float *)cuda_scratch(c, cuda_attention_dx_scratch(a.n_q, a.n_heads, a.dim), "attention_dx");
-    if (!stats) return;
-    size_t sm1 = ((size_t)2 * QT + CHUNK) * a.dim * sizeof(float), sm2 = ((size_t)2 * KT + 2 * QC) * a.dim * sizeof(float);
-    dim3 g1((unsigned)((a.n_q + QT - 1) / QT), (unsigned)a.n_heads), g2((unsigned)((a.n_keys + KT - 1) / KT), (unsigned)a.n_kv_heads);
-    k_dx_stats_dq<<<g1, TILE_THREADS, sm1, c->stream>>>(dq, stats, q, dout, a);
+/* One chunk of queries: its scores, their softmax, dS, then dV, dK and dq. */
+static void attention_dx_chunk(CudaCtx *c, const AttChunk &ch, const AttGemmBufs &bf, float *dq, float *dk, float *dv,
+                               const float *q, const float *k, const float *v, const float *dout, int64_t q_pos0,
+                               const KnMask *mask) {
+    size_t packed = (size_t)ch.n_heads * (size_t)ch.nq * (size_t)ch.dim;
+    if (ch.nk <= 0) { /* no key to see: dq is 0, dk and dv get nothing */
+        cuda_note(c, cudaMemsetAsync(dq + ch.q0 * ch.n_heads * ch.dim, 0, packed * sizeof(float), c->stream), "attention_dx");
+        return;
+    }
+    unsigned rows = (unsigned)(ch.n_heads * ch.nq), blocks = cuda_blocks(packed, 256);
+    AttGemm g[ATT_GEMM_COUNT];
+    att_gemm_plan(&ch, &bf, k, v, dk, dv, g);
+    k_att_pack<<<blocks, 256, 0, c->stream>>>(bf.qp, q, ch, 0);
+    k_att_pack<<<blocks, 256, 0, c->stream>>>(bf.gop, dout, ch, 0);
     CUDA_LAUNCHED(c, "attention_dx");
-    k_dx_dkdv<<<g2, TILE_THREADS, sm2, c->stream>>>(dk, dv, stats, q, dout, a);
+    att_gemm_run(c, &g[ATT_GEMM_S]);
+    k_att_softmax<<<rows, 256, 0, c->stream>>>(bf.s, ch, q_pos0, *mask);
+    CUDA_LAUNCHED(c, "attention_dx");
+    att_gemm_run(c, &g[ATT_GEMM_DP]);
+    k_att_softmax_dx<<<rows, 256, 0, c->stream>>>(bf.ds, bf.s, ch);
+    CUDA_LAUNCHED(c, "attention_dx");
+    att_gemm_run(c, &g[ATT_GEMM_DV]);
+    att_gemm_run(c, &g[ATT_GEMM_DK]);
+    att_gemm_run(c, &g[ATT_GEMM_DQ]);
+    k_att_pack<<<blocks, 256, 0, c->stream>>>(dq, bf.dqp, ch, 1);
     CUDA_LAUNCHED(c, "attention_dx");
 }
 
 cudaError_t cuda_attention_open(const CudaCtx *c, const char **what) {
     static const struct { const void *kernel; const char *name; } kernels[] = {
         {(const void *)k_attention, "attention"},          {(const void *)k_attention_batch, "attention_batch"},
-        {(const void *)k_attention_rows, "attention_rows"}, {(const void *)k_dx_stats_dq, "attention_dx (dq)"},
-        {(const void *)k_dx_dkdv, "attention_dx (dk, dv)"}};
+        {(const void *)k_attention_rows, "attention_rows"}};
     for (size_t i = 0; i < sizeof kernels / sizeof *kernels; i++) {
         cudaError_t rc = cuda_smem_full(c, kernels[i].kernel);
         if (rc != cudaSuccess) {
@@ -821,12 +571,14 @@ void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const 
     if (n_q <= 0 || n_heads <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
     if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_dx")) return;
-    AttArgs a = {k, v, NULL, 1, mask->valid, mask->group, mask->window, n_q, q_pos0, n_keys, n_heads, n_kv_heads,
-                 dim, scale, 1};
-    if (dim <= TILED_DX_MAX_DIM) {
-        attention_dx_tiled(c, dq, dk, dv, q, dout, a);
-        return;
+    int64_t rows = att_gemm_rows(n_q, n_keys, n_heads, dim, ATT_GEMM_BUDGET);
+    float *scratch = (float *)cuda_scratch(c, att_gemm_scratch_bytes(n_q, n_keys, n_heads, dim, ATT_GEMM_BUDGET),
+                                           "attention_dx");
+    if (!scratch) return;
+    AttGemmBufs bf = att_gemm_bufs(scratch, rows, n_keys, n_heads, dim);
+    for (int64_t q0 = 0; q0 < n_q; q0 += rows) {
+        AttChunk ch = att_gemm_chunk(q0, n_q - q0 < rows ? n_q - q0 : rows, q_pos0, n_keys, mask->window,
+                                     mask->group != NULL, n_heads, n_kv_heads, dim, scale);
+        attention_dx_chunk(c, ch, bf, dq, dk, dv, q, k, v, dout, q_pos0, mask);
     }
-    k_attention_dx<<<(unsigned)(n_q * n_heads), ATT_THREADS, 0, c->stream>>>(dq, dk, dv, q, dout, a);
-    CUDA_LAUNCHED(c, "attention_dx");
 }

@@ -2070,7 +2070,7 @@ static void test_guarded_faults(void) {
  * on the CPU kinds; on CUDA its cuBLAS workspace always, and beyond it the
  * bf16 operands of a matmul (x or dy rounded, plus 64 MB of widened rows
  * unless the weights are BF16; none for a decode step's GEMV), attention_dx's
- * statistics, a dropped-out LoRA training segment and the MoE backward's
+ * chunk of scores, a dropped-out LoRA training segment and the MoE backward's
  * gate_up gradients. Asked of the table
  * alone: no device needed. */
 static void test_scratch_bytes(void) {
@@ -2108,10 +2108,14 @@ static void test_scratch_bytes(void) {
     CHECK(kn_scratch_bytes(&b16, &down) == ws + (size_t)32 * 10240 * 2, "bf16 weights of a batch: cuBLAS in place");
     mm.n = 16;
     CHECK(kn_scratch_bytes(&b16, &mm) == ws, "a decode step's GEMV takes no scratch");
+    /* attention_dx: per query row, its scores and dS over every key and its
+     * packed q, dout and dq, for every head; as many rows as 256 MiB hold */
     KnCall att = {.op = KN_OP_ATTENTION_DX, .n = 1000, .n_heads = 8, .dim = 256};
-    CHECK(kn_scratch_bytes(&f32, &att) == ws + 1000 * 8 * 3 * sizeof(float), "attention_dx statistics");
-    att.dim = 1024;
-    CHECK(kn_scratch_bytes(&f32, &att) == ws, "the untiled attention_dx takes none");
+    CHECK(kn_scratch_bytes(&f32, &att) == ws + (size_t)1000 * 8 * (2 * 1000 + 3 * 256) * 4, "attention_dx: every query at once");
+    CHECK(kn_scratch_bytes(&b16, &att) == kn_scratch_bytes(&f32, &att), "attention_dx: the same in both precisions");
+    att.n = 32768;
+    att.dim = 512; /* 2,146,304 bytes a query row: 125 rows a chunk */
+    CHECK(kn_scratch_bytes(&f32, &att) == ws + (size_t)125 * 8 * (2 * 32768 + 3 * 512) * 4, "attention_dx: long context in chunks");
     KnCall lora = {.op = KN_OP_LORA_SHRINK_DX, .n = 300, .in = 2560, .dropout = 1};
     CHECK(kn_scratch_bytes(&f32, &lora) == ws + (size_t)300 * 2560 * 4, "a dropped-out training segment");
     lora.dropout = 0;
