@@ -280,6 +280,15 @@ typedef struct {
     void (*attention_rows)(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
                            const float *v, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
                            int n_kv_heads, int dim, float scale, int window);
+    /* attention (the same arguments) for a forward that no decode step has
+     * to equal bit for bit: a training sequence's forward and its layers'
+     * replays, the vision encoder. The same function within rounding, in
+     * whatever order the backend sums fastest (CUDA: matmuls on cuBLAS over
+     * chunks of queries, in attention_dx's scratch); the CPU kinds give
+     * attention's own bits. */
+    void (*attention_bulk)(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
+                           int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
+                           const KnMask *mask);
     /* x[n] = gelu_tanh(x) in place */
     void (*gelu_tanh)(const KnCtx *ctx, float *x, size_t n);
     /* x = cap * tanh(x / cap) */

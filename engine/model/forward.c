@@ -26,6 +26,8 @@ typedef struct {
     int max_rank;              /* the largest rank of the batch's adapters (bucketed: rounded up) */
     int bucketed;              /* a decode step padded to a bucket of rows: row0[n_seqs] .. n are pad rows,
                                   and attention and adapters read the row tables (row_tables) */
+    int bulk;                  /* a training forward or replay: one sequence, whose attention over its own
+                                  contiguous cache no decode step has to equal (attend_bulk) */
 } Batch;
 
 #define LOGIT_CHUNK 32         /* rows of logits materialized on the device at once */
@@ -262,6 +264,22 @@ static void copy_rows(Model *m, float *dst, const float *src, int64_t n) {
  * over its cache for its rows of u->qr (normed and rotated) into u->att:
  * one scatter each and one attention call per run of sequences that share a
  * pool (all of them when serving), not a launch per sequence. */
+/* A training sequence's attention through attention_bulk, when its cache
+ * keeps positions 0.. of each layer in order (its own store, kv_cache_init):
+ * the batch's rows are positions pos[0].. of the one sequence, after any it
+ * already holds. 0 when the batch is not such a sequence. */
+static int attend_bulk(Model *m, const Batch *b, int li, const LayerBufs *u, int groups, int window) {
+    const TextConfig *t = &m->w->cfg.text;
+    const LayerConfig *lc = &t->layers[li];
+    KvCache *c = b->seqs[0].cache;
+    if (!b->bulk || b->n_seqs != 1 || c->pool != &c->own) return 0;
+    int64_t q_pos0 = m->tables.pos[0];
+    KnMask mask = {c->d_valid, groups ? c->d_group : NULL, window};
+    m->be.ops->attention_bulk(&m->be.ctx, u->att, u->qr, c->own.k[lc->store_layer], c->own.v[lc->store_layer], b->n,
+                              q_pos0, q_pos0 + b->n, t->n_heads, lc->kv_heads, lc->head_dim, 1.0f, &mask);
+    return 1;
+}
+
 static void attend(Model *m, const Batch *b, const Scratch *s, int li, const LayerBufs *u, int replay) {
     const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
@@ -292,6 +310,7 @@ static void attend(Model *m, const Batch *b, const Scratch *s, int li, const Lay
             ops->rows_scatter(&m->be.ctx, pool->k[li], u->klin + r0 * kvw, slots, rows, kvw);
             ops->rows_scatter(&m->be.ctx, pool->v[li], u->vlin + r0 * kvw, slots, rows, kvw);
         }
+        if (attend_bulk(m, b, li, u, groups, window)) return;
         for (int q = i; q < j; q++) {
             KvCache *c = b->seqs[q].cache;
             int64_t n = b->row0[q + 1] - b->row0[q];
@@ -455,7 +474,7 @@ static GfStatus batch_rows(Model *m, ModelSeq *seqs, int n_seqs, Batch *b, GfErr
     for (int q = 0; q < n_seqs; q++) n += seqs[q].in.n;
     if (tables_reserve(m, n_seqs, n, err)) return err->status;
     StepTables *t = &m->tables;
-    *b = (Batch){seqs, n_seqs, t->row0, 0, t->segs, 0, 0};
+    *b = (Batch){seqs, n_seqs, t->row0, 0, t->segs, 0, 0, 0};
     for (int q = 0; q < n_seqs; q++) {
         b->row0[q] = b->n;
         model_embed_ids(m, &seqs[q].in, t->ids + b->n);
@@ -571,6 +590,7 @@ typedef struct {
     float *logits;
     float *hidden;
     int hidden_on_device;
+    int bulk;                  /* the training forward: Batch.bulk */
     KnSampleRow *rows;         /* with ids: sample each sequence's next token */
     int32_t *ids;
 } Outputs;
@@ -847,6 +867,7 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
     MoeTape moe;
     if (batch_check(m, seqs, n_seqs, err) || batch_rows(m, seqs, n_seqs, &b, err)) return err->status;
     b.bucketed = step_bucketable(m, &b, o);
+    b.bulk = o->bulk && n_seqs == 1;
     if ((b.bucketed && batch_pad(m, &b, err)) || scratch_take(m, b.n, b.max_rank, &s, &moe, err)) return err->status;
     batch_embed(m, &b, &s);
     if (b.bucketed) row_tables(m, &b);
@@ -891,7 +912,7 @@ GfStatus model_forward(Model *m, KvCache *c, const ModelInput *in, float *logits
 
 GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, GfError *err) {
     ModelSeq one = {c, *in};
-    Outputs o = {.hidden = hidden, .hidden_on_device = 1};
+    Outputs o = {.hidden = hidden, .hidden_on_device = 1, .bulk = 1};
     return forward_batch(m, &one, 1, &o, err);
 }
 
@@ -906,7 +927,7 @@ GfStatus model_layer_replay(Model *m, KvCache *c, const ModelInput *in, int li, 
     Scratch s = {0};
     MoeTape moe;
     if (tables_reserve(m, 1, n, err)) return err->status;
-    b = (Batch){&one, 1, m->tables.row0, n, m->tables.segs, in->lora ? in->lora->max_rank : 0, 0};
+    b = (Batch){&one, 1, m->tables.row0, n, m->tables.segs, in->lora ? in->lora->max_rank : 0, 0, 1};
     b.row0[0] = 0;
     b.row0[1] = n;
     if (scratch_take(m, n, b.max_rank, &s, &moe, err)) return err->status;

@@ -57,7 +57,9 @@ void model_layer_done(Model *m);
 
 /* Helpers of forward.c used by backward.c. */
 /* model_forward with the hidden states [(L + 1), n, H] kept in device
- * memory (the training forward's layer checkpoints), no logits. */
+ * memory (the training forward's layer checkpoints), no logits; its
+ * attention (and model_layer_replay's) through attention_bulk (ops.h):
+ * no decode step has to equal a training forward bit for bit. */
 GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, GfError *err);
 /* The buffers one text decoder layer writes, each [n, width] of device
  * memory (width: H, NH*D for queries and attention, KVH*D for keys and

@@ -3,7 +3,8 @@
  * bidirectional attention over real patches, 3x3 average pooling,
  * standardize, and embed_vision into the text hidden size; and its backward
  * for adapters on the tower. Inference and training run the same layer
- * forward (layer_fwd); training keeps every layer's input and re-runs one
+ * forward (layer_fwd; its attention through attention_bulk, as no decode
+ * step reads the tower); training keeps every layer's input and re-runs one
  * layer at a time in reverse. */
 #include <math.h>
 #include <stdio.h>
@@ -78,7 +79,7 @@ static void layer_fwd(Model *m, int li, const float *x, int64_t N, const KnMask 
     m->be.ops->rmsnorm(&m->be.ctx, t->vn, t->vn, NULL, N * KVH, D, eps);
     rope2d(m, t->qr, N, (int)NH, (int)D, t->pos);
     rope2d(m, t->kr, N, (int)KVH, (int)D, t->pos);
-    m->be.ops->attention(&m->be.ctx, t->att, t->qr, t->kr, t->vn, N, 0, N, (int)NH, (int)KVH, (int)D, 1.0f, mask);
+    m->be.ops->attention_bulk(&m->be.ctx, t->att, t->qr, t->kr, t->vn, N, 0, N, (int)NH, (int)KVH, (int)D, 1.0f, mask);
     cl_forward(m, t, &l->o, tpair(t, li, LORA_O), t->oy, t->att, N, t->s1);
     clamp_copy(m, t->s1, t->oy, (size_t)(N * d), l->o.clipped, l->o.out_min, l->o.out_max);
     m->be.ops->rmsnorm(&m->be.ctx, t->x1, t->s1, l->post_attn_ln, N, d, eps);

@@ -712,6 +712,7 @@ static const KnOps GUARDED_OPS = {
     .attention_paged = g_attention_paged,
     .attention_batch = g_attention_batch,
     .attention_rows = g_attention_rows,
+    .attention_bulk = g_attention,
     .gelu_tanh = g_gelu_tanh,
     .softcap = g_softcap,
     .embed_rows = g_embed_rows,

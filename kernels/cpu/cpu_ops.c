@@ -242,6 +242,7 @@ const KnOps CPU_OPS = {
     .attention_paged = cpu_attention_paged_forward,
     .attention_batch = cpu_attention_batch_forward,
     .attention_rows = cpu_attention_rows_forward,
+    .attention_bulk = cpu_attention_forward,
     .gelu_tanh = cpu_gelu_tanh_forward,
     .softcap = cpu_softcap_forward,
     .embed_rows = cpu_embed_rows_forward,

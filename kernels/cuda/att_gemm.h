@@ -1,8 +1,9 @@
 /* att_gemm.h - the plan of CUDA's attention gradient (ops.h attention_dx)
- * as dense matmuls, so that its products run on cuBLAS (the tensor cores in
- * the BF16 precision) instead of a hand-written kernel. Plain C: the CUDA
- * backend runs the plan (cuda_attention.cu), and a CPU test runs the same
- * plan with a reference matmul against the CPU backend's gradient
+ * and bulk forward (attention_bulk) as dense matmuls, so that their
+ * products run on cuBLAS (the tensor cores in the BF16 precision) instead
+ * of a hand-written kernel. Plain C: the CUDA backend runs the plan
+ * (cuda_attention.cu), and a CPU test runs the same plan with a reference
+ * matmul against the CPU backend's attention and gradient
  * (tests/kernels/test_att_gemm.c), so every layout below is checked in CI.
  *
  * The queries go in chunks of att_gemm_rows() (the scores of a chunk, not
@@ -16,6 +17,8 @@
  *   dV_b += P^T dOp               (ATT_GEMM_DV)
  *   dK_b += dS^T Qp               (ATT_GEMM_DK)
  *   dQp = dS K_b                  (ATT_GEMM_DQ)   then unpacked into dq
+ * The forward (attention_bulk) computes S and P, then
+ *   Op = P V_b                    (ATT_GEMM_O)    into dQp's buffer, unpacked into out
  * Each AttGemm is one strided batched GEMM over the KV heads, in cuBLAS's
  * column-major convention: C_i = alpha op(A_i) op(B_i) + beta C_i, matrix i
  * of A at a + i * stride_a (and so on), op transposing when trans_*. */
@@ -60,7 +63,7 @@ typedef struct {
     int64_t ldc, stride_c;
 } AttGemm;
 
-enum { ATT_GEMM_S, ATT_GEMM_DP, ATT_GEMM_DV, ATT_GEMM_DK, ATT_GEMM_DQ, ATT_GEMM_COUNT };
+enum { ATT_GEMM_S, ATT_GEMM_O, ATT_GEMM_DP, ATT_GEMM_DV, ATT_GEMM_DK, ATT_GEMM_DQ, ATT_GEMM_COUNT };
 
 /* Floats of scratch one query row of a chunk takes. */
 static inline size_t att_gemm_row_floats(int64_t n_keys, int n_heads, int dim) {
@@ -115,7 +118,8 @@ static inline ATT_HD int64_t att_row_query(int64_t r, const AttChunk *c) {
     return (r % (c->nq * G)) / G;
 }
 
-/* The five GEMMs of a chunk over k, v (dk, dv accumulated) and the scratch. */
+/* The six GEMMs of a chunk over k, v (dk, dv accumulated; NULL for the
+ * forward) and the scratch. */
 static inline void att_gemm_plan(const AttChunk *c, const AttGemmBufs *bf, const float *k, const float *v, float *dk,
                                  float *dv, AttGemm g[ATT_GEMM_COUNT]) {
     int64_t D = c->dim, KVH = c->n_kv_heads, R = c->nq * (c->n_heads / c->n_kv_heads), nk = c->nk;
@@ -130,16 +134,21 @@ static inline void att_gemm_plan(const AttChunk *c, const AttGemmBufs *bf, const
     dp.c = bf->ds;
     g[ATT_GEMM_DP] = dp;
     /* dV_b^T (D x nk) += dOp_b^T (D x R) times P_b (R x nk, stored as its transpose) */
-    AttGemm gv = {0, 1, D, nk, R, KVH, 1.0f, 1.0f, bf->gop, D, R * D, bf->s, nk, R * nk, dv + at, KVH * D, D};
+    AttGemm gv = {0, 1, D, nk, R, KVH, 1.0f, 1.0f, bf->gop, D, R * D, bf->s, nk, R * nk, dv ? dv + at : NULL, KVH * D, D};
     g[ATT_GEMM_DV] = gv;
     AttGemm gk = gv;
     gk.a = bf->qp;
     gk.b = bf->ds;
-    gk.c = dk + at;
+    gk.c = dk ? dk + at : NULL;
     g[ATT_GEMM_DK] = gk;
     /* dQp_b^T (D x R) = K_b^T-as-stored (D x nk) times dS_b^T (nk x R) */
     AttGemm gq = {0, 0, D, R, nk, KVH, 1.0f, 0.0f, k + at, KVH * D, D, bf->ds, nk, R * nk, bf->dqp, D, R * D};
     g[ATT_GEMM_DQ] = gq;
+    /* the forward's output: Op_b (into the dQp buffer) = P_b V_b, as dQp = dS K_b */
+    AttGemm go = gq;
+    go.a = v + at;
+    go.b = bf->s;
+    g[ATT_GEMM_O] = go;
 }
 
 #endif

@@ -508,7 +508,7 @@ static __global__ void k_att_softmax_dx(float *dp, const float *p, AttChunk ch) 
  * float32; the BF16 precision lets cuBLAS round the operands to bfloat16
  * for the tensor cores, the FP32 one keeps them (the handle's math is
  * pedantic there: no TF32). */
-static void att_gemm_run(CudaCtx *c, const AttGemm *g) {
+static void att_gemm_run(CudaCtx *c, const AttGemm *g, const char *what) {
     cublasComputeType_t ct = c->bf16 ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F;
     cuda_blas_note(c,
                    cublasGemmStridedBatchedEx(c->blas, g->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
@@ -516,39 +516,67 @@ static void att_gemm_run(CudaCtx *c, const AttGemm *g) {
                                               &g->alpha, g->a, CUDA_R_32F, (int)g->lda, g->stride_a, g->b, CUDA_R_32F,
                                               (int)g->ldb, g->stride_b, &g->beta, g->c, CUDA_R_32F, (int)g->ldc,
                                               g->stride_c, (int)g->batch, ct, CUBLAS_GEMM_DEFAULT),
-                   "attention_dx");
+                   what);
 }
 
 size_t cuda_attention_dx_scratch(int64_t n_q, int n_heads, int dim) {
     return att_gemm_scratch_bytes(n_q, n_q, n_heads, dim, ATT_GEMM_BUDGET);
 }
 
-/* One chunk of queries: its scores, their softmax, dS, then dV, dK and dq. */
+/* The chunk's packed queries and their softmax weights P (bf.qp, bf.s). */
+static void chunk_weights(CudaCtx *c, const AttChunk &ch, const AttGemmBufs &bf, const AttGemm *g, const float *q,
+                          int64_t q_pos0, const KnMask *mask, const char *what) {
+    size_t packed = (size_t)ch.n_heads * (size_t)ch.nq * (size_t)ch.dim;
+    k_att_pack<<<cuda_blocks(packed, 256), 256, 0, c->stream>>>(bf.qp, q, ch, 0);
+    CUDA_LAUNCHED(c, what);
+    att_gemm_run(c, &g[ATT_GEMM_S], what);
+    k_att_softmax<<<(unsigned)(ch.n_heads * ch.nq), 256, 0, c->stream>>>(bf.s, ch, q_pos0, *mask);
+    CUDA_LAUNCHED(c, what);
+}
+
+/* The chunk's packed result (in bf.dqp) into its rows of out; 0 there when
+ * its queries see no key. */
+static void chunk_unpack(CudaCtx *c, const AttChunk &ch, const AttGemmBufs &bf, float *out, const char *what) {
+    size_t packed = (size_t)ch.n_heads * (size_t)ch.nq * (size_t)ch.dim;
+    if (ch.nk <= 0) {
+        cuda_note(c, cudaMemsetAsync(out + ch.q0 * ch.n_heads * ch.dim, 0, packed * sizeof(float), c->stream), what);
+        return;
+    }
+    k_att_pack<<<cuda_blocks(packed, 256), 256, 0, c->stream>>>(out, bf.dqp, ch, 1);
+    CUDA_LAUNCHED(c, what);
+}
+
+/* One chunk of the gradient: P, dS, then dV, dK and dq. */
 static void attention_dx_chunk(CudaCtx *c, const AttChunk &ch, const AttGemmBufs &bf, float *dq, float *dk, float *dv,
                                const float *q, const float *k, const float *v, const float *dout, int64_t q_pos0,
                                const KnMask *mask) {
-    size_t packed = (size_t)ch.n_heads * (size_t)ch.nq * (size_t)ch.dim;
-    if (ch.nk <= 0) { /* no key to see: dq is 0, dk and dv get nothing */
-        cuda_note(c, cudaMemsetAsync(dq + ch.q0 * ch.n_heads * ch.dim, 0, packed * sizeof(float), c->stream), "attention_dx");
-        return;
-    }
-    unsigned rows = (unsigned)(ch.n_heads * ch.nq), blocks = cuda_blocks(packed, 256);
+    const char *what = "attention_dx";
     AttGemm g[ATT_GEMM_COUNT];
     att_gemm_plan(&ch, &bf, k, v, dk, dv, g);
-    k_att_pack<<<blocks, 256, 0, c->stream>>>(bf.qp, q, ch, 0);
-    k_att_pack<<<blocks, 256, 0, c->stream>>>(bf.gop, dout, ch, 0);
-    CUDA_LAUNCHED(c, "attention_dx");
-    att_gemm_run(c, &g[ATT_GEMM_S]);
-    k_att_softmax<<<rows, 256, 0, c->stream>>>(bf.s, ch, q_pos0, *mask);
-    CUDA_LAUNCHED(c, "attention_dx");
-    att_gemm_run(c, &g[ATT_GEMM_DP]);
-    k_att_softmax_dx<<<rows, 256, 0, c->stream>>>(bf.ds, bf.s, ch);
-    CUDA_LAUNCHED(c, "attention_dx");
-    att_gemm_run(c, &g[ATT_GEMM_DV]);
-    att_gemm_run(c, &g[ATT_GEMM_DK]);
-    att_gemm_run(c, &g[ATT_GEMM_DQ]);
-    k_att_pack<<<blocks, 256, 0, c->stream>>>(dq, bf.dqp, ch, 1);
-    CUDA_LAUNCHED(c, "attention_dx");
+    if (ch.nk > 0) { /* else dq is 0 and dk, dv get nothing */
+        size_t packed = (size_t)ch.n_heads * (size_t)ch.nq * (size_t)ch.dim;
+        chunk_weights(c, ch, bf, g, q, q_pos0, mask, what);
+        k_att_pack<<<cuda_blocks(packed, 256), 256, 0, c->stream>>>(bf.gop, dout, ch, 0);
+        CUDA_LAUNCHED(c, what);
+        att_gemm_run(c, &g[ATT_GEMM_DP], what);
+        k_att_softmax_dx<<<(unsigned)(ch.n_heads * ch.nq), 256, 0, c->stream>>>(bf.ds, bf.s, ch);
+        CUDA_LAUNCHED(c, what);
+        att_gemm_run(c, &g[ATT_GEMM_DV], what);
+        att_gemm_run(c, &g[ATT_GEMM_DK], what);
+        att_gemm_run(c, &g[ATT_GEMM_DQ], what);
+    }
+    chunk_unpack(c, ch, bf, dq, what);
+}
+
+/* The scratch of a call over n_q queries and n_keys keys, cut into the
+ * plan's buffers; NULL (the context's fault noted) when it cannot grow.
+ * *rows: the queries of each chunk. */
+static float *att_gemm_scratch(CudaCtx *c, int64_t n_q, int64_t n_keys, int n_heads, int dim, int64_t *rows,
+                               AttGemmBufs *bf, const char *what) {
+    *rows = att_gemm_rows(n_q, n_keys, n_heads, dim, ATT_GEMM_BUDGET);
+    float *s = (float *)cuda_scratch(c, att_gemm_scratch_bytes(n_q, n_keys, n_heads, dim, ATT_GEMM_BUDGET), what);
+    if (s) *bf = att_gemm_bufs(s, *rows, n_keys, n_heads, dim);
+    return s;
 }
 
 cudaError_t cuda_attention_open(const CudaCtx *c, const char **what) {
@@ -570,15 +598,37 @@ void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const 
                        int n_kv_heads, int dim, float scale, const KnMask *mask) {
     if (n_q <= 0 || n_heads <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_dx")) return;
-    int64_t rows = att_gemm_rows(n_q, n_keys, n_heads, dim, ATT_GEMM_BUDGET);
-    float *scratch = (float *)cuda_scratch(c, att_gemm_scratch_bytes(n_q, n_keys, n_heads, dim, ATT_GEMM_BUDGET),
-                                           "attention_dx");
-    if (!scratch) return;
-    AttGemmBufs bf = att_gemm_bufs(scratch, rows, n_keys, n_heads, dim);
+    int64_t rows;
+    AttGemmBufs bf;
+    if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_dx") ||
+        !att_gemm_scratch(c, n_q, n_keys, n_heads, dim, &rows, &bf, "attention_dx"))
+        return;
     for (int64_t q0 = 0; q0 < n_q; q0 += rows) {
         AttChunk ch = att_gemm_chunk(q0, n_q - q0 < rows ? n_q - q0 : rows, q_pos0, n_keys, mask->window,
                                      mask->group != NULL, n_heads, n_kv_heads, dim, scale);
         attention_dx_chunk(c, ch, bf, dq, dk, dv, q, k, v, dout, q_pos0, mask);
+    }
+}
+
+void cuda_attention_bulk(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
+                         int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
+                         const KnMask *mask) {
+    if (n_q <= 0 || n_heads <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    int64_t rows;
+    AttGemmBufs bf;
+    if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_bulk") ||
+        !att_gemm_scratch(c, n_q, n_keys, n_heads, dim, &rows, &bf, "attention_bulk"))
+        return;
+    for (int64_t q0 = 0; q0 < n_q; q0 += rows) {
+        AttChunk ch = att_gemm_chunk(q0, n_q - q0 < rows ? n_q - q0 : rows, q_pos0, n_keys, mask->window,
+                                     mask->group != NULL, n_heads, n_kv_heads, dim, scale);
+        AttGemm g[ATT_GEMM_COUNT];
+        att_gemm_plan(&ch, &bf, k, v, NULL, NULL, g);
+        if (ch.nk > 0) {
+            chunk_weights(c, ch, bf, g, q, q_pos0, mask, "attention_bulk");
+            att_gemm_run(c, &g[ATT_GEMM_O], "attention_bulk");
+        }
+        chunk_unpack(c, ch, bf, out, "attention_bulk");
     }
 }

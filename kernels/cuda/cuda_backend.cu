@@ -299,6 +299,7 @@ static KnOps make_ops(void) {
     o.attention_paged = cuda_attention_paged;
     o.attention_batch = cuda_attention_batch;
     o.attention_rows = cuda_attention_rows;
+    o.attention_bulk = cuda_attention_bulk;
     o.gelu_tanh = cuda_gelu_tanh;
     o.softcap = cuda_softcap;
     o.embed_rows = cuda_embed_rows;

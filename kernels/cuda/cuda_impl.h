@@ -295,6 +295,9 @@ void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const in
 void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
                          const float *v, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
                          int n_kv_heads, int dim, float scale, int window);
+void cuda_attention_bulk(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
+                         int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
+                         const KnMask *mask);
 /* Every attention kernel may take the shared memory it needs
  * (cuda_smem_full), set once when the context starts: not per launch, and
  * never while a decode step is recorded (attention_rows runs only there).

@@ -1,8 +1,8 @@
-/* test_att_gemm.c - the plan of CUDA's attention gradient (att_gemm.h),
- * run on the CPU: its packing, its five strided batched GEMMs (a plain
+/* test_att_gemm.c - the plan of CUDA's attention gradient and bulk forward
+ * (att_gemm.h), run on the CPU: its packing, its six strided batched GEMMs (a plain
  * column-major GEMM with cuBLAS's arguments) and the softmax rows the CUDA
- * kernels compute, against the CPU backend's attention_dx (which test_ops
- * checks by central differences). Many chunk sizes, down to one query a
+ * kernels compute, against the CPU backend's attention and attention_dx
+ * (which test_ops checks by central differences). Many chunk sizes, down to one query a
  * chunk, grouped query heads, sliding windows, image blocks, padding and
  * queries past the first key, so that every stride and offset of the plan
  * is exercised where CI runs, without a GPU. */
@@ -118,6 +118,33 @@ static void plan_dx(const Case *cs, size_t budget, float *dq, float *dk, float *
     free(scratch);
 }
 
+/* cuda_attention_bulk's loop over chunks: S, P, then O = P V unpacked. */
+static void plan_forward(const Case *cs, size_t budget, float *out, const float *q, const float *k, const float *v,
+                         float scale, const KnMask *m) {
+    int64_t rows = att_gemm_rows(cs->n_q, cs->n_keys, cs->H, cs->D, budget);
+    size_t bytes = att_gemm_scratch_bytes(cs->n_q, cs->n_keys, cs->H, cs->D, budget);
+    float *scratch = malloc(bytes);
+    AttGemmBufs bf = att_gemm_bufs(scratch, rows, cs->n_keys, cs->H, cs->D);
+    for (int64_t q0 = 0; q0 < cs->n_q; q0 += rows) {
+        memset(scratch, 0xFF, bytes);
+        AttChunk c = att_gemm_chunk(q0, cs->n_q - q0 < rows ? cs->n_q - q0 : rows, cs->q_pos0, cs->n_keys, m->window,
+                                    m->group != NULL, cs->H, cs->KVH, cs->D, scale);
+        size_t packed = (size_t)c.n_heads * c.nq * c.dim;
+        if (c.nk <= 0) {
+            memset(out + c.q0 * c.n_heads * c.dim, 0, packed * sizeof(float));
+            continue;
+        }
+        AttGemm g[ATT_GEMM_COUNT];
+        att_gemm_plan(&c, &bf, k, v, NULL, NULL, g);
+        for (size_t e = 0; e < packed; e++) bf.qp[e] = q[att_pack_at((int64_t)e, &c)];
+        gemm_ref(&g[ATT_GEMM_S]);
+        softmax_rows(bf.s, &c, cs->q_pos0, m);
+        gemm_ref(&g[ATT_GEMM_O]);
+        for (size_t e = 0; e < packed; e++) out[att_pack_at((int64_t)e, &c)] = bf.dqp[e];
+    }
+    free(scratch);
+}
+
 static double rel_l2(const float *got, const float *want, size_t n) {
     double e = 0, w = 0;
     for (size_t i = 0; i < n; i++) {
@@ -142,6 +169,8 @@ static void run_case(const KnBackend *cpu, const Case *cs) {
     memcpy(want + nqv + nkv, dv0, nkv * sizeof *dv0);
     cpu->ops->attention_dx(&cpu->ctx, want, want + nqv, want + nqv + nkv, q, k, v, dout, cs->n_q, cs->q_pos0,
                            cs->n_keys, cs->H, cs->KVH, cs->D, scale, &m);
+    float *fwd_want = malloc(nqv * sizeof *fwd_want), *fwd = malloc(nqv * sizeof *fwd);
+    cpu->ops->attention(&cpu->ctx, fwd_want, q, k, v, cs->n_q, cs->q_pos0, cs->n_keys, cs->H, cs->KVH, cs->D, scale, &m);
     size_t row = att_gemm_row_floats(cs->n_keys, cs->H, cs->D) * sizeof(float);
     size_t budgets[] = {ATT_GEMM_BUDGET, row, 2 * row + row / 2, 7 * row, (size_t)cs->n_q * row - 1};
     for (size_t b = 0; b < sizeof budgets / sizeof *budgets; b++) {
@@ -149,6 +178,13 @@ static void run_case(const KnBackend *cpu, const Case *cs) {
         memcpy(got + nqv, dk0, nkv * sizeof *dk0);
         memcpy(got + nqv + nkv, dv0, nkv * sizeof *dv0);
         plan_dx(cs, budgets[b], got, got + nqv, got + nqv + nkv, q, k, v, dout, scale, &m);
+        memset(fwd, 0xFF, nqv * sizeof *fwd);
+        plan_forward(cs, budgets[b], fwd, q, k, v, scale, &m);
+        double ef = rel_l2(fwd, fwd_want, nqv);
+        CHECK(ef <= 1e-5, "forward: n_q %lld at %lld over %lld keys, %d/%d heads of %d, window %d, groups %d, pad %d, "
+              "%lld rows a chunk: rel L2 %.3g", (long long)cs->n_q, (long long)cs->q_pos0, (long long)cs->n_keys, cs->H,
+              cs->KVH, cs->D, cs->window, cs->groups, cs->pad,
+              (long long)att_gemm_rows(cs->n_q, cs->n_keys, cs->H, cs->D, budgets[b]), ef);
         const char *what[3] = {"dq", "dk", "dv"};
         size_t at[3] = {0, nqv, nqv + nkv}, n[3] = {nqv, nkv, nkv};
         for (int o = 0; o < 3; o++) {
@@ -160,7 +196,7 @@ static void run_case(const KnBackend *cpu, const Case *cs) {
         }
     }
     free(q); free(k); free(v); free(dout); free(dk0); free(dv0);
-    free(valid); free(group); free(want); free(got);
+    free(valid); free(group); free(want); free(got); free(fwd_want); free(fwd);
 }
 
 /* Which keys a chunk takes: the window's start, the causal end without

@@ -389,6 +389,16 @@ static void test_attention(Dev *d) {
                              nk, H, KVH, D, 0.5f, &dm);
         dev_get(d, out, dout, F(nq * H * D));
         EXPECT_CLOSE(out, ref, (size_t)nq * H * D, 1e-5, "attention variant %d (0 causal, 1 window, 2 window+block)", variant);
+        /* attention_bulk: the same function, attention's own bits on the CPU kinds */
+        float *bulk = malloc(F(nq * H * D));
+        d->be.ops->memset(&d->be.ctx, dout, 0xFF, F(nq * H * D));
+        d->be.ops->attention_bulk(&d->be.ctx, dout, dq, dev_put(d, k, F(nk * KVH * D)), dev_put(d, v, F(nk * KVH * D)), nq,
+                                  pos0, nk, H, KVH, D, 0.5f, &dm);
+        dev_get(d, bulk, dout, F(nq * H * D));
+        EXPECT_CLOSE(bulk, ref, (size_t)nq * H * D, 1e-5, "attention_bulk variant %d", variant);
+        CHECK(d->be.ctx.device == KN_DEVICE_CUDA || memcmp(bulk, out, F(nq * H * D)) == 0,
+              "%s: attention_bulk gives attention's bits, variant %d", d->be.name, variant);
+        free(bulk);
         /* the same keys paged: blocks of 5 positions stored out of order
          * (block b of the sequence in slot table[b]), the last one partial */
         enum { BLK = 5, SLOTS = 4 };
@@ -2199,6 +2209,55 @@ static void real_matmul(Dev *devs, int rows, int cols, int n) {
     free(wf); free(x); free(g); free(wb);
 }
 
+/* A training sequence's attention at E4B's heads (8 over 2 KV heads) on its
+ * full (head_dim 512) and sliding (256, window 512) layers, 2,048 tokens
+ * with three of left padding and an image block of 256: attention_bulk
+ * and attention_dx, whose scores take more than one chunk of queries on
+ * CUDA at head_dim 512 (att_gemm.h). */
+static void real_attention(Dev *devs) {
+    enum { AN = 2048, AH = 8, AKV = 2 };
+    const int dims[2] = {512, 256}, windows[2] = {0, 512};
+    uint8_t *valid = malloc(AN);
+    int32_t *group = malloc(AN * sizeof *group);
+    for (int t = 0; t < AN; t++) {
+        valid[t] = t >= 3;
+        group[t] = t >= 100 && t < 356 ? 0 : -1;
+    }
+    for (int c = 0; c < 2; c++) {
+        int D = dims[c];
+        size_t nqv = (size_t)AN * AH * D, nkv = (size_t)AN * AKV * D;
+        float *q = rand_vec(nqv), *k = rand_vec(nkv), *v = rand_vec(nkv), *go = rand_vec(nqv), *dk0 = rand_vec(nkv);
+        float *out[REAL_DEVS], *grads[REAL_DEVS];
+        for (int i = 0; i < REAL_DEVS; i++) {
+            Dev *d = &devs[i];
+            KnMask m = {dev_put(d, valid, AN), dev_put(d, group, AN * sizeof *group), windows[c]};
+            float *dq_ = dev_put(d, q, F(nqv)), *dk_ = dev_put(d, k, F(nkv)), *dv_ = dev_put(d, v, F(nkv));
+            float *o = dev_poisoned(d, F(nqv)), *gq = dev_poisoned(d, F(nqv));
+            float *gk = dev_put(d, dk0, F(nkv)), *gv = dev_put(d, dk0, F(nkv));
+            d->be.ops->attention_bulk(&d->be.ctx, o, dq_, dk_, dv_, AN, 0, AN, AH, AKV, D, 1.0f / sqrtf((float)D), &m);
+            d->be.ops->attention_dx(&d->be.ctx, gq, gk, gv, dq_, dk_, dv_, dev_put(d, go, F(nqv)), AN, 0, AN, AH, AKV, D,
+                                    1.0f / sqrtf((float)D), &m);
+            out[i] = malloc(F(nqv));
+            grads[i] = malloc(F(nqv + 2 * nkv));
+            dev_get(d, out[i], o, F(nqv));
+            dev_get(d, grads[i], gq, F(nqv));
+            dev_get(d, grads[i] + nqv, gk, F(nkv));
+            dev_get(d, grads[i] + nqv + nkv, gv, F(nkv));
+            dev_reset(d);
+        }
+        for (int i = 1; i < REAL_DEVS; i++) {
+            double e = rel_l2(out[i], out[0], nqv), eq = rel_l2(grads[i], grads[0], nqv);
+            double ek = rel_l2(grads[i] + nqv, grads[0] + nqv, nkv), ev = rel_l2(grads[i] + nqv + nkv, grads[0] + nqv + nkv, nkv);
+            CHECK(e <= REAL_LIMIT[i] && eq <= REAL_LIMIT[i] && ek <= REAL_LIMIT[i] && ev <= REAL_LIMIT[i],
+                  "%s attention %d x %d/%d heads of %d, window %d: rel L2 %.3g, dq %.3g, dk %.3g, dv %.3g", REAL_NAME[i],
+                  AN, AH, AKV, D, windows[c], e, eq, ek, ev);
+        }
+        for (int i = 0; i < REAL_DEVS; i++) { free(out[i]); free(grads[i]); }
+        free(q); free(k); free(v); free(go); free(dk0);
+    }
+    free(valid); free(group);
+}
+
 /* The softcapped cross-entropy over 262,144 classes: losses and gradient. */
 static void real_xent(Dev *devs) {
     enum { XR = 3 };
@@ -2288,6 +2347,7 @@ static void test_real_shapes(void) {
     for (size_t i = 0; i < sizeof mm / sizeof *mm; i++) real_matmul(devs, mm[i][0], mm[i][1], mm[i][2]);
     real_xent(devs);
     real_moe(devs);
+    real_attention(devs);
     for (int v = 0; v < REAL_DEVS; v++) dev_close(&devs[v]);
 }
 
