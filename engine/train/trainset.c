@@ -163,13 +163,19 @@ static GfStatus read_image_bytes(TrainSet *t, const char *ref, uint8_t **bytes, 
     return tar_read_member(&t->tar, (size_t)i, t->lim.max_bytes, bytes, err);
 }
 
+/* st, err's message prefixed with the image it is about (a decode or probe error). */
+static GfStatus image_failed(GfStatus st, GfError *err, const char *ref) {
+    if (st) gf_error_wrap(err, NULL, "image '%.80s'", ref);
+    return st;
+}
+
 /* img is empty (image_free-able) whatever happens, the read failing too. */
 static GfStatus load_image(TrainSet *t, const char *ref, Image *img, GfError *err) {
     memset(img, 0, sizeof *img);
     uint8_t *bytes = NULL;
     size_t n = 0;
     GfStatus st = read_image_bytes(t, ref, &bytes, &n, err);
-    if (!st && (st = image_decode(bytes, n, &t->lim, img, err))) gf_error_wrap(err, NULL, "image '%.80s'", ref);
+    if (!st) st = image_failed(image_decode(bytes, n, &t->lim, img, err), err, ref);
     free(bytes);
     return st;
 }
@@ -192,7 +198,7 @@ static GfStatus image_soft_count(TrainSet *t, const char *ref, int *count, GfErr
     GfStatus st = GF_OK;
     if (t->images == TRAINSET_IMAGES_VALIDATED) {
         st = read_image_bytes(t, ref, &bytes, &n, err);
-        if (!st && (st = image_probe(bytes, n, &t->lim, &w, &h, err))) gf_error_wrap(err, NULL, "image '%.80s'", ref);
+        if (!st) st = image_failed(image_probe(bytes, n, &t->lim, &w, &h, err), err, ref);
         free(bytes);
     } else {
         Image img;
@@ -232,6 +238,19 @@ static int64_t count_targets(const int32_t *labels, int64_t n) {
     return k;
 }
 
+/* A conversation of n tokens over max_seq_len: measuring an upload (stats),
+ * over what any job can train on (the file is at fault); opening a set for
+ * a job, over that job's max_seq_len (the line is named). */
+static GfStatus too_long(const TrainSet *t, const Entry *e, size_t n, int64_t max_seq_len, GfError *err) {
+    if (t->stats)
+        return gf_error_set(err, GF_UNPROCESSABLE, "sequence_too_long", "file",
+                            "the conversation is %zu tokens, over the %lld that a job can train on: shorten it or split it",
+                            n, (long long)max_seq_len);
+    return gf_error_set(err, GF_UNPROCESSABLE, "sequence_too_long", "max_seq_len",
+                        "line %llu is %zu tokens, over max_seq_len %lld: raise max_seq_len or shorten the conversation",
+                        (unsigned long long)e->line, n, (long long)max_seq_len);
+}
+
 static GfStatus encode_line(TrainSet *t, Conversation *c, Entry *e, int64_t max_seq_len, GfError *err) {
     int counts[TS_MAX_IMAGES];
     for (int k = 0; k < c->n_images; k++)
@@ -242,15 +261,7 @@ static GfStatus encode_line(TrainSet *t, Conversation *c, Entry *e, int64_t max_
     if (chat_encode(&t->p->tpl, t->p->tok, c->msgs, c->n_msgs, counts, (size_t)c->n_images, 0, 0, cfg->boi_token_id,
                     cfg->image_token_id, cfg->eoi_token_id, CHAT_LABELS_TRAIN, &ct, err))
         return bad_line(err, e->line);
-    GfStatus st = GF_OK;
-    if ((int64_t)ct.n > max_seq_len && t->stats)
-        st = gf_error_set(err, GF_UNPROCESSABLE, "sequence_too_long", "file",
-                          "the conversation is %zu tokens, over the %lld that a job can train on: shorten it or split it",
-                          ct.n, (long long)max_seq_len);
-    else if ((int64_t)ct.n > max_seq_len)
-        st = gf_error_set(err, GF_UNPROCESSABLE, "sequence_too_long", "max_seq_len",
-                          "line %llu is %zu tokens, over max_seq_len %lld: raise max_seq_len or shorten the conversation",
-                          (unsigned long long)e->line, ct.n, (long long)max_seq_len);
+    GfStatus st = (int64_t)ct.n > max_seq_len ? too_long(t, e, ct.n, max_seq_len, err) : GF_OK;
     e->tok0 = t->pool_n;
     e->n = (int64_t)ct.n;
     e->n_images = c->n_images;
