@@ -459,7 +459,7 @@ void cuda_attention_paged(const KnCtx *ctx, float *out, const float *q, const Kn
     launch_attention(ctx, out, q, a, "attention_paged");
 }
 
-/* ---- backward: matmuls over chunks of queries (att_gemm.h) ------------------------------ */
+/* ---- attention_bulk and the gradient: matmuls over chunks of queries (att_gemm.h) ---------- */
 
 /* Packs the chunk's rows of src ([n_q, n_heads, dim]) into dst ([b][i][g][d]),
  * or, unpacking, the packed src into dst's rows. */
@@ -546,28 +546,6 @@ static void chunk_unpack(CudaCtx *c, const AttChunk &ch, const AttGemmBufs &bf, 
     CUDA_LAUNCHED(c, what);
 }
 
-/* One chunk of the gradient: P, dS, then dV, dK and dq. */
-static void attention_dx_chunk(CudaCtx *c, const AttChunk &ch, const AttGemmBufs &bf, float *dq, float *dk, float *dv,
-                               const float *q, const float *k, const float *v, const float *dout, int64_t q_pos0,
-                               const KnMask *mask) {
-    const char *what = "attention_dx";
-    AttGemm g[ATT_GEMM_COUNT];
-    att_gemm_plan(&ch, &bf, k, v, dk, dv, g);
-    if (ch.nk > 0) { /* else dq is 0 and dk, dv get nothing */
-        size_t packed = (size_t)ch.n_heads * (size_t)ch.nq * (size_t)ch.dim;
-        chunk_weights(c, ch, bf, g, q, q_pos0, mask, what);
-        k_att_pack<<<cuda_blocks(packed, 256), 256, 0, c->stream>>>(bf.gop, dout, ch, 0);
-        CUDA_LAUNCHED(c, what);
-        att_gemm_run(c, &g[ATT_GEMM_DP], what);
-        k_att_softmax_dx<<<(unsigned)(ch.n_heads * ch.nq), 256, 0, c->stream>>>(bf.ds, bf.s, ch);
-        CUDA_LAUNCHED(c, what);
-        att_gemm_run(c, &g[ATT_GEMM_DV], what);
-        att_gemm_run(c, &g[ATT_GEMM_DK], what);
-        att_gemm_run(c, &g[ATT_GEMM_DQ], what);
-    }
-    chunk_unpack(c, ch, bf, dq, what);
-}
-
 /* The scratch of a call over n_q queries and n_keys keys, cut into the
  * plan's buffers; NULL (the context's fault noted) when it cannot grow.
  * *rows: the queries of each chunk. */
@@ -577,6 +555,66 @@ static float *att_gemm_scratch(CudaCtx *c, int64_t n_q, int64_t n_keys, int n_he
     float *s = (float *)cuda_scratch(c, att_gemm_scratch_bytes(n_q, n_keys, n_heads, dim, ATT_GEMM_BUDGET), what);
     if (s) *bf = att_gemm_bufs(s, *rows, n_keys, n_heads, dim);
     return s;
+}
+
+/* The gradient's own arguments (attention_dx); NULL for the forward. */
+typedef struct {
+    float *dk, *dv;
+    const float *dout;
+} AttGrads;
+
+/* The rest of a chunk of the gradient, once P is in bf.s: dS, then dV, dK
+ * and dq (packed, in bf.dqp). */
+static void chunk_grads(CudaCtx *c, const AttChunk &ch, const AttGemmBufs &bf, const AttGemm *g, const float *dout,
+                        const char *what) {
+    size_t packed = (size_t)ch.n_heads * (size_t)ch.nq * (size_t)ch.dim;
+    k_att_pack<<<cuda_blocks(packed, 256), 256, 0, c->stream>>>(bf.gop, dout, ch, 0);
+    CUDA_LAUNCHED(c, what);
+    att_gemm_run(c, &g[ATT_GEMM_DP], what);
+    k_att_softmax_dx<<<(unsigned)(ch.n_heads * ch.nq), 256, 0, c->stream>>>(bf.ds, bf.s, ch);
+    CUDA_LAUNCHED(c, what);
+    att_gemm_run(c, &g[ATT_GEMM_DV], what);
+    att_gemm_run(c, &g[ATT_GEMM_DK], what);
+    att_gemm_run(c, &g[ATT_GEMM_DQ], what);
+}
+
+/* attention_bulk (gr NULL: out is the output) or attention_dx (out is dq)
+ * as the plan of att_gemm.h, chunk by chunk. */
+static void attention_gemm(const KnCtx *ctx, float *out, const AttGrads *gr, const float *q, const float *k,
+                           const float *v, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads,
+                           int dim, float scale, const KnMask *mask, const char *what) {
+    if (n_q <= 0 || n_heads <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    int64_t rows;
+    AttGemmBufs bf;
+    if (!att_ok(c, dim, n_heads, n_kv_heads, what) || !att_gemm_scratch(c, n_q, n_keys, n_heads, dim, &rows, &bf, what))
+        return;
+    for (int64_t q0 = 0; q0 < n_q; q0 += rows) {
+        AttChunk ch = att_gemm_chunk(q0, n_q - q0 < rows ? n_q - q0 : rows, q_pos0, n_keys, mask->window,
+                                     mask->group != NULL, n_heads, n_kv_heads, dim, scale);
+        AttGemm g[ATT_GEMM_COUNT];
+        att_gemm_plan(&ch, &bf, k, v, gr ? gr->dk : NULL, gr ? gr->dv : NULL, g);
+        if (ch.nk > 0) { /* else out is 0 (and dk, dv get nothing) */
+            chunk_weights(c, ch, bf, g, q, q_pos0, mask, what);
+            if (gr) chunk_grads(c, ch, bf, g, gr->dout, what);
+            else att_gemm_run(c, &g[ATT_GEMM_O], what);
+        }
+        chunk_unpack(c, ch, bf, out, what);
+    }
+}
+
+void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
+                       const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
+                       int n_kv_heads, int dim, float scale, const KnMask *mask) {
+    AttGrads gr = {dk, dv, dout};
+    attention_gemm(ctx, dq, &gr, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask, "attention_dx");
+}
+
+void cuda_attention_bulk(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
+                         int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
+                         const KnMask *mask) {
+    attention_gemm(ctx, out, NULL, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask,
+                   "attention_bulk");
 }
 
 cudaError_t cuda_attention_open(const CudaCtx *c, const char **what) {
@@ -591,44 +629,4 @@ cudaError_t cuda_attention_open(const CudaCtx *c, const char **what) {
         }
     }
     return cudaSuccess;
-}
-
-void cuda_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
-                       const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
-                       int n_kv_heads, int dim, float scale, const KnMask *mask) {
-    if (n_q <= 0 || n_heads <= 0) return;
-    CudaCtx *c = cuda_ctx(ctx);
-    int64_t rows;
-    AttGemmBufs bf;
-    if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_dx") ||
-        !att_gemm_scratch(c, n_q, n_keys, n_heads, dim, &rows, &bf, "attention_dx"))
-        return;
-    for (int64_t q0 = 0; q0 < n_q; q0 += rows) {
-        AttChunk ch = att_gemm_chunk(q0, n_q - q0 < rows ? n_q - q0 : rows, q_pos0, n_keys, mask->window,
-                                     mask->group != NULL, n_heads, n_kv_heads, dim, scale);
-        attention_dx_chunk(c, ch, bf, dq, dk, dv, q, k, v, dout, q_pos0, mask);
-    }
-}
-
-void cuda_attention_bulk(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
-                         int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
-                         const KnMask *mask) {
-    if (n_q <= 0 || n_heads <= 0) return;
-    CudaCtx *c = cuda_ctx(ctx);
-    int64_t rows;
-    AttGemmBufs bf;
-    if (!att_ok(c, dim, n_heads, n_kv_heads, "attention_bulk") ||
-        !att_gemm_scratch(c, n_q, n_keys, n_heads, dim, &rows, &bf, "attention_bulk"))
-        return;
-    for (int64_t q0 = 0; q0 < n_q; q0 += rows) {
-        AttChunk ch = att_gemm_chunk(q0, n_q - q0 < rows ? n_q - q0 : rows, q_pos0, n_keys, mask->window,
-                                     mask->group != NULL, n_heads, n_kv_heads, dim, scale);
-        AttGemm g[ATT_GEMM_COUNT];
-        att_gemm_plan(&ch, &bf, k, v, NULL, NULL, g);
-        if (ch.nk > 0) {
-            chunk_weights(c, ch, bf, g, q, q_pos0, mask, "attention_bulk");
-            att_gemm_run(c, &g[ATT_GEMM_O], "attention_bulk");
-        }
-        chunk_unpack(c, ch, bf, out, "attention_bulk");
-    }
 }

@@ -13,17 +13,7 @@
 #include "../unit/check.h"
 #include "cuda/att_gemm.h"
 #include "kernels.h"
-
-static uint64_t rng = 0x9E3779B97F4A7C15ull;
-static float frand(void) {
-    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
-    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-}
-static float *rand_vec(size_t n) {
-    float *v = malloc(n * sizeof *v);
-    for (size_t i = 0; i < n; i++) v[i] = frand();
-    return v;
-}
+#include "rand.h"
 
 /* C_i = alpha op(A_i) op(B_i) + beta C_i, column-major, as cuBLAS computes
  * it (C is not read when beta is 0). */
@@ -81,9 +71,17 @@ typedef struct {
     int H, KVH, D, window, groups, pad;
 } Case;
 
-/* cuda_attention_dx's loop over chunks, with a budget of `budget` bytes. */
-static void plan_dx(const Case *cs, size_t budget, float *dq, float *dk, float *dv, const float *q, const float *k,
-                    const float *v, const float *dout, float scale, const KnMask *m) {
+/* The gradient's own arguments; NULL for the forward. */
+typedef struct {
+    float *dk, *dv;
+    const float *dout;
+} Grads;
+
+/* cuda_attention_bulk (gr NULL: out is the output) or cuda_attention_dx
+ * (out is dq) as attention_gemm runs it, chunk by chunk, with a budget of
+ * `budget` bytes. */
+static void plan_run(const Case *cs, size_t budget, float *out, const Grads *gr, const float *q, const float *k,
+                     const float *v, float scale, const KnMask *m) {
     int64_t rows = att_gemm_rows(cs->n_q, cs->n_keys, cs->H, cs->D, budget);
     size_t bytes = att_gemm_scratch_bytes(cs->n_q, cs->n_keys, cs->H, cs->D, budget);
     float *scratch = malloc(bytes); /* exactly: ASan sees an overrun */
@@ -97,49 +95,24 @@ static void plan_dx(const Case *cs, size_t budget, float *dq, float *dk, float *
                                     m->group != NULL, cs->H, cs->KVH, cs->D, scale);
         size_t packed = (size_t)c.n_heads * c.nq * c.dim;
         if (c.nk <= 0) {
-            memset(dq + c.q0 * c.n_heads * c.dim, 0, packed * sizeof(float));
-            continue;
-        }
-        AttGemm g[ATT_GEMM_COUNT];
-        att_gemm_plan(&c, &bf, k, v, dk, dv, g);
-        for (size_t e = 0; e < packed; e++) {
-            bf.qp[e] = q[att_pack_at((int64_t)e, &c)];
-            bf.gop[e] = dout[att_pack_at((int64_t)e, &c)];
-        }
-        gemm_ref(&g[ATT_GEMM_S]);
-        softmax_rows(bf.s, &c, cs->q_pos0, m);
-        gemm_ref(&g[ATT_GEMM_DP]);
-        softmax_dx_rows(bf.ds, bf.s, &c);
-        gemm_ref(&g[ATT_GEMM_DV]);
-        gemm_ref(&g[ATT_GEMM_DK]);
-        gemm_ref(&g[ATT_GEMM_DQ]);
-        for (size_t e = 0; e < packed; e++) dq[att_pack_at((int64_t)e, &c)] = bf.dqp[e];
-    }
-    free(scratch);
-}
-
-/* cuda_attention_bulk's loop over chunks: S, P, then O = P V unpacked. */
-static void plan_forward(const Case *cs, size_t budget, float *out, const float *q, const float *k, const float *v,
-                         float scale, const KnMask *m) {
-    int64_t rows = att_gemm_rows(cs->n_q, cs->n_keys, cs->H, cs->D, budget);
-    size_t bytes = att_gemm_scratch_bytes(cs->n_q, cs->n_keys, cs->H, cs->D, budget);
-    float *scratch = malloc(bytes);
-    AttGemmBufs bf = att_gemm_bufs(scratch, rows, cs->n_keys, cs->H, cs->D);
-    for (int64_t q0 = 0; q0 < cs->n_q; q0 += rows) {
-        memset(scratch, 0xFF, bytes);
-        AttChunk c = att_gemm_chunk(q0, cs->n_q - q0 < rows ? cs->n_q - q0 : rows, cs->q_pos0, cs->n_keys, m->window,
-                                    m->group != NULL, cs->H, cs->KVH, cs->D, scale);
-        size_t packed = (size_t)c.n_heads * c.nq * c.dim;
-        if (c.nk <= 0) {
             memset(out + c.q0 * c.n_heads * c.dim, 0, packed * sizeof(float));
             continue;
         }
         AttGemm g[ATT_GEMM_COUNT];
-        att_gemm_plan(&c, &bf, k, v, NULL, NULL, g);
+        att_gemm_plan(&c, &bf, k, v, gr ? gr->dk : NULL, gr ? gr->dv : NULL, g);
         for (size_t e = 0; e < packed; e++) bf.qp[e] = q[att_pack_at((int64_t)e, &c)];
         gemm_ref(&g[ATT_GEMM_S]);
         softmax_rows(bf.s, &c, cs->q_pos0, m);
-        gemm_ref(&g[ATT_GEMM_O]);
+        if (gr) {
+            for (size_t e = 0; e < packed; e++) bf.gop[e] = gr->dout[att_pack_at((int64_t)e, &c)];
+            gemm_ref(&g[ATT_GEMM_DP]);
+            softmax_dx_rows(bf.ds, bf.s, &c);
+            gemm_ref(&g[ATT_GEMM_DV]);
+            gemm_ref(&g[ATT_GEMM_DK]);
+            gemm_ref(&g[ATT_GEMM_DQ]);
+        } else {
+            gemm_ref(&g[ATT_GEMM_O]);
+        }
         for (size_t e = 0; e < packed; e++) out[att_pack_at((int64_t)e, &c)] = bf.dqp[e];
     }
     free(scratch);
@@ -177,9 +150,10 @@ static void run_case(const KnBackend *cpu, const Case *cs) {
         memset(got, 0xFF, nqv * sizeof *got); /* dq is written */
         memcpy(got + nqv, dk0, nkv * sizeof *dk0);
         memcpy(got + nqv + nkv, dv0, nkv * sizeof *dv0);
-        plan_dx(cs, budgets[b], got, got + nqv, got + nqv + nkv, q, k, v, dout, scale, &m);
+        Grads gr = {got + nqv, got + nqv + nkv, dout};
+        plan_run(cs, budgets[b], got, &gr, q, k, v, scale, &m);
         memset(fwd, 0xFF, nqv * sizeof *fwd);
-        plan_forward(cs, budgets[b], fwd, q, k, v, scale, &m);
+        plan_run(cs, budgets[b], fwd, NULL, q, k, v, scale, &m);
         double ef = rel_l2(fwd, fwd_want, nqv);
         CHECK(ef <= 1e-5, "forward: n_q %lld at %lld over %lld keys, %d/%d heads of %d, window %d, groups %d, pad %d, "
               "%lld rows a chunk: rel L2 %.3g", (long long)cs->n_q, (long long)cs->q_pos0, (long long)cs->n_keys, cs->H,

@@ -14,19 +14,10 @@
 #include "convert.h"
 #include "dev.h"
 #include "nf4.h"
+#define RAND_SEED 0x243F6A8885A308D3ull
+#include "rand.h"
 
 #define F(n) ((size_t)(n) * sizeof(float))
-
-static uint64_t rng = 0x243F6A8885A308D3ull;
-static float frand(void) {
-    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
-    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-}
-static float *rand_vec(size_t n) {
-    float *v = malloc(n * sizeof *v);
-    for (size_t i = 0; i < n; i++) v[i] = frand();
-    return v;
-}
 
 static double rel_err(const float *got, const double *ref, size_t n, size_t *worst) {
     double e = 0, m = 0;
