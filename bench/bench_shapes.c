@@ -10,6 +10,10 @@
  *            generated tokens/s after a 128-token prompt, and the share of
  *            the bandwidth roofline (weight bytes a step reads / step time,
  *            against the copy bandwidth measured in the same run)
+ *   attention  one training sequence's attention (--seq tokens, causal) on
+ *            a sliding and a full layer at the shape's heads: ms per call of
+ *            the kernel a prefill takes, attention_bulk and attention_dx,
+ *            and TFLOP/s over the visible pairs
  *   train    QLoRA (NF4 base, rank 64 on q/k/v/o/gate/up/down, gradient
  *            checkpointing, AdamW): tokens/s, ms per step, the device memory
  *            the run took, TFLOP/s counted as 4 x base linear parameters x
@@ -28,7 +32,7 @@
  * table, unless GF_PLE=device).
  *
  * usage: bench_shapes e2b|e4b|31b [--layers N] [--batch B] [--seq T] [--steps K]
- *        [--new N] [--only copy|decode|train] [--no-bf16] [--peak-tflops F]
+ *        [--new N] [--only copy|decode|attention|train] [--no-bf16] [--peak-tflops F]
  *        [--dir DIR] [--threads N]
  *   --layers N  the first N layers of the stack (KV sharing scaled with it),
  *               to fit a smaller device or a CPU; the JSON says how many ran
@@ -249,6 +253,87 @@ static void bench_train(Run *r, Model *m, uint64_t free_before) {
     free(times);
 }
 
+/* ---- attention ---------------------------------------------------------- */
+
+/* Visible (query, key) pairs of a causal sequence of T tokens under a
+ * sliding window (0: none). */
+static double visible_pairs(int64_t T, int window) {
+    double n = 0;
+    for (int64_t i = 0; i < T; i++) n += (double)(window > 0 && i + 1 > window ? window : i + 1);
+    return n;
+}
+
+/* Median seconds of `reps` timed runs of one of the three calls (after one
+ * untimed): 0 the exact kernel a prefill takes (attention), 1 attention_bulk,
+ * 2 attention_dx. */
+static double time_attention(Model *m, int which, float *const *b, const KnMask *mask, int64_t T, int H, int kv, int D,
+                             int reps) {
+    const KnBackend *be = model_backend(m);
+    GfError err;
+    double t[8];
+    float scale = 1.0f / sqrtf((float)D);
+    if (reps > 8) reps = 8;
+    for (int k = -1; k < reps; k++) {
+        double t0 = gf_time_mono();
+        if (which == 0) be->ops->attention(&be->ctx, b[3], b[0], b[1], b[2], T, 0, T, H, kv, D, scale, mask);
+        else if (which == 1) be->ops->attention_bulk(&be->ctx, b[3], b[0], b[1], b[2], T, 0, T, H, kv, D, scale, mask);
+        else be->ops->attention_dx(&be->ctx, b[4], b[5], b[6], b[0], b[1], b[2], b[3], T, 0, T, H, kv, D, scale, mask);
+        if (sync_model(m, &err)) return -1;
+        if (k >= 0) t[k] = gf_time_mono() - t0;
+    }
+    for (int i = 1; i < reps; i++)
+        for (int j = i; j > 0 && t[j] < t[j - 1]; j--) { double x = t[j]; t[j] = t[j - 1]; t[j - 1] = x; }
+    return t[reps / 2];
+}
+
+/* One training sequence's attention (seq tokens, causal, no padding) at the
+ * shape's heads on one kind of layer: ms per call of the prefill's kernel,
+ * attention_bulk and attention_dx, and TFLOP/s counted over the visible
+ * pairs (4 D a pair and head forward: q.k and p v; 8 D for the gradient's
+ * four products, the recomputed scores not counted). */
+static void attention_case(Run *r, Model *m, int kv, int D, int window) {
+    int64_t T = r->seq;
+    int H = r->s->heads;
+    size_t nq = (size_t)T * H * D, nk = (size_t)T * kv * D, sizes[7] = {nq, nk, nk, nq, nq, nk, nk};
+    KnBuffer bufs[8] = {{0}};
+    float *b[7];
+    const KnBackend *be = model_backend(m);
+    GfError err = {0};
+    int ok = 1;
+    uint64_t rng = 11;
+    float *host = malloc(nq * sizeof *host);
+    for (int i = 0; ok && i < 7; i++) {
+        ok = host && !model_device_alloc(m, &bufs[i], sizes[i] * sizeof(float), "attention benchmark", &err);
+        if (!ok) break;
+        b[i] = bufs[i].data;
+        for (size_t e = 0; e < sizes[i]; e++) host[e] = (float)((double)(next_rand(&rng) >> 11) / 9007199254740992.0 * 2 - 1);
+        be->ops->upload(&be->ctx, b[i], host, sizes[i] * sizeof(float));
+    }
+    if (ok) ok = !model_device_alloc(m, &bufs[7], (size_t)T, "attention benchmark", &err);
+    if (ok) be->ops->memset(&be->ctx, bufs[7].data, 1, (size_t)T);
+    KnMask mask = {ok ? bufs[7].data : NULL, NULL, window};
+    int reps = T * (double)T * H * D > 1e10 ? 5 : 3;
+    double ms[3] = {0}, pairs = visible_pairs(T, window) * H;
+    for (int w = 0; ok && w < 3; w++) ok = (ms[w] = time_attention(m, w, b, &mask, T, H, kv, D, reps) * 1e3) > 0;
+    if (!ok)
+        printf("{\"what\":\"attention\",\"model\":\"%s\",\"head_dim\":%d,\"error\":\"%s\"}\n", r->s->name, D,
+               err.message[0] ? err.message : "the device failed");
+    else
+        printf("{\"what\":\"attention\",\"model\":\"%s\",\"seq\":%lld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,"
+               "\"window\":%d,\"precision\":\"%s\",\"prefill_kernel_ms\":%.3f,\"bulk_ms\":%.3f,\"dx_ms\":%.3f,"
+               "\"prefill_kernel_tflops\":%.4f,\"bulk_tflops\":%.4f,\"dx_tflops\":%.4f}\n",
+               r->s->name, (long long)T, H, kv, D, window, kn_precision_name(be->ctx.precision), ms[0], ms[1], ms[2],
+               4.0 * D * pairs / ms[0] / 1e9, 4.0 * D * pairs / ms[1] / 1e9, 8.0 * D * pairs / ms[2] / 1e9);
+    fflush(stdout);
+    for (int i = 0; i < 8; i++) model_device_free(m, &bufs[i]);
+    free(host);
+}
+
+static void bench_attention(Run *r, Model *m) {
+    attention_case(r, m, r->s->kv, HEAD_DIM, r->s->window);
+    attention_case(r, m, r->s->kv_full, HEAD_DIM_FULL, 0);
+}
+
 static int wants(const Run *r, const char *what) { return !r->only || strcmp(r->only, what) == 0; }
 
 /* Opens the checkpoint under quant and runs what this run wants on it. */
@@ -277,6 +362,7 @@ static int bench_quant(Run *r, const char *dir, ModelQuant q) {
     fflush(stdout);
     if (r->copy_gbs == 0 && (wants(r, "copy") || wants(r, "decode"))) bench_copy(r, m);
     if (wants(r, "decode")) bench_decode(r, m, qn);
+    if (q == MODEL_QUANT_NF4 && wants(r, "attention")) bench_attention(r, m);
     if (q == MODEL_QUANT_NF4 && wants(r, "train")) bench_train(r, m, info.memory_free);
     model_close(m);
     return 0;
@@ -284,7 +370,7 @@ static int bench_quant(Run *r, const char *dir, ModelQuant q) {
 
 static int usage(void) {
     fprintf(stderr, "usage: bench_shapes e2b|e4b|31b [--layers N] [--batch B] [--seq T] [--steps K] [--new N]\n"
-                    "       [--only copy|decode|train] [--no-bf16] [--peak-tflops F] [--dir DIR] [--threads N]\n");
+                    "       [--only copy|decode|attention|train] [--no-bf16] [--peak-tflops F] [--dir DIR] [--threads N]\n");
     return 2;
 }
 
