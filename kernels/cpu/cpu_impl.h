@@ -5,6 +5,8 @@
 #ifndef GF_CPU_IMPL_H
 #define GF_CPU_IMPL_H
 
+#include <string.h>
+
 #include "../ops.h"
 
 /* len elements of row r of w from column c0, widened to float32 (NF4
@@ -17,6 +19,19 @@ static inline int cpu_mask_visible(const KnMask *m, int64_t q, int64_t t) {
     int causal = t <= q || (m->group && m->group[q] >= 0 && m->group[q] == m->group[t]);
     return causal && (m->window == 0 || t > q - m->window);
 }
+
+/* Four floats in one vector (GCC and clang's vector extension: SSE on
+ * x86-64, NEON on arm64). Lane arithmetic is the scalar arithmetic of each
+ * lane, so a loop over V4 sums what the same loop over floats sums. */
+typedef float V4 __attribute__((vector_size(16)));
+
+static inline V4 cpu_load4(const float *p) {
+    V4 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void cpu_store4(float *p, V4 v) { memcpy(p, &v, sizeof v); }
 
 /* Below this many multiply-adds, waking the pool costs more than it saves. */
 #define CPU_PARALLEL_MIN_WORK 65536

@@ -78,6 +78,66 @@ static void nf4_on_device(Dev *d, const KnNf4 *host, KnNf4 *dev) {
     dev->group_scale = dev_put(d, host->group_scale, (size_t)host->n_groups * sizeof(float));
 }
 
+/* The CPU kinds' matmul and matmul_dx: each output depends on its input
+ * row and weight row alone, bit for bit, whatever rows and outputs share the
+ * call (the kernels block both; a prefill and the decode steps it replaces
+ * must agree exactly), and dx sums the weight rows in order: the whole call
+ * equals one call per input row and weight row. F32, BF16 and NF4 weights,
+ * rows not a multiple of the blocks, columns over the widening chunk. */
+static void test_matmul_split(Dev *d) {
+    if (d->be.ctx.device == KN_DEVICE_CUDA) return;
+    const int shapes[][3] = {{7, 4100, 5}, {13, 37, 9}, {4, 8, 1}, {9, 1030, 70}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
+        size_t nw = (size_t)rows * cols;
+        float *wf = rand_vec(nw), *x = rand_vec((size_t)n * cols), *g = rand_vec((size_t)n * rows);
+        float *dx0 = rand_vec((size_t)n * cols);
+        for (int i = 0; i < n * rows; i += 3) g[i] = 0.0f; /* dx skips a zero gradient */
+        uint16_t *wb = malloc(nw * 2);
+        for (size_t i = 0; i < nw; i++) wb[i] = kn_f32_to_bf16(wf[i]);
+        KnNf4 q, qd;
+        CHECK(kn_nf4_quantize(&q, (KnMatrix){wf, KN_F32, rows, cols, 0}, &(GfError){0}) == GF_OK, "quantize");
+        nf4_on_device(d, &q, &qd);
+        float *dwf = dev_put(d, wf, F(nw));
+        uint16_t *dwb = dev_put(d, wb, nw * 2);
+        float *dxv = dev_put(d, x, F(n * cols)), *dg = dev_put(d, g, F(n * rows));
+        for (int kind = 0; kind < 3; kind++) {
+            KnMatrix w = kind == 0 ? (KnMatrix){dwf, KN_F32, rows, cols, 0}
+                       : kind == 1 ? (KnMatrix){dwb, KN_BF16, rows, cols, 0} : kn_nf4_matrix(&qd, 0, rows, cols);
+            float *y = malloc(F(n * rows)), *y1 = malloc(F(n * rows)), *gx = malloc(F(n * cols)), *gx1 = malloc(F(n * cols));
+            float *dy = dev_poisoned(d, F(n * rows)), *ddx = dev_put(d, dx0, F(n * cols));
+            d->be.ops->matmul(&d->be.ctx, dy, dxv, w, n);
+            d->be.ops->matmul_dx(&d->be.ctx, ddx, dg, w, n);
+            dev_get(d, y, dy, F(n * rows));
+            dev_get(d, gx, ddx, F(n * cols));
+            /* one input row and one weight row a call (a weight row: a
+             * one-row view, by address or, for NF4, by offset) */
+            float *dy1 = dev_poisoned(d, F(1)), *dgo = dev_alloc(d, F(1)), *ddx1 = dev_put(d, dx0, F(n * cols));
+            for (int o = 0; o < rows; o++) {
+                KnMatrix wo = kind == 0 ? (KnMatrix){dwf + (size_t)o * cols, KN_F32, 1, cols, 0}
+                            : kind == 1 ? (KnMatrix){dwb + (size_t)o * cols, KN_BF16, 1, cols, 0}
+                                        : kn_nf4_matrix(&qd, (int64_t)o * cols, 1, cols);
+                for (int i = 0; i < n; i++) {
+                    d->be.ops->matmul(&d->be.ctx, dy1, dxv + (size_t)i * cols, wo, 1);
+                    dev_get(d, y1 + (size_t)i * rows + o, dy1, F(1));
+                    d->be.ops->upload(&d->be.ctx, dgo, &g[(size_t)i * rows + o], F(1)); /* dy[i, o] alone */
+                    d->be.ops->matmul_dx(&d->be.ctx, ddx1 + (size_t)i * cols, dgo, wo, 1);
+                }
+            }
+            dev_get(d, gx1, ddx1, F(n * cols));
+            const char *names[3] = {"f32", "bf16", "nf4"};
+            CHECK(memcmp(y, y1, F(n * rows)) == 0, "%s: matmul %s [%d, %d] x %d equals one row and output at a time",
+                  d->be.name, names[kind], rows, cols, n);
+            CHECK(memcmp(gx, gx1, F(n * cols)) == 0, "%s: matmul_dx %s [%d, %d] x %d equals one row and weight row at a time",
+                  d->be.name, names[kind], rows, cols, n);
+            free(y); free(y1); free(gx); free(gx1);
+        }
+        kn_nf4_free(&q);
+        free(wf); free(x); free(g); free(dx0); free(wb);
+        dev_reset(d);
+    }
+}
+
 static void test_matmul_bf16(void) {
     Dev d;
     if (!dev_open_at(&d, KN_DEVICE_CUDA, 1, KN_PRECISION_BF16)) return;
@@ -2384,6 +2444,7 @@ int main(void) {
             test_table_complete(&d);
             test_mapped_table(&d);
             test_matmul(&d);
+            test_matmul_split(&d);
             test_transfers(&d);
             test_rmsnorm_gelu_softcap(&d);
             test_attention(&d);
