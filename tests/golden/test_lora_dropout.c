@@ -12,6 +12,7 @@
 
 #include "../unit/check.h"
 #include "backward.h"
+#include "cuda/att_gemm.h"
 #include "lora.h"
 #include "model.h"
 
@@ -61,8 +62,8 @@ static int64_t largest(const float *g, int64_t n) {
  * fit check counts it: none on the CPU; on CUDA (its table asked without a
  * device, when built) the largest call's: in fp32 a dropped-out LoRA
  * segment (every text pair's input at max_tokens rows, as float) or
- * attention_dx's statistics; in bf16 also the rounded operands of the widest
- * matmul. */
+ * attention's chunk of scores (att_gemm.h: every query at this length); in
+ * bf16 also the rounded operands of the widest matmul. */
 static void check_scratch(Model *m, LoraAdapter *a) {
     const int64_t T = 512;
     a->dropout = 0.1;
@@ -84,7 +85,11 @@ static void check_scratch(Model *m, LoraAdapter *a) {
     }
     if (widest > widest_io) widest_io = widest;
     const TextConfig *t = &model_config(m)->text;
-    uint64_t lora = (uint64_t)T * widest * sizeof(float), att = (uint64_t)T * (uint64_t)t->n_heads * 3 * sizeof(float);
+    uint64_t lora = (uint64_t)T * widest * sizeof(float), att = 0;
+    for (int i = 0; i < t->n_layers; i++) {
+        uint64_t l = att_gemm_scratch_bytes(T, T, t->n_heads, t->layers[i].head_dim, ATT_GEMM_BUDGET);
+        if (l > att) att = l;
+    }
     uint64_t got = grad_scratch_bytes(m, &f32, T, a, 0, 0);
     CHECK(got == ws + (lora > att ? lora : att), "fp32 with dropout: %llu, the widest segment %llu, attention %llu",
           (unsigned long long)got, (unsigned long long)lora, (unsigned long long)att);
@@ -98,7 +103,7 @@ static void check_scratch(Model *m, LoraAdapter *a) {
     CHECK(got == ws + att, "fp32 without dropout: attention_dx's %llu, got %llu", (unsigned long long)att,
           (unsigned long long)got);
     uint64_t b = grad_scratch_bytes(m, &b16, T, a, 1, 0);
-    CHECK(b >= ws + (uint64_t)T * widest_io * 2 && b > got, "bf16: the widest matmul's operands (%llu)",
+    CHECK(b >= ws + (uint64_t)T * widest_io * 2 && b >= got, "bf16: the widest matmul's operands (%llu)",
           (unsigned long long)b);
     CHECK(grad_scratch_bytes(m, &b16, 2 * T, a, 1, 0) > b, "more tokens, more scratch");
 }
