@@ -1,6 +1,7 @@
 /* forward.c - the Gemma 4 text forward pass (GEMMA4.md §3-§4) over paged KV
  * caches, for a batch of sequences, and greedy generation. Prefill of n
- * tokens and n single-token steps compute the same function.
+ * tokens and n single-token steps compute the same function, bit for bit
+ * (a training forward's attention, attention_bulk, within rounding).
  *
  * Every activation lives in device memory (the Model's activation buffer)
  * and is touched only by ops; this file computes small host tables (row
@@ -259,11 +260,6 @@ static void copy_rows(Model *m, float *dst, const float *src, int64_t n) {
     if (dst != src) m->be.ops->copy(&m->be.ctx, dst, src, (size_t)n * sizeof(float));
 }
 
-/* The batch's new keys and values into their caches' stores (unless
- * replaying: the caches hold them already), then each sequence's attention
- * over its cache for its rows of u->qr (normed and rotated) into u->att:
- * one scatter each and one attention call per run of sequences that share a
- * pool (all of them when serving), not a launch per sequence. */
 /* A training sequence's attention through attention_bulk, when its cache
  * keeps positions 0.. of each layer in order (its own store, kv_cache_init):
  * the batch's rows are positions pos[0].. of the one sequence, after any it
@@ -280,6 +276,11 @@ static int attend_bulk(Model *m, const Batch *b, int li, const LayerBufs *u, int
     return 1;
 }
 
+/* The batch's new keys and values into their caches' stores (unless
+ * replaying: the caches hold them already), then each sequence's attention
+ * over its cache for its rows of u->qr (normed and rotated) into u->att:
+ * one scatter each and one attention call per run of sequences that share a
+ * pool (all of them when serving), not a launch per sequence. */
 static void attend(Model *m, const Batch *b, const Scratch *s, int li, const LayerBufs *u, int replay) {
     const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
