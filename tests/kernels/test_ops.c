@@ -842,6 +842,22 @@ static void test_conversions(void) {
     CHECK(kn_f32_to_bf16(1.01171875f) == 0x3F82, "round to nearest even (tie up)");
     CHECK(kn_f16_to_f32(0x3C00) == 1.0f && kn_f16_to_f32(0xC000) == -2.0f && kn_f16_to_f32(0x0001) == ldexpf(1, -24), "f16");
     CHECK(isnan(kn_bf16_to_f32(kn_f32_to_bf16(NAN))), "NaN stays NaN");
+    /* kn_convert_to_f32 widens bf16 four at a time: every pattern, from
+     * every start modulo 4 and lengths off the vector, as one at a time */
+    uint16_t *all = malloc(65536 * sizeof *all);
+    float *wide = malloc(F(65536));
+    for (int i = 0; i < 65536; i++) all[i] = (uint16_t)i;
+    int same = 1;
+    for (int start = 0; start < 4; start++)
+        for (int64_t len = 65536 - 8; len <= 65536 - start; len++) {
+            kn_convert_to_f32(wide, all, KN_BF16, start, len);
+            for (int64_t i = 0; i < len && same; i++) {
+                float one = kn_bf16_to_f32(all[start + i]);
+                same = memcmp(&wide[i], &one, sizeof one) == 0;
+            }
+        }
+    CHECK(same, "bf16 widened in bulk equals one at a time, every pattern%s", "");
+    free(all); free(wide);
 }
 
 /* ---- the small ops ---- */
