@@ -108,6 +108,13 @@ static void bench_copy(Run *r, Model *m) {
     model_device_free(m, &a);
 }
 
+/* The median of t[0..n) (sorted in place). */
+static double median(double *t, int n) {
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && t[j] < t[j - 1]; j--) { double x = t[j]; t[j] = t[j - 1]; t[j - 1] = x; }
+    return t[n / 2];
+}
+
 static int fill_ids(int32_t *ids, int n, uint64_t *rng) {
     for (int i = 0; i < n; i++) ids[i] = 10 + (int32_t)(next_rand(rng) % (VOCAB - 1000));
     return n;
@@ -227,9 +234,7 @@ static void bench_train(Run *r, Model *m, uint64_t free_before) {
     if (!ok) {
         printf("{\"what\":\"train\",\"model\":\"%s\",\"error\":\"%s\"}\n", r->s->name, err.message);
     } else {
-        for (int i = 1; i < r->steps; i++)
-            for (int j = i; j > 0 && times[j] < times[j - 1]; j--) { double t = times[j]; times[j] = times[j - 1]; times[j - 1] = t; }
-        double st = times[r->steps / 2], tokens = (double)r->batch * r->seq;
+        double st = median(times, r->steps), tokens = (double)r->batch * r->seq;
         ModelMemory mem;
         weights_memory(model_weights(m), &mem);
         const TextConfig *t = &model_config(m)->text;
@@ -281,9 +286,7 @@ static double time_attention(Model *m, int which, float *const *b, const KnMask 
         if (sync_model(m, &err)) return -1;
         if (k >= 0) t[k] = gf_time_mono() - t0;
     }
-    for (int i = 1; i < reps; i++)
-        for (int j = i; j > 0 && t[j] < t[j - 1]; j--) { double x = t[j]; t[j] = t[j - 1]; t[j - 1] = x; }
-    return t[reps / 2];
+    return median(t, reps);
 }
 
 /* One training sequence's attention (seq tokens, causal, no padding) at the

@@ -268,7 +268,7 @@ static int attend_bulk(Model *m, const Batch *b, int li, const LayerBufs *u, int
     const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
     KvCache *c = b->seqs[0].cache;
-    if (!b->bulk || b->n_seqs != 1 || c->pool != &c->own) return 0;
+    if (!b->bulk || c->pool != &c->own) return 0;
     int64_t q_pos0 = m->tables.pos[0];
     KnMask mask = {c->d_valid, groups ? c->d_group : NULL, window};
     m->be.ops->attention_bulk(&m->be.ctx, u->att, u->qr, c->own.k[lc->store_layer], c->own.v[lc->store_layer], b->n,
@@ -868,7 +868,7 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
     MoeTape moe;
     if (batch_check(m, seqs, n_seqs, err) || batch_rows(m, seqs, n_seqs, &b, err)) return err->status;
     b.bucketed = step_bucketable(m, &b, o);
-    b.bulk = o->bulk && n_seqs == 1;
+    b.bulk = o->bulk && n_seqs == 1; /* attend_bulk takes one sequence */
     if ((b.bucketed && batch_pad(m, &b, err)) || scratch_take(m, b.n, b.max_rank, &s, &moe, err)) return err->status;
     batch_embed(m, &b, &s);
     if (b.bucketed) row_tables(m, &b);

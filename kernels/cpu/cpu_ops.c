@@ -14,28 +14,25 @@ void cpu_load_span(float *out, KnMatrix w, int64_t r, int64_t c0, int64_t len) {
 }
 
 /* The order every dot product of the CPU kinds is summed in: eight partial
- * sums over strides of 8, added in pairs, then the tail in order. */
-static float dot_pairs(const float s[8]) {
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
+ * sums s[k] over strides of 8 (the lanes of lo, s[0..3], and hi, s[4..7]:
+ * cpu_impl.h's V4), added in pairs, then the tail in order. */
+static inline float pairs4(V4 lo, V4 hi) { return ((lo[0] + lo[1]) + (lo[2] + lo[3])) + ((hi[0] + hi[1]) + (hi[2] + hi[3])); }
 
 static float dot(const float *a, const float *b, int64_t n) {
-    float s[8] = {0};
+    V4 lo = {0}, hi = {0};
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
-    float t = dot_pairs(s);
+    for (; i + 8 <= n; i += 8) {
+        lo += cpu_load4(a + i) * cpu_load4(b + i);
+        hi += cpu_load4(a + i + 4) * cpu_load4(b + i + 4);
+    }
+    float t = pairs4(lo, hi);
     for (; i < n; i++) t += a[i] * b[i];
     return t;
 }
 
-/* dot's pairing of its partial sums s[0..3] (lo) and s[4..7] (hi). */
-static inline float pairs4(V4 lo, V4 hi) { return ((lo[0] + lo[1]) + (lo[2] + lo[3])) + ((hi[0] + hi[1]) + (hi[2] + hi[3])); }
-
 /* dot(a, b[j], n) for four rows b[0..3] at once, each summed exactly as
- * dot sums it (its eight partial sums s[k] are the lanes of two vectors,
- * lo and hi: cpu_impl.h's V4), with
- * a's values loaded once for the four and every sum kept in a register. */
+ * dot sums it, with a's values loaded once for the four and every partial
+ * sum kept in a register. */
 static void dot4(const float *a, const float *const b[4], int64_t n, float out[4]) {
     V4 l0 = {0}, h0 = {0}, l1 = {0}, h1 = {0}, l2 = {0}, h2 = {0}, l3 = {0}, h3 = {0};
     int64_t i = 0;
@@ -68,16 +65,16 @@ typedef struct {
 enum { MM_CHUNK = 4096, MM_OUTS = 4 };
 
 /* Outputs [o0, o0 + nb) (nb <= MM_OUTS) of every input row, their weight
- * rows widened MM_CHUNK columns at a time into row[]: each output is 0 plus
+ * rows widened MM_CHUNK columns at a time into row[] (rows: the same
+ * buffers, for dot4): each output is 0 plus
  * the chunks' dot products in order, whatever block it is in, so a result
  * depends on its input row and weight row alone. */
-static void matmul_block(const MatmulTask *t, long o0, int nb, float (*row)[MM_CHUNK]) {
+static void matmul_block(const MatmulTask *t, long o0, int nb, float (*row)[MM_CHUNK], const float *const *rows) {
     for (int64_t i = 0; i < t->n; i++)
         for (int j = 0; j < nb; j++) t->y[i * t->w.rows + o0 + j] = 0.0f;
     for (int64_t c0 = 0; c0 < t->w.cols; c0 += MM_CHUNK) {
         int64_t len = t->w.cols - c0 < MM_CHUNK ? t->w.cols - c0 : MM_CHUNK;
         for (int j = 0; j < nb; j++) cpu_load_span(row[j], t->w, o0 + j, c0, len);
-        const float *const rows[MM_OUTS] = {row[0], row[1], row[2], row[3]};
         for (int64_t i = 0; i < t->n; i++) {
             const float *xi = t->x + i * t->w.cols + c0;
             float *yi = t->y + i * t->w.rows + o0;
@@ -100,7 +97,8 @@ static void matmul_task(void *p, int ith, int nth) {
     long lo, hi;
     kn_split((long)t->w.rows, ith, nth, &lo, &hi);
     float row[MM_OUTS][MM_CHUNK];
-    for (long o = lo; o < hi; o += MM_OUTS) matmul_block(t, o, hi - o < MM_OUTS ? (int)(hi - o) : MM_OUTS, row);
+    const float *const rows[MM_OUTS] = {row[0], row[1], row[2], row[3]};
+    for (long o = lo; o < hi; o += MM_OUTS) matmul_block(t, o, hi - o < MM_OUTS ? (int)(hi - o) : MM_OUTS, row, rows);
 }
 
 void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
