@@ -11,17 +11,7 @@
 /* The NF4 data type of the QLoRA paper (as bitsandbytes ships it). */
 const float KN_NF4_CODE[16] = KN_NF4_CODE_VALUES;
 
-/* The least float t_i for which code i + 1 is nearer than code i, as
- * nearest is computed: fabsf(t - code[i + 1]) < fabsf(t - code[i]). Each
- * comparison is monotone in v over the floats, so the nearest code of a v
- * in [-1, 1] is the number of t_i <= v (ties between two codes going to
- * the lower one). Found by bisection over the floats between the two
- * codes; test_nf4 checks each against that definition and the count
- * against the search over all 16 codes. */
-static const float NEAREST_FROM[15] = {
-    -0x1.b239bp-1f,  -0x1.38a4ep-1f,  -0x1.d708fep-2f, -0x1.5bd4ecp-2f, -0x1.e079d8p-3f,
-    -0x1.1a7176p-3f, -0x1.74f0ep-5f,  0x1.45f6p-5f,    0x1.ec90c6p-4f,  0x1.a0cfc2p-3f,
-    0x1.2b05aap-2f,  0x1.8ea7f4p-2f,  0x1.00da08p-1f,  0x1.491b6p-1f,   0x1.b913b4p-1f};
+static const float NEAREST_FROM[15] = KN_NF4_NEAREST_FROM_VALUES;
 
 /* The code nearest to w / a, the quotient clamped to [-1, 1] (NaN to 1). */
 static inline uint8_t nearest_code(float w, float a) {
@@ -63,43 +53,50 @@ void kn_nf4_free(KnNf4 *q) {
     memset(q, 0, sizeof *q);
 }
 
-/* Where the share of row r that lies in one block ends: the column after
- * it, for the segment starting at column c. */
-static int64_t segment_end(KnMatrix w, int64_t r, int64_t c) {
-    int64_t b = (r * w.cols + c) / KN_NF4_BLOCK, end = (b + 1) * KN_NF4_BLOCK - r * w.cols;
-    return end < w.cols ? end : w.cols;
+void kn_nf4_shape(KnNf4 *q, int64_t n) {
+    q->n = n;
+    q->n_blocks = (n + KN_NF4_BLOCK - 1) / KN_NF4_BLOCK;
+    q->n_groups = (q->n_blocks + KN_NF4_GROUP - 1) / KN_NF4_GROUP;
+}
+
+size_t kn_nf4_scratch_bytes(int64_t n) {
+    KnNf4 q;
+    kn_nf4_shape(&q, n);
+    return kn_nf4_scratch_sums(q.n_blocks) + (size_t)(q.n_groups + 1) * sizeof(double);
+}
+
+/* Elements [b * 64, ...) of block b of w, widened into x; their count. */
+static int64_t block_load(KnMatrix w, int64_t n, int64_t b, float *x) {
+    int64_t e = b * KN_NF4_BLOCK, len = n - e < KN_NF4_BLOCK ? n - e : KN_NF4_BLOCK;
+    kn_convert_to_f32(x, w.data, w.dtype, e, len);
+    return len;
 }
 
 /* Exact absmax of every block, from the source matrix. */
-static void block_absmax(KnMatrix w, float *absmax, int64_t n_blocks, float *row) {
-    for (int64_t b = 0; b < n_blocks; b++) absmax[b] = 0.0f;
-    for (int64_t r = 0; r < w.rows; r++) {
-        kn_convert_to_f32(row, w.data, w.dtype, r * w.cols, w.cols);
-        for (int64_t c = 0, end; c < w.cols; c = end) {
-            end = segment_end(w, r, c);
-            float m = absmax[(r * w.cols + c) / KN_NF4_BLOCK];
-            for (int64_t k = c; k < end; k++) {
-                float a = fabsf(row[k]);
-                m = a > m ? a : m; /* a NaN is passed over */
-            }
-            absmax[(r * w.cols + c) / KN_NF4_BLOCK] = m;
+static void block_absmax(KnMatrix w, int64_t n, int64_t n_blocks, float *absmax) {
+    float x[KN_NF4_BLOCK];
+    for (int64_t b = 0; b < n_blocks; b++) {
+        int64_t len = block_load(w, n, b, x);
+        float m = 0.0f;
+        for (int64_t k = 0; k < len; k++) {
+            float a = fabsf(x[k]);
+            m = a > m ? a : m; /* a NaN is passed over */
         }
+        absmax[b] = m;
     }
 }
 
-/* Row r's codes (code[0..cols)) into the packed codes: two a byte, the
- * even element low, the row starting at element r * cols. */
-static void pack_row(uint8_t *codes, const uint8_t *code, int64_t r, int64_t cols) {
-    int64_t e = r * cols, c = 0;
-    if (e % 2 && cols > 0) codes[e++ / 2] |= (uint8_t)(code[c++] << 4);
-    for (; c + 1 < cols; c += 2, e += 2) codes[e / 2] = (uint8_t)(code[c] | code[c + 1] << 4);
-    if (c < cols) codes[e / 2] |= code[c]; /* its high nibble is the next row's */
-}
-
-/* Double quantization: mean offset, int8 per group of 256 with a scale. */
-static void quantize_absmax(KnNf4 *q, const float *absmax) {
+/* Double quantization: mean offset (summed per group, then over the
+ * groups, in double), int8 per group of 256 with a scale. */
+static void quantize_absmax(KnNf4 *q, const float *absmax, double *sums) {
+    for (int64_t g = 0; g < q->n_groups; g++) {
+        int64_t lo = g * KN_NF4_GROUP, hi = lo + KN_NF4_GROUP < q->n_blocks ? lo + KN_NF4_GROUP : q->n_blocks;
+        double s = 0.0;
+        for (int64_t b = lo; b < hi; b++) s += absmax[b];
+        sums[g] = s;
+    }
     double sum = 0.0;
-    for (int64_t b = 0; b < q->n_blocks; b++) sum += absmax[b];
+    for (int64_t g = 0; g < q->n_groups; g++) sum += sums[g];
     q->offset = (float)(sum / (double)q->n_blocks);
     for (int64_t g = 0; g < q->n_groups; g++) {
         int64_t lo = g * KN_NF4_GROUP, hi = lo + KN_NF4_GROUP < q->n_blocks ? lo + KN_NF4_GROUP : q->n_blocks;
@@ -113,38 +110,35 @@ static void quantize_absmax(KnNf4 *q, const float *absmax) {
     }
 }
 
+void kn_nf4_quantize_into(KnNf4 *q, KnMatrix w, void *scratch) {
+    float *absmax = scratch, x[KN_NF4_BLOCK];
+    block_absmax(w, q->n, q->n_blocks, absmax);
+    quantize_absmax(q, absmax, (double *)((char *)scratch + kn_nf4_scratch_sums(q->n_blocks)));
+    uint8_t code[KN_NF4_BLOCK];
+    for (int64_t b = 0; b < q->n_blocks; b++) { /* blocks start at even elements: two codes a byte */
+        int64_t len = block_load(w, q->n, b, x);
+        block_codes(x, len, kn_nf4_absmax(q, b), code);
+        uint8_t *out = q->codes + b * (KN_NF4_BLOCK / 2);
+        for (int64_t k = 0; k < len; k += 2) out[k / 2] = (uint8_t)(code[k] | (k + 1 < len ? code[k + 1] << 4 : 0));
+    }
+}
+
 GfStatus kn_nf4_quantize(KnNf4 *q, KnMatrix w, GfError *err) {
     memset(q, 0, sizeof *q);
     if (w.dtype == KN_NF4 || w.rows <= 0 || w.cols <= 0)
         return gf_error_set(err, GF_INVALID, "invalid_model", NULL, "cannot quantize this matrix to NF4");
-    q->n = w.rows * w.cols;
-    q->n_blocks = (q->n + KN_NF4_BLOCK - 1) / KN_NF4_BLOCK;
-    q->n_groups = (q->n_blocks + KN_NF4_GROUP - 1) / KN_NF4_GROUP;
-    q->codes = gf_calloc((size_t)(q->n + 1) / 2, 1, err);
+    kn_nf4_shape(q, w.rows * w.cols);
+    q->codes = gf_malloc((size_t)(q->n + 1) / 2, err);
     q->absmax_q = gf_malloc((size_t)q->n_blocks, err);
     q->group_scale = gf_malloc((size_t)q->n_groups * sizeof(float), err);
-    float *absmax = gf_malloc((size_t)q->n_blocks * sizeof(float), err), *row = gf_malloc((size_t)w.cols * sizeof(float), err);
-    uint8_t *code = gf_malloc((size_t)w.cols, err);
-    if (!q->codes || !q->absmax_q || !q->group_scale || !absmax || !row || !code) {
-        free(absmax);
-        free(row);
-        free(code);
+    void *scratch = gf_malloc(kn_nf4_scratch_bytes(q->n), err);
+    if (!q->codes || !q->absmax_q || !q->group_scale || !scratch) {
+        free(scratch);
         kn_nf4_free(q);
         return GF_NO_MEMORY;
     }
-    block_absmax(w, absmax, q->n_blocks, row);
-    quantize_absmax(q, absmax);
-    for (int64_t r = 0; r < w.rows; r++) {
-        kn_convert_to_f32(row, w.data, w.dtype, r * w.cols, w.cols);
-        for (int64_t c = 0, end; c < w.cols; c = end) { /* the row's share of one block at a time */
-            end = segment_end(w, r, c);
-            block_codes(row + c, end - c, kn_nf4_absmax(q, (r * w.cols + c) / KN_NF4_BLOCK), code + c);
-        }
-        pack_row(q->codes, code, r, w.cols);
-    }
-    free(absmax);
-    free(row);
-    free(code);
+    kn_nf4_quantize_into(q, w, scratch);
+    free(scratch);
     return GF_OK;
 }
 

@@ -43,6 +43,8 @@
 #include "pool.h"
 #include "tensor.h"
 
+struct KnNf4; /* nf4.h */
+
 /* How a backend's matmuls compute: FP32 (float32 operands, TF32 off: the
  * parity mode, the only one on the CPU kinds) or BF16 (operands rounded to
  * bfloat16 on the tensor cores, float32 accumulation; CUDA's production
@@ -406,6 +408,15 @@ typedef struct {
     void (*attention_dx)(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
                          const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
                          int n_kv_heads, int dim, float scale, const KnMask *mask);
+
+    /* ---- loading ---- */
+    /* (optional) w [rows, cols] (F32, BF16 or F16, offset 0) quantized to
+     * NF4 into q's arrays: the bits kn_nf4_quantize (nf4.h) gives on the
+     * host. q is a host struct whose sizes are set (kn_nf4_shape, n = rows
+     * * cols) and whose arrays are device memory; scratch is device memory
+     * of kn_nf4_scratch_bytes(n). Sets q->offset, so it waits for the
+     * device before returning; never inside a graph. */
+    void (*nf4_quantize)(const KnCtx *ctx, struct KnNf4 *q, KnMatrix w, void *scratch);
 } KnOps;
 
 #endif

@@ -693,6 +693,19 @@ static void g_gelu_tanh_dx(const KnCtx *ctx, float *dx, const float *x, const fl
     SUBMIT(x_gelu_tanh_dx, a);
 }
 
+/* ---- loading ---- */
+
+/* Not a call: it waits for its result (q->offset), so it runs at once. */
+static void g_nf4_quantize(const KnCtx *ctx, KnNf4 *q, KnMatrix w, void *scratch) {
+    KnNf4 h = *q;
+    h.codes = guard_owned(ctx, q->codes, (size_t)(q->n + 1) / 2);
+    h.absmax_q = guard_owned(ctx, q->absmax_q, (size_t)q->n_blocks);
+    h.group_scale = guard_owned(ctx, q->group_scale, (size_t)q->n_groups * sizeof(float));
+    w.data = guard_owned(ctx, w.data, (size_t)q->n * kn_dtype_size(w.dtype));
+    CPU_OPS.nf4_quantize(ctx, &h, w, guard_owned(ctx, scratch, kn_nf4_scratch_bytes(q->n)));
+    q->offset = h.offset;
+}
+
 static const KnOps GUARDED_OPS = {
     .alloc = guard_alloc,
     .alloc_mapped = guard_alloc_mapped,
@@ -747,6 +760,7 @@ static const KnOps GUARDED_OPS = {
     .rmsnorm_dx = g_rmsnorm_dx,
     .gelu_tanh_dx = g_gelu_tanh_dx,
     .attention_dx = g_attention_dx,
+    .nf4_quantize = g_nf4_quantize,
 };
 
 const KnOps *guarded_backend_ops(void) { return &GUARDED_OPS; }

@@ -277,6 +277,11 @@ static void cpu_attention_rows_forward(const KnCtx *ctx, float *out, const float
     }
 }
 
+static void cpu_nf4_quantize(const KnCtx *ctx, KnNf4 *q, KnMatrix w, void *scratch) {
+    (void)ctx;
+    kn_nf4_quantize_into(q, w, scratch);
+}
+
 const KnOps CPU_OPS = {
     .alloc = cpu_alloc,
     .free = cpu_free,
@@ -327,6 +332,7 @@ const KnOps CPU_OPS = {
     .rmsnorm_dx = cpu_rmsnorm_backward,
     .gelu_tanh_dx = cpu_gelu_tanh_backward,
     .attention_dx = cpu_attention_backward,
+    .nf4_quantize = cpu_nf4_quantize,
 };
 
 const KnOps *cpu_backend_ops(void) { return &CPU_OPS; }

@@ -334,6 +334,7 @@ static KnOps make_ops(void) {
     o.lora_expand_dx = cuda_lora_expand_dx;
     o.lora_shrink_dx = cuda_lora_shrink_dx;
     o.attention_dx = cuda_attention_dx;
+    o.nf4_quantize = cuda_nf4_quantize;
     return o;
 }
 

@@ -283,6 +283,8 @@ void cuda_standardize(const KnCtx *ctx, float *x, int64_t rows, int64_t cols, co
 void cuda_scale(const KnCtx *ctx, float *x, size_t n, float s);
 void cuda_rope_rows(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
                     const float *inv_freq, const int32_t *pos, int64_t pos_stride);
+/* cuda_nf4.cu */
+void cuda_nf4_quantize(const KnCtx *ctx, KnNf4 *q, KnMatrix w, void *scratch);
 /* cuda_attention.cu */
 void cuda_attention(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
                     int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,

@@ -60,6 +60,19 @@ static void test_round_trip(int rows, int cols, int outliers) {
             sum_abs += fabs(w[i]);
         }
     }
+    double total = 0; /* the mean as nf4.h defines it: each group's absmax in order, then the groups */
+    for (int64_t g = 0; g < q.n_groups; g++) {
+        double gs = 0;
+        for (int64_t b = g * 256; b < q.n_blocks && b < (g + 1) * 256; b++) {
+            float exact = 0;
+            for (int64_t i = b * 64; i < n && i < (b + 1) * 64; i++) exact = fmaxf(exact, fabsf(w[i]));
+            gs += exact;
+        }
+        total += gs;
+    }
+    float mean = (float)(total / (double)q.n_blocks);
+    CHECK(!memcmp(&mean, &q.offset, sizeof mean), "the mean absmax summed per group, then over the groups (%dx%d)",
+          rows, cols);
     CHECK(bad < 0, "round trip within |absmax'| * half gap + |absmax - absmax'| (%dx%d, outliers %d): first bad block %lld",
           rows, cols, outliers, (long long)bad);
     printf("  nf4 %dx%d%s: mean |error| / mean |w| = %.4f, worst error / bound = %.3f\n", rows, cols,

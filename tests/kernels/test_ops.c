@@ -2398,6 +2398,67 @@ static void real_moe(Dev *devs) {
     free(gub); free(downb); free(x); free(gy);
 }
 
+/* nf4_quantize: the bits kn_nf4_quantize gives on the host (codes, int8
+ * absmax, group scales and the mean), from F32, BF16 and F16 weights, on
+ * shapes with a partial last byte, block and group, several groups, a
+ * block of zeros, a NaN and an outlier; the outputs poisoned first. */
+static int nf4_same(Dev *d, const KnNf4 *dev, const KnNf4 *host) {
+    size_t nc = (size_t)(host->n + 1) / 2, na = (size_t)host->n_blocks, ng = (size_t)host->n_groups * sizeof(float);
+    uint8_t *c = malloc(nc), *a = malloc(na), *g = malloc(ng);
+    dev_get(d, c, dev->codes, nc);
+    dev_get(d, a, dev->absmax_q, na);
+    dev_get(d, g, dev->group_scale, ng);
+    int same = !memcmp(c, host->codes, nc) && !memcmp(a, host->absmax_q, na) && !memcmp(g, host->group_scale, ng) &&
+               !memcmp(&dev->offset, &host->offset, sizeof host->offset) && dev->n == host->n &&
+               dev->n_blocks == host->n_blocks && dev->n_groups == host->n_groups;
+    free(c); free(a); free(g);
+    return same;
+}
+
+static void nf4_quantize_at(Dev *d, int rows, int cols, KnDtype dtype, const float *wf) {
+    int64_t n = (int64_t)rows * cols;
+    size_t es = kn_dtype_size(dtype);
+    uint8_t *stored = malloc((size_t)n * es);
+    for (int64_t i = 0; i < n; i++) {
+        if (dtype == KN_F32) ((float *)stored)[i] = wf[i];
+        else ((uint16_t *)stored)[i] = dtype == KN_BF16 ? kn_f32_to_bf16(wf[i]) : kn_f32_to_f16(wf[i]);
+    }
+    KnMatrix hw = {stored, dtype, rows, cols, 0};
+    KnNf4 host, dev = {0};
+    CHECK(kn_nf4_quantize(&host, hw, &(GfError){0}) == GF_OK, "host quantize %dx%d", rows, cols);
+    kn_nf4_shape(&dev, n);
+    dev.codes = dev_poisoned(d, (size_t)(n + 1) / 2);
+    dev.absmax_q = dev_poisoned(d, (size_t)dev.n_blocks);
+    dev.group_scale = dev_poisoned(d, (size_t)dev.n_groups * sizeof(float));
+    dev.offset = NAN;
+    KnMatrix dw = {dev_put(d, stored, (size_t)n * es), dtype, rows, cols, 0};
+    d->be.ops->nf4_quantize(&d->be.ctx, &dev, dw, dev_poisoned(d, kn_nf4_scratch_bytes(n)));
+    CHECK(d->be.ops->synchronize(&d->be.ctx, &(GfError){0}) == GF_OK, "nf4_quantize %dx%d ran", rows, cols);
+    CHECK(nf4_same(d, &dev, &host), "%s: nf4_quantize %dx%d from %s: the host's bits", d->be.name, rows, cols,
+          dtype == KN_F32 ? "f32" : dtype == KN_BF16 ? "bf16" : "f16");
+    kn_nf4_free(&host);
+    free(stored);
+    dev_reset(d);
+}
+
+static void test_nf4_quantize(Dev *d) {
+    const int shapes[][2] = {{1, 1}, {3, 5}, {7, 64}, {33, 65}, {300, 129}, {64, 1024}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int rows = shapes[s][0], cols = shapes[s][1];
+        size_t n = (size_t)rows * cols;
+        float *w = rand_vec(n);
+        for (size_t i = 0; i < n; i++) w[i] *= 0.05f;
+        if (n > 200) {
+            memset(w + 64, 0, 64 * sizeof *w); /* block 1: zeros */
+            w[130] = NAN;
+            w[n - 1] = 3.0f;
+        }
+        const KnDtype types[] = {KN_F32, KN_BF16, KN_F16};
+        for (size_t t = 0; t < sizeof types / sizeof *types; t++) nf4_quantize_at(d, rows, cols, types[t], w);
+        free(w);
+    }
+}
+
 static void test_real_shapes(void) {
     static Dev devs[REAL_DEVS];
     if (!dev_open_at(&devs[1], KN_DEVICE_CUDA, 1, KN_PRECISION_FP32)) return; /* no GPU: nothing to compare */
@@ -2415,6 +2476,9 @@ static void test_real_shapes(void) {
     real_xent(devs);
     real_moe(devs);
     real_attention(devs);
+    float *w = rand_vec((size_t)2560 * 10240); /* E4B's down_proj, quantized as loading does */
+    nf4_quantize_at(&devs[1], 2560, 10240, KN_BF16, w);
+    free(w);
     for (int v = 0; v < REAL_DEVS; v++) dev_close(&devs[v]);
 }
 
@@ -2486,6 +2550,7 @@ int main(void) {
             test_optim_ops(&d);
             test_sample(&d);
             test_sample_vocab(&d);
+            test_nf4_quantize(&d);
             dev_close(&d);
         }
     return check_done("test_ops");
