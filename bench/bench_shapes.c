@@ -29,10 +29,13 @@
  * The device's default precision (bf16 on CUDA) unless GF_PRECISION says
  * otherwise; the load line says which, and the weights' bytes in device
  * memory and in the host memory the device reads (the per-layer embedding
- * table, unless GF_PLE=device).
+ * table, unless GF_PLE=device), and for NF4 where it was quantized: on the
+ * device as the weights were copied there, or on the host's cores at load
+ * (the CPU, or GF_QUANTIZE_ON=host); the load line's seconds include it.
+ * --only load stops after the load lines.
  *
  * usage: bench_shapes e2b|e4b|31b [--layers N] [--batch B] [--seq T] [--steps K]
- *        [--new N] [--only copy|decode|attention|train] [--no-bf16] [--peak-tflops F]
+ *        [--new N] [--only load|copy|decode|attention|train] [--no-bf16] [--peak-tflops F]
  *        [--dir DIR] [--threads N]
  *   --layers N  the first N layers of the stack (KV sharing scaled with it),
  *               to fit a smaller device or a CPU; the JSON says how many ran
@@ -354,12 +357,14 @@ static int bench_quant(Run *r, const char *dir, ModelQuant q) {
     ModelOptions mo = {.n_threads = r->threads, .quantize = q, .gauge = &gauge};
     double t0 = gf_time_mono();
     if (model_open(dir, &mo, &m, &err)) { fprintf(stderr, "%s\n", err.message); return 1; }
-    const char *qn = q == MODEL_QUANT_NF4 ? "nf4" : "bf16";
+    const char *qn = q == MODEL_QUANT_NF4 ? "nf4" : "bf16", *on = getenv("GF_QUANTIZE_ON");
     const KnBackend *be = model_backend(m);
-    printf("{\"what\":\"load\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"%s\",\"device\":\"%s\",\"device_name\":\"%s\","
+    on = q != MODEL_QUANT_NF4 ? "" : kind == KN_DEVICE_CPU || (on && strcmp(on, "host") == 0) ? "host" : "device";
+    printf("{\"what\":\"load\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"%s\",\"quantized_on\":\"%s\","
+           "\"device\":\"%s\",\"device_name\":\"%s\","
            "\"precision\":\"%s\",\"seconds\":%.1f,\"weight_bytes_per_step\":%.0f,\"device_weight_bytes\":%llu,"
            "\"mapped_weight_bytes\":%llu}\n",
-           r->s->name, r->n_layers, qn, be->name, info.name, kn_precision_name(be->ctx.precision), gf_time_mono() - t0,
+           r->s->name, r->n_layers, qn, on, be->name, info.name, kn_precision_name(be->ctx.precision), gf_time_mono() - t0,
            step_weight_bytes(m), (unsigned long long)atomic_load(&gauge.device_bytes),
            (unsigned long long)atomic_load(&gauge.mapped_bytes));
     fflush(stdout);
@@ -373,7 +378,7 @@ static int bench_quant(Run *r, const char *dir, ModelQuant q) {
 
 static int usage(void) {
     fprintf(stderr, "usage: bench_shapes e2b|e4b|31b [--layers N] [--batch B] [--seq T] [--steps K] [--new N]\n"
-                    "       [--only copy|decode|attention|train] [--no-bf16] [--peak-tflops F] [--dir DIR] [--threads N]\n");
+                    "       [--only load|copy|decode|attention|train] [--no-bf16] [--peak-tflops F] [--dir DIR] [--threads N]\n");
     return 2;
 }
 

@@ -95,6 +95,10 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
     # from pinned host memory (the default), for its cost in decode and training
     step "bench_shapes $first, per-layer table on the device" "bench_shapes_${fname}_pledevice.log" env GF_DEVICE=cuda \
         GF_PLE=device build-gpu/bench_shapes "$fname" "${flayers[@]}" --steps 3 --no-bf16
+    # and the loads with NF4 quantized on the host's cores, to set beside
+    # the first run's, quantized on the GPU as the weights were copied
+    step "bench_shapes $first load, NF4 on the host" "bench_shapes_${fname}_hostnf4.log" env GF_DEVICE=cuda \
+        GF_QUANTIZE_ON=host build-gpu/bench_shapes "$fname" "${flayers[@]}" --only load
     step "bench_serve ${GF_SERVE_SHAPE:-e4b} nf4 (cuda)" bench_serve.log env GF_DEVICE=cuda build-gpu/bench_serve \
         --shape "${GF_SERVE_SHAPE:-e4b}" --quantize nf4
     if [ -f .devtools/hf_anchor.py ]; then

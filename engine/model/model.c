@@ -52,24 +52,54 @@ static GfStatus model_ple(const ModelOptions *opts, int *host, GfError *err) {
 }
 
 /* The device from the options, else from GF_DEVICE in the environment, else
- * the first GPU, else the CPU; the weights as that device reads them, and a
- * context sharing their memory. */
-static GfStatus open_backend(Model *m, const ModelOptions *opts, GfError *err) {
-    KnDeviceKind kind = KN_DEVICE_CPU;
-    int index = 0;
+ * the first GPU, else the CPU. */
+static GfStatus model_device(const ModelOptions *opts, KnDeviceKind *kind, int *index, GfError *err) {
     const char *env = getenv("GF_DEVICE");
-    if (opts && opts->device) {
-        if (kn_backend_parse(opts->device, &kind, &index, err)) return err->status;
-    } else if (env && *env) {
-        if (kn_backend_parse(env, &kind, &index, err)) return gf_error_wrap(err, NULL, "GF_DEVICE");
-    } else {
-        kn_default_device(&kind, &index);
+    *kind = KN_DEVICE_CPU;
+    *index = 0;
+    if (opts && opts->device) return kn_backend_parse(opts->device, kind, index, err);
+    if (env && *env) return kn_backend_parse(env, kind, index, err) ? gf_error_wrap(err, NULL, "GF_DEVICE") : GF_OK;
+    kn_default_device(kind, index);
+    return GF_OK;
+}
+
+/* Where NF4 weights are quantized (ModelOptions.quantize_on): 1 = on the
+ * device they are used on. */
+static GfStatus model_quantize_on(const ModelOptions *opts, int *device, GfError *err) {
+    const char *v = opts && opts->quantize_on ? opts->quantize_on : getenv("GF_QUANTIZE_ON");
+    const char *where = opts && opts->quantize_on ? "quantize_on" : "GF_QUANTIZE_ON";
+    *device = 1;
+    if (!v || !*v || strcmp(v, "device") == 0) return GF_OK;
+    if (strcmp(v, "host") == 0) {
+        *device = 0;
+        return GF_OK;
     }
+    return gf_error_set(err, GF_INVALID, "invalid_value", where, "%s must be \"host\" or \"device\", not \"%.32s\"",
+                        where, v);
+}
+
+/* The weights as the device reads them, and a context sharing their memory. */
+static GfStatus open_backend(Model *m, const ModelOptions *opts, GfError *err) {
+    KnDeviceKind kind;
+    int index;
+    if (model_device(opts, &kind, &index, err)) return err->status;
     KnBackendOptions bo = {.n_threads = opts ? opts->n_threads : 0};
     int ple_host;
     if (model_precision(opts, &bo.precision, err) || model_ple(opts, &ple_host, err)) return err->status;
     if (weights_on_device(m->w, kind, index, bo.n_threads, ple_host, &m->wt, &bo.share, err)) return err->status;
     return kn_backend_open(kind, index, &bo, &m->be, err);
+}
+
+/* Whether weights loaded for opts leave NF4 to the device they run on: NF4
+ * asked, a device other than the CPU, and quantize_on "device". */
+static GfStatus model_nf4_later(const ModelOptions *opts, ModelQuant quant, int *later, GfError *err) {
+    KnDeviceKind kind;
+    int index, on_device;
+    *later = 0;
+    if (quant != MODEL_QUANT_NF4) return GF_OK;
+    if (model_device(opts, &kind, &index, err) || model_quantize_on(opts, &on_device, err)) return err->status;
+    *later = kind != KN_DEVICE_CPU && on_device;
+    return GF_OK;
 }
 
 GfStatus model_new(GemmaWeights *w, const ModelOptions *opts, Model **out, GfError *err) {
@@ -96,8 +126,10 @@ GfStatus model_open(const char *dir, const ModelOptions *opts, Model **out, GfEr
                             "the shared base weights are %s, %s was asked for",
                             weights_quant(w) == MODEL_QUANT_NF4 ? "NF4" : "full-precision",
                             quant == MODEL_QUANT_NF4 ? "NF4" : "full precision");
+    int later;
+    if (model_nf4_later(opts, quant, &later, err)) return err->status;
     if (w) weights_retain(w);
-    else if (weights_open(dir, quant, opts ? opts->gauge : NULL, &w, err)) return err->status;
+    else if (weights_open(dir, quant, later, opts ? opts->gauge : NULL, &w, err)) return err->status;
     GfStatus st = model_new(w, opts, out, err);
     weights_release(w);
     return st;

@@ -41,6 +41,10 @@ typedef struct {
                                  "host" (pinned host memory the GPU reads, one row per token a step) or "device";
                                  NULL = GF_PLE from the environment, else "host". The first context opened on a
                                  device decides for every later one */
+    const char *quantize_on;  /* where model_open's NF4 weights are quantized when the device is not the CPU:
+                                 "device" (by its backend, as the first context there uploads them) or "host"
+                                 (on every core at load); NULL = GF_QUANTIZE_ON from the environment, else
+                                 "device". The same bits either way */
     int n_threads;            /* CPU threads, <= 0 = all cores */
     ModelQuant quantize;      /* NF4: every linear of the layers (text, vision, experts) quantized at load */
     GemmaWeights *weights;    /* model_open: run on these (shared) instead of loading; quantize must match */

@@ -512,30 +512,96 @@ static GfStatus install_nf4(GemmaWeights *gw, KnMatrix *w, size_t i, GfError *er
     return GF_OK;
 }
 
-/* Every linear to NF4, quantized on every core (31B's 30 B parameters take
- * minutes on one) in batches of a few per thread, installed in order. */
-static GfStatus quantize_linears(GemmaWeights *gw, GfError *err) {
-    size_t n = linear_slots(gw, NULL);
-    KnMatrix **slots = gf_calloc(n + 1, sizeof *slots, err);
-    gw->nf4 = gf_calloc(n + 1, sizeof *gw->nf4, err);
-    KnPool *pool = slots && gw->nf4 ? kn_pool_new(0, err) : NULL;
+/* slots[0..n) quantized into out[0..n) on every core (31B's 30 B
+ * parameters take minutes on one), in batches of a few per thread; with
+ * install, each installed in order as its batch ends (the stored copies
+ * given back as it goes). On failure every out not installed is freed. */
+static GfStatus quantize_batches(GemmaWeights *gw, KnMatrix **slots, KnNf4 *out, size_t n, int install, GfError *err) {
+    KnPool *pool = kn_pool_new(0, err);
     size_t per = pool ? 2 * (size_t)kn_pool_size(pool) : 0;
     GfStatus *sts = pool ? gf_calloc(per, sizeof *sts, err) : NULL;
     GfError *errs = sts ? gf_calloc(per, sizeof *errs, err) : NULL;
     GfStatus st = errs ? GF_OK : GF_NO_MEMORY;
-    if (!st) linear_slots(gw, slots);
     for (size_t i0 = 0; !st && i0 < n; i0 += per) {
-        QuantBatch b = {slots + i0, gw->nf4 + i0, sts, errs, n - i0 < per ? n - i0 : per};
+        QuantBatch b = {slots + i0, out + i0, sts, errs, n - i0 < per ? n - i0 : per};
         kn_pool_run(pool, quantize_task, &b);
         for (size_t j = 0; j < b.n; j++) {
             if (!st && (st = sts[j])) *err = errs[j];
-            else if (!st) st = install_nf4(gw, slots[i0 + j], i0 + j, err);
-            else kn_nf4_free(&gw->nf4[i0 + j]); /* after a failure: dropped, never installed */
+            else if (!st && install) st = install_nf4(gw, slots[i0 + j], i0 + j, err);
+            else if (st) kn_nf4_free(&out[i0 + j]); /* after a failure: dropped, never installed */
         }
     }
+    for (size_t i = 0; st && !install && i < n; i++) kn_nf4_free(&out[i]);
     kn_pool_free(pool);
     free(errs);
     free(sts);
+    return st;
+}
+
+/* Every linear to NF4 now, on the host's cores, the payloads in the arena. */
+static GfStatus quantize_linears(GemmaWeights *gw, KnMatrix **slots, size_t n, GfError *err) {
+    gw->nf4 = gf_calloc(n + 1, sizeof *gw->nf4, err);
+    return gw->nf4 ? quantize_batches(gw, slots, gw->nf4, n, 1, err) : GF_NO_MEMORY;
+}
+
+/* Every linear to NF4 later, where it is used (weights_impl.h): its NF4
+ * view installed now with the sizes alone, the stored matrix kept in
+ * nf4_src. Counted at its NF4 size, as quantize_linears counts it. */
+static GfStatus defer_linears(GemmaWeights *gw, KnMatrix **slots, size_t n, GfError *err) {
+    gw->nf4 = gf_calloc(n + 1, sizeof *gw->nf4, err);
+    gw->nf4_src = gw->nf4 ? gf_calloc(n + 1, sizeof *gw->nf4_src, err) : NULL;
+    if (!gw->nf4_src) return GF_NO_MEMORY;
+    for (size_t i = 0; i < n; i++) {
+        KnMatrix *w = slots[i];
+        gw->nf4_src[i] = *w;
+        kn_nf4_shape(&gw->nf4[i], w->rows * w->cols);
+        gw->resident_bytes -= linears_bytes(&w, 1);
+        gw->resident_bytes += nf4_bytes(w->rows * w->cols);
+        *w = kn_nf4_matrix(&gw->nf4[i], 0, w->rows, w->cols);
+    }
+    gw->n_nf4 = n;
+    return GF_OK;
+}
+
+/* Every linear to NF4: deferred when asked and every stored linear is the
+ * checkpoint's own (an F16 one widened into the arena is quantized here,
+ * and with it the rest: the arena copy would otherwise travel to the
+ * device whole). */
+static GfStatus nf4_linears(GemmaWeights *gw, int defer, GfError *err) {
+    size_t n = linear_slots(gw, NULL);
+    KnMatrix **slots = gf_calloc(n + 1, sizeof *slots, err);
+    if (!slots) return GF_NO_MEMORY;
+    linear_slots(gw, slots);
+    for (size_t i = 0; defer && i < n; i++)
+        if (weights_in_arena(gw, slots[i]->data)) {
+            GF_LOGI("model: quantizing to NF4 on the host: the checkpoint's linears are F16, widened at load");
+            defer = 0;
+            break;
+        }
+    GfStatus st = defer ? defer_linears(gw, slots, n, err) : quantize_linears(gw, slots, n, err);
+    free(slots);
+    return st;
+}
+
+GfStatus weights_nf4_host(GemmaWeights *gw, GfError *err) {
+    if (!gw->nf4_src || atomic_load(&gw->nf4_host_ready)) return GF_OK;
+    size_t n = gw->n_nf4;
+    KnMatrix **slots = gf_calloc(n + 1, sizeof *slots, err);
+    KnNf4 *out = slots ? gf_calloc(n + 1, sizeof *out, err) : NULL;
+    GfStatus st = out ? GF_OK : GF_NO_MEMORY;
+    for (size_t i = 0; !st && i < n; i++) slots[i] = &gw->nf4_src[i];
+    if (!st) st = quantize_batches(gw, slots, out, n, 0, err);
+    for (size_t i = 0; i < n && out; i++) { /* into the arena, read-only with the rest */
+        if (!st) st = nf4_to_arena(gw, &out[i], err);
+        if (st) kn_nf4_free(&out[i]); /* not moved: its own arrays */
+    }
+    if (!st) {
+        memcpy(gw->nf4, out, n * sizeof *out); /* the same sizes, now with host arrays */
+        atomic_store(&gw->nf4_host_ready, 1);
+        GF_LOGI("model: %zu linears quantized to NF4 on the host for a CPU context", n);
+    }
+    arena_seal(gw);
+    free(out);
     free(slots);
     return st;
 }
@@ -557,6 +623,7 @@ static void weights_free(GemmaWeights *gw) {
     for (size_t i = 0; i < gw->n_chunks; i++) munmap(gw->chunks[i].base, gw->chunks[i].size);
     free(gw->chunks);
     free(gw->nf4); /* their payloads were in the arena */
+    free(gw->nf4_src);
     for (size_t s = 0; gw->claimed && s < gw->dir.n_shards; s++) free(gw->claimed[s]);
     free(gw->claimed);
     free(gw->host.layers);
@@ -566,7 +633,8 @@ static void weights_free(GemmaWeights *gw) {
     free(gw);
 }
 
-GfStatus weights_open(const char *dir, ModelQuant quant, WeightsGauge *gauge, GemmaWeights **out, GfError *err) {
+GfStatus weights_open(const char *dir, ModelQuant quant, int nf4_later, WeightsGauge *gauge, GemmaWeights **out,
+                      GfError *err) {
     *out = NULL;
     GemmaWeights *gw = gf_calloc(1, sizeof *gw, err);
     if (!gw) return GF_NO_MEMORY;
@@ -577,7 +645,7 @@ GfStatus weights_open(const char *dir, ModelQuant quant, WeightsGauge *gauge, Ge
     if (!st) st = model_dir_open(dir, &gw->dir, err);
     if (!st) st = bind_all(gw, err);
     if (!st) st = measure_linears(gw, err);
-    if (!st && quant == MODEL_QUANT_NF4) st = quantize_linears(gw, err);
+    if (!st && quant == MODEL_QUANT_NF4) st = nf4_linears(gw, nf4_later, err);
     if (st) {
         weights_free(gw);
         return st;

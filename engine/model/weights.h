@@ -2,14 +2,16 @@
  * the mapped checkpoint and every tensor bound by its Hugging Face name
  * (shapes checked, every tensor claimed or deliberately skipped), F16
  * matrices and small vectors widened to F32, and under QLoRA every linear of
- * the layers quantized to NF4. llama.cpp's llama_model to Model's
- * llama_context: a Model (model.h) is one thread's context over weights.
+ * the layers quantized to NF4 (at load, or where it is used: nf4_later).
+ * llama.cpp's llama_model to Model's llama_context: a Model (model.h) is
+ * one thread's context over weights.
  *
  * Ownership: GemmaWeights is reference counted. weights_open returns it with
  * one reference; model_new (model.h) takes another for the context's
  * lifetime; the last weights_release frees it. Threading: read-only once
- * opened, so any number of contexts on any threads may run on it at once;
- * retain and release are atomic. Where: the weights live in host memory
+ * opened (deferred NF4 is made once, under the weights' lock, by the first
+ * context that needs it), so any number of contexts on any threads may run
+ * on it at once; retain and release are atomic. Where: the weights live in host memory
  * (views into the mapped files, owned F32 and NF4 arrays), which the CPU
  * backend reads directly; any other device gets one copy of the tensors it
  * reads, uploaded by the first context opened on it and shared by every
@@ -52,8 +54,15 @@ typedef struct {
 uint64_t weights_gauge_bytes(const WeightsGauge *g, KnDeviceKind kind);
 
 /* Loads dir's config and weights (NF4 linears under MODEL_QUANT_NF4);
- * gauge (may be NULL, else must outlive the weights) counts them. */
-GfStatus weights_open(const char *dir, ModelQuant quant, WeightsGauge *gauge, GemmaWeights **out, GfError *err);
+ * gauge (may be NULL, else must outlive the weights) counts them.
+ * nf4_later: the linears are quantized where they are used rather than
+ * now: on a device, by its backend as the first context there uploads
+ * them (nf4_quantize, ops.h), which spares the host's cores; on the host,
+ * by the first CPU context. The same bits either way, and counted at
+ * their NF4 size from the start. Kept when a stored linear is F16 (it is
+ * widened at load: quantized now, like the rest). */
+GfStatus weights_open(const char *dir, ModelQuant quant, int nf4_later, WeightsGauge *gauge, GemmaWeights **out,
+                      GfError *err);
 /* Another reference; returns w. */
 GemmaWeights *weights_retain(GemmaWeights *w);
 /* Drops a reference; the last one frees the weights. NULL is a no-op. */

@@ -4,7 +4,11 @@
  * What is copied: every arena chunk (the widened, NF4 and derived arrays:
  * all in use) and every matrix the model reads straight from the mapped
  * checkpoint, each once; never the checkpoint's unused tensors or the
- * stored linears NF4 replaced. One device buffer holds them all, but the
+ * stored linears NF4 replaced. Deferred NF4 (weights_impl.h) is made
+ * here: each stored linear goes through a staging buffer to the backend's
+ * nf4_quantize, which writes its arrays into the copy (unless the host
+ * has made its own already: they are in the arena, copied with it). One
+ * device buffer holds them all, but the
  * per-layer embedding table when it stays in host memory the device reads
  * (a second, mapped buffer); a host address becomes a device address by
  * its offset in its span. Every
@@ -30,6 +34,8 @@ typedef struct {
     const GemmaWeights *gw;
     char *dev[2];             /* the buffers (translate) */
     int missing;              /* a pointer no span covers */
+    size_t *nf4_off;          /* [n_nf4] deferred NF4 quantized on the device: where each one's arrays start in
+                                 the device buffer (nf4_arrays); NULL otherwise */
 } Spans;
 
 static int add_span(Spans *s, const void *p, size_t len, int mapped) {
@@ -98,6 +104,63 @@ static void visit_all(WeightsTensors *t, const GemmaConfig *cfg, const Visit *v)
     float **vecs[] = {&w->std_bias, &w->std_scale, &w->inv_freq, &w->pool_grad_scale};
     for (size_t i = 0; i < sizeof vecs / sizeof *vecs; i++) v->vec(vecs[i], v->cls);
     for (int i = 0; i < cfg->vision.n_layers; i++) visit_vision_layer(&w->layers[i], v);
+}
+
+/* ---- deferred NF4 (weights_impl.h) ---------------------------------------------------- */
+
+/* q's arrays laid out from off in the device buffer (the codes, the int8
+ * absmax, the group scales, each aligned); returns the end. */
+static size_t nf4_arrays(const KnNf4 *q, char *base, size_t off, KnNf4 *out) {
+    size_t nc = (size_t)(q->n + 1) / 2, na = (size_t)q->n_blocks, ng = (size_t)q->n_groups * sizeof(float);
+    size_t ac = off, aa = ac + (nc + ALIGN - 1) / ALIGN * ALIGN, ag = aa + (na + ALIGN - 1) / ALIGN * ALIGN;
+    if (out) {
+        out->codes = (uint8_t *)(base + ac);
+        out->absmax_q = (int8_t *)(base + aa);
+        out->group_scale = (float *)(base + ag);
+    }
+    return ag + (ng + ALIGN - 1) / ALIGN * ALIGN;
+}
+
+/* Deferred NF4: room in the device buffer for every linear's arrays, which
+ * the backend fills (quantize_on_device); none once the host has its own
+ * (a CPU context came first: they are in the arena, uploaded with it). */
+static int nf4_spans(Spans *s) {
+    const GemmaWeights *gw = s->gw;
+    if (!gw->nf4_src || atomic_load(&gw->nf4_host_ready)) return 0;
+    if (!(s->nf4_off = calloc(gw->n_nf4 + 1, sizeof *s->nf4_off))) return -1;
+    for (size_t i = 0; i < gw->n_nf4; i++) {
+        s->nf4_off[i] = s->total[0];
+        s->total[0] = nf4_arrays(&gw->nf4[i], NULL, s->total[0], NULL);
+    }
+    return 0;
+}
+
+/* Every deferred linear uploaded as stored into a staging buffer and
+ * quantized there by the backend into d's arrays. */
+static GfStatus quantize_on_device(const GemmaWeights *gw, WeightsDevice *d, GfError *err) {
+    const KnBackend *be = &d->be;
+    double t0 = gf_time_mono();
+    size_t most_src = 1, most_scratch = 1;
+    for (size_t i = 0; i < gw->n_nf4; i++) {
+        const KnMatrix *w = &gw->nf4_src[i];
+        size_t bytes = (size_t)(w->rows * w->cols) * kn_dtype_size(w->dtype), sc = kn_nf4_scratch_bytes(w->rows * w->cols);
+        most_src = bytes > most_src ? bytes : most_src;
+        most_scratch = sc > most_scratch ? sc : most_scratch;
+    }
+    KnBuffer stage = {0}, scratch = {0};
+    GfStatus st = be->ops->alloc(&be->ctx, &stage, most_src, KN_U8, "the staging of a linear to quantize to NF4", err);
+    if (!st) st = be->ops->alloc(&be->ctx, &scratch, most_scratch, KN_U8, "the NF4 quantization's scratch", err);
+    for (size_t i = 0; !st && i < gw->n_nf4; i++) {
+        const KnMatrix *w = &gw->nf4_src[i];
+        be->ops->upload(&be->ctx, stage.data, w->data, (size_t)(w->rows * w->cols) * kn_dtype_size(w->dtype));
+        be->ops->nf4_quantize(&be->ctx, &d->nf4[i], (KnMatrix){stage.data, w->dtype, w->rows, w->cols, 0}, scratch.data);
+    }
+    if (!st) st = be->ops->synchronize(&be->ctx, err);
+    be->ops->free(&be->ctx, &stage);
+    be->ops->free(&be->ctx, &scratch);
+    if (!st)
+        GF_LOGI("model: %zu linears quantized to NF4 on %s in %.1f s", gw->n_nf4, be->name, gf_time_mono() - t0);
+    return st;
 }
 
 /* Pass 1: the spans (arena chunks first, then the checkpoint's matrices). */
@@ -169,6 +232,10 @@ static GfStatus rewrite_all(const GemmaWeights *gw, WeightsDevice *d, Spans *s, 
         memcpy(d->t.vision.layers, gw->host.vision.layers, (size_t)cfg->vision.n_layers * sizeof *d->t.vision.layers);
     for (size_t i = 0; i < gw->n_nf4; i++) {
         d->nf4[i] = gw->nf4[i];
+        if (s->nf4_off) { /* filled on the device next */
+            nf4_arrays(&gw->nf4[i], s->dev[0], s->nf4_off[i], &d->nf4[i]);
+            continue;
+        }
         d->nf4[i].codes = translate(s, gw->nf4[i].codes);
         d->nf4[i].absmax_q = translate(s, gw->nf4[i].absmax_q);
         d->nf4[i].group_scale = translate(s, gw->nf4[i].group_scale);
@@ -193,7 +260,7 @@ static int map_ple(Spans *s, const WeightsDevice *d, int ple_host) {
 }
 
 /* Fills the buffers (the mapped one, d->map, already allocated): the
- * device one by upload (sealed after), the mapped one by the host's stores. */
+ * device one by upload, the mapped one by the host's stores. */
 static GfStatus copy_spans(WeightsDevice *d, Spans *s, GfError *err) {
     GfStatus st = d->be.ops->alloc(&d->be.ctx, &d->buf, s->total[0] ? s->total[0] : 1, KN_U8, "the base weights", err);
     if (st) return st;
@@ -204,6 +271,11 @@ static GfStatus copy_spans(WeightsDevice *d, Spans *s, GfError *err) {
         if (sp->mapped) memcpy(s->dev[1] + sp->off, sp->host, sp->len);
         else d->be.ops->upload(&d->be.ctx, s->dev[0] + sp->off, sp->host, sp->len);
     }
+    return GF_OK;
+}
+
+/* Once every byte is written: the buffers read-only, the device drained. */
+static GfStatus seal_spans(WeightsDevice *d, GfError *err) {
     if (d->be.ops->seal) d->be.ops->seal(&d->be.ctx, &d->buf);
     if (d->be.ops->seal && d->map.data) d->be.ops->seal(&d->be.ctx, &d->map);
     return d->be.ops->synchronize(&d->be.ctx, err);
@@ -211,27 +283,33 @@ static GfStatus copy_spans(WeightsDevice *d, Spans *s, GfError *err) {
 
 static GfStatus upload_all(GemmaWeights *gw, WeightsDevice *d, int ple_host, GfError *err) {
     Spans s = {.gw = gw};
+    if (gw->nf4_src && !d->be.ops->nf4_quantize && weights_nf4_host(gw, err)) return err->status;
     if (map_ple(&s, d, ple_host)) s.missing = 1;
     for (size_t i = 0; i < gw->n_chunks; i++)
         if (add_span(&s, gw->chunks[i].base, gw->chunks[i].size, 0)) s.missing = 1;
     Visit v = {span_of_mat, span_of_vec, &s};
     visit_all(&gw->host, &gw->cfg, &v);
+    if (nf4_spans(&s)) s.missing = 1;
     GfStatus st = GF_OK;
     if (s.missing) st = gf_error_set(err, GF_NO_MEMORY, "out_of_memory", NULL, "out of memory for the weights' spans");
     if (!st && s.total[1] &&
         d->be.ops->alloc_mapped(&d->be.ctx, &d->map, s.total[1], KN_U8, "the per-layer embedding table", err)) {
         GF_LOGW("model: %s; the table goes to %s's memory instead", err->message, d->be.name);
         free(s.spans);
+        free(s.nf4_off);
         return upload_all(gw, d, 0, err); /* pinned host memory may be scarce where device memory is not */
     }
     if (!st) st = copy_spans(d, &s, err);
     if (!st) st = rewrite_all(gw, d, &s, err);
+    if (!st && s.nf4_off) st = quantize_on_device(gw, d, err);
+    if (!st) st = seal_spans(d, err);
     if (!st && s.total[1])
         GF_LOGI("model: base weights copied to %s (%.1f MB), the per-layer embedding table to host memory it reads "
                 "(%.1f MB)", d->be.name, (double)s.total[0] / 1e6, (double)s.total[1] / 1e6);
     else if (!st)
         GF_LOGI("model: base weights copied to %s (%.1f MB)", d->be.name, (double)s.total[0] / 1e6);
     free(s.spans);
+    free(s.nf4_off);
     return st;
 }
 
@@ -240,6 +318,12 @@ GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n
     *t = NULL;
     *share = NULL;
     if (kind == KN_DEVICE_CPU) {
+        if (gw->nf4_src && !atomic_load(&gw->nf4_host_ready)) { /* deferred NF4: the host's own arrays, once */
+            pthread_mutex_lock(&gw->devices_lock);
+            GfStatus st = weights_nf4_host(gw, err);
+            pthread_mutex_unlock(&gw->devices_lock);
+            if (st) return st;
+        }
         *t = &gw->host;
         return GF_OK;
     }

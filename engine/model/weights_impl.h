@@ -86,6 +86,11 @@ typedef struct WeightsDevice {
  * GF_DEVICE, or the backend's open errors. */
 GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n_threads, int ple_host,
                            const WeightsTensors **t, const KnBackend **share, GfError *err);
+/* Deferred NF4: the host's arrays quantized from nf4_src on every core,
+ * once (a no-op when they are, or when quantized at open). Called with
+ * devices_lock held. GF_NO_MEMORY. */
+GfStatus weights_nf4_host(GemmaWeights *gw, GfError *err);
+
 /* 1 when p lies in the weights' arena (a widened, NF4 or derived array),
  * not in the mapped checkpoint. */
 int weights_in_arena(const GemmaWeights *gw, const void *p);
@@ -114,8 +119,13 @@ struct GemmaWeights {
     size_t n_chunks, cap_chunks;
     uint8_t *cur;                   /* the open chunk's free space */
     size_t cur_left;
-    struct KnNf4 *nf4;              /* QLoRA: the quantized linears the KnMatrix views point at (payloads in the arena) */
+    struct KnNf4 *nf4;              /* QLoRA: the quantized linears the KnMatrix views point at (payloads in the arena,
+                                       or, when deferred, malloc'ed once nf4_host_ready; until then sizes alone) */
     size_t n_nf4;
+    KnMatrix *nf4_src;              /* [n_nf4] deferred NF4: the stored linears, each quantized where it is used (a
+                                       device copy's backend at upload, the host's cores for the first CPU context);
+                                       NULL when quantized at open */
+    atomic_int nf4_host_ready;      /* deferred NF4: the host's arrays are filled (set under devices_lock) */
     uint8_t **claimed;              /* per shard, per tensor */
     char prefix[32];                /* "model.language_model." or "model." */
 };

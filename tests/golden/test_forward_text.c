@@ -258,17 +258,105 @@ static void test_ple_placement(void) {
     free(d.logits);
 }
 
+/* Golden row 0's logits through a new context on w on device. */
+static float *nf4_logits(GemmaWeights *w, const char *device, const Golden *g, int64_t *n) {
+    Model *m = NULL;
+    GfError err;
+    ModelOptions o = {.n_threads = 2, .device = device};
+    CHECK_STATUS(model_new(w, &o, &m, &err), GF_OK, err);
+    if (!m) return NULL;
+    const TextConfig *t = &model_config(m)->text;
+    *n = g->T * t->vocab_size;
+    float *logits = malloc((size_t)*n * sizeof *logits);
+    KvCache c;
+    ModelInput in = {.ids = g->ids, .valid = g->valid, .n = g->T};
+    CHECK_STATUS(kv_cache_init(&c, t, model_backend(m), g->T, &err), GF_OK, err);
+    CHECK_STATUS(model_forward(m, &c, &in, logits, NULL, &err), GF_OK, err);
+    kv_cache_free(&c);
+    model_close(m);
+    return logits;
+}
+
+/* The host's NF4 arrays of a and b hold the same bytes. */
+static int same_nf4(const GemmaWeights *a, const GemmaWeights *b) {
+    int same = a->n_nf4 == b->n_nf4 && a->n_nf4 > 0;
+    for (size_t i = 0; same && i < a->n_nf4; i++) {
+        const KnNf4 *p = &a->nf4[i], *q = &b->nf4[i];
+        same = p->n == q->n && !memcmp(&p->offset, &q->offset, sizeof p->offset) &&
+               !memcmp(p->codes, q->codes, (size_t)(p->n + 1) / 2) && !memcmp(p->absmax_q, q->absmax_q, (size_t)p->n_blocks) &&
+               !memcmp(p->group_scale, q->group_scale, (size_t)p->n_groups * sizeof(float));
+    }
+    return same;
+}
+
+/* NF4 weights quantized where they are used (weights_open's nf4_later):
+ * by the device's backend as the first context there uploads them, and by
+ * the host's cores for the first CPU context, in either order. The same
+ * bits as quantized at open: the host's arrays byte for byte, and the
+ * logits of every context equal. Counted at the NF4 size from the start. */
+static void test_nf4_where(const char *variant) {
+    char dir[512], path[600];
+    snprintf(dir, sizeof dir, GF_FIXTURES "/%s", variant);
+    snprintf(path, sizeof path, "%s/forward_text.safetensors", dir);
+    Golden g;
+    GfError err;
+    CHECK(load_golden(path, &g) == 0, "%s golden file", variant);
+    GemmaWeights *now = NULL, *later[2] = {NULL, NULL};
+    CHECK_STATUS(weights_open(dir, MODEL_QUANT_NF4, 0, NULL, &now, &err), GF_OK, err);
+    for (int i = 0; i < 2; i++) CHECK_STATUS(weights_open(dir, MODEL_QUANT_NF4, 1, NULL, &later[i], &err), GF_OK, err);
+    if (!now || !later[0] || !later[1]) return;
+    CHECK(later[0]->nf4_src && !later[0]->nf4[0].codes && !now->nf4_src,
+          "%s: deferred NF4 leaves the host's arrays unmade until a CPU context needs them", variant);
+    CHECK(weights_resident_bytes(later[0]) == weights_resident_bytes(now), "%s: deferred NF4 counted as NF4 (%llu, %llu)",
+          variant, (unsigned long long)weights_resident_bytes(later[0]), (unsigned long long)weights_resident_bytes(now));
+    int64_t n = 0, n1;
+    float *ref = nf4_logits(now, "cpu", &g, &n);
+    /* later[0]: the device first (quantized there), then the CPU; later[1]: the CPU first, then the device */
+    float *dev0 = nf4_logits(later[0], "guarded", &g, &n1);
+    CHECK(!atomic_load(&later[0]->nf4_host_ready), "%s: quantizing on the device leaves the host's arrays alone", variant);
+    float *cpu0 = nf4_logits(later[0], "cpu", &g, &n1);
+    float *cpu1 = nf4_logits(later[1], "cpu", &g, &n1);
+    float *dev1 = nf4_logits(later[1], "guarded", &g, &n1);
+    CHECK(same_nf4(now, later[0]) && same_nf4(now, later[1]), "%s: the host's NF4 arrays quantized later are the same bytes",
+          variant);
+    float *runs[] = {dev0, cpu0, cpu1, dev1};
+    const char *names[] = {"on the device", "on the host after the device", "on the host", "on the device after the host"};
+    for (int i = 0; i < 4; i++)
+        CHECK(ref && runs[i] && !memcmp(ref, runs[i], (size_t)n * sizeof *ref),
+              "%s: logits of NF4 quantized %s equal those quantized at open", variant, names[i]);
+    for (int i = 0; i < 4; i++) free(runs[i]);
+    free(ref);
+    weights_release(now);
+    weights_release(later[0]);
+    weights_release(later[1]);
+    free(g.ids);
+    free(g.valid);
+    safetensors_close(&g.st);
+}
+
 /* Writes into open weights: a widened norm vector (0), a bf16 matrix of the
  * checkpoint (1), an NF4 linear's codes (2). */
 static void write_weights(int what) {
     GfError err;
     Model *m = NULL;
-    ModelOptions mo = {.n_threads = 1, .quantize = what == 2 ? MODEL_QUANT_NF4 : MODEL_QUANT_NONE};
+    ModelOptions mo = {.n_threads = 1, .device = "cpu", .quantize = what == 2 ? MODEL_QUANT_NF4 : MODEL_QUANT_NONE};
     if (model_open(GF_FIXTURES "/dense", &mo, &m, &err)) _exit(3);
     const GemmaWeights *w = model_weights(m);
     if (what == 0) w->host.final_norm[0] = 2.0f;
     else if (what == 1) ((uint16_t *)w->host.layers[0].q.data)[0] ^= 1;
     else ((KnNf4 *)w->host.layers[0].q.data)->codes[0] ^= 1;
+}
+
+/* An NF4 linear's codes quantized for a CPU context after the weights
+ * opened (deferred): read-only too. */
+static void write_later_nf4(int unused) {
+    (void)unused;
+    GfError err;
+    GemmaWeights *w = NULL;
+    Model *m = NULL;
+    ModelOptions mo = {.n_threads = 1, .device = "cpu"};
+    if (weights_open(GF_FIXTURES "/dense", MODEL_QUANT_NF4, 1, NULL, &w, &err) || model_new(w, &mo, &m, &err)) _exit(3);
+    ((KnNf4 *)w->host.layers[0].q.data)->codes[0] ^= 1;
 }
 
 /* Opened weights are read-only: each write kills the process that tries, so
@@ -277,6 +365,7 @@ static void test_weights_read_only(void) {
     const char *names[] = {"a widened vector", "a mapped bf16 matrix", "an NF4 linear's codes"};
     for (int what = 0; what < 3; what++)
         CHECK(check_segfaults(write_weights, what), "writing %s of open weights faults", names[what]);
+    CHECK(check_segfaults(write_later_nf4, 0), "writing an NF4 linear's codes quantized after open faults%s", "");
 }
 
 int main(void) {
@@ -285,5 +374,7 @@ int main(void) {
     run_variant("ple");
     run_variant("moe");
     test_ple_placement();
+    test_nf4_where("dense");
+    test_nf4_where("moe");
     return check_done("test_forward_text");
 }
