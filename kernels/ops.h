@@ -410,7 +410,7 @@ typedef struct {
                          int n_kv_heads, int dim, float scale, const KnMask *mask);
 
     /* ---- loading ---- */
-    /* (optional) w [rows, cols] (F32, BF16 or F16, offset 0) quantized to
+    /* w [rows, cols] (F32, BF16 or F16, offset 0) quantized to
      * NF4 into q's arrays: the bits kn_nf4_quantize (nf4.h) gives on the
      * host. q is a host struct whose sizes are set (kn_nf4_shape, n = rows
      * * cols) and whose arrays are device memory; scratch is device memory

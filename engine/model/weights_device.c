@@ -283,7 +283,6 @@ static GfStatus seal_spans(WeightsDevice *d, GfError *err) {
 
 static GfStatus upload_all(GemmaWeights *gw, WeightsDevice *d, int ple_host, GfError *err) {
     Spans s = {.gw = gw};
-    if (gw->nf4_src && !d->be.ops->nf4_quantize && weights_nf4_host(gw, err)) return err->status;
     if (map_ple(&s, d, ple_host)) s.missing = 1;
     for (size_t i = 0; i < gw->n_chunks; i++)
         if (add_span(&s, gw->chunks[i].base, gw->chunks[i].size, 0)) s.missing = 1;

@@ -63,7 +63,9 @@ extern "C" GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err) {
      * back; the BF16 precision's GEMMs (cuda_gemm.cu) need the tensor cores */
     c->bf16 = ctx->precision == KN_PRECISION_BF16;
     cublasSetMathMode(c->blas, c->bf16 ? CUBLAS_DEFAULT_MATH : CUBLAS_PEDANTIC_MATH);
+    if (c->bf16) cuda_lt_open(c);
     if ((rc = cuda_attention_open(c, &what)) != cudaSuccess) {
+        cuda_lt_free(c);
         cublasDestroy(c->blas);
         cudaStreamDestroy(c->stream);
         free(c);
@@ -95,6 +97,7 @@ extern "C" void cuda_ctx_free(KnCtx *ctx) {
         cudaFreeHost(c->stage[b]);
         cudaEventDestroy(c->staged[b]);
     }
+    cuda_lt_free(c);
     cublasDestroy(c->blas);
     cudaStreamDestroy(c->stream);
     free(c);
@@ -253,9 +256,6 @@ static int cu_supports(const KnCtx *ctx, KnOpId op, KnDtype w) {
     return w == KN_F32 || w == KN_BF16 || w == KN_F16 || w == KN_NF4;
 }
 
-/* cuBLAS's own workspace per handle: its default on Hopper and later
- * (4 MiB before), counted at the larger size. */
-#define BLAS_WORKSPACE_BYTES ((size_t)32 << 20)
 
 static size_t cu_scratch_bytes(const KnCtx *ctx, const KnCall *call) {
     size_t own = 0;
@@ -274,7 +274,7 @@ static size_t cu_scratch_bytes(const KnCtx *ctx, const KnCall *call) {
         break;
     default: break;
     }
-    return BLAS_WORKSPACE_BYTES + own;
+    return CUDA_BLAS_WORKSPACE_BYTES + own; /* cuBLAS's and cuBLASLt's workspace */
 }
 
 /* The table, filled by name (C++17 has no designated initializers). */

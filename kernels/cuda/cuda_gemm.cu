@@ -1,6 +1,6 @@
 /* cuda_gemm.cu - the matmuls of the BF16 precision (ops.h KnPrecision): the
  * operands rounded to bfloat16 (round to nearest even), the products summed
- * in float32 on the tensor cores (cublasGemmEx, CUBLAS_COMPUTE_32F), float32
+ * in float32 on the tensor cores (cuBLASLt, cuda_lt.cu), float32
  * in and out. BF16 weights are read as stored; F32, F16 and NF4 weights are
  * widened to bfloat16 a chunk of rows at a time into the context's scratch
  * (dequantize, then GEMM: what QLoRA does on a GPU). A decode step's few rows
@@ -397,16 +397,12 @@ void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t 
     int64_t R = chunk_rows(w);
     __nv_bfloat16 *x16, *w16;
     if (!gemm_operands(c, w, x, n, 0, "matmul bf16", &x16, &w16)) return;
-    const float one = 1.0f, zero = 0.0f;
     for (int64_t r0 = 0; r0 < w.rows; r0 += R) {
         int64_t rr = w.rows - r0 < R ? w.rows - r0 : R;
         const __nv_bfloat16 *a = w_rows_bf16(c, w, r0, rr, w16);
         /* column-major: y^T[r0.., n] (ld rows) = W[r0..]^T' x^T */
-        cuda_blas_note(c,
-                   cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rr, (int)n, (int)w.cols, &one, a, CUDA_R_16BF,
-                                (int)w.cols, x16, CUDA_R_16BF, (int)w.cols, &zero, y + r0, CUDA_R_32F, (int)w.rows,
-                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                   "matmul bf16");
+        cuda_gemm_bf16(c, CUBLAS_OP_T, CUBLAS_OP_N, (int)rr, (int)n, (int)w.cols, a, (int)w.cols, x16, (int)w.cols, 0.0f,
+                       y + r0, (int)w.rows, "matmul bf16");
     }
 }
 
@@ -414,15 +410,11 @@ void cuda_matmul_dx_bf16(CudaCtx *c, float *dx, const float *dy, KnMatrix w, int
     int64_t R = chunk_rows(w);
     __nv_bfloat16 *g16, *w16;
     if (!gemm_operands(c, w, dy, n, 1, "matmul_dx bf16", &g16, &w16)) return;
-    const float one = 1.0f;
     for (int64_t r0 = 0; r0 < w.rows; r0 += R) {
         int64_t rr = w.rows - r0 < R ? w.rows - r0 : R;
         const __nv_bfloat16 *a = w_rows_bf16(c, w, r0, rr, w16);
         /* column-major: dx^T[cols, n] += W[r0..]' [cols, rr] dy^T[r0.., n] (ld rows) */
-        cuda_blas_note(c,
-                   cublasGemmEx(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)w.cols, (int)n, (int)rr, &one, a, CUDA_R_16BF,
-                                (int)w.cols, g16 + r0, CUDA_R_16BF, (int)w.rows, &one, dx, CUDA_R_32F, (int)w.cols,
-                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                   "matmul_dx bf16");
+        cuda_gemm_bf16(c, CUBLAS_OP_N, CUBLAS_OP_N, (int)w.cols, (int)n, (int)rr, a, (int)w.cols, g16 + r0, (int)w.rows,
+                       1.0f, dx, (int)w.cols, "matmul_dx bf16");
     }
 }

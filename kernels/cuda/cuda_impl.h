@@ -23,6 +23,7 @@
 #ifndef GF_CUDA_IMPL_H
 #define GF_CUDA_IMPL_H
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -67,9 +68,16 @@ typedef struct {
     CudaGraphSlot slot[CUDA_GRAPH_SLOTS];
 } CudaGraphs;
 
+/* cuBLAS's workspace per context: its default on Hopper and later (4 MiB
+ * before), allocated once and shared with cuBLASLt (cuda_lt.cu). */
+#define CUDA_BLAS_WORKSPACE_BYTES ((size_t)32 << 20)
+
+typedef struct CudaLt CudaLt; /* cuda_lt.cu */
+
 typedef struct {
     int device;
     int bf16;                 /* KN_PRECISION_BF16: matmuls on bf16 operands (cuda_gemm.cu) */
+    CudaLt *lt;               /* cuBLASLt's handle, workspace and plans (cuda_lt.cu); NULL: cublasGemmEx */
     cudaStream_t stream;
     cublasHandle_t blas;
     void *scratch;            /* cuda_gemm.cu's bf16 operands, grown on the stream */
@@ -243,6 +251,14 @@ static __device__ __forceinline__ float warp_sum(float v) {
  * noted when it cannot grow, and NULL (the recording failing) when it
  * would have to grow while the stream is recorded. cuda_gemm.cu. */
 void *cuda_scratch(CudaCtx *c, size_t bytes, const char *what);
+/* cuda_lt.cu: cuBLASLt for the context (c->lt; NULL where it cannot be
+ * had or GF_CUBLASLT=0), freed with it; and C = op(A) op(B) + beta C in
+ * column-major order (cuBLAS's arguments), A and B bf16, C float32, through
+ * a cuBLASLt plan or else cublasGemmEx, a failure noted as the fault. */
+void cuda_lt_open(CudaCtx *c);
+void cuda_lt_free(CudaCtx *c);
+void cuda_gemm_bf16(CudaCtx *c, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const void *A, int lda,
+                    const void *B, int ldb, float beta, float *C, int ldc, const char *what);
 /* cuda_gemm.cu: the BF16 precision's matmul and its input gradient */
 void cuda_matmul_bf16(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t n);
 void cuda_matmul_dx_bf16(CudaCtx *c, float *dx, const float *dy, KnMatrix w, int64_t n);
