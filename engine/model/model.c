@@ -37,18 +37,26 @@ static GfStatus model_precision(const ModelOptions *opts, KnPrecision *out, GfEr
     return GF_OK;
 }
 
-/* Where the per-layer embedding table goes (ModelOptions.ple): 1 = host. */
-static GfStatus model_ple(const ModelOptions *opts, int *host, GfError *err) {
-    const char *v = opts && opts->ple ? opts->ple : getenv("GF_PLE");
-    const char *where = opts && opts->ple ? "ple" : "GF_PLE";
-    *host = 1;
-    if (!v || !*v || strcmp(v, "host") == 0) return GF_OK;
-    if (strcmp(v, "device") == 0) {
-        *host = 0;
+/* A "host" or "device" option: opt when set (named param), else the
+ * environment variable env, else the default; *device = 1 for "device". */
+static GfStatus host_or_device(const char *opt, const char *param, const char *env, int dflt, int *device, GfError *err) {
+    const char *v = opt ? opt : getenv(env), *where = opt ? param : env;
+    *device = dflt;
+    if (!v || !*v) return GF_OK;
+    if (strcmp(v, "host") == 0 || strcmp(v, "device") == 0) {
+        *device = strcmp(v, "device") == 0;
         return GF_OK;
     }
     return gf_error_set(err, GF_INVALID, "invalid_value", where, "%s must be \"host\" or \"device\", not \"%.32s\"",
                         where, v);
+}
+
+/* Where the per-layer embedding table goes (ModelOptions.ple): 1 = host. */
+static GfStatus model_ple(const ModelOptions *opts, int *host, GfError *err) {
+    int device;
+    GfStatus st = host_or_device(opts ? opts->ple : NULL, "ple", "GF_PLE", 0, &device, err);
+    *host = !device;
+    return st;
 }
 
 /* The device from the options, else from GF_DEVICE in the environment, else
@@ -66,16 +74,7 @@ static GfStatus model_device(const ModelOptions *opts, KnDeviceKind *kind, int *
 /* Where NF4 weights are quantized (ModelOptions.quantize_on): 1 = on the
  * device they are used on. */
 static GfStatus model_quantize_on(const ModelOptions *opts, int *device, GfError *err) {
-    const char *v = opts && opts->quantize_on ? opts->quantize_on : getenv("GF_QUANTIZE_ON");
-    const char *where = opts && opts->quantize_on ? "quantize_on" : "GF_QUANTIZE_ON";
-    *device = 1;
-    if (!v || !*v || strcmp(v, "device") == 0) return GF_OK;
-    if (strcmp(v, "host") == 0) {
-        *device = 0;
-        return GF_OK;
-    }
-    return gf_error_set(err, GF_INVALID, "invalid_value", where, "%s must be \"host\" or \"device\", not \"%.32s\"",
-                        where, v);
+    return host_or_device(opts ? opts->quantize_on : NULL, "quantize_on", "GF_QUANTIZE_ON", 1, device, err);
 }
 
 /* The weights as the device reads them, and a context sharing their memory. */

@@ -57,6 +57,20 @@ static GfStatus open_close(void *ctx, GfError *err) {
     return st;
 }
 
+/* NF4 left to where it is used (weights.h nf4_later), then a CPU context:
+ * the host quantizes then, and may run out there. */
+static GfStatus open_later_cpu(void *ctx, GfError *err) {
+    (void)ctx;
+    GemmaWeights *w = NULL;
+    Model *m = NULL;
+    ModelOptions mo = {.n_threads = 1, .device = "cpu"};
+    GfStatus st = weights_open(GF_FIXTURES "/dense", MODEL_QUANT_NF4, 1, NULL, &w, err);
+    if (!st) st = model_new(w, &mo, &m, err);
+    model_close(m);
+    weights_release(w);
+    return st;
+}
+
 /* ---- a batched forward: two sequences, one with an adapter ---- */
 
 typedef struct {
@@ -192,6 +206,9 @@ int main(void) {
     GfError err;
     ModelOptions mo = {.n_threads = 1, .quantize = MODEL_QUANT_NF4};
     failure_loop("model_open (dense, nf4)", open_close, &mo);
+    ModelOptions on_device = {.n_threads = 1, .quantize = MODEL_QUANT_NF4, .device = "guarded"};
+    failure_loop("model_open (nf4 on a device)", open_close, &on_device); /* quantized as it is copied */
+    failure_loop("nf4 later, for the cpu", open_later_cpu, NULL);
 
     Pipeline *p = NULL;
     ModelOptions plain = {.n_threads = 1};
