@@ -4,14 +4,14 @@
  * What is copied: every arena chunk (the widened, NF4 and derived arrays:
  * all in use) and every matrix the model reads straight from the mapped
  * checkpoint, each once; never the checkpoint's unused tensors or the
- * stored linears NF4 replaced. Deferred NF4 (weights_impl.h) is made
- * here: each stored linear goes through a staging buffer to the backend's
- * nf4_quantize, which writes its arrays into the copy (unless the host
- * has made its own already: they are in the arena, copied with it). One
- * device buffer holds them all, but the
- * per-layer embedding table when it stays in host memory the device reads
- * (a second, mapped buffer); a host address becomes a device address by
- * its offset in its span. Every
+ * stored linears NF4 replaced. Deferred NF4 (weights_impl.h) is made here:
+ * each stored linear goes through a staging buffer to the backend's
+ * nf4_quantize, which writes its arrays into the copy (unless the host has
+ * made its own already: they are in the arena, copied with it).
+ *
+ * One device buffer holds them all, but the per-layer embedding table when
+ * it stays in host memory the device reads (a second, mapped buffer); a
+ * host address becomes a device address by its offset in its span. Every
  * pointer of WeightsTensors is translated, so a field this file forgets
  * stays a host address, which the guarded backend refuses. */
 #include <stdlib.h>
