@@ -357,9 +357,9 @@ static int bench_quant(Run *r, const char *dir, ModelQuant q) {
     ModelOptions mo = {.n_threads = r->threads, .quantize = q, .gauge = &gauge};
     double t0 = gf_time_mono();
     if (model_open(dir, &mo, &m, &err)) { fprintf(stderr, "%s\n", err.message); return 1; }
-    const char *qn = q == MODEL_QUANT_NF4 ? "nf4" : "bf16", *on = getenv("GF_QUANTIZE_ON");
+    const char *qn = q == MODEL_QUANT_NF4 ? "nf4" : "bf16";
+    const char *on = q != MODEL_QUANT_NF4 ? "" : weights_nf4_later(model_weights(m)) ? "device" : "host";
     const KnBackend *be = model_backend(m);
-    on = q != MODEL_QUANT_NF4 ? "" : kind == KN_DEVICE_CPU || (on && strcmp(on, "host") == 0) ? "host" : "device";
     printf("{\"what\":\"load\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"%s\",\"quantized_on\":\"%s\","
            "\"device\":\"%s\",\"device_name\":\"%s\","
            "\"precision\":\"%s\",\"seconds\":%.1f,\"weight_bytes_per_step\":%.0f,\"device_weight_bytes\":%llu,"

@@ -26,19 +26,15 @@ static inline uint8_t nearest_code(float w, float a) {
 
 uint8_t kn_nf4_nearest(float w, float a) { return a != 0.0f ? nearest_code(w, a) : 7; /* 7: zero */ }
 
-/* The codes of x[0..n) (n <= KN_NF4_BLOCK), one block's share, whose
- * dequantized absmax is a, into code[0..n). Loops of a whole block's
- * fixed length without branches, which the compiler vectorizes. */
-static void block_codes(const float *x, int64_t n, float a, uint8_t *code) {
+/* The codes of a block's values x (zero past its end), whose dequantized
+ * absmax is a: a loop of the block's fixed length without branches, which
+ * the compiler vectorizes. */
+static void block_codes(const float x[KN_NF4_BLOCK], float a, uint8_t code[KN_NF4_BLOCK]) {
     if (a == 0.0f) {
-        memset(code, 7, (size_t)n); /* 7: zero */
+        memset(code, 7, KN_NF4_BLOCK); /* 7: zero */
         return;
     }
-    float v[KN_NF4_BLOCK] = {0};
-    uint8_t c[KN_NF4_BLOCK];
-    memcpy(v, x, (size_t)n * sizeof *v);
-    for (int k = 0; k < KN_NF4_BLOCK; k++) c[k] = nearest_code(v[k], a);
-    memcpy(code, c, (size_t)n);
+    for (int k = 0; k < KN_NF4_BLOCK; k++) code[k] = nearest_code(x[k], a);
 }
 
 float kn_nf4_absmax(const KnNf4 *q, int64_t b) {
@@ -65,10 +61,12 @@ size_t kn_nf4_scratch_bytes(int64_t n) {
     return kn_nf4_scratch_sums(q.n_blocks) + (size_t)(q.n_groups + 1) * sizeof(double);
 }
 
-/* Elements [b * 64, ...) of block b of w, widened into x; their count. */
-static int64_t block_load(KnMatrix w, int64_t n, int64_t b, float *x) {
+/* Block b of w's n elements widened into x, zeros past the end of w; the
+ * count of its elements. */
+static int64_t block_load(KnMatrix w, int64_t n, int64_t b, float x[KN_NF4_BLOCK]) {
     int64_t e = b * KN_NF4_BLOCK, len = n - e < KN_NF4_BLOCK ? n - e : KN_NF4_BLOCK;
     kn_convert_to_f32(x, w.data, w.dtype, e, len);
+    memset(x + len, 0, (size_t)(KN_NF4_BLOCK - len) * sizeof *x);
     return len;
 }
 
@@ -76,9 +74,9 @@ static int64_t block_load(KnMatrix w, int64_t n, int64_t b, float *x) {
 static void block_absmax(KnMatrix w, int64_t n, int64_t n_blocks, float *absmax) {
     float x[KN_NF4_BLOCK];
     for (int64_t b = 0; b < n_blocks; b++) {
-        int64_t len = block_load(w, n, b, x);
+        block_load(w, n, b, x);
         float m = 0.0f;
-        for (int64_t k = 0; k < len; k++) {
+        for (int k = 0; k < KN_NF4_BLOCK; k++) {
             float a = fabsf(x[k]);
             m = a > m ? a : m; /* a NaN is passed over */
         }
@@ -117,7 +115,7 @@ void kn_nf4_quantize_into(KnNf4 *q, KnMatrix w, void *scratch) {
     uint8_t code[KN_NF4_BLOCK];
     for (int64_t b = 0; b < q->n_blocks; b++) { /* blocks start at even elements: two codes a byte */
         int64_t len = block_load(w, q->n, b, x);
-        block_codes(x, len, kn_nf4_absmax(q, b), code);
+        block_codes(x, kn_nf4_absmax(q, b), code);
         uint8_t *out = q->codes + b * (KN_NF4_BLOCK / 2);
         for (int64_t k = 0; k < len; k += 2) out[k / 2] = (uint8_t)(code[k] | (k + 1 < len ? code[k + 1] << 4 : 0));
     }

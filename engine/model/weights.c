@@ -496,14 +496,17 @@ static void quantize_task(void *ctx, int ith, int nth) {
     for (size_t j = (size_t)ith; j < q->n; j += (size_t)nth) q->st[j] = kn_nf4_quantize(&q->out[j], *q->slots[j], &q->errs[j]);
 }
 
-/* The quantized slot i moved into the arena; its stored matrix, no longer
- * read, is given back (a widened copy) or stops counting (mapped pages). */
-static GfStatus install_nf4(GemmaWeights *gw, KnMatrix *w, size_t i, GfError *err) {
+/* Quantized linear i moved into the arena. With install, w (the weights'
+ * own slot it was quantized from) views it from then on, and its stored
+ * matrix, no longer read, is given back (a widened copy) or stops counting
+ * (mapped pages). */
+static GfStatus keep_nf4(GemmaWeights *gw, size_t i, KnMatrix *w, int install, GfError *err) {
     GfStatus st = nf4_to_arena(gw, &gw->nf4[i], err);
     if (st) {
         kn_nf4_free(&gw->nf4[i]);
         return st;
     }
+    if (!install) return GF_OK;
     gw->n_nf4 = i + 1;
     uint64_t stored = linears_bytes(&w, 1);
     if (!weights_in_arena(gw, w->data) || arena_release(gw, w->data)) gw->resident_bytes -= stored;
@@ -512,26 +515,26 @@ static GfStatus install_nf4(GemmaWeights *gw, KnMatrix *w, size_t i, GfError *er
     return GF_OK;
 }
 
-/* slots[0..n) quantized into out[0..n) on every core (31B's 30 B
- * parameters take minutes on one), in batches of a few per thread; with
- * install, each installed in order as its batch ends (the stored copies
- * given back as it goes). On failure every out not installed is freed. */
-static GfStatus quantize_batches(GemmaWeights *gw, KnMatrix **slots, KnNf4 *out, size_t n, int install, GfError *err) {
+/* slots[0..n) quantized into gw->nf4[0..n) on every core (31B's 30 B
+ * parameters take minutes on one), in batches of a few per thread, each
+ * kept in order as its batch ends (keep_nf4: with install, the stored
+ * copies given back as it goes). On failure none past it is kept: those
+ * quantized are freed, the rest left as they were. */
+static GfStatus quantize_batches(GemmaWeights *gw, KnMatrix **slots, size_t n, int install, GfError *err) {
     KnPool *pool = kn_pool_new(0, err);
     size_t per = pool ? 2 * (size_t)kn_pool_size(pool) : 0;
     GfStatus *sts = pool ? gf_calloc(per, sizeof *sts, err) : NULL;
     GfError *errs = sts ? gf_calloc(per, sizeof *errs, err) : NULL;
     GfStatus st = errs ? GF_OK : GF_NO_MEMORY;
     for (size_t i0 = 0; !st && i0 < n; i0 += per) {
-        QuantBatch b = {slots + i0, out + i0, sts, errs, n - i0 < per ? n - i0 : per};
+        QuantBatch b = {slots + i0, gw->nf4 + i0, sts, errs, n - i0 < per ? n - i0 : per};
         kn_pool_run(pool, quantize_task, &b);
         for (size_t j = 0; j < b.n; j++) {
             if (!st && (st = sts[j])) *err = errs[j];
-            else if (!st && install) st = install_nf4(gw, slots[i0 + j], i0 + j, err);
-            else if (st) kn_nf4_free(&out[i0 + j]); /* after a failure: dropped, never installed */
+            else if (!st) st = keep_nf4(gw, i0 + j, slots[i0 + j], install, err);
+            else kn_nf4_free(&gw->nf4[i0 + j]); /* after a failure: dropped, never kept */
         }
     }
-    for (size_t i = 0; st && !install && i < n; i++) kn_nf4_free(&out[i]);
     kn_pool_free(pool);
     free(errs);
     free(sts);
@@ -541,7 +544,7 @@ static GfStatus quantize_batches(GemmaWeights *gw, KnMatrix **slots, KnNf4 *out,
 /* Every linear to NF4 now, on the host's cores, the payloads in the arena. */
 static GfStatus quantize_linears(GemmaWeights *gw, KnMatrix **slots, size_t n, GfError *err) {
     gw->nf4 = gf_calloc(n + 1, sizeof *gw->nf4, err);
-    return gw->nf4 ? quantize_batches(gw, slots, gw->nf4, n, 1, err) : GF_NO_MEMORY;
+    return gw->nf4 ? quantize_batches(gw, slots, n, 1, err) : GF_NO_MEMORY;
 }
 
 /* Every linear to NF4 later, where it is used (weights_impl.h): its NF4
@@ -586,23 +589,20 @@ static GfStatus nf4_linears(GemmaWeights *gw, int defer, GfError *err) {
 GfStatus weights_nf4_host(GemmaWeights *gw, GfError *err) {
     if (!gw->nf4_src || atomic_load(&gw->nf4_host_ready)) return GF_OK;
     size_t n = gw->n_nf4;
-    KnMatrix **slots = gf_calloc(n + 1, sizeof *slots, err);
-    KnNf4 *out = slots ? gf_calloc(n + 1, sizeof *out, err) : NULL;
-    GfStatus st = out ? GF_OK : GF_NO_MEMORY;
-    for (size_t i = 0; !st && i < n; i++) slots[i] = &gw->nf4_src[i];
-    if (!st) st = quantize_batches(gw, slots, out, n, 0, err);
-    for (size_t i = 0; i < n && out; i++) { /* into the arena, read-only with the rest */
-        if (!st) st = nf4_to_arena(gw, &out[i], err);
-        if (st) kn_nf4_free(&out[i]); /* not moved: its own arrays */
+    KnMatrix **src = gf_calloc(n + 1, sizeof *src, err);
+    if (!src) return GF_NO_MEMORY;
+    for (size_t i = 0; i < n; i++) src[i] = &gw->nf4_src[i];
+    GfStatus st = quantize_batches(gw, src, n, 0, err);
+    for (size_t i = 0; st && i < n; i++) { /* the sizes alone again (what reached the arena stays there) */
+        gw->nf4[i] = (KnNf4){0};
+        kn_nf4_shape(&gw->nf4[i], src[i]->rows * src[i]->cols);
     }
     if (!st) {
-        memcpy(gw->nf4, out, n * sizeof *out); /* the same sizes, now with host arrays */
         atomic_store(&gw->nf4_host_ready, 1);
         GF_LOGI("model: %zu linears quantized to NF4 on the host for a CPU context", n);
     }
     arena_seal(gw);
-    free(out);
-    free(slots);
+    free(src);
     return st;
 }
 
@@ -671,5 +671,6 @@ void weights_release(GemmaWeights *gw) {
 const GemmaConfig *weights_config(const GemmaWeights *gw) { return &gw->cfg; }
 const ModelDir *weights_dir(const GemmaWeights *gw) { return &gw->dir; }
 ModelQuant weights_quant(const GemmaWeights *gw) { return gw->quant; }
+int weights_nf4_later(const GemmaWeights *gw) { return gw->nf4_src != NULL; }
 uint64_t weights_resident_bytes(const GemmaWeights *gw) { return gw->resident_bytes; }
 

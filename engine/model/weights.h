@@ -59,8 +59,8 @@ uint64_t weights_gauge_bytes(const WeightsGauge *g, KnDeviceKind kind);
  * now: on a device, by its backend as the first context there uploads
  * them (nf4_quantize, ops.h), which spares the host's cores; on the host,
  * by the first CPU context. The same bits either way, and counted at
- * their NF4 size from the start. Kept when a stored linear is F16 (it is
- * widened at load: quantized now, like the rest). */
+ * their NF4 size from the start. Ignored when a stored linear is F16 (it
+ * is widened at load): all are quantized now. */
 GfStatus weights_open(const char *dir, ModelQuant quant, int nf4_later, WeightsGauge *gauge, GemmaWeights **out,
                       GfError *err);
 /* Another reference; returns w. */
@@ -71,6 +71,9 @@ void weights_release(GemmaWeights *w);
 const GemmaConfig *weights_config(const GemmaWeights *w);
 const ModelDir *weights_dir(const GemmaWeights *w);
 ModelQuant weights_quant(const GemmaWeights *w);
+/* 1 when NF4 was left to where it is used (weights_open's nf4_later, not
+ * ignored): quantized by a device as its copy was made. */
+int weights_nf4_later(const GemmaWeights *w);
 /* Bytes the engine reads at run time: the mapped tensors it uses as stored,
  * plus its own widened and NF4 arrays (unused mapped bytes excluded). */
 uint64_t weights_resident_bytes(const GemmaWeights *w);

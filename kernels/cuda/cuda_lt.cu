@@ -38,7 +38,6 @@ struct CudaLt {
     cublasLtHandle_t handle;
     void *workspace;
     uint64_t clock;
-    uint64_t plans_made, runs, fallbacks;
     LtPlan plan[LT_PLANS];
 };
 
@@ -124,7 +123,6 @@ static void plan_make(CudaLt *lt, LtPlan *p) {
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
     if (ok) p->algo = r.algo;
     p->ok = ok;
-    lt->plans_made++;
 }
 
 /* The plan for this call: kept, or made in the least recently used slot. */
@@ -156,14 +154,12 @@ void cuda_gemm_bf16(CudaCtx *c, cublasOperation_t ta, cublasOperation_t tb, int 
         LtPlan *p = plan_for(lt, &key);
         p->last = ++lt->clock;
         if (p->ok) {
-            lt->runs++;
             cuda_blas_note(c,
                            cublasLtMatmul(lt->handle, p->desc, &one, A, p->a, B, p->b, &beta, C, p->c, C, p->c, &p->algo,
                                           lt->workspace, CUDA_BLAS_WORKSPACE_BYTES, c->stream),
                            what);
             return;
         }
-        lt->fallbacks++;
     }
     cuda_blas_note(c,
                    cublasGemmEx(c->blas, ta, tb, m, n, k, &one, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta, C,

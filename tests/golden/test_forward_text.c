@@ -305,7 +305,7 @@ static void test_nf4_where(const char *variant) {
     CHECK_STATUS(weights_open(dir, MODEL_QUANT_NF4, 0, NULL, &now, &err), GF_OK, err);
     for (int i = 0; i < 2; i++) CHECK_STATUS(weights_open(dir, MODEL_QUANT_NF4, 1, NULL, &later[i], &err), GF_OK, err);
     if (!now || !later[0] || !later[1]) return;
-    CHECK(later[0]->nf4_src && !later[0]->nf4[0].codes && !now->nf4_src,
+    CHECK(weights_nf4_later(later[0]) && !later[0]->nf4[0].codes && !weights_nf4_later(now),
           "%s: deferred NF4 leaves the host's arrays unmade until a CPU context needs them", variant);
     CHECK(weights_resident_bytes(later[0]) == weights_resident_bytes(now), "%s: deferred NF4 counted as NF4 (%llu, %llu)",
           variant, (unsigned long long)weights_resident_bytes(later[0]), (unsigned long long)weights_resident_bytes(now));

@@ -103,6 +103,7 @@ static void check_scratch(Model *m, LoraAdapter *a) {
     CHECK(got == ws + att, "fp32 without dropout: attention_dx's %llu, got %llu", (unsigned long long)att,
           (unsigned long long)got);
     uint64_t b = grad_scratch_bytes(m, &b16, T, a, 1, 0);
+    /* >= got: attention's chunk of scores, the same in both, may outweigh the operands */
     CHECK(b >= ws + (uint64_t)T * widest_io * 2 && b >= got, "bf16: the widest matmul's operands (%llu)",
           (unsigned long long)b);
     CHECK(grad_scratch_bytes(m, &b16, 2 * T, a, 1, 0) > b, "more tokens, more scratch");
