@@ -434,6 +434,13 @@ def expect(resp, status, code=None, error_shape=True):
     return resp
 
 
+def metric_lines(srv):
+    """name{labels} -> value of every sample of one /metrics answer (one snapshot)."""
+    text = expect(srv.get("/metrics"), 200).body.decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
 def wait_export(srv, eid, bound_s=3600):
     """Polls an export until it ends (a hang guard, not a deadline)."""
     t = time.time()

@@ -33,7 +33,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "data"))
-from harness import FIXTURES, Runner, Server, default_device, expect, wait_export  # noqa: E402
+from harness import FIXTURES, Runner, Server, default_device, expect, metric_lines, wait_export  # noqa: E402
 import shapes  # noqa: E402
 
 BIN = sys.argv[1]
@@ -333,13 +333,6 @@ def t_jobs_share_the_served_base(binary):
         assert base_weights(srv) == (1, base_bytes) and device_copies(srv) == on_device
     finally:
         srv.stop()
-
-
-def metric_lines(srv):
-    """name{labels} -> value of every sample on /metrics."""
-    text = expect(srv.get("/metrics"), 200).body.decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
 
 
 def t_job_and_requests_share_the_device(binary):
