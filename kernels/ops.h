@@ -335,6 +335,13 @@ typedef struct {
     void (*sq_norm)(const KnCtx *ctx, double *out, const float *x, size_t n);
     /* x[n] *= s */
     void (*scale)(const KnCtx *ctx, float *x, size_t n, float s);
+    /* kept[i] = x[i] rounded to bfloat16, the bits of kn_f32_to_bf16
+     * (convert.h: to nearest even, NaN stays NaN), and x[i] = kept[i]
+     * widened: an activation kept in half the bytes, the computation going
+     * on from exactly what was kept */
+    void (*round_bf16)(const KnCtx *ctx, uint16_t *kept, float *x, size_t n);
+    /* y[i] = x[i] widened from bfloat16 to float32 (exact) */
+    void (*widen_bf16)(const KnCtx *ctx, float *y, const uint16_t *x, size_t n);
     /* RoPE at each row's own position, in place on x [n_rows, n_heads, *]:
      * the half-split rotation with inverse frequencies inv_freq[dim / 2]
      * (zeros pass through);

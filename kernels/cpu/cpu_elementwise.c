@@ -5,6 +5,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "../convert.h"
 #include "cpu_impl.h"
 
 void cpu_add_forward(const KnCtx *ctx, float *y, const float *a, const float *b, size_t n) {
@@ -22,6 +23,19 @@ void cpu_mul_forward(const KnCtx *ctx, float *y, const float *a, const float *b,
 void cpu_scale_forward(const KnCtx *ctx, float *x, size_t n, float s) {
     (void)ctx;
     for (size_t i = 0; i < n; i++) x[i] *= s;
+}
+
+void cpu_round_bf16_forward(const KnCtx *ctx, uint16_t *kept, float *x, size_t n) {
+    (void)ctx;
+    for (size_t i = 0; i < n; i++) {
+        kept[i] = kn_f32_to_bf16(x[i]);
+        x[i] = kn_bf16_to_f32(kept[i]);
+    }
+}
+
+void cpu_widen_bf16_forward(const KnCtx *ctx, float *y, const uint16_t *x, size_t n) {
+    (void)ctx;
+    for (size_t i = 0; i < n; i++) y[i] = kn_bf16_to_f32(x[i]);
 }
 
 /* One head's half-split rotation at position pos. */

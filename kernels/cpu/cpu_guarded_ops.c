@@ -283,6 +283,29 @@ static void g_scale(const KnCtx *ctx, float *x, size_t n, float s) {
     EltArgs a = {.y = x, .n = n, .f0 = s};
     SUBMIT(x_scale, a);
 }
+/* bf16 <-> float32 over n elements: kept (bf16) and x (float) */
+typedef struct {
+    uint16_t *kept;
+    float *x;
+    const uint16_t *src;
+    size_t n;
+} Bf16Args;
+static void x_round_bf16(const KnCtx *ctx, const void *p) {
+    const Bf16Args *a = p;
+    CPU_OPS.round_bf16(ctx, H(a->kept), H(a->x), a->n);
+}
+static void g_round_bf16(const KnCtx *ctx, uint16_t *kept, float *x, size_t n) {
+    Bf16Args a = {.kept = kept, .x = x, .n = n};
+    SUBMIT(x_round_bf16, a);
+}
+static void x_widen_bf16(const KnCtx *ctx, const void *p) {
+    const Bf16Args *a = p;
+    CPU_OPS.widen_bf16(ctx, H(a->x), H(a->src), a->n);
+}
+static void g_widen_bf16(const KnCtx *ctx, float *y, const uint16_t *x, size_t n) {
+    Bf16Args a = {.x = y, .src = x, .n = n};
+    SUBMIT(x_widen_bf16, a);
+}
 static void x_clamp(const KnCtx *ctx, const void *p) {
     const EltArgs *a = p;
     CPU_OPS.clamp(ctx, H(a->y), H(a->x), a->n, a->f0, a->f1);
@@ -732,6 +755,8 @@ static const KnOps GUARDED_OPS = {
     .add = g_add,
     .mul = g_mul,
     .scale = g_scale,
+    .round_bf16 = g_round_bf16,
+    .widen_bf16 = g_widen_bf16,
     .sample = g_sample,
     .adamw = g_adamw,
     .sq_norm = g_sq_norm,

@@ -78,6 +78,8 @@ void cpu_add_forward(const KnCtx *ctx, float *y, const float *a, const float *b,
 void cpu_mul_forward(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols,
                      int64_t ld_b);
 void cpu_scale_forward(const KnCtx *ctx, float *x, size_t n, float s);
+void cpu_round_bf16_forward(const KnCtx *ctx, uint16_t *kept, float *x, size_t n);
+void cpu_widen_bf16_forward(const KnCtx *ctx, float *y, const uint16_t *x, size_t n);
 void cpu_rope_rows_forward(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
                            const float *inv_freq, const int32_t *pos, int64_t pos_stride);
 void cpu_mul_acc_forward(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols,

@@ -318,6 +318,8 @@ static KnOps make_ops(void) {
     o.adamw = cuda_adamw;
     o.sq_norm = cuda_sq_norm;
     o.scale = cuda_scale;
+    o.round_bf16 = cuda_round_bf16;
+    o.widen_bf16 = cuda_widen_bf16;
     o.rope_rows = cuda_rope_rows;
     o.lora_shrink = cuda_lora_shrink;
     o.moe_route = cuda_moe_route;

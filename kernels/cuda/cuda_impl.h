@@ -297,6 +297,8 @@ void cuda_clamp_dx(const KnCtx *ctx, float *dx, const float *x, const float *dy,
 void cuda_scale_shift(const KnCtx *ctx, float *y, const float *x, size_t n, float shift, float s);
 void cuda_standardize(const KnCtx *ctx, float *x, int64_t rows, int64_t cols, const float *bias, const float *scale);
 void cuda_scale(const KnCtx *ctx, float *x, size_t n, float s);
+void cuda_round_bf16(const KnCtx *ctx, uint16_t *kept, float *x, size_t n);
+void cuda_widen_bf16(const KnCtx *ctx, float *y, const uint16_t *x, size_t n);
 void cuda_rope_rows(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
                     const float *inv_freq, const int32_t *pos, int64_t pos_stride);
 /* cuda_nf4.cu */

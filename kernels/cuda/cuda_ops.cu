@@ -203,6 +203,27 @@ static __global__ void k_scale(float *x, size_t n, float s) {
 }
 void cuda_scale(const KnCtx *ctx, float *x, size_t n, float s) { LAUNCH(cuda_ctx(ctx), scale, n, x, n, s); }
 
+/* kn_f32_to_bf16's integer rounding (convert.c), so that every bit, a
+ * NaN's included, is the host's */
+static __global__ void k_round_bf16(uint16_t *kept, float *x, size_t n) {
+    GRID_STRIDE(i, n) {
+        uint32_t u = __float_as_uint(x[i]);
+        uint16_t h = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+        kept[i] = h;
+        x[i] = __uint_as_float((uint32_t)h << 16);
+    }
+}
+void cuda_round_bf16(const KnCtx *ctx, uint16_t *kept, float *x, size_t n) {
+    LAUNCH(cuda_ctx(ctx), round_bf16, n, kept, x, n);
+}
+
+static __global__ void k_widen_bf16(float *y, const uint16_t *x, size_t n) {
+    GRID_STRIDE(i, n) y[i] = __uint_as_float((uint32_t)x[i] << 16);
+}
+void cuda_widen_bf16(const KnCtx *ctx, float *y, const uint16_t *x, size_t n) {
+    LAUNCH(cuda_ctx(ctx), widen_bf16, n, y, x, n);
+}
+
 static __global__ void k_clamp(float *y, const float *x, size_t n, float lo, float hi) {
     GRID_STRIDE(i, n) y[i] = x[i] < lo ? lo : x[i] > hi ? hi : x[i];
 }

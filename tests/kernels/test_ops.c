@@ -5,6 +5,7 @@
  * memory, outputs poisoned before each op and downloaded after it. Reports
  * the max error relative to max |ref| and the worst index; backward ops are
  * checked against central differences of a double-precision forward. */
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -884,6 +885,43 @@ static void test_elementwise(Dev *d) {
         for (int c = 0; c < cols; c++) ref[r * cols + c] = (double)a[r * cols + c] * b[r * ld + c] * -0.75;
     EXPECT_CLOSE(y, ref, n, 1e-6, "mul in place, then scale%s", "");
     free(a); free(b); free(y); free(ref);
+    dev_reset(d);
+}
+
+/* round_bf16 and widen_bf16: the host's bits (kn_f32_to_bf16), ties to
+ * even both ways, NaN, infinities, zeros, subnormals and the largest
+ * floats (which round to infinity), over enough elements to span many
+ * blocks of a device's launch; outputs poisoned first. */
+static void test_bf16_round(Dev *d) {
+    static const uint32_t special[] = {0x3f808000u, 0x3f818000u, 0xbf808000u, 0x3f807fffu, 0x7f7fffffu, 0xff7fffffu,
+                                       0x7f800000u, 0xff800000u, 0x7f800001u, 0xffc00001u, 0x00000000u, 0x80000000u,
+                                       0x00000001u, 0x00018000u, 0x807fffffu, 0x7f7f8000u};
+    size_t ns = sizeof special / sizeof *special, n = 100003;
+    float *x = rand_vec(n), *got = malloc(F(n)), *wide = malloc(F(n));
+    uint16_t *kept = malloc(n * sizeof *kept);
+    for (size_t i = 0; i < n; i++) x[i] *= (float)ldexp(1.0, (int)(i % 61) - 30); /* many exponents */
+    for (size_t i = 0; i < ns; i++) memcpy(&x[i * 997], &special[i], 4);
+    float *dx = dev_put(d, x, F(n)), *dw = dev_poisoned(d, F(n));
+    uint16_t *dk = dev_poisoned(d, n * sizeof *kept);
+    d->be.ops->round_bf16(&d->be.ctx, dk, dx, n);
+    d->be.ops->widen_bf16(&d->be.ctx, dw, dk, n);
+    dev_get(d, kept, dk, n * sizeof *kept);
+    dev_get(d, got, dx, F(n));
+    dev_get(d, wide, dw, F(n));
+    size_t bad = 0, first = n;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t want = kn_f32_to_bf16(x[i]);
+        float back = kn_bf16_to_f32(want);
+        if (kept[i] != want || memcmp(&got[i], &back, 4) || memcmp(&wide[i], &back, 4)) {
+            if (!bad++) first = i;
+        }
+    }
+    CHECK(!bad, "%s: round_bf16 / widen_bf16 gave the host's bits (%zu differ, the first at %zu)", d->be.name, bad, first);
+    uint16_t tie_even = kn_f32_to_bf16(1.00390625f), tie_odd = kn_f32_to_bf16(1.01171875f);
+    CHECK(tie_even == 0x3f80 && tie_odd == 0x3f82 && kn_f32_to_bf16(FLT_MAX) == 0x7f80 &&
+              isnan(kn_bf16_to_f32(kn_f32_to_bf16(NAN))),
+          "the host's rounding: ties to even (%04x %04x), FLT_MAX to infinity, NaN stays NaN", tie_even, tie_odd);
+    free(x); free(got); free(wide); free(kept);
     dev_reset(d);
 }
 
@@ -2536,6 +2574,7 @@ int main(void) {
             test_attention_dx_shapes(&d);
             test_rope(&d);
             test_elementwise(&d);
+            test_bf16_round(&d);
             test_rope_rows(&d);
             test_kv_store_embed_rows(&d);
             test_lora(&d);
