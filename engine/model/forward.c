@@ -578,23 +578,32 @@ static void batch_embed(Model *m, const Batch *b, Scratch *s) {
 
 /* The batch's residual stream x[n, H] after a layer into layer slot li of
  * hidden [(L + 1), n, H]: host memory (download) or device (copy). */
-static void keep_hidden(Model *m, float *hidden, int on_device, int64_t li, const float *x, int64_t n) {
-    int64_t H = m->w->cfg.text.hidden_size;
-    size_t bytes = (size_t)(n * H) * sizeof(float);
-    if (on_device) m->be.ops->copy(&m->be.ctx, hidden + li * n * H, x, bytes);
-    else m->be.ops->download(&m->be.ctx, hidden + li * n * H, x, bytes);
-}
-
 /* What a forward hands back: any of logits (host), hidden states (host or
- * device), sampled next tokens. */
+ * device; with kept, model_forward_hidden's bf16 layout), sampled next
+ * tokens. */
 typedef struct {
     float *logits;
     float *hidden;
+    uint16_t *kept;            /* layer inputs 1 .. L - 1 in bf16 (device), or NULL */
     int hidden_on_device;
     int bulk;                  /* the training forward: Batch.bulk */
     KnSampleRow *rows;         /* with ids: sample each sequence's next token */
     int32_t *ids;
 } Outputs;
+
+/* Keeps x[n, H], the input of layer li (L: the final normed output), where
+ * o says; a bf16 keep rounds x in place to what it kept. */
+static void keep_hidden(Model *m, const Outputs *o, int64_t li, float *x, int64_t n) {
+    int64_t H = m->w->cfg.text.hidden_size, L = m->w->cfg.text.n_layers;
+    size_t count = (size_t)(n * H);
+    if (o->kept && li > 0 && li < L) {
+        m->be.ops->round_bf16(&m->be.ctx, o->kept + (li - 1) * n * H, x, count);
+        return;
+    }
+    float *at = o->hidden + (o->kept ? (li ? 1 : 0) : li) * n * H;
+    if (o->hidden_on_device) m->be.ops->copy(&m->be.ctx, at, x, count * sizeof(float));
+    else m->be.ops->download(&m->be.ctx, at, x, count * sizeof(float));
+}
 
 /* The batch's decoder layers and final norm over s->x, each layer's
  * output kept in o->hidden when asked. Device work only (and the yield
@@ -605,7 +614,7 @@ static void batch_layers(Model *m, const Batch *b, Scratch *s, MoeTape *moe, con
     LayerBufs u = scratch_bufs(s);
     for (int li = 0; li < L; li++) {
         decoder_layer(m, b, li, s, moe, s->x, s->ple, &u, 0);
-        if (o->hidden && li < L - 1) keep_hidden(m, o->hidden, o->hidden_on_device, li + 1, s->x, n);
+        if (o->hidden && li < L - 1) keep_hidden(m, o, li + 1, s->x, n);
         model_layer_done(m);
     }
     m->be.ops->rmsnorm(&m->be.ctx, s->x, s->x, m->wt->final_norm, n, H, t->rms_eps);
@@ -872,7 +881,7 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
     if ((b.bucketed && batch_pad(m, &b, err)) || scratch_take(m, b.n, b.max_rank, &s, &moe, err)) return err->status;
     batch_embed(m, &b, &s);
     if (b.bucketed) row_tables(m, &b);
-    if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, 0, s.x, b.n);
+    if (o->hidden) keep_hidden(m, o, 0, s.x, b.n);
     /* a decode step's launches recorded and submitted at once, keyed by its
      * rows, or the last recording of the same launches replayed; a graph
      * that ran nothing is submitted again op by op */
@@ -887,7 +896,7 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
         m->graphs.recorded++;
     }
     m->graphs.padded += (uint64_t)b.bucketed;
-    if (o->hidden) keep_hidden(m, o->hidden, o->hidden_on_device, L, s.x, b.n);
+    if (o->hidden) keep_hidden(m, o, L, s.x, b.n);
     for (int q = 0; q < n_seqs; q++) seqs[q].cache->n_past += seqs[q].in.n;
     if (o->logits) batch_logits(m, &b, &s, o->logits);
     if (o->ids) batch_sample(m, &b, &s, o->rows, o->ids);
@@ -911,9 +920,9 @@ GfStatus model_forward(Model *m, KvCache *c, const ModelInput *in, float *logits
     return forward_batch(m, &one, 1, &o, err);
 }
 
-GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, GfError *err) {
+GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, uint16_t *kept, GfError *err) {
     ModelSeq one = {c, *in};
-    Outputs o = {.hidden = hidden, .hidden_on_device = 1, .bulk = 1};
+    Outputs o = {.hidden = hidden, .kept = kept, .hidden_on_device = 1, .bulk = 1};
     return forward_batch(m, &one, 1, &o, err);
 }
 

@@ -77,6 +77,21 @@ static GfStatus model_quantize_on(const ModelOptions *opts, int *device, GfError
     return host_or_device(opts ? opts->quantize_on : NULL, "quantize_on", "GF_QUANTIZE_ON", 1, device, err);
 }
 
+/* How the training forward keeps layer inputs (ModelOptions.checkpoints):
+ * 1 = bf16. The default follows the precision the context resolved. */
+static GfStatus model_checkpoints(const ModelOptions *opts, KnPrecision precision, int *bf16, GfError *err) {
+    const char *v = opts && opts->checkpoints ? opts->checkpoints : getenv("GF_CHECKPOINTS");
+    const char *where = opts && opts->checkpoints ? "checkpoints" : "GF_CHECKPOINTS";
+    *bf16 = precision == KN_PRECISION_BF16;
+    if (!v || !*v) return GF_OK;
+    if (strcmp(v, "bf16") == 0 || strcmp(v, "fp32") == 0) {
+        *bf16 = strcmp(v, "bf16") == 0;
+        return GF_OK;
+    }
+    return gf_error_set(err, GF_INVALID, "invalid_value", where, "%s must be \"bf16\" or \"fp32\", not \"%.32s\"",
+                        where, v);
+}
+
 /* The weights as the device reads them, and a context sharing their memory. */
 static GfStatus open_backend(Model *m, const ModelOptions *opts, GfError *err) {
     KnDeviceKind kind;
@@ -108,6 +123,7 @@ GfStatus model_new(GemmaWeights *w, const ModelOptions *opts, Model **out, GfErr
     m->w = weights_retain(w);
     m->moe_chunk = moe_chunk_tokens(&w->cfg.text, opts ? opts->moe_chunk : 0);
     GfStatus st = open_backend(m, opts, err);
+    if (!st) st = model_checkpoints(opts, m->be.ctx.precision, &m->checkpoints_bf16, err);
     if (st) {
         model_close(m);
         return st;

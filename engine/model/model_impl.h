@@ -44,6 +44,7 @@ struct Model {
     int32_t *vision_idx;            /* their host index staging */
     size_t vision_idx_cap;
     int64_t moe_chunk;              /* tokens per MoE call (moe_chunk_tokens; 0 without MoE) */
+    int checkpoints_bf16;           /* the training forward keeps layer inputs in bf16 (ModelOptions.checkpoints) */
     void (*yield)(void *cls);       /* called between layers and loss chunks (model_set_yield), NULL = none */
     void *yield_cls;
     ModelGraphStats graphs;         /* decode steps through graphs (forward.c) */
@@ -56,11 +57,15 @@ void model_layer_done(Model *m);
 
 
 /* Helpers of forward.c used by backward.c. */
-/* model_forward with the hidden states [(L + 1), n, H] kept in device
- * memory (the training forward's layer checkpoints), no logits; its
- * attention (and model_layer_replay's) through attention_bulk (ops.h):
- * no decode step has to equal a training forward bit for bit. */
-GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, GfError *err);
+/* model_forward with the hidden states kept in device memory (the
+ * training forward's layer checkpoints), no logits; its attention (and
+ * model_layer_replay's) through attention_bulk (ops.h): no decode step has
+ * to equal a training forward bit for bit. With kept NULL, hidden gets
+ * [(L + 1), n, H]: every layer's input, then the final normed output. With
+ * kept, the inputs of layers 1 .. L - 1 go there in bf16 ([L - 1, n, H],
+ * round_bf16: the forward goes on from the rounded values) and hidden gets
+ * [2, n, H]: the input of layer 0, then the final normed output. */
+GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, uint16_t *kept, GfError *err);
 /* The buffers one text decoder layer writes, each [n, width] of device
  * memory (width: H, NH*D for queries and attention, KVH*D for keys and
  * values, I for the MLP, P for PLE). The forward of serving and the CLI

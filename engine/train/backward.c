@@ -21,7 +21,11 @@ struct GradWorkspace {
     int64_t max_tokens;
     int max_rank;
     KvCache cache;
-    float *hidden;                /* [(L + 1), n, H]: layer inputs */
+    int bf16;                     /* layer inputs kept in bf16 (Model.checkpoints_bf16) */
+    float *hidden;                /* [(L + 1), n, H]: layer inputs, then the final normed output; with bf16
+                                     [2, n, H]: layer 0's input, then the final normed output */
+    uint16_t *kept;               /* with bf16: [L - 1, n, H] the inputs of layers 1 .. L - 1 */
+    float *xin;                   /* with bf16: [n, H] one of them widened for its layer's re-run */
     float *soft;                  /* [n, H] image soft tokens */
     int64_t soft_counts[MAX_IMAGES];
     float *ple, *dple, *ple_buf;  /* [n, L, P] */
@@ -76,7 +80,9 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
         if ((size_t)l->intermediate > imax) imax = (size_t)l->intermediate;
     }
     size_t qw = (size_t)t->n_heads * dmax;
-    w->hidden = take(s, (L + 1) * n * H);
+    w->hidden = take(s, (w->bf16 ? 2 : L + 1) * n * H);
+    w->kept = w->bf16 && L > 1 ? (uint16_t *)take(s, ((L - 1) * n * H + 1) / 2) : NULL;
+    w->xin = w->bf16 ? take(s, n * H) : NULL;
     w->soft = take(s, n * H);
     w->ple = take(s, n * L * P);
     w->dple = take(s, n * L * P);
@@ -137,6 +143,7 @@ GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWork
     if (!w) return GF_NO_MEMORY;
     w->max_tokens = max_tokens;
     w->max_rank = max_rank;
+    w->bf16 = m->checkpoints_bf16;
     w->dK = gf_calloc((size_t)t->n_layers, sizeof *w->dK, err);
     w->dV = gf_calloc((size_t)t->n_layers, sizeof *w->dV, err);
     w->host_ids = gf_malloc((size_t)max_tokens * sizeof *w->host_ids, err);
@@ -165,7 +172,7 @@ GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWork
 uint64_t grad_workspace_bytes(const Model *m, int64_t max_tokens, int max_rank) {
     const TextConfig *t = &m->w->cfg.text;
     float *dk[t->n_layers > 0 ? t->n_layers : 1], *dv[t->n_layers > 0 ? t->n_layers : 1];
-    GradWorkspace w = {.max_tokens = max_tokens, .max_rank = max_rank, .dK = dk, .dV = dv};
+    GradWorkspace w = {.max_tokens = max_tokens, .max_rank = max_rank, .bf16 = m->checkpoints_bf16, .dK = dk, .dV = dv};
     Slab s = {NULL, 0};
     layout(m, &w, &s);
     uint64_t kv = 0;
@@ -550,25 +557,40 @@ static GfStatus check_sequence(const Model *m, const GradWorkspace *w, const Lor
 }
 
 /* The checkpointing forward: soft tokens, then every layer's input (and the
- * final normed output) into w->hidden and the stored K/V into w->cache. */
+ * final normed output) into w->hidden, or w->kept in bf16, and the stored
+ * K/V into w->cache. */
 static GfStatus forward_tape(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, int64_t *n_soft,
                              ModelInput *in, GfError *err) {
     *n_soft = 0;
     if (s->n_images && images_forward(m, w, b, s, n_soft, err)) return err->status;
     *in = (ModelInput){.ids = s->ids, .mm_type = s->mm_type, .soft_tokens = *n_soft ? w->soft : NULL, .n = s->n, .lora = b};
     kv_cache_reset(&w->cache);
-    return model_forward_hidden(m, &w->cache, in, w->hidden, err);
+    return model_forward_hidden(m, &w->cache, in, w->hidden, w->kept, err);
+}
+
+/* Layer li's input as the forward kept it: in w->hidden, or widened from
+ * bf16 into w->xin (valid until the next call). */
+static const float *layer_input(Model *m, GradWorkspace *w, int64_t li, int64_t n) {
+    int64_t H = m->w->cfg.text.hidden_size;
+    if (!w->bf16) return w->hidden + li * n * H;
+    if (li == 0) return w->hidden;
+    m->be.ops->widen_bf16(&m->be.ctx, w->xin, w->kept + (li - 1) * n * H, (size_t)(n * H));
+    return w->xin;
+}
+
+/* The final normed output of the forward. */
+static const float *final_output(const Model *m, const GradWorkspace *w, int64_t n) {
+    return w->hidden + (w->bf16 ? 1 : m->w->cfg.text.n_layers) * n * m->w->cfg.text.hidden_size;
 }
 
 GfStatus model_loss(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, double *loss_sum,
                     int64_t *n_targets, GfError *err) {
-    const TextConfig *t = &m->w->cfg.text;
-    int64_t n = s->n, H = t->hidden_size, n_soft;
+    int64_t n = s->n, n_soft;
     ModelInput in;
     *loss_sum = 0.0;
     *n_targets = 0;
     if (check_sequence(m, w, b, s, err) || forward_tape(m, w, b, s, &n_soft, &in, err)) return err->status;
-    *loss_sum = loss_chunks(m, w, s, w->hidden + t->n_layers * n * H, 0.0f, 0);
+    *loss_sum = loss_chunks(m, w, s, final_output(m, w, n), 0.0f, 0);
     *n_targets = train_sequence_targets(s);
     return GF_OK;
 }
@@ -576,7 +598,7 @@ GfStatus model_loss(Model *m, GradWorkspace *w, const LoraBinding *b, const Trai
 GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const TrainSequence *s, float grad_scale,
                         double *loss_sum, int64_t *n_targets, GfError *err) {
     const TextConfig *t = &m->w->cfg.text;
-    int64_t n = s->n, H = t->hidden_size, L = t->n_layers, P = t->ple_dim;
+    int64_t n = s->n, L = t->n_layers, P = t->ple_dim;
     *loss_sum = 0.0;
     *n_targets = 0;
     int64_t n_soft = 0;
@@ -596,7 +618,7 @@ GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const 
         }
     /* backward, one re-run layer at a time */
     for (int64_t li = L - 1; li >= 0; li--) {
-        const float *x = w->hidden + li * n * H;
+        const float *x = layer_input(m, w, li, n);
         if (model_layer_replay(m, &w->cache, &in, (int)li, x, P ? w->ple : NULL, &w->tape, err)) return err->status;
         if (li == L - 1) *loss_sum = loss_backward(m, w, s, w->out, grad_scale);
         layer_backward(m, w, b, (int)li, n, x);
