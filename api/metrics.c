@@ -164,6 +164,8 @@ static void put_serving(Text *t, ServeEngine *e) {
     put(t, "# HELP gf_kv_blocks_used KV cache blocks in use.\n# TYPE gf_kv_blocks_used gauge\ngf_kv_blocks_used %lld\n"
            "# HELP gf_kv_blocks_total KV cache blocks in the pool.\n# TYPE gf_kv_blocks_total gauge\ngf_kv_blocks_total %lld\n",
         (long long)s.kv_blocks_used, (long long)s.kv_blocks_total);
+    put(t, "# HELP gf_kv_cache_bytes Device bytes of the KV cache's stores (both spaces).\n"
+           "# TYPE gf_kv_cache_bytes gauge\ngf_kv_cache_bytes %llu\n", (unsigned long long)s.kv_bytes);
     put(t, "# HELP gf_kv_window_blocks_used KV cache blocks of the sliding-window layers in use.\n"
            "# TYPE gf_kv_window_blocks_used gauge\ngf_kv_window_blocks_used %lld\n"
            "# HELP gf_kv_window_blocks_total KV cache blocks of the sliding-window layers in the pool.\n"

@@ -112,6 +112,11 @@ GfStatus ready_get(Api *api, const HttpReq *req, HttpResp *resp) {
         cJSON_AddStringToObject(m, "device", be->name);
         cJSON_AddStringToObject(m, "precision", kn_precision_name(be->ctx.precision));
     }
+    if (api->serving.serve) {
+        ServeStats st;
+        serve_stats(api->serving.serve, &st);
+        cJSON_AddStringToObject(m, "kv_cache", st.kv_dtype == KN_BF16 ? "bf16" : "fp32");
+    }
     if (!ready) resp->retry_after = 30;
     return reply_json(resp, ready ? 200 : 503, o);
 }

@@ -52,6 +52,10 @@ struct KnNf4; /* nf4.h */
  * float32 in both. AUTO, only as an option: BF16 on CUDA, else FP32. */
 typedef enum { KN_PRECISION_AUTO = 0, KN_PRECISION_FP32, KN_PRECISION_BF16 } KnPrecision;
 
+/* The widest head whose keys and values attention_batch and attention_rows
+ * take from bfloat16 stores. */
+#define KN_KV_BF16_MAX_DIM 1024
+
 /* One backend instance on one device: the state its ops need. */
 typedef struct {
     KnDeviceKind device;
@@ -270,18 +274,22 @@ typedef struct {
      * the same sums in the same order as attention_paged of each alone, so
      * the result is the same. seqs is a host array of n_seqs; pos[rows]
      * (device) holds each row's absolute position, of which the call reads
-     * each sequence's first (KnAttnSeq). */
-    void (*attention_batch)(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
-                            const float *v, int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads,
-                            int n_kv_heads, int dim, float scale, int window);
+     * each sequence's first (KnAttnSeq). The stores hold float32 or
+     * bfloat16 (kv: KN_F32 or KN_BF16, the latter for heads of at most
+     * KN_KV_BF16_MAX_DIM); bfloat16 keys and values are widened exactly as
+     * they are read, so the result is the float32 one over the widened
+     * stores, bit for bit. */
+    void (*attention_batch)(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const void *k,
+                            const void *v, KnDtype kv, int64_t block_len, const KnAttnSeq *seqs, int n_seqs,
+                            int n_heads, int n_kv_heads, int dim, float scale, int window);
     /* attention_batch of n sequences of one query row each, described in
      * device memory: row r of q and out, at position pos[r], attends the
      * keys 0 .. pos[r] through rows[r] (a device array of n); the same sums
      * as attention_batch gives that row. A decode step's launch then
      * depends on its row count alone, not on which sequences hold its rows. */
-    void (*attention_rows)(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
-                           const float *v, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
-                           int n_kv_heads, int dim, float scale, int window);
+    void (*attention_rows)(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const void *k,
+                           const void *v, KnDtype kv, int64_t block_len, const KnAttnRow *rows, int64_t n,
+                           int n_heads, int n_kv_heads, int dim, float scale, int window);
     /* attention (the same arguments) for a forward that no decode step has
      * to equal bit for bit: a training sequence's forward and its layers'
      * replays, the vision encoder. The same function within rounding, in
@@ -308,6 +316,10 @@ typedef struct {
     void (*rows_gather)(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
     /* out row idx[i] = src[i], for n rows of dim floats (distinct idx; idx < 0: skipped) */
     void (*rows_scatter)(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
+    /* rows_scatter into a bfloat16 store: each float rounded as
+     * kn_f32_to_bf16 rounds it (convert.h) */
+    void (*rows_scatter_bf16)(const KnCtx *ctx, uint16_t *out, const float *src, const int32_t *idx, int64_t n,
+                              int64_t dim);
     /* out row idx[i] += src[i] for i = 0.. in order (idx < 0: skipped) */
     void (*rows_sum)(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
     /* out[i, :] += row ids[i] of table (ids < 0: skipped); row holds table.cols floats */

@@ -44,6 +44,7 @@ typedef struct {
     int max_inference_queue;      /* -1 = default */
     int64_t max_context;          /* 0 = default: KV room per slot */
     int64_t kv_blocks;            /* 0 = default: every slot can reach max_context */
+    const char *kv_cache;         /* "fp32" or "bf16"; NULL = the default (serve.h) */
     int max_resident_adapters;    /* -1 = default */
     int image_threads;            /* threads decoding requests' images */
     long long vision_cache_mb;    /* -1 = default */
@@ -112,6 +113,8 @@ static void usage(FILE *f) {
             "  --max-seqs N            sequences decoding at once (default 16)\n"
             "  --max-queue N           inference requests waiting for a slot; 429 beyond (default 64)\n"
             "  --max-context N         KV cache positions per sequence (default 8192, at most 64 MiB each)\n"
+            "  --kv-cache fp32|bf16    what the KV cache holds (default bf16 in the bf16 precision, else fp32);\n"
+            "                          bf16 halves a block, so the defaults above hold twice the positions\n"
             "  --kv-blocks N           KV blocks of 16 positions for the full-attention layers (default: every\n"
             "                          sequence can reach --max-context; fewer: sequences are preempted and\n"
             "                          resumed when the pool runs dry)\n"
@@ -242,6 +245,7 @@ static int parse_serve(int argc, char **argv, ServeOptions *o) {
         else if (strcmp(a, "--max-queue") == 0 && !parse_uint(v, 1000000, &n)) o->max_inference_queue = (int)n;
         else if (strcmp(a, "--max-context") == 0 && !parse_uint(v, 1 << 20, &n) && n) o->max_context = (int64_t)n;
         else if (strcmp(a, "--kv-blocks") == 0 && !parse_uint(v, INT32_MAX, &n) && n) o->kv_blocks = (int64_t)n;
+        else if (strcmp(a, "--kv-cache") == 0 && (strcmp(v, "fp32") == 0 || strcmp(v, "bf16") == 0)) o->kv_cache = v;
         else if (strcmp(a, "--max-adapters") == 0 && !parse_uint(v, 100000, &n)) o->max_resident_adapters = (int)n;
         else if (strcmp(a, "--image-threads") == 0 && !parse_uint(v, 256, &n) && n) o->image_threads = (int)n;
         else if (strcmp(a, "--vision-cache-mb") == 0 && !parse_uint(v, 1u << 20, &n)) o->vision_cache_mb = (long long)n;
@@ -293,7 +297,13 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, DevSched *sched,
     *out = NULL;
     if (!pipe) return 0;
     ServeConfig sc;
+    GfError err;
     serve_config_default(&sc, pipe->model);
+    if (o->kv_cache &&
+        serve_config_kv_dtype(&sc, pipe->model, strcmp(o->kv_cache, "bf16") == 0 ? KN_BF16 : KN_F32, &err)) {
+        fprintf(stderr, "gemmaforge: --kv-cache %s: %s\n", o->kv_cache, err.message);
+        return -1;
+    }
     if (o->max_seqs) sc.max_seqs = o->max_seqs;
     if (o->max_inference_queue >= 0) sc.max_queue = o->max_inference_queue;
     if (o->max_context) sc.max_context = o->max_context;
@@ -308,7 +318,6 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, DevSched *sched,
     sc.max_lora_rank = o->limits.max_lora_rank;
     if (o->vision_cache_mb >= 0) sc.vision_cache_bytes = (uint64_t)o->vision_cache_mb << 20;
     sc.sched = sched;
-    GfError err;
     if (serve_start(pipe->model, &sc, out, &err)) {
         fprintf(stderr, "gemmaforge: cannot start serving: %s\n", err.message);
         return -1;
@@ -325,12 +334,13 @@ static int start_serving(const ServeOptions *o, Pipeline *pipe, DevSched *sched,
     }
     const TextConfig *tc = &model_config(pipe->model)->text;
     int64_t window_blocks = serve_window_blocks(&sc, pipe->model);
-    GF_LOGI("serving: %d sequences, queue %d, KV pool %lld blocks of %lld positions (%.1f MB) and %lld sliding-window "
-            "blocks (%.1f MB), %d resident adapters, %d image threads (%d requests)", sc.max_seqs, sc.max_queue,
-            (long long)sc.kv_blocks, (long long)sc.kv_block_len,
-            (double)kv_block_bytes(tc, sc.kv_block_len, KV_FULL) * (double)sc.kv_blocks / 1e6, (long long)window_blocks,
-            (double)kv_block_bytes(tc, sc.kv_block_len, KV_WINDOW) * (double)window_blocks / 1e6, sc.max_adapters,
-            o->image_threads, tasks);
+    GF_LOGI("serving: %d sequences, queue %d, %s KV pool %lld blocks of %lld positions (%.1f MB) and %lld "
+            "sliding-window blocks (%.1f MB), %d resident adapters, %d image threads (%d requests)", sc.max_seqs,
+            sc.max_queue, kn_dtype_name(sc.kv_dtype), (long long)sc.kv_blocks, (long long)sc.kv_block_len,
+            (double)kv_block_bytes(tc, sc.kv_block_len, KV_FULL, sc.kv_dtype) * (double)sc.kv_blocks / 1e6,
+            (long long)window_blocks,
+            (double)kv_block_bytes(tc, sc.kv_block_len, KV_WINDOW, sc.kv_dtype) * (double)window_blocks / 1e6,
+            sc.max_adapters, o->image_threads, tasks);
     return 0;
 }
 

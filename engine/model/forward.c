@@ -276,6 +276,14 @@ static int attend_bulk(Model *m, const Batch *b, int li, const LayerBufs *u, int
     return 1;
 }
 
+/* Rows [n, kvw] of src into their slots of a pool's store of layer li
+ * (slots < 0: skipped), rounded when the pool holds bf16. */
+static void kv_store(Model *m, const KvPool *pool, void *store, const float *src, const int32_t *slots, int64_t n,
+                     int64_t kvw) {
+    if (pool->dtype == KN_BF16) m->be.ops->rows_scatter_bf16(&m->be.ctx, store, src, slots, n, kvw);
+    else m->be.ops->rows_scatter(&m->be.ctx, store, src, slots, n, kvw);
+}
+
 /* The batch's new keys and values into their caches' stores (unless
  * replaying: the caches hold them already), then each sequence's attention
  * over its cache for its rows of u->qr (normed and rotated) into u->att:
@@ -294,11 +302,11 @@ static void attend(Model *m, const Batch *b, const Scratch *s, int li, const Lay
         KvPool *pool = b->seqs[0].cache->pool;
         int sp = pool->layer_space[li];
         if (!lc->kv_shared && !replay) {
-            ops->rows_scatter(&m->be.ctx, pool->k[li], u->klin, s->slots + sp * b->n, b->n, kvw);
-            ops->rows_scatter(&m->be.ctx, pool->v[li], u->vlin, s->slots + sp * b->n, b->n, kvw);
+            kv_store(m, pool, pool->k[li], u->klin, s->slots + sp * b->n, b->n, kvw);
+            kv_store(m, pool, pool->v[li], u->vlin, s->slots + sp * b->n, b->n, kvw);
         }
-        ops->attention_rows(&m->be.ctx, u->att, u->qr, s->pos, pool->k[src], pool->v[src], pool->block_len,
-                            att_rows(m, b, sp, groups), b->n, NH, KVH, D, 1.0f, window);
+        ops->attention_rows(&m->be.ctx, u->att, u->qr, s->pos, pool->k[src], pool->v[src], pool->dtype,
+                            pool->block_len, att_rows(m, b, sp, groups), b->n, NH, KVH, D, 1.0f, window);
         return;
     }
     for (int i = 0, j; i < b->n_seqs; i = j) {
@@ -308,8 +316,8 @@ static void attend(Model *m, const Batch *b, const Scratch *s, int li, const Lay
         int64_t r0 = b->row0[i], rows = b->row0[j] - r0;
         if (!lc->kv_shared && !replay) {
             const int32_t *slots = s->slots + sp * b->n + r0;
-            ops->rows_scatter(&m->be.ctx, pool->k[li], u->klin + r0 * kvw, slots, rows, kvw);
-            ops->rows_scatter(&m->be.ctx, pool->v[li], u->vlin + r0 * kvw, slots, rows, kvw);
+            kv_store(m, pool, pool->k[li], u->klin + r0 * kvw, slots, rows, kvw);
+            kv_store(m, pool, pool->v[li], u->vlin + r0 * kvw, slots, rows, kvw);
         }
         if (attend_bulk(m, b, li, u, groups, window)) return;
         for (int q = i; q < j; q++) {
@@ -318,8 +326,8 @@ static void attend(Model *m, const Batch *b, const Scratch *s, int li, const Lay
             att[q - i] = (KnAttnSeq){b->row0[q], n, c->d_table[sp], c->d_valid, groups ? c->d_group : NULL};
         }
         /* the positions each sequence's rows start at: s->pos (uploaded) */
-        ops->attention_batch(&m->be.ctx, u->att, u->qr, s->pos, pool->k[src], pool->v[src], pool->block_len, att,
-                             j - i, NH, KVH, D, 1.0f, window);
+        ops->attention_batch(&m->be.ctx, u->att, u->qr, s->pos, pool->k[src], pool->v[src], pool->dtype,
+                             pool->block_len, att, j - i, NH, KVH, D, 1.0f, window);
     }
 }
 
@@ -671,7 +679,9 @@ static int seq_put(StepTables *t, size_t *n, const KvCache *c, const LoraBinding
  * and the largest rank; per sequence its first row and its cache's device
  * tables (block tables, validity, groups); where a run of sequences on one
  * KV pool starts (attend), that pool's stores; where a run on one adapter
- * starts (batch_adapters), its launch digest (lora.h). Token ids,
+ * starts (batch_adapters), its launch digest (lora.h); a pool's dtype
+ * with its stores (one freed and another allocated at its addresses must
+ * not replay the other's launches). Token ids,
  * positions, KV slots and the tables' contents are device memory, uploaded
  * before the layers. 0 words when it cannot be built: the step is then
  * recorded and never replayed. */
@@ -688,7 +698,8 @@ static size_t step_signature(Model *m, const Batch *b) {
              sig_put(t, &n, (uint64_t)new_lora) && seq_put(t, &n, c, b->seqs[q].in.lora, new_lora);
         for (int l = 0; ok && new_pool && l < c->pool->n_layers; l++)
             ok = sig_put(t, &n, (uintptr_t)c->pool->k[l]) && sig_put(t, &n, (uintptr_t)c->pool->v[l]);
-        if (ok && new_pool) ok = sig_put(t, &n, (uint64_t)c->pool->block_len);
+        /* the dtype too: a pool freed and another of the other dtype allocated at its addresses */
+        if (ok && new_pool) ok = sig_put(t, &n, (uint64_t)c->pool->block_len) && sig_put(t, &n, (uint64_t)c->pool->dtype);
     }
     return ok ? n : 0;
 }
@@ -704,7 +715,8 @@ static size_t bucket_signature(Model *m, const Batch *b) {
     size_t n = 0;
     int ok = sig_put(t, &n, 0x7465646b63756221ull) && sig_put(t, &n, (uint64_t)b->n) &&
              sig_put(t, &n, (uintptr_t)m->act.data) && sig_put(t, &n, (uint64_t)b->max_rank) &&
-             sig_put(t, &n, (uintptr_t)t->d_rows.data) && sig_put(t, &n, (uint64_t)pool->block_len);
+             sig_put(t, &n, (uintptr_t)t->d_rows.data) && sig_put(t, &n, (uint64_t)pool->block_len) &&
+             sig_put(t, &n, (uint64_t)pool->dtype);
     for (int l = 0; ok && l < pool->n_layers; l++)
         ok = sig_put(t, &n, (uintptr_t)pool->k[l]) && sig_put(t, &n, (uintptr_t)pool->v[l]);
     for (size_t w = 0; ok && w < t->active_words; w++) ok = sig_put(t, &n, t->lora_active[w]);

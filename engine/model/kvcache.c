@@ -13,11 +13,24 @@ KvSpace kv_layer_space(const TextConfig *t, int li) {
     return KV_WINDOW;
 }
 
-uint64_t kv_block_bytes(const TextConfig *t, int64_t block_len, KvSpace s) {
-    uint64_t floats = 0;
+uint64_t kv_block_bytes(const TextConfig *t, int64_t block_len, KvSpace s, KnDtype dtype) {
+    uint64_t elements = 0;
     for (int i = 0; i < t->n_layers; i++)
-        if (!t->layers[i].kv_shared && kv_layer_space(t, i) == s) floats += 2 * kv_row_floats(&t->layers[i]);
-    return floats * (uint64_t)block_len * sizeof(float);
+        if (!t->layers[i].kv_shared && kv_layer_space(t, i) == s) elements += 2 * kv_row_floats(&t->layers[i]);
+    return elements * (uint64_t)block_len * kn_dtype_size(dtype);
+}
+
+GfStatus kv_dtype_check(const TextConfig *t, KnDtype dtype, GfError *err) {
+    if (dtype == KN_F32) return GF_OK;
+    if (dtype != KN_BF16)
+        return gf_error_set(err, GF_INVALID, "invalid_value", "kv_cache", "a KV cache holds fp32 or bf16, not %s",
+                            kn_dtype_name(dtype));
+    for (int i = 0; i < t->n_layers; i++)
+        if (t->layers[i].head_dim > KN_KV_BF16_MAX_DIM)
+            return gf_error_set(err, GF_INVALID, "invalid_value", "kv_cache",
+                                "a bf16 KV cache takes heads of at most %d dimensions; layer %d has %d", KN_KV_BF16_MAX_DIM,
+                                i, t->layers[i].head_dim);
+    return GF_OK;
 }
 
 static GfStatus blocks_init(KvBlocks *b, int64_t n, GfError *err) {
@@ -32,25 +45,28 @@ static GfStatus blocks_init(KvBlocks *b, int64_t n, GfError *err) {
 /* The k and v stores of layer i, in its space's blocks. */
 static GfStatus layer_stores(KvPool *p, const LayerConfig *l, int i, GfError *err) {
     const KnBackend *be = p->be;
-    size_t bytes = (size_t)(p->space[p->layer_space[i]].n_blocks * p->block_len) * kv_row_floats(l) * sizeof(float);
-    if (be->ops->alloc(&be->ctx, &p->bufs[2 * i], bytes, KN_F32, "the KV cache", err) ||
-        be->ops->alloc(&be->ctx, &p->bufs[2 * i + 1], bytes, KN_F32, "the KV cache", err))
+    size_t row = kv_row_floats(l) * kn_dtype_size(p->dtype);
+    size_t bytes = (size_t)(p->space[p->layer_space[i]].n_blocks * p->block_len) * row;
+    if (be->ops->alloc(&be->ctx, &p->bufs[2 * i], bytes, p->dtype, "the KV cache", err) ||
+        be->ops->alloc(&be->ctx, &p->bufs[2 * i + 1], bytes, p->dtype, "the KV cache", err))
         return err->status;
     p->k[i] = p->bufs[2 * i].data;
     p->v[i] = p->bufs[2 * i + 1].data;
     if (be->ops->graph_begin) { /* position 0 of block 0: what a bucketed decode step's pad rows read (forward.c) */
-        be->ops->memset(&be->ctx, p->k[i], 0, kv_row_floats(l) * sizeof(float));
-        be->ops->memset(&be->ctx, p->v[i], 0, kv_row_floats(l) * sizeof(float));
+        be->ops->memset(&be->ctx, p->k[i], 0, row);
+        be->ops->memset(&be->ctx, p->v[i], 0, row);
     }
     return GF_OK;
 }
 
-GfStatus kv_pool_init(KvPool *p, const TextConfig *t, const KnBackend *be, int64_t block_len, int64_t n_blocks,
-                      int64_t n_window_blocks, GfError *err) {
+GfStatus kv_pool_init(KvPool *p, const TextConfig *t, const KnBackend *be, KnDtype dtype, int64_t block_len,
+                      int64_t n_blocks, int64_t n_window_blocks, GfError *err) {
     memset(p, 0, sizeof *p);
     if (block_len <= 0 || n_blocks <= 0 || n_blocks > INT32_MAX || n_window_blocks > INT32_MAX)
         return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "a KV pool needs blocks of at least one position");
+    if (kv_dtype_check(t, dtype, err)) return err->status;
     p->be = be;
+    p->dtype = dtype;
     p->block_len = block_len;
     p->window = t->sliding_window;
     p->n_layers = t->n_layers;
@@ -140,7 +156,7 @@ static GfStatus cache_tables(KvCache *c, int64_t capacity, GfError *err) {
 GfStatus kv_cache_init(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, GfError *err) {
     memset(c, 0, sizeof *c);
     if (capacity <= 0) return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "a KV cache needs room for a position");
-    if (kv_pool_init(&c->own, t, be, capacity, 1, 1, err)) return err->status;
+    if (kv_pool_init(&c->own, t, be, KN_F32, capacity, 1, 1, err)) return err->status;
     c->pool = &c->own;
     return cache_tables(c, capacity, err);
 }

@@ -41,23 +41,31 @@ typedef struct {
 
 typedef struct {
     const KnBackend *be;      /* the device the stores live on (borrowed) */
+    KnDtype dtype;            /* what the stores hold: KN_F32, or KN_BF16 (half the bytes; rounded as stored) */
     int64_t block_len;        /* positions per block */
     int64_t window;           /* positions a window layer sees back (sliding_window) */
     KvBlocks space[KV_SPACES];
     uint8_t *layer_space;     /* [n_layers] the space of the store each layer reads (KvSpace) */
     KnBuffer *bufs;           /* [2 * n_layers]: k then v of each layer (empty for KV-shared layers) */
-    float **k, **v;           /* per layer [space blocks * block_len][kv_heads][head_dim] device; NULL for KV-shared layers */
+    void **k, **v;            /* per layer [space blocks * block_len][kv_heads][head_dim] of dtype, device; NULL for
+                                 KV-shared layers */
     int n_layers;
 } KvPool;
 
 /* The space layer li's keys and values live in (its store layer's). */
 KvSpace kv_layer_space(const TextConfig *t, int li);
-/* Bytes one block of block_len positions takes over the layers of space s. */
-uint64_t kv_block_bytes(const TextConfig *t, int64_t block_len, KvSpace s);
+/* Bytes one block of block_len positions takes over the layers of space s,
+ * its stores holding dtype. */
+uint64_t kv_block_bytes(const TextConfig *t, int64_t block_len, KvSpace s, KnDtype dtype);
+/* GF_INVALID (param "kv_cache") unless the stores of t may hold dtype:
+ * KN_F32, or KN_BF16 for heads of up to KN_KV_BF16_MAX_DIM (ops.h). */
+GfStatus kv_dtype_check(const TextConfig *t, KnDtype dtype, GfError *err);
 /* A pool of n_blocks blocks in the full space and n_window_blocks in the
- * window space (ignored, and none allocated, when no layer uses it). */
-GfStatus kv_pool_init(KvPool *p, const TextConfig *t, const KnBackend *be, int64_t block_len, int64_t n_blocks,
-                      int64_t n_window_blocks, GfError *err);
+ * window space (ignored, and none allocated, when no layer uses it), its
+ * stores holding dtype (kv_dtype_check). A sequence's own pool
+ * (kv_cache_init) holds KN_F32: the training forward's attention reads it. */
+GfStatus kv_pool_init(KvPool *p, const TextConfig *t, const KnBackend *be, KnDtype dtype, int64_t block_len,
+                      int64_t n_blocks, int64_t n_window_blocks, GfError *err);
 void kv_pool_free(KvPool *p);
 /* Blocks of space s in use. */
 int64_t kv_pool_used(const KvPool *p, KvSpace s);

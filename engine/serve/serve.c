@@ -102,21 +102,36 @@ struct ServeEngine {
 
 /* ---- configuration ------------------------------------------------------------ */
 
+/* The default blocks and context for c's KV dtype: every slot reaching
+ * 8192 positions, at most 64 MiB of KV each in the full-attention layers. */
+static void default_blocks(ServeConfig *c, const Model *m) {
+    int64_t ctx = 8192;
+    uint64_t per_block = kv_block_bytes(&model_config(m)->text, c->kv_block_len, KV_FULL, c->kv_dtype), cap = 64ull << 20;
+    int64_t per_slot = (ctx + c->kv_block_len - 1) / c->kv_block_len;
+    if (per_block && (uint64_t)per_slot * per_block > cap) per_slot = (int64_t)(cap / per_block);
+    c->kv_blocks = per_slot * c->max_seqs;
+    c->max_context = per_slot * c->kv_block_len;
+}
+
 void serve_config_default(ServeConfig *c, const Model *m) {
     memset(c, 0, sizeof *c);
     c->max_seqs = 16;
     c->max_queue = 64;
     c->max_batch_tokens = 4096;
     c->kv_block_len = 16;
-    int64_t ctx = 8192;
-    uint64_t per_block = kv_block_bytes(&model_config(m)->text, c->kv_block_len, KV_FULL), cap = 64ull << 20;
-    int64_t per_slot = (ctx + c->kv_block_len - 1) / c->kv_block_len;
-    if (per_block && (uint64_t)per_slot * per_block > cap) per_slot = (int64_t)(cap / per_block);
-    c->kv_blocks = per_slot * c->max_seqs;
-    c->max_context = per_slot * c->kv_block_len;
+    int bf16 = model_backend(m)->ctx.precision == KN_PRECISION_BF16;
+    c->kv_dtype = bf16 && !kv_dtype_check(&model_config(m)->text, KN_BF16, NULL) ? KN_BF16 : KN_F32;
+    default_blocks(c, m);
     c->max_adapters = 8;
     c->max_lora_rank = LORA_MAX_RANK;
     c->vision_cache_bytes = 128ull << 20;
+}
+
+GfStatus serve_config_kv_dtype(ServeConfig *c, const Model *m, KnDtype dtype, GfError *err) {
+    if (kv_dtype_check(&model_config(m)->text, dtype, err)) return err->status;
+    c->kv_dtype = dtype;
+    default_blocks(c, m);
+    return GF_OK;
 }
 
 static int64_t blocks_for(const ServeEngine *e, int64_t positions) {
@@ -856,13 +871,15 @@ GfStatus serve_start(Model *m, const ServeConfig *cfg, ServeEngine **out, GfErro
     e->next = gf_calloc((size_t)cfg->max_seqs, sizeof *e->next, err);
     e->vcache = e->next ? vision_cache_new(m, cfg->vision_cache_bytes, err) : NULL;
     if (!e->res || !e->active || !e->paused || !e->batch || !e->rows || !e->next || !e->vcache ||
-        kv_pool_init(&e->pool, &model_config(m)->text, model_backend(m), cfg->kv_block_len, cfg->kv_blocks,
+        kv_pool_init(&e->pool, &model_config(m)->text, model_backend(m), cfg->kv_dtype, cfg->kv_block_len, cfg->kv_blocks,
                      e->cfg.kv_window_blocks, err)) {
         engine_free(e);
         return err->status ? err->status : GF_NO_MEMORY;
     }
     e->stats.kv_blocks_total = cfg->kv_blocks;
     e->stats.kv_window_blocks_total = e->pool.space[KV_WINDOW].n_blocks;
+    e->stats.kv_dtype = e->pool.dtype;
+    for (int i = 0; i < 2 * e->pool.n_layers; i++) e->stats.kv_bytes += e->pool.bufs[i].bytes;
     if (pthread_create(&e->thread, NULL, engine_main, e)) {
         engine_free(e);
         return gf_error_set(err, GF_INTERNAL, "internal_error", NULL, "cannot start the engine thread");

@@ -61,6 +61,8 @@ typedef struct {
     int max_queue;            /* requests waiting for a slot; serve_submit refuses past it */
     int64_t max_batch_tokens; /* prompt tokens prefilled in one step (at least one prompt) */
     int64_t kv_block_len;     /* positions per KV block */
+    KnDtype kv_dtype;         /* what the KV pool holds: KN_F32, or KN_BF16 (half the bytes a block; keys and
+                                 values rounded as they are stored, attention in fp32 on them widened) */
     int64_t kv_blocks;        /* blocks in the pool (full-attention layers) */
     int64_t kv_window_blocks; /* blocks of the sliding-window layers; 0 = serve_window_blocks' default */
     int64_t max_context;      /* positions one sequence may reach (prompt + max_tokens) */
@@ -70,11 +72,16 @@ typedef struct {
     DevSched *sched;          /* the device shared with a training job (borrowed; each step holds it), or NULL */
 } ServeConfig;
 
-/* Defaults: 16 sequences, a queue of 64, blocks of 16 positions, enough
- * blocks for every slot to reach 8192 positions (capped at 64 MiB of KV per
- * slot in the full-attention layers), 8 adapters, 128 MiB of cached vision
- * features. */
+/* Defaults: 16 sequences, a queue of 64, blocks of 16 positions, a bf16
+ * KV pool in the bf16 precision (where every head fits it, kv_dtype_check)
+ * and fp32 otherwise, enough blocks for every slot to reach 8192 positions
+ * (capped at 64 MiB of KV per slot in the full-attention layers), 8
+ * adapters, 128 MiB of cached vision features. */
 void serve_config_default(ServeConfig *c, const Model *m);
+/* c->kv_dtype = dtype, and the default blocks and context again for it
+ * (as serve_config_default sets them). GF_INVALID when the model's heads
+ * cannot take it (kv_dtype_check). */
+GfStatus serve_config_kv_dtype(ServeConfig *c, const Model *m, KnDtype dtype, GfError *err);
 
 /* The window blocks serving uses: c->kv_window_blocks when set, else room
  * for every slot's window (plus a block on each side) and one prompt of
@@ -160,6 +167,8 @@ typedef struct {
     int queued, running, resident_adapters;
     int64_t kv_blocks_used, kv_blocks_total;          /* full-attention layers' space */
     int64_t kv_window_blocks_used, kv_window_blocks_total; /* sliding-window layers' space */
+    KnDtype kv_dtype;         /* what the KV pool holds (ServeConfig.kv_dtype) */
+    uint64_t kv_bytes;        /* the pool's stores, both spaces, on the device */
     int paused;               /* preempted sequences waiting to resume */
     uint64_t preemptions;
     uint64_t requests, completed, failed, cancelled;

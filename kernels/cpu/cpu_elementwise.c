@@ -86,6 +86,16 @@ void cpu_rows_scatter_forward(const KnCtx *ctx, float *out, const float *src, co
         if (idx[i] >= 0) memcpy(out + (int64_t)idx[i] * dim, src + i * dim, (size_t)dim * sizeof(float));
 }
 
+void cpu_rows_scatter_bf16_forward(const KnCtx *ctx, uint16_t *out, const float *src, const int32_t *idx, int64_t n,
+                                   int64_t dim) {
+    (void)ctx;
+    for (int64_t i = 0; i < n; i++) {
+        if (idx[i] < 0) continue;
+        uint16_t *o = out + (int64_t)idx[i] * dim;
+        for (int64_t j = 0; j < dim; j++) o[j] = kn_f32_to_bf16(src[i * dim + j]);
+    }
+}
+
 void cpu_rows_sum_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
     (void)ctx;
     for (int64_t i = 0; i < n; i++) {

@@ -178,7 +178,9 @@ static void g_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, co
 
 typedef struct {
     float *out;
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v;
+    KnDtype kv;
     const int32_t *pos;
     int64_t block_len;
     const KnAttnSeq *seqs;
@@ -196,13 +198,13 @@ static void x_attention_batch(const KnCtx *ctx, const void *p) {
         h[i].valid = H(a->seqs[i].valid);
         h[i].group = H(a->seqs[i].group);
     }
-    CPU_OPS.attention_batch(ctx, H(a->out), H(a->q), H(a->pos), H(a->k), H(a->v), a->block_len, h, a->n_seqs,
+    CPU_OPS.attention_batch(ctx, H(a->out), H(a->q), H(a->pos), H(a->k), H(a->v), a->kv, a->block_len, h, a->n_seqs,
                             a->n_heads, a->n_kv_heads, a->dim, a->scale, a->window);
 }
-static void g_attention_batch(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
-                              const float *v, int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads,
-                              int n_kv_heads, int dim, float scale, int window) {
-    AttentionBatchArgs a = {out, q, k, v, pos, block_len,
+static void g_attention_batch(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const void *k,
+                              const void *v, KnDtype kv, int64_t block_len, const KnAttnSeq *seqs, int n_seqs,
+                              int n_heads, int n_kv_heads, int dim, float scale, int window) {
+    AttentionBatchArgs a = {out, q, k, v, kv, pos, block_len,
                             guard_keep(ctx, seqs, n_seqs > 0 ? (size_t)n_seqs * sizeof *seqs : 0),
                             n_seqs, n_heads, n_kv_heads, dim, scale, window};
     SUBMIT(x_attention_batch, a);
@@ -229,7 +231,9 @@ static KnLoraRow *lora_rows_now(const KnCtx *ctx, const KnLoraRow *rows, int64_t
 
 typedef struct {
     float *out;
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v;
+    KnDtype kv;
     const int32_t *pos;
     int64_t block_len, n;
     const KnAttnRow *rows;
@@ -241,14 +245,14 @@ static void x_attention_rows(const KnCtx *ctx, const void *p) {
     const AttentionRowsArgs *a = p;
     if (a->n <= 0) return;
     KnAttnRow *h = attn_rows_now(ctx, a->rows, a->n);
-    CPU_OPS.attention_rows(ctx, H(a->out), H(a->q), H(a->pos), H(a->k), H(a->v), a->block_len, h, a->n, a->n_heads,
-                           a->n_kv_heads, a->dim, a->scale, a->window);
+    CPU_OPS.attention_rows(ctx, H(a->out), H(a->q), H(a->pos), H(a->k), H(a->v), a->kv, a->block_len, h, a->n,
+                           a->n_heads, a->n_kv_heads, a->dim, a->scale, a->window);
     free(h);
 }
-static void g_attention_rows(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
-                             const float *v, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
+static void g_attention_rows(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const void *k,
+                             const void *v, KnDtype kv, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
                              int n_kv_heads, int dim, float scale, int window) {
-    AttentionRowsArgs a = {out, q, k, v, pos, block_len, n, rows, n_heads, n_kv_heads, dim, scale, window};
+    AttentionRowsArgs a = {out, q, k, v, kv, pos, block_len, n, rows, n_heads, n_kv_heads, dim, scale, window};
     SUBMIT(x_attention_rows, a);
 }
 
@@ -359,6 +363,7 @@ static void g_mul_acc(const KnCtx *ctx, float *y, const float *a, const float *b
  * embed_rows_add (table, scale, row) */
 typedef struct {
     float *out, *row;
+    uint16_t *out16;
     const float *src;
     const int32_t *idx;
     int64_t n, dim;
@@ -380,6 +385,15 @@ static void x_rows_scatter(const KnCtx *ctx, const void *p) {
 static void g_rows_scatter(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
     RowsArgs a = {.out = out, .src = src, .idx = idx, .n = n, .dim = dim};
     SUBMIT(x_rows_scatter, a);
+}
+static void x_rows_scatter_bf16(const KnCtx *ctx, const void *p) {
+    const RowsArgs *a = p;
+    CPU_OPS.rows_scatter_bf16(ctx, H(a->out16), H(a->src), H(a->idx), a->n, a->dim);
+}
+static void g_rows_scatter_bf16(const KnCtx *ctx, uint16_t *out, const float *src, const int32_t *idx, int64_t n,
+                                int64_t dim) {
+    RowsArgs a = {.out16 = out, .src = src, .idx = idx, .n = n, .dim = dim};
+    SUBMIT(x_rows_scatter_bf16, a);
 }
 static void x_rows_sum(const KnCtx *ctx, const void *p) {
     const RowsArgs *a = p;
@@ -763,6 +777,7 @@ static const KnOps GUARDED_OPS = {
     .mul_acc = g_mul_acc,
     .rows_gather = g_rows_gather,
     .rows_scatter = g_rows_scatter,
+    .rows_scatter_bf16 = g_rows_scatter_bf16,
     .xent_softcap = g_xent_softcap,
     .rows_sum = g_rows_sum,
     .embed_rows_add = g_embed_rows_add,

@@ -86,6 +86,8 @@ void cpu_mul_acc_forward(const KnCtx *ctx, float *y, const float *a, const float
                          int64_t ld_y);
 void cpu_rows_gather_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
 void cpu_rows_scatter_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
+void cpu_rows_scatter_bf16_forward(const KnCtx *ctx, uint16_t *out, const float *src, const int32_t *idx, int64_t n,
+                                   int64_t dim);
 void cpu_rows_sum_forward(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
 void cpu_embed_rows_add_forward(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n,
                                 float *row);

@@ -1,5 +1,6 @@
 /* cpu_ops.c - the CPU reference kernels: plain loops, threaded by rows. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "../convert.h"
@@ -140,19 +141,27 @@ void cpu_softcap_forward(const KnCtx *ctx, float *x, size_t n, float cap) {
 
 typedef struct {
     float *out;
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v;        /* float32, or bfloat16 when bf16 */
     int64_t n_q, q_pos0, n_keys;
     int n_heads, n_kv_heads, dim;
     float scale;
     const KnMask *mask;
     const int32_t *table;     /* paged keys: block of each run of blk positions; NULL = contiguous */
     int64_t blk;
+    int bf16;
 } AttnTask;
 
-/* Row of key (or value) position k, head kvh, in a contiguous or paged store. */
-static inline const float *kv_row(const AttnTask *t, const float *base, int64_t k, int kvh) {
-    int64_t slot = t->table ? (int64_t)t->table[k / t->blk] * t->blk + k % t->blk : k;
-    return base + (slot * t->n_kv_heads + kvh) * t->dim;
+#define ATTN_BF16_DIM KN_KV_BF16_MAX_DIM /* a bfloat16 store's row widened on the stack */
+
+/* Row of key (or value) position k, head kvh, in a contiguous or paged
+ * store: in place for float32, widened into buf for bfloat16. */
+static inline const float *kv_row(const AttnTask *t, const void *base, int64_t k, int kvh, float *buf) {
+    int64_t slot = t->table ? (int64_t)t->table[k / t->blk] * t->blk + k % t->blk : k, at = (slot * t->n_kv_heads + kvh) * t->dim;
+    if (!t->bf16) return (const float *)base + at;
+    const uint16_t *h = (const uint16_t *)base + at;
+    for (int d = 0; d < t->dim; d++) buf[d] = kn_bf16_to_f32(h[d]);
+    return buf;
 }
 
 
@@ -163,6 +172,7 @@ static void attn_item(const AttnTask *t, long item, float *stack_scores) {
     int64_t i = item / t->n_heads;
     int h = (int)(item % t->n_heads), kvh = h / (t->n_heads / t->n_kv_heads);
     int64_t qpos = t->q_pos0 + i;
+    float row[ATTN_BF16_DIM];
     const float *qv = t->q + (i * t->n_heads + h) * t->dim;
     float *o = t->out + (i * t->n_heads + h) * t->dim;
     memset(o, 0, (size_t)t->dim * sizeof(float));
@@ -170,7 +180,7 @@ static void attn_item(const AttnTask *t, long item, float *stack_scores) {
     /* two passes when the key count is larger than the stack buffer */
     float *scores = t->n_keys <= ATTN_STACK ? stack_scores : NULL;
     for (int64_t k = 0; k < t->n_keys; k++) {
-        float s = cpu_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh), t->dim) * t->scale
+        float s = cpu_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh, row), t->dim) * t->scale
                                              : -INFINITY;
         if (scores) scores[k] = s;
         if (s > mx) mx = s;
@@ -178,12 +188,12 @@ static void attn_item(const AttnTask *t, long item, float *stack_scores) {
     if (mx == -INFINITY) return; /* no visible key: zeros */
     for (int64_t k = 0; k < t->n_keys; k++) {
         float s = scores ? scores[k]
-                         : (cpu_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh), t->dim) * t->scale
+                         : (cpu_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh, row), t->dim) * t->scale
                                                       : -INFINITY);
         if (s == -INFINITY) continue;
         float w = expf(s - mx);
         sum += w;
-        const float *vv = kv_row(t, t->v, k, kvh);
+        const float *vv = kv_row(t, t->v, k, kvh, row);
         for (int d = 0; d < t->dim; d++) o[d] += w * vv[d];
     }
     for (int d = 0; d < t->dim; d++) o[d] /= sum;
@@ -201,7 +211,7 @@ static void attn_task(void *p, int ith, int nth) {
 static void cpu_attention_forward(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
                                   int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim,
                                   float scale, const KnMask *mask) {
-    AttnTask t = {out, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask, NULL, 1};
+    AttnTask t = {out, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask, NULL, 1, 0};
     if (n_q * n_heads * n_keys * dim < CPU_PARALLEL_MIN_WORK) attn_task(&t, 0, 1);
     else kn_pool_run(ctx->pool, attn_task, &t);
 }
@@ -210,7 +220,7 @@ static void cpu_attention_paged_forward(const KnCtx *ctx, float *out, const floa
                                 int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
                                 const KnMask *mask) {
     AttnTask t = {out, q, kv->k, kv->v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask, kv->table,
-                  kv->block_len};
+                  kv->block_len, 0};
     if (n_q * n_heads * n_keys * dim < CPU_PARALLEL_MIN_WORK) attn_task(&t, 0, 1);
     else kn_pool_run(ctx->pool, attn_task, &t);
 }
@@ -240,8 +250,10 @@ static void attn_batch_task(void *p, int ith, int nth) {
 #define ATTN_BATCH 64
 
 static void cpu_attention_batch_forward(const KnCtx *ctx, float *out, const float *q, const int32_t *pos,
-                                        const float *k, const float *v, int64_t block_len, const KnAttnSeq *seqs,
-                                        int n_seqs, int n_heads, int n_kv_heads, int dim, float scale, int window) {
+                                        const void *k, const void *v, KnDtype kv, int64_t block_len,
+                                        const KnAttnSeq *seqs, int n_seqs, int n_heads, int n_kv_heads, int dim,
+                                        float scale, int window) {
+    if (kv == KN_BF16 && dim > ATTN_BF16_DIM) abort(); /* outside the contract (ops.h): a caller's bug */
     AttnTask tasks[ATTN_BATCH];
     KnMask masks[ATTN_BATCH];
     long first[ATTN_BATCH + 1];
@@ -255,7 +267,7 @@ static void cpu_attention_batch_forward(const KnCtx *ctx, float *out, const floa
             size_t at = (size_t)(sq->row0 * n_heads * dim);
             int64_t pos0 = pos[sq->row0], n_keys = pos0 + sq->n_q;
             tasks[i] = (AttnTask){out + at, q + at, k, v, sq->n_q, pos0, n_keys, n_heads, n_kv_heads, dim,
-                                  scale, &masks[i], sq->table, block_len};
+                                  scale, &masks[i], sq->table, block_len, kv == KN_BF16};
             first[i + 1] = first[i] + (long)(sq->n_q * n_heads);
             work += sq->n_q * n_heads * n_keys * dim;
         }
@@ -266,13 +278,14 @@ static void cpu_attention_batch_forward(const KnCtx *ctx, float *out, const floa
 
 /* One sequence of one row per entry of rows: attention_batch's tasks. */
 static void cpu_attention_rows_forward(const KnCtx *ctx, float *out, const float *q, const int32_t *pos,
-                                       const float *k, const float *v, int64_t block_len, const KnAttnRow *rows,
-                                       int64_t n, int n_heads, int n_kv_heads, int dim, float scale, int window) {
+                                       const void *k, const void *v, KnDtype kv, int64_t block_len,
+                                       const KnAttnRow *rows, int64_t n, int n_heads, int n_kv_heads, int dim,
+                                       float scale, int window) {
     KnAttnSeq seqs[ATTN_BATCH];
     for (int64_t r0 = 0; r0 < n; r0 += ATTN_BATCH) {
         int m = n - r0 < ATTN_BATCH ? (int)(n - r0) : ATTN_BATCH;
         for (int i = 0; i < m; i++) seqs[i] = (KnAttnSeq){r0 + i, 1, rows[r0 + i].table, rows[r0 + i].valid, rows[r0 + i].group};
-        cpu_attention_batch_forward(ctx, out, q, pos, k, v, block_len, seqs, m, n_heads, n_kv_heads, dim, scale,
+        cpu_attention_batch_forward(ctx, out, q, pos, k, v, kv, block_len, seqs, m, n_heads, n_kv_heads, dim, scale,
                                     window);
     }
 }
@@ -312,6 +325,7 @@ const KnOps CPU_OPS = {
     .mul_acc = cpu_mul_acc_forward,
     .rows_gather = cpu_rows_gather_forward,
     .rows_scatter = cpu_rows_scatter_forward,
+    .rows_scatter_bf16 = cpu_rows_scatter_bf16_forward,
     .xent_softcap = cpu_xent_softcap_forward,
     .rows_sum = cpu_rows_sum_forward,
     .embed_rows_add = cpu_embed_rows_add_forward,

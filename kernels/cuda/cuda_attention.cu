@@ -19,7 +19,7 @@
 #define CHUNK 32
 
 typedef struct {
-    const float *k, *v;
+    const void *k, *v;        /* float32, or bfloat16 when kv16 */
     const int32_t *table;     /* NULL: contiguous */
     int64_t blk;
     const uint8_t *valid;
@@ -29,6 +29,7 @@ typedef struct {
     int n_heads, n_kv_heads, dim;
     float scale;
     int hp;                   /* the forward tile's heads (attention_tile): 1, or packed for one query */
+    int kv16;                 /* k and v hold bfloat16, widened as they are loaded */
 } AttArgs;
 
 /* Where key's row of KV head kvh starts in the stores (elements). */
@@ -74,10 +75,40 @@ static __device__ void chunk_rows(const AttArgs &a, int64_t k0, int ns, int hp, 
     if (j == 0) *any = some;
 }
 
+/* chunk_load from a bfloat16 store, each element widened exactly; four a
+ * load when vec4 (dim a multiple of 4, k and v 8-byte aligned). */
+static __device__ __forceinline__ float bf16_at(const uint16_t *p) { return __uint_as_float((uint32_t)__ldg(p) << 16); }
+static __device__ __forceinline__ void chunk_load16(float *kv, const uint16_t *src, const int64_t *row, int dim, int vec4) {
+    if (vec4) {
+        int d4 = dim / 4;
+        for (int e = threadIdx.x; e < CHUNK * d4; e += TILE_THREADS) {
+            int64_t r = row[e / d4];
+            float4 f = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (r >= 0) {
+                ushort4 h = __ldg((const ushort4 *)(src + r) + e % d4);
+                f = make_float4(__uint_as_float((uint32_t)h.x << 16), __uint_as_float((uint32_t)h.y << 16),
+                                __uint_as_float((uint32_t)h.z << 16), __uint_as_float((uint32_t)h.w << 16));
+            }
+            ((float4 *)kv)[e] = f;
+        }
+        return;
+    }
+    for (int e = threadIdx.x; e < CHUNK * dim; e += TILE_THREADS) {
+        int64_t r = row[e / dim];
+        kv[e] = r >= 0 ? bf16_at(src + r + e % dim) : 0.0f;
+    }
+}
+
 /* The chunk's rows of src (keys or values) into kv[CHUNK][dim], zeros for
  * the rows no query sees; four floats a load when vec4 (dim a multiple of
- * 4, k and v 16-byte aligned). */
-static __device__ __forceinline__ void chunk_load(float *kv, const float *src, const int64_t *row, int dim, int vec4) {
+ * 4, k and v 16-byte aligned; 8 for bfloat16). */
+static __device__ __forceinline__ void chunk_load(float *kv, const void *store, int kv16, const int64_t *row, int dim,
+                                                  int vec4) {
+    if (kv16) {
+        chunk_load16(kv, (const uint16_t *)store, row, dim, vec4);
+        return;
+    }
+    const float *src = (const float *)store;
     if (vec4) {
         int d4 = dim / 4;
         for (int e = threadIdx.x; e < CHUNK * d4; e += TILE_THREADS) {
@@ -167,7 +198,7 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
         M_sh[tid] = -INFINITY;
         L_sh[tid] = 0.0f;
     }
-    int vec4 = a.dim % 4 == 0 && (((uintptr_t)a.k | (uintptr_t)a.v) & 15) == 0;
+    int vec4 = a.dim % 4 == 0 && (((uintptr_t)a.k | (uintptr_t)a.v) & (a.kv16 ? 7 : 15)) == 0;
     /* the chunks before the window of the tile's first query: no slot sees them, so skipping them changes nothing */
     int64_t k_lo = a.window > 0 ? a.q_pos0 + i0 - a.window + 1 : 0;
     k_lo = k_lo > 0 ? k_lo / CHUNK * CHUNK : 0;
@@ -187,7 +218,7 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
                 if (warp == 0) chunk_rows(a, k0, ns, hp, a.q_pos0 + i0, kvh, vis, row_sh, &any_sh);
                 __syncthreads();
                 if (!any_sh) continue; /* no slot sees the chunk: its state stays as it is */
-                chunk_load(kv, a.k, row_sh, a.dim, vec4); /* unseen keys are never read */
+                chunk_load(kv, a.k, a.kv16, row_sh, a.dim, vec4); /* unseen keys are never read */
                 __syncthreads();
                 for (int pr = warp; pr < QT * CHUNK; pr += TILE_WARPS) {
                     int qi = pr / CHUNK, j = pr % CHUNK;
@@ -210,7 +241,7 @@ static __device__ __noinline__ void attention_tile(float *out, const float *q, c
                     int qi = tid / CHUNK, j = tid % CHUNK;
                     p[qi][j] = s[qi][j] == -INFINITY ? 0.0f : expf(s[qi][j] - m_sh[qi]);
                 }
-                chunk_load(kv, a.v, row_sh, a.dim, vec4); /* the values replace the keys (all scored) */
+                chunk_load(kv, a.v, a.kv16, row_sh, a.dim, vec4); /* the values replace the keys (all scored) */
                 __syncthreads();
                 if (tid < QT) { /* the weights summed in key order */
                     float ps = 0.0f;
@@ -396,15 +427,15 @@ static void launch_attention(const KnCtx *ctx, float *out, const float *q, AttAr
     if (part) launch_merge(c, out, part, a, 1, what);
 }
 
-void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
-                          const float *v, int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads,
-                          int n_kv_heads, int dim, float scale, int window) {
+void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const void *k,
+                          const void *v, KnDtype kv, int64_t block_len, const KnAttnSeq *seqs, int n_seqs,
+                          int n_heads, int n_kv_heads, int dim, float scale, int window) {
     if (n_seqs <= 0 || n_heads <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
     size_t smem = att_smem(c, dim, n_heads, n_kv_heads, "attention_batch");
     if (!smem) return;
     AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale,
-                 heads_packed(n_heads, n_kv_heads)};
+                 heads_packed(n_heads, n_kv_heads), kv == KN_BF16};
     /* a decode step's rows split their streams over blocks (one group: decode_rows) */
     float *part = decode_rows(seqs, n_seqs) ? att_split(c, n_seqs, a, "attention_batch") : NULL;
     for (int s0 = 0; s0 < n_seqs; s0 += ATT_GROUP) {
@@ -424,8 +455,8 @@ void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const in
     if (part) launch_merge(c, out, part, a, n_seqs, "attention_batch");
 }
 
-void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
-                         const float *v, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
+void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const void *k,
+                         const void *v, KnDtype kv, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
                          int n_kv_heads, int dim, float scale, int window) {
     if (n <= 0 || n_heads <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
@@ -436,7 +467,7 @@ void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int
     size_t smem = att_smem(c, dim, n_heads, n_kv_heads, "attention_rows");
     if (!smem) return;
     AttArgs a = {k, v, NULL, block_len, NULL, NULL, window, 0, 0, 0, n_heads, n_kv_heads, dim, scale,
-                 heads_packed(n_heads, n_kv_heads)};
+                 heads_packed(n_heads, n_kv_heads), kv == KN_BF16};
     float *part = att_split(c, n, a, "attention_rows");
     dim3 grid(part ? ATT_STREAMS : 1, (unsigned)(n_heads / a.hp), (unsigned)n);
     k_attention_rows<<<grid, TILE_THREADS, smem, c->stream>>>(out, q, pos, a, rows, part);
@@ -448,14 +479,14 @@ void cuda_attention(const KnCtx *ctx, float *out, const float *q, const float *k
                     int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
                     const KnMask *mask) {
     AttArgs a = {k, v, NULL, 1, mask->valid, mask->group, mask->window, n_q, q_pos0, n_keys, n_heads, n_kv_heads,
-                 dim, scale, 1};
+                 dim, scale, 1, 0};
     launch_attention(ctx, out, q, a, "attention");
 }
 
 void cuda_attention_paged(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q, int64_t q_pos0,
                           int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale, const KnMask *mask) {
     AttArgs a = {kv->k, kv->v, kv->table, kv->block_len, mask->valid, mask->group, mask->window, n_q, q_pos0, n_keys,
-                 n_heads, n_kv_heads, dim, scale, 1};
+                 n_heads, n_kv_heads, dim, scale, 1, 0};
     launch_attention(ctx, out, q, a, "attention_paged");
 }
 

@@ -308,6 +308,7 @@ static KnOps make_ops(void) {
     o.mul_acc = cuda_mul_acc;
     o.rows_gather = cuda_rows_gather;
     o.rows_scatter = cuda_rows_scatter;
+    o.rows_scatter_bf16 = cuda_rows_scatter_bf16;
     o.rows_sum = cuda_rows_sum;
     o.embed_rows_add = cuda_embed_rows_add;
     o.clamp = cuda_clamp;

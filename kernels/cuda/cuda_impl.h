@@ -290,6 +290,8 @@ void cuda_mul_acc(const KnCtx *ctx, float *y, const float *a, const float *b, in
                   int64_t ld_y);
 void cuda_rows_gather(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
 void cuda_rows_scatter(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
+void cuda_rows_scatter_bf16(const KnCtx *ctx, uint16_t *out, const float *src, const int32_t *idx, int64_t n,
+                            int64_t dim);
 void cuda_rows_sum(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim);
 void cuda_clamp(const KnCtx *ctx, float *y, const float *x, size_t n, float lo, float hi);
 void cuda_clamp_dx(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n, float lo, float hi,
@@ -309,11 +311,11 @@ void cuda_attention(const KnCtx *ctx, float *out, const float *q, const float *k
                     const KnMask *mask);
 void cuda_attention_paged(const KnCtx *ctx, float *out, const float *q, const KnKv *kv, int64_t n_q, int64_t q_pos0,
                           int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale, const KnMask *mask);
-void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
-                          const float *v, int64_t block_len, const KnAttnSeq *seqs, int n_seqs, int n_heads,
-                          int n_kv_heads, int dim, float scale, int window);
-void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const float *k,
-                         const float *v, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
+void cuda_attention_batch(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const void *k,
+                          const void *v, KnDtype kv, int64_t block_len, const KnAttnSeq *seqs, int n_seqs,
+                          int n_heads, int n_kv_heads, int dim, float scale, int window);
+void cuda_attention_rows(const KnCtx *ctx, float *out, const float *q, const int32_t *pos, const void *k,
+                         const void *v, KnDtype kv, int64_t block_len, const KnAttnRow *rows, int64_t n, int n_heads,
                          int n_kv_heads, int dim, float scale, int window);
 void cuda_attention_bulk(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
                          int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,

@@ -205,10 +205,14 @@ void cuda_scale(const KnCtx *ctx, float *x, size_t n, float s) { LAUNCH(cuda_ctx
 
 /* kn_f32_to_bf16's integer rounding (convert.c), so that every bit, a
  * NaN's included, is the host's */
+static __device__ __forceinline__ uint16_t bf16_bits(float f) {
+    uint32_t u = __float_as_uint(f);
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
 static __global__ void k_round_bf16(uint16_t *kept, float *x, size_t n) {
     GRID_STRIDE(i, n) {
-        uint32_t u = __float_as_uint(x[i]);
-        uint16_t h = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+        uint16_t h = bf16_bits(x[i]);
         kept[i] = h;
         x[i] = __uint_as_float((uint32_t)h << 16);
     }
@@ -306,6 +310,18 @@ static __global__ void k_rows_scatter(float *out, const float *src, const int32_
 void cuda_rows_scatter(const KnCtx *ctx, float *out, const float *src, const int32_t *idx, int64_t n, int64_t dim) {
     size_t total = n > 0 && dim > 0 ? (size_t)(n * dim) : 0;
     LAUNCH(cuda_ctx(ctx), rows_scatter, total, out, src, idx, total, dim);
+}
+
+static __global__ void k_rows_scatter_bf16(uint16_t *out, const float *src, const int32_t *idx, size_t n, int64_t dim) {
+    GRID_STRIDE(e, n) {
+        int64_t i = (int64_t)e / dim, j = (int64_t)e % dim;
+        if (idx[i] >= 0) out[(int64_t)idx[i] * dim + j] = bf16_bits(src[e]);
+    }
+}
+void cuda_rows_scatter_bf16(const KnCtx *ctx, uint16_t *out, const float *src, const int32_t *idx, int64_t n,
+                            int64_t dim) {
+    size_t total = n > 0 && dim > 0 ? (size_t)(n * dim) : 0;
+    LAUNCH(cuda_ctx(ctx), rows_scatter_bf16, total, out, src, idx, total, dim);
 }
 
 /* One thread per column, the rows in order: rows that share a target add up

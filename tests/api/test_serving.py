@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -473,6 +474,31 @@ def t_half_close_and_queued_hang_ups(binary):
         assert srv.alive()
     finally:
         srv.stop()
+
+def t_kv_cache_bf16(binary):
+    """--kv-cache bf16 (the default in the bf16 precision; the CPU's is
+    fp32): /readyz says what the KV cache holds, /metrics counts half the
+    bytes for the same blocks, and it answers, the same each time; an
+    unknown value stops the server at start, naming the flag."""
+    got = {}
+    for kv in ("fp32", "bf16"):
+        srv = Server(binary, extra=["--no-train", "--max-seqs", "2", "--kv-cache", kv])
+        try:
+            ready = expect(srv.get("/readyz"), 200, error_shape=False).json()
+            assert ready["model"]["kv_cache"] == kv, ready
+            m = metric_lines(srv)
+            body = {"model": "dense", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 12,
+                    "temperature": 0}
+            a, b = (answer_of(expect(srv.post_json("/v1/chat/completions", body), 200), False) for _ in range(2))
+            assert a == b and a[2]["completion_tokens"] == 12, (a, b)
+            got[kv] = (m["gf_kv_cache_bytes"], m["gf_kv_blocks_total"], m["gf_kv_window_blocks_total"])
+            assert srv.alive()
+        finally:
+            srv.stop()
+    assert got["bf16"][1:] == got["fp32"][1:] and got["bf16"][0] * 2 == got["fp32"][0] > 0, got
+    r = subprocess.run([binary, "serve", "--kv-cache", "fp16", "--port", "0"], capture_output=True, timeout=60)
+    assert r.returncode == 2 and b"bad value: --kv-cache fp16" in r.stderr.split(b"\n")[0], (r.returncode, r.stderr[:300])
+
 
 def png_chunk(kind, data):
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)

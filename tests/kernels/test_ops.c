@@ -477,6 +477,35 @@ static void test_attention(Dev *d) {
     free(q); free(k); free(v);
 }
 
+/* x[n] as a bfloat16 store on the device (*d16) and, widened back, as a
+ * float32 one (returned): what attention over the bfloat16 store must
+ * equal bit for bit. */
+static float *bf16_store(Dev *d, const float *x, size_t n, uint16_t **d16) {
+    uint16_t *h = malloc(n * sizeof *h);
+    float *w = malloc(F(n));
+    for (size_t i = 0; i < n; i++) {
+        h[i] = kn_f32_to_bf16(x[i]);
+        w[i] = kn_bf16_to_f32(h[i]);
+    }
+    *d16 = dev_put(d, h, n * sizeof *h);
+    float *dw = dev_put(d, w, F(n));
+    free(h);
+    free(w);
+    return dw;
+}
+
+/* 1 when the n floats at device addresses a and b are the same bits, and finite. */
+static int same_finite(Dev *d, const float *a, const float *b, size_t n) {
+    float *ha = malloc(F(n)), *hb = malloc(F(n));
+    dev_get(d, ha, a, F(n));
+    dev_get(d, hb, b, F(n));
+    int ok = memcmp(ha, hb, F(n)) == 0;
+    for (size_t i = 0; i < n; i++) ok &= isfinite(ha[i]);
+    free(ha);
+    free(hb);
+    return ok;
+}
+
 /* attention_batch: a decode step's sequences in one call (decodes and
  * prefills of several lengths, each with its own blocks in shared stores,
  * its own padding and one with vision blocks, its first position read from
@@ -511,7 +540,7 @@ static void test_attention_batch(Dev *d) {
             size_t qn = (size_t)rows * H * D;
             float *q = rand_vec(qn), *dq = dev_put(d, q, F(qn)), *d1 = dev_poisoned(d, F(qn)), *d2 = dev_poisoned(d, F(qn));
             int32_t *dpos = dev_put(d, pos, sizeof pos);
-            d->be.ops->attention_batch(&d->be.ctx, d1, dq, dpos, dk, dv, BLK, seqs, NS, H, KVH, D, 0.25f, window);
+            d->be.ops->attention_batch(&d->be.ctx, d1, dq, dpos, dk, dv, KN_F32, BLK, seqs, NS, H, KVH, D, 0.25f, window);
             for (int s = 0; s < NS; s++) {
                 KnKv kv = {dk, dv, seqs[s].table, BLK};
                 KnMask m = {seqs[s].valid, seqs[s].group, window};
@@ -536,8 +565,8 @@ static void test_attention_batch(Dev *d) {
                     hrows[r] = (KnAttnRow){seqs[s].table, seqs[s].valid, seqs[s].group};
                 }
             float *d3 = dev_poisoned(d, F(qn)), *d4 = dev_poisoned(d, F(qn));
-            d->be.ops->attention_batch(&d->be.ctx, d3, dq, dpos, dk, dv, BLK, one, rows, H, KVH, D, 0.25f, window);
-            d->be.ops->attention_rows(&d->be.ctx, d4, dq, dpos, dk, dv, BLK, dev_put(d, hrows, sizeof hrows), rows, H, KVH,
+            d->be.ops->attention_batch(&d->be.ctx, d3, dq, dpos, dk, dv, KN_F32, BLK, one, rows, H, KVH, D, 0.25f, window);
+            d->be.ops->attention_rows(&d->be.ctx, d4, dq, dpos, dk, dv, KN_F32, BLK, dev_put(d, hrows, sizeof hrows), rows, H, KVH,
                                       D, 0.25f, window);
             dev_get(d, o1, d3, F(qn));
             dev_get(d, o2, d4, F(qn));
@@ -545,6 +574,21 @@ static void test_attention_batch(Dev *d) {
             for (size_t i = 0; i < qn; i++) finite &= isfinite(o2[i]);
             CHECK(finite && memcmp(o1, o2, F(qn)) == 0, "%s: attention_rows equals attention_batch of one-row sequences "
                   "(D %d, window %d)", d->be.name, D, window);
+            /* bfloat16 stores: the float32 result over the stores widened, bit for bit */
+            uint16_t *k16, *v16;
+            float *kw = bf16_store(d, k, store, &k16), *vw = bf16_store(d, v, store, &v16);
+            float *e1 = dev_poisoned(d, F(qn)), *e2 = dev_poisoned(d, F(qn)), *e3 = dev_poisoned(d, F(qn)),
+                  *e4 = dev_poisoned(d, F(qn));
+            d->be.ops->attention_batch(&d->be.ctx, e1, dq, dpos, k16, v16, KN_BF16, BLK, seqs, NS, H, KVH, D, 0.25f, window);
+            d->be.ops->attention_batch(&d->be.ctx, e2, dq, dpos, kw, vw, KN_F32, BLK, seqs, NS, H, KVH, D, 0.25f, window);
+            d->be.ops->attention_rows(&d->be.ctx, e3, dq, dpos, k16, v16, KN_BF16, BLK, dev_put(d, hrows, sizeof hrows),
+                                      rows, H, KVH, D, 0.25f, window);
+            d->be.ops->attention_rows(&d->be.ctx, e4, dq, dpos, kw, vw, KN_F32, BLK, dev_put(d, hrows, sizeof hrows),
+                                      rows, H, KVH, D, 0.25f, window);
+            CHECK(same_finite(d, e1, e2, qn) && same_finite(d, e3, e4, qn),
+                  "%s: attention_batch and attention_rows over bf16 stores equal them over the stores widened (D %d, "
+                  "window %d)", d->be.name, D, window);
+            CHECK(!same_finite(d, e2, d1, qn), "%s: rounding the stores to bf16 changed the result (D %d)", d->be.name, D);
             free(o1); free(o2); free(q); free(k); free(v);
             dev_reset(d);
         }
@@ -588,8 +632,8 @@ static void test_attention_rows_long(Dev *d) {
     for (int window = 0; window <= 100; window += 100) {
         float *o1 = dev_poisoned(d, F((size_t)NS * H * D)), *o2 = dev_poisoned(d, F(qn));
         float *o3 = dev_poisoned(d, F((size_t)NS * H * D));
-        d->be.ops->attention_rows(&d->be.ctx, o1, drow, dpos, dk, dv, BLK, drows, NS, H, KVH, D, 0.0625f, window);
-        d->be.ops->attention_batch(&d->be.ctx, o3, drow, dpos, dk, dv, BLK, one, NS, H, KVH, D, 0.0625f, window);
+        d->be.ops->attention_rows(&d->be.ctx, o1, drow, dpos, dk, dv, KN_F32, BLK, drows, NS, H, KVH, D, 0.0625f, window);
+        d->be.ops->attention_batch(&d->be.ctx, o3, drow, dpos, dk, dv, KN_F32, BLK, one, NS, H, KVH, D, 0.0625f, window);
         for (int s = 0; s < NS; s++) {
             KnKv kv = {dk, dv, hrows[s].table, BLK};
             KnMask m = {dvalid, NULL, window};
@@ -611,6 +655,15 @@ static void test_attention_rows_long(Dev *d) {
               "%s: attention_batch of one-query sequences equals attention_rows over long contexts (window %d)",
               d->be.name, window);
         free(a); free(b); free(c);
+        /* bfloat16 stores (a device splits these rows' streams too): the widened stores' bits */
+        uint16_t *k16, *v16;
+        float *kw = bf16_store(d, k, store, &k16), *vw = bf16_store(d, v, store, &v16);
+        float *e1 = dev_poisoned(d, F((size_t)NS * H * D)), *e2 = dev_poisoned(d, F((size_t)NS * H * D));
+        d->be.ops->attention_rows(&d->be.ctx, e1, drow, dpos, k16, v16, KN_BF16, BLK, drows, NS, H, KVH, D, 0.0625f, window);
+        d->be.ops->attention_rows(&d->be.ctx, e2, drow, dpos, kw, vw, KN_F32, BLK, drows, NS, H, KVH, D, 0.0625f, window);
+        CHECK(same_finite(d, e1, e2, (size_t)NS * H * D),
+              "%s: attention_rows over long contexts in bf16 stores equals it over the stores widened (window %d)",
+              d->be.name, window);
     }
     for (int s = 0; s < NS; s++) free(tables[s]);
     free(valid); free(q); free(k); free(v);
@@ -921,6 +974,21 @@ static void test_bf16_round(Dev *d) {
     CHECK(tie_even == 0x3f80 && tie_odd == 0x3f82 && kn_f32_to_bf16(FLT_MAX) == 0x7f80 &&
               isnan(kn_bf16_to_f32(kn_f32_to_bf16(NAN))),
           "the host's rounding: ties to even (%04x %04x), FLT_MAX to infinity, NaN stays NaN", tie_even, tie_odd);
+    /* rows_scatter_bf16: rows of x (the specials among them) into slots out
+     * of order, a skipped row's slot left as it was */
+    enum { ROWS = 9, DIM = 997, SLOTS = 12 };
+    int32_t idx[ROWS] = {7, 0, -1, 11, 3, 5, 2, 10, 8};
+    uint16_t *store = malloc(SLOTS * DIM * sizeof *store), *want = malloc(SLOTS * DIM * sizeof *want);
+    memset(want, 0xA5, SLOTS * DIM * sizeof *want);
+    for (int r = 0; r < ROWS; r++)
+        for (int j = 0; idx[r] >= 0 && j < DIM; j++) want[idx[r] * DIM + j] = kn_f32_to_bf16(x[r * DIM + j]);
+    uint16_t *ds = dev_alloc(d, SLOTS * DIM * sizeof *store);
+    d->be.ops->memset(&d->be.ctx, ds, 0xA5, SLOTS * DIM * sizeof *store);
+    d->be.ops->rows_scatter_bf16(&d->be.ctx, ds, dev_put(d, x, F(ROWS * DIM)), dev_put(d, idx, sizeof idx), ROWS, DIM);
+    dev_get(d, store, ds, SLOTS * DIM * sizeof *store);
+    CHECK(memcmp(store, want, SLOTS * DIM * sizeof *store) == 0, "%s: rows_scatter_bf16 stores the host's bits in their slots",
+          d->be.name);
+    free(store); free(want);
     free(x); free(got); free(wide); free(kept);
     dev_reset(d);
 }
