@@ -97,7 +97,8 @@ def t_health_and_ready(srv):
     device = body["model"].get("device")
     assert device in ("cpu", "guarded", "cuda:0"), body  # GF_DEVICE of the run; the GPU run sets fp32 too
     assert body == {"status": "ready", "store": "ok",
-                    "model": {"id": "dense", "loaded": True, "device": device, "precision": "fp32"}}, body
+                    "model": {"id": "dense", "loaded": True, "device": device, "precision": "fp32",
+                              "kv_cache": "fp32"}}, body
 
 
 def t_dataset_lifecycle(srv):
