@@ -12,11 +12,12 @@
  *
  * usage: bench_serve [--device cpu|cuda[:N]|guarded] [--precision fp32|bf16] [--threads N] [--requests N]
  *                    [--prompt T] [--tokens N] [--tiny DIR] [--shape e2b|e4b|31b[:LAYERS]] [--quantize nf4]
- *                    [--train-tokens T] [--decode-wait-ms N]
+ *                    [--train-tokens T] [--decode-wait-ms N] [--kv-cache fp32|bf16]
  * Without --tiny it writes a random 120M Gemma 4 config (as bench_forward),
  * or with --shape a random checkpoint of that real shape (shapes_model.h).
  * On --device, else the device GF_DEVICE names, else the default one; at
- * --precision, else the device's default.
+ * --precision, else the device's default; the KV cache as --kv-cache says,
+ * else serving's default (serve.h).
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -211,8 +212,20 @@ static double percentile(double *v, int n, double q) {
 /* Decode rounds over the base with a training job beside them (mode 0:
  * none, 1: through sched, 2: without a scheduler), and a training job
  * alone; prints p50 / p99 time per output token and the job's tokens/s. */
-static void bench_training(Model *m, const ModelOptions *served, int n_req, int prompt, int tokens, int train_tokens,
-                           double wait_s) {
+/* Serving's defaults for m, the KV cache holding kv (KN_F32 or KN_BF16;
+ * anything else: the default). */
+static int bench_config(ServeConfig *cfg, Model *m, int kv) {
+    GfError err;
+    serve_config_default(cfg, m);
+    if ((kv == KN_F32 || kv == KN_BF16) && serve_config_kv_dtype(cfg, m, (KnDtype)kv, &err)) {
+        fprintf(stderr, "--kv-cache: %s\n", err.message);
+        return -1;
+    }
+    return 0;
+}
+
+static void bench_training(Model *m, const ModelOptions *served, int kv, int n_req, int prompt, int tokens,
+                           int train_tokens, double wait_s) {
     GfError err;
     DevSched *sched = devsched_new(wait_s, NULL, &err);
     Model *tm = NULL;
@@ -226,7 +239,7 @@ static void bench_training(Model *m, const ModelOptions *served, int n_req, int 
     double *gaps = malloc((size_t)cap * sizeof *gaps);
     for (int mode = 0; mode < 3; mode++) {
         ServeConfig cfg;
-        serve_config_default(&cfg, m);
+        if (bench_config(&cfg, m, kv)) break;
         cfg.max_seqs = cfg.max_queue = n_req;
         cfg.max_context = prompt + tokens;
         cfg.kv_blocks = n_req * ((cfg.max_context + cfg.kv_block_len - 1) / cfg.kv_block_len);
@@ -271,7 +284,7 @@ static void bench_training(Model *m, const ModelOptions *served, int n_req, int 
 }
 
 int main(int argc, char **argv) {
-    int threads = 0, requests = 64, prompt = 32, tokens = 16, train_tokens = 128, n_layers = 0;
+    int threads = 0, requests = 64, prompt = 32, tokens = 16, train_tokens = 128, n_layers = 0, kv = -1;
     double wait_ms = 0;
     const char *tiny = NULL, *shape_arg = NULL, *device = NULL, *precision = NULL;
     ModelQuant quant = MODEL_QUANT_NONE;
@@ -287,6 +300,7 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--decode-wait-ms") == 0) wait_ms = atof(argv[++i]);
         else if (strcmp(argv[i], "--shape") == 0) shape_arg = argv[++i];
         else if (strcmp(argv[i], "--quantize") == 0) quant = strcmp(argv[++i], "nf4") == 0 ? MODEL_QUANT_NF4 : MODEL_QUANT_NONE;
+        else if (strcmp(argv[i], "--kv-cache") == 0) kv = strcmp(argv[++i], "bf16") == 0 ? KN_BF16 : KN_F32;
     }
     gf_log_init(GF_LOG_WARN);
     const Shape *shape = NULL;
@@ -318,7 +332,7 @@ int main(int argc, char **argv) {
     ModelOptions mo = {.n_threads = threads, .quantize = quant, .device = device, .precision = precision};
     if (model_open(dir, &mo, &m, &err)) { fprintf(stderr, "%s\n", err.message); return 1; }
     ServeConfig cfg;
-    serve_config_default(&cfg, m);
+    if (bench_config(&cfg, m, kv)) return 1;
     cfg.max_seqs = requests;
     cfg.max_queue = requests;
     cfg.max_context = prompt + tokens;
@@ -330,9 +344,10 @@ int main(int argc, char **argv) {
     const KnBackend *be = model_backend(m);
     char label[64];
     snprintf(label, sizeof label, "%s%s", shape ? shape_name : tiny ? "tiny" : "random 120M", shape ? " (random)" : "");
-    printf("serving engine on %s (%s): %s model, %s, %d layers, hidden %d, vocab %d; %d sequences per batch, prompt %d, "
-           "greedy; adapters rank 16 on q/k/v/o/gate/up/down\n", be->name, kn_precision_name(be->ctx.precision), label,
-           quant == MODEL_QUANT_NF4 ? "NF4" : "as stored", t->n_layers, t->hidden_size, t->vocab_size, requests, prompt);
+    printf("serving engine on %s (%s, %s KV cache): %s model, %s, %d layers, hidden %d, vocab %d; %d sequences per batch, "
+           "prompt %d, greedy; adapters rank 16 on q/k/v/o/gate/up/down\n", be->name, kn_precision_name(be->ctx.precision),
+           cfg.kv_dtype == KN_BF16 ? "bf16" : "fp32", label, quant == MODEL_QUANT_NF4 ? "NF4" : "as stored", t->n_layers,
+           t->hidden_size, t->vocab_size, requests, prompt);
     double adapter_bytes = 0;
     for (int i = 0; i < 64; i++) {
         char name[32];
@@ -346,7 +361,7 @@ int main(int argc, char **argv) {
     static const int counts[] = {1, 4, 16, 64};
     for (int k = 0; k < 4; k++) round_(e, m, requests, counts[k], prompt, tokens, adapter_bytes);
     serve_free(e);
-    bench_training(m, &mo, requests < 8 ? requests : 8, prompt, 4 * tokens, train_tokens, wait_ms / 1000.0);
+    bench_training(m, &mo, kv, requests < 8 ? requests : 8, prompt, 4 * tokens, train_tokens, wait_ms / 1000.0);
     model_close(m);
     if (shape) {
         shape_remove(tmp);
