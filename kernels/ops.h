@@ -13,7 +13,8 @@
  * engine code touching it directly faults.
  *
  * Conventions: activations are float32, row-major, with shapes in the
- * comments; weights are KnMatrix views (tensor.h) [rows = out, cols = in]
+ * comments (a KV store of attention_batch / attention_rows may hold
+ * bfloat16, and round_bf16 keeps an activation in bfloat16 for later); weights are KnMatrix views (tensor.h) [rows = out, cols = in]
  * that are never written. A linear layer is y = x W^T. Kernels know nothing
  * of Gemma: head counts, windows and masks arrive as plain numbers and arrays.
  * Every op takes the context first, then outputs, then inputs, then sizes.
@@ -48,8 +49,10 @@ struct KnNf4; /* nf4.h */
 /* How a backend's matmuls compute: FP32 (float32 operands, TF32 off: the
  * parity mode, the only one on the CPU kinds) or BF16 (operands rounded to
  * bfloat16 on the tensor cores, float32 accumulation; CUDA's production
- * mode). Activations, LoRA weights, gradients and optimizer state stay
- * float32 in both. AUTO, only as an option: BF16 on CUDA, else FP32. */
+ * mode). The ops' activations, LoRA weights, gradients and optimizer state
+ * stay float32 in both (what the engine keeps in bfloat16 between layers
+ * it rounds with round_bf16 and rows_scatter_bf16). AUTO, only as an
+ * option: BF16 on CUDA, else FP32. */
 typedef enum { KN_PRECISION_AUTO = 0, KN_PRECISION_FP32, KN_PRECISION_BF16 } KnPrecision;
 
 /* The widest head whose keys and values attention_batch and attention_rows

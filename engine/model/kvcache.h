@@ -7,6 +7,10 @@
  * space of their own, where a sequence holds only the blocks its window
  * can still see.
  *
+ * A pool's stores hold float32 or bfloat16 (serving's default in the bf16
+ * precision: half the bytes a position, each key and value rounded once as
+ * it is stored and widened exactly as attention reads it).
+ *
  * Host and device: the stores (k, v) and each cache's mirrors of its block
  * table, key validity and vision groups are device memory, read by the
  * attention and KV-store ops; the host keeps the small index tables (block

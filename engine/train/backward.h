@@ -5,7 +5,10 @@
  * label labels[t + 1] is not -100 (transformers shifts labels by one), on the
  * softcapped logits; logits are materialized a few rows at a time, never the
  * whole [n, vocab]. Gradient checkpointing: the forward keeps each layer's
- * input and the K/V of the layers that store them; the backward re-runs one
+ * input (in bf16 when the model's checkpoints are, ModelOptions.checkpoints:
+ * the forward then goes on from the rounded input, so the loss and the
+ * gradients are of one function) and the K/V of the layers that store
+ * them; the backward re-runs one
  * layer at a time, then walks it in reverse. Layers that share K/V pass their
  * dK/dV to the storing layer. With adapted vision linears the gradient goes on
  * through the soft tokens into the vision tower.
