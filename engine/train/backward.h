@@ -8,8 +8,8 @@
  * input (in bf16 when the model's checkpoints are, ModelOptions.checkpoints:
  * the forward then goes on from the rounded input, so the loss and the
  * gradients are of one function) and the K/V of the layers that store
- * them; the backward re-runs one
- * layer at a time, then walks it in reverse. Layers that share K/V pass their
+ * them; the backward re-runs one layer at a time, then walks it in
+ * reverse. Layers that share K/V pass their
  * dK/dV to the storing layer. With adapted vision linears the gradient goes on
  * through the soft tokens into the vision tower.
  *
