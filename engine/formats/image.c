@@ -366,6 +366,46 @@ static GfStatus probe_jpeg(const uint8_t *bytes, size_t n, const ImageLimits *li
     return GF_OK;
 }
 
+
+/* A PNG's chunks (length, type, data, CRC) from the signature on, until
+ * the first IDAT's length and type, where png_read_info stops. */
+static int png_headers_within(const uint8_t *b, size_t n) {
+    size_t pos = 8;
+    while (pos <= n && n - pos >= 8) {
+        uint32_t len = be32(b + pos);
+        if (memcmp(b + pos + 4, "IDAT", 4) == 0) return 1;
+        if ((uint64_t)len + 12 > n - pos) return 0;
+        pos += 12 + (size_t)len;
+    }
+    return 0;
+}
+
+/* A JPEG's markers from SOI on, each segment by its length, until the
+ * whole of the first SOS segment, where the header read stops (anything
+ * else, bytes between markers included, says 0: the whole file decides). */
+static int jpeg_headers_within(const uint8_t *b, size_t n) {
+    size_t pos = 2;
+    while (pos < n && n - pos >= 2 && b[pos] == 0xFF) {
+        uint8_t m = b[pos + 1];
+        if (m == 0xFF) { pos++; continue; }
+        if (m == 0x01 || (m >= 0xD0 && m <= 0xD8)) { pos += 2; continue; }
+        if (m == 0xD9 || n - pos < 4) return 0;
+        size_t len = (size_t)b[pos + 2] << 8 | b[pos + 3];
+        if (len < 2 || len > n - pos - 2) return 0;
+        if (m == 0xDA) return 1;
+        pos += 2 + len;
+    }
+    return 0;
+}
+
+int image_headers_within(const uint8_t *bytes, size_t n) {
+    switch (image_sniff(bytes, n)) {
+    case IMAGE_FORMAT_PNG: return png_headers_within(bytes, n);
+    case IMAGE_FORMAT_JPEG: return jpeg_headers_within(bytes, n);
+    default: return 0;
+    }
+}
+
 /* The checks every image gets before its format's header is read. */
 static GfStatus check_bytes(const uint8_t *bytes, size_t n, const ImageLimits *lim, ImageFormat *fmt, GfError *err) {
     if (n == 0) return gf_error_set(err, GF_INVALID, "invalid_image", NULL, "image is empty (0 bytes)");

@@ -39,6 +39,12 @@ typedef struct {
 /* Format from the first bytes; IMAGE_FORMAT_UNKNOWN when neither. */
 ImageFormat image_sniff(const uint8_t *bytes, size_t n);
 
+/* 1 when bytes[0..n) hold every header image_probe reads of the whole
+ * file they begin (a PNG's chunks up to its first IDAT, a JPEG's segments
+ * through its first SOS), so that image_probe of them gives what it gives
+ * of the whole file; 0 when they may not (then probe the whole file). */
+int image_headers_within(const uint8_t *bytes, size_t n);
+
 /* Decodes bytes[0..n) into *out. On failure *out is empty and err says why. */
 GfStatus image_decode(const uint8_t *bytes, size_t n, const ImageLimits *limits, Image *out,
                       GfError *err);

@@ -291,6 +291,17 @@ GfStatus tar_read_member(const TarIndex *t, size_t i, uint64_t max_bytes, uint8_
     return GF_OK;
 }
 
+GfStatus tar_read_prefix(const TarIndex *t, size_t i, size_t max, uint8_t **out, size_t *n, GfError *err) {
+    const TarMember *m = &t->members[i];
+    size_t len = m->size < (uint64_t)max ? (size_t)m->size : max;
+    uint8_t *buf = gf_malloc(len ? len : 1, err);
+    if (!buf) return GF_NO_MEMORY;
+    if (len && read_at(t->fd, buf, len, m->offset, err)) { free(buf); return err ? err->status : GF_IO; }
+    *out = buf;
+    *n = len;
+    return GF_OK;
+}
+
 int tar_header_write(uint8_t h[512], const char *name, uint64_t size, int64_t mtime) {
     size_t n = strlen(name);
     if (n > 100 || size > 077777777777ull) return -1;

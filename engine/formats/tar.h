@@ -51,6 +51,11 @@ long tar_find(const TarIndex *tar, const char *name);
 GfStatus tar_read_member(const TarIndex *tar, size_t i, uint64_t max_bytes, uint8_t **out,
                          GfError *err);
 
+/* Reads the first min(size, max) bytes of member i into a new malloc'd
+ * buffer (caller frees), their count in *n: enough to read a file's
+ * headers without reading the file. */
+GfStatus tar_read_prefix(const TarIndex *tar, size_t i, size_t max, uint8_t **out, size_t *n, GfError *err);
+
 /* Normalizes a member name in place (strips leading "./") and returns 0 when
  * it is a safe relative name, -1 otherwise. Also used to check image
  * references in datasets before they are looked up. */

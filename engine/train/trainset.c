@@ -147,18 +147,29 @@ static GfStatus parse_conversation(const char *text, size_t len, uint64_t line, 
 
 /* ---- images ------------------------------------------------------------------- */
 
+/* The archive member an image reference that is not a data: URL names;
+ * -1 (err set) when it names none. */
+static long archived_image(const TrainSet *t, const char *ref, GfError *err) {
+    char name[TAR_NAME_MAX + 2];
+    if (strstr(ref, "://") || strlen(ref) > TAR_NAME_MAX) {
+        gf_error_set(err, GF_UNPROCESSABLE, "unknown_image_reference", NULL, "image '%.80s' is not an archive path", ref);
+        return -1;
+    }
+    strcpy(name, ref);
+    long i = (!t->has_tar || tar_name_normalize(name)) ? -1 : tar_find(&t->tar, name);
+    if (i < 0)
+        gf_error_set(err, GF_UNPROCESSABLE, "unknown_image_reference", NULL, "image '%.80s' is not in the images archive", ref);
+    return i;
+}
+
 static GfStatus read_image_bytes(TrainSet *t, const char *ref, uint8_t **bytes, size_t *n, GfError *err) {
     if (strncmp(ref, "data:", 5) == 0) {
         const char *mime;
         size_t mime_len;
         return data_url_decode(ref, &mime, &mime_len, bytes, n, t->lim.max_bytes, err);
     }
-    char name[TAR_NAME_MAX + 2];
-    if (strstr(ref, "://") || strlen(ref) > TAR_NAME_MAX)
-        return gf_error_set(err, GF_UNPROCESSABLE, "unknown_image_reference", NULL, "image '%.80s' is not an archive path", ref);
-    strcpy(name, ref);
-    long i = (!t->has_tar || tar_name_normalize(name)) ? -1 : tar_find(&t->tar, name);
-    if (i < 0) return gf_error_set(err, GF_UNPROCESSABLE, "unknown_image_reference", NULL, "image '%.80s' is not in the images archive", ref);
+    long i = archived_image(t, ref, err);
+    if (i < 0) return err->status;
     *n = (size_t)t->tar.members[i].size;
     return tar_read_member(&t->tar, (size_t)i, t->lim.max_bytes, bytes, err);
 }
@@ -167,6 +178,26 @@ static GfStatus read_image_bytes(TrainSet *t, const char *ref, uint8_t **bytes, 
 static GfStatus image_failed(GfStatus st, GfError *err, const char *ref) {
     if (st) gf_error_wrap(err, NULL, "image '%.80s'", ref);
     return st;
+}
+
+/* Bytes of an archived image read first to probe its headers: the whole
+ * image only when they do not hold them all (image_headers_within), so
+ * opening a set of large validated images reads a little of each. */
+#define PROBE_PREFIX (64u << 10)
+
+/* The width and height of an archived image from the first PROBE_PREFIX
+ * bytes of member i; 0 (nothing set) when those do not hold its headers
+ * or it is over the byte cap (the whole read then decides, and says why). */
+static int probe_prefix(TrainSet *t, long i, const char *ref, int *w, int *h, GfStatus *st, GfError *err) {
+    uint64_t size = t->tar.members[i].size;
+    if (size <= PROBE_PREFIX || size > t->lim.max_bytes) return 0;
+    uint8_t *bytes = NULL;
+    size_t n = 0;
+    if ((*st = tar_read_prefix(&t->tar, (size_t)i, PROBE_PREFIX, &bytes, &n, err))) return 1;
+    int within = image_headers_within(bytes, n);
+    if (within) *st = image_failed(image_probe(bytes, n, &t->lim, w, h, err), err, ref);
+    free(bytes);
+    return within;
 }
 
 /* img is empty (image_free-able) whatever happens, the read failing too. */
@@ -197,6 +228,8 @@ static GfStatus image_soft_count(TrainSet *t, const char *ref, int *count, GfErr
     int w = 0, h = 0;
     GfStatus st = GF_OK;
     if (t->images == TRAINSET_IMAGES_VALIDATED) {
+        long member = strncmp(ref, "data:", 5) == 0 ? -1 : archived_image(t, ref, err);
+        if (member >= 0 && probe_prefix(t, member, ref, &w, &h, &st, err)) return st ? st : soft_count(t, w, h, count, err);
         st = read_image_bytes(t, ref, &bytes, &n, err);
         if (!st) st = image_failed(image_probe(bytes, n, &t->lim, &w, &h, err), err, ref);
         free(bytes);

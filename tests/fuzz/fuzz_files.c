@@ -60,6 +60,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static const ImageLimits lim = {1u << 20, 1u << 22};
     int pw, ph;
     GfStatus probed = image_probe(data, size, &lim, &pw, &ph, &err);
+    /* what a job's set relies on: a prefix that holds the headers probes as the whole does */
+    for (size_t k = 1; probed == GF_OK && k <= 64; k++) {
+        size_t cut = size / 64 * k + (k == 64 ? size % 64 : 0); /* 64 lengths, the last the whole */
+        int qw, qh;
+        if (image_headers_within(data, cut) && (image_probe(data, cut, &lim, &qw, &qh, &err) != GF_OK || qw != pw || qh != ph))
+            abort();
+    }
     if (image_decode(data, size, &lim, &img, &err) == GF_OK) {
         /* what upload measuring relies on: the headers give the decoded size */
         if (probed != GF_OK || pw != img.width || ph != img.height) abort();

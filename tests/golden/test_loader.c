@@ -5,13 +5,20 @@
  * prepared ahead), skipping announced ones, asking for ones never
  * announced, announcing more than the loader holds, two sets interleaved,
  * and a long random sequence of announcements and requests; an example
- * whose image is damaged fails its own request only. */
+ * whose image is damaged fails its own request only. A set opened on
+ * validated images (whose headers are probed from their first 64 KiB when
+ * those hold them all) gives the examples a set that decodes them gives:
+ * a 288 KB photo, a large JPEG whose EXIF orientation turns it, and one
+ * whose EXIF segment lies past 64 KiB of other segments. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include <turbojpeg.h>
+
 #include "../unit/check.h"
+#include "image.h"
 #include "loader.h"
 #include "pipeline.h"
 #include "tar.h"
@@ -131,6 +138,124 @@ static void loader_runs(Run *r) {
     CHECK(r->bad == 0, "600 random announcements and requests: every example right (%d wrong)", r->bad);
 }
 
+/* ---- large validated images ---- */
+
+typedef struct {
+    uint8_t *b;
+    size_t n;
+} Bytes;
+
+static void put(Bytes *o, const void *p, size_t n) {
+    o->b = realloc(o->b, o->n + n);
+    memcpy(o->b + o->n, p, n);
+    o->n += n;
+}
+
+/* Where the segment with marker m starts in a JPEG (from its 0xFF), or 0. */
+static size_t segment_at(const uint8_t *b, size_t n, uint8_t m) {
+    for (size_t pos = 2; pos + 4 <= n && b[pos] == 0xFF;) {
+        if (b[pos + 1] == m) return pos;
+        if (b[pos + 1] == 0xDA) return 0;
+        pos += 2 + ((size_t)b[pos + 2] << 8 | b[pos + 3]);
+    }
+    return 0;
+}
+
+/* A 512 x 256 JPEG of noise (well over 64 KiB). */
+static Bytes noise_jpeg(void) {
+    int w = 512, h = 256;
+    uint8_t *px = malloc((size_t)w * h * 3);
+    uint64_t r = 5;
+    for (size_t i = 0; i < (size_t)w * h * 3; i++) {
+        r = r * 6364136223846793005ull + 1442695040888963407ull;
+        px[i] = (uint8_t)(r >> 56);
+    }
+    tjhandle tj = tjInitCompress();
+    unsigned char *jpg = NULL;
+    unsigned long size = 0;
+    tjCompress2(tj, px, w, 0, h, TJPF_RGB, &jpg, &size, TJSAMP_444, 95, 0);
+    Bytes o = {0};
+    put(&o, jpg, size);
+    tjFree(jpg);
+    tjDestroy(tj);
+    free(px);
+    return o;
+}
+
+/* The tar of photo.jpg, "turned.jpg" (the noise with orient6.jpg's EXIF
+ * segment first: turned by its orientation, headers early) and "late.jpg"
+ * (the same with two 40,000-byte APP2 segments and then the EXIF segment
+ * just before the scan: headers past 64 KiB). */
+static void write_large_tar(const char *path) {
+    size_t pn = 0, en = 0;
+    uint8_t *photo = slurp(GF_FIXTURES "/images/photo.jpg", &pn), *orient = slurp(GF_FIXTURES "/images/exif/orient6.jpg", &en);
+    Bytes noise = noise_jpeg(), turned = {0}, late = {0};
+    size_t exif = orient ? segment_at(orient, en, 0xE1) : 0, exif_len = exif ? 2 + ((size_t)orient[exif + 2] << 8 | orient[exif + 3]) : 0;
+    size_t sos = segment_at(noise.b, noise.n, 0xDA);
+    CHECK(photo && exif && sos, "the fixtures' segments found");
+    if (!photo || !exif || !sos) exit(check_done("test_loader"));
+    put(&turned, noise.b, 2);
+    put(&turned, orient + exif, exif_len);
+    put(&turned, noise.b + 2, noise.n - 2);
+    put(&late, noise.b, sos);
+    uint8_t *pad = calloc(1, 40002);
+    pad[0] = 0xFF;
+    pad[1] = 0xE2;
+    pad[2] = 40000 >> 8;
+    pad[3] = 40000 & 0xFF;
+    for (int k = 0; k < 2; k++) put(&late, pad, 40002);
+    put(&late, orient + exif, exif_len);
+    put(&late, noise.b + sos, noise.n - sos);
+    CHECK(turned.n > 65536 && image_headers_within(turned.b, 65536) && !image_headers_within(late.b, 65536) &&
+              image_headers_within(late.b, late.n) && image_headers_within(photo, 65536),
+          "turned.jpg's and photo.jpg's headers lie in their first 64 KiB, late.jpg's past them");
+    FILE *f = fopen(path, "wb");
+    uint8_t h[512], zeros[1024] = {0};
+    const char *names[] = {"photo.jpg", "turned.jpg", "late.jpg"};
+    const Bytes files[] = {{photo, pn}, turned, late};
+    for (int k = 0; k < 3; k++) {
+        tar_header_write(h, names[k], files[k].n, 0);
+        fwrite(h, 1, 512, f);
+        fwrite(files[k].b, 1, files[k].n, f);
+        fwrite(zeros, 1, (512 - files[k].n % 512) % 512, f);
+    }
+    fwrite(zeros, 1, sizeof zeros, f);
+    fclose(f);
+    free(photo); free(orient); free(noise.b); free(turned.b); free(late.b); free(pad);
+}
+
+static void check_large_images(Pipeline *p, const char *dir, int64_t D) {
+    char tar[300], jsonl[300];
+    snprintf(tar, sizeof tar, "%s/large.tar", dir);
+    snprintf(jsonl, sizeof jsonl, "%s/large.jsonl", dir);
+    write_large_tar(tar);
+    FILE *f = fopen(jsonl, "w");
+    const char *names[] = {"photo.jpg", "turned.jpg", "late.jpg"};
+    for (int i = 0; i < 3; i++)
+        fprintf(f, "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image\",\"image\":\"%s\"},"
+                   "{\"type\":\"text\",\"text\":\"what is it\"}]},{\"role\":\"assistant\",\"content\":\"noise\"}]}\n",
+                names[i]);
+    fclose(f);
+    ImageLimits lim = {20u << 20, 50000000};
+    GfError err;
+    TrainSet *decoded = NULL, *validated = NULL;
+    CHECK_STATUS(trainset_open(p, jsonl, tar, 4096, &lim, TRAINSET_DECODE_IMAGES, &decoded, &err), GF_OK, err);
+    CHECK_STATUS(trainset_open(p, jsonl, tar, 4096, &lim, TRAINSET_IMAGES_VALIDATED, &validated, &err), GF_OK, err);
+    for (size_t i = 0; decoded && validated && i < 3; i++) {
+        TrainExample a = {0}, b = {0}; /* zeroed before first use (trainset.h) */
+        CHECK_STATUS(trainset_example(decoded, i, &a, &err), GF_OK, err);
+        CHECK_STATUS(trainset_example(validated, i, &b, &err), GF_OK, err);
+        CHECK(same_example(&a, &b, D), "%s: probed from its headers, the example a decoded one is (%lld and %lld tokens)",
+              names[i], (long long)a.seq.n, (long long)b.seq.n);
+        train_example_free(&a);
+        train_example_free(&b);
+    }
+    trainset_close(decoded);
+    trainset_close(validated);
+    remove(tar);
+    remove(jsonl);
+}
+
 int main(void) {
     char dir[] = "/tmp/gf-loader-XXXXXX";
     if (!mkdtemp(dir)) return 1;
@@ -171,6 +296,7 @@ int main(void) {
     }
     CHECK(ok, "the damaged example's request fails naming its line and image, the others succeed: %s", err.message);
     trainset_close(cut);
+    check_large_images(p, dir, r.D);
 
     loader_stop(r.l);
     for (int s = 0; s < 2; s++) {

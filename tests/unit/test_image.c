@@ -1,6 +1,8 @@
 /* test_image.c - PNG/JPEG decoding: the fixture images decode to the sizes
  * the reference lists, gray and palette images convert to RGB as PIL does,
- * and caps are enforced from the header. */
+ * and caps are enforced from the header; image_headers_within says a
+ * prefix holds the headers from the first length on where it does, and
+ * the probe of that shortest prefix is the whole file's. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -287,7 +289,37 @@ static void test_png_bombs(void) {
     free(c.buf);
 }
 
+/* For the fixture images: image_headers_within is 0 below some length k0
+ * and 1 from k0 to the whole file, and the probe of the first k0 bytes
+ * gives the whole file's size (for the EXIF ones, turned). */
+static void test_headers_within(void) {
+    const char *names[] = {"exact.png", "gray.png", "palette.png", "rgba.png", "tiny.png", "wide.png", "tall.jpg",
+                           "photo.jpg", "exif/orient1.jpg", "exif/orient6.jpg", "exif/orient8.jpg", "exif/orient6.png"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        char path[512];
+        snprintf(path, sizeof path, GF_FIXTURES "/images/%s", names[i]);
+        size_t n = 0, k0 = 0;
+        uint8_t *b = slurp(path, &n);
+        CHECK(b != NULL, "read %s", names[i]);
+        if (!b) continue;
+        while (k0 <= n && !image_headers_within(b, k0)) k0++;
+        int monotone = 1;
+        for (size_t k = k0; k <= n; k++) monotone &= image_headers_within(b, k);
+        int w = 0, h = 0, pw = -1, ph = -1;
+        GfError err;
+        CHECK_STATUS(image_probe(b, n, &LIM, &w, &h, &err), GF_OK, err);
+        GfStatus st = k0 <= n ? image_probe(b, k0, &LIM, &pw, &ph, &err) : GF_INVALID;
+        CHECK(k0 <= n && monotone && st == GF_OK && pw == w && ph == h,
+              "%s: its headers end at byte %zu of %zu, and probing them gives %dx%d as the whole file does (%dx%d)",
+              names[i], k0, n, pw, ph, w, h);
+        free(b);
+    }
+    CHECK(!image_headers_within((const uint8_t *)"GIF89a....", 10) && !image_headers_within((const uint8_t *)"", 0),
+          "neither PNG nor JPEG: no headers within");
+}
+
 int main(void) {
+    test_headers_within();
     test_png_bombs();
     test_exif_orientation();
     test_interlaced_png();
