@@ -114,7 +114,7 @@ static void usage(FILE *f) {
             "  --max-queue N           inference requests waiting for a slot; 429 beyond (default 64)\n"
             "  --max-context N         KV cache positions per sequence (default 8192, at most 64 MiB each)\n"
             "  --kv-cache fp32|bf16    what the KV cache holds (default bf16 in the bf16 precision, else fp32);\n"
-            "                          bf16 halves a block, so the defaults above hold twice the positions\n"
+            "                          bf16 halves a block: the 64 MiB per sequence holds twice the positions\n"
             "  --kv-blocks N           KV blocks of 16 positions for the full-attention layers (default: every\n"
             "                          sequence can reach --max-context; fewer: sequences are preempted and\n"
             "                          resumed when the pool runs dry)\n"

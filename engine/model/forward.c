@@ -584,8 +584,6 @@ static void batch_embed(Model *m, const Batch *b, Scratch *s) {
     batch_slots(m, b, s);
 }
 
-/* The batch's residual stream x[n, H] after a layer into layer slot li of
- * hidden [(L + 1), n, H]: host memory (download) or device (copy). */
 /* What a forward hands back: any of logits (host), hidden states (host or
  * device; with kept, model_forward_hidden's bf16 layout), sampled next
  * tokens. */
@@ -599,8 +597,11 @@ typedef struct {
     int32_t *ids;
 } Outputs;
 
-/* Keeps x[n, H], the input of layer li (L: the final normed output), where
- * o says; a bf16 keep rounds x in place to what it kept. */
+/* Keeps the batch's residual stream x[n, H], the input of layer li (L: the
+ * final normed output), where o says: slot li of o->hidden [(L + 1), n, H]
+ * in host memory (download) or on the device (copy); with o->kept, the
+ * inputs of layers 1 .. L - 1 in bf16 there, rounding x in place to what
+ * was kept, and the others in slots 0 and 1 of o->hidden. */
 static void keep_hidden(Model *m, const Outputs *o, int64_t li, float *x, int64_t n) {
     int64_t H = m->w->cfg.text.hidden_size, L = m->w->cfg.text.n_layers;
     size_t count = (size_t)(n * H);
