@@ -5,6 +5,9 @@
  * QT queries of one head, or a decode step's query for up to QT heads of
  * one KV head, sharing each chunk loaded into shared memory.
  * Keys the mask hides are never read (a paged block given back may be -1).
+ * A paged store may hold bfloat16 (serving's KV cache): each element is
+ * widened exactly as its chunk is loaded, and the arithmetic is the
+ * float32 path's, so the result is that of the widened store.
  * The gradient (training only, where nothing has to equal a decode step)
  * is matmuls on cuBLAS over chunks of queries (att_gemm.h): the chunk's
  * scores, their softmax and dS stored in the scratch, dq, dk and dv as
