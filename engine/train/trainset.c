@@ -185,9 +185,11 @@ static GfStatus image_failed(GfStatus st, GfError *err, const char *ref) {
  * opening a set of large validated images reads a little of each. */
 #define PROBE_PREFIX (64u << 10)
 
-/* The width and height of an archived image from the first PROBE_PREFIX
- * bytes of member i; 0 (nothing set) when those do not hold its headers
- * or it is over the byte cap (the whole read then decides, and says why). */
+/* An archived image's width and height from the first PROBE_PREFIX bytes
+ * of member i: 1 when those answered, *st the read's or the probe's
+ * status; 0, nothing set, when the image is no longer than them, over the
+ * byte cap, or they do not hold every header (the whole read then decides
+ * and says why). */
 static int probe_prefix(TrainSet *t, long i, const char *ref, int *w, int *h, GfStatus *st, GfError *err) {
     uint64_t size = t->tar.members[i].size;
     if (size <= PROBE_PREFIX || size > t->lim.max_bytes) return 0;
