@@ -37,18 +37,24 @@ static GfStatus model_precision(const ModelOptions *opts, KnPrecision *out, GfEr
     return GF_OK;
 }
 
-/* A "host" or "device" option: opt when set (named param), else the
- * environment variable env, else the default; *device = 1 for "device". */
-static GfStatus host_or_device(const char *opt, const char *param, const char *env, int dflt, int *device, GfError *err) {
+/* An option of two values a and b: opt when set (named param), else the
+ * environment variable env, else the default; *is_b = 1 for b. */
+static GfStatus one_of_two(const char *opt, const char *param, const char *env, const char *a, const char *b, int dflt,
+                           int *is_b, GfError *err) {
     const char *v = opt ? opt : getenv(env), *where = opt ? param : env;
-    *device = dflt;
+    *is_b = dflt;
     if (!v || !*v) return GF_OK;
-    if (strcmp(v, "host") == 0 || strcmp(v, "device") == 0) {
-        *device = strcmp(v, "device") == 0;
+    if (strcmp(v, a) == 0 || strcmp(v, b) == 0) {
+        *is_b = strcmp(v, b) == 0;
         return GF_OK;
     }
-    return gf_error_set(err, GF_INVALID, "invalid_value", where, "%s must be \"host\" or \"device\", not \"%.32s\"",
-                        where, v);
+    return gf_error_set(err, GF_INVALID, "invalid_value", where, "%s must be \"%s\" or \"%s\", not \"%.32s\"", where,
+                        a, b, v);
+}
+
+/* A "host" or "device" option (one_of_two); *device = 1 for "device". */
+static GfStatus host_or_device(const char *opt, const char *param, const char *env, int dflt, int *device, GfError *err) {
+    return one_of_two(opt, param, env, "host", "device", dflt, device, err);
 }
 
 /* Where the per-layer embedding table goes (ModelOptions.ple): 1 = host. */
@@ -80,16 +86,8 @@ static GfStatus model_quantize_on(const ModelOptions *opts, int *device, GfError
 /* How the training forward keeps layer inputs (ModelOptions.checkpoints):
  * 1 = bf16. The default follows the precision the context resolved. */
 static GfStatus model_checkpoints(const ModelOptions *opts, KnPrecision precision, int *bf16, GfError *err) {
-    const char *v = opts && opts->checkpoints ? opts->checkpoints : getenv("GF_CHECKPOINTS");
-    const char *where = opts && opts->checkpoints ? "checkpoints" : "GF_CHECKPOINTS";
-    *bf16 = precision == KN_PRECISION_BF16;
-    if (!v || !*v) return GF_OK;
-    if (strcmp(v, "bf16") == 0 || strcmp(v, "fp32") == 0) {
-        *bf16 = strcmp(v, "bf16") == 0;
-        return GF_OK;
-    }
-    return gf_error_set(err, GF_INVALID, "invalid_value", where, "%s must be \"bf16\" or \"fp32\", not \"%.32s\"",
-                        where, v);
+    return one_of_two(opts ? opts->checkpoints : NULL, "checkpoints", "GF_CHECKPOINTS", "fp32", "bf16",
+                      precision == KN_PRECISION_BF16, bf16, err);
 }
 
 /* The weights as the device reads them, and a context sharing their memory. */

@@ -174,6 +174,7 @@ static GfStatus read_image_bytes(TrainSet *t, const char *ref, uint8_t **bytes, 
     return tar_read_member(&t->tar, (size_t)i, t->lim.max_bytes, bytes, err);
 }
 
+
 /* st, err's message prefixed with the image it is about (a decode or probe error). */
 static GfStatus image_failed(GfStatus st, GfError *err, const char *ref) {
     if (st) gf_error_wrap(err, NULL, "image '%.80s'", ref);
@@ -200,6 +201,16 @@ static int probe_prefix(TrainSet *t, long i, const char *ref, int *w, int *h, Gf
     if (within) *st = image_failed(image_probe(bytes, n, &t->lim, w, h, err), err, ref);
     free(bytes);
     return within;
+}
+
+/* An archived image's probe from the whole of member i. */
+static GfStatus probe_member(TrainSet *t, long i, const char *ref, int *w, int *h, GfError *err) {
+    uint8_t *bytes = NULL;
+    size_t n = (size_t)t->tar.members[i].size;
+    GfStatus st = tar_read_member(&t->tar, (size_t)i, t->lim.max_bytes, &bytes, err);
+    if (!st) st = image_failed(image_probe(bytes, n, &t->lim, w, h, err), err, ref);
+    free(bytes);
+    return st;
 }
 
 /* img is empty (image_free-able) whatever happens, the read failing too. */
@@ -229,9 +240,11 @@ static GfStatus image_soft_count(TrainSet *t, const char *ref, int *count, GfErr
     size_t n = 0;
     int w = 0, h = 0;
     GfStatus st = GF_OK;
-    if (t->images == TRAINSET_IMAGES_VALIDATED) {
-        long member = strncmp(ref, "data:", 5) == 0 ? -1 : archived_image(t, ref, err);
-        if (member >= 0 && probe_prefix(t, member, ref, &w, &h, &st, err)) return st ? st : soft_count(t, w, h, count, err);
+    if (t->images == TRAINSET_IMAGES_VALIDATED && strncmp(ref, "data:", 5) != 0) {
+        long member = archived_image(t, ref, err);
+        if (member < 0) return err->status;
+        if (!probe_prefix(t, member, ref, &w, &h, &st, err)) st = probe_member(t, member, ref, &w, &h, err);
+    } else if (t->images == TRAINSET_IMAGES_VALIDATED) {
         st = read_image_bytes(t, ref, &bytes, &n, err);
         if (!st) st = image_failed(image_probe(bytes, n, &t->lim, &w, &h, err), err, ref);
         free(bytes);

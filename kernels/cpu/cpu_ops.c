@@ -152,7 +152,6 @@ typedef struct {
     int bf16;
 } AttnTask;
 
-#define ATTN_BF16_DIM KN_KV_BF16_MAX_DIM /* a bfloat16 store's row widened on the stack */
 
 /* Row of key (or value) position k, head kvh, in a contiguous or paged
  * store: in place for float32, widened into buf for bfloat16. */
@@ -172,7 +171,7 @@ static void attn_item(const AttnTask *t, long item, float *stack_scores) {
     int64_t i = item / t->n_heads;
     int h = (int)(item % t->n_heads), kvh = h / (t->n_heads / t->n_kv_heads);
     int64_t qpos = t->q_pos0 + i;
-    float row[ATTN_BF16_DIM];
+    float row[KN_KV_BF16_MAX_DIM]; /* a bfloat16 store's row, widened */
     const float *qv = t->q + (i * t->n_heads + h) * t->dim;
     float *o = t->out + (i * t->n_heads + h) * t->dim;
     memset(o, 0, (size_t)t->dim * sizeof(float));
@@ -253,7 +252,7 @@ static void cpu_attention_batch_forward(const KnCtx *ctx, float *out, const floa
                                         const void *k, const void *v, KnDtype kv, int64_t block_len,
                                         const KnAttnSeq *seqs, int n_seqs, int n_heads, int n_kv_heads, int dim,
                                         float scale, int window) {
-    if (kv == KN_BF16 && dim > ATTN_BF16_DIM) abort(); /* outside the contract (ops.h): a caller's bug */
+    if (kv == KN_BF16 && dim > KN_KV_BF16_MAX_DIM) abort(); /* outside the contract (ops.h): a caller's bug */
     AttnTask tasks[ATTN_BATCH];
     KnMask masks[ATTN_BATCH];
     long first[ATTN_BATCH + 1];
