@@ -304,6 +304,10 @@ typedef struct {
                            const KnMask *mask);
     /* x[n] = gelu_tanh(x) in place */
     void (*gelu_tanh)(const KnCtx *ctx, float *x, size_t n);
+    /* the gated GELU in one pass: y[r, c] = gelu_tanh(g[r, c]) * u[r * ld_u + c]
+     * over [rows, cols], the bits of gelu_tanh then mul (y may alias g) */
+    void (*gelu_gate)(const KnCtx *ctx, float *y, const float *g, const float *u, int64_t rows, int64_t cols,
+                      int64_t ld_u);
     /* x = cap * tanh(x / cap) */
     void (*softcap)(const KnCtx *ctx, float *x, size_t n, float cap);
     /* out[n, cols] = rows ids[n] of table, times scale */
@@ -404,6 +408,11 @@ typedef struct {
                        int64_t dim, float eps);
     /* dx[i] = dy[i] * gelu_tanh'(x[i]) (written, not accumulated) */
     void (*gelu_tanh_dx)(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n);
+    /* gelu_gate's gradients at g, u [n] for dy [n], written: dg = gelu_tanh'(g)
+     * * (dy * u) and du = dy * gelu_tanh(g), the bits of the unfused ops;
+     * dg may alias g and du may alias u (each element read before written) */
+    void (*gelu_gate_dx)(const KnCtx *ctx, float *dg, float *du, const float *dy, const float *g, const float *u,
+                         size_t n);
     /* for dy[n, H] at moe_experts' x: dx[n, H] (written) through the
      * experts' inputs, and dc[n, K] = dy . yk (the gradient of each coef);
      * scratch holds 4 Im floats */

@@ -365,9 +365,7 @@ static void feed_forward(Model *m, const Batch *b, int li, Scratch *s, MoeTape *
     m->be.ops->rmsnorm(&m->be.ctx, u->h2, u->x1, l->pre_ff_ln, n, H, t->rms_eps);
     linear(m, b, s, u->g, u->h2, l->gate, li, LORA_GATE);
     linear(m, b, s, u->u, u->h2, l->up, li, LORA_UP);
-    copy_rows(m, u->mm, u->g, n * I);
-    m->be.ops->gelu_tanh(&m->be.ctx, u->mm, (size_t)(n * I));
-    m->be.ops->mul(&m->be.ctx, u->mm, u->mm, u->u, n, I, I);
+    m->be.ops->gelu_gate(&m->be.ctx, u->mm, u->g, u->u, n, I, I);
     linear(m, b, s, u->d, u->mm, l->down, li, LORA_DOWN);
     if (t->moe) {
         m->be.ops->rmsnorm(&m->be.ctx, u->f, u->d, l->post_ff_ln1, n, H, t->rms_eps);
@@ -388,9 +386,7 @@ static void per_layer_inject(Model *m, const Batch *b, int li, Scratch *s, const
     const Layer *l = &m->wt->layers[li];
     int64_t H = t->hidden_size, P = t->ple_dim, L = t->n_layers, n = b->n;
     linear(m, b, s, u->pg, u->x2, l->ple_gate, li, LORA_PLE_GATE);
-    copy_rows(m, u->pm, u->pg, n * P);
-    m->be.ops->gelu_tanh(&m->be.ctx, u->pm, (size_t)(n * P));
-    m->be.ops->mul(&m->be.ctx, u->pm, u->pm, ple + li * P, n, P, L * P);
+    m->be.ops->gelu_gate(&m->be.ctx, u->pm, u->pg, ple + li * P, n, P, L * P);
     linear(m, b, s, u->pp, u->pm, l->ple_proj, li, LORA_PLE_PROJ);
     m->be.ops->rmsnorm(&m->be.ctx, u->t, u->pp, l->post_ple_ln, n, H, t->rms_eps);
     m->be.ops->add(&m->be.ctx, u->out, u->x2, u->t, (size_t)(n * H));

@@ -88,9 +88,8 @@ static void layer_fwd(Model *m, int li, const float *x, int64_t N, const KnMask 
     cl_forward(m, t, &l->gate, tpair(t, li, LORA_GATE), t->gy, t->h2, N, t->s1);
     cl_forward(m, t, &l->up, tpair(t, li, LORA_UP), t->uy, t->h2, N, t->s1);
     clamp_copy(m, t->mm, t->gy, (size_t)(N * I), l->gate.clipped, l->gate.out_min, l->gate.out_max);
-    m->be.ops->gelu_tanh(&m->be.ctx, t->mm, (size_t)(N * I));
     clamp_copy(m, t->s1, t->uy, (size_t)(N * I), l->up.clipped, l->up.out_min, l->up.out_max);
-    m->be.ops->mul(&m->be.ctx, t->mm, t->mm, t->s1, N, I, I);
+    m->be.ops->gelu_gate(&m->be.ctx, t->mm, t->mm, t->s1, N, I, I);
     cl_forward(m, t, &l->down, tpair(t, li, LORA_DOWN), t->dny, t->mm, N, t->s1);
     if (!out) return;
     clamp_copy(m, t->s1, t->dny, (size_t)(N * d), l->down.clipped, l->down.out_min, l->down.out_max);
@@ -375,11 +374,7 @@ static void layer_bwd(Model *m, int li, const float *x, int64_t N, const KnMask 
     float *dg = t->dk, *du = t->dv; /* [N, I] each */
     clamp_copy(m, t->s1, t->gy, (size_t)(N * I), l->gate.clipped, l->gate.out_min, l->gate.out_max);
     clamp_copy(m, du, t->uy, (size_t)(N * I), l->up.clipped, l->up.out_min, l->up.out_max);
-    m->be.ops->mul(&m->be.ctx, dg, dmm, du, N, I, I); /* d gelu(gate) */
-    m->be.ops->copy(&m->be.ctx, t->s3, t->s1, (size_t)(N * I) * sizeof(float));
-    m->be.ops->gelu_tanh(&m->be.ctx, t->s3, (size_t)(N * I));
-    m->be.ops->mul(&m->be.ctx, du, dmm, t->s3, N, I, I);
-    m->be.ops->gelu_tanh_dx(&m->be.ctx, dg, t->s1, dg, (size_t)(N * I));
+    m->be.ops->gelu_gate_dx(&m->be.ctx, dg, du, dmm, t->s1, du, (size_t)(N * I)); /* du in place of up's output */
     zero(m, t->dh, N * d);
     cl_backward(m, t, &l->gate, tpair(t, li, LORA_GATE), t->dh, dg, t->h2, t->gy, N);
     cl_backward(m, t, &l->up, tpair(t, li, LORA_UP), t->dh, du, t->h2, t->uy, N);

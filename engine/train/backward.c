@@ -31,21 +31,21 @@ struct GradWorkspace {
     float *ple, *dple, *ple_buf;  /* [n, L, P] */
     float **dK, **dV;             /* per store layer [n, KVH, D] */
     /* one layer's forward, [n, width] */
-    float *h1, *o, *x1, *h2, *d, *f, *x2, *pp, *out, *t;      /* H */
+    float *h1, *o, *x1, *h2, *d, *f, *x2, *pp, *out, *t;      /* H (pp with PLE) */
     float *qlin, *qr, *att;                                    /* NH * D */
     float *klin, *vlin;                                        /* KVH * D */
     float *g, *u, *mm;                                         /* I */
-    float *moe;                                                /* H */
+    float *moe;                                                /* H (MoE only) */
     float *pg, *pm;                                            /* P */
     /* its gradients */
     float *dx, *dh, *dh2, *df;                                 /* H */
-    float *dq, *dqlin;                                         /* NH * D */
+    float *dq, *dqlin;                                         /* NH * D (dq over att) */
     float *dklin, *dvlin;                                      /* KVH * D */
-    float *dI1, *dI2;                                          /* I */
+    float *dI;                                                 /* I (then d(g), d(u) over g, u) */
     float *dP1, *dP2;                                          /* P */
     float *lora_tmp;                                           /* [n, 2 rank] */
     float *logits, *gx, *gdx;                                  /* [LOGIT_ROWS, V], [LOGIT_ROWS, H] x2 */
-    float *xn, *dxn;                                           /* [n, H] */
+    float *xn, *dxn;                                           /* [n, H], over dh and dh2 */
     int32_t *ids;                                              /* [n] embedding rows */
     int32_t *host_ids;                                         /* [n] their host staging */
     int32_t *pos, *neg_pos;                                    /* [n] positions 0.., and their negatives */
@@ -92,14 +92,21 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
         w->dK[i] = l->kv_shared ? NULL : take(s, n * (size_t)l->kv_heads * (size_t)l->head_dim);
         w->dV[i] = l->kv_shared ? NULL : take(s, n * (size_t)l->kv_heads * (size_t)l->head_dim);
     }
-    float **h_bufs[] = {&w->h1, &w->o, &w->x1, &w->h2, &w->d, &w->f, &w->x2, &w->pp, &w->out, &w->t, &w->moe,
-                        &w->dx, &w->dh, &w->dh2, &w->df, &w->xn, &w->dxn};
+    float **h_bufs[] = {&w->h1, &w->o, &w->x1, &w->h2, &w->d, &w->f, &w->x2, &w->out, &w->t, &w->dx, &w->dh, &w->dh2, &w->df};
     for (size_t i = 0; i < sizeof h_bufs / sizeof *h_bufs; i++) *h_bufs[i] = take(s, n * H);
-    float **q_bufs[] = {&w->qlin, &w->qr, &w->att, &w->dq, &w->dqlin};
+    w->pp = P ? take(s, n * H) : NULL;
+    w->moe = t->moe ? take(s, n * H) : NULL;
+    /* the loss is taken before the last layer's backward, which writes dh
+     * and dh2 before it reads them; d(q) is written once d(att) no longer
+     * needs att */
+    w->xn = w->dh;
+    w->dxn = w->dh2;
+    float **q_bufs[] = {&w->qlin, &w->qr, &w->att, &w->dqlin};
     for (size_t i = 0; i < sizeof q_bufs / sizeof *q_bufs; i++) *q_bufs[i] = take(s, n * qw);
+    w->dq = w->att;
     float **kv_bufs[] = {&w->klin, &w->vlin, &w->dklin, &w->dvlin};
     for (size_t i = 0; i < sizeof kv_bufs / sizeof *kv_bufs; i++) *kv_bufs[i] = take(s, n * kvmax);
-    float **i_bufs[] = {&w->g, &w->u, &w->mm, &w->dI1, &w->dI2};
+    float **i_bufs[] = {&w->g, &w->u, &w->mm, &w->dI};
     for (size_t i = 0; i < sizeof i_bufs / sizeof *i_bufs; i++) *i_bufs[i] = take(s, n * imax);
     float **p_bufs[] = {&w->pg, &w->pm, &w->dP1, &w->dP2};
     for (size_t i = 0; i < sizeof p_bufs / sizeof *p_bufs; i++) *p_bufs[i] = take(s, n * P);
@@ -381,17 +388,14 @@ static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int
         m->be.ops->rmsnorm_dx(&m->be.ctx, w->dh, w->d, l->post_ff_ln1, w->df, n, H, eps);
         dd = w->dh;
     }
-    /* d = down(gelu(gate(h2)) * up(h2)) */
-    zero(m, w->dI1, n * I);
-    linear_bwd(m, w, b, w->dI1, dd, w->mm, l->down, text_pair(b, li, LORA_DOWN), n);
-    copy(m, w->dI2, w->g, n * I);
-    m->be.ops->gelu_tanh(&m->be.ctx, w->dI2, (size_t)(n * I));
-    m->be.ops->mul(&m->be.ctx, w->dI2, w->dI1, w->dI2, n, I, I); /* d u */
-    m->be.ops->mul(&m->be.ctx, w->dI1, w->dI1, w->u, n, I, I);   /* d gelu(g) */
-    m->be.ops->gelu_tanh_dx(&m->be.ctx, w->dI1, w->g, w->dI1, (size_t)(n * I));
+    /* d = down(gelu(gate(h2)) * up(h2)); the gradients of g and u take
+     * their places in the tape (neither is read again) */
+    zero(m, w->dI, n * I);
+    linear_bwd(m, w, b, w->dI, dd, w->mm, l->down, text_pair(b, li, LORA_DOWN), n);
+    m->be.ops->gelu_gate_dx(&m->be.ctx, w->g, w->u, w->dI, w->g, w->u, (size_t)(n * I));
     zero(m, w->dh2, n * H);
-    linear_bwd(m, w, b, w->dh2, w->dI1, w->h2, l->gate, text_pair(b, li, LORA_GATE), n);
-    linear_bwd(m, w, b, w->dh2, w->dI2, w->h2, l->up, text_pair(b, li, LORA_UP), n);
+    linear_bwd(m, w, b, w->dh2, w->g, w->h2, l->gate, text_pair(b, li, LORA_GATE), n);
+    linear_bwd(m, w, b, w->dh2, w->u, w->h2, l->up, text_pair(b, li, LORA_UP), n);
     m->be.ops->rmsnorm_dx(&m->be.ctx, dx, w->x1, l->pre_ff_ln, w->dh2, n, H, eps);
     /* x1 = x + norm(attention(norm(x))) */
     zero(m, w->dh2, n * H);

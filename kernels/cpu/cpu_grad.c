@@ -114,11 +114,16 @@ void cpu_rmsnorm_backward(const KnCtx *ctx, float *dx, const float *x, const flo
 
 void cpu_gelu_tanh_backward(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n) {
     (void)ctx;
-    const float c = 0.7978845608028654f; /* sqrt(2/pi) */
+    for (size_t i = 0; i < n; i++) dx[i] = dy[i] * cpu_gelu_slope(x[i]);
+}
+
+void cpu_gelu_gate_backward(const KnCtx *ctx, float *dg, float *du, const float *dy, const float *g, const float *u,
+                            size_t n) {
+    (void)ctx;
     for (size_t i = 0; i < n; i++) {
-        float v = x[i], th = tanhf(c * (v + 0.044715f * v * v * v));
-        float d = 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * c * (1.0f + 3.0f * 0.044715f * v * v);
-        dx[i] = dy[i] * d;
+        float gi = g[i], ui = u[i], d = dy[i];
+        du[i] = d * cpu_gelu(gi);
+        dg[i] = d * ui * cpu_gelu_slope(gi);
     }
 }
 

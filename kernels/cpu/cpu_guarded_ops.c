@@ -327,7 +327,7 @@ static void g_scale_shift(const KnCtx *ctx, float *y, const float *x, size_t n, 
     SUBMIT(x_scale_shift, a);
 }
 
-/* two-operand ops: add (n = rows), mul and mul_acc (rows x cols, ld) */
+/* two-operand ops: add (n = rows), mul, gelu_gate and mul_acc (rows x cols, ld) */
 typedef struct {
     float *y;
     const float *a, *b;
@@ -348,6 +348,15 @@ static void x_mul(const KnCtx *ctx, const void *p) {
 static void g_mul(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols, int64_t ld_b) {
     BinArgs r = {y, a, b, rows, cols, ld_b};
     SUBMIT(x_mul, r);
+}
+static void x_gelu_gate(const KnCtx *ctx, const void *p) {
+    const BinArgs *a = p;
+    CPU_OPS.gelu_gate(ctx, H(a->y), H(a->a), H(a->b), a->rows, a->cols, a->ld);
+}
+static void g_gelu_gate(const KnCtx *ctx, float *y, const float *g, const float *u, int64_t rows, int64_t cols,
+                        int64_t ld_u) {
+    BinArgs r = {y, g, u, rows, cols, ld_u};
+    SUBMIT(x_gelu_gate, r);
 }
 static void x_mul_acc(const KnCtx *ctx, const void *p) {
     const BinArgs *a = p;
@@ -730,6 +739,21 @@ static void g_gelu_tanh_dx(const KnCtx *ctx, float *dx, const float *x, const fl
     SUBMIT(x_gelu_tanh_dx, a);
 }
 
+typedef struct {
+    float *dg, *du;
+    const float *dy, *g, *u;
+    size_t n;
+} GateGradArgs;
+static void x_gelu_gate_dx(const KnCtx *ctx, const void *p) {
+    const GateGradArgs *a = p;
+    CPU_OPS.gelu_gate_dx(ctx, H(a->dg), H(a->du), H(a->dy), H(a->g), H(a->u), a->n);
+}
+static void g_gelu_gate_dx(const KnCtx *ctx, float *dg, float *du, const float *dy, const float *g, const float *u,
+                           size_t n) {
+    GateGradArgs a = {dg, du, dy, g, u, n};
+    SUBMIT(x_gelu_gate_dx, a);
+}
+
 /* ---- loading ---- */
 
 /* Not a call: it waits for its result (q->offset), so it runs at once. */
@@ -764,6 +788,7 @@ static const KnOps GUARDED_OPS = {
     .attention_rows = g_attention_rows,
     .attention_bulk = g_attention,
     .gelu_tanh = g_gelu_tanh,
+    .gelu_gate = g_gelu_gate,
     .softcap = g_softcap,
     .embed_rows = g_embed_rows,
     .add = g_add,
@@ -799,6 +824,7 @@ static const KnOps GUARDED_OPS = {
     .matmul_dx = g_matmul_dx,
     .rmsnorm_dx = g_rmsnorm_dx,
     .gelu_tanh_dx = g_gelu_tanh_dx,
+    .gelu_gate_dx = g_gelu_gate_dx,
     .attention_dx = g_attention_dx,
     .nf4_quantize = g_nf4_quantize,
 };

@@ -5,6 +5,7 @@
 #ifndef GF_CPU_IMPL_H
 #define GF_CPU_IMPL_H
 
+#include <math.h>
 #include <string.h>
 
 #include "../ops.h"
@@ -33,12 +34,23 @@ static inline V4 cpu_load4(const float *p) {
 
 static inline void cpu_store4(float *p, V4 v) { memcpy(p, &v, sizeof v); }
 
+/* gelu_tanh and its slope at v: every CPU kernel that applies either
+ * computes it here, so the fused and the unfused ops give the same bits. */
+#define CPU_GELU_K 0.7978845608028654f /* sqrt(2/pi) */
+static inline float cpu_gelu(float v) { return 0.5f * v * (1.0f + tanhf(CPU_GELU_K * (v + 0.044715f * v * v * v))); }
+static inline float cpu_gelu_slope(float v) {
+    float th = tanhf(CPU_GELU_K * (v + 0.044715f * v * v * v));
+    return 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * CPU_GELU_K * (1.0f + 3.0f * 0.044715f * v * v);
+}
+
 /* Below this many multiply-adds, waking the pool costs more than it saves. */
 #define CPU_PARALLEL_MIN_WORK 65536
 
 /* cpu_ops.c, used by the fused kernels */
 void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
 void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n);
+void cpu_gelu_gate_forward(const KnCtx *ctx, float *y, const float *g, const float *u, int64_t rows, int64_t cols,
+                           int64_t ld_u);
 void cpu_softcap_forward(const KnCtx *ctx, float *x, size_t n, float cap);
 
 /* cpu_optim.c */
@@ -69,6 +81,8 @@ void cpu_matmul_backward(const KnCtx *ctx, float *dx, const float *dy, KnMatrix 
 void cpu_rmsnorm_backward(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n,
                           int64_t dim, float eps);
 void cpu_gelu_tanh_backward(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n);
+void cpu_gelu_gate_backward(const KnCtx *ctx, float *dg, float *du, const float *dy, const float *g, const float *u,
+                            size_t n);
 void cpu_attention_backward(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k,
                             const float *v, const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads,
                             int n_kv_heads, int dim, float scale, const KnMask *mask);

@@ -125,11 +125,14 @@ static void cpu_rmsnorm_forward(const KnCtx *ctx, float *y, const float *x, cons
 
 void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n) {
     (void)ctx;
-    const float k = 0.7978845608028654f; /* sqrt(2/pi) */
-    for (size_t i = 0; i < n; i++) {
-        float v = x[i];
-        x[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
-    }
+    for (size_t i = 0; i < n; i++) x[i] = cpu_gelu(x[i]);
+}
+
+void cpu_gelu_gate_forward(const KnCtx *ctx, float *y, const float *g, const float *u, int64_t rows, int64_t cols,
+                           int64_t ld_u) {
+    (void)ctx;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) y[r * cols + c] = cpu_gelu(g[r * cols + c]) * u[r * ld_u + c];
 }
 
 void cpu_softcap_forward(const KnCtx *ctx, float *x, size_t n, float cap) {
@@ -311,6 +314,7 @@ const KnOps CPU_OPS = {
     .attention_rows = cpu_attention_rows_forward,
     .attention_bulk = cpu_attention_forward,
     .gelu_tanh = cpu_gelu_tanh_forward,
+    .gelu_gate = cpu_gelu_gate_forward,
     .softcap = cpu_softcap_forward,
     .embed_rows = cpu_embed_rows_forward,
     .add = cpu_add_forward,
@@ -346,6 +350,7 @@ const KnOps CPU_OPS = {
     .matmul_dx = cpu_matmul_backward,
     .rmsnorm_dx = cpu_rmsnorm_backward,
     .gelu_tanh_dx = cpu_gelu_tanh_backward,
+    .gelu_gate_dx = cpu_gelu_gate_backward,
     .attention_dx = cpu_attention_backward,
     .nf4_quantize = cpu_nf4_quantize,
 };

@@ -301,6 +301,7 @@ static KnOps make_ops(void) {
     o.attention_rows = cuda_attention_rows;
     o.attention_bulk = cuda_attention_bulk;
     o.gelu_tanh = cuda_gelu_tanh;
+    o.gelu_gate = cuda_gelu_gate;
     o.softcap = cuda_softcap;
     o.embed_rows = cuda_embed_rows;
     o.add = cuda_add;
@@ -331,6 +332,7 @@ static KnOps make_ops(void) {
     o.matmul_dx = cuda_matmul_dx;
     o.rmsnorm_dx = cuda_rmsnorm_dx;
     o.gelu_tanh_dx = cuda_gelu_tanh_dx;
+    o.gelu_gate_dx = cuda_gelu_gate_dx;
     o.moe_experts_dx = cuda_moe_experts_dx;
     o.moe_route_dx = cuda_moe_route_dx;
     o.clamp_dx = cuda_clamp_dx;

@@ -245,6 +245,16 @@ static __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+/* gelu_tanh and its slope at v, for every kernel that applies either */
+#define GELU_K 0.7978845608028654f /* sqrt(2/pi) */
+static __device__ __forceinline__ float gelu(float v) {
+    return 0.5f * v * (1.0f + tanhf(GELU_K * (v + 0.044715f * v * v * v)));
+}
+static __device__ __forceinline__ float gelu_slope(float v) {
+    float th = tanhf(GELU_K * (v + 0.044715f * v * v * v));
+    return 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * GELU_K * (1.0f + 3.0f * 0.044715f * v * v);
+}
+
 /* Entries each file exports to the table (contracts in ops.h). */
 /* The context's scratch, at least bytes, grown on its stream (an op's
  * temporaries, valid until the next op asks for it); NULL with the fault
@@ -280,7 +290,11 @@ void cuda_rmsnorm(const KnCtx *ctx, float *y, const float *x, const float *w, in
 void cuda_rmsnorm_dx(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n,
                      int64_t dim, float eps);
 void cuda_gelu_tanh(const KnCtx *ctx, float *x, size_t n);
+void cuda_gelu_gate(const KnCtx *ctx, float *y, const float *g, const float *u, int64_t rows, int64_t cols,
+                    int64_t ld_u);
 void cuda_gelu_tanh_dx(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n);
+void cuda_gelu_gate_dx(const KnCtx *ctx, float *dg, float *du, const float *dy, const float *g, const float *u,
+                       size_t n);
 void cuda_softcap(const KnCtx *ctx, float *x, size_t n, float cap);
 void cuda_embed_rows(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale);
 void cuda_embed_rows_add(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float *row);

@@ -18,16 +18,6 @@
 #define THREADS 256
 #define WARPS (THREADS / 32)
 #define CHUNK_BYTES ((size_t)64 << 20) /* the backward's scratch */
-#define GELU_K 0.7978845608028654f
-
-static __device__ __forceinline__ float gelu(float v) {
-    return 0.5f * v * (1.0f + tanhf(GELU_K * (v + 0.044715f * v * v * v)));
-}
-
-static __device__ __forceinline__ float gelu_d(float v) {
-    float th = tanhf(GELU_K * (v + 0.044715f * v * v * v));
-    return 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * GELU_K * (1.0f + 3.0f * 0.044715f * v * v);
-}
 
 /* ---- routing ------------------------------------------------------------------------- */
 
@@ -328,7 +318,7 @@ static __global__ void k_dgu(float *dgu, const float *gu, const float *coef, siz
         const float *g = gu + p * 2 * im;
         float *d = dgu + p * 2 * im, dmm = d[im + i] * coef[p];
         d[im + i] = dmm * gelu(g[i]);
-        d[i] = gelu_d(g[i]) * (dmm * g[im + i]);
+        d[i] = gelu_slope(g[i]) * (dmm * g[im + i]);
     }
 }
 

@@ -142,25 +142,42 @@ void cuda_rmsnorm_dx(const KnCtx *ctx, float *dx, const float *x, const float *w
         CUDA_LAUNCHED((c), #name);                                                \
     } while (0)
 
-#define GELU_K 0.7978845608028654f /* sqrt(2/pi) */
-
 static __global__ void k_gelu_tanh(float *x, size_t n) {
-    GRID_STRIDE(i, n) {
-        float v = x[i];
-        x[i] = 0.5f * v * (1.0f + tanhf(GELU_K * (v + 0.044715f * v * v * v)));
-    }
+    GRID_STRIDE(i, n) x[i] = gelu(x[i]);
 }
 void cuda_gelu_tanh(const KnCtx *ctx, float *x, size_t n) { LAUNCH(cuda_ctx(ctx), gelu_tanh, n, x, n); }
 
-static __global__ void k_gelu_tanh_dx(float *dx, const float *x, const float *dy, size_t n) {
-    GRID_STRIDE(i, n) {
-        float v = x[i], th = tanhf(GELU_K * (v + 0.044715f * v * v * v));
-        float d = 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * GELU_K * (1.0f + 3.0f * 0.044715f * v * v);
-        dx[i] = dy[i] * d;
+static __global__ void k_gelu_gate(float *y, const float *g, const float *u, size_t n, int64_t cols, int64_t ld_u) {
+    GRID_STRIDE(e, n) {
+        int64_t r = (int64_t)e / cols, col = (int64_t)e % cols;
+        y[e] = gelu(g[e]) * u[r * ld_u + col];
     }
+}
+void cuda_gelu_gate(const KnCtx *ctx, float *y, const float *g, const float *u, int64_t rows, int64_t cols,
+                    int64_t ld_u) {
+    size_t n = rows > 0 && cols > 0 ? (size_t)(rows * cols) : 0;
+    LAUNCH(cuda_ctx(ctx), gelu_gate, n, y, g, u, n, cols, ld_u);
+}
+
+static __global__ void k_gelu_tanh_dx(float *dx, const float *x, const float *dy, size_t n) {
+    GRID_STRIDE(i, n) dx[i] = dy[i] * gelu_slope(x[i]);
 }
 void cuda_gelu_tanh_dx(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n) {
     LAUNCH(cuda_ctx(ctx), gelu_tanh_dx, n, dx, x, dy, n);
+}
+
+/* dg may alias g and du may alias u: each thread reads its element's g, u
+ * and dy before it writes either */
+static __global__ void k_gelu_gate_dx(float *dg, float *du, const float *dy, const float *g, const float *u, size_t n) {
+    GRID_STRIDE(i, n) {
+        float gi = g[i], ui = u[i], d = dy[i];
+        du[i] = d * gelu(gi);
+        dg[i] = d * ui * gelu_slope(gi);
+    }
+}
+void cuda_gelu_gate_dx(const KnCtx *ctx, float *dg, float *du, const float *dy, const float *g, const float *u,
+                       size_t n) {
+    LAUNCH(cuda_ctx(ctx), gelu_gate_dx, n, dg, du, dy, g, u, n);
 }
 
 static __global__ void k_softcap(float *x, size_t n, float cap) {

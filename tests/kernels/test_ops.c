@@ -797,6 +797,96 @@ static void test_matmul_rmsnorm_gelu_dx(Dev *d) {
     dev_reset(d);
 }
 
+/* y = gelu(g) * u over x = [g; u], n each (the gated GELU's definition) */
+static void ref_gelu_gate(double *y, const double *x, const void *c) {
+    const LinCtx *l = c;
+    for (int i = 0; i < l->n; i++) {
+        double v = x[i];
+        y[i] = 0.5 * v * (1 + tanh(sqrt(2 / M_PI) * (v + 0.044715 * v * v * v))) * x[l->n + i];
+    }
+}
+
+/* gelu_gate and gelu_gate_dx: the definition (the forward to 1e-6, the
+ * gradients against central differences), in place as the engine calls
+ * them (y over g; dg over g and du over u), a row stride for u, enough
+ * elements to span many blocks; and on the CPU kinds, bit for bit what the
+ * unfused ops give (copy, gelu_tanh, mul; mul, gelu_tanh_dx), which the
+ * layers ran before. Outputs poisoned first. */
+static void test_gelu_gate(Dev *d) {
+    const int shapes[][3] = {{5, 24, 24}, {3, 7, 50}, {33, 517, 530}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int rows = shapes[s][0], cols = shapes[s][1], ld = shapes[s][2];
+        size_t n = (size_t)rows * cols;
+        float *gu = rand_vec(2 * n), *ub = rand_vec((size_t)rows * ld), *dy = rand_vec(n);
+        float *y = malloc(F(n)), *y2 = malloc(F(n)), *dg = malloc(F(n)), *du = malloc(F(n));
+        float *dg2 = malloc(F(n)), *du2 = malloc(F(n));
+        for (size_t i = 0; i < n; i++) gu[i] *= 3.0f; /* g across gelu's bend */
+        for (int r = 0; r < rows; r++) memcpy(ub + (size_t)r * ld, gu + n + (size_t)r * cols, F(cols));
+        double *ref = malloc(2 * n * sizeof *ref);
+        LinCtx l = {0, 0, (int)n, NULL, 0, 0};
+        double *x = malloc(2 * n * sizeof *x);
+        for (size_t i = 0; i < 2 * n; i++) x[i] = gu[i];
+        ref_gelu_gate(ref, x, &l);
+        float *d_g = dev_put(d, gu, F(n)), *d_u = dev_put(d, gu + n, F(n)), *d_ub = dev_put(d, ub, F(rows * ld));
+        float *d_dy = dev_put(d, dy, F(n)), *d_y = dev_poisoned(d, F(n));
+        d->be.ops->gelu_gate(&d->be.ctx, d_y, d_g, d_ub, rows, cols, ld);
+        dev_get(d, y, d_y, F(n));
+        EXPECT_CLOSE(y, ref, n, 1e-6, "gelu_gate %dx%d ld %d", rows, cols, ld);
+        /* the unfused ops, and in place */
+        d->be.ops->copy(&d->be.ctx, d_y, d_g, F(n));
+        d->be.ops->gelu_tanh(&d->be.ctx, d_y, n);
+        d->be.ops->mul(&d->be.ctx, d_y, d_y, d_ub, rows, cols, ld);
+        dev_get(d, y2, d_y, F(n));
+        float *d_g2 = dev_put(d, gu, F(n));
+        d->be.ops->gelu_gate(&d->be.ctx, d_g2, d_g2, d_u, rows, cols, cols);
+        float *yi = malloc(F(n));
+        dev_get(d, yi, d_g2, F(n));
+        if (d->be.ctx.device != KN_DEVICE_CUDA) {
+            CHECK(memcmp(y, y2, F(n)) == 0, "gelu_gate %dx%d: the bits of gelu_tanh then mul", rows, cols);
+            CHECK(memcmp(y, yi, F(n)) == 0, "gelu_gate %dx%d: in place, the same bits", rows, cols);
+        } else {
+            EXPECT_CLOSE(yi, ref, n, 1e-6, "gelu_gate %dx%d in place", rows, cols);
+        }
+        /* the gradients: written, then in place over g and u */
+        if (n <= 200) {
+            numeric_grad(ref, ref_gelu_gate, &l, gu, 2 * n, dy, n);
+        } else { /* too many for differences: the derivative's formula in double */
+            for (size_t i = 0; i < n; i++) {
+                double v = gu[i], c0 = sqrt(2 / M_PI), th = tanh(c0 * (v + 0.044715 * v * v * v));
+                double slope = 0.5 * (1 + th) + 0.5 * v * (1 - th * th) * c0 * (1 + 3 * 0.044715 * v * v);
+                ref[i] = (double)dy[i] * gu[n + i] * slope;
+                ref[n + i] = (double)dy[i] * 0.5 * v * (1 + th);
+            }
+        }
+        float *d_dg = dev_poisoned(d, F(n)), *d_du = dev_poisoned(d, F(n));
+        d->be.ops->gelu_gate_dx(&d->be.ctx, d_dg, d_du, d_dy, d_g, d_u, n);
+        dev_get(d, dg, d_dg, F(n));
+        dev_get(d, du, d_du, F(n));
+        EXPECT_CLOSE(dg, ref, n, 1e-5, "gelu_gate_dx %dx%d: dg", rows, cols);
+        EXPECT_CLOSE(du, ref + n, n, 1e-5, "gelu_gate_dx %dx%d: du", rows, cols);
+        float *d_gi = dev_put(d, gu, F(n)), *d_ui = dev_put(d, gu + n, F(n));
+        d->be.ops->gelu_gate_dx(&d->be.ctx, d_gi, d_ui, d_dy, d_gi, d_ui, n);
+        dev_get(d, dg2, d_gi, F(n));
+        dev_get(d, du2, d_ui, F(n));
+        CHECK(memcmp(dg, dg2, F(n)) == 0 && memcmp(du, du2, F(n)) == 0,
+              "gelu_gate_dx %dx%d: over g and u, the same bits", rows, cols);
+        if (d->be.ctx.device != KN_DEVICE_CUDA) {
+            d->be.ops->mul(&d->be.ctx, d_dg, d_dy, d_u, rows, cols, cols);
+            d->be.ops->gelu_tanh_dx(&d->be.ctx, d_dg, d_g, d_dg, n);
+            d->be.ops->copy(&d->be.ctx, d_du, d_g, F(n));
+            d->be.ops->gelu_tanh(&d->be.ctx, d_du, n);
+            d->be.ops->mul(&d->be.ctx, d_du, d_dy, d_du, rows, cols, cols);
+            dev_get(d, dg2, d_dg, F(n));
+            dev_get(d, du2, d_du, F(n));
+            CHECK(memcmp(dg, dg2, F(n)) == 0 && memcmp(du, du2, F(n)) == 0,
+                  "gelu_gate_dx %dx%d: the bits of mul, gelu_tanh_dx and gelu_tanh", rows, cols);
+        }
+        free(gu); free(ub); free(dy); free(y); free(y2); free(yi); free(dg); free(du); free(dg2); free(du2);
+        free(ref); free(x);
+        dev_reset(d);
+    }
+}
+
 typedef struct { int nq, pos0, nk, H, KVH, D, which; const float *q, *k, *v; const KnMask *m; } AttCtx;
 /* Attention as a function of one of q (0), k (1), v (2). */
 static void ref_attention_of(double *y, const double *x, const void *c) {
@@ -2638,6 +2728,7 @@ int main(void) {
             test_attention_batch(&d);
             test_attention_rows_long(&d);
             test_matmul_rmsnorm_gelu_dx(&d);
+            test_gelu_gate(&d);
             test_attention_dx(&d);
             test_attention_dx_shapes(&d);
             test_rope(&d);
