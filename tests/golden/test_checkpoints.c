@@ -15,6 +15,7 @@
 #include "../unit/check.h"
 #include "backward.h"
 #include "lora.h"
+#include "lora_fill.h"
 #include "model.h"
 
 #define N_TOK 24
@@ -26,16 +27,6 @@ typedef struct {
     uint64_t bytes;           /* grad_workspace_bytes */
     int64_t layers, hidden;   /* the text stack's */
 } Run;
-
-/* B of every pair away from zero, the same values for every run. */
-static void spread_b(LoraAdapter *a) {
-    uint64_t r = 99;
-    for (size_t i = 0; i < a->n_pairs; i++)
-        for (int64_t j = 0; j < a->pairs[i].out * a->pairs[i].rank; j++) {
-            r = r * 6364136223846793005ull + 1442695040888963407ull;
-            a->pairs[i].B[j] = (float)((double)(r >> 11) / 9007199254740992.0 - 0.5) * 0.2f;
-        }
-}
 
 /* One training step's loss and gradients on variant with checkpoints kept
  * as `mode`; 0 when the model could not be opened (reported). */
@@ -53,7 +44,7 @@ static int run(const char *variant, const char *mode, Run *out) {
     CHECK_STATUS(model_open(dir, &mo, &m, &err), GF_OK, err);
     if (!m) return 0;
     CHECK_STATUS(lora_create(m, all, 1, 4, 8.0, 0, 5, &a, &err), GF_OK, err);
-    spread_b(a);
+    lora_fill_b(a);
     CHECK_STATUS(lora_bind(m, a, &b, &err), GF_OK, err);
     CHECK_STATUS(lora_binding_grads(&b, &err), GF_OK, err);
     CHECK_STATUS(grad_workspace_new(m, N_TOK, 4, &w, &err), GF_OK, err);

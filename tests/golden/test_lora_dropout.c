@@ -14,6 +14,7 @@
 #include "backward.h"
 #include "cuda/att_gemm.h"
 #include "lora.h"
+#include "lora_fill.h"
 #include "model.h"
 
 #define N_TOK 24
@@ -189,12 +190,7 @@ int main(void) {
     CHECK_STATUS(lora_create(c.m, all, 1, 4, 8.0, 0, 5, &a, &err), GF_OK, err);
     check_scratch(c.m, a);
     /* B away from zero, so the LoRA path (and its dropout) shows in the loss */
-    uint64_t r = 99;
-    for (size_t i = 0; i < a->n_pairs; i++)
-        for (int64_t j = 0; j < a->pairs[i].out * a->pairs[i].rank; j++) {
-            r = r * 6364136223846793005ull + 1442695040888963407ull;
-            a->pairs[i].B[j] = (float)((double)(r >> 11) / 9007199254740992.0 - 0.5) * 0.2f;
-        }
+    lora_fill_b(a);
     c.a = a;
     CHECK_STATUS(lora_bind(c.m, a, &c.b, &err), GF_OK, err);
     CHECK_STATUS(lora_binding_grads(&c.b, &err), GF_OK, err);
