@@ -29,7 +29,9 @@ struct GradWorkspace {
     float *soft;                  /* [n, H] image soft tokens */
     int64_t soft_counts[MAX_IMAGES];
     float *ple, *dple, *ple_buf;  /* [n, L, P] */
-    float **dK, **dV;             /* per store layer [n, KVH, D] */
+    float **dK, **dV;             /* per store layer [n, KVH, D]: its own for a layer that later
+                                     layers read (their gradients gather there), else one pair
+                                     that the rest share (each uses it within its own backward) */
     /* one layer's forward, [n, width] */
     float *h1, *o, *x1, *h2, *d, *f, *x2, *pp, *out, *t;      /* H (pp with PLE) */
     float *qlin, *qr, *att;                                    /* NH * D */
@@ -69,6 +71,13 @@ static float *take(Slab *s, size_t n) {
     return p;
 }
 
+/* Whether a later layer reads layer li's K/V (KV sharing). */
+static int read_by_others(const TextConfig *t, int li) {
+    for (int j = li + 1; j < t->n_layers; j++)
+        if (t->layers[j].kv_shared && t->layers[j].store_layer == li) return 1;
+    return 0;
+}
+
 static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     const TextConfig *t = &m->w->cfg.text;
     size_t n = (size_t)w->max_tokens, H = (size_t)t->hidden_size, L = (size_t)t->n_layers, P = (size_t)t->ple_dim;
@@ -87,10 +96,18 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     w->ple = take(s, n * L * P);
     w->dple = take(s, n * L * P);
     w->ple_buf = take(s, n * L * P);
+    size_t common = 0;
     for (size_t i = 0; i < L; i++) {
         const LayerConfig *l = &t->layers[i];
-        w->dK[i] = l->kv_shared ? NULL : take(s, n * (size_t)l->kv_heads * (size_t)l->head_dim);
-        w->dV[i] = l->kv_shared ? NULL : take(s, n * (size_t)l->kv_heads * (size_t)l->head_dim);
+        if (!l->kv_shared && !read_by_others(t, (int)i) && (size_t)l->kv_heads * l->head_dim > common)
+            common = (size_t)l->kv_heads * l->head_dim;
+    }
+    float *ck = common ? take(s, n * common) : NULL, *cv = common ? take(s, n * common) : NULL;
+    for (size_t i = 0; i < L; i++) {
+        const LayerConfig *l = &t->layers[i];
+        int own = !l->kv_shared && read_by_others(t, (int)i);
+        w->dK[i] = l->kv_shared ? NULL : own ? take(s, n * (size_t)l->kv_heads * (size_t)l->head_dim) : ck;
+        w->dV[i] = l->kv_shared ? NULL : own ? take(s, n * (size_t)l->kv_heads * (size_t)l->head_dim) : cv;
     }
     float **h_bufs[] = {&w->h1, &w->o, &w->x1, &w->h2, &w->d, &w->f, &w->x2, &w->out, &w->t, &w->dx, &w->dh, &w->dh2, &w->df};
     for (size_t i = 0; i < sizeof h_bufs / sizeof *h_bufs; i++) *h_bufs[i] = take(s, n * H);
@@ -328,6 +345,10 @@ static void attention_backward(Model *m, GradWorkspace *w, const LoraBinding *b,
     zero(m, w->dqlin, n * NH * D); /* d(att) first */
     linear_bwd(m, w, b, w->dqlin, w->dh2, w->att, l->o, text_pair(b, li, LORA_O), n);
     KnMask mask = layer_mask(m, &w->cache, li);
+    if (!lc->kv_shared && !read_by_others(t, li)) { /* the shared pair: this layer's alone from here */
+        zero(m, w->dK[li], n * KVH * D);
+        zero(m, w->dV[li], n * KVH * D);
+    }
     m->be.ops->attention_dx(&m->be.ctx, w->dq, w->dK[src], w->dV[src], w->qr, w->cache.own.k[src], w->cache.own.v[src], w->dqlin, n, 0,
                          n, (int)NH, (int)KVH, (int)D, 1.0f, &mask);
     m->be.ops->rope_rows(&m->be.ctx, w->dq, n, (int)NH, (int)D, D, l->inv_freq, w->neg_pos, 1); /* R^T = R(-pos) */
@@ -615,7 +636,7 @@ GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const 
         zero(m, w->dple, n * L * P);
     }
     for (int64_t li = 0; li < L; li++)
-        if (w->dK[li]) {
+        if (w->dK[li] && read_by_others(t, (int)li)) { /* the shared pair is zeroed where it is used */
             const LayerConfig *lc = &t->layers[li];
             zero(m, w->dK[li], n * lc->kv_heads * lc->head_dim);
             zero(m, w->dV[li], n * lc->kv_heads * lc->head_dim);
