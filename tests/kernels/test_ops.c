@@ -2472,6 +2472,39 @@ static void real_matmul(Dev *devs, int rows, int cols, int n) {
     free(wf); free(x); free(g); free(wb);
 }
 
+/* The gated GELU at 31B's MLP width (21,504) over a training sequence's
+ * 1,024 rows, forward and gradient: elementwise, so every precision gives
+ * the CPU's values within rounding. */
+static void real_gelu_gate(Dev *devs) {
+    const int rows = 1024, cols = 21504;
+    size_t n = (size_t)rows * cols;
+    float *g = rand_vec(n), *u = rand_vec(n), *dy = rand_vec(n);
+    for (size_t i = 0; i < n; i++) g[i] *= 4.0f;
+    float *out[REAL_DEVS][3];
+    for (int v = 0; v < REAL_DEVS; v++) {
+        Dev *d = &devs[v];
+        float *dg = dev_put(d, g, F(n)), *du = dev_put(d, u, F(n)), *ddy = dev_put(d, dy, F(n));
+        float *y = dev_poisoned(d, F(n)), *og = dev_poisoned(d, F(n)), *ou = dev_poisoned(d, F(n));
+        d->be.ops->gelu_gate(&d->be.ctx, y, dg, du, rows, cols, cols);
+        d->be.ops->gelu_gate_dx(&d->be.ctx, og, ou, ddy, dg, du, n);
+        float *dev_out[3] = {y, og, ou};
+        for (int k = 0; k < 3; k++) {
+            out[v][k] = malloc(F(n));
+            dev_get(d, out[v][k], dev_out[k], F(n));
+        }
+        dev_reset(d);
+    }
+    static const char *const what[3] = {"y", "dg", "du"};
+    for (int v = 1; v < REAL_DEVS; v++)
+        for (int k = 0; k < 3; k++) {
+            double e = rel_l2(out[v][k], out[0][k], n);
+            CHECK(e <= 1e-6, "%s gelu_gate [%d, %d] %s: rel L2 %.3g", REAL_NAME[v], rows, cols, what[k], e);
+        }
+    for (int v = 0; v < REAL_DEVS; v++)
+        for (int k = 0; k < 3; k++) free(out[v][k]);
+    free(g); free(u); free(dy);
+}
+
 /* A training sequence's attention at E4B's heads (8 over 2 KV heads) on its
  * full (head_dim 512) and sliding (256, window 512) layers, 2,048 tokens
  * with three of left padding and an image block of 256: attention_bulk
@@ -2672,6 +2705,7 @@ static void test_real_shapes(void) {
     real_xent(devs);
     real_moe(devs);
     real_attention(devs);
+    real_gelu_gate(devs);
     float *w = rand_vec((size_t)2560 * 10240); /* E4B's down_proj, quantized as loading does */
     nf4_quantize_at(&devs[1], 2560, 10240, KN_BF16, w);
     free(w);
