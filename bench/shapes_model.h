@@ -22,7 +22,7 @@
 /* Bytes of base weights one decode step reads: every linear of the layers
  * as loaded, and the tied head (vocab x hidden, bf16). PLE rows, norms and
  * the KV cache are left out: small against these at a short context. */
-static double step_weight_bytes(const Model *m) {
+static inline double step_weight_bytes(const Model *m) {
     ModelMemory mem;
     weights_memory(model_weights(m), &mem);
     const TextConfig *t = &model_config(m)->text;
@@ -168,8 +168,10 @@ static int write_config(const char *dir, const Shape *s, int n_layers, int n_sha
     return fclose(f);
 }
 
-/* model.safetensors: the header, then every tensor's bytes from its pool. */
-static int write_tensors(const char *dir, Ckpt *c, uint64_t *total) {
+/* model.safetensors: the header, then every tensor's bytes from its pool;
+ * sparse: the header, then a hole as long as the tensors (a file that
+ * reads as zeros and takes no disk, for what needs only the shapes). */
+static int write_tensors(const char *dir, Ckpt *c, int sparse, uint64_t *total) {
     size_t cap = 256 + c->n * 200, len = 0;
     char *h = malloc(cap);
     uint64_t off = 0;
@@ -195,7 +197,8 @@ static int write_tensors(const char *dir, Ckpt *c, uint64_t *total) {
     FILE *f = fopen(path, "wb");
     uint64_t hl = len;
     int ok = f && fwrite(&hl, 8, 1, f) == 1 && fwrite(h, 1, len, f) == len;
-    for (size_t i = 0; ok && i < c->n; i++) {
+    if (sparse) ok = ok && fflush(f) == 0 && ftruncate(fileno(f), (off_t)(8 + len + off)) == 0;
+    for (size_t i = 0; ok && !sparse && i < c->n; i++) {
         const Ten *t = &c->t[i];
         const uint16_t *p = pool_for(c, t->scale, t->base);
         uint64_t n = t->a * t->b, at = next_rand(&c->rng) % POOL_N;
@@ -227,15 +230,20 @@ static int shape_kv_shared(const Shape *s, int n_layers) {
     return n;
 }
 
-/* s cut to n_layers written into dir; *bytes gets the tensors' bytes. */
-static int shape_write(const char *dir, const Shape *s, int n_layers, uint64_t *bytes) {
+/* s cut to n_layers written into dir (sparse: tensors of zeros, in a
+ * file that takes no disk; write_tensors); *bytes gets the tensors' bytes. */
+static int shape_write_as(const char *dir, const Shape *s, int n_layers, int sparse, uint64_t *bytes) {
     int n_shared = shape_kv_shared(s, n_layers);
     Ckpt c = {.rng = 88172645463325252ull};
     list_tensors(&c, s, n_layers, n_shared);
-    int rc = write_config(dir, s, n_layers, n_shared) || write_tensors(dir, &c, bytes);
+    int rc = write_config(dir, s, n_layers, n_shared) || write_tensors(dir, &c, sparse, bytes);
     for (int i = 0; i < c.n_pools; i++) free(c.pools[i].v);
     free(c.t);
     return rc ? -1 : 0;
+}
+
+static inline int shape_write(const char *dir, const Shape *s, int n_layers, uint64_t *bytes) {
+    return shape_write_as(dir, s, n_layers, 0, bytes);
 }
 
 /* Removes what shape_write wrote, and dir. */

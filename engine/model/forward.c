@@ -261,7 +261,8 @@ static void copy_rows(Model *m, float *dst, const float *src, int64_t n) {
 }
 
 /* A training sequence's attention through attention_bulk, when its cache
- * keeps positions 0.. of each layer in order (its own store, kv_cache_init):
+ * keeps positions 0.. of each layer in order (its own store, kv_cache_init;
+ * a bf16 store is read widened, kv_cache_own_f32):
  * the batch's rows are positions pos[0].. of the one sequence, after any it
  * already holds. 0 when the batch is not such a sequence. */
 static int attend_bulk(Model *m, const Batch *b, int li, const LayerBufs *u, int groups, int window) {
@@ -271,8 +272,10 @@ static int attend_bulk(Model *m, const Batch *b, int li, const LayerBufs *u, int
     if (!b->bulk || c->pool != &c->own) return 0;
     int64_t q_pos0 = m->tables.pos[0];
     KnMask mask = {c->d_valid, groups ? c->d_group : NULL, window};
-    m->be.ops->attention_bulk(&m->be.ctx, u->att, u->qr, c->own.k[lc->store_layer], c->own.v[lc->store_layer], b->n,
-                              q_pos0, q_pos0 + b->n, t->n_heads, lc->kv_heads, lc->head_dim, 1.0f, &mask);
+    const float *k, *v;
+    kv_cache_own_f32(c, lc->store_layer, q_pos0 + b->n, (int64_t)lc->kv_heads * lc->head_dim, &k, &v);
+    m->be.ops->attention_bulk(&m->be.ctx, u->att, u->qr, k, v, b->n, q_pos0, q_pos0 + b->n, t->n_heads, lc->kv_heads,
+                              lc->head_dim, 1.0f, &mask);
     return 1;
 }
 

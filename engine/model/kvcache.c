@@ -153,12 +153,58 @@ static GfStatus cache_tables(KvCache *c, int64_t capacity, GfError *err) {
     return GF_OK;
 }
 
-GfStatus kv_cache_init(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, GfError *err) {
+/* The widest store of t: kv_heads * head_dim over the layers that store. */
+static int64_t widest_store(const TextConfig *t) {
+    int64_t most = 0;
+    for (int i = 0; i < t->n_layers; i++)
+        if (!t->layers[i].kv_shared && (int64_t)t->layers[i].kv_heads * t->layers[i].head_dim > most)
+            most = (int64_t)t->layers[i].kv_heads * t->layers[i].head_dim;
+    return most;
+}
+
+GfStatus kv_cache_init_as(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, KnDtype dtype,
+                          GfError *err) {
     memset(c, 0, sizeof *c);
     if (capacity <= 0) return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "a KV cache needs room for a position");
-    if (kv_pool_init(&c->own, t, be, KN_F32, capacity, 1, 1, err)) return err->status;
+    if (kv_pool_init(&c->own, t, be, dtype, capacity, 1, 1, err)) return err->status;
     c->pool = &c->own;
-    return cache_tables(c, capacity, err);
+    if (cache_tables(c, capacity, err)) return err->status; /* freed */
+    if (dtype != KN_BF16) return GF_OK;
+    size_t n = (size_t)capacity * (size_t)widest_store(t);
+    if (be->ops->alloc(&be->ctx, &c->wide, 2 * n * sizeof(float), KN_F32, "the KV cache's float32 view", err)) {
+        kv_cache_free(c);
+        return err->status;
+    }
+    c->wide_k = c->wide.data;
+    c->wide_v = c->wide_k + n;
+    return GF_OK;
+}
+
+GfStatus kv_cache_init(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, GfError *err) {
+    return kv_cache_init_as(c, t, be, capacity, KN_F32, err);
+}
+
+uint64_t kv_cache_own_bytes(const TextConfig *t, int64_t capacity, KnDtype dtype) {
+    uint64_t per = 0;
+    for (int i = 0; i < t->n_layers; i++)
+        if (!t->layers[i].kv_shared) per += 2 * (uint64_t)t->layers[i].kv_heads * (uint64_t)t->layers[i].head_dim;
+    uint64_t bytes = (uint64_t)capacity * per * (uint64_t)kn_dtype_size(dtype);
+    if (dtype == KN_BF16) bytes += 2 * (uint64_t)capacity * (uint64_t)widest_store(t) * sizeof(float);
+    return bytes;
+}
+
+void kv_cache_own_f32(KvCache *c, int li, int64_t n, int64_t kvw, const float **k, const float **v) {
+    const KvPool *p = &c->own;
+    if (p->dtype != KN_BF16) {
+        *k = p->k[li];
+        *v = p->v[li];
+        return;
+    }
+    const KnBackend *be = p->be;
+    be->ops->widen_bf16(&be->ctx, c->wide_k, p->k[li], (size_t)(n * kvw));
+    be->ops->widen_bf16(&be->ctx, c->wide_v, p->v[li], (size_t)(n * kvw));
+    *k = c->wide_k;
+    *v = c->wide_v;
 }
 
 GfStatus kv_cache_init_paged(KvCache *c, KvPool *pool, int64_t capacity, GfError *err) {
@@ -199,7 +245,10 @@ void kv_cache_free(KvCache *c) {
         give_back(c); /* tables not allocated hold nothing (n_table 0) */
         c->pool->be->ops->free(&c->pool->be->ctx, &c->dev);
     }
-    if (c->pool == &c->own) kv_pool_free(&c->own);
+    if (c->pool == &c->own) {
+        c->own.be->ops->free(&c->own.be->ctx, &c->wide);
+        kv_pool_free(&c->own);
+    }
     for (int s = 0; s < KV_SPACES; s++) free(c->table[s]);
     free(c->valid);
     free(c->group);

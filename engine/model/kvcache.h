@@ -93,11 +93,27 @@ typedef struct {
     int64_t synced_table[KV_SPACES]; /* table entries already on the device */
     int64_t odd_lo, odd_hi;   /* the device's validity and groups are a text key's (valid, group -1) outside
                                  positions [odd_lo, odd_hi), the host's inside */
+    KnBuffer wide;            /* an own bf16 store's float32 view, cut into: */
+    float *wide_k, *wide_v;   /*   [capacity][widest kv_heads * head_dim] each (kv_cache_own_f32) */
 } KvCache;
 
 /* A cache with its own contiguous store for up to capacity positions:
- * c->own.k[l] / c->own.v[l] hold positions 0.. of layer l in order. */
+ * c->own.k[l] / c->own.v[l] hold positions 0.. of layer l in order, as
+ * float32 (kv_cache_init) or dtype (kv_cache_init_as: KN_BF16 halves the
+ * store, the training backward's; each key and value rounded once as it is
+ * stored, and kv_cache_own_f32 widens a layer's for attention into one
+ * float32 pair of the widest layer's size, which the cache also holds). */
 GfStatus kv_cache_init(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, GfError *err);
+GfStatus kv_cache_init_as(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, KnDtype dtype,
+                          GfError *err);
+/* Device bytes of the stores and the float32 view kv_cache_init_as
+ * allocates for capacity positions of dtype (the tables left out). */
+uint64_t kv_cache_own_bytes(const TextConfig *t, int64_t capacity, KnDtype dtype);
+/* Positions 0 .. n - 1 of store layer li (rows of kvw = kv_heads *
+ * head_dim floats) of a cache with its own store, as float32 for attention:
+ * the store itself, or a bf16 store widened into c->wide_k and c->wide_v
+ * (enqueued on the backend; valid until the next call). */
+void kv_cache_own_f32(KvCache *c, int li, int64_t n, int64_t kvw, const float **k, const float **v);
 /* A cache for up to capacity positions whose blocks come from pool as they
  * fill (model_forward fails with GF_TOO_LARGE, code kv_cache_full, when the
  * pool has none left, before changing anything). */

@@ -45,10 +45,11 @@ typedef struct {
                                  "device" (by its backend, as the first context there uploads them) or "host"
                                  (on every core at load); NULL = GF_QUANTIZE_ON from the environment, else
                                  "device". The same bits either way */
-    const char *checkpoints;  /* how the training forward keeps each layer's input for the backward: "bf16"
-                                 (half the bytes; the forward goes on from the rounded input, so the loss and
-                                 its gradient are of one function) or "fp32"; NULL = GF_CHECKPOINTS from the
-                                 environment, else bf16 in the bf16 precision and fp32 in fp32 */
+    const char *checkpoints;  /* how the training forward keeps each layer's input and the stored keys and
+                                 values for the backward: "bf16" (half the bytes; the forward goes on from the
+                                 rounded values, so the loss and its gradient are of one function) or "fp32";
+                                 NULL = GF_CHECKPOINTS from the environment, else bf16 in the bf16 precision
+                                 and fp32 in fp32 */
     int n_threads;            /* CPU threads, <= 0 = all cores */
     ModelQuant quantize;      /* NF4: every linear of the layers (text, vision, experts) quantized at load */
     GemmaWeights *weights;    /* model_open: run on these (shared) instead of loading; quantize must match */

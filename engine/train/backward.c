@@ -21,7 +21,7 @@ struct GradWorkspace {
     int64_t max_tokens;
     int max_rank;
     KvCache cache;
-    int bf16;                     /* layer inputs kept in bf16 (Model.checkpoints_bf16) */
+    int bf16;                     /* layer inputs and stored K/V kept in bf16 (Model.checkpoints_bf16) */
     float *hidden;                /* [(L + 1), n, H]: layer inputs, then the final normed output; with bf16
                                      [2, n, H]: layer 0's input, then the final normed output */
     uint16_t *kept;               /* with bf16: [L - 1, n, H] the inputs of layers 1 .. L - 1 */
@@ -179,7 +179,7 @@ GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWork
     }
     layout(m, w, &s);
     if (m->be.ops->alloc(&m->be.ctx, &w->slab, s.used * sizeof(float), KN_F32, "the training activations", err) ||
-        kv_cache_init(&w->cache, &model_config(m)->text, model_backend(m), max_tokens, err)) {
+        kv_cache_init_as(&w->cache, &model_config(m)->text, model_backend(m), max_tokens, w->bf16 ? KN_BF16 : KN_F32, err)) {
         grad_workspace_free(w);
         return err->status;
     }
@@ -199,10 +199,8 @@ uint64_t grad_workspace_bytes(const Model *m, int64_t max_tokens, int max_rank) 
     GradWorkspace w = {.max_tokens = max_tokens, .max_rank = max_rank, .bf16 = m->checkpoints_bf16, .dK = dk, .dV = dv};
     Slab s = {NULL, 0};
     layout(m, &w, &s);
-    uint64_t kv = 0;
-    for (int i = 0; i < t->n_layers; i++)
-        if (!t->layers[i].kv_shared) kv += 2 * (uint64_t)t->layers[i].kv_heads * (uint64_t)t->layers[i].head_dim;
-    return (uint64_t)s.used * sizeof(float) + (uint64_t)max_tokens * (kv * sizeof(float) + 1 + sizeof(int32_t));
+    return (uint64_t)s.used * sizeof(float) + kv_cache_own_bytes(t, max_tokens, w.bf16 ? KN_BF16 : KN_F32) +
+           (uint64_t)max_tokens * (1 + sizeof(int32_t));
 }
 
 /* ---- the backend's own memory ----------------------------------------------- */
@@ -349,8 +347,10 @@ static void attention_backward(Model *m, GradWorkspace *w, const LoraBinding *b,
         zero(m, w->dK[li], n * KVH * D);
         zero(m, w->dV[li], n * KVH * D);
     }
-    m->be.ops->attention_dx(&m->be.ctx, w->dq, w->dK[src], w->dV[src], w->qr, w->cache.own.k[src], w->cache.own.v[src], w->dqlin, n, 0,
-                         n, (int)NH, (int)KVH, (int)D, 1.0f, &mask);
+    const float *k, *v;
+    kv_cache_own_f32(&w->cache, src, n, KVH * D, &k, &v);
+    m->be.ops->attention_dx(&m->be.ctx, w->dq, w->dK[src], w->dV[src], w->qr, k, v, w->dqlin, n, 0, n, (int)NH, (int)KVH,
+                            (int)D, 1.0f, &mask);
     m->be.ops->rope_rows(&m->be.ctx, w->dq, n, (int)NH, (int)D, D, l->inv_freq, w->neg_pos, 1); /* R^T = R(-pos) */
     zero(m, w->dqlin, n * NH * D);
     m->be.ops->rmsnorm_dx(&m->be.ctx, w->dqlin, w->qlin, l->q_norm, w->dq, n * NH, D, eps);
