@@ -10,9 +10,11 @@
  *
  * Each term is printed, and the total a GPU holds: the per-layer embedding
  * table of E2B and E4B stays in pinned host memory there (the default,
- * GF_PLE=host) and is left out of it. The CUDA backend's own scratch and
- * workspaces (grad_scratch_bytes, which needs the backend to size them) are
- * not counted here; `preflight --device cuda` adds them on the GPU.
+ * GF_PLE=host) and is left out of it, and the CUDA backend's own scratch
+ * and workspaces in the bf16 precision (grad_scratch_bytes) are added,
+ * sized by the CUDA table without a device (kn_backend_ops) when this
+ * binary has it (a build with CUDA); without it they are left out, and the
+ * line says so.
  *
  * usage: bench_memory [e2b|e4b|31b ...] [--seq T] [--rank R] [--dir DIR]
  *   default: all three at T1024, rank 64, the checkpoint under /tmp
@@ -21,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backward.h"
+#include "kernels.h"
 #include "lora.h"
 #include "model.h"
 #include "preprocess.h"
@@ -60,18 +64,23 @@ static int estimate(const Shape *s, const char *root, int64_t seq, int rank) {
         trainer_memory(m, &pre, a, 1, seq, &tm);
         const TextConfig *t = &model_config(m)->text;
         uint64_t ple = (uint64_t)t->ple_vocab * (uint64_t)t->n_layers * (uint64_t)t->ple_dim * 2;
-        uint64_t gpu = tm.total - ple;
+        const KnOps *cuda = kn_backend_ops(KN_DEVICE_CUDA);
+        KnBackend sizing = {.ops = cuda, .ctx = {.device = KN_DEVICE_CUDA, .precision = KN_PRECISION_BF16}};
+        uint64_t scratch = cuda ? grad_scratch_bytes(m, &sizing, seq, a, 1, 0) : 0;
+        uint64_t gpu = tm.total - ple + scratch;
+        char scratch_json[32] = "null";
+        if (cuda) snprintf(scratch_json, sizeof scratch_json, "%llu", (unsigned long long)scratch);
         printf("{\"bench\":\"memory\",\"shape\":\"%s\",\"layers\":%d,\"seq\":%lld,\"rank\":%d,\"linears\":%llu,"
                "\"adapter_params\":%llu,\"weights\":%llu,\"ple_table_host\":%llu,\"state\":%llu,\"activations\":%llu,"
-               "\"gpu_total_without_backend_scratch\":%llu}\n",
+               "\"cuda_scratch\":%s,\"gpu_total\":%llu}\n",
                s->name, t->n_layers, (long long)seq, rank, (unsigned long long)tm.n_linears,
                (unsigned long long)tm.n_params, (unsigned long long)tm.weights, (unsigned long long)ple,
-               (unsigned long long)tm.state, (unsigned long long)tm.activations, (unsigned long long)gpu);
+               (unsigned long long)tm.state, (unsigned long long)tm.activations, scratch_json, (unsigned long long)gpu);
         printf("  %s T%lld r%d: base weights %.2f GB (NF4 linears; %.2f GB of them the per-layer table, in host "
                "memory on a GPU), adapter state %.2f GB (%llu parameters x weights, gradients, AdamW m and v), "
-               "activations %.2f GB; on a GPU %.2f GB plus the backend's scratch\n",
+               "activations %.2f GB, CUDA scratch %.2f GB%s; on a GPU %.2f GB\n",
                s->name, (long long)seq, rank, gb(tm.weights), gb(ple), gb(tm.state), (unsigned long long)tm.n_params,
-               gb(tm.activations), gb(gpu));
+               gb(tm.activations), gb(scratch), cuda ? "" : " (not in this build: left out)", gb(gpu));
         rc = 0;
     }
     lora_free(a);
