@@ -16,8 +16,9 @@
 #          an H100/H200's dense bf16), bench_serve over an NF4 base of the
 #          shape GF_SERVE_SHAPE (default e4b; 1-64 adapters, then beside a
 #          training job), the first shape's decode again with
-#          GF_CUDA_GRAPHS=0, and the Hugging Face anchor when
-#          .devtools/hf_anchor.py is there
+#          GF_CUDA_GRAPHS=0, bench_memory (the jobs' memory estimate at the
+#          full E2B, E4B and 31B shapes, beside what bench_shapes measured),
+#          and the Hugging Face anchor when .devtools/hf_anchor.py is there
 #   all    all three (the default)
 #
 # Full logs go to $OUT (the device tool's folder) or ./gpu-check; a short
@@ -99,6 +100,9 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
     # the first run's, quantized on the GPU as the weights were copied
     step "bench_shapes $first load, NF4 on the host" "bench_shapes_${fname}_hostnf4.log" env GF_DEVICE=cuda \
         GF_QUANTIZE_ON=host build-gpu/bench_shapes "$fname" "${flayers[@]}" --only load
+    # the jobs' own estimate of a training step's device memory at the full
+    # shapes, to set beside the memory bench_shapes measured above
+    step "bench_memory e2b e4b 31b (estimate)" bench_memory.log build-gpu/bench_memory e2b e4b 31b
     step "bench_serve ${GF_SERVE_SHAPE:-e4b} nf4 (cuda)" bench_serve.log env GF_DEVICE=cuda build-gpu/bench_serve \
         --shape "${GF_SERVE_SHAPE:-e4b}" --quantize nf4
     if [ -f .devtools/hf_anchor.py ]; then
@@ -106,7 +110,7 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
     else
         rows+=("$(printf '%-28s %-7s' "hf_anchor" "absent: copy ../shared/bench/hf_anchor.py into .devtools/")")
     fi
-    for f in "$logs"/bench_shapes_*.log "$logs"/bench_serve.log "$logs"/hf_anchor.log; do
+    for f in "$logs"/bench_shapes_*.log "$logs"/bench_memory.log "$logs"/bench_serve.log "$logs"/hf_anchor.log; do
         [ -f "$f" ] && { echo "== $(basename "$f" .log)"; tail -24 "$f"; }
     done
 fi
