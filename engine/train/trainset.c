@@ -174,7 +174,6 @@ static GfStatus read_image_bytes(TrainSet *t, const char *ref, uint8_t **bytes, 
     return tar_read_member(&t->tar, (size_t)i, t->lim.max_bytes, bytes, err);
 }
 
-
 /* st, err's message prefixed with the image it is about (a decode or probe error). */
 static GfStatus image_failed(GfStatus st, GfError *err, const char *ref) {
     if (st) gf_error_wrap(err, NULL, "image '%.80s'", ref);

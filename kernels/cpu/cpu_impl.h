@@ -48,7 +48,6 @@ static inline float cpu_gelu_slope(float v) {
 
 /* cpu_ops.c, used by the fused kernels */
 void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
-void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n);
 void cpu_gelu_gate_forward(const KnCtx *ctx, float *y, const float *g, const float *u, int64_t rows, int64_t cols,
                            int64_t ld_u);
 void cpu_softcap_forward(const KnCtx *ctx, float *x, size_t n, float cap);

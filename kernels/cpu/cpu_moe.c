@@ -43,9 +43,7 @@ void cpu_moe_experts_forward(const KnCtx *ctx, float *y, const float *x, const i
             int64_t tk = t * K + k;
             float *g = gu + tk * 2 * Im, *m = mm + tk * Im, *o = yk + tk * H;
             cpu_matmul_forward(ctx, g, x + t * H, expert(gate_up, idx[tk], 2 * Im), 1);
-            memcpy(m, g, (size_t)Im * sizeof(float));
-            cpu_gelu_tanh_forward(ctx, m, (size_t)Im);
-            for (int64_t i = 0; i < Im; i++) m[i] *= g[Im + i];
+            cpu_gelu_gate_forward(ctx, m, g, g + Im, 1, Im, Im);
             cpu_matmul_forward(ctx, o, m, expert(down, idx[tk], H), 1);
             for (int64_t i = 0; i < H; i++) yt[i] += coef[tk] * o[i];
         }
@@ -56,7 +54,7 @@ void cpu_moe_experts_backward(const KnCtx *ctx, float *dx, float *dc, const floa
                               const int32_t *idx, const float *coef, float *scratch, int64_t n, int K, KnMatrix gate_up,
                               KnMatrix down) {
     int64_t H = gate_up.cols, Im = down.cols;
-    float *dmm = scratch, *tt = scratch + Im, *dgu = scratch + 2 * Im;
+    float *dmm = scratch, *dgu = scratch + Im; /* [Im], then [2 Im] */
     for (int64_t t = 0; t < n; t++) {
         const float *dyt = dy + t * H;
         memset(dx + t * H, 0, (size_t)H * sizeof(float));
@@ -68,14 +66,8 @@ void cpu_moe_experts_backward(const KnCtx *ctx, float *dx, float *dc, const floa
             dc[tk] = d;
             memset(dmm, 0, (size_t)Im * sizeof(float));
             cpu_matmul_backward(ctx, dmm, dyt, expert(down, idx[tk], H), 1);
-            memcpy(tt, g, (size_t)Im * sizeof(float));
-            cpu_gelu_tanh_forward(ctx, tt, (size_t)Im);
-            for (int64_t i = 0; i < Im; i++) {
-                dmm[i] *= coef[tk];
-                dgu[Im + i] = dmm[i] * tt[i];
-                tt[i] = dmm[i] * g[Im + i];
-            }
-            cpu_gelu_tanh_backward(ctx, dgu, g, tt, (size_t)Im);
+            for (int64_t i = 0; i < Im; i++) dmm[i] *= coef[tk];
+            cpu_gelu_gate_backward(ctx, dgu, dgu + Im, dmm, g, g + Im, (size_t)Im);
             cpu_matmul_backward(ctx, dx + t * H, dgu, expert(gate_up, idx[tk], 2 * Im), 1);
         }
     }

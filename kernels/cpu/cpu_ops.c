@@ -123,7 +123,7 @@ static void cpu_rmsnorm_forward(const KnCtx *ctx, float *y, const float *x, cons
     }
 }
 
-void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n) {
+static void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n) {
     (void)ctx;
     for (size_t i = 0; i < n; i++) x[i] = cpu_gelu(x[i]);
 }
@@ -154,7 +154,6 @@ typedef struct {
     int64_t blk;
     int bf16;
 } AttnTask;
-
 
 /* Row of key (or value) position k, head kvh, in a contiguous or paged
  * store: in place for float32, widened into buf for bfloat16. */
