@@ -71,6 +71,14 @@ static GfStatus open_cpu(KnDeviceKind kind, const KnBackendOptions *opts, KnBack
     return GF_OK;
 }
 
+GfStatus kn_guarded_memory(const KnBackend *b, int reset, uint64_t *held, uint64_t *peak, GfError *err) {
+    *held = *peak = 0;
+    if (!b || !b->ops || b->ctx.device != KN_DEVICE_GUARDED)
+        return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "not a guarded backend: no region to count");
+    guarded_memory(&b->ctx, reset, held, peak);
+    return GF_OK;
+}
+
 GfStatus kn_precision_parse(const char *text, KnPrecision *out, GfError *err) {
     if (strcmp(text, "fp32") == 0) *out = KN_PRECISION_FP32;
     else if (strcmp(text, "bf16") == 0) *out = KN_PRECISION_BF16;

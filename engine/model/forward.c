@@ -50,9 +50,13 @@ typedef struct {
     int32_t *next;             /* [LOGIT_CHUNK] a chunk's sampled tokens */
 } Scratch;
 
-/* Cuts the scratch of an n-row batch from the Model's device buffer (grown
- * to the largest batch seen; the Model is used by one thread at a time). */
-static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeTape *moe, GfError *err) {
+enum { SCRATCH_PARTS = 19 };
+
+/* The scratch's parts of an n-row batch, in floats, in Scratch's order
+ * (scratch_take). Without layer buffers (a caller's tape holds a layer's
+ * buffers: the training forward and its replay, which return no logits),
+ * the layer, logits and sampling parts are 0. */
+static void scratch_sizes(const Model *m, int64_t n, int max_rank, int layer_bufs, size_t sizes[SCRATCH_PARTS]) {
     const TextConfig *t = &m->w->cfg.text;
     int64_t H = t->hidden_size, dmax = 0, kvmax = 0, imax = 0, LP = (int64_t)t->n_layers * t->ple_dim;
     for (int i = 0; i < t->n_layers; i++) {
@@ -62,23 +66,48 @@ static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeT
         if (l->intermediate > imax) imax = l->intermediate;
     }
     int64_t qw = t->n_heads * dmax, moe_cap = n < m->moe_chunk ? n : m->moe_chunk;
-    float *index, *cands, *rows, *next;
-    size_t sizes[] = {n * H, n * H, n * H, n * qw, n * qw, n * kvmax, n * kvmax, n * imax, n * imax,
-                      n * LP, n * LP, n * t->ple_dim, moe_tape_floats(t, moe_cap), (size_t)(n * max_rank),
-                      (size_t)LOGIT_CHUNK * t->vocab_size, (2 + KV_SPACES) * (size_t)n, 2 * (size_t)t->vocab_size,
-                      LOGIT_CHUNK * sizeof(KnSampleRow) / sizeof(float), LOGIT_CHUNK};
-    float **slots[] = {&s->x, &s->h, &s->a, &s->q, &s->att, &s->k, &s->v, &s->gate, &s->up,
-                       &s->ple, &s->ple_tok, &s->ple_g, &s->moe_buf, &s->lora_tmp, &s->logits, &index, &cands,
-                       &rows, &next};
+    size_t all = layer_bufs ? 1 : 0;
+    size_t s[SCRATCH_PARTS] = {n * H, all * n * H, all * n * H, all * n * qw, all * n * qw, all * n * kvmax,
+                               all * n * kvmax, all * n * imax, all * n * imax, n * LP, n * LP, all * n * t->ple_dim,
+                               moe_tape_floats(t, moe_cap), (size_t)(n * max_rank),
+                               all * LOGIT_CHUNK * t->vocab_size, (2 + KV_SPACES) * (size_t)n,
+                               all * 2 * (size_t)t->vocab_size, all * LOGIT_CHUNK * sizeof(KnSampleRow) / sizeof(float),
+                               all * LOGIT_CHUNK};
+    memcpy(sizes, s, sizeof s);
+}
+
+static size_t scratch_floats(const size_t sizes[SCRATCH_PARTS]) {
     size_t total = 0;
-    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) total += (sizes[i] + 15) & ~(size_t)15;
+    for (size_t i = 0; i < SCRATCH_PARTS; i++) total += (sizes[i] + 15) & ~(size_t)15;
+    return total;
+}
+
+uint64_t model_scratch_bytes(const Model *m, int64_t n, int max_rank, int layer_bufs) {
+    size_t sizes[SCRATCH_PARTS];
+    scratch_sizes(m, n, max_rank, layer_bufs, sizes);
+    return (uint64_t)scratch_floats(sizes) * sizeof(float);
+}
+
+/* Cuts the scratch of an n-row batch from the Model's device buffer (grown
+ * to the largest batch seen; the Model is used by one thread at a time);
+ * the parts scratch_sizes leaves out are NULL. */
+static GfStatus scratch_take(Model *m, int64_t n, int max_rank, int layer_bufs, Scratch *s, MoeTape *moe,
+                             GfError *err) {
+    const TextConfig *t = &m->w->cfg.text;
+    size_t sizes[SCRATCH_PARTS];
+    scratch_sizes(m, n, max_rank, layer_bufs, sizes);
+    float *index, *cands, *rows, *next;
+    float **slots[SCRATCH_PARTS] = {&s->x, &s->h, &s->a, &s->q, &s->att, &s->k, &s->v, &s->gate, &s->up,
+                                    &s->ple, &s->ple_tok, &s->ple_g, &s->moe_buf, &s->lora_tmp, &s->logits, &index,
+                                    &cands, &rows, &next};
+    size_t total = scratch_floats(sizes);
     if (total * sizeof(float) > m->act.bytes) {
         m->be.ops->free(&m->be.ctx, &m->act);
         if (m->be.ops->alloc(&m->be.ctx, &m->act, total * sizeof(float), KN_F32, "activations", err)) return err->status;
     }
     float *p = m->act.data;
-    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
-        *slots[i] = p;
+    for (size_t i = 0; i < SCRATCH_PARTS; i++) {
+        *slots[i] = sizes[i] ? p : NULL;
         p += (sizes[i] + 15) & ~(size_t)15;
     }
     s->ids = (int32_t *)index;
@@ -87,7 +116,7 @@ static GfStatus scratch_take(Model *m, int64_t n, int max_rank, Scratch *s, MoeT
     s->cands = cands;
     s->rows = (KnSampleRow *)rows;
     s->next = (int32_t *)next;
-    moe_tape_init(moe, t, s->moe_buf, moe_cap);
+    moe_tape_init(moe, t, s->moe_buf, n < m->moe_chunk ? n : m->moe_chunk);
     return GF_OK;
 }
 
@@ -592,6 +621,7 @@ typedef struct {
     uint16_t *kept;            /* layer inputs 1 .. L - 1 in bf16 (device), or NULL */
     int hidden_on_device;
     int bulk;                  /* the training forward: Batch.bulk */
+    const LayerBufs *tape;     /* the layers' buffers (a training workspace's), or NULL: the scratch's */
     KnSampleRow *rows;         /* with ids: sample each sequence's next token */
     int32_t *ids;
 } Outputs;
@@ -620,6 +650,10 @@ static void batch_layers(Model *m, const Batch *b, Scratch *s, MoeTape *moe, con
     const TextConfig *t = &m->w->cfg.text;
     int64_t H = t->hidden_size, L = t->n_layers, n = b->n;
     LayerBufs u = scratch_bufs(s);
+    if (o->tape) { /* the tape's buffers, the residual stream still updated in place */
+        u = *o->tape;
+        u.out = s->x;
+    }
     for (int li = 0; li < L; li++) {
         decoder_layer(m, b, li, s, moe, s->x, s->ple, &u, 0);
         if (o->hidden && li < L - 1) keep_hidden(m, o, li + 1, s->x, n);
@@ -890,7 +924,8 @@ static GfStatus forward_batch(Model *m, ModelSeq *seqs, int n_seqs, const Output
     if (batch_check(m, seqs, n_seqs, err) || batch_rows(m, seqs, n_seqs, &b, err)) return err->status;
     b.bucketed = step_bucketable(m, &b, o);
     b.bulk = o->bulk && n_seqs == 1; /* attend_bulk takes one sequence */
-    if ((b.bucketed && batch_pad(m, &b, err)) || scratch_take(m, b.n, b.max_rank, &s, &moe, err)) return err->status;
+    if ((b.bucketed && batch_pad(m, &b, err)) || scratch_take(m, b.n, b.max_rank, !o->tape, &s, &moe, err))
+        return err->status;
     batch_embed(m, &b, &s);
     if (b.bucketed) row_tables(m, &b);
     if (o->hidden) keep_hidden(m, o, 0, s.x, b.n);
@@ -932,9 +967,10 @@ GfStatus model_forward(Model *m, KvCache *c, const ModelInput *in, float *logits
     return forward_batch(m, &one, 1, &o, err);
 }
 
-GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, uint16_t *kept, GfError *err) {
+GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, uint16_t *kept,
+                              const LayerBufs *tape, GfError *err) {
     ModelSeq one = {c, *in};
-    Outputs o = {.hidden = hidden, .kept = kept, .hidden_on_device = 1, .bulk = 1};
+    Outputs o = {.hidden = hidden, .kept = kept, .hidden_on_device = 1, .bulk = 1, .tape = tape};
     return forward_batch(m, &one, 1, &o, err);
 }
 
@@ -952,7 +988,7 @@ GfStatus model_layer_replay(Model *m, KvCache *c, const ModelInput *in, int li, 
     b = (Batch){&one, 1, m->tables.row0, n, m->tables.segs, in->lora ? in->lora->max_rank : 0, 0, 1};
     b.row0[0] = 0;
     b.row0[1] = n;
-    if (scratch_take(m, n, b.max_rank, &s, &moe, err)) return err->status;
+    if (scratch_take(m, n, b.max_rank, 0, &s, &moe, err)) return err->status;
     for (int64_t i = 0; i < n; i++) m->tables.pos[i] = (int32_t)(c->n_past - n + i);
     m->be.ops->upload(&m->be.ctx, s.pos, m->tables.pos, (size_t)n * sizeof(int32_t));
     decoder_layer(m, &b, li, &s, &moe, x, ple, tape, 1);

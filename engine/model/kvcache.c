@@ -129,6 +129,12 @@ static void upload_positions(KvCache *c, int64_t p0, int64_t p1) {
     be->ops->upload(&be->ctx, c->d_group + p0, c->group + p0, (size_t)(p1 - p0) * sizeof *c->group);
 }
 
+/* Device bytes of a cache's tables: every space's block table, then each
+ * position's image group and validity. */
+static size_t tables_bytes(int64_t max_blocks, int64_t capacity) {
+    return (size_t)(KV_SPACES * max_blocks + capacity) * sizeof(int32_t) + (size_t)capacity;
+}
+
 /* Host tables and their device mirrors for capacity positions, the mirrors
  * starting with every position plain. */
 static GfStatus cache_tables(KvCache *c, int64_t capacity, GfError *err) {
@@ -139,7 +145,7 @@ static GfStatus cache_tables(KvCache *c, int64_t capacity, GfError *err) {
     c->valid = gf_calloc((size_t)capacity, 1, err);
     c->group = gf_calloc((size_t)capacity, sizeof *c->group, err);
     if (!c->table[KV_FULL] || !c->table[KV_WINDOW] || !c->valid || !c->group) { kv_cache_free(c); return GF_NO_MEMORY; }
-    size_t bytes = (size_t)(KV_SPACES * c->max_blocks + capacity) * sizeof(int32_t) + (size_t)capacity;
+    size_t bytes = tables_bytes(c->max_blocks, capacity);
     if (be->ops->alloc(&be->ctx, &c->dev, bytes, KN_I32, "the KV cache's tables", err)) {
         kv_cache_free(c);
         return err->status;
@@ -190,7 +196,7 @@ uint64_t kv_cache_own_bytes(const TextConfig *t, int64_t capacity, KnDtype dtype
         if (!t->layers[i].kv_shared) per += 2 * (uint64_t)t->layers[i].kv_heads * (uint64_t)t->layers[i].head_dim;
     uint64_t bytes = (uint64_t)capacity * per * (uint64_t)kn_dtype_size(dtype);
     if (dtype == KN_BF16) bytes += 2 * (uint64_t)capacity * (uint64_t)widest_store(t) * sizeof(float);
-    return bytes;
+    return bytes + tables_bytes(1, capacity); /* one block of capacity positions */
 }
 
 void kv_cache_own_f32(KvCache *c, int li, int64_t n, int64_t kvw, const float **k, const float **v) {

@@ -106,8 +106,8 @@ typedef struct {
 GfStatus kv_cache_init(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, GfError *err);
 GfStatus kv_cache_init_as(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, KnDtype dtype,
                           GfError *err);
-/* Device bytes of the stores and the float32 view kv_cache_init_as
- * allocates for capacity positions of dtype (the tables left out). */
+/* Device bytes of the stores, the float32 view and the tables that
+ * kv_cache_init_as allocates for capacity positions of dtype. */
 uint64_t kv_cache_own_bytes(const TextConfig *t, int64_t capacity, KnDtype dtype);
 /* Positions 0 .. n - 1 of store layer li (rows of kvw = kv_heads *
  * head_dim floats) of a cache with its own store, as float32 for attention:

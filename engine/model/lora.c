@@ -434,6 +434,13 @@ void lora_apply_segments(const KnBackend *be, const KnLoraSeg *segs, int n_segs,
     be->ops->lora_expand(&be->ctx, y, tmp, ld_tmp, segs, n_segs, out);
 }
 
+int lora_pair_vision(const LoraPair *p) {
+    static const char *const prefixes[] = {"model.vision_tower.", "model.embed_vision."};
+    for (size_t i = 0; i < sizeof prefixes / sizeof *prefixes; i++)
+        if (strncmp(p->module, prefixes[i], strlen(prefixes[i])) == 0) return 1;
+    return 0;
+}
+
 KnLoraSeg lora_segment(const LoraBinding *b, const LoraPair *p, int64_t row0, int64_t n) {
     KnLoraSeg s = segment(b, p, n);
     s.row0 = row0;

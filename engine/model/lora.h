@@ -168,6 +168,10 @@ void lora_apply_segments(const KnBackend *be, const KnLoraSeg *segs, int n_segs,
 void lora_backward(const KnBackend *be, const LoraBinding *b, const LoraPair *p, float *dx, const float *dy,
                    const float *x, int64_t n, float *tmp);
 
+/* 1 when p adapts a linear of the vision tower or its embedder (run on an
+ * image's patches or soft tokens, not on the text rows). */
+int lora_pair_vision(const LoraPair *p);
+
 /* The largest input width of a's pairs (the dropout scratch is twice it). */
 int64_t lora_max_in(const LoraAdapter *a);
 

@@ -55,17 +55,7 @@ struct Model {
  * yield hook run. */
 void model_layer_done(Model *m);
 
-
 /* Helpers of forward.c used by backward.c. */
-/* model_forward with the hidden states kept in device memory (the
- * training forward's layer checkpoints), no logits; its attention (and
- * model_layer_replay's) through attention_bulk (ops.h): no decode step has
- * to equal a training forward bit for bit. With kept NULL, hidden gets
- * [(L + 1), n, H]: every layer's input, then the final normed output. With
- * kept, the inputs of layers 1 .. L - 1 go there in bf16 ([L - 1, n, H],
- * round_bf16: the forward goes on from the rounded values) and hidden gets
- * [2, n, H]: the input of layer 0, then the final normed output. */
-GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, uint16_t *kept, GfError *err);
 /* The buffers one text decoder layer writes, each [n, width] of device
  * memory (width: H, NH*D for queries and attention, KVH*D for keys and
  * values, I for the MLP, P for PLE). The forward of serving and the CLI
@@ -84,6 +74,25 @@ typedef struct {
     float *pg, *pm, *pp;       /* per_layer_input_gate(x2), gelu(pg) * ple, per_layer_projection(pm) */
     float *out;                /* the layer's output (times layer_scalar) */
 } LayerBufs;
+
+/* model_forward with the hidden states kept in device memory (the
+ * training forward's layer checkpoints), no logits; its attention (and
+ * model_layer_replay's) through attention_bulk (ops.h): no decode step has
+ * to equal a training forward bit for bit. With kept NULL, hidden gets
+ * [(L + 1), n, H]: every layer's input, then the final normed output. With
+ * kept, the inputs of layers 1 .. L - 1 go there in bf16 ([L - 1, n, H],
+ * round_bf16: the forward goes on from the rounded values) and hidden gets
+ * [2, n, H]: the input of layer 0, then the final normed output. Each
+ * layer runs in tape's buffers (its out excepted: the residual stream stays
+ * in the Model's scratch), so that the scratch holds no layer buffers of
+ * its own (model_scratch_bytes with layer_bufs 0). */
+GfStatus model_forward_hidden(Model *m, KvCache *c, const ModelInput *in, float *hidden, uint16_t *kept,
+                              const LayerBufs *tape, GfError *err);
+/* Device bytes of the Model's scratch for a batch of n rows of adapters of
+ * rank <= max_rank (a forward grows it to the largest it runs); layer_bufs
+ * 0: model_forward_hidden's and model_layer_replay's, without the layer,
+ * logits and sampling buffers. */
+uint64_t model_scratch_bytes(const Model *m, int64_t n, int max_rank, int layer_bufs);
 
 /* Replays layer li for the last in->n positions of c (which a forward of
  * in, e.g. model_forward_hidden, filled): from the layer's input x[n, H]

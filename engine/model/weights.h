@@ -96,5 +96,9 @@ void weights_memory(const GemmaWeights *w, ModelMemory *out);
  * device reads (the per-layer embedding table; weights_impl.h); 0 when
  * there is no such copy. Thread-safe. */
 uint64_t weights_mapped_bytes(GemmaWeights *w, KnDeviceKind kind, int index);
+/* Bytes of w's copy on device (kind, index) in that device's memory (every
+ * tensor the model reads there, as uploaded: arena chunks whole, vectors
+ * widened; not the mapped table); 0 when there is no such copy. Thread-safe. */
+uint64_t weights_device_bytes(GemmaWeights *w, KnDeviceKind kind, int index);
 
 #endif

@@ -355,6 +355,15 @@ GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n
     return GF_OK;
 }
 
+uint64_t weights_device_bytes(GemmaWeights *gw, KnDeviceKind kind, int index) {
+    uint64_t n = 0;
+    pthread_mutex_lock(&gw->devices_lock);
+    for (const WeightsDevice *d = gw->devices; d; d = d->next)
+        if (d->be.ctx.device == kind && d->be.ctx.index == index) n = d->buf.bytes;
+    pthread_mutex_unlock(&gw->devices_lock);
+    return n;
+}
+
 uint64_t weights_mapped_bytes(GemmaWeights *gw, KnDeviceKind kind, int index) {
     uint64_t n = 0;
     pthread_mutex_lock(&gw->devices_lock);

@@ -200,7 +200,7 @@ uint64_t grad_workspace_bytes(const Model *m, int64_t max_tokens, int max_rank) 
     Slab s = {NULL, 0};
     layout(m, &w, &s);
     return (uint64_t)s.used * sizeof(float) + kv_cache_own_bytes(t, max_tokens, w.bf16 ? KN_BF16 : KN_F32) +
-           (uint64_t)max_tokens * (1 + sizeof(int32_t));
+           model_scratch_bytes(m, max_tokens, max_rank, 0);
 }
 
 /* ---- the backend's own memory ----------------------------------------------- */
@@ -257,22 +257,13 @@ static uint64_t vision_scratch(const Model *m, const KnBackend *be, int nf4, int
     return most(most_bytes, attention_scratch(be, n, v->n_heads, v->head_dim));
 }
 
-/* 1 when the pair adapts a linear of the vision tower or its embedder
- * (they run on the image's patches or soft tokens, not the text rows). */
-static int vision_pair(const LoraPair *p) {
-    static const char *const prefixes[] = {"model.vision_tower.", "model.embed_vision."};
-    for (size_t i = 0; i < sizeof prefixes / sizeof *prefixes; i++)
-        if (strncmp(p->module, prefixes[i], strlen(prefixes[i])) == 0) return 1;
-    return 0;
-}
-
 /* A training segment of each pair: the text stack's at n rows, the vision
  * tower's at n_patches. */
 static uint64_t lora_scratch(const KnBackend *be, const LoraAdapter *a, int64_t n, int64_t n_patches) {
     uint64_t most_bytes = 0;
     for (size_t i = 0; a && i < a->n_pairs; i++) {
         const LoraPair *p = &a->pairs[i];
-        int64_t rows = vision_pair(p) ? n_patches : n;
+        int64_t rows = lora_pair_vision(p) ? n_patches : n;
         KnCall f = {.op = KN_OP_LORA_SHRINK, .n = rows, .in = p->in, .dropout = a->dropout > 0};
         KnCall b = f;
         b.op = KN_OP_LORA_SHRINK_DX;
@@ -590,7 +581,7 @@ static GfStatus forward_tape(Model *m, GradWorkspace *w, const LoraBinding *b, c
     if (s->n_images && images_forward(m, w, b, s, n_soft, err)) return err->status;
     *in = (ModelInput){.ids = s->ids, .mm_type = s->mm_type, .soft_tokens = *n_soft ? w->soft : NULL, .n = s->n, .lora = b};
     kv_cache_reset(&w->cache);
-    return model_forward_hidden(m, &w->cache, in, w->hidden, w->kept, err);
+    return model_forward_hidden(m, &w->cache, in, w->hidden, w->kept, &w->tape, err);
 }
 
 /* Layer li's input as the forward kept it: in w->hidden, or widened from

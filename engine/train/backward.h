@@ -51,8 +51,11 @@ int64_t train_sequence_targets(const TrainSequence *s);
 GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWorkspace **out, GfError *err);
 void grad_workspace_free(GradWorkspace *w);
 /* What grad_workspace_new(m, max_tokens, max_rank) allocates, in bytes (the
- * layer re-run buffers, the checkpointed layer inputs and the K/V cache;
- * images add model_vision_workspace_bytes each while they run). */
+ * layer re-run buffers, the checkpointed layer inputs and the K/V cache),
+ * with the Model's scratch that its forward and replays grow to (the
+ * residual stream and the per-layer inputs: the layers run in the
+ * workspace's buffers); images add model_vision_workspace_bytes each while
+ * they run. */
 uint64_t grad_workspace_bytes(const Model *m, int64_t max_tokens, int max_rank);
 /* The device memory backend be (m's, or any other's table and precision)
  * keeps for itself over model_backward's calls on m for sequences of up to

@@ -155,15 +155,25 @@ static void step_slice(Trainer *t, int64_t step, int64_t *first, int64_t *count)
 }
 
 /* A sequence longer than the workspace grows it (a validation example may
- * be longer than every training one). */
+ * be longer than every training one): the old one freed first, so that the
+ * device never holds both (trainer_memory counts one, at the longest
+ * sequence); when the larger one cannot be had, the old size is taken again
+ * for the examples that fit it, or none (w_tokens 0: the next example asks
+ * again). */
 static GfStatus ensure_workspace(Trainer *t, int64_t n, GfError *err) {
-    if (n <= t->w_tokens) return GF_OK;
-    GradWorkspace *w = NULL;
-    if (grad_workspace_new(t->m, n, t->b.max_rank, &w, err)) return err->status;
+    if (n <= t->w_tokens && t->w) return GF_OK;
+    int64_t had = t->w ? t->w_tokens : 0;
     grad_workspace_free(t->w);
-    t->w = w;
-    t->w_tokens = n;
-    return GF_OK;
+    t->w = NULL;
+    t->w_tokens = 0;
+    GfStatus st = grad_workspace_new(t->m, n, t->b.max_rank, &t->w, err);
+    if (!st) {
+        t->w_tokens = n;
+        return GF_OK;
+    }
+    GfError again;
+    if (had && grad_workspace_new(t->m, had, t->b.max_rank, &t->w, &again) == GF_OK) t->w_tokens = had;
+    return st;
 }
 
 /* The examples that follow: up to LOADER_AHEAD of set, in order. */
@@ -493,10 +503,19 @@ void trainer_fit(const TrainMemory *tm, int shares_base, uint64_t device_free, u
     out->fits = out->need <= out->avail;
 }
 
+/* 1 when a adapts a linear of the vision tower or its embedder (its
+ * images then run the tower's training buffers, not its inference ones). */
+static int adapts_tower(const LoraAdapter *a) {
+    for (size_t i = 0; i < a->n_pairs; i++)
+        if (lora_pair_vision(&a->pairs[i])) return 1;
+    return 0;
+}
+
 void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapter *a, int nf4, int64_t seq_len,
                     TrainMemory *out) {
     ModelMemory mm;
-    weights_memory(model_weights(m), &mm);
+    GemmaWeights *gw = model_weights(m);
+    weights_memory(gw, &mm);
     uint64_t n_params = 0;
     int max_rank = 0;
     for (size_t i = 0; i < a->n_pairs; i++) {
@@ -505,16 +524,26 @@ void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapt
     }
     out->n_linears = mm.n_linears;
     out->n_params = n_params;
-    out->weights = mm.other_bytes + (nf4 ? mm.linear_nf4_bytes : mm.linear_full_bytes);
-    /* a GPU copy keeps the per-layer embedding table in host memory (as a
-     * second copy would): not the device's memory to count */
+    /* m's own copy on its device when it is of the job's quantization: its
+     * bytes as uploaded (a GPU copy keeps the per-layer embedding table in
+     * host memory, which is not the device's to count); else the stored
+     * sizes, the linears as the job would bind them */
     const KnCtx *ctx = &model_backend(m)->ctx;
-    uint64_t mapped = ctx->device == KN_DEVICE_CUDA ? weights_mapped_bytes(model_weights(m), ctx->device, ctx->index) : 0;
+    uint64_t copy = ctx->device != KN_DEVICE_CPU && (weights_quant(gw) == MODEL_QUANT_NF4) == (nf4 != 0)
+                        ? weights_device_bytes(gw, ctx->device, ctx->index)
+                        : 0;
+    out->weights = copy ? copy : mm.other_bytes + (nf4 ? mm.linear_nf4_bytes : mm.linear_full_bytes);
+    uint64_t mapped = !copy && ctx->device == KN_DEVICE_CUDA ? weights_mapped_bytes(gw, ctx->device, ctx->index) : 0;
     out->weights -= mapped < out->weights ? mapped : 0;
-    out->state = 4 * n_params * sizeof(float);
+    /* weights, gradients (their squared norm's double after them), AdamW's
+     * m and v, all float32 (lora_bind, lora_binding_grads, adamw_init), and
+     * the dropout scratch */
+    uint64_t slab = n_params * sizeof(float);
+    out->state = slab + (slab + 7) / 8 * 8 + sizeof(double) + 2 * slab +
+                 (a->dropout > 0 ? 2 * (uint64_t)lora_max_in(a) * sizeof(float) : 0);
     out->activations = grad_workspace_bytes(m, seq_len, max_rank);
     int64_t patches = preprocess_max_patches(pre);
-    out->vision = model_vision_workspace_bytes(m, patches, max_rank, 1);
+    out->vision = model_vision_workspace_bytes(m, patches, max_rank, adapts_tower(a));
     out->scratch = grad_scratch_bytes(m, model_backend(m), seq_len, a, nf4, model_config(m)->vision.present ? patches : 0);
     out->total = out->weights + out->state + out->activations + out->vision + out->scratch;
 }

@@ -130,13 +130,18 @@ GfStatus trainer_file_digest(const char *path, char hex[65], GfError *err);
 
 /* What training adapter a on m takes in memory on m's device (sequences run
  * one at a time, so batch size and accumulation add nothing): the base
- * weights (linears in NF4 when nf4; on CUDA less what m's copy keeps in
- * host memory, weights_mapped_bytes), the adapter's training state (weights,
- * gradients, AdamW m and v in float32), the activations of one seq_len
- * sequence, the vision tower's workspace for one image at the processor's
- * budget (0 without a tower), and the backend's own scratch and workspaces
- * at m's precision (grad_scratch_bytes; 0 on the CPU). a's dropout is read:
- * set it first. */
+ * weights (m's copy on its device as uploaded when m is of the job's
+ * quantization, weights_device_bytes; else the stored sizes with the
+ * linears in NF4 when nf4, on CUDA less what m's copy keeps in host memory,
+ * weights_mapped_bytes), the adapter's training state (weights, gradients,
+ * AdamW m and v in float32, and the dropout scratch), the activations of
+ * one seq_len sequence (grad_workspace_bytes), the vision tower's
+ * workspace for one image at the processor's budget (its training buffers
+ * when a adapts the tower, else its inference ones; 0 without a tower), and
+ * the backend's own scratch and workspaces at m's precision
+ * (grad_scratch_bytes; 0 on the CPU kinds). a's dropout is read: set it
+ * first. test_memory_estimate checks the total against the guarded
+ * backend's peak over a job's steps and validation. */
 typedef struct {
     uint64_t n_linears, n_params;
     uint64_t weights, state, activations, vision, scratch, total;   /* bytes */

@@ -56,6 +56,7 @@ typedef struct {
     size_t off, len;          /* the chunk: byte offset in the region, whole pages */
     int sealed, used;
     int mapped;               /* alloc_mapped: its device view is open to the host too */
+    size_t bytes;             /* as asked of alloc */
 } GuardBuf;
 
 typedef struct {
@@ -70,6 +71,7 @@ typedef struct {
     int refs;                 /* contexts on this region */
     char *fault_file;         /* GF_GUARDED_FAULT_FILE, read once at creation, or NULL */
     int faulted;              /* an injected device fault happened */
+    uint64_t held, peak;      /* bytes the live unmapped buffers asked for; the most since the reset */
 } Guard;
 
 #define GUARD_GRAPH_SLOTS 8
@@ -256,12 +258,15 @@ static GuardBuf *take_chunk(Guard *g, size_t len) {
         g->cap = cap;
     }
     GuardBuf *b = &g->bufs[g->n++];
-    *b = (GuardBuf){g->top, len, 0, 0, 0};
+    *b = (GuardBuf){g->top, len, 0, 0, 0, 0};
     g->top += len;
     return b;
 }
 
-GfStatus guard_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what, GfError *err) {
+/* A buffer of bytes into buf; counted in held (and peak) unless mapped
+ * (host memory on a GPU). */
+static GfStatus alloc_chunk(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what, int mapped,
+                            GfError *err) {
     not_recording(ctx, "alloc");
     Guard *g = guard_of(ctx);
     memset(buf, 0, sizeof *buf);
@@ -271,6 +276,10 @@ GfStatus guard_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtyp
     if (b) {
         b->used = 1;
         b->sealed = 0;
+        b->mapped = 0;
+        b->bytes = mapped ? 0 : bytes;
+        g->held += b->bytes;
+        if (g->held > g->peak) g->peak = g->held;
         *buf = (KnBuffer){g->dev + b->off, bytes, ctx->device, ctx->index, dtype, 0};
     }
     pthread_mutex_unlock(&g->lock);
@@ -279,12 +288,16 @@ GfStatus guard_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtyp
     return GF_OK;
 }
 
+GfStatus guard_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what, GfError *err) {
+    return alloc_chunk(ctx, buf, bytes, dtype, what, 0, err);
+}
+
 /* As a GPU's mapped host memory: a chunk of the region whose device view
  * the host may read and write at the same addresses (until it is sealed:
  * then read only), and which ops take as any buffer. */
 GfStatus guard_alloc_mapped(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what,
                             GfError *err) {
-    GfStatus st = guard_alloc(ctx, buf, bytes, dtype, what, err);
+    GfStatus st = alloc_chunk(ctx, buf, bytes, dtype, what, 1, err);
     if (st) return st;
     Guard *g = guard_of(ctx);
     pthread_mutex_lock(&g->lock);
@@ -312,6 +325,8 @@ void guard_free(const KnCtx *ctx, KnBuffer *buf) {
     if (b->mapped && mprotect(g->dev + b->off, b->len, PROT_NONE) != 0) abort();
     fallocate(g->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)b->off, (off_t)b->len); /* pages back */
     b->used = b->sealed = b->mapped = 0;
+    g->held -= b->bytes;
+    b->bytes = 0;
     pthread_mutex_unlock(&g->lock);
     memset(buf, 0, sizeof *buf);
 }
@@ -496,4 +511,13 @@ int guard_graph_end(const KnCtx *ctx) {
     s->ready = 1;
     tape_run(ctx, &s->tape);
     return 0;
+}
+
+void guarded_memory(const KnCtx *ctx, int reset, uint64_t *held, uint64_t *peak) {
+    Guard *g = guard_of(ctx);
+    pthread_mutex_lock(&g->lock);
+    if (reset) g->peak = g->held;
+    *held = g->held;
+    *peak = g->peak;
+    pthread_mutex_unlock(&g->lock);
 }

@@ -1134,14 +1134,16 @@ def t_no_keys_configured(binary):
 def t_preflight(srv):
     """The training memory estimate and module list before a job is queued."""
     train = json.loads(fixture_bytes("dense", "lora_all", "train.json"))
-    hp = {"lora_rank": 4, "lora_alpha": 8, "target_modules": "all-linear", "quantization": "nf4", "max_seq_len": 512}
+    hp = {"lora_rank": 4, "lora_alpha": 8, "target_modules": "all-linear", "quantization": "nf4", "max_seq_len": 512,
+          "lora_dropout": 0}
     a = expect(srv.post_json("/v1/fine_tuning/preflight", {"hyperparameters": hp}), 200).json()
     assert a["trainable_parameters"] == train["n_trainable"] and len(a["modules"]) == 56, a
     assert any("vision_tower" in m for m in a["modules"]) and not any("lm_head" in m for m in a["modules"]), a
     m = a["memory_bytes"]
     assert m["total"] == (m["base_weights"] + m["adapter_training_state"] + m["activations"] + m["vision_tower"]
                           + m["backend_scratch"]), m
-    assert m["adapter_training_state"] == 16 * train["n_trainable"] and m["vision_tower"] > 0, m
+    # weights, gradients (and their norm's double), AdamW's m and v: float32
+    assert m["adapter_training_state"] == 16 * train["n_trainable"] + 8 and m["vision_tower"] > 0, m
     # the CPU kinds keep no scratch of their own; CUDA counts its workspaces at least
     on_gpu = expect(srv.get("/readyz"), 200).json()["model"]["device"].startswith("cuda")
     assert (m["backend_scratch"] > 0) if on_gpu else (m["backend_scratch"] == 0), m
@@ -1149,6 +1151,10 @@ def t_preflight(srv):
                                                                                       max_seq_len=1024)}), 200).json()
     assert b["memory_bytes"]["base_weights"] > m["base_weights"], (a, b)
     assert b["memory_bytes"]["activations"] > m["activations"], (a, b)
+    # dropout adds its scratch: two floats per input of the widest adapted linear
+    d = expect(srv.post_json("/v1/fine_tuning/preflight", {"hyperparameters": dict(hp, lora_dropout=0.1)}), 200).json()
+    extra = d["memory_bytes"]["adapter_training_state"] - m["adapter_training_state"]
+    assert extra > 0 and extra % 8 == 0 and d["memory_bytes"]["total"] == m["total"] + extra, (m, d)
     r = expect(srv.post_json("/v1/fine_tuning/preflight", {"hyperparameters": {"lora_rank": 0}}), 400,
                "invalid_hyperparameter")
     assert r.json()["error"]["param"] == "hyperparameters.lora_rank", r

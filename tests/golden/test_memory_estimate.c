@@ -1,0 +1,168 @@
+/* test_memory_estimate.c - what a training job is estimated to take on its
+ * device (trainer_memory: the figure preflight prints and the jobs' fit
+ * check refuses by) against what it allocates there, on the guarded
+ * backend, whose device memory counts every buffer (kn_guarded_memory).
+ *
+ * For dense, ple and moe, with the linears as stored and in NF4, the
+ * adapter on every linear of the text layers with dropout: the model is
+ * opened, the adapter bound, two training steps run over examples with and
+ * without images, and a validation set whose longest example is longer than
+ * any training one (the workspace grows to it). The device's peak over all
+ * of it must not pass the estimate at the longest sequence run (the fit
+ * check would let a job in that then runs out of memory), and the estimate
+ * must not be loose: it counts nothing beyond the peak but the vision
+ * tower's workspace at the processor's budget beyond what these images'
+ * patches need (none: they fill it). Every buffer is counted as asked of
+ * the backend, so the two meet to the byte. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../unit/check.h"
+#include "kernels.h"
+#include "pipeline.h"
+#include "tar.h"
+#include "trainer.h"
+
+static const char *IMAGES[] = {"tiny.png", "wide.png"};
+#define N_IMAGES 2
+
+static void write_tar(const char *path) {
+    FILE *f = fopen(path, "wb");
+    uint8_t h[512], pad[1024] = {0};
+    for (int k = 0; k < N_IMAGES; k++) {
+        char src[512];
+        snprintf(src, sizeof src, GF_FIXTURES "/images/%s", IMAGES[k]);
+        size_t n = 0;
+        GfError err;
+        uint8_t *b = (uint8_t *)gf_read_file(src, 1u << 20, "fixture", &n, &err);
+        CHECK(b != NULL, "fixture %s: %s", src, err.message);
+        tar_header_write(h, IMAGES[k], b ? n : 0, 0);
+        fwrite(h, 1, 512, f);
+        if (b) fwrite(b, 1, n, f);
+        fwrite(pad, 1, (512 - n % 512) % 512, f);
+        free(b);
+    }
+    fwrite(pad, 1, sizeof pad, f);
+    fclose(f);
+}
+
+/* n examples, every other one with an image; each answer `words` words. */
+static void write_jsonl(const char *path, int n, int words) {
+    FILE *f = fopen(path, "w");
+    for (int i = 0; i < n; i++) {
+        fputs("{\"messages\":[{\"role\":\"user\",\"content\":[", f);
+        if (i % 2 == 0) fprintf(f, "{\"type\":\"image\",\"image\":\"%s\"},", IMAGES[(i / 2) % N_IMAGES]);
+        fprintf(f, "{\"type\":\"text\",\"text\":\"describe %d\"}]},{\"role\":\"assistant\",\"content\":\"", i);
+        for (int w = 0; w < words; w++) fputs(w % 3 ? " blue" : " red", f);
+        fputs("\"}]}\n", f);
+    }
+    fclose(f);
+}
+
+typedef struct {
+    const char *train, *val, *tar;
+} Files;
+
+/* The most patches an image of set has. */
+static int64_t most_patches(TrainSet *set) {
+    TrainExample ex;
+    memset(&ex, 0, sizeof ex);
+    int64_t most = 0;
+    GfError err;
+    for (size_t i = 0; i < trainset_count(set); i++) {
+        CHECK_STATUS(trainset_example(set, i, &ex, &err), GF_OK, err);
+        if (ex.seq.n_images && ex.seq.n_patches > most) most = ex.seq.n_patches;
+    }
+    train_example_free(&ex);
+    return most;
+}
+
+/* targets: the text layers' linears, or "all-linear" (the tower's too, whose
+ * images then run its training buffers). */
+static void run(const char *model, ModelQuant quant, int all_linear, const Files *fs) {
+    char dir[256];
+    snprintf(dir, sizeof dir, GF_FIXTURES "/%s", model);
+    const char *q = quant == MODEL_QUANT_NF4 ? (all_linear ? "nf4, all-linear" : "nf4")
+                                             : (all_linear ? "as stored, all-linear" : "as stored");
+    GfError err;
+    Pipeline *p = NULL;
+    TrainSet *train = NULL, *val = NULL;
+    LoraAdapter *a = NULL;
+    Trainer *t = NULL;
+    ModelOptions mo = {.device = "guarded", .n_threads = 2, .quantize = quant};
+    ImageLimits lim = {20u << 20, 50000000};
+    const char *text[] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+    const char *all[] = {"all-linear"};
+    CHECK_STATUS(pipeline_open(dir, &mo, &p, &err), GF_OK, err);
+    if (!p) return;
+    CHECK_STATUS(trainset_open(p, fs->train, fs->tar, 4096, &lim, TRAINSET_DECODE_IMAGES, &train, &err), GF_OK, err);
+    CHECK_STATUS(trainset_open(p, fs->val, fs->tar, 4096, &lim, TRAINSET_DECODE_IMAGES, &val, &err), GF_OK, err);
+    CHECK_STATUS(lora_create(p->model, all_linear ? all : text, all_linear ? 1 : sizeof text / sizeof *text, 8, 16.0, 0, 3,
+                             &a, &err),
+                 GF_OK, err);
+    if (!train || !val || !a) goto done;
+    a->dropout = 0.1;
+    int64_t longest = trainset_max_tokens(val) > trainset_max_tokens(train) ? trainset_max_tokens(val)
+                                                                             : trainset_max_tokens(train);
+    CHECK(trainset_max_tokens(val) > trainset_max_tokens(train), "%s: validation grows the workspace (%lld > %lld)",
+          model, (long long)trainset_max_tokens(val), (long long)trainset_max_tokens(train));
+    TrainConfig cfg = {.epochs = 2, .batch_size = 2, .grad_accum = 1, .lr = 1e-3, .max_grad_norm = 1.0,
+                       .schedule = SCHED_LINEAR, .seed = 5};
+    CHECK_STATUS(trainer_new(p->model, a, train, &cfg, &t, &err), GF_OK, err);
+    if (!t) goto done;
+    TrainStepInfo info;
+    double loss = 0.0;
+    for (int s = 0; s < 2; s++) CHECK_STATUS(trainer_step(t, NULL, NULL, &info, &err), GF_OK, err);
+    CHECK_STATUS(trainer_eval(t, val, NULL, NULL, &loss, &err), GF_OK, err);
+    CHECK_STATUS(trainer_step(t, NULL, NULL, &info, &err), GF_OK, err);
+
+    uint64_t held = 0, peak = 0;
+    CHECK_STATUS(kn_guarded_memory(model_backend(p->model), 0, &held, &peak, &err), GF_OK, err);
+    TrainMemory tm;
+    trainer_memory(p->model, &p->pre, a, quant == MODEL_QUANT_NF4, longest, &tm);
+    int64_t patches = most_patches(train) > most_patches(val) ? most_patches(train) : most_patches(val);
+    uint64_t ran = model_vision_workspace_bytes(p->model, patches, 8, all_linear);
+    CHECK(patches > 0 && ran <= tm.vision, "%s: images of %lld patches, within the budget", model, (long long)patches);
+    uint64_t slack = tm.vision - ran;
+    printf("  %s (%s) T%lld: peak %llu bytes, estimate %llu (weights %llu, state %llu, activations %llu, vision %llu, "
+           "scratch %llu)\n",
+           model, q, (long long)longest, (unsigned long long)peak, (unsigned long long)tm.total,
+           (unsigned long long)tm.weights, (unsigned long long)tm.state, (unsigned long long)tm.activations,
+           (unsigned long long)tm.vision, (unsigned long long)tm.scratch);
+    CHECK(peak <= tm.total, "%s (%s): the device held %llu bytes at its peak, more than the %llu estimated", model, q,
+          (unsigned long long)peak, (unsigned long long)tm.total);
+    CHECK(tm.total <= peak + slack, "%s (%s): the estimate %llu passes the peak %llu by more than %llu", model, q,
+          (unsigned long long)tm.total, (unsigned long long)peak, (unsigned long long)slack);
+done:
+    trainer_free(t);
+    lora_free(a);
+    trainset_close(val);
+    trainset_close(train);
+    pipeline_close(p);
+}
+
+int main(void) {
+    char base[] = "/tmp/gf-memest-XXXXXX";
+    if (!mkdtemp(base)) return 1;
+    char train[300], val[300], tar[300];
+    snprintf(train, sizeof train, "%s/train.jsonl", base);
+    snprintf(val, sizeof val, "%s/val.jsonl", base);
+    snprintf(tar, sizeof tar, "%s/images.tar", base);
+    write_tar(tar);
+    write_jsonl(train, 4, 6);
+    write_jsonl(val, 2, 40);
+    Files fs = {train, val, tar};
+    const char *models[] = {"dense", "ple", "moe"};
+    for (size_t i = 0; i < sizeof models / sizeof *models; i++) {
+        run(models[i], MODEL_QUANT_NONE, 0, &fs);
+        run(models[i], MODEL_QUANT_NF4, 0, &fs);
+        run(models[i], MODEL_QUANT_NF4, 1, &fs);
+    }
+    unlink(train);
+    unlink(val);
+    unlink(tar);
+    rmdir(base);
+    return check_done("test_memory_estimate");
+}
