@@ -16,7 +16,8 @@
  *            and TFLOP/s over the visible pairs
  *   train    QLoRA (NF4 base, rank 64 on q/k/v/o/gate/up/down, gradient
  *            checkpointing, AdamW): tokens/s, ms per step, the device memory
- *            the run took, TFLOP/s counted as 4 x base linear parameters x
+ *            the run took beside the jobs' estimate of it (trainer_memory
+ *            less the base weights: estimate_gb), TFLOP/s counted as 4 x base linear parameters x
  *            tokens (forward and input gradients; the frozen base has no
  *            weight gradients) and, given --peak-tflops, that share of peak
  *
@@ -56,6 +57,7 @@
 #include "optim.h"
 
 #include "shapes_model.h"
+#include "trainer.h"
 
 /* ---- measurements ------------------------------------------------------ */
 
@@ -238,6 +240,9 @@ static void bench_train(Run *r, Model *m, uint64_t free_before) {
         printf("{\"what\":\"train\",\"model\":\"%s\",\"error\":\"%s\"}\n", r->s->name, err.message);
     } else {
         double st = median(times, r->steps), tokens = (double)r->batch * r->seq;
+        PreprocessConfig no_images = {0}; /* a text stack: no tower */
+        TrainMemory tm;
+        trainer_memory(m, &no_images, a, 1, r->seq, &tm);
         ModelMemory mem;
         weights_memory(model_weights(m), &mem);
         const TextConfig *t = &model_config(m)->text;
@@ -247,9 +252,10 @@ static void bench_train(Run *r, Model *m, uint64_t free_before) {
         if (r->peak_tflops > 0) snprintf(mfu, sizeof mfu, "%.4f", tflops / r->peak_tflops);
         printf("{\"what\":\"train\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"nf4\",\"rank\":64,\"batch\":%d,\"seq\":%d,"
                "\"grad_ckpt\":true,\"step_s_median\":%.4f,\"tokens_per_s\":%.1f,\"device_mem_gb\":%.2f,"
-               "\"trainable_m\":%.2f,\"tflops\":%.2f,\"peak_tflops\":%.1f,\"mfu\":%s,\"loss\":%.4f}\n",
+               "\"estimate_gb\":%.2f,\"trainable_m\":%.2f,\"tflops\":%.2f,\"peak_tflops\":%.1f,\"mfu\":%s,\"loss\":%.4f}\n",
                r->s->name, r->n_layers, r->batch, r->seq, st, tokens / st,
-               free_before > min_free ? (double)(free_before - min_free) / 1e9 : 0.0, (double)b.n_params / 1e6, tflops,
+               free_before > min_free ? (double)(free_before - min_free) / 1e9 : 0.0,
+               (double)(tm.total - tm.weights) / 1e9, (double)b.n_params / 1e6, tflops,
                r->peak_tflops, mfu, loss);
     }
     fflush(stdout);
