@@ -78,52 +78,41 @@ static __device__ void chunk_rows(const AttArgs &a, int64_t k0, int ns, int hp, 
     if (j == 0) *any = some;
 }
 
-/* chunk_load from a bfloat16 store, each element widened exactly; four a
- * load when vec4 (dim a multiple of 4, k and v 8-byte aligned). */
-static __device__ __forceinline__ float bf16_at(const uint16_t *p) { return __uint_as_float((uint32_t)__ldg(p) << 16); }
-static __device__ __forceinline__ void chunk_load16(float *kv, const uint16_t *src, const int64_t *row, int dim, int vec4) {
-    if (vec4) {
-        int d4 = dim / 4;
-        for (int e = threadIdx.x; e < CHUNK * d4; e += TILE_THREADS) {
-            int64_t r = row[e / d4];
-            float4 f = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (r >= 0) {
-                ushort4 h = __ldg((const ushort4 *)(src + r) + e % d4);
-                f = make_float4(__uint_as_float((uint32_t)h.x << 16), __uint_as_float((uint32_t)h.y << 16),
-                                __uint_as_float((uint32_t)h.z << 16), __uint_as_float((uint32_t)h.w << 16));
-            }
-            ((float4 *)kv)[e] = f;
-        }
-        return;
-    }
-    for (int e = threadIdx.x; e < CHUNK * dim; e += TILE_THREADS) {
-        int64_t r = row[e / dim];
-        kv[e] = r >= 0 ? bf16_at(src + r + e % dim) : 0.0f;
-    }
+/* An element of a store as float: bfloat16 widened exactly. */
+static __device__ __forceinline__ float widen(float x) { return x; }
+static __device__ __forceinline__ float widen(uint16_t h) { return __uint_as_float((uint32_t)h << 16); }
+
+/* Four elements from p (16-byte aligned for float, 8 for bfloat16). */
+static __device__ __forceinline__ float4 load4(const float *p) { return __ldg((const float4 *)p); }
+static __device__ __forceinline__ float4 load4(const uint16_t *p) {
+    ushort4 h = __ldg((const ushort4 *)p);
+    return make_float4(widen(h.x), widen(h.y), widen(h.z), widen(h.w));
 }
 
 /* The chunk's rows of src (keys or values) into kv[CHUNK][dim], zeros for
- * the rows no query sees; four floats a load when vec4 (dim a multiple of
- * 4, k and v 16-byte aligned; 8 for bfloat16). */
-static __device__ __forceinline__ void chunk_load(float *kv, const void *store, int kv16, const int64_t *row, int dim,
-                                                  int vec4) {
-    if (kv16) {
-        chunk_load16(kv, (const uint16_t *)store, row, dim, vec4);
-        return;
-    }
-    const float *src = (const float *)store;
+ * the rows no query sees; four elements a load when vec4 (dim a multiple
+ * of 4, k and v aligned as load4 asks). */
+template <typename T>
+static __device__ __forceinline__ void chunk_load_as(float *kv, const T *src, const int64_t *row, int dim, int vec4) {
     if (vec4) {
         int d4 = dim / 4;
         for (int e = threadIdx.x; e < CHUNK * d4; e += TILE_THREADS) {
             int64_t r = row[e / d4];
-            ((float4 *)kv)[e] = r >= 0 ? __ldg((const float4 *)(src + r) + e % d4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            ((float4 *)kv)[e] = r >= 0 ? load4(src + r + 4 * (e % d4)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
         return;
     }
     for (int e = threadIdx.x; e < CHUNK * dim; e += TILE_THREADS) {
         int64_t r = row[e / dim];
-        kv[e] = r >= 0 ? __ldg(src + r + e % dim) : 0.0f;
+        kv[e] = r >= 0 ? widen(__ldg(src + r + e % dim)) : 0.0f;
     }
+}
+
+/* chunk_load_as over a float32 store, or a bfloat16 one when kv16. */
+static __device__ __forceinline__ void chunk_load(float *kv, const void *store, int kv16, const int64_t *row, int dim,
+                                                  int vec4) {
+    if (kv16) chunk_load_as(kv, (const uint16_t *)store, row, dim, vec4);
+    else chunk_load_as(kv, (const float *)store, row, dim, vec4);
 }
 
 /* The order a query's keys are summed in, the same on every path so that
