@@ -1,7 +1,8 @@
 /* test_alloc_fail.c - out of memory at every allocation, as SQLite's
  * malloc-failure loop: for N = 0, 1, 2, ... the allocator refuses every
  * allocation after the first N, and opening the model, a batched forward,
- * a training step and a serving request (submitted with an adapter read
+ * a training step with a validation that grows its workspace and a step
+ * after it, and a serving request (submitted with an adapter read
  * from its directory, then admitted and run by the engine thread) must each
  * fail with GF_NO_MEMORY and a message, leave their inputs usable, and (under ASan, which runs this test in CI) leak
  * nothing; the loop ends at the first N that lets the operation finish. */
@@ -102,7 +103,7 @@ static GfStatus forward_two(void *ctx, GfError *err) {
 
 typedef struct {
     Pipeline *p;
-    TrainSet *set;
+    TrainSet *set, *val;      /* val's longest example is longer than set's: the workspace grows */
 } TrainCtx;
 
 static GfStatus train_step(void *ctx, GfError *err) {
@@ -114,8 +115,12 @@ static GfStatus train_step(void *ctx, GfError *err) {
                        .schedule = SCHED_LINEAR, .seed = 9};
     TrainStepInfo info;
     GfStatus st = lora_create(c->p->model, targets, 3, 4, 8.0, 0, 1, &a, err);
+    cfg.epochs = 2;
     if (!st) st = trainer_new(c->p->model, a, c->set, &cfg, &t, err);
     if (!st) st = trainer_step(t, NULL, NULL, &info, err);
+    double loss;
+    if (!st) st = trainer_eval(t, c->val, NULL, NULL, &loss, err);
+    if (!st) st = trainer_step(t, NULL, NULL, &info, err); /* on the grown workspace */
     trainer_free(t);
     lora_free(a);
     return st;
@@ -226,19 +231,27 @@ int main(void) {
     lora_free(a);
     serving(p->model);
 
-    char path[] = "/tmp/gf-allocfail-XXXXXX";
-    int fd = mkstemp(path);
-    FILE *fp = fd >= 0 ? fdopen(fd, "w") : NULL;
+    char path[] = "/tmp/gf-allocfail-XXXXXX", vpath[] = "/tmp/gf-allocfail-val-XXXXXX";
+    int fd = mkstemp(path), vfd = mkstemp(vpath);
+    FILE *fp = fd >= 0 ? fdopen(fd, "w") : NULL, *vp = vfd >= 0 ? fdopen(vfd, "w") : NULL;
     for (int i = 0; fp && i < 4; i++)
         fprintf(fp, "{\"messages\":[{\"role\":\"user\",\"content\":\"say %d\"},{\"role\":\"assistant\",\"content\":\"ok %d\"}]}\n",
                 i, i);
+    if (vp)
+        fputs("{\"messages\":[{\"role\":\"user\",\"content\":\"say it all\"},{\"role\":\"assistant\",\"content\":"
+              "\"ok ok ok ok ok ok ok ok ok ok ok ok ok ok ok ok\"}]}\n", vp);
     if (fp) fclose(fp);
+    if (vp) fclose(vp);
     ImageLimits lim = {20u << 20, 50000000};
-    TrainCtx tc = {p, NULL};
+    TrainCtx tc = {p, NULL, NULL};
     CHECK_STATUS(trainset_open(p, path, NULL, 256, &lim, TRAINSET_DECODE_IMAGES, &tc.set, &err), GF_OK, err);
-    if (tc.set) failure_loop("trainer step", train_step, &tc);
+    CHECK_STATUS(trainset_open(p, vpath, NULL, 256, &lim, TRAINSET_DECODE_IMAGES, &tc.val, &err), GF_OK, err);
+    CHECK(tc.set && tc.val && trainset_max_tokens(tc.val) > trainset_max_tokens(tc.set), "validation grows the workspace");
+    if (tc.set && tc.val) failure_loop("trainer step, validation, step", train_step, &tc);
+    trainset_close(tc.val);
     trainset_close(tc.set);
     unlink(path);
+    unlink(vpath);
     pipeline_close(p);
     return check_done("test_alloc_fail");
 }
