@@ -355,23 +355,20 @@ GfStatus weights_on_device(GemmaWeights *gw, KnDeviceKind kind, int index, int n
     return GF_OK;
 }
 
-uint64_t weights_device_bytes(GemmaWeights *gw, KnDeviceKind kind, int index) {
+/* The bytes of gw's copy on device (kind, index): its device buffer's, or
+ * with mapped its mapped buffer's; 0 without such a copy. */
+static uint64_t copy_bytes(GemmaWeights *gw, KnDeviceKind kind, int index, int mapped) {
     uint64_t n = 0;
     pthread_mutex_lock(&gw->devices_lock);
     for (const WeightsDevice *d = gw->devices; d; d = d->next)
-        if (d->be.ctx.device == kind && d->be.ctx.index == index) n = d->buf.bytes;
+        if (d->be.ctx.device == kind && d->be.ctx.index == index) n = mapped ? d->map.bytes : d->buf.bytes;
     pthread_mutex_unlock(&gw->devices_lock);
     return n;
 }
 
-uint64_t weights_mapped_bytes(GemmaWeights *gw, KnDeviceKind kind, int index) {
-    uint64_t n = 0;
-    pthread_mutex_lock(&gw->devices_lock);
-    for (const WeightsDevice *d = gw->devices; d; d = d->next)
-        if (d->be.ctx.device == kind && d->be.ctx.index == index) n = d->map.bytes;
-    pthread_mutex_unlock(&gw->devices_lock);
-    return n;
-}
+uint64_t weights_device_bytes(GemmaWeights *gw, KnDeviceKind kind, int index) { return copy_bytes(gw, kind, index, 0); }
+
+uint64_t weights_mapped_bytes(GemmaWeights *gw, KnDeviceKind kind, int index) { return copy_bytes(gw, kind, index, 1); }
 
 void weights_devices_free(GemmaWeights *gw) {
     while (gw->devices) {
