@@ -97,7 +97,9 @@ uint64_t model_scratch_bytes(const Model *m, int64_t n, int max_rank, int layer_
 /* Replays layer li for the last in->n positions of c (which a forward of
  * in, e.g. model_forward_hidden, filled): from the layer's input x[n, H]
  * and the per-layer inputs ple[n, L, P] (NULL without PLE), every
- * intermediate into tape (all distinct buffers), with exactly the ops and
+ * intermediate into tape (distinct buffers, but for those the layer may
+ * share: d with f without MoE, x2 with out without PLE, t with any buffer
+ * it does not read), with exactly the ops and
  * values of the forward; K/V are read back from c, not stored again. The
  * training backward's checkpointing. */
 GfStatus model_layer_replay(Model *m, KvCache *c, const ModelInput *in, int li, const float *x, const float *ple,

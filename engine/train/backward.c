@@ -109,8 +109,16 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
         w->dK[i] = l->kv_shared ? NULL : own ? take(s, n * (size_t)l->kv_heads * (size_t)l->head_dim) : ck;
         w->dV[i] = l->kv_shared ? NULL : own ? take(s, n * (size_t)l->kv_heads * (size_t)l->head_dim) : cv;
     }
-    float **h_bufs[] = {&w->h1, &w->o, &w->x1, &w->h2, &w->d, &w->f, &w->x2, &w->out, &w->t, &w->dx, &w->dh, &w->dh2, &w->df};
+    float **h_bufs[] = {&w->h1, &w->o, &w->x1, &w->h2, &w->f, &w->out, &w->dx, &w->dh, &w->dh2, &w->df};
     for (size_t i = 0; i < sizeof h_bufs / sizeof *h_bufs; i++) *h_bufs[i] = take(s, n * H);
+    /* what the backward never reads shares a buffer: the forward's normed
+     * block outputs (t) are written over by d(f), which is zeroed where the
+     * backward takes it up; without MoE the down projection (d) is the
+     * feed-forward output f itself, and without PLE the layer's output is
+     * x2 scaled in place (the forward then copies nothing) */
+    w->t = w->df;
+    w->d = t->moe ? take(s, n * H) : w->f;
+    w->x2 = P ? take(s, n * H) : w->out;
     w->pp = P ? take(s, n * H) : NULL;
     w->moe = t->moe ? take(s, n * H) : NULL;
     /* the loss is taken before the last layer's backward, which writes dh
