@@ -183,7 +183,10 @@ int main(void) {
     Case c = {0};
     LoraAdapter *a = NULL;
     GfError err;
-    ModelOptions mo = {.n_threads = 2, .quantize = MODEL_QUANT_NONE};
+    /* central differences measure the float32 function: layer checkpoints and
+     * stored keys and values in fp32 whatever GF_CHECKPOINTS says (in bf16
+     * they would measure its rounding steps) */
+    ModelOptions mo = {.n_threads = 2, .quantize = MODEL_QUANT_NONE, .checkpoints = "fp32"};
     const char *all[] = {"all-linear"};
     CHECK_STATUS(model_open(GF_FIXTURES "/dense", &mo, &c.m, &err), GF_OK, err);
     if (!c.m) return check_done("test_lora_dropout");
