@@ -17,9 +17,10 @@
  *   train    QLoRA (NF4 base, rank 64 on q/k/v/o/gate/up/down, gradient
  *            checkpointing, AdamW): tokens/s, ms per step, the device memory
  *            the run took beside the jobs' estimate of it (trainer_memory
- *            less the base weights: estimate_gb), TFLOP/s counted as 4 x base linear parameters x
- *            tokens (forward and input gradients; the frozen base has no
- *            weight gradients) and, given --peak-tflops, that share of peak
+ *            less the base weights: estimate_gb), TFLOP/s counted as 4 x
+ *            base linear parameters x tokens (forward and input gradients;
+ *            the frozen base has no weight gradients) and, given
+ *            --peak-tflops, that share of peak
  *
  * The same shapes as ../shared/bench/hf_anchor.py (random weights, r64 on the
  * same modules, prompt 128 and 128 new tokens), so the figures stand side by

@@ -71,11 +71,11 @@ static GfStatus open_cpu(KnDeviceKind kind, const KnBackendOptions *opts, KnBack
     return GF_OK;
 }
 
-GfStatus kn_guarded_memory(const KnBackend *b, int reset, uint64_t *held, uint64_t *peak, GfError *err) {
+GfStatus kn_guarded_memory(const KnBackend *b, uint64_t *held, uint64_t *peak, GfError *err) {
     *held = *peak = 0;
     if (!b || !b->ops || b->ctx.device != KN_DEVICE_GUARDED)
         return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "not a guarded backend: no region to count");
-    guarded_memory(&b->ctx, reset, held, peak);
+    guarded_memory(&b->ctx, held, peak);
     return GF_OK;
 }
 

@@ -76,12 +76,10 @@ void kn_backend_close(KnBackend *b);
 
 /* The guarded backend's device memory, which its sibling contexts share as
  * contexts share a GPU's: *held, the bytes its live buffers asked for;
- * *peak, the most they held at once since the region opened or since the
- * last call with reset (which starts the peak again from what is held).
- * Mapped buffers (alloc_mapped) are host memory on a GPU and do not count.
+ * *peak, the most they held at once since the region opened. Mapped buffers (alloc_mapped) are host memory on a GPU and do not count.
  * For checking the engine's memory estimates against what it allocates;
  * GF_INVALID when b is not a guarded backend. */
-GfStatus kn_guarded_memory(const KnBackend *b, int reset, uint64_t *held, uint64_t *peak, GfError *err);
+GfStatus kn_guarded_memory(const KnBackend *b, uint64_t *held, uint64_t *peak, GfError *err);
 
 /* Parses "fp32" or "bf16" (the --precision values); GF_INVALID naming the
  * text otherwise. kn_precision_name gives the text back ("auto" for AUTO). */

@@ -29,6 +29,6 @@ const KnOps *guarded_backend_ops(void);
 GfStatus guarded_ctx_init(KnCtx *ctx, const KnCtx *share, GfError *err); /* share: a sibling's, or NULL */
 void guarded_ctx_free(KnCtx *ctx);
 /* The region's held and peak bytes (kn_guarded_memory). */
-void guarded_memory(const KnCtx *ctx, int reset, uint64_t *held, uint64_t *peak);
+void guarded_memory(const KnCtx *ctx, uint64_t *held, uint64_t *peak);
 
 #endif

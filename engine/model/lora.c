@@ -311,13 +311,15 @@ GfStatus lora_binding_upload_new(const KnBackend *be, const LoraAdapter *a, Lora
     return binding_slab(be, a, NULL, b, err);
 }
 
+uint64_t lora_grads_bytes(uint64_t n_params) { return (n_params * sizeof(float) + 7) / 8 * 8 + sizeof(double); }
+
 GfStatus lora_binding_grads(LoraBinding *b, GfError *err) {
     if (b->grads) return GF_OK;
-    size_t at = (b->n_params * sizeof(float) + 7) / 8 * 8; /* the norm's double after the gradients */
-    if (b->be->ops->alloc(&b->be->ctx, &b->d_grads, at + sizeof(double), KN_F32, "the adapter's gradients", err))
+    size_t bytes = (size_t)lora_grads_bytes(b->n_params);
+    if (b->be->ops->alloc(&b->be->ctx, &b->d_grads, bytes, KN_F32, "the adapter's gradients", err))
         return err->status;
     b->grads = b->d_grads.data;
-    b->grad_sq = (double *)((char *)b->d_grads.data + at);
+    b->grad_sq = (double *)((char *)b->d_grads.data + bytes - sizeof(double));
     lora_binding_zero_grads(b);
     for (size_t i = 0; i < b->n_pairs; i++) {
         LoraPair *p = &b->pairs[i];

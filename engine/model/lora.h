@@ -131,6 +131,9 @@ void lora_binding_free(LoraBinding *b);
 
 /* Training: a zeroed gradient slab (dA, dB of every pair); zero clears it. */
 GfStatus lora_binding_grads(LoraBinding *b, GfError *err);
+/* Device bytes of that slab for n_params parameters: the gradients, then
+ * their squared norm's double (8-aligned). */
+uint64_t lora_grads_bytes(uint64_t n_params);
 void lora_binding_zero_grads(LoraBinding *b);
 /* The device's parameters into a's host slab (a must be the adapter bound:
  * same pairs), or a's host slab onto the device. */

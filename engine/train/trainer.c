@@ -92,6 +92,11 @@ static void plan(Trainer *t) {
     t->warmup_steps = (int64_t)ceil(t->cfg.warmup_ratio * (double)t->total_steps);
 }
 
+/* The LoRA dropout's scratch: two rows of the widest input (0 without dropout). */
+static size_t dropout_bytes(const LoraAdapter *a) {
+    return a->dropout > 0 ? (size_t)(2 * lora_max_in(a)) * sizeof(float) : 0;
+}
+
 GfStatus trainer_new(Model *m, LoraAdapter *a, TrainSet *train, const TrainConfig *cfg, Trainer **out, GfError *err) {
     *out = NULL;
     if (check_config(cfg, err)) return err->status;
@@ -109,8 +114,7 @@ GfStatus trainer_new(Model *m, LoraAdapter *a, TrainSet *train, const TrainConfi
     if (!st && !(t->order = gf_malloc(trainset_count(train) * sizeof *t->order, err))) st = GF_NO_MEMORY;
     if (!st) st = loader_start(&t->loader, err);
     if (!st && a->dropout > 0)
-        st = be->ops->alloc(&be->ctx, &t->dropout_row, (size_t)(2 * lora_max_in(a)) * sizeof(float), KN_F32,
-                            "the LoRA dropout scratch", err);
+        st = be->ops->alloc(&be->ctx, &t->dropout_row, dropout_bytes(a), KN_F32, "the LoRA dropout scratch", err);
     if (st) {
         trainer_free(t);
         return st;
@@ -161,8 +165,8 @@ static void step_slice(Trainer *t, int64_t step, int64_t *first, int64_t *count)
  * for the examples that fit it, or none (w_tokens 0: the next example asks
  * again). */
 static GfStatus ensure_workspace(Trainer *t, int64_t n, GfError *err) {
-    if (n <= t->w_tokens && t->w) return GF_OK;
-    int64_t had = t->w ? t->w_tokens : 0;
+    if (n <= t->w_tokens) return GF_OK; /* 0 exactly when there is none */
+    int64_t had = t->w_tokens;
     grad_workspace_free(t->w);
     t->w = NULL;
     t->w_tokens = 0;
@@ -529,18 +533,15 @@ void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapt
      * host memory, which is not the device's to count); else the stored
      * sizes, the linears as the job would bind them */
     const KnCtx *ctx = &model_backend(m)->ctx;
-    uint64_t copy = ctx->device != KN_DEVICE_CPU && (weights_quant(gw) == MODEL_QUANT_NF4) == (nf4 != 0)
-                        ? weights_device_bytes(gw, ctx->device, ctx->index)
-                        : 0;
+    int same_quant = (weights_quant(gw) == MODEL_QUANT_NF4) == (nf4 != 0);
+    uint64_t copy = same_quant ? weights_device_bytes(gw, ctx->device, ctx->index) : 0; /* 0 on the CPU: no copy */
     out->weights = copy ? copy : mm.other_bytes + (nf4 ? mm.linear_nf4_bytes : mm.linear_full_bytes);
     uint64_t mapped = !copy && ctx->device == KN_DEVICE_CUDA ? weights_mapped_bytes(gw, ctx->device, ctx->index) : 0;
     out->weights -= mapped < out->weights ? mapped : 0;
-    /* weights, gradients (their squared norm's double after them), AdamW's
-     * m and v, all float32 (lora_bind, lora_binding_grads, adamw_init), and
-     * the dropout scratch */
+    /* weights, gradients, AdamW's m and v, all float32 (lora_bind,
+     * lora_binding_grads, adamw_init), and the dropout scratch */
     uint64_t slab = n_params * sizeof(float);
-    out->state = slab + (slab + 7) / 8 * 8 + sizeof(double) + 2 * slab +
-                 (a->dropout > 0 ? 2 * (uint64_t)lora_max_in(a) * sizeof(float) : 0);
+    out->state = slab + lora_grads_bytes(n_params) + 2 * slab + dropout_bytes(a);
     out->activations = grad_workspace_bytes(m, seq_len, max_rank);
     int64_t patches = preprocess_max_patches(pre);
     out->vision = model_vision_workspace_bytes(m, patches, max_rank, adapts_tower(a));

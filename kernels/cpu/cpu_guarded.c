@@ -71,7 +71,7 @@ typedef struct {
     int refs;                 /* contexts on this region */
     char *fault_file;         /* GF_GUARDED_FAULT_FILE, read once at creation, or NULL */
     int faulted;              /* an injected device fault happened */
-    uint64_t held, peak;      /* bytes the live unmapped buffers asked for; the most since the reset */
+    uint64_t held, peak;      /* bytes the live unmapped buffers asked for; the most they ever held */
 } Guard;
 
 #define GUARD_GRAPH_SLOTS 8
@@ -276,7 +276,6 @@ static GfStatus alloc_chunk(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDty
     if (b) {
         b->used = 1;
         b->sealed = 0;
-        b->mapped = 0;
         b->bytes = mapped ? 0 : bytes;
         g->held += b->bytes;
         if (g->held > g->peak) g->peak = g->held;
@@ -513,10 +512,9 @@ int guard_graph_end(const KnCtx *ctx) {
     return 0;
 }
 
-void guarded_memory(const KnCtx *ctx, int reset, uint64_t *held, uint64_t *peak) {
+void guarded_memory(const KnCtx *ctx, uint64_t *held, uint64_t *peak) {
     Guard *g = guard_of(ctx);
     pthread_mutex_lock(&g->lock);
-    if (reset) g->peak = g->held;
     *held = g->held;
     *peak = g->peak;
     pthread_mutex_unlock(&g->lock);

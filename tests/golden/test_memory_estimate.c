@@ -84,8 +84,8 @@ static int64_t most_patches(TrainSet *set) {
 static void run(const char *model, ModelQuant quant, int all_linear, const Files *fs) {
     char dir[256];
     snprintf(dir, sizeof dir, GF_FIXTURES "/%s", model);
-    const char *q = quant == MODEL_QUANT_NF4 ? (all_linear ? "nf4, all-linear" : "nf4")
-                                             : (all_linear ? "as stored, all-linear" : "as stored");
+    char q[32];
+    snprintf(q, sizeof q, "%s%s", quant == MODEL_QUANT_NF4 ? "nf4" : "as stored", all_linear ? ", all-linear" : "");
     GfError err;
     Pipeline *p = NULL;
     TrainSet *train = NULL, *val = NULL;
@@ -104,10 +104,9 @@ static void run(const char *model, ModelQuant quant, int all_linear, const Files
                  GF_OK, err);
     if (!train || !val || !a) goto done;
     a->dropout = 0.1;
-    int64_t longest = trainset_max_tokens(val) > trainset_max_tokens(train) ? trainset_max_tokens(val)
-                                                                             : trainset_max_tokens(train);
-    CHECK(trainset_max_tokens(val) > trainset_max_tokens(train), "%s: validation grows the workspace (%lld > %lld)",
-          model, (long long)trainset_max_tokens(val), (long long)trainset_max_tokens(train));
+    int64_t longest = trainset_max_tokens(val), trained = trainset_max_tokens(train);
+    CHECK(longest > trained, "%s: validation grows the workspace (%lld > %lld)", model, (long long)longest,
+          (long long)trained);
     TrainConfig cfg = {.epochs = 2, .batch_size = 2, .grad_accum = 1, .lr = 1e-3, .max_grad_norm = 1.0,
                        .schedule = SCHED_LINEAR, .seed = 5};
     CHECK_STATUS(trainer_new(p->model, a, train, &cfg, &t, &err), GF_OK, err);
@@ -119,10 +118,11 @@ static void run(const char *model, ModelQuant quant, int all_linear, const Files
     CHECK_STATUS(trainer_step(t, NULL, NULL, &info, &err), GF_OK, err);
 
     uint64_t held = 0, peak = 0;
-    CHECK_STATUS(kn_guarded_memory(model_backend(p->model), 0, &held, &peak, &err), GF_OK, err);
+    CHECK_STATUS(kn_guarded_memory(model_backend(p->model), &held, &peak, &err), GF_OK, err);
     TrainMemory tm;
     trainer_memory(p->model, &p->pre, a, quant == MODEL_QUANT_NF4, longest, &tm);
-    int64_t patches = most_patches(train) > most_patches(val) ? most_patches(train) : most_patches(val);
+    int64_t patches = most_patches(train), in_val = most_patches(val);
+    if (in_val > patches) patches = in_val;
     uint64_t ran = model_vision_workspace_bytes(p->model, patches, 8, all_linear);
     CHECK(patches > 0 && ran <= tm.vision, "%s: images of %lld patches, within the budget", model, (long long)patches);
     uint64_t slack = tm.vision - ran;
