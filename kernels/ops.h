@@ -431,7 +431,10 @@ typedef struct {
     void (*lora_expand_dx)(const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t,
                            const KnLoraSeg *segs, int n_segs, int64_t out);
     /* with g = scale * gt: dA[k, j] += sum_r g[r, k] d(x)[r, j]; dx[r, j] +=
-     * sum_k g[r, k] A[k, j] f[r, j] (dx may be NULL); dropout_buf as lora_shrink */
+     * sum_k g[r, k] A[k, j] f[r, j] (dx may be NULL); dropout_buf as lora_shrink.
+     * A segment whose dA is NULL adds to dx alone and reads nothing of x
+     * (then x may be NULL, or a buffer dx is being written over); a segment
+     * with dA or dB is a training segment either way (its rows' path) */
     void (*lora_shrink_dx)(const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x,
                            const KnLoraSeg *segs, int n_segs, int64_t in, float *dropout_buf);
     /* dq written; dk, dv accumulated: the gradients of attention (same

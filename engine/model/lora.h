@@ -171,9 +171,24 @@ void lora_apply_segments(const KnBackend *be, const KnLoraSeg *segs, int n_segs,
 void lora_backward(const KnBackend *be, const LoraBinding *b, const LoraPair *p, float *dx, const float *dy,
                    const float *x, int64_t n, float *tmp);
 
+/* lora_backward in two halves, for a linear whose input x shares its
+ * buffer with dx (the frozen linear's input gradient is written over x
+ * between them): lora_backward_weights adds p->dA and p->dB, reading x,
+ * and leaves dy B in tmp; lora_backward_input then adds the term's part of
+ * dx from that tmp, reading nothing of x. The same sums as lora_backward. */
+void lora_backward_weights(const KnBackend *be, const LoraBinding *b, const LoraPair *p, const float *dy,
+                           const float *x, int64_t n, float *tmp);
+void lora_backward_input(const KnBackend *be, const LoraBinding *b, const LoraPair *p, float *dx, int64_t n,
+                         const float *tmp);
+
 /* 1 when p adapts a linear of the vision tower or its embedder (run on an
  * image's patches or soft tokens, not on the text rows). */
 int lora_pair_vision(const LoraPair *p);
+
+/* 1 when one of pairs[n] is such a pair: an adapter's or a binding's pairs
+ * (its images then run the tower's training buffers, not its inference
+ * ones). */
+int lora_pairs_vision(const LoraPair *pairs, size_t n);
 
 /* The largest input width of a's pairs (the dropout scratch is twice it). */
 int64_t lora_max_in(const LoraAdapter *a);

@@ -36,7 +36,7 @@ struct GradWorkspace {
     float *h1, *o, *x1, *h2, *d, *f, *x2, *pp, *out, *t;      /* H (pp with PLE) */
     float *qlin, *qr, *att;                                    /* NH * D */
     float *klin, *vlin;                                        /* KVH * D */
-    float *g, *u, *mm;                                         /* I */
+    float *g, *u, *mm;                                         /* I (mm: dI's buffer) */
     float *moe;                                                /* H (MoE only) */
     float *pg, *pm;                                            /* P */
     /* its gradients */
@@ -131,8 +131,11 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     w->dq = w->att;
     float **kv_bufs[] = {&w->klin, &w->vlin, &w->dklin, &w->dvlin};
     for (size_t i = 0; i < sizeof kv_bufs / sizeof *kv_bufs; i++) *kv_bufs[i] = take(s, n * kvmax);
-    float **i_bufs[] = {&w->g, &w->u, &w->mm, &w->dI};
+    /* d(mm) is written over mm once the down projection's adapter has read
+     * it (down_backward) */
+    float **i_bufs[] = {&w->g, &w->u, &w->dI};
     for (size_t i = 0; i < sizeof i_bufs / sizeof *i_bufs; i++) *i_bufs[i] = take(s, n * imax);
+    w->mm = w->dI;
     float **p_bufs[] = {&w->pg, &w->pm, &w->dP1, &w->dP2};
     for (size_t i = 0; i < sizeof p_bufs / sizeof *p_bufs; i++) *p_bufs[i] = take(s, n * P);
     w->lora_tmp = take(s, n * 2 * (size_t)(w->max_rank > 0 ? w->max_rank : 1));
@@ -317,6 +320,16 @@ static void linear_bwd(Model *m, GradWorkspace *w, const LoraBinding *b, float *
 
 static void zero(Model *m, float *x, int64_t n) { m->be.ops->memset(&m->be.ctx, x, 0, (size_t)n * sizeof(float)); }
 
+/* linear_bwd of the down projection, whose input gradient d(mm) [n, I] is
+ * written over mm: its adapter's weight gradients first, which read mm. */
+static void down_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const Layer *l, const LoraPair *p,
+                          const float *dd, int64_t n) {
+    if (p) lora_backward_weights(&m->be, b, p, dd, w->mm, n, w->lora_tmp);
+    zero(m, w->dI, n * l->down.cols);
+    m->be.ops->matmul_dx(&m->be.ctx, w->dI, dd, l->down, n);
+    if (p) lora_backward_input(&m->be, b, p, w->dI, n, w->lora_tmp);
+}
+
 static void copy(Model *m, float *dst, const float *src, int64_t n) {
     m->be.ops->copy(&m->be.ctx, dst, src, (size_t)n * sizeof(float));
 }
@@ -410,8 +423,7 @@ static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int
     }
     /* d = down(gelu(gate(h2)) * up(h2)); the gradients of g and u take
      * their places in the tape (neither is read again) */
-    zero(m, w->dI, n * I);
-    linear_bwd(m, w, b, w->dI, dd, w->mm, l->down, text_pair(b, li, LORA_DOWN), n);
+    down_backward(m, w, b, l, text_pair(b, li, LORA_DOWN), dd, n);
     m->be.ops->gelu_gate_dx(&m->be.ctx, w->g, w->u, w->dI, w->g, w->u, (size_t)(n * I));
     zero(m, w->dh2, n * H);
     linear_bwd(m, w, b, w->dh2, w->g, w->h2, l->gate, text_pair(b, li, LORA_GATE), n);
@@ -499,14 +511,6 @@ static void ple_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int64
     m->be.ops->rmsnorm_dx(&m->be.ctx, dproj, w->ple_buf, m->wt->ple_norm, w->dple, n * L, P, t->rms_eps);
     m->be.ops->scale(&m->be.ctx, dproj, (size_t)(n * L * P), ctx_scale);
     linear_bwd(m, w, b, dx0, dproj, x0, m->wt->ple_model_proj, p, n);
-}
-
-static int vision_adapted(const LoraBinding *b) {
-    if (!b) return 0;
-    if (b->input_proj || b->embed_proj) return 1;
-    for (int i = 0; i < b->n_vision_layers * LORA_VISION_SLOTS; i++)
-        if (b->vision[i]) return 1;
-    return 0;
 }
 
 /* Soft tokens of every image into w->soft; their count in *n_soft. */
@@ -648,7 +652,7 @@ GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const 
         layer_backward(m, w, b, (int)li, n, x);
         model_layer_done(m);
     }
-    int tower = n_soft && vision_adapted(b);
+    int tower = n_soft && b && lora_pairs_vision(b->pairs, b->n_pairs);
     if (P && b && (b->ple_model_proj || tower)) ple_backward(m, w, b, n, w->hidden, w->dx);
     if (tower && images_backward(m, w, b, s, err)) return err->status;
     *n_targets = train_sequence_targets(s);

@@ -507,14 +507,6 @@ void trainer_fit(const TrainMemory *tm, int shares_base, uint64_t device_free, u
     out->fits = out->need <= out->avail;
 }
 
-/* 1 when a adapts a linear of the vision tower or its embedder (its
- * images then run the tower's training buffers, not its inference ones). */
-static int adapts_tower(const LoraAdapter *a) {
-    for (size_t i = 0; i < a->n_pairs; i++)
-        if (lora_pair_vision(&a->pairs[i])) return 1;
-    return 0;
-}
-
 void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapter *a, int nf4, int64_t seq_len,
                     TrainMemory *out) {
     ModelMemory mm;
@@ -544,7 +536,7 @@ void trainer_memory(const Model *m, const PreprocessConfig *pre, const LoraAdapt
     out->state = slab + lora_grads_bytes(n_params) + 2 * slab + dropout_bytes(a);
     out->activations = grad_workspace_bytes(m, seq_len, max_rank);
     int64_t patches = preprocess_max_patches(pre);
-    out->vision = model_vision_workspace_bytes(m, patches, max_rank, adapts_tower(a));
+    out->vision = model_vision_workspace_bytes(m, patches, max_rank, lora_pairs_vision(a->pairs, a->n_pairs));
     out->scratch = grad_scratch_bytes(m, model_backend(m), seq_len, a, nf4, model_config(m)->vision.present ? patches : 0);
     out->total = out->weights + out->state + out->activations + out->vision + out->scratch;
 }

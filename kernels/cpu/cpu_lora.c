@@ -8,15 +8,14 @@
 #include "cpu_impl.h"
 
 /* Dropout factors f[in] of row i of segment s (0 or 1 / (1 - p)), as ops.h
- * defines them; and d(x) = x * f into dx. */
+ * defines them; and d(x) = x * f into dx when x is given. */
 static void dropout_row(const KnLoraSeg *s, int64_t i, const float *x, int64_t in, float *f, float *dx) {
     float keep = 1.0f / (1.0f - s->dropout);
     uint32_t cut = (uint32_t)((double)s->dropout * 4294967296.0);
     uint64_t base = s->dropout_seed + (uint64_t)i * (uint64_t)in;
-    for (int64_t j = 0; j < in; j++) {
-        f[j] = (uint32_t)(gf_mix64(base + (uint64_t)j) >> 32) < cut ? 0.0f : keep;
-        dx[j] = x[j] * f[j];
-    }
+    for (int64_t j = 0; j < in; j++) f[j] = (uint32_t)(gf_mix64(base + (uint64_t)j) >> 32) < cut ? 0.0f : keep;
+    if (x)
+        for (int64_t j = 0; j < in; j++) dx[j] = x[j] * f[j];
 }
 
 /* The segment holding row r and r's index within it, or NULL. */
@@ -188,17 +187,19 @@ void cpu_lora_shrink_backward(const KnCtx *ctx, float *dx, const float *gt, int6
         const KnLoraSeg *s = &segs[q];
         for (int64_t i = 0; i < s->n_rows; i++) {
             int64_t r = s->row0 + i;
-            const float *xr = x + r * in, *f = NULL;
+            const float *xr = s->dA ? x + r * in : NULL, *f = NULL;
             if (s->dropout > 0) {
                 dropout_row(s, i, xr, in, dropout_buf, dropout_buf + in);
                 f = dropout_buf;
-                xr = dropout_buf + in;
+                xr = xr ? dropout_buf + in : NULL;
             }
             for (int k = 0; k < s->rank; k++) {
                 float g = gt[r * ld_t + k] * s->scale;
-                float *da = s->dA + (int64_t)k * in;
                 const float *a = s->A + (int64_t)k * in;
-                for (int64_t j = 0; j < in; j++) da[j] += g * xr[j];
+                if (s->dA) {
+                    float *da = s->dA + (int64_t)k * in;
+                    for (int64_t j = 0; j < in; j++) da[j] += g * xr[j];
+                }
                 if (dx && f)
                     for (int64_t j = 0; j < in; j++) dx[r * in + j] += g * a[j] * f[j];
                 else if (dx)

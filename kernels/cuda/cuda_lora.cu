@@ -6,7 +6,7 @@
  *
  * A serving segment (no gradients) runs on kernels that compute each row
  * alone, so a sequence's LoRA term never depends on its batch. A training
- * segment (dA set) of TRAIN_GEMM_ROWS rows or more runs as float32 cuBLAS
+ * segment (dA or dB set) of TRAIN_GEMM_ROWS rows or more runs as float32 cuBLAS
  * GEMMs, its dropped-out x materialised in the context's scratch: at a
  * training step's thousand rows the per-row kernels would cost as much as
  * the base's matmuls. Either way the sums over rows have a fixed order, so
@@ -49,7 +49,7 @@ static Seg seg_of(const KnLoraSeg *s) {
 
 #define TRAIN_GEMM_ROWS 16
 
-static int gemm_segment(const KnLoraSeg *s) { return s->dA && s->n_rows >= TRAIN_GEMM_ROWS && s->rank > 0; }
+static int gemm_segment(const KnLoraSeg *s) { return (s->dA || s->dB) && s->n_rows >= TRAIN_GEMM_ROWS && s->rank > 0; }
 
 /* a GEMM segment's dropped-out x (segment_x, then shrink_dx_gemm's product) */
 size_t cuda_lora_scratch(int64_t n, int64_t in, int dropout) {
@@ -434,6 +434,7 @@ void cuda_lora_expand_dx(const KnCtx *ctx, float *gt, const float *dy, const flo
 /* dA[k, j] += sum_r scale gt[r, k] d(x)[r, j], the rows in order */
 static __global__ void k_shrink_dA(const float *gt, int64_t ld_t, const float *x, Group g, int64_t in) {
     const Seg &s = g.s[blockIdx.z];
+    if (!s.dA) return;
     size_t n = (size_t)(s.rank * in);
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
         int64_t k = (int64_t)e / in, j = (int64_t)e % in;
@@ -473,10 +474,12 @@ static void shrink_dx_group(CudaCtx *c, const Group &g, int64_t rows, int rank, 
  * through the scratch when dropped out (the product, then the mask). */
 static void shrink_dx_gemm(CudaCtx *c, float *dx, const float *gt, int64_t ld_t, const float *x, const Seg &s,
                            int64_t in) {
-    const float *xs = segment_x(c, s, x, in, "lora_shrink_dx");
-    if (!xs) return;
-    sgemm(c, CUBLAS_OP_N, CUBLAS_OP_T, in, s.rank, s.n_rows, s.scale, xs, in, gt + s.row0 * ld_t, ld_t, 1.0f, s.dA, in,
-          "lora_shrink_dx");
+    if (s.dA) {
+        const float *xs = segment_x(c, s, x, in, "lora_shrink_dx");
+        if (!xs) return;
+        sgemm(c, CUBLAS_OP_N, CUBLAS_OP_T, in, s.rank, s.n_rows, s.scale, xs, in, gt + s.row0 * ld_t, ld_t, 1.0f, s.dA,
+              in, "lora_shrink_dx");
+    }
     if (!dx) return;
     if (!s.dropout) {
         sgemm(c, CUBLAS_OP_N, CUBLAS_OP_N, in, s.n_rows, s.rank, s.scale, s.A, in, gt + s.row0 * ld_t, ld_t, 1.0f,

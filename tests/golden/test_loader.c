@@ -21,7 +21,7 @@
 #include "image.h"
 #include "loader.h"
 #include "pipeline.h"
-#include "tar.h"
+#include "../unit/tar_put.h"
 
 #define N 24
 
@@ -38,7 +38,6 @@ static uint8_t *slurp(const char *path, size_t *n) {
  * one) when damaged. */
 static void write_tar(const char *path, int damaged) {
     FILE *f = fopen(path, "wb");
-    uint8_t h[512], pad[1024] = {0};
     for (int k = 0; k <= N_IMAGES; k++) {
         char src[512];
         snprintf(src, sizeof src, GF_FIXTURES "/images/%s", IMAGES[k < N_IMAGES ? k : 0]);
@@ -48,13 +47,10 @@ static void write_tar(const char *path, int damaged) {
             if (!damaged) { free(b); break; }
             n /= 2;
         }
-        tar_header_write(h, k < N_IMAGES ? IMAGES[k] : "cut.png", n, 0);
-        fwrite(h, 1, 512, f);
-        fwrite(b, 1, n, f);
-        fwrite(pad, 1, (512 - n % 512) % 512, f);
+        tar_put(f, k < N_IMAGES ? IMAGES[k] : "cut.png", b, n);
         free(b);
     }
-    fwrite(pad, 1, sizeof pad, f);
+    tar_end(f);
     fclose(f);
 }
 
@@ -210,16 +206,10 @@ static void write_large_tar(const char *path) {
               image_headers_within(late.b, late.n) && image_headers_within(photo, 65536),
           "turned.jpg's and photo.jpg's headers lie in their first 64 KiB, late.jpg's past them");
     FILE *f = fopen(path, "wb");
-    uint8_t h[512], zeros[1024] = {0};
     const char *names[] = {"photo.jpg", "turned.jpg", "late.jpg"};
     const Bytes files[] = {{photo, pn}, turned, late};
-    for (int k = 0; k < 3; k++) {
-        tar_header_write(h, names[k], files[k].n, 0);
-        fwrite(h, 1, 512, f);
-        fwrite(files[k].b, 1, files[k].n, f);
-        fwrite(zeros, 1, (512 - files[k].n % 512) % 512, f);
-    }
-    fwrite(zeros, 1, sizeof zeros, f);
+    for (int k = 0; k < 3; k++) tar_put(f, names[k], files[k].b, files[k].n);
+    tar_end(f);
     fclose(f);
     free(photo); free(orient); free(noise.b); free(turned.b); free(late.b); free(pad);
 }

@@ -22,7 +22,7 @@
 #include "../unit/check.h"
 #include "kernels.h"
 #include "pipeline.h"
-#include "tar.h"
+#include "../unit/tar_put.h"
 #include "trainer.h"
 
 static const char *IMAGES[] = {"tiny.png", "wide.png"};
@@ -30,7 +30,6 @@ static const char *IMAGES[] = {"tiny.png", "wide.png"};
 
 static void write_tar(const char *path) {
     FILE *f = fopen(path, "wb");
-    uint8_t h[512], pad[1024] = {0};
     for (int k = 0; k < N_IMAGES; k++) {
         char src[512];
         snprintf(src, sizeof src, GF_FIXTURES "/images/%s", IMAGES[k]);
@@ -38,13 +37,10 @@ static void write_tar(const char *path) {
         GfError err;
         uint8_t *b = (uint8_t *)gf_read_file(src, 1u << 20, "fixture", &n, &err);
         CHECK(b != NULL, "fixture %s: %s", src, err.message);
-        tar_header_write(h, IMAGES[k], b ? n : 0, 0);
-        fwrite(h, 1, 512, f);
-        if (b) fwrite(b, 1, n, f);
-        fwrite(pad, 1, (512 - n % 512) % 512, f);
+        tar_put(f, IMAGES[k], b, b ? n : 0);
         free(b);
     }
-    fwrite(pad, 1, sizeof pad, f);
+    tar_end(f);
     fclose(f);
 }
 

@@ -1283,6 +1283,44 @@ static void test_lora_serving(Dev *d) {
     dev_reset(d);
 }
 
+/* lora_shrink_dx in the two calls that lora_backward_weights and
+ * lora_backward_input make for a linear whose input its gradient is written
+ * over: dA alone (dx NULL), then dx alone (dA NULL, x NULL: not read). */
+static void lora_shrink_dx_split(Dev *d, float *ddx, const float *gt, int64_t ld_t, const float *x,
+                                 const KnLoraSeg *segs, int n_segs, int64_t in, float *buf) {
+    KnLoraSeg only_dx[2];
+    d->be.ops->lora_shrink_dx(&d->be.ctx, NULL, gt, ld_t, x, segs, n_segs, in, buf);
+    for (int i = 0; i < n_segs && i < 2; i++) {
+        only_dx[i] = segs[i];
+        only_dx[i].dA = NULL;
+    }
+    d->be.ops->lora_shrink_dx(&d->be.ctx, ddx, gt, ld_t, NULL, only_dx, n_segs, in, buf);
+}
+
+/* The split calls' dx and dA [rank0, in] of segs[0] (fresh, zeroed) equal
+ * the one call's, bit for bit. */
+static void expect_split_same(Dev *d, const float *gt, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs,
+                              int64_t n, int64_t in, float *buf, const float *want_dx, const float *want_dA,
+                              const char *what) {
+    KnLoraSeg fresh[2];
+    float *gA[2] = {NULL, NULL};
+    for (int i = 0; i < n_segs && i < 2; i++) {
+        fresh[i] = segs[i];
+        gA[i] = dev_alloc(d, F(segs[i].rank * in));
+        d->be.ops->memset(&d->be.ctx, gA[i], 0, F(segs[i].rank * in));
+        fresh[i].dA = gA[i];
+    }
+    float *ddx = dev_alloc(d, F(n * in)), *got_dx = malloc(F(n * in)), *got_dA = malloc(F(segs[0].rank * in));
+    d->be.ops->memset(&d->be.ctx, ddx, 0, F(n * in));
+    lora_shrink_dx_split(d, ddx, gt, ld_t, x, fresh, n_segs, in, buf);
+    dev_get(d, got_dx, ddx, F(n * in));
+    dev_get(d, got_dA, gA[0], F(segs[0].rank * in));
+    CHECK(memcmp(got_dx, want_dx, F(n * in)) == 0 && memcmp(got_dA, want_dA, F(segs[0].rank * in)) == 0,
+          "%s: lora_shrink_dx as dA alone, then dx alone without x, equals the one call, bit for bit", what);
+    free(got_dx);
+    free(got_dA);
+}
+
 static void test_lora(Dev *d) {
     int in = 40, out = 23, n = 9, R = 6;
     LoraRef l = {in, out, n, {0}, {0}, {6, 3}, {0.5f, 2.0f}, {0, 5}, {4, 4}, {0.0f, 0.0f}, {0, 0}, 0, NULL};
@@ -1338,6 +1376,11 @@ static void test_lora(Dev *d) {
             dev_get(d, got, which == 0 ? ddx : which == 1 ? gA[0] : gB[0], F(nx));
             EXPECT_CLOSE(got, g, nx, 1e-5, "lora backward d%s, dropout %d", which == 0 ? "x" : which == 1 ? "A" : "B", drop);
         }
+        float *want_dx = malloc(F(n * in)), *want_dA = malloc(F(6 * in));
+        dev_get(d, want_dx, ddx, F(n * in));
+        dev_get(d, want_dA, gA[0], F(6 * in));
+        expect_split_same(d, gt, R, dx, segs, 2, n, in, buf, want_dx, want_dA, drop ? "segments, dropout" : "segments");
+        free(want_dx); free(want_dA);
         free(ref); free(y); free(gout); free(gx); free(got); free(g);
         dev_reset(d);
     }
@@ -1371,6 +1414,7 @@ static void lora_train_run(Dev *d, const float *const *host, int n, int in, int 
     dev_get(d, o->dx, ddx, F(n * in));
     dev_get(d, o->gA, gA, F(rank * in));
     dev_get(d, o->gB, gB, F(out * rank));
+    expect_split_same(d, gt, rank, dx, &s, 1, n, in, buf, o->dx, o->gA, p > 0 ? "training rows, dropout" : "training rows");
     dev_reset(d);
 }
 

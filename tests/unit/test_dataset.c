@@ -13,20 +13,12 @@
 
 #include "check.h"
 #include "dataset.h"
-#include "tar.h"
+#include "tar_put.h"
 
 /* A fixture file's bytes (gf_read_file), NULL when it cannot be read. */
 static uint8_t *slurp(const char *path, size_t *n) {
     GfError err;
     return (uint8_t *)gf_read_file(path, 1u << 20, "fixture", n, &err);
-}
-
-static void tar_add(FILE *f, const char *name, const uint8_t *data, size_t n) {
-    uint8_t h[512], pad[512] = {0};
-    tar_header_write(h, name, n, 0);
-    fwrite(h, 1, 512, f);
-    fwrite(data, 1, n, f);
-    fwrite(pad, 1, (512 - n % 512) % 512, f);
 }
 
 static char *base64(const uint8_t *b, size_t n) {
@@ -142,11 +134,10 @@ int main(void) {
     CHECK(a && b, "fixture images read");
     if (!a || !b) return check_done("test_dataset");
     FILE *t = fopen(tar, "wb");
-    tar_add(t, "a.png", a, na);
-    tar_add(t, "dir/b.jpg", b, nb);
-    tar_add(t, "bad.png", a, na / 2); /* truncated */
-    uint8_t end[1024] = {0};
-    fwrite(end, 1, sizeof end, t);
+    tar_put(t, "a.png", a, na);
+    tar_put(t, "dir/b.jpg", b, nb);
+    tar_put(t, "bad.png", a, na / 2); /* truncated */
+    tar_end(t);
     fclose(t);
     char *b64 = base64(a, na), *url = malloc(strlen(b64) + 32);
     sprintf(url, "data:image/png;base64,%s", b64);
