@@ -226,17 +226,18 @@ static void put_weights(Text *t, WeightsGauge *g) {
 
 static void put_devices(Text *t) {
     KnDeviceInfo dev[KN_MAX_DEVICES];
-    int n = kn_devices_probe(dev);
+    int n = kn_devices_probe(dev, KN_PROBE_HELD); /* a GPU the server does not use is left alone */
     put(t, "# HELP gf_device_memory_total_bytes Memory of each compute device.\n"
            "# TYPE gf_device_memory_total_bytes gauge\n");
     for (int i = 0; i < n; i++)
         put(t, "gf_device_memory_total_bytes{device=\"%s%d\"} %llu\n", dev[i].kind == KN_DEVICE_CPU ? "cpu" : "cuda",
             dev[i].index, (unsigned long long)dev[i].memory_total);
-    put(t, "# HELP gf_device_memory_free_bytes Free memory of each compute device.\n"
+    put(t, "# HELP gf_device_memory_free_bytes Free memory of each compute device the server uses.\n"
            "# TYPE gf_device_memory_free_bytes gauge\n");
     for (int i = 0; i < n; i++)
-        put(t, "gf_device_memory_free_bytes{device=\"%s%d\"} %llu\n", dev[i].kind == KN_DEVICE_CPU ? "cpu" : "cuda",
-            dev[i].index, (unsigned long long)dev[i].memory_free);
+        if (dev[i].free_known)
+            put(t, "gf_device_memory_free_bytes{device=\"%s%d\"} %llu\n",
+                dev[i].kind == KN_DEVICE_CPU ? "cpu" : "cuda", dev[i].index, (unsigned long long)dev[i].memory_free);
 }
 
 /* The pool decoding requests' images off the HTTP threads. */

@@ -60,7 +60,7 @@ int main(int argc, char **argv) {
     }
     gf_log_init(GF_LOG_WARN);
     KnDeviceInfo dev[KN_MAX_DEVICES];
-    kn_devices_probe(dev);
+    kn_devices_probe(dev, KN_PROBE_HELD);
     printf("CPU backend, %d threads available%s\n", dev[0].n_threads, o.threads ? "" : " (all used)");
     const char *tiny[] = {"dense", "ple", "moe"};
     for (int i = 0; i < 3; i++) {

@@ -77,7 +77,7 @@ int main(int argc, char **argv) {
     if (o.tokens < 2 || o.rank < 1 || o.reps < 1) { fprintf(stderr, "bad options\n"); return 2; }
     gf_log_init(GF_LOG_WARN);
     KnDeviceInfo dev[KN_MAX_DEVICES];
-    kn_devices_probe(dev);
+    kn_devices_probe(dev, KN_PROBE_HELD);
     printf("CPU backend, %d threads available%s; LoRA all-linear rank %d\n", dev[0].n_threads, o.threads ? "" : " (all used)",
            o.rank);
     char dir[600];

@@ -15,19 +15,25 @@ int kn_cuda_built(void) {
 #endif
 }
 
-int kn_devices_probe(KnDeviceInfo out[KN_MAX_DEVICES]) {
+/* The CPU, then the CUDA devices, their free memory read as cuda_devices_probe says. */
+static int probe(KnDeviceInfo out[KN_MAX_DEVICES], int all, int index) {
     int n = 0;
     cpu_device_probe(&out[n++]);
 #ifdef GF_HAVE_CUDA
-    n += cuda_devices_probe(out + n, KN_MAX_DEVICES - n);
+    n += cuda_devices_probe(out + n, KN_MAX_DEVICES - n, all, index);
+#else
+    (void)all;
+    (void)index;
 #endif
     return n;
 }
 
+int kn_devices_probe(KnDeviceInfo out[KN_MAX_DEVICES], KnProbe how) { return probe(out, how == KN_PROBE_ALL, -1); }
+
 GfStatus kn_device_info(KnDeviceKind kind, int index, KnDeviceInfo *out, GfError *err) {
     KnDeviceInfo dev[KN_MAX_DEVICES];
-    int n = kn_devices_probe(dev);
     KnDeviceKind k = kind == KN_DEVICE_GUARDED ? KN_DEVICE_CPU : kind;
+    int n = probe(dev, 0, k == KN_DEVICE_CUDA ? index : -1);
     for (int i = 0; i < n; i++)
         if (dev[i].kind == k && dev[i].index == index) {
             *out = dev[i];
@@ -39,7 +45,7 @@ GfStatus kn_device_info(KnDeviceKind kind, int index, KnDeviceInfo *out, GfError
 
 void kn_default_device(KnDeviceKind *kind, int *index) {
     KnDeviceInfo dev[KN_MAX_DEVICES];
-    int n = kn_devices_probe(dev);
+    int n = kn_devices_probe(dev, KN_PROBE_HELD);
     *kind = KN_DEVICE_CPU;
     *index = 0;
     for (int i = 0; i < n; i++)

@@ -8,8 +8,11 @@
  * of Gemma.
  *
  * Threading: kn_devices_probe() may be called from any thread; it reads
- * device properties and allocates nothing that outlives the call. An opened
- * KnBackend belongs to the thread that uses it (ops.h); open one per thread.
+ * device properties and, unless asked for every device's free memory,
+ * creates nothing that outlives the call (reading a GPU's free memory
+ * creates the process's CUDA context on it, which holds device memory
+ * until the process exits). An opened KnBackend belongs to the thread that
+ * uses it (ops.h); open one per thread.
  */
 #ifndef GF_KERNELS_H
 #define GF_KERNELS_H
@@ -28,19 +31,28 @@ typedef struct {
     char name[128];            /* "cpu", or the CUDA device name */
     int n_threads;             /* CPU: cores used by the thread pool; CUDA: SM count */
     uint64_t memory_total;     /* bytes */
-    uint64_t memory_free;      /* bytes, at probe time */
+    uint64_t memory_free;      /* bytes, at probe time, when free_known */
+    int free_known;            /* 0: not read (a GPU this process holds no context on, KN_PROBE_HELD) */
     int cc_major, cc_minor;    /* CUDA compute capability (0.0 for the CPU) */
 } KnDeviceInfo;
+
+/* Whose free memory kn_devices_probe reads: the CPU's and that of the GPUs
+ * this process already holds a context on (a server's /metrics, its
+ * start-up log: a GPU it does not use is left as it is), or every GPU's
+ * (`gemmaforge devices`, a short-lived listing: it creates a context on
+ * each). */
+typedef enum { KN_PROBE_HELD = 0, KN_PROBE_ALL = 1 } KnProbe;
 
 /* Fills out[0..n) with the CPU followed by every CUDA device that the CUDA
  * backend (if built) can open, and returns n (>= 1). Never fails: a CUDA
  * runtime that cannot be initialised simply contributes no device, and the
  * reason is logged once at debug level. */
-int kn_devices_probe(KnDeviceInfo out[KN_MAX_DEVICES]);
+int kn_devices_probe(KnDeviceInfo out[KN_MAX_DEVICES], KnProbe how);
 
 /* The description of the device of kind (the guarded backend's is the
- * CPU's: its memory is host memory) and index, its free memory read now;
- * GF_NOT_FOUND naming it when there is none. */
+ * CPU's: its memory is host memory) and index, its free memory read now
+ * (a GPU's context created if this process held none: the device is about
+ * to be used); GF_NOT_FOUND naming it when there is none. */
 GfStatus kn_device_info(KnDeviceKind kind, int index, KnDeviceInfo *out, GfError *err);
 
 /* 1 when this binary contains the CUDA backend, whether or not a GPU exists. */

@@ -9,8 +9,14 @@
 void cpu_device_probe(KnDeviceInfo *out);
 
 /* Fills out[0..max) with CUDA devices; returns how many (0 when none or when
- * the runtime fails to initialise). Defined in cuda/cuda_device.cu. */
-int cuda_devices_probe(KnDeviceInfo *out, int max);
+ * the runtime fails to initialise). Reads the free memory of the devices
+ * this process holds a context on, of every device when `all`, and of
+ * device `index` (-1: none). Defined in cuda/cuda_device.cu. */
+int cuda_devices_probe(KnDeviceInfo *out, int max, int all, int index);
+
+/* Marks device index as holding this process's context (cuda_ctx_init: the
+ * primary context, which lives until the process exits). */
+void cuda_device_held(int index);
 
 /* The CUDA backend (cuda/cuda_backend.cu): its table, and a context on
  * device index (stream, cuBLAS handle) in ctx->impl; GF_NOT_FOUND when the

@@ -412,21 +412,23 @@ static int use_device_sched(const ServeOptions *o, const Model *m) {
  * load later, when a job's memory check or a /metrics scrape probes again
  * while other threads run. (Loaded mid-flight, the loader's lock once
  * deadlocked the server against the allocator that the fault-injection
- * test interposes, libfiu's.) */
+ * test interposes, libfiu's.) A GPU's free memory is not read here: that
+ * would hold a context on every GPU, used or not. */
 static void log_devices(void) {
     KnDeviceInfo dev[KN_MAX_DEVICES];
-    int n = kn_devices_probe(dev);
+    int n = kn_devices_probe(dev, KN_PROBE_HELD);
     char line[1024] = "";
     size_t used = 0;
     for (int i = 0; i < n && used < sizeof line; i++) {
         int cpu = dev[i].kind == KN_DEVICE_CPU, w;
-        double free_gib = (double)dev[i].memory_free / 1073741824.0;
+        double free_gib = (double)dev[i].memory_free / 1073741824.0,
+               total_gib = (double)dev[i].memory_total / 1073741824.0;
         if (cpu)
             w = snprintf(line + used, sizeof line - used, "%scpu (%d threads, %.1f GiB free)", i ? ", " : "",
                          dev[i].n_threads, free_gib);
         else
-            w = snprintf(line + used, sizeof line - used, "%scuda:%d %s (%d SMs, %.1f GiB free)", i ? ", " : "",
-                         dev[i].index, dev[i].name, dev[i].n_threads, free_gib);
+            w = snprintf(line + used, sizeof line - used, "%scuda:%d %s (%d SMs, %.1f GiB)", i ? ", " : "",
+                         dev[i].index, dev[i].name, dev[i].n_threads, total_gib);
         if (w < 0) break;
         used += (size_t)w;
     }
@@ -511,7 +513,7 @@ static int cmd_routes(void) {
 
 static int cmd_devices(void) {
     KnDeviceInfo dev[KN_MAX_DEVICES];
-    int n = kn_devices_probe(dev);
+    int n = kn_devices_probe(dev, KN_PROBE_ALL);
     printf("CUDA backend %s\n", kn_cuda_built() ? "built" : "not built");
     for (int i = 0; i < n; i++) {
         char cc[32] = "";

@@ -64,4 +64,5 @@ void cpu_device_probe(KnDeviceInfo *out) {
         if (room < free_b) free_b = room;
     }
     out->memory_free = free_b;
+    out->free_known = 1;
 }

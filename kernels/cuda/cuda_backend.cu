@@ -52,6 +52,7 @@ extern "C" GfStatus cuda_ctx_init(KnCtx *ctx, int index, GfError *err) {
     c->device = index;
     const char *step = "cudaSetDevice", *what = NULL;
     if ((rc = cudaSetDevice(index)) != cudaSuccess) goto fail;
+    cuda_device_held(index);
     step = "cudaStreamCreate";
     if ((rc = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess) goto fail;
     if (cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS || cublasSetStream(c->blas, c->stream) != CUBLAS_STATUS_SUCCESS) {

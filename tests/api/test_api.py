@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -427,6 +428,11 @@ def t_metrics(srv):
     assert "gf_queue_depth %d\n" % queued in text and "gf_datasets %d\n" % n_ds in text, text
     assert cancelled >= 1 and 'gf_jobs{status="cancelled"} %d\n' % cancelled in text and "gf_model_loaded 1" in text
     assert 'gf_device_memory_total_bytes{device="cpu0"}' in text
+    # free memory is read for the CPU and the GPUs the server uses, never above the total
+    total = dict(re.findall(r'^gf_device_memory_total_bytes\{device="(\w+)"\} (\d+)$', text, re.M))
+    free = dict(re.findall(r'^gf_device_memory_free_bytes\{device="(\w+)"\} (\d+)$', text, re.M))
+    assert "cpu0" in free and 0 < int(free["cpu0"]) <= int(total["cpu0"]), text
+    assert all(d in total and int(f) <= int(total[d]) for d, f in free.items()), text
 
 
 def t_static_dashboard(srv):
