@@ -316,12 +316,13 @@ static void kv_store(Model *m, const KvPool *pool, void *store, const float *src
     else m->be.ops->rows_scatter(&m->be.ctx, store, src, slots, n, kvw);
 }
 
-/* The batch's new keys and values into their caches' stores (unless
- * replaying: the caches hold them already), then each sequence's attention
- * over its cache for its rows of u->qr (normed and rotated) into u->att:
- * one scatter each and one attention call per run of sequences that share a
- * pool (all of them when serving), not a launch per sequence. */
-static void attend(Model *m, const Batch *b, const Scratch *s, int li, const LayerBufs *u, int replay) {
+/* The batch's new keys and values, kn and vn (normed and rotated), into
+ * their caches' stores, then each sequence's attention over its cache for
+ * its rows of u->qr (normed and rotated) into u->att: one scatter each and
+ * one attention call per run of sequences that share a pool (all of them
+ * when serving), not a launch per sequence. */
+static void attend(Model *m, const Batch *b, const Scratch *s, int li, const LayerBufs *u, const float *kn,
+                   const float *vn) {
     const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
     const KnOps *ops = m->be.ops;
@@ -333,9 +334,9 @@ static void attend(Model *m, const Batch *b, const Scratch *s, int li, const Lay
     if (b->bucketed) { /* one pool; every row's sequence from the row tables, pad rows store nothing */
         KvPool *pool = b->seqs[0].cache->pool;
         int sp = pool->layer_space[li];
-        if (!lc->kv_shared && !replay) {
-            kv_store(m, pool, pool->k[li], u->klin, s->slots + sp * b->n, b->n, kvw);
-            kv_store(m, pool, pool->v[li], u->vlin, s->slots + sp * b->n, b->n, kvw);
+        if (!lc->kv_shared) {
+            kv_store(m, pool, pool->k[li], kn, s->slots + sp * b->n, b->n, kvw);
+            kv_store(m, pool, pool->v[li], vn, s->slots + sp * b->n, b->n, kvw);
         }
         ops->attention_rows(&m->be.ctx, u->att, u->qr, s->pos, pool->k[src], pool->v[src], pool->dtype,
                             pool->block_len, att_rows(m, b, sp, groups), b->n, NH, KVH, D, 1.0f, window);
@@ -346,10 +347,10 @@ static void attend(Model *m, const Batch *b, const Scratch *s, int li, const Lay
         for (j = i + 1; j < b->n_seqs && b->seqs[j].cache->pool == pool;) j++;
         KvSpace sp = (KvSpace)pool->layer_space[li];
         int64_t r0 = b->row0[i], rows = b->row0[j] - r0;
-        if (!lc->kv_shared && !replay) {
+        if (!lc->kv_shared) {
             const int32_t *slots = s->slots + sp * b->n + r0;
-            kv_store(m, pool, pool->k[li], u->klin + r0 * kvw, slots, rows, kvw);
-            kv_store(m, pool, pool->v[li], u->vlin + r0 * kvw, slots, rows, kvw);
+            kv_store(m, pool, pool->k[li], kn + r0 * kvw, slots, rows, kvw);
+            kv_store(m, pool, pool->v[li], vn + r0 * kvw, slots, rows, kvw);
         }
         if (attend_bulk(m, b, li, u, groups, window)) return;
         for (int q = i; q < j; q++) {
@@ -364,8 +365,10 @@ static void attend(Model *m, const Batch *b, const Scratch *s, int li, const Lay
 }
 
 /* Self-attention of layer li (§3.5, §3.6) from u->h1 to u->o. Replaying,
- * the K/V projections are recomputed (their backward needs them) but not
- * normed, rotated or stored again. */
+ * the K/V projections are recomputed and kept as they are (their backward
+ * needs them), and normed and rotated into u->kn, u->vn to be stored again:
+ * the layers of a training cache share a store (kv_cache_init_training),
+ * so the forward's may be gone, and these are the same bits. */
 static void attention(Model *m, const Batch *b, int li, Scratch *s, const LayerBufs *u, int replay) {
     const TextConfig *t = &m->w->cfg.text;
     const LayerConfig *lc = &t->layers[li];
@@ -379,13 +382,14 @@ static void attention(Model *m, const Batch *b, int li, Scratch *s, const LayerB
         if (lc->k_eq_v) copy_rows(m, u->vlin, u->klin, n * KVH * D);
         else linear(m, b, s, u->vlin, u->h1, l->v, li, LORA_V);
     }
-    if (!lc->kv_shared && !replay) { /* normed and rotated in place, then stored */
-        m->be.ops->rmsnorm(&m->be.ctx, u->klin, u->klin, l->k_norm, n * KVH, D, t->rms_eps);
-        m->be.ops->rmsnorm(&m->be.ctx, u->vlin, u->vlin, NULL, n * KVH, D, t->rms_eps);
+    float *kn = replay ? u->kn : u->klin, *vn = replay ? u->vn : u->vlin; /* in place when not replaying */
+    if (!lc->kv_shared) { /* normed and rotated, then stored */
+        m->be.ops->rmsnorm(&m->be.ctx, kn, u->klin, l->k_norm, n * KVH, D, t->rms_eps);
+        m->be.ops->rmsnorm(&m->be.ctx, vn, u->vlin, NULL, n * KVH, D, t->rms_eps);
     }
     m->be.ops->rope_rows(&m->be.ctx, u->qr, n, NH, D, D, l->inv_freq, s->pos, 1);
-    if (!lc->kv_shared && !replay) m->be.ops->rope_rows(&m->be.ctx, u->klin, n, KVH, D, D, l->inv_freq, s->pos, 1);
-    attend(m, b, s, li, u, replay);
+    if (!lc->kv_shared) m->be.ops->rope_rows(&m->be.ctx, kn, n, KVH, D, D, l->inv_freq, s->pos, 1);
+    attend(m, b, s, li, u, kn, vn);
     linear(m, b, s, u->o, u->att, l->o, li, LORA_O);
 }
 

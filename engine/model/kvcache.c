@@ -42,10 +42,30 @@ static GfStatus blocks_init(KvBlocks *b, int64_t n, GfError *err) {
     return GF_OK;
 }
 
-/* The k and v stores of layer i, in its space's blocks. */
-static GfStatus layer_stores(KvPool *p, const LayerConfig *l, int i, GfError *err) {
+int kv_layer_read_later(const TextConfig *t, int li) {
+    for (int j = li + 1; j < t->n_layers; j++)
+        if (t->layers[j].kv_shared && t->layers[j].store_layer == li) return 1;
+    return 0;
+}
+
+/* Whether layer i's keys and values go to the one store that a transient
+ * pool's layers share (pool_init): it stores them, and no later layer reads them. */
+static int transient_layer(const TextConfig *t, int i) {
+    return !t->layers[i].kv_shared && !kv_layer_read_later(t, i);
+}
+
+/* The widest row (kv_heads * head_dim) of the layers sharing a transient pool's store; 0 without any. */
+static uint64_t transient_row(const TextConfig *t) {
+    uint64_t most = 0;
+    for (int i = 0; i < t->n_layers; i++)
+        if (transient_layer(t, i) && kv_row_floats(&t->layers[i]) > most) most = kv_row_floats(&t->layers[i]);
+    return most;
+}
+
+/* The k and v stores of layer i, rows of row_floats, in its space's blocks. */
+static GfStatus layer_stores(KvPool *p, uint64_t row_floats, int i, GfError *err) {
     const KnBackend *be = p->be;
-    size_t row = kv_row_floats(l) * kn_dtype_size(p->dtype);
+    size_t row = row_floats * kn_dtype_size(p->dtype);
     size_t bytes = (size_t)(p->space[p->layer_space[i]].n_blocks * p->block_len) * row;
     if (be->ops->alloc(&be->ctx, &p->bufs[2 * i], bytes, p->dtype, "the KV cache", err) ||
         be->ops->alloc(&be->ctx, &p->bufs[2 * i + 1], bytes, p->dtype, "the KV cache", err))
@@ -59,8 +79,10 @@ static GfStatus layer_stores(KvPool *p, const LayerConfig *l, int i, GfError *er
     return GF_OK;
 }
 
-GfStatus kv_pool_init(KvPool *p, const TextConfig *t, const KnBackend *be, KnDtype dtype, int64_t block_len,
-                      int64_t n_blocks, int64_t n_window_blocks, GfError *err) {
+/* kv_pool_init; with transient, the layers transient_layer names share the
+ * stores of the first of them, of transient_row's width. */
+static GfStatus pool_init(KvPool *p, const TextConfig *t, const KnBackend *be, KnDtype dtype, int64_t block_len,
+                          int64_t n_blocks, int64_t n_window_blocks, int transient, GfError *err) {
     memset(p, 0, sizeof *p);
     if (block_len <= 0 || n_blocks <= 0 || n_blocks > INT32_MAX || n_window_blocks > INT32_MAX)
         return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "a KV pool needs blocks of at least one position");
@@ -89,12 +111,27 @@ GfStatus kv_pool_init(KvPool *p, const TextConfig *t, const KnBackend *be, KnDty
         kv_pool_free(p);
         return GF_NO_MEMORY;
     }
-    for (int i = 0; i < t->n_layers; i++)
-        if (!t->layers[i].kv_shared && layer_stores(p, &t->layers[i], i, err)) {
+    int first = -1; /* the transient layers' store */
+    for (int i = 0; i < t->n_layers; i++) {
+        if (t->layers[i].kv_shared) continue;
+        if (transient && transient_layer(t, i) && first >= 0) {
+            p->k[i] = p->k[first];
+            p->v[i] = p->v[first];
+            continue;
+        }
+        int shared = transient && transient_layer(t, i);
+        if (layer_stores(p, shared ? transient_row(t) : kv_row_floats(&t->layers[i]), i, err)) {
             kv_pool_free(p);
             return err->status;
         }
+        if (shared) first = i;
+    }
     return GF_OK;
+}
+
+GfStatus kv_pool_init(KvPool *p, const TextConfig *t, const KnBackend *be, KnDtype dtype, int64_t block_len,
+                      int64_t n_blocks, int64_t n_window_blocks, GfError *err) {
+    return pool_init(p, t, be, dtype, block_len, n_blocks, n_window_blocks, 0, err);
 }
 
 void kv_pool_free(KvPool *p) {
@@ -168,11 +205,13 @@ static int64_t widest_store(const TextConfig *t) {
     return most;
 }
 
-GfStatus kv_cache_init_as(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, KnDtype dtype,
-                          GfError *err) {
+/* A cache with its own store of capacity positions (kv_cache_init, or
+ * kv_cache_init_training with transient). */
+static GfStatus own_init(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, KnDtype dtype,
+                         int transient, GfError *err) {
     memset(c, 0, sizeof *c);
     if (capacity <= 0) return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "a KV cache needs room for a position");
-    if (kv_pool_init(&c->own, t, be, dtype, capacity, 1, 1, err)) return err->status;
+    if (pool_init(&c->own, t, be, dtype, capacity, 1, 1, transient, err)) return err->status;
     c->pool = &c->own;
     if (cache_tables(c, capacity, err)) return err->status; /* freed */
     if (dtype != KN_BF16) return GF_OK;
@@ -187,13 +226,18 @@ GfStatus kv_cache_init_as(KvCache *c, const TextConfig *t, const KnBackend *be, 
 }
 
 GfStatus kv_cache_init(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, GfError *err) {
-    return kv_cache_init_as(c, t, be, capacity, KN_F32, err);
+    return own_init(c, t, be, capacity, KN_F32, 0, err);
 }
 
-uint64_t kv_cache_own_bytes(const TextConfig *t, int64_t capacity, KnDtype dtype) {
-    uint64_t per = 0;
+GfStatus kv_cache_init_training(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, KnDtype dtype,
+                                GfError *err) {
+    return own_init(c, t, be, capacity, dtype, 1, err);
+}
+
+uint64_t kv_cache_training_bytes(const TextConfig *t, int64_t capacity, KnDtype dtype) {
+    uint64_t per = 2 * transient_row(t);
     for (int i = 0; i < t->n_layers; i++)
-        if (!t->layers[i].kv_shared) per += 2 * (uint64_t)t->layers[i].kv_heads * (uint64_t)t->layers[i].head_dim;
+        if (!t->layers[i].kv_shared && !transient_layer(t, i)) per += 2 * kv_row_floats(&t->layers[i]);
     uint64_t bytes = (uint64_t)capacity * per * (uint64_t)kn_dtype_size(dtype);
     if (dtype == KN_BF16) bytes += 2 * (uint64_t)capacity * (uint64_t)widest_store(t) * sizeof(float);
     return bytes + tables_bytes(1, capacity); /* one block of capacity positions */

@@ -97,18 +97,26 @@ typedef struct {
     float *wide_k, *wide_v;   /*   [capacity][widest kv_heads * head_dim] each (kv_cache_own_f32) */
 } KvCache;
 
+/* 1 when a later layer reads layer li's keys and values (KV sharing). */
+int kv_layer_read_later(const TextConfig *t, int li);
+
 /* A cache with its own contiguous store for up to capacity positions:
  * c->own.k[l] / c->own.v[l] hold positions 0.. of layer l in order, as
- * float32 (kv_cache_init) or dtype (kv_cache_init_as: KN_BF16 halves the
- * store, the training backward's; each key and value rounded once as it is
+ * float32 (kv_cache_init).
+ * kv_cache_init_training: the training forward's and its replays', of dtype
+ * (KN_BF16 halves the store; each key and value rounded once as it is
  * stored, and kv_cache_own_f32 widens a layer's for attention into one
- * float32 pair of the widest layer's size, which the cache also holds). */
+ * float32 pair of the widest layer's size, which the cache also holds).
+ * Only the layers a later layer reads (kv_layer_read_later) keep stores of
+ * their own; the others share one, where a layer's keys and values stay
+ * until the next of them stores: its attention reads them right after, and
+ * the backward's replay of the layer stores them again. */
 GfStatus kv_cache_init(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, GfError *err);
-GfStatus kv_cache_init_as(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, KnDtype dtype,
-                          GfError *err);
+GfStatus kv_cache_init_training(KvCache *c, const TextConfig *t, const KnBackend *be, int64_t capacity, KnDtype dtype,
+                                GfError *err);
 /* Device bytes of the stores, the float32 view and the tables that
- * kv_cache_init_as allocates for capacity positions of dtype. */
-uint64_t kv_cache_own_bytes(const TextConfig *t, int64_t capacity, KnDtype dtype);
+ * kv_cache_init_training allocates for capacity positions of dtype. */
+uint64_t kv_cache_training_bytes(const TextConfig *t, int64_t capacity, KnDtype dtype);
 /* Positions 0 .. n - 1 of store layer li (rows of kvw = kv_heads *
  * head_dim floats) of a cache with its own store, as float32 for attention:
  * the store itself, or a bf16 store widened into c->wide_k and c->wide_v

@@ -65,6 +65,8 @@ typedef struct {
     float *h1;                 /* input_layernorm(x) */
     float *qlin, *qr;          /* q_proj(h1); q_norm'd and rotated */
     float *klin, *vlin;        /* k_proj(h1), v_proj(h1) (normed, rotated and stored in place when not replaying) */
+    float *kn, *vn;            /* replaying: klin, vlin normed and rotated, to be stored again (klin and vlin
+                                  stay the projections, which the backward reads) */
     float *att, *o;            /* attention output; o_proj(att) */
     float *t;                  /* a normed block output before its residual add */
     float *x1, *h2;            /* x + attention; pre_feedforward_layernorm(x1) */

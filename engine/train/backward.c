@@ -71,13 +71,6 @@ static float *take(Slab *s, size_t n) {
     return p;
 }
 
-/* Whether a later layer reads layer li's K/V (KV sharing). */
-static int read_by_others(const TextConfig *t, int li) {
-    for (int j = li + 1; j < t->n_layers; j++)
-        if (t->layers[j].kv_shared && t->layers[j].store_layer == li) return 1;
-    return 0;
-}
-
 static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     const TextConfig *t = &m->w->cfg.text;
     size_t n = (size_t)w->max_tokens, H = (size_t)t->hidden_size, L = (size_t)t->n_layers, P = (size_t)t->ple_dim;
@@ -99,13 +92,13 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     size_t common = 0;
     for (size_t i = 0; i < L; i++) {
         const LayerConfig *l = &t->layers[i];
-        if (!l->kv_shared && !read_by_others(t, (int)i) && (size_t)l->kv_heads * l->head_dim > common)
+        if (!l->kv_shared && !kv_layer_read_later(t, (int)i) && (size_t)l->kv_heads * l->head_dim > common)
             common = (size_t)l->kv_heads * l->head_dim;
     }
     float *ck = common ? take(s, n * common) : NULL, *cv = common ? take(s, n * common) : NULL;
     for (size_t i = 0; i < L; i++) {
         const LayerConfig *l = &t->layers[i];
-        int own = !l->kv_shared && read_by_others(t, (int)i);
+        int own = !l->kv_shared && kv_layer_read_later(t, (int)i);
         w->dK[i] = l->kv_shared ? NULL : own ? take(s, n * (size_t)l->kv_heads * (size_t)l->head_dim) : ck;
         w->dV[i] = l->kv_shared ? NULL : own ? take(s, n * (size_t)l->kv_heads * (size_t)l->head_dim) : cv;
     }
@@ -150,7 +143,8 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     w->gdx = take(s, LOGIT_ROWS * H);
     int64_t moe_cap = w->max_tokens < m->moe_chunk ? w->max_tokens : m->moe_chunk;
     moe_tape_init(&w->moe_tape, t, take(s, moe_tape_floats(t, moe_cap)), moe_cap);
-    w->tape = (LayerBufs){.h1 = w->h1, .qlin = w->qlin, .qr = w->qr, .klin = w->klin, .vlin = w->vlin, .att = w->att,
+    w->tape = (LayerBufs){.h1 = w->h1, .qlin = w->qlin, .qr = w->qr, .klin = w->klin, .vlin = w->vlin,
+                          .kn = w->dklin, .vn = w->dvlin, .att = w->att,
                           .o = w->o, .t = w->t, .x1 = w->x1, .h2 = w->h2, .g = w->g, .u = w->u, .mm = w->mm, .d = w->d,
                           .f = w->f, .moe = w->moe, .x2 = w->x2, .pg = w->pg, .pm = w->pm, .pp = w->pp, .out = w->out};
 }
@@ -190,7 +184,7 @@ GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWork
     }
     layout(m, w, &s);
     if (m->be.ops->alloc(&m->be.ctx, &w->slab, s.used * sizeof(float), KN_F32, "the training activations", err) ||
-        kv_cache_init_as(&w->cache, &model_config(m)->text, model_backend(m), max_tokens, w->bf16 ? KN_BF16 : KN_F32, err)) {
+        kv_cache_init_training(&w->cache, &model_config(m)->text, model_backend(m), max_tokens, w->bf16 ? KN_BF16 : KN_F32, err)) {
         grad_workspace_free(w);
         return err->status;
     }
@@ -210,7 +204,7 @@ uint64_t grad_workspace_bytes(const Model *m, int64_t max_tokens, int max_rank) 
     GradWorkspace w = {.max_tokens = max_tokens, .max_rank = max_rank, .bf16 = m->checkpoints_bf16, .dK = dk, .dV = dv};
     Slab s = {NULL, 0};
     layout(m, &w, &s);
-    return (uint64_t)s.used * sizeof(float) + kv_cache_own_bytes(t, max_tokens, w.bf16 ? KN_BF16 : KN_F32) +
+    return (uint64_t)s.used * sizeof(float) + kv_cache_training_bytes(t, max_tokens, w.bf16 ? KN_BF16 : KN_F32) +
            model_scratch_bytes(m, max_tokens, max_rank, 0);
 }
 
@@ -355,7 +349,7 @@ static void attention_backward(Model *m, GradWorkspace *w, const LoraBinding *b,
     zero(m, w->dqlin, n * NH * D); /* d(att) first */
     linear_bwd(m, w, b, w->dqlin, w->dh2, w->att, l->o, text_pair(b, li, LORA_O), n);
     KnMask mask = layer_mask(m, &w->cache, li);
-    if (!lc->kv_shared && !read_by_others(t, li)) { /* the shared pair: this layer's alone from here */
+    if (!lc->kv_shared && !kv_layer_read_later(t, li)) { /* the shared pair: this layer's alone from here */
         zero(m, w->dK[li], n * KVH * D);
         zero(m, w->dV[li], n * KVH * D);
     }
@@ -639,7 +633,7 @@ GfStatus model_backward(Model *m, GradWorkspace *w, const LoraBinding *b, const 
         zero(m, w->dple, n * L * P);
     }
     for (int64_t li = 0; li < L; li++)
-        if (w->dK[li] && read_by_others(t, (int)li)) { /* the shared pair is zeroed where it is used */
+        if (w->dK[li] && kv_layer_read_later(t, (int)li)) { /* the shared pair is zeroed where it is used */
             const LayerConfig *lc = &t->layers[li];
             zero(m, w->dK[li], n * lc->kv_heads * lc->head_dim);
             zero(m, w->dV[li], n * lc->kv_heads * lc->head_dim);

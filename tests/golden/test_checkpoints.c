@@ -66,13 +66,19 @@ static int run(const char *variant, const char *mode, Run *out) {
     out->bytes = grad_workspace_bytes(m, N_TOK, 4);
     out->layers = model_config(m)->text.n_layers;
     out->hidden = model_config(m)->text.hidden_size;
+    int64_t shared = 0; /* the store the layers no later layer reads share: the widest of them */
     for (int i = 0; i < out->layers; i++) {
-        const LayerConfig *l = &model_config(m)->text.layers[i];
+        const TextConfig *t = &model_config(m)->text;
+        const LayerConfig *l = &t->layers[i];
         int64_t kvw = (int64_t)l->kv_heads * l->head_dim;
         if (l->kv_shared) continue;
-        out->kv += 2 * kvw;
+        int read_later = 0;
+        for (int j = i + 1; j < out->layers; j++) read_later |= t->layers[j].kv_shared && t->layers[j].store_layer == i;
+        if (read_later) out->kv += 2 * kvw;
+        else if (kvw > shared) shared = kvw;
         if (kvw > out->widest) out->widest = kvw;
     }
+    out->kv += 2 * shared;
     grad_workspace_free(w);
     lora_binding_free(&b);
     lora_free(a);
@@ -82,7 +88,8 @@ static int run(const char *variant, const char *mode, Run *out) {
 
 /* What bf16 checkpoints save over fp32 ones (backward.c's layout: the
  * layer inputs 1 .. L - 1 in two bytes each instead of four, less one
- * widened input; kvcache.c's: every stored key and value in two bytes
+ * widened input; kvcache.c's: the stores of keys and values, those of the
+ * layers a later layer reads and the one the others share, in two bytes
  * instead of four, less one widened layer's), up to the 64-byte alignment
  * of the three buffers of the slab. */
 static void check_bytes(const char *variant, const Run *f32, const Run *b16) {
