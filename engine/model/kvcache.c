@@ -48,17 +48,12 @@ int kv_layer_read_later(const TextConfig *t, int li) {
     return 0;
 }
 
-/* Whether layer i's keys and values go to the one store that a transient
- * pool's layers share (pool_init): it stores them, and no later layer reads them. */
-static int transient_layer(const TextConfig *t, int i) {
-    return !t->layers[i].kv_shared && !kv_layer_read_later(t, i);
-}
+int kv_layer_transient(const TextConfig *t, int li) { return !t->layers[li].kv_shared && !kv_layer_read_later(t, li); }
 
-/* The widest row (kv_heads * head_dim) of the layers sharing a transient pool's store; 0 without any. */
-static uint64_t transient_row(const TextConfig *t) {
+uint64_t kv_transient_row(const TextConfig *t) {
     uint64_t most = 0;
     for (int i = 0; i < t->n_layers; i++)
-        if (transient_layer(t, i) && kv_row_floats(&t->layers[i]) > most) most = kv_row_floats(&t->layers[i]);
+        if (kv_layer_transient(t, i) && kv_row_floats(&t->layers[i]) > most) most = kv_row_floats(&t->layers[i]);
     return most;
 }
 
@@ -79,8 +74,8 @@ static GfStatus layer_stores(KvPool *p, uint64_t row_floats, int i, GfError *err
     return GF_OK;
 }
 
-/* kv_pool_init; with transient, the layers transient_layer names share the
- * stores of the first of them, of transient_row's width. */
+/* kv_pool_init; with transient, the layers kv_layer_transient names share
+ * the stores of the first of them, of kv_transient_row's width. */
 static GfStatus pool_init(KvPool *p, const TextConfig *t, const KnBackend *be, KnDtype dtype, int64_t block_len,
                           int64_t n_blocks, int64_t n_window_blocks, int transient, GfError *err) {
     memset(p, 0, sizeof *p);
@@ -114,13 +109,13 @@ static GfStatus pool_init(KvPool *p, const TextConfig *t, const KnBackend *be, K
     int first = -1; /* the transient layers' store */
     for (int i = 0; i < t->n_layers; i++) {
         if (t->layers[i].kv_shared) continue;
-        if (transient && transient_layer(t, i) && first >= 0) {
+        int shared = transient && kv_layer_transient(t, i);
+        if (shared && first >= 0) {
             p->k[i] = p->k[first];
             p->v[i] = p->v[first];
             continue;
         }
-        int shared = transient && transient_layer(t, i);
-        if (layer_stores(p, shared ? transient_row(t) : kv_row_floats(&t->layers[i]), i, err)) {
+        if (layer_stores(p, shared ? kv_transient_row(t) : kv_row_floats(&t->layers[i]), i, err)) {
             kv_pool_free(p);
             return err->status;
         }
@@ -235,9 +230,9 @@ GfStatus kv_cache_init_training(KvCache *c, const TextConfig *t, const KnBackend
 }
 
 uint64_t kv_cache_training_bytes(const TextConfig *t, int64_t capacity, KnDtype dtype) {
-    uint64_t per = 2 * transient_row(t);
+    uint64_t per = 2 * kv_transient_row(t);
     for (int i = 0; i < t->n_layers; i++)
-        if (!t->layers[i].kv_shared && !transient_layer(t, i)) per += 2 * kv_row_floats(&t->layers[i]);
+        if (!t->layers[i].kv_shared && !kv_layer_transient(t, i)) per += 2 * kv_row_floats(&t->layers[i]);
     uint64_t bytes = (uint64_t)capacity * per * (uint64_t)kn_dtype_size(dtype);
     if (dtype == KN_BF16) bytes += 2 * (uint64_t)capacity * (uint64_t)widest_store(t) * sizeof(float);
     return bytes + tables_bytes(1, capacity); /* one block of capacity positions */

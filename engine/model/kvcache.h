@@ -99,6 +99,12 @@ typedef struct {
 
 /* 1 when a later layer reads layer li's keys and values (KV sharing). */
 int kv_layer_read_later(const TextConfig *t, int li);
+/* 1 when layer li stores keys and values that no later layer reads: in a
+ * training cache they go to the store such layers share, and the training
+ * backward gives their gradients one shared pair of buffers. */
+int kv_layer_transient(const TextConfig *t, int li);
+/* The widest row (kv_heads * head_dim) of those layers; 0 without any. */
+uint64_t kv_transient_row(const TextConfig *t);
 
 /* A cache with its own contiguous store for up to capacity positions:
  * c->own.k[l] / c->own.v[l] hold positions 0.. of layer l in order, as

@@ -457,19 +457,14 @@ KnLoraSeg lora_segment(const LoraBinding *b, const LoraPair *p, int64_t row0, in
 
 /* ---- backward ------------------------------------------------------------------ */
 
-/* t = the term's inner rows at x and gt = dy B, both in tmp, and dB. */
-static void backward_inner(const KnBackend *be, const LoraBinding *b, const LoraPair *p, const KnLoraSeg *s,
-                           const float *dy, const float *x, int64_t n, float *tmp) {
-    int64_t r = p->rank;
-    be->ops->lora_shrink(&be->ctx, tmp, r, x, s, 1, p->in, b->dropout.row);
-    be->ops->lora_expand_dx(&be->ctx, tmp + n * r, dy, tmp, r, s, 1, p->out);
-}
-
 void lora_backward(const KnBackend *be, const LoraBinding *b, const LoraPair *p, float *dx, const float *dy,
                    const float *x, int64_t n, float *tmp) {
     KnLoraSeg s = segment(b, p, n);
-    backward_inner(be, b, p, &s, dy, x, n, tmp);
-    be->ops->lora_shrink_dx(&be->ctx, dx, tmp + n * p->rank, p->rank, x, &s, 1, p->in, b->dropout.row);
+    int64_t r = p->rank;
+    float *t = tmp, *gt = tmp + n * r;
+    be->ops->lora_shrink(&be->ctx, t, r, x, &s, 1, p->in, b->dropout.row);
+    be->ops->lora_expand_dx(&be->ctx, gt, dy, t, r, &s, 1, p->out);
+    be->ops->lora_shrink_dx(&be->ctx, dx, gt, r, x, &s, 1, p->in, b->dropout.row);
 }
 
 void lora_backward_weights(const KnBackend *be, const LoraBinding *b, const LoraPair *p, const float *dy,

@@ -101,9 +101,11 @@ uint64_t model_scratch_bytes(const Model *m, int64_t n, int max_rank, int layer_
  * and the per-layer inputs ple[n, L, P] (NULL without PLE), every
  * intermediate into tape (distinct buffers, but for those the layer may
  * share: d with f without MoE, x2 with out without PLE, t with any buffer
- * it does not read), with exactly the ops and
- * values of the forward; K/V are read back from c, not stored again. The
- * training backward's checkpointing. */
+ * it does not read), with exactly the ops and values of the forward. A
+ * layer that stores K/V stores them into c again (normed and rotated into
+ * tape's kn, vn; klin and vlin stay the projections): a training cache's
+ * layers share a store (kv_cache_init_training). The training backward's
+ * checkpointing. */
 GfStatus model_layer_replay(Model *m, KvCache *c, const ModelInput *in, int li, const float *x, const float *ple,
                             const LayerBufs *tape, GfError *err);
 /* 1 image, 2 video, 3 audio placeholder, 0 text. */

@@ -89,12 +89,7 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     w->ple = take(s, n * L * P);
     w->dple = take(s, n * L * P);
     w->ple_buf = take(s, n * L * P);
-    size_t common = 0;
-    for (size_t i = 0; i < L; i++) {
-        const LayerConfig *l = &t->layers[i];
-        if (!l->kv_shared && !kv_layer_read_later(t, (int)i) && (size_t)l->kv_heads * l->head_dim > common)
-            common = (size_t)l->kv_heads * l->head_dim;
-    }
+    size_t common = (size_t)kv_transient_row(t);
     float *ck = common ? take(s, n * common) : NULL, *cv = common ? take(s, n * common) : NULL;
     for (size_t i = 0; i < L; i++) {
         const LayerConfig *l = &t->layers[i];
@@ -349,7 +344,7 @@ static void attention_backward(Model *m, GradWorkspace *w, const LoraBinding *b,
     zero(m, w->dqlin, n * NH * D); /* d(att) first */
     linear_bwd(m, w, b, w->dqlin, w->dh2, w->att, l->o, text_pair(b, li, LORA_O), n);
     KnMask mask = layer_mask(m, &w->cache, li);
-    if (!lc->kv_shared && !kv_layer_read_later(t, li)) { /* the shared pair: this layer's alone from here */
+    if (kv_layer_transient(t, li)) { /* the shared pair: this layer's alone from here */
         zero(m, w->dK[li], n * KVH * D);
         zero(m, w->dV[li], n * KVH * D);
     }

@@ -4,7 +4,9 @@
  * backend, whose device memory counts every buffer (kn_guarded_memory).
  *
  * For dense, ple and moe, with the linears as stored and in NF4, the
- * adapter on every linear of the text layers with dropout: the model is
+ * adapter with dropout on the text layers' linears (and, in NF4, on every
+ * linear, the vision tower's too: its images then run its training
+ * buffers): the model is
  * opened, the adapter bound, two training steps run over examples with and
  * without images, and a validation set whose longest example is longer than
  * any training one (the workspace grows to it). The device's peak over all
