@@ -275,7 +275,9 @@ static size_t cu_scratch_bytes(const KnCtx *ctx, const KnCall *call) {
         break;
     default: break;
     }
-    return CUDA_BLAS_WORKSPACE_BYTES + own; /* cuBLAS's and cuBLASLt's workspace */
+    /* cuBLAS's and cuBLASLt's workspace, and sq_norm's parts beside the
+     * call's own (the scratch holds the larger: 4 KB over at most) */
+    return CUDA_BLAS_WORKSPACE_BYTES + CUDA_NORM_SCRATCH_BYTES + own;
 }
 
 /* The table, filled by name (C++17 has no designated initializers). */

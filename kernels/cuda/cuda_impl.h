@@ -261,6 +261,9 @@ static __device__ __forceinline__ float gelu_slope(float v) {
  * noted when it cannot grow, and NULL (the recording failing) when it
  * would have to grow while the stream is recorded. cuda_gemm.cu. */
 void *cuda_scratch(CudaCtx *c, size_t bytes, const char *what);
+/* sq_norm's partial sums in the scratch: one double per block (cuda_train.cu);
+ * the least scratch a context holds once it has run a training step. */
+#define CUDA_NORM_SCRATCH_BYTES ((size_t)4096)
 /* cuda_lt.cu: cuBLASLt for the context (c->lt; NULL where it cannot be
  * had or GF_CUBLASLT=0), freed with it; and C = op(A) op(B) + beta C in
  * column-major order (cuBLAS's arguments), A and B bf16, C float32, through

@@ -1,12 +1,13 @@
 /* cuda_train.cu - the CUDA backend's loss and optimizer ops: the
  * softcapped cross-entropy (one block per row; log-sum-exp in double, as
- * the CPU), AdamW and the squared norm (one block, double). */
+ * the CPU), AdamW and the squared norm (double, in a fixed order). */
 #include <math.h>
 
 #include "cuda_impl.h"
 
 #define THREADS 256
 #define ROW_THREADS 1024
+#define NORM_BLOCKS ((int)(CUDA_NORM_SCRATCH_BYTES / sizeof(double)))
 
 /* ---- cross-entropy ------------------------------------------------------------------ */
 
@@ -66,18 +67,35 @@ void cuda_adamw(const KnCtx *ctx, float *p, const float *g, float *m, float *v, 
     CUDA_LAUNCHED(c, "adamw");
 }
 
-/* One block: each thread sums a stride in double, then the block in warp
- * order (the same result on every run). */
-static __global__ void k_sq_norm(double *out, const float *x, size_t n) {
+/* Two launches, summing in the same order on every run: block b of
+ * NORM_BLOCKS sums its contiguous share of x (each thread a stride, then
+ * the block in warp order) into part[b] in the context's scratch, then one
+ * block sums the parts in the same way. One block over the whole slab read
+ * a 31B adapter's 1.85 GB of gradients through one SM. */
+static __global__ void k_sq_norm_part(double *part, const float *x, size_t n) {
+    __shared__ double sh[32];
+    size_t per = (n + gridDim.x - 1) / gridDim.x, lo = (size_t)blockIdx.x * per;
+    size_t hi = lo + per < n ? lo + per : n;
+    double ss = 0.0;
+    for (size_t i = lo + threadIdx.x; i < hi; i += blockDim.x) ss += (double)x[i] * x[i];
+    ss = block_sum(ss, sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = ss;
+}
+
+static __global__ void k_sq_norm_sum(double *out, const double *part, int parts) {
     __shared__ double sh[32];
     double ss = 0.0;
-    for (size_t i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * x[i];
+    for (int i = threadIdx.x; i < parts; i += blockDim.x) ss += part[i];
     ss = block_sum(ss, sh);
     if (threadIdx.x == 0) *out = ss;
 }
 
 void cuda_sq_norm(const KnCtx *ctx, double *out, const float *x, size_t n) {
     CudaCtx *c = cuda_ctx(ctx);
-    k_sq_norm<<<1, ROW_THREADS, 0, c->stream>>>(out, x, n);
+    double *part = (double *)cuda_scratch(c, CUDA_NORM_SCRATCH_BYTES, "sq_norm");
+    if (!part) return;
+    k_sq_norm_part<<<NORM_BLOCKS, THREADS, 0, c->stream>>>(part, x, n);
+    CUDA_LAUNCHED(c, "sq_norm");
+    k_sq_norm_sum<<<1, NORM_BLOCKS, 0, c->stream>>>(out, part, NORM_BLOCKS);
     CUDA_LAUNCHED(c, "sq_norm");
 }
