@@ -2549,6 +2549,36 @@ static void real_gelu_gate(Dev *devs) {
     free(g); free(u); free(dy);
 }
 
+/* A training segment of E4B's down_proj (10,240 in, 2,560 out) at rank 64
+ * over a sequence's 1,024 rows, with and without dropout: CUDA's GEMM path,
+ * on bf16 operands on the tensor cores in the bf16 precision. */
+static void real_lora(Dev *devs) {
+    enum { LN = 1024, LIN = 10240, LOUT = 2560, LR = 64 };
+    float *host[5] = {rand_vec((size_t)LN * LIN), rand_vec((size_t)LR * LIN), rand_vec((size_t)LOUT * LR),
+                      rand_vec((size_t)LN * LOUT), rand_vec((size_t)LN * LOUT)};
+    for (int drop = 0; drop < 2; drop++) {
+        float p = drop ? 0.1f : 0.0f;
+        LoraOut o[REAL_DEVS];
+        for (int v = 0; v < REAL_DEVS; v++) {
+            lora_out_alloc(&o[v], LN, LIN, LOUT, LR);
+            lora_train_run(&devs[v], (const float *const *)host, LN, LIN, LOUT, LR, p, &o[v]);
+        }
+        for (int v = 1; v < REAL_DEVS; v++) {
+            double e[5] = {rel_l2(o[v].y, o[0].y, (size_t)LN * LOUT), rel_l2(o[v].gt, o[0].gt, (size_t)LN * LR),
+                           rel_l2(o[v].dx, o[0].dx, (size_t)LN * LIN), rel_l2(o[v].gA, o[0].gA, (size_t)LR * LIN),
+                           rel_l2(o[v].gB, o[0].gB, (size_t)LOUT * LR)};
+            double worst = 0;
+            for (int k = 0; k < 5; k++) worst = fmax(worst, e[k]);
+            CHECK(worst <= REAL_LIMIT[v],
+                  "%s LoRA training segment [%d -> %d] rank %d over %d rows, dropout %.1f: rel L2 y %.3g, gt %.3g, "
+                  "dx %.3g, dA %.3g, dB %.3g",
+                  REAL_NAME[v], LIN, LOUT, LR, LN, p, e[0], e[1], e[2], e[3], e[4]);
+        }
+        for (int v = 0; v < REAL_DEVS; v++) lora_out_free(&o[v]);
+    }
+    for (int i = 0; i < 5; i++) free(host[i]);
+}
+
 /* A training sequence's attention at E4B's heads (8 over 2 KV heads) on its
  * full (head_dim 512) and sliding (256, window 512) layers, 2,048 tokens
  * with three of left padding and an image block of 256: attention_bulk
@@ -2750,6 +2780,7 @@ static void test_real_shapes(void) {
     real_moe(devs);
     real_attention(devs);
     real_gelu_gate(devs);
+    real_lora(devs);
     float *w = rand_vec((size_t)2560 * 10240); /* E4B's down_proj, quantized as loading does */
     nf4_quantize_at(&devs[1], 2560, 10240, KN_BF16, w);
     free(w);
