@@ -120,6 +120,7 @@ GfStatus model_new(GemmaWeights *w, const ModelOptions *opts, Model **out, GfErr
     if (!m) return GF_NO_MEMORY;
     m->w = weights_retain(w);
     m->moe_chunk = moe_chunk_tokens(&w->cfg.text, opts ? opts->moe_chunk : 0);
+    m->loss_chunk = opts ? opts->loss_chunk : 0;
     GfStatus st = open_backend(m, opts, err);
     if (!st) st = model_checkpoints(opts, m->be.ctx.precision, &m->checkpoints_bf16, err);
     if (st) {

@@ -57,6 +57,11 @@ typedef struct {
     int64_t moe_chunk;        /* tokens per call of the MoE block, the size of its tape; <= 0 = as many as
                                  64 MB of tape holds (16 to 512). In fp32 the results do not depend on it;
                                  in bf16 on a GPU the router's matmul rounds by row count */
+    int64_t loss_chunk;       /* rows of logits the training loss takes at once (the tied lm_head's matmul,
+                                 the cross-entropy and the head's input gradient over the whole vocabulary);
+                                 <= 0 = as many as 256 MB of float logits hold (8 to 4096; 256 rows of
+                                 262,144 classes). Each chunk reads the whole head: fewer rows, more reads.
+                                 On the CPU kinds the results do not depend on it */
 } ModelOptions;
 
 /* Opens a context on the weights of dir: loaded (weights_open) unless

@@ -44,6 +44,7 @@ struct Model {
     int32_t *vision_idx;            /* their host index staging */
     size_t vision_idx_cap;
     int64_t moe_chunk;              /* tokens per MoE call (moe_chunk_tokens; 0 without MoE) */
+    int64_t loss_chunk;             /* ModelOptions.loss_chunk as asked (<= 0: backward.c's default) */
     int checkpoints_bf16;           /* the training forward keeps layer inputs in bf16 (ModelOptions.checkpoints) */
     void (*yield)(void *cls);       /* called between layers and loss chunks (model_set_yield), NULL = none */
     void *yield_cls;

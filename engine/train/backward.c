@@ -12,14 +12,23 @@
 
 #include "model_impl.h"
 
-#define LOGIT_ROWS 8          /* rows of logits materialized at once */
 #define MAX_IMAGES 64         /* images in one training sequence */
+/* The loss's default chunk (ModelOptions.loss_chunk): as many rows as
+ * LOSS_LOGIT_BYTES of float logits hold, within [LOSS_ROWS_MIN,
+ * LOSS_ROWS_MAX]. Each chunk reads the whole tied head (E4B's 1.3 GB in
+ * bf16, twice: logits and their input gradient), so a chunk of 8 rows read
+ * it 1,024 times in a step of 4,096 tokens: 2.7 TB, most of the step's time
+ * on a GPU; 256 rows read it 16 times. */
+#define LOSS_LOGIT_BYTES ((uint64_t)256 << 20)
+#define LOSS_ROWS_MIN 8
+#define LOSS_ROWS_MAX 4096
 
 /* ---- workspace -------------------------------------------------------------- */
 
 struct GradWorkspace {
     int64_t max_tokens;
     int max_rank;
+    int64_t loss_rows;            /* rows of logits the loss takes at once (loss_rows) */
     KvCache cache;
     int bf16;                     /* layer inputs and stored K/V kept in bf16 (Model.checkpoints_bf16) */
     float *hidden;                /* [(L + 1), n, H]: layer inputs, then the final normed output; with bf16
@@ -46,13 +55,15 @@ struct GradWorkspace {
     float *dI;                                                 /* I (then d(g), d(u) over g, u) */
     float *dP1, *dP2;                                          /* P */
     float *lora_tmp;                                           /* [n, 2 rank] */
-    float *logits, *gx, *gdx;                                  /* [LOGIT_ROWS, V], [LOGIT_ROWS, H] x2 */
+    float *logits, *gx, *gdx;                                  /* [loss_rows, V], [loss_rows, H] x2 */
     float *xn, *dxn;                                           /* [n, H], over dh and dh2 */
     int32_t *ids;                                              /* [n] embedding rows */
     int32_t *host_ids;                                         /* [n] their host staging */
     int32_t *pos, *neg_pos;                                    /* [n] positions 0.., and their negatives */
-    int32_t *rows_idx, *targets;                               /* [LOGIT_ROWS] a chunk's rows and labels */
-    double *row_loss;                                          /* [LOGIT_ROWS] */
+    int32_t *rows_idx, *targets;                               /* [loss_rows] a chunk's rows and labels */
+    double *row_loss;                                          /* [loss_rows] */
+    int32_t *host_rows, *host_targets;                         /* [loss_rows] their host staging */
+    double *host_loss;                                         /* [loss_rows] */
     MoeTape moe_tape;
     LayerBufs tape;                                            /* the layer's buffers above, for its replay */
     KnBuffer slab;                                             /* every buffer above: device memory */
@@ -69,6 +80,18 @@ static float *take(Slab *s, size_t n) {
     float *p = s->base ? s->base + s->used : NULL;
     s->used += (n + 15) & ~(size_t)15;
     return p;
+}
+
+/* Rows of logits a workspace of max_tokens takes at once: what the model
+ * was opened with, else the default above; never more than max_tokens. */
+static int64_t loss_rows(const Model *m, int64_t max_tokens) {
+    int64_t rows = m->loss_chunk;
+    if (rows <= 0) {
+        uint64_t per_row = (uint64_t)m->w->cfg.text.vocab_size * sizeof(float);
+        uint64_t fit = per_row ? LOSS_LOGIT_BYTES / per_row : LOSS_ROWS_MAX;
+        rows = fit < LOSS_ROWS_MIN ? LOSS_ROWS_MIN : fit > LOSS_ROWS_MAX ? LOSS_ROWS_MAX : (int64_t)fit;
+    }
+    return rows < max_tokens ? rows : max_tokens;
 }
 
 static void layout(const Model *m, GradWorkspace *w, Slab *s) {
@@ -127,15 +150,16 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     float **p_bufs[] = {&w->pg, &w->pm, &w->dP1, &w->dP2};
     for (size_t i = 0; i < sizeof p_bufs / sizeof *p_bufs; i++) *p_bufs[i] = take(s, n * P);
     w->lora_tmp = take(s, n * 2 * (size_t)(w->max_rank > 0 ? w->max_rank : 1));
-    w->logits = take(s, LOGIT_ROWS * (size_t)t->vocab_size);
+    size_t lr = (size_t)w->loss_rows;
+    w->logits = take(s, lr * (size_t)t->vocab_size);
     w->ids = (int32_t *)take(s, n);
     w->pos = (int32_t *)take(s, n);
     w->neg_pos = (int32_t *)take(s, n);
-    w->rows_idx = (int32_t *)take(s, LOGIT_ROWS);
-    w->targets = (int32_t *)take(s, LOGIT_ROWS);
-    w->row_loss = (double *)take(s, 2 * LOGIT_ROWS);
-    w->gx = take(s, LOGIT_ROWS * H);
-    w->gdx = take(s, LOGIT_ROWS * H);
+    w->rows_idx = (int32_t *)take(s, lr);
+    w->targets = (int32_t *)take(s, lr);
+    w->row_loss = (double *)take(s, 2 * lr);
+    w->gx = take(s, lr * H);
+    w->gdx = take(s, lr * H);
     int64_t moe_cap = w->max_tokens < m->moe_chunk ? w->max_tokens : m->moe_chunk;
     moe_tape_init(&w->moe_tape, t, take(s, moe_tape_floats(t, moe_cap)), moe_cap);
     w->tape = (LayerBufs){.h1 = w->h1, .qlin = w->qlin, .qr = w->qr, .klin = w->klin, .vlin = w->vlin,
@@ -167,13 +191,17 @@ GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWork
     if (!w) return GF_NO_MEMORY;
     w->max_tokens = max_tokens;
     w->max_rank = max_rank;
+    w->loss_rows = loss_rows(m, max_tokens);
     w->bf16 = m->checkpoints_bf16;
     w->dK = gf_calloc((size_t)t->n_layers, sizeof *w->dK, err);
     w->dV = gf_calloc((size_t)t->n_layers, sizeof *w->dV, err);
     w->host_ids = gf_malloc((size_t)max_tokens * sizeof *w->host_ids, err);
+    w->host_rows = gf_malloc((size_t)w->loss_rows * sizeof *w->host_rows, err);
+    w->host_targets = gf_malloc((size_t)w->loss_rows * sizeof *w->host_targets, err);
+    w->host_loss = gf_malloc((size_t)w->loss_rows * sizeof *w->host_loss, err);
     w->be = &m->be;
     Slab s = {NULL, 0};
-    if (!w->dK || !w->dV || !w->host_ids) {
+    if (!w->dK || !w->dV || !w->host_ids || !w->host_rows || !w->host_targets || !w->host_loss) {
         grad_workspace_free(w);
         return GF_NO_MEMORY;
     }
@@ -196,7 +224,8 @@ GfStatus grad_workspace_new(Model *m, int64_t max_tokens, int max_rank, GradWork
 uint64_t grad_workspace_bytes(const Model *m, int64_t max_tokens, int max_rank) {
     const TextConfig *t = &m->w->cfg.text;
     float *dk[t->n_layers > 0 ? t->n_layers : 1], *dv[t->n_layers > 0 ? t->n_layers : 1];
-    GradWorkspace w = {.max_tokens = max_tokens, .max_rank = max_rank, .bf16 = m->checkpoints_bf16, .dK = dk, .dV = dv};
+    GradWorkspace w = {.max_tokens = max_tokens, .max_rank = max_rank, .loss_rows = loss_rows(m, max_tokens),
+                       .bf16 = m->checkpoints_bf16, .dK = dk, .dV = dv};
     Slab s = {NULL, 0};
     layout(m, &w, &s);
     return (uint64_t)s.used * sizeof(float) + kv_cache_training_bytes(t, max_tokens, w.bf16 ? KN_BF16 : KN_F32) +
@@ -224,7 +253,7 @@ static uint64_t attention_scratch(const KnBackend *be, int64_t n, int n_heads, i
 static uint64_t text_scratch(const Model *m, const KnBackend *be, int nf4, int64_t n) {
     const TextConfig *t = &m->w->cfg.text;
     const WeightsTensors *h = &m->w->host;
-    uint64_t most_bytes = linear_scratch(be, h->embed, 0, nf4, n < LOGIT_ROWS ? n : LOGIT_ROWS); /* the tied head */
+    uint64_t most_bytes = linear_scratch(be, h->embed, 0, nf4, loss_rows(m, n)); /* the tied head */
     most_bytes = most(most_bytes, linear_scratch(be, h->ple_model_proj, 0, nf4, n));
     for (int i = 0; i < t->n_layers; i++) {
         const Layer *l = &h->layers[i];
@@ -284,6 +313,9 @@ void grad_workspace_free(GradWorkspace *w) {
     free(w->dK);
     free(w->dV);
     free(w->host_ids);
+    free(w->host_rows);
+    free(w->host_targets);
+    free(w->host_loss);
     if (w->be) w->be->ops->free(&w->be->ctx, &w->slab);
     free(w);
 }
@@ -427,29 +459,28 @@ static void layer_backward(Model *m, GradWorkspace *w, const LoraBinding *b, int
 
 /* ---- loss ------------------------------------------------------------------------ */
 
-/* The loss of rows (<= LOGIT_ROWS) of normed outputs already gathered in
- * w->gx against targets (host), through the tied lm_head and the softcap;
- * with grad, their gradients (times scale) d(rows) into w->gdx. */
-static double loss_rows(Model *m, GradWorkspace *w, const int32_t *targets, int64_t rows, float scale, int grad) {
+/* The loss of rows (<= w->loss_rows) of normed outputs already gathered
+ * in w->gx against w->host_targets, through the tied lm_head and the
+ * softcap, added to *loss row by row (the sum then does not depend on the
+ * chunks); with grad, their gradients (times scale) d(rows) into w->gdx. */
+static void loss_of_rows(Model *m, GradWorkspace *w, int64_t rows, float scale, int grad, double *loss) {
     const TextConfig *t = &m->w->cfg.text;
     int64_t V = t->vocab_size, H = t->hidden_size;
-    double row_loss[LOGIT_ROWS], loss = 0.0;
-    m->be.ops->upload(&m->be.ctx, w->targets, targets, (size_t)rows * sizeof *targets);
+    m->be.ops->upload(&m->be.ctx, w->targets, w->host_targets, (size_t)rows * sizeof *w->host_targets);
     m->be.ops->matmul(&m->be.ctx, w->logits, w->gx, m->wt->embed, rows);
     m->be.ops->xent_softcap(&m->be.ctx, w->row_loss, w->logits, w->targets, rows, V, t->final_softcap, scale, grad);
-    m->be.ops->download(&m->be.ctx, row_loss, w->row_loss, (size_t)rows * sizeof *row_loss);
-    for (int64_t r = 0; r < rows; r++) loss += row_loss[r];
-    if (!grad) return loss;
+    m->be.ops->download(&m->be.ctx, w->host_loss, w->row_loss, (size_t)rows * sizeof *w->host_loss);
+    for (int64_t r = 0; r < rows; r++) *loss += w->host_loss[r];
+    if (!grad) return;
     zero(m, w->gdx, rows * H);
     m->be.ops->matmul_dx(&m->be.ctx, w->gdx, w->logits, m->wt->embed, rows);
-    return loss;
 }
 
 /* The loss of every trained position of the normed outputs xn[n, H], in
- * chunks of LOGIT_ROWS rows; with grad, d(xn) into w->dxn (zeroed first). */
+ * chunks of w->loss_rows rows; with grad, d(xn) into w->dxn (zeroed first). */
 static double loss_chunks(Model *m, GradWorkspace *w, const TrainSequence *s, const float *xn, float scale, int grad) {
     int64_t n = s->n, H = m->w->cfg.text.hidden_size, k = 0;
-    int32_t rows[LOGIT_ROWS], targets[LOGIT_ROWS];
+    int32_t *rows = w->host_rows, *targets = w->host_targets;
     double loss = 0.0;
     if (grad) zero(m, w->dxn, n * H);
     for (int64_t i = 0; i < n; i++) {
@@ -459,10 +490,10 @@ static double loss_chunks(Model *m, GradWorkspace *w, const TrainSequence *s, co
             targets[k] = s->labels[i + 1];
             k++;
         }
-        if (k == LOGIT_ROWS || (last && k > 0)) {
+        if (k == w->loss_rows || (last && k > 0)) {
             m->be.ops->upload(&m->be.ctx, w->rows_idx, rows, (size_t)k * sizeof *rows);
             m->be.ops->rows_gather(&m->be.ctx, w->gx, xn, w->rows_idx, k, H);
-            loss += loss_rows(m, w, targets, k, scale, grad);
+            loss_of_rows(m, w, k, scale, grad, &loss);
             if (grad) m->be.ops->rows_scatter(&m->be.ctx, w->dxn, w->gdx, w->rows_idx, k, H);
             k = 0;
             model_layer_done(m); /* a chunk of the vocabulary-wide loss is as long as a layer */

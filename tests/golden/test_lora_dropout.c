@@ -110,13 +110,13 @@ static void check_scratch(Model *m, LoraAdapter *a) {
     CHECK(grad_scratch_bytes(m, &b16, 2 * T, a, 1, 0) > b, "more tokens, more scratch");
 }
 
-/* The gradients of an adapter on the moe model (its own B away from zero,
- * dropout on) with `chunk` tokens per MoE call: *grads[*n_params]
- * (malloc'd), *exact when the backend computes a row the same whatever
- * else is in its call (the CPU kinds); the summed loss returned. */
-static double moe_grads(int64_t chunk, const int32_t *ids, const int32_t *labels, float **grads, size_t *n_params,
-                        int *exact) {
-    ModelOptions mo = {.n_threads = 2, .quantize = MODEL_QUANT_NONE, .moe_chunk = chunk};
+/* The gradients of an adapter on a fixture (its own B away from zero,
+ * dropout on), opened with mo: *grads[*n_params] (malloc'd), *exact when
+ * the backend computes a row the same whatever else is in its call (the
+ * CPU kinds); the summed loss returned. */
+static double chunk_grads(const char *variant, ModelOptions mo, const int32_t *ids, const int32_t *labels, float **grads,
+                          size_t *n_params, int *exact) {
+    char dir[512];
     Model *m = NULL;
     LoraAdapter *a = NULL;
     LoraBinding b;
@@ -126,7 +126,8 @@ static double moe_grads(int64_t chunk, const int32_t *ids, const int32_t *labels
     const char *all[] = {"all-linear"};
     *grads = NULL;
     *n_params = 0;
-    CHECK_STATUS(model_open(GF_FIXTURES "/moe", &mo, &m, &err), GF_OK, err);
+    snprintf(dir, sizeof dir, "%s/%s", GF_FIXTURES, variant);
+    CHECK_STATUS(model_open(dir, &mo, &m, &err), GF_OK, err);
     if (!m) return 0;
     *exact = strcmp(model_backend(m)->name, "cpu") == 0 || strcmp(model_backend(m)->name, "guarded") == 0;
     CHECK_STATUS(lora_create(m, all, 1, 4, 8.0, 0, 7, &a, &err), GF_OK, err);
@@ -153,30 +154,44 @@ static double moe_grads(int64_t chunk, const int32_t *ids, const int32_t *labels
     return sum;
 }
 
-/* The MoE block's training forward and backward three tokens per call
- * give what the default (one call for the whole sequence here) gives: the
- * loss and every gradient, bit for bit on the CPU backends. */
-static void check_moe_chunks(void) {
+/* A training step on variant opened with `one` and with `other` (options
+ * that only cut its work into other calls) gives the same loss and every
+ * gradient, bit for bit on the CPU backends. */
+static void check_same_step(const char *variant, ModelOptions one, ModelOptions other, const char *what) {
     int32_t ids[N_TOK], labels[N_TOK];
     ids[0] = 2;
     for (int i = 1; i < N_TOK; i++) ids[i] = (int32_t)(10 + (i * 53) % 200);
     for (int i = 0; i < N_TOK; i++) labels[i] = i < 4 ? -100 : ids[i];
-    float *g1, *g3;
-    size_t n1, n3;
+    float *g1, *g2;
+    size_t n1, n2;
     int exact;
-    double l1 = moe_grads(0, ids, labels, &g1, &n1, &exact), l3 = moe_grads(3, ids, labels, &g3, &n3, &exact);
-    CHECK(g1 && g3 && n1 == n3 && n1 > 0, "the same adapter twice");
-    if (!g1 || !g3 || n1 != n3) { free(g1); free(g3); return; }
+    double l1 = chunk_grads(variant, one, ids, labels, &g1, &n1, &exact);
+    double l2 = chunk_grads(variant, other, ids, labels, &g2, &n2, &exact);
+    CHECK(g1 && g2 && n1 == n2 && n1 > 0, "%s: the same adapter twice", what);
+    if (!g1 || !g2 || n1 != n2) { free(g1); free(g2); return; }
     double tol = exact ? 0.0 : 1e-5, worst = 0, scale = 0;
     for (size_t i = 0; i < n1; i++) {
-        worst = fmax(worst, fabs((double)g1[i] - g3[i]));
+        worst = fmax(worst, fabs((double)g1[i] - g2[i]));
         scale = fmax(scale, fabs((double)g1[i]));
     }
-    printf("moe chunks: loss %.9g vs %.9g, max |gradient difference| %g of %g\n", l1, l3, worst, scale);
-    CHECK(scale > 0 && l1 > 0, "the moe adapter has gradients");
-    CHECK(fabs(l1 - l3) <= tol * fabs(l1) && worst <= tol * scale, "3 tokens per MoE call change the training step");
+    printf("%s: loss %.9g vs %.9g, max |gradient difference| %g of %g\n", what, l1, l2, worst, scale);
+    CHECK(scale > 0 && l1 > 0, "%s: the adapter has gradients", what);
+    CHECK(fabs(l1 - l2) <= tol * fabs(l1) && worst <= tol * scale, "%s change the training step", what);
     free(g1);
-    free(g3);
+    free(g2);
+}
+
+/* The MoE block's training forward and backward three tokens per call
+ * give what the default (one call for the whole sequence here) gives; the
+ * loss over chunks of three rows of logits (the last one short), what one
+ * chunk of the sequence's 19 trained rows gives. */
+static void check_chunks(void) {
+    ModelOptions mo = {.n_threads = 2, .quantize = MODEL_QUANT_NONE}, three = mo;
+    three.moe_chunk = 3;
+    check_same_step("moe", mo, three, "3 tokens per MoE call");
+    three = mo;
+    three.loss_chunk = 3;
+    check_same_step("dense", mo, three, "3 rows of logits per loss chunk");
 }
 
 int main(void) {
@@ -246,6 +261,6 @@ int main(void) {
     lora_binding_free(&c.b);
     lora_free(a);
     model_close(c.m);
-    check_moe_chunks();
+    check_chunks();
     return check_done("test_lora_dropout");
 }
