@@ -280,7 +280,7 @@ static void batch_ple(Model *m, const Batch *b, Scratch *s) {
  * step after step and the residual stream updated in place. */
 static LayerBufs scratch_bufs(const Scratch *s) {
     return (LayerBufs){.h1 = s->h, .qlin = s->q, .qr = s->q, .klin = s->k, .vlin = s->v, .att = s->att, .o = s->h,
-                       .t = s->h, .x1 = s->x, .h2 = s->h, .g = s->gate, .u = s->up, .mm = s->gate, .d = s->h,
+                       .x1 = s->x, .h2 = s->h, .g = s->gate, .u = s->up, .mm = s->gate, .d = s->h,
                        .f = s->h, .moe = s->a, .x2 = s->x, .pg = s->ple_g, .pm = s->ple_g, .pp = s->h, .out = s->x};
 }
 
@@ -411,8 +411,7 @@ static void feed_forward(Model *m, const Batch *b, int li, Scratch *s, MoeTape *
     } else {
         copy_rows(m, u->f, u->d, n * H);
     }
-    m->be.ops->rmsnorm(&m->be.ctx, u->t, u->f, l->post_ff_ln, n, H, t->rms_eps);
-    m->be.ops->add(&m->be.ctx, u->x2, u->x1, u->t, (size_t)(n * H));
+    m->be.ops->rmsnorm_add(&m->be.ctx, u->x2, u->x1, u->f, l->post_ff_ln, n, H, t->rms_eps);
 }
 
 /* PLE injection at the end of layer li (§3.4): u->out = u->x2 + the
@@ -424,8 +423,7 @@ static void per_layer_inject(Model *m, const Batch *b, int li, Scratch *s, const
     linear(m, b, s, u->pg, u->x2, l->ple_gate, li, LORA_PLE_GATE);
     m->be.ops->gelu_gate(&m->be.ctx, u->pm, u->pg, ple + li * P, n, P, L * P);
     linear(m, b, s, u->pp, u->pm, l->ple_proj, li, LORA_PLE_PROJ);
-    m->be.ops->rmsnorm(&m->be.ctx, u->t, u->pp, l->post_ple_ln, n, H, t->rms_eps);
-    m->be.ops->add(&m->be.ctx, u->out, u->x2, u->t, (size_t)(n * H));
+    m->be.ops->rmsnorm_add(&m->be.ctx, u->out, u->x2, u->pp, l->post_ple_ln, n, H, t->rms_eps);
 }
 
 /* The layer on its input x[n, H], every step into u (scratch_bufs: the
@@ -438,8 +436,7 @@ static void decoder_layer(Model *m, const Batch *b, int li, Scratch *s, MoeTape 
     int64_t H = t->hidden_size, n = b->n;
     m->be.ops->rmsnorm(&m->be.ctx, u->h1, x, l->input_ln, n, H, t->rms_eps);
     attention(m, b, li, s, u, replay);
-    m->be.ops->rmsnorm(&m->be.ctx, u->t, u->o, l->post_attn_ln, n, H, t->rms_eps);
-    m->be.ops->add(&m->be.ctx, u->x1, x, u->t, (size_t)(n * H));
+    m->be.ops->rmsnorm_add(&m->be.ctx, u->x1, x, u->o, l->post_attn_ln, n, H, t->rms_eps);
     feed_forward(m, b, li, s, moe, u);
     if (t->ple_dim) per_layer_inject(m, b, li, s, ple, u);
     else copy_rows(m, u->out, u->x2, n * H);

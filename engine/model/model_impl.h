@@ -69,7 +69,6 @@ typedef struct {
     float *kn, *vn;            /* replaying: klin, vlin normed and rotated, to be stored again (klin and vlin
                                   stay the projections, which the backward reads) */
     float *att, *o;            /* attention output; o_proj(att) */
-    float *t;                  /* a normed block output before its residual add */
     float *x1, *h2;            /* x + attention; pre_feedforward_layernorm(x1) */
     float *g, *u, *mm, *d;     /* gate_proj(h2), up_proj(h2), gelu(g) * u, down_proj(mm) */
     float *f, *moe;            /* the feed-forward output (with the MoE block's), the MoE block's */

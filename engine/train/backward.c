@@ -42,7 +42,7 @@ struct GradWorkspace {
                                      layers read (their gradients gather there), else one pair
                                      that the rest share (each uses it within its own backward) */
     /* one layer's forward, [n, width] */
-    float *h1, *o, *x1, *h2, *d, *f, *x2, *pp, *out, *t;      /* H (pp with PLE) */
+    float *h1, *o, *x1, *h2, *d, *f, *x2, *pp, *out;          /* H (pp with PLE) */
     float *qlin, *qr, *att;                                    /* NH * D */
     float *klin, *vlin;                                        /* KVH * D */
     float *g, *u, *mm;                                         /* I (mm: dI's buffer) */
@@ -122,12 +122,11 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     }
     float **h_bufs[] = {&w->h1, &w->o, &w->x1, &w->h2, &w->f, &w->out, &w->dx, &w->dh, &w->dh2, &w->df};
     for (size_t i = 0; i < sizeof h_bufs / sizeof *h_bufs; i++) *h_bufs[i] = take(s, n * H);
-    /* what the backward never reads shares a buffer: the forward's normed
-     * block outputs (t) are written over by d(f), which is zeroed where the
-     * backward takes it up; without MoE the down projection (d) is the
-     * feed-forward output f itself, and without PLE the layer's output is
-     * x2 scaled in place (the forward then copies nothing) */
-    w->t = w->df;
+    /* what the backward never reads shares a buffer: without MoE the down
+     * projection (d) is the feed-forward output f itself, and without PLE
+     * the layer's output is x2 scaled in place (the forward then copies
+     * nothing); the normed block outputs are added to the residual stream
+     * as they are computed (rmsnorm_add) and kept nowhere */
     w->d = t->moe ? take(s, n * H) : w->f;
     w->x2 = P ? take(s, n * H) : w->out;
     w->pp = P ? take(s, n * H) : NULL;
@@ -164,7 +163,7 @@ static void layout(const Model *m, GradWorkspace *w, Slab *s) {
     moe_tape_init(&w->moe_tape, t, take(s, moe_tape_floats(t, moe_cap)), moe_cap);
     w->tape = (LayerBufs){.h1 = w->h1, .qlin = w->qlin, .qr = w->qr, .klin = w->klin, .vlin = w->vlin,
                           .kn = w->dklin, .vn = w->dvlin, .att = w->att,
-                          .o = w->o, .t = w->t, .x1 = w->x1, .h2 = w->h2, .g = w->g, .u = w->u, .mm = w->mm, .d = w->d,
+                          .o = w->o, .x1 = w->x1, .h2 = w->h2, .g = w->g, .u = w->u, .mm = w->mm, .d = w->d,
                           .f = w->f, .moe = w->moe, .x2 = w->x2, .pg = w->pg, .pm = w->pm, .pp = w->pp, .out = w->out};
 }
 

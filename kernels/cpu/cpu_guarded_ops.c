@@ -108,9 +108,10 @@ static void g_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int
     SUBMIT(x_matmul, a);
 }
 
+/* rmsnorm, and rmsnorm_add with r */
 typedef struct {
     float *y;
-    const float *x, *w;
+    const float *x, *w, *r;
     int64_t n, dim;
     float eps;
 } RmsnormArgs;
@@ -119,8 +120,17 @@ static void x_rmsnorm(const KnCtx *ctx, const void *p) {
     CPU_OPS.rmsnorm(ctx, H(a->y), H(a->x), H(a->w), a->n, a->dim, a->eps);
 }
 static void g_rmsnorm(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps) {
-    RmsnormArgs a = {y, x, w, n, dim, eps};
+    RmsnormArgs a = {y, x, w, NULL, n, dim, eps};
     SUBMIT(x_rmsnorm, a);
+}
+static void x_rmsnorm_add(const KnCtx *ctx, const void *p) {
+    const RmsnormArgs *a = p;
+    CPU_OPS.rmsnorm_add(ctx, H(a->y), H(a->r), H(a->x), H(a->w), a->n, a->dim, a->eps);
+}
+static void g_rmsnorm_add(const KnCtx *ctx, float *y, const float *r, const float *x, const float *w, int64_t n,
+                          int64_t dim, float eps) {
+    RmsnormArgs a = {y, x, w, r, n, dim, eps};
+    SUBMIT(x_rmsnorm_add, a);
 }
 
 /* attention and attention_dx: dq, dk, dv only for the backward */
@@ -782,6 +792,7 @@ static const KnOps GUARDED_OPS = {
     .graph_end = guard_graph_end,
     .matmul = g_matmul,
     .rmsnorm = g_rmsnorm,
+    .rmsnorm_add = g_rmsnorm_add,
     .attention = g_attention,
     .attention_paged = g_attention_paged,
     .attention_batch = g_attention_batch,

@@ -110,16 +110,33 @@ void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, 
 
 /* ---- norms, activations ------------------------------------------------- */
 
+/* 1 / rms(x[dim]), eps inside the root: the sum of squares in double. */
+static float rms_inv(const float *x, int64_t dim, float eps) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < dim; i++) ss += (double)x[i] * x[i];
+    return 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+}
+
 static void cpu_rmsnorm_forward(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim,
                                 float eps) {
     (void)ctx;
     for (int64_t r = 0; r < n; r++) {
         const float *xr = x + r * dim;
-        float *yr = y + r * dim;
-        double ss = 0.0;
-        for (int64_t i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
-        float inv = 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+        float *yr = y + r * dim, inv = rms_inv(xr, dim, eps);
         for (int64_t i = 0; i < dim; i++) yr[i] = w ? xr[i] * inv * w[i] : xr[i] * inv;
+    }
+}
+
+static void cpu_rmsnorm_add(const KnCtx *ctx, float *y, const float *r, const float *x, const float *w, int64_t n,
+                            int64_t dim, float eps) {
+    (void)ctx;
+    for (int64_t row = 0; row < n; row++) {
+        const float *xr = x + row * dim, *rr = r + row * dim;
+        float *yr = y + row * dim, inv = rms_inv(xr, dim, eps);
+        for (int64_t i = 0; i < dim; i++) {
+            float t = w ? xr[i] * inv * w[i] : xr[i] * inv;
+            yr[i] = rr[i] + t;
+        }
     }
 }
 
@@ -307,6 +324,7 @@ const KnOps CPU_OPS = {
     .supports = cpu_supports,
     .matmul = cpu_matmul_forward,
     .rmsnorm = cpu_rmsnorm_forward,
+    .rmsnorm_add = cpu_rmsnorm_add,
     .attention = cpu_attention_forward,
     .attention_paged = cpu_attention_paged_forward,
     .attention_batch = cpu_attention_batch_forward,

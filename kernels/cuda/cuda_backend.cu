@@ -298,6 +298,7 @@ static KnOps make_ops(void) {
     o.graph_end = cuda_graph_end;
     o.matmul = cuda_matmul;
     o.rmsnorm = cuda_rmsnorm;
+    o.rmsnorm_add = cuda_rmsnorm_add;
     o.attention = cuda_attention;
     o.attention_paged = cuda_attention_paged;
     o.attention_batch = cuda_attention_batch;

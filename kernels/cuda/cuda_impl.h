@@ -290,6 +290,8 @@ size_t cuda_attention_dx_scratch(int64_t n_q, int n_heads, int dim);
 void cuda_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
 void cuda_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n);
 void cuda_rmsnorm(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps);
+void cuda_rmsnorm_add(const KnCtx *ctx, float *y, const float *r, const float *x, const float *w, int64_t n,
+                      int64_t dim, float eps);
 void cuda_rmsnorm_dx(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n,
                      int64_t dim, float eps);
 void cuda_gelu_tanh(const KnCtx *ctx, float *x, size_t n);

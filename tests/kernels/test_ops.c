@@ -285,6 +285,43 @@ static void test_rmsnorm_gelu_softcap(Dev *d) {
     dev_reset(d);
 }
 
+/* rmsnorm_add: r + rmsnorm(x) against the double-precision reference, and
+ * the bits of rmsnorm into a buffer then add, with a weight into its own
+ * output and without one in place over r; rows wider than a block. */
+static void test_rmsnorm_add(Dev *d) {
+    const int n = 5, dims[2] = {33, 1100};
+    for (int k = 0; k < 2; k++) {
+        int dim = dims[k];
+        size_t nd = (size_t)n * dim;
+        float *x = rand_vec(nd), *r = rand_vec(nd), *w = rand_vec((size_t)dim);
+        float *got = malloc(F(nd)), *want = malloc(F(nd));
+        double *ref = malloc(nd * sizeof *ref);
+        for (int row = 0; row < n; row++) {
+            double ss = 0;
+            for (int i = 0; i < dim; i++) ss += (double)x[row * dim + i] * x[row * dim + i];
+            double inv = 1.0 / sqrt(ss / dim + 1e-6);
+            for (int i = 0; i < dim; i++) ref[row * dim + i] = r[row * dim + i] + x[row * dim + i] * inv * w[i];
+        }
+        float *dx = dev_put(d, x, F(nd)), *dr = dev_put(d, r, F(nd)), *dw = dev_put(d, w, F(dim));
+        float *dy = dev_poisoned(d, F(nd)), *dt = dev_poisoned(d, F(nd)), *dsum = dev_poisoned(d, F(nd));
+        d->be.ops->rmsnorm_add(&d->be.ctx, dy, dr, dx, dw, n, dim, 1e-6f);
+        dev_get(d, got, dy, F(nd));
+        EXPECT_CLOSE(got, ref, nd, 1e-6, "rmsnorm_add, dim %d", dim);
+        d->be.ops->rmsnorm(&d->be.ctx, dt, dx, dw, n, dim, 1e-6f);
+        d->be.ops->add(&d->be.ctx, dsum, dr, dt, nd);
+        dev_get(d, want, dsum, F(nd));
+        CHECK(memcmp(got, want, F(nd)) == 0, "%s: rmsnorm_add, dim %d: the bits of rmsnorm then add", d->be.name, dim);
+        d->be.ops->rmsnorm(&d->be.ctx, dt, dx, NULL, n, dim, 1e-6f);
+        d->be.ops->add(&d->be.ctx, dsum, dr, dt, nd);
+        d->be.ops->rmsnorm_add(&d->be.ctx, dr, dr, dx, NULL, n, dim, 1e-6f);
+        dev_get(d, got, dr, F(nd));
+        dev_get(d, want, dsum, F(nd));
+        CHECK(memcmp(got, want, F(nd)) == 0, "%s: rmsnorm_add without weight in place over r, dim %d", d->be.name, dim);
+        free(x); free(r); free(w); free(got); free(want); free(ref);
+        dev_reset(d);
+    }
+}
+
 /* Half-split rotation; the inverse frequencies carry the proportional zeros. */
 static void test_rope(Dev *d) {
     int heads = 3, dim = 32;
@@ -2832,6 +2869,7 @@ int main(void) {
             test_matmul_split(&d);
             test_transfers(&d);
             test_rmsnorm_gelu_softcap(&d);
+            test_rmsnorm_add(&d);
             test_attention(&d);
             test_attention_shapes(&d);
             test_attention_batch(&d);
