@@ -373,6 +373,11 @@ typedef struct {
      * its first dim values at position pos[r * pos_stride] */
     void (*rope_rows)(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
                       const float *inv_freq, const int32_t *pos, int64_t pos_stride);
+    /* rmsnorm over each head of x [n_rows, n_heads, dim] (contiguous), then
+     * rope_rows at pos[r] (pos_stride 1) into y, in one pass: a head's
+     * query or key norm and rotation, the bits of the two ops; y may alias x */
+    void (*rmsnorm_rope)(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n_rows, int n_heads,
+                         int dim, float eps, const float *inv_freq, const int32_t *pos);
     /* t[r, k] = scale * sum_j d(x)[r, j] A[k, j] for the rows of each
      * segment (t's rows are ld_t apart, ld_t >= rank); dropout_buf holds
      * 2 * in floats when a segment has dropout, else may be NULL */

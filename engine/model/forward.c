@@ -376,19 +376,17 @@ static void attention(Model *m, const Batch *b, int li, Scratch *s, const LayerB
     int D = lc->head_dim, NH = t->n_heads, KVH = lc->kv_heads;
     int64_t n = b->n;
     linear(m, b, s, u->qlin, u->h1, l->q, li, LORA_Q);
-    m->be.ops->rmsnorm(&m->be.ctx, u->qr, u->qlin, l->q_norm, n * NH, D, t->rms_eps);
+    m->be.ops->rmsnorm_rope(&m->be.ctx, u->qr, u->qlin, l->q_norm, n, NH, D, t->rms_eps, l->inv_freq, s->pos);
     if (!lc->kv_shared) {
         linear(m, b, s, u->klin, u->h1, l->k, li, LORA_K);
         if (lc->k_eq_v) copy_rows(m, u->vlin, u->klin, n * KVH * D);
         else linear(m, b, s, u->vlin, u->h1, l->v, li, LORA_V);
     }
     float *kn = replay ? u->kn : u->klin, *vn = replay ? u->vn : u->vlin; /* in place when not replaying */
-    if (!lc->kv_shared) { /* normed and rotated, then stored */
-        m->be.ops->rmsnorm(&m->be.ctx, kn, u->klin, l->k_norm, n * KVH, D, t->rms_eps);
+    if (!lc->kv_shared) { /* normed (keys rotated too), then stored */
+        m->be.ops->rmsnorm_rope(&m->be.ctx, kn, u->klin, l->k_norm, n, KVH, D, t->rms_eps, l->inv_freq, s->pos);
         m->be.ops->rmsnorm(&m->be.ctx, vn, u->vlin, NULL, n * KVH, D, t->rms_eps);
     }
-    m->be.ops->rope_rows(&m->be.ctx, u->qr, n, NH, D, D, l->inv_freq, s->pos, 1);
-    if (!lc->kv_shared) m->be.ops->rope_rows(&m->be.ctx, kn, n, KVH, D, D, l->inv_freq, s->pos, 1);
     attend(m, b, s, li, u, kn, vn);
     linear(m, b, s, u->o, u->att, l->o, li, LORA_O);
 }

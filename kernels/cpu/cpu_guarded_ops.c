@@ -471,6 +471,25 @@ static void g_rope_rows(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads,
     SUBMIT(x_rope_rows, a);
 }
 
+typedef struct {
+    float *y;
+    const float *x, *w, *inv_freq;
+    const int32_t *pos;
+    int64_t n_rows;
+    int n_heads, dim;
+    float eps;
+} NormRopeArgs;
+static void x_rmsnorm_rope(const KnCtx *ctx, const void *p) {
+    const NormRopeArgs *a = p;
+    CPU_OPS.rmsnorm_rope(ctx, H(a->y), H(a->x), H(a->w), a->n_rows, a->n_heads, a->dim, a->eps, H(a->inv_freq),
+                         H(a->pos));
+}
+static void g_rmsnorm_rope(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n_rows, int n_heads,
+                           int dim, float eps, const float *inv_freq, const int32_t *pos) {
+    NormRopeArgs a = {y, x, w, inv_freq, pos, n_rows, n_heads, dim, eps};
+    SUBMIT(x_rmsnorm_rope, a);
+}
+
 /* ---- mixture of experts (forward and backward) ---- */
 
 typedef struct {
@@ -793,6 +812,7 @@ static const KnOps GUARDED_OPS = {
     .matmul = g_matmul,
     .rmsnorm = g_rmsnorm,
     .rmsnorm_add = g_rmsnorm_add,
+    .rmsnorm_rope = g_rmsnorm_rope,
     .attention = g_attention,
     .attention_paged = g_attention_paged,
     .attention_batch = g_attention_batch,

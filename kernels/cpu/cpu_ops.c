@@ -140,6 +140,15 @@ static void cpu_rmsnorm_add(const KnCtx *ctx, float *y, const float *r, const fl
     }
 }
 
+static void cpu_rmsnorm_rope(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n_rows, int n_heads,
+                             int dim, float eps, const float *inv_freq, const int32_t *pos) {
+    int64_t width = (int64_t)n_heads * dim;
+    for (int64_t r = 0; r < n_rows; r++) {
+        cpu_rmsnorm_forward(ctx, y + r * width, x + r * width, w, n_heads, dim, eps);
+        cpu_rope_rows_forward(ctx, y + r * width, 1, n_heads, dim, dim, inv_freq, pos + r, 1);
+    }
+}
+
 static void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n) {
     (void)ctx;
     for (size_t i = 0; i < n; i++) x[i] = cpu_gelu(x[i]);
@@ -325,6 +334,7 @@ const KnOps CPU_OPS = {
     .matmul = cpu_matmul_forward,
     .rmsnorm = cpu_rmsnorm_forward,
     .rmsnorm_add = cpu_rmsnorm_add,
+    .rmsnorm_rope = cpu_rmsnorm_rope,
     .attention = cpu_attention_forward,
     .attention_paged = cpu_attention_paged_forward,
     .attention_batch = cpu_attention_batch_forward,

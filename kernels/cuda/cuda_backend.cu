@@ -327,6 +327,7 @@ static KnOps make_ops(void) {
     o.round_bf16 = cuda_round_bf16;
     o.widen_bf16 = cuda_widen_bf16;
     o.rope_rows = cuda_rope_rows;
+    o.rmsnorm_rope = cuda_rmsnorm_rope;
     o.lora_shrink = cuda_lora_shrink;
     o.moe_route = cuda_moe_route;
     o.moe_experts = cuda_moe_experts;

@@ -320,6 +320,8 @@ void cuda_standardize(const KnCtx *ctx, float *x, int64_t rows, int64_t cols, co
 void cuda_scale(const KnCtx *ctx, float *x, size_t n, float s);
 void cuda_round_bf16(const KnCtx *ctx, uint16_t *kept, float *x, size_t n);
 void cuda_widen_bf16(const KnCtx *ctx, float *y, const uint16_t *x, size_t n);
+void cuda_rmsnorm_rope(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n_rows, int n_heads, int dim,
+                       float eps, const float *inv_freq, const int32_t *pos);
 void cuda_rope_rows(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
                     const float *inv_freq, const int32_t *pos, int64_t pos_stride);
 /* cuda_nf4.cu */

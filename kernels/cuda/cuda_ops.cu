@@ -370,6 +370,15 @@ void cuda_rows_sum(const KnCtx *ctx, float *out, const float *src, const int32_t
 
 /* ---- RoPE, KV store ------------------------------------------------------------------ */
 
+/* The pair (a, b) of a head rotated by theta into (*ya, *yb), every
+ * product and sum rounded on its own (no fused multiply-add), so that
+ * rope_rows and rmsnorm_rope give the same bits (and the CPU's). */
+static __device__ __forceinline__ void rope_pair(float a, float b, float theta, float *ya, float *yb) {
+    float cs = cosf(theta), sn = sinf(theta);
+    *ya = __fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn));
+    *yb = __fadd_rn(__fmul_rn(b, cs), __fmul_rn(a, sn));
+}
+
 static __global__ void k_rope_rows(float *x, size_t n, int n_heads, int half, int64_t ld_head, const float *inv_freq,
                                    const int32_t *pos, int64_t pos_stride) {
     GRID_STRIDE(e, n) {
@@ -377,13 +386,44 @@ static __global__ void k_rope_rows(float *x, size_t n, int n_heads, int half, in
         int64_t rh = (int64_t)(e / (size_t)half), r = rh / n_heads;
         if (inv_freq[i] == 0.0f) continue; /* cos 1, sin 0 */
         float *xh = x + rh * ld_head;
-        float theta = (float)pos[r * pos_stride] * inv_freq[i];
-        float cs = cosf(theta), sn = sinf(theta);
-        float a = xh[i], b = xh[i + half];
-        xh[i] = a * cs - b * sn;
-        xh[i + half] = b * cs + a * sn;
+        rope_pair(xh[i], xh[i + half], __fmul_rn((float)pos[r * pos_stride], inv_freq[i]), &xh[i], &xh[i + half]);
     }
 }
+
+/* One block per head of a row: its RMSNorm (k_rmsnorm's sums), then its
+ * rotation at the row's position. Each thread reads the pairs it writes. */
+static __global__ void k_rmsnorm_rope(float *y, const float *x, const float *w, int n_heads, int dim, float eps,
+                                      const float *inv_freq, const int32_t *pos) {
+    __shared__ double sh[32];
+    const float *xh = x + (int64_t)blockIdx.x * dim;
+    float *yh = y + (int64_t)blockIdx.x * dim;
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)xh[i] * xh[i];
+    ss = block_sum(ss, sh);
+    float inv = 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+    int half = dim / 2;
+    float p = (float)pos[blockIdx.x / n_heads];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float a = w ? __fmul_rn(__fmul_rn(xh[i], inv), w[i]) : __fmul_rn(xh[i], inv);
+        float b = w ? __fmul_rn(__fmul_rn(xh[i + half], inv), w[i + half]) : __fmul_rn(xh[i + half], inv);
+        if (inv_freq[i] == 0.0f) { /* cos 1, sin 0 */
+            yh[i] = a;
+            yh[i + half] = b;
+        } else {
+            rope_pair(a, b, __fmul_rn(p, inv_freq[i]), &yh[i], &yh[i + half]);
+        }
+    }
+    if ((dim & 1) && threadIdx.x == 0) /* an odd head's last value is normed, not rotated */
+        yh[dim - 1] = w ? __fmul_rn(__fmul_rn(xh[dim - 1], inv), w[dim - 1]) : __fmul_rn(xh[dim - 1], inv);
+}
+void cuda_rmsnorm_rope(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n_rows, int n_heads, int dim,
+                       float eps, const float *inv_freq, const int32_t *pos) {
+    if (n_rows <= 0 || n_heads <= 0 || dim <= 0) return;
+    CudaCtx *c = cuda_ctx(ctx);
+    k_rmsnorm_rope<<<(unsigned)(n_rows * n_heads), THREADS, 0, c->stream>>>(y, x, w, n_heads, dim, eps, inv_freq, pos);
+    CUDA_LAUNCHED(c, "rmsnorm_rope");
+}
+
 void cuda_rope_rows(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
                     const float *inv_freq, const int32_t *pos, int64_t pos_stride) {
     int half = dim / 2;

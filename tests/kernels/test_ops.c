@@ -322,6 +322,56 @@ static void test_rmsnorm_add(Dev *d) {
     }
 }
 
+/* rmsnorm_rope: each head's norm and rotation at its row's position, the
+ * bits of rmsnorm then rope_rows (with a weight into its own output,
+ * without one in place), and the double-precision reference; heads of 64
+ * and 512 (wider than a block's threads) and an odd one, frequencies with
+ * proportional zeros. */
+static void test_rmsnorm_rope(Dev *d) {
+    const int rows = 3, heads = 4, dims[3] = {64, 512, 33};
+    for (int k = 0; k < 3; k++) {
+        int dim = dims[k], half = dim / 2;
+        size_t nd = (size_t)rows * heads * dim;
+        float *x = rand_vec(nd), *w = rand_vec((size_t)dim), *inv = malloc(F(half > 0 ? half : 1));
+        for (int i = 0; i < half; i++) inv[i] = i < half / 2 ? (float)pow(1e4, -2.0 * i / dim) : 0.0f;
+        int32_t pos[3] = {0, 17, 4095};
+        float *got = malloc(F(nd)), *want = malloc(F(nd));
+        double *ref = malloc(nd * sizeof *ref);
+        for (int r = 0; r < rows; r++)
+            for (int h = 0; h < heads; h++) {
+                const float *xh = x + ((size_t)r * heads + h) * dim;
+                double *rh = ref + ((size_t)r * heads + h) * dim, ss = 0;
+                for (int i = 0; i < dim; i++) ss += (double)xh[i] * xh[i];
+                double q = 1.0 / sqrt(ss / dim + 1e-6);
+                for (int i = 0; i < dim; i++) rh[i] = xh[i] * q * w[i];
+                for (int i = 0; i < half; i++) {
+                    double th = (double)((float)pos[r] * inv[i]), a = rh[i], b = rh[i + half];
+                    rh[i] = a * cos(th) - b * sin(th);
+                    rh[i + half] = b * cos(th) + a * sin(th);
+                }
+            }
+        float *dx = dev_put(d, x, F(nd)), *dw = dev_put(d, w, F(dim)), *dinv = dev_put(d, inv, F(half > 0 ? half : 1));
+        int32_t *dpos = dev_put(d, pos, sizeof pos);
+        float *dy = dev_poisoned(d, F(nd)), *dt = dev_poisoned(d, F(nd));
+        d->be.ops->rmsnorm_rope(&d->be.ctx, dy, dx, dw, rows, heads, dim, 1e-6f, dinv, dpos);
+        dev_get(d, got, dy, F(nd));
+        EXPECT_CLOSE(got, ref, nd, 1e-5, "rmsnorm_rope, heads of %d", dim);
+        d->be.ops->rmsnorm(&d->be.ctx, dt, dx, dw, (int64_t)rows * heads, dim, 1e-6f);
+        d->be.ops->rope_rows(&d->be.ctx, dt, rows, heads, dim, dim, dinv, dpos, 1);
+        dev_get(d, want, dt, F(nd));
+        CHECK(memcmp(got, want, F(nd)) == 0, "%s: rmsnorm_rope, heads of %d: the bits of rmsnorm then rope_rows",
+              d->be.name, dim);
+        d->be.ops->rmsnorm(&d->be.ctx, dt, dx, NULL, (int64_t)rows * heads, dim, 1e-6f);
+        d->be.ops->rope_rows(&d->be.ctx, dt, rows, heads, dim, dim, dinv, dpos, 1);
+        d->be.ops->rmsnorm_rope(&d->be.ctx, dx, dx, NULL, rows, heads, dim, 1e-6f, dinv, dpos);
+        dev_get(d, got, dx, F(nd));
+        dev_get(d, want, dt, F(nd));
+        CHECK(memcmp(got, want, F(nd)) == 0, "%s: rmsnorm_rope without weight in place, heads of %d", d->be.name, dim);
+        free(x); free(w); free(inv); free(got); free(want); free(ref);
+        dev_reset(d);
+    }
+}
+
 /* Half-split rotation; the inverse frequencies carry the proportional zeros. */
 static void test_rope(Dev *d) {
     int heads = 3, dim = 32;
@@ -2870,6 +2920,7 @@ int main(void) {
             test_transfers(&d);
             test_rmsnorm_gelu_softcap(&d);
             test_rmsnorm_add(&d);
+            test_rmsnorm_rope(&d);
             test_attention(&d);
             test_attention_shapes(&d);
             test_attention_batch(&d);
