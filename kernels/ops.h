@@ -262,11 +262,12 @@ typedef struct {
     void (*matmul)(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
     /* y[n, dim] = x / rms(x) * (w ? w : 1), eps inside the root; y may alias x */
     void (*rmsnorm)(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps);
-    /* y[n, dim] = r + rmsnorm(x) (w as rmsnorm's): a block's normed output
-     * added to the residual stream in one pass, the bits of rmsnorm into a
-     * buffer, then add; y may alias r, not x */
+    /* y[n, dim] = (r + rmsnorm(x)) * s (w as rmsnorm's): a block's normed
+     * output added to the residual stream in one pass (and a layer's output
+     * scaled), the bits of rmsnorm into a buffer, add, then scale (s = 1
+     * is exact); y may alias r, not x */
     void (*rmsnorm_add)(const KnCtx *ctx, float *y, const float *r, const float *x, const float *w, int64_t n,
-                        int64_t dim, float eps);
+                        int64_t dim, float eps, float s);
     /* out[n_q, n_heads, dim]: q[n_q, n_heads, dim] at absolute positions
      * q_pos0.., k/v[n_keys, n_kv_heads, dim]; scale multiplies q.k */
     void (*attention)(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,

@@ -391,8 +391,10 @@ static void attention(Model *m, const Batch *b, int li, Scratch *s, const LayerB
     linear(m, b, s, u->o, u->att, l->o, li, LORA_O);
 }
 
-/* Feed-forward block of layer li (§3.4, §3.7, §3.8): u->x2 = u->x1 + FFN(u->x1). */
-static void feed_forward(Model *m, const Batch *b, int li, Scratch *s, MoeTape *moe, const LayerBufs *u) {
+/* Feed-forward block of layer li (§3.4, §3.7, §3.8): u->x2 = (u->x1 +
+ * FFN(u->x1)) * out_scale. */
+static void feed_forward(Model *m, const Batch *b, int li, Scratch *s, MoeTape *moe, const LayerBufs *u,
+                         float out_scale) {
     const TextConfig *t = &m->w->cfg.text;
     const Layer *l = &m->wt->layers[li];
     int64_t H = t->hidden_size, I = t->layers[li].intermediate, n = b->n;
@@ -409,11 +411,11 @@ static void feed_forward(Model *m, const Batch *b, int li, Scratch *s, MoeTape *
     } else {
         copy_rows(m, u->f, u->d, n * H);
     }
-    m->be.ops->rmsnorm_add(&m->be.ctx, u->x2, u->x1, u->f, l->post_ff_ln, n, H, t->rms_eps);
+    m->be.ops->rmsnorm_add(&m->be.ctx, u->x2, u->x1, u->f, l->post_ff_ln, n, H, t->rms_eps, out_scale);
 }
 
-/* PLE injection at the end of layer li (§3.4): u->out = u->x2 + the
- * layer's share of the per-layer inputs ple[n, L, P]. */
+/* PLE injection at the end of layer li (§3.4): u->out = (u->x2 + the
+ * layer's share of the per-layer inputs ple[n, L, P]) * layer_scalar. */
 static void per_layer_inject(Model *m, const Batch *b, int li, Scratch *s, const float *ple, const LayerBufs *u) {
     const TextConfig *t = &m->w->cfg.text;
     const Layer *l = &m->wt->layers[li];
@@ -421,7 +423,7 @@ static void per_layer_inject(Model *m, const Batch *b, int li, Scratch *s, const
     linear(m, b, s, u->pg, u->x2, l->ple_gate, li, LORA_PLE_GATE);
     m->be.ops->gelu_gate(&m->be.ctx, u->pm, u->pg, ple + li * P, n, P, L * P);
     linear(m, b, s, u->pp, u->pm, l->ple_proj, li, LORA_PLE_PROJ);
-    m->be.ops->rmsnorm_add(&m->be.ctx, u->out, u->x2, u->pp, l->post_ple_ln, n, H, t->rms_eps);
+    m->be.ops->rmsnorm_add(&m->be.ctx, u->out, u->x2, u->pp, l->post_ple_ln, n, H, t->rms_eps, l->layer_scalar);
 }
 
 /* The layer on its input x[n, H], every step into u (scratch_bufs: the
@@ -434,11 +436,11 @@ static void decoder_layer(Model *m, const Batch *b, int li, Scratch *s, MoeTape 
     int64_t H = t->hidden_size, n = b->n;
     m->be.ops->rmsnorm(&m->be.ctx, u->h1, x, l->input_ln, n, H, t->rms_eps);
     attention(m, b, li, s, u, replay);
-    m->be.ops->rmsnorm_add(&m->be.ctx, u->x1, x, u->o, l->post_attn_ln, n, H, t->rms_eps);
-    feed_forward(m, b, li, s, moe, u);
+    m->be.ops->rmsnorm_add(&m->be.ctx, u->x1, x, u->o, l->post_attn_ln, n, H, t->rms_eps, 1.0f);
+    /* the layer's output scaled by the last op that writes it */
+    feed_forward(m, b, li, s, moe, u, t->ple_dim ? 1.0f : l->layer_scalar);
     if (t->ple_dim) per_layer_inject(m, b, li, s, ple, u);
     else copy_rows(m, u->out, u->x2, n * H);
-    m->be.ops->scale(&m->be.ctx, u->out, (size_t)(n * H), l->layer_scalar);
 }
 
 /* ---- forward ------------------------------------------------------------------ */

@@ -108,28 +108,28 @@ static void g_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int
     SUBMIT(x_matmul, a);
 }
 
-/* rmsnorm, and rmsnorm_add with r */
+/* rmsnorm, and rmsnorm_add with r and s */
 typedef struct {
     float *y;
     const float *x, *w, *r;
     int64_t n, dim;
-    float eps;
+    float eps, s;
 } RmsnormArgs;
 static void x_rmsnorm(const KnCtx *ctx, const void *p) {
     const RmsnormArgs *a = p;
     CPU_OPS.rmsnorm(ctx, H(a->y), H(a->x), H(a->w), a->n, a->dim, a->eps);
 }
 static void g_rmsnorm(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps) {
-    RmsnormArgs a = {y, x, w, NULL, n, dim, eps};
+    RmsnormArgs a = {y, x, w, NULL, n, dim, eps, 1.0f};
     SUBMIT(x_rmsnorm, a);
 }
 static void x_rmsnorm_add(const KnCtx *ctx, const void *p) {
     const RmsnormArgs *a = p;
-    CPU_OPS.rmsnorm_add(ctx, H(a->y), H(a->r), H(a->x), H(a->w), a->n, a->dim, a->eps);
+    CPU_OPS.rmsnorm_add(ctx, H(a->y), H(a->r), H(a->x), H(a->w), a->n, a->dim, a->eps, a->s);
 }
 static void g_rmsnorm_add(const KnCtx *ctx, float *y, const float *r, const float *x, const float *w, int64_t n,
-                          int64_t dim, float eps) {
-    RmsnormArgs a = {y, x, w, r, n, dim, eps};
+                          int64_t dim, float eps, float s) {
+    RmsnormArgs a = {y, x, w, r, n, dim, eps, s};
     SUBMIT(x_rmsnorm_add, a);
 }
 

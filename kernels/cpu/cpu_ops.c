@@ -128,14 +128,14 @@ static void cpu_rmsnorm_forward(const KnCtx *ctx, float *y, const float *x, cons
 }
 
 static void cpu_rmsnorm_add(const KnCtx *ctx, float *y, const float *r, const float *x, const float *w, int64_t n,
-                            int64_t dim, float eps) {
+                            int64_t dim, float eps, float s) {
     (void)ctx;
     for (int64_t row = 0; row < n; row++) {
         const float *xr = x + row * dim, *rr = r + row * dim;
         float *yr = y + row * dim, inv = rms_inv(xr, dim, eps);
         for (int64_t i = 0; i < dim; i++) {
-            float t = w ? xr[i] * inv * w[i] : xr[i] * inv;
-            yr[i] = rr[i] + t;
+            float t = w ? xr[i] * inv * w[i] : xr[i] * inv, sum = rr[i] + t;
+            yr[i] = sum * s;
         }
     }
 }

@@ -291,7 +291,7 @@ void cuda_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t
 void cuda_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n);
 void cuda_rmsnorm(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps);
 void cuda_rmsnorm_add(const KnCtx *ctx, float *y, const float *r, const float *x, const float *w, int64_t n,
-                      int64_t dim, float eps);
+                      int64_t dim, float eps, float s);
 void cuda_rmsnorm_dx(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n,
                      int64_t dim, float eps);
 void cuda_gelu_tanh(const KnCtx *ctx, float *x, size_t n);

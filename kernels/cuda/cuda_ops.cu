@@ -89,10 +89,12 @@ void cuda_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, in
 
 /* ---- RMSNorm ------------------------------------------------------------------ */
 
-/* One block per row; with r, r's row is added to the normed row. The
- * products are rounded on their own (__fmul_rn), so that adding r never
- * fuses into them: rmsnorm_add gives the bits of rmsnorm, then add. */
-static __global__ void k_rmsnorm(float *y, const float *r, const float *x, const float *w, int64_t dim, float eps) {
+/* One block per row; with r, r's row is added to the normed row, then
+ * scaled by s. Each product and sum is rounded on its own (__fmul_rn,
+ * __fadd_rn), so that nothing fuses: rmsnorm_add gives the bits of
+ * rmsnorm, add, then scale. */
+static __global__ void k_rmsnorm(float *y, const float *r, const float *x, const float *w, int64_t dim, float eps,
+                                 float s) {
     __shared__ double sh[32];
     const float *xr = x + blockIdx.x * dim, *rr = r ? r + blockIdx.x * dim : NULL;
     float *yr = y + blockIdx.x * dim;
@@ -102,22 +104,22 @@ static __global__ void k_rmsnorm(float *y, const float *r, const float *x, const
     float inv = 1.0f / sqrtf((float)(ss / (double)dim) + eps);
     for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
         float t = w ? __fmul_rn(__fmul_rn(xr[i], inv), w[i]) : __fmul_rn(xr[i], inv);
-        yr[i] = rr ? __fadd_rn(rr[i], t) : t;
+        yr[i] = rr ? __fmul_rn(__fadd_rn(rr[i], t), s) : t;
     }
 }
 
 void cuda_rmsnorm(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim, float eps) {
     if (n <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    k_rmsnorm<<<(unsigned)n, THREADS, 0, c->stream>>>(y, NULL, x, w, dim, eps);
+    k_rmsnorm<<<(unsigned)n, THREADS, 0, c->stream>>>(y, NULL, x, w, dim, eps, 1.0f);
     CUDA_LAUNCHED(c, "rmsnorm");
 }
 
 void cuda_rmsnorm_add(const KnCtx *ctx, float *y, const float *r, const float *x, const float *w, int64_t n,
-                      int64_t dim, float eps) {
+                      int64_t dim, float eps, float s) {
     if (n <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    k_rmsnorm<<<(unsigned)n, THREADS, 0, c->stream>>>(y, r, x, w, dim, eps);
+    k_rmsnorm<<<(unsigned)n, THREADS, 0, c->stream>>>(y, r, x, w, dim, eps, s);
     CUDA_LAUNCHED(c, "rmsnorm_add");
 }
 

@@ -286,8 +286,9 @@ static void test_rmsnorm_gelu_softcap(Dev *d) {
 }
 
 /* rmsnorm_add: r + rmsnorm(x) against the double-precision reference, and
- * the bits of rmsnorm into a buffer then add, with a weight into its own
- * output and without one in place over r; rows wider than a block. */
+ * the bits of rmsnorm into a buffer, add, then scale: with a weight into
+ * its own output, and scaled without one in place over r; rows wider
+ * than a block. */
 static void test_rmsnorm_add(Dev *d) {
     const int n = 5, dims[2] = {33, 1100};
     for (int k = 0; k < 2; k++) {
@@ -304,7 +305,7 @@ static void test_rmsnorm_add(Dev *d) {
         }
         float *dx = dev_put(d, x, F(nd)), *dr = dev_put(d, r, F(nd)), *dw = dev_put(d, w, F(dim));
         float *dy = dev_poisoned(d, F(nd)), *dt = dev_poisoned(d, F(nd)), *dsum = dev_poisoned(d, F(nd));
-        d->be.ops->rmsnorm_add(&d->be.ctx, dy, dr, dx, dw, n, dim, 1e-6f);
+        d->be.ops->rmsnorm_add(&d->be.ctx, dy, dr, dx, dw, n, dim, 1e-6f, 1.0f);
         dev_get(d, got, dy, F(nd));
         EXPECT_CLOSE(got, ref, nd, 1e-6, "rmsnorm_add, dim %d", dim);
         d->be.ops->rmsnorm(&d->be.ctx, dt, dx, dw, n, dim, 1e-6f);
@@ -313,10 +314,12 @@ static void test_rmsnorm_add(Dev *d) {
         CHECK(memcmp(got, want, F(nd)) == 0, "%s: rmsnorm_add, dim %d: the bits of rmsnorm then add", d->be.name, dim);
         d->be.ops->rmsnorm(&d->be.ctx, dt, dx, NULL, n, dim, 1e-6f);
         d->be.ops->add(&d->be.ctx, dsum, dr, dt, nd);
-        d->be.ops->rmsnorm_add(&d->be.ctx, dr, dr, dx, NULL, n, dim, 1e-6f);
+        d->be.ops->scale(&d->be.ctx, dsum, nd, 0.7f);
+        d->be.ops->rmsnorm_add(&d->be.ctx, dr, dr, dx, NULL, n, dim, 1e-6f, 0.7f);
         dev_get(d, got, dr, F(nd));
         dev_get(d, want, dsum, F(nd));
-        CHECK(memcmp(got, want, F(nd)) == 0, "%s: rmsnorm_add without weight in place over r, dim %d", d->be.name, dim);
+        CHECK(memcmp(got, want, F(nd)) == 0, "%s: rmsnorm_add scaled, without weight, in place over r, dim %d",
+              d->be.name, dim);
         free(x); free(r); free(w); free(got); free(want); free(ref);
         dev_reset(d);
     }
