@@ -356,7 +356,9 @@ typedef struct {
     /* torch's AdamW on n parameters p with gradients g and moments m, v
      * (all updated in place but g) */
     void (*adamw)(const KnCtx *ctx, float *p, const float *g, float *m, float *v, size_t n, const KnAdamW *h);
-    /* *out (device double) = sum of x[i]^2, accumulated in double in index order */
+    /* *out (device double) = sum of x[i]^2, accumulated in double in an
+     * order that n alone decides, the same on every run (the CPU kinds:
+     * index order; CUDA: slices, then their sums) */
     void (*sq_norm)(const KnCtx *ctx, double *out, const float *x, size_t n);
     /* x[n] *= s */
     void (*scale)(const KnCtx *ctx, float *x, size_t n, float s);
