@@ -117,13 +117,18 @@ static float rms_inv(const float *x, int64_t dim, float eps) {
     return 1.0f / sqrtf((float)(ss / (double)dim) + eps);
 }
 
+/* Element i of a normed row: x[i] inv (w[i]). */
+static inline float normed(const float *x, float inv, const float *w, int64_t i) {
+    return w ? x[i] * inv * w[i] : x[i] * inv;
+}
+
 static void cpu_rmsnorm_forward(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim,
                                 float eps) {
     (void)ctx;
     for (int64_t r = 0; r < n; r++) {
         const float *xr = x + r * dim;
         float *yr = y + r * dim, inv = rms_inv(xr, dim, eps);
-        for (int64_t i = 0; i < dim; i++) yr[i] = w ? xr[i] * inv * w[i] : xr[i] * inv;
+        for (int64_t i = 0; i < dim; i++) yr[i] = normed(xr, inv, w, i);
     }
 }
 
@@ -134,7 +139,7 @@ static void cpu_rmsnorm_add(const KnCtx *ctx, float *y, const float *r, const fl
         const float *xr = x + row * dim, *rr = r + row * dim;
         float *yr = y + row * dim, inv = rms_inv(xr, dim, eps);
         for (int64_t i = 0; i < dim; i++) {
-            float t = w ? xr[i] * inv * w[i] : xr[i] * inv, sum = rr[i] + t;
+            float sum = rr[i] + normed(xr, inv, w, i);
             yr[i] = sum * s;
         }
     }

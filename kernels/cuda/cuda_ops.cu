@@ -93,17 +93,28 @@ void cuda_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, in
  * scaled by s. Each product and sum is rounded on its own (__fmul_rn,
  * __fadd_rn), so that nothing fuses: rmsnorm_add gives the bits of
  * rmsnorm, add, then scale. */
+/* 1 / rms of the block's row xr[dim] (every thread gets it): the squares
+ * summed in double, then the block in warp order. */
+static __device__ float row_inv(const float *xr, int64_t dim, float eps, double *sh) {
+    double ss = 0.0;
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)xr[i] * xr[i];
+    ss = block_sum(ss, sh);
+    return 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+}
+
+/* Element i of the normed row: xr[i] inv (w[i]), each product rounded. */
+static __device__ __forceinline__ float normed(const float *xr, float inv, const float *w, int64_t i) {
+    return w ? __fmul_rn(__fmul_rn(xr[i], inv), w[i]) : __fmul_rn(xr[i], inv);
+}
+
 static __global__ void k_rmsnorm(float *y, const float *r, const float *x, const float *w, int64_t dim, float eps,
                                  float s) {
     __shared__ double sh[32];
     const float *xr = x + blockIdx.x * dim, *rr = r ? r + blockIdx.x * dim : NULL;
     float *yr = y + blockIdx.x * dim;
-    double ss = 0.0;
-    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)xr[i] * xr[i];
-    ss = block_sum(ss, sh);
-    float inv = 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+    float inv = row_inv(xr, dim, eps, sh);
     for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-        float t = w ? __fmul_rn(__fmul_rn(xr[i], inv), w[i]) : __fmul_rn(xr[i], inv);
+        float t = normed(xr, inv, w, i);
         yr[i] = rr ? __fmul_rn(__fadd_rn(rr[i], t), s) : t;
     }
 }
@@ -399,15 +410,11 @@ static __global__ void k_rmsnorm_rope(float *y, const float *x, const float *w, 
     __shared__ double sh[32];
     const float *xh = x + (int64_t)blockIdx.x * dim;
     float *yh = y + (int64_t)blockIdx.x * dim;
-    double ss = 0.0;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)xh[i] * xh[i];
-    ss = block_sum(ss, sh);
-    float inv = 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+    float inv = row_inv(xh, dim, eps, sh);
     int half = dim / 2;
     float p = (float)pos[blockIdx.x / n_heads];
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float a = w ? __fmul_rn(__fmul_rn(xh[i], inv), w[i]) : __fmul_rn(xh[i], inv);
-        float b = w ? __fmul_rn(__fmul_rn(xh[i + half], inv), w[i + half]) : __fmul_rn(xh[i + half], inv);
+        float a = normed(xh, inv, w, i), b = normed(xh, inv, w, i + half);
         if (inv_freq[i] == 0.0f) { /* cos 1, sin 0 */
             yh[i] = a;
             yh[i + half] = b;
@@ -415,8 +422,7 @@ static __global__ void k_rmsnorm_rope(float *y, const float *x, const float *w, 
             rope_pair(a, b, __fmul_rn(p, inv_freq[i]), &yh[i], &yh[i + half]);
         }
     }
-    if ((dim & 1) && threadIdx.x == 0) /* an odd head's last value is normed, not rotated */
-        yh[dim - 1] = w ? __fmul_rn(__fmul_rn(xh[dim - 1], inv), w[dim - 1]) : __fmul_rn(xh[dim - 1], inv);
+    if ((dim & 1) && threadIdx.x == 0) yh[dim - 1] = normed(xh, inv, w, dim - 1); /* an odd head's last: not rotated */
 }
 void cuda_rmsnorm_rope(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n_rows, int n_heads, int dim,
                        float eps, const float *inv_freq, const int32_t *pos) {
