@@ -1,96 +1,11 @@
-/* cpu_grad.c - the CPU backward kernels: the gradients of matmul (input
- * side; weights are frozen), RMSNorm, tanh-GELU and attention. Plain loops
+/* cpu_grad.c - the CPU backward kernels: the gradients of RMSNorm,
+ * tanh-GELU and attention (matmul's input gradient: cpu_gemm.c). Plain loops
  * in float32 (sums of squares in double, as the forward), threaded where the
  * work is large. */
 #include <math.h>
 #include <string.h>
 
 #include "cpu_impl.h"
-
-
-/* ---- matmul ----------------------------------------------------------------- */
-
-typedef struct {
-    float *dx;
-    const float *dy;
-    KnMatrix w;
-    int64_t n;
-} MatmulDxTask;
-
-/* d[0..n) += g x[0..n), in blocks of 8 the compiler vectorizes (restrict:
- * d and x never overlap). */
-static void axpy(float *restrict d, const float *restrict x, float g, int64_t n) {
-    int64_t c = 0;
-    for (; c + 8 <= n; c += 8)
-        for (int k = 0; k < 8; k++) d[c + k] += g * x[c + k];
-    for (; c < n; c++) d[c] += g * x[c];
-}
-
-enum { DX_CHUNK = 512, DX_TOKENS = 32, DX_ROWS = 4 };
-
-/* d[0..n) += g[k] w[k][0..n) for the k in order whose g is not 0, in one
- * pass over d: each element takes the same additions, in the same order,
- * as axpy row after row would give it. */
-static void axpy_rows(float *restrict d, const float *const w[DX_ROWS], const float g[DX_ROWS], int nb, int64_t n) {
-    const float *wk[DX_ROWS];
-    float gk[DX_ROWS];
-    int m = 0;
-    for (int k = 0; k < nb; k++)
-        if (g[k] != 0.0f) {
-            wk[m] = w[k];
-            gk[m++] = g[k];
-        }
-    if (m <= 1) {
-        if (m == 1) axpy(d, wk[0], gk[0], n);
-        return;
-    }
-    int64_t c = 0;
-    for (; c + 4 <= n; c += 4) {
-        V4 v = cpu_load4(d + c);
-        for (int k = 0; k < m; k++) v += gk[k] * cpu_load4(wk[k] + c);
-        cpu_store4(d + c, v);
-    }
-    for (; c < n; c++) {
-        float v = d[c];
-        for (int k = 0; k < m; k++) v += gk[k] * wk[k][c];
-        d[c] = v;
-    }
-}
-
-/* Each thread owns a range of input features (columns of W), so no two
- * threads write the same dx element. The range is cut in chunks of
- * DX_CHUNK columns and the tokens in blocks of DX_TOKENS, so the block of
- * dx being accumulated stays in cache while the rows of W pass over it,
- * DX_ROWS rows at a time (each dx element read and written once for them);
- * each dx element still sums over the rows of W in order. */
-static void matmul_dx_task(void *p, int ith, int nth) {
-    MatmulDxTask *t = p;
-    long lo, hi;
-    kn_split((long)t->w.cols, ith, nth, &lo, &hi);
-    float row[DX_ROWS][DX_CHUNK];
-    const float *const rows[DX_ROWS] = {row[0], row[1], row[2], row[3]};
-    for (long c0 = lo; c0 < hi; c0 += DX_CHUNK) {
-        int64_t len = hi - c0 < DX_CHUNK ? hi - c0 : DX_CHUNK;
-        for (int64_t i0 = 0; i0 < t->n; i0 += DX_TOKENS) {
-            int64_t i1 = i0 + DX_TOKENS < t->n ? i0 + DX_TOKENS : t->n;
-            for (int64_t o = 0; o < t->w.rows; o += DX_ROWS) {
-                int nb = t->w.rows - o < DX_ROWS ? (int)(t->w.rows - o) : DX_ROWS;
-                for (int k = 0; k < nb; k++) cpu_load_span(row[k], t->w, o + k, c0, len);
-                for (int64_t i = i0; i < i1; i++) {
-                    float g[DX_ROWS];
-                    for (int k = 0; k < nb; k++) g[k] = t->dy[i * t->w.rows + o + k];
-                    axpy_rows(t->dx + i * t->w.cols + c0, rows, g, nb, len);
-                }
-            }
-        }
-    }
-}
-
-void cpu_matmul_backward(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
-    MatmulDxTask t = {dx, dy, w, n};
-    if (w.rows * w.cols * n < CPU_PARALLEL_MIN_WORK || !ctx->pool) matmul_dx_task(&t, 0, 1);
-    else kn_pool_run(ctx->pool, matmul_dx_task, &t);
-}
 
 /* ---- RMSNorm, GELU ---------------------------------------------------------------- */
 

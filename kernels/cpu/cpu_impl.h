@@ -46,8 +46,24 @@ static inline float cpu_gelu_slope(float v) {
 /* Below this many multiply-adds, waking the pool costs more than it saves. */
 #define CPU_PARALLEL_MIN_WORK 65536
 
-/* cpu_ops.c, used by the fused kernels */
+/* cpu_gemm.c: matmul (out = in W^T) and matmul_dx (out += in W), the
+ * dot product in the CPU kinds' order, and the tasks of both builds
+ * (cpu_gemm_avx2.c's named _avx2) that the entries hand the pool. */
+typedef struct {
+    float *out;
+    const float *in;
+    KnMatrix w;
+    int64_t n;
+} CpuMatmul;
 void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
+void cpu_matmul_backward(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n);
+float cpu_dot(const float *a, const float *b, int64_t n);
+void cpu_matmul_task(void *p, int ith, int nth);
+void cpu_matmul_dx_task(void *p, int ith, int nth);
+void cpu_matmul_task_avx2(void *p, int ith, int nth);
+void cpu_matmul_dx_task_avx2(void *p, int ith, int nth);
+
+/* cpu_ops.c, used by the fused kernels */
 void cpu_gelu_gate_forward(const KnCtx *ctx, float *y, const float *g, const float *u, int64_t rows, int64_t cols,
                            int64_t ld_u);
 void cpu_softcap_forward(const KnCtx *ctx, float *x, size_t n, float cap);
@@ -76,7 +92,6 @@ void cpu_moe_route_backward(const KnCtx *ctx, float *dlogits, const float *dc, c
                             const float *p, const float *expert_scale, int64_t n, int E, int K);
 
 /* cpu_grad.c */
-void cpu_matmul_backward(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n);
 void cpu_rmsnorm_backward(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n,
                           int64_t dim, float eps);
 void cpu_gelu_tanh_backward(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n);

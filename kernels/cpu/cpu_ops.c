@@ -14,100 +14,6 @@ void cpu_load_span(float *out, KnMatrix w, int64_t r, int64_t c0, int64_t len) {
     else kn_convert_to_f32(out, w.data, w.dtype, e, len);
 }
 
-/* The order every dot product of the CPU kinds is summed in: eight partial
- * sums s[k] over strides of 8 (the lanes of lo, s[0..3], and hi, s[4..7]:
- * cpu_impl.h's V4), added in pairs, then the tail in order. */
-static inline float pairs4(V4 lo, V4 hi) { return ((lo[0] + lo[1]) + (lo[2] + lo[3])) + ((hi[0] + hi[1]) + (hi[2] + hi[3])); }
-
-static float dot(const float *a, const float *b, int64_t n) {
-    V4 lo = {0}, hi = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        lo += cpu_load4(a + i) * cpu_load4(b + i);
-        hi += cpu_load4(a + i + 4) * cpu_load4(b + i + 4);
-    }
-    float t = pairs4(lo, hi);
-    for (; i < n; i++) t += a[i] * b[i];
-    return t;
-}
-
-/* dot(a, b[j], n) for four rows b[0..3] at once, each summed exactly as
- * dot sums it, with a's values loaded once for the four and every partial
- * sum kept in a register. */
-static void dot4(const float *a, const float *const b[4], int64_t n, float out[4]) {
-    V4 l0 = {0}, h0 = {0}, l1 = {0}, h1 = {0}, l2 = {0}, h2 = {0}, l3 = {0}, h3 = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        V4 xl = cpu_load4(a + i), xh = cpu_load4(a + i + 4);
-        l0 += xl * cpu_load4(b[0] + i);
-        h0 += xh * cpu_load4(b[0] + i + 4);
-        l1 += xl * cpu_load4(b[1] + i);
-        h1 += xh * cpu_load4(b[1] + i + 4);
-        l2 += xl * cpu_load4(b[2] + i);
-        h2 += xh * cpu_load4(b[2] + i + 4);
-        l3 += xl * cpu_load4(b[3] + i);
-        h3 += xh * cpu_load4(b[3] + i + 4);
-    }
-    float t[4] = {pairs4(l0, h0), pairs4(l1, h1), pairs4(l2, h2), pairs4(l3, h3)};
-    for (int j = 0; j < 4; j++)
-        for (int64_t e = i; e < n; e++) t[j] += a[e] * b[j][e];
-    memcpy(out, t, sizeof t);
-}
-
-/* ---- matmul ------------------------------------------------------------- */
-
-typedef struct {
-    float *y;
-    const float *x;
-    KnMatrix w;
-    int64_t n;
-} MatmulTask;
-
-enum { MM_CHUNK = 4096, MM_OUTS = 4 };
-
-/* Outputs [o0, o0 + nb) (nb <= MM_OUTS) of every input row, their weight
- * rows widened MM_CHUNK columns at a time into row[] (rows: the same
- * buffers, for dot4): each output is 0 plus
- * the chunks' dot products in order, whatever block it is in, so a result
- * depends on its input row and weight row alone. */
-static void matmul_block(const MatmulTask *t, long o0, int nb, float (*row)[MM_CHUNK], const float *const *rows) {
-    for (int64_t i = 0; i < t->n; i++)
-        for (int j = 0; j < nb; j++) t->y[i * t->w.rows + o0 + j] = 0.0f;
-    for (int64_t c0 = 0; c0 < t->w.cols; c0 += MM_CHUNK) {
-        int64_t len = t->w.cols - c0 < MM_CHUNK ? t->w.cols - c0 : MM_CHUNK;
-        for (int j = 0; j < nb; j++) cpu_load_span(row[j], t->w, o0 + j, c0, len);
-        for (int64_t i = 0; i < t->n; i++) {
-            const float *xi = t->x + i * t->w.cols + c0;
-            float *yi = t->y + i * t->w.rows + o0;
-            if (nb == MM_OUTS) {
-                float d[MM_OUTS];
-                dot4(xi, rows, len, d);
-                for (int j = 0; j < MM_OUTS; j++) yi[j] += d[j];
-            } else {
-                for (int j = 0; j < nb; j++) yi[j] += dot(xi, row[j], len);
-            }
-        }
-    }
-}
-
-/* Each thread owns a range of output features, MM_OUTS at a time: the
- * block's weight rows are widened once, and each input row is read once
- * for the block instead of once per output. */
-static void matmul_task(void *p, int ith, int nth) {
-    MatmulTask *t = p;
-    long lo, hi;
-    kn_split((long)t->w.rows, ith, nth, &lo, &hi);
-    float row[MM_OUTS][MM_CHUNK];
-    const float *const rows[MM_OUTS] = {row[0], row[1], row[2], row[3]};
-    for (long o = lo; o < hi; o += MM_OUTS) matmul_block(t, o, hi - o < MM_OUTS ? (int)(hi - o) : MM_OUTS, row, rows);
-}
-
-void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
-    MatmulTask t = {y, x, w, n};
-    if (w.rows * w.cols * n < CPU_PARALLEL_MIN_WORK) matmul_task(&t, 0, 1);
-    else kn_pool_run(ctx->pool, matmul_task, &t);
-}
-
 /* ---- norms, activations ------------------------------------------------- */
 
 /* 1 / rms(x[dim]), eps inside the root: the sum of squares in double. */
@@ -212,7 +118,7 @@ static void attn_item(const AttnTask *t, long item, float *stack_scores) {
     /* two passes when the key count is larger than the stack buffer */
     float *scores = t->n_keys <= ATTN_STACK ? stack_scores : NULL;
     for (int64_t k = 0; k < t->n_keys; k++) {
-        float s = cpu_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh, row), t->dim) * t->scale
+        float s = cpu_mask_visible(t->mask, qpos, k) ? cpu_dot(qv, kv_row(t, t->k, k, kvh, row), t->dim) * t->scale
                                              : -INFINITY;
         if (scores) scores[k] = s;
         if (s > mx) mx = s;
@@ -220,7 +126,7 @@ static void attn_item(const AttnTask *t, long item, float *stack_scores) {
     if (mx == -INFINITY) return; /* no visible key: zeros */
     for (int64_t k = 0; k < t->n_keys; k++) {
         float s = scores ? scores[k]
-                         : (cpu_mask_visible(t->mask, qpos, k) ? dot(qv, kv_row(t, t->k, k, kvh, row), t->dim) * t->scale
+                         : (cpu_mask_visible(t->mask, qpos, k) ? cpu_dot(qv, kv_row(t, t->k, k, kvh, row), t->dim) * t->scale
                                                       : -INFINITY);
         if (s == -INFINITY) continue;
         float w = expf(s - mx);

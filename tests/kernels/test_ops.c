@@ -2897,6 +2897,66 @@ static void test_table_complete(const Dev *d) {
     CHECK(missing == 0, "%s: %zu required entries of KnOps are empty", d->be.name, missing);
 }
 
+/* The CPU kinds' matmul and matmul_dx in their AVX2 build (x86-64 with
+ * AVX2) and their baseline build (GF_CPU_SIMD=baseline) give the same bits:
+ * neither fuses a product into its sum, and both sum in one order. F32,
+ * BF16 and NF4 weights; columns past the widening chunks and not a
+ * multiple of 8 or 16; rows not a multiple of 4; more tokens than a dx
+ * block; gradients with zeros (fewer than four rows at once, one row). */
+static void test_matmul_simd(Dev *d) {
+    if (d->be.ctx.device == KN_DEVICE_CUDA) return;
+#if defined(__x86_64__) && defined(__linux__)
+    if (!__builtin_cpu_supports("avx2")) {
+        printf("%s: no AVX2 on this CPU, the builds' comparison skipped\n", d->be.name);
+        return;
+    }
+    const int shapes[][3] = {{7, 4100, 5}, {13, 37, 9}, {9, 1030, 300}, {64, 520, 130}, {1, 8, 1}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
+        size_t nw = (size_t)rows * cols;
+        float *wf = rand_vec(nw), *x = rand_vec((size_t)n * cols), *g = rand_vec((size_t)n * rows);
+        float *dx0 = rand_vec((size_t)n * cols);
+        for (int i = 0; i < n * rows; i += 3) g[i] = 0.0f;
+        for (int i = 0; i < n * rows; i++)
+            if (i / rows % 5 == 1 && i % rows % 4) g[i] = 0.0f; /* one row of four left */
+        uint16_t *wb = malloc(nw * 2);
+        for (size_t i = 0; i < nw; i++) wb[i] = kn_f32_to_bf16(wf[i]);
+        KnNf4 q, qd;
+        CHECK(kn_nf4_quantize(&q, (KnMatrix){wf, KN_F32, rows, cols, 0}, &(GfError){0}) == GF_OK, "quantize");
+        nf4_on_device(d, &q, &qd);
+        float *dwf = dev_put(d, wf, F(nw)), *dxv = dev_put(d, x, F(n * cols)), *dg = dev_put(d, g, F(n * rows));
+        uint16_t *dwb = dev_put(d, wb, nw * 2);
+        for (int kind = 0; kind < 3; kind++) {
+            KnMatrix w = kind == 0 ? (KnMatrix){dwf, KN_F32, rows, cols, 0}
+                       : kind == 1 ? (KnMatrix){dwb, KN_BF16, rows, cols, 0} : kn_nf4_matrix(&qd, 0, rows, cols);
+            float *y[2], *gx[2];
+            for (int b = 0; b < 2; b++) {
+                if (b) setenv("GF_CPU_SIMD", "baseline", 1);
+                float *dy = dev_poisoned(d, F(n * rows)), *ddx = dev_put(d, dx0, F(n * cols));
+                d->be.ops->matmul(&d->be.ctx, dy, dxv, w, n);
+                d->be.ops->matmul_dx(&d->be.ctx, ddx, dg, w, n);
+                y[b] = malloc(F(n * rows));
+                gx[b] = malloc(F(n * cols));
+                dev_get(d, y[b], dy, F(n * rows));
+                dev_get(d, gx[b], ddx, F(n * cols));
+                unsetenv("GF_CPU_SIMD");
+            }
+            const char *names[3] = {"f32", "bf16", "nf4"};
+            CHECK(memcmp(y[0], y[1], F(n * rows)) == 0, "%s: matmul %s [%d, %d] x %d: AVX2 and baseline builds agree",
+                  d->be.name, names[kind], rows, cols, n);
+            CHECK(memcmp(gx[0], gx[1], F(n * cols)) == 0, "%s: matmul_dx %s [%d, %d] x %d: AVX2 and baseline builds agree",
+                  d->be.name, names[kind], rows, cols, n);
+            for (int b = 0; b < 2; b++) { free(y[b]); free(gx[b]); }
+        }
+        kn_nf4_free(&q);
+        free(wf); free(x); free(g); free(dx0); free(wb);
+        dev_reset(d);
+    }
+#else
+    printf("%s: one build of the CPU matmul here, nothing to compare\n", d->be.name);
+#endif
+}
+
 int main(void) {
     test_conversions();
     test_guarded_faults();
@@ -2920,6 +2980,7 @@ int main(void) {
             test_mapped_table(&d);
             test_matmul(&d);
             test_matmul_split(&d);
+            test_matmul_simd(&d);
             test_transfers(&d);
             test_rmsnorm_gelu_softcap(&d);
             test_rmsnorm_add(&d);

@@ -1,0 +1,262 @@
+/* cpu_gemm.c - the CPU kinds' matmul and its input gradient (ops.h matmul
+ * and matmul_dx), and the dot product every CPU kernel sums in the same
+ * order (cpu_dot).
+ *
+ * Written once over F8, eight floats, and compiled twice on x86-64: as it
+ * stands (SSE: two registers a F8; NEON elsewhere), and by cpu_gemm_avx2.c
+ * with AVX2 (one register a F8), whose entries the plain build's call when
+ * the CPU has AVX2 and GF_CPU_SIMD is not "baseline". AVX2 without FMA: a
+ * product is rounded before it is added in both, every lane sums what the
+ * same loop over floats sums, so both builds give the same bits (test_ops
+ * compares them). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "../pool.h"
+#include "cpu_impl.h"
+
+#ifdef CPU_GEMM_AVX2
+#define GEMM(name) name##_avx2
+#else
+#define GEMM(name) name
+#endif
+
+/* ---- F8 ------------------------------------------------------------------- */
+
+#ifdef __AVX2__
+typedef float F8 __attribute__((vector_size(32)));
+static inline F8 f8_load(const float *p) {
+    F8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void f8_store(float *p, F8 v) { memcpy(p, &v, sizeof v); }
+static inline F8 f8_zero(void) { return (F8){0}; }
+static inline F8 f8_splat(float g) { return (F8){g, g, g, g, g, g, g, g}; }
+/* s + a b, the product rounded first */
+static inline F8 f8_madd(F8 s, F8 a, F8 b) { return s + a * b; }
+static inline float f8_lane(F8 v, int k) { return v[k]; }
+#else
+typedef struct {
+    V4 lo, hi;
+} F8;
+static inline F8 f8_load(const float *p) { return (F8){cpu_load4(p), cpu_load4(p + 4)}; }
+static inline void f8_store(float *p, F8 v) {
+    cpu_store4(p, v.lo);
+    cpu_store4(p + 4, v.hi);
+}
+static inline F8 f8_zero(void) { return (F8){{0}, {0}}; }
+static inline F8 f8_splat(float g) { return (F8){{g, g, g, g}, {g, g, g, g}}; }
+static inline F8 f8_madd(F8 s, F8 a, F8 b) { return (F8){s.lo + a.lo * b.lo, s.hi + a.hi * b.hi}; }
+static inline float f8_lane(F8 v, int k) { return k < 4 ? v.lo[k] : v.hi[k - 4]; }
+#endif
+
+/* The order every dot product of the CPU kinds is summed in: eight partial
+ * sums s[k] over strides of 8, added in pairs, then the tail in order. */
+static inline float f8_pairs(F8 s) {
+    return ((f8_lane(s, 0) + f8_lane(s, 1)) + (f8_lane(s, 2) + f8_lane(s, 3))) +
+           ((f8_lane(s, 4) + f8_lane(s, 5)) + (f8_lane(s, 6) + f8_lane(s, 7)));
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    F8 s = f8_zero();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) s = f8_madd(s, f8_load(a + i), f8_load(b + i));
+    float t = f8_pairs(s);
+    for (; i < n; i++) t += a[i] * b[i];
+    return t;
+}
+
+#ifndef CPU_GEMM_AVX2
+float cpu_dot(const float *a, const float *b, int64_t n) { return dot(a, b, n); }
+#endif
+
+/* dot(a, b[j], n) for four rows b[0..3] at once, each summed exactly as
+ * dot sums it, with a's values loaded once for the four and every partial
+ * sum kept in a register. */
+static inline void dot4(const float *a, const float *const b[4], int64_t n, float out[4]) {
+    F8 s0 = f8_zero(), s1 = f8_zero(), s2 = f8_zero(), s3 = f8_zero();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        F8 x = f8_load(a + i);
+        s0 = f8_madd(s0, x, f8_load(b[0] + i));
+        s1 = f8_madd(s1, x, f8_load(b[1] + i));
+        s2 = f8_madd(s2, x, f8_load(b[2] + i));
+        s3 = f8_madd(s3, x, f8_load(b[3] + i));
+    }
+    float t[4] = {f8_pairs(s0), f8_pairs(s1), f8_pairs(s2), f8_pairs(s3)};
+    for (int j = 0; j < 4; j++)
+        for (int64_t e = i; e < n; e++) t[j] += a[e] * b[j][e];
+    memcpy(out, t, sizeof t);
+}
+
+/* ---- matmul ------------------------------------------------------------- */
+
+enum { MM_CHUNK = 4096, MM_OUTS = 4 };
+
+/* Outputs [o0, o0 + nb) (nb <= MM_OUTS) of every input row, their weight
+ * rows widened MM_CHUNK columns at a time into row[] (rows: the same
+ * buffers, for dot4): each output is 0 plus the chunks' dot products in
+ * order, whatever block it is in, so a result depends on its input row and
+ * weight row alone. */
+static inline void matmul_block(const CpuMatmul *t, long o0, int nb, float (*row)[MM_CHUNK], const float *const *rows) {
+    for (int64_t i = 0; i < t->n; i++)
+        for (int j = 0; j < nb; j++) t->out[i * t->w.rows + o0 + j] = 0.0f;
+    for (int64_t c0 = 0; c0 < t->w.cols; c0 += MM_CHUNK) {
+        int64_t len = t->w.cols - c0 < MM_CHUNK ? t->w.cols - c0 : MM_CHUNK;
+        for (int j = 0; j < nb; j++) cpu_load_span(row[j], t->w, o0 + j, c0, len);
+        for (int64_t i = 0; i < t->n; i++) {
+            const float *xi = t->in + i * t->w.cols + c0;
+            float *yi = t->out + i * t->w.rows + o0;
+            if (nb == MM_OUTS) {
+                float d[MM_OUTS];
+                dot4(xi, rows, len, d);
+                for (int j = 0; j < MM_OUTS; j++) yi[j] += d[j];
+            } else {
+                for (int j = 0; j < nb; j++) yi[j] += dot(xi, row[j], len);
+            }
+        }
+    }
+}
+
+/* Each thread owns a range of output features, MM_OUTS at a time: the
+ * block's weight rows are widened once, and each input row is read once
+ * for the block instead of once per output. */
+void GEMM(cpu_matmul_task)(void *p, int ith, int nth) {
+    const CpuMatmul *t = p;
+    long lo, hi;
+    kn_split((long)t->w.rows, ith, nth, &lo, &hi);
+    float row[MM_OUTS][MM_CHUNK];
+    const float *const rows[MM_OUTS] = {row[0], row[1], row[2], row[3]};
+    for (long o = lo; o < hi; o += MM_OUTS) matmul_block(t, o, hi - o < MM_OUTS ? (int)(hi - o) : MM_OUTS, row, rows);
+}
+
+/* ---- matmul_dx ------------------------------------------------------------ */
+
+enum { DX_CHUNK = 512, DX_TOKENS = 128, DX_ROWS = 4 };
+
+/* d[0..n) += g x[0..n). */
+static inline void axpy(float *restrict d, const float *restrict x, float g, int64_t n) {
+    F8 gv = f8_splat(g);
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) f8_store(d + c, f8_madd(f8_load(d + c), gv, f8_load(x + c)));
+    for (; c < n; c++) d[c] += g * x[c];
+}
+
+/* d[0..n) += g[k] w[k][0..n) for the k in order whose g is not 0, in one
+ * pass over d: each element takes the same additions, in the same order,
+ * as axpy row after row would give it. Four rows: two vectors of d at a
+ * time, so that their chains of additions overlap. */
+static inline void axpy_rows(float *restrict d, const float *const w[DX_ROWS], const float g[DX_ROWS], int nb, int64_t n) {
+    const float *wk[DX_ROWS];
+    float gk[DX_ROWS];
+    int m = 0;
+    for (int k = 0; k < nb; k++)
+        if (g[k] != 0.0f) {
+            wk[m] = w[k];
+            gk[m++] = g[k];
+        }
+    if (m <= 1) {
+        if (m == 1) axpy(d, wk[0], gk[0], n);
+        return;
+    }
+    int64_t c = 0;
+    if (m == DX_ROWS) {
+        F8 g0 = f8_splat(gk[0]), g1 = f8_splat(gk[1]), g2 = f8_splat(gk[2]), g3 = f8_splat(gk[3]);
+        for (; c + 16 <= n; c += 16) {
+            F8 a = f8_load(d + c), b = f8_load(d + c + 8);
+            a = f8_madd(a, g0, f8_load(wk[0] + c));
+            b = f8_madd(b, g0, f8_load(wk[0] + c + 8));
+            a = f8_madd(a, g1, f8_load(wk[1] + c));
+            b = f8_madd(b, g1, f8_load(wk[1] + c + 8));
+            a = f8_madd(a, g2, f8_load(wk[2] + c));
+            b = f8_madd(b, g2, f8_load(wk[2] + c + 8));
+            a = f8_madd(a, g3, f8_load(wk[3] + c));
+            b = f8_madd(b, g3, f8_load(wk[3] + c + 8));
+            f8_store(d + c, a);
+            f8_store(d + c + 8, b);
+        }
+    }
+    for (; c + 8 <= n; c += 8) {
+        F8 v = f8_load(d + c);
+        for (int k = 0; k < m; k++) v = f8_madd(v, f8_splat(gk[k]), f8_load(wk[k] + c));
+        f8_store(d + c, v);
+    }
+    for (; c < n; c++) {
+        float v = d[c];
+        for (int k = 0; k < m; k++) v += gk[k] * wk[k][c];
+        d[c] = v;
+    }
+}
+
+/* Each thread owns a range of input features (columns of W), so no two
+ * threads write the same dx element. The range is cut in chunks of
+ * DX_CHUNK columns and the tokens in blocks of DX_TOKENS, so the block of
+ * dx being accumulated (256 KB) stays in cache while the rows of W pass
+ * over it, DX_ROWS rows at a time (each dx element read and written once
+ * for them; each weight row widened once a block); each dx element still
+ * sums over the rows of W in order. */
+void GEMM(cpu_matmul_dx_task)(void *p, int ith, int nth) {
+    const CpuMatmul *t = p;
+    long lo, hi;
+    kn_split((long)t->w.cols, ith, nth, &lo, &hi);
+    float row[DX_ROWS][DX_CHUNK];
+    const float *const rows[DX_ROWS] = {row[0], row[1], row[2], row[3]};
+    for (long c0 = lo; c0 < hi; c0 += DX_CHUNK) {
+        int64_t len = hi - c0 < DX_CHUNK ? hi - c0 : DX_CHUNK;
+        for (int64_t i0 = 0; i0 < t->n; i0 += DX_TOKENS) {
+            int64_t i1 = i0 + DX_TOKENS < t->n ? i0 + DX_TOKENS : t->n;
+            for (int64_t o = 0; o < t->w.rows; o += DX_ROWS) {
+                int nb = t->w.rows - o < DX_ROWS ? (int)(t->w.rows - o) : DX_ROWS;
+                for (int k = 0; k < nb; k++) cpu_load_span(row[k], t->w, o + k, c0, len);
+                for (int64_t i = i0; i < i1; i++) {
+                    float g[DX_ROWS];
+                    for (int k = 0; k < nb; k++) g[k] = t->in[i * t->w.rows + o + k];
+                    axpy_rows(t->out + i * t->w.cols + c0, rows, g, nb, len);
+                }
+            }
+        }
+    }
+}
+
+/* ---- entries (the plain build) --------------------------------------------- */
+
+#ifndef CPU_GEMM_AVX2
+/* Whether the AVX2 build runs: the CPU has AVX2 and GF_CPU_SIMD is not
+ * "baseline" (read at each call: test_ops compares both builds). */
+static int use_avx2(void) {
+#if defined(__x86_64__) && defined(__linux__)
+    const char *e = getenv("GF_CPU_SIMD");
+    return !(e && strcmp(e, "baseline") == 0) && __builtin_cpu_supports("avx2");
+#else
+    return 0;
+#endif
+}
+
+static void run(const KnCtx *ctx, CpuMatmul *t, int64_t work, void (*task)(void *, int, int)) {
+    if (work < CPU_PARALLEL_MIN_WORK || !ctx->pool) task(t, 0, 1);
+    else kn_pool_run(ctx->pool, task, t);
+}
+
+void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
+    CpuMatmul t = {y, x, w, n};
+#if defined(__x86_64__) && defined(__linux__)
+    if (use_avx2()) {
+        run(ctx, &t, w.rows * w.cols * n, cpu_matmul_task_avx2);
+        return;
+    }
+#endif
+    run(ctx, &t, w.rows * w.cols * n, cpu_matmul_task);
+}
+
+void cpu_matmul_backward(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
+    CpuMatmul t = {dx, dy, w, n};
+#if defined(__x86_64__) && defined(__linux__)
+    if (use_avx2()) {
+        run(ctx, &t, w.rows * w.cols * n, cpu_matmul_dx_task_avx2);
+        return;
+    }
+#endif
+    run(ctx, &t, w.rows * w.cols * n, cpu_matmul_dx_task);
+}
+#endif
