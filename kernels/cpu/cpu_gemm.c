@@ -51,6 +51,15 @@ static inline F8 f8_madd(F8 s, F8 a, F8 b) { return (F8){s.lo + a.lo * b.lo, s.h
 static inline float f8_lane(F8 v, int k) { return k < 4 ? v.lo[k] : v.hi[k - 4]; }
 #endif
 
+/* Whether the kernels take two rows of x (or dx) at a time: with AVX2's
+ * sixteen registers of eight floats the eight sums fit; with SSE's sixteen
+ * of four they do not, and spill. */
+#ifdef __AVX2__
+enum { ROW_PAIRS = 1 };
+#else
+enum { ROW_PAIRS = 0 };
+#endif
+
 /* The order every dot product of the CPU kinds is summed in: eight partial
  * sums s[k] over strides of 8, added in pairs, then the tail in order. */
 static inline float f8_pairs(F8 s) {
@@ -90,6 +99,39 @@ static inline void dot4(const float *a, const float *const b[4], int64_t n, floa
     memcpy(out, t, sizeof t);
 }
 
+/* dot4 for two rows a0 and a1 at once: each of the eight sums exactly as
+ * dot sums it, every weight vector loaded once for both rows. */
+static inline void dot4x2(const float *a0, const float *a1, const float *const b[4], int64_t n, float out0[4],
+                          float out1[4]) {
+    F8 s0 = f8_zero(), s1 = f8_zero(), s2 = f8_zero(), s3 = f8_zero();
+    F8 t0 = f8_zero(), t1 = f8_zero(), t2 = f8_zero(), t3 = f8_zero();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        F8 x = f8_load(a0 + i), y = f8_load(a1 + i), w;
+        w = f8_load(b[0] + i);
+        s0 = f8_madd(s0, x, w);
+        t0 = f8_madd(t0, y, w);
+        w = f8_load(b[1] + i);
+        s1 = f8_madd(s1, x, w);
+        t1 = f8_madd(t1, y, w);
+        w = f8_load(b[2] + i);
+        s2 = f8_madd(s2, x, w);
+        t2 = f8_madd(t2, y, w);
+        w = f8_load(b[3] + i);
+        s3 = f8_madd(s3, x, w);
+        t3 = f8_madd(t3, y, w);
+    }
+    float u0[4] = {f8_pairs(s0), f8_pairs(s1), f8_pairs(s2), f8_pairs(s3)};
+    float u1[4] = {f8_pairs(t0), f8_pairs(t1), f8_pairs(t2), f8_pairs(t3)};
+    for (int j = 0; j < 4; j++)
+        for (int64_t e = i; e < n; e++) {
+            u0[j] += a0[e] * b[j][e];
+            u1[j] += a1[e] * b[j][e];
+        }
+    memcpy(out0, u0, sizeof u0);
+    memcpy(out1, u1, sizeof u1);
+}
+
 /* ---- matmul ------------------------------------------------------------- */
 
 enum { MM_CHUNK = 4096, MM_OUTS = 4 };
@@ -105,7 +147,18 @@ static inline void matmul_block(const CpuMatmul *t, long o0, int nb, float (*row
     for (int64_t c0 = 0; c0 < t->w.cols; c0 += MM_CHUNK) {
         int64_t len = t->w.cols - c0 < MM_CHUNK ? t->w.cols - c0 : MM_CHUNK;
         for (int j = 0; j < nb; j++) cpu_load_span(row[j], t->w, o0 + j, c0, len);
-        for (int64_t i = 0; i < t->n; i++) {
+        int64_t i = 0;
+        if (ROW_PAIRS && nb == MM_OUTS)
+            for (; i + 2 <= t->n; i += 2) { /* two input rows at a time */
+                const float *xi = t->in + i * t->w.cols + c0;
+                float *yi = t->out + i * t->w.rows + o0, d0[MM_OUTS], d1[MM_OUTS];
+                dot4x2(xi, xi + t->w.cols, rows, len, d0, d1);
+                for (int j = 0; j < MM_OUTS; j++) {
+                    yi[j] += d0[j];
+                    yi[t->w.rows + j] += d1[j];
+                }
+            }
+        for (; i < t->n; i++) {
             const float *xi = t->in + i * t->w.cols + c0;
             float *yi = t->out + i * t->w.rows + o0;
             if (nb == MM_OUTS) {
@@ -189,6 +242,44 @@ static inline void axpy_rows(float *restrict d, const float *const w[DX_ROWS], c
     }
 }
 
+/* axpy_rows of four rows with every g nonzero for two rows of dx, d0 with
+ * g0 and d1 with g1, each weight vector loaded once for both: each element
+ * takes the additions axpy_rows gives it. */
+static inline void axpy_rows2(float *restrict d0, float *restrict d1, const float *const w[DX_ROWS],
+                              const float g0[DX_ROWS], const float g1[DX_ROWS], int64_t n) {
+    F8 a0 = f8_splat(g0[0]), a1 = f8_splat(g0[1]), a2 = f8_splat(g0[2]), a3 = f8_splat(g0[3]);
+    F8 b0 = f8_splat(g1[0]), b1 = f8_splat(g1[1]), b2 = f8_splat(g1[2]), b3 = f8_splat(g1[3]);
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        F8 u = f8_load(d0 + c), v = f8_load(d1 + c), x;
+        x = f8_load(w[0] + c);
+        u = f8_madd(u, a0, x);
+        v = f8_madd(v, b0, x);
+        x = f8_load(w[1] + c);
+        u = f8_madd(u, a1, x);
+        v = f8_madd(v, b1, x);
+        x = f8_load(w[2] + c);
+        u = f8_madd(u, a2, x);
+        v = f8_madd(v, b2, x);
+        x = f8_load(w[3] + c);
+        u = f8_madd(u, a3, x);
+        v = f8_madd(v, b3, x);
+        f8_store(d0 + c, u);
+        f8_store(d1 + c, v);
+    }
+    for (; c < n; c++) {
+        float u = d0[c], v = d1[c];
+        for (int k = 0; k < DX_ROWS; k++) {
+            u += g0[k] * w[k][c];
+            v += g1[k] * w[k][c];
+        }
+        d0[c] = u;
+        d1[c] = v;
+    }
+}
+
+static inline int all_nonzero(const float g[DX_ROWS]) { return g[0] != 0.0f && g[1] != 0.0f && g[2] != 0.0f && g[3] != 0.0f; }
+
 /* Each thread owns a range of input features (columns of W), so no two
  * threads write the same dx element. The range is cut in chunks of
  * DX_CHUNK columns and the tokens in blocks of DX_TOKENS, so the block of
@@ -209,10 +300,16 @@ void GEMM(cpu_matmul_dx_task)(void *p, int ith, int nth) {
             for (int64_t o = 0; o < t->w.rows; o += DX_ROWS) {
                 int nb = t->w.rows - o < DX_ROWS ? (int)(t->w.rows - o) : DX_ROWS;
                 for (int k = 0; k < nb; k++) cpu_load_span(row[k], t->w, o + k, c0, len);
-                for (int64_t i = i0; i < i1; i++) {
-                    float g[DX_ROWS];
-                    for (int k = 0; k < nb; k++) g[k] = t->in[i * t->w.rows + o + k];
-                    axpy_rows(t->out + i * t->w.cols + c0, rows, g, nb, len);
+                for (int64_t i = i0; i < i1;) {
+                    const float *g = t->in + i * t->w.rows + o, *g1 = g + t->w.rows;
+                    float *d = t->out + i * t->w.cols + c0;
+                    if (ROW_PAIRS && nb == DX_ROWS && i + 1 < i1 && all_nonzero(g) && all_nonzero(g1)) {
+                        axpy_rows2(d, d + t->w.cols, rows, g, g1, len);
+                        i += 2;
+                    } else {
+                        axpy_rows(d, rows, g, nb, len);
+                        i++;
+                    }
                 }
             }
         }
