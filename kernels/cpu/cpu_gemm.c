@@ -4,11 +4,12 @@
  *
  * Written once over F8, eight floats, and compiled twice on x86-64: as it
  * stands (SSE: two registers a F8; NEON elsewhere), and by cpu_gemm_avx2.c
- * with AVX2 (one register a F8), whose entries the plain build's call when
- * the CPU has AVX2 and GF_CPU_SIMD is not "baseline". AVX2 without FMA: a
- * product is rounded before it is added in both, every lane sums what the
- * same loop over floats sums, so both builds give the same bits (test_ops
- * compares them). */
+ * with AVX2 (one register a F8), whose tasks the plain build's entries hand
+ * the pool when the CPU has AVX2 and GF_CPU_SIMD is not "baseline". Neither
+ * build fuses a multiply and an add (the kernels are compiled with
+ * -ffp-contract=off, the AVX2 build also without FMA): a product is
+ * rounded before it is added, every lane sums what the same loop over
+ * floats sums, so both builds give the same bits (test_ops compares them). */
 #include <stdlib.h>
 #include <string.h>
 
