@@ -13,8 +13,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../convert.h"
+#include "../nf4.h"
 #include "../pool.h"
 #include "cpu_impl.h"
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #ifdef CPU_GEMM_AVX2
 #define GEMM(name) name##_avx2
@@ -133,6 +139,71 @@ static inline void dot4x2(const float *a0, const float *a1, const float *const b
     memcpy(out1, u1, sizeof u1);
 }
 
+#ifdef __AVX2__
+/* Eight bfloat16 weights widened in a register (their bits into the high
+ * half: what cpu_load_span writes). */
+static inline F8 f8_load_bf16(const uint16_t *p) {
+    typedef uint16_t U16x8 __attribute__((vector_size(16)));
+    typedef uint32_t U32x8 __attribute__((vector_size(32)));
+    U16x8 h;
+    memcpy(&h, p, sizeof h);
+    U32x8 bits = __builtin_convertvector(h, U32x8) << 16;
+    F8 v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* len NF4 weights from element e of q into out, kn_nf4_dequantize's values
+ * (the code times its block's absmax, one rounding), eight at a time: the
+ * eight codes of four bytes looked up in the two halves of the table. */
+static inline float nf4_code(const KnNf4 *q, int64_t e) {
+    uint8_t byte = q->codes[e / 2];
+    return KN_NF4_CODE[e % 2 ? byte >> 4 : byte & 15];
+}
+
+static void nf4_widen(float *out, const KnNf4 *q, int64_t e, int64_t len) {
+    const __m256 lo = _mm256_loadu_ps(KN_NF4_CODE), hi = _mm256_loadu_ps(KN_NF4_CODE + 8);
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), fifteen = _mm256_set1_epi32(15);
+    const __m256i seven = _mm256_set1_epi32(7);
+    int64_t end = e + len;
+    while (e < end) {
+        int64_t b = e / KN_NF4_BLOCK, stop = (b + 1) * KN_NF4_BLOCK < end ? (b + 1) * KN_NF4_BLOCK : end;
+        float a = kn_nf4_absmax(q, b);
+        __m256 av = _mm256_set1_ps(a);
+        for (; e < stop && (e & 7); e++) *out++ = nf4_code(q, e) * a;
+        for (; e + 8 <= stop; e += 8, out += 8) {
+            uint32_t bytes;
+            memcpy(&bytes, q->codes + e / 2, sizeof bytes); /* element e + k in bits 4k .. 4k + 3 */
+            __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)bytes), shifts), fifteen);
+            __m256 code = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
+                                           _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
+            _mm256_storeu_ps(out, _mm256_mul_ps(code, av));
+        }
+        for (; e < stop; e++) *out++ = nf4_code(q, e) * a;
+    }
+}
+#endif
+
+/* len weights of row r of w from column c0, widened to float32: what
+ * cpu_load_span writes, BF16 and NF4 eight at a time in the AVX2 build. */
+static inline void widen(float *out, KnMatrix w, int64_t r, int64_t c0, int64_t len) {
+#ifdef __AVX2__
+    int64_t e = r * w.cols + c0;
+    if (w.dtype == KN_NF4) {
+        nf4_widen(out, w.data, w.offset + e, len);
+        return;
+    }
+    if (w.dtype == KN_BF16) {
+        const uint16_t *h = (const uint16_t *)w.data + e;
+        int64_t i = 0;
+        for (; i + 8 <= len; i += 8) f8_store(out + i, f8_load_bf16(h + i));
+        for (; i < len; i++) out[i] = kn_bf16_to_f32(h[i]);
+        return;
+    }
+#endif
+    cpu_load_span(out, w, r, c0, len);
+}
+
 /* ---- matmul ------------------------------------------------------------- */
 
 enum { MM_CHUNK = 4096, MM_OUTS = 4 };
@@ -147,7 +218,7 @@ static inline void matmul_block(const CpuMatmul *t, long o0, int nb, float (*row
         for (int j = 0; j < nb; j++) t->out[i * t->w.rows + o0 + j] = 0.0f;
     for (int64_t c0 = 0; c0 < t->w.cols; c0 += MM_CHUNK) {
         int64_t len = t->w.cols - c0 < MM_CHUNK ? t->w.cols - c0 : MM_CHUNK;
-        for (int j = 0; j < nb; j++) cpu_load_span(row[j], t->w, o0 + j, c0, len);
+        for (int j = 0; j < nb; j++) widen(row[j], t->w, o0 + j, c0, len);
         int64_t i = 0;
         if (ROW_PAIRS && nb == MM_OUTS)
             for (; i + 2 <= t->n; i += 2) { /* two input rows at a time */
@@ -300,7 +371,7 @@ void GEMM(cpu_matmul_dx_task)(void *p, int ith, int nth) {
             int64_t i1 = i0 + DX_TOKENS < t->n ? i0 + DX_TOKENS : t->n;
             for (int64_t o = 0; o < t->w.rows; o += DX_ROWS) {
                 int nb = t->w.rows - o < DX_ROWS ? (int)(t->w.rows - o) : DX_ROWS;
-                for (int k = 0; k < nb; k++) cpu_load_span(row[k], t->w, o + k, c0, len);
+                for (int k = 0; k < nb; k++) widen(row[k], t->w, o + k, c0, len);
                 for (int64_t i = i0; i < i1;) {
                     const float *g = t->in + i * t->w.rows + o, *g1 = g + t->w.rows;
                     float *d = t->out + i * t->w.cols + c0;
