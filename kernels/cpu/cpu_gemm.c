@@ -402,30 +402,26 @@ static int use_avx2(void) {
 #endif
 }
 
-static void run(const KnCtx *ctx, CpuMatmul *t, int64_t work, void (*task)(void *, int, int)) {
-    if (work < CPU_PARALLEL_MIN_WORK || !ctx->pool) task(t, 0, 1);
+/* The AVX2 build's task where this platform compiles one (cpu_gemm_avx2.c). */
+#if defined(__x86_64__) && defined(__linux__)
+#define AVX2_TASK(name) name##_avx2
+#else
+#define AVX2_TASK(name) NULL
+#endif
+
+static void run(const KnCtx *ctx, CpuMatmul *t, void (*plain)(void *, int, int), void (*avx2)(void *, int, int)) {
+    void (*task)(void *, int, int) = avx2 && use_avx2() ? avx2 : plain;
+    if (t->w.rows * t->w.cols * t->n < CPU_PARALLEL_MIN_WORK || !ctx->pool) task(t, 0, 1);
     else kn_pool_run(ctx->pool, task, t);
 }
 
 void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
     CpuMatmul t = {y, x, w, n};
-#if defined(__x86_64__) && defined(__linux__)
-    if (use_avx2()) {
-        run(ctx, &t, w.rows * w.cols * n, cpu_matmul_task_avx2);
-        return;
-    }
-#endif
-    run(ctx, &t, w.rows * w.cols * n, cpu_matmul_task);
+    run(ctx, &t, cpu_matmul_task, AVX2_TASK(cpu_matmul_task));
 }
 
 void cpu_matmul_backward(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
     CpuMatmul t = {dx, dy, w, n};
-#if defined(__x86_64__) && defined(__linux__)
-    if (use_avx2()) {
-        run(ctx, &t, w.rows * w.cols * n, cpu_matmul_dx_task_avx2);
-        return;
-    }
-#endif
-    run(ctx, &t, w.rows * w.cols * n, cpu_matmul_dx_task);
+    run(ctx, &t, cpu_matmul_dx_task, AVX2_TASK(cpu_matmul_dx_task));
 }
 #endif
