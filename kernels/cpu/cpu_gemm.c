@@ -83,9 +83,6 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return t;
 }
 
-#ifndef CPU_GEMM_AVX2
-float cpu_dot(const float *a, const float *b, int64_t n) { return dot(a, b, n); }
-#endif
 
 /* dot(a, b[j], n) for four rows b[0..3] at once, each summed exactly as
  * dot sums it, with a's values loaded once for the four and every partial
@@ -105,6 +102,11 @@ static inline void dot4(const float *a, const float *const b[4], int64_t n, floa
         for (int64_t e = i; e < n; e++) t[j] += a[e] * b[j][e];
     memcpy(out, t, sizeof t);
 }
+
+#ifndef CPU_GEMM_AVX2
+float cpu_dot(const float *a, const float *b, int64_t n) { return dot(a, b, n); }
+void cpu_dot4(const float *a, const float *const b[4], int64_t n, float out[4]) { dot4(a, b, n, out); }
+#endif
 
 /* dot4 for two rows a0 and a1 at once: each of the eight sums exactly as
  * dot sums it, every weight vector loaded once for both rows. */

@@ -104,14 +104,6 @@ static AttnRow attn_dx_row(const AttnDxTask *t, int64_t i, int h) {
     return (AttnRow){s[0], s[1], s[2]};
 }
 
-/* y[0, n) += a x, four lanes at a time (each lane the scalar arithmetic). */
-static inline void axpy(float *y, float a, const float *x, int n) {
-    V4 av = {a, a, a, a};
-    int d = 0;
-    for (; d + 4 <= n; d += 4) cpu_store4(y + d, cpu_load4(y + d) + av * cpu_load4(x + d));
-    for (; d < n; d++) y[d] += a * x[d];
-}
-
 /* p_t and ds_t of query i, head h (statistics r) for key t. */
 static inline void attn_dx_p(const AttnDxTask *t, AttnRow r, const float *qv, const float *go, int64_t key, int kvh,
                              float *p, float *ds) {
@@ -147,8 +139,8 @@ static void attn_dx_kv_task(void *arg, int ith, int nth) {
                 const float *qv = t->q + dx_at(t, i, h), *go = t->dout + dx_at(t, i, h);
                 float p, ds;
                 attn_dx_p(t, attn_dx_row(t, i, h), qv, go, key, kvh, &p, &ds);
-                axpy(dk, ds, qv, t->dim);
-                axpy(dv, p, go, t->dim);
+                cpu_axpy(dk, ds, qv, t->dim);
+                cpu_axpy(dv, p, go, t->dim);
             }
     }
 }
@@ -167,7 +159,7 @@ static void attn_dx_q_task(void *arg, int ith, int nth) {
             if (!cpu_mask_visible(t->mask, qpos, key)) continue;
             float p, ds;
             attn_dx_p(t, r, qv, go, key, kvh, &p, &ds);
-            axpy(dq, ds, dx_key(t, t->k, key, kvh), t->dim);
+            cpu_axpy(dq, ds, dx_key(t, t->k, key, kvh), t->dim);
         }
     }
 }

@@ -34,6 +34,15 @@ static inline V4 cpu_load4(const float *p) {
 
 static inline void cpu_store4(float *p, V4 v) { memcpy(p, &v, sizeof v); }
 
+/* y[0, n) += a x[0, n), four lanes at a time: each element the scalar
+ * y + a x, so the bits of the plain loop. */
+static inline void cpu_axpy(float *y, float a, const float *x, int64_t n) {
+    V4 av = {a, a, a, a};
+    int64_t d = 0;
+    for (; d + 4 <= n; d += 4) cpu_store4(y + d, cpu_load4(y + d) + av * cpu_load4(x + d));
+    for (; d < n; d++) y[d] += a * x[d];
+}
+
 /* gelu_tanh and its slope at v: every CPU kernel that applies either
  * computes it here, so the fused and the unfused ops give the same bits. */
 #define CPU_GELU_K 0.7978845608028654f /* sqrt(2/pi) */
@@ -58,6 +67,8 @@ typedef struct {
 void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n);
 void cpu_matmul_backward(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n);
 float cpu_dot(const float *a, const float *b, int64_t n);
+/* cpu_dot(a, b[j], n) for j < 4, a read once */
+void cpu_dot4(const float *a, const float *const b[4], int64_t n, float out[4]);
 void cpu_matmul_task(void *p, int ith, int nth);
 void cpu_matmul_dx_task(void *p, int ith, int nth);
 void cpu_matmul_task_avx2(void *p, int ith, int nth);

@@ -1,8 +1,9 @@
 /* cpu_lora.c - the grouped LoRA kernels (SGMV: segments of rows, each with
  * its own adapter matrices), forward and backward, with LoRA dropout's
- * hashed masks. Each output element sums its terms in index order, one row
- * at a time, so the result does not depend on how rows are grouped or on
- * the thread count. */
+ * hashed masks. Each output element sums its terms in one order, one row at
+ * a time (dot products in cpu_dot's order, accumulations over rows and
+ * ranks in index order), so the result does not depend on how rows are
+ * grouped or on the thread count: every output has one owner. */
 #include <string.h>
 
 #include "cpu_impl.h"
@@ -42,21 +43,19 @@ typedef struct {
 /* One row's terms, shared by the segment and the row ops so that both sum
  * alike: tr[k] = scale * sum_j x[j] A[k, j], and y[o] += sum_k tr[k] B[o, k]. */
 static void shrink_one(float *tr, const float *x, const float *A, int rank, float scale, int64_t in) {
-    for (int k = 0; k < rank; k++) {
-        const float *a = A + (int64_t)k * in;
-        float acc = 0.0f;
-        for (int64_t j = 0; j < in; j++) acc += x[j] * a[j];
-        tr[k] = acc * scale;
+    int k = 0;
+    for (; k + 4 <= rank; k += 4) {
+        const float *a[4] = {A + (int64_t)k * in, A + (int64_t)(k + 1) * in, A + (int64_t)(k + 2) * in,
+                             A + (int64_t)(k + 3) * in};
+        float acc[4];
+        cpu_dot4(x, a, in, acc);
+        for (int j = 0; j < 4; j++) tr[k + j] = acc[j] * scale;
     }
+    for (; k < rank; k++) tr[k] = cpu_dot(x, A + (int64_t)k * in, in) * scale;
 }
 
 static void expand_one(float *y, const float *tr, const float *B, int rank, int64_t out) {
-    for (int64_t o = 0; o < out; o++) {
-        const float *b = B + o * rank;
-        float acc = 0.0f;
-        for (int k = 0; k < rank; k++) acc += tr[k] * b[k];
-        y[o] += acc;
-    }
+    for (int64_t o = 0; o < out; o++) y[o] += cpu_dot(tr, B + o * rank, rank);
 }
 
 /* t[r, k] = scale * sum_j d(x)[r, j] A[k, j]; the row buffer holds the
@@ -159,52 +158,128 @@ void cpu_lora_rows_expand_forward(const KnCtx *ctx, float *y, const float *t, in
 
 /* ---- backward ---------------------------------------------------------------- */
 
+/* A backward pass over the segments' rows (the row's outputs are its own)
+ * or over columns (each thread a range of the adapters' gradient columns,
+ * every row in order), with the op's arguments. */
+typedef struct {
+    float *dx, *gt;             /* shrink's dx, expand's gt (outputs) */
+    const float *g;             /* shrink's gt */
+    const float *dy, *t, *x;
+    const KnLoraSeg *segs;
+    int n_segs, dropout;
+    int64_t ld_t, width;        /* width: out (expand) or in (shrink) */
+    float *buf;                 /* dropout: 2 * in floats (single-threaded then) */
+} LoraDxTask;
+
+/* gt[r, k] = sum_o dy[r, o] B[o, k], o in order */
+static void expand_dx_rows(void *p, int ith, int nth) {
+    const LoraDxTask *t = p;
+    long lo, hi;
+    kn_split((long)rows_end(t->segs, t->n_segs), ith, nth, &lo, &hi);
+    for (long r = lo; r < hi; r++) {
+        int64_t i;
+        const KnLoraSeg *s = seg_of(t->segs, t->n_segs, r, &i);
+        if (!s) continue;
+        float *g = t->gt + r * t->ld_t;
+        const float *dyr = t->dy + r * t->width;
+        memset(g, 0, (size_t)s->rank * sizeof *g);
+        for (int64_t o = 0; o < t->width; o++) cpu_axpy(g, dyr[o], s->B + o * s->rank, s->rank);
+    }
+}
+
+/* dB[o, k] += dy[r, o] t[r, k] for the thread's outputs o, segments and
+ * rows in order */
+static void expand_dx_cols(void *p, int ith, int nth) {
+    const LoraDxTask *t = p;
+    long lo, hi;
+    kn_split((long)t->width, ith, nth, &lo, &hi);
+    for (int q = 0; q < t->n_segs; q++) {
+        const KnLoraSeg *s = &t->segs[q];
+        if (!s->dB) continue;
+        for (int64_t r = s->row0; r < s->row0 + s->n_rows; r++) {
+            const float *dyr = t->dy + r * t->width, *tr = t->t + r * t->ld_t;
+            for (long o = lo; o < hi; o++) cpu_axpy(s->dB + o * s->rank, dyr[o], tr, s->rank);
+        }
+    }
+}
+
+static void run_dx(const KnCtx *ctx, KnTask fn, LoraDxTask *t, int64_t work) {
+    if (t->dropout) fn(t, 0, 1);
+    else run_rows(ctx, fn, t, work);
+}
+
 void cpu_lora_expand_backward(const KnCtx *ctx, float *gt, const float *dy, const float *t, int64_t ld_t,
                               const KnLoraSeg *segs, int n_segs, int64_t out) {
-    (void)ctx;
-    for (int q = 0; q < n_segs; q++) {
-        const KnLoraSeg *s = &segs[q];
-        for (int64_t r = s->row0; r < s->row0 + s->n_rows; r++) {
-            const float *dyr = dy + r * out, *tr = t + r * ld_t;
-            float *g = gt + r * ld_t;
-            for (int k = 0; k < s->rank; k++) g[k] = 0.0f;
-            for (int64_t o = 0; o < out; o++) {
-                const float *b = s->B + o * s->rank;
-                float *db = s->dB + o * s->rank, d = dyr[o];
-                for (int k = 0; k < s->rank; k++) {
-                    g[k] += d * b[k];
-                    db[k] += d * tr[k];
-                }
-            }
+    LoraDxTask task = {NULL, gt, NULL, dy, t, NULL, segs, n_segs, 0, ld_t, out, NULL};
+    int64_t work = rows_end(segs, n_segs) * out * 8;
+    run_dx(ctx, expand_dx_rows, &task, work);
+    run_dx(ctx, expand_dx_cols, &task, work);
+}
+
+/* Row i of segment s's input as the adapter saw it: x's row, or d(x) in
+ * the second half of the task's buffer. */
+static const float *shrink_input(const LoraDxTask *t, const KnLoraSeg *s, int64_t i) {
+    int64_t in = t->width;
+    const float *xr = t->x + (s->row0 + i) * in;
+    if (s->dropout <= 0) return xr;
+    dropout_row(s, i, xr, in, t->buf, t->buf + in);
+    return t->buf + in;
+}
+
+/* dA[k, j] += g[r, k] d(x)[r, j] for the thread's columns j, segments, rows
+ * and ranks in order */
+static void shrink_dx_cols(void *p, int ith, int nth) {
+    const LoraDxTask *t = p;
+    long lo, hi;
+    kn_split((long)t->width, ith, nth, &lo, &hi);
+    for (int q = 0; q < t->n_segs; q++) {
+        const KnLoraSeg *s = &t->segs[q];
+        if (!s->dA) continue;
+        for (int64_t i = 0; i < s->n_rows; i++) {
+            const float *xr = shrink_input(t, s, i);
+            const float *gr = t->g + (s->row0 + i) * t->ld_t;
+            for (int k = 0; k < s->rank; k++)
+                cpu_axpy(s->dA + (int64_t)k * t->width + lo, gr[k] * s->scale, xr + lo, hi - lo);
+        }
+    }
+}
+
+/* dx[r, j] += g[r, k] A[k, j] f[r, j], ranks in order */
+static void shrink_dx_rows(void *p, int ith, int nth) {
+    const LoraDxTask *t = p;
+    long lo, hi;
+    int64_t in = t->width;
+    kn_split((long)rows_end(t->segs, t->n_segs), ith, nth, &lo, &hi);
+    for (long r = lo; r < hi; r++) {
+        int64_t i;
+        const KnLoraSeg *s = seg_of(t->segs, t->n_segs, r, &i);
+        if (!s) continue;
+        const float *f = NULL;
+        if (s->dropout > 0) {
+            dropout_row(s, i, NULL, in, t->buf, NULL);
+            f = t->buf;
+        }
+        float *dxr = t->dx + r * in;
+        for (int k = 0; k < s->rank; k++) {
+            float g = t->g[r * t->ld_t + k] * s->scale;
+            const float *a = s->A + (int64_t)k * in;
+            if (f)
+                for (int64_t j = 0; j < in; j++) dxr[j] += g * a[j] * f[j];
+            else
+                cpu_axpy(dxr, g, a, in);
         }
     }
 }
 
 void cpu_lora_shrink_backward(const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x,
                               const KnLoraSeg *segs, int n_segs, int64_t in, float *dropout_buf) {
-    (void)ctx;
-    for (int q = 0; q < n_segs; q++) {
-        const KnLoraSeg *s = &segs[q];
-        for (int64_t i = 0; i < s->n_rows; i++) {
-            int64_t r = s->row0 + i;
-            const float *xr = s->dA ? x + r * in : NULL, *f = NULL;
-            if (s->dropout > 0) {
-                dropout_row(s, i, xr, in, dropout_buf, dropout_buf + in);
-                f = dropout_buf;
-                xr = xr ? dropout_buf + in : NULL;
-            }
-            for (int k = 0; k < s->rank; k++) {
-                float g = gt[r * ld_t + k] * s->scale;
-                const float *a = s->A + (int64_t)k * in;
-                if (s->dA) {
-                    float *da = s->dA + (int64_t)k * in;
-                    for (int64_t j = 0; j < in; j++) da[j] += g * xr[j];
-                }
-                if (dx && f)
-                    for (int64_t j = 0; j < in; j++) dx[r * in + j] += g * a[j] * f[j];
-                else if (dx)
-                    for (int64_t j = 0; j < in; j++) dx[r * in + j] += g * a[j];
-            }
-        }
+    LoraDxTask task = {dx, NULL, gt, NULL, NULL, x, segs, n_segs, 0, ld_t, in, dropout_buf};
+    int max_rank = 0;
+    for (int k = 0; k < n_segs; k++) {
+        task.dropout |= segs[k].dropout > 0;
+        if (segs[k].rank > max_rank) max_rank = segs[k].rank;
     }
+    int64_t work = rows_end(segs, n_segs) * in * max_rank;
+    run_dx(ctx, shrink_dx_cols, &task, work);
+    if (dx) run_dx(ctx, shrink_dx_rows, &task, work);
 }
