@@ -260,7 +260,7 @@ void GEMM(cpu_matmul_task)(void *p, int ith, int nth) {
 
 /* ---- matmul_dx ------------------------------------------------------------ */
 
-enum { DX_CHUNK = 512, DX_TOKENS = 128, DX_ROWS = 4 };
+enum { DX_CHUNK = 256, DX_TOKENS = 128, DX_ROWS = 4 };
 
 /* d[0..n) += g x[0..n). */
 static inline void axpy(float *restrict d, const float *restrict x, float g, int64_t n) {
@@ -357,10 +357,11 @@ static inline int all_nonzero(const float g[DX_ROWS]) { return g[0] != 0.0f && g
 /* Each thread owns a range of input features (columns of W), so no two
  * threads write the same dx element. The range is cut in chunks of
  * DX_CHUNK columns and the tokens in blocks of DX_TOKENS, so the block of
- * dx being accumulated (256 KB) stays in cache while the rows of W pass
- * over it, DX_ROWS rows at a time (each dx element read and written once
- * for them; each weight row widened once a block); each dx element still
- * sums over the rows of W in order. */
+ * dx being accumulated (128 KB; blocks of 256 KB ran at half the speed
+ * on the development machine where a thread's range was one chunk) stays
+ * in cache while the rows of W pass over it, DX_ROWS rows at a time (each
+ * dx element read and written once for them; each weight row widened once
+ * a block); each dx element still sums over the rows of W in order. */
 void GEMM(cpu_matmul_dx_task)(void *p, int ith, int nth) {
     const CpuMatmul *t = p;
     long lo, hi;
