@@ -132,7 +132,7 @@ static void attn_item(const AttnTask *t, long item, float *stack_scores) {
         float w = expf(s - mx);
         sum += w;
         const float *vv = kv_row(t, t->v, k, kvh, row);
-        for (int d = 0; d < t->dim; d++) o[d] += w * vv[d];
+        cpu_axpy(o, w, vv, t->dim);
     }
     for (int d = 0; d < t->dim; d++) o[d] /= sum;
 }
