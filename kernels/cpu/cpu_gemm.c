@@ -142,6 +142,11 @@ static inline void dot4x2(const float *a0, const float *a1, const float *const b
 }
 
 #ifdef __AVX2__
+/* How far ahead of the weight being widened a BF16 row is prefetched (4 KB;
+ * a one-row matmul, a decode step's, read 18.6 GB/s of weights without,
+ * 29 with 2 KB and 33 with 4 KB ahead on the development machine). */
+enum { PREFETCH_BF16 = 2048 };
+
 /* Eight bfloat16 weights widened in a register (their bits into the high
  * half: what cpu_load_span writes). */
 static inline F8 f8_load_bf16(const uint16_t *p) {
@@ -198,7 +203,10 @@ static inline void widen(float *out, KnMatrix w, int64_t r, int64_t c0, int64_t 
     if (w.dtype == KN_BF16) {
         const uint16_t *h = (const uint16_t *)w.data + e;
         int64_t i = 0;
-        for (; i + 8 <= len; i += 8) f8_store(out + i, f8_load_bf16(h + i));
+        for (; i + 8 <= len; i += 8) {
+            if ((i & 31) == 0) __builtin_prefetch(h + i + PREFETCH_BF16);
+            f8_store(out + i, f8_load_bf16(h + i));
+        }
         for (; i < len; i++) out[i] = kn_bf16_to_f32(h[i]);
         return;
     }
