@@ -76,23 +76,65 @@ static inline const float *dx_key(const AttnDxTask *t, const float *base, int64_
 
 static inline int64_t dx_at(const AttnDxTask *t, int64_t i, int h) { return (i * t->n_heads + h) * t->dim; }
 
+/* Up to four of the keys from *k on that query position qpos sees, in
+ * order, into keys[]; *k moves past them. 0: none left. */
+static int next_keys(const AttnDxTask *t, int64_t qpos, int64_t *k, int64_t keys[4]) {
+    int m = 0;
+    for (; *k < t->n_keys && m < 4; (*k)++)
+        if (cpu_mask_visible(t->mask, qpos, *k)) keys[m++] = *k;
+    return m;
+}
+
+/* Up to four of the queries from *i that see key `key`, likewise. */
+static int next_queries(const AttnDxTask *t, int64_t key, int64_t *i, int64_t queries[4]) {
+    int m = 0;
+    for (; *i < t->n_q && m < 4; (*i)++)
+        if (cpu_mask_visible(t->mask, t->q_pos0 + *i, key)) queries[m++] = *i;
+    return m;
+}
+
+/* cpu_dot(a, b[j], dim) for j < m: four at once when there are four (the
+ * same sums, with four independent chains of additions). */
+static inline void dots(const float *a, const float *const b[4], int m, int dim, float out[4]) {
+    if (m == 4) cpu_dot4(a, b, dim, out);
+    else
+        for (int j = 0; j < m; j++) out[j] = cpu_dot(a, b[j], dim);
+}
+
+/* Scores (times scale) of query row qv against keys[0..m) of KV head kvh,
+ * and, with go, the products go . v of the same keys. */
+static void key_dots(const AttnDxTask *t, const float *qv, const float *go, const int64_t keys[4], int m, int kvh,
+                     float s[4], float gv[4]) {
+    const float *b[4] = {NULL, NULL, NULL, NULL};
+    for (int j = 0; j < m; j++) b[j] = dx_key(t, t->k, keys[j], kvh);
+    dots(qv, b, m, t->dim, s);
+    for (int j = 0; j < m; j++) s[j] *= t->scale;
+    if (!go) return;
+    for (int j = 0; j < m; j++) b[j] = dx_key(t, t->v, keys[j], kvh);
+    dots(go, b, m, t->dim, gv);
+}
+
 static AttnRow attn_dx_row_stats(const AttnDxTask *t, int64_t i, int h) {
     int kvh = h / (t->n_heads / t->n_kv_heads);
     const float *qv = t->q + dx_at(t, i, h), *go = t->dout + dx_at(t, i, h);
-    int64_t qpos = t->q_pos0 + i;
+    int64_t qpos = t->q_pos0 + i, keys[4];
+    float s[4], gv[4];
     AttnRow r = {-INFINITY, 0.0f, 0.0f};
-    for (int64_t k = 0; k < t->n_keys; k++)
-        if (cpu_mask_visible(t->mask, qpos, k)) {
-            float s = cpu_dot(qv, dx_key(t, t->k, k, kvh), t->dim) * t->scale;
-            if (s > r.m) r.m = s;
-        }
+    int m;
+    for (int64_t k = 0; (m = next_keys(t, qpos, &k, keys)) > 0;) {
+        key_dots(t, qv, NULL, keys, m, kvh, s, NULL);
+        for (int j = 0; j < m; j++)
+            if (s[j] > r.m) r.m = s[j];
+    }
     if (r.m == -INFINITY) return r;
-    for (int64_t k = 0; k < t->n_keys; k++)
-        if (cpu_mask_visible(t->mask, qpos, k)) {
-            float e = expf(cpu_dot(qv, dx_key(t, t->k, k, kvh), t->dim) * t->scale - r.m);
+    for (int64_t k = 0; (m = next_keys(t, qpos, &k, keys)) > 0;) {
+        key_dots(t, qv, go, keys, m, kvh, s, gv);
+        for (int j = 0; j < m; j++) {
+            float e = expf(s[j] - r.m);
             r.l += e;
-            r.pdp += e * cpu_dot(go, dx_key(t, t->v, k, kvh), t->dim);
+            r.pdp += e * gv[j];
         }
+    }
     r.pdp /= r.l;
     return r;
 }
@@ -104,11 +146,11 @@ static AttnRow attn_dx_row(const AttnDxTask *t, int64_t i, int h) {
     return (AttnRow){s[0], s[1], s[2]};
 }
 
-/* p_t and ds_t of query i, head h (statistics r) for key t. */
-static inline void attn_dx_p(const AttnDxTask *t, AttnRow r, const float *qv, const float *go, int64_t key, int kvh,
-                             float *p, float *ds) {
-    *p = expf(cpu_dot(qv, dx_key(t, t->k, key, kvh), t->dim) * t->scale - r.m) / r.l;
-    *ds = *p * (cpu_dot(go, dx_key(t, t->v, key, kvh), t->dim) - r.pdp) * t->scale;
+/* p and ds of a key for a query of statistics r, from its score s and
+ * go . v: p = exp(s - m) / l, ds = p (go . v - pdp) scale. */
+static inline void attn_dx_p(const AttnDxTask *t, AttnRow r, float s, float gv, float *p, float *ds) {
+    *p = expf(s - r.m) / r.l;
+    *ds = *p * (gv - r.pdp) * t->scale;
 }
 
 /* Work items of a pass dealt out in turn, so that a causal mask's long and
@@ -130,17 +172,26 @@ static void attn_dx_kv_task(void *arg, int ith, int nth) {
     const AttnDxTask *t = arg;
     int group = t->n_heads / t->n_kv_heads;
     for (int64_t item = ith; item < t->n_keys * t->n_kv_heads; item += nth) {
-        int64_t key = item / t->n_kv_heads;
-        int kvh = (int)(item % t->n_kv_heads);
+        int64_t key = item / t->n_kv_heads, queries[4];
+        int kvh = (int)(item % t->n_kv_heads), m;
+        const float *kr = dx_key(t, t->k, key, kvh), *vr = dx_key(t, t->v, key, kvh);
         float *dk = t->dk + (key * t->n_kv_heads + kvh) * t->dim, *dv = t->dv + (key * t->n_kv_heads + kvh) * t->dim;
         for (int h = kvh * group; h < (kvh + 1) * group; h++)
-            for (int64_t i = 0; i < t->n_q; i++) {
-                if (!cpu_mask_visible(t->mask, t->q_pos0 + i, key)) continue;
-                const float *qv = t->q + dx_at(t, i, h), *go = t->dout + dx_at(t, i, h);
-                float p, ds;
-                attn_dx_p(t, attn_dx_row(t, i, h), qv, go, key, kvh, &p, &ds);
-                cpu_axpy(dk, ds, qv, t->dim);
-                cpu_axpy(dv, p, go, t->dim);
+            for (int64_t i = 0; (m = next_queries(t, key, &i, queries)) > 0;) {
+                const float *qv[4] = {NULL, NULL, NULL, NULL}, *go[4] = {NULL, NULL, NULL, NULL};
+                float s[4], gv[4];
+                for (int j = 0; j < m; j++) {
+                    qv[j] = t->q + dx_at(t, queries[j], h);
+                    go[j] = t->dout + dx_at(t, queries[j], h);
+                }
+                dots(kr, qv, m, t->dim, s); /* k . q: the products of q . k, the same sums */
+                dots(vr, go, m, t->dim, gv);
+                for (int j = 0; j < m; j++) {
+                    float p, ds;
+                    attn_dx_p(t, attn_dx_row(t, queries[j], h), s[j] * t->scale, gv[j], &p, &ds);
+                    cpu_axpy(dk, ds, qv[j], t->dim);
+                    cpu_axpy(dv, p, go[j], t->dim);
+                }
             }
     }
 }
@@ -148,18 +199,21 @@ static void attn_dx_kv_task(void *arg, int ith, int nth) {
 static void attn_dx_q_task(void *arg, int ith, int nth) {
     const AttnDxTask *t = arg;
     for (int64_t item = ith; item < t->n_q * t->n_heads; item += nth) {
-        int64_t i = item / t->n_heads, qpos = t->q_pos0 + i;
-        int h = (int)(item % t->n_heads), kvh = h / (t->n_heads / t->n_kv_heads);
+        int64_t i = item / t->n_heads, qpos = t->q_pos0 + i, keys[4];
+        int h = (int)(item % t->n_heads), kvh = h / (t->n_heads / t->n_kv_heads), m;
         AttnRow r = attn_dx_row(t, i, h);
         const float *qv = t->q + dx_at(t, i, h), *go = t->dout + dx_at(t, i, h);
         float *dq = t->dq + dx_at(t, i, h);
         memset(dq, 0, (size_t)t->dim * sizeof(float));
         if (r.m == -INFINITY) continue;
-        for (int64_t key = 0; key < t->n_keys; key++) {
-            if (!cpu_mask_visible(t->mask, qpos, key)) continue;
-            float p, ds;
-            attn_dx_p(t, r, qv, go, key, kvh, &p, &ds);
-            cpu_axpy(dq, ds, dx_key(t, t->k, key, kvh), t->dim);
+        for (int64_t k = 0; (m = next_keys(t, qpos, &k, keys)) > 0;) {
+            float s[4], gv[4];
+            key_dots(t, qv, go, keys, m, kvh, s, gv);
+            for (int j = 0; j < m; j++) {
+                float p, ds;
+                attn_dx_p(t, r, s[j], gv[j], &p, &ds);
+                cpu_axpy(dq, ds, dx_key(t, t->k, keys[j], kvh), t->dim);
+            }
         }
     }
 }

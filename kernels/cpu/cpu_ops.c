@@ -105,6 +105,21 @@ static inline const float *kv_row(const AttnTask *t, const void *base, int64_t k
 
 enum { ATTN_STACK = 8192 }; /* scores kept on the stack up to this many keys */
 
+/* The scores of keys k .. k + 3 (times scale) into s, four dot products at
+ * once (cpu_dot4: the same sums), where the store is float32 and the
+ * query sees all four; else 0. */
+static int scores4(const AttnTask *t, const float *qv, int64_t qpos, int64_t k, int kvh, float s[4]) {
+    if (t->bf16 || k + 4 > t->n_keys) return 0;
+    const float *rows[4];
+    for (int j = 0; j < 4; j++) {
+        if (!cpu_mask_visible(t->mask, qpos, k + j)) return 0;
+        rows[j] = kv_row(t, t->k, k + j, kvh, NULL);
+    }
+    cpu_dot4(qv, rows, t->dim, s);
+    for (int j = 0; j < 4; j++) s[j] *= t->scale;
+    return 1;
+}
+
 /* Work item `item` = (query, head): scores, softmax in float32, sum of V. */
 static void attn_item(const AttnTask *t, long item, float *stack_scores) {
     int64_t i = item / t->n_heads;
@@ -114,14 +129,18 @@ static void attn_item(const AttnTask *t, long item, float *stack_scores) {
     const float *qv = t->q + (i * t->n_heads + h) * t->dim;
     float *o = t->out + (i * t->n_heads + h) * t->dim;
     memset(o, 0, (size_t)t->dim * sizeof(float));
-    float mx = -INFINITY, sum = 0.0f;
+    float mx = -INFINITY, sum = 0.0f, s4[4];
     /* two passes when the key count is larger than the stack buffer */
     float *scores = t->n_keys <= ATTN_STACK ? stack_scores : NULL;
-    for (int64_t k = 0; k < t->n_keys; k++) {
-        float s = cpu_mask_visible(t->mask, qpos, k) ? cpu_dot(qv, kv_row(t, t->k, k, kvh, row), t->dim) * t->scale
-                                             : -INFINITY;
-        if (scores) scores[k] = s;
-        if (s > mx) mx = s;
+    for (int64_t k = 0; k < t->n_keys;) {
+        int n = scores4(t, qv, qpos, k, kvh, s4) ? 4 : 1;
+        if (n == 1)
+            s4[0] = cpu_mask_visible(t->mask, qpos, k) ? cpu_dot(qv, kv_row(t, t->k, k, kvh, row), t->dim) * t->scale
+                                                        : -INFINITY;
+        for (int j = 0; j < n; j++, k++) {
+            if (scores) scores[k] = s4[j];
+            if (s4[j] > mx) mx = s4[j];
+        }
     }
     if (mx == -INFINITY) return; /* no visible key: zeros */
     for (int64_t k = 0; k < t->n_keys; k++) {
