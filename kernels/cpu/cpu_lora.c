@@ -55,7 +55,14 @@ static void shrink_one(float *tr, const float *x, const float *A, int rank, floa
 }
 
 static void expand_one(float *y, const float *tr, const float *B, int rank, int64_t out) {
-    for (int64_t o = 0; o < out; o++) y[o] += cpu_dot(tr, B + o * rank, rank);
+    int64_t o = 0;
+    for (; o + 4 <= out; o += 4) {
+        const float *b[4] = {B + o * rank, B + (o + 1) * rank, B + (o + 2) * rank, B + (o + 3) * rank};
+        float acc[4];
+        cpu_dot4(tr, b, rank, acc);
+        for (int j = 0; j < 4; j++) y[o + j] += acc[j];
+    }
+    for (; o < out; o++) y[o] += cpu_dot(tr, B + o * rank, rank);
 }
 
 /* t[r, k] = scale * sum_j d(x)[r, j] A[k, j]; the row buffer holds the
