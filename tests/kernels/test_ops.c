@@ -1651,6 +1651,106 @@ static void test_lora_shared_grads(Dev *d) {
     free(hdy);
 }
 
+/* The LoRA ops over segments large enough that the CPU kinds split them
+ * over threads (rows, and the gradients' columns): three segments, the
+ * first and last of one adapter (their gradients add into one dA and dB),
+ * a row between them without a term, with and without dropout; forward
+ * and backward against the same calls on a one-thread CPU backend, bit for
+ * bit on the CPU kinds (every output has one owner that sums in a fixed
+ * order), within 1e-5 elsewhere. */
+typedef struct {
+    float *y, *gt, *dx, *gA[2], *gB[2];
+} LoraThreadsOut;
+
+enum { LT_N = 70, LT_IN = 300, LT_OUT = 260, LT_R0 = 16, LT_R1 = 8 };
+
+static void lora_threads_run(Dev *d, const float *const *h, float p, LoraThreadsOut *o) {
+    const int rank[2] = {LT_R0, LT_R1};
+    float *A[2], *B[2], *gA[2], *gB[2];
+    for (int a = 0; a < 2; a++) {
+        A[a] = dev_put(d, h[a], F(rank[a] * LT_IN));
+        B[a] = dev_put(d, h[2 + a], F(LT_OUT * rank[a]));
+        gA[a] = dev_alloc(d, F(rank[a] * LT_IN));
+        gB[a] = dev_alloc(d, F(LT_OUT * rank[a]));
+        d->be.ops->memset(&d->be.ctx, gA[a], 0, F(rank[a] * LT_IN));
+        d->be.ops->memset(&d->be.ctx, gB[a], 0, F(LT_OUT * rank[a]));
+    }
+    KnLoraSeg segs[3] = {{0, 30, A[0], B[0], gA[0], gB[0], LT_R0, 0.5f, p, 0x51ull},
+                         {30, 22, A[1], B[1], gA[1], gB[1], LT_R1, 2.0f, p, 0x52ull},
+                         {53, 17, A[0], B[0], gA[0], gB[0], LT_R0, 0.5f, p, 0x53ull}};
+    float *x = dev_put(d, h[4], F(LT_N * LT_IN)), *y = dev_put(d, h[5], F(LT_N * LT_OUT));
+    float *t = dev_poisoned(d, F(LT_N * LT_R0)), *gt = dev_poisoned(d, F(LT_N * LT_R0));
+    float *dx = dev_put(d, h[7], F(LT_N * LT_IN)), *buf = dev_alloc(d, F(2 * LT_IN));
+    d->be.ops->lora_shrink(&d->be.ctx, t, LT_R0, x, segs, 3, LT_IN, buf);
+    d->be.ops->lora_expand(&d->be.ctx, y, t, LT_R0, segs, 3, LT_OUT);
+    d->be.ops->lora_expand_dx(&d->be.ctx, gt, dev_put(d, h[6], F(LT_N * LT_OUT)), t, LT_R0, segs, 3, LT_OUT);
+    d->be.ops->lora_shrink_dx(&d->be.ctx, dx, gt, LT_R0, x, segs, 3, LT_IN, buf);
+    dev_get(d, o->y, y, F(LT_N * LT_OUT));
+    float *all_gt = malloc(F(LT_N * LT_R0));
+    dev_get(d, all_gt, gt, F(LT_N * LT_R0));
+    for (int r = 0; r < LT_N; r++) /* the rows with a term: their rank's columns */
+        for (int k = 0; k < LT_R0; k++) {
+            int rk = r < 30 || r >= 53 ? LT_R0 : r < 52 ? LT_R1 : 0;
+            o->gt[r * LT_R0 + k] = k < rk ? all_gt[r * LT_R0 + k] : 0.0f;
+        }
+    free(all_gt);
+    dev_get(d, o->dx, dx, F(LT_N * LT_IN));
+    for (int a = 0; a < 2; a++) {
+        dev_get(d, o->gA[a], gA[a], F(rank[a] * LT_IN));
+        dev_get(d, o->gB[a], gB[a], F(LT_OUT * rank[a]));
+    }
+    dev_reset(d);
+}
+
+static void lora_threads_expect(const Dev *d, const float *got, const float *want, size_t n, const char *what, float p) {
+    if (d->be.ctx.device != KN_DEVICE_CUDA) {
+        CHECK(memcmp(got, want, F(n)) == 0, "%s: lora over threads, %s (dropout %.1f): the one-thread bits", d->be.name,
+              what, p);
+        return;
+    }
+    double *ref = malloc(n * sizeof *ref);
+    for (size_t i = 0; i < n; i++) ref[i] = want[i];
+    EXPECT_CLOSE(got, ref, n, 1e-5, "lora over threads, %s, dropout %.1f", what, p);
+    free(ref);
+}
+
+static void test_lora_threads(Dev *d) {
+    const size_t sizes[8] = {LT_R0 * LT_IN, LT_R1 * LT_IN, LT_OUT * LT_R0, LT_OUT * LT_R1,
+                             LT_N * LT_IN,  LT_N * LT_OUT, LT_N * LT_OUT,  LT_N * LT_IN};
+    float *h[8];
+    for (int i = 0; i < 8; i++) h[i] = rand_vec(sizes[i]);
+    Dev one;
+    CHECK(dev_open(&one, KN_DEVICE_CPU, 1), "cpu backend");
+    for (int k = 0; k < 2; k++) {
+        float p = k ? 0.25f : 0.0f;
+        LoraThreadsOut o[2];
+        for (int w = 0; w < 2; w++) {
+            LoraThreadsOut *q = &o[w];
+            q->y = malloc(F(LT_N * LT_OUT));
+            q->gt = malloc(F(LT_N * LT_R0));
+            q->dx = malloc(F(LT_N * LT_IN));
+            for (int a = 0; a < 2; a++) {
+                q->gA[a] = malloc(F(sizes[a]));
+                q->gB[a] = malloc(F(sizes[2 + a]));
+            }
+            lora_threads_run(w ? &one : d, (const float *const *)h, p, q);
+        }
+        lora_threads_expect(d, o[0].y, o[1].y, LT_N * LT_OUT, "y", p);
+        lora_threads_expect(d, o[0].gt, o[1].gt, LT_N * LT_R0, "gt", p);
+        lora_threads_expect(d, o[0].dx, o[1].dx, LT_N * LT_IN, "dx", p);
+        for (int a = 0; a < 2; a++) {
+            lora_threads_expect(d, o[0].gA[a], o[1].gA[a], sizes[a], a ? "dA of the second adapter" : "dA (two segments)", p);
+            lora_threads_expect(d, o[0].gB[a], o[1].gB[a], sizes[2 + a], a ? "dB of the second adapter" : "dB (two segments)", p);
+        }
+        for (int w = 0; w < 2; w++) {
+            free(o[w].y); free(o[w].gt); free(o[w].dx);
+            for (int a = 0; a < 2; a++) { free(o[w].gA[a]); free(o[w].gB[a]); }
+        }
+    }
+    dev_close(&one);
+    for (int i = 0; i < 8; i++) free(h[i]);
+}
+
 /* ---- mixture of experts: routing against a double softmax and stable
  * top-k, the experts against a double MLP, both backward ops against
  * central differences with the chosen experts held fixed ---- */
@@ -3011,6 +3111,7 @@ int main(void) {
             test_lora_serving(&d);
             test_lora_training_rows(&d);
             test_lora_shared_grads(&d);
+            test_lora_threads(&d);
             test_lora_rows(&d);
             test_moe(&d);
             test_moe_grouped(&d);
