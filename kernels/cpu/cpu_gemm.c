@@ -83,7 +83,6 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return t;
 }
 
-
 /* dot(a, b[j], n) for four rows b[0..3] at once, each summed exactly as
  * dot sums it, with a's values loaded once for the four and every partial
  * sum kept in a register. */
@@ -274,14 +273,6 @@ void GEMM(cpu_matmul_task)(void *p, int ith, int nth) {
 
 enum { DX_CHUNK = 256, DX_TOKENS = 128, DX_ROWS = 4 };
 
-/* d[0..n) += g x[0..n). */
-static inline void axpy(float *restrict d, const float *restrict x, float g, int64_t n) {
-    F8 gv = f8_splat(g);
-    int64_t c = 0;
-    for (; c + 8 <= n; c += 8) f8_store(d + c, f8_madd(f8_load(d + c), gv, f8_load(x + c)));
-    for (; c < n; c++) d[c] += g * x[c];
-}
-
 /* d[0..n) += g[k] w[k][0..n) for the k in order whose g is not 0, in one
  * pass over d: each element takes the same additions, in the same order,
  * as axpy row after row would give it. Four rows: two vectors of d at a
@@ -296,7 +287,7 @@ static inline void axpy_rows(float *restrict d, const float *const w[DX_ROWS], c
             gk[m++] = g[k];
         }
     if (m <= 1) {
-        if (m == 1) axpy(d, wk[0], gk[0], n);
+        if (m == 1) cpu_axpy(d, gk[0], wk[0], n);
         return;
     }
     int64_t c = 0;

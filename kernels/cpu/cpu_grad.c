@@ -70,11 +70,10 @@ typedef struct {
     float m, l, pdp; /* m = -inf: the query sees no key */
 } AttnRow;
 
-static inline const float *dx_key(const AttnDxTask *t, const float *base, int64_t k, int kvh) {
-    return base + (k * t->n_kv_heads + kvh) * t->dim;
-}
-
+/* Where the row of query i, head h starts in q, dout and dq; and that of
+ * key k, KV head kvh in k, v, dk and dv. */
 static inline int64_t dx_at(const AttnDxTask *t, int64_t i, int h) { return (i * t->n_heads + h) * t->dim; }
+static inline int64_t kv_at(const AttnDxTask *t, int64_t k, int kvh) { return (k * t->n_kv_heads + kvh) * t->dim; }
 
 /* Up to four of the keys from *k on that query position qpos sees, in
  * order, into keys[]; *k moves past them. 0: none left. */
@@ -106,11 +105,11 @@ static inline void dots(const float *a, const float *const b[4], int m, int dim,
 static void key_dots(const AttnDxTask *t, const float *qv, const float *go, const int64_t keys[4], int m, int kvh,
                      float s[4], float gv[4]) {
     const float *b[4] = {NULL, NULL, NULL, NULL};
-    for (int j = 0; j < m; j++) b[j] = dx_key(t, t->k, keys[j], kvh);
+    for (int j = 0; j < m; j++) b[j] = t->k + kv_at(t, keys[j], kvh);
     dots(qv, b, m, t->dim, s);
     for (int j = 0; j < m; j++) s[j] *= t->scale;
     if (!go) return;
-    for (int j = 0; j < m; j++) b[j] = dx_key(t, t->v, keys[j], kvh);
+    for (int j = 0; j < m; j++) b[j] = t->v + kv_at(t, keys[j], kvh);
     dots(go, b, m, t->dim, gv);
 }
 
@@ -174,8 +173,8 @@ static void attn_dx_kv_task(void *arg, int ith, int nth) {
     for (int64_t item = ith; item < t->n_keys * t->n_kv_heads; item += nth) {
         int64_t key = item / t->n_kv_heads, queries[4];
         int kvh = (int)(item % t->n_kv_heads), m;
-        const float *kr = dx_key(t, t->k, key, kvh), *vr = dx_key(t, t->v, key, kvh);
-        float *dk = t->dk + (key * t->n_kv_heads + kvh) * t->dim, *dv = t->dv + (key * t->n_kv_heads + kvh) * t->dim;
+        const float *kr = t->k + kv_at(t, key, kvh), *vr = t->v + kv_at(t, key, kvh);
+        float *dk = t->dk + kv_at(t, key, kvh), *dv = t->dv + kv_at(t, key, kvh);
         for (int h = kvh * group; h < (kvh + 1) * group; h++)
             for (int64_t i = 0; (m = next_queries(t, key, &i, queries)) > 0;) {
                 const float *qv[4] = {NULL, NULL, NULL, NULL}, *go[4] = {NULL, NULL, NULL, NULL};
@@ -212,7 +211,7 @@ static void attn_dx_q_task(void *arg, int ith, int nth) {
             for (int j = 0; j < m; j++) {
                 float p, ds;
                 attn_dx_p(t, r, s[j], gv[j], &p, &ds);
-                cpu_axpy(dq, ds, dx_key(t, t->k, keys[j], kvh), t->dim);
+                cpu_axpy(dq, ds, t->k + kv_at(t, keys[j], kvh), t->dim);
             }
         }
     }
