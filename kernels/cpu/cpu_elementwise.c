@@ -8,9 +8,42 @@
 #include "../convert.h"
 #include "cpu_impl.h"
 
+typedef struct {
+    CpuRangeFn fn;
+    void *arg;
+    int64_t n;
+} RangeTask;
+
+static void range_task(void *p, int ith, int nth) {
+    const RangeTask *t = p;
+    long lo, hi;
+    kn_split((long)t->n, ith, nth, &lo, &hi);
+    if (hi > lo) t->fn(t->arg, lo, hi);
+}
+
+void cpu_for_range(const KnCtx *ctx, int64_t n, int64_t cost, CpuRangeFn fn, void *arg) {
+    if (n <= 0) return;
+    if (!ctx || !ctx->pool || n < 2 || n * cost < CPU_PARALLEL_MIN_WORK) {
+        fn(arg, 0, n);
+        return;
+    }
+    RangeTask t = {fn, arg, n};
+    kn_pool_run(ctx->pool, range_task, &t);
+}
+
+typedef struct {
+    float *y;
+    const float *a, *b;
+} AddArgs;
+
+static void add_span(void *p, int64_t lo, int64_t hi) {
+    const AddArgs *e = p;
+    for (int64_t i = lo; i < hi; i++) e->y[i] = e->a[i] + e->b[i];
+}
+
 void cpu_add_forward(const KnCtx *ctx, float *y, const float *a, const float *b, size_t n) {
-    (void)ctx;
-    for (size_t i = 0; i < n; i++) y[i] = a[i] + b[i];
+    AddArgs e = {y, a, b};
+    cpu_for_range(ctx, (int64_t)n, 1, add_span, &e);
 }
 
 void cpu_mul_forward(const KnCtx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols,
@@ -51,11 +84,25 @@ static void rope_head(float *xh, int dim, const float *inv_freq, int32_t pos) {
     }
 }
 
+typedef struct {
+    float *x;
+    int n_heads, dim;
+    int64_t ld_head, pos_stride;
+    const float *inv_freq;
+    const int32_t *pos;
+} RopeArgs;
+
+static void rope_span(void *p, int64_t lo, int64_t hi) {
+    const RopeArgs *e = p;
+    for (int64_t r = lo; r < hi; r++)
+        for (int h = 0; h < e->n_heads; h++)
+            rope_head(e->x + (r * e->n_heads + h) * e->ld_head, e->dim, e->inv_freq, e->pos[r * e->pos_stride]);
+}
+
 void cpu_rope_rows_forward(const KnCtx *ctx, float *x, int64_t n_rows, int n_heads, int dim, int64_t ld_head,
                            const float *inv_freq, const int32_t *pos, int64_t pos_stride) {
-    (void)ctx;
-    for (int64_t r = 0; r < n_rows; r++)
-        for (int h = 0; h < n_heads; h++) rope_head(x + (r * n_heads + h) * ld_head, dim, inv_freq, pos[r * pos_stride]);
+    RopeArgs e = {x, n_heads, dim, ld_head, pos_stride, inv_freq, pos};
+    cpu_for_range(ctx, n_rows, (int64_t)n_heads * dim * 16, rope_span, &e); /* a sine and a cosine a pair */
 }
 
 void cpu_embed_rows_forward(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale) {

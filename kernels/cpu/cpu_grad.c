@@ -9,37 +9,66 @@
 
 /* ---- RMSNorm, GELU ---------------------------------------------------------------- */
 
+typedef struct {
+    float *dx, *du;
+    const float *x, *w, *dy, *u;
+    int64_t dim;
+    float eps;
+} GradArgs;
+
 /* y = x r w with r = (mean x^2 + eps)^-1/2: dx = r g - r^3 x (g . x) / dim, g = w dy. */
-void cpu_rmsnorm_backward(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n, int64_t dim,
-                       float eps) {
-    (void)ctx;
-    for (int64_t r = 0; r < n; r++) {
-        const float *xr = x + r * dim, *dyr = dy + r * dim;
-        float *dxr = dx + r * dim;
+static void rmsnorm_dx_span(void *p, int64_t lo, int64_t hi) {
+    const GradArgs *a = p;
+    const float *w = a->w;
+    int64_t dim = a->dim;
+    for (int64_t r = lo; r < hi; r++) {
+        const float *xr = a->x + r * dim, *dyr = a->dy + r * dim;
+        float *dxr = a->dx + r * dim;
         double ss = 0.0, gx = 0.0;
         for (int64_t i = 0; i < dim; i++) {
             ss += (double)xr[i] * xr[i];
             gx += (double)(w ? w[i] * dyr[i] : dyr[i]) * xr[i];
         }
-        float inv = 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+        float inv = 1.0f / sqrtf((float)(ss / (double)dim) + a->eps);
         float k = (float)((double)inv * inv * inv * gx / (double)dim);
         for (int64_t i = 0; i < dim; i++) dxr[i] += inv * (w ? w[i] * dyr[i] : dyr[i]) - k * xr[i];
     }
 }
 
+void cpu_rmsnorm_backward(const KnCtx *ctx, float *dx, const float *x, const float *w, const float *dy, int64_t n, int64_t dim,
+                       float eps) {
+    GradArgs a = {.dx = dx, .x = x, .w = w, .dy = dy, .dim = dim, .eps = eps};
+    cpu_for_range(ctx, n, 5 * dim, rmsnorm_dx_span, &a);
+}
+
+/* The cost of an element of the GELU gradients in multiply-adds, roughly. */
+enum { GELU_DX_COST = 32 };
+
+static void gelu_dx_span(void *p, int64_t lo, int64_t hi) {
+    const GradArgs *a = p;
+    for (int64_t i = lo; i < hi; i++) a->dx[i] = a->dy[i] * cpu_gelu_slope(a->x[i]);
+}
+
 void cpu_gelu_tanh_backward(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n) {
-    (void)ctx;
-    for (size_t i = 0; i < n; i++) dx[i] = dy[i] * cpu_gelu_slope(x[i]);
+    GradArgs a = {.dx = dx, .x = x, .dy = dy};
+    cpu_for_range(ctx, (int64_t)n, GELU_DX_COST, gelu_dx_span, &a);
+}
+
+/* dg in dx, from the gate g in x; elements may be written over their own
+ * inputs (each is read before it is written) */
+static void gelu_gate_dx_span(void *p, int64_t lo, int64_t hi) {
+    const GradArgs *a = p;
+    for (int64_t i = lo; i < hi; i++) {
+        float gi = a->x[i], ui = a->u[i], d = a->dy[i];
+        a->du[i] = d * cpu_gelu(gi);
+        a->dx[i] = d * ui * cpu_gelu_slope(gi);
+    }
 }
 
 void cpu_gelu_gate_backward(const KnCtx *ctx, float *dg, float *du, const float *dy, const float *g, const float *u,
                             size_t n) {
-    (void)ctx;
-    for (size_t i = 0; i < n; i++) {
-        float gi = g[i], ui = u[i], d = dy[i];
-        du[i] = d * cpu_gelu(gi);
-        dg[i] = d * ui * cpu_gelu_slope(gi);
-    }
+    GradArgs a = {.dx = dg, .du = du, .x = g, .dy = dy, .u = u};
+    cpu_for_range(ctx, (int64_t)n, 2 * GELU_DX_COST, gelu_gate_dx_span, &a);
 }
 
 /* ---- attention -------------------------------------------------------------------- */

@@ -55,6 +55,14 @@ static inline float cpu_gelu_slope(float v) {
 /* Below this many multiply-adds, waking the pool costs more than it saves. */
 #define CPU_PARALLEL_MIN_WORK 65536
 
+/* cpu_elementwise.c: fn(arg, lo, hi) over ranges that cover [0, n) once
+ * each, in order, split over ctx's pool when n times cost (multiply-adds
+ * an item, roughly) reaches CPU_PARALLEL_MIN_WORK, else one call on the
+ * caller's thread. For kernels whose items (elements, rows) are computed
+ * independently: the split changes no bits. Not from inside a pool task. */
+typedef void (*CpuRangeFn)(void *arg, int64_t lo, int64_t hi);
+void cpu_for_range(const KnCtx *ctx, int64_t n, int64_t cost, CpuRangeFn fn, void *arg);
+
 /* cpu_gemm.c: matmul (out = in W^T) and matmul_dx (out += in W), the
  * dot product in the CPU kinds' order, and the tasks of both builds
  * (cpu_gemm_avx2.c's named _avx2) that the entries hand the pool. */

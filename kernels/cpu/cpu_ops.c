@@ -28,53 +28,116 @@ static inline float normed(const float *x, float inv, const float *w, int64_t i)
     return w ? x[i] * inv * w[i] : x[i] * inv;
 }
 
-static void cpu_rmsnorm_forward(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim,
-                                float eps) {
-    (void)ctx;
-    for (int64_t r = 0; r < n; r++) {
-        const float *xr = x + r * dim;
-        float *yr = y + r * dim, inv = rms_inv(xr, dim, eps);
-        for (int64_t i = 0; i < dim; i++) yr[i] = normed(xr, inv, w, i);
+/* The norms' arguments: rows of dim from x normed by w into y; with r,
+ * (r + normed) s (rmsnorm_add); with n_heads, each row n_heads heads of
+ * dim, normed each and rotated at pos (rmsnorm_rope). */
+typedef struct {
+    float *y;
+    const float *r, *x, *w;
+    int64_t dim;
+    float eps, s;
+    int n_heads;
+    const float *inv_freq;
+    const int32_t *pos;
+} NormArgs;
+
+static void norm_span(void *p, int64_t lo, int64_t hi) {
+    const NormArgs *a = p;
+    for (int64_t row = lo; row < hi; row++) {
+        const float *xr = a->x + row * a->dim;
+        float *yr = a->y + row * a->dim, inv = rms_inv(xr, a->dim, a->eps);
+        for (int64_t i = 0; i < a->dim; i++) yr[i] = normed(xr, inv, a->w, i);
     }
 }
 
-static void cpu_rmsnorm_add(const KnCtx *ctx, float *y, const float *r, const float *x, const float *w, int64_t n,
-                            int64_t dim, float eps, float s) {
-    (void)ctx;
-    for (int64_t row = 0; row < n; row++) {
-        const float *xr = x + row * dim, *rr = r + row * dim;
-        float *yr = y + row * dim, inv = rms_inv(xr, dim, eps);
-        for (int64_t i = 0; i < dim; i++) {
-            float sum = rr[i] + normed(xr, inv, w, i);
-            yr[i] = sum * s;
+static void norm_add_span(void *p, int64_t lo, int64_t hi) {
+    const NormArgs *a = p;
+    for (int64_t row = lo; row < hi; row++) {
+        const float *xr = a->x + row * a->dim, *rr = a->r + row * a->dim;
+        float *yr = a->y + row * a->dim, inv = rms_inv(xr, a->dim, a->eps);
+        for (int64_t i = 0; i < a->dim; i++) {
+            float sum = rr[i] + normed(xr, inv, a->w, i);
+            yr[i] = sum * a->s;
         }
     }
 }
 
-static void cpu_rmsnorm_rope(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n_rows, int n_heads,
-                             int dim, float eps, const float *inv_freq, const int32_t *pos) {
-    int64_t width = (int64_t)n_heads * dim;
-    for (int64_t r = 0; r < n_rows; r++) {
-        cpu_rmsnorm_forward(ctx, y + r * width, x + r * width, w, n_heads, dim, eps);
-        cpu_rope_rows_forward(ctx, y + r * width, 1, n_heads, dim, dim, inv_freq, pos + r, 1);
+static void norm_rope_span(void *p, int64_t lo, int64_t hi) {
+    const NormArgs *a = p;
+    const KnCtx serial = {0}; /* no pool: this runs inside one */
+    int64_t width = a->n_heads * a->dim;
+    NormArgs heads = *a;
+    for (int64_t row = lo; row < hi; row++) {
+        heads.y = a->y + row * width;
+        heads.x = a->x + row * width;
+        norm_span(&heads, 0, a->n_heads);
+        cpu_rope_rows_forward(&serial, heads.y, 1, a->n_heads, (int)a->dim, a->dim, a->inv_freq, a->pos + row, 1);
     }
 }
 
+static void cpu_rmsnorm_forward(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n, int64_t dim,
+                                float eps) {
+    NormArgs a = {.y = y, .x = x, .w = w, .dim = dim, .eps = eps};
+    cpu_for_range(ctx, n, 3 * dim, norm_span, &a);
+}
+
+static void cpu_rmsnorm_add(const KnCtx *ctx, float *y, const float *r, const float *x, const float *w, int64_t n,
+                            int64_t dim, float eps, float s) {
+    NormArgs a = {.y = y, .r = r, .x = x, .w = w, .dim = dim, .eps = eps, .s = s};
+    cpu_for_range(ctx, n, 4 * dim, norm_add_span, &a);
+}
+
+static void cpu_rmsnorm_rope(const KnCtx *ctx, float *y, const float *x, const float *w, int64_t n_rows, int n_heads,
+                             int dim, float eps, const float *inv_freq, const int32_t *pos) {
+    NormArgs a = {.y = y, .x = x, .w = w, .dim = dim, .eps = eps, .n_heads = n_heads, .inv_freq = inv_freq, .pos = pos};
+    cpu_for_range(ctx, n_rows, (int64_t)n_heads * dim * 12, norm_rope_span, &a);
+}
+
+/* The activations' arguments: y from g (and u, rows of cols apart ld_u). */
+typedef struct {
+    float *y;
+    const float *g, *u;
+    int64_t cols, ld_u;
+    float cap;
+} ActArgs;
+
+/* The cost of an element of tanh-GELU in multiply-adds, roughly: tanhf. */
+enum { GELU_COST = 24 };
+
+static void gelu_span(void *p, int64_t lo, int64_t hi) {
+    const ActArgs *a = p;
+    for (int64_t i = lo; i < hi; i++) a->y[i] = cpu_gelu(a->y[i]);
+}
+
+/* elements [lo, hi) of the rows x cols y: a row's u is ld_u apart */
+static void gelu_gate_span(void *p, int64_t lo, int64_t hi) {
+    const ActArgs *a = p;
+    for (int64_t i = lo; i < hi;) {
+        int64_t r = i / a->cols, end = (r + 1) * a->cols < hi ? (r + 1) * a->cols : hi;
+        const float *ur = a->u + r * a->ld_u - r * a->cols;
+        for (; i < end; i++) a->y[i] = cpu_gelu(a->g[i]) * ur[i];
+    }
+}
+
+static void softcap_span(void *p, int64_t lo, int64_t hi) {
+    const ActArgs *a = p;
+    for (int64_t i = lo; i < hi; i++) a->y[i] = a->cap * tanhf(a->y[i] / a->cap);
+}
+
 static void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n) {
-    (void)ctx;
-    for (size_t i = 0; i < n; i++) x[i] = cpu_gelu(x[i]);
+    ActArgs a = {.y = x};
+    cpu_for_range(ctx, (int64_t)n, GELU_COST, gelu_span, &a);
 }
 
 void cpu_gelu_gate_forward(const KnCtx *ctx, float *y, const float *g, const float *u, int64_t rows, int64_t cols,
                            int64_t ld_u) {
-    (void)ctx;
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < cols; c++) y[r * cols + c] = cpu_gelu(g[r * cols + c]) * u[r * ld_u + c];
+    ActArgs a = {.y = y, .g = g, .u = u, .cols = cols, .ld_u = ld_u};
+    if (cols > 0) cpu_for_range(ctx, rows * cols, GELU_COST, gelu_gate_span, &a);
 }
 
 void cpu_softcap_forward(const KnCtx *ctx, float *x, size_t n, float cap) {
-    (void)ctx;
-    for (size_t i = 0; i < n; i++) x[i] = cap * tanhf(x[i] / cap);
+    ActArgs a = {.y = x, .cap = cap};
+    cpu_for_range(ctx, (int64_t)n, GELU_COST, softcap_span, &a);
 }
 
 /* ---- attention ---------------------------------------------------------- */

@@ -1751,6 +1751,95 @@ static void test_lora_threads(Dev *d) {
     for (int i = 0; i < 8; i++) free(h[i]);
 }
 
+/* The row-wise and element-wise ops over inputs large enough that the CPU
+ * kinds split them over threads (a GELU gate whose u rows are wider than
+ * its own, so that a split falls inside a row; rows of norms, RoPE and the
+ * loss), against the same calls on a one-thread CPU backend: bit for bit
+ * on the CPU kinds (each element or row is computed alone), within 1e-5
+ * elsewhere. */
+enum { ET_N = 70001, ET_GR = 37, ET_GC = 301, ET_GLD = 333, ET_NR = 67, ET_ND = 401, ET_RR = 40, ET_RH = 4,
+       ET_RD = 64, ET_XR = 5, ET_XV = 1021 };
+
+typedef struct {
+    const char *name;
+    size_t n;
+    float *got;
+} ElemOut;
+
+enum { ET_OUTS = 13 };
+
+/* Runs every op on d into o[ET_OUTS] (malloc'ed here) and the loss. */
+static void elem_threads_run(Dev *d, const float *const *h, const int32_t *pos, ElemOut *o, double *loss) {
+    const KnOps *ops = d->be.ops;
+    const KnCtx *c = &d->be.ctx;
+    float *a = dev_put(d, h[0], F(ET_N)), *b = dev_put(d, h[1], F(ET_N)), *w = dev_put(d, h[2], F(ET_ND));
+    float *inv = dev_put(d, h[3], F(ET_RD / 2));
+    int32_t *dpos = dev_put(d, pos, ET_RR * sizeof(int32_t)), *tg = dev_put(d, pos, ET_XR * sizeof(int32_t));
+    float *out[ET_OUTS];
+    const size_t n[ET_OUTS] = {ET_N, 5000, ET_GR * ET_GC, 5003, 3001, 3001, 3001, ET_NR * ET_ND, ET_NR * ET_ND,
+                               ET_NR * ET_ND, ET_RR * ET_RH * ET_RD, ET_RR * ET_RH * ET_RD, ET_XR * ET_XV};
+    const char *names[ET_OUTS] = {"add", "gelu_tanh", "gelu_gate", "softcap", "gelu_tanh_dx", "gelu_gate_dx dg",
+                                  "gelu_gate_dx du", "rmsnorm", "rmsnorm_add", "rmsnorm_dx", "rmsnorm_rope",
+                                  "rope_rows", "xent_softcap's gradient"};
+    for (int k = 0; k < ET_OUTS; k++) out[k] = dev_poisoned(d, F(n[k]));
+    ops->add(c, out[0], a, b, ET_N);
+    ops->copy(c, out[1], b, F(n[1]));
+    ops->gelu_tanh(c, out[1], n[1]);
+    ops->gelu_gate(c, out[2], a, b, ET_GR, ET_GC, ET_GLD);
+    ops->copy(c, out[3], a, F(n[3]));
+    ops->softcap(c, out[3], n[3], 0.5f);
+    ops->gelu_tanh_dx(c, out[4], a, b, n[4]);
+    ops->gelu_gate_dx(c, out[5], out[6], a, b, a + 4000, n[5]);
+    ops->rmsnorm(c, out[7], a, w, ET_NR, ET_ND, 1e-6f);
+    ops->rmsnorm_add(c, out[8], b, a, w, ET_NR, ET_ND, 1e-6f, 0.7f);
+    ops->copy(c, out[9], b + 9, F(n[9])); /* rmsnorm_dx accumulates */
+    ops->rmsnorm_dx(c, out[9], a, w, b, ET_NR, ET_ND, 1e-6f);
+    ops->rmsnorm_rope(c, out[10], a, w, ET_RR, ET_RH, ET_RD, 1e-6f, inv, dpos);
+    ops->copy(c, out[11], b, F(n[11]));
+    ops->rope_rows(c, out[11], ET_RR, ET_RH, ET_RD, ET_RD, inv, dpos, 1);
+    ops->copy(c, out[12], a, F(n[12]));
+    double *dloss = dev_poisoned(d, ET_XR * sizeof(double));
+    ops->xent_softcap(c, dloss, out[12], tg, ET_XR, ET_XV, 2.0f, 0.25f, 1);
+    for (int k = 0; k < ET_OUTS; k++) {
+        o[k] = (ElemOut){names[k], n[k], malloc(F(n[k]))};
+        dev_get(d, o[k].got, out[k], F(n[k]));
+    }
+    dev_get(d, loss, dloss, ET_XR * sizeof(double));
+    dev_reset(d);
+}
+
+static void test_elementwise_threads(Dev *d) {
+    float *h[4] = {rand_vec(ET_N), rand_vec(ET_N), rand_vec(ET_ND), rand_vec(ET_RD / 2)};
+    for (int i = 0; i < ET_RD / 2; i++) h[3][i] = fabsf(h[3][i]);
+    int32_t pos[ET_RR];
+    for (int i = 0; i < ET_RR; i++) pos[i] = (i * 37) % 1000; /* the loss's targets too: < ET_XV */
+    Dev one;
+    CHECK(dev_open(&one, KN_DEVICE_CPU, 1), "cpu backend");
+    ElemOut o[2][ET_OUTS];
+    double loss[2][ET_XR];
+    elem_threads_run(d, (const float *const *)h, pos, o[0], loss[0]);
+    elem_threads_run(&one, (const float *const *)h, pos, o[1], loss[1]);
+    for (int k = 0; k < ET_OUTS; k++) {
+        if (d->be.ctx.device != KN_DEVICE_CUDA) {
+            CHECK(memcmp(o[0][k].got, o[1][k].got, F(o[0][k].n)) == 0, "%s: %s over threads: the one-thread bits",
+                  d->be.name, o[0][k].name);
+        } else {
+            double *ref = malloc(o[1][k].n * sizeof *ref);
+            for (size_t i = 0; i < o[1][k].n; i++) ref[i] = o[1][k].got[i];
+            EXPECT_CLOSE(o[0][k].got, ref, o[0][k].n, 1e-5, "%s over threads", o[0][k].name);
+            free(ref);
+        }
+        free(o[0][k].got);
+        free(o[1][k].got);
+    }
+    for (int r = 0; r < ET_XR; r++)
+        CHECK(d->be.ctx.device == KN_DEVICE_CUDA ? fabs(loss[0][r] - loss[1][r]) <= 1e-5 * fabs(loss[1][r])
+                                                 : loss[0][r] == loss[1][r],
+              "%s: xent_softcap over threads, row %d's loss %.9g against %.9g", d->be.name, r, loss[0][r], loss[1][r]);
+    dev_close(&one);
+    for (int i = 0; i < 4; i++) free(h[i]);
+}
+
 /* ---- mixture of experts: routing against a double softmax and stable
  * top-k, the experts against a double MLP, both backward ops against
  * central differences with the chosen experts held fixed ---- */
@@ -3112,6 +3201,7 @@ int main(void) {
             test_lora_training_rows(&d);
             test_lora_shared_grads(&d);
             test_lora_threads(&d);
+            test_elementwise_threads(&d);
             test_lora_rows(&d);
             test_moe(&d);
             test_moe_grouped(&d);
