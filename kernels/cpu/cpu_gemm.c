@@ -2,14 +2,18 @@
  * and matmul_dx), and the dot product every CPU kernel sums in the same
  * order (cpu_dot).
  *
- * Written once over F8, eight floats, and compiled twice on x86-64: as it
- * stands (SSE: two registers a F8; NEON elsewhere), and by cpu_gemm_avx2.c
- * with AVX2 (one register a F8), whose tasks the plain build's entries hand
- * the pool when the CPU has AVX2 and GF_CPU_SIMD is not "baseline". Neither
- * build fuses a multiply and an add (the kernels are compiled with
- * -ffp-contract=off, the AVX2 build also without FMA): a product is
- * rounded before it is added, every lane sums what the same loop over
- * floats sums, so both builds give the same bits (test_ops compares them). */
+ * Written once over F8, eight floats, and compiled three times on x86-64:
+ * as it stands (SSE: two registers a F8; NEON elsewhere), by
+ * cpu_gemm_avx2.c with AVX2 (one register a F8) and by cpu_gemm_avx512.c
+ * with AVX-512 (two F8 in one register: two input rows against one weight
+ * vector, or sixteen elements of a row of dx), whose tasks the plain
+ * build's entries hand the pool when the CPU has the instructions and
+ * GF_CPU_SIMD does not hold the build back ("avx2": not beyond AVX2;
+ * "baseline": the plain build). No build fuses a multiply and an add (the
+ * kernels are compiled with -ffp-contract=off, the wider builds also
+ * without FMA): a product is rounded before it is added, every lane sums
+ * what the same loop over floats sums, so all builds give the same bits
+ * (test_ops compares them). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,10 +26,13 @@
 #include <immintrin.h>
 #endif
 
-#ifdef CPU_GEMM_AVX2
+#if defined(CPU_GEMM_AVX2)
 #define GEMM(name) name##_avx2
+#elif defined(CPU_GEMM_AVX512)
+#define GEMM(name) name##_avx512
 #else
 #define GEMM(name) name
+#define CPU_GEMM_PLAIN
 #endif
 
 /* ---- F8 ------------------------------------------------------------------- */
@@ -74,6 +81,32 @@ static inline float f8_pairs(F8 s) {
            ((f8_lane(s, 4) + f8_lane(s, 5)) + (f8_lane(s, 6) + f8_lane(s, 7)));
 }
 
+#ifdef __AVX512F__
+/* Sixteen floats: two F8 side by side. */
+typedef float F16 __attribute__((vector_size(64)));
+static inline F16 f16_load(const float *p) {
+    F16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void f16_store(float *p, F16 v) { memcpy(p, &v, sizeof v); }
+static inline F16 f16_splat(float g) { return (F16){g, g, g, g, g, g, g, g, g, g, g, g, g, g, g, g}; }
+/* a[0, 8) in the low eight lanes, b[0, 8) in the high eight */
+static inline F16 f16_halves(const float *a, const float *b) {
+    __m512d lo = _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(a)));
+    return (F16)_mm512_castpd_ps(_mm512_insertf64x4(lo, _mm256_castps_pd(_mm256_loadu_ps(b)), 1));
+}
+/* a[0, 8) in both halves */
+static inline F16 f16_twice(const float *a) {
+    return (F16)_mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(a))));
+}
+/* f8_pairs of half h (0 low, 1 high) */
+static inline float f16_pairs(F16 s, int h) {
+    int k = 8 * h;
+    return ((s[k] + s[k + 1]) + (s[k + 2] + s[k + 3])) + ((s[k + 4] + s[k + 5]) + (s[k + 6] + s[k + 7]));
+}
+#endif
+
 static inline float dot(const float *a, const float *b, int64_t n) {
     F8 s = f8_zero();
     int64_t i = 0;
@@ -102,7 +135,7 @@ static inline void dot4(const float *a, const float *const b[4], int64_t n, floa
     memcpy(out, t, sizeof t);
 }
 
-#ifndef CPU_GEMM_AVX2
+#ifdef CPU_GEMM_PLAIN
 float cpu_dot(const float *a, const float *b, int64_t n) { return dot(a, b, n); }
 void cpu_dot4(const float *a, const float *const b[4], int64_t n, float out[4]) { dot4(a, b, n, out); }
 #endif
@@ -111,9 +144,22 @@ void cpu_dot4(const float *a, const float *const b[4], int64_t n, float out[4]) 
  * dot sums it, every weight vector loaded once for both rows. */
 static inline void dot4x2(const float *a0, const float *a1, const float *const b[4], int64_t n, float out0[4],
                           float out1[4]) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    /* lanes 0-7 a0's sums, 8-15 a1's: each weight vector loaded into both */
+    F16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    for (; i + 8 <= n; i += 8) {
+        F16 x = f16_halves(a0 + i, a1 + i);
+        s0 = s0 + x * f16_twice(b[0] + i);
+        s1 = s1 + x * f16_twice(b[1] + i);
+        s2 = s2 + x * f16_twice(b[2] + i);
+        s3 = s3 + x * f16_twice(b[3] + i);
+    }
+    float u0[4] = {f16_pairs(s0, 0), f16_pairs(s1, 0), f16_pairs(s2, 0), f16_pairs(s3, 0)};
+    float u1[4] = {f16_pairs(s0, 1), f16_pairs(s1, 1), f16_pairs(s2, 1), f16_pairs(s3, 1)};
+#else
     F8 s0 = f8_zero(), s1 = f8_zero(), s2 = f8_zero(), s3 = f8_zero();
     F8 t0 = f8_zero(), t1 = f8_zero(), t2 = f8_zero(), t3 = f8_zero();
-    int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         F8 x = f8_load(a0 + i), y = f8_load(a1 + i), w;
         w = f8_load(b[0] + i);
@@ -131,6 +177,7 @@ static inline void dot4x2(const float *a0, const float *a1, const float *const b
     }
     float u0[4] = {f8_pairs(s0), f8_pairs(s1), f8_pairs(s2), f8_pairs(s3)};
     float u1[4] = {f8_pairs(t0), f8_pairs(t1), f8_pairs(t2), f8_pairs(t3)};
+#endif
     for (int j = 0; j < 4; j++)
         for (int64_t e = i; e < n; e++) {
             u0[j] += a0[e] * b[j][e];
@@ -139,6 +186,38 @@ static inline void dot4x2(const float *a0, const float *a1, const float *const b
     memcpy(out0, u0, sizeof u0);
     memcpy(out1, u1, sizeof u1);
 }
+
+#ifdef __AVX512F__
+/* dot4x2 for rows a[0..3], two pairs: each sum exactly as dot sums it,
+ * every weight vector loaded once for the four rows. */
+static inline void dot4x4(const float *const a[4], const float *const b[4], int64_t n, float out[4][4]) {
+    F16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, t0 = {0}, t1 = {0}, t2 = {0}, t3 = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        F16 x = f16_halves(a[0] + i, a[1] + i), y = f16_halves(a[2] + i, a[3] + i), w;
+        w = f16_twice(b[0] + i);
+        s0 = s0 + x * w;
+        t0 = t0 + y * w;
+        w = f16_twice(b[1] + i);
+        s1 = s1 + x * w;
+        t1 = t1 + y * w;
+        w = f16_twice(b[2] + i);
+        s2 = s2 + x * w;
+        t2 = t2 + y * w;
+        w = f16_twice(b[3] + i);
+        s3 = s3 + x * w;
+        t3 = t3 + y * w;
+    }
+    const F16 s[4] = {s0, s1, s2, s3}, t[4] = {t0, t1, t2, t3};
+    for (int j = 0; j < 4; j++) {
+        float u[4] = {f16_pairs(s[j], 0), f16_pairs(s[j], 1), f16_pairs(t[j], 0), f16_pairs(t[j], 1)};
+        for (int r = 0; r < 4; r++) {
+            for (int64_t e = i; e < n; e++) u[r] += a[r][e] * b[j][e];
+            out[r][j] = u[r];
+        }
+    }
+}
+#endif
 
 #ifdef __AVX2__
 /* How far ahead of the weight being widened a BF16 row is prefetched (4 KB;
@@ -233,6 +312,17 @@ static inline void matmul_block(const CpuMatmul *t, long o0, int nb, float (*row
         int64_t len = t->w.cols - c0 < MM_CHUNK ? t->w.cols - c0 : MM_CHUNK;
         for (int j = 0; j < nb; j++) widen(row[j], t->w, o0 + j, c0, len);
         int64_t i = 0;
+#ifdef __AVX512F__
+        if (nb == MM_OUTS)
+            for (; i + 4 <= t->n; i += 4) { /* four input rows at a time */
+                const float *xi = t->in + i * t->w.cols + c0;
+                const float *const x4[4] = {xi, xi + t->w.cols, xi + 2 * t->w.cols, xi + 3 * t->w.cols};
+                float *yi = t->out + i * t->w.rows + o0, d[4][MM_OUTS];
+                dot4x4(x4, rows, len, d);
+                for (int r = 0; r < 4; r++)
+                    for (int j = 0; j < MM_OUTS; j++) yi[r * t->w.rows + j] += d[r][j];
+            }
+#endif
         if (ROW_PAIRS && nb == MM_OUTS)
             for (; i + 2 <= t->n; i += 2) { /* two input rows at a time */
                 const float *xi = t->in + i * t->w.cols + c0;
@@ -291,6 +381,24 @@ static inline void axpy_rows(float *restrict d, const float *const w[DX_ROWS], c
         return;
     }
     int64_t c = 0;
+#ifdef __AVX512F__
+    if (m == DX_ROWS) {
+        F16 g0 = f16_splat(gk[0]), g1 = f16_splat(gk[1]), g2 = f16_splat(gk[2]), g3 = f16_splat(gk[3]);
+        for (; c + 32 <= n; c += 32) {
+            F16 a = f16_load(d + c), b = f16_load(d + c + 16);
+            a = a + g0 * f16_load(wk[0] + c);
+            b = b + g0 * f16_load(wk[0] + c + 16);
+            a = a + g1 * f16_load(wk[1] + c);
+            b = b + g1 * f16_load(wk[1] + c + 16);
+            a = a + g2 * f16_load(wk[2] + c);
+            b = b + g2 * f16_load(wk[2] + c + 16);
+            a = a + g3 * f16_load(wk[3] + c);
+            b = b + g3 * f16_load(wk[3] + c + 16);
+            f16_store(d + c, a);
+            f16_store(d + c + 16, b);
+        }
+    }
+#endif
     if (m == DX_ROWS) {
         F8 g0 = f8_splat(gk[0]), g1 = f8_splat(gk[1]), g2 = f8_splat(gk[2]), g3 = f8_splat(gk[3]);
         for (; c + 16 <= n; c += 16) {
@@ -324,9 +432,32 @@ static inline void axpy_rows(float *restrict d, const float *const w[DX_ROWS], c
  * takes the additions axpy_rows gives it. */
 static inline void axpy_rows2(float *restrict d0, float *restrict d1, const float *const w[DX_ROWS],
                               const float g0[DX_ROWS], const float g1[DX_ROWS], int64_t n) {
+    int64_t c = 0;
+#ifdef __AVX512F__
+    {
+        F16 a0 = f16_splat(g0[0]), a1 = f16_splat(g0[1]), a2 = f16_splat(g0[2]), a3 = f16_splat(g0[3]);
+        F16 b0 = f16_splat(g1[0]), b1 = f16_splat(g1[1]), b2 = f16_splat(g1[2]), b3 = f16_splat(g1[3]);
+        for (; c + 16 <= n; c += 16) {
+            F16 u = f16_load(d0 + c), v = f16_load(d1 + c), x;
+            x = f16_load(w[0] + c);
+            u = u + a0 * x;
+            v = v + b0 * x;
+            x = f16_load(w[1] + c);
+            u = u + a1 * x;
+            v = v + b1 * x;
+            x = f16_load(w[2] + c);
+            u = u + a2 * x;
+            v = v + b2 * x;
+            x = f16_load(w[3] + c);
+            u = u + a3 * x;
+            v = v + b3 * x;
+            f16_store(d0 + c, u);
+            f16_store(d1 + c, v);
+        }
+    }
+#endif
     F8 a0 = f8_splat(g0[0]), a1 = f8_splat(g0[1]), a2 = f8_splat(g0[2]), a3 = f8_splat(g0[3]);
     F8 b0 = f8_splat(g1[0]), b1 = f8_splat(g1[1]), b2 = f8_splat(g1[2]), b3 = f8_splat(g1[3]);
-    int64_t c = 0;
     for (; c + 8 <= n; c += 8) {
         F8 u = f8_load(d0 + c), v = f8_load(d1 + c), x;
         x = f8_load(w[0] + c);
@@ -396,38 +527,49 @@ void GEMM(cpu_matmul_dx_task)(void *p, int ith, int nth) {
 
 /* ---- entries (the plain build) --------------------------------------------- */
 
-#ifndef CPU_GEMM_AVX2
-/* Whether the AVX2 build runs: the CPU has AVX2 and GF_CPU_SIMD is not
- * "baseline" (read at each call: test_ops compares both builds). */
-static int use_avx2(void) {
+#ifdef CPU_GEMM_PLAIN
+/* The widest build that runs: AVX-512 (2) when the CPU has AVX512F, AVX2
+ * (1) when it has AVX2, and GF_CPU_SIMD ("avx2", "baseline") does not hold
+ * it back; else the plain build (0). Read at each call: test_ops compares
+ * the builds. */
+static int simd_level(void) {
 #if defined(__x86_64__) && defined(__linux__)
     const char *e = getenv("GF_CPU_SIMD");
-    return !(e && strcmp(e, "baseline") == 0) && __builtin_cpu_supports("avx2");
+    if (e && strcmp(e, "baseline") == 0) return 0;
+    if (!(e && strcmp(e, "avx2") == 0) && __builtin_cpu_supports("avx512f")) return 2;
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
 #else
     return 0;
 #endif
 }
 
-/* The AVX2 build's task where this platform compiles one (cpu_gemm_avx2.c). */
+/* A task's three builds, where this platform compiles the wider ones
+ * (cpu_gemm_avx2.c, cpu_gemm_avx512.c). */
 #if defined(__x86_64__) && defined(__linux__)
-#define AVX2_TASK(name) name##_avx2
+#define TASKS(name) {name, name##_avx2, name##_avx512}
 #else
-#define AVX2_TASK(name) NULL
+#define TASKS(name) {name, NULL, NULL}
 #endif
 
-static void run(const KnCtx *ctx, CpuMatmul *t, void (*plain)(void *, int, int), void (*avx2)(void *, int, int)) {
-    void (*task)(void *, int, int) = avx2 && use_avx2() ? avx2 : plain;
+typedef void (*GemmTask)(void *, int, int);
+
+static void run(const KnCtx *ctx, CpuMatmul *t, const GemmTask builds[3]) {
+    int level = simd_level();
+    while (level > 0 && !builds[level]) level--;
+    GemmTask task = builds[level];
     if (t->w.rows * t->w.cols * t->n < CPU_PARALLEL_MIN_WORK || !ctx->pool) task(t, 0, 1);
     else kn_pool_run(ctx->pool, task, t);
 }
 
 void cpu_matmul_forward(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
     CpuMatmul t = {y, x, w, n};
-    run(ctx, &t, cpu_matmul_task, AVX2_TASK(cpu_matmul_task));
+    static const GemmTask builds[3] = TASKS(cpu_matmul_task);
+    run(ctx, &t, builds);
 }
 
 void cpu_matmul_backward(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
     CpuMatmul t = {dx, dy, w, n};
-    run(ctx, &t, cpu_matmul_dx_task, AVX2_TASK(cpu_matmul_dx_task));
+    static const GemmTask builds[3] = TASKS(cpu_matmul_dx_task);
+    run(ctx, &t, builds);
 }
 #endif

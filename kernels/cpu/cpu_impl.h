@@ -64,8 +64,9 @@ typedef void (*CpuRangeFn)(void *arg, int64_t lo, int64_t hi);
 void cpu_for_range(const KnCtx *ctx, int64_t n, int64_t cost, CpuRangeFn fn, void *arg);
 
 /* cpu_gemm.c: matmul (out = in W^T) and matmul_dx (out += in W), the
- * dot product in the CPU kinds' order, and the tasks of both builds
- * (cpu_gemm_avx2.c's named _avx2) that the entries hand the pool. */
+ * dot product in the CPU kinds' order, and the tasks of every build
+ * (cpu_gemm_avx2.c's named _avx2, cpu_gemm_avx512.c's _avx512) that the
+ * entries hand the pool. */
 typedef struct {
     float *out;
     const float *in;
@@ -81,6 +82,8 @@ void cpu_matmul_task(void *p, int ith, int nth);
 void cpu_matmul_dx_task(void *p, int ith, int nth);
 void cpu_matmul_task_avx2(void *p, int ith, int nth);
 void cpu_matmul_dx_task_avx2(void *p, int ith, int nth);
+void cpu_matmul_task_avx512(void *p, int ith, int nth);
+void cpu_matmul_dx_task_avx512(void *p, int ith, int nth);
 
 /* cpu_ops.c, used by the fused kernels */
 void cpu_gelu_gate_forward(const KnCtx *ctx, float *y, const float *g, const float *u, int64_t rows, int64_t cols,
