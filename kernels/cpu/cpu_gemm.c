@@ -10,10 +10,10 @@
  * build's entries hand the pool when the CPU has the instructions and
  * GF_CPU_SIMD does not hold the build back ("avx2": not beyond AVX2;
  * "baseline": the plain build). No build fuses a multiply and an add (the
- * kernels are compiled with -ffp-contract=off, the wider builds also
- * without FMA): a product is rounded before it is added, every lane sums
- * what the same loop over floats sums, so all builds give the same bits
- * (test_ops compares them). */
+ * kernels are compiled with -ffp-contract=off, the AVX2 build also without
+ * FMA): a product is rounded before it is added, every lane sums what the
+ * same loop over floats sums, so all builds give the same bits (test_ops
+ * compares them). */
 #include <stdlib.h>
 #include <string.h>
 
