@@ -54,21 +54,21 @@ void cpu_gelu_tanh_backward(const KnCtx *ctx, float *dx, const float *x, const f
     cpu_for_range(ctx, (int64_t)n, GELU_DX_COST, gelu_dx_span, &a);
 }
 
-/* dg in dx, from the gate g in x; elements may be written over their own
- * inputs (each is read before it is written) */
+/* dg in dx, from the gate g in x, one tanh an element for both; elements
+ * may be written over their own inputs (each is read before it is written) */
 static void gelu_gate_dx_span(void *p, int64_t lo, int64_t hi) {
     const GradArgs *a = p;
     for (int64_t i = lo; i < hi; i++) {
-        float gi = a->x[i], ui = a->u[i], d = a->dy[i];
-        a->du[i] = d * cpu_gelu(gi);
-        a->dx[i] = d * ui * cpu_gelu_slope(gi);
+        float gi = a->x[i], ui = a->u[i], d = a->dy[i], th = cpu_gelu_th(gi);
+        a->du[i] = d * cpu_gelu_at(gi, th);
+        a->dx[i] = d * ui * cpu_gelu_slope_at(gi, th);
     }
 }
 
 void cpu_gelu_gate_backward(const KnCtx *ctx, float *dg, float *du, const float *dy, const float *g, const float *u,
                             size_t n) {
     GradArgs a = {.dx = dg, .du = du, .x = g, .dy = dy, .u = u};
-    cpu_for_range(ctx, (int64_t)n, 2 * GELU_DX_COST, gelu_gate_dx_span, &a);
+    cpu_for_range(ctx, (int64_t)n, GELU_DX_COST + 8, gelu_gate_dx_span, &a);
 }
 
 /* ---- attention -------------------------------------------------------------------- */

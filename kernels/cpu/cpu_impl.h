@@ -46,11 +46,15 @@ static inline void cpu_axpy(float *y, float a, const float *x, int64_t n) {
 /* gelu_tanh and its slope at v: every CPU kernel that applies either
  * computes it here, so the fused and the unfused ops give the same bits. */
 #define CPU_GELU_K 0.7978845608028654f /* sqrt(2/pi) */
-static inline float cpu_gelu(float v) { return 0.5f * v * (1.0f + tanhf(CPU_GELU_K * (v + 0.044715f * v * v * v))); }
-static inline float cpu_gelu_slope(float v) {
-    float th = tanhf(CPU_GELU_K * (v + 0.044715f * v * v * v));
+/* tanh of GELU's inner argument at v, and gelu_tanh and its slope at v
+ * from it (a kernel that needs both computes the tanh once) */
+static inline float cpu_gelu_th(float v) { return tanhf(CPU_GELU_K * (v + 0.044715f * v * v * v)); }
+static inline float cpu_gelu_at(float v, float th) { return 0.5f * v * (1.0f + th); }
+static inline float cpu_gelu_slope_at(float v, float th) {
     return 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * CPU_GELU_K * (1.0f + 3.0f * 0.044715f * v * v);
 }
+static inline float cpu_gelu(float v) { return cpu_gelu_at(v, cpu_gelu_th(v)); }
+static inline float cpu_gelu_slope(float v) { return cpu_gelu_slope_at(v, cpu_gelu_th(v)); }
 
 /* Below this many multiply-adds, waking the pool costs more than it saves. */
 #define CPU_PARALLEL_MIN_WORK 65536
