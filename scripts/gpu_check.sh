@@ -18,6 +18,7 @@
 #          training job), the first shape's decode again with
 #          GF_CUDA_GRAPHS=0, bench_memory (the jobs' memory estimate at the
 #          full E2B, E4B and 31B shapes, beside what bench_shapes measured),
+#          bench_matmul (one linear layer at E4B's MLP shape, bf16 and NF4),
 #          and the Hugging Face anchor when .devtools/hf_anchor.py is there
 #   all    all three (the default)
 #
@@ -103,6 +104,12 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
     # the jobs' own estimate of a training step's device memory at the full
     # shapes, to set beside the memory bench_shapes measured above
     step "bench_memory e2b e4b 31b (estimate)" bench_memory.log build-gpu/bench_memory e2b e4b 31b
+    # one linear layer at E4B's MLP shape over B4 x T1024 tokens, bf16 and
+    # NF4 weights: the matmul and its input gradient alone, in TFLOP/s terms
+    for dt in bf16 nf4; do
+        step "bench_matmul 10240x2560x4096 $dt" "bench_matmul_$dt.log" build-gpu/bench_matmul 10240 2560 4096 \
+            --device cuda --dtype "$dt" --reps 5
+    done
     step "bench_serve ${GF_SERVE_SHAPE:-e4b} nf4 (cuda)" bench_serve.log env GF_DEVICE=cuda build-gpu/bench_serve \
         --shape "${GF_SERVE_SHAPE:-e4b}" --quantize nf4
     if [ -f .devtools/hf_anchor.py ]; then
@@ -110,7 +117,7 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
     else
         rows+=("$(printf '%-28s %-7s' "hf_anchor" "absent: copy ../shared/bench/hf_anchor.py into .devtools/")")
     fi
-    for f in "$logs"/bench_shapes_*.log "$logs"/bench_memory.log "$logs"/bench_serve.log "$logs"/hf_anchor.log; do
+    for f in "$logs"/bench_shapes_*.log "$logs"/bench_memory.log "$logs"/bench_matmul_*.log "$logs"/bench_serve.log "$logs"/hf_anchor.log; do
         [ -f "$f" ] && { echo "== $(basename "$f" .log)"; tail -24 "$f"; }
     done
 fi
