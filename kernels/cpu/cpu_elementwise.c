@@ -8,6 +8,70 @@
 #include "../convert.h"
 #include "cpu_impl.h"
 
+/* ---- tanh ----------------------------------------------------------------- */
+
+/* Two doubles, and their bits (one SSE2 register). */
+typedef double D2 __attribute__((vector_size(16)));
+typedef int64_t I2 __attribute__((vector_size(16)));
+
+static inline D2 d2_splat(double v) { return (D2){v, v}; }
+static inline I2 d2_bits(D2 v) {
+    I2 b;
+    memcpy(&b, &v, sizeof b);
+    return b;
+}
+static inline D2 d2_from_bits(I2 b) {
+    D2 v;
+    memcpy(&v, &b, sizeof v);
+    return v;
+}
+/* lanes of a where m (all ones), else of b */
+static inline D2 d2_select(I2 m, D2 a, D2 b) { return d2_from_bits((d2_bits(a) & m) | (d2_bits(b) & ~m)); }
+
+/* 1 / k! for k <= 12 */
+static const double INV_FACT[13] = {1.0,          1.0,           1.0 / 2,         1.0 / 6,        1.0 / 24,
+                                    1.0 / 120,    1.0 / 720,     1.0 / 5040,      1.0 / 40320,    1.0 / 362880,
+                                    1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600};
+
+/* tanh of two lanes in double:
+ *   |x| < 2^-10: x - x^3 / 3 (the next term, 2 x^5 / 15, is below 2^-42 of x);
+ *   else 1 - 2 / (e^2|x| + 1), with e^z = 2^n e^r, n = round(z / ln 2),
+ *   r = z - n ln 2 (ln 2 in two parts, the first exact times n), e^r by
+ *   its Taylor series to r^12 (|r| <= ln 2 / 2: the rest is below 2^-47);
+ *   |x| is held to 9.5, where tanh rounds to 1 in float; the sign of x is
+ *   put back last, so -0 stays -0 and NaN stays NaN. Only +, -, * and /
+ *   on doubles and bit operations: the same bits on every machine. */
+static D2 tanh2(D2 x) {
+    const I2 sign = {INT64_MIN, INT64_MIN};
+    D2 a = d2_from_bits(d2_bits(x) & ~sign);
+    a = d2_select(a > d2_splat(9.5), d2_splat(9.5), a);
+    D2 z = a + a;
+    const D2 shifter = d2_splat(0x1.8p52); /* adding it rounds to an integer, kept in the low bits */
+    D2 t = z * d2_splat(1.4426950408889634) + shifter;
+    D2 n = t - shifter;
+    I2 ni = d2_bits(t) - d2_bits(shifter);
+    D2 r = (z - n * d2_splat(6.93147180369123816490e-01)) - n * d2_splat(1.90821492927058770002e-10);
+    D2 p = d2_splat(INV_FACT[12]);
+    for (int k = 11; k >= 0; k--) p = p * r + d2_splat(INV_FACT[k]);
+    D2 e = d2_from_bits(d2_bits(p) + (ni << 52));
+    D2 big = d2_splat(1.0) - d2_splat(2.0) / (e + d2_splat(1.0));
+    D2 small = a - a * a * a / d2_splat(3.0);
+    D2 th = d2_select(a < d2_splat(0x1p-10), small, big);
+    return d2_from_bits(d2_bits(th) | (d2_bits(x) & sign));
+}
+
+void cpu_tanh_block(float *th, const float *x, int n) {
+    int i = 0;
+    for (; i + 2 <= n; i += 2) {
+        D2 t = tanh2((D2){x[i], x[i + 1]});
+        th[i] = (float)t[0];
+        th[i + 1] = (float)t[1];
+    }
+    if (i < n) th[i] = (float)tanh2((D2){x[i], 0.0})[0];
+}
+
+/* ---- splitting over the pool -------------------------------------------- */
+
 typedef struct {
     CpuRangeFn fn;
     void *arg;

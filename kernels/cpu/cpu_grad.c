@@ -42,11 +42,16 @@ void cpu_rmsnorm_backward(const KnCtx *ctx, float *dx, const float *x, const flo
 }
 
 /* The cost of an element of the GELU gradients in multiply-adds, roughly. */
-enum { GELU_DX_COST = 32 };
+enum { GELU_DX_COST = 24 };
 
 static void gelu_dx_span(void *p, int64_t lo, int64_t hi) {
     const GradArgs *a = p;
-    for (int64_t i = lo; i < hi; i++) a->dx[i] = a->dy[i] * cpu_gelu_slope(a->x[i]);
+    float th[CPU_TANH_BLOCK];
+    for (int64_t i = lo; i < hi; i += CPU_TANH_BLOCK) {
+        int m = hi - i < CPU_TANH_BLOCK ? (int)(hi - i) : CPU_TANH_BLOCK;
+        cpu_gelu_th_block(th, a->x + i, m);
+        for (int j = 0; j < m; j++) a->dx[i + j] = a->dy[i + j] * cpu_gelu_slope_at(a->x[i + j], th[j]);
+    }
 }
 
 void cpu_gelu_tanh_backward(const KnCtx *ctx, float *dx, const float *x, const float *dy, size_t n) {
@@ -58,10 +63,15 @@ void cpu_gelu_tanh_backward(const KnCtx *ctx, float *dx, const float *x, const f
  * may be written over their own inputs (each is read before it is written) */
 static void gelu_gate_dx_span(void *p, int64_t lo, int64_t hi) {
     const GradArgs *a = p;
-    for (int64_t i = lo; i < hi; i++) {
-        float gi = a->x[i], ui = a->u[i], d = a->dy[i], th = cpu_gelu_th(gi);
-        a->du[i] = d * cpu_gelu_at(gi, th);
-        a->dx[i] = d * ui * cpu_gelu_slope_at(gi, th);
+    float th[CPU_TANH_BLOCK];
+    for (int64_t i = lo; i < hi; i += CPU_TANH_BLOCK) {
+        int m = hi - i < CPU_TANH_BLOCK ? (int)(hi - i) : CPU_TANH_BLOCK;
+        cpu_gelu_th_block(th, a->x + i, m);
+        for (int j = 0; j < m; j++) {
+            float gi = a->x[i + j], ui = a->u[i + j], d = a->dy[i + j];
+            a->du[i + j] = d * cpu_gelu_at(gi, th[j]);
+            a->dx[i + j] = d * ui * cpu_gelu_slope_at(gi, th[j]);
+        }
     }
 }
 

@@ -43,18 +43,27 @@ static inline void cpu_axpy(float *y, float a, const float *x, int64_t n) {
     for (; d < n; d++) y[d] += a * x[d];
 }
 
-/* gelu_tanh and its slope at v: every CPU kernel that applies either
- * computes it here, so the fused and the unfused ops give the same bits. */
+/* cpu_elementwise.c: th[i] = tanh(x[i]) for i < n <= CPU_TANH_BLOCK (th
+ * may be x), computed in double two at a time and rounded once: the
+ * float nearest tanh but for rare ties, the same bits on every machine
+ * (glibc's tanhf, which it replaces, is 1-2 ulp off for about one input
+ * in eleven). Every CPU kernel that takes a tanh takes it here. */
+enum { CPU_TANH_BLOCK = 64 };
+void cpu_tanh_block(float *th, const float *x, int n);
+
+/* gelu_tanh and its slope at v from th = tanh(CPU_GELU_K (v + 0.044715
+ * v^3)): every CPU kernel that applies either computes it here, so the
+ * fused and the unfused ops give the same bits. */
 #define CPU_GELU_K 0.7978845608028654f /* sqrt(2/pi) */
-/* tanh of GELU's inner argument at v, and gelu_tanh and its slope at v
- * from it (a kernel that needs both computes the tanh once) */
-static inline float cpu_gelu_th(float v) { return tanhf(CPU_GELU_K * (v + 0.044715f * v * v * v)); }
+/* th[j] for v[j], j < n <= CPU_TANH_BLOCK */
+static inline void cpu_gelu_th_block(float *th, const float *v, int n) {
+    for (int j = 0; j < n; j++) th[j] = CPU_GELU_K * (v[j] + 0.044715f * v[j] * v[j] * v[j]);
+    cpu_tanh_block(th, th, n);
+}
 static inline float cpu_gelu_at(float v, float th) { return 0.5f * v * (1.0f + th); }
 static inline float cpu_gelu_slope_at(float v, float th) {
     return 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * CPU_GELU_K * (1.0f + 3.0f * 0.044715f * v * v);
 }
-static inline float cpu_gelu(float v) { return cpu_gelu_at(v, cpu_gelu_th(v)); }
-static inline float cpu_gelu_slope(float v) { return cpu_gelu_slope_at(v, cpu_gelu_th(v)); }
 
 /* Below this many multiply-adds, waking the pool costs more than it saves. */
 #define CPU_PARALLEL_MIN_WORK 65536

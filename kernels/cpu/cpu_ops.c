@@ -101,27 +101,44 @@ typedef struct {
     float cap;
 } ActArgs;
 
-/* The cost of an element of tanh-GELU in multiply-adds, roughly: tanhf. */
-enum { GELU_COST = 24 };
+/* The cost of an element of tanh-GELU in multiply-adds, roughly. */
+enum { GELU_COST = 16 };
 
 static void gelu_span(void *p, int64_t lo, int64_t hi) {
     const ActArgs *a = p;
-    for (int64_t i = lo; i < hi; i++) a->y[i] = cpu_gelu(a->y[i]);
+    float th[CPU_TANH_BLOCK];
+    for (int64_t i = lo; i < hi; i += CPU_TANH_BLOCK) {
+        int m = hi - i < CPU_TANH_BLOCK ? (int)(hi - i) : CPU_TANH_BLOCK;
+        cpu_gelu_th_block(th, a->y + i, m);
+        for (int j = 0; j < m; j++) a->y[i + j] = cpu_gelu_at(a->y[i + j], th[j]);
+    }
 }
 
 /* elements [lo, hi) of the rows x cols y: a row's u is ld_u apart */
 static void gelu_gate_span(void *p, int64_t lo, int64_t hi) {
     const ActArgs *a = p;
+    float th[CPU_TANH_BLOCK];
     for (int64_t i = lo; i < hi;) {
         int64_t r = i / a->cols, end = (r + 1) * a->cols < hi ? (r + 1) * a->cols : hi;
         const float *ur = a->u + r * a->ld_u - r * a->cols;
-        for (; i < end; i++) a->y[i] = cpu_gelu(a->g[i]) * ur[i];
+        while (i < end) {
+            int m = end - i < CPU_TANH_BLOCK ? (int)(end - i) : CPU_TANH_BLOCK;
+            cpu_gelu_th_block(th, a->g + i, m);
+            for (int j = 0; j < m; j++) a->y[i + j] = cpu_gelu_at(a->g[i + j], th[j]) * ur[i + j];
+            i += m;
+        }
     }
 }
 
 static void softcap_span(void *p, int64_t lo, int64_t hi) {
     const ActArgs *a = p;
-    for (int64_t i = lo; i < hi; i++) a->y[i] = a->cap * tanhf(a->y[i] / a->cap);
+    float th[CPU_TANH_BLOCK];
+    for (int64_t i = lo; i < hi; i += CPU_TANH_BLOCK) {
+        int m = hi - i < CPU_TANH_BLOCK ? (int)(hi - i) : CPU_TANH_BLOCK;
+        for (int j = 0; j < m; j++) th[j] = a->y[i + j] / a->cap;
+        cpu_tanh_block(th, th, m);
+        for (int j = 0; j < m; j++) a->y[i + j] = a->cap * th[j];
+    }
 }
 
 static void cpu_gelu_tanh_forward(const KnCtx *ctx, float *x, size_t n) {

@@ -1751,6 +1751,57 @@ static void test_lora_threads(Dev *d) {
     for (int i = 0; i < 8; i++) free(h[i]);
 }
 
+/* tanh as the ops take it (softcap with cap 1 is tanh alone): on the CPU
+ * kinds the float nearest tanh (glibc's double tanh, rounded) for all but
+ * one input in 10^5, and never more than one ulp away; on a GPU within two
+ * ulp (CUDA's tanhf). Specials: signed zeros keep their sign, infinities
+ * give +-1, NaN stays NaN, tiny inputs come back unchanged. */
+static int32_t ulp_distance(float a, float b) {
+    int32_t ia, ib;
+    memcpy(&ia, &a, 4);
+    memcpy(&ib, &b, 4);
+    if (ia < 0) ia = INT32_MIN - ia; /* one ordered line through both zeros */
+    if (ib < 0) ib = INT32_MIN - ib;
+    int64_t d = (int64_t)ia - ib;
+    return d < 0 ? (int32_t)(d < -1000000 ? 1000000 : -d) : (int32_t)(d > 1000000 ? 1000000 : d);
+}
+
+static void test_tanh(Dev *d) {
+    enum { N = 400000, SPECIAL = 12 };
+    float *x = malloc(F(N)), *got = malloc(F(N));
+    const float special[SPECIAL] = {0.0f, -0.0f, INFINITY, -INFINITY, 1e-30f, -1e-30f, 9.4f, 9.6f, -20.0f, 0x1p-10f,
+                                    0x1.fffffep-11f, 0.55f};
+    memcpy(x, special, sizeof special);
+    for (int i = SPECIAL; i < N; i++) { /* half uniform in [-10, 10), half log-spread down to 1e-6 */
+        float u = frand();
+        x[i] = i % 2 ? 10.0f * u : copysignf(powf(10.0f, -6.0f + 6.0f * fabsf(u)), u);
+    }
+    float *dx = dev_put(d, x, F(N));
+    d->be.ops->softcap(&d->be.ctx, dx, N, 1.0f);
+    dev_get(d, got, dx, F(N));
+    int cuda = d->be.ctx.device == KN_DEVICE_CUDA, off = 0;
+    int32_t worst = 0;
+    for (int i = 0; i < N; i++) {
+        int32_t u = ulp_distance(got[i], (float)tanh((double)x[i]));
+        off += u != 0;
+        if (u > worst) worst = u;
+    }
+    CHECK(worst <= (cuda ? 2 : 1), "%s: tanh within %d ulp of the nearest float (worst %d)", d->be.name, cuda ? 2 : 1,
+          (int)worst);
+    if (!cuda) CHECK(off <= N / 100000, "%s: tanh the nearest float but for %d of %d inputs", d->be.name, off, N);
+    CHECK(got[0] == 0.0f && !signbit(got[0]) && got[1] == 0.0f && signbit(got[1]), "%s: tanh(+-0) = +-0", d->be.name);
+    CHECK(got[2] == 1.0f && got[3] == -1.0f, "%s: tanh(+-inf) = +-1 (got %g, %g)", d->be.name, got[2], got[3]);
+    CHECK(got[4] == 1e-30f && got[5] == -1e-30f, "%s: tanh of a tiny input is the input", d->be.name);
+    float nan_in = NAN, nan_out;
+    float *dn = dev_put(d, &nan_in, F(1));
+    d->be.ops->softcap(&d->be.ctx, dn, 1, 1.0f);
+    dev_get(d, &nan_out, dn, F(1));
+    CHECK(isnan(nan_out), "%s: tanh(NaN) is NaN (got %g)", d->be.name, nan_out);
+    free(x);
+    free(got);
+    dev_reset(d);
+}
+
 /* The row-wise and element-wise ops over inputs large enough that the CPU
  * kinds split them over threads (a GELU gate whose u rows are wider than
  * its own, so that a split falls inside a row; rows of norms, RoPE and the
@@ -3207,6 +3258,7 @@ int main(void) {
             test_lora_shared_grads(&d);
             test_lora_threads(&d);
             test_elementwise_threads(&d);
+            test_tanh(&d);
             test_lora_rows(&d);
             test_moe(&d);
             test_moe_grouped(&d);
