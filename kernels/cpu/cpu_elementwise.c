@@ -10,23 +10,27 @@
 
 /* ---- tanh ----------------------------------------------------------------- */
 
-/* Two doubles, and their bits (one SSE2 register). */
+/* Two doubles, and their bits (one SSE2 register). The bits are unsigned,
+ * so that their shifts and sums wrap (a NaN's too) rather than overflow. */
 typedef double D2 __attribute__((vector_size(16)));
-typedef int64_t I2 __attribute__((vector_size(16)));
+typedef uint64_t U2 __attribute__((vector_size(16)));
 
 static inline D2 d2_splat(double v) { return (D2){v, v}; }
-static inline I2 d2_bits(D2 v) {
-    I2 b;
+static inline U2 d2_bits(D2 v) {
+    U2 b;
     memcpy(&b, &v, sizeof b);
     return b;
 }
-static inline D2 d2_from_bits(I2 b) {
+static inline D2 d2_from_bits(U2 b) {
     D2 v;
     memcpy(&v, &b, sizeof v);
     return v;
 }
-/* lanes of a where m (all ones), else of b */
-static inline D2 d2_select(I2 m, D2 a, D2 b) { return d2_from_bits((d2_bits(a) & m) | (d2_bits(b) & ~m)); }
+/* lanes of a where the comparison m holds (all ones), else of b */
+static inline D2 d2_select(__typeof__(d2_splat(0) < d2_splat(0)) m, D2 a, D2 b) {
+    U2 mu = (U2)m;
+    return d2_from_bits((d2_bits(a) & mu) | (d2_bits(b) & ~mu));
+}
 
 /* 1 / k! for k <= 12 */
 static const double INV_FACT[13] = {1.0,          1.0,           1.0 / 2,         1.0 / 6,        1.0 / 24,
@@ -42,14 +46,14 @@ static const double INV_FACT[13] = {1.0,          1.0,           1.0 / 2,       
  *   put back last, so -0 stays -0 and NaN stays NaN. Only +, -, * and /
  *   on doubles and bit operations: the same bits on every machine. */
 static D2 tanh2(D2 x) {
-    const I2 sign = {INT64_MIN, INT64_MIN};
+    const U2 sign = {1ull << 63, 1ull << 63};
     D2 a = d2_from_bits(d2_bits(x) & ~sign);
     a = d2_select(a > d2_splat(9.5), d2_splat(9.5), a);
     D2 z = a + a;
     const D2 shifter = d2_splat(0x1.8p52); /* adding it rounds to an integer, kept in the low bits */
     D2 t = z * d2_splat(1.4426950408889634) + shifter;
     D2 n = t - shifter;
-    I2 ni = d2_bits(t) - d2_bits(shifter);
+    U2 ni = d2_bits(t) - d2_bits(shifter);
     D2 r = (z - n * d2_splat(6.93147180369123816490e-01)) - n * d2_splat(1.90821492927058770002e-10);
     D2 p = d2_splat(INV_FACT[12]);
     for (int k = 11; k >= 0; k--) p = p * r + d2_splat(INV_FACT[k]);
