@@ -135,10 +135,8 @@ static inline void dot4(const float *a, const float *const b[4], int64_t n, floa
     memcpy(out, t, sizeof t);
 }
 
-#ifdef CPU_GEMM_PLAIN
-float cpu_dot(const float *a, const float *b, int64_t n) { return dot(a, b, n); }
-void cpu_dot4(const float *a, const float *const b[4], int64_t n, float out[4]) { dot4(a, b, n, out); }
-#endif
+float GEMM(cpu_dot)(const float *a, const float *b, int64_t n) { return dot(a, b, n); }
+void GEMM(cpu_dot4)(const float *a, const float *const b[4], int64_t n, float out[4]) { dot4(a, b, n, out); }
 
 /* dot4 for two rows a0 and a1 at once: each of the eight sums exactly as
  * dot sums it, every weight vector loaded once for both rows. */
@@ -540,6 +538,15 @@ static int simd_level(void) {
     return __builtin_cpu_supports("avx2") ? 1 : 0;
 #else
     return 0;
+#endif
+}
+
+CpuDots cpu_dots(void) {
+#if defined(__x86_64__) && defined(__linux__)
+    static const CpuDots builds[3] = {{cpu_dot, cpu_dot4}, {cpu_dot_avx2, cpu_dot4_avx2}, {cpu_dot_avx512, cpu_dot4_avx512}};
+    return builds[simd_level()];
+#else
+    return (CpuDots){cpu_dot, cpu_dot4};
 #endif
 }
 

@@ -103,6 +103,7 @@ typedef struct {
     int n_heads, n_kv_heads, dim;
     float scale;
     const KnMask *mask;
+    CpuDots dots;
 } AttnDxTask;
 
 typedef struct {
@@ -133,10 +134,10 @@ static int next_queries(const AttnDxTask *t, int64_t key, int64_t *i, int64_t qu
 
 /* cpu_dot(a, b[j], dim) for j < m: four at once when there are four (the
  * same sums, with four independent chains of additions). */
-static inline void dots(const float *a, const float *const b[4], int m, int dim, float out[4]) {
-    if (m == 4) cpu_dot4(a, b, dim, out);
+static inline void dots(const AttnDxTask *t, const float *a, const float *const b[4], int m, float out[4]) {
+    if (m == 4) t->dots.dot4(a, b, t->dim, out);
     else
-        for (int j = 0; j < m; j++) out[j] = cpu_dot(a, b[j], dim);
+        for (int j = 0; j < m; j++) out[j] = t->dots.dot(a, b[j], t->dim);
 }
 
 /* Scores (times scale) of query row qv against keys[0..m) of KV head kvh,
@@ -145,11 +146,11 @@ static void key_dots(const AttnDxTask *t, const float *qv, const float *go, cons
                      float s[4], float gv[4]) {
     const float *b[4] = {NULL, NULL, NULL, NULL};
     for (int j = 0; j < m; j++) b[j] = t->k + kv_at(t, keys[j], kvh);
-    dots(qv, b, m, t->dim, s);
+    dots(t, qv, b, m, s);
     for (int j = 0; j < m; j++) s[j] *= t->scale;
     if (!go) return;
     for (int j = 0; j < m; j++) b[j] = t->v + kv_at(t, keys[j], kvh);
-    dots(go, b, m, t->dim, gv);
+    dots(t, go, b, m, gv);
 }
 
 static AttnRow attn_dx_row_stats(const AttnDxTask *t, int64_t i, int h) {
@@ -222,8 +223,8 @@ static void attn_dx_kv_task(void *arg, int ith, int nth) {
                     qv[j] = t->q + dx_at(t, queries[j], h);
                     go[j] = t->dout + dx_at(t, queries[j], h);
                 }
-                dots(kr, qv, m, t->dim, s); /* k . q: the products of q . k, the same sums */
-                dots(vr, go, m, t->dim, gv);
+                dots(t, kr, qv, m, s); /* k . q: the products of q . k, the same sums */
+                dots(t, vr, go, m, gv);
                 for (int j = 0; j < m; j++) {
                     float p, ds;
                     attn_dx_p(t, attn_dx_row(t, queries[j], h), s[j] * t->scale, gv[j], &p, &ds);
@@ -259,7 +260,7 @@ static void attn_dx_q_task(void *arg, int ith, int nth) {
 void cpu_attention_backward(const KnCtx *ctx, float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
                          const float *dout, int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads,
                          int dim, float scale, const KnMask *mask) {
-    AttnDxTask t = {dq, dk, dv, q, k, v, dout, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask};
+    AttnDxTask t = {dq, dk, dv, q, k, v, dout, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask, cpu_dots()};
     KnTask pass[3] = {attn_dx_stats_task, attn_dx_kv_task, attn_dx_q_task};
     int alone = n_q * n_heads * n_keys * dim < CPU_PARALLEL_MIN_WORK || !ctx->pool;
     for (int s = t.dim < 3; s < 3; s++) {

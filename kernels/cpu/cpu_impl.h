@@ -91,6 +91,19 @@ void cpu_matmul_backward(const KnCtx *ctx, float *dx, const float *dy, KnMatrix 
 float cpu_dot(const float *a, const float *b, int64_t n);
 /* cpu_dot(a, b[j], n) for j < 4, a read once */
 void cpu_dot4(const float *a, const float *const b[4], int64_t n, float out[4]);
+/* The two in the widest build the CPU runs (GF_CPU_SIMD holds it back as
+ * for the matmul): the same sums, so the same bits, from fewer
+ * instructions. An op takes them once a call (cpu_dots) and hands them to
+ * its tasks. */
+typedef struct {
+    float (*dot)(const float *a, const float *b, int64_t n);
+    void (*dot4)(const float *a, const float *const b[4], int64_t n, float out[4]);
+} CpuDots;
+CpuDots cpu_dots(void);
+float cpu_dot_avx2(const float *a, const float *b, int64_t n);
+void cpu_dot4_avx2(const float *a, const float *const b[4], int64_t n, float out[4]);
+float cpu_dot_avx512(const float *a, const float *b, int64_t n);
+void cpu_dot4_avx512(const float *a, const float *const b[4], int64_t n, float out[4]);
 void cpu_matmul_task(void *p, int ith, int nth);
 void cpu_matmul_dx_task(void *p, int ith, int nth);
 void cpu_matmul_task_avx2(void *p, int ith, int nth);

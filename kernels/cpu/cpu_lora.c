@@ -38,31 +38,32 @@ typedef struct {
     int n_segs;
     int64_t n_rows, width, ld_t; /* width: in (shrink) or out (expand) */
     float *buf;                  /* shrink with dropout: 2 * in floats (single-threaded then) */
+    CpuDots dots;
 } LoraTask;
 
 /* One row's terms, shared by the segment and the row ops so that both sum
  * alike: tr[k] = scale * sum_j x[j] A[k, j], and y[o] += sum_k tr[k] B[o, k]. */
-static void shrink_one(float *tr, const float *x, const float *A, int rank, float scale, int64_t in) {
+static void shrink_one(const CpuDots *d, float *tr, const float *x, const float *A, int rank, float scale, int64_t in) {
     int k = 0;
     for (; k + 4 <= rank; k += 4) {
         const float *a[4] = {A + (int64_t)k * in, A + (int64_t)(k + 1) * in, A + (int64_t)(k + 2) * in,
                              A + (int64_t)(k + 3) * in};
         float acc[4];
-        cpu_dot4(x, a, in, acc);
+        d->dot4(x, a, in, acc);
         for (int j = 0; j < 4; j++) tr[k + j] = acc[j] * scale;
     }
-    for (; k < rank; k++) tr[k] = cpu_dot(x, A + (int64_t)k * in, in) * scale;
+    for (; k < rank; k++) tr[k] = d->dot(x, A + (int64_t)k * in, in) * scale;
 }
 
-static void expand_one(float *y, const float *tr, const float *B, int rank, int64_t out) {
+static void expand_one(const CpuDots *d, float *y, const float *tr, const float *B, int rank, int64_t out) {
     int64_t o = 0;
     for (; o + 4 <= out; o += 4) {
         const float *b[4] = {B + o * rank, B + (o + 1) * rank, B + (o + 2) * rank, B + (o + 3) * rank};
         float acc[4];
-        cpu_dot4(tr, b, rank, acc);
+        d->dot4(tr, b, rank, acc);
         for (int j = 0; j < 4; j++) y[o + j] += acc[j];
     }
-    for (; o < out; o++) y[o] += cpu_dot(tr, B + o * rank, rank);
+    for (; o < out; o++) y[o] += d->dot(tr, B + o * rank, rank);
 }
 
 /* t[r, k] = scale * sum_j d(x)[r, j] A[k, j]; the row buffer holds the
@@ -76,7 +77,7 @@ static void shrink_row(const LoraTask *t, int64_t r, float *buf) {
         dropout_row(s, i, x, t->width, buf, buf + t->width);
         x = buf + t->width;
     }
-    shrink_one(t->out + r * t->ld_t, x, s->A, s->rank, s->scale, t->width);
+    shrink_one(&t->dots, t->out + r * t->ld_t, x, s->A, s->rank, s->scale, t->width);
 }
 
 static void shrink_task(void *p, int ith, int nth) {
@@ -95,7 +96,7 @@ static void expand_task(void *p, int ith, int nth) {
         int64_t i;
         const KnLoraSeg *s = seg_of(t->segs, t->n_segs, r, &i);
         if (!s) continue;
-        expand_one(t->out + r * t->width, t->in + r * t->ld_t, s->B, s->rank, t->width);
+        expand_one(&t->dots, t->out + r * t->width, t->in + r * t->ld_t, s->B, s->rank, t->width);
     }
 }
 
@@ -114,7 +115,7 @@ static void run_rows(const KnCtx *ctx, KnTask fn, void *t, int64_t work) {
 
 void cpu_lora_shrink_forward(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs,
                              int64_t in, float *dropout_buf) {
-    LoraTask task = {t, x, segs, n_segs, rows_end(segs, n_segs), in, ld_t, dropout_buf};
+    LoraTask task = {t, x, segs, n_segs, rows_end(segs, n_segs), in, ld_t, dropout_buf, cpu_dots()};
     int dropout = 0;
     for (int k = 0; k < n_segs; k++) dropout |= segs[k].dropout > 0;
     if (dropout) shrink_task(&task, 0, 1);
@@ -123,7 +124,7 @@ void cpu_lora_shrink_forward(const KnCtx *ctx, float *t, int64_t ld_t, const flo
 
 void cpu_lora_expand_forward(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraSeg *segs, int n_segs,
                              int64_t out) {
-    LoraTask task = {y, t, segs, n_segs, rows_end(segs, n_segs), out, ld_t, NULL};
+    LoraTask task = {y, t, segs, n_segs, rows_end(segs, n_segs), out, ld_t, NULL, cpu_dots()};
     run_rows(ctx, expand_task, &task, task.n_rows * out * 8);
 }
 
@@ -135,6 +136,7 @@ typedef struct {
     const KnLoraRow *rows;
     int64_t n, width, ld_t;    /* width: in (shrink) or out (expand) */
     int shrink;                /* 1: out = t (ld_t) from in = x; 0: out = y += from in = t (ld_t) */
+    CpuDots dots;
 } RowsTask;
 
 /* Each row with an adapter (rank > 0) through shrink_one or expand_one;
@@ -146,20 +148,21 @@ static void rows_task(void *p, int ith, int nth) {
     for (long r = lo; r < hi; r++) {
         const KnLoraRow *w = &t->rows[r];
         if (w->rank <= 0) continue;
-        if (t->shrink) shrink_one(t->out + r * t->ld_t, t->in + r * t->width, w->A, w->rank, w->scale, t->width);
-        else expand_one(t->out + r * t->width, t->in + r * t->ld_t, w->B, w->rank, t->width);
+        if (t->shrink)
+            shrink_one(&t->dots, t->out + r * t->ld_t, t->in + r * t->width, w->A, w->rank, w->scale, t->width);
+        else expand_one(&t->dots, t->out + r * t->width, t->in + r * t->ld_t, w->B, w->rank, t->width);
     }
 }
 
 void cpu_lora_rows_shrink_forward(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraRow *rows,
                                   int64_t n, int64_t in, int max_rank) {
-    RowsTask task = {t, x, rows, n, in, ld_t, 1};
+    RowsTask task = {t, x, rows, n, in, ld_t, 1, cpu_dots()};
     run_rows(ctx, rows_task, &task, n * in * max_rank);
 }
 
 void cpu_lora_rows_expand_forward(const KnCtx *ctx, float *y, const float *t, int64_t ld_t, const KnLoraRow *rows,
                                   int64_t n, int64_t out) {
-    RowsTask task = {y, t, rows, n, out, ld_t, 0};
+    RowsTask task = {y, t, rows, n, out, ld_t, 0, cpu_dots()};
     run_rows(ctx, rows_task, &task, n * out * 8);
 }
 

@@ -170,6 +170,7 @@ typedef struct {
     const int32_t *table;     /* paged keys: block of each run of blk positions; NULL = contiguous */
     int64_t blk;
     int bf16;
+    CpuDots dots;
 } AttnTask;
 
 /* Row of key (or value) position k, head kvh, in a contiguous or paged
@@ -186,7 +187,7 @@ static inline const float *kv_row(const AttnTask *t, const void *base, int64_t k
 enum { ATTN_STACK = 8192 }; /* scores kept on the stack up to this many keys */
 
 /* The scores of keys k .. k + 3 (times scale) into s, four dot products at
- * once (cpu_dot4: the same sums), where the store is float32 and the
+ * once (dot4: the same sums), where the store is float32 and the
  * query sees all four; else 0. */
 static int scores4(const AttnTask *t, const float *qv, int64_t qpos, int64_t k, int kvh, float s[4]) {
     if (t->bf16 || k + 4 > t->n_keys) return 0;
@@ -195,7 +196,7 @@ static int scores4(const AttnTask *t, const float *qv, int64_t qpos, int64_t k, 
         if (!cpu_mask_visible(t->mask, qpos, k + j)) return 0;
         rows[j] = kv_row(t, t->k, k + j, kvh, NULL);
     }
-    cpu_dot4(qv, rows, t->dim, s);
+    t->dots.dot4(qv, rows, t->dim, s);
     for (int j = 0; j < 4; j++) s[j] *= t->scale;
     return 1;
 }
@@ -215,7 +216,7 @@ static void attn_item(const AttnTask *t, long item, float *stack_scores) {
     for (int64_t k = 0; k < t->n_keys;) {
         int n = scores4(t, qv, qpos, k, kvh, s4) ? 4 : 1;
         if (n == 1)
-            s4[0] = cpu_mask_visible(t->mask, qpos, k) ? cpu_dot(qv, kv_row(t, t->k, k, kvh, row), t->dim) * t->scale
+            s4[0] = cpu_mask_visible(t->mask, qpos, k) ? t->dots.dot(qv, kv_row(t, t->k, k, kvh, row), t->dim) * t->scale
                                                         : -INFINITY;
         for (int j = 0; j < n; j++, k++) {
             if (scores) scores[k] = s4[j];
@@ -225,7 +226,7 @@ static void attn_item(const AttnTask *t, long item, float *stack_scores) {
     if (mx == -INFINITY) return; /* no visible key: zeros */
     for (int64_t k = 0; k < t->n_keys; k++) {
         float s = scores ? scores[k]
-                         : (cpu_mask_visible(t->mask, qpos, k) ? cpu_dot(qv, kv_row(t, t->k, k, kvh, row), t->dim) * t->scale
+                         : (cpu_mask_visible(t->mask, qpos, k) ? t->dots.dot(qv, kv_row(t, t->k, k, kvh, row), t->dim) * t->scale
                                                       : -INFINITY);
         if (s == -INFINITY) continue;
         float w = expf(s - mx);
@@ -248,7 +249,7 @@ static void attn_task(void *p, int ith, int nth) {
 static void cpu_attention_forward(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v,
                                   int64_t n_q, int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim,
                                   float scale, const KnMask *mask) {
-    AttnTask t = {out, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask, NULL, 1, 0};
+    AttnTask t = {out, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask, NULL, 1, 0, cpu_dots()};
     if (n_q * n_heads * n_keys * dim < CPU_PARALLEL_MIN_WORK) attn_task(&t, 0, 1);
     else kn_pool_run(ctx->pool, attn_task, &t);
 }
@@ -257,7 +258,7 @@ static void cpu_attention_paged_forward(const KnCtx *ctx, float *out, const floa
                                 int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
                                 const KnMask *mask) {
     AttnTask t = {out, q, kv->k, kv->v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask, kv->table,
-                  kv->block_len, 0};
+                  kv->block_len, 0, cpu_dots()};
     if (n_q * n_heads * n_keys * dim < CPU_PARALLEL_MIN_WORK) attn_task(&t, 0, 1);
     else kn_pool_run(ctx->pool, attn_task, &t);
 }
@@ -293,6 +294,7 @@ static void cpu_attention_batch_forward(const KnCtx *ctx, float *out, const floa
     if (kv == KN_BF16 && dim > KN_KV_BF16_MAX_DIM) abort(); /* outside the contract (ops.h): a caller's bug */
     AttnTask tasks[ATTN_BATCH];
     KnMask masks[ATTN_BATCH];
+    CpuDots dots = cpu_dots();
     long first[ATTN_BATCH + 1];
     for (int s0 = 0; s0 < n_seqs; s0 += ATTN_BATCH) {
         AttnBatch b = {tasks, masks, first, n_seqs - s0 < ATTN_BATCH ? n_seqs - s0 : ATTN_BATCH};
@@ -304,7 +306,7 @@ static void cpu_attention_batch_forward(const KnCtx *ctx, float *out, const floa
             size_t at = (size_t)(sq->row0 * n_heads * dim);
             int64_t pos0 = pos[sq->row0], n_keys = pos0 + sq->n_q;
             tasks[i] = (AttnTask){out + at, q + at, k, v, sq->n_q, pos0, n_keys, n_heads, n_kv_heads, dim,
-                                  scale, &masks[i], sq->table, block_len, kv == KN_BF16};
+                                  scale, &masks[i], sq->table, block_len, kv == KN_BF16, dots};
             first[i + 1] = first[i] + (long)(sq->n_q * n_heads);
             work += sq->n_q * n_heads * n_keys * dim;
         }

@@ -3211,6 +3211,75 @@ static void test_matmul_simd(Dev *d) {
 #endif
 }
 
+/* The dot products attention (both ways) and the LoRA terms take from the
+ * widest build the CPU runs (cpu_dots) against the AVX2 and plain builds:
+ * the same bits. Head dims 13 and 260 (tails and whole vectors), a causal
+ * mask, ranks 6 and 16. */
+typedef struct {
+    float *out, *dq, *dk, *dv, *t, *y;
+} DotsOut;
+
+static void dots_run(Dev *d, int dim, int rank, const float *const *h, DotsOut *o) {
+    enum { NQ = 9, NH = 4, NKV = 2, NIN = 70, NOUT = 37 };
+    const KnOps *ops = d->be.ops;
+    const KnCtx *c = &d->be.ctx;
+    size_t nq = (size_t)NQ * NH * dim, nk = (size_t)NQ * NKV * dim;
+    uint8_t valid[NQ];
+    memset(valid, 1, sizeof valid);
+    uint8_t *dvalid = dev_put(d, valid, sizeof valid);
+    KnMask mask = {dvalid, NULL, 0};
+    float *q = dev_put(d, h[0], F(nq)), *k = dev_put(d, h[1], F(nk)), *v = dev_put(d, h[2], F(nk));
+    float *go = dev_put(d, h[3], F(nq)), *out = dev_poisoned(d, F(nq)), *dq = dev_poisoned(d, F(nq));
+    float *dk = dev_poisoned(d, F(nk)), *dv = dev_poisoned(d, F(nk));
+    ops->attention(c, out, q, k, v, NQ, 0, NQ, NH, NKV, dim, 0.3f, &mask);
+    ops->attention_dx(c, dq, dk, dv, q, k, v, go, NQ, 0, NQ, NH, NKV, dim, 0.3f, &mask);
+    float *A = dev_put(d, h[4], F(rank * NIN)), *B = dev_put(d, h[5], F(NOUT * rank));
+    float *x = dev_put(d, h[6], F(NQ * NIN)), *t = dev_poisoned(d, F(NQ * rank)), *y = dev_put(d, h[7], F(NQ * NOUT));
+    KnLoraSeg seg = {0, NQ, A, B, NULL, NULL, rank, 0.5f, 0.0f, 0};
+    ops->lora_shrink(c, t, rank, x, &seg, 1, NIN, NULL);
+    ops->lora_expand(c, y, t, rank, &seg, 1, NOUT);
+    *o = (DotsOut){malloc(F(nq)), malloc(F(nq)), malloc(F(nk)), malloc(F(nk)), malloc(F(NQ * rank)), malloc(F(NQ * NOUT))};
+    dev_get(d, o->out, out, F(nq));
+    dev_get(d, o->dq, dq, F(nq));
+    dev_get(d, o->dk, dk, F(nk));
+    dev_get(d, o->dv, dv, F(nk));
+    dev_get(d, o->t, t, F(NQ * rank));
+    dev_get(d, o->y, y, F(NQ * NOUT));
+    dev_reset(d);
+}
+
+static void test_dots_simd(Dev *d) {
+    if (d->be.ctx.device == KN_DEVICE_CUDA) return;
+    const char *simd[3] = {NULL, "avx2", "baseline"};
+    const int shapes[2][2] = {{13, 6}, {260, 16}};
+    for (int s = 0; s < 2; s++) {
+        int dim = shapes[s][0], rank = shapes[s][1];
+        size_t sizes[8] = {(size_t)9 * 4 * dim, (size_t)9 * 2 * dim, (size_t)9 * 2 * dim, (size_t)9 * 4 * dim,
+                           (size_t)rank * 70, (size_t)37 * rank, 9 * 70, 9 * 37};
+        float *h[8];
+        for (int i = 0; i < 8; i++) h[i] = rand_vec(sizes[i]);
+        DotsOut o[3];
+        for (int b = 0; b < 3; b++) {
+            if (simd[b]) setenv("GF_CPU_SIMD", simd[b], 1);
+            dots_run(d, dim, rank, (const float *const *)h, &o[b]);
+            unsetenv("GF_CPU_SIMD");
+        }
+        for (int b = 1; b < 3; b++) {
+            int same = !memcmp(o[0].out, o[b].out, F(sizes[0])) && !memcmp(o[0].dq, o[b].dq, F(sizes[0])) &&
+                       !memcmp(o[0].dk, o[b].dk, F(sizes[1])) && !memcmp(o[0].dv, o[b].dv, F(sizes[1]));
+            CHECK(same, "%s: attention and attention_dx, head dim %d: the widest build's dot products and %s's agree",
+                  d->be.name, dim, simd[b]);
+            same = !memcmp(o[0].t, o[b].t, F((size_t)9 * rank)) && !memcmp(o[0].y, o[b].y, F(sizes[7]));
+            CHECK(same, "%s: lora_shrink and lora_expand, rank %d: the widest build's dot products and %s's agree",
+                  d->be.name, rank, simd[b]);
+        }
+        for (int b = 0; b < 3; b++) {
+            free(o[b].out); free(o[b].dq); free(o[b].dk); free(o[b].dv); free(o[b].t); free(o[b].y);
+        }
+        for (int i = 0; i < 8; i++) free(h[i]);
+    }
+}
+
 int main(void) {
     test_conversions();
     test_guarded_faults();
@@ -3235,6 +3304,7 @@ int main(void) {
             test_matmul(&d);
             test_matmul_split(&d);
             test_matmul_simd(&d);
+            test_dots_simd(&d);
             test_transfers(&d);
             test_rmsnorm_gelu_softcap(&d);
             test_rmsnorm_add(&d);
