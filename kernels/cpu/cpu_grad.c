@@ -48,7 +48,7 @@ static void gelu_dx_span(void *p, int64_t lo, int64_t hi) {
     const GradArgs *a = p;
     float th[CPU_TANH_BLOCK];
     for (int64_t i = lo; i < hi; i += CPU_TANH_BLOCK) {
-        int m = hi - i < CPU_TANH_BLOCK ? (int)(hi - i) : CPU_TANH_BLOCK;
+        int m = cpu_tanh_len(i, hi);
         cpu_gelu_th_block(th, a->x + i, m);
         for (int j = 0; j < m; j++) a->dx[i + j] = a->dy[i + j] * cpu_gelu_slope_at(a->x[i + j], th[j]);
     }
@@ -65,7 +65,7 @@ static void gelu_gate_dx_span(void *p, int64_t lo, int64_t hi) {
     const GradArgs *a = p;
     float th[CPU_TANH_BLOCK];
     for (int64_t i = lo; i < hi; i += CPU_TANH_BLOCK) {
-        int m = hi - i < CPU_TANH_BLOCK ? (int)(hi - i) : CPU_TANH_BLOCK;
+        int m = cpu_tanh_len(i, hi);
         cpu_gelu_th_block(th, a->x + i, m);
         for (int j = 0; j < m; j++) {
             float gi = a->x[i + j], ui = a->u[i + j], d = a->dy[i + j];

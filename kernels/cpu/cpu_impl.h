@@ -50,6 +50,10 @@ static inline void cpu_axpy(float *y, float a, const float *x, int64_t n) {
  * in eleven). Every CPU kernel that takes a tanh takes it here. */
 enum { CPU_TANH_BLOCK = 64 };
 void cpu_tanh_block(float *th, const float *x, int n);
+/* the length of the block from i in a range ending at end */
+static inline int cpu_tanh_len(int64_t i, int64_t end) {
+    return end - i < CPU_TANH_BLOCK ? (int)(end - i) : CPU_TANH_BLOCK;
+}
 
 /* gelu_tanh and its slope at v from th = tanh(CPU_GELU_K (v + 0.044715
  * v^3)): every CPU kernel that applies either computes it here, so the

@@ -108,7 +108,7 @@ static void gelu_span(void *p, int64_t lo, int64_t hi) {
     const ActArgs *a = p;
     float th[CPU_TANH_BLOCK];
     for (int64_t i = lo; i < hi; i += CPU_TANH_BLOCK) {
-        int m = hi - i < CPU_TANH_BLOCK ? (int)(hi - i) : CPU_TANH_BLOCK;
+        int m = cpu_tanh_len(i, hi);
         cpu_gelu_th_block(th, a->y + i, m);
         for (int j = 0; j < m; j++) a->y[i + j] = cpu_gelu_at(a->y[i + j], th[j]);
     }
@@ -122,7 +122,7 @@ static void gelu_gate_span(void *p, int64_t lo, int64_t hi) {
         int64_t r = i / a->cols, end = (r + 1) * a->cols < hi ? (r + 1) * a->cols : hi;
         const float *ur = a->u + r * a->ld_u - r * a->cols;
         while (i < end) {
-            int m = end - i < CPU_TANH_BLOCK ? (int)(end - i) : CPU_TANH_BLOCK;
+            int m = cpu_tanh_len(i, end);
             cpu_gelu_th_block(th, a->g + i, m);
             for (int j = 0; j < m; j++) a->y[i + j] = cpu_gelu_at(a->g[i + j], th[j]) * ur[i + j];
             i += m;
@@ -134,7 +134,7 @@ static void softcap_span(void *p, int64_t lo, int64_t hi) {
     const ActArgs *a = p;
     float th[CPU_TANH_BLOCK];
     for (int64_t i = lo; i < hi; i += CPU_TANH_BLOCK) {
-        int m = hi - i < CPU_TANH_BLOCK ? (int)(hi - i) : CPU_TANH_BLOCK;
+        int m = cpu_tanh_len(i, hi);
         for (int j = 0; j < m; j++) th[j] = a->y[i + j] / a->cap;
         cpu_tanh_block(th, th, m);
         for (int j = 0; j < m; j++) a->y[i + j] = a->cap * th[j];
