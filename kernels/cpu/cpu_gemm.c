@@ -294,6 +294,135 @@ static inline void widen(float *out, KnMatrix w, int64_t r, int64_t c0, int64_t 
 
 enum { MM_CHUNK = 4096, MM_OUTS = 4 };
 
+#ifdef __AVX2__
+/* ---- matmul of a few rows, weights read as they are summed ----------------
+ * A decode step's matmul has one input row: widening each weight into a
+ * buffer and reading it back (matmul_block) cost more than the multiply.
+ * fused_dot8 sums BF16 (and with AVX-512, NF4) weights straight from their
+ * bytes, eight output features at a time (eight chains of additions in
+ * flight; with AVX-512 two features share a register, as dot4x2's two input
+ * rows do), each output's sum in dot's order over the same MM_CHUNK chunks,
+ * so the bits are matmul_block's. BF16 rows are prefetched PREFETCH_FUSED
+ * weights (1 KB) ahead: one thread over 8192 x 8192 read 15-16 GB/s without,
+ * 20-22 with 256 to 1,024 weights ahead, 15 with 2,048 (the development
+ * machine, before the loops were unrolled); NF4 is bound by its decoding. */
+enum { FR_OUTS = 8, PREFETCH_FUSED = 512 };
+
+/* The most input rows fused_dot8 takes for w (0: none): each row reads the
+ * weights again (from cache), so beyond these, and for other dtypes,
+ * widening each weight once for every row is the faster (bench_matmul
+ * 8192 x 8192 on the development machine, 2 threads: AVX-512 BF16 1-3 rows
+ * 5.9-8.9 -> 2.4-6.7 ms, 4 rows no faster; NF4 1-2 rows 8.7-10.8 -> 4.5-9.6,
+ * 3 rows no faster; AVX2 BF16 1-2 rows 6.5-7.9 -> 3.6-6.2). NF4 also needs
+ * its blocks to start on a multiple of 64 in every row, so that a block
+ * never straddles an eight-element step. AVX2 decodes NF4 at the widening
+ * path's speed, so that build leaves it there. */
+static inline int64_t fused_rows(KnMatrix w) {
+#ifdef __AVX512F__
+    if (w.dtype == KN_BF16) return 3;
+    if (w.dtype == KN_NF4 && w.offset % KN_NF4_BLOCK == 0 && w.cols % KN_NF4_BLOCK == 0) return 2;
+#else
+    if (w.dtype == KN_BF16) return 2;
+#endif
+    return 0;
+}
+
+#ifdef __AVX512F__
+/* Sixteen BF16 weights widened: eight of row a in the low half, eight of
+ * row b in the high. */
+static inline F16 f16_bf16_halves(const uint16_t *a, const uint16_t *b) {
+    __m256i h = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)),
+                                        _mm_loadu_si128((const __m128i *)b), 1);
+    return (F16)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Sixteen NF4 weights: the eight codes from element ea (low half) and eb
+ * (high half), each times its block's absmax (one rounding, as nf4_widen). */
+static inline F16 f16_nf4_halves(const uint8_t *codes, int64_t ea, int64_t eb, __m512 table, __m512 absmax) {
+    uint32_t ba, bb;
+    memcpy(&ba, codes + (uint64_t)ea / 2, sizeof ba); /* element e + k in bits 4k .. 4k + 3; e >= 0 */
+    memcpy(&bb, codes + (uint64_t)eb / 2, sizeof bb);
+    const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+    __m512i bytes = _mm512_inserti64x4(_mm512_set1_epi32((int)ba), _mm256_set1_epi32((int)bb), 1);
+    __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(bytes, shifts), _mm512_set1_epi32(15));
+    return (F16)_mm512_mul_ps(_mm512_permutexvar_ps(idx, table), absmax);
+}
+
+/* a in the low half, b in the high */
+static inline __m512 f16_two(float a, float b) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(a)), _mm256_castps_pd(_mm256_set1_ps(b)), 1));
+}
+#endif
+
+/* out[j] = the dot product of x[0, len) with row o + j of w from column c0
+ * (j < FR_OUTS), summed as dot sums it, for weights fused_rows accepts.
+ * The loops over the features are unrolled so that the sums stay in
+ * registers (rolled, they went through memory at half the speed). */
+static void fused_dot8(KnMatrix w, int64_t o, int64_t c0, const float *x, int64_t len, float out[FR_OUTS]) {
+    int64_t i = 0, e[FR_OUTS];
+    for (int j = 0; j < FR_OUTS; j++) e[j] = (o + j) * w.cols + c0;
+    const uint16_t *h = w.data;
+#ifdef __AVX512F__
+    F16 s[FR_OUTS / 2] = {{0}};
+    if (w.dtype == KN_BF16) {
+        for (; i + 8 <= len; i += 8) {
+            F16 xv = f16_twice(x + i);
+            if ((i & 31) == 0)
+                for (int j = 0; j < FR_OUTS; j++) __builtin_prefetch(h + e[j] + i + PREFETCH_FUSED);
+#pragma GCC unroll 8
+            for (int p = 0; p < FR_OUTS / 2; p++) s[p] = s[p] + xv * f16_bf16_halves(h + e[2 * p] + i, h + e[2 * p + 1] + i);
+        }
+    } else { /* NF4: every chunk a whole number of blocks, so no tail */
+        const KnNf4 *q = w.data;
+        const __m512 table = _mm512_loadu_ps(KN_NF4_CODE);
+        __m512 a[FR_OUTS / 2] = {0};
+        int64_t f[FR_OUTS];
+        for (int j = 0; j < FR_OUTS; j++) f[j] = w.offset + e[j];
+        for (; i + 8 <= len; i += 8) {
+            if ((i & (KN_NF4_BLOCK - 1)) == 0)
+                for (int p = 0; p < FR_OUTS / 2; p++)
+                    a[p] = f16_two(kn_nf4_absmax(q, (f[2 * p] + i) / KN_NF4_BLOCK), kn_nf4_absmax(q, (f[2 * p + 1] + i) / KN_NF4_BLOCK));
+            F16 xv = f16_twice(x + i);
+#pragma GCC unroll 8
+            for (int p = 0; p < FR_OUTS / 2; p++) s[p] = s[p] + xv * f16_nf4_halves(q->codes, f[2 * p] + i, f[2 * p + 1] + i, table, a[p]);
+        }
+    }
+    for (int p = 0; p < FR_OUTS / 2; p++) {
+        out[2 * p] = f16_pairs(s[p], 0);
+        out[2 * p + 1] = f16_pairs(s[p], 1);
+    }
+#else
+    F8 s[FR_OUTS];
+    for (int j = 0; j < FR_OUTS; j++) s[j] = f8_zero();
+    for (; i + 8 <= len; i += 8) { /* BF16 */
+        F8 xv = f8_load(x + i);
+        if ((i & 31) == 0)
+            for (int j = 0; j < FR_OUTS; j++) __builtin_prefetch(h + e[j] + i + PREFETCH_FUSED);
+#pragma GCC unroll 8
+        for (int j = 0; j < FR_OUTS; j++) s[j] = f8_madd(s[j], xv, f8_load_bf16(h + e[j] + i));
+    }
+    for (int j = 0; j < FR_OUTS; j++) out[j] = f8_pairs(s[j]);
+#endif
+    for (int j = 0; j < FR_OUTS; j++) /* the tail, BF16 only */
+        for (int64_t k = i; k < len; k++) out[j] += x[k] * kn_bf16_to_f32(h[e[j] + k]);
+}
+
+/* Outputs [o0, o0 + FR_OUTS) of every input row from the weights' bytes:
+ * each 0 plus the chunks' dot products in order, as matmul_block sums it. */
+static void fused_block(const CpuMatmul *t, long o0) {
+    for (int64_t i = 0; i < t->n; i++) {
+        float *y = t->out + i * t->w.rows + o0;
+        for (int j = 0; j < FR_OUTS; j++) y[j] = 0.0f;
+        for (int64_t c0 = 0; c0 < t->w.cols; c0 += MM_CHUNK) {
+            int64_t len = t->w.cols - c0 < MM_CHUNK ? t->w.cols - c0 : MM_CHUNK;
+            float d[FR_OUTS];
+            fused_dot8(t->w, o0, c0, t->in + i * t->w.cols + c0, len, d);
+            for (int j = 0; j < FR_OUTS; j++) y[j] += d[j];
+        }
+    }
+}
+#endif
+
 /* Outputs [o0, o0 + nb) (nb <= MM_OUTS) of every input row, their weight
  * rows widened MM_CHUNK columns at a time into row[] (rows: the same
  * buffers, for dot4): each output is 0 plus the chunks' dot products in
@@ -352,6 +481,12 @@ void GEMM(cpu_matmul_task)(void *p, int ith, int nth) {
     const CpuMatmul *t = p;
     long lo, hi;
     kn_split((long)t->w.rows, ith, nth, &lo, &hi);
+#ifdef __AVX2__
+    if (t->n <= fused_rows(t->w)) {
+        for (; lo + FR_OUTS <= hi; lo += FR_OUTS) fused_block(t, lo);
+        if (lo == hi) return;
+    }
+#endif
     float row[MM_OUTS][MM_CHUNK];
     const float *const rows[MM_OUTS] = {row[0], row[1], row[2], row[3]};
     for (long o = lo; o < hi; o += MM_OUTS) matmul_block(t, o, hi - o < MM_OUTS ? (int)(hi - o) : MM_OUTS, row, rows);

@@ -3149,9 +3149,12 @@ static void test_table_complete(const Dev *d) {
 /* The CPU kinds' matmul and matmul_dx in their AVX2 build (x86-64 with
  * AVX2) and their baseline build (GF_CPU_SIMD=baseline) give the same bits:
  * neither fuses a product into its sum, and both sum in one order. F32,
- * BF16 and NF4 weights; columns past the widening chunks and not a
- * multiple of 8 or 16; rows not a multiple of 4; more tokens than a dx
- * block; gradients with zeros (fewer than four rows at once, one row). */
+ * BF16 and NF4 weights, and NF4 from an offset (a row in: on a block
+ * boundary where the columns are whole blocks); columns past the widening
+ * chunks and not a multiple of 8 or 16; rows not a multiple of 4 or 8; more
+ * tokens than a dx block; one to four tokens (the few-row kernel that
+ * reads the weights' bytes, and its neighbours' remainder outputs);
+ * gradients with zeros (fewer than four rows at once, one row). */
 static void test_matmul_simd(Dev *d) {
     if (d->be.ctx.device == KN_DEVICE_CUDA) return;
 #if defined(__x86_64__) && defined(__linux__)
@@ -3160,7 +3163,8 @@ static void test_matmul_simd(Dev *d) {
         return;
     }
     const char *widest = __builtin_cpu_supports("avx512f") ? "avx512" : "avx2 (no AVX-512 on this CPU)";
-    const int shapes[][3] = {{7, 4100, 5}, {13, 37, 9}, {9, 1030, 300}, {64, 520, 130}, {1, 8, 1}, {8, 1000, 6}};
+    const int shapes[][3] = {{7, 4100, 5},  {13, 37, 9},  {9, 1030, 300}, {64, 520, 130}, {1, 8, 1},    {8, 1000, 6},
+                             {19, 4100, 1}, {21, 4160, 1}, {13, 4160, 2}, {11, 1037, 3},  {17, 128, 4}, {26, 8256, 3}};
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
         size_t nw = (size_t)rows * cols;
@@ -3176,29 +3180,32 @@ static void test_matmul_simd(Dev *d) {
         nf4_on_device(d, &q, &qd);
         float *dwf = dev_put(d, wf, F(nw)), *dxv = dev_put(d, x, F(n * cols)), *dg = dev_put(d, g, F(n * rows));
         uint16_t *dwb = dev_put(d, wb, nw * 2);
-        for (int kind = 0; kind < 3; kind++) {
+        for (int kind = 0; kind < 4; kind++) {
             KnMatrix w = kind == 0 ? (KnMatrix){dwf, KN_F32, rows, cols, 0}
-                       : kind == 1 ? (KnMatrix){dwb, KN_BF16, rows, cols, 0} : kn_nf4_matrix(&qd, 0, rows, cols);
+                       : kind == 1 ? (KnMatrix){dwb, KN_BF16, rows, cols, 0}
+                       : kind == 2 ? kn_nf4_matrix(&qd, 0, rows, cols) : kn_nf4_matrix(&qd, cols, rows - 1, cols);
+            int wr = (int)w.rows;
+            if (wr == 0) continue;
             /* the widest build the CPU has, then at most AVX2, then the plain one */
             const char *simd[3] = {NULL, "avx2", "baseline"};
             float *y[3], *gx[3];
             for (int b = 0; b < 3; b++) {
                 if (simd[b]) setenv("GF_CPU_SIMD", simd[b], 1);
-                float *dy = dev_poisoned(d, F(n * rows)), *ddx = dev_put(d, dx0, F(n * cols));
+                float *dy = dev_poisoned(d, F(n * wr)), *ddx = dev_put(d, dx0, F(n * cols));
                 d->be.ops->matmul(&d->be.ctx, dy, dxv, w, n);
                 d->be.ops->matmul_dx(&d->be.ctx, ddx, dg, w, n);
-                y[b] = malloc(F(n * rows));
+                y[b] = malloc(F(n * wr));
                 gx[b] = malloc(F(n * cols));
-                dev_get(d, y[b], dy, F(n * rows));
+                dev_get(d, y[b], dy, F(n * wr));
                 dev_get(d, gx[b], ddx, F(n * cols));
                 unsetenv("GF_CPU_SIMD");
             }
-            const char *names[3] = {"f32", "bf16", "nf4"};
+            const char *names[4] = {"f32", "bf16", "nf4", "nf4 from row 1"};
             for (int b = 1; b < 3; b++) {
-                CHECK(memcmp(y[0], y[b], F(n * rows)) == 0, "%s: matmul %s [%d, %d] x %d: %s and %s builds agree",
-                      d->be.name, names[kind], rows, cols, n, widest, simd[b]);
+                CHECK(memcmp(y[0], y[b], F(n * wr)) == 0, "%s: matmul %s [%d, %d] x %d: %s and %s builds agree",
+                      d->be.name, names[kind], wr, cols, n, widest, simd[b]);
                 CHECK(memcmp(gx[0], gx[b], F(n * cols)) == 0, "%s: matmul_dx %s [%d, %d] x %d: %s and %s builds agree",
-                      d->be.name, names[kind], rows, cols, n, widest, simd[b]);
+                      d->be.name, names[kind], wr, cols, n, widest, simd[b]);
             }
             for (int b = 0; b < 3; b++) { free(y[b]); free(gx[b]); }
         }
