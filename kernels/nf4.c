@@ -37,10 +37,6 @@ static void block_codes(const float x[KN_NF4_BLOCK], float a, uint8_t code[KN_NF
     for (int k = 0; k < KN_NF4_BLOCK; k++) code[k] = nearest_code(x[k], a);
 }
 
-float kn_nf4_absmax(const KnNf4 *q, int64_t b) {
-    return q->offset + (float)q->absmax_q[b] * q->group_scale[b / KN_NF4_GROUP];
-}
-
 void kn_nf4_free(KnNf4 *q) {
     if (!q) return;
     free(q->codes);

@@ -88,8 +88,12 @@ void kn_nf4_quantize_into(KnNf4 *q, KnMatrix w, void *scratch);
  * code; 7 (zero) when a is 0. */
 uint8_t kn_nf4_nearest(float w, float a);
 
-/* The dequantized absmax of block b. */
-float kn_nf4_absmax(const KnNf4 *q, int64_t b);
+/* The dequantized absmax of block b (inline: the CPU matmul reads one a
+ * block of every row it sums; the kernels are built without contracting
+ * the product into the sum, so every caller rounds it alike). */
+static inline float kn_nf4_absmax(const KnNf4 *q, int64_t b) {
+    return q->offset + (float)q->absmax_q[b] * q->group_scale[b / KN_NF4_GROUP];
+}
 /* Elements [start, start + len) dequantized into out. */
 void kn_nf4_dequantize(const KnNf4 *q, int64_t start, int64_t len, float *out);
 

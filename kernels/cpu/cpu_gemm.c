@@ -302,10 +302,14 @@ enum { MM_CHUNK = 4096, MM_OUTS = 4 };
  * bytes, eight output features at a time (eight chains of additions in
  * flight; with AVX-512 two features share a register, as dot4x2's two input
  * rows do), each output's sum in dot's order over the same MM_CHUNK chunks,
- * so the bits are matmul_block's. BF16 rows are prefetched PREFETCH_FUSED
- * weights (1 KB) ahead: one thread over 8192 x 8192 read 15-16 GB/s without,
- * 20-22 with 256 to 1,024 weights ahead, 15 with 2,048 (the development
- * machine, before the loops were unrolled); NF4 is bound by its decoding. */
+ * so the bits are matmul_block's. BF16 weights are prefetched: rows of more
+ * than a chunk PREFETCH_FUSED weights (1 KB) ahead in the row (one thread
+ * over 8192 x 8192 read 15-16 GB/s without, 20-22 with 256 to 1,024 weights
+ * ahead, 15 with 2,048, before the loops were unrolled); shorter rows at
+ * the same column of the next block's rows, so that the next block's eight
+ * short rows do not each start with a miss (bench_matmul --copies, the
+ * weights from memory, 2 threads: 1024 to 32768 x 1024 and 1024 x 4096
+ * 23-32 -> 28-38 GB/s). NF4 is bound by its decoding. */
 enum { FR_OUTS = 8, PREFETCH_FUSED = 512 };
 
 /* The most input rows fused_dot8 takes for w (0: none): each row reads the
@@ -362,13 +366,17 @@ static void fused_dot8(KnMatrix w, int64_t o, int64_t c0, const float *x, int64_
     int64_t i = 0, e[FR_OUTS];
     for (int j = 0; j < FR_OUTS; j++) e[j] = (o + j) * w.cols + c0;
     const uint16_t *h = w.data;
+    /* BF16 prefetches: a row of one chunk, the same column of the next
+     * block's rows, so that its short rows start in cache; a longer row,
+     * PREFETCH_FUSED weights on in the same row */
+    int64_t ahead = w.cols <= MM_CHUNK ? FR_OUTS * w.cols : PREFETCH_FUSED;
 #ifdef __AVX512F__
     F16 s[FR_OUTS / 2] = {{0}};
     if (w.dtype == KN_BF16) {
         for (; i + 8 <= len; i += 8) {
             F16 xv = f16_twice(x + i);
             if ((i & 31) == 0)
-                for (int j = 0; j < FR_OUTS; j++) __builtin_prefetch(h + e[j] + i + PREFETCH_FUSED);
+                for (int j = 0; j < FR_OUTS; j++) __builtin_prefetch(h + e[j] + ahead + i);
 #pragma GCC unroll 8
             for (int p = 0; p < FR_OUTS / 2; p++) s[p] = s[p] + xv * f16_bf16_halves(h + e[2 * p] + i, h + e[2 * p + 1] + i);
         }
@@ -397,7 +405,7 @@ static void fused_dot8(KnMatrix w, int64_t o, int64_t c0, const float *x, int64_
     for (; i + 8 <= len; i += 8) { /* BF16 */
         F8 xv = f8_load(x + i);
         if ((i & 31) == 0)
-            for (int j = 0; j < FR_OUTS; j++) __builtin_prefetch(h + e[j] + i + PREFETCH_FUSED);
+            for (int j = 0; j < FR_OUTS; j++) __builtin_prefetch(h + e[j] + ahead + i);
 #pragma GCC unroll 8
         for (int j = 0; j < FR_OUTS; j++) s[j] = f8_madd(s[j], xv, f8_load_bf16(h + e[j] + i));
     }
