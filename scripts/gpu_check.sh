@@ -18,7 +18,8 @@
 #          training job), the first shape's decode again with
 #          GF_CUDA_GRAPHS=0, bench_memory (the jobs' memory estimate at the
 #          full E2B, E4B and 31B shapes, beside what bench_shapes measured),
-#          bench_matmul (one linear layer at E4B's MLP shape, bf16 and NF4),
+#          bench_matmul (one linear layer at E4B's MLP shape, bf16 and NF4,
+#          over 4,096 tokens and over one row from memory),
 #          and the Hugging Face anchor when .devtools/hf_anchor.py is there
 #   all    all three (the default)
 #
@@ -106,9 +107,13 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
     step "bench_memory e2b e4b 31b (estimate)" bench_memory.log build-gpu/bench_memory e2b e4b 31b
     # one linear layer at E4B's MLP shape over B4 x T1024 tokens, bf16 and
     # NF4 weights: the matmul and its input gradient alone, in TFLOP/s terms
+    # and over one row, as a decode step's GEMV, from 64 copies of the
+    # weights (no cache holds them): weight_gbs beside the copy bandwidth
     for dt in bf16 nf4; do
         step "bench_matmul 10240x2560x4096 $dt" "bench_matmul_$dt.log" build-gpu/bench_matmul 10240 2560 4096 \
             --device cuda --dtype "$dt" --reps 5
+        step "bench_matmul 10240x2560x1 $dt" "bench_matmul_${dt}_row.log" build-gpu/bench_matmul 10240 2560 1 \
+            --device cuda --dtype "$dt" --reps 20 --copies 64
     done
     step "bench_serve ${GF_SERVE_SHAPE:-e4b} nf4 (cuda)" bench_serve.log env GF_DEVICE=cuda build-gpu/bench_serve \
         --shape "${GF_SERVE_SHAPE:-e4b}" --quantize nf4
