@@ -107,13 +107,13 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
     step "bench_memory e2b e4b 31b (estimate)" bench_memory.log build-gpu/bench_memory e2b e4b 31b
     # one linear layer at E4B's MLP shape over B4 x T1024 tokens, bf16 and
     # NF4 weights: the matmul and its input gradient alone, in TFLOP/s terms
-    # and over one row, as a decode step's GEMV, from 64 copies of the
-    # weights (no cache holds them): weight_gbs beside the copy bandwidth
+    # and over one row, as a decode step's GEMV, from 16 copies of the
+    # weights (0.4-0.8 GB: no cache holds them): weight_gbs beside the copy bandwidth
     for dt in bf16 nf4; do
         step "bench_matmul 10240x2560x4096 $dt" "bench_matmul_$dt.log" build-gpu/bench_matmul 10240 2560 4096 \
             --device cuda --dtype "$dt" --reps 5
         step "bench_matmul 10240x2560x1 $dt" "bench_matmul_${dt}_row.log" build-gpu/bench_matmul 10240 2560 1 \
-            --device cuda --dtype "$dt" --reps 20 --copies 64
+            --device cuda --dtype "$dt" --reps 20 --copies 16
     done
     step "bench_serve ${GF_SERVE_SHAPE:-e4b} nf4 (cuda)" bench_serve.log env GF_DEVICE=cuda build-gpu/bench_serve \
         --shape "${GF_SERVE_SHAPE:-e4b}" --quantize nf4
