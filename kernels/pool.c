@@ -1,16 +1,16 @@
 /* pool.c - thread pool with a generation counter: a run bumps it, the
  * workers run the task and count down `pending`.
  *
- * A decode step submits a hundred or more small runs back to back, so
- * waiting is first a short spin on the atomics (SPIN_ROUNDS pauses, tens of
- * microseconds, where the pool has no more threads than the machine has
- * cores), and only then a sleep on a condition variable: a futex sleep and
- * wake-up cost each run several microseconds (on the development machine,
- * spinning made a 120M model's decode step 10-15% shorter). The sleeps
- * pair with the wake-ups through sequentially consistent atomics: a worker
- * counts itself in `sleepers` before it reads the generation, a run bumps
- * the generation before it reads `sleepers`, so one of them sees the other
- * (the same for the caller's `waiting` and a worker's last `pending`). */
+ * A decode step submits a hundred or more small runs back to back, so a
+ * wait first spins on the atomics (see SPIN_ROUNDS: long while spinning
+ * pays, short once it has not), and only then sleeps on a condition
+ * variable: a futex sleep and wake-up cost each run several microseconds
+ * (on the development machine, spinning made a 120M model's decode step
+ * 10-20% shorter). The sleeps pair with the wake-ups through sequentially
+ * consistent atomics: a worker counts itself in `sleepers` before it reads
+ * the generation, a run bumps the generation before it reads `sleepers`,
+ * so one of them sees the other (the same for the caller's `waiting` and a
+ * worker's last `pending`). */
 #include "pool.h"
 
 #include <pthread.h>
@@ -27,14 +27,22 @@
 #define cpu_relax() ((void)0)
 #endif
 
-/* About 80 us of pauses on the development machine (an AMD EPYC). */
-enum { SPIN_ROUNDS = 1 << 12 };
+/* A wait spins SPIN_ROUNDS pauses (about 80 us on the development
+ * machine, an AMD EPYC) while its waits end in the spin, SPIN_SHORT (about
+ * 1 us) after one that had to sleep: a machine busy with other threads (a
+ * second pool, another process) has the thread waited on off its core
+ * for milliseconds, and spinning there only takes the core from it (two
+ * processes decoding the 120M model at once on 2 cores: 49-51 tok/s each
+ * with a fixed 80 us spin, 72-90 without spinning, 73-90 with this rule,
+ * which decodes at 141-158 tok/s alone where no spinning gives 113-128). */
+enum { SPIN_ROUNDS = 1 << 12, SPIN_SHORT = 64 };
 
 struct KnPool {
     int n;                    /* threads including the caller */
-    int spin;                 /* rounds a wait spins before it sleeps: SPIN_ROUNDS, or 0 where the pool
-                                 has more threads than the machine has cores (a spinning thread would
-                                 hold the core the one it waits for needs, as libgomp also reasons) */
+    int spin;                 /* the most rounds a wait spins before it sleeps: SPIN_ROUNDS, or 0 where
+                                 the pool has more threads than the machine has cores (a spinning thread
+                                 would hold the core the one it waits for needs, as libgomp reasons) */
+    int caller_spin;          /* the caller's next wait's rounds (its thread's alone) */
     pthread_t *threads;
     pthread_mutex_t lock;
     pthread_cond_t start, done;
@@ -52,14 +60,19 @@ typedef struct {
     int ith;
 } Worker;
 
-/* The generation after `seen`, or -1 once the pool stops. */
-static long next_generation(KnPool *p, long seen) {
-    for (int i = 0; i < p->spin; i++) {
+/* The rounds of the wait after one that ended in its spin (ok) or not. */
+static int spin_after(const KnPool *p, int ok) { return ok || p->spin < SPIN_SHORT ? p->spin : SPIN_SHORT; }
+
+/* The generation after `seen`, or -1 once the pool stops; *spin: this
+ * worker's rounds, updated. */
+static long next_generation(KnPool *p, long seen, int *spin) {
+    for (int i = 0; i < *spin; i++) {
         long g = atomic_load_explicit(&p->generation, memory_order_acquire);
-        if (g != seen) return g;
+        if (g != seen) { *spin = spin_after(p, 1); return g; }
         if (atomic_load_explicit(&p->stop, memory_order_relaxed)) return -1;
         cpu_relax();
     }
+    *spin = spin_after(p, 0);
     pthread_mutex_lock(&p->lock);
     atomic_fetch_add(&p->sleepers, 1);
     long g;
@@ -73,8 +86,9 @@ static void *worker_main(void *arg) {
     Worker *w = arg;
     KnPool *p = w->pool;
     long seen = 0;
+    int spin = p->spin;
     for (;;) {
-        long g = next_generation(p, seen);
+        long g = next_generation(p, seen, &spin);
         if (g < 0) break;
         seen = g;
         p->fn(p->ctx, w->ith, p->n);
@@ -96,6 +110,7 @@ KnPool *kn_pool_new(int n_threads, GfError *err) {
     if (!p) return NULL;
     p->n = n_threads;
     p->spin = n_threads <= cores ? SPIN_ROUNDS : 0;
+    p->caller_spin = p->spin;
     atomic_init(&p->generation, 0);
     atomic_init(&p->pending, 0);
     atomic_init(&p->stop, 0);
@@ -151,10 +166,11 @@ void kn_pool_run(KnPool *p, KnTask fn, void *ctx) {
         pthread_mutex_unlock(&p->lock);
     }
     fn(ctx, 0, p->n);
-    for (int i = 0; i < p->spin; i++) {
-        if (atomic_load_explicit(&p->pending, memory_order_acquire) == 0) return;
+    for (int i = 0; i < p->caller_spin; i++) {
+        if (atomic_load_explicit(&p->pending, memory_order_acquire) == 0) { p->caller_spin = spin_after(p, 1); return; }
         cpu_relax();
     }
+    p->caller_spin = spin_after(p, 0);
     pthread_mutex_lock(&p->lock);
     atomic_store(&p->waiting, 1);
     while (atomic_load(&p->pending) > 0) pthread_cond_wait(&p->done, &p->lock);

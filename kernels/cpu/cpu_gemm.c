@@ -296,8 +296,9 @@ enum { MM_CHUNK = 4096, MM_OUTS = 4 };
 
 #ifdef __AVX2__
 /* ---- matmul of a few rows, weights read as they are summed ----------------
- * A decode step's matmul has one input row: widening each weight into a
- * buffer and reading it back (matmul_block) cost more than the multiply.
+ * A decode step's matmul has one input row per sequence: widening each
+ * weight into a buffer and reading it back (matmul_block) cost more than
+ * the multiply.
  * fused_dot8 sums BF16 (and with AVX-512, NF4) weights straight from their
  * bytes, eight output features at a time (eight chains of additions in
  * flight; with AVX-512 two features share a register, as dot4x2's two input
@@ -312,21 +313,24 @@ enum { MM_CHUNK = 4096, MM_OUTS = 4 };
  * 23-32 -> 28-38 GB/s). NF4 is bound by its decoding. */
 enum { FR_OUTS = 8, PREFETCH_FUSED = 512 };
 
-/* The most input rows fused_dot8 takes for w (0: none): each row reads the
- * weights again (from cache), so beyond these, and for other dtypes,
- * widening each weight once for every row is the faster (bench_matmul
- * 8192 x 8192 on the development machine, 2 threads: AVX-512 BF16 1-3 rows
- * 5.9-8.9 -> 2.4-6.7 ms, 4 rows no faster; NF4 1-2 rows 8.7-10.8 -> 4.5-9.6,
- * 3 rows no faster; AVX2 BF16 1-2 rows 6.5-7.9 -> 3.6-6.2). NF4 also needs
- * its blocks to start on a multiple of 64 in every row, so that a block
- * never straddles an eight-element step. AVX2 decodes NF4 at the widening
- * path's speed, so that build leaves it there. */
+/* The most input rows fused_dot8 takes for w (0: none); beyond them, and
+ * for other dtypes, widening each weight once for every row is the
+ * faster. bench_matmul on the development machine (2 threads, weights from
+ * memory: 8192 x 8192 --copies 3 and 4096 x 1024 --copies 48, widening ->
+ * fused): AVX-512, three rows a pass, BF16 one to six rows 7.5-10.4 ->
+ * 2.7-5.6 ms and 297-543 -> 154-354 us, NF4 6.6-8.8 -> 3.1-7.2 ms and
+ * 320-547 -> 221-552 us (the same from four rows on the small matrix);
+ * AVX2, a row a pass, BF16 one row 6.1 -> 3.6 ms and 284 -> 216 us, two
+ * rows no faster. NF4 also needs its blocks to start on a multiple of 64
+ * in every row, so that a block never straddles an eight-element step;
+ * AVX2 decodes NF4 at the widening path's speed, so that build leaves it
+ * there. */
 static inline int64_t fused_rows(KnMatrix w) {
 #ifdef __AVX512F__
-    if (w.dtype == KN_BF16) return 3;
-    if (w.dtype == KN_NF4 && w.offset % KN_NF4_BLOCK == 0 && w.cols % KN_NF4_BLOCK == 0) return 2;
+    if (w.dtype == KN_BF16) return 6;
+    if (w.dtype == KN_NF4 && w.offset % KN_NF4_BLOCK == 0 && w.cols % KN_NF4_BLOCK == 0) return 6;
 #else
-    if (w.dtype == KN_BF16) return 2;
+    if (w.dtype == KN_BF16) return 1;
 #endif
     return 0;
 }
@@ -358,11 +362,23 @@ static inline __m512 f16_two(float a, float b) {
 }
 #endif
 
-/* out[j] = the dot product of x[0, len) with row o + j of w from column c0
- * (j < FR_OUTS), summed as dot sums it, for weights fused_rows accepts.
- * The loops over the features are unrolled so that the sums stay in
- * registers (rolled, they went through memory at half the speed). */
-static void fused_dot8(KnMatrix w, int64_t o, int64_t c0, const float *x, int64_t len, float out[FR_OUTS]) {
+/* How many input rows fused_dot8 sums in one pass over the weights: with
+ * AVX-512's 32 registers, three rows' 4 sums each beside the 4 weight
+ * vectors; AVX2's 16 hold one row's 8 sums. */
+#ifdef __AVX512F__
+enum { FR_JOINT = 3 };
+#else
+enum { FR_JOINT = 1 };
+#endif
+
+/* out[r][j] = the dot product of x[r][0, len) with row o + j of w from
+ * column c0 (r < nx <= FR_JOINT, j < FR_OUTS), summed as dot sums it, for
+ * weights fused_rows accepts: each weight is decoded once for the nx rows.
+ * Inlined where nx is a constant, so that the loops over rows and features
+ * unroll and the sums stay in registers (rolled, they went through memory
+ * at half the speed). */
+static inline __attribute__((always_inline)) void fused_dot8(KnMatrix w, int64_t o, int64_t c0, const float *const *x,
+                                                             int nx, int64_t len, float out[][FR_OUTS]) {
     int64_t i = 0, e[FR_OUTS];
     for (int j = 0; j < FR_OUTS; j++) e[j] = (o + j) * w.cols + c0;
     const uint16_t *h = w.data;
@@ -371,14 +387,20 @@ static void fused_dot8(KnMatrix w, int64_t o, int64_t c0, const float *x, int64_
      * PREFETCH_FUSED weights on in the same row */
     int64_t ahead = w.cols <= MM_CHUNK ? FR_OUTS * w.cols : PREFETCH_FUSED;
 #ifdef __AVX512F__
-    F16 s[FR_OUTS / 2] = {{0}};
+    F16 s[FR_JOINT][FR_OUTS / 2] = {{{0}}};
     if (w.dtype == KN_BF16) {
         for (; i + 8 <= len; i += 8) {
-            F16 xv = f16_twice(x + i);
             if ((i & 31) == 0)
                 for (int j = 0; j < FR_OUTS; j++) __builtin_prefetch(h + e[j] + ahead + i);
+            F16 wv[FR_OUTS / 2];
 #pragma GCC unroll 8
-            for (int p = 0; p < FR_OUTS / 2; p++) s[p] = s[p] + xv * f16_bf16_halves(h + e[2 * p] + i, h + e[2 * p + 1] + i);
+            for (int p = 0; p < FR_OUTS / 2; p++) wv[p] = f16_bf16_halves(h + e[2 * p] + i, h + e[2 * p + 1] + i);
+#pragma GCC unroll 8
+            for (int r = 0; r < nx; r++) {
+                F16 xv = f16_twice(x[r] + i);
+#pragma GCC unroll 8
+                for (int p = 0; p < FR_OUTS / 2; p++) s[r][p] = s[r][p] + xv * wv[p];
+            }
         }
     } else { /* NF4: every chunk a whole number of blocks, so no tail */
         const KnNf4 *q = w.data;
@@ -390,42 +412,68 @@ static void fused_dot8(KnMatrix w, int64_t o, int64_t c0, const float *x, int64_
             if ((i & (KN_NF4_BLOCK - 1)) == 0)
                 for (int p = 0; p < FR_OUTS / 2; p++)
                     a[p] = f16_two(kn_nf4_absmax(q, (f[2 * p] + i) / KN_NF4_BLOCK), kn_nf4_absmax(q, (f[2 * p + 1] + i) / KN_NF4_BLOCK));
-            F16 xv = f16_twice(x + i);
+            F16 wv[FR_OUTS / 2];
 #pragma GCC unroll 8
-            for (int p = 0; p < FR_OUTS / 2; p++) s[p] = s[p] + xv * f16_nf4_halves(q->codes, f[2 * p] + i, f[2 * p + 1] + i, table, a[p]);
+            for (int p = 0; p < FR_OUTS / 2; p++) wv[p] = f16_nf4_halves(q->codes, f[2 * p] + i, f[2 * p + 1] + i, table, a[p]);
+#pragma GCC unroll 8
+            for (int r = 0; r < nx; r++) {
+                F16 xv = f16_twice(x[r] + i);
+#pragma GCC unroll 8
+                for (int p = 0; p < FR_OUTS / 2; p++) s[r][p] = s[r][p] + xv * wv[p];
+            }
         }
     }
-    for (int p = 0; p < FR_OUTS / 2; p++) {
-        out[2 * p] = f16_pairs(s[p], 0);
-        out[2 * p + 1] = f16_pairs(s[p], 1);
-    }
+    for (int r = 0; r < nx; r++)
+        for (int p = 0; p < FR_OUTS / 2; p++) {
+            out[r][2 * p] = f16_pairs(s[r][p], 0);
+            out[r][2 * p + 1] = f16_pairs(s[r][p], 1);
+        }
 #else
     F8 s[FR_OUTS];
     for (int j = 0; j < FR_OUTS; j++) s[j] = f8_zero();
     for (; i + 8 <= len; i += 8) { /* BF16 */
-        F8 xv = f8_load(x + i);
+        F8 xv = f8_load(x[0] + i);
         if ((i & 31) == 0)
             for (int j = 0; j < FR_OUTS; j++) __builtin_prefetch(h + e[j] + ahead + i);
 #pragma GCC unroll 8
         for (int j = 0; j < FR_OUTS; j++) s[j] = f8_madd(s[j], xv, f8_load_bf16(h + e[j] + i));
     }
-    for (int j = 0; j < FR_OUTS; j++) out[j] = f8_pairs(s[j]);
+    for (int j = 0; j < FR_OUTS; j++) out[0][j] = f8_pairs(s[j]);
 #endif
-    for (int j = 0; j < FR_OUTS; j++) /* the tail, BF16 only */
-        for (int64_t k = i; k < len; k++) out[j] += x[k] * kn_bf16_to_f32(h[e[j] + k]);
+    for (int r = 0; r < nx; r++) /* the tail, BF16 only */
+        for (int j = 0; j < FR_OUTS; j++)
+            for (int64_t k = i; k < len; k++) out[r][j] += x[r][k] * kn_bf16_to_f32(h[e[j] + k]);
 }
 
-/* Outputs [o0, o0 + FR_OUTS) of every input row from the weights' bytes:
- * each 0 plus the chunks' dot products in order, as matmul_block sums it. */
+/* fused_dot8 for nx = 1 .. FR_JOINT rows, each a constant in its copy */
+static void fused_dot8_rows(KnMatrix w, int64_t o, int64_t c0, const float *const *x, int nx, int64_t len,
+                            float out[][FR_OUTS]) {
+#ifdef __AVX512F__
+    if (nx == 3) fused_dot8(w, o, c0, x, 3, len, out);
+    else if (nx == 2) fused_dot8(w, o, c0, x, 2, len, out);
+    else
+#else
+    (void)nx; /* FR_JOINT is 1 */
+#endif
+        fused_dot8(w, o, c0, x, 1, len, out);
+}
+
+/* Outputs [o0, o0 + FR_OUTS) of every input row from the weights' bytes,
+ * FR_JOINT rows a pass: each 0 plus the chunks' dot products in order, as
+ * matmul_block sums it. */
 static void fused_block(const CpuMatmul *t, long o0) {
-    for (int64_t i = 0; i < t->n; i++) {
-        float *y = t->out + i * t->w.rows + o0;
-        for (int j = 0; j < FR_OUTS; j++) y[j] = 0.0f;
-        for (int64_t c0 = 0; c0 < t->w.cols; c0 += MM_CHUNK) {
-            int64_t len = t->w.cols - c0 < MM_CHUNK ? t->w.cols - c0 : MM_CHUNK;
-            float d[FR_OUTS];
-            fused_dot8(t->w, o0, c0, t->in + i * t->w.cols + c0, len, d);
-            for (int j = 0; j < FR_OUTS; j++) y[j] += d[j];
+    for (int64_t i = 0; i < t->n; i++)
+        for (int j = 0; j < FR_OUTS; j++) t->out[i * t->w.rows + o0 + j] = 0.0f;
+    for (int64_t c0 = 0; c0 < t->w.cols; c0 += MM_CHUNK) {
+        int64_t len = t->w.cols - c0 < MM_CHUNK ? t->w.cols - c0 : MM_CHUNK;
+        for (int64_t i0 = 0; i0 < t->n; i0 += FR_JOINT) {
+            int nx = t->n - i0 < FR_JOINT ? (int)(t->n - i0) : FR_JOINT;
+            const float *x[FR_JOINT];
+            float d[FR_JOINT][FR_OUTS];
+            for (int r = 0; r < nx; r++) x[r] = t->in + (i0 + r) * t->w.cols + c0;
+            fused_dot8_rows(t->w, o0, c0, x, nx, len, d);
+            for (int r = 0; r < nx; r++)
+                for (int j = 0; j < FR_OUTS; j++) t->out[(i0 + r) * t->w.rows + o0 + j] += d[r][j];
         }
     }
 }

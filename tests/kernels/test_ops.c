@@ -3152,8 +3152,9 @@ static void test_table_complete(const Dev *d) {
  * BF16 and NF4 weights, and NF4 from an offset (a row in: on a block
  * boundary where the columns are whole blocks); columns past the widening
  * chunks and not a multiple of 8 or 16; rows not a multiple of 4 or 8; more
- * tokens than a dx block; one to four tokens (the few-row kernel that
- * reads the weights' bytes, and its neighbours' remainder outputs);
+ * tokens than a dx block; one to six tokens (the few-row kernel that
+ * reads the weights' bytes, three rows a pass, and its neighbours'
+ * remainder outputs);
  * gradients with zeros (fewer than four rows at once, one row). */
 static void test_matmul_simd(Dev *d) {
     if (d->be.ctx.device == KN_DEVICE_CUDA) return;
@@ -3164,7 +3165,8 @@ static void test_matmul_simd(Dev *d) {
     }
     const char *widest = __builtin_cpu_supports("avx512f") ? "avx512" : "avx2 (no AVX-512 on this CPU)";
     const int shapes[][3] = {{7, 4100, 5},  {13, 37, 9},  {9, 1030, 300}, {64, 520, 130}, {1, 8, 1},    {8, 1000, 6},
-                             {19, 4100, 1}, {21, 4160, 1}, {13, 4160, 2}, {11, 1037, 3},  {17, 128, 4}, {26, 8256, 3}};
+                             {19, 4100, 1}, {21, 4160, 1}, {13, 4160, 2}, {11, 1037, 3},  {17, 128, 4}, {26, 8256, 3},
+                             {19, 2056, 5}, {16, 4160, 6}};
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
         size_t nw = (size_t)rows * cols;
