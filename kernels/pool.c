@@ -32,7 +32,7 @@
  * 1 us) after one that had to sleep: a machine busy with other threads (a
  * second pool, another process) has the thread waited on off its core
  * for milliseconds, and spinning there only takes the core from it (two
- * processes decoding the 120M model at once on 2 cores: 49-51 tok/s each
+ * processes decoding the 120M model at once on 2 cores: 43-52 tok/s each
  * with a fixed 80 us spin, 72-90 without spinning, 73-90 with this rule,
  * which decodes at 141-158 tok/s alone where no spinning gives 113-128). */
 enum { SPIN_ROUNDS = 1 << 12, SPIN_SHORT = 64 };
