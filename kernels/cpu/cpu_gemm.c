@@ -219,8 +219,10 @@ static inline void dot4x4(const float *const a[4], const float *const b[4], int6
 
 #ifdef __AVX2__
 /* How far ahead of the weight being widened a BF16 row is prefetched (4 KB;
- * a one-row matmul, a decode step's, read 18.6 GB/s of weights without,
- * 29 with 2 KB and 33 with 4 KB ahead on the development machine). */
+ * measured when a one-row matmul still widened: 18.6 GB/s of weights
+ * without, 29 with 2 KB and 33 with 4 KB ahead on the development machine).
+ * Matmuls of few rows now read the weights in fused_dot8, with their own
+ * prefetch (PREFETCH_FUSED); this one serves the rows beyond fused_rows. */
 enum { PREFETCH_BF16 = 2048 };
 
 /* Eight bfloat16 weights widened in a register (their bits into the high
