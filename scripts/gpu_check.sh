@@ -24,7 +24,15 @@
 #   all    all three (the default)
 #
 # Full logs go to $OUT (the device tool's folder) or ./gpu-check; a short
-# table is printed last. Exit status: 0 when every step passed.
+# table is printed last, and each step's row as it ends. Exit status: 0 when
+# every step passed.
+#
+# For a lease of minutes (the lent machine's time is counted):
+#   GF_CHECK_UNTIL=EPOCH  no step starts after this time (date +%s), and a
+#                         running step is stopped at it (its log is kept)
+#   GF_CHECK_TAR=FILE     the logs, tarred again after every step, for a
+#                         device tool that returns a few files (and returns
+#                         them when the command is cut short)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 mode=${1:-all}
@@ -36,15 +44,32 @@ declare -a rows=()
 failed=0
 
 # step NAME LOG CMD...: runs CMD with its output in LOG, and records a row.
+# A shell function (build) runs whole; other commands stop at GF_CHECK_UNTIL.
 step() {
-    local name=$1 log=$2 t0 rc
+    local name=$1 log=$2 t0 rc left=0 cut=()
     shift 2
     t0=$(date +%s)
-    "$@" >"$logs/$log" 2>&1
+    if [ -n "${GF_CHECK_UNTIL:-}" ]; then
+        left=$(( GF_CHECK_UNTIL - t0 ))
+        if [ "$left" -lt 10 ]; then
+            rows+=("$(printf '%-28s %-7s %5ss  %s' "$name" "SKIPPED" 0 "no time left (GF_CHECK_UNTIL)")")
+            echo "${rows[-1]}"
+            failed=1
+            return 1
+        fi
+        declare -F "$1" >/dev/null || cut=(timeout -k 5 "$left")
+    fi
+    "${cut[@]}" "$@" >"$logs/$log" 2>&1
     rc=$?
-    local s=$(( $(date +%s) - t0 ))
-    rows+=("$(printf '%-28s %-7s %5ss  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAILED)" "$s" "$log")")
+    local s=$(( $(date +%s) - t0 )) verdict=ok
+    [ $rc -eq 0 ] || verdict=FAILED
+    [ $rc -eq 124 ] && [ ${#cut[@]} -gt 0 ] && verdict=CUT
+    rows+=("$(printf '%-28s %-7s %5ss  %s' "$name" "$verdict" "$s" "$log")")
+    echo "${rows[-1]}"
     [ $rc -eq 0 ] || failed=1
+    if [ -n "${GF_CHECK_TAR:-}" ]; then
+        tar czf "$GF_CHECK_TAR.part" -C "$logs" . && mv "$GF_CHECK_TAR.part" "$GF_CHECK_TAR"
+    fi
     return $rc
 }
 
@@ -67,7 +92,7 @@ fi
 
 if [ "$mode" = quick ] || [ "$mode" = all ]; then
     step "test_ops (cpu, guarded, cuda)" test_ops.log build-gpu/tests/test_ops
-    step "ctest -L gpu (engine, CLI)" ctest_gpu.log bash -c "cd build-gpu && ctest -L gpu -E gpu_api_ --output-on-failure -j4"
+    step "ctest -L gpu (engine, CLI)" ctest_gpu.log bash -c "cd build-gpu && ctest -L gpu -E gpu_api_ --output-on-failure -j6"
     grep -E 'tests passed|Test +#' "$logs/ctest_gpu.log" | tail -16
 fi
 
@@ -85,6 +110,23 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
         [ "$sh" != "$name" ] && layers=(--layers "${sh#*:}")
         step "bench_shapes $sh (cuda)" "bench_shapes_$name.log" env GF_DEVICE=cuda build-gpu/bench_shapes "$name" \
             "${layers[@]}" --steps 3 --peak-tflops "${GF_PEAK_TFLOPS:-989}"
+    done
+    # transformers + PEFT at the same shape, next, so that the two stand side
+    # by side even when the lease ends before the steps below
+    if [ -f .devtools/hf_anchor.py ]; then
+        step "hf_anchor (transformers)" hf_anchor.log python3 .devtools/hf_anchor.py peak ${GF_HF_WHICH:-e4b:4:1024 decode-e4b}
+    else
+        rows+=("$(printf '%-28s %-7s' "hf_anchor" "absent: copy ../shared/bench/hf_anchor.py into .devtools/")")
+    fi
+    # one linear layer at E4B's MLP shape over B4 x T1024 tokens, bf16 and
+    # NF4 weights: the matmul and its input gradient alone, in TFLOP/s terms
+    # and over one row, as a decode step's GEMV, from 16 copies of the
+    # weights (0.4-0.8 GB: no cache holds them): weight_gbs beside the copy bandwidth
+    for dt in bf16 nf4; do
+        step "bench_matmul 10240x2560x4096 $dt" "bench_matmul_$dt.log" build-gpu/bench_matmul 10240 2560 4096 \
+            --device cuda --dtype "$dt" --reps 5
+        step "bench_matmul 10240x2560x1 $dt" "bench_matmul_${dt}_row.log" build-gpu/bench_matmul 10240 2560 1 \
+            --device cuda --dtype "$dt" --reps 20 --copies 16
     done
     # the first shape's decode again with its steps run op by op, to set
     # beside the recorded graphs' figures above
@@ -105,23 +147,8 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
     # the jobs' own estimate of a training step's device memory at the full
     # shapes, to set beside the memory bench_shapes measured above
     step "bench_memory e2b e4b 31b (estimate)" bench_memory.log build-gpu/bench_memory e2b e4b 31b
-    # one linear layer at E4B's MLP shape over B4 x T1024 tokens, bf16 and
-    # NF4 weights: the matmul and its input gradient alone, in TFLOP/s terms
-    # and over one row, as a decode step's GEMV, from 16 copies of the
-    # weights (0.4-0.8 GB: no cache holds them): weight_gbs beside the copy bandwidth
-    for dt in bf16 nf4; do
-        step "bench_matmul 10240x2560x4096 $dt" "bench_matmul_$dt.log" build-gpu/bench_matmul 10240 2560 4096 \
-            --device cuda --dtype "$dt" --reps 5
-        step "bench_matmul 10240x2560x1 $dt" "bench_matmul_${dt}_row.log" build-gpu/bench_matmul 10240 2560 1 \
-            --device cuda --dtype "$dt" --reps 20 --copies 16
-    done
     step "bench_serve ${GF_SERVE_SHAPE:-e4b} nf4 (cuda)" bench_serve.log env GF_DEVICE=cuda build-gpu/bench_serve \
         --shape "${GF_SERVE_SHAPE:-e4b}" --quantize nf4
-    if [ -f .devtools/hf_anchor.py ]; then
-        step "hf_anchor (transformers)" hf_anchor.log python3 .devtools/hf_anchor.py peak e4b:4:1024 decode-e4b
-    else
-        rows+=("$(printf '%-28s %-7s' "hf_anchor" "absent: copy ../shared/bench/hf_anchor.py into .devtools/")")
-    fi
     for f in "$logs"/bench_shapes_*.log "$logs"/bench_memory.log "$logs"/bench_matmul_*.log "$logs"/bench_serve.log "$logs"/hf_anchor.log; do
         [ -f "$f" ] && { echo "== $(basename "$f" .log)"; tail -24 "$f"; }
     done
