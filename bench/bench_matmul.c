@@ -73,7 +73,7 @@ static int weights_on(Dev *d, KnMatrix *m, KnNf4 *q, KnNf4 *qd, const float *wf,
     size_t n = (size_t)(rows * cols);
     if (strcmp(dtype, "f32") == 0) {
         void *w = dev_put(d, wf, n * sizeof(float), err);
-        *m = (KnMatrix){w, KN_F32, rows, cols, 0};
+        *m = (KnMatrix){w, KN_F32, rows, cols, 0, 0};
         return w != NULL;
     }
     if (strcmp(dtype, "bf16") == 0) {
@@ -81,10 +81,10 @@ static int weights_on(Dev *d, KnMatrix *m, KnNf4 *q, KnNf4 *qd, const float *wf,
         for (size_t i = 0; i < n; i++) h[i] = kn_f32_to_bf16(wf[i]);
         void *w = dev_put(d, h, n * sizeof *h, err);
         free(h);
-        *m = (KnMatrix){w, KN_BF16, rows, cols, 0};
+        *m = (KnMatrix){w, KN_BF16, rows, cols, 0, 0};
         return w != NULL;
     }
-    if (kn_nf4_quantize(q, (KnMatrix){(void *)wf, KN_F32, rows, cols, 0}, err) != GF_OK) return 0;
+    if (kn_nf4_quantize(q, (KnMatrix){(void *)wf, KN_F32, rows, cols, 0, 0}, err) != GF_OK) return 0;
     *qd = *q;
     qd->codes = dev_put(d, q->codes, (size_t)(q->n + 1) / 2, err);
     qd->absmax_q = qd->codes ? dev_put(d, q->absmax_q, (size_t)q->n_blocks, err) : NULL;

@@ -51,6 +51,9 @@ typedef struct {
     KnDtype dtype;
     int64_t rows, cols;       /* [out, in] */
     int64_t offset;           /* KN_NF4 only: index of element (0, 0) in the quantized tensor */
+    int exact;                /* 1: matmul and matmul_dx over it keep float32 operands, summed in an order that
+                                 does not depend on the row count, in every precision (ops.h KnPrecision): for
+                                 a product whose outputs pick something discrete, as the MoE router's top-k */
 } KnMatrix;
 
 /* Rows [row0, row0 + rows) of w, e.g. one expert of a stacked tensor. */

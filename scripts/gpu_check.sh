@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# gpu_check.sh [quick|api|bench|all] - the GPU check, one command on a machine
-# with an NVIDIA GPU (see ../shared/device/README.md for the lent one, which
-# has no apt: carry .devdeps, made here by `../shared/device/sysroot.sh fetch
-# .devdeps`, and .devtools holding hf_anchor.py for `bench`).
+# gpu_check.sh [quick|api|e2e|bench|profile|all] - the GPU check, one command
+# on a machine with an NVIDIA GPU (see ../shared/device/README.md for the lent
+# one, which has no apt: carry .devdeps, made here by scripts/devdeps.sh, and
+# .devtools holding hf_anchor.py for `bench`).
 #
-#   quick  build with -DGF_CUDA=ON, list the devices, run test_ops (every op
-#          of the table on CUDA against its references) and `ctest -L gpu`
-#          but the API suites (the golden, engine and CLI tests with every
-#          model on the GPU): a few minutes
+#   quick  build with -DGF_CUDA=ON, list the devices, run `ctest -L gpu` but
+#          the API suites: test_ops (every op of the table on CUDA against its
+#          references; again with GF_CUBLASLT=0), the golden, engine and CLI
+#          tests with every model on the GPU: about two minutes on an H200
 #   api    quick's build, then the serving and training API suites on the GPU
 #          (`ctest -L gpu -R gpu_api_`), the longest part
+#   e2e    quick's build, then the API suite's shapes QLoRA job alone (upload,
+#          train, serve the adapter) on the GPU in its production precision
+#          (bf16): a minute or two
+#   profile  quick's build, then Nsight Compute's time per kernel (ncu, the
+#          clocks left alone, graphs off) over the first GF_PROFILE_LAUNCHES
+#          (default 1500) kernels of GF_PROFILE_SHAPE (default e4b) cut to 4
+#          layers decoding an NF4 base at batch 1: where a decode step's time
+#          goes, kernel by kernel (the load's and prefill's kernels listed too)
 #   bench  quick's build, then the benchmarks with GF_DEVICE=cuda: bench_shapes
 #          at the real shapes named by GF_SHAPES (default "e4b"; "31b:20"
 #          cuts 31B to 20 layers), MFU against GF_PEAK_TFLOPS (default 989,
@@ -36,7 +44,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 mode=${1:-all}
-case "$mode" in quick|api|bench|all) ;; *) echo "usage: gpu_check.sh [quick|api|bench|all]" >&2; exit 2 ;; esac
+case "$mode" in quick|api|e2e|bench|profile|all) ;; *) echo "usage: gpu_check.sh [quick|api|e2e|bench|profile|all]" >&2; exit 2 ;; esac
 logs=${OUT:-$PWD/gpu-check}
 mkdir -p "$logs"
 jobs=$(nproc 2>/dev/null || echo 8)
@@ -91,7 +99,6 @@ if ! grep -q '^cuda0 ' "$logs/devices.log"; then
 fi
 
 if [ "$mode" = quick ] || [ "$mode" = all ]; then
-    step "test_ops (cpu, guarded, cuda)" test_ops.log build-gpu/tests/test_ops
     step "ctest -L gpu (engine, CLI)" ctest_gpu.log bash -c "cd build-gpu && ctest -L gpu -E gpu_api_ --output-on-failure -j6"
     grep -E 'tests passed|Test +#' "$logs/ctest_gpu.log" | tail -16
 fi
@@ -99,6 +106,28 @@ fi
 if [ "$mode" = api ] || [ "$mode" = all ]; then
     step "ctest -L gpu (API suites)" ctest_gpu_api.log bash -c "cd build-gpu && ctest -L gpu -R gpu_api_ --output-on-failure -j2"
     grep -E 'tests passed|Test +#' "$logs/ctest_gpu_api.log" | tail -4
+fi
+
+if [ "$mode" = e2e ]; then
+    step "API shapes QLoRA job (bf16)" e2e.log env GF_PRECISION=bf16 tests/gpu/on_cuda.sh build-gpu/server/gemmaforge \
+        python3 -c "import sys; sys.path.insert(0, 'tests/api'); sys.argv = ['test_training', sys.argv[1]]
+import test_training as t
+t.t_shapes_qlora_end_to_end(t.BIN)
+print('t_shapes_qlora_end_to_end passed')" build-gpu/server/gemmaforge
+    tail -3 "$logs/e2e.log"
+fi
+
+if [ "$mode" = profile ]; then
+    if command -v ncu >/dev/null; then
+        step "ncu decode ${GF_PROFILE_SHAPE:-e4b}:4 (nf4, b1)" profile.log env GF_DEVICE=cuda GF_CUDA_GRAPHS=0 \
+            ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+            --launch-count "${GF_PROFILE_LAUNCHES:-1500}" build-gpu/bench_shapes "${GF_PROFILE_SHAPE:-e4b}" \
+            --layers 4 --only decode --no-bf16 --new 16
+        grep -E "^ +[a-zA-Z_].*\(|gpu__time_duration.sum|Invocations" "$logs/profile.log" | tail -120 >"$logs/profile_summary.txt"
+        tail -60 "$logs/profile_summary.txt"
+    else
+        rows+=("$(printf '%-28s %-7s' "ncu" "absent: no Nsight Compute on this machine")")
+    fi
 fi
 
 if [ "$mode" = bench ] || [ "$mode" = all ]; then

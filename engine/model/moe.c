@@ -42,6 +42,17 @@ void moe_tape_init(MoeTape *mt, const TextConfig *t, float *buf, int64_t n) {
     mt->idx = (int32_t *)idx;
 }
 
+/* The router's matrix, its products exact (tensor.h): its logits pick the
+ * top-k experts, and a bf16 product rounded differently by row count would
+ * send a token to other experts by the size of its batch or MoE chunk,
+ * which no tolerance on the logits absorbs. E outputs: a small share of
+ * the block's work. */
+static KnMatrix router_exact(const Layer *l) {
+    KnMatrix r = l->router;
+    r.exact = 1;
+    return r;
+}
+
 /* out[n, H] = the MoE block of the residual rows r[n, H] (n <= the tape's
  * capacity), keeping in the tape what moe_backward needs. */
 void moe_forward(Model *m, const Layer *l, const float *r, float *out, int64_t n, MoeTape *mt) {
@@ -52,7 +63,7 @@ void moe_forward(Model *m, const Layer *l, const float *r, float *out, int64_t n
     int E = t->n_experts, K = t->top_k_experts;
     ops->rmsnorm(ctx, mt->u0, r, NULL, n, H, t->rms_eps);
     ops->mul(ctx, mt->rin, mt->u0, l->router_in_scale, n, H, 0); /* the router's input */
-    ops->matmul(ctx, mt->p, mt->rin, l->router, n);
+    ops->matmul(ctx, mt->p, mt->rin, router_exact(l), n);
     ops->moe_route(ctx, mt->idx, mt->w, mt->coef, mt->p, l->per_expert_scale, n, E, K);
     ops->rmsnorm(ctx, mt->u2, r, l->pre_ff_ln2, n, H, t->rms_eps);
     ops->moe_experts(ctx, mt->y, mt->u2, mt->idx, mt->coef, mt->gu, mt->mm, mt->yk, n, K, l->experts_gate_up,
@@ -77,7 +88,7 @@ void moe_backward(Model *m, const Layer *l, const float *r, const float *dout, f
     ops->rmsnorm_dx(ctx, dr, r, l->pre_ff_ln2, mt->du, n, H, t->rms_eps);
     ops->moe_route_dx(ctx, mt->dp, mt->dc, mt->idx, mt->w, mt->p, l->per_expert_scale, n, E, K);
     ops->memset(ctx, mt->du, 0, bytes);
-    ops->matmul_dx(ctx, mt->du, mt->dp, l->router, n);
+    ops->matmul_dx(ctx, mt->du, mt->dp, router_exact(l), n);
     ops->mul(ctx, mt->du, mt->du, l->router_in_scale, n, H, 0);
     ops->rmsnorm_dx(ctx, dr, r, NULL, mt->du, n, H, t->rms_eps);
 }

@@ -138,11 +138,11 @@ static GfStatus weights_bind_matrix(GemmaWeights *gw, const char *name, int64_t 
     int64_t dims[2] = {rows, cols};
     const StTensor *t = claim(gw, name, dims, 2, err);
     if (!t) return err->status;
-    *out = (KnMatrix){t->data, dtype_of(t), rows, cols, 0};
+    *out = (KnMatrix){t->data, dtype_of(t), rows, cols, 0, 0};
     if (t->dtype == ST_F16) { /* F16 kernels are not worth it: widen once */
         float *f = widen(gw, t, err);
         if (!f) return GF_NO_MEMORY;
-        *out = (KnMatrix){f, KN_F32, rows, cols, 0};
+        *out = (KnMatrix){f, KN_F32, rows, cols, 0, 0};
     } else {
         gw->resident_bytes += t->n_bytes;
     }
@@ -154,7 +154,7 @@ static GfStatus weights_bind_3d(GemmaWeights *gw, const char *name, int64_t e, i
     int64_t dims[3] = {e, rows, cols};
     const StTensor *t = claim(gw, name, dims, 3, err);
     if (!t) return err->status;
-    *out = (KnMatrix){t->data, dtype_of(t), e * rows, cols, 0};
+    *out = (KnMatrix){t->data, dtype_of(t), e * rows, cols, 0, 0};
     if (t->dtype == ST_F16) {
         float *f = widen(gw, t, err);
         if (!f) return GF_NO_MEMORY;

@@ -153,7 +153,7 @@ static GfStatus quantize_on_device(const GemmaWeights *gw, WeightsDevice *d, GfE
     for (size_t i = 0; !st && i < gw->n_nf4; i++) {
         const KnMatrix *w = &gw->nf4_src[i];
         be->ops->upload(&be->ctx, stage.data, w->data, (size_t)(w->rows * w->cols) * kn_dtype_size(w->dtype));
-        be->ops->nf4_quantize(&be->ctx, &d->nf4[i], (KnMatrix){stage.data, w->dtype, w->rows, w->cols, 0}, scratch.data);
+        be->ops->nf4_quantize(&be->ctx, &d->nf4[i], (KnMatrix){stage.data, w->dtype, w->rows, w->cols, 0, 0}, scratch.data);
     }
     if (!st) st = be->ops->synchronize(&be->ctx, err);
     be->ops->free(&be->ctx, &stage);

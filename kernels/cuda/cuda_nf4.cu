@@ -102,7 +102,7 @@ static __global__ void k_codes(uint8_t *codes, DevW w, const int8_t *absmax_q, c
 void cuda_nf4_quantize(const KnCtx *ctx, KnNf4 *q, KnMatrix w, void *scratch) {
     CudaCtx *c = cuda_ctx(ctx);
     if (q->n <= 0 || cuda_refused(c)) return;
-    KnMatrix flat = {w.data, w.dtype, 1, q->n, 0};
+    KnMatrix flat = {w.data, w.dtype, 1, q->n, 0, 0};
     DevW dw = dev_w(flat);
     float *absmax = (float *)scratch;
     double *sums = (double *)((char *)scratch + kn_nf4_scratch_sums(q->n_blocks));

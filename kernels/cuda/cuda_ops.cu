@@ -56,7 +56,7 @@ static int blas_fits(KnMatrix w, int64_t n) { return w.dtype == KN_F32 && dims_f
 void cuda_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
     if (n <= 0 || w.rows <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    if (c->bf16 && dims_fit(w, n)) {
+    if (c->bf16 && !w.exact && dims_fit(w, n)) {
         cuda_matmul_bf16(c, y, x, w, n);
         return;
     }
@@ -70,11 +70,11 @@ void cuda_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t
 void cuda_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
     if (n <= 0 || w.cols <= 0) return;
     CudaCtx *c = cuda_ctx(ctx);
-    if (c->bf16 && dims_fit(w, n)) {
+    if (c->bf16 && !w.exact && dims_fit(w, n)) {
         cuda_matmul_dx_bf16(c, dx, dy, w, n);
         return;
     }
-    if (blas_fits(w, n)) {
+    if (blas_fits(w, n) && !w.exact) {
         /* column-major: dx^T [cols, n] += W' [cols, rows] dy^T [rows, n] */
         const float one = 1.0f;
         cuda_blas_note(c, cublasSgemm(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)w.cols, (int)n, (int)w.rows, &one,

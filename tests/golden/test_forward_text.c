@@ -50,9 +50,22 @@ static int load_golden(const char *path, Golden *g) {
     return g->hidden && g->logits ? 0 : -1;
 }
 
-/* The limit for m: fp32's, or GOLDEN_BF16_REL under the BF16 precision. */
-static double limit(const Model *m, double fp32) {
-    return model_backend(m)->ctx.precision == KN_PRECISION_BF16 ? GOLDEN_BF16_REL : fp32;
+/* got against ref (fp32 results: the golden, or this model's own full
+ * forward): in fp32 max abs error <= fp32_limit of max |ref|; in the BF16
+ * precision relative L2 <= GOLDEN_BF16_REL (golden.h). An MoE model in
+ * bf16 is reported, not held to it: rounding moves a token whose two best
+ * router scores nearly tie to another expert, which moves its logits and,
+ * through attention, the later positions' by more than any rounding bound
+ * (GEMMA4.md §13; the numpy reference with bf16 operands misses the moe
+ * golden logits by 0.4 of max |ref|). Its chunks' check is exact instead
+ * (check_moe_chunks). Returns 1 when within (or not held). */
+static int compare(const Model *m, const char *what, const float *got, const float *ref, size_t n, size_t stride,
+                   const uint8_t *use, double fp32_limit) {
+    if (model_backend(m)->ctx.precision != KN_PRECISION_BF16) return golden_report(what, got, ref, n, stride, use, fp32_limit);
+    int ok = golden_report_l2(what, got, ref, n, stride, use, GOLDEN_BF16_REL);
+    if (!model_config(m)->text.moe || ok) return ok;
+    printf("%-40s not held in bf16: MoE routing (GEMMA4.md 13)\n", what);
+    return 1;
 }
 
 /* Full forward of row b; compares logits and every hidden state. */
@@ -72,7 +85,7 @@ static void check_row(Model *m, const Golden *g, int64_t b, float *logits_out, c
         /* golden hidden_states is [L+1, B, T, H] */
         memcpy(ref_h, g->hidden + ((j * g->B + b) * T) * H, (size_t)(T * H) * sizeof(float));
         snprintf(what, sizeof what, "%s row %lld hidden[%lld]", variant, (long long)b, (long long)j);
-        if (!golden_report(what, hidden + j * T * H, ref_h, (size_t)(T * H), (size_t)H, g->valid + b * T, limit(m, GOLDEN_LOGITS_REL)) &&
+        if (!compare(m, what, hidden + j * T * H, ref_h, (size_t)(T * H), (size_t)H, g->valid + b * T, GOLDEN_LOGITS_REL) &&
             first_bad < 0)
             first_bad = (int)j;
     }
@@ -80,7 +93,7 @@ static void check_row(Model *m, const Golden *g, int64_t b, float *logits_out, c
         printf("%s row %lld: first divergence at hidden_states[%d] = %s\n", variant, (long long)b, first_bad,
                first_bad == 0 ? "the embeddings" : first_bad == L ? "the final norm" : "the output of a decoder layer");
     snprintf(what, sizeof what, "%s row %lld logits", variant, (long long)b);
-    CHECK(golden_report(what, logits_out, g->logits + b * T * V, (size_t)(T * V), (size_t)V, g->valid + b * T, limit(m, GOLDEN_LOGITS_REL)),
+    CHECK(compare(m, what, logits_out, g->logits + b * T * V, (size_t)(T * V), (size_t)V, g->valid + b * T, GOLDEN_LOGITS_REL),
           "%s logits", variant);
     free(ref_h);
     free(hidden);
@@ -103,7 +116,7 @@ static void check_kv_decoding(Model *m, const Golden *g, int64_t b, const float 
     }
     char what[96];
     snprintf(what, sizeof what, "%s row %lld kv-cache (prefill %lld)", variant, (long long)b, (long long)split);
-    CHECK(golden_report(what, logits, full, (size_t)(T * V), (size_t)V, g->valid + b * T, limit(m, GOLDEN_KV_REL)), "%s", what);
+    CHECK(compare(m, what, logits, full, (size_t)(T * V), (size_t)V, g->valid + b * T, GOLDEN_KV_REL), "%s", what);
     free(logits);
     kv_cache_free(&c);
 }
@@ -111,8 +124,8 @@ static void check_kv_decoding(Model *m, const Golden *g, int64_t b, const float 
 /* The MoE block three tokens per call gives what one call over the whole
  * row gives: each token's routing and experts do not depend on the others
  * in its call (bit for bit on the CPU backends; within 1e-5 on a device,
- * 2e-2 in bf16, whose router matmul takes another kernel for another row
- * count). */
+ * in bf16 too: the router's matmul is exact, its kernel the same for every
+ * row count, and the experts' products are per row). */
 static void check_moe_chunks(Model *m3, const Golden *g, int64_t b, const float *full) {
     int64_t T = g->T, V = model_config(m3)->text.vocab_size;
     KvCache c;
@@ -122,7 +135,7 @@ static void check_moe_chunks(Model *m3, const Golden *g, int64_t b, const float 
     ModelInput in = {.ids = g->ids + b * T, .valid = g->valid + b * T, .n = T};
     CHECK_STATUS(model_forward(m3, &c, &in, logits, NULL, &err), GF_OK, err);
     const char *be = model_backend(m3)->name;
-    double tol = strcmp(be, "cpu") == 0 || strcmp(be, "guarded") == 0 ? 0.0 : limit(m3, 1e-5), worst = 0, scale = 0;
+    double tol = strcmp(be, "cpu") == 0 || strcmp(be, "guarded") == 0 ? 0.0 : 1e-5, worst = 0, scale = 0;
     for (int64_t i = 0; i < T * V; i++) {
         double d = fabs((double)logits[i] - full[i]);
         worst = d > worst ? d : worst;
@@ -262,7 +275,7 @@ static void test_ple_placement(void) {
 static float *nf4_logits(GemmaWeights *w, const char *device, const Golden *g, int64_t *n) {
     Model *m = NULL;
     GfError err;
-    ModelOptions o = {.n_threads = 2, .device = device};
+    ModelOptions o = {.n_threads = 2, .device = device, .precision = "fp32"}; /* the CPU kinds' only precision */
     CHECK_STATUS(model_new(w, &o, &m, &err), GF_OK, err);
     if (!m) return NULL;
     const TextConfig *t = &model_config(m)->text;
@@ -339,7 +352,8 @@ static void test_nf4_where(const char *variant) {
 static void write_weights(int what) {
     GfError err;
     Model *m = NULL;
-    ModelOptions mo = {.n_threads = 1, .device = "cpu", .quantize = what == 2 ? MODEL_QUANT_NF4 : MODEL_QUANT_NONE};
+    ModelOptions mo = {.n_threads = 1, .device = "cpu", .precision = "fp32",
+                       .quantize = what == 2 ? MODEL_QUANT_NF4 : MODEL_QUANT_NONE};
     if (model_open(GF_FIXTURES "/dense", &mo, &m, &err)) _exit(3);
     const GemmaWeights *w = model_weights(m);
     if (what == 0) w->host.final_norm[0] = 2.0f;
@@ -354,7 +368,7 @@ static void write_later_nf4(int unused) {
     GfError err;
     GemmaWeights *w = NULL;
     Model *m = NULL;
-    ModelOptions mo = {.n_threads = 1, .device = "cpu"};
+    ModelOptions mo = {.n_threads = 1, .device = "cpu", .precision = "fp32"};
     if (weights_open(GF_FIXTURES "/dense", MODEL_QUANT_NF4, 1, NULL, &w, &err) || model_new(w, &mo, &m, &err)) _exit(3);
     ((KnNf4 *)w->host.layers[0].q.data)->codes[0] ^= 1;
 }

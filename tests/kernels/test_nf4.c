@@ -41,7 +41,7 @@ static void test_round_trip(int rows, int cols, int outliers) {
         for (int64_t i = 0; i < n; i += 97) w[i] *= 40.0f;
     KnNf4 q;
     GfError err;
-    KnMatrix m = {w, KN_F32, rows, cols, 0};
+    KnMatrix m = {w, KN_F32, rows, cols, 0, 0};
     CHECK(kn_nf4_quantize(&q, m, &err) == GF_OK, "quantize %dx%d", rows, cols);
     CHECK(q.n_blocks == (n + 63) / 64 && q.n_groups == (q.n_blocks + 255) / 256, "block and group counts");
     kn_nf4_dequantize(&q, 0, n, back);
@@ -130,7 +130,7 @@ static void test_codes(int rows, int cols) {
     if (n > 200) w[200] = NAN;
     KnNf4 q;
     GfError err;
-    CHECK(kn_nf4_quantize(&q, (KnMatrix){w, KN_F32, rows, cols, 0}, &err) == GF_OK, "quantize %dx%d", rows, cols);
+    CHECK(kn_nf4_quantize(&q, (KnMatrix){w, KN_F32, rows, cols, 0, 0}, &err) == GF_OK, "quantize %dx%d", rows, cols);
     int64_t bad = -1;
     for (int64_t e = 0; e < n && bad < 0; e++) {
         uint8_t byte = q.codes[e / 2], got = e % 2 ? byte >> 4 : byte & 15;
@@ -154,13 +154,13 @@ static void test_matmul(const KnOps *ops, KnCtx *ctx) {
     for (int i = 0; i < rows * cols; i++) w[i] = gauss();
     KnNf4 q;
     GfError err;
-    CHECK(kn_nf4_quantize(&q, (KnMatrix){w, KN_F32, rows, cols, 0}, &err) == GF_OK, "quantize");
+    CHECK(kn_nf4_quantize(&q, (KnMatrix){w, KN_F32, rows, cols, 0, 0}, &err) == GF_OK, "quantize");
     kn_nf4_dequantize(&q, 0, (int64_t)rows * cols, deq);
     float *x = malloc((size_t)n * cols * sizeof *x), *dy = malloc((size_t)n * rows * sizeof *dy);
     for (int i = 0; i < n * cols; i++) x[i] = gauss();
     for (int i = 0; i < n * rows; i++) dy[i] = gauss();
     float *y4 = malloc((size_t)n * rows * sizeof *y4), *yf = malloc((size_t)n * rows * sizeof *yf);
-    KnMatrix m4 = kn_nf4_matrix(&q, 0, rows, cols), mf = {deq, KN_F32, rows, cols, 0};
+    KnMatrix m4 = kn_nf4_matrix(&q, 0, rows, cols), mf = {deq, KN_F32, rows, cols, 0, 0};
     ops->matmul(ctx, y4, x, m4, n);
     ops->matmul(ctx, yf, x, mf, n);
     CHECK(max_rel(y4, yf, (size_t)n * rows) < 1e-6, "NF4 matmul equals dequantize-then-matmul");

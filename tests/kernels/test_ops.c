@@ -53,8 +53,8 @@ static void test_matmul(Dev *d) {
                 ref[i * rows + o] = acc;
             }
         float *y = malloc(F(n * rows)), *dy = dev_poisoned(d, F(n * rows)), *dx = dev_put(d, x, F(n * cols));
-        KnMatrix mf = {dev_put(d, wf, F(rows * cols)), KN_F32, rows, cols, 0};
-        KnMatrix mb = {dev_put(d, wb, (size_t)rows * cols * 2), KN_BF16, rows, cols, 0};
+        KnMatrix mf = {dev_put(d, wf, F(rows * cols)), KN_F32, rows, cols, 0, 0};
+        KnMatrix mb = {dev_put(d, wb, (size_t)rows * cols * 2), KN_BF16, rows, cols, 0, 0};
         d->be.ops->matmul(&d->be.ctx, dy, dx, mf, n);
         dev_get(d, y, dy, F(n * rows));
         EXPECT_CLOSE(y, ref, (size_t)n * rows, 1e-5, "matmul f32 %dx%d n=%d", rows, cols, n);
@@ -97,14 +97,14 @@ static void test_matmul_split(Dev *d) {
         uint16_t *wb = malloc(nw * 2);
         for (size_t i = 0; i < nw; i++) wb[i] = kn_f32_to_bf16(wf[i]);
         KnNf4 q, qd;
-        CHECK(kn_nf4_quantize(&q, (KnMatrix){wf, KN_F32, rows, cols, 0}, &(GfError){0}) == GF_OK, "quantize");
+        CHECK(kn_nf4_quantize(&q, (KnMatrix){wf, KN_F32, rows, cols, 0, 0}, &(GfError){0}) == GF_OK, "quantize");
         nf4_on_device(d, &q, &qd);
         float *dwf = dev_put(d, wf, F(nw));
         uint16_t *dwb = dev_put(d, wb, nw * 2);
         float *dxv = dev_put(d, x, F(n * cols)), *dg = dev_put(d, g, F(n * rows));
         for (int kind = 0; kind < 3; kind++) {
-            KnMatrix w = kind == 0 ? (KnMatrix){dwf, KN_F32, rows, cols, 0}
-                       : kind == 1 ? (KnMatrix){dwb, KN_BF16, rows, cols, 0} : kn_nf4_matrix(&qd, 0, rows, cols);
+            KnMatrix w = kind == 0 ? (KnMatrix){dwf, KN_F32, rows, cols, 0, 0}
+                       : kind == 1 ? (KnMatrix){dwb, KN_BF16, rows, cols, 0, 0} : kn_nf4_matrix(&qd, 0, rows, cols);
             float *y = malloc(F(n * rows)), *y1 = malloc(F(n * rows)), *gx = malloc(F(n * cols)), *gx1 = malloc(F(n * cols));
             float *dy = dev_poisoned(d, F(n * rows)), *ddx = dev_put(d, dx0, F(n * cols));
             d->be.ops->matmul(&d->be.ctx, dy, dxv, w, n);
@@ -115,8 +115,8 @@ static void test_matmul_split(Dev *d) {
              * one-row view, by address or, for NF4, by offset) */
             float *dy1 = dev_poisoned(d, F(1)), *dgo = dev_alloc(d, F(1)), *ddx1 = dev_put(d, dx0, F(n * cols));
             for (int o = 0; o < rows; o++) {
-                KnMatrix wo = kind == 0 ? (KnMatrix){dwf + (size_t)o * cols, KN_F32, 1, cols, 0}
-                            : kind == 1 ? (KnMatrix){dwb + (size_t)o * cols, KN_BF16, 1, cols, 0}
+                KnMatrix wo = kind == 0 ? (KnMatrix){dwf + (size_t)o * cols, KN_F32, 1, cols, 0, 0}
+                            : kind == 1 ? (KnMatrix){dwb + (size_t)o * cols, KN_BF16, 1, cols, 0, 0}
                                         : kn_nf4_matrix(&qd, (int64_t)o * cols, 1, cols);
                 for (int i = 0; i < n; i++) {
                     d->be.ops->matmul(&d->be.ctx, dy1, dxv + (size_t)i * cols, wo, 1);
@@ -153,7 +153,7 @@ static void test_matmul_bf16(void) {
         float *wf = rand_vec((size_t)rows * cols + extra), *x = rand_vec((size_t)n * cols), *g = rand_vec((size_t)n * rows);
         uint16_t *wb = malloc(((size_t)rows * cols + extra) * 2), *wh = malloc((size_t)rows * cols * 2);
         KnNf4 q, qd;
-        KnMatrix whole = {wf, KN_F32, 1, (int64_t)rows * cols + extra, 0};
+        KnMatrix whole = {wf, KN_F32, 1, (int64_t)rows * cols + extra, 0, 0};
         CHECK(kn_nf4_quantize(&q, whole, &(GfError){0}) == GF_OK, "quantize");
         float *wq = malloc(((size_t)rows * cols + extra) * sizeof *wq);
         kn_nf4_dequantize(&q, 0, (int64_t)rows * cols + extra, wq);
@@ -161,9 +161,9 @@ static void test_matmul_bf16(void) {
         for (int i = 0; i < rows * cols; i++) wh[i] = kn_f32_to_f16(wf[i]);
         for (int i = 0; i < rows * cols + extra; i++) wb[i] = kn_f32_to_bf16(wf[i]);
         struct { KnMatrix m; const char *name; } ws[] = {
-            {{dev_put(&d, wf, F(rows * cols)), KN_F32, rows, cols, 0}, "f32"},
-            {{dev_put(&d, wh, (size_t)rows * cols * 2), KN_F16, rows, cols, 0}, "f16"},
-            {{dev_put(&d, wb, (size_t)rows * cols * 2), KN_BF16, rows, cols, 0}, "bf16"},
+            {{dev_put(&d, wf, F(rows * cols)), KN_F32, rows, cols, 0, 0}, "f32"},
+            {{dev_put(&d, wh, (size_t)rows * cols * 2), KN_F16, rows, cols, 0, 0}, "f16"},
+            {{dev_put(&d, wb, (size_t)rows * cols * 2), KN_BF16, rows, cols, 0, 0}, "bf16"},
             {kn_nf4_matrix(&qd, extra, rows, cols), "nf4"},
         };
         float *dx = dev_put(&d, x, F(n * cols)), *dg = dev_put(&d, g, F(n * rows));
@@ -200,6 +200,59 @@ static void test_matmul_bf16(void) {
         CHECK(d.be.ops->synchronize(&d.be.ctx, &err) == GF_OK, "bf16 matmuls: %s", err.message);
         kn_nf4_free(&q);
         free(wf); free(x); free(g); free(wb); free(wh); free(wq); free(y); free(gx); free(ref); free(refx);
+        dev_reset(&d);
+    }
+    dev_close(&d);
+}
+
+/* An exact matrix (tensor.h: the MoE router's) in the BF16 precision: its
+ * matmul and matmul_dx keep float32 operands, within 1e-5 of the double
+ * products where bf16 operands miss by about 1e-3, and each row of a call
+ * is the bits of that row alone, so a token picks its experts whatever
+ * its batch. The router's shape at 128 experts, and an odd one. */
+static void test_matmul_exact(void) {
+    Dev d;
+    if (!dev_open_at(&d, KN_DEVICE_CUDA, 1, KN_PRECISION_BF16)) return;
+    int shapes[][3] = {{128, 2816, 64}, {128, 5376, 3}, {4, 64, 19}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
+        float *wf = rand_vec((size_t)rows * cols), *x = rand_vec((size_t)n * cols), *g = rand_vec((size_t)n * rows);
+        uint16_t *wb = malloc((size_t)rows * cols * 2);
+        for (int i = 0; i < rows * cols; i++) { wb[i] = kn_f32_to_bf16(wf[i]); wf[i] = kn_bf16_to_f32(wb[i]); }
+        double *ref = malloc((size_t)n * rows * sizeof *ref), *refx = malloc((size_t)n * cols * sizeof *refx);
+        for (int i = 0; i < n; i++) {
+            for (int o = 0; o < rows; o++) {
+                double acc = 0;
+                for (int c = 0; c < cols; c++) acc += (double)x[i * cols + c] * wf[(size_t)o * cols + c];
+                ref[i * rows + o] = acc;
+            }
+            for (int c = 0; c < cols; c++) {
+                double acc = 0;
+                for (int o = 0; o < rows; o++) acc += (double)g[i * rows + o] * wf[(size_t)o * cols + c];
+                refx[i * cols + c] = acc;
+            }
+        }
+        KnMatrix w = {dev_put(&d, wb, (size_t)rows * cols * 2), KN_BF16, rows, cols, 0, 1};
+        float *dx = dev_put(&d, x, F(n * cols)), *dg = dev_put(&d, g, F(n * rows));
+        float *dy = dev_poisoned(&d, F(n * rows)), *ddx = dev_alloc(&d, F(n * cols)), *dy1 = dev_poisoned(&d, F(rows));
+        float *y = malloc(F(n * rows)), *y1 = malloc(F(rows)), *gx = malloc(F(n * cols));
+        d.be.ops->matmul(&d.be.ctx, dy, dx, w, n);
+        dev_get(&d, y, dy, F(n * rows));
+        EXPECT_CLOSE(y, ref, (size_t)n * rows, 1e-5, "exact matmul in bf16 %dx%d n=%d", rows, cols, n);
+        int same = 1;
+        for (int i = 0; i < n; i++) {
+            d.be.ops->matmul(&d.be.ctx, dy1, dx + (size_t)i * cols, w, 1);
+            dev_get(&d, y1, dy1, F(rows));
+            same &= memcmp(y1, y + (size_t)i * rows, F(rows)) == 0;
+        }
+        CHECK(same, "exact matmul in bf16 %dx%d: each of %d rows the bits of that row alone", rows, cols, n);
+        d.be.ops->memset(&d.be.ctx, ddx, 0, F(n * cols));
+        d.be.ops->matmul_dx(&d.be.ctx, ddx, dg, w, n);
+        dev_get(&d, gx, ddx, F(n * cols));
+        EXPECT_CLOSE(gx, refx, (size_t)n * cols, 1e-5, "exact matmul_dx in bf16 %dx%d n=%d", rows, cols, n);
+        GfError err;
+        CHECK(d.be.ops->synchronize(&d.be.ctx, &err) == GF_OK, "exact matmuls: %s", err.message);
+        free(wf); free(x); free(g); free(wb); free(ref); free(refx); free(y); free(y1); free(gx);
         dev_reset(&d);
     }
     dev_close(&d);
@@ -855,7 +908,7 @@ static void test_matmul_rmsnorm_gelu_dx(Dev *d) {
         for (int i = 0; i < n * cols; i++) g[i] += dx0[i]; /* accumulates */
         float *ddx = dev_put(d, dx, F(n * cols));
         d->be.ops->matmul_dx(&d->be.ctx, ddx, dev_put(d, dy, F(n * rows)),
-                             (KnMatrix){dev_put(d, w, F(rows * cols)), KN_F32, rows, cols, 0}, n);
+                             (KnMatrix){dev_put(d, w, F(rows * cols)), KN_F32, rows, cols, 0, 0}, n);
         dev_get(d, dx, ddx, F(n * cols));
         EXPECT_CLOSE(dx, g, (size_t)n * cols, 1e-5, "matmul_dx %dx%d n=%d", rows, cols, n);
         free(w); free(x); free(dy); free(dx); free(dx0); free(g);
@@ -1248,7 +1301,7 @@ static void test_kv_store_embed_rows(Dev *d) {
     float *tf = rand_vec((size_t)V * C), out[4 * 9];
     for (int i = 0; i < V * C; i++) tb[i] = kn_f32_to_bf16(tf[i]);
     float *dout = dev_poisoned(d, sizeof out);
-    d->be.ops->embed_rows(&d->be.ctx, dout, (KnMatrix){dev_put(d, tb, (size_t)V * C * 2), KN_BF16, V, C, 0},
+    d->be.ops->embed_rows(&d->be.ctx, dout, (KnMatrix){dev_put(d, tb, (size_t)V * C * 2), KN_BF16, V, C, 0, 0},
                           dev_put(d, ids, sizeof ids), 4, 2.5f);
     dev_get(d, out, dout, sizeof out);
     double ref[4 * 9];
@@ -1282,7 +1335,7 @@ static void test_mapped_table(Dev *d) {
     int32_t ids[N] = {36, 0, 17, 36, 5};
     float out[N * C];
     float *dout = dev_poisoned(d, sizeof out);
-    d->be.ops->embed_rows(&d->be.ctx, dout, (KnMatrix){buf->data, KN_BF16, V, C, 0}, dev_put(d, ids, sizeof ids), N, 1.0f);
+    d->be.ops->embed_rows(&d->be.ctx, dout, (KnMatrix){buf->data, KN_BF16, V, C, 0, 0}, dev_put(d, ids, sizeof ids), N, 1.0f);
     dev_get(d, out, dout, sizeof out);
     int same = 1;
     for (int i = 0; i < N; i++)
@@ -1962,8 +2015,8 @@ static void test_moe(Dev *d) {
     }
     CHECK(ok, "moe_route picks the most probable experts, lower index first among equals%s", "");
     EXPECT_CLOSE(coef, refc, MN * MK, 1e-6, "moe_route coefficients%s", "");
-    KnMatrix mgu = {dev_put(d, gate_up, F(ME * 2 * MI * MH)), KN_F32, ME * 2 * MI, MH, 0};
-    KnMatrix mdown = {dev_put(d, down, F(ME * MH * MI)), KN_F32, ME * MH, MI, 0};
+    KnMatrix mgu = {dev_put(d, gate_up, F(ME * 2 * MI * MH)), KN_F32, ME * 2 * MI, MH, 0, 0};
+    KnMatrix mdown = {dev_put(d, down, F(ME * MH * MI)), KN_F32, ME * MH, MI, 0, 0};
     float *dx = dev_put(d, x, F(MN * MH)), *dy = dev_poisoned(d, F(MN * MH)), *gu = dev_alloc(d, F(MN * MK * 2 * MI));
     float *mm = dev_alloc(d, F(MN * MK * MI)), *yk = dev_alloc(d, F(MN * MK * MH)), y[MN * MH];
     d->be.ops->moe_experts(&d->be.ctx, dy, dx, didx, dcoef, gu, mm, yk, MN, MK, mgu, mdown);
@@ -2059,7 +2112,7 @@ static void test_moe_grouped_at(Dev *d, double tol) {
     for (size_t i = 0; i < ngu; i++) gate_up[i] = kn_bf16_to_f32(gub[i] = kn_f32_to_bf16(gate_up[i]));
     for (size_t i = 0; i < ndown; i++) down[i] = kn_bf16_to_f32(downb[i] = kn_f32_to_bf16(down[i]));
     KnNf4 q[2], qd[2];
-    KnMatrix whole[2] = {{gate_up, KN_F32, GE * 2 * GI, GH, 0}, {down, KN_F32, GE * GH, GI, 0}};
+    KnMatrix whole[2] = {{gate_up, KN_F32, GE * 2 * GI, GH, 0, 0}, {down, KN_F32, GE * GH, GI, 0, 0}};
     float *deq[2] = {malloc(ngu * sizeof(float)), malloc(ndown * sizeof(float))};
     for (int m = 0; m < 2; m++) {
         CHECK(kn_nf4_quantize(&q[m], whole[m], &(GfError){0}) == GF_OK, "quantize the experts");
@@ -2080,8 +2133,8 @@ static void test_moe_grouped_at(Dev *d, double tol) {
     float *dcoef = dev_put(d, coef, sizeof coef), *dx = dev_put(d, x, F(GN * GH)), *dgy = dev_put(d, gy, F(GN * GH));
     float y[GN * GH], gx[GN * GH], gc[GN * GK];
     struct { KnMatrix gu, down; const char *name; } kinds[] = {
-        {{dev_put(d, gate_up, F(ngu)), KN_F32, GE * 2 * GI, GH, 0}, {dev_put(d, down, F(ndown)), KN_F32, GE * GH, GI, 0}, "f32"},
-        {{dev_put(d, gub, ngu * 2), KN_BF16, GE * 2 * GI, GH, 0}, {dev_put(d, downb, ndown * 2), KN_BF16, GE * GH, GI, 0}, "bf16"},
+        {{dev_put(d, gate_up, F(ngu)), KN_F32, GE * 2 * GI, GH, 0, 0}, {dev_put(d, down, F(ndown)), KN_F32, GE * GH, GI, 0, 0}, "f32"},
+        {{dev_put(d, gub, ngu * 2), KN_BF16, GE * 2 * GI, GH, 0, 0}, {dev_put(d, downb, ndown * 2), KN_BF16, GE * GH, GI, 0, 0}, "bf16"},
         {kn_nf4_matrix(&qd[0], 0, GE * 2 * GI, GH), kn_nf4_matrix(&qd[1], 0, GE * GH, GI), "nf4"},
     };
     for (size_t b = 0; b < sizeof kinds / sizeof *kinds; b++) {
@@ -2210,7 +2263,7 @@ static void test_vision_ops(Dev *d) {
     EXPECT_CLOSE(got, ref, 3 * D, 1e-6, "rows_sum, skipping -1%s", "");
     int32_t ids[N] = {3, -1, 0, 3, 1, -1, 2};
     float *table = rand_vec(4 * D), *dxv = dev_put(d, x, F(N * D));
-    d->be.ops->embed_rows_add(&d->be.ctx, dxv, (KnMatrix){dev_put(d, table, F(4 * D)), KN_F32, 4, D, 0},
+    d->be.ops->embed_rows_add(&d->be.ctx, dxv, (KnMatrix){dev_put(d, table, F(4 * D)), KN_F32, 4, D, 0, 0},
                               dev_put(d, ids, sizeof ids), N, dev_alloc(d, F(D)));
     dev_get(d, got, dxv, F(N * D));
     for (int i = 0; i < N; i++)
@@ -2821,7 +2874,7 @@ static void real_matmul(Dev *devs, int rows, int cols, int n) {
     uint16_t *wb = malloc(nw * 2);
     for (size_t i = 0; i < nw; i++) wb[i] = kn_f32_to_bf16(wf[i]);
     KnNf4 q;
-    CHECK(kn_nf4_quantize(&q, (KnMatrix){wf, KN_F32, rows, cols, 0}, &(GfError){0}) == GF_OK, "quantize");
+    CHECK(kn_nf4_quantize(&q, (KnMatrix){wf, KN_F32, rows, cols, 0, 0}, &(GfError){0}) == GF_OK, "quantize");
     float *y[REAL_DEVS], *dx[REAL_DEVS];
     for (int kind = 0; kind < 2; kind++) {
         for (int v = 0; v < REAL_DEVS; v++) {
@@ -2829,7 +2882,7 @@ static void real_matmul(Dev *devs, int rows, int cols, int n) {
             KnNf4 qd;
             KnMatrix w;
             if (kind == 0) {
-                w = (KnMatrix){dev_put(d, wb, nw * 2), KN_BF16, rows, cols, 0};
+                w = (KnMatrix){dev_put(d, wb, nw * 2), KN_BF16, rows, cols, 0, 0};
             } else {
                 nf4_on_device(d, &q, &qd);
                 w = kn_nf4_matrix(&qd, 0, rows, cols);
@@ -3014,8 +3067,8 @@ static void real_moe(Dev *devs) {
     float *y[REAL_DEVS], *dx[REAL_DEVS], dc[REAL_DEVS][RN * RK];
     for (int v = 0; v < REAL_DEVS; v++) {
         Dev *d = &devs[v];
-        KnMatrix mgu = {dev_put(d, gub, ngu * 2), KN_BF16, RE * 2 * RI, RH, 0};
-        KnMatrix mdown = {dev_put(d, downb, ndown * 2), KN_BF16, RE * RH, RI, 0};
+        KnMatrix mgu = {dev_put(d, gub, ngu * 2), KN_BF16, RE * 2 * RI, RH, 0, 0};
+        KnMatrix mdown = {dev_put(d, downb, ndown * 2), KN_BF16, RE * RH, RI, 0, 0};
         int32_t *didx = dev_put(d, idx, sizeof idx);
         float *dcoef = dev_put(d, coef, sizeof coef), *dy = dev_poisoned(d, F(RN * RH));
         float *gu = dev_poisoned(d, F(RN * RK * 2 * RI)), *mm = dev_poisoned(d, F(RN * RK * RI));
@@ -3065,7 +3118,7 @@ static void nf4_quantize_at(Dev *d, int rows, int cols, KnDtype dtype, const flo
         if (dtype == KN_F32) ((float *)stored)[i] = wf[i];
         else ((uint16_t *)stored)[i] = dtype == KN_BF16 ? kn_f32_to_bf16(wf[i]) : kn_f32_to_f16(wf[i]);
     }
-    KnMatrix hw = {stored, dtype, rows, cols, 0};
+    KnMatrix hw = {stored, dtype, rows, cols, 0, 0};
     KnNf4 host, dev = {0};
     CHECK(kn_nf4_quantize(&host, hw, &(GfError){0}) == GF_OK, "host quantize %dx%d", rows, cols);
     kn_nf4_shape(&dev, n);
@@ -3073,7 +3126,7 @@ static void nf4_quantize_at(Dev *d, int rows, int cols, KnDtype dtype, const flo
     dev.absmax_q = dev_poisoned(d, (size_t)dev.n_blocks);
     dev.group_scale = dev_poisoned(d, (size_t)dev.n_groups * sizeof(float));
     dev.offset = NAN;
-    KnMatrix dw = {dev_put(d, stored, (size_t)n * es), dtype, rows, cols, 0};
+    KnMatrix dw = {dev_put(d, stored, (size_t)n * es), dtype, rows, cols, 0, 0};
     d->be.ops->nf4_quantize(&d->be.ctx, &dev, dw, dev_poisoned(d, kn_nf4_scratch_bytes(n)));
     CHECK(d->be.ops->synchronize(&d->be.ctx, &(GfError){0}) == GF_OK, "nf4_quantize %dx%d ran", rows, cols);
     CHECK(nf4_same(d, &dev, &host), "%s: nf4_quantize %dx%d from %s: the host's bits", d->be.name, rows, cols,
@@ -3178,13 +3231,13 @@ static void test_matmul_simd(Dev *d) {
         uint16_t *wb = malloc(nw * 2);
         for (size_t i = 0; i < nw; i++) wb[i] = kn_f32_to_bf16(wf[i]);
         KnNf4 q, qd;
-        CHECK(kn_nf4_quantize(&q, (KnMatrix){wf, KN_F32, rows, cols, 0}, &(GfError){0}) == GF_OK, "quantize");
+        CHECK(kn_nf4_quantize(&q, (KnMatrix){wf, KN_F32, rows, cols, 0, 0}, &(GfError){0}) == GF_OK, "quantize");
         nf4_on_device(d, &q, &qd);
         float *dwf = dev_put(d, wf, F(nw)), *dxv = dev_put(d, x, F(n * cols)), *dg = dev_put(d, g, F(n * rows));
         uint16_t *dwb = dev_put(d, wb, nw * 2);
         for (int kind = 0; kind < 4; kind++) {
-            KnMatrix w = kind == 0 ? (KnMatrix){dwf, KN_F32, rows, cols, 0}
-                       : kind == 1 ? (KnMatrix){dwb, KN_BF16, rows, cols, 0}
+            KnMatrix w = kind == 0 ? (KnMatrix){dwf, KN_F32, rows, cols, 0, 0}
+                       : kind == 1 ? (KnMatrix){dwb, KN_BF16, rows, cols, 0, 0}
                        : kind == 2 ? kn_nf4_matrix(&qd, 0, rows, cols) : kn_nf4_matrix(&qd, cols, rows - 1, cols);
             int wr = (int)w.rows;
             if (wr == 0) continue;
@@ -3295,6 +3348,7 @@ int main(void) {
     test_precision();
     test_scratch_bytes();
     test_matmul_bf16();
+    test_matmul_exact();
     test_moe_grouped_bf16();
     test_real_shapes();
     test_attention_two_contexts();
