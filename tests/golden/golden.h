@@ -12,15 +12,20 @@
 #define GOLDEN_LOGITS_REL 1e-3
 /* KV-cache decoding against the full forward: the same limit */
 #define GOLDEN_KV_REL 1e-3
-/* either under the BF16 precision (bf16 matmul operands, CUDA's production
- * mode; ops.h KnPrecision): against the golden, 2e-2 relative L2 error
- * (golden_rel_l2), the metric of the op tests (test_batch holds two runs
- * of this engine to it as max abs error of max |logit|). Not of max |ref|: one token whose rounding is
- * amplified by later layers sets the max. The reference's own numpy
- * re-implementation with every matmul operand rounded to bf16 (as the
- * precision defines) misses the fp32 golden logits by 2.3e-2 and 3.1e-2 of
- * max |ref| on the ple rows, 1.7e-2 and 1.6e-2 in relative L2. */
+/* the BF16 precision (bf16 matmul operands, CUDA's production mode; ops.h
+ * KnPrecision) where the reference is float32 math: decoding (whose GEMV
+ * keeps x in float32) against the golden, 2e-2 relative L2 (golden_rel_l2);
+ * test_batch holds two runs of this engine to it as max abs error of max
+ * |logit|. A bf16 prefill is held to its own golden instead (below): the
+ * rounding alone moves the ple model's logits 2.3e-2 in relative L2 from
+ * the float32 golden, the moe model's 0.2 (a token sent to another expert) */
 #define GOLDEN_BF16_REL 2e-2
+/* the BF16 precision against its own golden (tools/gen_bf16_golden.py: the
+ * numpy reference with the same rounding, forward_text_bf16.safetensors):
+ * 1e-2 relative L2, the op tests' bound in bf16. What remains is the order
+ * of the float32 sums and the operands that it tips over a rounding
+ * boundary; the same reference with float64 sums moves by 1e-4 to 3e-3 */
+#define GOLDEN_BF16_PREC_REL 1e-2
 
 /* Max abs error of got vs ref over the entries where use (may be NULL) is
  * set, divided by max |ref| there. */

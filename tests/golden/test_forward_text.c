@@ -22,6 +22,8 @@ typedef struct {
     int32_t *ids;       /* [B, T] */
     uint8_t *valid;     /* [B, T] */
     const float *hidden, *logits;
+    SafeTensors st16;   /* forward_text_bf16.safetensors (tools/gen_bf16_golden.py), read in bf16 */
+    const float *hidden16, *logits16;
 } Golden;
 
 static const float *f32(const SafeTensors *st, const char *name) {
@@ -50,22 +52,33 @@ static int load_golden(const char *path, Golden *g) {
     return g->hidden && g->logits ? 0 : -1;
 }
 
-/* got against ref (fp32 results: the golden, or this model's own full
- * forward): in fp32 max abs error <= fp32_limit of max |ref|; in the BF16
- * precision relative L2 <= GOLDEN_BF16_REL (golden.h). An MoE model in
- * bf16 is reported, not held to it: rounding moves a token whose two best
- * router scores nearly tie to another expert, which moves its logits and,
- * through attention, the later positions' by more than any rounding bound
- * (GEMMA4.md §13; the numpy reference with bf16 operands misses the moe
- * golden logits by 0.4 of max |ref|). Its chunks' check is exact instead
- * (check_moe_chunks). Returns 1 when within (or not held). */
-static int compare(const Model *m, const char *what, const float *got, const float *ref, size_t n, size_t stride,
-                   const uint8_t *use, double fp32_limit) {
-    if (model_backend(m)->ctx.precision != KN_PRECISION_BF16) return golden_report(what, got, ref, n, stride, use, fp32_limit);
-    int ok = golden_report_l2(what, got, ref, n, stride, use, GOLDEN_BF16_REL);
-    if (!model_config(m)->text.moe || ok) return ok;
-    printf("%-40s not held in bf16: MoE routing (GEMMA4.md 13)\n", what);
-    return 1;
+/* The BF16 precision's golden forward beside path's (forward_text.safetensors
+ * -> forward_text_bf16.safetensors), shapes checked against the float32 one. */
+static int load_golden_bf16(const char *path, Golden *g) {
+    char p16[700];
+    GfError err;
+    size_t n = strlen(path) - strlen(".safetensors");
+    snprintf(p16, sizeof p16, "%.*s_bf16.safetensors", (int)n, path);
+    if (safetensors_open(p16, "forward_text_bf16", &g->st16, &err)) { fprintf(stderr, "%s\n", err.message); return -1; }
+    const StTensor *a = safetensors_find(&g->st, "logits"), *b = safetensors_find(&g->st16, "logits");
+    const StTensor *c = safetensors_find(&g->st, "hidden_states"), *d = safetensors_find(&g->st16, "hidden_states");
+    if (!a || !b || !c || !d || a->n_bytes != b->n_bytes || c->n_bytes != d->n_bytes) return -1;
+    g->hidden16 = f32(&g->st16, "hidden_states");
+    g->logits16 = f32(&g->st16, "logits");
+    return g->hidden16 && g->logits16 ? 0 : -1;
+}
+
+static int bf16(const Model *m) { return model_backend(m)->ctx.precision == KN_PRECISION_BF16; }
+
+/* A full forward's got against its golden: in fp32 the float32 golden, max
+ * abs error <= fp32_limit of max |ref|; in the BF16 precision the golden of
+ * that precision (ref16: bf16 matmul operands, float32 sums, an exact
+ * prefill attention and MoE router), relative L2 <= GOLDEN_BF16_PREC_REL
+ * (golden.h), the MoE model too: its routing is the reference's. */
+static int compare(const Model *m, const char *what, const float *got, const float *ref, const float *ref16, size_t n,
+                   size_t stride, const uint8_t *use, double fp32_limit) {
+    if (!bf16(m)) return golden_report(what, got, ref, n, stride, use, fp32_limit);
+    return golden_report_l2(what, got, ref16, n, stride, use, GOLDEN_BF16_PREC_REL);
 }
 
 /* Full forward of row b; compares logits and every hidden state. */
@@ -85,7 +98,9 @@ static void check_row(Model *m, const Golden *g, int64_t b, float *logits_out, c
         /* golden hidden_states is [L+1, B, T, H] */
         memcpy(ref_h, g->hidden + ((j * g->B + b) * T) * H, (size_t)(T * H) * sizeof(float));
         snprintf(what, sizeof what, "%s row %lld hidden[%lld]", variant, (long long)b, (long long)j);
-        if (!compare(m, what, hidden + j * T * H, ref_h, (size_t)(T * H), (size_t)H, g->valid + b * T, GOLDEN_LOGITS_REL) &&
+        const float *ref16 = g->hidden16 ? g->hidden16 + ((j * g->B + b) * T) * H : NULL;
+        if (!compare(m, what, hidden + j * T * H, ref_h, ref16, (size_t)(T * H), (size_t)H, g->valid + b * T,
+                     GOLDEN_LOGITS_REL) &&
             first_bad < 0)
             first_bad = (int)j;
     }
@@ -93,8 +108,16 @@ static void check_row(Model *m, const Golden *g, int64_t b, float *logits_out, c
         printf("%s row %lld: first divergence at hidden_states[%d] = %s\n", variant, (long long)b, first_bad,
                first_bad == 0 ? "the embeddings" : first_bad == L ? "the final norm" : "the output of a decoder layer");
     snprintf(what, sizeof what, "%s row %lld logits", variant, (long long)b);
-    CHECK(compare(m, what, logits_out, g->logits + b * T * V, (size_t)(T * V), (size_t)V, g->valid + b * T, GOLDEN_LOGITS_REL),
+    CHECK(compare(m, what, logits_out, g->logits + b * T * V, g->logits16 ? g->logits16 + b * T * V : NULL,
+                  (size_t)(T * V), (size_t)V, g->valid + b * T, GOLDEN_LOGITS_REL),
           "%s logits", variant);
+    if (bf16(m) && g->logits16) { /* the precision it claims: nearer its own golden than float32's */
+        double to16 = golden_rel_l2(logits_out, g->logits16 + b * T * V, (size_t)(T * V), (size_t)V, g->valid + b * T);
+        double to32 = golden_rel_l2(logits_out, g->logits + b * T * V, (size_t)(T * V), (size_t)V, g->valid + b * T);
+        printf("%-40s rel L2 %.2e to the BF16 golden, %.2e to the float32 one\n", what, to16, to32);
+        CHECK(to16 < to32, "%s row %lld: bf16 logits nearer the float32 golden (%.2e) than the BF16 one (%.2e)", variant,
+              (long long)b, to32, to16);
+    }
     free(ref_h);
     free(hidden);
     kv_cache_free(&c);
@@ -116,7 +139,17 @@ static void check_kv_decoding(Model *m, const Golden *g, int64_t b, const float 
     }
     char what[96];
     snprintf(what, sizeof what, "%s row %lld kv-cache (prefill %lld)", variant, (long long)b, (long long)split);
-    CHECK(compare(m, what, logits, full, (size_t)(T * V), (size_t)V, g->valid + b * T, GOLDEN_KV_REL), "%s", what);
+    if (!bf16(m)) {
+        CHECK(golden_report(what, logits, full, (size_t)(T * V), (size_t)V, g->valid + b * T, GOLDEN_KV_REL), "%s", what);
+    } else {
+        /* a decode step's few rows take the GEMV, which does not round x:
+         * against the float32 golden (keys and values may be bf16), the MoE
+         * model reported, as rounded keys and values move its routing */
+        int ok = golden_report_l2(what, logits, g->logits + b * T * V, (size_t)(T * V), (size_t)V, g->valid + b * T,
+                                  GOLDEN_BF16_REL);
+        if (!ok && model_config(m)->text.moe) printf("%-40s not held in bf16: MoE routing (GEMMA4.md 13)\n", what);
+        else CHECK(ok, "%s", what);
+    }
     free(logits);
     kv_cache_free(&c);
 }
@@ -180,9 +213,10 @@ static void run_variant(const char *variant) {
     GfError err;
     ModelOptions opts = {.n_threads = 2, .quantize = MODEL_QUANT_NONE};
     CHECK_STATUS(model_open(dir, &opts, &m, &err), GF_OK, err);
-    Golden g;
+    Golden g = {0};
     CHECK(load_golden(path, &g) == 0, "%s golden file", variant);
     if (!m) return;
+    if (bf16(m)) CHECK(load_golden_bf16(path, &g) == 0, "%s: the BF16 precision's golden file", variant);
     int64_t V = model_config(m)->text.vocab_size;
     float *logits = malloc((size_t)(g.T * V) * sizeof(float));
     Model *m3 = NULL;
@@ -202,6 +236,7 @@ static void run_variant(const char *variant) {
     free(g.ids);
     free(g.valid);
     safetensors_close(&g.st);
+    if (g.logits16) safetensors_close(&g.st16);
     model_close(m);
 }
 
