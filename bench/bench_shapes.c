@@ -128,9 +128,21 @@ static int fill_ids(int32_t *ids, int n, uint64_t *rng) {
 
 /* A prompt per sequence, then n_new steps over the whole batch: greedy, or
  * (draw) each token drawn at temperature 1 within the nucleus 0.95, what
- * the sampler adds to a step. */
+ * the sampler adds to a step. The caches are the serving engine's: paged,
+ * blocks of 16 from one pool, bf16 keys and values where the model
+ * computes in bf16 (serve_config_default's), so that a step is one the
+ * server takes. */
 static void decode_case(Run *r, Model *m, const LoraBinding *lora, int B, const char *quant, int draw) {
-    const int prompt = 128;
+    const int prompt = 128, block = 16;
+    const int64_t cap = prompt + r->n_new + 8, blocks = (int64_t)B * ((cap + block - 1) / block);
+    const TextConfig *t = &model_config(m)->text;
+    int bf16 = model_backend(m)->ctx.precision == KN_PRECISION_BF16 && !kv_dtype_check(t, KN_BF16, NULL);
+    KvPool pool;
+    GfError perr = {0};
+    if (kv_pool_init(&pool, t, model_backend(m), bf16 ? KN_BF16 : KN_F32, block, blocks, blocks, &perr)) {
+        printf("{\"what\":\"decode\",\"quant\":\"%s\",\"batch\":%d,\"error\":\"%s\"}\n", quant, B, perr.message);
+        return;
+    }
     KvCache *c = calloc((size_t)B, sizeof *c);
     ModelSeq *seqs = calloc((size_t)B, sizeof *seqs);
     KnSampleRow *rows = calloc((size_t)B, sizeof *rows);
@@ -140,7 +152,7 @@ static void decode_case(Run *r, Model *m, const LoraBinding *lora, int B, const 
     int ok = 1;
     for (int i = 0; draw && i < B; i++) rows[i] = (KnSampleRow){.temperature = 1.0f, .top_p = 0.95f, .rng = 7u + (uint64_t)i};
     for (int i = 0; ok && i < B; i++) {
-        ok = !kv_cache_init(&c[i], &model_config(m)->text, model_backend(m), prompt + r->n_new + 8, &err);
+        ok = !kv_cache_init_paged(&c[i], &pool, cap, &err);
         fill_ids(ids + (size_t)i * prompt, prompt, &rng);
         seqs[i] = (ModelSeq){&c[i], {.ids = ids + (size_t)i * prompt, .n = prompt, .last_logits_only = 1, .lora = lora}};
     }
@@ -160,16 +172,18 @@ static void decode_case(Run *r, Model *m, const LoraBinding *lora, int B, const 
     } else {
         double step = (t2 - t1) / r->n_new, bytes = step_weight_bytes(m), gbs = bytes / step / 1e9;
         printf("{\"what\":\"decode\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"%s\",\"lora\":%s,\"sampling\":\"%s\",\"batch\":%d,"
-               "\"prompt\":%d,\"new_tokens\":%d,\"prefill_s\":%.4f,\"step_ms\":%.3f,\"tokens_per_s\":%.1f,"
+               "\"kv\":\"%s\",\"prompt\":%d,\"new_tokens\":%d,\"prefill_s\":%.4f,\"step_ms\":%.3f,\"tokens_per_s\":%.1f,"
                "\"weight_bytes_per_step\":%.0f,\"weight_gbs\":%.1f,\"roofline_share\":%.3f,"
                "\"graph_steps\":{\"recorded\":%llu,\"replayed\":%llu,\"resubmitted\":%llu,\"padded\":%llu}}\n",
-               r->s->name, r->n_layers, quant, lora ? "true" : "false", draw ? "t1_p0.95" : "greedy", B, prompt, r->n_new, t1 - t0, step * 1e3,
+               r->s->name, r->n_layers, quant, lora ? "true" : "false", draw ? "t1_p0.95" : "greedy", B,
+               bf16 ? "bf16" : "f32", prompt, r->n_new, t1 - t0, step * 1e3,
                B / step, bytes, gbs, r->copy_gbs > 0 ? gbs / r->copy_gbs : 0.0,
                (unsigned long long)(g1.recorded - g0.recorded), (unsigned long long)(g1.replayed - g0.replayed),
                (unsigned long long)(g1.resubmitted - g0.resubmitted), (unsigned long long)(g1.padded - g0.padded));
     }
     fflush(stdout);
     for (int i = 0; i < B; i++) kv_cache_free(&c[i]);
+    kv_pool_free(&pool);
     free(c);
     free(seqs);
     free(rows);
