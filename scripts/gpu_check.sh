@@ -38,6 +38,7 @@
 # For a lease of minutes (the lent machine's time is counted):
 #   GF_CHECK_UNTIL=EPOCH  no step starts after this time (date +%s), and a
 #                         running step is stopped at it (its log is kept)
+#   GF_CHECK_COMMIT=REV   the commit the summary names (git's HEAD otherwise)
 #   GF_CHECK_TAR=FILE     the logs, tarred again after every step, for a
 #                         device tool that returns a few files (and returns
 #                         them when the command is cut short)
@@ -184,6 +185,8 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
 fi
 
 echo
-echo "gpu_check $mode, $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%dT%H:%MZ), logs in $logs"
+# the commit: GF_CHECK_COMMIT when the caller names it (a tree copied to
+# the device may carry a .git older than its files), else git's
+echo "gpu_check $mode, ${GF_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}, $(date -u +%Y-%m-%dT%H:%MZ), logs in $logs"
 printf '%s\n' "${rows[@]}"
 exit $failed
