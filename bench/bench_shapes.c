@@ -16,8 +16,13 @@
  *            and TFLOP/s over the visible pairs
  *   train    QLoRA (NF4 base, rank 64 on q/k/v/o/gate/up/down, gradient
  *            checkpointing, AdamW): tokens/s, ms per step, the device memory
- *            the run took beside the jobs' estimate of it (trainer_memory
- *            less the base weights: estimate_gb), TFLOP/s counted as 4 x
+ *            the run took at its peak beyond what the process held when it
+ *            began (train_mem_gb: the least free memory over the steps and
+ *            every layer boundary of one more, untimed step) beside the jobs'
+ *            estimate of it (trainer_memory less the base weights:
+ *            estimate_gb), and beyond the free memory before the model was
+ *            opened (process_mem_gb: the weights, the device context and the
+ *            benches before it too), TFLOP/s counted as 4 x
  *            base linear parameters x tokens (forward and input gradients;
  *            the frozen base has no weight gradients) and, given
  *            --peak-tflops, that share of peak
@@ -230,6 +235,21 @@ static GfStatus train_step(Model *m, GradWorkspace *w, LoraBinding *b, AdamW *o,
     return sync_model(m, err) ? GF_DEVICE : GF_OK;
 }
 
+/* The least free device memory seen at a probe (device_free). */
+typedef struct {
+    const Model *m;
+    uint64_t min_free;
+} FreeProbe;
+
+static void probe_free(FreeProbe *p) {
+    uint64_t fr = device_free(p->m);
+    if (fr < p->min_free) p->min_free = fr;
+}
+
+/* The yield hook's form: at every layer boundary of a step (model_layer_done
+ * synchronizes first), so a step's peak is seen, not only its end's. */
+static void probe_free_hook(void *cls) { probe_free(cls); }
+
 static void bench_train(Run *r, Model *m, uint64_t free_before) {
     LoraAdapter *a = NULL;
     LoraBinding b = {0};
@@ -240,7 +260,8 @@ static void bench_train(Run *r, Model *m, uint64_t free_before) {
     uint64_t rng = 7;
     fill_ids(ids, r->batch * r->seq, &rng);
     double loss = 0, *times = calloc((size_t)r->steps, sizeof *times);
-    uint64_t min_free = UINT64_MAX;
+    FreeProbe probe = {m, UINT64_MAX};
+    uint64_t free_start = device_free(m); /* the weights, the context and the benches before held */
     int ok = !lora_create(m, TARGETS, 7, 64, 64.0, 0, 1, &a, &err) && !lora_bind(m, a, &b, &err) &&
              !lora_binding_grads(&b, &err) && !grad_workspace_new(m, r->seq, 64, &w, &err) &&
              !adamw_init(&o, &b, 0.9, 0.999, 1e-8, 0.0, &err) && !train_step(m, w, &b, &o, ids, r, &loss, &err);
@@ -248,9 +269,13 @@ static void bench_train(Run *r, Model *m, uint64_t free_before) {
         double t0 = gf_time_mono();
         ok = !train_step(m, w, &b, &o, ids, r, &loss, &err);
         times[k] = gf_time_mono() - t0;
-        uint64_t fr = device_free(m);
-        if (fr < min_free) min_free = fr;
+        probe_free(&probe);
     }
+    /* one more step, untimed, probed at every layer boundary (the hook
+     * synchronizes there, which the timed steps must not) */
+    model_set_yield(m, probe_free_hook, &probe);
+    if (ok) ok = !train_step(m, w, &b, &o, ids, r, &loss, &err);
+    model_set_yield(m, NULL, NULL);
     if (!ok) {
         printf("{\"what\":\"train\",\"model\":\"%s\",\"error\":\"%s\"}\n", r->s->name, err.message);
     } else {
@@ -266,11 +291,14 @@ static void bench_train(Run *r, Model *m, uint64_t free_before) {
         char mfu[32] = "null";
         if (r->peak_tflops > 0) snprintf(mfu, sizeof mfu, "%.4f", tflops / r->peak_tflops);
         printf("{\"what\":\"train\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"nf4\",\"rank\":64,\"batch\":%d,\"seq\":%d,"
-               "\"grad_ckpt\":true,\"step_s_median\":%.4f,\"tokens_per_s\":%.1f,\"device_mem_gb\":%.2f,"
-               "\"estimate_gb\":%.2f,\"trainable_m\":%.2f,\"tflops\":%.2f,\"peak_tflops\":%.1f,\"mfu\":%s,\"loss\":%.4f}\n",
+               "\"grad_ckpt\":true,\"step_s_median\":%.4f,\"tokens_per_s\":%.1f,\"train_mem_gb\":%.2f,"
+               "\"estimate_gb\":%.2f,\"process_mem_gb\":%.2f,\"trainable_m\":%.2f,\"tflops\":%.2f,"
+               "\"peak_tflops\":%.1f,\"mfu\":%s,\"loss\":%.4f}\n",
                r->s->name, r->n_layers, r->batch, r->seq, st, tokens / st,
-               free_before > min_free ? (double)(free_before - min_free) / 1e9 : 0.0,
-               (double)(tm.total - tm.weights) / 1e9, (double)b.n_params / 1e6, tflops,
+               free_start > probe.min_free ? (double)(free_start - probe.min_free) / 1e9 : 0.0,
+               (double)(tm.total - tm.weights) / 1e9,
+               free_before > probe.min_free ? (double)(free_before - probe.min_free) / 1e9 : 0.0,
+               (double)b.n_params / 1e6, tflops,
                r->peak_tflops, mfu, loss);
     }
     fflush(stdout);
