@@ -35,6 +35,11 @@
 # table is printed last, and each step's row as it ends. Exit status: 0 when
 # every step passed.
 #
+# Seen on the lent H200 (2026-12-04), to plan a lease: the build 32-38 s,
+# quick's ctest 67-70 s, e2e 23 s, profile 28 s, bench_shapes e4b 158 s,
+# the anchor's e4b:4:1024 and decode-e4b 140 s (its peak 20 s more),
+# bench_serve e4b 60 s; a fresh machine took about 35 s to start.
+#
 # For a lease of minutes (the lent machine's time is counted):
 #   GF_CHECK_UNTIL=EPOCH  no step starts after this time (date +%s), and a
 #                         running step is stopped at it (its log is kept)
