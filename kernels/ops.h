@@ -51,8 +51,10 @@ struct KnNf4; /* nf4.h */
  * bfloat16 on the tensor cores, float32 accumulation; CUDA's production
  * mode). The ops' activations, LoRA weights, gradients and optimizer state
  * stay float32 in both (what the engine keeps in bfloat16 between layers
- * it rounds with round_bf16 and rows_scatter_bf16). AUTO, only as an
- * option: BF16 on CUDA, else FP32. */
+ * it rounds with round_bf16 and rows_scatter_bf16). A matrix marked exact
+ * (tensor.h: the MoE router's) keeps float32 operands in both, in a sum
+ * order that does not depend on the row count. AUTO, only as an option:
+ * BF16 on CUDA, else FP32. */
 typedef enum { KN_PRECISION_AUTO = 0, KN_PRECISION_FP32, KN_PRECISION_BF16 } KnPrecision;
 
 /* The widest head whose keys and values attention_batch and attention_rows
