@@ -78,10 +78,6 @@ def bf16_precision(R):
     R.moe_block = moe_block  # attend stays exact: the prefill kernel's float32 sums
 
 
-def read_safetensors(R, path):
-    return R.load_safetensors(path)
-
-
 def write_safetensors(path, tensors):
     header, offset, blobs = {}, 0, []
     for name, arr in tensors.items():

@@ -67,6 +67,24 @@ static void test_matmul(Dev *d) {
     }
 }
 
+/* The double-precision references of a matmul and its input gradient over
+ * the weights wd[rows, cols]: ref[n, rows] = x W^T, refx[n, cols] = g W. */
+static void ref_products(const float *x, const float *g, const double *wd, int rows, int cols, int n, double *ref,
+                         double *refx) {
+    for (int i = 0; i < n; i++) {
+        for (int o = 0; o < rows; o++) {
+            double acc = 0;
+            for (int c = 0; c < cols; c++) acc += (double)x[i * cols + c] * wd[(size_t)o * cols + c];
+            ref[i * rows + o] = acc;
+        }
+        for (int c = 0; c < cols; c++) {
+            double acc = 0;
+            for (int o = 0; o < rows; o++) acc += (double)g[i * rows + o] * wd[(size_t)o * cols + c];
+            refx[i * cols + c] = acc;
+        }
+    }
+}
+
 /* The BF16 precision's matmul and matmul_dx (CUDA only) against the
  * double-precision products of the weights as stored (F32, F16, BF16 and
  * NF4, an NF4 slice at an offset too): within 1e-2 of the largest value,
@@ -174,18 +192,7 @@ static void test_matmul_bf16(void) {
             double *wd = malloc((size_t)rows * cols * sizeof *wd); /* the weights as stored, widened */
             for (size_t e = 0; e < (size_t)rows * cols; e++)
                 wd[e] = k == 0 ? wf[e] : k == 1 ? kn_f16_to_f32(wh[e]) : k == 2 ? kn_bf16_to_f32(wb[e]) : wq[e + extra];
-            for (int i = 0; i < n; i++) {
-                for (int o = 0; o < rows; o++) {
-                    double acc = 0;
-                    for (int c = 0; c < cols; c++) acc += (double)x[i * cols + c] * wd[(size_t)o * cols + c];
-                    ref[i * rows + o] = acc;
-                }
-                for (int c = 0; c < cols; c++) {
-                    double acc = 0;
-                    for (int o = 0; o < rows; o++) acc += (double)g[i * rows + o] * wd[(size_t)o * cols + c];
-                    refx[i * cols + c] = acc;
-                }
-            }
+            ref_products(x, g, wd, rows, cols, n, ref, refx);
             free(wd);
             d.be.ops->memset(&d.be.ctx, dy, 0xFF, F(n * rows));
             d.be.ops->matmul(&d.be.ctx, dy, dx, ws[k].m, n);
@@ -220,18 +227,10 @@ static void test_matmul_exact(void) {
         uint16_t *wb = malloc((size_t)rows * cols * 2);
         for (int i = 0; i < rows * cols; i++) { wb[i] = kn_f32_to_bf16(wf[i]); wf[i] = kn_bf16_to_f32(wb[i]); }
         double *ref = malloc((size_t)n * rows * sizeof *ref), *refx = malloc((size_t)n * cols * sizeof *refx);
-        for (int i = 0; i < n; i++) {
-            for (int o = 0; o < rows; o++) {
-                double acc = 0;
-                for (int c = 0; c < cols; c++) acc += (double)x[i * cols + c] * wf[(size_t)o * cols + c];
-                ref[i * rows + o] = acc;
-            }
-            for (int c = 0; c < cols; c++) {
-                double acc = 0;
-                for (int o = 0; o < rows; o++) acc += (double)g[i * rows + o] * wf[(size_t)o * cols + c];
-                refx[i * cols + c] = acc;
-            }
-        }
+        double *wd = malloc((size_t)rows * cols * sizeof *wd);
+        for (size_t e = 0; e < (size_t)rows * cols; e++) wd[e] = wf[e];
+        ref_products(x, g, wd, rows, cols, n, ref, refx);
+        free(wd);
         KnMatrix w = {dev_put(&d, wb, (size_t)rows * cols * 2), KN_BF16, rows, cols, 0, 1};
         float *dx = dev_put(&d, x, F(n * cols)), *dg = dev_put(&d, g, F(n * rows));
         float *dy = dev_poisoned(&d, F(n * rows)), *ddx = dev_alloc(&d, F(n * cols)), *dy1 = dev_poisoned(&d, F(rows));
