@@ -200,8 +200,10 @@ static void put_devsched(Text *t, DevSched *d) {
     put(t, "# HELP gf_device_training_yields_total Layer boundaries where a training job gave way to serving.\n"
            "# TYPE gf_device_training_yields_total counter\ngf_device_training_yields_total %llu\n"
            "# HELP gf_device_training_wait_seconds_total Time a training job waited for the device.\n"
-           "# TYPE gf_device_training_wait_seconds_total counter\ngf_device_training_wait_seconds_total %.6f\n",
-        (unsigned long long)s.train_yields, s.train_wait_s);
+           "# TYPE gf_device_training_wait_seconds_total counter\ngf_device_training_wait_seconds_total %.6f\n"
+           "# HELP gf_device_training_span_max_seconds The longest a training job held the device between layer boundaries.\n"
+           "# TYPE gf_device_training_span_max_seconds gauge\ngf_device_training_span_max_seconds %.6f\n",
+        (unsigned long long)s.train_yields, s.train_wait_s, s.train_span_max_s);
 }
 
 /* Base weights live in host memory (mapped, widened or NF4), which the

@@ -17,6 +17,7 @@ struct DevSched {
     int serve_waiting, train_waiting;
     double serve_since;       /* when the serving side began waiting */
     double held_since;
+    double span_since;        /* training: the start of its stretch since its last layer boundary */
     DevSchedStats st;
 };
 
@@ -43,7 +44,19 @@ static void take(DevSched *s, int side) {
     s->holder = side;
     s->granted = 0;
     s->held_since = s->now();
+    s->span_since = s->held_since;
     if (side == TRAIN) s->st.train_slices++;
+}
+
+/* Under mu, training holding the device: the stretch since its last layer
+ * boundary ends now. */
+static void span_end(DevSched *s) {
+    double t = s->now(), span = t - s->span_since;
+    if (span > s->st.train_span_max_s) {
+        s->st.train_span_max_s = span;
+        s->st.train_span_max_hold = s->st.train_holds;
+    }
+    s->span_since = t;
 }
 
 /* Under mu: the holder lets go, handing the device to the other side when
@@ -103,18 +116,23 @@ void devsched_serve_leave(DevSched *s) {
 
 void devsched_train_enter(DevSched *s) {
     pthread_mutex_lock(&s->mu);
+    s->st.train_holds++;
     train_wait(s);
     pthread_mutex_unlock(&s->mu);
 }
 
 void devsched_train_leave(DevSched *s) {
     pthread_mutex_lock(&s->mu);
-    if (s->holder == TRAIN && !s->granted) let_go(s);
+    if (s->holder == TRAIN && !s->granted) {
+        span_end(s);
+        let_go(s);
+    }
     pthread_mutex_unlock(&s->mu);
 }
 
 int devsched_train_point(DevSched *s) {
     pthread_mutex_lock(&s->mu);
+    if (s->holder == TRAIN && !s->granted) span_end(s);
     int yield = s->holder == TRAIN && !s->granted && s->serve_waiting > 0 && s->now() - s->serve_since >= s->max_wait;
     if (yield) {
         s->st.train_yields++;

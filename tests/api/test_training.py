@@ -383,6 +383,7 @@ def t_job_and_requests_share_the_device(binary):
         assert m["gf_device_serving_wait_bound_seconds"] == 0, m
         assert m['gf_device_serving_steps_total{waited="yes"}'] > 0, m
         assert m["gf_device_training_yields_total"] > 0, m
+        assert m["gf_device_training_span_max_seconds"] > 0, m
         assert m['gf_device_busy_seconds_total{user="training"}'] > 0, m
         assert m['gf_device_busy_seconds_total{user="serving"}'] > 0, m
         shared = [e["message"] for e in events(srv, job) if e["message"].startswith("device:")]

@@ -191,6 +191,44 @@ static void test_wait_bound(void) {
     CHECK(st.serve_waits == 1 && st.serve_wait_max_s == 5.0 && st.train_yields == 1 && st.serve_busy_s == 1.0,
           "figures: waited %.1f (max %.1f), %llu yields, serving busy %.1f", st.serve_wait_s, st.serve_wait_max_s,
           (unsigned long long)st.train_yields, st.serve_busy_s);
+    /* the stretches between boundaries: 0, 1, 3.5, 0.5, then 0 after the device came back at 106 */
+    CHECK(st.train_span_max_s == 3.5 && st.train_span_max_hold == 1 && st.train_holds == 1,
+          "longest training stretch %.2f in hold %llu of %llu", st.train_span_max_s,
+          (unsigned long long)st.train_span_max_hold, (unsigned long long)st.train_holds);
+    devsched_free(s);
+}
+
+/* The longest stretch training held the device without a layer boundary,
+ * and which hold it was in: an enter to a boundary, boundary to boundary,
+ * a boundary to the leave all count. */
+static void test_spans(void) {
+    GfError err;
+    atomic_store(&g_now, 10.0);
+    DevSched *s = devsched_new(0, fake_now, &err);
+    TrainHold t;
+    train_start(&t, s); /* hold 1: enter at 10, boundary at 12, leave at 13 */
+    EVENTUALLY(atomic_load(&t.entered));
+    atomic_store(&g_now, 12.0);
+    train_point(&t);
+    atomic_store(&g_now, 13.0);
+    train_finish(&t);
+    CHECK(stats(s).train_span_max_s == 2.0 && stats(s).train_span_max_hold == 1, "hold 1: enter to its boundary, 2");
+    atomic_store(&g_now, 20.0);
+    train_start(&t, s); /* hold 2: enter at 20, boundary at 21, leave at 28 */
+    EVENTUALLY(atomic_load(&t.entered));
+    atomic_store(&g_now, 21.0);
+    train_point(&t);
+    atomic_store(&g_now, 28.0);
+    train_finish(&t);
+    atomic_store(&g_now, 30.0);
+    train_start(&t, s); /* hold 3: 30 to 31 */
+    EVENTUALLY(atomic_load(&t.entered));
+    atomic_store(&g_now, 31.0);
+    train_finish(&t);
+    DevSchedStats st = stats(s);
+    CHECK(st.train_span_max_s == 7.0 && st.train_span_max_hold == 2 && st.train_holds == 3,
+          "the longest stretch: %.1f in hold %llu of %llu (7 in hold 2 of 3)", st.train_span_max_s,
+          (unsigned long long)st.train_span_max_hold, (unsigned long long)st.train_holds);
     devsched_free(s);
 }
 
@@ -226,5 +264,6 @@ int main(void) {
     test_idle_and_priority();
     test_wait_bound();
     test_alternation();
+    test_spans();
     return check_done("test_devsched");
 }
