@@ -5,11 +5,10 @@
  * widened to bfloat16 a chunk of rows at a time into the context's scratch
  * (dequantize, then GEMM: what QLoRA does on a GPU). A decode step's few rows
  * (n <= CUDA_GEMV_MAX_ROWS) take a GEMV instead that reads each weight byte
- * once and never rounds x: a warp per output feature (four for up to four
- * rows of x, reading x once for them), lanes striding the input features,
- * NF4 codes read four bytes (eight elements, one absmax) at a time when the
- * matrix allows. Between the two (a decode batch of up to TILED_MAX_ROWS
- * rows) F32, F16 and NF4 weights are widened a tile at a time in shared
+ * once and never rounds x: a block per output feature (four for up to four
+ * rows of x), its threads striding the input features, NF4 codes read four
+ * bytes (eight elements, one absmax) at a time when the matrix allows.
+ * Between the two (a decode batch of up to TILED_MAX_ROWS rows) F32, F16 and NF4 weights are widened a tile at a time in shared
  * memory, next to x's tile, for the tensor cores (wmma): each weight byte
  * is still read once, where widening whole rows would write and read them
  * again as bf16. Matrices of few outputs split the features over blocks
@@ -24,7 +23,7 @@
 
 #include "cuda_impl.h"
 
-#define GEMV_WARPS 8
+#define GEMV_THREADS 256 /* a GEMV block's threads: its features' share of the sum order */
 /* bytes of widened weight rows per GEMM chunk */
 #define CHUNK_BYTES ((size_t)64 << 20)
 
@@ -104,46 +103,49 @@ static __device__ __forceinline__ void gemv_w8(const DevW &w, int64_t o, int64_t
     }
 }
 
-/* y[i, o] = sum_c x[i, c] W[o, c] for n <= NMAX rows of x: a warp per R
- * consecutive outputs, each lane taking features lane, lane + 32, ... (or
- * eight at a time from 8 lane with vec8: NF4 or BF16 weights read eight
- * elements at once, x in two 16-byte loads; cols and the NF4 start a
- * multiple of 8, BF16 rows and x 16-byte aligned). A warp's x is read once
- * for its R outputs, so a decode step (n small) reads x R times less; each
- * output is summed in the same order whatever R and NMAX. */
+/* y[i, o] = sum_c x[i, c] W[o, c] for n <= NMAX rows of x: a block of
+ * GEMV_THREADS threads per R consecutive outputs, thread t taking the
+ * features' granules t, t + GEMV_THREADS, ... of each (a granule: eight
+ * features with vec8, NF4 or BF16 weights read eight elements at once and
+ * x in two 16-byte loads, cols and the NF4 start a multiple of 8, BF16
+ * rows and x 16-byte aligned; else one feature). A whole matrix of a few
+ * MB is thus asked for at once, by every SM, rather than a warp's row at a
+ * time (x, a few KB, comes from L1 for the block's R outputs). A thread sums its
+ * granules in order, a warp its lanes by shuffles, then one thread the
+ * warps in order: each output is summed in the same order whatever R, NMAX
+ * and n, so a row's result never depends on the rows beside it. */
 template <int R, int NMAX>
-static __global__ void k_gemv(float *y, const float *x, DevW w, int n, int vec8) {
+static __global__ void __launch_bounds__(GEMV_THREADS, 4) k_gemv(float *y, const float *x, DevW w, int n, int vec8) {
     CUDA_NF4_SHARED(code);
-    int lane = threadIdx.x & 31;
-    int64_t o0 = ((int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * R;
-    if (o0 >= w.rows) return;
-    int nr = w.rows - o0 < R ? (int)(w.rows - o0) : R;
+    __shared__ float part[GEMV_THREADS / 32][R][NMAX];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int64_t o0 = (int64_t)blockIdx.x * R;
+    int nr = w.rows - o0 < R ? (int)(w.rows - o0) : R; /* the same in every thread */
     float acc[R][NMAX];
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int i = 0; i < NMAX; i++) acc[r][i] = 0.0f;
     if (vec8) {
-        for (int64_t c = (int64_t)lane * 8; c < w.cols; c += 256) {
-            float v[R][8];
+        for (int64_t c = (int64_t)threadIdx.x * 8; c < w.cols; c += 8 * GEMV_THREADS) {
 #pragma unroll
-            for (int r = 0; r < R; r++)
-                if (r < nr) gemv_w8(w, o0 + r, c, code, v[r]);
+            for (int r = 0; r < R; r++) {
+                if (r >= nr) break; /* the same in every thread */
+                float v[8];
+                gemv_w8(w, o0 + r, c, code, v);
 #pragma unroll
-            for (int i = 0; i < NMAX; i++) {
-                if (i >= n) break;
-                const float4 *xr = (const float4 *)(x + i * w.cols + c);
-                float4 lo = __ldg(xr), hi = __ldg(xr + 1);
-                float xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+                for (int i = 0; i < NMAX; i++) {
+                    if (i >= n) break;
+                    const float4 *xr = (const float4 *)(x + i * w.cols + c); /* again for each r: from L1 */
+                    float4 lo = __ldg(xr), hi = __ldg(xr + 1);
+                    float xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-                for (int r = 0; r < R; r++)
-                    if (r < nr) /* uniform over the warp */
-#pragma unroll
-                        for (int k = 0; k < 8; k++) acc[r][i] = fmaf(xv[k], v[r][k], acc[r][i]);
+                    for (int k = 0; k < 8; k++) acc[r][i] = fmaf(xv[k], v[k], acc[r][i]);
+                }
             }
         }
     } else {
-        for (int64_t k = lane; k < w.cols; k += 32) {
+        for (int64_t k = threadIdx.x; k < w.cols; k += GEMV_THREADS) {
             float v[R];
 #pragma unroll
             for (int r = 0; r < R; r++) v[r] = r < nr ? w_at_code(w, o0 + r, k, code) : 0.0f;
@@ -160,24 +162,32 @@ static __global__ void k_gemv(float *y, const float *x, DevW w, int n, int vec8)
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int i = 0; i < NMAX; i++) {
-            if (i >= n) break;
+            if (i >= n) break; /* n is the same in every thread: the shuffles have the whole warp */
             float s = warp_sum(acc[r][i]);
-            if (lane == 0 && r < nr) y[i * w.rows + o0 + r] = s;
+            if (lane == 0) part[warp][r][i] = s;
         }
+    __syncthreads();
+    if (threadIdx.x < R * NMAX) {
+        int r = threadIdx.x / NMAX, i = threadIdx.x % NMAX;
+        if (r < nr && i < n) {
+            float s = part[0][r][i];
+            for (int k = 1; k < GEMV_THREADS / 32; k++) s += part[k][r][i];
+            y[(int64_t)i * w.rows + o0 + r] = s;
+        }
+    }
 }
 
-/* Outputs per warp of the GEMV: 4 for up to GEMV_FEW_ROWS rows of x, else 1
+/* Outputs per block of the GEMV: 4 for up to GEMV_FEW_ROWS rows of x, else 1
  * (sixteen rows' accumulators leave no registers for more). */
 #define GEMV_FEW_ROWS 4
 
 static void launch_gemv(CudaCtx *c, float *y, const float *x, KnMatrix w, int64_t n, int vec8) {
     DevW dw = dev_w(w);
     if (n <= GEMV_FEW_ROWS) {
-        unsigned blocks = (unsigned)((w.rows + 4 * GEMV_WARPS - 1) / (4 * GEMV_WARPS));
-        k_gemv<4, GEMV_FEW_ROWS><<<blocks, 32 * GEMV_WARPS, 0, c->stream>>>(y, x, dw, (int)n, vec8);
+        unsigned blocks = (unsigned)((w.rows + 3) / 4);
+        k_gemv<4, GEMV_FEW_ROWS><<<blocks, GEMV_THREADS, 0, c->stream>>>(y, x, dw, (int)n, vec8);
     } else {
-        unsigned blocks = (unsigned)((w.rows + GEMV_WARPS - 1) / GEMV_WARPS);
-        k_gemv<1, CUDA_GEMV_MAX_ROWS><<<blocks, 32 * GEMV_WARPS, 0, c->stream>>>(y, x, dw, (int)n, vec8);
+        k_gemv<1, CUDA_GEMV_MAX_ROWS><<<(unsigned)w.rows, GEMV_THREADS, 0, c->stream>>>(y, x, dw, (int)n, vec8);
     }
     CUDA_LAUNCHED(c, "matmul bf16: gemv");
 }

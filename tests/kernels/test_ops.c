@@ -257,6 +257,62 @@ static void test_matmul_exact(void) {
     dev_close(&d);
 }
 
+/* The BF16 precision's decode GEMV (n <= 16 rows, CUDA only) keeps x and
+ * the widened weights in float32: within 1e-5 of the double products for
+ * F32, BF16 and NF4 weights (NF4 read eight elements at a time, or one at
+ * a time in a slice at an odd offset), and each row's outputs are the bits
+ * of that row alone whatever the call's rows (the four-outputs kernel of up
+ * to four rows and the one-output kernel of up to sixteen sum in one
+ * order). E4B's q_proj and down_proj at one row and four, and odd shapes. */
+static void test_gemv(void) {
+    Dev d;
+    if (!dev_open_at(&d, KN_DEVICE_CUDA, 1, KN_PRECISION_BF16)) return;
+    int shapes[][3] = {{2048, 2560, 1}, {2560, 10240, 4}, {33, 37, 5}, {513, 1536, 16}, {5, 5000, 2}, {3, 8, 9}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
+        int extra = s % 2 ? 3 : 64; /* NF4: a slice after `extra` elements, aligned for eight at a time or not */
+        size_t nw = (size_t)rows * cols;
+        float *wf = rand_vec(nw + extra), *x = rand_vec((size_t)n * cols), *g = rand_vec((size_t)n * rows);
+        uint16_t *wb = malloc(nw * 2);
+        for (size_t i = 0; i < nw; i++) wb[i] = kn_f32_to_bf16(wf[i]);
+        KnNf4 q, qd;
+        CHECK(kn_nf4_quantize(&q, (KnMatrix){wf, KN_F32, 1, (int64_t)(nw + extra), 0, 0}, &(GfError){0}) == GF_OK,
+              "quantize");
+        float *wq = malloc((nw + extra) * sizeof *wq);
+        kn_nf4_dequantize(&q, 0, (int64_t)(nw + extra), wq);
+        nf4_on_device(&d, &q, &qd);
+        struct { KnMatrix m; const char *name; } ws[] = {
+            {{dev_put(&d, wf, F(nw)), KN_F32, rows, cols, 0, 0}, "f32"},
+            {{dev_put(&d, wb, nw * 2), KN_BF16, rows, cols, 0, 0}, "bf16"},
+            {kn_nf4_matrix(&qd, extra, rows, cols), "nf4"},
+        };
+        float *dx = dev_put(&d, x, F(n * cols)), *dy = dev_poisoned(&d, F(n * rows)), *dy1 = dev_poisoned(&d, F(rows));
+        float *y = malloc(F(n * rows)), *y1 = malloc(F(rows));
+        double *ref = malloc((size_t)n * rows * sizeof *ref), *refx = malloc((size_t)n * cols * sizeof *refx);
+        double *wd = malloc(nw * sizeof *wd);
+        for (size_t k = 0; k < sizeof ws / sizeof *ws; k++) {
+            for (size_t e = 0; e < nw; e++) wd[e] = k == 0 ? wf[e] : k == 1 ? kn_bf16_to_f32(wb[e]) : wq[e + extra];
+            ref_products(x, g, wd, rows, cols, n, ref, refx);
+            d.be.ops->matmul(&d.be.ctx, dy, dx, ws[k].m, n);
+            dev_get(&d, y, dy, F(n * rows));
+            EXPECT_CLOSE(y, ref, (size_t)n * rows, 1e-5, "gemv %s %dx%d n=%d", ws[k].name, rows, cols, n);
+            int same = 1;
+            for (int i = 0; i < n; i++) {
+                d.be.ops->matmul(&d.be.ctx, dy1, dx + (size_t)i * cols, ws[k].m, 1);
+                dev_get(&d, y1, dy1, F(rows));
+                same &= memcmp(y1, y + (size_t)i * rows, F(rows)) == 0;
+            }
+            CHECK(same, "gemv %s %dx%d: each of %d rows the bits of that row alone", ws[k].name, rows, cols, n);
+        }
+        GfError err;
+        CHECK(d.be.ops->synchronize(&d.be.ctx, &err) == GF_OK, "gemv: %s", err.message);
+        kn_nf4_free(&q);
+        free(wf); free(x); free(g); free(wb); free(wq); free(y); free(y1); free(ref); free(refx); free(wd);
+        dev_reset(&d);
+    }
+    dev_close(&d);
+}
+
 /* The CPU kinds compute in fp32 only: asking them for bf16 is an error
  * naming the precision, and AUTO resolves to FP32 there. */
 static void test_precision(void) {
@@ -3348,6 +3404,7 @@ int main(void) {
     test_scratch_bytes();
     test_matmul_bf16();
     test_matmul_exact();
+    test_gemv();
     test_moe_grouped_bf16();
     test_real_shapes();
     test_attention_two_contexts();
