@@ -85,6 +85,13 @@ GfStatus kn_guarded_memory(const KnBackend *b, uint64_t *held, uint64_t *peak, G
     return GF_OK;
 }
 
+GfStatus kn_guarded_watch(const KnBackend *b, KnCallWatch fn, void *user, GfError *err) {
+    if (!b || !b->ops || b->ctx.device != KN_DEVICE_GUARDED)
+        return gf_error_set(err, GF_INVALID, "invalid_request", NULL, "not a guarded backend: no calls to watch");
+    guarded_watch(&b->ctx, fn, user);
+    return GF_OK;
+}
+
 GfStatus kn_precision_parse(const char *text, KnPrecision *out, GfError *err) {
     if (strcmp(text, "fp32") == 0) *out = KN_PRECISION_FP32;
     else if (strcmp(text, "bf16") == 0) *out = KN_PRECISION_BF16;

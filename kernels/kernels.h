@@ -93,6 +93,18 @@ void kn_backend_close(KnBackend *b);
  * GF_INVALID when b is not a guarded backend. */
 GfStatus kn_guarded_memory(const KnBackend *b, uint64_t *held, uint64_t *peak, GfError *err);
 
+/* The calls of the entries that may take scratch (ops.h KnOpId) made on a
+ * guarded backend's region (b's context and its siblings): fn(user, call)
+ * as each is submitted, on the submitting thread, under the region's lock,
+ * until watched again with fn NULL. attention_bulk over n_q queries and
+ * n_keys keys is reported as KN_OP_ATTENTION_DX at the larger of the two
+ * (the entry whose scratch it shares), and a grouped LoRA op as one call
+ * per segment. For checking an engine's scratch estimates against the
+ * calls it makes, priced by another kind's table (kn_backend_ops).
+ * GF_INVALID when b is not a guarded backend. */
+typedef void (*KnCallWatch)(void *user, const KnCall *call);
+GfStatus kn_guarded_watch(const KnBackend *b, KnCallWatch fn, void *user, GfError *err);
+
 /* Parses "fp32" or "bf16" (the --precision values); GF_INVALID naming the
  * text otherwise. kn_precision_name gives the text back ("auto" for AUTO). */
 GfStatus kn_precision_parse(const char *text, KnPrecision *out, GfError *err);

@@ -36,5 +36,7 @@ GfStatus guarded_ctx_init(KnCtx *ctx, const KnCtx *share, GfError *err); /* shar
 void guarded_ctx_free(KnCtx *ctx);
 /* The region's held and peak bytes (kn_guarded_memory). */
 void guarded_memory(const KnCtx *ctx, uint64_t *held, uint64_t *peak);
+/* Sets the region's call watcher (kn_guarded_watch). */
+void guarded_watch(const KnCtx *ctx, void (*fn)(void *user, const KnCall *call), void *user);
 
 #endif

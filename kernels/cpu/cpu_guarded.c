@@ -72,6 +72,8 @@ typedef struct {
     char *fault_file;         /* GF_GUARDED_FAULT_FILE, read once at creation, or NULL */
     int faulted;              /* an injected device fault happened */
     uint64_t held, peak;      /* bytes the live unmapped buffers asked for; the most they ever held */
+    void (*watch)(void *user, const KnCall *call); /* kn_guarded_watch, or NULL */
+    void *watch_user;
 } Guard;
 
 #define GUARD_GRAPH_SLOTS 8
@@ -517,5 +519,20 @@ void guarded_memory(const KnCtx *ctx, uint64_t *held, uint64_t *peak) {
     pthread_mutex_lock(&g->lock);
     *held = g->held;
     *peak = g->peak;
+    pthread_mutex_unlock(&g->lock);
+}
+
+void guarded_watch(const KnCtx *ctx, void (*fn)(void *user, const KnCall *call), void *user) {
+    Guard *g = guard_of(ctx);
+    pthread_mutex_lock(&g->lock);
+    g->watch = fn;
+    g->watch_user = user;
+    pthread_mutex_unlock(&g->lock);
+}
+
+void guard_called(const KnCtx *ctx, const KnCall *call) {
+    Guard *g = guard_of(ctx);
+    pthread_mutex_lock(&g->lock);
+    if (g->watch) g->watch(g->watch_user, call);
     pthread_mutex_unlock(&g->lock);
 }

@@ -33,6 +33,9 @@ void guard_submit(const KnCtx *ctx, GuardExec exec, const void *args, size_t byt
  * owns, as a captured launch holds its parameters. NULL stays NULL. */
 const void *guard_keep(const KnCtx *ctx, const void *p, size_t n);
 
+/* Reports call to the region's watcher, if any (kn_guarded_watch). */
+void guard_called(const KnCtx *ctx, const KnCall *call);
+
 /* cpu_guarded.c: the memory and graph entries of the table (ops.h). */
 GfStatus guard_alloc(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what, GfError *err);
 GfStatus guard_alloc_mapped(const KnCtx *ctx, KnBuffer *buf, size_t bytes, KnDtype dtype, const char *what,

@@ -15,6 +15,8 @@
 #define H(p) guard_hv(ctx, p)
 /* Submits the call exec on the args struct a. */
 #define SUBMIT(exec, a) guard_submit(ctx, exec, &(a), sizeof(a))
+/* Reports a call of a scratch-taking entry to the region's watcher. */
+#define CALLED(...) guard_called(ctx, &(KnCall){__VA_ARGS__})
 
 /* w in the kernels' view; an NF4 matrix points at a host KnNf4 whose
  * arrays are device memory, translated into *q. */
@@ -105,6 +107,7 @@ static void x_matmul(const KnCtx *ctx, const void *p) {
 }
 static void g_matmul(const KnCtx *ctx, float *y, const float *x, KnMatrix w, int64_t n) {
     MatmulArgs a = {y, x, kept_matrix(ctx, w), n};
+    CALLED(.op = KN_OP_MATMUL, .w = w, .n = n);
     SUBMIT(x_matmul, a);
 }
 
@@ -157,6 +160,13 @@ static void g_attention(const KnCtx *ctx, float *out, const float *q, const floa
                        .mask = guard_keep(ctx, mask, sizeof *mask)};
     SUBMIT(x_attention, a);
 }
+/* attention_bulk: attention's kernel; its scratch, on a GPU, attention_dx's */
+static void g_attention_bulk(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
+                             int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
+                             const KnMask *mask) {
+    CALLED(.op = KN_OP_ATTENTION_DX, .n = n_q > n_keys ? n_q : n_keys, .n_heads = n_heads, .dim = dim);
+    g_attention(ctx, out, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask);
+}
 static void x_attention_paged(const KnCtx *ctx, const void *p) {
     const AttentionArgs *a = p;
     KnMask m = hmask(ctx, a->mask);
@@ -183,6 +193,7 @@ static void g_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, co
     AttentionArgs a = {.dq = dq, .dk = dk, .dv = dv, .q = q, .k = k, .v = v, .dout = dout, .n_q = n_q,
                        .q_pos0 = q_pos0, .n_keys = n_keys, .n_heads = n_heads, .n_kv_heads = n_kv_heads, .dim = dim,
                        .scale = scale, .mask = guard_keep(ctx, mask, sizeof *mask)};
+    CALLED(.op = KN_OP_ATTENTION_DX, .n = n_q > n_keys ? n_q : n_keys, .n_heads = n_heads, .dim = dim);
     SUBMIT(x_attention_dx, a);
 }
 
@@ -428,6 +439,7 @@ static void x_embed_rows(const KnCtx *ctx, const void *p) {
 }
 static void g_embed_rows(const KnCtx *ctx, float *out, KnMatrix table, const int32_t *ids, int64_t n, float scale) {
     RowsArgs a = {.out = out, .idx = ids, .n = n, .table = kept_matrix(ctx, table), .scale = scale};
+    CALLED(.op = KN_OP_EMBED_ROWS, .w = table, .n = n);
     SUBMIT(x_embed_rows, a);
 }
 static void x_embed_rows_add(const KnCtx *ctx, const void *p) {
@@ -527,6 +539,11 @@ static void g_moe_route_dx(const KnCtx *ctx, float *dlogits, const float *dc, co
     SUBMIT(x_moe_route_dx, a);
 }
 
+/* The experts stacked in gate_up [E * 2Im, H] and down [E * H, Im]: E. */
+static int n_experts(KnMatrix gate_up, KnMatrix down) {
+    return down.cols > 0 ? (int)(gate_up.rows / (2 * down.cols)) : 0;
+}
+
 typedef struct {
     float *y, *gu, *mm, *yk;
     const float *x, *coef;
@@ -543,6 +560,7 @@ static void x_moe_experts(const KnCtx *ctx, const void *p) {
 static void g_moe_experts(const KnCtx *ctx, float *y, const float *x, const int32_t *idx, const float *coef, float *gu,
                           float *mm, float *yk, int64_t n, int K, KnMatrix gate_up, KnMatrix down) {
     ExpertsArgs a = {y, gu, mm, yk, x, coef, idx, n, K, kept_matrix(ctx, gate_up), kept_matrix(ctx, down)};
+    CALLED(.op = KN_OP_MOE_EXPERTS, .w = down, .n = n, .top_k = K, .n_experts = n_experts(gate_up, down));
     SUBMIT(x_moe_experts, a);
 }
 
@@ -564,6 +582,7 @@ static void g_moe_experts_dx(const KnCtx *ctx, float *dx, float *dc, const float
                              KnMatrix down) {
     ExpertsDxArgs a = {dx, dc, scratch, dy, gu, yk, coef, idx, n, K, kept_matrix(ctx, gate_up),
                        kept_matrix(ctx, down)};
+    CALLED(.op = KN_OP_MOE_EXPERTS_DX, .w = down, .n = n, .top_k = K, .n_experts = n_experts(gate_up, down));
     SUBMIT(x_moe_experts_dx, a);
 }
 
@@ -588,6 +607,8 @@ static void x_lora_shrink(const KnCtx *ctx, const void *p) {
 static void g_lora_shrink(const KnCtx *ctx, float *t, int64_t ld_t, const float *x, const KnLoraSeg *segs, int n_segs,
                           int64_t in, float *dropout_buf) {
     LoraArgs a = {t, x, NULL, ld_t, in, kept_segs(ctx, segs, n_segs), n_segs, dropout_buf};
+    for (int i = 0; i < n_segs; i++)
+        CALLED(.op = KN_OP_LORA_SHRINK, .n = segs[i].n_rows, .in = in, .dropout = segs[i].dropout > 0);
     SUBMIT(x_lora_shrink, a);
 }
 static void x_lora_expand(const KnCtx *ctx, const void *p) {
@@ -620,6 +641,8 @@ static void x_lora_shrink_dx(const KnCtx *ctx, const void *p) {
 static void g_lora_shrink_dx(const KnCtx *ctx, float *dx, const float *gt, int64_t ld_t, const float *x,
                              const KnLoraSeg *segs, int n_segs, int64_t in, float *dropout_buf) {
     LoraArgs a = {dx, gt, x, ld_t, in, kept_segs(ctx, segs, n_segs), n_segs, dropout_buf};
+    for (int i = 0; i < n_segs; i++)
+        CALLED(.op = KN_OP_LORA_SHRINK_DX, .n = segs[i].n_rows, .in = in, .dropout = segs[i].dropout > 0);
     SUBMIT(x_lora_shrink_dx, a);
 }
 
@@ -748,6 +771,7 @@ static void x_matmul_dx(const KnCtx *ctx, const void *p) {
 }
 static void g_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, int64_t n) {
     GradArgs a = {.dx = dx, .dy = dy, .m = kept_matrix(ctx, w), .n = n};
+    CALLED(.op = KN_OP_MATMUL_DX, .w = w, .n = n);
     SUBMIT(x_matmul_dx, a);
 }
 static void x_rmsnorm_dx(const KnCtx *ctx, const void *p) {
@@ -817,7 +841,7 @@ static const KnOps GUARDED_OPS = {
     .attention_paged = g_attention_paged,
     .attention_batch = g_attention_batch,
     .attention_rows = g_attention_rows,
-    .attention_bulk = g_attention,
+    .attention_bulk = g_attention_bulk,
     .gelu_tanh = g_gelu_tanh,
     .gelu_gate = g_gelu_gate,
     .softcap = g_softcap,

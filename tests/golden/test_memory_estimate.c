@@ -15,13 +15,21 @@
  * must not be loose: it counts nothing beyond the peak but the vision
  * tower's workspace at the processor's budget beyond what these images'
  * patches need (none: they fill it). Every buffer is counted as asked of
- * the backend, so the two meet to the byte. */
+ * the backend, so the two meet to the byte.
+ *
+ * A GPU context also keeps scratch, which the guarded backend has none of:
+ * every scratch-taking call the job makes there (kn_guarded_watch) is
+ * priced by the CUDA table (its scratch_bytes, which needs no GPU) in both
+ * precisions, and the largest must not pass the estimate's scratch for a
+ * CUDA context (grad_scratch_bytes), so that the fit check on a GPU counts
+ * what its calls will take. Skipped in a build without the CUDA backend. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "../unit/check.h"
+#include "backward.h"
 #include "kernels.h"
 #include "pipeline.h"
 #include "../unit/tar_put.h"
@@ -62,6 +70,105 @@ static void write_jsonl(const char *path, int n, int words) {
 typedef struct {
     const char *train, *val, *tar;
 } Files;
+
+/* The scratch a CUDA context of each precision (fp32, bf16) would keep for
+ * the calls watched, beyond what it keeps for any call (cuBLAS's
+ * workspaces): the most of each entry, and the call that asked it. */
+typedef struct {
+    KnBackend cu[2];
+    uint64_t most[2][KN_OP_COUNT];
+    KnCall worst[2][KN_OP_COUNT];
+    uint64_t calls[KN_OP_COUNT];
+} CallPrices;
+
+/* A call's own scratch on b: its price less that of a call taking none. */
+static uint64_t own_price(const KnBackend *b, const KnCall *call) {
+    KnCall none = {.op = KN_OP_COUNT};
+    return kn_scratch_bytes(b, call) - kn_scratch_bytes(b, &none);
+}
+
+static void price_call(void *user, const KnCall *call) {
+    CallPrices *p = user;
+    if ((unsigned)call->op >= KN_OP_COUNT) return;
+    p->calls[call->op]++;
+    for (int k = 0; k < 2; k++) {
+        uint64_t b = own_price(&p->cu[k], call);
+        if (b > p->most[k][call->op]) {
+            p->most[k][call->op] = b;
+            p->worst[k][call->op] = *call;
+        }
+    }
+}
+
+/* A CUDA table of each precision, without a device; 0 in a build without it. */
+static int cuda_prices(CallPrices *p) {
+    memset(p, 0, sizeof *p);
+    const KnOps *ops = kn_backend_ops(KN_DEVICE_CUDA);
+    if (!ops) return 0;
+    for (int k = 0; k < 2; k++) {
+        p->cu[k].ops = ops;
+        p->cu[k].ctx.device = KN_DEVICE_CUDA;
+        p->cu[k].ctx.precision = k ? KN_PRECISION_BF16 : KN_PRECISION_FP32;
+    }
+    return 1;
+}
+
+/* A table whose scratch_bytes is a CUDA table's own price for one entry
+ * and 0 for the others (the OneEntry at ctx->impl): the estimate's share
+ * of that entry. */
+typedef struct {
+    KnOpId op;
+    const KnOps *cuda;
+} OneEntry;
+
+static size_t one_entry(const KnCtx *ctx, const KnCall *call) {
+    const OneEntry *e = ctx->impl;
+    KnBackend b = {.ops = e->cuda, .ctx = *ctx};
+    b.ctx.impl = NULL;
+    return call->op == e->op ? own_price(&b, call) : 0;
+}
+
+/* The most the estimate (grad_scratch_bytes) allows entry op of a CUDA
+ * context of precision prec. */
+static uint64_t estimate_of(const CallPrices *p, int prec, KnOpId op, Pipeline *pl, const LoraAdapter *a, int nf4,
+                            int64_t longest, int64_t patches) {
+    OneEntry e = {op, p->cu[prec].ops};
+    KnOps ops = *e.cuda;
+    ops.scratch_bytes = one_entry;
+    KnBackend b = {.ops = &ops, .ctx = p->cu[prec].ctx};
+    b.ctx.impl = &e;
+    return grad_scratch_bytes(pl->model, &b, longest, a, nf4, patches);
+}
+
+/* Each entry's calls against the estimate's share of that entry, for a
+ * CUDA context of either precision. */
+static void check_prices(const CallPrices *p, Pipeline *pl, const LoraAdapter *a, int nf4, int64_t longest,
+                         const char *model, const char *q) {
+    int64_t patches = model_config(pl->model)->vision.present ? preprocess_max_patches(&pl->pre) : 0;
+    static const char *const names[] = {"fp32", "bf16"};
+    static const char *const ops[KN_OP_COUNT] = {"matmul", "matmul_dx", "embed_rows", "attention_dx", "lora_shrink",
+                                                 "lora_shrink_dx", "moe_experts", "moe_experts_dx"};
+    CHECK(p->calls[KN_OP_MATMUL] > 0 && p->calls[KN_OP_MATMUL_DX] > 0 && p->calls[KN_OP_ATTENTION_DX] > 0 &&
+              p->calls[KN_OP_LORA_SHRINK] > 0 && p->calls[KN_OP_LORA_SHRINK_DX] > 0,
+          "%s (%s): the job's scratch-taking calls were watched", model, q);
+    for (int k = 0; k < 2; k++) {
+        int priced = 0, tight = 0;
+        for (int op = 0; op < KN_OP_COUNT; op++) {
+            if (!p->calls[op]) continue;
+            uint64_t est = estimate_of(p, k, (KnOpId)op, pl, a, nf4, longest, patches);
+            const KnCall *w = &p->worst[k][op];
+            if (p->most[k][op] && p->most[k][op] == est) tight++;
+            if (p->most[k][op]) priced++;
+            CHECK(p->most[k][op] <= est,
+                  "%s (%s) on CUDA %s: a %s call of %lld rows (weights %lldx%lld) asks %llu bytes of scratch, more "
+                  "than the %llu estimated",
+                  model, q, names[k], ops[op], (long long)w->n, (long long)w->w.rows, (long long)w->w.cols,
+                  (unsigned long long)p->most[k][op], (unsigned long long)est);
+        }
+        printf("  %s (%s) on CUDA %s: %d entries' calls take scratch, each within the estimate (%d of them reach it)\n",
+               model, q, names[k], priced, tight);
+    }
+}
 
 /* The most patches an image of set has. */
 static int64_t most_patches(TrainSet *set) {
@@ -107,6 +214,9 @@ static void run(const char *model, ModelQuant quant, int all_linear, const Files
           (long long)trained);
     TrainConfig cfg = {.epochs = 2, .batch_size = 2, .grad_accum = 1, .lr = 1e-3, .max_grad_norm = 1.0,
                        .schedule = SCHED_LINEAR, .seed = 5};
+    CallPrices prices;
+    int priced = cuda_prices(&prices);
+    if (priced) CHECK_STATUS(kn_guarded_watch(model_backend(p->model), price_call, &prices, &err), GF_OK, err);
     CHECK_STATUS(trainer_new(p->model, a, train, &cfg, &t, &err), GF_OK, err);
     if (!t) goto done;
     TrainStepInfo info;
@@ -115,6 +225,10 @@ static void run(const char *model, ModelQuant quant, int all_linear, const Files
     CHECK_STATUS(trainer_eval(t, val, NULL, NULL, &loss, &err), GF_OK, err);
     CHECK_STATUS(trainer_step(t, NULL, NULL, &info, &err), GF_OK, err);
 
+    if (priced) {
+        CHECK_STATUS(kn_guarded_watch(model_backend(p->model), NULL, NULL, &err), GF_OK, err);
+        check_prices(&prices, p, a, quant == MODEL_QUANT_NF4, longest, model, q);
+    }
     uint64_t held = 0, peak = 0;
     CHECK_STATUS(kn_guarded_memory(model_backend(p->model), &held, &peak, &err), GF_OK, err);
     TrainMemory tm;
@@ -134,6 +248,7 @@ static void run(const char *model, ModelQuant quant, int all_linear, const Files
     CHECK(tm.total <= peak + slack, "%s (%s): the estimate %llu passes the peak %llu by more than %llu", model, q,
           (unsigned long long)tm.total, (unsigned long long)peak, (unsigned long long)slack);
 done:
+    if (p) kn_guarded_watch(model_backend(p->model), NULL, NULL, &err);
     trainer_free(t);
     lora_free(a);
     trainset_close(val);
