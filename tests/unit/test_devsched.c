@@ -198,33 +198,31 @@ static void test_wait_bound(void) {
     devsched_free(s);
 }
 
+/* One training hold on the test's clock: it enters at `enter`, passes a
+ * layer boundary at `point` (none when negative) and leaves at `leave`. */
+static void timed_hold(DevSched *s, double enter, double point, double leave) {
+    TrainHold t;
+    atomic_store(&g_now, enter);
+    train_start(&t, s);
+    EVENTUALLY(atomic_load(&t.entered));
+    if (point >= 0) {
+        atomic_store(&g_now, point);
+        train_point(&t);
+    }
+    atomic_store(&g_now, leave);
+    train_finish(&t);
+}
+
 /* The longest stretch training held the device without a layer boundary,
  * and which hold it was in: an enter to a boundary, boundary to boundary,
  * a boundary to the leave all count. */
 static void test_spans(void) {
     GfError err;
-    atomic_store(&g_now, 10.0);
     DevSched *s = devsched_new(0, fake_now, &err);
-    TrainHold t;
-    train_start(&t, s); /* hold 1: enter at 10, boundary at 12, leave at 13 */
-    EVENTUALLY(atomic_load(&t.entered));
-    atomic_store(&g_now, 12.0);
-    train_point(&t);
-    atomic_store(&g_now, 13.0);
-    train_finish(&t);
+    timed_hold(s, 10, 12, 13);
     CHECK(stats(s).train_span_max_s == 2.0 && stats(s).train_span_max_hold == 1, "hold 1: enter to its boundary, 2");
-    atomic_store(&g_now, 20.0);
-    train_start(&t, s); /* hold 2: enter at 20, boundary at 21, leave at 28 */
-    EVENTUALLY(atomic_load(&t.entered));
-    atomic_store(&g_now, 21.0);
-    train_point(&t);
-    atomic_store(&g_now, 28.0);
-    train_finish(&t);
-    atomic_store(&g_now, 30.0);
-    train_start(&t, s); /* hold 3: 30 to 31 */
-    EVENTUALLY(atomic_load(&t.entered));
-    atomic_store(&g_now, 31.0);
-    train_finish(&t);
+    timed_hold(s, 20, 21, 28);
+    timed_hold(s, 30, -1, 31);
     DevSchedStats st = stats(s);
     CHECK(st.train_span_max_s == 7.0 && st.train_span_max_hold == 2 && st.train_holds == 3,
           "the longest stretch: %.1f in hold %llu of %llu (7 in hold 2 of 3)", st.train_span_max_s,
