@@ -23,7 +23,7 @@
 
 #include "cuda_impl.h"
 
-#define GEMV_THREADS 256 /* a GEMV block's threads: its features' share of the sum order */
+#define GEMV_THREADS 128 /* a GEMV block's threads: its features' share of the sum order */
 /* bytes of widened weight rows per GEMM chunk */
 #define CHUNK_BYTES ((size_t)64 << 20)
 
@@ -115,7 +115,7 @@ static __device__ __forceinline__ void gemv_w8(const DevW &w, int64_t o, int64_t
  * warps in order: each output is summed in the same order whatever R, NMAX
  * and n, so a row's result never depends on the rows beside it. */
 template <int R, int NMAX>
-static __global__ void __launch_bounds__(GEMV_THREADS, 4) k_gemv(float *y, const float *x, DevW w, int n, int vec8) {
+static __global__ void __launch_bounds__(GEMV_THREADS, 8) k_gemv(float *y, const float *x, DevW w, int n, int vec8) {
     CUDA_NF4_SHARED(code);
     __shared__ float part[GEMV_THREADS / 32][R][NMAX];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
