@@ -38,6 +38,28 @@ function tile(label, value, note) {
     note ? h('div', { class: 'muted' }, note) : null);
 }
 
+// The device's time between serving steps and a training job, when the
+// server has them take turns (--device-sched; on by default on a GPU): none
+// of these metrics otherwise, and no card.
+function deviceSharing(m, ms) {
+  const steps = (w) => one(m, 'gf_device_serving_steps_total', { waited: w });
+  if (steps('no') === null) return [];
+  const busy = (u) => one(m, 'gf_device_busy_seconds_total', { user: u }) || 0;
+  const held = busy('serving') + busy('training');
+  const share = (u) => {
+    const pct = held > 0 ? (100 * busy(u)) / held : null;
+    return pct === null ? '—' : pct > 0 && pct < 1 ? '<1%' : `${Math.round(pct)}%`;
+  };
+  return [card('Device sharing', h('div', { class: 'tiles' },
+    tile('Serving steps', String(steps('no') + steps('yes')), `${steps('yes')} waited for training`),
+    tile('Longest serving wait', ms(one(m, 'gf_device_serving_wait_max_seconds')),
+      `bound ${ms(one(m, 'gf_device_serving_wait_bound_seconds'))} + a layer of training`),
+    tile('Training gave way', String(one(m, 'gf_device_training_yields_total') ?? 0), 'times, at layer boundaries'),
+    tile('Longest training stretch', ms(one(m, 'gf_device_training_span_max_seconds')), 'between layer boundaries'),
+    tile('Device time', `${share('serving')} serving`, `${fmtDuration(busy('serving'))} serving, ` +
+      `${fmtDuration(busy('training'))} training`)))];
+}
+
 export function systemPage(view) {
   const box = h('div', { id: 'system', 'aria-live': 'polite' });
   view.append(h('h1', {}, 'System'), box);
@@ -62,7 +84,8 @@ export function systemPage(view) {
         tile('KV cache', `${one(m, 'gf_kv_blocks_used') ?? 0} / ${one(m, 'gf_kv_blocks_total') ?? 0}`, 'blocks in use'))),
       card('Fine-tuning', h('div', { class: 'tiles' }, tile('Queued jobs', String(jobs('queued'))), tile('Running', String(jobs('running'))),
         tile('Succeeded', String(jobs('succeeded'))), tile('Failed', String(jobs('failed'))), tile('Cancelled', String(jobs('cancelled'))),
-        tile('Datasets', String(one(m, 'gf_datasets') ?? 0)), tile('Adapters', String(one(m, 'gf_adapters') ?? 0)))));
+        tile('Datasets', String(one(m, 'gf_datasets') ?? 0)), tile('Adapters', String(one(m, 'gf_adapters') ?? 0)))),
+      ...deviceSharing(m, ms));
   };
   render();
   const timer = setInterval(() => (document.body.contains(box) ? render() : clearInterval(timer)), 3000);

@@ -75,7 +75,7 @@ open(sys.argv[1] + '/bad.jsonl', 'w').write(ok + '\\n{"messages": "not a list"}\
 function startServer(dataDir) {
   return new Promise((resolve, reject) => {
     const proc = spawn(BIN, ['serve', '--model', path.join(ROOT, 'tests', 'fixtures', 'dense'), '--data', dataDir, '--port', '0',
-      '--api-key', KEY, '--max-seqs', '4'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      '--api-key', KEY, '--max-seqs', '4', '--device-sched', 'on'], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     proc.stderr.on('data', (d) => fs.appendFileSync(path.join(ART, 'server.log'), d));
     proc.stdout.on('data', (d) => {
@@ -227,6 +227,13 @@ async function desktop(browser, base, dir) {
   await page.goto(base + '/#/system');
   await page.locator('#system .tile').first().waitFor();
   check((await page.locator('#system').textContent()).includes('loaded'), 'the system page says the model is loaded');
+  // the server runs with --device-sched on: the job trained and the playground answered through the scheduler
+  const sharing = page.locator('#system .card', { hasText: 'Device sharing' });
+  await sharing.waitFor();
+  const steps = Number((await sharing.locator('.tile', { hasText: 'Serving steps' }).locator('.tile-value').textContent()).trim());
+  const stretch = (await sharing.locator('.tile', { hasText: 'Longest training stretch' }).locator('.tile-value').textContent()).trim();
+  check(steps > 0 && /^\d+\.\d ms$/.test(stretch) && stretch !== '0.0 ms',
+    `the system page shows the device shared: ${steps} serving steps, training's longest stretch ${stretch}`);
   await shot(page, 'system-desktop');
   await noXss(page);
   check(problems.length === 0, 'no page errors, dialogs or CSP violations: ' + problems.join('; '));
