@@ -25,7 +25,11 @@
  *            benches before it too), TFLOP/s counted as 4 x
  *            base linear parameters x tokens (forward and input gradients;
  *            the frozen base has no weight gradients) and, given
- *            --peak-tflops, that share of peak
+ *            --peak-tflops, that share of peak; and where the time of the
+ *            extra step went (phases_s: the forward layers, the loss over
+ *            the vocabulary, the backward layers, the rest), from its layer
+ *            boundaries, where it synchronizes (probed_step_s: its length,
+ *            longer than a timed step's by those waits)
  *
  * The same shapes as ../shared/bench/hf_anchor.py (random weights, r64 on the
  * same modules, prompt 128 and 128 new tokens), so the figures stand side by
@@ -235,20 +239,66 @@ static GfStatus train_step(Model *m, GradWorkspace *w, LoraBinding *b, AdamW *o,
     return sync_model(m, err) ? GF_DEVICE : GF_OK;
 }
 
-/* The least free device memory seen at a probe (device_free). */
+/* The least free device memory seen at a probe (device_free), and when
+ * each layer boundary of the probed step came (times, n of them). */
 typedef struct {
     const Model *m;
     uint64_t min_free;
-} FreeProbe;
+    double *times;
+    int n, cap;
+} StepProbe;
 
-static void probe_free(FreeProbe *p) {
+static void probe_free(StepProbe *p) {
     uint64_t fr = device_free(p->m);
     if (fr < p->min_free) p->min_free = fr;
 }
 
 /* The yield hook's form: at every layer boundary of a step (model_layer_done
- * synchronizes first), so a step's peak is seen, not only its end's. */
-static void probe_free_hook(void *cls) { probe_free(cls); }
+ * synchronizes first), so a step's peak is seen, not only its end's, and
+ * the boundary's time is the device's. */
+static void probe_hook(void *cls) {
+    StepProbe *p = cls;
+    probe_free(p);
+    if (p->n == p->cap) {
+        int cap = p->cap ? 2 * p->cap : 1024;
+        double *t = realloc(p->times, (size_t)cap * sizeof *t);
+        if (!t) return;
+        p->times = t;
+        p->cap = cap;
+    }
+    p->times[p->n++] = gf_time_mono();
+}
+
+/* Where the probed step's time went, from its layer boundaries: each of
+ * its B sequences passes L forward layers, then the loss's chunks (after
+ * the last layer's replay and the final norm), then L backward layers, so
+ * a sequence's boundaries number 2L + chunks. forward: to the last forward
+ * layer; loss: the last layer's replay, the norm and the chunks; backward:
+ * the L layers after; other: the rest of the step (the per-layer inputs'
+ * backward, clipping, AdamW). Seconds; 0 when the boundaries do not fit
+ * that pattern. */
+typedef struct {
+    double forward, loss, backward, other, total;
+    int chunks;
+} StepPhases;
+
+static StepPhases step_phases(const StepProbe *p, int batch, int n_layers, double t0, double t1) {
+    StepPhases ph = {0};
+    ph.total = t1 - t0;
+    int per = batch > 0 ? p->n / batch : 0;
+    if (per * batch != p->n || per <= 2 * n_layers) return ph;
+    ph.chunks = per - 2 * n_layers;
+    double start = t0;
+    for (int i = 0; i < batch; i++) {
+        const double *b = p->times + (size_t)i * per;
+        ph.forward += b[n_layers - 1] - start;
+        ph.loss += b[n_layers + ph.chunks - 1] - b[n_layers - 1];
+        ph.backward += b[per - 1] - b[n_layers + ph.chunks - 1];
+        start = b[per - 1];
+    }
+    ph.other = ph.total - ph.forward - ph.loss - ph.backward;
+    return ph;
+}
 
 static void bench_train(Run *r, Model *m, uint64_t free_before) {
     LoraAdapter *a = NULL;
@@ -260,7 +310,7 @@ static void bench_train(Run *r, Model *m, uint64_t free_before) {
     uint64_t rng = 7;
     fill_ids(ids, r->batch * r->seq, &rng);
     double loss = 0, *times = calloc((size_t)r->steps, sizeof *times);
-    FreeProbe probe = {m, UINT64_MAX};
+    StepProbe probe = {m, UINT64_MAX, NULL, 0, 0};
     uint64_t free_start = device_free(m); /* the weights, the context and the benches before held */
     int ok = !lora_create(m, TARGETS, 7, 64, 64.0, 0, 1, &a, &err) && !lora_bind(m, a, &b, &err) &&
              !lora_binding_grads(&b, &err) && !grad_workspace_new(m, r->seq, 64, &w, &err) &&
@@ -273,8 +323,10 @@ static void bench_train(Run *r, Model *m, uint64_t free_before) {
     }
     /* one more step, untimed, probed at every layer boundary (the hook
      * synchronizes there, which the timed steps must not) */
-    model_set_yield(m, probe_free_hook, &probe);
+    model_set_yield(m, probe_hook, &probe);
+    double p0 = gf_time_mono();
     if (ok) ok = !train_step(m, w, &b, &o, ids, r, &loss, &err);
+    StepPhases ph = step_phases(&probe, r->batch, model_config(m)->text.n_layers, p0, gf_time_mono());
     model_set_yield(m, NULL, NULL);
     if (!ok) {
         printf("{\"what\":\"train\",\"model\":\"%s\",\"error\":\"%s\"}\n", r->s->name, err.message);
@@ -293,13 +345,14 @@ static void bench_train(Run *r, Model *m, uint64_t free_before) {
         printf("{\"what\":\"train\",\"model\":\"%s\",\"layers\":%d,\"quant\":\"nf4\",\"rank\":64,\"batch\":%d,\"seq\":%d,"
                "\"grad_ckpt\":true,\"step_s_median\":%.4f,\"tokens_per_s\":%.1f,\"train_mem_gb\":%.2f,"
                "\"estimate_gb\":%.2f,\"process_mem_gb\":%.2f,\"trainable_m\":%.2f,\"tflops\":%.2f,"
-               "\"peak_tflops\":%.1f,\"mfu\":%s,\"loss\":%.4f}\n",
+               "\"peak_tflops\":%.1f,\"mfu\":%s,\"loss\":%.4f,\"probed_step_s\":%.4f,\"phases_s\":{\"forward\":%.4f,"
+               "\"loss\":%.4f,\"backward\":%.4f,\"other\":%.4f},\"loss_chunks\":%d}\n",
                r->s->name, r->n_layers, r->batch, r->seq, st, tokens / st,
                free_start > probe.min_free ? (double)(free_start - probe.min_free) / 1e9 : 0.0,
                (double)(tm.total - tm.weights) / 1e9,
                free_before > probe.min_free ? (double)(free_before - probe.min_free) / 1e9 : 0.0,
                (double)b.n_params / 1e6, tflops,
-               r->peak_tflops, mfu, loss);
+               r->peak_tflops, mfu, loss, ph.total, ph.forward, ph.loss, ph.backward, ph.other, ph.chunks);
     }
     fflush(stdout);
     adamw_free(&o);
@@ -308,6 +361,7 @@ static void bench_train(Run *r, Model *m, uint64_t free_before) {
     lora_free(a);
     free(ids);
     free(times);
+    free(probe.times);
 }
 
 /* ---- attention ---------------------------------------------------------- */
