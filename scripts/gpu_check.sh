@@ -17,7 +17,10 @@
 #          clocks left alone, graphs off) over the first GF_PROFILE_LAUNCHES
 #          (default 1500) kernels of GF_PROFILE_SHAPE (default e4b) cut to 4
 #          layers decoding an NF4 base at batch 1: where a decode step's time
-#          goes, kernel by kernel (the load's and prefill's kernels listed too)
+#          goes, kernel by kernel (the load's and prefill's kernels listed too);
+#          with GF_PROFILE_WHAT=train, a QLoRA training step of the stack cut
+#          to 2 layers at B1 x T1024 instead (GF_PROFILE_SKIP kernels of the
+#          load skipped, default 400; GF_PROFILE_LAUNCHES default 3000)
 #   bench  quick's build, then the benchmarks with GF_DEVICE=cuda: bench_shapes
 #          at the real shapes named by GF_SHAPES (default "e4b"; "31b:20"
 #          cuts 31B to 20 layers), MFU against GF_PEAK_TFLOPS (default 989,
@@ -124,11 +127,20 @@ print('t_shapes_qlora_end_to_end passed')" build-gpu/server/gemmaforge
 fi
 
 if [ "$mode" = profile ]; then
-    if command -v ncu >/dev/null; then
+    if command -v ncu >/dev/null && [ "${GF_PROFILE_WHAT:-decode}" = train ]; then
+        # a training step of the stack cut to 2 layers, B1 x T1024: the
+        # load's kernels skipped, then the warm-up step's and the next's
+        step "ncu train ${GF_PROFILE_SHAPE:-e4b}:2 (nf4, B1xT1024)" profile.log env GF_DEVICE=cuda \
+            ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+            --launch-skip "${GF_PROFILE_SKIP:-400}" --launch-count "${GF_PROFILE_LAUNCHES:-3000}" \
+            build-gpu/bench_shapes "${GF_PROFILE_SHAPE:-e4b}" --layers 2 --only train --batch 1 --seq 1024 --steps 1 --no-bf16
+    elif command -v ncu >/dev/null; then
         step "ncu decode ${GF_PROFILE_SHAPE:-e4b}:4 (nf4, b1)" profile.log env GF_DEVICE=cuda GF_CUDA_GRAPHS=0 \
             ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
             --launch-count "${GF_PROFILE_LAUNCHES:-1500}" build-gpu/bench_shapes "${GF_PROFILE_SHAPE:-e4b}" \
             --layers 4 --only decode --no-bf16 --new 16
+    fi
+    if command -v ncu >/dev/null; then
         grep -E "^ +[a-zA-Z_].*\(|gpu__time_duration.sum|Invocations" "$logs/profile.log" | tail -120 >"$logs/profile_summary.txt"
         tail -60 "$logs/profile_summary.txt"
     else
