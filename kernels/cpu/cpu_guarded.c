@@ -34,6 +34,10 @@
  * during a replay, aborts with a message: engine code that a GPU would
  * refuse or run wrongly.
  *
+ * A test may watch the calls of the entries that take scratch on a GPU
+ * (kn_guarded_watch), which this backend has none of, to price them with
+ * another kind's table.
+ *
  * It exists for tests: the whole suite runs on it once in CI. Threading: a
  * context belongs to one thread, as any KnCtx; contexts opened as siblings
  * (KnBackendOptions.share) share one region, as contexts on one GPU share
