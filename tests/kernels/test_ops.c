@@ -433,6 +433,44 @@ static void test_rmsnorm_add(Dev *d) {
     }
 }
 
+/* rmsnorm and rmsnorm_add give a row the same bits whatever rows share the
+ * call (CUDA takes another kernel for a decode step's few rows, which must
+ * sum in the same order): 70 rows at once against the first three and the
+ * last alone, at E4B's and 31B's hidden sizes, one over what the few-rows
+ * kernel holds, and an odd one; rmsnorm_add in place over r. */
+static void test_rmsnorm_rows(Dev *d) {
+    const int n = 70, dims[4] = {2560, 5376, 7000, 33};
+    for (int k = 0; k < 4; k++) {
+        int dim = dims[k];
+        size_t nd = (size_t)n * dim;
+        float *x = rand_vec(nd), *r = rand_vec(nd), *w = rand_vec((size_t)dim);
+        float *all = malloc(F(nd)), *few = malloc(F(nd)), *all_add = malloc(F(nd)), *few_add = malloc(F(nd));
+        float *dx = dev_put(d, x, F(nd)), *dw = dev_put(d, w, F(dim)), *dy = dev_poisoned(d, F(nd));
+        float *dr = dev_put(d, r, F(nd)), *dr2 = dev_put(d, r, F(nd));
+        d->be.ops->rmsnorm(&d->be.ctx, dy, dx, dw, n, dim, 1e-6f);
+        dev_get(d, all, dy, F(nd));
+        d->be.ops->rmsnorm_add(&d->be.ctx, dr, dr, dx, dw, n, dim, 1e-6f, 0.7f);
+        dev_get(d, all_add, dr, F(nd));
+        d->be.ops->memset(&d->be.ctx, dy, 0xFF, F(nd));
+        const int starts[2] = {0, n - 1}, counts[2] = {3, 1};
+        for (int c = 0; c < 2; c++) {
+            size_t at = (size_t)starts[c] * dim;
+            d->be.ops->rmsnorm(&d->be.ctx, dy + at, dx + at, dw, counts[c], dim, 1e-6f);
+            d->be.ops->rmsnorm_add(&d->be.ctx, dr2 + at, dr2 + at, dx + at, dw, counts[c], dim, 1e-6f, 0.7f);
+        }
+        dev_get(d, few, dy, F(nd));
+        dev_get(d, few_add, dr2, F(nd));
+        int same = 1;
+        for (int c = 0; c < 2; c++) {
+            size_t at = (size_t)starts[c] * dim, len = F((size_t)counts[c] * dim);
+            same &= memcmp(all + at, few + at, len) == 0 && memcmp(all_add + at, few_add + at, len) == 0;
+        }
+        CHECK(same, "%s: rmsnorm and rmsnorm_add of dim %d: a row's bits alike in 70, 3 and 1 rows", d->be.name, dim);
+        free(x); free(r); free(w); free(all); free(few); free(all_add); free(few_add);
+        dev_reset(d);
+    }
+}
+
 /* rmsnorm_rope: each head's norm and rotation at its row's position, the
  * bits of rmsnorm then rope_rows (with a weight into its own output,
  * without one in place), and the double-precision reference; heads of 64
@@ -3428,6 +3466,7 @@ int main(void) {
             test_rmsnorm_gelu_softcap(&d);
             test_rmsnorm_add(&d);
             test_rmsnorm_rope(&d);
+            test_rmsnorm_rows(&d);
             test_attention(&d);
             test_attention_shapes(&d);
             test_attention_batch(&d);
