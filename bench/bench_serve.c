@@ -288,7 +288,7 @@ static void bench_training(Model *m, const ModelOptions *served, int kv, int n_r
            "stretch between layer boundaries %.1f ms, in its sequence %llu of %llu (the first ran before the timing)\n",
            1e3 * wait_s, (unsigned long long)st.serve_waits, (unsigned long long)st.serve_steps, 1e3 * st.serve_wait_max_s,
            (unsigned long long)st.train_yields, 1e3 * st.train_span_max_s, (unsigned long long)st.train_span_max_hold,
-           (unsigned long long)st.train_holds);
+           (unsigned long long)(st.train_slices - st.train_yields));
     free(gaps);
     model_close(tm);
     devsched_free(sched);

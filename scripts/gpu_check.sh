@@ -127,24 +127,25 @@ print('t_shapes_qlora_end_to_end passed')" build-gpu/server/gemmaforge
 fi
 
 if [ "$mode" = profile ]; then
-    if command -v ncu >/dev/null && [ "${GF_PROFILE_WHAT:-decode}" = train ]; then
-        # a training step of the stack cut to 2 layers, B1 x T1024: the
-        # load's kernels skipped, then the warm-up step's and the next's
-        step "ncu train ${GF_PROFILE_SHAPE:-e4b}:2 (nf4, B1xT1024)" profile.log env GF_DEVICE=cuda \
-            ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
-            --launch-skip "${GF_PROFILE_SKIP:-400}" --launch-count "${GF_PROFILE_LAUNCHES:-3000}" \
-            build-gpu/bench_shapes "${GF_PROFILE_SHAPE:-e4b}" --layers 2 --only train --batch 1 --seq 1024 --steps 1 --no-bf16
-    elif command -v ncu >/dev/null; then
-        step "ncu decode ${GF_PROFILE_SHAPE:-e4b}:4 (nf4, b1)" profile.log env GF_DEVICE=cuda GF_CUDA_GRAPHS=0 \
-            ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
-            --launch-count "${GF_PROFILE_LAUNCHES:-1500}" build-gpu/bench_shapes "${GF_PROFILE_SHAPE:-e4b}" \
-            --layers 4 --only decode --no-bf16 --new 16
-    fi
-    if command -v ncu >/dev/null; then
+    if ! command -v ncu >/dev/null; then
+        rows+=("$(printf '%-28s %-7s' "ncu" "absent: no Nsight Compute on this machine")")
+    else
+        if [ "${GF_PROFILE_WHAT:-decode}" = train ]; then
+            # a training step of the stack cut to 2 layers, B1 x T1024: the
+            # load's kernels skipped, then the warm-up step's and the next's
+            step "ncu train ${GF_PROFILE_SHAPE:-e4b}:2 (nf4, B1xT1024)" profile.log env GF_DEVICE=cuda \
+                ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+                --launch-skip "${GF_PROFILE_SKIP:-400}" --launch-count "${GF_PROFILE_LAUNCHES:-3000}" \
+                build-gpu/bench_shapes "${GF_PROFILE_SHAPE:-e4b}" --layers 2 --only train --batch 1 --seq 1024 \
+                --steps 1 --no-bf16
+        else
+            step "ncu decode ${GF_PROFILE_SHAPE:-e4b}:4 (nf4, b1)" profile.log env GF_DEVICE=cuda GF_CUDA_GRAPHS=0 \
+                ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+                --launch-count "${GF_PROFILE_LAUNCHES:-1500}" build-gpu/bench_shapes "${GF_PROFILE_SHAPE:-e4b}" \
+                --layers 4 --only decode --no-bf16 --new 16
+        fi
         grep -E "^ +[a-zA-Z_].*\(|gpu__time_duration.sum|Invocations" "$logs/profile.log" | tail -120 >"$logs/profile_summary.txt"
         tail -60 "$logs/profile_summary.txt"
-    else
-        rows+=("$(printf '%-28s %-7s' "ncu" "absent: no Nsight Compute on this machine")")
     fi
 fi
 

@@ -54,7 +54,7 @@ static void span_end(DevSched *s) {
     double t = s->now(), span = t - s->span_since;
     if (span > s->st.train_span_max_s) {
         s->st.train_span_max_s = span;
-        s->st.train_span_max_hold = s->st.train_holds;
+        s->st.train_span_max_hold = s->st.train_slices - s->st.train_yields; /* holds so far */
     }
     s->span_since = t;
 }
@@ -116,7 +116,6 @@ void devsched_serve_leave(DevSched *s) {
 
 void devsched_train_enter(DevSched *s) {
     pthread_mutex_lock(&s->mu);
-    s->st.train_holds++;
     train_wait(s);
     pthread_mutex_unlock(&s->mu);
 }

@@ -35,12 +35,12 @@ typedef struct DevSched DevSched;
 typedef struct {
     uint64_t serve_steps, serve_waits;   /* steps, and those that found training on the device */
     double serve_wait_s, serve_wait_max_s; /* their waits: total, longest */
-    uint64_t train_slices, train_yields; /* training takes of the device, and layer boundaries where it gave way */
-    uint64_t train_holds;                /* devsched_train_enter calls */
+    uint64_t train_slices, train_yields; /* training takes of the device, and layer boundaries where it gave way:
+                                          * its holds (devsched_train_enter calls) are slices less yields */
     double train_wait_s;                 /* training waiting for the device */
     double train_span_max_s;             /* the longest training held the device between two layer boundaries
                                           * (or its enter or leave): what a serving step may have to wait for */
-    uint64_t train_span_max_hold;        /* the hold (1 = the first devsched_train_enter) it was in */
+    uint64_t train_span_max_hold;        /* the hold it was in (1 = the first devsched_train_enter) */
     double serve_busy_s, train_busy_s;   /* device time held by each side */
     double max_wait_s;
     int holder;                          /* 0 idle, 1 serving, 2 training */
