@@ -155,6 +155,9 @@ static void run_export(Exports *x, const ExportRow *row) {
     }
     GfError rec;
     GfStatus r = GF_OK;
+    /* A failed or cancelled export's files go before its end is recorded, so
+     * that a client that sees the end never finds them. */
+    if (st) fs_remove_tree(out);
     if (!st) {
         r = store_export_finish(x->store, row->id, "succeeded", NULL, NULL, result, &rec);
         GF_LOGI("export %s: done", row->id);
@@ -167,7 +170,6 @@ static void run_export(Exports *x, const ExportRow *row) {
         r = store_export_finish(x->store, row->id, "failed", err.code[0] ? err.code : "export_failed", err.message, NULL, &rec);
     }
     if (r) GF_LOGE("export %s: could not record its end: %s", row->id, rec.message);
-    if (st) fs_remove_tree(out);
     free(merged);
 }
 
