@@ -160,11 +160,16 @@ static void g_attention(const KnCtx *ctx, float *out, const float *q, const floa
                        .mask = guard_keep(ctx, mask, sizeof *mask)};
     SUBMIT(x_attention, a);
 }
+/* Reports an attention call that takes attention_dx's scratch on a GPU:
+ * rows the larger of its queries and keys. */
+static void attention_called(const KnCtx *ctx, int64_t n_q, int64_t n_keys, int n_heads, int dim) {
+    CALLED(.op = KN_OP_ATTENTION_DX, .n = n_q > n_keys ? n_q : n_keys, .n_heads = n_heads, .dim = dim);
+}
 /* attention_bulk: attention's kernel; its scratch, on a GPU, attention_dx's */
 static void g_attention_bulk(const KnCtx *ctx, float *out, const float *q, const float *k, const float *v, int64_t n_q,
                              int64_t q_pos0, int64_t n_keys, int n_heads, int n_kv_heads, int dim, float scale,
                              const KnMask *mask) {
-    CALLED(.op = KN_OP_ATTENTION_DX, .n = n_q > n_keys ? n_q : n_keys, .n_heads = n_heads, .dim = dim);
+    attention_called(ctx, n_q, n_keys, n_heads, dim);
     g_attention(ctx, out, q, k, v, n_q, q_pos0, n_keys, n_heads, n_kv_heads, dim, scale, mask);
 }
 static void x_attention_paged(const KnCtx *ctx, const void *p) {
@@ -193,7 +198,7 @@ static void g_attention_dx(const KnCtx *ctx, float *dq, float *dk, float *dv, co
     AttentionArgs a = {.dq = dq, .dk = dk, .dv = dv, .q = q, .k = k, .v = v, .dout = dout, .n_q = n_q,
                        .q_pos0 = q_pos0, .n_keys = n_keys, .n_heads = n_heads, .n_kv_heads = n_kv_heads, .dim = dim,
                        .scale = scale, .mask = guard_keep(ctx, mask, sizeof *mask)};
-    CALLED(.op = KN_OP_ATTENTION_DX, .n = n_q > n_keys ? n_q : n_keys, .n_heads = n_heads, .dim = dim);
+    attention_called(ctx, n_q, n_keys, n_heads, dim);
     SUBMIT(x_attention_dx, a);
 }
 

@@ -8,11 +8,12 @@
  * once and never rounds x: a block per output feature (four for up to four
  * rows of x), its threads striding the input features, NF4 codes read four
  * bytes (eight elements, one absmax) at a time when the matrix allows.
- * Between the two (a decode batch of up to TILED_MAX_ROWS rows) F32, F16 and NF4 weights are widened a tile at a time in shared
- * memory, next to x's tile, for the tensor cores (wmma): each weight byte
- * is still read once, where widening whole rows would write and read them
- * again as bf16. Matrices of few outputs split the features over blocks
- * (partial sums in the scratch, added in a fixed order).
+ * Between the two (a decode batch of up to TILED_MAX_ROWS rows) F32, F16
+ * and NF4 weights are widened a tile at a time in shared memory, next to
+ * x's tile, for the tensor cores (wmma): each weight byte is still read
+ * once, where widening whole rows would write and read them again as bf16.
+ * Matrices of few outputs split the features over blocks (partial sums in
+ * the scratch, added in a fixed order).
  *
  * The context's scratch (cuda_scratch) grows on the stream
  * (cudaMallocAsync); a failure to grow is the context's fault, reported by

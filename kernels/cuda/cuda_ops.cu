@@ -89,34 +89,48 @@ void cuda_matmul_dx(const KnCtx *ctx, float *dx, const float *dy, KnMatrix w, in
 
 /* ---- RMSNorm ------------------------------------------------------------------ */
 
-/* One block per row; with r, r's row is added to the normed row, then
- * scaled by s. Each product and sum is rounded on its own (__fmul_rn,
- * __fadd_rn), so that nothing fuses: rmsnorm_add gives the bits of
- * rmsnorm, add, then scale. */
+/* 1 / rms of a row of dim elements whose squares sum to ss. */
+static __device__ __forceinline__ float inv_rms(double ss, int64_t dim, float eps) {
+    return 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+}
+
+/* An element x of the normed row: x inv, times wv when there is a weight
+ * w, each product rounded. */
+static __device__ __forceinline__ float normed_of(float x, float inv, const float *w, float wv) {
+    return w ? __fmul_rn(__fmul_rn(x, inv), wv) : __fmul_rn(x, inv);
+}
+
+/* rmsnorm_add's output from the normed t: (rv + t) s when there is a
+ * residual r (rv its element), else t. */
+static __device__ __forceinline__ float plus_residual(float t, const float *r, float rv, float s) {
+    return r ? __fmul_rn(__fadd_rn(rv, t), s) : t;
+}
+
 /* 1 / rms of the block's row xr[dim] (every thread gets it): the squares
  * summed in double, then the block in warp order. */
 static __device__ float row_inv(const float *xr, int64_t dim, float eps, double *sh) {
     double ss = 0.0;
     for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)xr[i] * xr[i];
-    ss = block_sum(ss, sh);
-    return 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+    return inv_rms(block_sum(ss, sh), dim, eps);
 }
 
 /* Element i of the normed row: xr[i] inv (w[i]), each product rounded. */
 static __device__ __forceinline__ float normed(const float *xr, float inv, const float *w, int64_t i) {
-    return w ? __fmul_rn(__fmul_rn(xr[i], inv), w[i]) : __fmul_rn(xr[i], inv);
+    return normed_of(xr[i], inv, w, w ? w[i] : 0.0f);
 }
 
+/* One block per row; with r, r's row is added to the normed row, then
+ * scaled by s. Each product and sum is rounded on its own (__fmul_rn,
+ * __fadd_rn), so that nothing fuses: rmsnorm_add gives the bits of
+ * rmsnorm, add, then scale. */
 static __global__ void k_rmsnorm(float *y, const float *r, const float *x, const float *w, int64_t dim, float eps,
                                  float s) {
     __shared__ double sh[32];
     const float *xr = x + blockIdx.x * dim, *rr = r ? r + blockIdx.x * dim : NULL;
     float *yr = y + blockIdx.x * dim;
     float inv = row_inv(xr, dim, eps, sh);
-    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-        float t = normed(xr, inv, w, i);
-        yr[i] = rr ? __fmul_rn(__fadd_rn(rr[i], t), s) : t;
-    }
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x)
+        yr[i] = plus_residual(normed(xr, inv, w, i), rr, rr ? rr[i] : 0.0f, s);
 }
 
 /* k_rmsnorm for a decode step's few rows: the same sums in the same order
@@ -145,14 +159,12 @@ static __global__ void __launch_bounds__(THREADS) k_rmsnorm_held(float *y, const
 #pragma unroll
     for (int k = 0; k < NORM_REGS; k++)
         if (threadIdx.x + (int64_t)k * THREADS < dim) ss += (double)v[k] * v[k]; /* row_inv's order */
-    ss = block_sum(ss, sh);
-    float inv = 1.0f / sqrtf((float)(ss / (double)dim) + eps);
+    float inv = inv_rms(block_sum(ss, sh), dim, eps);
 #pragma unroll
     for (int k = 0; k < NORM_REGS; k++) {
         int64_t i = threadIdx.x + (int64_t)k * THREADS;
         if (i >= dim) break;
-        float t = w ? __fmul_rn(__fmul_rn(v[k], inv), wv[k]) : __fmul_rn(v[k], inv); /* normed()'s */
-        yr[i] = rr ? __fmul_rn(__fadd_rn(rv[k], t), s) : t;
+        yr[i] = plus_residual(normed_of(v[k], inv, w, wv[k]), rr, rv[k], s);
     }
 }
 
